@@ -452,6 +452,43 @@ def test_a_finished_requests_output_pages_stay_cached_for_the_next_turn(one_thre
     assert not any(cache.refs) and cache.pages == [[]] * 2 and sorted(cache.free) == list(range(12))
 
 
+def test_a_stopped_or_cancelled_requests_fed_pages_stay_cached_not_its_last_token(one_thread):
+    """Pages of 4. A (9) is ended by its stop rule at 16 ids: it fed 15 (the last drawn never), so 3 full pages are
+    cached, not 4 (the 4th's last position holds no key: a next turn reading it would attend over garbage); C (6) is
+    cancelled at 14 ids: its 13 fed, 3 pages, stay cached too, not its prompt's 1 alone. Each next turn (the ids so
+    far and new text) reads 12 tokens from the cache and draws generate()'s tokens. One cancelled mid-prefill
+    caches nothing."""
+    model = loud_attention(tiny())
+    engine = Engine(model, max_batch=2, kv_pages=16, page_size=4, prefix_caching=True)
+    a = engine.submit(prompt(9, seed=1), 12, stop=lambda ids: torch.full((ids.size(0),), ids.size(1) >= 16))
+    until_done(engine, a)
+    c = engine.submit(prompt(6, seed=4), 20)
+    while c.idx.size(1) < 14:
+        engine.step()
+    c.cancel()
+    engine.step()
+    with pytest.raises(Cancelled):
+        c.wait()
+    for ids, more in ((a.wait(), prompt(3, seed=2)), (c.idx, prompt(2, seed=5))):
+        assert ids.size(1) == (16 if ids is not c.idx else 14)
+        cached = engine.stats["cached_prompt_tokens"]
+        b = torch.cat([ids, more], 1)
+        turn = engine.submit(b, 4)
+        until_done(engine, turn)
+        assert engine.stats["cached_prompt_tokens"] - cached == 12
+        assert torch.equal(turn.wait(), generate(model, b, 4))
+    # D cancelled after the first chunk of its prefill (4 of 13): its pages hold 4 keys, none of them cached, so E
+    # on the same prompt reads nothing from the cache
+    engine = Engine(model, max_batch=2, kv_pages=16, page_size=4, prefix_caching=True, max_prefill_tokens=4)
+    d = engine.submit(prompt(13, seed=6), 3)
+    engine.step()
+    d.cancel()
+    engine.step()
+    e = engine.submit(prompt(13, seed=6), 3)
+    until_done(engine, e)
+    assert engine.stats["cached_prompt_tokens"] == 0 and torch.equal(e.wait(), generate(model, prompt(13, seed=6), 3))
+
+
 def test_prefix_caching_admits_by_the_pages_it_takes(one_thread):
     """A request's n rows share their prompt's full blocks at admission: 3 rows of 9 + 3 positions (3 pages of 4 a
     row, 9 unshared) take 2 shared pages and 1 of their own each, 5, from a pool of 5; without prefix caching the
