@@ -155,11 +155,12 @@ class Engine:
     preemption (vLLM's scheduler; a paged cache only): a request is admitted with the pages of its prompt and its
     first decode position, and each decode step first gives every running row whose next write crosses into a new
     page that page (_grow), so the pool holds the requests that end early (EOS, a stop string) at what they used,
-    not their whole max_new_tokens, and a request's rows that drew their EOS at theirs. When none is free the latest admitted request is preempted by recompute
-    (_preempt; stats "preemptions"): it waits again in front and, readmitted, prefills its prompt and the tokens it
-    drew, then draws on exactly as it would have. submit refuses a request whose rows could not hold their whole
-    budget in the pool unshared, so a request alone always fits. False: the old rule, every position a request's
-    budget can fill reserved at admission: fewer requests at once, but none ever preempted (no recompute)."""
+    not their whole max_new_tokens, and a request's rows that drew their EOS at theirs. When none is free the
+    latest admitted request is preempted by recompute (_preempt; stats "preemptions"): it waits again in front and,
+    readmitted, prefills its prompt and the tokens it drew, then draws on exactly as it would have. submit refuses
+    a request whose rows could not hold their whole budget in the pool unshared, so a request alone always fits.
+    False: the old rule, every position a request's budget can fill reserved at admission: fewer requests at once,
+    but none ever preempted (no recompute)."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
                  kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
@@ -442,9 +443,9 @@ class Engine:
         crosses into a new page takes it (the host knows each fill: a decoding row feeds its last token at
         position idx.size(1) - 1). A row that ended (r.ended: padded with the EOS) takes none: its writes past its
         pages go to the scratch page, and what it reads there only draws the EOS padding's logits (its logprobs
-        past its end are padding too, never shown). Earliest admitted first; when too few pages are free (cached pages no row holds
-        count as free), the latest admitted running request is preempted (_preempt), the one growing itself when it
-        is the latest. -> whether any was."""
+        past its end are padding too, never shown). Earliest admitted first; when too few pages are free (cached
+        pages no row holds count as free), the latest admitted running request is preempted (_preempt), the one
+        growing itself when it is the latest. -> whether any was."""
         cache, preempted = self.cache, False
         for r in [r for r in self.running if not r.todo]:
             if r not in self.running:  # preempted already, for an earlier one's pages
