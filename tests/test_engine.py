@@ -184,28 +184,31 @@ def test_logprobs_and_logit_bias_are_a_requests_own_as_generate_gives_them(one_t
         engine.call(lambda: 1)
 
 
+def within(fn, what: str):
+    """fn()'s result, or the UserError it raised, run in a thread of its own: a hang fails the test (after 5 s)
+    instead of the session."""
+    out = []
+
+    def go():
+        try:
+            out.append(fn())
+        except UserError as e:
+            out.append(e)
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), f"{what} hung"
+    return out[0]
+
+
 def test_call_never_leaves_its_caller_waiting_on_a_thread_that_does_not_run(one_thread):
     """call() on an engine never started, or whose thread has died, raises at once instead of waiting forever."""
-    def called(engine):  # (in a thread of its own: a hang fails the test, not the session)
-        out = []
-
-        def go():
-            try:
-                out.append(engine.call(lambda: 1))
-            except UserError as e:
-                out.append(e)
-        t = threading.Thread(target=go, daemon=True)
-        t.start()
-        t.join(5)
-        assert not t.is_alive(), "call() hung"
-        return out[0]
-
     engine = Engine(tiny(), max_batch=1)
-    assert "not running" in str(called(engine))
+    assert "not running" in str(within(lambda: engine.call(lambda: 1), "call()"))
     # a thread that ends with the call queued, never running it (as one a BaseException killed)
     engine.thread = threading.Thread(target=time.sleep, args=(0.3,))
     engine.thread.start()
-    assert "not running any more" in str(called(engine))
+    assert "not running any more" in str(within(lambda: engine.call(lambda: 1), "call()"))
 
 
 def test_wait_never_hangs_on_an_engine_whose_thread_died(one_thread, monkeypatch):
@@ -218,21 +221,10 @@ def test_wait_never_hangs_on_an_engine_whose_thread_died(one_thread, monkeypatch
     engine = Engine(tiny(), max_batch=1)
     engine.step = died
     handle = engine.start().submit(prompt(3), 4)
-    out = []
-
-    def go():
-        try:
-            out.append(handle.wait(poll=0.01))
-        except UserError as e:
-            out.append(e)
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(5)
-    assert not t.is_alive(), "wait() hung"
-    assert "thread is not running" in str(out[0]) and handle.cancelled
+    assert "thread is not running" in str(within(lambda: handle.wait(poll=0.01), "wait()")) and handle.cancelled
     by_hand = Engine(tiny(), max_batch=1)
-    handle, out[:] = by_hand.submit(prompt(3), 2), []
-    t = threading.Thread(target=go, daemon=True)
+    handle, out = by_hand.submit(prompt(3), 2), []
+    t = threading.Thread(target=lambda: out.append(handle.wait(poll=0.01)), daemon=True)
     t.start()
     time.sleep(0.1)  # (several polls with nobody stepping it: still waiting)
     assert t.is_alive() and not out
