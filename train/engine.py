@@ -25,8 +25,8 @@ import torch
 
 from tritongpt._types import is_int
 from tritongpt.errors import UserError
-from tritongpt.train.generate import (DecodeGraph, check_cache_dtype, check_graphable, check_sampling, decode_step,
-                                     last_logits, new_cache)
+from tritongpt.train.generate import (DecodeGraph, check_cache_dtype, check_graphable, check_logprobs, check_sampling,
+                                     decode_step, last_logits, new_cache)
 
 
 class Cancelled(Exception):
@@ -35,7 +35,8 @@ class Cancelled(Exception):
 
 class Request:
     """The handle submit returns: what the engine thread draws for the request arrives through `queue` as
-    ("token", nxt [n, 1]) each step, then ("end", ids [n, T + new]) or ("error", exception). The engine never calls
+    ("token", on_token's arguments: (nxt [n, 1],), with logprobs (nxt, step_logprobs)) each step, then ("end",
+    ids [n, T + new]) or ("error", exception). The engine never calls
     the caller's code but stop(): the consumer's thread (an HTTP handler) reads the queue, so a slow client never
     stalls the batch."""
 
@@ -54,6 +55,10 @@ class Request:
         # at submit, scheduled at its first admission (vLLM's: a preempted request's re-queue and recompute count in
         # its prefill or decode time, not its queue time), its first and its latest step's tokens
         self.queued, self.scheduled, self.first_token, self.last_token = time.monotonic(), None, None, None
+
+    def put_token(self, *item):
+        """decode_step's on_token: the step's tokens (with logprobs, and their logprobs) to the queue, for wait()."""
+        self.queue.put(("token", item))
 
     @property
     def n(self) -> int:
@@ -91,7 +96,7 @@ class Request:
                         raise Cancelled("the request was cancelled")
                 if kind == "token":
                     if on_token is not None:
-                        on_token(*item) if isinstance(item, tuple) else on_token(item)
+                        on_token(*item)
                 elif kind == "end":
                     return item
                 elif kind == "error":
@@ -237,9 +242,7 @@ class Engine:
         if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
             raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
         check_sampling(**warp)
-        if logprobs is not None and (not is_int(logprobs) or logprobs < 0):
-            raise UserError(f"logprobs must be an integer >= 0 (the top tokens given with each drawn one), "
-                            f"got {logprobs!r}")
+        check_logprobs(logprobs)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, eos_id, generator, vocab_limit, stop,
                     logprobs)
         if max_new_tokens == 0:  # generate's: the prompt back, nothing run
@@ -420,10 +423,8 @@ class Engine:
                     self._finish(r, e)
         for r, lg in logits.items():
             try:
-                # (with logprobs the token travels with its logprobs, as one tuple: Request.wait)
-                put = (lambda r: lambda *item: r.queue.put(("token", item if len(item) > 1 else item[0])))(r)
                 r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
-                                                     r.eos_id, r.generator, put, r.stop, r.logprobs)
+                                                     r.eos_id, r.generator, r.put_token, r.stop, r.logprobs)
                 if r.eos_id is not None:  # (without an EOS a done row draws on: its tokens are still returned)
                     r.ended = ended
             except Exception as e:  # this request's settings or stop rule: it alone fails
@@ -475,13 +476,23 @@ class Engine:
         with self.cond:
             # (its fed pages cached first, so its recompute reads them back and prefills only its last partial page,
             # as vLLM's does)
-            self._cache_fed(r)
-            for slot in r.slots:
-                self.cache.release(slot)
-            self.free = sorted(self.free + r.slots)
-            r.slots, r.todo, r.rows = None, None, []
+            self._let_go(r, cache=True)
+            r.todo, r.rows = None, []
             self.waiting.appendleft(r)
         self.stats["preemptions"] += 1
+
+    def _let_go(self, r, cache: bool):
+        """r's slots free again (under self.cond): with `cache`, its fed pages into the prefix index first
+        (_cache_fed), then its pages released (shared ones by their refcounts), or a slot row's fill back to 0 (a
+        free row's fill within the next steps' bound, _decode)."""
+        if cache:
+            self._cache_fed(r)
+        for slot in r.slots if self.paged else ():
+            self.cache.release(slot)
+        if not self.paged:
+            self.cache.fill[r.slots] = 0
+        self.free = sorted(self.free + r.slots)
+        r.slots = None
 
     def _cache_fed(self, r):
         """Prefix caching (vLLM caches every full block of a sequence, prompt and output): r's rows' full pages of
@@ -582,12 +593,5 @@ class Engine:
             with self.cond:
                 # (a normal end or a cancel, between steps: its pages hold its fed ids' keys; an error may come from
                 # a forward that wrote some layers' keys only)
-                if error is None or isinstance(error, Cancelled):
-                    self._cache_fed(r)
-                for slot in r.slots if self.paged else ():
-                    self.cache.release(slot)
-                if not self.paged:  # (release's: a free row's fill within the next steps' bound, _decode)
-                    self.cache.fill[r.slots] = 0
-                self.free = sorted(self.free + r.slots)
-            r.slots = None
+                self._let_go(r, cache=error is None or isinstance(error, Cancelled))
         r.queue.put(("error", error) if error is not None else ("end", r.idx))

@@ -73,6 +73,13 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
                         f"(OpenAI's range), got {logit_bias!r}")
 
 
+def check_logprobs(logprobs) -> None:
+    """logprobs (generate's and the engine's): None, or the likeliest tokens given with each drawn one, k >= 0."""
+    if logprobs is not None and (not is_int(logprobs) or logprobs < 0):
+        raise UserError(f"logprobs must be an integer >= 0 (the top tokens given with each drawn one), "
+                        f"got {logprobs!r}")
+
+
 def penalize_repeats(logits, seen, penalty: float):
     """CTRL's repetition penalty (Keskar et al. 2019), as transformers' RepetitionPenaltyLogitsProcessor: every
     token id in seen [B, T] (the prompt and what was drawn) has its logit divided by penalty where positive and
@@ -317,9 +324,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                    no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias)
-    if logprobs is not None and (not is_int(logprobs) or logprobs < 0):
-        raise UserError(f"logprobs must be an integer >= 0 (the top tokens given with each drawn one), "
-                        f"got {logprobs!r}")
+    check_logprobs(logprobs)
     if logprobs is not None and (draft is not None or prompt_lookup is not None):
         raise UserError("logprobs are given by a one-token decode step: not with a draft or prompt_lookup")
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):  # it slices the logits
