@@ -106,7 +106,7 @@ def running_request(server, body):
     return sock, deadline
 
 def call(server, path, body=None, method=None, raw=None):
-    """(status, parsed JSON body, or the raw text of an event stream)."""
+    """(status, parsed JSON body, or the raw text of another (an event stream))."""
     url = f"http://127.0.0.1:{server.server_address[1]}{path}"
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method or ("GET" if data is None else "POST"),
@@ -114,7 +114,7 @@ def call(server, path, body=None, method=None, raw=None):
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             text = r.read().decode()
-            return r.status, (text if r.headers["Content-Type"] == "text/event-stream" else json.loads(text))
+            return r.status, (json.loads(text) if r.headers["Content-Type"] == "application/json" else text)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read().decode())
 
@@ -352,6 +352,30 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "q z " * 70}]}, 400, "messages",
      "nothing is left for an answer"),
     ("/v1/chat/completions", {"messages": MESSAGES, "prompt": "a"}, 400, "prompt", "unknown field 'prompt'"),
+    ("/tokenize", {}, 400, "prompt", "'prompt' (a string) or 'messages' is required"),
+    ("/tokenize", {"prompt": [1, 2]}, 400, "prompt", "'prompt' must be a string, got [1, 2]"),
+    ("/tokenize", {"prompt": "a", "messages": MESSAGES}, 400, "prompt", "pass one of 'prompt' and 'messages'"),
+    ("/tokenize", {"prompt": "a<|endoftext|>"}, 400, "prompt", "special token <|endoftext|>"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": 1}, 400, "add_special_tokens", "must be true or false"),
+    ("/tokenize", {"prompt": "a", "return_token_strs": "yes"}, 400, "return_token_strs", "must be true or false"),
+    ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, 400, "add_generation_prompt",
+     "taken with 'messages'"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-4o"}, 404, "model", "'gpt-4o' does not exist"),
+    ("/tokenize", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate", "unknown field 'frobnicate'"),
+    ("/tokenize", {"messages": "hi"}, 400, "messages", "must be a list of messages"),
+    ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}, 400, "add_generation_prompt",
+     "'add_generation_prompt': false is not supported"),
+    ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, 400, "add_special_tokens",
+     "'add_special_tokens': true with 'messages' is not supported"),
+    ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, 400, "continue_final_message",
+     "not supported"),
+    ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ x }}"}, 400, "chat_template", "not supported"),
+    ("/detokenize", {}, 400, "tokens", "'tokens' (a list of token ids) is required"),
+    ("/detokenize", {"tokens": "the"}, 400, "tokens", "'tokens' must be a list of token ids, got 'the'"),
+    ("/detokenize", {"tokens": [1, True]}, 400, "tokens", "must be a list of token ids"),
+    ("/detokenize", {"tokens": [5, 300]}, 400, "tokens", "'tokens' token ids must be in [0, 300)"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens", "must be in [0, 300)"),
+    ("/detokenize", {"tokens": [1], "prompt": "a"}, 400, "prompt", "unknown field 'prompt'"),
 ])
 def test_bad_requests_get_openais_error_object(served, path, body, status, param, says):
     server, _ = served
@@ -370,7 +394,10 @@ def test_bad_paths_methods_and_bodies(served):
             ("/v1/completions", "DELETE", None, 405, "DELETE is not allowed"),
             ("/v1/completions", "POST", b"{not json", 400, "not valid JSON"),
             ("/v1/completions", "POST", b"[1, 2]", 400, "must be a JSON object, got list"),
-            ("/v1/completions", "POST", b"\xff", 400, "not valid JSON")]:
+            ("/v1/completions", "POST", b"\xff", 400, "not valid JSON"),
+            ("/tokenize", "GET", None, 405, "GET is not allowed on /tokenize (only POST)"),
+            ("/health", "POST", b"{}", 405, "POST is not allowed on /health (only GET)"),
+            ("/detokenize", "POST", b"[5]", 400, "must be a JSON object, got list")]:
         got, err = call(server, path, method=method, raw=raw)
         assert got == status and set(err["error"]) == {"message", "type", "param", "code"}, (path, method)
         assert says in err["error"]["message"]
@@ -1090,3 +1117,121 @@ def test_a_scoring_request_that_fails_counts_as_an_error_in_metrics(served, monk
                                                         "logprobs": 1, "n": 2})
         assert status == 500 and body["error"]["type"] == "server_error"
         assert m.finished["error"] == before + 2, max_tokens
+
+
+# -- vLLM's operational endpoints: /health, /version, /tokenize, /detokenize, --api-key --------------------------------
+def test_tokenize_counts_the_ids_a_completion_and_a_chat_request_prompt_and_detokenize_reverses_it(served,
+                                                                                                   monkeypatch):
+    server, tok = served
+    prompt = "the cat sat on the mat"
+    status, body = call(server, "/tokenize", {"prompt": prompt, "model": "tiny-chat"})
+    ids = tok.encode(prompt)
+    assert status == 200 and body == {"count": len(ids), "max_model_len": 128, "tokens": ids, "token_strs": None}
+    used = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[1]["usage"]["prompt_tokens"]
+    assert used == body["count"]
+    strs = call(server, "/tokenize", {"prompt": prompt, "return_token_strs": True})[1]["token_strs"]
+    assert strs == [tok.decode([i]) for i in ids] and "".join(strs) == prompt and len(strs) > 2
+    assert call(server, "/detokenize", {"tokens": ids})[1] == {"prompt": prompt}
+    assert call(server, "/detokenize", {"tokens": []})[1] == {"prompt": ""}
+    assert call(server, "/tokenize", {"prompt": ""})[1]["count"] == 0  # (a completion refuses it; a count is 0)
+    # messages: the served template's prompt, as the chat request's (what `chat` prompts, ready for the answer)
+    conv = chat.Conversation("chat", "Be brief.")
+    conv.add("Hello there!", "the cat sat.")
+    want = formats.encode_prompt(tok, conv.prompt("How are you?", 0, tok))
+    body = call(server, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": True})[1]
+    assert body["tokens"] == want and body["count"] == len(want) > len(ids)
+    used = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1})[1]["usage"]["prompt_tokens"]
+    assert used == body["count"]
+    # a tokenizer that starts texts with a BOS (Llama's): add_special_tokens (vLLM's default true) puts it first
+    bos = server.app.eot
+    monkeypatch.setattr(server.app.tok, "prepended_bos_id", bos, raising=False)
+    assert call(server, "/tokenize", {"prompt": prompt})[1]["tokens"] == [bos] + ids
+    assert call(server, "/tokenize", {"prompt": prompt, "add_special_tokens": False})[1]["tokens"] == ids
+
+
+def test_health_and_version_with_the_engine_and_with_max_batch_1(both):
+    from tritongpt import __version__
+
+    server, _ = both
+    assert call(server, "/health") == (200, "")
+    assert call(server, "/version") == (200, {"version": __version__})
+
+
+def test_health_is_a_503_naming_the_engine_once_its_thread_died(run_folder, monkeypatch):
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the death expected: not reported)
+    server = start(run_folder[0], "--max-batch", "2")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    engine = server.app.engine
+    try:
+        assert call(server, "/health") == (200, "")
+
+        def die():  # (a BaseException ends the engine's thread: _loop catches Exception only)
+            raise SystemExit
+        engine.step = die
+        engine.call(lambda: None)  # (wakes the thread, which steps after the call)
+        engine.thread.join(timeout=10)
+        status, body = call(server, "/health")
+        assert status == 503 and body["error"]["code"] == "engine_dead" and body["error"]["type"] == "server_error"
+        assert "the engine's thread is not running any more" in body["error"]["message"]
+        assert call(server, "/version")[0] == 200  # (the server itself still answers)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert server.app.engine_down() == "the engine is closed: the server is shutting down"  # (shutting down)
+
+
+def keyed(server, path, key=None, scheme="Bearer", body=None):
+    """call() with an Authorization header: (status, parsed body, headers)."""
+    url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+    req = urllib.request.Request(url, None if body is None else json.dumps(body).encode(),
+                                 {} if key is None else {"Authorization": f"{scheme} {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+            return r.status, (json.loads(text) if r.headers["Content-Type"] == "application/json" else text), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode()), e.headers
+
+
+def test_api_key_guards_every_path_but_health_version_and_metrics(run_folder, monkeypatch, capsys):
+    from http.server import BaseHTTPRequestHandler
+
+    key = "sk-tiny-0123"
+    # the request log on (the other tests' servers silence it on the class): checked below
+    monkeypatch.setattr(serve.Handler, "log_message", BaseHTTPRequestHandler.log_message)
+    server = start(run_folder[0], "--api-key", key, "--max-batch", "1")
+    try:
+        for path, body in [("/v1/models", None), ("/v1/models/run", None), ("/v1/completions", {"prompt": "a"}),
+                           ("/v1/chat/completions", {"messages": MESSAGES}), ("/tokenize", {"prompt": "a"}),
+                           ("/detokenize", {"tokens": [5]}), ("/v1/nothing", None), ("/nothing", None)]:
+            for sent, scheme, says in [(None, "Bearer", "needs an API key"), ("sk-tiny-0124", "Bearer", "not this"),
+                                       (key[:-1], "Bearer", "not this"), (key, "Basic", "needs an API key")]:
+                status, err, headers = keyed(server, path, sent, scheme, body)
+                assert status == 401 and err["error"]["code"] == "invalid_api_key", (path, sent, scheme)
+                assert says in err["error"]["message"] and headers["WWW-Authenticate"] == "Bearer"
+        assert keyed(server, "/v1/models", key)[1]["data"][0]["object"] == "model"
+        assert keyed(server, "/tokenize", key, "bearer", {"prompt": "the cat"})[1]["count"] == 2  # (any case)
+        assert keyed(server, "/v1/completions", key, body={"prompt": "a", "max_tokens": 2})[0] == 200
+        assert keyed(server, "/detokenize", key, body={"tokens": [5]})[0] == 200
+        for path in ("/health", "/version", "/metrics"):  # (probes and scrapes: vLLM's public paths)
+            assert keyed(server, path)[0] == 200
+        assert keyed(server, "/nothing", key)[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the key is read from the environment where no flag gives it (vLLM's VLLM_API_KEY; the flag first)
+    parse = build_parser(["serve"]).parse_args
+    monkeypatch.setenv(serve.API_KEY_ENV, "from-env")
+    assert serve.api_key(parse(["serve"])) == "from-env" and serve.api_key(parse(["serve", "--api-key", "k"])) == "k"
+    monkeypatch.setenv(serve.API_KEY_ENV, "")
+    assert serve.api_key(parse(["serve"])) is None
+    for bad_key in ("", "two words"):
+        with pytest.raises(UserError, match="--api-key is empty or holds whitespace"):
+            serve.api_key(parse(["serve", "--api-key", bad_key]))
+    # never in the log, nor in what the command says at startup (the key here the environment's)
+    monkeypatch.setattr(serve.Server, "serve_forever", lambda self: None)
+    monkeypatch.setenv(serve.API_KEY_ENV, key)
+    assert main(["serve", "--weights", str(run_folder[0]), "--port", "0", "--device", "cpu", "--max-batch", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "an API key is needed on every path but /health, /version, /metrics" in err and "401" in err
+    assert key not in err and key[:-1] not in err

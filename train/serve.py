@@ -17,9 +17,14 @@ at each drawn token, taken from the very logits its decode step drew from (gener
 they are part of a character (OpenAI's spelling).
 One model; requests decode together in one batch (train/engine.py's continuous batching, --max-batch rows), or with
 --max-batch 1 one request at a time (a lock), the others waiting their turn.
+vLLM's operational endpoints (vllm/entrypoints/openai/api_server.py, protocol.py): GET /health (200, or a 503 once the
+engine's thread died), GET /version, POST /tokenize and /detokenize (TokenizeCompletionRequest, TokenizeChatRequest,
+DetokenizeRequest); --api-key (or $TRITONGPT_API_KEY, vLLM's VLLM_API_KEY) asks every other path for the bearer key.
 """
+import hmac
 import json
 import math
+import os
 import secrets
 import select
 import socket
@@ -44,6 +49,15 @@ FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs
 UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
                "function_call", "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
                "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
+# POST /tokenize's and /detokenize's fields (vLLM's; the chat form's add_generation_prompt is checked by hand)
+FIELDS["tokenize"] = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
+FIELDS["detokenize"] = {"model", "tokens"}
+# vLLM's tokenize fields this server does not implement: refused unless null or false
+TOKENIZE_UNSUPPORTED = {"continue_final_message", "chat_template", "chat_template_kwargs", "tools",
+                        "mm_processor_kwargs"}
+API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
+# the paths that answer without the API key (vLLM's PUBLIC_ENDPOINTS: probes and scrapes); every other one needs it
+PUBLIC_PATHS = ("/health", "/version", "/metrics")
 MAX_N = 128  # OpenAI's limit on n
 # the most top tokens a drawn token's logprobs list: vLLM's default --max-logprobs and OpenAI chat's top_logprobs
 # limit (OpenAI's legacy completions took 5)
@@ -80,11 +94,11 @@ def served_name(weights) -> str:
     return str(weights)
 
 
-def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
-    """The request's generation settings, each field checked against OpenAI's range (vLLM's for its own fields);
-    an unknown field, or one OpenAI has that this server does not implement, refused by name."""
+def check_fields(body: dict, endpoint: str, served: str, unsupported=UNSUPPORTED):
+    """An unknown field, or one the API has that this server does not implement, refused by name; a model other
+    than the served one a 404."""
     for key in body:
-        if key in UNSUPPORTED:
+        if key in unsupported:
             if body[key] is not None and body[key] is not False:  # (not `in (None, False)`: 0 == False)
                 raise bad(key, f"'{key}' is not supported by this server")
         elif key not in FIELDS[endpoint]:
@@ -93,6 +107,35 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     if model is not None and model != served:
         raise APIError(404, f"the model '{model}' does not exist: this server serves '{served}'", "model",
                        code="model_not_found")
+
+
+def bool_field(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise bad(key, f"'{key}' must be true or false, got {value!r}")
+    return default if value is None else value
+
+
+def check_token_ids(ids: list, vocab: int, field: str):
+    if not all(0 <= t < vocab for t in ids):
+        raise bad(field, f"'{field}' token ids must be in [0, {vocab}) (the model's vocabulary), got "
+                         f"{min(ids)}..{max(ids)}")
+
+
+def api_key(args) -> str | None:
+    """The key requests must bear: --api-key, else $TRITONGPT_API_KEY (vLLM's rule: the flag first, an empty
+    variable unset), else None (no key asked)."""
+    key, where = (args.api_key, "--api-key") if args.api_key is not None else \
+        (os.environ.get(API_KEY_ENV) or None, f"${API_KEY_ENV}")
+    if key is not None and (not key or any(c.isspace() for c in key)):  # (a header's value is stripped: never sent)
+        raise UserError(f"{where} is empty or holds whitespace: no request could send it")
+    return key
+
+
+def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
+    """The request's generation settings, each field checked against OpenAI's range (vLLM's for its own fields);
+    an unknown field, or one OpenAI has that this server does not implement, refused by name."""
+    check_fields(body, endpoint, served)
 
     def number(key, default, low, high, low_open=False, integer=False):
         value = body.get(key)
@@ -354,8 +397,19 @@ class Model:
             if said:
                 note(said)
 
-    def completion_prompt(self, prompt) -> list:
-        """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one)."""
+    def engine_down(self) -> str | None:
+        """Why the engine cannot serve (GET /health's 503), or None: it can, or there is none (--max-batch 1)."""
+        engine = self.engine
+        if engine is None:
+            return None
+        if engine.closed:
+            return "the engine is closed: the server is shutting down"
+        if engine.thread is None or not engine.thread.is_alive():  # (Request.wait's and Engine.call's check)
+            return "the engine's thread is not running any more: no request would ever end (restart the server)"
+        return None
+
+    def encode(self, prompt: str, bos: bool = True) -> list:
+        """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one, with bos)."""
         from tritongpt.train.formats import with_bos
         from tritongpt.train.tokenizer import DisallowedSpecialToken
 
@@ -363,7 +417,11 @@ class Model:
             ids = self.tok.encode(prompt, allowed_special="none_raise")
         except DisallowedSpecialToken as e:
             raise bad("prompt", f"the prompt contains the special token {e.token}: only text is taken") from None
-        ids = with_bos(self.tok, ids)
+        return with_bos(self.tok, ids) if bos else ids
+
+    def completion_prompt(self, prompt) -> list:
+        """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one)."""
+        ids = self.encode(prompt)
         if not ids:
             raise bad("prompt", "the prompt is empty")
         return ids
@@ -552,7 +610,8 @@ class Delta:
 class Handler(BaseHTTPRequestHandler):
     """Routes a request to its endpoint; every failure is an OpenAI error object, never a traceback."""
     server_version = "tritongpt"
-    ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/metrics": "GET"}
+    ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/metrics": "GET",
+              "/health": "GET", "/version": "GET", "/tokenize": "POST", "/detokenize": "POST"}
     # seconds a read or write of the socket may wait: a body shorter than its Content-Length, or a client that
     # stops reading a stream (which would block a write holding the model's lock), must not hold a thread forever
     timeout = 60
@@ -579,6 +638,8 @@ class Handler(BaseHTTPRequestHandler):
         allowed = self.allowed = "GET" if model_path else self.ROUTES.get(path)
         self.streaming = False
         try:
+            if self.server.api_key is not None and path not in PUBLIC_PATHS:  # (first, as vLLM's middleware)
+                self.authorize(self.server.api_key)
             if allowed is None:
                 raise APIError(404, f"unknown path: {method} {path}", code="not_found")
             if method != allowed:
@@ -590,6 +651,19 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, self.model_card())
             if path == "/metrics":  # Prometheus' scrape (train/metrics.py)
                 return self.send_text(app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+            if path == "/health":  # a load balancer's probe: vLLM's empty 200
+                down = app.engine_down()
+                if down:
+                    raise APIError(503, down, kind="server_error", code="engine_dead")
+                return self.send_text("", "text/plain; charset=utf-8")
+            if path == "/version":
+                from tritongpt import __version__
+
+                return self.send_json(200, {"version": __version__})
+            if path == "/tokenize":
+                return self.send_json(200, self.tokenize(self.read_body()))
+            if path == "/detokenize":
+                return self.send_json(200, self.detokenize(self.read_body()))
             if path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [self.model_card()]})
             self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
@@ -612,9 +686,64 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_event(e.body())
                 self.send_event("[DONE]")
             else:
-                self.send_json(e.status, e.body(), allow=self.allowed if e.status == 405 else None)
+                headers = {"Allow": self.allowed} if e.status == 405 else \
+                    {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}  # (RFC 9110's and RFC 6750's)
+                self.send_json(e.status, e.body(), headers)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass  # the client left, or stopped reading
+
+    def authorize(self, key: str):
+        """A 401 unless the request bears `Authorization: Bearer <key>` (the scheme in any case, as vLLM's); the keys
+        compared in constant time, the one sent never written anywhere."""
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(401, "this server needs an API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        # (http.server decoded the header as latin-1: its bytes as sent, against the key's UTF-8)
+        if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), key.encode("utf-8")):
+            raise APIError(401, "the API key is not this server's", code="invalid_api_key")
+
+    def tokenize(self, body: dict) -> dict:
+        """vLLM's POST /tokenize: a prompt's ids as /v1/completions encodes it (add_special_tokens, default true:
+        the BOS the tokenizer adds), or messages' as /v1/chat/completions prompts them (the served chat template,
+        ready for the answer) -> {count, max_model_len, tokens, token_strs (with return_token_strs: each token's
+        text, as logprobs spell it)}. No context check: count against max_model_len is the client's."""
+        app = self.server.app
+        check_fields(body, "tokenize", app.name, TOKENIZE_UNSUPPORTED)
+        strs = bool_field(body, "return_token_strs", False)
+        if body.get("messages") is not None:
+            if body.get("prompt") is not None:
+                raise bad("prompt", "pass one of 'prompt' and 'messages'")
+            if not bool_field(body, "add_generation_prompt", True):
+                raise bad("add_generation_prompt", "'add_generation_prompt': false is not supported by this "
+                                                   "server: the messages are prompted as a chat request's, ready "
+                                                   "for the answer")
+            if bool_field(body, "add_special_tokens", False):
+                raise bad("add_special_tokens", "'add_special_tokens': true with 'messages' is not supported by "
+                                                "this server: the ids are the chat request's (its template's, "
+                                                "BOS included where the tokenizer adds one)")
+            ids = app.chat_prompt(body["messages"])
+        else:
+            if "add_generation_prompt" in body:
+                raise bad("add_generation_prompt", "'add_generation_prompt' is taken with 'messages', not 'prompt'")
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise bad("prompt", "'prompt' (a string) or 'messages' is required" if prompt is None else
+                          f"'prompt' must be a string, got {prompt!r}"[:300])
+            ids = app.encode(prompt, bos=bool_field(body, "add_special_tokens", True))
+        return {"count": len(ids), "max_model_len": app.model.config.context_length, "tokens": ids,
+                "token_strs": [token_text(app.tok, i)[0] for i in ids] if strs else None}
+
+    def detokenize(self, body: dict) -> dict:
+        """vLLM's POST /detokenize: {"tokens": [ids]} -> {"prompt": their text}."""
+        app = self.server.app
+        check_fields(body, "detokenize", app.name)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
+            raise bad("tokens", "'tokens' (a list of token ids) is required" if tokens is None else
+                      f"'tokens' must be a list of token ids, got {tokens!r}"[:300])
+        check_token_ids(tokens, app.limit or app.model.config.vocab_size, "tokens")
+        return {"prompt": app.tok.decode(tokens)}
 
     def model_card(self):
         return {"id": self.server.app.name, "object": "model", "created": self.server.app.created,
@@ -638,16 +767,16 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
         return body
 
-    def send_json(self, status: int, obj, allow=None):
-        self.send_text(to_json(obj), "application/json", status, allow)
+    def send_json(self, status: int, obj, headers=None):
+        self.send_text(to_json(obj), "application/json", status, headers)
 
-    def send_text(self, text: str, content_type: str, status: int = 200, allow=None):
+    def send_text(self, text: str, content_type: str, status: int = 200, headers=None):
         data = text.encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        if allow:
-            self.send_header("Allow", allow)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -677,8 +806,8 @@ class Handler(BaseHTTPRequestHandler):
             raise bad("prompt", f"'prompt' must be a string, a list of token ids, or a non-empty list of either, got "
                                 f"{prompt!r}"[:300])
         for p in prompts:
-            if not isinstance(p, str) and not all(0 <= t < vocab for t in p):
-                raise bad("prompt", f"the prompt's token ids must be in [0, {vocab}), got {min(p)}..{max(p)}")
+            if not isinstance(p, str):
+                check_token_ids(p, vocab, "prompt")
         ids = [app.completion_prompt(p) if isinstance(p, str) else p for p in prompts]
         return ids, [p if isinstance(p, str) else app.tok.decode(p) for p in prompts]
 
@@ -788,6 +917,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    api_key = None  # --api-key's: the bearer key every path but PUBLIC_PATHS needs (None: none)
     # socketserver's listen backlog is 5: a sixth client connecting at once had its SYN dropped and retried after
     # ~1 s (seen: 8 concurrent requests batched in two waves); the OS's own limit instead
     request_queue_size = socket.SOMAXCONN
@@ -886,6 +1016,7 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
     check_engine_args(args)
+    key = api_key(args)
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
     engine = make_engine(args, model, device, dtype)
@@ -905,13 +1036,15 @@ def make_server(args) -> ThreadingHTTPServer:
         raise
     server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype,
                        engine)
+    server.api_key = key
     return server
 
 
 def cmd_serve(args):
     server = make_server(args)
     host, port = server.server_address[:2]
-    note(f"serving {server.app.name} at http://{host}:{port}/v1 (Ctrl-C stops)")
+    guarded = f"; an API key is needed on every path but {', '.join(PUBLIC_PATHS)}" if server.api_key else ""
+    note(f"serving {server.app.name} at http://{host}:{port}/v1{guarded} (Ctrl-C stops)")
     try:
         server.serve_forever()
     finally:
@@ -927,10 +1060,14 @@ def add_cli(sub):
     add_cuda_graphs_arg(p)
     add_kv_cache_dtype_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every "
-                                                       "interface, with no authentication)")
+                                                       "interface, with no authentication unless --api-key)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
     add_engine_args(p, 8, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
                           "request of n choices taking n rows; 1: one request at a time")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer KEY' "
+                        f"(vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out of the "
+                        "process list, else none)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: --weights as given, a Hub repo's id)")
     add_dtype_arg(p)
