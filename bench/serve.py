@@ -19,11 +19,14 @@ vLLM's: mean_ttft_ms, median_tpot_ms, std_itl_ms, p99_e2e_ms ...).
 
 Without --base-url it starts `tritongpt serve` in this process on a free port, with the model flags serve takes
 (--weights, --pretrained --model, --kernels, --quantize, ...: serve's own argument definitions), and stops it after.
+Every request bears the server's API key (`Authorization: Bearer`): the in-process server's (serve's --api-key or
+$TRITONGPT_API_KEY); with --base-url, --api-key or else $OPENAI_API_KEY (vLLM's benchmark's), none if neither.
 """
 import argparse
 import http.client
 import json
 import math
+import os
 import random
 import sys
 import threading
@@ -60,6 +63,10 @@ class _Collect:
         if not set(flags) & self.taken:
             if "--port" in flags:
                 kw = {**kw, "default": 0, "help": "the in-process server's port (default 0: a free one)"}
+            if "--api-key" in flags:
+                kw = {**kw, "help": "the in-process server's --api-key (default: $TRITONGPT_API_KEY, else none); with "
+                                    "--base-url, the key the requests bear (default: $OPENAI_API_KEY, vLLM's "
+                                    "benchmark's, else none)"}
             self.actions.append(self.group.add_argument(*flags, **kw))
 
     def set_defaults(self, **kw):
@@ -133,7 +140,9 @@ def server_flags_given(args) -> list:
     sp = serve_parser()
     given = []
     for a in sp._actions:
-        if a.dest in ("help", "model", "tokenizer", "port", "dtype", "cuda_graphs") or not hasattr(args, a.dest):
+        # (--api-key too: with --base-url, the key sent)
+        if a.dest in ("help", "model", "tokenizer", "port", "dtype", "cuda_graphs", "api_key") or \
+                not hasattr(args, a.dest):
             continue
         if getattr(args, a.dest) != a.default:
             given.append(a.option_strings[0])
@@ -250,6 +259,10 @@ def _connection(url, timeout):
     return kind(url.hostname, url.port, timeout=timeout)
 
 
+def _auth(api_key) -> dict:
+    return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+
 def _error_text(data: bytes) -> str:
     """An error body's message: OpenAI's {"error": {"message"}} (vLLM's too), else the body's start."""
     try:
@@ -261,12 +274,12 @@ def _error_text(data: bytes) -> str:
         return data[:300].decode("utf-8", "replace")
 
 
-def served_models(base_url: str) -> list:
+def served_models(base_url: str, api_key=None) -> list:
     """The model ids GET /v1/models lists; an unreachable server or a reply not OpenAI's is a UserError."""
     url = parse_url(base_url)
     conn = _connection(url, 30)
     try:
-        conn.request("GET", url.path.rstrip("/") + "/models")
+        conn.request("GET", url.path.rstrip("/") + "/models", headers=_auth(api_key))
         resp = conn.getresponse()
         data = resp.read()
     except (OSError, http.client.HTTPException) as e:
@@ -281,7 +294,8 @@ def served_models(base_url: str) -> list:
         raise UserError(f"GET {base_url.rstrip('/')}/models is not OpenAI's model list: {data[:200]!r}") from None
 
 
-def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, timeout=TIMEOUT_S) -> dict:
+def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, timeout=TIMEOUT_S,
+                      api_key=None) -> dict:
     """One streamed completion, timed: its record (success, error, ttft_ms, itl_ms, e2e_ms, tpot_ms, the usage's
     prompt_tokens and output_tokens, text_chunks, finish_reason)."""
     url = parse_url(base_url)
@@ -296,7 +310,7 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
     t0 = time.perf_counter()
     try:
         conn.request("POST", url.path.rstrip("/") + ENDPOINT, json.dumps(body).encode("utf-8"),
-                     {"Content-Type": "application/json", "Accept": "text/event-stream"})
+                     {"Content-Type": "application/json", "Accept": "text/event-stream", **_auth(api_key)})
         resp = conn.getresponse()
         if resp.status != 200:
             rec["error"] = f"HTTP {resp.status}: {_error_text(resp.read())}"
@@ -348,7 +362,7 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
 
 
 def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=None, seed=0, ignore_eos=False,
-             timeout=TIMEOUT_S):
+             timeout=TIMEOUT_S, api_key=None):
     """Every prompt sent at its arrival time (arrival_offsets), at most `concurrency` in flight: (the records in
     prompt order, each with its index and its send time sent_s from the start, the duration in seconds)."""
     offsets = arrival_offsets(len(prompts), rate, seed)
@@ -361,7 +375,7 @@ def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=No
             gate.acquire()
         try:
             sent = time.perf_counter() - start
-            rec = stream_completion(base_url, model, prompts[i], max_tokens, ignore_eos, timeout)
+            rec = stream_completion(base_url, model, prompts[i], max_tokens, ignore_eos, timeout, api_key)
         except Exception as e:  # never lose a request: a client bug is a failure with its reason
             rec = {"success": False, "error": f"{type(e).__name__}: {e}", "itl_ms": []}
         finally:
@@ -437,15 +451,16 @@ def run_serve(args) -> int:
             if args.dataset is None and args.input_len + args.output_len > ctx:
                 raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} > the model's "
                                 f"context ({ctx})")
-            model, tok = app.name, app.tok
-            served = {"in_process": True, "device": str(app.device), "flags": {
-                k: v for k, v in vars(ns).items() if k != "func"}}
+            model, tok, key = app.name, app.tok, server.api_key
+            served = {"in_process": True, "device": str(app.device), "flags": {  # (the key never written)
+                k: v for k, v in vars(ns).items() if k not in ("func", "api_key")}}
             device_cuda = app.device.type == "cuda"
         else:
             from tritongpt.train.tokenizer import get_tokenizer
 
             base_url = args.base_url.rstrip("/")
-            listed = served_models(base_url)
+            key = args.api_key or os.environ.get("OPENAI_API_KEY") or None
+            listed = served_models(base_url, key)
             model = args.model or (listed[0] if listed else None)
             if model is None:
                 raise UserError(f"the server at {base_url} lists no model")
@@ -466,13 +481,13 @@ def run_serve(args) -> int:
         print(f"bench serve: {base_url} ({model}{', in this process on ' + served['device'] if server else ''}): "
               f"{args.num_prompts} prompts, {args.input_len if not args.dataset else 'dataset'} in / "
               f"{args.output_len} out, rate {rate:g}/s", file=sys.stderr, flush=True)
-        warm = stream_completion(base_url, model, prompts[0], args.output_len, args.ignore_eos)
+        warm = stream_completion(base_url, model, prompts[0], args.output_len, args.ignore_eos, api_key=key)
         if not warm["success"]:
             raise UserError(f"the warm-up request to {base_url} failed: {warm['error']}")
         runs = []
         for c in concurrencies:
             records, duration = run_load(base_url, model, prompts, args.output_len, rate, c, args.seed,
-                                         args.ignore_eos)
+                                         args.ignore_eos, api_key=key)
             metrics = summarize(records, duration, args.output_len)
             runs.append({"max_concurrency": c, "request_rate": None if math.isinf(rate) else rate,
                          "metrics": metrics, "requests": records})

@@ -71,9 +71,9 @@ def test_the_in_process_server_end_to_end(saved, tmp_path, capsys):
     assert max(r["e2e_ms"] for r in reqs) <= m["duration_s"] * 1e3
 
 
-def start_served(saved, name="tiny-served"):
+def start_served(saved, name="tiny-served", *flags):
     args = build_parser(["serve"]).parse_args(["serve", "--weights", str(saved), "--port", "0", "--device", "cpu",
-                                               "--served-model-name", name])
+                                               "--served-model-name", name, *flags])
     server = bs.start_server(args)
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
 
@@ -101,6 +101,28 @@ def test_base_url_a_sweep_of_concurrencies_and_results_never_overwritten(saved, 
     assert [p.name for p in again] == ["serve-sweep-2.json", "serve-sweep-2.md"]
     assert json.loads(path.read_text()) == result  # the first run's file as it was
     assert "max concurrency 1 | max concurrency 3 |" in capsys.readouterr().out
+
+
+def test_requests_bear_the_servers_api_key_which_the_results_never_hold(saved, tmp_path, monkeypatch, capsys):
+    """A server started with --api-key: bench serve sends the key it is given (--api-key, else $OPENAI_API_KEY, as
+    vLLM's benchmark), a 401 named; the in-process server's key is sent too, and written in no result."""
+    key = "sk-bench-0123"
+    server, url = start_served(saved, "tiny-served", "--api-key", key, "--max-batch", "1")
+    small = ["--num-prompts", "1", "--input-len", "4", "--output-len", "2"]
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    try:
+        assert bench("--base-url", url, *small) == 2
+        assert "/models answered HTTP 401: this server needs an API key" in capsys.readouterr().err
+        assert bench("--base-url", url, "--api-key", key, *small) == 0
+        monkeypatch.setenv("OPENAI_API_KEY", key)
+        assert bench("--base-url", url, *small) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert bench("--weights", str(saved), "--device", "cpu", "--api-key", key, *small, "--out", str(tmp_path)) == 0
+    result = only_file(tmp_path, "serve.json").read_text()
+    assert json.loads(result)["runs"][0]["metrics"]["completed"] == 1 and key not in result
+    assert key not in capsys.readouterr().out + only_file(tmp_path, "serve.md").read_text()
 
 
 def test_failed_requests_are_counted_and_the_first_error_shown(saved, tmp_path, capsys):
