@@ -14,7 +14,7 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.engine import Cancelled, Engine
 from tritongpt.train.generate import generate
 
-from parity import loud_attention
+from parity import assert_close_rel, loud_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 97
@@ -1091,3 +1091,145 @@ def test_a_preempted_request_keeps_its_first_admission_as_vllm_does(one_thread, 
     for i, h in enumerate(handles):
         assert h.scheduled == first[i] and h.queued == 0
         assert h.scheduled <= h.first_token <= h.last_token
+
+
+# -- prompt logprobs (vLLM's SamplingParams.prompt_logprobs; serve's echo): scored by the request's own prefill ----
+def scored_prompt(model, idx, k):
+    """A float64 copy of model's (logprob of each next token [T - 1], top ids, top logprobs [T - 1, k]) of idx's
+    first row, from one forward of the whole prompt."""
+    import copy
+
+    ref = copy.deepcopy(model).double().set_kernels("reference")
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(idx[:1])[0, :-1], dim=-1)
+    top = torch.topk(logp, k, dim=-1)
+    return logp.gather(-1, idx[0, 1:, None])[:, 0], top.indices, top.values
+
+
+def check_scored(got, want, tol=1e-4, name="prompt logprobs", ids=True):
+    """One "prompt" item's rows against scored_prompt's: the same top ids (not with ids False: an int8 cache's
+    rounding may swap two near-tied ones), the logprobs to tol."""
+    assert not ids or torch.equal(got[1], want[1]), f"{name}: top ids differ"
+    assert_close_rel(got[0], want[0], tol, name)
+    assert_close_rel(got[2], want[2], tol, name + " (top)")
+
+
+def prefilled(monkeypatch, engine):
+    """The tokens each of the engine's prefill forwards runs (model.hidden outside its decode), as a list that
+    grows."""
+    seen, hidden, decode, decoding = [], engine.model.hidden, engine._decode, [False]
+
+    def counted(ids, cache=None, *a, **k):
+        if not decoding[0]:
+            seen.append(ids.numel())
+        return hidden(ids, cache, *a, **k)
+
+    def counted_decode(rows):
+        decoding[0] = True
+        try:
+            return decode(rows)
+        finally:
+            decoding[0] = False
+    monkeypatch.setattr(engine.model, "hidden", counted)
+    monkeypatch.setattr(engine, "_decode", counted_decode)
+    return seen
+
+
+@pytest.mark.parametrize("kernels,kv_dtype", [("reference", "auto"), ("reference", "int8"), ("triton", "auto")])
+def test_prompt_logprobs_come_from_the_requests_own_prefill(one_thread, monkeypatch, kernels, kv_dtype):
+    """A (2 equal rows of 11, sampled, max_prefill_tokens 4: chunks of 4 + 4 + 3) scores its prompt in its prefill:
+    10 rows (each chunk's last position scoring the next chunk's first token) against a float64 forward of the
+    whole prompt, handed once before any token, its prompt prefilled once (the 11 positions, no second forward),
+    its tokens still generate()'s; B (4, running) decodes beside it. Both paths, an int8 cache (its rounding: 1e-3)."""
+    model = loud_attention(tiny(kernels, n_layer=2 if kernels == "reference" else 1, n_kv_head=1))
+    a, kw = prompt(11, 2, seed=3), dict(temperature=1.0, seed=4)
+    want = scored_prompt(model, a, 3)
+    engine = Engine(model, max_batch=3, kv_pages=12, page_size=4, max_prefill_tokens=4, kv_cache_dtype=kv_dtype)
+    hb = engine.submit(prompt(4, seed=1), 6)
+    engine.step()
+    seen = prefilled(monkeypatch, engine)
+    ha = engine.submit(a, 3, prompt_logprobs=3, **seeded(kw))
+    while engine.running or engine.waiting:
+        engine.step()
+    monkeypatch.undo()
+    assert seen == [4, 4, 3]  # A's prompt once, in chunks (its equal rows once)
+    order = []
+    out = ha.wait(lambda nxt: order.append("token"), on_prompt=lambda rows: order.append(rows))
+    assert order[1:] == ["token"] * 3 and len(order[0][0]) == 10
+    check_scored(order[0], want, 1e-3 if kv_dtype == "int8" else 1e-4, f"{kernels} {kv_dtype}", kv_dtype != "int8")
+    assert torch.equal(out, alone(model, a, 3, kw, kv_cache_dtype=kv_dtype))
+    assert torch.equal(hb.wait(), alone(model, prompt(4, seed=1), 6, {}, kv_cache_dtype=kv_dtype))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(max_prefill_tokens=3)])
+def test_a_preempted_request_scores_its_prompt_once(one_thread, kw):
+    """PREEMPTING's B (2 equal rows, sampled) and D (the latest admitted: preempted first) score their prompts:
+    each hands its rows once, the float64 forward's, though preempted and recomputed (after its prefill, or with
+    chunks of 3 also in the middle of it: the parts scored before dropped, scored again), and draws generate()'s
+    tokens alone."""
+    model = loud_attention(tiny())
+    requests = [(idx, new, dict(settings, prompt_logprobs=2) if i in (1, 3) else settings)
+                for i, (idx, new, settings) in enumerate(PREEMPTING)]
+    engine = Engine(model, max_batch=5, kv_pages=10, page_size=4, **kw)
+    handles = [engine.submit(idx, new, **seeded(settings)) for idx, new, settings in requests]
+    preempted, steps = set(), 0  # (whether a scoring request was preempted before its prompt was scored, or after)
+    while engine.running or engine.waiting:
+        assert steps < 200
+        engine.step()
+        steps += 1
+        preempted |= {h.scoring for h in handles if h.prompt_logprobs is not None and h in engine.waiting}
+    assert preempted == ({False, True} if kw else {False})
+    for h, (idx, new, settings) in zip(handles, requests):
+        rows = []
+        out = h.wait(on_prompt=rows.append)
+        assert torch.equal(out, alone(model, idx, new, {k: v for k, v in settings.items() if k != "prompt_logprobs"}))
+        assert len(rows) == (h.prompt_logprobs is not None)
+        for got in rows:
+            check_scored(got, scored_prompt(model, idx, 2))
+
+
+def test_a_prefill_only_request_scores_its_prompt_and_ends(one_thread, monkeypatch):
+    """max_new_tokens 0 with prompt_logprobs (echo with max_tokens 0): the request runs (counted running while it
+    prefills, in chunks of 4), hands its rows, ends with its prompt after its last chunk, nothing drawn, stamped
+    there as first and last token (vLLM draws one token for it and drops it); without prompt_logprobs it ends at
+    once, nothing run. A prompt of one token scores nothing. Unequal rows are refused by name."""
+    clock = fake_clock(monkeypatch)
+    model = loud_attention(tiny())
+    a = prompt(9, seed=2)
+    engine = Engine(model, max_batch=2, kv_pages=3, page_size=4, max_prefill_tokens=4)
+    assert engine.submit(a, 0).queue.get_nowait() == ("end", a)
+    h, one = engine.submit(a, 0, prompt_logprobs=1), engine.submit(a[:, :1], 0, prompt_logprobs=1)
+    running = []
+    while engine.running or engine.waiting:
+        clock[0] += 1.0
+        engine.step()
+        running.append(h in engine.running)
+    assert running == [True, True, False, False] and (h.scheduled, h.first_token, h.last_token) == (1, 3, 3)
+    rows = []
+    assert torch.equal(h.wait(lambda *a: rows.append("token"), on_prompt=rows.append), a) and len(rows) == 1
+    check_scored(rows[0], scored_prompt(model, a, 1))
+    assert torch.equal(one.wait(on_prompt=rows.append), a[:, :1]) and [len(x) for x in rows[1]] == [0, 0, 0]
+    assert engine.free == [0, 1] and engine.cache.num_free == 3
+    with pytest.raises(UserError, match="prompt_logprobs scores one prompt: a request's rows must all be that"):
+        engine.submit(torch.cat([a[:, :3], prompt(3, seed=3)]), 2, prompt_logprobs=1)
+
+
+def test_a_request_scoring_its_prompt_reads_no_cached_prefix_but_caches_its_pages(one_thread, monkeypatch):
+    """Prefix caching (vLLM's rule: positions read from cached pages have no forward to score them): B scores the
+    prompt A prefilled and prefills all its 10 tokens, its rows the float64 forward's; C, the same prompt after it,
+    reads the 2 full pages back. The stats count the prompts looked up in the cache (A's and C's), as vLLM's."""
+    model = loud_attention(tiny())
+    p = prompt(10, seed=5)
+    engine = Engine(model, max_batch=1, kv_pages=6, page_size=4, prefix_caching=True)
+    seen = prefilled(monkeypatch, engine)
+    handles = [engine.submit(p, 2), engine.submit(p, 1, prompt_logprobs=2), engine.submit(p, 2)]
+    while engine.running or engine.waiting:
+        engine.step()
+    monkeypatch.undo()
+    assert seen == [10, 10, 2]
+    rows = []
+    assert torch.equal(handles[1].wait(on_prompt=rows.append), alone(model, p, 1, {}))
+    check_scored(rows[0], scored_prompt(model, p, 2))
+    assert engine.stats == {"prompt_tokens": 20, "cached_prompt_tokens": 8, "preemptions": 0}
+    for h in (handles[0], handles[2]):
+        assert torch.equal(h.wait(), alone(model, p, 2, {}))

@@ -26,7 +26,7 @@ import torch
 from tritongpt._types import is_int
 from tritongpt.errors import UserError
 from tritongpt.train.generate import (DecodeGraph, check_cache_dtype, check_graphable, check_logprobs, check_sampling,
-                                     decode_step, last_logits, new_cache)
+                                     decode_step, last_logits, new_cache, prompt_logprobs)
 
 
 class Cancelled(Exception):
@@ -36,12 +36,16 @@ class Cancelled(Exception):
 class Request:
     """The handle submit returns: what the engine thread draws for the request arrives through `queue` as
     ("token", on_token's arguments: (nxt [n, 1],), with logprobs (nxt, step_logprobs)) each step, then ("end",
-    ids [n, T + new]) or ("error", exception). The engine never calls
-    the caller's code but stop(): the consumer's thread (an HTTP handler) reads the queue, so a slow client never
-    stalls the batch."""
+    ids [n, T + new]) or ("error", exception); with prompt_logprobs ("prompt", its rows) once, before any token.
+    The engine never calls the caller's code but stop(): the consumer's thread (an HTTP handler) reads the queue, so
+    a slow client never stalls the batch."""
 
-    def __init__(self, engine, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, stop, logprobs=None):
+    def __init__(self, engine, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, stop, logprobs=None,
+                 prompt_logprobs=None):
         self.engine, self.idx, self.budget, self.warp, self.logprobs = engine, idx, max_new_tokens, warp, logprobs
+        # prompt_logprobs k: its prefill scores the prompt (Engine.submit); scoring: not yet done (a preemption
+        # before its end drops the parts, `scores`, its recompute scores again; one after it scores nothing)
+        self.prompt_logprobs, self.scoring, self.scores = prompt_logprobs, prompt_logprobs is not None, []
         self.eos_id, self.generator, self.vocab_limit, self.stop = eos_id, generator, vocab_limit, stop
         self.start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
         self.done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -71,12 +75,12 @@ class Request:
         with self.engine.cond:
             self.engine.cond.notify_all()
 
-    def wait(self, on_token=None, cancelled=None, poll: float = 0.05):
-        """In the caller's thread: on_token(nxt [n, 1]) for each step's tokens as they arrive (with logprobs,
-        on_token(nxt, step_logprobs(...)) as generate's), then the request's
-        ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing arrives; True
-        cancels the request and raises Cancelled. An exception raised by on_token cancels it too. A started
-        engine whose thread died raises UserError rather than wait for ever."""
+    def wait(self, on_token=None, cancelled=None, poll: float = 0.05, on_prompt=None):
+        """In the caller's thread: with prompt_logprobs on_prompt(rows) first (Engine.submit's), on_token(nxt [n, 1])
+        for each step's tokens as they arrive (with logprobs, on_token(nxt, step_logprobs(...)) as generate's), then
+        the request's ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing
+        arrives; True cancels the request and raises Cancelled. An exception raised by on_token (or on_prompt)
+        cancels it too. A started engine whose thread died raises UserError rather than wait for ever."""
         asked = time.monotonic()
         try:
             while True:
@@ -97,6 +101,9 @@ class Request:
                 if kind == "token":
                     if on_token is not None:
                         on_token(*item)
+                elif kind == "prompt":
+                    if on_prompt is not None:
+                        on_prompt(item)
                 elif kind == "end":
                     return item
                 elif kind == "error":
@@ -148,7 +155,7 @@ class Engine:
     turn reads the last answer's pages back. A request's n rows of one prompt share its full blocks' pages (the
     partial last one copied). stats: "prompt_tokens" (a prefilled row's prompt, a request of n equal rows once)
     and "cached_prompt_tokens", the ones of them read from the cache (a preempted request's recompute counts again,
-    its drawn tokens with its prompt).
+    its drawn tokens with its prompt; a request scoring its prompt, which looks nothing up, is not counted).
 
     max_prefill_tokens (vLLM's chunked prefill, Sarathi-Serve): a step prefills at most that many prompt tokens in
     all, so a long prompt no longer stalls the running requests' next token for its whole prefill: the admitted
@@ -211,10 +218,20 @@ class Engine:
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
 
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
-               vocab_limit: int | None = None, stop=None, logprobs: int | None = None, **warp) -> Request:
+               vocab_limit: int | None = None, stop=None, logprobs: int | None = None,
+               prompt_logprobs: int | None = None, **warp) -> Request:
         """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=...,
         logprobs=..., **warp) (warp: its sampling settings) and return its handle. idx [n, T]: n rows (n <=
-        max_batch), T + max_new_tokens within the context (the engine does not slide the window)."""
+        max_batch), T + max_new_tokens within the context (the engine does not slide the window).
+
+        prompt_logprobs k (vLLM's SamplingParams.prompt_logprobs; serve's echo): the request's own prefill scores
+        its prompt, from the forward that fills its cache (no second forward): each position but the last's
+        step_logprobs (logprob of the next prompt token [T - 1], top ids and top logprobs [T - 1, k]), the head and
+        log-softmax a chunk of rows at a time (generate.prompt_logprobs), a prefill chunk's last position scoring
+        the next chunk's first token; handed to wait()'s on_prompt before any token, once (n equal rows prefill
+        once; a preemption's recompute scores nothing again). Such a request reads no cached prefix (vLLM's:
+        positions served from cached pages have no forward to score them) but caches its pages for the requests
+        after it. With max_new_tokens 0 it ends after its prefill, nothing drawn (echo with max_tokens 0)."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
             what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
@@ -243,9 +260,13 @@ class Engine:
             raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
         check_sampling(**warp)
         check_logprobs(logprobs)
+        check_logprobs(prompt_logprobs)
+        if prompt_logprobs is not None and not bool((idx == idx[:1]).all()):
+            raise UserError("prompt_logprobs scores one prompt: a request's rows must all be that prompt (its n "
+                            "choices)")
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, eos_id, generator, vocab_limit, stop,
-                    logprobs)
-        if max_new_tokens == 0:  # generate's: the prompt back, nothing run
+                    logprobs, prompt_logprobs)
+        if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
         with self.cond:
@@ -267,9 +288,10 @@ class Engine:
     def _length(self, r) -> int:
         """The positions each of r's rows takes pages for at admission: its prefill's (the prompt, and after a
         preemption the tokens it drew) and, with preemption, the first decode step's (when it feeds one) only, the
-        rest taken as its rows grow (_grow); without it, all its budget's, so it never waits for a page."""
+        rest taken as its rows grow (_grow); without it, all its budget's, so it never waits for a page. (A
+        prefill-only request, max_new_tokens 0, still writes its whole prompt.)"""
         T, left = r.idx.size(1), r.budget - (r.idx.size(1) - r.start)
-        return T + (min(left, 2) if self.preemption else left) - 1
+        return T + max(min(left, 2) if self.preemption else left, 1) - 1
 
     def _new_pages(self, idx, length: int, hits) -> int:
         """The pages a request of rows idx [n, T] takes beyond `hits`, its prefilled rows' cached pages (one
@@ -294,8 +316,8 @@ class Engine:
         cache = self.cache
         r.same = bool((r.idx == r.idx[:1]).all())
         prefilled = r.idx[:1] if r.same else r.idx
-        # (the last token always computed)
-        r.hits = [cache.lookup(row[:-1]) if self.prefix_caching else [] for row in prefilled]
+        # (the last token always computed; a request scoring its prompt reads none: each position needs its forward)
+        r.hits = [cache.lookup(row[:-1]) if self.prefix_caching and not r.scoring else [] for row in prefilled]
         if not self.paged:
             return 0
         cached = {p for h in r.hits for p in h if p in cache.cached} if self.prefix_caching else ()
@@ -422,6 +444,10 @@ class Engine:
                 for r in decoding:
                     self._finish(r, e)
         for r, lg in logits.items():
+            if r.budget == 0:  # prefill-only (its prompt scored): it ends here, its first token's stamp where vLLM's
+                r.first_token = r.last_token = time.monotonic()  # (which draws one token for it, dropped) would be
+                self._finish(r)
+                continue
             try:
                 r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
                                                      r.eos_id, r.generator, r.put_token, r.stop, r.logprobs)
@@ -477,7 +503,7 @@ class Engine:
             # (its fed pages cached first, so its recompute reads them back and prefills only its last partial page,
             # as vLLM's does)
             self._let_go(r, cache=True)
-            r.todo, r.rows = None, []
+            r.todo, r.rows, r.scores = None, [], []
             self.waiting.appendleft(r)
         self.stats["preemptions"] += 1
 
@@ -533,11 +559,17 @@ class Engine:
         last chunk ran, else None). Equal rows (a request's n choices) run once, the keys copied to the other slots
         at the end; with prefix caching a row's full prompt blocks enter the index once it is prefilled."""
         cache, T, used = self.cache, r.idx.size(1), 0  # (T: the prompt, and after a preemption the ids drawn)
+        looked = not r.scoring  # (prefix caching's stats count the prompts looked up in the cache, as vLLM's)
         while r.todo and (budget is None or used < budget):
             i, slot, fill = r.todo[0]
             end = T if budget is None else min(T, fill + budget - used)
             view = cache.row(slot, start=fill)
-            lg = last_logits(self.model, r.idx[i:i + 1, fill:end], view)[:, -1]
+            if r.scoring:  # the chunk's positions score their next prompt token (its last: the next chunk's first)
+                part, lg = prompt_logprobs(self.model, r.idx[i:i + 1, fill:end], r.idx[i, fill + 1:min(end + 1, T)],
+                                           r.prompt_logprobs, view, r.vocab_limit, last=True)
+                r.scores.append(part)
+            else:
+                lg = last_logits(self.model, r.idx[i:i + 1, fill:end], view)[:, -1]
             used += end - fill
             r.todo[0][2] = end
             cache.fill[slot] = end
@@ -547,10 +579,14 @@ class Engine:
             r.rows.append(lg)
             if self.prefix_caching:
                 cache.register(slot, r.idx[i])
+            if self.prefix_caching and looked:
                 self.stats["prompt_tokens"] += T
                 self.stats["cached_prompt_tokens"] += len(r.hits[i]) * cache.page_size
         if r.todo:
             return used, None
+        if r.scoring:  # (on the device: the consumer's tolist waits in its own thread, as for the drawn tokens')
+            r.queue.put(("prompt", tuple(torch.cat(p) for p in zip(*r.scores))))
+            r.scoring, r.scores = False, []
         for slot in r.slots[1:] if r.same else ():
             cache.copy_row(r.slots[0], slot, T)
         cache.fill[r.slots] = T

@@ -604,6 +604,34 @@ def step_logprobs(logits, nxt, k: int):
     return logp.gather(-1, nxt).squeeze(-1), top.indices, top.values
 
 
+# prompt logprobs (serve's echo, the engine's prompt_logprobs): the LM head and an fp32 log-softmax run on this many
+# elements of logits at a time (rows of the vocabulary's width): 64 MB of fp32, where the whole of a 32k-token prompt
+# on a 128k vocabulary would be 16 GB
+ECHO_CHUNK_ELEMENTS = 2**24
+
+
+def prompt_logprobs(model, ids, targets, k: int, cache=None, limit=None, chunk: int | None = None, last=False):
+    """ids [1, t] forwarded (through `cache` from its fill when given, as a prefill's chunk) -> step_logprobs'
+    (logprob [m], top ids [m, k], top logprobs [m, k]) of its first m positions at targets [m] (each position's
+    next token), and with `last` the logits of its last position [1, V] (last_logits'), else None. The hidden
+    states once, then the LM head and the log-softmax on `chunk` rows at a time (default: ECHO_CHUNK_ELEMENTS of
+    logits), so no [t, V] logits are ever made whole; limit: the vocabulary's tokens, the head's extra columns left
+    out (vocab_limit). A model that is not a GPTModel (a wrapper) runs whole, only its log-softmax chunked."""
+    from tritongpt.model.gpt import GPTModel
+
+    if isinstance(model, GPTModel):
+        h, head = model.hidden(ids, cache)[0], model.logits
+        vocab = limit or model.config.vocab_size
+    else:
+        h, head = model(ids, cache)[0], (lambda x: x)
+        vocab = limit or h.size(-1)
+    chunk = chunk or max(1, ECHO_CHUNK_ELEMENTS // vocab)
+    m = targets.size(0)
+    parts = [step_logprobs(head(h[a:min(a + chunk, m)])[:, :limit], targets[a:a + chunk, None], k)
+             for a in range(0, m, chunk)] or [step_logprobs(head(h[:0])[:, :limit], targets[:0, None], k)]
+    return tuple(torch.cat(p) for p in zip(*parts)), head(h[-1:]) if last else None
+
+
 def append_token(idx, nxt, done, eos_id, on_token, stop):
     """nxt [B, 1] after idx [B, T], the rows already done padded with eos_id; done [B] updated in place (an EOS
     drawn, stop(idx) asked), on_token(nxt) called. -> (idx [B, T + 1], whether every row is done, done as a host
