@@ -15,7 +15,7 @@ from tritongpt.cli import build_parser, main
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train import chat, formats, serve
+from tritongpt.train import chat, formats, generate as generate_module, serve
 from tritongpt.train.generate import generate
 from tritongpt.train.tokenizer import BPETokenizer
 
@@ -868,7 +868,7 @@ def test_prompt_logprobs_in_chunks_are_the_whole_prompt_forward_s(monkeypatch):
         assert top_ids == best.indices[t].tolist()
         assert top_lps == pytest.approx(best.values[t].tolist(), rel=1e-4, abs=1e-5)
     # the default chunk: a budget of logits' elements, its rows the vocabulary's width
-    monkeypatch.setattr(serve, "ECHO_CHUNK_ELEMENTS", 70 * 4)
+    monkeypatch.setattr(generate_module, "ECHO_CHUNK_ELEMENTS", 70 * 4)
     widths.clear()
     with torch.no_grad():
         assert same_rows(serve.prompt_rows(model, idx, 3, limit=70), rows)
@@ -1028,6 +1028,30 @@ def test_lm_eval_local_completions_loglikelihoods_are_the_models(served):
         assert ll == pytest.approx(want, abs=1e-4)
         assert is_greedy == all(int(logp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
     assert [g for _, g in got] == [True, False]
+
+
+def test_the_engine_prefills_a_scoring_requests_prompt_once(served, monkeypatch):
+    """echo with logprobs through the engine: the request's own prefill scores its prompt (Engine.submit's
+    prompt_logprobs), so an lm-eval request (max_tokens 1) and a scoring one (max_tokens 0) run each prompt token
+    through the model once, not twice, the request counted running while it prefills; the scoring request is in
+    the prefill phase's histogram (vLLM's: its one prefill) and in the prompt-token counts, with no first token."""
+    server, tok = served
+    app, counts = server.app, []
+    hidden = app.model.hidden
+    monkeypatch.setattr(app.model, "hidden", lambda ids, cache=None, *a, **k: counts.append(
+        (ids.numel(), app.metrics.gauges()[0])) or hidden(ids, cache, *a, **k))
+    ctx, cont = tok.encode("the cat sat on the"), tok.encode(" mat")
+    lm_eval_loglikelihood(server, [(ctx, cont), (ctx[1:], cont)])
+    assert sorted(counts) == [(len(ctx) + len(cont) - 1, 1), (len(ctx) + len(cont), 1)]
+    m, counts[:] = app.metrics, []
+    before = {name: m.hist[name].count for name in ("request_prefill_time_seconds", "request_prompt_tokens",
+                                                    "time_to_first_token_seconds", "request_decode_time_seconds")}
+    status, body = call(server, "/v1/completions", {"prompt": ctx, "echo": True, "max_tokens": 0, "logprobs": 1})
+    assert status == 200 and len(body["choices"][0]["logprobs"]["tokens"]) == len(ctx)
+    assert counts == [(len(ctx), 1)]
+    after = {name: m.hist[name].count - n for name, n in before.items()}
+    assert after == {"request_prefill_time_seconds": 1, "request_prompt_tokens": 1, "time_to_first_token_seconds": 0,
+                     "request_decode_time_seconds": 1}
 
 
 def test_echo_text_offsets_index_the_echoed_text_with_a_bos_adding_tokenizer(served, monkeypatch):

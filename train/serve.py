@@ -63,9 +63,6 @@ MAX_N = 128  # OpenAI's limit on n
 # limit (OpenAI's legacy completions took 5)
 MAX_LOGPROBS = 20
 MAX_BODY = 32 * 2**20  # bytes: far past any prompt a context holds; a larger Content-Length is refused, not allocated
-# echo's prompt logprobs: the LM head and an fp32 log-softmax run on this many elements of logits at a time (rows of
-# the vocabulary's width): 64 MB of fp32, where the whole of a 32k-token prompt on a 128k vocabulary would be 16 GB
-ECHO_CHUNK_ELEMENTS = 2**24
 
 
 class APIError(Exception):
@@ -338,28 +335,11 @@ def rows_of(step) -> list:
 
 def prompt_rows(model, idx, k: int, limit=None, chunk: int | None = None) -> list:
     """Each prompt position's (logprob of the next prompt token, top-k ids, top-k logprobs) (rows_of's), idx [1, T]
-    -> T - 1 rows: the hidden states once, then the LM head and the log-softmax on `chunk` rows at a time (default:
-    ECHO_CHUNK_ELEMENTS of logits), so no [T, V] logits are ever made whole; limit: the vocabulary's tokens, the
-    head's extra columns left out (generate's vocab_limit). A model that is not a GPTModel (a wrapper) runs whole,
-    only its log-softmax chunked."""
-    from tritongpt.model.gpt import GPTModel
-    from tritongpt.train.generate import step_logprobs
+    -> T - 1 rows, from one forward of the whole prompt, its head in chunks (generate.prompt_logprobs, which the
+    engine's prefill runs too: Engine.submit's prompt_logprobs)."""
+    from tritongpt.train.generate import prompt_logprobs
 
-    n = idx.size(1) - 1
-    if isinstance(model, GPTModel):
-        h = model.hidden(idx)[0, :-1]
-        vocab = limit or model.config.vocab_size
-        head = model.logits
-    else:
-        h = model(idx)[0, :-1]
-        vocab = limit or h.size(-1)
-        head = None
-    chunk = chunk or max(1, ECHO_CHUNK_ELEMENTS // vocab)
-    rows = []
-    for a in range(0, n, chunk):
-        logits = h[a:a + chunk] if head is None else head(h[a:a + chunk])
-        rows += rows_of(step_logprobs(logits[:, :limit], idx[0, a + 1:a + 1 + chunk, None], k))
-    return rows
+    return rows_of(prompt_logprobs(model, idx, idx[0, 1:], k, limit=limit, chunk=chunk)[0])
 
 
 class Model:
@@ -460,23 +440,21 @@ class Model:
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def prompt_logprobs(self, ids, k: int, text: str) -> list:
-        """The prompt's tokens' logprob items (echo; Scored's), from one forward of the whole prompt (its turn with
-        the model as a request's; the head in chunks: prompt_rows): the first token's logprob None (nothing comes
-        before it). text: the prompt's echoed text, which the text offsets index."""
+    def prompt_logprobs(self, ids, k: int, text: str, step=None) -> list:
+        """The prompt's tokens' logprob items (echo; Scored's): the first token's logprob None (nothing comes before
+        it). step: the engine's prefill's rows of them (draw's on_prompt: Engine.submit's prompt_logprobs); None
+        (no engine) one forward of the whole prompt here, under the model's lock (the head in chunks:
+        prompt_rows). text: the prompt's echoed text, which the text offsets index."""
         import torch
 
         from tritongpt.train.common import autocast
 
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-
-        def forward():
-            return prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
-        if self.engine is not None:  # on the engine's thread, between its steps
-            rows = self.engine.call(forward)
+        if step is not None:
+            rows = rows_of(step)
         else:
+            idx = torch.tensor([ids], dtype=torch.long, device=self.device)
             with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: the model's turn)
-                rows = forward()
+                rows = prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
         scored = Scored(self.tok, [])
         for item in [(ids[0], None, [], [])] + [(t, *row) for t, row in zip(ids[1:], rows)]:
             scored.add(item)
@@ -485,12 +463,14 @@ class Model:
         lead = max(scored.ends[-1] - len(text), 0)
         return [(*item[:4], max(item[4] - lead, 0)) for item in scored.items]
 
-    def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None) -> list:
+    def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
-        None)], the items those of the tokens that make the text (Scored). on_delta(i, text, items): each choice's
-        new text as it is drawn (held back where a stop string may be starting), the deltas of a choice adding up
-        to its text, with the items of the tokens that text takes (None without logprobs); called in this thread
-        (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
+        None)], the items those of the tokens that make the text (Scored). on_prompt(step) (an engine only: echo's
+        prompt logprobs, the request's own prefill scoring its prompt, before any token; budget 0 then ends after
+        its prefill): called with the prompt's rows (step_logprobs'), in this thread. on_delta(i, text, items): each
+        choice's new text as it is drawn (held back where a stop string may be starting), the deltas of a choice
+        adding up to its text, with the items of the tokens that text takes (None without logprobs); called in this
+        thread (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
         waiting for the engine: its request is then cancelled and BrokenPipeError raised (as a write to its socket
         would)."""
         import torch
@@ -533,9 +513,10 @@ class Model:
         try:
             if self.engine is not None:
                 request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
-                                             stop=stopped if stops else None, logprobs=k, **warp)
+                                             stop=stopped if stops else None, logprobs=k,
+                                             prompt_logprobs=k if on_prompt is not None else None, **warp)
                 try:
-                    out = request.wait(on_step, gone).tolist()
+                    out = request.wait(on_step, gone, on_prompt=on_prompt).tolist()
                 except Cancelled:
                     raise BrokenPipeError("the client left") from None
             else:
@@ -867,16 +848,27 @@ class Handler(BaseHTTPRequestHandler):
         for p, (ids, budget, prompt_text) in enumerate(zip(prompts, budgets, texts)):
             base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
             echo = prompt_text if s["echo"] else ""  # the prompt's text (and logprobs) first, then the choice's
-            # the prompt's clock: a scoring request's (max_tokens 0), or what ends one that fails before draw(),
-            # which times the others itself
+            # the prompt's clock: a scoring request's without the engine (max_tokens 0), or what ends one that fails
+            # before draw(), which times the others itself
             timing = app.metrics.request()
+            # echo's prompt logprobs: with the engine, from the request's own prefill (on_prompt, called by draw()
+            # before any token: one prefill a request); without it, one forward here first
+            in_prefill = s["echo"] and k is not None and app.engine is not None
+            echo_lp = None
+
+            def on_prompt(step):  # (called within this prompt's draw())
+                nonlocal echo_lp
+                echo_lp = logprobs(app.prompt_logprobs(ids, k, prompt_text, step))
+                for i in range(s["n"]) if s["stream"] else ():
+                    chunk(base + i, echo, lp=echo_lp)
             try:
-                echo_lp = logprobs(app.prompt_logprobs(ids, k, prompt_text)) if s["echo"] and k is not None else None
+                if s["echo"] and k is not None and not in_prefill:
+                    echo_lp = logprobs(app.prompt_logprobs(ids, k, prompt_text))
                 if s["stream"]:
                     for i in range(s["n"]):
                         if chat:
                             chunk(base + i, role=True)
-                        elif s["echo"]:
+                        elif s["echo"] and not in_prefill:
                             chunk(base + i, echo, lp=echo_lp)
             except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
                 timing.end(["abort"] * s["n"])
@@ -887,11 +879,12 @@ class Handler(BaseHTTPRequestHandler):
             if s["stream"]:
                 on_delta = (lambda b, start: lambda i, text, items: chunk(b + i, text, lp=logprobs(items, start)))(
                     base, len(echo))
-            if budget == 0:  # echo with max_tokens 0: the prompt scored, nothing drawn (vLLM's finish "length")
-                drawn = [("", "length", 0, [] if k is not None else None)] * s["n"]
+            if budget == 0 and not in_prefill:  # echo with max_tokens 0: the prompt scored, nothing drawn (vLLM's
+                drawn = [("", "length", 0, [] if k is not None else None)] * s["n"]  # finish "length")
                 timing.end(["length"] * s["n"], len(ids))
-            else:
-                drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone)
+            else:  # (with the engine's echo, budget 0: a prefill-only request, its choices "length" with no token)
+                drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone,
+                                 on_prompt if in_prefill else None)
             used[0] += len(ids)
             for i, (text, finish, count, items) in enumerate(drawn):
                 used[1] += count
