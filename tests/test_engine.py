@@ -158,7 +158,7 @@ def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
 
 def test_logprobs_and_logit_bias_are_a_requests_own_as_generate_gives_them(one_thread):
     """A request's logit_bias and logprobs (on_token's second argument) are generate()'s for it, with a request
-    of neither in the same batch; call() runs a function on the engine's thread, between steps."""
+    of neither in the same batch."""
     model = tiny()
     a, b = prompt(5, n=2, seed=1), prompt(7, seed=2)
     banned = int(generate(model, a[:1], 1)[0, -1])  # the greedy first token
@@ -175,13 +175,6 @@ def test_logprobs_and_logit_bias_are_a_requests_own_as_generate_gives_them(one_t
         assert torch.equal(nxt, nxt_) and torch.equal(lp[1], lp_[1])
         assert torch.allclose(lp[0], lp_[0], atol=1e-5) and torch.allclose(lp[2], lp_[2], atol=1e-5)
     assert torch.equal(hb.wait(), generate(model, b, 6))
-    engine.start()
-    assert engine.call(lambda: threading.current_thread().name) == "tritongpt-engine"
-    with pytest.raises(ValueError):
-        engine.call(lambda: int("x"))
-    engine.close()
-    with pytest.raises(UserError, match="closed"):
-        engine.call(lambda: 1)
 
 
 def within(fn, what: str):
@@ -199,16 +192,6 @@ def within(fn, what: str):
     t.join(5)
     assert not t.is_alive(), f"{what} hung"
     return out[0]
-
-
-def test_call_never_leaves_its_caller_waiting_on_a_thread_that_does_not_run(one_thread):
-    """call() on an engine never started, or whose thread has died, raises at once instead of waiting forever."""
-    engine = Engine(tiny(), max_batch=1)
-    assert "not running" in str(within(lambda: engine.call(lambda: 1), "call()"))
-    # a thread that ends with the call queued, never running it (as one a BaseException killed)
-    engine.thread = threading.Thread(target=time.sleep, args=(0.3,))
-    engine.thread.start()
-    assert "not running any more" in str(within(lambda: engine.call(lambda: 1), "call()"))
 
 
 def test_wait_never_hangs_on_an_engine_whose_thread_died(one_thread, monkeypatch):

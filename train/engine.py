@@ -212,7 +212,6 @@ class Engine:
         self.waiting, self.running = deque(), []
         self.cond = threading.Condition()  # guards waiting (submit's) and closed; wakes the thread
         self.closed, self.thread = False, None
-        self.calls = deque()  # call()'s functions, run on the engine's thread between steps
         self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
         self.preemption = preemption and self.paged  # (a slot cache's row holds the whole context: nothing to grow)
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
@@ -340,44 +339,13 @@ class Engine:
             self._finish(r, UserError("the server is shutting down"))
         self.waiting.clear()
 
-    def call(self, fn):
-        """fn()'s result, run on the engine's thread between two steps (started engines only): a forward of the
-        caller's (serve's prompt logprobs) then never overlaps the engine's own, nor a CUDA graph's capture."""
-        done = queue.Queue()
-        with self.cond:
-            if self.closed:
-                raise UserError("the engine is closed")
-            if self.thread is None or not self.thread.is_alive():
-                raise UserError("the engine's thread is not running (start() it): nothing would run the call")
-            self.calls.append((fn, done))
-            self.cond.notify_all()
-        while True:  # (a thread that died, by a BaseException, never answers: its caller must not wait forever)
-            try:
-                ok, out = done.get(timeout=0.5)
-                break
-            except queue.Empty:
-                if not self.thread.is_alive() and done.empty():
-                    raise UserError("the engine's thread is not running any more: the call was not run") from None
-        if not ok:
-            raise out
-        return out
-
     def _loop(self):
         while True:
             with self.cond:
-                while not self.closed and not self.waiting and not self.running and not self.calls:
+                while not self.closed and not self.waiting and not self.running:
                     self.cond.wait()
                 if self.closed:
-                    for _, done in self.calls:
-                        done.put((False, UserError("the server is shutting down")))
                     return
-                calls, self.calls = list(self.calls), deque()
-            for fn, done in calls:
-                try:
-                    with torch.no_grad(), self.autocast():
-                        done.put((True, fn()))
-                except Exception as e:
-                    done.put((False, e))
             try:
                 self.step()
             except Exception as e:  # (step fails requests itself; this is the engine's own fault) fail them all,
