@@ -13,7 +13,8 @@ this server does not implement (tools, suffix, ...) is refused by name, never ig
 logprobs (completions' `logprobs: k`, `echo`; chat's `logprobs: true, top_logprobs: k`) are the model's raw
 log-softmax over its vocabulary (vLLM's default "raw_logprobs": before logit_bias, penalties, temperature and cuts)
 at each drawn token, taken from the very logits its decode step drew from (generate.step_logprobs); the prompt's
-(echo) from one forward of the whole prompt. A token's text is its bytes as UTF-8, or "bytes:\\xe2\\x80" where
+(echo) from the engine's prefill of the request itself (Engine.submit's prompt_logprobs), or with no engine one
+forward of the whole prompt. A token's text is its bytes as UTF-8, or "bytes:\\xe2\\x80" where
 they are part of a character (OpenAI's spelling).
 One model; requests decode together in one batch (train/engine.py's continuous batching, --max-batch rows), or with
 --max-batch 1 one request at a time (a lock), the others waiting their turn.
