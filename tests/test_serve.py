@@ -1192,7 +1192,7 @@ def test_health_is_a_503_naming_the_engine_once_its_thread_died(run_folder, monk
         def die():  # (a BaseException ends the engine's thread: _loop catches Exception only)
             raise SystemExit
         engine.step = die
-        engine.call(lambda: None)  # (wakes the thread, which steps after the call)
+        engine.submit(torch.tensor([[1, 2]]), 1)  # (wakes the thread, which steps and dies)
         engine.thread.join(timeout=10)
         status, body = call(server, "/health")
         assert status == 503 and body["error"]["code"] == "engine_dead" and body["error"]["type"] == "server_error"
