@@ -156,6 +156,25 @@ def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
     assert admitted == [0, 0, 3]
 
 
+def test_stop_token_ids_min_tokens_and_ignore_eos_are_a_requests_own_as_generate_gives_them(one_thread):
+    """vLLM's end settings in a batch: A (sampled, 2 rows) holds its EOS and stop token back for 3 tokens, then its
+    biased end tokens end its rows (one padded while the other draws on); B ignores its EOS, drawn at every step;
+    C has a stop token and no EOS (its rows padded with the stop token): each generate()'s alone, each freed."""
+    model = tiny()
+    a = dict(temperature=1.0, eos_id=5, stop_token_ids=[9], min_tokens=3, logit_bias={5: 3.5, 9: 3.5}, seed=4)
+    b = dict(eos_id=5, ignore_eos=True, logit_bias={5: 50.0})
+    c = dict(temperature=1.0, stop_token_ids=[9], logit_bias={9: 3.0}, seed=3)
+    schedule = [(0, prompt(5, 2, seed=1), 8, a), (0, prompt(7, seed=2), 6, b), (1, prompt(4, 2, seed=3), 8, c)]
+    check(model, schedule, Engine(model, max_batch=5))
+    rows = run(Engine(model, max_batch=5), schedule)
+    out_a, out_b, out_c = (h.wait() for h, _ in rows)
+    assert not {5, 9} & set(out_a[:, 5:8].flatten().tolist())  # (the masked 3)
+    # (seeded) the stop token ends row 0, padded with the EOS, at its 4th token, the EOS row 1 at its 7th
+    assert out_a[:, 5:].tolist() == [[13, 92, 6, 9, 5, 5, 5], [71, 31, 48, 65, 74, 40, 5]]
+    assert out_b[0, 7:].tolist() == [5] * 6
+    assert out_c[:, 4:].tolist() == [[32, 52, 86, 21, 9], [94, 7, 9, 9, 9]]  # padded with the stop token
+
+
 def test_logprobs_and_logit_bias_are_a_requests_own_as_generate_gives_them(one_thread):
     """A request's logit_bias and logprobs (on_token's second argument) are generate()'s for it, with a request
     of neither in the same batch."""

@@ -10,7 +10,7 @@ from parity import loud_attention
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.generate import generate, sample_next, sampling_logits, step_logprobs
+from tritongpt.train.generate import generate, held_back, sample_next, sampling_logits, step_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -929,8 +929,8 @@ def test_step_logprobs_stay_on_the_logits_device():
 
 @pytest.mark.cuda
 def test_logit_bias_and_step_logprobs_queue_on_the_gpu_without_waiting_for_it():
-    """The decode step's logit_bias and logprobs run every step: on CUDA neither waits for the GPU (the sync debug
-    mode raises at a synchronizing call; a blocking host-to-device copy is one)."""
+    """The decode step's logit_bias, logprobs and min_tokens' mask run every step: on CUDA none waits for the GPU
+    (the sync debug mode raises at a synchronizing call; a blocking host-to-device copy is one)."""
     torch.manual_seed(0)
     logits = torch.randn(3, 1001, device="cuda")
     nxt = torch.tensor([[5], [1000], [7]], device="cuda")
@@ -939,9 +939,49 @@ def test_logit_bias_and_step_logprobs_queue_on_the_gpu_without_waiting_for_it():
     try:
         biased = sampling_logits(logits, 0.0, logit_bias={5: 3.0, 1000: -100.0})
         step = step_logprobs(logits, nxt, 4)
+        held = held_back(logits, (1000, 5))  # min_tokens' mask
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert held[:, [5, 1000]].eq(float("-inf")).all() and torch.equal(held[:, 6:1000], logits[:, 6:1000])
     want = logits.float().clone()
     want[:, 5] += 3.0
     want[:, 1000] -= 100.0
     assert torch.equal(biased, want) and step[1].shape == (3, 4)
+
+
+def test_min_tokens_draws_from_the_masked_distribution_and_stop_token_ids_end_rows(model):
+    """vLLM's min_tokens masks the EOS and the stop tokens in the sampling itself (their logits -inf until a row has
+    min_tokens new tokens): the draws are the masked distribution's with the same generator, never an EOS redrawn.
+    Then a stop token ends a row as the EOS does (padded with the EOS), and ignore_eos runs past a drawn EOS."""
+    from tritongpt.train.generate import last_logits
+
+    idx = torch.randint(0, 61, (4, 3), generator=torch.Generator().manual_seed(5))
+    eos, stop, bias = 7, 11, {7: 6.0, 11: 6.0}  # the end tokens all but certain wherever they may be drawn
+    out = generate(model, idx, 7, temperature=1.0, eos_id=eos, stop_token_ids=[stop], min_tokens=3, logit_bias=bias,
+                   generator=torch.Generator().manual_seed(1), use_cache=False)
+    g, want = torch.Generator().manual_seed(1), idx
+    for j in range(4):  # the 3 masked draws, then the end token's
+        logits = last_logits(model, want)[:, -1]
+        if j < 3:
+            logits = logits.index_fill(-1, torch.tensor([eos, stop]), float("-inf"))
+        want = torch.cat([want, sample_next(logits, 1.0, generator=g, logit_bias=bias)], dim=1)
+    assert torch.equal(out[:, :7], want)
+    new = out[:, 3:].tolist()
+    assert not {eos, stop} & {t for row in new for t in row[:3]}
+    assert {row[3] for row in new} == {eos, stop}  # (seeded: both end tokens end rows)
+    assert out.shape == (4, 7)  # every row ended at its 4th token: nothing more drawn
+    # without min_tokens the first draw is an end token; ignore_eos: the EOS ends nothing, a stop token still does
+    assert generate(model, idx, 4, eos_id=eos, logit_bias={eos: 50.0}).shape == (4, 4)
+    run = generate(model, idx, 4, eos_id=eos, logit_bias={eos: 50.0}, ignore_eos=True)
+    assert run[:, 3:].eq(eos).all() and run.shape == (4, 7)
+    ended = generate(model, idx, 4, eos_id=eos, logit_bias={eos: 50.0, stop: 60.0}, ignore_eos=True,
+                     stop_token_ids=[stop], min_tokens=2)
+    # (min_tokens holds the EOS back even when ignored, as vLLM's: the first 2 are neither)
+    assert ended.shape == (4, 6) and ended[:, 5].eq(stop).all()
+    assert not {eos, stop} & set(ended[:, 3:5].flatten().tolist())
+    with pytest.raises(UserError, match="stop_token_ids must be token ids"):
+        generate(model, idx, 2, stop_token_ids=[61])
+    with pytest.raises(UserError, match="min_tokens must be an integer >= 0"):
+        generate(model, idx, 2, min_tokens=-1)
+    with pytest.raises(UserError, match="min_tokens masks a one-token decode step"):
+        generate(model, idx, 2, min_tokens=1, eos_id=eos, prompt_lookup=2)

@@ -26,7 +26,7 @@ import torch
 from tritongpt._types import is_int
 from tritongpt.errors import UserError
 from tritongpt.train.generate import (DecodeGraph, check_cache_dtype, check_graphable, check_logprobs, check_sampling,
-                                     decode_step, last_logits, new_cache, prompt_logprobs)
+                                     decode_step, end_rule, last_logits, new_cache, prompt_logprobs)
 
 
 class Cancelled(Exception):
@@ -41,12 +41,14 @@ class Request:
     a slow client never stalls the batch."""
 
     def __init__(self, engine, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, stop, logprobs=None,
-                 prompt_logprobs=None):
+                 ends=None, hold=None, prompt_logprobs=None):
         self.engine, self.idx, self.budget, self.warp, self.logprobs = engine, idx, max_new_tokens, warp, logprobs
         # prompt_logprobs k: its prefill scores the prompt (Engine.submit); scoring: not yet done (a preemption
         # before its end drops the parts, `scores`, its recompute scores again; one after it scores nothing)
         self.prompt_logprobs, self.scoring, self.scores = prompt_logprobs, prompt_logprobs is not None, []
+        # eos_id: the padding id (end_rule's pad), ends and hold: end_rule's
         self.eos_id, self.generator, self.vocab_limit, self.stop = eos_id, generator, vocab_limit, stop
+        self.ends, self.hold = ends, hold
         self.start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
         self.done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         self.ended = [False] * idx.size(0)  # done's host copy (decode_step's): its EOS-padded rows (_grow)
@@ -217,11 +219,13 @@ class Engine:
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
 
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
-               vocab_limit: int | None = None, stop=None, logprobs: int | None = None,
-               prompt_logprobs: int | None = None, **warp) -> Request:
+               vocab_limit: int | None = None, stop=None, logprobs: int | None = None, stop_token_ids=None,
+               min_tokens: int = 0, ignore_eos: bool = False, prompt_logprobs: int | None = None,
+               **warp) -> Request:
         """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=...,
-        logprobs=..., **warp) (warp: its sampling settings) and return its handle. idx [n, T]: n rows (n <=
-        max_batch), T + max_new_tokens within the context (the engine does not slide the window).
+        logprobs=..., stop_token_ids=..., min_tokens=..., ignore_eos=..., **warp) (warp: its sampling settings) and
+        return its handle. idx [n, T]: n rows (n <= max_batch), T + max_new_tokens within the context (the engine
+        does not slide the window).
 
         prompt_logprobs k (vLLM's SamplingParams.prompt_logprobs; serve's echo): the request's own prefill scores
         its prompt, from the forward that fills its cache (no second forward): each position but the last's
@@ -263,8 +267,9 @@ class Engine:
         if prompt_logprobs is not None and not bool((idx == idx[:1]).all()):
             raise UserError("prompt_logprobs scores one prompt: a request's rows must all be that prompt (its n "
                             "choices)")
-        r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, eos_id, generator, vocab_limit, stop,
-                    logprobs, prompt_logprobs)
+        pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
+        r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
+                    logprobs, ends, hold, prompt_logprobs)
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
@@ -418,7 +423,8 @@ class Engine:
                 continue
             try:
                 r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
-                                                     r.eos_id, r.generator, r.put_token, r.stop, r.logprobs)
+                                                     r.eos_id, r.generator, r.put_token, r.stop, r.logprobs,
+                                                     r.ends, r.hold)
                 if r.eos_id is not None:  # (without an EOS a done row draws on: its tokens are still returned)
                     r.ended = ended
             except Exception as e:  # this request's settings or stop rule: it alone fails

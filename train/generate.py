@@ -80,6 +80,28 @@ def check_logprobs(logprobs) -> None:
                         f"got {logprobs!r}")
 
 
+def end_rule(eos_id, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False, vocab=None) -> tuple:
+    """vLLM's stop_token_ids, min_tokens and ignore_eos as decode_step takes them: (pad, the id a finished row is
+    padded with: eos_id, or the first stop token without one; ends, the ids that end a row: eos_id unless
+    ignore_eos, and stop_token_ids; hold, (min_tokens, the ids a row draws only after min_tokens new tokens: the EOS,
+    ignored or not, and the stop tokens, as vLLM's MinTokensLogitsProcessor) or None). Checked here, before any
+    work: vocab, the tokens drawn from, bounds the stop tokens."""
+    if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple)):
+        raise UserError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+    stop_token_ids = list(stop_token_ids or [])
+    if not all(is_int(t) and 0 <= t < (vocab or float("inf")) for t in stop_token_ids):
+        raise UserError(f"stop_token_ids must be token ids (integers in [0, {vocab or 'vocabulary'})), "
+                        f"got {stop_token_ids!r}")
+    if not is_int(min_tokens) or min_tokens < 0:
+        raise UserError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
+    if not isinstance(ignore_eos, bool):
+        raise UserError(f"ignore_eos must be a bool, got {ignore_eos!r}")
+    pad = eos_id if eos_id is not None else stop_token_ids[0] if stop_token_ids else None
+    ends = tuple(dict.fromkeys(([] if eos_id is None or ignore_eos else [eos_id]) + stop_token_ids))
+    held = tuple(dict.fromkeys(([] if eos_id is None else [eos_id]) + stop_token_ids))
+    return pad, ends, (int(min_tokens), held) if min_tokens and held else None
+
+
 def penalize_repeats(logits, seen, penalty: float):
     """CTRL's repetition penalty (Keskar et al. 2019), as transformers' RepetitionPenaltyLogitsProcessor: every
     token id in seen [B, T] (the prompt and what was drawn) has its logit divided by penalty where positive and
@@ -277,7 +299,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              stats: dict | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
              eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None,
              cuda_graph: bool = False, kv_cache_dtype: str = "auto", logit_bias: dict | None = None,
-             logprobs: int | None = None):
+             logprobs: int | None = None, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -312,6 +334,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     logit_bias {token id: bias in [-100, 100]}: added to the logits before the settings above (sampling_logits).
     logprobs k >= 0: on_token is called as on_token(nxt, step_logprobs(...)): the drawn tokens' log-probabilities
     under the model's raw distribution and the k likeliest tokens' (not with a draft).
+    stop_token_ids, min_tokens, ignore_eos (vLLM's SamplingParams; see end_rule): rows also stop after drawing one
+    of stop_token_ids (padded with eos_id, or the first of them without one); a row's first min_tokens new tokens
+    are never the EOS nor a stop token (their logits -inf where it draws); ignore_eos: the EOS ends no row.
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -331,6 +356,11 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     if draft is not None and prompt_lookup is not None:
         raise UserError("draft and prompt_lookup are two drafts: pass one")
+    # (a stand-in model's config may have no vocab_size)
+    vocab = vocab_limit or getattr(model.config, "vocab_size", None)
+    pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab)
+    if hold is not None and (draft is not None or prompt_lookup is not None):
+        raise UserError("min_tokens masks a one-token decode step's logits: not with a draft or prompt_lookup")
     if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)
         raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
     if cuda_graph and (draft is not None or prompt_lookup is not None or not use_cache):
@@ -357,10 +387,10 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                     typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
                     logit_bias=logit_bias)
         if draft is not None:
-            return _speculative(model, draft, idx, max_new_tokens, warp, eos_id, generator, vocab_limit, on_token,
-                                stop, num_draft_tokens, stats, kv_cache_dtype)
-        return _generate(model, idx, max_new_tokens, warp, eos_id, use_cache, generator, vocab_limit, on_token, stop,
-                         cuda_graph, kv_cache_dtype, logprobs)
+            return _speculative(model, draft, idx, max_new_tokens, warp, pad, generator, vocab_limit, on_token,
+                                stop, num_draft_tokens, stats, kv_cache_dtype, ends)
+        return _generate(model, idx, max_new_tokens, warp, pad, use_cache, generator, vocab_limit, on_token, stop,
+                         cuda_graph, kv_cache_dtype, logprobs, ends, hold)
     finally:
         model.train(was_training[0])
         if draft is not None and not lookup:
@@ -542,7 +572,7 @@ class DecodeGraph:
 
 
 def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop,
-              cuda_graph=False, kv_cache_dtype="auto", logprobs=None):
+              cuda_graph=False, kv_cache_dtype="auto", logprobs=None, ends=None, hold=None):
     ctx = model.config.context_length
     # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
     cache = new_cache(model, idx.size(0), min(ctx, idx.size(1) + max_new_tokens), kv_cache_dtype) if use_cache else None
@@ -574,23 +604,39 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
         idx, finished, _ = decode_step(logits[:, -1, :vocab_limit], idx, start, done, warp, eos_id, generator,
-                                       on_token, stop, logprobs)
+                                       on_token, stop, logprobs, ends, hold)
         if finished:
             break
     return idx
 
 
-def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on_token, stop, logprobs=None):
+def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on_token, stop, logprobs=None, ends=None,
+                hold=None):
     """One step of decoding after the forward, shared by _generate and the serving engine (train/engine.py), which
     runs it on each request's rows of a batched forward: a token for each row of idx [B, T] drawn from logits [B, V]
     (sample_next with warp, the penalties counting from column start), a row done [B] (updated in place) padded
     with eos_id, on_token(nxt [B, 1]) called, stop(idx) asked. -> append_token's (idx [B, T + 1], whether every row
     is done, the rows done on the host).
-    logprobs k (not None): on_token(nxt, step_logprobs(logits, nxt, k)) instead, from the very logits drawn from."""
-    nxt = sample_next(logits, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
+    logprobs k (not None): on_token(nxt, step_logprobs(logits, nxt, k)) instead, from the very logits drawn from.
+    ends, hold: end_rule's (ends None: eos_id alone ends a row). hold (m, ids): while the rows have fewer than m new
+    tokens (idx.size(1) - start, a host int: no sync) ids' logits are -inf before the draw; the logprobs stay the
+    raw logits' (vLLM's default raw_logprobs are taken before its min_tokens processor too)."""
+    drawn = logits
+    if hold is not None and idx.size(1) - start < hold[0]:
+        drawn = held_back(logits, hold[1])
+    nxt = sample_next(drawn, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
     if logprobs is not None and on_token is not None:
         on_token = (lambda f: lambda new: f(new, step_logprobs(logits, new, logprobs)))(on_token)
-    return append_token(idx, nxt, done, eos_id, on_token, stop)
+    return append_token(idx, nxt, done, eos_id, on_token, stop, ends)
+
+
+def held_back(logits, ids):
+    """logits [B, V] with the token ids' -inf (min_tokens' EOS and stop tokens): the ids checked on the host and sent
+    without waiting, as logit_bias's, so a decode step does not wait for the GPU here."""
+    if max(ids) >= logits.size(-1):
+        raise UserError(f"min_tokens holds back token id {max(ids)} (an EOS or stop token), outside the "
+                        f"{logits.size(-1)} tokens drawn from")
+    return logits.index_fill(-1, torch.tensor(ids).to(logits.device, non_blocking=True), float("-inf"))
 
 
 def step_logprobs(logits, nxt, k: int):
@@ -632,15 +678,16 @@ def prompt_logprobs(model, ids, targets, k: int, cache=None, limit=None, chunk: 
     return tuple(torch.cat(p) for p in zip(*parts)), head(h[-1:]) if last else None
 
 
-def append_token(idx, nxt, done, eos_id, on_token, stop):
-    """nxt [B, 1] after idx [B, T], the rows already done padded with eos_id; done [B] updated in place (an EOS
-    drawn, stop(idx) asked), on_token(nxt) called. -> (idx [B, T + 1], whether every row is done, done as a host
-    list of bools, None when neither an EOS nor a stop rule can end a row): decode_step's and the speculative loop's
-    way to take a token. (The list is the one copy to the host the finished check needs anyway: the batching
-    engine reads which rows ended from it without a sync of its own.)"""
+def append_token(idx, nxt, done, eos_id, on_token, stop, ends=None):
+    """nxt [B, 1] after idx [B, T], the rows already done padded with eos_id; done [B] updated in place (an EOS,
+    or one of ends where given, drawn; stop(idx) asked), on_token(nxt) called. -> (idx [B, T + 1], whether every
+    row is done, done as a host list of bools, None when neither an EOS nor a stop rule can end a row): decode_step's
+    and the speculative loop's way to take a token. (The list is the one copy to the host the finished check needs
+    anyway: the batching engine reads which rows ended from it without a sync of its own.)"""
     if eos_id is not None:
         nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
-        done |= nxt.squeeze(1) == eos_id
+        for end in (eos_id,) if ends is None else ends:  # (a few ids: a comparison each, on the device)
+            done |= nxt.squeeze(1) == end
     idx = torch.cat([idx, nxt], dim=1)
     if on_token is not None:
         on_token(nxt)
@@ -755,7 +802,7 @@ def accept_lookup(p_logits, drafted, lens, greedy: bool, generator=None):
 
 
 def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generator, vocab_limit, on_token, stop,
-                 num_draft_tokens: int, stats: dict | None, kv_cache_dtype: str = "auto"):
+                 num_draft_tokens: int, stats: dict | None, kv_cache_dtype: str = "auto", ends=None):
     """generate() with a draft model (check_draft's conditions hold: the text within the context), B rows at once.
 
     Both caches hold the text but its last token; each step the draft proposes k tokens for every row (one draft
@@ -824,7 +871,7 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
             # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
             # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
             accepted += int((~done).sum()) if j < m else 0
-            idx, finished, _ = append_token(idx, tok, done, eos_id, on_token, stop)
+            idx, finished, _ = append_token(idx, tok, done, eos_id, on_token, stop, ends)
             if finished:
                 break
         if (eos_id is not None or stop is not None) and bool(done.all()):
