@@ -331,6 +331,14 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/completions", {"prompt": "a", "logit_bias": {"300": 1}}, 400, "logit_bias", "the model's tokens are 0..299"),
     ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"1": float("inf")}}, 400, "logit_bias",
      "got inf"),
+    ("/v1/completions", {"prompt": "a", "min_tokens": -1}, 400, "min_tokens", "'min_tokens' must be an integer >= 0"),
+    ("/v1/completions", {"prompt": "a", "min_tokens": 17}, 400, "min_tokens", "must be at most max_tokens (16)"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": 5}, 400, "stop_token_ids", "must be a list of token ids"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": [300]}, 400, "stop_token_ids",
+     "token id 300: the model's tokens are 0..299"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "ignore_eos": 1}, 400, "ignore_eos", "must be true or false"),
+    ("/v1/completions", {"prompt": "a", "include_stop_str_in_output": "no"}, 400, "include_stop_str_in_output",
+     "must be true or false"),
     ("/v1/completions", {"prompt": [1, 300]}, 400, "prompt", "token ids must be in [0, 300)"),
     ("/v1/completions", {"prompt": [[1], []]}, 400, "prompt", "'prompt' must be a string, a list of token ids"),
     ("/v1/completions", {"prompt": "a", "best_of": 3}, 400, "best_of", "'best_of' other than n"),
@@ -1259,3 +1267,86 @@ def test_api_key_guards_every_path_but_health_version_and_metrics(run_folder, mo
     err = capsys.readouterr().err
     assert "an API key is needed on every path but /health, /version, /metrics" in err and "401" in err
     assert key not in err and key[:-1] not in err
+
+
+def answer(server, req):
+    """A completion's one choice and usage, and its streamed chunks' text and last finish_reason, checked alike."""
+    body = call(server, "/v1/completions", req)[1]
+    chunks = [c["choices"][0] for c in events(call(server, "/v1/completions", {**req, "stream": True})[1])]
+    (choice,) = body["choices"]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["finish_reason"] == choice["finish_reason"]
+    return choice, body["usage"]["completion_tokens"]
+
+
+def test_min_tokens_draws_the_masked_argmax_and_logprobs_stay_raw(both):
+    """The EOS biased to the greedy choice at once: an empty answer; with min_tokens 3 the first 3 tokens are the
+    argmax with the EOS masked (vLLM's MinTokensLogitsProcessor, in the draw), then the EOS ends it. The logprobs
+    are the raw model's (vLLM's default raw_logprobs: taken before min_tokens' mask)."""
+    server, tok = both
+    prompt, eot = "the dog ran", server.app.eot  # (its 3 tokens drawn are whole UTF-8 characters)
+    ids = tok.encode(prompt)
+    req = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "logit_bias": {str(eot): 100}}
+    assert answer(server, req) == ({"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}, 1)
+    want = list(ids)
+    for _ in range(3):
+        logits = model_logprobs(server, want)[-1]
+        logits[eot] = float("-inf")
+        want.append(int(logits.argmax()))
+    choice, count = answer(server, {**req, "min_tokens": 3})
+    assert (choice["text"], choice["finish_reason"], count) == (new_text(tok, ids, want[len(ids):]), "stop", 4)
+    lp = call(server, "/v1/completions", {**req, "min_tokens": 3, "logprobs": 1})[1]["choices"][0]["logprobs"]
+    logp = model_logprobs(server, want)
+    assert lp["token_logprobs"] == pytest.approx([float(logp[len(ids) - 1 + j, want[len(ids) + j]])
+                                                  for j in range(3)], abs=1e-5)
+
+
+def test_stop_token_ids_end_with_finish_stop_and_include_stop_str_in_output_keeps_the_stop(both):
+    """A stop token ends the answer ("stop", counted), its text left out unless include_stop_str_in_output (vLLM's
+    rule); a stop string is then kept in the text, and streamed as it comes."""
+    server, tok = both
+    prompt = "the dog ran"
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 16)[0]
+    j = next(j for j in range(3, 16) if new[j] not in new[:j])
+    req = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "stop_token_ids": [299, new[j]]}
+    choice, count = answer(server, req)
+    assert (choice["text"], choice["finish_reason"], count) == (new_text(tok, ids, new[:j]), "stop", j + 1)
+    choice, count = answer(server, {**req, "include_stop_str_in_output": True})
+    assert (choice["text"], choice["finish_reason"], count) == (new_text(tok, ids, new[:j + 1]), "stop", j + 1)
+    full = new_text(tok, ids, new)
+    stop = fresh_stop(full, 3)
+    choice, _ = answer(server, {"prompt": prompt, "max_tokens": 16, "temperature": 0, "stop": stop,
+                                "include_stop_str_in_output": True})
+    assert choice["text"] == full[:full.find(stop) + len(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_min_tokens_ignores_a_stop_string_in_its_first_tokens_text(both):
+    """vLLM's detokenizer looks for stop strings only where they end past the first min_tokens tokens' text."""
+    server, tok = both
+    prompt = "the bird"
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 20)[0]
+    full = new_text(tok, ids, new)
+    stop = fresh_stop(full, 3)
+    k = next(k for k in range(1, 21) if stop in new_text(tok, ids, new[:k]))  # the text first holds it here
+    floor = len(new_text(tok, ids, new[:k]))
+    at = full.find(stop, floor - len(stop) + 1)
+    choice, count = answer(server, {"prompt": prompt, "max_tokens": 20, "temperature": 0, "stop": stop,
+                                    "min_tokens": k})
+    assert choice["text"] == (full[:at] if at >= 0 else full) != full[:full.find(stop)]
+    assert choice["finish_reason"] == ("stop" if at >= 0 else "length")
+
+
+def test_ignore_eos_runs_to_max_tokens_past_a_drawn_eos(both):
+    """ignore_eos (vLLM's benchmark's --ignore-eos): an EOS drawn ends nothing; the answer is max_tokens long."""
+    server, _ = both
+    eot = server.app.eot
+    req = {"prompt": "on the mat", "max_tokens": 5, "temperature": 0, "logit_bias": {str(eot): 100}}
+    assert answer(server, req)[1] == 1
+    choice, count = answer(server, {**req, "ignore_eos": True})
+    assert (choice["finish_reason"], count) == ("length", 5)
+    chat_req = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0, "logit_bias": {str(eot): 100}}
+    assert call(server, "/v1/chat/completions", chat_req)[1]["usage"]["completion_tokens"] == 1
+    body = call(server, "/v1/chat/completions", {**chat_req, "ignore_eos": True})[1]
+    assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["finish_reason"] == "length"

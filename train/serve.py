@@ -43,7 +43,8 @@ from tritongpt.train.metrics import Metrics
 
 # fields every generation request takes (OpenAI's, then vLLM's extra sampling settings)
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
-                 "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty"}
+                 "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty",
+                 "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias"}}
 # OpenAI's fields this server does not implement: refused unless null or false (their "off")
@@ -177,6 +178,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     if not isinstance(stops, list) or not all(isinstance(t, str) and t for t in stops):
         raise bad("stop", f"'stop' must be a non-empty string or a list of them, got {stop!r}")
     s["stops"] = stops
+    s.update(end_settings(body, s["max_tokens"]))
     s["stream"] = body.get("stream") or False
     if not isinstance(s["stream"], bool):
         raise bad("stream", f"'stream' must be true or false, got {body['stream']!r}")
@@ -197,6 +199,26 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
         if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
             raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
     return s
+
+
+def end_settings(body: dict, max_tokens) -> dict:
+    """vLLM's ignore_eos, min_tokens (<= max_tokens), stop_token_ids and include_stop_str_in_output, checked (the ids'
+    range is the model's: Handler.generate checks it)."""
+    out = {}
+    for key in ("ignore_eos", "include_stop_str_in_output"):
+        out[key] = body.get(key) or False
+        if not isinstance(out[key], bool):
+            raise bad(key, f"'{key}' must be true or false, got {body[key]!r}")
+    m = body.get("min_tokens")
+    if m is not None and (not is_int(m) or m < 0):
+        raise bad("min_tokens", f"'min_tokens' must be an integer >= 0, got {m!r}")
+    if m and max_tokens is not None and m > max_tokens:
+        raise bad("min_tokens", f"'min_tokens' ({m}) must be at most max_tokens ({max_tokens})")
+    ids = body.get("stop_token_ids")
+    if ids is not None and (not isinstance(ids, list) or not all(is_int(t) and t >= 0 for t in ids)):
+        raise bad("stop_token_ids", f"'stop_token_ids' must be a list of token ids (integers >= 0), got {ids!r}")
+    out["min_tokens"], out["stop_token_ids"] = m or 0, list(dict.fromkeys(ids or []))
+    return out
 
 
 def logprobs_setting(body: dict, endpoint: str):
@@ -480,9 +502,11 @@ class Model:
         from tritongpt.train.engine import Cancelled
 
         n, stops, k = s["n"], s["stops"], s["logprobs"]
-        rows = Choices(self.tok, ids, stops, stop_id)  # the choices' texts, finish reasons and counts
+        ends = dict(stop_token_ids=s["stop_token_ids"], ignore_eos=s["ignore_eos"], min_tokens=s["min_tokens"])
+        # the choices' texts, finish reasons and counts
+        rows = Choices(self.tok, ids, stops, stop_id, include_stop=s["include_stop_str_in_output"], **ends)
         stopped = rows.stopped
-        streams = [Delta(self.tok, ids, stops) for _ in range(n)] if on_delta else None
+        streams = [Delta(self.tok, ids, rows) for _ in range(n)] if on_delta else None
         scored = [Scored(self.tok, ids) for _ in range(n)] if k is not None else None
 
         def send(i, delta, length):  # the delta, and the tokens the text sent so far (length) takes
@@ -490,8 +514,6 @@ class Model:
 
         def on_token(new):
             for i, t in enumerate(new[:, 0].tolist()):
-                if t == stop_id:
-                    streams[i].done = True
                 delta = streams[i].add(t)
                 if delta:
                     send(i, delta, len(streams[i].sent_text))
@@ -514,7 +536,7 @@ class Model:
         try:
             if self.engine is not None:
                 request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
-                                             stop=stopped if stops else None, logprobs=k,
+                                             stop=stopped if stops else None, logprobs=k, **ends,
                                              prompt_logprobs=k if on_prompt is not None else None, **warp)
                 try:
                     out = request.wait(on_step, gone, on_prompt=on_prompt).tolist()
@@ -522,7 +544,7 @@ class Model:
                     raise BrokenPipeError("the client left") from None
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
-                                          dict(warp, logprobs=k), timing)
+                                          dict(warp, logprobs=k, **ends), timing)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
             timing.end(["abort"] * n, stamps=request)
             raise
@@ -569,12 +591,15 @@ class Model:
 class Delta:
     """One streamed choice: the text each new token adds (the tokenizer's stream_decoder, as `generate --stream`'s
     TextStream), less what may be the start of a stop string (commands.HeldBack), up to the first stop string or
-    end token (done: set by the caller at the end token)."""
+    end token (done). rows: the prompt's Choices, whose end tokens, min_tokens and include_stop it follows (an end
+    token's text sent only where the answer keeps it; a stop string only past the first min_tokens tokens' text)."""
 
-    def __init__(self, tok, prompt_ids, stops):
+    def __init__(self, tok, prompt_ids, rows):
         from tritongpt.commands import HeldBack
 
-        self.decoder, self.held, self.done = tok.stream_decoder(), HeldBack(stops), False
+        self.rows, self.count = rows, 0
+        self.decoder, self.held, self.done = tok.stream_decoder(), HeldBack(rows.stops, rows.include_stop), False
+        self.held.after = sys.maxsize if rows.min_tokens else 0  # (no stop string yet)
         self.decoder.write(prompt_ids)  # the prompt's text read, not sent: a word's leading space is the new text's
 
     @property
@@ -584,8 +609,16 @@ class Delta:
     def add(self, token: int) -> str:
         if self.done:
             return ""
-        delta = self.held.add(self.decoder.write([token]))
-        self.done = self.held.done
+        ends = token in self.rows.ends
+        if ends and token not in self.rows.shown:
+            self.done = True
+            return ""
+        self.count += 1
+        chunk = self.decoder.write([token])
+        delta = self.held.add(chunk)
+        if self.count == self.rows.min_tokens:  # a stop string counts from here on (vLLM's)
+            self.held.after = len(self.held.new)
+        self.done = self.held.done or ends
         return delta
 
 
@@ -806,6 +839,9 @@ class Handler(BaseHTTPRequestHandler):
         if s["logit_bias"] and max(s["logit_bias"]) >= vocab:
             raise bad("logit_bias", f"'logit_bias' has token id {max(s['logit_bias'])}: the model's tokens are "
                                     f"0..{vocab - 1}")
+        if s["stop_token_ids"] and max(s["stop_token_ids"]) >= vocab:
+            raise bad("stop_token_ids", f"'stop_token_ids' has token id {max(s['stop_token_ids'])}: the model's "
+                                        f"tokens are 0..{vocab - 1}")
         if chat:
             if "messages" not in body:
                 raise bad("messages", "'messages' is required")

@@ -706,13 +706,15 @@ def stop_strings(values) -> list:
     return stops
 
 
-def cut_at_stop(text: str, stops) -> tuple:
-    """(text before the first stop string in it, that stop) or (text, None)."""
-    hits = [(text.find(s), s) for s in stops if s in text]
+def cut_at_stop(text: str, stops, after: int = 0, keep: bool = False) -> tuple:
+    """(text before the first stop string in it, that stop) or (text, None). after: only a stop string that ends past
+    that many characters counts (vLLM's min_tokens: not in the text of the first min_tokens tokens); keep: the text
+    up to the stop string's end instead (vLLM's include_stop_str_in_output)."""
+    hits = [(at, s) for s in stops for at in [text.find(s, max(after - len(s) + 1, 0))] if at >= 0]
     if not hits:
         return text, None
     at, stop = min(hits)
-    return text[:at], stop
+    return text[:at + len(stop) if keep else at], stop
 
 
 class Choices:
@@ -720,34 +722,54 @@ class Choices:
     the end token (stop_id) and cut at the first stop string, its finish reason ("stop": a stop string or the end
     token; "length": the budget) and its completion tokens (at a stop string, those drawn when the text first held
     it). stopped: generate()'s and Engine.submit's stop rule for them. lead: ids the rows hold before the prompt's
-    (`generate`'s BOS, not part of the text)."""
+    (`generate`'s BOS, not part of the text). vLLM's extras: stop_token_ids end a row too (their text not in it
+    unless include_stop), ignore_eos: stop_id ends none (its spelling is text), min_tokens: a stop string counts
+    only where it ends past the text of the first min_tokens tokens, include_stop: the text keeps the stop string."""
 
-    def __init__(self, tok, ids, stops, stop_id, lead: int = 0):
+    def __init__(self, tok, ids, stops, stop_id, lead: int = 0, stop_token_ids=(), ignore_eos: bool = False,
+                 min_tokens: int = 0, include_stop: bool = False):
         self.tok, self.ids, self.stops, self.stop_id = tok, ids, stops, stop_id
         self.prompt_text, self.start = tok.decode(ids), lead + len(ids)
         self.first_stop = {}  # row -> how many new tokens it had drawn when its text first held a stop string
+        self.ends = set(stop_token_ids) | ({stop_id} if stop_id is not None and not ignore_eos else set())
+        # the end tokens whose text the answer keeps (the EOS's never: vLLM skips special tokens' text)
+        self.shown = set(stop_token_ids) - {stop_id} if include_stop else set()
+        self.min_tokens, self.include_stop = min_tokens, include_stop
+
+    def end_of(self, new):
+        """The index of the token that ends the row's answer in new, or None."""
+        return next((j for j, t in enumerate(new) if t in self.ends), None)
 
     def text_of(self, new) -> str:
         """The row's new text, up to the token that ends the answer."""
-        return continuation(self.tok, self.ids, new[:new.index(self.stop_id)] if self.stop_id in new else new,
-                            self.prompt_text)
+        end = self.end_of(new)
+        if end is not None:
+            new = new[:end + (new[end] in self.shown)]
+        return continuation(self.tok, self.ids, new, self.prompt_text)
+
+    def cut(self, new) -> tuple:
+        """cut_at_stop of the row's new text, as min_tokens and include_stop have it."""
+        after = len(continuation(self.tok, self.ids, new[:self.min_tokens], self.prompt_text)) \
+            if self.min_tokens and self.stops else 0
+        return cut_at_stop(self.text_of(new), self.stops, after, self.include_stop)
 
     def stopped(self, rows):
         import torch
 
         for i, r in enumerate(rows.tolist()):
-            if i not in self.first_stop and cut_at_stop(self.text_of(r[self.start:]), self.stops)[1] is not None:
+            if i not in self.first_stop and self.cut(r[self.start:])[1] is not None:
                 self.first_stop[i] = len(r) - self.start
         return torch.tensor([i in self.first_stop for i in range(len(rows))])
 
     def choice(self, i: int, row) -> tuple:
         """Row i (the lead, the prompt's ids and the new ones: a list) -> (text, finish_reason, completion tokens)."""
         new = row[self.start:]
-        text, cut = cut_at_stop(self.text_of(new), self.stops)
+        text, cut = self.cut(new)
         if cut is not None:
             return text, "stop", self.first_stop[i]
-        if self.stop_id in new:
-            return text, "stop", new.index(self.stop_id) + 1  # the end-of-text token was drawn too
+        end = self.end_of(new)
+        if end is not None:
+            return text, "stop", end + 1  # the end token was drawn too
         return text, "length", len(new)
 
 
@@ -756,15 +778,17 @@ class HeldBack:
     may be starting, and up to the first stop string once one is there (done). `generate --stream`'s TextStream and
     `serve`'s streamed choices send what add() returns; their pieces add up to the text cut_at_stop gives."""
 
-    def __init__(self, stops=()):
-        self.stops = list(stops)
+    def __init__(self, stops=(), keep: bool = False):
+        self.stops, self.keep = list(stops), keep
         self.new, self.sent, self.done = "", 0, False
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        # keep (vLLM's include_stop_str_in_output): the stop string is sent too, nothing to hold back (as vLLM)
+        self.hold = 0 if keep else max((len(s) for s in self.stops), default=1) - 1
+        self.after = 0  # cut_at_stop's: the caller's (Delta's min_tokens)
 
     def add(self, chunk: str, final: bool = False) -> str:
         """chunk's share of what can be sent now (final: the stream's end, nothing held back)."""
         self.new += chunk
-        text, cut = cut_at_stop(self.new, self.stops)
+        text, cut = cut_at_stop(self.new, self.stops, self.after, self.keep)
         end = len(text) if cut or final else max(self.sent, len(self.new) - self.hold)
         out = self.new[self.sent:end]
         self.sent, self.done = end, bool(cut)
