@@ -107,9 +107,8 @@ def add_cli(p):
                         "(default: no limit)")
     g.add_argument("--seed", type=int, default=0, help="the prompts' offsets and the arrivals (default %(default)s)")
     g.add_argument("--ignore-eos", action="store_true",
-                   help="send vLLM's and SGLang's ignore_eos: true, so every answer is --output-len tokens "
-                        "(tritongpt serve refuses the field: its answers may end at the end token, and the "
-                        "usage counts are reported as they are)")
+                   help="send ignore_eos: true (vLLM's and SGLang's field, which tritongpt serve takes too), so "
+                        "every answer is --output-len tokens: a drawn end token ends none (the report says so)")
     g.add_argument("--label", default=None, help="the results' name: serve-LABEL.json, .md, .png (default: serve; "
                    "an existing file is never overwritten: the run takes the next free -2, -3, ...)")
     serve.add_cli(collect)

@@ -71,6 +71,26 @@ def test_the_in_process_server_end_to_end(saved, tmp_path, capsys):
     assert max(r["e2e_ms"] for r in reqs) <= m["duration_s"] * 1e3
 
 
+def test_ignore_eos_makes_every_answer_output_len_tokens(saved, tmp_path, capsys, monkeypatch):
+    """--ignore-eos sends vLLM's field, which our server takes: with the end token made every answer's greedy first
+    choice, the answers end at once without it and run to --output-len with it; the report says it was used."""
+    real = serve.Model.draw
+
+    def eos_first(self, ids, budget, s, stop_id, *rest):  # (the end token biased to the top: every answer would end)
+        return real(self, ids, budget, {**s, "logit_bias": {stop_id: 100.0}}, stop_id, *rest)
+    monkeypatch.setattr(serve.Model, "draw", eos_first)
+    flags = ["--weights", str(saved), "--device", "cpu", "--num-prompts", "3", "--input-len", "4", "--output-len", "4",
+             "--out", str(tmp_path)]
+    for extra, tokens in (([], 1), (["--ignore-eos"], 4)):
+        assert bench(*flags, *extra, "--label", f"eos{len(extra)}") == 0
+        result = json.loads(only_file(tmp_path, f"serve-eos{len(extra)}.json").read_text())
+        (run,) = result["runs"]
+        assert [r["output_tokens"] for r in run["requests"]] == [tokens] * 3
+        assert run["metrics"]["ended_early"] == (0 if extra else 3)
+        assert ("ignore_eos" in only_file(tmp_path, f"serve-eos{len(extra)}.md").read_text()) == bool(extra)
+    capsys.readouterr()
+
+
 def start_served(saved, name="tiny-served", *flags):
     args = build_parser(["serve"]).parse_args(["serve", "--weights", str(saved), "--port", "0", "--device", "cpu",
                                                "--served-model-name", name, *flags])
@@ -297,8 +317,6 @@ def closed_port():
     (["--base-url", "http://127.0.0.1:{port}/v1"], "cannot reach the server at http://127.0.0.1:{port}/v1"),
     (["--weights", "{saved}", "--device", "cpu", "--input-len", "30", "--output-len", "3"],
      "--input-len 30 \\+ --output-len 3 > the model's context \\(32\\)"),
-    (["--weights", "{saved}", "--device", "cpu", "--input-len", "4", "--output-len", "3", "--ignore-eos"],
-     "the warm-up request to http://127.0.0.1:\\d+/v1 failed: HTTP 400: unknown field 'ignore_eos'"),
     (["--dtype", "fp64", "--weights", "{saved}"], "--dtype 'fp64': serve takes one of"),
 ])
 def test_bad_flags_are_named(saved, capsys, flags, says):
