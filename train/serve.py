@@ -6,7 +6,8 @@
 Endpoints and shapes follow OpenAI's API reference (GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
 streaming as server-sent events ending in `data: [DONE]`, errors as {"error": {message, type, param, code}}); GET
 /metrics is Prometheus' text format under vLLM's metric names (train/metrics.py); the sampling fields beyond
-OpenAI's (top_k, min_p, repetition_penalty) are vLLM's (vllm/entrypoints/openai/protocol.py).
+OpenAI's (top_k, min_p, repetition_penalty; ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output: end
+rules, as vLLM's SamplingParams and detokenizer apply them) are vLLM's (vllm/entrypoints/openai/protocol.py).
 The text is generate()'s: a completion is what `tritongpt generate` prints after the prompt, a chat answer what
 `tritongpt chat` answers to the same messages (its Conversation renders them), cut at the same stop strings. A field
 this server does not implement (tools, suffix, ...) is refused by name, never ignored.
