@@ -1216,6 +1216,22 @@ def test_a_prefill_only_request_scores_its_prompt_and_ends(one_thread, monkeypat
         engine.submit(torch.cat([a[:, :3], prompt(3, seed=3)]), 2, prompt_logprobs=1)
 
 
+@pytest.mark.parametrize("pages", [{}, dict(kv_pages=14, page_size=4)])
+def test_a_prefill_only_request_of_the_whole_context_leaves_the_decode_step_alone(one_thread, pages):
+    """A prefill-only request whose prompt fills the context (40) ends in the step its prefill does, in a slot below
+    B's, which decodes in that very step: that decode must not run its row at position 40 (past the positional
+    embedding: B failed with an IndexError); B gets generate()'s tokens, both caches."""
+    model = tiny(n_layer=1)
+    engine = Engine(model, max_batch=2, **pages)
+    hc, hb = engine.submit(prompt(3, seed=3), 1), engine.submit(prompt(5, seed=2), 6)
+    engine.step()  # C (slot 0) ends, B (slot 1) decodes on
+    ha = engine.submit(prompt(40, seed=1), 0, prompt_logprobs=1)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(hb.wait(), alone(model, prompt(5, seed=2), 6, {}))
+    assert torch.equal(ha.wait(), prompt(40, seed=1)) and hc.slots is None and engine.free == [0, 1]
+
+
 def test_a_request_scoring_its_prompt_reads_no_cached_prefix_but_caches_its_pages(one_thread, monkeypatch):
     """Prefix caching (vLLM's rule: positions read from cached pages have no forward to score them): B scores the
     prompt A prefilled and prefills all its 10 tokens, its rows the float64 forward's; C, the same prompt after it,

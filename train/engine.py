@@ -404,7 +404,13 @@ class Engine:
                 try:
                     used, lg = self._prefill(r, budget)
                     budget = None if budget is None else budget - used
-                    if lg is not None:
+                    if lg is not None and r.budget == 0:  # prefill-only (its prompt scored): it ends here, its
+                        # first token's stamp where vLLM's (which draws one token for it, dropped) would be; before
+                        # the decode, its slot a free row there (at its fill, a prompt of the whole context would
+                        # run a row past the last position)
+                        r.first_token = r.last_token = time.monotonic()
+                        self._finish(r)
+                    elif lg is not None:
                         logits[r] = lg
                 except Exception as e:  # its prompt's forward: it alone fails
                     self._finish(r, e)
@@ -417,10 +423,6 @@ class Engine:
                 for r in decoding:
                     self._finish(r, e)
         for r, lg in logits.items():
-            if r.budget == 0:  # prefill-only (its prompt scored): it ends here, its first token's stamp where vLLM's
-                r.first_token = r.last_token = time.monotonic()  # (which draws one token for it, dropped) would be
-                self._finish(r)
-                continue
             try:
                 r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
                                                      r.eos_id, r.generator, r.put_token, r.stop, r.logprobs,
