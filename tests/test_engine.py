@@ -1194,7 +1194,8 @@ def test_a_prefill_only_request_scores_its_prompt_and_ends(one_thread, monkeypat
     """max_new_tokens 0 with prompt_logprobs (echo with max_tokens 0): the request runs (counted running while it
     prefills, in chunks of 4), hands its rows, ends with its prompt after its last chunk, nothing drawn, stamped
     there as first and last token (vLLM draws one token for it and drops it); without prompt_logprobs it ends at
-    once, nothing run. A prompt of one token scores nothing. Unequal rows are refused by name."""
+    once, nothing run. A prompt of one token scores nothing. Unequal rows, and a prompt token past vocab_limit, are
+    refused by name."""
     clock = fake_clock(monkeypatch)
     model = loud_attention(tiny())
     a = prompt(9, seed=2)
@@ -1214,6 +1215,10 @@ def test_a_prefill_only_request_scores_its_prompt_and_ends(one_thread, monkeypat
     assert engine.free == [0, 1] and engine.cache.num_free == 3
     with pytest.raises(UserError, match="prompt_logprobs scores one prompt: a request's rows must all be that"):
         engine.submit(torch.cat([a[:, :3], prompt(3, seed=3)]), 2, prompt_logprobs=1)
+    # a prompt token past vocab_limit has no logprob among the tokens drawn from (it failed in the prefill's gather)
+    with pytest.raises(UserError, match=f"prompt_logprobs: the prompt's token id {int(a.max())} is not among the "
+                                        f"vocab_limit {int(a.max())}"):
+        engine.submit(a, 1, prompt_logprobs=1, vocab_limit=int(a.max()))
 
 
 @pytest.mark.parametrize("pages", [{}, dict(kv_pages=14, page_size=4)])

@@ -267,6 +267,9 @@ class Engine:
         if prompt_logprobs is not None and not bool((idx == idx[:1]).all()):
             raise UserError("prompt_logprobs scores one prompt: a request's rows must all be that prompt (its n "
                             "choices)")
+        if prompt_logprobs is not None and vocab_limit is not None and bool((idx >= vocab_limit).any()):
+            raise UserError(f"prompt_logprobs: the prompt's token id {int(idx.max())} is not among the vocab_limit "
+                            f"{vocab_limit} tokens drawn from, so it has no logprob to give")
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
