@@ -875,12 +875,13 @@ def test_prompt_logprobs_in_chunks_are_the_whole_prompt_forward_s(monkeypatch):
         assert lp == pytest.approx(float(logp[t, idx[0, t + 1]]), rel=1e-4, abs=1e-5)
         assert top_ids == best.indices[t].tolist()
         assert top_lps == pytest.approx(best.values[t].tolist(), rel=1e-4, abs=1e-5)
-    # the default chunk: a budget of logits' elements, its rows the vocabulary's width
+    # the default chunk: a budget of logits' elements, its rows the head's width (77: the head makes every column,
+    # the limit of 70 cut after)
     monkeypatch.setattr(generate_module, "ECHO_CHUNK_ELEMENTS", 70 * 4)
     widths.clear()
     with torch.no_grad():
         assert same_rows(serve.prompt_rows(model, idx, 3, limit=70), rows)
-    assert widths == [4, 4, 4]
+    assert widths == [3, 3, 3, 3]
     # a wrapper (not a GPTModel) runs whole, its log-softmax in chunks: the same rows
     wrapper = torch.nn.Module()
     wrapper.forward = lambda idx, cache=None: model(idx)

@@ -666,8 +666,9 @@ def prompt_logprobs(model, ids, targets, k: int, cache=None, limit=None, chunk: 
     from tritongpt.model.gpt import GPTModel
 
     if isinstance(model, GPTModel):
+        # (the chunk's rows by the head's width: it makes every column, the limit's cut comes after)
         h, head = model.hidden(ids, cache)[0], model.logits
-        vocab = limit or model.config.vocab_size
+        vocab = model.config.vocab_size
     else:
         h, head = model(ids, cache)[0], (lambda x: x)
         vocab = limit or h.size(-1)
