@@ -850,9 +850,9 @@ def check_top(tok, top, logp, k, token):
 
 
 def same_rows(a, b):
-    """prompt_rows' rows alike: the same top ids, the logprobs to fp32's rounding."""
-    return len(a) == len(b) and all(i == j and [x, *v] == pytest.approx([y, *w], rel=1e-5, abs=1e-6)
-                                    for (x, i, v), (y, j, w) in zip(a, b))
+    """prompt_rows' rows alike: the same top ids and ranks, the logprobs to fp32's rounding."""
+    return len(a) == len(b) and all(i == j and r == q and [x, *v] == pytest.approx([y, *w], rel=1e-5, abs=1e-6)
+                                    for (x, i, v, r), (y, j, w, q) in zip(a, b))
 
 
 def test_prompt_logprobs_in_chunks_are_the_whole_prompt_forward_s(monkeypatch):
@@ -871,8 +871,9 @@ def test_prompt_logprobs_in_chunks_are_the_whole_prompt_forward_s(monkeypatch):
         rows = serve.prompt_rows(model, idx, 3, limit=70, chunk=5)
     assert widths == [5, 5, 2] and len(rows) == 12
     best = torch.topk(logp, 3)
-    for t, (lp, top_ids, top_lps) in enumerate(rows):
+    for t, (lp, top_ids, top_lps, rank) in enumerate(rows):
         assert lp == pytest.approx(float(logp[t, idx[0, t + 1]]), rel=1e-4, abs=1e-5)
+        assert rank == logp[t].argsort(descending=True).tolist().index(idx[0, t + 1]) + 1  # (vLLM's: 1 the likeliest)
         assert top_ids == best.indices[t].tolist()
         assert top_lps == pytest.approx(best.values[t].tolist(), rel=1e-4, abs=1e-5)
     # the default chunk: a budget of logits' elements, its rows the head's width (77: the head makes every column,

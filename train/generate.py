@@ -639,15 +639,17 @@ def held_back(logits, ids):
     return logits.index_fill(-1, torch.tensor(ids).to(logits.device, non_blocking=True), float("-inf"))
 
 
-def step_logprobs(logits, nxt, k: int):
+def step_logprobs(logits, nxt, k: int, rank: bool = False):
     """The raw log-softmax of logits [B, V] (the model's own distribution, before any bias, penalty, temperature or
     cut: vLLM's default "raw_logprobs") at the tokens nxt [B, 1], and its k likeliest tokens: (logprob [B],
     top ids [B, k], top logprobs [B, k], sorted likeliest first), in float32 on the logits' device: a copy to the
     CPU here would wait for the GPU in every decode step; the consumer's tolist() waits in its own thread, as for
-    the drawn tokens."""
+    the drawn tokens. rank: a fourth, each token's rank in its distribution [B] (vLLM's Logprob.rank: the tokens at
+    least as likely as it, itself included: 1 the likeliest, a tie counted ahead)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
-    return logp.gather(-1, nxt).squeeze(-1), top.indices, top.values
+    lp = logp.gather(-1, nxt).squeeze(-1)
+    return (lp, top.indices, top.values) + (((logp >= lp[:, None]).sum(-1, dtype=torch.int32),) if rank else ())
 
 
 # prompt logprobs (serve's echo, the engine's prompt_logprobs): the LM head and an fp32 log-softmax run on this many
@@ -658,11 +660,12 @@ ECHO_CHUNK_ELEMENTS = 2**24
 
 def prompt_logprobs(model, ids, targets, k: int, cache=None, limit=None, chunk: int | None = None, last=False):
     """ids [1, t] forwarded (through `cache` from its fill when given, as a prefill's chunk) -> step_logprobs'
-    (logprob [m], top ids [m, k], top logprobs [m, k]) of its first m positions at targets [m] (each position's
-    next token), and with `last` the logits of its last position [1, V] (last_logits'), else None. The hidden
-    states once, then the LM head and the log-softmax on `chunk` rows at a time (default: ECHO_CHUNK_ELEMENTS of
-    logits), so no [t, V] logits are ever made whole; limit: the vocabulary's tokens, the head's extra columns left
-    out (vocab_limit). A model that is not a GPTModel (a wrapper) runs whole, only its log-softmax chunked."""
+    (logprob [m], top ids [m, k], top logprobs [m, k], rank [m]: vLLM's prompt_logprobs give it) of its first m
+    positions at targets [m] (each position's next token), and with `last` the logits of its last position [1, V]
+    (last_logits'), else None. The hidden states once, then the LM head and the log-softmax on `chunk` rows at a
+    time (default: ECHO_CHUNK_ELEMENTS of logits), so no [t, V] logits are ever made whole; limit: the
+    vocabulary's tokens, the head's extra columns left out (vocab_limit). A model that is not a GPTModel (a
+    wrapper) runs whole, only its log-softmax chunked."""
     from tritongpt.model.gpt import GPTModel
 
     if isinstance(model, GPTModel):
@@ -674,8 +677,8 @@ def prompt_logprobs(model, ids, targets, k: int, cache=None, limit=None, chunk: 
         vocab = limit or h.size(-1)
     chunk = chunk or max(1, ECHO_CHUNK_ELEMENTS // vocab)
     m = targets.size(0)
-    parts = [step_logprobs(head(h[a:min(a + chunk, m)])[:, :limit], targets[a:a + chunk, None], k)
-             for a in range(0, m, chunk)] or [step_logprobs(head(h[:0])[:, :limit], targets[:0, None], k)]
+    parts = [step_logprobs(head(h[a:min(a + chunk, m)])[:, :limit], targets[a:a + chunk, None], k, rank=True)
+             for a in range(0, m, chunk)] or [step_logprobs(head(h[:0])[:, :limit], targets[:0, None], k, rank=True)]
     return tuple(torch.cat(p) for p in zip(*parts)), head(h[-1:]) if last else None
 
 

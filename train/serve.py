@@ -346,19 +346,20 @@ def chat_logprobs(tok, items) -> dict:
 
 
 def rows_of(step) -> list:
-    """generate.step_logprobs' (logprob [n], top ids [n, k], top logprobs [n, k]) as each row's (logprob, top ids,
-    top logprobs); a NaN among them refused (finite's 500) here, as they come: echo's forward and a draw's step
-    then fail as errors (counted so, the draw stopped), not after a draw counted as finished."""
-    lp, ids, vals = step
-    rows = list(zip(lp.tolist(), ids.tolist(), vals.tolist()))
-    for x, _, top in rows:
+    """generate.step_logprobs' (logprob [n], top ids [n, k], top logprobs [n, k], and a prompt's rank [n]) as each
+    row's (logprob, top ids, top logprobs[, rank]); a NaN among them refused (finite's 500) here, as they come:
+    echo's forward and a draw's step then fail as errors (counted so, the draw stopped), not after a draw counted
+    as finished."""
+    rows = list(zip(*(t.tolist() for t in step)))
+    for x, _, top, *_ in rows:
         for v in (x, *top):
             finite(v)
     return rows
 
 
 def prompt_rows(model, idx, k: int, limit=None, chunk: int | None = None) -> list:
-    """Each prompt position's (logprob of the next prompt token, top-k ids, top-k logprobs) (rows_of's), idx [1, T]
+    """Each prompt position's (logprob of the next prompt token, top-k ids, top-k logprobs, its rank) (rows_of's),
+    idx [1, T]
     -> T - 1 rows, from one forward of the whole prompt, its head in chunks (generate.prompt_logprobs, which the
     engine's prefill runs too: Engine.submit's prompt_logprobs)."""
     from tritongpt.train.generate import prompt_logprobs
@@ -480,7 +481,7 @@ class Model:
             with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: the model's turn)
                 rows = prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
         scored = Scored(self.tok, [])
-        for item in [(ids[0], None, [], [])] + [(t, *row) for t, row in zip(ids[1:], rows)]:
+        for item in [(ids[0], None, [], [])] + [(t, *row[:3]) for t, row in zip(ids[1:], rows)]:
             scored.add(item)
         # a BOS with_bos put first ("<s>") decodes to text the echoed prompt does not have: offsets count from
         # where the prompt's own text begins (the BOS at 0, taking no room), as the drawn tokens' do
