@@ -724,14 +724,18 @@ class Choices:
     it). stopped: generate()'s and Engine.submit's stop rule for them. lead: ids the rows hold before the prompt's
     (`generate`'s BOS, not part of the text). vLLM's extras: stop_token_ids end a row too (their text not in it
     unless include_stop), ignore_eos: stop_id ends none (its spelling is text), min_tokens: a stop string counts
-    only where it ends past the text of the first min_tokens tokens, include_stop: the text keeps the stop string."""
+    only where it ends past the text of the first min_tokens tokens, include_stop: the text keeps the stop string;
+    skip_special: a drawn special token (the EOS under ignore_eos) adds no text (vLLM's skip_special_tokens)."""
 
     def __init__(self, tok, ids, stops, stop_id, lead: int = 0, stop_token_ids=(), ignore_eos: bool = False,
-                 min_tokens: int = 0, include_stop: bool = False):
+                 min_tokens: int = 0, include_stop: bool = False, skip_special: bool = False):
         self.tok, self.ids, self.stops, self.stop_id = tok, ids, stops, stop_id
         self.prompt_text, self.start = tok.decode(ids), lead + len(ids)
         self.first_stop = {}  # row -> how many new tokens it had drawn when its text first held a stop string
-        self.ends = set(stop_token_ids) | ({stop_id} if stop_id is not None and not ignore_eos else set())
+        self.eos_ends = stop_id is not None and not ignore_eos  # (vLLM's stop_reason: None for it)
+        self.ends = set(stop_token_ids) | ({stop_id} if self.eos_ends else set())
+        # the drawn ids whose text is left out
+        self.hidden = set(getattr(tok, "special_tokens", {}).values()) if skip_special else set()
         # the end tokens whose text the answer keeps (the EOS's never: vLLM skips special tokens' text)
         self.shown = set(stop_token_ids) - {stop_id} if include_stop else set()
         self.min_tokens, self.include_stop = min_tokens, include_stop
@@ -745,12 +749,11 @@ class Choices:
         end = self.end_of(new)
         if end is not None:
             new = new[:end + (new[end] in self.shown)]
-        return continuation(self.tok, self.ids, new, self.prompt_text)
+        return continuation(self.tok, self.ids, [t for t in new if t not in self.hidden], self.prompt_text)
 
     def cut(self, new) -> tuple:
         """cut_at_stop of the row's new text, as min_tokens and include_stop have it."""
-        after = len(continuation(self.tok, self.ids, new[:self.min_tokens], self.prompt_text)) \
-            if self.min_tokens and self.stops else 0
+        after = len(self.text_of(new[:self.min_tokens])) if self.min_tokens and self.stops else 0
         return cut_at_stop(self.text_of(new), self.stops, after, self.include_stop)
 
     def stopped(self, rows):
@@ -763,14 +766,19 @@ class Choices:
 
     def choice(self, i: int, row) -> tuple:
         """Row i (the lead, the prompt's ids and the new ones: a list) -> (text, finish_reason, completion tokens)."""
+        return self.ending(i, row)[:3]
+
+    def ending(self, i: int, row) -> tuple:
+        """choice's (text, finish_reason, completion tokens) and vLLM's stop_reason: the stop string that cut the
+        text, or the stop token id that ended it; None for the EOS (stop_id) or the budget."""
         new = row[self.start:]
         text, cut = self.cut(new)
         if cut is not None:
-            return text, "stop", self.first_stop[i]
+            return text, "stop", self.first_stop[i], cut
         end = self.end_of(new)
-        if end is not None:
-            return text, "stop", end + 1  # the end token was drawn too
-        return text, "length", len(new)
+        if end is not None:  # the end token was drawn too
+            return text, "stop", end + 1, None if new[end] == self.stop_id and self.eos_ends else new[end]
+        return text, "length", len(new), None
 
 
 class HeldBack:
