@@ -163,7 +163,7 @@ def test_a_greedy_completion_is_generates_text_with_its_usage(served):
     assert tok.eot_id not in new  # (else the row below would be cut)
     assert status == 200 and body["object"] == "text_completion" and body["model"] == "tiny-chat"
     assert body["choices"] == [{"index": 0, "text": new_text(tok, ids, new), "logprobs": None,
-                                "finish_reason": "length"}]
+                                "finish_reason": "length", "stop_reason": None}]
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 9, "total_tokens": len(ids) + 9}
     # OpenAI's default: 16 tokens
     assert call(server, "/v1/completions", {"prompt": prompt, "temperature": 0})[1]["usage"]["completion_tokens"] == 16
@@ -263,7 +263,7 @@ def test_a_chat_completion_is_what_chat_answers(served):
     status, body = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10, "temperature": 0})
     assert status == 200 and body["object"] == "chat.completion"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": want}, "logprobs": None,
-                                "finish_reason": "stop" if ended else "length"}]
+                                "finish_reason": "stop" if ended else "length", "stop_reason": None}]
     assert body["usage"]["prompt_tokens"] == len(ids)
     # no max_tokens: to the end of the turn, or of the context
     default = call(server, "/v1/chat/completions", {"messages": MESSAGES, "temperature": 0})[1]
@@ -384,6 +384,15 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/detokenize", {"tokens": [5, 300]}, 400, "tokens", "'tokens' token ids must be in [0, 300)"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "must be in [0, 300)"),
     ("/detokenize", {"tokens": [1], "prompt": "a"}, 400, "prompt", "unknown field 'prompt'"),
+    ("/v1/completions", {"prompt": "a", "prompt_logprobs": 21}, 400, "prompt_logprobs", "in [0, 20]"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "prompt_logprobs": "2"}, 400, "prompt_logprobs", "in [0, 20]"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs",
+     "'prompt_logprobs' is not available with 'stream': true"),
+    ("/v1/completions", {"prompt": "a", "skip_special_tokens": 0}, 400, "skip_special_tokens", "true or false"),
+    ("/v1/completions", {"prompt": "a", "spaces_between_special_tokens": "no"}, 400,
+     "spaces_between_special_tokens", "true or false"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "return_tokens_as_token_ids": 1}, 400,
+     "return_tokens_as_token_ids", "'return_tokens_as_token_ids' must be true or false"),
 ])
 def test_bad_requests_get_openais_error_object(served, path, body, status, param, says):
     server, _ = served
@@ -1277,7 +1286,7 @@ def answer(server, req):
     chunks = [c["choices"][0] for c in events(call(server, "/v1/completions", {**req, "stream": True})[1])]
     (choice,) = body["choices"]
     assert "".join(c["text"] for c in chunks) == choice["text"]
-    assert chunks[-1]["finish_reason"] == choice["finish_reason"]
+    assert (chunks[-1]["finish_reason"], chunks[-1]["stop_reason"]) == (choice["finish_reason"], choice["stop_reason"])
     return choice, body["usage"]["completion_tokens"]
 
 
@@ -1289,7 +1298,8 @@ def test_min_tokens_draws_the_masked_argmax_and_logprobs_stay_raw(both):
     prompt, eot = "the dog ran", server.app.eot  # (its 3 tokens drawn are whole UTF-8 characters)
     ids = tok.encode(prompt)
     req = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "logit_bias": {str(eot): 100}}
-    assert answer(server, req) == ({"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}, 1)
+    assert answer(server, req) == ({"index": 0, "text": "", "logprobs": None, "finish_reason": "stop",
+                                    "stop_reason": None}, 1)
     want = list(ids)
     for _ in range(3):
         logits = model_logprobs(server, want)[-1]
@@ -1352,3 +1362,141 @@ def test_ignore_eos_runs_to_max_tokens_past_a_drawn_eos(both):
     assert call(server, "/v1/chat/completions", chat_req)[1]["usage"]["completion_tokens"] == 1
     body = call(server, "/v1/chat/completions", {**chat_req, "ignore_eos": True})[1]
     assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["finish_reason"] == "length"
+
+
+# -- vLLM's response extras: prompt_logprobs, stop_reason, skip_special_tokens, return_tokens_as_token_ids ----------
+
+
+def check_prompt_logprobs(server, tok, ids, plp, k):
+    """vLLM's prompt_logprobs: None, then per next prompt token {id (a string key): {logprob, rank, decoded_token}} of
+    that token first (its rank against a sort of the float64 log-softmax) and the k likeliest (ranks 1..k)."""
+    logp = model_logprobs(server, ids)
+    assert plp[0] is None and len(plp) == len(ids)
+    for t, (entry, i) in enumerate(zip(plp[1:], ids[1:])):
+        order = logp[t].argsort(descending=True).tolist()
+        want = [i] + [j for j in order[:k] if j != i]
+        assert list(entry) == [str(j) for j in want]
+        for j in want:
+            e = entry[str(j)]
+            assert e["logprob"] == pytest.approx(float(logp[t, j]), abs=1e-5) and e["rank"] == order.index(j) + 1
+            assert e["decoded_token"] == text_of(tok, j)
+
+
+def same_body(a, b) -> bool:
+    """Two JSON bodies alike: the same keys in the same order, the same strings and ints, floats to fp32's
+    rounding (a batched forward's logits differ from a one-row forward's by float rounding only)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same_body(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_body(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return isinstance(b, float) and a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    return type(a) is type(b) and a == b
+
+
+def test_prompt_logprobs_are_vllms_ranked_dicts_alike_with_the_engine_and_max_batch_1(run_folder, served):
+    """prompt_logprobs k: each completion choice carries its prompt's (vLLM's), chat's response one; echo with
+    logprobs gives them too (vLLM's default prompt_logprobs). The engine's prefill and --max-batch 1's forward: the
+    same body."""
+    folder, tok = run_folder
+    server = served[0]
+    alone = start(folder, "--served-model-name", "tiny-chat", "--max-batch", "1")
+    alone.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        prompt = "the dog ran in the park"
+        ids = tok.encode(prompt)
+        reqs = [("/v1/completions", {"prompt": [prompt, "a cat"], "max_tokens": 2, "temperature": 0, "n": 2,
+                                     "prompt_logprobs": 3}),
+                ("/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}),
+                ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "temperature": 0,
+                                          "prompt_logprobs": 0})]
+        for path, req in reqs:
+            got, want = call(server, path, req)[1], call(alone, path, req)[1]
+            for body in (got, want):
+                body.pop("id"), body.pop("created")
+            assert same_body(got, want)
+            if path == "/v1/chat/completions":
+                assert "prompt_logprobs" not in got["choices"][0]
+                check_prompt_logprobs(server, tok, server.app.chat_prompt(MESSAGES), got["prompt_logprobs"], 0)
+            else:
+                assert "prompt_logprobs" not in got
+                k = req.get("prompt_logprobs", req.get("logprobs"))
+                for c in got["choices"]:
+                    check_prompt_logprobs(server, tok, ids if c["index"] < req.get("n", 1) else tok.encode("a cat"),
+                                          c["prompt_logprobs"], k)
+        # without the field (or streamed with 0: vLLM's) there are none
+        assert "prompt_logprobs" not in call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[1][
+            "choices"][0]
+        chunks = events(call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "stream": True,
+                                                         "prompt_logprobs": 0})[1])
+        assert not any("prompt_logprobs" in c["choices"][0] for c in chunks)
+    finally:
+        alone.shutdown()
+        alone.server_close()
+
+
+def test_stop_reason_names_the_stop_string_or_stop_token_and_is_null_for_the_eos_or_length(both):
+    """vLLM's stop_reason on each choice and streamed chunk: the stop string that cut the text, the stop token id that
+    ended it; None for the EOS (finish "stop") and max_tokens (finish "length")."""
+    server, tok = both
+    prompt, eot = "the dog ran", server.app.eot
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 16)[0]
+    j = next(j for j in range(3, 16) if new[j] not in new[:j])
+    stop = fresh_stop(new_text(tok, ids, new), 3)
+    base = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
+    for extra, finish, reason in [({"stop": ["zz", stop]}, "stop", stop),
+                                  ({"stop_token_ids": [new[j]]}, "stop", new[j]),
+                                  ({"logit_bias": {str(eot): 100}}, "stop", None), ({}, "length", None)]:
+        choice, _ = answer(server, {**base, **extra})
+        assert (choice["finish_reason"], choice["stop_reason"]) == (finish, reason)
+    chat = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4, "temperature": 0,
+                                                 "stop_token_ids": [eot], "ignore_eos": True,
+                                                 "logit_bias": {str(eot): 100}})[1]["choices"][0]
+    assert (chat["finish_reason"], chat["stop_reason"]) == ("stop", eot)  # (ignore_eos: the EOS as a stop token)
+
+
+def test_skip_special_tokens_leaves_a_drawn_eos_text_out_under_ignore_eos(both):
+    """ignore_eos with the EOS forced: each drawn EOS is a token of the answer (counted, its logprob given, streamed
+    alike) whose text is left out by default (vLLM's skip_special_tokens true), spelled with false."""
+    server, tok = both
+    eot = server.app.eot
+    req = {"prompt": "on the mat", "max_tokens": 3, "temperature": 0, "logit_bias": {str(eot): 100},
+           "ignore_eos": True}
+    for skip, text in ((None, ""), (False, tok.decode([eot]) * 3)):
+        choice, count = answer(server, {**req, **({} if skip is None else {"skip_special_tokens": skip})})
+        assert (choice["text"], choice["finish_reason"], count) == (text, "length", 3)
+    lp_req = {**req, "logprobs": 1}
+    plain = call(server, "/v1/completions", lp_req)[1]["choices"][0]["logprobs"]
+    chunks = events(call(server, "/v1/completions", {**lp_req, "stream": True})[1])
+    assert plain["tokens"] == [text_of(tok, eot)] * 3 and plain["text_offset"] == [0, 0, 0]
+    assert [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]] == \
+        plain["tokens"]
+    chat = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "temperature": 0,
+                                                 "logit_bias": {str(eot): 100}, "ignore_eos": True})[1]
+    assert chat["choices"][0]["message"]["content"] == "" and chat["usage"]["completion_tokens"] == 2
+
+
+def test_return_tokens_as_token_ids_spells_logprobs_tokens_as_their_ids(served):
+    """return_tokens_as_token_ids (vLLM's): every logprobs token, drawn, echoed or top, spelled "token_id:{id}",
+    the logprobs and (chat) bytes those of the tokens' own spelling."""
+    server, tok = served
+    prompt = "the bird sang"
+    ids = tok.encode(prompt)
+    req = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True}
+    plain = call(server, "/v1/completions", req)[1]["choices"][0]["logprobs"]
+    as_ids = call(server, "/v1/completions", {**req, "return_tokens_as_token_ids": True})[1]["choices"][0]["logprobs"]
+    new = reference(server, ids, 4)[0]
+    by_text = {text_of(tok, i): i for i in range(tok.vocab_size)}
+    assert as_ids["tokens"] == [f"token_id:{i}" for i in ids + new]
+    assert as_ids["token_logprobs"] == plain["token_logprobs"] and as_ids["text_offset"] == plain["text_offset"]
+    assert as_ids["top_logprobs"] == [None if top is None else {f"token_id:{by_text[t]}": v for t, v in top.items()}
+                                      for top in plain["top_logprobs"]]
+    chat_req = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    plain = call(server, "/v1/chat/completions", chat_req)[1]["choices"][0]["logprobs"]["content"]
+    as_ids = call(server, "/v1/chat/completions", {**chat_req, "return_tokens_as_token_ids": True})[1][
+        "choices"][0]["logprobs"]["content"]
+    spelled = [{**e, "token": f"token_id:{by_text[e['token']]}",
+                "top_logprobs": [{**t, "token": f"token_id:{by_text[t['token']]}"} for t in e["top_logprobs"]]}
+               for e in plain]
+    assert as_ids == spelled and len(spelled) == 3

@@ -16,7 +16,8 @@ log-softmax over its vocabulary (vLLM's default "raw_logprobs": before logit_bia
 at each drawn token, taken from the very logits its decode step drew from (generate.step_logprobs); the prompt's
 (echo) from the engine's prefill of the request itself (Engine.submit's prompt_logprobs), or with no engine one
 forward of the whole prompt. A token's text is its bytes as UTF-8, or "bytes:\\xe2\\x80" where
-they are part of a character (OpenAI's spelling).
+they are part of a character (OpenAI's spelling). vLLM's response extras: prompt_logprobs (its ranked dicts, from the
+same scoring as echo's), stop_reason, skip_special_tokens and return_tokens_as_token_ids (output_settings).
 One model; requests decode together in one batch (train/engine.py's continuous batching, --max-batch rows), or with
 --max-batch 1 one request at a time (a lock), the others waiting their turn.
 vLLM's operational endpoints (vllm/entrypoints/openai/api_server.py, protocol.py): GET /health (200, or a 503 once the
@@ -45,7 +46,8 @@ from tritongpt.train.metrics import Metrics
 # fields every generation request takes (OpenAI's, then vLLM's extra sampling settings)
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
                  "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty",
-                 "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output"}
+                 "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "prompt_logprobs",
+                 "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias"}}
 # OpenAI's fields this server does not implement: refused unless null or false (their "off")
@@ -183,6 +185,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     s["stream"] = body.get("stream") or False
     if not isinstance(s["stream"], bool):
         raise bad("stream", f"'stream' must be true or false, got {body['stream']!r}")
+    s.update(output_settings(body, s))
     options = body.get("stream_options")
     if options is not None:
         if not s["stream"]:
@@ -222,21 +225,46 @@ def end_settings(body: dict, max_tokens) -> dict:
     return out
 
 
+def output_settings(body: dict, s: dict) -> dict:
+    """vLLM's prompt_logprobs (refused above 0 with stream, as vLLM: 0 streamed sends nothing), skip_special_tokens
+    (default true), spaces_between_special_tokens (taken, as vLLM's fast tokenizers take it: no effect, a special
+    token's text is never spaced) and return_tokens_as_token_ids, checked; and score_k, the top tokens the
+    prompt is scored with (echo's logprobs, prompt_logprobs'), or None (not scored). Echo with logprobs k gives
+    prompt_logprobs k too unless asked otherwise (vLLM's CompletionRequest)."""
+    out = {"prompt_logprobs": top_count(body, "prompt_logprobs")}
+    if s["stream"] and out["prompt_logprobs"]:
+        raise bad("prompt_logprobs", "'prompt_logprobs' is not available with 'stream': true (vLLM's rule too): "
+                                     "send the request without stream")
+    if s["stream"]:
+        out["prompt_logprobs"] = None
+    elif out["prompt_logprobs"] is None and s["echo"]:
+        out["prompt_logprobs"] = s["logprobs"]
+    out["skip_special_tokens"] = bool_field(body, "skip_special_tokens", True)
+    bool_field(body, "spaces_between_special_tokens", True)
+    out["as_ids"] = bool_field(body, "return_tokens_as_token_ids", False)
+    asked = [k for k in (out["prompt_logprobs"], s["logprobs"] if s["echo"] else None) if k is not None]
+    out["score_k"] = max(asked) if asked else None
+    return out
+
+
+def top_count(body: dict, key: str):
+    """A count of top logprobs (0..MAX_LOGPROBS), or None where not given."""
+    k = body.get(key)
+    if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+        raise bad(key, f"'{key}' must be an integer in [0, {MAX_LOGPROBS}] (this server's most top logprobs), "
+                       f"got {k!r}")
+    return k
+
+
 def logprobs_setting(body: dict, endpoint: str):
     """The top tokens asked with each token's logprob (0..MAX_LOGPROBS), or None for no logprobs: completions'
     `logprobs: k`, chat's `logprobs: true` with `top_logprobs: k` (OpenAI's fields)."""
-    def top(key):
-        k = body.get(key)
-        if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
-            raise bad(key, f"'{key}' must be an integer in [0, {MAX_LOGPROBS}] (this server's most top logprobs), "
-                           f"got {k!r}")
-        return k
     if endpoint == "completions":
-        return top("logprobs")
+        return top_count(body, "logprobs")
     on = body.get("logprobs")
     if on is not None and not isinstance(on, bool):
         raise bad("logprobs", f"'logprobs' must be true or false, got {on!r}")
-    k = top("top_logprobs")
+    k = top_count(body, "top_logprobs")
     if k is not None and not on:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     return (k or 0) if on else None
@@ -269,6 +297,11 @@ def token_text(tok, i: int) -> tuple:
         return "bytes:" + "".join(f"\\x{x:02x}" for x in b), b
 
 
+def spelled(tok, i: int, as_ids: bool = False) -> str:
+    """A token as logprobs name it: token_text's, or with vLLM's return_tokens_as_token_ids "token_id:{id}"."""
+    return f"token_id:{i}" if as_ids else token_text(tok, i)[0]
+
+
 def finite(x: float) -> float:
     """A logprob as JSON can carry it: -inf as vLLM's stand-in -9999.0; NaN (or +inf), which only NaN or infinite
     logits make (a broken model: the whole row is NaN), refused with a 500 saying so, as vLLM's strict JSON does
@@ -295,52 +328,56 @@ class Scored:
     cut at a stop string keeps the tokens that make it: the shortest run of tokens whose text covers it (upto); the end
     token, which adds no text, is not given."""
 
-    def __init__(self, tok, prompt_ids):
+    def __init__(self, tok, prompt_ids, hidden=()):
         self.decoder = tok.stream_decoder()
         self.decoder.write(prompt_ids)  # (a word's leading space is the new text's, as Delta's)
         self.items, self.ends, self.given = [], [], 0
+        self.hidden = hidden  # ids whose text is left out (Choices.hidden: skip_special_tokens)
 
     def add(self, item):
         """item: (id, logprob, top ids, top logprobs); its text offset is added."""
         start = self.ends[-1] if self.ends else 0
         self.items.append((*item, start))
-        self.ends.append(start + len(self.decoder.write([item[0]])))
+        self.ends.append(start + (0 if item[0] in self.hidden else len(self.decoder.write([item[0]]))))
 
     def upto(self, length: int) -> int:
         from bisect import bisect_left
 
         return min(bisect_left(self.ends, length) + 1, len(self.items)) if length else 0
 
-    def give(self, length: int) -> list:
-        """The items of the tokens the first `length` characters take that were not given yet."""
-        end = max(self.upto(length), self.given)
+    def give(self, length: int, upto: int | None = None) -> list:
+        """The items of the tokens the first `length` characters take (or the first `upto` tokens) that were not
+        given yet."""
+        end = max(self.upto(length) if upto is None else upto, self.given)
         out, self.given = self.items[self.given:end], end
         return out
 
 
-def completion_logprobs(tok, items, start: int = 0) -> dict:
+def completion_logprobs(tok, items, start: int = 0, as_ids: bool = False) -> dict:
     """OpenAI's legacy completions logprobs object of Scored's items: tokens, token_logprobs, top_logprobs (each a
     dict of the top k and the token itself, OpenAI's "up to logprobs + 1"; null for the prompt's first token) and
-    text_offset (from start: where the items' text begins in the choice's)."""
+    text_offset (from start: where the items' text begins in the choice's). as_ids: tokens spelled "token_id:{id}"
+    (vLLM's return_tokens_as_token_ids)."""
     tokens, logprobs, tops = [], [], []
     for i, lp, top_ids, top_lps, _ in items:
-        tokens.append(token_text(tok, i)[0])
+        tokens.append(spelled(tok, i, as_ids))
         logprobs.append(None if lp is None else finite(lp))
         if lp is None:
             tops.append(None)
             continue
-        top = {token_text(tok, t)[0]: finite(v) for t, v in zip(top_ids, top_lps)}
+        top = {spelled(tok, t, as_ids): finite(v) for t, v in zip(top_ids, top_lps)}
         top.setdefault(tokens[-1], finite(lp))
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
             "text_offset": [start + item[4] for item in items]}
 
 
-def chat_logprobs(tok, items) -> dict:
-    """OpenAI's chat logprobs object: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+def chat_logprobs(tok, items, as_ids: bool = False) -> dict:
+    """OpenAI's chat logprobs object: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}.
+    as_ids: tokens spelled "token_id:{id}" (vLLM's return_tokens_as_token_ids), their bytes still the token's own
+    (vLLM's for the drawn token; its top entries' bytes spell the "token_id:" text, which says nothing more)."""
     def entry(i, lp):
-        text, b = token_text(tok, i)
-        return {"token": text, "logprob": finite(lp), "bytes": list(b)}
+        return {"token": spelled(tok, i, as_ids), "logprob": finite(lp), "bytes": list(token_text(tok, i)[1])}
     return {"content": [{**entry(i, lp), "top_logprobs": [entry(t, v) for t, v in zip(top_ids, top_lps)]}
                         for i, lp, top_ids, top_lps, _ in items], "refusal": None}
 
@@ -359,12 +396,26 @@ def rows_of(step) -> list:
 
 def prompt_rows(model, idx, k: int, limit=None, chunk: int | None = None) -> list:
     """Each prompt position's (logprob of the next prompt token, top-k ids, top-k logprobs, its rank) (rows_of's),
-    idx [1, T]
-    -> T - 1 rows, from one forward of the whole prompt, its head in chunks (generate.prompt_logprobs, which the
-    engine's prefill runs too: Engine.submit's prompt_logprobs)."""
+    idx [1, T] -> T - 1 rows, from one forward of the whole prompt, its head in chunks (generate.prompt_logprobs,
+    which the engine's prefill runs too: Engine.submit's prompt_logprobs)."""
     from tritongpt.train.generate import prompt_logprobs
 
     return rows_of(prompt_logprobs(model, idx, idx[0, 1:], k, limit=limit, chunk=chunk)[0])
+
+
+def vllm_prompt_logprobs(tok, ids, rows, k: int) -> list:
+    """vLLM's prompt_logprobs of prompt_rows' rows: None for the first token (nothing comes before it), then for
+    each next prompt token {id: {logprob, rank, decoded_token}} of that token (rank: its place in the distribution,
+    1 the likeliest) and the k likeliest (ranks 1..k), the token first (vLLM's Logprob dicts, in its order; JSON
+    writes the ids as string keys)."""
+    out = [None]
+    for t, (lp, top_ids, top_lps, rank) in zip(ids[1:], rows):
+        entry = {t: (lp, rank)}
+        for r, (i, v) in enumerate(zip(top_ids[:k], top_lps[:k])):
+            entry[i] = (v, r + 1)
+        out.append({i: {"logprob": finite(v), "rank": r, "decoded_token": token_text(tok, i)[0]}
+                    for i, (v, r) in entry.items()})
+    return out
 
 
 class Model:
@@ -465,23 +516,27 @@ class Model:
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def prompt_logprobs(self, ids, k: int, text: str, step=None) -> list:
-        """The prompt's tokens' logprob items (echo; Scored's): the first token's logprob None (nothing comes before
-        it). step: the engine's prefill's rows of them (draw's on_prompt: Engine.submit's prompt_logprobs); None
-        (no engine) one forward of the whole prompt here, under the model's lock (the head in chunks:
-        prompt_rows). text: the prompt's echoed text, which the text offsets index."""
+    def score_prompt(self, ids, k: int, step=None) -> list:
+        """prompt_rows' rows of the prompt ids with the k likeliest tokens. step: the engine's prefill's rows of them
+        (draw's on_prompt: Engine.submit's prompt_logprobs); None (no engine) one forward of the whole prompt here,
+        under the model's lock (the head in chunks: prompt_rows)."""
         import torch
 
         from tritongpt.train.common import autocast
 
         if step is not None:
-            rows = rows_of(step)
-        else:
-            idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-            with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: the model's turn)
-                rows = prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
+            return rows_of(step)
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: the model's turn)
+            return prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
+
+    def prompt_logprobs(self, ids, rows, k: int, text: str) -> list:
+        """The prompt's tokens' logprob items (echo; Scored's) from score_prompt's rows, with k top tokens: the
+        first token's logprob None (nothing comes before it). text: the prompt's echoed text, which the text
+        offsets index."""
         scored = Scored(self.tok, [])
-        for item in [(ids[0], None, [], [])] + [(t, *row[:3]) for t, row in zip(ids[1:], rows)]:
+        for item in [(ids[0], None, [], [])] + [(t, lp, top[:k], vals[:k]) for t, (lp, top, vals, _) in
+                                                zip(ids[1:], rows)]:
             scored.add(item)
         # a BOS with_bos put first ("<s>") decodes to text the echoed prompt does not have: offsets count from
         # where the prompt's own text begins (the BOS at 0, taking no room), as the drawn tokens' do
@@ -490,8 +545,9 @@ class Model:
 
     def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
-        None)], the items those of the tokens that make the text (Scored). on_prompt(step) (an engine only: echo's
-        prompt logprobs, the request's own prefill scoring its prompt, before any token; budget 0 then ends after
+        None, stop_reason)], the items those of the tokens that make the text (Scored; at the budget every token
+        drawn). on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
+        prompt_logprobs), the request's own prefill scoring its prompt, before any token; budget 0 then ends after
         its prefill): called with the prompt's rows (step_logprobs'), in this thread. on_delta(i, text, items): each
         choice's new text as it is drawn (held back where a stop string may be starting), the deltas of a choice
         adding up to its text, with the items of the tokens that text takes (None without logprobs); called in this
@@ -506,10 +562,11 @@ class Model:
         n, stops, k = s["n"], s["stops"], s["logprobs"]
         ends = dict(stop_token_ids=s["stop_token_ids"], ignore_eos=s["ignore_eos"], min_tokens=s["min_tokens"])
         # the choices' texts, finish reasons and counts
-        rows = Choices(self.tok, ids, stops, stop_id, include_stop=s["include_stop_str_in_output"], **ends)
+        rows = Choices(self.tok, ids, stops, stop_id, include_stop=s["include_stop_str_in_output"],
+                       skip_special=s["skip_special_tokens"], **ends)
         stopped = rows.stopped
         streams = [Delta(self.tok, ids, rows) for _ in range(n)] if on_delta else None
-        scored = [Scored(self.tok, ids) for _ in range(n)] if k is not None else None
+        scored = [Scored(self.tok, ids, rows.hidden) for _ in range(n)] if k is not None else None
 
         def send(i, delta, length):  # the delta, and the tokens the text sent so far (length) takes
             on_delta(i, delta, None if scored is None else scored[i].give(length))
@@ -539,7 +596,8 @@ class Model:
             if self.engine is not None:
                 request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
                                              stop=stopped if stops else None, logprobs=k, **ends,
-                                             prompt_logprobs=k if on_prompt is not None else None, **warp)
+                                             prompt_logprobs=s["score_k"] if on_prompt is not None else None,
+                                             **warp)
                 try:
                     out = request.wait(on_step, gone, on_prompt=on_prompt).tolist()
                 except Cancelled:
@@ -555,15 +613,18 @@ class Model:
             raise
         choices = []
         for i, row in enumerate(out):
-            text, finish, count = rows.choice(i, row)
-            items = None if scored is None else scored[i].items[:scored[i].upto(len(text))]
-            choices.append((text, finish, count, items))
+            text, finish, count, reason = rows.ending(i, row)
+            # the tokens the text takes; at the budget all (a last special token's skipped text takes none)
+            taken = None if scored is None else len(scored[i].items) if finish == "length" else \
+                scored[i].upto(len(text))
+            items = None if scored is None else scored[i].items[:taken]
+            choices.append((text, finish, count, items, reason))
             if on_delta:
                 sent = streams[i].sent_text
                 if text[:len(sent)] != sent:  # cannot happen: the stream sends what decoding gives, held back
                     raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
-                if text[len(sent):]:
-                    send(i, text[len(sent):], len(text))
+                if text[len(sent):] or scored is not None and scored[i].given < taken:
+                    on_delta(i, text[len(sent):], None if scored is None else scored[i].give(len(text), taken))
         timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices), stamps=request)
         return choices
 
@@ -616,7 +677,7 @@ class Delta:
             self.done = True
             return ""
         self.count += 1
-        chunk = self.decoder.write([token])
+        chunk = "" if token in self.rows.hidden else self.decoder.write([token])
         delta = self.held.add(chunk)
         if self.count == self.rows.min_tokens:  # a stop string counts from here on (vLLM's)
             self.held.after = len(self.held.new)
@@ -864,7 +925,8 @@ class Handler(BaseHTTPRequestHandler):
         def logprobs(items, start=0):  # a choice's (or a chunk's) logprobs object, or None
             if items is None:
                 return None
-            return chat_logprobs(app.tok, items) if chat else completion_logprobs(app.tok, items, start)
+            return chat_logprobs(app.tok, items, s["as_ids"]) if chat else \
+                completion_logprobs(app.tok, items, start, s["as_ids"])
         on_delta = None
         if s["stream"]:
             self.send_response(200)
@@ -874,13 +936,14 @@ class Handler(BaseHTTPRequestHandler):
             self.streaming = True
             head["object"] = kind + ".chunk" if chat else kind
 
-            def chunk(index, text=None, finish=None, role=False, lp=None):
+            def chunk(index, text=None, finish=None, role=False, lp=None, reason=None):
                 if chat:
                     delta = {"role": "assistant", "content": ""} if role else \
                         {"content": text} if text is not None else {}
                     choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 else:
                     choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
+                choice["stop_reason"] = reason  # (vLLM's, on every chunk)
                 # with include_usage, OpenAI's other chunks carry "usage": null
                 self.send_event({**head, "choices": [choice], **({"usage": None} if s["include_usage"] else {})})
         choices, used = [], [0, 0]
@@ -890,19 +953,25 @@ class Handler(BaseHTTPRequestHandler):
             # the prompt's clock: a scoring request's without the engine (max_tokens 0), or what ends one that fails
             # before draw(), which times the others itself
             timing = app.metrics.request()
-            # echo's prompt logprobs: with the engine, from the request's own prefill (on_prompt, called by draw()
-            # before any token: one prefill a request); without it, one forward here first
-            in_prefill = s["echo"] and k is not None and app.engine is not None
-            echo_lp = None
+            # the prompt scored (echo's logprobs, prompt_logprobs): with the engine, in the request's own prefill
+            # (on_prompt, called by draw() before any token: one prefill a request); without it, one forward here
+            in_prefill = s["score_k"] is not None and app.engine is not None
+            echo_lp = prompt_lp = None
+
+            def scores(rows):  # echo's logprobs object and prompt_logprobs' list, of the prompt's rows
+                nonlocal echo_lp, prompt_lp
+                if s["echo"] and k is not None:
+                    echo_lp = logprobs(app.prompt_logprobs(ids, rows, k, prompt_text))
+                if s["prompt_logprobs"] is not None:
+                    prompt_lp = vllm_prompt_logprobs(app.tok, ids, rows, s["prompt_logprobs"])
 
             def on_prompt(step):  # (called within this prompt's draw())
-                nonlocal echo_lp
-                echo_lp = logprobs(app.prompt_logprobs(ids, k, prompt_text, step))
-                for i in range(s["n"]) if s["stream"] else ():
+                scores(app.score_prompt(ids, s["score_k"], step))
+                for i in range(s["n"]) if s["stream"] and s["echo"] else ():
                     chunk(base + i, echo, lp=echo_lp)
             try:
-                if s["echo"] and k is not None and not in_prefill:
-                    echo_lp = logprobs(app.prompt_logprobs(ids, k, prompt_text))
+                if s["score_k"] is not None and not in_prefill:
+                    scores(app.score_prompt(ids, s["score_k"]))
                 if s["stream"]:
                     for i in range(s["n"]):
                         if chat:
@@ -919,32 +988,35 @@ class Handler(BaseHTTPRequestHandler):
                 on_delta = (lambda b, start: lambda i, text, items: chunk(b + i, text, lp=logprobs(items, start)))(
                     base, len(echo))
             if budget == 0 and not in_prefill:  # echo with max_tokens 0: the prompt scored, nothing drawn (vLLM's
-                drawn = [("", "length", 0, [] if k is not None else None)] * s["n"]  # finish "length")
+                drawn = [("", "length", 0, [] if k is not None else None, None)] * s["n"]  # finish "length")
                 timing.end(["length"] * s["n"], len(ids))
             else:  # (with the engine's echo, budget 0: a prefill-only request, its choices "length" with no token)
                 drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone,
                                  on_prompt if in_prefill else None)
             used[0] += len(ids)
-            for i, (text, finish, count, items) in enumerate(drawn):
+            for i, (text, finish, count, items, reason) in enumerate(drawn):
                 used[1] += count
                 if s["stream"]:
-                    chunk(base + i, finish=finish)
+                    chunk(base + i, finish=finish, reason=reason)
                     continue
                 lp = logprobs(items, len(echo))
                 if echo_lp is not None:
                     lp = {key: echo_lp[key] + lp[key] for key in lp}
-                if chat:
+                if chat:  # (chat's prompt_logprobs: the response's, vLLM's)
                     choices.append({"index": base + i, "message": {"role": "assistant", "content": text},
-                                    "logprobs": lp, "finish_reason": finish})
+                                    "logprobs": lp, "finish_reason": finish, "stop_reason": reason})
                 else:
-                    choices.append({"index": base + i, "text": echo + text, "logprobs": lp, "finish_reason": finish})
+                    choices.append({"index": base + i, "text": echo + text, "logprobs": lp, "finish_reason": finish,
+                                    "stop_reason": reason,
+                                    **({} if prompt_lp is None else {"prompt_logprobs": prompt_lp})})
         usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
         if s["stream"]:
             if s["include_usage"]:
                 self.send_event({**head, "choices": [], "usage": usage})
             self.send_event("[DONE]")
         else:
-            self.send_json(200, {**head, "choices": choices, "usage": usage})
+            self.send_json(200, {**head, "choices": choices, "usage": usage,
+                                 **({"prompt_logprobs": prompt_lp} if chat and prompt_lp is not None else {})})
 
 
 class Server(ThreadingHTTPServer):
