@@ -1200,7 +1200,8 @@ def test_health_and_version_with_the_engine_and_with_max_batch_1(both):
     assert call(server, "/version") == (200, {"version": __version__})
 
 
-def test_health_is_a_503_naming_the_engine_once_its_thread_died(run_folder, monkeypatch):
+def test_health_is_a_503_and_a_completion_a_500_once_the_engines_thread_died(run_folder, monkeypatch):
+    """vLLM's: /health a 503 and a request a 500 (its EngineDeadError handler), not the client's 400."""
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the death expected: not reported)
     server = start(run_folder[0], "--max-batch", "2")
     server.RequestHandlerClass.log_message = lambda *a: None
@@ -1217,6 +1218,11 @@ def test_health_is_a_503_naming_the_engine_once_its_thread_died(run_folder, monk
         assert status == 503 and body["error"]["code"] == "engine_dead" and body["error"]["type"] == "server_error"
         assert "the engine's thread is not running any more" in body["error"]["message"]
         assert call(server, "/version")[0] == 200  # (the server itself still answers)
+        for says in ("the engine's thread is not running any more", "the engine is closed"):
+            status, body = call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 2})
+            assert (status, body["error"]["type"], body["error"]["code"]) == (500, "server_error", "engine_dead")
+            assert says in body["error"]["message"]
+            engine.close()  # (then a closed one's: the server shutting down)
     finally:
         server.shutdown()
         server.server_close()

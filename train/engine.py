@@ -24,7 +24,7 @@ from collections import deque
 import torch
 
 from tritongpt._types import is_int
-from tritongpt.errors import UserError
+from tritongpt.errors import EngineDown, UserError
 from tritongpt.train.generate import (DecodeGraph, check_cache_dtype, check_graphable, check_logprobs, check_sampling,
                                      decode_step, end_rule, last_logits, new_cache, prompt_logprobs)
 
@@ -82,7 +82,8 @@ class Request:
         for each step's tokens as they arrive (with logprobs, on_token(nxt, step_logprobs(...)) as generate's), then
         the request's ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing
         arrives; True cancels the request and raises Cancelled. An exception raised by on_token (or on_prompt)
-        cancels it too. A started engine whose thread died raises UserError rather than wait for ever."""
+        cancels it too. A started engine whose thread died raises EngineDown (a UserError; serve's 500) rather than
+        wait for ever."""
         asked = time.monotonic()
         try:
             while True:
@@ -94,7 +95,7 @@ class Request:
                     # ends its requests itself, and one stepped by hand has no thread)
                     thread = self.engine.thread
                     if thread is not None and not thread.is_alive() and not self.engine.closed and self.queue.empty():
-                        raise UserError("the engine's thread is not running any more: the request will never end")
+                        raise EngineDown("the engine's thread is not running any more: the request will never end")
                 # asked every poll seconds whether tokens arrive or not (they may come faster than that)
                 if cancelled is not None and time.monotonic() - asked >= poll:
                     asked = time.monotonic()
@@ -278,7 +279,7 @@ class Engine:
             return r
         with self.cond:
             if self.closed:
-                raise UserError("the engine is closed")
+                raise EngineDown("the engine is closed")
             self.waiting.append(r)
             self.cond.notify_all()
         return r
@@ -337,14 +338,14 @@ class Engine:
         return self
 
     def close(self):
-        """Stops the thread; requests still waiting or running end with an error."""
+        """Stops the thread; requests still waiting or running end with EngineDown."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join()
         for r in [*self.running, *self.waiting]:
-            self._finish(r, UserError("the server is shutting down"))
+            self._finish(r, EngineDown("the engine is closed: the server is shutting down"))
         self.waiting.clear()
 
     def _loop(self):

@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tritongpt._types import is_int, is_real
 from tritongpt.cli import command_help
-from tritongpt.errors import UserError, note
+from tritongpt.errors import EngineDown, UserError, note
 from tritongpt.train.metrics import Metrics
 
 # fields every generation request takes (OpenAI's, then vLLM's extra sampling settings)
@@ -747,6 +747,8 @@ class Handler(BaseHTTPRequestHandler):
             self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
         except APIError as e:
             self.fail(e)
+        except EngineDown as e:  # the server's fault, not the request's: vLLM's EngineDeadError is a 500
+            self.fail(APIError(500, str(e), kind="server_error", code="engine_dead"))
         except UserError as e:  # a setting generate() refuses
             self.fail(APIError(400, str(e)))
         except (BrokenPipeError, ConnectionResetError):

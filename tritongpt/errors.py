@@ -8,6 +8,11 @@ class UserError(Exception):
     """Bad input from the user (file, field, shape, option): printed as `error: ...`, exit 2."""
 
 
+class EngineDown(UserError):
+    """The batching engine (train/engine.py) cannot end a request: its thread died or it is closed. Not the
+    request's fault: serve answers it with a 500, as vLLM's EngineDeadError."""
+
+
 def read_json_object(path) -> dict:
     """A JSON file holding an object, or a UserError naming the file and what is wrong with it."""
     import json
