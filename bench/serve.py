@@ -458,7 +458,11 @@ def run_serve(args) -> int:
             from tritongpt.train.tokenizer import get_tokenizer
 
             base_url = args.base_url.rstrip("/")
-            key = args.api_key or os.environ.get("OPENAI_API_KEY") or None
+            from tritongpt.train.serve import check_api_key
+
+            key, where = (args.api_key, "--api-key") if args.api_key else \
+                (os.environ.get("OPENAI_API_KEY") or None, "$OPENAI_API_KEY")
+            key = key and check_api_key(key, where)
             listed = served_models(base_url, key)
             model = args.model or (listed[0] if listed else None)
             if model is None:

@@ -136,6 +136,15 @@ def test_requests_bear_the_servers_api_key_which_the_results_never_hold(saved, t
         assert bench("--base-url", url, "--api-key", key, *small) == 0
         monkeypatch.setenv("OPENAI_API_KEY", key)
         assert bench("--base-url", url, *small) == 0
+        # a key no header carries as sent (a file's \r, a non-ASCII character) refused by its source's name, never
+        # echoed (http.client's error quotes the header: it was in every failed request's record)
+        for bad, where in [(key + "\r", "$OPENAI_API_KEY"), ("sk-b\u00e9nch", "$OPENAI_API_KEY")]:
+            monkeypatch.setenv("OPENAI_API_KEY", bad)
+            assert bench("--base-url", url, *small) == 2
+            err = capsys.readouterr().err
+            assert f"{where} is empty or holds whitespace" in err and key not in err
+        assert bench("--base-url", url, "--api-key", "sk-\u20ac", *small) == 2
+        assert "--api-key is empty or holds whitespace" in capsys.readouterr().err
     finally:
         server.shutdown()
         server.server_close()

@@ -1274,7 +1274,7 @@ def test_api_key_guards_every_path_but_health_version_and_metrics(run_folder, mo
     assert serve.api_key(parse(["serve"])) == "from-env" and serve.api_key(parse(["serve", "--api-key", "k"])) == "k"
     monkeypatch.setenv(serve.API_KEY_ENV, "")
     assert serve.api_key(parse(["serve"])) is None
-    for bad_key in ("", "two words"):
+    for bad_key in ("", "two words", "cl\u00e9", "k\x00y"):  # (no header carries these as every client sends them)
         with pytest.raises(UserError, match="--api-key is empty or holds whitespace"):
             serve.api_key(parse(["serve", "--api-key", bad_key]))
     # never in the log, nor in what the command says at startup (the key here the environment's)

@@ -129,8 +129,17 @@ def api_key(args) -> str | None:
     variable unset), else None (no key asked)."""
     key, where = (args.api_key, "--api-key") if args.api_key is not None else \
         (os.environ.get(API_KEY_ENV) or None, f"${API_KEY_ENV}")
-    if key is not None and (not key or any(c.isspace() for c in key)):  # (a header's value is stripped: never sent)
-        raise UserError(f"{where} is empty or holds whitespace: no request could send it")
+    return None if key is None else check_api_key(key, where)
+
+
+def check_api_key(key: str, where: str) -> str:
+    """key, if a header carries it as every client sends it: printable ASCII, no space. (A header's value is
+    stripped; other characters go as the client's encoding has them, Python's latin-1, curl's UTF-8, so no one key
+    matches them all; a control character is an error in http.client that quotes the header, key and all.) Else a
+    UserError naming where it came from, never the key."""
+    if not key or not all("!" <= c <= "~" for c in key):
+        raise UserError(f"{where} is empty or holds whitespace, a control character or one outside ASCII: no request "
+                        f"could send it")
     return key
 
 
