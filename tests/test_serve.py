@@ -1262,7 +1262,7 @@ def test_api_key_guards_every_path_but_health_version_and_metrics(run_folder, mo
         assert keyed(server, "/tokenize", key, "bearer", {"prompt": "the cat"})[1]["count"] == 2  # (any case)
         assert keyed(server, "/v1/completions", key, body={"prompt": "a", "max_tokens": 2})[0] == 200
         assert keyed(server, "/detokenize", key, body={"tokens": [5]})[0] == 200
-        for path in ("/health", "/version", "/metrics"):  # (probes and scrapes: vLLM's public paths)
+        for path in ("/health", "/version", "/metrics"):  # (probes and scrapes: vLLM's asks no key there either)
             assert keyed(server, path)[0] == 200
         assert keyed(server, "/nothing", key)[0] == 404
     finally:

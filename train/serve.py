@@ -24,6 +24,7 @@ vLLM's operational endpoints (vllm/entrypoints/openai/api_server.py, protocol.py
 engine's thread died), GET /version, POST /tokenize and /detokenize (TokenizeCompletionRequest, TokenizeChatRequest,
 DetokenizeRequest); --api-key (or $TRITONGPT_API_KEY, vLLM's VLLM_API_KEY) asks every other path for the bearer key.
 """
+import hashlib
 import hmac
 import json
 import math
@@ -61,7 +62,8 @@ FIELDS["detokenize"] = {"model", "tokens"}
 TOKENIZE_UNSUPPORTED = {"continue_final_message", "chat_template", "chat_template_kwargs", "tools",
                         "mm_processor_kwargs"}
 API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
-# the paths that answer without the API key (vLLM's PUBLIC_ENDPOINTS: probes and scrapes); every other one needs it
+# the paths that answer without the API key (probes and scrapes); every other one needs it, unknown ones too (a 401,
+# not a 404 that would map the routes): stricter than vLLM's middleware, which asks only paths under /v1
 PUBLIC_PATHS = ("/health", "/version", "/metrics")
 MAX_N = 128  # OpenAI's limit on n
 # the most top tokens a drawn token's logprobs list: vLLM's default --max-logprobs and OpenAI chat's top_logprobs
@@ -788,8 +790,10 @@ class Handler(BaseHTTPRequestHandler):
         if scheme.lower() != "bearer" or not given:
             raise APIError(401, "this server needs an API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
-        # (http.server decoded the header as latin-1: its bytes as sent, against the key's UTF-8)
-        if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), key.encode("utf-8")):
+        # (http.server decoded the header as latin-1: its bytes as sent, against the key's; their digests compared, as
+        # vLLM's, since compare_digest's time still tells the lengths apart)
+        sent = hashlib.sha256(given.strip().encode("latin-1", "replace")).digest()
+        if not hmac.compare_digest(sent, hashlib.sha256(key.encode("ascii")).digest()):
             raise APIError(401, "the API key is not this server's", code="invalid_api_key")
 
     def tokenize(self, body: dict) -> dict:
