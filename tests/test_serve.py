@@ -546,6 +546,19 @@ def test_405_names_the_allowed_method_and_a_failure_mid_stream_is_an_error_event
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=30)
         assert e.value.code == 405 and e.value.headers["Allow"] == allowed
+    # OPTIONS and HEAD too (vLLM's 405s; http.server's own 501 page before, no error object), HEAD's without a body
+    import socket
+
+    for method in ("OPTIONS", "HEAD"):
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as sock:
+            sock.sendall(method.encode() + b" /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, sent = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"405" and b"\r\nAllow: GET" in head, method
+        assert (json.loads(sent)["error"]["code"] if method == "OPTIONS" else sent) == \
+            ("method_not_allowed" if method == "OPTIONS" else b"")
 
     def fail(*a, **k):
         raise serve.UserError("no-repeat n-grams ban every token")

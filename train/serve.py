@@ -720,6 +720,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_PATCH(self):
         self.route("PATCH")
 
+    def do_HEAD(self):  # (405s, as vLLM's routes answer them, rather than http.server's 501 page)
+        self.route("HEAD")
+
+    def do_OPTIONS(self):
+        self.route("OPTIONS")
+
     def route(self, method):
         path = self.path.split("?", 1)[0]
         app = self.server.app
@@ -871,7 +877,8 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # (a HEAD response's Content-Length is the body it would have had)
+            self.wfile.write(data)
 
     def client_gone(self) -> bool:
         """Whether the client closed its connection (readable with nothing to read), asked while its request
