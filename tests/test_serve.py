@@ -1519,3 +1519,124 @@ def test_return_tokens_as_token_ids_spells_logprobs_tokens_as_their_ids(served):
                 "top_logprobs": [{**t, "token": f"token_id:{by_text[t['token']]}"} for t in e["top_logprobs"]]}
                for e in plain]
     assert as_ids == spelled and len(spelled) == 3
+
+
+def gathered(engine, monkeypatch, wait=3.0):
+    """The engine admits nothing until seen["count"] requests wait (or `wait` s pass since it first could): -> seen,
+    where the requests waiting when it first admitted, the most requests one decode step ran and the decode steps
+    are counted (seen["waiting"] = None: the gate closed again for the next request)."""
+    import time
+
+    seen = {"count": 0, "waiting": None, "since": None, "decoding": 0, "steps": 0, "delay": 0.0}
+    fits, decode = engine._fits, engine._decode
+
+    def gate(r):  # (under the engine's lock: it never blocks, the engine's loop asks again at its next step)
+        if seen["waiting"] is None:
+            seen["since"] = seen["since"] or time.time()
+            if len(engine.waiting) < seen["count"] and time.time() - seen["since"] < wait:
+                return False
+            seen["waiting"], seen["since"] = len(engine.waiting), None
+        return fits(r)
+
+    def spy(decoding):
+        seen["decoding"], seen["steps"] = max(seen["decoding"], len(decoding)), seen["steps"] + 1
+        time.sleep(seen["delay"])  # (a slower model: a cancel's ~50 ms poll is then a few steps)
+        return decode(decoding)
+    monkeypatch.setattr(engine, "_fits", gate)
+    monkeypatch.setattr(engine, "_decode", spy)
+    return seen
+
+
+def one_by_one(server, req, prompts):
+    """The body of req's prompts sent one at a time: each prompt's choices indexed after the ones before (OpenAI's
+    prompt * n + choice), the usage summed."""
+    bodies = [call(server, "/v1/completions", {**req, "prompt": p})[1] for p in prompts]
+    n = req.get("n", 1)
+    return {"choices": [{**c, "index": p * n + c["index"]} for p, b in enumerate(bodies) for c in b["choices"]],
+            "usage": {key: sum(b["usage"][key] for b in bodies) for key in bodies[0]["usage"]}}
+
+
+def test_a_request_of_several_prompts_decodes_them_together_each_as_sent_alone(served, monkeypatch):
+    """A list of prompts (lm-eval's batch_size > 1) goes to the engine at once, vLLM's: the prompts wait together
+    and decode in the same steps, and the body is the one of the prompts sent one by one (greedy, n 2 with logprobs;
+    lm-eval's token ids with echo, max_tokens 1, logprobs 1; streamed, each chunk's index and text reassembled)."""
+    server, tok = served
+    prompts = ["the cat sat on", "a dog", "Hello there! How are"]
+    greedy = {"max_tokens": 5, "temperature": 0, "n": 2, "logprobs": 2}
+    lm_eval = {"max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
+    ids = [tok.encode(p) for p in prompts]
+    want = [one_by_one(server, greedy, prompts), one_by_one(server, lm_eval, ids)]
+    seen = gathered(server.app.engine, monkeypatch)
+    seen["count"] = len(prompts)
+    for req, ps, alone in ((greedy, prompts, want[0]), (lm_eval, ids, want[1])):
+        seen["waiting"] = None
+        body = call(server, "/v1/completions", {**req, "prompt": ps})[1]
+        assert seen["waiting"] == len(prompts)  # all submitted before the engine admitted any
+        assert same_body({"choices": body["choices"], "usage": body["usage"]}, alone)
+    assert seen["decoding"] == len(prompts)  # greedy's decode steps ran every prompt's request
+    seen["waiting"] = None
+    chunks = events(call(server, "/v1/completions", {**greedy, "prompt": prompts, "stream": True})[1])
+    assert seen["waiting"] == len(prompts)
+    streamed = {}
+    for c in chunks:
+        ch = c["choices"][0]
+        got = streamed.setdefault(ch["index"], {"text": "", "logprobs": {}, "finish_reason": None})
+        got["text"] += ch["text"]
+        for key, value in (ch["logprobs"] or {}).items():
+            got["logprobs"][key] = got["logprobs"].get(key, []) + value
+        got["finish_reason"] = ch["finish_reason"] or got["finish_reason"]
+    assert sorted(streamed) == list(range(len(prompts) * 2))
+    assert same_body([streamed[i] for i in range(len(prompts) * 2)],
+                     [{key: c[key] for key in ("text", "logprobs", "finish_reason")} for c in want[0]["choices"]])
+
+
+def test_a_failing_prompt_fails_its_request_and_cancels_the_others(served, monkeypatch):
+    """One prompt of a request failing (its echo's scoring here) fails the request, as it did one prompt at a time,
+    and the others' engine requests are cancelled, not decoded to their end: the engine is empty after it."""
+    import time
+
+    server, tok = served
+    app = server.app
+    engine, scoring = app.engine, app.prompt_logprobs
+    bad = tok.encode("the bird sang")
+
+    def fails(ids, *args):
+        if ids == bad:
+            raise RuntimeError("this prompt's scoring failed")
+        return scoring(ids, *args)
+    monkeypatch.setattr(app, "prompt_logprobs", fails)
+    seen = gathered(engine, monkeypatch)
+    seen["count"], seen["delay"] = 3, 0.005
+    errors = app.metrics.finished["error"]
+    status, body = call(server, "/v1/completions", {"prompt": [tok.encode("a dog"), tok.encode("the cat"), bad],
+                                                    "max_tokens": 100, "ignore_eos": True, "echo": True,
+                                                    "logprobs": 1, "temperature": 0})
+    assert status == 500 and body["error"]["type"] == "server_error"
+    assert seen["waiting"] == 3 and app.metrics.finished["error"] == errors + 1
+    deadline = time.time() + 10
+    while (engine.running or engine.waiting) and time.time() < deadline:  # (the engine ends them at its next step)
+        time.sleep(0.01)
+    assert not engine.running and not engine.waiting and engine.free == list(range(engine.max_batch))
+    assert seen["steps"] < 50  # cancelled, not decoded to their 100 tokens
+
+
+def test_a_client_that_leaves_mid_stream_cancels_every_prompts_request(served, monkeypatch):
+    """A streamed request of three prompts, all running in the engine at once: the client hanging up cancels each
+    prompt's engine request (three aborts), none decoded to its end."""
+    import time
+
+    server, tok = served
+    engine = server.app.engine
+    seen = gathered(engine, monkeypatch)
+    seen["count"], seen["delay"] = 3, 0.005
+    aborts = server.app.metrics.finished["abort"]
+    sock, deadline = running_request(server, {"prompt": ["a dog", "the cat", "the bird sang"], "max_tokens": 100,
+                                              "ignore_eos": True, "stream": True, "temperature": 0})
+    while len(engine.running) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(engine.running) == 3
+    sock.close()
+    while (engine.running or server.app.metrics.finished["abort"] < aborts + 3) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not engine.running and not engine.waiting and server.app.metrics.finished["abort"] == aborts + 3
+    assert seen["steps"] < 50

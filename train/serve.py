@@ -429,6 +429,30 @@ def vllm_prompt_logprobs(tok, ids, rows, k: int) -> list:
     return out
 
 
+def in_threads(fn, count: int, stop: threading.Event, workers: int) -> list:
+    """[fn(0), ..., fn(count - 1)], each in a thread of its own (at most `workers` at once): the first to raise sets
+    `stop`, the others' cue to end early, and its exception is raised once every thread has ended (none is left
+    running); an fn not started when `stop` is set is not run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    errors = []
+
+    def guarded(i):
+        if stop.is_set():
+            return None
+        try:
+            return fn(i)
+        except BaseException as e:
+            errors.append(e)  # (the first is the cause: the others end because of it)
+            stop.set()
+            raise
+    with ThreadPoolExecutor(min(count, workers)) as pool:  # (its exit waits for every thread)
+        futures = [pool.submit(guarded, i) for i in range(count)]
+    if errors:
+        raise errors[0]
+    return [f.result() for f in futures]
+
+
 class Model:
     """The served model, its tokenizer and its chat format; generates through its engine (continuous batching), or
     with none (--max-batch 1, a LongRoPE model) one request at a time."""
@@ -949,7 +973,7 @@ class Handler(BaseHTTPRequestHandler):
                 return None
             return chat_logprobs(app.tok, items, s["as_ids"]) if chat else \
                 completion_logprobs(app.tok, items, start, s["as_ids"])
-        on_delta = None
+        write = threading.Lock()
         if s["stream"]:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -966,10 +990,20 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
                 choice["stop_reason"] = reason  # (vLLM's, on every chunk)
-                # with include_usage, OpenAI's other chunks carry "usage": null
-                self.send_event({**head, "choices": [choice], **({"usage": None} if s["include_usage"] else {})})
-        choices, used = [], [0, 0]
-        for p, (ids, budget, prompt_text) in enumerate(zip(prompts, budgets, texts)):
+                # with include_usage, OpenAI's other chunks carry "usage": null; one chunk written at a time (the
+                # prompts' threads)
+                null_usage = {"usage": None} if s["include_usage"] else {}
+                with write:
+                    self.send_event({**head, "choices": [choice], **null_usage})
+        # a request's prompts decode together (vLLM's): each its own engine request, all submitted at once, in
+        # threads of their own; in turn with no engine, or when seeded draws share the request's one generator
+        # (its draws in prompt order are what the seed reproduces)
+        together = app.engine is not None and len(prompts) > 1 and not (
+            s["seed"] is not None and s["temperature"] > 0 and s["max_tokens"] != 0)
+        stop = threading.Event()  # set by a prompt that fails: the others' draws end as if the client left
+
+        def one(p):  # prompt p's n choices: (their objects, its prompt tokens, their tokens, its prompt_logprobs)
+            ids, budget, prompt_text = prompts[p], budgets[p], texts[p]
             base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
             echo = prompt_text if s["echo"] else ""  # the prompt's text (and logprobs) first, then the choice's
             # the prompt's clock: a scoring request's without the engine (max_tokens 0), or what ends one that fails
@@ -1006,18 +1040,16 @@ class Handler(BaseHTTPRequestHandler):
             except Exception:
                 timing.end(["error"] * s["n"])
                 raise
-            if s["stream"]:
-                on_delta = (lambda b, start: lambda i, text, items: chunk(b + i, text, lp=logprobs(items, start)))(
-                    base, len(echo))
+            on_delta = (lambda i, text, items: chunk(base + i, text, lp=logprobs(items, len(echo)))) \
+                if s["stream"] else None
             if budget == 0 and not in_prefill:  # echo with max_tokens 0: the prompt scored, nothing drawn (vLLM's
                 drawn = [("", "length", 0, [] if k is not None else None, None)] * s["n"]  # finish "length")
                 timing.end(["length"] * s["n"], len(ids))
             else:  # (with the engine's echo, budget 0: a prefill-only request, its choices "length" with no token)
-                drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, self.client_gone,
+                drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, lambda: stop.is_set() or self.client_gone(),
                                  on_prompt if in_prefill else None)
-            used[0] += len(ids)
+            choices = []
             for i, (text, finish, count, items, reason) in enumerate(drawn):
-                used[1] += count
                 if s["stream"]:
                     chunk(base + i, finish=finish, reason=reason)
                     continue
@@ -1031,6 +1063,11 @@ class Handler(BaseHTTPRequestHandler):
                     choices.append({"index": base + i, "text": echo + text, "logprobs": lp, "finish_reason": finish,
                                     "stop_reason": reason,
                                     **({} if prompt_lp is None else {"prompt_logprobs": prompt_lp})})
+            return choices, len(ids), sum(c[2] for c in drawn), prompt_lp
+        done = in_threads(one, len(prompts), stop, 2 * app.engine.max_batch) if together else \
+            [one(p) for p in range(len(prompts))]
+        choices, prompt_lp = [c for d in done for c in d[0]], done[-1][3]  # (chat's prompt_logprobs: its one prompt's)
+        used = [sum(d[1] for d in done), sum(d[2] for d in done)]
         usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
         if s["stream"]:
             if s["include_usage"]:
