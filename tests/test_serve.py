@@ -1640,3 +1640,31 @@ def test_a_client_that_leaves_mid_stream_cancels_every_prompts_request(served, m
         time.sleep(0.01)
     assert not engine.running and not engine.waiting and server.app.metrics.finished["abort"] == aborts + 3
     assert seen["steps"] < 50
+
+
+def test_a_stream_write_that_times_out_ends_the_other_prompts_without_writing(served, monkeypatch):
+    """A client that stops reading: the write that times out (60 s, the handler's timeout; 0.2 s here) ends the
+    request, and the other prompts' threads, queued behind it to write, write nothing more (each would wait as long
+    again on the same socket); their engine requests are cancelled."""
+    import time
+
+    server, _ = served
+    engine = server.app.engine
+    seen = gathered(engine, monkeypatch)
+    seen["count"] = 3
+    writes, send = [], serve.Handler.send_event
+
+    def stuck(self, obj):  # the first chunk's write blocks, then times out; the others are counted
+        writes.append(time.time())
+        if len(writes) == 1:
+            time.sleep(0.2)
+            raise TimeoutError("timed out")
+        return send(self, obj)
+    monkeypatch.setattr(serve.Handler, "send_event", stuck)
+    call(server, "/v1/completions", {"prompt": ["a dog", "the cat", "the bird sang"], "max_tokens": 60,
+                                     "ignore_eos": True, "stream": True, "temperature": 0})
+    assert seen["waiting"] == 3 and len(writes) == 1
+    deadline = time.time() + 10
+    while engine.running and time.time() < deadline:
+        time.sleep(0.01)
+    assert not engine.running and seen["steps"] < 60

@@ -18,8 +18,9 @@ at each drawn token, taken from the very logits its decode step drew from (gener
 forward of the whole prompt. A token's text is its bytes as UTF-8, or "bytes:\\xe2\\x80" where
 they are part of a character (OpenAI's spelling). vLLM's response extras: prompt_logprobs (its ranked dicts, from the
 same scoring as echo's), stop_reason, skip_special_tokens and return_tokens_as_token_ids (output_settings).
-One model; requests decode together in one batch (train/engine.py's continuous batching, --max-batch rows), or with
---max-batch 1 one request at a time (a lock), the others waiting their turn.
+One model; requests decode together in one batch (train/engine.py's continuous batching, --max-batch rows), a
+completion's prompts too (each its own engine request, all at once: vLLM's), or with --max-batch 1 one request at a
+time (a lock), the others waiting their turn.
 vLLM's operational endpoints (vllm/entrypoints/openai/api_server.py, protocol.py): GET /health (200, or a 503 once the
 engine's thread died), GET /version, POST /tokenize and /detokenize (TokenizeCompletionRequest, TokenizeChatRequest,
 DetokenizeRequest); --api-key (or $TRITONGPT_API_KEY, vLLM's VLLM_API_KEY) asks every other path for the bearer key.
@@ -973,7 +974,9 @@ class Handler(BaseHTTPRequestHandler):
                 return None
             return chat_logprobs(app.tok, items, s["as_ids"]) if chat else \
                 completion_logprobs(app.tok, items, start, s["as_ids"])
-        write = threading.Lock()
+        # the prompts' threads (below): one chunk written at a time; stop, set by a prompt that fails (a client
+        # gone, a write timed out), ends the others' draws as if the client left, and their writes
+        write, stop = threading.Lock(), threading.Event()
         if s["stream"]:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -990,17 +993,17 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
                 choice["stop_reason"] = reason  # (vLLM's, on every chunk)
-                # with include_usage, OpenAI's other chunks carry "usage": null; one chunk written at a time (the
-                # prompts' threads)
+                # with include_usage, OpenAI's other chunks carry "usage": null
                 null_usage = {"usage": None} if s["include_usage"] else {}
                 with write:
+                    if stop.is_set():  # (not another write to a socket that just timed out: each would wait as long)
+                        raise BrokenPipeError("another prompt of the request failed")
                     self.send_event({**head, "choices": [choice], **null_usage})
         # a request's prompts decode together (vLLM's): each its own engine request, all submitted at once, in
         # threads of their own; in turn with no engine, or when seeded draws share the request's one generator
         # (its draws in prompt order are what the seed reproduces)
         together = app.engine is not None and len(prompts) > 1 and not (
             s["seed"] is not None and s["temperature"] > 0 and s["max_tokens"] != 0)
-        stop = threading.Event()  # set by a prompt that fails: the others' draws end as if the client left
 
         def one(p):  # prompt p's n choices: (their objects, its prompt tokens, their tokens, its prompt_logprobs)
             ids, budget, prompt_text = prompts[p], budgets[p], texts[p]
