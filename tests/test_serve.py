@@ -1031,12 +1031,12 @@ def test_logit_bias_forces_or_bans_a_token_and_logprobs_stay_raw(both):
     assert tok.encode(banned)[0] != greedy[0] and banned != new_text(tok, ids, greedy)
 
 
-def lm_eval_loglikelihood(server, requests):
+def lm_eval_loglikelihood(server, requests, **extra):
     """lm-evaluation-harness' local-completions: its loglikelihood request (_create_payload with generate=False: the
     context and continuation as token ids, echo, max_tokens 1, logprobs 1) and its parse_logprobs, as it does them
-    -> [(sum of the continuation's logprobs, is_greedy)]."""
+    -> [(sum of the continuation's logprobs, is_greedy)]. extra: fields added to the request (a test's)."""
     payload = {"model": "tiny-chat", "prompt": [ctx + cont for ctx, cont in requests], "temperature": 0,
-               "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+               "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True, **extra}
     status, out = call(server, "/v1/completions", payload)
     assert status == 200, out
     res = []
@@ -1060,6 +1060,17 @@ def test_lm_eval_local_completions_loglikelihoods_are_the_models(served):
         assert ll == pytest.approx(want, abs=1e-4)
         assert is_greedy == all(int(logp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
     assert [g for _, g in got] == [True, False]
+
+
+def test_an_lm_eval_request_whose_drawn_token_is_the_end_token_scores_its_whole_continuation(both):
+    """lm-eval drops the drawn token's entry (token_logprobs[ctxlen:-1]): when the model's next token is the end
+    token (here biased to it), its entry must be there too (vLLM's), or the continuation's last token is dropped
+    instead and the loglikelihood is wrong."""
+    server, tok = both
+    ctx, cont = tok.encode("the cat sat on the"), tok.encode(" mat")
+    ((ll, _),) = lm_eval_loglikelihood(server, [(ctx, cont)], logit_bias={str(server.app.eot): 100})
+    logp = model_logprobs(server, ctx + cont)
+    assert ll == pytest.approx(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)), abs=1e-4)
 
 
 def test_the_engine_prefills_a_scoring_requests_prompt_once(served, monkeypatch):
@@ -1327,9 +1338,11 @@ def test_min_tokens_draws_the_masked_argmax_and_logprobs_stay_raw(both):
     choice, count = answer(server, {**req, "min_tokens": 3})
     assert (choice["text"], choice["finish_reason"], count) == (new_text(tok, ids, want[len(ids):]), "stop", 4)
     lp = call(server, "/v1/completions", {**req, "min_tokens": 3, "logprobs": 1})[1]["choices"][0]["logprobs"]
-    logp = model_logprobs(server, want)
-    assert lp["token_logprobs"] == pytest.approx([float(logp[len(ids) - 1 + j, want[len(ids) + j]])
-                                                  for j in range(3)], abs=1e-5)
+    drawn = want + [eot]  # (the EOS that ended it among the logprobs too, vLLM's: its text none)
+    logp = model_logprobs(server, drawn)
+    assert lp["token_logprobs"] == pytest.approx([float(logp[len(ids) - 1 + j, drawn[len(ids) + j]])
+                                                  for j in range(4)], abs=1e-5)
+    assert lp["text_offset"][-1] == len(choice["text"])
 
 
 def test_stop_token_ids_end_with_finish_stop_and_include_stop_str_in_output_keeps_the_stop(both):

@@ -337,8 +337,8 @@ def to_json(obj) -> str:
 class Scored:
     """One choice's tokens with their logprobs, items (id, logprob or None, top ids, top logprobs, text offset), the
     text the tokens so far decode to (ends: its length after each) and how many of them a response has given. A text
-    cut at a stop string keeps the tokens that make it: the shortest run of tokens whose text covers it (upto); the end
-    token, which adds no text, is not given."""
+    cut at a stop string keeps the tokens that make it: the shortest run of tokens whose text covers it (upto); an
+    answer the end token (or a stop token) ended keeps every token up to it, it too (draw)."""
 
     def __init__(self, tok, prompt_ids, hidden=()):
         self.decoder = tok.stream_decoder()
@@ -650,9 +650,13 @@ class Model:
         choices = []
         for i, row in enumerate(out):
             text, finish, count, reason = rows.ending(i, row)
-            # the tokens the text takes; at the budget all (a last special token's skipped text takes none)
+            # the tokens the text takes; at the budget all (a last special token's skipped text takes none); ended
+            # by the end token or a stop token, every token up to it, it too (vLLM's: lm-eval's echo request drops
+            # the drawn token's entry, token_logprobs[ctxlen:-1], so an end token left out would drop the
+            # continuation's last one instead)
+            ended = finish == "stop" and not isinstance(reason, str)
             taken = None if scored is None else len(scored[i].items) if finish == "length" else \
-                scored[i].upto(len(text))
+                count if ended else scored[i].upto(len(text))
             items = None if scored is None else scored[i].items[:taken]
             choices.append((text, finish, count, items, reason))
             if on_delta:
