@@ -1681,3 +1681,21 @@ def test_a_stream_write_that_times_out_ends_the_other_prompts_without_writing(se
     while engine.running and time.time() < deadline:
         time.sleep(0.01)
     assert not engine.running and seen["steps"] < 60
+
+
+def test_a_stream_whose_last_write_fails_counts_its_prompts_as_aborted(served, monkeypatch):
+    """The text held back for a stop string (here all of it) goes in the answer's last write, after the engine ended
+    the request: a client gone by then still counts each prompt's request once, as aborted (/metrics' counters)."""
+    server, _ = served
+    finished = server.app.metrics.finished
+    send = serve.Handler.send_event
+
+    def gone(self, obj):  # every chunk with text fails, as a write to a closed socket
+        if isinstance(obj, dict) and any(c.get("text") for c in obj["choices"]):
+            raise BrokenPipeError("the client left")
+        return send(self, obj)
+    monkeypatch.setattr(serve.Handler, "send_event", gone)
+    before = dict(finished)
+    call(server, "/v1/completions", {"prompt": ["a dog", "the cat"], "max_tokens": 3, "ignore_eos": True,
+                                     "stream": True, "temperature": 0, "stop": "@" * 60})
+    assert {r: finished[r] - before[r] for r in finished} == {"stop": 0, "length": 0, "abort": 2, "error": 0}

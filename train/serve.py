@@ -641,30 +641,30 @@ class Model:
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
                                           dict(warp, logprobs=k, **ends), timing)
+            choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
+            for i, row in enumerate(out):
+                text, finish, count, reason = rows.ending(i, row)
+                # the tokens the text takes; at the budget all (a last special token's skipped text takes none);
+                # ended by the end token or a stop token, every token up to it, it too (vLLM's: lm-eval's echo
+                # request drops the drawn token's entry, token_logprobs[ctxlen:-1], so an end token left out would
+                # drop the continuation's last one instead)
+                ended = finish == "stop" and not isinstance(reason, str)
+                taken = None if scored is None else len(scored[i].items) if finish == "length" else \
+                    count if ended else scored[i].upto(len(text))
+                items = None if scored is None else scored[i].items[:taken]
+                choices.append((text, finish, count, items, reason))
+                if on_delta:
+                    sent = streams[i].sent_text
+                    if text[:len(sent)] != sent:  # cannot happen: the stream sends what decoding gives, held back
+                        raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
+                    if text[len(sent):] or scored is not None and scored[i].given < taken:
+                        on_delta(i, text[len(sent):], None if scored is None else scored[i].give(len(text), taken))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
             timing.end(["abort"] * n, stamps=request)
             raise
         except Exception:
             timing.end(["error"] * n, stamps=request)
             raise
-        choices = []
-        for i, row in enumerate(out):
-            text, finish, count, reason = rows.ending(i, row)
-            # the tokens the text takes; at the budget all (a last special token's skipped text takes none); ended
-            # by the end token or a stop token, every token up to it, it too (vLLM's: lm-eval's echo request drops
-            # the drawn token's entry, token_logprobs[ctxlen:-1], so an end token left out would drop the
-            # continuation's last one instead)
-            ended = finish == "stop" and not isinstance(reason, str)
-            taken = None if scored is None else len(scored[i].items) if finish == "length" else \
-                count if ended else scored[i].upto(len(text))
-            items = None if scored is None else scored[i].items[:taken]
-            choices.append((text, finish, count, items, reason))
-            if on_delta:
-                sent = streams[i].sent_text
-                if text[:len(sent)] != sent:  # cannot happen: the stream sends what decoding gives, held back
-                    raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
-                if text[len(sent):] or scored is not None and scored[i].given < taken:
-                    on_delta(i, text[len(sent):], None if scored is None else scored[i].give(len(text), taken))
         timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices), stamps=request)
         return choices
 
