@@ -1658,14 +1658,24 @@ def test_a_client_that_leaves_mid_stream_cancels_every_prompts_request(served, m
 def test_a_stream_write_that_times_out_ends_the_other_prompts_without_writing(served, monkeypatch):
     """A client that stops reading: the write that times out (60 s, the handler's timeout; 0.2 s here) ends the
     request, and the other prompts' threads, queued behind it to write, write nothing more (each would wait as long
-    again on the same socket); their engine requests are cancelled."""
+    again on the same socket); their engine requests are cancelled. So too when the failing prompt's thread is slow
+    to unwind (its cancel waiting for the engine's lock, here 0.2 s): the next thread to take the write lock must not
+    write before that thread has told the others."""
     import time
+
+    from tritongpt.train.engine import Request
 
     server, _ = served
     engine = server.app.engine
     seen = gathered(engine, monkeypatch)
     seen["count"] = 3
-    writes, send = [], serve.Handler.send_event
+    writes, send, cancel = [], serve.Handler.send_event, Request.cancel
+
+    def slow_cancel(self):
+        if len(writes) == 1:
+            time.sleep(0.2)
+        return cancel(self)
+    monkeypatch.setattr(Request, "cancel", slow_cancel)
 
     def stuck(self, obj):  # the first chunk's write blocks, then times out; the others are counted
         writes.append(time.time())
@@ -1699,3 +1709,31 @@ def test_a_stream_whose_last_write_fails_counts_its_prompts_as_aborted(served, m
     call(server, "/v1/completions", {"prompt": ["a dog", "the cat"], "max_tokens": 3, "ignore_eos": True,
                                      "stream": True, "temperature": 0, "stop": "@" * 60})
     assert {r: finished[r] - before[r] for r in finished} == {"stop": 0, "length": 0, "abort": 2, "error": 0}
+
+
+def test_a_stream_write_that_fails_by_the_servers_fault_is_the_requests_500(served, monkeypatch):
+    """A prompt's write failing for a reason not the client's (here a RuntimeError) is the request's 500 event, not
+    lost behind the BrokenPipeError the other prompts' threads end with, even with its thread slow to unwind (its
+    cancel waiting for the engine's lock, 0.2 s here)."""
+    import time
+
+    from tritongpt.train.engine import Request
+
+    server, _ = served
+    failed, send, cancel = [], serve.Handler.send_event, Request.cancel
+
+    def broken(self, obj):  # the first chunk with text fails
+        if not failed and isinstance(obj, dict) and any(c.get("text") for c in obj.get("choices", [])):
+            failed.append(threading.get_ident())
+            raise RuntimeError("a bug")
+        return send(self, obj)
+
+    def slow_cancel(self):  # (the failing thread's only)
+        if threading.get_ident() in failed:
+            time.sleep(0.2)
+        return cancel(self)
+    monkeypatch.setattr(serve.Handler, "send_event", broken)
+    monkeypatch.setattr(Request, "cancel", slow_cancel)
+    text = call(server, "/v1/completions", {"prompt": ["a dog", "the cat", "the bird sang"], "max_tokens": 20,
+                                            "ignore_eos": True, "stream": True, "temperature": 0})[1]
+    assert failed and events(text)[-1]["error"]["type"] == "server_error"

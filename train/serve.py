@@ -1002,7 +1002,14 @@ class Handler(BaseHTTPRequestHandler):
                 with write:
                     if stop.is_set():  # (not another write to a socket that just timed out: each would wait as long)
                         raise BrokenPipeError("another prompt of the request failed")
-                    self.send_event({**head, "choices": [choice], **null_usage})
+                    try:
+                        self.send_event({**head, "choices": [choice], **null_usage})
+                    # the client gone (draw()'s reasons): told under the lock, else the thread next in line writes
+                    # before this one unwinds to in_threads (its cancel, its clock); another error sets stop there,
+                    # once raised, so that it stays the first (the request's 500, not the others' BrokenPipe)
+                    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                        stop.set()
+                        raise
         # a request's prompts decode together (vLLM's): each its own engine request, all submitted at once, in
         # threads of their own; in turn with no engine, or when seeded draws share the request's one generator
         # (its draws in prompt order are what the seed reproduces)
