@@ -363,7 +363,6 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/tokenize", {}, 400, "prompt", "'prompt' (a string) or 'messages' is required"),
     ("/tokenize", {"prompt": [1, 2]}, 400, "prompt", "'prompt' must be a string, got [1, 2]"),
     ("/tokenize", {"prompt": "a", "messages": MESSAGES}, 400, "prompt", "pass one of 'prompt' and 'messages'"),
-    ("/tokenize", {"prompt": "a<|endoftext|>"}, 400, "prompt", "special token <|endoftext|>"),
     ("/tokenize", {"prompt": "a", "add_special_tokens": 1}, 400, "add_special_tokens", "must be true or false"),
     ("/tokenize", {"prompt": "a", "return_token_strs": "yes"}, 400, "return_token_strs", "must be true or false"),
     ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, 400, "add_generation_prompt",
@@ -1201,6 +1200,8 @@ def test_tokenize_counts_the_ids_a_completion_and_a_chat_request_prompt_and_deto
     assert call(server, "/detokenize", {"tokens": ids})[1] == {"prompt": prompt}
     assert call(server, "/detokenize", {"tokens": []})[1] == {"prompt": ""}
     assert call(server, "/tokenize", {"prompt": ""})[1]["count"] == 0  # (a completion refuses it; a count is 0)
+    # a special token's spelling is its id, as vLLM's tokenizer reads it (a completion's text refuses it)
+    assert call(server, "/tokenize", {"prompt": "a<|endoftext|>"})[1]["tokens"] == tok.encode("a") + [tok.eot_id]
     # messages: the served template's prompt, as the chat request's (what `chat` prompts, ready for the answer)
     conv = chat.Conversation("chat", "Be brief.")
     conv.add("Hello there!", "the cat sat.")
@@ -1214,6 +1215,47 @@ def test_tokenize_counts_the_ids_a_completion_and_a_chat_request_prompt_and_deto
     monkeypatch.setattr(server.app.tok, "prepended_bos_id", bos, raising=False)
     assert call(server, "/tokenize", {"prompt": prompt})[1]["tokens"] == [bos] + ids
     assert call(server, "/tokenize", {"prompt": prompt, "add_special_tokens": False})[1]["tokens"] == ids
+
+
+def test_tokenizer_info_names_the_end_token_and_the_context(served):
+    """vLLM's GET /tokenizer_info, which lm-evaluation-harness's remote tokenizer reads first (its eos_token, encoded
+    through /tokenize, is its end and empty-context token)."""
+    server, tok = served
+    status, info = call(server, "/tokenizer_info")
+    assert status == 200 and info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 128
+    assert info["bos_token"] is None and info["tokenizer_class"] == type(tok).__name__
+    assert call(server, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False})[1]["tokens"] == \
+        [server.app.eot]
+
+
+def test_lm_evaluation_harness_itself_scores_the_models_loglikelihoods(served):
+    """lm-eval's own LocalCompletionsAPI (when installed: not a dependency) against the server, its tokenizer the
+    server's (lm-eval's remote backend: /tokenizer_info, /tokenize, /detokenize), batched requests: its
+    loglikelihoods are the model's (an empty context too: lm-eval scores it after its end token)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    server, tok = served
+    lm = LocalCompletionsAPI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1/completions",
+                             model="tiny-chat", tokenizer_backend="auto", batch_size=3, max_length=128)
+    pairs = [("the cat sat on the", " mat"), ("the dog", " ran to the cat"), ("", "the bird sat")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                           disable_tqdm=True)
+    for (ctx, cont), (ll, is_greedy) in zip(pairs, got):
+        ctx_ids = tok.encode(ctx) if ctx else [tok.eot_id]
+        cont_ids = tok.encode(cont)
+        logp = model_logprobs(server, ctx_ids + cont_ids)
+        steps = [logp[len(ctx_ids) - 1 + j] for j in range(len(cont_ids))]
+        assert ll == pytest.approx(sum(float(s[t]) for s, t in zip(steps, cont_ids)), abs=1e-4)
+        assert is_greedy == all(int(s.argmax()) == t for s, t in zip(steps, cont_ids))
+    # generate_until (greedy, its `until` a stop string): the model's greedy text up to the stop
+    ids = tok.encode("the cat")
+    full = new_text(tok, ids, reference(server, ids, 12, eos=tok.eot_id)[0])
+    stop = fresh_stop(full, 4)
+    (text,) = lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": [stop], "max_gen_toks": 12}),
+                                          0)], disable_tqdm=True)
+    assert text == full[:full.find(stop)]
 
 
 def test_health_and_version_with_the_engine_and_with_max_batch_1(both):

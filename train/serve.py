@@ -500,13 +500,14 @@ class Model:
             return "the engine's thread is not running any more: no request would ever end (restart the server)"
         return None
 
-    def encode(self, prompt: str, bos: bool = True) -> list:
-        """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one, with bos)."""
+    def encode(self, prompt: str, bos: bool = True, special: bool = False) -> list:
+        """The prompt's ids, as `generate --prompt` encodes it (BOS first where the tokenizer adds one, with bos);
+        special: a special token's spelling is its id (/tokenize's, as vLLM's tokenizer reads it), else refused."""
         from tritongpt.train.formats import with_bos
         from tritongpt.train.tokenizer import DisallowedSpecialToken
 
         try:
-            ids = self.tok.encode(prompt, allowed_special="none_raise")
+            ids = self.tok.encode(prompt, allowed_special="all" if special else "none_raise")
         except DisallowedSpecialToken as e:
             raise bad("prompt", f"the prompt contains the special token {e.token}: only text is taken") from None
         return with_bos(self.tok, ids) if bos else ids
@@ -729,7 +730,8 @@ class Handler(BaseHTTPRequestHandler):
     """Routes a request to its endpoint; every failure is an OpenAI error object, never a traceback."""
     server_version = "tritongpt"
     ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/metrics": "GET",
-              "/health": "GET", "/version": "GET", "/tokenize": "POST", "/detokenize": "POST"}
+              "/health": "GET", "/version": "GET", "/tokenize": "POST", "/detokenize": "POST",
+              "/tokenizer_info": "GET"}
     # seconds a read or write of the socket may wait: a body shorter than its Content-Length, or a client that
     # stops reading a stream (which would block a write holding the model's lock), must not hold a thread forever
     timeout = 60
@@ -788,6 +790,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, self.tokenize(self.read_body()))
             if path == "/detokenize":
                 return self.send_json(200, self.detokenize(self.read_body()))
+            if path == "/tokenizer_info":
+                return self.send_json(200, self.tokenizer_info())
             if path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [self.model_card()]})
             self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
@@ -858,9 +862,25 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(prompt, str):
                 raise bad("prompt", "'prompt' (a string) or 'messages' is required" if prompt is None else
                           f"'prompt' must be a string, got {prompt!r}"[:300])
-            ids = app.encode(prompt, bos=bool_field(body, "add_special_tokens", True))
+            ids = app.encode(prompt, bos=bool_field(body, "add_special_tokens", True), special=True)
         return {"count": len(ids), "max_model_len": app.model.config.context_length, "tokens": ids,
                 "token_strs": [token_text(app.tok, i)[0] for i in ids] if strs else None}
+
+    def tokenizer_info(self) -> dict:
+        """vLLM's GET /tokenizer_info (TokenizerInfoResponse: the tokenizer's class and its tokenizer_config.json
+        fields), what lm-evaluation-harness's remote tokenizer reads (its eos_token, then /tokenize and /detokenize
+        for every count): the end and BOS tokens' spellings (None where there is none), no pad token, the served
+        chat template where it is a Jinja one (the tokenizer's own; a run's prompt format is not), the context."""
+        app = self.server.app
+        tok = app.tok
+        bos = getattr(tok, "prepended_bos_id", None)
+        info = {"tokenizer_class": type(tok).__name__,
+                "eos_token": None if app.eot is None else tok.decode([app.eot]),
+                "bos_token": None if bos is None else tok.decode([bos]), "pad_token": None,
+                "model_max_length": app.model.config.context_length}
+        if app.template == "chat":
+            info["chat_template"] = tok.chat_template
+        return info
 
     def detokenize(self, body: dict) -> dict:
         """vLLM's POST /detokenize: {"tokens": [ids]} -> {"prompt": their text}."""
