@@ -1094,6 +1094,13 @@ def test_the_engine_prefills_a_scoring_requests_prompt_once(served, monkeypatch)
     after = {name: m.hist[name].count - n for name, n in before.items()}
     assert after == {"request_prefill_time_seconds": 1, "request_prompt_tokens": 1, "time_to_first_token_seconds": 0,
                      "request_decode_time_seconds": 1}
+    # n choices of a scoring request: one row scores the prompt for all (not n rows of slots), each choice alike
+    rows, submit = [], app.engine.submit
+    monkeypatch.setattr(app.engine, "submit", lambda idx, *a, **k: rows.append(idx.size(0)) or submit(idx, *a, **k))
+    body = call(server, "/v1/completions", {"prompt": ctx, "echo": True, "max_tokens": 0, "logprobs": 1, "n": 3})[1]
+    assert rows == [1] and [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert all(c["logprobs"] == body["choices"][0]["logprobs"] and c["text"] == body["choices"][0]["text"]
+               for c in body["choices"]) and len(body["choices"][0]["logprobs"]["tokens"]) == len(ctx)
 
 
 def test_echo_text_offsets_index_the_echoed_text_with_a_bos_adding_tokenizer(served, monkeypatch):

@@ -614,7 +614,9 @@ class Model:
                 if delta:
                     send(i, delta, len(streams[i].sent_text))
 
-        idx = torch.tensor([ids] * n, dtype=torch.long, device=self.device)
+        # a prefill-only request (budget 0: echo's scoring) draws nothing: one row scores the prompt for its n
+        # choices, not n rows of slots and pages
+        idx = torch.tensor([ids] * (1 if budget == 0 else n), dtype=torch.long, device=self.device)
         warp = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"] if s["top_p"] < 1 else None,
                     min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
                     frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"],
@@ -636,7 +638,7 @@ class Model:
                                              prompt_logprobs=s["score_k"] if on_prompt is not None else None,
                                              **warp)
                 try:
-                    out = request.wait(on_step, gone, on_prompt=on_prompt).tolist()
+                    out = request.wait(on_step, gone, on_prompt=on_prompt).tolist() * (n if budget == 0 else 1)
                 except Cancelled:
                     raise BrokenPipeError("the client left") from None
             else:
