@@ -149,6 +149,7 @@ def test_models_lists_the_one_model(served):
     status, body = call(server, "/v1/models")
     assert status == 200 and [m["id"] for m in body["data"]] == ["tiny-chat"] and body["object"] == "list"
     assert call(server, "/v1/models/tiny-chat")[1]["id"] == "tiny-chat"
+    assert body["data"][0]["max_model_len"] == 128 and body["data"][0]["root"] == "tiny-chat"  # (vLLM's extras)
     assert call(server, "/v1/models/other")[0] == 404
     assert serve.served_name("/x/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc") == "Qwen/Qwen2.5-0.5B"
 

@@ -896,8 +896,11 @@ class Handler(BaseHTTPRequestHandler):
         return {"prompt": app.tok.decode(tokens)}
 
     def model_card(self):
-        return {"id": self.server.app.name, "object": "model", "created": self.server.app.created,
-                "owned_by": "tritongpt"}
+        """OpenAI's model object, with vLLM's extra fields (root, parent, max_model_len: clients read the context
+        from it)."""
+        app = self.server.app
+        return {"id": app.name, "object": "model", "created": app.created, "owned_by": "tritongpt", "root": app.name,
+                "parent": None, "max_model_len": app.model.config.context_length}
 
     def read_body(self) -> dict:
         length = self.headers.get("Content-Length")
