@@ -810,7 +810,8 @@ def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_p
         out = []
         with server.app.lock:  # the model busy: the request waits
             t = threading.Thread(target=lambda: out.append(call(server, "/v1/completions",
-                                                                {"prompt": "the cat", "max_tokens": 4, "n": 2})))
+                                                                {"prompt": "the cat", "max_tokens": 4, "n": 2,
+                                                                 "ignore_eos": True})))  # (4 steps, sampled)
             t.start()
             deadline = time.time() + 10
             while server.app.metrics.waiting == 0 and time.time() < deadline:
@@ -1084,8 +1085,9 @@ def test_the_engine_prefills_a_scoring_requests_prompt_once(served, monkeypatch)
     monkeypatch.setattr(app.model, "hidden", lambda ids, cache=None, *a, **k: counts.append(
         (ids.numel(), app.metrics.gauges()[0])) or hidden(ids, cache, *a, **k))
     ctx, cont = tok.encode("the cat sat on the"), tok.encode(" mat")
-    lm_eval_loglikelihood(server, [(ctx, cont), (ctx[1:], cont)])
-    assert sorted(counts) == [(len(ctx) + len(cont) - 1, 1), (len(ctx) + len(cont), 1)]
+    for pair in [(ctx, cont), (ctx[1:], cont)]:  # (one request each: a request's prompts run together, two then)
+        lm_eval_loglikelihood(server, [pair])
+    assert counts == [(len(ctx) + len(cont), 1), (len(ctx) + len(cont) - 1, 1)]
     m, counts[:] = app.metrics, []
     before = {name: m.hist[name].count for name in ("request_prefill_time_seconds", "request_prompt_tokens",
                                                     "time_to_first_token_seconds", "request_decode_time_seconds")}
