@@ -191,13 +191,18 @@ def test_several_prompts_and_n_samples_seeded(served):
     assert call(server, "/v1/completions", {**req, "seed": 99})[1]["choices"] != body["choices"]
 
 
-def test_stop_strings_cut_the_text_and_count_the_tokens_drawn(served):
-    server, tok = served
-    prompt = "the bird"
+def greedy_with_a_stop(server, tok, prompt="the bird"):
+    """prompt's ids, generate()'s 20 greedy new ids and their text, and a stop string first found 3 in."""
     ids = tok.encode(prompt)
     new = reference(server, ids, 20)[0]
     full = new_text(tok, ids, new)
-    stop = fresh_stop(full, 3)
+    return ids, new, full, fresh_stop(full, 3)
+
+
+def test_stop_strings_cut_the_text_and_count_the_tokens_drawn(served):
+    server, tok = served
+    prompt = "the bird"
+    ids, new, full, stop = greedy_with_a_stop(server, tok, prompt)
     status, body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0,
                                                     "stop": ["zzz", stop]})
     (choice,) = body["choices"]
@@ -1421,10 +1426,7 @@ def test_min_tokens_ignores_a_stop_string_in_its_first_tokens_text(both):
     """vLLM's detokenizer looks for stop strings only where they end past the first min_tokens tokens' text."""
     server, tok = both
     prompt = "the bird"
-    ids = tok.encode(prompt)
-    new = reference(server, ids, 20)[0]
-    full = new_text(tok, ids, new)
-    stop = fresh_stop(full, 3)
+    ids, new, full, stop = greedy_with_a_stop(server, tok, prompt)
     k = next(k for k in range(1, 21) if stop in new_text(tok, ids, new[:k]))  # the text first holds it here
     floor = len(new_text(tok, ids, new[:k]))
     at = full.find(stop, floor - len(stop) + 1)

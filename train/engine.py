@@ -539,14 +539,13 @@ class Engine:
         last chunk ran, else None). Equal rows (a request's n choices) run once, the keys copied to the other slots
         at the end; with prefix caching a row's full prompt blocks enter the index once it is prefilled."""
         cache, T, used = self.cache, r.idx.size(1), 0  # (T: the prompt, and after a preemption the ids drawn)
-        looked = not r.scoring  # (prefix caching's stats count the prompts looked up in the cache, as vLLM's)
         while r.todo and (budget is None or used < budget):
             i, slot, fill = r.todo[0]
             end = T if budget is None else min(T, fill + budget - used)
             view = cache.row(slot, start=fill)
             if r.scoring:  # the chunk's positions score their next prompt token (its last: the next chunk's first)
                 part, lg = prompt_logprobs(self.model, r.idx[i:i + 1, fill:end], r.idx[i, fill + 1:min(end + 1, T)],
-                                           r.prompt_logprobs, view, r.vocab_limit, last=True)
+                                           r.prompt_logprobs, view, r.vocab_limit, last=end == T)
                 r.scores.append(part)
             else:
                 lg = last_logits(self.model, r.idx[i:i + 1, fill:end], view)[:, -1]
@@ -559,7 +558,7 @@ class Engine:
             r.rows.append(lg)
             if self.prefix_caching:
                 cache.register(slot, r.idx[i])
-            if self.prefix_caching and looked:
+            if self.prefix_caching and not r.scoring:  # (the stats count the prompts looked up in the cache: vLLM's)
                 self.stats["prompt_tokens"] += T
                 self.stats["cached_prompt_tokens"] += len(r.hits[i]) * cache.page_size
         if r.todo:

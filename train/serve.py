@@ -177,10 +177,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     names = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
     if len(names) > 1:
         raise bad(names[1], "pass one of 'max_tokens' and 'max_completion_tokens'")
-    echo = body.get("echo") if endpoint == "completions" else None
-    if echo is not None and not isinstance(echo, bool):
-        raise bad("echo", f"'echo' must be true or false, got {echo!r}")
-    s["echo"] = bool(echo)
+    s["echo"] = bool_field(body, "echo", False) if endpoint == "completions" else False
     if names and is_int(body[names[0]]) and body[names[0]] == 0 and not s["echo"]:  # (vLLM's rule too)
         why = " (0 is taken with 'echo': true, to score the prompt)" if endpoint == "completions" else ""
         raise bad(names[0], f"'{names[0]}' must be an integer >= 1, got 0{why}")
@@ -220,11 +217,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
 def end_settings(body: dict, max_tokens) -> dict:
     """vLLM's ignore_eos, min_tokens (<= max_tokens), stop_token_ids and include_stop_str_in_output, checked (the ids'
     range is the model's: Handler.generate checks it)."""
-    out = {}
-    for key in ("ignore_eos", "include_stop_str_in_output"):
-        out[key] = body.get(key) or False
-        if not isinstance(out[key], bool):
-            raise bad(key, f"'{key}' must be true or false, got {body[key]!r}")
+    out = {key: bool_field(body, key, False) for key in ("ignore_eos", "include_stop_str_in_output")}
     m = body.get("min_tokens")
     if m is not None and (not is_int(m) or m < 0):
         raise bad("min_tokens", f"'min_tokens' must be an integer >= 0, got {m!r}")
