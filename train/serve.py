@@ -425,15 +425,13 @@ def vllm_prompt_logprobs(tok, ids, rows, k: int) -> list:
 
 def in_threads(fn, count: int, stop: threading.Event, workers: int) -> list:
     """[fn(0), ..., fn(count - 1)], each in a thread of its own (at most `workers` at once): the first to raise sets
-    `stop`, the others' cue to end early, and its exception is raised once every thread has ended (none is left
-    running); an fn not started when `stop` is set is not run."""
+    `stop`, the others' cue to end early (an fn started after it still runs, to end at once: its prompt then counts
+    as aborted), and its exception is raised once every thread has ended (none is left running)."""
     from concurrent.futures import ThreadPoolExecutor
 
     errors = []
 
     def guarded(i):
-        if stop.is_set():
-            return None
         try:
             return fn(i)
         except BaseException as e:
@@ -1041,6 +1039,9 @@ class Handler(BaseHTTPRequestHandler):
             # the prompt's clock: a scoring request's without the engine (max_tokens 0), or what ends one that fails
             # before draw(), which times the others itself
             timing = app.metrics.request()
+            if stop.is_set():  # another prompt of the request failed before this one started: counted, not run
+                timing.end(["abort"] * s["n"])
+                raise BrokenPipeError("another prompt of the request failed")
             # the prompt scored (echo's logprobs, prompt_logprobs): with the engine, in the request's own prefill
             # (on_prompt, called by draw() before any token: one prefill a request); without it, one forward here
             in_prefill = s["score_k"] is not None and app.engine is not None
