@@ -65,6 +65,8 @@ class KVCache:
     over the longest row's length, not max_len (the Triton kernels read kv_len a row either way).
     """
 
+    row_index = None  # rows(): the buffers' rows a view is, where they are not consecutive
+
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
                  device="cpu", dtype=torch.float32, kv_dtype: str | None = None):
         if not is_int(batch_size) or batch_size < 1:
@@ -104,7 +106,7 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.k.size(1)
+        return self.k.size(1) if self.row_index is None else self.row_index.numel()
 
     @property
     def kv_dtype(self) -> str:
@@ -141,13 +143,15 @@ class KVCache:
         bufs, new = self._stored(k, v)
         if self.on_device:  # the whole buffers (or the first `bound` positions): the keys past kv_len are masked
             index = self.extent(k.size(2))[0]
-            rows = torch.arange(self.batch_size, device=index.device)[:, None] if index.dim() == 2 else None
+            rows = None if index.dim() == 1 else torch.arange(self.batch_size, device=index.device)[:, None] \
+                if self.row_index is None else self.row_index[:, None]
             for buf, t in zip(bufs, new):
                 if rows is None:
                     buf[layer].index_copy_(2, index, t.to(buf.dtype))
                 else:  # row b's T new vectors at its own positions index[b]: indexed [B, T, kv_heads(, head_dim)]
                     buf[layer][rows, :, index] = t.transpose(1, 2).to(buf.dtype)
-            views = [buf[layer][:, :, :self.bound] for buf in bufs]
+            views = [buf[layer][:, :, :self.bound] if self.row_index is None else
+                     buf[layer][self.row_index, :, :self.bound] for buf in bufs]
         else:
             for buf, t in zip(bufs, new):
                 buf[layer, :, :, self.pos:end] = t
@@ -183,6 +187,32 @@ class KVCache:
         view.bound = bound
         if bound is not None and view.block_table is not None:  # (a paged one's pools are read through its table)
             view.block_table = view.block_table[:, :view.pages_for(bound)]
+        return view
+
+    def rows(self, slots: list, starts: list, bound: int) -> "KVCache":
+        """Rows `slots` as a cache of their own, row j's fill from starts[j] on the device (a fill a row): a forward
+        of T tokens a row writes row j's at [starts[j], starts[j] + T), each row attending over its own prefix. The
+        batching engine's batched prefill runs several requests' chunks so, each right-padded to the longest: a
+        padded token's key lands past its row's chunk, where the row's next write goes before anything reads it.
+        bound: the class's (>= every starts[j] + T). Consecutive slots are a view of the buffers; others are
+        read through `row_index` (update writes into those rows and reads their first `bound` positions back, a
+        copy a layer: a PagedKVCache reads any rows in place through its table)."""
+        if not slots:
+            raise UserError("rows() needs at least one slot")
+        for i in slots:
+            self._check_row(i)
+        if list(slots) == list(range(slots[0], slots[0] + len(slots))):
+            return self._batch_view(self._rows(slots[0], slots[-1] + 1), starts, bound)
+        view = copy.copy(self)
+        view.row_index, view.current = torch.tensor(list(slots), dtype=torch.long, device=self.k.device), None
+        return self._batch_view(view, starts, bound)
+
+    def _batch_view(self, view, starts: list, bound: int) -> "KVCache":
+        if len(starts) != view.batch_size or not is_int(bound) or not 1 <= bound <= self.max_len:
+            raise UserError(f"rows() needs a start a row ({view.batch_size}) and a bound in 1..{self.max_len}, got "
+                            f"{len(starts)} starts and bound {bound!r}")
+        view.fill = torch.tensor(starts, dtype=torch.int64, device=self.fill.device)
+        view.on_device, view.bound = True, bound
         return view
 
     def _rows(self, start: int, end: int) -> "KVCache":
@@ -425,6 +455,20 @@ class PagedKVCache(KVCache):
         view = self._rows(i, i + 1)
         view.fill = torch.full((1,), start, dtype=torch.int64, device=self.fill.device)
         return view
+
+    def rows(self, slots: list, starts: list, bound: int) -> "PagedKVCache":
+        """KVCache.rows for any slots (their block table's rows gathered: the pool read in place), the table cut to
+        bound's pages; a start inside a row's shared pages refused (row()'s rule)."""
+        for i, start in zip(slots, starts):
+            self._check_row(i)
+            if start < self.shared[i] * self.page_size:
+                raise UserError(f"row {i}'s first {self.shared[i] * self.page_size} positions are in shared pages, "
+                                f"never written: its fill starts at or past them, got {start}")
+        view = copy.copy(self)
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.block_table.device)
+        view.pages, view.current = [self.pages[i] for i in slots], None
+        view.block_table = self.block_table[index, :self.pages_for(bound)]
+        return self._batch_view(view, starts, bound)
 
     def _rows(self, start: int, end: int) -> "PagedKVCache":
         """Rows start..end-1 on the same pool: their block table rows (first_rows: the engine's busy rows)."""

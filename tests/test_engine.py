@@ -817,17 +817,22 @@ def test_a_request_whose_pages_cannot_be_taken_fails_alone_and_gives_its_slots_b
 
 # -- chunked prefill (vLLM's, Sarathi-Serve): at most max_prefill_tokens prompt tokens a step --------------------
 def chunked_run(monkeypatch, model, schedule, after_step=None, **kw):
-    """schedule through Engine(model, max_prefill_tokens=4, **kw), each step's prefill forwards counted (the
-    forwards a step runs outside its decode), after_step(engine, step) called after each: -> (engine, handles,
-    each step's prefill forwards' token counts, each step's requests that got tokens)."""
+    """schedule through Engine(model, max_prefill_tokens=4, **kw), each step's prefill chunks counted (their prompt
+    tokens, in FIFO order), after_step(engine, step) called after each; no forward a step runs outside its decode
+    carries more than 4 tokens, its padding included (a batched prefill's): -> (engine, handles, each step's
+    prefill chunks' token counts, each step's requests that got tokens)."""
     engine = Engine(model, max_prefill_tokens=4, **kw)
     counts, arrived, phase = [], [], {"step": False, "decode": False}
-    hidden, decode, step_fn = model.hidden, engine._decode, engine.step
+    hidden, decode, step_fn, planned = model.hidden, engine._decode, engine.step, engine._chunks
 
     def counted_hidden(ids, cache=None, *a, **k):
-        if phase["step"] and not phase["decode"]:
-            counts[-1].append(ids.numel())
+        assert phase["decode"] or ids.numel() <= 4
         return hidden(ids, cache, *a, **k)
+
+    def counted_chunks():
+        chunks = planned()
+        counts[-1].extend(c.end - c.start for c in chunks)
+        return chunks
 
     def counted_decode(decoding):
         phase["decode"] = True
@@ -837,6 +842,7 @@ def chunked_run(monkeypatch, model, schedule, after_step=None, **kw):
             phase["decode"] = False
     monkeypatch.setattr(model, "hidden", counted_hidden)
     monkeypatch.setattr(engine, "_decode", counted_decode)
+    monkeypatch.setattr(engine, "_chunks", counted_chunks)
     handles, step = [None] * len(schedule), 0
     while None in handles or engine.running or engine.waiting:
         for i, (at, idx, new, settings) in enumerate(schedule):
@@ -1307,3 +1313,88 @@ def test_a_request_scoring_its_prompt_reads_no_cached_prefix_but_caches_its_page
     assert engine.stats == {"prompt_tokens": 20, "cached_prompt_tokens": 8, "preemptions": 0}
     for h in (handles[0], handles[2]):
         assert torch.equal(h.wait(), alone(model, p, 2, {}))
+
+
+# -- batched prefill: a step's prompt chunks of several requests in one forward, right-padded to the longest -------
+def prefill_shapes(monkeypatch, engine):
+    """The ids' shape of each of the engine's prefill forwards (model.hidden outside its decode), a list that grows."""
+    shapes, hidden, decode, decoding = [], engine.model.hidden, engine._decode, [False]
+
+    def spied(ids, cache=None, *a, **k):
+        if not decoding[0]:
+            shapes.append(tuple(ids.shape))
+        return hidden(ids, cache, *a, **k)
+
+    def spied_decode(rows):
+        decoding[0] = True
+        try:
+            return decode(rows)
+        finally:
+            decoding[0] = False
+    monkeypatch.setattr(engine.model, "hidden", spied)
+    monkeypatch.setattr(engine, "_decode", spied_decode)
+    return shapes
+
+
+# A (7, greedy), B (2 equal rows of 5, sampled: prefilled once), C (6, scoring its prompt), D (4, prefill-only,
+# scoring): 22 prompt tokens in one forward of 4 rows of 7 (28 <= PREFILL_PAD x 22), in slots 0, 3, 1, 4 by length
+BURST = [(prompt(7, seed=11), 5, dict(logprobs=2)), (prompt(5, 2, seed=12), 4, dict(SAMPLED, seed=3, logprobs=2)),
+         (prompt(6, seed=13), 2, dict(prompt_logprobs=3, logprobs=1)), (prompt(4, seed=14), 0, dict(prompt_logprobs=2))]
+
+
+@pytest.mark.parametrize("kernels,kv_dtype,pages", [("reference", "auto", None), ("reference", "auto", 20),
+                                                    ("reference", "int8", None), ("triton", "auto", 20),
+                                                    ("triton", "auto", None)])
+def test_a_burst_of_prompts_prefills_in_one_forward_and_each_gets_generates_tokens(one_thread, monkeypatch, kernels,
+                                                                                   kv_dtype, pages):
+    """BURST's four requests, submitted at once, prefill in ONE forward (their rows' slots not consecutive: a slot
+    cache reads them through its row index, a paged one through its table); each still draws generate()'s tokens
+    alone with its logprobs (the first from its prefill's last real position, not its padding), and C's and D's
+    prompt logprobs are the float64 forward's (both paths, both caches, an int8 one)."""
+    model = loud_attention(tiny(kernels, n_layer=2 if kernels == "reference" else 1, n_kv_head=1))
+    paging = {} if pages is None else dict(kv_pages=pages, page_size=4)
+    engine = Engine(model, max_batch=5, kv_cache_dtype=kv_dtype, **paging)
+    shapes = prefill_shapes(monkeypatch, engine)
+    handles = [engine.submit(idx, new, **seeded(kw)) for idx, new, kw in BURST]
+    while engine.running or engine.waiting:
+        engine.step()
+    monkeypatch.undo()
+    assert shapes == [(4, 7)] and [h.slots for h in handles[:3]] == [None] * 3
+    tol = 1e-3 if kv_dtype == "int8" else 1e-4
+    for h, (idx, new, kw) in zip(handles, BURST):
+        rows, got, want = [], [], []
+        out = h.wait(lambda *a: got.append(a), on_prompt=rows.append)
+        k = kw.get("prompt_logprobs")
+        assert torch.equal(out, idx if new == 0 else alone(
+            model, idx, new, {x: v for x, v in kw.items() if x != "prompt_logprobs"}, kv_cache_dtype=kv_dtype,
+            on_token=lambda *a: want.append(a)))
+        assert len(got) == len(want) == new
+        for (_, lp), (_, lp_) in zip(got, want):
+            assert_close_rel(lp[0], lp_[0], tol, "the drawn tokens' logprobs")
+        if k is not None:
+            check_scored(rows[0], scored_prompt(model, idx, k), tol, f"{kernels} {kv_dtype}", kv_dtype != "int8")
+    assert engine.free == list(range(5)) and not engine.running
+
+
+def test_a_batched_prefill_groups_like_lengths_and_keeps_every_row_within_the_context(one_thread, monkeypatch):
+    """A prompt of 2 and one of 12 prefill apart (padding 2 to 12 would compute 24 positions for 14), and a chunk
+    near the context's end apart from a longer one: E (39 of the 40 positions) finds 36 cached and prefills 3 at
+    36..38, F (6, fresh) beside it would pad E's row to 36 + 6 = 42 > 40. Each gets generate()'s tokens."""
+    model = loud_attention(tiny())
+    engine = Engine(model, max_batch=3, kv_pages=30, page_size=4, prefix_caching=True)
+    shapes = prefill_shapes(monkeypatch, engine)
+    e = prompt(39, seed=21)
+    first = [(prompt(2, seed=22), 3, {}), (prompt(12, seed=23), 3, {}), (e, 1, {})]
+    handles = [engine.submit(idx, new) for idx, new, _ in first]
+    while engine.running or engine.waiting:
+        engine.step()
+    assert shapes == [(1, 39), (1, 12), (1, 2)]
+    then = [(e, 1, {}), (prompt(6, seed=24), 4, {})]
+    handles += [engine.submit(idx, new) for idx, new, _ in then]
+    shapes.clear()
+    while engine.running or engine.waiting:
+        engine.step()
+    monkeypatch.undo()
+    assert shapes == [(1, 6), (1, 3)] and engine.stats["cached_prompt_tokens"] == 36
+    for h, (idx, new, kw) in zip(handles, first + then):
+        assert torch.equal(h.wait(), alone(model, idx, new, kw))

@@ -177,3 +177,63 @@ def test_a_longrope_model_is_refused_a_fill_on_the_device():
     cache.fill, cache.on_device = torch.tensor([0, 0]), True
     with torch.no_grad(), pytest.raises(UserError, match="LongRoPE.*fill is on the device"):
         model(torch.ones(2, 1, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("kernels,case,paged", [("reference", c, False) for c in CASES]
+                         + [("reference", "rope-gqa", True), ("triton", "gpt2", False), ("triton", "alibi", True)])
+def test_rows_run_right_padded_chunks_each_at_its_own_start(kernels, case, paged):
+    """KVCache.rows (the engine's batched prefill): rows 3 and 1 (not consecutive: a slot cache's row index) and
+    rows 1 and 2 (a view), each holding a prefix of its own (5, 2, 7 positions), take chunks of 4 and 2 tokens in
+    one forward, the short one right-padded to 4: each row's real positions' logits are its chunk's fed alone
+    through row(i, start), and the keys it holds after them are the same (both paths, a paged cache)."""
+    model = tiny(kernels, **CASES[case])
+    gen = torch.Generator().manual_seed(5)
+    prefix = {1: 2, 2: 7, 3: 5}
+    texts = {i: torch.randint(0, VOCAB, (1, n + 4), generator=gen) for i, n in prefix.items()}
+
+    def new_cache():
+        if not paged:
+            return model.new_cache(4, 16)
+        cache = model.new_paged_cache(4, 16, 4, 16)
+        for i in range(4):
+            cache.reserve(i, 16)
+        return cache
+
+    def rows_of(cache, i):  # row i's first prefix + 4 keys of layer 0, as a slot cache would hold them
+        if not paged:
+            return cache.k[0, i, :, :prefix[i] + 4]
+        return torch.cat([cache.k[0, p] for p in cache.pages[i]], 1)[:, :prefix[i] + 4]
+    for slots, lengths in (([3, 1], [4, 2]), ([1, 2], [4, 2])):
+        batched, single = new_cache(), new_cache()
+        with torch.no_grad():
+            for cache in (batched, single):
+                for i, n in prefix.items():
+                    model(texts[i][:, :n], cache.row(i))
+            chunks = [texts[i][0, prefix[i]:prefix[i] + t] for i, t in zip(slots, lengths)]
+            ids = torch.stack([torch.cat([c, c[-1:].expand(4 - len(c))]) for c in chunks])
+            got = model(ids, batched.rows(slots, [prefix[i] for i in slots], max(prefix[i] for i in slots) + 4))
+            for j, (i, c) in enumerate(zip(slots, chunks)):
+                want = model(c[None], single.row(i, start=prefix[i]))[0]
+                assert_close_rel(got[j, :len(c)], want, 1e-5, f"{case} rows {slots}: row {i}")
+                n = prefix[i] + len(c)
+                assert_close_rel(rows_of(batched, i)[:, :n], rows_of(single, i)[:, :n], 1e-5, f"row {i}'s keys")
+
+
+def test_rows_refuses_what_it_cannot_do():
+    model = tiny("reference")
+    cache, paged = model.new_cache(3, 16), model.new_paged_cache(3, 8, 4, 16)
+    with pytest.raises(UserError, match=r"rows\(\) needs at least one slot"):
+        cache.rows([], [], 4)
+    with pytest.raises(UserError, match=r"KV cache rows are 0..2, got 3"):
+        cache.rows([0, 3], [0, 0], 4)
+    with pytest.raises(UserError, match=r"rows\(\) needs a start a row \(2\) and a bound in 1..16, got 1 starts and "
+                                        r"bound 4"):
+        cache.rows([0, 2], [0], 4)
+    with pytest.raises(UserError, match=r"a bound in 1..16, got 2 starts and bound 17"):
+        paged.rows([2, 0], [0, 0], 17)
+    paged.reserve(0, 8)
+    paged.register(0, torch.arange(8))
+    paged.attach(1, paged.lookup(torch.arange(9)))
+    with pytest.raises(UserError, match=r"row 1's first 8 positions are in shared pages, never written: its fill "
+                                        r"starts at or past them, got 4"):
+        paged.rows([0, 1], [8, 4], 12)

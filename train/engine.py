@@ -26,7 +26,14 @@ import torch
 from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
 from tritongpt.train.generate import (DecodeGraph, check_cache_dtype, check_graphable, check_logprobs, check_sampling,
-                                     decode_step, end_rule, last_logits, new_cache, prompt_logprobs)
+                                     decode_step, end_rule, hidden_and_head, last_logits, new_cache, score_positions)
+
+# Batched prefill (_groups): several requests' prompt chunks run in one forward, each right-padded to the longest.
+# A group takes a chunk only while its padded tokens stay within PREFILL_GROUP_TOKENS (the forward's activations:
+# a lone chunk may be longer, as it always could) and at most PREFILL_PAD times its real tokens (padding is compute
+# thrown away; on a GPU a forward of a few short rows costs its launches more than its FLOPs, on a CPU its FLOPs)
+PREFILL_GROUP_TOKENS = 2048
+PREFILL_PAD = 1.5
 
 
 class Cancelled(Exception):
@@ -114,6 +121,20 @@ class Request:
         except BaseException:
             self.cancel()
             raise
+
+
+class Chunk:
+    """A prefill chunk: request r's row i (its prompt's, or after a preemption its ids') positions [start, end),
+    written into slot `slot`; after its forward, `part` (a scoring request's rows of it) and `logits` (its row's
+    last chunk's last position's)."""
+
+    def __init__(self, r, i: int, slot: int, start: int, end: int):
+        self.r, self.i, self.slot, self.start, self.end = r, i, slot, start, end
+        self.part = self.logits = None
+
+    @property
+    def ids(self):
+        return self.r.idx[self.i, self.start:self.end]
 
 
 def prefix_caching_said(stats) -> str | None:
@@ -400,24 +421,9 @@ class Engine:
         self.running = self.running + admitted
         if not self.running:
             return False
-        logits, budget = {}, self.max_prefill_tokens
+        logits = {}
         with self.autocast():
-            for r in [r for r in self.running if r.todo]:  # FIFO: the earliest admitted first
-                if budget == 0:
-                    break
-                try:
-                    used, lg = self._prefill(r, budget)
-                    budget = None if budget is None else budget - used
-                    if lg is not None and r.budget == 0:  # prefill-only (its prompt scored): it ends here, its
-                        # first token's stamp where vLLM's (which draws one token for it, dropped) would be; before
-                        # the decode, its slot a free row there (at its fill, a prompt of the whole context would
-                        # run a row past the last position)
-                        r.first_token = r.last_token = time.monotonic()
-                        self._finish(r)
-                    elif lg is not None:
-                        logits[r] = lg
-                except Exception as e:  # its prompt's forward: it alone fails
-                    self._finish(r, e)
+            self._prefill(logits)
             try:
                 if decoding:
                     out = self._decode(decoding)
@@ -533,43 +539,121 @@ class Engine:
         for slot in r.slots:
             self.cache.fill[slot] = self.cache.shared[slot] * size if self.paged else 0
 
-    def _prefill(self, r, budget: int | None):
-        """At most `budget` (None: all) of r's prompt tokens into its slots, row after row, each chunk from where
-        its row's last one ended: -> (the tokens prefilled, the logits of its rows' next token [n, V] once its
-        last chunk ran, else None). Equal rows (a request's n choices) run once, the keys copied to the other slots
-        at the end; with prefix caching a row's full prompt blocks enter the index once it is prefilled."""
-        cache, T, used = self.cache, r.idx.size(1), 0  # (T: the prompt, and after a preemption the ids drawn)
-        while r.todo and (budget is None or used < budget):
-            i, slot, fill = r.todo[0]
-            end = T if budget is None else min(T, fill + budget - used)
-            view = cache.row(slot, start=fill)
-            if r.scoring:  # the chunk's positions score their next prompt token (its last: the next chunk's first)
-                part, lg = prompt_logprobs(self.model, r.idx[i:i + 1, fill:end], r.idx[i, fill + 1:min(end + 1, T)],
-                                           r.prompt_logprobs, view, r.vocab_limit, last=end == T)
-                r.scores.append(part)
-            else:
-                lg = last_logits(self.model, r.idx[i:i + 1, fill:end], view)[:, -1]
-            used += end - fill
-            r.todo[0][2] = end
-            cache.fill[slot] = end
-            if end < T:
+    def _prefill(self, logits: dict):
+        """This step's prefill: the prompt chunks within max_prefill_tokens (_chunks), run a group of them a forward
+        (_groups, _forward), then each request's rows advanced (_prefilled). A request whose last chunk ran gets
+        its first token's logits in `logits`, or, prefill-only (its prompt scored, nothing to draw), ends here: its
+        first token's stamp where vLLM's (which draws one token for it, dropped) would be, and before the decode,
+        its slot a free row there (at its fill, a prompt of the whole context would run a row past the last
+        position). A group's forward that fails fails its requests; a request's own bookkeeping, it alone."""
+        chunks = self._chunks()
+        for group in self._groups(chunks):
+            group = [c for c in group if c.r in self.running]  # (not a request an earlier group's failure ended)
+            try:
+                if group:
+                    self._forward(group)
+            except Exception as e:
+                for r in dict.fromkeys(c.r for c in group):
+                    self._finish(r, e)
+        for r in dict.fromkeys(c.r for c in chunks):
+            if r not in self.running:
+                continue
+            try:
+                lg = self._prefilled(r, [c for c in chunks if c.r is r])
+                if lg is not None and r.budget == 0:
+                    r.first_token = r.last_token = time.monotonic()
+                    self._finish(r)
+                elif lg is not None:
+                    logits[r] = lg
+            except Exception as e:
+                self._finish(r, e)
+
+    def _chunks(self) -> list:
+        """The admitted requests' prompt rows to prefill this step, FIFO (the earliest admitted first), each from
+        where its row's last chunk ended, at most max_prefill_tokens in all (None: every one whole): [Chunk]."""
+        budget, chunks = self.max_prefill_tokens, []
+        for r in [r for r in self.running if r.todo]:
+            T = r.idx.size(1)  # (the prompt, and after a preemption the ids drawn)
+            for i, slot, fill in r.todo:
+                if budget == 0:
+                    break
+                end = T if budget is None else min(T, fill + budget)
+                chunks.append(Chunk(r, i, slot, fill, end))
+                budget = None if budget is None else budget - (end - fill)
+            if budget == 0:
+                break
+        return chunks
+
+    def _groups(self, chunks) -> list:
+        """The chunks in groups, a forward each (vLLM batches a step's prefills too; it packs them, with
+        variable-length attention, where ours pads each to its group's longest). A chunk joins the group being
+        made, longest first (like lengths pad least), while the padding rules hold (PREFILL_GROUP_TOKENS,
+        PREFILL_PAD; and max_prefill_tokens, which bounds a forward's tokens, padding included) and every row's
+        padded end stays within the context (its keys' positions, its position embeddings)."""
+        groups, most = [], min(PREFILL_GROUP_TOKENS, self.max_prefill_tokens or PREFILL_GROUP_TOKENS)
+        for c in sorted(chunks, key=lambda c: c.start - c.end):
+            if groups:
+                g = groups[-1]
+                width = g[0].end - g[0].start  # (its first, the longest)
+                padded, real = width * (len(g) + 1), sum(x.end - x.start for x in g) + c.end - c.start
+                if padded <= most and padded <= PREFILL_PAD * real and c.start + width <= self.max_len:
+                    g.append(c)
+                    continue
+            groups.append([c])
+        return groups
+
+    def _forward(self, group):
+        """One forward over a group's chunks, each chunk's results on it: its prompt's scores (a request scoring
+        its prompt: each position's next prompt token, its last the next chunk's first) and, its row's last chunk,
+        the last position's logits [1, V]. A lone chunk runs in its row's own view (row(): its exact length);
+        several right-padded to the longest in rows() (the cache's fill a row: each row's keys at its own
+        positions, its real tokens never attending to its padding, which comes after them)."""
+        if len(group) == 1:
+            c = group[0]
+            ids, view = c.r.idx[c.i:c.i + 1, c.start:c.end], self.cache.row(c.slot, start=c.start)
+        else:
+            width = max(c.end - c.start for c in group)
+            ids = torch.stack([torch.cat([c.ids, c.ids[-1:].expand(width - len(c.ids))]) for c in group])
+            view = self.cache.rows([c.slot for c in group], [c.start for c in group],
+                                   max(c.start for c in group) + width)
+        h, head, vocab = hidden_and_head(self.model, ids, view)
+        for c, hc in zip(group, h):
+            r, T = c.r, c.r.idx.size(1)
+            hc = hc[:c.end - c.start]
+            if r.scoring:
+                c.part = score_positions(hc, head, vocab, r.idx[c.i, c.start + 1:min(c.end + 1, T)],
+                                         r.prompt_logprobs, r.vocab_limit)
+            c.logits = head(hc[-1:]) if c.end == T else None
+
+    def _prefilled(self, r, chunks):
+        """r's rows advanced by its chunks that ran (in order: its todo's first rows): -> the logits of its rows'
+        next token [n, V] once its last chunk ran, else None. Equal rows (a request's n choices) ran once, the keys
+        copied to the other slots at the end; with prefix caching a row's full prompt blocks enter the index once
+        it is prefilled."""
+        cache, T = self.cache, r.idx.size(1)
+        for c in chunks:
+            if r.scoring:
+                r.scores.append(c.part)
+            r.todo[0][2] = c.end
+            cache.fill[c.slot] = c.end
+            if c.end < T:  # (the step's budget ran out in it: the rest next step)
                 break
             r.todo.popleft()
-            r.rows.append(lg)
+            r.rows.append(c.logits)
             if self.prefix_caching:
-                cache.register(slot, r.idx[i])
+                cache.register(c.slot, r.idx[c.i])
             if self.prefix_caching and not r.scoring:  # (the stats count the prompts looked up in the cache: vLLM's)
                 self.stats["prompt_tokens"] += T
-                self.stats["cached_prompt_tokens"] += len(r.hits[i]) * cache.page_size
+                self.stats["cached_prompt_tokens"] += len(r.hits[c.i]) * cache.page_size
         if r.todo:
-            return used, None
+            return None
         if r.scoring:  # (on the device: the consumer's tolist waits in its own thread, as for the drawn tokens')
             r.queue.put(("prompt", tuple(torch.cat(p) for p in zip(*r.scores))))
             r.scoring, r.scores = False, []
         for slot in r.slots[1:] if r.same else ():
             cache.copy_row(r.slots[0], slot, T)
         cache.fill[r.slots] = T
-        return used, r.rows[0].expand(r.n, -1) if r.same else torch.cat(r.rows)
+        return r.rows[0].expand(r.n, -1) if r.same else torch.cat(r.rows)
 
     def _decode(self, decoding) -> torch.Tensor:
         """One forward over the cache's rows up to the last busy one, each running row's last token at its own

@@ -454,11 +454,8 @@ def last_logits(model, ids, cache=None, keep: int = 1):
     """The logits of ids' last `keep` positions only, [B, keep, V]: a GPTModel runs its LM head on those positions
     alone (transformers' logits_to_keep), so a prefill of T prompt tokens makes B x V logits, not B x T x V (an
     8k-token prompt on a 152k vocabulary: 4.9 GB in fp32); any other module (a wrapper) runs whole."""
-    from tritongpt.model.gpt import GPTModel
-
-    if isinstance(model, GPTModel):
-        return model.logits(model.hidden(ids, cache)[:, -keep:])
-    return model(ids, cache)[:, -keep:]
+    h, head, _ = hidden_and_head(model, ids, cache)
+    return head(h[:, -keep:])
 
 
 def capture_cuda_graph(fn, device):
@@ -658,28 +655,38 @@ def step_logprobs(logits, nxt, k: int, rank: bool = False):
 ECHO_CHUNK_ELEMENTS = 2**24
 
 
-def prompt_logprobs(model, ids, targets, k: int, cache=None, limit=None, chunk: int | None = None, last=False):
-    """ids [1, t] forwarded (through `cache` from its fill when given, as a prefill's chunk) -> step_logprobs'
-    (logprob [m], top ids [m, k], top logprobs [m, k], rank [m]: vLLM's prompt_logprobs give it) of its first m
-    positions at targets [m] (each position's next token), and with `last` the logits of its last position [1, V]
-    (last_logits'), else None. The hidden states once, then the LM head and the log-softmax on `chunk` rows at a
-    time (default: ECHO_CHUNK_ELEMENTS of logits), so no [t, V] logits are ever made whole; limit: the
-    vocabulary's tokens, the head's extra columns left out (vocab_limit). A model that is not a GPTModel (a
-    wrapper) runs whole, only its log-softmax chunked."""
+def hidden_and_head(model, ids, cache=None) -> tuple:
+    """(ids' hidden states [B, T, C], the LM head as a function of them, the head's width): a GPTModel's apart, so a
+    caller runs the head on the positions it needs only (a prefill's last, a scored prompt's in chunks); any other
+    module (a wrapper) runs whole, its logits the "hidden states" and the head the identity."""
     from tritongpt.model.gpt import GPTModel
 
     if isinstance(model, GPTModel):
-        # (the chunk's rows by the head's width: it makes every column, the limit's cut comes after)
-        h, head = model.hidden(ids, cache)[0], model.logits
-        vocab = model.config.vocab_size
-    else:
-        h, head = model(ids, cache)[0], (lambda x: x)
-        vocab = limit or h.size(-1)
-    chunk = chunk or max(1, ECHO_CHUNK_ELEMENTS // vocab)
+        return model.hidden(ids, cache), model.logits, model.config.vocab_size
+    out = model(ids, cache)
+    return out, (lambda x: x), out.size(-1)
+
+
+def score_positions(h, head, width: int, targets, k: int, limit=None, chunk: int | None = None) -> tuple:
+    """step_logprobs' (logprob [m], top ids [m, k], top logprobs [m, k], rank [m]) of hidden states h [>= m, C]
+    at targets [m] (each position's next token): the LM head and the log-softmax on `chunk` rows at a time
+    (default: ECHO_CHUNK_ELEMENTS of logits, by the head's width: it makes every column, the limit's cut comes
+    after), so no [m, V] logits are ever made whole; limit: the vocabulary's tokens (vocab_limit)."""
+    chunk = chunk or max(1, ECHO_CHUNK_ELEMENTS // width)
     m = targets.size(0)
     parts = [step_logprobs(head(h[a:min(a + chunk, m)])[:, :limit], targets[a:a + chunk, None], k, rank=True)
              for a in range(0, m, chunk)] or [step_logprobs(head(h[:0])[:, :limit], targets[:0, None], k, rank=True)]
-    return tuple(torch.cat(p) for p in zip(*parts)), head(h[-1:]) if last else None
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def prompt_logprobs(model, ids, targets, k: int, cache=None, limit=None, chunk: int | None = None, last=False):
+    """ids [1, t] forwarded (through `cache` from its fill when given, as a prefill's chunk) -> score_positions'
+    rows of its first m positions at targets [m] (vLLM's prompt_logprobs give them), and with `last` the logits of
+    its last position [1, V] (last_logits'), else None: the hidden states once (hidden_and_head), the head in
+    chunks."""
+    h, head, width = hidden_and_head(model, ids, cache)
+    h = h[0]
+    return score_positions(h, head, width, targets, k, limit, chunk), head(h[-1:]) if last else None
 
 
 def append_token(idx, nxt, done, eos_id, on_token, stop, ends=None):
