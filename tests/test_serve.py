@@ -1795,3 +1795,38 @@ def test_a_stream_write_that_fails_by_the_servers_fault_is_the_requests_500(serv
     text = call(server, "/v1/completions", {"prompt": ["a dog", "the cat", "the bird sang"], "max_tokens": 20,
                                             "ignore_eos": True, "stream": True, "temperature": 0})[1]
     assert failed and events(text)[-1]["error"]["type"] == "server_error"
+
+
+def test_in_threads_raises_the_error_that_came_first_in_time_not_first_by_index():
+    """Prompt 1 fails; prompt 0 then ends with the BrokenPipeError its stop cue gives it: the error raised is prompt
+    1's, the cause, though prompt 0 comes first in the list."""
+    stop = threading.Event()
+
+    def fn(i):
+        if i == 1:
+            raise ValueError("prompt 1 failed")
+        assert stop.wait(5), "stop was never set"
+        raise BrokenPipeError("another prompt of the request failed")
+    with pytest.raises(ValueError, match="prompt 1 failed"):
+        serve.in_threads(fn, 2, stop, 2)
+
+
+def test_a_request_whose_second_prompt_fails_first_is_a_500_naming_that_failure(served, monkeypatch, capsys):
+    """The request's 500 (and the server's log) is the failing prompt's error, not the BrokenPipeError the first
+    prompt's draw ends with once stop tells it the request failed (which alone would answer nothing)."""
+    import time
+
+    server, _ = served
+    first = server.app.completion_prompt("a dog")
+
+    def draw(ids, budget, s, stop_id, generator, on_delta, gone, on_prompt):
+        if ids != first:
+            raise RuntimeError("the second prompt broke")
+        deadline = time.time() + 5
+        while not gone() and time.time() < deadline:  # (the engine's wait, asking gone() between steps)
+            time.sleep(0.005)
+        raise BrokenPipeError("the client left")
+    monkeypatch.setattr(server.app, "draw", draw)
+    status, err = call(server, "/v1/completions", {"prompt": ["a dog", "the cat"], "max_tokens": 3})
+    assert status == 500 and err["error"]["type"] == "server_error"
+    assert "the second prompt broke" in capsys.readouterr().err
