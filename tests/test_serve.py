@@ -319,6 +319,8 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/completions", {"prompt": "a", "top_k": 0}, 400, "top_k", "'top_k' must be a positive integer"),
     ("/v1/completions", {"prompt": "a", "stop": ""}, 400, "stop", "'stop' must be a non-empty string"),
     ("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream", "'stream' must be true or false"),
+    ("/v1/completions", {"prompt": "a", "stream": 0}, 400, "stream", "'stream' must be true or false, got 0"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream": 0}, 400, "stream", "'stream' must be true or false"),
     ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options",
      "only allowed with 'stream': true"),
     ("/v1/completions", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate", "unknown field 'frobnicate'"),

@@ -191,9 +191,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
         raise bad("stop", f"'stop' must be a non-empty string or a list of them, got {stop!r}")
     s["stops"] = stops
     s.update(end_settings(body, s["max_tokens"]))
-    s["stream"] = body.get("stream") or False
-    if not isinstance(s["stream"], bool):
-        raise bad("stream", f"'stream' must be true or false, got {body['stream']!r}")
+    s["stream"] = bool_field(body, "stream", False)
     s.update(output_settings(body, s))
     options = body.get("stream_options")
     if options is not None:
@@ -266,9 +264,7 @@ def logprobs_setting(body: dict, endpoint: str):
     `logprobs: k`, chat's `logprobs: true` with `top_logprobs: k` (OpenAI's fields)."""
     if endpoint == "completions":
         return top_count(body, "logprobs")
-    on = body.get("logprobs")
-    if on is not None and not isinstance(on, bool):
-        raise bad("logprobs", f"'logprobs' must be true or false, got {on!r}")
+    on = bool_field(body, "logprobs", False)
     k = top_count(body, "top_logprobs")
     if k is not None and not on:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
