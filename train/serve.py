@@ -214,7 +214,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
 
 def end_settings(body: dict, max_tokens) -> dict:
     """vLLM's ignore_eos, min_tokens (<= max_tokens), stop_token_ids and include_stop_str_in_output, checked (the ids'
-    range is the model's: Handler.generate checks it)."""
+    range is the model's: Completion checks it)."""
     out = {key: bool_field(body, key, False) for key in ("ignore_eos", "include_stop_str_in_output")}
     m = body.get("min_tokens")
     if m is not None and (not is_int(m) or m < 0):
@@ -273,7 +273,7 @@ def logprobs_setting(body: dict, endpoint: str):
 
 def logit_bias_setting(bias):
     """OpenAI's logit_bias {"token id": bias in [-100, 100]} as {id: bias}, or None. (The ids' range is the
-    model's: Handler.generate checks it.)"""
+    model's: Completion checks it.)"""
     if bias is None:
         return None
     if not isinstance(bias, dict):
@@ -953,11 +953,35 @@ class Handler(BaseHTTPRequestHandler):
         return ids, [p if isinstance(p, str) else app.tok.decode(p) for p in prompts]
 
     def generate(self, endpoint: str, body: dict):
+        """POST /v1/completions and /v1/chat/completions: the request checked (Completion), its prompts' choices
+        drawn (one), then the response, or the stream's last events."""
+        app, c = self.server.app, Completion(self, endpoint, body)
+        s = c.s
+        if s["stream"]:
+            c.start_stream()
+        # a request's prompts decode together (vLLM's): each its own engine request, all submitted at once, in
+        # threads of their own; in turn with no engine, or when seeded draws share the request's one generator
+        # (its draws in prompt order are what the seed reproduces)
+        together = app.engine is not None and len(c.prompts) > 1 and not (
+            s["seed"] is not None and s["temperature"] > 0 and s["max_tokens"] != 0)
+        done = in_threads(c.one, len(c.prompts), c.stop, 2 * app.engine.max_batch) if together else \
+            [c.one(p) for p in range(len(c.prompts))]
+        c.respond(done)
+
+
+class Completion:
+    """One generation request (Handler.generate's), checked: its settings s (sampling_settings'), its prompts' ids,
+    texts (echo's) and token budgets, its response's head and the generator its draws share (the seed's). Its
+    prompts may run in threads of their own (one each, in_threads); they share the write lock (one chunk written at
+    a time) and stop, set by a prompt that fails (a client gone, a write timed out), which ends the others' draws
+    as if the client left, and their writes."""
+
+    def __init__(self, handler, endpoint: str, body: dict):
         import torch
 
-        app = self.server.app
-        chat = endpoint == "chat"
-        s = sampling_settings(body, endpoint, app.name)
+        self.handler, app = handler, handler.server.app
+        self.app, self.chat = app, endpoint == "chat"
+        s = self.s = sampling_settings(body, endpoint, app.name)
         if app.engine is not None and s["n"] > app.engine.max_batch:
             raise bad("n", f"'n' is {s['n']}, more than this server's --max-batch {app.engine.max_batch}: a "
                            "request's choices decode together in the batch")
@@ -968,143 +992,169 @@ class Handler(BaseHTTPRequestHandler):
         if s["stop_token_ids"] and max(s["stop_token_ids"]) >= vocab:
             raise bad("stop_token_ids", f"'stop_token_ids' has token id {max(s['stop_token_ids'])}: the model's "
                                         f"tokens are 0..{vocab - 1}")
-        if chat:
+        if self.chat:
             if "messages" not in body:
                 raise bad("messages", "'messages' is required")
-            prompts = [app.chat_prompt(body["messages"])]
-            stop_id = app.chat_stop
-            texts = [None]
+            self.prompts, self.texts, self.stop_id = [app.chat_prompt(body["messages"])], [None], app.chat_stop
         else:
-            prompts, texts = self.completion_prompts(body.get("prompt"), vocab)
-            stop_id = app.eot
-        budgets = [app.budget(ids, s["max_tokens"]) for ids in prompts]  # every prompt checked before any work
-        kind = "chat.completion" if chat else "text_completion"
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "object": kind,
-                "created": int(time.time()), "model": app.name}
+            self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
+            self.stop_id = app.eot
+        self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
+        # echo: the prompt's text (and logprobs) first, then the choice's
+        self.echoes = [text if s["echo"] else "" for text in self.texts]
+        self.kind = "chat.completion" if self.chat else "text_completion"
+        self.head = {"id": ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex, "object": self.kind,
+                     "created": int(time.time()), "model": app.name}
         seed = s["seed"] if s["seed"] is not None else secrets.randbits(63)
-        gen = torch.Generator(device=app.device).manual_seed(seed)
-        k = s["logprobs"]
+        self.generator = torch.Generator(device=app.device).manual_seed(seed)
+        self.write, self.stop = threading.Lock(), threading.Event()
 
-        def logprobs(items, start=0):  # a choice's (or a chunk's) logprobs object, or None
-            if items is None:
-                return None
-            return chat_logprobs(app.tok, items, s["as_ids"]) if chat else \
-                completion_logprobs(app.tok, items, start, s["as_ids"])
-        # the prompts' threads (below): one chunk written at a time; stop, set by a prompt that fails (a client
-        # gone, a write timed out), ends the others' draws as if the client left, and their writes
-        write, stop = threading.Lock(), threading.Event()
-        if s["stream"]:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
-            self.streaming = True
-            head["object"] = kind + ".chunk" if chat else kind
+    def logprobs(self, items, start=0):
+        """A choice's (or a chunk's) logprobs object, or None: chat's, or completions' (text offsets from start)."""
+        if items is None:
+            return None
+        return chat_logprobs(self.app.tok, items, self.s["as_ids"]) if self.chat else \
+            completion_logprobs(self.app.tok, items, start, self.s["as_ids"])
 
-            def chunk(index, text=None, finish=None, role=False, lp=None, reason=None):
-                if chat:
-                    delta = {"role": "assistant", "content": ""} if role else \
-                        {"content": text} if text is not None else {}
-                    choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
-                else:
-                    choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
-                choice["stop_reason"] = reason  # (vLLM's, on every chunk)
-                # with include_usage, OpenAI's other chunks carry "usage": null
-                null_usage = {"usage": None} if s["include_usage"] else {}
-                with write:
-                    if stop.is_set():  # (not another write to a socket that just timed out: each would wait as long)
-                        raise BrokenPipeError("another prompt of the request failed")
-                    try:
-                        self.send_event({**head, "choices": [choice], **null_usage})
-                    # the client gone (draw()'s reasons): told under the lock, else the thread next in line writes
-                    # before this one unwinds to in_threads (its cancel, its clock); another error sets stop there,
-                    # once raised, so that it stays the first (the request's 500, not the others' BrokenPipe)
-                    except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                        stop.set()
-                        raise
-        # a request's prompts decode together (vLLM's): each its own engine request, all submitted at once, in
-        # threads of their own; in turn with no engine, or when seeded draws share the request's one generator
-        # (its draws in prompt order are what the seed reproduces)
-        together = app.engine is not None and len(prompts) > 1 and not (
-            s["seed"] is not None and s["temperature"] > 0 and s["max_tokens"] != 0)
+    def start_stream(self):
+        """The stream's 200 and headers, before any prompt's work; its chunks are chat's "chat.completion.chunk"
+        objects (completions' keep "text_completion", as OpenAI's)."""
+        h = self.handler
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Cache-Control", "no-cache")
+        h.end_headers()
+        h.streaming = True
+        self.head["object"] = self.kind + ".chunk" if self.chat else self.kind
 
-        def one(p):  # prompt p's n choices: (their objects, its prompt tokens, their tokens, its prompt_logprobs)
-            ids, budget, prompt_text = prompts[p], budgets[p], texts[p]
-            base = p * s["n"]  # OpenAI's index: the prompt's n choices in turn
-            echo = prompt_text if s["echo"] else ""  # the prompt's text (and logprobs) first, then the choice's
-            # the prompt's clock: a scoring request's without the engine (max_tokens 0), or what ends one that fails
-            # before draw(), which times the others itself
-            timing = app.metrics.request()
-            if stop.is_set():  # another prompt of the request failed before this one started: counted, not run
-                timing.end(["abort"] * s["n"])
+    def chunk(self, index, text=None, finish=None, role=False, lp=None, reason=None):
+        """One streamed event of choice `index`: chat's role, or a text delta (with its logprobs), or its finish.
+        Written under the write lock, from whichever prompt's thread; none once stop is set (BrokenPipeError)."""
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
+        choice["stop_reason"] = reason  # (vLLM's, on every chunk)
+        # with include_usage, OpenAI's other chunks carry "usage": null
+        null_usage = {"usage": None} if self.s["include_usage"] else {}
+        with self.write:
+            if self.stop.is_set():  # (not another write to a socket that just timed out: each would wait as long)
                 raise BrokenPipeError("another prompt of the request failed")
-            # the prompt scored (echo's logprobs, prompt_logprobs): with the engine, in the request's own prefill
-            # (on_prompt, called by draw() before any token: one prefill a request); without it, one forward here
-            in_prefill = s["score_k"] is not None and app.engine is not None
-            echo_lp = prompt_lp = None
-
-            def scores(rows):  # echo's logprobs object and prompt_logprobs' list, of the prompt's rows
-                nonlocal echo_lp, prompt_lp
-                if s["echo"] and k is not None:
-                    echo_lp = logprobs(app.prompt_logprobs(ids, rows, k, prompt_text))
-                if s["prompt_logprobs"] is not None:
-                    prompt_lp = vllm_prompt_logprobs(app.tok, ids, rows, s["prompt_logprobs"])
-
-            def on_prompt(step):  # (called within this prompt's draw())
-                scores(app.score_prompt(ids, s["score_k"], step))
-                for i in range(s["n"]) if s["stream"] and s["echo"] else ():
-                    chunk(base + i, echo, lp=echo_lp)
             try:
-                if s["score_k"] is not None and not in_prefill:
-                    scores(app.score_prompt(ids, s["score_k"]))
-                if s["stream"]:
-                    for i in range(s["n"]):
-                        if chat:
-                            chunk(base + i, role=True)
-                        elif s["echo"] and not in_prefill:
-                            chunk(base + i, echo, lp=echo_lp)
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
-                timing.end(["abort"] * s["n"])
+                self.handler.send_event({**self.head, "choices": [choice], **null_usage})
+            # the client gone (draw()'s reasons): told under the lock, else the thread next in line writes
+            # before this one unwinds to in_threads (its cancel, its clock); another error sets stop there,
+            # once raised, so that it stays the first (the request's 500, not the others' BrokenPipe)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.stop.set()
                 raise
-            except Exception:
-                timing.end(["error"] * s["n"])
-                raise
-            on_delta = (lambda i, text, items: chunk(base + i, text, lp=logprobs(items, len(echo)))) \
-                if s["stream"] else None
-            if budget == 0 and not in_prefill:  # echo with max_tokens 0: the prompt scored, nothing drawn (vLLM's
-                drawn = [("", "length", 0, [] if k is not None else None, None)] * s["n"]  # finish "length")
-                timing.end(["length"] * s["n"], len(ids))
-            else:  # (with the engine's echo, budget 0: a prefill-only request, its choices "length" with no token)
-                drawn = app.draw(ids, budget, s, stop_id, gen, on_delta, lambda: stop.is_set() or self.client_gone(),
-                                 on_prompt if in_prefill else None)
-            choices = []
-            for i, (text, finish, count, items, reason) in enumerate(drawn):
-                if s["stream"]:
-                    chunk(base + i, finish=finish, reason=reason)
-                    continue
-                lp = logprobs(items, len(echo))
-                if echo_lp is not None:
-                    lp = {key: echo_lp[key] + lp[key] for key in lp}
-                if chat:  # (chat's prompt_logprobs: the response's, vLLM's)
-                    choices.append({"index": base + i, "message": {"role": "assistant", "content": text},
-                                    "logprobs": lp, "finish_reason": finish, "stop_reason": reason})
-                else:
-                    choices.append({"index": base + i, "text": echo + text, "logprobs": lp, "finish_reason": finish,
-                                    "stop_reason": reason,
-                                    **({} if prompt_lp is None else {"prompt_logprobs": prompt_lp})})
-            return choices, len(ids), sum(c[2] for c in drawn), prompt_lp
-        done = in_threads(one, len(prompts), stop, 2 * app.engine.max_batch) if together else \
-            [one(p) for p in range(len(prompts))]
+
+    def one(self, p: int) -> tuple:
+        """Prompt p's n choices: (their objects, its prompt tokens, their tokens, its prompt_logprobs). The prompt
+        is scored where asked (echo's logprobs, prompt_logprobs: scored's "echo" and "prompt"), its choices drawn,
+        and with stream each chunk written as it comes."""
+        s = self.s
+        # the prompt's clock: a scoring request's without the engine (max_tokens 0), or what ends one that fails
+        # before draw(), which times the others itself
+        timing = self.app.metrics.request()
+        if self.stop.is_set():  # another prompt of the request failed before this one started: counted, not run
+            timing.end(["abort"] * s["n"])
+            raise BrokenPipeError("another prompt of the request failed")
+        # the prompt scored (echo's logprobs, prompt_logprobs): with the engine, in the request's own prefill
+        # (on_prompt, called by draw() before any token: one prefill a request); without it, one forward here
+        in_prefill = s["score_k"] is not None and self.app.engine is not None
+        scored = {"echo": None, "prompt": None}
+        try:
+            self.begin(p, in_prefill, scored)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
+            timing.end(["abort"] * s["n"])
+            raise
+        except Exception:
+            timing.end(["error"] * s["n"])
+            raise
+        drawn = self.draw(p, timing, in_prefill, scored)
+        return self.choices(p, drawn, scored), len(self.prompts[p]), sum(c[2] for c in drawn), scored["prompt"]
+
+    def begin(self, p: int, in_prefill: bool, scored: dict):
+        """Prompt p's work before its draw: its scoring where no prefill scores it, and with stream its choices'
+        first chunks (chat's role; echo's text, unless on_prompt writes it once the prefill scored it)."""
+        s = self.s
+        if s["score_k"] is not None and not in_prefill:
+            self.scores(p, self.app.score_prompt(self.prompts[p], s["score_k"]), scored)
+        if s["stream"]:
+            for i in range(s["n"]):
+                if self.chat:
+                    self.chunk(p * s["n"] + i, role=True)
+                elif s["echo"] and not in_prefill:
+                    self.chunk(p * s["n"] + i, self.echoes[p], lp=scored["echo"])
+
+    def scores(self, p: int, rows, scored: dict):
+        """Echo's logprobs object and prompt_logprobs' list of prompt p's rows (score_prompt's), into scored."""
+        s, ids = self.s, self.prompts[p]
+        if s["echo"] and s["logprobs"] is not None:
+            scored["echo"] = self.logprobs(self.app.prompt_logprobs(ids, rows, s["logprobs"], self.texts[p]))
+        if s["prompt_logprobs"] is not None:
+            scored["prompt"] = vllm_prompt_logprobs(self.app.tok, ids, rows, s["prompt_logprobs"])
+
+    def on_prompt(self, p: int, scored: dict, step):
+        """Prompt p scored by the engine's prefill of it (called within its draw(), before any token); with
+        stream and echo, its choices' first chunks then: the prompt's text with its logprobs."""
+        s = self.s
+        self.scores(p, self.app.score_prompt(self.prompts[p], s["score_k"], step), scored)
+        for i in range(s["n"]) if s["stream"] and s["echo"] else ():
+            self.chunk(p * s["n"] + i, self.echoes[p], lp=scored["echo"])
+
+    def draw(self, p: int, timing, in_prefill: bool, scored: dict) -> list:
+        """Prompt p's n choices, Model.draw's (text, finish_reason, tokens, logprob items, stop_reason), with
+        stream their text deltas written as they come. timing: the prompt's clock, ended here where nothing is
+        drawn."""
+        s, ids, base, echo = self.s, self.prompts[p], p * self.s["n"], self.echoes[p]
+        on_delta = (lambda i, text, items: self.chunk(base + i, text, lp=self.logprobs(items, len(echo)))) \
+            if s["stream"] else None
+        if self.budgets[p] == 0 and not in_prefill:  # echo with max_tokens 0: the prompt scored, nothing drawn
+            timing.end(["length"] * s["n"], len(ids))  # (vLLM's finish "length")
+            return [("", "length", 0, [] if s["logprobs"] is not None else None, None)] * s["n"]
+        # (with the engine's echo, budget 0: a prefill-only request, its choices "length" with no token)
+        return self.app.draw(ids, self.budgets[p], s, self.stop_id, self.generator, on_delta,
+                             lambda: self.stop.is_set() or self.handler.client_gone(),
+                             (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None)
+
+    def choices(self, p: int, drawn: list, scored: dict) -> list:
+        """Prompt p's choice objects (OpenAI's index: the prompt's n choices in turn), echo's text and logprobs
+        first; with stream, each choice's last chunk (its finish_reason) instead, and no objects."""
+        s, base, echo = self.s, p * self.s["n"], self.echoes[p]
+        choices = []
+        for i, (text, finish, count, items, reason) in enumerate(drawn):
+            if s["stream"]:
+                self.chunk(base + i, finish=finish, reason=reason)
+                continue
+            lp = self.logprobs(items, len(echo))
+            if scored["echo"] is not None:
+                lp = {key: scored["echo"][key] + lp[key] for key in lp}
+            if self.chat:  # (chat's prompt_logprobs: the response's, vLLM's)
+                choices.append({"index": base + i, "message": {"role": "assistant", "content": text},
+                                "logprobs": lp, "finish_reason": finish, "stop_reason": reason})
+            else:
+                choices.append({"index": base + i, "text": echo + text, "logprobs": lp, "finish_reason": finish,
+                                "stop_reason": reason,
+                                **({} if scored["prompt"] is None else {"prompt_logprobs": scored["prompt"]})})
+        return choices
+
+    def respond(self, done: list):
+        """The response of the prompts' one() results, in prompt order: their choices and usage; with stream, the
+        usage chunk (include_usage) and [DONE] after the choices' chunks."""
         choices, prompt_lp = [c for d in done for c in d[0]], done[-1][3]  # (chat's prompt_logprobs: its one prompt's)
         used = [sum(d[1] for d in done), sum(d[2] for d in done)]
         usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
-        if s["stream"]:
-            if s["include_usage"]:
-                self.send_event({**head, "choices": [], "usage": usage})
-            self.send_event("[DONE]")
+        if self.s["stream"]:
+            if self.s["include_usage"]:
+                self.handler.send_event({**self.head, "choices": [], "usage": usage})
+            self.handler.send_event("[DONE]")
         else:
-            self.send_json(200, {**head, "choices": choices, "usage": usage,
-                                 **({"prompt_logprobs": prompt_lp} if chat and prompt_lp is not None else {})})
+            self.handler.send_json(200, {**self.head, "choices": choices, "usage": usage,
+                                         **({"prompt_logprobs": prompt_lp} if self.chat and prompt_lp is not None
+                                            else {})})
 
 
 class Server(ThreadingHTTPServer):
