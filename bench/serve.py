@@ -21,6 +21,14 @@ Without --base-url it starts `tritongpt serve` in this process on a free port, w
 (--weights, --pretrained --model, --kernels, --quantize, ...: serve's own argument definitions), and stops it after.
 Every request bears the server's API key (`Authorization: Bearer`): the in-process server's (serve's --api-key or
 $TRITONGPT_API_KEY); with --base-url, --api-key or else $OPENAI_API_KEY (vLLM's benchmark's), none if neither.
+
+--scoring sends the other load evaluators put on a server, lm-evaluation-harness's `loglikelihood` (0.4's
+LocalCompletionsAPI, _create_payload with generate=False): each request a non-streamed POST /v1/completions whose prompt
+is a list of --prompts-per-request token-id lists (lm-eval's batch_size), echo, max_tokens --output-len (lm-eval's 1;
+0, vLLM's prompt-only scoring, taken too), logprobs 1, temperature 0, seed 1234. It reports requests, prompts and
+prompt tokens a second and each request's latency (send to the whole body read), and checks every answer as lm-eval
+reads it (choices[i].logprobs.token_logprobs): a choice a prompt, each with a logprob a prompt token, the first None
+and the rest finite, and then one a drawn token; an answer that fails the check is a failed request with its reason.
 """
 import argparse
 import http.client
@@ -39,6 +47,8 @@ from tritongpt.errors import UserError
 TIMEOUT_S = 600  # seconds a read of a stream may wait: a server generating the whole load in turn is slow, not dead
 ENDPOINT = "/completions"
 STATS = ("ttft", "tpot", "itl", "e2e")
+SCORING_STATS = ("latency",)
+LM_EVAL_SEED = 1234  # (the seed lm-eval's LocalCompletionsAPI sends with every request)
 
 
 # -- the server's flags ---------------------------------------------------------------------------------------------
@@ -94,10 +104,12 @@ def add_cli(p):
                    help="an OpenAI-compatible server's API root, e.g. http://127.0.0.1:8000/v1, --model then naming "
                         "the served model's id (default: the first of its /v1/models) (default: start `tritongpt "
                         "serve` in this process with the model flags below)")
-    g.add_argument("--num-prompts", type=int, default=64, help="requests sent (default %(default)s)")
+    g.add_argument("--num-prompts", type=int, default=64, help="requests sent (default %(default)s; with --scoring "
+                   "each carries --prompts-per-request prompts)")
     g.add_argument("--input-len", type=int, default=64, help="prompt tokens, cut from the embedded pydoc corpus "
                    "by the server's tokenizer (--tokenizer's with --base-url; default %(default)s)")
-    g.add_argument("--output-len", type=int, default=64, help="max_tokens of every request (default %(default)s)")
+    g.add_argument("--output-len", type=int, default=None, help="max_tokens of every request (default 64; with "
+                   "--scoring 1, lm-eval's, and 0 is taken: the prompts scored only)")
     g.add_argument("--dataset", default=None, metavar="FILE",
                    help='a .jsonl file of {"prompt": TEXT} records, used in order, in place of the corpus\'s cuts')
     g.add_argument("--request-rate", type=float, default=math.inf, metavar="R",
@@ -109,6 +121,12 @@ def add_cli(p):
     g.add_argument("--ignore-eos", action="store_true",
                    help="send ignore_eos: true (vLLM's and SGLang's field, which tritongpt serve takes too), so "
                         "every answer is --output-len tokens: a drawn end token ends none (the report says so)")
+    g.add_argument("--scoring", action="store_true",
+                   help="lm-evaluation-harness's loglikelihood load in place of streamed generation: non-streamed "
+                        "requests of token-id prompts with echo and logprobs 1, every answer's token_logprobs checked")
+    g.add_argument("--prompts-per-request", type=int, default=None, metavar="P",
+                   help="with --scoring, the token-id prompts a request carries (lm-eval's batch_size; default 8, "
+                        "lm-eval's common one)")
     g.add_argument("--label", default=None, help="the results' name: serve-LABEL.json, .md, .png (default: serve; "
                    "an existing file is never overwritten: the run takes the next free -2, -3, ...)")
     serve.add_cli(collect)
@@ -155,10 +173,24 @@ def server_flags_given(args) -> list:
 
 
 def check_args(args) -> tuple:
-    """The checked settings: (concurrencies: a tuple of ints or (None,), the request rate)."""
-    for name in ("num_prompts", "input_len", "output_len"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    """The checked settings: (concurrencies: a tuple of ints or (None,), the request rate); the defaults of
+    args.output_len (64, or 1 with --scoring) and args.prompts_per_request (8 with --scoring) set."""
+    if args.prompts_per_request is not None and not args.scoring:
+        raise UserError("--prompts-per-request is --scoring's: the generation load sends one prompt a request")
+    if args.output_len is None:
+        args.output_len = 1 if args.scoring else 64
+    if args.prompts_per_request is None:
+        args.prompts_per_request = 8
+    for name in ("num_prompts", "input_len", "output_len", "prompts_per_request"):
+        least = 0 if name == "output_len" and args.scoring else 1
+        if getattr(args, name) < least:
+            what = "a non-negative integer with --scoring" if least == 0 else "a positive integer"
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    if args.scoring:
+        for flag, given in (("--ignore-eos", args.ignore_eos), ("--dataset", args.dataset is not None)):
+            if given:
+                raise UserError(f"{flag} is the generation load's: --scoring sends lm-eval's requests of token-id "
+                                "prompts cut from the corpus (--input-len), which do not take it")
     if not args.request_rate > 0 or math.isnan(args.request_rate):
         raise UserError(f"--request-rate must be a positive number of requests a second (inf: all at once), got "
                         f"{args.request_rate:g}")
@@ -196,8 +228,13 @@ def arrival_offsets(n: int, rate: float, seed: int) -> list:
 
 
 def corpus_prompts(tok, n: int, input_len: int, seed: int) -> list:
-    """n prompts of input_len tokens of the embedded corpus (the one `tritongpt pretrain` trains on), each from a
-    random offset: a window of text encoded, its first token dropped (a word cut in two), input_len kept, decoded."""
+    """n prompts of input_len tokens of the embedded corpus (corpus_ids'), as text."""
+    return [tok.decode(ids) for ids in corpus_ids(tok, n, input_len, seed)]
+
+
+def corpus_ids(tok, n: int, input_len: int, seed: int) -> list:
+    """n prompts of input_len token ids of the embedded corpus (the one `tritongpt pretrain` trains on), each from a
+    random offset: a window of text encoded, its first token dropped (a word cut in two), input_len kept."""
     from tritongpt.train.data import load_text
 
     text, rng, out = load_text("pydoc"), random.Random(seed), []
@@ -209,7 +246,7 @@ def corpus_prompts(tok, n: int, input_len: int, seed: int) -> list:
             if len(ids) == input_len or width >= len(text):
                 break
             width *= 2
-        out.append(tok.decode(ids))
+        out.append(ids)
     return out
 
 
@@ -360,10 +397,78 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
     return rec
 
 
+def score_completion(base_url, model, prompts, max_tokens, timeout=TIMEOUT_S, api_key=None) -> dict:
+    """One lm-eval loglikelihood request (prompts: a list of token-id lists), timed and its answer checked
+    (check_scored): its record (success, error, latency_ms, prompts, the usage's prompt_tokens, bad_choices)."""
+    url = parse_url(base_url)
+    body = {"model": model, "prompt": prompts, "temperature": 0, "max_tokens": max_tokens, "logprobs": 1,
+            "seed": LM_EVAL_SEED, "echo": True}
+    rec = {"success": False, "error": None, "latency_ms": None, "prompts": len(prompts),
+           "prompt_tokens": None, "bad_choices": 0}
+    conn = _connection(url, timeout)
+    t0 = time.perf_counter()
+    try:
+        conn.request("POST", url.path.rstrip("/") + ENDPOINT, json.dumps(body).encode("utf-8"),
+                     {"Content-Type": "application/json", **_auth(api_key)})
+        resp = conn.getresponse()
+        data = resp.read()
+        end = time.perf_counter()
+        if resp.status != 200:
+            rec["error"] = f"HTTP {resp.status}: {_error_text(data)}"
+            return rec
+        obj = json.loads(data)
+    except (OSError, http.client.HTTPException, ValueError) as e:  # (ValueError: JSON or UTF-8 that does not parse)
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+        return rec
+    finally:
+        conn.close()
+    rec["latency_ms"] = (end - t0) * 1e3
+    problems = check_scored(obj, prompts, max_tokens)
+    rec["bad_choices"] = len(problems)
+    if problems:
+        rec["error"] = f"{len(problems)} answer(s) fail lm-eval's reading; the first: {problems[0]}"
+        return rec
+    usage = obj.get("usage") or {}
+    # (a server without usage: the tokens sent stand in)
+    rec["prompt_tokens"] = usage.get("prompt_tokens", sum(map(len, prompts)))
+    rec["success"] = True
+    return rec
+
+
+def check_scored(obj, prompts, max_tokens) -> list:
+    """What lm-eval's parse_logprobs needs of a loglikelihood answer, as a list of problems (empty: fine): a choice a
+    prompt (index 0..P-1 each once), its logprobs.token_logprobs a logprob a prompt token (the first None: nothing
+    comes before it; the rest finite numbers) and then one a drawn token: exactly 1 with max_tokens 1, 0 with 0 (more
+    may end early at the end token: 1 to max_tokens)."""
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list):
+        return ["the answer has no choices list"]
+    by = {c.get("index"): c for c in choices if isinstance(c, dict)}
+    if len(choices) != len(prompts) or set(by) != set(range(len(prompts))):
+        return [f"{len(choices)} choices (indices {list(by)}) for {len(prompts)} prompts"]
+    problems = []
+    for i, ids in enumerate(prompts):
+        lps = ((by[i].get("logprobs") or {}).get("token_logprobs"))
+        least, most = len(ids) + min(max_tokens, 1), len(ids) + max_tokens
+        if not isinstance(lps, list) or not least <= len(lps) <= most:
+            got = f"{len(lps)} token_logprobs" if isinstance(lps, list) else "no token_logprobs"
+            want = least if least == most else f"{least} to {most}"
+            problems.append(f"choice {i}: {got} for a prompt of {len(ids)} tokens and max_tokens {max_tokens} "
+                            f"(want {want})")
+        elif lps[0] is not None:
+            problems.append(f"choice {i}: the first token's logprob is {lps[0]!r}, not None")
+        else:
+            bad = [x for x in lps[1:] if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)]
+            if bad:
+                problems.append(f"choice {i}: a logprob {bad[0]!r} is not a finite number")
+    return problems
+
+
 def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=None, seed=0, ignore_eos=False,
-             timeout=TIMEOUT_S, api_key=None):
+             timeout=TIMEOUT_S, api_key=None, scoring=False):
     """Every prompt sent at its arrival time (arrival_offsets), at most `concurrency` in flight: (the records in
-    prompt order, each with its index and its send time sent_s from the start, the duration in seconds)."""
+    prompt order, each with its index and its send time sent_s from the start, the duration in seconds). scoring:
+    each prompt a list of token-id lists sent as one lm-eval loglikelihood request (score_completion)."""
     offsets = arrival_offsets(len(prompts), rate, seed)
     gate = threading.BoundedSemaphore(concurrency) if concurrency else None
     records = [None] * len(prompts)
@@ -374,9 +479,12 @@ def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=No
             gate.acquire()
         try:
             sent = time.perf_counter() - start
-            rec = stream_completion(base_url, model, prompts[i], max_tokens, ignore_eos, timeout, api_key)
+            if scoring:
+                rec = score_completion(base_url, model, prompts[i], max_tokens, timeout, api_key)
+            else:
+                rec = stream_completion(base_url, model, prompts[i], max_tokens, ignore_eos, timeout, api_key)
         except Exception as e:  # never lose a request: a client bug is a failure with its reason
-            rec = {"success": False, "error": f"{type(e).__name__}: {e}", "itl_ms": []}
+            rec = {"success": False, "error": f"{type(e).__name__}: {e}", "itl_ms": [], "bad_choices": 0}
         finally:
             if gate:
                 gate.release()
@@ -398,26 +506,51 @@ def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=No
 def summarize(records, duration_s: float, max_tokens=None) -> dict:
     """vLLM's benchmark_serving metrics of one load: counts, throughputs, and mean / median / std / p99 (ms) of TTFT,
     TPOT, ITL (every gap of every request) and E2E, over the requests that succeeded."""
-    import numpy as np
-
-    ok = [r for r in records if r["success"]]
-    failed = [r for r in records if not r["success"]]
+    ok, m = outcome(records, duration_s)
     tokens_in = sum(r["prompt_tokens"] or 0 for r in ok)
     tokens_out = sum(r["output_tokens"] or 0 for r in ok)
-    m = {"completed": len(ok), "failed": len(failed), "first_error": failed[0]["error"] if failed else None,
-         "duration_s": duration_s, "total_input_tokens": tokens_in, "total_output_tokens": tokens_out,
-         "request_throughput": len(ok) / duration_s, "output_throughput": tokens_out / duration_s,
-         "total_token_throughput": (tokens_in + tokens_out) / duration_s,
-         "ended_early": None if max_tokens is None else sum((r["output_tokens"] or 0) < max_tokens for r in ok)}
+    m.update({"total_input_tokens": tokens_in, "total_output_tokens": tokens_out,
+              "output_throughput": tokens_out / duration_s,
+              "total_token_throughput": (tokens_in + tokens_out) / duration_s,
+              "ended_early": None if max_tokens is None else sum((r["output_tokens"] or 0) < max_tokens for r in ok)})
     values = {"ttft": [r["ttft_ms"] for r in ok], "tpot": [r["tpot_ms"] for r in ok if r["tpot_ms"] is not None],
               "itl": [x for r in ok for x in r["itl_ms"]], "e2e": [r["e2e_ms"] for r in ok]}
-    for name in STATS:
-        xs = np.asarray(values[name], dtype=np.float64)
+    return add_stats(m, values)
+
+
+def outcome(records, duration_s: float) -> tuple:
+    """(the records that succeeded, the counts every load reports: completed, failed, the first failure's reason,
+    the duration and the requests a second)."""
+    ok = [r for r in records if r["success"]]
+    failed = [r for r in records if not r["success"]]
+    return ok, {"completed": len(ok), "failed": len(failed), "first_error": failed[0]["error"] if failed else None,
+                "duration_s": duration_s, "request_throughput": len(ok) / duration_s}
+
+
+def add_stats(m: dict, values: dict) -> dict:
+    """m with mean / median / std / p99 (numpy's, as vLLM's) of each named list of ms: mean_NAME_ms, ..."""
+    import numpy as np
+
+    for name, v in values.items():
+        xs = np.asarray(v, dtype=np.float64)
         m[f"mean_{name}_ms"] = float(xs.mean()) if xs.size else None
         m[f"median_{name}_ms"] = float(np.median(xs)) if xs.size else None
         m[f"std_{name}_ms"] = float(xs.std()) if xs.size else None
         m[f"p99_{name}_ms"] = float(np.percentile(xs, 99)) if xs.size else None
     return m
+
+
+def summarize_scoring(records, duration_s: float) -> dict:
+    """A scoring load's metrics: counts (answers failing the check among the failed, their choices counted),
+    requests, prompts and prompt tokens a second (the server's usage) over the duration, and the latency's mean /
+    median / std / p99 (ms) over the requests that succeeded."""
+    ok, m = outcome(records, duration_s)
+    tokens_in, prompts = sum(r["prompt_tokens"] or 0 for r in ok), sum(r["prompts"] for r in ok)
+    m.update({"failed_checks": sum(1 for r in records if r.get("bad_choices")),
+              "bad_choices": sum(r.get("bad_choices") or 0 for r in records), "total_prompts": prompts,
+              "total_input_tokens": tokens_in, "prompt_throughput": prompts / duration_s,
+              "input_throughput": tokens_in / duration_s})
+    return add_stats(m, {"latency": [r["latency_ms"] for r in ok]})
 
 
 # -- the command ------------------------------------------------------------------------------------------------------
@@ -473,25 +606,33 @@ def run_serve(args) -> int:
             tok = None if args.dataset else get_tokenizer(args.tokenizer or "default")
             served = {"in_process": False, "base_url": base_url, "models": listed}
             device_cuda = False
-        prompts = dataset_prompts(args.dataset, args.num_prompts) if args.dataset else \
-            corpus_prompts(tok, args.num_prompts, args.input_len, args.seed)
+        if args.scoring:  # a request a list of P prompts of ids, lm-eval's batch
+            per = args.prompts_per_request
+            ids = corpus_ids(tok, args.num_prompts * per, args.input_len, args.seed)
+            prompts = [ids[i:i + per] for i in range(0, len(ids), per)]
+        else:
+            prompts = dataset_prompts(args.dataset, args.num_prompts) if args.dataset else \
+                corpus_prompts(tok, args.num_prompts, args.input_len, args.seed)
         env = environment()
         out_root = args.out or ("bench/results" if device_cuda else None)
         folder = None
         if out_root is not None:
             folder = Path(out_root) / (env["device_slug"] if server else "remote-" + slugify(model))
             check_out_dir(folder)
+        load = f"scoring requests of {args.prompts_per_request} prompts" if args.scoring else "prompts"
         print(f"bench serve: {base_url} ({model}{', in this process on ' + served['device'] if server else ''}): "
-              f"{args.num_prompts} prompts, {args.input_len if not args.dataset else 'dataset'} in / "
+              f"{args.num_prompts} {load}, {args.input_len if not args.dataset else 'dataset'} in / "
               f"{args.output_len} out, rate {rate:g}/s", file=sys.stderr, flush=True)
-        warm = stream_completion(base_url, model, prompts[0], args.output_len, args.ignore_eos, api_key=key)
+        warm = score_completion(base_url, model, prompts[0], args.output_len, api_key=key) if args.scoring else \
+            stream_completion(base_url, model, prompts[0], args.output_len, args.ignore_eos, api_key=key)
         if not warm["success"]:
             raise UserError(f"the warm-up request to {base_url} failed: {warm['error']}")
         runs = []
         for c in concurrencies:
             records, duration = run_load(base_url, model, prompts, args.output_len, rate, c, args.seed,
-                                         args.ignore_eos, api_key=key)
-            metrics = summarize(records, duration, args.output_len)
+                                         args.ignore_eos, api_key=key, scoring=args.scoring)
+            metrics = summarize_scoring(records, duration) if args.scoring else \
+                summarize(records, duration, args.output_len)
             runs.append({"max_concurrency": c, "request_rate": None if math.isinf(rate) else rate,
                          "metrics": metrics, "requests": records})
             print(f"  max concurrency {c or 'none'}: {metrics['completed']} done, {metrics['failed']} failed in "
@@ -501,18 +642,20 @@ def run_serve(args) -> int:
             server.shutdown()
             server.server_close()
     settings = {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "dataset", "seed",
-                                              "ignore_eos", "label")}
+                                              "ignore_eos", "label", "scoring")}
     settings.update(request_rate=None if math.isinf(rate) else rate, max_concurrency=list(concurrencies),
-                    model=model, endpoint=ENDPOINT, temperature=0)
+                    model=model, endpoint=ENDPOINT, temperature=0,
+                    prompts_per_request=args.prompts_per_request if args.scoring else 1)
     result = make_serve_result(env, settings, served, runs)
     print()
-    print(metrics_table(runs))
+    print(metrics_table(runs, args.scoring))
     for r in runs:
         if r["metrics"]["failed"]:
             print(f"\nmax concurrency {r['max_concurrency'] or 'none'}: {r['metrics']['failed']} request(s) failed; "
                   f"the first: {r['metrics']['first_error']}")
     if folder is not None:
-        paths = write_serve(result, folder, args.label, plots=not args.no_plots)
+        label = args.label or ("scoring" if args.scoring else None)  # (serve-scoring.*: the other load's files)
+        paths = write_serve(result, folder, label, plots=not args.no_plots)
         print(f"\nwrote {folder}/ ({', '.join(p.name for p in paths)})")
     else:
         print("\n(results not written: pass --out DIR to save them)")
@@ -526,6 +669,13 @@ ROWS = (("completed requests", "completed", "d"), ("failed requests", "failed", 
         ("request throughput (req/s)", "request_throughput", ".2f"),
         ("output token throughput (tok/s)", "output_throughput", ".1f"),
         ("total token throughput (tok/s)", "total_token_throughput", ".1f"))
+SCORING_ROWS = (("completed requests", "completed", "d"), ("failed requests", "failed", "d"),
+                ("answers failing lm-eval's check (requests)", "failed_checks", "d"),
+                ("choices failing it", "bad_choices", "d"), ("duration (s)", "duration_s", ".2f"),
+                ("prompts scored", "total_prompts", "d"), ("prompt tokens", "total_input_tokens", "d"),
+                ("request throughput (req/s)", "request_throughput", ".2f"),
+                ("prompt throughput (prompts/s)", "prompt_throughput", ".1f"),
+                ("prompt token throughput (tok/s)", "input_throughput", ".1f"))
 
 
 def make_serve_result(env, settings, server, runs) -> dict:
@@ -534,18 +684,19 @@ def make_serve_result(env, settings, server, runs) -> dict:
     return {"schema": SCHEMA, "section": "serve", "env": env, "settings": settings, "server": server, "runs": runs}
 
 
-def metrics_table(runs) -> str:
+def metrics_table(runs, scoring=False) -> str:
     """Metric a row, a load (a --max-concurrency) a column."""
     from tritongpt.bench.report import markdown_table
 
     def cell(v, spec):
         return "-" if v is None else format(v, spec)
 
-    rows = [[name] + [cell(r["metrics"][key], spec) for r in runs] for name, key, spec in ROWS]
-    for stat in STATS:
+    rows = [[name] + [cell(r["metrics"][key], spec) for r in runs]
+            for name, key, spec in (SCORING_ROWS if scoring else ROWS)]
+    for stat in SCORING_STATS if scoring else STATS:
         for kind in ("mean", "median", "std", "p99"):
-            rows.append([f"{kind} {stat.upper()} (ms)"] + [cell(r["metrics"][f"{kind}_{stat}_ms"], ".2f")
-                                                           for r in runs])
+            name = stat.upper() if stat in STATS else stat
+            rows.append([f"{kind} {name} (ms)"] + [cell(r["metrics"][f"{kind}_{stat}_ms"], ".2f") for r in runs])
     heads = ["metric"] + [f"max concurrency {r['max_concurrency'] or 'none'}" for r in runs]
     return markdown_table(heads, rows)
 
@@ -556,15 +707,22 @@ def render_markdown(result) -> str:
     s, srv = result["settings"], result["server"]
     where = f"`tritongpt serve` in process on {srv['device']}" if srv["in_process"] else srv["base_url"]
     rate = "all at once" if s["request_rate"] is None else f"{s['request_rate']:g} requests/s (Poisson)"
-    lines = ["# bench serve", "", env_lines(result["env"]), "",
-             f"Server: {where}, model `{s['model']}`. Load: {s['num_prompts']} streamed completions, "
-             f"{'the prompts of ' + s['dataset'] if s['dataset'] else str(s['input_len']) + ' prompt tokens'} and "
-             f"max_tokens {s['output_len']} at temperature 0{', ignore_eos' if s['ignore_eos'] else ''}, {rate}, "
-             f"seed {s['seed']}. Token counts are the server's (usage).", ""]
+    scoring = s.get("scoring", False)
+    if scoring:
+        load = (f"{s['num_prompts']} lm-eval loglikelihood requests (non-streamed, echo, logprobs 1), each "
+                f"{s['prompts_per_request']} token-id prompts of {s['input_len']} tokens and max_tokens "
+                f"{s['output_len']} at temperature 0")
+    else:
+        load = (f"{s['num_prompts']} streamed completions, "
+                f"{'the prompts of ' + s['dataset'] if s['dataset'] else str(s['input_len']) + ' prompt tokens'} "
+                f"and max_tokens {s['output_len']} at temperature 0{', ignore_eos' if s['ignore_eos'] else ''}")
+    lines = ["# bench serve" + (" --scoring" if scoring else ""), "", env_lines(result["env"]), "",
+             f"Server: {where}, model `{s['model']}`. Load: {load}, {rate}, seed {s['seed']}. Token counts are the "
+             "server's (usage).", ""]
     if srv["in_process"]:
         flags = ", ".join(f"{k}={v}" for k, v in srv["flags"].items() if v not in (None, False))
         lines += [f"Server flags: {flags}", ""]
-    lines.append(metrics_table(result["runs"]))
+    lines.append(metrics_table(result["runs"], scoring))
     for r in result["runs"]:
         if r["metrics"]["failed"]:
             lines += ["", f"Max concurrency {r['max_concurrency'] or 'none'}: {r['metrics']['failed']} failed; "
@@ -573,16 +731,28 @@ def render_markdown(result) -> str:
 
 
 def plot_serve(result, out_path) -> Path | None:
-    """One load: TTFT's and ITL's distributions. A sweep: output tokens/s and median TTFT and ITL against the
+    """One load: TTFT's and ITL's distributions (a scoring load: the latency's, and it against the send time). A
+    sweep: output tokens/s (prompt tokens/s) and median TTFT and ITL (median and p99 latency) against the
     concurrency."""
     from tritongpt.bench.report import _plt
 
     runs = [r for r in result["runs"] if r["metrics"]["completed"]]
     if not runs:
         return None
+    scoring = result["settings"].get("scoring", False)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    if len(runs) == 1:
+    if len(runs) == 1 and scoring:
+        ok = [q for q in runs[0]["requests"] if q["success"]]
+        axes[0].hist([q["latency_ms"] for q in ok], bins=30)
+        axes[0].set_xlabel("request latency (ms)")
+        axes[0].set_ylabel("count")
+        axes[0].set_title(f"latency: {len(ok)} requests")
+        axes[1].plot([q["sent_s"] for q in ok], [q["latency_ms"] for q in ok], "o")
+        axes[1].set_xlabel("sent at (s from the start)")
+        axes[1].set_ylabel("request latency (ms)")
+        axes[1].set_ylim(bottom=0)
+    elif len(runs) == 1:
         ok = [q for q in runs[0]["requests"] if q["success"]]
         for ax, name, xs in ((axes[0], "TTFT", [q["ttft_ms"] for q in ok]),
                              (axes[1], "ITL", [x for q in ok for x in q["itl_ms"]])):
@@ -592,10 +762,13 @@ def plot_serve(result, out_path) -> Path | None:
             ax.set_title(f"{name}: {len(xs)} values")
     else:
         xs = [r["max_concurrency"] for r in runs]
-        axes[0].plot(xs, [r["metrics"]["output_throughput"] for r in runs], "o-")
-        axes[0].set_ylabel("output tokens/s")
-        for key in ("median_ttft_ms", "median_itl_ms"):
-            axes[1].plot(xs, [r["metrics"][key] for r in runs], "o-", label=key.split("_")[1].upper() + " median")
+        rate, keys = ("input_throughput", "prompt tokens/s") if scoring else ("output_throughput", "output tokens/s")
+        axes[0].plot(xs, [r["metrics"][rate] for r in runs], "o-")
+        axes[0].set_ylabel(keys)
+        lines = (("median_latency_ms", "latency median"), ("p99_latency_ms", "latency p99")) if scoring else \
+            (("median_ttft_ms", "TTFT median"), ("median_itl_ms", "ITL median"))
+        for key, name in lines:
+            axes[1].plot(xs, [r["metrics"][key] for r in runs], "o-", label=name)
         axes[1].set_ylabel("ms")
         axes[1].legend()
         for ax in axes:

@@ -166,6 +166,87 @@ def test_failed_requests_are_counted_and_the_first_error_shown(saved, tmp_path, 
     assert "2 request(s) failed; the first: HTTP 400: the model's context is 32 tokens" in out
 
 
+def test_the_scoring_load_sends_lm_evals_loglikelihood_requests_and_checks_their_answers(saved, tmp_path, capsys):
+    """--scoring: P token-id prompts a request, echo, logprobs 1, max_tokens 1 (lm-eval's) or 0 (vLLM's scoring),
+    each answer checked as lm-eval reads it (a logprob a prompt token, the first None, then one a drawn token); the
+    counts and throughputs from the records, the files named serve-scoring.*; our server in process, and at
+    --base-url (the prompts cut with the embedded tokenizer there)."""
+    load = ["--scoring", "--num-prompts", "3", "--prompts-per-request", "3", "--input-len", "5", "--max-concurrency",
+            "2", "--out", str(tmp_path)]
+    assert bench(*load, "--weights", str(saved), "--device", "cpu", plots=True) == 0
+    server, url = start_served(saved)
+    try:
+        assert bench(*load, "--base-url", url, "--output-len", "0", "--label", "zero") == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = capsys.readouterr().out
+    assert "| prompt token throughput (tok/s) |" in out and "| p99 latency (ms) |" in out
+    assert only_file(tmp_path, "serve-scoring.png").stat().st_size > 1000
+    assert "lm-eval loglikelihood requests" in only_file(tmp_path, "serve-scoring.md").read_text()
+    for name, max_tokens in (("serve-scoring.json", 1), ("serve-zero.json", 0)):
+        result = json.loads(only_file(tmp_path, name).read_text())
+        s = result["settings"]
+        assert s["scoring"] and (s["output_len"], s["prompts_per_request"]) == (max_tokens, 3)
+        assert result["server"]["in_process"] == (max_tokens == 1)
+        assert result["env"]["device"] and result["env"]["torch"]
+        (run,) = result["runs"]
+        m, reqs = run["metrics"], run["requests"]
+        assert (m["completed"], m["failed"], m["failed_checks"], m["bad_choices"]) == (3, 0, 0, 0)
+        assert (m["total_prompts"], m["total_input_tokens"]) == (9, 45)  # the server's usage: 3 x 3 prompts of 5
+        assert m["prompt_throughput"] == pytest.approx(9 / m["duration_s"])
+        assert m["input_throughput"] == pytest.approx(45 / m["duration_s"])
+        assert m["median_latency_ms"] == pytest.approx(statistics.median(r["latency_ms"] for r in reqs))
+        assert m["p99_latency_ms"] == pytest.approx(p99([r["latency_ms"] for r in reqs]))
+        assert all(0 < r["latency_ms"] <= m["duration_s"] * 1e3 for r in reqs)
+
+
+def test_answers_lm_eval_cannot_read_are_failed_requests_not_a_crash(saved, tmp_path, capsys, monkeypatch):
+    """A server that answers one token_logprobs too few once the load starts (the warm-up answered right: the drawn
+    token's left out, which lm-eval's token_logprobs[ctxlen:-1] would take for the continuation's last) fails every
+    request of the load, each counted with its choices, the first reason shown and written."""
+    real, real_load, broken = serve.completion_logprobs, bs.run_load, []
+
+    def short(tok, items, start=0, *a):  # (start > 0: the drawn tokens' part, after the echoed prompt's)
+        out = real(tok, items, start, *a)
+        return {**out, "token_logprobs": out["token_logprobs"][:-1]} if broken and start else out
+
+    def load(*a, **k):
+        broken.append(True)
+        return real_load(*a, **k)
+    monkeypatch.setattr(serve, "completion_logprobs", short)
+    monkeypatch.setattr(bs, "run_load", load)
+    rc = bench("--scoring", "--weights", str(saved), "--device", "cpu", "--num-prompts", "2", "--prompts-per-request",
+               "2", "--input-len", "4", "--max-concurrency", "1", "--out", str(tmp_path), "--label", "short")
+    out = capsys.readouterr().out
+    assert rc == 1 and "| answers failing lm-eval's check (requests) | 2 |" in out
+    m = json.loads(only_file(tmp_path, "serve-short.json").read_text())["runs"][0]["metrics"]
+    assert (m["completed"], m["failed"], m["failed_checks"], m["bad_choices"]) == (0, 2, 2, 4)
+    assert m["first_error"] == ("2 answer(s) fail lm-eval's reading; the first: choice 0: 4 token_logprobs for a "
+                                "prompt of 4 tokens and max_tokens 1 (want 5)")
+
+
+@pytest.mark.parametrize("max_tokens, choices, says", [
+    (1, [[None, -1.0, -2.0]], "1 choices (indices [0]) for 2 prompts"),
+    (1, [[None, -1.0, -2.0], [None, -1.0]], "choice 1: 2 token_logprobs for a prompt of 2 tokens and max_tokens 1 "
+                                            "(want 3)"),
+    (0, [[None, -1.0, -2.0], [None, -1.0]], "choice 0: 3 token_logprobs for a prompt of 2 tokens and max_tokens 0 "
+                                            "(want 2)"),
+    (3, [[None, -1.0, -2.0, -3.0, -4.0, -5.0], [None, -1.0, -2.0]],
+     "choice 0: 6 token_logprobs for a prompt of 2 tokens and max_tokens 3 (want 3 to 5)"),
+    (1, [[-0.5, -1.0, -2.0], [None, -1.0, -2.0]], "choice 0: the first token's logprob is -0.5, not None"),
+    (1, [[None, -1.0, -2.0], [None, float("nan"), -2.0]], "choice 1: a logprob nan is not a finite number"),
+    (1, [[None, None, -2.0], [None, -1.0, -2.0]], "choice 0: a logprob None is not a finite number"),
+])
+def test_the_scoring_check_names_what_lm_eval_could_not_read(max_tokens, choices, says):
+    answer = {"choices": [{"index": i, "logprobs": {"token_logprobs": lps}} for i, lps in enumerate(choices)]}
+    problems = bs.check_scored(answer, [[5, 6], [7, 8]], max_tokens)
+    assert problems == [says]
+    fine = [[None, -1.0] + [-0.5] * min(max_tokens, 1)] * 2
+    answer = {"choices": [{"index": i, "logprobs": {"token_logprobs": lps}} for i, lps in enumerate(fine)][::-1]}
+    assert bs.check_scored(answer, [[5, 6], [7, 8]], max_tokens) == []  # (choices in any order: by their index)
+
+
 class Fake(BaseHTTPRequestHandler):
     """vLLM's way of streaming (HTTP/1.1, chunked), a token a chunk with a pause between; counts the requests it holds
     at once. A prompt "refuse" gets a 400, "mid" an error event after a token, "cut" a stream without [DONE],
@@ -327,6 +408,14 @@ def closed_port():
     (["--weights", "{saved}", "--device", "cpu", "--input-len", "30", "--output-len", "3"],
      "--input-len 30 \\+ --output-len 3 > the model's context \\(32\\)"),
     (["--dtype", "fp64", "--weights", "{saved}"], "--dtype 'fp64': serve takes one of"),
+    (["--scoring", "--prompts-per-request", "0"], "--prompts-per-request must be a positive integer, got 0"),
+    (["--scoring", "--output-len", "-1"], "--output-len must be a non-negative integer with --scoring, got -1"),
+    (["--output-len", "0"], "--output-len must be a positive integer, got 0"),
+    (["--scoring", "--ignore-eos"], "--ignore-eos is the generation load's: --scoring sends"),
+    (["--scoring", "--dataset", "x.jsonl"], "--dataset is the generation load's: --scoring sends"),
+    (["--prompts-per-request", "4"], "--prompts-per-request is --scoring's"),
+    (["--scoring", "--weights", "{saved}", "--device", "cpu", "--input-len", "32", "--output-len", "1"],
+     "--input-len 32 \\+ --output-len 1 > the model's context \\(32\\)"),
 ])
 def test_bad_flags_are_named(saved, capsys, flags, says):
     port = closed_port()
