@@ -11,8 +11,9 @@ and ops, a Chrome trace each (bench/profile_step.py); on a CPU too, with the CPU
 `tritongpt bench decode` times greedy KV-cache decode steps, eager against CUDA-graph replays, on the reference
 and the Triton path (bench/decode.py); CUDA only (without it, it says so and measures nothing).
 `tritongpt bench serve` loads an OpenAI-compatible server with streamed completions, as vLLM's benchmark_serving
-does: throughput, TTFT, TPOT, ITL, end-to-end latency (bench/serve.py); our server, started in this process with
-serve's model flags, or any other at --base-url.
+does: throughput, TTFT, TPOT, ITL, end-to-end latency (bench/serve.py), or with --scoring lm-evaluation-harness's
+loglikelihood requests, their answers checked; our server, started in this process with serve's model flags, or any
+other at --base-url.
 """
 import argparse
 import sys
