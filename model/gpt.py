@@ -57,7 +57,8 @@ class KVCache:
     keys go to [fill[b], fill[b] + T) and row b attends over its own [0, fill[b] + T), its tokens at those positions:
     each row a request of its own length in one forward (both attention paths read kv_len [B]). The caller advances
     the fill (the host `pos` means nothing there) and keeps it within max_len - T. `row(i)` is row i as a cache of
-    its own (a request's prefill writes there), `copy_row` copies a row's keys to another.
+    its own (a request's prefill writes there), `rows(slots, starts, bound)` several rows at their own starts (the
+    engine's batched prefill), `copy_row` copies a row's keys to another.
 
     `bound` (first_rows(n, bound), an eager step's: None by default and in a CUDA graph, whose shapes must not
     change): a host int >= every row's kv_len, the positions update's views keep ([0, bound) rather than the whole

@@ -1,6 +1,7 @@
 """Continuous batching (Orca, Yu et al. 2022; vLLM's scheduler): one Engine owns the model and a KV cache of
 max_batch rows ("slots"); requests wait in a FIFO, are admitted while enough slots are free, and all running
-requests decode together, ONE batched forward a step, every row at its own position (the cache's per-row fill).
+requests decode together, ONE batched forward a step, every row at its own position (the cache's per-row fill); the
+prompts admitted prefill together too, right-padded in a forward a group.
 A request that finishes frees its slots for the next one at once, not when the whole batch ends. With a paged cache
 a request's rows take pages as they grow, and a pool run short preempts the latest admitted request (recomputed
 later, its tokens unchanged).
@@ -180,6 +181,9 @@ class Engine:
     partial last one copied). stats: "prompt_tokens" (a prefilled row's prompt, a request of n equal rows once)
     and "cached_prompt_tokens", the ones of them read from the cache (a preempted request's recompute counts again,
     its drawn tokens with its prompt; a request scoring its prompt, which looks nothing up, is not counted).
+
+    Batched prefill (_groups): the chunks a step prefills, several requests' at once, run a group a forward, each
+    right-padded to its group's longest (KVCache.rows); a lone chunk runs in its row's own view.
 
     max_prefill_tokens (vLLM's chunked prefill, Sarathi-Serve): a step prefills at most that many prompt tokens in
     all, so a long prompt no longer stalls the running requests' next token for its whole prefill: the admitted
