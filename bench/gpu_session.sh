@@ -64,8 +64,9 @@
 #   HAS_ALIBI) and a LayerNorm on the token embeddings, into results-bloom/
 #   serve (not part of all): `bench serve` of GPT-2 124M's shape (random weights) served on the GPU, 64 streamed
 #   completions of 128 prompt tokens and 128 out, all at once: one request at a time (--max-batch 1), continuous
-#   batching at 32, with a paged cache, with CUDA-graph buckets, with prefix caching; each load within
-#   SERVE_SECONDS (default 60), into results-serve/<device>/serve-LABEL.{json,md,png}
+#   batching at 32, with a paged cache, with CUDA-graph buckets, with prefix caching; then lm-eval's loglikelihood
+#   load (--scoring: 32 requests of 8 prompts of 128) at --max-batch 1 and 32; each load within SERVE_SECONDS
+#   (default 60), into results-serve/<device>/serve-LABEL.{json,md,png}
 #   decode (not part of all): `bench decode`: GPT-2 124M's greedy KV-cache decode steps (bf16 autocast, batches 1
 #   and 8, a 128-token prompt then 128 steps), eager and replayed from a CUDA graph (DecodeGraph), on the reference
 #   and the Triton path, within DECODE_MINUTES (default 1), into results-decode/ (decode.json, .md, .png)
@@ -321,13 +322,20 @@ if [ "$what" = serve ]; then
     $PY -c "import torch; from tritongpt.model.config import get_config; from tritongpt.model.gpt import GPTModel; \
 torch.manual_seed(0); GPTModel(get_config('gpt2-small')).save('$WORK/gpt2-random.safetensors')" \
         >"$WORK/serve-model.log" 2>&1 || rc=1
-    for run in "mb1:--max-batch 1" "mb32:--max-batch 32" "mb32-paged:--max-batch 32 --kv-cache-pages 2048" \
-               "mb32-graphs:--max-batch 32 --cuda-graphs" \
-               "mb32-prefix:--max-batch 32 --kv-cache-pages 2048 --enable-prefix-caching"; do
+    # the generation loads: 64 streamed completions of 128 + 128; the scoring ones lm-eval's loglikelihood shape, 32
+    # requests of 8 token-id prompts of 128 (echo, max_tokens 1, logprobs 1), 4 in flight: the engine's batched
+    # prefill (one forward a step's prompts) on a GPU
+    gen="--num-prompts 64 --input-len 128 --output-len 128"
+    scoring="--scoring --num-prompts 32 --prompts-per-request 8 --input-len 128 --max-concurrency 4"
+    for run in "mb1:$gen --max-batch 1" "mb32:$gen --max-batch 32" \
+               "mb32-paged:$gen --max-batch 32 --kv-cache-pages 2048" \
+               "mb32-graphs:$gen --max-batch 32 --cuda-graphs" \
+               "mb32-prefix:$gen --max-batch 32 --kv-cache-pages 2048 --enable-prefix-caching" \
+               "scoring-mb1:$scoring --max-batch 1" "scoring-mb32:$scoring --max-batch 32"; do
         label=${run%%:*}
         # shellcheck disable=SC2086 (the flags split on purpose)
         timeout -s INT -k 15 "${SERVE_SECONDS:-60}" $PY -m tritongpt.cli bench serve \
-            --weights "$WORK/gpt2-random.safetensors" --num-prompts 64 --input-len 128 --output-len 128 \
+            --weights "$WORK/gpt2-random.safetensors" \
             ${run#*:} --out "$WORK/results-serve" --label "$label" >"$WORK/bench-serve-$label.log" 2>&1 || rc=1
         tail -n 12 "$WORK/bench-serve-$label.log"
         pack
