@@ -304,7 +304,8 @@ def test_a_decode_step_reads_the_longest_rows_keys_not_the_whole_context(one_thr
     """A (12 + 2) and B (2 rows of 3 + 4) on a context of 40: each decode step's attention reads the keys up to the
     longest running row's ids + 1 (14, then with A ended 6, 7; a paged cache's whole pages of 4 for them: 16, 8, 8),
     not all 40, A's freed row below B's with its fill back to 0 (the Triton kernel refuses a kv_len past the keys),
-    and each request still draws generate()'s tokens with its logprobs (the logits: a key cut off shows there)."""
+    each prefill its prompt's (a paged cache's pages: 12, 4), and each request still draws generate()'s tokens with
+    its logprobs (the logits: a key cut off shows there)."""
     import tritongpt.kernels.attention as attention
     from tritongpt.model.layers import MultiHeadAttention
     model, keys = loud_attention(tiny(kernels, n_layer=1)), []
@@ -324,6 +325,7 @@ def test_a_decode_step_reads_the_longest_rows_keys_not_the_whole_context(one_thr
     out = run(engine, schedule)
     steps = [tk for tq, tk in keys if tq == 1]  # (the prefills' queries are their prompts)
     assert steps == ([14, 6, 7] if pages is None else [16, 8, 8])
+    assert [tk for tq, tk in keys if tq > 1] == ([12, 3] if pages is None else [12, 4])
     with pytest.raises(UserError, match="bound is 1..40"):
         engine.cache.first_rows(2, 41)
     for (handle, _), (_, idx, new, kw) in zip(out, schedule):  # the tokens, and the logits by their logprobs

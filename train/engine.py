@@ -609,12 +609,14 @@ class Engine:
     def _forward(self, group):
         """One forward over a group's chunks, each chunk's results on it: its prompt's scores (a request scoring
         its prompt: each position's next prompt token, its last the next chunk's first) and, its row's last chunk,
-        the last position's logits [1, V]. A lone chunk runs in its row's own view (row(): its exact length);
+        the last position's logits [1, V]. A lone chunk runs in its row's own view (row(): its exact length; a
+        paged row's rows(), its pages up to the chunk's end);
         several right-padded to the longest in rows() (the cache's fill a row: each row's keys at its own
         positions, its real tokens never attending to its padding, which comes after them)."""
-        if len(group) == 1:
+        if len(group) == 1:  # (a paged row bounded by its chunk's end: row() would read the table's whole width)
             c = group[0]
-            ids, view = c.r.idx[c.i:c.i + 1, c.start:c.end], self.cache.row(c.slot, start=c.start)
+            view = self.cache.rows([c.slot], [c.start], c.end) if self.paged else self.cache.row(c.slot, start=c.start)
+            ids = c.r.idx[c.i:c.i + 1, c.start:c.end]
         else:
             width = max(c.end - c.start for c in group)
             ids = torch.stack([torch.cat([c.ids, c.ids[-1:].expand(width - len(c.ids))]) for c in group])
