@@ -11,7 +11,7 @@ import torch
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.engine import Cancelled, Engine
+from tritongpt.train.engine import PREFILL_PAD, Cancelled, Chunk, Engine
 from tritongpt.train.generate import generate
 
 from parity import assert_close_rel, loud_attention
@@ -1339,7 +1339,7 @@ def prefill_shapes(monkeypatch, engine):
 
 
 # A (7, greedy), B (2 equal rows of 5, sampled: prefilled once), C (6, scoring its prompt), D (4, prefill-only,
-# scoring): 22 prompt tokens in one forward of 4 rows of 7 (28 <= PREFILL_PAD x 22), in slots 0, 3, 1, 4 by length
+# scoring): 22 prompt tokens in one forward of 4 rows of 7 (28 <= a GPU's 1.5 x 22), in slots 0, 3, 1, 4 by length
 BURST = [(prompt(7, seed=11), 5, dict(logprobs=2)), (prompt(5, 2, seed=12), 4, dict(SAMPLED, seed=3, logprobs=2)),
          (prompt(6, seed=13), 2, dict(prompt_logprobs=3, logprobs=1)), (prompt(4, seed=14), 0, dict(prompt_logprobs=2))]
 
@@ -1356,6 +1356,7 @@ def test_a_burst_of_prompts_prefills_in_one_forward_and_each_gets_generates_toke
     model = loud_attention(tiny(kernels, n_layer=2 if kernels == "reference" else 1, n_kv_head=1))
     paging = {} if pages is None else dict(kv_pages=pages, page_size=4)
     engine = Engine(model, max_batch=5, kv_cache_dtype=kv_dtype, **paging)
+    monkeypatch.setitem(PREFILL_PAD, "cpu", PREFILL_PAD["cuda"])  # (a GPU's rule: the rows padded up to 7)
     shapes = prefill_shapes(monkeypatch, engine)
     handles = [engine.submit(idx, new, **seeded(kw)) for idx, new, kw in BURST]
     while engine.running or engine.waiting:
@@ -1384,6 +1385,7 @@ def test_a_batched_prefill_groups_like_lengths_and_keeps_every_row_within_the_co
     36..38, F (6, fresh) beside it would pad E's row to 36 + 6 = 42 > 40. Each gets generate()'s tokens."""
     model = loud_attention(tiny())
     engine = Engine(model, max_batch=3, kv_pages=30, page_size=4, prefix_caching=True)
+    monkeypatch.setitem(PREFILL_PAD, "cpu", PREFILL_PAD["cuda"])  # (E and F within a GPU's padding rule)
     shapes = prefill_shapes(monkeypatch, engine)
     e = prompt(39, seed=21)
     first = [(prompt(2, seed=22), 3, {}), (prompt(12, seed=23), 3, {}), (e, 1, {})]
@@ -1400,3 +1402,15 @@ def test_a_batched_prefill_groups_like_lengths_and_keeps_every_row_within_the_co
     assert shapes == [(1, 6), (1, 3)] and engine.stats["cached_prompt_tokens"] == 36
     for h, (idx, new, kw) in zip(handles, first + then):
         assert torch.equal(h.wait(), alone(model, idx, new, kw))
+
+
+def test_a_gpus_padding_rule_groups_more_than_a_cpus(one_thread, monkeypatch):
+    """Chunks of 10, 10, 9 and 6 tokens (fresh prompts): on a CPU (padding at most 1.1 times the real tokens) the
+    three near-equal ones go together and the 6 alone; by the cache's device type, a GPU's rule (1.5) puts all four
+    in one forward."""
+    engine = Engine(tiny(), max_batch=4)
+    chunks = [Chunk(None, 0, slot, 0, n) for slot, n in enumerate((9, 10, 6, 10))]
+    assert [[c.end for c in g] for g in engine._groups(chunks)] == [[10, 10, 9], [6]]
+    engine.cache.k = engine.cache.k.to("meta")  # (a device of another type: only the type is read)
+    monkeypatch.setitem(PREFILL_PAD, "meta", PREFILL_PAD["cuda"])
+    assert [[c.end for c in g] for g in engine._groups(chunks)] == [[10, 10, 9, 6]]
