@@ -260,6 +260,42 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
             {"role": "assistant", "content": "the cat sat."}, {"role": "user", "content": "How are you?"}]
 
 
+def test_continuous_usage_stats_puts_each_choices_usage_so_far_on_every_chunk(both):
+    """vLLM's stream_options: continuous_usage_stats (with include_usage, on by default once stream_options is
+    given) gives every chunk its prompt's tokens and its choice's tokens so far: the text it has sent is what those
+    tokens decode to; the last usage chunk is the request's. Chat's role chunk counts none."""
+    server, tok = both
+    prompt = "the dog ran"
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 6)[0]
+    req = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "n": 2, "ignore_eos": True, "stream": True}
+    chunks = events(call(server, "/v1/completions", {**req, "stream_options": {"continuous_usage_stats": True}})[1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12,
+                                                                    "total_tokens": len(ids) + 12}
+    for index in (0, 1):
+        mine = [c for c in chunks[:-1] if c["choices"][0]["index"] == index]
+        assert len(mine) > 2 and mine[-1]["choices"][0]["finish_reason"] == "length"
+        sent = ""
+        for c in mine:
+            u = c["usage"]
+            assert u["prompt_tokens"] == len(ids) and u["total_tokens"] == len(ids) + u["completion_tokens"]
+            sent += c["choices"][0]["text"]
+            assert sent == streamed_text(tok, ids + new[:u["completion_tokens"]])[len(prompt):]
+        assert mine[-1]["usage"]["completion_tokens"] == 6
+    # include_usage false: no usage, continuous or last; {} alone: include_usage (vLLM's default), null elsewhere
+    off = events(call(server, "/v1/completions", {**req, "stream_options": {"include_usage": False,
+                                                                             "continuous_usage_stats": True}})[1])
+    assert all("usage" not in c for c in off)
+    plain = events(call(server, "/v1/completions", {**req, "stream_options": {}})[1])
+    assert plain[-1]["usage"] == chunks[-1]["usage"] and all(c["usage"] is None for c in plain[:-1])
+    chat = events(call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 3, "stream": True,
+                                                        "stream_options": {"continuous_usage_stats": True}})[1])
+    P = chat[-1]["usage"]["prompt_tokens"]
+    assert chat[0]["choices"][0]["delta"]["role"] == "assistant" and chat[0]["usage"] == {
+        "prompt_tokens": P, "completion_tokens": 0, "total_tokens": P}
+    assert chat[-2]["usage"] == chat[-1]["usage"] and chat[-1]["usage"]["completion_tokens"] > 0
+
+
 def test_a_chat_completion_is_what_chat_answers(served):
     server, tok = served
     conv = chat.Conversation("chat", "Be brief.")
@@ -323,6 +359,14 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/chat/completions", {"messages": MESSAGES, "stream": 0}, 400, "stream", "'stream' must be true or false"),
     ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options",
      "only allowed with 'stream': true"),
+    ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
+     "stream_options.include_usage", "'stream_options.include_usage' must be true or false, got 'yes'"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream": True, "stream_options": {"continuous_usage_stats": 1}},
+     400, "stream_options.continuous_usage_stats", "'stream_options.continuous_usage_stats' must be true or false"),
+    ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": {"usage": True}}, 400,
+     "stream_options.usage", "unknown field 'stream_options.usage'"),
+    ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": [True]}, 400, "stream_options",
+     "'stream_options' must be an object"),
     ("/v1/completions", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate", "unknown field 'frobnicate'"),
     ("/v1/completions", {"prompt": "a", "logprobs": 21}, 400, "logprobs", "'logprobs' must be an integer in [0, 20]"),
     ("/v1/completions", {"prompt": "a", "logprobs": True}, 400, "logprobs", "must be an integer in [0, 20]"),

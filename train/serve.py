@@ -193,14 +193,7 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
     s.update(end_settings(body, s["max_tokens"]))
     s["stream"] = bool_field(body, "stream", False)
     s.update(output_settings(body, s))
-    options = body.get("stream_options")
-    if options is not None:
-        if not s["stream"]:
-            raise bad("stream_options", "'stream_options' is only allowed with 'stream': true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"} or \
-                not isinstance(options.get("include_usage", False), bool):
-            raise bad("stream_options", f"'stream_options' takes {{\"include_usage\": true|false}}, got {options!r}")
-    s["include_usage"] = bool((options or {}).get("include_usage"))
+    s["include_usage"], s["continuous_usage"] = stream_options(body.get("stream_options"), s["stream"])
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", "'user' must be a string")
     if endpoint == "completions":
@@ -210,6 +203,38 @@ def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
         if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
             raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
     return s
+
+
+def stream_options(options, stream: bool) -> tuple:
+    """vLLM's stream_options (protocol.py's StreamOptions, read by entrypoints/utils.py's should_include_usage) ->
+    (include_usage: a last chunk with the request's usage, on by default once stream_options is given;
+    continuous_usage: every chunk with its prompt's and its choice's tokens so far, continuous_usage_stats, only
+    with include_usage). Each field true or false, null taken as false (vLLM's bool(None)); another value, or a
+    field vLLM does not have, a 400 naming it."""
+    if options is None:
+        return False, False
+    if not stream:
+        raise bad("stream_options", "'stream_options' is only allowed with 'stream': true")
+    if not isinstance(options, dict):
+        raise bad("stream_options", f"'stream_options' must be an object ({{\"include_usage\": true|false, "
+                                    f"\"continuous_usage_stats\": true|false}}), got {options!r}"[:300])
+    got = {}
+    for key in options:
+        if key not in ("include_usage", "continuous_usage_stats"):
+            raise bad(f"stream_options.{key}", f"unknown field 'stream_options.{key}' (it takes include_usage and "
+                                               "continuous_usage_stats)")
+    for key, default in (("include_usage", True), ("continuous_usage_stats", False)):
+        value = options.get(key, default)
+        if value is not None and not isinstance(value, bool):
+            raise bad(f"stream_options.{key}", f"'stream_options.{key}' must be true or false, got {value!r}"[:300])
+        got[key] = bool(value)
+    return got["include_usage"], got["include_usage"] and got["continuous_usage_stats"]
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's usage object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def end_settings(body: dict, max_tokens) -> dict:
@@ -572,10 +597,10 @@ class Model:
         None, stop_reason)], the items those of the tokens that make the text (Scored; at the budget every token
         drawn). on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
         prompt_logprobs), the request's own prefill scoring its prompt, before any token; budget 0 then ends after
-        its prefill): called with the prompt's rows (step_logprobs'), in this thread. on_delta(i, text, items): each
-        choice's new text as it is drawn (held back where a stop string may be starting), the deltas of a choice
-        adding up to its text, with the items of the tokens that text takes (None without logprobs); called in this
-        thread (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
+        its prefill): called with the prompt's rows (step_logprobs'), in this thread. on_delta(i, text, items, count):
+        each choice's new text as it is drawn (held back where a stop string may be starting), the deltas of a choice
+        adding up to its text, with the items of the tokens that text takes (None without logprobs) and the choice's
+        tokens drawn so far (its completion tokens once it ends); called in this thread (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
         waiting for the engine: its request is then cancelled and BrokenPipeError raised (as a write to its socket
         would)."""
         import torch
@@ -593,7 +618,7 @@ class Model:
         scored = [Scored(self.tok, ids, rows.hidden) for _ in range(n)] if k is not None else None
 
         def send(i, delta, length):  # the delta, and the tokens the text sent so far (length) takes
-            on_delta(i, delta, None if scored is None else scored[i].give(length))
+            on_delta(i, delta, None if scored is None else scored[i].give(length), streams[i].drawn)
 
         def on_token(new):
             for i, t in enumerate(new[:, 0].tolist()):
@@ -648,7 +673,8 @@ class Model:
                     if text[:len(sent)] != sent:  # cannot happen: the stream sends what decoding gives, held back
                         raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
                     if text[len(sent):] or scored is not None and scored[i].given < taken:
-                        on_delta(i, text[len(sent):], None if scored is None else scored[i].give(len(text), taken))
+                        on_delta(i, text[len(sent):], None if scored is None else scored[i].give(len(text), taken),
+                                 count)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
             timing.end(["abort"] * n, stamps=request)
             raise
@@ -691,6 +717,7 @@ class Delta:
         from tritongpt.commands import HeldBack
 
         self.rows, self.count = rows, 0
+        self.drawn = 0  # the choice's tokens so far, the one that ended it included (usage's completion tokens)
         self.decoder, self.held, self.done = tok.stream_decoder(), HeldBack(rows.stops, rows.include_stop), False
         self.held.after = sys.maxsize if rows.min_tokens else 0  # (no stop string yet)
         self.decoder.write(prompt_ids)  # the prompt's text read, not sent: a word's leading space is the new text's
@@ -700,8 +727,9 @@ class Delta:
         return self.held.sent_text
 
     def add(self, token: int) -> str:
-        if self.done:
+        if self.done:  # (with no engine, a row that ended is padded while the others draw)
             return ""
+        self.drawn += 1
         ends = token in self.rows.ends
         if ends and token not in self.rows.shown:
             self.done = True
@@ -1027,17 +1055,21 @@ class Completion:
         h.streaming = True
         self.head["object"] = self.kind + ".chunk" if self.chat else self.kind
 
-    def chunk(self, index, text=None, finish=None, role=False, lp=None, reason=None):
-        """One streamed event of choice `index`: chat's role, or a text delta (with its logprobs), or its finish.
-        Written under the write lock, from whichever prompt's thread; none once stop is set (BrokenPipeError)."""
+    def chunk(self, index, text=None, finish=None, role=False, lp=None, reason=None, tokens=0):
+        """One streamed event of choice `index`: chat's role, or a text delta (with its logprobs), or its finish;
+        tokens: the choice's completion tokens so far (continuous_usage_stats' usage). Written under the write lock,
+        from whichever prompt's thread; none once stop is set (BrokenPipeError)."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         choice["stop_reason"] = reason  # (vLLM's, on every chunk)
-        # with include_usage, OpenAI's other chunks carry "usage": null
+        # with include_usage, OpenAI's other chunks carry "usage": null; with continuous_usage_stats vLLM's the
+        # prompt's tokens and the choice's so far (vllm/entrypoints/openai/serving_completion.py, serving_chat.py)
         null_usage = {"usage": None} if self.s["include_usage"] else {}
+        if self.s["continuous_usage"]:
+            null_usage["usage"] = usage_of(len(self.prompts[index // self.s["n"]]), tokens)
         with self.write:
             if self.stop.is_set():  # (not another write to a socket that just timed out: each would wait as long)
                 raise BrokenPipeError("another prompt of the request failed")
@@ -1110,8 +1142,8 @@ class Completion:
         stream their text deltas written as they come. timing: the prompt's clock, ended here where nothing is
         drawn."""
         s, ids, base, echo = self.s, self.prompts[p], p * self.s["n"], self.echoes[p]
-        on_delta = (lambda i, text, items: self.chunk(base + i, text, lp=self.logprobs(items, len(echo)))) \
-            if s["stream"] else None
+        on_delta = (lambda i, text, items, count: self.chunk(base + i, text, lp=self.logprobs(items, len(echo)),
+                                                             tokens=count)) if s["stream"] else None
         if self.budgets[p] == 0 and not in_prefill:  # echo with max_tokens 0: the prompt scored, nothing drawn
             timing.end(["length"] * s["n"], len(ids))  # (vLLM's finish "length")
             return [("", "length", 0, [] if s["logprobs"] is not None else None, None)] * s["n"]
@@ -1127,7 +1159,7 @@ class Completion:
         choices = []
         for i, (text, finish, count, items, reason) in enumerate(drawn):
             if s["stream"]:
-                self.chunk(base + i, finish=finish, reason=reason)
+                self.chunk(base + i, finish=finish, reason=reason, tokens=count)
                 continue
             lp = self.logprobs(items, len(echo))
             if scored["echo"] is not None:
@@ -1145,8 +1177,7 @@ class Completion:
         """The response of the prompts' one() results, in prompt order: their choices and usage; with stream, the
         usage chunk (include_usage) and [DONE] after the choices' chunks."""
         choices, prompt_lp = [c for d in done for c in d[0]], done[-1][3]  # (chat's prompt_logprobs: its one prompt's)
-        used = [sum(d[1] for d in done), sum(d[2] for d in done)]
-        usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
+        usage = usage_of(sum(d[1] for d in done), sum(d[2] for d in done))
         if self.s["stream"]:
             if self.s["include_usage"]:
                 self.handler.send_event({**self.head, "choices": [], "usage": usage})
