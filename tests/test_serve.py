@@ -1051,16 +1051,50 @@ def test_streamed_logprobs_add_up_to_the_whole_responses(served):
             lps = [c["logprobs"] for c in chunks if c["logprobs"]]
             assert {key: [v for lp in lps for v in lp[key]] for key in plain["logprobs"]} == plain["logprobs"]
         plain = plains[0]
-        if "stop" in extra and "n" not in extra:  # the tokens of the text sent only: the last, the one it ends in
-            tokens = plain["logprobs"]["tokens"]
-            assert tokens == [text_of(tok, i) for i in new[:len(tokens)]] and len(tokens) < 24
-            covered = [len(streamed_text(tok, ids + new[:m])) - len(prompt) for m in (len(tokens) - 1, len(tokens))]
-            assert covered[0] < len(plain["text"]) <= covered[1]
     chat_req = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 1}
     plain = call(server, "/v1/chat/completions", chat_req)[1]["choices"][0]["logprobs"]
     chunks = events(call(server, "/v1/chat/completions", {**chat_req, "stream": True})[1])
     assert [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]] == \
         plain["content"]
+
+
+def test_a_stop_string_keeps_every_drawn_tokens_logprobs_as_vllm_does(both):
+    """vLLM cuts the text at a stop string but returns the logprobs of every token drawn (its detokenizer truncates
+    output_text only; the logprobs processor keeps each new token's): up to the one the stop string completes in,
+    whose entry may begin past the cut text, its text_offset where its text begins. Alike with
+    include_stop_str_in_output, streamed (the last chunk carries the rest), and in chat's logprobs.content."""
+    server, tok = both
+    prompt = "the dog ran"
+    ids = tok.encode(prompt)
+    new = reference(server, ids, 24)[0]
+    full = new_text(tok, ids, new)
+    stop = fresh_stop(full, 6)
+    k = next(k for k in range(1, 25) if stop in new_text(tok, ids, new[:k]))  # the token the stop ends in
+    for keep in (False, True):
+        req = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1, "stop": stop,
+               "include_stop_str_in_output": keep}
+        body = call(server, "/v1/completions", req)[1]
+        (choice,) = body["choices"]
+        assert choice["text"] == full[:full.find(stop) + (len(stop) if keep else 0)]
+        lp = choice["logprobs"]
+        assert body["usage"]["completion_tokens"] == k and lp["tokens"] == [text_of(tok, i) for i in new[:k]]
+        assert lp["text_offset"] == [len(streamed_text(tok, ids + new[:j])) - len(prompt) for j in range(k)]
+        streamed = [c["choices"][0] for c in events(call(server, "/v1/completions", {**req, "stream": True})[1])]
+        assert {key: [v for c in streamed if c["logprobs"] for v in c["logprobs"][key]] for key in lp} == lp
+    # chat: the answer's tokens up to the one the stop string ends in, each in logprobs.content
+    chat_req = {"messages": MESSAGES, "max_tokens": 12, "temperature": 0, "logprobs": True}
+    answer = call(server, "/v1/chat/completions", chat_req)[1]
+    content = answer["choices"][0]["logprobs"]["content"]
+    by_bytes = {tok.decode_bytes([i]): i for i in range(tok.vocab_size)}
+    got = [by_bytes[bytes(e["bytes"])] for e in content]  # (each token's bytes: which token it is)
+    stop = fresh_stop(answer["choices"][0]["message"]["content"], 3)
+    k = next(k for k in range(1, len(got) + 1) if stop in tok.decode(got[:k]))
+    body = call(server, "/v1/chat/completions", {**chat_req, "stop": stop})[1]
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == k
+    assert body["choices"][0]["logprobs"]["content"] == content[:k]
+    chunks = events(call(server, "/v1/chat/completions", {**chat_req, "stop": stop, "stream": True})[1])
+    assert [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]] == \
+        content[:k]
 
 
 def test_logit_bias_forces_or_bans_a_token_and_logprobs_stay_raw(both):

@@ -350,9 +350,9 @@ def to_json(obj) -> str:
 
 class Scored:
     """One choice's tokens with their logprobs, items (id, logprob or None, top ids, top logprobs, text offset), the
-    text the tokens so far decode to (ends: its length after each) and how many of them a response has given. A text
-    cut at a stop string keeps the tokens that make it: the shortest run of tokens whose text covers it (upto); an
-    answer the end token (or a stop token) ended keeps every token up to it, it too (draw)."""
+    text the tokens so far decode to (ends: its length after each) and how many of them a response has given (a
+    stream's chunk gives the tokens its text takes, upto; the last the rest). An answer keeps every token drawn,
+    up to the end token, stop token or the token a stop string ends in (draw: vLLM's)."""
 
     def __init__(self, tok, prompt_ids, hidden=()):
         self.decoder = tok.stream_decoder()
@@ -594,8 +594,8 @@ class Model:
 
     def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
-        None, stop_reason)], the items those of the tokens that make the text (Scored; at the budget every token
-        drawn). on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
+        None, stop_reason)], the items those of every token drawn (Scored), the one that ended the
+        choice too. on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
         prompt_logprobs), the request's own prefill scoring its prompt, before any token; budget 0 then ends after
         its prefill): called with the prompt's rows (step_logprobs'), in this thread. on_delta(i, text, items, count):
         each choice's new text as it is drawn (held back where a stop string may be starting), the deltas of a choice
@@ -659,13 +659,13 @@ class Model:
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
-                # the tokens the text takes; at the budget all (a last special token's skipped text takes none);
-                # ended by the end token or a stop token, every token up to it, it too (vLLM's: lm-eval's echo
-                # request drops the drawn token's entry, token_logprobs[ctxlen:-1], so an end token left out would
-                # drop the continuation's last one instead)
-                ended = finish == "stop" and not isinstance(reason, str)
-                taken = None if scored is None else len(scored[i].items) if finish == "length" else \
-                    count if ended else scored[i].upto(len(text))
+                # the tokens drawn, each with its logprobs: at the budget all; ended by the end token, a stop token
+                # or a stop string, every token up to the one that ended it, the one the stop string ends in too,
+                # past the cut text (vLLM's: its detokenizer cuts output_text only, its logprobs processor keeps
+                # every new token's, vllm/v1/engine/output_processor.py; lm-eval's echo request drops the drawn
+                # token's entry, token_logprobs[ctxlen:-1], so an end token left out would drop the continuation's
+                # last one instead). (Not the items' count: with no engine a row that ended is padded.)
+                taken = None if scored is None else len(scored[i].items) if finish == "length" else count
                 items = None if scored is None else scored[i].items[:taken]
                 choices.append((text, finish, count, items, reason))
                 if on_delta:
