@@ -973,9 +973,9 @@ def test_echo_with_max_tokens_0_scores_the_prompt_as_the_model_does(served):
     status, body = call(server, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 3})
     (choice,) = body["choices"]
     assert status == 200 and choice["text"] == prompt and choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
-    # counted in /metrics as the usage says
-    assert (m.prompt_tokens, m.generation_tokens, m.finished["length"]) == (before[0] + len(ids), before[1],
+    # vLLM's one drawn and dropped token (below), counted in /metrics as the usage says
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
+    assert (m.prompt_tokens, m.generation_tokens, m.finished["length"]) == (before[0] + len(ids), before[1] + 1,
                                                                            before[2] + 1)
     lp, logp = choice["logprobs"], model_logprobs(server, ids)
     assert lp["tokens"] == [text_of(tok, i) for i in ids] and "".join(lp["tokens"]) == prompt
@@ -991,6 +991,43 @@ def test_echo_with_max_tokens_0_scores_the_prompt_as_the_model_does(served):
                                             "temperature": 0})[1]["choices"][0]
     assert more["text"].startswith(prompt) and len(more["logprobs"]["tokens"]) == len(ids) + 3
     assert {k: v[:len(ids)] for k, v in more["logprobs"].items()} == lp
+
+
+@pytest.mark.parametrize("logprobs", [2, None])
+def test_a_prefill_only_request_counts_as_vllms_one_drawn_and_dropped_token(both, logprobs, monkeypatch):
+    """echo with max_tokens 0: vLLM draws one token a choice and drops it (protocol.py's to_sampling_params:
+    max_tokens 1), so its usage counts 1 completion token a choice and its metrics a first token (TTFT), those
+    generation tokens and one e2e latency, no inter-token gap. Ours draws none (the engine ends the request after
+    its prefill; with no engine, or no scoring, the prompt is scored or echoed alone) and counts alike, streamed
+    too, with the engine's phases and with --max-batch 1's (its scoring, under the model's lock, its prefill)."""
+    import time
+
+    server, tok = both
+    real = serve.prompt_rows
+    monkeypatch.setattr(serve, "prompt_rows", lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1])
+    prompt = "the cat sat on the mat"
+    ids = tok.encode(prompt)
+    m = server.app.metrics
+    names = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "time_per_output_token_seconds",
+             "request_generation_tokens", "request_prefill_time_seconds", "request_inference_time_seconds")
+
+    def counts():
+        return m.generation_tokens, [(m.hist[name].count, m.hist[name].sum) for name in names]
+    req = {"prompt": prompt, "echo": True, "max_tokens": 0, "n": 2, "logprobs": logprobs}
+    for stream in (False, True):
+        (gen, hist) = counts()
+        status, body = call(server, "/v1/completions", {**req, "stream": stream,
+                                                        **({"stream_options": {}} if stream else {})})
+        used = events(body)[-1]["usage"] if stream else body["usage"]
+        assert status == 200 and used == {"prompt_tokens": len(ids), "completion_tokens": 2,
+                                          "total_tokens": len(ids) + 2}
+        (gen2, hist2) = counts()
+        assert gen2 == gen + 2
+        ttft, e2e, itl, gens, prefill, inference = [(c2 - c, s2 - s) for (c, s), (c2, s2) in zip(hist, hist2)]
+        assert ttft[0] == e2e[0] == gens[0] == prefill[0] == inference[0] == 1 and itl[0] == 0
+        assert gens[1] == 2 and 0 < ttft[1] <= e2e[1] and prefill[1] == pytest.approx(inference[1])
+        if logprobs is not None and server.app.engine is None:  # (no engine: scored by prompt_rows, 50 ms more)
+            assert prefill[1] >= 0.05
 
 
 def test_drawn_tokens_logprobs_are_the_models_raw_distribution_at_each_step(both):
@@ -1163,7 +1200,8 @@ def test_the_engine_prefills_a_scoring_requests_prompt_once(served, monkeypatch)
     """echo with logprobs through the engine: the request's own prefill scores its prompt (Engine.submit's
     prompt_logprobs), so an lm-eval request (max_tokens 1) and a scoring one (max_tokens 0) run each prompt token
     through the model once, not twice, the request counted running while it prefills; the scoring request is in
-    the prefill phase's histogram (vLLM's: its one prefill) and in the prompt-token counts, with no first token."""
+    the prefill phase's histogram (vLLM's: its one prefill) and in the prompt-token counts, its prefill's end its
+    first token (vLLM's one token, drawn and dropped)."""
     server, tok = served
     app, counts = server.app, []
     hidden = app.model.hidden
@@ -1180,7 +1218,7 @@ def test_the_engine_prefills_a_scoring_requests_prompt_once(served, monkeypatch)
     assert status == 200 and len(body["choices"][0]["logprobs"]["tokens"]) == len(ctx)
     assert counts == [(len(ctx), 1)]
     after = {name: m.hist[name].count - n for name, n in before.items()}
-    assert after == {"request_prefill_time_seconds": 1, "request_prompt_tokens": 1, "time_to_first_token_seconds": 0,
+    assert after == {"request_prefill_time_seconds": 1, "request_prompt_tokens": 1, "time_to_first_token_seconds": 1,
                      "request_decode_time_seconds": 1}
     # n choices of a scoring request: one row scores the prompt for all (not n rows of slots), each choice alike
     rows, submit = [], app.engine.submit

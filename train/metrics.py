@@ -138,7 +138,8 @@ class Metrics:
             family("prompt_tokens_total", "counter", "Number of prompt tokens processed (a request's, when it ends "
                    "with its choices).", [("", label, self.prompt_tokens)])
             family("generation_tokens_total", "counter", "Number of generation tokens processed (the choices' "
-                   "completion tokens, when their request ends; an aborted request's are not counted).",
+                   "completion tokens, when their request ends; an aborted request's are not counted; a "
+                   "prefill-only one's 1 a choice, vLLM's drawn and dropped token).",
                    [("", label, self.generation_tokens)])
             family("request_success_total", "counter", "Count of finished choices by finish reason (abort: the "
                    "client left; error: the server failed it).",

@@ -565,10 +565,10 @@ class Model:
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def score_prompt(self, ids, k: int, step=None) -> list:
+    def score_prompt(self, ids, k: int, step=None, timing=None) -> list:
         """prompt_rows' rows of the prompt ids with the k likeliest tokens. step: the engine's prefill's rows of them
         (draw's on_prompt: Engine.submit's prompt_logprobs); None (no engine) one forward of the whole prompt here,
-        under the model's lock (the head in chunks: prompt_rows)."""
+        under the model's lock (the head in chunks: prompt_rows), timing's request admitted when it takes it."""
         import torch
 
         from tritongpt.train.common import autocast
@@ -577,6 +577,8 @@ class Model:
             return rows_of(step)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: the model's turn)
+            if timing is not None:
+                timing.scheduled = time.monotonic()
             return prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
 
     def prompt_logprobs(self, ids, rows, k: int, text: str) -> list:
@@ -643,6 +645,12 @@ class Model:
             if on_delta:
                 on_token(new)
         request = None  # the engine's handle: its phases' clocks (Timing.phases)
+        if budget == 0 and on_prompt is not None:  # a prefill-only request: its scored prompt is its first token
+            scored_prompt = on_prompt
+
+            def on_prompt(step):
+                timing.tokens()
+                scored_prompt(step)
         try:
             if self.engine is not None:
                 request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
@@ -659,6 +667,7 @@ class Model:
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
+                count = count if budget else 1  # (prefill-only: vLLM's one token, drawn and dropped; Completion.draw)
                 # the tokens drawn, each with its logprobs: at the budget all; ended by the end token, a stop token
                 # or a stop string, every token up to the one that ended it, the one the stop string ends in too,
                 # past the cut text (vLLM's: its detokenizer cuts output_text only, its logprobs processor keeps
@@ -1098,7 +1107,7 @@ class Completion:
         in_prefill = s["score_k"] is not None and self.app.engine is not None
         scored = {"echo": None, "prompt": None}
         try:
-            self.begin(p, in_prefill, scored)
+            self.begin(p, in_prefill, scored, timing)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
             timing.end(["abort"] * s["n"])
             raise
@@ -1108,12 +1117,13 @@ class Completion:
         drawn = self.draw(p, timing, in_prefill, scored)
         return self.choices(p, drawn, scored), len(self.prompts[p]), sum(c[2] for c in drawn), scored["prompt"]
 
-    def begin(self, p: int, in_prefill: bool, scored: dict):
-        """Prompt p's work before its draw: its scoring where no prefill scores it, and with stream its choices'
-        first chunks (chat's role; echo's text, unless on_prompt writes it once the prefill scored it)."""
+    def begin(self, p: int, in_prefill: bool, scored: dict, timing=None):
+        """Prompt p's work before its draw: its scoring where no prefill scores it (timing: the prompt's clock, admitted
+        when the scoring takes the model), and with stream its choices' first chunks (chat's role; echo's text,
+        unless on_prompt writes it once the prefill scored it)."""
         s = self.s
         if s["score_k"] is not None and not in_prefill:
-            self.scores(p, self.app.score_prompt(self.prompts[p], s["score_k"]), scored)
+            self.scores(p, self.app.score_prompt(self.prompts[p], s["score_k"], timing=timing), scored)
         if s["stream"]:
             for i in range(s["n"]):
                 if self.chat:
@@ -1145,9 +1155,16 @@ class Completion:
         on_delta = (lambda i, text, items, count: self.chunk(base + i, text, lp=self.logprobs(items, len(echo)),
                                                              tokens=count)) if s["stream"] else None
         if self.budgets[p] == 0 and not in_prefill:  # echo with max_tokens 0: the prompt scored, nothing drawn
-            timing.end(["length"] * s["n"], len(ids))  # (vLLM's finish "length")
-            return [("", "length", 0, [] if s["logprobs"] is not None else None, None)] * s["n"]
-        # (with the engine's echo, budget 0: a prefill-only request, its choices "length" with no token)
+            # vLLM draws one token a choice and drops it (protocol.py's to_sampling_params: echo with max_tokens 0
+            # runs max_tokens 1): its usage (serving_completion.py: len(output.token_ids)) and metrics
+            # (v1/metrics/stats.py: a first token, its TTFT, and those generation tokens) count it, and so do ours,
+            # the scored (or echoed) prompt taken as its first token
+            if timing.scheduled is None:  # (nothing scored: nothing waited for the model)
+                timing.scheduled = time.monotonic()
+            timing.tokens()
+            timing.end(["length"] * s["n"], len(ids), s["n"])  # (vLLM's finish "length")
+            return [("", "length", 1, [] if s["logprobs"] is not None else None, None)] * s["n"]
+        # (with the engine's echo, budget 0: a prefill-only request, its choices "length", counted alike: Model.draw)
         return self.app.draw(ids, self.budgets[p], s, self.stop_id, self.generator, on_delta,
                              lambda: self.stop.is_set() or self.handler.client_gone(),
                              (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None)
