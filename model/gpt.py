@@ -48,8 +48,8 @@ class KVCache:
     kv_dtype "int8" (generate's --kv-cache-dtype int8): k and v are stored as int8 with one fp32 scale per
     (layer, row, kv head, position) vector, k_scale and v_scale [n_layer, B, kv_heads, max_len] (layers.quantize_kv:
     symmetric, absmax / 127 over head_dim), about half a 16-bit cache's bytes (nbytes). `dtype` is kept (the
-    float cache's; both attention paths read an int8 cache back in q's dtype). update quantizes what it writes, and every
-    layer's attention reads the cache's int8 values, the new tokens' own too: a prefill attends over the same
+    float cache's; both attention paths read an int8 cache back in q's dtype). update quantizes what it writes, and
+    every layer's attention reads the cache's int8 values, the new tokens' own too: a prefill attends over the same
     dequantized keys a later decode step reads, so a prompt fed whole or in chunks gives the same logits.
     "auto" (or None): the keys' own dtype, as before.
 

@@ -602,9 +602,9 @@ class Model:
         its prefill): called with the prompt's rows (step_logprobs'), in this thread. on_delta(i, text, items, count):
         each choice's new text as it is drawn (held back where a stop string may be starting), the deltas of a choice
         adding up to its text, with the items of the tokens that text takes (None without logprobs) and the choice's
-        tokens drawn so far (its completion tokens once it ends); called in this thread (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
-        waiting for the engine: its request is then cancelled and BrokenPipeError raised (as a write to its socket
-        would)."""
+        tokens drawn so far (its completion tokens once it ends); called in this thread (the engine's tokens come
+        through the request's queue). gone(): whether the client left, asked while waiting for the engine: its
+        request is then cancelled and BrokenPipeError raised (as a write to its socket would)."""
         import torch
 
         from tritongpt.commands import Choices
