@@ -1414,3 +1414,87 @@ def test_a_gpus_padding_rule_groups_more_than_a_cpus(one_thread, monkeypatch):
     engine.cache.k = engine.cache.k.to("meta")  # (a device of another type: only the type is read)
     monkeypatch.setitem(PREFILL_PAD, "meta", PREFILL_PAD["cuda"])
     assert [[c.end for c in g] for g in engine._groups(chunks)] == [[10, 10, 9, 6]]
+
+
+# One group of each model variant the engine takes, its rows' slots out of order, a padded row ending on the
+# context's last position (learned positions: the table's last row; ALiBi, RoPE, a window: each row's own offsets)
+VARIANTS = {"gpt2": {}, "rope-gqa": dict(position_encoding="rope", n_kv_head=1, norm="rmsnorm", mlp="swiglu"),
+            "alibi": dict(position_encoding="alibi"), "window-softcap": dict(attention_window=4, attn_softcap=5.0),
+            "moe": dict(position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_experts=4, experts_per_token=2),
+            "parallel": dict(parallel_residual=True)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_group_of_every_model_variant_draws_generates_tokens_up_to_the_contexts_end(one_thread, monkeypatch,
+                                                                                      variant):
+    """E (39 of the 40 positions) runs once, caching 36; then D decodes while E again (36 cached: 3 at 36..38),
+    F (4, scoring its prompt) and G (2 equal rows of 4, sampled) prefill in ONE forward of 3 rows of 4, in slots
+    2, 3, 1 (F, G, E: longest first): E's padding is at position 39, the context's last. Each request draws
+    generate()'s tokens alone, F's prompt logprobs are the float64 forward's, and every slot and page is free at
+    the end."""
+    model = loud_attention(tiny(**VARIANTS[variant]))
+    engine = Engine(model, max_batch=5, kv_pages=40, page_size=4, prefix_caching=True)
+    shapes = prefill_shapes(monkeypatch, engine)
+    e = prompt(39, seed=31)
+    schedule = [(0, e, 1, {}), (1, prompt(5, seed=32), 6, {}), (2, e, 1, {}),
+                (2, prompt(4, seed=33), 3, dict(prompt_logprobs=2)),
+                (2, prompt(4, 2, seed=34), 4, dict(SAMPLED, seed=5))]
+    out = run(engine, schedule)
+    monkeypatch.undo()
+    assert (3, 4) in shapes and engine.stats["cached_prompt_tokens"] == 36
+    for (h, _), (_, idx, new, kw) in zip(out, schedule):
+        rows = []
+        assert torch.equal(h.wait(on_prompt=rows.append),
+                           alone(model, idx, new, {x: v for x, v in kw.items() if x != "prompt_logprobs"}))
+        if "prompt_logprobs" in kw:
+            check_scored(rows[0], scored_prompt(model, idx, 2), 1e-4, variant)
+    assert engine.free == list(range(5)) and engine.cache.num_free == 40 and not any(engine.cache.refs)
+
+
+def test_a_group_whose_forward_fails_fails_its_requests_alone(one_thread, monkeypatch):
+    """D decodes while C (16) prefills alone and A (5) and B (4) in a forward of their own (C's padding would
+    double their 9 tokens), which raises after writing its keys: A and B get the error, C and D generate()'s
+    tokens; every slot and page is free, and A submitted again reads none of its failed prefill's keys."""
+    model = loud_attention(tiny())
+    engine = Engine(model, max_batch=4, kv_pages=24, page_size=4, prefix_caching=True)
+    shapes, hidden = prefill_shapes(monkeypatch, engine), engine.model.hidden  # (the spy: it records, then runs)
+
+    def failing(ids, cache=None, *a, **k):
+        out = hidden(ids, cache, *a, **k)
+        if ids.shape == (2, 5):
+            raise RuntimeError("the group's forward failed")
+        return out
+    monkeypatch.setattr(engine.model, "hidden", failing)
+    a, b, c, d = prompt(5, seed=41), prompt(4, seed=42), prompt(16, seed=43), prompt(6, seed=44)
+    out = run(engine, [(0, d, 5, {}), (1, c, 3, dict(SAMPLED, seed=2)), (1, a, 3, {}), (1, b, 2, {})])
+    assert shapes == [(1, 6), (1, 16), (2, 5)]
+    for h, _ in out[2:]:
+        with pytest.raises(RuntimeError, match="the group's forward failed"):
+            h.wait()
+    assert torch.equal(out[0][0].wait(), alone(model, d, 5, {}))
+    assert torch.equal(out[1][0].wait(), alone(model, c, 3, dict(SAMPLED, seed=2)))
+    assert engine.free == [0, 1, 2, 3] and engine.cache.num_free == 24 and not any(engine.cache.refs)
+    monkeypatch.undo()
+    again = engine.submit(a, 3)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(again.wait(), alone(model, a, 3, {}))
+
+
+def test_cuda_graph_decode_steps_read_the_rows_a_batched_prefill_wrote(one_thread, monkeypatch):
+    """A, W and Y prefill together into slots 0..2 and decode in bucket 4's graph; W ends, and B and C (sampled)
+    prefill in one forward into slots 3 and 1 (not consecutive: through the slot cache's row index) while A and Y
+    replay the graph captured before, which then runs all four: each request draws generate()'s tokens alone (the
+    graph reads the fills and keys the prefill left, in place, never a copy)."""
+    model = loud_attention(tiny())
+    log = []
+    engine = graphed(model, log)
+    shapes = prefill_shapes(monkeypatch, engine)
+    schedule = [(0, prompt(4, seed=51), 7, {}), (0, prompt(3, seed=52), 2, {}), (0, prompt(5, seed=53), 7, {}),
+                (2, prompt(5, seed=54), 3, dict(SAMPLED, seed=7)), (2, prompt(6, seed=55), 4, {})]
+    out = run(engine, schedule)
+    monkeypatch.undo()
+    assert shapes == [(3, 5), (2, 6)] and [at for _, at in out] == [0, 0, 0, 2, 2]
+    assert buckets_run(log) == [(4, True)]
+    for (h, _), (_, idx, new, kw) in zip(out, schedule):
+        assert torch.equal(h.wait(), alone(model, idx, new, kw))
