@@ -4,6 +4,7 @@ every bad request gets OpenAI's error object with its status, and logprobs (echo
 loglikelihood requests) are the model's own log-softmax."""
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -1948,3 +1949,33 @@ def test_a_request_whose_second_prompt_fails_first_is_a_500_naming_that_failure(
     status, err = call(server, "/v1/completions", {"prompt": ["a dog", "the cat"], "max_tokens": 3})
     assert status == 500 and err["error"]["type"] == "server_error"
     assert "the second prompt broke" in capsys.readouterr().err
+
+
+def test_a_list_of_prompts_of_different_lengths_is_scored_as_the_model_does_from_one_prefill(served, monkeypatch):
+    """lm-eval's shape: one echo request of several prompts of different lengths (max_tokens 0, logprobs 1), the
+    engine held until all of them wait, so they prefill in ONE forward (each right-padded to the longest): every
+    prompt's token logprobs are the model's own, none read from another row's tokens or its padding."""
+    server, tok = served
+    engine, step, shapes, hidden = server.app.engine, server.app.engine.step, [], server.app.model.hidden
+    texts = ["the cat sat on the mat", "on a mat sat the dog. Hello", "the mat sat on a cat. Hello there",
+             "Hello there, the cat"]  # (6, 11, 12 and 8 tokens: 48 padded, within 1.5 x 37)
+    ids = [tok.encode(t) for t in texts]
+    waited = time.monotonic()
+
+    def held():  # (the engine's thread: no step until the request's every prompt waits, or 10 s went by)
+        if not engine.running and len(engine.waiting) < len(texts) and time.monotonic() - waited < 10:
+            time.sleep(0.002)
+            return False
+        return step()
+    monkeypatch.setattr(engine, "step", held)
+    monkeypatch.setattr(server.app.model, "hidden", lambda x, cache=None, *a, **k: shapes.append(tuple(x.shape))
+                        or hidden(x, cache, *a, **k))
+    status, body = call(server, "/v1/completions", {"prompt": texts, "echo": True, "max_tokens": 0, "logprobs": 1})
+    monkeypatch.undo()
+    assert status == 200 and shapes == [(len(texts), max(map(len, ids)))]
+    for choice in body["choices"]:
+        p = ids[choice["index"]]
+        logp = model_logprobs(server, p)
+        assert choice["text"] == texts[choice["index"]] and choice["logprobs"]["token_logprobs"][0] is None
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            [float(logp[t, i]) for t, i in enumerate(p[1:])], abs=1e-4)
