@@ -1434,6 +1434,7 @@ def test_a_group_of_every_model_variant_draws_generates_tokens_up_to_the_context
     the end."""
     model = loud_attention(tiny(**VARIANTS[variant]))
     engine = Engine(model, max_batch=5, kv_pages=40, page_size=4, prefix_caching=True)
+    monkeypatch.setitem(PREFILL_PAD, "cpu", PREFILL_PAD["cuda"])  # (a GPU's padding rule)
     shapes = prefill_shapes(monkeypatch, engine)
     e = prompt(39, seed=31)
     schedule = [(0, e, 1, {}), (1, prompt(5, seed=32), 6, {}), (2, e, 1, {}),
@@ -1457,6 +1458,7 @@ def test_a_group_whose_forward_fails_fails_its_requests_alone(one_thread, monkey
     tokens; every slot and page is free, and A submitted again reads none of its failed prefill's keys."""
     model = loud_attention(tiny())
     engine = Engine(model, max_batch=4, kv_pages=24, page_size=4, prefix_caching=True)
+    monkeypatch.setitem(PREFILL_PAD, "cpu", PREFILL_PAD["cuda"])  # (a GPU's padding rule)
     shapes, hidden = prefill_shapes(monkeypatch, engine), engine.model.hidden  # (the spy: it records, then runs)
 
     def failing(ids, cache=None, *a, **k):
@@ -1489,6 +1491,7 @@ def test_cuda_graph_decode_steps_read_the_rows_a_batched_prefill_wrote(one_threa
     model = loud_attention(tiny())
     log = []
     engine = graphed(model, log)
+    monkeypatch.setitem(PREFILL_PAD, "cpu", PREFILL_PAD["cuda"])  # (a GPU's padding rule)
     shapes = prefill_shapes(monkeypatch, engine)
     schedule = [(0, prompt(4, seed=51), 7, {}), (0, prompt(3, seed=52), 2, {}), (0, prompt(5, seed=53), 7, {}),
                 (2, prompt(5, seed=54), 3, dict(SAMPLED, seed=7)), (2, prompt(6, seed=55), 4, {})]

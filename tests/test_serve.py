@@ -17,6 +17,7 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import chat, formats, generate as generate_module, serve
+from tritongpt.train.engine import PREFILL_PAD
 from tritongpt.train.generate import generate
 from tritongpt.train.tokenizer import BPETokenizer
 
@@ -1968,6 +1969,7 @@ def test_a_list_of_prompts_of_different_lengths_is_scored_as_the_model_does_from
             return False
         return step()
     monkeypatch.setattr(engine, "step", held)
+    monkeypatch.setitem(PREFILL_PAD, "cpu", PREFILL_PAD["cuda"])  # (a GPU's padding rule: 1.5)
     monkeypatch.setattr(server.app.model, "hidden", lambda x, cache=None, *a, **k: shapes.append(tuple(x.shape))
                         or hidden(x, cache, *a, **k))
     status, body = call(server, "/v1/completions", {"prompt": texts, "echo": True, "max_tokens": 0, "logprobs": 1})
