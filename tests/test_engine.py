@@ -1175,25 +1175,24 @@ def check_scored(got, want, tol=1e-4, name="prompt logprobs", ids=True):
     assert_close_rel(got[2], want[2], tol, name + " (top)")
 
 
-def prefilled(monkeypatch, engine):
-    """The tokens each of the engine's prefill forwards runs (model.hidden outside its decode), as a list that
-    grows."""
-    seen, hidden, decode, decoding = [], engine.model.hidden, engine._decode, [False]
+def prefill_shapes(monkeypatch, engine):
+    """The ids' shape of each of the engine's prefill forwards (model.hidden outside its decode), a list that grows."""
+    shapes, hidden, decode, decoding = [], engine.model.hidden, engine._decode, [False]
 
-    def counted(ids, cache=None, *a, **k):
+    def spied(ids, cache=None, *a, **k):
         if not decoding[0]:
-            seen.append(ids.numel())
+            shapes.append(tuple(ids.shape))
         return hidden(ids, cache, *a, **k)
 
-    def counted_decode(rows):
+    def spied_decode(rows):
         decoding[0] = True
         try:
             return decode(rows)
         finally:
             decoding[0] = False
-    monkeypatch.setattr(engine.model, "hidden", counted)
-    monkeypatch.setattr(engine, "_decode", counted_decode)
-    return seen
+    monkeypatch.setattr(engine.model, "hidden", spied)
+    monkeypatch.setattr(engine, "_decode", spied_decode)
+    return shapes
 
 
 @pytest.mark.parametrize("kernels,kv_dtype", [("reference", "auto"), ("reference", "int8"), ("triton", "auto")])
@@ -1208,12 +1207,12 @@ def test_prompt_logprobs_come_from_the_requests_own_prefill(one_thread, monkeypa
     engine = Engine(model, max_batch=3, kv_pages=12, page_size=4, max_prefill_tokens=4, kv_cache_dtype=kv_dtype)
     hb = engine.submit(prompt(4, seed=1), 6)
     engine.step()
-    seen = prefilled(monkeypatch, engine)
+    seen = prefill_shapes(monkeypatch, engine)
     ha = engine.submit(a, 3, prompt_logprobs=3, **seeded(kw))
     while engine.running or engine.waiting:
         engine.step()
     monkeypatch.undo()
-    assert seen == [4, 4, 3]  # A's prompt once, in chunks (its equal rows once)
+    assert seen == [(1, 4), (1, 4), (1, 3)]  # A's prompt once, in chunks (its equal rows once)
     order = []
     out = ha.wait(lambda nxt: order.append("token"), on_prompt=lambda rows: order.append(rows))
     assert order[1:] == ["token"] * 3 and len(order[0][0]) == 10
@@ -1303,12 +1302,12 @@ def test_a_request_scoring_its_prompt_reads_no_cached_prefix_but_caches_its_page
     model = loud_attention(tiny())
     p = prompt(10, seed=5)
     engine = Engine(model, max_batch=1, kv_pages=6, page_size=4, prefix_caching=True)
-    seen = prefilled(monkeypatch, engine)
+    seen = prefill_shapes(monkeypatch, engine)
     handles = [engine.submit(p, 2), engine.submit(p, 1, prompt_logprobs=2), engine.submit(p, 2)]
     while engine.running or engine.waiting:
         engine.step()
     monkeypatch.undo()
-    assert seen == [10, 10, 2]
+    assert seen == [(1, 10), (1, 10), (1, 2)]
     rows = []
     assert torch.equal(handles[1].wait(on_prompt=rows.append), alone(model, p, 1, {}))
     check_scored(rows[0], scored_prompt(model, p, 2))
@@ -1318,26 +1317,6 @@ def test_a_request_scoring_its_prompt_reads_no_cached_prefix_but_caches_its_page
 
 
 # -- batched prefill: a step's prompt chunks of several requests in one forward, right-padded to the longest -------
-def prefill_shapes(monkeypatch, engine):
-    """The ids' shape of each of the engine's prefill forwards (model.hidden outside its decode), a list that grows."""
-    shapes, hidden, decode, decoding = [], engine.model.hidden, engine._decode, [False]
-
-    def spied(ids, cache=None, *a, **k):
-        if not decoding[0]:
-            shapes.append(tuple(ids.shape))
-        return hidden(ids, cache, *a, **k)
-
-    def spied_decode(rows):
-        decoding[0] = True
-        try:
-            return decode(rows)
-        finally:
-            decoding[0] = False
-    monkeypatch.setattr(engine.model, "hidden", spied)
-    monkeypatch.setattr(engine, "_decode", spied_decode)
-    return shapes
-
-
 # A (7, greedy), B (2 equal rows of 5, sampled: prefilled once), C (6, scoring its prompt), D (4, prefill-only,
 # scoring): 22 prompt tokens in one forward of 4 rows of 7 (28 <= a GPU's 1.5 x 22), in slots 0, 3, 1, 4 by length
 BURST = [(prompt(7, seed=11), 5, dict(logprobs=2)), (prompt(5, 2, seed=12), 4, dict(SAMPLED, seed=3, logprobs=2)),
