@@ -833,13 +833,12 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     forwards = row_forwards = proposed = accepted = 0
     orig = model.config.rope_scaling and model.config.rope_scaling.get("original_max_position_embeddings")
     longrope = bool(model.config.rope_scaling) and model.config.rope_scaling["rope_type"] == "longrope"
-    ban = warp.get("no_repeat_ngram_size")
     no_row = torch.zeros(B, dtype=torch.bool, device=idx.device)
     while idx.size(1) - start < max_new_tokens:
         L = idx.size(1)
         # the step's last token is the model's own: k + 1 new tokens at most; the model runs L + k positions,
         # the draft L + k - 1, each within its context
-        k = min(num_draft_tokens, max_new_tokens - (L - start) - 1, model.config.context_length - L)
+        k = draft_width(L, start, max_new_tokens, num_draft_tokens, model.config.context_length)
         if not lookup:
             k = min(k, draft.config.context_length - L + 1)
         if longrope and L <= orig:
@@ -849,11 +848,7 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         k = max(k, 0)
         text, q_logits = idx, []
         if lookup:  # rows propose on their own: lens[b] tokens, the rest padding
-            drafted, lens = lookup_proposals(idx, draft.max_ngram, k)
-            if vocab_limit is not None:  # a token never drawn ends the proposals (transformers' lookup ends them
-                # at a token its logits processors forbid)
-                lens = torch.minimum(lens, (drafted < vocab_limit).long().cumprod(dim=1).sum(dim=1))
-                drafted = drafted[:, :int(lens.max())].clamp(max=vocab_limit - 1)
+            drafted, lens = lookup_draft(idx, draft.max_ngram, k, vocab_limit)
             k = drafted.size(1)
             text = torch.cat([idx, drafted], dim=1)
         for _ in range(0 if lookup else k):
@@ -864,27 +859,11 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
             q_logits.append(w)
             text = torch.cat([text, _draw(w, greedy, generator)], dim=1)
         logits = _feed(model, cache, text, keep=k + 1)[:, -(k + 1):, :vocab_limit]
-        # each position warped with the tokens before it: the penalties and the n-gram ban as _generate applies them
-        p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start,
-                                                live=no_row, **warp) for j in range(k + 1)], dim=1)
-        if lookup:
-            n, nxt = accept_lookup(p_logits, text[:, L:], lens, greedy, generator)
-        else:
-            q_logits = torch.stack(q_logits, dim=1) if k else p_logits[:, :0]
-            n, nxt = accept_drafts(p_logits, q_logits, text[:, L:], greedy, generator)
-        m, kept = keep_common(n, nxt, text[:, L:], done)
-        live = int((~done).sum())
-        offered = int(lens[~done].sum()) if lookup else k * live
-        forwards, row_forwards, proposed = forwards + 1, row_forwards + live, proposed + offered
-        for j, tok in enumerate(kept.split(1, dim=1)):  # as _generate does, a token at a time
-            if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
-                ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
-            # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
-            # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
-            accepted += int((~done).sum()) if j < m else 0
-            idx, finished, _ = append_token(idx, tok, done, eos_id, on_token, stop, ends)
-            if finished:
-                break
+        idx, m, _, _, live, offered, took = verify_step(logits, text, L, start, done, warp, generator, eos_id,
+                                                         on_token, stop, ends, lens if lookup else None,
+                                                         None if lookup else q_logits)
+        forwards, row_forwards, proposed, accepted = forwards + 1, row_forwards + live, proposed + offered, \
+            accepted + took
         if (eos_id is not None or stop is not None) and bool(done.all()):
             break
         # the caches keep the text before the step's last token, which neither has run
@@ -896,6 +875,58 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         stats.update(target_forwards=forwards, drafted=proposed, accepted=accepted,
                      accepted_per_forward=accepted / row_forwards if row_forwards else 0.0)
     return idx
+
+
+def draft_width(L: int, start: int, max_new_tokens: int, num_draft_tokens: int, context: int) -> int:
+    """The draft tokens a speculative step of text length L may propose: the step's last token is the model's own,
+    so k + 1 new tokens at most within the budget, and the model runs L + k positions within its context."""
+    return max(min(num_draft_tokens, max_new_tokens - (L - start) - 1, context - L), 0)
+
+
+def lookup_draft(idx, max_ngram: int, k: int, vocab_limit=None):
+    """A PromptLookup step's proposals (lookup_proposals), a token never drawn ending a row's (transformers' lookup
+    ends them at a token its logits processors forbid): (drafted [B, k'], lens [B]), k' the most a row proposes."""
+    drafted, lens = lookup_proposals(idx, max_ngram, k)
+    if vocab_limit is not None:
+        lens = torch.minimum(lens, (drafted < vocab_limit).long().cumprod(dim=1).sum(dim=1))
+        drafted = drafted[:, :int(lens.max())].clamp(max=vocab_limit - 1)
+    return drafted, lens
+
+
+def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, eos_id, on_token, stop, ends=None,
+                lens=None, q_logits=None):
+    """A speculative step after the model's forward (_speculative's, and the batching engine's with prompt lookup):
+    text [B, L + k] the text and its k draft tokens, logits [B, k + 1, V] the model's at its last k + 1 positions
+    (vocab-limited). Each position warped as _generate would (the penalties, the n-gram ban), the drafts judged
+    (accept_lookup with lens, a lookup's; else accept_drafts with the draft's q_logits), every row keeping the
+    common m (keep_common), its tokens appended one at a time (append_token: EOS, stop, on_token). -> (idx, m,
+    whether every row is done, append_token's host list of done rows, the live rows, the tokens they proposed,
+    the draft tokens they kept)."""
+    greedy = warp.get("temperature", 0.0) < torch.finfo(torch.float32).tiny  # (the engine's: only the ones given)
+    k, ban = text.size(1) - L, warp.get("no_repeat_ngram_size")
+    no_row = torch.zeros(text.size(0), dtype=torch.bool, device=text.device)
+    # each position warped with the tokens before it: the penalties and the n-gram ban as _generate applies them
+    p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start,
+                                            live=no_row, **warp) for j in range(k + 1)], dim=1)
+    if lens is not None:
+        n, nxt = accept_lookup(p_logits, text[:, L:], lens, greedy, generator)
+    else:
+        q_logits = torch.stack(q_logits, dim=1) if k else p_logits[:, :0]
+        n, nxt = accept_drafts(p_logits, q_logits, text[:, L:], greedy, generator)
+    m, kept = keep_common(n, nxt, text[:, L:], done)
+    live = int((~done).sum())
+    offered = int(lens[~done].sum()) if lens is not None else k * live
+    idx, finished, ended, accepted = text[:, :L], False, None, 0
+    for j, tok in enumerate(kept.split(1, dim=1)):  # as _generate does, a token at a time
+        if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
+            ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
+        # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
+        # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
+        accepted += int((~done).sum()) if j < m else 0
+        idx, finished, ended = append_token(idx, tok, done, eos_id, on_token, stop, ends)
+        if finished:
+            break
+    return idx, m, finished, ended, live, offered, accepted
 
 
 def keep_common(n, nxt, drafted, done):
