@@ -26,8 +26,9 @@ import torch
 
 from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
-from tritongpt.train.generate import (DecodeGraph, check_cache_dtype, check_graphable, check_logprobs, check_sampling,
-                                     decode_step, end_rule, hidden_and_head, last_logits, new_cache, score_positions)
+from tritongpt.train.generate import (DecodeGraph, PromptLookup, check_cache_dtype, check_graphable, check_logprobs,
+                                     check_sampling, decode_step, draft_width, end_rule, hidden_and_head, last_logits,
+                                     lookup_draft, new_cache, score_positions, verify_step)
 
 # Batched prefill (_groups): several requests' prompt chunks run in one forward, each right-padded to the longest.
 # A group takes a chunk only while its padded tokens stay within PREFILL_GROUP_TOKENS (the forward's activations:
@@ -149,6 +150,15 @@ def prefix_caching_said(stats) -> str | None:
             f"cache ({stats['cached_prompt_tokens'] / stats['prompt_tokens']:.0%})")
 
 
+def speculation_said(stats) -> str | None:
+    """Engine.stats' prompt lookup counts as serve and `generate --prompts` say them at the end (None without it)."""
+    if "spec_decode_num_drafts" not in stats:
+        return None
+    drafted, accepted = stats["spec_decode_num_draft_tokens"], stats["spec_decode_num_accepted_tokens"]
+    return (f"prompt lookup: {stats['spec_decode_num_drafts']} drafts of {drafted} tokens, {accepted} accepted"
+            + (f" ({accepted / drafted:.0%})" if drafted else ""))
+
+
 def check_engine(model) -> None:
     """Refuses by name a model the engine cannot batch (serve then serves it one request at a time)."""
     scaling = model.config.rope_scaling
@@ -202,11 +212,30 @@ class Engine:
     readmitted, prefills its prompt and the tokens it drew, then draws on exactly as it would have. submit refuses
     a request whose rows could not hold their whole budget in the pool unshared, so a request alone always fits.
     False: the old rule, every position a request's budget can fill reserved at admission: fewer requests at once,
-    but none ever preempted (no recompute)."""
+    but none ever preempted (no recompute).
+
+    prompt_lookup N (vLLM's n-gram speculation, speculative_config {"method": "ngram", "prompt_lookup_max": N,
+    "num_speculative_tokens": num_draft_tokens}): each request's tokens are generate(prompt_lookup=N,
+    num_draft_tokens=...)'s for it, drawn as its _speculative draws them (_propose, _verify, _accept). Such a
+    request prefills its prompt but its last token (its cache holds the text but its last token, as _speculative's)
+    and draws from its first decode step on. Each decode step every speculating request proposes per row
+    (lookup_proposals, k as _speculative's for it: its budget left, the context), and all decoding rows run in one
+    forward (KVCache.rows), right-padded to 1 + the most proposals (a forward more only where a row's padding would
+    pass the context); each request then keeps its rows' common m accepted tokens (keep_common) and its fill is
+    L + m. A step where no request proposes is the plain decode (_decode; with cuda_graph its graphs, which the
+    speculative steps never use). A paged cache gives the verified positions their pages before the forward
+    (earliest admitted first); a pool that cannot proposes fewer tokens, none at worst, never preempting for them
+    (the tokens then still the model's distribution's, greedy ones generate's, but a sampled request's generator
+    used as for fewer proposals). Requests with logprobs, min_tokens (generate refuses them with prompt_lookup) or
+    prompt_logprobs, and prefill-only ones, decode plainly. With prefix caching, a speculating row that ended (EOS
+    padding) caches only the blocks before the step it ended in (the positions after hold its proposals' keys).
+    stats: vLLM's "spec_decode_num_drafts" (a live row's proposals a step), "spec_decode_num_draft_tokens" and
+    "spec_decode_num_accepted_tokens" (generate's stats' drafted and accepted)."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
                  kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
-                 prefix_caching: bool = False, max_prefill_tokens: int | None = None, preemption: bool = True):
+                 prefix_caching: bool = False, max_prefill_tokens: int | None = None, preemption: bool = True,
+                 prompt_lookup: int | None = None, num_draft_tokens: int = 10):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
@@ -220,6 +249,11 @@ class Engine:
             raise UserError(f"max_prefill_tokens must be a positive integer (the prompt tokens a step prefills) or "
                             f"None, got {max_prefill_tokens!r}")
         check_cache_dtype(kv_cache_dtype)
+        self.lookup = None if prompt_lookup is None else PromptLookup(prompt_lookup)  # (checks it)
+        if not is_int(num_draft_tokens) or num_draft_tokens < 1:
+            raise UserError(f"num_draft_tokens must be a positive integer (the tokens a row proposes a step), got "
+                            f"{num_draft_tokens!r}")
+        self.num_draft_tokens = int(num_draft_tokens)
         check_engine(model)
         if cuda_graph:
             check_graphable(model)
@@ -245,6 +279,9 @@ class Engine:
         self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
         self.preemption = preemption and self.paged  # (a slot cache's row holds the whole context: nothing to grow)
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
+        if self.lookup is not None:  # (the class's docstring)
+            self.stats.update(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
+                              spec_decode_num_accepted_tokens=0)
 
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
                vocab_limit: int | None = None, stop=None, logprobs: int | None = None, stop_token_ids=None,
@@ -281,7 +318,10 @@ class Engine:
         # The most it can hold (no cache hit): equal rows prefill once and share their prompt's full pages, but a
         # request preempted after its rows drew different tokens recomputes each row, with pages of its own
         prefilled = 1 if bool((idx == idx[:1]).all()) and not self.preemption else idx.size(0)
-        most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled) if self.paged else 0
+        speculates = self.lookup is not None and logprobs is None and not min_tokens and prompt_logprobs is None \
+            and max_new_tokens > 0
+        most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled,
+                               speculates) if self.paged else 0
         if self.paged and most > self.cache.num_pages:
             raise UserError(f"the request needs {most} KV pages "
                             f"of {self.cache.page_size} positions ({idx.size(0)} rows of {idx.size(1)} + "
@@ -301,6 +341,9 @@ class Engine:
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
+        # prompt lookup (the class's): whether it speculates, and a row's positions whose keys are its ids' (None:
+        # all; a row padded with the EOS after its end held its proposals' keys: _accept)
+        r.lookup, r.cut = speculates, [None] * r.n
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
@@ -328,14 +371,15 @@ class Engine:
         T, left = r.idx.size(1), r.budget - (r.idx.size(1) - r.start)
         return T + max(min(left, 2) if self.preemption else left, 1) - 1
 
-    def _new_pages(self, idx, length: int, hits) -> int:
+    def _new_pages(self, idx, length: int, hits, lookup: bool = False) -> int:
         """The pages a request of rows idx [n, T] takes beyond `hits`, its prefilled rows' cached pages (one
         prefilled row for n equal rows, n otherwise), its rows holding `length` positions: each prefilled row's
-        pages less its hits, and with prefix caching the other equal rows' own pages past the prompt's full blocks,
-        which they share (without it they hold the whole prompt's, copied)."""
+        pages less its hits, and with prefix caching the other equal rows' own pages past the prefill's full blocks
+        (the prompt's; a speculating request's but its last token), which they share (without it they hold the
+        whole prompt's, copied)."""
         n, T = idx.shape
         pages = self.cache.pages_for(length)
-        shared = T // self.cache.page_size if self.prefix_caching else 0
+        shared = (T - lookup) // self.cache.page_size if self.prefix_caching else 0
         return sum(pages - len(h) for h in hits) + (n - len(hits)) * (pages - shared)
 
     def _fits(self, r) -> bool:
@@ -356,7 +400,7 @@ class Engine:
         if not self.paged:
             return 0
         cached = {p for h in r.hits for p in h if p in cache.cached} if self.prefix_caching else ()
-        return self._new_pages(r.idx, self._length(r), r.hits) + len(cached)
+        return self._new_pages(r.idx, self._length(r), r.hits, r.lookup) + len(cached)
 
     def start(self):
         """step() on a background thread while there is work; returns self."""
@@ -430,8 +474,12 @@ class Engine:
         logits = {}
         with self.autocast():
             self._prefill(logits)
+            drafts = {}
             try:
-                if decoding:
+                drafts = self._propose(decoding) if self.lookup is not None and decoding else {}
+                if drafts:
+                    logits.update(self._verify(decoding, drafts))
+                elif decoding:
                     out = self._decode(decoding)
                     for r in decoding:
                         logits[r] = out[r.slots]
@@ -440,9 +488,12 @@ class Engine:
                     self._finish(r, e)
         for r, lg in logits.items():
             try:
-                r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
-                                                     r.eos_id, r.generator, r.put_token, r.stop, r.logprobs,
-                                                     r.ends, r.hold)
+                if r in drafts:
+                    finished, ended = self._accept(r, lg, *drafts[r])
+                else:
+                    r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
+                                                         r.eos_id, r.generator, r.put_token, r.stop, r.logprobs,
+                                                         r.ends, r.hold)
                 if r.eos_id is not None:  # (without an EOS a done row draws on: its tokens are still returned)
                     r.ended = ended
             except Exception as e:  # this request's settings or stop rule: it alone fails
@@ -518,12 +569,12 @@ class Engine:
         for a request still prefilling: its last chunk's pages are not all written. A row that ended holds fewer
         pages than it fed (_grow): the ids in its pages."""
         for i, slot in enumerate(r.slots if self.prefix_caching and not r.todo else ()):
-            self.cache.register(slot, r.idx[i, :-1][:len(self.cache.pages[slot]) * self.cache.page_size])
+            self.cache.register(slot, r.idx[i, :-1][:len(self.cache.pages[slot]) * self.cache.page_size][:r.cut[i]])
 
     def _attach(self, r):
         """Prefix caching, at admission (r.hits from _plan): each prefilled row takes its cached pages; a request's
         other equal rows take the first row's pages of the prompt's full blocks (shared: prefilled once, by it)."""
-        cache, full = self.cache, r.idx.size(1) // self.cache.page_size
+        cache, full = self.cache, self._prefill_end(r) // self.cache.page_size
         for slot, hits in zip(r.slots, r.hits):
             cache.attach(slot, hits)
         if r.same and r.n > 1:
@@ -553,7 +604,7 @@ class Engine:
         its slot a free row there (at its fill, a prompt of the whole context would run a row past the last
         position). A group's forward that fails fails its requests; a request's own bookkeeping, it alone."""
         chunks = self._chunks()
-        for group in self._groups(chunks):
+        for group in self._groups([c for c in chunks if c.end > c.start]):  # (a speculating prompt of 1 token: none)
             group = [c for c in group if c.r in self.running]  # (not a request an earlier group's failure ended)
             try:
                 if group:
@@ -579,7 +630,7 @@ class Engine:
         where its row's last chunk ended, at most max_prefill_tokens in all (None: every one whole): [Chunk]."""
         budget, chunks = self.max_prefill_tokens, []
         for r in [r for r in self.running if r.todo]:
-            T = r.idx.size(1)  # (the prompt, and after a preemption the ids drawn)
+            T = self._prefill_end(r)  # (the prompt, and after a preemption the ids drawn)
             for i, slot, fill in r.todo:
                 if budget == 0:
                     break
@@ -639,7 +690,7 @@ class Engine:
         next token [n, V] once its last chunk ran, else None. Equal rows (a request's n choices) ran once, the keys
         copied to the other slots at the end; with prefix caching a row's full prompt blocks enter the index once
         it is prefilled."""
-        cache, T = self.cache, r.idx.size(1)
+        cache, T = self.cache, self._prefill_end(r)
         for c in chunks:
             if r.scoring:
                 r.scores.append(c.part)
@@ -650,9 +701,9 @@ class Engine:
             r.todo.popleft()
             r.rows.append(c.logits)
             if self.prefix_caching:
-                cache.register(c.slot, r.idx[c.i])
+                cache.register(c.slot, r.idx[c.i, :T])
             if self.prefix_caching and not r.scoring:  # (the stats count the prompts looked up in the cache: vLLM's)
-                self.stats["prompt_tokens"] += T
+                self.stats["prompt_tokens"] += r.idx.size(1)
                 self.stats["cached_prompt_tokens"] += len(r.hits[c.i]) * cache.page_size
         if r.todo:
             return None
@@ -662,7 +713,84 @@ class Engine:
         for slot in r.slots[1:] if r.same else ():
             cache.copy_row(r.slots[0], slot, T)
         cache.fill[r.slots] = T
+        if r.lookup:  # (its first token from its first decode step: nothing drawn here)
+            return None
         return r.rows[0].expand(r.n, -1) if r.same else torch.cat(r.rows)
+
+    def _prefill_end(self, r) -> int:
+        """Where r's prefill ends: its ids' end, a speculating request's but its last token (the class's)."""
+        return r.idx.size(1) - r.lookup
+
+    def _propose(self, decoding) -> dict:
+        """Prompt lookup: {r: (drafted [n, k], lens [n])} of the decoding requests whose rows propose anything
+        (lookup_draft, k as _speculative's for r). A paged cache gives each row's verified positions, L + k, their
+        pages first (earliest admitted first; not a row that ended: its writes go to the scratch page, as in _grow):
+        where the pool is short, r proposes the most tokens it can hold, none at worst (never a preemption)."""
+        drafts = {}
+        with self.cond:  # (/metrics reads the pages held under it)
+            for r in [r for r in decoding if r.lookup]:
+                L = r.idx.size(1)
+                k = draft_width(L, r.start, r.budget, self.num_draft_tokens, self.max_len)
+                drafted, lens = lookup_draft(r.idx, self.lookup.max_ngram, k, r.vocab_limit)
+                if self.paged and drafted.size(1):
+                    slots = [s for s, ended in zip(r.slots, r.ended) if not ended]
+                    k = drafted.size(1)
+                    while k and sum(self.cache.pages_for(L + k) - len(self.cache.pages[s]) for s in slots) \
+                            > self.cache.num_free:
+                        k -= 1
+                    if k < drafted.size(1):  # (the proposals of a smaller k: these cut to it)
+                        drafted, lens = lookup_draft(r.idx, self.lookup.max_ngram, k, r.vocab_limit)
+                    for s in slots if drafted.size(1) else ():
+                        self.cache.reserve(s, L + drafted.size(1))
+                if drafted.size(1):
+                    drafts[r] = (drafted, lens)
+        return drafts
+
+    def _verify(self, decoding, drafts) -> dict:
+        """The decoding rows in one forward (KVCache.rows), each its last token and its request's proposals at its
+        own fill (the text but its last token), right-padded to the widest (the padding's keys past the row's
+        proposals, never read: its fill moves back over them): {r: its logits [n, 1 + k, V]} (a request proposing
+        nothing: [n, 1, V]). A row whose padded end would pass the context goes in a forward of narrower rows."""
+        width = {r: 1 + (drafts[r][0].size(1) if r in drafts else 0) for r in decoding}
+        groups = []
+        for r in sorted(decoding, key=lambda r: -width[r]):  # (stable: the earliest admitted first)
+            if groups and r.idx.size(1) - 1 + width[groups[-1][0]] <= self.max_len:
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        out = {}
+        for group in groups:
+            W, tokens, slots, starts = width[group[0]], [], [], []
+            for r in group:
+                text = torch.cat([r.idx[:, -1:], drafts[r][0]], dim=1) if r in drafts else r.idx[:, -1:]
+                tokens.append(torch.cat([text, text[:, -1:].expand(-1, W - text.size(1))], dim=1))
+                slots, starts = slots + r.slots, starts + [r.idx.size(1) - 1] * r.n
+            h, head, _ = hidden_and_head(self.model, torch.cat(tokens), self.cache.rows(slots, starts, max(starts) + W))
+            row = 0
+            for r in group:
+                out[r] = head(h[row:row + r.n, :width[r]])
+                row += r.n
+                if r not in drafts:  # (drawn by decode_step from its one position, as after _decode)
+                    self.cache.fill[r.slots] = r.idx.size(1)
+                    out[r] = out[r][:, 0]
+        return out
+
+    def _accept(self, r, logits, drafted, lens) -> tuple:
+        """r's speculative step after _verify's forward (generate.verify_step, _speculative's): its tokens appended
+        one at a time (EOS, stop, put_token), its fill L + m (the rejected positions' keys stale, never read), the
+        stats counted. -> (whether every row is done, the rows done on the host, as decode_step's)."""
+        L, before = r.idx.size(1), r.done.clone()  # (verify_step updates done in place)
+        r.idx, m, finished, ended, _, offered, accepted = verify_step(
+            logits[..., :r.vocab_limit], torch.cat([r.idx, drafted], dim=1), L, r.start, r.done, r.warp,
+            r.generator, r.eos_id, r.put_token, r.stop, r.ends, lens)
+        self.cache.fill[r.slots] = L + m
+        for i, ended_row in enumerate(ended if r.eos_id is not None else ()):
+            if ended_row:  # (its keys from L on are its proposals', not the EOS padding it holds)
+                r.cut[i] = L if r.cut[i] is None else min(r.cut[i], L)
+        self.stats["spec_decode_num_drafts"] += int(((lens > 0) & ~before).sum())
+        self.stats["spec_decode_num_draft_tokens"] += offered
+        self.stats["spec_decode_num_accepted_tokens"] += accepted
+        return finished, ended
 
     def _decode(self, decoding) -> torch.Tensor:
         """One forward over the cache's rows up to the last busy one, each running row's last token at its own
