@@ -160,7 +160,8 @@ def test_every_refusal_is_named(saved, tmp_path, capsys):
     for flags, said in [
             ([*batch, "--stream"], "--prompts does not take --stream"),
             ([*batch, "--draft", str(saved)], "--prompts does not take --draft"),
-            ([*batch, "--prompt-lookup", "2"], "--prompts does not take --prompt-lookup"),
+            ([*batch, "--draft-tokens", "3"], "a positive integer with --prompt-lookup, got 3 without it"),
+            ([*batch, "--prompt-lookup", "0"], "--prompt-lookup (the longest n-gram looked up) must be a positive"),
             ([*batch, "--num-beams", "2"], "--prompts does not take --num-beams"),
             ([*batch, "--num-samples", "3", "--max-batch", "2"], "--num-samples 3 takes 3 rows"),
             ([*batch, "--max-batch", "0"], "--max-batch must be a positive integer"),
@@ -223,3 +224,16 @@ def test_a_prompt_the_engine_refuses_names_its_record_and_leaves_out_as_it_was(s
                   "--max-new-tokens", "4", "--max-batch", "1"])
     assert f"--out {out} holds the results of the first 1 of 2 prompts only" in capsys.readouterr().err
     assert [json.loads(line)["index"] for line in out.read_text(encoding="utf-8").splitlines()] == [0]
+
+
+def test_prompt_lookup_gives_each_record_generates_prompt_lookup_text(saved, tmp_path, capsys):
+    """--prompt-lookup N --draft-tokens K: each record's text is `generate --prompt-lookup N --draft-tokens K`'s
+    alone (sampled with its seed, and greedy), the acceptance said at the end."""
+    records = [{"prompt": "The cat The cat The"}, {"prompt": "import os import os", "temperature": 0}]
+    path = write_jsonl(tmp_path / "r.jsonl", records)
+    lookup = ["--prompt-lookup", "2", "--draft-tokens", "3"]
+    got, err = run_prompts(saved, tmp_path, capsys, path, "--max-batch", "2", *lookup)
+    want = [alone(saved, capsys, records[0]["prompt"], SEED, *lookup),
+            alone(saved, capsys, records[1]["prompt"], SEED + 1, "--temperature", "0", *lookup)]
+    assert [[r["text"]] for r in got] == want
+    assert "prompt lookup: " in err and " accepted" in err

@@ -1981,3 +1981,46 @@ def test_a_list_of_prompts_of_different_lengths_is_scored_as_the_model_does_from
         assert choice["text"] == texts[choice["index"]] and choice["logprobs"]["token_logprobs"][0] is None
         assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
             [float(logp[t, i]) for t, i in enumerate(p[1:])], abs=1e-4)
+
+
+def test_speculative_config_serves_generates_prompt_lookup_text_and_counts_vllms_spec_metrics(run_folder):
+    """--speculative-config (vLLM's n-gram one): a greedy completion and a seeded sampled n=2 one are
+    generate(prompt_lookup=N, num_draft_tokens=K)'s, and /metrics' spec decode counters are the engine's."""
+    folder, tok = run_folder
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}'
+    server = start(folder, "--served-model-name", "tiny", "--speculative-config", spec)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        prompt = "the cat sat on the mat. the cat sat on the"
+        ids = tok.encode(prompt)
+        for body, n, gen in [({"temperature": 0}, 1, None), ({"temperature": 1.0, "seed": 5, "n": 2}, 2, 5)]:
+            status, out = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, **body})
+            want = generate(server.app.model, torch.tensor([ids] * n), 12, eos_id=tok.eot_id, prompt_lookup=2,
+                            num_draft_tokens=3, generator=None if gen is None else torch.Generator().manual_seed(gen),
+                            temperature=body["temperature"])
+            assert status == 200 and [c["text"] for c in out["choices"]] == \
+                [new_text(tok, ids, [t for t in row[len(ids):] if t != tok.eot_id]) for row in want.tolist()]
+        stats = server.app.engine.stats
+        assert stats["spec_decode_num_accepted_tokens"] > 0
+        s = scrape(server)
+        for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            assert metric(s, f"spec_decode_{name}_total") == stats[f"spec_decode_{name}"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("spec,says", [
+    ('{"method": "eagle", "num_speculative_tokens": 3}', "method 'eagle' is not served: only \"ngram\""),
+    ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "model": "x"}', "'model' is not taken"),
+    ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
+     "'prompt_lookup_min' 2 is not taken"),
+    ('{"method": "ngram", "prompt_lookup_max": 4}', "'num_speculative_tokens' must be a positive integer, got None"),
+    ('[1]', "must be a JSON object"),
+    ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2} --max-batch 1', "needs --max-batch above 1"),
+])
+def test_speculative_config_refusals_are_named(tmp_path, capsys, spec, says):
+    spec, *more = spec.split(" --max-batch ")
+    extra = ["--max-batch", more[0]] if more else []
+    assert main(["serve", "--weights", str(tmp_path), "--speculative-config", spec, *extra]) == 2
+    assert says in capsys.readouterr().err

@@ -134,6 +134,13 @@ class Metrics:
         family("num_preemptions_total", "counter", "Cumulative number of preemptions from the engine (a running "
                "request's KV pages taken back when the paged cache ran short; it is recomputed later).",
                [("", label, stats["preemptions"])])
+        if "spec_decode_num_drafts" in stats:  # (an engine with --speculative-config: vLLM's spec decode counters)
+            family("spec_decode_num_drafts_total", "counter", "Number of spec decoding drafts (a row's proposals a "
+                   "step).", [("", label, stats["spec_decode_num_drafts"])])
+            family("spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.",
+                   [("", label, stats["spec_decode_num_draft_tokens"])])
+            family("spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
+                   [("", label, stats["spec_decode_num_accepted_tokens"])])
         with self.lock:
             family("prompt_tokens_total", "counter", "Number of prompt tokens processed (a request's, when it ends "
                    "with its choices).", [("", label, self.prompt_tokens)])

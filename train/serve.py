@@ -494,12 +494,12 @@ class Model:
 
     def close(self):
         if self.engine is not None:
-            from tritongpt.train.engine import prefix_caching_said
+            from tritongpt.train.engine import prefix_caching_said, speculation_said
 
             self.engine.close()
-            said = prefix_caching_said(self.engine.stats)
-            if said:
-                note(said)
+            for said in (prefix_caching_said(self.engine.stats), speculation_said(self.engine.stats)):
+                if said:
+                    note(said)
 
     def engine_down(self) -> str | None:
         """Why the engine cannot serve (GET /health's 503), or None: it can, or there is none (--max-batch 1)."""
@@ -1240,6 +1240,41 @@ def check_engine_args(args, one_row_engine: bool = False):
                         f"batching engine's steps), got {args.max_prefill_tokens} with --max-batch {args.max_batch}")
 
 
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+def speculative_config(text, max_batch: int) -> dict:
+    """serve --speculative-config JSON (vLLM's): {"method": "ngram", "num_speculative_tokens": K,
+    "prompt_lookup_max": N} -> the Engine's {"prompt_lookup": N, "num_draft_tokens": K} ({} without it). Our lookup
+    tries every n from N down to 1, so "prompt_lookup_min" is taken as 1 only; other methods and keys are refused by
+    name. The batching engine speculates: --max-batch 1 (no engine) is refused."""
+    if text is None:
+        return {}
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--speculative-config must be a JSON object, got {text!r} ({e})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"--speculative-config must be a JSON object, got {text!r}")
+    unknown = [k for k in spec if k not in SPECULATIVE_KEYS]
+    if unknown:
+        raise UserError(f"--speculative-config: '{unknown[0]}' is not taken (only n-gram speculation, whose keys are "
+                        f"{', '.join(SPECULATIVE_KEYS)})")
+    if spec.get("method") != "ngram":
+        raise UserError(f"--speculative-config: method {spec.get('method')!r} is not served: only \"ngram\" (prompt "
+                        "lookup, no draft model)")
+    for key in ("num_speculative_tokens", "prompt_lookup_max"):
+        value = spec.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"--speculative-config: '{key}' must be a positive integer, got {value!r}")
+    if spec.get("prompt_lookup_min", 1) != 1:
+        raise UserError(f"--speculative-config: 'prompt_lookup_min' {spec['prompt_lookup_min']!r} is not taken: the "
+                        "lookup tries every n-gram length from prompt_lookup_max down to 1 (give 1 or leave it out)")
+    if max_batch == 1:
+        raise UserError("--speculative-config speculates in the batching engine: it needs --max-batch above 1")
+    return {"prompt_lookup": spec["prompt_lookup_max"], "num_draft_tokens": spec["num_speculative_tokens"]}
+
+
 def page_args(args) -> dict:
     """Engine's kv_pages, page_size, prefix_caching and max_prefill_tokens keywords from --kv-cache-pages,
     --kv-page-size (the engine's default page size where none is given), --enable-prefix-caching and
@@ -1287,10 +1322,13 @@ def make_engine(args, model, device, dtype):
         unused += "; --enable-prefix-caching is not used (the engine's)" if args.enable_prefix_caching else ""
         unused += f"; --max-prefill-tokens {args.max_prefill_tokens} is not used (the engine's)" \
             if args.max_prefill_tokens is not None else ""
+        if args.speculative_config is not None:
+            raise UserError(f"{e}: --speculative-config needs the batching engine") from None
         note(f"{e}: serving one request at a time{unused}")
         return None
     return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
-                  cuda_graph=args.cuda_graphs, **page_args(args)).start()
+                  cuda_graph=args.cuda_graphs, **page_args(args),
+                  **speculative_config(args.speculative_config, args.max_batch)).start()
 
 
 def make_server(args) -> ThreadingHTTPServer:
@@ -1306,6 +1344,7 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
     check_engine_args(args)
+    speculative_config(args.speculative_config, args.max_batch)  # (checked before the model loads)
     key = api_key(args)
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
@@ -1354,6 +1393,12 @@ def add_cli(sub):
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
     add_engine_args(p, 8, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
                           "request of n choices taking n rows; 1: one request at a time")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="vLLM's n-gram speculation (prompt lookup, no draft model) in the batching engine: "
+                        "'{\"method\": \"ngram\", \"num_speculative_tokens\": K, \"prompt_lookup_max\": N}': each "
+                        "decode step a request proposes up to K tokens that followed its text's last n-gram (n from "
+                        "N down to 1) and one forward checks them all; greedy text unchanged, samples the same "
+                        "distribution (default: none)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer KEY' "
                         f"(vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out of the "
