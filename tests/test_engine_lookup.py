@@ -152,3 +152,28 @@ def test_what_the_engine_refuses_with_prompt_lookup():
         Engine(model, prompt_lookup=0)
     with pytest.raises(UserError, match="num_draft_tokens must be a positive integer .* got 2.5"):
         Engine(model, prompt_lookup=2, num_draft_tokens=2.5)
+
+
+def test_prefix_caching_caches_only_pages_holding_their_ids_keys():
+    """Two rows, prefix caching: row 0 draws its EOS inside a speculative step and is padded with it while row 1
+    speculates on, its positions after the EOS written with its proposals' keys. Every block the index then holds
+    for either row's ids is its ids' own keys (against a fresh forward of them), the drawn text's blocks included."""
+    model = loud_attention(tiny())
+    idx, eos = torch.cat([looped(9, 3, period=3), looped(9, 6, period=4)]), 83
+    assert eos in generate(model, idx, 20, **LOOKUP)[0, 9:].tolist()
+    engine = Engine(model, max_batch=2, kv_pages=24, page_size=4, prefix_caching=True, **LOOKUP)
+    h = engine.submit(idx, 20, eos_id=eos)
+    while engine.running or engine.waiting:
+        engine.step()
+    out = h.wait()
+    assert torch.equal(out, generate(model, idx, 20, eos_id=eos, **LOOKUP))
+    blocks = 0
+    for row in out:
+        pages = engine.cache.lookup(row[:-1])
+        fresh = model.new_cache(1, 40)
+        with torch.no_grad():
+            model(row[None, :len(pages) * 4], fresh)
+        for j, page in enumerate(pages):
+            assert torch.allclose(engine.cache.k[:, page], fresh.k[:, 0, :, 4 * j:4 * j + 4], atol=1e-5), (row, j)
+        blocks += len(pages)
+    assert blocks > 2 * (9 // 4)  # (drawn tokens' blocks cached too, not only the prompts')
