@@ -2017,7 +2017,8 @@ def test_speculative_config_serves_generates_prompt_lookup_text_and_counts_vllms
      "'prompt_lookup_min' 2 is not taken"),
     ('{"method": "ngram", "prompt_lookup_max": 4}', "'num_speculative_tokens' must be a positive integer, got None"),
     ('[1]', "must be a JSON object"),
-    ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2} --max-batch 1', "needs --max-batch above 1"),
+    ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2} --max-batch 1',
+     "needs --max-batch above 1"),
 ])
 def test_speculative_config_refusals_are_named(tmp_path, capsys, spec, says):
     spec, *more = spec.split(" --max-batch ")
