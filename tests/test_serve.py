@@ -1032,6 +1032,29 @@ def test_a_prefill_only_request_counts_as_vllms_one_drawn_and_dropped_token(both
             assert prefill[1] >= 0.05
 
 
+@pytest.mark.parametrize("both", ["max-batch-1"], indirect=True)
+def test_with_max_batch_1_a_scoring_forward_is_its_requests_prefill_whatever_max_tokens(both, monkeypatch):
+    """--max-batch 1 scores echo's prompt in a forward of its own under the model's lock, before any token is
+    drawn: it is the request's prefill (vLLM's prompt logprobs come from its prefill), inside its TTFT and e2e
+    latency with max_tokens 2 as with 0, and /metrics counts the request running while it holds the model."""
+    import time
+
+    server, tok = both
+    m = server.app.metrics
+    real, running = serve.prompt_rows, []
+    monkeypatch.setattr(serve, "prompt_rows", lambda *a, **k: (running.append(m.gauges()[:2]), time.sleep(0.1),
+                                                               real(*a, **k))[2])
+    names = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_prefill_time_seconds")
+    for max_tokens in (0, 2):
+        before = [(m.hist[name].count, m.hist[name].sum) for name in names]
+        status, body = call(server, "/v1/completions", {"prompt": "the cat sat", "echo": True, "logprobs": 1,
+                                                        "max_tokens": max_tokens})
+        assert status == 200 and body["usage"]["completion_tokens"] == max(max_tokens, 1)
+        for name, (count, total) in zip(names, before):
+            assert m.hist[name].count == count + 1 and m.hist[name].sum - total >= 0.1, (name, max_tokens)
+    assert running == [(1, 0)] * 2
+
+
 def test_drawn_tokens_logprobs_are_the_models_raw_distribution_at_each_step(both):
     server, tok = both
     prompt, k = "a dog ran in", 2
@@ -1939,7 +1962,7 @@ def test_a_request_whose_second_prompt_fails_first_is_a_500_naming_that_failure(
     server, _ = served
     first = server.app.completion_prompt("a dog")
 
-    def draw(ids, budget, s, stop_id, generator, on_delta, gone, on_prompt):
+    def draw(ids, budget, s, stop_id, generator, on_delta, gone, on_prompt, timing):
         if ids != first:
             raise RuntimeError("the second prompt broke")
         deadline = time.time() + 5

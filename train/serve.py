@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 import uuid
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tritongpt._types import is_int, is_real
@@ -568,7 +569,7 @@ class Model:
     def score_prompt(self, ids, k: int, step=None, timing=None) -> list:
         """prompt_rows' rows of the prompt ids with the k likeliest tokens. step: the engine's prefill's rows of them
         (draw's on_prompt: Engine.submit's prompt_logprobs); None (no engine) one forward of the whole prompt here,
-        under the model's lock (the head in chunks: prompt_rows), timing's request admitted when it takes it."""
+        in the model's turn (the head in chunks: prompt_rows), timing's request admitted when it takes it."""
         import torch
 
         from tritongpt.train.common import autocast
@@ -576,9 +577,7 @@ class Model:
         if step is not None:
             return rows_of(step)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with self.lock, torch.no_grad(), autocast(self.device, self.dtype):  # (the lock: the model's turn)
-            if timing is not None:
-                timing.scheduled = time.monotonic()
+        with self.turn(timing), torch.no_grad(), autocast(self.device, self.dtype):
             return prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
 
     def prompt_logprobs(self, ids, rows, k: int, text: str) -> list:
@@ -594,7 +593,7 @@ class Model:
         lead = max(scored.ends[-1] - len(text), 0)
         return [(*item[:4], max(item[4] - lead, 0)) for item in scored.items]
 
-    def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None) -> list:
+    def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None, timing=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
         None, stop_reason)], the items those of every token drawn (Scored), the one that ended the
         choice too. on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
@@ -604,7 +603,9 @@ class Model:
         adding up to its text, with the items of the tokens that text takes (None without logprobs) and the choice's
         tokens drawn so far (its completion tokens once it ends); called in this thread (the engine's tokens come
         through the request's queue). gone(): whether the client left, asked while waiting for the engine: its
-        request is then cancelled and BrokenPipeError raised (as a write to its socket would)."""
+        request is then cancelled and BrokenPipeError raised (as a write to its socket would). timing: the request's
+        clock (metrics.request()), started by the caller when the request came (its scoring forward timed in it);
+        None: one started here."""
         import torch
 
         from tritongpt.commands import Choices
@@ -635,7 +636,7 @@ class Model:
                     min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
                     frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"],
                     logit_bias=s["logit_bias"])
-        timing = self.metrics.request()
+        timing = timing or self.metrics.request()  # (the caller's: its clock started when the request came)
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
             timing.tokens()
@@ -694,23 +695,30 @@ class Model:
         return choices
 
     def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp, timing):
-        """generate() under the model's lock (no engine), the requests holding and waiting for it counted, the
-        request scheduled (timing's clock) when it takes the lock."""
+        """generate() in the model's turn (no engine)."""
         from tritongpt.train.common import autocast
         from tritongpt.train.generate import generate
 
+        with self.turn(timing), autocast(self.device, self.dtype):
+            return generate(self.model, idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
+                            on_token=on_token, stop=stop, cuda_graph=self.cuda_graph,
+                            kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
+
+    @contextmanager
+    def turn(self, timing=None):
+        """The model's lock (no engine: one forward at a time), the requests holding and waiting for it counted
+        (/metrics' running and waiting), timing's request scheduled when it first takes it (a scoring forward and
+        then the draw of the same request: its queue time the wait for the first, the rest its prefill)."""
         m = self.metrics
         with m.lock:
             m.waiting += 1
         with self.lock:
-            timing.scheduled = time.monotonic()
+            if timing is not None and timing.scheduled is None:
+                timing.scheduled = time.monotonic()
             with m.lock:
                 m.waiting, m.running = m.waiting - 1, m.running + 1
             try:
-                with autocast(self.device, self.dtype):
-                    return generate(self.model, idx, budget, eos_id=stop_id, generator=generator,
-                                    vocab_limit=self.limit, on_token=on_token, stop=stop, cuda_graph=self.cuda_graph,
-                                    kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
+                yield
             finally:
                 with m.lock:
                     m.running -= 1
@@ -1096,8 +1104,8 @@ class Completion:
         is scored where asked (echo's logprobs, prompt_logprobs: scored's "echo" and "prompt"), its choices drawn,
         and with stream each chunk written as it comes."""
         s = self.s
-        # the prompt's clock: a scoring request's without the engine (max_tokens 0), or what ends one that fails
-        # before draw(), which times the others itself
+        # the prompt's clock, from here: its scoring forward (no engine) is in it, the draw ends it (or whatever
+        # fails first)
         timing = self.app.metrics.request()
         if self.stop.is_set():  # another prompt of the request failed before this one started: counted, not run
             timing.end(["abort"] * s["n"])
@@ -1150,7 +1158,7 @@ class Completion:
     def draw(self, p: int, timing, in_prefill: bool, scored: dict) -> list:
         """Prompt p's n choices, Model.draw's (text, finish_reason, tokens, logprob items, stop_reason), with
         stream their text deltas written as they come. timing: the prompt's clock, ended here where nothing is
-        drawn."""
+        drawn, else by Model.draw."""
         s, ids, base, echo = self.s, self.prompts[p], p * self.s["n"], self.echoes[p]
         on_delta = (lambda i, text, items, count: self.chunk(base + i, text, lp=self.logprobs(items, len(echo)),
                                                              tokens=count)) if s["stream"] else None
@@ -1167,7 +1175,7 @@ class Completion:
         # (with the engine's echo, budget 0: a prefill-only request, its choices "length", counted alike: Model.draw)
         return self.app.draw(ids, self.budgets[p], s, self.stop_id, self.generator, on_delta,
                              lambda: self.stop.is_set() or self.handler.client_gone(),
-                             (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None)
+                             (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None, timing)
 
     def choices(self, p: int, drawn: list, scored: dict) -> list:
         """Prompt p's choice objects (OpenAI's index: the prompt's n choices in turn), echo's text and logprobs
