@@ -1159,6 +1159,60 @@ def test_a_stop_string_keeps_every_drawn_tokens_logprobs_as_vllm_does(both):
         content[:k]
 
 
+def test_streamed_and_whole_answers_agree_and_usage_counts_the_tokens_with_logprobs(both):
+    """The same seeded request streamed (continuous_usage_stats) and whole, over settings that end choices early and
+    differently (a list of prompts with n 2 and a stop string; echo with stop_token_ids, min_tokens, ignore_eos,
+    include_stop_str_in_output and skip_special_tokens false; chat with n 2): each choice's deltas add up to its
+    text, logprobs, finish and stop reasons; each chunk's usage counts the tokens drawn so far, those whose logprobs
+    came with the text so far (more where text is held back for a stop string); each choice's last usage counts
+    exactly the tokens whose logprobs the whole answer gives (usage's completion tokens their sum, and /metrics'
+    generation tokens)."""
+    server, tok = both
+    m = server.app.metrics
+    ids = tok.encode("the dog ran")
+    greedy = reference(server, ids, 10)[0]
+    sampled = {"temperature": 1.0, "seed": 3, "max_tokens": 10, "n": 2}
+    first = call(server, "/v1/completions", {**sampled, "prompt": ["the dog ran", "a cat"]})[1]["choices"][0]
+    talk = call(server, "/v1/chat/completions", {**sampled, "messages": MESSAGES})[1]["choices"][0]
+    cases = [("/v1/completions", {**sampled, "prompt": ["the dog ran", "a cat"], "logprobs": 1,
+                                  "stop": fresh_stop(first["text"], 3)}),
+             ("/v1/completions", {"prompt": "the dog ran", "max_tokens": 10, "temperature": 0, "echo": True,
+                                  "logprobs": 2, "stop_token_ids": [greedy[3]], "min_tokens": 2, "ignore_eos": True,
+                                  "include_stop_str_in_output": True, "skip_special_tokens": False}),
+             ("/v1/chat/completions", {**sampled, "messages": MESSAGES, "logprobs": True, "top_logprobs": 1,
+                                       "stop": fresh_stop(talk["message"]["content"], 2)})]
+    ends = []
+    for path, req in cases:
+        chat, before = path.endswith("chat/completions"), m.generation_tokens
+        whole = call(server, path, req)[1]
+        assert m.generation_tokens - before == whole["usage"]["completion_tokens"]
+        chunks = events(call(server, path, {**req, "stream": True,
+                                            "stream_options": {"continuous_usage_stats": True}})[1])
+        assert chunks[-1]["usage"] == whole["usage"]
+        ends += [(c["finish_reason"], c["stop_reason"] is None) for c in whole["choices"]]
+        drawn = 0
+        for c in whole["choices"]:
+            mine = [ch for ch in chunks[:-1] if ch["choices"][0]["index"] == c["index"]]
+            echoed = len(server.app.completion_prompt(req["prompt"])) if req.get("echo") else 0
+            text, given, entries = "", -echoed, []
+            for ch in mine:
+                d, lp = ch["choices"][0], ch["choices"][0]["logprobs"]
+                text += d["delta"].get("content") or "" if chat else d["text"]
+                entries += (lp["content"] if chat else [dict(zip(lp, v)) for v in zip(*lp.values())]) if lp else []
+                given = len(entries) - echoed
+                # (all drawn so far, but where text is held back for a stop string: a choice's tokens, no more)
+                assert given <= ch["usage"]["completion_tokens"] and (given == ch["usage"]["completion_tokens"] or
+                                                                      "stop" in req)
+            want = c["logprobs"]["content"] if chat else [dict(zip(c["logprobs"], v))
+                                                          for v in zip(*c["logprobs"].values())]
+            assert text == (c["message"]["content"] if chat else c["text"]) and entries == want
+            assert (d["finish_reason"], d["stop_reason"]) == (c["finish_reason"], c["stop_reason"])
+            assert mine[-1]["usage"]["completion_tokens"] == given
+            drawn += given
+        assert drawn == whole["usage"]["completion_tokens"]
+    assert set(ends) == {("stop", False), ("length", True)}  # (choices stopped early, and at the budget)
+
+
 def test_logit_bias_forces_or_bans_a_token_and_logprobs_stay_raw(both):
     server, tok = both
     prompt = "the bird sang"
