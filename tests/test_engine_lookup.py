@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tritongpt.errors import UserError
-from tritongpt.train.engine import Engine
+from tritongpt.train.engine import Cancelled, Engine
 from tritongpt.train.generate import generate
 
 from parity import loud_attention
-from test_engine import SAMPLED, check, prompt, tiny
+from test_engine import SAMPLED, check, prompt, seeded, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOOKUP = dict(prompt_lookup=2, num_draft_tokens=4)
@@ -177,3 +177,55 @@ def test_prefix_caching_caches_only_pages_holding_their_ids_keys():
             assert torch.allclose(engine.cache.k[:, page], fresh.k[:, 0, :, 4 * j:4 * j + 4], atol=1e-5), (row, j)
         blocks += len(pages)
     assert blocks > 2 * (9 // 4)  # (drawn tokens' blocks cached too, not only the prompts')
+
+
+def test_rows_at_the_contexts_end_verify_in_forwards_of_their_own():
+    """A (its text 3 positions short of the context, budget 3: 2 proposals) and B (short, 4 proposals: 1 + 4 wide)
+    speculate in one step: A padded to B's width would write past the context, so the step runs two forwards; C (a
+    1-token prompt, budget 1: nothing proposed, its one token drawn by B's forward) beside them; D arrives at the
+    context's end. Each is generate()'s alone."""
+    model = loud_attention(tiny())
+    engine = Engine(model, max_batch=4, **LOOKUP)
+    widths, verify = [], engine._verify
+
+    def spied(decoding, drafts):
+        widths.append(sorted(1 + drafts[r][0].size(1) if r in drafts else 1 for r in decoding))
+        return verify(decoding, drafts)
+    engine._verify = spied
+    schedule = [(0, looped(37, 1), 3, {}), (0, looped(6, 2), 9, {}), (0, prompt(1, seed=3), 1, {}),
+                (1, looped(38, 4, period=3), 2, dict(SAMPLED, seed=2))]
+    check(model, schedule, engine, **LOOKUP)
+    assert [1, 3, 5] in widths  # (the step where A sat beside B)
+    assert engine.stats["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_prefix_hits_chunks_and_a_cancel_leave_speculation_as_generates():
+    """Prefix caching, chunked prefill (3 tokens a step), pages of 4: B (2 equal rows of 8 tokens: the 7 it prefills
+    share 1 full block), C cancelled mid-speculation, then A's 9-token prompt again as 2 sampled rows (its first 8
+    cached: nothing left to prefill before its first speculative step). Each is generate()'s; every page comes back."""
+    model = loud_attention(tiny())
+    engine = Engine(model, max_batch=4, kv_pages=30, page_size=4, prefix_caching=True, max_prefill_tokens=3, **LOOKUP)
+    a, b, c = looped(9, 5), looped(8, 6, n=2), looped(14, 7)
+    handles = [engine.submit(a, 6), engine.submit(b, 10, eos_id=8), engine.submit(c, 12)]
+    for _ in range(20):  # (C cancelled once it has drawn a few tokens, in more than one step)
+        engine.step()
+        if handles[2].idx.size(1) >= 14 + 3:
+            break
+    handles[2].cancel()
+    engine.step()
+    for _ in range(20):  # (A ended: its blocks cached)
+        if handles[0] not in engine.running:
+            break
+        engine.step()
+    assert handles[2] not in engine.running
+    with pytest.raises(Cancelled):
+        handles[2].wait()
+    handles[2:] = [engine.submit(a.expand(2, -1), 6, **seeded(dict(SAMPLED, seed=4)))]
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(handles[0].wait(), generate(model, a, 6, **LOOKUP))
+    assert torch.equal(handles[1].wait(), generate(model, b, 10, eos_id=8, **LOOKUP))
+    assert torch.equal(handles[2].wait(), generate(model, a.expand(2, -1), 6, **seeded(dict(SAMPLED, seed=4)),
+                                                   **LOOKUP))
+    assert engine.stats["cached_prompt_tokens"] >= 8 and engine.stats["spec_decode_num_accepted_tokens"] > 0
+    assert sorted(engine.cache.free) == list(range(30)) and engine.free == list(range(4))
