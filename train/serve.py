@@ -1275,7 +1275,8 @@ def speculative_config(text, max_batch: int) -> dict:
         value = spec.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"--speculative-config: '{key}' must be a positive integer, got {value!r}")
-    if spec.get("prompt_lookup_min", 1) != 1:
+    low = spec.get("prompt_lookup_min", 1)
+    if type(low) is not int or low != 1:  # (JSON's true and 1.0 equal 1 in Python: not the integer 1)
         raise UserError(f"--speculative-config: 'prompt_lookup_min' {spec['prompt_lookup_min']!r} is not taken: the "
                         "lookup tries every n-gram length from prompt_lookup_max down to 1 (give 1 or leave it out)")
     if max_batch == 1:
