@@ -2111,3 +2111,32 @@ def test_speculative_config_refusals_are_named(tmp_path, capsys, spec, says):
     extra = ["--max-batch", more[0]] if more else []
     assert main(["serve", "--weights", str(tmp_path), "--speculative-config", spec, *extra]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_speculative_steps_stream_what_they_answer_whole_up_to_a_stop_string(run_folder):
+    """--speculative-config: steps append several tokens at once; /metrics' inter-token latency observes a gap a
+    step; streamed, the deltas add up to the whole answer, a stop string drawn after such steps cuts both alike, and
+    usage counts the tokens up to it."""
+    folder, tok = run_folder
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2}'
+    server = start(folder, "--served-model-name", "tiny", "--speculative-config", spec)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        stats = server.app.engine.stats
+        body = {"prompt": "1 2 3 1 2 3 1", "max_tokens": 24, "temperature": 0}
+        out = call(server, "/v1/completions", body)[1]
+        full, accepted = out["choices"][0]["text"], stats["spec_decode_num_accepted_tokens"]
+        # its inter-token latencies: a gap between steps (vLLM's), not one a token
+        steps = out["usage"]["completion_tokens"] - accepted
+        assert metric(scrape(server), "time_per_output_token_seconds_count") == steps - 1
+        text = full[:full.index("-")]
+        whole = call(server, "/v1/completions", {**body, "stop": ["-"]})[1]
+        assert stats["spec_decode_num_accepted_tokens"] > accepted > 0  # (several tokens a step before the stop)
+        chunks = events(call(server, "/v1/completions", {**body, "stop": ["-"], "stream": True,
+                                                         "stream_options": {"include_usage": True}})[1])
+        assert whole["choices"][0]["text"] == text == "".join(c["text"] for e in chunks for c in e["choices"])
+        assert whole["choices"][0]["finish_reason"] == chunks[-2]["choices"][0]["finish_reason"] == "stop"
+        assert whole["usage"] == chunks[-1]["usage"] and 1 < whole["usage"]["completion_tokens"] < 24
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -68,6 +68,7 @@ class Request:
         self.todo, self.rows = None, []  # its prefill's rows still to run ([row, slot, fill]) and the logits done
         self.queue = queue.Queue()
         self.cancelled = False
+        self.same_step = False  # (wait()'s last token: a speculative step's after its first, put_more)
         # host clocks (time.monotonic, no GPU sync) where its phases change, for /metrics (train/metrics.py): queued
         # at submit, scheduled at its first admission (vLLM's: a preempted request's re-queue and recompute count in
         # its prefill or decode time, not its queue time), its first and its latest step's tokens
@@ -76,6 +77,11 @@ class Request:
     def put_token(self, *item):
         """decode_step's on_token: the step's tokens (with logprobs, and their logprobs) to the queue, for wait()."""
         self.queue.put(("token", item))
+
+    def put_more(self, *item):
+        """put_token for a speculative step's tokens after its first (wait() says so in same_step: serve's
+        inter-token latency is a gap between steps, as vLLM's)."""
+        self.queue.put(("more", item))
 
     @property
     def n(self) -> int:
@@ -90,8 +96,9 @@ class Request:
 
     def wait(self, on_token=None, cancelled=None, poll: float = 0.05, on_prompt=None):
         """In the caller's thread: with prompt_logprobs on_prompt(rows) first (Engine.submit's), on_token(nxt [n, 1])
-        for each step's tokens as they arrive (with logprobs, on_token(nxt, step_logprobs(...)) as generate's), then
-        the request's ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing
+        for each step's tokens as they arrive (with logprobs, on_token(nxt, step_logprobs(...)) as generate's; while
+        it hands on a speculative step's tokens after its first, self.same_step is True), then the request's ids
+        [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing
         arrives; True cancels the request and raises Cancelled. An exception raised by on_token (or on_prompt)
         cancels it too. A started engine whose thread died raises EngineDown (a UserError; serve's 500) rather than
         wait for ever."""
@@ -112,7 +119,8 @@ class Request:
                     asked = time.monotonic()
                     if cancelled():
                         raise Cancelled("the request was cancelled")
-                if kind == "token":
+                if kind in ("token", "more"):
+                    self.same_step = kind == "more"
                     if on_token is not None:
                         on_token(*item)
                 elif kind == "prompt":
@@ -779,10 +787,14 @@ class Engine:
         """r's speculative step after _verify's forward (generate.verify_step, _speculative's): its tokens appended
         one at a time (EOS, stop, put_token), its fill L + m (the rejected positions' keys stale, never read), the
         stats counted. -> (whether every row is done, the rows done on the host, as decode_step's)."""
-        L, before = r.idx.size(1), r.done.clone()  # (verify_step updates done in place)
+        L, before, sent = r.idx.size(1), r.done.clone(), []  # (verify_step updates done in place)
+
+        def put(*item):  # (the step's first token, then its others: Request.put_more)
+            (r.put_more if sent else r.put_token)(*item)
+            sent.append(1)
         r.idx, m, finished, ended, _, offered, accepted = verify_step(
             logits[..., :r.vocab_limit], torch.cat([r.idx, drafted], dim=1), L, r.start, r.done, r.warp,
-            r.generator, r.eos_id, r.put_token, r.stop, r.ends, lens)
+            r.generator, r.eos_id, put, r.stop, r.ends, lens)
         self.cache.fill[r.slots] = L + m
         for i, ended_row in enumerate(ended if r.eos_id is not None else ()):
             if ended_row:  # (its keys from L on are its proposals', not the EOS padding it holds)

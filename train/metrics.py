@@ -171,18 +171,21 @@ class Timing:
     def __init__(self, metrics):
         self.metrics = metrics
         self.start = self.last = time.monotonic()
-        self.scheduled = self.first = None
+        self.scheduled = self.first = self.step = None  # (step: the clock at the last step's first token)
         self.steps = 0
 
-    def tokens(self):
+    def tokens(self, same_step: bool = False):
+        """same_step: a token of the step before's (a speculative step's after its first): counted in steps (per
+        token, as vLLM's per-request time per output token), no inter-token gap of its own (vLLM's: a step's)."""
         now = time.monotonic()
         if self.steps == 0:
-            self.first = now
+            self.first = self.step = now
             with self.metrics.lock:
                 self.metrics.hist["time_to_first_token_seconds"].observe(now - self.start)
-        else:
+        elif not same_step:
             with self.metrics.lock:
-                self.metrics.hist["time_per_output_token_seconds"].observe(now - self.last)
+                self.metrics.hist["time_per_output_token_seconds"].observe(now - self.step)
+            self.step = now
         self.last, self.steps = now, self.steps + 1
 
     def phases(self, stamps=None) -> dict:

@@ -639,7 +639,7 @@ class Model:
         timing = timing or self.metrics.request()  # (the caller's: its clock started when the request came)
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
-            timing.tokens()
+            timing.tokens(request is not None and request.same_step)
             if step is not None:
                 for i, (t, row) in enumerate(zip(new[:, 0].tolist(), rows_of(step))):
                     scored[i].add((t, *row))
