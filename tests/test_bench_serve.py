@@ -445,17 +445,18 @@ def test_a_flag_serve_gains_reaches_the_in_process_server(monkeypatch):
 
 def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
     """`bash bench/gpu_session.sh serve` makes GPT-2 124M's shape with random weights, then runs `bench serve` once
-    a server setting (one request at a time, batched, paged, graphs, prefix caching; lm-eval's scoring load alone
-    and batched), each labelled, each parsed by the bench's own parser; `all` does not run it. Python is a
-    stand-in."""
+    a server setting (one request at a time, batched, paged, graphs, prefix caching, n-gram speculation; lm-eval's
+    scoring load alone and batched), each labelled, each parsed by the bench's own parser; `all` does not run it.
+    Python is a stand-in."""
     from session_stub import run_gpu_session
     from tritongpt.cli import build_parser
 
     runs, work, stdout = run_gpu_session(tmp_path, "serve", SERVE_SECONDS="30")
-    assert "get_config('gpt2-small')" in runs[-8][1] and f"{work}/gpt2-random.safetensors" in runs[-8][1]
+    assert "get_config('gpt2-small')" in runs[-9][1] and f"{work}/gpt2-random.safetensors" in runs[-9][1]
     loads = [c[2:] for c in runs if c[:4] == ["-m", "tritongpt.cli", "bench", "serve"]]
     labels = [c[c.index("--label") + 1] for c in loads]
-    assert labels == ["mb1", "mb32", "mb32-paged", "mb32-graphs", "mb32-prefix", "scoring-mb1", "scoring-mb32"]
+    assert labels == ["mb1", "mb32", "mb32-paged", "mb32-graphs", "mb32-prefix", "mb32-ngram", "scoring-mb1",
+                      "scoring-mb32"]
     by = {label: build_parser().parse_args(argv) for label, argv in zip(labels, loads)}
     for label, args in by.items():
         scoring = label.startswith("scoring")
@@ -464,4 +465,6 @@ def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
     assert by["mb1"].max_batch == 1 and by["mb32-paged"].kv_cache_pages == 2048 and by["mb32-graphs"].cuda_graphs
     assert by["mb32-prefix"].enable_prefix_caching and "== tritongpt bench serve" in stdout
     assert by["scoring-mb1"].max_batch == 1 and by["scoring-mb32"].max_batch == 32
+    assert serve.speculative_config(by["mb32-ngram"].speculative_config, 32) == {"prompt_lookup": 2,
+                                                                                 "num_draft_tokens": 8}
     assert by["scoring-mb32"].prompts_per_request == 8 and by["scoring-mb32"].max_concurrency == "4"
