@@ -144,15 +144,16 @@ class KVCache:
         bufs, new = self._stored(k, v)
         if self.on_device:  # the whole buffers (or the first `bound` positions): the keys past kv_len are masked
             index = self.extent(k.size(2))[0]
-            rows = None if index.dim() == 1 else torch.arange(self.batch_size, device=index.device)[:, None] \
-                if self.row_index is None else self.row_index[:, None]
+            # the buffers' rows this view is (rows(): row_index where they are not consecutive)
+            own = slice(None) if self.row_index is None else self.row_index
+            if index.dim() == 2:  # a fill a row
+                rows = torch.arange(self.batch_size, device=index.device) if self.row_index is None else own
             for buf, t in zip(bufs, new):
-                if rows is None:
+                if index.dim() == 1:
                     buf[layer].index_copy_(2, index, t.to(buf.dtype))
                 else:  # row b's T new vectors at its own positions index[b]: indexed [B, T, kv_heads(, head_dim)]
-                    buf[layer][rows, :, index] = t.transpose(1, 2).to(buf.dtype)
-            views = [buf[layer][:, :, :self.bound] if self.row_index is None else
-                     buf[layer][self.row_index, :, :self.bound] for buf in bufs]
+                    buf[layer][rows[:, None], :, index] = t.transpose(1, 2).to(buf.dtype)
+            views = [buf[layer][own, :, :self.bound] for buf in bufs]
         else:
             for buf, t in zip(bufs, new):
                 buf[layer, :, :, self.pos:end] = t
@@ -448,11 +449,8 @@ class PagedKVCache(KVCache):
         """Row i as a cache of batch 1 on the same pool and pages, its fill from `start` (a request's prefill, after
         reserve(i, length); start > 0: the rest of a prompt whose first `start` positions are cached). A start
         inside the row's shared pages is refused: it would write into pages other rows read."""
-        self._check_row(i)
         self._check_length(start)
-        if start < self.shared[i] * self.page_size:
-            raise UserError(f"row {i}'s first {self.shared[i] * self.page_size} positions are in shared pages, "
-                            f"never written: its fill starts at or past them, got {start}")
+        self._check_start(i, start)
         view = self._rows(i, i + 1)
         view.fill = torch.full((1,), start, dtype=torch.int64, device=self.fill.device)
         return view
@@ -461,15 +459,19 @@ class PagedKVCache(KVCache):
         """KVCache.rows for any slots (their block table's rows gathered: the pool read in place), the table cut to
         bound's pages; a start inside a row's shared pages refused (row()'s rule)."""
         for i, start in zip(slots, starts):
-            self._check_row(i)
-            if start < self.shared[i] * self.page_size:
-                raise UserError(f"row {i}'s first {self.shared[i] * self.page_size} positions are in shared pages, "
-                                f"never written: its fill starts at or past them, got {start}")
+            self._check_start(i, start)
         view = copy.copy(self)
         index = torch.tensor(list(slots), dtype=torch.long, device=self.block_table.device)
         view.pages, view.current = [self.pages[i] for i in slots], None
         view.block_table = self.block_table[index, :self.pages_for(bound)]
         return self._batch_view(view, starts, bound)
+
+    def _check_start(self, i: int, start: int):
+        """Row i exists and a fill of its from `start` writes past its shared pages (other rows read them)."""
+        self._check_row(i)
+        if start < self.shared[i] * self.page_size:
+            raise UserError(f"row {i}'s first {self.shared[i] * self.page_size} positions are in shared pages, "
+                            f"never written: its fill starts at or past them, got {start}")
 
     def _rows(self, start: int, end: int) -> "PagedKVCache":
         """Rows start..end-1 on the same pool: their block table rows (first_rows: the engine's busy rows)."""

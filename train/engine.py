@@ -69,6 +69,9 @@ class Request:
         self.queue = queue.Queue()
         self.cancelled = False
         self.same_step = False  # (wait()'s last token: a speculative step's after its first, put_more)
+        # prompt lookup (Engine's): whether it speculates (submit), and each row's positions whose keys are its ids'
+        # (None: all; a row padded with the EOS after its end holds its proposals' keys: _accept)
+        self.lookup, self.cut = False, [None] * idx.size(0)
         # host clocks (time.monotonic, no GPU sync) where its phases change, for /metrics (train/metrics.py): queued
         # at submit, scheduled at its first admission (vLLM's: a preempted request's re-queue and recompute count in
         # its prefill or decode time, not its queue time), its first and its latest step's tokens
@@ -349,9 +352,7 @@ class Engine:
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
-        # prompt lookup (the class's): whether it speculates, and a row's positions whose keys are its ids' (None:
-        # all; a row padded with the EOS after its end held its proposals' keys: _accept)
-        r.lookup, r.cut = speculates, [None] * r.n
+        r.lookup = speculates
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
