@@ -306,7 +306,7 @@ class Engine:
         prompt_logprobs k (vLLM's SamplingParams.prompt_logprobs; serve's echo): the request's own prefill scores
         its prompt, from the forward that fills its cache (no second forward): each position but the last's
         step_logprobs (logprob of the next prompt token [T - 1], top ids, top logprobs [T - 1, k], rank), the head and
-        log-softmax a chunk of rows at a time (generate.prompt_logprobs), a prefill chunk's last position scoring
+        log-softmax a chunk of rows at a time (generate.score_positions), a prefill chunk's last position scoring
         the next chunk's first token; handed to wait()'s on_prompt before any token, once (n equal rows prefill
         once; a preemption's recompute scores nothing again). Such a request reads no cached prefix (vLLM's:
         positions served from cached pages have no forward to score them) but caches its pages for the requests

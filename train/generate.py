@@ -679,14 +679,12 @@ def score_positions(h, head, width: int, targets, k: int, limit=None, chunk: int
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def prompt_logprobs(model, ids, targets, k: int, cache=None, limit=None, chunk: int | None = None, last=False):
-    """ids [1, t] forwarded (through `cache` from its fill when given, as a prefill's chunk) -> score_positions'
-    rows of its first m positions at targets [m] (vLLM's prompt_logprobs give them), and with `last` the logits of
-    its last position [1, V] (last_logits'), else None: the hidden states once (hidden_and_head), the head in
-    chunks."""
-    h, head, width = hidden_and_head(model, ids, cache)
-    h = h[0]
-    return score_positions(h, head, width, targets, k, limit, chunk), head(h[-1:]) if last else None
+def prompt_logprobs(model, ids, targets, k: int, limit=None, chunk: int | None = None) -> tuple:
+    """ids [1, t] forwarded -> score_positions' rows of its first m positions at targets [m] (vLLM's prompt_logprobs
+    give them): the hidden states once (hidden_and_head), the head in chunks. (The batching engine scores a
+    prefill's chunks from its own forward: Engine._forward.)"""
+    h, head, width = hidden_and_head(model, ids)
+    return score_positions(h[0], head, width, targets, k, limit, chunk)
 
 
 def append_token(idx, nxt, done, eos_id, on_token, stop, ends=None):

@@ -427,7 +427,7 @@ def prompt_rows(model, idx, k: int, limit=None, chunk: int | None = None) -> lis
     which the engine's prefill runs too: Engine.submit's prompt_logprobs)."""
     from tritongpt.train.generate import prompt_logprobs
 
-    return rows_of(prompt_logprobs(model, idx, idx[0, 1:], k, limit=limit, chunk=chunk)[0])
+    return rows_of(prompt_logprobs(model, idx, idx[0, 1:], k, limit=limit, chunk=chunk))
 
 
 def vllm_prompt_logprobs(tok, ids, rows, k: int) -> list:
