@@ -1001,8 +1001,15 @@ def export_peft_adapter(model: GPTModel, out_dir, base: str) -> list:
 
 # -- and back: a peft LoRA adapter for GPT-2, merged into its base ------------------------------
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_ADAPTER_KEY = re.compile(r"base_model\.model\.(?:transformer\.)?h\.(\d+)\.(" + "|".join(map(re.escape, HF_LINEARS))
-                          + r")\.lora_([AB])(?:\.default)?\.weight")
+
+
+def _adapter_key(layers: str, linears) -> re.Pattern:
+    """A peft LoRA tensor's name: base_model.model.`layers`.i.module.lora_A|B[.default].weight."""
+    return re.compile(r"base_model\.model\." + layers + r"\.(\d+)\.(" + "|".join(map(re.escape, linears)) +
+                      r")\.lora_([AB])(?:\.default)?\.weight")
+
+
+_ADAPTER_KEY = _adapter_key(r"(?:transformer\.)?h", HF_LINEARS)
 
 
 def adapter_folder(path) -> Path | None:
@@ -1026,6 +1033,29 @@ def load_peft_adapter(folder, base: str | None = None) -> GPTModel:
     Conv1D weight plus scale (B A)^T, peft's own merge. c_attn's update is split into the
     W_query, W_key and W_value rows of ours. Any other adapter (DoRA, trained biases or embeddings,
     modules_to_save) is refused by name: merged without it, it would be another model."""
+    config, file, tensors = _peft_files(folder)
+    name = base if base is not None else config.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"{Path(folder) / 'adapter_config.json'} names no base_model_name_or_path: pass the base model")
+    model = _adapter_base_model(str(name), Path(folder) / "adapter_config.json")
+    updates, bad = _peft_updates(tensors, _ADAPTER_KEY)
+    if bad is not None:
+        raise UserError(f"{file}: tensor {bad!r} is not a LoRA A or B of GPT-2's c_attn, c_proj or c_fc: "
+                        "this adapter changes more than those")
+    with torch.no_grad():
+        for (layer, module), ab in sorted(updates.items()):
+            a, b, scale, names = _peft_update(config, file, model, layer, module, ab, HF_LINEARS, "transformer.h")
+            targets = [model.trf_blocks[layer].get_submodule(n) for n in names]
+            delta = (scale * (b.double() @ a.double())).split([t.weight.shape[0] for t in targets])
+            for t, d in zip(targets, delta):
+                t.weight.copy_((t.weight.double() + d).to(t.weight.dtype))
+    check_finite_weights(model, file)
+    return model
+
+
+def _peft_files(folder) -> tuple:
+    """A peft adapter folder's (adapter_config.json's fields, weights file, its tensors); any adapter but a plain
+    LoRA one (DoRA, trained biases, modules_to_save) refused by name: read without it, it would be another model."""
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
     config = read_json_object(cfg_path)
@@ -1034,45 +1064,47 @@ def load_peft_adapter(folder, base: str | None = None) -> GPTModel:
                      ("modules_to_save", bool(config.get("modules_to_save")))):
         if bad:
             raise UserError(f"{cfg_path}: {key} is {config.get(key)!r}; only a plain LoRA adapter (peft_type LORA, "
-                            "no DoRA, bias none, no modules_to_save) can be merged into GPT-2 here")
+                            "no DoRA, bias none, no modules_to_save) is read here")
     files = [folder / n for n in ADAPTER_FILES if (folder / n).is_file()]
     if not files:
         raise UserError(f"{folder}: an adapter_config.json without {' or '.join(ADAPTER_FILES)}")
-    tensors = _read_tensors(files[0])  # .safetensors or .bin; its keys start base_model.: no "transformer." to strip
-    name = base if base is not None else config.get("base_model_name_or_path")
-    if not name:
-        raise UserError(f"{cfg_path} names no base_model_name_or_path: pass the base model")
-    model = _adapter_base_model(str(name), cfg_path)
+    return config, files[0], _read_tensors(files[0])  # .safetensors or .bin; keys start base_model.: nothing to strip
+
+
+def _peft_updates(tensors: dict, key: re.Pattern) -> tuple:
+    """({(layer, module): {"A": lora_A, "B": lora_B}} of the tensors whose names `key` matches, the first name it
+    does not match or None)."""
     updates = {}
-    for key, value in tensors.items():
-        m = _ADAPTER_KEY.fullmatch(key)
+    for name, value in tensors.items():
+        m = key.fullmatch(name)
         if m is None:
-            raise UserError(f"{files[0]}: tensor {key!r} is not a LoRA A or B of GPT-2's c_attn, c_proj or c_fc: "
-                            "this adapter changes more than those")
+            return updates, name
         updates.setdefault((int(m[1]), m[2]), {})[m[3]] = value
+    return updates, None
+
+
+def _peft_update(config: dict, file, model: GPTModel, layer: int, module: str, ab: dict, linears: dict,
+                 layers: str) -> tuple:
+    """One adapted module's (A [r, in] fp32, B [out, r] fp32, scale, our modules it is: linears[module]), checked
+    against `model`: A and B both there, the layer in the model, their shapes an update of those modules' weight
+    (their rows side by side). The scale is peft's: lora_alpha / r, or / sqrt(r) (use_rslora), r and alpha per
+    module from rank_pattern and alpha_pattern, looked up by the module's full name, `layers`.i.module."""
+    where = f"{file}: {layers.rpartition('.')[2]}.{layer}.{module}"
     n_layer = model.config.n_layer
-    r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
-    with torch.no_grad():
-        for (layer, module), ab in sorted(updates.items()):
-            where = f"{files[0]}: h.{layer}.{module}"
-            if set(ab) != {"A", "B"} or layer >= n_layer:
-                raise UserError(f"{where}: " + (f"the base has only {n_layer} layers" if layer >= n_layer
-                                                else f"lora_{'AB'[('A' in ab)]} is missing"))
-            a, b = ab["A"].float(), ab["B"].float()
-            full = f"transformer.h.{layer}.{module}"
-            r, alpha = _pattern_value(config.get("rank_pattern"), full, r0), \
-                _pattern_value(config.get("alpha_pattern"), full, alpha0)
-            scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
-            targets = [model.trf_blocks[layer].get_submodule(n) for n in HF_LINEARS[module]]
-            out_f, in_f = sum(t.weight.shape[0] for t in targets), targets[0].weight.shape[1]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
-                raise UserError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make an "
-                                f"update of its [{in_f}, {out_f}] weight")
-            delta = (scale * (b.double() @ a.double())).split([t.weight.shape[0] for t in targets])
-            for t, d in zip(targets, delta):
-                t.weight.copy_((t.weight.double() + d).to(t.weight.dtype))
-    check_finite_weights(model, files[0])
-    return model
+    if set(ab) != {"A", "B"} or layer >= n_layer:
+        raise UserError(f"{where}: " + (f"the base has only {n_layer} layers" if layer >= n_layer
+                                        else f"lora_{'AB'[('A' in ab)]} is missing"))
+    a, b = ab["A"].float(), ab["B"].float()
+    full = f"{layers}.{layer}.{module}"
+    r = _pattern_value(config.get("rank_pattern"), full, config.get("r", 8))
+    alpha = _pattern_value(config.get("alpha_pattern"), full, config.get("lora_alpha", 8))
+    scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+    targets = [model.trf_blocks[layer].get_submodule(n) for n in linears[module]]
+    out_f, in_f = sum(t.out_features for t in targets), targets[0].in_features
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+        raise UserError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make an "
+                        f"update of its [{in_f}, {out_f}] weight")
+    return a, b, scale, linears[module]
 
 
 def _adapter_base_model(name: str, cfg_path: Path) -> GPTModel:
@@ -1085,3 +1117,4 @@ def _adapter_base_model(name: str, cfg_path: Path) -> GPTModel:
         raise UserError(f"{cfg_path}: its base_model_name_or_path {name!r} is neither a folder here holding "
                         f"model.safetensors nor a GPT-2 name ({', '.join(HUB_REPOS)})")
     return load_checkpoint(file)
+
