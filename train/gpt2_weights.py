@@ -18,7 +18,8 @@ import torch
 
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
-from tritongpt.model.gpt import GPTModel, check_finite_weights, readable_like_other_files, unreadable_safetensors
+from tritongpt.model.gpt import GPTModel, all_finite, check_finite_weights, readable_like_other_files, \
+    unreadable_safetensors
 
 HUB_REPOS = {
     "gpt2-small": "openai-community/gpt2",
@@ -1118,3 +1119,116 @@ def _adapter_base_model(name: str, cfg_path: Path) -> GPTModel:
                         f"model.safetensors nor a GPT-2 name ({', '.join(HUB_REPOS)})")
     return load_checkpoint(file)
 
+
+# -- an adapter's tensors, unmerged: multi-LoRA serving's --------------------------------------
+# the shape fields of GPTConfig a LoRA checkpoint's base must share with the served model (vocab_size: another
+# vocabulary is another base, even where no adapted matrix's shape shows it)
+LORA_BASE_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_kv_head", "attention_head_dim", "mlp",
+                    "mlp_hidden", "n_experts")
+_OUR_LORA_KEY = re.compile(r"(.+)\.(?:parametrizations\.weight\.0|lora)\.lora_([AB])")  # LoRAUpdate, QLoRA's
+
+
+def read_adapter(path, model: GPTModel) -> dict:
+    """A LoRA adapter's tensors, not merged into anything: {module path in `model` (as named_modules() names
+    it, "trf_blocks.3.att.W_query"): (A [r, in_features] fp32, B [out_features, r] fp32 with the LoRA scale
+    folded in)}, for the modules the adapter adapts only; `model` x + x A^T B^T is the adapted model's.
+
+    `path` is
+    - a peft LoRA adapter folder (adapter_config.json, adapter_model.safetensors or .bin) for Hugging Face's
+      GPT-2 (c_attn's update is W_query's, W_key's and W_value's: the same A, B's row blocks) or for a Llama
+      (Mistral, Qwen2, Qwen3: q_proj ... down_proj, train/llama_weights.py's names), on a served model of that
+      family. B is scale B, the scale peft's (lora_alpha / r, rsLoRA's / sqrt(r), rank_pattern and
+      alpha_pattern per module). DoRA, trained biases and modules_to_save are refused as load_peft_adapter
+      refuses them. base_model_name_or_path is not loaded: the served model is the base;
+    - one of our LoRA checkpoints (file, checkpoint or run folder: resolve_checkpoint), saved by `sft` or
+      `pretrain --lora-rank` (model/lora.py LoRAUpdate; QLoRA's updates on QuantLinear.lora alike): A = lora_A,
+      B = lora_alpha / lora_rank * lora_B. Its base's shape fields (LORA_BASE_FIELDS) must be the served
+      model's.
+
+    The adapter's base weights are not compared with the served model's (vLLM does not either): an adapter
+    trained on another base of the same shapes reads without complaint. A UserError names the file and field
+    for a file that holds no LoRA, a module the served model lacks or whose widths differ from the adapter's,
+    a layer beyond the served model's, a NaN or inf in A or B, another family's adapter."""
+    folder = adapter_folder(path)
+    out = _read_peft_adapter(folder, model) if folder is not None else _read_lora_checkpoint(path, model)
+    for name, (a, b) in out.items():
+        for t, which in ((a, "A"), (b, "B")):
+            if not all_finite(t):
+                raise UserError(f"{path}: {name}'s LoRA {which} holds NaN or inf values (a damaged adapter)")
+    return out
+
+
+def _read_peft_adapter(folder: Path, model: GPTModel) -> dict:
+    from tritongpt.train.llama_weights import _LAYER, _NORMS, refuse_not_llama
+
+    config, file, tensors = _peft_files(folder)
+    llama = {theirs: (mine,) for mine, theirs in _LAYER if mine not in _NORMS}
+    families = (("GPT-2", _ADAPTER_KEY, HF_LINEARS, "transformer.h", refuse_not_gpt2),
+                ("Llama", _adapter_key(r"model\.layers", llama), llama, "model.layers", refuse_not_llama))
+    for family, key, linears, layers, refuse in families:
+        updates, bad = _peft_updates(tensors, key)
+        if bad is None:
+            break
+    else:
+        raise UserError(f"{file}: tensor {bad!r} is not a LoRA A or B of GPT-2's c_attn, c_proj or c_fc, nor of a "
+                        "Llama's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj: an adapter for "
+                        "another family, or one that changes more than those, is not read here")
+    what = f"the base of a peft {family} adapter"
+    try:  # the module names map onto ours as that family's weights do: another family's model has other rows
+        refuse(model, what)
+    except UserError as e:  # (the export's refusals: "this model <why>: it cannot be exported as <what>")
+        why = str(e).removesuffix(f": it cannot be exported as {what}")
+        raise UserError(f"{file}: a peft adapter for {family}, and the served model is no {family}: {why}") from None
+    out = {}
+    for (layer, module), ab in sorted(updates.items()):
+        a, b, scale, names = _peft_update(config, file, model, layer, module, ab, linears, layers)
+        rows = [model.trf_blocks[layer].get_submodule(n).out_features for n in names]
+        for name, rows_b in zip(names, b.split(rows)):
+            out[f"trf_blocks.{layer}.{name}"] = a.contiguous(), (scale * rows_b).contiguous()
+    return out
+
+
+
+def _read_lora_checkpoint(path, model: GPTModel) -> dict:
+    from safetensors import safe_open
+
+    from tritongpt.train.common import resolve_checkpoint, saved_model_config
+
+    file = resolve_checkpoint(path)
+    saved = saved_model_config(file)
+    if not saved:
+        raise UserError(f"{file} has no LoRA: not a tritongpt checkpoint (no config in its metadata) nor a peft "
+                        "adapter folder (adapter_config.json)")
+    rank = saved.get("lora_rank") or 0
+    if not rank:
+        raise UserError(f"{file} has no LoRA (its config's lora_rank is 0): a plain checkpoint, not an adapter")
+    now = model.config.to_dict()
+    diffs = [f"{k} {saved[k]} (served: {now[k]})" for k in LORA_BASE_FIELDS if k in saved and saved[k] != now[k]]
+    if diffs:
+        raise UserError(f"{file}: its LoRA was trained on another model than the served one: its config has "
+                        + ", ".join(diffs))
+    scale = float(saved.get("lora_alpha", GPTConfig.lora_alpha)) / rank  # LoRAUpdate.scale
+    ab, modules = {}, dict(model.named_modules())
+    try:  # the LoRA tensors alone: the file holds the whole base too, which the served model already is
+
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if (m := _OUR_LORA_KEY.fullmatch(key)) is not None:
+                    ab.setdefault(m[1], {})[m[2]] = f.get_tensor(key).float()
+    except Exception as e:  # noqa: BLE001 (safetensors' own errors have no common base)
+        raise unreadable_safetensors(file, e) from None
+    if not ab:
+        raise UserError(f"{file} has no LoRA tensors (lora_A, lora_B), though its config's lora_rank is {rank}")
+    out = {}
+    for name, t in ab.items():
+        if set(t) != {"A", "B"}:
+            raise UserError(f"{file}: {name}'s lora_{'AB'['A' in t]} is missing")
+        a, b, module = t["A"], t["B"], modules.get(name)
+        if module is None or not hasattr(module, "in_features"):
+            raise UserError(f"{file}: the adapter adapts {name}, which the served model has no Linear of")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[1] != module.in_features \
+                or b.shape[0] != module.out_features:
+            raise UserError(f"{file}: {name}'s lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make an "
+                            f"update of the served [{module.out_features}, {module.in_features}] weight")
+        out[name] = a.contiguous(), scale * b
+    return out
