@@ -21,6 +21,7 @@ from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, Mult
                                     Rotary, SwiGLUFeedForward, TransformerBlock, document_starts,
                                     load_balancing_loss, make_norm, quantize_kv, rope_seq_len)
 from tritongpt.model.layers import KV_CACHE_DTYPES
+from tritongpt.model.lora import AdapterLinear
 from tritongpt.model.quant import QuantLinear, quantized_layout
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
@@ -387,19 +388,20 @@ class PagedKVCache(KVCache):
         self.block_table[row] = self.scratch
         self.fill[row] = 0
 
-    def block_keys(self, ids) -> list:
-        """The keys of the full blocks of token ids [T] (a hash chain: each block's from the previous one's)."""
+    def block_keys(self, ids, salt: bytes = b"") -> list:
+        """The keys of the full blocks of token ids [T] (a hash chain: each block's from the previous one's, the
+        first's from salt: what else the keys and values depend on, a LoRA adapter's name; vLLM's extra keys)."""
         ids = ids.detach().to("cpu", torch.int64).contiguous().numpy()
-        keys, key = [], b""
+        keys, key = [], salt
         for j in range(len(ids) // self.page_size):
             key = hashlib.sha256(key + ids[j * self.page_size:(j + 1) * self.page_size].tobytes()).digest()
             keys.append(key)
         return keys
 
-    def lookup(self, ids) -> list:
+    def lookup(self, ids, salt: bytes = b"") -> list:
         """The cached pages of token ids' longest run of full blocks from the start (the pages to attach)."""
         pages = []
-        for key in self.block_keys(ids):
+        for key in self.block_keys(ids, salt):
             if key not in self.index:
                 break
             pages.append(self.index[key])
@@ -419,11 +421,11 @@ class PagedKVCache(KVCache):
         self._append(row, list(pages))
         self.shared[row] = len(pages)
 
-    def register(self, row: int, ids):
+    def register(self, row: int, ids, salt: bytes = b""):
         """Row `row`'s full blocks of its text ids [T] (prefilled: their keys in its first pages) into the prefix
-        index; a block already there keeps its page."""
+        index (salt: block_keys'); a block already there keeps its page."""
         self._check_row(row)
-        keys = self.block_keys(ids)
+        keys = self.block_keys(ids, salt)
         if len(keys) > len(self.pages[row]):
             raise UserError(f"row {row} holds {len(self.pages[row])} pages, not the {len(keys)} full blocks of its "
                             f"{len(ids)} tokens")
@@ -562,6 +564,7 @@ class GPTModel(nn.Module):
         # names only: a model is built on the CPU and may be moved to a GPU before it runs
         self.set_kernels(cfg.kernels, check_device=False)
         self.activation_checkpointing = False
+        self.adapters = None  # serving LoRA adapters unmerged (model/lora.py serve_adapters): their AdapterRows
         if cfg.lora_rank:  # a saved LoRA model: its parametrizations, for its weights to load into
             from tritongpt.model.lora import attach_lora
 
@@ -661,8 +664,8 @@ class GPTModel(nn.Module):
                 m.use_triton = "attention" in names
             elif isinstance(m, Rotary):
                 m.use_triton = "rope" in names
-            elif isinstance(m, QuantLinear):  # quantize's int8/int4 matmuls: the matmul kernels' name
-                m.use_triton = "mlp" in names
+            elif isinstance(m, (QuantLinear, AdapterLinear)):  # quantized matmuls, served adapters: the matmul
+                m.use_triton = "mlp" in names                  # kernels' name
         self.kernels = names
         self.config.kernels = spec_string(names)
         return self

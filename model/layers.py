@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tritongpt.model.lora import AdapterLinear
 from tritongpt.model.quant import QuantLinear
 
 
@@ -228,7 +229,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if isinstance(self.fc1, QuantLinear):  # int8/int4 (model/quant.py): fc1's GELU in its own epilogue
             return self.drop(self.fc2(self.fc1(x, act=self.act)))
-        if self.use_triton:
+        if self.use_triton and not any(isinstance(m, AdapterLinear) for m in (self.fc1, self.fc2)):  # adapters: below
             from tritongpt.kernels.mlp import gelu_mlp
 
             return self.drop(gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
@@ -266,7 +267,8 @@ class SwiGLUFeedForward(nn.Module):
         self.use_triton = False
 
     def forward(self, x):
-        if self.use_triton and not isinstance(self.w_gate, QuantLinear):  # int8/int4 (model/quant.py): below
+        if self.use_triton and not isinstance(self.w_gate, QuantLinear) and \
+                not any(isinstance(m, AdapterLinear) for m in (self.w_gate, self.w_up, self.w_down)):  # (below)
             from tritongpt.kernels.swiglu import swiglu_mlp
 
             return self.drop(swiglu_mlp(x, self.w_gate.weight, self.w_gate.bias, self.w_up.weight, self.w_up.bias,

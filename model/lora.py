@@ -26,6 +26,7 @@ weights are W + scale B A (merge_lora).
     ...train...
     model = merge_lora(model)                     # plain weights again
 """
+import contextlib
 import math
 
 import torch
@@ -194,3 +195,132 @@ def _plain_linears(model, weight_of):
 
 def lora_parameters(model) -> list:
     return [p for name, p in model.named_parameters() if name.endswith(("lora_A", "lora_B"))]
+
+
+# -- serving several adapters at once (vLLM's multi-LoRA) ------------------------------------------------------------
+class AdapterRows:
+    """Which adapter each row of the next forward runs, shared by every AdapterLinear of a served model.
+
+    index: None (the base model alone), an int slot (every row that adapter: generate()'s one request), or an int
+    tensor [B] on the model's device, a slot a row and -1 for the base (the engine's batches, a request a row).
+    names: the adapters' names, slot order. The engine keeps one index buffer a slot and hands the forward a view or
+    a gather of it, so a CUDA graph captured over the view replays whatever the buffer holds."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.index = None
+
+    def slot(self, name) -> int:
+        return self.names.index(name)
+
+    @contextlib.contextmanager
+    def use(self, index):
+        before, self.index = self.index, index
+        try:
+            yield
+        finally:
+            self.index = before
+
+
+def lora_rows_reference(x, lora_a, lora_b, index):
+    """The textbook multi-LoRA delta: row b's x [T, in] times its adapter's A^T [in, r], times its B^T [r, out]
+    (the scale folded into B), 0 for a row whose index is -1. Gathers each row's A and B ([B, r, in], [B, out, r]:
+    a copy of the adapter per row) for two batched matmuls. Triton twin: kernels/lora.py add_lora_rows, which reads
+    each row's adapter in place."""
+    slot = index.clamp(min=0).long()
+    h = torch.bmm(x, lora_a[slot].transpose(1, 2))
+    delta = torch.bmm(h, lora_b[slot].transpose(1, 2))
+    return delta.masked_fill((index < 0).view(-1, 1, 1), 0)
+
+
+class AdapterLinear(nn.Module):
+    """A frozen Linear (or a quantized one, model/quant.py) serving several LoRA adapters beside it, unmerged:
+    y = base(x) + (x A_s^T) B_s^T for the adapter s each row runs (rows.index; none: the base alone). The adapters
+    sit in slots, A [slots, rank, in] and B [slots, out, rank] buffers, each zero-padded to the largest rank served
+    (vLLM's max_lora_rank) and its scale alpha / r folded into B (as vLLM's). Per row, a token costs
+    rank (in + out) multiply-adds more, against in x out for the base matmul.
+
+    Why not merge: a merged W + B A serves one adapter; punica (Chen et al., 2023) and vLLM keep the base shared
+    and add each request's update in the batch. Triton twin: kernels/lora.py add_lora_rows (the "mlp" kernel
+    name, as the quantized matmuls: the toggle's matmul kernels)."""
+
+    def __init__(self, base, slots: int, rank: int, rows: AdapterRows, device=None, dtype=None):
+        super().__init__()
+        self.base, self.rows, self.use_triton = base, rows, False
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("lora_A", torch.zeros(slots, rank, self.in_features, device=device, dtype=dtype))
+        self.register_buffer("lora_B", torch.zeros(slots, self.out_features, rank, device=device, dtype=dtype))
+
+    def load(self, slot: int, a, b):
+        """Adapter `slot`'s A [r, in] and scaled B [out, r], r <= the rank served (the rest stays zero)."""
+        r = a.shape[0]
+        with torch.no_grad():
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+            self.lora_A[slot, :r].copy_(a)
+            self.lora_B[slot, :, :r].copy_(b)
+
+    def forward(self, x):
+        y = self.base(x)
+        index = self.rows.index
+        if index is None:
+            return y
+        # (under autocast y is the base matmul's bf16 while x is the fp32 stream: the update in y's dtype, as
+        # F.linear's would be)
+        x, a, b = x.to(y.dtype), self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
+        if isinstance(index, int):  # one adapter for every row: two plain matmuls
+            return y + F.linear(F.linear(x, a[index]), b[index]) if index >= 0 else y
+        if self.use_triton:
+            from tritongpt.kernels.lora import add_lora_rows
+
+            return add_lora_rows(y.contiguous(), x, a, b, index, index_checked=True)
+        return y + lora_rows_reference(x, a, b, index)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.lora_A.shape[0]}, rank={self.lora_A.shape[1]}"
+
+
+def serve_adapters(model, adapters: dict, max_rank: int = 16) -> AdapterRows:
+    """`model` serving the LoRA adapters {name: {module path: (A [r, in], scale * B [out, r])}} (read_adapter's)
+    beside its frozen weights, unmerged: each adapted Linear becomes an AdapterLinear with a slot an adapter (its
+    A and B zero where that adapter leaves the module alone), all sharing one AdapterRows, which is returned and
+    kept as model.adapters. In place. Refuses by name an adapter above max_rank (vLLM's --max-lora-rank), a module
+    that is not a Linear of the model, or shapes that do not fit it."""
+    from tritongpt.model.quant import QuantLinear
+
+    if getattr(model, "adapters", None) is not None:
+        raise UserError("the model serves adapters already: serve_adapters takes the base model once")
+    if has_lora(model):
+        raise UserError("the model has a LoRA update of its own (a LoRA checkpoint): serve its merged weights "
+                        "(merge_lora) as the base")
+    if not adapters:
+        raise UserError("serve_adapters needs at least one adapter")
+    for name, modules in adapters.items():
+        for path, (a, b) in modules.items():
+            if a.shape[0] > max_rank:
+                raise UserError(f"adapter {name!r}: {path} has rank {a.shape[0]}, above the largest served "
+                                f"({max_rank}: --max-lora-rank)")
+            try:
+                linear = model.get_submodule(path)
+            except AttributeError:
+                raise UserError(f"adapter {name!r}: the model has no module {path}") from None
+            if not isinstance(linear, (nn.Linear, QuantLinear)):
+                raise UserError(f"adapter {name!r}: {path} is a {type(linear).__name__}, not a Linear")
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features \
+                    or b.shape[1] != a.shape[0]:
+                raise UserError(f"adapter {name!r}: {path}'s A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                                f"its [{linear.out_features}, {linear.in_features}] weight")
+    rank = max(a.shape[0] for modules in adapters.values() for a, _ in modules.values())
+    rows = AdapterRows(adapters)
+    paths = sorted({p for modules in adapters.values() for p in modules})
+    for path in paths:
+        parent, _, attr = path.rpartition(".")
+        w = model.tok_emb.weight  # (the model's float dtype: a quantized base has no float weight of its own)
+        wrapped = AdapterLinear(model.get_submodule(path), len(rows.names), rank, rows, w.device, w.dtype)
+        for slot, name in enumerate(rows.names):
+            if path in adapters[name]:
+                wrapped.load(slot, *adapters[name][path])
+        wrapped.use_triton = "mlp" in model.kernels
+        setattr(model.get_submodule(parent), attr, wrapped)
+    model.adapters = rows
+    return rows

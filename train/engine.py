@@ -72,6 +72,8 @@ class Request:
         # prompt lookup (Engine's): whether it speculates (submit), and each row's positions whose keys are its ids'
         # (None: all; a row padded with the EOS after its end holds its proposals' keys: _accept)
         self.lookup, self.cut = False, [None] * idx.size(0)
+        # a served LoRA adapter (model/lora.py serve_adapters): its slot, -1 the base; salt: its prefix-cache keys'
+        self.adapter, self.salt = -1, b""
         # host clocks (time.monotonic, no GPU sync) where its phases change, for /metrics (train/metrics.py): queued
         # at submit, scheduled at its first admission (vLLM's: a preempted request's re-queue and recompute count in
         # its prefill or decode time, not its queue time), its first and its latest step's tokens
@@ -241,12 +243,20 @@ class Engine:
     prompt_logprobs, and prefill-only ones, decode plainly. With prefix caching, a speculating row that ended (EOS
     padding) caches only the blocks before the step it ended in (the positions after hold its proposals' keys).
     stats: vLLM's "spec_decode_num_drafts" (a live row's proposals a step), "spec_decode_num_draft_tokens" and
-    "spec_decode_num_accepted_tokens" (generate's stats' drafted and accepted)."""
+    "spec_decode_num_accepted_tokens" (generate's stats' drafted and accepted).
+
+    Adapters (vLLM's multi-LoRA; a model given them by model/lora.py serve_adapters): a request names its adapter
+    (submit's adapter), and each forward's rows run their requests' (slot_adapter: a slot a cache row, -1 the base,
+    read by every AdapterLinear through model.adapters). Its prefix-cache keys start from the adapter's name (its
+    keys and values are not the base's). max_loras (vLLM's): the most adapters the running requests use at once; a
+    waiting request of another one is passed over (vLLM's scheduler skips it) until one of them has no request
+    left. None: every served adapter (they all stay on the device: vLLM's default is 1, its slots on the GPU).
+    stats: "lora_requests" a request run with an adapter."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
                  kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
                  prefix_caching: bool = False, max_prefill_tokens: int | None = None, preemption: bool = True,
-                 prompt_lookup: int | None = None, num_draft_tokens: int = 10):
+                 prompt_lookup: int | None = None, num_draft_tokens: int = 10, max_loras: int | None = None):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
@@ -290,6 +300,14 @@ class Engine:
         self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
         self.preemption = preemption and self.paged  # (a slot cache's row holds the whole context: nothing to grow)
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
+        self.adapters = getattr(model, "adapters", None)  # (model/lora.py AdapterRows, or None)
+        if max_loras is not None and (self.adapters is None or not is_int(max_loras) or max_loras < 1):
+            raise UserError(f"max_loras must be a positive integer, and only for a model serving adapters, got "
+                            f"{max_loras!r}" + ("" if self.adapters is not None else " for a model serving none"))
+        if self.adapters is not None:
+            self.max_loras = len(self.adapters.names) if max_loras is None else int(max_loras)
+            self.slot_adapter = torch.full((self.max_batch,), -1, dtype=torch.int32, device=self.cache.k.device)
+            self.stats["lora_requests"] = 0
         if self.lookup is not None:  # (the class's docstring)
             self.stats.update(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
                               spec_decode_num_accepted_tokens=0)
@@ -297,7 +315,7 @@ class Engine:
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
                vocab_limit: int | None = None, stop=None, logprobs: int | None = None, stop_token_ids=None,
                min_tokens: int = 0, ignore_eos: bool = False, prompt_logprobs: int | None = None,
-               **warp) -> Request:
+               adapter: str | None = None, **warp) -> Request:
         """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=...,
         logprobs=..., stop_token_ids=..., min_tokens=..., ignore_eos=..., **warp) (warp: its sampling settings) and
         return its handle. idx [n, T]: n rows (n <= max_batch), T + max_new_tokens within the context (the engine
@@ -310,7 +328,9 @@ class Engine:
         the next chunk's first token; handed to wait()'s on_prompt before any token, once (n equal rows prefill
         once; a preemption's recompute scores nothing again). Such a request reads no cached prefix (vLLM's:
         positions served from cached pages have no forward to score them) but caches its pages for the requests
-        after it. With max_new_tokens 0 it ends after its prefill, nothing drawn (echo with max_tokens 0)."""
+        after it. With max_new_tokens 0 it ends after its prefill, nothing drawn (echo with max_tokens 0).
+
+        adapter: the name of a LoRA adapter the model serves (the class's docstring), None: the base model."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
             what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
@@ -349,10 +369,13 @@ class Engine:
         if prompt_logprobs is not None and vocab_limit is not None and bool((idx >= vocab_limit).any()):
             raise UserError(f"prompt_logprobs: the prompt's token id {int(idx.max())} is not among the vocab_limit "
                             f"{vocab_limit} tokens drawn from, so it has no logprob to give")
+        slot = self._adapter_slot(adapter)
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
         r.lookup = speculates
+        if slot >= 0:
+            r.adapter, r.salt = slot, adapter.encode()
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
@@ -362,6 +385,31 @@ class Engine:
             self.waiting.append(r)
             self.cond.notify_all()
         return r
+
+    def _adapter_slot(self, adapter) -> int:
+        if adapter is None:
+            return -1
+        names = [] if self.adapters is None else self.adapters.names
+        if adapter not in names:
+            served = f"its adapters are {', '.join(map(repr, names))}" if names else "it serves no adapter"
+            raise UserError(f"the model has no LoRA adapter {adapter!r}: {served}")
+        return names.index(adapter)
+
+    def _adapted(self, slots):
+        """The context a forward over cache rows `slots` runs in: each row its request's adapter (the first `slots`
+        rows: a view of slot_adapter, which a CUDA graph captured over it replays as it is then). No adapters:
+        nothing."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        index = self.slot_adapter[:slots] if isinstance(slots, int) else self.slot_adapter[slots]
+        return self.adapters.use(index)
+
+    def _lora_room(self, r, admitted) -> bool:
+        """Whether r's adapter can join the running and admitted requests' (max_loras)."""
+        if r.adapter < 0:
+            return True
+        used = {x.adapter for x in self.running + admitted if x.adapter >= 0}
+        return r.adapter in used or len(used) < self.max_loras
 
     @property
     def paged(self) -> bool:
@@ -405,7 +453,7 @@ class Engine:
         r.same = bool((r.idx == r.idx[:1]).all())
         prefilled = r.idx[:1] if r.same else r.idx
         # (the last token always computed; a request scoring its prompt reads none: each position needs its forward)
-        r.hits = [cache.lookup(row[:-1]) if self.prefix_caching and not r.scoring else [] for row in prefilled]
+        r.hits = [cache.lookup(row[:-1], r.salt) if self.prefix_caching and not r.scoring else [] for row in prefilled]
         if not self.paged:
             return 0
         cached = {p for h in r.hits for p in h if p in cache.cached} if self.prefix_caching else ()
@@ -458,10 +506,15 @@ class Engine:
             # (before admission, vLLM's order: the running requests' next pages come first; a step that preempted
             # one admits none, or it would take back the pages just freed)
             preempted = self._grow() if self.preemption else False
-            admitted = []
+            admitted, passed = [], []
             # FIFO: the first request that does not fit (slots, or a paged cache's pages) waits, and the ones
-            # behind it with it
-            while not preempted and self.waiting and self._fits(self.waiting[0]):
+            # behind it with it; one whose adapter would pass max_loras is passed over (vLLM's), keeping its place
+            while not preempted and self.waiting:
+                if self.adapters is not None and not self._lora_room(self.waiting[0], admitted):
+                    passed.append(self.waiting.popleft())
+                    continue
+                if not self._fits(self.waiting[0]):
+                    break
                 r = self.waiting.popleft()
                 r.slots, self.free = self.free[:r.n], self.free[r.n:]
                 try:
@@ -475,7 +528,10 @@ class Engine:
                 self._begin(r)
                 if r.scheduled is None:
                     r.scheduled = time.monotonic()
+                    if r.adapter >= 0:
+                        self.stats["lora_requests"] += 1
                 admitted.append(r)
+            self.waiting.extendleft(reversed(passed))
         decoding = [r for r in self.running if not r.todo]  # (a request still prefilling draws nothing yet)
         self.running = self.running + admitted
         if not self.running:
@@ -569,6 +625,8 @@ class Engine:
             self.cache.release(slot)
         if not self.paged:
             self.cache.fill[r.slots] = 0
+        if self.adapters is not None:
+            self.slot_adapter[r.slots] = -1
         self.free = sorted(self.free + r.slots)
         r.slots = None
 
@@ -578,7 +636,8 @@ class Engine:
         for a request still prefilling: its last chunk's pages are not all written. A row that ended holds fewer
         pages than it fed (_grow): the ids in its pages."""
         for i, slot in enumerate(r.slots if self.prefix_caching and not r.todo else ()):
-            self.cache.register(slot, r.idx[i, :-1][:len(self.cache.pages[slot]) * self.cache.page_size][:r.cut[i]])
+            self.cache.register(slot, r.idx[i, :-1][:len(self.cache.pages[slot]) * self.cache.page_size][:r.cut[i]],
+                                r.salt)
 
     def _attach(self, r):
         """Prefix caching, at admission (r.hits from _plan): each prefilled row takes its cached pages; a request's
@@ -604,6 +663,8 @@ class Engine:
         r.todo, r.rows = deque([i, slot, len(h) * size] for i, (slot, h) in enumerate(zip(r.slots, r.hits))), []
         for slot in r.slots:
             self.cache.fill[slot] = self.cache.shared[slot] * size if self.paged else 0
+        if self.adapters is not None:
+            self.slot_adapter[r.slots] = r.adapter
 
     def _prefill(self, logits: dict):
         """This step's prefill: the prompt chunks within max_prefill_tokens (_chunks), run a group of them a forward
@@ -685,7 +746,8 @@ class Engine:
             ids = torch.stack([torch.cat([c.ids, c.ids[-1:].expand(width - len(c.ids))]) for c in group])
             view = self.cache.rows([c.slot for c in group], [c.start for c in group],
                                    max(c.start for c in group) + width)
-        h, head, vocab = hidden_and_head(self.model, ids, view)
+        with self._adapted([c.slot for c in group]):
+            h, head, vocab = hidden_and_head(self.model, ids, view)
         for c, hc in zip(group, h):
             r, T = c.r, c.r.idx.size(1)
             hc = hc[:c.end - c.start]
@@ -710,7 +772,7 @@ class Engine:
             r.todo.popleft()
             r.rows.append(c.logits)
             if self.prefix_caching:
-                cache.register(c.slot, r.idx[c.i, :T])
+                cache.register(c.slot, r.idx[c.i, :T], r.salt)
             if self.prefix_caching and not r.scoring:  # (the stats count the prompts looked up in the cache: vLLM's)
                 self.stats["prompt_tokens"] += r.idx.size(1)
                 self.stats["cached_prompt_tokens"] += len(r.hits[c.i]) * cache.page_size
@@ -774,7 +836,9 @@ class Engine:
                 text = torch.cat([r.idx[:, -1:], drafts[r][0]], dim=1) if r in drafts else r.idx[:, -1:]
                 tokens.append(torch.cat([text, text[:, -1:].expand(-1, W - text.size(1))], dim=1))
                 slots, starts = slots + r.slots, starts + [r.idx.size(1) - 1] * r.n
-            h, head, _ = hidden_and_head(self.model, torch.cat(tokens), self.cache.rows(slots, starts, max(starts) + W))
+            with self._adapted(slots):
+                h, head, _ = hidden_and_head(self.model, torch.cat(tokens), self.cache.rows(slots, starts,
+                                                                                            max(starts) + W))
             row = 0
             for r in group:
                 out[r] = head(h[row:row + r.n, :width[r]])
@@ -816,21 +880,23 @@ class Engine:
             rows = next(b for b in self.buckets if b >= rows)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.fill.device)
         tokens[slots] = torch.cat([r.idx[:, -1:] for r in decoding])
-        if self.cuda_graph:
-            if rows not in self.graphs:
-                # Autocast's weight cache off (DecodeGraph's default) though a server's weights never change: each
-                # step is an autocast region of its own, and autocast frees its cached casts when a region ends,
-                # so a graph that kept them would replay reads of freed memory. Each replay casts the weights
-                # again (~6 bytes a fp32 parameter a step); 16-bit weights cast nothing.
-                self.graphs[rows] = DecodeGraph(self.model, self.cache.first_rows(rows), self.capture, row_fill=True)
-            logits = self.graphs[rows](tokens)[:, -1]  # the graph's buffer: the caller copies its rows out
-        else:
-            # (a host bound on every row's kv_len, so the reference core reads that many keys, not max_len: a
-            # decoding row's is its ids', a prefilling one's at most its ids' + 1, a free row's 1, its fill reset)
-            bound = min(max(r.idx.size(1) for r in self.running) + 1, self.max_len)
-            cache = self.cache.first_rows(rows, bound)
-            cache.on_device = True
-            logits = last_logits(self.model, tokens, cache)[:, -1]
+        with self._adapted(rows):  # (a view of slot_adapter: what a graph replays reads it as it is then)
+            if self.cuda_graph:
+                if rows not in self.graphs:
+                    # Autocast's weight cache off (DecodeGraph's default) though a server's weights never change: each
+                    # step is an autocast region of its own, and autocast frees its cached casts when a region ends,
+                    # so a graph that kept them would replay reads of freed memory. Each replay casts the weights
+                    # again (~6 bytes a fp32 parameter a step); 16-bit weights cast nothing.
+                    self.graphs[rows] = DecodeGraph(self.model, self.cache.first_rows(rows), self.capture,
+                                                    row_fill=True)
+                logits = self.graphs[rows](tokens)[:, -1]  # the graph's buffer: the caller copies its rows out
+            else:
+                # (a host bound on every row's kv_len, so the reference core reads that many keys, not max_len: a
+                # decoding row's is its ids', a prefilling one's at most its ids' + 1, a free row's 1, its fill reset)
+                bound = min(max(r.idx.size(1) for r in self.running) + 1, self.max_len)
+                cache = self.cache.first_rows(rows, bound)
+                cache.on_device = True
+                logits = last_logits(self.model, tokens, cache)[:, -1]
         self.cache.fill[slots] += 1
         return logits
 

@@ -1,0 +1,173 @@
+"""Serving several LoRA adapters at once (model/lora.py serve_adapters, AdapterLinear; train/engine.py's adapter
+rows): each row of a batch runs its own adapter, or none, unmerged beside the shared base weights."""
+import copy
+
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.model.lora import AdapterLinear, serve_adapters
+from tritongpt.train.engine import Engine
+from tritongpt.train.generate import generate
+
+from parity import assert_close_rel
+from test_engine import SAMPLED, graphed, prompt, run, seeded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 97
+GPT2 = dict()
+LLAMA = dict(position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False)
+# each adapter leaves some matrices alone, and the two adapt different ones (an adapter's zero slot elsewhere)
+PATHS = {"gpt2": (["0.att.W_query", "0.att.W_value", "1.ff.fc1", "1.att.out_proj"],
+                  ["0.att.W_key", "1.att.W_value", "0.ff.fc2"]),
+         "llama": (["0.att.W_query", "0.ff.w_gate", "1.ff.w_down"], ["0.att.W_value", "1.ff.w_up", "0.att.W_key"])}
+
+
+def tiny(kernels="reference", **extra):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=40, n_embd=32, n_layer=2, n_head=2, tie_weights=False,
+                    kernels=kernels, **extra)
+    return GPTModel(cfg).eval()
+
+
+def adapter(model, paths, rank, seed, size=0.3):
+    """{module path: (A [r, in], scaled B [out, r])}, random (B not zero: an adapter that changes the model)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for p in paths:
+        m = model.get_submodule(f"trf_blocks.{p}")
+        out[f"trf_blocks.{p}"] = (torch.randn(rank, m.in_features, generator=g) * size,
+                                  torch.randn(m.out_features, rank, generator=g) * size)
+    return out
+
+
+def served(model, family="gpt2", ranks=(4, 7)):
+    """A copy of model serving adapters "a" and "b" (ranks 4 and 7: b's pads a's); -> (served, adapters)."""
+    adapters = {name: adapter(model, paths, r, seed) for name, paths, r, seed in
+                zip("ab", PATHS[family], ranks, (1, 2))}
+    model = copy.deepcopy(model)
+    serve_adapters(model, adapters)
+    return model, adapters
+
+
+def merged64(model, modules):
+    """The base in float64 with the adapter merged into its weights, W + B A: the reference."""
+    m = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for path, (a, b) in modules.items():
+            m.get_submodule(path).weight += b.double() @ a.double()
+    return m
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_each_row_runs_its_adapter_as_the_merged_model_does_in_float64(family):
+    """Rows of adapters a, b, none and b in one forward: each row's logits the float64 merged model's for its
+    adapter (non-power-of-two ranks 4 and 7 padded to 7; each adapter leaves other matrices alone); then one
+    adapter for every row (generate()'s int index)."""
+    base = tiny(**(LLAMA if family == "llama" else GPT2))
+    model, adapters = served(base, family)
+    assert sum(isinstance(m, AdapterLinear) for m in model.modules()) == 7 - (family == "llama")
+    x = torch.randint(0, VOCAB, (4, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), model.adapters.use(torch.tensor([0, 1, -1, 1])):
+        out = model(x)
+    with torch.no_grad():
+        refs = [merged64(base, adapters["a"]), merged64(base, adapters["b"]), base.double()]
+        for row, which in enumerate((0, 1, 2, 1)):
+            ref = refs[which](x[row:row + 1])[0]
+            assert (out[row].double() - base(x[row:row + 1])[0].double()).abs().max() > 1e-2 or which == 2
+            assert_close_rel(out[row], ref, 1e-4, f"row {row}")
+        with model.adapters.use(1):
+            assert_close_rel(model(x), refs[1](x), 1e-4, "every row b")
+        assert_close_rel(model(x), refs[2](x), 1e-4, "no adapter: the base")
+
+
+def alone(model, idx, new, kw):
+    """generate() of one request alone, its adapter (kw's "adapter") for every row."""
+    kw = dict(kw)
+    name = kw.pop("adapter", None)
+    with model.adapters.use(-1 if name is None else model.adapters.slot(name)):
+        return generate(model, idx, new, **seeded(kw))
+
+
+def check(model, schedule, engine):
+    out = run(engine, schedule)
+    for (handle, _), (_, idx, new, kw) in zip(out, schedule):
+        assert torch.equal(handle.wait(), alone(model, idx, new, kw))
+    assert engine.free == list(range(engine.max_batch)) and not engine.running and not engine.waiting
+    return [at for _, at in out]
+
+
+@pytest.mark.parametrize("cache", ["slots", "pages", "graphs"])
+def test_requests_of_several_adapters_batch_as_each_alone(cache):
+    """Requests of adapters a and b and of the base in one batch (a decode step's rows, a prefill's right-padded
+    group, n = 2 rows, greedy and seeded samples): each one's tokens generate()'s alone with its adapter. Slot and
+    paged caches, and CUDA-graph replays (emulated): the graph reads the engine's adapter buffer as each step sets
+    it. The adapters change the tokens (else the test could not tell a row given the wrong one)."""
+    base = tiny()
+    model, _ = served(base)
+    p = prompt(9, seed=1)
+    schedule = [(0, p, 8, {"adapter": "a"}), (0, p, 8, {}), (0, prompt(5, 2, seed=2), 6, dict(SAMPLED, seed=3,
+                                                                                               adapter="b")),
+                (2, p, 7, {"adapter": "b"}), (3, prompt(6, seed=4), 5, {"adapter": "a"})]
+    log = []
+    engine = graphed(model, log) if cache == "graphs" else Engine(model, max_batch=4, kv_pages=None if cache ==
+                                                                  "slots" else 32, page_size=4)
+    check(model, schedule, engine)
+    texts = {kw.get("adapter"): alone(model, idx, new, kw)[0, 9:] for _, idx, new, kw in schedule[:2] + schedule[3:4]}
+    assert not torch.equal(texts["a"], texts[None]) and not torch.equal(texts["b"][:7], texts[None][:7])
+    assert engine.stats["lora_requests"] == 4
+    assert cache != "graphs" or log.count("capture") >= 2
+
+
+def test_prefix_caching_shares_a_prompts_pages_only_between_requests_of_one_adapter():
+    """Adapter a's request ends and caches its prompt's pages; the same prompt under b (whose keys and values
+    differ: b adapts layer 0's W_key) reads none of them, and gets its own tokens; a's second request reads them
+    back; the base's reads none."""
+    base = tiny()
+    model, _ = served(base)
+    engine = Engine(model, max_batch=2, kv_pages=32, page_size=4, prefix_caching=True)
+    p = prompt(13, seed=5)
+    cached = []
+    for name in ("a", "b", "a", None):
+        kw = {} if name is None else {"adapter": name}
+        check(model, [(0, p, 4, kw)], engine)
+        cached.append(engine.stats["cached_prompt_tokens"])
+    assert cached == [0, 0, 12, 12]
+
+
+def test_max_loras_passes_over_a_request_of_another_adapter():
+    """max_loras 1: a's request runs; b's waits though rows are free, the base's request behind it is admitted
+    (vLLM's scheduler passes b over); b runs once a's has ended. Each gets its tokens alone."""
+    model, _ = served(tiny())
+    schedule = [(0, prompt(5, seed=1), 6, {"adapter": "a"}), (0, prompt(4, seed=2), 3, {"adapter": "b"}),
+                (0, prompt(6, seed=3), 3, {}), (1, prompt(3, seed=4), 2, {"adapter": "a"})]
+    assert check(model, schedule, Engine(model, max_batch=4, max_loras=1)) == [0, 6, 0, 1]
+    assert check(model, schedule, Engine(model, max_batch=4)) == [0, 0, 0, 1]
+
+
+def test_what_serving_adapters_refuses():
+    base = tiny()
+    modules = adapter(base, ["0.att.W_query"], 4, 1)
+    for adapters, match in [
+            ({}, "needs at least one adapter"),
+            ({"a": adapter(base, ["0.att.W_query"], 17, 1)}, r"rank 17, above the largest served \(16"),
+            ({"a": {"trf_blocks.0.att.nothing": modules["trf_blocks.0.att.W_query"]}}, "has no module"),
+            ({"a": {"trf_blocks.0.att": modules["trf_blocks.0.att.W_query"]}}, "is a MultiHeadAttention, not a"),
+            ({"a": {"trf_blocks.0.ff.fc1": modules["trf_blocks.0.att.W_query"]}}, r"A \(4, 32\) and B \(32, 4\) do "
+                                                                                 r"not fit its \[128, 32\] weight")]:
+        with pytest.raises(UserError, match=match):
+            serve_adapters(copy.deepcopy(base), adapters)
+    model, _ = served(base)
+    with pytest.raises(UserError, match="serves adapters already"):
+        serve_adapters(model, {"c": modules})
+    with pytest.raises(UserError, match=r"no LoRA adapter 'c': its adapters are 'a', 'b'"):
+        Engine(model, max_batch=2).submit(prompt(3), 2, adapter="c")
+    with pytest.raises(UserError, match="it serves no adapter"):
+        Engine(base, max_batch=2).submit(prompt(3), 2, adapter="a")
+    with pytest.raises(UserError, match="max_loras must be a positive integer, and only for a model serving adapters"):
+        Engine(base, max_batch=2, max_loras=1)
+    with pytest.raises(UserError, match="max_loras must be a positive integer"):
+        Engine(model, max_batch=2, max_loras=0)
