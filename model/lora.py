@@ -310,7 +310,7 @@ def serve_adapters(model, adapters: dict, max_rank: int = 16) -> AdapterRows:
                     or b.shape[1] != a.shape[0]:
                 raise UserError(f"adapter {name!r}: {path}'s A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
                                 f"its [{linear.out_features}, {linear.in_features}] weight")
-    rank = max(a.shape[0] for modules in adapters.values() for a, _ in modules.values())
+    rank = max((a.shape[0] for modules in adapters.values() for a, _ in modules.values()), default=1)
     rows = AdapterRows(adapters)
     paths = sorted({p for modules in adapters.values() for p in modules})
     for path in paths:

@@ -1,6 +1,7 @@
 """Serving several LoRA adapters at once (model/lora.py serve_adapters, AdapterLinear; train/engine.py's adapter
 rows): each row of a batch runs its own adapter, or none, unmerged beside the shared base weights."""
 import copy
+import json
 
 import pytest
 import torch
@@ -115,11 +116,15 @@ def test_requests_of_several_adapters_batch_as_each_alone(cache):
     log = []
     engine = graphed(model, log) if cache == "graphs" else Engine(model, max_batch=4, kv_pages=None if cache ==
                                                                   "slots" else 32, page_size=4)
-    check(model, schedule, engine)
+    # (the emulated capture costs ~1 s a bucket: one bucket there, 2 rows, whose slot 1 runs the base's request,
+    # then b's: the graph replays its adapter buffer as it is at each step)
+    ran = [(0, p, 5, {"adapter": "a"}), (0, prompt(5, seed=2), 2, {}), (3, p, 3, {"adapter": "b"})] \
+        if cache == "graphs" else schedule
+    check(model, ran, engine)
     texts = {kw.get("adapter"): alone(model, idx, new, kw)[0, 9:] for _, idx, new, kw in schedule[:2] + schedule[3:4]}
     assert not torch.equal(texts["a"], texts[None]) and not torch.equal(texts["b"][:7], texts[None][:7])
-    assert engine.stats["lora_requests"] == 4
-    assert cache != "graphs" or log.count("capture") >= 2
+    assert engine.stats["lora_requests"] == sum("adapter" in kw for *_, kw in ran)
+    assert cache != "graphs" or log.count("capture") == 2 and log[:2] == ["capture", 2] and log[-1] == 2
 
 
 def test_prefix_caching_shares_a_prompts_pages_only_between_requests_of_one_adapter():
@@ -171,3 +176,120 @@ def test_what_serving_adapters_refuses():
         Engine(base, max_batch=2, max_loras=1)
     with pytest.raises(UserError, match="max_loras must be a positive integer"):
         Engine(model, max_batch=2, max_loras=0)
+
+
+def test_a_qlora_checkpoints_adapter_served_on_its_int4_base_is_the_qlora_model(tmp_path):
+    """QLoRA's update runs before fc1's GELU: an int4 base (fc1 a QuantLinear applying the GELU itself) serving
+    its own QLoRA checkpoint's adapter (read_adapter) gives the QLoRA model's logits; the base alone does not."""
+    from tritongpt.model.lora import strip_lora
+    from tritongpt.model.quant import quantize
+    from tritongpt.train.gpt2_weights import read_adapter
+
+    from test_lora import small, with_trained_lora
+
+    model = with_trained_lora(quantize(small(seed=5), "int4", head=False, group_size=32), rank=2, alpha=7.0).eval()
+    base = strip_lora(copy.deepcopy(model))
+    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, alone_base = model(x), base(x)
+    model.save(tmp_path / "model.safetensors")
+    serve_adapters(base, {"q": read_adapter(tmp_path / "model.safetensors", base)})
+    with torch.no_grad(), base.adapters.use(torch.tensor([0, -1])):
+        out = base(x)
+    assert_close_rel(out[0], want[0], 1e-5, "the adapter's row")
+    assert_close_rel(out[1], alone_base[1], 1e-5, "the base's row")
+    assert (want - alone_base).abs().max() > 1e-2
+
+
+# -- serve --enable-lora --lora-modules ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    """A served run folder, and two adapters of its model: a LoRA checkpoint of ours and a peft folder."""
+    from test_lora import with_trained_lora
+    from test_serve import tiny_run
+    from tritongpt.train.gpt2_weights import export_peft_adapter
+
+    tmp = tmp_path_factory.mktemp("lora")
+    tok = tiny_run(tmp / "run", "chat")
+    adapters = {}
+    for name, rank, seed in (("ours", 4, 1), ("peft", 6, 2)):
+        model = with_trained_lora(GPTModel.load(tmp / "run" / "ckpt-0000001" / "model.safetensors"), rank, 8.0,
+                                  seed=seed)
+        for p in model.parameters():  # (B at 0.05 a value: big enough to change a tiny model's greedy text)
+            p.data.mul_(4.0) if p.shape[-1] == rank else None
+        if name == "ours":
+            (tmp / name).mkdir()
+            model.save(tmp / name / "model.safetensors")
+        else:
+            export_peft_adapter(model, tmp / name, str(tmp / "run"))
+        adapters[name] = tmp / name
+    return tmp / "run", tok, adapters
+
+
+@pytest.fixture(scope="module", params=["engine", "max-batch-1"])
+def lora_server(request, lora_files):
+    from test_serve import start
+
+    folder, tok, adapters = lora_files
+    flags = ["--max-batch", "1"] if request.param == "max-batch-1" else ["--kv-cache-pages", "64",
+                                                                         "--enable-prefix-caching"]
+    server = start(folder, "--served-model-name", "base", "--enable-lora", "--lora-modules",
+                   f"ours={adapters['ours']}", json.dumps({"name": "peft", "path": str(adapters["peft"])}), *flags)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    yield server, tok, adapters
+    server.shutdown()
+    server.server_close()
+
+
+def test_serve_lists_its_adapters_and_each_request_runs_the_one_it_names(lora_server):
+    """/v1/models: the model, then each adapter with its path as root and the model as parent (vLLM's cards). A
+    completion naming an adapter is generate()'s text with that adapter (the response names it), streamed alike;
+    the three texts differ; an unknown model is a 404 naming the served ones."""
+    from test_serve import call, events
+
+    server, tok, adapters = lora_server
+    status, body = call(server, "/v1/models")
+    assert status == 200 and [(m["id"], m["parent"], m["root"]) for m in body["data"]] == [
+        ("base", None, "base"), ("ours", "base", str(adapters["ours"])), ("peft", "base", str(adapters["peft"]))]
+    assert call(server, "/v1/models/peft")[1]["parent"] == "base"
+    ids = tok.encode("the cat sat")
+    texts = {}
+    for name in ("base", "ours", "peft", "ours"):  # (ours twice: its prompt's pages cached the first time)
+        body = {"model": name, "prompt": "the cat sat", "max_tokens": 12, "temperature": 0}
+        status, out = call(server, "/v1/completions", body)
+        rows = server.app.model.adapters
+        with rows.use(-1 if name == "base" else rows.slot(name)):
+            want = generate(server.app.model, torch.tensor([ids]), 12)[0, len(ids):].tolist()
+        assert status == 200 and out["model"] == name and out["choices"][0]["text"] == tok.decode(ids + want)[
+            len(tok.decode(ids)):], name
+        chunks = events(call(server, "/v1/completions", dict(body, stream=True))[1])
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == out["choices"][0]["text"]
+        assert {c["model"] for c in chunks} == {name}
+        texts[name] = out["choices"][0]["text"]
+    assert len(set(texts.values())) == 3, texts
+    status, out = call(server, "/v1/completions", {"model": "other", "prompt": "a", "max_tokens": 1})
+    assert status == 404 and "'base', 'ours', 'peft'" in out["error"]["message"]
+    assert call(server, "/tokenize", {"model": "peft", "prompt": "the cat"})[0] == 200
+
+
+def test_serve_refuses_bad_lora_flags_by_name(lora_files, tmp_path):
+    from test_serve import start
+
+    folder, _, adapters = lora_files
+    ours = f"ours={adapters['ours']}"
+    for flags, match in [
+            (["--lora-modules", ours], "--lora-modules needs --enable-lora"),
+            (["--enable-lora"], "pass the adapters too, --lora-modules NAME=PATH"),
+            (["--enable-lora", "--lora-modules", "ours"], "give NAME=PATH"),
+            (["--enable-lora", "--lora-modules", ours, ours], "names 'ours' twice"),
+            (["--enable-lora", "--lora-modules", f"x={tmp_path / 'none'}"], "no adapter at"),
+            (["--enable-lora", "--lora-modules", '{"name": "x"}'], "string 'name' and 'path'"),
+            (["--enable-lora", "--lora-modules", '{"name": "x", "path": "y", "rank": 4}'], "not 'rank'"),
+            (["--enable-lora", "--lora-modules", ours, "--max-lora-rank", "3"], r"rank 4, above the largest served "
+                                                                                 r"\(3"),
+            (["--enable-lora", "--lora-modules", f"base={adapters['ours']}", "--served-model-name", "base"],
+             "that is the model's own name"),
+            (["--max-loras", "2"], "--max-loras bounds the adapters of --lora-modules"),
+            (["--enable-lora", "--lora-modules", f"run={folder}"], "has no LoRA")]:
+        with pytest.raises(UserError, match=match):
+            start(folder, *flags)

@@ -1184,7 +1184,12 @@ def _read_peft_adapter(folder: Path, model: GPTModel) -> dict:
         a, b, scale, names = _peft_update(config, file, model, layer, module, ab, linears, layers)
         rows = [model.trf_blocks[layer].get_submodule(n).out_features for n in names]
         for name, rows_b in zip(names, b.split(rows)):
-            out[f"trf_blocks.{layer}.{name}"] = a.contiguous(), (scale * rows_b).contiguous()
+            # A rank whose B column is zero in this module's rows adds nothing to it: our export writes c_attn's
+            # update as W_query's, W_key's and W_value's side by side (rank 3r, B block-diagonal), which reads back
+            # as each one's own rank r. (A module with no rank left is not adapted at all.)
+            used = rows_b.ne(0).any(0)
+            if bool(used.any()):
+                out[f"trf_blocks.{layer}.{name}"] = a[used].contiguous(), (scale * rows_b[:, used]).contiguous()
     return out
 
 

@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tritongpt._types import is_int, is_real
@@ -100,19 +100,19 @@ def served_name(weights) -> str:
     return str(weights)
 
 
-def check_fields(body: dict, endpoint: str, served: str, unsupported=UNSUPPORTED):
+def check_fields(body: dict, endpoint: str, served, unsupported=UNSUPPORTED):
     """An unknown field, or one the API has that this server does not implement, refused by name; a model other
-    than the served one a 404."""
+    than the served ones (served: the model's name, then its LoRA adapters') a 404."""
     for key in body:
         if key in unsupported:
             if body[key] is not None and body[key] is not False:  # (not `in (None, False)`: 0 == False)
                 raise bad(key, f"'{key}' is not supported by this server")
         elif key not in FIELDS[endpoint]:
             raise bad(key, f"unknown field '{key}'")
-    model = body.get("model")
-    if model is not None and model != served:
-        raise APIError(404, f"the model '{model}' does not exist: this server serves '{served}'", "model",
-                       code="model_not_found")
+    model, served = body.get("model"), (served,) if isinstance(served, str) else tuple(served)
+    if model is not None and model not in served:
+        raise APIError(404, f"the model '{model}' does not exist: this server serves "
+                            f"{', '.join(repr(n) for n in served)}", "model", code="model_not_found")
 
 
 def bool_field(body: dict, key: str, default: bool) -> bool:
@@ -147,7 +147,7 @@ def check_api_key(key: str, where: str) -> str:
     return key
 
 
-def sampling_settings(body: dict, endpoint: str, served: str) -> dict:
+def sampling_settings(body: dict, endpoint: str, served) -> dict:
     """The request's generation settings, each field checked against OpenAI's range (vLLM's for its own fields);
     an unknown field, or one OpenAI has that this server does not implement, refused by name."""
     check_fields(body, endpoint, served)
@@ -472,11 +472,14 @@ class Model:
     with none (--max-batch 1, a LongRoPE model) one request at a time."""
 
     def __init__(self, model, tok, device, dtype, limit, name: str, template: str | None, template_why: str = "",
-                 cuda_graph: bool = False, kv_cache_dtype: str = "auto", engine=None):
+                 cuda_graph: bool = False, kv_cache_dtype: str = "auto", engine=None, adapter_paths=None):
         from tritongpt.train.tokenizer import eot_or_none
 
         self.model, self.tok, self.device, self.dtype, self.limit = model, tok, device, dtype, limit
         self.name, self.template, self.template_why = name, template, template_why
+        # the LoRA adapters served beside the model (--lora-modules: model/lora.py serve_adapters), name -> path
+        self.adapter_paths = dict(adapter_paths or {})
+        self.names = (name, *self.adapter_paths)  # what a request's "model" may be
         self.cuda_graph = cuda_graph  # generate()'s: each request's decode steps CUDA-graph replays
         self.kv_cache_dtype = kv_cache_dtype  # generate()'s: "int8", each request's cache int8
         self.eot = eot_or_none(tok)
@@ -566,7 +569,12 @@ class Model:
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def score_prompt(self, ids, k: int, step=None, timing=None) -> list:
+    def adapted(self, adapter):
+        """The context a forward of adapter's runs in (no engine: every row that adapter); None: nothing."""
+        rows = self.model.adapters
+        return rows.use(rows.slot(adapter)) if adapter is not None else nullcontext()
+
+    def score_prompt(self, ids, k: int, step=None, timing=None, adapter=None) -> list:
         """prompt_rows' rows of the prompt ids with the k likeliest tokens. step: the engine's prefill's rows of them
         (draw's on_prompt: Engine.submit's prompt_logprobs); None (no engine) one forward of the whole prompt here,
         in the model's turn (the head in chunks: prompt_rows), timing's request admitted when it takes it."""
@@ -577,7 +585,7 @@ class Model:
         if step is not None:
             return rows_of(step)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with self.turn(timing), torch.no_grad(), autocast(self.device, self.dtype):
+        with self.turn(timing), torch.no_grad(), autocast(self.device, self.dtype), self.adapted(adapter):
             return prompt_rows(self.model, idx, k, self.limit) if len(ids) > 1 else []
 
     def prompt_logprobs(self, ids, rows, k: int, text: str) -> list:
@@ -593,7 +601,8 @@ class Model:
         lead = max(scored.ends[-1] - len(text), 0)
         return [(*item[:4], max(item[4] - lead, 0)) for item in scored.items]
 
-    def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None, timing=None) -> list:
+    def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None, timing=None,
+             adapter=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
         None, stop_reason)], the items those of every token drawn (Scored), the one that ended the
         choice too. on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
@@ -605,7 +614,7 @@ class Model:
         through the request's queue). gone(): whether the client left, asked while waiting for the engine: its
         request is then cancelled and BrokenPipeError raised (as a write to its socket would). timing: the request's
         clock (metrics.request()), started by the caller when the request came (its scoring forward timed in it);
-        None: one started here."""
+        None: one started here. adapter: the LoRA adapter the request names (--lora-modules), None the model."""
         import torch
 
         from tritongpt.commands import Choices
@@ -657,14 +666,14 @@ class Model:
                 request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
                                              stop=stopped if stops else None, logprobs=k, **ends,
                                              prompt_logprobs=s["score_k"] if on_prompt is not None else None,
-                                             **warp)
+                                             adapter=adapter, **warp)
                 try:
                     out = request.wait(on_step, gone, on_prompt=on_prompt).tolist() * (n if budget == 0 else 1)
                 except Cancelled:
                     raise BrokenPipeError("the client left") from None
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
-                                          dict(warp, logprobs=k, **ends), timing)
+                                          dict(warp, logprobs=k, **ends), timing, adapter)
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
@@ -694,12 +703,12 @@ class Model:
         timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices), stamps=request)
         return choices
 
-    def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp, timing):
+    def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp, timing, adapter=None):
         """generate() in the model's turn (no engine)."""
         from tritongpt.train.common import autocast
         from tritongpt.train.generate import generate
 
-        with self.turn(timing), autocast(self.device, self.dtype):
+        with self.turn(timing), autocast(self.device, self.dtype), self.adapted(adapter):
             return generate(self.model, idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
                             on_token=on_token, stop=stop, cuda_graph=self.cuda_graph,
                             kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
@@ -805,10 +814,10 @@ class Handler(BaseHTTPRequestHandler):
             if method != allowed:
                 raise APIError(405, f"{method} is not allowed on {path} (only {allowed})", code="method_not_allowed")
             if model_path:
-                if path[len("/v1/models/"):] != app.name:
+                if path[len("/v1/models/"):] not in app.names:
                     raise APIError(404, f"the model '{path[len('/v1/models/'):]}' does not exist", "model",
                                    code="model_not_found")
-                return self.send_json(200, self.model_card())
+                return self.send_json(200, self.model_card(path[len("/v1/models/"):]))
             if path == "/metrics":  # Prometheus' scrape (train/metrics.py)
                 return self.send_text(app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             if path == "/health":  # a load balancer's probe: vLLM's empty 200
@@ -827,7 +836,7 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/tokenizer_info":
                 return self.send_json(200, self.tokenizer_info())
             if path == "/v1/models":
-                return self.send_json(200, {"object": "list", "data": [self.model_card()]})
+                return self.send_json(200, {"object": "list", "data": [self.model_card(n) for n in app.names]})
             self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
         except APIError as e:
             self.fail(e)
@@ -875,7 +884,7 @@ class Handler(BaseHTTPRequestHandler):
         ready for the answer) -> {count, max_model_len, tokens, token_strs (with return_token_strs: each token's
         text, as logprobs spell it)}. No context check: count against max_model_len is the client's."""
         app = self.server.app
-        check_fields(body, "tokenize", app.name, TOKENIZE_UNSUPPORTED)
+        check_fields(body, "tokenize", app.names, TOKENIZE_UNSUPPORTED)
         strs = bool_field(body, "return_token_strs", False)
         if body.get("messages") is not None:
             if body.get("prompt") is not None:
@@ -919,7 +928,7 @@ class Handler(BaseHTTPRequestHandler):
     def detokenize(self, body: dict) -> dict:
         """vLLM's POST /detokenize: {"tokens": [ids]} -> {"prompt": their text}."""
         app = self.server.app
-        check_fields(body, "detokenize", app.name)
+        check_fields(body, "detokenize", app.names)
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
             raise bad("tokens", "'tokens' (a list of token ids) is required" if tokens is None else
@@ -927,12 +936,14 @@ class Handler(BaseHTTPRequestHandler):
         check_token_ids(tokens, app.limit or app.model.config.vocab_size, "tokens")
         return {"prompt": app.tok.decode(tokens)}
 
-    def model_card(self):
+    def model_card(self, name: str):
         """OpenAI's model object, with vLLM's extra fields (root, parent, max_model_len: clients read the context
-        from it)."""
+        from it); a LoRA adapter's (vLLM's): root its path, parent the base model."""
         app = self.server.app
-        return {"id": app.name, "object": "model", "created": app.created, "owned_by": "tritongpt", "root": app.name,
-                "parent": None, "max_model_len": app.model.config.context_length}
+        adapter = name != app.name
+        return {"id": name, "object": "model", "created": app.created, "owned_by": "tritongpt",
+                "root": app.adapter_paths[name] if adapter else name, "parent": app.name if adapter else None,
+                "max_model_len": app.model.config.context_length}
 
     def read_body(self) -> dict:
         length = self.headers.get("Content-Length")
@@ -1026,7 +1037,9 @@ class Completion:
 
         self.handler, app = handler, handler.server.app
         self.app, self.chat = app, endpoint == "chat"
-        s = self.s = sampling_settings(body, endpoint, app.name)
+        s = self.s = sampling_settings(body, endpoint, app.names)
+        # a LoRA adapter's name (serve --lora-modules): its requests run it, their responses name it (vLLM's)
+        self.adapter = body.get("model") if body.get("model") in app.names[1:] else None
         if app.engine is not None and s["n"] > app.engine.max_batch:
             raise bad("n", f"'n' is {s['n']}, more than this server's --max-batch {app.engine.max_batch}: a "
                            "request's choices decode together in the batch")
@@ -1049,7 +1062,7 @@ class Completion:
         self.echoes = [text if s["echo"] else "" for text in self.texts]
         self.kind = "chat.completion" if self.chat else "text_completion"
         self.head = {"id": ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex, "object": self.kind,
-                     "created": int(time.time()), "model": app.name}
+                     "created": int(time.time()), "model": self.adapter or app.name}
         seed = s["seed"] if s["seed"] is not None else secrets.randbits(63)
         self.generator = torch.Generator(device=app.device).manual_seed(seed)
         self.write, self.stop = threading.Lock(), threading.Event()
@@ -1131,7 +1144,8 @@ class Completion:
         unless on_prompt writes it once the prefill scored it)."""
         s = self.s
         if s["score_k"] is not None and not in_prefill:
-            self.scores(p, self.app.score_prompt(self.prompts[p], s["score_k"], timing=timing), scored)
+            self.scores(p, self.app.score_prompt(self.prompts[p], s["score_k"], timing=timing, adapter=self.adapter),
+                        scored)
         if s["stream"]:
             for i in range(s["n"]):
                 if self.chat:
@@ -1175,7 +1189,8 @@ class Completion:
         # (with the engine's echo, budget 0: a prefill-only request, its choices "length", counted alike: Model.draw)
         return self.app.draw(ids, self.budgets[p], s, self.stop_id, self.generator, on_delta,
                              lambda: self.stop.is_set() or self.handler.client_gone(),
-                             (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None, timing)
+                             (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None, timing,
+                             self.adapter)
 
     def choices(self, p: int, drawn: list, scored: dict) -> list:
         """Prompt p's choice objects (OpenAI's index: the prompt's n choices in turn), echo's text and logprobs
@@ -1249,6 +1264,64 @@ def check_engine_args(args, one_row_engine: bool = False):
 
 
 SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+LORA_KEYS = ("name", "path", "base_model_name")  # vLLM's LoRAModulePath, --lora-modules' JSON form
+
+
+def lora_modules(args) -> dict:
+    """--lora-modules (vLLM's): each NAME=PATH or '{"name": ..., "path": ..., "base_model_name": ...}' ->
+    {name: path}, checked before the model loads (--enable-lora given, names unique and not the model's own, each
+    path there). --max-lora-rank and --max-loras checked too."""
+    from pathlib import Path
+
+    if args.max_lora_rank < 1:
+        raise UserError(f"--max-lora-rank must be a positive integer, got {args.max_lora_rank}")
+    if args.max_loras is not None and args.max_loras < 1:
+        raise UserError(f"--max-loras must be a positive integer, got {args.max_loras}")
+    if not args.lora_modules:
+        if args.enable_lora:
+            raise UserError("--enable-lora: pass the adapters too, --lora-modules NAME=PATH ... (this server loads "
+                            "them at start; vLLM's runtime /v1/load_lora_adapter is not built)")
+        if args.max_loras is not None:
+            raise UserError("--max-loras bounds the adapters of --lora-modules a batch runs: pass --lora-modules")
+        return {}
+    if not args.enable_lora:
+        raise UserError("--lora-modules needs --enable-lora (vLLM's: it turns the adapters' path on)")
+    modules = {}
+    for spec in args.lora_modules:
+        if spec.lstrip().startswith("{"):
+            try:
+                item = json.loads(spec)
+            except ValueError as e:
+                raise UserError(f"--lora-modules {spec!r}: not a JSON object ({e})") from None
+            unknown = [k for k in item if k not in LORA_KEYS] if isinstance(item, dict) else []
+            if not isinstance(item, dict) or unknown or not isinstance(item.get("name"), str) \
+                    or not isinstance(item.get("path"), str):
+                raise UserError(f"--lora-modules {spec!r}: a JSON module is an object with string 'name' and 'path' "
+                                f"(and 'base_model_name'){f', not {unknown[0]!r}' if unknown else ''}")
+            name, path = item["name"], item["path"]
+        else:
+            name, eq, path = spec.partition("=")
+            if not eq:
+                raise UserError(f"--lora-modules {spec!r}: give NAME=PATH (or vLLM's JSON form)")
+        if not name.strip() or not path.strip():
+            raise UserError(f"--lora-modules {spec!r}: the name and the path must not be empty")
+        if name in modules:
+            raise UserError(f"--lora-modules names {name!r} twice")
+        if not Path(path).expanduser().exists():
+            raise UserError(f"--lora-modules {name}: no adapter at {path}")
+        modules[name] = str(Path(path).expanduser())
+    return modules
+
+
+def load_adapters(model, modules: dict, max_rank: int, served: str):
+    """The --lora-modules adapters read (train/gpt2_weights.py read_adapter) and served beside `model`
+    (model/lora.py serve_adapters): each request naming one runs it."""
+    from tritongpt.model.lora import serve_adapters
+    from tritongpt.train.gpt2_weights import read_adapter
+
+    if served in modules:
+        raise UserError(f"--lora-modules {served}: that is the model's own name (--served-model-name)")
+    serve_adapters(model, {name: read_adapter(path, model) for name, path in modules.items()}, max_rank)
 
 
 def speculative_config(text, max_batch: int) -> dict:
@@ -1336,7 +1409,7 @@ def make_engine(args, model, device, dtype):
         note(f"{e}: serving one request at a time{unused}")
         return None
     return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
-                  cuda_graph=args.cuda_graphs, **page_args(args),
+                  cuda_graph=args.cuda_graphs, **page_args(args), max_loras=args.max_loras,
                   **speculative_config(args.speculative_config, args.max_batch)).start()
 
 
@@ -1354,8 +1427,12 @@ def make_server(args) -> ThreadingHTTPServer:
         raise UserError("--served-model-name is empty")
     check_engine_args(args)
     speculative_config(args.speculative_config, args.max_batch)  # (checked before the model loads)
+    modules = lora_modules(args)
     key = api_key(args)
     model, tok, device, dtype, limit = load_generation_model(args)
+    name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
+    if modules:
+        load_adapters(model, modules, args.max_lora_rank, name)
     check_cuda_graphs(args, device, model)
     engine = make_engine(args, model, device, dtype)
     # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed
@@ -1365,7 +1442,6 @@ def make_server(args) -> ThreadingHTTPServer:
     elif template is None:
         why = "it records no fine-tuning prompt format and its tokenizer has no chat template"
         note(f"{args.weights or args.model}: {why}: /v1/chat/completions is refused, /v1/completions served")
-    name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
     try:
         server = Server((args.host, args.port), Handler)
     except BaseException:
@@ -1373,7 +1449,7 @@ def make_server(args) -> ThreadingHTTPServer:
             engine.close()
         raise
     server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype,
-                       engine)
+                       engine, modules)
     server.api_key = key
     return server
 
@@ -1408,6 +1484,19 @@ def add_cli(sub):
                         "decode step a request proposes up to K tokens that followed its text's last n-gram (n from "
                         "N down to 1) and one forward checks them all; greedy text unchanged, samples the same "
                         "distribution (default: none)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters beside the model (vLLM's; with --lora-modules)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="the adapters (vLLM's multi-LoRA): each NAME=PATH (or vLLM's JSON '{\"name\": ..., \"path\": "
+                        "...}'), PATH a peft LoRA adapter folder of a GPT-2 or a LoRA checkpoint of ours (sft "
+                        "--lora-rank); a request whose \"model\" is NAME runs its adapter, unmerged beside the shared "
+                        "base weights, in the same batches as the others (default: none)")
+    p.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
+                   help="the largest adapter rank served (vLLM's; default %(default)s): every adapter is padded to "
+                        "the largest one loaded")
+    p.add_argument("--max-loras", type=int, default=None, metavar="N",
+                   help="the most adapters the running requests use at once (vLLM's); a request of another waits, "
+                        "the ones behind it going first (default: all of --lora-modules: they all stay on the device)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer KEY' "
                         f"(vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out of the "
