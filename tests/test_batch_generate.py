@@ -139,10 +139,11 @@ def test_every_engine_flag_without_prompts_is_refused_by_name(saved, capsys):
     flag added there later is checked too."""
     import argparse
 
-    from tritongpt.train.serve import add_engine_args
+    from tritongpt.train.serve import add_engine_args, add_lora_args
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser, None, "")
+    add_lora_args(parser)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert len(flags) >= 5
     base = ["generate", "--weights", str(saved), "--device", "cpu", "--max-new-tokens", "2", "--prompt", "x"]
@@ -237,3 +238,34 @@ def test_prompt_lookup_gives_each_record_generates_prompt_lookup_text(saved, tmp
             alone(saved, capsys, records[1]["prompt"], SEED + 1, "--temperature", "0", *lookup)]
     assert [[r["text"]] for r in got] == want
     assert "prompt lookup: " in err and " accepted" in err
+
+
+def test_records_naming_an_adapter_run_it_beside_the_others(saved, tmp_path, capsys):
+    """--enable-lora --lora-modules: a record whose "model" names an adapter gets the greedy text of `generate
+    --prompt` on the model with that adapter merged (W + B A), the others the base's, all in one engine; the output
+    records name the adapter. An unknown name is refused with its record."""
+    import copy
+
+    from test_lora import with_trained_lora
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.model.lora import merge_lora
+
+    lora = with_trained_lora(GPTModel.load(saved), rank=4, alpha=8.0, seed=3)
+    for p in lora.parameters():  # (B large enough to change the greedy text)
+        p.data.mul_(6.0) if p.shape[-1] == 4 else None
+    (tmp_path / "ckpt").mkdir()
+    lora.save(tmp_path / "ckpt" / "model.safetensors")
+    merge_lora(copy.deepcopy(lora)).save(tmp_path / "merged.safetensors")
+    records = [{"prompt": "The cat", "model": "tuned"}, {"prompt": "The cat"}, {"prompt": "import os", "model": "tuned"}]
+    out, _ = run_prompts(saved, tmp_path, capsys, write_jsonl(tmp_path / "p.jsonl", records), "--temperature", "0",
+                         "--enable-lora", "--lora-modules", f"tuned={tmp_path / 'ckpt'}", "--max-batch", "3")
+    assert [r.get("model") for r in out] == ["tuned", None, "tuned"]
+    for rec, got in zip(records, out):
+        weights = tmp_path / "merged.safetensors" if "model" in rec else saved
+        assert got["text"] == alone(weights, capsys, rec["prompt"], SEED, "--temperature", "0")[0], rec
+    assert out[0]["text"] != out[1]["text"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "model": "other"}])
+    assert cli.main(["generate", "--weights", str(saved), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl"),
+                     "--device", "cpu", "--enable-lora", "--lora-modules", f"tuned={tmp_path / 'ckpt'}"]) == 2
+    assert "record 0 (line 1): 'model' 'other' is no adapter of this run (--lora-modules names 'tuned')" in \
+        capsys.readouterr().err

@@ -14,15 +14,16 @@ from pathlib import Path
 from tritongpt._types import is_int
 from tritongpt.errors import UserError, note, read_text_file
 
-# a --prompts record's fields: the prompt and the settings it may give over the command's flags (vLLM's names)
-RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+# a --prompts record's fields: the prompt and the settings it may give over the command's flags (vLLM's names;
+# "model": a --lora-modules adapter's name, as a serve request's)
+RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "model")
 
 
 def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages: int | None = None,
                    page_size: int = 16, kv_cache_dtype: str = "auto", autocast=None, cuda_graph: bool = False,
                    seed: int | None = None, each=None, on_done=None, prefix_caching: bool = False, names=None,
                    stats: dict | None = None, max_prefill_tokens: int | None = None, prompt_lookup: int | None = None,
-                   num_draft_tokens: int = 10, **settings) -> list:
+                   num_draft_tokens: int = 10, max_loras: int | None = None, **settings) -> list:
     """Every prompt through one Engine(model, max_batch, ...): prompts, a list of [n, T] id tensors (n samples of
     the prompt, drawn as generate() draws n rows) or of id lists (one sample); -> each prompt's ids [n, T + new],
     in the input order. max_new_tokens: an int, or a list of one a prompt. settings: Engine.submit's keywords for
@@ -34,7 +35,8 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     a refusal at its submission (default "prompt i"); every prompt is submitted before the first on_done. stats: a
     dict given the Engine's stats at the end (prefix caching's prompt tokens and cached ones). max_prefill_tokens:
     the Engine's (chunked prefill: at most that many prompt tokens a step). prompt_lookup, num_draft_tokens: the
-    Engine's (n-gram speculation: each prompt's text generate(prompt_lookup=...)'s)."""
+    Engine's (n-gram speculation: each prompt's text generate(prompt_lookup=...)'s). max_loras: the Engine's (a
+    model serving LoRA adapters, model/lora.py serve_adapters: each's "adapter" names the prompt's)."""
     import torch
 
     from tritongpt.train.engine import Engine
@@ -47,7 +49,7 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     engine = Engine(model, max_batch=max_batch, kv_cache_dtype=kv_cache_dtype, autocast=autocast, kv_pages=kv_pages,
                     page_size=page_size, cuda_graph=cuda_graph, prefix_caching=prefix_caching,
                     max_prefill_tokens=max_prefill_tokens, prompt_lookup=prompt_lookup,
-                    num_draft_tokens=num_draft_tokens)
+                    num_draft_tokens=num_draft_tokens, max_loras=max_loras)
     try:
         handles = []
         for i, (ids, budget, own) in enumerate(zip(prompts, budgets, each)):
@@ -107,6 +109,9 @@ def read_prompts(path) -> list:
         value = rec.get("seed")
         if value is not None and (not is_int(value) or not -2**63 <= value < 2**63):
             raise UserError(f"{where}: 'seed' must be a 64-bit integer, got {value!r}")
+        if "model" in rec and not isinstance(rec["model"], str):
+            raise UserError(f"{where}: 'model' (a --lora-modules adapter's name) must be a string, got "
+                            f"{rec['model']!r}")
         stop = rec.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or not all(isinstance(t, str) and t for t in stops):
@@ -155,20 +160,27 @@ def cmd_generate_prompts(args):
                                     encode_generate_prompt, load_generation_model, sampling_controls, stop_strings)
     from tritongpt.train.common import autocast
     from tritongpt.train.engine import prefix_caching_said, speculation_said
-    from tritongpt.train.serve import page_args
+    from tritongpt.train.serve import load_adapters, lora_modules, page_args
     from tritongpt.train.tokenizer import eot_or_none
 
     check_prompts_args(args)
+    modules = lora_modules(args)
     check_beam_args(args)  # (--num-beams refused: its flags refused too, --temperature's default set)
     check_generation_args(args)
     stops = stop_strings(args.stop)
     records = read_prompts(args.prompts)
+    for where, rec in records:
+        if rec.get("model") is not None and rec["model"] not in modules:
+            served = f"--lora-modules names {', '.join(map(repr, modules))}" if modules else "no --lora-modules given"
+            raise UserError(f"{where}: 'model' {rec['model']!r} is no adapter of this run ({served})")
     out_path = Path(args.out)
     if out_path.is_dir():
         raise UserError(f"--out {out_path} is a folder: name the .jsonl file to write")
     if not out_path.parent.is_dir():
         raise UserError(f"--out {out_path}: the folder {out_path.parent} does not exist")
     model, tok, device, dtype, limit = load_generation_model(args)
+    if modules:
+        load_adapters(model, modules, args.max_lora_rank, None)
     check_cuda_graphs(args, device, model)
     eot, ctx = eot_or_none(tok), model.config.context_length
     prompts, budgets, each, rows = [], [], [], []
@@ -183,6 +195,7 @@ def cmd_generate_prompts(args):
         choices = Choices(tok, ids, stops if own_stop is None else [own_stop] if isinstance(own_stop, str) else
                           own_stop, eot, lead=len(lead))
         own = {k: rec[k] for k in ("temperature", "top_k", "top_p", "seed") if rec.get(k) is not None}
+        own["adapter"] = rec.get("model")
         prompts.append(torch.tensor([lead + ids] * args.num_samples, dtype=torch.long))
         budgets.append(budget)
         each.append({**own, "stop": choices.stopped if choices.stops else None})
@@ -200,8 +213,9 @@ def cmd_generate_prompts(args):
         for j, row in enumerate(out.tolist()):
             text, finish, tokens = choices.choice(j, row)
             generated += tokens
-            f.write(json.dumps({"index": i, "sample": j, "prompt": records[i][1]["prompt"], "text": text,
-                                "finish_reason": finish, "prompt_tokens": choices.start,
+            model_name = {"model": records[i][1]["model"]} if records[i][1].get("model") is not None else {}
+            f.write(json.dumps({"index": i, "sample": j, "prompt": records[i][1]["prompt"], **model_name,
+                                "text": text, "finish_reason": finish, "prompt_tokens": choices.start,
                                 "completion_tokens": tokens}, ensure_ascii=False) + "\n")
         bar.update()
 
@@ -211,6 +225,7 @@ def cmd_generate_prompts(args):
                        each=each, on_done=write, eos_id=eot, vocab_limit=limit, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, names=[where for where, _ in records], stats=stats,
                        prompt_lookup=args.prompt_lookup, num_draft_tokens=args.draft_tokens or 10,
+                       max_loras=args.max_loras,
                        **sampling_controls(args), **page_args(args))
     except BaseException:  # (an engine error or Ctrl-C midway) the lines written stand: say they are not all
         if f is not None:

@@ -1273,7 +1273,7 @@ def lora_modules(args) -> dict:
     path there). --max-lora-rank and --max-loras checked too."""
     from pathlib import Path
 
-    if args.max_lora_rank < 1:
+    if args.max_lora_rank is not None and args.max_lora_rank < 1:
         raise UserError(f"--max-lora-rank must be a positive integer, got {args.max_lora_rank}")
     if args.max_loras is not None and args.max_loras < 1:
         raise UserError(f"--max-loras must be a positive integer, got {args.max_loras}")
@@ -1281,8 +1281,9 @@ def lora_modules(args) -> dict:
         if args.enable_lora:
             raise UserError("--enable-lora: pass the adapters too, --lora-modules NAME=PATH ... (this server loads "
                             "them at start; vLLM's runtime /v1/load_lora_adapter is not built)")
-        if args.max_loras is not None:
-            raise UserError("--max-loras bounds the adapters of --lora-modules a batch runs: pass --lora-modules")
+        for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank)):
+            if value is not None:
+                raise UserError(f"{flag} is a setting of the adapters of --lora-modules: pass --lora-modules")
         return {}
     if not args.enable_lora:
         raise UserError("--lora-modules needs --enable-lora (vLLM's: it turns the adapters' path on)")
@@ -1313,15 +1314,15 @@ def lora_modules(args) -> dict:
     return modules
 
 
-def load_adapters(model, modules: dict, max_rank: int, served: str):
+def load_adapters(model, modules: dict, max_rank: int | None, served: str | None):
     """The --lora-modules adapters read (train/gpt2_weights.py read_adapter) and served beside `model`
     (model/lora.py serve_adapters): each request naming one runs it."""
     from tritongpt.model.lora import serve_adapters
     from tritongpt.train.gpt2_weights import read_adapter
 
-    if served in modules:
+    if served is not None and served in modules:
         raise UserError(f"--lora-modules {served}: that is the model's own name (--served-model-name)")
-    serve_adapters(model, {name: read_adapter(path, model) for name, path in modules.items()}, max_rank)
+    serve_adapters(model, {name: read_adapter(path, model) for name, path in modules.items()}, max_rank or 16)
 
 
 def speculative_config(text, max_batch: int) -> dict:
@@ -1386,6 +1387,25 @@ def add_engine_args(p, max_batch, max_batch_help: str):
                    help="chunked prefill (vLLM's): a step prefills at most N prompt tokens in all, a long prompt "
                         "over several steps while the running requests keep decoding, so it does not stall their "
                         "next token for its whole prefill (default: every admitted prompt whole in one step)")
+
+
+def add_lora_args(p):
+    """--enable-lora, --lora-modules, --max-lora-rank, --max-loras (vLLM's multi-LoRA): serve's and
+    `generate --prompts`' (lora_modules checks them, load_adapters loads them)."""
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters beside the model (vLLM's; with --lora-modules)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="the adapters (vLLM's multi-LoRA): each NAME=PATH (or vLLM's JSON '{\"name\": ..., \"path\": "
+                        "...}'), PATH a peft LoRA adapter folder (GPT-2, Llama family) or a LoRA checkpoint of ours "
+                        "(sft --lora-rank); a request (serve) or --prompts record whose \"model\" is NAME runs its "
+                        "adapter, unmerged beside the shared base weights, in the same batches as the others (default: "
+                        "none)")
+    p.add_argument("--max-lora-rank", type=int, default=None, metavar="R",
+                   help="the largest adapter rank served (vLLM's; default 16): every adapter is padded to the "
+                        "largest one loaded")
+    p.add_argument("--max-loras", type=int, default=None, metavar="N",
+                   help="the most adapters the running requests use at once (vLLM's); a request of another waits, "
+                        "the ones behind it going first (default: all of --lora-modules: they all stay on the device)")
 
 
 def make_engine(args, model, device, dtype):
@@ -1484,19 +1504,7 @@ def add_cli(sub):
                         "decode step a request proposes up to K tokens that followed its text's last n-gram (n from "
                         "N down to 1) and one forward checks them all; greedy text unchanged, samples the same "
                         "distribution (default: none)")
-    p.add_argument("--enable-lora", action="store_true",
-                   help="serve LoRA adapters beside the model (vLLM's; with --lora-modules)")
-    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                   help="the adapters (vLLM's multi-LoRA): each NAME=PATH (or vLLM's JSON '{\"name\": ..., \"path\": "
-                        "...}'), PATH a peft LoRA adapter folder of a GPT-2 or a LoRA checkpoint of ours (sft "
-                        "--lora-rank); a request whose \"model\" is NAME runs its adapter, unmerged beside the shared "
-                        "base weights, in the same batches as the others (default: none)")
-    p.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
-                   help="the largest adapter rank served (vLLM's; default %(default)s): every adapter is padded to "
-                        "the largest one loaded")
-    p.add_argument("--max-loras", type=int, default=None, metavar="N",
-                   help="the most adapters the running requests use at once (vLLM's); a request of another waits, "
-                        "the ones behind it going first (default: all of --lora-modules: they all stay on the device)")
+    add_lora_args(p)
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer KEY' "
                         f"(vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out of the "

@@ -461,8 +461,10 @@ def cmd_generate(args):
     batch_flags = [f for f, v in (("--out", args.out), ("--max-batch", args.max_batch),
                                   ("--kv-cache-pages", args.kv_cache_pages), ("--kv-page-size", args.kv_page_size),
                                   ("--enable-prefix-caching", args.enable_prefix_caching or None),
-                                  ("--max-prefill-tokens", args.max_prefill_tokens))
-                   if v is not None]  # (every flag of serve's add_engine_args: a test reads them from it)
+                                  ("--max-prefill-tokens", args.max_prefill_tokens),
+                                  ("--enable-lora", args.enable_lora or None), ("--lora-modules", args.lora_modules),
+                                  ("--max-lora-rank", args.max_lora_rank), ("--max-loras", args.max_loras))
+                   if v is not None]  # (every flag of serve's add_engine_args and add_lora_args: a test reads them)
     if batch_flags:
         raise UserError(f"{batch_flags[0]} is a --prompts FILE setting (generation over a file of prompts): pass "
                         "--prompts, or leave it out")
@@ -1382,7 +1384,7 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
 
 
 def add_cli(sub):
-    from tritongpt.train.serve import add_engine_args
+    from tritongpt.train.serve import add_engine_args, add_lora_args
 
     p = sub.add_parser("info", help=command_help("info"))
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
@@ -1426,6 +1428,7 @@ def add_cli(sub):
                                                 "prompt, text, finish_reason, prompt_tokens, completion_tokens)")
     add_engine_args(p, None, "--prompts: rows decoded together (default 32); a prompt's --num-samples take a row "
                              "each")
+    add_lora_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help=command_help("quantize"),
