@@ -127,6 +127,20 @@ def test_requests_of_several_adapters_batch_as_each_alone(cache):
     assert cache != "graphs" or log.count("capture") == 2 and log[:2] == ["capture", 2] and log[-1] == 2
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels,pages", [("reference", None), ("triton", 16)])
+def test_requests_of_several_adapters_on_cuda_with_real_graphs(kernels, pages):
+    """A real capture a bucket (fp32, greedy): rows of adapters a, b and the base replayed as the engine's adapter
+    buffer changes under the graph; the Triton path's add_lora_rows (kernels/lora.py) in the captured step."""
+    model, _ = served(tiny(kernels).cuda())
+    engine = Engine(model, max_batch=4, cuda_graph=True, kv_pages=pages, page_size=4)
+    p = prompt(9, seed=1).cuda()
+    schedule = [(0, p, 8, {"adapter": "a"}), (0, p, 8, {}), (1, prompt(5, seed=2).cuda(), 6, {"adapter": "b"}),
+                (5, prompt(6, seed=4).cuda(), 3, {"adapter": "a"})]
+    check(model, schedule, engine)
+    assert engine.graphs
+
+
 def test_prefix_caching_shares_a_prompts_pages_only_between_requests_of_one_adapter():
     """Adapter a's request ends and caches its prompt's pages; the same prompt under b (whose keys and values
     differ: b adapts layer 0's W_key) reads none of them, and gets its own tokens; a's second request reads them
@@ -289,7 +303,8 @@ def test_serve_refuses_bad_lora_flags_by_name(lora_files, tmp_path):
                                                                                  r"\(3"),
             (["--enable-lora", "--lora-modules", f"base={adapters['ours']}", "--served-model-name", "base"],
              "that is the model's own name"),
-            (["--max-loras", "2"], "--max-loras bounds the adapters of --lora-modules"),
+            (["--max-loras", "2"], "--max-loras is a setting of the adapters of --lora-modules"),
+            (["--max-lora-rank", "8"], "--max-lora-rank is a setting of the adapters of --lora-modules"),
             (["--enable-lora", "--lora-modules", f"run={folder}"], "has no LoRA")]:
         with pytest.raises(UserError, match=match):
             start(folder, *flags)
