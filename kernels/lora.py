@@ -1,0 +1,243 @@
+"""Multi-LoRA in Triton (punica's SGMV/BGMV, vLLM's shrink and expand): one frozen base Linear, several LoRA adapters
+resident on the device, each row of a batch (a request) with its own adapter or none. For row b with slot
+s = index[b] >= 0 it adds to the base Linear's output y, in place,
+
+    y[b] += (x[b] @ lora_a[s]^T) @ lora_b[s]^T          x [B, T, K], lora_a [S, R, K], lora_b [S, N, R]
+
+(the LoRA scale alpha / r folded into lora_b at load, as vLLM does); a row with index -1 (the base model) is left
+as it is. Reference module: `tritongpt.model.lora.AdapterLinear` (a gather of each row's adapter, then two bmm's:
+`lora_delta_torch` below is that computation, which the benchmark's torch provider times).
+
+Two kernels, as punica's and vLLM's:
+  * shrink, grid (B, cdiv(T, BLOCK_T)): a program's BLOCK_T tokens all belong to row b, so all use one adapter; it
+    walks K in BLOCK_K steps, h [BLOCK_T, R_PAD] += tl.dot(x tile [BLOCK_T, BLOCK_K], a tile^T [BLOCK_K, R_PAD]) in
+    fp32 registers, and stores h to an fp32 buffer [B, T, R_PAD]. R is padded to a power of two >= 16 (tl.dot's
+    smallest side), the padding masked to 0 on load.
+  * expand, grid (B, cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)): one tl.dot of the h tile [BLOCK_T, R_PAD] (rounded to the
+    compute dtype first, as vLLM does, for the tensor cores) by the b tile^T [R_PAD, BLOCK_N], in fp32, plus the y
+    tile it loads, stored back in y's dtype.
+Why two: a fused kernel would recompute the shrink (2 T K R) in each of the cdiv(N, BLOCK_N) programs of a row, ~10x
+the LoRA FLOPs at GPT-2 widths; h is tiny (R_PAD floats a token), so the round trip through memory costs little.
+A row with index -1 costs each of its programs one load of the index: they return at once, y untouched.
+
+Decode (T = 1) uses one of BLOCK_T (16) rows of each MMA: the other 15 are masked padding, and the shrink has only B
+programs, each walking all of K (vLLM splits K there, SPLIT_K, and adds atomically). SGMV's segments would go further:
+sort the tokens by adapter and give each program BLOCK_T tokens of one adapter from several requests, so a decode
+batch of B rows over S adapters fills its MMAs (B / S rows each) and reads each adapter's weights once per tile
+rather than once per row. Here a program serves one request, which keeps the grid a plain (row, token tile).
+
+Precision: fp32 inputs use IEEE products (no TF32), bf16/fp16 tensor cores with fp32 accumulation. Tiles: fixed
+(no autotune): under the interpreter small ones (BLOCK_T 16, BLOCK_K 32, BLOCK_N 32), on a GPU BLOCK_T 16 at decode
+and 64 at prefill, narrower token and K / N tiles as R_PAD grows, so the fp32 h tile and the weight tiles keep a
+bounded size; ranks up to MAX_RANK (256).
+
+Public API: `add_lora_rows(y, x, lora_a, lora_b, index, index_checked=False) -> y`, through the torch.library custom
+op `tritongpt::add_lora_rows` (mutates_args y, a fake impl), so torch.compile keeps it as an opaque call.
+Inference only (serving): adapters train through model/lora.py's parametrization (add_lora).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt._env import triton_interpreting
+from tritongpt.errors import UserError
+from tritongpt.kernels._common import (FLOAT_DTYPES, cast, cdiv, check_runnable, custom_op, dot, next_pow2,
+                                       no_func_transform, on_tensor_device)
+
+# vLLM's max_lora_rank choices run 8..512; 256 keeps the fp32 h tile (BLOCK_T x R_PAD) and the weight tiles
+# (R_PAD x BLOCK_K / BLOCK_N) in registers and shared memory on every GPU without shrinking the tiles to nothing
+MAX_RANK = 256
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@triton.jit
+def _lora_shrink_kernel(X, A, Index, H, T, K, R, stride_xb, stride_xt, stride_as, stride_ar, stride_hb, stride_ht,
+                   PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """H[b, t, :R_PAD] = X[b, t, :] @ A[Index[b]]^T for row b's tokens (the padding 0); X and A at unit stride on K."""
+    row = tl.program_id(0)
+    slot = tl.load(Index + row).to(tl.int64)
+    if slot < 0:  # the base model: no delta
+        return
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, R_PAD)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_ok = offs_t < T
+    r_ok = offs_r < R
+    x_ptrs = X + row.to(tl.int64) * stride_xb + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
+    a_ptrs = A + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None]  # a^T's [BLOCK_K, R_PAD] tile
+    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot(x, a, acc, PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    h_ptrs = H + row.to(tl.int64) * stride_hb + offs_t.to(tl.int64)[:, None] * stride_ht + offs_r[None, :]
+    tl.store(h_ptrs, acc, mask=t_ok[:, None])
+
+
+@triton.jit
+def _lora_expand_kernel(H, Bw, Index, Y, T, N, R, stride_hb, stride_ht, stride_bs, stride_bn, stride_br,
+                   stride_yb, stride_yt, PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Y[b, t, n] += H[b, t, :R] @ Bw[Index[b]][n, :R]^T for row b's tokens; Y at unit stride on N."""
+    row = tl.program_id(0)
+    slot = tl.load(Index + row).to(tl.int64)
+    if slot < 0:  # the base model: y stays the base Linear's output
+        return
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    t_ok = offs_t < T
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    rows_t = offs_t.to(tl.int64)
+    h = tl.load(H + row.to(tl.int64) * stride_hb + rows_t[:, None] * stride_ht + offs_r[None, :],
+                mask=t_ok[:, None], other=0.0)
+    b_ptrs = Bw + slot * stride_bs + offs_r[:, None] * stride_br + offs_n.to(tl.int64)[None, :] * stride_bn
+    b = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # b^T's [R_PAD, BLOCK_N] tile
+    acc = dot(cast(h, Y.dtype.element_ty), b, tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), PRECISION)
+    y_ptrs = Y + row.to(tl.int64) * stride_yb + rows_t[:, None] * stride_yt + offs_n[None, :]
+    ok = t_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=ok, other=0.0)
+    tl.store(y_ptrs, cast(acc + y.to(tl.float32), Y.dtype.element_ty), mask=ok)
+
+
+def _tiles(T: int, r_pad: int) -> dict:
+    """(BLOCK_T, BLOCK_K, BLOCK_N, num_warps, num_stages). The fp32 h tile BLOCK_T x R_PAD stays at most 64 x 64
+    (32 registers a thread on 4 warps); the weight tiles R_PAD x BLOCK_K and R_PAD x BLOCK_N at most 8192 values."""
+    if triton_interpreting():  # the interpreter pays per program and per tl.dot: few small ones
+        return dict(BLOCK_T=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    block_t = max(16, min(16 if T <= 16 else 64, 4096 // r_pad))
+    return dict(BLOCK_T=block_t, BLOCK_K=max(32, min(128, 8192 // r_pad)), BLOCK_N=max(32, min(128, 8192 // r_pad)),
+                num_warps=4, num_stages=3)
+
+
+# (bench/compile_check.py calls this on meta tensors to compile the exact launches for sm_90.)
+@on_tensor_device
+def _launch(y, x, lora_a, lora_b, index):
+    """y [B, T, N] += the rows' deltas; no checks (add_lora_rows'). x, lora_a, lora_b at unit stride on their last dim,
+    y contiguous."""
+    B, T, K = x.shape
+    N, R = lora_b.shape[1], lora_b.shape[2]
+    if B == 0 or T == 0:
+        return
+    r_pad = max(16, next_pow2(R))
+    tiles = _tiles(T, r_pad)
+    block_t, warps, stages = tiles["BLOCK_T"], tiles["num_warps"], tiles["num_stages"]
+    h = torch.empty((B, T, r_pad), device=x.device, dtype=torch.float32)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only affects fp32 inputs
+    _lora_shrink_kernel[(B, cdiv(T, block_t))](
+        x, lora_a, index, h, T, K, R, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+        h.stride(0), h.stride(1), PRECISION=precision, R_PAD=r_pad, BLOCK_T=block_t, BLOCK_K=tiles["BLOCK_K"],
+        num_warps=warps, num_stages=stages)
+    _lora_expand_kernel[(B, cdiv(T, block_t), cdiv(N, tiles["BLOCK_N"]))](
+        h, lora_b, index, y, T, N, R, h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1),
+        lora_b.stride(2), y.stride(0), y.stride(1), PRECISION=precision, R_PAD=r_pad, BLOCK_T=block_t,
+        BLOCK_N=tiles["BLOCK_N"], num_warps=warps, num_stages=stages)
+
+
+@custom_op("tritongpt::add_lora_rows", mutates_args=("y",))
+def _add_lora_rows_op(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      index: torch.Tensor) -> None:
+    """y [B, T, N] += each row's delta, in place; add_lora_rows checks the arguments."""
+    check_runnable(x, "x")
+    _launch(y, x, lora_a, lora_b, index)
+
+
+@_add_lora_rows_op.register_fake
+def _(y, x, lora_a, lora_b, index):
+    return None
+
+
+def _dt(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _check(y, x, lora_a, lora_b, index, index_checked):
+    """Every refusal add_lora_rows makes, each a UserError naming the argument."""
+    for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("index", index)):
+        if not isinstance(t, torch.Tensor):
+            raise UserError(f"add_lora_rows: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t, dims in (("y", y, "[B, T, N]"), ("x", x, "[B, T, K]"), ("lora_a", lora_a, "[S, R, K]"),
+                          ("lora_b", lora_b, "[S, N, R]"), ("index", index, "[B]")):
+        if t.dim() != dims.count(",") + 1:
+            raise UserError(f"add_lora_rows: {name} must be {dims}, got shape {tuple(t.shape)}")
+    B, T, K = x.shape
+    S, R = lora_a.shape[0], lora_a.shape[1]
+    N = lora_b.shape[1]
+    if lora_a.shape[2] != K:
+        raise UserError(f"add_lora_rows: lora_a [S, R, K] has K = {lora_a.shape[2]}, x [B, T, K] has K = {K}")
+    if tuple(lora_b.shape) != (S, N, R):
+        raise UserError(f"add_lora_rows: lora_b has shape {tuple(lora_b.shape)}, expected [S, N, R] with S = {S} and "
+                        f"R = {R} from lora_a {tuple(lora_a.shape)}")
+    if tuple(y.shape) != (B, T, N):
+        raise UserError(f"add_lora_rows: y has shape {tuple(y.shape)}, expected [B, T, N] = {(B, T, N)} (x's B and T, "
+                        "lora_b's N)")
+    if tuple(index.shape) != (B,):
+        raise UserError(f"add_lora_rows: index has shape {tuple(index.shape)}, expected ({B},): one slot a row of x")
+    if S == 0 or R == 0:
+        raise UserError(f"add_lora_rows: lora_a has shape {tuple(lora_a.shape)}; S (adapters) and R (rank) must be "
+                        "at least 1")
+    if R > MAX_RANK:
+        raise UserError(f"add_lora_rows: rank R = {R} is above the kernel's largest, {MAX_RANK}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise UserError(f"add_lora_rows: x has dtype {_dt(x)}; expected float32, bfloat16 or float16")
+    for name, t in (("y", y), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype:
+            raise UserError(f"add_lora_rows: {name} is {_dt(t)}, x is {_dt(x)}: y, x, lora_a and lora_b take one "
+                            "dtype")
+    if index.dtype not in INDEX_DTYPES:
+        raise UserError(f"add_lora_rows: index has dtype {_dt(index)}; expected int32 or int64")
+    for name, t in (("y", y), ("lora_a", lora_a), ("lora_b", lora_b), ("index", index)):
+        if t.device != x.device:
+            raise UserError(f"add_lora_rows: {name} is on {t.device}, x on {x.device}: all on x's device")
+    for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise UserError(f"add_lora_rows: {name} must have unit stride on its last dim, got strides {t.stride()} "
+                            "(its other dims may be strided)")
+    if not y.is_contiguous():
+        raise UserError(f"add_lora_rows: y must be contiguous (it is written in place), got strides {y.stride()}")
+    if torch.is_grad_enabled():
+        for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
+            if t.requires_grad:
+                raise UserError(f"add_lora_rows: {name} requires grad; the kernel is inference-only (serving, no "
+                                "backward): run it under torch.no_grad() / inference_mode, and train adapters through "
+                                "model/lora.py's add_lora")
+    if not index_checked and B > 0:
+        bad = (index < -1) | (index >= S)
+        if bool(bad.any()):  # one host sync: the engine passes index_checked=True
+            i = int(bad.nonzero()[0, 0])
+            raise UserError(f"add_lora_rows: index[{i}] = {int(index[i])} is outside [-1, {S}): -1 (no adapter) or "
+                            f"one of lora_a's {S} slots")
+
+
+def add_lora_rows(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor,
+                  index_checked: bool = False) -> torch.Tensor:
+    """y[b] += (x[b] @ lora_a[s]^T) @ lora_b[s]^T for each row b with s = index[b] >= 0, in place; returns y.
+
+    y [B, T, N] contiguous (the base Linear's output), x [B, T, K] (B and T may be strided, K at unit stride),
+    lora_a [S, R, K], lora_b [S, N, R] (the scale alpha / r folded in; unit stride on their last dims), one float
+    dtype; index [B] int32 or int64 on x's device, values in [-1, S): -1 leaves the row's y as it is. Checking the
+    index's values reads it back (one host sync); index_checked=True skips that (the caller guarantees them: an
+    index outside the range reads other memory). R <= MAX_RANK. Inference only: refused where grad is enabled and
+    y, x, lora_a or lora_b requires grad.
+    """
+    no_func_transform("add_lora_rows")
+    _check(y, x, lora_a, lora_b, index, index_checked)
+    if y.numel() and x.device.type == "cpu":
+        try:
+            check_runnable(x, "x")
+        except RuntimeError as e:
+            raise UserError(f"add_lora_rows: {e}") from None
+    _add_lora_rows_op(y, x, lora_a, lora_b, index)
+    return y
+
+
+def lora_delta_torch(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows' deltas [B, T, N] as the reference module computes them in PyTorch: each row's adapter gathered, then
+    two bmm's; rows with index -1 get 0. (What bench/kernels.py's torch provider times against the kernel.)"""
+    slot = index.clamp_min(0).long()
+    delta = torch.bmm(torch.bmm(x, lora_a[slot].transpose(1, 2)), lora_b[slot].transpose(1, 2))
+    return torch.where((index >= 0).view(-1, 1, 1), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
