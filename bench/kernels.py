@@ -143,8 +143,13 @@ torch-int4 (torch's own int4 weight-only matmul, aten._weight_int4pack_mm on the
 aten._convert_weight_to_int4pack, or their _for_cpu forms on the CPU, where this torch runs them: their packing
 changed across versions, so the pack is checked against the dequantized weight once, and a mismatch or a failure is
 a failed row saying why) and ours (kernels/quant.py's int4_linear). FLOPs 2 M N K; bytes: the packed weight, its
-fp32 scales and offsets, x and y once each (INT4_BYTES_NOTE). It runs after int8_linear, last of all, so a short
-budget drops it first.
+fp32 scales and offsets, x and y once each (INT4_BYTES_NOTE). It runs after int8_linear.
+lora is multi-LoRA serving's per-row adapter delta added in place to a base Linear's output, y[b] += (x[b] @ A[s]^T) @
+B[s]^T with s = index[b] (kernels/lora.py's add_lora_rows), forward only (inference: its rows are "fwd"), at a decode
+batch (32 rows of T 1) and a prefill's (4 rows of T 512) on GPT-2 small's fc1 widths (768 -> 3072), R 16, the rows
+spread over S 4 adapters: torch (kernels/lora.py's lora_delta_torch, the reference module's gather + two bmm's, then
+y.add_) and ours (its shrink and expand kernels). FLOPs 2 B T R (K + N); bytes: x once, y read and written, each
+adapter a row uses once (LORA_BYTES_NOTE). It runs after int4_linear, last of all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -225,6 +230,8 @@ PROVIDERS = {
     "int8_linear": ("reference", "torch", "compile", "torch-int8", "triton"),
     # the weight-only int4 linear (W4A16), forward only: int8_linear's, with torch's aten._weight_int4pack_mm
     "int4_linear": ("reference", "torch", "compile", "torch-int4", "triton"),
+    # multi-LoRA serving's per-row adapter delta, in place, forward only: the gather + two bmm's, and ours
+    "lora": ("torch", "triton"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -237,6 +244,8 @@ ATTN_SOFTCAP = 50.0  # softcap_attention's cap on the scores (Gemma 2's attn_log
 INT8_BYTES_NOTE = "bytes: the int8 weight, its fp32 scales, x and y once each (not what each provider reads)"
 INT4_BYTES_NOTE = ("bytes: the packed int4 weight, its fp32 scales and offsets, x and y once each (not what each "
                    "provider reads)")
+LORA_BYTES_NOTE = ("bytes: x once, y read and written, each adapter the rows use once (not what each provider "
+                   "reads)")
 INT4_GROUP_SIZE = 128  # int4_linear's G: gpt-fast's and torchao's default; every K of int8_shapes is a multiple
 # a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
 GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
@@ -267,7 +276,9 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   matmul_widths=(768, 1600),
                   # int8_linear: rows (decode, a batch of decodes, a prefill) and (K, N): GPT-2 small's fc1 and fc2,
                   # Llama-3-8B's up projection
-                  int8_rows=(1, 16, 4096), int8_shapes=((768, 3072), (3072, 768), (4096, 14336)))
+                  int8_rows=(1, 16, 4096), int8_shapes=((768, 3072), (3072, 768), (4096, 14336)),
+                  # lora: (rows B, tokens a row T, K, N, rank R, adapters S): a decode batch and a prefill on fc1
+                  lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
@@ -278,7 +289,8 @@ QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    rope_partial_heads=((12, 12, 64, 16, 1.0), (24, 8, 128, 96, PHI4_MINI_MSCALE)),
                    moe_shapes=((2048, 8, 2, 768, 2048),),
                    decode_batches=(1,), decode_seqlens=(4096,), decode_heads=((32, 8, 128),),
-                   matmul_widths=(768,), int8_rows=(1, 4096), int8_shapes=((768, 3072), (4096, 14336)))
+                   matmul_widths=(768,), int8_rows=(1, 4096), int8_shapes=((768, 3072), (4096, 14336)),
+                   lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -1063,6 +1075,24 @@ def int4_linear_providers(x, q, scale, offset, b=None):
 
     return {"reference": lambda: (dequantized, [x]), "torch": torch_op,
             "compile": lambda: (_fresh_compile(dequantized), [x]), "torch-int4": torch_int4, "triton": triton_op}
+
+
+def lora_providers(y, x, lora_a, lora_b, index):
+    """y [B, T, N] += each row's delta (x [B, T, K], lora_a [S, R, K], lora_b [S, N, R], index [B]: see lora in the
+    module docstring), in place; every provider returns y. Nothing requires grad (inference)."""
+    def torch_op():
+        fn, why = try_import("tritongpt.kernels.lora", "lora_delta_torch")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: y.add_(fn(x, lora_a, lora_b, index))), [x]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.lora", "add_lora_rows")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(y, x, lora_a, lora_b, index, index_checked=True)), [x]  # as the engine calls it
+
+    return {"torch": torch_op, "triton": triton_op}
 
 
 def cross_entropy_providers(x, t):
@@ -1852,6 +1882,35 @@ def int4_linear_bytes(m: int, n: int, k: int, elem: int, group_size: int = INT4_
     return n * k // 2 + 8 * n * (k // group_size) + (m * k + m * n) * elem
 
 
+def lora_bytes(b: int, t: int, k: int, n: int, r: int, used: int, elem: int) -> int:
+    """lora's bytes (LORA_BYTES_NOTE): x once, y read and written, the `used` adapters' A [R, K] and B [N, R] once."""
+    return (b * t * k + 2 * b * t * n + used * r * (k + n)) * elem
+
+
+def sweep_lora(timer, budget, shapes, dtype, modes=MODES, providers=None):
+    """The multi-LoRA delta at each (B, T, K, N, R, S) of shapes, row b on adapter b % S; "fwd" only of modes.
+    FLOPs 2 B T R (K + N), bytes lora_bytes; each row notes what its bytes count."""
+    out = []
+    dev = timer.device
+    modes = tuple(m for m in modes if m == "fwd")
+    for b, t, k, n, r, s in shapes if modes else ():
+        x = randn(b, t, k, device=dev, dtype=dtype, requires_grad=False)
+        y = randn(b, t, n, device=dev, dtype=dtype, requires_grad=False)
+        lora_a = randn(s, r, k, device=dev, dtype=dtype, scale=k ** -0.5, requires_grad=False)
+        lora_b = randn(s, n, r, device=dev, dtype=dtype, scale=r ** -0.5, requires_grad=False)
+        index = torch.arange(b, device=dev) % s
+        cfg = {"B": b, "T": t, "K": k, "N": n, "R": r, "S": s, "dtype": dtype_name(dtype)}
+        work = {"flops": 2 * b * t * r * (k + n), "bytes": lora_bytes(b, t, k, n, r, min(b, s), x.element_size())}
+        rows = bench_providers("lora", cfg, lora_providers(y, x, lora_a, lora_b, index), modes, timer, budget,
+                               lambda mode: work, providers)
+        for row in rows:
+            row.setdefault("note", LORA_BYTES_NOTE)
+        out += rows
+        del x, y, lora_a, lora_b
+        timer.cleanup()
+    return out
+
+
 def sweep_int4_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None,
                       group_size=INT4_GROUP_SIZE):
     """The weight-only int4 linear at each (K, N) of shapes and each row count, G group_size (or, for a K it does not
@@ -2115,7 +2174,9 @@ def _sweep_plan(sizes, part):
             "matmul": [sizes["matmul_widths"]] if part == "rest" else [],
             # the weight-only int8 linear: after matmul; then the int4 one, the first a short budget drops
             "int8_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else [],
-            "int4_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else []}
+            "int4_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else [],
+            # multi-LoRA serving's delta: last of all
+            "lora": [sizes["lora_shapes"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -2124,7 +2185,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
-                     "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear"),
+                     "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -2134,9 +2195,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear and int4_linear (the newest ops), so a short budget
-    drops int4_linear first, then int8_linear, then matmul, then decode_attention, then lm_head_distill, then moe_mlp,
-    then alibi_attention, then
+    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear and lora (the newest ops), so a short
+    budget drops lora first, then int4_linear, then int8_linear, then matmul, then decode_attention, then
+    lm_head_distill, then moe_mlp, then alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
@@ -2284,6 +2345,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 what = ", ".join(f"{k}->{n}" for k, n in shapes)
                 log(f"int4 weight-only linear ({part}{label}, G {INT4_GROUP_SIZE}): {what}, rows {list(rows_m)} ...")
                 rows += sweep_int4_linear(timer, budget, rows_m, shapes, dtype, modes, provs)
+        for provs, label in groups:
+            for shapes in plan["lora"] if "lora" in ops else ():
+                what = ", ".join(f"B {b} T {t} {k}->{n} R {r} S {s}" for b, t, k, n, r, s in shapes)
+                log(f"multi-LoRA delta ({part}{label}): {what} ...")
+                rows += sweep_lora(timer, budget, shapes, dtype, modes, provs)
 
 
 def sort_rows(rows):
@@ -2298,7 +2364,7 @@ def sort_rows(rows):
         # matmul's rows: each product's providers side by side
         cfg = (c.get("head_dim", 0), c.get("seq_len", 0), c.get("width", 0), c.get("vocab", 0), c.get("rows", 0),
                c.get("heads", 0), c.get("C", 0), c.get("layout", ""), c.get("product", ""), c.get("K", 0), c.get("N", 0),
-               c.get("M", 0))
+               c.get("M", 0), c.get("T", 0), c.get("B", 0))  # (lora's: its decode batch, then its prefill)
         return (ops.index(r["op"]) if r["op"] in ops else len(ops), r.get("mode") == "saved", cfg, prov,
                 mode_order.get(r.get("mode"), 9))
 

@@ -527,7 +527,7 @@ def test_run_kernels_end_to_end_on_cpu():
                    gqa_seqlens=(16,), gqa_heads=((4, 2, 8),),
                    rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),),
                    decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),), matmul_widths=(8,),
-                   int8_rows=(1, 4), int8_shapes=((16, 8),)),
+                   int8_rows=(1, 4), int8_shapes=((16, 8),), lora_shapes=((3, 1, 16, 8, 5, 2), (2, 3, 16, 8, 5, 2))),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -540,10 +540,13 @@ def test_run_kernels_end_to_end_on_cpu():
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
     # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
     # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only), the int8 linear
-    # and the int4 one at 2 row counts (reference, torch; forward only)
+    # and the int4 one at 2 row counts (reference, torch; forward only), the LoRA delta at 2 shapes (torch; fwd only)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2 + 2)
+    assert [(r["provider"], r["config"]["B"], r["config"]["T"], r["flops"], r["bytes"]) for r in timed
+            if r["op"] == "lora"] == [("torch", b, t, 2 * b * t * 5 * (16 + 8),
+                                       (b * t * 16 + 2 * b * t * 8 + 2 * 5 * 24) * 4) for b, t in ((3, 1), (2, 3))]
     assert [(r["provider"], r["mode"], r["config"]["M"], r["flops"], r["bytes"]) for r in timed
             if r["op"] == "int8_linear"] == [(p, "fwd", m, 2 * m * 8 * 16, 8 * 16 + 4 * 8 + (m * 16 + m * 8) * 4)
                                              for m in (1, 4) for p in ("reference", "torch")]
@@ -640,6 +643,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["int8_linear"] == [] and rest["int8_linear"] == [((1, 16, 4096), ((768, 3072), (3072, 768),
                                                                                    (4096, 14336)))]
     assert first["int4_linear"] == [] and rest["int4_linear"] == rest["int8_linear"]
+    assert first["lora"] == [] and rest["lora"] == [((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4))]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1163,6 +1167,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(kernels.QUICK_SIZES, "matmul_widths", (8,))  # nor matmul's widths (its rows: --mlp-rows)
     monkeypatch.setitem(kernels.QUICK_SIZES, "int8_rows", (1, 4))  # nor int8_linear's rows and shapes
     monkeypatch.setitem(kernels.QUICK_SIZES, "int8_shapes", ((16, 8),))
+    monkeypatch.setitem(kernels.QUICK_SIZES, "lora_shapes", ((3, 1, 16, 8, 5, 2),))  # nor lora's
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
@@ -1206,7 +1211,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
                                             "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention",
-                                            "matmul", "int8_linear", "int4_linear"}
+                                            "matmul", "int8_linear", "int4_linear", "lora"}
     assert {(r["config"]["M"], r["config"]["C"]) for r in k["rows"] if r["op"] == "matmul"} == {(8, 8), (32, 8)}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
@@ -1982,6 +1987,32 @@ def test_int4_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
     assert all(r["note"] == kernels.INT4_BYTES_NOTE for r in rows)
     assert kernels.sweep_int4_linear(CpuTimer(reps=1), Budget(None), (1,), ((16, 8),), torch.float32,
                                      modes=("bwd", "fwd+bwd"), group_size=16) == []
+
+
+def test_lora_rows_time_both_providers_adding_the_same_delta_in_place(device):
+    """lora: torch (the gather + two bmm's) and ours add the same per-row delta to y in place, rows with index -1
+    untouched; the rows are forward only, 2 B T R (K + N) FLOPs and x, y twice and the used adapters in bytes."""
+    gen = torch.Generator().manual_seed(8)
+    x, y0 = torch.randn(3, 2, 24, generator=gen).to(device), torch.randn(3, 2, 20, generator=gen).to(device)
+    a, b = torch.randn(2, 5, 24, generator=gen).to(device), torch.randn(2, 20, 5, generator=gen).to(device)
+    index = torch.tensor([1, -1, 0], device=device)
+    want = y0.double().clone()
+    for row, s in ((0, 1), (2, 0)):
+        want[row] += x[row].double() @ a[s].double().T @ b[s].double().T
+    for name, build in kernels.lora_providers(y := y0.clone(), x, a, b, index).items():
+        f, leaves = build()
+        assert f() is y and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), name
+        assert torch.equal(y[1], y0[1]), name
+        y.copy_(y0)
+    rows = kernels.sweep_lora(CpuTimer(reps=1), Budget(None), ((3, 1, 24, 20, 5, 2), (2, 3, 24, 20, 5, 4)),
+                              torch.float32)
+    by = {(r["config"]["B"], r["provider"]): r for r in rows}
+    assert len(by) == len(rows) == 4 and {r["mode"] for r in rows} == {"fwd"}
+    assert all(r["status"] == "ok" and r["note"] == kernels.LORA_BYTES_NOTE for r in rows)
+    assert by[3, "triton"]["flops"] == 2 * 3 * 5 * 44 and by[3, "triton"]["bytes"] == (3 * 24 + 6 * 20 + 2 * 5 * 44) * 4
+    assert by[2, "torch"]["bytes"] == (6 * 24 + 12 * 20 + 2 * 5 * 44) * 4  # 2 rows use 2 of the 4 adapters
+    assert kernels.sweep_lora(CpuTimer(reps=1), Budget(None), ((3, 1, 24, 20, 5, 2),), torch.float32,
+                              modes=("bwd", "fwd+bwd")) == []
 
 
 def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(device):
@@ -2870,7 +2901,9 @@ def test_every_provider_builder_is_in_the_sweep():
              "matmul": kernels.matmul_providers(x, x.t()),
              "int8_linear": kernels.int8_linear_providers(x, torch.zeros(5, 8, dtype=torch.int8), torch.ones(5)),
              "int4_linear": kernels.int4_linear_providers(torch.zeros(3, 16), torch.zeros(5, 8, dtype=torch.uint8),
-                                                          torch.ones(5, 1), torch.zeros(5, 1))}
+                                                          torch.ones(5, 1), torch.zeros(5, 1)),
+             "lora": kernels.lora_providers(torch.zeros(1, 1, 5), x[None, :1], torch.zeros(1, 2, 8),
+                                            torch.zeros(1, 5, 2), torch.zeros(1, dtype=torch.long))}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -3150,21 +3183,21 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention",
               "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
               "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul",
-              "int8_linear": "sweep_int8_linear", "int4_linear": "sweep_int4_linear"}
+              "int8_linear": "sweep_int8_linear", "int4_linear": "sweep_int4_linear", "lora": "sweep_lora"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
-              "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear"]
-    assert calls[-36:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-36]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-36]
+              "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora"]
+    assert calls[-38:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-38]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-38]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-18:] == newest
+    assert default_ops[-19:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
