@@ -6,7 +6,7 @@ memory, or ask for more shared memory than an SM has. This check catches those o
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
               and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
-              in rope.py and quant.py, quant.py's `_launch_int4` and dx ones) run on meta tensors (shapes,
+              in rope.py, quant.py and lora.py, quant.py's `_launch_int4` and dx ones) run on meta tensors (shapes,
               dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded instead of
               launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
@@ -54,6 +54,11 @@ ATTN_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 256: Gemma's heads
 DECODE_SEQ = 16384  # a KV cache long enough to split at batch 1
 INT8_ROWS = (1, 8, 4096)  # int8_linear and int4_linear: decoding one sequence, a batch of 8, a prefill
 DX_ROWS = (8, 16384)  # their dx: a few rows, and a training step's tokens
+# multi-LoRA serving (kernels/lora.py): rows B and tokens a row T of a decode batch and a prefill, GPT-2 small's
+# (K, N) of c_attn, fc1 and fc2, rank 16 over 4 adapters, and the kernel's largest rank once
+LORA_ROWS = ((8, 1), (8, 128))
+LORA_SHAPES = ((MLP_WIDTH, 3 * MLP_WIDTH), (MLP_WIDTH, 4 * MLP_WIDTH), (4 * MLP_WIDTH, MLP_WIDTH))
+LORA_RANK, LORA_ADAPTERS = 16, 4
 INT4_GROUPS = (128, 32)  # int4_linear: G 128 (a K step of part of a group), 32 (steps of several), the latter in bf16
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
@@ -121,7 +126,7 @@ def capture(quick=False, half="bfloat16"):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import attention, cross_entropy, jsd, layernorm, mlp, moe, quant, rope, swiglu
+    from tritongpt.kernels import attention, cross_entropy, jsd, layernorm, lora, mlp, moe, quant, rope, swiglu
     from tritongpt.model.layers import swiglu_hidden
 
     launches, case = [], [""]
@@ -413,6 +418,20 @@ def capture(quick=False, half="bfloat16"):
                         scale = torch.empty(n, k // g, dtype=torch.float32, **meta)
                         quant._launch_int4_dx(dy, torch.empty(n, k // 2, dtype=torch.uint8, **meta), scale,
                                               torch.empty_like(scale))
+
+        # multi-LoRA's shrink and expand (inference): a decode batch and a prefill at GPT-2 small's widths, rank 16,
+        # in the target's 16-bit dtype and fp32 (quick: fc1's only, 16-bit), then the largest rank (its tiles shrink)
+        for dt in (half,) if quick else (half, torch.float32):
+            name = str(dt).replace("torch.", "")
+            ranks = ((LORA_SHAPES[1], LORA_RANK),) if quick else \
+                [(kn, LORA_RANK) for kn in LORA_SHAPES] + [(LORA_SHAPES[1], lora.MAX_RANK)]
+            for (k, n), r in ranks:
+                for b, t in LORA_ROWS:
+                    case[0] = f"lora {name} B={b} T={t} {k}->{n} R={r}"
+                    lora._launch(torch.empty(b, t, n, dtype=dt, **meta), torch.empty(b, t, k, dtype=dt, **meta),
+                                 torch.empty(LORA_ADAPTERS, r, k, dtype=dt, **meta),
+                                 torch.empty(LORA_ADAPTERS, n, r, dtype=dt, **meta),
+                                 torch.empty(b, dtype=torch.int32, **meta))
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
     return launches
