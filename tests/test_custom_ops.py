@@ -8,6 +8,7 @@ import tritongpt.kernels.attention  # noqa: F401  (registers the ops)
 import tritongpt.kernels.cross_entropy  # noqa: F401
 import tritongpt.kernels.jsd  # noqa: F401
 import tritongpt.kernels.layernorm  # noqa: F401
+import tritongpt.kernels.lora  # noqa: F401
 import tritongpt.kernels.mlp  # noqa: F401
 import tritongpt.kernels.moe  # noqa: F401
 import tritongpt.kernels.quant  # noqa: F401
@@ -182,10 +183,19 @@ def _int4_linear_args(device, gen):
             "int4_linear_dx bf16 G16": (dy.bfloat16(), q16, scale16, offset16)}
 
 
+def _lora_args(device, gen):
+    """add_lora_rows writes y in place (mutates_args): opcheck checks the schema says so. T 3 and R 5 (padded to 16)."""
+    y, x = _randn(3, 3, 20, device=device, gen=gen), _randn(3, 3, 24, device=device, gen=gen)
+    a, b = _randn(2, 5, 24, device=device, gen=gen), _randn(2, 20, 5, device=device, gen=gen)
+    index = torch.tensor([1, -1, 0], device=device)
+    return {"add_lora_rows": (y, x, a, b, index), "add_lora_rows bf16 int32": (
+        y.bfloat16(), x.bfloat16(), a.bfloat16(), b.bfloat16(), index.int())}
+
+
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
           "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
           "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args, "int8_linear": _int8_linear_args,
-          "int4_linear": _int4_linear_args}
+          "int4_linear": _int4_linear_args, "lora": _lora_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -218,7 +228,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                            "int8_linear_dx bf16")),
                                           ("int4_linear", ("int4_linear", "int4_linear bf16 no bias G16",
                                                            "int4_linear x requires grad", "int4_linear_dx",
-                                                           "int4_linear_dx bf16 G16")))
+                                                           "int4_linear_dx bf16 G16")),
+                                          ("lora", ("add_lora_rows", "add_lora_rows bf16 int32")))
        for op in names]
 
 
