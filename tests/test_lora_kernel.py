@@ -120,15 +120,25 @@ def test_refusals_name_the_problem(device, change, message):
     assert torch.equal(args["y"], y0)
 
 
-def test_grad_refusal_is_only_where_grad_is_enabled_and_index_checked_skips_the_range_check(device):
-    """Under no_grad a weight that requires grad is fine (serving's frozen copy of a trained one); index_checked=True
-    does not read the index back, so an out-of-range value is the caller's promise (not run here: it reads other
-    memory), which this test checks through the range check's message being gone at a valid index."""
+def test_grad_refusal_is_only_where_grad_is_enabled(device):
+    """Under no_grad a weight that requires grad is fine (serving's frozen copy of a trained one)."""
     args = refusal(device, lora_a=lambda a: a["lora_a"].clone().requires_grad_())
     want = reference(args["y"], args["x"], args["lora_a"], args["lora_b"], args["index"])
     with torch.no_grad():
-        add_lora_rows(**args, index_checked=True)
+        add_lora_rows(**args)
     assert_close_rel(args["y"], want, 1e-4, "under no_grad")
+
+
+def test_index_checked_skips_the_range_check(device):
+    """index_checked=True reads no index back: slot S of adapters that are the first S of S + 1 in memory is taken
+    as the caller's word (here the next adapter, which exists) instead of refused."""
+    y, x, a, b, _ = case(2, 3, 48, 40, 5, 3, [0, 0], device, torch.float32)
+    index = torch.tensor([2, -1], device=device)
+    want = reference(y, x, a, b, index)
+    with pytest.raises(UserError, match=r"index\[0\] = 2 is outside \[-1, 2\)"):
+        add_lora_rows(y, x, a[:2], b[:2], index)
+    add_lora_rows(y, x, a[:2], b[:2], index, index_checked=True)
+    assert_close_rel(y, want, 1e-4, "slot 2 of 2")
 
 
 @pytest.mark.cuda
