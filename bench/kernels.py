@@ -147,7 +147,7 @@ fp32 scales and offsets, x and y once each (INT4_BYTES_NOTE). It runs after int8
 lora is multi-LoRA serving's per-row adapter delta added in place to a base Linear's output, y[b] += (x[b] @ A[s]^T) @
 B[s]^T with s = index[b] (kernels/lora.py's add_lora_rows), forward only (inference: its rows are "fwd"), at a decode
 batch (32 rows of T 1) and a prefill's (4 rows of T 512) on GPT-2 small's fc1 widths (768 -> 3072), R 16, the rows
-spread over S 4 adapters: torch (kernels/lora.py's lora_delta_torch, the reference module's gather + two bmm's, then
+spread over S 4 adapters: torch (model/lora.py's lora_rows_reference, AdapterLinear's gather + two bmm's, then
 y.add_) and ours (its shrink and expand kernels). FLOPs 2 B T R (K + N); bytes: x once, y read and written, each
 adapter a row uses once (LORA_BYTES_NOTE). It runs after int4_linear, last of all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
@@ -1081,7 +1081,7 @@ def lora_providers(y, x, lora_a, lora_b, index):
     """y [B, T, N] += each row's delta (x [B, T, K], lora_a [S, R, K], lora_b [S, N, R], index [B]: see lora in the
     module docstring), in place; every provider returns y. Nothing requires grad (inference)."""
     def torch_op():
-        fn, why = try_import("tritongpt.kernels.lora", "lora_delta_torch")
+        fn, why = try_import("tritongpt.model.lora", "lora_rows_reference")
         if fn is None:
             raise Unavailable(why)
         return (lambda: y.add_(fn(x, lora_a, lora_b, index))), [x]

@@ -5,8 +5,8 @@ s = index[b] >= 0 it adds to the base Linear's output y, in place,
     y[b] += (x[b] @ lora_a[s]^T) @ lora_b[s]^T          x [B, T, K], lora_a [S, R, K], lora_b [S, N, R]
 
 (the LoRA scale alpha / r folded into lora_b at load, as vLLM does); a row with index -1 (the base model) is left
-as it is. Reference module: `tritongpt.model.lora.AdapterLinear` (a gather of each row's adapter, then two bmm's:
-`lora_delta_torch` below is that computation, which the benchmark's torch provider times).
+as it is. Reference module: `tritongpt.model.lora.AdapterLinear`, whose `lora_rows_reference` gathers each row's
+adapter for two bmm's (what the benchmark's torch provider times).
 
 Two kernels, as punica's and vLLM's:
   * shrink, grid (B, cdiv(T, BLOCK_T)): a program's BLOCK_T tokens all belong to row b, so all use one adapter; it
@@ -233,11 +233,3 @@ def add_lora_rows(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
             raise UserError(f"add_lora_rows: {e}") from None
     _add_lora_rows_op(y, x, lora_a, lora_b, index)
     return y
-
-
-def lora_delta_torch(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The rows' deltas [B, T, N] as the reference module computes them in PyTorch: each row's adapter gathered, then
-    two bmm's; rows with index -1 get 0. (What bench/kernels.py's torch provider times against the kernel.)"""
-    slot = index.clamp_min(0).long()
-    delta = torch.bmm(torch.bmm(x, lora_a[slot].transpose(1, 2)), lora_b[slot].transpose(1, 2))
-    return torch.where((index >= 0).view(-1, 1, 1), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))

@@ -5,7 +5,8 @@ import torch
 
 from parity import assert_close_rel
 from tritongpt.errors import UserError
-from tritongpt.kernels.lora import MAX_RANK, add_lora_rows, lora_delta_torch
+from tritongpt.kernels.lora import MAX_RANK, add_lora_rows
+from tritongpt.model.lora import lora_rows_reference
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
@@ -64,9 +65,10 @@ def test_matches_float64_reference(device, dtype, T, R, index):
 
 
 def test_torch_path_matches_the_reference(device):
-    """lora_delta_torch (the benchmark's torch provider: gather + two bmm's) gives the reference's deltas, 0 at -1."""
+    """lora_rows_reference (AdapterLinear's, the benchmark's torch provider: gather + two bmm's) gives the float64
+    loop's deltas, 0 at -1."""
     y, x, a, b, idx = case(4, 3, 48, 40, 12, 3, [2, -1, 0, 2], device, torch.float64)
-    assert_close_rel(y.double() + lora_delta_torch(x, a.contiguous(), b.contiguous(), idx).double(),
+    assert_close_rel(y.double() + lora_rows_reference(x, a.contiguous(), b.contiguous(), idx).double(),
                      reference(y, x, a, b, idx), 1e-12, "torch path")
 
 
