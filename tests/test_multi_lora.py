@@ -63,13 +63,21 @@ def merged64(model, modules):
     return m
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_each_row_runs_its_adapter_as_the_merged_model_does_in_float64(family):
+@pytest.mark.parametrize("family,kernels", [("gpt2", "reference"), ("llama", "reference"), ("gpt2", "triton"),
+                                            ("llama", "triton")])
+def test_each_row_runs_its_adapter_as_the_merged_model_does_in_float64(family, kernels, monkeypatch):
     """Rows of adapters a, b, none and b in one forward: each row's logits the float64 merged model's for its
     adapter (non-power-of-two ranks 4 and 7 padded to 7; each adapter leaves other matrices alone); then one
-    adapter for every row (generate()'s int index)."""
+    adapter for every row (generate()'s int index). The Triton path: kernels/lora.py's add_lora_rows in every
+    adapted matrix (the MLP unfused there), the reference's float64 merged model the same."""
     base = tiny(**(LLAMA if family == "llama" else GPT2))
     model, adapters = served(base, family)
+    model.set_kernels(kernels)
+    import tritongpt.kernels.lora as lora_kernels
+
+    calls = []
+    kernel = lora_kernels.add_lora_rows
+    monkeypatch.setattr(lora_kernels, "add_lora_rows", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     assert sum(isinstance(m, AdapterLinear) for m in model.modules()) == 7 - (family == "llama")
     x = torch.randint(0, VOCAB, (4, 13), generator=torch.Generator().manual_seed(3))
     with torch.no_grad(), model.adapters.use(torch.tensor([0, 1, -1, 1])):
@@ -83,6 +91,7 @@ def test_each_row_runs_its_adapter_as_the_merged_model_does_in_float64(family):
         with model.adapters.use(1):
             assert_close_rel(model(x), refs[1](x), 1e-4, "every row b")
         assert_close_rel(model(x), refs[2](x), 1e-4, "no adapter: the base")
+    assert len(calls) == (7 - (family == "llama") if kernels == "triton" else 0)  # (a row index: the kernel)
 
 
 def alone(model, idx, new, kw):
@@ -139,6 +148,15 @@ def test_requests_of_several_adapters_on_cuda_with_real_graphs(kernels, pages):
                 (5, prompt(6, seed=4).cuda(), 3, {"adapter": "a"})]
     check(model, schedule, engine)
     assert engine.graphs
+
+
+def test_the_triton_path_batches_adapters_as_generate_does():
+    """add_lora_rows in the engine's forwards (a right-padded prefill group, decode steps of mixed rows) against
+    generate() alone on the same Triton model."""
+    model, _ = served(tiny("triton"))
+    schedule = [(0, prompt(6, seed=1), 3, {"adapter": "a"}), (0, prompt(4, seed=2), 3, {}),
+                (1, prompt(5, seed=3), 2, {"adapter": "b"})]
+    check(model, schedule, Engine(model, max_batch=3))
 
 
 def test_prefix_caching_shares_a_prompts_pages_only_between_requests_of_one_adapter():
