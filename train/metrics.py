@@ -5,6 +5,13 @@ standard library. Names and histogram buckets are vLLM's (vllm/v1/metrics/logger
 The handler threads count what their requests drew (a request here: one prompt's n choices, the engine's unit);
 the gauges are read from the engine at scrape time (its waiting queue, running requests and cache), or, with no
 engine (--max-batch 1), from the requests holding and waiting for the model's lock. One small lock guards it all.
+
+With LoRA adapters served by the engine (serve --enable-lora --lora-modules), vLLM's lora_requests_info gauge too
+(vllm/v1/metrics/loggers.py): its labels max_lora (the engine's max_loras), waiting_lora_adapters and
+running_lora_adapters (the adapters' names of the waiting and the running requests, comma-separated, each once, in
+the order the requests first show them), its value the time the labels were read (set_to_current_time: seconds
+since the epoch; vLLM's at each logging step, ours at the scrape). It bears model_name too, as every family
+here (vLLM's has none: a query matching its own labels reads both).
 """
 import threading
 import time
@@ -75,6 +82,11 @@ class Histogram:
         self.count += 1
 
 
+def escape(value: str) -> str:
+    """A label value as Prometheus' text format writes it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def number(x) -> str:
     return repr(float(x)) if isinstance(x, float) else str(x)
 
@@ -107,9 +119,22 @@ class Metrics:
                 usage = (e.max_batch - len(e.free)) / e.max_batch
             return len(e.running), len(e.waiting), usage
 
+    def lora_info(self):
+        """(max_lora, waiting adapters, running adapters: names, comma-joined) now, or None: no engine serving
+        adapters (vLLM's gauge is there only with --enable-lora)."""
+        e = self.engine
+        if e is None or getattr(e, "adapters", None) is None:
+            return None
+        with e.cond:
+
+            def used(requests):  # (each adapter once, in order of appearance: vLLM's dict keys)
+                return ",".join(dict.fromkeys(e.adapters.names[r.adapter] for r in requests if r.adapter >= 0))
+            return e.max_loras, used(e.waiting), used(e.running)
+
     def render(self) -> str:
-        label = 'model_name="' + self.model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        label = f'model_name="{escape(self.model_name)}"'
         running, waiting, usage = self.gauges()
+        lora = self.lora_info()
         stats = self.engine.stats if self.engine is not None else {"prompt_tokens": 0, "cached_prompt_tokens": 0,
                                                                    "preemptions": 0}
         one = "" if self.engine is not None else " (--max-batch 1: no engine, the requests take the model in turn)"
@@ -127,6 +152,11 @@ class Metrics:
         if usage is not None:
             family("kv_cache_usage_perc", "gauge", "KV-cache usage, 1 = full: the share of pages held (a paged cache; "
                    "cached pages no request holds count as free) or of rows (slots) held.", [("", label, usage)])
+        if lora is not None:
+            family("lora_requests_info", "gauge", "Running stats on lora requests: the adapters of the waiting and of "
+                   "the running requests, and max_lora (--max-loras); the value the time they were read (seconds "
+                   "since the epoch).", [("", f'{label},max_lora="{lora[0]}",waiting_lora_adapters="{escape(lora[1])}",'
+                                              f'running_lora_adapters="{escape(lora[2])}"', time.time())])
         family("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache (0 unless "
                "--enable-prefix-caching).", [("", label, stats["prompt_tokens"])])
         family("prefix_cache_hits_total", "counter", "Prompt tokens read from the prefix cache (0 unless "
