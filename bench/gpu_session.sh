@@ -64,8 +64,9 @@
 #   HAS_ALIBI) and a LayerNorm on the token embeddings, into results-bloom/
 #   serve (not part of all): `bench serve` of GPT-2 124M's shape (random weights) served on the GPU, 64 streamed
 #   completions of 128 prompt tokens and 128 out, all at once: one request at a time (--max-batch 1), continuous
-#   batching at 32, with a paged cache, with CUDA-graph buckets, with prefix caching, with n-gram speculation (K 8,
-#   N 2); then lm-eval's loglikelihood
+#   batching at 32, the same over 4 random rank-16 LoRA adapters (--random-loras 4: their overhead), with a paged
+#   cache, with CUDA-graph buckets, with prefix caching, with n-gram speculation (K 8, N 2); then lm-eval's
+#   loglikelihood
 #   load (--scoring: 32 requests of 8 prompts of 128) at --max-batch 1 and 32; each load within SERVE_SECONDS
 #   (default 60), into results-serve/<device>/serve-LABEL.{json,md,png}
 #   decode (not part of all): `bench decode`: GPT-2 124M's greedy KV-cache decode steps (bf16 autocast, batches 1
@@ -331,7 +332,9 @@ torch.manual_seed(0); GPTModel(get_config('gpt2-small')).save('$WORK/gpt2-random
     # vLLM's n-gram speculation (no spaces: the flags split on them); a random model's greedy text repeats itself, so
     # its proposals are often accepted (72 % for the mini preset on the CPU)
     ngram='{"method":"ngram","num_speculative_tokens":8,"prompt_lookup_max":2}'
-    for run in "mb1:$gen --max-batch 1" "mb32:$gen --max-batch 32" \
+    # mb32-lora4: mb32's load spread over 4 random rank-16 LoRA adapters (attn,mlp), a random pick a request: the
+    # adapters' cost beside mb32 (their files: 10.6 MB each, written in 0.2 s on the CPU)
+    for run in "mb1:$gen --max-batch 1" "mb32:$gen --max-batch 32" "mb32-lora4:$gen --max-batch 32 --random-loras 4" \
                "mb32-paged:$gen --max-batch 32 --kv-cache-pages 2048" \
                "mb32-graphs:$gen --max-batch 32 --cuda-graphs" \
                "mb32-prefix:$gen --max-batch 32 --kv-cache-pages 2048 --enable-prefix-caching" \

@@ -29,14 +29,24 @@ is a list of --prompts-per-request token-id lists (lm-eval's batch_size), echo, 
 prompt tokens a second and each request's latency (send to the whole body read), and checks every answer as lm-eval
 reads it (choices[i].logprobs.token_logprobs): a choice a prompt, each with a logprob a prompt token, the first None
 and the rest finite, and then one a drawn token; an answer that fails the check is a failed request with its reason.
+
+LoRA adapters (vLLM's benchmark_serving.py --lora-modules): each request's "model" is a random pick among the adapters'
+names, drawn from --seed (vLLM's rule: random.choice per request, its random seeded with --seed; the same rule, not
+vLLM's picks), the base model never; the results record the names and the requests each got. The names are the
+in-process server's own --enable-lora --lora-modules NAME=PATH (serve's flags), or, with --base-url, the names alone
+(--lora-modules a b: vLLM's benchmark's form; the server must list them). --random-loras K writes K random rank-R
+adapters (--lora-rank, default 16: vLLM's --max-lora-rank default) of the served model into a temporary folder and
+serves them in process, as lora0 ... loraK-1: an adapter's cost measured without a trained one.
 """
 import argparse
+import collections
 import http.client
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -73,6 +83,10 @@ class _Collect:
         if not set(flags) & self.taken:
             if "--port" in flags:
                 kw = {**kw, "default": 0, "help": "the in-process server's port (default 0: a free one)"}
+            if "--lora-modules" in flags:
+                kw = {**kw, "metavar": "NAME[=PATH]", "help": "the in-process server's adapters, with --enable-lora: "
+                      "NAME=PATH ... (serve's); with --base-url the served adapters' names alone, NAME ... (vLLM's "
+                      "benchmark's form); each request's model a seeded random pick among them"}
             if "--api-key" in flags:
                 kw = {**kw, "help": "the in-process server's --api-key (default: $TRITONGPT_API_KEY, else none); with "
                                     "--base-url, the key the requests bear (default: $OPENAI_API_KEY, vLLM's "
@@ -127,6 +141,12 @@ def add_cli(p):
     g.add_argument("--prompts-per-request", type=int, default=None, metavar="P",
                    help="with --scoring, the token-id prompts a request carries (lm-eval's batch_size; default 8, "
                         "lm-eval's common one)")
+    g.add_argument("--random-loras", type=int, default=None, metavar="K",
+                   help="serve K random LoRA adapters (targets attn,mlp) of the model in process, lora0 ... "
+                        "loraK-1, written to a temporary folder, and spread the requests over them (as "
+                        "--enable-lora --lora-modules would); not with --base-url")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="with --random-loras, the adapters' rank (default 16, vLLM's --max-lora-rank default)")
     g.add_argument("--label", default=None, help="the results' name: serve-LABEL.json, .md, .png (default: serve; "
                    "an existing file is never overwritten: the run takes the next free -2, -3, ...)")
     serve.add_cli(collect)
@@ -153,12 +173,13 @@ def server_args(args) -> argparse.Namespace:
 
 def server_flags_given(args) -> list:
     """The in-process server's flags given a value other than serve's default (--model and --tokenizer aside:
-    with --base-url they name the served model and the prompts' tokenizer)."""
+    with --base-url they name the served model and the prompts' tokenizer; --lora-modules too: there, the adapters'
+    names)."""
     sp = serve_parser()
     given = []
     for a in sp._actions:
         # (--api-key too: with --base-url, the key sent)
-        if a.dest in ("help", "model", "tokenizer", "port", "dtype", "cuda_graphs", "api_key") or \
+        if a.dest in ("help", "model", "tokenizer", "port", "dtype", "cuda_graphs", "api_key", "lora_modules") or \
                 not hasattr(args, a.dest):
             continue
         if getattr(args, a.dest) != a.default:
@@ -205,6 +226,7 @@ def check_args(args) -> tuple:
                             f"{args.max_concurrency!r}")
     if args.label is not None and not args.label.strip():
         raise UserError("--label is empty")
+    check_lora_args(args)
     if args.base_url is not None:
         parse_url(args.base_url)
         given = server_flags_given(args)
@@ -212,6 +234,86 @@ def check_args(args) -> tuple:
             raise UserError(f"{', '.join(given)} set the in-process server; with --base-url the server is already "
                             "running: drop them, or drop --base-url")
     return conc, args.request_rate
+
+
+def check_lora_args(args):
+    """--random-loras and --lora-rank (in process only, not with --lora-modules); --lora-modules with --base-url:
+    names alone. The --lora-rank default (16) set."""
+    if args.lora_rank is not None and args.random_loras is None:
+        raise UserError("--lora-rank is the rank of --random-loras' adapters: pass --random-loras K")
+    if args.lora_rank is None:
+        args.lora_rank = 16
+    if args.random_loras is not None:
+        if args.base_url is not None:
+            raise UserError("--random-loras writes adapters for the in-process server: with --base-url name the "
+                            "server's own with --lora-modules NAME ...")
+        if args.lora_modules:
+            raise UserError("--random-loras serves adapters of its own: drop --lora-modules (or --random-loras)")
+        for flag, v in (("--random-loras", args.random_loras), ("--lora-rank", args.lora_rank)):
+            if v < 1:
+                raise UserError(f"{flag} must be a positive integer, got {v}")
+    if args.base_url is not None and args.lora_modules:
+        for name in args.lora_modules:
+            if "=" in name or name.lstrip().startswith("{") or not name.strip():
+                raise UserError(f"--lora-modules {name!r}: with --base-url give the adapters' names alone (vLLM's "
+                                "benchmark's form, --lora-modules NAME ...): the server loaded them")
+        if len(set(args.lora_modules)) != len(args.lora_modules):
+            raise UserError("--lora-modules names an adapter twice")
+
+
+def served_config(ns):
+    """The config of the model the in-process server will load (--weights or --pretrained, read on the CPU)."""
+    if ns.weights:
+        from tritongpt.train.gpt2_weights import load_checkpoint
+
+        return load_checkpoint(ns.weights, ns.model, quantized_ok=True).config
+    if ns.pretrained:
+        from tritongpt.train.gpt2_weights import load_pretrained
+
+        return load_pretrained(ns.model).config
+    raise UserError("serve needs a model: pass --weights (or --pretrained --model NAME)")
+
+
+RANDOM_B_STD = 0.02  # GPT-2's init std: B A x then moves a layer's output by some percent, as a trained adapter does
+
+
+def write_random_loras(config, k: int, rank: int, folder, seed: int = 0) -> dict:
+    """k random LoRA adapters of a model of `config` (model/lora.py add_lora, targets attn,mlp, alpha 16): A as
+    add_lora starts it (kaiming uniform), B ~ N(0, RANDOM_B_STD) where add_lora's is 0 (a no-op adapter), each a
+    safetensors file of the adapter alone: its config (lora_rank, lora_alpha, lora_targets) in the metadata and
+    the lora_A and lora_B tensors, which is what read_adapter reads of our LoRA checkpoints (model.save would write
+    the whole frozen base too: 500 MB a GPT-2 124M adapter). The model is built on the meta device: no weights
+    made. {name: path}, names lora0 ... lora{k-1}."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.model.lora import add_lora
+
+    with torch.device("meta"):
+        model = add_lora(GPTModel(GPTConfig(**{**config.to_dict(), "lora_rank": 0})), rank, targets="attn,mlp")
+    shapes = {n: p.shape for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    meta = {"config": json.dumps(model.config.to_dict()), "format": "tritongpt"}
+    gen, out = torch.Generator().manual_seed(seed), {}
+    for i in range(k):
+        tensors = {}
+        for n, shape in shapes.items():
+            if n.endswith(".lora_A"):  # (nn.init.kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)))
+                bound = 1 / math.sqrt(shape[1])
+                tensors[n] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+            else:
+                tensors[n] = torch.randn(shape, generator=gen) * RANDOM_B_STD
+        out[f"lora{i}"] = Path(folder) / f"lora{i}.safetensors"
+        save_file(tensors, str(out[f"lora{i}"]), metadata=meta)
+    return out
+
+
+def adapter_picks(names, n: int, seed: int) -> list:
+    """Each request's adapter: random.choice among the names, from the seed (vLLM's benchmark_serving.py picks so,
+    after random.seed(args.seed), a LoRA module a request; the base model is never picked)."""
+    rng = random.Random(seed)
+    return [rng.choice(names) for _ in range(n)]
 
 
 # -- workload -------------------------------------------------------------------------------------------------------
@@ -465,10 +567,11 @@ def check_scored(obj, prompts, max_tokens) -> list:
 
 
 def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=None, seed=0, ignore_eos=False,
-             timeout=TIMEOUT_S, api_key=None, scoring=False):
+             timeout=TIMEOUT_S, api_key=None, scoring=False, models=None):
     """Every prompt sent at its arrival time (arrival_offsets), at most `concurrency` in flight: (the records in
-    prompt order, each with its index and its send time sent_s from the start, the duration in seconds). scoring:
-    each prompt a list of token-id lists sent as one lm-eval loglikelihood request (score_completion)."""
+    prompt order, each with its index, its "model" and its send time sent_s from the start, the duration in
+    seconds). scoring: each prompt a list of token-id lists sent as one lm-eval loglikelihood request
+    (score_completion). models: a "model" a prompt (LoRA adapters' names: adapter_picks), else `model` for all."""
     offsets = arrival_offsets(len(prompts), rate, seed)
     gate = threading.BoundedSemaphore(concurrency) if concurrency else None
     records = [None] * len(prompts)
@@ -477,18 +580,19 @@ def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=No
     def one(i):
         if gate:
             gate.acquire()
+        name = models[i] if models else model
         try:
             sent = time.perf_counter() - start
             if scoring:
-                rec = score_completion(base_url, model, prompts[i], max_tokens, timeout, api_key)
+                rec = score_completion(base_url, name, prompts[i], max_tokens, timeout, api_key)
             else:
-                rec = stream_completion(base_url, model, prompts[i], max_tokens, ignore_eos, timeout, api_key)
+                rec = stream_completion(base_url, name, prompts[i], max_tokens, ignore_eos, timeout, api_key)
         except Exception as e:  # never lose a request: a client bug is a failure with its reason
             rec = {"success": False, "error": f"{type(e).__name__}: {e}", "itl_ms": [], "bad_choices": 0}
         finally:
             if gate:
                 gate.release()
-        records[i] = {"index": i, "sent_s": sent, **rec}
+        records[i] = {"index": i, "model": name, "sent_s": sent, **rec}
 
     threads = []
     for i, at in enumerate(offsets):
@@ -572,12 +676,18 @@ def run_serve(args) -> int:
     from tritongpt.bench.common import check_out_dir, environment, slugify
 
     concurrencies, rate = check_args(args)
-    server, served = None, {}
+    server, served, adapters, scratch = None, {}, [], None
     try:
         if args.base_url is None:
             ns = server_args(args)
+            if args.random_loras:  # (read by the server as it starts: the folder goes when the run ends)
+                scratch = tempfile.TemporaryDirectory(prefix="bench-serve-loras-")
+                paths = write_random_loras(served_config(ns), args.random_loras, args.lora_rank, scratch.name,
+                                           args.seed)
+                ns.enable_lora, ns.lora_modules = True, [f"{n}={p}" for n, p in paths.items()]
             server = start_server(ns)
             app = server.app
+            adapters = list(app.adapter_paths)
             base_url = f"http://{ns.host}:{server.server_address[1]}/v1"
             ctx = app.model.config.context_length
             if args.dataset is None and args.input_len + args.output_len > ctx:
@@ -603,6 +713,11 @@ def run_serve(args) -> int:
             if model not in listed:
                 raise UserError(f"--model {model}: the server at {base_url} does not list it (it serves "
                                 f"{', '.join(listed)})")
+            adapters = list(args.lora_modules or [])
+            missing = [a for a in adapters if a not in listed]
+            if missing:
+                raise UserError(f"--lora-modules {', '.join(missing)}: the server at {base_url} does not list "
+                                f"{'it' if len(missing) == 1 else 'them'} (it serves {', '.join(listed)})")
             tok = None if args.dataset else get_tokenizer(args.tokenizer or "default")
             served = {"in_process": False, "base_url": base_url, "models": listed}
             device_cuda = False
@@ -623,14 +738,20 @@ def run_serve(args) -> int:
         print(f"bench serve: {base_url} ({model}{', in this process on ' + served['device'] if server else ''}): "
               f"{args.num_prompts} {load}, {args.input_len if not args.dataset else 'dataset'} in / "
               f"{args.output_len} out, rate {rate:g}/s", file=sys.stderr, flush=True)
-        warm = score_completion(base_url, model, prompts[0], args.output_len, api_key=key) if args.scoring else \
-            stream_completion(base_url, model, prompts[0], args.output_len, args.ignore_eos, api_key=key)
+        picks = adapter_picks(adapters, len(prompts), args.seed) if adapters else None
+        if picks:
+            print(f"  LoRA adapters: {', '.join(adapters)}, a random pick a request", file=sys.stderr, flush=True)
+        # (vLLM's warm-up request runs the base model; ours the first pick's adapter: its path compiled before
+        # the load too)
+        first = picks[0] if picks else model
+        warm = score_completion(base_url, first, prompts[0], args.output_len, api_key=key) if args.scoring else \
+            stream_completion(base_url, first, prompts[0], args.output_len, args.ignore_eos, api_key=key)
         if not warm["success"]:
             raise UserError(f"the warm-up request to {base_url} failed: {warm['error']}")
         runs = []
         for c in concurrencies:
             records, duration = run_load(base_url, model, prompts, args.output_len, rate, c, args.seed,
-                                         args.ignore_eos, api_key=key, scoring=args.scoring)
+                                         args.ignore_eos, api_key=key, scoring=args.scoring, models=picks)
             metrics = summarize_scoring(records, duration) if args.scoring else \
                 summarize(records, duration, args.output_len)
             runs.append({"max_concurrency": c, "request_rate": None if math.isinf(rate) else rate,
@@ -641,11 +762,16 @@ def run_serve(args) -> int:
         if server is not None:
             server.shutdown()
             server.server_close()
+        if scratch is not None:
+            scratch.cleanup()
     settings = {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "dataset", "seed",
                                               "ignore_eos", "label", "scoring")}
     settings.update(request_rate=None if math.isinf(rate) else rate, max_concurrency=list(concurrencies),
                     model=model, endpoint=ENDPOINT, temperature=0,
-                    prompts_per_request=args.prompts_per_request if args.scoring else 1)
+                    prompts_per_request=args.prompts_per_request if args.scoring else 1,
+                    lora_modules=adapters or None,  # (each sweep's load sends the same picks)
+                    adapter_requests=dict(sorted(collections.Counter(picks).items())) if picks else None,
+                    random_loras={"count": args.random_loras, "rank": args.lora_rank} if args.random_loras else None)
     result = make_serve_result(env, settings, served, runs)
     print()
     print(metrics_table(runs, args.scoring))
@@ -719,6 +845,12 @@ def render_markdown(result) -> str:
     lines = ["# bench serve" + (" --scoring" if scoring else ""), "", env_lines(result["env"]), "",
              f"Server: {where}, model `{s['model']}`. Load: {load}, {rate}, seed {s['seed']}. Token counts are the "
              "server's (usage).", ""]
+    if s.get("lora_modules"):
+        made = f" ({s['random_loras']['count']} random adapters of rank {s['random_loras']['rank']}, targets " \
+               "attn,mlp)" if s.get("random_loras") else ""
+        counts = ", ".join(f"{name} {n}" for name, n in s["adapter_requests"].items())
+        lines += [f"LoRA adapters{made}: each request's model a random pick among {', '.join(s['lora_modules'])} "
+                  f"(vLLM's --lora-modules rule, seed {s['seed']}); requests: {counts}.", ""]
     if srv["in_process"]:
         flags = ", ".join(f"{k}={v}" for k, v in srv["flags"].items() if v not in (None, False))
         lines += [f"Server flags: {flags}", ""]

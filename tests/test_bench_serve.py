@@ -12,8 +12,10 @@ import statistics
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+import torch
 
 from tritongpt.bench import serve as bs
 from tritongpt.cli import build_parser, main
@@ -226,6 +228,112 @@ def test_answers_lm_eval_cannot_read_are_failed_requests_not_a_crash(saved, tmp_
                                 "prompt of 4 tokens and max_tokens 1 (want 5)")
 
 
+# -- LoRA adapters: --lora-modules, --random-loras; /metrics' lora_requests_info -------------------------------------
+def test_random_loras_are_adapter_files_read_adapter_reads(saved, tmp_path):
+    """--random-loras' files: add_lora's modules (attn,mlp) at the rank asked, A as add_lora starts it, B random
+    (not add_lora's zeros: a no-op adapter) and another in each adapter, the base left out of the file."""
+    import copy
+
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.model.lora import add_lora
+    from tritongpt.train.gpt2_weights import read_adapter
+
+    model = GPTModel.load(saved)
+    paths = bs.write_random_loras(model.config, 2, 3, tmp_path, seed=1)
+    assert list(paths) == ["lora0", "lora1"]
+    assert all(p.stat().st_size < saved.stat().st_size / 4 for p in paths.values())
+    a0, a1 = (read_adapter(p, model) for p in paths.values())
+    want = {n.split(".parametrizations")[0] for n, _ in add_lora(copy.deepcopy(model), 3).named_parameters()
+            if n.endswith("lora_A")}
+    assert set(a0) == set(a1) == want and len(want) == 6  # q, k, v, out, fc1, fc2 of the one layer
+    for name, (a, b) in a0.items():
+        assert a.shape[0] == b.shape[1] == 3 and a.abs().max() <= 1 / a.shape[1] ** 0.5
+        assert 0.6 * bs.RANDOM_B_STD < (b / (16 / 3)).std() < 1.4 * bs.RANDOM_B_STD  # (scale alpha / r folded in)
+        assert not torch.equal(b, a1[name][1])
+
+
+def test_random_loras_in_process_spread_the_requests_and_the_results_record_them(saved, tmp_path, capsys,
+                                                                                monkeypatch):
+    """Each request's model a seeded random pick among the adapters (vLLM's rule), run by the server as that
+    adapter (the engine counts them), generation and scoring alike; the picks and their counts in the results, the
+    adapters' folder gone after."""
+    started, real = [], bs.start_server
+    monkeypatch.setattr(bs, "start_server", lambda ns: started.append(real(ns)) or started[-1])
+    load = ["--weights", str(saved), "--device", "cpu", "--random-loras", "3", "--lora-rank", "2", "--num-prompts",
+            "6", "--input-len", "4", "--max-batch", "4", "--out", str(tmp_path)]
+    assert bench(*load, "--output-len", "2") == 0
+    assert bench(*load, "--scoring", "--prompts-per-request", "2") == 0
+    picks = bs.adapter_picks(["lora0", "lora1", "lora2"], 6, 0)
+    assert len(set(picks)) == 3 and picks == bs.adapter_picks(["lora0", "lora1", "lora2"], 6, 0)
+    # the warm-up and the load's requests, each run with its adapter (scoring: a request an engine request a prompt)
+    assert [s.app.engine.stats["lora_requests"] for s in started] == [1 + 6, 2 * (1 + 6)]
+    for name in ("serve.json", "serve-scoring.json"):
+        result = json.loads(only_file(tmp_path, name).read_text())
+        s, (run,) = result["settings"], result["runs"]
+        assert s["lora_modules"] == ["lora0", "lora1", "lora2"] and s["random_loras"] == {"count": 3, "rank": 2}
+        assert s["adapter_requests"] == {n: picks.count(n) for n in ("lora0", "lora1", "lora2")}
+        assert [r["model"] for r in run["requests"]] == picks and run["metrics"]["completed"] == 6
+        folder = Path(result["server"]["flags"]["lora_modules"][0].split("=", 1)[1]).parent
+        assert not folder.exists()
+    counts = ", ".join(f"lora{i} {picks.count(f'lora{i}')}" for i in range(3))
+    md = only_file(tmp_path, "serve.md").read_text()
+    assert f"(3 random adapters of rank 2, targets attn,mlp): each request's model a random pick among lora0, lora1, " \
+           f"lora2 (vLLM's --lora-modules rule, seed 0); requests: {counts}." in md
+    capsys.readouterr()
+
+
+def test_base_url_spreads_over_the_adapter_names_and_metrics_show_them(saved, tmp_path, capsys):
+    """--base-url with --lora-modules NAME ...: the names the server lists, each request a pick among them; /metrics
+    has vLLM's lora_requests_info (idle: no adapter running or waiting, max_lora the engine's, the value the time)."""
+    from test_serve import scrape
+
+    from tritongpt.model.gpt import GPTModel
+
+    paths = bs.write_random_loras(GPTModel.load(saved).config, 2, 2, tmp_path)
+    server, url = start_served(saved, "tiny", "--max-batch", "4", "--enable-lora", "--lora-modules",
+                               *(f"{n}={p}" for n, p in paths.items()))
+    try:
+        before = time.time()
+        (key, value), = [(k, v) for k, v in scrape(server).items() if k[0] == "tritongpt:lora_requests_info"]
+        assert dict(key[1]) == {"model_name": "tiny", "max_lora": "2", "running_lora_adapters": "",
+                                "waiting_lora_adapters": ""} and before - 1 <= value <= time.time() + 1
+        assert bench("--base-url", url, "--lora-modules", "lora1", "lora0", "--num-prompts", "5", "--input-len", "4",
+                     "--output-len", "2", "--seed", "3", "--out", str(tmp_path)) == 0
+        assert server.app.engine.stats["lora_requests"] == 1 + 5
+        with pytest.raises(UserError, match="--lora-modules nope: the server at .* does not list it .*lora0, lora1"):
+            bs.run_serve(build_parser(["bench"]).parse_args(["bench", "serve", "--base-url", url, "--lora-modules",
+                                                              "nope"]))
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = json.loads(only_file(tmp_path, "serve.json").read_text())
+    picks = bs.adapter_picks(["lora1", "lora0"], 5, 3)
+    assert result["settings"]["lora_modules"] == ["lora1", "lora0"] and result["settings"]["random_loras"] is None
+    assert [r["model"] for r in result["runs"][0]["requests"]] == picks and len(set(picks)) == 2
+    assert result["settings"]["adapter_requests"] == {"lora0": picks.count("lora0"), "lora1": picks.count("lora1")}
+    capsys.readouterr()
+
+
+def test_lora_requests_info_names_the_running_and_waiting_requests_adapters():
+    """vLLM's labels: each adapter once, in the order the requests show it, the base's requests (-1) none; no
+    gauge for an engine serving no adapter (vLLM's: none without --enable-lora)."""
+    from types import SimpleNamespace as NS
+
+    from tritongpt.train.metrics import Metrics
+
+    stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
+    engine = NS(cond=threading.Condition(), paged=False, max_batch=8, free=[], stats=stats, max_loras=3,
+                adapters=NS(names=["a", 'b"q', "c"]), running=[NS(adapter=a) for a in (2, -1, 0, 2)],
+                waiting=[NS(adapter=a) for a in (-1, 1, 1)])
+    before = time.time()
+    (line,) = [x for x in Metrics("m", 32, engine).render().splitlines() if x.startswith("tritongpt:lora_requests")]
+    labels, value = line.rsplit(" ", 1)
+    assert labels == ('tritongpt:lora_requests_info{model_name="m",max_lora="3",waiting_lora_adapters="b\\"q",'
+                      'running_lora_adapters="c,a"}') and before <= float(value) <= time.time()
+    engine.adapters = None
+    assert "lora_requests_info" not in Metrics("m", 32, engine).render()
+
+
 @pytest.mark.parametrize("max_tokens, choices, says", [
     (1, [[None, -1.0, -2.0]], "1 choices (indices [0]) for 2 prompts"),
     (1, [[None, -1.0, -2.0], [None, -1.0]], "choice 1: 2 token_logprobs for a prompt of 2 tokens and max_tokens 1 "
@@ -414,6 +522,13 @@ def closed_port():
     (["--scoring", "--ignore-eos"], "--ignore-eos is the generation load's: --scoring sends"),
     (["--scoring", "--dataset", "x.jsonl"], "--dataset is the generation load's: --scoring sends"),
     (["--prompts-per-request", "4"], "--prompts-per-request is --scoring's"),
+    (["--base-url", "http://127.0.0.1:1/v1", "--random-loras", "2"],
+     "--random-loras writes adapters for the in-process server: with --base-url name the server's own"),
+    (["--base-url", "http://127.0.0.1:1/v1", "--lora-modules", "a=/x"],
+     "--lora-modules 'a=/x': with --base-url give the adapters' names alone"),
+    (["--lora-rank", "8"], "--lora-rank is the rank of --random-loras' adapters"),
+    (["--random-loras", "0"], "--random-loras must be a positive integer, got 0"),
+    (["--random-loras", "2", "--enable-lora", "--lora-modules", "a=b"], "--random-loras serves adapters of its own"),
     (["--scoring", "--weights", "{saved}", "--device", "cpu", "--input-len", "32", "--output-len", "1"],
      "--input-len 32 \\+ --output-len 1 > the model's context \\(32\\)"),
 ])
@@ -445,23 +560,26 @@ def test_a_flag_serve_gains_reaches_the_in_process_server(monkeypatch):
 
 def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
     """`bash bench/gpu_session.sh serve` makes GPT-2 124M's shape with random weights, then runs `bench serve` once
-    a server setting (one request at a time, batched, paged, graphs, prefix caching, n-gram speculation; lm-eval's
-    scoring load alone and batched), each labelled, each parsed by the bench's own parser; `all` does not run it.
+    a server setting (one request at a time, batched, batched over 4 random LoRA adapters, paged, graphs, prefix
+    caching, n-gram speculation; lm-eval's scoring load alone and batched), each labelled, each parsed by the
+    bench's own parser; `all` does not run it.
     Python is a stand-in."""
     from session_stub import run_gpu_session
     from tritongpt.cli import build_parser
 
     runs, work, stdout = run_gpu_session(tmp_path, "serve", SERVE_SECONDS="30")
-    assert "get_config('gpt2-small')" in runs[-9][1] and f"{work}/gpt2-random.safetensors" in runs[-9][1]
+    assert "get_config('gpt2-small')" in runs[-10][1] and f"{work}/gpt2-random.safetensors" in runs[-10][1]
     loads = [c[2:] for c in runs if c[:4] == ["-m", "tritongpt.cli", "bench", "serve"]]
     labels = [c[c.index("--label") + 1] for c in loads]
-    assert labels == ["mb1", "mb32", "mb32-paged", "mb32-graphs", "mb32-prefix", "mb32-ngram", "scoring-mb1",
-                      "scoring-mb32"]
+    assert labels == ["mb1", "mb32", "mb32-lora4", "mb32-paged", "mb32-graphs", "mb32-prefix", "mb32-ngram",
+                      "scoring-mb1", "scoring-mb32"]
     by = {label: build_parser().parse_args(argv) for label, argv in zip(labels, loads)}
     for label, args in by.items():
         scoring = label.startswith("scoring")
         assert (args.weights, args.num_prompts, args.out, args.scoring) == (
             f"{work}/gpt2-random.safetensors", 32 if scoring else 64, f"{work}/results-serve", scoring)
+    assert by["mb32-lora4"].max_batch == 32 and (by["mb32-lora4"].random_loras, by["mb32-lora4"].lora_rank) == (4, None)
+    assert not any(args.random_loras for label, args in by.items() if label != "mb32-lora4")
     assert by["mb1"].max_batch == 1 and by["mb32-paged"].kv_cache_pages == 2048 and by["mb32-graphs"].cuda_graphs
     assert by["mb32-prefix"].enable_prefix_caching and "== tritongpt bench serve" in stdout
     assert by["scoring-mb1"].max_batch == 1 and by["scoring-mb32"].max_batch == 32
