@@ -16,8 +16,9 @@
 #   kernels-extra (not part of all): `bench kernels` of the ops `bench all` runs last, which its budget has not
 #   reached: decode_attention (one KV-cache decode step, the split-KV path against triton-1pass, SDPA and
 #   flash-attn), matmul (our matmul against cuBLAS per operand layout), int8_linear (the weight-only int8
-#   linear against bf16 F.linear and torch's int8 matmul) and int4_linear (the int4 one, against F.linear and
-#   torch's int4 matmul), within EXTRA_MINUTES (default 1.5),
+#   linear against bf16 F.linear and torch's int8 matmul), int4_linear (the int4 one, against F.linear and
+#   torch's int4 matmul) and lora (the multi-LoRA shrink + expand against the gather + bmm's), within
+#   EXTRA_MINUTES (default 1.5),
 #   into results-extra/ and autotune-timings-extra.json
 #   graphs (not part of all): `bench kernels --cuda-graphs` of LayerNorm, attention and the loss, each row timed
 #   as CUDA-graph replays (device time without the host's; the eager rows of small ops time the host), within
@@ -255,8 +256,8 @@ if [ "$what" = profile ]; then
     rc=$((rc | prc))
 fi
 if [ "$what" = kernels-extra ]; then
-    extra_bench extra "${EXTRA_MINUTES:-1.5}" "kernels --ops decode_attention,matmul,int8_linear,int4_linear" \
-        kernels --ops decode_attention,matmul,int8_linear,int4_linear
+    extra_bench extra "${EXTRA_MINUTES:-1.5}" "kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora" \
+        kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora
 fi
 if [ "$what" = graphs ]; then
     extra_bench graphs "${EXTRA_MINUTES:-1.5}" "kernels --cuda-graphs" kernels --cuda-graphs \

@@ -4296,12 +4296,13 @@ def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
 
     runs, work, stdout = run_gpu_session(tmp_path, "kernels-extra", EXTRA_MINUTES="0.7")
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
-    assert bench == ["bench", "kernels", "--ops", "decode_attention,matmul,int8_linear,int4_linear", "--max-minutes",
-                     "0.7", "--out", f"{work}/results-extra"]
+    assert bench == ["bench", "kernels", "--ops", "decode_attention,matmul,int8_linear,int4_linear,lora",
+                     "--max-minutes", "0.7", "--out", f"{work}/results-extra"]
     args = build_parser().parse_args(bench)
-    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear"
+    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear,lora"
     assert not any("pytest" in c for c in runs) and not any("all" in c[2:4] for c in runs if c[:1] == ["-m"])
-    assert "== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear (budget 0.7 min)" in stdout
+    assert "== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora (budget 0.7 min)" \
+        in stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
 
 
