@@ -306,6 +306,14 @@ def serve_adapters(model, adapters: dict, max_rank: int = 16) -> AdapterRows:
                 raise UserError(f"adapter {name!r}: the model has no module {path}") from None
             if not isinstance(linear, (nn.Linear, QuantLinear)):
                 raise UserError(f"adapter {name!r}: {path} is a {type(linear).__name__}, not a Linear")
+            # (each row's adapter is applied inside a forward over [rows, T, C]: the head runs after it, on some
+            # requests' rows at a time, and a router on the tokens flattened)
+            if linear is model.out_head:
+                raise UserError(f"adapter {name!r}: {path} is the LM head, which the engine runs outside its rows' "
+                                "forward: an adapter of the attention and MLP projections only")
+            if path.rpartition(".")[2] == "router":
+                raise UserError(f"adapter {name!r}: {path} is a MoE router, which sees the batch's tokens flattened: "
+                                "an adapter of the attention and MLP projections only")
             if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features \
                     or b.shape[1] != a.shape[0]:
                 raise UserError(f"adapter {name!r}: {path}'s A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "

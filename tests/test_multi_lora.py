@@ -326,3 +326,18 @@ def test_serve_refuses_bad_lora_flags_by_name(lora_files, tmp_path):
             (["--enable-lora", "--lora-modules", f"run={folder}"], "has no LoRA")]:
         with pytest.raises(UserError, match=match):
             start(folder, *flags)
+
+
+def test_the_lm_head_and_a_moe_router_are_refused_as_targets():
+    """The engine runs the LM head outside its forward's rows (on each request's rows, after the forward), and a
+    MoE router sees the batch's tokens flattened: an adapter there would run the base for every row, or fail deep
+    in a bmm. serve_adapters refuses both by name; every attention and MLP projection is served."""
+    base = tiny()
+    g = torch.Generator().manual_seed(1)
+    with pytest.raises(UserError, match="out_head is the LM head"):
+        serve_adapters(copy.deepcopy(base), {"h": {"out_head": (torch.randn(3, 32, generator=g),
+                                                                torch.randn(VOCAB, 3, generator=g))}})
+    moe = tiny(**LLAMA, n_experts=3, experts_per_token=2)
+    with pytest.raises(UserError, match="router is a MoE router"):
+        serve_adapters(moe, {"r": {"trf_blocks.0.ff.router": (torch.randn(2, 32, generator=g),
+                                                              torch.randn(3, 2, generator=g))}})
