@@ -250,8 +250,9 @@ class Engine:
     read by every AdapterLinear through model.adapters). Its prefix-cache keys start from the adapter's name (its
     keys and values are not the base's). max_loras (vLLM's): the most adapters the running requests use at once; a
     waiting request of another one is passed over (vLLM's scheduler skips it) until one of them has no request
-    left. None: every served adapter (they all stay on the device: vLLM's default is 1, its slots on the GPU).
-    stats: "lora_requests" a request run with an adapter."""
+    left, and the adapters' requests behind it wait with it (vLLM's runs them: a steady stream of them starves it);
+    the base's still pass. None: every served adapter (they all stay on the device: vLLM's default is 1, its slots
+    on the GPU). stats: "lora_requests" a request run with an adapter."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
                  kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
@@ -404,10 +405,14 @@ class Engine:
         index = self.slot_adapter[:slots] if isinstance(slots, int) else self.slot_adapter[slots]
         return self.adapters.use(index)
 
-    def _lora_room(self, r, admitted) -> bool:
-        """Whether r's adapter can join the running and admitted requests' (max_loras)."""
+    def _lora_room(self, r, admitted, passed) -> bool:
+        """Whether r's adapter can join the running and admitted requests' (max_loras). None behind a request passed
+        over (passed: this step's): one of a running adapter would renew its hold, and the passed-over one could
+        wait for as long as they come."""
         if r.adapter < 0:
             return True
+        if passed:
+            return False
         used = {x.adapter for x in self.running + admitted if x.adapter >= 0}
         return r.adapter in used or len(used) < self.max_loras
 
@@ -510,7 +515,7 @@ class Engine:
             # FIFO: the first request that does not fit (slots, or a paged cache's pages) waits, and the ones
             # behind it with it; one whose adapter would pass max_loras is passed over (vLLM's), keeping its place
             while not preempted and self.waiting:
-                if self.adapters is not None and not self._lora_room(self.waiting[0], admitted):
+                if self.adapters is not None and not self._lora_room(self.waiting[0], admitted, passed):
                     passed.append(self.waiting.popleft())
                     continue
                 if not self._fits(self.waiting[0]):
