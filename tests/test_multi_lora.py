@@ -353,3 +353,23 @@ def test_max_loras_a_passed_over_request_runs_under_a_steady_stream_of_another_a
     schedule.insert(2, (1, prompt(5, seed=20), 2, {"adapter": "b"}))
     at = check(model, schedule, Engine(model, max_batch=2, max_loras=1))
     assert at[2] <= 4, at
+
+
+def test_adapters_through_preemption_chunked_prefill_prefix_hits_and_speculation():
+    """Requests of a, b and the base in a pool of 12 pages of 2 (4 preemptions: each recompute must run its
+    adapter again), prompts prefilled 5 tokens a step (a chunk's forward its request's adapter), a prompt's pages
+    read back by the same adapter's later request, and prompt lookup speculation (the verify forward's rows): each
+    request's tokens generate(prompt_lookup=2)'s alone with its adapter; every slot's adapter back to -1."""
+    model, _ = served(tiny())
+    p = prompt(9, seed=1)
+    schedule = [(0, p, 9, {"adapter": "a"}), (0, torch.cat([p, p[:, :4]], 1), 8, {"adapter": "b"}),
+                (1, prompt(7, 2, seed=2), 6, {}), (2, p, 7, {"adapter": "a"}),
+                (3, prompt(6, seed=3), 5, {"adapter": "b"})]
+    engine = Engine(model, max_batch=3, kv_pages=12, page_size=2, prefix_caching=True, max_prefill_tokens=5,
+                    prompt_lookup=2, num_draft_tokens=3)
+    out = run(engine, schedule)
+    for (handle, _), (_, idx, new, kw) in zip(out, schedule):
+        assert torch.equal(handle.wait(), alone(model, idx, new, dict(kw, prompt_lookup=2, num_draft_tokens=3))), kw
+    assert engine.stats["preemptions"] == 4 and engine.stats["cached_prompt_tokens"] > 0
+    assert engine.stats["spec_decode_num_drafts"] > 0 and bool((engine.slot_adapter == -1).all())
+    assert engine.free == [0, 1, 2] and not engine.running and not engine.waiting
