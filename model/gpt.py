@@ -392,7 +392,8 @@ class PagedKVCache(KVCache):
         """The keys of the full blocks of token ids [T] (a hash chain: each block's from the previous one's, the
         first's from salt: what else the keys and values depend on, a LoRA adapter's name; vLLM's extra keys)."""
         ids = ids.detach().to("cpu", torch.int64).contiguous().numpy()
-        keys, key = [], salt
+        # (the salt hashed: as raw bytes, a 32-byte salt could equal some prefix's key, and start its chain)
+        keys, key = [], hashlib.sha256(salt).digest() if salt else b""
         for j in range(len(ids) // self.page_size):
             key = hashlib.sha256(key + ids[j * self.page_size:(j + 1) * self.page_size].tobytes()).digest()
             keys.append(key)

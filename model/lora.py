@@ -251,6 +251,14 @@ class AdapterLinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(slots, rank, self.in_features, device=device, dtype=dtype))
         self.register_buffer("lora_B", torch.zeros(slots, self.out_features, rank, device=device, dtype=dtype))
 
+    def cast(self, dtype) -> tuple:
+        """A and B in dtype, cast once and kept (serve's autocast would cast every slot's each forward) until the
+        buffers change (load's writes bump their version; a move makes new ones)."""
+        key = (dtype, self.lora_A.data_ptr(), self.lora_A._version, self.lora_B._version)
+        if getattr(self, "_cast", (None,))[0] != key:
+            self._cast = key, (self.lora_A.to(dtype), self.lora_B.to(dtype))
+        return self._cast[1]
+
     def load(self, slot: int, a, b):
         """Adapter `slot`'s A [r, in] and scaled B [out, r], r <= the rank served (the rest stays zero)."""
         r = a.shape[0]
@@ -267,7 +275,7 @@ class AdapterLinear(nn.Module):
             return y
         # (under autocast y is the base matmul's bf16 while x is the fp32 stream: the update in y's dtype, as
         # F.linear's would be)
-        x, a, b = x.to(y.dtype), self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
+        x, (a, b) = x.to(y.dtype), self.cast(y.dtype)
         if isinstance(index, int):  # one adapter for every row: two plain matmuls
             return y + F.linear(F.linear(x, a[index]), b[index]) if index >= 0 else y
         if self.use_triton:

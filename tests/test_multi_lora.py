@@ -373,3 +373,20 @@ def test_adapters_through_preemption_chunked_prefill_prefix_hits_and_speculation
     assert engine.stats["preemptions"] == 4 and engine.stats["cached_prompt_tokens"] > 0
     assert engine.stats["spec_decode_num_drafts"] > 0 and bool((engine.slot_adapter == -1).all())
     assert engine.free == [0, 1, 2] and not engine.running and not engine.waiting
+
+
+def test_under_autocast_the_adapters_cast_is_kept_until_an_adapter_changes():
+    """serve's bf16 autocast: each AdapterLinear casts its slots once, not each forward (the same tensors come
+    back), and a slot loaded again is cast again (the forward then runs its new values)."""
+    model, adapters = served(tiny())
+    x = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    linear = model.get_submodule("trf_blocks.0.att.W_query")
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), model.adapters.use(torch.tensor([0, 1])):
+        first = model(x)
+        kept = linear.cast(torch.bfloat16)
+        assert model(x).equal(first) and all(t is k for t, k in zip(linear.cast(torch.bfloat16), kept))
+        a, b = adapters["a"]["trf_blocks.0.att.W_query"]
+        linear.load(0, a, 3 * b)
+        again = model(x)
+    assert kept[1][0].float().abs().sum() > 0 and not again[0].equal(first[0]) and again[1].equal(first[1])
+    assert torch.equal(linear.cast(torch.bfloat16)[1][0, :, :4], (3 * b).to(torch.bfloat16))
