@@ -203,15 +203,31 @@ class AdapterRows:
 
     index: None (the base model alone), an int slot (every row that adapter: generate()'s one request), or an int
     tensor [B] on the model's device, a slot a row and -1 for the base (the engine's batches, a request a row).
-    names: the adapters' names, slot order. The engine keeps one index buffer a slot and hands the forward a view or
+    names: the adapters' names, slot order (None: a free slot). The engine keeps one index buffer a slot and hands the forward a view or
     a gather of it, so a CUDA graph captured over the view replays whatever the buffer holds."""
 
     def __init__(self, names):
-        self.names = list(names)
+        self.names = list(names)  # a slot's adapter, None: a slot an unloaded adapter left free
+        # a slot's prefix-cache salt: its name and its load's number, so an adapter loaded again under a name
+        # another had never reads that one's cached pages
+        self.salts = [f"{n}#{i}".encode() for i, n in enumerate(self.names)]
+        self.loads = len(self.names)
         self.index = None
 
     def slot(self, name) -> int:
         return self.names.index(name)
+
+    @property
+    def served(self) -> list:
+        """The adapters' names, slot order."""
+        return [n for n in self.names if n is not None]
+
+    def add(self, name: str, slot: int):
+        if slot == len(self.names):
+            self.names.append(None)
+            self.salts.append(b"")
+        self.names[slot], self.salts[slot] = name, f"{name}#{self.loads}".encode()
+        self.loads += 1
 
     @contextlib.contextmanager
     def use(self, index):
@@ -259,6 +275,21 @@ class AdapterLinear(nn.Module):
             self._cast = key, (self.lora_A.to(dtype), self.lora_B.to(dtype))
         return self._cast[1]
 
+    def resize(self, slots: int, rank: int):
+        """At least `slots` slots of rank `rank`: new zero-padded buffers holding the old ones where either grows."""
+        S, R = self.lora_A.shape[:2]
+        if slots <= S and rank <= R:
+            return
+        a = self.lora_A.new_zeros(max(slots, S), max(rank, R), self.in_features)
+        b = self.lora_B.new_zeros(max(slots, S), self.out_features, max(rank, R))
+        a[:S, :R], b[:S, :, :R] = self.lora_A, self.lora_B
+        self.lora_A, self.lora_B = a, b
+
+    def clear(self, slot: int):
+        with torch.no_grad():
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+
     def load(self, slot: int, a, b):
         """Adapter `slot`'s A [r, in] and scaled B [out, r], r <= the rank served (the rest stays zero)."""
         r = a.shape[0]
@@ -292,51 +323,86 @@ def serve_adapters(model, adapters: dict, max_rank: int = 16) -> AdapterRows:
     """`model` serving the LoRA adapters {name: {module path: (A [r, in], scale * B [out, r])}} (read_adapter's)
     beside its frozen weights, unmerged: each adapted Linear becomes an AdapterLinear with a slot an adapter (its
     A and B zero where that adapter leaves the module alone), all sharing one AdapterRows, which is returned and
-    kept as model.adapters. In place. Refuses by name an adapter above max_rank (vLLM's --max-lora-rank), a module
-    that is not a Linear of the model, or shapes that do not fit it."""
-    from tritongpt.model.quant import QuantLinear
-
+    kept as model.adapters. In place. `adapters` may be empty (serve's runtime loading adds them later:
+    add_adapter). Refuses by name what add_adapter refuses."""
     if getattr(model, "adapters", None) is not None:
         raise UserError("the model serves adapters already: serve_adapters takes the base model once")
     if has_lora(model):
         raise UserError("the model has a LoRA update of its own (a LoRA checkpoint): serve its merged weights "
                         "(merge_lora) as the base")
-    if not adapters:
-        raise UserError("serve_adapters needs at least one adapter")
+    for name, modules in adapters.items():  # (all checked before the first is added)
+        _check_adapter(model, name, modules, max_rank)
+    model.adapters = AdapterRows([])
     for name, modules in adapters.items():
-        for path, (a, b) in modules.items():
-            if a.shape[0] > max_rank:
-                raise UserError(f"adapter {name!r}: {path} has rank {a.shape[0]}, above the largest served "
-                                f"({max_rank}: --max-lora-rank)")
-            try:
-                linear = model.get_submodule(path)
-            except AttributeError:
-                raise UserError(f"adapter {name!r}: the model has no module {path}") from None
-            if not isinstance(linear, (nn.Linear, QuantLinear)):
-                raise UserError(f"adapter {name!r}: {path} is a {type(linear).__name__}, not a Linear")
-            # (each row's adapter is applied inside a forward over [rows, T, C]: the head runs after it, on some
-            # requests' rows at a time, and a router on the tokens flattened)
-            if linear is model.out_head:
-                raise UserError(f"adapter {name!r}: {path} is the LM head, which the engine runs outside its rows' "
-                                "forward: an adapter of the attention and MLP projections only")
-            if path.rpartition(".")[2] == "router":
-                raise UserError(f"adapter {name!r}: {path} is a MoE router, which sees the batch's tokens flattened: "
-                                "an adapter of the attention and MLP projections only")
-            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features \
-                    or b.shape[1] != a.shape[0]:
-                raise UserError(f"adapter {name!r}: {path}'s A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
-                                f"its [{linear.out_features}, {linear.in_features}] weight")
-    rank = max((a.shape[0] for modules in adapters.values() for a, _ in modules.values()), default=1)
-    rows = AdapterRows(adapters)
-    paths = sorted({p for modules in adapters.values() for p in modules})
-    for path in paths:
+        add_adapter(model, name, modules, max_rank)
+    return model.adapters
+
+
+def _check_adapter(model, name, modules: dict, max_rank: int):
+    from tritongpt.model.quant import QuantLinear
+
+    for path, (a, b) in modules.items():
+        if a.shape[0] > max_rank:
+            raise UserError(f"adapter {name!r}: {path} has rank {a.shape[0]}, above the largest served "
+                            f"({max_rank}: --max-lora-rank)")
+        try:
+            linear = model.get_submodule(path)
+        except AttributeError:
+            raise UserError(f"adapter {name!r}: the model has no module {path}") from None
+        if not isinstance(linear, (nn.Linear, QuantLinear, AdapterLinear)):
+            raise UserError(f"adapter {name!r}: {path} is a {type(linear).__name__}, not a Linear")
+        # (each row's adapter is applied inside a forward over [rows, T, C]: the head runs after it, on some
+        # requests' rows at a time, and a router on the tokens flattened)
+        if linear is model.out_head:
+            raise UserError(f"adapter {name!r}: {path} is the LM head, which the engine runs outside its rows' "
+                            "forward: an adapter of the attention and MLP projections only")
+        if path.rpartition(".")[2] == "router":
+            raise UserError(f"adapter {name!r}: {path} is a MoE router, which sees the batch's tokens flattened: "
+                            "an adapter of the attention and MLP projections only")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features \
+                or b.shape[1] != a.shape[0]:
+            raise UserError(f"adapter {name!r}: {path}'s A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                            f"its [{linear.out_features}, {linear.in_features}] weight")
+
+
+def add_adapter(model, name: str, modules: dict, max_rank: int = 16) -> int:
+    """One more adapter on a model serving adapters (serve_adapters): into a slot an unloaded one left, else a new
+    one; every AdapterLinear's buffers grown where the slots or the rank grow (new tensors: a CUDA graph captured
+    over the old ones must be captured again), the modules it adapts first wrapped. -> its slot."""
+    rows = model.adapters
+    if rows is None:
+        raise UserError("the model serves no adapters: serve_adapters first")
+    if name in rows.names:
+        raise UserError(f"the adapter {name!r} is loaded already")
+    _check_adapter(model, name, modules, max_rank)
+    slot = rows.names.index(None) if None in rows.names else len(rows.names)
+    slots = max(len(rows.names), slot + 1)
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+    rank = max([a.shape[0] for a, _ in modules.values()] + [m.lora_A.shape[1] for m in wrapped.values()] + [1])
+    w = model.tok_emb.weight  # (the model's float dtype: a quantized base has no float weight of its own)
+    for path in sorted(set(modules) - set(wrapped)):
         parent, _, attr = path.rpartition(".")
-        w = model.tok_emb.weight  # (the model's float dtype: a quantized base has no float weight of its own)
-        wrapped = AdapterLinear(model.get_submodule(path), len(rows.names), rank, rows, w.device, w.dtype)
-        for slot, name in enumerate(rows.names):
-            if path in adapters[name]:
-                wrapped.load(slot, *adapters[name][path])
-        wrapped.use_triton = "mlp" in model.kernels
-        setattr(model.get_submodule(parent), attr, wrapped)
-    model.adapters = rows
-    return rows
+        wrapped[path] = AdapterLinear(model.get_submodule(path), slots, rank, rows, w.device, w.dtype)
+        wrapped[path].use_triton = "mlp" in model.kernels
+        setattr(model.get_submodule(parent), attr, wrapped[path])
+    for path, m in wrapped.items():
+        m.resize(slots, rank)
+        if path in modules:
+            m.load(slot, *modules[path])
+        else:
+            m.clear(slot)
+    rows.add(name, slot)
+    return slot
+
+
+def remove_adapter(model, name: str):
+    """The adapter unloaded: its slot zero in every AdapterLinear and free for the next add_adapter (the caller
+    makes sure no request runs it)."""
+    rows = model.adapters
+    if rows is None or name not in rows.names:
+        raise UserError(f"the model serves no adapter {name!r}")
+    slot = rows.slot(name)
+    for m in model.modules():
+        if isinstance(m, AdapterLinear):
+            m.clear(slot)
+    rows.names[slot] = None

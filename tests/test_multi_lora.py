@@ -190,7 +190,6 @@ def test_what_serving_adapters_refuses():
     base = tiny()
     modules = adapter(base, ["0.att.W_query"], 4, 1)
     for adapters, match in [
-            ({}, "needs at least one adapter"),
             ({"a": adapter(base, ["0.att.W_query"], 17, 1)}, r"rank 17, above the largest served \(16"),
             ({"a": {"trf_blocks.0.att.nothing": modules["trf_blocks.0.att.W_query"]}}, "has no module"),
             ({"a": {"trf_blocks.0.att": modules["trf_blocks.0.att.W_query"]}}, "is a MultiHeadAttention, not a"),
@@ -390,3 +389,99 @@ def test_under_autocast_the_adapters_cast_is_kept_until_an_adapter_changes():
         again = model(x)
     assert kept[1][0].float().abs().sum() > 0 and not again[0].equal(first[0]) and again[1].equal(first[1])
     assert torch.equal(linear.cast(torch.bfloat16)[1][0, :, :4], (3 * b).to(torch.bfloat16))
+
+
+def test_runtime_loading_serves_an_adapter_from_its_next_request_and_unloading_ends_it(lora_files, monkeypatch):
+    """vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter ($VLLM_ALLOW_RUNTIME_LORA_UPDATING, a
+    server started with --enable-lora and no adapter): a loaded adapter answers as the one served from the start
+    does (generate() under it), is listed, is refused twice; a second one grows the rank (4 -> 6); unloaded, it is
+    a 404 and its slot takes the next load, whose prompt's cached pages are not the unloaded one's (a salt a load).
+    Without the variable the paths are 404s and --enable-lora alone is refused."""
+    from test_serve import call, start
+
+    folder, tok, adapters = lora_files
+    with pytest.raises(UserError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=true"):
+        start(folder, "--enable-lora")
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    server = start(folder, "--served-model-name", "base", "--enable-lora", "--kv-cache-pages", "64",
+                   "--enable-prefix-caching")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        prompt = "the cat sat on the mat. a dog ran in the park, the bird sang; " * 2  # (2 full pages of 16: cached)
+        ids = tok.encode(prompt)
+        assert len(ids) > 32
+
+        def complete(name):
+            status, out = call(server, "/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 8,
+                                                           "temperature": 0})
+            return status, out["choices"][0]["text"] if status == 200 else out["error"]["message"]
+
+        def want(name):
+            rows = server.app.model.adapters
+            with rows.use(rows.slot(name)):
+                new = generate(server.app.model, torch.tensor([ids]), 8)[0, len(ids):].tolist()
+            return tok.decode(ids + new)[len(tok.decode(ids)):]
+
+        base = complete("base")
+        assert complete("ours")[0] == 404
+        load = {"lora_name": "ours", "lora_path": str(adapters["ours"])}
+        assert call(server, "/v1/load_lora_adapter", load) == (200, "Success: LoRA adapter 'ours' added successfully.")
+        assert complete("ours") == (200, want("ours")) and want("ours") != base[1]
+        assert [m["id"] for m in call(server, "/v1/models")[1]["data"]] == ["base", "ours"]
+        status, out = call(server, "/v1/load_lora_adapter", load)
+        assert status == 400 and out["error"]["message"] == "The lora adapter 'ours' has already been loaded."
+        assert call(server, "/v1/load_lora_adapter", {"lora_name": "peft", "lora_path": str(adapters["peft"])})[0] \
+            == 200
+        assert server.app.model.get_submodule("trf_blocks.0.att.W_query").lora_A.shape[:2] == (2, 6)
+        assert complete("peft") == (200, want("peft")) and complete("ours") == (200, want("ours"))
+        assert call(server, "/v1/unload_lora_adapter", {"lora_name": "ours"}) == (
+            200, "Success: LoRA adapter 'ours' removed successfully.")
+        assert complete("ours")[0] == 404 and complete("base") == base
+        status, out = call(server, "/v1/unload_lora_adapter", {"lora_name": "ours"})
+        assert status == 404 and out["error"]["message"] == "The lora adapter 'ours' cannot be found."
+        # the peft adapter loaded again as "ours", into the freed slot 0: its own text, not the cached old one's
+        again = {"lora_name": "ours", "lora_path": str(adapters["peft"])}
+        assert call(server, "/v1/load_lora_adapter", again)[0] == 200 and server.app.model.adapters.slot("ours") == 0
+        assert complete("ours") == complete("peft")
+        assert server.app.engine.stats["cached_prompt_tokens"] > 0  # (the prompt's pages were read from the cache)
+        for body, says in [({"lora_name": "x"}, "'lora_path' must be a non-empty string"),
+                           ({"lora_name": "x", "lora_path": "/nowhere"}, "No adapter found at /nowhere"),
+                           ({"lora_name": "x", "lora_path": str(folder)}, "has no LoRA"),
+                           ({"lora_name": "x", "lora_path": "p", "load_inplace": True}, "'load_inplace' is not")]:
+            status, out = call(server, "/v1/load_lora_adapter", body)
+            assert status in (400, 404) and says in out["error"]["message"], (body, out)
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    server = start(folder, "--enable-lora", "--lora-modules", f"ours={adapters['ours']}")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        assert call(server, "/v1/load_lora_adapter", load)[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_engine_unloads_no_adapter_in_use_and_a_load_drops_its_graphs():
+    """Engine.unload_adapter refuses an adapter a waiting request uses; unloaded, a request of it is refused and
+    its slot takes the next load_adapter, which drops the captured graphs (its buffers may be new ones) and serves
+    from the next step: b's weights loaded as c answer as b does."""
+    model, adapters = served(tiny())
+    engine = Engine(model, max_batch=2)
+    waiting = engine.submit(prompt(5, seed=1), 3, adapter="a")
+    with pytest.raises(UserError, match="the adapter 'a' runs 1 request"):
+        engine.unload_adapter("a")
+    while engine.step():
+        pass
+    waiting.wait()
+    engine.unload_adapter("a")
+    with pytest.raises(UserError, match="no LoRA adapter 'a'"):
+        engine.submit(prompt(5), 2, adapter="a")
+    engine.graphs = {1: "a graph over the old buffers"}
+    assert engine.load_adapter("c", adapters["b"]) == 0 and engine.graphs == {}
+    assert model.adapters.names == ["c", "b"] and model.adapters.salts[0] != model.adapters.salts[1]
+    assert check(model, [(0, prompt(6, seed=2), 4, {"adapter": "c"}), (0, prompt(6, seed=2), 4, {"adapter": "b"})],
+                 engine) == [0, 0]
+    assert torch.equal(alone(model, prompt(6, seed=2), 4, {"adapter": "c"}),
+                       alone(model, prompt(6, seed=2), 4, {"adapter": "b"}))

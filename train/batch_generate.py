@@ -164,7 +164,7 @@ def cmd_generate_prompts(args):
     from tritongpt.train.tokenizer import eot_or_none
 
     check_prompts_args(args)
-    modules = lora_modules(args)
+    modules = lora_modules(args, None)  # (no runtime loading offline)
     check_beam_args(args)  # (--num-beams refused: its flags refused too, --temperature's default set)
     check_generation_args(args)
     stops = stop_strings(args.stop)

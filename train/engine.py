@@ -298,6 +298,7 @@ class Engine:
         self.waiting, self.running = deque(), []
         self.cond = threading.Condition()  # guards waiting (submit's) and closed; wakes the thread
         self.closed, self.thread = False, None
+        self.calls = []  # call()'s functions, run on the engine's thread between steps: [(fn, done, result)]
         self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
         self.preemption = preemption and self.paged  # (a slot cache's row holds the whole context: nothing to grow)
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
@@ -306,7 +307,7 @@ class Engine:
             raise UserError(f"max_loras must be a positive integer, and only for a model serving adapters, got "
                             f"{max_loras!r}" + ("" if self.adapters is not None else " for a model serving none"))
         if self.adapters is not None:
-            self.max_loras = len(self.adapters.names) if max_loras is None else int(max_loras)
+            self.max_loras = None if max_loras is None else int(max_loras)  # (None: every adapter)
             self.slot_adapter = torch.full((self.max_batch,), -1, dtype=torch.int32, device=self.cache.k.device)
             self.stats["lora_requests"] = 0
         if self.lookup is not None:  # (the class's docstring)
@@ -376,21 +377,66 @@ class Engine:
                     logprobs, ends, hold, prompt_logprobs)
         r.lookup = speculates
         if slot >= 0:
-            r.adapter, r.salt = slot, adapter.encode()
+            r.adapter, r.salt = slot, self.adapters.salts[slot]
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
         with self.cond:
             if self.closed:
                 raise EngineDown("the engine is closed")
+            if slot >= 0 and self.adapters.names[slot] != adapter:  # (unloaded since: unload_adapter)
+                raise UserError(f"the model has no LoRA adapter {adapter!r} any more: it was unloaded")
             self.waiting.append(r)
             self.cond.notify_all()
         return r
 
+    def call(self, fn):
+        """fn() on the engine's thread between two steps (so no forward runs while it changes the model), -> its
+        result, or its error raised here; with no thread running (stepped by hand), here and now."""
+        if self.thread is None:
+            return fn()
+        done, result = threading.Event(), {}
+        with self.cond:
+            if self.closed:
+                raise EngineDown("the engine is closed")
+            self.calls.append((fn, done, result))
+            self.cond.notify_all()
+        while not done.wait(0.05):
+            if not self.thread.is_alive():
+                raise EngineDown("the engine's thread is not running any more")
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def load_adapter(self, name: str, modules: dict, max_rank: int = 16) -> int:
+        """Serves one more LoRA adapter (model/lora.py add_adapter), between steps; the CUDA graphs captured before
+        are dropped (the adapters' buffers may be new ones), each bucket captured again at its next step."""
+        from tritongpt.model.lora import add_adapter
+
+        def load():
+            slot = add_adapter(self.model, name, modules, max_rank)
+            self.graphs.clear()
+            return slot
+        return self.call(load)
+
+    def unload_adapter(self, name: str):
+        """The adapter unloaded (model/lora.py remove_adapter), between steps; refused while a request waiting or
+        running uses it."""
+        from tritongpt.model.lora import remove_adapter
+
+        def unload():
+            slot = self._adapter_slot(name)
+            with self.cond:  # (submit appends under it: no request of it can join between the check and the removal)
+                users = sum(r.adapter == slot for r in [*self.running, *self.waiting])
+                if users:
+                    raise UserError(f"the adapter {name!r} runs {users} request(s): unload it once they have ended")
+                remove_adapter(self.model, name)
+        self.call(unload)
+
     def _adapter_slot(self, adapter) -> int:
         if adapter is None:
             return -1
-        names = [] if self.adapters is None else self.adapters.names
+        names = [] if self.adapters is None else self.adapters.served
         if adapter not in names:
             served = f"its adapters are {', '.join(map(repr, names))}" if names else "it serves no adapter"
             raise UserError(f"the model has no LoRA adapter {adapter!r}: {served}")
@@ -414,7 +460,7 @@ class Engine:
         if passed:
             return False
         used = {x.adapter for x in self.running + admitted if x.adapter >= 0}
-        return r.adapter in used or len(used) < self.max_loras
+        return r.adapter in used or self.max_loras is None or len(used) < self.max_loras
 
     @property
     def paged(self) -> bool:
@@ -477,6 +523,9 @@ class Engine:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join()
+        for _, done, result in self.calls:
+            result["error"] = EngineDown("the engine is closed")
+            done.set()
         for r in [*self.running, *self.waiting]:
             self._finish(r, EngineDown("the engine is closed: the server is shutting down"))
         self.waiting.clear()
@@ -484,10 +533,17 @@ class Engine:
     def _loop(self):
         while True:
             with self.cond:
-                while not self.closed and not self.waiting and not self.running:
+                while not self.closed and not self.waiting and not self.running and not self.calls:
                     self.cond.wait()
                 if self.closed:
                     return
+                calls, self.calls = self.calls, []
+            for fn, done, result in calls:  # (between steps: no forward sees half of what one changes)
+                try:
+                    result["value"] = fn()
+                except Exception as e:
+                    result["error"] = e
+                done.set()
             try:
                 self.step()
             except Exception as e:  # (step fails requests itself; this is the engine's own fault) fail them all,

@@ -129,7 +129,9 @@ class Metrics:
 
             def used(requests):  # (each adapter once, in order of appearance: vLLM's dict keys)
                 return ",".join(dict.fromkeys(e.adapters.names[r.adapter] for r in requests if r.adapter >= 0))
-            return e.max_loras, used(e.waiting), used(e.running)
+            # (max_loras None: every adapter served, as many as are loaded now)
+            most = len(e.adapters.served) if e.max_loras is None else e.max_loras
+            return most, used(e.waiting), used(e.running)
 
     def render(self) -> str:
         label = f'model_name="{escape(self.model_name)}"'

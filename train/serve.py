@@ -67,6 +67,7 @@ API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
 # the paths that answer without the API key (probes and scrapes); every other one needs it, unknown ones too (a 401,
 # not a 404 that would map the routes): stricter than vLLM's middleware, which asks only paths under /v1
 PUBLIC_PATHS = ("/health", "/version", "/metrics")
+LORA_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # vLLM's runtime LoRA updating
 MAX_N = 128  # OpenAI's limit on n
 # the most top tokens a drawn token's logprobs list: vLLM's default --max-logprobs and OpenAI chat's top_logprobs
 # limit (OpenAI's legacy completions took 5)
@@ -479,7 +480,8 @@ class Model:
         self.name, self.template, self.template_why = name, template, template_why
         # the LoRA adapters served beside the model (--lora-modules: model/lora.py serve_adapters), name -> path
         self.adapter_paths = dict(adapter_paths or {})
-        self.names = (name, *self.adapter_paths)  # what a request's "model" may be
+        # POST /v1/load_lora_adapter and /v1/unload_lora_adapter ($VLLM_ALLOW_RUNTIME_LORA_UPDATING, make_server)
+        self.runtime_lora, self.max_lora_rank = False, 16
         self.cuda_graph = cuda_graph  # generate()'s: each request's decode steps CUDA-graph replays
         self.kv_cache_dtype = kv_cache_dtype  # generate()'s: "int8", each request's cache int8
         self.eot = eot_or_none(tok)
@@ -569,10 +571,42 @@ class Model:
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
+    @property
+    def names(self) -> tuple:
+        """What a request's "model" may be: the model's name, then its adapters'."""
+        return (self.name, *self.adapter_paths)
+
     def adapted(self, adapter):
         """The context a forward of adapter's runs in (no engine: every row that adapter); None: nothing."""
         rows = self.model.adapters
+        if adapter is not None and adapter not in rows.names:  # (unloaded since the request was read)
+            raise APIError(404, f"the model '{adapter}' does not exist any more: it was unloaded", "model",
+                           code="model_not_found")
         return rows.use(rows.slot(adapter)) if adapter is not None else nullcontext()
+
+    def load_adapter(self, name: str, path: str):
+        """POST /v1/load_lora_adapter: the adapter read (read_adapter) and served from the next step on."""
+        from tritongpt.model.lora import add_adapter
+        from tritongpt.train.gpt2_weights import read_adapter
+
+        modules = read_adapter(path, self.model)
+        if self.engine is not None:
+            self.engine.load_adapter(name, modules, self.max_lora_rank)
+        else:
+            with self.lock:  # (no engine: between two requests' forwards)
+                add_adapter(self.model, name, modules, self.max_lora_rank)
+        self.adapter_paths[name] = path
+
+    def unload_adapter(self, name: str):
+        """POST /v1/unload_lora_adapter (refused while a request of it waits or runs, by the engine)."""
+        from tritongpt.model.lora import remove_adapter
+
+        if self.engine is not None:
+            self.engine.unload_adapter(name)
+        else:
+            with self.lock:
+                remove_adapter(self.model, name)
+        del self.adapter_paths[name]
 
     def score_prompt(self, ids, k: int, step=None, timing=None, adapter=None) -> list:
         """prompt_rows' rows of the prompt ids with the k likeliest tokens. step: the engine's prefill's rows of them
@@ -774,7 +808,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "tritongpt"
     ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/metrics": "GET",
               "/health": "GET", "/version": "GET", "/tokenize": "POST", "/detokenize": "POST",
-              "/tokenizer_info": "GET"}
+              "/tokenizer_info": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST"}
     # seconds a read or write of the socket may wait: a body shorter than its Content-Length, or a client that
     # stops reading a stream (which would block a write holding the model's lock), must not hold a thread forever
     timeout = 60
@@ -805,6 +839,8 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         model_path = path.startswith("/v1/models/")
         allowed = self.allowed = "GET" if model_path else self.ROUTES.get(path)
+        if path in LORA_PATHS and not app.runtime_lora:  # (vLLM's routes are there only with its switch)
+            allowed = self.allowed = None
         self.streaming = False
         try:
             if self.server.api_key is not None and path not in PUBLIC_PATHS:  # (first, as vLLM's middleware)
@@ -835,6 +871,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, self.detokenize(self.read_body()))
             if path == "/tokenizer_info":
                 return self.send_json(200, self.tokenizer_info())
+            if path in LORA_PATHS:
+                return self.send_text(self.lora_update(path, self.read_body()), "text/plain; charset=utf-8")
             if path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [self.model_card(n) for n in app.names]})
             self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
@@ -935,6 +973,30 @@ class Handler(BaseHTTPRequestHandler):
                       f"'tokens' must be a list of token ids, got {tokens!r}"[:300])
         check_token_ids(tokens, app.limit or app.model.config.vocab_size, "tokens")
         return {"prompt": app.tok.decode(tokens)}
+
+    def lora_update(self, path: str, body: dict) -> str:
+        """vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"}
+        (with $VLLM_ALLOW_RUNTIME_LORA_UPDATING and --enable-lora): its success texts and error messages."""
+        app, load = self.server.app, path == "/v1/load_lora_adapter"
+        fields = ("lora_name", "lora_path") if load else ("lora_name",)
+        for key in body:
+            if key not in fields:
+                raise bad(key, f"'{key}' is not taken here (only {', '.join(fields)})")
+        for key in fields:
+            if not isinstance(body.get(key), str) or not body[key].strip():
+                raise bad(key, f"'{key}' must be a non-empty string, got {body.get(key)!r}")
+        name = body["lora_name"]
+        if load:
+            if name in app.names:
+                raise bad("lora_name", f"The lora adapter '{name}' has already been loaded.")
+            if not os.path.exists(body["lora_path"]):
+                raise APIError(404, f"No adapter found at {body['lora_path']}", "lora_path", code="not_found")
+            app.load_adapter(name, body["lora_path"])
+            return f"Success: LoRA adapter '{name}' added successfully."
+        if name not in app.adapter_paths:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", code="not_found")
+        app.unload_adapter(name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
     def model_card(self, name: str):
         """OpenAI's model object, with vLLM's extra fields (root, parent, max_model_len: clients read the context
@@ -1267,10 +1329,19 @@ SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "pr
 LORA_KEYS = ("name", "path", "base_model_name")  # vLLM's LoRAModulePath, --lora-modules' JSON form
 
 
-def lora_modules(args) -> dict:
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for its load/unload endpoints
+
+
+def runtime_lora_updating() -> bool:
+    """vLLM's envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING: "1" or "true", any case."""
+    return os.environ.get(RUNTIME_LORA_ENV, "0").strip().lower() in ("1", "true")
+
+
+def lora_modules(args, runtime: bool = False) -> dict:
     """--lora-modules (vLLM's): each NAME=PATH or '{"name": ..., "path": ..., "base_model_name": ...}' ->
     {name: path}, checked before the model loads (--enable-lora given, names unique and not the model's own, each
-    path there). --max-lora-rank and --max-loras checked too."""
+    path there). --max-lora-rank and --max-loras checked too. runtime (serve with $VLLM_ALLOW_RUNTIME_LORA_UPDATING):
+    --enable-lora may come alone, the adapters loaded later (POST /v1/load_lora_adapter)."""
     from pathlib import Path
 
     if args.max_lora_rank is not None and args.max_lora_rank < 1:
@@ -1278,11 +1349,12 @@ def lora_modules(args) -> dict:
     if args.max_loras is not None and args.max_loras < 1:
         raise UserError(f"--max-loras must be a positive integer, got {args.max_loras}")
     if not args.lora_modules:
-        if args.enable_lora:
-            raise UserError("--enable-lora: pass the adapters too, --lora-modules NAME=PATH ... (this server loads "
-                            "them at start; vLLM's runtime /v1/load_lora_adapter is not built)")
+        if args.enable_lora and not runtime:
+            raise UserError("--enable-lora: pass the adapters too, --lora-modules NAME=PATH ..." + (
+                "" if runtime is None else f" (or, to load them while serving through POST /v1/load_lora_adapter, "
+                                           f"set {RUNTIME_LORA_ENV}=true as for vLLM)"))
         for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank)):
-            if value is not None:
+            if value is not None and not args.enable_lora:
                 raise UserError(f"{flag} is a setting of the adapters of --lora-modules: pass --lora-modules")
         return {}
     if not args.enable_lora:
@@ -1393,7 +1465,9 @@ def add_lora_args(p):
     """--enable-lora, --lora-modules, --max-lora-rank, --max-loras (vLLM's multi-LoRA): serve's and
     `generate --prompts`' (lora_modules checks them, load_adapters loads them)."""
     p.add_argument("--enable-lora", action="store_true",
-                   help="serve LoRA adapters beside the model (vLLM's; with --lora-modules)")
+                   help="serve LoRA adapters beside the model (vLLM's; with --lora-modules, or for serve with "
+                        "$VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, alone too: adapters loaded and unloaded while serving "
+                        "through POST /v1/load_lora_adapter and /v1/unload_lora_adapter)")
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="the adapters (vLLM's multi-LoRA): each NAME=PATH (or vLLM's JSON '{\"name\": ..., \"path\": "
                         "...}'), PATH a peft LoRA adapter folder (GPT-2, Llama family) or a LoRA checkpoint of ours "
@@ -1447,11 +1521,12 @@ def make_server(args) -> ThreadingHTTPServer:
         raise UserError("--served-model-name is empty")
     check_engine_args(args)
     speculative_config(args.speculative_config, args.max_batch)  # (checked before the model loads)
-    modules = lora_modules(args)
+    runtime = runtime_lora_updating() and args.enable_lora
+    modules = lora_modules(args, runtime)
     key = api_key(args)
     model, tok, device, dtype, limit = load_generation_model(args)
     name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
-    if modules:
+    if args.enable_lora:  # (none yet with runtime loading: the engine then has its adapter rows from the start)
         load_adapters(model, modules, args.max_lora_rank, name)
     check_cuda_graphs(args, device, model)
     engine = make_engine(args, model, device, dtype)
@@ -1470,6 +1545,7 @@ def make_server(args) -> ThreadingHTTPServer:
         raise
     server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype,
                        engine, modules)
+    server.app.runtime_lora, server.app.max_lora_rank = runtime, args.max_lora_rank or 16
     server.api_key = key
     return server
 
