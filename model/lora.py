@@ -203,8 +203,8 @@ class AdapterRows:
 
     index: None (the base model alone), an int slot (every row that adapter: generate()'s one request), or an int
     tensor [B] on the model's device, a slot a row and -1 for the base (the engine's batches, a request a row).
-    names: the adapters' names, slot order (None: a free slot). The engine keeps one index buffer a slot and hands the forward a view or
-    a gather of it, so a CUDA graph captured over the view replays whatever the buffer holds."""
+    names: the adapters' names, slot order (None: a free slot). The engine keeps one index buffer a slot and hands
+    the forward a view or a gather of it, so a CUDA graph captured over the view replays whatever the buffer holds."""
 
     def __init__(self, names):
         self.names = list(names)  # a slot's adapter, None: a slot an unloaded adapter left free
