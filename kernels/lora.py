@@ -20,21 +20,36 @@ Why two: a fused kernel would recompute the shrink (2 T K R) in each of the cdiv
 the LoRA FLOPs at GPT-2 widths; h is tiny (R_PAD floats a token), so the round trip through memory costs little.
 A row with index -1 costs each of its programs one load of the index: they return at once, y untouched.
 
-Decode (T = 1) uses one of BLOCK_T (16) rows of each MMA: the other 15 are masked padding, and the shrink has only B
-programs, each walking all of K (vLLM splits K there, SPLIT_K, and adds atomically). SGMV's segments would go further:
-sort the tokens by adapter and give each program BLOCK_T tokens of one adapter from several requests, so a decode
-batch of B rows over S adapters fills its MMAs (B / S rows each) and reads each adapter's weights once per tile
-rather than once per row. Here a program serves one request, which keeps the grid a plain (row, token tile).
+Decode (T = 1) uses one of BLOCK_T (16) rows of each MMA: the other 15 are masked padding, every row re-reads its
+adapter's A and B tiles, and the shrink has only B programs, each walking all of K. Hence a second pair, grouped
+(punica's SGMV segments as vLLM's V1 kernels run them: vllm/lora/ops/triton_ops/lora_shrink_op.py and
+lora_expand_op.py, their prep in lora_kernel_metadata.py's LoRAKernelMeta):
+  * segments(): the M = B * T tokens flattened (token m = b * T + t on adapter index[b]), a stable sort by adapter
+    on the device (order: token ids, adapter -1's first), and each adapter's span of it (bounds [S + 1]); no host
+    read, so a CUDA graph can capture it.
+  * shrink, grid (cdiv(M, BLOCK_M), S): program (m, s) takes adapter s's tokens m * BLOCK_M.. of its span (and exits
+    at once past its count), gathers their x rows through order, and stores h = x @ A_s^T at the tokens' own rows of
+    an fp32 [M, R_PAD] buffer. expand, grid (cdiv(M, BLOCK_M), S, cdiv(N, BLOCK_N)): the same tokens' h and y rows,
+    y += h @ B_s^T. The grid depends on M, S and N only; at decode most of its programs exit at once.
+A decode batch of B rows over S adapters then fills each MMA with up to B / S rows and reads each adapter's tiles
+once a tile rather than once a row. Not done: vLLM's SPLIT_K (the shrink's K split over programs, summed with
+atomics into a zeroed h), which would give a decode shrink more programs at the price of a nondeterministic sum.
+add_lora_rows(grouped=None) picks by pick_grouped's rule: grouped when a row has under 16 tokens. The rule is a
+guess: no GPU has timed either pair yet (bench kernels --ops lora times both as triton-rows and triton-grouped).
 
 Precision: fp32 inputs use IEEE products (no TF32), bf16/fp16 tensor cores with fp32 accumulation. Tiles: fixed
-(no autotune): under the interpreter small ones (BLOCK_T 16, BLOCK_K 32, BLOCK_N 32), on a GPU BLOCK_T 16 at decode
-and 64 at prefill, narrower token and K / N tiles as R_PAD grows, so the fp32 h tile and the weight tiles keep a
-bounded size; ranks up to MAX_RANK (256).
+(no autotune): under the interpreter small ones (BLOCK_T 16, BLOCK_K 32, BLOCK_N 32), on a GPU BLOCK_T (grouped:
+BLOCK_M) 16 at decode and 64 at prefill (grouped: by the tokens an adapter has on average, M / S), narrower token
+and K / N tiles as R_PAD grows, so the fp32 h tile and the weight tiles keep a bounded size; ranks up to MAX_RANK
+(256).
 
-Public API: `add_lora_rows(y, x, lora_a, lora_b, index, index_checked=False) -> y`, through the torch.library custom
-op `tritongpt::add_lora_rows` (mutates_args y, a fake impl), so torch.compile keeps it as an opaque call.
+Public API: `add_lora_rows(y, x, lora_a, lora_b, index, index_checked=False, grouped=None) -> y`, through the
+torch.library custom op `tritongpt::add_lora_rows` (mutates_args y, a fake impl), so torch.compile keeps it as an
+opaque call.
 Inference only (serving): adapters train through model/lora.py's parametrization (add_lora).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -104,9 +119,69 @@ def _lora_expand_kernel(H, Bw, Index, Y, T, N, R, stride_hb, stride_ht, stride_b
     tl.store(y_ptrs, cast(acc + y.to(tl.float32), Y.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _lora_shrink_grouped_kernel(X, A, Order, Bounds, H, T, K, R, stride_xb, stride_xt, stride_as, stride_ar,
+                                stride_hm, PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+    """H[m, :R_PAD] = X[m // T, m % T, :] @ A[s]^T for the tokens m of slot s = program_id(1) in Order[Bounds[s]:
+    Bounds[s + 1]] (tokens sorted by slot), BLOCK_M of them from program_id(0) * BLOCK_M on."""
+    slot = tl.program_id(1)
+    seg = tl.load(Bounds + slot)
+    first = tl.program_id(0) * BLOCK_M
+    left = tl.load(Bounds + slot + 1) - seg - first  # this segment's tokens from `first` on
+    if left <= 0:  # past slot s's tokens (most programs at decode): nothing to do
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < left
+    tok = tl.load(Order + seg + first + offs_m, mask=m_ok, other=0).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_ok = offs_r < R
+    x_ptrs = X + ((tok // T) * stride_xb + (tok % T) * stride_xt)[:, None] + offs_k[None, :]
+    a_ptrs = A + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot(x, a, acc, PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    tl.store(H + tok[:, None] * stride_hm + offs_r[None, :], acc, mask=m_ok[:, None])  # at the token's own row
+
+
+@triton.jit
+def _lora_expand_grouped_kernel(H, Bw, Order, Bounds, Y, T, N, R, stride_hm, stride_bs, stride_bn, stride_br,
+                                stride_yb, stride_yt, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Y[m // T, m % T, n] += H[m, :R] @ Bw[s][n, :R]^T for slot s's tokens m, as the grouped shrink picks them."""
+    slot = tl.program_id(1)
+    seg = tl.load(Bounds + slot)
+    first = tl.program_id(0) * BLOCK_M
+    left = tl.load(Bounds + slot + 1) - seg - first
+    if left <= 0:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < left
+    tok = tl.load(Order + seg + first + offs_m, mask=m_ok, other=0).to(tl.int64)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    h = tl.load(H + tok[:, None] * stride_hm + offs_r[None, :], mask=m_ok[:, None], other=0.0)
+    b_ptrs = Bw + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n.to(tl.int64)[None, :] * stride_bn
+    b = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    acc = dot(cast(h, Y.dtype.element_ty), b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
+    y_ptrs = Y + ((tok // T) * stride_yb + (tok % T) * stride_yt)[:, None] + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=ok, other=0.0)
+    tl.store(y_ptrs, cast(acc + y.to(tl.float32), Y.dtype.element_ty), mask=ok)
+
+
 def _tiles(T: int, r_pad: int) -> dict:
-    """(BLOCK_T, BLOCK_K, BLOCK_N, num_warps, num_stages). The fp32 h tile BLOCK_T x R_PAD stays at most 64 x 64
-    (32 registers a thread on 4 warps); the weight tiles R_PAD x BLOCK_K and R_PAD x BLOCK_N at most 8192 values."""
+    """(BLOCK_T, BLOCK_K, BLOCK_N, num_warps, num_stages); T the tokens a program's tile serves (a row's, or a slot's
+    on average when grouped). The fp32 h tile BLOCK_T x R_PAD stays at most 64 x 64 (32 registers a thread on 4
+    warps); the weight tiles R_PAD x BLOCK_K and R_PAD x BLOCK_N at most 8192 values."""
     if triton_interpreting():  # the interpreter pays per program and per tl.dot: few small ones
         return dict(BLOCK_T=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=1)
     block_t = max(16, min(16 if T <= 16 else 64, 4096 // r_pad))
@@ -114,20 +189,58 @@ def _tiles(T: int, r_pad: int) -> dict:
                 num_warps=4, num_stages=3)
 
 
+def pick_grouped(T: int) -> bool:
+    """grouped=None's rule: group the tokens by adapter when a row has fewer than 16 (tl.dot's smallest tile side)
+    tokens, i.e. at decode and short chunks, where the per-row kernels fill an MMA with T of its 16 rows; a longer row
+    fills its own tiles, and the sort is extra launches. A guess until a GPU times both (bench kernels --ops lora)."""
+    return T < 16
+
+
+def segments(index: torch.Tensor, T: int, S: int):
+    """vLLM's LoRAKernelMeta prep, on the device with no host read (CUDA-graph safe): the B * T tokens' slots
+    (token m = b * T + t on index[b]), their stable sort by slot -> order [M] (token ids, slot -1's first), and
+    bounds [S + 1]: slot s's tokens are order[bounds[s]:bounds[s + 1]]. vLLM counts with unique / bincount and
+    a cumsum; torch.bincount sizes its output from index.max(), a host read on CUDA, so the bounds here come from
+    a binary search of the sorted slots instead (the same starts; slots outside [0, S) fall outside every segment)."""
+    slots = index[:, None].expand(index.shape[0], T).reshape(-1)
+    sorted_slots, order = torch.sort(slots, stable=True)
+    bounds = torch.searchsorted(sorted_slots, torch.arange(S + 1, device=index.device, dtype=index.dtype))
+    return order, bounds
+
+
 # (bench/compile_check.py calls this on meta tensors to compile the exact launches for sm_90.)
 @on_tensor_device
-def _launch(y, x, lora_a, lora_b, index):
+def _launch(y, x, lora_a, lora_b, index, grouped=None):
     """y [B, T, N] += the rows' deltas; no checks (add_lora_rows'). x, lora_a, lora_b at unit stride on their last dim,
-    y contiguous."""
+    y contiguous. grouped: the segment kernels (True), the per-row ones (False), or pick_grouped's rule (None)."""
     B, T, K = x.shape
-    N, R = lora_b.shape[1], lora_b.shape[2]
+    S, N, R = lora_b.shape
     if B == 0 or T == 0:
         return
+    if grouped is None:
+        grouped = pick_grouped(T)
     r_pad = max(16, next_pow2(R))
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only affects fp32 inputs
+    if grouped:
+        M = B * T
+        tiles = _tiles(cdiv(M, S), r_pad)
+        block_m, warps, stages = tiles["BLOCK_T"], tiles["num_warps"], tiles["num_stages"]
+        order, bounds = segments(index, T, S)
+        h = torch.empty((M, r_pad), device=x.device, dtype=torch.float32)
+        # the grid a function of M, S and N only (CUDA graphs): each slot gets enough tiles for all M tokens, and
+        # the tiles past its own count exit at once
+        _lora_shrink_grouped_kernel[(cdiv(M, block_m), S)](
+            x, lora_a, order, bounds, h, T, K, R, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+            h.stride(0), PRECISION=precision, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=tiles["BLOCK_K"],
+            num_warps=warps, num_stages=stages)
+        _lora_expand_grouped_kernel[(cdiv(M, block_m), S, cdiv(N, tiles["BLOCK_N"]))](
+            h, lora_b, order, bounds, y, T, N, R, h.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+            y.stride(0), y.stride(1), PRECISION=precision, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=tiles["BLOCK_N"],
+            num_warps=warps, num_stages=stages)
+        return
     tiles = _tiles(T, r_pad)
     block_t, warps, stages = tiles["BLOCK_T"], tiles["num_warps"], tiles["num_stages"]
     h = torch.empty((B, T, r_pad), device=x.device, dtype=torch.float32)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only affects fp32 inputs
     _lora_shrink_kernel[(B, cdiv(T, block_t))](
         x, lora_a, index, h, T, K, R, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
         h.stride(0), h.stride(1), PRECISION=precision, R_PAD=r_pad, BLOCK_T=block_t, BLOCK_K=tiles["BLOCK_K"],
@@ -140,14 +253,14 @@ def _launch(y, x, lora_a, lora_b, index):
 
 @custom_op("tritongpt::add_lora_rows", mutates_args=("y",))
 def _add_lora_rows_op(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                      index: torch.Tensor) -> None:
+                      index: torch.Tensor, grouped: Optional[bool] = None) -> None:
     """y [B, T, N] += each row's delta, in place; add_lora_rows checks the arguments."""
     check_runnable(x, "x")
-    _launch(y, x, lora_a, lora_b, index)
+    _launch(y, x, lora_a, lora_b, index, grouped)
 
 
 @_add_lora_rows_op.register_fake
-def _(y, x, lora_a, lora_b, index):
+def _(y, x, lora_a, lora_b, index, grouped=None):
     return None
 
 
@@ -155,8 +268,10 @@ def _dt(t) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _check(y, x, lora_a, lora_b, index, index_checked):
+def _check(y, x, lora_a, lora_b, index, index_checked, grouped):
     """Every refusal add_lora_rows makes, each a UserError naming the argument."""
+    if grouped not in (None, True, False):
+        raise UserError(f"add_lora_rows: grouped must be None (pick by T), True or False, got {grouped!r}")
     for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("index", index)):
         if not isinstance(t, torch.Tensor):
             raise UserError(f"add_lora_rows: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -214,22 +329,24 @@ def _check(y, x, lora_a, lora_b, index, index_checked):
 
 
 def add_lora_rows(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor,
-                  index_checked: bool = False) -> torch.Tensor:
+                  index_checked: bool = False, grouped: Optional[bool] = None) -> torch.Tensor:
     """y[b] += (x[b] @ lora_a[s]^T) @ lora_b[s]^T for each row b with s = index[b] >= 0, in place; returns y.
 
     y [B, T, N] contiguous (the base Linear's output), x [B, T, K] (B and T may be strided, K at unit stride),
     lora_a [S, R, K], lora_b [S, N, R] (the scale alpha / r folded in; unit stride on their last dims), one float
     dtype; index [B] int32 or int64 on x's device, values in [-1, S): -1 leaves the row's y as it is. Checking the
     index's values reads it back (one host sync); index_checked=True skips that (the caller guarantees them: an
-    index outside the range reads other memory). R <= MAX_RANK. Inference only: refused where grad is enabled and
-    y, x, lora_a or lora_b requires grad.
+    index outside the range reads other memory in the per-row kernels and is skipped by the grouped ones). R <=
+    MAX_RANK. Inference only: refused where grad is enabled and y, x, lora_a or lora_b requires grad. grouped: True
+    sorts the tokens by adapter first (the segment kernels), False runs a program per row, None picks (pick_grouped:
+    grouped below 16 tokens a row).
     """
     no_func_transform("add_lora_rows")
-    _check(y, x, lora_a, lora_b, index, index_checked)
+    _check(y, x, lora_a, lora_b, index, index_checked, grouped)
     if y.numel() and x.device.type == "cpu":
         try:
             check_runnable(x, "x")
         except RuntimeError as e:
             raise UserError(f"add_lora_rows: {e}") from None
-    _add_lora_rows_op(y, x, lora_a, lora_b, index)
+    _add_lora_rows_op(y, x, lora_a, lora_b, index, grouped)
     return y

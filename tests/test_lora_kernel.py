@@ -1,14 +1,17 @@
 """kernels/lora.py's add_lora_rows (multi-LoRA serving: each row of a batch its own adapter or none) against a float64
-reference written here, row by row; and its refusals."""
+reference written here, row by row, on both its kernel pairs (per row, and grouped: tokens sorted into one segment an
+adapter); and its refusals."""
 import pytest
 import torch
 
 from parity import assert_close_rel
 from tritongpt.errors import UserError
-from tritongpt.kernels.lora import MAX_RANK, add_lora_rows
+from tritongpt.kernels import lora
+from tritongpt.kernels.lora import MAX_RANK, add_lora_rows, segments
 from tritongpt.model.lora import lora_rows_reference
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+VARIANTS = pytest.mark.parametrize("grouped", [False, True], ids=["rows", "grouped"])
 
 
 def reference(y, x, lora_a, lora_b, index):
@@ -42,10 +45,11 @@ def case(B, T, K, N, R, S, index, device, dtype, seed=0):
     return y, x, a, b, torch.tensor(index, device=device)
 
 
+@VARIANTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T,R,index", [(1, 5, [2, -1, 0, 2]), (19, 12, [1, -1, 1]), (19, 5, [0, 2, -1, 1])],
                          ids=["decode-R5", "prefill-R12", "prefill-R5-every-slot"])
-def test_matches_float64_reference(device, dtype, T, R, index):
+def test_matches_float64_reference(device, dtype, T, R, index, grouped):
     """Non-power-of-two K 48, N 40 (a K and an N tile and a part), T 1 and 19 (a token tile and a part); rows without
     adapter, repeated slots and every slot; y random so the in-place add shows; x a transposed view; the adapters
     views of NaN-padded buffers. y is changed in place and returned; rows with index -1 exactly as they were."""
@@ -54,9 +58,9 @@ def test_matches_float64_reference(device, dtype, T, R, index):
     y0 = y.clone()
     want = reference(y0, x, a, b, idx)
     with torch.no_grad():
-        out = add_lora_rows(y, x, a, b, idx.int() if T == 1 else idx)
+        out = add_lora_rows(y, x, a, b, idx.int() if T == 1 else idx, grouped=grouped)
     assert out is y
-    assert_close_rel(y, want, TOL[dtype], f"{dtype} T={T} R={R} y")
+    assert_close_rel(y, want, TOL[dtype], f"{dtype} T={T} R={R} grouped={grouped} y")
     on = idx >= 0
     assert torch.equal(y[~on], y0[~on])
     # the deltas alone, so a wrong slot cannot hide behind y's base
@@ -72,13 +76,46 @@ def test_torch_path_matches_the_reference(device):
                      reference(y, x, a, b, idx), 1e-12, "torch path")
 
 
-def test_no_adapter_rows_leave_y_untouched(device):
-    """A batch with no adapter at all: y bit for bit as it was, NaN padding or not."""
+@VARIANTS
+def test_no_adapter_rows_leave_y_untouched(device, grouped):
+    """A batch with no adapter at all: y bit for bit as it was, NaN padding or not (grouped: every segment empty)."""
     y, x, a, b, idx = case(2, 5, 48, 40, 5, 3, [-1, -1], device, torch.float32)
     y0 = y.clone()
     with torch.no_grad():
-        add_lora_rows(y, x, a, b, idx, index_checked=True)
+        add_lora_rows(y, x, a, b, idx, index_checked=True, grouped=grouped)
     assert torch.equal(y, y0)
+
+
+def test_segments_sort_tokens_by_slot():
+    """The grouped kernels' map: tokens b * T + t in a stable sort by slot, -1's first, and each slot's span of it
+    (slots 1 and 3 empty, their spans of length 0)."""
+    order, bounds = segments(torch.tensor([2, -1, 0, 2]), 2, 4)
+    assert order.tolist() == [2, 3, 4, 5, 0, 1, 6, 7]
+    assert bounds.tolist() == [2, 4, 4, 8, 8]
+
+
+def test_grouped_segment_longer_than_a_tile(device):
+    """Slot 1 has 18 tokens from 6 rows spread through the batch: more than a tile (BLOCK_M 16 under the
+    interpreter), so its segment takes two programs, the second with 2 tokens; slot 0 has 3, slot 2 none."""
+    index = [1, 0, 1, 1, -1, 1, 1, 1]
+    y, x, a, b, idx = case(len(index), 3, 48, 40, 5, 3, index, device, torch.float32, seed=5)
+    want = reference(y, x, a, b, idx)
+    with torch.no_grad():
+        add_lora_rows(y, x, a, b, idx, grouped=True)
+    assert_close_rel(y, want, 1e-4, "slot 1 over two tiles")
+
+
+@pytest.mark.parametrize("T,grouped", [(1, True), (16, False)])
+def test_grouped_none_picks_by_the_rows_tokens(device, monkeypatch, T, grouped):
+    """grouped=None (AdapterLinear's call): the segment kernels when a row has fewer than 16 tokens, else per row."""
+    calls = []
+    monkeypatch.setattr(lora, "segments", lambda *a: calls.append(1) or segments(*a))
+    y, x, a, b, idx = case(2, T, 48, 40, 5, 3, [0, 2], device, torch.float32)
+    want = reference(y, x, a, b, idx)
+    with torch.no_grad():
+        add_lora_rows(y, x, a, b, idx, index_checked=True)
+    assert bool(calls) == grouped
+    assert_close_rel(y, want, 1e-4, f"T={T}")
 
 
 def refusal(device, **change):
@@ -111,9 +148,10 @@ def refusal(device, **change):
     (dict(x=lambda a: a["x"].clone().requires_grad_()), "x requires grad; the kernel is inference-only"),
     (dict(lora_b=lambda a: a["lora_b"].clone().requires_grad_()), "lora_b requires grad"),
     (dict(lora_a=lambda a: a["lora_a"].clone().requires_grad_()), "lora_a requires grad"),
+    (dict(grouped="yes"), "grouped must be None .* True or False, got 'yes'"),
 ], ids=["x-rank", "K", "S", "R", "N", "B-y", "B-index", "max-rank", "dtype-lora_b", "dtype-y", "dtype-float",
         "dtype-index", "device-index", "device-lora_a", "x-stride", "y-stride", "index-above", "index-below",
-        "grad-x", "grad-lora_b", "grad-lora_a"])
+        "grad-x", "grad-lora_b", "grad-lora_a", "grouped"])
 def test_refusals_name_the_problem(device, change, message):
     args = refusal(device, **change)
     y0 = args["y"].clone()
@@ -131,30 +169,33 @@ def test_grad_refusal_is_only_where_grad_is_enabled(device):
     assert_close_rel(args["y"], want, 1e-4, "under no_grad")
 
 
-def test_index_checked_skips_the_range_check(device):
+@VARIANTS
+def test_index_checked_skips_the_range_check(device, grouped):
     """index_checked=True reads no index back: slot S of adapters that are the first S of S + 1 in memory is taken
-    as the caller's word (here the next adapter, which exists) instead of refused."""
+    as the caller's word instead of refused. The per-row kernels read it (here the next adapter, which exists); the
+    grouped ones sort it past every segment, so that row is left as it is."""
     y, x, a, b, _ = case(2, 3, 48, 40, 5, 3, [0, 0], device, torch.float32)
     index = torch.tensor([2, -1], device=device)
-    want = reference(y, x, a, b, index)
+    want = y.double() if grouped else reference(y, x, a, b, index)
     with pytest.raises(UserError, match=r"index\[0\] = 2 is outside \[-1, 2\)"):
-        add_lora_rows(y, x, a[:2], b[:2], index)
-    add_lora_rows(y, x, a[:2], b[:2], index, index_checked=True)
+        add_lora_rows(y, x, a[:2], b[:2], index, grouped=grouped)
+    add_lora_rows(y, x, a[:2], b[:2], index, index_checked=True, grouped=grouped)
     assert_close_rel(y, want, 1e-4, "slot 2 of 2")
 
 
 @pytest.mark.cuda
+@VARIANTS
 @pytest.mark.parametrize("T", [1, 128])
 @pytest.mark.parametrize("K,N", [(768, 2304), (768, 3072), (3072, 768)])
-def test_gpt2_small_widths_on_cuda(T, K, N):
+def test_gpt2_small_widths_on_cuda(T, K, N, grouped):
     """GPT-2 small's qkv, fc1 and fc2 at R 16 in bf16, 8 rows over 4 adapters and the base model, decode and prefill."""
     index = [0, -1, 3, 1, 1, 2, -1, 0]
     y, x, a, b, idx = case(8, T, K, N, 16, 4, index, "cuda", torch.bfloat16, seed=K + N + T)
     y0 = y.clone()
     want = reference(y0, x, a, b, idx)
     with torch.no_grad():
-        add_lora_rows(y, x, a, b, idx)
-    assert_close_rel(y, want, 1e-2, f"cuda bf16 T={T} {K}->{N}")
+        add_lora_rows(y, x, a, b, idx, grouped=grouped)
+    assert_close_rel(y, want, 1e-2, f"cuda bf16 T={T} {K}->{N} grouped={grouped}")
     on = idx >= 0
     assert torch.equal(y[~on], y0[~on])
     assert_close_rel(y[on].double() - y0[on].double(), want[on] - y0[on].double(), 1e-2, "delta")
