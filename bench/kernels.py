@@ -148,8 +148,10 @@ lora is multi-LoRA serving's per-row adapter delta added in place to a base Line
 B[s]^T with s = index[b] (kernels/lora.py's add_lora_rows), forward only (inference: its rows are "fwd"), at a decode
 batch (32 rows of T 1) and a prefill's (4 rows of T 512) on GPT-2 small's fc1 widths (768 -> 3072), R 16, the rows
 spread over S 4 adapters: torch (model/lora.py's lora_rows_reference, AdapterLinear's gather + two bmm's, then
-y.add_) and ours (its shrink and expand kernels). FLOPs 2 B T R (K + N); bytes: x once, y read and written, each
-adapter a row uses once (LORA_BYTES_NOTE). It runs after int4_linear, last of all, so a short budget drops it first.
+y.add_) and ours: triton (the kernels grouped=None picks: grouped below 16 tokens a row), triton-rows (the per-row
+shrink and expand) and triton-grouped (the tokens sorted into one segment an adapter first). FLOPs 2 B T R (K + N);
+bytes: x once, y read and written, each adapter a row uses once (LORA_BYTES_NOTE). It runs after int4_linear, last of
+all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -230,8 +232,9 @@ PROVIDERS = {
     "int8_linear": ("reference", "torch", "compile", "torch-int8", "triton"),
     # the weight-only int4 linear (W4A16), forward only: int8_linear's, with torch's aten._weight_int4pack_mm
     "int4_linear": ("reference", "torch", "compile", "torch-int4", "triton"),
-    # multi-LoRA serving's per-row adapter delta, in place, forward only: the gather + two bmm's, and ours
-    "lora": ("torch", "triton"),
+    # multi-LoRA serving's per-row adapter delta, in place, forward only: the gather + two bmm's, and ours (the
+    # default pick, per row, grouped by adapter)
+    "lora": ("torch", "triton", "triton-rows", "triton-grouped"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -1086,13 +1089,15 @@ def lora_providers(y, x, lora_a, lora_b, index):
             raise Unavailable(why)
         return (lambda: y.add_(fn(x, lora_a, lora_b, index))), [x]
 
-    def triton_op():
+    def triton_op(grouped=None):
         fn, why = try_import("tritongpt.kernels.lora", "add_lora_rows")
         if fn is None:
             raise Unavailable(why)
-        return (lambda: fn(y, x, lora_a, lora_b, index, index_checked=True)), [x]  # as the engine calls it
+        # index_checked as the engine calls it; grouped None: add_lora_rows' own pick
+        return (lambda: fn(y, x, lora_a, lora_b, index, index_checked=True, grouped=grouped)), [x]
 
-    return {"torch": torch_op, "triton": triton_op}
+    return {"torch": torch_op, "triton": triton_op, "triton-rows": lambda: triton_op(False),
+            "triton-grouped": lambda: triton_op(True)}
 
 
 def cross_entropy_providers(x, t):

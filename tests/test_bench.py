@@ -1989,9 +1989,10 @@ def test_int4_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
                                      modes=("bwd", "fwd+bwd"), group_size=16) == []
 
 
-def test_lora_rows_time_both_providers_adding_the_same_delta_in_place(device):
-    """lora: torch (the gather + two bmm's) and ours add the same per-row delta to y in place, rows with index -1
-    untouched; the rows are forward only, 2 B T R (K + N) FLOPs and x, y twice and the used adapters in bytes."""
+def test_lora_rows_time_every_provider_adding_the_same_delta_in_place(device):
+    """lora: torch (the gather + two bmm's) and ours (the default pick, per row, grouped) add the same per-row delta
+    to y in place, rows with index -1 untouched; the rows are forward only, 2 B T R (K + N) FLOPs and x, y twice and
+    the used adapters in bytes."""
     gen = torch.Generator().manual_seed(8)
     x, y0 = torch.randn(3, 2, 24, generator=gen).to(device), torch.randn(3, 2, 20, generator=gen).to(device)
     a, b = torch.randn(2, 5, 24, generator=gen).to(device), torch.randn(2, 20, 5, generator=gen).to(device)
@@ -1999,13 +2000,16 @@ def test_lora_rows_time_both_providers_adding_the_same_delta_in_place(device):
     want = y0.double().clone()
     for row, s in ((0, 1), (2, 0)):
         want[row] += x[row].double() @ a[s].double().T @ b[s].double().T
-    for name, build in kernels.lora_providers(y := y0.clone(), x, a, b, index).items():
+    providers = kernels.lora_providers(y := y0.clone(), x, a, b, index)
+    assert list(providers) == ["torch", "triton", "triton-rows", "triton-grouped"]
+    for name, build in providers.items():
         f, leaves = build()
         assert f() is y and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), name
         assert torch.equal(y[1], y0[1]), name
         y.copy_(y0)
+    # the sweep's rows on two providers (each of ours costs the interpreter a first launch)
     rows = kernels.sweep_lora(CpuTimer(reps=1), Budget(None), ((3, 1, 24, 20, 5, 2), (2, 3, 24, 20, 5, 4)),
-                              torch.float32)
+                              torch.float32, providers=("torch", "triton"))
     by = {(r["config"]["B"], r["provider"]): r for r in rows}
     assert len(by) == len(rows) == 4 and {r["mode"] for r in rows} == {"fwd"}
     assert all(r["status"] == "ok" and r["note"] == kernels.LORA_BYTES_NOTE for r in rows)
