@@ -425,13 +425,14 @@ def capture(quick=False, half="bfloat16"):
             name = str(dt).replace("torch.", "")
             ranks = ((LORA_SHAPES[1], LORA_RANK),) if quick else \
                 [(kn, LORA_RANK) for kn in LORA_SHAPES] + [(LORA_SHAPES[1], lora.MAX_RANK)]
+            # each by both kernel pairs: per row, and grouped (the tokens sorted into one segment an adapter)
             for (k, n), r in ranks:
-                for b, t in LORA_ROWS:
-                    case[0] = f"lora {name} B={b} T={t} {k}->{n} R={r}"
+                for (b, t), grouped in [(bt, g) for bt in LORA_ROWS for g in (False, True)]:
+                    case[0] = f"lora {name} {'grouped' if grouped else 'rows'} B={b} T={t} {k}->{n} R={r}"
                     lora._launch(torch.empty(b, t, n, dtype=dt, **meta), torch.empty(b, t, k, dtype=dt, **meta),
                                  torch.empty(LORA_ADAPTERS, r, k, dtype=dt, **meta),
                                  torch.empty(LORA_ADAPTERS, n, r, dtype=dt, **meta),
-                                 torch.empty(b, dtype=torch.int32, **meta))
+                                 torch.empty(b, dtype=torch.int32, **meta), grouped=grouped)
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
     return launches
