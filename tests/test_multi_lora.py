@@ -485,3 +485,17 @@ def test_the_engine_unloads_no_adapter_in_use_and_a_load_drops_its_graphs():
                  engine) == [0, 0]
     assert torch.equal(alone(model, prompt(6, seed=2), 4, {"adapter": "c"}),
                        alone(model, prompt(6, seed=2), 4, {"adapter": "b"}))
+
+
+def test_with_a_slot_left_free_by_an_unload_each_request_still_runs_its_own_adapter():
+    """a unloaded (slot 0 free, b still in slot 1): b's requests run b's slot, not the index among the adapters
+    served (which would refuse b as "unloaded", or run the freed slot's zeros); unloading b counts b's requests."""
+    model, _ = served(tiny())
+    engine = Engine(model, max_batch=2)
+    engine.unload_adapter("a")
+    assert model.adapters.names == [None, "b"]
+    r = engine.submit(prompt(5, seed=1), 3, adapter="b")
+    assert r.adapter == 1
+    with pytest.raises(UserError, match="the adapter 'b' runs 1 request"):
+        engine.unload_adapter("b")
+    check(model, [(0, prompt(6, seed=2), 4, {"adapter": "b"}), (0, prompt(6, seed=3), 3, {})], engine)

@@ -440,7 +440,7 @@ class Engine:
         if adapter not in names:
             served = f"its adapters are {', '.join(map(repr, names))}" if names else "it serves no adapter"
             raise UserError(f"the model has no LoRA adapter {adapter!r}: {served}")
-        return names.index(adapter)
+        return self.adapters.slot(adapter)  # (its slot, not its place among those served: an unload leaves a gap)
 
     def _adapted(self, slots):
         """The context a forward over cache rows `slots` runs in: each row its request's adapter (the first `slots`
