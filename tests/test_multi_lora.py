@@ -499,3 +499,35 @@ def test_with_a_slot_left_free_by_an_unload_each_request_still_runs_its_own_adap
     with pytest.raises(UserError, match="the adapter 'b' runs 1 request"):
         engine.unload_adapter("b")
     check(model, [(0, prompt(6, seed=2), 4, {"adapter": "b"}), (0, prompt(6, seed=3), 3, {})], engine)
+
+
+def test_a_name_reloaded_while_a_request_of_it_is_submitted_never_reads_the_old_loads_cached_pages():
+    """The race: submit resolves "a" (its slot, its load's salt), then "a" is unloaded and b's weights loaded as
+    "a" into the same slot, then the request is appended (under the engine's cond): it runs the new "a" and its
+    prefix-cache salt is the new load's, so it reads none of the pages the old "a" cached for the same prompt (it
+    would, keeping the salt it read first, and draw from the old adapter's keys and values)."""
+    model, adapters = served(tiny())
+    engine = Engine(model, max_batch=2, kv_pages=32, page_size=4, prefix_caching=True)
+    p = prompt(13, seed=5)
+    check(model, [(0, p, 2, {"adapter": "a"})], engine)  # (a's pages of p cached)
+    cached = engine.stats["cached_prompt_tokens"]
+
+    class Racing:  # the engine's cond, the reload run before submit's append takes it
+        def __init__(self, cond):
+            self.cond, self.reloaded = cond, False
+
+        def __enter__(self):
+            if not self.reloaded:
+                engine.cond, self.reloaded = self.cond, True
+                engine.unload_adapter("a")
+                engine.load_adapter("a", adapters["b"])
+            return self.cond.__enter__()
+
+        def __exit__(self, *exc):
+            return self.cond.__exit__(*exc)
+    engine.cond = racing = Racing(engine.cond)
+    r = engine.submit(p, 4, adapter="a")
+    while engine.step():
+        pass
+    assert racing.reloaded and model.adapters.slot("a") == 0 and engine.stats["cached_prompt_tokens"] == cached
+    assert torch.equal(r.wait(), alone(model, p, 4, {"adapter": "a"}))

@@ -384,8 +384,9 @@ class Engine:
         with self.cond:
             if self.closed:
                 raise EngineDown("the engine is closed")
-            if slot >= 0 and self.adapters.names[slot] != adapter:  # (unloaded since: unload_adapter)
-                raise UserError(f"the model has no LoRA adapter {adapter!r} any more: it was unloaded")
+            if slot >= 0:  # (unloaded since, maybe loaded again: the load serving it now, and that load's salt)
+                r.adapter = self._adapter_slot(adapter)
+                r.salt = self.adapters.salts[r.adapter]
             self.waiting.append(r)
             self.cond.notify_all()
         return r
@@ -414,7 +415,8 @@ class Engine:
         from tritongpt.model.lora import add_adapter
 
         def load():
-            slot = add_adapter(self.model, name, modules, max_rank)
+            with self.cond:  # (submit resolves a name to its slot and salt under it: never half of a load)
+                slot = add_adapter(self.model, name, modules, max_rank)
             self.graphs.clear()
             return slot
         return self.call(load)
