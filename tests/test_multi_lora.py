@@ -9,7 +9,7 @@ import torch
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.model.lora import AdapterLinear, serve_adapters
+from tritongpt.model.lora import AdapterLinear, add_adapter, serve_adapters
 from tritongpt.train.engine import Engine
 from tritongpt.train.generate import generate
 
@@ -531,3 +531,74 @@ def test_a_name_reloaded_while_a_request_of_it_is_submitted_never_reads_the_old_
         pass
     assert racing.reloaded and model.adapters.slot("a") == 0 and engine.stats["cached_prompt_tokens"] == cached
     assert torch.equal(r.wait(), alone(model, p, 4, {"adapter": "a"}))
+
+
+def test_loads_and_unloads_from_other_threads_while_a_started_engine_runs_requests():
+    """A started engine (paged, prefix caching, chunked prefill) runs requests of a, b, c and the base from three
+    client threads while a fourth loads c (rank 9: every buffer grown while a's and b's requests are mid-decode or
+    mid-prefill), unloads a (refused while in use: tried again) and loads c and a again with other weights, the
+    same prompts each time: every request that was taken ends as generate() alone with the load it was submitted
+    under (its salt names it), none hangs, and at the end every cache row is free and runs no adapter."""
+    import threading
+
+    model, adapters = served(tiny())
+    base = tiny()
+    weights = {"a": adapters["a"], "b": adapters["b"], "c1": adapter(base, PATHS["gpt2"][1], 9, 3),
+               "c2": adapter(base, PATHS["gpt2"][0][:2], 2, 4), "a2": adapter(base, PATHS["gpt2"][0], 5, 5)}
+    engine = Engine(model, max_batch=3, kv_pages=64, page_size=4, prefix_caching=True, max_prefill_tokens=8).start()
+    loaded = {model.adapters.salts[0]: ("a", "a"), model.adapters.salts[1]: ("b", "b")}  # a load's salt -> its
+    # name and weights
+    taken, refused, errors = [], [], []
+
+    def client(names, seed):
+        try:
+            for i, name in enumerate(names):
+                idx = prompt(11, seed=seed * 10 + i % 2)  # (a prompt again: its cached pages, that load's only)
+                try:
+                    r = engine.submit(idx, 5, adapter=name)
+                except UserError as e:
+                    assert "no LoRA adapter" in str(e)
+                    refused.append(name)
+                    continue
+                taken.append((r, name, idx, r.wait()))
+        except Exception as e:
+            errors.append(e)
+
+    def loader():
+        try:
+            for name, w in (("c", "c1"), ("a", None), ("a", "a2"), ("c", None), ("c", "c2")):
+                for _ in range(400):  # (an unload refused while a request of it waits or runs: again)
+                    try:
+                        if w is None:
+                            engine.unload_adapter(name)
+                        else:
+                            slot = engine.load_adapter(name, weights[w])
+                            loaded[model.adapters.salts[slot]] = name, w
+                        break
+                    except UserError as e:
+                        assert "runs" in str(e)
+                        time.sleep(0.005)
+                else:
+                    raise AssertionError(f"{name} never unloaded")
+        except Exception as e:
+            errors.append(e)
+
+    import time
+    threads = [threading.Thread(target=client, args=(names, s)) for s, names in
+               enumerate([["a", "b", "a", None, "a"], ["c", "b", "c", "a", "c"], ["b", None, "c", "b", "c"]])]
+    threads.append(threading.Thread(target=loader))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    alive = [t for t in threads if t.is_alive()]
+    engine.close()
+    assert not alive and not errors, (alive, errors)
+    assert model.adapters.names == ["a", "b", "c"] and len(taken) + len(refused) == 15 and "b" not in refused
+    assert engine.free == [0, 1, 2] and (engine.slot_adapter == -1).all()
+    for w in ("a", "b", "c1", "c2", "a2"):  # (each load's weights under a name of their own, to check against)
+        add_adapter(model, f"={w}", weights[w])
+    for r, name, idx, out in taken:
+        assert name is None or loaded[r.salt][0] == name  # (a load of the name it asked for)
+        w = None if name is None else f"={loaded[r.salt][1]}"
+        assert torch.equal(out, alone(model, idx, 5, {"adapter": w})), (name, w)
