@@ -602,3 +602,25 @@ def test_loads_and_unloads_from_other_threads_while_a_started_engine_runs_reques
         assert name is None or loaded[r.salt][0] == name  # (a load of the name it asked for)
         w = None if name is None else f"={loaded[r.salt][1]}"
         assert torch.equal(out, alone(model, idx, 5, {"adapter": w})), (name, w)
+
+
+def test_an_unload_between_listing_the_models_and_writing_their_cards_is_no_error(lora_server):
+    """/v1/models lists the adapters loaded at one moment: an unload landing while the list is written (emulated:
+    the adapters' dict loses one once its names are read) leaves a list without it, not a 500 (a KeyError)."""
+    from test_serve import call
+
+    server, _, adapters = lora_server
+    app, paths = server.app, server.app.adapter_paths
+
+    class Unloading(dict):
+        def __iter__(self):
+            names = list(dict.__iter__(self))
+            yield from names
+            self.pop("peft", None)  # (Model.unload_adapter's del, on another thread)
+    app.adapter_paths = Unloading(paths)
+    try:
+        status, body = call(server, "/v1/models")
+        assert status == 200 and [m["id"] for m in body["data"]] in (["base", "ours", "peft"], ["base", "ours"])
+        assert call(server, "/v1/models/peft")[0] in (200, 404)
+    finally:
+        app.adapter_paths = paths

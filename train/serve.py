@@ -850,10 +850,11 @@ class Handler(BaseHTTPRequestHandler):
             if method != allowed:
                 raise APIError(405, f"{method} is not allowed on {path} (only {allowed})", code="method_not_allowed")
             if model_path:
-                if path[len("/v1/models/"):] not in app.names:
-                    raise APIError(404, f"the model '{path[len('/v1/models/'):]}' does not exist", "model",
-                                   code="model_not_found")
-                return self.send_json(200, self.model_card(path[len("/v1/models/"):]))
+                name = path[len("/v1/models/"):]
+                root = None if name == app.name else app.adapter_paths.get(name)  # (one read: unloads meanwhile)
+                if name != app.name and root is None:
+                    raise APIError(404, f"the model '{name}' does not exist", "model", code="model_not_found")
+                return self.send_json(200, self.model_card(name, root))
             if path == "/metrics":  # Prometheus' scrape (train/metrics.py)
                 return self.send_text(app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             if path == "/health":  # a load balancer's probe: vLLM's empty 200
@@ -874,7 +875,10 @@ class Handler(BaseHTTPRequestHandler):
             if path in LORA_PATHS:
                 return self.send_text(self.lora_update(path, self.read_body()), "text/plain; charset=utf-8")
             if path == "/v1/models":
-                return self.send_json(200, {"object": "list", "data": [self.model_card(n) for n in app.names]})
+                # (the adapters as of one moment: an unload on another thread meanwhile does not fail the list)
+                adapters = list(app.adapter_paths.items())
+                return self.send_json(200, {"object": "list", "data": [self.model_card(app.name)] + [
+                    self.model_card(n, root) for n, root in adapters]})
             self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
         except APIError as e:
             self.fail(e)
@@ -998,13 +1002,12 @@ class Handler(BaseHTTPRequestHandler):
         app.unload_adapter(name)
         return f"Success: LoRA adapter '{name}' removed successfully."
 
-    def model_card(self, name: str):
+    def model_card(self, name: str, root=None):
         """OpenAI's model object, with vLLM's extra fields (root, parent, max_model_len: clients read the context
-        from it); a LoRA adapter's (vLLM's): root its path, parent the base model."""
+        from it); a LoRA adapter's (vLLM's): root its path (None: the model's own card), parent the base model."""
         app = self.server.app
-        adapter = name != app.name
         return {"id": name, "object": "model", "created": app.created, "owned_by": "tritongpt",
-                "root": app.adapter_paths[name] if adapter else name, "parent": app.name if adapter else None,
+                "root": name if root is None else root, "parent": None if root is None else app.name,
                 "max_model_len": app.model.config.context_length}
 
     def read_body(self) -> dict:
