@@ -624,3 +624,30 @@ def test_an_unload_between_listing_the_models_and_writing_their_cards_is_no_erro
         assert call(server, "/v1/models/peft")[0] in (200, 404)
     finally:
         app.adapter_paths = paths
+
+
+def test_a_load_between_graphed_steps_recaptures_and_an_unload_keeps_the_graphs():
+    """Emulated CUDA graphs (test_engine's graphed): a's and a base request decode in a 2-row graph; then c is
+    loaded between steps (rank 9: every buffer grown, so the graph captured over the old ones is dropped) and its
+    request joins a's mid-decode: the 2-row graph captured again, both as generate() alone (a graph replayed over
+    the old 2-slot buffers would run c's row off their end). Unloading c then moves no buffer: the graphs kept."""
+    log = []
+    model, _ = served(tiny())
+    engine = graphed(model, log)
+    p, q = prompt(7, seed=6), prompt(5, seed=7)
+    a, plain = engine.submit(p, 9, adapter="a"), engine.submit(q, 2)
+    while plain.queue.empty() or plain.slots is not None:
+        engine.step()
+    assert log == ["capture", 2], log
+    slot = engine.load_adapter("c", adapter(tiny(), PATHS["gpt2"][1], 9, 3))
+    assert slot == 2 and engine.graphs == {}
+    c = engine.submit(q, 4, adapter="c")
+    while engine.step():
+        pass
+    after = log[2:]  # (c's prefill beside a's decode: a 1-row graph, then the 2-row one captured again)
+    assert after.count("capture") == 2 and after[after.index(2) - 1] == "capture" and c.slots is None
+    assert torch.equal(a.wait(), alone(model, p, 9, {"adapter": "a"}))
+    assert torch.equal(c.wait(), alone(model, q, 4, {"adapter": "c"}))
+    graphs = dict(engine.graphs)
+    engine.unload_adapter("c")
+    assert engine.graphs == graphs and graphs
