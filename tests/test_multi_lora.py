@@ -651,3 +651,26 @@ def test_a_load_between_graphed_steps_recaptures_and_an_unload_keeps_the_graphs(
     graphs = dict(engine.graphs)
     engine.unload_adapter("c")
     assert engine.graphs == graphs and graphs
+
+
+def test_a_request_whose_adapter_is_unloaded_before_it_runs_is_a_404(lora_server, monkeypatch):
+    """An unload landing after a request's "model" was read but before the model runs it (the engine's submit, or
+    no engine: its turn at the model): vLLM's 404 for a model not there, with the engine as without it (not the
+    engine's refusal as a 400)."""
+    from test_serve import call
+
+    server, _, adapters = lora_server
+    app = server.app
+    target = (app.engine, "submit") if app.engine is not None else (app, "generate_alone")
+    real = getattr(*target)
+
+    def unloaded_first(*args, **kw):
+        app.unload_adapter("peft")
+        return real(*args, **kw)
+    monkeypatch.setattr(*target, unloaded_first)
+    try:
+        status, out = call(server, "/v1/completions", {"model": "peft", "prompt": "the cat", "max_tokens": 2})
+    finally:
+        monkeypatch.undo()
+        app.load_adapter("peft", str(adapters["peft"]))
+    assert status == 404 and "'peft'" in out["error"]["message"] and out["error"]["code"] == "model_not_found"

@@ -578,11 +578,15 @@ class Model:
 
     def adapted(self, adapter):
         """The context a forward of adapter's runs in (no engine: every row that adapter); None: nothing."""
+        self.check_loaded(adapter)
         rows = self.model.adapters
-        if adapter is not None and adapter not in rows.names:  # (unloaded since the request was read)
+        return rows.use(rows.slot(adapter)) if adapter is not None else nullcontext()
+
+    def check_loaded(self, adapter):
+        """The 404 of a request whose adapter was unloaded after its "model" was read (runtime LoRA updating)."""
+        if adapter is not None and adapter not in self.model.adapters.names:
             raise APIError(404, f"the model '{adapter}' does not exist any more: it was unloaded", "model",
                            code="model_not_found")
-        return rows.use(rows.slot(adapter)) if adapter is not None else nullcontext()
 
     def load_adapter(self, name: str, path: str):
         """POST /v1/load_lora_adapter: the adapter read (read_adapter) and served from the next step on."""
@@ -697,10 +701,14 @@ class Model:
                 scored_prompt(step)
         try:
             if self.engine is not None:
-                request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
-                                             stop=stopped if stops else None, logprobs=k, **ends,
-                                             prompt_logprobs=s["score_k"] if on_prompt is not None else None,
-                                             adapter=adapter, **warp)
+                try:
+                    request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator,
+                                                 vocab_limit=self.limit, stop=stopped if stops else None, logprobs=k,
+                                                 **ends, prompt_logprobs=s["score_k"] if on_prompt is not None
+                                                 else None, adapter=adapter, **warp)
+                except UserError:
+                    self.check_loaded(adapter)  # (the engine's refusal of an adapter unloaded meanwhile: the 404)
+                    raise
                 try:
                     out = request.wait(on_step, gone, on_prompt=on_prompt).tolist() * (n if budget == 0 else 1)
                 except Cancelled:
