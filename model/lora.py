@@ -284,6 +284,7 @@ class AdapterLinear(nn.Module):
         b = self.lora_B.new_zeros(max(slots, S), self.out_features, max(rank, R))
         a[:S, :R], b[:S, :, :R] = self.lora_A, self.lora_B
         self.lora_A, self.lora_B = a, b
+        self._cast = (None, None)  # (new buffers may reuse freed ones' addresses, at versions the cast key knows)
 
     def clear(self, slot: int):
         with torch.no_grad():
