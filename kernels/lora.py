@@ -66,6 +66,23 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
+def _shrink_tile(x_ptrs, a_ptrs, rows_ok, r_ok, K, PRECISION: tl.constexpr, ROWS: tl.constexpr,
+                 R_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Both shrinks' K loop: sum over K's tiles of x [ROWS, BLOCK_K] @ a^T [BLOCK_K, R_PAD] in fp32 registers, from
+    x_ptrs and a_ptrs at k = 0 (unit stride on K), rows_ok and r_ok masking the rows and the rank's padding."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((ROWS, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot(x, a, acc, PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _lora_shrink_kernel(X, A, Index, H, T, K, R, stride_xb, stride_xt, stride_as, stride_ar, stride_hb, stride_ht,
                    PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """H[b, t, :R_PAD] = X[b, t, :] @ A[Index[b]]^T for row b's tokens (the padding 0); X and A at unit stride on K."""
@@ -77,17 +94,9 @@ def _lora_shrink_kernel(X, A, Index, H, T, K, R, stride_xb, stride_xt, stride_as
     offs_r = tl.arange(0, R_PAD)
     offs_k = tl.arange(0, BLOCK_K)
     t_ok = offs_t < T
-    r_ok = offs_r < R
     x_ptrs = X + row.to(tl.int64) * stride_xb + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
     a_ptrs = A + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None]  # a^T's [BLOCK_K, R_PAD] tile
-    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = dot(x, a, acc, PRECISION)
-        x_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
+    acc = _shrink_tile(x_ptrs, a_ptrs, t_ok, offs_r < R, K, PRECISION, BLOCK_T, R_PAD, BLOCK_K)
     h_ptrs = H + row.to(tl.int64) * stride_hb + offs_t.to(tl.int64)[:, None] * stride_ht + offs_r[None, :]
     tl.store(h_ptrs, acc, mask=t_ok[:, None])
 
@@ -136,17 +145,9 @@ def _lora_shrink_grouped_kernel(X, A, Order, Bounds, H, T, K, R, stride_xb, stri
     tok = tl.load(Order + seg + first + offs_m, mask=m_ok, other=0).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
     offs_k = tl.arange(0, BLOCK_K)
-    r_ok = offs_r < R
     x_ptrs = X + ((tok // T) * stride_xb + (tok % T) * stride_xt)[:, None] + offs_k[None, :]
     a_ptrs = A + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = dot(x, a, acc, PRECISION)
-        x_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
+    acc = _shrink_tile(x_ptrs, a_ptrs, m_ok, offs_r < R, K, PRECISION, BLOCK_M, R_PAD, BLOCK_K)
     tl.store(H + tok[:, None] * stride_hm + offs_r[None, :], acc, mask=m_ok[:, None])  # at the token's own row
 
 
