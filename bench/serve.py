@@ -278,7 +278,8 @@ RANDOM_B_STD = 0.02  # GPT-2's init std: B A x then moves a layer's output by so
 
 
 def write_random_loras(config, k: int, rank: int, folder, seed: int = 0) -> dict:
-    """k random LoRA adapters of a model of `config` (model/lora.py add_lora, targets attn,mlp, alpha 16): A as
+    """k random LoRA adapters of a model of `config` (model/lora.py add_lora, targets attn,mlp, a mixture-of-experts
+    model's attn, alpha 16): A as
     add_lora starts it (kaiming uniform), B ~ N(0, RANDOM_B_STD) where add_lora's is 0 (a no-op adapter), each a
     safetensors file of the adapter alone: its config (lora_rank, lora_alpha, lora_targets) in the metadata and
     the lora_A and lora_B tensors, which is what read_adapter reads of our LoRA checkpoints (model.save would write
@@ -292,7 +293,9 @@ def write_random_loras(config, k: int, rank: int, folder, seed: int = 0) -> dict
     from tritongpt.model.lora import add_lora
 
     with torch.device("meta"):
-        model = add_lora(GPTModel(GPTConfig(**{**config.to_dict(), "lora_rank": 0})), rank, targets="attn,mlp")
+        # (a mixture-of-experts model's MLPs are experts, which LoRA does not adapt: its attention only)
+        model = add_lora(GPTModel(GPTConfig(**{**config.to_dict(), "lora_rank": 0})), rank,
+                         targets="attn" if config.n_experts else "attn,mlp")
     shapes = {n: p.shape for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
     meta = {"config": json.dumps(model.config.to_dict()), "format": "tritongpt"}
     gen, out = torch.Generator().manual_seed(seed), {}

@@ -4,6 +4,7 @@ End to end on the `saved` tiny model (our server started in process, and again b
 a few requests of a few tokens each; the scheduling, the concurrency limit and failures against a fake server that
 streams as vLLM's does (HTTP/1.1, chunked) and counts the requests it holds at once; the metrics against vLLM's
 definitions on records made by hand."""
+import dataclasses
 import json
 import math
 import re
@@ -250,6 +251,11 @@ def test_random_loras_are_adapter_files_read_adapter_reads(saved, tmp_path):
         assert a.shape[0] == b.shape[1] == 3 and a.abs().max() <= 1 / a.shape[1] ** 0.5
         assert 0.6 * bs.RANDOM_B_STD < (b / (16 / 3)).std() < 1.4 * bs.RANDOM_B_STD  # (scale alpha / r folded in)
         assert not torch.equal(b, a1[name][1])
+    # a mixture-of-experts model: its attention's four projections (LoRA adapts no expert; add_lora refuses "mlp")
+    moe = GPTModel(dataclasses.replace(model.config, position_encoding="rope", norm="rmsnorm", mlp="swiglu",
+                                       n_experts=4, experts_per_token=2))
+    (path,) = bs.write_random_loras(moe.config, 1, 2, tmp_path).values()
+    assert sorted(n.rpartition(".")[2] for n in read_adapter(path, moe)) == ["W_key", "W_query", "W_value", "out_proj"]
 
 
 def test_random_loras_in_process_spread_the_requests_and_the_results_record_them(saved, tmp_path, capsys,
