@@ -206,12 +206,11 @@ class AdapterRows:
     names: the adapters' names, slot order (None: a free slot). The engine keeps one index buffer a slot and hands
     the forward a view or a gather of it, so a CUDA graph captured over the view replays whatever the buffer holds."""
 
-    def __init__(self, names):
-        self.names = list(names)  # a slot's adapter, None: a slot an unloaded adapter left free
+    def __init__(self):
+        self.names = []  # a slot's adapter, None: a slot an unloaded adapter left free (add() fills them)
         # a slot's prefix-cache salt: its name and its load's number, so an adapter loaded again under a name
         # another had never reads that one's cached pages
-        self.salts = [f"{n}#{i}".encode() for i, n in enumerate(self.names)]
-        self.loads = len(self.names)
+        self.salts, self.loads = [], 0
         self.index = None
 
     def slot(self, name) -> int:
@@ -294,9 +293,8 @@ class AdapterLinear(nn.Module):
     def load(self, slot: int, a, b):
         """Adapter `slot`'s A [r, in] and scaled B [out, r], r <= the rank served (the rest stays zero)."""
         r = a.shape[0]
+        self.clear(slot)
         with torch.no_grad():
-            self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
             self.lora_A[slot, :r].copy_(a)
             self.lora_B[slot, :, :r].copy_(b)
 
@@ -333,7 +331,7 @@ def serve_adapters(model, adapters: dict, max_rank: int = 16) -> AdapterRows:
                         "(merge_lora) as the base")
     for name, modules in adapters.items():  # (all checked before the first is added)
         _check_adapter(model, name, modules, max_rank)
-    model.adapters = AdapterRows([])
+    model.adapters = AdapterRows()
     for name, modules in adapters.items():
         add_adapter(model, name, modules, max_rank)
     return model.adapters

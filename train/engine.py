@@ -371,20 +371,18 @@ class Engine:
         if prompt_logprobs is not None and vocab_limit is not None and bool((idx >= vocab_limit).any()):
             raise UserError(f"prompt_logprobs: the prompt's token id {int(idx.max())} is not among the vocab_limit "
                             f"{vocab_limit} tokens drawn from, so it has no logprob to give")
-        slot = self._adapter_slot(adapter)
+        self._adapter_slot(adapter)  # (refused now by name; its slot and salt taken below, under the cond)
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
         r.lookup = speculates
-        if slot >= 0:
-            r.adapter, r.salt = slot, self.adapters.salts[slot]
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
         with self.cond:
             if self.closed:
                 raise EngineDown("the engine is closed")
-            if slot >= 0:  # (unloaded since, maybe loaded again: the load serving it now, and that load's salt)
+            if adapter is not None:  # (as of the load serving it now: an unload and a reload may have come between)
                 r.adapter = self._adapter_slot(adapter)
                 r.salt = self.adapters.salts[r.adapter]
             self.waiting.append(r)

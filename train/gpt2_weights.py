@@ -1193,7 +1193,6 @@ def _read_peft_adapter(folder: Path, model: GPTModel) -> dict:
     return out
 
 
-
 def _read_lora_checkpoint(path, model: GPTModel) -> dict:
     from safetensors import safe_open
 

@@ -1352,7 +1352,8 @@ def lora_modules(args, runtime: bool = False) -> dict:
     """--lora-modules (vLLM's): each NAME=PATH or '{"name": ..., "path": ..., "base_model_name": ...}' ->
     {name: path}, checked before the model loads (--enable-lora given, names unique and not the model's own, each
     path there). --max-lora-rank and --max-loras checked too. runtime (serve with $VLLM_ALLOW_RUNTIME_LORA_UPDATING):
-    --enable-lora may come alone, the adapters loaded later (POST /v1/load_lora_adapter)."""
+    --enable-lora may come alone, the adapters loaded later (POST /v1/load_lora_adapter); False: serve without the
+    variable (its refusal of --enable-lora alone names it); None: offline, generate --prompts (no variable to name)."""
     from pathlib import Path
 
     if args.max_lora_rank is not None and args.max_lora_rank < 1:
