@@ -1,0 +1,98 @@
+"""Structured outputs' token mask, the reference: a grammar matcher (xgrammar's GrammarMatcher) says which tokens may
+come next as a bitmask, and the logits of the others become -inf before sampling. Its Triton twin is
+`tritongpt.kernels.token_mask.apply_token_bitmask_` (in place); `apply_token_bitmask(..., triton=True)` picks it.
+
+The bitmask is xgrammar's layout (`xgrammar.allocate_token_bitmask`, `GrammarMatcher.fill_next_token_bitmask`):
+int32 [rows, ceil(V / 32)], bit j of word w set = token 32 * w + j allowed; the bits past V in the last word are
+ignored. A row whose every bit is 0 gives every logit -inf (sampling from it is the caller's problem: a matcher that
+has terminated bans everything).
+"""
+from typing import Optional, Sequence
+
+import torch
+
+from tritongpt.errors import UserError
+
+MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """Words a bitmask row takes: ceil(V / 32)."""
+    return -(vocab_size // -32)
+
+
+def check_token_bitmask(who: str, logits, bitmask, indices: Optional[Sequence[int]]) -> None:
+    """Every refusal both paths make, each a UserError naming the argument. indices are host ints, checked on the host
+    (no device sync): each a row of logits and of bitmask (xgrammar's semantics: row i masked by bitmask row i)."""
+    for name, t in (("logits", logits), ("bitmask", bitmask)):
+        if not isinstance(t, torch.Tensor):
+            raise UserError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise UserError(f"{who}: {name} must be 2-D [rows, {'V' if name == 'logits' else 'ceil(V / 32)'}], "
+                            f"got shape {tuple(t.shape)}")
+    if logits.dtype not in MASK_DTYPES:
+        raise UserError(f"{who}: logits has dtype {str(logits.dtype).replace('torch.', '')}; expected float32, "
+                        "bfloat16 or float16")
+    if bitmask.dtype != torch.int32:
+        raise UserError(f"{who}: bitmask has dtype {str(bitmask.dtype).replace('torch.', '')}; expected int32 "
+                        "(xgrammar.allocate_token_bitmask's)")
+    if bitmask.device != logits.device:
+        raise UserError(f"{who}: bitmask is on {bitmask.device}, logits on {logits.device}: both on one device")
+    B, V = logits.shape
+    if bitmask.shape[1] != bitmask_words(V):
+        raise UserError(f"{who}: bitmask has shape {tuple(bitmask.shape)}, logits {tuple(logits.shape)}: a bitmask "
+                        f"row takes ceil(V / 32) = {bitmask_words(V)} int32 words for V = {V}")
+    if indices is None:
+        if bitmask.shape[0] != B:
+            raise UserError(f"{who}: bitmask has {bitmask.shape[0]} rows, logits {B}: without indices each logits "
+                            "row takes the bitmask row of its own index")
+        return
+    if isinstance(indices, torch.Tensor) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise UserError(f"{who}: indices must be a host list of ints (xgrammar's), got {type(indices).__name__}")
+    rows = min(B, bitmask.shape[0])
+    for k, i in enumerate(indices):
+        if not 0 <= i < rows:
+            raise UserError(f"{who}: indices[{k}] = {i} is outside [0, {rows}): logits has {B} rows, bitmask "
+                            f"{bitmask.shape[0]}")
+
+
+def pack_token_bitmask(allowed: torch.Tensor) -> torch.Tensor:
+    """bool [N, V] (True = allowed) -> int32 [N, ceil(V / 32)] in xgrammar's layout: token 32 w + j is bit j of word
+    w. The bits past V are 0."""
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or allowed.dim() != 2:
+        raise UserError(f"pack_token_bitmask: allowed must be a bool tensor [N, V], got "
+                        f"{getattr(allowed, 'dtype', type(allowed).__name__)} {tuple(getattr(allowed, 'shape', ()))}")
+    N, V = allowed.shape
+    W = bitmask_words(V)
+    bits = torch.zeros(N, W * 32, dtype=torch.int64, device=allowed.device)
+    bits[:, :V] = allowed.long()
+    words = (bits.view(N, W, 32) << torch.arange(32, device=allowed.device)).sum(-1)  # in [0, 2^32)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits, as int32
+
+
+def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [N, ceil(V / 32)] -> bool [N, V], True where the token is allowed (pack_token_bitmask's inverse)."""
+    bits = (bitmask.long()[..., None] >> torch.arange(32, device=bitmask.device)) & 1
+    return bits.reshape(bitmask.shape[0], bitmask.shape[1] * 32)[:, :vocab_size].bool()
+
+
+def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
+                                  indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """New logits, -inf where the token's bit is 0. indices: the logits rows to mask (row i by bitmask row i), the
+    others as they were; None masks every row (bitmask rows == logits rows)."""
+    check_token_bitmask("apply_token_bitmask_reference", logits, bitmask, indices)
+    rows = list(range(logits.shape[0])) if indices is None else list(indices)
+    allowed = unpack_token_bitmask(bitmask[rows], logits.shape[1])
+    out = logits.clone()
+    out[rows] = out[rows].masked_fill(~allowed, float("-inf"))
+    return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: Optional[Sequence[int]] = None,
+                        triton: bool = False) -> torch.Tensor:
+    """The masked logits: triton=True masks logits in place with the Triton kernel (kernels/token_mask.py) and returns
+    it; else the reference's new tensor (logits untouched)."""
+    if triton:
+        from tritongpt.kernels.token_mask import apply_token_bitmask_
+        return apply_token_bitmask_(logits, bitmask, indices)
+    return apply_token_bitmask_reference(logits, bitmask, indices)
