@@ -6,8 +6,8 @@ memory, or ask for more shared memory than an SM has. This check catches those o
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
               and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
-              in rope.py, quant.py and lora.py, quant.py's `_launch_int4` and dx ones) run on meta tensors (shapes,
-              dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded instead of
+              in rope.py, quant.py, lora.py and token_mask.py, quant.py's `_launch_int4` and dx ones) run on meta
+              tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded instead of
               launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
@@ -59,6 +59,8 @@ DX_ROWS = (8, 16384)  # their dx: a few rows, and a training step's tokens
 LORA_ROWS = ((8, 1), (8, 128))
 LORA_SHAPES = ((MLP_WIDTH, 3 * MLP_WIDTH), (MLP_WIDTH, 4 * MLP_WIDTH), (4 * MLP_WIDTH, MLP_WIDTH))
 LORA_RANK, LORA_ADAPTERS = 16, 4
+# structured outputs' grammar mask (kernels/token_mask.py): a batch of rows at GPT-2's vocabulary and Qwen's
+TOKEN_MASK_ROWS, TOKEN_MASK_VOCABS = 64, (50257, 151936)
 INT4_GROUPS = (128, 32)  # int4_linear: G 128 (a K step of part of a group), 32 (steps of several), the latter in bf16
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
@@ -126,7 +128,8 @@ def capture(quick=False, half="bfloat16"):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import attention, cross_entropy, jsd, layernorm, lora, mlp, moe, quant, rope, swiglu
+    from tritongpt.kernels import (attention, cross_entropy, jsd, layernorm, lora, mlp, moe, quant, rope, swiglu,
+                                   token_mask)
     from tritongpt.model.layers import swiglu_hidden
 
     launches, case = [], [""]
@@ -433,6 +436,17 @@ def capture(quick=False, half="bfloat16"):
                                  torch.empty(LORA_ADAPTERS, r, k, dtype=dt, **meta),
                                  torch.empty(LORA_ADAPTERS, n, r, dtype=dt, **meta),
                                  torch.empty(b, dtype=torch.int32, **meta), grouped=grouped)
+
+        # the grammar's token mask (inference): every row, and a list of rows (indices), in the target's 16-bit dtype
+        # and fp32 (quick: Qwen's vocabulary, 16-bit)
+        for dt in (half,) if quick else (half, torch.float32):
+            name = str(dt).replace("torch.", "")
+            for v in TOKEN_MASK_VOCABS[1:] if quick else TOKEN_MASK_VOCABS:
+                for rows in (None, TOKEN_MASK_ROWS // 2):
+                    case[0] = f"token_mask {name} B={TOKEN_MASK_ROWS} V={v}" + (f" indices={rows}" if rows else "")
+                    token_mask._launch(torch.empty(TOKEN_MASK_ROWS, v, dtype=dt, **meta),
+                                       torch.empty(TOKEN_MASK_ROWS, -(v // -32), dtype=torch.int32, **meta),
+                                       None if rows is None else torch.empty(rows, dtype=torch.int32, **meta))
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
     return launches

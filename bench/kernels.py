@@ -150,8 +150,16 @@ batch (32 rows of T 1) and a prefill's (4 rows of T 512) on GPT-2 small's fc1 wi
 spread over S 4 adapters: torch (model/lora.py's lora_rows_reference, AdapterLinear's gather + two bmm's, then
 y.add_) and ours: triton (the kernels grouped=None picks: grouped below 16 tokens a row), triton-rows (the per-row
 shrink and expand) and triton-grouped (the tokens sorted into one segment an adapter first). FLOPs 2 B T R (K + N);
-bytes: x once, y read and written, each adapter a row uses once (LORA_BYTES_NOTE). It runs after int4_linear, last of
-all, so a short budget drops it first.
+bytes: x once, y read and written, each adapter a row uses once (LORA_BYTES_NOTE). It runs after int4_linear.
+token_mask is structured outputs' grammar mask: logits [B, V] set to -inf in place where a grammar's int32 bitmask
+[B, ceil(V / 32)] (xgrammar's layout) bans the token, forward only, at batches 1, 8, 64 and 256 of GPT-2's vocabulary
+(50257) and Qwen's (151936), in fp32 and the run's dtype, for two masks: random (each token allowed with probability
+1/2) and json-string (a JSON string's body: 98% allowed, the 2% banned scattered over the vocabulary): torch (the
+reference, model/sampling.py's apply_token_bitmask_reference: unpack, masked_fill into a new tensor), triton (ours,
+kernels/token_mask.py's apply_token_bitmask_, in place) and xgrammar's own in-place kernels, xgrammar-triton and
+xgrammar-cuda (xgrammar.apply_token_bitmask_inplace's backends), when xgrammar is installed: each is run once before
+the timing, and one that fails on this device is a skipped row saying why. Bytes: the bitmask read and the banned
+logits written (TOKEN_MASK_BYTES_NOTE). It runs after lora, last of all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -235,6 +243,8 @@ PROVIDERS = {
     # multi-LoRA serving's per-row adapter delta, in place, forward only: the gather + two bmm's, and ours (the
     # default pick, per row, grouped by adapter)
     "lora": ("torch", "triton", "triton-rows", "triton-grouped"),
+    # structured outputs' grammar mask, in place, forward only: the reference, ours and xgrammar's own kernels
+    "token_mask": ("torch", "triton", "xgrammar-triton", "xgrammar-cuda"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -249,6 +259,8 @@ INT4_BYTES_NOTE = ("bytes: the packed int4 weight, its fp32 scales and offsets, 
                    "provider reads)")
 LORA_BYTES_NOTE = ("bytes: x once, y read and written, each adapter the rows use once (not what each provider "
                    "reads)")
+TOKEN_MASK_BYTES_NOTE = "bytes: the bitmask read, the banned logits written (not what each provider reads)"
+TOKEN_MASK_KINDS = {"random": 0.5, "json-string": 0.98}  # token_mask's masks: the share of tokens allowed
 INT4_GROUP_SIZE = 128  # int4_linear's G: gpt-fast's and torchao's default; every K of int8_shapes is a multiple
 # a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
 GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
@@ -281,7 +293,9 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   # Llama-3-8B's up projection
                   int8_rows=(1, 16, 4096), int8_shapes=((768, 3072), (3072, 768), (4096, 14336)),
                   # lora: (rows B, tokens a row T, K, N, rank R, adapters S): a decode batch and a prefill on fc1
-                  lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)))
+                  lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)),
+                  # token_mask: batches and vocabularies (GPT-2's, Qwen's)
+                  token_mask_batches=(1, 8, 64, 256), token_mask_vocabs=(50257, 151936))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
@@ -293,7 +307,8 @@ QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    moe_shapes=((2048, 8, 2, 768, 2048),),
                    decode_batches=(1,), decode_seqlens=(4096,), decode_heads=((32, 8, 128),),
                    matmul_widths=(768,), int8_rows=(1, 4096), int8_shapes=((768, 3072), (4096, 14336)),
-                   lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)))
+                   lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)),
+                   token_mask_batches=(1, 64), token_mask_vocabs=(151936,))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -1098,6 +1113,39 @@ def lora_providers(y, x, lora_a, lora_b, index):
 
     return {"torch": torch_op, "triton": triton_op, "triton-rows": lambda: triton_op(False),
             "triton-grouped": lambda: triton_op(True)}
+
+
+def token_mask_providers(logits, bitmask):
+    """logits [B, V] -inf where bitmask [B, ceil(V / 32)] bans the token (see token_mask in the module docstring);
+    every provider returns the masked logits (ours and xgrammar's: logits itself, masked in place)."""
+    def torch_op():
+        fn, why = try_import("tritongpt.model.sampling", "apply_token_bitmask_reference")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(logits, bitmask)), []
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.token_mask", "apply_token_bitmask_")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(logits, bitmask)), []
+
+    def xgrammar_op(backend):
+        fn, why = try_import("xgrammar", "apply_token_bitmask_inplace")
+        if fn is None:
+            raise Unavailable(why)
+
+        def run():
+            fn(logits, bitmask, backend=backend)
+            return logits
+        try:  # a peer that cannot run here (no CUDA, its extension not built) is a missing row, not a crash
+            run()
+        except Exception as e:
+            raise Unavailable(f"xgrammar's {backend} kernel failed here ({reason_of(e, 120)})") from None
+        return run, []
+
+    return {"torch": torch_op, "triton": triton_op, "xgrammar-triton": lambda: xgrammar_op("triton"),
+            "xgrammar-cuda": lambda: xgrammar_op("cuda")}
 
 
 def cross_entropy_providers(x, t):
@@ -1916,6 +1964,33 @@ def sweep_lora(timer, budget, shapes, dtype, modes=MODES, providers=None):
     return out
 
 
+def sweep_token_mask(timer, budget, batches, vocabs, dtype, modes=MODES, providers=None):
+    """The grammar mask at each batch B and vocabulary V, for each TOKEN_MASK_KINDS mask, in fp32 and dtype; "fwd" only
+    of modes. Bytes: the bitmask and the banned logits (TOKEN_MASK_BYTES_NOTE); no FLOPs."""
+    from tritongpt.model.sampling import pack_token_bitmask
+    out = []
+    dev = timer.device
+    modes = tuple(m for m in modes if m == "fwd")
+    for dt in dict.fromkeys((torch.float32, dtype)) if modes else ():
+        for v in vocabs:
+            for b in batches:
+                for kind, share in TOKEN_MASK_KINDS.items():
+                    logits = randn(b, v, device=dev, dtype=dt, requires_grad=False)
+                    allowed = torch.rand(b, v, device=dev) < share
+                    bitmask = pack_token_bitmask(allowed)
+                    banned = int((~allowed).sum())
+                    cfg = {"B": b, "vocab": v, "mask": kind, "dtype": dtype_name(dt)}
+                    work = {"bytes": bitmask.numel() * 4 + banned * logits.element_size()}
+                    rows = bench_providers("token_mask", cfg, token_mask_providers(logits, bitmask), modes, timer,
+                                           budget, lambda mode: work, providers)
+                    for row in rows:
+                        row.setdefault("note", TOKEN_MASK_BYTES_NOTE)
+                    out += rows
+                    del logits, allowed, bitmask
+                    timer.cleanup()
+    return out
+
+
 def sweep_int4_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None,
                       group_size=INT4_GROUP_SIZE):
     """The weight-only int4 linear at each (K, N) of shapes and each row count, G group_size (or, for a K it does not
@@ -2181,7 +2256,9 @@ def _sweep_plan(sizes, part):
             "int8_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else [],
             "int4_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else [],
             # multi-LoRA serving's delta: last of all
-            "lora": [sizes["lora_shapes"]] if part == "rest" else []}
+            "lora": [sizes["lora_shapes"]] if part == "rest" else [],
+            # structured outputs' grammar mask: after lora
+            "token_mask": [(sizes["token_mask_batches"], sizes["token_mask_vocabs"])] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -2190,7 +2267,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "window_attention", "add_layernorm", "rope", "lm_head_loss_smooth_z", "lm_head_loss_softcap",
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
-                     "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora"),
+                     "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
+                     "token_mask"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -2200,8 +2278,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear and lora (the newest ops), so a short
-    budget drops lora first, then int4_linear, then int8_linear, then matmul, then decode_attention, then
+    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear, lora and token_mask (the newest
+    ops), so a short budget drops token_mask first, then lora, then int4_linear, then int8_linear, then matmul, then decode_attention, then
     lm_head_distill, then moe_mlp, then alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
@@ -2355,6 +2433,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 what = ", ".join(f"B {b} T {t} {k}->{n} R {r} S {s}" for b, t, k, n, r, s in shapes)
                 log(f"multi-LoRA delta ({part}{label}): {what} ...")
                 rows += sweep_lora(timer, budget, shapes, dtype, modes, provs)
+        for provs, label in groups:
+            for batches, vocabs in plan["token_mask"] if "token_mask" in ops else ():
+                log(f"grammar token mask ({part}{label}): B {list(batches)}, V {list(vocabs)}, masks "
+                    f"{list(TOKEN_MASK_KINDS)} ...")
+                rows += sweep_token_mask(timer, budget, batches, vocabs, dtype, modes, provs)
 
 
 def sort_rows(rows):

@@ -527,7 +527,8 @@ def test_run_kernels_end_to_end_on_cpu():
                    gqa_seqlens=(16,), gqa_heads=((4, 2, 8),),
                    rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),),
                    decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),), matmul_widths=(8,),
-                   int8_rows=(1, 4), int8_shapes=((16, 8),), lora_shapes=((3, 1, 16, 8, 5, 2), (2, 3, 16, 8, 5, 2))),
+                   int8_rows=(1, 4), int8_shapes=((16, 8),), lora_shapes=((3, 1, 16, 8, 5, 2), (2, 3, 16, 8, 5, 2)),
+                   token_mask_batches=(2,), token_mask_vocabs=(70,)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -540,10 +541,16 @@ def test_run_kernels_end_to_end_on_cpu():
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
     # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
     # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only), the int8 linear
-    # and the int4 one at 2 row counts (reference, torch; forward only), the LoRA delta at 2 shapes (torch; fwd only)
+    # and the int4 one at 2 row counts (reference, torch; forward only), the LoRA delta at 2 shapes (torch; fwd only),
+    # the token mask's 2 masks (torch; fwd only; fp32 is the run's dtype)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2 + 2)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2 + 2 + 2)
+    banned = [r for r in timed if r["op"] == "token_mask"]
+    assert [(r["provider"], r["config"]["mask"], r["config"]["dtype"]) for r in banned] == \
+        [("torch", "random", "fp32"), ("torch", "json-string", "fp32")]
+    # bytes: the 2 x 3 words, then at most every logit banned, in fp32
+    assert all(24 < r["bytes"] <= 24 + 2 * 70 * 4 for r in banned)
     assert [(r["provider"], r["config"]["B"], r["config"]["T"], r["flops"], r["bytes"]) for r in timed
             if r["op"] == "lora"] == [("torch", b, t, 2 * b * t * 5 * (16 + 8),
                                        (b * t * 16 + 2 * b * t * 8 + 2 * 5 * 24) * 4) for b, t in ((3, 1), (2, 3))]
@@ -598,7 +605,7 @@ def test_run_kernels_end_to_end_on_cpu():
     assert att[0]["config"]["batch"] == 2 and att[0]["config"]["heads"] == 2
     for r in timed:
         by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope", "rmsnorm", "add_rmsnorm",
-                               "rope_partial", "decode_attention")
+                               "rope_partial", "decode_attention", "token_mask")
         key = "pct_of_copy_bw" if by_bytes else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
@@ -644,6 +651,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
                                                                                    (4096, 14336)))]
     assert first["int4_linear"] == [] and rest["int4_linear"] == rest["int8_linear"]
     assert first["lora"] == [] and rest["lora"] == [((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4))]
+    assert first["token_mask"] == [] and rest["token_mask"] == [((1, 8, 64, 256), (50257, 151936))]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1168,6 +1176,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(kernels.QUICK_SIZES, "int8_rows", (1, 4))  # nor int8_linear's rows and shapes
     monkeypatch.setitem(kernels.QUICK_SIZES, "int8_shapes", ((16, 8),))
     monkeypatch.setitem(kernels.QUICK_SIZES, "lora_shapes", ((3, 1, 16, 8, 5, 2),))  # nor lora's
+    monkeypatch.setitem(kernels.QUICK_SIZES, "token_mask_vocabs", (70,))  # nor token_mask's
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
@@ -1211,7 +1220,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
                                             "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention",
-                                            "matmul", "int8_linear", "int4_linear", "lora"}
+                                            "matmul", "int8_linear", "int4_linear", "lora", "token_mask"}
     assert {(r["config"]["M"], r["config"]["C"]) for r in k["rows"] if r["op"] == "matmul"} == {(8, 8), (32, 8)}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
@@ -2017,6 +2026,36 @@ def test_lora_rows_time_every_provider_adding_the_same_delta_in_place(device):
     assert by[2, "torch"]["bytes"] == (6 * 24 + 12 * 20 + 2 * 5 * 44) * 4  # 2 rows use 2 of the 4 adapters
     assert kernels.sweep_lora(CpuTimer(reps=1), Budget(None), ((3, 1, 24, 20, 5, 2),), torch.float32,
                               modes=("bwd", "fwd+bwd")) == []
+
+
+def test_token_mask_rows_time_every_provider_masking_the_same_tokens(device):
+    """token_mask: torch (the reference) and ours give the same masked logits (ours and xgrammar's in place); an
+    xgrammar kernel that cannot run here is a skipped row saying why, not a crash; the rows are forward only, for both
+    masks, in fp32 and the run's dtype, their bytes the bitmask and the banned logits."""
+    from tritongpt.model.sampling import pack_token_bitmask
+
+    gen = torch.Generator().manual_seed(9)
+    allowed = torch.rand(3, 70, generator=gen) < 0.5
+    logits0 = torch.randn(3, 70, generator=gen).to(device)
+    bitmask = pack_token_bitmask(allowed).to(device)
+    want = logits0.masked_fill(~allowed.to(device), float("-inf"))
+    providers = kernels.token_mask_providers(logits := logits0.clone(), bitmask)
+    assert list(providers) == ["torch", "triton", "xgrammar-triton", "xgrammar-cuda"]
+    for name in ("torch", "triton"):
+        f, _ = providers[name]()
+        assert torch.equal(f(), want), name
+    assert torch.equal(logits, want)  # ours, in place
+    rows = kernels.sweep_token_mask(CpuTimer(reps=1, warm_s=0), Budget(None), (2,), (70,), torch.bfloat16,
+                                    providers=("triton", "xgrammar-cuda"))
+    assert {(r["provider"], r["config"]["mask"], r["config"]["dtype"]) for r in rows} == {
+        (p, m, d) for p in ("triton", "xgrammar-cuda") for m in ("random", "json-string") for d in ("fp32", "bf16")}
+    assert {r["mode"] for r in rows} == {"fwd"} and all(r["note"] == kernels.TOKEN_MASK_BYTES_NOTE for r in rows)
+    ours = [r for r in rows if r["provider"] == "triton"]
+    assert all(r["status"] == "ok" and 2 * 3 * 4 < r["bytes"] < 2 * 3 * 4 + 2 * 70 * 4 for r in ours)
+    if not torch.cuda.is_available():
+        assert all(r["status"].startswith("skipped: ") for r in rows if r["provider"] == "xgrammar-cuda")
+    assert kernels.sweep_token_mask(CpuTimer(reps=1), Budget(None), (2,), (70,), torch.float32,
+                                    modes=("bwd", "fwd+bwd")) == []
 
 
 def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(device):
@@ -2907,7 +2946,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "int4_linear": kernels.int4_linear_providers(torch.zeros(3, 16), torch.zeros(5, 8, dtype=torch.uint8),
                                                           torch.ones(5, 1), torch.zeros(5, 1)),
              "lora": kernels.lora_providers(torch.zeros(1, 1, 5), x[None, :1], torch.zeros(1, 2, 8),
-                                            torch.zeros(1, 5, 2), torch.zeros(1, dtype=torch.long))}
+                                            torch.zeros(1, 5, 2), torch.zeros(1, dtype=torch.long)),
+             "token_mask": kernels.token_mask_providers(x, torch.zeros(4, 1, dtype=torch.int32))}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -3187,21 +3227,23 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "lm_head_loss_bias": "sweep_lm_head_loss_bias", "alibi_attention": "sweep_alibi_attention",
               "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
               "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul",
-              "int8_linear": "sweep_int8_linear", "int4_linear": "sweep_int4_linear", "lora": "sweep_lora"}
+              "int8_linear": "sweep_int8_linear", "int4_linear": "sweep_int4_linear", "lora": "sweep_lora",
+              "token_mask": "sweep_token_mask"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
     kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
-              "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora"]
-    assert calls[-38:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-38]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-38]
+              "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
+              "token_mask"]
+    assert calls[-40:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-40]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-40]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-19:] == newest
+    assert default_ops[-20:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
@@ -4300,12 +4342,13 @@ def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
 
     runs, work, stdout = run_gpu_session(tmp_path, "kernels-extra", EXTRA_MINUTES="0.7")
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
-    assert bench == ["bench", "kernels", "--ops", "decode_attention,matmul,int8_linear,int4_linear,lora",
+    assert bench == ["bench", "kernels", "--ops", "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask",
                      "--max-minutes", "0.7", "--out", f"{work}/results-extra"]
     args = build_parser().parse_args(bench)
-    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear,lora"
+    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask"
     assert not any("pytest" in c for c in runs) and not any("all" in c[2:4] for c in runs if c[:1] == ["-m"])
-    assert "== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora (budget 0.7 min)" \
+    assert ("== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask "
+            "(budget 0.7 min)") \
         in stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
 
