@@ -2255,7 +2255,7 @@ def _sweep_plan(sizes, part):
             # the weight-only int8 linear: after matmul; then the int4 one, the first a short budget drops
             "int8_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else [],
             "int4_linear": [(sizes["int8_rows"], sizes["int8_shapes"])] if part == "rest" else [],
-            # multi-LoRA serving's delta: last of all
+            # multi-LoRA serving's delta: after int4_linear
             "lora": [sizes["lora_shapes"]] if part == "rest" else [],
             # structured outputs' grammar mask: after lora
             "token_mask": [(sizes["token_mask_batches"], sizes["token_mask_vocabs"])] if part == "rest" else []}

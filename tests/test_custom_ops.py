@@ -14,6 +14,7 @@ import tritongpt.kernels.moe  # noqa: F401
 import tritongpt.kernels.quant  # noqa: F401
 import tritongpt.kernels.rope  # noqa: F401
 import tritongpt.kernels.swiglu  # noqa: F401
+import tritongpt.kernels.token_mask  # noqa: F401
 
 ops = torch.ops.tritongpt
 
@@ -192,10 +193,21 @@ def _lora_args(device, gen):
         y.bfloat16(), x.bfloat16(), a.bfloat16(), b.bfloat16(), index.int())}
 
 
+def _token_mask_args(device, gen):
+    """apply_token_bitmask_ writes -inf into logits in place (mutates_args); every row, then a host list of rows. V 70:
+    three words, the last partial."""
+    from tritongpt.model.sampling import pack_token_bitmask
+
+    logits = _randn(3, 70, device=device, gen=gen)
+    bitmask = pack_token_bitmask(torch.rand(3, 70, generator=gen) < 0.5).to(device)
+    return {"apply_token_bitmask_": (logits, bitmask, None),
+            "apply_token_bitmask_ bf16 indices": (logits.bfloat16(), bitmask, [2, 0])}
+
+
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
           "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
           "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args, "int8_linear": _int8_linear_args,
-          "int4_linear": _int4_linear_args, "lora": _lora_args}
+          "int4_linear": _int4_linear_args, "lora": _lora_args, "token_mask": _token_mask_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -229,7 +241,9 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("int4_linear", ("int4_linear", "int4_linear bf16 no bias G16",
                                                            "int4_linear x requires grad", "int4_linear_dx",
                                                            "int4_linear_dx bf16 G16")),
-                                          ("lora", ("add_lora_rows", "add_lora_rows bf16 int32")))
+                                          ("lora", ("add_lora_rows", "add_lora_rows bf16 int32")),
+                                          ("token_mask", ("apply_token_bitmask_",
+                                                          "apply_token_bitmask_ bf16 indices")))
        for op in names]
 
 
