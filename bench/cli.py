@@ -320,10 +320,10 @@ def add_cli(sub):
                         "group of 128 inputs) at int8_linear's sizes, with torch's aten._weight_int4pack_mm, lora "
                         "multi-LoRA serving's per-row adapter delta added in place (kernels/lora.py's add_lora_rows "
                         "against the gather + two bmm's) at a decode batch of 32 rows and a 4 x 512 prefill, "
-                        "768 -> 3072, R 16, over 4 adapters, token_mask structured outputs' grammar mask, logits -inf in "
-                        "place where an xgrammar bitmask bans the token, at batches 1-256 of vocabularies 50257 and "
-                        "151936, a random and a JSON-string mask, in fp32 and --dtype: the reference, ours and "
-                        "xgrammar's triton and cuda kernels when installed)")
+                        "768 -> 3072, R 16, over 4 adapters, token_mask structured outputs' grammar mask, logits "
+                        "-inf in place where an xgrammar bitmask bans the token, at batches 1-256 of vocabularies "
+                        "50257 and 151936, a random and a JSON-string mask, in fp32 and --dtype: the reference, "
+                        "ours and xgrammar's triton and cuda kernels when installed)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,

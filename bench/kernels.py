@@ -2279,8 +2279,8 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
     moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear, lora and token_mask (the newest
-    ops), so a short budget drops token_mask first, then lora, then int4_linear, then int8_linear, then matmul, then decode_attention, then
-    lm_head_distill, then moe_mlp, then alibi_attention, then
+    ops), so a short budget drops token_mask first, then lora, then int4_linear, then int8_linear, then matmul, then
+    decode_attention, then lm_head_distill, then moe_mlp, then alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
