@@ -50,7 +50,7 @@ def _token_mask_kernel(Logits, Bitmask, Indices, n_rows, V, W, stride_l, stride_
                 tl.store(Logits + row * stride_l + tok, ninf, mask=banned)
 
 
-def _tiles(n_rows: int) -> tuple:
+def _tiles() -> tuple:
     """(BLOCK_W, ROWS): see the module docstring."""
     if triton_interpreting():
         return 256, 4
@@ -66,7 +66,7 @@ def _launch(logits, bitmask, indices: Optional[torch.Tensor]):
     n_rows = logits.shape[0] if indices is None else indices.shape[0]
     if n_rows == 0 or V == 0:
         return
-    block_w, rows = _tiles(n_rows)
+    block_w, rows = _tiles()
     _token_mask_kernel[(cdiv(W, block_w), cdiv(n_rows, rows))](
         logits, bitmask, indices, n_rows, V, W, logits.stride(0), bitmask.stride(0), HAS_INDICES=indices is not None,
         ROWS=rows, BLOCK_W=block_w, num_warps=4)
@@ -97,12 +97,15 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
     [rows, ceil(V / 32)] on logits' device, unit stride on its last dim (xgrammar's layout: bit j of word w = token
     32 w + j allowed). indices: None masks every row (bitmask rows == B); else a host list of ints, the rows to mask,
     row i by bitmask row i (xgrammar's semantics), checked on the host. An all-zero bitmask row makes the whole row
-    -inf."""
+    -inf. Inference only: refused where grad is enabled and logits requires grad."""
     check_token_bitmask("apply_token_bitmask_", logits, bitmask, indices)
     for name, t in (("logits", logits), ("bitmask", bitmask)):
         if t.shape[1] > 1 and t.stride(1) != 1:
             raise UserError(f"apply_token_bitmask_: {name} must have unit stride on its last dim, got strides "
                             f"{t.stride()} (its rows may be strided)")
+    if logits.requires_grad and torch.is_grad_enabled():
+        raise UserError("apply_token_bitmask_: logits requires grad; the mask is for sampling (no backward): run it "
+                        "under torch.no_grad() / inference_mode, or use apply_token_bitmask_reference")
     try:
         check_runnable(logits, "logits")
     except (RuntimeError, ValueError) as e:

@@ -161,14 +161,15 @@ def refusal_args(device, **change):
     (dict(bitmask=lambda a: a["bitmask"].T.contiguous().T), "bitmask must have unit stride on its last dim"),
     (dict(logits=lambda a: a["logits"].to("meta"), bitmask=lambda a: a["bitmask"].to("meta")),
      "logits is on meta; Triton kernels run on CUDA"),
+    (dict(logits=lambda a: a["logits"].requires_grad_()), "logits requires grad; the mask is for sampling"),
 ])
 def test_refusals(device, change, message):
-    """Each bad argument a UserError naming it (the shape, dtype, device, stride, index); the first eight and the
-    indices' from the reference too (they share the check)."""
+    """Each bad argument a UserError naming it (the shape, dtype, device, stride, index, grad); all but the kernel's
+    own (strides, a device Triton cannot run on, grad) from the reference too: they share the check."""
     args = refusal_args(device, **change)
     with pytest.raises(UserError, match=message):
         apply_token_bitmask_(**args)
-    if "stride" not in message and "Triton" not in message:
+    if not any(w in message for w in ("stride", "Triton", "grad")):  # the kernel's own refusals
         with pytest.raises(UserError, match=message):
             apply_token_bitmask_reference(**args)
 
