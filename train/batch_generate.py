@@ -16,7 +16,9 @@ from tritongpt.errors import UserError, note, read_text_file
 
 # a --prompts record's fields: the prompt and the settings it may give over the command's flags (vLLM's names;
 # "model": a --lora-modules adapter's name, as a serve request's)
-RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "model")
+# "structured_outputs" / "response_format": a serve request's (train/structured.py), over --structured-outputs
+RECORD_FIELDS = ("prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "model", "structured_outputs",
+                 "response_format")
 
 
 def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages: int | None = None,
@@ -120,7 +122,23 @@ def read_prompts(path) -> list:
             check_sampling(**{k: rec[k] for k in ("temperature", "top_k", "top_p") if rec.get(k) is not None})
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
+        record_structure(rec, where)  # (checked now, compiled once the tokenizer is loaded)
     return raw
+
+
+def record_structure(rec: dict, where: str):
+    """A record's own structured outputs (train/structured.py StructuredOutputs) or None: its structured_outputs
+    (vLLM's) or response_format (OpenAI's), one of them."""
+    from tritongpt.train.structured import StructuredOutputs
+
+    given = [k for k in ("structured_outputs", "response_format") if rec.get(k) is not None]
+    if len(given) > 1:
+        raise UserError(f"{where}: pass one of 'structured_outputs' and 'response_format'")
+    if not given:
+        return None
+    if given[0] == "structured_outputs":
+        return StructuredOutputs.from_dict(rec[given[0]], f"{where}: structured_outputs")
+    return StructuredOutputs.from_response_format(rec[given[0]], f"{where}: response_format")
 
 
 def check_prompts_args(args):
@@ -161,6 +179,7 @@ def cmd_generate_prompts(args):
     from tritongpt.train.common import autocast
     from tritongpt.train.engine import prefix_caching_said, speculation_said
     from tritongpt.train.serve import load_adapters, lora_modules, page_args
+    from tritongpt.train.structured import Grammars, spec_from_flag
     from tritongpt.train.tokenizer import eot_or_none
 
     check_prompts_args(args)
@@ -168,6 +187,7 @@ def cmd_generate_prompts(args):
     check_beam_args(args)  # (--num-beams refused: its flags refused too, --temperature's default set)
     check_generation_args(args)
     stops = stop_strings(args.stop)
+    spec = None if args.structured_outputs is None else spec_from_flag(args.structured_outputs)
     records = read_prompts(args.prompts)
     for where, rec in records:
         if rec.get("model") is not None and rec["model"] not in modules:
@@ -196,6 +216,12 @@ def cmd_generate_prompts(args):
                           own_stop, eot, lead=len(lead))
         own = {k: rec[k] for k in ("temperature", "top_k", "top_p", "seed") if rec.get(k) is not None}
         own["adapter"] = rec.get("model")
+        structure = record_structure(rec, where) or spec
+        if structure is not None:  # (a guide a prompt: its samples' grammars)
+            try:
+                own["guide"] = Grammars.of(tok, limit or model.config.vocab_size).guide(structure)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
         prompts.append(torch.tensor([lead + ids] * args.num_samples, dtype=torch.long))
         budgets.append(budget)
         each.append({**own, "stop": choices.stopped if choices.stops else None})

@@ -74,6 +74,7 @@ class Request:
         self.lookup, self.cut = False, [None] * idx.size(0)
         # a served LoRA adapter (model/lora.py serve_adapters): its slot, -1 the base; salt: its prefix-cache keys'
         self.adapter, self.salt = -1, b""
+        self.guide = None  # structured outputs' (train/structured.py Guide): decode_step masks its draws
         # host clocks (time.monotonic, no GPU sync) where its phases change, for /metrics (train/metrics.py): queued
         # at submit, scheduled at its first admission (vLLM's: a preempted request's re-queue and recompute count in
         # its prefill or decode time, not its queue time), its first and its latest step's tokens
@@ -317,7 +318,7 @@ class Engine:
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
                vocab_limit: int | None = None, stop=None, logprobs: int | None = None, stop_token_ids=None,
                min_tokens: int = 0, ignore_eos: bool = False, prompt_logprobs: int | None = None,
-               adapter: str | None = None, **warp) -> Request:
+               adapter: str | None = None, guide=None, **warp) -> Request:
         """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=...,
         logprobs=..., stop_token_ids=..., min_tokens=..., ignore_eos=..., **warp) (warp: its sampling settings) and
         return its handle. idx [n, T]: n rows (n <= max_batch), T + max_new_tokens within the context (the engine
@@ -332,7 +333,9 @@ class Engine:
         positions served from cached pages have no forward to score them) but caches its pages for the requests
         after it. With max_new_tokens 0 it ends after its prefill, nothing drawn (echo with max_tokens 0).
 
-        adapter: the name of a LoRA adapter the model serves (the class's docstring), None: the base model."""
+        adapter: the name of a LoRA adapter the model serves (the class's docstring), None: the base model.
+        guide: structured outputs (train/structured.py Grammars.guide's, not begun), generate's: its grammar's mask
+        on each of the request's draws (such a request does not speculate: its mask is a one-token step's)."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
             what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
@@ -352,7 +355,7 @@ class Engine:
         # request preempted after its rows drew different tokens recomputes each row, with pages of its own
         prefilled = 1 if bool((idx == idx[:1]).all()) and not self.preemption else idx.size(0)
         speculates = self.lookup is not None and logprobs is None and not min_tokens and prompt_logprobs is None \
-            and max_new_tokens > 0
+            and max_new_tokens > 0 and guide is None
         most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled,
                                speculates) if self.paged else 0
         if self.paged and most > self.cache.num_pages:
@@ -373,9 +376,11 @@ class Engine:
                             f"{vocab_limit} tokens drawn from, so it has no logprob to give")
         self._adapter_slot(adapter)  # (refused now by name; its slot and salt taken below, under the cond)
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
+        if guide is not None:
+            guide.begin(idx.size(0), ends, vocab_limit or vocab, "cross_entropy" in getattr(self.model, "kernels", ()))
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
-        r.lookup = speculates
+        r.lookup, r.guide = speculates, guide
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
@@ -612,6 +617,13 @@ class Engine:
             except Exception as e:  # the batch's forward failed: every request in it fails with the error
                 for r in decoding:
                     self._finish(r, e)
+        for r in list(logits):  # (the grammars' host work while the GPU runs the step's forwards: Guide.fill)
+            try:
+                if r.guide is not None and r not in drafts:
+                    r.guide.fill()
+            except Exception as e:  # (as a decode_step failure below: it alone fails)
+                del logits[r]
+                self._finish(r, e)
         for r, lg in logits.items():
             try:
                 if r in drafts:
@@ -619,7 +631,7 @@ class Engine:
                 else:
                     r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
                                                          r.eos_id, r.generator, r.put_token, r.stop, r.logprobs,
-                                                         r.ends, r.hold)
+                                                         r.ends, r.hold, r.guide)
                 if r.eos_id is not None:  # (without an EOS a done row draws on: its tokens are still returned)
                     r.ended = ended
             except Exception as e:  # this request's settings or stop rule: it alone fails

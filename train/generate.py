@@ -299,7 +299,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              stats: dict | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
              eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None,
              cuda_graph: bool = False, kv_cache_dtype: str = "auto", logit_bias: dict | None = None,
-             logprobs: int | None = None, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False):
+             logprobs: int | None = None, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
+             guide=None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -337,6 +338,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     stop_token_ids, min_tokens, ignore_eos (vLLM's SamplingParams; see end_rule): rows also stop after drawing one
     of stop_token_ids (padded with eos_id, or the first of them without one); a row's first min_tokens new tokens
     are never the EOS nor a stop token (their logits -inf where it draws); ignore_eos: the EOS ends no row.
+    guide: structured outputs (train/structured.py: Grammars.guide's, not begun): each row's text what its grammar
+    allows, ended by an end token at the grammar's end; the logits of the tokens the grammar does not allow are
+    -inf before anything else (the logprobs' too, as vLLM's). Not with a draft or prompt_lookup.
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -361,6 +365,11 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab)
     if hold is not None and (draft is not None or prompt_lookup is not None):
         raise UserError("min_tokens masks a one-token decode step's logits: not with a draft or prompt_lookup")
+    if guide is not None:
+        if draft is not None or prompt_lookup is not None:
+            raise UserError("structured outputs mask a one-token decode step's logits: not with a draft or "
+                            "prompt_lookup")
+        guide.begin(idx.size(0), ends, vocab, "cross_entropy" in getattr(model, "kernels", ()))
     if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)
         raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
     if cuda_graph and (draft is not None or prompt_lookup is not None or not use_cache):
@@ -390,7 +399,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
             return _speculative(model, draft, idx, max_new_tokens, warp, pad, generator, vocab_limit, on_token,
                                 stop, num_draft_tokens, stats, kv_cache_dtype, ends)
         return _generate(model, idx, max_new_tokens, warp, pad, use_cache, generator, vocab_limit, on_token, stop,
-                         cuda_graph, kv_cache_dtype, logprobs, ends, hold)
+                         cuda_graph, kv_cache_dtype, logprobs, ends, hold, guide)
     finally:
         model.train(was_training[0])
         if draft is not None and not lookup:
@@ -569,7 +578,7 @@ class DecodeGraph:
 
 
 def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generator, vocab_limit, on_token, stop,
-              cuda_graph=False, kv_cache_dtype="auto", logprobs=None, ends=None, hold=None):
+              cuda_graph=False, kv_cache_dtype="auto", logprobs=None, ends=None, hold=None, guide=None):
     ctx = model.config.context_length
     # as long as this call can fill: a whole-context cache of a 131072-position model is gigabytes
     cache = new_cache(model, idx.size(0), min(ctx, idx.size(1) + max_new_tokens), kv_cache_dtype) if use_cache else None
@@ -601,14 +610,14 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
         idx, finished, _ = decode_step(logits[:, -1, :vocab_limit], idx, start, done, warp, eos_id, generator,
-                                       on_token, stop, logprobs, ends, hold)
+                                       on_token, stop, logprobs, ends, hold, guide)
         if finished:
             break
     return idx
 
 
 def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on_token, stop, logprobs=None, ends=None,
-                hold=None):
+                hold=None, guide=None):
     """One step of decoding after the forward, shared by _generate and the serving engine (train/engine.py), which
     runs it on each request's rows of a batched forward: a token for each row of idx [B, T] drawn from logits [B, V]
     (sample_next with warp, the penalties counting from column start), a row done [B] (updated in place) padded
@@ -617,14 +626,25 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
     logprobs k (not None): on_token(nxt, step_logprobs(logits, nxt, k)) instead, from the very logits drawn from.
     ends, hold: end_rule's (ends None: eos_id alone ends a row). hold (m, ids): while the rows have fewer than m new
     tokens (idx.size(1) - start, a host int: no sync) ids' logits are -inf before the draw; the logprobs stay the
-    raw logits' (vLLM's default raw_logprobs are taken before its min_tokens processor too)."""
+    raw logits' (vLLM's default raw_logprobs are taken before its min_tokens processor too).
+    guide (structured outputs, begun): its grammars' mask first, on the logits the logprobs are taken from too
+    (vLLM's: its grammar bitmask is applied before the sampler); where min_tokens would then leave a row nothing
+    (its grammar at its end: only end tokens allowed), the grammar wins. The drawn tokens then advance the
+    grammars (one more read of the step's tokens on the host)."""
+    if guide is not None:
+        logits = guide.mask(logits)
     drawn = logits
     if hold is not None and idx.size(1) - start < hold[0]:
         drawn = held_back(logits, hold[1])
+        if guide is not None:  # (on the device: no sync)
+            drawn = torch.where((drawn == float("-inf")).all(-1, keepdim=True), logits, drawn)
     nxt = sample_next(drawn, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
     if logprobs is not None and on_token is not None:
         on_token = (lambda f: lambda new: f(new, step_logprobs(logits, new, logprobs)))(on_token)
-    return append_token(idx, nxt, done, eos_id, on_token, stop, ends)
+    idx, finished, ended = append_token(idx, nxt, done, eos_id, on_token, stop, ends)
+    if guide is not None:
+        guide.accept(idx[:, -1].tolist(), ended)
+    return idx, finished, ended
 
 
 def held_back(logits, ids):

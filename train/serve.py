@@ -50,12 +50,13 @@ from tritongpt.train.metrics import Metrics
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
                  "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty",
                  "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "prompt_logprobs",
-                 "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids"}
+                 "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids",
+                 "response_format", "structured_outputs"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias"}}
 # OpenAI's fields this server does not implement: refused unless null or false (their "off")
 UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
-               "function_call", "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
+               "function_call", "parallel_tool_calls", "audio", "modalities", "prediction",
                "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
 # POST /tokenize's and /detokenize's fields (vLLM's; the chat form's add_generation_prompt is checked by hand)
 FIELDS["tokenize"] = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
@@ -72,6 +73,9 @@ MAX_N = 128  # OpenAI's limit on n
 # the most top tokens a drawn token's logprobs list: vLLM's default --max-logprobs and OpenAI chat's top_logprobs
 # limit (OpenAI's legacy completions took 5)
 MAX_LOGPROBS = 20
+# vLLM's fields for structured outputs before its 0.12, which took structured_outputs in their place: refused with that
+REMOVED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
+           "guided_whitespace_pattern": "whitespace_pattern", "guided_decoding_backend": None}
 MAX_BODY = 32 * 2**20  # bytes: far past any prompt a context holds; a larger Content-Length is refused, not allocated
 
 
@@ -108,6 +112,9 @@ def check_fields(body: dict, endpoint: str, served, unsupported=UNSUPPORTED):
         if key in unsupported:
             if body[key] is not None and body[key] is not False:  # (not `in (None, False)`: 0 == False)
                 raise bad(key, f"'{key}' is not supported by this server")
+        elif key in REMOVED and endpoint in ("completions", "chat"):
+            use = f'"structured_outputs": {{"{REMOVED[key]}": ...}}' if REMOVED[key] else "nothing (one backend here)"
+            raise bad(key, f"'{key}' is vLLM's field before 0.12, which removed it: use {use}")
         elif key not in FIELDS[endpoint]:
             raise bad(key, f"unknown field '{key}'")
     model, served = body.get("model"), (served,) if isinstance(served, str) else tuple(served)
@@ -192,6 +199,7 @@ def sampling_settings(body: dict, endpoint: str, served) -> dict:
     if not isinstance(stops, list) or not all(isinstance(t, str) and t for t in stops):
         raise bad("stop", f"'stop' must be a non-empty string or a list of them, got {stop!r}")
     s["stops"] = stops
+    s["structured"], s["structured_field"] = structured_setting(body)
     s.update(end_settings(body, s["max_tokens"]))
     s["stream"] = bool_field(body, "stream", False)
     s.update(output_settings(body, s))
@@ -205,6 +213,24 @@ def sampling_settings(body: dict, endpoint: str, served) -> dict:
         if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
             raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
     return s
+
+
+def structured_setting(body: dict):
+    """(The request's structured outputs (train/structured.py StructuredOutputs), from vLLM's structured_outputs or
+    OpenAI's response_format (one of them), or None; the field it came from)."""
+    from tritongpt.train.structured import StructuredOutputs
+
+    given = [k for k in ("structured_outputs", "response_format") if body.get(k) is not None]
+    if len(given) > 1:
+        raise bad(given[1], "pass one of 'structured_outputs' and 'response_format'")
+    if not given:
+        return None, None
+    try:
+        if given[0] == "structured_outputs":
+            return StructuredOutputs.from_dict(body[given[0]]), given[0]
+        return StructuredOutputs.from_response_format(body[given[0]]), given[0]
+    except UserError as e:
+        raise bad(given[0], str(e)) from None
 
 
 def stream_options(options, stream: bool) -> tuple:
@@ -494,6 +520,7 @@ class Model:
             except UserError as e:  # completions still work; chat completions say why not
                 self.template, self.template_why = None, str(e)
         self.lock = threading.Lock()
+        self._grammars = None  # structured outputs' compiler (train/structured.py Grammars), made at the first use
         self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
         self.metrics = Metrics(name, model.config.context_length, engine)  # GET /metrics
         self.created = int(time.time())
@@ -557,6 +584,20 @@ class Model:
         conv = Conversation(self.template, system)
         conv.turns = [(u["content"], a["content"]) for u, a in zip(turns[:-1:2], turns[1::2])]
         return formats.encode_prompt(self.tok, conv.prompt(turns[-1]["content"], 0, self.tok))
+
+    def guide(self, spec, field: str):
+        """A Guide of the structured outputs spec (a request's draw's), or None without one; a spec that does not
+        compile (or no xgrammar) a 400 naming the request's field."""
+        if spec is None:
+            return None
+        from tritongpt.train.structured import Grammars
+
+        try:
+            if self._grammars is None:
+                self._grammars = Grammars.of(self.tok, self.limit or self.model.config.vocab_size)
+            return self._grammars.guide(spec)
+        except UserError as e:
+            raise bad(field, str(e)) from None
 
     def budget(self, ids, max_tokens) -> int:
         ctx = self.model.config.context_length
@@ -684,6 +725,7 @@ class Model:
                     frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"],
                     logit_bias=s["logit_bias"])
         timing = timing or self.metrics.request()  # (the caller's: its clock started when the request came)
+        guide = self.guide(s["structured"], s["structured_field"]) if budget else None
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
             timing.tokens(request is not None and request.same_step)
@@ -705,7 +747,7 @@ class Model:
                     request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator,
                                                  vocab_limit=self.limit, stop=stopped if stops else None, logprobs=k,
                                                  **ends, prompt_logprobs=s["score_k"] if on_prompt is not None
-                                                 else None, adapter=adapter, **warp)
+                                                 else None, adapter=adapter, guide=guide, **warp)
                 except UserError:
                     self.check_loaded(adapter)  # (the engine's refusal of an adapter unloaded meanwhile: the 404)
                     raise
@@ -715,7 +757,7 @@ class Model:
                     raise BrokenPipeError("the client left") from None
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
-                                          dict(warp, logprobs=k, **ends), timing, adapter)
+                                          dict(warp, logprobs=k, guide=guide, **ends), timing, adapter)
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
@@ -1131,6 +1173,7 @@ class Completion:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
             self.stop_id = app.eot
         self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
+        app.guide(s["structured"], s["structured_field"])  # (compiled now: a schema it cannot take, a 400 first)
         # echo: the prompt's text (and logprobs) first, then the choice's
         self.echoes = [text if s["echo"] else "" for text in self.texts]
         self.kind = "chat.completion" if self.chat else "text_completion"

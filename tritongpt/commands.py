@@ -452,6 +452,7 @@ def cmd_generate(args):
 
     from tritongpt.train.common import autocast
     from tritongpt.train.generate import generate
+    from tritongpt.train.structured import Grammars, spec_from_flag
     from tritongpt.train.tokenizer import eot_or_none
 
     if args.prompts is not None:  # vLLM's offline LLM.generate: every prompt of a file through the engine
@@ -483,6 +484,10 @@ def cmd_generate(args):
     if args.draft_tokens is not None and not args.draft and args.prompt_lookup is None:
         raise UserError("--draft-tokens is how many tokens the --draft model proposes a step (--prompt-lookup at "
                         "most): pass --draft or --prompt-lookup")
+    if args.structured_outputs is not None and (args.draft or args.prompt_lookup is not None):
+        raise UserError("--structured-outputs masks a one-token decode step: it does not take --draft or "
+                        "--prompt-lookup")
+    spec = None if args.structured_outputs is None else spec_from_flag(args.structured_outputs)
     if args.cuda_graphs and (args.draft or args.prompt_lookup is not None or beams is not None):
         raise UserError("--cuda-graphs replays a one-token decode step: it does not take --draft, --prompt-lookup "
                         "or --num-beams")
@@ -512,6 +517,7 @@ def cmd_generate(args):
     stats = {}
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = eot_or_none(tok)
+    guide = None if spec is None else Grammars.of(tok, limit or model.config.vocab_size).guide(spec)
     stream = TextStream(tok, ids, eot, stops) if args.stream else None
     start, prompt_text = len(lead + ids), tok.decode(ids)
 
@@ -523,7 +529,7 @@ def cmd_generate(args):
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
                        stop=stopped if stops else None, draft=draft, num_draft_tokens=num_draft, stats=stats,
-                       cuda_graph=args.cuda_graphs, kv_cache_dtype=args.kv_cache_dtype,
+                       cuda_graph=args.cuda_graphs, kv_cache_dtype=args.kv_cache_dtype, guide=guide,
                        **sampling_controls(args)).tolist()
     if stream:
         stream.close()
@@ -595,7 +601,7 @@ def check_beam_args(args):
                ("--presence-penalty", args.presence_penalty), ("--draft", args.draft),
                ("--draft-tokens", args.draft_tokens), ("--prompt-lookup", args.prompt_lookup is not None),
                ("--stop", args.stop), ("--stream", args.stream),
-               ("--num-samples", args.num_samples != 1)]
+               ("--num-samples", args.num_samples != 1), ("--structured-outputs", args.structured_outputs)]
     for flag, value in refused:
         if value:
             raise UserError(f"--num-beams (beam search) does not take {flag}: it is deterministic, without "
@@ -1385,6 +1391,7 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_te
 
 def add_cli(sub):
     from tritongpt.train.serve import add_engine_args, add_lora_args
+    from tritongpt.train.structured import add_structured_arg
 
     p = sub.add_parser("info", help=command_help("info"))
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
@@ -1422,6 +1429,7 @@ def add_cli(sub):
     add_draft_args(p, " (--num-samples too: every sample keeps as many draft tokens a step as the one that keeps "
                       "fewest)", lookup=True)
     add_beam_args(p)
+    add_structured_arg(p)
     add_cuda_graphs_arg(p)
     add_kv_cache_dtype_arg(p)
     p.add_argument("--out", metavar="FILE", help="--prompts: the .jsonl to write, a record a sample (index, sample, "

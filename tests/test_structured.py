@@ -1,0 +1,343 @@
+"""Structured outputs (train/structured.py): every text is what its JSON schema, regex, choices or grammar allows,
+ended by the EOS; the mask removes only what the grammar forbids; the engine draws what generate() draws; serve's
+response_format and structured_outputs; refusals by name."""
+import json
+import re
+
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.engine import Engine
+from tritongpt.train.generate import generate
+from tritongpt.train.tokenizer import BPETokenizer
+
+xgr = pytest.importorskip("xgrammar")
+from tritongpt.train.structured import Grammars, StructuredOutputs  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CORPUS = ('the cat sat on the mat. a dog ran in the park, "name": 12, {"age": [1, 2]} yes no maybe ' * 4
+          + "Hello there! How are you? 0123456789")
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+SPECS = {"regex": StructuredOutputs(regex=r"[a-c]{2,4}-\d"), "choice": StructuredOutputs(choice=("yes", "no", "maybe")),
+         "json": StructuredOutputs(json=SCHEMA, disable_any_whitespace=True),
+         "json_object": StructuredOutputs(json_object=True, disable_any_whitespace=True)}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = BPETokenizer.train(CORPUS, 300)
+    torch.manual_seed(3)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=96, n_embd=32, n_layer=2, n_head=2,
+                               tie_weights=False)).eval()
+    return model, tok, Grammars.of(tok, tok.vocab_size)
+
+
+def allowed(kind, text) -> bool:
+    if kind == "regex":
+        return re.fullmatch(r"[a-c]{2,4}-\d", text) is not None
+    if kind == "choice":
+        return text in ("yes", "no", "maybe")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    if kind == "json_object":
+        return isinstance(value, dict)
+    return (isinstance(value, dict) and set(value) == {"name", "age"} and isinstance(value["name"], str)
+            and len(value["name"]) <= 6 and type(value["age"]) is int and 0 <= value["age"] <= 99)
+
+
+def texts(tok, out, start):
+    """Each row's new text up to its EOS, and whether it had one."""
+    rows = []
+    for row in out[:, start:].tolist():
+        end = row.index(tok.eot_id) if tok.eot_id in row else None
+        rows.append((tok.decode(row[:end]), end is not None))
+    return rows
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_every_sampled_text_is_what_its_spec_allows_and_ends_with_the_eos(tiny, kind):
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("the cat")] * 3)
+    guide = grammars.guide(SPECS[kind])
+    # (a random model's JSON strings run on: a bias toward the quote and the brace closes them sooner, the grammar
+    # still deciding where they may come)
+    bias = {tok.encode(c)[0]: 4.0 for c in '"}'} if kind.startswith("json") else None
+    out = generate(model, idx, 40, temperature=1.0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, guide=guide,
+                   generator=torch.Generator().manual_seed(1), logit_bias=bias)
+    got = texts(tok, out, idx.size(1))
+    assert all(ended and allowed(kind, text) for text, ended in got), got
+    assert guide.finished == [True] * 3
+    # (the same draw without the grammar: random weights write no such text, so the mask is what made it)
+    plain = generate(model, idx, 40, temperature=1.0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size,
+                     generator=torch.Generator().manual_seed(1), logit_bias=bias)
+    assert not any(allowed(kind, text) for text, _ in texts(tok, plain, idx.size(1)))
+
+
+def test_the_mask_removes_only_what_the_grammar_forbids(tiny):
+    """Greedy under a regex: each token is the model's likeliest among the tokens an independent matcher allows
+    (checked against xgrammar's own bitmask, unpacked here by hand), so nothing allowed was masked."""
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("a dog")])
+    spec = StructuredOutputs(regex=r"(the|a|mat|cat| ){1,6}\.")
+    out = generate(model, idx, 30, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, guide=grammars.guide(spec))
+    new = out[0, idx.size(1):].tolist()
+    assert tok.eot_id in new and len(new) > 3
+    matcher = xgr.GrammarMatcher(grammars.compile(spec), override_stop_tokens=[tok.eot_id])
+    bitmask = xgr.allocate_token_bitmask(1, tok.vocab_size)
+    for j, t in enumerate(new[:new.index(tok.eot_id) + 1]):
+        matcher.fill_next_token_bitmask(bitmask)
+        ok = [(int(bitmask[0, i // 32]) >> (i % 32)) & 1 == 1 for i in range(tok.vocab_size)]
+        logits = model(out[:, :idx.size(1) + j])[0, -1].double()
+        best = max((i for i in range(tok.vocab_size) if ok[i]), key=lambda i: logits[i])
+        assert t == best
+        assert matcher.accept_token(t)
+    assert matcher.is_terminated()
+
+
+def test_the_engine_draws_what_generate_draws(tiny):
+    """Requests of each kind, sampled and greedy, n of 1 and 2, and a plain one, through an engine that speculates
+    (prompt lookup: the guided requests do not) and preempts (a pool too small for all): each request's tokens are
+    generate()'s alone with a guide of its own."""
+    model, tok, grammars = tiny
+    bias = {tok.encode(c)[0]: 4.0 for c in '"}'}
+    reqs = [("regex", 2, 1.0, 5), ("choice", 1, 0.0, None), (None, 1, 0.0, 7), ("json", 1, 1.0, 9),
+            ("json_object", 2, 0.7, 11)]
+    prompts = ["the cat sat", "a dog", "the cat sat on the mat. the cat sat on", "Hello", "the park"]
+    engine = Engine(model, max_batch=4, kv_pages=14, page_size=4, prompt_lookup=2)
+    handles, refs = [], []
+    for (kind, n, temperature, seed), prompt in zip(reqs, prompts):
+        idx = torch.tensor([tok.encode(prompt)] * n)
+        kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size, temperature=temperature,
+                  logit_bias=bias if kind and kind.startswith("json") else None)
+        for out, submit in ((handles, True), (refs, False)):
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            guide = grammars.guide(SPECS[kind]) if kind else None
+            # (the plain request speculates in the engine: generate()'s with prompt lookup, as the engine's; greedy,
+            # as a pool too short for a row's proposals cuts them, and a sampled row's tokens with them)
+            budget = 40 if kind == "json" else 24
+            out.append(engine.submit(idx, budget, generator=gen, guide=guide, **kw) if submit else
+                       generate(model, idx, budget, generator=gen, guide=guide, **kw,
+                                **({} if kind else dict(prompt_lookup=2, num_draft_tokens=10))))
+    engine.start()
+    try:
+        outs = [h.wait() for h in handles]
+    finally:
+        engine.close()
+    for (kind, *_), out, ref, prompt in zip(reqs, outs, refs, prompts):
+        assert torch.equal(out, ref), kind
+        got = texts(tok, out, len(tok.encode(prompt)))
+        assert all(ended and allowed(kind, text) for text, ended in got) if kind else not allowed("json", got[0][0]), \
+            (kind, got)
+    assert engine.stats["preemptions"] > 0 and engine.stats["spec_decode_num_drafts"] > 0, engine.stats
+
+
+def test_logprobs_are_the_masked_distributions_and_min_tokens_yields_to_the_grammar(tiny):
+    """The logprobs of a guided draw are the grammar-masked distribution's (vLLM's: its bitmask comes before the
+    sampler): the tokens outside the choices' prefixes have none, the allowed ones sum to 1. min_tokens past the
+    grammar's end: the grammar's end token is drawn all the same (else nothing would be left to draw)."""
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("the cat")])
+    steps = []
+    out = generate(model, idx, 10, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, logprobs=5, min_tokens=6,
+                   guide=grammars.guide(SPECS["choice"]), on_token=lambda new, lp: steps.append(lp))
+    text, ended = texts(tok, out, idx.size(1))[0]
+    assert ended and text in ("yes", "no", "maybe")
+    lp, top_ids, top_lps = steps[0]
+    finite = top_lps[0].isfinite()
+    assert 0 < int(finite.sum()) < 5  # (fewer allowed tokens than 5 at the first step)
+    assert all(any(c.startswith(tok.decode([i])) for c in ("yes", "no", "maybe")) for i in top_ids[0][finite].tolist())
+    assert abs(float(top_lps[0][finite].exp().sum()) - 1) < 1e-5
+    assert torch.isfinite(lp).all()
+
+
+def test_a_hugging_face_tokenizer_takes_the_same_grammars(tiny, tmp_path):
+    """Our tokenizer saved as a Hugging Face folder and read back through the tokenizers library (xgrammar reads
+    its vocabulary from transformers' fast tokenizer): the same greedy text under a regex."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    model, tok, grammars = tiny
+    from transformers import GPT2TokenizerFast
+
+    tok.save_hf(tmp_path)  # (vocab.json and merges.txt: transformers writes the tokenizer.json the library reads)
+    GPT2TokenizerFast.from_pretrained(tmp_path).save_pretrained(tmp_path)
+    hf = HFTokenizer.from_hf_folder(tmp_path)
+    idx = torch.tensor([tok.encode("a dog")])
+    spec = StructuredOutputs(regex=r"(the|a|mat|cat| ){1,6}\.")
+    outs = [generate(model, idx, 30, eos_id=tok.eot_id, vocab_limit=tok.vocab_size,
+                     guide=Grammars.of(t, tok.vocab_size).guide(spec)) for t in (tok, hf)]
+    assert torch.equal(outs[0], outs[1])
+    assert re.fullmatch(r"(the|a|mat|cat| ){1,6}\.", texts(tok, outs[1], idx.size(1))[0][0])
+
+
+@pytest.mark.parametrize("d,says", [
+    ({}, "exactly one of"), ({"regex": "a", "choice": ["x"]}, "exactly one of"), ({"json": 3}, "a JSON schema"),
+    ({"choice": []}, "non-empty list"), ({"choice": ["a", 1]}, "non-empty list"), ({"regex": ""}, "non-empty string"),
+    ({"json_object": "yes"}, "must be true"), ({"regex": "a", "whitespace_pattern": " "}, "['whitespace_pattern'] not "
+                                                                                           "supported"),
+    ({"regex": "a", "disable_any_whitespace": "no"}, "true or false"), ("regex", "must be an object")])
+def test_structured_outputs_objects_are_checked_by_field(d, says):
+    with pytest.raises(UserError, match=re.escape(says)):
+        StructuredOutputs.from_dict(d)
+
+
+@pytest.mark.parametrize("rf,says", [({"type": "xml"}, "text, json_object or json_schema"), ("json", '"type"'),
+                                     ({"type": "json_schema", "json_schema": []}, '"schema" object')])
+def test_response_formats_are_checked(rf, says):
+    with pytest.raises(UserError, match=re.escape(says)):
+        StructuredOutputs.from_response_format(rf)
+
+
+def test_response_formats_read_as_openais():
+    assert StructuredOutputs.from_response_format({"type": "text"}) is None
+    assert StructuredOutputs.from_response_format({"type": "json_object"}).kind == "json_object"
+    spec = StructuredOutputs.from_response_format({"type": "json_schema", "json_schema": {"name": "x",
+                                                                                          "schema": SCHEMA}})
+    assert spec.json == SCHEMA
+
+
+@pytest.mark.parametrize("spec,says", [(StructuredOutputs(regex="a("), "the regex could not be compiled"),
+                                       (StructuredOutputs(json={"type": "objec"}), "the json could not be compiled"),
+                                       (StructuredOutputs(grammar="root ::= "), "the grammar could not be compiled")])
+def test_what_xgrammar_cannot_compile_is_named(tiny, spec, says):
+    with pytest.raises(UserError, match=says):
+        tiny[2].guide(spec)
+
+
+def test_generate_refuses_what_a_guide_cannot_do(tiny):
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("the")])
+    kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size)
+    with pytest.raises(UserError, match="not with a draft or prompt_lookup"):
+        generate(model, idx, 4, guide=grammars.guide(SPECS["choice"]), prompt_lookup=2, **kw)
+    with pytest.raises(UserError, match="has none"):  # (the grammar's end could never end the text)
+        generate(model, idx, 4, guide=grammars.guide(SPECS["choice"]), ignore_eos=True, **kw)
+    guide = grammars.guide(SPECS["choice"])
+    generate(model, idx, 4, guide=guide, **kw)
+    with pytest.raises(UserError, match="serves one request"):
+        generate(model, idx, 4, guide=guide, **kw)
+    with pytest.raises(UserError, match="compiled for 300 tokens, fewer than the 320"):
+        generate(model, idx, 4, guide=grammars.guide(SPECS["choice"]), eos_id=tok.eot_id, vocab_limit=320)
+    with pytest.raises(UserError, match="fewer than the tokenizer's 300"):
+        Grammars(tok, 299)
+
+
+@pytest.fixture(scope="module", params=["engine", "max-batch-1"])
+def server(request, tmp_path_factory):
+    from test_serve import start, tiny_run
+
+    folder = tmp_path_factory.mktemp("structured") / "run"
+    tok = tiny_run(folder, "chat")
+    srv = start(folder, *(["--max-batch", "1"] if request.param == "max-batch-1" else []))
+    srv.RequestHandlerClass.log_message = lambda *a: None
+    yield srv, tok
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_serve_takes_structured_outputs_and_response_format(server):
+    """A completion's structured_outputs (vLLM's) and a chat's response_format (OpenAI's): texts the spec allows,
+    finish_reason stop, the same tokens as generate() with the seed, streamed or not."""
+    from test_serve import call, events
+
+    srv, tok = server
+    body = {"prompt": "the cat", "max_tokens": 30, "n": 2, "seed": 4, "temperature": 1.0,
+            "structured_outputs": {"regex": "[a-c]{2,4}-[0-9]"}}
+    status, out = call(srv, "/v1/completions", body)
+    assert status == 200, out
+    got = [c["text"] for c in out["choices"]]
+    assert all(re.fullmatch(r"[a-c]{2,4}-\d", t) for t in got) and {c["finish_reason"] for c in out["choices"]} \
+        == {"stop"}
+    ids = tok.encode("the cat")
+    ref = generate(srv.app.model, torch.tensor([ids] * 2), 30, temperature=1.0, eos_id=tok.eot_id,
+                   generator=torch.Generator().manual_seed(4), vocab_limit=srv.app.limit,
+                   guide=srv.app.guide(StructuredOutputs(regex="[a-c]{2,4}-[0-9]"), "x"))
+    assert got == [t for t, _ in texts(tok, ref, len(ids))]
+    status, text = call(srv, "/v1/completions", {**body, "stream": True})
+    streamed = ["", ""]
+    for chunk in events(text):
+        for c in chunk["choices"]:
+            streamed[c["index"]] += c["text"]
+    assert streamed == got
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "yy"]}}, "required": ["a"],
+              "additionalProperties": False}
+    status, out = call(srv, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "seed": 1, "temperature": 0.5,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}}})
+    assert status == 200, out
+    answer = out["choices"][0]["message"]["content"]
+    assert json.loads(answer)["a"] in ("x", "yy") and out["choices"][0]["finish_reason"] == "stop", answer
+
+
+@pytest.mark.parametrize("extra,param,says", [
+    ({"structured_outputs": {"regex": "a("}}, "structured_outputs", "the regex could not be compiled"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "response_format",
+     "pass one of"),
+    ({"guided_json": {"type": "object"}}, "guided_json", 'use "structured_outputs": {"json": ...}'),
+    ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "removed it"),
+    ({"response_format": {"type": "xml"}}, "response_format", "json_object or json_schema"),
+    ({"structured_outputs": {"choice": "yes"}}, "structured_outputs", "non-empty list")])
+def test_serve_refuses_bad_structured_requests_by_field(server, extra, param, says):
+    from test_serve import call
+
+    srv, _ = server
+    status, out = call(srv, "/v1/completions", {"prompt": "the", "max_tokens": 4, **extra})
+    assert status == 400 and out["error"]["param"] == param and says in out["error"]["message"], out
+
+
+def test_generate_structured_outputs_flag_and_prompts_records(tmp_path, capsys):
+    """`generate --structured-outputs` (JSON text or @FILE) and --prompts records with their own structured_outputs
+    or response_format over the flag; refusals by flag."""
+    from test_serve import tiny_run
+    from tritongpt.cli import main
+
+    folder = tmp_path / "run"
+    tiny_run(folder, "completion")
+    base = ["generate", "--weights", str(folder), "--device", "cpu", "--max-new-tokens", "30"]
+    assert main(base + ["--prompt", "the cat", "--num-samples", "2", "--temperature", "1.0",
+                        "--structured-outputs", '{"choice": ["yes", "no", "maybe"]}']) == 0
+    printed = capsys.readouterr().out.split("\n")
+    assert {line.removeprefix("the cat") for line in printed if line.startswith("the cat")} <= {"yes", "no", "maybe"}
+    (tmp_path / "spec.json").write_text('{"regex": "[0-9]{3}"}')
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a dog"}) + "\n" + json.dumps(
+        {"prompt": "the", "structured_outputs": {"choice": ["cat", "mat"]}}) + "\n" + json.dumps(
+        {"prompt": "Hello", "response_format": {"type": "json_object"}, "max_tokens": 60}) + "\n")
+    assert main(base + ["--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                        "--structured-outputs", "@" + str(tmp_path / "spec.json"), "--temperature", "0.8",
+                        "--max-batch", "3"]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert re.fullmatch("[0-9]{3}", recs[0]["text"]) and recs[1]["text"] in ("cat", "mat")
+    assert all(r["finish_reason"] == "stop" for r in recs[:2])
+    assert recs[2]["finish_reason"] == "length" or isinstance(json.loads(recs[2]["text"]), dict)
+    for flags, says in [(["--structured-outputs", "{regex"], "not JSON"),
+                        (["--structured-outputs", "@" + str(tmp_path / "none.json")], "no such file"),
+                        (["--structured-outputs", '{"regex": "a"}', "--prompt-lookup", "2"], "--prompt-lookup"),
+                        (["--structured-outputs", '{"regex": "a"}', "--num-beams", "2"], "--structured-outputs"),
+                        (["--structured-outputs", '{"regex": "a("}'], "the regex could not be compiled")]:
+        assert main(base + ["--prompt", "the"] + flags) == 2
+        assert says in capsys.readouterr().err, flags
+
+
+def test_the_triton_mask_draws_what_the_reference_draws(tiny):
+    """The token mask's two paths (model/sampling.py's reference, kernels/token_mask.py's kernel, through the
+    interpreter here), picked by the model's "cross_entropy" kernel name: the same sampled tokens, a request of two
+    rows whose one ends first (the kernel then masks the live row alone)."""
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("the cat")] * 2)
+    outs = []
+    for kernels in ("reference", "cross_entropy"):
+        model.set_kernels(kernels)
+        try:
+            outs.append(generate(model, idx, 24, temperature=1.0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size,
+                                 guide=grammars.guide(SPECS["regex"]), generator=torch.Generator().manual_seed(2)))
+        finally:
+            model.set_kernels("reference")
+    assert torch.equal(outs[0], outs[1])
+    lengths = [row.index(tok.eot_id) for row in outs[0][:, idx.size(1):].tolist()]
+    assert lengths[0] != lengths[1]

@@ -1,0 +1,293 @@
+"""Structured outputs: text that a JSON schema, a regular expression, a list of choices or a grammar allows, and
+nothing else (vLLM's `structured_outputs`, OpenAI's `response_format`).
+
+Each decode step a request's grammar matcher says which tokens may come next given the text so far; the others'
+logits become -inf before the draw, so every sampling setting still applies, over the allowed tokens. At the
+grammar's end only the end tokens are allowed: the row ends with its EOS. The grammar side is xgrammar's (vLLM's
+default backend: a grammar compiled once against the tokenizer's vocabulary, a pushdown automaton a row that fills
+a 32-tokens-a-word bitmask each step); the mask on the logits is ours, both paths: model/sampling.py's reference
+and kernels/token_mask.py's Triton kernel (the "cross_entropy" kernel name: the LM head's logits).
+
+    spec = StructuredOutputs.from_dict({"json": {"type": "object", ...}})   # or regex=, choice=, grammar=
+    guide = Grammars.of(tokenizer, vocab_size).guide(spec, rows=1, ends=[eos])
+    generate(model, idx, 64, eos_id=eos, guide=guide)
+"""
+import json
+import re
+import threading
+from dataclasses import dataclass
+
+
+from tritongpt.errors import UserError
+
+KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM's StructuredOutputsParams' options taken here: disable_any_whitespace (JSON without whitespace between its
+# tokens: fewer tokens, and none of a small model's runs of blanks), disable_fallback (vLLM's: no other backend
+# where xgrammar cannot take the spec; there is none here, so it changes nothing)
+OPTIONS = ("disable_any_whitespace", "disable_fallback")
+INSTALL = 'structured outputs need the xgrammar package: pip install -e ".[structured]"'
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError:
+        raise UserError(INSTALL) from None
+    return xgrammar
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What the text must be, one of vLLM's StructuredOutputsParams kinds: json (a JSON schema, as a dict or its
+    text), regex, choice (a list of strings: the text is one of them), grammar (an EBNF grammar in xgrammar's GBNF
+    form, `root ::= ...`) or json_object (any JSON object: OpenAI's response_format {"type": "json_object"})."""
+    json: object = None
+    regex: str | None = None
+    choice: tuple | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    @classmethod
+    def from_dict(cls, d, where: str = "structured_outputs") -> "StructuredOutputs":
+        """vLLM's `structured_outputs` object: exactly one kind given (null or false counts as not given)."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where} must be an object with one of {list(KINDS)}, got {type(d).__name__}")
+        unknown = sorted(k for k, v in d.items() if k not in KINDS + OPTIONS and v not in (None, False))
+        if unknown:
+            raise UserError(f"{where}: {unknown} not supported here; it takes one of {list(KINDS)} and the options "
+                            f"{list(OPTIONS)}")
+        for k in OPTIONS:
+            if d.get(k) is not None and not isinstance(d[k], bool):
+                raise UserError(f"{where}.{k} must be true or false, got {d[k]!r}")
+        given = [k for k in KINDS if d.get(k) not in (None, False)]
+        if len(given) != 1:
+            raise UserError(f"{where} takes exactly one of {list(KINDS)}, got {given or 'none'}")
+        kind, value = given[0], d[given[0]]
+        if kind == "json" and not isinstance(value, (dict, str)):
+            raise UserError(f"{where}.json must be a JSON schema (an object, or its text), got {type(value).__name__}")
+        if kind in ("regex", "grammar") and (not isinstance(value, str) or not value):
+            raise UserError(f"{where}.{kind} must be a non-empty string, got {value!r}")
+        if kind == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+                raise UserError(f"{where}.choice must be a non-empty list of non-empty strings, got {value!r}")
+            value = tuple(value)
+        if kind == "json_object" and value is not True:
+            raise UserError(f"{where}.json_object must be true, got {value!r}")
+        return cls(**{kind: value}, disable_any_whitespace=bool(d.get("disable_any_whitespace")))
+
+    @classmethod
+    def from_response_format(cls, rf, where: str = "response_format") -> "StructuredOutputs | None":
+        """OpenAI's response_format: {"type": "text"} (None: no constraint), {"type": "json_object"}, or
+        {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}."""
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+            raise UserError(f'{where} must be an object with a "type" (text, json_object or json_schema), got {rf!r}')
+        kind = rf["type"]
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls(json_object=True)
+        if kind != "json_schema":
+            raise UserError(f"{where}.type must be text, json_object or json_schema, got {kind!r}")
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+            raise UserError(f'{where}.json_schema must be an object with a "schema" object, got {js!r}')
+        # OpenAI's json_schema without a schema: any JSON object (its name and strict change no token here: the
+        # mask holds the text to the schema whatever `strict` says)
+        return cls(json=js["schema"]) if "schema" in js else cls(json_object=True)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+
+
+def choice_grammar(choices) -> str:
+    """An EBNF grammar whose language is exactly the choices (each a JSON-escaped string literal)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _said(e: Exception) -> str:
+    """xgrammar's error without its C++ source location ("[time] /project/cpp/x.cc:94: ")."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text)
+
+
+def vocabulary(tok) -> tuple:
+    """(the tokenizer's vocabulary as xgrammar reads it, its VocabType name): our byte-level BPE's token bytes
+    (raw: a token is the bytes it adds to the text), special tokens empty (xgrammar treats an empty token as
+    special: never part of a grammar's text); a Hugging Face tokenizer through transformers' fast tokenizer, whose
+    vocabulary xgrammar decodes itself (byte-level, byte-fallback or raw, as its decoder says)."""
+    table = getattr(tok, "_id_to_bytes", None)
+    if table is not None:
+        special = set(tok.special_tokens.values())
+        return [b"" if i in special else t for i, t in enumerate(table)], "RAW"
+    return None, "hf"
+
+
+class Grammars:
+    """A tokenizer's grammar compiler (xgrammar's GrammarCompiler, its compiled grammars cached by their text):
+    one per tokenizer and vocabulary width, shared by every request (Grammars.of)."""
+    _made: dict = {}
+    _lock = threading.Lock()
+
+    def __init__(self, tok, vocab_size: int):
+        xgr = _xgrammar()
+        if vocab_size < tok.vocab_size:
+            raise UserError(f"structured outputs: the logits' {vocab_size} tokens are fewer than the tokenizer's "
+                            f"{tok.vocab_size}")
+        from tritongpt.train.tokenizer import eot_or_none
+
+        vocab, kind = vocabulary(tok)
+        # (each matcher's end tokens are its request's, Guide.begin's: these only keep xgrammar from guessing)
+        eos = eot_or_none(tok)
+        stops = [eos] if eos is not None else []  # (none: an empty list, not None, which xgrammar would guess at)
+        if vocab is not None:
+            info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops)
+        else:
+            from transformers import PreTrainedTokenizerFast
+
+            fast = PreTrainedTokenizerFast(tokenizer_object=tok._tok)
+            info = xgr.TokenizerInfo.from_huggingface(fast, vocab_size=vocab_size, stop_token_ids=stops)
+        self.vocab_size, self.info = vocab_size, info
+        self.compiler = xgr.GrammarCompiler(info)
+
+    @classmethod
+    def of(cls, tok, vocab_size: int) -> "Grammars":
+        """The Grammars of this tokenizer object at this vocabulary width (made once: a 50k-token vocabulary's
+        TokenizerInfo takes a moment)."""
+        key = (id(tok), vocab_size)
+        with cls._lock:
+            made = cls._made.get(key)
+            if made is None or made[0] is not tok:
+                made = cls._made[key] = (tok, cls(tok, vocab_size))
+        return made[1]
+
+    def compile(self, spec: StructuredOutputs):
+        """spec compiled against the vocabulary (xgrammar caches each grammar's compilation): a UserError naming
+        the kind and xgrammar's complaint for a schema, pattern or grammar it cannot read."""
+        c = self.compiler
+        try:
+            if spec.json is not None:
+                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+                return c.compile_json_schema(schema, any_whitespace=not spec.disable_any_whitespace)
+            if spec.regex is not None:
+                return c.compile_regex(spec.regex)
+            if spec.choice is not None:
+                return c.compile_grammar(choice_grammar(spec.choice))
+            if spec.grammar is not None:
+                return c.compile_grammar(spec.grammar)
+            # OpenAI's json_object is an object; xgrammar's builtin JSON grammar (vLLM's) takes any value, [1] too
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=not spec.disable_any_whitespace)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"structured outputs: the {spec.kind} could not be compiled: {_said(e)}") from None
+
+    def guide(self, spec: StructuredOutputs) -> "Guide":
+        """A Guide of spec's compiled grammar (its rows and end tokens given by Guide.begin)."""
+        return Guide(self.compile(spec), self.vocab_size)
+
+
+class Guide:
+    """One request's (or generate call's) grammar state: a matcher a row. Each decode step mask() sets the logits
+    of the tokens a row's grammar does not allow to -inf (the rows not done), then accept() advances each row by
+    the token it drew. At the grammar's end only the end tokens are allowed, and a row whose text ended (an end
+    token drawn, a stop string, its budget) is left alone."""
+
+    def __init__(self, compiled, vocab_size: int):
+        self.compiled, self.vocab_size = compiled, vocab_size
+        self.matchers, self.done, self.triton, self.live = None, [], False, None
+
+    def begin(self, rows: int, ends, vocab: int, triton: bool = False) -> "Guide":
+        """Ready for `rows` rows whose text ends with one of `ends` (token ids: end_rule's, the EOS and any stop
+        token ids), drawn from `vocab` tokens; triton: mask with the Triton kernel (generate's and the engine's
+        call, from the model's kernels). Once: a guide is one request's."""
+        xgr = _xgrammar()
+        if self.matchers is not None:
+            raise UserError("a Guide serves one request: make another (Grammars.guide) for the next")
+        ends = sorted({int(e) for e in ends or ()})
+        if not ends:
+            raise UserError("structured outputs end a row's text with an end token, and this one has none (no EOS, "
+                            "or ignore_eos without stop_token_ids)")
+        if vocab > self.vocab_size:
+            raise UserError(f"structured outputs: the grammar was compiled for {self.vocab_size} tokens, fewer than "
+                            f"the {vocab} drawn from")
+        self.matchers = [xgr.GrammarMatcher(self.compiled, override_stop_tokens=ends) for _ in range(rows)]
+        self.bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size)
+        self.done, self.triton = [False] * rows, triton
+        return self
+
+    def fill(self):
+        """The live rows' next-token bitmasks, filled on the host: by mask() itself, or earlier by the engine, which
+        fills every guided request's right after it launches a step's forwards, so the matchers work while the GPU
+        runs them (vLLM's scheduler fills its bitmasks beside the forward too)."""
+        self.live = [i for i, d in enumerate(self.done) if not d]
+        for i in self.live:
+            self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
+
+    def mask(self, logits):
+        """logits [rows, V] (V at most the vocabulary width the grammar was compiled for) with -inf where a live
+        row's grammar allows no token: the bitmask (fill()'s, filled here if not yet) sent without waiting."""
+        from tritongpt.model.sampling import apply_token_bitmask
+
+        if self.live is None:
+            self.fill()
+        live, self.live = self.live, None
+        if not live:
+            return logits
+        if logits.is_cuda and not self.bitmask.is_pinned():  # (a copy from pinned memory does not block the host)
+            self.bitmask = self.bitmask.pin_memory()
+        words = (logits.size(-1) + 31) // 32
+        bitmask = self.bitmask if words == self.bitmask.size(1) else self.bitmask[:, :words].contiguous()
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+        return apply_token_bitmask(logits.contiguous() if self.triton else logits, bitmask,
+                                   None if len(live) == len(self.done) else live, triton=self.triton)
+
+    def accept(self, tokens, ended=None):
+        """Each live row's new token (host ints), then the rows `ended` (a host list: decode_step's) marked done.
+        A token the grammar refuses is a bug (the mask allowed it): an error, not a silent drift."""
+        for i, t in enumerate(tokens):
+            if self.done[i]:
+                continue
+            m = self.matchers[i]
+            if not m.is_terminated() and not m.accept_token(int(t)):
+                raise RuntimeError(f"structured outputs: row {i}'s token {int(t)} is not one its grammar allows")
+            if m.is_terminated():
+                self.done[i] = True
+        for i, e in enumerate(ended or ()):
+            self.done[i] = self.done[i] or bool(e)
+
+    @property
+    def finished(self) -> list:
+        """Each row's grammar is complete (its text is whole: an end token drawn where the grammar allowed it)."""
+        return [m.is_terminated() for m in self.matchers]
+
+
+def spec_from_flag(text: str, flag: str = "--structured-outputs") -> StructuredOutputs:
+    """The flag's value: vLLM's structured_outputs object as JSON text, or @PATH, a file holding it."""
+    return StructuredOutputs.from_dict(*flag_object(text, flag))
+
+
+def flag_object(text: str, flag: str = "--structured-outputs") -> tuple:
+    """(The JSON object of the flag's value, text or @PATH, unchecked; where it came from, for errors)."""
+    from pathlib import Path
+
+    where = flag
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise UserError(f"{flag} {text}: no such file")
+        text, where = path.read_text(encoding="utf-8"), f"{flag} {path}"
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not JSON ({e}); give vLLM's structured_outputs object, e.g. "
+                        '\'{"regex": "[0-9]+"}\' or \'{"json": {...schema...}}\', or @FILE') from None
+    return d, where
+
+
+def add_structured_arg(p):
+    """generate's --structured-outputs (its --prompts records' own structured_outputs win over it)."""
+    p.add_argument("--structured-outputs", default=None, metavar="SPEC",
+                   help="the text must be what SPEC allows (vLLM's structured_outputs, through xgrammar): a JSON "
+                        "object with one of json (a JSON schema), regex, choice (a list of strings), grammar (EBNF, "
+                        "`root ::= ...`) or json_object: true, and optionally disable_any_whitespace; or @FILE "
+                        "holding it. Sampled texts end at the grammar's end with the EOS")
