@@ -337,7 +337,12 @@ torch.manual_seed(0); GPTModel(get_config('gpt2-small')).save('$WORK/gpt2-random
     ngram='{"method":"ngram","num_speculative_tokens":8,"prompt_lookup_max":2}'
     # mb32-lora4: mb32's load spread over 4 random rank-16 LoRA adapters (attn,mlp), a random pick a request: the
     # adapters' cost beside mb32 (their files: 10.6 MB each, written in 0.2 s on the CPU)
+    # mb32-json: mb32's load, every request held to a JSON schema (structured outputs: the grammars' host work and
+    # the token mask each step); its spec in a file (its brackets would glob, unquoted)
+    echo '{"json": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, '\
+'"required": ["name", "age"]}}' >"$WORK/serve-schema.json"
     for run in "mb1:$gen --max-batch 1" "mb32:$gen --max-batch 32" "mb32-lora4:$gen --max-batch 32 --random-loras 4" \
+               "mb32-json:$gen --max-batch 32 --structured-outputs @$WORK/serve-schema.json" \
                "mb32-paged:$gen --max-batch 32 --kv-cache-pages 2048" \
                "mb32-graphs:$gen --max-batch 32 --cuda-graphs" \
                "mb32-prefix:$gen --max-batch 32 --kv-cache-pages 2048 --enable-prefix-caching" \

@@ -147,6 +147,10 @@ def add_cli(p):
                         "--enable-lora --lora-modules would); not with --base-url")
     g.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="with --random-loras, the adapters' rank (default 16, vLLM's --max-lora-rank default)")
+    g.add_argument("--structured-outputs", default=None, metavar="SPEC",
+                   help="send every request this structured_outputs (vLLM's object, as JSON text or @FILE: e.g. "
+                        "'{\"json\": SCHEMA}'), the grammar's cost under load (vLLM's structured-output benchmark "
+                        "sends one a request); not with --scoring or --ignore-eos")
     g.add_argument("--label", default=None, help="the results' name: serve-LABEL.json, .md, .png (default: serve; "
                    "an existing file is never overwritten: the run takes the next free -2, -3, ...)")
     serve.add_cli(collect)
@@ -207,8 +211,18 @@ def check_args(args) -> tuple:
         if getattr(args, name) < least:
             what = "a non-negative integer with --scoring" if least == 0 else "a positive integer"
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    if args.structured_outputs is not None:
+        from tritongpt.train.structured import StructuredOutputs, flag_object
+
+        if args.ignore_eos:  # (the server refuses it: the grammar's end could not end the text)
+            raise UserError("--structured-outputs ends each answer at its grammar's end with the end token: not with "
+                            "--ignore-eos")
+        obj = flag_object(args.structured_outputs)
+        StructuredOutputs.from_dict(*obj)  # (checked here, before the server starts)
+        args.structured_outputs = obj[0]
     if args.scoring:
-        for flag, given in (("--ignore-eos", args.ignore_eos), ("--dataset", args.dataset is not None)):
+        for flag, given in (("--ignore-eos", args.ignore_eos), ("--dataset", args.dataset is not None),
+                            ("--structured-outputs", args.structured_outputs is not None)):
             if given:
                 raise UserError(f"{flag} is the generation load's: --scoring sends lm-eval's requests of token-id "
                                 "prompts cut from the corpus (--input-len), which do not take it")
@@ -436,14 +450,16 @@ def served_models(base_url: str, api_key=None) -> list:
 
 
 def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, timeout=TIMEOUT_S,
-                      api_key=None) -> dict:
+                      api_key=None, structured=None) -> dict:
     """One streamed completion, timed: its record (success, error, ttft_ms, itl_ms, e2e_ms, tpot_ms, the usage's
-    prompt_tokens and output_tokens, text_chunks, finish_reason)."""
+    prompt_tokens and output_tokens, text_chunks, finish_reason). structured: its structured_outputs object."""
     url = parse_url(base_url)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True
+    if structured is not None:
+        body["structured_outputs"] = structured
     rec = {"success": False, "error": None, "ttft_ms": None, "itl_ms": [], "e2e_ms": None, "tpot_ms": None,
            "prompt_tokens": None, "output_tokens": None, "text_chunks": 0, "finish_reason": None}
     conn = _connection(url, timeout)
@@ -570,11 +586,12 @@ def check_scored(obj, prompts, max_tokens) -> list:
 
 
 def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=None, seed=0, ignore_eos=False,
-             timeout=TIMEOUT_S, api_key=None, scoring=False, models=None):
+             timeout=TIMEOUT_S, api_key=None, scoring=False, models=None, structured=None):
     """Every prompt sent at its arrival time (arrival_offsets), at most `concurrency` in flight: (the records in
     prompt order, each with its index, its "model" and its send time sent_s from the start, the duration in
     seconds). scoring: each prompt a list of token-id lists sent as one lm-eval loglikelihood request
-    (score_completion). models: a "model" a prompt (LoRA adapters' names: adapter_picks), else `model` for all."""
+    (score_completion). models: a "model" a prompt (LoRA adapters' names: adapter_picks), else `model` for all.
+    structured: every generation request's structured_outputs."""
     offsets = arrival_offsets(len(prompts), rate, seed)
     gate = threading.BoundedSemaphore(concurrency) if concurrency else None
     records = [None] * len(prompts)
@@ -589,7 +606,8 @@ def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=No
             if scoring:
                 rec = score_completion(base_url, name, prompts[i], max_tokens, timeout, api_key)
             else:
-                rec = stream_completion(base_url, name, prompts[i], max_tokens, ignore_eos, timeout, api_key)
+                rec = stream_completion(base_url, name, prompts[i], max_tokens, ignore_eos, timeout, api_key,
+                                        structured)
         except Exception as e:  # never lose a request: a client bug is a failure with its reason
             rec = {"success": False, "error": f"{type(e).__name__}: {e}", "itl_ms": [], "bad_choices": 0}
         finally:
@@ -748,13 +766,15 @@ def run_serve(args) -> int:
         # the load too)
         first = picks[0] if picks else model
         warm = score_completion(base_url, first, prompts[0], args.output_len, api_key=key) if args.scoring else \
-            stream_completion(base_url, first, prompts[0], args.output_len, args.ignore_eos, api_key=key)
+            stream_completion(base_url, first, prompts[0], args.output_len, args.ignore_eos, api_key=key,
+                              structured=args.structured_outputs)
         if not warm["success"]:
             raise UserError(f"the warm-up request to {base_url} failed: {warm['error']}")
         runs = []
         for c in concurrencies:
             records, duration = run_load(base_url, model, prompts, args.output_len, rate, c, args.seed,
-                                         args.ignore_eos, api_key=key, scoring=args.scoring, models=picks)
+                                         args.ignore_eos, api_key=key, scoring=args.scoring, models=picks,
+                                         structured=args.structured_outputs)
             metrics = summarize_scoring(records, duration) if args.scoring else \
                 summarize(records, duration, args.output_len)
             runs.append({"max_concurrency": c, "request_rate": None if math.isinf(rate) else rate,
@@ -768,7 +788,7 @@ def run_serve(args) -> int:
         if scratch is not None:
             scratch.cleanup()
     settings = {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "dataset", "seed",
-                                              "ignore_eos", "label", "scoring")}
+                                              "ignore_eos", "label", "scoring", "structured_outputs")}
     settings.update(request_rate=None if math.isinf(rate) else rate, max_concurrency=list(concurrencies),
                     model=model, endpoint=ENDPOINT, temperature=0,
                     prompts_per_request=args.prompts_per_request if args.scoring else 1,
@@ -854,6 +874,8 @@ def render_markdown(result) -> str:
         counts = ", ".join(f"{name} {n}" for name, n in s["adapter_requests"].items())
         lines += [f"LoRA adapters{made}: each request's model a random pick among {', '.join(s['lora_modules'])} "
                   f"(vLLM's --lora-modules rule, seed {s['seed']}); requests: {counts}.", ""]
+    if s.get("structured_outputs") is not None:
+        lines += [f"Every request's structured_outputs: `{json.dumps(s['structured_outputs'])}`.", ""]
     if srv["in_process"]:
         flags = ", ".join(f"{k}={v}" for k, v in srv["flags"].items() if v not in (None, False))
         lines += [f"Server flags: {flags}", ""]

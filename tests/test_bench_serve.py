@@ -566,7 +566,8 @@ def test_a_flag_serve_gains_reaches_the_in_process_server(monkeypatch):
 
 def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
     """`bash bench/gpu_session.sh serve` makes GPT-2 124M's shape with random weights, then runs `bench serve` once
-    a server setting (one request at a time, batched, batched over 4 random LoRA adapters, paged, graphs, prefix
+    a server setting (one request at a time, batched, batched over 4 random LoRA adapters, batched under a JSON
+    schema, paged, graphs, prefix
     caching, n-gram speculation; lm-eval's scoring load alone and batched), each labelled, each parsed by the
     bench's own parser; `all` does not run it.
     Python is a stand-in."""
@@ -574,10 +575,10 @@ def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
     from tritongpt.cli import build_parser
 
     runs, work, stdout = run_gpu_session(tmp_path, "serve", SERVE_SECONDS="30")
-    assert "get_config('gpt2-small')" in runs[-10][1] and f"{work}/gpt2-random.safetensors" in runs[-10][1]
+    assert "get_config('gpt2-small')" in runs[-11][1] and f"{work}/gpt2-random.safetensors" in runs[-11][1]
     loads = [c[2:] for c in runs if c[:4] == ["-m", "tritongpt.cli", "bench", "serve"]]
     labels = [c[c.index("--label") + 1] for c in loads]
-    assert labels == ["mb1", "mb32", "mb32-lora4", "mb32-paged", "mb32-graphs", "mb32-prefix", "mb32-ngram",
+    assert labels == ["mb1", "mb32", "mb32-lora4", "mb32-json", "mb32-paged", "mb32-graphs", "mb32-prefix", "mb32-ngram",
                       "scoring-mb1", "scoring-mb32"]
     by = {label: build_parser().parse_args(argv) for label, argv in zip(labels, loads)}
     for label, args in by.items():
@@ -585,6 +586,9 @@ def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
         assert (args.weights, args.num_prompts, args.out, args.scoring) == (
             f"{work}/gpt2-random.safetensors", 32 if scoring else 64, f"{work}/results-serve", scoring)
     assert by["mb32-lora4"].max_batch == 32 and (by["mb32-lora4"].random_loras, by["mb32-lora4"].lora_rank) == (4, None)
+    spec = by["mb32-json"].structured_outputs
+    assert spec.startswith("@") and json.loads(open(spec[1:]).read())["json"]["required"] == ["name", "age"]
+    assert not any(args.structured_outputs for label, args in by.items() if label != "mb32-json")
     assert not any(args.random_loras for label, args in by.items() if label != "mb32-lora4")
     assert by["mb1"].max_batch == 1 and by["mb32-paged"].kv_cache_pages == 2048 and by["mb32-graphs"].cuda_graphs
     assert by["mb32-prefix"].enable_prefix_caching and "== tritongpt bench serve" in stdout
@@ -592,3 +596,24 @@ def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
     assert serve.speculative_config(by["mb32-ngram"].speculative_config, 32) == {"prompt_lookup": 2,
                                                                                  "num_draft_tokens": 8}
     assert by["scoring-mb32"].prompts_per_request == 8 and by["scoring-mb32"].max_concurrency == "4"
+
+
+def test_structured_outputs_go_with_every_request_and_the_results_say_so(saved, tmp_path, capsys):
+    """--structured-outputs sends vLLM's object with every request (the warm-up's too): each answer is one of the
+    choices, ended by the grammar (finish_reason stop; at most 3 tokens and the end token); the results record the object; refusals by flag."""
+    pytest.importorskip("xgrammar")
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"choice": ["yes", "no"]}')
+    assert bench("--weights", str(saved), "--device", "cpu", "--num-prompts", "3", "--input-len", "4",
+                 "--output-len", "8", "--out", str(tmp_path), "--structured-outputs", "@" + str(spec)) == 0
+    result = json.loads(only_file(tmp_path, "serve.json").read_text())
+    assert result["settings"]["structured_outputs"] == {"choice": ["yes", "no"]}
+    (run,) = result["runs"]
+    assert run["metrics"]["failed"] == 0
+    assert all(r["finish_reason"] == "stop" and r["output_tokens"] <= 4 for r in run["requests"]), run["requests"]
+    assert '{"choice": ["yes", "no"]}' in only_file(tmp_path, "serve.md").read_text()
+    for flags, says in ((["--ignore-eos"], "not with --ignore-eos"), (["--scoring"], "--structured-outputs is the "
+                        "generation load's"), ([], "exactly one of")):
+        extra = '{"regex": "a", "choice": ["b"]}' if not flags else '{"regex": "a"}'
+        assert bench("--weights", str(saved), "--device", "cpu", "--structured-outputs", extra, *flags) == 2
+        assert says in capsys.readouterr().err
