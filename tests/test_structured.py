@@ -341,3 +341,32 @@ def test_the_triton_mask_draws_what_the_reference_draws(tiny):
     assert torch.equal(outs[0], outs[1])
     lengths = [row.index(tok.eot_id) for row in outs[0][:, idx.size(1):].tolist()]
     assert lengths[0] != lengths[1]
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_the_kernel_the_engine_and_its_graphs_draw_generates_text(tiny):
+    """On CUDA: the Triton mask and the reference draw the same sampled text in bf16 autocast; the engine's guided
+    requests, CUDA graphs on, are generate()'s greedy text (the bitmask sent from pinned memory each step)."""
+    import copy
+
+    model, tok, grammars = tiny
+    gpu = copy.deepcopy(model).cuda()
+    idx = torch.tensor([tok.encode("the cat")] * 3, device="cuda")
+    kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size)
+    outs = []
+    for kernels in ("reference", "cross_entropy"):
+        gpu.set_kernels(kernels)
+        with torch.autocast("cuda", torch.bfloat16):
+            outs.append(generate(gpu, idx, 30, temperature=1.0, guide=grammars.guide(SPECS["json"]),
+                                 generator=torch.Generator("cuda").manual_seed(5), **kw))
+    assert torch.equal(outs[0], outs[1])
+    assert all(allowed("json", text) for text, ended in texts(tok, outs[0].cpu(), idx.size(1)) if ended)
+    engine = Engine(gpu, max_batch=4, cuda_graph=True)
+    handles = [engine.submit(idx[:1], 20, guide=grammars.guide(SPECS[k]), **kw) for k in ("regex", "choice")]
+    engine.start()
+    try:
+        got = [h.wait() for h in handles]
+    finally:
+        engine.close()
+    for k, out in zip(("regex", "choice"), got):
+        assert torch.equal(out, generate(gpu, idx[:1], 20, guide=grammars.guide(SPECS[k]), **kw)), k
