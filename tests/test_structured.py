@@ -370,3 +370,25 @@ def test_on_a_gpu_the_kernel_the_engine_and_its_graphs_draw_generates_text(tiny)
         engine.close()
     for k, out in zip(("regex", "choice"), got):
         assert torch.equal(out, generate(gpu, idx[:1], 20, guide=grammars.guide(SPECS[k]), **kw)), k
+
+
+def test_a_stop_token_the_grammar_needs_as_text_ends_the_text_there(tiny):
+    """stop_token_ids holding a text token ("." here) that the grammar's text needs: vLLM's grammar knows only the
+    EOS, so the "." is drawn as text where the grammar allows it and ends the row there (as a stop token does).
+    Made one of the grammar's own end tokens, xgrammar would allow it only at the grammar's end: nothing would be
+    allowed after "ab" (a draw from all -inf, then an error claiming a bug). Where a text token is the only end
+    (ignore_eos), a grammar that needs it as text allows nothing there: a UserError that says so."""
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("the cat")] * 2)
+    dot = tok.encode(".")
+    assert len(dot) == 1
+    spec = StructuredOutputs(regex=r"[a-c]{2}\.[0-9]")
+    out = generate(model, idx, 8, temperature=1.0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, stop_token_ids=dot,
+                   guide=grammars.guide(spec), generator=torch.Generator().manual_seed(0))
+    for row in out[:, idx.size(1):].tolist():
+        end = next(j for j, t in enumerate(row) if t in (dot[0], tok.eot_id))
+        assert re.fullmatch(r"[a-c]{2}\.[0-9]?", tok.decode(row[:end + 1] if row[end] == dot[0] else row[:end])), row
+        assert all(t == tok.eot_id for t in row[end + 1:]), row
+    with pytest.raises(UserError, match="allows no token"):
+        generate(model, idx, 8, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, stop_token_ids=dot, ignore_eos=True,
+                 guide=grammars.guide(spec))

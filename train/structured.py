@@ -149,6 +149,8 @@ class Grammars:
             fast = PreTrainedTokenizerFast(tokenizer_object=tok._tok)
             info = xgr.TokenizerInfo.from_huggingface(fast, vocab_size=vocab_size, stop_token_ids=stops)
         self.vocab_size, self.info = vocab_size, info
+        # the ids that are never text: the special tokens and the padding past the tokenizer's (Guide.begin)
+        self.specials = frozenset(tok.special_tokens.values()) | frozenset(range(tok.vocab_size, vocab_size))
         self.compiler = xgr.GrammarCompiler(info)
 
     @classmethod
@@ -183,7 +185,7 @@ class Grammars:
 
     def guide(self, spec: StructuredOutputs) -> "Guide":
         """A Guide of spec's compiled grammar (its rows and end tokens given by Guide.begin)."""
-        return Guide(self.compile(spec), self.vocab_size)
+        return Guide(self.compile(spec), self.vocab_size, self.specials)
 
 
 class Guide:
@@ -192,8 +194,8 @@ class Guide:
     the token it drew. At the grammar's end only the end tokens are allowed, and a row whose text ended (an end
     token drawn, a stop string, its budget) is left alone."""
 
-    def __init__(self, compiled, vocab_size: int):
-        self.compiled, self.vocab_size = compiled, vocab_size
+    def __init__(self, compiled, vocab_size: int, specials=frozenset()):
+        self.compiled, self.vocab_size, self.specials = compiled, vocab_size, specials
         self.matchers, self.done, self.triton, self.live = None, [], False, None
 
     def begin(self, rows: int, ends, vocab: int, triton: bool = False) -> "Guide":
@@ -210,7 +212,12 @@ class Guide:
         if vocab > self.vocab_size:
             raise UserError(f"structured outputs: the grammar was compiled for {self.vocab_size} tokens, fewer than "
                             f"the {vocab} drawn from")
-        self.matchers = [xgr.GrammarMatcher(self.compiled, override_stop_tokens=ends) for _ in range(rows)]
+        # the grammar's own end tokens: the special ones. xgrammar allows its end tokens only at the grammar's end,
+        # so a text token among them (stop_token_ids' ".") would never be text, and a grammar needing it would
+        # allow nothing; left out, it is drawn as text where the grammar allows it and ends the row there, as
+        # vLLM's stop_token_ids (its grammar's end is the EOS's). Text tokens alone (ignore_eos): they end it.
+        stops = [e for e in ends if e in self.specials] or ends
+        self.matchers = [xgr.GrammarMatcher(self.compiled, override_stop_tokens=stops) for _ in range(rows)]
         self.bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size)
         self.done, self.triton = [False] * rows, triton
         return self
@@ -222,6 +229,10 @@ class Guide:
         self.live = [i for i, d in enumerate(self.done) if not d]
         for i in self.live:
             self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
+            if not self.bitmask[i].any():  # (a draw from all -inf: a wrong token, or a NaN distribution)
+                raise UserError(f"structured outputs: row {i}'s grammar allows no token after its text so far (a "
+                                f"token its text needs is one of its end tokens {self.matchers[i].stop_token_ids}, "
+                                "which it allows only at its end?)")
 
     def mask(self, logits):
         """logits [rows, V] (V at most the vocabulary width the grammar was compiled for) with -inf where a live
