@@ -392,3 +392,34 @@ def test_a_stop_token_the_grammar_needs_as_text_ends_the_text_there(tiny):
     with pytest.raises(UserError, match="allows no token"):
         generate(model, idx, 8, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, stop_token_ids=dot, ignore_eos=True,
                  guide=grammars.guide(spec))
+
+
+def test_a_hugging_face_vocabularys_special_tokens_are_never_text(tmp_path):
+    """xgrammar reads a Hugging Face vocabulary's special tokens by their spelling ("<|im_end|>"), text a JSON
+    string or a regex's \\S could hold, which the answer's detokenization then drops; our BPE's are empty, never
+    text. The same tokenizer both ways (a special token that ends nothing here): the same bitmask, inside a JSON
+    string and at the grammar's end."""
+    from transformers import GPT2TokenizerFast
+
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    tok = BPETokenizer.train(CORPUS, 300, special_tokens=("<|endoftext|>", "<|im_end|>"))
+    tok.save_hf(tmp_path)
+    GPT2TokenizerFast.from_pretrained(tmp_path).save_pretrained(tmp_path)
+    hf = HFTokenizer.from_hf_folder(tmp_path)
+    assert hf.special_tokens == tok.special_tokens
+    masks = []
+    for t in (tok, hf):
+        guide = Grammars(t, 320).guide(StructuredOutputs(regex=r'"[^"]*"'))
+        guide.begin(1, [tok.eot_id], 300)
+        for token in tok.encode('"ab') + [None] + tok.encode('"'):  # (None: the bitmask inside the string)
+            if token is None:
+                guide.fill()
+                masks.append(guide.bitmask.clone())
+            else:
+                guide.accept([token])
+        guide.fill()
+        masks.append(guide.bitmask.clone())
+    im_end = tok.special_tokens["<|im_end|>"]
+    assert not (int(masks[0][0, im_end // 32]) >> (im_end % 32)) & 1
+    assert torch.equal(masks[0], masks[2]) and torch.equal(masks[1], masks[3])

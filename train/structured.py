@@ -116,7 +116,8 @@ def vocabulary(tok) -> tuple:
     """(the tokenizer's vocabulary as xgrammar reads it, its VocabType name): our byte-level BPE's token bytes
     (raw: a token is the bytes it adds to the text), special tokens empty (xgrammar treats an empty token as
     special: never part of a grammar's text); a Hugging Face tokenizer through transformers' fast tokenizer, whose
-    vocabulary xgrammar decodes itself (byte-level, byte-fallback or raw, as its decoder says)."""
+    vocabulary xgrammar decodes itself (byte-level, byte-fallback or raw, as its decoder says; Grammars empties its
+    special tokens)."""
     table = getattr(tok, "_id_to_bytes", None)
     if table is not None:
         special = set(tok.special_tokens.values())
@@ -148,6 +149,14 @@ class Grammars:
 
             fast = PreTrainedTokenizerFast(tokenizer_object=tok._tok)
             info = xgr.TokenizerInfo.from_huggingface(fast, vocab_size=vocab_size, stop_token_ids=stops)
+            # xgrammar reads the special tokens by their spelling ("<|im_end|>"): text a JSON string could hold,
+            # which the answer's detokenization drops. Empty, as our BPE's (the vocabulary's kind it detected kept)
+            special, vocab = set(tok.special_tokens.values()), [""] * vocab_size
+            for t, i in fast.get_vocab().items():
+                if i < vocab_size and i not in special:
+                    vocab[i] = t
+            info = xgr.TokenizerInfo(vocab, info.vocab_type, vocab_size=vocab_size, stop_token_ids=stops,
+                                     add_prefix_space=info.add_prefix_space)
         self.vocab_size, self.info = vocab_size, info
         # the ids that are never text: the special tokens and the padding past the tokenizer's (Guide.begin)
         self.specials = frozenset(tok.special_tokens.values()) | frozenset(range(tok.vocab_size, vocab_size))
