@@ -423,3 +423,22 @@ def test_a_hugging_face_vocabularys_special_tokens_are_never_text(tmp_path):
     im_end = tok.special_tokens["<|im_end|>"]
     assert not (int(masks[0][0, im_end // 32]) >> (im_end % 32)) & 1
     assert torch.equal(masks[0], masks[2]) and torch.equal(masks[1], masks[3])
+
+
+def test_a_grammar_no_text_matches_fails_its_engine_request_alone(tiny):
+    """A regex xgrammar compiles but no text matches ("ab" then an empty class): its bitmask, filled by the engine
+    beside the step's forward, allows nothing after "ab" -> that request fails with a UserError saying so (not a
+    draw from all -inf), and the request beside it draws what generate() draws."""
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("the cat")])
+    kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size)
+    engine = Engine(model, max_batch=4)
+    bad = engine.submit(idx, 8, guide=grammars.guide(StructuredOutputs(regex=r"ab[^\s\S]")), **kw)
+    good = engine.submit(idx, 8, guide=grammars.guide(SPECS["choice"]), **kw)
+    engine.start()
+    try:
+        with pytest.raises(UserError, match="allows no token after its text so far"):
+            bad.wait()
+        assert torch.equal(good.wait(), generate(model, idx, 8, guide=grammars.guide(SPECS["choice"]), **kw))
+    finally:
+        engine.close()

@@ -239,9 +239,9 @@ class Guide:
         for i in self.live:
             self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
             if not self.bitmask[i].any():  # (a draw from all -inf: a wrong token, or a NaN distribution)
-                raise UserError(f"structured outputs: row {i}'s grammar allows no token after its text so far (a "
-                                f"token its text needs is one of its end tokens {self.matchers[i].stop_token_ids}, "
-                                "which it allows only at its end?)")
+                raise UserError(f"structured outputs: row {i}'s grammar allows no token after its text so far: no "
+                                "text matches it (a pattern such as [^\\s\\S]), or a token its text needs is one of "
+                                f"its end tokens {self.matchers[i].stop_token_ids}, allowed only at its end")
 
     def mask(self, logits):
         """logits [rows, V] (V at most the vocabulary width the grammar was compiled for) with -inf where a live
