@@ -442,3 +442,15 @@ def test_a_grammar_no_text_matches_fails_its_engine_request_alone(tiny):
         assert torch.equal(good.wait(), generate(model, idx, 8, guide=grammars.guide(SPECS["choice"]), **kw))
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_serve_refuses_a_structured_request_with_no_end_before_streaming(server, stream):
+    """ignore_eos without stop_token_ids leaves a grammar's end no token to end the text: a 400 naming
+    ignore_eos, streamed or not (a stream's used to open with 200 and carry the error as its one event)."""
+    from test_serve import call
+
+    srv, _ = server
+    status, out = call(srv, "/v1/completions", {"prompt": "the", "max_tokens": 4, "ignore_eos": True, "stream": stream,
+                                                "structured_outputs": {"regex": "[a-c]+"}})
+    assert status == 400 and out["error"]["param"] == "ignore_eos" and "has none" in out["error"]["message"], out

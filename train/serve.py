@@ -1173,7 +1173,14 @@ class Completion:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
             self.stop_id = app.eot
         self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
-        app.guide(s["structured"], s["structured_field"])  # (compiled now: a schema it cannot take, a 400 first)
+        guide = app.guide(s["structured"], s["structured_field"])  # (compiled now: a schema it cannot take, a 400)
+        if guide is not None:  # (and an end token its text can have, before a stream's first event)
+            from tritongpt.train.generate import end_rule
+
+            try:
+                guide.begin(1, end_rule(self.stop_id, s["stop_token_ids"], 0, s["ignore_eos"])[1], vocab)
+            except UserError as e:
+                raise bad("ignore_eos" if s["ignore_eos"] else s["structured_field"], str(e)) from None
         # echo: the prompt's text (and logprobs) first, then the choice's
         self.echoes = [text if s["echo"] else "" for text in self.texts]
         self.kind = "chat.completion" if self.chat else "text_completion"
