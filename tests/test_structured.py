@@ -454,3 +454,32 @@ def test_serve_refuses_a_structured_request_with_no_end_before_streaming(server,
     status, out = call(srv, "/v1/completions", {"prompt": "the", "max_tokens": 4, "ignore_eos": True, "stream": stream,
                                                 "structured_outputs": {"regex": "[a-c]+"}})
     assert status == 400 and out["error"]["param"] == "ignore_eos" and "has none" in out["error"]["message"], out
+
+
+def test_no_repeat_ngram_size_yields_to_the_grammar_where_it_would_ban_all(tiny):
+    """no_repeat_ngram_size 1 bans every token seen; a grammar whose text repeats its tokens ((ab|ba){3}) would be
+    left nothing (a draw from all -inf: an error claiming a bug, or a NaN distribution). Greedy: each token is the
+    likeliest the grammar allows and the ban does not, or, where the ban leaves none, the likeliest the grammar
+    allows (an independent matcher's bitmask); sampled, the text is the grammar's too."""
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("a dog")])
+    spec = StructuredOutputs(regex=r"(ab|ba){3}")
+    out = generate(model, idx, 12, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, guide=grammars.guide(spec),
+                   no_repeat_ngram_size=1)
+    new = out[0, idx.size(1):].tolist()
+    assert tok.eot_id in new and re.fullmatch(r"(ab|ba){3}", tok.decode(new[:new.index(tok.eot_id)])), new
+    matcher = xgr.GrammarMatcher(grammars.compile(spec), override_stop_tokens=[tok.eot_id])
+    bitmask, yielded = xgr.allocate_token_bitmask(1, tok.vocab_size), 0
+    for j, t in enumerate(new[:new.index(tok.eot_id) + 1]):
+        matcher.fill_next_token_bitmask(bitmask)
+        ok = {i for i in range(tok.vocab_size) if (int(bitmask[0, i // 32]) >> (i % 32)) & 1}
+        seen = set(out[0, :idx.size(1) + j].tolist())
+        logits = model(out[:, :idx.size(1) + j])[0, -1].double()
+        yielded += not ok - seen
+        assert t == max(ok - seen or ok, key=lambda i: logits[i])
+        assert matcher.accept_token(t)
+    assert 0 < yielded < len(new)
+    out = generate(model, idx, 12, temperature=1.0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size,
+                   guide=grammars.guide(spec), no_repeat_ngram_size=1, generator=torch.Generator().manual_seed(0))
+    new = out[0, idx.size(1):].tolist()
+    assert tok.eot_id in new and re.fullmatch(r"(ab|ba){3}", tok.decode(new[:new.index(tok.eot_id)])), new

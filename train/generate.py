@@ -629,8 +629,9 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
     raw logits' (vLLM's default raw_logprobs are taken before its min_tokens processor too).
     guide (structured outputs, begun): its grammars' mask first, on the logits the logprobs are taken from too
     (vLLM's: its grammar bitmask is applied before the sampler); where min_tokens would then leave a row nothing
-    (its grammar at its end: only end tokens allowed), the grammar wins. The drawn tokens then advance the
-    grammars (one more read of the step's tokens on the host)."""
+    (its grammar at its end: only end tokens allowed), the grammar wins, as where no_repeat_ngram_size would ban
+    every token it allows. The drawn tokens then advance the grammars (one more read of the step's tokens on the
+    host)."""
     if guide is not None:
         logits = guide.mask(logits)
     drawn = logits
@@ -638,6 +639,11 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
         drawn = held_back(logits, hold[1])
         if guide is not None:  # (on the device: no sync)
             drawn = torch.where((drawn == float("-inf")).all(-1, keepdim=True), logits, drawn)
+    if guide is not None and warp.get("no_repeat_ngram_size"):  # (the grammar wins here too: its text repeats
+        # its own n-grams, JSON's '": ' after each key, and a ban of all it allows would leave nothing to draw)
+        banned = ban_repeated_ngrams(drawn, idx, warp["no_repeat_ngram_size"], ~done, strict=False)
+        drawn = torch.where((banned == float("-inf")).all(-1, keepdim=True), drawn, banned)
+        warp = {**warp, "no_repeat_ngram_size": None}
     nxt = sample_next(drawn, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
     if logprobs is not None and on_token is not None:
         on_token = (lambda f: lambda new: f(new, step_logprobs(logits, new, logprobs)))(on_token)
