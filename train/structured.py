@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from tritongpt.errors import UserError
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
-# vLLM's StructuredOutputsParams' options taken here: disable_any_whitespace (JSON without whitespace between its
-# tokens: fewer tokens, and none of a small model's runs of blanks), disable_fallback (vLLM's: no other backend
-# where xgrammar cannot take the spec; there is none here, so it changes nothing)
+# vLLM's StructuredOutputsParams' options taken here: disable_any_whitespace (JSON with xgrammar's fixed ", " and
+# ": " between its tokens and no other blanks, as vLLM's: fewer tokens, and none of a small model's runs of blanks),
+# disable_fallback (vLLM's: no other backend where xgrammar cannot take the spec; there is none here, so it changes
+# nothing)
 OPTIONS = ("disable_any_whitespace", "disable_fallback")
 INSTALL = 'structured outputs need the xgrammar package: pip install -e ".[structured]"'
 
