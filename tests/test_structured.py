@@ -307,7 +307,8 @@ def test_generate_structured_outputs_flag_and_prompts_records(tmp_path, capsys):
     (tmp_path / "spec.json").write_text('{"regex": "[0-9]{3}"}')
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a dog"}) + "\n" + json.dumps(
         {"prompt": "the", "structured_outputs": {"choice": ["cat", "mat"]}}) + "\n" + json.dumps(
-        {"prompt": "Hello", "response_format": {"type": "json_object"}, "max_tokens": 60}) + "\n")
+        {"prompt": "Hello", "response_format": {"type": "json_object"}, "max_tokens": 60}) + "\n" + json.dumps(
+        {"prompt": "the", "response_format": {"type": "text"}}) + "\n")  # (text: no grammar, over the flag's too)
     assert main(base + ["--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"),
                         "--structured-outputs", "@" + str(tmp_path / "spec.json"), "--temperature", "0.8",
                         "--max-batch", "3"]) == 0
@@ -315,6 +316,7 @@ def test_generate_structured_outputs_flag_and_prompts_records(tmp_path, capsys):
     assert re.fullmatch("[0-9]{3}", recs[0]["text"]) and recs[1]["text"] in ("cat", "mat")
     assert all(r["finish_reason"] == "stop" for r in recs[:2])
     assert recs[2]["finish_reason"] == "length" or isinstance(json.loads(recs[2]["text"]), dict)
+    assert not re.fullmatch("[0-9]{3}", recs[3]["text"]), recs[3]
     for flags, says in [(["--structured-outputs", "{regex"], "not JSON"),
                         (["--structured-outputs", "@" + str(tmp_path / "none.json")], "no such file"),
                         (["--structured-outputs", '{"regex": "a"}', "--prompt-lookup", "2"], "--prompt-lookup"),

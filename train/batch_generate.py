@@ -126,16 +126,17 @@ def read_prompts(path) -> list:
     return raw
 
 
-def record_structure(rec: dict, where: str):
+def record_structure(rec: dict, where: str, default=None):
     """A record's own structured outputs (train/structured.py StructuredOutputs) or None: its structured_outputs
-    (vLLM's) or response_format (OpenAI's), one of them."""
+    (vLLM's) or response_format (OpenAI's: {"type": "text"} is None, plain text), one of them; default where it
+    gives neither (the --structured-outputs flag's)."""
     from tritongpt.train.structured import StructuredOutputs
 
     given = [k for k in ("structured_outputs", "response_format") if rec.get(k) is not None]
     if len(given) > 1:
         raise UserError(f"{where}: pass one of 'structured_outputs' and 'response_format'")
     if not given:
-        return None
+        return default
     if given[0] == "structured_outputs":
         return StructuredOutputs.from_dict(rec[given[0]], f"{where}: structured_outputs")
     return StructuredOutputs.from_response_format(rec[given[0]], f"{where}: response_format")
@@ -216,7 +217,7 @@ def cmd_generate_prompts(args):
                           own_stop, eot, lead=len(lead))
         own = {k: rec[k] for k in ("temperature", "top_k", "top_p", "seed") if rec.get(k) is not None}
         own["adapter"] = rec.get("model")
-        structure = record_structure(rec, where) or spec
+        structure = record_structure(rec, where, spec)
         if structure is not None:  # (a guide a prompt: its samples' grammars)
             try:
                 own["guide"] = Grammars.of(tok, limit or model.config.vocab_size).guide(structure)
