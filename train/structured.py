@@ -201,8 +201,9 @@ class Grammars:
 class Guide:
     """One request's (or generate call's) grammar state: a matcher a row. Each decode step mask() sets the logits
     of the tokens a row's grammar does not allow to -inf (the rows not done), then accept() advances each row by
-    the token it drew. At the grammar's end only the end tokens are allowed, and a row whose text ended (an end
-    token drawn, a stop string, its budget) is left alone."""
+    the token it drew. At the grammar's end only the end tokens are allowed (the special ones: begin), and a row
+    whose text ended (an end token drawn, a stop string, its budget) is left alone. specials: the ids that are never
+    text (Grammars'; none: every end token a grammar's end only)."""
 
     def __init__(self, compiled, vocab_size: int, specials=frozenset()):
         self.compiled, self.vocab_size, self.specials = compiled, vocab_size, specials
