@@ -90,15 +90,16 @@ def _compiled(template: str):
     return compiled
 
 
-def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None) -> str:
     """messages rendered by tokenizer.chat_template, with the variables transformers gives it
-    (its special tokens' spellings: bos_token, eos_token...)."""
+    (its special tokens' spellings: bos_token, eos_token...; tools: OpenAI's function tools, as
+    apply_chat_template(tools=) passes them)."""
     import jinja2
 
     tokens = {f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}
     try:
         return _compiled(tokenizer.chat_template).render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tools=None,
+            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tools=tools,
             documents=None, **tokens)
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
         raise UserError(f"the tokenizer's chat template refused this conversation: {e}") from None
@@ -114,6 +115,33 @@ def _check_contents(tokenizer, messages):
         except DisallowedSpecialToken as e:
             raise UserError(f"message {i} ({m['role']}) spells the special token {e.token!r}: in the model's chat "
                             "template it would be that token, not text") from None
+
+
+def tool_prompt(tokenizer, messages, tools=None, shown: bool = True) -> Rendered:
+    """The generation prompt of a chat that may use tools (serve's tool calling, vLLM's): messages with an
+    assistant's tool_calls (their arguments objects, not text: what templates read) and role "tool" results, the
+    function tools given to the template as transformers' apply_chat_template(tools=) gives them. No text a message
+    carries may spell a special token (_check_contents); a template that renders no tools, or drops a tool call or
+    result, is refused by name: the model would answer without seeing them (tools where shown: a tool_choice
+    "none" passes them as they are)."""
+    calls = [(i, c["function"]) for i, m in enumerate(messages) for c in m.get("tool_calls") or ()]
+    _check_contents(tokenizer, [{"role": m["role"], "content": m.get("content") or ""} for m in messages] +
+                    [{"role": "assistant", "content": f["name"] + json.dumps(f["arguments"])} for _, f in calls])
+    for j, tool in enumerate(tools or ()):  # (its name, description and schema are rendered text too)
+        try:
+            _check_contents(tokenizer, [{"role": "tool", "content": json.dumps(tool, ensure_ascii=False)}])
+        except UserError as e:
+            raise UserError(f"tools[{j}]{str(e)[len('message 0 (tool)'):]}") from None
+    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
+    if tools and shown and text == render(tokenizer, messages, add_generation_prompt=True):
+        raise UserError("the model's chat template renders no tools (it ignores apply_chat_template's tools): the "
+                        "model would call them unseen")
+    results = [(i, "tool result", m["content"]) for i, m in enumerate(messages) if m["role"] == "tool"]
+    for i, what, said in results + [(i, "assistant's tool call", f["name"]) for i, f in calls]:
+        if said and said not in text:
+            raise UserError(f"messages[{i}]: the model's chat template drops this {what} (its text is not in the "
+                            "rendered prompt)")
+    return Rendered(text)
 
 
 def template_parts(tokenizer, messages, learn_all: bool = True) -> list:

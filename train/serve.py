@@ -10,7 +10,9 @@ OpenAI's (top_k, min_p, repetition_penalty; ignore_eos, min_tokens, stop_token_i
 rules, as vLLM's SamplingParams and detokenizer apply them) are vLLM's (vllm/entrypoints/openai/protocol.py).
 The text is generate()'s: a completion is what `tritongpt generate` prints after the prompt, a chat answer what
 `tritongpt chat` answers to the same messages (its Conversation renders them), cut at the same stop strings. A field
-this server does not implement (tools, suffix, ...) is refused by name, never ignored.
+this server does not implement (functions, suffix, ...) is refused by name, never ignored. Tool calling is vLLM's
+without --enable-auto-tool-choice (tool_setting): a named function or "required", held to the tools' schemas by
+structured outputs (train/structured.py) and answered as message.tool_calls; "auto" refused as vLLM refuses it.
 logprobs (completions' `logprobs: k`, `echo`; chat's `logprobs: true, top_logprobs: k`) are the model's raw
 log-softmax over its vocabulary (vLLM's default "raw_logprobs": before logit_bias, penalties, temperature and cuts)
 at each drawn token, taken from the very logits its decode step drew from (generate.step_logprobs); the prompt's
@@ -53,8 +55,10 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
                  "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids",
                  "response_format", "structured_outputs"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
-          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias"}}
-# OpenAI's fields this server does not implement: refused unless null or false (their "off")
+          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
+                                   "tools", "tool_choice", "parallel_tool_calls"}}
+# OpenAI's fields this server does not implement: refused unless null or false (their "off"); chat takes the tool
+# fields (tool_setting), completions none
 UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
                "function_call", "parallel_tool_calls", "audio", "modalities", "prediction",
                "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
@@ -109,7 +113,7 @@ def check_fields(body: dict, endpoint: str, served, unsupported=UNSUPPORTED):
     """An unknown field, or one the API has that this server does not implement, refused by name; a model other
     than the served ones (served: the model's name, then its LoRA adapters') a 404."""
     for key in body:
-        if key in unsupported:
+        if key in unsupported and key not in FIELDS[endpoint]:
             if body[key] is not None and body[key] is not False:  # (not `in (None, False)`: 0 == False)
                 raise bad(key, f"'{key}' is not supported by this server")
         elif key in REMOVED and endpoint in ("completions", "chat"):
@@ -202,6 +206,7 @@ def sampling_settings(body: dict, endpoint: str, served) -> dict:
     s["structured"], s["structured_field"] = structured_setting(body)
     s.update(end_settings(body, s["max_tokens"]))
     s["stream"] = bool_field(body, "stream", False)
+    s["tools"] = tool_setting(body, s) if endpoint == "chat" else None
     s.update(output_settings(body, s))
     s["include_usage"], s["continuous_usage"] = stream_options(body.get("stream_options"), s["stream"])
     if body.get("user") is not None and not isinstance(body["user"], str):
@@ -231,6 +236,211 @@ def structured_setting(body: dict):
         return StructuredOutputs.from_response_format(body[given[0]]), given[0]
     except UserError as e:
         raise bad(given[0], str(e)) from None
+
+
+TOOL_FIELDS = {"name", "description", "parameters", "strict"}  # OpenAI's function definition ("strict": the schema
+# holds here whatever it says, as response_format's)
+AUTO_REFUSED = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'  # vLLM's words:
+# "auto" lets the model write text or calls in its own syntax, which a per-model parser finds; none is built here
+NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
+def check_tools(tools) -> list:
+    """OpenAI's tools, [{"type": "function", "function": {"name", "description", "parameters"}}], each field checked
+    (a 400 naming it: tools[1].function.parameters); -> the tools as the chat template gets them (vLLM's
+    tool.model_dump(): type, and the function's name, description and parameters, null where not given)."""
+    if not isinstance(tools, list):
+        raise bad("tools", f"'tools' must be a list of {{\"type\": \"function\", \"function\": {{...}}}}, got "
+                           f"{type(tools).__name__}")
+    out, names = [], set()
+    for j, tool in enumerate(tools):
+        at = f"tools[{j}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise bad(at, f"'{at}' must be {{\"type\": \"function\", \"function\": {{...}}}} (function tools are "
+                          f"the only kind), got {tool!r}"[:300])
+        extra = sorted(set(tool) - {"type", "function"})
+        if extra:
+            raise bad(f"{at}.{extra[0]}", f"unknown field '{at}.{extra[0]}'")
+        f = tool.get("function")
+        if not isinstance(f, dict):
+            raise bad(f"{at}.function", f"'{at}.function' must be an object with a name, got {f!r}"[:300])
+        extra = sorted(set(f) - TOOL_FIELDS)
+        if extra:
+            raise bad(f"{at}.function.{extra[0]}", f"unknown field '{at}.function.{extra[0]}' (a function takes "
+                                                   f"{sorted(TOOL_FIELDS)})")
+        name = f.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad(f"{at}.function.name", f"'{at}.function.name' must be a non-empty string, got {name!r}")
+        if name in names:  # ("required"'s calls name their function: two alike could not be told apart)
+            raise bad(f"{at}.function.name", f"two tools are named {name!r}")
+        names.add(name)
+        for key, kind, what in (("description", str, "a string"), ("parameters", dict, "a JSON schema object"),
+                                ("strict", bool, "true or false")):
+            if f.get(key) is not None and not isinstance(f[key], kind):
+                raise bad(f"{at}.function.{key}", f"'{at}.function.{key}' must be {what}, got {f[key]!r}"[:300])
+        out.append({"type": "function", "function": {"name": name, "description": f.get("description"),
+                                                     "parameters": f.get("parameters")}})
+    return out
+
+
+def tool_schema(tools: list, name: str | None, parallel: bool) -> dict:
+    """The JSON schema the output is held to (vLLM's ChatCompletionRequest._get_json_schema_from_tool): a named
+    function's parameters (an object with no properties where it has none); for "required" an array of at least one
+    {"name": one of the tools, "parameters": its schema} (at most one without parallel_tool_calls), the tools'
+    $defs gathered at the top, where their references point."""
+    def params(t):
+        return json.loads(json.dumps(t["function"]["parameters"] or {"type": "object", "properties": {}}))
+    if name is not None:
+        return params(next(t for t in tools if t["function"]["name"] == name))
+    items, defs = [], {}
+    for t in tools:
+        p = params(t)
+        for key, d in p.pop("$defs", {}).items():
+            if defs.setdefault(key, d) != d:
+                raise bad("tools", f"two tools define '$defs.{key}' differently: one schema cannot hold both")
+        items.append({"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]}, "parameters": p},
+                      "required": ["name", "parameters"]})
+    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return {**schema, "$defs": defs} if defs else schema
+
+
+def tool_setting(body: dict, s: dict) -> dict:
+    """The request's tool calling, vLLM's without --enable-auto-tool-choice (protocol.py's check_tool_usage, then
+    serving_chat.py): {"tools": the tools for the chat template (None: none given), "choice": "none", "named" or
+    "required", "name": the named function}. A tool_choice that holds the output (named, "required") sets s's
+    structured outputs to its tool_schema; structured_outputs or response_format beside it is refused by name."""
+    from tritongpt.train.structured import StructuredOutputs
+
+    tools = check_tools(body["tools"]) if body.get("tools") is not None else None
+    choice = body.get("tool_choice")
+    if choice is None:  # (vLLM's default: "auto" once tools are given, which it then refuses without the flag)
+        choice = "auto" if tools else "none"
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad("parallel_tool_calls", f"'parallel_tool_calls' must be true or false, got {parallel!r}")
+    setting = {"tools": tools, "choice": "none", "name": None}
+    if choice == "none":
+        return setting
+    if tools is None:
+        raise bad("tool_choice", "When using `tool_choice`, `tools` must be set.")
+    if choice == "auto":
+        raise bad("tool_choice", AUTO_REFUSED)
+    if choice == "required" and not tools:  # (OpenAI's, as vLLM: "required" of no tools is "none")
+        return {**setting, "tools": None}
+    if isinstance(choice, dict):
+        f = choice.get("function")
+        if choice.get("type", "function") != "function" or not isinstance(f, dict):
+            raise bad("tool_choice", f"Invalid value for `function`: `{f}` in `tool_choice`! {NAMED_USAGE}")
+        name = f.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad("tool_choice", f"Invalid `name` in `function`: `{name}` in `tool_choice`! {NAMED_USAGE}")
+        if name not in [t["function"]["name"] for t in tools]:
+            raise bad("tool_choice", "The tool specified in `tool_choice` does not match any of the specified "
+                                     f"`tools` ({name!r})")
+        setting.update(choice="named", name=name)
+    elif choice != "required":
+        raise bad("tool_choice", f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" or '
+                                 '"required" are supported.'[:300])
+    else:
+        setting["choice"] = "required"
+        if s["stream"]:
+            # vLLM streams "required"'s calls by parsing the partial JSON array as it grows; not built here
+            raise bad("stream", "'stream' with tool_choice \"required\" is not supported by this server: its calls "
+                                "are parsed from the whole JSON array once it ends (a named tool_choice streams)")
+    if s["structured"] is not None:
+        raise bad(s["structured_field"], f"'{s['structured_field']}' cannot be used with a tool_choice that calls a "
+                                         "tool: that holds the output to the tool's parameters already")
+    s["structured"] = StructuredOutputs(json=tool_schema(tools, setting["name"], parallel is not False))
+    s["structured_field"] = "tools"
+    return setting
+
+
+def uses_tools(messages) -> bool:
+    """Whether a request's messages carry tool use: an assistant's tool_calls, a role "tool" result."""
+    return isinstance(messages, list) and any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+                                              for m in messages)
+
+
+def tool_messages(messages) -> list:
+    """OpenAI's messages with tool use, checked by field and made what chat templates read (vLLM's chat_utils):
+    system (first only), user, assistant (content, or null beside tool_calls [{"id", "type": "function",
+    "function": {"name", "arguments": JSON text of an object}}], the arguments parsed: templates write them as
+    objects) and tool ({"tool_call_id": an earlier call's id, "content"}), ending with a user or tool message."""
+    from tritongpt.train.formats import message_content
+
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list of messages")
+    out, ids = [], set()
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad("messages", f"{at}: role {role!r} is not one of system, user, assistant, tool")
+        if role == "system" and i:
+            raise bad("messages", f"{at}: a system message comes first or not at all")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        try:
+            content = "" if calls and m.get("content") in (None, "") else message_content(m, at)
+        except UserError as e:
+            raise bad("messages", str(e)) from None
+        clean = {"role": role, "content": content}
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise bad("messages", f"{at}.tool_calls must be a list of calls, got {type(calls).__name__}")
+            clean["tool_calls"] = []
+            for j, c in enumerate(calls):
+                where = f"{at}.tool_calls[{j}]"
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict) or not isinstance(c.get("id"), str) or not isinstance(f.get("name"), str) \
+                        or not isinstance(f.get("arguments"), str) or c.get("type", "function") != "function":
+                    raise bad("messages", f'{where} must be {{"id": ..., "type": "function", "function": {{"name": '
+                                          f'..., "arguments": JSON text}}}}, got {c!r}'[:300])
+                try:
+                    args = json.loads(f["arguments"])
+                except ValueError:
+                    args = None
+                if not isinstance(args, dict):
+                    raise bad("messages", f"{where}.function.arguments must be the JSON text of an object, got "
+                                          f"{f['arguments']!r}"[:300])
+                ids.add(c["id"])
+                clean["tool_calls"].append({"id": c["id"], "type": "function",
+                                            "function": {"name": f["name"], "arguments": args}})
+        if role == "tool":
+            if m.get("tool_call_id") not in ids:
+                raise bad("messages", f"{at}: a tool message's tool_call_id must be an earlier assistant's tool "
+                                      f"call's id, got {m.get('tool_call_id')!r}")
+            clean["tool_call_id"] = m["tool_call_id"]
+        out.append(clean)
+    if out[-1]["role"] not in ("user", "tool"):
+        raise bad("messages", f"'messages' must end with a user or tool message, not a {out[-1]['role']} one")
+    return out
+
+
+def tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"  # (vLLM's make_tool_call_id)
+
+
+def tool_message(tools: dict | None, text: str, finish: str) -> tuple:
+    """(A chat choice's message, its finish_reason), vLLM's (serving_chat.py's chat_completion_full_generator): the
+    text as content; a named function's call with the text as its arguments (content "", the finish as drawn);
+    "required"'s array parsed into its calls, each call's parameters its arguments (finish "tool_calls" where the
+    text ended by itself). A "required" text that does not parse (cut by max_tokens or a stop string) stays content,
+    with no calls (vLLM answers a 400 there)."""
+    if tools is None or tools["choice"] == "none":
+        return {"role": "assistant", "content": text}, finish
+    if tools["choice"] == "named":
+        return {"role": "assistant", "content": "", "tool_calls": [
+            {"id": tool_call_id(), "type": "function", "function": {"name": tools["name"], "arguments": text}}]}, finish
+    try:
+        calls = json.loads(text)
+        calls = [{"id": tool_call_id(), "type": "function",
+                  "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
+                 for c in calls]
+    except (ValueError, TypeError, KeyError):
+        return {"role": "assistant", "content": text}, finish
+    return {"role": "assistant", "content": "", "tool_calls": calls}, "tool_calls" if finish == "stop" else finish
 
 
 def stream_options(options, stream: bool) -> tuple:
@@ -564,14 +774,18 @@ class Model:
             raise bad("prompt", "the prompt is empty")
         return ids
 
-    def chat_prompt(self, messages) -> list:
-        """The messages' ids as `tritongpt chat` prompts them (its Conversation, in the model's template)."""
+    def chat_prompt(self, messages, tools: dict | None = None) -> list:
+        """The messages' ids as `tritongpt chat` prompts them (its Conversation, in the model's template); a chat
+        with tools (tools: tool_setting's) or tool messages in the tokenizer's own template (tool_chat_prompt)."""
         from tritongpt.train import formats
         from tritongpt.train.chat import Conversation
 
         if self.template is None:
             raise bad("messages", f"the model '{self.name}' has no chat format ({self.template_why}): "
                                   "use /v1/completions")
+        if uses_tools(messages) or tools is not None and tools["tools"] and (
+                tools["choice"] != "none" or getattr(self.tok, "chat_template", None) is not None):
+            return self.tool_chat_prompt(messages, tools)
         try:
             messages = formats.check_messages(messages, "request", ends_with="user")
         except UserError as e:
@@ -584,6 +798,32 @@ class Model:
         conv = Conversation(self.template, system)
         conv.turns = [(u["content"], a["content"]) for u, a in zip(turns[:-1:2], turns[1::2])]
         return formats.encode_prompt(self.tok, conv.prompt(turns[-1]["content"], 0, self.tok))
+
+    def tool_chat_prompt(self, messages, tools: dict | None) -> list:
+        """A chat with tools or tool messages, rendered by the tokenizer's own chat template with tools= (as vLLM's
+        apply_chat_template; the tools of tool_choice "none" too, where the template renders them). tritongpt's own
+        chat format has no place for them: tool messages, and tools a tool_choice calls, refused by name (tools
+        under "none" leave its prompt as it is)."""
+        from tritongpt.train import formats
+        from tritongpt.train.chat_template import tool_prompt
+
+        listed = tools["tools"] if tools is not None else None
+        if getattr(self.tok, "chat_template", None) is None or self.template != "chat":
+            what = f"its {self.template} prompts" if self.template != "chat" else "tritongpt's plain-text chat format"
+            if uses_tools(messages):
+                raise bad("messages", f"messages with tool calls or role 'tool' results: the model '{self.name}' "
+                                      f"is prompted in {what}, which has no place for them (a Hugging Face chat "
+                                      "template that renders tools has)")
+            raise bad("tool_choice", f"the model '{self.name}' is prompted in {what}, which has no place for tools: "
+                                     "a tool_choice that calls one needs a chat template that renders them "
+                                     "(tool_choice \"none\" answers without them)")
+        clean = tool_messages(messages)
+        try:
+            text = tool_prompt(self.tok, clean, listed, shown=tools is not None and tools["choice"] != "none")
+        except UserError as e:
+            raise bad("tools" if "renders no tools" in str(e) or str(e).startswith("tools[") else "messages",
+                      str(e)) from None
+        return formats.encode_prompt(self.tok, ((text, False),))
 
     def guide(self, spec, field: str):
         """A Guide of the structured outputs spec (a request's draw's), or None without one; a spec that does not
@@ -1168,7 +1408,8 @@ class Completion:
         if self.chat:
             if "messages" not in body:
                 raise bad("messages", "'messages' is required")
-            self.prompts, self.texts, self.stop_id = [app.chat_prompt(body["messages"])], [None], app.chat_stop
+            self.prompts, self.texts = [app.chat_prompt(body["messages"], s["tools"])], [None]
+            self.stop_id = app.chat_stop
         else:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
             self.stop_id = app.eot
@@ -1189,6 +1430,7 @@ class Completion:
         seed = s["seed"] if s["seed"] is not None else secrets.randbits(63)
         self.generator = torch.Generator(device=app.device).manual_seed(seed)
         self.write, self.stop = threading.Lock(), threading.Event()
+        self.called = set()  # the streamed choices whose named tool call was opened (its id, type and name sent)
 
     def logprobs(self, items, start=0):
         """A choice's (or a chunk's) logprobs object, or None: chat's, or completions' (text offsets from start)."""
@@ -1214,6 +1456,16 @@ class Completion:
         from whichever prompt's thread; none once stop is set (BrokenPipeError)."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
+            named = self.s["tools"] is not None and self.s["tools"]["choice"] == "named"
+            if named and text is not None:  # a named call's arguments as they come (vLLM's): id, type, name first
+                call = {"index": 0, "function": {"arguments": text}}
+                if index not in self.called:
+                    self.called.add(index)
+                    call = {"index": 0, "id": tool_call_id(), "type": "function",
+                            "function": {"name": self.s["tools"]["name"], "arguments": text}}
+                delta = {"tool_calls": [call]}
+            if named and finish is not None and index in self.called:  # (vLLM's stream: "tool_calls" once streamed)
+                finish = "tool_calls"
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
@@ -1328,8 +1580,9 @@ class Completion:
             if scored["echo"] is not None:
                 lp = {key: scored["echo"][key] + lp[key] for key in lp}
             if self.chat:  # (chat's prompt_logprobs: the response's, vLLM's)
-                choices.append({"index": base + i, "message": {"role": "assistant", "content": text},
-                                "logprobs": lp, "finish_reason": finish, "stop_reason": reason})
+                message, finish = tool_message(s["tools"], text, finish)
+                choices.append({"index": base + i, "message": message, "logprobs": lp, "finish_reason": finish,
+                                "stop_reason": reason})
             else:
                 choices.append({"index": base + i, "text": echo + text, "logprobs": lp, "finish_reason": finish,
                                 "stop_reason": reason,

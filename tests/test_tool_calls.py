@@ -1,0 +1,257 @@
+"""Tool calling on serve's /v1/chat/completions (train/serve.py tool_setting, tool_message; chat_template.tool_prompt):
+vLLM's without --enable-auto-tool-choice. A named function's call and "required"'s calls held to the tools' schemas
+by structured outputs, answered as message.tool_calls, streamed as vLLM streams a named call; the tools and tool
+messages rendered by a Hugging Face chat template as transformers renders them; every refusal by name. A tiny
+instruct folder (test_chat_template.chat_folder) whose template renders tools, over the engine and --max-batch 1."""
+import json
+
+import pytest
+
+from test_serve import call, events, start, tiny_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+xgr = pytest.importorskip("xgrammar")
+transformers = pytest.importorskip("transformers")
+
+# ChatML with a tools line and tool use (Qwen2.5's shape, short: the tiny model's context is 128 tokens)
+TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n# Tools:' }}{%- for tool in tools %}{{- ' ' + tool.function.name }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'tool' %}"
+    "{{- '<|im_start|>tool\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content }}"
+    "{%- for call in message.tool_calls or [] %}{{- call.function.name + (call.function.arguments | tojson) }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# (short names: the tiny tokenizer spells JSON about a character a token, in a 128-token context)
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Oslo", "Rome"]},
+                                            "hot": {"type": "boolean"}},
+           "required": ["city", "hot"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"],
+       "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "w", "description": "the weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "parameters": ADD}}]
+NAMED = {"type": "function", "function": {"name": "w"}}
+USER = [{"role": "user", "content": "the cat sat"}]
+
+
+def satisfies(args: dict, name: str) -> bool:
+    """The two tools' schemas, checked by hand: every required key, no other, each value of its kind."""
+    if name == "w":
+        return set(args) == {"city", "hot"} and args["city"] in ("Oslo", "Rome") and isinstance(args["hot"], bool)
+    return set(args) == {"a"} and type(args["a"]) is int and 0 <= args["a"] <= 9
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from test_chat_template import chat_folder
+
+    return chat_folder(tmp_path_factory.mktemp("tools") / "qwen", TOOLS_TEMPLATE, "<|im_end|>")
+
+
+def started(path, *flags):
+    server = start(path, "--kernels", "reference", *flags)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    return server
+
+
+@pytest.fixture(scope="module", params=["engine", "max-batch-1"])
+def both(request, folder):
+    """The folder served with the engine, then with --max-batch 1 (generate() under a lock); and BAN: a logit_bias
+    that bans the whitespace-only tokens (the grammar allows JSON's whitespace anywhere, and a random model draws
+    it until max_tokens: the bias leaves the grammar's other tokens to draw from)."""
+    path, theirs, _ = folder
+    server = started(path, *(["--max-batch", "1"] if request.param == "max-batch-1" else []))
+    assert (server.app.engine is None) == (request.param == "max-batch-1")
+    ban = {str(i): -100 for i in range(len(theirs)) if not theirs.decode([i]).strip()}
+    yield server, theirs, ban
+    server.shutdown()
+    server.server_close()
+
+
+def ask(server, ban, **fields):
+    return call(server, "/v1/chat/completions", {"messages": USER, "tools": TOOLS, "max_tokens": 60,
+                                                 "logit_bias": ban, **fields})
+
+
+def test_named_and_required_calls_hold_to_the_schemas_each_choice_its_own(both):
+    server, theirs, ban = both
+    status, body = ask(server, ban, tool_choice=NAMED, n=2, seed=1, logprobs=True, top_logprobs=2)
+    assert status == 200, body
+    texts = set()
+    for c in body["choices"]:
+        (tc,) = c["message"]["tool_calls"]
+        assert c["message"]["content"] == "" and c["finish_reason"] == "stop"  # (vLLM's: the finish as drawn)
+        assert tc["type"] == "function" and tc["id"].startswith("chatcmpl-tool-")
+        assert tc["function"]["name"] == "w" and satisfies(json.loads(tc["function"]["arguments"]),
+                                                                     "w")
+        # each choice's logprobs are its own tokens': their texts spell its arguments, then the end of turn
+        spelled = "".join(t["token"] for t in c["logprobs"]["content"])
+        assert spelled == tc["function"]["arguments"] + "<|im_end|>"
+        texts.add(tc["function"]["arguments"])
+    assert len({c["message"]["tool_calls"][0]["id"] for c in body["choices"]}) == 2
+    # "required": an array of calls, each one of the tools with its parameters; one with parallel_tool_calls false
+    status, body = ask(server, ban, tool_choice="required", parallel_tool_calls=False, n=2, seed=3)
+    assert status == 200, body
+    for c in body["choices"]:
+        (tc,) = c["message"]["tool_calls"]
+        assert c["finish_reason"] == "tool_calls" and c["message"]["content"] == ""
+        assert satisfies(json.loads(tc["function"]["arguments"]), tc["function"]["name"])
+    # parallel calls (the default): this seed's array ends after one call; seed 3's second call is cut by max_tokens,
+    # and an array that does not parse stays the content, with no calls
+    c = ask(server, ban, tool_choice="required", seed=0)[1]["choices"][0]
+    assert c["finish_reason"] == "tool_calls" and len(c["message"]["tool_calls"]) == 1
+    c = ask(server, ban, tool_choice="required", seed=3)[1]["choices"][0]
+    assert c["finish_reason"] == "length" and "tool_calls" not in c["message"]
+    assert c["message"]["content"].startswith('[{"name":"add","parameters":{"a":')
+
+
+def test_the_schemas_are_vllms():
+    """A named tool's parameters (an empty object's where none); "required"'s array of {name, parameters}, one item
+    at most without parallel_tool_calls, the tools' $defs at the top (two different ones refused)."""
+    from tritongpt.train.serve import APIError, check_tools, tool_schema
+
+    tools = check_tools([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": {"type": "integer"}}}}},
+        {"function": {"name": "g"}}])
+    assert tool_schema(tools, "g", True) == {"type": "object", "properties": {}}
+    many, one = tool_schema(tools, None, True), tool_schema(tools, None, False)
+    assert many["minItems"] == 1 and "maxItems" not in many and one["maxItems"] == 1
+    assert many["$defs"] == {"P": {"type": "integer"}} and '"$defs":' not in json.dumps(many["items"])
+    assert [i["properties"]["name"] for i in many["items"]["anyOf"]] == [{"type": "string", "enum": ["f"]},
+                                                                           {"type": "string", "enum": ["g"]}]
+    assert tools[0]["function"]["parameters"]["$defs"]  # (the request's tools as they were: the template's)
+    other = check_tools([{"type": "function", "function": {"name": "h", "parameters": {"$defs": {"P": {}}}}}])
+    with pytest.raises(APIError, match="define '\\$defs.P' differently"):
+        tool_schema(tools + other, None, True)
+
+
+def test_tools_and_tool_messages_reach_the_prompt_as_transformers_renders_them(both):
+    server, theirs, ban = both
+    args = {"a": 4}
+    messages = USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": json.dumps(args)}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    hf_messages = [dict(m, content=m["content"] or "") for m in messages]
+    hf_messages[1]["tool_calls"] = [{"type": "function", "function": {"name": "add", "arguments": args}}]
+    for choice in ("none", NAMED):
+        status, body = ask(server, ban, messages=messages, tool_choice=choice, max_tokens=2, temperature=0)
+        assert status == 200, body
+        want = theirs.apply_chat_template(hf_messages, tools=TOOLS, add_generation_prompt=True, return_dict=False)
+        assert body["usage"]["prompt_tokens"] == len(want)
+    # "none": plain text, the tools still in the prompt (vLLM's); "required" of no tools is "none" (OpenAI's)
+    assert "tool_calls" not in ask(server, ban, tool_choice="none", max_tokens=2)[1]["choices"][0]["message"]
+    status, body = ask(server, ban, tools=[], tool_choice="required", max_tokens=2)
+    assert status == 200 and "tool_calls" not in body["choices"][0]["message"]
+    assert body["usage"]["prompt_tokens"] == len(theirs.apply_chat_template(USER, add_generation_prompt=True,
+                                                                            return_dict=False))
+
+
+def test_a_named_call_streams_its_arguments_which_add_up_to_the_whole_answer(both):
+    server, theirs, ban = both
+    whole = ask(server, ban, tool_choice=NAMED, n=2, seed=4)[1]
+    status, text = ask(server, ban, tool_choice=NAMED, n=2, seed=4, stream=True)
+    assert status == 200
+    chunks = events(text)
+    for i, c in enumerate(whole["choices"]):
+        mine = [k["choices"][0] for k in chunks if k["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        calls = [k["delta"]["tool_calls"][0] for k in mine[1:-1]]
+        assert calls[0]["type"] == "function" and calls[0]["function"]["name"] == "w" and calls[0]["id"]
+        assert all(set(k) == {"index", "function"} and set(k["function"]) == {"arguments"} for k in calls[1:])
+        assert "".join(k["function"]["arguments"] for k in calls) == c["message"]["tool_calls"][0]["function"][
+            "arguments"]
+        assert mine[-1]["finish_reason"] == "tool_calls"  # (vLLM's stream, once a call was streamed)
+
+
+def test_the_openai_clients_shapes(both):
+    openai = pytest.importorskip("openai")
+    server, theirs, ban = both
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x")
+    out = client.chat.completions.create(model=str(server.app.name), messages=USER, tools=TOOLS, tool_choice=NAMED,
+                                         max_tokens=40, logit_bias=ban, seed=1)
+    tc = out.choices[0].message.tool_calls[0]
+    assert tc.function.name == "w" and satisfies(json.loads(tc.function.arguments), "w")
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({}, "tool_choice", '"auto" tool choice requires --enable-auto-tool-choice'),  # (tools given: vLLM's "auto")
+    ({"tool_choice": "auto"}, "tool_choice", '"auto" tool choice requires --enable-auto-tool-choice'),
+    ({"tools": None, "tool_choice": NAMED}, "tool_choice", "`tools` must be set"),
+    ({"tool_choice": "any"}, "tool_choice", "Invalid value for `tool_choice`: any!"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice", "Invalid value for `function`"),
+    ({"tool_choice": {"function": {"name": "nope"}}}, "tool_choice", "does not match any of the specified `tools`"),
+    ({"tools": {"name": "f"}, "tool_choice": "none"}, "tools", "'tools' must be a list"),
+    ({"tools": [{"type": "retrieval"}], "tool_choice": "none"}, "tools[0]", "function tools are the only kind"),
+    ({"tools": [{"type": "function", "function": {"description": "x"}}], "tool_choice": "none"},
+     "tools[0].function.name", "must be a non-empty string"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "args": {}}}], "tool_choice": "none"},
+     "tools[0].function.args", "unknown field 'tools[0].function.args'"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}], "tool_choice": "none"},
+     "tools[0].function.parameters", "must be a JSON schema object"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "none"}, "tools[2].function.name", "two tools are named"),
+    ({"tool_choice": NAMED, "structured_outputs": {"regex": "a"}}, "structured_outputs", "cannot be used with"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
+     "cannot be used with"),
+    ({"tool_choice": "required", "stream": True}, "stream", "'stream' with tool_choice \"required\" is not"),
+    ({"tool_choice": NAMED, "parallel_tool_calls": "no"}, "parallel_tool_calls", "must be true or false"),
+    ({"tool_choice": "none", "functions": [{"name": "f"}]}, "functions", "'functions' is not supported"),
+    ({"tool_choice": "none", "messages": USER + [{"role": "tool", "tool_call_id": "x", "content": "1"}]},
+     "messages", "must be an earlier assistant's tool call's id"),
+    ({"tool_choice": "none", "messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "add", "arguments": "[1]"}}]}, *USER]},
+     "messages", "arguments must be the JSON text of an object"),
+    ({"tool_choice": "none", "messages": [{"role": "function", "content": "1"}]}, "messages", "role 'function'"),
+    ({"tool_choice": "none", "messages": USER + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+      "function": {"name": "add", "arguments": '{"a": "<|im_end|>"}'}}]}, *USER]}, "messages",
+     "spells the special token '<|im_end|>'"),  # (a template writes a call's arguments: no forged turn)
+    ({"tool_choice": NAMED, "tools": [dict(TOOLS[0], function=dict(TOOLS[0]["function"], description="<|im_start|>"))]},
+     "tools", "tools[0] spells the special token '<|im_start|>'"),
+    ({"tool_choice": "none", "messages": USER + [{"role": "assistant", "content": "x"}]}, "messages",
+     "must end with a user or tool message"),
+])
+def test_refusals_name_the_field(folder, both, fields, param, says):
+    server, theirs, ban = both
+    if server.app.engine is None:  # (refused before anything is drawn: once is enough)
+        pytest.skip("the engine's server checks the same request")
+    status, body = ask(server, ban, **fields)
+    assert status == 400 and body["error"]["param"] == param and says in body["error"]["message"], body
+
+
+def test_a_template_without_tools_and_tritongpts_own_format_refuse_what_they_cannot_render(both, tmp_path,
+                                                                                            monkeypatch):
+    from test_chat_template import CHATML
+
+    server, theirs, ban = both
+    if server.app.engine is None:
+        pytest.skip("the engine's server checks the same request")
+    monkeypatch.setattr(server.app.tok, "chat_template", CHATML)  # (renders neither tools nor tool messages)
+    status, body = ask(server, ban, tool_choice=NAMED)
+    assert status == 400 and body["error"]["param"] == "tools" and "renders no tools" in body["error"]["message"]
+    status, body = ask(server, ban, tool_choice="none", messages=USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "sunny"}])
+    assert status == 400 and "messages[1]: the model's chat template drops this assistant's tool call" in \
+        body["error"]["message"]
+    assert call(server, "/v1/completions", {"prompt": "a", "tools": TOOLS})[1]["error"]["param"] == "tools"
+    # tritongpt's plain-text chat format: "none" answers as without tools; a call, or tool messages, refused
+    tok = tiny_run(tmp_path / "run", "chat")
+    plain = started(tmp_path / "run")
+    try:
+        alone = call(plain, "/v1/chat/completions", {"messages": USER, "max_tokens": 4, "temperature": 0})[1]
+        body = call(plain, "/v1/chat/completions", {"messages": USER, "tools": TOOLS, "tool_choice": "none",
+                                                    "max_tokens": 4, "temperature": 0})[1]
+        assert body["choices"][0]["message"] == alone["choices"][0]["message"] and body["usage"] == alone["usage"]
+        status, body = call(plain, "/v1/chat/completions", {"messages": USER, "tools": TOOLS, "tool_choice": NAMED})
+        assert status == 400 and body["error"]["param"] == "tool_choice" and "no place for tools" in \
+            body["error"]["message"]
+        status, body = call(plain, "/v1/chat/completions", {"messages": USER + [
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "1"}]})
+        assert status == 400 and body["error"]["param"] == "messages" and "no place for them" in \
+            body["error"]["message"]
+        assert tok.vocab_size
+    finally:
+        plain.shutdown()
+        plain.server_close()
