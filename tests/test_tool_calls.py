@@ -147,21 +147,37 @@ def test_tools_and_tool_messages_reach_the_prompt_as_transformers_renders_them(b
                                                                             return_dict=False))
 
 
-def test_a_named_call_streams_its_arguments_which_add_up_to_the_whole_answer(both):
+def test_streamed_calls_add_up_to_the_whole_answers(both):
+    """Each call's first delta carries its index, id, type and name, the rest only its arguments' next text; a named
+    call's add up to the whole answer's arguments, "required"'s to the same parameters (the whole answer writes
+    them anew, as vLLM's)."""
     server, theirs, ban = both
-    whole = ask(server, ban, tool_choice=NAMED, n=2, seed=4)[1]
-    status, text = ask(server, ban, tool_choice=NAMED, n=2, seed=4, stream=True)
-    assert status == 200
-    chunks = events(text)
-    for i, c in enumerate(whole["choices"]):
-        mine = [k["choices"][0] for k in chunks if k["choices"][0]["index"] == i]
-        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
-        calls = [k["delta"]["tool_calls"][0] for k in mine[1:-1]]
-        assert calls[0]["type"] == "function" and calls[0]["function"]["name"] == "w" and calls[0]["id"]
-        assert all(set(k) == {"index", "function"} and set(k["function"]) == {"arguments"} for k in calls[1:])
-        assert "".join(k["function"]["arguments"] for k in calls) == c["message"]["tool_calls"][0]["function"][
-            "arguments"]
-        assert mine[-1]["finish_reason"] == "tool_calls"  # (vLLM's stream, once a call was streamed)
+    for choice, n, seed in ((NAMED, 2, 4), ("required", 1, 0), ("required", 1, 3)):
+        whole = ask(server, ban, tool_choice=choice, n=n, seed=seed)[1]
+        status, text = ask(server, ban, tool_choice=choice, n=n, seed=seed, stream=True)
+        assert status == 200
+        chunks = events(text)
+        for i, c in enumerate(whole["choices"]):
+            mine = [k["choices"][0] for k in chunks if k["choices"][0]["index"] == i]
+            assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+            deltas = [d for k in mine[1:-1] for d in k["delta"]["tool_calls"]]
+            firsts = [d for d in deltas if "id" in d]
+            assert [d["index"] for d in firsts] == list(range(len(firsts))) and all(d["type"] == "function"
+                                                                                    for d in firsts)
+            assert all(set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+                       for d in deltas if "id" not in d)
+            args = ["".join(d["function"]["arguments"] for d in deltas if d["index"] == k) for k in range(len(firsts))]
+            calls = c["message"].get("tool_calls") or []
+            if choice == NAMED:
+                assert args == [calls[0]["function"]["arguments"]]
+            elif calls:
+                assert [f["function"]["name"] for f in firsts] == [f["function"]["name"] for f in calls]
+                assert [json.loads(a) for a in args] == [json.loads(f["function"]["arguments"]) for f in calls]
+            else:  # (seed 3: a second call cut by max_tokens before its parameters; the whole answer keeps the
+                # text, the stream sent the first call)
+                assert c["finish_reason"] == "length" and [json.loads(a) for a in args] == [{"a": 4}]
+                assert c["message"]["content"].startswith('[{"name":"add","parameters":' + args[0] + "},")
+            assert mine[-1]["finish_reason"] == "tool_calls"  # (vLLM's stream, once a call was streamed)
 
 
 def test_the_openai_clients_shapes(both):
@@ -193,7 +209,6 @@ def test_the_openai_clients_shapes(both):
     ({"tool_choice": NAMED, "structured_outputs": {"regex": "a"}}, "structured_outputs", "cannot be used with"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "cannot be used with"),
-    ({"tool_choice": "required", "stream": True}, "stream", "'stream' with tool_choice \"required\" is not"),
     ({"tool_choice": NAMED, "parallel_tool_calls": "no"}, "parallel_tool_calls", "must be true or false"),
     ({"tool_choice": "none", "functions": [{"name": "f"}]}, "functions", "'functions' is not supported"),
     ({"tool_choice": "none", "messages": USER + [{"role": "tool", "tool_call_id": "x", "content": "1"}]},

@@ -345,10 +345,6 @@ def tool_setting(body: dict, s: dict) -> dict:
                                  '"required" are supported.'[:300])
     else:
         setting["choice"] = "required"
-        if s["stream"]:
-            # vLLM streams "required"'s calls by parsing the partial JSON array as it grows; not built here
-            raise bad("stream", "'stream' with tool_choice \"required\" is not supported by this server: its calls "
-                                "are parsed from the whole JSON array once it ends (a named tool_choice streams)")
     if s["structured"] is not None:
         raise bad(s["structured_field"], f"'{s['structured_field']}' cannot be used with a tool_choice that calls a "
                                          "tool: that holds the output to the tool's parameters already")
@@ -1057,6 +1053,65 @@ class Model:
                     m.running -= 1
 
 
+def scan_calls(text: str) -> list:
+    """[(name, arguments' text so far)] of "required"'s JSON array as it grows, [{"name": ..., "parameters": {...}},
+    ...] (the grammar's: each item's name first, whatever whitespace between): a call counts once its parameters
+    object has begun, its arguments that object's text, through its closing brace once written."""
+    calls, depth, key, name, expect_key, i = [], 0, None, None, False, 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':  # a whole string (keys and the name are the item's, at depth 2), or wait for its end
+            end, escaped = i + 1, False
+            while end < len(text) and (escaped or text[end] != '"'):
+                escaped = not escaped and text[end] == "\\"
+                end += 1
+            if end == len(text):
+                break
+            if depth == 2:
+                value = json.loads(text[i:end + 1])
+                key, name = (value, name) if expect_key else (key, value if key == "name" else name)
+            i = end + 1
+            continue
+        if c in "{[":
+            depth += 1
+            if depth == 2:
+                name, key, expect_key = None, None, True
+            elif depth == 3 and c == "{" and key == "parameters" and name is not None:
+                calls.append([name, i, None])
+        elif c in "}]":
+            depth -= 1
+            if depth == 2 and calls and calls[-1][2] is None:
+                calls[-1][2] = i + 1
+        elif depth == 2 and c in ":,":
+            expect_key = c == ","
+        i += 1
+    return [(n, text[start:end]) for n, start, end in calls]
+
+
+class CallStream:
+    """One streamed chat choice's tool calls, as vLLM's stream sends them (serving_chat.py): a call's first delta
+    with its index, id, type and name, then its arguments' text as it comes. A named tool_choice's one call is the
+    whole text; "required"'s are read from the growing array (scan_calls), each sent once its parameters begin
+    (their text as drawn: the whole answer's are parsed and written anew, as vLLM's)."""
+
+    def __init__(self, name: str | None):
+        self.name, self.text, self.sent = name, "", []  # sent: each opened call's arguments sent so far (chars)
+
+    def add(self, text: str) -> list:
+        """The tool_calls deltas the choice's new text makes (none: nothing of a call yet)."""
+        self.text += text
+        out = []
+        for k, (name, args) in enumerate([(self.name, self.text)] if self.name else scan_calls(self.text)):
+            if k == len(self.sent):
+                out.append({"index": k, "id": tool_call_id(), "type": "function",
+                            "function": {"name": name, "arguments": args}})
+                self.sent.append(len(args))
+            elif len(args) > self.sent[k]:
+                out.append({"index": k, "function": {"arguments": args[self.sent[k]:]}})
+                self.sent[k] = len(args)
+        return out
+
+
 class Delta:
     """One streamed choice: the text each new token adds (the tokenizer's stream_decoder, as `generate --stream`'s
     TextStream), less what may be the start of a stop string (commands.HeldBack), up to the first stop string or
@@ -1430,7 +1485,7 @@ class Completion:
         seed = s["seed"] if s["seed"] is not None else secrets.randbits(63)
         self.generator = torch.Generator(device=app.device).manual_seed(seed)
         self.write, self.stop = threading.Lock(), threading.Event()
-        self.called = set()  # the streamed choices whose named tool call was opened (its id, type and name sent)
+        self.calls = {}  # a streamed choice's tool calls (CallStream), by its index
 
     def logprobs(self, items, start=0):
         """A choice's (or a chunk's) logprobs object, or None: chat's, or completions' (text offsets from start)."""
@@ -1456,16 +1511,17 @@ class Completion:
         from whichever prompt's thread; none once stop is set (BrokenPipeError)."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
-            named = self.s["tools"] is not None and self.s["tools"]["choice"] == "named"
-            if named and text is not None:  # a named call's arguments as they come (vLLM's): id, type, name first
-                call = {"index": 0, "function": {"arguments": text}}
-                if index not in self.called:
-                    self.called.add(index)
-                    call = {"index": 0, "id": tool_call_id(), "type": "function",
-                            "function": {"name": self.s["tools"]["name"], "arguments": text}}
-                delta = {"tool_calls": [call]}
-            if named and finish is not None and index in self.called:  # (vLLM's stream: "tool_calls" once streamed)
-                finish = "tool_calls"
+            tools = self.s["tools"]
+            if tools is not None and tools["choice"] != "none" and not role:  # its calls, as vLLM streams them
+                calls = self.calls.setdefault(index, CallStream(tools["name"]))
+                if text is not None:
+                    delta = {"tool_calls": calls.add(text)}
+                    if not delta["tool_calls"]:
+                        if lp is None:
+                            return  # (nothing of a call yet: no chunk, as vLLM)
+                        delta = {}
+                if finish is not None and calls.sent:  # (vLLM's stream: "tool_calls" once a call was streamed)
+                    finish = "tool_calls"
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
