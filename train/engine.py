@@ -335,7 +335,8 @@ class Engine:
 
         adapter: the name of a LoRA adapter the model serves (the class's docstring), None: the base model.
         guide: structured outputs (train/structured.py Grammars.guide's, not begun), generate's: its grammar's mask
-        on each of the request's draws (such a request does not speculate: its mask is a one-token step's)."""
+        on each of the request's draws, its n-gram speculation's verifications too (not with no_repeat_ngram_size:
+        such a request does not speculate)."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
             what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
@@ -355,7 +356,7 @@ class Engine:
         # request preempted after its rows drew different tokens recomputes each row, with pages of its own
         prefilled = 1 if bool((idx == idx[:1]).all()) and not self.preemption else idx.size(0)
         speculates = self.lookup is not None and logprobs is None and not min_tokens and prompt_logprobs is None \
-            and max_new_tokens > 0 and guide is None
+            and max_new_tokens > 0 and (guide is None or not warp.get("no_repeat_ngram_size"))
         most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled,
                                speculates) if self.paged else 0
         if self.paged and most > self.cache.num_pages:
@@ -932,7 +933,7 @@ class Engine:
             sent.append(1)
         r.idx, m, finished, ended, _, offered, accepted = verify_step(
             logits[..., :r.vocab_limit], torch.cat([r.idx, drafted], dim=1), L, r.start, r.done, r.warp,
-            r.generator, r.eos_id, put, r.stop, r.ends, lens)
+            r.generator, r.eos_id, put, r.stop, r.ends, lens, guide=r.guide)
         self.cache.fill[r.slots] = L + m
         for i, ended_row in enumerate(ended if r.eos_id is not None else ()):
             if ended_row:  # (its keys from L on are its proposals', not the EOS padding it holds)

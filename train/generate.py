@@ -366,9 +366,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     if hold is not None and (draft is not None or prompt_lookup is not None):
         raise UserError("min_tokens masks a one-token decode step's logits: not with a draft or prompt_lookup")
     if guide is not None:
-        if draft is not None or prompt_lookup is not None:
-            raise UserError("structured outputs mask a one-token decode step's logits: not with a draft or "
-                            "prompt_lookup")
+        if (draft is not None or prompt_lookup is not None) and no_repeat_ngram_size:
+            raise UserError("structured outputs with a draft or prompt_lookup do not take no_repeat_ngram_size (a "
+                            "grammar's text repeats its own n-grams: without a draft it yields to the grammar)")
         guide.begin(idx.size(0), ends, vocab, "cross_entropy" in getattr(model, "kernels", ()))
     if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)
         raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
@@ -397,7 +397,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                     logit_bias=logit_bias)
         if draft is not None:
             return _speculative(model, draft, idx, max_new_tokens, warp, pad, generator, vocab_limit, on_token,
-                                stop, num_draft_tokens, stats, kv_cache_dtype, ends)
+                                stop, num_draft_tokens, stats, kv_cache_dtype, ends, guide)
         return _generate(model, idx, max_new_tokens, warp, pad, use_cache, generator, vocab_limit, on_token, stop,
                          cuda_graph, kv_cache_dtype, logprobs, ends, hold, guide)
     finally:
@@ -837,7 +837,7 @@ def accept_lookup(p_logits, drafted, lens, greedy: bool, generator=None):
 
 
 def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generator, vocab_limit, on_token, stop,
-                 num_draft_tokens: int, stats: dict | None, kv_cache_dtype: str = "auto", ends=None):
+                 num_draft_tokens: int, stats: dict | None, kv_cache_dtype: str = "auto", ends=None, guide=None):
     """generate() with a draft model (check_draft's conditions hold: the text within the context), B rows at once.
 
     Both caches hold the text but its last token; each step the draft proposes k tokens for every row (one draft
@@ -846,7 +846,9 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     same number of new tokens a step: m + 1, m the fewest draft tokens a live row accepted (see keep_common).
     A PromptLookup draft runs no forward and has no cache: each row proposes its own lookup_proposals, up to k, and
     accept_lookup rules on them. kv_cache_dtype: the model's cache's; the draft's own stays float (it only proposes,
-    and its cache is the small one)."""
+    and its cache is the small one). guide: structured outputs, the model's distributions masked by the grammars
+    (verify_step), the draft's left as they are (speculative sampling keeps the model's distribution whatever the
+    draft's: a draft the grammar refuses is rejected)."""
     greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
     B, cap = idx.size(0), idx.size(1) + max_new_tokens
     cache = new_cache(model, B, min(model.config.context_length, cap), kv_cache_dtype)
@@ -885,7 +887,7 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         logits = _feed(model, cache, text, keep=k + 1)[:, -(k + 1):, :vocab_limit]
         idx, m, _, _, live, offered, took = verify_step(logits, text, L, start, done, warp, generator, eos_id,
                                                          on_token, stop, ends, lens if lookup else None,
-                                                         None if lookup else q_logits)
+                                                         None if lookup else q_logits, guide)
         forwards, row_forwards, proposed, accepted = forwards + 1, row_forwards + live, proposed + offered, \
             accepted + took
         if (eos_id is not None or stop is not None) and bool(done.all()):
@@ -918,14 +920,18 @@ def lookup_draft(idx, max_ngram: int, k: int, vocab_limit=None):
 
 
 def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, eos_id, on_token, stop, ends=None,
-                lens=None, q_logits=None):
+                lens=None, q_logits=None, guide=None):
     """A speculative step after the model's forward (_speculative's, and the batching engine's with prompt lookup):
     text [B, L + k] the text and its k draft tokens, logits [B, k + 1, V] the model's at its last k + 1 positions
     (vocab-limited). Each position warped as _generate would (the penalties, the n-gram ban), the drafts judged
     (accept_lookup with lens, a lookup's; else accept_drafts with the draft's q_logits), every row keeping the
     common m (keep_common), its tokens appended one at a time (append_token: EOS, stop, on_token). -> (idx, m,
     whether every row is done, append_token's host list of done rows, the live rows, the tokens they proposed,
-    the draft tokens they kept)."""
+    the draft tokens they kept).
+    guide: structured outputs (Guide.mask_drafts: each position masked by the grammar after the drafts before it;
+    each kept token accepted on the grammars as it is appended)."""
+    if guide is not None:
+        logits = guide.mask_drafts(logits, text[:, L:], lens)
     greedy = warp.get("temperature", 0.0) < torch.finfo(torch.float32).tiny  # (the engine's: only the ones given)
     k, ban = text.size(1) - L, warp.get("no_repeat_ngram_size")
     no_row = torch.zeros(text.size(0), dtype=torch.bool, device=text.device)
@@ -948,6 +954,8 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
         # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
         accepted += int((~done).sum()) if j < m else 0
         idx, finished, ended = append_token(idx, tok, done, eos_id, on_token, stop, ends)
+        if guide is not None:
+            guide.accept(idx[:, -1].tolist(), ended)
         if finished:
             break
     return idx, m, finished, ended, live, offered, accepted

@@ -240,10 +240,13 @@ class Guide:
         self.live = [i for i, d in enumerate(self.done) if not d]
         for i in self.live:
             self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
-        # a row allowing nothing would draw from all -inf (a NaN distribution): one check of every row (~20 us at
-        # 50k tokens; a done row's bitmask is its last, never empty), the row found only then
-        if not bool(self.bitmask.any(dim=1).all()):
-            i = next(i for i in self.live if not self.bitmask[i].any())
+        self._check(self.bitmask, self.live, lambda i: i)
+
+    def _check(self, bitmask, filled, row_of):
+        """A row allowing nothing would draw from all -inf (a NaN distribution): one check of every bitmask row
+        (~20 us at 50k tokens; a row not filled is all ones or its last, never empty), the row found only then."""
+        if not bool(bitmask.any(dim=1).all()):
+            i = row_of(next(p for p in filled if not bitmask[p].any()))
             raise UserError(f"structured outputs: row {i}'s grammar allows no token after its text so far: no text "
                             "matches it (a pattern such as [^\\s\\S]), or a token its text needs is one of its end "
                             f"tokens {self.matchers[i].stop_token_ids}, allowed only at its end")
@@ -251,8 +254,6 @@ class Guide:
     def mask(self, logits):
         """logits [rows, V] (V at most the vocabulary width the grammar was compiled for) with -inf where a live
         row's grammar allows no token: the bitmask (fill()'s, filled here if not yet) sent without waiting."""
-        from tritongpt.model.sampling import apply_token_bitmask
-
         if self.live is None:
             self.fill()
         live, self.live = self.live, None
@@ -260,11 +261,50 @@ class Guide:
             return logits
         if logits.is_cuda and not self.bitmask.is_pinned():  # (a copy from pinned memory does not block the host)
             self.bitmask = self.bitmask.pin_memory()
+        return self._apply(logits, self.bitmask, None if len(live) == len(self.done) else live)
+
+    def _apply(self, logits, bitmask, live):
+        """logits [N, V] masked by bitmask's rows `live` (None: all), the bitmask sent without waiting."""
+        from tritongpt.model.sampling import apply_token_bitmask
+
         words = (logits.size(-1) + 31) // 32
-        bitmask = self.bitmask if words == self.bitmask.size(1) else self.bitmask[:, :words].contiguous()
+        bitmask = bitmask if words == bitmask.size(1) else bitmask[:, :words].contiguous()
         bitmask = bitmask.to(logits.device, non_blocking=True)
-        return apply_token_bitmask(logits.contiguous() if self.triton else logits, bitmask,
-                                   None if len(live) == len(self.done) else live, triton=self.triton)
+        return apply_token_bitmask(logits.contiguous() if self.triton else logits, bitmask, live,
+                                   triton=self.triton)
+
+    def mask_drafts(self, logits, drafted, lens=None):
+        """Speculation's verification (generate's prompt lookup or draft, the engine's n-gram speculation): logits
+        [rows, k + 1, V] at the text's last position and its k draft tokens drafted [rows, k] (lens [rows]: a
+        lookup's proposals a row, the rest padding; None: all k), each live row's position j masked by its grammar
+        after the row's first j drafts (accepted on its matcher, then rolled back: accept() takes the tokens the step
+        keeps, one at a time). A draft the grammar refuses ends its row's masks there: the masked distribution gives
+        it no mass, so the verification rejects it and reads no position after it."""
+        xgr = _xgrammar()
+        rows, width = logits.shape[:2]
+        drafted = drafted.tolist()
+        lens = [width - 1] * rows if lens is None else lens.tolist()
+        bitmask = xgr.allocate_token_bitmask(rows * width, self.vocab_size)
+        filled = []
+        for i in (i for i, d in enumerate(self.done) if not d):
+            m, taken = self.matchers[i], 0
+            for j in range(width):
+                m.fill_next_token_bitmask(bitmask, i * width + j)
+                filled.append(i * width + j)
+                if j >= lens[i] or not m.accept_token(drafted[i][j]):
+                    break
+                taken += 1
+                if m.is_terminated():  # (an end token drafted: the row's text ends there)
+                    break
+            if taken:
+                m.rollback(taken)
+        self.live = None
+        if not filled:
+            return logits
+        self._check(bitmask, filled, lambda p: p // width)
+        if logits.is_cuda:
+            bitmask = bitmask.pin_memory()
+        return self._apply(logits.reshape(rows * width, -1), bitmask, filled).view(rows, width, -1)
 
     def accept(self, tokens, ended=None):
         """Each live row's new token (host ints), then the rows `ended` (a host list: decode_step's) marked done.

@@ -484,9 +484,6 @@ def cmd_generate(args):
     if args.draft_tokens is not None and not args.draft and args.prompt_lookup is None:
         raise UserError("--draft-tokens is how many tokens the --draft model proposes a step (--prompt-lookup at "
                         "most): pass --draft or --prompt-lookup")
-    if args.structured_outputs is not None and (args.draft or args.prompt_lookup is not None):
-        raise UserError("--structured-outputs masks a one-token decode step: it does not take --draft or "
-                        "--prompt-lookup")
     spec = None if args.structured_outputs is None else spec_from_flag(args.structured_outputs)
     if args.cuda_graphs and (args.draft or args.prompt_lookup is not None or beams is not None):
         raise UserError("--cuda-graphs replays a one-token decode step: it does not take --draft, --prompt-lookup "
