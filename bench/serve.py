@@ -45,6 +45,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import threading
@@ -452,7 +453,8 @@ def served_models(base_url: str, api_key=None) -> list:
 def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, timeout=TIMEOUT_S,
                       api_key=None, structured=None) -> dict:
     """One streamed completion, timed: its record (success, error, ttft_ms, itl_ms, e2e_ms, tpot_ms, the usage's
-    prompt_tokens and output_tokens, text_chunks, finish_reason). structured: its structured_outputs object."""
+    prompt_tokens and output_tokens, text_chunks, finish_reason). structured: its structured_outputs object; the
+    record then has the answer's text and "valid" (structured_valid's, for an answer the grammar ended: "stop")."""
     url = parse_url(base_url)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -463,7 +465,7 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
     rec = {"success": False, "error": None, "ttft_ms": None, "itl_ms": [], "e2e_ms": None, "tpot_ms": None,
            "prompt_tokens": None, "output_tokens": None, "text_chunks": 0, "finish_reason": None}
     conn = _connection(url, timeout)
-    usage, first, last, done = None, None, None, False
+    usage, first, last, done, pieces = None, None, None, False, []
     t0 = time.perf_counter()
     try:
         conn.request("POST", url.path.rstrip("/") + ENDPOINT, json.dumps(body).encode("utf-8"),
@@ -493,6 +495,8 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
                     rec["itl_ms"].append((now - last) * 1e3)
                 last = now
                 rec["text_chunks"] += bool(choices[0].get("text"))
+                if structured is not None:
+                    pieces.append(choices[0].get("text") or "")
                 rec["finish_reason"] = choices[0].get("finish_reason") or rec["finish_reason"]
             usage = obj.get("usage") or usage
         end = time.perf_counter()
@@ -514,8 +518,36 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
         rec["output_tokens"] = rec["text_chunks"]
     if rec["output_tokens"] and rec["output_tokens"] > 1:
         rec["tpot_ms"] = (rec["e2e_ms"] - rec["ttft_ms"]) / (rec["output_tokens"] - 1)
+    if structured is not None:
+        rec["text"] = "".join(pieces)
+        rec["valid"] = structured_valid(structured, rec["text"]) if rec["finish_reason"] == "stop" else None
     rec["success"] = True
     return rec
+
+
+def structured_valid(spec: dict, text: str):
+    """Whether an answer is what its structured_outputs allows, checked apart from the server's grammar (vLLM's
+    structured-output benchmark's correct rate): JSON parsed (its control characters taken, strict=False: xgrammar's
+    strings admit them) and, where the jsonschema package is installed, validated against the schema; a regex by
+    Python's re.fullmatch; a choice by equality; None for a grammar (no checker here)."""
+    if spec.get("choice") is not None:
+        return text in spec["choice"]
+    if spec.get("regex") is not None:
+        return re.fullmatch(spec["regex"], text) is not None
+    if spec.get("json") is None and not spec.get("json_object"):
+        return None
+    try:
+        value = json.loads(text, strict=False)
+    except ValueError:
+        return False
+    if spec.get("json_object"):
+        return isinstance(value, dict)
+    try:
+        import jsonschema
+    except ImportError:
+        return True
+    schema = json.loads(spec["json"]) if isinstance(spec["json"], str) else spec["json"]
+    return jsonschema.Draft202012Validator(schema).is_valid(value)
 
 
 def score_completion(base_url, model, prompts, max_tokens, timeout=TIMEOUT_S, api_key=None) -> dict:
@@ -638,6 +670,8 @@ def summarize(records, duration_s: float, max_tokens=None) -> dict:
               "output_throughput": tokens_out / duration_s,
               "total_token_throughput": (tokens_in + tokens_out) / duration_s,
               "ended_early": None if max_tokens is None else sum((r["output_tokens"] or 0) < max_tokens for r in ok)})
+    checked = [r["valid"] for r in ok if r.get("valid") is not None]  # (--structured-outputs: the grammar's ends)
+    m["structured_valid"] = f"{sum(checked)}/{len(checked)}" if checked else None
     values = {"ttft": [r["ttft_ms"] for r in ok], "tpot": [r["tpot_ms"] for r in ok if r["tpot_ms"] is not None],
               "itl": [x for r in ok for x in r["itl_ms"]], "e2e": [r["e2e_ms"] for r in ok]}
     return add_stats(m, values)
@@ -842,6 +876,9 @@ def metrics_table(runs, scoring=False) -> str:
 
     rows = [[name] + [cell(r["metrics"][key], spec) for r in runs]
             for name, key, spec in (SCORING_ROWS if scoring else ROWS)]
+    if any(r["metrics"].get("structured_valid") for r in runs):  # (--structured-outputs)
+        rows.append(["valid structured answers (of those the grammar ended)"] +
+                    [cell(r["metrics"].get("structured_valid"), "s") for r in runs])
     for stat in SCORING_STATS if scoring else STATS:
         for kind in ("mean", "median", "std", "p99"):
             name = stat.upper() if stat in STATS else stat

@@ -564,6 +564,18 @@ def test_a_flag_serve_gains_reaches_the_in_process_server(monkeypatch):
     assert (ns.max_widgets, ns.weights, ns.port, ns.dtype, ns.seed) == (7, "w", 0, "auto", 1337)
 
 
+@pytest.mark.parametrize("spec,text,valid", [
+    ({"choice": ["a", "b"]}, "b", True), ({"choice": ["a", "b"]}, "c", False), ({"regex": "[0-9]+"}, "12", True),
+    ({"regex": "[0-9]+"}, "12a", False), ({"json_object": True}, '{"x": 1}', True), ({"json_object": True}, "[1]", False),
+    ({"json": {"type": "object", "required": ["a"]}}, '{"a": "\x04"}', True),
+    ({"json": '{"type": "object", "required": ["a"]}'}, '{"b": 1}', False), ({"json": {}}, '{"a": ', False),
+    ({"grammar": "root ::= \"x\""}, "x", None)])
+def test_structured_answers_are_checked_apart_from_the_server(spec, text, valid):
+    if isinstance(spec.get("json"), (dict, str)) and "required" in str(spec["json"]):
+        pytest.importorskip("jsonschema")
+    assert bs.structured_valid(spec, text) is valid
+
+
 def test_gpu_session_serve_stage_runs_each_load_into_its_own_files(tmp_path):
     """`bash bench/gpu_session.sh serve` makes GPT-2 124M's shape with random weights, then runs `bench serve` once
     a server setting (one request at a time, batched, batched over 4 random LoRA adapters, batched under a JSON
@@ -611,6 +623,9 @@ def test_structured_outputs_go_with_every_request_and_the_results_say_so(saved, 
     (run,) = result["runs"]
     assert run["metrics"]["failed"] == 0
     assert all(r["finish_reason"] == "stop" and r["output_tokens"] <= 4 for r in run["requests"]), run["requests"]
+    assert all(r["text"] in ("yes", "no") and r["valid"] for r in run["requests"])
+    assert run["metrics"]["structured_valid"] == "3/3"
+    assert "| valid structured answers (of those the grammar ended) | 3/3 |" in capsys.readouterr().out
     assert '{"choice": ["yes", "no"]}' in only_file(tmp_path, "serve.md").read_text()
     for flags, says in ((["--ignore-eos"], "not with --ignore-eos"), (["--scoring"], "--structured-outputs is the "
                         "generation load's"), ([], "exactly one of")):
