@@ -340,7 +340,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     are never the EOS nor a stop token (their logits -inf where it draws); ignore_eos: the EOS ends no row.
     guide: structured outputs (train/structured.py: Grammars.guide's, not begun): each row's text what its grammar
     allows, ended by an end token at the grammar's end; the logits of the tokens the grammar does not allow are
-    -inf before anything else (the logprobs' too, as vLLM's). Not with a draft or prompt_lookup.
+    -inf before anything else (the logprobs' too, as vLLM's). With a draft or prompt_lookup each verified position
+    is masked by the grammar after the drafts before it (verify_step); not with no_repeat_ngram_size there.
     """
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
         what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
