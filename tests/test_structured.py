@@ -318,8 +318,8 @@ def test_generate_structured_outputs_flag_and_prompts_records(tmp_path, capsys):
     assert not re.fullmatch("[0-9]{3}", recs[3]["text"]), recs[3]
     for flags, says in [(["--structured-outputs", "{regex"], "not JSON"),
                         (["--structured-outputs", "@" + str(tmp_path / "none.json")], "no such file"),
-                        (["--structured-outputs", '{"regex": "a"}', "--prompt-lookup", "2", "--no-repeat-ngram-size", "2"],
-                         "no_repeat_ngram_size"),
+                        (["--structured-outputs", '{"regex": "a"}', "--prompt-lookup", "2",
+                          "--no-repeat-ngram-size", "2"], "no_repeat_ngram_size"),
                         (["--structured-outputs", '{"regex": "a"}', "--num-beams", "2"], "--structured-outputs"),
                         (["--structured-outputs", '{"regex": "a("}'], "the regex could not be compiled")]:
         assert main(base + ["--prompt", "the"] + flags) == 2
@@ -521,3 +521,107 @@ def test_speculation_under_a_grammar_keeps_its_text(tiny):
     assert torch.equal(out, generate(model, idx, 30, guide=grammars.guide(SPECS["json"]), prompt_lookup=2,
                                      num_draft_tokens=10, generator=torch.Generator().manual_seed(4), **kw))
     assert engine.stats["spec_decode_num_drafts"] > 0
+
+
+def test_speculation_under_a_grammar_ends_rows_inside_a_step_as_plain_decoding(tiny):
+    """Greedy, three rows of different texts in one batch under a loose grammar: the model itself as the draft (its
+    proposals the grammar allows are kept, several a step) and prompt lookup; the rows end inside a step at different
+    places (a text stop token, a stop rule, the budget, k = 0 at its end), a row that ended padding the rest of the
+    step. Each output is plain guided decoding's, token for token."""
+    model, tok, grammars = tiny
+    spec = StructuredOutputs(regex=r"[a-z .,]{1,40}")
+    prompts = ["the cat sat on the mat. the cat sat on the mat. the", "yes no maybe yes no maybe yes no maybe",
+               "the cat sat on the mat. a dog ran in the park, "]
+    ids = [tok.encode(p) for p in prompts]
+    idx = torch.tensor([i[-min(map(len, ids)):] for i in ids])
+
+    def stop(rows):  # (a stop string's rule: "ran" just drawn)
+        return torch.tensor([tok.decode(r[-2:]).endswith("ran") for r in rows.tolist()])
+    (s,), (w,) = tok.encode(" s"), tok.encode("w")
+    kept = [0, 0]  # (the draft tokens every row kept, a speculation's: several a step)
+    for end_kw in (dict(stop_token_ids=[s]), dict(stop=stop), dict(ignore_eos=True, stop_token_ids=[s, w])):
+        for budget in (7, 24):
+            kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size, **end_kw)
+            plain = generate(model, idx, budget, guide=grammars.guide(spec), **kw)
+            for i, spec_kw in enumerate((dict(draft=model, num_draft_tokens=4),
+                                         dict(prompt_lookup=2, num_draft_tokens=5))):
+                stats = {}
+                got = generate(model, idx, budget, guide=grammars.guide(spec), stats=stats, **kw, **spec_kw)
+                assert torch.equal(got, plain), (end_kw, budget, spec_kw)
+                kept[i] += stats["accepted"]
+        # (the rows end apart, inside the steps: each rule's rows end at different lengths)
+        assert len({int((r == tok.eot_id).sum()) for r in plain}) > 1, end_kw
+    assert min(kept) > 0, kept
+
+
+def test_sampling_under_a_grammar_with_speculation_draws_plain_guided_decodings_distribution(tiny):
+    """Tokens 2 and 3 under choices that all begin "a", 2000 rows in one batch (keep_common: each row's step cut by
+    the others'), exactly: the model's distribution masked by the grammar after "a" and after each allowed second
+    token. Prompt lookup proposes "a dog": "a" (the grammar's only token) kept by every row, so each row's second
+    token comes from the mask read past a draft; the model itself as the draft: its proposals beyond the grammar
+    refused, the residual drawn. Both to within chance once in a million (tv_bound's, over the support)."""
+    import math
+    model, tok, grammars = tiny
+    spec = StructuredOutputs(choice=("a dog", "a cat sat", "a dog ran", "a mat"))
+    colon, V, N = tok.encode(":"), tok.vocab_size, 2000
+    ids = tok.encode("the cat sat") + colon + tok.encode("a dog") + colon
+    a, T = tok.encode("a")[0], len(ids)
+
+    def masked(prefix):
+        matcher = xgr.GrammarMatcher(grammars.compile(spec), override_stop_tokens=[tok.eot_id])
+        assert all(matcher.accept_token(t) for t in prefix)
+        bitmask = xgr.allocate_token_bitmask(1, V)
+        matcher.fill_next_token_bitmask(bitmask)
+        ok = torch.tensor([(int(bitmask[0, i // 32]) >> (i % 32)) & 1 == 1 for i in range(V)])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + prefix]))[0, -1].double()
+        return torch.softmax(logits.masked_fill(~ok, float("-inf")), dim=-1)
+    p1, want = masked([a]), torch.zeros(V, V, dtype=torch.double)
+    for b in p1.nonzero().squeeze(1).tolist():
+        want[b] = p1[b] * masked([a, b])
+    bound = math.sqrt(2 * (int((want > 0).sum()) * math.log(2) + math.log(1e6)) / N)
+    for spec_kw in (dict(prompt_lookup=2, num_draft_tokens=4), dict(draft=model, num_draft_tokens=3)):
+        stats = {}
+        with torch.no_grad():
+            out = generate(model, torch.tensor([ids] * N), 3, temperature=1.0, guide=grammars.guide(spec),
+                           eos_id=tok.eot_id, vocab_limit=V, generator=torch.Generator().manual_seed(5), stats=stats,
+                           **spec_kw)
+        seen = torch.bincount(out[:, T + 1] * V + out[:, T + 2], minlength=V * V).double() / N
+        assert bool((out[:, T] == a).all()) and (seen - want.flatten()).abs().sum().item() < bound, (spec_kw, stats)
+    assert stats["target_forwards"] == 3  # (the draft: its "a" not always drafted, so one token a step)
+
+
+def test_the_engines_speculating_guided_requests_are_plain_guided_decoding(tiny):
+    """Greedy through an engine that speculates (prompt lookup), pages (a pool too small for all: preemptions, each
+    request's proposals cut to what the pool holds) and caches prefixes: guided requests that speculate (n of 2;
+    a stop rule ending rows inside a step), beside ones that do not (logprobs, min_tokens: the pre-filled
+    bitmasks) and a plain one. Each request's tokens are plain guided decoding's, generate() without a draft."""
+    model, tok, grammars = tiny
+    spec = StructuredOutputs(regex=r"[a-z .,]{1,40}")
+
+    def stop(rows):  # ("ran" just drawn)
+        return torch.tensor([tok.decode(r[-2:]).endswith("ran") for r in rows.tolist()])
+    reqs = [("the cat sat on the mat. the cat sat on the mat. the", 2, dict(stop=stop)),
+            ("yes no maybe yes no maybe yes no maybe", 1, dict(logprobs=2)),
+            ("the cat sat on the mat. a dog ran in the park, ", 2, {}),
+            ("the cat sat on the mat. the cat", 1, dict(min_tokens=3)),
+            ("a dog ran in the park, a dog ran in the park", 1, dict(guide=None))]
+    engine = Engine(model, max_batch=5, kv_pages=24, page_size=4, prefix_caching=True, prompt_lookup=2,
+                    num_draft_tokens=5)
+    handles, refs = [], []
+    for prompt, n, extra in reqs:
+        idx = torch.tensor([tok.encode(prompt)] * n)
+        kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size, **extra)
+        guided = kw.pop("guide", True) is not None
+        handles.append(engine.submit(idx, 24, guide=grammars.guide(spec) if guided else None, **kw))
+        kw.pop("logprobs", None)
+        refs.append(generate(model, idx, 24, guide=grammars.guide(spec) if guided else None, **kw))
+    engine.start()
+    try:
+        outs = [h.wait() for h in handles]
+    finally:
+        engine.close()
+    for (prompt, _, extra), out, ref in zip(reqs, outs, refs):
+        assert torch.equal(out, ref), (prompt, extra)
+    stats = engine.stats
+    assert stats["preemptions"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0, stats
