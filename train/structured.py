@@ -208,6 +208,7 @@ class Guide:
     def __init__(self, compiled, vocab_size: int, specials=frozenset()):
         self.compiled, self.vocab_size, self.specials = compiled, vocab_size, specials
         self.matchers, self.done, self.triton, self.live = None, [], False, None
+        self.spec_bitmask = None  # mask_drafts' buffer, [rows x (k + 1), words], kept across steps
 
     def begin(self, rows: int, ends, vocab: int, triton: bool = False) -> "Guide":
         """Ready for `rows` rows whose text ends with one of `ends` (token ids: end_rule's, the EOS and any stop
@@ -284,7 +285,12 @@ class Guide:
         rows, width = logits.shape[:2]
         drafted = drafted.tolist()
         lens = [width - 1] * rows if lens is None else lens.tolist()
-        bitmask = xgr.allocate_token_bitmask(rows * width, self.vocab_size)
+        if self.spec_bitmask is None or self.spec_bitmask.size(0) < rows * width:  # (one buffer, pinned once)
+            self.spec_bitmask = xgr.allocate_token_bitmask(rows * width, self.vocab_size)
+            if logits.is_cuda:
+                self.spec_bitmask = self.spec_bitmask.pin_memory()
+        bitmask = self.spec_bitmask[:rows * width]
+        bitmask.fill_(-1)  # (a position not filled below, past a refused draft: never read, all allowed)
         filled = []
         for i in (i for i, d in enumerate(self.done) if not d):
             m, taken = self.matchers[i], 0
@@ -302,8 +308,6 @@ class Guide:
         if not filled:
             return logits
         self._check(bitmask, filled, lambda p: p // width)
-        if logits.is_cuda:
-            bitmask = bitmask.pin_memory()
         return self._apply(logits.reshape(rows * width, -1), bitmask, filled).view(rows, width, -1)
 
     def accept(self, tokens, ended=None):
