@@ -848,8 +848,8 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     A PromptLookup draft runs no forward and has no cache: each row proposes its own lookup_proposals, up to k, and
     accept_lookup rules on them. kv_cache_dtype: the model's cache's; the draft's own stays float (it only proposes,
     and its cache is the small one). guide: structured outputs, the model's distributions masked by the grammars
-    (verify_step), the draft's left as they are (speculative sampling keeps the model's distribution whatever the
-    draft's: a draft the grammar refuses is rejected)."""
+    (verify_step), the draft's too (Guide.mask_after: speculative sampling keeps the model's distribution whatever
+    the draft's, so this only raises how many drafts are accepted)."""
     greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
     B, cap = idx.size(0), idx.size(1) + max_new_tokens
     cache = new_cache(model, B, min(model.config.context_length, cap), kv_cache_dtype)
@@ -880,6 +880,8 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
             text = torch.cat([idx, drafted], dim=1)
         for _ in range(0 if lookup else k):
             logits = _feed(draft, draft_cache, text)[:, -1, :vocab_limit]
+            if guide is not None:  # (the draft proposes what the grammar allows: more of it is accepted)
+                logits = guide.mask_after(logits, text[:, L:])
             # live False: where the n-gram ban leaves a drafted path nothing, its logits stay unbanned rather than
             # raising (a path plain decoding may never take); raised below only if the text kept reaches it
             w = sampling_logits(logits, seen=text, generated_from=start, live=no_row, **warp)

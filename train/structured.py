@@ -209,6 +209,7 @@ class Guide:
         self.compiled, self.vocab_size, self.specials = compiled, vocab_size, specials
         self.matchers, self.done, self.triton, self.live = None, [], False, None
         self.spec_bitmask = None  # mask_drafts' buffer, [rows x (k + 1), words], kept across steps
+        self.draft_bitmask = None  # mask_after's, [rows, words]
 
     def begin(self, rows: int, ends, vocab: int, triton: bool = False) -> "Guide":
         """Ready for `rows` rows whose text ends with one of `ends` (token ids: end_rule's, the EOS and any stop
@@ -273,6 +274,34 @@ class Guide:
         bitmask = bitmask.to(logits.device, non_blocking=True)
         return apply_token_bitmask(logits.contiguous() if self.triton else logits, bitmask, live,
                                    triton=self.triton)
+
+    def mask_after(self, logits, drafted):
+        """A draft model's logits [rows, V] for its next proposal, masked by each live row's grammar after the row's
+        drafts so far drafted [rows, j] (each taken, then rolled back), so it proposes only what the grammar allows
+        (the verification keeps the model's distribution whatever the draft's: this only raises its acceptance). A
+        row whose drafts ended its grammar is left as it is: nothing after its end token is kept."""
+        xgr = _xgrammar()
+        drafted = drafted.tolist()
+        if self.draft_bitmask is None:
+            self.draft_bitmask = xgr.allocate_token_bitmask(len(self.matchers), self.vocab_size)
+            if logits.is_cuda:
+                self.draft_bitmask = self.draft_bitmask.pin_memory()
+        filled = []
+        for i in (i for i, d in enumerate(self.done) if not d):
+            m = self.matchers[i]
+            taken = 0
+            for t in drafted[i]:
+                if not m.accept_token(t):
+                    break
+                taken += 1
+            if taken == len(drafted[i]) and not m.is_terminated():
+                m.fill_next_token_bitmask(self.draft_bitmask, i)
+                filled.append(i)
+            if taken:
+                m.rollback(taken)
+        if not filled:
+            return logits
+        return self._apply(logits, self.draft_bitmask, filled)
 
     def mask_drafts(self, logits, drafted, lens=None):
         """Speculation's verification (generate's prompt lookup or draft, the engine's n-gram speculation): logits
