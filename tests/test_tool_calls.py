@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from tritongpt.errors import UserError
+
 from test_serve import call, events, start, tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -270,3 +272,32 @@ def test_a_template_without_tools_and_tritongpts_own_format_refuse_what_they_can
     finally:
         plain.shutdown()
         plain.server_close()
+
+
+# A template that writes each tool result as JSON (Llama 3.1's does: `message.content | tojson`) and a call's name and
+# arguments; and one that lists the tools but drops every call (their names are still in the prompt, in the list)
+TOJSON_RESULTS = TOOLS_TEMPLATE.replace("message.content + '<|im_end|>", "(message.content | tojson) + '<|im_end|>")
+DROPS_CALLS = TOOLS_TEMPLATE.replace("{%- for call in message.tool_calls or [] %}", "{%- for call in [] %}")
+DROPS_ARGUMENTS = TOOLS_TEMPLATE.replace("(call.function.arguments | tojson)", "''")
+
+
+def test_the_template_check_sees_what_is_rendered_not_a_text_search(folder, monkeypatch):
+    """A tool result a template escapes (tojson) is rendered, not dropped; a call whose name is in the tools' list
+    but not in the conversation, or whose arguments are dropped, is dropped: the check renders each result and call
+    changed and looks for the change, where a search for its text finds the tools' list or misses the escapes."""
+    from tritongpt.train.chat_template import tool_prompt
+    from tritongpt.train.serve import check_tools, tool_messages
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(folder[0])
+    messages = tool_messages(USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo", "hot": false}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": 'it said "cold" \\ 2°'}])
+    tools = check_tools(TOOLS)
+    assert 'it said "cold"' in tool_prompt(tok, messages, tools)
+    monkeypatch.setattr(tok, "chat_template", TOJSON_RESULTS)
+    assert '\\"cold\\"' in tool_prompt(tok, messages, tools)  # (escaped, yet there)
+    for template in (DROPS_CALLS, DROPS_ARGUMENTS):
+        monkeypatch.setattr(tok, "chat_template", template)
+        with pytest.raises(UserError, match=r"messages\[1\]: the model's chat template drops this assistant's tool call"):
+            tool_prompt(tok, messages, tools)

@@ -136,11 +136,23 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True) -> Rendered
     if tools and shown and text == render(tokenizer, messages, add_generation_prompt=True):
         raise UserError("the model's chat template renders no tools (it ignores apply_chat_template's tools): the "
                         "model would call them unseen")
-    results = [(i, "tool result", m["content"]) for i, m in enumerate(messages) if m["role"] == "tool"]
-    for i, what, said in results + [(i, "assistant's tool call", f["name"]) for i, f in calls]:
-        if said and said not in text:
-            raise UserError(f"messages[{i}]: the model's chat template drops this {what} (its text is not in the "
-                            "rendered prompt)")
+    # each result, and each call's name and arguments, must reach the prompt: changed, it changes the rendering (a
+    # search for its text would find a call's name in the tools' list, and miss a result the template escapes)
+    for i, m in enumerate(messages):
+        probes = [("tool result", {**m, "content": f"({m['content']})"})] if m["role"] == "tool" else []
+        for j, c in enumerate(m.get("tool_calls") or ()):
+            for key, value in (("name", c["function"]["name"] + "_"), ("arguments", {"_": c["function"]["arguments"]})):
+                calls_j = [dict(d, function={**d["function"], key: value}) if k == j else d
+                           for k, d in enumerate(m["tool_calls"])]
+                probes.append((f"assistant's tool call's {key}", {**m, "tool_calls": calls_j}))
+        for what, changed in probes:
+            try:
+                same = render(tokenizer, messages[:i] + [changed] + messages[i + 1:], True, tools) == text
+            except UserError:  # (the template read it, and refuses the change)
+                same = False
+            if same:
+                raise UserError(f"messages[{i}]: the model's chat template drops this {what} (the prompt is the same "
+                                "without it)")
     return Rendered(text)
 
 
