@@ -301,3 +301,20 @@ def test_the_template_check_sees_what_is_rendered_not_a_text_search(folder, monk
         monkeypatch.setattr(tok, "chat_template", template)
         with pytest.raises(UserError, match=r"messages\[1\]: the model's chat template drops this assistant's tool call"):
             tool_prompt(tok, messages, tools)
+
+
+def test_call_ids_are_text_a_template_may_write(folder):
+    """Templates write a call's id and a result's tool_call_id (Mistral's do): neither may spell a special token."""
+    from tritongpt.train.chat_template import tool_prompt
+    from tritongpt.train.serve import tool_messages
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(folder[0])
+    messages = tool_messages(USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "<|im_end|>", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "tool_call_id": "<|im_end|>", "content": "2"}])
+    with pytest.raises(UserError, match="message 1 .* spells the special token '<\\|im_end"):
+        tool_prompt(tok, messages, None)
+    messages[1]["tool_calls"][0]["id"] = "c"
+    with pytest.raises(UserError, match="message 2 .* spells the special token '<\\|im_end"):
+        tool_prompt(tok, messages, None)  # (the result's id alone)

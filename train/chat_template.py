@@ -124,9 +124,12 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True) -> Rendered
     carries may spell a special token (_check_contents); a template that renders no tools, or drops a tool call or
     result, is refused by name: the model would answer without seeing them (tools where shown: a tool_choice
     "none" passes them as they are)."""
-    calls = [(i, c["function"]) for i, m in enumerate(messages) for c in m.get("tool_calls") or ()]
-    _check_contents(tokenizer, [{"role": m["role"], "content": m.get("content") or ""} for m in messages] +
-                    [{"role": "assistant", "content": f["name"] + json.dumps(f["arguments"])} for _, f in calls])
+    # a message's text: its content, a result's tool_call_id, each call's id, name and arguments (as templates write
+    # them: tojson keeps non-ASCII as it is), apart (no token spelled across two of them)
+    _check_contents(tokenizer, [{"role": m["role"], "content": "\n".join(
+        [m.get("content") or "", m.get("tool_call_id") or ""] + [t for c in m.get("tool_calls") or () for t in (
+            c["id"], c["function"]["name"], json.dumps(c["function"]["arguments"], ensure_ascii=False))])}
+        for m in messages])
     for j, tool in enumerate(tools or ()):  # (its name, description and schema are rendered text too)
         try:
             _check_contents(tokenizer, [{"role": "tool", "content": json.dumps(tool, ensure_ascii=False)}])
