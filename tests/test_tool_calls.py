@@ -299,7 +299,7 @@ def test_the_template_check_sees_what_is_rendered_not_a_text_search(folder, monk
     assert '\\"cold\\"' in tool_prompt(tok, messages, tools)  # (escaped, yet there)
     for template in (DROPS_CALLS, DROPS_ARGUMENTS):
         monkeypatch.setattr(tok, "chat_template", template)
-        with pytest.raises(UserError, match=r"messages\[1\]: the model's chat template drops this assistant's tool call"):
+        with pytest.raises(UserError, match=r"messages\[1\]: the model's chat template drops this assistant's tool"):
             tool_prompt(tok, messages, tools)
 
 
@@ -318,3 +318,15 @@ def test_call_ids_are_text_a_template_may_write(folder):
     messages[1]["tool_calls"][0]["id"] = "c"
     with pytest.raises(UserError, match="message 2 .* spells the special token '<\\|im_end"):
         tool_prompt(tok, messages, None)  # (the result's id alone)
+
+
+def test_a_schema_xgrammar_cannot_compile_is_named_by_its_tool(both):
+    server, theirs, ban = both
+    if server.app.engine is None:
+        pytest.skip("the engine's server checks the same request")
+    broken = {"type": "function", "function": {"name": "b", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}
+    for choice in ("required", {"type": "function", "function": {"name": "b"}}):
+        status, body = ask(server, ban, tools=TOOLS + [broken], tool_choice=choice)
+        assert status == 400 and body["error"]["param"] == "tools[2].function.parameters", body
+        assert "tools[2] ('b')" in body["error"]["message"] and "$defs/missing" in body["error"]["message"], body

@@ -821,18 +821,27 @@ class Model:
                       str(e)) from None
         return formats.encode_prompt(self.tok, ((text, False),))
 
-    def guide(self, spec, field: str):
+    def guide(self, spec, field: str, tools: dict | None = None):
         """A Guide of the structured outputs spec (a request's draw's), or None without one; a spec that does not
-        compile (or no xgrammar) a 400 naming the request's field."""
+        compile (or no xgrammar) a 400 naming the request's field: a tool_choice's (tools: tool_setting's), the tool
+        whose parameters do not compile alone."""
         if spec is None:
             return None
-        from tritongpt.train.structured import Grammars
+        from tritongpt.train.structured import Grammars, StructuredOutputs
 
         try:
             if self._grammars is None:
                 self._grammars = Grammars.of(self.tok, self.limit or self.model.config.vocab_size)
             return self._grammars.guide(spec)
         except UserError as e:
+            calls = tools is not None and tools["choice"] != "none" and self._grammars is not None
+            for j, t in enumerate(tools["tools"] if calls else ()):
+                name = t["function"]["name"]
+                if tools["name"] in (None, name):
+                    try:
+                        self._grammars.guide(StructuredOutputs(json=tool_schema([t], name, True)))
+                    except UserError as why:
+                        raise bad(f"tools[{j}].function.parameters", f"tools[{j}] ({name!r}): {why}") from None
             raise bad(field, str(e)) from None
 
     def budget(self, ids, max_tokens) -> int:
@@ -1469,7 +1478,8 @@ class Completion:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
             self.stop_id = app.eot
         self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
-        guide = app.guide(s["structured"], s["structured_field"])  # (compiled now: a schema it cannot take, a 400)
+        # (compiled now: a schema it cannot take, a 400)
+        guide = app.guide(s["structured"], s["structured_field"], s["tools"])
         if guide is not None:  # (and an end token its text can have, before a stream's first event)
             from tritongpt.train.generate import end_rule
 
