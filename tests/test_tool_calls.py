@@ -110,8 +110,8 @@ def test_named_and_required_calls_hold_to_the_schemas_each_choice_its_own(both):
 
 def test_the_schemas_are_vllms():
     """A named tool's parameters (an empty object's where none); "required"'s array of {name, parameters}, one item
-    at most without parallel_tool_calls, the tools' $defs at the top (two different ones refused)."""
-    from tritongpt.train.serve import APIError, check_tools, tool_schema
+    at most without parallel_tool_calls, each tool's references pointed at its place in the array."""
+    from tritongpt.train.serve import check_tools, tool_schema
 
     tools = check_tools([{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": {"type": "integer"}}}}},
@@ -119,13 +119,11 @@ def test_the_schemas_are_vllms():
     assert tool_schema(tools, "g", True) == {"type": "object", "properties": {}}
     many, one = tool_schema(tools, None, True), tool_schema(tools, None, False)
     assert many["minItems"] == 1 and "maxItems" not in many and one["maxItems"] == 1
-    assert many["$defs"] == {"P": {"type": "integer"}} and '"$defs":' not in json.dumps(many["items"])
     assert [i["properties"]["name"] for i in many["items"]["anyOf"]] == [{"type": "string", "enum": ["f"]},
                                                                            {"type": "string", "enum": ["g"]}]
-    assert tools[0]["function"]["parameters"]["$defs"]  # (the request's tools as they were: the template's)
-    other = check_tools([{"type": "function", "function": {"name": "h", "parameters": {"$defs": {"P": {}}}}}])
-    with pytest.raises(APIError, match="define '\\$defs.P' differently"):
-        tool_schema(tools + other, None, True)
+    f = many["items"]["anyOf"][0]["properties"]["parameters"]
+    assert f["properties"]["p"] == {"$ref": "#/items/anyOf/0/properties/parameters/$defs/P"} and f["$defs"]
+    assert tools[0]["function"]["parameters"]["properties"]["p"] == {"$ref": "#/$defs/P"}  # (the template's as given)
 
 
 def test_tools_and_tool_messages_reach_the_prompt_as_transformers_renders_them(both):
@@ -330,3 +328,31 @@ def test_a_schema_xgrammar_cannot_compile_is_named_by_its_tool(both):
         status, body = ask(server, ban, tools=TOOLS + [broken], tool_choice=choice)
         assert status == 400 and body["error"]["param"] == "tools[2].function.parameters", body
         assert "tools[2] ('b')" in body["error"]["message"] and "$defs/missing" in body["error"]["message"], body
+
+
+def test_required_keeps_each_tools_references_its_own():
+    """"required" nests each tool's schema in the array's: its local $refs ("#": itself, recursive; "#/$defs/P",
+    "#/definitions/P") are rewritten to point there, so a tree's children are trees, not arrays of calls, and two
+    tools may each define a $defs entry of one name."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from tritongpt.train.serve import check_tools, tool_schema
+
+    tree = {"type": "object", "properties": {"v": {"$ref": "#/definitions/V"}, "kids": {"type": "array",
+            "items": {"$ref": "#"}}}, "required": ["v", "kids"], "additionalProperties": False,
+            "definitions": {"V": {"type": "integer"}}}
+    pick = {"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"],
+            "additionalProperties": False, "$defs": {"P": {"enum": ["x", "y"]}}}
+    other = dict(pick, properties={"p": {"$ref": "#/$defs/P"}, "const": {"const": {"$ref": "#"}}},
+                 **{"$defs": {"P": {"type": "boolean"}}})
+    tools = check_tools([{"function": {"name": n, "parameters": p}} for n, p in (("t", tree), ("a", pick),
+                                                                               ("b", other))])
+    grammar = xgr.Grammar.from_json_schema(json.dumps(tool_schema(tools, None, True)))
+    for text, ok in (('[{"name":"t","parameters":{"v":1,"kids":[{"v":2,"kids":[]}]}}]', True),
+                     ('[{"name":"t","parameters":{"v":1,"kids":[[{"name":"t","parameters":{"v":2,"kids":[]}}]]}}]',
+                      False),
+                     ('[{"name":"a","parameters":{"p":"x"}},{"name":"b","parameters":{"p":true}}]', True),
+                     ('[{"name":"b","parameters":{"p":"x"}}]', False),
+                     ('[{"name":"b","parameters":{"p":false,"const":{"$ref":"#"}}}]', True)):
+        assert _is_grammar_accept_string(grammar, text) == ok, text
+    assert tools[0]["function"]["parameters"] == tree  # (the request's tools as they were: the template's)

@@ -286,24 +286,41 @@ def check_tools(tools) -> list:
 def tool_schema(tools: list, name: str | None, parallel: bool) -> dict:
     """The JSON schema the output is held to (vLLM's ChatCompletionRequest._get_json_schema_from_tool): a named
     function's parameters (an object with no properties where it has none); for "required" an array of at least one
-    {"name": one of the tools, "parameters": its schema} (at most one without parallel_tool_calls), the tools'
-    $defs gathered at the top, where their references point."""
+    {"name": one of the tools, "parameters": its schema} (at most one without parallel_tool_calls), each tool's local
+    references rewritten to where its schema now is (vLLM gathers the tools' $defs at the top instead: "#" and
+    "#/definitions/..." then point at the array, and two tools' $defs of one name clash)."""
     def params(t):
         return json.loads(json.dumps(t["function"]["parameters"] or {"type": "object", "properties": {}}))
     if name is not None:
         return params(next(t for t in tools if t["function"]["name"] == name))
-    items, defs = [], {}
-    for t in tools:
-        p = params(t)
-        for key, d in p.pop("$defs", {}).items():
-            if defs.setdefault(key, d) != d:
-                raise bad("tools", f"two tools define '$defs.{key}' differently: one schema cannot hold both")
-        items.append({"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]}, "parameters": p},
-                      "required": ["name", "parameters"]})
+    items = [{"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                             "parameters": moved(params(t), f"#/items/anyOf/{k}/properties/parameters")},
+              "required": ["name", "parameters"]} for k, t in enumerate(tools)]
     schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
     if not parallel:
         schema["maxItems"] = 1
-    return {**schema, "$defs": defs} if defs else schema
+    return schema
+
+
+def moved(schema, to: str):
+    """schema's local references ("#", "#/...") pointed at `to`, where it is placed inside another; values (enum,
+    const, default, examples) left as they are: their "$ref" keys are data."""
+    if isinstance(schema, list):
+        return [moved(s, to) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = to + value[1:]
+        elif key in ("enum", "const", "default", "examples"):
+            out[key] = value
+        elif key in ("properties", "patternProperties", "$defs", "definitions") and isinstance(value, dict):
+            # (its keys are names, not keywords: each value a schema)
+            out[key] = {k: moved(v, to) for k, v in value.items()}
+        else:
+            out[key] = moved(value, to)
+    return out
 
 
 def tool_setting(body: dict, s: dict) -> dict:
