@@ -206,6 +206,8 @@ def test_the_openai_clients_shapes(both):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}], "tool_choice": "none"},
      "tools[0].function.parameters", "must be a JSON schema object"),
     ({"tools": TOOLS + TOOLS[:1], "tool_choice": "none"}, "tools[2].function.name", "two tools are named"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], "tool_choice":
+      "required"}, "tools[0].function.parameters", "must be an object's schema"),  # (arguments are an object's text)
     ({"tool_choice": NAMED, "structured_outputs": {"regex": "a"}}, "structured_outputs", "cannot be used with"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "cannot be used with"),

@@ -278,6 +278,10 @@ def check_tools(tools) -> list:
                                 ("strict", bool, "true or false")):
             if f.get(key) is not None and not isinstance(f[key], kind):
                 raise bad(f"{at}.function.{key}", f"'{at}.function.{key}' must be {what}, got {f[key]!r}"[:300])
+        kind = (f.get("parameters") or {}).get("type", "object")
+        if kind != "object":  # (a call's arguments are an object's JSON text: OpenAI's, and what messages take back)
+            raise bad(f"{at}.function.parameters", f"'{at}.function.parameters' must be an object's schema (a call's "
+                                                   f"arguments are a JSON object), got type {kind!r}"[:300])
         out.append({"type": "function", "function": {"name": name, "description": f.get("description"),
                                                      "parameters": f.get("parameters")}})
     return out
