@@ -315,12 +315,12 @@ def moved(schema, to: str):
         return schema
     out = {}
     for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):  # (not "#anchor")
             out[key] = to + value[1:]
         elif key in ("enum", "const", "default", "examples"):
             out[key] = value
-        elif key in ("properties", "patternProperties", "$defs", "definitions") and isinstance(value, dict):
-            # (its keys are names, not keywords: each value a schema)
+        elif key in ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions") \
+                and isinstance(value, dict):  # (its keys are names, not keywords: each value a schema)
             out[key] = {k: moved(v, to) for k, v in value.items()}
         else:
             out[key] = moved(value, to)
