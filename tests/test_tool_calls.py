@@ -358,3 +358,17 @@ def test_required_keeps_each_tools_references_its_own():
                      ('[{"name":"b","parameters":{"p":false,"const":{"$ref":"#"}}}]', True)):
         assert _is_grammar_accept_string(grammar, text) == ok, text
     assert tools[0]["function"]["parameters"] == tree  # (the request's tools as they were: the template's)
+
+
+def test_none_answers_without_the_tools_where_the_prompts_are_not_the_chat_template(both, monkeypatch):
+    """A run tuned on alpaca prompts whose tokenizer still carries a chat template: tool_choice "none" is answered in
+    its alpaca prompt, as without tools (not refused as a call); a call is refused."""
+    server, theirs, ban = both
+    if server.app.engine is None:
+        pytest.skip("the engine's server checks the same request")
+    monkeypatch.setattr(server.app, "template", "alpaca")
+    alone = ask(server, ban, tools=None, max_tokens=2, temperature=0)
+    status, body = ask(server, ban, tool_choice="none", max_tokens=2, temperature=0)
+    assert status == 200 and body["usage"] == alone[1]["usage"], body
+    status, body = ask(server, ban, tool_choice=NAMED)
+    assert status == 400 and "its alpaca prompts, which has no place for tools" in body["error"]["message"]

@@ -800,8 +800,8 @@ class Model:
         if self.template is None:
             raise bad("messages", f"the model '{self.name}' has no chat format ({self.template_why}): "
                                   "use /v1/completions")
-        if uses_tools(messages) or tools is not None and tools["tools"] and (
-                tools["choice"] != "none" or getattr(self.tok, "chat_template", None) is not None):
+        rendered = self.template == "chat" and getattr(self.tok, "chat_template", None) is not None
+        if uses_tools(messages) or tools is not None and tools["tools"] and (tools["choice"] != "none" or rendered):
             return self.tool_chat_prompt(messages, tools)
         try:
             messages = formats.check_messages(messages, "request", ends_with="user")
