@@ -88,7 +88,10 @@ def test_a_step_on_the_device_gives_the_host_steps_logits_whatever_the_cache_hol
         assert torch.allclose(dev.k[:, :, :, :11], host.k[:, :, :, :11], atol=1e-6)
 
 
-@pytest.mark.parametrize("kernels,case", [("reference", c) for c in CASES] + [("triton", c) for c in CASES])
+# Triton: not "gpt2", whose kernels (LayerNorm, GELU, plain attention over kv_len) "alibi" and "window-softcap" run
+# with more on top: ~5 ms a program, ~4 s a case
+@pytest.mark.parametrize("kernels,case", [("reference", c) for c in CASES] + [("triton", c) for c in CASES
+                                                                             if c != "gpt2"])
 def test_generate_with_an_emulated_cuda_graph_draws_the_eager_tokens(monkeypatch, kernels, case):
     """Greedy and sampled, past the context (the window slides: a prefill again, the same graph after it), on both
     paths (the Triton one: flash_attention's kv_len, read in the kernels)."""
