@@ -1329,10 +1329,13 @@ def test_dpo_and_rlhf_pad_the_vocabulary_of_their_init(command, tmp_path):
     torch.manual_seed(0)
     init = tmp_path / "init" / "model.safetensors"
     init.parent.mkdir()
-    GPTModel(get_config("tiny", vocab_size=4100)).save(init)
+    # the embedded tokenizer's vocabulary (4096) and 4 past it: padded to 4160; one narrow block (what is padded is
+    # the embedding and the head, whatever the depth)
+    small = dict(vocab_size=4100, n_layer=1, n_embd=64, n_head=2)
+    GPTModel(get_config("tiny", **small)).save(init)
     extra = ["--max-steps", "2", "--batch-size", "4", "--eval-every", "0"]
     if command == "rlhf":
-        RewardModel(GPTModel(get_config("tiny", vocab_size=4100))).save(tmp_path / "rm.safetensors")
+        RewardModel(GPTModel(get_config("tiny", **small))).save(tmp_path / "rm.safetensors")
         extra = ["--reward", str(tmp_path / "rm.safetensors"), "--iterations", "1", "--prompts-per-iter", "4",
                  "--minibatch-size", "2", "--epochs", "1", "--max-new-tokens", "4", "--eval-prompts", "2",
                  "--eval-samples", "1"]
