@@ -633,3 +633,29 @@ def test_the_engines_speculating_guided_requests_are_plain_guided_decoding(tiny)
         assert torch.equal(out, ref), (prompt, extra)
     stats = engine.stats
     assert stats["preemptions"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0, stats
+
+
+def test_the_engines_one_mask_a_decode_batch_on_the_triton_path(tiny):
+    """The engine masks its decode batch's guided rows in one op (Engine._mask_decode: their bitmasks gathered at
+    their slots, the Triton kernel's indices): guided requests beside a plain one, a row of a request ending before
+    the other, on the Triton path (interpreted) are each generate()'s on the reference path."""
+    model, tok, grammars = tiny
+    reqs = [("the cat", 2, SPECS["regex"], 3), ("a dog", 1, None, 4), ("Hello", 1, SPECS["choice"], 5)]
+    model.set_kernels("cross_entropy")
+    try:
+        engine = Engine(model, max_batch=4)
+        handles = [engine.submit(torch.tensor([tok.encode(p)] * n), 12, eos_id=tok.eot_id, vocab_limit=tok.vocab_size,
+                                 temperature=1.0, generator=torch.Generator().manual_seed(seed),
+                                 guide=grammars.guide(spec) if spec else None) for p, n, spec, seed in reqs]
+        while engine.step():
+            pass
+        outs = [h.wait() for h in handles]
+    finally:
+        model.set_kernels("reference")
+    for (p, n, spec, seed), out in zip(reqs, outs):
+        assert torch.equal(out, generate(model, torch.tensor([tok.encode(p)] * n), 12, eos_id=tok.eot_id,
+                                         vocab_limit=tok.vocab_size, temperature=1.0,
+                                         generator=torch.Generator().manual_seed(seed),
+                                         guide=grammars.guide(spec) if spec else None)), p
+    lengths = [row.index(tok.eot_id) for row in outs[0][:, len(tok.encode("the cat")):].tolist()]
+    assert lengths[0] != lengths[1]

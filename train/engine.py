@@ -272,6 +272,7 @@ class Engine:
             raise UserError(f"max_prefill_tokens must be a positive integer (the prompt tokens a step prefills) or "
                             f"None, got {max_prefill_tokens!r}")
         check_cache_dtype(kv_cache_dtype)
+        self.batch_bitmask = None  # _mask_decode's host buffer (pinned on CUDA), kept across steps
         self.lookup = None if prompt_lookup is None else PromptLookup(prompt_lookup)  # (checks it)
         if not is_int(num_draft_tokens) or num_draft_tokens < 1:
             raise UserError(f"num_draft_tokens must be a positive integer (the tokens a row proposes a step), got "
@@ -603,7 +604,7 @@ class Engine:
         self.running = self.running + admitted
         if not self.running:
             return False
-        logits = {}
+        logits, out = {}, None
         with self.autocast():
             self._prefill(logits)
             drafts = {}
@@ -625,6 +626,8 @@ class Engine:
             except Exception as e:  # (as a decode_step failure below: it alone fails)
                 del logits[r]
                 self._finish(r, e)
+        if out is not None:
+            self._mask_decode(out, [r for r in decoding if r in logits], logits)
         for r, lg in logits.items():
             try:
                 if r in drafts:
@@ -973,6 +976,33 @@ class Engine:
                 logits = last_logits(self.model, tokens, cache)[:, -1]
         self.cache.fill[slots] += 1
         return logits
+
+    def _mask_decode(self, out, decoding, logits):
+        """The decode batch's guided rows (structured outputs) masked in one op, out [rows, V] (_decode's), their
+        bitmasks (Guide.fill's) gathered into one at their slots: a copy and a kernel a step, not one a request
+        (vLLM's one bitmask a batch). Each request's logits are then taken from it again, and its guide told its
+        rows are masked (Guide.took: decode_step masks nothing more)."""
+        from tritongpt.model.sampling import apply_token_bitmask
+
+        guided = [r for r in decoding if r.guide is not None and r.guide.live]
+        if not guided:
+            return
+        words = (out.size(-1) + 31) // 32
+        if self.batch_bitmask is None or self.batch_bitmask.shape != (out.size(0), words):
+            self.batch_bitmask = torch.empty(out.size(0), words, dtype=torch.int32,
+                                             pin_memory=out.is_cuda)
+        bitmask, slots = self.batch_bitmask, []
+        bitmask.fill_(-1)  # (a row's tokens past its grammar's vocabulary, vocab_limit's, are cut before its draw)
+        for r in guided:
+            for i in r.guide.live:
+                row = r.guide.bitmask[i]
+                bitmask[r.slots[i], :row.size(0)] = row[:words]
+                slots.append(r.slots[i])
+            r.guide.took()
+        out = apply_token_bitmask(out, bitmask.to(out.device, non_blocking=True), slots,
+                                  triton="cross_entropy" in getattr(self.model, "kernels", ()))
+        for r in decoding:
+            logits[r] = out[r.slots]
 
     def _finish(self, r, error=None):
         """The request ends (its ids, or the error, to its queue) and its slots are free again."""

@@ -253,6 +253,11 @@ class Guide:
                             "matches it (a pattern such as [^\\s\\S]), or a token its text needs is one of its end "
                             f"tokens {self.matchers[i].stop_token_ids}, allowed only at its end")
 
+    def took(self):
+        """Its live rows' bitmasks applied by the caller (the engine's one mask over a decode batch): mask() then
+        masks nothing more this step."""
+        self.live = []
+
     def mask(self, logits):
         """logits [rows, V] (V at most the vocabulary width the grammar was compiled for) with -inf where a live
         row's grammar allows no token: the bitmask (fill()'s, filled here if not yet) sent without waiting."""
