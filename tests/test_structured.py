@@ -659,3 +659,58 @@ def test_the_engines_one_mask_a_decode_batch_on_the_triton_path(tiny):
                                          guide=grammars.guide(spec) if spec else None)), p
     lengths = [row.index(tok.eot_id) for row in outs[0][:, len(tok.encode("the cat")):].tolist()]
     assert lengths[0] != lengths[1]
+
+
+def static_graphed(model, log, **kw):
+    """test_engine's graphed Engine (buckets 1, 2, 4, the capture emulated by make_fx) whose replays return one
+    buffer a graph, overwritten each replay, as a CUDA graph's output; log gets at each replay (its rows, the rows
+    holding -inf before it: the step before's in-place mask, which the replay must overwrite, the address of the
+    engine's batch bitmask)."""
+    from test_decode_graph import fx_capture
+
+    def capture(fn, device):
+        replay, buf = fx_capture(fn), []
+
+        def static():
+            out = replay()
+            if not buf:
+                buf.append(out.clone())
+            mask = engine.batch_bitmask
+            log.append((out.size(0), torch.isinf(buf[0]).flatten(1).any(1).nonzero().flatten().tolist(),
+                        None if mask is None else mask.data_ptr()))
+            return buf[0].copy_(out)
+        return static
+    engine = Engine(model, max_batch=4, cuda_graph=True, capture=capture, **kw)
+    return engine
+
+
+@pytest.mark.parametrize("kernels", ["reference", "cross_entropy"])
+def test_guided_requests_under_cuda_graphs_draw_generates_tokens(tiny, kernels):
+    """The engine's decode steps replay emulated CUDA graphs (static output buffers) and mask their guided rows in
+    one op, in place on the graph's buffer on the Triton path: a regex request alone (bucket 1), a choice one beside
+    it (2), a regex request of 2 rows whose one ends first (4), a plain one waiting for a slot, then a JSON one;
+    each request's tokens are generate()'s alone, so no mask leaks into the next replay or another request's rows."""
+    from test_engine import buckets_run, run, seeded
+
+    model, tok, grammars = tiny
+    kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size, temperature=1.0)
+    reqs = [(0, "the cat", 1, "regex", 8, 1), (1, "Hello", 1, "choice", 8, 2), (2, "the cat", 2, "regex", 12, 3),
+            (3, "a dog", 1, None, 6, 4), (4, "Hello", 1, "json", 10, 5)]
+    schedule = [(at, torch.tensor([tok.encode(p)] * n), new,
+                 dict(kw, seed=seed, guide=spec and grammars.guide(SPECS[spec]))) for at, p, n, spec, new, seed in reqs]
+    log = []
+    model.set_kernels(kernels)
+    try:
+        handles = [h for h, _ in run(static_graphed(model, log), schedule)]
+    finally:
+        model.set_kernels("reference")
+    outs = [h.wait() for h in handles]
+    for (at, p, n, spec, new, seed), (_, idx, _, settings), out in zip(reqs, schedule, outs):
+        alone = dict(settings, guide=spec and grammars.guide(SPECS[spec]))
+        assert torch.equal(out, generate(model, idx, new, **seeded(alone))), (p, spec)
+    assert [rows for rows, _ in buckets_run([rows for rows, *_ in log])] == [1, 2, 4, 2, 1]
+    lengths = [row.index(tok.eot_id) for row in outs[2][:, len(tok.encode("the cat")):].tolist()]
+    assert lengths[0] != lengths[1]
+    # the Triton path masked the graph's own buffer (its rows of -inf seen at the next replay), the reference a copy
+    masked = [r for _, rows, _ in log for r in rows]
+    assert bool(masked) == (kernels == "cross_entropy"), log
