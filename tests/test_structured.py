@@ -714,3 +714,5 @@ def test_guided_requests_under_cuda_graphs_draw_generates_tokens(tiny, kernels):
     # the Triton path masked the graph's own buffer (its rows of -inf seen at the next replay), the reference a copy
     masked = [r for _, rows, _ in log for r in rows]
     assert bool(masked) == (kernels == "cross_entropy"), log
+    # one batch bitmask kept across the buckets' row counts (pinned once on a GPU), not one a change of rows
+    assert len({at for *_, at in log if at is not None}) == 1, log

@@ -272,7 +272,7 @@ class Engine:
             raise UserError(f"max_prefill_tokens must be a positive integer (the prompt tokens a step prefills) or "
                             f"None, got {max_prefill_tokens!r}")
         check_cache_dtype(kv_cache_dtype)
-        self.batch_bitmask = None  # _mask_decode's host buffer (pinned on CUDA), kept across steps
+        self.batch_bitmask = None  # _mask_decode's host buffer [max_batch, words] (pinned on CUDA), kept across steps
         self.lookup = None if prompt_lookup is None else PromptLookup(prompt_lookup)  # (checks it)
         if not is_int(num_draft_tokens) or num_draft_tokens < 1:
             raise UserError(f"num_draft_tokens must be a positive integer (the tokens a row proposes a step), got "
@@ -988,10 +988,11 @@ class Engine:
         if not guided:
             return
         words = (out.size(-1) + 31) // 32
-        if self.batch_bitmask is None or self.batch_bitmask.shape != (out.size(0), words):
-            self.batch_bitmask = torch.empty(out.size(0), words, dtype=torch.int32,
-                                             pin_memory=out.is_cuda)
-        bitmask, slots = self.batch_bitmask, []
+        # (max_batch rows, the most a step decodes, and the step's first rows taken: one buffer pinned once, not one
+        # a change of the batch's rows or graph bucket)
+        if self.batch_bitmask is None or self.batch_bitmask.size(1) != words:
+            self.batch_bitmask = torch.empty(self.max_batch, words, dtype=torch.int32, pin_memory=out.is_cuda)
+        bitmask, slots = self.batch_bitmask[:out.size(0)], []
         bitmask.fill_(-1)  # (a row's tokens past its grammar's vocabulary, vocab_limit's, are cut before its draw)
         for r in guided:
             for i in r.guide.live:
