@@ -716,3 +716,36 @@ def test_guided_requests_under_cuda_graphs_draw_generates_tokens(tiny, kernels):
     assert bool(masked) == (kernels == "cross_entropy"), log
     # one batch bitmask kept across the buckets' row counts (pinned once on a GPU), not one a change of rows
     assert len({at for *_, at in log if at is not None}) == 1, log
+
+
+def test_one_mask_under_cuda_graphs_with_vocabularies_a_failed_fill_and_preemption(tiny):
+    """On the Triton path under emulated CUDA graphs, the one-mask decode batch beside what it must leave alone: a
+    grammar of the tokenizer's 300 tokens (a bitmask of 10 words) beside one of the model's 352 (11, the width of
+    the batch's logits) and a plain request of vocab_limit 320; a request whose grammar allows nothing after its
+    first token fails alone in its decode step's fill (its row not masked); the paged cache too small for all, so
+    the 2-row JSON request is preempted and readmitted at other slots. The others' tokens are generate()'s."""
+    from test_engine import run, seeded
+
+    _, tok, grammars = tiny
+    torch.manual_seed(4)
+    model = GPTModel(GPTConfig(vocab_size=352, context_length=64, n_embd=32, n_layer=1, n_head=2)).eval()
+    wide, none_after = Grammars.of(tok, 352), StructuredOutputs(regex=r"(the|ab)[^\s\S]")
+    reqs = [(0, "a dog", 1, None, None, 320, 16, 3), (0, "Hello there", 1, SPECS["regex"], wide, 352, 14, 2),
+            (1, "the", 1, none_after, grammars, 300, 6, 4), (1, "the cat", 2, SPECS["json"], grammars, 300, 12, 1)]
+    schedule = [(at, torch.tensor([tok.encode(p)] * n), new, dict(eos_id=tok.eot_id, vocab_limit=limit, seed=seed,
+                                                                  temperature=1.0, guide=spec and g.guide(spec)))
+                for at, p, n, spec, g, limit, new, seed in reqs]
+    model.set_kernels("cross_entropy")
+    try:
+        engine = static_graphed(model, [], kv_pages=8, page_size=4)
+        handles = [h for h, _ in run(engine, schedule)]
+    finally:
+        model.set_kernels("reference")
+    with pytest.raises(UserError, match="row 0's grammar allows no token after its text so far"):
+        handles[2].wait()
+    for (_, p, _, spec, g, _, new, _), (_, idx, _, settings), h in zip(reqs, schedule, handles):
+        if spec is none_after:
+            continue
+        alone = dict(settings, guide=spec and g.guide(spec))
+        assert torch.equal(h.wait(), generate(model, idx, new, **seeded(alone))), p
+    assert engine.stats["preemptions"] > 0 and engine.free == [0, 1, 2, 3]
