@@ -749,3 +749,26 @@ def test_one_mask_under_cuda_graphs_with_vocabularies_a_failed_fill_and_preempti
         alone = dict(settings, guide=spec and g.guide(spec))
         assert torch.equal(h.wait(), generate(model, idx, new, **seeded(alone))), p
     assert engine.stats["preemptions"] > 0 and engine.free == [0, 1, 2, 3]
+
+
+def test_a_mask_that_fails_over_the_decode_batch_fails_the_guided_requests_alone(tiny, monkeypatch):
+    """Engine._mask_decode's one op raising (a device error, say): its guided requests fail with the error; the plain
+    request beside them draws on, generate()'s tokens."""
+    import tritongpt.model.sampling as sampling
+
+    model, tok, grammars = tiny
+    engine = Engine(model, max_batch=4)
+    kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size)
+    idx = torch.tensor([tok.encode("the cat")])
+    guided = engine.submit(idx, 8, guide=grammars.guide(SPECS["regex"]), **kw)
+    plain = engine.submit(idx, 8, **kw)
+    engine.step()  # (the prefill's tokens: masked a request at a time)
+
+    def broken(*a, **k):
+        raise RuntimeError("the mask's device failed")
+    monkeypatch.setattr(sampling, "apply_token_bitmask", broken)
+    while engine.step():
+        pass
+    with pytest.raises(RuntimeError, match="the mask's device failed"):
+        guided.wait()
+    assert torch.equal(plain.wait(), generate(model, idx, 8, **kw))

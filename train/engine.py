@@ -1000,10 +1000,17 @@ class Engine:
                 bitmask[r.slots[i], :row.size(0)] = row[:words]
                 slots.append(r.slots[i])
             r.guide.took()
-        out = apply_token_bitmask(out, bitmask.to(out.device, non_blocking=True), slots,
-                                  triton="cross_entropy" in getattr(self.model, "kernels", ()))
+        try:
+            out = apply_token_bitmask(out, bitmask.to(out.device, non_blocking=True), slots,
+                                      triton="cross_entropy" in getattr(self.model, "kernels", ()))
+        except Exception as e:  # (the guided requests alone fail, as in their own decode_step; the others draw on)
+            for r in guided:
+                del logits[r]
+                self._finish(r, e)
+            return
         for r in decoding:
-            logits[r] = out[r.slots]
+            if r in logits:
+                logits[r] = out[r.slots]
 
     def _finish(self, r, error=None):
         """The request ends (its ids, or the error, to its queue) and its slots are free again."""
