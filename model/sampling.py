@@ -72,7 +72,9 @@ def pack_token_bitmask(allowed: torch.Tensor) -> torch.Tensor:
 
 def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int32 [N, ceil(V / 32)] -> bool [N, V], True where the token is allowed (pack_token_bitmask's inverse)."""
-    bits = (bitmask.long()[..., None] >> torch.arange(32, device=bitmask.device)) & 1
+    # (int32 shifts: an arithmetic shift of a negative word still brings bit j to bit 0, and int64 would move twice
+    # the bytes of a 50k-token row)
+    bits = (bitmask[..., None] >> torch.arange(32, dtype=torch.int32, device=bitmask.device)) & 1
     return bits.reshape(bitmask.shape[0], bitmask.shape[1] * 32)[:, :vocab_size].bool()
 
 
@@ -81,7 +83,9 @@ def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
     """New logits, -inf where the token's bit is 0. indices: the logits rows to mask (row i by bitmask row i), the
     others as they were; None masks every row (bitmask rows == logits rows)."""
     check_token_bitmask("apply_token_bitmask_reference", logits, bitmask, indices)
-    rows = list(range(logits.shape[0])) if indices is None else list(indices)
+    if indices is None:
+        return logits.masked_fill(~unpack_token_bitmask(bitmask, logits.shape[1]), float("-inf"))
+    rows = list(indices)
     allowed = unpack_token_bitmask(bitmask[rows], logits.shape[1])
     out = logits.clone()
     out[rows] = out[rows].masked_fill(~allowed, float("-inf"))
