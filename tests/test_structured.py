@@ -772,3 +772,24 @@ def test_a_mask_that_fails_over_the_decode_batch_fails_the_guided_requests_alone
     with pytest.raises(RuntimeError, match="the mask's device failed"):
         guided.wait()
     assert torch.equal(plain.wait(), generate(model, idx, 8, **kw))
+
+
+def test_chat_holds_every_answer_to_its_structured_outputs(tmp_path, monkeypatch, capsys):
+    """`chat --structured-outputs`: each answer of the conversation what the spec allows, ended by the grammar (no
+    cut note); a spec that does not compile is refused before the first message is read."""
+    import io
+
+    from test_serve import tiny_run
+    from tritongpt.cli import main
+
+    tiny_run(tmp_path / "run", "chat")
+    base = ["chat", "--weights", str(tmp_path / "run"), "--device", "cpu", "--max-new-tokens", "12"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Is it red?\nAnd now?\n"))
+    assert main(base + ["--structured-outputs", '{"choice": ["yes", "no", "maybe"]}']) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2 and set(out.splitlines()) <= {"yes", "no", "maybe"}, out
+    assert "was cut" not in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("never read\n"))
+    assert main(base + ["--structured-outputs", '{"regex": "a("}']) == 2
+    out, err = capsys.readouterr()
+    assert "the regex could not be compiled" in err and out == ""

@@ -387,10 +387,12 @@ def flag_object(text: str, flag: str = "--structured-outputs") -> tuple:
     return d, where
 
 
-def add_structured_arg(p):
-    """generate's --structured-outputs (its --prompts records' own structured_outputs win over it)."""
+def add_structured_arg(p, what: str = "the text"):
+    """generate's --structured-outputs (its --prompts records' own structured_outputs win over it), chat's (every
+    answer held to it)."""
     p.add_argument("--structured-outputs", default=None, metavar="SPEC",
-                   help="the text must be what SPEC allows (vLLM's structured_outputs, through xgrammar): a JSON "
+                   help=f"{what} must be what SPEC allows (vLLM's structured_outputs, through xgrammar): a JSON "
                         "object with one of json (a JSON schema), regex, choice (a list of strings), grammar (EBNF, "
                         "`root ::= ...`) or json_object: true, and optionally disable_any_whitespace; or @FILE "
-                        "holding it. Sampled texts end at the grammar's end with the EOS")
+                        "holding it. A text ends at the grammar's end with its end token (the EOS, a chat's end of "
+                        "turn)")
