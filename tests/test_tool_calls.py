@@ -372,3 +372,18 @@ def test_none_answers_without_the_tools_where_the_prompts_are_not_the_chat_templ
     assert status == 200 and body["usage"] == alone[1]["usage"], body
     status, body = ask(server, ban, tool_choice=NAMED)
     assert status == 400 and "its alpaca prompts, which has no place for tools" in body["error"]["message"]
+
+
+def test_tokenize_renders_messages_with_their_tools(both):
+    """vLLM's /tokenize takes `tools` beside `messages`: the ids the chat completion that calls a tool prompts
+    (transformers' apply_chat_template(tools=)); with `prompt`, refused by name."""
+    from test_serve import call
+
+    server, theirs, ban = both
+    status, body = call(server, "/tokenize", {"messages": USER, "tools": TOOLS})
+    assert status == 200, body
+    assert body["tokens"] == theirs.apply_chat_template(USER, tools=TOOLS, add_generation_prompt=True,
+                                                        return_dict=False)
+    assert body["count"] == ask(server, ban, tool_choice=NAMED, max_tokens=1)[1]["usage"]["prompt_tokens"]
+    status, body = call(server, "/tokenize", {"prompt": "the cat", "tools": TOOLS})
+    assert status == 400 and body["error"]["param"] == "tools"

@@ -63,11 +63,11 @@ UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
                "function_call", "parallel_tool_calls", "audio", "modalities", "prediction",
                "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
 # POST /tokenize's and /detokenize's fields (vLLM's; the chat form's add_generation_prompt is checked by hand)
-FIELDS["tokenize"] = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
+FIELDS["tokenize"] = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs",
+                      "tools"}
 FIELDS["detokenize"] = {"model", "tokens"}
 # vLLM's tokenize fields this server does not implement: refused unless null or false
-TOKENIZE_UNSUPPORTED = {"continue_final_message", "chat_template", "chat_template_kwargs", "tools",
-                        "mm_processor_kwargs"}
+TOKENIZE_UNSUPPORTED = {"continue_final_message", "chat_template", "chat_template_kwargs", "mm_processor_kwargs"}
 API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
 # the paths that answer without the API key (probes and scrapes); every other one needs it, unknown ones too (a 401,
 # not a 404 that would map the routes): stricter than vLLM's middleware, which asks only paths under /v1
@@ -1298,8 +1298,9 @@ class Handler(BaseHTTPRequestHandler):
     def tokenize(self, body: dict) -> dict:
         """vLLM's POST /tokenize: a prompt's ids as /v1/completions encodes it (add_special_tokens, default true:
         the BOS the tokenizer adds), or messages' as /v1/chat/completions prompts them (the served chat template,
-        ready for the answer) -> {count, max_model_len, tokens, token_strs (with return_token_strs: each token's
-        text, as logprobs spell it)}. No context check: count against max_model_len is the client's."""
+        ready for the answer; with `tools`, rendered with them as a chat completion calling one is) -> {count,
+        max_model_len, tokens, token_strs (with return_token_strs: each token's text, as logprobs spell it)}. No
+        context check: count against max_model_len is the client's."""
         app = self.server.app
         check_fields(body, "tokenize", app.names, TOKENIZE_UNSUPPORTED)
         strs = bool_field(body, "return_token_strs", False)
@@ -1314,8 +1315,13 @@ class Handler(BaseHTTPRequestHandler):
                 raise bad("add_special_tokens", "'add_special_tokens': true with 'messages' is not supported by "
                                                 "this server: the ids are the chat request's (its template's, "
                                                 "BOS included where the tokenizer adds one)")
-            ids = app.chat_prompt(body["messages"])
+            # tools (vLLM's TokenizeChatRequest): rendered as a chat request whose tool_choice calls one renders them
+            tools = check_tools(body["tools"]) if body.get("tools") else None
+            ids = app.chat_prompt(body["messages"], None if tools is None else
+                                  {"tools": tools, "choice": "required", "name": None})
         else:
+            if body.get("tools") is not None:
+                raise bad("tools", "'tools' are taken with 'messages' (a chat's prompt), not 'prompt'")
             if "add_generation_prompt" in body:
                 raise bad("add_generation_prompt", "'add_generation_prompt' is taken with 'messages', not 'prompt'")
             prompt = body.get("prompt")
