@@ -187,7 +187,8 @@ def test_structured_outputs_objects_are_checked_by_field(d, says):
 
 
 @pytest.mark.parametrize("rf,says", [({"type": "xml"}, "text, json_object or json_schema"), ("json", '"type"'),
-                                     ({"type": "json_schema", "json_schema": []}, '"schema" object')])
+                                     ({"type": "json_schema", "json_schema": []}, '"schema", if given'),
+                                     ({"type": "json_schema", "json_schema": {"schema": 3}}, '"schema", if given')])
 def test_response_formats_are_checked(rf, says):
     with pytest.raises(UserError, match=re.escape(says)):
         StructuredOutputs.from_response_format(rf)
@@ -199,6 +200,9 @@ def test_response_formats_read_as_openais():
     spec = StructuredOutputs.from_response_format({"type": "json_schema", "json_schema": {"name": "x",
                                                                                           "schema": SCHEMA}})
     assert spec.json == SCHEMA
+    # (OpenAI's schema is optional: without one, any JSON object, as the README says)
+    assert StructuredOutputs.from_response_format({"type": "json_schema", "json_schema": {"name": "x"}}).kind \
+        == "json_object"
 
 
 @pytest.mark.parametrize("spec,says", [(StructuredOutputs(regex="a("), "the regex could not be compiled"),

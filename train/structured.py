@@ -9,7 +9,7 @@ a 32-tokens-a-word bitmask each step); the mask on the logits is ours, both path
 and kernels/token_mask.py's Triton kernel (the "cross_entropy" kernel name: the LM head's logits).
 
     spec = StructuredOutputs.from_dict({"json": {"type": "object", ...}})   # or regex=, choice=, grammar=
-    guide = Grammars.of(tokenizer, vocab_size).guide(spec, rows=1, ends=[eos])
+    guide = Grammars.of(tokenizer, vocab_size).guide(spec)   # (generate begins it: its rows, its end tokens)
     generate(model, idx, 64, eos_id=eos, guide=guide)
 """
 import json
@@ -92,7 +92,8 @@ class StructuredOutputs:
             raise UserError(f"{where}.type must be text, json_object or json_schema, got {kind!r}")
         js = rf.get("json_schema")
         if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
-            raise UserError(f'{where}.json_schema must be an object with a "schema" object, got {js!r}')
+            raise UserError(f'{where}.json_schema must be an object whose "schema", if given, is an object (a JSON '
+                            f'schema), got {js!r}')
         # OpenAI's json_schema without a schema: any JSON object (its name and strict change no token here: the
         # mask holds the text to the schema whatever `strict` says)
         return cls(json=js["schema"]) if "schema" in js else cls(json_object=True)
