@@ -284,6 +284,7 @@ def test_serve_takes_structured_outputs_and_response_format(server):
      "pass one of"),
     ({"guided_json": {"type": "object"}}, "guided_json", 'use "structured_outputs": {"json": ...}'),
     ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "removed it"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "whitespace_pattern, not built here"),
     ({"response_format": {"type": "xml"}}, "response_format", "json_object or json_schema"),
     ({"structured_outputs": {"choice": "yes"}}, "structured_outputs", "non-empty list")])
 def test_serve_refuses_bad_structured_requests_by_field(server, extra, param, says):

@@ -47,6 +47,7 @@ from tritongpt._types import is_int, is_real
 from tritongpt.cli import command_help
 from tritongpt.errors import EngineDown, UserError, note
 from tritongpt.train.metrics import Metrics
+from tritongpt.train.structured import KINDS, OPTIONS
 
 # fields every generation request takes (OpenAI's, then vLLM's extra sampling settings)
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
@@ -118,6 +119,8 @@ def check_fields(body: dict, endpoint: str, served, unsupported=UNSUPPORTED):
                 raise bad(key, f"'{key}' is not supported by this server")
         elif key in REMOVED and endpoint in ("completions", "chat"):
             use = f'"structured_outputs": {{"{REMOVED[key]}": ...}}' if REMOVED[key] else "nothing (one backend here)"
+            if REMOVED[key] and REMOVED[key] not in KINDS + OPTIONS:  # (not a replacement refused in its turn)
+                use = f"vLLM's structured_outputs.{REMOVED[key]}, not built here"
             raise bad(key, f"'{key}' is vLLM's field before 0.12, which removed it: use {use}")
         elif key not in FIELDS[endpoint]:
             raise bad(key, f"unknown field '{key}'")
