@@ -195,7 +195,9 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     GPU's branch the split-KV kernel and its combine, HOST_MODES: forward only); torch's SDPA there computes for
     real, 4 heads x 512 keys, so its row is not host time alone. int8_linear: the weight-only int8 linear (no
     gradients: forward only), against F.linear on the weight dequantized once; int4_linear the int4 one (groups of
-    16 of the mlp_width inputs), likewise."""
+    16 of the mlp_width inputs), likewise. token_mask: structured outputs' grammar mask on `rows` rows of `vocab`
+    logits, half of them masked (indices: a decode batch's guided rows), in place, against the reference's
+    unpack and masked_fill (model/sampling.py)."""
     import torch.nn.functional as F
 
     from tritongpt.kernels.attention import flash_attention
@@ -206,6 +208,8 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     from tritongpt.model.quant import quantize_weight_int4, unpack_int4
     from tritongpt.kernels.rope import rope
     from tritongpt.kernels.swiglu import swiglu_mlp
+    from tritongpt.kernels.token_mask import apply_token_bitmask_
+    from tritongpt.model.sampling import apply_token_bitmask_reference, bitmask_words
 
     g = torch.Generator().manual_seed(0)
 
@@ -226,6 +230,9 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
     w8 = q8.float() * s8[:, None]
     q4, s4, o4 = quantize_weight_int4(torch.randn(hidden, mlp_width, generator=g), 16)
     w4 = (unpack_int4(q4).float().view(hidden, -1, 16) * s4[:, :, None] + o4[:, :, None]).view(hidden, mlp_width)
+    lm = torch.randn(rows, vocab, generator=g)  # (no gradients: the mask is inference only)
+    bm = torch.randint(-2**31, 2**31 - 1, (rows, bitmask_words(vocab)), generator=g, dtype=torch.int32)
+    guided = list(range(0, rows, 2))
     half = head_dim // 2
     inv = 1.0 / 10000.0 ** (torch.arange(half) / half)
     ang = torch.arange(seq)[:, None] * inv[None, :]
@@ -255,6 +262,8 @@ def host_cases(rows=8, width=768, mlp_width=32, heads=4, seq=16, head_dim=64, vo
         "int4_linear": (lambda: int4_linear(xq, q4, s4, o4, bq), lambda: F.linear(xq, w4, bq)),
         "decode_attention": (lambda: flash_attention(q1, kc, vc, causal=True),
                              lambda: F.scaled_dot_product_attention(q1, kc, vc)),  # one query: every key
+        "token_mask": (lambda: apply_token_bitmask_(lm, bm, guided),
+                       lambda: apply_token_bitmask_reference(lm, bm, guided)),
     }
 
 
@@ -391,8 +400,9 @@ HOST_SIZES = {"layer_norm": ("rows", "width"), "add_layer_norm": ("rows", "width
               "gelu_mlp": ("rows", "mlp_width"), "swiglu_mlp": ("rows", "mlp_width"),
               "flash_attention": ("heads", "seq", "head_dim"), "cross_entropy": ("rows", "vocab"),
               "rope": ("heads", "seq", "head_dim"), "decode_attention": ("heads", "cache", "head_dim"),
-              "int8_linear": ("rows", "mlp_width"), "int4_linear": ("rows", "mlp_width")}
-HOST_MODES = {"decode_attention": ("fwd",), "int8_linear": ("fwd",), "int4_linear": ("fwd",)}
+              "int8_linear": ("rows", "mlp_width"), "int4_linear": ("rows", "mlp_width"),
+              "token_mask": ("rows", "vocab")}
+HOST_MODES = {"decode_attention": ("fwd",), "int8_linear": ("fwd",), "int4_linear": ("fwd",), "token_mask": ("fwd",)}
 
 
 def host_modes(name):

@@ -272,13 +272,15 @@ def test_bench_host_overhead_gpu_branch_rows():
     launches of four (the preprocess is not tuned), where the interpreter's branch has no Autotuner at all; the
     matmul's six launches of the GELU-MLP's forward + backward are tuned too; rope has no tuned kernel; a decode
     step against 512 cached keys splits them (the split kernel and the combine), which the interpreter never does;
-    the int8 and int4 linears are one tuned launch each, forward only (no backward)."""
+    the int8 and int4 linears are one tuned launch each, forward only (no backward); the grammar's token mask one
+    launch, not tuned, forward only."""
     from tritongpt.bench.cpu import GPU_BRANCH, GPU_BRANCH_NOTE, bench_host_overhead
 
-    ops = ["layer_norm", "gelu_mlp", "flash_attention", "rope", "decode_attention", "int8_linear", "int4_linear"]
+    ops = ["layer_norm", "gelu_mlp", "flash_attention", "rope", "decode_attention", "int8_linear", "int4_linear",
+           "token_mask"]
     rows = [r for r in bench_host_overhead(calls=3, ops=ops) if r["provider"] == GPU_BRANCH]
-    assert [(r["op"], r["mode"]) for r in rows] == [(f"host-{op}", m) for op in ops[:-3] for m in ("fwd", "fwd+bwd")
-                                                    ] + [(f"host-{op}", "fwd") for op in ops[-3:]]
+    assert [(r["op"], r["mode"]) for r in rows] == [(f"host-{op}", m) for op in ops[:-4] for m in ("fwd", "fwd+bwd")
+                                                    ] + [(f"host-{op}", "fwd") for op in ops[-4:]]
     assert all(r["status"] == "ok" and r["ms"] > 0 and r["note"] == GPU_BRANCH_NOTE for r in rows), rows
     counts = {(r["op"][5:], r["mode"]): (r["launches"], r["tuned_launches"]) for r in rows}
     assert counts == {("layer_norm", "fwd"): (1, 1), ("layer_norm", "fwd+bwd"): (2, 2),
@@ -286,7 +288,7 @@ def test_bench_host_overhead_gpu_branch_rows():
                       ("flash_attention", "fwd"): (1, 1), ("flash_attention", "fwd+bwd"): (4, 3),
                       ("rope", "fwd"): (1, 0), ("rope", "fwd+bwd"): (2, 0),
                       ("decode_attention", "fwd"): (2, 1),  # the split-KV kernel (tuned) and its combine
-                      ("int8_linear", "fwd"): (1, 1), ("int4_linear", "fwd"): (1, 1)}
+                      ("int8_linear", "fwd"): (1, 1), ("int4_linear", "fwd"): (1, 1), ("token_mask", "fwd"): (1, 0)}
 
 
 _RESTORE_CHECK = """
