@@ -92,6 +92,12 @@ def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
     return out
 
 
+def masks_with_triton(model) -> bool:
+    """Whether the model's token mask runs the Triton kernel: under its "cross_entropy" kernel name, the LM head's
+    logits' kernels (model/toggle.py has no name of its own for the mask)."""
+    return "cross_entropy" in getattr(model, "kernels", ())
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: Optional[Sequence[int]] = None,
                         triton: bool = False) -> torch.Tensor:
     """The masked logits: triton=True masks logits in place with the Triton kernel (kernels/token_mask.py) and returns

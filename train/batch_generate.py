@@ -130,16 +130,10 @@ def record_structure(rec: dict, where: str, default=None):
     """A record's own structured outputs (train/structured.py StructuredOutputs) or None: its structured_outputs
     (vLLM's) or response_format (OpenAI's: {"type": "text"} is None, plain text), one of them; default where it
     gives neither (the --structured-outputs flag's)."""
-    from tritongpt.train.structured import StructuredOutputs
+    from tritongpt.train.structured import request_structure
 
-    given = [k for k in ("structured_outputs", "response_format") if rec.get(k) is not None]
-    if len(given) > 1:
-        raise UserError(f"{where}: pass one of 'structured_outputs' and 'response_format'")
-    if not given:
-        return default
-    if given[0] == "structured_outputs":
-        return StructuredOutputs.from_dict(rec[given[0]], f"{where}: structured_outputs")
-    return StructuredOutputs.from_response_format(rec[given[0]], f"{where}: response_format")
+    spec, field = request_structure(rec, f"{where}: ")
+    return default if field is None else spec
 
 
 def check_prompts_args(args):

@@ -26,6 +26,7 @@ import torch
 
 from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
+from tritongpt.model.sampling import masks_with_triton
 from tritongpt.train.generate import (DecodeGraph, PromptLookup, check_cache_dtype, check_graphable, check_logprobs,
                                      check_sampling, decode_step, draft_width, end_rule, hidden_and_head, last_logits,
                                      lookup_draft, new_cache, score_positions, verify_step)
@@ -379,7 +380,7 @@ class Engine:
         self._adapter_slot(adapter)  # (refused now by name; its slot and salt taken below, under the cond)
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         if guide is not None:
-            guide.begin(idx.size(0), ends, vocab_limit or vocab, "cross_entropy" in getattr(self.model, "kernels", ()))
+            guide.begin(idx.size(0), ends, vocab_limit or vocab, masks_with_triton(self.model))
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
         r.lookup, r.guide = speculates, guide
@@ -1002,7 +1003,7 @@ class Engine:
             r.guide.took()
         try:
             out = apply_token_bitmask(out, bitmask.to(out.device, non_blocking=True), slots,
-                                      triton="cross_entropy" in getattr(self.model, "kernels", ()))
+                                      triton=masks_with_triton(self.model))
         except Exception as e:  # (the guided requests alone fail, as in their own decode_step; the others draw on)
             for r in guided:
                 del logits[r]

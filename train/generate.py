@@ -27,6 +27,7 @@ import torch
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
 from tritongpt.model.layers import KV_CACHE_DTYPES
+from tritongpt.model.sampling import masks_with_triton
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -370,7 +371,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         if (draft is not None or prompt_lookup is not None) and no_repeat_ngram_size:
             raise UserError("structured outputs with a draft or prompt_lookup do not take no_repeat_ngram_size (a "
                             "grammar's text repeats its own n-grams: without a draft it yields to the grammar)")
-        guide.begin(idx.size(0), ends, vocab, "cross_entropy" in getattr(model, "kernels", ()))
+        guide.begin(idx.size(0), ends, vocab, masks_with_triton(model))
     if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)
         raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
     if cuda_graph and (draft is not None or prompt_lookup is not None or not use_cache):

@@ -27,6 +27,7 @@ vLLM's operational endpoints (vllm/entrypoints/openai/api_server.py, protocol.py
 engine's thread died), GET /version, POST /tokenize and /detokenize (TokenizeCompletionRequest, TokenizeChatRequest,
 DetokenizeRequest); --api-key (or $TRITONGPT_API_KEY, vLLM's VLLM_API_KEY) asks every other path for the bearer key.
 """
+import copy
 import hashlib
 import hmac
 import json
@@ -226,19 +227,12 @@ def sampling_settings(body: dict, endpoint: str, served) -> dict:
 def structured_setting(body: dict):
     """(The request's structured outputs (train/structured.py StructuredOutputs), from vLLM's structured_outputs or
     OpenAI's response_format (one of them), or None; the field it came from)."""
-    from tritongpt.train.structured import StructuredOutputs
+    from tritongpt.train.structured import StructureError, request_structure
 
-    given = [k for k in ("structured_outputs", "response_format") if body.get(k) is not None]
-    if len(given) > 1:
-        raise bad(given[1], "pass one of 'structured_outputs' and 'response_format'")
-    if not given:
-        return None, None
     try:
-        if given[0] == "structured_outputs":
-            return StructuredOutputs.from_dict(body[given[0]]), given[0]
-        return StructuredOutputs.from_response_format(body[given[0]]), given[0]
-    except UserError as e:
-        raise bad(given[0], str(e)) from None
+        return request_structure(body)
+    except StructureError as e:
+        raise bad(e.field, str(e)) from None
 
 
 TOOL_FIELDS = {"name", "description", "parameters", "strict"}  # OpenAI's function definition ("strict": the schema
@@ -296,8 +290,8 @@ def tool_schema(tools: list, name: str | None, parallel: bool) -> dict:
     {"name": one of the tools, "parameters": its schema} (at most one without parallel_tool_calls), each tool's local
     references rewritten to where its schema now is (vLLM gathers the tools' $defs at the top instead: "#" and
     "#/definitions/..." then point at the array, and two tools' $defs of one name clash)."""
-    def params(t):
-        return json.loads(json.dumps(t["function"]["parameters"] or {"type": "object", "properties": {}}))
+    def params(t):  # (a copy: the template gets the tools as given)
+        return copy.deepcopy(t["function"]["parameters"] or {"type": "object", "properties": {}})
     if name is not None:
         return params(next(t for t in tools if t["function"]["name"] == name))
     items = [{"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
@@ -750,7 +744,6 @@ class Model:
             except UserError as e:  # completions still work; chat completions say why not
                 self.template, self.template_why = None, str(e)
         self.lock = threading.Lock()
-        self._grammars = None  # structured outputs' compiler (train/structured.py Grammars), made at the first use
         self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
         self.metrics = Metrics(name, model.config.context_length, engine)  # GET /metrics
         self.created = int(time.time())
@@ -853,17 +846,17 @@ class Model:
             return None
         from tritongpt.train.structured import Grammars, StructuredOutputs
 
+        grammars = None  # (Grammars.of: the tokenizer's, made at its first use and kept)
         try:
-            if self._grammars is None:
-                self._grammars = Grammars.of(self.tok, self.limit or self.model.config.vocab_size)
-            return self._grammars.guide(spec)
+            grammars = Grammars.of(self.tok, self.limit or self.model.config.vocab_size)
+            return grammars.guide(spec)
         except UserError as e:
-            calls = tools is not None and tools["choice"] != "none" and self._grammars is not None
+            calls = tools is not None and tools["choice"] != "none" and grammars is not None
             for j, t in enumerate(tools["tools"] if calls else ()):
                 name = t["function"]["name"]
                 if tools["name"] in (None, name):
                     try:
-                        self._grammars.guide(StructuredOutputs(json=tool_schema([t], name, True)))
+                        grammars.compile(StructuredOutputs(json=tool_schema([t], name, True)))
                     except UserError as why:
                         raise bad(f"tools[{j}].function.parameters", f"tools[{j}] ({name!r}): {why}") from None
             raise bad(field, str(e)) from None

@@ -17,7 +17,6 @@ import re
 import threading
 from dataclasses import dataclass
 
-
 from tritongpt.errors import UserError
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -103,6 +102,31 @@ class StructuredOutputs:
         return next(k for k in KINDS if getattr(self, k) not in (None, False))
 
 
+class StructureError(UserError):
+    """request_structure's refusal, naming the request's field (serve's 400 param)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def request_structure(d: dict, where: str = "") -> tuple:
+    """(A request's or --prompts record's structured outputs, StructuredOutputs or None; the field it came from or
+    None): its structured_outputs (vLLM's) or response_format (OpenAI's: {"type": "text"} is None), one of them.
+    where: the messages' prefix ("FILE: record 3: "). Refused as a StructureError naming the field."""
+    given = [k for k in ("structured_outputs", "response_format") if d.get(k) is not None]
+    if len(given) > 1:
+        raise StructureError(f"{where}pass one of 'structured_outputs' and 'response_format'", given[1])
+    if not given:
+        return None, None
+    field = given[0]
+    read = StructuredOutputs.from_dict if field == "structured_outputs" else StructuredOutputs.from_response_format
+    try:
+        return read(d[field], where + field), field
+    except UserError as e:
+        raise StructureError(str(e), field) from None
+
+
 def choice_grammar(choices) -> str:
     """An EBNF grammar whose language is exactly the choices (each a JSON-escaped string literal)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -114,17 +138,16 @@ def _said(e: Exception) -> str:
     return re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text)
 
 
-def vocabulary(tok) -> tuple:
-    """(the tokenizer's vocabulary as xgrammar reads it, its VocabType name): our byte-level BPE's token bytes
-    (raw: a token is the bytes it adds to the text), special tokens empty (xgrammar treats an empty token as
-    special: never part of a grammar's text); a Hugging Face tokenizer through transformers' fast tokenizer, whose
-    vocabulary xgrammar decodes itself (byte-level, byte-fallback or raw, as its decoder says; Grammars empties its
-    special tokens)."""
+def vocabulary(tok) -> list | None:
+    """The tokenizer's vocabulary as xgrammar reads it raw: our byte-level BPE's token bytes (a token is the bytes it
+    adds to the text), special tokens empty (xgrammar treats an empty token as special: never part of a grammar's
+    text); None for a Hugging Face tokenizer, read through transformers' fast tokenizer, whose vocabulary xgrammar
+    decodes itself (byte-level, byte-fallback or raw, as its decoder says; Grammars empties its special tokens)."""
     table = getattr(tok, "_id_to_bytes", None)
-    if table is not None:
-        special = set(tok.special_tokens.values())
-        return [b"" if i in special else t for i, t in enumerate(table)], "RAW"
-    return None, "hf"
+    if table is None:
+        return None
+    special = set(tok.special_tokens.values())
+    return [b"" if i in special else t for i, t in enumerate(table)]
 
 
 class Grammars:
@@ -140,7 +163,7 @@ class Grammars:
                             f"{tok.vocab_size}")
         from tritongpt.train.tokenizer import eot_or_none
 
-        vocab, kind = vocabulary(tok)
+        vocab = vocabulary(tok)
         # (each matcher's end tokens are its request's, Guide.begin's: these only keep xgrammar from guessing)
         eos = eot_or_none(tok)
         stops = [eos] if eos is not None else []  # (none: an empty list, not None, which xgrammar would guess at)
@@ -278,8 +301,8 @@ class Guide:
         words = (logits.size(-1) + 31) // 32
         bitmask = bitmask if words == bitmask.size(1) else bitmask[:, :words].contiguous()
         bitmask = bitmask.to(logits.device, non_blocking=True)
-        return apply_token_bitmask(logits.contiguous() if self.triton else logits, bitmask, live,
-                                   triton=self.triton)
+        # (the kernel masks in place and takes strided rows: a vocab_limit slice's view, no copy)
+        return apply_token_bitmask(logits, bitmask, live, triton=self.triton)
 
     def mask_after(self, logits, drafted):
         """A draft model's logits [rows, V] for its next proposal, masked by each live row's grammar after the row's
