@@ -387,3 +387,67 @@ def test_tokenize_renders_messages_with_their_tools(both):
     assert body["count"] == ask(server, ban, tool_choice=NAMED, max_tokens=1)[1]["usage"]["prompt_tokens"]
     status, body = call(server, "/tokenize", {"prompt": "the cat", "tools": TOOLS})
     assert status == 400 and body["error"]["param"] == "tools"
+
+
+# Hermes' syntax, the answer held to it by a regex (a random model writes no call of itself): text, then a call
+HERMES = r'Hi<tool_call>\{"name": "add", "arguments": \{"a": [0-9]\}\}</tool_call>'
+
+
+def test_auto_finds_the_calls_the_model_writes_in_its_own_syntax(both, monkeypatch):
+    """serve --enable-auto-tool-choice --tool-call-parser hermes: tool_choice "auto" (the default once tools are
+    given) leaves the answer free; the parser finds its calls (the text before them the content, finish
+    "tool_calls"), streamed as they are drawn; an answer with none is all content. The request's own structured
+    outputs hold beside "auto" (here: the call's syntax)."""
+    from tritongpt.train.tool_calls import Hermes
+
+    server, theirs, ban = both
+    monkeypatch.setattr(server.app, "tool_parser", Hermes())
+    for fields in ({}, {"tool_choice": "auto"}):
+        status, body = ask(server, ban, structured_outputs={"regex": HERMES}, n=2, seed=5, max_tokens=86, **fields)
+        assert status == 200, body
+        for c in body["choices"]:
+            assert "tool_calls" in c["message"], c
+            (tc,) = c["message"]["tool_calls"]
+            assert c["finish_reason"] == "tool_calls" and c["message"]["content"] == "Hi"
+            assert tc["function"]["name"] == "add" and satisfies(json.loads(tc["function"]["arguments"]), "add")
+            assert tc["id"].startswith("chatcmpl-tool-")
+    status, text = ask(server, ban, structured_outputs={"regex": HERMES}, n=2, seed=5, max_tokens=86,
+                       stream=True)
+    assert status == 200
+    chunks = [k["choices"][0] for k in events(text)]
+    for i, c in enumerate(body["choices"]):
+        mine = [k for k in chunks if k["index"] == i]
+        assert "".join(k["delta"].get("content") or "" for k in mine) == "Hi"
+        deltas = [d for k in mine for d in k["delta"].get("tool_calls") or ()]
+        assert deltas[0]["function"]["name"] == "add" and {d["index"] for d in deltas} == {0}
+        # (the regex writes the arguments as json.dumps does: the drawn text and the parsed one written anew agree)
+        assert "".join(d["function"]["arguments"] for d in deltas) == c["message"]["tool_calls"][0]["function"][
+            "arguments"]
+        assert mine[-1]["finish_reason"] == "tool_calls"
+    # no call in the answer: its text the content, as without tools
+    status, body = ask(server, ban, max_tokens=4, seed=2)
+    message = body["choices"][0]["message"]
+    assert status == 200 and "tool_calls" not in message and body["choices"][0]["finish_reason"] == "length"
+    status, text = ask(server, ban, max_tokens=4, seed=2, stream=True)
+    chunks = [k["choices"][0] for k in events(text)]
+    assert "".join(k["delta"].get("content") or "" for k in chunks) == message["content"]
+    assert chunks[-1]["finish_reason"] == "length" and not any("tool_calls" in k["delta"] for k in chunks)
+
+
+def test_auto_tool_choice_flags_go_together(folder):
+    """--enable-auto-tool-choice needs a --tool-call-parser and the parser the flag (vLLM's pair), refused before
+    the model loads; a parser it does not know, argparse's refusal naming the choices."""
+    from tritongpt.cli import build_parser
+    from tritongpt.train.serve import tool_parser
+    from tritongpt.train.tool_calls import Llama3Json
+
+    parse = build_parser(["serve"]).parse_args
+    path = str(folder[0])
+    with pytest.raises(UserError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        started(path, "--enable-auto-tool-choice")
+    with pytest.raises(UserError, match="--tool-call-parser is used only with --enable-auto-tool-choice"):
+        tool_parser(parse(["serve", "--weights", path, "--tool-call-parser", "hermes"]))
+    assert isinstance(tool_parser(parse(["serve", "--weights", path, "--enable-auto-tool-choice",
+                                         "--tool-call-parser", "llama3_json"])), Llama3Json)
+    with pytest.raises(SystemExit):
+        parse(["serve", "--weights", path, "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"])

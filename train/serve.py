@@ -11,8 +11,9 @@ rules, as vLLM's SamplingParams and detokenizer apply them) are vLLM's (vllm/ent
 The text is generate()'s: a completion is what `tritongpt generate` prints after the prompt, a chat answer what
 `tritongpt chat` answers to the same messages (its Conversation renders them), cut at the same stop strings. A field
 this server does not implement (functions, suffix, ...) is refused by name, never ignored. Tool calling is vLLM's
-without --enable-auto-tool-choice (tool_setting): a named function or "required", held to the tools' schemas by
-structured outputs (train/structured.py) and answered as message.tool_calls; "auto" refused as vLLM refuses it.
+(tool_setting): a named function or "required", held to the tools' schemas by structured outputs
+(train/structured.py) and answered as message.tool_calls; "auto" with --enable-auto-tool-choice and a
+--tool-call-parser (train/tool_calls.py: the calls found in the model's own syntax), else refused as vLLM refuses it.
 logprobs (completions' `logprobs: k`, `echo`; chat's `logprobs: true, top_logprobs: k`) are the model's raw
 log-softmax over its vocabulary (vLLM's default "raw_logprobs": before logit_bias, penalties, temperature and cuts)
 at each drawn token, taken from the very logits its decode step drew from (generate.step_logprobs); the prompt's
@@ -48,6 +49,7 @@ from tritongpt._types import is_int, is_real
 from tritongpt.cli import command_help
 from tritongpt.errors import EngineDown, UserError, note
 from tritongpt.train.metrics import Metrics
+from tritongpt.train.tool_calls import AutoStream, CallStream, tool_call_id
 from tritongpt.train.structured import KINDS, OPTIONS
 
 # fields every generation request takes (OpenAI's, then vLLM's extra sampling settings)
@@ -163,9 +165,10 @@ def check_api_key(key: str, where: str) -> str:
     return key
 
 
-def sampling_settings(body: dict, endpoint: str, served) -> dict:
+def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
     """The request's generation settings, each field checked against OpenAI's range (vLLM's for its own fields);
-    an unknown field, or one OpenAI has that this server does not implement, refused by name."""
+    an unknown field, or one OpenAI has that this server does not implement, refused by name. parser: the server's
+    tool-call parser (--tool-call-parser), which "auto" tool choice needs."""
     check_fields(body, endpoint, served)
 
     def number(key, default, low, high, low_open=False, integer=False):
@@ -210,8 +213,10 @@ def sampling_settings(body: dict, endpoint: str, served) -> dict:
     s["structured"], s["structured_field"] = structured_setting(body)
     s.update(end_settings(body, s["max_tokens"]))
     s["stream"] = bool_field(body, "stream", False)
-    s["tools"] = tool_setting(body, s) if endpoint == "chat" else None
+    s["tools"] = tool_setting(body, s, parser) if endpoint == "chat" else None
     s.update(output_settings(body, s))
+    if s["tools"] is not None and s["tools"]["choice"] == "auto" and parser.keeps_specials:
+        s["skip_special_tokens"] = False  # (vLLM's adjust_request: tokenizers may mark <tool_call> special)
     s["include_usage"], s["continuous_usage"] = stream_options(body.get("stream_options"), s["stream"])
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", "'user' must be a string")
@@ -324,11 +329,13 @@ def moved(schema, to: str):
     return out
 
 
-def tool_setting(body: dict, s: dict) -> dict:
-    """The request's tool calling, vLLM's without --enable-auto-tool-choice (protocol.py's check_tool_usage, then
-    serving_chat.py): {"tools": the tools for the chat template (None: none given), "choice": "none", "named" or
-    "required", "name": the named function}. A tool_choice that holds the output (named, "required") sets s's
-    structured outputs to its tool_schema; structured_outputs or response_format beside it is refused by name."""
+def tool_setting(body: dict, s: dict, parser=None) -> dict:
+    """The request's tool calling, vLLM's (protocol.py's check_tool_usage, then serving_chat.py): {"tools": the tools
+    for the chat template (None: none given), "choice": "none", "named", "required" or "auto", "name": the named
+    function, "parser": the server's tool-call parser (train/tool_calls.py PARSERS; None: "auto" refused, as vLLM
+    refuses it without --enable-auto-tool-choice)}. A tool_choice that holds the output (named, "required") sets s's
+    structured outputs to its tool_schema; structured_outputs or response_format beside it is refused by name.
+    "auto" leaves the text free (the request's own structured outputs kept) for the parser to find the calls in."""
     from tritongpt.train.structured import StructuredOutputs
 
     tools = check_tools(body["tools"]) if body.get("tools") is not None else None
@@ -338,14 +345,14 @@ def tool_setting(body: dict, s: dict) -> dict:
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise bad("parallel_tool_calls", f"'parallel_tool_calls' must be true or false, got {parallel!r}")
-    setting = {"tools": tools, "choice": "none", "name": None}
+    setting = {"tools": tools, "choice": "none", "name": None, "parser": parser}
     if choice == "none":
         return setting
     if tools is None:
         raise bad("tool_choice", "When using `tool_choice`, `tools` must be set.")
-    if choice == "auto":
+    if choice == "auto" and parser is None:
         raise bad("tool_choice", AUTO_REFUSED)
-    if choice == "required" and not tools:  # (OpenAI's, as vLLM: "required" of no tools is "none")
+    if choice in ("auto", "required") and not tools:  # (OpenAI's, as vLLM: "required" of no tools is "none")
         return {**setting, "tools": None}
     if isinstance(choice, dict):
         f = choice.get("function")
@@ -358,6 +365,8 @@ def tool_setting(body: dict, s: dict) -> dict:
             raise bad("tool_choice", "The tool specified in `tool_choice` does not match any of the specified "
                                      f"`tools` ({name!r})")
         setting.update(choice="named", name=name)
+    elif choice == "auto":
+        return {**setting, "choice": "auto"}
     elif choice != "required":
         raise bad("tool_choice", f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" or '
                                  '"required" are supported.'[:300])
@@ -432,26 +441,29 @@ def tool_messages(messages) -> list:
     return out
 
 
-def tool_call_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"  # (vLLM's make_tool_call_id)
-
-
 def tool_message(tools: dict | None, text: str, finish: str) -> tuple:
     """(A chat choice's message, its finish_reason), vLLM's (serving_chat.py's chat_completion_full_generator): the
     text as content; a named function's call with the text as its arguments (content "", the finish as drawn);
     "required"'s array parsed into its calls, each call's parameters its arguments (finish "tool_calls" where the
     text ended by itself). A "required" text that does not parse (cut by max_tokens or a stop string) stays content,
-    with no calls (vLLM answers a 400 there)."""
+    with no calls (vLLM answers a 400 there). "auto": the calls the server's parser finds (tool_calls.PARSERS), the
+    text before them the content (null where none), finish "tool_calls"; a text with none all content."""
     if tools is None or tools["choice"] == "none":
         return {"role": "assistant", "content": text}, finish
+    short = tools["parser"] is not None and tools["parser"].short_ids
+
+    def calls_of(pairs):
+        return [{"id": tool_call_id(short), "type": "function", "function": {"name": name, "arguments": args}}
+                for name, args in pairs]
     if tools["choice"] == "named":
-        return {"role": "assistant", "content": "", "tool_calls": [
-            {"id": tool_call_id(), "type": "function", "function": {"name": tools["name"], "arguments": text}}]}, finish
+        return {"role": "assistant", "content": "", "tool_calls": calls_of([(tools["name"], text)])}, finish
+    if tools["choice"] == "auto":
+        content, calls = tools["parser"].extract(text)
+        if not calls:
+            return {"role": "assistant", "content": text}, finish
+        return {"role": "assistant", "content": content, "tool_calls": calls_of(calls)}, "tool_calls"
     try:
-        calls = json.loads(text)
-        calls = [{"id": tool_call_id(), "type": "function",
-                  "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
-                 for c in calls]
+        calls = calls_of([(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)])
     except (ValueError, TypeError, KeyError):
         return {"role": "assistant", "content": text}, finish
     return {"role": "assistant", "content": "", "tool_calls": calls}, "tool_calls" if finish == "stop" else finish
@@ -732,6 +744,7 @@ class Model:
         self.adapter_paths = dict(adapter_paths or {})
         # POST /v1/load_lora_adapter and /v1/unload_lora_adapter ($VLLM_ALLOW_RUNTIME_LORA_UPDATING, make_server)
         self.runtime_lora, self.max_lora_rank = False, 16
+        self.tool_parser = None  # "auto" tool choice's (--enable-auto-tool-choice --tool-call-parser): tool_calls.py
         self.cuda_graph = cuda_graph  # generate()'s: each request's decode steps CUDA-graph replays
         self.kv_cache_dtype = kv_cache_dtype  # generate()'s: "int8", each request's cache int8
         self.eot = eot_or_none(tok)
@@ -1079,65 +1092,6 @@ class Model:
                     m.running -= 1
 
 
-def scan_calls(text: str) -> list:
-    """[(name, arguments' text so far)] of "required"'s JSON array as it grows, [{"name": ..., "parameters": {...}},
-    ...] (the grammar's: each item's name first, whatever whitespace between): a call counts once its parameters
-    object has begun, its arguments that object's text, through its closing brace once written."""
-    calls, depth, key, name, expect_key, i = [], 0, None, None, False, 0
-    while i < len(text):
-        c = text[i]
-        if c == '"':  # a whole string (keys and the name are the item's, at depth 2), or wait for its end
-            end, escaped = i + 1, False
-            while end < len(text) and (escaped or text[end] != '"'):
-                escaped = not escaped and text[end] == "\\"
-                end += 1
-            if end == len(text):
-                break
-            if depth == 2:
-                value = json.loads(text[i:end + 1])
-                key, name = (value, name) if expect_key else (key, value if key == "name" else name)
-            i = end + 1
-            continue
-        if c in "{[":
-            depth += 1
-            if depth == 2:
-                name, key, expect_key = None, None, True
-            elif depth == 3 and c == "{" and key == "parameters" and name is not None:
-                calls.append([name, i, None])
-        elif c in "}]":
-            depth -= 1
-            if depth == 2 and calls and calls[-1][2] is None:
-                calls[-1][2] = i + 1
-        elif depth == 2 and c in ":,":
-            expect_key = c == ","
-        i += 1
-    return [(n, text[start:end]) for n, start, end in calls]
-
-
-class CallStream:
-    """One streamed chat choice's tool calls, as vLLM's stream sends them (serving_chat.py): a call's first delta
-    with its index, id, type and name, then its arguments' text as it comes. A named tool_choice's one call is the
-    whole text; "required"'s are read from the growing array (scan_calls), each sent once its parameters begin
-    (their text as drawn: the whole answer's are parsed and written anew, as vLLM's)."""
-
-    def __init__(self, name: str | None):
-        self.name, self.text, self.sent = name, "", []  # sent: each opened call's arguments sent so far (chars)
-
-    def add(self, text: str) -> list:
-        """The tool_calls deltas the choice's new text makes (none: nothing of a call yet)."""
-        self.text += text
-        out = []
-        for k, (name, args) in enumerate([(self.name, self.text)] if self.name else scan_calls(self.text)):
-            if k == len(self.sent):
-                out.append({"index": k, "id": tool_call_id(), "type": "function",
-                            "function": {"name": name, "arguments": args}})
-                self.sent.append(len(args))
-            elif len(args) > self.sent[k]:
-                out.append({"index": k, "function": {"arguments": args[self.sent[k]:]}})
-                self.sent[k] = len(args)
-        return out
-
-
 class Delta:
     """One streamed choice: the text each new token adds (the tokenizer's stream_decoder, as `generate --stream`'s
     TextStream), less what may be the start of a stop string (commands.HeldBack), up to the first stop string or
@@ -1479,7 +1433,7 @@ class Completion:
 
         self.handler, app = handler, handler.server.app
         self.app, self.chat = app, endpoint == "chat"
-        s = self.s = sampling_settings(body, endpoint, app.names)
+        s = self.s = sampling_settings(body, endpoint, app.names, app.tool_parser)
         # a LoRA adapter's name (serve --lora-modules): its requests run it, their responses name it (vLLM's)
         self.adapter = body.get("model") if body.get("model") in app.names[1:] else None
         if app.engine is not None and s["n"] > app.engine.max_batch:
@@ -1518,7 +1472,7 @@ class Completion:
         seed = s["seed"] if s["seed"] is not None else secrets.randbits(63)
         self.generator = torch.Generator(device=app.device).manual_seed(seed)
         self.write, self.stop = threading.Lock(), threading.Event()
-        self.calls = {}  # a streamed choice's tool calls (CallStream), by its index
+        self.calls = {}  # a streamed choice's tool calls (CallStream, AutoStream), by its index
 
     def logprobs(self, items, start=0):
         """A choice's (or a chunk's) logprobs object, or None: chat's, or completions' (text offsets from start)."""
@@ -1545,8 +1499,20 @@ class Completion:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
             tools = self.s["tools"]
-            if tools is not None and tools["choice"] != "none" and not role:  # its calls, as vLLM streams them
-                calls = self.calls.setdefault(index, CallStream(tools["name"]))
+            if tools is not None and tools["choice"] == "auto" and not role:  # content, then calls the parser finds
+                stream = self.calls.setdefault(index, AutoStream(tools["parser"]))
+                content, calls = stream.add(text) if text is not None else (None, [])
+                if finish is not None:  # (what the stream held back: a tail that did not begin a call, calls' ends)
+                    more, rest = stream.finish()
+                    content, calls = (content or "") + (more or "") or None, calls + rest
+                delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
+                if not delta and finish is None and lp is None:
+                    return  # (nothing to send yet: no chunk, as vLLM)
+                if finish is not None and stream.sent:
+                    finish = "tool_calls"
+            elif tools is not None and tools["choice"] != "none" and not role:  # its calls, as vLLM streams them
+                short = tools["parser"] is not None and tools["parser"].short_ids
+                calls = self.calls.setdefault(index, CallStream(tools["name"], short))
                 if text is not None:
                     delta = {"tool_calls": calls.add(text)}
                     if not delta["tool_calls"]:
@@ -1911,6 +1877,20 @@ def make_engine(args, model, device, dtype):
                   **speculative_config(args.speculative_config, args.max_batch)).start()
 
 
+def tool_parser(args):
+    """The parser "auto" tool choice finds calls with (train/tool_calls.py PARSERS), or None: vLLM's
+    --enable-auto-tool-choice with --tool-call-parser, each refused without the other."""
+    from tritongpt.train.tool_calls import PARSERS
+
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise UserError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {', '.join(PARSERS)}): the "
+                        "syntax the model writes its tool calls in")
+    if args.tool_call_parser is not None and not args.enable_auto_tool_choice:
+        raise UserError("--tool-call-parser is used only with --enable-auto-tool-choice (\"auto\" tool choice): "
+                        "pass both, or neither")
+    return PARSERS[args.tool_call_parser]() if args.tool_call_parser else None
+
+
 def make_server(args) -> ThreadingHTTPServer:
     """The model loaded (--weights or --pretrained) and a server bound to --host and --port (0: a free one)."""
     from tritongpt.commands import check_cuda_graphs, check_model_source, load_generation_model
@@ -1924,6 +1904,7 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
     check_engine_args(args)
+    parser = tool_parser(args)
     speculative_config(args.speculative_config, args.max_batch)  # (checked before the model loads)
     runtime = runtime_lora_updating() and args.enable_lora
     modules = lora_modules(args, runtime)
@@ -1950,6 +1931,7 @@ def make_server(args) -> ThreadingHTTPServer:
     server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype,
                        engine, modules)
     server.app.runtime_lora, server.app.max_lora_rank = runtime, args.max_lora_rank or 16
+    server.app.tool_parser = parser
     server.api_key = key
     return server
 
@@ -1968,6 +1950,7 @@ def cmd_serve(args):
 
 def add_cli(sub):
     from tritongpt.commands import add_cuda_graphs_arg, add_dtype_arg, add_generation_model_args, add_kv_cache_dtype_arg
+    from tritongpt.train.tool_calls import PARSERS
 
     p = sub.add_parser("serve", help=command_help("serve"))
     add_generation_model_args(p)
@@ -1985,6 +1968,14 @@ def add_cli(sub):
                         "N down to 1) and one forward checks them all; greedy text unchanged, samples the same "
                         "distribution (default: none)")
     add_lora_args(p)
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto" (the default once a request has tools): the model answers or calls a '
+                        "tool in its own syntax, read by --tool-call-parser (vLLM's; without it \"auto\" is refused, "
+                        'named and "required" tool choices work)')
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="the syntax the model writes tool calls in, with --enable-auto-tool-choice: hermes "
+                        "(<tool_call> blocks: Qwen2.5, Qwen3, Hermes), llama3_json (JSON objects: Llama 3.1+), "
+                        "mistral ([TOOL_CALLS] and an array; 9-character call ids) (default: none)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer KEY' "
                         f"(vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out of the "
