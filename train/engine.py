@@ -358,7 +358,7 @@ class Engine:
         # request preempted after its rows drew different tokens recomputes each row, with pages of its own
         prefilled = 1 if bool((idx == idx[:1]).all()) and not self.preemption else idx.size(0)
         speculates = self.lookup is not None and logprobs is None and not min_tokens and prompt_logprobs is None \
-            and max_new_tokens > 0 and (guide is None or not warp.get("no_repeat_ngram_size"))
+            and max_new_tokens > 0 and (guide is None or not warp.get("no_repeat_ngram_size") and guide.wake is None)
         most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled,
                                speculates) if self.paged else 0
         if self.paged and most > self.cache.num_pages:

@@ -49,6 +49,7 @@ from tritongpt._types import is_int, is_real
 from tritongpt.cli import command_help
 from tritongpt.errors import EngineDown, UserError, note
 from tritongpt.train.metrics import Metrics
+from tritongpt.train.reasoning import ReasoningStream
 from tritongpt.train.tool_calls import AutoStream, CallStream, tool_call_id
 from tritongpt.train.structured import KINDS, OPTIONS
 
@@ -60,7 +61,7 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
                  "response_format", "structured_outputs"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
-                                   "tools", "tool_choice", "parallel_tool_calls"}}
+                                   "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"}}
 # OpenAI's fields this server does not implement: refused unless null or false (their "off"); chat takes the tool
 # fields (tool_setting), completions none
 UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
@@ -68,10 +69,10 @@ UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
                "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
 # POST /tokenize's and /detokenize's fields (vLLM's; the chat form's add_generation_prompt is checked by hand)
 FIELDS["tokenize"] = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs",
-                      "tools"}
+                      "tools", "chat_template_kwargs"}
 FIELDS["detokenize"] = {"model", "tokens"}
 # vLLM's tokenize fields this server does not implement: refused unless null or false
-TOKENIZE_UNSUPPORTED = {"continue_final_message", "chat_template", "chat_template_kwargs", "mm_processor_kwargs"}
+TOKENIZE_UNSUPPORTED = {"continue_final_message", "chat_template", "mm_processor_kwargs"}
 API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
 # the paths that answer without the API key (probes and scrapes); every other one needs it, unknown ones too (a 401,
 # not a 404 that would map the routes): stricter than vLLM's middleware, which asks only paths under /v1
@@ -214,6 +215,7 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
     s.update(end_settings(body, s["max_tokens"]))
     s["stream"] = bool_field(body, "stream", False)
     s["tools"] = tool_setting(body, s, parser) if endpoint == "chat" else None
+    s["template_kwargs"] = template_kwargs(body) if endpoint == "chat" else None
     s.update(output_settings(body, s))
     if s["tools"] is not None and s["tools"]["choice"] == "auto" and parser.keeps_specials:
         s["skip_special_tokens"] = False  # (vLLM's adjust_request: tokenizers may mark <tool_call> special)
@@ -227,6 +229,25 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
         if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
             raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
     return s
+
+
+def template_kwargs(body: dict) -> dict | None:
+    """vLLM's chat_template_kwargs: more variables for the chat template (transformers' apply_chat_template kwargs,
+    e.g. Qwen3's {"enable_thinking": false}), an object whose keys are not the template's own variables (messages,
+    tools, ...: the request's fields give those); None where not given."""
+    from tritongpt.train.chat_template import RENDER_VARIABLES
+
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise bad("chat_template_kwargs", f"'chat_template_kwargs' must be an object of the chat template's variables, "
+                                          f"got {kwargs!r}"[:300])
+    taken = sorted(RENDER_VARIABLES & set(kwargs))
+    if taken:
+        raise bad("chat_template_kwargs", f"'chat_template_kwargs' may not set {taken[0]!r}: the request's own fields "
+                                          "give the template its " + ", ".join(sorted(RENDER_VARIABLES)))
+    return kwargs or None
 
 
 def structured_setting(body: dict):
@@ -745,6 +766,7 @@ class Model:
         # POST /v1/load_lora_adapter and /v1/unload_lora_adapter ($VLLM_ALLOW_RUNTIME_LORA_UPDATING, make_server)
         self.runtime_lora, self.max_lora_rank = False, 16
         self.tool_parser = None  # "auto" tool choice's (--enable-auto-tool-choice --tool-call-parser): tool_calls.py
+        self.reasoning_parser = None  # --reasoning-parser's (train/reasoning.py): chat answers' thought apart
         self.cuda_graph = cuda_graph  # generate()'s: each request's decode steps CUDA-graph replays
         self.kv_cache_dtype = kv_cache_dtype  # generate()'s: "int8", each request's cache int8
         self.eot = eot_or_none(tok)
@@ -800,9 +822,10 @@ class Model:
             raise bad("prompt", "the prompt is empty")
         return ids
 
-    def chat_prompt(self, messages, tools: dict | None = None) -> list:
+    def chat_prompt(self, messages, tools: dict | None = None, template_kwargs: dict | None = None) -> list:
         """The messages' ids as `tritongpt chat` prompts them (its Conversation, in the model's template); a chat
-        with tools (tools: tool_setting's) or tool messages in the tokenizer's own template (tool_chat_prompt)."""
+        with tools (tools: tool_setting's), tool messages or chat_template_kwargs (template_kwargs) in the
+        tokenizer's own template (tool_chat_prompt)."""
         from tritongpt.train import formats
         from tritongpt.train.chat import Conversation
 
@@ -810,6 +833,12 @@ class Model:
             raise bad("messages", f"the model '{self.name}' has no chat format ({self.template_why}): "
                                   "use /v1/completions")
         rendered = self.template == "chat" and getattr(self.tok, "chat_template", None) is not None
+        if template_kwargs:
+            if not rendered:
+                why = f"its {self.template} prompts" if self.template != "chat" else "tritongpt's plain-text chat format"
+                raise bad("chat_template_kwargs", f"the model '{self.name}' is prompted in {why}, not a Hugging Face "
+                                                  "chat template: 'chat_template_kwargs' has no template to go to")
+            return self.tool_chat_prompt(messages, tools, template_kwargs)
         if uses_tools(messages) or tools is not None and tools["tools"] and (tools["choice"] != "none" or rendered):
             return self.tool_chat_prompt(messages, tools)
         try:
@@ -825,7 +854,7 @@ class Model:
         conv.turns = [(u["content"], a["content"]) for u, a in zip(turns[:-1:2], turns[1::2])]
         return formats.encode_prompt(self.tok, conv.prompt(turns[-1]["content"], 0, self.tok))
 
-    def tool_chat_prompt(self, messages, tools: dict | None) -> list:
+    def tool_chat_prompt(self, messages, tools: dict | None, template_kwargs: dict | None = None) -> list:
         """A chat with tools or tool messages, rendered by the tokenizer's own chat template with tools= (as vLLM's
         apply_chat_template; the tools of tool_choice "none" too, where the template renders them). tritongpt's own
         chat format has no place for them: tool messages, and tools a tool_choice calls, refused by name (tools
@@ -845,7 +874,8 @@ class Model:
                                      "(tool_choice \"none\" answers without them)")
         clean = tool_messages(messages)
         try:
-            text = tool_prompt(self.tok, clean, listed, shown=tools is not None and tools["choice"] != "none")
+            text = tool_prompt(self.tok, clean, listed, shown=tools is not None and tools["choice"] != "none",
+                               **(template_kwargs or {}))
         except UserError as e:
             raise bad("tools" if "renders no tools" in str(e) or str(e).startswith("tools[") else "messages",
                       str(e)) from None
@@ -979,6 +1009,7 @@ class Model:
         # the choices' texts, finish reasons and counts
         rows = Choices(self.tok, ids, stops, stop_id, include_stop=s["include_stop_str_in_output"],
                        skip_special=s["skip_special_tokens"], **ends)
+        rows.hidden -= set(s.get("think_ids") or ())  # (a reasoning parser reads them: --reasoning-parser)
         stopped = rows.stopped
         streams = [Delta(self.tok, ids, rows) for _ in range(n)] if on_delta else None
         scored = [Scored(self.tok, ids, rows.hidden) for _ in range(n)] if k is not None else None
@@ -1001,6 +1032,8 @@ class Model:
                     logit_bias=s["logit_bias"])
         timing = timing or self.metrics.request()  # (the caller's: its clock started when the request came)
         guide = self.guide(s["structured"], s["structured_field"]) if budget else None
+        if guide is not None:  # (a reasoning model's grammar holds its answer after </think>: Handler's wake)
+            guide.wake = s.get("wake")
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
             timing.tokens(request is not None and request.same_step)
@@ -1268,10 +1301,12 @@ class Handler(BaseHTTPRequestHandler):
             # tools (vLLM's TokenizeChatRequest): rendered as a chat request whose tool_choice calls one renders them
             tools = check_tools(body["tools"]) if body.get("tools") else None
             ids = app.chat_prompt(body["messages"], None if tools is None else
-                                  {"tools": tools, "choice": "required", "name": None})
+                                  {"tools": tools, "choice": "required", "name": None, "parser": None},
+                                  template_kwargs(body))
         else:
-            if body.get("tools") is not None:
-                raise bad("tools", "'tools' are taken with 'messages' (a chat's prompt), not 'prompt'")
+            for key in ("tools", "chat_template_kwargs"):
+                if body.get(key) is not None:
+                    raise bad(key, f"'{key}' are taken with 'messages' (a chat's prompt), not 'prompt'")
             if "add_generation_prompt" in body:
                 raise bad("add_generation_prompt", "'add_generation_prompt' is taken with 'messages', not 'prompt'")
             prompt = body.get("prompt")
@@ -1449,8 +1484,14 @@ class Completion:
         if self.chat:
             if "messages" not in body:
                 raise bad("messages", "'messages' is required")
-            self.prompts, self.texts = [app.chat_prompt(body["messages"], s["tools"])], [None]
+            self.prompts, self.texts = [app.chat_prompt(body["messages"], s["tools"], s["template_kwargs"])], [None]
             self.stop_id = app.chat_stop
+            # a reasoning model's answer (--reasoning-parser): in thought unless its prompt ended the thinking; its
+            # think tokens' text kept for the parser, its structured outputs waking at </think>
+            thinking = app.reasoning_parser
+            self.thinks = thinking is not None and thinking.thinks(self.prompts[0], s["template_kwargs"])
+            s["think_ids"] = (thinking.start_id, thinking.end_id) if thinking is not None else ()
+            s["wake"] = thinking.end_id if self.thinks else None
         else:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
             self.stop_id = app.eot
@@ -1460,6 +1501,7 @@ class Completion:
         if guide is not None:  # (and an end token its text can have, before a stream's first event)
             from tritongpt.train.generate import end_rule
 
+            guide.wake = s.get("wake")
             try:
                 guide.begin(1, end_rule(self.stop_id, s["stop_token_ids"], 0, s["ignore_eos"])[1], vocab)
             except UserError as e:
@@ -1473,6 +1515,7 @@ class Completion:
         self.generator = torch.Generator(device=app.device).manual_seed(seed)
         self.write, self.stop = threading.Lock(), threading.Event()
         self.calls = {}  # a streamed choice's tool calls (CallStream, AutoStream), by its index
+        self.thoughts = {}  # a streamed choice's reasoning (ReasoningStream), by its index
 
     def logprobs(self, items, start=0):
         """A choice's (or a chunk's) logprobs object, or None: chat's, or completions' (text offsets from start)."""
@@ -1497,6 +1540,14 @@ class Completion:
         tokens: the choice's completion tokens so far (continuous_usage_stats' usage). Written under the write lock,
         from whichever prompt's thread; none once stop is set (BrokenPipeError)."""
         if self.chat:
+            thought = None  # the reasoning this chunk sends (--reasoning-parser): the rest is the answer's text
+            if self.app.reasoning_parser is not None and not role:
+                stream = self.thoughts.setdefault(index, ReasoningStream(self.app.reasoning_parser, self.thinks))
+                thought, text = stream.add(text) if text is not None else (None, None)
+                if finish is not None:
+                    thought = (thought or "") + (stream.finish() or "") or None
+                if thought is None and text is None and finish is None and lp is None:
+                    return  # (a tail that may begin </think>, held: no chunk)
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
             tools = self.s["tools"]
             if tools is not None and tools["choice"] == "auto" and not role:  # content, then calls the parser finds
@@ -1506,7 +1557,7 @@ class Completion:
                     more, rest = stream.finish()
                     content, calls = (content or "") + (more or "") or None, calls + rest
                 delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
-                if not delta and finish is None and lp is None:
+                if not delta and finish is None and lp is None and thought is None:
                     return  # (nothing to send yet: no chunk, as vLLM)
                 if finish is not None and stream.sent:
                     finish = "tool_calls"
@@ -1516,11 +1567,13 @@ class Completion:
                 if text is not None:
                     delta = {"tool_calls": calls.add(text)}
                     if not delta["tool_calls"]:
-                        if lp is None:
+                        if lp is None and thought is None:
                             return  # (nothing of a call yet: no chunk, as vLLM)
                         delta = {}
                 if finish is not None and calls.sent:  # (vLLM's stream: "tool_calls" once a call was streamed)
                     finish = "tool_calls"
+            if thought is not None:
+                delta = {"reasoning": thought, **delta}
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
@@ -1635,7 +1688,7 @@ class Completion:
             if scored["echo"] is not None:
                 lp = {key: scored["echo"][key] + lp[key] for key in lp}
             if self.chat:  # (chat's prompt_logprobs: the response's, vLLM's)
-                message, finish = tool_message(s["tools"], text, finish)
+                message, finish = self.message(text, finish)
                 choices.append({"index": base + i, "message": message, "logprobs": lp, "finish_reason": finish,
                                 "stop_reason": reason})
             else:
@@ -1643,6 +1696,19 @@ class Completion:
                                 "stop_reason": reason,
                                 **({} if scored["prompt"] is None else {"prompt_logprobs": scored["prompt"]})})
         return choices
+
+    def message(self, text: str, finish: str) -> tuple:
+        """(A chat choice's message, its finish_reason): tool_message's; with a reasoning parser, the thought apart
+        as "reasoning" (vLLM's field; null where the answer did not think) and the rest as the answer (content null
+        where nothing follows the thought: no tool call either)."""
+        if self.app.reasoning_parser is None:
+            return tool_message(self.s["tools"], text, finish)
+        from tritongpt.train.reasoning import answer
+
+        reasoning, content = answer(self.app.reasoning_parser, text, self.thinks)
+        message, finish = ({"role": "assistant", "content": None}, finish) if content is None else \
+            tool_message(self.s["tools"], content, finish)
+        return {"role": "assistant", "reasoning": reasoning, **message}, finish
 
     def respond(self, done: list):
         """The response of the prompts' one() results, in prompt order: their choices and usage; with stream, the
@@ -1910,6 +1976,11 @@ def make_server(args) -> ThreadingHTTPServer:
     modules = lora_modules(args, runtime)
     key = api_key(args)
     model, tok, device, dtype, limit = load_generation_model(args)
+    thinking = None
+    if args.reasoning_parser is not None:  # (its think tokens looked up in the tokenizer: vLLM's)
+        from tritongpt.train.reasoning import PARSERS as THINKING
+
+        thinking = THINKING[args.reasoning_parser](tok, args.reasoning_parser)
     name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
     if args.enable_lora:  # (none yet with runtime loading: the engine then has its adapter rows from the start)
         load_adapters(model, modules, args.max_lora_rank, name)
@@ -1931,7 +2002,7 @@ def make_server(args) -> ThreadingHTTPServer:
     server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype,
                        engine, modules)
     server.app.runtime_lora, server.app.max_lora_rank = runtime, args.max_lora_rank or 16
-    server.app.tool_parser = parser
+    server.app.tool_parser, server.app.reasoning_parser = parser, thinking
     server.api_key = key
     return server
 
@@ -1950,6 +2021,7 @@ def cmd_serve(args):
 
 def add_cli(sub):
     from tritongpt.commands import add_cuda_graphs_arg, add_dtype_arg, add_generation_model_args, add_kv_cache_dtype_arg
+    from tritongpt.train.reasoning import PARSERS as THINKING
     from tritongpt.train.tool_calls import PARSERS
 
     p = sub.add_parser("serve", help=command_help("serve"))
@@ -1976,6 +2048,12 @@ def add_cli(sub):
                    help="the syntax the model writes tool calls in, with --enable-auto-tool-choice: hermes "
                         "(<tool_call> blocks: Qwen2.5, Qwen3, Hermes), llama3_json (JSON objects: Llama 3.1+), "
                         "mistral ([TOOL_CALLS] and an array; 9-character call ids) (default: none)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(THINKING),
+                   help="a reasoning model's chat answers split into message.reasoning (the text between <think> "
+                        "and </think>) and content, streamed as delta.reasoning and delta.content (vLLM's): "
+                        "deepseek_r1 (DeepSeek-R1, QwQ) or qwen3 (chat_template_kwargs enable_thinking false: all "
+                        "content); structured outputs and tool calls hold the answer after </think>. The tokenizer "
+                        "must have <think> and </think> tokens (default: none)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer KEY' "
                         f"(vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out of the "

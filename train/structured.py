@@ -227,13 +227,16 @@ class Guide:
     of the tokens a row's grammar does not allow to -inf (the rows not done), then accept() advances each row by
     the token it drew. At the grammar's end only the end tokens are allowed (the special ones: begin), and a row
     whose text ended (an end token drawn, a stop string, its budget) is left alone. specials: the ids that are never
-    text (Grammars'; none: every end token a grammar's end only)."""
+    text (Grammars'; none: every end token a grammar's end only). wake: a token id the grammar waits for (a
+    reasoning model's </think>: serve's --reasoning-parser, vLLM's): a row is free until it draws it, held to the
+    grammar from the next token on (set before begin; no speculation then: mask_drafts and mask_after refuse)."""
 
     def __init__(self, compiled, vocab_size: int, specials=frozenset()):
         self.compiled, self.vocab_size, self.specials = compiled, vocab_size, specials
         self.matchers, self.done, self.triton, self.live = None, [], False, None
         self.spec_bitmask = None  # mask_drafts' buffer, [rows x (k + 1), words], kept across steps
         self.draft_bitmask = None  # mask_after's, [rows, words]
+        self.wake, self.waiting = None, []  # the token a row's grammar waits for, and the rows waiting for it
 
     def begin(self, rows: int, ends, vocab: int, triton: bool = False) -> "Guide":
         """Ready for `rows` rows whose text ends with one of `ends` (token ids: end_rule's, the EOS and any stop
@@ -257,13 +260,14 @@ class Guide:
         self.matchers = [xgr.GrammarMatcher(self.compiled, override_stop_tokens=stops) for _ in range(rows)]
         self.bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size)
         self.done, self.triton = [False] * rows, triton
+        self.waiting = [self.wake is not None] * rows
         return self
 
     def fill(self):
         """The live rows' next-token bitmasks, filled on the host: by mask() itself, or earlier by the engine, which
         fills every guided request's right after it launches a step's forwards, so the matchers work while the GPU
         runs them (vLLM's scheduler fills its bitmasks beside the forward too)."""
-        self.live = [i for i, d in enumerate(self.done) if not d]
+        self.live = [i for i, d in enumerate(self.done) if not d and not self.waiting[i]]
         for i in self.live:
             self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
         self._check(self.bitmask, self.live, lambda i: i)
@@ -310,6 +314,7 @@ class Guide:
         (the verification keeps the model's distribution whatever the draft's: this only raises its acceptance). A
         row whose drafts ended its grammar is left as it is: nothing after its end token is kept."""
         xgr = _xgrammar()
+        self._no_drafts()
         drafted = drafted.tolist()
         if self.draft_bitmask is None:
             self.draft_bitmask = xgr.allocate_token_bitmask(len(self.matchers), self.vocab_size)
@@ -340,6 +345,7 @@ class Guide:
         keeps, one at a time). A draft the grammar refuses ends its row's masks there: the masked distribution gives
         it no mass, so the verification rejects it and reads no position after it."""
         xgr = _xgrammar()
+        self._no_drafts()
         rows, width = logits.shape[:2]
         drafted = drafted.tolist()
         lens = [width - 1] * rows if lens is None else lens.tolist()
@@ -368,11 +374,19 @@ class Guide:
         self._check(bitmask, filled, lambda p: p // width)
         return self._apply(logits.reshape(rows * width, -1), bitmask, filled).view(rows, width, -1)
 
+    def _no_drafts(self):
+        if self.wake is not None:  # (a draft may hold the wake token, the grammar then holding the drafts after it)
+            raise UserError("structured outputs that wait for a token (a reasoning model's </think>) do not take "
+                            "speculative decoding's drafts")
+
     def accept(self, tokens, ended=None):
         """Each live row's new token (host ints), then the rows `ended` (a host list: decode_step's) marked done.
         A token the grammar refuses is a bug (the mask allowed it): an error, not a silent drift."""
         for i, t in enumerate(tokens):
             if self.done[i]:
+                continue
+            if self.waiting[i]:  # (free text until the wake token: the grammar holds what follows it)
+                self.waiting[i] = int(t) != self.wake
                 continue
             m = self.matchers[i]
             if not m.is_terminated() and not m.accept_token(int(t)):

@@ -1,0 +1,204 @@
+"""serve --reasoning-parser (train/reasoning.py, vLLM's): a reasoning model's chat answer split into
+message.reasoning (its thought, between <think> and </think>) and content, streamed as delta.reasoning and
+delta.content; structured outputs and tool calls hold the answer after </think>; chat_template_kwargs reach the
+template (Qwen3's enable_thinking false: the prompt ends the thought, the answer is all content). The parsers on texts
+(pure Python), then a tiny Qwen3-shaped folder whose tokenizer has the think tokens, served on both servers."""
+import random
+
+import pytest
+
+from tritongpt.errors import UserError
+from tritongpt.train.reasoning import PARSERS, Qwen3, ReasoningStream, Thinking, answer
+
+
+class Tok:
+    """The two think tokens and single characters: what the parsers ask of a tokenizer."""
+    ids = {"<think>": 1, "</think>": 2}
+
+    def encode(self, text, allowed_special="none_raise"):
+        return [self.ids[text]] if text in self.ids else [ord(c) + 10 for c in text]
+
+    def decode(self, ids):
+        names = {v: k for k, v in self.ids.items()}
+        return "".join(names.get(i) or chr(i - 10) for i in ids)
+
+
+ANSWERS = [  # (text, reasoning, content)
+    ("<think>\nLet me see: 2+2.\n</think>\n\nIt is 4.", "\nLet me see: 2+2.\n", "\n\nIt is 4."),
+    ("Thought first (R1's prompt ends in <think>)</think>Answer", "Thought first (R1's prompt ends in <think>)",
+     "Answer"),
+    ("  <think>cut short while thinking <", "cut short while thinking <", None),
+    ("<think></think>", "", None),
+    ("no markers at all", "no markers at all", None),
+    ("", "", None),
+]
+
+
+@pytest.mark.parametrize("text, reasoning, content", ANSWERS)
+def test_answers_split_whole_and_streamed_cut_anywhere(text, reasoning, content):
+    parser = Thinking(Tok(), "deepseek_r1")
+    assert answer(parser, text, True) == (reasoning, content)
+    assert answer(parser, text, False) == (None, text)  # (a prompt that ended the thought: all content)
+    rng = random.Random(len(text))
+    for sizes in ([1], [2, 3], [max(1, len(text))], [rng.randint(1, 7) for _ in range(30)]):
+        stream, r, c, i, k = ReasoningStream(parser, True), "", "", 0, 0
+        while i < len(text):
+            piece = text[i:i + sizes[k % len(sizes)]]
+            i, k = i + len(piece), k + 1
+            dr, dc = stream.add(piece)
+            assert dr != "" and dc != ""  # (nothing sent empty)
+            r, c = r + (dr or ""), c + (dc or "")
+        r += stream.finish() or ""
+        assert (r, c or None) == (reasoning, content), sizes
+
+
+def test_the_prompt_and_the_switch_decide_whether_the_answer_thinks():
+    q3, r1 = Qwen3(Tok(), "qwen3"), Thinking(Tok(), "deepseek_r1")
+    assert r1.thinks([5, 1, 6]) and r1.thinks([7, 8]) and not r1.thinks([1, 9, 2, 11])
+    assert r1.thinks([2, 1]) and r1.thinks([5], {"enable_thinking": False})  # (R1 has no switch)
+    assert not q3.thinks([5], {"enable_thinking": False}) and q3.thinks([5], {"enable_thinking": True})
+    assert sorted(PARSERS) == ["deepseek_r1", "qwen3"]
+
+
+def test_a_tokenizer_without_think_tokens_is_refused_by_name():
+    class Plain(Tok):
+        ids = {"<think>": 1}
+    with pytest.raises(UserError, match="--reasoning-parser qwen3: the tokenizer has no </think> token"):
+        Qwen3(Plain(), "qwen3")
+
+
+# -- served ----------------------------------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+# ChatML, short, with Qwen3's switch: enable_thinking false writes an empty thought into the prompt
+TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+USER = [{"role": "user", "content": "the cat sat"}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A Qwen3-shaped tokenizer (the think tokens plain added tokens, as Qwen3's) and a tiny random model."""
+    from parity import hf_llama
+    from test_chat_template import SPECIALS
+    from test_hf_tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("reasoning") / "qwen3"
+    tok = build_tokenizer("qwen2")
+    tok.add_special_tokens(SPECIALS)
+    tok.add_tokens(["<think>", "</think>"])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                bos_token="<|begin_of_text|>")
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(path)
+    hf_llama(path, len(fast), eos=fast.convert_tokens_to_ids("<|im_end|>"), context=128, kind="qwen2")
+    return path, transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["engine", "max-batch-1"])
+def both(request, folder):
+    from test_tool_calls import started
+
+    path, theirs = folder
+    server = started(path, "--reasoning-parser", "qwen3", *(["--max-batch", "1"] if request.param != "engine" else []))
+    # (a random model draws </think> now and then: the thought ends early in most answers)
+    yield server, theirs, {str(theirs.convert_tokens_to_ids("</think>")): 6}
+    server.shutdown()
+    server.server_close()
+
+
+def ask(server, bias, **fields):
+    from test_serve import call
+
+    return call(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 16, "temperature": 1.0,
+                                                 "logit_bias": bias, **fields})
+
+
+def streamed(server, bias, **fields):
+    """{index: (reasoning, content)} a stream sends, and the last chunks' finish reasons."""
+    from test_serve import events
+
+    status, text = ask(server, bias, stream=True, **fields)
+    assert status == 200, text
+    out, finish = {}, {}
+    for k in events(text):
+        c = k["choices"][0]
+        r, t = out.get(c["index"], ("", ""))
+        out[c["index"]] = (r + (c["delta"].get("reasoning") or ""), t + (c["delta"].get("content") or ""))
+        finish[c["index"]] = c["finish_reason"]
+    return out, finish
+
+
+def test_the_thought_apart_whole_and_streamed(both, monkeypatch):
+    """The same seeded draw with and without the parser: its text split at </think>, the thought as reasoning; the
+    stream's deltas add up to the whole answer's parts."""
+    server, theirs, bias = both
+    plain = {}
+    with monkeypatch.context() as m:
+        m.setattr(server.app, "reasoning_parser", None)
+        status, body = ask(server, bias, n=3, seed=7)
+        assert status == 200, body
+        plain = [c["message"]["content"] for c in body["choices"]]
+        assert "reasoning" not in body["choices"][0]["message"]
+    status, body = ask(server, bias, n=3, seed=7)
+    assert status == 200, body
+    split = [(c["message"]["reasoning"], c["message"]["content"]) for c in body["choices"]]
+    assert list(body["choices"][0]["message"]) == ["role", "reasoning", "content"]
+    assert split == [answer(server.app.reasoning_parser, t, True) for t in plain]
+    assert any(r and c for r, c in split)  # (some answers think, then answer)
+    got, _ = streamed(server, bias, n=3, seed=7)
+    assert [got[i] for i in range(3)] == [(r or "", c or "") for r, c in split]
+
+
+def test_structured_outputs_hold_the_answer_after_the_thought(both):
+    """vLLM's: the grammar wakes at </think>: the thought is free, the content what the regex allows, ended by the
+    end of turn."""
+    server, theirs, bias = both
+    status, body = ask(server, bias, n=2, seed=3, max_tokens=40, structured_outputs={"regex": "[0-9]{3}"})
+    assert status == 200, body
+    for c in body["choices"]:
+        m = c["message"]
+        assert c["finish_reason"] == "stop" and m["reasoning"] is not None, c
+        assert len(m["content"]) == 3 and m["content"].isdigit(), m
+    got, finish = streamed(server, bias, n=2, seed=3, max_tokens=40, structured_outputs={"regex": "[0-9]{3}"})
+    assert [got[i] for i in range(2)] == [(c["message"]["reasoning"], c["message"]["content"])
+                                          for c in body["choices"]]
+
+
+def test_enable_thinking_false_reaches_the_template_and_the_answer_is_content(both):
+    """chat_template_kwargs go to the template (its prompt ends with an empty thought: /tokenize's ids are
+    transformers' apply_chat_template(enable_thinking=False)'s) and the answer is all content."""
+    from test_serve import call
+
+    server, theirs, bias = both
+    kwargs = {"enable_thinking": False}
+    status, body = call(server, "/tokenize", {"messages": USER, "chat_template_kwargs": kwargs})
+    assert status == 200, body
+    assert body["tokens"] == theirs.apply_chat_template(USER, add_generation_prompt=True, enable_thinking=False,
+                                                        return_dict=False)
+    status, body = ask(server, bias, seed=1, chat_template_kwargs=kwargs)
+    m = body["choices"][0]["message"]
+    assert status == 200 and m["reasoning"] is None and m["content"], body
+    assert streamed(server, bias, seed=1, chat_template_kwargs=kwargs)[0][0] == ("", m["content"])
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ([1], "'chat_template_kwargs' must be an object"),
+    ({"tools": []}, "'chat_template_kwargs' may not set 'tools'"),
+])
+def test_bad_chat_template_kwargs_are_refused_by_name(both, kwargs, says):
+    server, theirs, bias = both
+    status, body = ask(server, bias, chat_template_kwargs=kwargs)
+    assert status == 400 and body["error"]["param"] == "chat_template_kwargs" and says in body["error"]["message"]
+
+
+def test_a_served_tokenizer_without_think_tokens_is_refused_at_start(tmp_path):
+    from test_serve import start, tiny_run
+
+    run = tmp_path / "run"
+    tiny_run(run, "chat")
+    with pytest.raises(UserError, match="--reasoning-parser deepseek_r1: the tokenizer has no <think> token"):
+        start(run, "--reasoning-parser", "deepseek_r1")
+
