@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parity import assert_close_rel
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -1113,7 +1114,7 @@ def test_mfu_pieces(monkeypatch):
 
 # -- one loop, both paths -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype):
+def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype, monkeypatch):
     """12 steps on each path from the same weights and batches; fp16 with loss scaling on both
     (the fused LM head then makes its gradients in backward, from the scaled upstream one)."""
     pytest.importorskip("tritongpt.kernels.attention")
@@ -1121,12 +1122,31 @@ def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype):
     pytest.importorskip("tritongpt.kernels.layernorm")
     tokens = synthetic_tokens()
     base = tiny_model(5, n_layer=1, n_head=1)  # head_dim 32; one layer: the interpreter is slow
-    out = {}
+    out, first_grads, batches = {}, {}, []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_recording(params, max_norm):  # the step's unscaled, unclipped gradients: the first step's kept
+        first_grads.setdefault(path, {n: p.grad.clone() for n, p in t.raw_model.named_parameters()})
+        return clip(params, max_norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_recording)
     for path in ("reference", "triton"):
         a = args_for(tmp_path / path, max_steps=12, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3, dtype=dtype)
-        t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 2))
+        t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 2, record=batches))
         assert t.raw_model.kernels == (frozenset() if path == "reference" else set(KERNEL_NAMES))
         out[path] = t.fit()["losses"]
+    # AdamW's step is nearly blind to a gradient's scale (a kernel's dq off by half moved the losses by 7e-5), so
+    # the first step's gradients, from the same weights and batch, are held to float64's: each parameter's
+    # (fp32 1e-4 relative, measured <= 6e-7; fp16 autocast 1e-2, measured <= 9e-4; that dq: 4e-4 and 0.5)
+    assert all(map(torch.equal, batches[0], batches[12]))  # both paths' first step had the same batch
+    want = copy.deepcopy(base).double()
+    loss_fn(want, batches[0]).backward()
+    for name, p in want.named_parameters():
+        for path in ("reference", "triton"):
+            got = first_grads[path][name]
+            if name.endswith("W_key.bias"):  # 0 exactly: a shift q.b shared by a query's scores leaves its softmax
+                assert got.abs().max() < 1e-6, (path, got.abs().max())
+            else:
+                assert_close_rel(got, p.grad, 1e-4 if dtype == "fp32" else 1e-2, f"{path} {name}.grad")
     ref, tri = torch.tensor(out["reference"]), torch.tensor(out["triton"])
     rel = ((tri - ref).abs() / ref.abs()).max().item()
     print(f"12 steps, {dtype}: reference {ref[0]:.4f} -> {ref[-1]:.4f}, triton {tri[0]:.4f} -> {tri[-1]:.4f}, "
