@@ -347,11 +347,23 @@ def test_an_emulated_cuda_graph_over_the_int8_cache_draws_the_eager_tokens(kerne
     """KVCache.on_device: the new keys and their scales written with index_copy_, the whole buffers read with kv_len;
     the capture emulated on the CPU (make_fx, tests/test_decode_graph.py)."""
     monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)
-    model = tiny(kernels, context_length=12, **CASES["window-softcap"])
+    # loud: the tokens and logits read the cache's values (a step that wrote no scales, or replayed the capture's
+    # position, drew the same tokens from a quiet model)
+    model = loud_attention(tiny(kernels, context_length=12, **CASES["window-softcap"]))
     idx = torch.randint(0, VOCAB, (1, 5))
-    # the prefill, then 3 steps through the graph (its warm-ups and capture in the first): ~0.3 s a step interpreted
-    want = gen.generate(model, idx, 4, kv_cache_dtype="int8")
-    assert torch.equal(gen.generate(model, idx, 4, cuda_graph=True, kv_cache_dtype="int8"), want)
+
+    def run(**graph):  # -> (the tokens, each step's log-probabilities of the whole vocabulary [steps, V])
+        steps = []
+        out = gen.generate(model, idx, 4, kv_cache_dtype="int8", logprobs=VOCAB, **graph,
+                           on_token=lambda nxt, lp: steps.append(torch.empty(VOCAB).scatter_(0, lp[1][0], lp[2][0])))
+        return out, torch.stack(steps)
+    # the prefill, then 3 steps through the graph (its warm-ups and capture in the first, at position 5; replays at
+    # 6 and 7): ~0.3 s a step interpreted
+    want, want_lp = run()
+    got, got_lp = run(cuda_graph=True)
+    assert torch.equal(got, want)
+    for t in range(1, 4):  # each replay's distribution is the eager step's (measured 0; those bugs: >= 1e-2)
+        assert_close_rel(got_lp[t], want_lp[t], 1e-5, f"step {t}'s log-probabilities")
 
 
 def test_the_device_step_writes_the_scales_where_the_host_step_does():
