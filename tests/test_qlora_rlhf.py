@@ -18,6 +18,7 @@ from tritongpt.model.lora import add_lora, has_lora
 from tritongpt.model.quant import QuantLinear, quantize
 from tritongpt.train import common
 from tritongpt.train.gpt2_weights import load_checkpoint
+from parity import assert_close_rel
 from test_qlora import qlora, random_updates, runs_unmerged_and_exports_its_function
 from test_quantize import VOCAB, rel
 
@@ -186,15 +187,25 @@ def test_qlora_rollouts_are_the_same_on_both_kernel_paths_and_with_an_emulated_d
     decode step replayed from a capture (tests/test_decode_graph.py's fx_capture: a CUDA graph's semantics)."""
     import tritongpt.train.generate as gen
     from test_decode_graph import fx_capture
-    from tritongpt.train.rlhf import sample_responses
+    from tritongpt.train import rlhf
 
     # two heads of 32 (not four of 16): half the attention kernel's programs, the matrices (what is quantized) as wide
     policy = qlora("int4", n_layer=1, n_head=2)
     prompts = [[5, 6, 7], [1, 2, 3]]  # (one length: one batch, one capture; the interpreter's time)
+    drawn_from = []  # each rollout's decode steps' log-probabilities [rows, steps, V], as generate drew from them
+    generate = rlhf.generate
+
+    def recording(*args, **kw):
+        steps = []
+        out = generate(*args, **kw, logprobs=VOCAB,
+                       on_token=lambda nxt, lp: steps.append(torch.empty_like(lp[2]).scatter_(1, lp[1], lp[2])))
+        drawn_from.append(torch.stack(steps, 1))
+        return out
+    monkeypatch.setattr(rlhf, "generate", recording)
 
     def rollout(model, graph=False):
-        return sample_responses(model, prompts, 2, 4, eot_id=VOCAB - 1, temperature=0.7,
-                                generator=torch.Generator().manual_seed(0), cuda_graph=graph)
+        return rlhf.sample_responses(model, prompts, 2, 4, eot_id=VOCAB - 1, temperature=0.7,
+                                     generator=torch.Generator().manual_seed(0), cuda_graph=graph)
     want = rollout(policy)
     triton = copy.deepcopy(policy).set_kernels("triton")
     tri = rollout(triton)
@@ -205,6 +216,17 @@ def test_qlora_rollouts_are_the_same_on_both_kernel_paths_and_with_an_emulated_d
         got = rollout(model, graph=True)
         assert torch.equal(got.idx, want.idx) and torch.equal(got.lengths, want.lengths)
     assert len(captured) == 2  # one a path
+    # the same tokens barely test the matmuls (an int4 kernel's output 5% off drew them too): every step's
+    # distribution is the float64 policy's over the drawn tokens (the same quantized values, dequantized), compared as
+    # logits (log-probabilities less their mean: -log V would hide a logit's error), fp32 1e-4 relative (measured
+    # <= 1.8e-6; that kernel's 5%: 1.9e-2)
+    with torch.no_grad():
+        exact = torch.log_softmax(copy.deepcopy(policy).double()(want.idx[:, :-1]), -1)[:, len(prompts[0]) - 1:]
+    assert len(drawn_from) == 4  # a generate a rollout (one prompt length)
+    for lp, name in zip(drawn_from, ("reference", "triton", "reference graph", "triton graph")):
+        assert lp.shape == exact.shape, (name, lp.shape, exact.shape)
+        assert_close_rel(lp - lp.mean(-1, keepdim=True), exact - exact.mean(-1, keepdim=True), 1e-4,
+                         f"{name} rollout's logits")
     # without the updates the policy is another one: the branch is in what was drawn
     with torch.no_grad():
         for m in policy.modules():
