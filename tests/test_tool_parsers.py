@@ -11,6 +11,7 @@ from tritongpt.train.tool_calls import PARSERS, AutoStream, Hermes, Llama3Json, 
 
 W = {"city": "Oslo", "days": [1, 2], "note": 'a "}" and a ]'}
 A = {"a": 7}
+M = {"s": '\\"</tool_call> <tool_call>'}  # (the markers in a string, after an escaped backslash and quote)
 CASES = [  # (parser, answer, its content, its calls)
     (Hermes, 'Let me check.\n<tool_call>\n{"name": "w", "arguments": ' + json.dumps(W) + '}\n</tool_call>\n'
      '<tool_call>\n{"name": "add", "arguments": {"a": 7}}\n</tool_call>', "Let me check.\n", [("w", W), ("add", A)]),
@@ -21,6 +22,11 @@ CASES = [  # (parser, answer, its content, its calls)
     (Mistral, 'Sure[TOOL_CALLS] [{"name": "w", "arguments": ' + json.dumps(W) + '}, {"name": "add", "arguments": '
      '{"a": 7}}]', "Sure", [("w", W), ("add", A)]),
     (Mistral, '[TOOL_CALLS]{"name": "add", "arguments": {"a": 7}}', None, [("add", A)]),
+    # a call's strings may spell the markers (the block ends at an end marker outside them)
+    (Hermes, 'Hi <tool_call>{"name": "w", "arguments": ' + json.dumps(M) + '}</tool_call>', "Hi ", [("w", M)]),
+    # text after the calls' JSON: dropped (vLLM's regexes find the calls and nothing after them)
+    (Mistral, 'Sure[TOOL_CALLS][{"name": "add", "arguments": {"a": 7}}] Done.', "Sure", [("add", A)]),
+    (Llama3Json, '{"name": "add", "parameters": {"a": 7}} Done.', None, [("add", A)]),
 ]
 PLAIN = [  # answers with no call: all content
     (Hermes, "It is <tool in the text, and <tool_call"),  # (a marker begun at the end, never finished)
@@ -29,6 +35,7 @@ PLAIN = [  # answers with no call: all content
     (Llama3Json, " {\"name\": \"add\", \"parameters\": {\"a\": 1}}"),  # (vLLM's: a call begins the answer)
     (Llama3Json, "<|python"),
     (Mistral, "[TOOL_CALLS] not json"),
+    (Mistral, "[TOOL_CALLS][]"),  # (an empty array: no call)
     (Hermes, ""),
 ]
 
@@ -143,3 +150,19 @@ def test_serve_settings_and_messages_follow_the_parser():
     (tc,) = message["tool_calls"]
     assert re.fullmatch(r"[A-Za-z0-9]{9}", tc["id"]) and why == "tool_calls" and message["content"] is None
     assert tc["function"] == {"name": "f", "arguments": '{"x": 1}'}
+
+
+def test_a_call_cut_short_after_llamas_calls_is_dropped_as_vllm_drops_it():
+    text = '{"name": "add", "parameters": {"a": 7}}; {"name": "w", "parameters": {"ci'
+    assert Llama3Json().extract(text) == (None, [("add", '{"a": 7}')])
+    assert Llama3Json().extract('{"name": "add", "parameters": {"a": 7}}; {"answer": 42}')[1] == []  # (not a call)
+
+
+def test_json_nested_past_pythons_recursion_limit_is_content_not_a_crash():
+    deep = "[" * 3000 + "]" * 3000
+    for kind, text in ((Hermes, '<tool_call>{"name": "f", "arguments": ' + deep + "}</tool_call>"),
+                       (Mistral, '[TOOL_CALLS][{"name": "f", "arguments": ' + deep + "}]"),
+                       (Llama3Json, '{"name": "f", "parameters": ' + deep + "}")):
+        assert kind().extract(text) == (text, [])
+        assert streamed(kind(), text, [len(text)]) == (text, {})
+

@@ -108,6 +108,26 @@ def held(text: str, marker: str) -> int:
     return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-k:])), 0)
 
 
+def outside_strings(text: str, marker: str, start: int = 0) -> int:
+    """The first index of marker in text from start that is not inside a JSON string (-1: none): a call's strings
+    may spell its family's markers."""
+    quoted = escaped = False
+    for i in range(start, len(text)):
+        c = text[i]
+        if quoted:  # (a string's end is a quote no backslash escapes)
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif text.startswith(marker, i):
+            return i
+    return -1
+
+
 def call(obj, keys) -> tuple:
     """(name, arguments' JSON text) of a parsed call {"name": ..., key: {...}} (keys: where its arguments may be);
     ValueError where it is not one."""
@@ -143,9 +163,9 @@ class Marked:
             return text, []
         try:
             calls = [call(obj, self.keys) for obj in self.objects(text[at + len(self.marker):])]
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # (RecursionError: JSON nested past Python's limit)
             return text, []
-        return text[:at] or None, calls
+        return (text[:at] or None, calls) if calls else (text, [])
 
     def scan(self, text: str, final: bool) -> tuple:
         """(the content that can be sent, [(name, arguments so far)]) of a growing answer (final: it is whole)."""
@@ -157,23 +177,36 @@ class Marked:
 
 class Hermes(Marked):
     """Hermes' <tool_call> blocks, a JSON object each (vLLM's hermes parser: text after a block's end or between
-    blocks dropped; a last block left open parsed as far as it goes)."""
+    blocks dropped; a last block left open parsed as far as it goes). A block ends at the first </tool_call> outside
+    its JSON's strings, which may spell either marker."""
     marker, end = "<tool_call>", "</tool_call>"
 
+    def blocks(self, rest: str) -> list:
+        """Each block's text, the first's from rest's start (just after the first marker)."""
+        out, i = [], 0
+        while True:
+            end = outside_strings(rest, self.end, i)
+            if end < 0:  # (still open)
+                return out + [rest[i:]]
+            out.append(rest[i:end])
+            i = rest.find(self.marker, end + len(self.end))
+            if i < 0:
+                return out
+            i += len(self.marker)
+
     def objects(self, rest):
-        return [json.loads(block.split(self.end)[0]) for block in rest.split(self.marker)]
+        return [json.loads(block) for block in self.blocks(rest)]
 
     def arrays(self, rest):  # (less a tail that may begin the block's end: not the arguments')
-        return ["[" + b[:len(b) - held(b, self.end)] for b in (block.split(self.end)[0] for block in
-                                                                rest.split(self.marker))]
+        return ["[" + b[:len(b) - held(b, self.end)] for b in self.blocks(rest)]
 
 
 class Mistral(Marked):
     """Mistral's [TOOL_CALLS] and a JSON array of calls (or one call's object) after it."""
     marker, short_ids = "[TOOL_CALLS]", True
 
-    def objects(self, rest):
-        calls = json.loads(rest)
+    def objects(self, rest):  # (text after the JSON dropped, as vLLM's fallback regex drops it)
+        calls = json.JSONDecoder().raw_decode(rest.lstrip())[0]
         return [calls] if isinstance(calls, dict) else calls
 
     def arrays(self, rest):
@@ -183,7 +216,9 @@ class Mistral(Marked):
 class Llama3Json:
     """Llama 3's JSON calls: the answer is calls when it begins with "{" (or <|python_tag|>, where special tokens are
     shown): objects {"name": ..., "parameters" (or "arguments"): {...}}, ";" between (vLLM's llama3_json parser);
-    the content then None. An answer that begins otherwise, or does not parse, is all content."""
+    the content then None, and text after the last whole object dropped (vLLM's regex finds the objects alone). An
+    answer that begins otherwise, or whose first object is not a call, or any object that is not one, is all
+    content."""
     tag, keys, short_ids, keeps_specials = "<|python_tag|>", ("parameters", "arguments"), False, False
 
     def body(self, text: str):
@@ -195,15 +230,18 @@ class Llama3Json:
         if body is None:
             return text, []
         decoder = json.JSONDecoder()
-        try:
-            while i < len(body):
+        while i < len(body):
+            try:
                 obj, i = decoder.raw_decode(body, i)
+            except (ValueError, RecursionError):
+                break  # (the calls' end: text after them, or one cut short)
+            try:
                 calls.append(call(obj, self.keys))
-                while i < len(body) and body[i] in "; \t\r\n":
-                    i += 1
-        except ValueError:
-            return text, []
-        return None, calls
+            except ValueError:
+                return text, []
+            while i < len(body) and body[i] in "; \t\r\n":
+                i += 1
+        return (None, calls) if calls else (text, [])
 
     def scan(self, text: str, final: bool) -> tuple:
         if not final and (text == "" or self.tag.startswith(text)):
