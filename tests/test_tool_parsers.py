@@ -40,9 +40,9 @@ PLAIN = [  # answers with no call: all content
 ]
 
 
-def streamed(parser, text, sizes):
+def streamed(parser, text, sizes, parallel=True):
     """(content, {index: [id, name, arguments' text]}) an AutoStream sends for text cut into pieces of sizes."""
-    stream, content, calls, i = AutoStream(parser), "", {}, 0
+    stream, content, calls, i = AutoStream(parser, parallel), "", {}, 0
     pieces = []
     while i < len(text):
         pieces.append(text[i:i + sizes[len(pieces) % len(sizes)]])
@@ -166,3 +166,18 @@ def test_json_nested_past_pythons_recursion_limit_is_content_not_a_crash():
         assert kind().extract(text) == (text, [])
         assert streamed(kind(), text, [len(text)]) == (text, {})
 
+
+def test_parallel_tool_calls_false_keeps_the_first_call_whole_and_streamed():
+    """OpenAI's parallel_tool_calls false: at most one call; "auto" cannot hold the model to one (no grammar), so the
+    first call found is kept, the others dropped (vLLM's maybe_filter_parallel_tool_calls)."""
+    from tritongpt.train.serve import sampling_settings, tool_message
+
+    kind, text = CASES[0][:2]  # (two Hermes calls)
+    tools = [{"type": "function", "function": {"name": n}} for n in ("w", "add")]
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    for parallel, names in ((False, ["w"]), (True, ["w", "add"]), (None, ["w", "add"])):
+        s = sampling_settings({**body, "parallel_tool_calls": parallel}, "chat", ["m"], kind())
+        message, why = tool_message(s["tools"], text, "stop")
+        assert [c["function"]["name"] for c in message["tool_calls"]] == names and why == "tool_calls"
+    for sizes in ([1], [len(text)]):
+        assert [c[1] for c in streamed(kind(), text, sizes, parallel=False)[1].values()] == ["w"]

@@ -354,8 +354,9 @@ def tool_setting(body: dict, s: dict, parser=None) -> dict:
     """The request's tool calling, vLLM's (protocol.py's check_tool_usage, then serving_chat.py): {"tools": the tools
     for the chat template (None: none given), "choice": "none", "named", "required" or "auto", "name": the named
     function, "parser": the server's tool-call parser (train/tool_calls.py PARSERS; None: "auto" refused, as vLLM
-    refuses it without --enable-auto-tool-choice)}. A tool_choice that holds the output (named, "required") sets s's
-    structured outputs to its tool_schema; structured_outputs or response_format beside it is refused by name.
+    refuses it without --enable-auto-tool-choice), "parallel": parallel_tool_calls not false}. A tool_choice that
+    holds the output (named, "required") sets s's structured outputs to its tool_schema; structured_outputs or
+    response_format beside it is refused by name.
     "auto" leaves the text free (the request's own structured outputs kept) for the parser to find the calls in."""
     from tritongpt.train.structured import StructuredOutputs
 
@@ -366,7 +367,7 @@ def tool_setting(body: dict, s: dict, parser=None) -> dict:
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise bad("parallel_tool_calls", f"'parallel_tool_calls' must be true or false, got {parallel!r}")
-    setting = {"tools": tools, "choice": "none", "name": None, "parser": parser}
+    setting = {"tools": tools, "choice": "none", "name": None, "parser": parser, "parallel": parallel is not False}
     if choice == "none":
         return setting
     if tools is None:
@@ -468,7 +469,8 @@ def tool_message(tools: dict | None, text: str, finish: str) -> tuple:
     "required"'s array parsed into its calls, each call's parameters its arguments (finish "tool_calls" where the
     text ended by itself). A "required" text that does not parse (cut by max_tokens or a stop string) stays content,
     with no calls (vLLM answers a 400 there). "auto": the calls the server's parser finds (tool_calls.PARSERS), the
-    text before them the content (null where none), finish "tool_calls"; a text with none all content."""
+    text before them the content (null where none; the first call alone with parallel_tool_calls false), finish
+    "tool_calls"; a text with none all content."""
     if tools is None or tools["choice"] == "none":
         return {"role": "assistant", "content": text}, finish
     short = tools["parser"] is not None and tools["parser"].short_ids
@@ -482,7 +484,10 @@ def tool_message(tools: dict | None, text: str, finish: str) -> tuple:
         content, calls = tools["parser"].extract(text)
         if not calls:
             return {"role": "assistant", "content": text}, finish
-        return {"role": "assistant", "content": content, "tool_calls": calls_of(calls)}, "tool_calls"
+        # (parallel_tool_calls false: the first call alone, vLLM's maybe_filter_parallel_tool_calls; no grammar
+        # holds a free answer to one)
+        return {"role": "assistant", "content": content,
+                "tool_calls": calls_of(calls if tools["parallel"] else calls[:1])}, "tool_calls"
     try:
         calls = calls_of([(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)])
     except (ValueError, TypeError, KeyError):
@@ -1551,7 +1556,7 @@ class Completion:
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
             tools = self.s["tools"]
             if tools is not None and tools["choice"] == "auto" and not role:  # content, then calls the parser finds
-                stream = self.calls.setdefault(index, AutoStream(tools["parser"]))
+                stream = self.calls.setdefault(index, AutoStream(tools["parser"], tools["parallel"]))
                 content, calls = stream.add(text) if text is not None else (None, [])
                 if finish is not None:  # (what the stream held back: a tail that did not begin a call, calls' ends)
                     more, rest = stream.finish()

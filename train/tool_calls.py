@@ -256,11 +256,12 @@ PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral}
 class AutoStream:
     """An "auto" tool_choice's streamed choice: the content before the first call as it comes (less a tail that may
     begin the call marker), then each call (CallDeltas) as its arguments grow; at the end (finish) what was held
-    back: a held tail's text, the rest of the calls, or, where the answer held no call after all, its text."""
+    back: a held tail's text, the rest of the calls, or, where the answer held no call after all, its text.
+    parallel False (parallel_tool_calls): the first call alone."""
 
-    def __init__(self, parser):
+    def __init__(self, parser, parallel: bool = True):
         self.parser, self.text, self.content = parser, "", 0  # content: the content's characters sent
-        self.deltas = CallDeltas(parser.short_ids)
+        self.deltas, self.most = CallDeltas(parser.short_ids), None if parallel else 1
 
     @property
     def sent(self) -> list:
@@ -276,7 +277,7 @@ class AutoStream:
         """(the content to send or None, the tool_calls deltas) of the choice's new text."""
         self.text += text
         content, calls = self.parser.scan(self.text, False)
-        return self._content(content), self.deltas(calls)
+        return self._content(content), self.deltas(calls[:self.most])
 
     def finish(self) -> tuple:
         """(content, tool_calls deltas) the answer's end sends: what add held back."""
@@ -285,4 +286,4 @@ class AutoStream:
         if not whole and not self.sent:  # (no call after all: a Llama answer in JSON, a marker never written whole)
             return self._content(self.text), []
         # (and calls the scan could not follow, their arguments before their name: sent whole)
-        return self._content(content), self.deltas(calls + whole[len(calls):])
+        return self._content(content), self.deltas((calls + whole[len(calls):])[:self.most])
