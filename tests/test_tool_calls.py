@@ -451,3 +451,18 @@ def test_auto_tool_choice_flags_go_together(folder):
                                          "--tool-call-parser", "llama3_json"])), Llama3Json)
     with pytest.raises(SystemExit):
         parse(["serve", "--weights", path, "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"])
+
+
+def test_auto_names_the_requests_own_structured_outputs_where_they_do_not_compile(both, monkeypatch):
+    """"auto" holds the answer to no tool's schema: a request's own structured outputs that do not compile are named
+    as such, not a tool whose parameters xgrammar cannot compile (unused by "auto")."""
+    from tritongpt.train.tool_calls import Hermes
+
+    server, theirs, ban = both
+    if server.app.engine is None:
+        pytest.skip("the engine's server checks the same request")
+    monkeypatch.setattr(server.app, "tool_parser", Hermes())
+    broken = {"type": "function", "function": {"name": "b", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}
+    status, body = ask(server, ban, tools=TOOLS + [broken], structured_outputs={"regex": "(a"})
+    assert status == 400 and body["error"]["param"] == "structured_outputs", body

@@ -889,7 +889,7 @@ class Model:
     def guide(self, spec, field: str, tools: dict | None = None):
         """A Guide of the structured outputs spec (a request's draw's), or None without one; a spec that does not
         compile (or no xgrammar) a 400 naming the request's field: a tool_choice's (tools: tool_setting's), the tool
-        whose parameters do not compile alone."""
+        whose parameters do not compile alone ("auto": the request's own; no tool's schema holds its answer)."""
         if spec is None:
             return None
         from tritongpt.train.structured import Grammars, StructuredOutputs
@@ -899,7 +899,7 @@ class Model:
             grammars = Grammars.of(self.tok, self.limit or self.model.config.vocab_size)
             return grammars.guide(spec)
         except UserError as e:
-            calls = tools is not None and tools["choice"] != "none" and grammars is not None
+            calls = tools is not None and tools["choice"] in ("named", "required") and grammars is not None
             for j, t in enumerate(tools["tools"] if calls else ()):
                 name = t["function"]["name"]
                 if tools["name"] in (None, name):
