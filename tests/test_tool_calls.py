@@ -1,6 +1,6 @@
 """Tool calling on serve's /v1/chat/completions (train/serve.py tool_setting, tool_message; chat_template.tool_prompt):
-vLLM's without --enable-auto-tool-choice. A named function's call and "required"'s calls held to the tools' schemas
-by structured outputs, answered as message.tool_calls, streamed as vLLM streams a named call; the tools and tool
+vLLM's. A named function's call and "required"'s calls held to the tools' schemas by structured outputs, answered as
+message.tool_calls, streamed as vLLM streams a named call; "auto" with a tool-call parser; the tools and tool
 messages rendered by a Hugging Face chat template as transformers renders them; every refusal by name. A tiny
 instruct folder (test_chat_template.chat_folder) whose template renders tools, over the engine and --max-batch 1."""
 import json

@@ -264,7 +264,7 @@ def structured_setting(body: dict):
 TOOL_FIELDS = {"name", "description", "parameters", "strict"}  # OpenAI's function definition ("strict": the schema
 # holds here whatever it says, as response_format's)
 AUTO_REFUSED = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'  # vLLM's words:
-# "auto" lets the model write text or calls in its own syntax, which a per-model parser finds; none is built here
+# "auto" lets the model write text or calls in its own syntax, which the server's parser finds (train/tool_calls.py)
 NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
 
