@@ -772,6 +772,9 @@ class Model:
         self.runtime_lora, self.max_lora_rank = False, 16
         self.tool_parser = None  # "auto" tool choice's (--enable-auto-tool-choice --tool-call-parser): tool_calls.py
         self.reasoning_parser = None  # --reasoning-parser's (train/reasoning.py): chat answers' thought apart
+        from tritongpt.train.responses import Store
+
+        self.responses = Store()  # /v1/responses' stored responses (previous_response_id, GET /v1/responses/{id})
         self.cuda_graph = cuda_graph  # generate()'s: each request's decode steps CUDA-graph replays
         self.kv_cache_dtype = kv_cache_dtype  # generate()'s: "int8", each request's cache int8
         self.eot = eot_or_none(tok)
@@ -1170,6 +1173,7 @@ class Handler(BaseHTTPRequestHandler):
     """Routes a request to its endpoint; every failure is an OpenAI error object, never a traceback."""
     server_version = "tritongpt"
     ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/metrics": "GET",
+              "/v1/responses": "POST",
               "/health": "GET", "/version": "GET", "/tokenize": "POST", "/detokenize": "POST",
               "/tokenizer_info": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST"}
     # seconds a read or write of the socket may wait: a body shorter than its Content-Length, or a client that
@@ -1201,7 +1205,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         app = self.server.app
         model_path = path.startswith("/v1/models/")
-        allowed = self.allowed = "GET" if model_path else self.ROUTES.get(path)
+        stored_path = path.startswith("/v1/responses/")  # (GET /v1/responses/{id}: a stored response)
+        allowed = self.allowed = "GET" if model_path or stored_path else self.ROUTES.get(path)
         if path in LORA_PATHS and not app.runtime_lora:  # (vLLM's routes are there only with its switch)
             allowed = self.allowed = None
         self.streaming = False
@@ -1218,6 +1223,8 @@ class Handler(BaseHTTPRequestHandler):
                 if name != app.name and root is None:
                     raise APIError(404, f"the model '{name}' does not exist", "model", code="model_not_found")
                 return self.send_json(200, self.model_card(name, root))
+            if stored_path:
+                return self.send_json(200, app.responses.get(path[len("/v1/responses/"):], "response_id")[0])
             if path == "/metrics":  # Prometheus' scrape (train/metrics.py)
                 return self.send_text(app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             if path == "/health":  # a load balancer's probe: vLLM's empty 200
@@ -1242,7 +1249,8 @@ class Handler(BaseHTTPRequestHandler):
                 adapters = list(app.adapter_paths.items())
                 return self.send_json(200, {"object": "list", "data": [self.model_card(app.name)] + [
                     self.model_card(n, root) for n, root in adapters]})
-            self.generate("chat" if path == "/v1/chat/completions" else "completions", self.read_body())
+            self.generate({"/v1/chat/completions": "chat", "/v1/responses": "responses"}.get(path, "completions"),
+                          self.read_body())
         except APIError as e:
             self.fail(e)
         except EngineDown as e:  # the server's fault, not the request's: vLLM's EngineDeadError is a 500
@@ -1427,6 +1435,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {obj if isinstance(obj, str) else to_json(obj)}\n\n".encode("utf-8"))
         self.wfile.flush()
 
+    def send_typed(self, obj: dict):
+        """A typed event (the Responses API's stream: its type as the event's name too, as OpenAI's)."""
+        self.wfile.write(f"event: {obj['type']}\ndata: {to_json(obj)}\n\n".encode("utf-8"))
+        self.wfile.flush()
+
     def completion_prompts(self, prompt, vocab: int) -> tuple:
         """/v1/completions' prompt (a string, a list of them, a list of token ids or a list of such lists, as
         OpenAI's) -> (each prompt's ids, its text for echo). Text is encoded as `generate --prompt` does; token ids
@@ -1445,9 +1458,10 @@ class Handler(BaseHTTPRequestHandler):
         return ids, [p if isinstance(p, str) else app.tok.decode(p) for p in prompts]
 
     def generate(self, endpoint: str, body: dict):
-        """POST /v1/completions and /v1/chat/completions: the request checked (Completion), its prompts' choices
-        drawn (one), then the response, or the stream's last events."""
-        app, c = self.server.app, Completion(self, endpoint, body)
+        """POST /v1/completions, /v1/chat/completions and /v1/responses: the request checked (Completion, Response),
+        its prompts' choices drawn (one), then the response, or the stream's last events."""
+        app = self.server.app
+        c = Response(self, body) if endpoint == "responses" else Completion(self, endpoint, body)
         s = c.s
         if s["stream"]:
             c.start_stream()
@@ -1728,6 +1742,64 @@ class Completion:
             self.handler.send_json(200, {**self.head, "choices": choices, "usage": usage,
                                          **({"prompt_logprobs": prompt_lp} if self.chat and prompt_lp is not None
                                             else {})})
+
+
+class Typed:
+    """A Response's handler: the handler itself, but the chat chunks Completion writes (send_event) go to the
+    response's typed events (train/responses.py Events) instead; the chat stream's [DONE] is not the API's."""
+
+    def __init__(self, handler, on_chunk):
+        object.__setattr__(self, "_handler", handler)
+        object.__setattr__(self, "_on_chunk", on_chunk)
+
+    def __getattr__(self, name):
+        return getattr(self._handler, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._handler, name, value)
+
+    def send_event(self, obj):
+        if isinstance(obj, dict) and "choices" in obj:
+            self._on_chunk(obj)
+
+
+class Response(Completion):
+    """POST /v1/responses (train/responses.py): the request as a chat completion (to_chat), drawn as one; its answer
+    as output items, streamed as typed events; kept (store) for GET /v1/responses/{id} and previous_response_id."""
+
+    def __init__(self, handler, body: dict):
+        from tritongpt.train import responses as R
+
+        app = handler.server.app
+        R.check_store_field(body)
+        chat, self.conversation = R.to_chat(body, app.responses)
+        self.body, self.rid, self.created, self.events = body, R.new_id("resp"), int(time.time()), None
+        super().__init__(Typed(handler, lambda chunk: self.events.chunk(chunk)), "chat", chat)
+
+    def start_stream(self):
+        from tritongpt.train import responses as R
+
+        super().start_stream()
+        head = R.response_object(self.body, self.rid, self.created, self.head["model"], [], None, None, "in_progress")
+        self.events = R.Events(self.handler._handler.send_typed, head)
+        self.events.start()
+
+    def respond(self, done: list):
+        from tritongpt.train import responses as R
+
+        choices, usage = done[0][0], usage_of(done[0][1], done[0][2])
+        if self.s["stream"]:
+            self.events._close()
+            items, finish = self.events.items, self.events.finish
+        else:
+            items, finish = R.output_items(choices[0]["message"]), choices[0]["finish_reason"]
+        response = R.response_object(self.body, self.rid, self.created, self.head["model"], items, finish, usage)
+        if response["store"]:
+            self.app.responses.put(response, self.conversation + [R.assistant_turn(items)])
+        if self.s["stream"]:
+            self.events.end(response)
+        else:
+            self.handler.send_json(200, response)
 
 
 class Server(ThreadingHTTPServer):

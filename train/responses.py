@@ -1,0 +1,360 @@
+"""POST /v1/responses (OpenAI's Responses API, as vLLM serves it: vllm/entrypoints/openai/serving_responses.py) on
+serve's chat machinery: a request is translated into a chat completion (to_chat: `instructions` the system message,
+`input` the messages, function tools and tool_choice in chat's shape, `text.format` as response_format,
+`max_output_tokens` as max_tokens), drawn as chat completions draw, and its answer written as output items:
+
+    {"type": "reasoning", "content": [{"type": "reasoning_text", "text"}]}     the thought (--reasoning-parser)
+    {"type": "message", "content": [{"type": "output_text", "text"}]}          the answer's text
+    {"type": "function_call", "call_id", "name", "arguments"}                  each tool call
+
+A stream is OpenAI's typed events (response.created, response.output_item.added, response.output_text.delta, ...,
+response.completed or response.incomplete), made from the chat stream's chunks (Events). A response is kept in
+memory (`store`, OpenAI's default true; the newest MAX_STORED) for GET /v1/responses/{id} and for a later
+request's `previous_response_id`, which continues its conversation (its input and output, not its instructions:
+OpenAI's rule)."""
+import threading
+import uuid
+from collections import OrderedDict
+
+MAX_STORED = 1000  # responses kept for previous_response_id and GET (the oldest dropped first)
+# the Responses fields taken (OpenAI's, and vLLM's sampling extras); every other one refused by name
+FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
+          "tool_choice", "parallel_tool_calls", "text", "previous_response_id", "store", "user", "metadata",
+          "reasoning", "truncation", "include", "background", "top_k", "min_p", "repetition_penalty", "seed",
+          "chat_template_kwargs", "service_tier", "top_logprobs"}
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "parallel_tool_calls", "user",
+            "chat_template_kwargs")
+
+
+def bad(field, message):
+    from tritongpt.train.serve import bad as api_bad
+
+    return api_bad(field, message)
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+class Store:
+    """The responses kept (id -> (response object, the conversation through it as chat messages)), the newest
+    MAX_STORED, under a lock (requests run in threads)."""
+
+    def __init__(self, size: int = MAX_STORED):
+        self.items, self.size, self.lock = OrderedDict(), size, threading.Lock()
+
+    def put(self, response: dict, messages: list):
+        with self.lock:
+            self.items[response["id"]] = (response, messages)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def get(self, rid: str, field: str = "previous_response_id"):
+        from tritongpt.train.serve import APIError
+
+        with self.lock:
+            got = self.items.get(rid)
+        if got is None:
+            raise APIError(404, f"Response with id '{rid}' not found (this server keeps the newest {self.size} "
+                                "responses stored with store: true, in memory)", field, code="not_found")
+        return got
+
+
+def text_of(content, at: str) -> str:
+    """A message's content: a string, or parts of type input_text / output_text (their texts joined)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad("input", f"{at}.content must be a string or a list of input_text parts, got {content!r}"[:300])
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+            raise bad("input", f"{at}.content[{j}] must be {{\"type\": \"input_text\", \"text\": ...}} (text is the "
+                               f"only input this server takes), got {part!r}"[:300])
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def input_messages(items) -> list:
+    """`input` (a string, or a list of items) as chat messages: messages by role (developer as system), a
+    function_call as an assistant's tool call (consecutive ones one assistant message, with the text before them),
+    a function_call_output as a tool message; reasoning items dropped (a chat template leaves earlier thoughts
+    out)."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise bad("input", f"'input' must be a string or a non-empty list of items, got {items!r}"[:300])
+    out = []
+    for i, item in enumerate(items):
+        at = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message" and isinstance(item.get("role"), str):
+            role = {"developer": "system"}.get(item["role"], item["role"])
+            if role not in ("system", "user", "assistant"):
+                raise bad("input", f"{at}.role must be user, system, developer or assistant, got {item['role']!r}")
+            out.append({"role": role, "content": text_of(item.get("content"), at)})
+        elif kind == "function_call":
+            if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+                raise bad("input", f"{at}: a function_call has a call_id, a name and arguments (JSON text), got "
+                                   f"{item!r}"[:300])
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(item.get("call_id"), str):
+                raise bad("input", f"{at}: a function_call_output has the call_id of its call, got {item!r}"[:300])
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": text_of(output, at)})
+        elif kind == "reasoning":
+            continue
+        else:
+            raise bad("input", f"{at}: items are messages, function_call, function_call_output or reasoning (text "
+                               f"only), got {item!r}"[:300])
+    return out
+
+
+def chat_tools(tools, choice):
+    """Responses' function tools ({"type": "function", "name", "description", "parameters", "strict"}) and
+    tool_choice ("none", "auto", "required", {"type": "function", "name"}) in chat's shape."""
+    out = None
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad("tools", f"'tools' must be a list of function tools, got {tools!r}"[:300])
+        out = []
+        for j, t in enumerate(tools):
+            if not isinstance(t, dict) or t.get("type") != "function":
+                raise bad(f"tools[{j}]", f"tools[{j}]: function tools are the only kind this server takes (no "
+                                         f"built-in tools), got {t!r}"[:300])
+            out.append({"type": "function", "function": {k: v for k, v in t.items() if k != "type"}})
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise bad("tool_choice", f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
+                                     f"\"name\": ...}}, got {choice!r}"[:300])
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return out, choice
+
+
+def response_format(text):
+    """`text` ({"format": {"type": "text" | "json_schema" (name, schema, strict, description) | "json_object"}})
+    as chat's response_format, or None."""
+    if text is None:
+        return None
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(text, dict) or set(text) - {"format", "verbosity"} or (fmt is not None and
+                                                                           not isinstance(fmt, dict)):
+        raise bad("text", f"'text' must be {{\"format\": {{\"type\": \"text\" | \"json_schema\" | \"json_object\", "
+                          f"...}}}}, got {text!r}"[:300])
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+    raise bad("text", f"text.format.type must be text, json_schema or json_object, got {fmt.get('type')!r}")
+
+
+def to_chat(body: dict, store: Store) -> tuple:
+    """(A chat completion's body, the conversation's earlier messages from previous_response_id) of a Responses
+    request, every field checked by name."""
+    if not isinstance(body, dict):
+        raise bad(None, "the request body must be a JSON object")
+    for key in body:
+        if key not in FIELDS:
+            raise bad(key, f"unknown field '{key}'")
+    for key, off in (("background", False), ("truncation", "disabled"), ("service_tier", "auto")):
+        if body.get(key) not in (None, off):
+            raise bad(key, f"'{key}': {body[key]!r} is not supported by this server (only {off!r})")
+    if body.get("include"):
+        raise bad("include", f"'include' is not supported by this server (nothing extra to include), got "
+                             f"{body['include']!r}"[:300])
+    if body.get("top_logprobs"):
+        raise bad("top_logprobs", "'top_logprobs' is not supported on /v1/responses here (chat completions give "
+                                  "logprobs)")
+    reasoning = body.get("reasoning")
+    if reasoning is not None and (not isinstance(reasoning, dict) or any(v is not None for v in reasoning.values())):
+        raise bad("reasoning", "'reasoning' options (effort, summary) are not supported by this server: a reasoning "
+                               "model thinks as its template asks (serve --reasoning-parser splits the thought out)")
+    if body.get("metadata") is not None and not (isinstance(body["metadata"], dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in body["metadata"].items())):
+        raise bad("metadata", "'metadata' must be an object of strings")
+    if "input" not in body:
+        raise bad("input", "'input' is required")
+    before = []
+    if body.get("previous_response_id") is not None:
+        if not isinstance(body["previous_response_id"], str):
+            raise bad("previous_response_id", "'previous_response_id' must be a response's id")
+        before = store.get(body["previous_response_id"])[1]
+    messages = input_messages(body["input"])
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad("instructions", f"'instructions' must be a string, got {instructions!r}"[:300])
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    if before and before[0]["role"] == "system":  # (a stored conversation keeps no instructions: OpenAI's)
+        before = before[1:]
+    chat = {"messages": system + before + messages, "stream": bool(body.get("stream")), "n": 1}
+    for key in SAMPLING:
+        if body.get(key) is not None:
+            chat[key] = body[key]
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    tools, choice = chat_tools(body.get("tools"), body.get("tool_choice"))
+    if tools:
+        chat["tools"] = tools
+    if choice is not None:
+        chat["tool_choice"] = choice
+    fmt = response_format(body.get("text"))
+    if fmt is not None:
+        chat["response_format"] = fmt
+    if body.get("model") is not None:
+        chat["model"] = body["model"]
+    return chat, before + messages
+
+
+def output_items(message: dict) -> list:
+    """A chat message (Completion.message's) as Responses output items: its thought, its text, its calls."""
+    items = []
+    if message.get("reasoning") is not None:
+        items.append({"type": "reasoning", "id": new_id("rs"), "summary": [],
+                      "content": [{"type": "reasoning_text", "text": message["reasoning"]}], "status": "completed"})
+    if message.get("content") or not message.get("tool_calls") and message.get("content") is not None:
+        items.append({"type": "message", "id": new_id("msg"), "status": "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": message["content"], "annotations": [],
+                                   "logprobs": []}]})
+    for c in message.get("tool_calls") or ():
+        items.append({"type": "function_call", "id": new_id("fc"), "call_id": c["id"], "name": c["function"]["name"],
+                      "arguments": c["function"]["arguments"], "status": "completed"})
+    return items
+
+
+def assistant_turn(items: list) -> dict:
+    """The output items as the assistant message a later request's previous_response_id continues from (the
+    thought left out: templates drop earlier thoughts)."""
+    text = "".join(p["text"] for i in items if i["type"] == "message" for p in i["content"])
+    calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
+             for i in items if i["type"] == "function_call"]
+    return {"role": "assistant", "content": text or (None if calls else ""), **({"tool_calls": calls} if calls else {})}
+
+
+def response_object(body: dict, rid: str, created: int, model: str, items: list, finish: str | None, usage,
+                    status: str | None = None) -> dict:
+    """OpenAI's response object: the request's settings echoed, the output items, the status ("incomplete" where
+    max_output_tokens cut it), the usage in Responses' names."""
+    status = status or ("incomplete" if finish == "length" else "completed")
+    tools = body.get("tools") or []
+    return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "model": model, "output": items, "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
+            "previous_response_id": body.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+            "store": body.get("store", True) is not False, "temperature": body.get("temperature", 1.0),
+            "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": tools, "top_p": body.get("top_p", 1.0), "truncation": "disabled", "user": body.get("user"),
+            "metadata": body.get("metadata") or {},
+            "usage": None if usage is None else {
+                "input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["total_tokens"]}}
+
+
+class Events:
+    """A streamed response's typed events, made from the chat stream's chunks (Completion.chunk's, through
+    send_event): each output item added, its text's deltas, its end; every event numbered (sequence_number)."""
+
+    def __init__(self, write, head: dict):
+        self.write, self.head, self.seq = write, head, 0  # head: the response object so far (in_progress)
+        self.items, self.open = [], None  # the output items; the one receiving deltas (its index in items)
+        self.finish = None
+
+    def event(self, kind: str, **fields):
+        self.write({"type": kind, "sequence_number": self.seq, **fields})
+        self.seq += 1
+
+    def start(self):
+        self.event("response.created", response=self.head)
+        self.event("response.in_progress", response=self.head)
+
+    def _close(self):
+        if self.open is None:
+            return
+        k, item = self.open, self.items[self.open]
+        item["status"] = "completed"
+        if item["type"] == "message":
+            part = item["content"][0]
+            self.event("response.output_text.done", item_id=item["id"], output_index=k, content_index=0,
+                       text=part["text"], logprobs=[])
+            self.event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
+        elif item["type"] == "reasoning":
+            part = item["content"][0]
+            self.event("response.reasoning_text.done", item_id=item["id"], output_index=k, content_index=0,
+                       text=part["text"])
+            self.event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
+        else:
+            self.event("response.function_call_arguments.done", item_id=item["id"], output_index=k,
+                       arguments=item["arguments"])
+        self.event("response.output_item.done", output_index=k, item=item)
+        self.open = None
+
+    def _add(self, item: dict, part=None):
+        self._close()
+        self.items.append(item)
+        self.open = k = len(self.items) - 1
+        self.event("response.output_item.added", output_index=k, item={**item, "content": []} if part else item)
+        if part is not None:
+            self.event("response.content_part.added", item_id=item["id"], output_index=k, content_index=0,
+                       part={**part, "text": ""})
+
+    def _text(self, kind: str, text: str):
+        """A delta of the thought's or the answer's text: into the open item of that kind, or a new one."""
+        item = self.items[self.open] if self.open is not None else None
+        if item is None or item["type"] != kind:
+            if kind == "message":
+                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                self._add({"type": "message", "id": new_id("msg"), "status": "in_progress", "role": "assistant",
+                           "content": [part]}, part)
+            else:
+                part = {"type": "reasoning_text", "text": ""}
+                self._add({"type": "reasoning", "id": new_id("rs"), "summary": [], "content": [part],
+                           "status": "in_progress"}, part)
+            item = self.items[self.open]
+        item["content"][0]["text"] += text
+        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
+        extra = {"logprobs": []} if kind == "message" else {}
+        self.event(name, item_id=item["id"], output_index=self.open, content_index=0, delta=text, **extra)
+
+    def chunk(self, chunk: dict):
+        """One chat chunk's delta as events."""
+        choice = chunk["choices"][0]
+        delta = choice.get("delta") or {}
+        if delta.get("role"):
+            return
+        if delta.get("reasoning"):
+            self._text("reasoning", delta["reasoning"])
+        if delta.get("content"):
+            self._text("message", delta["content"])
+        for d in delta.get("tool_calls") or ():
+            if "id" in d:  # (a call's first delta: a new item)
+                self._add({"type": "function_call", "id": new_id("fc"), "call_id": d["id"],
+                           "name": d["function"]["name"], "arguments": "", "status": "in_progress"})
+            item = self.items[self.open]
+            args = d["function"].get("arguments") or ""
+            if args:
+                item["arguments"] += args
+                self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=self.open,
+                           delta=args)
+        if choice.get("finish_reason") is not None:
+            self.finish = choice["finish_reason"]
+
+    def end(self, response: dict):
+        self._close()
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        self.event(kind, response=response)
+
+
+
+def check_store_field(body: dict):
+    if isinstance(body, dict) and body.get("store") is not None and not isinstance(body["store"], bool):
+        raise bad("store", f"'store' must be true or false, got {body['store']!r}")
