@@ -57,6 +57,7 @@ from tritongpt.errors import UserError
 
 TIMEOUT_S = 600  # seconds a read of a stream may wait: a server generating the whole load in turn is slow, not dead
 ENDPOINT = "/completions"
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")  # (--endpoint: vLLM's, with its openai-chat backend's)
 STATS = ("ttft", "tpot", "itl", "e2e")
 SCORING_STATS = ("latency",)
 LM_EVAL_SEED = 1234  # (the seed lm-eval's LocalCompletionsAPI sends with every request)
@@ -152,6 +153,10 @@ def add_cli(p):
                    help="send every request this structured_outputs (vLLM's object, as JSON text or @FILE: e.g. "
                         "'{\"json\": SCHEMA}'), the grammar's cost under load (vLLM's structured-output benchmark "
                         "sends one a request); not with --scoring or --ignore-eos")
+    g.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS,
+                   help="the path each generation request goes to (vLLM's --endpoint): completions, or chat "
+                        "completions with the prompt as the user's message (the served model's chat format) "
+                        "(default %(default)s)")
     g.add_argument("--label", default=None, help="the results' name: serve-LABEL.json, .md, .png (default: serve; "
                    "an existing file is never overwritten: the run takes the next free -2, -3, ...)")
     serve.add_cli(collect)
@@ -223,7 +228,8 @@ def check_args(args) -> tuple:
         args.structured_outputs = obj[0]
     if args.scoring:
         for flag, given in (("--ignore-eos", args.ignore_eos), ("--dataset", args.dataset is not None),
-                            ("--structured-outputs", args.structured_outputs is not None)):
+                            ("--structured-outputs", args.structured_outputs is not None),
+                            ("--endpoint /v1/chat/completions", args.endpoint == "/v1/chat/completions")):
             if given:
                 raise UserError(f"{flag} is the generation load's: --scoring sends lm-eval's requests of token-id "
                                 "prompts cut from the corpus (--input-len), which do not take it")
@@ -451,13 +457,16 @@ def served_models(base_url: str, api_key=None) -> list:
 
 
 def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, timeout=TIMEOUT_S,
-                      api_key=None, structured=None) -> dict:
+                      api_key=None, structured=None, chat=False) -> dict:
     """One streamed completion, timed: its record (success, error, ttft_ms, itl_ms, e2e_ms, tpot_ms, the usage's
     prompt_tokens and output_tokens, text_chunks, finish_reason). structured: its structured_outputs object; the
-    record then has the answer's text and "valid" (structured_valid's, for an answer the grammar ended: "stop")."""
+    record then has the answer's text and "valid" (structured_valid's, for an answer the grammar ended: "stop").
+    chat: a chat completion instead, the prompt its one user message (vLLM's openai-chat backend: the first token
+    is the first chunk whose delta has text, content or reasoning; the gaps between such chunks are the ITL)."""
     url = parse_url(base_url)
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     if ignore_eos:
         body["ignore_eos"] = True
     if structured is not None:
@@ -468,7 +477,8 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
     usage, first, last, done, pieces = None, None, None, False, []
     t0 = time.perf_counter()
     try:
-        conn.request("POST", url.path.rstrip("/") + ENDPOINT, json.dumps(body).encode("utf-8"),
+        conn.request("POST", url.path.rstrip("/") + ("/chat" if chat else "") + ENDPOINT,
+                     json.dumps(body).encode("utf-8"),
                      {"Content-Type": "application/json", "Accept": "text/event-stream", **_auth(api_key)})
         resp = conn.getresponse()
         if resp.status != 200:
@@ -488,6 +498,11 @@ def stream_completion(base_url, model, prompt, max_tokens, ignore_eos=False, tim
                 rec["error"] = f"error event: {_error_text(data.encode())}"
                 return rec
             choices = obj.get("choices") or []
+            if chat and choices:  # (the role chunk and the finish chunk carry no text: not tokens' arrivals)
+                delta = choices[0].get("delta") or {}
+                piece = (delta.get("reasoning") or "") + (delta.get("content") or "")
+                rec["finish_reason"] = choices[0].get("finish_reason") or rec["finish_reason"]
+                choices = [{"text": piece, "finish_reason": choices[0].get("finish_reason")}] if piece else []
             if choices:  # (the usage chunk has none)
                 if first is None:
                     first = now
@@ -618,12 +633,12 @@ def check_scored(obj, prompts, max_tokens) -> list:
 
 
 def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=None, seed=0, ignore_eos=False,
-             timeout=TIMEOUT_S, api_key=None, scoring=False, models=None, structured=None):
+             timeout=TIMEOUT_S, api_key=None, scoring=False, models=None, structured=None, chat=False):
     """Every prompt sent at its arrival time (arrival_offsets), at most `concurrency` in flight: (the records in
     prompt order, each with its index, its "model" and its send time sent_s from the start, the duration in
     seconds). scoring: each prompt a list of token-id lists sent as one lm-eval loglikelihood request
     (score_completion). models: a "model" a prompt (LoRA adapters' names: adapter_picks), else `model` for all.
-    structured: every generation request's structured_outputs."""
+    structured: every generation request's structured_outputs. chat: chat completions (stream_completion's)."""
     offsets = arrival_offsets(len(prompts), rate, seed)
     gate = threading.BoundedSemaphore(concurrency) if concurrency else None
     records = [None] * len(prompts)
@@ -639,7 +654,7 @@ def run_load(base_url, model, prompts, max_tokens, rate=math.inf, concurrency=No
                 rec = score_completion(base_url, name, prompts[i], max_tokens, timeout, api_key)
             else:
                 rec = stream_completion(base_url, name, prompts[i], max_tokens, ignore_eos, timeout, api_key,
-                                        structured)
+                                        structured, chat)
         except Exception as e:  # never lose a request: a client bug is a failure with its reason
             rec = {"success": False, "error": f"{type(e).__name__}: {e}", "itl_ms": [], "bad_choices": 0}
         finally:
@@ -732,6 +747,7 @@ def run_serve(args) -> int:
 
     concurrencies, rate = check_args(args)
     server, served, adapters, scratch = None, {}, [], None
+    chat = args.endpoint == "/v1/chat/completions"
     try:
         if args.base_url is None:
             ns = server_args(args)
@@ -742,6 +758,9 @@ def run_serve(args) -> int:
                 ns.enable_lora, ns.lora_modules = True, [f"{n}={p}" for n, p in paths.items()]
             server = start_server(ns)
             app = server.app
+            if chat and app.template is None:  # (every request would be a 400: said once, before the load)
+                raise UserError(f"--endpoint /v1/chat/completions: the served model has no chat format "
+                                f"({app.template_why}); serve an instruct model or use /v1/completions")
             adapters = list(app.adapter_paths)
             base_url = f"http://{ns.host}:{server.server_address[1]}/v1"
             ctx = app.model.config.context_length
@@ -801,14 +820,14 @@ def run_serve(args) -> int:
         first = picks[0] if picks else model
         warm = score_completion(base_url, first, prompts[0], args.output_len, api_key=key) if args.scoring else \
             stream_completion(base_url, first, prompts[0], args.output_len, args.ignore_eos, api_key=key,
-                              structured=args.structured_outputs)
+                              structured=args.structured_outputs, chat=chat)
         if not warm["success"]:
             raise UserError(f"the warm-up request to {base_url} failed: {warm['error']}")
         runs = []
         for c in concurrencies:
             records, duration = run_load(base_url, model, prompts, args.output_len, rate, c, args.seed,
                                          args.ignore_eos, api_key=key, scoring=args.scoring, models=picks,
-                                         structured=args.structured_outputs)
+                                         structured=args.structured_outputs, chat=chat)
             metrics = summarize_scoring(records, duration) if args.scoring else \
                 summarize(records, duration, args.output_len)
             runs.append({"max_concurrency": c, "request_rate": None if math.isinf(rate) else rate,
@@ -824,7 +843,7 @@ def run_serve(args) -> int:
     settings = {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "dataset", "seed",
                                               "ignore_eos", "label", "scoring", "structured_outputs")}
     settings.update(request_rate=None if math.isinf(rate) else rate, max_concurrency=list(concurrencies),
-                    model=model, endpoint=ENDPOINT, temperature=0,
+                    model=model, endpoint="/v1/completions" if args.scoring else args.endpoint, temperature=0,
                     prompts_per_request=args.prompts_per_request if args.scoring else 1,
                     lora_modules=adapters or None,  # (each sweep's load sends the same picks)
                     adapter_requests=dict(sorted(collections.Counter(picks).items())) if picks else None,

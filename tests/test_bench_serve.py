@@ -74,6 +74,26 @@ def test_the_in_process_server_end_to_end(saved, tmp_path, capsys):
     assert max(r["e2e_ms"] for r in reqs) <= m["duration_s"] * 1e3
 
 
+def test_the_chat_endpoint_times_the_answers_text_chunks(tmp_path, capsys):
+    """--endpoint /v1/chat/completions (vLLM's openai-chat backend): the prompt as the user's message in the served
+    model's chat format (more prompt tokens than the cut), the first text-bearing chunk its first token (not the
+    role chunk), the gaps between text chunks its ITL; the results name the endpoint."""
+    from test_serve import tiny_run
+
+    run = tmp_path / "run"
+    tiny_run(run, "chat")
+    rc = bench("--weights", str(run), "--device", "cpu", "--endpoint", "/v1/chat/completions", "--num-prompts", "3",
+               "--input-len", "6", "--output-len", "4", "--out", str(tmp_path / "out"))
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads(only_file(tmp_path / "out", "serve.json").read_text())
+    assert result["settings"]["endpoint"] == "/v1/chat/completions"
+    (r,) = result["runs"]
+    assert r["metrics"]["completed"] == 3
+    for q in r["requests"]:
+        assert q["prompt_tokens"] > 6 and 1 <= q["text_chunks"] <= q["output_tokens"] <= 4
+        assert len(q["itl_ms"]) == q["text_chunks"] - 1 and q["finish_reason"] in ("stop", "length")
+
+
 def test_ignore_eos_makes_every_answer_output_len_tokens(saved, tmp_path, capsys, monkeypatch):
     """--ignore-eos sends vLLM's field, which our server takes: with the end token made every answer's greedy first
     choice, the answers end at once without it and run to --output-len with it; the report says it was used."""
@@ -527,6 +547,9 @@ def closed_port():
     (["--output-len", "0"], "--output-len must be a positive integer, got 0"),
     (["--scoring", "--ignore-eos"], "--ignore-eos is the generation load's: --scoring sends"),
     (["--scoring", "--dataset", "x.jsonl"], "--dataset is the generation load's: --scoring sends"),
+    (["--scoring", "--endpoint", "/v1/chat/completions"], "--endpoint /v1/chat/completions is the generation load's"),
+    (["--weights", "{saved}", "--device", "cpu", "--endpoint", "/v1/chat/completions"],
+     "--endpoint /v1/chat/completions: the served model has no chat format"),
     (["--prompts-per-request", "4"], "--prompts-per-request is --scoring's"),
     (["--base-url", "http://127.0.0.1:1/v1", "--random-loras", "2"],
      "--random-loras writes adapters for the in-process server: with --base-url name the server's own"),
