@@ -202,3 +202,23 @@ def test_a_served_tokenizer_without_think_tokens_is_refused_at_start(tmp_path):
     with pytest.raises(UserError, match="--reasoning-parser deepseek_r1: the tokenizer has no <think> token"):
         start(run, "--reasoning-parser", "deepseek_r1")
 
+
+
+def test_chat_template_kwargs_named_as_the_renderers_own_arguments_are_variables(both, monkeypatch):
+    """A variable named as render's or tool_prompt's Python arguments (tokenizer, shown) is one more variable the
+    template may read, and Jinja's render's (self: a template's own name there) is passed without a 500 from a clash
+    of keyword arguments; the template's helpers (raise_exception, strftime_now) are refused by name, as its other
+    own variables."""
+    from test_serve import call
+    from test_tool_calls import TOOLS_TEMPLATE, WEATHER
+
+    server, theirs, bias = both
+    monkeypatch.setattr(server.app.tok, "chat_template", TOOLS_TEMPLATE + "{{- shown ~ tokenizer }}")
+    tools = [{"type": "function", "function": {"name": "get", "parameters": WEATHER}}]
+    kwargs = {"tokenizer": "t", "shown": "s", "self": "f"}
+    for fields in ({}, {"tools": tools}):
+        status, body = call(server, "/tokenize", {"messages": USER, "chat_template_kwargs": kwargs, **fields})
+        assert status == 200, body
+        assert theirs.decode(body["tokens"]).endswith("<|im_start|>assistant\nst"), body
+    status, body = call(server, "/tokenize", {"messages": USER, "chat_template_kwargs": {"raise_exception": 1}})
+    assert status == 400 and "may not set 'raise_exception'" in body["error"]["message"], body

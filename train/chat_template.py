@@ -90,21 +90,24 @@ def _compiled(template: str):
     return compiled
 
 
-RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token"}
+# the variables render gives a template, and its helpers (_compiled's globals): no request's variables may set them
+RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
+                    "raise_exception", "strftime_now"}
 
 
-def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None, **kwargs) -> str:
+def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None, variables=None) -> str:
     """messages rendered by tokenizer.chat_template, with the variables transformers gives it
     (its special tokens' spellings: bos_token, eos_token...; tools: OpenAI's function tools, as
-    apply_chat_template(tools=) passes them; kwargs: more variables, as apply_chat_template's own kwargs, e.g.
+    apply_chat_template(tools=) passes them; variables: more, as apply_chat_template's own kwargs, e.g.
     Qwen3's enable_thinking)."""
     import jinja2
 
-    tokens = {f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}
+    # (one dict, not keyword arguments: a variable may be named as an argument, "self", "tokenizer")
+    context = {**(variables or {}), "messages": [dict(m) for m in messages],
+               "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None,
+               **{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}}
     try:
-        return _compiled(tokenizer.chat_template).render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tools=tools,
-            documents=None, **tokens, **kwargs)
+        return _compiled(tokenizer.chat_template).render(context)
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
         raise UserError(f"the tokenizer's chat template refused this conversation: {e}") from None
 
@@ -121,13 +124,13 @@ def _check_contents(tokenizer, messages):
                             "template it would be that token, not text") from None
 
 
-def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, **kwargs) -> Rendered:
+def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=None) -> Rendered:
     """The generation prompt of a chat that may use tools (serve's tool calling, vLLM's): messages with an
     assistant's tool_calls (their arguments objects, not text: what templates read) and role "tool" results, the
     function tools given to the template as transformers' apply_chat_template(tools=) gives them. No text a message
     carries may spell a special token (_check_contents); a template that renders no tools, or drops a tool call or
     result, is refused by name: the model would answer without seeing them (tools where shown: a tool_choice
-    "none" passes them as they are). kwargs: the template's other variables (render's)."""
+    "none" passes them as they are). variables: the template's other variables (render's)."""
     # a message's text: its content, a result's tool_call_id, each call's id, name and arguments (as templates write
     # them: tojson keeps non-ASCII as it is), apart (no token spelled across two of them)
     _check_contents(tokenizer, [{"role": m["role"], "content": "\n".join(
@@ -139,8 +142,8 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, **kwargs) -
             _check_contents(tokenizer, [{"role": "tool", "content": json.dumps(tool, ensure_ascii=False)}])
         except UserError as e:
             raise UserError(f"tools[{j}]{str(e)[len('message 0 (tool)'):]}") from None
-    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools, **kwargs)
-    if tools and shown and text == render(tokenizer, messages, add_generation_prompt=True, **kwargs):
+    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools, variables=variables)
+    if tools and shown and text == render(tokenizer, messages, add_generation_prompt=True, variables=variables):
         raise UserError("the model's chat template renders no tools (it ignores apply_chat_template's tools): the "
                         "model would call them unseen")
     # each result, and each call's name and arguments, must reach the prompt: changed, it changes the rendering (a
@@ -154,7 +157,7 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, **kwargs) -
                 probes.append((f"assistant's tool call's {key}", {**m, "tool_calls": calls_j}))
         for what, changed in probes:
             try:
-                same = render(tokenizer, messages[:i] + [changed] + messages[i + 1:], True, tools, **kwargs) == text
+                same = render(tokenizer, messages[:i] + [changed] + messages[i + 1:], True, tools, variables) == text
             except UserError:  # (the template read it, and refuses the change)
                 same = False
             if same:

@@ -245,8 +245,8 @@ def template_kwargs(body: dict) -> dict | None:
                                           f"got {kwargs!r}"[:300])
     taken = sorted(RENDER_VARIABLES & set(kwargs))
     if taken:
-        raise bad("chat_template_kwargs", f"'chat_template_kwargs' may not set {taken[0]!r}: the request's own fields "
-                                          "give the template its " + ", ".join(sorted(RENDER_VARIABLES)))
+        raise bad("chat_template_kwargs", f"'chat_template_kwargs' may not set {taken[0]!r}: the request's fields "
+                                          "and the server give the template its " + ", ".join(sorted(RENDER_VARIABLES)))
     return kwargs or None
 
 
@@ -883,7 +883,7 @@ class Model:
         clean = tool_messages(messages)
         try:
             text = tool_prompt(self.tok, clean, listed, shown=tools is not None and tools["choice"] != "none",
-                               **(template_kwargs or {}))
+                               variables=template_kwargs)
         except UserError as e:
             raise bad("tools" if "renders no tools" in str(e) or str(e).startswith("tools[") else "messages",
                       str(e)) from None
