@@ -222,3 +222,19 @@ def test_chat_template_kwargs_named_as_the_renderers_own_arguments_are_variables
         assert theirs.decode(body["tokens"]).endswith("<|im_start|>assistant\nst"), body
     status, body = call(server, "/tokenize", {"messages": USER, "chat_template_kwargs": {"raise_exception": 1}})
     assert status == 400 and "may not set 'raise_exception'" in body["error"]["message"], body
+
+
+def test_a_chat_template_kwargs_value_the_template_cannot_use_is_a_400(both, monkeypatch):
+    """The values reach the template as they are: one it fails on (gpt-oss's 'Reasoning: ' + reasoning_effort, given a
+    number) is the request's 400 naming chat_template_kwargs and the template's error, not a 500."""
+    from test_serve import call
+    from test_tool_calls import TOOLS_TEMPLATE
+
+    server, theirs, bias = both
+    monkeypatch.setattr(server.app.tok, "chat_template", TOOLS_TEMPLATE + "{{- 'Reasoning: ' + reasoning_effort }}")
+    status, body = call(server, "/tokenize", {"messages": USER, "chat_template_kwargs": {"reasoning_effort": "low"}})
+    assert status == 200 and theirs.decode(body["tokens"]).endswith("Reasoning: low"), body
+    for path, fields in (("/tokenize", {}), ("/v1/chat/completions", {"max_tokens": 1})):
+        status, body = call(server, path, {"messages": USER, "chat_template_kwargs": {"reasoning_effort": 1}, **fields})
+        assert status == 400 and body["error"]["param"] == "chat_template_kwargs", body
+        assert "can only concatenate str" in body["error"]["message"], body

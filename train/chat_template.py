@@ -110,6 +110,9 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
         return _compiled(tokenizer.chat_template).render(context)
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
         raise UserError(f"the tokenizer's chat template refused this conversation: {e}") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError) as e:  # (a value it cannot use: 'a' + 1)
+        raise UserError(f"the tokenizer's chat template could not render a value it was given ({type(e).__name__}: "
+                        f"{e})") from None
 
 
 def _check_contents(tokenizer, messages):

@@ -884,9 +884,11 @@ class Model:
         try:
             text = tool_prompt(self.tok, clean, listed, shown=tools is not None and tools["choice"] != "none",
                                variables=template_kwargs)
-        except UserError as e:
-            raise bad("tools" if "renders no tools" in str(e) or str(e).startswith("tools[") else "messages",
-                      str(e)) from None
+        except UserError as e:  # (a value the template cannot use: chat_template_kwargs' where given, they alone
+            # reach it unchecked)
+            field = "tools" if "renders no tools" in str(e) or str(e).startswith("tools[") else "chat_template_kwargs" \
+                if template_kwargs and "could not render a value" in str(e) else "messages"
+            raise bad(field, str(e)) from None
         return formats.encode_prompt(self.tok, ((text, False),))
 
     def guide(self, spec, field: str, tools: dict | None = None):
