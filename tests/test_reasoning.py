@@ -195,12 +195,16 @@ def test_bad_chat_template_kwargs_are_refused_by_name(both, kwargs, says):
 
 
 def test_a_served_tokenizer_without_think_tokens_is_refused_at_start(tmp_path):
-    from test_serve import start, tiny_run
+    """And a run prompted in tritongpt's own chat format has no template for chat_template_kwargs: refused by name."""
+    from test_serve import serve_once, start, tiny_run
 
     run = tmp_path / "run"
     tiny_run(run, "chat")
     with pytest.raises(UserError, match="--reasoning-parser deepseek_r1: the tokenizer has no <think> token"):
         start(run, "--reasoning-parser", "deepseek_r1")
+    status, body, _ = serve_once(run, "/tokenize", {"messages": USER, "chat_template_kwargs": {"enable_thinking": 0}})
+    assert status == 400 and body["error"]["param"] == "chat_template_kwargs", body
+    assert "tritongpt's plain-text chat format, not a Hugging Face chat template" in body["error"]["message"], body
 
 
 

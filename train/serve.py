@@ -843,9 +843,9 @@ class Model:
         rendered = self.template == "chat" and getattr(self.tok, "chat_template", None) is not None
         if template_kwargs:
             if not rendered:
-                why = f"its {self.template} prompts" if self.template != "chat" else "tritongpt's plain-text chat format"
-                raise bad("chat_template_kwargs", f"the model '{self.name}' is prompted in {why}, not a Hugging Face "
-                                                  "chat template: 'chat_template_kwargs' has no template to go to")
+                raise bad("chat_template_kwargs", f"the model '{self.name}' is prompted in {self.own_format}, not a "
+                                                  "Hugging Face chat template: 'chat_template_kwargs' has no template "
+                                                  "to go to")
             return self.tool_chat_prompt(messages, tools, template_kwargs)
         if uses_tools(messages) or tools is not None and tools["tools"] and (tools["choice"] != "none" or rendered):
             return self.tool_chat_prompt(messages, tools)
@@ -862,6 +862,11 @@ class Model:
         conv.turns = [(u["content"], a["content"]) for u, a in zip(turns[:-1:2], turns[1::2])]
         return formats.encode_prompt(self.tok, conv.prompt(turns[-1]["content"], 0, self.tok))
 
+    @property
+    def own_format(self) -> str:
+        """The prompt format of a model served without its tokenizer's chat template, as refusals name it."""
+        return f"its {self.template} prompts" if self.template != "chat" else "tritongpt's plain-text chat format"
+
     def tool_chat_prompt(self, messages, tools: dict | None, template_kwargs: dict | None = None) -> list:
         """A chat with tools or tool messages, rendered by the tokenizer's own chat template with tools= (as vLLM's
         apply_chat_template; the tools of tool_choice "none" too, where the template renders them). tritongpt's own
@@ -872,7 +877,7 @@ class Model:
 
         listed = tools["tools"] if tools is not None else None
         if getattr(self.tok, "chat_template", None) is None or self.template != "chat":
-            what = f"its {self.template} prompts" if self.template != "chat" else "tritongpt's plain-text chat format"
+            what = self.own_format
             if uses_tools(messages):
                 raise bad("messages", f"messages with tool calls or role 'tool' results: the model '{self.name}' "
                                       f"is prompted in {what}, which has no place for them (a Hugging Face chat "
