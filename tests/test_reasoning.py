@@ -150,6 +150,12 @@ def test_the_thought_apart_whole_and_streamed(both, monkeypatch):
     assert any(r and c for r, c in split)  # (some answers think, then answer)
     got, _ = streamed(server, bias, n=3, seed=7)
     assert [got[i] for i in range(3)] == [(r or "", c or "") for r, c in split]
+    # vLLM's include_reasoning false: the thought left out, whole and streamed; the answer the same
+    body = ask(server, bias, n=3, seed=7, include_reasoning=False)[1]
+    assert [(c["message"]["reasoning"], c["message"]["content"]) for c in body["choices"]] == \
+        [(None, c) for r, c in split]
+    got, _ = streamed(server, bias, n=3, seed=7, include_reasoning=False)
+    assert [got[i] for i in range(3)] == [("", c or "") for r, c in split]
 
 
 def test_structured_outputs_hold_the_answer_after_the_thought(both):

@@ -61,7 +61,8 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
                  "response_format", "structured_outputs"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
-                                   "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"}}
+                                   "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
+                                   "include_reasoning"}}
 # OpenAI's fields this server does not implement: refused unless null or false (their "off"); chat takes the tool
 # fields (tool_setting), completions none
 UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
@@ -216,6 +217,8 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
     s["stream"] = bool_field(body, "stream", False)
     s["tools"] = tool_setting(body, s, parser) if endpoint == "chat" else None
     s["template_kwargs"] = template_kwargs(body) if endpoint == "chat" else None
+    # vLLM's include_reasoning: false leaves a reasoning model's thought out of the answer (--reasoning-parser)
+    s["include_reasoning"] = bool_field(body, "include_reasoning", True) if endpoint == "chat" else True
     s.update(output_settings(body, s))
     if s["tools"] is not None and s["tools"]["choice"] == "auto" and parser.keeps_specials:
         s["skip_special_tokens"] = False  # (vLLM's adjust_request: tokenizers may mark <tool_call> special)
@@ -1572,6 +1575,7 @@ class Completion:
                 thought, text = stream.add(text) if text is not None else (None, None)
                 if finish is not None:
                     thought = (thought or "") + (stream.finish() or "") or None
+                thought = thought if self.s["include_reasoning"] else None
                 if thought is None and text is None and finish is None and lp is None:
                     return  # (a tail that may begin </think>, held: no chunk)
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
@@ -1725,8 +1729,8 @@ class Completion:
 
     def message(self, text: str, finish: str) -> tuple:
         """(A chat choice's message, its finish_reason): tool_message's; with a reasoning parser, the thought apart
-        as "reasoning" (vLLM's field; null where the answer did not think) and the rest as the answer (content null
-        where nothing follows the thought: no tool call either)."""
+        as "reasoning" (vLLM's field; null where the answer did not think, or include_reasoning is false) and the rest
+        as the answer (content null where nothing follows the thought: no tool call either)."""
         if self.app.reasoning_parser is None:
             return tool_message(self.s["tools"], text, finish)
         from tritongpt.train.reasoning import answer
@@ -1734,7 +1738,7 @@ class Completion:
         reasoning, content = answer(self.app.reasoning_parser, text, self.thinks)
         message, finish = ({"role": "assistant", "content": None}, finish) if content is None else \
             tool_message(self.s["tools"], content, finish)
-        return {"role": "assistant", "reasoning": reasoning, **message}, finish
+        return {"role": "assistant", "reasoning": reasoning if self.s["include_reasoning"] else None, **message}, finish
 
     def respond(self, done: list):
         """The response of the prompts' one() results, in prompt order: their choices and usage; with stream, the
