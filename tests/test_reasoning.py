@@ -76,6 +76,7 @@ TEMPLATE = (
     "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}")
 USER = [{"role": "user", "content": "the cat sat"}]
+SEED = 1  # (an answer that thinks, then answers: /v1/responses' test)
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +249,29 @@ def test_a_chat_template_kwargs_value_the_template_cannot_use_is_a_400(both, mon
         status, body = call(server, path, {"messages": USER, "chat_template_kwargs": {"reasoning_effort": 1}, **fields})
         assert status == 400 and body["error"]["param"] == "chat_template_kwargs", body
         assert "can only concatenate str" in body["error"]["message"], body
+
+
+def test_the_thought_as_a_reasoning_item_on_v1_responses(both):
+    """/v1/responses: chat's thought a reasoning item before the answer's message, whole and streamed alike; a
+    continuation's prompt leaves the thought out (as templates drop earlier thoughts)."""
+    from test_responses import typed
+    from test_serve import call
+
+    server, theirs, bias = both
+    if server.app.engine is None:
+        pytest.skip("the Responses layer is the same on either server (and this one is the slower)")
+    chat = ask(server, bias, seed=SEED)[1]["choices"][0]["message"]
+    assert chat["reasoning"] and chat["content"], chat
+    body = {"input": "the cat sat", "max_output_tokens": 16, "temperature": 1.0, "logit_bias": bias, "seed": SEED}
+    status, r = call(server, "/v1/responses", body)
+    assert status == 200, r
+    assert [(o["type"], o["content"][0]["text"]) for o in r["output"]] == [("reasoning", chat["reasoning"]),
+                                                                           ("message", chat["content"])]
+    events = typed(call(server, "/v1/responses", {**body, "stream": True})[1])
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    assert [(o["type"], o["content"]) for o in events[-1]["response"]["output"]] == [
+        (o["type"], o["content"]) for o in r["output"]]
+    status, r2 = call(server, "/v1/responses", {"previous_response_id": r["id"], "input": "on", "max_output_tokens": 1})
+    messages = USER + [{"role": "assistant", "content": chat["content"]}, {"role": "user", "content": "on"}]
+    assert r2["usage"]["input_tokens"] == call(server, "/tokenize", {"messages": messages})[1]["count"]

@@ -116,7 +116,18 @@ def test_store_false_keeps_nothing_and_unknown_ids_are_404s(both):
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]", "function tools are the only kind"),
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text", "json_schema or json_object"),
     ({"input": "hi", "store": "yes"}, "store", "true or false"),
-    ({"input": "hi", "max_output_tokens": 0}, "max_tokens", ">= 1"),
+    ({"input": "hi", "stream": "no"}, "stream", "true or false"),
+    # chat's checks, in the request's own names (its fields; the conversation's messages)
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "'max_output_tokens' must be an integer >= 1"),
+    ({"input": "hi", "max_output_tokens": 1000}, "max_output_tokens", "max_output_tokens 1000"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "nope"}}}}, "text",
+     "could not be compiled"),
+    ({"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "input",
+     "the conversation as chat messages"),
+    ({"input": [{"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "c", "output": "5"}]},
+     "input", "input[1]: call_id 'c' is no earlier function_call's"),
+    ({"input": [{"role": "user", "content": "hi"}, {"role": "developer", "content": "x"}]}, "input",
+     "input[1]: a developer message after"),
 ])
 def test_refusals_name_the_field(both, fields, param, says):
     server, theirs, ban = both
@@ -138,3 +149,120 @@ def test_json_schema_format_is_chats_response_format(both):
     assert status == 200, r
     assert r["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
     assert r["text"]["format"]["name"] == "a"
+
+
+def test_several_calls_and_calls_cut_short_whole_and_streamed(both):
+    """"required"'s calls, each its own function_call item (streamed: its arguments' deltas, done naming the
+    function); the outputs of both sent back. A call cut by max_output_tokens is incomplete streamed too (chat's
+    stream says "tool_calls" for it), "required"'s and a named one's."""
+    server, theirs, ban = both
+    ask = {"input": "the cat sat", "tools": FLAT, "tool_choice": "required", "logit_bias": ban, "seed": 18,
+           "max_output_tokens": 86, "temperature": 1.0}
+    status, r = call(server, "/v1/responses", ask)
+    assert status == 200 and r["status"] == "completed", r
+    assert [o["type"] for o in r["output"]] == ["function_call"] * 2, r
+    events = typed(call(server, "/v1/responses", {**ask, "stream": True})[1])
+    done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert [(e["output_index"], e["name"], json.loads(e["arguments"])) for e in done] == [
+        (k, o["name"], json.loads(o["arguments"])) for k, o in enumerate(r["output"])]
+    assert events[-1]["type"] == "response.completed"
+    back = [{"type": "function_call_output", "call_id": o["call_id"], "output": str(k)}
+            for k, o in enumerate(r["output"])]
+    status, r2 = call(server, "/v1/responses", {"previous_response_id": r["id"], "input": back, "max_output_tokens": 1})
+    calls = [{"id": o["call_id"], "type": "function", "function": {"name": o["name"], "arguments": o["arguments"]}}
+             for o in r["output"]]
+    messages = [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": calls[0]["id"], "content": "0"},
+                {"role": "tool", "tool_call_id": calls[1]["id"], "content": "1"}]
+    assert status == 200, r2
+    assert r2["usage"]["input_tokens"] == call(server, "/tokenize", {"messages": messages})[1]["count"]
+    for cut in ({"seed": 3}, {"tool_choice": {"type": "function", "name": "w"}, "max_output_tokens": 4}):
+        status, r = call(server, "/v1/responses", {**ask, **cut})
+        events = typed(call(server, "/v1/responses", {**ask, **cut, "stream": True})[1])
+        assert r["status"] == events[-1]["response"]["status"] == "incomplete", (cut, r, events[-1])
+        assert events[-1]["type"] == "response.incomplete"
+
+
+def test_developer_messages_instructions_and_a_chain_of_two(both):
+    """instructions and the input's leading developer messages are the one system message a template takes first;
+    previous_response_id carries the conversation's developer messages, not its instructions, two turns on; a
+    developer message after the conversation began is refused by its item."""
+    server, theirs, ban = both
+
+    def prompt(messages):
+        return call(server, "/tokenize", {"messages": messages})[1]["count"]
+
+    def text(r):
+        return "".join(p["text"] for o in r["output"] for p in o["content"])
+
+    parts = [{"type": "input_text", "text": "the "}, {"type": "input_text", "text": "cat"}]
+    status, r1 = call(server, "/v1/responses", {"instructions": "Add.", "max_output_tokens": 2, "input": [
+        {"role": "developer", "content": "Be brief."}, {"type": "message", "role": "user", "content": parts}]})
+    assert status == 200, r1
+    chat = [{"role": "user", "content": "the cat"}]
+    assert r1["usage"]["input_tokens"] == prompt([{"role": "system", "content": "Add.\n\nBe brief."}] + chat)
+    status, r2 = call(server, "/v1/responses", {"previous_response_id": r1["id"], "input": "sat",
+                                                "max_output_tokens": 2})
+    chat += [{"role": "assistant", "content": text(r1)}, {"role": "user", "content": "sat"}]
+    assert status == 200 and r2["instructions"] is None, r2
+    assert r2["usage"]["input_tokens"] == prompt([{"role": "system", "content": "Be brief."}] + chat)
+    status, r3 = call(server, "/v1/responses", {"previous_response_id": r2["id"], "instructions": "Count.",
+                                                "input": "on", "max_output_tokens": 2})
+    chat += [{"role": "assistant", "content": text(r2)}, {"role": "user", "content": "on"}]
+    assert status == 200 and r3["usage"]["input_tokens"] == prompt(
+        [{"role": "system", "content": "Count.\n\nBe brief."}] + chat)
+    status, body = call(server, "/v1/responses", {"previous_response_id": r1["id"],
+                                                  "input": [{"role": "developer", "content": "x"}]})
+    assert status == 400 and body["error"]["param"] == "input" and "input[0]" in body["error"]["message"], body
+
+
+def test_a_stream_failing_midway_ends_with_typed_events(both, monkeypatch):
+    """OpenAI's error event and response.failed (every event typed and numbered), not chat's error chunk and
+    [DONE]; the failed response kept, its open item incomplete."""
+    server, theirs, ban = both
+
+    def broken(ids, budget, s, stop_id, generator, on_delta, *rest):
+        on_delta(0, "Hi", None, 1)
+        raise RuntimeError("the model broke")
+
+    monkeypatch.setattr(server.app, "draw", broken)
+    monkeypatch.setattr("traceback.print_exc", lambda **k: None)  # (the server's log of it)
+    events = typed(call(server, "/v1/responses", {"input": "hi", "max_output_tokens": 3, "stream": True})[1])
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"], events
+    assert events[-2]["message"] == "internal server error (see the server's log)"
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert failed["output"][0]["content"][0]["text"] == "Hi" and failed["output"][0]["status"] == "incomplete"
+    assert call(server, f"/v1/responses/{failed['id']}")[1] == failed
+
+
+def test_the_stream_adds_up_to_the_whole_answers_items():
+    """Events (chat chunks in) against output_items (the whole message): the same items, a thought, a text, calls;
+    an empty thought or text no item (the stream sends nothing of it)."""
+    from tritongpt.train.responses import Events, output_items
+
+    def chunk(**delta):
+        return {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+    call_a = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    cases = [  # (the whole message, the stream's chunks)
+        ({"reasoning": "I see", "content": "Hi"}, [chunk(reasoning="I "), chunk(reasoning="see"), chunk(content="Hi")]),
+        ({"reasoning": "", "content": "Hi"}, [chunk(content="Hi")]),
+        ({"reasoning": None, "content": ""}, []),
+        ({"content": "Hi", "tool_calls": [call_a, {**call_a, "id": "c2"}]}, [chunk(content="Hi")] + [
+            chunk(tool_calls=[{"index": k, "id": c, "type": "function", "function": {"name": "add", "arguments": ""}}])
+            if part is None else chunk(tool_calls=[{"index": k, "function": {"arguments": part}}])
+            for k, c in enumerate(("c1", "c2")) for part in (None, '{"a": ', "1}")]),
+    ]
+
+    def plain(items):
+        return [{k: v for k, v in i.items() if k != "id"} for i in items]
+
+    for message, chunks in cases:
+        sent = []
+        events = Events(sent.append, {})
+        for c in chunks:
+            events.chunk(c)
+        events._close()
+        assert plain(events.items) == plain(output_items(message)), message
+        assert all(i["status"] == "completed" for i in events.items)

@@ -1,17 +1,18 @@
 """POST /v1/responses (OpenAI's Responses API, as vLLM serves it: vllm/entrypoints/openai/serving_responses.py) on
-serve's chat machinery: a request is translated into a chat completion (to_chat: `instructions` the system message,
-`input` the messages, function tools and tool_choice in chat's shape, `text.format` as response_format,
-`max_output_tokens` as max_tokens), drawn as chat completions draw, and its answer written as output items:
+serve's chat machinery: a request is translated into a chat completion (to_chat: `instructions` and the input's
+leading developer messages the system message, `input` the messages, function tools and tool_choice in chat's shape,
+`text.format` as response_format, `max_output_tokens` as max_tokens), drawn as chat completions draw, and its answer
+written as output items:
 
     {"type": "reasoning", "content": [{"type": "reasoning_text", "text"}]}     the thought (--reasoning-parser)
     {"type": "message", "content": [{"type": "output_text", "text"}]}          the answer's text
     {"type": "function_call", "call_id", "name", "arguments"}                  each tool call
 
 A stream is OpenAI's typed events (response.created, response.output_item.added, response.output_text.delta, ...,
-response.completed or response.incomplete), made from the chat stream's chunks (Events). A response is kept in
-memory (`store`, OpenAI's default true; the newest MAX_STORED) for GET /v1/responses/{id} and for a later
-request's `previous_response_id`, which continues its conversation (its input and output, not its instructions:
-OpenAI's rule)."""
+response.completed or response.incomplete; error and response.failed where it fails midway), made from the chat
+stream's chunks (Events). A response is kept in memory (`store`, OpenAI's default true; the newest MAX_STORED) for
+GET /v1/responses/{id} and for a later request's `previous_response_id`, which continues its conversation (its input
+and output, not its instructions: OpenAI's rule)."""
 import threading
 import uuid
 from collections import OrderedDict
@@ -21,9 +22,9 @@ MAX_STORED = 1000  # responses kept for previous_response_id and GET (the oldest
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
           "tool_choice", "parallel_tool_calls", "text", "previous_response_id", "store", "user", "metadata",
           "reasoning", "truncation", "include", "background", "top_k", "min_p", "repetition_penalty", "seed",
-          "chat_template_kwargs", "service_tier", "top_logprobs"}
+          "chat_template_kwargs", "service_tier", "top_logprobs", "logit_bias"}
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "parallel_tool_calls", "user",
-            "chat_template_kwargs")
+            "chat_template_kwargs", "logit_bias")
 
 
 def bad(field, message):
@@ -76,16 +77,19 @@ def text_of(content, at: str) -> str:
     return "".join(texts)
 
 
-def input_messages(items) -> list:
-    """`input` (a string, or a list of items) as chat messages: messages by role (developer as system), a
-    function_call as an assistant's tool call (consecutive ones one assistant message, with the text before them),
-    a function_call_output as a tool message; reasoning items dropped (a chat template leaves earlier thoughts
-    out)."""
+def input_messages(items, before=()) -> list:
+    """`input` (a string, or a list of items) as chat messages, after `before` (previous_response_id's): messages
+    by role (developer as system: only before the conversation's other messages, since chat templates take one
+    system message, first), a function_call as an assistant's tool call (consecutive ones one assistant message,
+    with the text before them), a function_call_output as a tool message (its call_id an earlier call's); reasoning
+    items dropped (a chat template leaves earlier thoughts out)."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise bad("input", f"'input' must be a string or a non-empty list of items, got {items!r}"[:300])
     out = []
+    calls = {c["id"] for m in before for c in m.get("tool_calls") or ()}
+    started = any(m["role"] != "system" for m in before)  # (the conversation begun: no system message now)
     for i, item in enumerate(items):
         at = f"input[{i}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
@@ -93,6 +97,11 @@ def input_messages(items) -> list:
             role = {"developer": "system"}.get(item["role"], item["role"])
             if role not in ("system", "user", "assistant"):
                 raise bad("input", f"{at}.role must be user, system, developer or assistant, got {item['role']!r}")
+            if role == "system" and started:
+                raise bad("input", f"{at}: a {item['role']} message after the conversation's first user, assistant "
+                                   "or function items: the chat template takes one system message, first (send "
+                                   "'instructions', or the message before the others)")
+            started = started or role != "system"
             out.append({"role": role, "content": text_of(item.get("content"), at)})
         elif kind == "function_call":
             if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
@@ -100,6 +109,8 @@ def input_messages(items) -> list:
                                    f"{item!r}"[:300])
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}
+            calls.add(item["call_id"])
+            started = True
             if out and out[-1]["role"] == "assistant":
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -108,6 +119,10 @@ def input_messages(items) -> list:
             output = item.get("output")
             if not isinstance(item.get("call_id"), str):
                 raise bad("input", f"{at}: a function_call_output has the call_id of its call, got {item!r}"[:300])
+            if item["call_id"] not in calls:
+                raise bad("input", f"{at}: call_id {item['call_id']!r} is no earlier function_call's (in input or "
+                                   "the previous_response_id's output)"[:300])
+            started = True
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": text_of(output, at)})
         elif kind == "reasoning":
             continue
@@ -188,14 +203,17 @@ def to_chat(body: dict, store: Store) -> tuple:
         if not isinstance(body["previous_response_id"], str):
             raise bad("previous_response_id", "'previous_response_id' must be a response's id")
         before = store.get(body["previous_response_id"])[1]
-    messages = input_messages(body["input"])
+    messages = input_messages(body["input"], before)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad("instructions", f"'instructions' must be a string, got {instructions!r}"[:300])
-    system = [{"role": "system", "content": instructions}] if instructions else []
-    if before and before[0]["role"] == "system":  # (a stored conversation keeps no instructions: OpenAI's)
-        before = before[1:]
-    chat = {"messages": system + before + messages, "stream": bool(body.get("stream")), "n": 1}
+    # the instructions, then the conversation's leading developer messages (a stored conversation keeps its input's,
+    # not its instructions: OpenAI's), as the one system message chat templates take first
+    conversation = before + messages
+    k = next((j for j, m in enumerate(conversation) if m["role"] != "system"), len(conversation))
+    system = ([instructions] if instructions else []) + [m["content"] for m in conversation[:k]]
+    system = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+    chat = {"messages": system + conversation[k:], "stream": body.get("stream"), "n": 1}  # (checked as chat's)
     for key in SAMPLING:
         if body.get(key) is not None:
             chat[key] = body[key]
@@ -211,16 +229,32 @@ def to_chat(body: dict, store: Store) -> tuple:
         chat["response_format"] = fmt
     if body.get("model") is not None:
         chat["model"] = body["model"]
-    return chat, before + messages
+    return chat, conversation
+
+
+# chat's fields that a chat check's refusal may name, as the Responses request calls them
+CHAT_FIELDS = {"max_tokens": "max_output_tokens", "response_format": "text", "messages": "input"}
+
+
+def renamed(e):
+    """A refusal by chat's checks (Completion's) in the Responses request's own names: its field, and the messages'
+    indices said to be the conversation's (instructions, previous_response_id's turns, then input)."""
+    field = CHAT_FIELDS.get(e.param)
+    if field is None:
+        return e
+    message = str(e).replace("max_tokens", "max_output_tokens")
+    if field == "input":
+        message = f"the conversation as chat messages (instructions, previous_response_id's turns, input): {message}"
+    return type(e)(e.status, message, field, e.kind, e.code)
 
 
 def output_items(message: dict) -> list:
     """A chat message (Completion.message's) as Responses output items: its thought, its text, its calls."""
-    items = []
-    if message.get("reasoning") is not None:
+    items = []  # (an empty thought or text no item: the stream sends none)
+    if message.get("reasoning"):
         items.append({"type": "reasoning", "id": new_id("rs"), "summary": [],
                       "content": [{"type": "reasoning_text", "text": message["reasoning"]}], "status": "completed"})
-    if message.get("content") or not message.get("tool_calls") and message.get("content") is not None:
+    if message.get("content"):
         items.append({"type": "message", "id": new_id("msg"), "status": "completed", "role": "assistant",
                       "content": [{"type": "output_text", "text": message["content"], "annotations": [],
                                    "logprobs": []}]})
@@ -240,12 +274,15 @@ def assistant_turn(items: list) -> dict:
 
 
 def response_object(body: dict, rid: str, created: int, model: str, items: list, finish: str | None, usage,
-                    status: str | None = None) -> dict:
+                    status: str | None = None, error=None) -> dict:
     """OpenAI's response object: the request's settings echoed, the output items, the status ("incomplete" where
-    max_output_tokens cut it), the usage in Responses' names."""
+    max_output_tokens cut it; "failed" with the error, an APIError, of a stream that failed), the usage in
+    Responses' names."""
     status = status or ("incomplete" if finish == "length" else "completed")
     tools = body.get("tools") or []
-    return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+    if error is not None:  # (ResponseError's codes: the server's, or the request's)
+        error = {"code": "server_error" if error.status >= 500 else "invalid_prompt", "message": str(error)}
+    return {"id": rid, "object": "response", "created_at": created, "status": status, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "model": model, "output": items, "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
@@ -267,7 +304,6 @@ class Events:
     def __init__(self, write, head: dict):
         self.write, self.head, self.seq = write, head, 0  # head: the response object so far (in_progress)
         self.items, self.open = [], None  # the output items; the one receiving deltas (its index in items)
-        self.finish = None
 
     def event(self, kind: str, **fields):
         self.write({"type": kind, "sequence_number": self.seq, **fields})
@@ -294,7 +330,7 @@ class Events:
             self.event("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
         else:
             self.event("response.function_call_arguments.done", item_id=item["id"], output_index=k,
-                       arguments=item["arguments"])
+                       name=item["name"], arguments=item["arguments"])
         self.event("response.output_item.done", output_index=k, item=item)
         self.open = None
 
@@ -345,14 +381,24 @@ class Events:
                 item["arguments"] += args
                 self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=self.open,
                            delta=args)
-        if choice.get("finish_reason") is not None:
-            self.finish = choice["finish_reason"]
 
     def end(self, response: dict):
         self._close()
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         self.event(kind, response=response)
 
+    def fail(self, e, response: dict):
+        """A stream that failed midway (e: the APIError Handler.fail was given): OpenAI's `error` event, then
+        response.failed with the response so far (the item open then left incomplete), not chat's error chunk and
+        [DONE]."""
+        self.event("error", code=e.code, message=str(e), param=e.param)
+        self.event("response.failed", response=response)
+
+    def cut(self):
+        """The open item left incomplete (a stream that failed), no more events of it."""
+        if self.open is not None:
+            self.items[self.open]["status"] = "incomplete"
+            self.open = None
 
 
 def check_store_field(body: dict):

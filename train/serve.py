@@ -1220,6 +1220,7 @@ class Handler(BaseHTTPRequestHandler):
         if path in LORA_PATHS and not app.runtime_lora:  # (vLLM's routes are there only with its switch)
             allowed = self.allowed = None
         self.streaming = False
+        self.stream_failed = None  # a Responses stream's own ending where it fails midway (Response.failed)
         try:
             if self.server.api_key is not None and path not in PUBLIC_PATHS:  # (first, as vLLM's middleware)
                 self.authorize(self.server.api_key)
@@ -1278,7 +1279,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def fail(self, e: APIError):
         try:
-            if self.streaming:  # the 200 is sent: the error goes as an event, as vLLM's
+            if self.streaming and self.stream_failed is not None:  # (typed events: error, response.failed)
+                self.stream_failed(e)
+            elif self.streaming:  # the 200 is sent: the error goes as an event, as vLLM's
                 self.send_event(e.body())
                 self.send_event("[DONE]")
             else:
@@ -1785,7 +1788,11 @@ class Response(Completion):
         R.check_store_field(body)
         chat, self.conversation = R.to_chat(body, app.responses)
         self.body, self.rid, self.created, self.events = body, R.new_id("resp"), int(time.time()), None
-        super().__init__(Typed(handler, lambda chunk: self.events.chunk(chunk)), "chat", chat)
+        self.finish = None  # the stream's finish as drawn
+        try:
+            super().__init__(Typed(handler, lambda chunk: self.events.chunk(chunk)), "chat", chat)
+        except APIError as e:  # (chat's checks name chat's fields)
+            raise R.renamed(e) from None
 
     def start_stream(self):
         from tritongpt.train import responses as R
@@ -1793,7 +1800,29 @@ class Response(Completion):
         super().start_stream()
         head = R.response_object(self.body, self.rid, self.created, self.head["model"], [], None, None, "in_progress")
         self.events = R.Events(self.handler._handler.send_typed, head)
+        self.handler.stream_failed = self.failed
         self.events.start()
+
+    def chunk(self, index, text=None, finish=None, **kw):
+        if finish is not None:  # (chat's stream says "tool_calls" once a call went, though max_tokens cut it)
+            self.finish = finish
+        super().chunk(index, text, finish, **kw)
+
+    def failed(self, e: APIError):
+        """A stream that failed midway: its typed end (Events.fail), the response kept as failed."""
+        from tritongpt.train import responses as R
+
+        self.events.cut()
+        response = R.response_object(self.body, self.rid, self.created, self.head["model"], self.events.items, None,
+                                     None, "failed", e)
+        self.store(response)
+        self.events.fail(e, response)
+
+    def store(self, response: dict):
+        from tritongpt.train import responses as R
+
+        if response["store"]:
+            self.app.responses.put(response, self.conversation + [R.assistant_turn(response["output"])])
 
     def respond(self, done: list):
         from tritongpt.train import responses as R
@@ -1801,12 +1830,11 @@ class Response(Completion):
         choices, usage = done[0][0], usage_of(done[0][1], done[0][2])
         if self.s["stream"]:
             self.events._close()
-            items, finish = self.events.items, self.events.finish
+            items, finish = self.events.items, self.finish
         else:
             items, finish = R.output_items(choices[0]["message"]), choices[0]["finish_reason"]
         response = R.response_object(self.body, self.rid, self.created, self.head["model"], items, finish, usage)
-        if response["store"]:
-            self.app.responses.put(response, self.conversation + [R.assistant_turn(items)])
+        self.store(response)
         if self.s["stream"]:
             self.events.end(response)
         else:
