@@ -214,7 +214,6 @@ def test_a_served_tokenizer_without_think_tokens_is_refused_at_start(tmp_path):
     assert "tritongpt's plain-text chat format, not a Hugging Face chat template" in body["error"]["message"], body
 
 
-
 def test_chat_template_kwargs_named_as_the_renderers_own_arguments_are_variables(both, monkeypatch):
     """A variable named as render's or tool_prompt's Python arguments (tokenizer, shown) is one more variable the
     template may read, and Jinja's render's (self: a template's own name there) is passed without a 500 from a clash
