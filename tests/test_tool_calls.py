@@ -466,3 +466,28 @@ def test_auto_names_the_requests_own_structured_outputs_where_they_do_not_compil
         "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}
     status, body = ask(server, ban, tools=TOOLS + [broken], structured_outputs={"regex": "(a"})
     assert status == 400 and body["error"]["param"] == "structured_outputs", body
+
+
+def test_continue_final_message_and_no_generation_prompt_are_transformers(both):
+    """vLLM's continue_final_message (the final assistant message continued, not a new turn) and
+    add_generation_prompt false: /tokenize's ids are transformers' apply_chat_template's; a chat completion that
+    continues draws what a completion of those ids draws; an answer to continue must end the messages."""
+    server, theirs, ban = both
+    if server.app.engine is None:
+        pytest.skip("the engine's server checks the same request")
+    start = USER + [{"role": "assistant", "content": "The cat "}]
+    for fields, messages, kw in (({"continue_final_message": True}, start, {"continue_final_message": True}),
+                                 ({"add_generation_prompt": False}, USER, {"add_generation_prompt": False})):
+        status, body = call(server, "/tokenize", {"messages": messages, **fields})
+        assert status == 200, body
+        assert body["tokens"] == theirs.apply_chat_template(messages, return_dict=False, **kw)
+    ids = call(server, "/tokenize", {"messages": start, "continue_final_message": True})[1]["tokens"]
+    status, body = call(server, "/v1/chat/completions", {"messages": start, "continue_final_message": True,
+                                                         "add_generation_prompt": False, "max_tokens": 6,
+                                                         "temperature": 0, "logit_bias": ban})
+    assert status == 200, body
+    plain = call(server, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0, "logit_bias": ban})[1]
+    assert body["choices"][0]["message"]["content"] == plain["choices"][0]["text"].split("<|im_end|>")[0]
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    status, body = call(server, "/v1/chat/completions", {"messages": USER, "continue_final_message": True})
+    assert status == 400 and "must end with an assistant's text" in body["error"]["message"], body

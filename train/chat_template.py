@@ -127,13 +127,26 @@ def _check_contents(tokenizer, messages):
                             "template it would be that token, not text") from None
 
 
-def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=None) -> Rendered:
+def continued(text: str, final: str) -> str:
+    """A rendering cut right after its final message's content (transformers' apply_chat_template(
+    continue_final_message=True)): the answer then continues that message, not a new turn."""
+    if not final.strip() or final.strip() not in text:
+        raise UserError("continue_final_message: the final message's content is empty, or the chat template does "
+                        "not write it as it is: there is nothing to continue")
+    at = text.rindex(final.strip())
+    keep = len(final.lstrip()) if text[at:at + len(final.lstrip())] == final.lstrip() else len(final.strip())
+    return text[:at + keep]
+
+
+def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=None, mode: str = "generate") -> Rendered:
     """The generation prompt of a chat that may use tools (serve's tool calling, vLLM's): messages with an
     assistant's tool_calls (their arguments objects, not text: what templates read) and role "tool" results, the
     function tools given to the template as transformers' apply_chat_template(tools=) gives them. No text a message
     carries may spell a special token (_check_contents); a template that renders no tools, or drops a tool call or
     result, is refused by name: the model would answer without seeing them (tools where shown: a tool_choice
-    "none" passes them as they are). variables: the template's other variables (render's)."""
+    "none" passes them as they are). variables: the template's other variables (render's). mode: vLLM's
+    "generate" (add_generation_prompt), "continue" (continue_final_message: the final assistant message continued)
+    or "none" (neither: the rendering as it is)."""
     # a message's text: its content, a result's tool_call_id, each call's id, name and arguments (as templates write
     # them: tojson keeps non-ASCII as it is), apart (no token spelled across two of them)
     _check_contents(tokenizer, [{"role": m["role"], "content": "\n".join(
@@ -145,8 +158,12 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
             _check_contents(tokenizer, [{"role": "tool", "content": json.dumps(tool, ensure_ascii=False)}])
         except UserError as e:
             raise UserError(f"tools[{j}]{str(e)[len('message 0 (tool)'):]}") from None
-    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools, variables=variables)
-    if tools and shown and text == render(tokenizer, messages, add_generation_prompt=True, variables=variables):
+    def prompt(messages, tools):
+        text = render(tokenizer, messages, mode == "generate", tools, variables)
+        return continued(text, messages[-1]["content"]) if mode == "continue" else text
+
+    text = prompt(messages, tools)
+    if tools and shown and text == prompt(messages, None):
         raise UserError("the model's chat template renders no tools (it ignores apply_chat_template's tools): the "
                         "model would call them unseen")
     # each result, and each call's name and arguments, must reach the prompt: changed, it changes the rendering (a
@@ -160,7 +177,7 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
                 probes.append((f"assistant's tool call's {key}", {**m, "tool_calls": calls_j}))
         for what, changed in probes:
             try:
-                same = render(tokenizer, messages[:i] + [changed] + messages[i + 1:], True, tools, variables) == text
+                same = prompt(messages[:i] + [changed] + messages[i + 1:], tools) == text
             except UserError:  # (the template read it, and refuses the change)
                 same = False
             if same:

@@ -62,18 +62,18 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
                                    "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
-                                   "include_reasoning"}}
+                                   "include_reasoning", "add_generation_prompt", "continue_final_message"}}
 # OpenAI's fields this server does not implement: refused unless null or false (their "off"); chat takes the tool
 # fields (tool_setting), completions none
 UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
                "function_call", "parallel_tool_calls", "audio", "modalities", "prediction",
                "reasoning_effort", "web_search_options", "store", "metadata", "service_tier"}
-# POST /tokenize's and /detokenize's fields (vLLM's; the chat form's add_generation_prompt is checked by hand)
+# POST /tokenize's and /detokenize's fields (vLLM's)
 FIELDS["tokenize"] = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs",
-                      "tools", "chat_template_kwargs"}
+                      "tools", "chat_template_kwargs", "continue_final_message"}
 FIELDS["detokenize"] = {"model", "tokens"}
 # vLLM's tokenize fields this server does not implement: refused unless null or false
-TOKENIZE_UNSUPPORTED = {"continue_final_message", "chat_template", "mm_processor_kwargs"}
+TOKENIZE_UNSUPPORTED = {"chat_template", "mm_processor_kwargs"}
 API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
 # the paths that answer without the API key (probes and scrapes); every other one needs it, unknown ones too (a 401,
 # not a 404 that would map the routes): stricter than vLLM's middleware, which asks only paths under /v1
@@ -217,6 +217,7 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
     s["stream"] = bool_field(body, "stream", False)
     s["tools"] = tool_setting(body, s, parser) if endpoint == "chat" else None
     s["template_kwargs"] = template_kwargs(body) if endpoint == "chat" else None
+    s["prompt_mode"] = prompt_mode(body) if endpoint == "chat" else "generate"
     # vLLM's include_reasoning: false leaves a reasoning model's thought out of the answer (--reasoning-parser)
     s["include_reasoning"] = bool_field(body, "include_reasoning", True) if endpoint == "chat" else True
     s.update(output_settings(body, s))
@@ -232,6 +233,18 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
         if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
             raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
     return s
+
+
+def prompt_mode(body: dict) -> str:
+    """vLLM's add_generation_prompt (default true) and continue_final_message (default false): "generate" (the
+    template's generation prompt: a new assistant turn), "continue" (the final assistant message continued) or
+    "none" (the messages rendered as they are)."""
+    cont = bool_field(body, "continue_final_message", False)
+    gen = bool_field(body, "add_generation_prompt", not cont)
+    if cont and gen:
+        raise bad("continue_final_message", "Cannot set both `continue_final_message` and `add_generation_prompt` to "
+                                            "True.")
+    return "continue" if cont else "generate" if gen else "none"
 
 
 def template_kwargs(body: dict) -> dict | None:
@@ -411,7 +424,7 @@ def uses_tools(messages) -> bool:
                                               for m in messages)
 
 
-def tool_messages(messages) -> list:
+def tool_messages(messages, mode: str = "generate") -> list:
     """OpenAI's messages with tool use, checked by field and made what chat templates read (vLLM's chat_utils):
     system (first only), user, assistant (content, or null beside tool_calls [{"id", "type": "function",
     "function": {"name", "arguments": JSON text of an object}}], the arguments parsed: templates write them as
@@ -461,8 +474,13 @@ def tool_messages(messages) -> list:
                                       f"call's id, got {m.get('tool_call_id')!r}")
             clean["tool_call_id"] = m["tool_call_id"]
         out.append(clean)
-    if out[-1]["role"] not in ("user", "tool"):
-        raise bad("messages", f"'messages' must end with a user or tool message, not a {out[-1]['role']} one")
+    if mode == "continue" and (out[-1]["role"] != "assistant" or out[-1].get("tool_calls")):
+        what = "an assistant's tool calls" if out[-1].get("tool_calls") else f"a {out[-1]['role']} message"
+        raise bad("messages", "continue_final_message continues the final message: 'messages' must end with an "
+                              f"assistant's text, not {what}")
+    if mode == "generate" and out[-1]["role"] not in ("user", "tool"):
+        raise bad("messages", f"'messages' must end with a user or tool message, not a {out[-1]['role']} one (an "
+                              "assistant's answer is continued with continue_final_message)")
     return out
 
 
@@ -833,9 +851,11 @@ class Model:
             raise bad("prompt", "the prompt is empty")
         return ids
 
-    def chat_prompt(self, messages, tools: dict | None = None, template_kwargs: dict | None = None) -> list:
+    def chat_prompt(self, messages, tools: dict | None = None, template_kwargs: dict | None = None,
+                    mode: str = "generate") -> list:
         """The messages' ids as `tritongpt chat` prompts them (its Conversation, in the model's template); a chat
-        with tools (tools: tool_setting's), tool messages or chat_template_kwargs (template_kwargs) in the
+        with tools (tools: tool_setting's), tool messages, chat_template_kwargs (template_kwargs) or a prompt mode
+        other than "generate" (prompt_mode's: the final message continued, or no generation prompt) in the
         tokenizer's own template (tool_chat_prompt)."""
         from tritongpt.train import formats
         from tritongpt.train.chat import Conversation
@@ -844,12 +864,13 @@ class Model:
             raise bad("messages", f"the model '{self.name}' has no chat format ({self.template_why}): "
                                   "use /v1/completions")
         rendered = self.template == "chat" and getattr(self.tok, "chat_template", None) is not None
-        if template_kwargs:
+        asked = "chat_template_kwargs" if template_kwargs else {"continue": "continue_final_message",
+                                                                 "none": "add_generation_prompt"}.get(mode)
+        if asked:
             if not rendered:
-                raise bad("chat_template_kwargs", f"the model '{self.name}' is prompted in {self.own_format}, not a "
-                                                  "Hugging Face chat template: 'chat_template_kwargs' has no template "
-                                                  "to go to")
-            return self.tool_chat_prompt(messages, tools, template_kwargs)
+                raise bad(asked, f"the model '{self.name}' is prompted in {self.own_format}, not a Hugging Face chat "
+                                 f"template: '{asked}' has no template to go to")
+            return self.tool_chat_prompt(messages, tools, template_kwargs, mode)
         if uses_tools(messages) or tools is not None and tools["tools"] and (tools["choice"] != "none" or rendered):
             return self.tool_chat_prompt(messages, tools)
         try:
@@ -870,7 +891,8 @@ class Model:
         """The prompt format of a model served without its tokenizer's chat template, as refusals name it."""
         return f"its {self.template} prompts" if self.template != "chat" else "tritongpt's plain-text chat format"
 
-    def tool_chat_prompt(self, messages, tools: dict | None, template_kwargs: dict | None = None) -> list:
+    def tool_chat_prompt(self, messages, tools: dict | None, template_kwargs: dict | None = None,
+                         mode: str = "generate") -> list:
         """A chat with tools or tool messages, rendered by the tokenizer's own chat template with tools= (as vLLM's
         apply_chat_template; the tools of tool_choice "none" too, where the template renders them). tritongpt's own
         chat format has no place for them: tool messages, and tools a tool_choice calls, refused by name (tools
@@ -888,10 +910,10 @@ class Model:
             raise bad("tool_choice", f"the model '{self.name}' is prompted in {what}, which has no place for tools: "
                                      "a tool_choice that calls one needs a chat template that renders them "
                                      "(tool_choice \"none\" answers without them)")
-        clean = tool_messages(messages)
+        clean = tool_messages(messages, mode)
         try:
             text = tool_prompt(self.tok, clean, listed, shown=tools is not None and tools["choice"] != "none",
-                               variables=template_kwargs)
+                               variables=template_kwargs, mode=mode)
         except UserError as e:  # (a value the template cannot use: chat_template_kwargs' where given, they alone
             # reach it unchecked)
             field = "tools" if "renders no tools" in str(e) or str(e).startswith("tools[") else "chat_template_kwargs" \
@@ -1307,7 +1329,8 @@ class Handler(BaseHTTPRequestHandler):
     def tokenize(self, body: dict) -> dict:
         """vLLM's POST /tokenize: a prompt's ids as /v1/completions encodes it (add_special_tokens, default true:
         the BOS the tokenizer adds), or messages' as /v1/chat/completions prompts them (the served chat template,
-        ready for the answer; with `tools`, rendered with them as a chat completion calling one is) -> {count,
+        ready for the answer, or as add_generation_prompt and continue_final_message ask; with `tools`, rendered with
+        them as a chat completion calling one is) -> {count,
         max_model_len, tokens, token_strs (with return_token_strs: each token's text, as logprobs spell it)}. No
         context check: count against max_model_len is the client's."""
         app = self.server.app
@@ -1316,10 +1339,6 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("messages") is not None:
             if body.get("prompt") is not None:
                 raise bad("prompt", "pass one of 'prompt' and 'messages'")
-            if not bool_field(body, "add_generation_prompt", True):
-                raise bad("add_generation_prompt", "'add_generation_prompt': false is not supported by this "
-                                                   "server: the messages are prompted as a chat request's, ready "
-                                                   "for the answer")
             if bool_field(body, "add_special_tokens", False):
                 raise bad("add_special_tokens", "'add_special_tokens': true with 'messages' is not supported by "
                                                 "this server: the ids are the chat request's (its template's, "
@@ -1328,13 +1347,11 @@ class Handler(BaseHTTPRequestHandler):
             tools = check_tools(body["tools"]) if body.get("tools") else None
             ids = app.chat_prompt(body["messages"], None if tools is None else
                                   {"tools": tools, "choice": "required", "name": None, "parser": None},
-                                  template_kwargs(body))
+                                  template_kwargs(body), prompt_mode(body))
         else:
-            for key in ("tools", "chat_template_kwargs"):
+            for key in ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"):
                 if body.get(key) is not None:
-                    raise bad(key, f"'{key}' are taken with 'messages' (a chat's prompt), not 'prompt'")
-            if "add_generation_prompt" in body:
-                raise bad("add_generation_prompt", "'add_generation_prompt' is taken with 'messages', not 'prompt'")
+                    raise bad(key, f"'{key}' is taken with 'messages' (a chat's prompt), not 'prompt'")
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise bad("prompt", "'prompt' (a string) or 'messages' is required" if prompt is None else
@@ -1516,7 +1533,8 @@ class Completion:
         if self.chat:
             if "messages" not in body:
                 raise bad("messages", "'messages' is required")
-            self.prompts, self.texts = [app.chat_prompt(body["messages"], s["tools"], s["template_kwargs"])], [None]
+            self.prompts, self.texts = [app.chat_prompt(body["messages"], s["tools"], s["template_kwargs"],
+                                                        s["prompt_mode"])], [None]
             self.stop_id = app.chat_stop
             # a reasoning model's answer (--reasoning-parser): in thought unless its prompt ended the thinking; its
             # think tokens' text kept for the parser, its structured outputs waking at </think>
