@@ -2133,6 +2133,10 @@ def test_speculative_steps_stream_what_they_answer_whole_up_to_a_stop_string(run
         # its inter-token latencies: a gap between steps (vLLM's), not one a token
         steps = out["usage"]["completion_tokens"] - accepted
         assert metric(scrape(server), "time_per_output_token_seconds_count") == steps - 1
+        # streamed, a step's tokens are one chunk (vLLM's): the text chunks are the steps', fewer than the tokens
+        texts = [c["text"] for e in events(call(server, "/v1/completions", {**body, "stream": True})[1])
+                 for c in e["choices"] if c["text"]]
+        assert "".join(texts) == full and len(texts) <= steps < out["usage"]["completion_tokens"]
         text = full[:full.index("-")]
         whole = call(server, "/v1/completions", {**body, "stop": ["-"]})[1]
         assert stats["spec_decode_num_accepted_tokens"] > accepted > 0  # (several tokens a step before the stop)

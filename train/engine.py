@@ -69,7 +69,7 @@ class Request:
         self.todo, self.rows = None, []  # its prefill's rows still to run ([row, slot, fill]) and the logits done
         self.queue = queue.Queue()
         self.cancelled = False
-        self.same_step = False  # (wait()'s last token: a speculative step's after its first, put_more)
+        self.same_step = False  # (wait()'s last token: a speculative step's after its first, put_step)
         # prompt lookup (Engine's): whether it speculates (submit), and each row's positions whose keys are its ids'
         # (None: all; a row padded with the EOS after its end holds its proposals' keys: _accept)
         self.lookup, self.cut = False, [None] * idx.size(0)
@@ -85,10 +85,11 @@ class Request:
         """decode_step's on_token: the step's tokens (with logprobs, and their logprobs) to the queue, for wait()."""
         self.queue.put(("token", item))
 
-    def put_more(self, *item):
-        """put_token for a speculative step's tokens after its first (wait() says so in same_step: serve's
-        inter-token latency is a gap between steps, as vLLM's)."""
-        self.queue.put(("more", item))
+    def put_step(self, items: list):
+        """put_token for a speculative step's tokens, all at once (wait() hands on each, same_step True after the
+        first, then says the step ended: serve sends a step's text as one chunk, and counts a gap between steps as
+        an inter-token latency, as vLLM's)."""
+        self.queue.put(("step", items))
 
     @property
     def n(self) -> int:
@@ -101,11 +102,11 @@ class Request:
         with self.engine.cond:
             self.engine.cond.notify_all()
 
-    def wait(self, on_token=None, cancelled=None, poll: float = 0.05, on_prompt=None):
+    def wait(self, on_token=None, cancelled=None, poll: float = 0.05, on_prompt=None, on_step_end=None):
         """In the caller's thread: with prompt_logprobs on_prompt(rows) first (Engine.submit's), on_token(nxt [n, 1])
         for each step's tokens as they arrive (with logprobs, on_token(nxt, step_logprobs(...)) as generate's; while
-        it hands on a speculative step's tokens after its first, self.same_step is True), then the request's ids
-        [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing
+        it hands on a speculative step's tokens after its first, self.same_step is True), on_step_end() after each
+        step's tokens, then the request's ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing
         arrives; True cancels the request and raises Cancelled. An exception raised by on_token (or on_prompt)
         cancels it too. A started engine whose thread died raises EngineDown (a UserError; serve's 500) rather than
         wait for ever."""
@@ -126,10 +127,13 @@ class Request:
                     asked = time.monotonic()
                     if cancelled():
                         raise Cancelled("the request was cancelled")
-                if kind in ("token", "more"):
-                    self.same_step = kind == "more"
-                    if on_token is not None:
-                        on_token(*item)
+                if kind in ("token", "step"):
+                    for j, one in enumerate(item if kind == "step" else [item]):
+                        self.same_step = j > 0
+                        if on_token is not None:
+                            on_token(*one)
+                    if on_step_end is not None:
+                        on_step_end()
                 elif kind == "prompt":
                     if on_prompt is not None:
                         on_prompt(item)
@@ -931,13 +935,11 @@ class Engine:
         one at a time (EOS, stop, put_token), its fill L + m (the rejected positions' keys stale, never read), the
         stats counted. -> (whether every row is done, the rows done on the host, as decode_step's)."""
         L, before, sent = r.idx.size(1), r.done.clone(), []  # (verify_step updates done in place)
-
-        def put(*item):  # (the step's first token, then its others: Request.put_more)
-            (r.put_more if sent else r.put_token)(*item)
-            sent.append(1)
         r.idx, m, finished, ended, _, offered, accepted = verify_step(
             logits[..., :r.vocab_limit], torch.cat([r.idx, drafted], dim=1), L, r.start, r.done, r.warp,
-            r.generator, r.eos_id, put, r.stop, r.ends, lens, guide=r.guide)
+            r.generator, r.eos_id, lambda *item: sent.append(item), r.stop, r.ends, lens, guide=r.guide)
+        if sent:  # (the step's tokens as one: Request.put_step)
+            r.put_step(sent)
         self.cache.fill[r.slots] = L + m
         for i, ended_row in enumerate(ended if r.eos_id is not None else ()):
             if ended_row:  # (its keys from L on are its proposals', not the EOS padding it holds)

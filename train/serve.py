@@ -1057,10 +1057,16 @@ class Model:
         def send(i, delta, length):  # the delta, and the tokens the text sent so far (length) takes
             on_delta(i, delta, None if scored is None else scored[i].give(length), streams[i].drawn)
 
+        pending = [""] * n  # each choice's text this step (a speculative step's tokens: one chunk, vLLM's)
+
         def on_token(new):
             for i, t in enumerate(new[:, 0].tolist()):
-                delta = streams[i].add(t)
+                pending[i] += streams[i].add(t)
+
+        def flush():  # the step's text, a chunk a choice
+            for i, delta in enumerate(pending):
                 if delta:
+                    pending[i] = ""
                     send(i, delta, len(streams[i].sent_text))
 
         # a prefill-only request (budget 0: echo's scoring) draws nothing: one row scores the prompt for its n
@@ -1082,6 +1088,8 @@ class Model:
                     scored[i].add((t, *row))
             if on_delta:
                 on_token(new)
+                if request is None:  # (generate()'s steps: a token each)
+                    flush()
         request = None  # the engine's handle: its phases' clocks (Timing.phases)
         if budget == 0 and on_prompt is not None:  # a prefill-only request: its scored prompt is its first token
             scored_prompt = on_prompt
@@ -1100,7 +1108,8 @@ class Model:
                     self.check_loaded(adapter)  # (the engine's refusal of an adapter unloaded meanwhile: the 404)
                     raise
                 try:
-                    out = request.wait(on_step, gone, on_prompt=on_prompt).tolist() * (n if budget == 0 else 1)
+                    out = request.wait(on_step, gone, on_prompt=on_prompt,
+                                       on_step_end=flush if on_delta else None).tolist() * (n if budget == 0 else 1)
                 except Cancelled:
                     raise BrokenPipeError("the client left") from None
             else:
