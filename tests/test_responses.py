@@ -266,3 +266,30 @@ def test_the_stream_adds_up_to_the_whole_answers_items():
         events._close()
         assert plain(events.items) == plain(output_items(message)), message
         assert all(i["status"] == "completed" for i in events.items)
+
+
+def test_input_items_listed_and_responses_deleted(both):
+    """OpenAI's GET /v1/responses/{id}/input_items (the request's own input, ids given, newest first by default,
+    order / limit / after) and DELETE /v1/responses/{id} (then a 404, as a continuation of it)."""
+    server, theirs, ban = both
+    if server.app.engine is None:
+        pytest.skip("the engine's server checks the same request")
+    given = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "input_text",
+                                                                                       "text": "the cat sat"}]}]
+    r = call(server, "/v1/responses", {"input": given, "max_output_tokens": 1})[1]
+    listed = call(server, f"/v1/responses/{r['id']}/input_items")[1]
+    assert listed["object"] == "list" and not listed["has_more"] and [i["role"] for i in listed["data"]] == \
+        ["user", "system"]
+    assert listed["data"][1]["content"] == [{"type": "input_text", "text": "Be brief."}]
+    assert (listed["first_id"], listed["last_id"]) == (listed["data"][0]["id"], listed["data"][1]["id"])
+    page = call(server, f"/v1/responses/{r['id']}/input_items?order=asc&limit=1")[1]
+    assert [i["role"] for i in page["data"]] == ["system"] and page["has_more"]
+    rest = call(server, f"/v1/responses/{r['id']}/input_items?order=asc&after={page['last_id']}")[1]
+    assert [i["id"] for i in rest["data"]] == [listed["data"][0]["id"]]
+    assert call(server, f"/v1/responses/{r['id']}/input_items?limit=0")[0] == 400
+    assert call(server, f"/v1/responses/{r['id']}", method="DELETE")[1] == {"id": r["id"], "object": "response",
+                                                                            "deleted": True}
+    for path, method, status in ((f"/v1/responses/{r['id']}", "GET", 404), (f"/v1/responses/{r['id']}", "DELETE", 404),
+                                 (f"/v1/responses/{r['id']}/input_items", "DELETE", 405),
+                                 (f"/v1/responses/{r['id']}/other", "GET", 404)):
+        assert call(server, path, method=method)[0] == status, (path, method)

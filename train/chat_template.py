@@ -138,7 +138,8 @@ def continued(text: str, final: str) -> str:
     return text[:at + keep]
 
 
-def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=None, mode: str = "generate") -> Rendered:
+def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=None,
+                mode: str = "generate") -> Rendered:
     """The generation prompt of a chat that may use tools (serve's tool calling, vLLM's): messages with an
     assistant's tool_calls (their arguments objects, not text: what templates read) and role "tool" results, the
     function tools given to the template as transformers' apply_chat_template(tools=) gives them. No text a message

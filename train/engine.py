@@ -106,8 +106,8 @@ class Request:
         """In the caller's thread: with prompt_logprobs on_prompt(rows) first (Engine.submit's), on_token(nxt [n, 1])
         for each step's tokens as they arrive (with logprobs, on_token(nxt, step_logprobs(...)) as generate's; while
         it hands on a speculative step's tokens after its first, self.same_step is True), on_step_end() after each
-        step's tokens, then the request's ids [n, T + new] (generate's return). cancelled(): asked every `poll` seconds while nothing
-        arrives; True cancels the request and raises Cancelled. An exception raised by on_token (or on_prompt)
+        step's tokens, then the request's ids [n, T + new] (generate's return). cancelled(): asked every `poll`
+        seconds while nothing arrives; True cancels the request and raises Cancelled. An exception raised by on_token (or on_prompt)
         cancels it too. A started engine whose thread died raises EngineDown (a UserError; serve's 500) rather than
         wait for ever."""
         asked = time.monotonic()

@@ -38,15 +38,15 @@ def new_id(kind: str) -> str:
 
 
 class Store:
-    """The responses kept (id -> (response object, the conversation through it as chat messages)), the newest
-    MAX_STORED, under a lock (requests run in threads)."""
+    """The responses kept (id -> (response object, the conversation through it as chat messages, its input items)),
+    the newest MAX_STORED, under a lock (requests run in threads)."""
 
     def __init__(self, size: int = MAX_STORED):
         self.items, self.size, self.lock = OrderedDict(), size, threading.Lock()
 
-    def put(self, response: dict, messages: list):
+    def put(self, response: dict, messages: list, inputs: list = ()):
         with self.lock:
-            self.items[response["id"]] = (response, messages)
+            self.items[response["id"]] = (response, messages, list(inputs))
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
 
@@ -59,6 +59,28 @@ class Store:
             raise APIError(404, f"Response with id '{rid}' not found (this server keeps the newest {self.size} "
                                 "responses stored with store: true, in memory)", field, code="not_found")
         return got
+
+    def delete(self, rid: str):
+        self.get(rid, "response_id")  # (an unknown id: the 404)
+        with self.lock:
+            self.items.pop(rid, None)
+
+
+def input_items(given) -> list:
+    """A request's input as OpenAI lists it back (GET /v1/responses/{id}/input_items): items with ids, a message's
+    content as parts (a string input one user message)."""
+    items = [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else given
+    out = []
+    for item in items:
+        item = dict(item)
+        kind = item.setdefault("type", "message")
+        if kind == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+        item.setdefault("id", new_id(prefix.get(kind, "item")))
+        out.append(item)
+    return out
 
 
 def text_of(content, at: str) -> str:

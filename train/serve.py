@@ -1246,8 +1246,10 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         app = self.server.app
         model_path = path.startswith("/v1/models/")
-        stored_path = path.startswith("/v1/responses/")  # (GET /v1/responses/{id}: a stored response)
-        allowed = self.allowed = "GET" if model_path or stored_path else self.ROUTES.get(path)
+        # a stored response: GET /v1/responses/{id} (and its /input_items), DELETE /v1/responses/{id}
+        stored_path = path.startswith("/v1/responses/")
+        allowed = self.allowed = "GET" if model_path or path.endswith("/input_items") and stored_path else \
+            "GET, DELETE" if stored_path else self.ROUTES.get(path)
         if path in LORA_PATHS and not app.runtime_lora:  # (vLLM's routes are there only with its switch)
             allowed = self.allowed = None
         self.streaming = False
@@ -1257,7 +1259,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.authorize(self.server.api_key)
             if allowed is None:
                 raise APIError(404, f"unknown path: {method} {path}", code="not_found")
-            if method != allowed:
+            if method not in allowed.split(", "):
                 raise APIError(405, f"{method} is not allowed on {path} (only {allowed})", code="method_not_allowed")
             if model_path:
                 name = path[len("/v1/models/"):]
@@ -1266,7 +1268,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise APIError(404, f"the model '{name}' does not exist", "model", code="model_not_found")
                 return self.send_json(200, self.model_card(name, root))
             if stored_path:
-                return self.send_json(200, app.responses.get(path[len("/v1/responses/"):], "response_id")[0])
+                return self.send_json(200, self.stored(method, path[len("/v1/responses/"):]))
             if path == "/metrics":  # Prometheus' scrape (train/metrics.py)
                 return self.send_text(app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             if path == "/health":  # a load balancer's probe: vLLM's empty 200
@@ -1334,6 +1336,37 @@ class Handler(BaseHTTPRequestHandler):
         sent = hashlib.sha256(given.strip().encode("latin-1", "replace")).digest()
         if not hmac.compare_digest(sent, hashlib.sha256(key.encode("ascii")).digest()):
             raise APIError(401, "the API key is not this server's", code="invalid_api_key")
+
+    def stored(self, method: str, rest: str) -> dict:
+        """A stored response (/v1/responses' store): GET {id}, its input items (GET {id}/input_items, OpenAI's list:
+        ?order=desc|asc, limit 1-100, after an item's id) or DELETE {id} (OpenAI's deleted object)."""
+        from urllib.parse import parse_qs, urlsplit
+
+        store = self.server.app.responses
+        rid, _, sub = rest.partition("/")
+        if sub and (method == "DELETE" or sub != "input_items"):
+            raise APIError(404, f"unknown path: {method} /v1/responses/{rest}", code="not_found")
+        if method == "DELETE":
+            store.delete(rid)
+            return {"id": rid, "object": "response", "deleted": True}
+        if not sub:
+            return store.get(rid, "response_id")[0]
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+        items = store.get(rid, "response_id")[2]
+        order, limit = query.get("order", "desc"), query.get("limit", "20")
+        if order not in ("asc", "desc"):
+            raise bad("order", f"'order' must be asc or desc, got {order!r}")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise bad("limit", f"'limit' must be an integer in [1, 100], got {limit!r}")
+        items = items[::-1] if order == "desc" else list(items)
+        if "after" in query:
+            at = next((i for i, item in enumerate(items) if item["id"] == query["after"]), None)
+            if at is None:
+                raise bad("after", f"'after': no input item {query['after']!r} in response {rid!r}")
+            items = items[at + 1:]
+        page = items[:int(limit)]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
 
     def tokenize(self, body: dict) -> dict:
         """vLLM's POST /tokenize: a prompt's ids as /v1/completions encodes it (add_special_tokens, default true:
@@ -1849,7 +1882,8 @@ class Response(Completion):
         from tritongpt.train import responses as R
 
         if response["store"]:
-            self.app.responses.put(response, self.conversation + [R.assistant_turn(response["output"])])
+            self.app.responses.put(response, self.conversation + [R.assistant_turn(response["output"])],
+                                   R.input_items(self.body["input"]))
 
     def respond(self, done: list):
         from tritongpt.train import responses as R
