@@ -293,3 +293,30 @@ def test_input_items_listed_and_responses_deleted(both):
                                  (f"/v1/responses/{r['id']}/input_items", "DELETE", 405),
                                  (f"/v1/responses/{r['id']}/other", "GET", 404)):
         assert call(server, path, method=method)[0] == status, (path, method)
+
+
+def test_openais_client_reads_every_response_and_event(both):
+    """OpenAI's Python client (its pydantic types) on /v1/responses: a text response, a function call, a stream's
+    events one by one to its end, a continuation by its call's output, the input items and the deletion."""
+    openai = pytest.importorskip("openai")
+    server, theirs, ban = both
+    if server.app.engine is None:
+        pytest.skip("the engine's server checks the same request")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x")
+    name = str(server.app.name)
+    r = client.responses.create(model=name, input="the cat sat", instructions="Be brief.", max_output_tokens=4)
+    assert r.status in ("completed", "incomplete") and r.output[0].type == "message" and r.usage.output_tokens >= 1
+    r = client.responses.create(model=name, input="the cat sat", tools=FLAT, max_output_tokens=40,
+                                tool_choice={"type": "function", "name": "add"}, extra_body={"logit_bias": ban})
+    (fc,) = r.output
+    assert fc.type == "function_call" and satisfies(json.loads(fc.arguments), "add") and r.status == "completed"
+    with client.responses.stream(model=name, input="the cat sat", max_output_tokens=5) as stream:
+        events = list(stream)
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    r2 = client.responses.create(model=name, previous_response_id=r.id, max_output_tokens=2,
+                                 input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "5"}])
+    assert r2.previous_response_id == r.id
+    assert [i.type for i in client.responses.input_items.list(r2.id).data] == ["function_call_output"]
+    client.responses.delete(r2.id)
+    assert call(server, f"/v1/responses/{r2.id}")[0] == 404
