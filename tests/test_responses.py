@@ -320,3 +320,27 @@ def test_openais_client_reads_every_response_and_event(both):
     assert [i.type for i in client.responses.input_items.list(r2.id).data] == ["function_call_output"]
     client.responses.delete(r2.id)
     assert call(server, f"/v1/responses/{r2.id}")[0] == 404
+
+
+def test_an_answer_with_no_items_is_continued_as_an_empty_turn(both):
+    """An answer with no text and no call (the end token drawn first; a thought cut short by max_output_tokens) has no
+    output item; previous_response_id continues it as an empty assistant turn (chat completions take an assistant's
+    empty content, as OpenAI's and vLLM's), the prompt transformers' of that conversation."""
+    server, theirs, ban = both
+    end = theirs.convert_tokens_to_ids("<|im_end|>")
+    status, r = call(server, "/v1/responses", {"input": "the cat", "max_output_tokens": 3,
+                                               "logit_bias": {str(end): 100}})
+    assert status == 200 and r["output"] == [] and r["status"] == "completed", r
+    status, r2 = call(server, "/v1/responses", {"previous_response_id": r["id"], "input": "sat",
+                                                "max_output_tokens": 1})
+    assert status == 200, r2
+    chat = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": ""},
+            {"role": "user", "content": "sat"}]
+    ids = theirs.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    assert r2["usage"]["input_tokens"] == len(ids) == call(server, "/tokenize", {"messages": chat})[1]["count"]
+    # (with tools the template renders: the tool-use path's messages)
+    status, r3 = call(server, "/v1/responses", {"previous_response_id": r["id"], "input": "sat", "tools": FLAT,
+                                                "tool_choice": "none", "max_output_tokens": 1})
+    assert status == 200, r3
+    assert r3["usage"]["input_tokens"] == len(theirs.apply_chat_template(chat, tools=TOOLS, add_generation_prompt=True,
+                                                                         return_dict=False))

@@ -78,10 +78,11 @@ def text_field(rec, key: str, where: str, empty_ok: bool = False) -> str:
     return value
 
 
-def message_content(message: dict, where: str) -> str:
+def message_content(message: dict, where: str, empty_ok: bool = False) -> str:
     """A message's text: its content string, or the text of a list of content parts
     ([{"type": "text", "text": ...}, ...], as the OpenAI and Hugging Face multimodal formats
-    write even text-only messages), the parts joined as chat templates join them (nothing between)."""
+    write even text-only messages), the parts joined as chat templates join them (nothing between).
+    empty_ok: an empty text taken (a served conversation's empty answer), not refused."""
     content = message.get("content")
     if isinstance(content, list):
         for j, part in enumerate(content):
@@ -90,13 +91,16 @@ def message_content(message: dict, where: str) -> str:
                 raise UserError(f"{where}: content[{j}] is a {kind} part, not {{\"type\": \"text\", \"text\": ...}}: "
                                 f"only text reaches the model")
         message = {"content": "".join(part["text"] for part in content)}
-    return text_field(message, "content", where)
+    return text_field(message, "content", where, empty_ok)
 
 
-def check_messages(messages, where: str, field: str = "messages", ends_with: str | None = "assistant") -> list:
+def check_messages(messages, where: str, field: str = "messages", ends_with: str | None = "assistant",
+                   empty_answers: bool = False) -> list:
     """Clean [{"role", "content"}] of a chat: an optional system message first, then user and
     assistant turns taking turns from a user one, ending with `ends_with` (any, if None).
-    Other keys of a message (a name, say) are dropped; other roles are refused, not guessed at."""
+    Other keys of a message (a name, say) are dropped; other roles are refused, not guessed at.
+    empty_answers: an assistant's empty content taken (serve's, as OpenAI's API: an answer that
+    was empty), not refused as training data's is."""
     if not isinstance(messages, list):
         raise UserError(f"{where}: field '{field}' must be a list of messages, got {type(messages).__name__}")
     if not messages:
@@ -110,7 +114,7 @@ def check_messages(messages, where: str, field: str = "messages", ends_with: str
         if role not in ROLES:
             raise UserError(f"{at}: role {role!r} is not one of {', '.join(ROLES)} (tool calls and other "
                             f"roles have no place in the chat template)")
-        content = message_content(m, at)
+        content = message_content(m, at, empty_answers and role == "assistant")
         expected = ("system", "user") if i == 0 else ("assistant" if out[-1]["role"] == "user" else "user",)
         if role not in expected:
             raise UserError(f"{at}: a {role} message here; expected {' or '.join(expected)} (an optional "

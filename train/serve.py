@@ -443,7 +443,8 @@ def tool_messages(messages, mode: str = "generate") -> list:
             raise bad("messages", f"{at}: a system message comes first or not at all")
         calls = m.get("tool_calls") if role == "assistant" else None
         try:
-            content = "" if calls and m.get("content") in (None, "") else message_content(m, at)
+            # (an assistant's content may be empty, as OpenAI's: a stored response with no text nor call continued)
+            content = "" if calls and m.get("content") in (None, "") else message_content(m, at, role == "assistant")
         except UserError as e:
             raise bad("messages", str(e)) from None
         clean = {"role": role, "content": content}
@@ -874,7 +875,7 @@ class Model:
         if uses_tools(messages) or tools is not None and tools["tools"] and (tools["choice"] != "none" or rendered):
             return self.tool_chat_prompt(messages, tools)
         try:
-            messages = formats.check_messages(messages, "request", ends_with="user")
+            messages = formats.check_messages(messages, "request", ends_with="user", empty_answers=True)
         except UserError as e:
             raise bad("messages", str(e)) from None
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
