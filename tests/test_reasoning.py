@@ -194,6 +194,7 @@ def test_enable_thinking_false_reaches_the_template_and_the_answer_is_content(bo
 @pytest.mark.parametrize("kwargs, says", [
     ([1], "'chat_template_kwargs' must be an object"),
     ({"tools": []}, "'chat_template_kwargs' may not set 'tools'"),
+    ({"continue_final_message": True}, "may not set 'continue_final_message': it is no template variable"),
 ])
 def test_bad_chat_template_kwargs_are_refused_by_name(both, kwargs, says):
     server, theirs, bias = both

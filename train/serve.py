@@ -236,7 +236,8 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
 
 
 def prompt_mode(body: dict) -> str:
-    """vLLM's add_generation_prompt (default true) and continue_final_message (default false): "generate" (the
+    """vLLM's add_generation_prompt (default true; false beside continue_final_message, which transformers'
+    apply_chat_template refuses with it true) and continue_final_message (default false): "generate" (the
     template's generation prompt: a new assistant turn), "continue" (the final assistant message continued) or
     "none" (the messages rendered as they are)."""
     cont = bool_field(body, "continue_final_message", False)
@@ -259,6 +260,9 @@ def template_kwargs(body: dict) -> dict | None:
     if not isinstance(kwargs, dict):
         raise bad("chat_template_kwargs", f"'chat_template_kwargs' must be an object of the chat template's variables, "
                                           f"got {kwargs!r}"[:300])
+    if "continue_final_message" in kwargs:  # (apply_chat_template's argument, no variable: the template never reads it)
+        raise bad("chat_template_kwargs", "'chat_template_kwargs' may not set 'continue_final_message': it is no "
+                                          "template variable; send it as the request's own field")
     taken = sorted(RENDER_VARIABLES & set(kwargs))
     if taken:
         raise bad("chat_template_kwargs", f"'chat_template_kwargs' may not set {taken[0]!r}: the request's fields "
