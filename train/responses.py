@@ -259,12 +259,16 @@ CHAT_FIELDS = {"max_tokens": "max_output_tokens", "response_format": "text", "me
 
 
 def renamed(e):
-    """A refusal by chat's checks (Completion's) in the Responses request's own names: its field, and the messages'
-    indices said to be the conversation's (instructions, previous_response_id's turns, then input)."""
+    """A refusal by chat's checks (Completion's) in the Responses request's own names: its field (its message's too:
+    max_output_tokens, text.format), and the messages' indices said to be the conversation's (instructions,
+    previous_response_id's turns, then input)."""
     field = CHAT_FIELDS.get(e.param)
     if field is None:
         return e
     message = str(e).replace("max_tokens", "max_output_tokens")
+    if field == "text":  # (chat's response_format.json_schema holds what text.format holds, flat)
+        for chat_name in ("response_format.json_schema", "response_format"):
+            message = message.replace(chat_name, "text.format")
     if field == "input":
         message = f"the conversation as chat messages (instructions, previous_response_id's turns, input): {message}"
     return type(e)(e.status, message, field, e.kind, e.code)
