@@ -158,6 +158,19 @@ def test_status_flags_what_autotune_would_skip_or_regret():
     assert compile_check._status({**ok, "local_bytes": 64}) == "spills"
 
 
+def test_the_ptx_fingerprint_skips_debug_lines_and_nothing_else():
+    """Source positions, comments, inlining labels and the debug sections do not change it; an instruction or a
+    real label does (the labels are matched only on lines that start like one)."""
+    fp = compile_check.ptx_fingerprint
+    code = ["\tmov.u32 \t%r1, %tid.x;", "$L__BB0_1:", "\tadd.s32 \t%r2, %r1, 7;"]
+    noisy = [".file\t1 \"attention.py\"", code[0], "\t.loc\t1 12 5", "$L__tmp3:", code[1], "  // begin inline asm",
+             code[2], "$L__tmp12:", ".section\t.debug_abbrev", "$L__BB9_9:"]
+    assert fp("\n".join(code)) == fp("\n".join(noisy))
+    assert fp("\n".join(code)) != fp("\n".join(code[:2] + ["\tadd.s32 \t%r2, %r1, 8;"]))
+    for kept in ("$L__BB0_2:", "$L__tmp3: mov.u32 %r1, 0;", "$L__tmpx:"):
+        assert fp("\n".join(code)) != fp("\n".join(code + [kept])), kept
+
+
 def test_gpus_before_ampere_are_checked_in_fp16(monkeypatch):
     """sm_75 (T4) and sm_70 (V100) have no bf16: training there runs fp16 (--dtype auto), so the
     check captures fp16 launches for them, bf16 for Ampere and later."""
