@@ -21,6 +21,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def quick_timer(reps=1):
+    """A CpuTimer whose warm-up is one call: its default adds calls for 0.5 s, ~25 interpreted launches a Triton
+    row (a third of this file's time), and the tests that use this read no time (CpuTimer's own tests below)."""
+    return CpuTimer(reps=reps, warm_s=0)
+
+
 # -- formulas against hand computations ------------------------------------------------------------
 def test_matmul_and_mlp_flops():
     assert common.matmul_flops(2, 3, 4) == 48
@@ -102,10 +108,10 @@ def test_rmsnorm_providers_compute_the_same_and_every_mode_times(device, monkeyp
         for name, got in results.items():
             for i, (g, e) in enumerate(zip(got, results["reference"], strict=True)):
                 assert torch.allclose(g.float(), e.float(), atol=1e-5, rtol=1e-4), (op, name, i)
-    rows = kernels.sweep_rmsnorm(CpuTimer(reps=1), Budget(None), 8, (24,), torch.float32, providers=("torch",))
+    rows = kernels.sweep_rmsnorm(quick_timer(), Budget(None), 8, (24,), torch.float32, providers=("torch",))
     assert {r["mode"]: r["bytes"] for r in rows} == {m: common.layernorm_bytes(8, 24, 4, m, bias=False)
                                                      for m in ("fwd", "bwd", "fwd+bwd")}
-    rows = kernels.sweep_add_rmsnorm(CpuTimer(reps=1), Budget(None), 8, (24,), torch.bfloat16, providers=("torch",))
+    rows = kernels.sweep_add_rmsnorm(quick_timer(), Budget(None), 8, (24,), torch.bfloat16, providers=("torch",))
     assert {r["mode"]: r["bytes"] for r in rows} == {m: common.add_layernorm_bytes(8, 24, 4, 2, m, bias=False)
                                                      for m in ("fwd", "bwd", "fwd+bwd")}
     assert all(r["status"] == "ok" and r["config"]["stream"] == "fp32" for r in rows)
@@ -170,7 +176,7 @@ def test_add_layernorm_providers_compute_the_same_and_every_mode_times(device):
     for name, got in results.items():
         for i, (g, e) in enumerate(zip(got, results["torch"])):
             assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), (name, i)
-    rows = kernels.sweep_add_layernorm(CpuTimer(reps=1), Budget(None), 8, (24,), torch.bfloat16,
+    rows = kernels.sweep_add_layernorm(quick_timer(), Budget(None), 8, (24,), torch.bfloat16,
                                        providers=("torch",))
     assert {r["mode"]: r["bytes"] for r in rows} == {m: common.add_layernorm_bytes(8, 24, 4, 2, m)
                                                      for m in ("fwd", "bwd", "fwd+bwd")}
@@ -282,7 +288,7 @@ def test_the_add_layernorm_sweep_times_an_fp32_stream_and_a_sublayer_output_in_t
         return real(x, d, w, b, eps)
 
     monkeypatch.setattr(kernels, "add_layernorm_providers", spy)
-    rows = kernels.sweep_add_layernorm(CpuTimer(reps=1), Budget(None), 8, (24,), torch.bfloat16, modes=("fwd",),
+    rows = kernels.sweep_add_layernorm(quick_timer(), Budget(None), 8, (24,), torch.bfloat16, modes=("fwd",),
                                        providers=("torch",))
     assert seen == [(torch.float32, torch.bfloat16, torch.float32, torch.float32)]
     assert [r["bytes"] for r in rows] == [common.add_layernorm_bytes(8, 24, 4, 2, "fwd")]
@@ -406,7 +412,7 @@ def test_missing_providers_skip_cleanly(monkeypatch):
     w, b = (kernels.randn(24, device="cpu", dtype=torch.float32) for _ in range(2))
     rows = kernels.bench_providers(
         "layernorm", {"rows": 16, "width": 24}, kernels.layernorm_providers(x, w, b),
-        ("fwd", "fwd+bwd"), CpuTimer(reps=2), Budget(None),
+        ("fwd", "fwd+bwd"), quick_timer(2), Budget(None),
         lambda m: {"bytes": common.layernorm_bytes(16, 24, 4, m)},
         providers=("reference", "torch", "triton", "liger"))
     by = {(r["provider"], r["mode"]): r for r in rows}
@@ -430,7 +436,7 @@ def test_fused_lm_head_rates_count_the_work_each_mode_does():
     h, w = (kernels.randn(*s, device="cpu", dtype=torch.float32) for s in ((N, C), (V, C)))
     t = torch.randint(0, V, (N,))
     rows = kernels.bench_providers(
-        "lm_head_loss", {"rows": N}, kernels.lm_head_loss_providers(h, w, t), kernels.MODES, CpuTimer(reps=1),
+        "lm_head_loss", {"rows": N}, kernels.lm_head_loss_providers(h, w, t), kernels.MODES, quick_timer(),
         Budget(None), lambda m: {"flops": common.lm_head_flops(N, C, V, m)}, providers=("torch", "triton"),
         grads_in_forward=("triton",))
     by = {(r["provider"], r["mode"]): r for r in rows}
@@ -453,7 +459,7 @@ def test_lm_head_distill_providers_agree_and_count_the_teachers_matmul():
     builders = kernels.lm_head_distill_providers(h, w, th, tw, t)
     ref, ours = builders["reference"]()[0](), builders["triton"]()[0]()
     assert abs(ours.item() - ref.item()) < 1e-5 * abs(ref.item()) and ref.item() > 0.1
-    rows = kernels.sweep_lm_head_distill(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
+    rows = kernels.sweep_lm_head_distill(quick_timer(), Budget(None), N, (C,), (V,), torch.float32,
                                          providers=("triton", "liger"))
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert all(by[("triton", m)]["status"] == "ok" for m in kernels.MODES)
@@ -489,14 +495,14 @@ def test_flash_attn_providers_pass_their_layout_and_skip_when_absent(monkeypatch
     assert got.shape == want.shape and torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
     work = lambda m: {"flops": common.attention_flops(2, 3, 9, 9, 16, True, m)}  # noqa: E731
-    rows = kernels.bench_providers("attention", {"seq_len": 9}, builders, ("fwd",), CpuTimer(reps=1),
+    rows = kernels.bench_providers("attention", {"seq_len": 9}, builders, ("fwd",), quick_timer(),
                                    Budget(None), work, providers=("flash-attn", "flash-attn-3"))
     by = {r["provider"]: r for r in rows}
     assert by["flash-attn"]["status"].startswith("skipped: flash_attn"), by["flash-attn"]["status"]
     assert by["flash-attn-3"]["status"] == "ok" and by["flash-attn-3"]["tflops"] > 0
     q32 = q.detach().float()
     rows = kernels.bench_providers("attention", {"seq_len": 9}, kernels.attention_providers(q32, q32, q32),
-                                   ("fwd",), CpuTimer(reps=1), Budget(None), work, providers=("flash-attn-3",))
+                                   ("fwd",), quick_timer(), Budget(None), work, providers=("flash-attn-3",))
     assert rows[0]["status"] == "skipped: flash_attn_interface.flash_attn_func takes fp16/bf16 only, not fp32"
 
 
@@ -506,12 +512,12 @@ def test_failing_provider_and_time_budget_give_rows():
     builders = kernels.attention_providers(q, k, v)
     work = lambda m: {"flops": common.attention_flops(1, 2, 8, 8, 16, True, m)}  # noqa: E731
     # CPU tensors have no cuDNN attention: a failed row, not a crash; SDPA's CPU flash kernel runs.
-    rows = kernels.bench_providers("attention", {"seq_len": 8}, builders, ("fwd",), CpuTimer(reps=1),
+    rows = kernels.bench_providers("attention", {"seq_len": 8}, builders, ("fwd",), quick_timer(),
                                    Budget(None), work, providers=("sdpa-cudnn", "sdpa-flash"))
     by = {r["provider"]: r for r in rows}
     assert by["sdpa-cudnn"]["status"].startswith("failed: RuntimeError")
     assert by["sdpa-flash"]["status"] == "ok" and by["sdpa-flash"]["tflops"] > 0
-    rows = kernels.bench_providers("attention", {"seq_len": 8}, builders, ("fwd", "bwd"), CpuTimer(reps=1),
+    rows = kernels.bench_providers("attention", {"seq_len": 8}, builders, ("fwd", "bwd"), quick_timer(),
                                    Budget(0), work, providers=("reference",))
     assert [r["status"] for r in rows] == ["skipped: time budget (--max-minutes)"] * 2
 
@@ -520,7 +526,7 @@ def test_run_kernels_end_to_end_on_cpu():
     # The whole sweep machinery at toy sizes (CPU timer, eager providers only): ceilings, rows
     # for every op/size/mode, percent of ceiling, saved-activation rows, sorted output.
     rows, ceil = kernels.run_kernels(
-        CpuTimer(reps=1), Budget(None), torch.float32, providers=("reference", "torch", "sdpa-flash"),
+        quick_timer(), Budget(None), torch.float32, providers=("reference", "torch", "sdpa-flash"),
         sizes=dict(ln_rows=8, ln_widths=(40, 24), mlp_rows=8, mlp_widths=(8,), attn_seqlens=(32, 16),
                    attn_head_dims=(8,), attn_tokens=32, attn_width=16, attn_window=20, ce_rows=8, ce_vocabs=(30,),
                    head_widths=(12,), rope_tokens=32, rope_seq_len=16, rope_heads=(2, 3), rope_head_dim=8,
@@ -660,7 +666,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     attn = [c for plan in (first, rest) for seqs, dims in plan["attention"] for c in itertools.product(seqs, dims)]
     assert sorted(attn) == sorted(itertools.product(full["attn_seqlens"], full["attn_head_dims"]))
     lines = []
-    kernels.run_kernels(CpuTimer(reps=1), Budget(None), torch.float32, ops=("layernorm",), providers=("torch",),
+    kernels.run_kernels(quick_timer(), Budget(None), torch.float32, ops=("layernorm",), providers=("torch",),
                         sizes=dict(ln_rows=4, ln_widths=(24, 768)),
                         ceiling_sizes=dict(copy_bytes=1 << 12, matmul_n=16, dtype=torch.float32), log=lines.append)
     assert [ln.split(":")[0] for ln in lines[1:]] == ["layernorm (targets)", "layernorm (rest)"]
@@ -734,7 +740,7 @@ def test_moe_mlp_providers_agree_and_ours_saves_less():
         for got, want in zip(results[name], results["reference"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(results["triton"][2][e - 1], torch.zeros(h, c))  # the idle expert's dW_gate
-    rows = kernels.sweep_moe_mlp(CpuTimer(reps=1), Budget(None), ((n, e, k, c, h),), torch.float32,
+    rows = kernels.sweep_moe_mlp(quick_timer(), Budget(None), ((n, e, k, c, h),), torch.float32,
                                  modes=("fwd+bwd",))
     timed = {r["provider"]: r for r in rows if r["mode"] == "fwd+bwd"}
     assert set(timed) == {"reference", "swiglu-loop", "triton"} and all(r["status"] == "ok" for r in rows)
@@ -817,7 +823,7 @@ def test_mlp_exact_gelu_providers_run_the_erf_gelu(device):
             continue  # inductor's CPU compiler takes minutes here; it compiles the reference module
         y = build()[0]().detach().double()
         assert ((y - want).norm() / want.norm()).item() < 2e-6, name
-    rows = kernels.sweep_mlp_exact_gelu(CpuTimer(reps=1), Budget(None), 8, (8,), torch.float32, modes=("fwd",),
+    rows = kernels.sweep_mlp_exact_gelu(quick_timer(), Budget(None), 8, (8,), torch.float32, modes=("fwd",),
                                         providers=("reference", "torch", "triton"))
     assert {r["op"] for r in rows} == {"mlp_exact_gelu"} and all(r["status"] == "ok" for r in rows)
     assert [(r["provider"], r["config"]["width"], r["config"]["hidden"], r.get("flops")) for r in rows
@@ -1121,7 +1127,7 @@ def test_cli_without_cuda_says_so_and_exits_0(tmp_path, monkeypatch, capsys):
 def _cpu_stand_ins(monkeypatch):
     """The GPU command's timer and ceilings, swapped for the CPU timer and tiny fp32 ceilings."""
     real_ceilings = kernels.measure_ceilings
-    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1, warm_s=0))
+    monkeypatch.setattr(common, "GpuTimer", lambda *a: quick_timer())
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: real_ceilings(
         timer, copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32))
 
@@ -1589,7 +1595,7 @@ def test_cpu_timer_reports_milliseconds(monkeypatch):
 
 
 def test_ceilings_count_read_plus_write_and_2n3():
-    c = kernels.measure_ceilings(CpuTimer(reps=1), copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32)
+    c = kernels.measure_ceilings(quick_timer(), copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32)
     assert c["copy"]["bytes"] == 2 * (1 << 16)
     assert c["copy"]["gbps"] == pytest.approx(c["copy"]["bytes"] / (c["copy"]["ms"] * 1e-3) / 1e9)
     assert c["matmul"]["flops"] == 2 * 32 ** 3 == 65536
@@ -1618,8 +1624,8 @@ def test_kernel_target_thresholds_and_saved_ratio():
 
 
 def test_sweeps_count_each_modes_work():
-    t, b = CpuTimer(reps=1), Budget(None)
-    for r in kernels.sweep_mlp(CpuTimer(reps=5), b, 8, (8,), torch.float32, providers=("torch",)):
+    t, b = quick_timer(), Budget(None)
+    for r in kernels.sweep_mlp(quick_timer(5), b, 8, (8,), torch.float32, providers=("torch",)):
         if r["mode"] != "saved":
             assert r["flops"] == common.mlp_flops(8, 8, r["mode"])
             assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
@@ -1648,7 +1654,7 @@ def test_document_attention_rows_time_each_provider_on_the_same_documents(device
         for name, o in outs.items():
             assert torch.allclose(o[:, :, part], alone, atol=1e-5), (name, n)
         at += n
-    rows = kernels.sweep_doc_attention(CpuTimer(reps=1), Budget(None), (16,), (16,), torch.float32, tokens=32,
+    rows = kernels.sweep_doc_attention(quick_timer(), Budget(None), (16,), (16,), torch.float32, tokens=32,
                                        width=32, providers=("sdpa-mask", "flex"))
     by = {(r["provider"], r["mode"]): r for r in rows}
     pairs = sum(n * n / 2 for n in kernels.document_lengths(16))
@@ -1672,7 +1678,7 @@ def test_window_attention_rows_time_each_provider_on_the_same_band(device):
         assert torch.allclose(o, want, atol=1e-5), name
     assert window_attention_flops(2, 2, 37, 5, 16, "fwd") == 4 * 2 * 2 * (37 * 5 - 5 * 5 / 2) * 16
     assert window_attention_flops(2, 2, 37, 40, 16, "bwd") == attention_flops(2, 2, 37, 37, 16, True, "bwd")
-    rows = kernels.sweep_window_attention(CpuTimer(reps=1), Budget(None), (8, 16), (16,), torch.float32, window=8,
+    rows = kernels.sweep_window_attention(quick_timer(), Budget(None), (8, 16), (16,), torch.float32, window=8,
                                           tokens=32, width=32, providers=("sdpa-mask", "flex", "flash-attn"))
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert {r["config"]["seq_len"] for r in rows} == {16} and {r["config"]["window"] for r in rows} == {8}
@@ -1714,7 +1720,7 @@ def test_rope_rows_time_each_provider_on_the_same_rotation(device, monkeypatch):
         assert len(reset) == 2 and all(a is b for a, b in zip(reset, leaves))  # q and k are views of them
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-    rows = kernels.sweep_rope(CpuTimer(reps=1), Budget(None), 32, 16, (3,), 8, torch.bfloat16,
+    rows = kernels.sweep_rope(quick_timer(), Budget(None), 32, 16, (3,), 8, torch.bfloat16,
                               providers=("reference",))
     by = {r["mode"]: r for r in rows}
     assert all(r["status"] == "ok" for r in rows) and by["fwd"]["config"]["batch"] == 2
@@ -1752,7 +1758,7 @@ def test_rope_partial_rows_rotate_part_of_each_head(device):
         assert len(reset) == 2 and all(a is b for a, b in zip(reset, leaves))
         for a, b in zip(forward(), want):
             torch.testing.assert_close(a.double().cpu(), b, atol=1e-5, rtol=1e-5, msg=name)
-    rows = kernels.sweep_rope_partial(CpuTimer(reps=1), Budget(None), 32, 16, ((6, 2, 16, 4, 1.5),), torch.bfloat16,
+    rows = kernels.sweep_rope_partial(quick_timer(), Budget(None), 32, 16, ((6, 2, 16, 4, 1.5),), torch.bfloat16,
                                       providers=("reference", "triton", "liger"))
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert {r["op"] for r in rows} == {"rope_partial"} and len(rows) == 9
@@ -1798,7 +1804,7 @@ def test_gqa_attention_rows_time_each_provider_on_the_same_grouped_heads(device)
     want = torch.softmax((q @ kv[0].transpose(-2, -1) / 4).masked_fill(future, float("-inf")), -1) @ kv[1]
     for name, o in outs.items():
         assert torch.allclose(o, want, atol=1e-5), name
-    rows = kernels.sweep_gqa_attention(CpuTimer(reps=1), Budget(None), (16,), ((4, 2, 8), (3, 1, 16)),
+    rows = kernels.sweep_gqa_attention(quick_timer(), Budget(None), (16,), ((4, 2, 8), (3, 1, 16)),
                                        torch.float32, tokens=32, providers=("sdpa-repeat", "triton", "flash-attn"))
     by = {(r["config"]["heads"], r["provider"], r["mode"]): r for r in rows}
     assert {(r["config"]["batch"], r["config"]["kv_heads"], r["config"]["head_dim"]) for r in rows} == \
@@ -1838,7 +1844,7 @@ def test_decode_attention_rows_time_one_query_over_the_cache(device, monkeypatch
     assert attention._num_splits is forced  # put back after the call
     with pytest.raises(ValueError, match="one query a sequence"):
         kernels.decode_attention_providers(k, k, v)
-    rows = kernels.sweep_decode_attention(CpuTimer(reps=1), Budget(None), (1, 2), (16,), ((4, 2, 16), (2, 2, 32)),
+    rows = kernels.sweep_decode_attention(quick_timer(), Budget(None), (1, 2), (16,), ((4, 2, 16), (2, 2, 32)),
                                           torch.float32, providers=("reference", "triton", "flash-attn"))
     assert {r["mode"] for r in rows} == {"fwd"} and {r["op"] for r in rows} == {"decode_attention"}
     by = {(r["config"]["batch"], r["config"]["heads"], r["provider"]): r for r in rows}
@@ -1849,7 +1855,7 @@ def test_decode_attention_rows_time_one_query_over_the_cache(device, monkeypatch
     assert by[1, 4, "reference"]["config"]["queries"] == 1 and by[1, 4, "reference"]["config"]["seq_len"] == 16
     if device.type != "cuda":
         assert by[1, 4, "flash-attn"]["status"].startswith("skipped: ")
-    assert kernels.sweep_decode_attention(CpuTimer(reps=1), Budget(None), (1,), (16,), ((4, 2, 16),), torch.float32,
+    assert kernels.sweep_decode_attention(quick_timer(), Budget(None), (1,), (16,), ((4, 2, 16),), torch.float32,
                                           modes=("bwd", "fwd+bwd")) == []
 
 
@@ -1891,7 +1897,7 @@ def test_matmul_rows_time_each_product_in_the_layout_the_mlp_passes(device, monk
     with pytest.raises(ValueError, match="one dtype"):
         kernels.matmul_providers(x, w1t.double())
     seen.clear()
-    rows = kernels.sweep_matmul(CpuTimer(reps=1), Budget(None), m, (c,), torch.float32,
+    rows = kernels.sweep_matmul(quick_timer(), Budget(None), m, (c,), torch.float32,
                                 providers=("torch", "triton"))
     # the timer calls each product several times: one entry per run of equal calls
     calls = [call[:2] for i, call in enumerate(seen) if i == 0 or call != seen[i - 1]]
@@ -1909,7 +1915,7 @@ def test_matmul_rows_time_each_product_in_the_layout_the_mlp_passes(device, monk
     assert [(r["config"]["layout"], r["config"]["product"], r["provider"]) for r in kernels.sort_rows(rows)] == \
         [(layout, product, p) for layout, product in (("NN", "dx"), ("NN-copy", "fc2"), ("NT", "fc1"), ("NT", "fc2"),
                                                       ("TN", "dW1")) for p in ("torch", "triton")]
-    assert kernels.sweep_matmul(CpuTimer(reps=1), Budget(None), m, (c,), torch.float32,
+    assert kernels.sweep_matmul(quick_timer(), Budget(None), m, (c,), torch.float32,
                                 modes=("bwd", "fwd+bwd")) == []
 
 
@@ -1940,7 +1946,7 @@ def test_int8_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
             continue
         y = f()
         assert y.dtype == x.dtype and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), name
-    rows = kernels.sweep_int8_linear(CpuTimer(reps=1), Budget(None), (1, 3), ((24, 40), (16, 8)), torch.float32)
+    rows = kernels.sweep_int8_linear(quick_timer(), Budget(None), (1, 3), ((24, 40), (16, 8)), torch.float32)
     assert {r["op"] for r in rows} == {"int8_linear"} and {r["mode"] for r in rows} == {"fwd"}
     by = {(r["config"]["M"], r["config"]["K"], r["provider"]): r for r in rows}
     assert len(by) == len(rows) == 2 * 2 * 5
@@ -1949,7 +1955,7 @@ def test_int8_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
     assert by[3, 24, "triton"]["bytes"] == 40 * 24 + 4 * 40 + (3 * 24 + 3 * 40) * 4
     assert by[1, 16, "torch"]["bytes"] == 8 * 16 + 4 * 8 + (16 + 8) * 4 and by[1, 16, "torch"]["config"]["N"] == 8
     assert all(r["note"] == kernels.INT8_BYTES_NOTE for r in rows)
-    assert kernels.sweep_int8_linear(CpuTimer(reps=1), Budget(None), (1,), ((16, 8),), torch.float32,
+    assert kernels.sweep_int8_linear(quick_timer(), Budget(None), (1,), ((16, 8),), torch.float32,
                                      modes=("bwd", "fwd+bwd")) == []
 
 
@@ -1984,7 +1990,7 @@ def test_int4_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
         with pytest.raises(kernels.Unavailable, match="gives a different product .* int4 packing"):
             kernels.int4_linear_providers(x, q, scale, offset, b)["torch-int4"]()
         monkeypatch.undo()
-    rows = kernels.sweep_int4_linear(CpuTimer(reps=1), Budget(None), (1, 3), ((32, 40), (16, 8)), torch.float32,
+    rows = kernels.sweep_int4_linear(quick_timer(), Budget(None), (1, 3), ((32, 40), (16, 8)), torch.float32,
                                      group_size=16)
     assert {r["op"] for r in rows} == {"int4_linear"} and {r["mode"] for r in rows} == {"fwd"}
     by = {(r["config"]["M"], r["config"]["K"], r["provider"]): r for r in rows}
@@ -1994,7 +2000,7 @@ def test_int4_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
     assert by[3, 32, "triton"]["bytes"] == 40 * 32 // 2 + 8 * 40 * 2 + (3 * 32 + 3 * 40) * 4
     assert by[1, 16, "torch"]["bytes"] == 8 * 16 // 2 + 8 * 8 + (16 + 8) * 4 and by[1, 16, "torch"]["config"]["N"] == 8
     assert all(r["note"] == kernels.INT4_BYTES_NOTE for r in rows)
-    assert kernels.sweep_int4_linear(CpuTimer(reps=1), Budget(None), (1,), ((16, 8),), torch.float32,
+    assert kernels.sweep_int4_linear(quick_timer(), Budget(None), (1,), ((16, 8),), torch.float32,
                                      modes=("bwd", "fwd+bwd"), group_size=16) == []
 
 
@@ -2017,14 +2023,14 @@ def test_lora_rows_time_every_provider_adding_the_same_delta_in_place(device):
         assert torch.equal(y[1], y0[1]), name
         y.copy_(y0)
     # the sweep's rows on two providers (each of ours costs the interpreter a first launch)
-    rows = kernels.sweep_lora(CpuTimer(reps=1), Budget(None), ((3, 1, 24, 20, 5, 2), (2, 3, 24, 20, 5, 4)),
+    rows = kernels.sweep_lora(quick_timer(), Budget(None), ((3, 1, 24, 20, 5, 2), (2, 3, 24, 20, 5, 4)),
                               torch.float32, providers=("torch", "triton"))
     by = {(r["config"]["B"], r["provider"]): r for r in rows}
     assert len(by) == len(rows) == 4 and {r["mode"] for r in rows} == {"fwd"}
     assert all(r["status"] == "ok" and r["note"] == kernels.LORA_BYTES_NOTE for r in rows)
     assert by[3, "triton"]["flops"] == 2 * 3 * 5 * 44 and by[3, "triton"]["bytes"] == (3 * 24 + 6 * 20 + 2 * 5 * 44) * 4
     assert by[2, "torch"]["bytes"] == (6 * 24 + 12 * 20 + 2 * 5 * 44) * 4  # 2 rows use 2 of the 4 adapters
-    assert kernels.sweep_lora(CpuTimer(reps=1), Budget(None), ((3, 1, 24, 20, 5, 2),), torch.float32,
+    assert kernels.sweep_lora(quick_timer(), Budget(None), ((3, 1, 24, 20, 5, 2),), torch.float32,
                               modes=("bwd", "fwd+bwd")) == []
 
 
@@ -2045,7 +2051,7 @@ def test_token_mask_rows_time_every_provider_masking_the_same_tokens(device):
         f, _ = providers[name]()
         assert torch.equal(f(), want), name
     assert torch.equal(logits, want)  # ours, in place
-    rows = kernels.sweep_token_mask(CpuTimer(reps=1, warm_s=0), Budget(None), (2,), (70,), torch.bfloat16,
+    rows = kernels.sweep_token_mask(quick_timer(), Budget(None), (2,), (70,), torch.bfloat16,
                                     providers=("triton", "xgrammar-cuda"))
     assert {(r["provider"], r["config"]["mask"], r["config"]["dtype"]) for r in rows} == {
         (p, m, d) for p in ("triton", "xgrammar-cuda") for m in ("random", "json-string") for d in ("fp32", "bf16")}
@@ -2054,7 +2060,7 @@ def test_token_mask_rows_time_every_provider_masking_the_same_tokens(device):
     assert all(r["status"] == "ok" and 2 * 3 * 4 < r["bytes"] < 2 * 3 * 4 + 2 * 70 * 4 for r in ours)
     if not torch.cuda.is_available():
         assert all(r["status"].startswith("skipped: ") for r in rows if r["provider"] == "xgrammar-cuda")
-    assert kernels.sweep_token_mask(CpuTimer(reps=1), Budget(None), (2,), (70,), torch.float32,
+    assert kernels.sweep_token_mask(quick_timer(), Budget(None), (2,), (70,), torch.float32,
                                     modes=("bwd", "fwd+bwd")) == []
 
 
@@ -2078,7 +2084,7 @@ def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(dev
         f, leaves = builders[name]()
         assert torch.allclose(f().double(), want, atol=1e-5), name
         assert all(t is u for t, u in zip(leaves, (q, k, v)))
-    rows = kernels.sweep_softcap_attention(CpuTimer(reps=1), Budget(None), (16,), (16,), torch.float32, tokens=32,
+    rows = kernels.sweep_softcap_attention(quick_timer(), Budget(None), (16,), (16,), torch.float32, tokens=32,
                                            width=32, providers=("reference", "flex", "flash-attn"))
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert {r["op"] for r in rows} == {"softcap_attention"}
@@ -2115,7 +2121,7 @@ def test_alibi_attention_rows_time_each_provider_on_the_same_biased_scores(devic
         f, leaves = builders[name]()
         assert torch.allclose(f().double(), want, atol=1e-5), name
         assert all(t is u for t, u in zip(leaves, (q, k, v)))
-    rows = kernels.sweep_alibi_attention(CpuTimer(reps=1), Budget(None), (16,), (16,), torch.float32, tokens=32,
+    rows = kernels.sweep_alibi_attention(quick_timer(), Budget(None), (16,), (16,), torch.float32, tokens=32,
                                          width=32, providers=("reference", "flex", "flash-attn", "flash-attn-3"))
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert {r["op"] for r in rows} == {"alibi_attention"}
@@ -2210,7 +2216,7 @@ def test_window_attention_gives_flash_attn_the_band_as_window_size(monkeypatch):
 @pytest.mark.parametrize("op,options", [("doc_attention", {}), ("window_attention", {"window": 8})])
 def test_masked_attention_sweeps_skip_the_reference_whose_scores_would_not_fit(op, options, monkeypatch):
     monkeypatch.setattr(kernels, "scores_too_big", lambda *a: "needs ~9 GiB for T x T scores")
-    rows = getattr(kernels, f"sweep_{op}")(CpuTimer(reps=1), Budget(None), (16,), (16,), torch.float32, **options,
+    rows = getattr(kernels, f"sweep_{op}")(quick_timer(), Budget(None), (16,), (16,), torch.float32, **options,
                                            tokens=32, width=32, modes=("fwd",), providers=("reference", "sdpa-mask"))
     assert {r["provider"]: r["status"] for r in rows if r["mode"] == "fwd"} == \
         {"reference": "skipped: needs ~9 GiB for T x T scores", "sdpa-mask": "ok"}
@@ -2529,7 +2535,7 @@ def test_liger_cross_entropy_rates_count_the_work_each_mode_does(monkeypatch):
         return b
 
     monkeypatch.setattr(kernels, "cross_entropy_providers", with_liger)
-    rows = kernels.sweep_cross_entropy(CpuTimer(reps=1), Budget(None), 8, (30,), torch.bfloat16,
+    rows = kernels.sweep_cross_entropy(quick_timer(), Budget(None), 8, (30,), torch.bfloat16,
                                        providers=("torch", "liger"))
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert made and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
@@ -2957,7 +2963,7 @@ def test_layernorm_rows_config_and_bytes_are_the_rows_measured(monkeypatch):
     """On a GPU the sweep raises the row count past the L2 cache: the row's config and its byte
     count must both be for the rows actually timed (here a stand-in doubling them)."""
     monkeypatch.setattr(kernels, "layernorm_rows", lambda rows_m, n, elem, device: 2 * rows_m)
-    (r,) = kernels.sweep_layernorm(CpuTimer(reps=1), Budget(None), 8, (16,), torch.float32, modes=("fwd",),
+    (r,) = kernels.sweep_layernorm(quick_timer(), Budget(None), 8, (16,), torch.float32, modes=("fwd",),
                                    providers=("torch",))
     assert r["status"] == "ok" and r["config"]["rows"] == 16
     assert r["bytes"] == (16 * 16 + 16 + 16 + 16 * 16) * 4  # read x, weight, bias; write y
@@ -2971,7 +2977,7 @@ def test_attention_shape_keeps_tokens_and_width():
 
 def test_non_causal_attention_rows_count_the_whole_score_matrix():
     """causal=False: every query sees every key, QK^T and PV of 2*T*T*D each per (batch, head)."""
-    (r,) = kernels.sweep_attention(CpuTimer(reps=1), Budget(None), (16,), (8,), torch.float32, tokens=32,
+    (r,) = kernels.sweep_attention(quick_timer(), Budget(None), (16,), (8,), torch.float32, tokens=32,
                                    width=32, modes=("fwd",), providers=("sdpa-flash",), causal=False)
     assert r["status"] == "ok" and r["config"]["causal"] is False
     b, h = r["config"]["batch"], r["config"]["heads"]
@@ -2982,7 +2988,7 @@ def test_lm_head_sweep_counts_our_fused_forward_as_fwd_plus_bwd():
     """Our fused LM head + loss makes its gradients in forward: the sweep's fwd row counts its three
     matmuls and the bwd row none (the sweep must name triton among grads_in_forward)."""
     N, C, V = 8, 8, 24
-    rows = kernels.sweep_lm_head_loss(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
+    rows = kernels.sweep_lm_head_loss(quick_timer(), Budget(None), N, (C,), (V,), torch.float32,
                                       modes=("fwd", "bwd"), providers=("triton",))
     by = {r["mode"]: r for r in rows}
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
@@ -3103,7 +3109,7 @@ def test_lm_head_variant_sweep_every_provider_computes_the_same_loss_and_gradien
     monkeypatch.setattr(kernels, builder, keep)
     torch.manual_seed(0)
     N, C, V = 8, 8, 24
-    rows = getattr(kernels, sweep)(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32, modes=("fwd", "bwd"))
+    rows = getattr(kernels, sweep)(quick_timer(), Budget(None), N, (C,), (V,), torch.float32, modes=("fwd", "bwd"))
     assert all(r["status"] == "ok" for r in rows), [(r["provider"], r["status"]) for r in rows]
     assert {r["op"] for r in rows} == {op} and {r["provider"] for r in rows} == set(kernels.PROVIDERS[op])
     by = {(r["provider"], r["mode"]): r for r in rows}
@@ -3155,7 +3161,7 @@ def test_lm_head_smooth_z_liger_arguments_follow_its_signature(monkeypatch, fake
 def test_lm_head_smooth_z_skips_a_liger_without_the_z_loss(monkeypatch):
     """A Liger from before lse_square_scale cannot time this op: a skipped row naming the parameter."""
     _with_fake_liger(monkeypatch, _OldestLiger)
-    (row,) = kernels.sweep_lm_head_loss_smooth_z(CpuTimer(reps=1), Budget(None), 4, (8,), (20,), torch.float32,
+    (row,) = kernels.sweep_lm_head_loss_smooth_z(quick_timer(), Budget(None), 4, (8,), (20,), torch.float32,
                                                  modes=("fwd",), providers=("liger",))
     assert row["status"] == "skipped: this version's _OldestLiger.forward has no lse_square_scale", row["status"]
     with pytest.raises(kernels.Unavailable, match="has no lse_square_scale, typo$"):
@@ -3187,7 +3193,7 @@ def test_lm_head_softcap_skips_a_liger_without_the_cap(monkeypatch, liger, why):
         monkeypatch.setitem(sys.modules, "liger_kernel", None)  # a None entry fails the import
     else:
         _with_fake_liger(monkeypatch, liger)
-    (row,) = kernels.sweep_lm_head_loss_softcap(CpuTimer(reps=1), Budget(None), 4, (8,), (20,), torch.float32,
+    (row,) = kernels.sweep_lm_head_loss_softcap(quick_timer(), Budget(None), 4, (8,), (20,), torch.float32,
                                                 modes=("fwd",), providers=("liger",))
     assert row["op"] == "lm_head_loss_softcap" and row["status"].startswith(f"skipped: {why}"), row["status"]
 
@@ -3196,7 +3202,7 @@ def test_lm_head_bias_skips_a_missing_liger_saying_why(monkeypatch):
     """No Liger installed: the head-bias op's liger row is skipped naming what failed to import, the other
     providers' rows still measured."""
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # a None entry fails the import
-    rows = kernels.sweep_lm_head_loss_bias(CpuTimer(reps=1), Budget(None), 4, (8,), (20,), torch.float32,
+    rows = kernels.sweep_lm_head_loss_bias(quick_timer(), Budget(None), 4, (8,), (20,), torch.float32,
                                            modes=("fwd",), providers=("torch", "liger"))
     by = {r["provider"]: r for r in rows}
     assert by["torch"]["status"] == "ok" and by["torch"]["config"]["head_bias"] is True
@@ -3232,7 +3238,7 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
-    kernels.run_kernels(CpuTimer(reps=1), Budget(None), log=lambda s: None)
+    kernels.run_kernels(quick_timer(), Budget(None), log=lambda s: None)
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
               "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
@@ -3254,7 +3260,7 @@ def test_out_of_memory_rows_say_so():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward, []
 
-    (r,) = kernels.bench_providers("mlp", {"rows": 1}, {"torch": build}, ("fwd",), CpuTimer(reps=1),
+    (r,) = kernels.bench_providers("mlp", {"rows": 1}, {"torch": build}, ("fwd",), quick_timer(),
                                    Budget(None), lambda m: {"flops": 1})
     assert r["status"] == "failed: out of memory"
 
@@ -3843,7 +3849,7 @@ def test_gpu_command_passes_timer_settings_and_halves_the_budget_for_kernels(tmp
     from tritongpt.bench import cli as bcli
 
     seen = {}
-    monkeypatch.setattr(common, "GpuTimer", lambda *a: seen.update(timer=a) or CpuTimer(reps=1))
+    monkeypatch.setattr(common, "GpuTimer", lambda *a: seen.update(timer=a) or quick_timer())
 
     def fake_kernels(timer, budget, *a, **k):
         seen["kernel_budget"] = budget.remaining()
@@ -4010,7 +4016,7 @@ def test_kernels_alone_get_the_whole_budget(tmp_path, monkeypatch):
     from tritongpt.bench import cli as bcli
 
     seen = {}
-    monkeypatch.setattr(common, "GpuTimer", lambda *a: CpuTimer(reps=1))
+    monkeypatch.setattr(common, "GpuTimer", lambda *a: quick_timer())
 
     def fake_kernels(timer, budget, *a, **k):
         seen["kernel_budget"] = budget.remaining()
@@ -4093,7 +4099,7 @@ def test_sort_rows_puts_modes_in_fwd_bwd_order():
 
 def test_cross_entropy_bytes_use_the_logits_element_size():
     """fp32 logits move 4 bytes an element: N*V*4 read in forward, twice that in backward."""
-    rows = kernels.sweep_cross_entropy(CpuTimer(reps=1), Budget(None), 8, (30,), torch.float32, providers=("torch",))
+    rows = kernels.sweep_cross_entropy(quick_timer(), Budget(None), 8, (30,), torch.float32, providers=("torch",))
     assert {r["mode"]: r["bytes"] for r in rows} == {"fwd": 960, "bwd": 1920, "fwd+bwd": 2880}
 
 
@@ -4106,7 +4112,7 @@ def test_liger_fused_lm_head_counts_its_forward_as_fwd_plus_bwd(monkeypatch):
     monkeypatch.setattr(kernels, "_lm_head_variant_providers", lambda *a: spied.append(a[-2:]) or real(*a))
     _with_fake_liger(monkeypatch, _OldLiger)
     N, C, V = 8, 8, 24
-    rows = kernels.sweep_lm_head_loss(CpuTimer(reps=1), Budget(None), N, (C,), (V,), torch.float32,
+    rows = kernels.sweep_lm_head_loss(quick_timer(), Budget(None), N, (C,), (V,), torch.float32,
                                       providers=("liger",))
     by = {r["mode"]: r for r in rows}
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
@@ -4377,7 +4383,7 @@ def test_cuda_graphs_flag_times_replays_and_says_so(tmp_path, monkeypatch):
 
     def stand_in(*args):
         made.append(args)
-        return CpuTimer(reps=1)
+        return quick_timer()
 
     real_ceilings = kernels.measure_ceilings
     monkeypatch.setattr(common, "GpuTimer", stand_in)
