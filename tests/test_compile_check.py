@@ -336,36 +336,37 @@ def test_cases_picks_the_launches_it_names(monkeypatch):
         compile_check.main(["--cases", "hd(256"])
 
 
-def test_capture_keeps_the_plain_products_on_our_matmul_whatever_the_setting(tmp_path):
-    """TRITONGPT_MLP_MATMUL=torch in the environment still captures the MLPs' plain products (EPILOGUE 0, no
-    prologue, no SUM2) for the sm_90 build: a GPU's "auto" may launch them. (A subprocess: capture needs the
-    interpreter off from Triton's import on.)"""
-    code = ("from tritongpt.bench import compile_check as cc; from tritongpt.kernels import mlp; "
-            "ls = [l for l in cc.capture(quick=True) if l.name == '_matmul_kernel']; "
-            "print(sum(l.kwargs['EPILOGUE'] == 0 and not (l.kwargs['B_GELU'] or l.kwargs['B_SWIGLU'] "
-            "or l.kwargs['SUM2']) for l in ls), mlp.MLP_MATMUL)")
+@pytest.fixture(scope="module")
+def capture_run():
+    """The quick capture's launches, made once for the tests below (a subprocess: capture needs the interpreter off
+    from Triton's import on), with TRITONGPT_MLP_MATMUL=torch in its environment (what it must not follow): name,
+    case, the flags they read, int8's N and K, and the (BLOCK_M, BLOCK_K) pairs its configs offer for the quantized
+    matmuls; and mlp.MLP_MATMUL after the capture."""
+    code = ("from tritongpt.bench import compile_check as cc; from tritongpt.kernels import mlp; import json; "
+            "keys = ('GRAD', 'STORE_ACT', 'GELU_ERF', 'GATE_GELU', 'ACTIVATION', 'G', 'EPILOGUE', 'B_GELU', "
+            "'B_SWIGLU', 'SUM2'); "
+            "ls = [[l.name, l.case, {k: l.kwargs[k] for k in keys if k in l.kwargs}, "
+            "l.args[6:8] if l.name == '_int8_linear_kernel' else None, "
+            "sorted({(c['BLOCK_M'], c['BLOCK_K']) for _, c in l.configs()}) if '_linear' in l.name else None] "
+            "for l in cc.capture(quick=True)]; "
+            "print(json.dumps({'launches': ls, 'setting': mlp.MLP_MATMUL}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "0", "TRITONGPT_MLP_MATMUL": "torch"})
     assert proc.returncode == 0, proc.stderr
-    plain, setting = proc.stdout.split()
-    assert int(plain) > 0 and setting == "torch"  # captured, and the setting left as found
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def captured():
-    """The quick capture's launches, made once for the tests below (a subprocess: capture needs the interpreter off
-    from Triton's import on): name, case, the flags they read, int8's N and K, and the (BLOCK_M, BLOCK_K) pairs its
-    configs offer for the quantized matmuls."""
-    code = ("from tritongpt.bench import compile_check as cc; import json; "
-            "keys = ('GRAD', 'STORE_ACT', 'GELU_ERF', 'GATE_GELU', 'ACTIVATION', 'G'); "
-            "print(json.dumps([[l.name, l.case, {k: l.kwargs[k] for k in keys if k in l.kwargs}, "
-            "l.args[6:8] if l.name == '_int8_linear_kernel' else None, "
-            "sorted({(c['BLOCK_M'], c['BLOCK_K']) for _, c in l.configs()}) if '_linear' in l.name else None] "
-            "for l in cc.capture(quick=True)]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def captured(capture_run):
+    return capture_run["launches"]
+
+
+def test_capture_keeps_the_plain_products_on_our_matmul_whatever_the_setting(capture_run):
+    """TRITONGPT_MLP_MATMUL=torch in the environment still captures the MLPs' plain products (EPILOGUE 0, no
+    prologue, no SUM2) for the sm_90 build: a GPU's "auto" may launch them."""
+    plain = [k for name, _, k, _, _ in capture_run["launches"] if name == "_matmul_kernel"
+             and k["EPILOGUE"] == 0 and not (k["B_GELU"] or k["B_SWIGLU"] or k["SUM2"])]
+    assert plain and capture_run["setting"] == "torch"  # captured, and the setting left as found
 
 
 def test_capture_names_every_kernel_and_the_split_passes(captured):
