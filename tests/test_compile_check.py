@@ -264,19 +264,7 @@ def test_a_launch_group_passes_only_when_each_of_its_launches_has_a_clean_config
 
 # The attention launches' autotune configs as the check sees them (after each kernel's prune),
 # in a fresh process with the interpreter off: under it nothing is autotuned.
-_TILE_PROBE = r"""
-import json
-from tritongpt.bench import compile_check as cc
-out = []
-for launch in cc.capture():
-    if launch.name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
-        tiles = [(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) for _, kw in launch.configs()]
-        out.append({"case": launch.case, "kernel": launch.name, "block_d": launch.kwargs["BLOCK_D"], "tiles": tiles})
-print(json.dumps(out))
-"""
-
-
-def test_head_dim_256_times_its_own_tiles():
+def test_head_dim_256_times_its_own_tiles(capture_run):
     """Head dim 256 (Gemma) autotunes over its own tiles only, in fp32 smaller ones still (the
     others overflow sm_89's 99 KB or spill there), and the other head dims never time those:
     each launch's configs after its prune, as the tuner would time them. Its dQ (and 16-bit dK/dV) launches
@@ -285,10 +273,7 @@ def test_head_dim_256_times_its_own_tiles():
 
     from tritongpt.kernels.attention import TILES, tile_group
 
-    proc = subprocess.run([sys.executable, "-c", _TILE_PROBE], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    launches = capture_run["attention_tiles"]
     kinds = {"_attn_fwd": "forward", "_attn_bwd_dkdv": "backward_dkdv", "_attn_bwd_dq": "backward_dq"}
     seen = set()
     for launch in launches:
@@ -341,7 +326,8 @@ def capture_run():
     """The quick capture's launches, made once for the tests below (a subprocess: capture needs the interpreter off
     from Triton's import on), with TRITONGPT_MLP_MATMUL=torch in its environment (what it must not follow): name,
     case, the flags they read, int8's N and K, and the (BLOCK_M, BLOCK_K) pairs its configs offer for the quantized
-    matmuls; and mlp.MLP_MATMUL after the capture."""
+    matmuls; mlp.MLP_MATMUL after the capture; and the full capture's attention launches with their tiles (the
+    configs each would time after its prune)."""
     code = ("from tritongpt.bench import compile_check as cc; from tritongpt.kernels import mlp; import json; "
             "keys = ('GRAD', 'STORE_ACT', 'GELU_ERF', 'GATE_GELU', 'ACTIVATION', 'G', 'EPILOGUE', 'B_GELU', "
             "'B_SWIGLU', 'SUM2'); "
@@ -349,7 +335,10 @@ def capture_run():
             "l.args[6:8] if l.name == '_int8_linear_kernel' else None, "
             "sorted({(c['BLOCK_M'], c['BLOCK_K']) for _, c in l.configs()}) if '_linear' in l.name else None] "
             "for l in cc.capture(quick=True)]; "
-            "print(json.dumps({'launches': ls, 'setting': mlp.MLP_MATMUL}))")
+            "tiles = [{'case': l.case, 'kernel': l.name, 'block_d': l.kwargs['BLOCK_D'], 'tiles': "
+            "[(kw['BLOCK_M'], kw['BLOCK_N'], kw['num_warps'], kw['num_stages']) for _, kw in l.configs()]} "
+            "for l in cc.capture() if l.name in ('_attn_fwd', '_attn_bwd_dkdv', '_attn_bwd_dq')]; "
+            "print(json.dumps({'launches': ls, 'setting': mlp.MLP_MATMUL, 'attention_tiles': tiles}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "0", "TRITONGPT_MLP_MATMUL": "torch"})
     assert proc.returncode == 0, proc.stderr
