@@ -2148,3 +2148,31 @@ def test_speculative_steps_stream_what_they_answer_whole_up_to_a_stop_string(run
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_chat_template_given_to_serve_renders_its_chats(run_folder, tmp_path):
+    """serve --chat-template (vLLM's): a file or the template's text renders the chats of a model (here one tuned on
+    tritongpt's own chat format, whose BPE tokenizer has no template): /tokenize's ids are the rendering's, a chat
+    completion answers after it and ends at the template's end of turn (a special token); /tokenizer_info shows it;
+    no such file, a template that does not compile, refused before the model loads."""
+    folder, tok = run_folder
+    template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}<|endoftext|>{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    (tmp_path / "t.jinja").write_text(template)
+    for given in (str(tmp_path / "t.jinja"), template):
+        server = start(folder, "--chat-template", given)
+        server.RequestHandlerClass.log_message = lambda *a: None
+        try:
+            messages = [{"role": "user", "content": "the cat sat"}]
+            ids = call(server, "/tokenize", {"messages": messages})[1]["tokens"]
+            assert ids == tok.encode("user: the cat sat<|endoftext|>assistant:", allowed_special="all")
+            status, body = call(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "seed": 1})
+            assert status == 200 and body["usage"]["prompt_tokens"] == len(ids), body
+            assert call(server, "/tokenizer_info")[1]["chat_template"] == template
+        finally:
+            server.shutdown()
+            server.server_close()
+    for given, says in ((str(tmp_path / "none.jinja"), "no such file, and not a template"),
+                        ("{% for m in messages %}", "the template does not compile")):
+        with pytest.raises(UserError, match=says):
+            start(folder, "--chat-template", given)

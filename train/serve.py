@@ -2139,6 +2139,30 @@ def tool_parser(args):
     return PARSERS[args.tool_call_parser]() if args.tool_call_parser else None
 
 
+def chat_template_arg(value: str | None) -> str | None:
+    """serve --chat-template (vLLM's): a Jinja chat template's file, or the template itself (text with "{{" or
+    "{%"), checked by compiling it; None: the tokenizer's own."""
+    from pathlib import Path
+
+    from tritongpt.train.chat_template import _compiled
+
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise UserError(f"--chat-template {value!r}: no such file, and not a template (a Jinja template has "
+                        "{{ ... }} or {% ... %})")
+    try:
+        _compiled(text)
+    except Exception as e:  # (jinja2's TemplateSyntaxError: the line it stops at)
+        raise UserError(f"--chat-template: the template does not compile: {e}") from None
+    return text
+
+
 def make_server(args) -> ThreadingHTTPServer:
     """The model loaded (--weights or --pretrained) and a server bound to --host and --port (0: a free one)."""
     from tritongpt.commands import check_cuda_graphs, check_model_source, load_generation_model
@@ -2153,11 +2177,14 @@ def make_server(args) -> ThreadingHTTPServer:
         raise UserError("--served-model-name is empty")
     check_engine_args(args)
     parser = tool_parser(args)
-    speculative_config(args.speculative_config, args.max_batch)  # (checked before the model loads)
+    chat_template = chat_template_arg(args.chat_template)  # (checked before the model loads)
+    speculative_config(args.speculative_config, args.max_batch)
     runtime = runtime_lora_updating() and args.enable_lora
     modules = lora_modules(args, runtime)
     key = api_key(args)
     model, tok, device, dtype, limit = load_generation_model(args)
+    if chat_template is not None:  # (the served tokenizer's own, for chats: vLLM's override)
+        tok.chat_template = chat_template
     thinking = None
     if args.reasoning_parser is not None:  # (its think tokens looked up in the tokenizer: vLLM's)
         from tritongpt.train.reasoning import PARSERS as THINKING
@@ -2168,8 +2195,9 @@ def make_server(args) -> ThreadingHTTPServer:
         load_adapters(model, modules, args.max_lora_rank, name)
     check_cuda_graphs(args, device, model)
     engine = make_engine(args, model, device, dtype)
-    # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed
-    template, why = run_template(args.weights), ""
+    # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed;
+    # --chat-template's is the chat's
+    template, why = "chat" if chat_template is not None else run_template(args.weights), ""
     if template is None and getattr(tok, "chat_template", None) is not None:
         template = "chat"
     elif template is None:
@@ -2230,6 +2258,10 @@ def add_cli(sub):
                    help="the syntax the model writes tool calls in, with --enable-auto-tool-choice: hermes "
                         "(<tool_call> blocks: Qwen2.5, Qwen3, Hermes), llama3_json (JSON objects: Llama 3.1+), "
                         "mistral ([TOOL_CALLS] and an array; 9-character call ids) (default: none)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="the Jinja chat template chats are rendered with (vLLM's): a file, or the template's text; "
+                        "instead of the tokenizer's own, or for a model that has none (its end of turn must be a "
+                        "special token of the tokenizer) (default: the tokenizer's, else the run's own format)")
     p.add_argument("--reasoning-parser", default=None, choices=sorted(THINKING),
                    help="a reasoning model's chat answers split into message.reasoning (the text between <think> "
                         "and </think>) and content, streamed as delta.reasoning and delta.content (vLLM's): "
