@@ -189,7 +189,13 @@ def response_format(text):
         return None
     if fmt.get("type") == "json_object":
         return {"type": "json_object"}
-    if fmt.get("type") == "json_schema":
+    if fmt.get("type") == "json_schema":  # (OpenAI's: a name and a schema object required, strict a boolean)
+        for key, kind, what in (("name", str, "a string"), ("schema", dict, "a JSON schema object")):
+            if not isinstance(fmt.get(key), kind):
+                raise bad("text", f"text.format.{key} must be {what} (a json_schema format's), got "
+                                  f"{fmt.get(key)!r}"[:300])
+        if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
+            raise bad("text", f"text.format.strict must be true or false, got {fmt['strict']!r}")
         return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
     raise bad("text", f"text.format.type must be text, json_schema or json_object, got {fmt.get('type')!r}")
 
