@@ -1246,10 +1246,25 @@ def _run_ddp(out, rec, worker=None, **kw):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rec.mkdir(exist_ok=True)
-    # fork: the children inherit the imported torch instead of paying for it again
+    # fork: the children inherit the imported torch instead of paying for it again; but a pytest-xdist worker
+    # whose earlier tests started autograd's device threads cannot run autograd in a forked child (torch refuses:
+    # "Unable to handle autograd's threading in combination with fork-based multiprocessing"): spawned then, the
+    # first attempt's run folder cleared (it failed at its first backward, before any checkpoint)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(worker or _ddp_worker, args=(str(out), str(rec), port, kw), nprocs=2, join=True,
-                       start_method=method)
+    existed = Path(out).exists()
+    try:
+        mp.start_processes(worker or _ddp_worker, args=(str(out), str(rec), port, kw), nprocs=2, join=True,
+                           start_method=method)
+    except mp.ProcessRaisedException as e:
+        if method != "fork" or "autograd's threading in combination with fork" not in str(e):
+            raise
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(worker or _ddp_worker, args=(str(out), str(rec), port, kw), nprocs=2, join=True,
+                           start_method="spawn")
     return [torch.load(rec / f"rank{i}.pt") for i in (0, 1)]
 
 
