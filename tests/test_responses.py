@@ -271,7 +271,7 @@ def test_the_stream_adds_up_to_the_whole_answers_items():
         events = Events(sent.append, {})
         for c in chunks:
             events.chunk(c)
-        events._close()
+        events.close()
         assert plain(events.items) == plain(output_items(message)), message
         assert all(i["status"] == "completed" for i in events.items)
 

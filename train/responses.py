@@ -214,6 +214,8 @@ def to_chat(body: dict, store: Store) -> tuple:
     if body.get("include"):
         raise bad("include", f"'include' is not supported by this server (nothing extra to include), got "
                              f"{body['include']!r}"[:300])
+    if body.get("store") is not None and not isinstance(body["store"], bool):
+        raise bad("store", f"'store' must be true or false, got {body['store']!r}")
     if body.get("top_logprobs"):
         raise bad("top_logprobs", "'top_logprobs' is not supported on /v1/responses here (chat completions give "
                                   "logprobs)")
@@ -345,7 +347,7 @@ class Events:
         self.event("response.created", response=self.head)
         self.event("response.in_progress", response=self.head)
 
-    def _close(self):
+    def close(self):
         if self.open is None:
             return
         k, item = self.open, self.items[self.open]
@@ -367,7 +369,7 @@ class Events:
         self.open = None
 
     def _add(self, item: dict, part=None):
-        self._close()
+        self.close()
         self.items.append(item)
         self.open = k = len(self.items) - 1
         self.event("response.output_item.added", output_index=k, item={**item, "content": []} if part else item)
@@ -415,7 +417,7 @@ class Events:
                            delta=args)
 
     def end(self, response: dict):
-        self._close()
+        self.close()
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         self.event(kind, response=response)
 
@@ -433,6 +435,3 @@ class Events:
             self.open = None
 
 
-def check_store_field(body: dict):
-    if isinstance(body, dict) and body.get("store") is not None and not isinstance(body["store"], bool):
-        raise bad("store", f"'store' must be true or false, got {body['store']!r}")

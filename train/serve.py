@@ -50,6 +50,7 @@ from tritongpt.cli import command_help
 from tritongpt.errors import EngineDown, UserError, note
 from tritongpt.train.metrics import Metrics
 from tritongpt.train.reasoning import ReasoningStream
+from tritongpt.train.responses import Store
 from tritongpt.train.tool_calls import AutoStream, CallStream, tool_call_id
 from tritongpt.train.structured import KINDS, OPTIONS
 
@@ -798,8 +799,6 @@ class Model:
         self.runtime_lora, self.max_lora_rank = False, 16
         self.tool_parser = None  # "auto" tool choice's (--enable-auto-tool-choice --tool-call-parser): tool_calls.py
         self.reasoning_parser = None  # --reasoning-parser's (train/reasoning.py): chat answers' thought apart
-        from tritongpt.train.responses import Store
-
         self.responses = Store()  # /v1/responses' stored responses (previous_response_id, GET /v1/responses/{id})
         self.cuda_graph = cuda_graph  # generate()'s: each request's decode steps CUDA-graph replays
         self.kv_cache_dtype = kv_cache_dtype  # generate()'s: "int8", each request's cache int8
@@ -926,10 +925,11 @@ class Model:
             raise bad(field, str(e)) from None
         return formats.encode_prompt(self.tok, ((text, False),))
 
-    def guide(self, spec, field: str, tools: dict | None = None):
+    def guide(self, spec, field: str, tools: dict | None = None, wake: int | None = None):
         """A Guide of the structured outputs spec (a request's draw's), or None without one; a spec that does not
         compile (or no xgrammar) a 400 naming the request's field: a tool_choice's (tools: tool_setting's), the tool
-        whose parameters do not compile alone ("auto": the request's own; no tool's schema holds its answer)."""
+        whose parameters do not compile alone ("auto": the request's own; no tool's schema holds its answer). wake:
+        the token its grammar waits for (Guide.wake: a reasoning model's </think>), None: none."""
         if spec is None:
             return None
         from tritongpt.train.structured import Grammars, StructuredOutputs
@@ -937,7 +937,9 @@ class Model:
         grammars = None  # (Grammars.of: the tokenizer's, made at its first use and kept)
         try:
             grammars = Grammars.of(self.tok, self.limit or self.model.config.vocab_size)
-            return grammars.guide(spec)
+            guide = grammars.guide(spec)
+            guide.wake = wake  # (a reasoning model's grammar holds its answer after </think>: Completion's wake)
+            return guide
         except UserError as e:
             calls = tools is not None and tools["choice"] in ("named", "required") and grammars is not None
             for j, t in enumerate(tools["tools"] if calls else ()):
@@ -1082,9 +1084,7 @@ class Model:
                     frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"],
                     logit_bias=s["logit_bias"])
         timing = timing or self.metrics.request()  # (the caller's: its clock started when the request came)
-        guide = self.guide(s["structured"], s["structured_field"]) if budget else None
-        if guide is not None:  # (a reasoning model's grammar holds its answer after </think>: Handler's wake)
-            guide.wake = s.get("wake")
+        guide = self.guide(s["structured"], s["structured_field"], wake=s.get("wake")) if budget else None
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
             timing.tokens(request is not None and request.same_step)
@@ -1594,11 +1594,10 @@ class Completion:
             self.stop_id = app.eot
         self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
         # (compiled now: a schema it cannot take, a 400)
-        guide = app.guide(s["structured"], s["structured_field"], s["tools"])
+        guide = app.guide(s["structured"], s["structured_field"], s["tools"], s.get("wake"))
         if guide is not None:  # (and an end token its text can have, before a stream's first event)
             from tritongpt.train.generate import end_rule
 
-            guide.wake = s.get("wake")
             try:
                 guide.begin(1, end_rule(self.stop_id, s["stop_token_ids"], 0, s["ignore_eos"])[1], vocab)
             except UserError as e:
@@ -1850,7 +1849,6 @@ class Response(Completion):
         from tritongpt.train import responses as R
 
         app = handler.server.app
-        R.check_store_field(body)
         chat, self.conversation = R.to_chat(body, app.responses)
         self.body, self.rid, self.created, self.events = body, R.new_id("resp"), int(time.time()), None
         self.finish = None  # the stream's finish as drawn
@@ -1895,7 +1893,7 @@ class Response(Completion):
 
         choices, usage = done[0][0], usage_of(done[0][1], done[0][2])
         if self.s["stream"]:
-            self.events._close()
+            self.events.close()
             items, finish = self.events.items, self.finish
         else:
             items, finish = R.output_items(choices[0]["message"]), choices[0]["finish_reason"]
