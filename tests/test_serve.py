@@ -2020,7 +2020,7 @@ def test_a_request_whose_second_prompt_fails_first_is_a_500_naming_that_failure(
     server, _ = served
     first = server.app.completion_prompt("a dog")
 
-    def draw(ids, budget, s, stop_id, generator, on_delta, gone, on_prompt, timing, adapter=None):
+    def draw(ids, budget, s, stop_id, generator, on_delta, gone, on_prompt, timing, adapter=None, prediction=None):
         if ids != first:
             raise RuntimeError("the second prompt broke")
         deadline = time.time() + 5
@@ -2176,3 +2176,47 @@ def test_a_chat_template_given_to_serve_renders_its_chats(run_folder, tmp_path):
                         ("{% for m in messages %}", "the template does not compile")):
         with pytest.raises(UserError, match=says):
             start(folder, "--chat-template", given)
+
+
+def test_served_chat_answers_the_same_with_a_prediction_and_counts_it(both):
+    """serve's `prediction` (OpenAI's field) over the engine and --max-batch 1: the same content as without it,
+    whole and streamed, OpenAI's usage counts of the proposals kept and refused; its content as a string or text
+    parts."""
+    server, _ = both
+    # (the byte tokens past ASCII banned: a random model's lone ones decode to U+FFFD, which encodes otherwise)
+    ask = dict(messages=MESSAGES, max_tokens=24, temperature=0, logit_bias={str(i): -100 for i in range(128, 256)})
+    status, plain = call(server, "/v1/chat/completions", ask)
+    assert status == 200 and "completion_tokens_details" not in plain["usage"]
+    text = plain["choices"][0]["message"]["content"]
+    edited = text[:len(text) // 3] + "zebra" + text[len(text) // 3 + 1:]
+    for prediction in (text, edited, [{"type": "text", "text": text[:10]}, {"type": "text", "text": text[10:]}]):
+        status, got = call(server, "/v1/chat/completions",
+                           {**ask, "prediction": {"type": "content", "content": prediction}})
+        assert status == 200 and got["choices"] == plain["choices"], prediction
+        details = got["usage"].pop("completion_tokens_details")
+        assert got["usage"] == plain["usage"]
+        assert details["accepted_prediction_tokens"] > 0
+        assert (details["rejected_prediction_tokens"] > 0) == (prediction is edited), (prediction, details)
+        assert details["accepted_prediction_tokens"] < plain["usage"]["completion_tokens"]
+    chunks = events(call(server, "/v1/chat/completions", {**ask, "stream": True, "stream_options": {
+        "include_usage": True}, "prediction": {"type": "content", "content": edited}})[1])
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == text
+    assert chunks[-1]["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0
+
+
+def test_served_prediction_refusals(served):
+    server, _ = served
+    ask = dict(messages=MESSAGES, max_tokens=4)
+    for prediction, field in (("text", "prediction"), ({"type": "text", "content": "x"}, "prediction"),
+                              ({"type": "content"}, "prediction"), ({"type": "content", "content": 3},
+                                                                    "prediction.content"),
+                              ({"type": "content", "content": [{"type": "image", "text": "x"}]}, "prediction.content"),
+                              ({"type": "content", "content": "x", "extra": 1}, "prediction.extra")):
+        status, body = call(server, "/v1/chat/completions", {**ask, "prediction": prediction})
+        assert status == 400 and body["error"]["param"] == field, (prediction, body)
+    pred = {"type": "content", "content": "the cat"}
+    for extra, field in (({"logprobs": True}, "logprobs"), ({"min_tokens": 2}, "min_tokens")):
+        status, body = call(server, "/v1/chat/completions", {**ask, **extra, "prediction": pred})
+        assert status == 400 and body["error"]["param"] == field and "prediction" in body["error"]["message"]
+    status, body = call(server, "/v1/completions", {"prompt": "the", "prediction": pred})
+    assert status == 400 and body["error"]["param"] == "prediction"

@@ -142,7 +142,8 @@ def check_prompts_args(args):
 
     if args.out is None:
         raise UserError("--prompts writes its results to a .jsonl file: pass --out FILE")
-    for flag, given in (("--stream", args.stream), ("--draft", args.draft), ("--num-beams", args.num_beams != 1)):
+    for flag, given in (("--stream", args.stream), ("--draft", args.draft), ("--num-beams", args.num_beams != 1),
+                        ("--prediction", args.prediction is not None)):
         if given:
             raise UserError(f"--prompts does not take {flag}: the batching engine draws one token a step for every "
                             "row, sampled or greedy (or with --prompt-lookup checks the text's own n-grams' "

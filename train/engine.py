@@ -27,9 +27,9 @@ import torch
 from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
 from tritongpt.model.sampling import masks_with_triton
-from tritongpt.train.generate import (DecodeGraph, PromptLookup, check_cache_dtype, check_graphable, check_logprobs,
-                                     check_sampling, decode_step, draft_width, end_rule, hidden_and_head, last_logits,
-                                     lookup_draft, new_cache, score_positions, verify_step)
+from tritongpt.train.generate import (DecodeGraph, Prediction, PromptLookup, check_cache_dtype, check_graphable,
+                                     check_logprobs, check_sampling, decode_step, draft_width, end_rule,
+                                     hidden_and_head, last_logits, new_cache, score_positions, verify_step)
 
 # Batched prefill (_groups): several requests' prompt chunks run in one forward, each right-padded to the longest.
 # A group takes a chunk only while its padded tokens stay within PREFILL_GROUP_TOKENS (the forward's activations:
@@ -73,6 +73,7 @@ class Request:
         # prompt lookup (Engine's): whether it speculates (submit), and each row's positions whose keys are its ids'
         # (None: all; a row padded with the EOS after its end holds its proposals' keys: _accept)
         self.lookup, self.cut = False, [None] * idx.size(0)
+        self.draft = None  # what it speculates with: the engine's PromptLookup or its own Prediction (submit)
         # a served LoRA adapter (model/lora.py serve_adapters): its slot, -1 the base; salt: its prefix-cache keys'
         self.adapter, self.salt = -1, b""
         self.guide = None  # structured outputs' (train/structured.py Guide): decode_step masks its draws
@@ -251,6 +252,10 @@ class Engine:
     stats: vLLM's "spec_decode_num_drafts" (a live row's proposals a step), "spec_decode_num_draft_tokens" and
     "spec_decode_num_accepted_tokens" (generate's stats' drafted and accepted).
 
+    A request's prediction (submit's; generate.Prediction, OpenAI's predicted outputs) speculates the same way with or
+    without prompt_lookup: its rows propose the prediction's tokens instead of the text's n-grams (num_draft_tokens
+    at most a step), under the conditions above; its Prediction counts what the model kept and refused.
+
     Adapters (vLLM's multi-LoRA; a model given them by model/lora.py serve_adapters): a request names its adapter
     (submit's adapter), and each forward's rows run their requests' (slot_adapter: a slot a cache row, -1 the base,
     read by every AdapterLinear through model.adapters). Its prefix-cache keys start from the adapter's name (its
@@ -324,7 +329,7 @@ class Engine:
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
                vocab_limit: int | None = None, stop=None, logprobs: int | None = None, stop_token_ids=None,
                min_tokens: int = 0, ignore_eos: bool = False, prompt_logprobs: int | None = None,
-               adapter: str | None = None, guide=None, **warp) -> Request:
+               adapter: str | None = None, guide=None, prediction=None, **warp) -> Request:
         """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=...,
         logprobs=..., stop_token_ids=..., min_tokens=..., ignore_eos=..., **warp) (warp: its sampling settings) and
         return its handle. idx [n, T]: n rows (n <= max_batch), T + max_new_tokens within the context (the engine
@@ -342,7 +347,9 @@ class Engine:
         adapter: the name of a LoRA adapter the model serves (the class's docstring), None: the base model.
         guide: structured outputs (train/structured.py Grammars.guide's, not begun), generate's: its grammar's mask
         on each of the request's draws, its n-gram speculation's verifications too (not with no_repeat_ngram_size:
-        such a request does not speculate)."""
+        such a request does not speculate).
+        prediction: a predicted output (generate.Prediction, new for this request: it keeps its rows' places), the
+        request's draft (the class's docstring); where the request cannot speculate it decodes plainly."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
             what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
@@ -361,7 +368,10 @@ class Engine:
         # The most it can hold (no cache hit): equal rows prefill once and share their prompt's full pages, but a
         # request preempted after its rows drew different tokens recomputes each row, with pages of its own
         prefilled = 1 if bool((idx == idx[:1]).all()) and not self.preemption else idx.size(0)
-        speculates = self.lookup is not None and logprobs is None and not min_tokens and prompt_logprobs is None \
+        if prediction is not None and not isinstance(prediction, Prediction):
+            raise UserError(f"a request's prediction must be a generate.Prediction, got {type(prediction).__name__}")
+        draft = prediction if prediction is not None else self.lookup
+        speculates = draft is not None and logprobs is None and not min_tokens and prompt_logprobs is None \
             and max_new_tokens > 0 and (guide is None or not warp.get("no_repeat_ngram_size") and guide.wake is None)
         most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled,
                                speculates) if self.paged else 0
@@ -387,7 +397,7 @@ class Engine:
             guide.begin(idx.size(0), ends, vocab_limit or vocab, masks_with_triton(self.model))
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
-        r.lookup, r.guide = speculates, guide
+        r.lookup, r.guide, r.draft = speculates, guide, draft if speculates else None
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
@@ -614,7 +624,7 @@ class Engine:
             self._prefill(logits)
             drafts = {}
             try:
-                drafts = self._propose(decoding) if self.lookup is not None and decoding else {}
+                drafts = self._propose(decoding) if any(r.lookup for r in decoding) else {}
                 if drafts:
                     logits.update(self._verify(decoding, drafts))
                 elif decoding:
@@ -884,7 +894,7 @@ class Engine:
             for r in [r for r in decoding if r.lookup]:
                 L = r.idx.size(1)
                 k = draft_width(L, r.start, r.budget, self.num_draft_tokens, self.max_len)
-                drafted, lens = lookup_draft(r.idx, self.lookup.max_ngram, k, r.vocab_limit)
+                drafted, lens = r.draft.propose(r.idx, r.start, k, r.vocab_limit)
                 if self.paged and drafted.size(1):
                     slots = [s for s, ended in zip(r.slots, r.ended) if not ended]
                     k = drafted.size(1)
@@ -892,7 +902,7 @@ class Engine:
                             > self.cache.num_free:
                         k -= 1
                     if k < drafted.size(1):  # (the proposals of a smaller k: these cut to it)
-                        drafted, lens = lookup_draft(r.idx, self.lookup.max_ngram, k, r.vocab_limit)
+                        drafted, lens = r.draft.propose(r.idx, r.start, k, r.vocab_limit)
                     for s in slots if drafted.size(1) else ():
                         self.cache.reserve(s, L + drafted.size(1))
                 if drafted.size(1):
@@ -944,9 +954,12 @@ class Engine:
         for i, ended_row in enumerate(ended if r.eos_id is not None else ()):
             if ended_row:  # (its keys from L on are its proposals', not the EOS padding it holds)
                 r.cut[i] = L if r.cut[i] is None else min(r.cut[i], L)
-        self.stats["spec_decode_num_drafts"] += int(((lens > 0) & ~before).sum())
-        self.stats["spec_decode_num_draft_tokens"] += offered
-        self.stats["spec_decode_num_accepted_tokens"] += accepted
+        if isinstance(r.draft, Prediction):
+            r.draft.count(offered, accepted)
+        if self.lookup is not None:  # (vLLM's counters: a server that speculates; a prediction's drafts too there)
+            self.stats["spec_decode_num_drafts"] += int(((lens > 0) & ~before).sum())
+            self.stats["spec_decode_num_draft_tokens"] += offered
+            self.stats["spec_decode_num_accepted_tokens"] += accepted
         return finished, ended
 
     def _decode(self, decoding) -> torch.Tensor:

@@ -17,7 +17,8 @@ Speculative decoding (draft=, Leviathan et al. 2023, Chen et al. 2023): a small 
 num_draft_tokens tokens, the model scores them all in one forward and keeps those it would have drawn;
 greedy output is the model's own token for token, sampled output is distributed as the model's.
 Prompt lookup decoding (prompt_lookup=, Saxena 2023) is the same with a draft that needs no model: the tokens
-that followed the text's last n-gram where it occurred before (see lookup_proposals).
+that followed the text's last n-gram where it occurred before (see lookup_proposals); a predicted output
+(draft=Prediction(ids), OpenAI's Predicted Outputs) proposes a given text's tokens where the answer stands in it.
 """
 import contextlib
 import math
@@ -327,7 +328,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     prompt_lookup N: prompt lookup decoding, a draft without a model (not with draft): each row proposes up to
     num_draft_tokens tokens that followed the most recent earlier occurrence of its last n-gram, n from N down to 1
     (transformers' max_matching_ngram_size; 2 is its default), in the prompt or the text generated so far; a row
-    that finds none runs a plain step.
+    that finds none runs a plain step. draft=Prediction(ids): a predicted output (OpenAI's), another draft without a model: the
+    rows propose the prediction's tokens where their text stands in it (Prediction).
     cuda_graph: each decode step after the prefill (one token a row) a replay of a CUDA graph captured at the first
     (DecodeGraph): the same tokens, without the host's per-launch cost. CUDA only, with the cache, not with a draft.
     kv_cache_dtype: "auto" (the cache in the model's compute dtype) or "int8" (KVCache's int8 values with a scale per
@@ -383,10 +385,10 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     if prompt_lookup is not None:
         draft = PromptLookup(prompt_lookup)
     if num_draft_tokens is None:
-        num_draft_tokens = 10 if isinstance(draft, PromptLookup) else 4
+        num_draft_tokens = 10 if isinstance(draft, MODELLESS) else 4
     if draft is not None:
         check_draft(model, draft, idx, max_new_tokens, num_draft_tokens, use_cache)
-    lookup = isinstance(draft, PromptLookup)
+    lookup = isinstance(draft, MODELLESS)
     was_training = model.training, draft is not None and not lookup and draft.training
     model.eval()
     if draft is not None and not lookup:
@@ -431,8 +433,9 @@ def check_draft(model, draft, idx, max_new_tokens: int, num_draft_tokens: int, u
     """What speculative decoding needs, checked before any work. flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
     k_name = "--draft-tokens" if flags else "num_draft_tokens"
-    lookup = isinstance(draft, PromptLookup)
-    what = name("prompt_lookup") if lookup else name("draft")
+    lookup = isinstance(draft, MODELLESS)
+    what = name("prompt_lookup") if isinstance(draft, PromptLookup) else \
+        "a prediction" if isinstance(draft, Prediction) else name("draft")
     if not is_int(num_draft_tokens) or num_draft_tokens < 1:
         raise UserError(f"{k_name} must be a positive integer, got {num_draft_tokens!r}")
     if not use_cache:
@@ -790,6 +793,89 @@ class PromptLookup:
                             f"got {max_ngram!r}")
         self.max_ngram = int(max_ngram)
 
+    def propose(self, idx, start: int, k: int, vocab_limit=None):
+        """This step's proposals for idx [B, T] (generated from column start): lookup_draft's."""
+        return lookup_draft(idx, self.max_ngram, k, vocab_limit)
+
+
+class Prediction:
+    """A predicted output (OpenAI's Predicted Outputs: chat's `prediction`), a draft without a model: the tokens the
+    answer is expected to repeat mostly (a file being edited, say). Each row keeps where its answer stands in them:
+    while the answer follows the prediction a step proposes its next k tokens (the first step its first k); where
+    the answer departs from it the row looks for its last n-gram, n from max_ngram down to 1, in the prediction (its
+    first occurrence ending past the token the row refused there: the rest of an edited text comes after the edit,
+    and the place it departed from, or one before it, would propose what it just refused again) and goes on from
+    there, proposing nothing until one is found (nor past the prediction's end). The model verifies every proposal
+    (verify_step), so a prediction changes how fast the answer comes, never what it is.
+
+    One per call (generate's rows, an engine request's n rows): it keeps each row's place. accepted, rejected: the
+    proposals the model kept and refused so far, summed over the rows (OpenAI's usage accepted_prediction_tokens and
+    rejected_prediction_tokens; a refused token is one the model computed and did not keep)."""
+
+    def __init__(self, ids, max_ngram: int = 8):
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids):
+            raise UserError(f"a prediction must be a list of token ids (ints >= 0), got {str(ids)[:80]}")
+        if not is_int(max_ngram) or max_ngram < 1:
+            raise UserError(f"a prediction's max_ngram must be a positive integer, got {max_ngram!r}")
+        self.ids, self.max_ngram = [int(t) for t in ids], int(max_ngram)
+        self.starts = {}  # token id -> the positions it starts at in ids (where an n-gram match can begin)
+        for j, t in enumerate(self.ids):
+            self.starts.setdefault(t, []).append(j)
+        self.at = self.seen = None  # each row's place (None: lost), the generated tokens read so far
+        self.accepted = self.rejected = 0
+
+    def count(self, offered: int, kept: int) -> None:
+        """A verified step's tally: offered proposals, kept of them."""
+        self.accepted, self.rejected = self.accepted + kept, self.rejected + offered - kept
+
+    def _resync(self, tail: list, after: int):
+        """The place after tail's longest suffix (up to max_ngram tokens) found in the prediction ending past
+        `after`, with a token after it (the first such match), or None."""
+        P = self.ids
+        for n in range(min(self.max_ngram, len(tail)), 0, -1):
+            gram = tail[-n:]
+            for j in self.starts.get(gram[0], ()):
+                if after < j + n < len(P) and P[j:j + n] == gram:
+                    return j + n
+        return None
+
+    def propose(self, idx, start: int, k: int, vocab_limit=None):
+        """This step's proposals for idx [B, T] (generated from column start), as lookup_draft's: (drafted [B, k'],
+        lens [B]). Reads the tokens generated since its last call (one copy to the host a step)."""
+        B = idx.size(0)
+        if self.at is None:
+            self.at, self.seen, self.lost = [0] * B, 0, [0] * B  # lost: where a row departed (resync's `after`)
+        new = idx[:, start + self.seen:].tolist()
+        self.seen = idx.size(1) - start
+        P = self.ids
+        tails = idx[:, -self.max_ngram:].tolist() if any(new) else None
+        rows = []
+        for b in range(B):
+            at = self.at[b]
+            for t in new[b]:
+                if at is not None and at < len(P) and P[at] == t:
+                    at += 1
+                else:
+                    if at is not None:
+                        self.lost[b] = at
+                    at = None
+            if at is None and new[b]:
+                at = self._resync(tails[b], self.lost[b])
+            self.at[b] = at
+            got = [] if at is None else P[at:at + k]
+            if vocab_limit is not None:  # (a token never drawn ends the proposals, as lookup_draft's)
+                cut = next((i for i, t in enumerate(got) if t >= vocab_limit), len(got))
+                got = got[:cut]
+            rows.append(got)
+        width = max(map(len, rows), default=0)
+        drafted = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=idx.dtype).view(B, width)
+        return drafted.to(idx.device), torch.tensor([len(r) for r in rows], device=idx.device)
+
+
+MODELLESS = (PromptLookup, Prediction)  # the drafts that run no model: they propose (propose), verify_step judges
+
 
 def lookup_proposals(idx, max_ngram: int, k: int):
     """Prompt lookup decoding's draft (Saxena 2023, "Prompt Lookup Decoding"; transformers'
@@ -846,15 +932,15 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     forward a position), the model runs the last token and them in one forward over all rows (k + 1 logits), and
     both caches are cropped back to the text kept. The caches have one length for all rows, so every row keeps the
     same number of new tokens a step: m + 1, m the fewest draft tokens a live row accepted (see keep_common).
-    A PromptLookup draft runs no forward and has no cache: each row proposes its own lookup_proposals, up to k, and
-    accept_lookup rules on them. kv_cache_dtype: the model's cache's; the draft's own stays float (it only proposes,
+    A PromptLookup or a Prediction runs no forward and has no cache: each row proposes its own (their propose), up
+    to k, and accept_lookup rules on them. kv_cache_dtype: the model's cache's; the draft's own stays float (it only proposes,
     and its cache is the small one). guide: structured outputs, the model's distributions masked by the grammars
     (verify_step), the draft's too (Guide.mask_after: speculative sampling keeps the model's distribution whatever
     the draft's, so this only raises how many drafts are accepted)."""
     greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
     B, cap = idx.size(0), idx.size(1) + max_new_tokens
     cache = new_cache(model, B, min(model.config.context_length, cap), kv_cache_dtype)
-    lookup = isinstance(draft, PromptLookup)
+    lookup = isinstance(draft, MODELLESS)
     draft_cache = None if lookup else draft.new_cache(B, min(draft.config.context_length, cap))
     start = idx.size(1)  # where the generated ids begin (the frequency/presence penalties count from it)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that ended (EOS, a stop), carried along
@@ -876,7 +962,7 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         k = max(k, 0)
         text, q_logits = idx, []
         if lookup:  # rows propose on their own: lens[b] tokens, the rest padding
-            drafted, lens = lookup_draft(idx, draft.max_ngram, k, vocab_limit)
+            drafted, lens = draft.propose(idx, start, k, vocab_limit)
             k = drafted.size(1)
             text = torch.cat([idx, drafted], dim=1)
         for _ in range(0 if lookup else k):
@@ -894,6 +980,8 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
                                                          None if lookup else q_logits, guide)
         forwards, row_forwards, proposed, accepted = forwards + 1, row_forwards + live, proposed + offered, \
             accepted + took
+        if isinstance(draft, Prediction):
+            draft.count(offered, took)
         if (eos_id is not None or stop is not None) and bool(done.all()):
             break
         # the caches keep the text before the step's last token, which neither has run

@@ -63,7 +63,8 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
                                    "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
-                                   "include_reasoning", "add_generation_prompt", "continue_final_message"}}
+                                   "include_reasoning", "add_generation_prompt", "continue_final_message",
+                                   "prediction"}}
 # OpenAI's fields this server does not implement: refused unless null or false (their "off"); chat takes the tool
 # fields (tool_setting), completions none
 UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
@@ -222,6 +223,7 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
     # vLLM's include_reasoning: false leaves a reasoning model's thought out of the answer (--reasoning-parser)
     s["include_reasoning"] = bool_field(body, "include_reasoning", True) if endpoint == "chat" else True
     s.update(output_settings(body, s))
+    s["prediction"] = prediction_setting(body, s) if endpoint == "chat" else None
     if s["tools"] is not None and s["tools"]["choice"] == "auto" and parser.keeps_specials:
         s["skip_special_tokens"] = False  # (vLLM's adjust_request: tokenizers may mark <tool_call> special)
     s["include_usage"], s["continuous_usage"] = stream_options(body.get("stream_options"), s["stream"])
@@ -611,6 +613,37 @@ def logprobs_setting(body: dict, endpoint: str):
     if k is not None and not on:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     return (k or 0) if on else None
+
+
+def prediction_setting(body: dict, s: dict):
+    """OpenAI's predicted outputs: prediction {"type": "content", "content": a string or a list of text parts} ->
+    its text, or None. The answer is the model's own whatever the prediction (the engine verifies every token it
+    proposes, generate.Prediction): what would decode without speculating is refused with it, as OpenAI refuses
+    logprobs, so a prediction never silently does nothing (OpenAI's other refusals, n > 1, penalties and tools, are
+    served: each row keeps its own place, and the penalties and grammars apply at every verified position)."""
+    pred = body.get("prediction")
+    if pred is None:
+        return None
+    want = '{"type": "content", "content": "the expected answer"}'
+    if not isinstance(pred, dict) or pred.get("type") != "content" or "content" not in pred:
+        raise bad("prediction", f"'prediction' must be an object {want}, got {pred!r}"[:300])
+    unknown = [key for key in pred if key not in ("type", "content")]
+    if unknown:
+        raise bad(f"prediction.{unknown[0]}", f"unknown field 'prediction.{unknown[0]}' (it takes type and content)")
+    content = pred["content"]
+    parts = [content] if isinstance(content, str) else content
+    if not isinstance(parts, list) or not all(
+            isinstance(c, str) if isinstance(content, str) else
+            isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) and set(c) <= {
+                "type", "text"} for c in parts):
+        raise bad("prediction.content", "'prediction.content' must be a string or a list of "
+                                        f'{{"type": "text", "text": ...}} parts, got {content!r}'[:300])
+    for key, on in (("logprobs", s["logprobs"] is not None), ("min_tokens", s["min_tokens"] > 0),
+                    ("prompt_logprobs", s["prompt_logprobs"] is not None)):
+        if on:  # (decoded a token a step: the prediction would go unused)
+            raise bad(key, f"'{key}' is not supported with 'prediction' (its tokens are decoded one at a time, so "
+                           "the prediction would go unused)")
+    return content if isinstance(content, str) else "".join(c["text"] for c in parts)
 
 
 def logit_bias_setting(bias):
@@ -1033,7 +1066,7 @@ class Model:
         return [(*item[:4], max(item[4] - lead, 0)) for item in scored.items]
 
     def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None, timing=None,
-             adapter=None) -> list:
+             adapter=None, prediction=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
         None, stop_reason)], the items those of every token drawn (Scored), the one that ended the
         choice too. on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
@@ -1045,7 +1078,9 @@ class Model:
         through the request's queue). gone(): whether the client left, asked while waiting for the engine: its
         request is then cancelled and BrokenPipeError raised (as a write to its socket would). timing: the request's
         clock (metrics.request()), started by the caller when the request came (its scoring forward timed in it);
-        None: one started here. adapter: the LoRA adapter the request names (--lora-modules), None the model."""
+        None: one started here. adapter: the LoRA adapter the request names (--lora-modules), None the model.
+        prediction: a predicted output (generate.Prediction, new for this draw), its tokens proposed and verified
+        (the engine's or generate()'s speculation: the same text, in fewer forwards where it is right)."""
         import torch
 
         from tritongpt.commands import Choices
@@ -1108,7 +1143,8 @@ class Model:
                     request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator,
                                                  vocab_limit=self.limit, stop=stopped if stops else None, logprobs=k,
                                                  **ends, prompt_logprobs=s["score_k"] if on_prompt is not None
-                                                 else None, adapter=adapter, guide=guide, **warp)
+                                                 else None, adapter=adapter, guide=guide, prediction=prediction,
+                                                 **warp)
                 except UserError:
                     self.check_loaded(adapter)  # (the engine's refusal of an adapter unloaded meanwhile: the 404)
                     raise
@@ -1119,7 +1155,8 @@ class Model:
                     raise BrokenPipeError("the client left") from None
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
-                                          dict(warp, logprobs=k, guide=guide, **ends), timing, adapter)
+                                          dict(warp, logprobs=k, guide=guide, draft=prediction, **ends), timing,
+                                          adapter)
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
@@ -1155,8 +1192,9 @@ class Model:
         from tritongpt.train.generate import generate
 
         with self.turn(timing), autocast(self.device, self.dtype), self.adapted(adapter):
+            # (a prediction's steps verify several tokens: no graph for them, as in the engine)
             return generate(self.model, idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
-                            on_token=on_token, stop=stop, cuda_graph=self.cuda_graph,
+                            on_token=on_token, stop=stop, cuda_graph=self.cuda_graph and warp["draft"] is None,
                             kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
 
     @contextmanager
@@ -1602,6 +1640,16 @@ class Completion:
                 guide.begin(1, end_rule(self.stop_id, s["stop_token_ids"], 0, s["ignore_eos"])[1], vocab)
             except UserError as e:
                 raise bad("ignore_eos" if s["ignore_eos"] else s["structured_field"], str(e)) from None
+        # a predicted output's ids (train/generate.py Prediction: a new one for each draw, its rows' places its own)
+        self.predicted, self.predictions = None, []
+        if s["prediction"] is not None:
+            if guide is not None and guide.wake is not None:  # (the engine does not speculate such a request)
+                raise bad("prediction", "'prediction' is not supported with structured outputs or tools while the "
+                                        "model reasons (--reasoning-parser): the grammar waits for the thought's end")
+            try:
+                self.predicted = app.encode(s["prediction"], bos=False, special=True)
+            except (UserError, ValueError) as e:
+                raise bad("prediction.content", f"'prediction.content' cannot be tokenized: {e}") from None
         # echo: the prompt's text (and logprobs) first, then the choice's
         self.echoes = [text if s["echo"] else "" for text in self.texts]
         self.kind = "chat.completion" if self.chat else "text_completion"
@@ -1767,10 +1815,16 @@ class Completion:
             timing.end(["length"] * s["n"], len(ids), s["n"])  # (vLLM's finish "length")
             return [("", "length", 1, [] if s["logprobs"] is not None else None, None)] * s["n"]
         # (with the engine's echo, budget 0: a prefill-only request, its choices "length", counted alike: Model.draw)
+        prediction = None
+        if self.predicted is not None:
+            from tritongpt.train.generate import Prediction
+
+            prediction = Prediction(self.predicted)
+            self.predictions.append(prediction)
         return self.app.draw(ids, self.budgets[p], s, self.stop_id, self.generator, on_delta,
                              lambda: self.stop.is_set() or self.handler.client_gone(),
                              (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None, timing,
-                             self.adapter)
+                             self.adapter, prediction)
 
     def choices(self, p: int, drawn: list, scored: dict) -> list:
         """Prompt p's choice objects (OpenAI's index: the prompt's n choices in turn), echo's text and logprobs
@@ -1812,6 +1866,10 @@ class Completion:
         usage chunk (include_usage) and [DONE] after the choices' chunks."""
         choices, prompt_lp = [c for d in done for c in d[0]], done[-1][3]  # (chat's prompt_logprobs: its one prompt's)
         usage = usage_of(sum(d[1] for d in done), sum(d[2] for d in done))
+        if self.predicted is not None:  # (OpenAI's: the proposals kept and refused, Prediction's counts)
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": sum(p.accepted for p in self.predictions),
+                "rejected_prediction_tokens": sum(p.rejected for p in self.predictions)}
         if self.s["stream"]:
             if self.s["include_usage"]:
                 self.handler.send_event({**self.head, "choices": [], "usage": usage})

@@ -476,18 +476,22 @@ def cmd_generate(args):
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.stream and args.num_samples > 1:
         raise UserError("--stream prints one text as it is drawn: it takes --num-samples 1")
-    if args.draft and args.prompt_lookup is not None:
-        raise UserError("--draft and --prompt-lookup are two drafts (a model, the text's own n-grams): pass one")
+    drafts = [f for f, v in (("--draft", args.draft), ("--prompt-lookup", args.prompt_lookup),
+                             ("--prediction", args.prediction)) if v is not None]
+    if len(drafts) > 1:
+        raise UserError(f"{drafts[0]} and {drafts[1]} are two drafts (a model, the text's own n-grams, a predicted "
+                        "text): pass one")
     if args.prompt_lookup is not None and args.prompt_lookup < 1:
         raise UserError(f"--prompt-lookup (the longest n-gram looked up) must be a positive integer, "
                         f"got {args.prompt_lookup}")
-    if args.draft_tokens is not None and not args.draft and args.prompt_lookup is None:
-        raise UserError("--draft-tokens is how many tokens the --draft model proposes a step (--prompt-lookup at "
-                        "most): pass --draft or --prompt-lookup")
+    if args.draft_tokens is not None and not drafts:
+        raise UserError("--draft-tokens is how many tokens the --draft model proposes a step (--prompt-lookup and "
+                        "--prediction at most): pass --draft, --prompt-lookup or --prediction")
     spec = None if args.structured_outputs is None else spec_from_flag(args.structured_outputs)
-    if args.cuda_graphs and (args.draft or args.prompt_lookup is not None or beams is not None):
-        raise UserError("--cuda-graphs replays a one-token decode step: it does not take --draft, --prompt-lookup "
-                        "or --num-beams")
+    if args.cuda_graphs and (drafts or beams is not None):
+        raise UserError("--cuda-graphs replays a one-token decode step: it does not take --draft, --prompt-lookup, "
+                        "--prediction or --num-beams")
+    predicted = None if args.prediction is None else read_text_file(args.prediction)
     stops = stop_strings(args.stop)
     prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
     model, tok, device, dtype, limit = load_generation_model(args)
@@ -502,11 +506,15 @@ def cmd_generate(args):
             return print_beams(model, tok, idx, len(lead), args.max_new_tokens, beams, eot_or_none(tok), limit,
                                kv_cache_dtype=args.kv_cache_dtype, **sampling_controls(args))
     # transformers' defaults: 10 tokens a prompt lookup (prompt_lookup_num_tokens)
-    num_draft = (10 if args.prompt_lookup else 4) if args.draft_tokens is None else args.draft_tokens
+    num_draft = (4 if args.draft else 10) if args.draft_tokens is None else args.draft_tokens
     if args.prompt_lookup is not None:
         from tritongpt.train.generate import PromptLookup
 
         draft = PromptLookup(args.prompt_lookup)
+    if predicted is not None:
+        from tritongpt.train.generate import Prediction
+
+        draft = Prediction(tok.encode(predicted, allowed_special="all" if args.allow_special else "none"))
     if draft is not None:
         from tritongpt.train.generate import check_draft
 
@@ -532,7 +540,7 @@ def cmd_generate(args):
         stream.close()
     if draft is not None:
         draft_note(stats, args.num_samples, "prompt lookup decoding" if args.prompt_lookup else
-                   "speculative decoding")
+                   "the prediction" if predicted is not None else "speculative decoding")
     for i, row in enumerate(out):
         row = row[len(lead):]
         new = row[len(ids):]
@@ -597,7 +605,7 @@ def check_beam_args(args):
                ("--frequency-penalty", args.frequency_penalty),
                ("--presence-penalty", args.presence_penalty), ("--draft", args.draft),
                ("--draft-tokens", args.draft_tokens), ("--prompt-lookup", args.prompt_lookup is not None),
-               ("--stop", args.stop), ("--stream", args.stream),
+               ("--prediction", getattr(args, "prediction", None)), ("--stop", args.stop), ("--stream", args.stream),
                ("--num-samples", args.num_samples != 1), ("--structured-outputs", args.structured_outputs)]
     for flag, value in refused:
         if value:
@@ -645,9 +653,15 @@ def add_draft_args(p, extra: str = "", lookup: bool = False):
                             "recent earlier occurrence of the text's last N-gram (N down to 1; transformers' "
                             "max_matching_ngram_size, 2 by default there); the same text greedy, the same "
                             "distribution sampled")
+        p.add_argument("--prediction", default=None, metavar="FILE",
+                       help="a predicted output (OpenAI's Predicted Outputs): the text the answer is expected to "
+                            "repeat mostly (a file being edited), whose tokens are proposed where the answer stands "
+                            "in it and checked as --prompt-lookup's are; the same text greedy, the same "
+                            "distribution sampled")
     p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
                    help="tokens the --draft model proposes a step (default 4)" +
-                        (" or --prompt-lookup at most (default 10, as transformers')" if lookup else ""))
+                        (" or --prompt-lookup or --prediction at most (default 10, as transformers')" if lookup
+                         else ""))
 
 
 def draft_note(stats: dict, rows: int = 1, what: str = "speculative decoding") -> None:
