@@ -434,6 +434,36 @@ def test_auto_finds_the_calls_the_model_writes_in_its_own_syntax(both, monkeypat
     assert chunks[-1]["finish_reason"] == "length" and not any("tool_calls" in k["delta"] for k in chunks)
 
 
+@pytest.mark.parametrize("name, regex, content", [
+    ("pythonic", r"\[add\(a=[0-9]\)\]", None),
+    ("qwen3_coder", r"Hi<function=add><parameter=a>[0-9]</parameter></function>", "Hi"),  # (vLLM's: no <tool_call>)
+    ("mistral", r'Hi\[TOOL_CALLS\]add\[ARGS\]\{"a": [0-9]\}', "Hi")])  # (v11)
+def test_the_other_parsers_find_their_syntax_whole_and_streamed(folder, name, regex, content):
+    """Each parser over the server (the engine), the random model held to its syntax by a regex: the call found
+    (qwen3_coder's value typed by the request's tool: ADD's integer), the same streamed."""
+    from tritongpt.train.tool_calls import PARSERS
+
+    server = started(str(folder[0]), "--enable-auto-tool-choice", "--tool-call-parser", name)
+    try:
+        assert type(server.app.tool_parser) is PARSERS[name]
+        status, body = ask(server, {}, structured_outputs={"regex": regex}, seed=3, max_tokens=70)
+        assert status == 200, body
+        (c,) = body["choices"]
+        (tc,) = c["message"]["tool_calls"]
+        assert c["finish_reason"] == "tool_calls" and c["message"]["content"] == content
+        assert tc["function"]["name"] == "add" and satisfies(json.loads(tc["function"]["arguments"]), "add")
+        assert len(tc["id"]) == 9 if name == "mistral" else tc["id"].startswith("chatcmpl-tool-")
+        status, text = ask(server, {}, structured_outputs={"regex": regex}, seed=3, max_tokens=70, stream=True)
+        chunks = [k["choices"][0] for k in events(text)]
+        assert "".join(k["delta"].get("content") or "" for k in chunks) == (content or "")
+        deltas = [d for k in chunks for d in k["delta"].get("tool_calls") or ()]
+        assert deltas[0]["function"]["name"] == "add" and chunks[-1]["finish_reason"] == "tool_calls"
+        assert "".join(d["function"]["arguments"] for d in deltas) == tc["function"]["arguments"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_auto_tool_choice_flags_go_together(folder):
     """--enable-auto-tool-choice needs a --tool-call-parser and the parser the flag (vLLM's pair), refused before
     the model loads; a parser it does not know, argparse's refusal naming the choices."""
@@ -450,7 +480,7 @@ def test_auto_tool_choice_flags_go_together(folder):
     assert isinstance(tool_parser(parse(["serve", "--weights", path, "--enable-auto-tool-choice",
                                          "--tool-call-parser", "llama3_json"])), Llama3Json)
     with pytest.raises(SystemExit):
-        parse(["serve", "--weights", path, "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"])
+        parse(["serve", "--weights", path, "--enable-auto-tool-choice", "--tool-call-parser", "granite"])
 
 
 def test_auto_names_the_requests_own_structured_outputs_where_they_do_not_compile(both, monkeypatch):

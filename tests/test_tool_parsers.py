@@ -1,17 +1,32 @@
 """The tool-call parsers of serve's "auto" tool choice (train/tool_calls.py, vLLM's --tool-call-parser): each
 model family's syntax read whole (extract: a response) and as it grows (AutoStream: a stream cut anywhere gives the
 same content and calls); answers that hold no call, or a broken one, stay content."""
+import functools
 import json
 import random
 import re
 
 import pytest
 
-from tritongpt.train.tool_calls import PARSERS, AutoStream, Hermes, Llama3Json, Mistral, held, scan_calls
+from tritongpt.train.tool_calls import (PARSERS, AutoStream, Hermes, Llama3Json, Mistral, Pythonic, Qwen3Coder, held,
+                                        qwen_value, scan_calls)
 
 W = {"city": "Oslo", "days": [1, 2], "note": 'a "}" and a ]'}
 A = {"a": 7}
 M = {"s": '\\"</tool_call> <tool_call>'}  # (the markers in a string, after an escaped backslash and quote)
+MV11 = {"s": '[TOOL_CALLS]x[ARGS]{"'}  # (Mistral's markers in a string)
+# the request's tools, which type qwen3_coder's values ("days" an array, "a" an integer; "note" a string)
+QTOOLS = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "array"}, "note": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "add", "parameters": {"properties": {"a": {"type": "integer"}}}}}]
+Qwen = functools.partial(Qwen3Coder, QTOOLS)
+
+
+def qwen_call(name, **params):
+    return (f"<tool_call>\n<function={name}>\n"
+            + "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items()) + "</function>\n</tool_call>")
+
+
 CASES = [  # (parser, answer, its content, its calls)
     (Hermes, 'Let me check.\n<tool_call>\n{"name": "w", "arguments": ' + json.dumps(W) + '}\n</tool_call>\n'
      '<tool_call>\n{"name": "add", "arguments": {"a": 7}}\n</tool_call>', "Let me check.\n", [("w", W), ("add", A)]),
@@ -27,6 +42,20 @@ CASES = [  # (parser, answer, its content, its calls)
     # text after the calls' JSON: dropped (vLLM's regexes find the calls and nothing after them)
     (Mistral, 'Sure[TOOL_CALLS][{"name": "add", "arguments": {"a": 7}}] Done.', "Sure", [("add", A)]),
     (Llama3Json, '{"name": "add", "parameters": {"a": 7}} Done.', None, [("add", A)]),
+    # Mistral's v11 form: each call its own [TOOL_CALLS]name[ARGS]{...}; text after an object dropped
+    (Mistral, "Sure[TOOL_CALLS]w[ARGS]" + json.dumps(W) + '[TOOL_CALLS]add[ARGS]{"a": 7}', "Sure",
+     [("w", W), ("add", A)]),
+    (Mistral, '[TOOL_CALLS]add{"a": 7} then[TOOL_CALLS]w[ARGS]' + json.dumps(MV11) + " end", None,
+     [("add", A), ("w", MV11)]),
+    # pythonic: the answer a Python list of calls (strings may hold brackets and quotes; literals read, not run)
+    (Pythonic, "[w(city='Oslo', days=[1, 2], note='a \"}\" and a ]'),\n add(a=7)]", None, [("w", W), ("add", A)]),
+    (Pythonic, '[f(x=-1.5, t=(1, 2), n=None, b=True, d={"k": "v"}),]\n', None,
+     [("f", {"x": -1.5, "t": [1, 2], "n": None, "b": True, "d": {"k": "v"}})]),
+    # qwen3_coder: values typed by the request's tools; text between and after the blocks dropped
+    (Qwen, "Let me check.\n" + qwen_call("w", city="Oslo", days="[1, 2]", note='a "}" and a ]') + "\n"
+     + qwen_call("add", a=7) + " Done.", "Let me check.\n", [("w", W), ("add", A)]),
+    (Qwen, "Hi <function=add>\n<parameter=a>\n7\n</parameter>\n</function>", "Hi ", [("add", A)]),  # (no <tool_call>)
+    (Qwen, "<tool_call>\n<function=add>\n<parameter=a>\n7", None, [("add", A)]),  # (cut: read as far as it goes)
 ]
 PLAIN = [  # answers with no call: all content
     (Hermes, "It is <tool in the text, and <tool_call"),  # (a marker begun at the end, never finished)
@@ -37,6 +66,22 @@ PLAIN = [  # answers with no call: all content
     (Mistral, "[TOOL_CALLS] not json"),
     (Mistral, "[TOOL_CALLS][]"),  # (an empty array: no call)
     (Hermes, ""),
+    (Mistral, '[TOOL_CALLS]add[ARGS][{"a": 1}]'),  # (v11: the arguments an object)
+    (Mistral, "[TOOL_CALLS]bad name[ARGS]{}"),  # (a function's name: letters, digits, _ and -)
+    (Mistral, "[TOOL_CALLS]add"),
+    (Pythonic, "Sure: [add(a=7)]"),  # (vLLM's: the answer begins with the list)
+    (Pythonic, " [add(a=7)]"),
+    (Pythonic, "\n[add(a=7)]"),  # (valid Python, but the answer does not begin with the list)
+    (Pythonic, "[add(a=x)]"),  # (not a literal: never looked up)
+    (Pythonic, '[add(a=__import__("os").system("exit 3"))]'),  # (never run)
+    (Pythonic, "[add(7)]"),  # (a positional argument has no name)
+    (Pythonic, "[m.add(a=7)]"),
+    (Pythonic, "[add(a={1, 2})]"),  # (a set: no JSON)
+    (Pythonic, "[]"),
+    (Pythonic, "[1] is a citation"),
+    (Pythonic, "[add(a=7)"),
+    (Qwen, "<tool_call>\n<function=add"),  # (a name never closed)
+    (Qwen, "It is <tool_call> plain </tool_call> and <function"),
 ]
 
 
@@ -121,8 +166,9 @@ def test_scan_calls_takes_the_parsers_keys_and_odd_strings():
 
 
 def test_every_parser_is_named_as_vllm_names_it():
-    assert sorted(PARSERS) == ["hermes", "llama3_json", "mistral"]
-    assert [PARSERS[n].keeps_specials for n in sorted(PARSERS)] == [True, False, True]
+    assert sorted(PARSERS) == ["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"]
+    assert [PARSERS[n].keeps_specials for n in sorted(PARSERS)] == [True, False, True, False, False]
+    assert [PARSERS[n].needs_tools for n in sorted(PARSERS)] == [False, False, False, False, True]
 
 
 def test_serve_settings_and_messages_follow_the_parser():
@@ -162,9 +208,13 @@ def test_json_nested_past_pythons_recursion_limit_is_content_not_a_crash():
     deep = "[" * 3000 + "]" * 3000
     for kind, text in ((Hermes, '<tool_call>{"name": "f", "arguments": ' + deep + "}</tool_call>"),
                        (Mistral, '[TOOL_CALLS][{"name": "f", "arguments": ' + deep + "}]"),
-                       (Llama3Json, '{"name": "f", "parameters": ' + deep + "}")):
+                       (Llama3Json, '{"name": "f", "parameters": ' + deep + "}"),
+                       (Pythonic, "[f(a=" + deep + ")]")):
         assert kind().extract(text) == (text, [])
         assert streamed(kind(), text, [len(text)]) == (text, {})
+    # (qwen3_coder's value that neither JSON nor a Python literal can read stays text, vLLM's)
+    q = Qwen3Coder([{"function": {"name": "f", "parameters": {"properties": {"a": {"type": "array"}}}}}])
+    assert q.extract(qwen_call("f", a=deep)) == (None, [("f", json.dumps({"a": deep}))])
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call_whole_and_streamed():
@@ -181,3 +231,79 @@ def test_parallel_tool_calls_false_keeps_the_first_call_whole_and_streamed():
         assert [c["function"]["name"] for c in message["tool_calls"]] == names and why == "tool_calls"
     for sizes in ([1], [len(text)]):
         assert [c[1] for c in streamed(kind(), text, sizes, parallel=False)[1].values()] == ["w"]
+
+
+def test_broken_calls_after_the_list_or_mid_call_are_content_whole_and_sent_as_far_as_they_went_streamed():
+    """Text after a pythonic list, a later call that is not literal, a v11 call cut short: the whole answer is
+    content (vLLM's, but for the cut v11 call, which vLLM keeps a call with broken arguments); the stream sent each
+    call that was whole before the answer broke (the vLLM stream's too)."""
+    for kind, text, sent in ((Pythonic, "[add(a=7)] Done.", [["add", '{"a": 7}']]),
+                             (Pythonic, "[add(a=7), w(city=x)]", [["add", '{"a": 7}']]),
+                             (Mistral, '[TOOL_CALLS]add[ARGS]{"a": 7}[TOOL_CALLS]w[ARGS]{"city": ', [
+                                 ["add", '{"a": 7}'], ["w", '{"city": ']])):
+        assert kind().extract(text) == (text, [])
+        content, calls = streamed(kind(), text, [2])
+        assert content == "" and [c[1:] for c in calls.values()] == sent
+
+
+def test_qwen3_coder_types_values_by_the_requests_tools_as_vllm():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}}}
+    assert [qwen_value(v, {"type": "integer"}) for v in ("3", "-2", "x", "null", "None")] == [3, -2, "x", None, None]
+    assert [qwen_value(v, {"type": "number"}) for v in ("2.5", "3.0", "1e400", "nan")] == [2.5, 3, "1e400", "nan"]
+    assert [qwen_value(v, {"type": "boolean"}) for v in ("True", "false", "yes")] == [True, False, False]
+    assert qwen_value('{"a": [1]}', {"type": "object"}) == {"a": [1]}
+    assert qwen_value("{'a': (1, 2)}", {"type": "object"}) == {"a": (1, 2)}  # (a Python literal: read, not run)
+    assert qwen_value('"[1, 2]"', {"type": "array"}) == [1, 2]  # (JSON text of a literal: read again)
+    assert qwen_value("__import__('os')", {"type": "object"}) == "__import__('os')"
+    assert [qwen_value("null", s) for s in ({"type": "string"}, {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                                            None, "not a schema")] == ["null", None, "null", "null"]
+    text = qwen_call("f", n="4", x="0.5", other="4") + qwen_call("g", n="4")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    assert [json.loads(a) for _, a in Qwen3Coder(tools).extract(text)[1]] == [
+        {"n": 4, "x": 0.5, "other": "4"}, {"n": "4"}]  # (a parameter or tool not in the request's tools: text)
+    assert [json.loads(a) for _, a in Qwen3Coder().extract(text)[1]] == [{"n": "4", "x": "0.5", "other": "4"},
+                                                                       {"n": "4"}]
+    # a value JSON cannot hold (NaN) leaves the answer content
+    nan = qwen_call("f", d="NaN")
+    assert Qwen3Coder([{"function": {"name": "f", "parameters": {"properties": {"d": {"type": "object"}}}}}]
+                      ).extract(nan) == (nan, [])
+
+
+def test_qwen3_coder_streams_each_parameter_as_it_closes():
+    stream = AutoStream(Qwen())
+    assert stream.add("Hi <tool_") == ("Hi ", [])
+    assert stream.add("call>\n<function=ad") == (None, [])
+    content, calls = stream.add("d>\n<parameter=a>\n7\n</param")
+    assert content is None and calls[0]["function"] == {"name": "add", "arguments": "{"}
+    assert stream.add("eter>\n") == (None, [{"index": 0, "function": {"arguments": '"a": 7'}}])
+    assert stream.add("</function>") == (None, [{"index": 0, "function": {"arguments": "}"}}])
+    assert stream.finish() == (None, [])
+
+
+def test_the_request_s_tools_reach_qwen3_coder_through_serve():
+    """The server holds one parser; qwen3_coder's is made anew per request with its tools (tool_setting), so one
+    request's schema types its values and another's does not leak."""
+    from tritongpt.train.serve import sampling_settings, tool_message
+
+    server_wide = Qwen3Coder()
+    text = qwen_call("add", a="7")
+    for tools, want in ((QTOOLS, {"a": 7}), ([{"type": "function", "function": {"name": "add"}}], {"a": "7"})):
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools}
+        s = sampling_settings(body, "chat", ["m"], server_wide)
+        assert s["skip_special_tokens"] is True  # (left as asked: qwen3_coder shows no special tokens)
+        message, why = tool_message(s["tools"], text, "stop")
+        assert why == "tool_calls" and json.loads(message["tool_calls"][0]["function"]["arguments"]) == want
+    assert server_wide.schemas == {}
+
+
+def test_mistral_v11_and_pythonic_calls_are_sent_before_the_answer_ends():
+    """v11 arguments go as drawn, a pythonic call whole once the comma after it is written (not at finish)."""
+    stream = AutoStream(Mistral())
+    assert stream.add("Ok[TOOL_CALLS]ad") == ("Ok", [])
+    (d,) = stream.add('d[ARGS]{"a"')[1]
+    assert d["function"] == {"name": "add", "arguments": '{"a"'} and re.fullmatch(r"[A-Za-z0-9]{9}", d["id"])
+    assert stream.add(': 7}[TOOL_') == (None, [{"index": 0, "function": {"arguments": ": 7}"}}])
+    stream = AutoStream(Pythonic())
+    assert stream.add("[add(a=7)") == (None, [])  # (the call may go on: add(a=7)(...) is no call)
+    (d,) = stream.add(", w(")[1]
+    assert d["function"] == {"name": "add", "arguments": '{"a": 7}'}

@@ -390,6 +390,8 @@ def tool_setting(body: dict, s: dict, parser=None) -> dict:
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise bad("parallel_tool_calls", f"'parallel_tool_calls' must be true or false, got {parallel!r}")
+    if parser is not None and parser.needs_tools:  # (qwen3_coder's values are typed by this request's tools)
+        parser = type(parser)(tools)
     setting = {"tools": tools, "choice": "none", "name": None, "parser": parser, "parallel": parallel is not False}
     if choice == "none":
         return setting
@@ -2313,7 +2315,9 @@ def add_cli(sub):
     p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                    help="the syntax the model writes tool calls in, with --enable-auto-tool-choice: hermes "
                         "(<tool_call> blocks: Qwen2.5, Qwen3, Hermes), llama3_json (JSON objects: Llama 3.1+), "
-                        "mistral ([TOOL_CALLS] and an array; 9-character call ids) (default: none)")
+                        "mistral ([TOOL_CALLS] and an array, or name[ARGS]{...} per call; 9-character call ids), "
+                        "pythonic ([f(a=1), g(b=\"x\")]: Llama 3.2, Llama 4), qwen3_coder (<function=f> and "
+                        "<parameter=a> XML, typed by the tools' schemas: Qwen3-Coder, Qwen3.5) (default: none)")
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                    help="the Jinja chat template chats are rendered with (vLLM's): a file, or the template's text; "
                         "instead of the tokenizer's own, or for a model that has none (its end of turn must be a "

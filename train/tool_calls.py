@@ -7,15 +7,22 @@ a parser for that model family finds (vLLM's --tool-call-parser, vllm/entrypoint
 
     hermes       text, then <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (Qwen2.5, Qwen3, Hermes)
     llama3_json  {"name": ..., "parameters": {...}} objects, "; " between, after an optional <|python_tag|> (Llama 3.1+)
-    mistral      text, then [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...] (Mistral's v3 tokenizers; ids of
-                 9 letters and digits, which Mistral's templates insist on)
+    mistral      text, then [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...] (Mistral's v3 tokenizers), or
+                 [TOOL_CALLS]name[ARGS]{...} per call (v11+); ids of 9 letters and digits, which its templates insist on
+    pythonic     [f(a=1, b="x"), g(c=[1, 2])], a Python list of calls with literal arguments (Llama 3.2, Llama 4)
+    qwen3_coder  text, then <tool_call><function=f><parameter=a>text</parameter></function></tool_call> (Qwen3-Coder,
+                 Qwen3.5): parameter values converted by the request's tool's JSON schema types
 
 A response parses the whole answer (extract); a stream the growing text (AutoStream over scan): the content before
 the first call is sent as it comes, less a tail that may begin the call marker; each call's name once its arguments
 begin, then their text as it is drawn (vLLM's stream; the whole answer's arguments are parsed and written anew)."""
+import ast
+import io
 import json
+import re
 import secrets
 import string
+import tokenize
 import uuid
 
 
@@ -146,6 +153,7 @@ class Marked:
     marker = ""
     keys = ("arguments",)
     short_ids = False  # Mistral's ids
+    needs_tools = False  # (Qwen3Coder's: the request's tools type its parameters)
     keeps_specials = True  # vLLM's adjust_request: skip_special_tokens off, where tokenizers mark the marker special
 
     def objects(self, rest: str) -> list:
@@ -172,7 +180,11 @@ class Marked:
         at = text.find(self.marker)
         if at < 0:
             return text[:len(text) - (0 if final else held(text, self.marker))], []
-        return text[:at], [c for a in self.arrays(text[at + len(self.marker):]) for c in scan_calls(a, self.keys)]
+        return text[:at], self.streamed(text[at + len(self.marker):])
+
+    def streamed(self, rest: str) -> list:
+        """[(name, arguments so far)] of the calls after the first marker as they grow."""
+        return [c for a in self.arrays(rest) for c in scan_calls(a, self.keys)]
 
 
 class Hermes(Marked):
@@ -201,16 +213,60 @@ class Hermes(Marked):
         return ["[" + b[:len(b) - held(b, self.end)] for b in self.blocks(rest)]
 
 
+def split_outside(text: str, marker: str) -> list:
+    """text cut at each marker outside JSON strings (outside_strings)."""
+    out, i = [], 0
+    while (at := outside_strings(text, marker, i)) >= 0:
+        out.append(text[i:at])
+        i = at + len(marker)
+    return out + [text[i:]]
+
+
 class Mistral(Marked):
-    """Mistral's [TOOL_CALLS] and a JSON array of calls (or one call's object) after it."""
+    """Mistral's [TOOL_CALLS] and a JSON array of calls (or one call's object) after it (its v3 tokenizers), or each
+    call its own [TOOL_CALLS]name[ARGS]{...} (v11 and later; vLLM tells them by the tokenizer's version, here by the
+    text: a v11 call begins with its name, not "[" or "{"). A v11 call's text after its arguments' object, up to the
+    next [TOOL_CALLS], is dropped, and one whose arguments do not parse leaves the answer content (vLLM's keeps it a
+    call with the broken arguments)."""
     marker, short_ids = "[TOOL_CALLS]", True
+    name = re.compile(r"[A-Za-z0-9_-]+")  # (mistral-common's function names)
+
+    @staticmethod
+    def v11(rest: str) -> bool:
+        return rest.strip() != "" and rest.lstrip()[0] not in "[{"
+
+    def v11_call(self, chunk: str):
+        """(name, where its arguments begin) of a v11 call's text (None: its name is not whole yet, or bad)."""
+        at = chunk.find("{")
+        name = chunk[:at].removesuffix("[ARGS]")
+        return (name, at) if at >= 0 and self.name.fullmatch(name) else None
 
     def objects(self, rest):  # (text after the JSON dropped, as vLLM's fallback regex drops it)
+        if self.v11(rest):
+            out = []
+            for chunk in split_outside(rest, self.marker):
+                name, at = self.v11_call(chunk) or (None, None)
+                if name is None:
+                    raise ValueError("a v11 call is a name, [ARGS] and an object")
+                out.append({"name": name, "arguments": json.JSONDecoder().raw_decode(chunk, at)[0]})
+            return out
         calls = json.JSONDecoder().raw_decode(rest.lstrip())[0]
         return [calls] if isinstance(calls, dict) else calls
 
     def arrays(self, rest):
         return ["[" + rest.lstrip() if rest.lstrip().startswith("{") else rest]
+
+    def streamed(self, rest):
+        if not self.v11(rest):
+            return super().streamed(rest)
+        out = []
+        for chunk in split_outside(rest, self.marker):
+            found = self.v11_call(chunk)
+            if found is None:
+                break
+            # (read as the JSON form's item; its first call alone: text after the object is not a call)
+            out += scan_calls(f'[{{"name": {json.dumps(found[0])}, "arguments": {chunk[found[1]:]}', self.keys)[:1]
+        return out
 
 
 class Llama3Json:
@@ -220,6 +276,7 @@ class Llama3Json:
     answer that begins otherwise, or whose first object is not a call, or any object that is not one, is all
     content."""
     tag, keys, short_ids, keeps_specials = "<|python_tag|>", ("parameters", "arguments"), False, False
+    needs_tools = False
 
     def body(self, text: str):
         body = text[len(self.tag):] if text.startswith(self.tag) else text
@@ -250,7 +307,201 @@ class Llama3Json:
         return (text, []) if body is None else ("", scan_calls("[" + body, self.keys))
 
 
-PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral}
+def python_call(node) -> tuple:
+    """(name, arguments' JSON text) of a pythonic call's node, f(a=1, b=[2, "x"]): keyword arguments whose values are
+    literals (ast.literal_eval reads the node, nothing is run) that JSON can hold; ValueError where it is not one."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+        raise ValueError("a call is a name and its arguments")
+    if node.args or any(k.arg is None for k in node.keywords):
+        raise ValueError("a call's arguments are named")  # (vLLM drops positional ones unseen)
+    try:
+        args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        return node.func.id, json.dumps(args, ensure_ascii=False, allow_nan=False)
+    except (TypeError, SyntaxError, RecursionError, MemoryError) as e:  # (a set, bytes, NaN: not JSON)
+        raise ValueError(f"a call's arguments are JSON literals: {e}") from e
+
+
+def list_items(text: str) -> list:
+    """The texts of the items of the Python list text begins with, each once the comma or bracket after it is
+    written (Python's tokenizer: strings may hold any bracket)."""
+    starts = [0]
+    for line in io.StringIO(text).readlines():
+        starts.append(starts[-1] + len(line))
+    items, depth, begin = [], 0, 1
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.ERRORTOKEN:
+                break  # (a string not closed yet)
+            at = starts[tok.start[0] - 1] + tok.start[1]
+            if tok.type != tokenize.OP:
+                continue
+            if tok.string in ("(", "[", "{"):
+                depth += 1
+            elif tok.string in (")", "]", "}"):
+                depth -= 1
+                if depth == 0:
+                    return items + ([text[begin:at]] if text[begin:at].strip() or not items else [])
+            elif tok.string == "," and depth == 1:
+                items.append(text[begin:at])
+                begin = at + 1
+    except (tokenize.TokenError, SyntaxError):  # (EOF inside the list: the items so far)
+        pass
+    return items
+
+
+class Pythonic:
+    """Llama 3.2's and Llama 4's pythonic calls (vLLM's pythonic parser): an answer that is a Python list of calls,
+    [f(a=1, b="x"), g(c=[1, 2])], read with ast, never run; each call's keyword arguments (literals only) become its
+    arguments' JSON object. An answer that does not begin with "[", or is not one such list and nothing after it, is
+    all content. Streamed, each call is sent whole once the comma or bracket after it is written: its arguments'
+    JSON does not exist until the Python literal is whole (vLLM's stream guesses the literal's end to send it as it
+    grows)."""
+    short_ids, keeps_specials, needs_tools = False, False, False
+
+    def extract(self, text: str) -> tuple:
+        if not text.startswith("["):
+            return text, []
+        try:
+            body = ast.parse(text).body
+            if len(body) != 1 or not isinstance(body[0], ast.Expr) or not isinstance(body[0].value, ast.List):
+                return text, []
+            calls = [python_call(e) for e in body[0].value.elts]
+        except (ValueError, SyntaxError, RecursionError, MemoryError):
+            return text, []
+        return (None, calls) if calls else (text, [])
+
+    def scan(self, text: str, final: bool) -> tuple:
+        if not text.startswith("["):
+            return ("", []) if text == "" and not final else (text, [])
+        calls = []
+        for item in list_items(text):
+            try:
+                calls.append(python_call(ast.parse(item.strip(), mode="eval").body))
+            except (ValueError, SyntaxError, RecursionError, MemoryError):
+                break
+        return "", calls
+
+
+def qwen_value(value: str, schema):
+    """A qwen3_coder parameter's text as its JSON schema's type asks (vLLM's _convert_param_value): strings as
+    written, integers and numbers parsed, booleans "true" or not, objects and arrays as JSON (else a Python
+    literal), null or None as null where the type is not a string; a value that does not parse stays text."""
+    nullable, kind = False, "string"
+    if isinstance(schema, dict) and "type" in schema:
+        kind = str(schema["type"]).strip().lower()
+        nullable = kind == "null"
+    elif isinstance(schema, dict) and isinstance(schema.get("anyOf"), list):
+        kinds = [str(o["type"]).strip().lower() for o in schema["anyOf"] if isinstance(o, dict) and "type" in o]
+        nullable = "null" in kinds
+        kind = next((k for k in kinds if k != "null"), "string")
+    if nullable and value.lower() in ("null", "none"):
+        return None
+    if kind in ("string", "str", "text", "varchar", "char", "enum"):
+        return value
+    if value.lower() in ("null", "none"):
+        return None
+    try:
+        if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+            return int(value)
+        if kind.startswith(("num", "float")):
+            number = float(value)
+            return int(number) if number == int(number) else number
+    except (ValueError, OverflowError):  # (inf, nan, not a number: the text)
+        return value
+    if kind in ("boolean", "bool", "binary"):
+        return value.lower() == "true"
+    container = kind in ("object", "array", "arr") or kind.startswith(("dict", "list"))
+    for parse in ((json.loads,) if container else ()) + (ast.literal_eval,):
+        try:
+            got = parse(value)
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+            continue
+        if container and isinstance(got, str):  # (a Python literal written as a JSON string: vLLM reads it again)
+            try:
+                got = ast.literal_eval(got)
+            except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+                pass
+        return got
+    return value
+
+
+class Qwen3Coder:
+    """Qwen3-Coder's and Qwen3.5's XML calls (vLLM's qwen3_coder parser): text, then <tool_call> blocks each holding
+    <function=NAME> and <parameter=KEY>value</parameter> items, a newline each side of a value dropped. The values are
+    text, typed by the request's tools (qwen_value; a parameter or tool the request does not name stays text), so
+    the parser is made per request with its tools. The content is the text before the first <tool_call> or
+    <function= (vLLM reads a function without a block too); text between and after the blocks is dropped. As vLLM's, a block, function or
+    parameter left open at the answer's end is read as far as it goes; a function whose name is not closed by ">"
+    leaves the answer content. Streamed, a call opens once its name is whole, its arguments' JSON growing by each
+    parameter as it closes (its value typed then), "}" at </function>."""
+    short_ids, keeps_specials, needs_tools = False, False, True
+    starts = ("<tool_call>", "<function=")
+    # (\Z, not $: $ also matches before a last newline, which would close a value still being written)
+    blocks = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*?)\Z", re.DOTALL)
+    functions = re.compile(r"<function=(.*?)</function>|<function=(.*)\Z", re.DOTALL)
+    parameters = re.compile(r"<parameter=(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.DOTALL)
+
+    def __init__(self, tools: list | None = None):
+        """tools: the request's, as serve's check_tools gives them ({"function": {"name", "parameters"}})."""
+        self.schemas = {}
+        for tool in tools or []:
+            params = tool["function"].get("parameters")
+            params = params.get("properties", params) if isinstance(params, dict) else {}
+            self.schemas[tool["function"]["name"]] = params if isinstance(params, dict) else {}
+
+    def calls(self, text: str, final: bool) -> list:
+        """[(name, arguments' JSON text so far)]: final, each call's whole (ValueError: a name not closed); else
+        those whose names are whole, each with its closed parameters, and "}" once its </function> is written."""
+        blocks = [a or b for a, b in self.blocks.findall(text)] if "<tool_call>" in text else [text]
+        out = []
+        for block in blocks:
+            for m in self.functions.finditer(block):
+                body = m.group(1) if m.group(1) is not None else m.group(2)
+                closed = final or m.group(1) is not None
+                if ">" not in body:
+                    if final:
+                        raise ValueError("a function's name ends with >")
+                    return out
+                name, body = body.split(">", 1)
+                schemas, items = self.schemas.get(name, {}), []
+                for p in self.parameters.finditer(body):
+                    if not closed and p.end() == len(body) and not p.group(0).endswith("</parameter>"):
+                        break  # (still being written: only the answer's end closes it so far)
+                    if ">" not in p.group(1):
+                        raise ValueError("a parameter's name ends with >")
+                    key, value = p.group(1).split(">", 1)
+                    value = value.removeprefix("\n").removesuffix("\n")
+                    items.append(json.dumps(key, ensure_ascii=False) + ": " + json.dumps(
+                        qwen_value(value, schemas.get(key)), ensure_ascii=False, allow_nan=False))
+                out.append((name, "{" + ", ".join(items) + ("}" if closed else "")))
+                if not closed:
+                    return out
+        return out
+
+    def content_end(self, text: str) -> int:
+        return min((i for i in (text.find(s) for s in self.starts) if i >= 0), default=-1)
+
+    def extract(self, text: str) -> tuple:
+        if "<function=" not in text:
+            return text, []
+        try:
+            calls = [(n, json.dumps(json.loads(a), ensure_ascii=False)) for n, a in self.calls(text, True)]
+        except (ValueError, TypeError, RecursionError):
+            return text, []
+        return (text[:self.content_end(text)] or None, calls) if calls else (text, [])
+
+    def scan(self, text: str, final: bool) -> tuple:
+        at = self.content_end(text)
+        if at < 0:
+            return text[:len(text) - (0 if final else max(held(text, s) for s in self.starts))], []
+        try:
+            return text[:at], self.calls(text, final)
+        except (ValueError, TypeError, RecursionError):
+            return text[:at], []
+
+
+PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "pythonic": Pythonic,
+           "qwen3_coder": Qwen3Coder}
 
 
 class AutoStream:
