@@ -2220,3 +2220,119 @@ def test_served_prediction_refusals(served):
         assert status == 400 and body["error"]["param"] == field and "prediction" in body["error"]["message"]
     status, body = call(server, "/v1/completions", {"prompt": "the", "prediction": pred})
     assert status == 400 and body["error"]["param"] == "prediction"
+
+
+def beams_of(server, ids, max_new, n, eos, length_penalty=1.0):
+    """beam_search()'s n best rows of new ids (what `generate --num-beams` prints), searched here."""
+    from tritongpt.train.beam_search import beam_search
+
+    out, _ = beam_search(server.app.model, torch.tensor([ids]), max_new, n, length_penalty, num_return_sequences=n,
+                         eos_id=eos)
+    return [row[len(ids):] for row in out.tolist()]
+
+
+def beam_choices(tok, ids, rows, eos, keep_eos=False):
+    """vLLM's beam search's (text, finish_reason, stop_reason, tokens) of each row: cut at the EOS, which counts
+    among the tokens only with include_stop_str_in_output (keep_eos)."""
+    out = []
+    for new in rows:
+        if eos in new:
+            cut = new.index(eos)
+            out.append((new_text(tok, ids, new[:cut]), "stop", eos, cut + keep_eos))
+        else:
+            out.append((new_text(tok, ids, new), "length", None, len(new)))
+    return out
+
+
+def test_beam_search_completions_are_beam_searchs_texts_best_first(both, monkeypatch):
+    server, tok = both
+    ids = tok.encode("the cat sat")
+    calls = []
+    if server.app.engine is not None:  # its own loop, between two of the engine's steps
+        monkeypatch.setattr(server.app.engine, "call", lambda fn, call=server.app.engine.call: calls.append(1)
+                            or call(fn))
+    free = beams_of(server, ids, 8, 3, None)
+    eos = free[0][3]  # a token the best beam draws, made the model's end of text: the beams end at it or not
+    monkeypatch.setattr(server.app, "eot", eos)
+    seen = set()
+    for n, lp, keep in ((1, None, False), (3, None, False), (3, 0.5, True), (3, 2.0, False)):
+        body = {"prompt": "the cat sat", "max_tokens": 8, "n": n, "use_beam_search": True, "temperature": 1}
+        body.update({} if lp is None else {"length_penalty": lp})
+        body.update({"include_stop_str_in_output": True} if keep else {})
+        status, out = call(server, "/v1/completions", body)
+        want = beam_choices(tok, ids, beams_of(server, ids, 8, n, eos, 1.0 if lp is None else lp), eos, keep)
+        assert status == 200, out
+        assert [(c["index"], c["text"], c["finish_reason"], c["stop_reason"], c["logprobs"]) for c in out["choices"]] \
+            == [(i, text, finish, reason, None) for i, (text, finish, reason, _) in enumerate(want)]
+        tokens = sum(w[3] for w in want)  # the prompt once, every beam's tokens
+        assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": tokens,
+                                "total_tokens": len(ids) + tokens}
+        seen |= {c["finish_reason"] for c in out["choices"]}
+    assert seen == {"stop", "length"}  # (both endings checked)
+    assert calls == ([1] * 4 if server.app.engine is not None else [])
+
+
+def test_beam_search_chat_answers_are_beam_searchs_texts(served, monkeypatch):
+    server, tok = served
+    conv = chat.Conversation("chat", "Be brief.")
+    conv.add("Hello there!", "the cat sat.")
+    ids = formats.encode_prompt(tok, conv.prompt("How are you?", 0, tok))
+    free = beams_of(server, ids, 6, 2, None)
+    monkeypatch.setattr(server.app, "chat_stop", free[1][2])  # the second beam's third token ends a turn
+    seen = set()
+    for n in (1, 2):
+        status, out = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 6, "n": n,
+                                                            "use_beam_search": True, "length_penalty": 0.5})
+        want = beam_choices(tok, ids, beams_of(server, ids, 6, n, free[1][2], 0.5), free[1][2])
+        assert status == 200 and out["object"] == "chat.completion", out
+        assert [(c["message"], c["finish_reason"], c["stop_reason"]) for c in out["choices"]] == \
+            [({"role": "assistant", "content": text}, finish, reason) for text, finish, reason, _ in want]
+        assert out["usage"]["prompt_tokens"] == len(ids)
+        assert out["usage"]["completion_tokens"] == sum(w[3] for w in want)
+        seen |= {w[1] for w in want}
+    assert "stop" in seen
+    # ignore_eos: no beam ends at the EOS, all run to max_tokens
+    out = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "n": 2,
+                                                "use_beam_search": True, "ignore_eos": True})[1]
+    assert [c["finish_reason"] for c in out["choices"]] == ["length"] * 2 and out["usage"]["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize("path,extra,param", [
+    ("/v1/completions", {"stream": True}, "stream"),
+    ("/v1/completions", {"logprobs": 2}, "logprobs"),
+    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"stop": "cat"}, "stop"),
+    ("/v1/completions", {"stop_token_ids": [5]}, "stop_token_ids"),
+    ("/v1/completions", {"min_tokens": 2}, "min_tokens"),
+    ("/v1/completions", {"temperature": 0.5}, "temperature"),
+    ("/v1/completions", {"top_p": 0.9}, "top_p"),
+    ("/v1/completions", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/completions", {"best_of": 1}, "best_of"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                              "tool_choice": "none"}, "tools"),
+])
+def test_beam_search_refuses_what_it_cannot_go_with_by_name(served, path, extra, param):
+    server, _ = served
+    body = {"prompt": "the cat"} if path == "/v1/completions" else {"messages": MESSAGES}
+    status, err = call(server, path, {**body, "use_beam_search": True, "max_tokens": 2, **extra})
+    assert status == 400 and err["error"]["param"] == param
+    assert f"'{param}' cannot be used with 'use_beam_search'" in err["error"]["message"]
+    # without beam search the same field is taken (it is the beam search that refuses it)
+    assert call(server, path, {**body, "max_tokens": 2, **extra})[0] == 200
+
+
+def test_beam_search_settings_checked_and_length_penalty_needs_it(served):
+    server, _ = served
+    for extra, param, says in (({"length_penalty": 2.0}, "length_penalty", "pass 'use_beam_search': true"),
+                               ({"use_beam_search": "yes"}, "use_beam_search", "true or false"),
+                               ({"use_beam_search": True, "length_penalty": "x"}, "length_penalty", "finite number")):
+        status, err = call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 2, **extra})
+        assert status == 400 and err["error"]["param"] == param and says in err["error"]["message"]
+    # the values that change nothing are taken (a client's defaults)
+    assert call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 2, "use_beam_search": True,
+                                            "temperature": 1.0, "top_p": 1, "top_k": -1, "stream": False,
+                                            "stop": [], "frequency_penalty": 0})[0] == 200

@@ -59,7 +59,7 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
                  "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty",
                  "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "prompt_logprobs",
                  "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids",
-                 "response_format", "structured_outputs"}
+                 "response_format", "structured_outputs", "use_beam_search", "length_penalty"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
                                    "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
@@ -85,6 +85,15 @@ MAX_N = 128  # OpenAI's limit on n
 # the most top tokens a drawn token's logprobs list: vLLM's default --max-logprobs and OpenAI chat's top_logprobs
 # limit (OpenAI's legacy completions took 5)
 MAX_LOGPROBS = 20
+# what use_beam_search cannot go with here, each with its value that changes nothing (None and false are off too):
+# streaming, logprobs, echo (vLLM's beam search returns all at the end, its logprobs aside), sampling (the search is
+# deterministic), the end rules beam_search() does not apply (stop strings, more end tokens, min_tokens), structured
+# outputs and tools (no guide in the search)
+BEAM_REFUSED = {"stream": None, "stream_options": None, "echo": None, "logprobs": None, "top_logprobs": None,
+                "prompt_logprobs": None, "best_of": None, "top_p": 1, "top_k": -1, "min_p": 0, "frequency_penalty": 0,
+                "presence_penalty": 0, "logit_bias": None, "stop": None, "stop_token_ids": None, "min_tokens": 0,
+                "response_format": None, "structured_outputs": None, "tools": None, "tool_choice": None,
+                "parallel_tool_calls": None, "temperature": 1}
 # vLLM's fields for structured outputs before its 0.12, which took structured_outputs in their place: refused with that
 REMOVED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
            "guided_whitespace_pattern": "whitespace_pattern", "guided_decoding_backend": None}
@@ -174,6 +183,7 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
     an unknown field, or one OpenAI has that this server does not implement, refused by name. parser: the server's
     tool-call parser (--tool-call-parser), which "auto" tool choice needs."""
     check_fields(body, endpoint, served)
+    beam = beam_setting(body)  # (first: a field beam search cannot take is named as that, not by its own checks)
 
     def number(key, default, low, high, low_open=False, integer=False):
         value = body.get(key)
@@ -235,7 +245,32 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
             raise bad("best_of", f"'best_of' must be an integer, got {best_of!r}")
         if best_of is not None and best_of != s["n"]:  # best_of = n draws n and returns them all: plain sampling
             raise bad("best_of", f"'best_of' other than n is not supported by this server, got {best_of!r}")
+    s["beam"] = beam
     return s
+
+
+def beam_setting(body: dict) -> dict | None:
+    """vLLM's use_beam_search (protocol.py's to_beam_search_params: n the beam width, length_penalty, ignore_eos,
+    include_stop_str_in_output, max_tokens, temperature) -> {"length_penalty": ...}, or None without it. A field in
+    BEAM_REFUSED given a value that changes something is refused by name; length_penalty without beam search too
+    (vLLM ignores it there)."""
+    on = bool_field(body, "use_beam_search", False)
+    penalty = body.get("length_penalty")
+    if not on:
+        if penalty is not None:
+            raise bad("length_penalty", "'length_penalty' is a beam search setting: pass 'use_beam_search': true")
+        return None
+    if penalty is not None and (not is_real(penalty) or not math.isfinite(penalty)):
+        raise bad("length_penalty", f"'length_penalty' must be a finite number, got {penalty!r}")
+    for key, neutral in BEAM_REFUSED.items():
+        value = body.get(key)
+        off = value is None or value is False or value in ([], {}) or (
+            neutral is not None and is_real(value) and not isinstance(value, bool) and value == neutral)
+        if not off:
+            why = " (the search scores the model's log-probabilities as they are: temperature 1)" \
+                if key == "temperature" else ""
+            raise bad(key, f"'{key}' cannot be used with 'use_beam_search': true on this server{why}"[:300])
+    return {"length_penalty": 1.0 if penalty is None else float(penalty)}
 
 
 def prompt_mode(body: dict) -> str:
@@ -1199,6 +1234,56 @@ class Model:
                             on_token=on_token, stop=stop, cuda_graph=self.cuda_graph and warp["draft"] is None,
                             kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
 
+    def beam_search(self, ids, budget, s, stop_id, timing, adapter=None) -> list:
+        """use_beam_search's n beams after the prompt ids, best first, as draw()'s choices (text, finish_reason,
+        completion tokens, None, stop_reason): train/beam_search.py's search (transformers', as `generate
+        --num-beams`: early_stopping false, n beams returned), the model's raw log-probabilities, its EOS (stop_id,
+        none with ignore_eos) ending a beam. vLLM's output rules (serving_engine.py's beam_search): an EOS-ended beam
+        finishes "stop" with stop_reason the EOS id, its text without it, the EOS among its tokens (usage) only with
+        include_stop_str_in_output; else "length".
+        Its own loop, not the engine's batch: it holds the model from its first step to its last, as a request with
+        --max-batch 1 does (its lock; with the engine, Engine.call: the batch waits between two steps), so the other
+        requests wait that long. Its n beams are rows of one KV cache of its own (n * (prompt + max_tokens)
+        positions)."""
+        import torch
+
+        from tritongpt.commands import Choices
+        from tritongpt.train.beam_search import beam_search
+        from tritongpt.train.common import autocast
+
+        eos = None if s["ignore_eos"] else stop_id
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+
+        def run():
+            if timing.scheduled is None:  # (under Engine.call: turn() does not set it)
+                timing.scheduled = time.monotonic()
+            with autocast(self.device, self.dtype), self.adapted(adapter):
+                out, _ = beam_search(self.model, idx, budget, s["n"], s["beam"]["length_penalty"],
+                                     num_return_sequences=s["n"], eos_id=eos, vocab_limit=self.limit,
+                                     repetition_penalty=s["repetition_penalty"], kv_cache_dtype=self.kv_cache_dtype)
+            return out.tolist()
+        try:
+            if self.engine is not None:
+                rows = self.engine.call(run)
+            else:
+                with self.turn(timing):
+                    rows = run()
+            texts = Choices(self.tok, ids, [], stop_id, ignore_eos=s["ignore_eos"],
+                            skip_special=s["skip_special_tokens"])
+            choices = []
+            for i, row in enumerate(rows):
+                text, finish, count, _ = texts.ending(i, row)
+                reason = None
+                if finish == "stop":  # (the EOS: vLLM's beam search names it, and counts it only if asked)
+                    reason, count = stop_id, count - (not s["include_stop_str_in_output"])
+                choices.append((text, finish, count, None, reason))
+        except Exception:
+            timing.end(["error"] * s["n"])
+            raise
+        timing.tokens()  # (the beams come at once: their first token is their last)
+        timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices))
+        return choices
+
     @contextmanager
     def turn(self, timing=None):
         """The model's lock (no engine: one forward at a time), the requests holding and waiting for it counted
@@ -1580,6 +1665,9 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         c = Response(self, body) if endpoint == "responses" else Completion(self, endpoint, body)
         s = c.s
+        if s["beam"] is not None:  # (its own loop, outside the engine: Model.beam_search)
+            c.respond([c.beams(p) for p in range(len(c.prompts))])
+            return
         if s["stream"]:
             c.start_stream()
         # a request's prompts decode together (vLLM's): each its own engine request, all submitted at once, in
@@ -1607,7 +1695,7 @@ class Completion:
         s = self.s = sampling_settings(body, endpoint, app.names, app.tool_parser)
         # a LoRA adapter's name (serve --lora-modules): its requests run it, their responses name it (vLLM's)
         self.adapter = body.get("model") if body.get("model") in app.names[1:] else None
-        if app.engine is not None and s["n"] > app.engine.max_batch:
+        if app.engine is not None and s["n"] > app.engine.max_batch and s["beam"] is None:  # (beams: no engine)
             raise bad("n", f"'n' is {s['n']}, more than this server's --max-batch {app.engine.max_batch}: a "
                            "request's choices decode together in the batch")
         vocab = app.limit or app.model.config.vocab_size
@@ -1767,6 +1855,13 @@ class Completion:
             raise
         drawn = self.draw(p, timing, in_prefill, scored)
         return self.choices(p, drawn, scored), len(self.prompts[p]), sum(c[2] for c in drawn), scored["prompt"]
+
+    def beams(self, p: int) -> tuple:
+        """Prompt p's n beams (use_beam_search), as one() gives its choices: the best first, the prompt counted once."""
+        timing = self.app.metrics.request()
+        drawn = self.app.beam_search(self.prompts[p], self.budgets[p], self.s, self.stop_id, timing, self.adapter)
+        return self.choices(p, drawn, {"echo": None, "prompt": None}), len(self.prompts[p]), sum(c[2] for c in drawn), \
+            None
 
     def begin(self, p: int, in_prefill: bool, scored: dict, timing=None):
         """Prompt p's work before its draw: its scoring where no prefill scores it (timing: the prompt's clock, admitted
