@@ -2321,8 +2321,10 @@ def test_beam_search_refuses_what_it_cannot_go_with_by_name(served, path, extra,
     status, err = call(server, path, {**body, "use_beam_search": True, "max_tokens": 2, **extra})
     assert status == 400 and err["error"]["param"] == param
     assert f"'{param}' cannot be used with 'use_beam_search'" in err["error"]["message"]
-    # without beam search the same field is taken (it is the beam search that refuses it)
-    assert call(server, path, {**body, "max_tokens": 2, **extra})[0] == 200
+    # without beam search the same field is taken (it is the beam search that refuses it; a JSON grammar's compile
+    # skipped: a second)
+    if param != "response_format":
+        assert call(server, path, {**body, "max_tokens": 2, **extra})[0] == 200
 
 
 def test_beam_search_settings_checked_and_length_penalty_needs_it(served):

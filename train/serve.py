@@ -23,7 +23,8 @@ they are part of a character (OpenAI's spelling). vLLM's response extras: prompt
 same scoring as echo's), stop_reason, skip_special_tokens and return_tokens_as_token_ids (output_settings).
 One model; requests decode together in one batch (train/engine.py's continuous batching, --max-batch rows), a
 completion's prompts too (each its own engine request, all at once: vLLM's), or with --max-batch 1 one request at a
-time (a lock), the others waiting their turn.
+time (a lock), the others waiting their turn. vLLM's use_beam_search (n the beam width, length_penalty) runs
+train/beam_search.py's search outside the engine, holding the model while it runs (Model.beam_search).
 vLLM's operational endpoints (vllm/entrypoints/openai/api_server.py, protocol.py): GET /health (200, or a 503 once the
 engine's thread died), GET /version, POST /tokenize and /detokenize (TokenizeCompletionRequest, TokenizeChatRequest,
 DetokenizeRequest); --api-key (or $TRITONGPT_API_KEY, vLLM's VLLM_API_KEY) asks every other path for the bearer key.
