@@ -2247,10 +2247,13 @@ def beam_choices(tok, ids, rows, eos, keep_eos=False):
 def test_beam_search_completions_are_beam_searchs_texts_best_first(both, monkeypatch):
     server, tok = both
     ids = tok.encode("the cat sat")
-    calls = []
-    if server.app.engine is not None:  # its own loop, between two of the engine's steps
+    calls = []  # it holds the model: its own loop between two of the engine's steps, or in the model's turn
+    if server.app.engine is not None:
         monkeypatch.setattr(server.app.engine, "call", lambda fn, call=server.app.engine.call: calls.append(1)
                             or call(fn))
+    else:
+        monkeypatch.setattr(server.app, "turn", lambda timing=None, turn=server.app.turn: calls.append(1)
+                            or turn(timing))
     free = beams_of(server, ids, 8, 3, None)
     eos = free[0][3]  # a token the best beam draws, made the model's end of text: the beams end at it or not
     monkeypatch.setattr(server.app, "eot", eos)
@@ -2269,7 +2272,7 @@ def test_beam_search_completions_are_beam_searchs_texts_best_first(both, monkeyp
                                 "total_tokens": len(ids) + tokens}
         seen |= {c["finish_reason"] for c in out["choices"]}
     assert seen == {"stop", "length"}  # (both endings checked)
-    assert calls == ([1] * 4 if server.app.engine is not None else [])
+    assert calls == [1] * 4
 
 
 def test_beam_search_chat_answers_are_beam_searchs_texts(served, monkeypatch):
