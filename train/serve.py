@@ -1271,6 +1271,7 @@ class Model:
                     rows = run()
             texts = Choices(self.tok, ids, [], stop_id, ignore_eos=s["ignore_eos"],
                             skip_special=s["skip_special_tokens"])
+            texts.hidden -= set(s.get("think_ids") or ())  # (a reasoning parser reads them, as in draw())
             choices = []
             for i, row in enumerate(rows):
                 text, finish, count, _ = texts.ending(i, row)
