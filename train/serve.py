@@ -50,6 +50,7 @@ from tritongpt._types import is_int, is_real
 from tritongpt.cli import command_help
 from tritongpt.errors import EngineDown, UserError, note
 from tritongpt.train.metrics import Metrics
+from tritongpt.train.pooling import CONVERTS, RUNNERS, check_pooling_args
 from tritongpt.train.reasoning import ReasoningStream
 from tritongpt.train.responses import Store
 from tritongpt.train.tool_calls import AutoStream, CallStream, tool_call_id
@@ -75,6 +76,9 @@ UNSUPPORTED = {"suffix", "tools", "tool_choice", "functions",
 FIELDS["tokenize"] = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs",
                       "tools", "chat_template_kwargs", "continue_final_message"}
 FIELDS["detokenize"] = {"model", "tokens"}
+# --runner pooling's (train/pooling.py): OpenAI's EmbeddingCreateParams, vLLM's PoolingRequest (its chat form too)
+FIELDS["embeddings"] = {"model", "input", "encoding_format", "dimensions", "user"}
+FIELDS["pooling"] = FIELDS["embeddings"] | {"messages"}
 # vLLM's tokenize fields this server does not implement: refused unless null or false
 TOKENIZE_UNSUPPORTED = {"chat_template", "mm_processor_kwargs"}
 API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
@@ -884,6 +888,7 @@ class Model:
                 self.template, self.template_why = None, str(e)
         self.lock = threading.Lock()
         self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
+        self.pooler = None  # --runner pooling's (train/pooling.py Pooler): embeddings or reward scores, no text
         self.metrics = Metrics(name, model.config.context_length, engine)  # GET /metrics
         self.created = int(time.time())
 
@@ -1348,7 +1353,8 @@ class Handler(BaseHTTPRequestHandler):
     ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/metrics": "GET",
               "/v1/responses": "POST",
               "/health": "GET", "/version": "GET", "/tokenize": "POST", "/detokenize": "POST",
-              "/tokenizer_info": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST"}
+              "/tokenizer_info": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST",
+              "/v1/embeddings": "POST", "/pooling": "POST"}  # (the last two: --runner pooling's, train/pooling.py)
     # seconds a read or write of the socket may wait: a body shorter than its Content-Length, or a client that
     # stops reading a stream (which would block a write holding the model's lock), must not hold a thread forever
     timeout = 60
@@ -1389,6 +1395,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if self.server.api_key is not None and path not in PUBLIC_PATHS:  # (first, as vLLM's middleware)
                 self.authorize(self.server.api_key)
+            from tritongpt.train.pooling import EMBEDDINGS, POOLING, pool, refused
+
+            why = refused(app, path)  # the other runner's routes (vLLM registers only its runner's)
+            if why:
+                raise APIError(404, why, code="not_found")
             if allowed is None:
                 raise APIError(404, f"unknown path: {method} {path}", code="not_found")
             if method not in allowed.split(", "):
@@ -1418,6 +1429,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, self.detokenize(self.read_body()))
             if path == "/tokenizer_info":
                 return self.send_json(200, self.tokenizer_info())
+            if path in (EMBEDDINGS, POOLING):
+                return self.send_json(200, pool(self, path, self.read_body()))
             if path in LORA_PATHS:
                 return self.send_text(self.lora_update(path, self.read_body()), "text/plain; charset=utf-8")
             if path == "/v1/models":
@@ -2331,6 +2344,9 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
     check_engine_args(args)
+    check_pooling_args(args)
+    if args.runner == "pooling":
+        return pooling_server(args)
     parser = tool_parser(args)
     chat_template = chat_template_arg(args.chat_template)  # (checked before the model loads)
     speculative_config(args.speculative_config, args.max_batch)
@@ -2345,7 +2361,7 @@ def make_server(args) -> ThreadingHTTPServer:
         from tritongpt.train.reasoning import PARSERS as THINKING
 
         thinking = THINKING[args.reasoning_parser](tok, args.reasoning_parser)
-    name = args.served_model_name or (served_name(args.weights) if args.weights else args.model)
+    name = model_name(args)
     if args.enable_lora:  # (none yet with runtime loading: the engine then has its adapter rows from the start)
         load_adapters(model, modules, args.max_lora_rank, name)
     check_cuda_graphs(args, device, model)
@@ -2369,6 +2385,26 @@ def make_server(args) -> ThreadingHTTPServer:
     server.app.runtime_lora, server.app.max_lora_rank = runtime, args.max_lora_rank or 16
     server.app.tool_parser, server.app.reasoning_parser = parser, thinking
     server.api_key = key
+    return server
+
+
+def model_name(args) -> str:
+    return args.served_model_name or (served_name(args.weights) if args.weights else args.model)
+
+
+def pooling_server(args) -> ThreadingHTTPServer:
+    """--runner pooling's server (train/pooling.py): the model's embeddings or reward scores, no engine, no chat."""
+    from tritongpt.train.pooling import load_pooler, served_path
+
+    key = api_key(args)
+    chat_template = chat_template_arg(args.chat_template)  # (a reward model's chats: its prompt's template)
+    model, tok, device, dtype, limit, pooler = load_pooler(args)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    server = Server((args.host, args.port), Handler)
+    server.app = Model(model, tok, device, dtype, limit, model_name(args), None,
+                       f"--runner pooling serves {served_path(pooler)}, no text")
+    server.app.pooler, server.api_key = pooler, key
     return server
 
 
@@ -2429,6 +2465,16 @@ def add_cli(sub):
                    help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer KEY' "
                         f"(vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out of the "
                         "process list, else none)")
+    p.add_argument("--runner", default="generate", choices=RUNNERS,
+                   help="generate: text (completions, chat, responses); pooling: POST /v1/embeddings (OpenAI's: the "
+                        "final-norm hidden state pooled, L2-normalized) or, for a reward model, POST /pooling (its "
+                        "score per input or chat); the other runner's routes are 404s (vLLM's) (default %(default)s)")
+    p.add_argument("--convert", default=None, choices=CONVERTS,
+                   help="with --runner pooling: embed (a language model's default) or reward (a `tritongpt reward` "
+                        "checkpoint's default, read at its last token) (default: auto, by the checkpoint)")
+    p.add_argument("--pooler-config", default=None, metavar="JSON",
+                   help="with --runner pooling, vLLM's PoolerConfig: '{\"pooling_type\": \"LAST\"|\"MEAN\", "
+                        "\"normalize\": true|false}' (default LAST, normalized; a reward model LAST, raw)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: --weights as given, a Hub repo's id)")
     add_dtype_arg(p)

@@ -31,7 +31,8 @@ COMMANDS = {
     "lambada": ("tritongpt.train.lambada", "LAMBADA: last-word accuracy and perplexity, as lm-eval-harness's "
                 "lambada_openai scores them"),
     "chat": ("tritongpt.train.chat", "talk to a fine-tuned model, a message a turn, in the template it was tuned on"),
-    "serve": ("tritongpt.train.serve", "serve a model over HTTP with OpenAI's API (completions, chat completions)"),
+    "serve": ("tritongpt.train.serve", "serve a model over HTTP with OpenAI's API (completions, chat completions; "
+              "--runner pooling: embeddings, reward scores)"),
     "merge": ("tritongpt.train.merge", "merge checkpoints of one model into one (linear, slerp, task arithmetic, "
               "TIES, DARE)"),
 }

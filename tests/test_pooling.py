@@ -1,0 +1,173 @@
+"""`serve --runner pooling` (train/pooling.py): /v1/embeddings gives the model's own final-norm hidden state pooled
+LAST or MEAN (normalized or not), unchanged by the padding of a batch, as floats or base64, read by OpenAI's client;
+/pooling gives a reward model's own score of a text and of a chat laid out as `reward` lays one out; refusals name
+their field, and each runner 404s the other's routes."""
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_serve import CORPUS, call, start, tiny_run
+from tritongpt.errors import UserError
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.formats import ChatPrompt
+from tritongpt.train.preference import encode_answers
+from tritongpt.train.reward import RewardModel
+from tritongpt.train.tokenizer import BPETokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TEXTS = ["the cat sat on the mat.", "a dog", "Hello there! How are you? the bird sang"]  # (lengths differ: pads)
+
+
+def serving(folder, *flags):
+    server = start(folder, "--runner", "pooling", *flags)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    return server
+
+
+def stop(server):
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pool") / "run"
+    return folder, tiny_run(folder, "chat")
+
+
+@pytest.fixture(scope="module")
+def reward_folder(tmp_path_factory):
+    """A run folder as `tritongpt reward` leaves one: its tokenizer and a reward checkpoint (random head)."""
+    folder = tmp_path_factory.mktemp("pool") / "reward"
+    (folder / "ckpt-0000001").mkdir(parents=True)
+    tok = BPETokenizer.train(CORPUS, 300)
+    tok.save(folder / "tokenizer.json")
+    torch.manual_seed(3)
+    from tritongpt.model.config import GPTConfig
+
+    rm = RewardModel(GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=64, n_embd=32, n_layer=2,
+                                        n_head=2)))
+    rm.save(folder / "ckpt-0000001" / "model.safetensors")
+    torch.save({"step": 1}, folder / "ckpt-0000001" / "state.pt")
+    return folder, tok
+
+
+def direct(model, ids, pooling, normalize, dtype=torch.float64):
+    """One input alone, no padding, in dtype: the final-norm hidden state pooled as asked."""
+    m = GPTModel(model.config)
+    m.load_state_dict(model.state_dict())
+    h = m.to(dtype).eval().hidden(torch.tensor([ids]))[0]
+    v = h[-1] if pooling == "LAST" else h.mean(0)
+    return torch.nn.functional.normalize(v, dim=0) if normalize else v
+
+
+@pytest.mark.parametrize("pooling,normalize", [("LAST", True), ("MEAN", False)])
+def test_embeddings_are_the_models_own_pooled_hidden_state(lm_folder, pooling, normalize):
+    folder, tok = lm_folder
+    server = serving(folder, "--pooler-config", json.dumps({"pooling_type": pooling, "normalize": normalize}))
+    try:
+        app = server.app
+        ids = [app.encode(t) for t in TEXTS]
+        status, out = call(server, "/v1/embeddings", {"input": TEXTS, "model": app.name, "user": "u"})
+        assert status == 200, out
+        assert out["object"] == "list" and [d["index"] for d in out["data"]] == [0, 1, 2]
+        assert out["usage"] == {"prompt_tokens": sum(map(len, ids)), "total_tokens": sum(map(len, ids))}
+        got = torch.tensor([d["embedding"] for d in out["data"]], dtype=torch.float64)
+        want = torch.stack([direct(app.model, x, pooling, normalize) for x in ids])
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # (fp32 served against a float64 reference)
+        # padding changes nothing: each input alone (token ids) gives the batch's floats, to fp32's rounding of
+        # another matmul shape
+        for i, x in enumerate(ids):
+            status, alone = call(server, "/v1/embeddings", {"input": x})
+            assert status == 200
+            torch.testing.assert_close(torch.tensor(alone["data"][0]["embedding"]), got[i].float(), rtol=0,
+                                       atol=1e-6)
+        # base64: little-endian float32 of the same floats (the same batch: the same forward)
+        status, b64 = call(server, "/v1/embeddings", {"input": TEXTS, "encoding_format": "base64"})
+        floats = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist() for d in b64["data"]]
+        assert status == 200 and floats == [d["embedding"] for d in out["data"]]
+    finally:
+        stop(server)
+
+
+def test_openai_client_and_refusals(lm_folder):
+    openai = pytest.importorskip("openai")
+    folder, tok = lm_folder
+    server = serving(folder, "--served-model-name", "emb")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
+                               max_retries=0)
+        _, ref = call(server, "/v1/embeddings", {"input": ["a dog", "the cat"]})
+        got = client.embeddings.create(model="emb", input=["a dog", "the cat"])  # (the client asks base64)
+        assert [e.embedding for e in got.data] == [pytest.approx(d["embedding"], abs=0) for d in ref["data"]]
+        assert got.usage.total_tokens == ref["usage"]["total_tokens"]
+        context = server.app.model.config.context_length
+        for body, status, param, words in [
+                ({"input": ""}, 400, "input", "empty"),
+                ({"input": ["a", []]}, 400, "input", "input[1]' is empty"),
+                ({"input": []}, 400, "input", "must be"),
+                ({"input": [1] * (context + 1)}, 400, "input", f"{context + 1} tokens"),
+                ({"input": "a", "dimensions": 8}, 400, "dimensions", "Matryoshka"),
+                ({"input": "a", "encoding_format": "int8"}, 400, "encoding_format", "base64"),
+                ({"input": "a", "truncate": 3}, 400, "truncate", "unknown field"),
+                ({"input": "a", "model": "other"}, 404, "model", "does not exist"),
+                ({"messages": [{"role": "user", "content": "hi"}]}, 400, "messages", "reward model"),  # (to /pooling)
+        ]:
+            path = "/pooling" if "messages" in body else "/v1/embeddings"
+            got_status, out = call(server, path, body)
+            assert got_status == status and out["error"]["param"] == param and words in out["error"]["message"], out
+        status, out = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 404 and "--runner pooling" in out["error"]["message"]
+    finally:
+        stop(server)
+    generating = start(folder, "--max-batch", "1")
+    generating.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, out = call(generating, "/v1/embeddings", {"input": "a"})
+        assert status == 404 and "--runner pooling" in out["error"]["message"]
+    finally:
+        stop(generating)
+
+
+def test_reward_served_is_reward_models_own_score(reward_folder):
+    folder, tok = reward_folder
+    server = serving(folder)
+    try:
+        rm = RewardModel.load(folder)
+        chat = [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "the cat sat"}]
+        prompt, (answer,) = encode_answers(tok, ChatPrompt(chat[:1]), [chat[1]["content"]], {})
+        seqs = [server.app.encode(t) for t in TEXTS] + [prompt + answer]  # (texts as given; the chat as reward's)
+        want = [rm(torch.tensor([s]), torch.tensor([len(s)])).item() for s in seqs]
+        status, out = call(server, "/pooling", {"input": TEXTS})
+        assert status == 200 and [d["object"] for d in out["data"]] == ["pooling"] * 3, out
+        status, chat_out = call(server, "/pooling", {"messages": chat})
+        assert status == 200, chat_out
+        got = [d["data"][0] for d in out["data"] + chat_out["data"]]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6) and len(set(got)) == 4
+        status, out = call(server, "/pooling", {"messages": chat[:1]})
+        assert status == 400 and out["error"]["param"] == "messages" and "assistant" in out["error"]["message"]
+        status, out = call(server, "/v1/embeddings", {"input": "a"})
+        assert status == 404 and "/pooling" in out["error"]["message"]
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--pooler-config", '{"pooling_type": "CLS"}'], "CLS"),
+    (["--pooler-config", '{"normalise": true}'], "unknown key 'normalise'"),
+    (["--convert", "reward"], "not one"),
+    (["--enable-lora"], "--enable-lora"),
+])
+def test_flags_refused_by_name(lm_folder, flags, words):
+    folder, _ = lm_folder
+    with pytest.raises(UserError, match=words):
+        start(folder, "--runner", "pooling", *flags)
+
+
+def test_pooling_flags_need_the_pooling_runner(lm_folder):
+    with pytest.raises(UserError, match="--pooler-config is used only with --runner pooling"):
+        start(lm_folder[0], "--pooler-config", "{}")

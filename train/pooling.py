@@ -1,0 +1,249 @@
+"""`serve --runner pooling`: embeddings and reward scores over HTTP, after vLLM's pooling runner.
+
+    tritongpt serve --weights runs/sft --runner pooling          # POST /v1/embeddings (OpenAI's)
+    tritongpt serve --weights runs/reward --runner pooling       # POST /pooling: the reward model's score
+
+vLLM's `--runner pooling` serves a model's pooled hidden states instead of its text (vllm/config/pooler.py,
+vllm/entrypoints/openai/serving_embedding.py, serving_pooling.py); `--convert embed` turns a generative model into
+an embedder, `--convert reward` reads a reward head. Here:
+- embed (a language model's default): the final hidden state after the model's final norm (GPTModel.hidden, what
+  the LM head reads), pooled LAST (the last token's: vLLM's default for a converted generative model, whose causal
+  attention gathers the whole input only there) or MEAN over the input's tokens, L2-normalized unless
+  --pooler-config '{"normalize": false}'. OpenAI's /v1/embeddings: float lists or base64 (little-endian float32).
+- reward (detected for a `tritongpt reward` checkpoint or a Hugging Face sequence classifier, or --convert reward):
+  RewardModel's scalar, read at the last token as `reward` trains and `rlhf` scores it; POST /pooling answers
+  vLLM's PoolingResponse, each input's data [score]. `messages` (a chat ending in the assistant's answer) is laid
+  out as reward and rlhf lay out a chat record: its prompt (formats.encode_prompt), the answer, the end token.
+A request's inputs run in one forward, right-padded: under causal attention a token never sees the pads after it,
+and LAST and MEAN read only each input's own positions, so padding changes no input's result.
+The other runner's routes are not there (404s), as vLLM registers only its runner's (api_server.build_app).
+"""
+import base64
+import json
+import threading
+import time
+import uuid
+
+from tritongpt._types import is_int
+from tritongpt.errors import UserError
+
+RUNNERS = ("generate", "pooling")
+CONVERTS = ("auto", "embed", "reward")
+POOLING_TYPES = ("LAST", "MEAN")
+# vLLM's PoolerConfig fields this server does not implement, and why (refused by name, not ignored)
+NOT_POOLING = {"CLS": "CLS reads a bidirectional encoder's first token; these models are causal (use LAST)",
+               "ALL": "ALL returns every token's state (token-level pooling); not served here",
+               "STEP": "STEP is a process reward model's per-step pooling; not served here"}
+EMBEDDINGS, POOLING = "/v1/embeddings", "/pooling"
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+# generation flags that mean nothing to a pooling server: refused with --runner pooling
+GENERATION_FLAGS = (("speculative_config", "--speculative-config"), ("enable_lora", "--enable-lora"),
+                    ("lora_modules", "--lora-modules"), ("enable_auto_tool_choice", "--enable-auto-tool-choice"),
+                    ("tool_call_parser", "--tool-call-parser"), ("reasoning_parser", "--reasoning-parser"),
+                    ("kv_cache_pages", "--kv-cache-pages"), ("enable_prefix_caching", "--enable-prefix-caching"),
+                    ("max_prefill_tokens", "--max-prefill-tokens"), ("cuda_graphs", "--cuda-graphs"))
+
+
+def pooler_config(text: str | None, kind: str) -> dict:
+    """--pooler-config's JSON (vLLM's PoolerConfig: pooling_type, normalize) -> {"pooling_type", "normalize"};
+    unknown keys and pooling types not built here refused by name. A reward model reads its head at the last token
+    (what it was trained on): only LAST, and no normalizing of a scalar."""
+    config = {"pooling_type": "LAST", "normalize": kind == "embed"}
+    if text is None:
+        return config
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--pooler-config is not valid JSON ({e}): e.g. '{{\"pooling_type\": \"MEAN\"}}'") from None
+    if not isinstance(given, dict):
+        raise UserError(f"--pooler-config must be a JSON object, got {type(given).__name__}")
+    for key, value in given.items():
+        if key not in config:
+            raise UserError(f"--pooler-config: unknown key {key!r} (this server takes pooling_type and normalize)")
+        if key == "normalize" and not isinstance(value, bool):
+            raise UserError(f"--pooler-config: normalize must be true or false, got {value!r}")
+        if key == "pooling_type" and value not in POOLING_TYPES:
+            why = NOT_POOLING.get(value, f"one of {', '.join(POOLING_TYPES)}")
+            raise UserError(f"--pooler-config: pooling_type {value!r}: {why}")
+    config.update(given)
+    if kind == "reward" and (config["pooling_type"] != "LAST" or config["normalize"]):
+        raise UserError("--pooler-config: a reward model is read at the last token (pooling_type LAST) and its "
+                        "score is not normalized (normalize false), as `reward` trained it")
+    return config
+
+
+def check_pooling_args(args):
+    """The pooling flags only with --runner pooling, and the generation flags not with it."""
+    if args.runner != "pooling":
+        for flag, value in (("--convert", args.convert), ("--pooler-config", args.pooler_config)):
+            if value is not None:
+                raise UserError(f"{flag} is used only with --runner pooling (embeddings, reward scores)")
+        return
+    for dest, flag in GENERATION_FLAGS:
+        if getattr(args, dest, None) not in (None, False):
+            raise UserError(f"{flag} is a generation setting: --runner pooling serves embeddings and reward scores, "
+                            "it generates nothing")
+
+
+def load_pooler(args):
+    """(model, tokenizer, device, dtype, limit, Pooler) for --runner pooling: a reward model by RewardModel.load
+    (detected, or --convert reward), else the language model as generate loads it."""
+    from tritongpt.commands import load_generation_model
+    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.reward import RewardModel, is_reward_model
+    from tritongpt.train.sft import pick_tokenizer
+
+    reward = bool(args.weights) and is_reward_model(args.weights)
+    kind = args.convert if args.convert not in (None, "auto") else "reward" if reward else "embed"
+    if kind == "reward" and not reward:
+        raise UserError(f"--convert reward needs a reward model (a `tritongpt reward` checkpoint or a Hugging Face "
+                        f"sequence classifier with one label): {args.weights or args.model} is not one")
+    config = pooler_config(args.pooler_config, kind)
+    if not reward:
+        model, tok, device, dtype, limit = load_generation_model(args)
+    else:
+        if args.quantize is not None:
+            raise UserError("--quantize is not applied to a reward model (quantize it with `reward --quantize`)")
+        device, dtype = pick_device(args.device), pick_dtype(args.dtype, pick_device(args.device))
+        model = RewardModel.load(args.weights, map_location=device, kernels=args.kernels, quantized_ok=True).eval()
+        tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
+        limit = tok.vocab_size if tok.vocab_size < model.config.vocab_size else None
+    return model, tok, device, dtype, limit, Pooler(model, tok, device, dtype, kind, **config)
+
+
+class Pooler:
+    """One model's pooled outputs: embeddings (kind "embed") or reward scores (kind "reward") of token id lists,
+    every list of a request in one right-padded forward (under a lock: one forward at a time)."""
+
+    def __init__(self, model, tok, device, dtype, kind: str, pooling_type: str = "LAST", normalize: bool = True):
+        self.model, self.tok, self.device, self.dtype, self.kind = model, tok, device, dtype, kind
+        self.pooling_type, self.normalize = pooling_type, normalize
+        self.lock = threading.Lock()
+
+    def __call__(self, seqs: list):
+        """[N, C] embeddings, or [N] scores, float32 on the CPU."""
+        import torch
+        import torch.nn.functional as F
+
+        from tritongpt.train.common import autocast
+        from tritongpt.train.preference import pad_sequences
+
+        idx, lengths = pad_sequences(seqs, 0, self.device)  # (any id pads: no kept position sees it)
+        with self.lock, torch.no_grad(), autocast(self.device, self.dtype):
+            if self.kind == "reward":
+                return self.model(idx, lengths).float().cpu()
+            backbone = getattr(self.model, "backbone", self.model)  # (a reward checkpoint's, with --convert embed)
+            h = backbone.hidden(idx).float()
+        if self.pooling_type == "LAST":
+            out = h[torch.arange(len(seqs), device=h.device), lengths - 1]
+        else:  # MEAN over each input's own positions, the pads after it left out
+            keep = torch.arange(idx.size(1), device=h.device) < lengths.unsqueeze(1)
+            out = (h * keep.unsqueeze(-1)).sum(1) / lengths.unsqueeze(1)
+        return (F.normalize(out, dim=-1) if self.normalize else out).cpu()
+
+
+def encoded(values: list, encoding_format: str):
+    """A float vector as OpenAI sends it: a list, or base64 of its little-endian float32 bytes."""
+    import numpy as np
+
+    if encoding_format == "float":
+        return values
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+def input_ids(app, body: dict) -> list:
+    """`input` (a string, a list of strings, a list of token ids, a list of lists of ids: OpenAI's) -> each input's
+    ids, text encoded as completions encode a prompt; empty and over-long inputs refused by index."""
+    from tritongpt.train.serve import bad, check_token_ids
+
+    value = body.get("input")
+    one = isinstance(value, str) or isinstance(value, list) and bool(value) and all(is_int(t) for t in value)
+    inputs = [value] if one else value
+    if not isinstance(inputs, list) or not inputs or not all(
+            isinstance(x, str) or isinstance(x, list) and all(is_int(t) for t in x) for x in inputs):
+        raise bad("input", f"'input' must be a string, a list of token ids, or a non-empty list of either, got "
+                           f"{value!r}"[:300])
+    vocab = app.limit or app.model.config.vocab_size
+    out = []
+    for i, x in enumerate(inputs):
+        where = "'input'" if one else f"'input[{i}]'"
+        if not x:
+            raise bad("input", f"{where} is empty")
+        if not isinstance(x, str):
+            check_token_ids(x, vocab, "input")
+        out.append(app.encode(x) if isinstance(x, str) else list(x))
+        if not out[-1]:
+            raise bad("input", f"{where} is empty (no tokens)")
+    return out
+
+
+def chat_ids(app, messages) -> list:
+    """A chat ending in the assistant's answer, as reward and rlhf lay out a chat record: the prompt of the messages
+    before it (formats.encode_prompt), then the answer and its end token (preference.encode_answers)."""
+    from tritongpt.train.formats import ChatPrompt
+    from tritongpt.train.preference import encode_answers
+    from tritongpt.train.serve import bad
+
+    roles = ("system", "user", "assistant")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages):
+        raise bad("messages", f"'messages' must be a non-empty list of {{role: {'|'.join(roles)}, content: "
+                              "string}} objects")
+    if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages[:-1]):
+        raise bad("messages", "'messages' must end with the assistant's answer to score, after a user message")
+    prompt, (answer,) = encode_answers(app.tok, ChatPrompt(messages[:-1]), [messages[-1]["content"]], {})
+    return [prompt + answer]
+
+
+def pool(handler, path: str, body: dict) -> dict:
+    """POST /v1/embeddings (OpenAI's EmbeddingResponse) or /pooling (vLLM's PoolingResponse)."""
+    from tritongpt.train.serve import APIError, bad, check_fields
+
+    app = handler.server.app
+    pooler = app.pooler
+    endpoint = "embeddings" if path == EMBEDDINGS else "pooling"
+    check_fields(body, endpoint, app.name)
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise bad("encoding_format", f"'encoding_format' must be \"float\" or \"base64\", got {encoding_format!r}")
+    if body.get("dimensions") is not None:  # (vLLM's: only a Matryoshka model takes it)
+        raise bad("dimensions", f"'dimensions' is not supported: this model's embeddings have "
+                                f"{app.model.config.n_embd} dimensions (it is not a Matryoshka model)")
+    if "messages" in body and "input" in body:
+        raise bad("messages", "pass 'input' or 'messages', not both")
+    if "messages" in body:
+        if pooler.kind != "reward":
+            raise bad("messages", "'messages' is scored by a reward model; this server embeds: send 'input'")
+        seqs = chat_ids(app, body["messages"])
+    else:
+        seqs = input_ids(app, body)
+    context = app.model.config.context_length
+    for i, s in enumerate(seqs):
+        if len(s) > context:
+            raise APIError(400, f"input {i} is {len(s)} tokens; this model's maximum context length is {context} "
+                                "tokens: shorten it", param="messages" if "messages" in body else "input")
+    out = pooler(seqs)
+    kind = "embedding" if endpoint == "embeddings" else "pooling"
+    field = "embedding" if endpoint == "embeddings" else "data"
+    data = [{"index": i, "object": kind, field: encoded(v.reshape(-1).tolist(), encoding_format)}
+            for i, v in enumerate(out)]
+    tokens = sum(map(len, seqs))
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"id": f"{'embd' if kind == 'embedding' else 'pool'}-{uuid.uuid4().hex}", "object": "list",
+            "created": int(time.time()), "model": app.name, "data": data, "usage": usage}
+
+
+def refused(app, path: str) -> str | None:
+    """Why path is not served by this runner (a 404, as vLLM registers only its runner's routes), or None."""
+    pooler = app.pooler
+    if pooler is None and path in (EMBEDDINGS, POOLING):
+        return f"{path} is served with --runner pooling; this server generates"
+    if pooler is not None and (path in GENERATE_PATHS or path.startswith("/v1/responses/")):
+        return f"{path} is not served with --runner pooling (this server answers {served_path(pooler)})"
+    if pooler is not None and path == EMBEDDINGS and pooler.kind == "reward":
+        return f"{path} is not served for a reward model: its scores are at POST {POOLING} (or --convert embed)"
+    return None
+
+
+def served_path(pooler) -> str:
+    return f"POST {POOLING}" if pooler.kind == "reward" else f"POST {EMBEDDINGS} and {POOLING}"
