@@ -161,6 +161,7 @@ def test_reward_served_is_reward_models_own_score(reward_folder):
     (["--pooler-config", '{"normalise": true}'], "unknown key 'normalise'"),
     (["--convert", "reward"], "not one"),
     (["--enable-lora"], "--enable-lora"),
+    (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
 ])
 def test_flags_refused_by_name(lm_folder, flags, words):
     folder, _ = lm_folder
