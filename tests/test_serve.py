@@ -2220,6 +2220,8 @@ def test_served_prediction_refusals(served):
         assert status == 400 and body["error"]["param"] == field and "prediction" in body["error"]["message"]
     status, body = call(server, "/v1/completions", {"prompt": "the", "prediction": pred})
     assert status == 400 and body["error"]["param"] == "prediction"
+    status, body = call(server, "/v1/chat/completions", {**ask, "prediction": pred, "use_beam_search": True})
+    assert status == 400 and body["error"]["param"] == "prediction" and "use_beam_search" in body["error"]["message"]
 
 
 def beams_of(server, ids, max_new, n, eos, length_penalty=1.0):

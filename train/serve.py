@@ -93,9 +93,9 @@ MAX_LOGPROBS = 20
 # what use_beam_search cannot go with here, each with its value that changes nothing (None and false are off too):
 # streaming, logprobs, echo (vLLM's beam search returns all at the end, its logprobs aside), sampling (the search is
 # deterministic), the end rules beam_search() does not apply (stop strings, more end tokens, min_tokens), structured
-# outputs and tools (no guide in the search)
+# outputs and tools (no guide in the search), a prediction (no speculation in the search)
 BEAM_REFUSED = {"stream": None, "stream_options": None, "echo": None, "logprobs": None, "top_logprobs": None,
-                "prompt_logprobs": None, "best_of": None, "top_p": 1, "top_k": -1, "min_p": 0, "frequency_penalty": 0,
+                "prompt_logprobs": None, "prediction": None, "best_of": None, "top_p": 1, "top_k": -1, "min_p": 0, "frequency_penalty": 0,
                 "presence_penalty": 0, "logit_bias": None, "stop": None, "stop_token_ids": None, "min_tokens": 0,
                 "response_format": None, "structured_outputs": None, "tools": None, "tool_choice": None,
                 "parallel_tool_calls": None, "temperature": 1}
