@@ -179,3 +179,26 @@ def test_the_generate_command_with_a_prediction(tmp_path, capsys):
         assert said in err, (extra, err)
     assert cli.main([*base, "--prediction", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_a_bad_or_used_prediction_is_refused_at_submit_not_in_the_batch(model):
+    """A prediction's token past the model's vocabulary would fail the verifying forward, and with it every request
+    in the engine's batch; a Prediction already in use (its rows' places another call's) would index rows it does
+    not have, or start from another answer's place: both refused by name before any work."""
+    V = model.config.vocab_size
+    engine = Engine(model, max_batch=2)
+    other = engine.submit(prompt(5, seed=9), 6)
+    engine.step()
+    with pytest.raises(UserError, match=f"prediction's token id {V + 5} is outside the model's vocabulary"):
+        engine.submit(prompt(6, seed=3), 5, prediction=Prediction([1, V + 5]))
+    p = Prediction([1, 2, 3])
+    engine.submit(prompt(6, seed=3), 5, prediction=p)
+    with pytest.raises(UserError, match="one Prediction a call"):
+        engine.submit(prompt(6, seed=3).expand(2, -1), 5, prediction=p)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(other.wait(), generate(model, prompt(5, seed=9), 6))
+    with pytest.raises(UserError, match="one Prediction a call"):
+        generate(model, prompt(6, seed=3), 5, draft=p)
+    with pytest.raises(UserError, match=f"prediction's token id {V} is outside"):
+        generate(model, prompt(6, seed=3), 5, draft=Prediction([V]))

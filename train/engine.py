@@ -395,6 +395,8 @@ class Engine:
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         if guide is not None:
             guide.begin(idx.size(0), ends, vocab_limit or vocab, masks_with_triton(self.model))
+        if prediction is not None:  # (its ids checked here: in the batch's forward they would fail them all)
+            prediction.begin(idx.size(0), vocab)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
         r.lookup, r.guide, r.draft = speculates, guide, draft if speculates else None

@@ -388,6 +388,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         num_draft_tokens = 10 if isinstance(draft, MODELLESS) else 4
     if draft is not None:
         check_draft(model, draft, idx, max_new_tokens, num_draft_tokens, use_cache)
+    if isinstance(draft, Prediction):
+        draft.begin(idx.size(0), model.config.vocab_size)
     lookup = isinstance(draft, MODELLESS)
     was_training = model.training, draft is not None and not lookup and draft.training
     model.eval()
@@ -826,6 +828,18 @@ class Prediction:
         self.at = self.seen = None  # each row's place (None: lost), the generated tokens read so far
         self.accepted = self.rejected = 0
 
+    def begin(self, rows: int, vocab_size: int) -> None:
+        """Checked before any work, then this call's rows' places (generate's, an engine request's): a token past the
+        model's vocabulary would fail the verifying forward (in the engine every request in its batch), and a
+        Prediction already in use holds another call's places (its rows, where their answers stand)."""
+        if self.at is not None:
+            raise UserError("a Prediction keeps where each row's answer stands in it: one Prediction a call "
+                            "(generate's, an engine request's), this one is in use; make a new one")
+        bad = next((t for t in self.ids if t >= vocab_size), None)
+        if bad is not None:
+            raise UserError(f"a prediction's token id {bad} is outside the model's vocabulary [0, {vocab_size})")
+        self.at, self.seen, self.lost = [0] * rows, 0, [0] * rows
+
     def count(self, offered: int, kept: int) -> None:
         """A verified step's tally: offered proposals, kept of them."""
         self.accepted, self.rejected = self.accepted + kept, self.rejected + offered - kept
@@ -845,7 +859,7 @@ class Prediction:
         """This step's proposals for idx [B, T] (generated from column start), as lookup_draft's: (drafted [B, k'],
         lens [B]). Reads the tokens generated since its last call (one copy to the host a step)."""
         B = idx.size(0)
-        if self.at is None:
+        if self.at is None:  # (not begun: its ids are taken as they are)
             self.at, self.seen, self.lost = [0] * B, 0, [0] * B  # lost: where a row departed (resync's `after`)
         new = idx[:, start + self.seen:].tolist()
         self.seen = idx.size(1) - start
