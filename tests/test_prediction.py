@@ -202,3 +202,21 @@ def test_a_bad_or_used_prediction_is_refused_at_submit_not_in_the_batch(model):
         generate(model, prompt(6, seed=3), 5, draft=p)
     with pytest.raises(UserError, match=f"prediction's token id {V} is outside"):
         generate(model, prompt(6, seed=3), 5, draft=Prediction([V]))
+
+
+def test_a_proposal_kept_past_the_rows_common_length_counts_as_accepted():
+    """Rows keep a common m draft tokens a step (keep_common); a row that accepted more keeps its (m + 1)-th proposal
+    as the step's last token: in its answer, so accepted (OpenAI's), never rejected. Row 0's proposals all right,
+    row 1's first wrong: m = 0, row 0 keeps one proposal, row 1 the model's own token."""
+    from tritongpt.train.generate import verify_step
+
+    text = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 4]])  # the text (L = 2) and each row's two proposals
+    logits = torch.full((2, 3, 5), -5.0)
+    for b, want in enumerate(([2, 3, 1], [0, 1, 1])):  # the model's greedy token at each verified position
+        logits[b, torch.arange(3), want] = 5.0
+    p = Prediction([2, 3])
+    idx, m, *_, offered, accepted = verify_step(logits, text, 2, 2, torch.zeros(2, dtype=torch.bool),
+                                                {"temperature": 0.0}, None, None, None, None, None,
+                                                torch.tensor([2, 2]), None, None, prediction=p)
+    assert idx.tolist() == [[0, 1, 2], [0, 1, 0]] and m == 0 and (offered, accepted) == (4, 0)
+    assert (p.accepted, p.rejected) == (1, 3)

@@ -949,15 +949,14 @@ class Engine:
         L, before, sent = r.idx.size(1), r.done.clone(), []  # (verify_step updates done in place)
         r.idx, m, finished, ended, _, offered, accepted = verify_step(
             logits[..., :r.vocab_limit], torch.cat([r.idx, drafted], dim=1), L, r.start, r.done, r.warp,
-            r.generator, r.eos_id, lambda *item: sent.append(item), r.stop, r.ends, lens, guide=r.guide)
+            r.generator, r.eos_id, lambda *item: sent.append(item), r.stop, r.ends, lens, guide=r.guide,
+            prediction=r.draft if isinstance(r.draft, Prediction) else None)
         if sent:  # (the step's tokens as one: Request.put_step)
             r.put_step(sent)
         self.cache.fill[r.slots] = L + m
         for i, ended_row in enumerate(ended if r.eos_id is not None else ()):
             if ended_row:  # (its keys from L on are its proposals', not the EOS padding it holds)
                 r.cut[i] = L if r.cut[i] is None else min(r.cut[i], L)
-        if isinstance(r.draft, Prediction):
-            r.draft.count(offered, accepted)
         if self.lookup is not None:  # (vLLM's counters: a server that speculates; a prediction's drafts too there)
             self.stats["spec_decode_num_drafts"] += int(((lens > 0) & ~before).sum())
             self.stats["spec_decode_num_draft_tokens"] += offered

@@ -991,11 +991,10 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
         logits = _feed(model, cache, text, keep=k + 1)[:, -(k + 1):, :vocab_limit]
         idx, m, _, _, live, offered, took = verify_step(logits, text, L, start, done, warp, generator, eos_id,
                                                          on_token, stop, ends, lens if lookup else None,
-                                                         None if lookup else q_logits, guide)
+                                                         None if lookup else q_logits, guide,
+                                                         draft if isinstance(draft, Prediction) else None)
         forwards, row_forwards, proposed, accepted = forwards + 1, row_forwards + live, proposed + offered, \
             accepted + took
-        if isinstance(draft, Prediction):
-            draft.count(offered, took)
         if (eos_id is not None or stop is not None) and bool(done.all()):
             break
         # the caches keep the text before the step's last token, which neither has run
@@ -1026,7 +1025,7 @@ def lookup_draft(idx, max_ngram: int, k: int, vocab_limit=None):
 
 
 def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, eos_id, on_token, stop, ends=None,
-                lens=None, q_logits=None, guide=None):
+                lens=None, q_logits=None, guide=None, prediction=None):
     """A speculative step after the model's forward (_speculative's, and the batching engine's with prompt lookup):
     text [B, L + k] the text and its k draft tokens, logits [B, k + 1, V] the model's at its last k + 1 positions
     (vocab-limited). Each position warped as _generate would (the penalties, the n-gram ban), the drafts judged
@@ -1035,7 +1034,9 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
     whether every row is done, append_token's host list of done rows, the live rows, the tokens they proposed,
     the draft tokens they kept).
     guide: structured outputs (Guide.mask_drafts: each position masked by the grammar after the drafts before it;
-    each kept token accepted on the grammars as it is appended)."""
+    each kept token accepted on the grammars as it is appended).
+    prediction: the Prediction that proposed (lens'), its counts told the proposals kept: the m every live row
+    keeps, and a row's (m + 1)-th where it accepted more (its last token: in the answer, though not in `accepted`)."""
     if guide is not None:
         logits = guide.mask_drafts(logits, text[:, L:], lens)
     greedy = warp.get("temperature", 0.0) < torch.finfo(torch.float32).tiny  # (the engine's: only the ones given)
@@ -1052,18 +1053,21 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
     m, kept = keep_common(n, nxt, text[:, L:], done)
     live = int((~done).sum())
     offered = int(lens[~done].sum()) if lens is not None else k * live
-    idx, finished, ended, accepted = text[:, :L], False, None, 0
+    idx, finished, ended, accepted, kept_drafts = text[:, :L], False, None, 0, 0
     for j, tok in enumerate(kept.split(1, dim=1)):  # as _generate does, a token at a time
         if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
             ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
         # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
         # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
         accepted += int((~done).sum()) if j < m else 0
+        kept_drafts += int((~done).sum()) if j < m else int((~done & (n > m)).sum())
         idx, finished, ended = append_token(idx, tok, done, eos_id, on_token, stop, ends)
         if guide is not None:
             guide.accept(idx[:, -1].tolist(), ended)
         if finished:
             break
+    if prediction is not None:
+        prediction.count(offered, kept_drafts)
     return idx, m, finished, ended, live, offered, accepted
 
 
