@@ -31,7 +31,7 @@ def test_where_a_row_stands_and_what_it_proposes():
     p = Prediction(P, max_ngram=2)
     assert proposed(p, [[1, 2]], 2, 3) == [[10, 11, 12]]  # nothing generated yet: the prediction's start
     assert proposed(p, [[1, 2, 10, 11]], 2, 3) == [[12, 13, 14]]  # followed: on from there
-    assert proposed(p, [[1, 2, 10, 11, 12, 13, 14, 10, 11]], 2, 2) == [[15, 16]]  # still in place (not (10, 11)'s first)
+    assert proposed(p, [[1, 2, 10, 11, 12, 13, 14, 10, 11]], 2, 2) == [[15, 16]]  # in place (not (10, 11)'s first)
     assert proposed(p, [[1, 2, 10, 11, 12, 13, 14, 10, 11, 15, 16]], 2, 2) == [[]]  # at its end: nothing left
     p = Prediction(P, max_ngram=2)
     assert proposed(p, [[1, 2, 10, 11, 12, 99]], 2, 3) == [[]]  # departed (99 is nowhere): nothing

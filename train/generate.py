@@ -328,8 +328,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     prompt_lookup N: prompt lookup decoding, a draft without a model (not with draft): each row proposes up to
     num_draft_tokens tokens that followed the most recent earlier occurrence of its last n-gram, n from N down to 1
     (transformers' max_matching_ngram_size; 2 is its default), in the prompt or the text generated so far; a row
-    that finds none runs a plain step. draft=Prediction(ids): a predicted output (OpenAI's), another draft without a model: the
-    rows propose the prediction's tokens where their text stands in it (Prediction).
+    that finds none runs a plain step. draft=Prediction(ids): a predicted output (OpenAI's), another draft without
+    a model: the rows propose the prediction's tokens where their text stands in it (Prediction).
     cuda_graph: each decode step after the prefill (one token a row) a replay of a CUDA graph captured at the first
     (DecodeGraph): the same tokens, without the host's per-launch cost. CUDA only, with the cache, not with a draft.
     kv_cache_dtype: "auto" (the cache in the model's compute dtype) or "int8" (KVCache's int8 values with a scale per
@@ -947,10 +947,10 @@ def _speculative(model, draft, idx, max_new_tokens, warp: dict, eos_id, generato
     both caches are cropped back to the text kept. The caches have one length for all rows, so every row keeps the
     same number of new tokens a step: m + 1, m the fewest draft tokens a live row accepted (see keep_common).
     A PromptLookup or a Prediction runs no forward and has no cache: each row proposes its own (their propose), up
-    to k, and accept_lookup rules on them. kv_cache_dtype: the model's cache's; the draft's own stays float (it only proposes,
-    and its cache is the small one). guide: structured outputs, the model's distributions masked by the grammars
-    (verify_step), the draft's too (Guide.mask_after: speculative sampling keeps the model's distribution whatever
-    the draft's, so this only raises how many drafts are accepted)."""
+    to k, and accept_lookup rules on them. kv_cache_dtype: the model's cache's; the draft's own stays float (it only
+    proposes, and its cache is the small one). guide: structured outputs, the model's distributions masked by the
+    grammars (verify_step), the draft's too (Guide.mask_after: speculative sampling keeps the model's distribution
+    whatever the draft's, so this only raises how many drafts are accepted)."""
     greedy = warp["temperature"] < torch.finfo(torch.float32).tiny
     B, cap = idx.size(0), idx.size(1) + max_new_tokens
     cache = new_cache(model, B, min(model.config.context_length, cap), kv_cache_dtype)

@@ -95,10 +95,10 @@ MAX_LOGPROBS = 20
 # deterministic), the end rules beam_search() does not apply (stop strings, more end tokens, min_tokens), structured
 # outputs and tools (no guide in the search), a prediction (no speculation in the search)
 BEAM_REFUSED = {"stream": None, "stream_options": None, "echo": None, "logprobs": None, "top_logprobs": None,
-                "prompt_logprobs": None, "prediction": None, "best_of": None, "top_p": 1, "top_k": -1, "min_p": 0, "frequency_penalty": 0,
-                "presence_penalty": 0, "logit_bias": None, "stop": None, "stop_token_ids": None, "min_tokens": 0,
-                "response_format": None, "structured_outputs": None, "tools": None, "tool_choice": None,
-                "parallel_tool_calls": None, "temperature": 1}
+                "prompt_logprobs": None, "prediction": None, "best_of": None, "top_p": 1, "top_k": -1, "min_p": 0,
+                "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "stop": None, "stop_token_ids": None,
+                "min_tokens": 0, "response_format": None, "structured_outputs": None, "tools": None,
+                "tool_choice": None, "parallel_tool_calls": None, "temperature": 1}
 # vLLM's fields for structured outputs before its 0.12, which took structured_outputs in their place: refused with that
 REMOVED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
            "guided_whitespace_pattern": "whitespace_pattern", "guided_decoding_backend": None}
