@@ -2314,7 +2314,7 @@ def test_beam_search_chat_answers_are_beam_searchs_texts(served, monkeypatch):
     ("/v1/completions", {"top_p": 0.9}, "top_p"),
     ("/v1/completions", {"frequency_penalty": 0.5}, "frequency_penalty"),
     ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
-    ("/v1/completions", {"best_of": 1}, "best_of"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
@@ -2327,8 +2327,8 @@ def test_beam_search_refuses_what_it_cannot_go_with_by_name(served, path, extra,
     assert status == 400 and err["error"]["param"] == param
     assert f"'{param}' cannot be used with 'use_beam_search'" in err["error"]["message"]
     # without beam search the same field is taken (it is the beam search that refuses it; a JSON grammar's compile
-    # skipped: a second)
-    if param != "response_format":
+    # skipped: a second; best_of other than n is refused there too)
+    if param not in ("response_format", "best_of"):
         assert call(server, path, {**body, "max_tokens": 2, **extra})[0] == 200
 
 
@@ -2343,3 +2343,7 @@ def test_beam_search_settings_checked_and_length_penalty_needs_it(served):
     assert call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 2, "use_beam_search": True,
                                             "temperature": 1.0, "top_p": 1, "top_k": -1, "stream": False,
                                             "stop": [], "frequency_penalty": 0})[0] == 200
+    # best_of = n is the beam width already (vLLM's search reads n): taken, as without beam search
+    for n in (1, 2):
+        assert call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 2, "use_beam_search": True, "n": n,
+                                                "best_of": n})[0] == 200

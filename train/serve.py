@@ -268,6 +268,8 @@ def beam_setting(body: dict) -> dict | None:
     if penalty is not None and (not is_real(penalty) or not math.isfinite(penalty)):
         raise bad("length_penalty", f"'length_penalty' must be a finite number, got {penalty!r}")
     for key, neutral in BEAM_REFUSED.items():
+        if key == "best_of":  # (best_of = n: the beam width already, as vLLM's search reads n)
+            neutral = body.get("n") if is_int(body.get("n")) else 1
         value = body.get(key)
         off = value is None or value is False or value in ([], {}) or (
             neutral is not None and is_real(value) and not isinstance(value, bool) and value == neutral)
