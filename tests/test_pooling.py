@@ -172,3 +172,43 @@ def test_flags_refused_by_name(lm_folder, flags, words):
 def test_pooling_flags_need_the_pooling_runner(lm_folder):
     with pytest.raises(UserError, match="--pooler-config is used only with --runner pooling"):
         start(lm_folder[0], "--pooler-config", "{}")
+
+
+def test_many_inputs_run_in_forwards_of_at_most_max_tokens_positions(lm_folder):
+    """One request of many inputs is cut into forwards of at most Pooler.max_tokens padded positions (vLLM's
+    max_num_batched_tokens), not one [N, T] forward: each input's embedding is still its own, in order."""
+    folder, _ = lm_folder
+    server = serving(folder, "--pooler-config", '{"pooling_type": "MEAN"}')
+    try:
+        app, shapes = server.app, []
+        hidden = app.model.hidden
+        app.model.hidden = lambda idx, *a, **k: shapes.append(tuple(idx.shape)) or hidden(idx, *a, **k)
+        app.pooler.max_tokens = 64
+        g = torch.Generator().manual_seed(5)
+        seqs = [torch.randint(0, app.tok.vocab_size, (n,), generator=g).tolist() for n in (30, 9, 50, 21, 13, 61)]
+        status, out = call(server, "/v1/embeddings", {"input": seqs})
+        assert status == 200, out
+        assert len(shapes) > 1 and all(b * t <= 64 for b, t in shapes) and sum(b for b, _ in shapes) == len(seqs)
+        got = torch.tensor([d["embedding"] for d in out["data"]], dtype=torch.float64)
+        want = torch.stack([direct(app.model, x, "MEAN", True) for x in seqs])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        stop(server)
+
+
+def test_pooling_requests_count_in_metrics(lm_folder):
+    """Each input of an embeddings request is a request finished "stop" in /metrics (vLLM's: one engine request an
+    input), its tokens the prompt tokens; a request refused before the forward counts nothing."""
+    from test_serve import metric, scrape
+
+    folder, _ = lm_folder
+    server = serving(folder, "--served-model-name", "tiny")
+    try:
+        status, out = call(server, "/v1/embeddings", {"input": TEXTS})
+        assert status == 200 and call(server, "/v1/embeddings", {"input": ""})[0] == 400
+        s = scrape(server)
+        assert metric(s, "request_success_total", finished_reason="stop") == len(TEXTS)
+        assert metric(s, "prompt_tokens_total") == out["usage"]["prompt_tokens"]
+        assert metric(s, "generation_tokens_total") == 0 and metric(s, "request_prompt_tokens_count") == len(TEXTS)
+    finally:
+        stop(server)

@@ -14,8 +14,9 @@ an embedder, `--convert reward` reads a reward head. Here:
   RewardModel's scalar, read at the last token as `reward` trains and `rlhf` scores it; POST /pooling answers
   vLLM's PoolingResponse, each input's data [score]. `messages` (a chat ending in the assistant's answer) is laid
   out as reward and rlhf lay out a chat record: its prompt (formats.encode_prompt), the answer, the end token.
-A request's inputs run in one forward, right-padded: under causal attention a token never sees the pads after it,
-and LAST and MEAN read only each input's own positions, so padding changes no input's result.
+A request's inputs run right-padded, in forwards of at most MAX_TOKENS positions: under causal attention a token
+never sees the pads after it, and LAST and MEAN read only each input's own positions, so padding changes no input's
+result. /metrics counts each input as a request (vLLM's: an engine request an input), its tokens prompt tokens.
 The other runner's routes are not there (404s), as vLLM registers only its runner's (api_server.build_app).
 """
 import base64
@@ -112,17 +113,42 @@ def load_pooler(args):
     return model, tok, device, dtype, limit, Pooler(model, tok, device, dtype, kind, **config)
 
 
+# the most right-padded positions one forward runs (after vLLM's max_num_batched_tokens, which caps a step): a
+# request of many long inputs runs in several forwards, not one [N, T] one that holds N * T hidden states at once
+MAX_TOKENS = 8192
+
+
+def batches(lengths: list, max_tokens: int):
+    """Consecutive slices of the inputs, each one forward of at most max_tokens right-padded positions (one input
+    at least: an input is never longer than the context, and max_tokens is at least that)."""
+    start = longest = 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, n) > max_tokens:
+            yield slice(start, i)
+            start, longest = i, 0
+        longest = max(longest, n)
+    yield slice(start, len(lengths))
+
+
 class Pooler:
     """One model's pooled outputs: embeddings (kind "embed") or reward scores (kind "reward") of token id lists,
-    every list of a request in one right-padded forward (under a lock: one forward at a time)."""
+    in right-padded forwards of at most max_tokens positions (one forward at a time: the lock)."""
 
     def __init__(self, model, tok, device, dtype, kind: str, pooling_type: str = "LAST", normalize: bool = True):
         self.model, self.tok, self.device, self.dtype, self.kind = model, tok, device, dtype, kind
         self.pooling_type, self.normalize = pooling_type, normalize
+        self.max_tokens = max(MAX_TOKENS, model.config.context_length)
         self.lock = threading.Lock()
 
-    def __call__(self, seqs: list):
-        """[N, C] embeddings, or [N] scores, float32 on the CPU."""
+    def __call__(self, seqs: list, hold=None):
+        """[N, C] embeddings, or [N] scores, float32 on the CPU. hold: what the forwards run under (serve's
+        Model.turn, which /metrics counts), else the Pooler's own lock."""
+        import torch
+
+        with hold or self.lock:
+            return torch.cat([self.forward(seqs[part]) for part in batches(list(map(len, seqs)), self.max_tokens)])
+
+    def forward(self, seqs: list):
         import torch
         import torch.nn.functional as F
 
@@ -130,7 +156,7 @@ class Pooler:
         from tritongpt.train.preference import pad_sequences
 
         idx, lengths = pad_sequences(seqs, 0, self.device)  # (any id pads: no kept position sees it)
-        with self.lock, torch.no_grad(), autocast(self.device, self.dtype):
+        with torch.no_grad(), autocast(self.device, self.dtype):
             if self.kind == "reward":
                 return self.model(idx, lengths).float().cpu()
             backbone = getattr(self.model, "backbone", self.model)  # (a reward checkpoint's, with --convert embed)
@@ -223,7 +249,16 @@ def pool(handler, path: str, body: dict) -> dict:
         if len(s) > context:
             raise APIError(400, f"input {i} is {len(s)} tokens; this model's maximum context length is {context} "
                                 "tokens: shorten it", param="messages" if "messages" in body else "input")
-    out = pooler(seqs)
+    timings = [app.metrics.request() for _ in seqs]  # (vLLM's: an engine request an input)
+    try:
+        out = pooler(seqs, app.turn(timings[0]))
+    except Exception:
+        for timing in timings:
+            timing.end(["error"])
+        raise
+    for timing, s in zip(timings, seqs):
+        timing.scheduled = timings[0].scheduled  # (they took the model together)
+        timing.end(["stop"], len(s))
     kind = "embedding" if endpoint == "embeddings" else "pooling"
     field = "embedding" if endpoint == "embeddings" else "data"
     data = [{"index": i, "object": kind, field: encoded(v.reshape(-1).tolist(), encoding_format)}
