@@ -2,6 +2,7 @@
 generate()'s text, chat answers what `chat`'s Conversation and reply() give, streamed chunks add up to the text,
 every bad request gets OpenAI's error object with its status, and logprobs (echo's, the drawn tokens', lm-eval's
 loglikelihood requests) are the model's own log-softmax."""
+import http.client
 import json
 import threading
 import time
@@ -2300,6 +2301,23 @@ def test_beam_search_chat_answers_are_beam_searchs_texts(served, monkeypatch):
     out = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "n": 2,
                                                 "use_beam_search": True, "ignore_eos": True})[1]
     assert [c["finish_reason"] for c in out["choices"]] == ["length"] * 2 and out["usage"]["completion_tokens"] == 12
+
+
+def test_beam_search_ends_when_its_client_leaves(both, monkeypatch):
+    """A client gone mid-search ends the search at the next step (it holds the model, the engine's batch too), counted
+    as aborted in /metrics, as draw()'s requests are."""
+    server, _ = both
+    asked, forwards = [], []
+    monkeypatch.setattr(type(server.app.model), "hidden", lambda self, *a, hidden=type(server.app.model).hidden, **k:
+                        forwards.append(1) or hidden(self, *a, **k))
+    monkeypatch.setattr(serve.Handler, "client_gone", lambda self: asked.append(1) or len(asked) >= 3)
+    before = dict(server.app.metrics.finished)
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 40, "n": 2, "use_beam_search": True,
+                                         "ignore_eos": True})
+    assert len(asked) == 3 and len(forwards) == 3  # (the prefill, two steps; then gone: 37 steps not run)
+    finished = server.app.metrics.finished
+    assert finished["abort"] - before["abort"] == 2 and finished["length"] == before["length"]
 
 
 @pytest.mark.parametrize("path,extra,param", [

@@ -46,9 +46,10 @@ def check_beam_search(num_beams, length_penalty, early_stopping, num_return_sequ
 def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return_sequences: int = 1, eos_id: int | None = None,
                 use_cache: bool = True, vocab_limit: int | None = None, repetition_penalty: float | None = None,
-                no_repeat_ngram_size: int | None = None, kv_cache_dtype: str = "auto"):
+                no_repeat_ngram_size: int | None = None, kv_cache_dtype: str = "auto", on_step=None):
     """Beam search from each row of idx [B, T] (the text within the model's context: no sliding window).
     kv_cache_dtype: generate()'s ("int8": the beams' cache quantized; a reorder moves the scales with the rows).
+    on_step(): called before each step after the first; what it raises ends the search (serve: a client gone).
 
     Returns (ids [B * R, T + n], scores [B * R]), R = num_return_sequences: each prompt's R best finished
     hypotheses, best first, their scores transformers' sequences_scores; shorter ones padded with eos_id.
@@ -76,13 +77,13 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
     try:
         return _beam_search(model, idx, max_new_tokens, num_beams, float(length_penalty), early_stopping,
                             num_return_sequences, eos_id, use_cache, vocab_limit, repetition_penalty,
-                            no_repeat_ngram_size, kv_cache_dtype)
+                            no_repeat_ngram_size, kv_cache_dtype, on_step)
     finally:
         model.train(was_training)
 
 
 def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, R, eos_id, use_cache, vocab_limit,
-                 repetition_penalty, no_repeat_ngram_size, kv_cache_dtype="auto"):
+                 repetition_penalty, no_repeat_ngram_size, kv_cache_dtype="auto", on_step=None):
     B, T = idx.shape
     dev = idx.device
     K = 2 * N  # transformers' beams_to_keep, max(2, 1 + number of EOS ids) * N: enough to go on if N end
@@ -102,6 +103,8 @@ def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, 
     offset = torch.arange(B, device=dev).view(-1, 1) * N  # a prompt's first row in the flat batch
     cache = new_cache(model, B * N, min(model.config.context_length, L), kv_cache_dtype) if use_cache else None
     for cur in range(T, L):  # cur: the beams' length
+        if on_step is not None and cur > T:
+            on_step()
         if cache is None:
             h = model.hidden(run[:, :, :cur].reshape(B * N, cur))
         else:  # the first step prefills the prompt (in every row), then one token a step

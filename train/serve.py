@@ -1242,7 +1242,7 @@ class Model:
                             on_token=on_token, stop=stop, cuda_graph=self.cuda_graph and warp["draft"] is None,
                             kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
 
-    def beam_search(self, ids, budget, s, stop_id, timing, adapter=None) -> list:
+    def beam_search(self, ids, budget, s, stop_id, timing, adapter=None, gone=None) -> list:
         """use_beam_search's n beams after the prompt ids, best first, as draw()'s choices (text, finish_reason,
         completion tokens, None, stop_reason): train/beam_search.py's search (transformers', as `generate
         --num-beams`: early_stopping false, n beams returned), the model's raw log-probabilities, its EOS (stop_id,
@@ -1252,7 +1252,8 @@ class Model:
         Its own loop, not the engine's batch: it holds the model from its first step to its last, as a request with
         --max-batch 1 does (its lock; with the engine, Engine.call: the batch waits between two steps), so the other
         requests wait that long. Its n beams are rows of one KV cache of its own (n * (prompt + max_tokens)
-        positions)."""
+        positions). gone(): whether the client left, asked before each step: the search then ends (BrokenPipeError,
+        as draw()'s), not holding the model for nobody."""
         import torch
 
         from tritongpt.commands import Choices
@@ -1262,13 +1263,18 @@ class Model:
         eos = None if s["ignore_eos"] else stop_id
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
 
+        def step():
+            if gone is not None and gone():
+                raise BrokenPipeError("the client left")
+
         def run():
             if timing.scheduled is None:  # (under Engine.call: turn() does not set it)
                 timing.scheduled = time.monotonic()
             with autocast(self.device, self.dtype), self.adapted(adapter):
                 out, _ = beam_search(self.model, idx, budget, s["n"], s["beam"]["length_penalty"],
                                      num_return_sequences=s["n"], eos_id=eos, vocab_limit=self.limit,
-                                     repetition_penalty=s["repetition_penalty"], kv_cache_dtype=self.kv_cache_dtype)
+                                     repetition_penalty=s["repetition_penalty"], kv_cache_dtype=self.kv_cache_dtype,
+                                     on_step=step)
             return out.tolist()
         try:
             if self.engine is not None:
@@ -1286,6 +1292,9 @@ class Model:
                 if finish == "stop":  # (the EOS: vLLM's beam search names it, and counts it only if asked)
                     reason, count = stop_id, count - (not s["include_stop_str_in_output"])
                 choices.append((text, finish, count, None, reason))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
+            timing.end(["abort"] * s["n"])
+            raise
         except Exception:
             timing.end(["error"] * s["n"])
             raise
@@ -1876,7 +1885,8 @@ class Completion:
     def beams(self, p: int) -> tuple:
         """Prompt p's n beams (use_beam_search), as one() gives its choices: the best first, the prompt counted once."""
         timing = self.app.metrics.request()
-        drawn = self.app.beam_search(self.prompts[p], self.budgets[p], self.s, self.stop_id, timing, self.adapter)
+        drawn = self.app.beam_search(self.prompts[p], self.budgets[p], self.s, self.stop_id, timing, self.adapter,
+                                     lambda: self.stop.is_set() or self.handler.client_gone())
         return self.choices(p, drawn, {"echo": None, "prompt": None}), len(self.prompts[p]), sum(c[2] for c in drawn), \
             None
 
