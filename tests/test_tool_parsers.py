@@ -307,3 +307,23 @@ def test_mistral_v11_and_pythonic_calls_are_sent_before_the_answer_ends():
     assert stream.add("[add(a=7)") == (None, [])  # (the call may go on: add(a=7)(...) is no call)
     (d,) = stream.add(", w(")[1]
     assert d["function"] == {"name": "add", "arguments": '{"a": 7}'}
+
+
+def test_qwen3_coder_reads_a_list_of_types_and_local_refs_as_the_schema_says():
+    """A "type" that is a list (["string", "null"]) types a value as anyOf's does, not as Python's text of the list
+    (then "123" for a string became 123, "true" for a boolean stayed text); a local $ref (pydantic's "#/$defs/X")
+    is the schema it points to, in the tool's parameters, so a nested model's JSON is an object, not its text."""
+    assert [qwen_value(v, {"type": ["string", "null"]}) for v in ("123", "null")] == ["123", None]
+    assert qwen_value("true", {"type": ["boolean", "null"]}) is True
+    assert qwen_value('{"a": true}', {"type": ["object", "null"]}) == {"a": True}
+    assert qwen_value("7", {"anyOf": [{"type": ["integer", "null"]}]}) == 7
+    params = {"type": "object", "$defs": {"P": {"type": "object", "properties": {"x": {"type": "integer"}}},
+                                          "L": {"$ref": "#/$defs/L"}},  # (a reference to itself: a string)
+              "properties": {"p": {"$ref": "#/$defs/P"}, "q": {"anyOf": [{"$ref": "#/$defs/P"}, {"type": "null"}]},
+                             "l": {"$ref": "#/$defs/L"}, "m": {"$ref": "#/$defs/missing"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+    text = qwen_call("f", p='{"x": 1}', q="null", l='{"x": 1}', m="[1]")
+    want = {"p": {"x": 1}, "q": None, "l": '{"x": 1}', "m": "[1]"}
+    assert [json.loads(a) for _, a in Qwen3Coder(tools).extract(text)[1]] == [want]
+    (_, name, args), = streamed(Qwen3Coder(tools), text, [5, 40])[1].values()
+    assert name == "f" and json.loads(args) == want

@@ -382,18 +382,32 @@ class Pythonic:
         return "", calls
 
 
-def qwen_value(value: str, schema):
+def schema_types(schema, root=None, seen=()) -> list:
+    """The JSON types a parameter's schema names: its "type" (one, or a list of them), else its anyOf's; a local
+    $ref ("#/$defs/X", pydantic's) is the schema it points to in root (the tool's parameters)."""
+    if not isinstance(schema, dict):
+        return []
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/") and ref not in seen:  # (seen: a reference to itself ends)
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+        return schema_types(target, root, seen + (ref,))
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        return [str(k).strip().lower() for k in kinds]
+    options = schema.get("anyOf")
+    return [k for o in options for k in schema_types(o, root, seen)] if isinstance(options, list) else []
+
+
+def qwen_value(value: str, schema, root=None):
     """A qwen3_coder parameter's text as its JSON schema's type asks (vLLM's _convert_param_value): strings as
     written, integers and numbers parsed, booleans "true" or not, objects and arrays as JSON (else a Python
-    literal), null or None as null where the type is not a string; a value that does not parse stays text."""
-    nullable, kind = False, "string"
-    if isinstance(schema, dict) and "type" in schema:
-        kind = str(schema["type"]).strip().lower()
-        nullable = kind == "null"
-    elif isinstance(schema, dict) and isinstance(schema.get("anyOf"), list):
-        kinds = [str(o["type"]).strip().lower() for o in schema["anyOf"] if isinstance(o, dict) and "type" in o]
-        nullable = "null" in kinds
-        kind = next((k for k in kinds if k != "null"), "string")
+    literal), null or None as null where the type is not a string; a value that does not parse stays text. Of
+    several types (a list, anyOf) the first not null; root: the tool's parameters, where a $ref points
+    (vLLM's reads the text of a list of types as a type, and no $ref: objects and booleans there stayed text)."""
+    kinds = schema_types(schema, root)
+    nullable, kind = "null" in kinds, next((k for k in kinds if k != "null"), "string")
     if nullable and value.lower() in ("null", "none"):
         return None
     if kind in ("string", "str", "text", "varchar", "char", "enum"):
@@ -443,11 +457,12 @@ class Qwen3Coder:
 
     def __init__(self, tools: list | None = None):
         """tools: the request's, as serve's check_tools gives them ({"function": {"name", "parameters"}})."""
-        self.schemas = {}
+        self.schemas, self.roots = {}, {}  # (roots: each tool's parameters, where its properties' $refs point)
         for tool in tools or []:
-            params = tool["function"].get("parameters")
-            params = params.get("properties", params) if isinstance(params, dict) else {}
+            root = tool["function"].get("parameters")
+            params = root.get("properties", root) if isinstance(root, dict) else {}
             self.schemas[tool["function"]["name"]] = params if isinstance(params, dict) else {}
+            self.roots[tool["function"]["name"]] = root
 
     def calls(self, text: str, final: bool) -> list:
         """[(name, arguments' JSON text so far)]: final, each call's whole (ValueError: a name not closed); else
@@ -472,7 +487,8 @@ class Qwen3Coder:
                     key, value = p.group(1).split(">", 1)
                     value = value.removeprefix("\n").removesuffix("\n")
                     items.append(json.dumps(key, ensure_ascii=False) + ": " + json.dumps(
-                        qwen_value(value, schemas.get(key)), ensure_ascii=False, allow_nan=False))
+                        qwen_value(value, schemas.get(key), self.roots.get(name)), ensure_ascii=False,
+                        allow_nan=False))
                 out.append((name, "{" + ", ".join(items) + ("}" if closed else "")))
                 if not closed:
                     return out
