@@ -327,3 +327,14 @@ def test_qwen3_coder_reads_a_list_of_types_and_local_refs_as_the_schema_says():
     assert [json.loads(a) for _, a in Qwen3Coder(tools).extract(text)[1]] == [want]
     (_, name, args), = streamed(Qwen3Coder(tools), text, [5, 40])[1].values()
     assert name == "f" and json.loads(args) == want
+
+
+def test_mistral_v11_reads_a_name_with_whitespace_about_it():
+    """A v11 call whose name has whitespace about it ("[TOOL_CALLS] add [ARGS] {...}": a tokenizer that decodes a
+    space before a word) is still the call, as vLLM's regex finds it, whole and streamed, not the answer's text."""
+    text = 'Sure[TOOL_CALLS] add [ARGS] {"a": 7}[TOOL_CALLS]\nw{"city": "Oslo"}'
+    want = [("add", A), ("w", {"city": "Oslo"})]
+    content, calls = Mistral().extract(text)
+    assert content == "Sure" and [(n, json.loads(a)) for n, a in calls] == want
+    content, calls = streamed(Mistral(), text, [3])
+    assert content == "Sure" and [(n, json.loads(a)) for _, n, a in calls.values()] == want

@@ -238,7 +238,7 @@ class Mistral(Marked):
     def v11_call(self, chunk: str):
         """(name, where its arguments begin) of a v11 call's text (None: its name is not whole yet, or bad)."""
         at = chunk.find("{")
-        name = chunk[:at].removesuffix("[ARGS]")
+        name = chunk[:at].strip().removesuffix("[ARGS]").strip()  # (whitespace about it: vLLM's regex skips it)
         return (name, at) if at >= 0 and self.name.fullmatch(name) else None
 
     def objects(self, rest):  # (text after the JSON dropped, as vLLM's fallback regex drops it)
