@@ -857,7 +857,8 @@ class Prediction:
 
     def propose(self, idx, start: int, k: int, vocab_limit=None):
         """This step's proposals for idx [B, T] (generated from column start), as lookup_draft's: (drafted [B, k'],
-        lens [B]). Reads the tokens generated since its last call (one copy to the host a step)."""
+        lens [B]). Reads the tokens generated since its last call to the host, and the rows' last max_ngram tokens
+        (two small copies a step)."""
         B = idx.size(0)
         if self.at is None:  # (not begun: its ids are taken as they are)
             self.at, self.seen, self.lost = [0] * B, 0, [0] * B  # lost: where a row departed (resync's `after`)
