@@ -314,8 +314,9 @@ def test_the_generate_command_prints_the_eager_text_with_cuda_graphs(saved, caps
 @pytest.mark.parametrize("extra,said", [
     ([], "--cuda-graphs needs the model on a CUDA device; it is on cpu"),
     (["--prompt-lookup", "2"], "--cuda-graphs replays a one-token decode step: it does not take --draft, "
-                               "--prompt-lookup or --num-beams"),
-    (["--num-beams", "2", "--temperature", "0"], "it does not take --draft, --prompt-lookup or --num-beams"),
+                               "--prompt-lookup, --prediction or --num-beams"),
+    (["--num-beams", "2", "--temperature", "0"],
+     "it does not take --draft, --prompt-lookup, --prediction or --num-beams"),
 ])
 def test_the_generate_command_refuses_cuda_graphs_by_name(saved, capsys, extra, said):
     from tritongpt import cli
