@@ -45,10 +45,11 @@ import traceback
 import uuid
 from contextlib import contextmanager, nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from tritongpt._types import is_int, is_real
 from tritongpt.cli import command_help
-from tritongpt.errors import EngineDown, UserError, note
+from tritongpt.errors import EngineDown, UserError, note, read_json_object
 from tritongpt.train.metrics import Metrics
 from tritongpt.train.pooling import CONVERTS, RUNNERS, check_pooling_args
 from tritongpt.train.reasoning import ReasoningStream
@@ -183,12 +184,16 @@ def check_api_key(key: str, where: str) -> str:
     return key
 
 
-def sampling_settings(body: dict, endpoint: str, served, parser=None) -> dict:
+def sampling_settings(body: dict, endpoint: str, served, parser=None, defaults=None) -> dict:
     """The request's generation settings, each field checked against OpenAI's range (vLLM's for its own fields);
     an unknown field, or one OpenAI has that this server does not implement, refused by name. parser: the server's
-    tool-call parser (--tool-call-parser), which "auto" tool choice needs."""
+    tool-call parser (--tool-call-parser), which "auto" tool choice needs. defaults: the server's
+    (--generation-config: generation_config's), each taken where the request leaves its field out or null (vLLM's
+    default_sampling_params); not by a beam search, which samples nothing."""
     check_fields(body, endpoint, served)
     beam = beam_setting(body)  # (first: a field beam search cannot take is named as that, not by its own checks)
+    if defaults and beam is None:
+        body = {**body, **{k: v for k, v in defaults.items() if k != "max_tokens" and body.get(k) is None}}
 
     def number(key, default, low, high, low_open=False, integer=False):
         value = body.get(key)
@@ -891,6 +896,8 @@ class Model:
         self.lock = threading.Lock()
         self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
         self.pooler = None  # --runner pooling's (train/pooling.py Pooler): embeddings or reward scores, no text
+        # --generation-config's (generation_config()): the requests' defaults, and the end tokens besides the EOS
+        self.defaults, self.ends_too = {}, []
         self.metrics = Metrics(name, model.config.context_length, engine)  # GET /metrics
         self.created = int(time.time())
 
@@ -1029,7 +1036,8 @@ class Model:
                         raise bad(f"tools[{j}].function.parameters", f"tools[{j}] ({name!r}): {why}") from None
             raise bad(field, str(e)) from None
 
-    def budget(self, ids, max_tokens) -> int:
+    def fits(self, ids, max_tokens) -> int:
+        """The prompt's budget: max_tokens, or the context left (None); a 400 where the prompt and it pass it."""
         ctx = self.model.config.context_length
         if max_tokens is None:  # as far as the context goes
             if len(ids) >= ctx:
@@ -1041,6 +1049,12 @@ class Model:
                                 f"({len(ids)} in the prompt, max_tokens {max_tokens}): shorten the prompt or "
                                 "max_tokens", "max_tokens", code="context_length_exceeded")
         return max_tokens
+
+    def budget(self, ids, max_tokens) -> int:
+        """A prompt's token budget (fits), at most generation_config's max_new_tokens (--generation-config: vLLM's
+        get_max_tokens takes the least of the request's, the context's and that)."""
+        most = self.defaults.get("max_tokens")
+        return self.fits(ids, max_tokens) if most is None else min(self.fits(ids, max_tokens), most)
 
     @property
     def names(self) -> tuple:
@@ -1718,7 +1732,7 @@ class Completion:
 
         self.handler, app = handler, handler.server.app
         self.app, self.chat = app, endpoint == "chat"
-        s = self.s = sampling_settings(body, endpoint, app.names, app.tool_parser)
+        s = self.s = sampling_settings(body, endpoint, app.names, app.tool_parser, app.defaults)
         # a LoRA adapter's name (serve --lora-modules): its requests run it, their responses name it (vLLM's)
         self.adapter = body.get("model") if body.get("model") in app.names[1:] else None
         if app.engine is not None and s["n"] > app.engine.max_batch and s["beam"] is None:  # (beams: no engine)
@@ -1746,6 +1760,9 @@ class Completion:
         else:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
             self.stop_id = app.eot
+        if app.ends_too and not s["ignore_eos"] and s["beam"] is None:  # (generation_config's: vLLM's stop ids)
+            s["stop_token_ids"] = list(dict.fromkeys(s["stop_token_ids"] + [t for t in app.ends_too
+                                                                            if t != self.stop_id]))
         self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
         # (compiled now: a schema it cannot take, a 400)
         guide = app.guide(s["structured"], s["structured_field"], s["tools"], s.get("wake"))
@@ -2195,6 +2212,75 @@ def load_adapters(model, modules: dict, max_rank: int | None, served: str | None
     serve_adapters(model, {name: read_adapter(path, model) for name, path in modules.items()}, max_rank or 16)
 
 
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def override_generation_config(text) -> dict:
+    """serve --override-generation-config JSON: {key: value} of GENERATION_KEYS (vLLM's, which reads those alone
+    from it; another key is refused here rather than silently dropped)."""
+    if text is None:
+        return {}
+    try:
+        got = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--override-generation-config must be a JSON object, got {text!r} ({e})") from None
+    if not isinstance(got, dict):
+        raise UserError(f"--override-generation-config must be a JSON object, got {text!r}")
+    unknown = [key for key in got if key not in GENERATION_KEYS]
+    if unknown:
+        raise UserError(f"--override-generation-config: '{unknown[0]}' is not taken (it sets "
+                        f"{', '.join(GENERATION_KEYS)})")
+    return got
+
+
+def generation_config(args, tok, vocab: int, override: dict) -> tuple:
+    """vLLM's --generation-config: (the requests' default settings {field: value}, with "max_tokens" the most an
+    answer may draw; the end tokens the model folder's generation_config.json lists beside its EOS). auto: the
+    model folder's file (--weights, or the Hugging Face tokenizer's folder); vllm: no defaults; a folder: its file.
+    The end tokens come from the model's own file whichever (vLLM's). Values are checked here, naming the file."""
+    from tritongpt.train.generate import check_sampling
+
+    folders = [Path(args.weights) if Path(args.weights).is_dir() else Path(args.weights).parent] \
+        if args.weights else []
+    source = getattr(tok, "info", {}).get("source")
+    folders += [Path(source)] if source else []
+    own = next((f / "generation_config.json" for f in folders if (f / "generation_config.json").is_file()), None)
+    mode = args.generation_config
+    if mode in ("auto", "vllm"):
+        path = own if mode == "auto" else None
+    else:
+        path = Path(mode) / "generation_config.json"
+        if not path.is_file():
+            raise UserError(f"--generation-config {mode}: no generation_config.json there (auto: the model's own; "
+                            "vllm: none)")
+    read = {} if path is None else read_json_object(path)
+    config = {}
+    for where, given in ((str(path), {key: read[key] for key in GENERATION_KEYS if read.get(key) is not None}),
+                         ("--override-generation-config", override)):
+        given = {k: v for k, v in given.items() if not (k == "top_k" and is_int(v) and v <= 0)}  # (0, -1: none)
+        try:
+            check_sampling(**{k: v for k, v in given.items() if k != "max_new_tokens"})
+            if given.get("temperature", 0) > 2:  # (a request's range: OpenAI's)
+                raise UserError(f"temperature must be in [0, 2], got {given['temperature']!r}")
+            most = given.get("max_new_tokens")
+            if most is not None and (not is_int(most) or most < 1):
+                raise UserError(f"max_new_tokens must be a positive integer, got {most!r}")
+        except UserError as e:
+            raise UserError(f"{where}: {e} (--generation-config vllm serves OpenAI's defaults instead)") from None
+        config.update(given)
+    if "max_new_tokens" in config:  # (transformers' name: vLLM's max_tokens)
+        config["max_tokens"] = config.pop("max_new_tokens")
+    ends = read_json_object(own).get("eos_token_id") if own is not None else None
+    ends = [ends] if is_int(ends) else ends if isinstance(ends, list) else []
+    if not all(is_int(t) and 0 <= t < vocab for t in ends):
+        raise UserError(f"{own}: eos_token_id must be token ids of the model's {vocab}, got {ends!r}")
+    if config:
+        said = ", ".join(f"{k} {v}" for k, v in config.items())
+        note(f"{path or '--override-generation-config'}: the requests' defaults are {said} (vLLM's "
+             "--generation-config auto; --generation-config vllm for none)")
+    return config, [int(t) for t in ends]
+
+
 def speculative_config(text, max_batch: int) -> dict:
     """serve --speculative-config JSON (vLLM's): {"method": "ngram", "num_speculative_tokens": K,
     "prompt_lookup_max": N} -> the Engine's {"prompt_lookup": N, "num_draft_tokens": K} ({} without it). Our lookup
@@ -2365,7 +2451,9 @@ def make_server(args) -> ThreadingHTTPServer:
     runtime = runtime_lora_updating() and args.enable_lora
     modules = lora_modules(args, runtime)
     key = api_key(args)
+    override = override_generation_config(args.override_generation_config)
     model, tok, device, dtype, limit = load_generation_model(args)
+    gen = generation_config(args, tok, limit or model.config.vocab_size, override)
     if chat_template is not None:  # (the served tokenizer's own, for chats: vLLM's override)
         tok.chat_template = chat_template
     thinking = None
@@ -2395,6 +2483,7 @@ def make_server(args) -> ThreadingHTTPServer:
     server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype,
                        engine, modules)
     server.app.runtime_lora, server.app.max_lora_rank = runtime, args.max_lora_rank or 16
+    server.app.defaults, server.app.ends_too = gen
     server.app.tool_parser, server.app.reasoning_parser = parser, thinking
     server.api_key = key
     return server
@@ -2487,6 +2576,14 @@ def add_cli(sub):
     p.add_argument("--pooler-config", default=None, metavar="JSON",
                    help="with --runner pooling, vLLM's PoolerConfig: '{\"pooling_type\": \"LAST\"|\"MEAN\", "
                         "\"normalize\": true|false}' (default LAST, normalized; a reward model LAST, raw)")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                   help="the requests' default sampling settings (vLLM's): auto, the model folder's "
+                        "generation_config.json (its temperature, top_p, top_k, min_p, repetition_penalty; its "
+                        "max_new_tokens caps every answer); vllm, none (OpenAI's defaults); or FOLDER's "
+                        "generation_config.json. Its eos_token_id list ends answers too, whichever (default "
+                        "%(default)s)")
+    p.add_argument("--override-generation-config", default=None, metavar="JSON",
+                   help="those defaults overridden, e.g. '{\"temperature\": 0.5}' (vLLM's) (default: none)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: --weights as given, a Hub repo's id)")
     add_dtype_arg(p)

@@ -1,0 +1,123 @@
+"""serve --generation-config (vLLM's): a Hugging Face folder's generation_config.json gives the requests' default
+sampling settings (a field a request leaves out or null), its max_new_tokens caps every answer, and its
+eos_token_id list ends answers beside the tokenizer's EOS (stop_reason the id, as vLLM's stop ids); `vllm` takes no
+defaults, a folder its own file, --override-generation-config overrides them; bad values refused at start, naming
+the file or flag."""
+import json
+import shutil
+
+import pytest
+
+from tritongpt import cli
+from tritongpt.errors import UserError
+
+from test_serve import call, start
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+pytest.importorskip("transformers")
+
+USER = [{"role": "user", "content": "the cat sat"}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from test_chat_template import CHATML, chat_folder
+
+    path, theirs, _ = chat_folder(tmp_path_factory.mktemp("genconf") / "qwen", CHATML, "<|im_end|>")
+    return path, theirs
+
+
+def served(path, *flags):
+    server = start(path, "--kernels", "reference", *flags)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    return server
+
+
+def stop(server):
+    server.shutdown()
+    server.server_close()
+
+
+def ids_of(body):
+    """The answer's token ids (return_tokens_as_token_ids' "token_id:N")."""
+    return [int(t["token"].split(":")[1]) for t in body["choices"][0]["logprobs"]["content"]]
+
+
+def test_the_folders_defaults_end_tokens_and_cap(folder, tmp_path):
+    path, theirs = folder
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    plain = served(model, "--generation-config", "vllm")
+    try:  # the greedy answer's ids, with no generation_config defaults
+        greedy = dict(messages=USER, temperature=0, max_tokens=12, logprobs=True, return_tokens_as_token_ids=True)
+        status, body = call(plain, "/v1/chat/completions", greedy)
+        assert status == 200 and plain.app.defaults == {}
+        answer = ids_of(body)
+    finally:
+        stop(plain)
+    end = next(t for t in answer[2:] if t != theirs.convert_tokens_to_ids("<|im_end|>"))
+    cut = answer.index(end)  # (its first place)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({
+        **config, "eos_token_id": [config["eos_token_id"], end], "temperature": 0.0, "top_k": 0,
+        "max_new_tokens": 40}))
+    server = served(model)
+    try:
+        assert server.app.defaults == {"temperature": 0.0, "max_tokens": 40} and server.app.ends_too[-1] == end
+        # no temperature: greedy (the folder's); the answer ends at `end`, vLLM's stop_reason its id
+        status, body = call(server, "/v1/chat/completions", {**greedy, "temperature": None, "max_tokens": None})
+        assert status == 200 and ids_of(body) == answer[:cut + 1]
+        assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["stop_reason"] == end
+        # ignore_eos: the end tokens all ignored; max_tokens above the folder's 40 is cut to it
+        status, body = call(server, "/v1/chat/completions", {"messages": USER, "ignore_eos": True,
+                                                             "max_tokens": 60})
+        assert status == 200 and body["usage"]["completion_tokens"] == 40
+        # a request's own setting wins (sampled: its seed's text, not the greedy one, for at least one seed)
+        texts = {call(server, "/v1/chat/completions", {"messages": USER, "temperature": 1.5, "seed": s,
+                                                       "max_tokens": 6, "ignore_eos": True})[1]["choices"][0][
+            "message"]["content"] for s in range(3)}
+        assert len(texts) > 1
+    finally:
+        stop(server)
+    # --override-generation-config over the file; --generation-config FOLDER: that folder's file
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"top_p": 0.5, "repetition_penalty": 1.1}))
+    for flags, want in ((["--override-generation-config", '{"temperature": 0.7}'],
+                         {"temperature": 0.7, "max_tokens": 40}),
+                        (["--generation-config", str(other)], {"top_p": 0.5, "repetition_penalty": 1.1}),
+                        (["--generation-config", "vllm", "--override-generation-config", '{"top_k": 5}'],
+                         {"top_k": 5})):
+        server = served(model, *flags)
+        try:
+            assert server.app.defaults == want and server.app.ends_too[-1] == end  # (the model's end tokens always)
+        finally:
+            stop(server)
+
+
+def test_bad_generation_configs_are_refused_at_start_by_name(folder, tmp_path, capsys):
+    path, _ = folder
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    base = ["serve", "--weights", str(model), "--port", "0", "--device", "cpu", "--kernels", "reference"]
+    cases = [({"temperature": -1}, [], "generation_config.json: temperature must be a finite number >= 0"),
+             ({"temperature": 3}, [], "generation_config.json: temperature must be in [0, 2]"),
+             ({"top_p": 0}, [], "generation_config.json: top_p must be in (0, 1]"),
+             ({"max_new_tokens": 0}, [], "generation_config.json: max_new_tokens must be a positive integer"),
+             ({"eos_token_id": [2, 10 ** 6]}, [], "eos_token_id must be token ids of the model's"),
+             ({}, ["--override-generation-config", '{"seed": 1}'], "--override-generation-config: 'seed' is not "
+                                                                    "taken"),
+             ({}, ["--override-generation-config", "[1]"], "--override-generation-config must be a JSON object"),
+             ({}, ["--override-generation-config", '{"min_p": 2}'], "--override-generation-config: min_p must be"),
+             ({}, ["--generation-config", str(tmp_path)], "no generation_config.json there")]
+    for extra, flags, said in cases:
+        (model / "generation_config.json").write_text(json.dumps({**config, **extra}))
+        assert cli.main([*base, *flags]) == 2, (extra, flags)
+        err = capsys.readouterr().err
+        assert said in err, (extra, flags, err)
+    with pytest.raises(UserError, match="top_k must be a positive integer"):
+        from tritongpt.train.serve import generation_config, override_generation_config
+
+        generation_config(type("A", (), {"weights": None, "generation_config": "vllm"})(), None, 10,
+                          override_generation_config('{"top_k": 2.5}'))
