@@ -86,6 +86,13 @@ def test_embeddings_are_the_models_own_pooled_hidden_state(lm_folder, pooling, n
             assert status == 200
             torch.testing.assert_close(torch.tensor(alone["data"][0]["embedding"]), got[i].float(), rtol=0,
                                        atol=1e-6)
+        # vLLM's truncate_prompt_tokens: an input's last k tokens (left truncation), -1 the whole context
+        status, cut = call(server, "/v1/embeddings", {"input": TEXTS[2], "truncate_prompt_tokens": 4})
+        assert status == 200 and cut["usage"]["prompt_tokens"] == 4
+        torch.testing.assert_close(torch.tensor(cut["data"][0]["embedding"], dtype=torch.float64),
+                                   direct(app.model, ids[2][-4:], pooling, normalize), rtol=1e-5, atol=1e-6)
+        status, whole = call(server, "/v1/embeddings", {"input": TEXTS[2], "truncate_prompt_tokens": -1})
+        assert status == 200 and whole["usage"]["prompt_tokens"] == len(ids[2])
         # base64: little-endian float32 of the same floats (the same batch: the same forward)
         status, b64 = call(server, "/v1/embeddings", {"input": TEXTS, "encoding_format": "base64"})
         floats = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist() for d in b64["data"]]
@@ -114,6 +121,9 @@ def test_openai_client_and_refusals(lm_folder):
                 ({"input": "a", "dimensions": 8}, 400, "dimensions", "Matryoshka"),
                 ({"input": "a", "encoding_format": "int8"}, 400, "encoding_format", "base64"),
                 ({"input": "a", "truncate": 3}, 400, "truncate", "unknown field"),
+                ({"input": "a", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens", "positive integer"),
+                ({"input": "a", "truncate_prompt_tokens": context + 1}, 400, "truncate_prompt_tokens",
+                 "smaller truncation size"),
                 ({"input": "a", "model": "other"}, 404, "model", "does not exist"),
                 ({"messages": [{"role": "user", "content": "hi"}]}, 400, "messages", "reward model"),  # (to /pooling)
         ]:

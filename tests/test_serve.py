@@ -2365,3 +2365,28 @@ def test_beam_search_settings_checked_and_length_penalty_needs_it(served):
     for n in (1, 2):
         assert call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 2, "use_beam_search": True, "n": n,
                                                 "best_of": n})[0] == 200
+
+
+def test_truncate_prompt_tokens_keeps_a_prompts_last_tokens(both):
+    """vLLM's truncate_prompt_tokens on both endpoints and serving modes: a completion of the prompt's last k tokens
+    is the completion of those tokens sent alone; a chat's rendered prompt is cut alike (its usage); -1 the context;
+    refusals by name."""
+    server, tok = both
+    ids = tok.encode("the cat sat on the mat. the dog sat on a log and the bird")
+    status, cut = call(server, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0,
+                                                   "truncate_prompt_tokens": 5})
+    status2, alone = call(server, "/v1/completions", {"prompt": ids[-5:], "max_tokens": 6, "temperature": 0})
+    assert status == status2 == 200 and cut["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert cut["usage"]["prompt_tokens"] == 5
+    status, chat = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2,
+                                                         "truncate_prompt_tokens": 7})
+    assert status == 200 and chat["usage"]["prompt_tokens"] == 7
+    status, whole = call(server, "/v1/completions", {"prompt": ids, "max_tokens": 1, "truncate_prompt_tokens": -1})
+    assert status == 200 and whole["usage"]["prompt_tokens"] == len(ids)
+    for extra, words in (({"truncate_prompt_tokens": 0}, "positive integer"),
+                         ({"truncate_prompt_tokens": 1.5}, "positive integer"),
+                         ({"truncate_prompt_tokens": 129}, "smaller truncation size"),
+                         ({"truncate_prompt_tokens": 3, "echo": True}, "'echo'")):
+        status, err = call(server, "/v1/completions", {"prompt": ids, "max_tokens": 1, **extra})
+        assert status == 400 and err["error"]["param"] == "truncate_prompt_tokens" and words in \
+            err["error"]["message"], (extra, err)

@@ -224,7 +224,7 @@ def chat_ids(app, messages) -> list:
 
 def pool(handler, path: str, body: dict) -> dict:
     """POST /v1/embeddings (OpenAI's EmbeddingResponse) or /pooling (vLLM's PoolingResponse)."""
-    from tritongpt.train.serve import APIError, bad, check_fields
+    from tritongpt.train.serve import APIError, bad, check_fields, truncation
 
     app = handler.server.app
     pooler = app.pooler
@@ -245,6 +245,9 @@ def pool(handler, path: str, body: dict) -> dict:
     else:
         seqs = input_ids(app, body)
     context = app.model.config.context_length
+    keep = truncation(body, context)
+    if keep is not None:  # (vLLM's left truncation: a long document's last tokens)
+        seqs = [s[-keep:] for s in seqs]
     for i, s in enumerate(seqs):
         if len(s) > context:
             raise APIError(400, f"input {i} is {len(s)} tokens; this model's maximum context length is {context} "

@@ -62,6 +62,7 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
                  "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty",
                  "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "prompt_logprobs",
                  "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids",
+                 "truncate_prompt_tokens",
                  "response_format", "structured_outputs", "use_beam_search", "length_penalty"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
@@ -78,7 +79,7 @@ FIELDS["tokenize"] = {"model", "prompt", "messages", "add_special_tokens", "add_
                       "tools", "chat_template_kwargs", "continue_final_message"}
 FIELDS["detokenize"] = {"model", "tokens"}
 # --runner pooling's (train/pooling.py): OpenAI's EmbeddingCreateParams, vLLM's PoolingRequest (its chat form too)
-FIELDS["embeddings"] = {"model", "input", "encoding_format", "dimensions", "user"}
+FIELDS["embeddings"] = {"model", "input", "encoding_format", "dimensions", "user", "truncate_prompt_tokens"}
 FIELDS["pooling"] = FIELDS["embeddings"] | {"messages"}
 # vLLM's tokenize fields this server does not implement: refused unless null or false
 TOKENIZE_UNSUPPORTED = {"chat_template", "mm_processor_kwargs"}
@@ -693,6 +694,21 @@ def prediction_setting(body: dict, s: dict):
             raise bad(key, f"'{key}' is not supported with 'prediction' (its tokens are decoded one at a time, so "
                            "the prediction would go unused)")
     return content if isinstance(content, str) else "".join(c["text"] for c in parts)
+
+
+def truncation(body: dict, context: int):
+    """vLLM's truncate_prompt_tokens: a prompt's (an input's) last k tokens only, left truncation; -1 the context's
+    length; None: the whole prompt (a longer one refused as ever). -> k or None."""
+    k = body.get("truncate_prompt_tokens")
+    if k is None:
+        return None
+    if not is_int(k) or not (k >= 1 or k == -1):
+        raise bad("truncate_prompt_tokens", f"'truncate_prompt_tokens' must be a positive integer (the prompt's "
+                                            f"last tokens kept) or -1 (the model's context), got {k!r}")
+    if k > context:  # (vLLM's rule)
+        raise bad("truncate_prompt_tokens", f"'truncate_prompt_tokens' ({k}) is more than the model's context "
+                                            f"({context}): select a smaller truncation size")
+    return context if k == -1 else k
 
 
 def logit_bias_setting(bias):
@@ -1760,6 +1776,11 @@ class Completion:
         else:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
             self.stop_id = app.eot
+        keep = truncation(body, app.model.config.context_length)
+        if keep is not None:  # (vLLM's left truncation; echo would show a prompt the model did not read)
+            if s["echo"]:
+                raise bad("truncate_prompt_tokens", "'truncate_prompt_tokens' is not supported with 'echo': true")
+            self.prompts = [ids[-keep:] for ids in self.prompts]
         if app.ends_too and not s["ignore_eos"] and s["beam"] is None:  # (generation_config's: vLLM's stop ids)
             s["stop_token_ids"] = list(dict.fromkeys(s["stop_token_ids"] + [t for t in app.ends_too
                                                                             if t != self.stop_id]))
