@@ -142,13 +142,19 @@ def test_the_thought_apart_whole_and_streamed(both, monkeypatch):
         status, body = ask(server, bias, n=3, seed=7)
         assert status == 200, body
         plain = [c["message"]["content"] for c in body["choices"]]
-        assert "reasoning" not in body["choices"][0]["message"]
+        assert "reasoning" not in body["choices"][0]["message"] and "completion_tokens_details" not in body["usage"]
     status, body = ask(server, bias, n=3, seed=7)
     assert status == 200, body
     split = [(c["message"]["reasoning"], c["message"]["content"]) for c in body["choices"]]
     assert list(body["choices"][0]["message"]) == ["role", "reasoning", "content"]
     assert split == [answer(server.app.reasoning_parser, t, True) for t in plain]
     assert any(r and c for r, c in split)  # (some answers think, then answer)
+    # OpenAI's usage detail: each answer's tokens through its </think> (all of them where it drew none)
+    ids = [[int(t["token"].split(":")[1]) for t in c["logprobs"]["content"]] for c in ask(
+        server, bias, n=3, seed=7, logprobs=True, return_tokens_as_token_ids=True)[1]["choices"]]
+    end = theirs.convert_tokens_to_ids("</think>")
+    assert body["usage"]["completion_tokens_details"] == {
+        "reasoning_tokens": sum(row.index(end) + 1 if end in row else len(row) for row in ids)}
     got, _ = streamed(server, bias, n=3, seed=7)
     assert [got[i] for i in range(3)] == [(r or "", c or "") for r, c in split]
     # vLLM's include_reasoning false: the thought left out, whole and streamed; the answer the same
@@ -267,6 +273,8 @@ def test_the_thought_as_a_reasoning_item_on_v1_responses(both):
     assert status == 200, r
     assert [(o["type"], o["content"][0]["text"]) for o in r["output"]] == [("reasoning", chat["reasoning"]),
                                                                            ("message", chat["content"])]
+    assert r["usage"]["output_tokens_details"]["reasoning_tokens"] == \
+        ask(server, bias, seed=SEED)[1]["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
     events = typed(call(server, "/v1/responses", {**body, "stream": True})[1])
     kinds = [e["type"] for e in events]
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")

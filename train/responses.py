@@ -327,7 +327,8 @@ def response_object(body: dict, rid: str, created: int, model: str, items: list,
             "metadata": body.get("metadata") or {},
             "usage": None if usage is None else {
                 "input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens": usage["completion_tokens"], "output_tokens_details": {
+                    "reasoning_tokens": usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)},
                 "total_tokens": usage["total_tokens"]}}
 
 

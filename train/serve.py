@@ -1141,7 +1141,7 @@ class Model:
         return [(*item[:4], max(item[4] - lead, 0)) for item in scored.items]
 
     def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None, timing=None,
-             adapter=None, prediction=None) -> list:
+             adapter=None, prediction=None, thought=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
         None, stop_reason)], the items those of every token drawn (Scored), the one that ended the
         choice too. on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
@@ -1155,7 +1155,9 @@ class Model:
         clock (metrics.request()), started by the caller when the request came (its scoring forward timed in it);
         None: one started here. adapter: the LoRA adapter the request names (--lora-modules), None the model.
         prediction: a predicted output (generate.Prediction, new for this draw), its tokens proposed and verified
-        (the engine's or generate()'s speculation: the same text, in fewer forwards where it is right)."""
+        (the engine's or generate()'s speculation: the same text, in fewer forwards where it is right).
+        thought: a dict, given where the answer begins in a reasoning model's thought: {choice: its tokens through
+        the </think> token (s["wake"]), all of them where it drew none}."""
         import torch
 
         from tritongpt.commands import Choices
@@ -1235,6 +1237,9 @@ class Model:
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
+                if thought is not None:  # (the reasoning tokens: OpenAI's usage detail)
+                    drawn = row[len(ids):len(ids) + count]
+                    thought[i] = drawn.index(s["wake"]) + 1 if s["wake"] in drawn else len(drawn)
                 count = count if budget else 1  # (prefill-only: vLLM's one token, drawn and dropped; Completion.draw)
                 # the tokens drawn, each with its logprobs: at the budget all; ended by the end token, a stop token
                 # or a stop string, every token up to the one that ended it, the one the stop string ends in too,
@@ -1773,9 +1778,10 @@ class Completion:
             self.thinks = thinking is not None and thinking.thinks(self.prompts[0], s["template_kwargs"])
             s["think_ids"] = (thinking.start_id, thinking.end_id) if thinking is not None else ()
             s["wake"] = thinking.end_id if self.thinks else None
+            self.thought = {} if self.thinks else None  # each choice's thought's tokens (Model.draw's)
         else:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
-            self.stop_id = app.eot
+            self.stop_id, self.thought = app.eot, None
         keep = truncation(body, app.model.config.context_length)
         if keep is not None:  # (vLLM's left truncation; echo would show a prompt the model did not read)
             if s["echo"]:
@@ -1986,7 +1992,7 @@ class Completion:
         return self.app.draw(ids, self.budgets[p], s, self.stop_id, self.generator, on_delta,
                              lambda: self.stop.is_set() or self.handler.client_gone(),
                              (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None, timing,
-                             self.adapter, prediction)
+                             self.adapter, prediction, self.thought)
 
     def choices(self, p: int, drawn: list, scored: dict) -> list:
         """Prompt p's choice objects (OpenAI's index: the prompt's n choices in turn), echo's text and logprobs
@@ -2023,15 +2029,24 @@ class Completion:
             tool_message(self.s["tools"], content, finish)
         return {"role": "assistant", "reasoning": reasoning if self.s["include_reasoning"] else None, **message}, finish
 
+    def usage(self, done: list) -> dict:
+        """The prompts' one() results' usage (OpenAI's), with completion_tokens_details where there are any: a
+        prediction's proposals kept and refused (Prediction's counts), a reasoning model's thought's tokens (the
+        answer's tokens through its </think>, all of them where the thought did not end: Model.draw's)."""
+        usage = usage_of(sum(d[1] for d in done), sum(d[2] for d in done))
+        details = {}
+        if self.thought is not None:
+            details["reasoning_tokens"] = sum(self.thought.values())
+        if self.predicted is not None:
+            details.update(accepted_prediction_tokens=sum(p.accepted for p in self.predictions),
+                           rejected_prediction_tokens=sum(p.rejected for p in self.predictions))
+        return {**usage, "completion_tokens_details": details} if details else usage
+
     def respond(self, done: list):
         """The response of the prompts' one() results, in prompt order: their choices and usage; with stream, the
         usage chunk (include_usage) and [DONE] after the choices' chunks."""
         choices, prompt_lp = [c for d in done for c in d[0]], done[-1][3]  # (chat's prompt_logprobs: its one prompt's)
-        usage = usage_of(sum(d[1] for d in done), sum(d[2] for d in done))
-        if self.predicted is not None:  # (OpenAI's: the proposals kept and refused, Prediction's counts)
-            usage["completion_tokens_details"] = {
-                "accepted_prediction_tokens": sum(p.accepted for p in self.predictions),
-                "rejected_prediction_tokens": sum(p.rejected for p in self.predictions)}
+        usage = self.usage(done)
         if self.s["stream"]:
             if self.s["include_usage"]:
                 self.handler.send_event({**self.head, "choices": [], "usage": usage})
@@ -2111,7 +2126,7 @@ class Response(Completion):
     def respond(self, done: list):
         from tritongpt.train import responses as R
 
-        choices, usage = done[0][0], usage_of(done[0][1], done[0][2])
+        choices, usage = done[0][0], self.usage(done)
         if self.s["stream"]:
             self.events.close()
             items, finish = self.events.items, self.finish
