@@ -2391,3 +2391,40 @@ def test_truncate_prompt_tokens_keeps_a_prompts_last_tokens(both):
         status, err = call(server, "/v1/completions", {"prompt": ids, "max_tokens": 1, **extra})
         assert status == 400 and err["error"]["param"] == "truncate_prompt_tokens" and words in \
             err["error"]["message"], (extra, err)
+
+
+def test_prompt_tokens_details_count_the_prefix_caches_tokens(tmp_path):
+    """vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens, the prompt tokens a request's
+    prefill read from the prefix cache (0 the first time, its full pages the second), on completions and chat, and the
+    Responses API's input_tokens_details; none of it without the flag."""
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    flags = ["--max-batch", "2", "--kv-cache-pages", "24", "--kv-page-size", "4", "--enable-prefix-caching"]
+    server = start(folder, *flags, "--enable-prompt-tokens-details")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        long = "the cat sat on the mat. a dog ran in the park"
+        P = len(server.app.completion_prompt(long))
+        ask = {"prompt": long, "max_tokens": 2, "temperature": 0}
+        first = call(server, "/v1/completions", ask)[1]["usage"]
+        second = call(server, "/v1/completions", ask)[1]["usage"]
+        # (the last prompt token is never looked up: its logits are the first draw's)
+        assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert second["prompt_tokens_details"] == {"cached_tokens": (P - 1) // 4 * 4} and P - 1 >= 8
+        chat = [call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1})[1]["usage"]
+                for _ in range(2)]
+        assert chat[1]["prompt_tokens_details"]["cached_tokens"] >= 8
+        r = call(server, "/v1/responses", {"input": MESSAGES[1:2], "instructions": MESSAGES[0]["content"],
+                                           "max_output_tokens": 1})[1]
+        assert r["usage"]["input_tokens_details"]["cached_tokens"] > 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    server = start(folder, *flags)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        usage = call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 1})[1]["usage"]
+        assert "prompt_tokens_details" not in usage
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -66,6 +66,8 @@ class Request:
         self.ended = [False] * idx.size(0)  # done's host copy (decode_step's): its EOS-padded rows (_grow)
         self.slots = None  # the cache rows it holds while running
         self.same, self.hits = False, []  # prefix caching's (Engine._plan): whether its rows are equal, their hits
+        self.cached = 0  # the prompt tokens its first prefill read from the prefix cache (vLLM's num_cached_tokens)
+        self.prefilled = False
         self.todo, self.rows = None, []  # its prefill's rows still to run ([row, slot, fill]) and the logits done
         self.queue = queue.Queue()
         self.cancelled = False
@@ -870,6 +872,8 @@ class Engine:
             if self.prefix_caching and not r.scoring:  # (the stats count the prompts looked up in the cache: vLLM's)
                 self.stats["prompt_tokens"] += r.idx.size(1)
                 self.stats["cached_prompt_tokens"] += len(r.hits[c.i]) * cache.page_size
+                if not r.prefilled:  # (its first prefill's: a preempted request's recompute is not its usage)
+                    r.cached, r.prefilled = len(r.hits[c.i]) * cache.page_size, True
         if r.todo:
             return None
         if r.scoring:  # (on the device: the consumer's tolist waits in its own thread, as for the drawn tokens')

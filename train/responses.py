@@ -326,7 +326,8 @@ def response_object(body: dict, rid: str, created: int, model: str, items: list,
             "tools": tools, "top_p": body.get("top_p", 1.0), "truncation": "disabled", "user": body.get("user"),
             "metadata": body.get("metadata") or {},
             "usage": None if usage is None else {
-                "input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens": usage["prompt_tokens"], "input_tokens_details": {
+                    "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)},
                 "output_tokens": usage["completion_tokens"], "output_tokens_details": {
                     "reasoning_tokens": usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)},
                 "total_tokens": usage["total_tokens"]}}

@@ -914,6 +914,7 @@ class Model:
         self.pooler = None  # --runner pooling's (train/pooling.py Pooler): embeddings or reward scores, no text
         # --generation-config's (generation_config()): the requests' defaults, and the end tokens besides the EOS
         self.defaults, self.ends_too = {}, []
+        self.prompt_tokens_details = False  # vLLM's --enable-prompt-tokens-details: usage's cached_tokens
         self.metrics = Metrics(name, model.config.context_length, engine)  # GET /metrics
         self.created = int(time.time())
 
@@ -1141,7 +1142,7 @@ class Model:
         return [(*item[:4], max(item[4] - lead, 0)) for item in scored.items]
 
     def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None, timing=None,
-             adapter=None, prediction=None, thought=None) -> list:
+             adapter=None, prediction=None, spent=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
         None, stop_reason)], the items those of every token drawn (Scored), the one that ended the
         choice too. on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
@@ -1156,8 +1157,9 @@ class Model:
         None: one started here. adapter: the LoRA adapter the request names (--lora-modules), None the model.
         prediction: a predicted output (generate.Prediction, new for this draw), its tokens proposed and verified
         (the engine's or generate()'s speculation: the same text, in fewer forwards where it is right).
-        thought: a dict, given where the answer begins in a reasoning model's thought: {choice: its tokens through
-        the </think> token (s["wake"]), all of them where it drew none}."""
+        spent: a dict the draw's usage details go to (Completion.spent): "cached" (a list) the prompt tokens the
+        engine's prefix cache gave it appended; "thought" (where the answer begins in a reasoning model's thought)
+        {choice: its tokens through the </think> token (s["wake"]), all of them where it drew none}."""
         import torch
 
         from tritongpt.commands import Choices
@@ -1230,6 +1232,8 @@ class Model:
                                        on_step_end=flush if on_delta else None).tolist() * (n if budget == 0 else 1)
                 except Cancelled:
                     raise BrokenPipeError("the client left") from None
+                if spent is not None:
+                    spent["cached"].append(request.cached)
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
                                           dict(warp, logprobs=k, guide=guide, draft=prediction, **ends), timing,
@@ -1237,9 +1241,9 @@ class Model:
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
-                if thought is not None:  # (the reasoning tokens: OpenAI's usage detail)
+                if spent is not None and "thought" in spent:  # (the reasoning tokens: OpenAI's usage detail)
                     drawn = row[len(ids):len(ids) + count]
-                    thought[i] = drawn.index(s["wake"]) + 1 if s["wake"] in drawn else len(drawn)
+                    spent["thought"][i] = drawn.index(s["wake"]) + 1 if s["wake"] in drawn else len(drawn)
                 count = count if budget else 1  # (prefill-only: vLLM's one token, drawn and dropped; Completion.draw)
                 # the tokens drawn, each with its logprobs: at the budget all; ended by the end token, a stop token
                 # or a stop string, every token up to the one that ended it, the one the stop string ends in too,
@@ -1766,6 +1770,7 @@ class Completion:
         if s["stop_token_ids"] and max(s["stop_token_ids"]) >= vocab:
             raise bad("stop_token_ids", f"'stop_token_ids' has token id {max(s['stop_token_ids'])}: the model's "
                                         f"tokens are 0..{vocab - 1}")
+        self.spent = {"cached": []}  # the usage details the draws give (Model.draw's spent)
         if self.chat:
             if "messages" not in body:
                 raise bad("messages", "'messages' is required")
@@ -1778,10 +1783,11 @@ class Completion:
             self.thinks = thinking is not None and thinking.thinks(self.prompts[0], s["template_kwargs"])
             s["think_ids"] = (thinking.start_id, thinking.end_id) if thinking is not None else ()
             s["wake"] = thinking.end_id if self.thinks else None
-            self.thought = {} if self.thinks else None  # each choice's thought's tokens (Model.draw's)
+            if self.thinks:  # each choice's thought's tokens (Model.draw's)
+                self.spent["thought"] = {}
         else:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
-            self.stop_id, self.thought = app.eot, None
+            self.stop_id = app.eot
         keep = truncation(body, app.model.config.context_length)
         if keep is not None:  # (vLLM's left truncation; echo would show a prompt the model did not read)
             if s["echo"]:
@@ -1992,7 +1998,7 @@ class Completion:
         return self.app.draw(ids, self.budgets[p], s, self.stop_id, self.generator, on_delta,
                              lambda: self.stop.is_set() or self.handler.client_gone(),
                              (lambda step: self.on_prompt(p, scored, step)) if in_prefill else None, timing,
-                             self.adapter, prediction, self.thought)
+                             self.adapter, prediction, self.spent)
 
     def choices(self, p: int, drawn: list, scored: dict) -> list:
         """Prompt p's choice objects (OpenAI's index: the prompt's n choices in turn), echo's text and logprobs
@@ -2035,11 +2041,13 @@ class Completion:
         answer's tokens through its </think>, all of them where the thought did not end: Model.draw's)."""
         usage = usage_of(sum(d[1] for d in done), sum(d[2] for d in done))
         details = {}
-        if self.thought is not None:
-            details["reasoning_tokens"] = sum(self.thought.values())
+        if "thought" in self.spent:
+            details["reasoning_tokens"] = sum(self.spent["thought"].values())
         if self.predicted is not None:
             details.update(accepted_prediction_tokens=sum(p.accepted for p in self.predictions),
                            rejected_prediction_tokens=sum(p.rejected for p in self.predictions))
+        if self.app.prompt_tokens_details:  # (vLLM's --enable-prompt-tokens-details)
+            usage["prompt_tokens_details"] = {"cached_tokens": sum(self.spent["cached"])}
         return {**usage, "completion_tokens_details": details} if details else usage
 
     def respond(self, done: list):
@@ -2520,6 +2528,7 @@ def make_server(args) -> ThreadingHTTPServer:
                        engine, modules)
     server.app.runtime_lora, server.app.max_lora_rank = runtime, args.max_lora_rank or 16
     server.app.defaults, server.app.ends_too = gen
+    server.app.prompt_tokens_details = args.enable_prompt_tokens_details
     server.app.tool_parser, server.app.reasoning_parser = parser, thinking
     server.api_key = key
     return server
@@ -2620,6 +2629,9 @@ def add_cli(sub):
                         "%(default)s)")
     p.add_argument("--override-generation-config", default=None, metavar="JSON",
                    help="those defaults overridden, e.g. '{\"temperature\": 0.5}' (vLLM's) (default: none)")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage.prompt_tokens_details.cached_tokens (vLLM's flag): the prompt tokens read from the "
+                        "prefix cache (--enable-prefix-caching; else 0)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's id in the API (default: --weights as given, a Hub repo's id)")
     add_dtype_arg(p)
