@@ -222,9 +222,41 @@ def chat_ids(app, messages) -> list:
     return [prompt + answer]
 
 
+def fit(app, body: dict, seqs: list, names: list, params: list) -> list:
+    """vLLM's truncate_prompt_tokens (left truncation: a long document's last tokens) on each input, then one still
+    longer than the context refused by its name (names[i], params[i])."""
+    from tritongpt.train.serve import APIError, truncation
+
+    context = app.model.config.context_length
+    keep = truncation(body, context)
+    if keep is not None:
+        seqs = [s[-keep:] for s in seqs]
+    for s, name, param in zip(seqs, names, params):
+        if len(s) > context:
+            raise APIError(400, f"{name} is {len(s)} tokens; this model's maximum context length is {context} "
+                                "tokens: shorten it", param=param)
+    return seqs
+
+
+def run(app, seqs: list):
+    """The Pooler's outputs of seqs under the model's turn, each input a request in /metrics (vLLM's: an engine
+    request an input) finished "stop" with its tokens as prompt tokens, or "error" if the forward fails."""
+    timings = [app.metrics.request() for _ in seqs]
+    try:
+        out = app.pooler(seqs, app.turn(timings[0]))
+    except Exception:
+        for timing in timings:
+            timing.end(["error"])
+        raise
+    for timing, s in zip(timings, seqs):
+        timing.scheduled = timings[0].scheduled  # (they took the model together)
+        timing.end(["stop"], len(s))
+    return out
+
+
 def pool(handler, path: str, body: dict) -> dict:
     """POST /v1/embeddings (OpenAI's EmbeddingResponse) or /pooling (vLLM's PoolingResponse)."""
-    from tritongpt.train.serve import APIError, bad, check_fields, truncation
+    from tritongpt.train.serve import bad, check_fields
 
     app = handler.server.app
     pooler = app.pooler
@@ -244,24 +276,9 @@ def pool(handler, path: str, body: dict) -> dict:
         seqs = chat_ids(app, body["messages"])
     else:
         seqs = input_ids(app, body)
-    context = app.model.config.context_length
-    keep = truncation(body, context)
-    if keep is not None:  # (vLLM's left truncation: a long document's last tokens)
-        seqs = [s[-keep:] for s in seqs]
-    for i, s in enumerate(seqs):
-        if len(s) > context:
-            raise APIError(400, f"input {i} is {len(s)} tokens; this model's maximum context length is {context} "
-                                "tokens: shorten it", param="messages" if "messages" in body else "input")
-    timings = [app.metrics.request() for _ in seqs]  # (vLLM's: an engine request an input)
-    try:
-        out = pooler(seqs, app.turn(timings[0]))
-    except Exception:
-        for timing in timings:
-            timing.end(["error"])
-        raise
-    for timing, s in zip(timings, seqs):
-        timing.scheduled = timings[0].scheduled  # (they took the model together)
-        timing.end(["stop"], len(s))
+    param = "messages" if "messages" in body else "input"
+    seqs = fit(app, body, seqs, [f"input {i}" for i in range(len(seqs))], [param] * len(seqs))
+    out = run(app, seqs)
     kind = "embedding" if endpoint == "embeddings" else "pooling"
     field = "embedding" if endpoint == "embeddings" else "data"
     data = [{"index": i, "object": kind, field: encoded(v.reshape(-1).tolist(), encoding_format)}
