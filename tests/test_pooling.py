@@ -137,8 +137,9 @@ def test_openai_client_and_refusals(lm_folder):
     generating = start(folder, "--max-batch", "1")
     generating.RequestHandlerClass.log_message = lambda *a: None
     try:
-        status, out = call(generating, "/v1/embeddings", {"input": "a"})
-        assert status == 404 and "--runner pooling" in out["error"]["message"]
+        for path in ("/v1/embeddings", "/score", "/v2/rerank"):
+            status, out = call(generating, path, {"input": "a"})
+            assert status == 404 and "--runner pooling" in out["error"]["message"]
     finally:
         stop(generating)
 
@@ -220,5 +221,103 @@ def test_pooling_requests_count_in_metrics(lm_folder):
         assert metric(s, "request_success_total", finished_reason="stop") == len(TEXTS)
         assert metric(s, "prompt_tokens_total") == out["usage"]["prompt_tokens"]
         assert metric(s, "generation_tokens_total") == 0 and metric(s, "request_prompt_tokens_count") == len(TEXTS)
+    finally:
+        stop(server)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+def test_score_and_rerank_of_an_embedder_are_cosines_of_its_embeddings(lm_folder):
+    """vLLM's /score and /rerank on an embedding model: the cosine similarity of the two texts' embeddings (float64
+    reference, each text alone), 1:N and N:N; rerank sorted by it, top_n the best; each text embedded a request in
+    /metrics; refusals by field."""
+    from test_serve import metric, scrape
+
+    folder, _ = lm_folder
+    server = serving(folder, "--served-model-name", "tiny")
+    try:
+        app = server.app
+        ids = {t: app.encode(t) for t in TEXTS + ["a cat"]}
+        emb = {t: direct(app.model, x, "LAST", True) for t, x in ids.items()}
+        status, out = call(server, "/score", {"text_1": "a cat", "text_2": TEXTS, "model": "tiny"})
+        assert status == 200 and out["object"] == "list", out
+        assert [(d["index"], d["object"]) for d in out["data"]] == [(0, "score"), (1, "score"), (2, "score")]
+        want = [cosine(emb["a cat"], emb[t]) for t in TEXTS]
+        assert [d["score"] for d in out["data"]] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert len(set(round(w, 4) for w in want)) == 3  # (distinct: an order to test below)
+        tokens = len(ids["a cat"]) + sum(len(ids[t]) for t in TEXTS)  # (the query embedded once)
+        assert out["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+        s = scrape(server)
+        assert metric(s, "request_success_total", finished_reason="stop") == 1 + len(TEXTS)
+        assert metric(s, "prompt_tokens_total") == tokens
+        # N:N pairs, and truncate_prompt_tokens on each text (its last k tokens)
+        status, out = call(server, "/v1/score", {"text_1": TEXTS[:2], "text_2": [TEXTS[2], "a cat"]})
+        assert status == 200 and [d["score"] for d in out["data"]] == pytest.approx(
+            [cosine(emb[TEXTS[0]], emb[TEXTS[2]]), cosine(emb[TEXTS[1]], emb["a cat"])], rel=1e-5, abs=1e-6)
+        status, out = call(server, "/score", {"text_1": TEXTS[2], "text_2": TEXTS[0], "truncate_prompt_tokens": 3})
+        cut = [direct(app.model, ids[t][-3:], "LAST", True) for t in (TEXTS[2], TEXTS[0])]
+        assert status == 200 and out["usage"]["prompt_tokens"] == 6
+        assert out["data"][0]["score"] == pytest.approx(cosine(*cut), rel=1e-5, abs=1e-6)
+        # rerank: the documents by score, best first; top_n the best n
+        best = sorted(range(3), key=lambda i: -want[i])
+        for path, extra, n in [("/rerank", {"top_n": 2}, 2), ("/v1/rerank", {"top_n": 7}, 3), ("/v2/rerank", {}, 3)]:
+            status, out = call(server, path, {"query": "a cat", "documents": TEXTS, **extra})
+            assert status == 200 and out["id"].startswith("rerank-") and out["model"] == "tiny", out
+            assert [r["index"] for r in out["results"]] == best[:n]
+            assert [r["document"]["text"] for r in out["results"]] == [TEXTS[i] for i in best[:n]]
+            assert [r["relevance_score"] for r in out["results"]] == pytest.approx([want[i] for i in best[:n]],
+                                                                                   rel=1e-5, abs=1e-6)
+            assert out["usage"]["total_tokens"] == tokens
+        done = metric(scrape(server), "request_success_total", finished_reason="stop")
+        assert done == 4 + 4 + 2 + 3 * 4  # (a score's texts and a rerank's query and documents, each a request)
+        context = app.model.config.context_length
+        long = "the cat sat on the mat. " * context
+        for path, body, param, words in [
+                ("/score", {"text_1": [], "text_2": "a"}, "text_1", "non-empty list"),
+                ("/score", {"text_1": "a", "text_2": ["b", ""]}, "text_2", "'text_2[1]' is empty"),
+                ("/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_2", "equal length"),
+                ("/score", {"text_1": ["a", "b"], "text_2": "c"}, "text_2", "equal length"),
+                ("/score", {"text_1": "a", "text_2": ["b", long]}, "text_2", "'text_2[1]' is"),
+                ("/score", {"text_1": "a", "text_2": "b", "text_3": "c"}, "text_3", "unknown field"),
+                ("/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens",
+                 "positive integer"),
+                ("/rerank", {"query": ["a"], "documents": ["b"]}, "query", "must be a string"),
+                ("/rerank", {"query": "a", "documents": []}, "documents", "non-empty list"),
+                ("/rerank", {"query": "a", "documents": ["b"], "top_n": 0}, "top_n", "positive integer"),
+                ("/rerank", {"query": "a", "documents": ["b"], "top_n": 1.5}, "top_n", "positive integer"),
+                ("/rerank", {"query": long, "documents": ["b"]}, "query", "'query' is"),
+                ("/rerank", {"query": "a", "documents": ["b"], "return_documents": True}, "return_documents",
+                 "unknown field"),
+        ]:
+            status, out = call(server, path, body)
+            assert status == 400 and out["error"]["param"] == param and words in out["error"]["message"], out
+        assert metric(scrape(server), "request_success_total", finished_reason="stop") == done  # (refused: none ran)
+    finally:
+        stop(server)
+
+
+def test_score_and_rerank_of_a_reward_model_are_its_rewards_of_the_chats(reward_folder):
+    """A reward model's score of (text_1, text_2) is its reward of the chat [user: text_1, assistant: text_2], laid
+    out as `reward` lays out a chat record; rerank orders documents by it."""
+    folder, tok = reward_folder
+    server = serving(folder)
+    try:
+        rm = RewardModel.load(folder)
+        answers = ["the cat sat", "a dog", "Hello there!", "the bird sang on the mat"]
+        seqs = [p + a for p, (a,) in (encode_answers(tok, ChatPrompt([{"role": "user", "content": "How are you?"}]),
+                                                     [a], {}) for a in answers)]
+        want = [rm(torch.tensor([s]), torch.tensor([len(s)])).item() for s in seqs]
+        assert len(set(round(w, 4) for w in want)) == len(want)
+        status, out = call(server, "/score", {"text_1": "How are you?", "text_2": answers})
+        assert status == 200, out
+        assert [d["score"] for d in out["data"]] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert out["usage"]["prompt_tokens"] == sum(map(len, seqs))
+        status, out = call(server, "/v1/rerank", {"query": "How are you?", "documents": answers, "top_n": 1})
+        best = max(range(len(want)), key=lambda i: want[i])
+        assert status == 200 and [(r["index"], r["document"]["text"]) for r in out["results"]] == [
+            (best, answers[best])]
+        assert out["results"][0]["relevance_score"] == pytest.approx(want[best], rel=1e-5, abs=1e-6)
     finally:
         stop(server)

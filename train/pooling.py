@@ -17,6 +17,9 @@ an embedder, `--convert reward` reads a reward head. Here:
 A request's inputs run right-padded, in forwards of at most MAX_TOKENS positions: under causal attention a token
 never sees the pads after it, and LAST and MEAN read only each input's own positions, so padding changes no input's
 result. /metrics counts each input as a request (vLLM's: an engine request an input), its tokens prompt tokens.
+vLLM's POST /score (text_1 against text_2) and /rerank (a query against documents, vllm/entrypoints/openai/
+serving_score.py): an embedder's score is the cosine of the two texts' embeddings (vLLM's rule for an embedding
+model), a reward model's its reward of the chat [user: text_1, assistant: text_2] laid out as chat_ids lays one out.
 The other runner's routes are not there (404s), as vLLM registers only its runner's (api_server.build_app).
 """
 import base64
@@ -36,6 +39,7 @@ NOT_POOLING = {"CLS": "CLS reads a bidirectional encoder's first token; these mo
                "ALL": "ALL returns every token's state (token-level pooling); not served here",
                "STEP": "STEP is a process reward model's per-step pooling; not served here"}
 EMBEDDINGS, POOLING = "/v1/embeddings", "/pooling"
+SCORE_PATHS, RERANK_PATHS = ("/score", "/v1/score"), ("/rerank", "/v1/rerank", "/v2/rerank")  # (vLLM's)
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 # generation flags that mean nothing to a pooling server: refused with --runner pooling
 GENERATION_FLAGS = (("speculative_config", "--speculative-config"), ("enable_lora", "--enable-lora"),
@@ -289,10 +293,80 @@ def pool(handler, path: str, body: dict) -> dict:
             "created": int(time.time()), "model": app.name, "data": data, "usage": usage}
 
 
+def texts(body: dict, field: str, one: bool = False) -> list:
+    """A field of text (a string, or unless one a non-empty list of strings) -> its strings, an empty one refused
+    by name."""
+    from tritongpt.train.serve import bad
+
+    value = body.get(field)
+    items = [value] if isinstance(value, str) else value
+    if one and not isinstance(value, str) or not isinstance(items, list) or not items or not all(
+            isinstance(x, str) for x in items):
+        want = "a string" if one else "a string or a non-empty list of strings"
+        raise bad(field, f"'{field}' must be {want}, got {value!r}"[:300])
+    for i, x in enumerate(items):
+        if not x:
+            raise bad(field, f"'{field}' is empty" if isinstance(value, str) else f"'{field}[{i}]' is empty")
+    return items
+
+
+def pair_scores(app, body: dict, first: list, second: list, fields: tuple) -> tuple:
+    """(each pair's score, the prompt tokens run) of first[0] against every text of second (1:N) or first[i]
+    against second[i] (N:N), vLLM's rule. An embedder's score is the cosine similarity of the two texts' embeddings
+    (vLLM's for an embedding model; a 1:N query embedded once); a reward model's is its reward of the chat
+    [user: first, assistant: second], laid out as chat_ids lays out `reward`'s and `rlhf`'s."""
+    import torch.nn.functional as F
+
+    def name(field, given, i):
+        return f"'{field}'" if len(given) == 1 else f"'{field}[{i}]'"
+
+    if app.pooler.kind == "reward":
+        pairs = [(first[0] if len(first) == 1 else first[i], t) for i, t in enumerate(second)]
+        seqs = [chat_ids(app, [{"role": "user", "content": a}, {"role": "assistant", "content": b}])[0]
+                for a, b in pairs]
+        seqs = fit(app, body, seqs, [f"the chat of {name(fields[1], second, i)}" for i in range(len(seqs))],
+                   [fields[1]] * len(seqs))
+        return run(app, seqs).tolist(), sum(map(len, seqs))
+    seqs = [app.encode(t) for t in first + second]
+    names = [name(fields[0], first, i) for i in range(len(first))] + [
+        name(fields[1], second, i) for i in range(len(second))]
+    seqs = fit(app, body, seqs, names, [fields[0]] * len(first) + [fields[1]] * len(second))
+    out = run(app, seqs).double()  # ([1, C] against [N, C] broadcasts: one query, many texts)
+    return F.cosine_similarity(out[:len(first)], out[len(first):], dim=-1).tolist(), sum(map(len, seqs))
+
+
+def score(handler, path: str, body: dict) -> dict:
+    """POST /score (vLLM's ScoreResponse) or /rerank (vLLM's RerankResponse, Jina's and Cohere's shape)."""
+    from tritongpt.train.serve import bad, check_fields
+
+    app = handler.server.app
+    if path in SCORE_PATHS:
+        check_fields(body, "score", app.name)
+        first, second = texts(body, "text_1"), texts(body, "text_2")
+        if len(first) > 1 and len(first) != len(second):  # (vLLM's rule: 1:1, 1:N or N:N)
+            raise bad("text_2", f"'text_1' has {len(first)} texts and 'text_2' {len(second)}: score one text_1 "
+                                "against one or many text_2, or pairwise lists of equal length")
+        scores, tokens = pair_scores(app, body, first, second, ("text_1", "text_2"))
+        data = [{"index": i, "object": "score", "score": v} for i, v in enumerate(scores)]
+        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": app.name,
+                "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+    check_fields(body, "rerank", app.name)
+    query, documents = texts(body, "query", one=True), texts(body, "documents")
+    top_n = body.get("top_n")
+    if top_n is not None and (not is_int(top_n) or top_n < 1):
+        raise bad("top_n", f"'top_n' must be a positive integer (the best documents returned; leave it out for all), "
+                           f"got {top_n!r}")
+    scores, tokens = pair_scores(app, body, query, documents, ("query", "documents"))
+    order = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]  # (stable: ties keep their order)
+    results = [{"index": i, "document": {"text": documents[i]}, "relevance_score": scores[i]} for i in order]
+    return {"id": f"rerank-{uuid.uuid4().hex}", "model": app.name, "usage": {"prompt_tokens": tokens,
+            "total_tokens": tokens}, "results": results}
+
+
 def refused(app, path: str) -> str | None:
     """Why path is not served by this runner (a 404, as vLLM registers only its runner's routes), or None."""
     pooler = app.pooler
-    if pooler is None and path in (EMBEDDINGS, POOLING):
+    if pooler is None and path in (EMBEDDINGS, POOLING) + SCORE_PATHS + RERANK_PATHS:
         return f"{path} is served with --runner pooling; this server generates"
     if pooler is not None and (path in GENERATE_PATHS or path.startswith("/v1/responses/")):
         return f"{path} is not served with --runner pooling (this server answers {served_path(pooler)})"
@@ -302,4 +376,5 @@ def refused(app, path: str) -> str | None:
 
 
 def served_path(pooler) -> str:
-    return f"POST {POOLING}" if pooler.kind == "reward" else f"POST {EMBEDDINGS} and {POOLING}"
+    return f"POST {POOLING}, /score and /rerank" if pooler.kind == "reward" else \
+        f"POST {EMBEDDINGS}, {POOLING}, /score and /rerank"

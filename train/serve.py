@@ -81,6 +81,8 @@ FIELDS["detokenize"] = {"model", "tokens"}
 # --runner pooling's (train/pooling.py): OpenAI's EmbeddingCreateParams, vLLM's PoolingRequest (its chat form too)
 FIELDS["embeddings"] = {"model", "input", "encoding_format", "dimensions", "user", "truncate_prompt_tokens"}
 FIELDS["pooling"] = FIELDS["embeddings"] | {"messages"}
+FIELDS["score"] = {"model", "text_1", "text_2", "truncate_prompt_tokens"}  # vLLM's ScoreRequest, RerankRequest
+FIELDS["rerank"] = {"model", "query", "documents", "top_n", "truncate_prompt_tokens"}
 # vLLM's tokenize fields this server does not implement: refused unless null or false
 TOKENIZE_UNSUPPORTED = {"chat_template", "mm_processor_kwargs"}
 API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
@@ -1404,7 +1406,8 @@ class Handler(BaseHTTPRequestHandler):
               "/v1/responses": "POST",
               "/health": "GET", "/version": "GET", "/tokenize": "POST", "/detokenize": "POST",
               "/tokenizer_info": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST",
-              "/v1/embeddings": "POST", "/pooling": "POST"}  # (the last two: --runner pooling's, train/pooling.py)
+              "/v1/embeddings": "POST", "/pooling": "POST", "/score": "POST", "/v1/score": "POST", "/rerank": "POST",
+              "/v1/rerank": "POST", "/v2/rerank": "POST"}  # (from /v1/embeddings: --runner pooling's, train/pooling.py)
     # seconds a read or write of the socket may wait: a body shorter than its Content-Length, or a client that
     # stops reading a stream (which would block a write holding the model's lock), must not hold a thread forever
     timeout = 60
@@ -1445,7 +1448,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if self.server.api_key is not None and path not in PUBLIC_PATHS:  # (first, as vLLM's middleware)
                 self.authorize(self.server.api_key)
-            from tritongpt.train.pooling import EMBEDDINGS, POOLING, pool, refused
+            from tritongpt.train.pooling import EMBEDDINGS, POOLING, RERANK_PATHS, SCORE_PATHS, pool, refused, score
 
             why = refused(app, path)  # the other runner's routes (vLLM registers only its runner's)
             if why:
@@ -1481,6 +1484,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, self.tokenizer_info())
             if path in (EMBEDDINGS, POOLING):
                 return self.send_json(200, pool(self, path, self.read_body()))
+            if path in SCORE_PATHS + RERANK_PATHS:
+                return self.send_json(200, score(self, path, self.read_body()))
             if path in LORA_PATHS:
                 return self.send_text(self.lora_update(path, self.read_body()), "text/plain; charset=utf-8")
             if path == "/v1/models":
@@ -2614,7 +2619,9 @@ def add_cli(sub):
     p.add_argument("--runner", default="generate", choices=RUNNERS,
                    help="generate: text (completions, chat, responses); pooling: POST /v1/embeddings (OpenAI's: the "
                         "final-norm hidden state pooled, L2-normalized) or, for a reward model, POST /pooling (its "
-                        "score per input or chat); the other runner's routes are 404s (vLLM's) (default %(default)s)")
+                        "score per input or chat), and vLLM's POST /score and /rerank (cosine of the embeddings, or "
+                        "the reward of the user-assistant chat); the other runner's routes are 404s (vLLM's) "
+                        "(default %(default)s)")
     p.add_argument("--convert", default=None, choices=CONVERTS,
                    help="with --runner pooling: embed (a language model's default) or reward (a `tritongpt reward` "
                         "checkpoint's default, read at its last token) (default: auto, by the checkpoint)")
