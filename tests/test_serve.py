@@ -2428,3 +2428,15 @@ def test_prompt_tokens_details_count_the_prefix_caches_tokens(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_completions_name_chat_only_fields_as_chats(served):
+    """/v1/completions refuses chat's prediction and tools saying where they are served, not that the server has
+    none (it does: on /v1/chat/completions); a field no endpoint serves keeps its plain refusal."""
+    server, _ = served
+    for key, value in (("prediction", {"type": "content", "content": "the cat"}), ("tool_choice", "none")):
+        status, body = call(server, "/v1/completions", {"prompt": "the", "max_tokens": 1, key: value})
+        assert status == 400 and body["error"]["param"] == key
+        assert "/v1/chat/completions field" in body["error"]["message"], body
+    status, body = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "audio": {}})
+    assert status == 400 and body["error"]["message"] == "'audio' is not supported by this server"

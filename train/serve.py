@@ -141,7 +141,9 @@ def check_fields(body: dict, endpoint: str, served, unsupported=UNSUPPORTED):
     for key in body:
         if key in unsupported and key not in FIELDS[endpoint]:
             if body[key] is not None and body[key] is not False:  # (not `in (None, False)`: 0 == False)
-                raise bad(key, f"'{key}' is not supported by this server")
+                where = " on /v1/completions: it is a /v1/chat/completions field" \
+                    if endpoint == "completions" and key in FIELDS["chat"] else " by this server"
+                raise bad(key, f"'{key}' is not supported{where}")
         elif key in REMOVED and endpoint in ("completions", "chat"):
             use = f'"structured_outputs": {{"{REMOVED[key]}": ...}}' if REMOVED[key] else "nothing (one backend here)"
             if REMOVED[key] and REMOVED[key] not in KINDS + OPTIONS:  # (not a replacement refused in its turn)
