@@ -121,3 +121,29 @@ def test_bad_generation_configs_are_refused_at_start_by_name(folder, tmp_path, c
 
         generation_config(type("A", (), {"weights": None, "generation_config": "vllm"})(), None, 10,
                           override_generation_config('{"top_k": 2.5}'))
+
+
+def test_a_bad_override_is_not_told_to_use_vllm_which_keeps_it():
+    """--generation-config vllm drops the file's defaults, not the override's: only a bad file's refusal suggests it."""
+    from tritongpt.train.serve import generation_config, override_generation_config
+
+    args = type("A", (), {"weights": None, "generation_config": "vllm"})()
+    with pytest.raises(UserError) as e:
+        generation_config(args, None, 10, override_generation_config('{"top_p": 0}'))
+    assert str(e.value).startswith("--override-generation-config: top_p") and "vllm" not in str(e.value)
+
+
+def test_a_response_says_the_temperature_and_top_p_it_was_drawn_with(folder):
+    """/v1/responses' object echoes temperature and top_p as drawn: the --generation-config default where the request
+    leaves them out (vLLM's from_request reads its sampling params), the request's own where it gives them."""
+    path, _ = folder
+    server = served(path, "--generation-config", "vllm", "--override-generation-config",
+                    '{"temperature": 0.5, "top_p": 0.75}')
+    try:
+        status, body = call(server, "/v1/responses", {"input": "the cat", "max_output_tokens": 1})
+        assert status == 200 and (body["temperature"], body["top_p"]) == (0.5, 0.75), body
+        status, body = call(server, "/v1/responses", {"input": "the cat", "max_output_tokens": 1, "temperature": 0.25,
+                                                      "top_p": None})
+        assert status == 200 and (body["temperature"], body["top_p"]) == (0.25, 0.75), body
+    finally:
+        stop(server)

@@ -2107,11 +2107,17 @@ class Response(Completion):
         except APIError as e:  # (chat's checks name chat's fields)
             raise R.renamed(e) from None
 
+    @property
+    def echoed(self) -> dict:
+        """The request as its response object echoes it, with the temperature and top_p it was drawn with (a null or
+        left-out one: --generation-config's default, else 1; vLLM's from_request reads its sampling params too)."""
+        return {**self.body, "temperature": self.s["temperature"], "top_p": self.s["top_p"]}
+
     def start_stream(self):
         from tritongpt.train import responses as R
 
         super().start_stream()
-        head = R.response_object(self.body, self.rid, self.created, self.head["model"], [], None, None, "in_progress")
+        head = R.response_object(self.echoed, self.rid, self.created, self.head["model"], [], None, None, "in_progress")
         self.events = R.Events(self.handler._handler.send_typed, head)
         self.handler.stream_failed = self.failed
         self.events.start()
@@ -2126,7 +2132,7 @@ class Response(Completion):
         from tritongpt.train import responses as R
 
         self.events.cut()
-        response = R.response_object(self.body, self.rid, self.created, self.head["model"], self.events.items, None,
+        response = R.response_object(self.echoed, self.rid, self.created, self.head["model"], self.events.items, None,
                                      None, "failed", e)
         self.store(response)
         self.events.fail(e, response)
@@ -2147,7 +2153,7 @@ class Response(Completion):
             items, finish = self.events.items, self.finish
         else:
             items, finish = R.output_items(choices[0]["message"]), choices[0]["finish_reason"]
-        response = R.response_object(self.body, self.rid, self.created, self.head["model"], items, finish, usage)
+        response = R.response_object(self.echoed, self.rid, self.created, self.head["model"], items, finish, usage)
         self.store(response)
         if self.s["stream"]:
             self.events.end(response)
@@ -2316,8 +2322,10 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
             most = given.get("max_new_tokens")
             if most is not None and (not is_int(most) or most < 1):
                 raise UserError(f"max_new_tokens must be a positive integer, got {most!r}")
-        except UserError as e:
-            raise UserError(f"{where}: {e} (--generation-config vllm serves OpenAI's defaults instead)") from None
+        except UserError as e:  # (the override applies under vllm too: the hint is the file's alone)
+            hint = "" if where == "--override-generation-config" else \
+                " (--generation-config vllm serves OpenAI's defaults instead)"
+            raise UserError(f"{where}: {e}{hint}") from None
         config.update(given)
     if "max_new_tokens" in config:  # (transformers' name: vLLM's max_tokens)
         config["max_tokens"] = config.pop("max_new_tokens")
