@@ -77,6 +77,9 @@ def test_the_folders_defaults_end_tokens_and_cap(folder, tmp_path):
                                                        "max_tokens": 6, "ignore_eos": True})[1]["choices"][0][
             "message"]["content"] for s in range(3)}
         assert len(texts) > 1
+        # min_tokens past the folder's cap: a 400 naming it (vLLM's SamplingParams), not silently cut to 40
+        status, body = call(server, "/v1/chat/completions", {"messages": USER, "min_tokens": 41})
+        assert status == 400 and body["error"]["param"] == "min_tokens" and "40" in body["error"]["message"]
     finally:
         stop(server)
     # --override-generation-config over the file; --generation-config FOLDER: that folder's file

@@ -1804,6 +1804,10 @@ class Completion:
             s["stop_token_ids"] = list(dict.fromkeys(s["stop_token_ids"] + [t for t in app.ends_too
                                                                             if t != self.stop_id]))
         self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
+        if s["min_tokens"] > min(self.budgets):  # (the context's or generation_config's cut: vLLM's 400 too)
+            raise bad("min_tokens", f"'min_tokens' ({s['min_tokens']}) must be at most max_tokens "
+                                    f"({min(self.budgets)}: the most this prompt may draw, by the context left or "
+                                    "generation_config's max_new_tokens)")
         # (compiled now: a schema it cannot take, a 400)
         guide = app.guide(s["structured"], s["structured_field"], s["tools"], s.get("wake"))
         if guide is not None:  # (and an end token its text can have, before a stream's first event)
