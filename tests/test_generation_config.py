@@ -85,15 +85,16 @@ def test_the_folders_defaults_end_tokens_and_cap(folder, tmp_path):
     # --override-generation-config over the file; --generation-config FOLDER: that folder's file
     other = tmp_path / "other"
     other.mkdir()
-    (other / "generation_config.json").write_text(json.dumps({"top_p": 0.5, "repetition_penalty": 1.1}))
-    for flags, want in ((["--override-generation-config", '{"temperature": 0.7}'],
-                         {"temperature": 0.7, "max_tokens": 40}),
-                        (["--generation-config", str(other)], {"top_p": 0.5, "repetition_penalty": 1.1}),
-                        (["--generation-config", "vllm", "--override-generation-config", '{"top_k": 5}'],
-                         {"top_k": 5})):
+    (other / "generation_config.json").write_text(json.dumps({"top_p": 0.5, "repetition_penalty": 1.1,
+                                                              "eos_token_id": 3}))
+    for flags, want, ends in ((["--override-generation-config", '{"temperature": 0.7}'],
+                               {"temperature": 0.7, "max_tokens": 40}, end),
+                              (["--generation-config", str(other)], {"top_p": 0.5, "repetition_penalty": 1.1}, 3),
+                              (["--generation-config", "vllm", "--override-generation-config", '{"top_k": 5}'],
+                               {"top_k": 5}, end)):
         server = served(model, *flags)
-        try:
-            assert server.app.defaults == want and server.app.ends_too[-1] == end  # (the model's end tokens always)
+        try:  # (the end tokens: the file read's, vLLM's try_get_generation_config; vllm mode the model's)
+            assert server.app.defaults == want and server.app.ends_too[-1] == ends
         finally:
             stop(server)
 

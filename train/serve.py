@@ -2298,7 +2298,8 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
     """vLLM's --generation-config: (the requests' default settings {field: value}, with "max_tokens" the most an
     answer may draw; the end tokens the model folder's generation_config.json lists beside its EOS). auto: the
     model folder's file (--weights, or the Hugging Face tokenizer's folder); vllm: no defaults; a folder: its file.
-    The end tokens come from the model's own file whichever (vLLM's). Values are checked here, naming the file."""
+    The end tokens come from the file read, the model's own under vllm (vLLM's try_get_generation_config). Values
+    are checked here, naming the file."""
     from tritongpt.train.generate import check_sampling
 
     folders = [Path(args.weights) if Path(args.weights).is_dir() else Path(args.weights).parent] \
@@ -2333,14 +2334,15 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
         config.update(given)
     if "max_new_tokens" in config:  # (transformers' name: vLLM's max_tokens)
         config["max_tokens"] = config.pop("max_new_tokens")
-    ends = read_json_object(own).get("eos_token_id") if own is not None else None
+    ends_from = own if mode == "vllm" else path
+    ends = read_json_object(ends_from).get("eos_token_id") if ends_from is not None else None
     ends = [ends] if is_int(ends) else ends if isinstance(ends, list) else []
     if not all(is_int(t) and 0 <= t < vocab for t in ends):
-        raise UserError(f"{own}: eos_token_id must be token ids of the model's {vocab}, got {ends!r}")
+        raise UserError(f"{ends_from}: eos_token_id must be token ids of the model's {vocab}, got {ends!r}")
     if config:
         said = ", ".join(f"{k} {v}" for k, v in config.items())
         note(f"{path or '--override-generation-config'}: the requests' defaults are {said} (vLLM's "
-             "--generation-config auto; --generation-config vllm for none)")
+             "--generation-config and --override-generation-config)")
     return config, [int(t) for t in ends]
 
 
@@ -2646,8 +2648,8 @@ def add_cli(sub):
                    help="the requests' default sampling settings (vLLM's): auto, the model folder's "
                         "generation_config.json (its temperature, top_p, top_k, min_p, repetition_penalty; its "
                         "max_new_tokens caps every answer); vllm, none (OpenAI's defaults); or FOLDER's "
-                        "generation_config.json. Its eos_token_id list ends answers too, whichever (default "
-                        "%(default)s)")
+                        "generation_config.json. The file's eos_token_id list ends answers too (vllm: the model's) "
+                        "(default %(default)s)")
     p.add_argument("--override-generation-config", default=None, metavar="JSON",
                    help="those defaults overridden, e.g. '{\"temperature\": 0.5}' (vLLM's) (default: none)")
     p.add_argument("--enable-prompt-tokens-details", action="store_true",
