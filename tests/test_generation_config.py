@@ -123,7 +123,7 @@ def test_bad_generation_configs_are_refused_at_start_by_name(folder, tmp_path, c
     with pytest.raises(UserError, match="top_k must be a positive integer"):
         from tritongpt.train.serve import generation_config, override_generation_config
 
-        generation_config(type("A", (), {"weights": None, "generation_config": "vllm"})(), None, 10,
+        generation_config(type("A", (), {"weights": None, "tokenizer": None, "generation_config": "vllm"})(), None, 10,
                           override_generation_config('{"top_k": 2.5}'))
 
 
@@ -151,3 +151,21 @@ def test_a_response_says_the_temperature_and_top_p_it_was_drawn_with(folder):
         assert status == 200 and (body["temperature"], body["top_p"]) == (0.25, 0.75), body
     finally:
         stop(server)
+
+
+def test_a_run_reads_no_other_folders_file(folder, tmp_path):
+    """A run's checkpoint (no generation_config.json beside it) takes nothing from the folder its tokenizer was
+    once read from (the tokenizer's recorded source): vLLM reads the model's folder alone; so does --tokenizer
+    elsewhere. --pretrained's own tokenizer (its Hub snapshot, the model's folder) is read."""
+    from tritongpt.train.serve import generation_config
+
+    path, _ = folder
+    tok = type("T", (), {"info": {"source": str(path)}})()
+    run = tmp_path / "run"
+    run.mkdir()
+    args = type("A", (), {"weights": str(run / "ckpt.pt"), "tokenizer": None, "generation_config": "auto"})()
+    assert generation_config(args, tok, 10 ** 6, {}) == ({}, [])
+    args.weights, args.tokenizer = None, str(path)  # (--pretrained with --tokenizer elsewhere)
+    assert generation_config(args, tok, 10 ** 6, {}) == ({}, [])
+    args.tokenizer = None  # (--pretrained: the snapshot's tokenizer and file)
+    assert generation_config(args, tok, 10 ** 6, {})[1] != []

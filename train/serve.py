@@ -2297,16 +2297,18 @@ def override_generation_config(text) -> dict:
 def generation_config(args, tok, vocab: int, override: dict) -> tuple:
     """vLLM's --generation-config: (the requests' default settings {field: value}, with "max_tokens" the most an
     answer may draw; the end tokens the model folder's generation_config.json lists beside its EOS). auto: the
-    model folder's file (--weights, or the Hugging Face tokenizer's folder); vllm: no defaults; a folder: its file.
+    model folder's file (--weights', or --pretrained's with its own tokenizer); vllm: no defaults; a folder: its file.
     The end tokens come from the file read, the model's own under vllm (vLLM's try_get_generation_config). Values
     are checked here, naming the file."""
     from tritongpt.train.generate import check_sampling
 
-    folders = [Path(args.weights) if Path(args.weights).is_dir() else Path(args.weights).parent] \
-        if args.weights else []
+    # the model's folder alone (vLLM's): --weights', else --pretrained's snapshot, where its own tokenizer was read;
+    # not a run's tokenizer's recorded source (the folder it was once read from) nor --tokenizer elsewhere
     source = getattr(tok, "info", {}).get("source")
-    folders += [Path(source)] if source else []
-    own = next((f / "generation_config.json" for f in folders if (f / "generation_config.json").is_file()), None)
+    folder = (Path(args.weights) if Path(args.weights).is_dir() else Path(args.weights).parent) if args.weights \
+        else Path(source) if source and not args.tokenizer else None
+    own = folder / "generation_config.json" if folder is not None else None
+    own = own if own is not None and own.is_file() else None
     mode = args.generation_config
     if mode in ("auto", "vllm"):
         path = own if mode == "auto" else None
