@@ -169,3 +169,18 @@ def test_a_run_reads_no_other_folders_file(folder, tmp_path):
     assert generation_config(args, tok, 10 ** 6, {}) == ({}, [])
     args.tokenizer = None  # (--pretrained: the snapshot's tokenizer and file)
     assert generation_config(args, tok, 10 ** 6, {})[1] != []
+
+
+def test_the_override_unsets_a_files_setting(tmp_path):
+    """--override-generation-config's null, and top_k 0 or -1 (transformers' and vLLM's "none"), unset the file's
+    setting (vLLM's: config.update(override), then its None values dropped), rather than being refused or
+    leaving the file's top_k on."""
+    from tritongpt.train.serve import generation_config, override_generation_config
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_k": 20,
+                                                                  "max_new_tokens": 30}))
+    args = type("A", (), {"weights": str(tmp_path), "tokenizer": None, "generation_config": "auto"})()
+    for text, want in (('{"top_k": 0}', {"temperature": 0.7, "max_tokens": 30}),
+                       ('{"top_k": -1, "temperature": null}', {"max_tokens": 30}),
+                       ('{"max_new_tokens": null}', {"temperature": 0.7, "top_k": 20})):
+        assert generation_config(args, None, 10, override_generation_config(text))[0] == want, text

@@ -2321,7 +2321,10 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
     config = {}
     for where, given in ((str(path), {key: read[key] for key in GENERATION_KEYS if read.get(key) is not None}),
                          ("--override-generation-config", override)):
-        given = {k: v for k, v in given.items() if not (k == "top_k" and is_int(v) and v <= 0)}  # (0, -1: none)
+        # null, and top_k 0 or -1 (transformers' and vLLM's "none"): no such default, the override's over the file's
+        # too (vLLM's config.update(override), its None values then dropped)
+        unset = [k for k, v in given.items() if v is None or (k == "top_k" and is_int(v) and v <= 0)]
+        given = {k: v for k, v in given.items() if k not in unset}
         try:
             check_sampling(**{k: v for k, v in given.items() if k != "max_new_tokens"})
             if given.get("temperature", 0) > 2:  # (a request's range: OpenAI's)
@@ -2333,7 +2336,7 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
             hint = "" if where == "--override-generation-config" else \
                 " (--generation-config vllm serves OpenAI's defaults instead)"
             raise UserError(f"{where}: {e}{hint}") from None
-        config.update(given)
+        config = {k: v for k, v in config.items() if k not in unset} | given
     if "max_new_tokens" in config:  # (transformers' name: vLLM's max_tokens)
         config["max_tokens"] = config.pop("max_new_tokens")
     ends_from = own if mode == "vllm" else path
