@@ -47,7 +47,10 @@ GENERATION_FLAGS = (("speculative_config", "--speculative-config"), ("enable_lor
                     ("tool_call_parser", "--tool-call-parser"), ("reasoning_parser", "--reasoning-parser"),
                     ("kv_cache_pages", "--kv-cache-pages"), ("enable_prefix_caching", "--enable-prefix-caching"),
                     ("max_prefill_tokens", "--max-prefill-tokens"), ("cuda_graphs", "--cuda-graphs"),
-                    ("kv_cache_dtype", "--kv-cache-dtype"))  # (a forward here keeps no KV cache)
+                    ("kv_cache_dtype", "--kv-cache-dtype"),  # (a forward here keeps no KV cache)
+                    ("generation_config", "--generation-config"),
+                    ("override_generation_config", "--override-generation-config"))
+DEFAULTS = {"kv_cache_dtype": "auto", "generation_config": "auto"}  # (GENERATION_FLAGS' that are not None)
 
 
 def pooler_config(text: str | None, kind: str) -> dict:
@@ -86,7 +89,7 @@ def check_pooling_args(args):
                 raise UserError(f"{flag} is used only with --runner pooling (embeddings, reward scores)")
         return
     for dest, flag in GENERATION_FLAGS:
-        if getattr(args, dest, None) not in (None, False) and (dest, getattr(args, dest)) != ("kv_cache_dtype", "auto"):
+        if getattr(args, dest, None) not in (None, False, DEFAULTS.get(dest)):
             raise UserError(f"{flag} is a generation setting: --runner pooling serves embeddings and reward scores, "
                             "it generates nothing")
 
