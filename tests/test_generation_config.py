@@ -184,3 +184,15 @@ def test_the_override_unsets_a_files_setting(tmp_path):
                        ('{"top_k": -1, "temperature": null}', {"max_tokens": 30}),
                        ('{"max_new_tokens": null}', {"temperature": 0.7, "top_k": 20})):
         assert generation_config(args, None, 10, override_generation_config(text))[0] == want, text
+
+
+def test_a_requests_top_k_0_or_minus_1_lifts_the_files_top_k():
+    """vLLM's top_k 0 ("disable", its preferred) or -1 in a request: every token, over generation_config's top_k
+    (a request's own setting wins); out or null: the file's."""
+    from tritongpt.train.serve import sampling_settings
+
+    for top_k, want in ((0, None), (-1, None), (None, 20), (5, 5)):
+        body = {"prompt": "a"} if top_k is None else {"prompt": "a", "top_k": top_k}
+        assert sampling_settings(body, "completions", ("m",), None, {"top_k": 20})["top_k"] == want, top_k
+    beam = {"prompt": "a", "use_beam_search": True, "n": 2, "top_k": 0}  # (every token: nothing a search changes)
+    assert sampling_settings(beam, "completions", ("m",))["beam"] is not None

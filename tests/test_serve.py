@@ -355,7 +355,7 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/completions", {"prompt": "a", "temperature": float("nan")}, 400, "temperature", "got nan"),
     ("/v1/completions", {"prompt": "a", "frequency_penalty": 3}, 400, "frequency_penalty", "[-2, 2]"),
     ("/v1/completions", {"prompt": "a", "seed": "7"}, 400, "seed", "'seed' must be an integer"),
-    ("/v1/completions", {"prompt": "a", "top_k": 0}, 400, "top_k", "'top_k' must be a positive integer"),
+    ("/v1/completions", {"prompt": "a", "top_k": -2}, 400, "top_k", "'top_k' must be a positive integer"),
     ("/v1/completions", {"prompt": "a", "stop": ""}, 400, "stop", "'stop' must be a non-empty string"),
     ("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream", "'stream' must be true or false"),
     ("/v1/completions", {"prompt": "a", "stream": 0}, 400, "stream", "'stream' must be true or false, got 0"),

@@ -219,9 +219,9 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None, defaults=N
              min_p=number("min_p", None, 0, 1),
              repetition_penalty=number("repetition_penalty", None, 0, math.inf, low_open=True))
     top_k = body.get("top_k")
-    if top_k is not None and (not is_int(top_k) or (top_k < 1 and top_k != -1)):
-        raise bad("top_k", f"'top_k' must be a positive integer, or -1 for all tokens, got {top_k!r}")
-    s["top_k"] = None if top_k in (None, -1) else top_k
+    if top_k is not None and (not is_int(top_k) or top_k < -1):  # (0 or -1: every token, vLLM's "disable")
+        raise bad("top_k", f"'top_k' must be a positive integer, or 0 or -1 for all tokens, got {top_k!r}")
+    s["top_k"] = None if top_k in (None, 0, -1) else top_k
     # max_completion_tokens: chat's newer name for max_tokens
     names = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
     if len(names) > 1:
@@ -282,7 +282,8 @@ def beam_setting(body: dict) -> dict | None:
             neutral = body.get("n") if is_int(body.get("n")) else 1
         value = body.get(key)
         off = value is None or value is False or value in ([], {}) or (
-            neutral is not None and is_real(value) and not isinstance(value, bool) and value == neutral)
+            neutral is not None and is_real(value) and not isinstance(value, bool) and value == neutral) or (
+            key == "top_k" and value == 0 and not isinstance(value, bool))  # (top_k 0: every token too)
         if not off:
             why = " (the search scores the model's log-probabilities as they are: temperature 1)" \
                 if key == "temperature" else ""
