@@ -264,7 +264,8 @@ def test_score_and_rerank_of_an_embedder_are_cosines_of_its_embeddings(lm_folder
         assert out["data"][0]["score"] == pytest.approx(cosine(*cut), rel=1e-5, abs=1e-6)
         # rerank: the documents by score, best first; top_n the best n
         best = sorted(range(3), key=lambda i: -want[i])
-        for path, extra, n in [("/rerank", {"top_n": 2}, 2), ("/v1/rerank", {"top_n": 7}, 3), ("/v2/rerank", {}, 3)]:
+        for path, extra, n in [("/rerank", {"top_n": 2}, 2), ("/v1/rerank", {"top_n": 7}, 3), ("/v2/rerank", {}, 3),
+                               ("/rerank", {"top_n": 0}, 3)]:  # (0: vLLM's default, every document)
             status, out = call(server, path, {"query": "a cat", "documents": TEXTS, **extra})
             assert status == 200 and out["id"].startswith("rerank-") and out["model"] == "tiny", out
             assert [r["index"] for r in out["results"]] == best[:n]
@@ -273,7 +274,7 @@ def test_score_and_rerank_of_an_embedder_are_cosines_of_its_embeddings(lm_folder
                                                                                    rel=1e-5, abs=1e-6)
             assert out["usage"]["total_tokens"] == tokens
         done = metric(scrape(server), "request_success_total", finished_reason="stop")
-        assert done == 4 + 4 + 2 + 3 * 4  # (a score's texts and a rerank's query and documents, each a request)
+        assert done == 4 + 4 + 2 + 4 * 4  # (a score's texts and a rerank's query and documents, each a request)
         context = app.model.config.context_length
         long = "the cat sat on the mat. " * context
         for path, body, param, words in [
@@ -287,8 +288,8 @@ def test_score_and_rerank_of_an_embedder_are_cosines_of_its_embeddings(lm_folder
                  "positive integer"),
                 ("/rerank", {"query": ["a"], "documents": ["b"]}, "query", "must be a string"),
                 ("/rerank", {"query": "a", "documents": []}, "documents", "non-empty list"),
-                ("/rerank", {"query": "a", "documents": ["b"], "top_n": 0}, "top_n", "positive integer"),
-                ("/rerank", {"query": "a", "documents": ["b"], "top_n": 1.5}, "top_n", "positive integer"),
+                ("/rerank", {"query": "a", "documents": ["b"], "top_n": -1}, "top_n", "non-negative integer"),
+                ("/rerank", {"query": "a", "documents": ["b"], "top_n": 1.5}, "top_n", "non-negative integer"),
                 ("/rerank", {"query": long, "documents": ["b"]}, "query", "'query' is"),
                 ("/rerank", {"query": "a", "documents": ["b"], "return_documents": True}, "return_documents",
                  "unknown field"),

@@ -356,11 +356,12 @@ def score(handler, path: str, body: dict) -> dict:
     check_fields(body, "rerank", app.name)
     query, documents = texts(body, "query", one=True), texts(body, "documents")
     top_n = body.get("top_n")
-    if top_n is not None and (not is_int(top_n) or top_n < 1):
-        raise bad("top_n", f"'top_n' must be a positive integer (the best documents returned; leave it out for all), "
-                           f"got {top_n!r}")
+    if top_n is not None and (not is_int(top_n) or top_n < 0):
+        raise bad("top_n", f"'top_n' must be a non-negative integer (the best documents returned; 0 or left out: "
+                           f"all), got {top_n!r}")
     scores, tokens = pair_scores(app, body, query, documents, ("query", "documents"))
-    order = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]  # (stable: ties keep their order)
+    # (stable: ties keep their order; top_n 0 is vLLM's default, every document)
+    order = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n or None]
     results = [{"index": i, "document": {"text": documents[i]}, "relevance_score": scores[i]} for i in order]
     return {"id": f"rerank-{uuid.uuid4().hex}", "model": app.name, "usage": {"prompt_tokens": tokens,
             "total_tokens": tokens}, "results": results}
