@@ -197,6 +197,19 @@ def test_enable_thinking_false_reaches_the_template_and_the_answer_is_content(bo
     assert streamed(server, bias, seed=1, chat_template_kwargs=kwargs)[0][0] == ("", m["content"])
 
 
+def test_a_beam_searchs_thought_counts_as_reasoning_tokens(both):
+    """use_beam_search with a reasoning parser: usage's reasoning_tokens are the beams' thought's tokens (a beam that
+    drew no </think> thought all through: every completion token), not 0."""
+    server, theirs, bias = both
+    if server.app.engine is None:
+        pytest.skip("a beam search runs outside the engine, the same on either server")
+    status, body = ask(server, None, n=2, use_beam_search=True, max_tokens=4)
+    assert status == 200, body
+    assert all(c["message"]["content"] is None for c in body["choices"]), body  # (no beam ends its thought)
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": body["usage"]["completion_tokens"]}
+    assert body["usage"]["completion_tokens"] == 8
+
+
 @pytest.mark.parametrize("kwargs, says", [
     ([1], "'chat_template_kwargs' must be an object"),
     ({"tools": []}, "'chat_template_kwargs' may not set 'tools'"),

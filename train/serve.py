@@ -733,6 +733,12 @@ def logit_bias_setting(bias):
     return out or None
 
 
+def thought_tokens(drawn: list, wake) -> int:
+    """A reasoning model's choice's thought (OpenAI's reasoning_tokens): its drawn tokens through the </think> token
+    (wake), all of them where it drew none."""
+    return drawn.index(wake) + 1 if wake in drawn else len(drawn)
+
+
 def token_text(tok, i: int) -> tuple:
     """A token's (text, bytes): its bytes as UTF-8, or OpenAI's "bytes:\\xe2\\x80" where they are not valid on
     their own (part of a character)."""
@@ -1247,8 +1253,7 @@ class Model:
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
                 if spent is not None and "thought" in spent:  # (the reasoning tokens: OpenAI's usage detail)
-                    drawn = row[len(ids):len(ids) + count]
-                    spent["thought"][i] = drawn.index(s["wake"]) + 1 if s["wake"] in drawn else len(drawn)
+                    spent["thought"][i] = thought_tokens(row[len(ids):len(ids) + count], s["wake"])
                 count = count if budget else 1  # (prefill-only: vLLM's one token, drawn and dropped; Completion.draw)
                 # the tokens drawn, each with its logprobs: at the budget all; ended by the end token, a stop token
                 # or a stop string, every token up to the one that ended it, the one the stop string ends in too,
@@ -1286,7 +1291,7 @@ class Model:
                             on_token=on_token, stop=stop, cuda_graph=self.cuda_graph and warp["draft"] is None,
                             kv_cache_dtype=self.kv_cache_dtype, **warp).tolist()
 
-    def beam_search(self, ids, budget, s, stop_id, timing, adapter=None, gone=None) -> list:
+    def beam_search(self, ids, budget, s, stop_id, timing, adapter=None, gone=None, spent=None) -> list:
         """use_beam_search's n beams after the prompt ids, best first, as draw()'s choices (text, finish_reason,
         completion tokens, None, stop_reason): train/beam_search.py's search (transformers', as `generate
         --num-beams`: early_stopping false, n beams returned), the model's raw log-probabilities, its EOS (stop_id,
@@ -1297,7 +1302,8 @@ class Model:
         --max-batch 1 does (its lock; with the engine, Engine.call: the batch waits between two steps), so the other
         requests wait that long. Its n beams are rows of one KV cache of its own (n * (prompt + max_tokens)
         positions). gone(): whether the client left, asked before each step: the search then ends (BrokenPipeError,
-        as draw()'s), not holding the model for nobody."""
+        as draw()'s), not holding the model for nobody. spent: draw()'s, its "thought" (a reasoning model's) given
+        each beam's."""
         import torch
 
         from tritongpt.commands import Choices
@@ -1335,6 +1341,8 @@ class Model:
                 reason = None
                 if finish == "stop":  # (the EOS: vLLM's beam search names it, and counts it only if asked)
                     reason, count = stop_id, count - (not s["include_stop_str_in_output"])
+                if spent is not None and "thought" in spent:
+                    spent["thought"][i] = thought_tokens(row[len(ids):len(ids) + count], s["wake"])
                 choices.append((text, finish, count, None, reason))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
             timing.end(["abort"] * s["n"])
@@ -1948,7 +1956,7 @@ class Completion:
         """Prompt p's n beams (use_beam_search), as one() gives its choices: the best first, the prompt counted once."""
         timing = self.app.metrics.request()
         drawn = self.app.beam_search(self.prompts[p], self.budgets[p], self.s, self.stop_id, timing, self.adapter,
-                                     lambda: self.stop.is_set() or self.handler.client_gone())
+                                     lambda: self.stop.is_set() or self.handler.client_gone(), self.spent)
         return self.choices(p, drawn, {"echo": None, "prompt": None}), len(self.prompts[p]), sum(c[2] for c in drawn), \
             None
 
