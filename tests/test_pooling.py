@@ -175,6 +175,7 @@ def test_reward_served_is_reward_models_own_score(reward_folder):
     (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
     (["--override-generation-config", '{"top_k": 5}'], "--override-generation-config is a generation setting"),
     (["--generation-config", "vllm"], "--generation-config is a generation setting"),
+    (["--enable-prompt-tokens-details"], "--enable-prompt-tokens-details is a generation setting"),
 ])
 def test_flags_refused_by_name(lm_folder, flags, words):
     folder, _ = lm_folder

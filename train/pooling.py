@@ -49,7 +49,8 @@ GENERATION_FLAGS = (("speculative_config", "--speculative-config"), ("enable_lor
                     ("max_prefill_tokens", "--max-prefill-tokens"), ("cuda_graphs", "--cuda-graphs"),
                     ("kv_cache_dtype", "--kv-cache-dtype"),  # (a forward here keeps no KV cache)
                     ("generation_config", "--generation-config"),
-                    ("override_generation_config", "--override-generation-config"))
+                    ("override_generation_config", "--override-generation-config"),
+                    ("enable_prompt_tokens_details", "--enable-prompt-tokens-details"))  # (no prefix cache here)
 DEFAULTS = {"kv_cache_dtype": "auto", "generation_config": "auto"}  # (GENERATION_FLAGS' that are not None)
 
 
