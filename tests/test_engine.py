@@ -1044,8 +1044,12 @@ def test_a_preempted_requests_recompute_reads_its_drawn_tokens_pages_back_with_p
     model = loud_attention(tiny())
     engine = Engine(model, max_batch=2, kv_pages=7, page_size=4, prefix_caching=True)
     requests = [(prompt(5, seed=1), 14, {}), (prompt(3, seed=2), 12, dict(temperature=1.0, seed=3))]
-    assert preempted_run(model, engine, requests) == 2 and engine.stats["preemptions"] == 1
+    seen = []
+    assert preempted_run(model, engine, requests, lambda e, handles: seen.append(handles)) == 2
+    assert engine.stats["preemptions"] == 1
     assert engine.stats["cached_prompt_tokens"] == 8  # (of B's 12 fed: the third page evicted by A's growth)
+    # a request's usage (serve's cached_tokens) is its first prefill's hits: the recompute's 8 are not B's
+    assert [h.cached for h in seen[-1]] == [0, 0]
 
 
 @pytest.mark.parametrize("caching", [False, True])
