@@ -2022,7 +2022,7 @@ def test_a_request_whose_second_prompt_fails_first_is_a_500_naming_that_failure(
     first = server.app.completion_prompt("a dog")
 
     def draw(ids, budget, s, stop_id, generator, on_delta, gone, on_prompt, timing, adapter=None, prediction=None,
-             thought=None):
+             spent=None):
         if ids != first:
             raise RuntimeError("the second prompt broke")
         deadline = time.time() + 5
