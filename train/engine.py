@@ -27,9 +27,10 @@ import torch
 from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
 from tritongpt.model.sampling import masks_with_triton
-from tritongpt.train.generate import (DecodeGraph, Prediction, PromptLookup, check_cache_dtype, check_graphable,
-                                     check_logprobs, check_sampling, decode_step, draft_width, end_rule,
-                                     hidden_and_head, last_logits, new_cache, score_positions, verify_step)
+from tritongpt.train.generate import (DecodeGraph, Prediction, PromptLookup, _draw, check_cache_dtype, check_draft,
+                                     check_graphable, check_logprobs, check_sampling, decode_step, draft_width,
+                                     end_rule, hidden_and_head, last_logits, new_cache, sampling_logits,
+                                     score_positions, verify_step)
 
 # Batched prefill (_groups): several requests' prompt chunks run in one forward, each right-padded to the longest.
 # A group takes a chunk only while its padded tokens stay within PREFILL_GROUP_TOKENS (the forward's activations:
@@ -75,7 +76,8 @@ class Request:
         # prompt lookup (Engine's): whether it speculates (submit), and each row's positions whose keys are its ids'
         # (None: all; a row padded with the EOS after its end holds its proposals' keys: _accept)
         self.lookup, self.cut = False, [None] * idx.size(0)
-        self.draft = None  # what it speculates with: the engine's PromptLookup or its own Prediction (submit)
+        self.draft = None  # what it speculates with: the engine's PromptLookup or draft model, or its Prediction
+        self.draft_fill = 0  # a draft model's: the positions its rows hold in the engine's draft cache (_draft_tokens)
         # a served LoRA adapter (model/lora.py serve_adapters): its slot, -1 the base; salt: its prefix-cache keys'
         self.adapter, self.salt = -1, b""
         self.guide = None  # structured outputs' (train/structured.py Guide): decode_step masks its draws
@@ -270,7 +272,8 @@ class Engine:
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
                  kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
                  prefix_caching: bool = False, max_prefill_tokens: int | None = None, preemption: bool = True,
-                 prompt_lookup: int | None = None, num_draft_tokens: int = 10, max_loras: int | None = None):
+                 prompt_lookup: int | None = None, num_draft_tokens: int | None = None, max_loras: int | None = None,
+                 draft=None):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
@@ -286,11 +289,20 @@ class Engine:
         check_cache_dtype(kv_cache_dtype)
         self.batch_bitmask = None  # _mask_decode's host buffer [max_batch, words] (pinned on CUDA), kept across steps
         self.lookup = None if prompt_lookup is None else PromptLookup(prompt_lookup)  # (checks it)
+        if draft is not None and prompt_lookup is not None:
+            raise UserError("draft and prompt_lookup are two drafts: pass one")
+        if num_draft_tokens is None:  # (generate's defaults)
+            num_draft_tokens = 4 if draft is not None else 10
         if not is_int(num_draft_tokens) or num_draft_tokens < 1:
             raise UserError(f"num_draft_tokens must be a positive integer (the tokens a row proposes a step), got "
                             f"{num_draft_tokens!r}")
         self.num_draft_tokens = int(num_draft_tokens)
         check_engine(model)
+        self.draft = draft
+        if draft is not None:  # (its vocabulary the model's, refused by name otherwise)
+            check_draft(model, draft, torch.zeros(1, 1, dtype=torch.long), 0, num_draft_tokens)
+            check_engine(draft)
+            draft.eval()
         if cuda_graph:
             check_graphable(model)
         self.model, self.max_batch = model.eval(), int(max_batch)
@@ -304,6 +316,10 @@ class Engine:
             else:  # rows hold the pages their requests need (PagedKVCache)
                 self.cache = model.new_paged_cache(self.max_batch, kv_pages, page_size, self.max_len,
                                                    kv_dtype=kv_cache_dtype)
+            # the draft's: a row of its whole context a slot, float, even beside a paged or int8 cache (a draft is
+            # small); no prefix caching there (_draft_tokens prefills a request's rows itself)
+            self.draft_cache = None if draft is None else draft.new_cache(
+                self.max_batch, min(draft.config.context_length, self.max_len))
         if cuda_graph and capture is None and self.cache.k.device.type != "cuda":
             raise UserError(f"CUDA graphs need the model on a CUDA device; it is on {self.cache.k.device}")
         self.cuda_graph, self.capture, self.graphs = cuda_graph, capture, {}  # graphs: a DecodeGraph a bucket
@@ -324,7 +340,7 @@ class Engine:
             self.max_loras = None if max_loras is None else int(max_loras)  # (None: every adapter)
             self.slot_adapter = torch.full((self.max_batch,), -1, dtype=torch.int32, device=self.cache.k.device)
             self.stats["lora_requests"] = 0
-        if self.lookup is not None:  # (the class's docstring)
+        if self.lookup is not None or draft is not None:  # (the class's docstring)
             self.stats.update(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
                               spec_decode_num_accepted_tokens=0)
 
@@ -372,7 +388,7 @@ class Engine:
         prefilled = 1 if bool((idx == idx[:1]).all()) and not self.preemption else idx.size(0)
         if prediction is not None and not isinstance(prediction, Prediction):
             raise UserError(f"a request's prediction must be a generate.Prediction, got {type(prediction).__name__}")
-        draft = prediction if prediction is not None else self.lookup
+        draft = prediction if prediction is not None else self.lookup if self.lookup is not None else self.draft
         speculates = draft is not None and logprobs is None and not min_tokens and prompt_logprobs is None \
             and max_new_tokens > 0 and (guide is None or not warp.get("no_repeat_ngram_size") and guide.wake is None)
         most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled,
@@ -759,6 +775,7 @@ class Engine:
         r.todo, r.rows = deque([i, slot, len(h) * size] for i, (slot, h) in enumerate(zip(r.slots, r.hits))), []
         for slot in r.slots:
             self.cache.fill[slot] = self.cache.shared[slot] * size if self.paged else 0
+        r.draft_fill = 0  # (a draft model's rows: prefilled again, _draft_tokens)
         if self.adapters is not None:
             self.slot_adapter[r.slots] = r.adapter
 
@@ -891,29 +908,93 @@ class Engine:
         return r.idx.size(1) - r.lookup
 
     def _propose(self, decoding) -> dict:
-        """Prompt lookup: {r: (drafted [n, k], lens [n])} of the decoding requests whose rows propose anything
-        (lookup_draft, k as _speculative's for r). A paged cache gives each row's verified positions, L + k, their
-        pages first (earliest admitted first; not a row that ended: its writes go to the scratch page, as in _grow):
-        where the pool is short, r proposes the most tokens it can hold, none at worst (never a preemption)."""
-        drafts = {}
+        """{r: (drafted [n, k], lens [n] or None, the draft model's q_logits or None)} of the decoding requests whose
+        rows propose anything, k as _speculative's for r: prompt lookup's and a prediction's (their propose: a row
+        proposes lens[b] tokens), a draft model's (_draft_tokens, every row k). A paged cache gives each row's
+        verified positions, L + k, their pages first (earliest admitted first; not a row that ended: its writes go to
+        the scratch page, as in _grow): where the pool is short, r proposes the most tokens it can hold, none at
+        worst (never a preemption)."""
+        drafts, widths = {}, {}
         with self.cond:  # (/metrics reads the pages held under it)
             for r in [r for r in decoding if r.lookup]:
                 L = r.idx.size(1)
                 k = draft_width(L, r.start, r.budget, self.num_draft_tokens, self.max_len)
+                if r.draft is self.draft:  # (its tokens below, with the other such requests')
+                    k = self._room(r, max(min(k, self.draft_cache.max_len - L + 1), 0))
+                    for s in self._live_slots(r) if self.paged and k else ():
+                        self.cache.reserve(s, L + k)
+                    if k:
+                        widths[r] = k
+                    continue
                 drafted, lens = r.draft.propose(r.idx, r.start, k, r.vocab_limit)
                 if self.paged and drafted.size(1):
-                    slots = [s for s, ended in zip(r.slots, r.ended) if not ended]
-                    k = drafted.size(1)
-                    while k and sum(self.cache.pages_for(L + k) - len(self.cache.pages[s]) for s in slots) \
-                            > self.cache.num_free:
-                        k -= 1
+                    k = self._room(r, drafted.size(1))
                     if k < drafted.size(1):  # (the proposals of a smaller k: these cut to it)
                         drafted, lens = r.draft.propose(r.idx, r.start, k, r.vocab_limit)
-                    for s in slots if drafted.size(1) else ():
+                    for s in self._live_slots(r) if drafted.size(1) else ():
                         self.cache.reserve(s, L + drafted.size(1))
                 if drafted.size(1):
-                    drafts[r] = (drafted, lens)
+                    drafts[r] = (drafted, lens, None)
+        if widths:
+            drafts.update(self._draft_tokens(widths))
         return drafts
+
+    def _live_slots(self, r) -> list:
+        return [s for s, ended in zip(r.slots, r.ended) if not ended]
+
+    def _room(self, r, k: int) -> int:
+        """The most of k proposals r's live rows' pages can hold (a paged cache's free pages; k with a slot cache)."""
+        slots, L = self._live_slots(r), r.idx.size(1)
+        while self.paged and k and sum(self.cache.pages_for(L + k) - len(self.cache.pages[s]) for s in slots) \
+                > self.cache.num_free:
+            k -= 1
+        return k
+
+    def _draft_tokens(self, widths) -> dict:
+        """A draft model's proposals, k = widths[r] for request r, as _speculative draws them: the requests' rows
+        in one draft forward a position (KVCache.rows over the draft's own slot cache, each row at its own fill),
+        the rows of a request whose k is spent left out of the later ones; each position's logits warped with r's
+        settings (sampling_logits, Guide.mask_after: the q_logits verify_step judges with) and drawn with r's
+        generator. A request's draft rows hold its text but its last token after the step before (fill L - 1),
+        or one token less where the model kept every proposal (or none was made): the first forward feeds those
+        1 or 2 tokens, right-padded. Rows further behind (a prompt, a preempted request's ids) first run them in a
+        forward of their own, a request a forward: the draft's prefill, done at its first decode step, not with the
+        model's prefill. -> {r: (drafted [n, k], None, q_logits)}."""
+        cache, text, q = self.draft_cache, {r: r.idx for r in widths}, {r: [] for r in widths}
+        for r in widths:  # (the draft's prefill)
+            L = r.idx.size(1)
+            if r.draft_fill < L - 2:
+                hidden_and_head(self.draft, r.idx[:, r.draft_fill:L - 1], cache.rows(r.slots, [r.draft_fill] * r.n,
+                                                                                      L - 1))
+                r.draft_fill = L - 1
+        for j in range(max(widths.values())):
+            live = [r for r in widths if widths[r] > j]
+            fed = {r: text[r].size(1) - r.draft_fill for r in live}  # (1 or 2 the first forward, then 1)
+            groups = []  # (a row whose padded end would pass the draft's context in a forward of narrower rows)
+            for r in sorted(live, key=lambda r: -fed[r]):
+                if groups and r.draft_fill + fed[groups[-1][0]] <= cache.max_len:
+                    groups[-1].append(r)
+                else:
+                    groups.append([r])
+            for group in groups:
+                W, ids, slots, starts = fed[group[0]], [], [], []
+                for r in group:
+                    t = text[r][:, r.draft_fill:]
+                    ids.append(torch.cat([t, t[:, -1:].expand(-1, W - t.size(1))], dim=1))
+                    slots, starts = slots + r.slots, starts + [r.draft_fill] * r.n
+                h, head, _ = hidden_and_head(self.draft, torch.cat(ids), cache.rows(slots, starts, max(starts) + W))
+                row = 0
+                for r in group:
+                    logits = head(h[row:row + r.n, fed[r] - 1])[:, :r.vocab_limit]
+                    row, r.draft_fill = row + r.n, r.draft_fill + fed[r]
+                    if r.guide is not None:  # (what the grammar allows: more of it accepted)
+                        logits = r.guide.mask_after(logits, text[r][:, r.idx.size(1):])
+                    w = sampling_logits(logits, seen=text[r], generated_from=r.start,
+                                        live=torch.zeros(r.n, dtype=torch.bool, device=logits.device), **r.warp)
+                    q[r].append(w)
+                    greedy = r.warp.get("temperature", 0.0) < torch.finfo(torch.float32).tiny
+                    text[r] = torch.cat([text[r], _draw(w, greedy, r.generator)], dim=1)
+        return {r: (text[r][:, r.idx.size(1):], None, q[r]) for r in widths}
 
     def _verify(self, decoding, drafts) -> dict:
         """The decoding rows in one forward (KVCache.rows), each its last token and its request's proposals at its
@@ -946,23 +1027,25 @@ class Engine:
                     out[r] = out[r][:, 0]
         return out
 
-    def _accept(self, r, logits, drafted, lens) -> tuple:
+    def _accept(self, r, logits, drafted, lens, q_logits) -> tuple:
         """r's speculative step after _verify's forward (generate.verify_step, _speculative's): its tokens appended
-        one at a time (EOS, stop, put_token), its fill L + m (the rejected positions' keys stale, never read), the
-        stats counted. -> (whether every row is done, the rows done on the host, as decode_step's)."""
+        one at a time (EOS, stop, put_token), its fill L + m (the rejected positions' keys stale, never read; a draft
+        model's rows at most L + m too), the stats counted. -> (whether every row is done, the rows done on the host, as decode_step's)."""
         L, before, sent = r.idx.size(1), r.done.clone(), []  # (verify_step updates done in place)
         r.idx, m, finished, ended, _, offered, accepted = verify_step(
             logits[..., :r.vocab_limit], torch.cat([r.idx, drafted], dim=1), L, r.start, r.done, r.warp,
-            r.generator, r.eos_id, lambda *item: sent.append(item), r.stop, r.ends, lens, guide=r.guide,
+            r.generator, r.eos_id, lambda *item: sent.append(item), r.stop, r.ends, lens, q_logits, guide=r.guide,
             prediction=r.draft if isinstance(r.draft, Prediction) else None)
         if sent:  # (the step's tokens as one: Request.put_step)
             r.put_step(sent)
         self.cache.fill[r.slots] = L + m
+        r.draft_fill = min(r.draft_fill, L + m)
         for i, ended_row in enumerate(ended if r.eos_id is not None else ()):
             if ended_row:  # (its keys from L on are its proposals', not the EOS padding it holds)
                 r.cut[i] = L if r.cut[i] is None else min(r.cut[i], L)
-        if self.lookup is not None:  # (vLLM's counters: a server that speculates; a prediction's drafts too there)
-            self.stats["spec_decode_num_drafts"] += int(((lens > 0) & ~before).sum())
+        if "spec_decode_num_drafts" in self.stats:  # (vLLM's counters: a server that speculates; a prediction's too)
+            self.stats["spec_decode_num_drafts"] += int(((lens > 0) & ~before).sum() if lens is not None
+                                                        else (~before).sum())
             self.stats["spec_decode_num_draft_tokens"] += offered
             self.stats["spec_decode_num_accepted_tokens"] += accepted
         return finished, ended

@@ -1,0 +1,105 @@
+"""Draft-model speculation in the batching engine (train/engine.py, Engine(draft=small, num_draft_tokens=K)): each
+request's tokens are generate(draft=small, num_draft_tokens=K)'s for it alone (greedy, and seeded samples with
+penalties: the same generator use, so their distribution is the one generate's draws have, test_speculative's),
+requests of different lengths and n arriving at different steps, EOS and stop rules, slot and paged caches
+(preempting: a readmitted request's draft rows prefilled again), a draft of a shorter context; fewer forwards than
+tokens with a good draft; what decodes plainly and what is refused."""
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.engine import Engine
+from tritongpt.train.generate import generate
+
+from parity import loud_attention
+from test_engine import SAMPLED, VOCAB, check, prompt, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+K = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return loud_attention(tiny(), gain=2.0)
+
+
+@pytest.fixture(scope="module")
+def draft(model):
+    return first_block(model)
+
+
+def first_block(model):
+    """The model's first block alone, its context 24 (the model's 40): it agrees with the model on some tokens
+    (its proposals partly accepted), and its k is cut where a text outgrows its context."""
+    torch.manual_seed(0)
+    small = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=24, n_embd=32, n_layer=1, n_head=2,
+                               tie_weights=False)).eval()
+    state = {k: v[:24] if k == "pos_emb.weight" else v for k, v in model.state_dict().items()}
+    small.load_state_dict(state, strict=False)
+    return small
+
+
+def schedule_of(model, draft):
+    """A (greedy, its EOS a token it draws mid-text), B (2 sampled rows, penalties), C (2 greedy rows of different
+    prompts) arriving at step 2 with a stop rule, D (a 1-token prompt: nothing to prefill) at step 3, E (long: past
+    the draft's context midway) at step 4."""
+    spec = dict(draft=draft, num_draft_tokens=K)
+    a, c = prompt(5, seed=1), torch.cat([prompt(6, seed=3), prompt(6, seed=7)])
+    eos = int(generate(model, a, 10, **spec)[0, -1])
+    last = int(generate(model, c, 8, **spec)[1, -1])
+    assert eos not in generate(model, a, 9)[0, 5:].tolist() and last not in generate(model, c, 7)[1, 6:].tolist()
+    return [(0, a, 14, dict(eos_id=eos)), (0, prompt(9, 2, seed=2), 8, dict(SAMPLED, seed=5)),
+            (2, c, 12, dict(stop=lambda idx: idx[:, -1] == last)), (3, prompt(1, seed=4), 6, dict(temperature=1.0,
+                                                                                               seed=9)),
+            (4, prompt(18, seed=6), 12, {})]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(kv_pages=16, page_size=4)], ids=["slots", "paged-preempting"])
+def test_requests_get_generates_draft_tokens(model, draft, kw):
+    engine = Engine(model, max_batch=5, draft=draft, num_draft_tokens=K, **kw)
+    check(model, schedule_of(model, draft), engine, draft=draft, num_draft_tokens=K)
+    s = engine.stats
+    assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
+    assert s["spec_decode_num_drafts"] > 0
+    if kw:
+        assert s["preemptions"] > 0 and sorted(engine.cache.free) == list(range(kw["kv_pages"]))
+
+
+def test_the_model_as_its_own_draft_takes_fewer_forwards_than_tokens(model):
+    """Every proposal accepted: K + 1 tokens a verification forward, the text still generate()'s."""
+    engine = Engine(model, max_batch=2, draft=model, num_draft_tokens=4)
+    idx = torch.cat([prompt(7, seed=1), prompt(7, seed=2)])
+    h, steps = engine.submit(idx, 20), 0
+    while engine.running or engine.waiting:
+        engine.step()
+        steps += 1
+    assert torch.equal(h.wait(), generate(model, idx, 20))
+    s = engine.stats
+    assert s["spec_decode_num_accepted_tokens"] == s["spec_decode_num_draft_tokens"] > 0
+    assert steps - 1 <= 4  # (a prefill, then 5 tokens a step: 20 in 4)
+
+
+def test_requests_that_cannot_speculate_decode_plainly(model, draft):
+    engine = Engine(model, max_batch=3, draft=draft, num_draft_tokens=K)
+    a, b = prompt(8, seed=1), prompt(7, seed=2)
+    got = []
+    ha = engine.submit(a, 6, logprobs=1)
+    hb = engine.submit(b, 6, eos_id=3, min_tokens=4)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(ha.wait(lambda nxt, lp: got.append(lp)), generate(model, a, 6)) and len(got) == 6
+    assert torch.equal(hb.wait(), generate(model, b, 6, eos_id=3, min_tokens=4))
+    assert engine.stats["spec_decode_num_drafts"] == 0
+
+
+def test_what_the_engine_refuses_with_a_draft(model, draft):
+    with pytest.raises(UserError, match="draft and prompt_lookup are two drafts"):
+        Engine(model, draft=draft, prompt_lookup=2)
+    torch.manual_seed(0)
+    other = GPTModel(GPTConfig(vocab_size=VOCAB + 1, context_length=24, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(UserError, match=f"vocabulary has {VOCAB + 1} tokens, the model's {VOCAB}"):
+        Engine(model, draft=other)
+    with pytest.raises(UserError, match="num_draft_tokens must be a positive integer"):
+        Engine(model, draft=draft, num_draft_tokens=0)
