@@ -103,3 +103,22 @@ def test_what_the_engine_refuses_with_a_draft(model, draft):
         Engine(model, draft=other)
     with pytest.raises(UserError, match="num_draft_tokens must be a positive integer"):
         Engine(model, draft=draft, num_draft_tokens=0)
+
+
+def test_a_preempted_request_prefills_its_draft_rows_again(model, draft):
+    """A (2 sampled rows) preempted mid-text, its draft rows scribbled over while it waits (another request's, as
+    they would be): readmitted, it prefills them again and samples on as generate(draft=...) does."""
+    from test_engine import seeded
+    engine = Engine(model, max_batch=2, kv_pages=20, page_size=4, draft=draft, num_draft_tokens=K)
+    a, kw = prompt(6, 2, seed=2), dict(SAMPLED, seed=3)
+    h = engine.submit(a, 14, **seeded(kw))
+    while h.idx.size(1) < 6 + 5:
+        engine.step()
+    slots = h.slots
+    engine._preempt(h)
+    for buf in (engine.draft_cache.k, engine.draft_cache.v):
+        buf[:, slots] = torch.randn_like(buf[:, slots])
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(h.wait(), generate(model, a, 14, **seeded(kw), draft=draft, num_draft_tokens=K))
+    assert engine.stats["preemptions"] == 1
