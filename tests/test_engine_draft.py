@@ -30,13 +30,13 @@ def draft(model):
     return first_block(model)
 
 
-def first_block(model):
+def first_block(model, context=24):
     """The model's first block alone, its context 24 (the model's 40): it agrees with the model on some tokens
     (its proposals partly accepted), and its k is cut where a text outgrows its context."""
-    torch.manual_seed(0)
-    small = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=24, n_embd=32, n_layer=1, n_head=2,
-                               tie_weights=False)).eval()
-    state = {k: v[:24] if k == "pos_emb.weight" else v for k, v in model.state_dict().items()}
+    cfg = model.config
+    small = GPTModel(GPTConfig(vocab_size=cfg.vocab_size, context_length=context, n_embd=cfg.n_embd, n_layer=1,
+                               n_head=cfg.n_head, tie_weights=False)).eval()
+    state = {k: v[:context] if k == "pos_emb.weight" else v for k, v in model.state_dict().items()}
     small.load_state_dict(state, strict=False)
     return small
 
@@ -122,3 +122,26 @@ def test_a_preempted_request_prefills_its_draft_rows_again(model, draft):
         engine.step()
     assert torch.equal(h.wait(), generate(model, a, 14, **seeded(kw), draft=draft, num_draft_tokens=K))
     assert engine.stats["preemptions"] == 1
+
+
+def test_a_guided_sampled_request_drafts_under_its_grammar():
+    """Structured outputs: the draft's logits masked by the grammar after the drafts before them (Guide.mask_after,
+    as _speculative's), the verification masked too; a sampled guided request is generate(draft=...)'s."""
+    from test_structured import CORPUS, SPECS
+    from tritongpt.train.structured import Grammars
+    from tritongpt.train.tokenizer import BPETokenizer
+    tok = BPETokenizer.train(CORPUS, 300)
+    torch.manual_seed(3)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=64, n_embd=32, n_layer=2, n_head=2,
+                               tie_weights=False)).eval()
+    small = first_block(model, 64)
+    grammars = Grammars.of(tok, tok.vocab_size)
+    idx = torch.tensor([tok.encode('{"name": "ab", "age": 12} {"name"')] * 2)
+    kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size, temperature=0.8)
+    engine = Engine(model, max_batch=2, draft=small, num_draft_tokens=K)
+    h = engine.submit(idx, 16, guide=grammars.guide(SPECS["json"]), generator=torch.Generator().manual_seed(4), **kw)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(h.wait(), generate(model, idx, 16, guide=grammars.guide(SPECS["json"]), draft=small,
+                                          num_draft_tokens=K, generator=torch.Generator().manual_seed(4), **kw))
+    assert engine.stats["spec_decode_num_accepted_tokens"] > 0
