@@ -2093,8 +2093,42 @@ def test_speculative_config_serves_generates_prompt_lookup_text_and_counts_vllms
         server.server_close()
 
 
+def test_speculative_config_draft_model_serves_generates_draft_text(run_folder, tmp_path, capsys):
+    """--speculative-config's "draft_model" (vLLM's): the served model as its own draft (loaded from its path as
+    --weights is): a greedy completion is generate(draft=...)'s, every proposal accepted; a draft of another
+    vocabulary is refused by name."""
+    folder, tok = run_folder
+    spec = json.dumps({"method": "draft_model", "model": str(folder), "num_speculative_tokens": 3})
+    server = start(folder, "--served-model-name", "tiny", "--speculative-config", spec)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        prompt = "the cat sat on the mat. the cat sat on the"
+        ids = tok.encode(prompt)
+        status, out = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0})
+        model = server.app.model
+        want = generate(model, torch.tensor([ids]), 12, eos_id=tok.eot_id, draft=model, num_draft_tokens=3)
+        assert status == 200 and out["choices"][0]["text"] == \
+            new_text(tok, ids, [t for t in want[0, len(ids):].tolist() if t != tok.eot_id])
+        stats = server.app.engine.stats
+        assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"] > 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    other = tmp_path / "other.safetensors"
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size + 1, context_length=16, n_embd=16, n_layer=1, n_head=2)).save(other)
+    spec = json.dumps({"method": "draft_model", "model": str(other), "num_speculative_tokens": 3})
+    assert main(["serve", "--weights", str(folder), "--device", "cpu", "--port", "0", "--speculative-config",
+                 spec]) == 2
+    assert f"--speculative-config's model {other} has a vocabulary of {tok.vocab_size + 1} tokens" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("spec,says", [
     ('{"method": "eagle", "num_speculative_tokens": 3}', "method 'eagle' is not served: only \"ngram\""),
+    ('{"method": "draft_model", "num_speculative_tokens": 3}', "'model' must be the draft's weights"),
+    ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 3, "prompt_lookup_max": 2}',
+     "'prompt_lookup_max' is not taken by method 'draft_model'"),
+    ('{"method": "draft_model", "model": "x"}', "'num_speculative_tokens' must be a positive integer, got None"),
     ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "model": "x"}', "'model' is not taken"),
     ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
      "'prompt_lookup_min' 2 is not taken"),

@@ -174,12 +174,13 @@ def prefix_caching_said(stats) -> str | None:
             f"cache ({stats['cached_prompt_tokens'] / stats['prompt_tokens']:.0%})")
 
 
-def speculation_said(stats) -> str | None:
-    """Engine.stats' prompt lookup counts as serve and `generate --prompts` say them at the end (None without it)."""
+def speculation_said(stats, what: str = "prompt lookup") -> str | None:
+    """Engine.stats' speculation counts as serve and `generate --prompts` say them at the end (None without it);
+    what: its method ("draft model" for a draft's)."""
     if "spec_decode_num_drafts" not in stats:
         return None
     drafted, accepted = stats["spec_decode_num_draft_tokens"], stats["spec_decode_num_accepted_tokens"]
-    return (f"prompt lookup: {stats['spec_decode_num_drafts']} drafts of {drafted} tokens, {accepted} accepted"
+    return (f"{what}: {stats['spec_decode_num_drafts']} drafts of {drafted} tokens, {accepted} accepted"
             + (f" ({accepted / drafted:.0%})" if drafted else ""))
 
 

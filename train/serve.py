@@ -934,7 +934,8 @@ class Model:
             from tritongpt.train.engine import prefix_caching_said, speculation_said
 
             self.engine.close()
-            for said in (prefix_caching_said(self.engine.stats), speculation_said(self.engine.stats)):
+            what = "prompt lookup" if self.engine.draft is None else "draft model"
+            for said in (prefix_caching_said(self.engine.stats), speculation_said(self.engine.stats, what)):
                 if said:
                     note(said)
 
@@ -2209,7 +2210,8 @@ def check_engine_args(args, one_row_engine: bool = False):
                         f"batching engine's steps), got {args.max_prefill_tokens} with --max-batch {args.max_batch}")
 
 
-SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPECULATIVE_KEYS = {"ngram": ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"),
+                    "draft_model": ("method", "model", "num_speculative_tokens")}  # (vLLM's, a method's)
 LORA_KEYS = ("name", "path", "base_model_name")  # vLLM's LoRAModulePath, --lora-modules' JSON form
 
 
@@ -2362,9 +2364,10 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
 
 def speculative_config(text, max_batch: int) -> dict:
     """serve --speculative-config JSON (vLLM's): {"method": "ngram", "num_speculative_tokens": K,
-    "prompt_lookup_max": N} -> the Engine's {"prompt_lookup": N, "num_draft_tokens": K} ({} without it). Our lookup
-    tries every n from N down to 1, so "prompt_lookup_min" is taken as 1 only; other methods and keys are refused by
-    name. The batching engine speculates: --max-batch 1 (no engine) is refused."""
+    "prompt_lookup_max": N} -> the Engine's {"prompt_lookup": N, "num_draft_tokens": K}; {"method": "draft_model",
+    "model": PATH, "num_speculative_tokens": K} -> {"draft": PATH, "num_draft_tokens": K} (make_engine loads PATH);
+    {} without it. Our lookup tries every n from N down to 1, so "prompt_lookup_min" is taken as 1 only; other
+    methods and keys are refused by name. The batching engine speculates: --max-batch 1 (no engine) is refused."""
     if text is None:
         return {}
     try:
@@ -2373,13 +2376,31 @@ def speculative_config(text, max_batch: int) -> dict:
         raise UserError(f"--speculative-config must be a JSON object, got {text!r} ({e})") from None
     if not isinstance(spec, dict):
         raise UserError(f"--speculative-config must be a JSON object, got {text!r}")
-    unknown = [k for k in spec if k not in SPECULATIVE_KEYS]
+    method = spec.get("method")
+    if method not in SPECULATIVE_KEYS:
+        raise UserError(f"--speculative-config: method {method!r} is not served: only \"ngram\" (prompt lookup) and "
+                        "\"draft_model\" (a smaller model of the same tokenizer)")
+    unknown = [k for k in spec if k not in SPECULATIVE_KEYS[method]]
     if unknown:
-        raise UserError(f"--speculative-config: '{unknown[0]}' is not taken (only n-gram speculation, whose keys are "
-                        f"{', '.join(SPECULATIVE_KEYS)})")
-    if spec.get("method") != "ngram":
-        raise UserError(f"--speculative-config: method {spec.get('method')!r} is not served: only \"ngram\" (prompt "
-                        "lookup, no draft model)")
+        raise UserError(f"--speculative-config: '{unknown[0]}' is not taken by method {method!r} (its keys are "
+                        f"{', '.join(SPECULATIVE_KEYS[method])})")
+    if method == "draft_model":
+        k = spec.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise UserError(f"--speculative-config: 'num_speculative_tokens' must be a positive integer, got {k!r}")
+        if not isinstance(spec.get("model"), str) or not spec["model"]:
+            raise UserError(f"--speculative-config: 'model' must be the draft's weights (a path, as --weights "
+                            f"takes), got {spec.get('model')!r}")
+        out = {"draft": spec["model"], "num_draft_tokens": k}
+    else:
+        out = ngram_config(spec)
+    if max_batch == 1:
+        raise UserError("--speculative-config speculates in the batching engine: it needs --max-batch above 1")
+    return out
+
+
+def ngram_config(spec) -> dict:
+    """speculative_config's "ngram" method's keys checked: -> the Engine's keywords."""
     for key in ("num_speculative_tokens", "prompt_lookup_max"):
         value = spec.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -2388,8 +2409,6 @@ def speculative_config(text, max_batch: int) -> dict:
     if type(low) is not int or low != 1:  # (JSON's true and 1.0 equal 1 in Python: not the integer 1)
         raise UserError(f"--speculative-config: 'prompt_lookup_min' {spec['prompt_lookup_min']!r} is not taken: the "
                         "lookup tries every n-gram length from prompt_lookup_max down to 1 (give 1 or leave it out)")
-    if max_batch == 1:
-        raise UserError("--speculative-config speculates in the batching engine: it needs --max-batch above 1")
     return {"prompt_lookup": spec["prompt_lookup_max"], "num_draft_tokens": spec["num_speculative_tokens"]}
 
 
@@ -2445,7 +2464,7 @@ def add_lora_args(p):
                         "the ones behind it going first (default: all of --lora-modules: they all stay on the device)")
 
 
-def make_engine(args, model, device, dtype):
+def make_engine(args, model, device, dtype, tok=None):
     """serve's Engine (started), or None: --max-batch 1, or a model the engine refuses (said, then served one
     request at a time)."""
     from tritongpt.train.common import autocast
@@ -2465,9 +2484,12 @@ def make_engine(args, model, device, dtype):
             raise UserError(f"{e}: --speculative-config needs the batching engine") from None
         note(f"{e}: serving one request at a time{unused}")
         return None
+    spec = speculative_config(args.speculative_config, args.max_batch)
+    if "draft" in spec:  # (its path loaded as --weights is, refused by name where its vocabulary is not the model's)
+        from tritongpt.commands import load_draft
+        spec["draft"] = load_draft(args, model, tok, device, spec["draft"], "--speculative-config's model")
     return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
-                  cuda_graph=args.cuda_graphs, **page_args(args), max_loras=args.max_loras,
-                  **speculative_config(args.speculative_config, args.max_batch)).start()
+                  cuda_graph=args.cuda_graphs, **page_args(args), max_loras=args.max_loras, **spec).start()
 
 
 def tool_parser(args):
@@ -2544,7 +2566,7 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.enable_lora:  # (none yet with runtime loading: the engine then has its adapter rows from the start)
         load_adapters(model, modules, args.max_lora_rank, name)
     check_cuda_graphs(args, device, model)
-    engine = make_engine(args, model, device, dtype)
+    engine = make_engine(args, model, device, dtype, tok)
     # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed;
     # --chat-template's is the chat's
     template, why = "chat" if chat_template is not None else run_template(args.weights), ""
@@ -2616,11 +2638,13 @@ def add_cli(sub):
     add_engine_args(p, 8, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
                           "request of n choices taking n rows; 1: one request at a time")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
-                   help="vLLM's n-gram speculation (prompt lookup, no draft model) in the batching engine: "
+                   help="vLLM's speculative decoding in the batching engine: "
                         "'{\"method\": \"ngram\", \"num_speculative_tokens\": K, \"prompt_lookup_max\": N}': each "
                         "decode step a request proposes up to K tokens that followed its text's last n-gram (n from "
-                        "N down to 1) and one forward checks them all; greedy text unchanged, samples the same "
-                        "distribution (default: none)")
+                        "N down to 1) and one forward checks them all; '{\"method\": \"draft_model\", \"model\": "
+                        "PATH, \"num_speculative_tokens\": K}': a smaller model of the same tokenizer (loaded as "
+                        "--weights is) proposes them; greedy text unchanged, samples the same distribution (default: "
+                        "none)")
     add_lora_args(p)
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='tool_choice "auto" (the default once a request has tools): the model answers or calls a '

@@ -680,22 +680,24 @@ def draft_note(stats: dict, rows: int = 1, what: str = "speculative decoding") -
                  f"{stats['target_forwards']} forwards)")
 
 
-def load_draft(args, model, tok, device):
-    """--draft's model, loaded as --weights is, on the model's device with --kernels: refused by name when its
-    vocabulary or the tokenizer saved with it is not the model's (its ids would mean other text)."""
+def load_draft(args, model, tok, device, path=None, what="--draft"):
+    """--draft's model (or `path`, `what` naming it: serve --speculative-config's), loaded as --weights is, on the
+    model's device with --kernels: refused by name when its vocabulary or the tokenizer saved with it is not the
+    model's (its ids would mean other text)."""
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.sft import load_quietly
     from tritongpt.train.tokenizer import same_ids, saved_tokenizer_path
 
-    draft = load_checkpoint(args.draft, quantized_ok=True)
+    path = args.draft if path is None else path
+    draft = load_checkpoint(path, quantized_ok=True)
     if draft.config.vocab_size != model.config.vocab_size:
-        raise UserError(f"--draft {args.draft} has a vocabulary of {draft.config.vocab_size} tokens, the model "
+        raise UserError(f"{what} {path} has a vocabulary of {draft.config.vocab_size} tokens, the model "
                         f"{model.config.vocab_size}: a draft must share the model's tokenizer")
-    saved = saved_tokenizer_path(args.draft)
+    saved = saved_tokenizer_path(path)
     other = None if saved is None else load_quietly(saved)
     # the same size can hold other ids (the comparison rlhf's --reward makes; the EOS aside)
     if other is not None and not same_ids(other, tok):
-        raise UserError(f"the tokenizer saved with --draft {args.draft} ({saved}) is not the model's: its ids "
+        raise UserError(f"the tokenizer saved with {what} {path} ({saved}) is not the model's: its ids "
                         "mean other text (pass a draft trained on the model's tokenizer)")
     quantize(draft, args, device, "the draft")  # --quantize: the draft as the model (gpt-fast quantizes both)
     draft.to(device).eval()
