@@ -2,6 +2,7 @@
 text what `generate --prompt P --seed S + i` prints alone (greedy and seeded, stop strings, per-record settings),
 in the file's order whatever --max-batch; the .txt form, --num-samples, the records' fields; every refusal named."""
 import json
+import re
 
 import pytest
 import torch
@@ -160,8 +161,8 @@ def test_every_refusal_is_named(saved, tmp_path, capsys):
     batch = [*base, "--prompts", str(good), "--out", str(tmp_path / "o.jsonl")]
     for flags, said in [
             ([*batch, "--stream"], "--prompts does not take --stream"),
-            ([*batch, "--draft", str(saved)], "--prompts does not take --draft"),
-            ([*batch, "--draft-tokens", "3"], "a positive integer with --prompt-lookup, got 3 without it"),
+            ([*batch, "--draft", str(saved), "--prompt-lookup", "2"], "--draft and --prompt-lookup are two drafts"),
+            ([*batch, "--draft-tokens", "3"], "with --prompt-lookup or --draft, got 3 without either"),
             ([*batch, "--prompt-lookup", "0"], "--prompt-lookup (the longest n-gram looked up) must be a positive"),
             ([*batch, "--num-beams", "2"], "--prompts does not take --num-beams"),
             ([*batch, "--num-samples", "3", "--max-batch", "2"], "--num-samples 3 takes 3 rows"),
@@ -238,6 +239,19 @@ def test_prompt_lookup_gives_each_record_generates_prompt_lookup_text(saved, tmp
             alone(saved, capsys, records[1]["prompt"], SEED + 1, "--temperature", "0", *lookup)]
     assert [[r["text"]] for r in got] == want
     assert "prompt lookup: " in err and " accepted" in err
+
+
+def test_a_draft_gives_each_record_generates_draft_text(saved, tmp_path, capsys):
+    """--draft PATH --draft-tokens K (the model as its own draft): each record's text is `generate --draft PATH
+    --draft-tokens K`'s alone (sampled with its seed, and greedy), every proposal accepted, said at the end."""
+    records = [{"prompt": "The cat The cat The"}, {"prompt": "import os import os", "temperature": 0}]
+    path = write_jsonl(tmp_path / "r.jsonl", records)
+    spec = ["--draft", str(saved), "--draft-tokens", "3"]
+    got, err = run_prompts(saved, tmp_path, capsys, path, "--max-batch", "2", *spec)
+    want = [alone(saved, capsys, records[0]["prompt"], SEED, *spec),
+            alone(saved, capsys, records[1]["prompt"], SEED + 1, "--temperature", "0", *spec)]
+    assert [[r["text"]] for r in got] == want
+    assert re.search(r"draft model: \d+ drafts of (\d+) tokens, \1 accepted \(100%\)", err), err
 
 
 def test_records_naming_an_adapter_run_it_beside_the_others(saved, tmp_path, capsys):

@@ -25,7 +25,8 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
                    page_size: int = 16, kv_cache_dtype: str = "auto", autocast=None, cuda_graph: bool = False,
                    seed: int | None = None, each=None, on_done=None, prefix_caching: bool = False, names=None,
                    stats: dict | None = None, max_prefill_tokens: int | None = None, prompt_lookup: int | None = None,
-                   num_draft_tokens: int = 10, max_loras: int | None = None, **settings) -> list:
+                   num_draft_tokens: int | None = None, max_loras: int | None = None, draft=None,
+                   **settings) -> list:
     """Every prompt through one Engine(model, max_batch, ...): prompts, a list of [n, T] id tensors (n samples of
     the prompt, drawn as generate() draws n rows) or of id lists (one sample); -> each prompt's ids [n, T + new],
     in the input order. max_new_tokens: an int, or a list of one a prompt. settings: Engine.submit's keywords for
@@ -36,8 +37,9 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     the Engine's (with kv_pages): prompts sharing full leading pages prefill them once. names: a prompt's name for
     a refusal at its submission (default "prompt i"); every prompt is submitted before the first on_done. stats: a
     dict given the Engine's stats at the end (prefix caching's prompt tokens and cached ones). max_prefill_tokens:
-    the Engine's (chunked prefill: at most that many prompt tokens a step). prompt_lookup, num_draft_tokens: the
-    Engine's (n-gram speculation: each prompt's text generate(prompt_lookup=...)'s). max_loras: the Engine's (a
+    the Engine's (chunked prefill: at most that many prompt tokens a step). prompt_lookup or draft, num_draft_tokens:
+    the Engine's (n-gram or draft-model speculation: each prompt's text generate(prompt_lookup=...)'s or
+    generate(draft=...)'s). max_loras: the Engine's (a
     model serving LoRA adapters, model/lora.py serve_adapters: each's "adapter" names the prompt's)."""
     import torch
 
@@ -51,7 +53,7 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     engine = Engine(model, max_batch=max_batch, kv_cache_dtype=kv_cache_dtype, autocast=autocast, kv_pages=kv_pages,
                     page_size=page_size, cuda_graph=cuda_graph, prefix_caching=prefix_caching,
                     max_prefill_tokens=max_prefill_tokens, prompt_lookup=prompt_lookup,
-                    num_draft_tokens=num_draft_tokens, max_loras=max_loras)
+                    num_draft_tokens=num_draft_tokens, max_loras=max_loras, draft=draft)
     try:
         handles = []
         for i, (ids, budget, own) in enumerate(zip(prompts, budgets, each)):
@@ -142,19 +144,21 @@ def check_prompts_args(args):
 
     if args.out is None:
         raise UserError("--prompts writes its results to a .jsonl file: pass --out FILE")
-    for flag, given in (("--stream", args.stream), ("--draft", args.draft), ("--num-beams", args.num_beams != 1),
+    for flag, given in (("--stream", args.stream), ("--num-beams", args.num_beams != 1),
                         ("--prediction", args.prediction is not None)):
         if given:
             raise UserError(f"--prompts does not take {flag}: the batching engine draws one token a step for every "
-                            "row, sampled or greedy (or with --prompt-lookup checks the text's own n-grams' "
-                            "proposals)")
+                            "row, sampled or greedy (or with --prompt-lookup or --draft checks proposals)")
+    if args.draft is not None and args.prompt_lookup is not None:
+        raise UserError("--draft and --prompt-lookup are two drafts (a model, the text's own n-grams): pass one")
     if args.prompt_lookup is not None and args.prompt_lookup < 1:
         raise UserError(f"--prompt-lookup (the longest n-gram looked up) must be a positive integer, "
                         f"got {args.prompt_lookup}")
-    if args.draft_tokens is not None and (args.prompt_lookup is None or args.draft_tokens < 1):
-        raise UserError(f"--draft-tokens is how many tokens --prompt-lookup proposes at most a step: a positive "
-                        f"integer with --prompt-lookup, got {args.draft_tokens}"
-                        f"{'' if args.prompt_lookup is not None else ' without it'}")
+    speculates = args.prompt_lookup is not None or args.draft is not None
+    if args.draft_tokens is not None and (not speculates or args.draft_tokens < 1):
+        raise UserError(f"--draft-tokens is how many tokens --prompt-lookup or --draft proposes at most a step: a "
+                        f"positive integer with --prompt-lookup or --draft, got {args.draft_tokens}"
+                        f"{'' if speculates else ' without either'}")
     if args.max_batch is None:
         args.max_batch = 32
     check_engine_args(args, one_row_engine=True)
@@ -171,7 +175,8 @@ def cmd_generate_prompts(args):
     from tqdm import tqdm
 
     from tritongpt.commands import (Choices, check_beam_args, check_cuda_graphs, check_generation_args,
-                                    encode_generate_prompt, load_generation_model, sampling_controls, stop_strings)
+                                    encode_generate_prompt, load_draft, load_generation_model, sampling_controls,
+                                    stop_strings)
     from tritongpt.train.common import autocast
     from tritongpt.train.engine import prefix_caching_said, speculation_said
     from tritongpt.train.serve import load_adapters, lora_modules, page_args
@@ -198,6 +203,7 @@ def cmd_generate_prompts(args):
     if modules:
         load_adapters(model, modules, args.max_lora_rank, None)
     check_cuda_graphs(args, device, model)
+    draft = load_draft(args, model, tok, device) if args.draft else None
     eot, ctx = eot_or_none(tok), model.config.context_length
     prompts, budgets, each, rows = [], [], [], []
     for where, rec in records:
@@ -246,7 +252,7 @@ def cmd_generate_prompts(args):
                        autocast=lambda: autocast(device, dtype), cuda_graph=args.cuda_graphs, seed=args.seed,
                        each=each, on_done=write, eos_id=eot, vocab_limit=limit, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, names=[where for where, _ in records], stats=stats,
-                       prompt_lookup=args.prompt_lookup, num_draft_tokens=args.draft_tokens or 10,
+                       prompt_lookup=args.prompt_lookup, num_draft_tokens=args.draft_tokens, draft=draft,
                        max_loras=args.max_loras,
                        **sampling_controls(args), **page_args(args))
     except BaseException:  # (an engine error or Ctrl-C midway) the lines written stand: say they are not all
@@ -261,7 +267,7 @@ def cmd_generate_prompts(args):
     note(f"{len(prompts)} prompts ({len(prompts) * args.num_samples} samples) in {seconds:.2f} s: "
          f"{len(prompts) / seconds:.2f} prompts/s, {generated / seconds:.1f} generated tokens/s "
          f"(--max-batch {args.max_batch}); written to {out_path}")
-    for said in (prefix_caching_said(stats), speculation_said(stats)):
+    for said in (prefix_caching_said(stats), speculation_said(stats, "draft model" if draft else "prompt lookup")):
         if said:
             note(said)
     return 0
