@@ -257,6 +257,19 @@ class Engine:
     stats: vLLM's "spec_decode_num_drafts" (a live row's proposals a step), "spec_decode_num_draft_tokens" and
     "spec_decode_num_accepted_tokens" (generate's stats' drafted and accepted).
 
+    draft (vLLM's speculative_config {"method": "draft_model", "model": ..., "num_speculative_tokens": K}; not with
+    prompt_lookup): a smaller model of the model's vocabulary, as generate(draft=...) takes it; each request's tokens
+    are generate(draft=draft, num_draft_tokens=K)'s for it (greedy ones token for token, seeded samples too: its
+    generator drawn as _speculative draws it, unless the pool cuts its k), under prompt lookup's rules above (who
+    speculates, the verification forward, the paged pool's cut, the stats: a live row's k proposals a step). The
+    draft keeps a slot cache of its own (_draft_tokens: a row of its whole context a slot, float, even beside a
+    paged or int8 cache; prefix caching does not apply to it): a request's draft rows are prefilled at its first
+    decode step (one forward a request, its prompt but its last token) and again after a preemption; each step the
+    speculating requests' rows run k draft forwards together, a token a row at its own fill, each request its own
+    k (_speculative's, the draft's context too) and its own warp and grammar mask on its q_logits, then the
+    model's verification forward and verify_step with them; both caches' fills go back to L + m. num_draft_tokens
+    defaults to 4 with a draft (generate's), 10 otherwise.
+
     A request's prediction (submit's; generate.Prediction, OpenAI's predicted outputs) speculates the same way with or
     without prompt_lookup: its rows propose the prediction's tokens instead of the text's n-grams (num_draft_tokens
     at most a step), under the conditions above; its Prediction counts what the model kept and refused.
@@ -1031,7 +1044,8 @@ class Engine:
     def _accept(self, r, logits, drafted, lens, q_logits) -> tuple:
         """r's speculative step after _verify's forward (generate.verify_step, _speculative's): its tokens appended
         one at a time (EOS, stop, put_token), its fill L + m (the rejected positions' keys stale, never read; a draft
-        model's rows at most L + m too), the stats counted. -> (whether every row is done, the rows done on the host, as decode_step's)."""
+        model's rows at most L + m too), the stats counted. -> (whether every row is done, the rows done on the host,
+        as decode_step's)."""
         L, before, sent = r.idx.size(1), r.done.clone(), []  # (verify_step updates done in place)
         r.idx, m, finished, ended, _, offered, accepted = verify_step(
             logits[..., :r.vocab_limit], torch.cat([r.idx, drafted], dim=1), L, r.start, r.done, r.warp,
