@@ -56,14 +56,17 @@ def schedule_of(model, draft):
             (4, prompt(18, seed=6), 12, {})]
 
 
-@pytest.mark.parametrize("kw", [{}, dict(kv_pages=16, page_size=4)], ids=["slots", "paged-preempting"])
+@pytest.mark.parametrize("kw", [{}, dict(kv_pages=16, page_size=4), dict(kv_cache_dtype="int8")],
+                         ids=["slots", "paged-preempting", "int8"])
 def test_requests_get_generates_draft_tokens(model, draft, kw):
+    """(int8: the model's cache, as generate's; the draft's stays float)"""
     engine = Engine(model, max_batch=5, draft=draft, num_draft_tokens=K, **kw)
-    check(model, schedule_of(model, draft), engine, draft=draft, num_draft_tokens=K)
+    check(model, schedule_of(model, draft), engine, draft=draft, num_draft_tokens=K,
+          kv_cache_dtype=kw.get("kv_cache_dtype", "auto"))
     s = engine.stats
     assert 0 < s["spec_decode_num_accepted_tokens"] < s["spec_decode_num_draft_tokens"]
     assert s["spec_decode_num_drafts"] > 0
-    if kw:
+    if "kv_pages" in kw:
         assert s["preemptions"] > 0 and sorted(engine.cache.free) == list(range(kw["kv_pages"]))
 
 
@@ -103,6 +106,8 @@ def test_what_the_engine_refuses_with_a_draft(model, draft):
         Engine(model, draft=other)
     with pytest.raises(UserError, match="num_draft_tokens must be a positive integer"):
         Engine(model, draft=draft, num_draft_tokens=0)
+    with pytest.raises(UserError, match="the draft model is on meta, the model on cpu"):
+        Engine(model, draft=first_block(model).to("meta"))
 
 
 def test_a_preempted_request_prefills_its_draft_rows_again(model, draft):

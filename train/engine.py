@@ -316,6 +316,9 @@ class Engine:
         if draft is not None:  # (its vocabulary the model's, refused by name otherwise)
             check_draft(model, draft, torch.zeros(1, 1, dtype=torch.long), 0, num_draft_tokens)
             check_engine(draft)
+            where = [next(m.parameters()).device for m in (model, draft)]
+            if where[0] != where[1]:  # (else a failure deep in the draft's first forward, for every request)
+                raise UserError(f"the draft model is on {where[1]}, the model on {where[0]}: put both on one device")
             draft.eval()
         if cuda_graph:
             check_graphable(model)
