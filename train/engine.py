@@ -262,8 +262,8 @@ class Engine:
     are generate(draft=draft, num_draft_tokens=K)'s for it (greedy ones token for token, seeded samples too: its
     generator drawn as _speculative draws it, unless the pool cuts its k), under prompt lookup's rules above (who
     speculates, the verification forward, the paged pool's cut, the stats: a live row's k proposals a step). The
-    draft keeps a slot cache of its own (_draft_tokens: a row of its whole context a slot, float, even beside a
-    paged or int8 cache; prefix caching does not apply to it): a request's draft rows are prefilled at its first
+    draft keeps a slot cache of its own (_draft_tokens: a row of its whole context a slot, never int8 nor paged,
+    whatever the model's; prefix caching does not apply to it): a request's draft rows are prefilled at its first
     decode step (one forward a request, its prompt but its last token) and again after a preemption; each step the
     speculating requests' rows run k draft forwards together, a token a row at its own fill, each request its own
     k (_speculative's, the draft's context too) and its own warp and grammar mask on its q_logits, then the
@@ -333,7 +333,7 @@ class Engine:
             else:  # rows hold the pages their requests need (PagedKVCache)
                 self.cache = model.new_paged_cache(self.max_batch, kv_pages, page_size, self.max_len,
                                                    kv_dtype=kv_cache_dtype)
-            # the draft's: a row of its whole context a slot, float, even beside a paged or int8 cache (a draft is
+            # the draft's: a row of its whole context a slot, never int8 nor paged, whatever the model's (a draft is
             # small); no prefix caching there (_draft_tokens prefills a request's rows itself)
             self.draft_cache = None if draft is None else draft.new_cache(
                 self.max_batch, min(draft.config.context_length, self.max_len))
