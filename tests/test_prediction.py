@@ -106,7 +106,9 @@ def test_the_engine_speculates_a_request_with_a_prediction():
     idx = prompt(6, seed=3)
     plain = generate(model, idx, 30)
     answer = plain[0, 6:].tolist()
-    for kw in ({}, dict(kv_pages=24, page_size=4), dict(prompt_lookup=2, num_draft_tokens=4)):
+    # (with a draft model, the request with a prediction keeps it; the plain one beside it drafts with the model)
+    for kw in ({}, dict(kv_pages=24, page_size=4), dict(prompt_lookup=2, num_draft_tokens=4),
+               dict(draft=model, num_draft_tokens=4)):
         engine = Engine(model, max_batch=4, **kw)
         p = Prediction(edits(answer)["replaced"])
         with_it = engine.submit(idx.expand(2, -1).clone(), 30, prediction=p)
@@ -118,7 +120,7 @@ def test_the_engine_speculates_a_request_with_a_prediction():
         assert torch.equal(with_it.wait(), plain.expand(2, -1)), kw
         assert torch.equal(other.wait(), generate(model, prompt(5, seed=9), 12)), kw
         assert p.accepted >= 40 and p.rejected > 0 and steps < 20, (kw, p.accepted, p.rejected, steps)
-        if "prompt_lookup" in kw:  # a server's speculation counters count a prediction's drafts too
+        if "prompt_lookup" in kw or "draft" in kw:  # a server's speculation counters count a prediction's drafts too
             assert engine.stats["spec_decode_num_accepted_tokens"] >= p.accepted
     # a request that cannot speculate (logprobs) decodes plainly: nothing proposed
     engine = Engine(model, max_batch=2)
