@@ -1249,17 +1249,21 @@ def _run_ddp(out, rec, worker=None, **kw):
     # fork: the children inherit the imported torch instead of paying for it again; but a pytest-xdist worker
     # whose earlier tests started autograd's device threads cannot run autograd in a forked child (torch refuses:
     # "Unable to handle autograd's threading in combination with fork-based multiprocessing"): spawned then, the
-    # first attempt's run folder cleared (it failed at its first backward, before any checkpoint)
+    # run folder put back as it was before the first attempt (which may have written a tracker's file or a log line
+    # before its first backward failed)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    existed = Path(out).exists()
+    before = Path(rec) / "run-before"
+    if Path(out).exists():
+        shutil.copytree(out, before, dirs_exist_ok=True)
     try:
         mp.start_processes(worker or _ddp_worker, args=(str(out), str(rec), port, kw), nprocs=2, join=True,
                            start_method=method)
     except mp.ProcessRaisedException as e:
         if method != "fork" or "autograd's threading in combination with fork" not in str(e):
             raise
-        if not existed:
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        if before.exists():
+            shutil.copytree(before, out)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
