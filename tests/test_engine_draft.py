@@ -11,7 +11,7 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.engine import Engine
-from tritongpt.train.generate import generate
+from tritongpt.train.generate import Prediction, PromptLookup, generate
 
 from parity import loud_attention
 from test_engine import SAMPLED, VOCAB, check, prompt, tiny
@@ -111,6 +111,17 @@ def test_what_the_engine_refuses_with_a_draft(model, draft):
         Engine(model, draft=draft, num_draft_tokens=0)
     with pytest.raises(UserError, match="the draft model is on meta, the model on cpu"):
         Engine(model, draft=first_block(model).to("meta"))
+    # not a model (a draft of generate's that runs no forward, a path): refused by name, not an AttributeError
+    for other, name in ((PromptLookup(2), "PromptLookup"), (Prediction([1, 2]), "Prediction"), ("draft.pt", "str")):
+        with pytest.raises(UserError, match=f"draft must be a model .*got {name}"):
+            Engine(model, draft=other)
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 16}
+    torch.manual_seed(0)
+    other = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=24, n_embd=16, n_layer=1, n_head=1,
+                               position_encoding="rope", rope_scaling=longrope))
+    with pytest.raises(UserError, match="the draft model: the batching engine does not take LongRoPE models"):
+        Engine(model, draft=other)
 
 
 def test_a_preempted_request_prefills_its_draft_rows_again(model, draft):

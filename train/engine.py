@@ -314,8 +314,14 @@ class Engine:
         check_engine(model)
         self.draft = draft
         if draft is not None:  # (its vocabulary the model's, refused by name otherwise)
+            if not isinstance(draft, torch.nn.Module) or not hasattr(draft, "new_cache"):
+                raise UserError(f"draft must be a model of the model's vocabulary (prompt lookup is prompt_lookup=N, "
+                                f"a prediction submit's prediction=), got {type(draft).__name__}")
             check_draft(model, draft, torch.zeros(1, 1, dtype=torch.long), 0, num_draft_tokens)
-            check_engine(draft)
+            try:
+                check_engine(draft)
+            except UserError as e:  # (else read as the model's refusal)
+                raise UserError(f"the draft model: {e}") from None
             where = [next(m.parameters()).device for m in (model, draft)]
             if where[0] != where[1]:  # (else a failure deep in the draft's first forward, for every request)
                 raise UserError(f"the draft model is on {where[1]}, the model on {where[0]}: put both on one device")
