@@ -64,8 +64,8 @@ def test_a_preference_trainer_refuses_what_it_never_reads(cmd, flags, message, t
     (["lambada", "--weights", "w", "--data", "l.jsonl", "--cache-dir", "c"],
      "--cache-dir keeps the downloaded file; with --data l.jsonl nothing is downloaded"),
     (["generate", "--prompts", "p.txt", "--out", "o.jsonl", "--draft-tokens", "3"],
-     "--draft-tokens is how many tokens --prompt-lookup proposes at most a step: a positive integer with "
-     "--prompt-lookup, got 3 without it"),
+     "--draft-tokens is how many tokens --prompt-lookup or --draft proposes at most a step: a positive integer "
+     "with --prompt-lookup or --draft, got 3 without either"),
 ])
 def test_a_flag_another_one_turns_off_is_refused(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # (the files named are never read: the refusal comes first)
