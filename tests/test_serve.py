@@ -2311,6 +2311,16 @@ def test_beam_search_completions_are_beam_searchs_texts_best_first(both, monkeyp
         seen |= {c["finish_reason"] for c in out["choices"]}
     assert seen == {"stop", "length"}  # (both endings checked)
     assert calls == [1] * 4
+    # streamed (vLLM's): each beam's text a chunk once the search ends, then its finish, then the usage
+    chunks = events(call(server, "/v1/completions", {**body, "stream": True, "stream_options": {
+        "include_usage": True}})[1])
+    texts, finish = {}, {}
+    for k in chunks[:-1]:
+        c = k["choices"][0]
+        texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+        finish[c["index"]] = c["finish_reason"] or finish.get(c["index"])
+    assert [(texts[i], finish[i]) for i in range(3)] == [(c["text"], c["finish_reason"]) for c in out["choices"]]
+    assert chunks[-1]["usage"] == out["usage"] and chunks[-1]["choices"] == []
 
 
 def test_beam_search_chat_answers_are_beam_searchs_texts(served, monkeypatch):
@@ -2332,6 +2342,13 @@ def test_beam_search_chat_answers_are_beam_searchs_texts(served, monkeypatch):
         assert out["usage"]["completion_tokens"] == sum(w[3] for w in want)
         seen |= {w[1] for w in want}
     assert "stop" in seen
+    chunks = events(call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 6, "n": 2,
+                                                          "use_beam_search": True, "length_penalty": 0.5,
+                                                          "stream": True})[1])
+    assert [k["choices"][0]["delta"] for k in chunks if k["choices"][0]["delta"].get("role")] == \
+        [{"role": "assistant", "content": ""}] * 2
+    assert ["".join(k["choices"][0]["delta"].get("content") or "" for k in chunks if k["choices"][0]["index"] == i)
+            for i in range(2)] == [c["message"]["content"] for c in out["choices"]]
     # ignore_eos: no beam ends at the EOS, all run to max_tokens
     out = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "n": 2,
                                                 "use_beam_search": True, "ignore_eos": True})[1]
@@ -2356,7 +2373,6 @@ def test_beam_search_ends_when_its_client_leaves(both, monkeypatch):
 
 
 @pytest.mark.parametrize("path,extra,param", [
-    ("/v1/completions", {"stream": True}, "stream"),
     ("/v1/completions", {"logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
     ("/v1/completions", {"echo": True}, "echo"),

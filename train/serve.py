@@ -95,10 +95,10 @@ MAX_N = 128  # OpenAI's limit on n
 # limit (OpenAI's legacy completions took 5)
 MAX_LOGPROBS = 20
 # what use_beam_search cannot go with here, each with its value that changes nothing (None and false are off too):
-# streaming, logprobs, echo (vLLM's beam search returns all at the end, its logprobs aside), sampling (the search is
+# logprobs, echo (vLLM's beam search returns its beams at the end, its logprobs aside), sampling (the search is
 # deterministic), the end rules beam_search() does not apply (stop strings, more end tokens, min_tokens), structured
 # outputs and tools (no guide in the search), a prediction (no speculation in the search)
-BEAM_REFUSED = {"stream": None, "stream_options": None, "echo": None, "logprobs": None, "top_logprobs": None,
+BEAM_REFUSED = {"echo": None, "logprobs": None, "top_logprobs": None,
                 "prompt_logprobs": None, "prediction": None, "best_of": None, "top_p": 1, "top_k": -1, "min_p": 0,
                 "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "stop": None, "stop_token_ids": None,
                 "min_tokens": 0, "response_format": None, "structured_outputs": None, "tools": None,
@@ -1747,11 +1747,11 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         c = Response(self, body) if endpoint == "responses" else Completion(self, endpoint, body)
         s = c.s
+        if s["stream"]:
+            c.start_stream()
         if s["beam"] is not None:  # (its own loop, outside the engine: Model.beam_search)
             c.respond([c.beams(p) for p in range(len(c.prompts))])
             return
-        if s["stream"]:
-            c.start_stream()
         # a request's prompts decode together (vLLM's): each its own engine request, all submitted at once, in
         # threads of their own; in turn with no engine, or when seeded draws share the request's one generator
         # (its draws in prompt order are what the seed reproduces)
@@ -1954,10 +1954,16 @@ class Completion:
         return self.choices(p, drawn, scored), len(self.prompts[p]), sum(c[2] for c in drawn), scored["prompt"]
 
     def beams(self, p: int) -> tuple:
-        """Prompt p's n beams (use_beam_search), as one() gives its choices: the best first, the prompt counted once."""
+        """Prompt p's n beams (use_beam_search), as one() gives its choices: the best first, the prompt counted once.
+        With stream, each beam's text a chunk once the search ends (vLLM's: the beams are known only then)."""
         timing = self.app.metrics.request()
+        if self.s["stream"]:  # (chat's role chunks first, as a draw's)
+            self.begin(p, False, {"echo": None, "prompt": None})
         drawn = self.app.beam_search(self.prompts[p], self.budgets[p], self.s, self.stop_id, timing, self.adapter,
                                      lambda: self.stop.is_set() or self.handler.client_gone(), self.spent)
+        for i, (text, _, count, _, _) in enumerate(drawn if self.s["stream"] else ()):
+            if text:
+                self.chunk(p * self.s["n"] + i, text, tokens=count)
         return self.choices(p, drawn, {"echo": None, "prompt": None}), len(self.prompts[p]), sum(c[2] for c in drawn), \
             None
 
