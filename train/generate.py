@@ -36,7 +36,8 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
                    frequency_penalty: float | None = None, presence_penalty: float | None = None,
                    no_repeat_ngram_size: int | None = None, typical_p: float | None = None,
                    epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
-                   top_n_sigma: float | None = None, logit_bias: dict | None = None) -> None:
+                   top_n_sigma: float | None = None, logit_bias: dict | None = None, allowed_token_ids=None,
+                   bad_words=None) -> None:
     """The sampling settings, checked before any work (also those greedy decoding ignores: a
     typo should not wait for the first sample). flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
@@ -73,6 +74,14 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
             is_int(t) and t >= 0 and is_real(b) and -100 <= b <= 100 for t, b in logit_bias.items())):
         raise UserError(f"{name('logit_bias')} must map token ids (integers >= 0) to biases in [-100, 100] "
                         f"(OpenAI's range), got {logit_bias!r}")
+    if allowed_token_ids is not None and (not isinstance(allowed_token_ids, (list, tuple)) or not allowed_token_ids
+                                          or not all(is_int(t) and t >= 0 for t in allowed_token_ids)):
+        raise UserError(f"{name('allowed_token_ids')} must be a non-empty list of token ids (integers >= 0), "
+                        f"got {allowed_token_ids!r}")
+    if bad_words is not None and (not isinstance(bad_words, (list, tuple)) or not all(
+            isinstance(w, (list, tuple)) and w and all(is_int(t) and t >= 0 for t in w) for w in bad_words)):
+        raise UserError(f"{name('bad_words')} must be a list of tokenized words (non-empty lists of token ids >= 0), "
+                        f"got {bad_words!r}")
 
 
 def check_logprobs(logprobs) -> None:
@@ -163,7 +172,8 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                 repetition_penalty: float | None = None, seen=None, frequency_penalty: float | None = None,
                 presence_penalty: float | None = None, no_repeat_ngram_size: int | None = None, generated_from=None,
                 live=None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
-                eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None):
+                eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None,
+                allowed_token_ids=None, bad_words=None):
     """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
     repetition_penalty and no_repeat_ngram_size apply to; those from column generated_from on (an int or a [B]
     tensor), the generated ones, are what frequency_penalty and presence_penalty count."""
@@ -171,7 +181,8 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                              no_repeat_ngram_size=no_repeat_ngram_size, generated_from=generated_from, live=live,
                              typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
-                             top_n_sigma=top_n_sigma, logit_bias=logit_bias)
+                             top_n_sigma=top_n_sigma, logit_bias=logit_bias,
+                             allowed_token_ids=allowed_token_ids, bad_words=bad_words)
     if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(logits, dim=-1)
@@ -183,14 +194,19 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
                     frequency_penalty: float | None = None, presence_penalty: float | None = None,
                     no_repeat_ngram_size: int | None = None, generated_from=None, live=None,
                     typical_p: float | None = None, epsilon_cutoff: float | None = None,
-                    eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None):
+                    eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None,
+                    allowed_token_ids=None, bad_words=None):
     """The logits [B, V] sample_next draws from (softmax of them): biased, penalized, tempered and cut, -inf for a
     token it never draws. Greedy (temperature 0): only biased and penalized (and n-grams banned). logit_bias {token
-    id: bias}: added to those logits first (OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it)."""
+    id: bias}: added to those logits first (OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it),
+    after vLLM's allowed_token_ids and bad_words (allow_and_ban), greedy's too."""
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                    no_repeat_ngram_size=no_repeat_ngram_size, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
-                   eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma, logit_bias=logit_bias)
+                   eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma, logit_bias=logit_bias,
+                   allowed_token_ids=allowed_token_ids, bad_words=bad_words)
+    if allowed_token_ids or bad_words:  # vLLM's sampler: these masks first, before logit_bias and the penalties
+        logits = allow_and_ban(logits, allowed_token_ids, bad_words, seen, generated_from, live)
     if logit_bias:
         if max(logit_bias) >= logits.size(-1):  # (on the host: a GPU's max would sync every step)
             raise UserError(f"logit_bias has token id {max(logit_bias)}, outside the {logits.size(-1)} tokens drawn "
@@ -253,6 +269,45 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
     return logits
 
 
+def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, generated_from=None, live=None):
+    """vLLM's allowed_token_ids and bad_words (SamplingParams; vllm/v1/sample/ops/bad_words.py) on logits [B, V]:
+    every id outside allowed_token_ids -inf; a bad word's (a list of ids) last id -inf where its other ids end the
+    row's generated text (seen [B, T] from column generated_from: vLLM matches its output tokens, not the prompt),
+    a one-id word's always. live [B] (None: all): a live row left nothing to draw (a grammar's mask before, or a
+    word banning the last allowed id) is an error, not NaN (one host sync a step, only with these settings)."""
+    B, V = logits.shape
+    ids = list(allowed_token_ids or ()) + [t for word in bad_words or () for t in word]
+    if ids and max(ids) >= V:  # (on the host: no sync)
+        raise UserError(f"allowed_token_ids or bad_words have token id {max(ids)}, outside the {V} tokens drawn from")
+    ban = torch.zeros(B, V, dtype=torch.bool)
+    if allowed_token_ids:
+        ban[:] = True
+        ban[:, list(allowed_token_ids)] = False
+    ban = ban.to(logits.device, non_blocking=True)
+    for word in bad_words or ():
+        need = len(word) - 1
+        if need == 0:
+            ban[:, word[0]] = True
+            continue
+        if seen is None or generated_from is None:
+            raise UserError("a bad word of several tokens needs the ids so far (seen) and where the generated ones "
+                            "start (generated_from)")
+        T = seen.size(1)
+        if T < need:
+            continue
+        prefix = torch.tensor(word[:-1]).to(seen.device, non_blocking=True)
+        hit = (seen[:, T - need:] == prefix).all(-1) & (T - generated_from >= need)
+        ban[:, word[-1]] |= hit
+    logits = logits.masked_fill(ban, float("-inf"))
+    empty = (logits == float("-inf")).all(-1)
+    if live is not None:
+        empty = empty & live
+    if bool(empty.any()):
+        raise UserError("allowed_token_ids and bad_words leave a row no token to draw (with the other masks: a "
+                        "grammar's, min_tokens'): allow more tokens, or ban fewer")
+    return logits
+
+
 def cut_top_n_sigma(logits, n: float):
     """Top-n-sigma (Tang et al. 2024, "Top-nσ: Not All Logits Are You Need"): keep the tokens whose logit is at
     least max - n * std of the row's logits, as llama.cpp's llama_sampler_top_n_sigma_apply (the population std
@@ -302,7 +357,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None,
              cuda_graph: bool = False, kv_cache_dtype: str = "auto", logit_bias: dict | None = None,
              logprobs: int | None = None, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
-             guide=None):
+             guide=None, allowed_token_ids=None, bad_words=None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -336,6 +391,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     vector, about half the bytes; every attention, the prefill's too, reads the values back from it). With a draft
     model only the model's own cache is int8: the draft's stays float (it only proposes). Needs use_cache.
     logit_bias {token id: bias in [-100, 100]}: added to the logits before the settings above (sampling_logits).
+    allowed_token_ids [ids], bad_words [[ids], ...] (vLLM's SamplingParams, tokenized): only allowed ids drawn, and
+    never a bad word's last id after its other ids (allow_and_ban; before logit_bias; drafts' proposals judged alike).
     logprobs k >= 0: on_token is called as on_token(nxt, step_logprobs(...)): the drawn tokens' log-probabilities
     under the model's raw distribution and the k likeliest tokens' (not with a draft).
     stop_token_ids, min_tokens, ignore_eos (vLLM's SamplingParams; see end_rule): rows also stop after drawing one
@@ -356,7 +413,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                   no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias)
+                   no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias,
+                   allowed_token_ids=allowed_token_ids, bad_words=bad_words)
     check_logprobs(logprobs)
     if logprobs is not None and (draft is not None or prompt_lookup is not None):
         raise UserError("logprobs are given by a one-token decode step: not with a draft or prompt_lookup")
@@ -400,7 +458,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                     repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                     presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                     typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
-                    logit_bias=logit_bias)
+                    logit_bias=logit_bias, allowed_token_ids=allowed_token_ids, bad_words=bad_words)
         if draft is not None:
             return _speculative(model, draft, idx, max_new_tokens, warp, pad, generator, vocab_limit, on_token,
                                 stop, num_draft_tokens, stats, kv_cache_dtype, ends, guide)
@@ -1046,6 +1104,8 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
     # each position warped with the tokens before it: the penalties and the n-gram ban as _generate applies them
     p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start,
                                             live=no_row, **warp) for j in range(k + 1)], dim=1)
+    if warp.get("allowed_token_ids") or warp.get("bad_words"):  # the first position is always drawn from: a live row
+        allow_and_ban(p_logits[:, 0], live=~done)  # left nothing there is allow_and_ban's error, not token 0
     if lens is not None:
         n, nxt = accept_lookup(p_logits, text[:, L:], lens, greedy, generator)
     else:

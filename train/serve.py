@@ -63,7 +63,8 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
                  "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "prompt_logprobs",
                  "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids",
                  "truncate_prompt_tokens",
-                 "response_format", "structured_outputs", "use_beam_search", "length_penalty"}
+                 "response_format", "structured_outputs", "use_beam_search", "length_penalty",
+                 "allowed_token_ids", "bad_words"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias",
                                    "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
@@ -102,7 +103,8 @@ BEAM_REFUSED = {"echo": None, "logprobs": None, "top_logprobs": None,
                 "prompt_logprobs": None, "prediction": None, "best_of": None, "top_p": 1, "top_k": -1, "min_p": 0,
                 "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "stop": None, "stop_token_ids": None,
                 "min_tokens": 0, "response_format": None, "structured_outputs": None, "tools": None,
-                "tool_choice": None, "parallel_tool_calls": None, "temperature": 1}
+                "tool_choice": None, "parallel_tool_calls": None, "temperature": 1, "allowed_token_ids": None,
+                "bad_words": None}
 # vLLM's fields for structured outputs before its 0.12, which took structured_outputs in their place: refused with that
 REMOVED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
            "guided_whitespace_pattern": "whitespace_pattern", "guided_decoding_backend": None}
@@ -234,6 +236,13 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None, defaults=N
         (16 if endpoint == "completions" else None)  # chat: to the end of the turn, or of the context
     s["logprobs"] = logprobs_setting(body, endpoint)
     s["logit_bias"] = logit_bias_setting(body.get("logit_bias"))
+    allowed, words = body.get("allowed_token_ids"), body.get("bad_words")
+    if allowed is not None and (not isinstance(allowed, list) or not allowed or
+                                not all(is_int(t) and t >= 0 for t in allowed)):
+        raise bad("allowed_token_ids", f"'allowed_token_ids' must be a non-empty list of token ids, got {allowed!r}")
+    if words is not None and (not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words)):
+        raise bad("bad_words", f"'bad_words' must be a list of non-empty strings, got {words!r}")
+    s["allowed_token_ids"], s["bad_words"] = allowed or None, words or None
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(t, str) and t for t in stops):
@@ -733,6 +742,23 @@ def logit_bias_setting(bias):
     return out or None
 
 
+def bad_words_ids(encode, words: list, vocab: int) -> list:
+    """vLLM's bad_words tokenized as its SamplingParams.update_from_tokenizer does: each word (its leading spaces
+    stripped) as it is, and with one leading space where that gives a different first token and as many tokens (the
+    word in the middle of the text). encode: App.encode (special: a special token's spelling its id, as vLLM's
+    tokenizer reads it, without a BOS). -> [[ids], ...]"""
+    out = []
+    for word in words:
+        for prefix in ("", " "):
+            ids = encode(prefix + word.lstrip(), bos=False, special=True)
+            if ids and (not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
+                out.append(ids)
+    if out and max(max(ids) for ids in out) >= vocab:
+        raise bad("bad_words", f"'bad_words' tokenize to token id {max(max(ids) for ids in out)}: the model's tokens "
+                               f"are 0..{vocab - 1}")
+    return out
+
+
 def thought_tokens(drawn: list, wake) -> int:
     """A reasoning model's choice's thought (OpenAI's reasoning_tokens): its drawn tokens through the </think> token
     (wake), all of them where it drew none."""
@@ -1208,7 +1234,8 @@ class Model:
         warp = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"] if s["top_p"] < 1 else None,
                     min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
                     frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"],
-                    logit_bias=s["logit_bias"])
+                    logit_bias=s["logit_bias"], allowed_token_ids=s["allowed_token_ids"],
+                    bad_words=s.get("bad_words_ids"))
         timing = timing or self.metrics.request()  # (the caller's: its clock started when the request came)
         guide = self.guide(s["structured"], s["structured_field"], wake=s.get("wake")) if budget else None
 
@@ -1784,6 +1811,10 @@ class Completion:
         if s["logit_bias"] and max(s["logit_bias"]) >= vocab:
             raise bad("logit_bias", f"'logit_bias' has token id {max(s['logit_bias'])}: the model's tokens are "
                                     f"0..{vocab - 1}")
+        if s["allowed_token_ids"] and max(s["allowed_token_ids"]) >= vocab:
+            raise bad("allowed_token_ids", f"'allowed_token_ids' has token id {max(s['allowed_token_ids'])}: the "
+                                           f"model's tokens are 0..{vocab - 1}")
+        s["bad_words_ids"] = bad_words_ids(app.encode, s["bad_words"], vocab) if s["bad_words"] else None
         if s["stop_token_ids"] and max(s["stop_token_ids"]) >= vocab:
             raise bad("stop_token_ids", f"'stop_token_ids' has token id {max(s['stop_token_ids'])}: the model's "
                                         f"tokens are 0..{vocab - 1}")

@@ -1,0 +1,149 @@
+"""vLLM's allowed_token_ids and bad_words (train/generate.py allow_and_ban): generate(), the batching engine and
+prompt lookup's verify step each draw, greedy, the model's argmax among the allowed and unbanned tokens, computed
+here directly token by token; a word of several tokens is banned only after its prefix; and serve's fields, their
+tokenizing (vLLM's update_from_tokenizer) and their refusals."""
+import pytest
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.train import serve
+from tritongpt.train.engine import Engine
+from tritongpt.train.generate import allow_and_ban, check_sampling, generate
+
+from test_engine import VOCAB, tiny
+from test_serve import call, new_text, start, tiny_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def banned_here(row, start, word):
+    """A bad word's last token is banned where its other tokens end the generated text (a one-token word always)."""
+    need = len(word) - 1
+    return len(row) - start >= need and row[len(row) - need:] == list(word[:-1])
+
+
+@torch.no_grad()
+def reference(model, idx, new, allowed=None, words=()):
+    """Greedy, by hand: a whole forward each step, the argmax over the tokens allowed and not banned."""
+    rows, start = idx.tolist(), idx.size(1)
+    for _ in range(new):
+        logits = model(torch.tensor(rows))[:, -1].double()
+        for r, row in enumerate(rows):
+            ok = [t for t in range(logits.size(-1)) if (allowed is None or t in allowed)
+                  and not any(w[-1] == t and banned_here(row, start, w) for w in words)]
+            row.append(max(ok, key=lambda t: float(logits[r, t])))
+    return torch.tensor(rows)
+
+
+def test_greedy_generate_and_engine_draw_the_best_allowed_unbanned_token():
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    allowed = sorted(torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))[:23].tolist())
+    free = reference(model, idx, 6, allowed)
+    # a one-token word (row 0's first pick); then a two-token word, row 1's third and fourth picks: its last token
+    # banned there, after its prefix, but drawn where the prefix is not before it (row 0's)
+    one = [[int(free[0, 7])]]
+    mid = reference(model, idx, 6, allowed, one)
+    words = one + [mid[1, 9:11].tolist()]
+    want = reference(model, idx, 6, allowed, words)
+    assert want[0, 7] != free[0, 7] and torch.equal(want[:, :10], mid[:, :10]) and want[1, 10] != mid[1, 10]
+    assert words[1][1] in want[0, 7:].tolist()
+    assert all(t in allowed for t in want[:, 7:].flatten().tolist())
+    got = generate(model, idx, 6, allowed_token_ids=allowed, bad_words=words)
+    assert torch.equal(got, want)
+    engine = Engine(model, max_batch=4)
+    h = engine.submit(idx, 6, allowed_token_ids=allowed, bad_words=words)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(h.wait(), want)
+
+
+def test_the_prefix_is_matched_in_the_generated_text_only():
+    """vLLM matches a word's prefix against the output tokens: the prompt's last token does not ban."""
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    first = int(reference(model, idx, 1)[0, -1])
+    word = [int(idx[0, -1]), first]
+    assert torch.equal(generate(model, idx, 3, bad_words=[word]), reference(model, idx, 3, words=[word]))
+    assert int(generate(model, idx, 1, bad_words=[word])[0, -1]) == first
+
+
+def test_prompt_lookup_never_accepts_a_banned_proposal():
+    """The text repeats, so lookup proposes the pattern's next tokens: the banned one is rejected at the verify step
+    (greedy: the reference's tokens; sampled: never drawn)."""
+    model = tiny()
+    idx = torch.tensor([[11, 12, 13, 14, 15] * 3 + [11, 12]])
+    words = [[13], [14, 15]]
+    stats = {}
+    got = generate(model, idx, 8, prompt_lookup=2, num_draft_tokens=4, bad_words=words, stats=stats)
+    assert stats["drafted"] > 0
+    assert torch.equal(got, reference(model, idx, 8, words=words))
+    engine = Engine(model, max_batch=4, prompt_lookup=2, num_draft_tokens=4)
+    h = engine.submit(idx, 8, bad_words=words)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(h.wait(), got)
+    allowed = [12, 14, 15, 40, 41]
+    for seed in range(3):
+        out = generate(model, idx, 8, temperature=1.5, prompt_lookup=2, allowed_token_ids=allowed,
+                       bad_words=[[14, 15]], generator=torch.Generator().manual_seed(seed))[0, idx.size(1):].tolist()
+        assert all(t in allowed for t in out) and all(out[j:j + 2] != [14, 15] for j in range(len(out)))
+
+
+def test_nothing_left_to_draw_and_bad_settings_are_refused():
+    logits = torch.randn(2, 9)
+    with pytest.raises(UserError, match="no token to draw"):
+        allow_and_ban(logits, [3], [[3]])
+    # a mask before (a grammar's) that leaves none of the allowed tokens
+    with pytest.raises(UserError, match="no token to draw"):
+        allow_and_ban(logits.index_fill(-1, torch.tensor([2, 3]), float("-inf")), [2, 3])
+    # a finished row is no error
+    assert torch.isinf(allow_and_ban(logits, [3], [[3]], live=torch.tensor([False, False]))).all()
+    with pytest.raises(UserError, match="token id 9, outside the 9"):
+        allow_and_ban(logits, [1, 9])
+    for bad in ([], [-1], "12", [1.5]):
+        with pytest.raises(UserError, match="allowed_token_ids must be a non-empty list"):
+            check_sampling(allowed_token_ids=bad)
+    for bad in ([[]], [1], [[1, -2]], "ab"):
+        with pytest.raises(UserError, match="bad_words must be a list of tokenized words"):
+            check_sampling(bad_words=bad)
+    with pytest.raises(UserError, match="no token to draw"):
+        generate(tiny(), torch.tensor([[1, 2, 3]]), 3, allowed_token_ids=[5], bad_words=[[5]])
+
+
+def test_served_fields_tokenize_and_refuse(tmp_path):
+    tok = tiny_run(tmp_path / "run", "chat")
+    server = start(tmp_path / "run")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        model, prompt = server.app.model, "the cat sat"
+        ids = tok.encode(prompt)
+        words = serve.bad_words_ids(server.app.encode, [" mat", "dog ran"], 300)
+        # each as it is; with a leading space only where that gives as many tokens (vLLM's rule): " mat" is one
+        assert words == [tok.encode("mat"), tok.encode("dog ran")] and len(tok.encode(" mat")) == 1
+        allowed = [i for i in range(40, 300, 3)]
+        free = reference(model, torch.tensor([ids]), 5, allowed)[0, len(ids):].tolist()
+        # a drawn token's text as a bad word (one that tokenizes back to that token alone)
+        word = next(w for w in map(lambda t: tok.decode([t]), free)
+                    if tok.encode(w.lstrip()) in ([t] for t in free))
+        words = serve.bad_words_ids(server.app.encode, [word], 300)
+        want = reference(model, torch.tensor([ids]), 5, allowed, words)[0, len(ids):].tolist()
+        assert want != free
+        status, out = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                                       "allowed_token_ids": allowed, "bad_words": [word]})
+        assert status == 200 and out["choices"][0]["text"] == new_text(tok, ids, want), out
+        status, out = call(server, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+            "allowed_token_ids": [tok.encode(" a")[0]]})
+        assert status == 200 and out["choices"][0]["message"]["content"].strip() == "a a a", out
+        for body, field, message in (({"allowed_token_ids": []}, "allowed_token_ids", "non-empty list"),
+                                     ({"allowed_token_ids": [300]}, "allowed_token_ids", "tokens are 0..299"),
+                                     ({"bad_words": [5]}, "bad_words", "non-empty strings"),
+                                     ({"bad_words": "mat"}, "bad_words", "non-empty strings"),
+                                     ({"bad_words": ["mat"], "use_beam_search": True, "n": 2}, "bad_words",
+                                      "cannot be used with 'use_beam_search'")):
+            status, out = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2, **body})
+            assert status == 400 and out["error"]["param"] == field and message in out["error"]["message"], out
+    finally:
+        server.shutdown()
+        server.server_close()
