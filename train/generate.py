@@ -299,13 +299,19 @@ def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, gen
         hit = (seen[:, T - need:] == prefix).all(-1) & (T - generated_from >= need)
         ban[:, word[-1]] |= hit
     logits = logits.masked_fill(ban, float("-inf"))
+    check_drawable(logits, live)
+    return logits
+
+
+def check_drawable(logits, live=None) -> None:
+    """allow_and_ban's check on logits [B, V]: a live row (live [B], None: all) whose every logit is -inf is an
+    error, not NaN or a silent token 0 (one host sync)."""
     empty = (logits == float("-inf")).all(-1)
     if live is not None:
         empty = empty & live
     if bool(empty.any()):
         raise UserError("allowed_token_ids and bad_words leave a row no token to draw (with the other masks: a "
                         "grammar's, min_tokens'): allow more tokens, or ban fewer")
-    return logits
 
 
 def cut_top_n_sigma(logits, n: float):
@@ -886,17 +892,18 @@ class Prediction:
         self.at = self.seen = None  # each row's place (None: lost), the generated tokens read so far
         self.accepted = self.rejected = 0
 
-    def begin(self, rows: int, vocab_size: int) -> None:
+    def begin(self, rows: int, vocab_size: int | None = None) -> None:
         """Checked before any work, then this call's rows' places (generate's, an engine request's): a token past the
         model's vocabulary would fail the verifying forward (in the engine every request in its batch), and a
-        Prediction already in use holds another call's places (its rows, where their answers stand)."""
+        Prediction already in use holds another call's places (its rows, where their answers stand). vocab_size
+        None: not checked (propose's own start, for a caller that never began it)."""
         if self.at is not None:
             raise UserError("a Prediction keeps where each row's answer stands in it: one Prediction a call "
                             "(generate's, an engine request's), this one is in use; make a new one")
-        bad = next((t for t in self.ids if t >= vocab_size), None)
+        bad = next((t for t in self.ids if vocab_size is not None and t >= vocab_size), None)
         if bad is not None:
             raise UserError(f"a prediction's token id {bad} is outside the model's vocabulary [0, {vocab_size})")
-        self.at, self.seen, self.lost = [0] * rows, 0, [0] * rows
+        self.at, self.seen, self.lost = [0] * rows, 0, [0] * rows  # lost: where a row departed (resync's `after`)
 
     def count(self, offered: int, kept: int) -> None:
         """A verified step's tally: offered proposals, kept of them."""
@@ -918,8 +925,8 @@ class Prediction:
         lens [B]). Reads the tokens generated since its last call to the host, and the rows' last max_ngram tokens
         (two small copies a step)."""
         B = idx.size(0)
-        if self.at is None:  # (not begun: its ids are taken as they are)
-            self.at, self.seen, self.lost = [0] * B, 0, [0] * B  # lost: where a row departed (resync's `after`)
+        if self.at is None:  # (not begun: its ids taken as they are)
+            self.begin(B)
         new = idx[:, start + self.seen:].tolist()
         self.seen = idx.size(1) - start
         P = self.ids
@@ -1105,7 +1112,7 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
     p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start,
                                             live=no_row, **warp) for j in range(k + 1)], dim=1)
     if warp.get("allowed_token_ids") or warp.get("bad_words"):  # the first position is always drawn from: a live row
-        allow_and_ban(p_logits[:, 0], live=~done)  # left nothing there is allow_and_ban's error, not token 0
+        check_drawable(p_logits[:, 0], ~done)  # left nothing there is an error, not token 0
     if lens is not None:
         n, nxt = accept_lookup(p_logits, text[:, L:], lens, greedy, generator)
     else:

@@ -23,7 +23,6 @@ model), a reward model's its reward of the chat [user: text_1, assistant: text_2
 The other runner's routes are not there (404s), as vLLM registers only its runner's (api_server.build_app).
 """
 import base64
-import json
 import threading
 import time
 import uuid
@@ -61,12 +60,9 @@ def pooler_config(text: str | None, kind: str) -> dict:
     config = {"pooling_type": "LAST", "normalize": kind == "embed"}
     if text is None:
         return config
-    try:
-        given = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--pooler-config is not valid JSON ({e}): e.g. '{{\"pooling_type\": \"MEAN\"}}'") from None
-    if not isinstance(given, dict):
-        raise UserError(f"--pooler-config must be a JSON object, got {type(given).__name__}")
+    from tritongpt.train.serve import json_object_flag
+
+    given = json_object_flag(text, "--pooler-config")
     for key, value in given.items():
         if key not in config:
             raise UserError(f"--pooler-config: unknown key {key!r} (this server takes pooling_type and normalize)")

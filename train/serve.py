@@ -614,6 +614,20 @@ def stream_options(options, stream: bool) -> tuple:
     return got["include_usage"], got["include_usage"] and got["continuous_usage_stats"]
 
 
+@contextmanager
+def ended_if_failed(timing, n: int):
+    """A request's clock (metrics.request()) ended for its n choices where the block fails: "abort" where the client
+    left or stopped reading (draw()'s reasons), "error" otherwise; the exception raised again."""
+    try:
+        yield
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        timing.end(["abort"] * n)
+        raise
+    except Exception:
+        timing.end(["error"] * n)
+        raise
+
+
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
     """OpenAI's usage object."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -1354,7 +1368,7 @@ class Model:
                                      repetition_penalty=s["repetition_penalty"], kv_cache_dtype=self.kv_cache_dtype,
                                      on_step=step)
             return out.tolist()
-        try:
+        with ended_if_failed(timing, s["n"]):
             if self.engine is not None:
                 rows = self.engine.call(run)
             else:
@@ -1372,12 +1386,6 @@ class Model:
                 if spent is not None and "thought" in spent:
                     spent["thought"][i] = thought_tokens(row[len(ids):len(ids) + count], s["wake"])
                 choices.append((text, finish, count, None, reason))
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
-            timing.end(["abort"] * s["n"])
-            raise
-        except Exception:
-            timing.end(["error"] * s["n"])
-            raise
         timing.tokens()  # (the beams come at once: their first token is their last)
         timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices))
         return choices
@@ -1973,14 +1981,8 @@ class Completion:
         # (on_prompt, called by draw() before any token: one prefill a request); without it, one forward here
         in_prefill = s["score_k"] is not None and self.app.engine is not None
         scored = {"echo": None, "prompt": None}
-        try:
+        with ended_if_failed(timing, s["n"]):
             self.begin(p, in_prefill, scored, timing)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # (draw()'s reasons)
-            timing.end(["abort"] * s["n"])
-            raise
-        except Exception:
-            timing.end(["error"] * s["n"])
-            raise
         drawn = self.draw(p, timing, in_prefill, scored)
         return self.choices(p, drawn, scored), len(self.prompts[p]), sum(c[2] for c in drawn), scored["prompt"]
 
@@ -2321,6 +2323,18 @@ def load_adapters(model, modules: dict, max_rank: int | None, served: str | None
     serve_adapters(model, {name: read_adapter(path, model) for name, path in modules.items()}, max_rank or 16)
 
 
+def json_object_flag(text: str, flag: str) -> dict:
+    """A flag's JSON object (vLLM's JSON flags: --speculative-config, --override-generation-config, --pooler-config),
+    refused by the flag's name where the text is not one."""
+    try:
+        got = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{flag} must be a JSON object, got {text!r} ({e})") from None
+    if not isinstance(got, dict):
+        raise UserError(f"{flag} must be a JSON object, got {text!r}")
+    return got
+
+
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -2329,12 +2343,7 @@ def override_generation_config(text) -> dict:
     from it; another key is refused here rather than silently dropped)."""
     if text is None:
         return {}
-    try:
-        got = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--override-generation-config must be a JSON object, got {text!r} ({e})") from None
-    if not isinstance(got, dict):
-        raise UserError(f"--override-generation-config must be a JSON object, got {text!r}")
+    got = json_object_flag(text, "--override-generation-config")
     unknown = [key for key in got if key not in GENERATION_KEYS]
     if unknown:
         raise UserError(f"--override-generation-config: '{unknown[0]}' is not taken (it sets "
@@ -2407,12 +2416,7 @@ def speculative_config(text, max_batch: int) -> dict:
     methods and keys are refused by name. The batching engine speculates: --max-batch 1 (no engine) is refused."""
     if text is None:
         return {}
-    try:
-        spec = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"--speculative-config must be a JSON object, got {text!r} ({e})") from None
-    if not isinstance(spec, dict):
-        raise UserError(f"--speculative-config must be a JSON object, got {text!r}")
+    spec = json_object_flag(text, "--speculative-config")
     method = spec.get("method")
     if method not in SPECULATIVE_KEYS:
         raise UserError(f"--speculative-config: method {method!r} is not served: only \"ngram\" (prompt lookup) and "
