@@ -6,7 +6,7 @@ memory, or ask for more shared memory than an SM has. This check catches those o
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
               and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
-              in rope.py, quant.py, lora.py and token_mask.py, quant.py's `_launch_int4` and dx ones) run on meta
+              in rope.py, quant.py, lora.py, token_mask.py and sampling.py, quant.py's `_launch_int4` and dx ones) run on meta
               tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded
               instead of launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
@@ -61,6 +61,8 @@ LORA_SHAPES = ((MLP_WIDTH, 3 * MLP_WIDTH), (MLP_WIDTH, 4 * MLP_WIDTH), (4 * MLP_
 LORA_RANK, LORA_ADAPTERS = 16, 4
 # structured outputs' grammar mask (kernels/token_mask.py): a batch of rows at GPT-2's vocabulary and Qwen's
 TOKEN_MASK_ROWS, TOKEN_MASK_VOCABS = 64, (50257, 151936)
+# sampling's fused cuts and draw (kernels/sampling.py): each set of cuts its own build (no cut; top-k; top-p; all)
+SAMPLING_CUTS = ((None, None, None), (50, None, None), (None, 0.9, None), (50, 0.9, 0.05))
 INT4_GROUPS = (128, 32)  # int4_linear: G 128 (a K step of part of a group), 32 (steps of several), the latter in bf16
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
@@ -128,8 +130,8 @@ def capture(quick=False, half="bfloat16"):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from tritongpt.kernels import (attention, cross_entropy, jsd, layernorm, lora, mlp, moe, quant, rope, swiglu,
-                                   token_mask)
+    from tritongpt.kernels import (attention, cross_entropy, jsd, layernorm, lora, mlp, moe, quant, rope, sampling,
+                                   swiglu, token_mask)
     from tritongpt.model.layers import swiglu_hidden
 
     launches, case = [], [""]
@@ -447,6 +449,18 @@ def capture(quick=False, half="bfloat16"):
                     token_mask._launch(torch.empty(TOKEN_MASK_ROWS, v, dtype=dt, **meta),
                                        torch.empty(TOKEN_MASK_ROWS, -(v // -32), dtype=torch.int32, **meta),
                                        None if rows is None else torch.empty(rows, dtype=torch.int32, **meta))
+
+        # sampling's draw with its cuts fused: each set of cuts at both vocabularies in the 16-bit dtype, all of them
+        # in fp32 too (quick: Qwen's vocabulary, 16-bit, no cut and all of them)
+        for dt in (half,) if quick else (half, torch.float32):
+            name = str(dt).replace("torch.", "")
+            for v in TOKEN_MASK_VOCABS[1:] if quick else TOKEN_MASK_VOCABS:
+                cuts = SAMPLING_CUTS[::3] if quick else SAMPLING_CUTS if dt == half else SAMPLING_CUTS[-1:]
+                for k, p, mp in cuts:
+                    case[0] = f"sampling {name} B={TOKEN_MASK_ROWS} V={v} top_k={k} top_p={p} min_p={mp}"
+                    sampling._launch(torch.empty(TOKEN_MASK_ROWS, v, dtype=dt, **meta),
+                                     torch.empty(TOKEN_MASK_ROWS, dtype=torch.float32, **meta),
+                                     torch.empty(TOKEN_MASK_ROWS, dtype=torch.int64, **meta), 0.8, k, p, mp)
     finally:
         JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
     return launches

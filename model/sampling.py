@@ -6,6 +6,11 @@ The bitmask is xgrammar's layout (`xgrammar.allocate_token_bitmask`, `GrammarMat
 int32 [rows, ceil(V / 32)], bit j of word w set = token 32 * w + j allowed; the bits past V in the last word are
 ignored. A row whose every bit is 0 gives every logit -inf (sampling from it is the caller's problem: a matcher that
 has terminated bans everything).
+
+Sampling's draw, the reference: `draw_with_uniform` takes one uniform number a row and returns the token where the
+row's cumulative probability (vocabulary order) passes it (inverse CDF), so a draw is a function of the logits and u,
+the same on either path. Its Triton twin, with the temperature and the top-k, top-p and min-p cuts fused in (without a
+sort), is `tritongpt.kernels.sampling.sample_tokens`; `train/generate.py`'s sample_next picks between them.
 """
 from typing import Optional, Sequence
 
@@ -92,9 +97,9 @@ def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
     return out
 
 
-def masks_with_triton(model) -> bool:
-    """Whether the model's token mask runs the Triton kernel: under its "cross_entropy" kernel name, the LM head's
-    logits' kernels (model/toggle.py has no name of its own for the mask)."""
+def sampling_with_triton(model) -> bool:
+    """Whether the model's token mask and sampling draw run their Triton kernels: under its "cross_entropy" kernel
+    name, the LM head's logits' kernels (model/toggle.py has no name of its own for either)."""
     return "cross_entropy" in getattr(model, "kernels", ())
 
 
@@ -106,3 +111,22 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: Op
         from tritongpt.kernels.token_mask import apply_token_bitmask_
         return apply_token_bitmask_(logits, bitmask, indices)
     return apply_token_bitmask_reference(logits, bitmask, indices)
+
+
+def draw_with_uniform(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A token for each row of logits [B, V] (cut tokens -inf), drawn from their softmax by inverse CDF at u [B] in
+    [0, 1): ids [B] int64 (draw_from_probs). In float32; float64 logits in float64 (the tests' reference)."""
+    return draw_from_probs(torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1), u)
+
+
+def draw_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: for each row of probs [B, V] (>= 0, any positive total) the first token, in vocabulary order,
+    whose cumulative sum passes u [B] x the row's total: ids [B] int64. That token always has a probability above 0;
+    where u x the total rounds up to it, the last such token. A row with nothing to draw (all 0, or NaN) gives token
+    0 (the Triton kernel's answer too)."""
+    cdf = probs.cumsum(-1)
+    V = probs.size(-1)
+    idx = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    last = V - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    drawable = cdf[:, -1] > 0  # (False for NaN)
+    return torch.where(drawable, torch.where(idx < V, idx, last), torch.zeros_like(idx))

@@ -18,7 +18,8 @@ KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel",
            "_ce_bwd_kernel", "_rope_kernel", "_grouped_kernel", "_expert_grad_kernel", "_distill_kernel",
            "_gelu_pointwise_kernel", "_gate_pointwise_kernel", "_int8_linear_kernel", "_int4_linear_kernel",
            "_int8_linear_dx_kernel", "_int4_linear_dx_kernel", "_lora_shrink_kernel", "_lora_expand_kernel",
-           "_lora_shrink_grouped_kernel", "_lora_expand_grouped_kernel", "_token_mask_kernel"}
+           "_lora_shrink_grouped_kernel", "_lora_expand_grouped_kernel", "_token_mask_kernel",
+           "_sample_kernel"}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")

@@ -10,6 +10,7 @@ from parity import loud_attention
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
+import tritongpt.train.generate as gen
 from tritongpt.train.generate import generate, held_back, sample_next, sampling_logits, step_logprobs
 
 
@@ -153,10 +154,10 @@ def test_top_p_cut_is_exact_over_thousands_of_tokens(monkeypatch):
     the boundary fell within fp32's rounding of a sum of thousands of probabilities (a row in
     five at GPT-2's vocabulary, random logits). One token of logit L and N of logit 0, top_p
     1e-10 either side of the mass of the first m + 1 of them: exactly m + 2 or m + 1 are kept."""
-    kept, real = [], torch.multinomial
-    # the distribution sample_next draws from: what it hands to multinomial
-    monkeypatch.setattr(torch, "multinomial", lambda probs, **kw: kept.append(int((probs > 0).sum()))
-                        or real(probs, **kw))
+    kept, real = [], gen.draw_with_uniform
+    # the distribution sample_next draws from: what it hands to the draw
+    monkeypatch.setattr(gen, "draw_with_uniform", lambda logits, u: kept.append(int((logits > float("-inf")).sum()))
+                        or real(logits, u))
     for N, L, m, side in ((1000, 2.0, 500, -1), (4000, 0.0, 3000, 1), (4000, 0.0, 3000, -1)):
         logits = torch.zeros(1, N + 1)
         logits[0, 0] = L
@@ -165,7 +166,7 @@ def test_top_p_cut_is_exact_over_thousands_of_tokens(monkeypatch):
         kept.clear()
         sample_next(logits, 1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
         assert kept == [m + 2 if side > 0 else m + 1], (N, L, m, side, kept)
-    # a top_p below fp32's smallest number was 0 there: every token dropped, and multinomial failed on nan
+    # a top_p below fp32's smallest number was 0 there: every token dropped, and the draw failed on nan
     for top_p in (1e-46, 5e-324):
         assert sample_next(torch.tensor([[0.0, 2.0, 1.0]]), 1.0, top_p=top_p).item() == 1
 
@@ -268,9 +269,10 @@ def test_top_p_zero_is_refused_and_one_means_no_filter(model):
     assert generate(model, idx, 2, temperature=1.0, top_p=1.0).shape == (1, 4)
     # no filter at all: a token of probability e^-40 ~ 4e-18, below float64's rounding of the mass
     # above it (exactly 1.0 = top_p), keeps its probability (a cut at top_p = 1 gave it 0)
-    handed, real = [], torch.multinomial
+    handed, real = [], gen.draw_with_uniform
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "multinomial", lambda probs, **kw: handed.append(probs) or real(probs, **kw))
+        mp.setattr(gen, "draw_with_uniform",
+                   lambda logits, u: handed.append(torch.softmax(logits, -1)) or real(logits, u))
         sample_next(torch.tensor([[0.0, -40.0]]), 1.0, top_p=1.0)
     assert handed[0][0, 1].item() == pytest.approx(math.exp(-40.0), rel=1e-4, abs=0), handed
 
@@ -295,8 +297,9 @@ def test_sampling_reads_fp32_probabilities_from_bf16_logits(monkeypatch):
     they are scaled by the temperature and normalised in fp32, so the distribution drawn from is
     softmax(logits / T) to fp32's precision (in bf16, the shift, the division and softmax each
     round to 8 bits: probabilities off by ~1e-3)."""
-    handed, real = [], torch.multinomial
-    monkeypatch.setattr(torch, "multinomial", lambda probs, **kw: handed.append(probs) or real(probs, **kw))
+    handed, real = [], gen.draw_with_uniform
+    monkeypatch.setattr(gen, "draw_with_uniform",
+                        lambda logits, u: handed.append(torch.softmax(logits, -1)) or real(logits, u))
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(4, 300, generator=g) * 3).bfloat16()
     for temperature in (0.7, 1.3):

@@ -45,7 +45,7 @@ def setup(o, seed=0, student_seed=1, max_len=16):
 
 def decode(model, prompts, budget, temperature, generator):
     """What OnPolicy's answers must be, written apart from generate(): a whole forward a token (no cache), the
-    tokenizer's ids only, greedy or one multinomial draw a step for the rows together (as generate draws),
+    tokenizer's ids only, greedy or one inverse-CDF draw a step for the rows together (as generate draws),
     finished rows going on with END until all are."""
     x, done = prompts.clone(), torch.zeros(len(prompts), dtype=torch.bool)
     was = model.training
@@ -56,7 +56,9 @@ def decode(model, prompts, budget, temperature, generator):
                 nxt = logits.argmax(-1)
             else:
                 probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, -1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                # inverse CDF at one uniform a row: the first token whose cumulative probability passes it
+                u = torch.rand(len(x), generator=generator)
+                nxt = (probs.cumsum(-1) <= (u * probs.sum(-1))[:, None]).sum(-1).clamp(max=V - 1)
             nxt = torch.where(done, END, nxt)
             done |= nxt == END
             x = torch.cat([x, nxt[:, None]], 1)
@@ -102,7 +104,7 @@ def test_lmbda_one_answers_every_batch_with_the_students_samples_from_the_seeded
     student.new_cache = lambda *a: caches.append(a) or new_cache(*a)  # generation goes through the KV cache
     g = torch.Generator().manual_seed(op.seed)
     lengths = set()
-    for _ in range(4):
+    for _ in range(9):  # (enough batches for an answer the END ends)
         batch = op.get_batch("train")
         assert op.source() == "student" and student.training  # given back in train mode
         torch.rand((), generator=g)  # the lmbda draw comes first, from the same generator as the samples

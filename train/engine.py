@@ -26,7 +26,7 @@ import torch
 
 from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
-from tritongpt.model.sampling import masks_with_triton
+from tritongpt.model.sampling import sampling_with_triton
 from tritongpt.train.generate import (DecodeGraph, Prediction, PromptLookup, _draw, check_cache_dtype, check_draft,
                                      check_graphable, check_logprobs, check_sampling, decode_step, draft_width,
                                      end_rule, hidden_and_head, last_logits, new_cache, sampling_logits,
@@ -435,7 +435,7 @@ class Engine:
         self._adapter_slot(adapter)  # (refused now by name; its slot and salt taken below, under the cond)
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         if guide is not None:
-            guide.begin(idx.size(0), ends, vocab_limit or vocab, masks_with_triton(self.model))
+            guide.begin(idx.size(0), ends, vocab_limit or vocab, sampling_with_triton(self.model))
         if prediction is not None:  # (its ids checked here: in the batch's forward they would fail them all)
             prediction.begin(idx.size(0), vocab)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
@@ -693,7 +693,7 @@ class Engine:
                 else:
                     r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
                                                          r.eos_id, r.generator, r.put_token, r.stop, r.logprobs,
-                                                         r.ends, r.hold, r.guide)
+                                                         r.ends, r.hold, r.guide, sampling_with_triton(self.model))
                 if r.eos_id is not None:  # (without an EOS a done row draws on: its tokens are still returned)
                     r.ended = ended
             except Exception as e:  # this request's settings or stop rule: it alone fails
@@ -1130,7 +1130,7 @@ class Engine:
             r.guide.took()
         try:
             out = apply_token_bitmask(out, bitmask.to(out.device, non_blocking=True), slots,
-                                      triton=masks_with_triton(self.model))
+                                      triton=sampling_with_triton(self.model))
         except Exception as e:  # (the guided requests alone fail, as in their own decode_step; the others draw on)
             for r in guided:
                 del logits[r]

@@ -28,7 +28,7 @@ import torch
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
 from tritongpt.model.layers import KV_CACHE_DTYPES
-from tritongpt.model.sampling import masks_with_triton
+from tritongpt.model.sampling import draw_from_probs, draw_with_uniform, sampling_with_triton
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -173,20 +173,30 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                 presence_penalty: float | None = None, no_repeat_ngram_size: int | None = None, generated_from=None,
                 live=None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
                 eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None,
-                allowed_token_ids=None, bad_words=None):
-    """Pick one token per row from logits [B, V]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
+                allowed_token_ids=None, bad_words=None, triton: bool = False):
+    """Pick one token per row from logits [B, V]: [B, 1]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
     repetition_penalty and no_repeat_ngram_size apply to; those from column generated_from on (an int or a [B]
-    tensor), the generated ones, are what frequency_penalty and presence_penalty count."""
-    logits = sampling_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, seen,
-                             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                             no_repeat_ngram_size=no_repeat_ngram_size, generated_from=generated_from, live=live,
-                             typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
-                             top_n_sigma=top_n_sigma, logit_bias=logit_bias,
-                             allowed_token_ids=allowed_token_ids, bad_words=bad_words)
-    if temperature < torch.finfo(torch.float32).tiny:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    tensor), the generated ones, are what frequency_penalty and presence_penalty count.
+    A sample is drawn by inverse CDF from one uniform number a row (the generator's torch.rand), so both paths draw
+    the same token from the same logits and seed: triton=False sampling_logits then draw_with_uniform; triton=True
+    the Triton kernel (kernels/sampling.py) with the temperature, top_k, top_p and min_p cuts fused into the draw (no
+    sort of the vocabulary; the biases and penalties before it stay torch's, and with typical_p, epsilon_cutoff,
+    eta_cutoff or top_n_sigma the whole of sampling_logits runs first and the kernel only draws)."""
+    settings = dict(repetition_penalty=repetition_penalty, seen=seen, frequency_penalty=frequency_penalty,
+                    presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                    generated_from=generated_from, live=live, logit_bias=logit_bias,
+                    allowed_token_ids=allowed_token_ids, bad_words=bad_words)
+    greedy = temperature < torch.finfo(torch.float32).tiny
+    if triton and not greedy and not (typical_p or epsilon_cutoff or eta_cutoff or top_n_sigma):
+        check_sampling(temperature, top_k, top_p, min_p=min_p)
+        # biased and penalized only (greedy's logits): the kernel tempers, cuts and draws
+        logits = sampling_logits(logits, **settings)
+        u = torch.rand(logits.size(0), generator=generator, device=logits.device)
+        from tritongpt.kernels.sampling import sample_tokens
+        return sample_tokens(logits, u, temperature, None if top_k is None else int(top_k), top_p, min_p)[:, None]
+    logits = sampling_logits(logits, temperature, top_k, top_p, min_p, typical_p=typical_p,
+                             epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma, **settings)
+    return _draw(logits, greedy, generator, triton)
 
 
 def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -437,7 +447,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         if (draft is not None or prompt_lookup is not None) and no_repeat_ngram_size:
             raise UserError("structured outputs with a draft or prompt_lookup do not take no_repeat_ngram_size (a "
                             "grammar's text repeats its own n-grams: without a draft it yields to the grammar)")
-        guide.begin(idx.size(0), ends, vocab, masks_with_triton(model))
+        guide.begin(idx.size(0), ends, vocab, sampling_with_triton(model))
     if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)
         raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
     if cuda_graph and (draft is not None or prompt_lookup is not None or not use_cache):
@@ -681,14 +691,14 @@ def _generate(model, idx, max_new_tokens, warp: dict, eos_id, use_cache, generat
                 logits = model(idx[:, fed:], cache)
                 fed = idx.size(1)
         idx, finished, _ = decode_step(logits[:, -1, :vocab_limit], idx, start, done, warp, eos_id, generator,
-                                       on_token, stop, logprobs, ends, hold, guide)
+                                       on_token, stop, logprobs, ends, hold, guide, sampling_with_triton(model))
         if finished:
             break
     return idx
 
 
 def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on_token, stop, logprobs=None, ends=None,
-                hold=None, guide=None):
+                hold=None, guide=None, triton: bool = False):
     """One step of decoding after the forward, shared by _generate and the serving engine (train/engine.py), which
     runs it on each request's rows of a batched forward: a token for each row of idx [B, T] drawn from logits [B, V]
     (sample_next with warp, the penalties counting from column start), a row done [B] (updated in place) padded
@@ -702,7 +712,7 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
     (vLLM's: its grammar bitmask is applied before the sampler); where min_tokens would then leave a row nothing
     (its grammar at its end: only end tokens allowed), the grammar wins, as where no_repeat_ngram_size would ban
     every token it allows. The drawn tokens then advance the grammars (one more read of the step's tokens on the
-    host)."""
+    host). triton: sample_next's (the model's sampling_with_triton)."""
     if guide is not None:
         logits = guide.mask(logits)
     drawn = logits
@@ -715,7 +725,7 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
         banned = ban_repeated_ngrams(drawn, idx, warp["no_repeat_ngram_size"], ~done, strict=False)
         drawn = torch.where((banned == float("-inf")).all(-1, keepdim=True), drawn, banned)
         warp = {**warp, "no_repeat_ngram_size": None}
-    nxt = sample_next(drawn, generator=generator, seen=idx, generated_from=start, live=~done, **warp)
+    nxt = sample_next(drawn, generator=generator, seen=idx, generated_from=start, live=~done, triton=triton, **warp)
     if logprobs is not None and on_token is not None:
         on_token = (lambda f: lambda new: f(new, step_logprobs(logits, new, logprobs)))(on_token)
     idx, finished, ended = append_token(idx, nxt, done, eos_id, on_token, stop, ends)
@@ -812,11 +822,17 @@ def _feed(model, cache, ids, keep: int = 1):
     return last_logits(model, ids[:, cache.pos:], cache, keep)
 
 
-def _draw(logits, greedy: bool, generator):
-    """sample_next's draw from sampling_logits' logits [B, V]: [B, 1]."""
+def _draw(logits, greedy: bool, generator, triton: bool = False):
+    """sample_next's draw from sampling_logits' logits [B, V]: [B, 1]. A sample: one uniform a row from the
+    generator, then draw_with_uniform, or (triton) the Triton kernel's draw, which cuts nothing more at temperature 1
+    (sampling_logits' logits are already tempered)."""
     if greedy:
         return logits.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    u = torch.rand(logits.size(0), generator=generator, device=logits.device)
+    if triton:
+        from tritongpt.kernels.sampling import sample_tokens
+        return sample_tokens(logits, u, 1.0)[:, None]
+    return draw_with_uniform(logits, u)[:, None]
 
 
 def accept_drafts(p_logits, q_logits, drafted, greedy: bool, generator=None):
@@ -846,7 +862,7 @@ def accept_drafts(p_logits, q_logits, drafted, greedy: bool, generator=None):
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p[:, :k])
     # row b draws from its residual at n[b] where it refused a token, from p after the last when it kept all
     dist = torch.cat([residual, p[:, k:]], dim=1)[torch.arange(p.size(0), device=p.device), n]
-    return n, torch.multinomial(dist, num_samples=1, generator=generator)
+    return n, draw_from_probs(dist, torch.rand(dist.size(0), generator=generator, device=dist.device))[:, None]
 
 
 class PromptLookup:

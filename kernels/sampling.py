@@ -1,0 +1,201 @@
+"""Sampling's last step in one Triton kernel: temperature, top-k, top-p and min-p cut the logits and a token is drawn
+by inverse CDF from one uniform number a row, without sorting the vocabulary. Reference: `sampling_logits` (the cuts,
+train/generate.py) then `tritongpt.model.sampling.draw_with_uniform` (the draw); `sample_next(..., triton=True)` picks
+this kernel.
+
+Why no sort: every cut keeps an upper set of the row's logits (the top k; the likeliest tokens whose mass above them
+is under top_p; those at least min_p times the likeliest), so each is one threshold on the logit, found by a radix
+select instead of torch's sort of the whole row. A logit's fp32 bits are turned into a 32-bit key that orders as the
+logits do; eight passes over the row each fix four more bits of the threshold key: the k-th largest key for top-k
+(from each 4-bit digit's count of tokens), then the smallest kept key for top-p (from each digit's mass: the lowest
+digit whose mass above stays under top_p x the row's mass among the top-k). min-p is exp((logit - max) / T) >= min_p.
+The last pass draws: the kept tokens' weights in vocabulary order, a running cumulative sum over the blocks, and the
+first token whose sum passes u x their total (the reference's inverse CDF, the same token for the same u up to the
+sums' rounding; ties at a threshold are all kept, as the reference's top-k keeps them).
+
+One program a row (ROWS under the interpreter, which pays per program): nothing but a few scalars is kept between
+passes, the row is read again by each (from L2 on a GPU: 200 KB at GPT-2's vocabulary): 2 + 8 (top-k) + 8 (top-p)
+passes. The weights are recomputed in every pass rather than stored.
+
+Public API: `sample_tokens(logits, u, temperature, top_k=None, top_p=None, min_p=None) -> ids [B] int64`.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt._env import triton_interpreting
+from tritongpt.errors import UserError
+from tritongpt.kernels._common import cdiv, check_runnable, next_pow2, on_tensor_device
+
+DIGITS = 16  # a radix pass decides 4 bits of the threshold key: 8 passes for 32
+
+
+@triton.jit
+def _keys(x):
+    """fp32 logits -> int64 keys in [0, 2^32) that order as the logits do (a negative float's magnitude bits
+    flipped, then the sign bit's offset taken away)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _sample_kernel(Logits, U, Out, n_rows, V, stride, temperature, top_k, top_p, min_p, TOP_K: tl.constexpr,
+                   TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    offs0 = tl.arange(0, BLOCK)
+    digit = tl.arange(0, 16)
+    for i in range(ROWS):
+        r = tl.program_id(0) * ROWS + i
+        if r < n_rows:
+            base = Logits + r.to(tl.int64) * stride
+            # pass 1: the row's max (the reference subtracts it before dividing by T)
+            mx = tl.full((), float("-inf"), tl.float32)
+            for start in range(0, V, BLOCK):
+                offs = start + offs0
+                x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                mx = tl.maximum(mx, tl.max(x, 0))
+            # top-k: the k-th largest key, four bits a pass from the top; kth stays 0 (every key) without it
+            kth = tl.full((), 0, tl.int64)
+            if TOP_K:
+                need = tl.full((), 0, tl.int32) + top_k  # how many keys at or above the threshold are still wanted
+                for level in range(8):
+                    shift = 28 - 4 * level
+                    count = tl.zeros((16,), tl.int32)
+                    for start in range(0, V, BLOCK):
+                        offs = start + offs0
+                        key = _keys(tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32))
+                        # the digits fixed so far match (at level 0 a shift by 32 of a key below 2^32: all do)
+                        inside = (offs < V) & ((key >> (shift + 4)) == (kth >> (shift + 4)))
+                        d = ((key >> shift) & 15).to(tl.int32)
+                        hit = (d[:, None] == digit[None, :]) & inside[:, None]
+                        count += tl.sum(hit.to(tl.int32), 0)
+                    above = tl.sum(count, 0) - tl.cumsum(count, 0)  # keys in higher digits
+                    pick = (above < need) & (above + count >= need)
+                    best = tl.max(tl.where(pick, digit, -1), 0)
+                    need -= tl.sum(tl.where(digit == best, above, 0), 0)
+                    kth = kth | (best.to(tl.int64) << shift)
+            # top-p: the smallest key whose mass above (among the top-k) is under top_p x their mass
+            pth = tl.full((), 0, tl.int64)
+            if TOP_P:
+                mass = tl.zeros((BLOCK,), tl.float32)
+                for start in range(0, V, BLOCK):
+                    offs = start + offs0
+                    x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                    w = tl.exp((x - mx) / temperature)
+                    mass += tl.where((offs < V) & (_keys(x) >= kth), w, 0.0)
+                limit = top_p * tl.sum(mass, 0)
+                above_all = tl.full((), 0.0, tl.float32)  # the mass of keys above the prefix fixed so far
+                for level in range(8):
+                    shift = 28 - 4 * level
+                    part = tl.zeros((16,), tl.float32)
+                    for start in range(0, V, BLOCK):
+                        offs = start + offs0
+                        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                        key = _keys(x)
+                        w = tl.exp((x - mx) / temperature)
+                        inside = (offs < V) & (key >= kth) & ((key >> (shift + 4)) == (pth >> (shift + 4)))
+                        d = ((key >> shift) & 15).to(tl.int32)
+                        hit = (d[:, None] == digit[None, :]) & inside[:, None]
+                        part += tl.sum(tl.where(hit, w[:, None], 0.0), 0)
+                    above = above_all + (tl.sum(part, 0) - tl.cumsum(part, 0))
+                    # the lowest digit whose mass above is under the limit (an empty digit below the last kept
+                    # token's is the same cut: no key lies between them)
+                    best = tl.min(tl.where(above < limit, digit, 16), 0)
+                    above_all = tl.sum(tl.where(digit == best, above, 0.0), 0)
+                    pth = pth | (best.to(tl.int64) << shift)
+            # the draw: the first token (vocabulary order) whose running sum of kept weights passes u x their total
+            cut = tl.maximum(kth, pth)
+            target = tl.load(U + r)
+            total = tl.full((), 0.0, tl.float32)
+            for start in range(0, V, BLOCK):
+                offs = start + offs0
+                x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                w = tl.exp((x - mx) / temperature)
+                keep = (offs < V) & (_keys(x) >= cut)
+                if MIN_P:
+                    keep = keep & (w >= min_p)
+                total += tl.sum(tl.where(keep, w, 0.0), 0)
+            target = target * total
+            run = tl.full((), 0.0, tl.float32)
+            found = tl.full((), 0, tl.int32) + V
+            last = tl.full((), 0, tl.int32)  # the last kept token: u x total rounded up to the total lands there
+            for start in range(0, V, BLOCK):
+                offs = start + offs0
+                x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                w = tl.exp((x - mx) / temperature)
+                keep = (offs < V) & (_keys(x) >= cut)
+                if MIN_P:
+                    keep = keep & (w >= min_p)
+                w = tl.where(keep, w, 0.0)
+                past = (run + tl.cumsum(w, 0) > target) & (w > 0)
+                found = tl.minimum(found, tl.min(tl.where(past, offs, V), 0))
+                last = tl.maximum(last, tl.max(tl.where(w > 0, offs, 0), 0))
+                run += tl.sum(w, 0)
+            tl.store(Out + r, tl.where(found < V, found, last).to(tl.int64))
+
+
+def _tiles(V: int) -> tuple:
+    """(BLOCK, ROWS, num_warps): one block of the row at a time (the radix passes hold a [BLOCK, 16] tile);
+    the interpreter takes a small row whole and four rows a program."""
+    if triton_interpreting():
+        return min(next_pow2(V), 4096), 4, 4
+    return 1024, 1, 8
+
+
+# (bench/compile_check.py calls this on meta tensors to compile the exact launch for sm_90.)
+@on_tensor_device
+def _launch(logits, u, out, temperature: float, top_k: Optional[int], top_p: Optional[float],
+            min_p: Optional[float]):
+    """The kernel on checked arguments: out [B] int64 written."""
+    B, V = logits.shape
+    if B == 0:
+        return
+    block, rows, warps = _tiles(V)
+    use_k = top_k is not None and top_k < V
+    use_p = top_p is not None and top_p < 1.0
+    _sample_kernel[(cdiv(B, rows),)](
+        logits, u, out, B, V, logits.stride(0), float(temperature), int(top_k) if use_k else 0,
+        float(top_p) if use_p else 1.0, float(min_p or 0.0), TOP_K=use_k, TOP_P=use_p, MIN_P=bool(min_p),
+        ROWS=rows, BLOCK=block, num_warps=warps)
+
+
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+    """A token id for each row of logits [B, V] (float32 / bfloat16 / float16, unit stride on V), drawn from
+    softmax((logits - max) / temperature) cut to its top_k tokens, then to the likeliest whose mass above them is
+    under top_p, then to those at least min_p times the likeliest (sampling_logits' order), by inverse CDF at
+    u [B] (float32 in [0, 1), on logits' device): ids [B] int64. temperature > 0 (greedy is an argmax, not this).
+    A row with nothing to draw (every logit -inf) gives token 0."""
+    who = "sample_tokens"
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise UserError(f"{who}: logits must be a 2-D tensor [B, V], got "
+                        f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UserError(f"{who}: logits has dtype {str(logits.dtype).replace('torch.', '')}; expected float32, "
+                        "bfloat16 or float16")
+    B, V = logits.shape
+    if V == 0 or V >= 2**31:
+        raise UserError(f"{who}: logits has {V} tokens a row; the kernel takes 1 to 2^31 - 1")
+    if V > 1 and logits.stride(1) != 1:
+        raise UserError(f"{who}: logits must have unit stride on its last dim, got strides {logits.stride()}")
+    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or tuple(u.shape) != (B,):
+        raise UserError(f"{who}: u must be a float32 tensor of shape ({B},), one uniform a row, got "
+                        f"{(u.dtype, tuple(u.shape)) if isinstance(u, torch.Tensor) else type(u).__name__}")
+    if u.device != logits.device:
+        raise UserError(f"{who}: u is on {u.device}, logits on {logits.device}: both on one device")
+    if not temperature > 0 or temperature != temperature or temperature == float("inf"):
+        raise UserError(f"{who}: temperature must be a finite number > 0 (greedy is an argmax), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise UserError(f"{who}: top_k must be an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"{who}: top_p must be in (0, 1], got {top_p!r}")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise UserError(f"{who}: min_p must be in [0, 1], got {min_p!r}")
+    try:
+        check_runnable(logits, "logits")
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{who}: {e}") from None
+    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    _launch(logits, u.contiguous(), out, temperature, top_k, top_p, min_p)
+    return out

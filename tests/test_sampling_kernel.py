@@ -1,0 +1,145 @@
+"""Sampling's fused cuts and draw: kernels/sampling.py's sample_tokens (Triton) against a float64 reference written
+here (the cuts by a sort, the draw by inverse CDF); sample_next's two paths drawing the same tokens from one seed;
+generate() on the Triton path running the kernel and drawing the reference path's tokens; every refusal."""
+import pytest
+import torch
+
+import tritongpt.kernels.sampling as ks
+from tritongpt.errors import UserError
+from tritongpt.kernels.sampling import sample_tokens
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.model.sampling import draw_from_probs
+from tritongpt.train.generate import generate, sample_next
+
+
+def reference(logits, u, temperature, top_k=None, top_p=None, min_p=None):
+    """float64: softmax((logits - max) / T) cut to the top k (ties kept), to the tokens whose mass above them (sorted,
+    among the top k) is under top_p, to those at least min_p x the likeliest; then the inverse CDF at u."""
+    z = logits.double()
+    z = (z - z.amax(-1, keepdim=True)) / temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if top_k is not None:
+        keep &= z >= torch.topk(z, min(top_k, z.size(-1))).values[:, -1:]
+    if top_p is not None:
+        probs = torch.softmax(z.masked_fill(~keep, float("-inf")), -1)
+        sorted_p, order = torch.sort(probs, descending=True)
+        above = sorted_p.cumsum(-1) - sorted_p
+        keep &= torch.zeros_like(keep).scatter(-1, order, above < top_p)
+    if min_p is not None:
+        probs = torch.softmax(z.masked_fill(~keep, float("-inf")), -1)
+        keep &= probs >= min_p * probs.amax(-1, keepdim=True)
+    return draw_from_probs(torch.exp(z).masked_fill(~keep, 0.0), u)
+
+
+CASES = [  # (rows, V, temperature, top_k, top_p, min_p, dtype)
+    (6, 300, 0.8, None, None, None, torch.float32),
+    (5, 1000, 1.0, 17, None, None, torch.float32),
+    (6, 777, 0.7, None, 0.9, None, torch.float32),
+    (8, 513, 1.3, 40, 0.8, 0.05, torch.float32),
+    (4, 2001, 1.0, None, None, 0.1, torch.bfloat16),
+    (4, 650, 0.9, 100, 0.95, None, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,V,T,k,p,mp,dtype", CASES)
+def test_the_kernel_draws_the_float64_references_token(B, V, T, k, p, mp, dtype):
+    """Fresh random logits (a scale of 3: a few tokens hold most of the mass, as a model's do) and uniforms: every row
+    draws the float64 reference's token (its sums' rounding could move a draw only where u falls within ~1e-6 of a
+    token's edge)."""
+    g = torch.Generator().manual_seed(V)
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    u = torch.rand(B, generator=g)
+    got = sample_tokens(logits, u, T, k, p, mp)
+    assert got.dtype == torch.int64 and got.shape == (B,)
+    assert got.tolist() == reference(logits.float(), u, T, k, p, mp).tolist()
+
+
+def test_blocks_of_a_long_row_carry_the_counts_masses_and_running_sum(monkeypatch):
+    """A row read in several blocks (64 at a time over 250 tokens, the last block part-full, as a GPU's 1,024 over
+    50,257): the radix passes' counts and masses and the draw's running sum carry across blocks, each row its own
+    (one row's logits at two uniforms, another's at two more)."""
+    monkeypatch.setattr(ks, "_tiles", lambda V: (64, 4, 4))
+    g = torch.Generator().manual_seed(1)
+    for cut in (dict(top_k=90), dict(top_p=0.7), dict(top_k=200, top_p=0.9, min_p=0.02)):
+        rows = (torch.randn(2, 250, generator=g) * 2).repeat_interleave(2, 0)
+        u = torch.rand(4, generator=g)
+        got = sample_tokens(rows, u, 1.1, **cut)
+        assert got.tolist() == reference(rows, u, 1.1, **cut).tolist(), cut
+
+
+def test_ties_at_the_cut_are_kept_and_cut_or_masked_tokens_never_drawn():
+    """Top-k keeps every token tied with the k-th (the reference's `logits < kth` too); a -inf token (a grammar's or
+    a bad word's) is never drawn; u = 0 draws the first kept token, u just under 1 the last; a row of -inf only
+    draws token 0 (draw_from_probs' answer too). Each sweep of u is finer than the least kept token's mass."""
+    row = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.5, float("-inf"), 3.0, 2.0, -1.0])
+    sweep = lambda n: (torch.arange(n) + 0.5) / n  # noqa: E731
+    kept = sample_tokens(row.expand(12, -1).contiguous(), sweep(12), 1.0, top_k=3).tolist()
+    assert set(kept) == {1, 2, 3, 4, 7, 8}, kept  # the two 3.0s and all four 2.0s tied at the third
+    edges = sample_tokens(row.expand(2, -1).contiguous(), torch.tensor([0.0, 1 - 2**-24]), 1.0, top_k=3).tolist()
+    assert edges == [1, 8]
+    many = sample_tokens(row.expand(20, -1).contiguous(), sweep(20), 5.0)
+    assert set(many.tolist()) == set(range(10)) - {6}, many
+    assert many.tolist() == reference(row.expand(20, -1), sweep(20), 5.0).tolist()
+    empty = torch.full((2, 10), float("-inf"))
+    assert sample_tokens(empty, torch.rand(2), 1.0, top_p=0.5).tolist() == [0, 0]
+
+
+def test_top_p_weighs_the_mass_of_the_top_k_alone():
+    """Top-p after top-k renormalises over the k kept (the reference's order): on a nearly flat row of 120 tokens the
+    top 10 hold a twelfth of the mass, so top_p 0.5 keeps about 5 of them, not all 10 (a cut against the whole row's
+    mass). A sweep of u finer than a kept token's mass draws each kept token, as the reference."""
+    g = torch.Generator().manual_seed(4)
+    row = torch.randn(1, 120, generator=g) * 0.05
+    u = (torch.arange(16) + 0.5) / 16
+    got = sample_tokens(row.expand(16, -1).contiguous(), u, 1.0, top_k=10, top_p=0.5)
+    want = reference(row.expand(16, -1), u, 1.0, top_k=10, top_p=0.5)
+    assert got.tolist() == want.tolist() and 4 <= len(set(want.tolist())) <= 6, want
+
+
+def test_sample_next_draws_the_same_tokens_on_both_paths():
+    """One seed, the same logits: the Triton path's fused cuts and draw give the reference path's tokens, with the
+    biases and penalties (torch's on both) before them, and where a cut it does not fuse (typical_p) runs first."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 301, generator=g) * 2
+    seen = torch.randint(0, 301, (6, 9), generator=g)
+    settings = [dict(temperature=0.9), dict(temperature=1.2, top_k=30, top_p=0.85, min_p=0.01),
+                dict(temperature=0.8, top_p=0.6, repetition_penalty=1.3, frequency_penalty=0.5, logit_bias={5: 4.0}),
+                dict(temperature=1.0, typical_p=0.7, top_k=50)]
+    for s in settings:
+        runs = [sample_next(logits, generator=torch.Generator().manual_seed(7), seen=seen, generated_from=4,
+                            triton=t, **s) for t in (False, True)]
+        assert runs[0].shape == (6, 1) and torch.equal(*runs), s
+
+
+def test_generate_on_the_triton_path_runs_the_kernel_and_draws_the_reference_paths_tokens(monkeypatch):
+    """A tiny GPT sampled with top-k and top-p from one seed: the Triton path (its head's "cross_entropy" kernels)
+    launches the sampling kernel at every step and draws the reference path's very tokens."""
+    launches, real = [], ks._launch
+    monkeypatch.setattr(ks, "_launch", lambda *a: launches.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=97, context_length=24, n_embd=32, n_layer=1, n_head=2)).eval()
+    idx = torch.randint(0, 97, (3, 5))
+    out = {}
+    for path in ("reference", "triton"):
+        model.set_kernels(path)
+        out[path] = generate(model, idx, 4, temperature=1.1, top_k=20, top_p=0.9,
+                             generator=torch.Generator().manual_seed(5))
+    assert len(launches) == 4 and launches[0] == (3, 97), launches
+    assert torch.equal(out["reference"], out["triton"])
+
+
+def test_bad_arguments_are_refused_by_name():
+    x = torch.randn(2, 50)
+    u = torch.rand(2)
+    for args, match in [((x.long(), u, 1.0), "dtype int64"), ((x[0], u, 1.0), "2-D"),
+                        ((x, u.double(), 1.0), "u must be a float32"), ((x, torch.rand(3), 1.0), r"shape \(2,\)"),
+                        ((x, u, 0.0), "temperature"), ((x, u, float("nan")), "temperature"),
+                        ((x.t().contiguous().t(), u, 1.0), "unit stride"), ((x, u, 1.0, 0), "top_k"),
+                        ((x, u, 1.0, None, 1.5), "top_p"), ((x, u, 1.0, None, None, -0.1), "min_p"),
+                        ((x[:, :0], u, 1.0), "tokens a row")]:
+        with pytest.raises(UserError, match=match):
+            sample_tokens(*args)
+    if torch.cuda.is_available():
+        with pytest.raises(UserError, match="one device"):
+            sample_tokens(x.cuda(), u, 1.0)
