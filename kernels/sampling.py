@@ -5,17 +5,23 @@ this kernel.
 
 Why no sort: every cut keeps an upper set of the row's logits (the top k; the likeliest tokens whose mass above them
 is under top_p; those at least min_p times the likeliest), so each is one threshold on the logit, found by a radix
-select instead of torch's sort of the whole row. A logit's fp32 bits are turned into a 32-bit key that orders as the
-logits do; eight passes over the row each fix four more bits of the threshold key: the k-th largest key for top-k
+select instead of torch's sort of the whole row. The tempered logit (logit - max) / T, the value the reference
+compares, is computed in fp32 as it does, and its bits turned into a 32-bit key that orders as the values do (ties
+where the reference's ties are); eight radix passes each fix four more bits of the threshold key: the k-th largest key for top-k
 (from each 4-bit digit's count of tokens), then the smallest kept key for top-p (from each digit's mass: the lowest
 digit whose mass above stays under top_p x the row's mass among the top-k). min-p is exp((logit - max) / T) >= min_p.
 The last pass draws: the kept tokens' weights in vocabulary order, a running cumulative sum over the blocks, and the
 first token whose sum passes u x their total (the reference's inverse CDF, the same token for the same u up to the
 sums' rounding; ties at a threshold are all kept, as the reference's top-k keeps them).
 
-One program a row (ROWS under the interpreter, which pays per program): nothing but a few scalars is kept between
-passes, the row is read again by each (from L2 on a GPU: 200 KB at GPT-2's vocabulary): 2 + 8 (top-k) + 8 (top-p)
-passes. The weights are recomputed in every pass rather than stored.
+One program a row (ROWS under the interpreter, which pays per program); between passes it keeps a few scalars and,
+in a scratch row of global memory, the tokens still in play: a radix pass over the whole row costs a [BLOCK, 16]
+compare a block, so only the first three of each select read the row (a key's top 12 bits are its sign, exponent and
+3 mantissa bits: after them only the tokens within an eighth of an octave of the threshold's distance from the max
+remain); those are copied out once (a prefix sum of the kept flags gives each its place) and the five other passes
+read the copy. Top-p after top-k reads only the top-k's tokens, copied. Then two light passes over the row draw. The
+weights are recomputed in each pass rather than stored. Passes over the row: 1 (max) + 4 (top-k) + 5 (top-p alone,
+or 1 after top-k) + 2 (draw).
 
 Public API: `sample_tokens(logits, u, temperature, top_k=None, top_p=None, min_p=None) -> ids [B] int64`.
 """
@@ -34,76 +40,129 @@ DIGITS = 16  # a radix pass decides 4 bits of the threshold key: 8 passes for 32
 
 @triton.jit
 def _keys(x):
-    """fp32 logits -> int64 keys in [0, 2^32) that order as the logits do (a negative float's magnitude bits
+    """fp32 values -> int64 keys in [0, 2^32) that order as the values do (a negative float's magnitude bits
     flipped, then the sign bit's offset taken away)."""
     b = x.to(tl.int32, bitcast=True)
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
 
 
 @triton.jit
-def _sample_kernel(Logits, U, Out, n_rows, V, stride, temperature, top_k, top_p, min_p, TOP_K: tl.constexpr,
-                   TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _count_level(src, n, kth, need, shift, mx, temperature, BLOCK: tl.constexpr):
+    """Top-k's radix pass over src[0:n]: the 4-bit digit at `shift` of the need-th largest key among those whose
+    higher digits are kth's (at shift 28, a shift by 32 of a key below 2^32: all), from each digit's count.
+    -> (kth with the digit set, need left within it)."""
     offs0 = tl.arange(0, BLOCK)
     digit = tl.arange(0, 16)
+    count = tl.zeros((16,), tl.int32)
+    for start in range(0, n, BLOCK):
+        offs = start + offs0
+        x = tl.load(src + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
+        key = _keys((x - mx) / temperature)
+        inside = (offs < n) & ((key >> (shift + 4)) == (kth >> (shift + 4)))
+        d = ((key >> shift) & 15).to(tl.int32)
+        count += tl.sum(((d[:, None] == digit[None, :]) & inside[:, None]).to(tl.int32), 0)
+    above = tl.sum(count, 0) - tl.cumsum(count, 0)  # keys in higher digits
+    best = tl.max(tl.where((above < need) & (above + count >= need), digit, -1), 0)
+    need -= tl.sum(tl.where(digit == best, above, 0), 0)
+    return kth | (best.to(tl.int64) << shift), need
+
+
+@triton.jit
+def _mass_level(src, n, pth, above_all, limit, shift, mx, temperature, BLOCK: tl.constexpr):
+    """Top-p's radix pass over src[0:n]: the 4-bit digit at `shift` of the smallest key whose mass above is under
+    limit, among the keys whose higher digits are pth's; above_all: the mass of the keys above those. From each
+    digit's mass: the lowest digit whose mass above is under the limit (an empty digit below the last kept token's
+    makes the same cut: no key lies between them). -> (pth with the digit set, the mass above its keys)."""
+    offs0 = tl.arange(0, BLOCK)
+    digit = tl.arange(0, 16)
+    part = tl.zeros((16,), tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + offs0
+        z = (tl.load(src + offs, mask=offs < n, other=float("-inf")).to(tl.float32) - mx) / temperature
+        key = _keys(z)
+        inside = (offs < n) & ((key >> (shift + 4)) == (pth >> (shift + 4)))
+        d = ((key >> shift) & 15).to(tl.int32)
+        hit = (d[:, None] == digit[None, :]) & inside[:, None]
+        part += tl.sum(tl.where(hit, tl.exp(z)[:, None], 0.0), 0)
+    above = above_all + (tl.sum(part, 0) - tl.cumsum(part, 0))
+    best = tl.min(tl.where(above < limit, digit, 16), 0)
+    return pth | (best.to(tl.int64) << shift), tl.sum(tl.where(digit == best, above, 0.0), 0)
+
+
+@triton.jit
+def _compact(src, n, dst, prefix, shift, lower, mx, temperature, BLOCK: tl.constexpr):
+    """dst[0:m] = the values of src[0:n], in order, whose key has prefix's bits from `shift` up (32: any) and is at
+    least lower: the few tokens the later radix passes still need, so they read m values, not the row.
+    -> (m, their mass)."""
+    offs0 = tl.arange(0, BLOCK)
+    m = tl.full((), 0, tl.int32)
+    mass = tl.full((), 0.0, tl.float32)
+    tl.debug_barrier()  # every thread done reading dst (the last passes over it) before it is written
+    for start in range(0, n, BLOCK):
+        offs = start + offs0
+        x = tl.load(src + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
+        key = _keys((x - mx) / temperature)
+        keep = (offs < n) & ((key >> shift) == (prefix >> shift)) & (key >= lower)
+        tl.store(dst + m + tl.cumsum(keep.to(tl.int32), 0) - 1, x, mask=keep)
+        m += tl.sum(keep.to(tl.int32), 0)
+        mass += tl.sum(tl.where(keep, tl.exp((x - mx) / temperature), 0.0), 0)
+    tl.debug_barrier()  # written before any thread reads it
+    return m, mass
+
+
+@triton.jit
+def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_k, top_p, min_p,
+                   TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    offs0 = tl.arange(0, BLOCK)
     for i in range(ROWS):
         r = tl.program_id(0) * ROWS + i
         if r < n_rows:
             base = Logits + r.to(tl.int64) * stride
-            # pass 1: the row's max (the reference subtracts it before dividing by T)
+            scratch = Scratch + r.to(tl.int64) * V
+            # the row's max (the reference subtracts it before dividing by T)
             mx = tl.full((), float("-inf"), tl.float32)
             for start in range(0, V, BLOCK):
                 offs = start + offs0
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
                 mx = tl.maximum(mx, tl.max(x, 0))
-            # top-k: the k-th largest key, four bits a pass from the top; kth stays 0 (every key) without it
+            # top-k: the k-th largest key, four bits a pass from the top; kth stays 0 (every key) without it. After
+            # three passes over the row only the keys sharing kth's top 12 bits are left in play: copied to the row's
+            # scratch, the five other passes read those
             kth = tl.full((), 0, tl.int64)
             if TOP_K:
                 need = tl.full((), 0, tl.int32) + top_k  # how many keys at or above the threshold are still wanted
-                for level in range(8):
-                    shift = 28 - 4 * level
-                    count = tl.zeros((16,), tl.int32)
-                    for start in range(0, V, BLOCK):
-                        offs = start + offs0
-                        key = _keys(tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32))
-                        # the digits fixed so far match (at level 0 a shift by 32 of a key below 2^32: all do)
-                        inside = (offs < V) & ((key >> (shift + 4)) == (kth >> (shift + 4)))
-                        d = ((key >> shift) & 15).to(tl.int32)
-                        hit = (d[:, None] == digit[None, :]) & inside[:, None]
-                        count += tl.sum(hit.to(tl.int32), 0)
-                    above = tl.sum(count, 0) - tl.cumsum(count, 0)  # keys in higher digits
-                    pick = (above < need) & (above + count >= need)
-                    best = tl.max(tl.where(pick, digit, -1), 0)
-                    need -= tl.sum(tl.where(digit == best, above, 0), 0)
-                    kth = kth | (best.to(tl.int64) << shift)
-            # top-p: the smallest key whose mass above (among the top-k) is under top_p x their mass
+                for level in range(3):
+                    kth, need = _count_level(base, V, kth, need, 28 - 4 * level, mx, temperature, BLOCK)
+                m, _ = _compact(base, V, scratch, kth, 20, 0, mx, temperature, BLOCK)
+                for level in range(3, 8):
+                    kth, need = _count_level(scratch, m, kth, need, 28 - 4 * level, mx, temperature, BLOCK)
+            # top-p: the smallest key whose mass above (among the top-k) is under top_p x their mass; its passes read
+            # the top-k's tokens alone (copied), or without top-k the row three times and then the keys sharing pth's
+            # top 12 bits
             pth = tl.full((), 0, tl.int64)
             if TOP_P:
-                mass = tl.zeros((BLOCK,), tl.float32)
-                for start in range(0, V, BLOCK):
-                    offs = start + offs0
-                    x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                    w = tl.exp((x - mx) / temperature)
-                    mass += tl.where((offs < V) & (_keys(x) >= kth), w, 0.0)
-                limit = top_p * tl.sum(mass, 0)
                 above_all = tl.full((), 0.0, tl.float32)  # the mass of keys above the prefix fixed so far
-                for level in range(8):
-                    shift = 28 - 4 * level
-                    part = tl.zeros((16,), tl.float32)
+                if TOP_K:
+                    m, top_mass = _compact(base, V, scratch, kth, 32, kth, mx, temperature, BLOCK)
+                    limit = top_p * top_mass
+                    for level in range(8):
+                        pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
+                                                     temperature, BLOCK)
+                else:
+                    mass = tl.zeros((BLOCK,), tl.float32)
                     for start in range(0, V, BLOCK):
                         offs = start + offs0
                         x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                        key = _keys(x)
-                        w = tl.exp((x - mx) / temperature)
-                        inside = (offs < V) & (key >= kth) & ((key >> (shift + 4)) == (pth >> (shift + 4)))
-                        d = ((key >> shift) & 15).to(tl.int32)
-                        hit = (d[:, None] == digit[None, :]) & inside[:, None]
-                        part += tl.sum(tl.where(hit, w[:, None], 0.0), 0)
-                    above = above_all + (tl.sum(part, 0) - tl.cumsum(part, 0))
-                    # the lowest digit whose mass above is under the limit (an empty digit below the last kept
-                    # token's is the same cut: no key lies between them)
-                    best = tl.min(tl.where(above < limit, digit, 16), 0)
-                    above_all = tl.sum(tl.where(digit == best, above, 0.0), 0)
-                    pth = pth | (best.to(tl.int64) << shift)
+                        mass += tl.exp((x - mx) / temperature)
+                    limit = top_p * tl.sum(mass, 0)
+                    for level in range(3):
+                        pth, above_all = _mass_level(base, V, pth, above_all, limit, 28 - 4 * level, mx, temperature,
+                                                     BLOCK)
+                    m, _ = _compact(base, V, scratch, pth, 20, 0, mx, temperature, BLOCK)
+                    for level in range(3, 8):
+                        pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
+                                                     temperature, BLOCK)
             # the draw: the first token (vocabulary order) whose running sum of kept weights passes u x their total
             cut = tl.maximum(kth, pth)
             target = tl.load(U + r)
@@ -111,8 +170,9 @@ def _sample_kernel(Logits, U, Out, n_rows, V, stride, temperature, top_k, top_p,
             for start in range(0, V, BLOCK):
                 offs = start + offs0
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                w = tl.exp((x - mx) / temperature)
-                keep = (offs < V) & (_keys(x) >= cut)
+                z = (x - mx) / temperature
+                w = tl.exp(z)
+                keep = (offs < V) & (_keys(z) >= cut)
                 if MIN_P:
                     keep = keep & (w >= min_p)
                 total += tl.sum(tl.where(keep, w, 0.0), 0)
@@ -123,8 +183,9 @@ def _sample_kernel(Logits, U, Out, n_rows, V, stride, temperature, top_k, top_p,
             for start in range(0, V, BLOCK):
                 offs = start + offs0
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                w = tl.exp((x - mx) / temperature)
-                keep = (offs < V) & (_keys(x) >= cut)
+                z = (x - mx) / temperature
+                w = tl.exp(z)
+                keep = (offs < V) & (_keys(z) >= cut)
                 if MIN_P:
                     keep = keep & (w >= min_p)
                 w = tl.where(keep, w, 0.0)
@@ -154,8 +215,10 @@ def _launch(logits, u, out, temperature: float, top_k: Optional[int], top_p: Opt
     block, rows, warps = _tiles(V)
     use_k = top_k is not None and top_k < V
     use_p = top_p is not None and top_p < 1.0
+    # the radix passes' copies of the tokens still in play, a row each (fp32: at most the row)
+    scratch = torch.empty((B, V) if use_k or use_p else (1,), dtype=torch.float32, device=logits.device)
     _sample_kernel[(cdiv(B, rows),)](
-        logits, u, out, B, V, logits.stride(0), float(temperature), int(top_k) if use_k else 0,
+        logits, u, out, scratch, B, V, logits.stride(0), float(temperature), int(top_k) if use_k else 0,
         float(top_p) if use_p else 1.0, float(min_p or 0.0), TOP_K=use_k, TOP_P=use_p, MIN_P=bool(min_p),
         ROWS=rows, BLOCK=block, num_warps=warps)
 
