@@ -176,6 +176,10 @@ def test_reward_served_is_reward_models_own_score(reward_folder):
     (["--override-generation-config", '{"top_k": 5}'], "--override-generation-config is a generation setting"),
     (["--generation-config", "vllm"], "--generation-config is a generation setting"),
     (["--enable-prompt-tokens-details"], "--enable-prompt-tokens-details is a generation setting"),
+    (["--max-batch", "4"], "--max-batch is a generation setting"),
+    (["--kv-page-size", "32"], "--kv-page-size is a generation setting"),
+    (["--max-loras", "2"], "--max-loras is a generation setting"),
+    (["--max-lora-rank", "8"], "--max-lora-rank is a generation setting"),
 ])
 def test_flags_refused_by_name(lm_folder, flags, words):
     folder, _ = lm_folder
@@ -251,7 +255,8 @@ def test_score_and_rerank_of_an_embedder_are_cosines_of_its_embeddings(lm_folder
         assert [d["score"] for d in out["data"]] == pytest.approx(want, rel=1e-5, abs=1e-6)
         assert len(set(round(w, 4) for w in want)) == 3  # (distinct: an order to test below)
         tokens = len(ids["a cat"]) + sum(len(ids[t]) for t in TEXTS)  # (the query embedded once)
-        assert out["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+        paired = tokens + 2 * len(ids["a cat"])  # (usage: each pair's two texts, vLLM's, the query in all three)
+        assert out["usage"] == {"prompt_tokens": paired, "total_tokens": paired, "completion_tokens": 0}
         s = scrape(server)
         assert metric(s, "request_success_total", finished_reason="stop") == 1 + len(TEXTS)
         assert metric(s, "prompt_tokens_total") == tokens
@@ -273,7 +278,7 @@ def test_score_and_rerank_of_an_embedder_are_cosines_of_its_embeddings(lm_folder
             assert [r["document"]["text"] for r in out["results"]] == [TEXTS[i] for i in best[:n]]
             assert [r["relevance_score"] for r in out["results"]] == pytest.approx([want[i] for i in best[:n]],
                                                                                    rel=1e-5, abs=1e-6)
-            assert out["usage"]["total_tokens"] == tokens
+            assert out["usage"]["total_tokens"] == paired
         done = metric(scrape(server), "request_success_total", finished_reason="stop")
         assert done == 4 + 4 + 2 + 4 * 4  # (a score's texts and a rerank's query and documents, each a request)
         context = app.model.config.context_length
@@ -289,6 +294,7 @@ def test_score_and_rerank_of_an_embedder_are_cosines_of_its_embeddings(lm_folder
                  "positive integer"),
                 ("/rerank", {"query": ["a"], "documents": ["b"]}, "query", "must be a string"),
                 ("/rerank", {"query": "a", "documents": []}, "documents", "non-empty list"),
+                ("/rerank", {"query": "a", "documents": "b"}, "documents", "must be a non-empty list of strings"),
                 ("/rerank", {"query": "a", "documents": ["b"], "top_n": -1}, "top_n", "non-negative integer"),
                 ("/rerank", {"query": "a", "documents": ["b"], "top_n": 1.5}, "top_n", "non-negative integer"),
                 ("/rerank", {"query": long, "documents": ["b"]}, "query", "'query' is"),

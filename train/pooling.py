@@ -49,8 +49,12 @@ GENERATION_FLAGS = (("speculative_config", "--speculative-config"), ("enable_lor
                     ("kv_cache_dtype", "--kv-cache-dtype"),  # (a forward here keeps no KV cache)
                     ("generation_config", "--generation-config"),
                     ("override_generation_config", "--override-generation-config"),
-                    ("enable_prompt_tokens_details", "--enable-prompt-tokens-details"))  # (no prefix cache here)
-DEFAULTS = {"kv_cache_dtype": "auto", "generation_config": "auto"}  # (GENERATION_FLAGS' that are not None)
+                    ("enable_prompt_tokens_details", "--enable-prompt-tokens-details"),  # (no prefix cache here)
+                    # (no engine: a request's inputs run in forwards of at most MAX_TOKENS positions, no KV cache)
+                    ("max_batch", "--max-batch"), ("kv_page_size", "--kv-page-size"),
+                    ("max_loras", "--max-loras"), ("max_lora_rank", "--max-lora-rank"))
+DEFAULTS = {"kv_cache_dtype": "auto", "generation_config": "auto"}  # (GENERATION_FLAGS' that are not None; serve's
+# --max-batch default too: serve.MAX_BATCH)
 
 
 def pooler_config(text: str | None, kind: str) -> dict:
@@ -85,8 +89,10 @@ def check_pooling_args(args):
             if value is not None:
                 raise UserError(f"{flag} is used only with --runner pooling (embeddings, reward scores)")
         return
+    from tritongpt.train.serve import MAX_BATCH
+
     for dest, flag in GENERATION_FLAGS:
-        if getattr(args, dest, None) not in (None, False, DEFAULTS.get(dest)):
+        if getattr(args, dest, None) not in (None, False, {**DEFAULTS, "max_batch": MAX_BATCH}.get(dest)):
             raise UserError(f"{flag} is a generation setting: --runner pooling serves embeddings and reward scores, "
                             "it generates nothing")
 
@@ -293,16 +299,17 @@ def pool(handler, path: str, body: dict) -> dict:
             "created": int(time.time()), "model": app.name, "data": data, "usage": usage}
 
 
-def texts(body: dict, field: str, one: bool = False) -> list:
-    """A field of text (a string, or unless one a non-empty list of strings) -> its strings, an empty one refused
-    by name."""
+def texts(body: dict, field: str, one: bool = False, listed: bool = False) -> list:
+    """A field of text (a string, or unless one a non-empty list of strings; with listed only the list, as vLLM's
+    rerank documents) -> its strings, an empty one refused by name."""
     from tritongpt.train.serve import bad
 
     value = body.get(field)
-    items = [value] if isinstance(value, str) else value
+    items = [value] if isinstance(value, str) and not listed else value
     if one and not isinstance(value, str) or not isinstance(items, list) or not items or not all(
             isinstance(x, str) for x in items):
-        want = "a string" if one else "a string or a non-empty list of strings"
+        want = "a string" if one else "a non-empty list of strings" if listed else \
+            "a string or a non-empty list of strings"
         raise bad(field, f"'{field}' must be {want}, got {value!r}"[:300])
     for i, x in enumerate(items):
         if not x:
@@ -311,10 +318,12 @@ def texts(body: dict, field: str, one: bool = False) -> list:
 
 
 def pair_scores(app, body: dict, first: list, second: list, fields: tuple) -> tuple:
-    """(each pair's score, the prompt tokens run) of first[0] against every text of second (1:N) or first[i]
+    """(each pair's score, the pairs' prompt tokens) of first[0] against every text of second (1:N) or first[i]
     against second[i] (N:N), vLLM's rule. An embedder's score is the cosine similarity of the two texts' embeddings
-    (vLLM's for an embedding model; a 1:N query embedded once); a reward model's is its reward of the chat
-    [user: first, assistant: second], laid out as chat_ids lays out `reward`'s and `rlhf`'s."""
+    (vLLM's for an embedding model; a 1:N query embedded once, but counted in every pair as vLLM's usage counts
+    each pair's two texts: score_utils' _cosine_similarity, less the pad token it puts between them where its
+    tokenizer has one); a reward model's is its reward of the chat [user: first, assistant: second], laid out as
+    chat_ids lays out `reward`'s and `rlhf`'s."""
     import torch.nn.functional as F
 
     def name(field, given, i):
@@ -332,7 +341,9 @@ def pair_scores(app, body: dict, first: list, second: list, fields: tuple) -> tu
         name(fields[1], second, i) for i in range(len(second))]
     seqs = fit(app, body, seqs, names, [fields[0]] * len(first) + [fields[1]] * len(second))
     out = run(app, seqs).double()  # ([1, C] against [N, C] broadcasts: one query, many texts)
-    return F.cosine_similarity(out[:len(first)], out[len(first):], dim=-1).tolist(), sum(map(len, seqs))
+    firsts = seqs[:len(first)] * (len(second) if len(first) == 1 else 1)
+    return F.cosine_similarity(out[:len(first)], out[len(first):], dim=-1).tolist(), \
+        sum(map(len, firsts + seqs[len(first):]))
 
 
 def score(handler, path: str, body: dict) -> dict:
@@ -351,7 +362,7 @@ def score(handler, path: str, body: dict) -> dict:
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": app.name,
                 "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
     check_fields(body, "rerank", app.name)
-    query, documents = texts(body, "query", one=True), texts(body, "documents")
+    query, documents = texts(body, "query", one=True), texts(body, "documents", listed=True)
     top_n = body.get("top_n")
     if top_n is not None and (not is_int(top_n) or top_n < 0):
         raise bad("top_n", f"'top_n' must be a non-negative integer (the best documents returned; 0 or left out: "

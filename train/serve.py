@@ -92,6 +92,7 @@ API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
 PUBLIC_PATHS = ("/health", "/version", "/metrics")
 LORA_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # vLLM's runtime LoRA updating
 MAX_N = 128  # OpenAI's limit on n
+MAX_BATCH = 8  # serve's --max-batch default
 # the most top tokens a drawn token's logprobs list: vLLM's default --max-logprobs and OpenAI chat's top_logprobs
 # limit (OpenAI's legacy completions took 5)
 MAX_LOGPROBS = 20
@@ -2583,8 +2584,8 @@ def make_server(args) -> ThreadingHTTPServer:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
+    check_pooling_args(args)  # (first: an engine flag that pooling ignores is named as that)
     check_engine_args(args)
-    check_pooling_args(args)
     if args.runner == "pooling":
         return pooling_server(args)
     parser = tool_parser(args)
@@ -2676,7 +2677,7 @@ def add_cli(sub):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every "
                                                        "interface, with no authentication unless --api-key)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
-    add_engine_args(p, 8, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
+    add_engine_args(p, MAX_BATCH, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
                           "request of n choices taking n rows; 1: one request at a time")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="vLLM's speculative decoding in the batching engine: "
