@@ -196,3 +196,23 @@ def test_a_requests_top_k_0_or_minus_1_lifts_the_files_top_k():
         assert sampling_settings(body, "completions", ("m",), None, {"top_k": 20})["top_k"] == want, top_k
     beam = {"prompt": "a", "use_beam_search": True, "n": 2, "top_k": 0}  # (every token: nothing a search changes)
     assert sampling_settings(beam, "completions", ("m",))["beam"] is not None
+
+
+def test_a_beam_search_takes_the_default_repetition_penalty_and_start_says_it_takes_no_temperature(folder, capsys):
+    """A beam search takes the defaults it applies (repetition_penalty: transformers' takes the model's too), not
+    the sampling ones, said once at start (vLLM's search takes the temperature; ours ranks raw log-probabilities):
+    a request without the field is the one that sends the default, not the one without any penalty."""
+    path, _ = folder
+    server = served(path, "--generation-config", "vllm", "--override-generation-config",
+                    '{"temperature": 0.5, "repetition_penalty": 1.8}')
+    try:
+        assert "use_beam_search requests do not take the default temperature" in capsys.readouterr().err
+        beams = {}
+        for penalty in (None, 1.8, 1.0):
+            body = {"prompt": "the cat sat", "max_tokens": 8, "n": 2, "use_beam_search": True}
+            status, out = call(server, "/v1/completions", {**body, "repetition_penalty": penalty})
+            assert status == 200, out
+            beams[penalty] = [c["text"] for c in out["choices"]]
+        assert beams[None] == beams[1.8] != beams[1.0]
+    finally:
+        stop(server)

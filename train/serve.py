@@ -106,6 +106,10 @@ BEAM_REFUSED = {"echo": None, "logprobs": None, "top_logprobs": None,
                 "min_tokens": 0, "response_format": None, "structured_outputs": None, "tools": None,
                 "tool_choice": None, "parallel_tool_calls": None, "temperature": 1, "allowed_token_ids": None,
                 "bad_words": None}
+# the --generation-config defaults a beam search takes: the repetition penalty it applies (transformers' beam search
+# takes the model's too); not the sampling ones, said at start (generation_config): vLLM's search takes the
+# temperature, ours ranks the raw log-probabilities (temperature 1), top_p, top_k and min_p cut nothing in either
+BEAM_DEFAULTS = ("repetition_penalty",)
 # vLLM's fields for structured outputs before its 0.12, which took structured_outputs in their place: refused with that
 REMOVED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
            "guided_whitespace_pattern": "whitespace_pattern", "guided_decoding_backend": None}
@@ -197,11 +201,12 @@ def sampling_settings(body: dict, endpoint: str, served, parser=None, defaults=N
     an unknown field, or one OpenAI has that this server does not implement, refused by name. parser: the server's
     tool-call parser (--tool-call-parser), which "auto" tool choice needs. defaults: the server's
     (--generation-config: generation_config's), each taken where the request leaves its field out or null (vLLM's
-    default_sampling_params); not by a beam search, which samples nothing."""
+    default_sampling_params); by a beam search only those it applies (BEAM_DEFAULTS: it samples nothing)."""
     check_fields(body, endpoint, served)
     beam = beam_setting(body)  # (first: a field beam search cannot take is named as that, not by its own checks)
-    if defaults and beam is None:
-        body = {**body, **{k: v for k, v in defaults.items() if k != "max_tokens" and body.get(k) is None}}
+    if defaults:
+        body = {**body, **{k: v for k, v in defaults.items() if k != "max_tokens" and body.get(k) is None and (
+            beam is None or k in BEAM_DEFAULTS)}}
 
     def number(key, default, low, high, low_open=False, integer=False):
         value = body.get(key)
@@ -2406,6 +2411,10 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
         said = ", ".join(f"{k} {v}" for k, v in config.items())
         note(f"{path or '--override-generation-config'}: the requests' defaults are {said} (vLLM's "
              "--generation-config and --override-generation-config)")
+        unused = [k for k in config if k not in BEAM_DEFAULTS + ("max_tokens",)]
+        if unused:  # (once, here, rather than in every beam search's response)
+            note(f"use_beam_search requests do not take the default {', '.join(unused)}: the search ranks the "
+                 "model's raw log-probabilities (temperature 1, no cuts; vLLM's search takes the temperature)")
     return config, [int(t) for t in ends]
 
 
