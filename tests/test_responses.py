@@ -294,13 +294,24 @@ def test_input_items_listed_and_responses_deleted(both):
     assert [i["role"] for i in page["data"]] == ["system"] and page["has_more"]
     rest = call(server, f"/v1/responses/{r['id']}/input_items?order=asc&after={page['last_id']}")[1]
     assert [i["id"] for i in rest["data"]] == [listed["data"][0]["id"]]
-    assert call(server, f"/v1/responses/{r['id']}/input_items?limit=0")[0] == 400
+    for query, param, says in (("limit=0", "limit", "'limit' must be an integer in [1, 100], got '0'"),
+                               ("limit=x", "limit", "got 'x'"), ("order=up", "order", "asc or desc, got 'up'"),
+                               ("after=", "after", "no input item ''"), ("after=msg_x", "after", "'msg_x'"),
+                               ("include=x", "include", "query field 'include' is not supported"),
+                               ("limt=2", "limt", "it takes order, limit and after")):
+        status, out = call(server, f"/v1/responses/{r['id']}/input_items?{query}")
+        assert status == 400 and out["error"]["param"] == param and says in out["error"]["message"], (query, out)
+    for method in ("GET", "DELETE"):  # (OpenAI's GET takes stream, include, ...: none built here)
+        status, out = call(server, f"/v1/responses/{r['id']}?stream=true", method=method)
+        assert status == 400 and out["error"]["param"] == "stream", out
     assert call(server, f"/v1/responses/{r['id']}", method="DELETE")[1] == {"id": r["id"], "object": "response",
                                                                             "deleted": True}
     for path, method, status in ((f"/v1/responses/{r['id']}", "GET", 404), (f"/v1/responses/{r['id']}", "DELETE", 404),
                                  (f"/v1/responses/{r['id']}/input_items", "DELETE", 405),
                                  (f"/v1/responses/{r['id']}/other", "GET", 404)):
         assert call(server, path, method=method)[0] == status, (path, method)
+    status, out = call(server, f"/v1/responses/{r['id']}/input_items")
+    assert status == 404 and r["id"] in out["error"]["message"] and out["error"]["param"] == "response_id"
 
 
 def test_openais_client_reads_every_response_and_event(both):

@@ -1599,12 +1599,18 @@ class Handler(BaseHTTPRequestHandler):
         rid, _, sub = rest.partition("/")
         if sub and (method == "DELETE" or sub != "input_items"):
             raise APIError(404, f"unknown path: {method} /v1/responses/{rest}", code="not_found")
+        # (a blank value kept: `after=` is refused, not read as left out)
+        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+        for key in query:  # (OpenAI's others, include, stream, starting_after, ...: not built here, never ignored)
+            if not sub or key not in ("order", "limit", "after"):
+                takes = "order, limit and after" if sub else "no query fields"
+                raise bad(key, f"query field '{key}' is not supported on {method} /v1/responses/{{id}}"
+                               f"{'/input_items' if sub else ''} by this server (it takes {takes})"[:300])
         if method == "DELETE":
             store.delete(rid)
             return {"id": rid, "object": "response", "deleted": True}
         if not sub:
             return store.get(rid, "response_id")[0]
-        query = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
         items = store.get(rid, "response_id")[2]
         order, limit = query.get("order", "desc"), query.get("limit", "20")
         if order not in ("asc", "desc"):
