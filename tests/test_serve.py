@@ -2490,3 +2490,75 @@ def test_completions_name_chat_only_fields_as_chats(served):
         assert "/v1/chat/completions field" in body["error"]["message"], body
     status, body = call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "audio": {}})
     assert status == 400 and body["error"]["message"] == "'audio' is not supported by this server"
+
+
+def streamed_ids(chunks, chat=False):
+    """return_token_ids' stream: (each choice's token_ids joined, in chunk order; the prompt ids each sent, in turn:
+    chat's on its role chunks, a completion choice's on its first chunk)."""
+    ids, prompts = {}, []
+    for k in chunks:
+        if not k["choices"]:
+            continue
+        c = k["choices"][0]
+        if chat and "role" in c["delta"]:
+            assert "token_ids" not in c
+            prompts.append(k["prompt_token_ids"])
+            continue
+        if c["index"] not in ids and not chat:
+            prompts.append(c["prompt_token_ids"])
+        else:
+            assert "prompt_token_ids" not in c and "prompt_token_ids" not in k
+        ids[c["index"]] = ids.get(c["index"], []) + c["token_ids"]
+    return [ids[i] for i in sorted(ids)], prompts
+
+
+def test_return_token_ids_are_the_prompts_and_the_drawn_ids_whole_and_streamed(both):
+    """vLLM's return_token_ids: a completion choice's prompt_token_ids and token_ids (chat's prompt ids on the
+    response, the template applied), the drawn ids generate() draws, as many as usage counts: an end (stop) token
+    among them, and a stop string's whole last token though the text is cut before it (vLLM's output token_ids);
+    streamed, each chunk's new ids adding up to them, the prompt's once; n > 1 with logprobs (each choice's ids
+    its logprobs' tokens), beam search (its beams' rows) and a prediction alike; echo and a non-bool refused."""
+    server, tok = both
+    ids, new, full, stop = greedy_with_a_stop(server, tok)
+    base = {"prompt": "the bird", "max_tokens": 20, "temperature": 0, "return_token_ids": True}
+    for extra, k in (({}, 20), ({"stop": stop}, next(k for k in range(1, 21) if stop in new_text(tok, ids, new[:k]))),
+                     ({"stop_token_ids": [new[5]]}, new.index(new[5]) + 1)):
+        status, out = call(server, "/v1/completions", {**base, **extra})
+        (c,) = out["choices"]
+        assert status == 200 and (c["prompt_token_ids"], c["token_ids"]) == (ids, new[:k]), (extra, out)
+        assert out["usage"]["completion_tokens"] == k and new_text(tok, ids, new[:k]).startswith(c["text"])
+        streamed, prompts = streamed_ids(events(call(server, "/v1/completions", {**base, **extra,
+                                                                                 "stream": True})[1]))
+        assert (streamed, prompts) == ([new[:k]], [ids]), extra
+    # n samples with logprobs: each choice's ids are its logprobs' tokens (return_tokens_as_token_ids' spelling)
+    ask = {**base, "prompt": ["the bird", "a dog"], "temperature": 1.0, "seed": 3, "n": 2, "max_tokens": 6,
+           "logprobs": 1, "return_tokens_as_token_ids": True}
+    out = call(server, "/v1/completions", ask)[1]
+    assert [c["prompt_token_ids"] for c in out["choices"]] == [ids, ids, tok.encode("a dog"), tok.encode("a dog")]
+    assert [c["token_ids"] for c in out["choices"]] == [
+        [int(t.split(":")[1]) for t in c["logprobs"]["tokens"]] for c in out["choices"]]
+    assert streamed_ids(events(call(server, "/v1/completions", {**ask, "stream": True})[1]))[0] == \
+        [c["token_ids"] for c in out["choices"]]
+    # chat: the prompt the template made, on the response (and on each streamed role chunk)
+    chat = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "return_token_ids": True, "n": 2}
+    status, out = call(server, "/v1/chat/completions", chat)
+    prompt = server.app.chat_prompt(MESSAGES)
+    drawn = reference(server, prompt, 8)[0]
+    assert status == 200 and out["prompt_token_ids"] == prompt, out
+    assert [c["token_ids"] for c in out["choices"]] == [drawn[:out["usage"]["completion_tokens"] // 2]] * 2
+    assert streamed_ids(events(call(server, "/v1/chat/completions", {**chat, "stream": True})[1]), chat=True) == \
+        ([c["token_ids"] for c in out["choices"]], [prompt, prompt])
+    predicted = call(server, "/v1/chat/completions", {**chat, "n": 1, "prediction": {
+        "type": "content", "content": out["choices"][0]["message"]["content"]}})[1]
+    assert predicted["choices"][0]["token_ids"] == out["choices"][0]["token_ids"]
+    # beam search: each beam's row, through its end token only where it ended there (not kept: not counted)
+    out = call(server, "/v1/completions", {**base, "max_tokens": 6, "n": 2, "use_beam_search": True,
+                                           "temperature": None})[1]
+    rows = beams_of(server, ids, 6, 2, server.app.eot)
+    assert [c["token_ids"] for c in out["choices"]] == [r[:len(c["token_ids"])] for r, c in zip(rows, out["choices"])]
+    assert [new_text(tok, ids, c["token_ids"]) for c in out["choices"]] == [c["text"] for c in out["choices"]]
+    assert sum(len(c["token_ids"]) for c in out["choices"]) == out["usage"]["completion_tokens"]
+    for body in ({**base, "echo": True}, {**base, "return_token_ids": "yes"}):
+        status, out = call(server, "/v1/completions", body)
+        assert status == 400 and out["error"]["param"] == "return_token_ids", out
+    assert "token_ids" not in call(server, "/v1/completions", {**base, "return_token_ids": False})[1]["choices"][0]

@@ -20,7 +20,8 @@ at each drawn token, taken from the very logits its decode step drew from (gener
 (echo) from the engine's prefill of the request itself (Engine.submit's prompt_logprobs), or with no engine one
 forward of the whole prompt. A token's text is its bytes as UTF-8, or "bytes:\\xe2\\x80" where
 they are part of a character (OpenAI's spelling). vLLM's response extras: prompt_logprobs (its ranked dicts, from the
-same scoring as echo's), stop_reason, skip_special_tokens and return_tokens_as_token_ids (output_settings).
+same scoring as echo's), stop_reason, skip_special_tokens, return_tokens_as_token_ids and return_token_ids
+(output_settings).
 One model; requests decode together in one batch (train/engine.py's continuous batching, --max-batch rows), a
 completion's prompts too (each its own engine request, all at once: vLLM's), or with --max-batch 1 one request at a
 time (a lock), the others waiting their turn. vLLM's use_beam_search (n the beam width, length_penalty) runs
@@ -62,7 +63,7 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
                  "presence_penalty", "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty",
                  "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output", "prompt_logprobs",
                  "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids",
-                 "truncate_prompt_tokens",
+                 "truncate_prompt_tokens", "return_token_ids",
                  "response_format", "structured_outputs", "use_beam_search", "length_penalty",
                  "allowed_token_ids", "bad_words"}
 FIELDS = {"completions": COMMON_FIELDS | {"prompt", "echo", "best_of", "logprobs", "logit_bias"},
@@ -659,9 +660,9 @@ def end_settings(body: dict, max_tokens) -> dict:
 def output_settings(body: dict, s: dict) -> dict:
     """vLLM's prompt_logprobs (refused above 0 with stream, as vLLM: 0 streamed sends nothing), skip_special_tokens
     (default true), spaces_between_special_tokens (taken, as vLLM's fast tokenizers take it: no effect, a special
-    token's text is never spaced) and return_tokens_as_token_ids, checked; and score_k, the top tokens the
-    prompt is scored with (echo's logprobs, prompt_logprobs'), or None (not scored). Echo with logprobs k gives
-    prompt_logprobs k too unless asked otherwise (vLLM's CompletionRequest)."""
+    token's text is never spaced), return_tokens_as_token_ids and return_token_ids (token_ids; not with echo),
+    checked; and score_k, the top tokens the prompt is scored with (echo's logprobs, prompt_logprobs'), or None (not
+    scored). Echo with logprobs k gives prompt_logprobs k too unless asked otherwise (vLLM's CompletionRequest)."""
     out = {"prompt_logprobs": top_count(body, "prompt_logprobs")}
     if s["stream"] and out["prompt_logprobs"]:
         raise bad("prompt_logprobs", "'prompt_logprobs' is not available with 'stream': true (vLLM's rule too): "
@@ -673,6 +674,11 @@ def output_settings(body: dict, s: dict) -> dict:
     out["skip_special_tokens"] = bool_field(body, "skip_special_tokens", True)
     bool_field(body, "spaces_between_special_tokens", True)
     out["as_ids"] = bool_field(body, "return_tokens_as_token_ids", False)
+    # vLLM's return_token_ids: the prompt's ids and each choice's drawn ids, for a client that would re-tokenize
+    out["token_ids"] = bool_field(body, "return_token_ids", False)
+    if out["token_ids"] and s["echo"]:  # (vLLM's echo then drops the prompt's text for its ids: not built here)
+        raise bad("return_token_ids", "'return_token_ids' cannot be used with 'echo': true on this server (the "
+                                      "prompt's ids are the response's prompt_token_ids: send it without echo)")
     asked = [k for k in (out["prompt_logprobs"], s["logprobs"] if s["echo"] else None) if k is not None]
     out["score_k"] = max(asked) if asked else None
     return out
@@ -1202,14 +1208,16 @@ class Model:
     def draw(self, ids, budget, s, stop_id, generator, on_delta=None, gone=None, on_prompt=None, timing=None,
              adapter=None, prediction=None, spent=None) -> list:
         """n choices after the prompt ids (one batch): [(text, finish_reason, completion tokens, logprob items or
-        None, stop_reason)], the items those of every token drawn (Scored), the one that ended the
-        choice too. on_prompt(step) (an engine only: the prompt scored with s["score_k"] top tokens (echo's logprobs,
-        prompt_logprobs), the request's own prefill scoring its prompt, before any token; budget 0 then ends after
-        its prefill): called with the prompt's rows (step_logprobs'), in this thread. on_delta(i, text, items, count):
-        each choice's new text as it is drawn (held back where a stop string may be starting), the deltas of a choice
-        adding up to its text, with the items of the tokens that text takes (None without logprobs) and the choice's
-        tokens drawn so far (its completion tokens once it ends); called in this thread (the engine's tokens come
-        through the request's queue). gone(): whether the client left, asked while waiting for the engine: its
+        None, stop_reason, token ids)], the items those of every token drawn (Scored), the one that ended the
+        choice too, the ids those completion tokens' (vLLM's output token_ids: the end token or the one a stop string
+        ends in too, and any drawn past the cut text). on_prompt(step) (an engine only: the prompt scored with
+        s["score_k"] top tokens (echo's logprobs, prompt_logprobs), the request's own prefill scoring its prompt,
+        before any token; budget 0 then ends after its prefill): called with the prompt's rows (step_logprobs'), in
+        this thread. on_delta(i, text, items, count, ids): each choice's new text as it is drawn (held back where a
+        stop string may be starting), the deltas of a choice adding up to its text, with the items of the tokens that
+        text takes (None without logprobs), the choice's tokens drawn so far (its completion tokens once it ends) and
+        their ids; called in this thread (the engine's tokens come through the request's queue). gone(): whether the
+        client left, asked while waiting for the engine: its
         request is then cancelled and BrokenPipeError raised (as a write to its socket would). timing: the request's
         clock (metrics.request()), started by the caller when the request came (its scoring forward timed in it);
         None: one started here. adapter: the LoRA adapter the request names (--lora-modules), None the model.
@@ -1234,7 +1242,7 @@ class Model:
         scored = [Scored(self.tok, ids, rows.hidden) for _ in range(n)] if k is not None else None
 
         def send(i, delta, length):  # the delta, and the tokens the text sent so far (length) takes
-            on_delta(i, delta, None if scored is None else scored[i].give(length), streams[i].drawn)
+            on_delta(i, delta, None if scored is None else scored[i].give(length), streams[i].drawn, streams[i].tokens)
 
         pending = [""] * n  # each choice's text this step (a speculative step's tokens: one chunk, vLLM's)
 
@@ -1311,14 +1319,15 @@ class Model:
                 # last one instead). (Not the items' count: with no engine a row that ended is padded.)
                 taken = None if scored is None else len(scored[i].items) if finish == "length" else count
                 items = None if scored is None else scored[i].items[:taken]
-                choices.append((text, finish, count, items, reason))
+                drawn = row[len(ids):len(ids) + count] if budget else []
+                choices.append((text, finish, count, items, reason, drawn))
                 if on_delta:
                     sent = streams[i].sent_text
                     if text[:len(sent)] != sent:  # cannot happen: the stream sends what decoding gives, held back
                         raise RuntimeError(f"streamed {sent!r}, which the text {text!r} does not start with")
                     if text[len(sent):] or scored is not None and scored[i].given < taken:
                         on_delta(i, text[len(sent):], None if scored is None else scored[i].give(len(text), taken),
-                                 count)
+                                 count, drawn)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
             timing.end(["abort"] * n, stamps=request)
             raise
@@ -1341,7 +1350,7 @@ class Model:
 
     def beam_search(self, ids, budget, s, stop_id, timing, adapter=None, gone=None, spent=None) -> list:
         """use_beam_search's n beams after the prompt ids, best first, as draw()'s choices (text, finish_reason,
-        completion tokens, None, stop_reason): train/beam_search.py's search (transformers', as `generate
+        completion tokens, None, stop_reason, their ids): train/beam_search.py's search (transformers', as `generate
         --num-beams`: early_stopping false, n beams returned), the model's raw log-probabilities, its EOS (stop_id,
         none with ignore_eos) ending a beam. vLLM's output rules (serving_engine.py's beam_search): an EOS-ended beam
         finishes "stop" with stop_reason the EOS id, its text without it, the EOS among its tokens (usage) only with
@@ -1391,7 +1400,7 @@ class Model:
                     reason, count = stop_id, count - (not s["include_stop_str_in_output"])
                 if spent is not None and "thought" in spent:
                     spent["thought"][i] = thought_tokens(row[len(ids):len(ids) + count], s["wake"])
-                choices.append((text, finish, count, None, reason))
+                choices.append((text, finish, count, None, reason, row[len(ids):len(ids) + count]))
         timing.tokens()  # (the beams come at once: their first token is their last)
         timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices))
         return choices
@@ -1427,6 +1436,7 @@ class Delta:
 
         self.rows, self.count = rows, 0
         self.drawn = 0  # the choice's tokens so far, the one that ended it included (usage's completion tokens)
+        self.tokens = []  # their ids (return_token_ids')
         self.decoder, self.held, self.done = tok.stream_decoder(), HeldBack(rows.stops, rows.include_stop), False
         self.held.after = sys.maxsize if rows.min_tokens else 0  # (no stop string yet)
         self.decoder.write(prompt_ids)  # the prompt's text read, not sent: a word's leading space is the new text's
@@ -1439,6 +1449,7 @@ class Delta:
         if self.done:  # (with no engine, a row that ended is padded while the others draw)
             return ""
         self.drawn += 1
+        self.tokens.append(token)
         ends = token in self.rows.ends
         if ends and token not in self.rows.shown:
             self.done = True
@@ -1898,6 +1909,7 @@ class Completion:
         self.write, self.stop = threading.Lock(), threading.Event()
         self.calls = {}  # a streamed choice's tool calls (CallStream, AutoStream), by its index
         self.thoughts = {}  # a streamed choice's reasoning (ReasoningStream), by its index
+        self.ids_sent = {}  # a streamed choice's token ids sent so far (return_token_ids), by its index
 
     def logprobs(self, items, start=0):
         """A choice's (or a chunk's) logprobs object, or None: chat's, or completions' (text offsets from start)."""
@@ -1917,10 +1929,12 @@ class Completion:
         h.streaming = True
         self.head["object"] = self.kind + ".chunk" if self.chat else self.kind
 
-    def chunk(self, index, text=None, finish=None, role=False, lp=None, reason=None, tokens=0):
+    def chunk(self, index, text=None, finish=None, role=False, lp=None, reason=None, tokens=0, ids=None):
         """One streamed event of choice `index`: chat's role, or a text delta (with its logprobs), or its finish;
-        tokens: the choice's completion tokens so far (continuous_usage_stats' usage). Written under the write lock,
-        from whichever prompt's thread; none once stop is set (BrokenPipeError)."""
+        tokens: the choice's completion tokens so far (continuous_usage_stats' usage), ids their ids (with
+        return_token_ids the chunk's token_ids are those not sent yet, vLLM's delta; the prompt's ids on chat's role
+        chunks, on a completion choice's first). Written under the write lock, from whichever prompt's thread; none
+        once stop is set (BrokenPipeError)."""
         if self.chat:
             thought = None  # the reasoning this chunk sends (--reasoning-parser): the rest is the answer's text
             if self.app.reasoning_parser is not None and not role:
@@ -1961,6 +1975,15 @@ class Completion:
         else:
             choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         choice["stop_reason"] = reason  # (vLLM's, on every chunk)
+        extra, sent = {}, self.ids_sent.get(index)
+        if self.s["token_ids"]:  # (vLLM's places: chat's prompt ids on the chunk, a completion's on its choice)
+            prompt = self.prompts[index // self.s["n"]]
+            if role:
+                extra["prompt_token_ids"] = prompt
+            else:
+                if not self.chat and sent is None:
+                    choice["prompt_token_ids"] = prompt
+                choice["token_ids"] = list((ids or [])[sent or 0:])
         # with include_usage, OpenAI's other chunks carry "usage": null; with continuous_usage_stats vLLM's the
         # prompt's tokens and the choice's so far (vllm/entrypoints/openai/serving_completion.py, serving_chat.py)
         null_usage = {"usage": None} if self.s["include_usage"] else {}
@@ -1970,7 +1993,9 @@ class Completion:
             if self.stop.is_set():  # (not another write to a socket that just timed out: each would wait as long)
                 raise BrokenPipeError("another prompt of the request failed")
             try:
-                self.handler.send_event({**self.head, "choices": [choice], **null_usage})
+                self.handler.send_event({**self.head, "choices": [choice], **null_usage, **extra})
+                if "token_ids" in choice:
+                    self.ids_sent[index] = (sent or 0) + len(choice["token_ids"])
             # the client gone (draw()'s reasons): told under the lock, else the thread next in line writes
             # before this one unwinds to in_threads (its cancel, its clock); another error sets stop there,
             # once raised, so that it stays the first (the request's 500, not the others' BrokenPipe)
@@ -2006,9 +2031,9 @@ class Completion:
             self.begin(p, False, {"echo": None, "prompt": None})
         drawn = self.app.beam_search(self.prompts[p], self.budgets[p], self.s, self.stop_id, timing, self.adapter,
                                      lambda: self.stop.is_set() or self.handler.client_gone(), self.spent)
-        for i, (text, _, count, _, _) in enumerate(drawn if self.s["stream"] else ()):
+        for i, (text, _, count, _, _, ids) in enumerate(drawn if self.s["stream"] else ()):
             if text:
-                self.chunk(p * self.s["n"] + i, text, tokens=count)
+                self.chunk(p * self.s["n"] + i, text, tokens=count, ids=ids)
         return self.choices(p, drawn, {"echo": None, "prompt": None}), len(self.prompts[p]), sum(c[2] for c in drawn), \
             None
 
@@ -2048,8 +2073,8 @@ class Completion:
         stream their text deltas written as they come. timing: the prompt's clock, ended here where nothing is
         drawn, else by Model.draw."""
         s, ids, base, echo = self.s, self.prompts[p], p * self.s["n"], self.echoes[p]
-        on_delta = (lambda i, text, items, count: self.chunk(base + i, text, lp=self.logprobs(items, len(echo)),
-                                                             tokens=count)) if s["stream"] else None
+        on_delta = (lambda i, text, items, count, ids=None: self.chunk(
+            base + i, text, lp=self.logprobs(items, len(echo)), tokens=count, ids=ids)) if s["stream"] else None
         if self.budgets[p] == 0 and not in_prefill:  # echo with max_tokens 0: the prompt scored, nothing drawn
             # vLLM draws one token a choice and drops it (protocol.py's to_sampling_params: echo with max_tokens 0
             # runs max_tokens 1): its usage (serving_completion.py: len(output.token_ids)) and metrics
@@ -2059,7 +2084,7 @@ class Completion:
                 timing.scheduled = time.monotonic()
             timing.tokens()
             timing.end(["length"] * s["n"], len(ids), s["n"])  # (vLLM's finish "length")
-            return [("", "length", 1, [] if s["logprobs"] is not None else None, None)] * s["n"]
+            return [("", "length", 1, [] if s["logprobs"] is not None else None, None, [])] * s["n"]
         # (with the engine's echo, budget 0: a prefill-only request, its choices "length", counted alike: Model.draw)
         prediction = None
         if self.predicted is not None:
@@ -2077,20 +2102,23 @@ class Completion:
         first; with stream, each choice's last chunk (its finish_reason) instead, and no objects."""
         s, base, echo = self.s, p * self.s["n"], self.echoes[p]
         choices = []
-        for i, (text, finish, count, items, reason) in enumerate(drawn):
+        for i, (text, finish, count, items, reason, ids) in enumerate(drawn):
             if s["stream"]:
-                self.chunk(base + i, finish=finish, reason=reason, tokens=count)
+                self.chunk(base + i, finish=finish, reason=reason, tokens=count, ids=ids)
                 continue
+            # vLLM's return_token_ids: each choice's ids (a completion's prompt ids too; chat's: the response's)
+            given = {} if not s["token_ids"] else {"token_ids": ids} if self.chat else \
+                {"prompt_token_ids": self.prompts[p], "token_ids": ids}
             lp = self.logprobs(items, len(echo))
             if scored["echo"] is not None:
                 lp = {key: scored["echo"][key] + lp[key] for key in lp}
             if self.chat:  # (chat's prompt_logprobs: the response's, vLLM's)
                 message, finish = self.message(text, finish)
                 choices.append({"index": base + i, "message": message, "logprobs": lp, "finish_reason": finish,
-                                "stop_reason": reason})
+                                "stop_reason": reason, **given})
             else:
                 choices.append({"index": base + i, "text": echo + text, "logprobs": lp, "finish_reason": finish,
-                                "stop_reason": reason,
+                                "stop_reason": reason, **given,
                                 **({} if scored["prompt"] is None else {"prompt_logprobs": scored["prompt"]})})
         return choices
 
@@ -2134,6 +2162,8 @@ class Completion:
         else:
             self.handler.send_json(200, {**self.head, "choices": choices, "usage": usage,
                                          **({"prompt_logprobs": prompt_lp} if self.chat and prompt_lp is not None
+                                            else {}),
+                                         **({"prompt_token_ids": self.prompts[0]} if self.chat and self.s["token_ids"]
                                             else {})})
 
 
