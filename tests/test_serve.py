@@ -2181,6 +2181,13 @@ def test_speculative_steps_stream_what_they_answer_whole_up_to_a_stop_string(run
         assert whole["choices"][0]["text"] == text == "".join(c["text"] for e in chunks for c in e["choices"])
         assert whole["choices"][0]["finish_reason"] == chunks[-2]["choices"][0]["finish_reason"] == "stop"
         assert whole["usage"] == chunks[-1]["usage"] and 1 < whole["usage"]["completion_tokens"] < 24
+        # return_token_ids: speculative steps' ids, whole and streamed, are the greedy ids up to the stop
+        ids = tok.encode(body["prompt"])
+        got = call(server, "/v1/completions", {**body, "stop": ["-"], "return_token_ids": True})[1]
+        want = reference(server, ids, 24)[0][:whole["usage"]["completion_tokens"]]
+        assert got["choices"][0]["token_ids"] == want
+        assert streamed_ids(events(call(server, "/v1/completions", {**body, "stop": ["-"], "stream": True,
+                                                                    "return_token_ids": True})[1])) == ([want], [ids])
     finally:
         server.shutdown()
         server.server_close()
