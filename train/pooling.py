@@ -53,8 +53,8 @@ GENERATION_FLAGS = (("speculative_config", "--speculative-config"), ("enable_lor
                     # (no engine: a request's inputs run in forwards of at most MAX_TOKENS positions, no KV cache)
                     ("max_batch", "--max-batch"), ("kv_page_size", "--kv-page-size"),
                     ("max_loras", "--max-loras"), ("max_lora_rank", "--max-lora-rank"))
-DEFAULTS = {"kv_cache_dtype": "auto", "generation_config": "auto"}  # (GENERATION_FLAGS' that are not None; serve's
-# --max-batch default too: serve.MAX_BATCH)
+# GENERATION_FLAGS' defaults that are not None (--max-batch's, serve.MAX_BATCH, added in check_pooling_args)
+DEFAULTS = {"kv_cache_dtype": "auto", "generation_config": "auto"}
 
 
 def pooler_config(text: str | None, kind: str) -> dict:
