@@ -338,3 +338,21 @@ def test_mistral_v11_reads_a_name_with_whitespace_about_it():
     assert content == "Sure" and [(n, json.loads(a)) for n, a in calls] == want
     content, calls = streamed(Mistral(), text, [3])
     assert content == "Sure" and [(n, json.loads(a)) for _, n, a in calls.values()] == want
+
+
+def test_qwen3_coder_keeps_a_bare_function_before_the_first_block_as_content():
+    """vLLM's qwen3_coder reads the calls inside <tool_call> blocks once there is one, and its content is the text
+    before the first block: a bare <function=...> written before it is content, not a call, nor dropped (whole and
+    streamed); with no block at all, bare functions are the calls (vLLM's back-off). The stream cannot tell which
+    until the answer ends or a block begins, so it holds a bare function back till then."""
+    bare = "Hi <function=add>\n<parameter=a>\n1\n</parameter>\n</function>\n"
+    text = bare + qwen_call("w", city="Oslo") + " Done."
+    content, calls = Qwen().extract(text)
+    assert content == bare and [(n, json.loads(a)) for n, a in calls] == [("w", {"city": "Oslo"})]
+    for sizes in ([1], [3, 7], [len(text)]):
+        s_content, s_calls = streamed(Qwen(), text, sizes)
+        assert s_content == bare and [(n, json.loads(a)) for _, n, a in s_calls.values()] == [("w", {"city": "Oslo"})]
+    stream = AutoStream(Qwen())
+    assert stream.add(bare) == ("Hi ", [])  # (held: a block may follow)
+    assert stream.add("<tool_") == (None, [])
+    assert stream.add("call>") == (bare[3:], [])

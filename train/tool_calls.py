@@ -443,11 +443,13 @@ class Qwen3Coder:
     """Qwen3-Coder's and Qwen3.5's XML calls (vLLM's qwen3_coder parser): text, then <tool_call> blocks each holding
     <function=NAME> and <parameter=KEY>value</parameter> items, a newline each side of a value dropped. The values are
     text, typed by the request's tools (qwen_value; a parameter or tool the request does not name stays text), so
-    the parser is made per request with its tools. The content is the text before the first <tool_call> or
-    <function= (vLLM reads a function without a block too); text between and after the blocks is dropped. As vLLM's, a block, function or
-    parameter left open at the answer's end is read as far as it goes; a function whose name is not closed by ">"
-    leaves the answer content. Streamed, a call opens once its name is whole, its arguments' JSON growing by each
-    parameter as it closes (its value typed then), "}" at </function>."""
+    the parser is made per request with its tools. The content is the text before the first <tool_call>, a bare
+    <function=...> before it included (vLLM's: once there is a block, the calls are the blocks'); with no block, the
+    text before the first <function=, the bare functions the calls (vLLM's back-off); text between and after the
+    blocks is dropped. As vLLM's, a block, function or parameter left open at the answer's end is read as far as it
+    goes; a function whose name is not closed by ">" leaves the answer content. Streamed, a call opens once its name
+    is whole, its arguments' JSON growing by each parameter as it closes (its value typed then), "}" at </function>;
+    a bare function is held back (neither content nor a call) until a block begins or the answer ends."""
     short_ids, keeps_specials, needs_tools = False, False, True
     starts = ("<tool_call>", "<function=")
     # (\Z, not $: $ also matches before a last newline, which would close a value still being written)
@@ -495,7 +497,9 @@ class Qwen3Coder:
         return out
 
     def content_end(self, text: str) -> int:
-        return min((i for i in (text.find(s) for s in self.starts) if i >= 0), default=-1)
+        """Where the content ends: at the first <tool_call>, else at the first bare <function= (-1: neither)."""
+        at = text.find("<tool_call>")
+        return at if at >= 0 else text.find("<function=")
 
     def extract(self, text: str) -> tuple:
         if "<function=" not in text:
@@ -510,6 +514,8 @@ class Qwen3Coder:
         at = self.content_end(text)
         if at < 0:
             return text[:len(text) - (0 if final else max(held(text, s) for s in self.starts))], []
+        if not final and "<tool_call>" not in text:
+            return text[:at], []  # (a bare function: a call only if no block follows, content if one does)
         try:
             return text[:at], self.calls(text, final)
         except (ValueError, TypeError, RecursionError):
