@@ -356,3 +356,31 @@ def test_qwen3_coder_keeps_a_bare_function_before_the_first_block_as_content():
     assert stream.add(bare) == ("Hi ", [])  # (held: a block may follow)
     assert stream.add("<tool_") == (None, [])
     assert stream.add("call>") == (bare[3:], [])
+
+
+def test_mistral_v13_calls_keep_the_id_written_in_the_text():
+    """Mistral's v13 tokenizer (Magistral) writes each call as [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}: the call is
+    read, whole and streamed, with that id (the tool's answer will name it); an id that is not Mistral's nine letters
+    and digits, or repeats an earlier call's, gets a fresh one. The v11 and JSON forms keep working beside it."""
+    from tritongpt.train.serve import tool_message
+
+    text = ('Sure[TOOL_CALLS]add[CALL_ID]a1B2c3D4e[ARGS]{"a": 7}[TOOL_CALLS] w [CALL_ID] Zz9Zz9Zz9 [ARGS]'
+            + json.dumps(W) + '[TOOL_CALLS]add[CALL_ID]call_1[ARGS]{"a": 7}[TOOL_CALLS]add[CALL_ID]a1B2c3D4e[ARGS]{}')
+    content, calls = Mistral().extract(text)
+    assert content == "Sure" and [(c[0], json.loads(c[1])) for c in calls] == [("add", A), ("w", W), ("add", A),
+                                                                              ("add", {})]
+    assert [c[2:] for c in calls] == [("a1B2c3D4e",), ("Zz9Zz9Zz9",), (), ()]
+    tools = {"choice": "auto", "parser": Mistral(), "parallel": True}
+    message, why = tool_message(tools, text, "stop")
+    ids = [c["id"] for c in message["tool_calls"]]
+    assert why == "tool_calls" and ids[:2] == ["a1B2c3D4e", "Zz9Zz9Zz9"] and len(set(ids)) == 4
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids)
+    for sizes in ([1], [4, 9], [len(text)]):
+        s_content, s_calls = streamed(Mistral(), text, sizes)
+        assert s_content == "Sure" and [(n, json.loads(a)) for _, n, a in s_calls.values()] == [
+            ("add", A), ("w", W), ("add", A), ("add", {})]
+        s_ids = [i for i, _, _ in s_calls.values()]
+        assert s_ids[:2] == ["a1B2c3D4e", "Zz9Zz9Zz9"] and len(set(s_ids)) == 4
+    # v11 (no id in the text) beside: a fresh id
+    content, calls = Mistral().extract('[TOOL_CALLS]add[ARGS]{"a": 7}')
+    assert content is None and calls == [("add", '{"a": 7}')]

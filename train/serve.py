@@ -575,9 +575,9 @@ def tool_message(tools: dict | None, text: str, finish: str) -> tuple:
         return {"role": "assistant", "content": text}, finish
     short = tools["parser"] is not None and tools["parser"].short_ids
 
-    def calls_of(pairs):
-        return [{"id": tool_call_id(short), "type": "function", "function": {"name": name, "arguments": args}}
-                for name, args in pairs]
+    def calls_of(pairs):  # (a parser's call may hold the id its text gave: Mistral's v13)
+        return [{"id": given[0] if given else tool_call_id(short), "type": "function",
+                 "function": {"name": name, "arguments": args}} for name, args, *given in pairs]
     if tools["choice"] == "named":
         return {"role": "assistant", "content": "", "tool_calls": calls_of([(tools["name"], text)])}, finish
     if tools["choice"] == "auto":

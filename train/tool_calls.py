@@ -8,14 +8,16 @@ a parser for that model family finds (vLLM's --tool-call-parser, vllm/entrypoint
     hermes       text, then <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (Qwen2.5, Qwen3, Hermes)
     llama3_json  {"name": ..., "parameters": {...}} objects, "; " between, after an optional <|python_tag|> (Llama 3.1+)
     mistral      text, then [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...] (Mistral's v3 tokenizers), or
-                 [TOOL_CALLS]name[ARGS]{...} per call (v11+); ids of 9 letters and digits, which its templates insist on
+                 [TOOL_CALLS]name[ARGS]{...} per call (v11+), or [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} (v13, the
+                 call's id in the text); ids of 9 letters and digits, which its templates insist on
     pythonic     [f(a=1, b="x"), g(c=[1, 2])], a Python list of calls with literal arguments (Llama 3.2, Llama 4)
     qwen3_coder  text, then <tool_call><function=f><parameter=a>text</parameter></function></tool_call> (Qwen3-Coder,
                  Qwen3.5): parameter values converted by the request's tool's JSON schema types
 
 A response parses the whole answer (extract); a stream the growing text (AutoStream over scan): the content before
 the first call is sent as it comes, less a tail that may begin the call marker; each call's name once its arguments
-begin, then their text as it is drawn (vLLM's stream; the whole answer's arguments are parsed and written anew)."""
+begin, then their text as it is drawn (vLLM's stream; the whole answer's arguments are parsed and written anew).
+A call is (name, arguments' JSON text), or (name, arguments, id) where the text gives its id (Mistral's v13)."""
 import ast
 import io
 import json
@@ -80,11 +82,11 @@ class CallDeltas:
         self.sent, self.short_ids = [], short_ids  # sent: each opened call's arguments sent so far (chars)
 
     def __call__(self, calls) -> list:
-        """The deltas of calls [(name, arguments so far)] (the choice's calls as now seen) not sent yet."""
+        """The deltas of calls [(name, arguments so far[, id])] (the choice's calls as now seen) not sent yet."""
         out = []
-        for k, (name, args) in enumerate(calls):
+        for k, (name, args, *given) in enumerate(calls):
             if k == len(self.sent):
-                out.append({"index": k, "id": tool_call_id(self.short_ids), "type": "function",
+                out.append({"index": k, "id": given[0] if given else tool_call_id(self.short_ids), "type": "function",
                             "function": {"name": name, "arguments": args}})
                 self.sent.append(len(args))
             elif len(args) > self.sent[k]:
@@ -225,27 +227,52 @@ def split_outside(text: str, marker: str) -> list:
 class Mistral(Marked):
     """Mistral's [TOOL_CALLS] and a JSON array of calls (or one call's object) after it (its v3 tokenizers), or each
     call its own [TOOL_CALLS]name[ARGS]{...} (v11 and later; vLLM tells them by the tokenizer's version, here by the
-    text: a v11 call begins with its name, not "[" or "{"). A v11 call's text after its arguments' object, up to the
-    next [TOOL_CALLS], is dropped, and one whose arguments do not parse leaves the answer content (vLLM's keeps it a
-    call with the broken arguments)."""
+    text: a v11 call begins with its name, not "[" or "{"), or [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} (v13,
+    Magistral's), whose call keeps the id written (vLLM's makes its own: the tool's answer then names an id the
+    model never wrote) where it is Mistral's nine letters and digits and no earlier call's. A v11 call's text after
+    its arguments' object, up to the next [TOOL_CALLS], is dropped, and one whose arguments do not parse leaves the
+    answer content (vLLM's keeps it a call with the broken arguments)."""
     marker, short_ids = "[TOOL_CALLS]", True
     name = re.compile(r"[A-Za-z0-9_-]+")  # (mistral-common's function names)
+    call_id = re.compile(r"[A-Za-z0-9]{9}")  # (mistral-common's tool call ids)
 
     @staticmethod
     def v11(rest: str) -> bool:
         return rest.strip() != "" and rest.lstrip()[0] not in "[{"
 
     def v11_call(self, chunk: str):
-        """(name, where its arguments begin) of a v11 call's text (None: its name is not whole yet, or bad)."""
+        """(name, where its arguments begin, the id written or None) of a v11 or v13 call's text (None: its name is
+        not whole yet, or bad)."""
         at = chunk.find("{")
-        name = chunk[:at].strip().removesuffix("[ARGS]").strip()  # (whitespace about it: vLLM's regex skips it)
-        return (name, at) if at >= 0 and self.name.fullmatch(name) else None
+        # (whitespace about the name and the id: vLLM's regex skips it)
+        name, _, given = chunk[:at].strip().removesuffix("[ARGS]").partition("[CALL_ID]")
+        name, given = name.strip(), given.strip()
+        return (name, at, given if self.call_id.fullmatch(given) else None) \
+            if at >= 0 and self.name.fullmatch(name) else None
+
+    def v11_calls(self, rest: str) -> list:
+        """[(its text, name, where its arguments begin, its id or None), ...] of the v11 calls whose names are
+        whole, in order, up to the first that is not (an id an earlier call has: None)."""
+        out = []
+        for chunk in split_outside(rest, self.marker):
+            found = self.v11_call(chunk)
+            if found is None:
+                break
+            out.append((chunk, *found[:2], None if found[2] in [c[3] for c in out] else found[2]))
+        return out
+
+    def extract(self, text):
+        content, calls = super().extract(text)
+        rest = text[text.find(self.marker) + len(self.marker):]
+        if not calls or not self.v11(rest):
+            return content, calls
+        return content, [c + (i,) if i else c for c, (*_, i) in zip(calls, self.v11_calls(rest))]
 
     def objects(self, rest):  # (text after the JSON dropped, as vLLM's fallback regex drops it)
         if self.v11(rest):
             out = []
             for chunk in split_outside(rest, self.marker):
-                name, at = self.v11_call(chunk) or (None, None)
+                name, at, _ = self.v11_call(chunk) or (None, None, None)
                 if name is None:
                     raise ValueError("a v11 call is a name, [ARGS] and an object")
                 out.append({"name": name, "arguments": json.JSONDecoder().raw_decode(chunk, at)[0]})
@@ -260,12 +287,10 @@ class Mistral(Marked):
         if not self.v11(rest):
             return super().streamed(rest)
         out = []
-        for chunk in split_outside(rest, self.marker):
-            found = self.v11_call(chunk)
-            if found is None:
-                break
+        for chunk, name, at, given in self.v11_calls(rest):
             # (read as the JSON form's item; its first call alone: text after the object is not a call)
-            out += scan_calls(f'[{{"name": {json.dumps(found[0])}, "arguments": {chunk[found[1]:]}', self.keys)[:1]
+            out += [c + (given,) if given else c for c in scan_calls(
+                f'[{{"name": {json.dumps(name)}, "arguments": {chunk[at:]}', self.keys)[:1]]
         return out
 
 
