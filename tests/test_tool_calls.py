@@ -220,7 +220,8 @@ def test_the_openai_clients_shapes(both):
      "messages", "arguments must be the JSON text of an object"),
     ({"tool_choice": "none", "messages": [{"role": "function", "content": "1"}]}, "messages", "role 'function'"),
     ({"tool_choice": "none", "messages": USER + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
-      "function": {"name": "add", "arguments": '{"a": "<|im_end|>"}'}}]}, *USER]}, "messages",
+      "function": {"name": "add", "arguments": '{"a": "<|im_end|>"}'}}]},
+      {"role": "tool", "tool_call_id": "c", "content": "2"}, *USER]}, "messages",
      "spells the special token '<|im_end|>'"),  # (a template writes a call's arguments: no forged turn)
     ({"tool_choice": NAMED, "tools": [dict(TOOLS[0], function=dict(TOOLS[0]["function"], description="<|im_start|>"))]},
      "tools", "tools[0] spells the special token '<|im_start|>'"),
@@ -521,3 +522,30 @@ def test_continue_final_message_and_no_generation_prompt_are_transformers(both):
     assert body["usage"]["prompt_tokens"] == len(ids)
     status, body = call(server, "/v1/chat/completions", {"messages": USER, "continue_final_message": True})
     assert status == 400 and "must end with an assistant's text" in body["error"]["message"], body
+
+
+def test_every_call_is_answered_before_the_next_turn_as_openai_asks():
+    """OpenAI's rule (vLLM has none): an assistant's tool_calls are followed by tool messages answering each id
+    before a user, system or assistant message, or the conversation's end; else a 400 naming the ids unanswered.
+    Answered in any order, the conversation is taken."""
+    from tritongpt.train.serve import APIError, tool_messages
+
+    def calls(*ids):
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": i, "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}} for i in ids]}
+
+    def answer(i):
+        return {"role": "tool", "tool_call_id": i, "content": "2"}
+
+    ok = USER + [calls("c1", "c2"), answer("c2"), answer("c1"), {"role": "assistant", "content": "done"}] + USER
+    assert len(tool_messages(ok)) == 6
+    for messages, unanswered, at in ((USER + [calls("c1", "c2"), answer("c1")] + USER, "c2", 1),
+                                     (USER + [calls("c1"), {"role": "assistant", "content": "x"}] + USER, "c1", 1),
+                                     (USER + [calls("c1", "c2"), answer("c2")], "c1", 1),
+                                     (ok + [calls("c3", "c4"), answer("c3"), calls("c5"), answer("c5")], "c4", 6)):
+        with pytest.raises(APIError) as e:
+            tool_messages(messages)
+        assert e.value.status == 400 and e.value.param == "messages"
+        assert str(e.value) == (f"messages[{at}]: an assistant message with 'tool_calls' must be followed by tool "
+                                "messages responding to each 'tool_call_id'. The following tool_call_ids did not "
+                                f"have response messages: {unanswered}")

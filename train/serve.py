@@ -506,17 +506,26 @@ def tool_messages(messages, mode: str = "generate") -> list:
     """OpenAI's messages with tool use, checked by field and made what chat templates read (vLLM's chat_utils):
     system (first only), user, assistant (content, or null beside tool_calls [{"id", "type": "function",
     "function": {"name", "arguments": JSON text of an object}}], the arguments parsed: templates write them as
-    objects) and tool ({"tool_call_id": an earlier call's id, "content"}), ending with a user or tool message."""
+    objects) and tool ({"tool_call_id": an earlier call's id, "content"}), ending with a user or tool message. As
+    OpenAI's (not vLLM's, which renders whatever comes): an assistant's tool_calls are followed by tool messages
+    answering every id before any other message or the end (a call left unanswered has no turn to be answered in)."""
     from tritongpt.train.formats import message_content
+
+    def unanswered():
+        return bad("messages", f"messages[{asked}]: an assistant message with 'tool_calls' must be followed by tool "
+                               "messages responding to each 'tool_call_id'. The following tool_call_ids did not have "
+                               f"response messages: {', '.join(pending)}")
 
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list of messages")
-    out, ids = [], set()
+    out, ids, pending, asked = [], set(), [], None  # pending: the last tool_calls' ids not answered yet
     for i, m in enumerate(messages):
         at = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "user", "assistant", "tool"):
             raise bad("messages", f"{at}: role {role!r} is not one of system, user, assistant, tool")
+        if pending and role != "tool":
+            raise unanswered()
         if role == "system" and i:
             raise bad("messages", f"{at}: a system message comes first or not at all")
         calls = m.get("tool_calls") if role == "assistant" else None
@@ -545,6 +554,7 @@ def tool_messages(messages, mode: str = "generate") -> list:
                     raise bad("messages", f"{where}.function.arguments must be the JSON text of an object, got "
                                           f"{f['arguments']!r}"[:300])
                 ids.add(c["id"])
+                pending, asked = pending + [c["id"]], i
                 clean["tool_calls"].append({"id": c["id"], "type": "function",
                                             "function": {"name": f["name"], "arguments": args}})
         if role == "tool":
@@ -552,6 +562,7 @@ def tool_messages(messages, mode: str = "generate") -> list:
                 raise bad("messages", f"{at}: a tool message's tool_call_id must be an earlier assistant's tool "
                                       f"call's id, got {m.get('tool_call_id')!r}")
             clean["tool_call_id"] = m["tool_call_id"]
+            pending = [p for p in pending if p != m["tool_call_id"]]
         out.append(clean)
     if mode == "continue" and (out[-1]["role"] != "assistant" or out[-1].get("tool_calls")):
         what = "an assistant's tool calls" if out[-1].get("tool_calls") else f"a {out[-1]['role']} message"
@@ -560,6 +571,8 @@ def tool_messages(messages, mode: str = "generate") -> list:
     if mode == "generate" and out[-1]["role"] not in ("user", "tool"):
         raise bad("messages", f"'messages' must end with a user or tool message, not a {out[-1]['role']} one (an "
                               "assistant's answer is continued with continue_final_message)")
+    if pending:
+        raise unanswered()
     return out
 
 
