@@ -147,3 +147,27 @@ def test_served_fields_tokenize_and_refuse(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_static_mask_is_built_once_a_request_and_draws_the_same_tokens():
+    """The mask of the ids banned at every step (outside allowed_token_ids, one-token bad words) was rebuilt on the
+    host each decode step (a [rows, vocab] tensor sent to the device): it is built once for a request's ids and
+    reused (static_ban's cache), the tokens those of the by-hand reference; other ids build their own."""
+    from tritongpt.train.generate import static_ban
+
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(7))
+    allowed = list(range(3, VOCAB, 4))
+    words = [[allowed[2]], [allowed[0], allowed[1]]]
+    static_ban.cache_clear()
+    got = generate(model, idx, 5, allowed_token_ids=allowed, bad_words=words)
+    assert torch.equal(got, reference(model, idx, 5, allowed, words))
+    assert static_ban.cache_info().misses == 1 and static_ban.cache_info().hits == 4
+    engine = Engine(model, max_batch=4)
+    hs = [engine.submit(idx[:1], 4, allowed_token_ids=allowed, bad_words=words),
+          engine.submit(idx[1:], 4, allowed_token_ids=allowed[:9])]
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(hs[0].wait(), reference(model, idx[:1], 4, allowed, words))
+    assert torch.equal(hs[1].wait(), reference(model, idx[1:], 4, allowed[:9]))
+    assert static_ban.cache_info().misses == 2  # (the first request's ids were cached already)

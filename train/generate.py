@@ -21,6 +21,7 @@ that followed the text's last n-gram where it occurred before (see lookup_propos
 (draft=Prediction(ids), OpenAI's Predicted Outputs) proposes a given text's tokens where the answer stands in it.
 """
 import contextlib
+import functools
 import math
 
 import torch
@@ -289,16 +290,14 @@ def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, gen
     ids = list(allowed_token_ids or ()) + [t for word in bad_words or () for t in word]
     if ids and max(ids) >= V:  # (on the host: no sync)
         raise UserError(f"allowed_token_ids or bad_words have token id {max(ids)}, outside the {V} tokens drawn from")
-    ban = torch.zeros(B, V, dtype=torch.bool)
-    if allowed_token_ids:
-        ban[:] = True
-        ban[:, list(allowed_token_ids)] = False
-    ban = ban.to(logits.device, non_blocking=True)
-    for word in bad_words or ():
+    singles = tuple(word[0] for word in bad_words or () if len(word) == 1)
+    ban = static_ban(tuple(allowed_token_ids) if allowed_token_ids else None, singles, V, logits.device)
+    ban = ban.expand(B, V)
+    words = [word for word in bad_words or () if len(word) > 1]
+    if words:  # (the cached mask is shared: the rows' own bans on a copy)
+        ban = ban.clone()
+    for word in words:
         need = len(word) - 1
-        if need == 0:
-            ban[:, word[0]] = True
-            continue
         if seen is None or generated_from is None:
             raise UserError("a bad word of several tokens needs the ids so far (seen) and where the generated ones "
                             "start (generated_from)")
@@ -311,6 +310,20 @@ def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, gen
     logits = logits.masked_fill(ban, float("-inf"))
     check_drawable(logits, live)
     return logits
+
+
+@functools.lru_cache(maxsize=16)
+def static_ban(allowed: tuple | None, singles: tuple, V: int, device) -> torch.Tensor:
+    """allow_and_ban's mask [V] of the ids banned at every step (outside allowed, the one-token bad words), on
+    device: built once for a request's ids and reused each decode step (cached by them; built anew each step, it
+    was ~37 ms on the host at 50k allowed ids of GPT-2's vocabulary, and a [rows, V] copy to the device). Shared:
+    never written."""
+    ban = torch.zeros(V, dtype=torch.bool)
+    if allowed:
+        ban[:] = True
+        ban[list(allowed)] = False
+    ban[list(singles)] = True
+    return ban.to(device)
 
 
 def check_drawable(logits, live=None) -> None:
