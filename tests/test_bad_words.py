@@ -2,6 +2,8 @@
 prompt lookup's verify step each draw, greedy, the model's argmax among the allowed and unbanned tokens, computed
 here directly token by token; a word of several tokens is banned only after its prefix; and serve's fields, their
 tokenizing (vLLM's update_from_tokenizer) and their refusals."""
+import json
+
 import pytest
 import torch
 
@@ -171,3 +173,40 @@ def test_the_static_mask_is_built_once_a_request_and_draws_the_same_tokens():
     assert torch.equal(hs[0].wait(), reference(model, idx[:1], 4, allowed, words))
     assert torch.equal(hs[1].wait(), reference(model, idx[1:], 4, allowed[:9]))
     assert static_ban.cache_info().misses == 2  # (the first request's ids were cached already)
+
+
+def test_the_generate_command_takes_them_as_flags(tmp_path, capsys):
+    """generate --allowed-token-ids (comma-separated, or @FILE) and --bad-words (tokenized as serve's bad_words):
+    the text greedy draws is the by-hand reference's; bad values are refused by flag."""
+    from tritongpt import cli
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    tok = tiny_run(tmp_path / "run", "chat")
+    model = load_checkpoint(str(tmp_path / "run")).eval()
+    ids = tok.encode("the cat sat")
+    allowed = list(range(40, 290, 3))
+    free = reference(model, torch.tensor([ids]), 4, allowed)[0, len(ids):].tolist()
+    word = next(w for w in map(lambda t: tok.decode([t]), free) if tok.encode(w.lstrip()) in ([t] for t in free))
+    words = serve.bad_words_ids(lambda text, bos, special: tok.encode(text, allowed_special="all"), [word], 300)
+    want = reference(model, torch.tensor([ids]), 4, allowed, words)[0].tolist()
+    assert want[len(ids):] != free
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, allowed[:9])) + "\n" + ",".join(map(str, allowed[9:])))
+    base = ["generate", "--weights", str(tmp_path / "run"), "--prompt", "the cat sat", "--device", "cpu",
+            "--max-new-tokens", "4", "--temperature", "0"]
+    assert cli.main([*base, "--allowed-token-ids", "@" + str(tmp_path / "ids.txt"), "--bad-words", word]) == 0
+    assert capsys.readouterr().out == tok.decode(want) + "\n"
+    assert cli.main([*base, "--allowed-token-ids", ",".join(map(str, allowed))]) == 0
+    assert capsys.readouterr().out == tok.decode(ids + free) + "\n"
+    # --prompts FILE: the engine's rows take them too
+    (tmp_path / "p.txt").write_text("the cat sat\n")
+    batch = [*base[:3], "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o.jsonl"), *base[5:]]
+    assert cli.main([*batch, "--allowed-token-ids", ",".join(map(str, allowed)), "--bad-words", word]) == 0
+    text = tok.decode(want)
+    assert text.startswith("the cat sat") and json.loads((tmp_path / "o.jsonl").read_text())["text"] == text[11:]
+    for flags, said in ((["--allowed-token-ids", "1,x"], "--allowed-token-ids: 'x' is not a token id"),
+                        (["--allowed-token-ids", "5, 300"], "--allowed-token-ids has token id 300: the model's "
+                                                            "tokens are 0..299"),
+                        (["--allowed-token-ids", "@nope.txt"], "--allowed-token-ids @nope.txt: no such file"),
+                        (["--bad-words", " "], "--bad-words takes a word of text")):
+        assert cli.main([*base, *flags]) == 2
+        assert said in capsys.readouterr().err

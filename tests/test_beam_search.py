@@ -200,6 +200,8 @@ def test_triton_path_gives_the_same_beams(device, one_thread):
     (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
     (dict(max_new_tokens=13), r"prompt 5 \+ max_new_tokens 13 - 1 > context length 16"),
     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
+    (dict(allowed_token_ids=[1, 2]), "beam_search does not take allowed_token_ids"),
+    (dict(bad_words=[[1]]), "beam_search does not take bad_words"),
 ])
 def test_refusals(kw, said):
     model = GPTModel(GPTConfig(vocab_size=V, context_length=16, n_embd=32, n_layer=1, n_head=2))
@@ -248,6 +250,8 @@ def test_the_generate_command_prints_the_beams(saved, capsys, one_thread):
     (["--stream"], "does not take --stream"),
     (["--draft", "d.safetensors"], "does not take --draft"),
     (["--num-samples", "2"], "does not take --num-samples"),
+    (["--allowed-token-ids", "1,2"], "does not take --allowed-token-ids: the search scores"),
+    (["--bad-words", "cat"], "does not take --bad-words"),
     (["--num-return-sequences", "4"], "--num-return-sequences must be an integer in [1, --num-beams 3]"),
     (["--num-return-sequences", "0"], "--num-return-sequences must be an integer in [1, --num-beams 3]"),
     (["--num-beams", "0"], "--num-beams must be a positive integer"),

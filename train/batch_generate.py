@@ -176,7 +176,7 @@ def cmd_generate_prompts(args):
 
     from tritongpt.commands import (Choices, check_beam_args, check_cuda_graphs, check_generation_args,
                                     encode_generate_prompt, load_draft, load_generation_model, sampling_controls,
-                                    stop_strings)
+                                    stop_strings, token_masks)
     from tritongpt.train.common import autocast
     from tritongpt.train.engine import prefix_caching_said, speculation_said
     from tritongpt.train.serve import load_adapters, lora_modules, page_args
@@ -204,6 +204,7 @@ def cmd_generate_prompts(args):
         load_adapters(model, modules, args.max_lora_rank, None)
     check_cuda_graphs(args, device, model)
     draft = load_draft(args, model, tok, device) if args.draft else None
+    masks = token_masks(args, tok, limit or model.config.vocab_size)
     eot, ctx = eot_or_none(tok), model.config.context_length
     prompts, budgets, each, rows = [], [], [], []
     for where, rec in records:
@@ -254,7 +255,7 @@ def cmd_generate_prompts(args):
                        top_k=args.top_k, top_p=args.top_p, names=[where for where, _ in records], stats=stats,
                        prompt_lookup=args.prompt_lookup, num_draft_tokens=args.draft_tokens, draft=draft,
                        max_loras=args.max_loras,
-                       **sampling_controls(args), **page_args(args))
+                       **sampling_controls(args), **masks, **page_args(args))
     except BaseException:  # (an engine error or Ctrl-C midway) the lines written stand: say they are not all
         if f is not None:
             note(f"--out {out_path} holds the results of the first {bar.n} of {len(prompts)} prompts only")

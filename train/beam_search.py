@@ -46,10 +46,12 @@ def check_beam_search(num_beams, length_penalty, early_stopping, num_return_sequ
 def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return_sequences: int = 1, eos_id: int | None = None,
                 use_cache: bool = True, vocab_limit: int | None = None, repetition_penalty: float | None = None,
-                no_repeat_ngram_size: int | None = None, kv_cache_dtype: str = "auto", on_step=None):
+                no_repeat_ngram_size: int | None = None, kv_cache_dtype: str = "auto", on_step=None,
+                allowed_token_ids=None, bad_words=None):
     """Beam search from each row of idx [B, T] (the text within the model's context: no sliding window).
     kv_cache_dtype: generate()'s ("int8": the beams' cache quantized; a reorder moves the scales with the rows).
     on_step(): called before each step after the first; what it raises ends the search (serve: a client gone).
+    allowed_token_ids, bad_words (generate()'s): refused by name, as serve's use_beam_search refuses them.
 
     Returns (ids [B * R, T + n], scores [B * R]), R = num_return_sequences: each prompt's R best finished
     hypotheses, best first, their scores transformers' sequences_scores; shorter ones padded with eos_id.
@@ -60,6 +62,10 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_beam_search(num_beams, length_penalty, early_stopping, num_return_sequences)
+    for name, value in (("allowed_token_ids", allowed_token_ids), ("bad_words", bad_words)):
+        if value is not None:  # (they were a bare TypeError: an unexpected keyword)
+            raise UserError(f"beam_search does not take {name}: the search scores the model's log-probabilities "
+                            "unmasked (generate() draws with it)")
     check_sampling(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")

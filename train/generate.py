@@ -312,6 +312,20 @@ def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, gen
     return logits
 
 
+def bad_words_tokens(encode, words) -> list:
+    """vLLM's bad_words tokenized as its SamplingParams.update_from_tokenizer does: each word (its leading spaces
+    stripped) as it is, and with one leading space where that gives a different first token and as many tokens (the
+    word in the middle of the text). encode(text) -> ids: without a BOS, a special token's spelling its id (vLLM's
+    tokenizer's reading). -> [[ids], ...] (serve's bad_words, generate's --bad-words)"""
+    out = []
+    for word in words:
+        for prefix in ("", " "):
+            ids = encode(prefix + word.lstrip())
+            if ids and (not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
+                out.append(ids)
+    return out
+
+
 @functools.lru_cache(maxsize=16)
 def static_ban(allowed: tuple | None, singles: tuple, V: int, device) -> torch.Tensor:
     """allow_and_ban's mask [V] of the ids banned at every step (outside allowed, the one-token bad words), on

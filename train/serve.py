@@ -782,16 +782,12 @@ def logit_bias_setting(bias):
 
 
 def bad_words_ids(encode, words: list, vocab: int) -> list:
-    """vLLM's bad_words tokenized as its SamplingParams.update_from_tokenizer does: each word (its leading spaces
-    stripped) as it is, and with one leading space where that gives a different first token and as many tokens (the
-    word in the middle of the text). encode: App.encode (special: a special token's spelling its id, as vLLM's
-    tokenizer reads it, without a BOS). -> [[ids], ...]"""
-    out = []
-    for word in words:
-        for prefix in ("", " "):
-            ids = encode(prefix + word.lstrip(), bos=False, special=True)
-            if ids and (not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
-                out.append(ids)
+    """vLLM's bad_words tokenized (generate.bad_words_tokens) by encode, App.encode (special: a special token's
+    spelling its id, as vLLM's tokenizer reads it, without a BOS), each id checked against the model's. -> [[ids],
+    ...]"""
+    from tritongpt.train.generate import bad_words_tokens
+
+    out = bad_words_tokens(lambda text: encode(text, bos=False, special=True), words)
     if out and max(max(ids) for ids in out) >= vocab:
         raise bad("bad_words", f"'bad_words' tokenize to token id {max(max(ids) for ids in out)}: the model's tokens "
                                f"are 0..{vocab - 1}")

@@ -389,6 +389,51 @@ def sampling_controls(args) -> dict:
                 top_n_sigma=args.top_n_sigma)
 
 
+def add_mask_args(p):
+    """generate's vLLM allowed_token_ids and bad_words flags (serve's fields)."""
+    p.add_argument("--allowed-token-ids", default=None, metavar="IDS",
+                   help="draw only these token ids, comma-separated (or @FILE: ids separated by commas or "
+                        "whitespace), as vLLM's allowed_token_ids; before the penalties and the other sampling flags")
+    p.add_argument("--bad-words", action="append", default=None, metavar="WORD",
+                   help="never draw WORD's tokens in a row, as vLLM's bad_words: the word tokenized as it is and "
+                        "with a leading space (where that gives as many tokens), its last token banned where its "
+                        "others end the generated text; repeat it for several")
+
+
+def token_masks(args, tok, vocab: int) -> dict:
+    """--allowed-token-ids and --bad-words as generate()'s allowed_token_ids and bad_words (tokenized by tok as
+    vLLM's update_from_tokenizer), each id checked against the model's vocab tokens."""
+    from pathlib import Path
+
+    from tritongpt.train.generate import bad_words_tokens
+
+    allowed, text = None, args.allowed_token_ids
+    if text is not None:
+        where = "--allowed-token-ids"
+        if text.startswith("@"):
+            path = Path(text[1:])
+            if not path.is_file():
+                raise UserError(f"--allowed-token-ids {text}: no such file")
+            text, where = path.read_text(encoding="utf-8"), f"--allowed-token-ids {path}"
+        items = text.replace(",", " ").split()
+        bad = next((t for t in items if not t.isdecimal()), None)
+        if bad is not None or not items:
+            raise UserError(f"{where}: " + (f"{bad!r} is not a token id" if bad is not None else "no token ids")
+                            + " (give integers >= 0, comma-separated, or @FILE)")
+        allowed = [int(t) for t in items]
+        if max(allowed) >= vocab:
+            raise UserError(f"{where} has token id {max(allowed)}: the model's tokens are 0..{vocab - 1}")
+    words = None
+    if args.bad_words is not None:
+        if not all(w.strip() for w in args.bad_words):
+            raise UserError("--bad-words takes a word of text, not an empty one")
+        words = bad_words_tokens(lambda w: tok.encode(w, allowed_special="all"), args.bad_words)
+        if max(max(ids) for ids in words) >= vocab:
+            raise UserError(f"--bad-words tokenize to token id {max(max(ids) for ids in words)}: the model's tokens "
+                            f"are 0..{vocab - 1}")
+    return dict(allowed_token_ids=allowed, bad_words=words)
+
+
 def load_generation_model(args):
     """(model in eval mode on its device with --kernels, tokenizer, device, dtype, vocab_limit) from
     --weights, --pretrained or a random --model; vocab_limit: the tokenizer's size where the model
@@ -497,6 +542,7 @@ def cmd_generate(args):
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
     draft = load_draft(args, model, tok, device) if args.draft else None
+    masks = token_masks(args, tok, limit or model.config.vocab_size)
     lead, ids = encode_generate_prompt(tok, prompt, args.allow_special)
     if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
@@ -535,7 +581,7 @@ def cmd_generate(args):
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
                        stop=stopped if stops else None, draft=draft, num_draft_tokens=num_draft, stats=stats,
                        cuda_graph=args.cuda_graphs, kv_cache_dtype=args.kv_cache_dtype, guide=guide,
-                       **sampling_controls(args)).tolist()
+                       **sampling_controls(args), **masks).tolist()
     if stream:
         stream.close()
     if draft is not None:
@@ -611,6 +657,10 @@ def check_beam_args(args):
         if value:
             raise UserError(f"--num-beams (beam search) does not take {flag}: it is deterministic, without "
                             "sampling, stop strings, streaming or a draft (--num-return-sequences R prints R beams)")
+    for flag, value in (("--allowed-token-ids", args.allowed_token_ids), ("--bad-words", args.bad_words)):
+        if value is not None:  # (serve refuses allowed_token_ids and bad_words with use_beam_search too)
+            raise UserError(f"--num-beams (beam search) does not take {flag}: the search scores the model's "
+                            "log-probabilities unmasked")
     return beams
 
 
@@ -1439,6 +1489,7 @@ def add_cli(sub):
                         "stop); repeat it for several (backslash escapes: --stop '\\n\\n')")
     add_sampling_args(p, max_new_tokens=50, temperature=None,
                       temperature_text=f"{GENERATE_TEMPERATURE}, as nanoGPT's sample.py; 0 with --num-beams")
+    add_mask_args(p)
     add_draft_args(p, " (--num-samples too: every sample keeps as many draft tokens a step as the one that keeps "
                       "fewest)", lookup=True)
     add_beam_args(p)
