@@ -17,8 +17,9 @@
 #   reached: decode_attention (one KV-cache decode step, the split-KV path against triton-1pass, SDPA and
 #   flash-attn), matmul (our matmul against cuBLAS per operand layout), int8_linear (the weight-only int8
 #   linear against bf16 F.linear and torch's int8 matmul), int4_linear (the int4 one, against F.linear and
-#   torch's int4 matmul), lora (the multi-LoRA shrink + expand against the gather + bmm's) and token_mask
-#   (structured outputs' grammar mask against the reference and xgrammar's own kernels), within
+#   torch's int4 matmul), lora (the multi-LoRA shrink + expand against the gather + bmm's), token_mask
+#   (structured outputs' grammar mask against the reference and xgrammar's own kernels) and sampling (the fused
+#   sampling kernel against sort-based top-p, torch.multinomial, torch.compile and flashinfer's), within
 #   EXTRA_MINUTES (default 1.5),
 #   into results-extra/ and autotune-timings-extra.json
 #   graphs (not part of all): `bench kernels --cuda-graphs` of LayerNorm, attention and the loss, each row timed
@@ -259,8 +260,8 @@ if [ "$what" = profile ]; then
 fi
 if [ "$what" = kernels-extra ]; then
     extra_bench extra "${EXTRA_MINUTES:-1.5}" \
-        "kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask" \
-        kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask
+        "kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling" \
+        kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling
 fi
 if [ "$what" = graphs ]; then
     extra_bench graphs "${EXTRA_MINUTES:-1.5}" "kernels --cuda-graphs" kernels --cuda-graphs \

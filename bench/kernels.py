@@ -159,7 +159,17 @@ reference, model/sampling.py's apply_token_bitmask_reference: unpack, masked_fil
 kernels/token_mask.py's apply_token_bitmask_, in place) and xgrammar's own in-place kernels, xgrammar-triton and
 xgrammar-cuda (xgrammar.apply_token_bitmask_inplace's backends), when xgrammar is installed: each is run once before
 the timing, and one that fails on this device is a skipped row saying why. Bytes: the bitmask read and the banned
-logits written (TOKEN_MASK_BYTES_NOTE). It runs after lora, last of all, so a short budget drops it first.
+logits written (TOKEN_MASK_BYTES_NOTE). It runs after lora.
+sampling is sampling's last step, temperature, top-k, top-p and min-p cuts then one token a row drawn, forward only,
+at token_mask's batches and vocabularies, random logits (randn x 3), in fp32 and the run's dtype, for each of
+SAMPLING_SETTINGS: torch (sample_next's reference: train/generate.py's sampling_logits, top-p by a sort, then
+model/sampling.py's draw_with_uniform, the inverse CDF at torch.rand), torch-multinomial (the same cuts, then
+torch.multinomial: what most code draws with), compile (torch.compile of torch), triton (ours, kernels/sampling.py's
+sample_tokens at torch.rand: the cuts by radix select, no sort, and the draw in one kernel) and flashinfer (its
+top_k_top_p_sampling_from_logits; with no cut sampling_from_probs; with min-p top_k_renorm_probs, top_p_renorm_probs,
+then min_p_sampling_from_probs; on the logits divided by T), when flashinfer is installed: run once before the timing,
+one that fails here or draws a token outside sampling_logits' cut is a skipped row saying why. No bytes or FLOPs: a
+row's rate is tokens_per_s (B tokens a call). It runs after token_mask, last of all, so a short budget drops it first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -245,6 +255,9 @@ PROVIDERS = {
     "lora": ("torch", "triton", "triton-rows", "triton-grouped"),
     # structured outputs' grammar mask, in place, forward only: the reference, ours and xgrammar's own kernels
     "token_mask": ("torch", "triton", "xgrammar-triton", "xgrammar-cuda"),
+    # sampling's cuts and draw, forward only: the reference (sort-based top-p, inverse CDF), it with torch.multinomial,
+    # it compiled, ours (one kernel, no sort) and flashinfer's sampling kernels
+    "sampling": ("torch", "torch-multinomial", "compile", "triton", "flashinfer"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -261,6 +274,11 @@ LORA_BYTES_NOTE = ("bytes: x once, y read and written, each adapter the rows use
                    "reads)")
 TOKEN_MASK_BYTES_NOTE = "bytes: the bitmask read, the banned logits written (not what each provider reads)"
 TOKEN_MASK_KINDS = {"random": 0.5, "json-string": 0.98}  # token_mask's masks: the share of tokens allowed
+# sampling's settings: sample_next's arguments (temperature 0.8 in each: a typical chat setting)
+SAMPLING_SETTINGS = {"temperature": dict(temperature=0.8),
+                     "top_k": dict(temperature=0.8, top_k=50),
+                     "top_p": dict(temperature=0.8, top_p=0.9),
+                     "top_k+top_p+min_p": dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05)}
 INT4_GROUP_SIZE = 128  # int4_linear's G: gpt-fast's and torchao's default; every K of int8_shapes is a multiple
 # a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
 GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
@@ -295,7 +313,9 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   # lora: (rows B, tokens a row T, K, N, rank R, adapters S): a decode batch and a prefill on fc1
                   lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)),
                   # token_mask: batches and vocabularies (GPT-2's, Qwen's)
-                  token_mask_batches=(1, 8, 64, 256), token_mask_vocabs=(50257, 151936))
+                  token_mask_batches=(1, 8, 64, 256), token_mask_vocabs=(50257, 151936),
+                  # sampling: batches and vocabularies (GPT-2's, Qwen's)
+                  sampling_batches=(1, 8, 64, 256), sampling_vocabs=(50257, 151936))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
@@ -308,7 +328,8 @@ QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    decode_batches=(1,), decode_seqlens=(4096,), decode_heads=((32, 8, 128),),
                    matmul_widths=(768,), int8_rows=(1, 4096), int8_shapes=((768, 3072), (4096, 14336)),
                    lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)),
-                   token_mask_batches=(1, 64), token_mask_vocabs=(151936,))
+                   token_mask_batches=(1, 64), token_mask_vocabs=(151936,),
+                   sampling_batches=(1, 64), sampling_vocabs=(151936,))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -1146,6 +1167,78 @@ def token_mask_providers(logits, bitmask):
 
     return {"torch": torch_op, "triton": triton_op, "xgrammar-triton": lambda: xgrammar_op("triton"),
             "xgrammar-cuda": lambda: xgrammar_op("cuda")}
+
+
+def sampling_providers(logits, temperature, top_k=None, top_p=None, min_p=None):
+    """One token a row of logits [B, V] drawn from softmax(logits / temperature) cut by top_k, top_p and min_p (see
+    sampling in the module docstring); every provider returns ids [B] and draws its own uniforms each call (as
+    sample_next does: torch.rand, or the peer's own RNG)."""
+    cuts = dict(top_k=top_k, top_p=top_p, min_p=min_p)
+
+    def cut():
+        fn, why = try_import("tritongpt.train.generate", "sampling_logits")
+        if fn is None:
+            raise Unavailable(why)
+        return lambda: fn(logits, temperature, **cuts)
+
+    def torch_op():  # sample_next(triton=False): the cuts (top-p by a sort), then the inverse CDF at torch.rand
+        fn, why = try_import("tritongpt.model.sampling", "draw_with_uniform")
+        if fn is None:
+            raise Unavailable(why)
+        cuts_of = cut()
+        return (lambda: fn(cuts_of(), torch.rand(logits.size(0), device=logits.device))), []
+
+    def multinomial():  # the same cuts, then what most code draws with
+        cuts_of = cut()
+        return (lambda: torch.multinomial(torch.softmax(cuts_of(), dim=-1), 1)[:, 0]), []
+
+    def compiled():
+        forward, leaves = torch_op()
+        return _fresh_compile(forward), leaves
+
+    def triton_op():  # sample_next(triton=True): the cuts and the draw in one kernel, at torch.rand's uniforms
+        fn, why = try_import("tritongpt.kernels.sampling", "sample_tokens")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(logits, torch.rand(logits.size(0), device=logits.device), temperature, **cuts)), []
+
+    def flashinfer_op():
+        fi, why = try_import("flashinfer.sampling")
+        if fi is None:
+            raise Unavailable(why)
+        if min_p:
+            needs = ("top_k_renorm_probs", "top_p_renorm_probs", "min_p_sampling_from_probs")
+        else:
+            needs = ("top_k_top_p_sampling_from_logits",) if top_k or top_p else ("sampling_from_probs",)
+        missing = [n for n in needs if not hasattr(fi, n)]
+        if missing:
+            raise Unavailable(f"this flashinfer has no flashinfer.sampling.{missing[0]}")
+        V = logits.size(-1)
+
+        def run():  # it takes no temperature: the logits are divided first (float32, as its kernels want)
+            x = logits.float() / temperature
+            if min_p:  # no fused top-k + top-p + min-p: the first two renormalize, min_p's sampler draws
+                probs = torch.softmax(x, dim=-1)
+                if top_k:
+                    probs = fi.top_k_renorm_probs(probs, top_k)
+                if top_p:
+                    probs = fi.top_p_renorm_probs(probs, top_p)
+                return fi.min_p_sampling_from_probs(probs, min_p)
+            if top_k or top_p:
+                return fi.top_k_top_p_sampling_from_logits(x, top_k or V, top_p or 1.0)
+            return fi.sampling_from_probs(torch.softmax(x, dim=-1))
+        try:  # a peer that cannot run here (no CUDA, its JIT not built) is a missing row, not a crash
+            ids = run().long()
+        except Exception as e:
+            raise Unavailable(f"flashinfer's sampling failed here ({reason_of(e, 120)})") from None
+        # its rows time the same cuts only if it draws inside them (a changed argument order would not)
+        kept = cut()() > float("-inf")
+        if not bool(kept.gather(1, ids.clamp(0, V - 1)[:, None]).all()):
+            raise Unavailable("flashinfer's sampling drew a token outside sampling_logits' cut: not the same cuts")
+        return run, []
+
+    return {"torch": torch_op, "torch-multinomial": multinomial, "compile": compiled, "triton": triton_op,
+            "flashinfer": flashinfer_op}
 
 
 def cross_entropy_providers(x, t):
@@ -1991,6 +2084,30 @@ def sweep_token_mask(timer, budget, batches, vocabs, dtype, modes=MODES, provide
     return out
 
 
+def sweep_sampling(timer, budget, batches, vocabs, dtype, modes=MODES, providers=None):
+    """Sampling at each batch B and vocabulary V, for each SAMPLING_SETTINGS setting, in fp32 and dtype; "fwd" only of
+    modes. Random logits (randn x 3: a few tokens hold most of the mass, as a model's do). No bytes or FLOPs: each
+    ok row's rate is tokens_per_s, B tokens a call."""
+    out = []
+    dev = timer.device
+    modes = tuple(m for m in modes if m == "fwd")
+    for dt in dict.fromkeys((torch.float32, dtype)) if modes else ():
+        for v in vocabs:
+            for b in batches:
+                for name, setting in SAMPLING_SETTINGS.items():
+                    logits = randn(b, v, device=dev, dtype=dt, scale=3.0, requires_grad=False)
+                    cfg = {"B": b, "vocab": v, "setting": name, **setting, "dtype": dtype_name(dt)}
+                    rows = bench_providers("sampling", cfg, sampling_providers(logits, **setting), modes, timer,
+                                           budget, lambda mode: {}, providers)
+                    for row in rows:
+                        if is_ok(row):
+                            row["tokens_per_s"] = b * 1000.0 / row["ms"]
+                    out += rows
+                    del logits
+                    timer.cleanup()
+    return out
+
+
 def sweep_int4_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None,
                       group_size=INT4_GROUP_SIZE):
     """The weight-only int4 linear at each (K, N) of shapes and each row count, G group_size (or, for a K it does not
@@ -2258,7 +2375,9 @@ def _sweep_plan(sizes, part):
             # multi-LoRA serving's delta: after int4_linear
             "lora": [sizes["lora_shapes"]] if part == "rest" else [],
             # structured outputs' grammar mask: after lora
-            "token_mask": [(sizes["token_mask_batches"], sizes["token_mask_vocabs"])] if part == "rest" else []}
+            "token_mask": [(sizes["token_mask_batches"], sizes["token_mask_vocabs"])] if part == "rest" else [],
+            # sampling's cuts and draw: after token_mask
+            "sampling": [(sizes["sampling_batches"], sizes["sampling_vocabs"])] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -2268,7 +2387,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
                      "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
-                     "token_mask"),
+                     "token_mask", "sampling"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -2278,9 +2397,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear, lora and token_mask (the newest
-    ops), so a short budget drops token_mask first, then lora, then int4_linear, then int8_linear, then matmul, then
-    decode_attention, then lm_head_distill, then moe_mlp, then alibi_attention, then
+    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask and sampling (the
+    newest ops), so a short budget drops sampling first, then token_mask, then lora, then int4_linear, then
+    int8_linear, then matmul, then decode_attention, then lm_head_distill, then moe_mlp, then alibi_attention, then
     lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
     the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
@@ -2438,6 +2557,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"grammar token mask ({part}{label}): B {list(batches)}, V {list(vocabs)}, masks "
                     f"{list(TOKEN_MASK_KINDS)} ...")
                 rows += sweep_token_mask(timer, budget, batches, vocabs, dtype, modes, provs)
+        for provs, label in groups:
+            for batches, vocabs in plan["sampling"] if "sampling" in ops else ():
+                log(f"sampling's cuts and draw ({part}{label}): B {list(batches)}, V {list(vocabs)}, settings "
+                    f"{list(SAMPLING_SETTINGS)} ...")
+                rows += sweep_sampling(timer, budget, batches, vocabs, dtype, modes, provs)
 
 
 def sort_rows(rows):

@@ -1,5 +1,6 @@
 """The benchmark harness on a CPU (formulas, rows, targets, files, CLI) and, with CUDA, a real
 --quick run. Everything here is small: the CPU is shared, and timings are not asserted."""
+import importlib.util
 import json
 import math
 import sys
@@ -534,7 +535,7 @@ def test_run_kernels_end_to_end_on_cpu():
                    rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),),
                    decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),), matmul_widths=(8,),
                    int8_rows=(1, 4), int8_shapes=((16, 8),), lora_shapes=((3, 1, 16, 8, 5, 2), (2, 3, 16, 8, 5, 2)),
-                   token_mask_batches=(2,), token_mask_vocabs=(70,)),
+                   token_mask_batches=(2,), token_mask_vocabs=(70,), sampling_batches=(2,), sampling_vocabs=(70,)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -548,15 +549,20 @@ def test_run_kernels_end_to_end_on_cpu():
     # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
     # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only), the int8 linear
     # and the int4 one at 2 row counts (reference, torch; forward only), the LoRA delta at 2 shapes (torch; fwd only),
-    # the token mask's 2 masks (torch; fwd only; fp32 is the run's dtype)
+    # the token mask's 2 masks (torch; fwd only; fp32 is the run's dtype), sampling's 4 settings (torch; fwd only)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2 + 2 + 2)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2 + 2 + 2 + 4)
     banned = [r for r in timed if r["op"] == "token_mask"]
     assert [(r["provider"], r["config"]["mask"], r["config"]["dtype"]) for r in banned] == \
         [("torch", "random", "fp32"), ("torch", "json-string", "fp32")]
     # bytes: the 2 x 3 words, then at most every logit banned, in fp32
     assert all(24 < r["bytes"] <= 24 + 2 * 70 * 4 for r in banned)
+    drawn = [r for r in timed if r["op"] == "sampling"]
+    assert [(r["provider"], r["config"]["setting"], r["config"]["B"]) for r in drawn] == \
+        [("torch", s, 2) for s in kernels.SAMPLING_SETTINGS]
+    # a rate in tokens (2 a call), no bytes or FLOPs: no percent of a ceiling
+    assert all(r["tokens_per_s"] == 2000 / r["ms"] and "bytes" not in r and "flops" not in r for r in drawn)
     assert [(r["provider"], r["config"]["B"], r["config"]["T"], r["flops"], r["bytes"]) for r in timed
             if r["op"] == "lora"] == [("torch", b, t, 2 * b * t * 5 * (16 + 8),
                                        (b * t * 16 + 2 * b * t * 8 + 2 * 5 * 24) * 4) for b, t in ((3, 1), (2, 3))]
@@ -609,7 +615,7 @@ def test_run_kernels_end_to_end_on_cpu():
     att = [r for r in timed if r["op"] == "attention"]
     assert [r["config"]["seq_len"] for r in att][:6] == [16] * 6
     assert att[0]["config"]["batch"] == 2 and att[0]["config"]["heads"] == 2
-    for r in timed:
+    for r in (r for r in timed if r["op"] != "sampling"):
         by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope", "rmsnorm", "add_rmsnorm",
                                "rope_partial", "decode_attention", "token_mask")
         key = "pct_of_copy_bw" if by_bytes else "pct_of_matmul"
@@ -658,6 +664,7 @@ def test_target_configurations_are_measured_first_and_exactly_once():
     assert first["int4_linear"] == [] and rest["int4_linear"] == rest["int8_linear"]
     assert first["lora"] == [] and rest["lora"] == [((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4))]
     assert first["token_mask"] == [] and rest["token_mask"] == [((1, 8, 64, 256), (50257, 151936))]
+    assert first["sampling"] == [] and rest["sampling"] == [((1, 8, 64, 256), (50257, 151936))]
     assert full["gqa_heads"] == ((32, 8, 128), (12, 1, 64), (4, 1, 256))
     assert full["gqa_seqlens"] == (512, 1024, 2048, 4096, 8192)
     for op, key in (("layernorm", "ln_widths"), ("mlp", "mlp_widths")):
@@ -1183,6 +1190,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(kernels.QUICK_SIZES, "int8_shapes", ((16, 8),))
     monkeypatch.setitem(kernels.QUICK_SIZES, "lora_shapes", ((3, 1, 16, 8, 5, 2),))  # nor lora's
     monkeypatch.setitem(kernels.QUICK_SIZES, "token_mask_vocabs", (70,))  # nor token_mask's
+    monkeypatch.setitem(kernels.QUICK_SIZES, "sampling_vocabs", (70,))  # nor sampling's
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
@@ -1226,7 +1234,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
                                             "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention",
-                                            "matmul", "int8_linear", "int4_linear", "lora", "token_mask"}
+                                            "matmul", "int8_linear", "int4_linear", "lora", "token_mask",
+                                            "sampling"}
     assert {(r["config"]["M"], r["config"]["C"]) for r in k["rows"] if r["op"] == "matmul"} == {(8, 8), (32, 8)}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
@@ -2062,6 +2071,99 @@ def test_token_mask_rows_time_every_provider_masking_the_same_tokens(device):
         assert all(r["status"].startswith("skipped: ") for r in rows if r["provider"] == "xgrammar-cuda")
     assert kernels.sweep_token_mask(quick_timer(), Budget(None), (2,), (70,), torch.float32,
                                     modes=("bwd", "fwd+bwd")) == []
+
+
+def test_sampling_rows_time_every_provider_drawing_inside_the_same_cut(device):
+    """sampling: for each setting torch (the reference) and ours draw the same tokens from one seed (both by inverse
+    CDF at torch.rand), torch.multinomial draws inside the reference's cut; flashinfer, not installed, is a skipped
+    row saying why, not a crash; the rows are forward only, every setting in fp32 and the run's dtype, their rate
+    tokens a second (B a call)."""
+    from tritongpt.train.generate import sampling_logits
+
+    logits = torch.randn(3, 70, generator=torch.Generator().manual_seed(4)).to(device) * 3
+    for name, setting in kernels.SAMPLING_SETTINGS.items():
+        providers = kernels.sampling_providers(logits, **setting)
+        assert list(providers) == ["torch", "torch-multinomial", "compile", "triton", "flashinfer"]
+        kept = sampling_logits(logits, **setting) > float("-inf")
+        drawn = {}
+        for p in ("torch", "torch-multinomial", "triton"):
+            f, _ = providers[p]()
+            torch.manual_seed(11)
+            drawn[p] = f()
+            assert drawn[p].shape == (3,) and kept.gather(1, drawn[p][:, None]).all(), (name, p)
+        assert torch.equal(drawn["torch"], drawn["triton"]), name
+    rows = kernels.sweep_sampling(quick_timer(), Budget(None), (2,), (70,), torch.bfloat16,
+                                  providers=("triton", "flashinfer"))
+    assert {(r["provider"], r["config"]["setting"], r["config"]["dtype"]) for r in rows} == {
+        (p, s, d) for p in ("triton", "flashinfer") for s in kernels.SAMPLING_SETTINGS for d in ("fp32", "bf16")}
+    assert len(rows) == 16 and {r["mode"] for r in rows} == {"fwd"}
+    assert {(r["config"]["top_k"], r["config"]["min_p"]) for r in rows
+            if r["config"]["setting"] == "top_k+top_p+min_p"} == {(50, 0.05)}
+    ours = [r for r in rows if r["provider"] == "triton"]
+    assert all(r["status"] == "ok" and r["tokens_per_s"] == 2000 / r["ms"] for r in ours)
+    if importlib.util.find_spec("flashinfer") is None:
+        assert all(r["status"].startswith("skipped: flashinfer.sampling not importable") for r in rows
+                   if r["provider"] == "flashinfer")
+    assert kernels.sweep_sampling(quick_timer(), Budget(None), (2,), (70,), torch.float32,
+                                  modes=("bwd", "fwd+bwd")) == []
+
+
+def _fake_flashinfer(monkeypatch, calls, outside=False):
+    """flashinfer.sampling stood in by torch functions of its documented signatures, recording which ran; outside:
+    each draws the row's least likely token (a peer not cutting as the reference does)."""
+    def draw(probs):
+        calls.append("draw")
+        return (probs.argmin(-1) if outside else torch.multinomial(probs, 1)[:, 0]).int()
+
+    def keep_top_k(probs, k):
+        calls.append("top_k_renorm_probs")
+        return probs.masked_fill(probs < torch.topk(probs, k).values[:, -1:], 0.0)
+
+    def keep_top_p(probs, p):
+        calls.append("top_p_renorm_probs")
+        sorted_p, order = torch.sort(probs, descending=True)
+        return probs * torch.zeros_like(probs).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p < p * probs.sum(
+            -1, keepdim=True)).float())
+
+    def min_p_sampling_from_probs(probs, min_p):
+        calls.append("min_p_sampling_from_probs")
+        return draw(probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0))
+
+    def top_k_top_p_sampling_from_logits(logits, top_k, top_p):
+        calls.append(f"top_k_top_p_sampling_from_logits k={top_k} p={top_p}")
+        return draw(keep_top_p(keep_top_k(torch.softmax(logits, -1), top_k), top_p))
+
+    fi = types.ModuleType("flashinfer")
+    fi.sampling = types.SimpleNamespace(sampling_from_probs=draw, top_k_renorm_probs=keep_top_k,
+                                        top_p_renorm_probs=keep_top_p,
+                                        min_p_sampling_from_probs=min_p_sampling_from_probs,
+                                        top_k_top_p_sampling_from_logits=top_k_top_p_sampling_from_logits)
+    monkeypatch.setitem(sys.modules, "flashinfer", fi)
+    monkeypatch.setitem(sys.modules, "flashinfer.sampling", fi.sampling)
+
+
+def test_flashinfer_sampling_rows_run_its_kernel_for_each_setting_and_refuse_another_cut(monkeypatch):
+    """The flashinfer provider (a stand-in here: no flashinfer on the CPU) runs, per setting, its plain sampler, its
+    fused top-k + top-p one (top_k V or top_p 1 for the cut not asked) or the renorms then the min-p sampler, on the
+    tempered logits; a peer drawing outside the reference's cut is a skipped row saying so, never a timed one."""
+    logits = torch.randn(2, 70, generator=torch.Generator().manual_seed(6)) * 3
+    want = {"temperature": ["draw"], "top_k": ["top_k_top_p_sampling_from_logits k=50 p=1.0", "top_k_renorm_probs",
+                                              "top_p_renorm_probs", "draw"],
+            "top_p": ["top_k_top_p_sampling_from_logits k=70 p=0.9", "top_k_renorm_probs", "top_p_renorm_probs",
+                      "draw"],
+            "top_k+top_p+min_p": ["top_k_renorm_probs", "top_p_renorm_probs", "min_p_sampling_from_probs", "draw"]}
+    for name, setting in kernels.SAMPLING_SETTINGS.items():
+        calls = []
+        _fake_flashinfer(monkeypatch, calls)
+        f, _ = kernels.sampling_providers(logits, **setting)["flashinfer"]()
+        del calls[:]
+        assert f().shape == (2,) and calls == want[name], name
+        _fake_flashinfer(monkeypatch, [], outside=True)
+        if name == "temperature":  # no cut: the least likely token is a fair draw
+            kernels.sampling_providers(logits, **setting)["flashinfer"]()
+            continue
+        with pytest.raises(kernels.Unavailable, match="outside sampling_logits' cut"):
+            kernels.sampling_providers(logits, **setting)["flashinfer"]()
 
 
 def test_softcap_attention_rows_time_each_provider_on_the_same_capped_scores(device):
@@ -2953,7 +3055,8 @@ def test_every_provider_builder_is_in_the_sweep():
                                                           torch.ones(5, 1), torch.zeros(5, 1)),
              "lora": kernels.lora_providers(torch.zeros(1, 1, 5), x[None, :1], torch.zeros(1, 2, 8),
                                             torch.zeros(1, 5, 2), torch.zeros(1, dtype=torch.long)),
-             "token_mask": kernels.token_mask_providers(x, torch.zeros(4, 1, dtype=torch.int32))}
+             "token_mask": kernels.token_mask_providers(x, torch.zeros(4, 1, dtype=torch.int32)),
+             "sampling": kernels.sampling_providers(x, 1.0)}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -3234,7 +3337,7 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
               "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul",
               "int8_linear": "sweep_int8_linear", "int4_linear": "sweep_int4_linear", "lora": "sweep_lora",
-              "token_mask": "sweep_token_mask"}
+              "token_mask": "sweep_token_mask", "sampling": "sweep_sampling"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
@@ -3242,14 +3345,14 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
               "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
-              "token_mask"]
-    assert calls[-40:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-40]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-40]
+              "token_mask", "sampling"]
+    assert calls[-42:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-42]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-42]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-20:] == newest
+    assert default_ops[-21:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
@@ -4339,23 +4442,23 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
 
 
 def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
-    """`bash bench/gpu_session.sh kernels-extra` (not part of all) times the four ops `bench all`'s budget reaches
-    last, decode_attention, matmul, int8_linear and int4_linear, within EXTRA_MINUTES, into results-extra/, and packs
-    it; no tests, no `bench all`. The command parses as `tritongpt bench kernels` with those ops. Python is a
-    stand-in."""
+    """`bash bench/gpu_session.sh kernels-extra` (not part of all) times the ops `bench all`'s budget reaches
+    last, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask and sampling, within EXTRA_MINUTES,
+    into results-extra/, and packs it; no tests, no `bench all`. The command parses as `tritongpt bench kernels` with
+    those ops. Python is a stand-in."""
     from session_stub import run_gpu_session
     from tritongpt.cli import build_parser
 
     runs, work, stdout = run_gpu_session(tmp_path, "kernels-extra", EXTRA_MINUTES="0.7")
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
-    assert bench == ["bench", "kernels", "--ops", "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask",
+    assert bench == ["bench", "kernels", "--ops",
+                     "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling",
                      "--max-minutes", "0.7", "--out", f"{work}/results-extra"]
     args = build_parser().parse_args(bench)
-    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask"
+    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling"
     assert not any("pytest" in c for c in runs) and not any("all" in c[2:4] for c in runs if c[:1] == ["-m"])
-    assert ("== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask "
-            "(budget 0.7 min)") \
-        in stdout
+    assert ("== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,"
+            "sampling (budget 0.7 min)") in stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
 
 
