@@ -549,3 +549,20 @@ def test_every_call_is_answered_before_the_next_turn_as_openai_asks():
         assert str(e.value) == (f"messages[{at}]: an assistant message with 'tool_calls' must be followed by tool "
                                 "messages responding to each 'tool_call_id'. The following tool_call_ids did not "
                                 f"have response messages: {unanswered}")
+
+
+def test_a_conversation_rendered_as_it_stands_may_end_with_calls_not_yet_answered():
+    """add_generation_prompt false ("none": /tokenize counting a conversation, a raw render) renders the messages as
+    they stand: its last assistant's calls have had no turn to be answered in yet, so OpenAI's rule (a generated
+    turn follows answered calls) does not refuse them there; a call left unanswered before a later turn still is."""
+    from tritongpt.train.serve import APIError, tool_messages
+
+    calls = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": i, "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}} for i in ("c1", "c2")]}
+    answer = {"role": "tool", "tool_call_id": "c1", "content": "2"}
+    assert [m["role"] for m in tool_messages(USER + [calls], "none")] == ["user", "assistant"]
+    assert len(tool_messages(USER + [calls, answer], "none")) == 3
+    with pytest.raises(APIError, match="did not have response messages: c2"):
+        tool_messages(USER + [calls, answer, *USER], "none")
+    with pytest.raises(APIError, match="did not have response messages: c2"):
+        tool_messages(USER + [calls, answer], "generate")

@@ -508,7 +508,8 @@ def tool_messages(messages, mode: str = "generate") -> list:
     "function": {"name", "arguments": JSON text of an object}}], the arguments parsed: templates write them as
     objects) and tool ({"tool_call_id": an earlier call's id, "content"}), ending with a user or tool message. As
     OpenAI's (not vLLM's, which renders whatever comes): an assistant's tool_calls are followed by tool messages
-    answering every id before any other message or the end (a call left unanswered has no turn to be answered in)."""
+    answering every id before any other message or the end (a call left unanswered has no turn to be answered in);
+    mode "none" (no generation prompt: the messages rendered as they stand) may end before they are all answered."""
     from tritongpt.train.formats import message_content
 
     def unanswered():
@@ -571,7 +572,7 @@ def tool_messages(messages, mode: str = "generate") -> list:
     if mode == "generate" and out[-1]["role"] not in ("user", "tool"):
         raise bad("messages", f"'messages' must end with a user or tool message, not a {out[-1]['role']} one (an "
                               "assistant's answer is continued with continue_final_message)")
-    if pending:
+    if pending and mode != "none":  # ("none" renders the messages as they stand: no turn follows the calls yet)
         raise unanswered()
     return out
 
