@@ -206,7 +206,29 @@ def test_the_generate_command_takes_them_as_flags(tmp_path, capsys):
     for flags, said in ((["--allowed-token-ids", "1,x"], "--allowed-token-ids: 'x' is not a token id"),
                         (["--allowed-token-ids", "5, 300"], "--allowed-token-ids has token id 300: the model's "
                                                             "tokens are 0..299"),
-                        (["--allowed-token-ids", "@nope.txt"], "--allowed-token-ids @nope.txt: no such file"),
+                        (["--allowed-token-ids", "@nope.txt"],
+                         "--allowed-token-ids @nope.txt: file not found: nope.txt"),
                         (["--bad-words", " "], "--bad-words takes a word of text")):
         assert cli.main([*base, *flags]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_the_ids_file_is_read_as_other_text_files_are_and_refused_by_name(tmp_path):
+    """--allowed-token-ids @FILE: ids across lines, commas and spaces, duplicates kept; a file that is not UTF-8
+    text, or a folder, a refusal naming it (read_text_file's), not a traceback from the decoder."""
+    import argparse
+
+    from tritongpt.commands import token_masks
+
+    def masks(text):
+        return token_masks(argparse.Namespace(allowed_token_ids=text, bad_words=None), None, 300)
+
+    (tmp_path / "ids.txt").write_text(" 7,\t3\r\n3 299\n")
+    assert masks("@" + str(tmp_path / "ids.txt")) == {"allowed_token_ids": [7, 3, 3, 299], "bad_words": None}
+    (tmp_path / "bin.txt").write_bytes(b"1, 2, \xff\xfe")
+    for path, said in ((tmp_path / "bin.txt", "not UTF-8 text"), (tmp_path, "is a folder, not a file")):
+        with pytest.raises(UserError, match=said) as e:
+            masks("@" + str(path))
+        assert str(e.value).startswith(f"--allowed-token-ids @{path}: ")
+    with pytest.raises(UserError, match="'-1' is not a token id"):
+        masks("1,-1")

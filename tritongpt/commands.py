@@ -403,18 +403,16 @@ def add_mask_args(p):
 def token_masks(args, tok, vocab: int) -> dict:
     """--allowed-token-ids and --bad-words as generate()'s allowed_token_ids and bad_words (tokenized by tok as
     vLLM's update_from_tokenizer), each id checked against the model's vocab tokens."""
-    from pathlib import Path
-
     from tritongpt.train.generate import bad_words_tokens
 
     allowed, text = None, args.allowed_token_ids
     if text is not None:
         where = "--allowed-token-ids"
         if text.startswith("@"):
-            path = Path(text[1:])
-            if not path.is_file():
-                raise UserError(f"--allowed-token-ids {text}: no such file")
-            text, where = path.read_text(encoding="utf-8"), f"--allowed-token-ids {path}"
+            try:  # (read_text_file's refusals: a missing file, a folder, bytes not UTF-8)
+                text, where = read_text_file(text[1:]), f"--allowed-token-ids {text[1:]}"
+            except UserError as e:
+                raise UserError(f"--allowed-token-ids {text}: {e}") from None
         items = text.replace(",", " ").split()
         bad = next((t for t in items if not t.isdecimal()), None)
         if bad is not None or not items:
