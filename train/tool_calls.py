@@ -39,7 +39,7 @@ def scan_calls(text: str, keys=("parameters",)) -> list:
     """[(name, arguments' text so far)] of a JSON array of calls as it grows, [{"name": ..., "parameters": {...}},
     ...] ("required"'s grammar; keys: the arguments' key, a parser's), each item's name before its arguments, any
     whitespace between: a call counts once its arguments object has begun, its arguments that object's text, through
-    its closing brace once written."""
+    its closing brace once written; nothing after the array's closing bracket."""
     calls, depth, key, name, expect_key, i = [], 0, None, None, False, 0
     while i < len(text):
         c = text[i]
@@ -68,6 +68,8 @@ def scan_calls(text: str, keys=("parameters",)) -> list:
             depth -= 1
             if depth == 2 and calls and calls[-1][2] is None:
                 calls[-1][2] = i + 1
+            if depth == 0:  # (the array's end: what follows is not its calls, as the whole answer's parse drops it)
+                break
         elif depth == 2 and c in ":,":
             expect_key = c == ","
         i += 1
