@@ -46,6 +46,7 @@ CASES = [  # (parser, answer, its content, its calls)
     (Mistral, '[TOOL_CALLS][{"name": "add", "arguments": {"a": 7}}] [{"name": "w", "arguments": {}}]', None,
      [("add", A)]),
     (Llama3Json, '{"name": "add", "parameters": {"a": 7}}] [{"name": "w", "parameters": {}}]', None, [("add", A)]),
+    (Llama3Json, '{"name": "add", "parameters": {"a": 7}}, {"name": "w", "parameters": {}}', None, [("add", A)]),
     # Mistral's v11 form: each call its own [TOOL_CALLS]name[ARGS]{...}; text after an object dropped
     (Mistral, "Sure[TOOL_CALLS]w[ARGS]" + json.dumps(W) + '[TOOL_CALLS]add[ARGS]{"a": 7}', "Sure",
      [("w", W), ("add", A)]),

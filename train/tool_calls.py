@@ -309,29 +309,39 @@ class Llama3Json:
         body = text[len(self.tag):] if text.startswith(self.tag) else text
         return body if body.startswith("{") else None
 
-    def extract(self, text: str) -> tuple:
-        body, calls, i = self.body(text), [], 0
-        if body is None:
-            return text, []
-        decoder = json.JSONDecoder()
+    def values(self, body: str) -> tuple:
+        """([each whole JSON value body begins with], where the reading stopped): "; " and whitespace between them;
+        it stops at the first that does not parse (the calls' end: text after them, or one cut short)."""
+        decoder, out, i = json.JSONDecoder(), [], 0
         while i < len(body):
             try:
                 obj, i = decoder.raw_decode(body, i)
             except (ValueError, RecursionError):
-                break  # (the calls' end: text after them, or one cut short)
-            try:
-                calls.append(call(obj, self.keys))
-            except ValueError:
-                return text, []
+                break
+            out.append(obj)
             while i < len(body) and body[i] in "; \t\r\n":
                 i += 1
+        return out, i
+
+    def extract(self, text: str) -> tuple:
+        body = self.body(text)
+        if body is None:
+            return text, []
+        try:
+            calls = [call(obj, self.keys) for obj in self.values(body)[0]]
+        except ValueError:
+            return text, []
         return (None, calls) if calls else (text, [])
 
     def scan(self, text: str, final: bool) -> tuple:
         if not final and (text == "" or self.tag.startswith(text)):
             return "", []  # (not yet known: text or calls)
         body = self.body(text)
-        return (text, []) if body is None else ("", scan_calls("[" + body, self.keys))
+        if body is None:
+            return text, []
+        # (read as far as extract reads: its whole objects, and one still being written; not what follows them)
+        end = self.values(body)[1]
+        return "", scan_calls("[" + (body if body.startswith("{", end) else body[:end]), self.keys)
 
 
 def python_call(node) -> tuple:
