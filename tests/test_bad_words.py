@@ -213,18 +213,20 @@ def test_the_generate_command_takes_them_as_flags(tmp_path, capsys):
         assert said in capsys.readouterr().err
 
 
-def test_the_ids_file_is_read_as_other_text_files_are_and_refused_by_name(tmp_path):
+def test_the_ids_file_is_read_as_other_text_files_are_and_refused_by_name(tmp_path, capsys):
     """--allowed-token-ids @FILE: ids across lines, commas and spaces, duplicates kept; a file that is not UTF-8
-    text, or a folder, a refusal naming it (read_text_file's), not a traceback from the decoder."""
+    text, or a folder, a refusal naming it (read_text_file's), not a traceback from the decoder. The flags are read
+    before the model loads: a typo is refused before any weights are looked for."""
     import argparse
 
-    from tritongpt.commands import token_masks
+    from tritongpt import cli
+    from tritongpt.commands import mask_flags
 
     def masks(text):
-        return token_masks(argparse.Namespace(allowed_token_ids=text, bad_words=None), None, 300)
+        return mask_flags(argparse.Namespace(allowed_token_ids=text, bad_words=None))[0]
 
     (tmp_path / "ids.txt").write_text(" 7,\t3\r\n3 299\n")
-    assert masks("@" + str(tmp_path / "ids.txt")) == {"allowed_token_ids": [7, 3, 3, 299], "bad_words": None}
+    assert masks("@" + str(tmp_path / "ids.txt")) == [7, 3, 3, 299]
     (tmp_path / "bin.txt").write_bytes(b"1, 2, \xff\xfe")
     for path, said in ((tmp_path / "bin.txt", "not UTF-8 text"), (tmp_path, "is a folder, not a file")):
         with pytest.raises(UserError, match=said) as e:
@@ -232,3 +234,7 @@ def test_the_ids_file_is_read_as_other_text_files_are_and_refused_by_name(tmp_pa
         assert str(e.value).startswith(f"--allowed-token-ids @{path}: ")
     with pytest.raises(UserError, match="'-1' is not a token id"):
         masks("1,-1")
+    for prompts in (["--prompt", "x"], ["--prompts", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "o.jsonl")]):
+        for flag in (["--allowed-token-ids", "1,x"], ["--bad-words", ""]):
+            assert cli.main(["generate", "--weights", str(tmp_path / "no-run"), *prompts, *flag]) == 2
+            assert capsys.readouterr().err.startswith(f"error: {flag[0]}"), flag

@@ -175,8 +175,8 @@ def cmd_generate_prompts(args):
     from tqdm import tqdm
 
     from tritongpt.commands import (Choices, check_beam_args, check_cuda_graphs, check_generation_args,
-                                    encode_generate_prompt, load_draft, load_generation_model, sampling_controls,
-                                    stop_strings, token_masks)
+                                    encode_generate_prompt, load_draft, load_generation_model, mask_flags,
+                                    sampling_controls, stop_strings, token_masks)
     from tritongpt.train.common import autocast
     from tritongpt.train.engine import prefix_caching_said, speculation_said
     from tritongpt.train.serve import load_adapters, lora_modules, page_args
@@ -199,12 +199,13 @@ def cmd_generate_prompts(args):
         raise UserError(f"--out {out_path} is a folder: name the .jsonl file to write")
     if not out_path.parent.is_dir():
         raise UserError(f"--out {out_path}: the folder {out_path.parent} does not exist")
+    flags = mask_flags(args)
     model, tok, device, dtype, limit = load_generation_model(args)
     if modules:
         load_adapters(model, modules, args.max_lora_rank, None)
     check_cuda_graphs(args, device, model)
     draft = load_draft(args, model, tok, device) if args.draft else None
-    masks = token_masks(args, tok, limit or model.config.vocab_size)
+    masks = token_masks(args, tok, limit or model.config.vocab_size, flags)
     eot, ctx = eot_or_none(tok), model.config.context_length
     prompts, budgets, each, rows = [], [], [], []
     for where, rec in records:

@@ -400,31 +400,39 @@ def add_mask_args(p):
                         "others end the generated text; repeat it for several")
 
 
-def token_masks(args, tok, vocab: int) -> dict:
-    """--allowed-token-ids and --bad-words as generate()'s allowed_token_ids and bad_words (tokenized by tok as
-    vLLM's update_from_tokenizer), each id checked against the model's vocab tokens."""
+def mask_flags(args) -> tuple:
+    """--allowed-token-ids' ids (comma- or whitespace-separated, or @FILE's) and how a refusal names them, (None, None)
+    where not given; --bad-words' words checked not empty. Read before the model loads (a typo refused at once):
+    token_masks checks them against its vocabulary after."""
+    if args.bad_words is not None and not all(w.strip() for w in args.bad_words):
+        raise UserError("--bad-words takes a word of text, not an empty one")
+    text = args.allowed_token_ids
+    if text is None:
+        return None, None
+    where = "--allowed-token-ids"
+    if text.startswith("@"):
+        try:  # (read_text_file's refusals: a missing file, a folder, bytes not UTF-8)
+            text, where = read_text_file(text[1:]), f"--allowed-token-ids {text[1:]}"
+        except UserError as e:
+            raise UserError(f"--allowed-token-ids {text}: {e}") from None
+    items = text.replace(",", " ").split()
+    bad = next((t for t in items if not t.isdecimal()), None)
+    if bad is not None or not items:
+        raise UserError(f"{where}: " + (f"{bad!r} is not a token id" if bad is not None else "no token ids")
+                        + " (give integers >= 0, comma-separated, or @FILE)")
+    return [int(t) for t in items], where
+
+
+def token_masks(args, tok, vocab: int, flags: tuple) -> dict:
+    """--allowed-token-ids (flags: mask_flags') and --bad-words as generate()'s allowed_token_ids and bad_words
+    (tokenized by tok as vLLM's update_from_tokenizer), each id checked against the model's vocab tokens."""
     from tritongpt.train.generate import bad_words_tokens
 
-    allowed, text = None, args.allowed_token_ids
-    if text is not None:
-        where = "--allowed-token-ids"
-        if text.startswith("@"):
-            try:  # (read_text_file's refusals: a missing file, a folder, bytes not UTF-8)
-                text, where = read_text_file(text[1:]), f"--allowed-token-ids {text[1:]}"
-            except UserError as e:
-                raise UserError(f"--allowed-token-ids {text}: {e}") from None
-        items = text.replace(",", " ").split()
-        bad = next((t for t in items if not t.isdecimal()), None)
-        if bad is not None or not items:
-            raise UserError(f"{where}: " + (f"{bad!r} is not a token id" if bad is not None else "no token ids")
-                            + " (give integers >= 0, comma-separated, or @FILE)")
-        allowed = [int(t) for t in items]
-        if max(allowed) >= vocab:
-            raise UserError(f"{where} has token id {max(allowed)}: the model's tokens are 0..{vocab - 1}")
+    allowed, where = flags
+    if allowed is not None and max(allowed) >= vocab:
+        raise UserError(f"{where} has token id {max(allowed)}: the model's tokens are 0..{vocab - 1}")
     words = None
     if args.bad_words is not None:
-        if not all(w.strip() for w in args.bad_words):
-            raise UserError("--bad-words takes a word of text, not an empty one")
         words = bad_words_tokens(lambda w: tok.encode(w, allowed_special="all"), args.bad_words)
         if max(max(ids) for ids in words) >= vocab:
             raise UserError(f"--bad-words tokenize to token id {max(max(ids) for ids in words)}: the model's tokens "
@@ -537,10 +545,11 @@ def cmd_generate(args):
     predicted = None if args.prediction is None else read_text_file(args.prediction)
     stops = stop_strings(args.stop)
     prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
+    flags = mask_flags(args)
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
     draft = load_draft(args, model, tok, device) if args.draft else None
-    masks = token_masks(args, tok, limit or model.config.vocab_size)
+    masks = token_masks(args, tok, limit or model.config.vocab_size, flags)
     lead, ids = encode_generate_prompt(tok, prompt, args.allow_special)
     if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
