@@ -2569,3 +2569,20 @@ def test_return_token_ids_are_the_prompts_and_the_drawn_ids_whole_and_streamed(b
         status, out = call(server, "/v1/completions", body)
         assert status == 400 and out["error"]["param"] == "return_token_ids", out
     assert "token_ids" not in call(server, "/v1/completions", {**base, "return_token_ids": False})[1]["choices"][0]
+
+
+def test_a_streamed_chunks_token_ids_are_the_tokens_its_logprobs_describe(both):
+    """With logprobs, each streamed chunk's token_ids are its logprobs' tokens, in order (vLLM's chunk: both are
+    its step's tokens), though a chunk's text waits for a character's last byte or a stop string's start (a random
+    byte-level model draws partial UTF-8 often): a client zips them chunk by chunk. The finish chunk the rest."""
+    server, tok = both
+    body = {"prompt": "the bird", "max_tokens": 20, "temperature": 1.0, "seed": 1, "stop": ["zq"], "n": 2,
+            "logprobs": 1, "return_tokens_as_token_ids": True, "return_token_ids": True, "stream": True}
+    chat = {"messages": MESSAGES, **{k: v for k, v in body.items() if k not in ("prompt", "logprobs")},
+            "logprobs": True, "top_logprobs": 1}
+    for path, req, tokens in (("/v1/completions", body, lambda lp: lp["tokens"]),
+                              ("/v1/chat/completions", chat, lambda lp: [e["token"] for e in lp["content"]])):
+        chunks = [k["choices"][0] for k in events(call(server, path, req)[1]) if "token_ids" in k["choices"][0]]
+        paired = [(c["token_ids"], [int(t.split(":")[1]) for t in tokens(c["logprobs"])] if c["logprobs"] else [])
+                  for c in chunks]
+        assert sum(len(ids) for ids, _ in paired) == 40 and all(ids == lp for ids, lp in paired), (path, paired)

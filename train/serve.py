@@ -1226,7 +1226,7 @@ class Model:
         this thread. on_delta(i, text, items, count, ids): each choice's new text as it is drawn (held back where a
         stop string may be starting), the deltas of a choice adding up to its text, with the items of the tokens that
         text takes (None without logprobs), the choice's tokens drawn so far (its completion tokens once it ends) and
-        their ids; called in this thread (the engine's tokens come through the request's queue). gone(): whether the
+        their ids (with logprobs only those the items given so far hold: a chunk's ids are its logprobs'); called in this thread (the engine's tokens come through the request's queue). gone(): whether the
         client left, asked while waiting for the engine: its
         request is then cancelled and BrokenPipeError raised (as a write to its socket would). timing: the request's
         clock (metrics.request()), started by the caller when the request came (its scoring forward timed in it);
@@ -1252,7 +1252,11 @@ class Model:
         scored = [Scored(self.tok, ids, rows.hidden) for _ in range(n)] if k is not None else None
 
         def send(i, delta, length):  # the delta, and the tokens the text sent so far (length) takes
-            on_delta(i, delta, None if scored is None else scored[i].give(length), streams[i].drawn, streams[i].tokens)
+            if scored is None:
+                on_delta(i, delta, None, streams[i].drawn, streams[i].tokens)
+                return
+            items = scored[i].give(length)  # (the ids then those the logprobs give: vLLM's chunk pairs them)
+            on_delta(i, delta, items, streams[i].drawn, streams[i].tokens[:scored[i].given])
 
         pending = [""] * n  # each choice's text this step (a speculative step's tokens: one chunk, vLLM's)
 
