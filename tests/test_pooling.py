@@ -180,6 +180,8 @@ def test_reward_served_is_reward_models_own_score(reward_folder):
     (["--kv-page-size", "32"], "--kv-page-size is a generation setting"),
     (["--max-loras", "2"], "--max-loras is a generation setting"),
     (["--max-lora-rank", "8"], "--max-lora-rank is a generation setting"),
+    (["--max-loras", "0"], "--max-loras is a generation setting"),  # (0 == False: still not the default, None)
+    (["--max-lora-rank", "0"], "--max-lora-rank is a generation setting"),
 ])
 def test_flags_refused_by_name(lm_folder, flags, words):
     folder, _ = lm_folder

@@ -92,7 +92,8 @@ def check_pooling_args(args):
     from tritongpt.train.serve import MAX_BATCH
 
     for dest, flag in GENERATION_FLAGS:
-        if getattr(args, dest, None) not in (None, False, {**DEFAULTS, "max_batch": MAX_BATCH}.get(dest)):
+        value = getattr(args, dest, None)  # (by identity: a 0, which == False, is set; False is a switch left off)
+        if value is not None and value is not False and value != {**DEFAULTS, "max_batch": MAX_BATCH}.get(dest):
             raise UserError(f"{flag} is a generation setting: --runner pooling serves embeddings and reward scores, "
                             "it generates nothing")
 
