@@ -2703,6 +2703,9 @@ def pooling_server(args) -> ThreadingHTTPServer:
     key = api_key(args)
     chat_template = chat_template_arg(args.chat_template)  # (a reward model's chats: its prompt's template)
     model, tok, device, dtype, limit, pooler = load_pooler(args)
+    if chat_template is not None and pooler.kind != "reward":  # (an embedder encodes texts: it would be ignored)
+        raise UserError("--chat-template lays out a reward model's chats (/pooling's messages, /score's and "
+                        "/rerank's pairs); an embedder reads texts alone")
     if chat_template is not None:
         tok.chat_template = chat_template
     server = Server((args.host, args.port), Handler)
