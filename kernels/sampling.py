@@ -12,7 +12,8 @@ where the reference's ties are); eight radix passes each fix four more bits of t
 digit whose mass above stays under top_p x the row's mass among the top-k). min-p is exp((logit - max) / T) >= min_p.
 The last pass draws: the kept tokens' weights in vocabulary order, a running cumulative sum over the blocks, and the
 first token whose sum passes u x their total (the reference's inverse CDF, the same token for the same u up to the
-sums' rounding; ties at a threshold are all kept, as the reference's top-k keeps them).
+sums' rounding). Ties at the top-k threshold are all kept, as the reference's top-k keeps them; those at the top-p
+threshold are ranked in vocabulary order, as the reference's stable sort ranks them, and kept while under it.
 
 One program a row (ROWS under the interpreter, which pays per program); between passes it keeps a few scalars and,
 in a scratch row of global memory, the tokens still in play: a radix pass over the whole row costs a [BLOCK, 16]
@@ -41,8 +42,9 @@ DIGITS = 16  # a radix pass decides 4 bits of the threshold key: 8 passes for 32
 @triton.jit
 def _keys(x):
     """fp32 values -> int64 keys in [0, 2^32) that order as the values do (a negative float's magnitude bits
-    flipped, then the sign bit's offset taken away)."""
-    b = x.to(tl.int32, bitcast=True)
+    flipped, then the sign bit's offset taken away). -0.0 is keyed as 0.0: one value to the reference's comparisons
+    (a top-k tie), where its bits would key it below."""
+    b = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
 
 
@@ -111,6 +113,26 @@ def _compact(src, n, dst, prefix, shift, lower, mx, temperature, BLOCK: tl.const
 
 
 @triton.jit
+def _kept(x, offs, V, mx, temperature, cut, pth, above_p, limit, tied, min_p, TOP_P: tl.constexpr,
+          MIN_P: tl.constexpr):
+    """(the kept tokens' weights in a block of logits x, 0 where cut; the count of tokens tied at the top-p threshold
+    so far). Those tied at it are ranked in vocabulary order (the reference's stable sort) and each kept while the
+    mass above it, the tied ones before it included, is under the limit: a cut inside a run of ties."""
+    z = (x - mx) / temperature
+    w = tl.exp(z)
+    key = _keys(z)
+    keep = (offs < V) & (key >= cut)
+    if TOP_P:
+        tie = keep & (key == pth)
+        rank = tied + tl.cumsum(tie.to(tl.int32), 0) - 1
+        keep = keep & ((key != pth) | (above_p + rank.to(tl.float32) * w < limit))
+        tied += tl.sum(tie.to(tl.int32), 0)
+    if MIN_P:
+        keep = keep & (w >= min_p)
+    return tl.where(keep, w, 0.0), tied
+
+
+@triton.jit
 def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_k, top_p, min_p,
                    TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK: tl.constexpr):
@@ -120,12 +142,16 @@ def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_
         if r < n_rows:
             base = Logits + r.to(tl.int64) * stride
             scratch = Scratch + r.to(tl.int64) * V
-            # the row's max (the reference subtracts it before dividing by T)
+            # the row's max (the reference subtracts it before dividing by T), and whether it holds a NaN
             mx = tl.full((), float("-inf"), tl.float32)
+            nan = tl.full((), 0, tl.int32)
             for start in range(0, V, BLOCK):
                 offs = start + offs0
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
                 mx = tl.maximum(mx, tl.max(x, 0))
+                nan = tl.maximum(nan, tl.max((x != x).to(tl.int32), 0))
+            # a row of -inf only: weights exp(-inf) = 0, not exp(-inf - -inf) = NaN; it draws token 0
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
             # top-k: the k-th largest key, four bits a pass from the top; kth stays 0 (every key) without it. After
             # three passes over the row only the keys sharing kth's top 12 bits are left in play: copied to the row's
             # scratch, the five other passes read those
@@ -141,8 +167,9 @@ def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_
             # the top-k's tokens alone (copied), or without top-k the row three times and then the keys sharing pth's
             # top 12 bits
             pth = tl.full((), 0, tl.int64)
+            limit = tl.full((), 0.0, tl.float32)
+            above_all = tl.full((), 0.0, tl.float32)  # the mass of keys above the prefix fixed so far
             if TOP_P:
-                above_all = tl.full((), 0.0, tl.float32)  # the mass of keys above the prefix fixed so far
                 if TOP_K:
                     m, top_mass = _compact(base, V, scratch, kth, 32, kth, mx, temperature, BLOCK)
                     limit = top_p * top_mass
@@ -164,36 +191,31 @@ def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_
                         pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
                                                      temperature, BLOCK)
             # the draw: the first token (vocabulary order) whose running sum of kept weights passes u x their total
+            # (above_all is now the mass above pth: of the keys greater than it)
             cut = tl.maximum(kth, pth)
-            target = tl.load(U + r)
             total = tl.full((), 0.0, tl.float32)
+            tied = tl.full((), 0, tl.int32)
             for start in range(0, V, BLOCK):
                 offs = start + offs0
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                z = (x - mx) / temperature
-                w = tl.exp(z)
-                keep = (offs < V) & (_keys(z) >= cut)
-                if MIN_P:
-                    keep = keep & (w >= min_p)
-                total += tl.sum(tl.where(keep, w, 0.0), 0)
-            target = target * total
+                w, tied = _kept(x, offs, V, mx, temperature, cut, pth, above_all, limit, tied, min_p, TOP_P, MIN_P)
+                total += tl.sum(w, 0)
+            target = tl.load(U + r) * total
             run = tl.full((), 0.0, tl.float32)
             found = tl.full((), 0, tl.int32) + V
             last = tl.full((), 0, tl.int32)  # the last kept token: u x total rounded up to the total lands there
+            tied = tl.full((), 0, tl.int32)
             for start in range(0, V, BLOCK):
                 offs = start + offs0
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                z = (x - mx) / temperature
-                w = tl.exp(z)
-                keep = (offs < V) & (_keys(z) >= cut)
-                if MIN_P:
-                    keep = keep & (w >= min_p)
-                w = tl.where(keep, w, 0.0)
+                w, tied = _kept(x, offs, V, mx, temperature, cut, pth, above_all, limit, tied, min_p, TOP_P, MIN_P)
                 past = (run + tl.cumsum(w, 0) > target) & (w > 0)
                 found = tl.minimum(found, tl.min(tl.where(past, offs, V), 0))
                 last = tl.maximum(last, tl.max(tl.where(w > 0, offs, 0), 0))
                 run += tl.sum(w, 0)
-            tl.store(Out + r, tl.where(found < V, found, last).to(tl.int64))
+            # a NaN leaves nothing to draw: token 0, draw_from_probs' answer (the passes above ran on NaN keys and
+            # masses, to no effect but this row's time)
+            tl.store(Out + r, tl.where(nan > 0, 0, tl.where(found < V, found, last)).to(tl.int64))
 
 
 def _tiles(V: int) -> tuple:
@@ -215,11 +237,15 @@ def _launch(logits, u, out, temperature: float, top_k: Optional[int], top_p: Opt
     block, rows, warps = _tiles(V)
     use_k = top_k is not None and top_k < V
     use_p = top_p is not None and top_p < 1.0
+    # a top_p under fp32's range (or under its normal numbers, flushed on a GPU) would be a limit of 0 that no mass
+    # passes under: every token cut. Any top_p below 1 / V gives one cut (the likeliest token's weight is 1, the
+    # row's mass at most V: the mass above any other token is over the limit), so 1e-30 stands for them all.
+    top_p = max(top_p, 1e-30) if use_p else 1.0
     # the radix passes' copies of the tokens still in play, a row each (fp32: at most the row)
     scratch = torch.empty((B, V) if use_k or use_p else (1,), dtype=torch.float32, device=logits.device)
     _sample_kernel[(cdiv(B, rows),)](
         logits, u, out, scratch, B, V, logits.stride(0), float(temperature), int(top_k) if use_k else 0,
-        float(top_p) if use_p else 1.0, float(min_p or 0.0), TOP_K=use_k, TOP_P=use_p, MIN_P=bool(min_p),
+        float(top_p), float(min_p or 0.0), TOP_K=use_k, TOP_P=use_p, MIN_P=bool(min_p),
         ROWS=rows, BLOCK=block, num_warps=warps)
 
 
@@ -229,7 +255,8 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
     softmax((logits - max) / temperature) cut to its top_k tokens, then to the likeliest whose mass above them is
     under top_p, then to those at least min_p times the likeliest (sampling_logits' order), by inverse CDF at
     u [B] (float32 in [0, 1), on logits' device): ids [B] int64. temperature > 0 (greedy is an argmax, not this).
-    A row with nothing to draw (every logit -inf) gives token 0."""
+    A row with nothing to draw (every logit -inf, or any NaN) gives token 0, as the reference's draw_from_probs: a
+    NaN is not refused, which would cost a host sync a step."""
     who = "sample_tokens"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise UserError(f"{who}: logits must be a 2-D tensor [B, V], got "
@@ -249,6 +276,9 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         raise UserError(f"{who}: u is on {u.device}, logits on {logits.device}: both on one device")
     if not temperature > 0 or temperature != temperature or temperature == float("inf"):
         raise UserError(f"{who}: temperature must be a finite number > 0 (greedy is an argmax), got {temperature!r}")
+    if temperature < torch.finfo(torch.float32).tiny:  # (0 in fp32, or flushed on a GPU: 0 / 0 for the likeliest)
+        raise UserError(f"{who}: temperature {temperature!r} is below fp32's smallest normal number; sample_next "
+                        "takes such a temperature as greedy (an argmax)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise UserError(f"{who}: top_k must be an int >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

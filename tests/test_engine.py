@@ -82,10 +82,16 @@ def test_requests_arriving_and_waiting_get_generates_tokens_each(one_thread):
     assert admitted == [0, 0, 4, 4, 10]
 
 
-def test_the_triton_path_batches_as_generate_does(one_thread):
+def test_the_triton_path_batches_as_generate_does(one_thread, monkeypatch):
+    """And its sampled request draws with the Triton sampling kernel at each of its 3 tokens, in the engine and in
+    generate() alone (both paths draw the same tokens, so only a spy on the kernel sees which one ran)."""
+    import tritongpt.kernels.sampling as ks
+    launches, real = [], ks._launch
+    monkeypatch.setattr(ks, "_launch", lambda *a: launches.append(tuple(a[0].shape)) or real(*a))
     model = tiny("triton", n_layer=1)
     schedule = [(0, prompt(5, seed=1), 3, {}), (1, prompt(9, 2, seed=2), 3, dict(SAMPLED, seed=5))]
     check(model, schedule, Engine(model, max_batch=3))
+    assert launches == [(2, VOCAB)] * 6, launches
 
 
 def test_an_int8_cache_batches_as_generate_with_it(one_thread):
@@ -212,7 +218,7 @@ def test_stop_token_ids_min_tokens_and_ignore_eos_are_a_requests_own_as_generate
     biased end tokens end its rows (one padded while the other draws on); B ignores its EOS, drawn at every step;
     C has a stop token and no EOS (its rows padded with the stop token): each generate()'s alone, each freed."""
     model = tiny()
-    a = dict(temperature=1.0, eos_id=5, stop_token_ids=[9], min_tokens=3, logit_bias={5: 3.5, 9: 3.5}, seed=4)
+    a = dict(temperature=1.0, eos_id=5, stop_token_ids=[9], min_tokens=3, logit_bias={5: 3.5, 9: 3.5}, seed=6)
     b = dict(eos_id=5, ignore_eos=True, logit_bias={5: 50.0})
     c = dict(temperature=1.0, stop_token_ids=[9], logit_bias={9: 3.0}, seed=3)
     schedule = [(0, prompt(5, 2, seed=1), 8, a), (0, prompt(7, seed=2), 6, b), (1, prompt(4, 2, seed=3), 8, c)]
@@ -220,10 +226,10 @@ def test_stop_token_ids_min_tokens_and_ignore_eos_are_a_requests_own_as_generate
     rows = run(Engine(model, max_batch=5), schedule)
     out_a, out_b, out_c = (h.wait() for h, _ in rows)
     assert not {5, 9} & set(out_a[:, 5:8].flatten().tolist())  # (the masked 3)
-    # (seeded) the stop token ends row 0, padded with the EOS, at its 4th token, the EOS row 1 at its 7th
-    assert out_a[:, 5:].tolist() == [[13, 92, 6, 9, 5, 5, 5], [71, 31, 48, 65, 74, 40, 5]]
+    # (seeded) the stop token ends row 0 at its 6th token, the EOS row 1, then padded with it, at its 5th
+    assert out_a[:, 5:].tolist() == [[55, 95, 23, 44, 27, 9], [54, 59, 45, 55, 5, 5]]
     assert out_b[0, 7:].tolist() == [5] * 6
-    assert out_c[:, 4:].tolist() == [[32, 52, 86, 21, 9], [94, 7, 9, 9, 9]]  # padded with the stop token
+    assert out_c[:, 4:].tolist() == [[0, 13, 36, 71, 49, 32, 9], [9] * 7]  # padded with the stop token
 
 
 def test_logprobs_and_logit_bias_are_a_requests_own_as_generate_gives_them(one_thread):
@@ -1054,13 +1060,13 @@ def test_a_preempted_requests_recompute_reads_its_drawn_tokens_pages_back_with_p
 
 @pytest.mark.parametrize("caching", [False, True])
 def test_a_row_that_ended_takes_no_more_pages(one_thread, caching):
-    """B's 2 sampled rows of 6 + 11: the first draws its EOS second (66), then holds the 2 pages it had (the old rule
+    """B's 2 sampled rows of 6 + 11: the first draws its EOS second (88), then holds the 2 pages it had (the old rule
     gave it all 4 a row of 16 positions takes: 8 for B); the rows' tokens and the live rows' logprobs are still
     generate()'s, and every page comes back; with prefix caching the pages each row holds are cached at its end
     (2 + 4), not the 4 blocks the ended row fed."""
     model = loud_attention(tiny())
     b = torch.cat([prompt(6, seed=2), prompt(6, seed=3)])
-    kw = dict(temperature=1.0, seed=5, eos_id=66, logprobs=2)
+    kw = dict(temperature=1.0, seed=5, eos_id=88, logprobs=2)
     engine = Engine(model, max_batch=2, kv_pages=8, page_size=4, prefix_caching=caching)
     handle, held = engine.submit(b, 11, **seeded(kw)), []
     while engine.running or engine.waiting:
@@ -1070,11 +1076,11 @@ def test_a_row_that_ended_takes_no_more_pages(one_thread, caching):
     got, want = [], []
     out = handle.wait(lambda nxt, lp: got.append((nxt, lp)))
     assert torch.equal(out, alone(model, b, 11, kw, on_token=lambda nxt, lp: want.append((nxt, lp))))
-    assert out[0, 7] == 66 and held[-1] == [2, 4]
+    assert out[0, 7] == 88 and held[-1] == [2, 4]
     live = torch.ones(2, dtype=torch.bool)
     for (nxt, lp), (_, lp_) in zip(got, want):  # (a row's logprobs past its EOS are padding, as its tokens)
         assert torch.allclose(lp[0][live], lp_[0][live], atol=1e-5)
-        live &= nxt[:, 0] != 66
+        live &= nxt[:, 0] != 88
     assert not live[0] and live[1]
     assert not any(engine.cache.refs) and engine.cache.num_free == 8
     assert len(engine.cache.cached) == (6 if caching else 0)
@@ -1086,7 +1092,7 @@ def test_a_request_preempted_with_a_row_done_draws_generates_tokens_and_logprobs
     drawn from its prefill's logits; both budgets end exactly at a page's end (3 + 14 - 1 and 6 + 11 - 1 = 16)."""
     model = loud_attention(tiny())
     b = torch.cat([prompt(6, seed=2), prompt(6, seed=3)])
-    sampled = dict(temperature=1.0, seed=5, eos_id=66, logprobs=2)  # (66: the first row's second token)
+    sampled = dict(temperature=1.0, seed=5, eos_id=88, logprobs=2)  # (88: the first row's second token)
     requests = [(prompt(3, seed=1), 14, dict(logprobs=2)), (b, 11, sampled)]
     engine = Engine(model, max_batch=3, kv_pages=8, page_size=4)
     handles = [engine.submit(idx, new, **seeded(kw)) for idx, new, kw in requests]

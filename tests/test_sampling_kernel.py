@@ -1,6 +1,8 @@
 """Sampling's fused cuts and draw: kernels/sampling.py's sample_tokens (Triton) against a float64 reference written
 here (the cuts by a sort, the draw by inverse CDF); sample_next's two paths drawing the same tokens from one seed;
 generate() on the Triton path running the kernel and drawing the reference path's tokens; every refusal."""
+import math
+
 import pytest
 import torch
 
@@ -9,8 +11,8 @@ from tritongpt.errors import UserError
 from tritongpt.kernels.sampling import sample_tokens
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.model.sampling import draw_from_probs
-from tritongpt.train.generate import generate, sample_next
+from tritongpt.model.sampling import draw_from_probs, draw_with_uniform
+from tritongpt.train.generate import generate, sample_next, sampling_logits
 
 
 def reference(logits, u, temperature, top_k=None, top_p=None, min_p=None):
@@ -23,7 +25,7 @@ def reference(logits, u, temperature, top_k=None, top_p=None, min_p=None):
         keep &= z >= torch.topk(z, min(top_k, z.size(-1))).values[:, -1:]
     if top_p is not None:
         probs = torch.softmax(z.masked_fill(~keep, float("-inf")), -1)
-        sorted_p, order = torch.sort(probs, descending=True)
+        sorted_p, order = torch.sort(probs, descending=True, stable=True)
         above = sorted_p.cumsum(-1) - sorted_p
         keep &= torch.zeros_like(keep).scatter(-1, order, above < top_p)
     if min_p is not None:
@@ -66,6 +68,16 @@ def test_blocks_of_a_long_row_carry_the_counts_masses_and_running_sum(monkeypatc
         u = torch.rand(4, generator=g)
         got = sample_tokens(rows, u, 1.1, **cut)
         assert got.tolist() == reference(rows, u, 1.1, **cut).tolist(), cut
+
+
+def test_rows_a_stride_apart_wider_than_the_vocabulary():
+    """The engine hands a view of its batch's logits cut to a request's vocab_limit (lg[:, :limit]): rows a stride of
+    300 apart, 257 tokens read of each, every other row."""
+    g = torch.Generator().manual_seed(2)
+    wide = torch.randn(6, 300, generator=g) * 2
+    rows, u = wide[::2, :257], torch.rand(3, generator=g)
+    assert rows.stride(0) == 600
+    assert sample_tokens(rows, u, 0.9, 50, 0.9).tolist() == reference(rows, u, 0.9, 50, 0.9).tolist()
 
 
 def test_ties_at_the_cut_are_kept_and_cut_or_masked_tokens_never_drawn():
@@ -137,9 +149,93 @@ def test_bad_arguments_are_refused_by_name():
                         ((x, u, 0.0), "temperature"), ((x, u, float("nan")), "temperature"),
                         ((x.t().contiguous().t(), u, 1.0), "unit stride"), ((x, u, 1.0, 0), "top_k"),
                         ((x, u, 1.0, None, 1.5), "top_p"), ((x, u, 1.0, None, None, -0.1), "min_p"),
-                        ((x[:, :0], u, 1.0), "tokens a row")]:
+                        ((x[:, :0], u, 1.0), "tokens a row"), ((x, u, 1e-46), "smallest normal")]:
         with pytest.raises(UserError, match=match):
             sample_tokens(*args)
     if torch.cuda.is_available():
         with pytest.raises(UserError, match="one device"):
             sample_tokens(x.cuda(), u, 1.0)
+
+
+def fp32_reference(logits, u, temperature, **cut):
+    """The reference path itself: sampling_logits' cuts (fp32, top-p's sums in float64), then draw_with_uniform."""
+    return draw_with_uniform(sampling_logits(logits, temperature, **cut), u)
+
+
+def sweep(n):
+    """n uniforms spread over [0, 1): a draw at each, finer than the least kept token's mass in these rows."""
+    return (torch.arange(n) + 0.5) / n
+
+
+def test_negative_zero_ties_with_zero_at_the_top_k_cut():
+    """-0.0 and 0.0 are one value (the reference's `logits < kth` keeps both) though their bits differ: where the
+    max is 0.0, a -0.0 logit's tempered value is -0.0 - 0.0 = -0.0 beside the max's 0.0, and top_k = 1 keeps both,
+    in either order (with 0.0 second largest after a 1.0 they temper alike)."""
+    for row, k, drawn in (([0.0, -0.0, -1.0], 1, {0, 1}), ([-0.0, 0.0, -1.0], 1, {0, 1}),
+                          ([1.0, 0.0, -0.0, -1.0], 2, {0, 1, 2})):
+        rows = torch.tensor(row).expand(12, -1).contiguous()
+        got = sample_tokens(rows, sweep(12), 1.0, top_k=k)
+        assert got.tolist() == reference(rows, sweep(12), 1.0, top_k=k).tolist() and set(got.tolist()) == drawn, row
+
+
+def test_a_top_p_below_fp32s_range_keeps_the_likeliest_token():
+    """A top_p too small for fp32 (1e-50, 5e-324: 0 there) keeps the likeliest token, as any top_p under its
+    probability does in the reference's float64; rounded to 0 it cut every token and drew token 0."""
+    rows = torch.tensor([[1.0, 3.0, 2.0, 0.5]]).expand(2, -1).contiguous()
+    for top_p in (1e-30, 1e-50, 5e-324):
+        assert sample_tokens(rows, torch.tensor([0.1, 0.9]), 1.0, top_p=top_p).tolist() == [1, 1], top_p
+
+
+def test_a_row_holding_nan_draws_token_0_as_the_reference():
+    """A NaN logit (either sign: 0/0 gives the negative one) leaves nothing to draw: token 0 on both paths
+    (draw_from_probs' answer), with or without the cuts, the other rows drawn as ever. Its key sorted above +inf (or
+    below -inf) and its NaN total drew whichever token ended the kept set."""
+    row = torch.tensor([1.0, 2.0, 3.0, 2.5, 0.5])
+    rows = row.repeat(3, 1)
+    rows[0, 1] = float("nan")
+    rows[2, 3] = -float("nan")
+    u = torch.tensor([0.9, 0.9, 0.9])
+    for cut in (dict(), dict(top_k=2), dict(top_p=0.5, min_p=0.1)):
+        got = sample_tokens(rows, u, 1.0, **cut).tolist()
+        assert got == [0, 3, 0] == reference(rows, u, 1.0, **cut).tolist(), cut
+        assert sample_next(rows, 1.0, generator=torch.Generator().manual_seed(0), triton=True, **cut)[::2].sum() == 0
+
+
+def test_ties_are_the_tempered_logits_ties():
+    """The cuts compare (logit - max) / T in fp32, as the reference does: logits that differ by less than that
+    difference's rounding are one value there and a top-k tie. -30 and its next float up, 80 below the max: both
+    -80 after the shift (fp32 spacing 8e-6 at 80), so top_k = 2 keeps both; and 1, 2, 3 beside 1e30 (at T = 1e30
+    all -1). (The fp32 reference, sampling_logits, here: the float64 one above has no such ties.)"""
+    near = torch.tensor([50.0, torch.nextafter(torch.tensor(-30.0), torch.tensor(0.0)).item(), -30.0, -60.0])
+    for row, T in ((near, 40.0), (torch.tensor([1e30, 1.0, 2.0, 3.0]), 1e30)):
+        rows = row.expand(12, -1).contiguous()
+        got = sample_tokens(rows, sweep(12), T, top_k=2)
+        want = fp32_reference(rows, sweep(12), T, top_k=2)
+        assert got.tolist() == want.tolist() and len(set(got.tolist())) >= 3, row
+
+
+def test_ties_at_the_top_p_cut_are_kept_in_vocabulary_order_while_under_it(monkeypatch):
+    """Tokens tied at the top-p boundary are ranked in vocabulary order (the reference's stable sort), each kept while
+    the mass above it, the tied ones before it included, is under top_p: in [2, 1, 3, 2, 0.5, 2, 1, 2] top_p cuts
+    the 2s after two, so tokens 2, 0 and 3 are kept (keeping all four 2s, the kernel drew 5 and 7 too). Then one
+    logit L and N of logit 0, top_p a third of a token's mass either side of the first m + 1 0s' (test_generate's
+    rows, read 256 at a time: the ties' ranks carry across blocks): the last kept token, drawn at u just under 1, is
+    m or m + 1 on both paths."""
+    row = torch.tensor([2.0, 1.0, 3.0, 2.0, 0.5, 2.0, 1.0, 2.0])
+    w = row.double().exp()
+    top_p = float((w[2] + 1.5 * w[0]) / w.sum())
+    rows = row.expand(12, -1).contiguous()
+    got = sample_tokens(rows, sweep(12), 1.0, top_p=top_p)
+    assert got.tolist() == fp32_reference(rows, sweep(12), 1.0, top_p=top_p).tolist()
+    assert set(got.tolist()) == {0, 2, 3}, got
+    monkeypatch.setattr(ks, "_tiles", lambda V: (256, 4, 4))
+    for N, L, m in ((1000, 2.0, 500), (300, 0.0, 123)):
+        rows = torch.zeros(2, N + 1)
+        rows[:, 0] = L
+        Z = math.exp(L) + N
+        for side in (-1, 1):
+            top_p = (math.exp(L) + m + side / 3) / Z
+            u = torch.full((2,), 1 - 2**-24)
+            want = [m + (side > 0)] * 2
+            assert sample_tokens(rows, u, 1.0, top_p=top_p).tolist() == want, (N, L, m, side)
+            assert fp32_reference(rows, u, 1.0, top_p=top_p).tolist() == want, (N, L, m, side)

@@ -253,7 +253,9 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
         kth = torch.topk(logits, min(int(top_k), logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        # stable: tokens tied at the cut rank in vocabulary order, so which of them it keeps is defined (and the
+        # Triton kernel's, kernels/sampling.py)
+        sorted_logits, order = torch.sort(logits, descending=True, stable=True)
         # in float64: the mass above a token near the boundary is a sum of tens of thousands of
         # probabilities, and fp32's rounding of it (and of softmax's normaliser) moved the cut
         # by a token or more in about one row in five at GPT-2's vocabulary; and a top_p below
