@@ -460,7 +460,10 @@ def test_max_concurrency_is_the_most_requests_the_server_holds_at_once(fake, lim
     records, duration = bs.run_load(fake, "fake-model", ["p"] * 6, 3, concurrency=limit)
     assert all(r["success"] for r in records)
     assert [len(r["itl_ms"]) for r in records] == [2] * 6 and [r["output_tokens"] for r in records] == [3] * 6
-    assert all(r["itl_ms"][0] >= 15 for r in records)  # the server's 20 ms between tokens, seen through its chunks
+    # the server's 20 ms between tokens, seen through its chunks (on average: on a loaded machine a late read of one
+    # chunk shortens the next gap by as much, which failed a check of each gap in one clean-clone run)
+    gaps = [g for r in records for g in r["itl_ms"]]
+    assert sum(gaps) / len(gaps) >= 15, gaps
     assert Fake.most == 2 if limit else Fake.most > 2
 
 
