@@ -6,9 +6,9 @@ memory, or ask for more shared memory than an SM has. This check catches those o
 
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
               and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
-              in rope.py, quant.py, lora.py, token_mask.py and sampling.py, quant.py's `_launch_int4` and dx ones) run on meta
-              tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each `kernel[grid](...)` is recorded
-              instead of launched, with exactly the arguments a GPU run would pass.
+              in rope.py, quant.py, lora.py, token_mask.py and sampling.py, quant.py's `_launch_int4` and dx
+              ones) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each
+              `kernel[grid](...)` is recorded instead of launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
   3. compile  Triton's own compiler and the ptxas it ships build each (launch, config) for the

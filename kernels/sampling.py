@@ -3,17 +3,17 @@ by inverse CDF from one uniform number a row, without sorting the vocabulary. Re
 train/generate.py) then `tritongpt.model.sampling.draw_with_uniform` (the draw); `sample_next(..., triton=True)` picks
 this kernel.
 
-Why no sort: every cut keeps an upper set of the row's logits (the top k; the likeliest tokens whose mass above them
-is under top_p; those at least min_p times the likeliest), so each is one threshold on the logit, found by a radix
-select instead of torch's sort of the whole row. The tempered logit (logit - max) / T, the value the reference
-compares, is computed in fp32 as it does, and its bits turned into a 32-bit key that orders as the values do (ties
-where the reference's ties are); eight radix passes each fix four more bits of the threshold key: the k-th largest key for top-k
+Why no sort: every cut keeps an upper set of the row's logits (the top k; the likeliest tokens whose mass above them is
+under top_p; those at least min_p times the likeliest), so each is one threshold on the logit, found by a radix select
+instead of torch's sort of the whole row. The tempered logit (logit - max) / T, the value the reference compares, is
+computed in fp32 as it does, and its bits turned into a 32-bit key that orders as the values do (ties where the
+reference's ties are); eight radix passes each fix four more bits of the threshold key: the k-th largest key for top-k
 (from each 4-bit digit's count of tokens), then the smallest kept key for top-p (from each digit's mass: the lowest
 digit whose mass above stays under top_p x the row's mass among the top-k). min-p is exp((logit - max) / T) >= min_p.
 The last pass draws: the kept tokens' weights in vocabulary order, a running cumulative sum over the blocks, and the
-first token whose sum passes u x their total (the reference's inverse CDF, the same token for the same u up to the
-sums' rounding). Ties at the top-k threshold are all kept, as the reference's top-k keeps them; those at the top-p
-threshold are ranked in vocabulary order, as the reference's stable sort ranks them, and kept while under it.
+first token whose sum passes u x their total (the reference's inverse CDF, the same token for the same u up to the sums'
+rounding). Ties at the top-k threshold are all kept, as the reference's top-k keeps them; those at the top-p threshold
+are ranked in vocabulary order, as the reference's stable sort ranks them, and kept while under it.
 
 One program a row (ROWS under the interpreter, which pays per program); between passes it keeps a few scalars and,
 in a scratch row of global memory, the tokens still in play: a radix pass over the whole row costs a [BLOCK, 16]

@@ -1226,11 +1226,12 @@ class Model:
         this thread. on_delta(i, text, items, count, ids): each choice's new text as it is drawn (held back where a
         stop string may be starting), the deltas of a choice adding up to its text, with the items of the tokens that
         text takes (None without logprobs), the choice's tokens drawn so far (its completion tokens once it ends) and
-        their ids (with logprobs only those the items given so far hold: a chunk's ids are its logprobs'); called in this thread (the engine's tokens come through the request's queue). gone(): whether the
-        client left, asked while waiting for the engine: its
-        request is then cancelled and BrokenPipeError raised (as a write to its socket would). timing: the request's
-        clock (metrics.request()), started by the caller when the request came (its scoring forward timed in it);
-        None: one started here. adapter: the LoRA adapter the request names (--lora-modules), None the model.
+        their ids (with logprobs only those the items given so far hold: a chunk's ids are its logprobs'); called in
+        this thread (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
+        waiting for the engine: its request is then cancelled and BrokenPipeError raised (as a write to its socket
+        would). timing: the request's clock (metrics.request()), started by the caller when the request came (its
+        scoring forward timed in it); None: one started here. adapter: the LoRA adapter the request names
+        (--lora-modules), None the model.
         prediction: a predicted output (generate.Prediction, new for this draw), its tokens proposed and verified
         (the engine's or generate()'s speculation: the same text, in fewer forwards where it is right).
         spent: a dict the draw's usage details go to (Completion.spent): "cached" (a list) the prompt tokens the
