@@ -24,7 +24,8 @@ read the copy. Top-p after top-k reads only the top-k's tokens, copied. Then two
 weights are recomputed in each pass rather than stored. Passes over the row: 1 (max) + 4 (top-k) + 5 (top-p alone,
 or 1 after top-k) + 2 (draw).
 
-Public API: `sample_tokens(logits, u, temperature, top_k=None, top_p=None, min_p=None) -> ids [B] int64`.
+Public API: `sample_tokens(logits, u, temperature, top_k=None, top_p=None, min_p=None) -> ids [B] int64`, through the
+torch.library custom op `tritongpt::sample_tokens` (a fake impl), so torch.compile keeps it as an opaque call.
 """
 from typing import Optional
 
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt.errors import UserError
-from tritongpt.kernels._common import cdiv, check_runnable, next_pow2, on_tensor_device
+from tritongpt.kernels._common import cdiv, check_runnable, custom_op, next_pow2, on_tensor_device
 
 DIGITS = 16  # a radix pass decides 4 bits of the threshold key: 8 passes for 32
 
@@ -249,6 +250,21 @@ def _launch(logits, u, out, temperature: float, top_k: Optional[int], top_p: Opt
         ROWS=rows, BLOCK=block, num_warps=warps)
 
 
+@custom_op("tritongpt::sample_tokens")
+def _sample_tokens_op(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+    """ids [B] int64; sample_tokens checks the arguments."""
+    check_runnable(logits, "logits")
+    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    _launch(logits, u.contiguous(), out, temperature, top_k, top_p, min_p)
+    return out
+
+
+@_sample_tokens_op.register_fake
+def _(logits, u, temperature, top_k=None, top_p=None, min_p=None):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: Optional[int] = None,
                   top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
     """A token id for each row of logits [B, V] (float32 / bfloat16 / float16, unit stride on V), drawn from
@@ -289,6 +305,5 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         check_runnable(logits, "logits")
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{who}: {e}") from None
-    out = torch.empty(B, dtype=torch.int64, device=logits.device)
-    _launch(logits, u.contiguous(), out, temperature, top_k, top_p, min_p)
-    return out
+    return _sample_tokens_op.call(logits, u, float(temperature), top_k, None if top_p is None else float(top_p),
+                                  None if min_p is None else float(min_p))

@@ -13,6 +13,7 @@ import tritongpt.kernels.mlp  # noqa: F401
 import tritongpt.kernels.moe  # noqa: F401
 import tritongpt.kernels.quant  # noqa: F401
 import tritongpt.kernels.rope  # noqa: F401
+import tritongpt.kernels.sampling  # noqa: F401
 import tritongpt.kernels.swiglu  # noqa: F401
 import tritongpt.kernels.token_mask  # noqa: F401
 
@@ -204,10 +205,19 @@ def _token_mask_args(device, gen):
             "apply_token_bitmask_ bf16 indices": (logits.bfloat16(), bitmask, [2, 0])}
 
 
+def _sampling_args(device, gen):
+    """sample_tokens: a new ids tensor from logits and one uniform a row; no cut, then every cut (V 70)."""
+    logits = _randn(3, 70, device=device, gen=gen) * 3
+    u = torch.rand(3, generator=gen).to(device)
+    return {"sample_tokens": (logits, u, 0.8, None, None, None),
+            "sample_tokens bf16 cuts": (logits.bfloat16(), u, 1.2, 20, 0.9, 0.05)}
+
+
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
           "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
           "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args, "int8_linear": _int8_linear_args,
-          "int4_linear": _int4_linear_args, "lora": _lora_args, "token_mask": _token_mask_args}
+          "int4_linear": _int4_linear_args, "lora": _lora_args, "token_mask": _token_mask_args,
+          "sampling": _sampling_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                                                          "add_layer_norm_fwd fp16+fp32",
                                                          "layer_norm_bwd ds", "add_layer_norm_bwd",
@@ -243,7 +253,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                            "int4_linear_dx bf16 G16")),
                                           ("lora", ("add_lora_rows", "add_lora_rows bf16 int32")),
                                           ("token_mask", ("apply_token_bitmask_",
-                                                          "apply_token_bitmask_ bf16 indices")))
+                                                          "apply_token_bitmask_ bf16 indices")),
+                                          ("sampling", ("sample_tokens", "sample_tokens bf16 cuts")))
        for op in names]
 
 
