@@ -37,8 +37,6 @@ from tritongpt._env import triton_interpreting
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import cdiv, check_runnable, custom_op, next_pow2, on_tensor_device
 
-DIGITS = 16  # a radix pass decides 4 bits of the threshold key: 8 passes for 32
-
 
 @triton.jit
 def _keys(x):
