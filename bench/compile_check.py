@@ -119,13 +119,14 @@ def _config_label(kwargs, opts):
     # PROGS (LayerNorm's programs per SM) changes only the grid, not the code, and LANE_MAX (the loss's running max
     # per lane or per row) the code: each named, or two configs would read alike in the report
     blocks = ",".join(f"{k}={v}" for k, v in kwargs.items()
-                      if k.startswith("BLOCK_") or k in ("GROUP_M", "PROGS", "LANE_MAX"))
+                      if k.startswith("BLOCK_") or k in ("GROUP_M", "PROGS", "LANE_MAX", "USE_TMA"))
     return f"{blocks} w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
 
 
-def capture(quick=False, half="bfloat16"):
+def capture(quick=False, half="bfloat16", tma=True):
     """Run every launcher on meta tensors and return the Launches they would make; half: the
-    16-bit dtype's torch name (fp32 is captured too, unless quick)."""
+    16-bit dtype's torch name (fp32 is captured too, unless quick); tma: the target has TMA (sm_90+), so the
+    matmul's TMA configs are built beside its pointer ones."""
     import torch
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -139,8 +140,9 @@ def capture(quick=False, half="bfloat16"):
     def record(self, *args, grid=None, warmup=False, **kwargs):
         launches.append(Launch(case[0], self, args, kwargs))
 
-    saved = JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL
+    saved = JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL, mlp._has_tma
     JITFunction.run, Autotuner.run = record, record
+    mlp._has_tma = lambda device_type, index: tma
     # the MLPs' plain products on our matmul whatever TRITONGPT_MLP_MATMUL says: a GPU's "auto" may pick it
     mlp.MLP_MATMUL = "triton"
     # H100 SXM; only sizes the LayerNorm grid and picks attention's KV splits at decode
@@ -462,7 +464,7 @@ def capture(quick=False, half="bfloat16"):
                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.float32, **meta),
                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.int64, **meta), 0.8, k, p, mp)
     finally:
-        JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL = saved
+        JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL, mlp._has_tma = saved
     return launches
 
 
@@ -500,6 +502,8 @@ def _compile(job_index, arch):
         # whole PTX costs ~5 ms a kernel, most of a cache hit's time (749 of them in --quick)
         lines = kernel.asm["ptx"].splitlines()
         out["tensor_core_ops"] = sum(len(_MMA.findall(ln)) for ln in lines if "mma" in ln)
+        # Hopper's TMA copies (the matmul's USE_TMA configs): a descriptor that fell back to plain loads shows 0
+        out["tma_copies"] = sum(1 for ln in lines if "cp.async.bulk.tensor" in ln)
         # global loads as 2/4-wide vectors vs one element at a time (alignment decides: e.g. the
         # cross-entropy's rows of 50257 bf16 load one by one, padded to 50304 as 16-byte vectors)
         loads = [ld for ln in lines if "ld.global" in ln for ld in _LOAD.findall(ln)]
@@ -557,7 +561,7 @@ def run_check(arch=90, quick=False, workers=None, log=print, cases=None):
     """Compile every captured (launch, config); returns (rows, per-launch verdicts).
     cases: a regular expression; only the launches whose case it matches (re.search)."""
     # the half dtype training runs in there (--dtype auto): fp16 before Ampere, else bf16
-    launches = capture(quick, "float16" if arch < 80 else "bfloat16")
+    launches = capture(quick, "float16" if arch < 80 else "bfloat16", tma=arch >= 90)
     if cases is not None:
         launches = [launch for launch in launches if re.search(cases, launch.case)]
         if not launches:

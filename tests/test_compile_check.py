@@ -177,15 +177,16 @@ def test_gpus_before_ampere_are_checked_in_fp16(monkeypatch):
     check captures fp16 launches for them, bf16 for Ampere and later."""
     asked = []
 
-    def capture(quick, half):
-        asked.append(half)
+    def capture(quick, half, tma):
+        asked.append((half, tma))
         raise KeyboardInterrupt  # stop before compiling
 
     monkeypatch.setattr(compile_check, "capture", capture)
     for arch in (70, 75, 80, 90):
         with pytest.raises(KeyboardInterrupt):
             compile_check.run_check(arch, quick=True)
-    assert asked == ["float16", "float16", "bfloat16", "bfloat16"]
+    # and only Hopper's build has the matmul's TMA configs (sm_90's tensor memory accelerator)
+    assert asked == [("float16", False), ("float16", False), ("bfloat16", False), ("bfloat16", True)]
     assert compile_check.MAX_SHARED_BYTES[75] == 64 * 1024 and compile_check.MAX_SHARED_BYTES[70] == 96 * 1024
 
 

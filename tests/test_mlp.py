@@ -689,8 +689,8 @@ def test_autotune_key_holds_every_flag():
     kernel = mlp._matmul_kernel
     fn = getattr(kernel.fn, "fn", kernel.fn)  # the Python function, under the interpreter or not
     flags = {name for name, p in inspect.signature(fn).parameters.items() if p.annotation is tl.constexpr}
-    tuned = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PRECISION"}
-    assert {"EPILOGUE", "B_SWIGLU", "GATE_GELU", "GELU_ERF"} <= flags  # the signature was read
+    tuned = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PRECISION", "USE_TMA"}  # (TMA_OK, in the key, picks USE_TMA)
+    assert {"EPILOGUE", "B_SWIGLU", "GATE_GELU", "GELU_ERF", "A_T", "B_T"} <= flags  # the signature was read
     assert flags - tuned <= set(kernel.keys), f"not in the autotune key: {sorted(flags - tuned - set(kernel.keys))}"
 
 
