@@ -174,6 +174,7 @@ def test_every_parser_is_named_as_vllm_names_it():
     assert sorted(PARSERS) == ["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"]
     assert [PARSERS[n].keeps_specials for n in sorted(PARSERS)] == [True, False, True, False, False]
     assert [PARSERS[n].needs_tools for n in sorted(PARSERS)] == [False, False, False, False, True]
+    assert [PARSERS[n].needs_ids for n in sorted(PARSERS)] == [False, False, True, False, False]
 
 
 def test_serve_settings_and_messages_follow_the_parser():
@@ -407,3 +408,29 @@ def test_mistral_v13_calls_keep_the_id_written_in_the_text():
     # v11 (no id in the text) beside: a fresh id
     content, calls = Mistral().extract('[TOOL_CALLS]add[ARGS]{"a": 7}')
     assert content is None and calls == [("add", '{"a": 7}')]
+
+
+def test_mistral_v13_id_an_earlier_turn_gave_a_call_gets_a_fresh_one():
+    """A v13 id the request's messages already gave a call (an earlier turn's) is not kept for a new call, whole or
+    streamed: a tool's result naming it would answer two calls (mistral-common's v13 validator asks distinct ids
+    within a turn; vLLM's ids are always its own). serve hands the parser the request's ids (tool_setting)."""
+    from tritongpt.train.serve import sampling_settings, tool_message
+
+    old = "a1B2c3D4e"
+    text = f'[TOOL_CALLS]add[CALL_ID]{old}[ARGS]{{"a": 7}}[TOOL_CALLS]w[CALL_ID]Zz9Zz9Zz9[ARGS]{{}}'
+    content, calls = Mistral(taken={old, "unused"}).extract(text)
+    assert content is None and [c[:2] for c in calls] == [("add", '{"a": 7}'), ("w", "{}")]
+    assert [c[2:] for c in calls] == [(), ("Zz9Zz9Zz9",)]
+    for sizes in ([1], [4, 9], [len(text)]):
+        s_ids = [i for i, _, _ in streamed(Mistral(taken={old}), text, sizes)[1].values()]
+        assert s_ids[1] == "Zz9Zz9Zz9" and s_ids[0] != old and re.fullmatch(r"[A-Za-z0-9]{9}", s_ids[0])
+    earlier = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": old, "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]},
+               {"role": "tool", "tool_call_id": old, "content": "2"}]
+    tools = [{"type": "function", "function": {"name": n}} for n in ("w", "add")]
+    for messages, kept in ((earlier, False), (earlier[:1], True)):
+        s = sampling_settings({"messages": messages, "tools": tools}, "chat", ["m"], Mistral())
+        message, why = tool_message(s["tools"], text, "stop")
+        ids = [c["id"] for c in message["tool_calls"]]
+        assert why == "tool_calls" and ids[1] == "Zz9Zz9Zz9" and (ids[0] == old) == kept

@@ -461,6 +461,8 @@ def tool_setting(body: dict, s: dict, parser=None) -> dict:
         raise bad("parallel_tool_calls", f"'parallel_tool_calls' must be true or false, got {parallel!r}")
     if parser is not None and parser.needs_tools:  # (qwen3_coder's values are typed by this request's tools)
         parser = type(parser)(tools)
+    if parser is not None and parser.needs_ids:  # (Mistral v13's: an id the conversation's calls have is not kept)
+        parser = type(parser)(call_ids(body.get("messages")))
     setting = {"tools": tools, "choice": "none", "name": None, "parser": parser, "parallel": parallel is not False}
     if choice == "none":
         return setting
@@ -494,6 +496,15 @@ def tool_setting(body: dict, s: dict, parser=None) -> dict:
     s["structured"] = StructuredOutputs(json=tool_schema(tools, setting["name"], parallel is not False))
     s["structured_field"] = "tools"
     return setting
+
+
+def call_ids(messages) -> set:
+    """The ids of the tool calls in a request's assistant messages (those a string; tool_messages checks them)."""
+    if not isinstance(messages, list):
+        return set()
+    return {c["id"] for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
+            and isinstance(m.get("tool_calls"), list)
+            for c in m["tool_calls"] if isinstance(c, dict) and isinstance(c.get("id"), str)}
 
 
 def uses_tools(messages) -> bool:

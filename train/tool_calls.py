@@ -158,6 +158,7 @@ class Marked:
     keys = ("arguments",)
     short_ids = False  # Mistral's ids
     needs_tools = False  # (Qwen3Coder's: the request's tools type its parameters)
+    needs_ids = False  # (Mistral's: the ids of the request's earlier calls are not kept for a new one)
     keeps_specials = True  # vLLM's adjust_request: skip_special_tokens off, where tokenizers mark the marker special
 
     def objects(self, rest: str) -> list:
@@ -231,12 +232,18 @@ class Mistral(Marked):
     call its own [TOOL_CALLS]name[ARGS]{...} (v11 and later; vLLM tells them by the tokenizer's version, here by the
     text: a v11 call begins with its name, not "[" or "{"), or [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} (v13,
     Magistral's), whose call keeps the id written (vLLM's makes its own: the tool's answer then names an id the
-    model never wrote) where it is Mistral's nine letters and digits and no earlier call's. A v11 call's text after
+    model never wrote) where it is Mistral's nine letters and digits and no earlier call's, in this answer or in the
+    request's messages (taken: their ids; a tool's result for a reused id would answer two calls; mistral-common's
+    v13 validator asks distinct ids within one turn, and vLLM's ids are never the model's). A v11 call's text after
     its arguments' object, up to the next [TOOL_CALLS], is dropped, and one whose arguments do not parse leaves the
     answer content (vLLM's keeps it a call with the broken arguments)."""
-    marker, short_ids = "[TOOL_CALLS]", True
+    marker, short_ids, needs_ids = "[TOOL_CALLS]", True, True
     name = re.compile(r"[A-Za-z0-9_-]+")  # (mistral-common's function names)
     call_id = re.compile(r"[A-Za-z0-9]{9}")  # (mistral-common's tool call ids)
+
+    def __init__(self, taken=()):
+        """taken: the ids of the calls in the request's messages, which a call of this answer does not keep."""
+        self.taken = frozenset(taken)
 
     @staticmethod
     def v11(rest: str) -> bool:
@@ -254,13 +261,14 @@ class Mistral(Marked):
 
     def v11_calls(self, rest: str) -> list:
         """[(its text, name, where its arguments begin, its id or None), ...] of the v11 calls whose names are
-        whole, in order, up to the first that is not (an id an earlier call has: None)."""
+        whole, in order, up to the first that is not (an id an earlier call has, or a taken one: None)."""
         out = []
         for chunk in split_outside(rest, self.marker):
             found = self.v11_call(chunk)
             if found is None:
                 break
-            out.append((chunk, *found[:2], None if found[2] in [c[3] for c in out] else found[2]))
+            out.append((chunk, *found[:2], None if found[2] in self.taken or found[2] in [c[3] for c in out]
+                        else found[2]))
         return out
 
     def extract(self, text):
@@ -303,7 +311,7 @@ class Llama3Json:
     answer that begins otherwise, or whose first object is not a call, or any object that is not one, is all
     content."""
     tag, keys, short_ids, keeps_specials = "<|python_tag|>", ("parameters", "arguments"), False, False
-    needs_tools = False
+    needs_tools = needs_ids = False
 
     def body(self, text: str):
         body = text[len(self.tag):] if text.startswith(self.tag) else text
@@ -393,7 +401,7 @@ class Pythonic:
     all content. Streamed, each call is sent whole once the comma or bracket after it is written: its arguments'
     JSON does not exist until the Python literal is whole (vLLM's stream guesses the literal's end to send it as it
     grows)."""
-    short_ids, keeps_specials, needs_tools = False, False, False
+    short_ids, keeps_specials, needs_tools, needs_ids = False, False, False, False
 
     def extract(self, text: str) -> tuple:
         if not text.startswith("["):
@@ -489,7 +497,7 @@ class Qwen3Coder:
     it has sent those: its whole answer, all content, disagrees with its stream). Streamed, a call opens once its name
     is whole, its arguments' JSON growing by each parameter as it closes (its value typed then), "}" at </function>;
     a bare function is held back (neither content nor a call) until a block begins or the answer ends."""
-    short_ids, keeps_specials, needs_tools = False, False, True
+    short_ids, keeps_specials, needs_tools, needs_ids = False, False, True, False
     starts = ("<tool_call>", "<function=")
     # (\Z, not $: $ also matches before a last newline, which would close a value still being written)
     blocks = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*?)\Z", re.DOTALL)
