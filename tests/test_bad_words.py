@@ -238,3 +238,42 @@ def test_the_ids_file_is_read_as_other_text_files_are_and_refused_by_name(tmp_pa
         for flag in (["--allowed-token-ids", "1,x"], ["--bad-words", ""]):
             assert cli.main(["generate", "--weights", str(tmp_path / "no-run"), *prompts, *flag]) == 2
             assert capsys.readouterr().err.startswith(f"error: {flag[0]}"), flag
+
+
+def test_the_chat_command_takes_them_as_flags(tmp_path, monkeypatch, capsys):
+    """chat --allowed-token-ids and --bad-words (generate's flags, read by the same helpers): each turn's greedy
+    answer is the by-hand reference's over that turn's prompt (the conversation so far); bad values are refused by
+    flag, a typo before any model is looked for."""
+    import io
+
+    from tritongpt import cli
+    from tritongpt.train import chat
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    tok = tiny_run(tmp_path / "run", "chat")
+    model = load_checkpoint(str(tmp_path / "run")).eval()
+    allowed = [t for t in range(40, 290, 3) if t != tok.eot_id]  # (no end of turn: each answer runs 4 tokens)
+    conv, lines, want = chat.Conversation("chat"), ["the cat sat", "and then"], []
+    ids = conv.fit(tok, lines[0], 128, 4)[0]
+    free = reference(model, torch.tensor([ids]), 4, allowed)[0, len(ids):].tolist()
+    word = next(w for w in map(lambda t: tok.decode([t]), free) if tok.encode(w.lstrip()) in ([t] for t in free))
+    words = serve.bad_words_ids(lambda text, bos, special: tok.encode(text, allowed_special="all"), [word], 300)
+    for line in lines:
+        ids = conv.fit(tok, line, 128, 4)[0]
+        want.append(reference(model, torch.tensor([ids]), 4, allowed, words)[0, len(ids):].tolist())
+        conv.add(line, tok.decode(want[-1]))
+    assert want[0] != free and all(t in allowed and [t] not in words for t in sum(want, []))
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    base = ["chat", "--weights", str(tmp_path / "run"), "--device", "cpu", "--max-new-tokens", "4",
+            "--temperature", "0"]
+    assert cli.main([*base, "--allowed-token-ids", ",".join(map(str, allowed)), "--bad-words", word]) == 0
+    assert capsys.readouterr().out == "".join(tok.decode(w) + "\n" for w in want)
+    for flags, said in ((["--allowed-token-ids", "1,x"], "--allowed-token-ids: 'x' is not a token id"),
+                        (["--allowed-token-ids", "5, 300"], "--allowed-token-ids has token id 300: the model's "
+                                                            "tokens are 0..299"),
+                        (["--bad-words", " "], "--bad-words takes a word of text")):
+        assert cli.main([*base, *flags]) == 2
+        assert said in capsys.readouterr().err
+    for flag in (["--allowed-token-ids", "@nope.txt"], ["--bad-words", ""]):
+        assert cli.main(["chat", "--weights", str(tmp_path / "no-run"), *flag]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {flag[0]}"), flag

@@ -130,11 +130,11 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
           vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None,
           frequency_penalty=None, presence_penalty=None, no_repeat_ngram_size=None, draft=None, num_draft_tokens=4,
           stats=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_n_sigma=None, cuda_graph=False,
-          kv_cache_dtype="auto", guide=None):
+          kv_cache_dtype="auto", guide=None, allowed_token_ids=None, bad_words=None):
     """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
     stop_id (a chat template's end-of-turn token), whether the model ended it). draft: a speculative decoding
     draft model (generate()'s; stats: its acceptance, filled). cuda_graph, kv_cache_dtype, guide (structured
-    outputs: this answer's): generate()'s."""
+    outputs: this answer's), allowed_token_ids, bad_words: generate()'s."""
     import torch
 
     from tritongpt.commands import TextStream
@@ -152,7 +152,8 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
                        presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size, draft=draft,
                        num_draft_tokens=num_draft_tokens, stats=stats, typical_p=typical_p,
                        epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
-                       cuda_graph=cuda_graph, kv_cache_dtype=kv_cache_dtype, guide=guide)
+                       cuda_graph=cuda_graph, kv_cache_dtype=kv_cache_dtype, guide=guide,
+                       allowed_token_ids=allowed_token_ids, bad_words=bad_words)
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()
@@ -191,7 +192,7 @@ def cmd_chat(args):
     import torch
 
     from tritongpt.commands import (check_cuda_graphs, check_generation_args, draft_note, load_draft,
-                                    load_generation_model, sampling_controls)
+                                    load_generation_model, mask_flags, sampling_controls, token_masks)
     from tritongpt.train.structured import Grammars, spec_from_flag
 
     check_generation_args(args)
@@ -204,8 +205,10 @@ def cmd_chat(args):
     if args.cuda_graphs and args.draft:
         raise UserError("--cuda-graphs replays a one-token decode step: it does not take --draft")
     spec = None if args.structured_outputs is None else spec_from_flag(args.structured_outputs)
+    flags = mask_flags(args)
     model, tok, device, dtype, limit = load_generation_model(args)
     check_cuda_graphs(args, device, model)
+    masks = token_masks(args, tok, limit or model.config.vocab_size, flags)  # (refused before the first message)
     grammars = None if spec is None else Grammars.of(tok, limit or model.config.vocab_size)
     if grammars is not None:
         grammars.compile(spec)  # (a spec that does not compile: refused now, before the first message)
@@ -270,7 +273,7 @@ def cmd_chat(args):
                               top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop,
                               **sampling_controls(args), **speculative, stats=stats, cuda_graph=args.cuda_graphs,
                               kv_cache_dtype=args.kv_cache_dtype,
-                              guide=None if grammars is None else grammars.guide(spec))
+                              guide=None if grammars is None else grammars.guide(spec), **masks)
         for k in totals:
             totals[k] += stats.get(k, 0)
         if not ended:
@@ -282,7 +285,7 @@ def cmd_chat(args):
 
 def add_cli(sub):
     from tritongpt.commands import (add_cuda_graphs_arg, add_draft_args, add_generation_model_args,
-                                    add_kv_cache_dtype_arg, add_sampling_args)
+                                    add_kv_cache_dtype_arg, add_mask_args, add_sampling_args)
     from tritongpt.train.structured import add_structured_arg
 
     p = sub.add_parser("chat", help=command_help("chat"))
@@ -295,6 +298,7 @@ def add_cli(sub):
                         "(default %(default)s)")
     p.add_argument("--system", help="a system message to open the conversation (chat template only)")
     add_sampling_args(p, max_new_tokens=256, temperature=0.7, temperature_text="a little less random than generate's")
+    add_mask_args(p)
     add_draft_args(p)
     add_structured_arg(p, "every answer")
     p.set_defaults(func=cmd_chat)

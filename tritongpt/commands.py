@@ -390,7 +390,7 @@ def sampling_controls(args) -> dict:
 
 
 def add_mask_args(p):
-    """generate's vLLM allowed_token_ids and bad_words flags (serve's fields)."""
+    """generate's and chat's vLLM allowed_token_ids and bad_words flags (serve's fields)."""
     p.add_argument("--allowed-token-ids", default=None, metavar="IDS",
                    help="draw only these token ids, comma-separated (or @FILE: ids separated by commas or "
                         "whitespace), as vLLM's allowed_token_ids; before the penalties and the other sampling flags")
