@@ -90,19 +90,8 @@ def read_json_records(path, what: str = "data file") -> list:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    raw = []
     if path.suffix == ".jsonl":
-        # records end at "\n" only (a "\r" before it is JSON whitespace): str.splitlines() also
-        # breaks at U+2028, U+2029 and U+0085, which JSON strings may hold unescaped (json.dumps
-        # with ensure_ascii=False writes them so), cutting such a record in two
-        for line_no, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            where = f"{path}: record {len(raw)} (line {line_no})"
-            try:
-                raw.append((where, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not valid JSON ({e.msg})") from None
+        raw = jsonl_records(text, path)
     else:
         try:
             data = json.loads(text)
@@ -115,6 +104,24 @@ def read_json_records(path, what: str = "data file") -> list:
         raw = [(f"{path}: record {i}", rec) for i, rec in enumerate(data)]
     if not raw:
         raise UserError(f"{path}: no records")
+    return raw
+
+
+def jsonl_records(text: str, name) -> list:
+    """(where, record) pairs of JSON Lines text, blank lines skipped; `where` names the file (name), the record's
+    index and its line, as every reader of records reports a bad one; a line that is not JSON a UserError so named."""
+    raw = []
+    # records end at "\n" only (a "\r" before it is JSON whitespace): str.splitlines() also
+    # breaks at U+2028, U+2029 and U+0085, which JSON strings may hold unescaped (json.dumps
+    # with ensure_ascii=False writes them so), cutting such a record in two
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{name}: record {len(raw)} (line {line_no})"
+        try:
+            raw.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} is not valid JSON ({e.msg})") from None
     return raw
 
 
