@@ -33,6 +33,8 @@ COMMANDS = {
     "chat": ("tritongpt.train.chat", "talk to a fine-tuned model, a message a turn, in the template it was tuned on"),
     "serve": ("tritongpt.train.serve", "serve a model over HTTP with OpenAI's API (completions, chat completions; "
               "--runner pooling: embeddings, reward scores)"),
+    "run-batch": ("tritongpt.train.run_batch", "run a .jsonl file of OpenAI Batch API requests through serve's "
+                  "endpoints offline, as vLLM's run-batch"),
     "merge": ("tritongpt.train.merge", "merge checkpoints of one model into one (linear, slerp, task arithmetic, "
               "TIES, DARE)"),
 }

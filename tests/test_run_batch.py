@@ -1,0 +1,175 @@
+"""`tritongpt run-batch` (train/run_batch.py): a .jsonl file of OpenAI Batch API requests through serve's own
+server in process. Each line's body is what a server started with the same flags answers the same request (its ids
+and timestamps aside), in the input's order, wrapped as vLLM's run-batch wraps it; a request refused gets its status
+and error; a bad file is an error naming its line before any model loads."""
+import io
+import json
+import re
+
+import pytest
+
+from test_serve import call, start, tiny_run
+from tritongpt.cli import main
+from tritongpt.train.run_batch import STREAM_REFUSED
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GREEDY = {"max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch") / "run"
+    tiny_run(folder, "chat", loud=True)
+    return folder
+
+
+def write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def line(custom_id, url, body):
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def run_batch(folder, requests, out, *flags):
+    assert main(["run-batch", "-i", str(requests), "-o", str(out), "--weights", str(folder), "--device", "cpu",
+                 *flags]) == 0
+    return [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def served_bodies(folder, requests, *flags) -> list:
+    """(status, reply) of each request posted to a server started with flags."""
+    server = start(folder, *flags)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        return [call(server, r["url"], r["body"]) for r in requests]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def without_ids(body):
+    return {k: v for k, v in body.items() if k not in ("id", "created")}
+
+
+def check_wrapping(out, requests):
+    """vLLM's BatchRequestOutput, a line a request in the input's order."""
+    assert [o["custom_id"] for o in out] == [r["custom_id"] for r in requests]
+    for o in out:
+        assert list(o) == ["id", "custom_id", "response", "error"] and re.fullmatch(r"vllm-[0-9a-f]{32}", o["id"])
+        assert list(o["response"]) == ["status_code", "request_id", "body"]
+        assert re.fullmatch(r"vllm-batch-[0-9a-f]{32}", o["response"]["request_id"])
+    assert len({o["id"] for o in out}) == len(out)
+
+
+def test_lines_get_the_servers_own_answers_in_order(folder, tmp_path, capsys):
+    """Chat and completion lines (the first the longest, so that it ends last) answered as the server answers them;
+    refusals: a bad field (the server's 400 and error object), the pooling runner's url (its 404), an url vLLM's
+    runner does not take and stream (vLLM's 400s and words)."""
+    chat = {"messages": [{"role": "user", "content": "Hello there!"}]}
+    requests = [line("long", "/v1/completions", {"prompt": "the cat", "max_tokens": 16, "temperature": 0}),
+                line("chat", "/v1/chat/completions", {**chat, **GREEDY}),
+                line("two", "/v1/completions", {"prompt": ["a dog", "the bird"], **GREEDY}),
+                line("seeded", "/v1/chat/completions", {**chat, "max_tokens": 4, "seed": 3, "n": 2}),
+                line("hot", "/v1/completions", {"prompt": "a", "temperature": 7}),
+                line("embed", "/v1/embeddings", {"input": "a"}),
+                line("ids", "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0})]
+    odd = [line("responses", "/v1/responses", {"input": "a"}),
+           line("stream", "/v1/completions", {"prompt": "a", "stream": True})]
+    out = run_batch(folder, write(tmp_path / "in.jsonl", requests + odd), tmp_path / "out.jsonl")
+    check_wrapping(out, requests + odd)
+    served = served_bodies(folder, requests)
+    for o, (status, reply), r in zip(out, served, requests):
+        assert o["response"]["status_code"] == status, r["custom_id"]
+        if status == 200:
+            assert o["error"] is None and without_ids(o["response"]["body"]) == without_ids(reply), r["custom_id"]
+        else:
+            assert o["response"]["body"] is None and o["error"] == reply, r["custom_id"]
+    assert [o["response"]["status_code"] for o in out] == [200, 200, 200, 200, 400, 404, 200, 400, 400]
+    assert out[4]["error"]["error"]["param"] == "temperature"
+    assert out[7]["error"].startswith("URL /v1/responses was used. Supported endpoints: /v1/chat/completions, ")
+    assert out[8]["error"] == STREAM_REFUSED
+    assert out[0]["response"]["body"]["usage"]["completion_tokens"] > 1  # (not an empty answer matching another)
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert summary.startswith("note: 9 requests (5 ok, 4 failed) in ") and "written to" in summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # (no temporary file left)
+
+
+def test_pooling_urls_with_the_pooling_runner(folder, tmp_path, monkeypatch, capsys):
+    """--runner pooling: embeddings, score and rerank lines answered as its server answers them, a chat line its
+    404; stdin to stdout ("-")."""
+    requests = [line("emb", "/v1/embeddings", {"input": ["the cat", "a dog"]}),
+                line("score", "/score", {"text_1": "the cat", "text_2": ["a dog", "the mat"]}),
+                line("rerank", "/v1/rerank", {"query": "the cat", "documents": ["a dog", "the mat", "sang"],
+                                              "top_n": 2}),
+                line("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
+    text = "".join(json.dumps(r) + "\n" for r in requests)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    capsys.readouterr()
+    assert main(["run-batch", "-i", "-", "-o", "-", "--weights", str(folder), "--device", "cpu", "--runner",
+                 "pooling"]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    check_wrapping(out, requests)
+    served = served_bodies(folder, requests, "--runner", "pooling")
+    assert [s for s, _ in served] == [o["response"]["status_code"] for o in out] == [200, 200, 200, 404]
+    for o, (_, reply) in zip(out[:3], served):
+        assert o["error"] is None and without_ids(o["response"]["body"]) == without_ids(reply)
+    assert len(out[0]["response"]["body"]["data"]) == 2 and len(out[2]["response"]["body"]["results"]) == 2
+    assert out[3]["error"] == served[3][1] and "--runner pooling" in out[3]["error"]["error"]["message"]
+
+
+@pytest.mark.parametrize("lines, said", [
+    (['{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}', ""], "line 1) is not valid JSON"),
+    ([line("a", "/v1/completions", {}), "", {"custom_id": "b", "method": "POST", "body": {}}],
+     "record 1 (line 3): missing field 'url'"),
+    ([line("a", "/v1/completions", {}), line("a", "/v1/completions", {})],
+     "record 1 (line 2): 'custom_id' 'a' is record 0 (line 1)'s too"),
+    ([{**line("a", "/v1/completions", {}), "method": "GET"}], "'method' must be \"POST\""),
+    ([line("a", "/v1/completions", "hi")], "line 1): 'body' must be a JSON object"),
+    ([{**line("a", "/v1/completions", {}), "extra": 1}], "line 1): unknown field 'extra'"),
+    ([["a"]], "line 1): expected a JSON object"),
+    (["", " "], "no requests"),
+])
+def test_a_bad_line_is_an_error_naming_it(tmp_path, capsys, lines, said):
+    """Before any model loads (--weights names none here): exit 2 and the line's fault."""
+    path = write(tmp_path / "in.jsonl", lines)
+    assert main(["run-batch", "-i", str(path), "-o", str(tmp_path / "out.jsonl"), "--weights",
+                 str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and said in err, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_input_and_output_paths(folder, tmp_path, capsys, monkeypatch):
+    """A missing -i, an -o that exists (unless --overwrite, then replaced whole), in a missing folder, or a URL: exit
+    2, naming the path; a run that fails midway leaves -o as it was, and no temporary file."""
+    from tritongpt.train import run_batch as runner
+
+    requests = write(tmp_path / "in.jsonl", [line(c, "/v1/completions", {"prompt": "a", **GREEDY}) for c in "ab"])
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    for i, o, said in [(tmp_path / "none.jsonl", out, "file not found"),
+                       (requests, out, "already exists: pass --overwrite"),
+                       (requests, tmp_path / "no" / "out.jsonl", "does not exist"),
+                       ("https://example.com/in.jsonl", out, "a URL"), (requests, "http://example.com/o", "a URL")]:
+        assert main(["run-batch", "-i", str(i), "-o", str(o), "--weights", str(folder), "--device", "cpu"]) == 2
+        assert said in capsys.readouterr().err
+    assert out.read_text() == "old\n"
+    post, posted = runner.post, []
+
+    def failing(*a):  # (the second request posted fails)
+        posted.append(1)
+        if len(posted) == 2:
+            raise RuntimeError("lost")
+        return post(*a)
+
+    monkeypatch.setattr(runner, "post", failing)
+    with pytest.raises(RuntimeError, match="lost"):
+        main(["run-batch", "-i", str(requests), "-o", str(out), "--weights", str(folder), "--device", "cpu",
+              "--overwrite", "--max-batch", "1"])
+    assert len(posted) == 2 and out.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    monkeypatch.undo()
+    got = run_batch(folder, requests, out, "--overwrite")
+    assert [o["custom_id"] for o in got] == ["a", "b"] and got[0]["response"]["status_code"] == 200

@@ -1,0 +1,231 @@
+"""`tritongpt run-batch`: vLLM's offline batch runner (`vllm run-batch`, vllm/entrypoints/openai/run_batch.py) over
+OpenAI's Batch API file format.
+
+    tritongpt run-batch -i requests.jsonl -o results.jsonl --weights runs/sft
+
+Each line of -i is one request, {"custom_id", "method": "POST", "url", "body"}. It goes to serve's own server,
+started in this process on a free loopback port (make_server: the same checks, the same responses, byte for byte),
+from 2 * --max-batch threads at once, so that the engine batches them as it batches a server's clients (vLLM's
+run-batch keeps 2 * max_num_seqs requests in flight). -o gets a line a request, in the input's order, vLLM's
+BatchRequestOutput: {"id": "vllm-<hex>", "custom_id", "response": {"status_code", "request_id":
+"vllm-batch-<hex>", "body"}, "error"}: the endpoint's JSON as body and a null error, or for a request it refuses
+its status, a null body and its error object as error; a request this runner refuses (an url it does not take,
+stream true) a 400 with vLLM's message as error.
+
+Where it differs from vLLM's runner, and why:
+- /v1/completions is taken too: serve answers it and OpenAI's Batch API takes it (vLLM's runner takes chat,
+  embeddings, score and rerank only).
+- The file is checked whole before the model loads: a line that is not JSON, lacks a field or has one of another
+  type, a method other than POST, or a custom_id an earlier line has (the Batch API's rule, which vLLM's runner does
+  not check) is an error naming its line (exit 2), where vLLM's stops midway with pydantic's traceback.
+- A body's fields are checked by the endpoint, request by request: a refused one is that line's error, where vLLM's
+  runner validates every body as it reads the file and stops at the first bad one.
+- A url the runner does not serve (the generation ones with --runner pooling, the pooling ones without) gets the
+  server's own 404 and error object (vLLM's: a 400 saying "The model does not support ... API").
+- "-" is stdin (-i) or stdout (-o); http(s) URLs, which vLLM's runner GETs and PUTs, are refused: no network here.
+- -o is written to a temporary file renamed into place at the end (never half a file under its name), and an
+  existing one is refused unless --overwrite.
+"""
+import http.client
+import json
+import os
+import secrets
+import sys
+import time
+import uuid
+from argparse import Namespace
+from pathlib import Path
+
+from tritongpt.cli import command_help
+from tritongpt.errors import UserError, note, read_text_file
+from tritongpt.train.pooling import EMBEDDINGS, RERANK_PATHS, SCORE_PATHS
+
+FIELDS = ("custom_id", "method", "url", "body")  # a line's (OpenAI's batch input)
+# the urls vLLM's runner takes that serve answers (the pooling ones with --runner pooling), and /v1/completions
+URLS = ("/v1/chat/completions", "/v1/completions", EMBEDDINGS) + SCORE_PATHS + RERANK_PATHS
+STREAM_REFUSED = "Request must not be sent in stream mode"  # (vLLM's words, as its other refusals below)
+
+
+def is_url(name: str) -> bool:
+    return name.startswith(("http://", "https://"))
+
+
+def read_requests(name: str) -> list:
+    """(where, request) pairs of -i (a file, or "-": stdin), every line checked: a JSON object of FIELDS alone, a
+    string custom_id no earlier line has, method POST, a string url, an object body; else a UserError naming the
+    line. (The url and the body are the request's own: a wrong one is its line's error in -o.)"""
+    from tritongpt.train.sft import jsonl_records
+
+    if is_url(name):
+        raise UserError(f"-i {name}: a URL (vLLM's run-batch GETs one); this command reads no network: download the "
+                        "file and pass its path")
+    if name == "-":
+        try:
+            text, name = sys.stdin.buffer.read().decode("utf-8"), "stdin"
+        except UnicodeDecodeError as e:
+            raise UserError(f"-i -: stdin is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    else:
+        text = read_text_file(name)
+    requests = jsonl_records(text.removeprefix("\ufeff"), name)  # (a byte-order mark, as Windows editors write)
+    if not requests:
+        raise UserError(f"{name}: no requests (every line is blank)")
+    takes, seen = f"a line takes {', '.join(FIELDS)}", {}
+    for where, r in requests:
+        if not isinstance(r, dict):
+            raise UserError(f"{where}: expected a JSON object ({takes}), got {type(r).__name__}")
+        for key in r:
+            if key not in FIELDS:
+                raise UserError(f"{where}: unknown field '{key}' ({takes})")
+        for key, kind, what in (("custom_id", str, "a string"), ("method", str, "a string"), ("url", str, "a string"),
+                                ("body", dict, "a JSON object")):
+            if key not in r:
+                raise UserError(f"{where}: missing field '{key}' ({takes})")
+            if not isinstance(r[key], kind):
+                raise UserError(f"{where}: '{key}' must be {what}, got {json.dumps(r[key])}"[:300])
+        if r["method"] != "POST":
+            raise UserError(f"{where}: 'method' must be \"POST\" (the Batch API's only one), got {r['method']!r}")
+        if r["custom_id"] in seen:
+            raise UserError(f"{where}: 'custom_id' {r['custom_id']!r} is {seen[r['custom_id']]}'s too: each "
+                            "request's must be unique (they match the results to the requests)")
+        seen[r["custom_id"]] = where.split(": ")[-1]
+    return requests
+
+
+def output_path(args) -> Path | None:
+    """-o as a path to write (None: "-", stdout), checked before the model loads."""
+    out = args.output_file
+    if out == "-":
+        if args.overwrite:
+            raise UserError("--overwrite replaces an existing -o file; -o - writes to stdout")
+        return None
+    if is_url(out):
+        raise UserError(f"-o {out}: a URL (vLLM's run-batch PUTs one); this command writes no network: write a file "
+                        "and upload it")
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"-o {out} is a folder: name the .jsonl file to write")
+    if not path.parent.is_dir():
+        raise UserError(f"-o {out}: the folder {path.parent} does not exist")
+    if path.exists() and not args.overwrite:
+        raise UserError(f"-o {out} already exists: pass --overwrite to replace it, or another -o")
+    return path
+
+
+def post(port: int, key: str, url: str, body: dict) -> tuple:
+    """(status, JSON reply) of body posted to the in-process server."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    try:
+        conn.request("POST", url, json.dumps(body).encode("utf-8"),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read().decode("utf-8"))
+    finally:
+        conn.close()
+
+
+def answer(port: int, key: str, request: dict) -> dict:
+    """A request's output line (vLLM's BatchRequestOutput): the server's answer, or this runner's refusal."""
+    url, body = request["url"], request["body"]
+    if url not in URLS:
+        status, reply = 400, f"URL {url} was used. Supported endpoints: {', '.join(URLS)}."
+    elif body.get("stream") is True:  # (another value is the endpoint's to refuse)
+        status, reply = 400, STREAM_REFUSED
+    else:
+        status, reply = post(port, key, url, body)
+    ok = status == 200
+    return {"id": f"vllm-{uuid.uuid4().hex}", "custom_id": request["custom_id"],
+            "response": {"status_code": status, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
+                         "body": reply if ok else None},
+            "error": None if ok else reply}
+
+
+def answers(port: int, key: str, requests: list, workers: int, bar):
+    """Each request's output line (answer's), in the input's order, `workers` requests in flight at once."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    pool = ThreadPoolExecutor(workers)
+    try:
+        futures = {pool.submit(answer, port, key, r): i for i, r in enumerate(requests)}
+        done, given = {}, 0
+        for fut in as_completed(futures):
+            done[futures[fut]] = fut.result()
+            bar.update()
+            while given in done:  # (the finished ones held until those before them end: vLLM's ordered writer)
+                yield done.pop(given)
+                given += 1
+    finally:  # (an error or Ctrl-C: the requests not yet sent are not sent)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def write_lines(path: Path | None, lines):
+    """lines to stdout (path None), or to a temporary file renamed path once all are written: a reader never sees
+    half the results under path, and an error midway leaves an earlier file as it was."""
+    if path is None:
+        for text in lines:
+            sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text in lines:
+                f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def cmd_run_batch(args):
+    from tqdm import tqdm
+
+    from tritongpt.bench.serve import start_server
+
+    requests = [r for _, r in read_requests(args.input_file)]
+    path = output_path(args)
+    # serve's server on a free loopback port, behind a key of its own: no other local client reaches it meanwhile
+    key = secrets.token_urlsafe(32)
+    server = start_server(Namespace(**{**vars(args), "host": "127.0.0.1", "port": 0, "api_key": key}))
+    ok = prompt_tokens = completion_tokens = 0
+
+    def counted(outs):
+        nonlocal ok, prompt_tokens, completion_tokens
+        for out in outs:
+            if out["error"] is None:
+                ok += 1
+                usage = out["response"]["body"].get("usage") or {}
+                prompt_tokens += usage.get("prompt_tokens") or 0
+                completion_tokens += usage.get("completion_tokens") or 0
+            yield json.dumps(out, ensure_ascii=False) + "\n"
+
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=len(requests), desc="run-batch", unit="req", file=sys.stderr, leave=False) as bar:
+            write_lines(path, counted(answers(server.server_address[1], key, requests, 2 * args.max_batch, bar)))
+    finally:
+        server.shutdown()
+        server.server_close()  # (the engine stopped: a request still in flight ends)
+    seconds = time.perf_counter() - t0
+    # (throughput in the tokens the runner makes: drawn ones; a pooling runner's, the inputs it reads)
+    kind = "completion" if args.runner == "generate" else "prompt"
+    rate = (completion_tokens if kind == "completion" else prompt_tokens) / seconds
+    note(f"{len(requests)} requests ({ok} ok, {len(requests) - ok} failed) in {seconds:.2f} s: {prompt_tokens} prompt "
+         f"and {completion_tokens} completion tokens, {rate:.1f} {kind} tokens/s (--max-batch {args.max_batch}); "
+         f"written to {'stdout' if path is None else path}")
+    return 0
+
+
+def add_cli(sub):
+    from tritongpt.train.serve import add_server_args
+
+    p = sub.add_parser("run-batch", help=command_help("run-batch"))
+    p.add_argument("-i", "--input-file", required=True, metavar="FILE",
+                   help="OpenAI's batch input: a .jsonl file of one request a line, {\"custom_id\": ID, \"method\": "
+                        "\"POST\", \"url\": \"/v1/chat/completions\", \"body\": {...}} (urls: /v1/chat/completions, "
+                        "/v1/completions; with --runner pooling /v1/embeddings, /score, /rerank); -: stdin")
+    p.add_argument("-o", "--output-file", required=True, metavar="FILE",
+                   help="the results, a line a request in the input's order (vLLM's run-batch output: custom_id, "
+                        "response {status_code, request_id, body}, error); -: stdout")
+    p.add_argument("--overwrite", action="store_true", help="replace -o if it exists")
+    add_server_args(p)
+    p.set_defaults(func=cmd_run_batch, seed=1337)  # (serve's: a random model's weights)
