@@ -492,3 +492,27 @@ def test_rlhf_cli_grpo_dapo_with_delta_and_a_resume_that_changes_delta(tmp_path,
     assert "--delta must be a finite number > 1 + --clip-eps-high (unset: --clip-eps) = 1.2, got 1.1" in \
         capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_scale_by_the_unbiased_std_as_trl(scale):
+    """TRL GRPOTrainer: (r - mean of the group) / (std + 1e-4), std torch's default, the sample (Bessel-corrected)
+    one, of the group's rewards (scale_rewards group) or of the whole batch's (batch); none: not divided. Written
+    out in float64 over groups of 2, 3 and 4 given out of order."""
+    from tritongpt.train.rlhf import group_advantages
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(9, generator=g, dtype=torch.float64) * 3
+    group = torch.tensor([2, 0, 1, 2, 0, 2, 1, 1, 2])
+    got = group_advantages(scores, group, scale=scale)
+    r = scores.tolist()
+    batch_mean = sum(r) / len(r)
+    batch_std = math.sqrt(sum((x - batch_mean) ** 2 for x in r) / (len(r) - 1))
+    for i in range(len(r)):
+        mine = [r[j] for j in range(len(r)) if group[j] == group[i]]
+        mean = sum(mine) / len(mine)
+        std = math.sqrt(sum((x - mean) ** 2 for x in mine) / (len(mine) - 1))
+        want = r[i] - mean
+        if scale != "none":
+            want /= (std if scale == "group" else batch_std) + 1e-4
+        assert got[i].item() == pytest.approx(want, rel=1e-12, abs=1e-12), i

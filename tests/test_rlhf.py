@@ -275,7 +275,7 @@ def test_gae_and_group_advantages_against_direct_formulas():
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     adv = group_advantages(scores, group)
     g0 = torch.tensor([1.0, 2.0, 3.0])
-    assert torch.allclose(adv[:3], (g0 - 2.0) / (g0.std(unbiased=False) + 1e-4))
+    assert torch.allclose(adv[:3], (g0 - 2.0) / (g0.std() + 1e-4))  # the sample std, TRL's
     assert adv[3] == adv[4] > 0 > adv[5]
     # groups need not be contiguous or numbered from 0; a lone response has advantage 0
     perm = torch.tensor([5, 0, 3, 1, 4, 2])
@@ -487,7 +487,8 @@ def test_grpo_advantages_are_the_group_standardized_scores_on_every_response_tok
     ro = Rollout(torch.zeros(4, 8, dtype=torch.long), prompt_lens, lengths, mask, group, scores=scores,
                  logp=torch.zeros(4, 7), ref_logp=torch.zeros(4, 7))
     ro = compute_advantages(ro, RLArgs(algo="grpo"))
-    want = torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (1 + 1e-4 / torch.tensor([1.0, 1.0, 2.0, 2.0]))
+    # a group of two's sample std (TRL's) is |r1 - r2| / sqrt(2)
+    want = torch.tensor([-1.0, 1.0, -2.0, 2.0]) / (2 ** 0.5 * torch.tensor([1.0, 1.0, 2.0, 2.0]) + 1e-4)
     torch.testing.assert_close(ro.advantages, want.unsqueeze(1) * mask)
     ro = compute_advantages(ro, RLArgs(algo="grpo", scale_rewards="none"))  # Dr. GRPO: centered only
     torch.testing.assert_close(ro.advantages, torch.tensor([-1.0, 1.0, -2.0, 2.0]).unsqueeze(1) * mask)
@@ -927,11 +928,11 @@ def test_grpo_variants_against_hand_formulas():
     scores = torch.tensor([1.0, 3.0, 2.0, 0.5, 0.5, 4.0, -1.0])
     group = torch.tensor([0, 0, 0, 1, 1, 1, 1])
     centered = scores - torch.tensor([2.0] * 3 + [1.0] * 4)
-    std = torch.tensor([(2 / 3) ** 0.5] * 3 + [((0.25 + 0.25 + 9 + 4) / 4) ** 0.5] * 4)
+    std = torch.tensor([(2 / 2) ** 0.5] * 3 + [((0.25 + 0.25 + 9 + 4) / 3) ** 0.5] * 4)  # sample std (TRL's)
     eps = 1e-4
     torch.testing.assert_close(group_advantages(scores, group), centered / (std + eps))
     torch.testing.assert_close(group_advantages(scores, group, scale="group"), centered / (std + eps))
-    batch_std = ((scores - scores.mean()) ** 2).mean() ** 0.5
+    batch_std = (((scores - scores.mean()) ** 2).sum() / (len(scores) - 1)) ** 0.5
     torch.testing.assert_close(group_advantages(scores, group, scale="batch"), centered / (batch_std + eps))
     torch.testing.assert_close(group_advantages(scores, group, scale="none"), centered)
     g = torch.Generator().manual_seed(2)

@@ -25,9 +25,9 @@ hidden states) predicts the return; GAE(gamma, lambda) gives advantages, whitene
 batch. Loss = clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy.
 
 GRPO (Shao et al. 2024, DeepSeekMath): G responses per prompt; each response's advantage is
-its reward standardized within its group, (r - mean_G) / (std_G + eps), given to every one of
-its tokens; no value head. The KL to the reference is NOT in the reward: it is a loss term,
-kl_coef * k3 per token, with the unbiased, always-positive estimator
+its reward standardized within its group, (r - mean_G) / (std_G + eps) with std_G the sample std
+(G - 1, TRL's torch.std), given to every one of its tokens; no value head. The KL to the reference
+is NOT in the reward: it is a loss term, kl_coef * k3 per token, with the unbiased, always-positive estimator
         k3 = pi_ref/pi - log(pi_ref/pi) - 1
 averaged over each response's tokens and then over responses, as in the paper.
 
@@ -475,14 +475,15 @@ def by_group(group, dtype):
 
 def group_advantages(scores, group, eps: float = 1e-4, scale: str = "group"):
     """(r - mean) / (std + eps) within each prompt's group of responses: [N]. scale: whose std divides (group:
-    the group's; batch: all the scores'; none: no division, r - mean alone)."""
+    the group's; batch: all the scores'; none: no division, r - mean alone). The std is the sample one (n - 1), as
+    TRL's torch.std: the population one would make every advantage sqrt(n / (n - 1)) larger (1.15x at n = 4)."""
     member, n, total = by_group(group, scores.dtype)
     centered = scores - (total(scores) / n)[member]
     if scale == "none":
         return centered
     if scale == "batch":
-        return centered / (scores.std(unbiased=False) + eps)
-    std = (total(centered ** 2) / n).sqrt()  # biased, as GRPO
+        return centered / (scores.std() + eps)
+    std = (total(centered ** 2) / (n - 1).clamp_min(1)).sqrt()  # a lone response: std 0, advantage 0
     return centered / (std[member] + eps)
 
 
