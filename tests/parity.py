@@ -69,6 +69,33 @@ def decodes_like(model, idx, want, singles: int = 1):
     model.double().set_kernels("reference")
 
 
+def greedy_on_both_paths(model, prompt, steps: int, tol: float = 1e-5):
+    """generate()'s greedy decode over the KV cache draws the same tokens on the reference and Triton paths, and each
+    step's logits on each path, as generate drew from them, are a float64 forward's over the drawn text (fp32 `tol`
+    relative; centered: a log-probability's -log Z would hide a logit's error). The tokens alone are blind: a tiny
+    model drew them with its decode steps' attention off by 3%, or never reading the step's own key. The model is
+    left on the reference path. -> the tokens [B, T + steps]."""
+    import copy
+
+    from tritongpt.train.generate import generate
+
+    drawn = {}
+    for kernels in ("reference", "triton"):
+        lps = []  # each step's log-probabilities of the whole vocabulary [B, V]
+        out = generate(model.set_kernels(kernels), prompt, steps, logprobs=model.config.vocab_size,
+                       on_token=lambda nxt, lp: lps.append(torch.empty_like(lp[2]).scatter_(1, lp[1], lp[2])))
+        drawn[kernels] = out, torch.stack(lps, 1)
+    model.set_kernels("reference")
+    want = drawn["reference"][0]
+    assert torch.equal(drawn["triton"][0], want), "the paths drew different tokens"
+    with torch.no_grad():
+        exact = torch.log_softmax(copy.deepcopy(model).double()(want[:, :-1]), -1)[:, prompt.shape[1] - 1:]
+    for kernels, (_, lp) in drawn.items():
+        assert_close_rel(lp - lp.mean(-1, keepdim=True), exact - exact.mean(-1, keepdim=True), tol,
+                         f"{kernels} path's decode logits")
+    return want
+
+
 def loud_attention(model, gain=20.0):
     """The model's attention outputs scaled up: a tiny model at GPT-2's init draws its next token from the last
     token's embedding almost alone, so tokens read from wrong (or zeroed) keys and values would still match."""

@@ -7,12 +7,11 @@ Triton's interpreter without a GPU.
 import pytest
 import torch
 
-from parity import assert_close_rel, decode_token_by_token
+from parity import assert_close_rel, decode_token_by_token, greedy_on_both_paths
 from test_model_paths import _compare_paths, _packed, _randomize
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.generate import generate
 
 TINY4 = dict(vocab_size=67, context_length=24, n_embd=64, n_layer=2, n_head=4)  # head dim 16
 
@@ -78,9 +77,7 @@ def test_gqa_kv_cache_holds_n_kv_head_heads_and_decodes_as_the_whole_sequence(pa
 @pytest.mark.parametrize("n_kv_head", [1, 2])
 def test_gqa_greedy_decode_same_tokens_on_both_paths(n_kv_head, device):
     model = gqa_model(n_kv_head, 6).to(device).eval()
-    prompt = torch.randint(0, 67, (2, 5), device=device)
-    assert torch.equal(generate(model.set_kernels("reference"), prompt, 8),
-                       generate(model.set_kernels("triton"), prompt, 8))
+    greedy_on_both_paths(model, torch.randint(0, 67, (2, 5), device=device), 8)
 
 
 def test_gqa_model_compiles_in_one_graph(device):

@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from parity import assert_close_rel, report, decode_token_by_token
+from parity import assert_close_rel, report, decode_token_by_token, greedy_on_both_paths
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.generate import generate
 
 TINY = dict(vocab_size=67, context_length=24, n_embd=32, n_layer=2, n_head=2)
 
@@ -257,10 +256,7 @@ def test_triton_path_on_a_gpu_that_is_not_the_current_one():
 def test_greedy_decode_with_kv_cache_same_tokens_on_both_paths(device):
     torch.manual_seed(1)
     model = _randomize(GPTModel(GPTConfig(**TINY))).to(device).eval()
-    prompt = torch.randint(0, 67, (2, 5), device=device)
-    ref = generate(model.set_kernels("reference"), prompt, 10)
-    ours = generate(model.set_kernels("triton"), prompt, 10)
-    assert torch.equal(ref, ours)
+    greedy_on_both_paths(model, torch.randint(0, 67, (2, 5), device=device), 10)
 
 
 @pytest.mark.cuda
@@ -566,9 +562,7 @@ def test_local_attention_decodes_with_the_kv_cache_as_without(path, device):
 def test_local_attention_greedy_decode_same_tokens_on_both_paths(device):
     torch.manual_seed(6)
     model = _randomize(GPTModel(GPTConfig(**TINY, attention_window=3, window_layers="odd"))).to(device).eval()
-    prompt = torch.randint(0, 67, (2, 5), device=device)
-    assert torch.equal(generate(model.set_kernels("reference"), prompt, 12),
-                       generate(model.set_kernels("triton"), prompt, 12))
+    greedy_on_both_paths(model, torch.randint(0, 67, (2, 5), device=device), 12)
 
 
 def test_attention_window_config(tmp_path):

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from parity import assert_close_rel, decode_token_by_token, decodes_like, logits_match_transformers, report
+from parity import (assert_close_rel, decode_token_by_token, decodes_like, greedy_on_both_paths,
+                    logits_match_transformers, report)
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.kernels.rope import rope
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.layers import MultiHeadAttention, apply_rotary, document_starts, rope_inv_freq
-from tritongpt.train.generate import generate
 
 TINY = dict(vocab_size=67, context_length=24, n_embd=32, n_layer=2, n_head=2, position_encoding="rope")
 
@@ -439,9 +439,7 @@ def test_kv_cache_decode_gives_the_whole_sequences_logits(path, device):
 
 def test_greedy_generation_same_tokens_on_both_paths(device):
     model = _rope_model(device, seed=2).eval()
-    prompt = torch.randint(0, 67, (2, 5), device=device)
-    assert torch.equal(generate(model.set_kernels("reference"), prompt, 8),
-                       generate(model.set_kernels("triton"), prompt, 8))
+    greedy_on_both_paths(model, torch.randint(0, 67, (2, 5), device=device), 8)
 
 
 @pytest.mark.parametrize("path", ["reference", "triton"])
