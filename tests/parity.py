@@ -69,30 +69,33 @@ def decodes_like(model, idx, want, singles: int = 1):
     model.double().set_kernels("reference")
 
 
-def greedy_on_both_paths(model, prompt, steps: int, tol: float = 1e-5):
-    """generate()'s greedy decode over the KV cache draws the same tokens on the reference and Triton paths, and each
-    step's logits on each path, as generate drew from them, are a float64 forward's over the drawn text (fp32 `tol`
-    relative; centered: a log-probability's -log Z would hide a logit's error). The tokens alone are blind: a tiny
-    model drew them with its decode steps' attention off by 3%, or never reading the step's own key. The model is
-    left on the reference path. -> the tokens [B, T + steps]."""
-    import copy
-
+def greedy_steps(model, prompt, steps: int, **kw):
+    """generate()'s greedy decode (kw: generate's settings): (the tokens [B, T + steps], each step's logits as it drew
+    from them [B, steps, V], as log-probabilities less their mean: -log Z would hide a logit's error)."""
     from tritongpt.train.generate import generate
 
-    drawn = {}
-    for kernels in ("reference", "triton"):
-        lps = []  # each step's log-probabilities of the whole vocabulary [B, V]
-        out = generate(model.set_kernels(kernels), prompt, steps, logprobs=model.config.vocab_size,
-                       on_token=lambda nxt, lp: lps.append(torch.empty_like(lp[2]).scatter_(1, lp[1], lp[2])))
-        drawn[kernels] = out, torch.stack(lps, 1)
+    lps = []  # each step's log-probabilities of the whole vocabulary [B, V]
+    out = generate(model, prompt, steps, logprobs=model.config.vocab_size, **kw,
+                   on_token=lambda nxt, lp: lps.append(torch.empty_like(lp[2]).scatter_(1, lp[1], lp[2])))
+    lp = torch.stack(lps, 1)
+    return out, lp - lp.mean(-1, keepdim=True)
+
+
+def greedy_on_both_paths(model, prompt, steps: int, tol: float = 1e-5):
+    """generate()'s greedy decode over the KV cache draws the same tokens on the reference and Triton paths, and each
+    step's logits on each path (greedy_steps) are a float64 forward's over the drawn text (fp32 `tol` relative). The
+    tokens alone are blind: a tiny model drew them with its decode steps' attention off by 3%, or never reading the
+    step's own key. The model is left on the reference path. -> the tokens [B, T + steps]."""
+    import copy
+
+    drawn = {kernels: greedy_steps(model.set_kernels(kernels), prompt, steps) for kernels in ("reference", "triton")}
     model.set_kernels("reference")
     want = drawn["reference"][0]
     assert torch.equal(drawn["triton"][0], want), "the paths drew different tokens"
     with torch.no_grad():
         exact = torch.log_softmax(copy.deepcopy(model).double()(want[:, :-1]), -1)[:, prompt.shape[1] - 1:]
-    for kernels, (_, lp) in drawn.items():
-        assert_close_rel(lp - lp.mean(-1, keepdim=True), exact - exact.mean(-1, keepdim=True), tol,
-                         f"{kernels} path's decode logits")
+    for kernels, (_, logits) in drawn.items():
+        assert_close_rel(logits, exact - exact.mean(-1, keepdim=True), tol, f"{kernels} path's decode logits")
     return want
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tritongpt.train.generate as gen
-from parity import assert_close_rel, loud_attention
+from parity import assert_close_rel, greedy_steps, loud_attention
 from test_attention import make_qkv
 from test_decode_graph import CASES, VOCAB, fx_capture, tiny, warm_then_fx  # (its four tiny families)
 from test_flash_decoding import reference_gqa as reference
@@ -393,8 +393,10 @@ def test_quantized_weights_with_the_int8_cache(mode):
         quantize(m, mode, group_size=32)
         models.append(m)
     idx = torch.randint(0, VOCAB, (1, 4))
-    out = [gen.generate(m, idx, 5, kv_cache_dtype="int8") for m in models]
-    assert torch.equal(*out)
+    (want, want_logits), (got, logits) = (greedy_steps(m, idx, 5, kv_cache_dtype="int8") for m in models)
+    assert torch.equal(got, want)
+    # the tokens alone are blind (the int8 matmul kernel's output 3% off, int4's 1%, drew them): each step's logits
+    assert_close_rel(logits, want_logits, 1e-5, f"{mode} weights' decode logits over the int8 cache, triton")
 
 
 def test_generate_and_beam_search_refuse_what_does_not_fit():
