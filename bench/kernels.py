@@ -244,7 +244,7 @@ PROVIDERS = {
     "decode_attention": ("reference", *SDPA_BACKENDS, "compile", "triton", "triton-1pass", "triton-paged",
                          *FLASH_ATTN),
     # one GELU-MLP product per operand layout, forward only: torch.mm (cuBLAS) and our matmul kernel, no epilogue
-    "matmul": ("torch", "triton"),
+    "matmul": ("torch", "triton", "triton-pointer"),  # triton-pointer: ours without the TMA configs (sm_90+)
     # the weight-only int8 linear (W8A16), forward only: dequantized once (torch) or every call (reference, compile),
     # torch's aten._weight_int8pack_mm and ours
     "int8_linear": ("reference", "torch", "compile", "torch-int8", "triton"),
@@ -1010,7 +1010,17 @@ def matmul_providers(a, b, copy_b=False):
         # path: our kernel always; a plain product elsewhere takes the faster of it and cuBLAS (_plain_path)
         return (lambda: fn(a, operand(), path="triton")[0]), [a, b]
 
-    return {"torch": torch_op, "triton": triton_op}
+    def pointer_op():  # ours on its pointer configs only: with "triton", what the TMA ones are worth
+        from tritongpt.kernels.mlp import matmul_tma
+
+        call, inputs = triton_op()
+
+        def run():
+            with matmul_tma(False):
+                return call()
+        return run, inputs
+
+    return {"torch": torch_op, "triton": triton_op, "triton-pointer": pointer_op}
 
 
 def int8_linear_providers(x, q, scale, b=None):

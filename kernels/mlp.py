@@ -653,7 +653,21 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
 # TMA (Hopper's tensor memory accelerator) reads a tile given a descriptor: the base and every stride but the unit
 # one 16-byte aligned. Where an operand is not (a view at an odd offset, a width that is not a multiple of 8 in
 # bf16), the pointer configs run. TMA_INTERPRETED: a test drives the TMA loads through the interpreter.
+# TRITONGPT_MATMUL_TMA=0 (or `with matmul_tma(False)`) keeps every launch on the pointer configs: `bench kernels
+# --ops matmul`'s triton-pointer provider, to time the two apart.
 TMA_INTERPRETED = False
+MATMUL_TMA = os.environ.get("TRITONGPT_MATMUL_TMA", "1") != "0"
+
+
+@contextlib.contextmanager
+def matmul_tma(on: bool):
+    """Within it, the matmul's TMA configs may run (on, the default) or not."""
+    global MATMUL_TMA
+    saved, MATMUL_TMA = MATMUL_TMA, bool(on)
+    try:
+        yield
+    finally:
+        MATMUL_TMA = saved
 
 
 @functools.lru_cache(maxsize=None)
@@ -674,6 +688,8 @@ def _tma_readable(t) -> bool:
 
 def _tma_ok(a, b, a2=None, b2=None) -> bool:
     """Every operand of a _matmul_kernel launch readable by TMA on a device that has it."""
+    if not MATMUL_TMA:
+        return False
     if triton_interpreting():
         if not TMA_INTERPRETED:
             return False

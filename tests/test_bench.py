@@ -1886,12 +1886,12 @@ def test_matmul_rows_time_each_product_in_the_layout_the_mlp_passes(device, monk
     assert dht.data_ptr() == dh.data_ptr() and x2 is x and w1t.data_ptr() == w1.data_ptr()  # views of one tensor
     seen = []
     real = mlp._matmul
-    monkeypatch.setattr(mlp, "_matmul", lambda a, b, *r, **k: seen.append((a.stride(), b.stride(), r, k))
-                        or real(a, b, *r, **k))
+    monkeypatch.setattr(mlp, "_matmul", lambda a, b, *r, **k: seen.append((a.stride(), b.stride(), r, k,
+                                                                           mlp.MATMUL_TMA)) or real(a, b, *r, **k))
     for layout, product, a, b in products:
         want = a.double() @ b.double()
         builders = kernels.matmul_providers(a, b, copy_b=layout == "NN-copy")
-        for name in ("torch", "triton"):
+        for name in ("torch", "triton", "triton-pointer"):
             f, leaves = builders[name]()
             got = f()
             assert got.shape == want.shape and got.dtype == a.dtype, (layout, name)
@@ -1899,8 +1899,10 @@ def test_matmul_rows_time_each_product_in_the_layout_the_mlp_passes(device, monk
             assert len(leaves) == 2 and leaves[0] is a and leaves[1] is b
     # ours gets the views as they are (no bias, no epilogue), on the Triton kernel whatever a plain product would
     # pick (cuBLAS is the torch row); only NN-copy's b comes contiguous
-    assert seen == [(a.stride(), (c, 1) if layout == "NN-copy" else b.stride(), (), {"path": "triton"})
-                    for layout, _, a, b in products]
+    # (triton-pointer: the same call with the TMA configs off, and on again after it)
+    assert seen == [(a.stride(), (c, 1) if layout == "NN-copy" else b.stride(), (), {"path": "triton"}, tma)
+                    for layout, _, a, b in products for tma in (True, False)]
+    assert mlp.MATMUL_TMA
     with pytest.raises(ValueError, match="a \\[M, K\\] and b \\[K, N\\]"):
         kernels.matmul_providers(x, x)
     with pytest.raises(ValueError, match="one dtype"):

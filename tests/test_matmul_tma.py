@@ -113,6 +113,9 @@ def test_tma_ok_reads_alignment_layout_and_the_device(monkeypatch):
     assert not mlp._tma_ok(x, w.t())  # the interpreter, TMA not asked for
     monkeypatch.setattr(mlp, "TMA_INTERPRETED", True)
     assert mlp._tma_ok(x, w.t()) and mlp._tma_ok(x.t(), w)  # either layout of each operand
+    with mlp.matmul_tma(False):  # TRITONGPT_MATMUL_TMA=0: the pointer configs only
+        assert not mlp._tma_ok(x, w.t())
+    assert mlp._tma_ok(x, w.t())
     assert not mlp._tma_ok(x[:, 1:], w.t()[1:])  # a base 2 bytes past alignment
     assert mlp._tma_ok(x[:, :60], w.t()[:60])  # 60 columns, rows 128 bytes apart: the stride is what counts
     assert not mlp._tma_ok(torch.randn(8, 12, dtype=torch.bfloat16), w.t()[:12])  # 24-byte rows
