@@ -126,7 +126,7 @@ def _config_label(kwargs, opts):
 def capture(quick=False, half="bfloat16", tma=True):
     """Run every launcher on meta tensors and return the Launches they would make; half: the
     16-bit dtype's torch name (fp32 is captured too, unless quick); tma: the target has TMA (sm_90+), so the
-    matmul's TMA configs are built beside its pointer ones."""
+    matmul's and attention forward's TMA configs are built beside their pointer ones."""
     import torch
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -140,9 +140,11 @@ def capture(quick=False, half="bfloat16", tma=True):
     def record(self, *args, grid=None, warmup=False, **kwargs):
         launches.append(Launch(case[0], self, args, kwargs))
 
-    saved = JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL, mlp._has_tma
+    saved = (JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL, mlp._has_tma,
+             attention._has_tma)
     JITFunction.run, Autotuner.run = record, record
     mlp._has_tma = lambda device_type, index: tma
+    attention._has_tma = lambda device: tma
     # the MLPs' plain products on our matmul whatever TRITONGPT_MLP_MATMUL says: a GPU's "auto" may pick it
     mlp.MLP_MATMUL = "triton"
     # H100 SXM; only sizes the LayerNorm grid and picks attention's KV splits at decode
@@ -464,7 +466,8 @@ def capture(quick=False, half="bfloat16", tma=True):
                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.float32, **meta),
                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.int64, **meta), 0.8, k, p, mp)
     finally:
-        JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL, mlp._has_tma = saved
+        (JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL, mlp._has_tma,
+         attention._has_tma) = saved
     return launches
 
 

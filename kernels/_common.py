@@ -149,6 +149,26 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_has_tma(device: torch.device) -> bool:
+    """The GPU has TMA (Hopper's tensor memory accelerator, sm_90+): the tensor-descriptor loads of the MLP matmul and
+    attention's forward may run. Bound as each module's `_has_tma`, the name bench/compile_check.py patches."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_scratch(size: int, alignment: int, stream):
+    """Triton's allocator (triton.set_allocator) for the descriptors a TMA launch builds in global memory, 128 bytes
+    each a program. A context variable: the launchers set it in the thread that launches (serve's engine thread)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def tma_strides_ok(t: torch.Tensor, dims) -> bool:
+    """t's base and its strides along dims 16-byte aligned (and positive): what a descriptor over t asks of the
+    dims it steps through, the last one being contiguous."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(t.stride(d) > 0 and t.stride(d) * size % 16 == 0 for d in dims)
+
+
 def check_same_device(**tensors):
     """All named tensors (None entries skipped) must live on one device."""
     bad = _first_mismatch("device", tensors)

@@ -126,6 +126,8 @@ from tritongpt.kernels._common import (FLOAT_DTYPES, autocast_dtype, autotuned, 
                                        first_order_only, launch_tuned, next_pow2, no_func_transform, on_tensor_device,
                                        plain_eager, tanh)
 from tritongpt.kernels._common import sm_count as _sm_count  # patched by bench/compile_check.py, tests
+from tritongpt.kernels._common import cuda_has_tma as _has_tma  # patched by bench/compile_check.py
+from tritongpt.kernels._common import tma_scratch, tma_strides_ok
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes, where the heads and sequences go
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 16: tiny models, tl.dot needs K >= 16; 256: Gemma
@@ -253,7 +255,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr,
-               INT8_KV: tl.constexpr, PAGE: tl.constexpr):
+               INT8_KV: tl.constexpr, PAGE: tl.constexpr, USE_TMA: tl.constexpr = False):
     """Stream KV tiles [lo, hi) past one query tile (online softmax, base-2 logits). EMPTY_ROWS: a row
     may have seen no finite score so far (documents; a KV split the causal mask hides from some rows; a
     tile whose scores are all -inf for a row, from a -inf key component). FOLD_SCALE (qk_scale a positive
@@ -267,13 +269,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
     v_int * v scale in q's dtype (the reference's dequantize_kv) before the dot with p.
     PAGE > 0 (a paged KV cache, flash_attention's block_table): key position n of this row lies in page
     table_row[n // PAGE] at slot n % PAGE, the pages stride_kp / stride_vp / stride_sp (scales) apart; each tile
-    reads its columns' page numbers first (one small load a tile), so pages of any size and order serve."""
+    reads its columns' page numbers first (one small load a tile), so pages of any size and order serve.
+    USE_TMA (_attn_fwd's): k_base and v_base are tensor descriptors over this head's [Tk, HEAD_DIM] keys and values
+    (Hopper's TMA copies each tile into shared memory; rows past Tk and columns past HEAD_DIM read as 0, as the
+    masked loads give)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if PAGE > 0:
             page = tl.load(table_row + offs_n // PAGE, mask=offs_n < Tk, other=0).to(tl.int64)
             slot = offs_n % PAGE
             k = _load_at(k_base, page * stride_kp + slot * stride_kn, offs_n < Tk, offs_d, HEAD_DIM, BLOCK_D)
+        elif USE_TMA:
+            k = k_base.load([start_n, 0])
         else:
             k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
         if INT8_KV:
@@ -324,6 +331,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
             p = tl.where(keep, p * keep_scale, 0.0)
         if PAGE > 0:
             v = _load_at(v_base, page * stride_vp + slot * stride_vn, offs_n < Tk, offs_d, HEAD_DIM, BLOCK_D)
+        elif USE_TMA:
+            v = v_base.load([start_n, 0])
         else:
             v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
         if INT8_KV:
@@ -370,11 +379,12 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
 def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TABLE, qk_scale, softcap, dropout_p,
               keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb, stride_scb, stride_sch,
-              stride_lb, stride_tb, H, GROUP, Tq, Tk, Q_BUCKET,
+              stride_lb, stride_tb, H, GROUP, Tq, Tk, Q_BUCKET, TMA_OK,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
-              FOLD_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr, PAGE: tl.constexpr):
+              FOLD_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr, PAGE: tl.constexpr,
+              USE_TMA: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
     capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one).
     FOLD_SCALE: the scale folded into exp2's FMA (_fwd_inner); the launcher sets it for a positive scale
@@ -385,7 +395,10 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TA
     stride_scb, stride_sch; unit along Tk): each score is (q . k_int) * k_scale[col], then scaled as above, and each
     V tile is read as v_int * v_scale[row] in Q's dtype (_fwd_inner). Inference only: no dropout, no backward.
     PAGE > 0: K and V (and their scales) are pools of pages [pages, Hkv, PAGE, D], row b's positions in the pages
-    TABLE[b, :] names (a paged KV cache; _fwd_inner), stride_kb / stride_vb / stride_scb the pages' strides."""
+    TABLE[b, :] names (a paged KV cache; _fwd_inner), stride_kb / stride_vb / stride_scb the pages' strides.
+    USE_TMA (a config autotune may pick where the launcher found K and V readable by TMA: TMA_OK, in the key):
+    the K and V tiles come through tensor descriptors over this head's rows, not masked pointer loads."""
+    tl.static_assert(not (USE_TMA and (PAGE > 0 or INT8_KV or HAS_KV_LEN)), "USE_TMA: a plain K and V")
     tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or HAS_ALIBI)), "FOLD_SCALE: the scores must be q k * scale")
     tl.static_assert(not (PAGE > 0 and not HAS_KV_LEN), "PAGE: a paged cache has its lengths (KV_LEN)")
     tl.static_assert(not (INT8_KV and HAS_DROPOUT), "INT8_KV: inference only")
@@ -407,6 +420,11 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TA
     rng_base = bh.to(tl.int64) * Tq * Tk
     seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
+    if USE_TMA:  # from here on k_base / v_base are descriptors (_fwd_inner loads their tiles)
+        k_base = tl.make_tensor_descriptor(k_base, shape=[Tk, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[Tk, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -426,19 +444,19 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TA
                                    keep_scale, table_row, stride_kb, stride_vb, stride_scb,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
                                    HAS_SOFTCAP, HAS_ALIBI, PRECISION, HAS_DOCS,
-                                   FOLD_SCALE, INT8_KV, PAGE)
+                                   FOLD_SCALE, INT8_KV, PAGE, USE_TMA)
     else:
         q_start, mid = offs_m, 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
                                offs_d, q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base,
                                dropout_p, keep_scale, table_row, stride_kb, stride_vb, stride_scb,
                                HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT,
-                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV, PAGE)
+                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV, PAGE, USE_TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, offs_m,
                                offs_d, q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base,
                                dropout_p, keep_scale, table_row, stride_kb, stride_vb, stride_scb,
                                HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT,
-                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV, PAGE)
+                               HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV, PAGE, USE_TMA)
 
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
@@ -842,13 +860,19 @@ def _tuned(tiles, prune, key=()):
     key: launch arguments besides the shared ones that change what the best tile is."""
     if INTERPRET:
         return lambda fn: fn
-    groups = {g: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in t]
+    # a fifth entry: USE_TMA (forward's); a kernel with such tiles gets the flag in every config
+    tma = any(len(t) == 5 for cfgs in tiles.values() for t in cfgs)
+    groups = {g: [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **({"USE_TMA": bool(rest and rest[0])} if tma else {})},
+                                num_warps=w, num_stages=s) for m, n, w, s, *rest in t]
               for g, t in tiles.items()}
     group_of = {id(c): g for g, cfgs in groups.items() for c in cfgs}
 
     def by_head_dim(configs, named_args, **kwargs):
         group = tile_group(kwargs["BLOCK_D"], named_args["Q"].dtype)
-        return prune([c for c in configs if group_of[id(c)] == group], named_args, **kwargs)
+        kept = [c for c in configs if group_of[id(c)] == group]
+        if tma:  # TMA configs only where the launcher found K and V readable by TMA
+            kept = [c for c in kept if named_args["TMA_OK"] or not c.kwargs["USE_TMA"]]
+        return prune(kept, named_args, **kwargs)
 
     # Q_BUCKET (next power of two of Tq, capped) instead of Tq/Tk: decode grows Tk by one per
     # token and must not re-tune every step (nor the split count, which follows Tk). Tensor dtypes
@@ -885,10 +909,14 @@ def _tuned(tiles, prune, key=()):
 # `tritongpt bench compile --arch 90|80|89` builds every entry for every launch: on each of those
 # architectures every launch keeps a config that fits and does not spill. The last entry of each
 # list is the fallback when pruning leaves nothing.
+# Forward's (..., True): the same tile with K and V through TMA descriptors (sm_90+, where K and V allow it:
+# _attn_tma_ok); autotune times them beside the pointer ones. The H200 run's forward at head dim 64, T 1024:
+# 283 TFLOPS against the issue's 300.
 TILES = {
     "forward": {
         "narrow": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2),
-                   (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                   (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2),
+                   (128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 3, True)],
         "wide": [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2),
                  (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
         "wide_fp32": [(32, 16, 4, 2), (16, 16, 4, 2)],
@@ -915,7 +943,7 @@ TILES = {
         "wide_fp32": [(32, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1)],
     },
 }
-_attn_fwd_run = autotuned("attention.forward", _tuned(TILES["forward"], _prune_query_tile)(_attn_fwd))
+_attn_fwd_run = autotuned("attention.forward", _tuned(TILES["forward"], _prune_query_tile, key=["TMA_OK"])(_attn_fwd))
 _attn_fwd_split_run = autotuned("attention.forward_split", _tuned(
     TILES["forward_split"], _prune_query_tile, key=["PACK_GQA"])(_attn_fwd_split))
 _attn_bwd_dkdv_run = autotuned("attention.backward_dkdv", _tuned(
@@ -1103,17 +1131,33 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
     ks, vs, stride_scb, stride_sch = _scale_args(q, k_scale, v_scale)
+    tma_ok = kv_len is None and k_scale is None and block_table is None and _attn_tma_ok(k, v)
+    if tma_ok and not INTERPRET:
+        triton.set_allocator(tma_scratch)  # a context variable: set where the launch runs
     launch_tuned(
         _attn_fwd_run, grid,
         q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), _kv_len_arg(q, kv_len),
         ks, vs, _table_arg(q, block_table), softmax_scale * LOG2E, softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb, stride_scb, stride_sch,
-        _kv_len_stride(kv_len), _table_stride(block_table), H, group, Tq, Tk, _q_bucket(Tq),
+        _kv_len_stride(kv_len), _table_stride(block_table), H, group, Tq, Tk, _q_bucket(Tq), int(tma_ok),
         **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
         FOLD_SCALE=softmax_scale * LOG2E >= FP32_TINY and softcap == 0.0 and alibi is None,
-        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, PAGE=_page(k, block_table), **_fixed_blocks())
+        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, PAGE=_page(k, block_table), **_fixed_blocks(),
+        **({"USE_TMA": tma_ok} if INTERPRET else {}))  # (on a GPU each config says USE_TMA)
     return o, lse
+
+
+# TMA_INTERPRETED: a test drives the forward's TMA loads through the interpreter.
+TMA_INTERPRETED = False
+
+
+def _attn_tma_ok(k, v) -> bool:
+    """The forward may read k and v [B, Hkv, Tk, D] (D contiguous) through TMA descriptors: a GPU that has TMA, and
+    each head's base and row stride 16-byte aligned."""
+    if not (TMA_INTERPRETED if INTERPRET else _has_tma(k.device)):
+        return False
+    return all(tma_strides_ok(t, (0, 1, 2)) for t in (k, v))
 
 
 @on_tensor_device

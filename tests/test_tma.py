@@ -1,0 +1,252 @@
+"""Hopper's TMA loads (tensor descriptors) against the pointer loads and float64, through the interpreter.
+
+The MLP matmul (kernels/mlp.py, USE_TMA): every product of the GELU and gated MLPs, forward and backward, with
+operands in both layouts (B = W^T in the forward products, A = dy^T in the weight gradients) and ragged edges that
+the descriptors must fill with zeros as the masked loads do. Attention's forward (kernels/attention.py, USE_TMA):
+K and V tiles through descriptors, at lengths and head dims that leave ragged rows and padded columns. On a GPU
+autotune times both ways and keeps the faster: these tests are what makes the faster one also the right one. Which
+operands a descriptor can read is each launcher's _tma_ok / _attn_tma_ok."""
+import math
+
+import pytest
+import torch
+
+from launch_spy import FlagSpy
+from parity import assert_close_rel
+from tritongpt.kernels import attention, mlp
+from tritongpt.kernels.attention import flash_attention
+from tritongpt.kernels.mlp import gelu_mlp
+from tritongpt.kernels.swiglu import swiglu_mlp
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def picks(monkeypatch):
+    """A fresh record of the matmul's autotune picks ({key: config}) for the test, the module's kept aside."""
+    fresh = {}
+    monkeypatch.setitem(mlp._matmul_kernel.__dict__, "tritongpt_picks", fresh)
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "triton")  # every product on this kernel (no split path)
+    return fresh
+
+
+def tma_flags(picks):
+    """{TMA_OK: {USE_TMA of the configs picked}} over the recorded launches' keys."""
+    at = mlp._matmul_kernel.keys.index("TMA_OK")
+    out = {}
+    for key, config in picks.items():
+        out.setdefault(key[at], set()).add(config.kwargs["USE_TMA"])
+    return out
+
+
+def run(fn, params, dy):
+    leaves = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
+    y = fn(*leaves)
+    y.backward(dy)
+    return [y.detach()] + [p.grad for p in leaves if p is not None]
+
+
+def gelu64(h):
+    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+
+
+def ref_gelu_mlp(x, w1, b1, w2, b2):
+    return gelu64(x @ w1.t() + b1) @ w2.t() + b2
+
+
+def ref_swiglu(x, wg, bg, wu, bu, wd, bd):
+    g, u = x @ wg.t() + bg, x @ wu.t() + bu
+    return (g * torch.sigmoid(g) * u) @ wd.t() + bd
+
+
+def params_for(kind, M, C, H, dtype, gen):
+    x = torch.randn(M, C, generator=gen)
+    lin = lambda o, i: torch.randn(o, i, generator=gen) * (1.5 / math.sqrt(i))
+    bias = lambda n: 0.5 * torch.randn(n, generator=gen)
+    if kind == "gelu":
+        ps = [x, lin(H, C), bias(H), lin(C, H), bias(C)]
+    else:
+        ps = [x, lin(H, C), bias(H), lin(H, C), bias(H), lin(C, H), bias(C)]
+    return [p.to(dtype) for p in ps]
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_loads_give_the_pointer_loads_products_forward_and_backward(kind, dtype, picks, monkeypatch):
+    """M 37 (not a multiple of the 64-row tile), C 24 and H 72 (K tails of 24 and 8 past a 64-wide step): the
+    descriptors' zero fill stands where the masks were. Under the interpreter both loads feed tl.dot the same
+    tiles, so the results are bit for bit the pointer path's; both within the dtype's tolerance of float64."""
+    gen = torch.Generator().manual_seed(7 if kind == "gelu" else 8)
+    params = params_for(kind, 37, 24, 72, dtype, gen)
+    dy = torch.randn(37, 24, generator=gen).to(dtype)
+    fn, ref = (gelu_mlp, ref_gelu_mlp) if kind == "gelu" else (swiglu_mlp, ref_swiglu)
+
+    pointer = run(fn, params, dy)
+    assert tma_flags(picks) == {0: {False}}
+    picks.clear()
+    monkeypatch.setattr(mlp, "TMA_INTERPRETED", True)
+    tma = run(fn, params, dy)
+    assert tma_flags(picks) == {1: {True}}, "every product read its operands through descriptors"
+    for got, want in zip(tma, pointer):
+        assert torch.equal(got, want)
+
+    want = run(ref, [p.double() for p in params], dy.double())
+    names = ["y", "dx"] + [f"d{i}" for i in range(len(params) - 1)]
+    for name, got, w in zip(names, tma, want):
+        assert_close_rel(got.double(), w, TOL[dtype], name)
+
+
+def test_operands_a_descriptor_cannot_read_take_the_pointer_loads(picks, monkeypatch):
+    """bf16 at width 100 (200-byte rows: TMA wants 16-byte multiples) runs on the pointer configs even when TMA is
+    on, and gives float64's answer."""
+    monkeypatch.setattr(mlp, "TMA_INTERPRETED", True)
+    gen = torch.Generator().manual_seed(9)
+    params = params_for("gelu", 21, 100, 40, torch.bfloat16, gen)
+    dy = torch.randn(21, 100, generator=gen).to(torch.bfloat16)
+    got = run(gelu_mlp, params, dy)
+    assert 0 in tma_flags(picks) and tma_flags(picks)[0] == {False}
+    want = run(ref_gelu_mlp, [p.double() for p in params], dy.double())
+    for g, w in zip(got, want):
+        assert_close_rel(g.double(), w, TOL[torch.bfloat16])
+
+
+def test_tma_ok_reads_alignment_layout_and_the_device(monkeypatch):
+    """A descriptor needs a 16-byte aligned base and row stride and one unit stride; without TMA (a CPU outside a
+    test, a GPU before sm_90) no launch asks for it."""
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    assert not mlp._tma_ok(x, w.t())  # the interpreter, TMA not asked for
+    monkeypatch.setattr(mlp, "TMA_INTERPRETED", True)
+    assert mlp._tma_ok(x, w.t()) and mlp._tma_ok(x.t(), w)  # either layout of each operand
+    with mlp.matmul_tma(False):  # TRITONGPT_MATMUL_TMA=0: the pointer configs only
+        assert not mlp._tma_ok(x, w.t())
+    assert mlp._tma_ok(x, w.t())
+    assert not mlp._tma_ok(x[:, 1:], w.t()[1:])  # a base 2 bytes past alignment
+    assert mlp._tma_ok(x[:, :60], w.t()[:60])  # 60 columns, rows 128 bytes apart: the stride is what counts
+    assert not mlp._tma_ok(torch.randn(8, 12, dtype=torch.bfloat16), w.t()[:12])  # 24-byte rows
+    assert not mlp._tma_ok(x, w.t(), b2=torch.randn(64, 33, dtype=torch.bfloat16)[:, :32])  # any operand counts
+    assert not mlp._tma_ok(x[::2, ::2].t(), w)  # no unit stride at all
+    assert not mlp._tma_readable(torch.randn(4, 1).expand(4, 8))  # a broadcast: a stride of 0
+    assert not mlp._tma_readable(torch.randn(1, 8).expand(4, 8))
+
+
+def attention64(q, k, v, causal, doc_ids=None):
+    """softmax(q k^T / sqrt(D) + mask) v in float64, bottom-right causal, K/V heads repeated for their groups."""
+    q, k, v = (t.double() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    tq, tk = s.shape[-2:]
+    allowed = torch.ones(tq, tk, dtype=torch.bool)
+    if causal:
+        allowed = torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, -tq:, None] == doc_ids[:, None, None, :])
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("case", [
+    dict(dtype=torch.float32, B=1, H=2, Hkv=2, Tq=37, Tk=37, D=64, causal=False),
+    dict(dtype=torch.bfloat16, B=2, H=4, Hkv=2, Tq=21, Tk=33, D=80, causal=True),  # GQA, a cache prefix, D < BLOCK_D
+    dict(dtype=torch.float32, B=1, H=2, Hkv=1, Tq=19, Tk=19, D=32, causal=True, docs=True),  # packed documents
+])
+def test_attention_forward_reads_k_and_v_through_descriptors_as_through_pointers(case, monkeypatch):
+    """Forward and backward (the backward reads the forward's O and logsumexp): bit for bit the pointer loads'
+    under the interpreter, and float64's within the dtype's tolerance. Lengths not multiples of the 16-row tile
+    leave ragged K/V tiles; D 80 reads 128-wide tiles whose last 48 columns the descriptor fills with zeros."""
+    gen = torch.Generator().manual_seed(11)
+    dt, B, H, Hkv, Tq, Tk, D = (case[k] for k in ("dtype", "B", "H", "Hkv", "Tq", "Tk", "D"))
+    q = torch.randn(B, H, Tq, D, generator=gen).to(dt)
+    k = torch.randn(B, Hkv, Tk, D, generator=gen).to(dt)
+    v = torch.randn(B, Hkv, Tk, D, generator=gen).to(dt)
+    do = torch.randn(B, H, Tq, D, generator=gen).to(dt)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 5 + [2] * (Tk - 12)] * B) if case.get("docs") else None
+    spy = FlagSpy(attention._attn_fwd_run, ("USE_TMA",))
+    monkeypatch.setattr(attention, "_attn_fwd_run", spy)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = flash_attention(*leaves, causal=case["causal"], doc_ids=doc_ids)
+        o.backward(do)
+        return [o.detach()] + [t.grad for t in leaves]
+
+    pointer = run()
+    monkeypatch.setattr(attention, "TMA_INTERPRETED", True)
+    tma = run()
+    assert spy.launched == [False, True]  # one forward launch each, the second through descriptors
+    for got, want in zip(tma, pointer):
+        assert torch.equal(got, want)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o64 = attention64(*leaves, case["causal"], doc_ids)
+    o64.backward(do.double())
+    for name, got, want in zip(("o", "dq", "dk", "dv"), tma, [o64.detach()] + [t.grad for t in leaves]):
+        assert_close_rel(got.double(), want, TOL[dt], name)
+
+
+def test_attention_tma_ok_reads_alignment_and_the_device(monkeypatch):
+    """K and V [B, Hkv, Tk, D]: each head's base and row stride 16-byte aligned, on a GPU with TMA (or a test)."""
+    k = torch.randn(2, 2, 10, 64, dtype=torch.bfloat16)
+    assert not attention._attn_tma_ok(k, k)  # the interpreter, TMA not asked for
+    monkeypatch.setattr(attention, "TMA_INTERPRETED", True)
+    assert attention._attn_tma_ok(k, k)
+    assert attention._attn_tma_ok(k, k.transpose(1, 2).contiguous().transpose(1, 2))  # [B, T, H, D] storage
+    assert not attention._attn_tma_ok(k, k[..., 1:])  # a base 2 bytes past alignment
+    odd = torch.randn(2, 2, 10, 36, dtype=torch.bfloat16)[..., :32]
+    assert not attention._attn_tma_ok(odd, odd)  # rows 72 bytes apart
+    assert not attention._attn_tma_ok(k, torch.randn(1, 2, 10, 64).expand(2, 2, 10, 64))  # a broadcast batch
+
+
+# -- on a Hopper GPU: the TMA configs forced (autotune might otherwise keep a pointer one) ---------------------------
+
+def only_tma(monkeypatch, tuner):
+    """tuner's prune, then only its USE_TMA configs; a fresh record of its picks for the test."""
+    prune = tuner.early_config_prune
+    monkeypatch.setattr(tuner, "early_config_prune",
+                        lambda configs, named_args, **kw: [c for c in prune(configs, named_args, **kw)
+                                                           if c.kwargs["USE_TMA"]])
+    monkeypatch.setitem(tuner.__dict__, "tritongpt_picks", {})
+
+
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                                  reason="needs a GPU with TMA (sm_90+)")
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+def test_tma_configs_on_a_hopper_gpu_match_float64(kind, monkeypatch):
+    """GPT-2 small's widths in bf16 with every product on a TMA config: forward and every gradient within bf16's
+    tolerance of float64 (the descriptors' layouts, alignment and zero fill on the real copy engine)."""
+    only_tma(monkeypatch, mlp._matmul_kernel)
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "triton")
+    gen = torch.Generator().manual_seed(5)
+    params = [p.cuda() for p in params_for(kind, 4099, 768, 3072, torch.bfloat16, gen)]
+    dy = torch.randn(4099, 768, generator=gen).to("cuda", torch.bfloat16)
+    fn, ref = (gelu_mlp, ref_gelu_mlp) if kind == "gelu" else (swiglu_mlp, ref_swiglu)
+    got = run(fn, params, dy)
+    assert mlp._matmul_kernel.tritongpt_picks and all(c.kwargs["USE_TMA"] for c in
+                                                      mlp._matmul_kernel.tritongpt_picks.values())
+    want = run(ref, [p.double() for p in params], dy.double())
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close_rel(g.double(), w, TOL[torch.bfloat16], f"output/grad #{i}")
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 80, 128])
+def test_attention_tma_tiles_on_a_hopper_gpu_match_float64(D, monkeypatch):
+    """Causal attention in bf16 at T 1000 (ragged tiles) with the forward on a TMA tile: output and gradients
+    within bf16's tolerance of float64."""
+    only_tma(monkeypatch, attention._attn_fwd_run)
+    gen = torch.Generator().manual_seed(D)
+    q, k, v, do = (torch.randn(2, 4, 1000, D, generator=gen).to("cuda", torch.bfloat16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = flash_attention(*leaves, causal=True)
+    o.backward(do)
+    assert all(c.kwargs["USE_TMA"] for c in attention._attn_fwd_run.tritongpt_picks.values())
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    o64 = attention64(*leaves64, True)
+    o64.backward(do.double())
+    for name, got, want in zip(("o", "dq", "dk", "dv"), [o] + [t.grad for t in leaves],
+                               [o64] + [t.grad for t in leaves64]):
+        assert_close_rel(got.double(), want.detach(), TOL[torch.bfloat16], name)
