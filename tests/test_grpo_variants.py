@@ -516,3 +516,18 @@ def test_group_advantages_scale_by_the_unbiased_std_as_trl(scale):
         if scale != "none":
             want /= (std if scale == "group" else batch_std) + 1e-4
         assert got[i].item() == pytest.approx(want, rel=1e-12, abs=1e-12), i
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_a_lone_response_or_a_rollout_of_one_has_advantage_zero_not_nan(scale):
+    """TRL's: a group of one (std 0, not 0/0) and a batch of one (its std taken as 0, where torch.std of one value
+    is NaN) give a lone response the advantage 0; the other responses keep theirs, and all are finite."""
+    from tritongpt.train.rlhf import group_advantages
+
+    for scores, group in ((torch.tensor([2.5]), torch.tensor([3])),
+                          (torch.tensor([1.0, 4.0, -2.0]), torch.tensor([0, 0, 1]))):
+        got = group_advantages(scores, group, scale=scale)
+        assert torch.isfinite(got).all() and got[-1] == 0, (scale, got)
+        if len(scores) > 1:  # (the group of two: +-1.5 centered, divided by its sample std or the batch's)
+            div = {"group": 1.5 * 2 ** 0.5 + 1e-4, "batch": scores.std().item() + 1e-4, "none": 1}[scale]
+            assert got[:2].tolist() == pytest.approx([-1.5 / div, 1.5 / div], rel=1e-6)

@@ -481,8 +481,8 @@ def group_advantages(scores, group, eps: float = 1e-4, scale: str = "group"):
     centered = scores - (total(scores) / n)[member]
     if scale == "none":
         return centered
-    if scale == "batch":
-        return centered / (scores.std() + eps)
+    if scale == "batch":  # (a rollout of one: std 0, as TRL's, where torch.std of one value is NaN)
+        return centered / ((scores.std() if scores.numel() > 1 else 0) + eps)
     std = (total(centered ** 2) / (n - 1).clamp_min(1)).sqrt()  # a lone response: std 0, advantage 0
     return centered / (std[member] + eps)
 
