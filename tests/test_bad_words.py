@@ -277,3 +277,29 @@ def test_the_chat_command_takes_them_as_flags(tmp_path, monkeypatch, capsys):
     for flag in (["--allowed-token-ids", "@nope.txt"], ["--bad-words", ""]):
         assert cli.main(["chat", "--weights", str(tmp_path / "no-run"), *flag]) == 2
         assert capsys.readouterr().err.startswith(f"error: {flag[0]}"), flag
+
+
+def test_a_grammar_whose_end_token_the_masks_leave_out_is_refused_before_any_answer(tmp_path, monkeypatch, capsys):
+    """--structured-outputs ends each text with its end token (chat's end of turn, generate's end of text): where
+    --allowed-token-ids leaves it out or --bad-words bans it, every text that reaches the grammar's end would have
+    no token to draw (chat then quit mid-answer, the conversation lost). Refused by flag before any text; with the
+    end token allowed, chat answers as before."""
+    import io
+
+    from tritongpt import cli
+
+    pytest.importorskip("xgrammar")
+    tok = tiny_run(tmp_path / "run", "chat")
+    spec = ["--structured-outputs", '{"choice": ["a", "b"]}']
+    others = ",".join(str(t) for t in range(tok.vocab_size) if t != tok.eot_id)
+    model = ["--weights", str(tmp_path / "run"), "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0"]
+    for cmd in (["chat"], ["generate", "--prompt", "the cat"]):
+        for flags, said in ((["--allowed-token-ids", others], f"--allowed-token-ids leaves out token {tok.eot_id}"),
+                            (["--bad-words", "<|endoftext|>"], f"--bad-words bans token {tok.eot_id}")):
+            monkeypatch.setattr("sys.stdin", io.StringIO("hi\nand then\n"))
+            assert cli.main([*cmd, *model, *spec, *flags]) == 2, (cmd, flags)
+            out, err = capsys.readouterr()
+            assert out == "" and said in err and "--structured-outputs" in err, (cmd, flags, out, err)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nand then\n"))
+    assert cli.main(["chat", *model, *spec, "--allowed-token-ids", f"{others},{tok.eot_id}"]) == 0
+    assert capsys.readouterr().out.splitlines() in (["a", "a"], ["a", "b"], ["b", "a"], ["b", "b"])

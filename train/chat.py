@@ -191,8 +191,8 @@ def read_message(read_line):
 def cmd_chat(args):
     import torch
 
-    from tritongpt.commands import (check_cuda_graphs, check_generation_args, draft_note, load_draft,
-                                    load_generation_model, mask_flags, sampling_controls, token_masks)
+    from tritongpt.commands import (check_cuda_graphs, check_generation_args, check_masks_end, draft_note,
+                                    load_draft, load_generation_model, mask_flags, sampling_controls, token_masks)
     from tritongpt.train.structured import Grammars, spec_from_flag
 
     check_generation_args(args)
@@ -232,6 +232,7 @@ def cmd_chat(args):
         from tritongpt.train.chat_template import turn_end_id
 
         stop = turn_end_id(tok)
+    check_masks_end(masks, tok.eot_id if stop is None else stop, spec)  # (reply's end of an answer)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     tty = sys.stdin.isatty()
     if tty:

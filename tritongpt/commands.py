@@ -440,6 +440,20 @@ def token_masks(args, tok, vocab: int, flags: tuple) -> dict:
     return dict(allowed_token_ids=allowed, bad_words=words)
 
 
+def check_masks_end(masks: dict, end, spec) -> None:
+    """--structured-outputs' grammar ends the text with its end token (end: generate's end of text, chat's end of
+    turn): a mask that leaves it out (token_masks') would leave every text reaching the grammar's end no token to
+    draw, an error only then, mid-text. Refused by flag before any text."""
+    if spec is None or end is None:
+        return
+    if masks["allowed_token_ids"] is not None and end not in masks["allowed_token_ids"]:
+        raise UserError(f"--allowed-token-ids leaves out token {end}, the end of the text, which --structured-outputs' "
+                        "grammar ends it with: allow it too")
+    if [end] in (masks["bad_words"] or ()):
+        raise UserError(f"--bad-words bans token {end}, the end of the text, which --structured-outputs' grammar ends "
+                        "it with: ban other words")
+
+
 def load_generation_model(args):
     """(model in eval mode on its device with --kernels, tokenizer, device, dtype, vocab_limit) from
     --weights, --pretrained or a random --model; vocab_limit: the tokenizer's size where the model
@@ -550,6 +564,7 @@ def cmd_generate(args):
     check_cuda_graphs(args, device, model)
     draft = load_draft(args, model, tok, device) if args.draft else None
     masks = token_masks(args, tok, limit or model.config.vocab_size, flags)
+    check_masks_end(masks, eot_or_none(tok), spec)
     lead, ids = encode_generate_prompt(tok, prompt, args.allow_special)
     if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
