@@ -280,10 +280,10 @@ def test_the_chat_command_takes_them_as_flags(tmp_path, monkeypatch, capsys):
 
 
 def test_a_grammar_whose_end_token_the_masks_leave_out_is_refused_before_any_answer(tmp_path, monkeypatch, capsys):
-    """--structured-outputs ends each text with its end token (chat's end of turn, generate's end of text): where
-    --allowed-token-ids leaves it out or --bad-words bans it, every text that reaches the grammar's end would have
-    no token to draw (chat then quit mid-answer, the conversation lost). Refused by flag before any text; with the
-    end token allowed, chat answers as before."""
+    """--structured-outputs ends each text with its end token (chat's end of turn, generate's end of text, --prompts'
+    records' too): where --allowed-token-ids leaves it out or --bad-words bans it, every text that reaches the
+    grammar's end would have no token to draw (chat then quit mid-answer, the conversation lost). Refused by flag
+    before any text (no --out written); with the end token allowed, chat answers as before."""
     import io
 
     from tritongpt import cli
@@ -293,13 +293,20 @@ def test_a_grammar_whose_end_token_the_masks_leave_out_is_refused_before_any_ans
     spec = ["--structured-outputs", '{"choice": ["a", "b"]}']
     others = ",".join(str(t) for t in range(tok.vocab_size) if t != tok.eot_id)
     model = ["--weights", str(tmp_path / "run"), "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0"]
-    for cmd in (["chat"], ["generate", "--prompt", "the cat"]):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the cat"}\n')
+    batch = ["generate", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out.jsonl")]
+    for cmd in (["chat"], ["generate", "--prompt", "the cat"], batch):
         for flags, said in ((["--allowed-token-ids", others], f"--allowed-token-ids leaves out token {tok.eot_id}"),
                             (["--bad-words", "<|endoftext|>"], f"--bad-words bans token {tok.eot_id}")):
             monkeypatch.setattr("sys.stdin", io.StringIO("hi\nand then\n"))
             assert cli.main([*cmd, *model, *spec, *flags]) == 2, (cmd, flags)
             out, err = capsys.readouterr()
             assert out == "" and said in err and "--structured-outputs" in err, (cmd, flags, out, err)
+            assert not (tmp_path / "out.jsonl").exists()
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the cat", "structured_outputs": {"choice": ["a"]}}\n')
+    assert cli.main([*batch, *model, "--allowed-token-ids", others]) == 2  # (a record's own grammar, named so)
+    assert f"p.jsonl: record 0 (line 1): --allowed-token-ids leaves out token {tok.eot_id}, the end of the text, " \
+           "which its structured_outputs' grammar" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nand then\n"))
     assert cli.main(["chat", *model, *spec, "--allowed-token-ids", f"{others},{tok.eot_id}"]) == 0
     assert capsys.readouterr().out.splitlines() in (["a", "a"], ["a", "b"], ["b", "a"], ["b", "b"])

@@ -175,8 +175,8 @@ def cmd_generate_prompts(args):
     from tqdm import tqdm
 
     from tritongpt.commands import (Choices, check_beam_args, check_cuda_graphs, check_generation_args,
-                                    encode_generate_prompt, load_draft, load_generation_model, mask_flags,
-                                    sampling_controls, stop_strings, token_masks)
+                                    check_masks_end, encode_generate_prompt, load_draft, load_generation_model,
+                                    mask_flags, sampling_controls, stop_strings, token_masks)
     from tritongpt.train.common import autocast
     from tritongpt.train.engine import prefix_caching_said, speculation_said
     from tritongpt.train.serve import load_adapters, lora_modules, page_args
@@ -223,6 +223,8 @@ def cmd_generate_prompts(args):
         structure = record_structure(rec, where, spec)
         if structure is not None:  # (a guide a prompt: its samples' grammars)
             try:
+                check_masks_end(masks, eot, structure, "--structured-outputs'" if structure is spec
+                                else "its structured_outputs'")
                 own["guide"] = Grammars.of(tok, limit or model.config.vocab_size).guide(structure)
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None

@@ -440,18 +440,18 @@ def token_masks(args, tok, vocab: int, flags: tuple) -> dict:
     return dict(allowed_token_ids=allowed, bad_words=words)
 
 
-def check_masks_end(masks: dict, end, spec) -> None:
-    """--structured-outputs' grammar ends the text with its end token (end: generate's end of text, chat's end of
-    turn): a mask that leaves it out (token_masks') would leave every text reaching the grammar's end no token to
-    draw, an error only then, mid-text. Refused by flag before any text."""
+def check_masks_end(masks: dict, end, spec, whose: str = "--structured-outputs'") -> None:
+    """spec's grammar (whose: how the error names it) ends the text with its end token (end: generate's end of text,
+    chat's end of turn): a mask that leaves it out (token_masks') would leave every text reaching the grammar's end
+    no token to draw, an error only then, mid-text. Refused by flag before any text."""
     if spec is None or end is None:
         return
     if masks["allowed_token_ids"] is not None and end not in masks["allowed_token_ids"]:
-        raise UserError(f"--allowed-token-ids leaves out token {end}, the end of the text, which --structured-outputs' "
-                        "grammar ends it with: allow it too")
+        raise UserError(f"--allowed-token-ids leaves out token {end}, the end of the text, which {whose} grammar ends "
+                        "it with: allow it too")
     if [end] in (masks["bad_words"] or ()):
-        raise UserError(f"--bad-words bans token {end}, the end of the text, which --structured-outputs' grammar ends "
-                        "it with: ban other words")
+        raise UserError(f"--bad-words bans token {end}, the end of the text, which {whose} grammar ends it with: ban "
+                        "other words")
 
 
 def load_generation_model(args):
