@@ -364,24 +364,6 @@ def test_qwen3_coder_keeps_a_bare_function_before_the_first_block_as_content():
     assert stream.add("call>") == (bare[3:], [])
 
 
-def test_qwen3_coder_a_function_whose_name_never_closes_reads_alike_whole_and_streamed():
-    """A function whose name is not closed by ">" after a call in an earlier block: the stream has sent that call
-    (vLLM's stream too, which opens none for the nameless function and reads no further), so the whole answer keeps
-    it and drops the rest (vLLM's makes it all content: its two disagree). Bare, nothing was streamed: all content,
-    whole and streamed (vLLM's)."""
-    first = qwen_call("add", a=7)
-    bare = "Hi <function=add>\n<parameter=a>\n7\n</parameter>\n</function>\n<function=w"
-    for text, content, want in ((first + "\n<tool_call>\n<function=w", None, [("add", A)]),
-                                (first + "<tool_call><function=w</function></tool_call>" + qwen_call("w", city="Oslo"),
-                                 None, [("add", A)]),
-                                (bare, bare, []), (bare + "</function>", bare + "</function>", [])):
-        got_content, got = Qwen().extract(text)
-        assert got_content == content and [(n, json.loads(a)) for n, a in got] == want
-        for sizes in ([1], [4, 9], [len(text)]):
-            s_content, calls = streamed(Qwen(), text, sizes)
-            assert s_content == (content or "") and [(n, json.loads(a)) for _, n, a in calls.values()] == want
-
-
 def test_mistral_v13_calls_keep_the_id_written_in_the_text():
     """Mistral's v13 tokenizer (Magistral) writes each call as [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}: the call is
     read, whole and streamed, with that id (the tool's answer will name it); an id that is not Mistral's nine letters

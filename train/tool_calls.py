@@ -492,9 +492,7 @@ class Qwen3Coder:
     <function=...> before it included (vLLM's: once there is a block, the calls are the blocks'); with no block, the
     text before the first <function=, the bare functions the calls (vLLM's back-off); text between and after the
     blocks is dropped. As vLLM's, a block, function or parameter left open at the answer's end is read as far as it
-    goes. A function whose name is not closed by ">": bare, the answer is content (vLLM's); in a block, neither it
-    nor what follows is a call, the calls before it stand (vLLM's stream opens none for it and reads no further, and
-    it has sent those: its whole answer, all content, disagrees with its stream). Streamed, a call opens once its name
+    goes; a function whose name is not closed by ">" leaves the answer content. Streamed, a call opens once its name
     is whole, its arguments' JSON growing by each parameter as it closes (its value typed then), "}" at </function>;
     a bare function is held back (neither content nor a call) until a block begins or the answer ends."""
     short_ids, keeps_specials, needs_tools, needs_ids = False, False, True, False
@@ -514,19 +512,18 @@ class Qwen3Coder:
             self.roots[tool["function"]["name"]] = root
 
     def calls(self, text: str, final: bool) -> list:
-        """[(name, arguments' JSON text so far)]: final, each call's whole (ValueError: a bare name not closed); else
+        """[(name, arguments' JSON text so far)]: final, each call's whole (ValueError: a name not closed); else
         those whose names are whole, each with its closed parameters, and "}" once its </function> is written."""
-        bare = "<tool_call>" not in text
-        blocks = [text] if bare else [a or b for a, b in self.blocks.findall(text)]
+        blocks = [a or b for a, b in self.blocks.findall(text)] if "<tool_call>" in text else [text]
         out = []
         for block in blocks:
             for m in self.functions.finditer(block):
                 body = m.group(1) if m.group(1) is not None else m.group(2)
                 closed = final or m.group(1) is not None
-                if ">" not in body:  # (a name never closed: vLLM's stream opens no call for it, nor reads on)
-                    if final and bare:  # (vLLM's answer is then all content)
+                if ">" not in body:
+                    if final:
                         raise ValueError("a function's name ends with >")
-                    return out  # (in a block: the calls before it stand, whole as streamed)
+                    return out
                 name, body = body.split(">", 1)
                 schemas, items = self.schemas.get(name, {}), []
                 for p in self.parameters.finditer(body):
