@@ -624,12 +624,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
                     offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
-    """Stream query tiles [lo, hi) past one key tile; work in the transposed [BLOCK_N, BLOCK_M] frame."""
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+                    USE_TMA: tl.constexpr):
+    """Stream query tiles [lo, hi) past one key tile; work in the transposed [BLOCK_N, BLOCK_M] frame.
+    USE_TMA: q_base and do_base are descriptors over the query head's [Tq, HEAD_DIM] rows (_attn_bwd_dkdv)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
-        do = _load_rows(do_base, offs_m, Tq, stride_dom, offs_d, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            q = q_base.load([start_m, 0])
+            do = do_base.load([start_m, 0])
+        else:
+            q = _load_rows(q_base, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
+            do = _load_rows(do_base, offs_m, Tq, stride_dom, offs_d, HEAD_DIM, BLOCK_D)
         # Rows past Tq load q = dO = 0, L = Delta = 0: their P is finite and their dS is 0.
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
@@ -663,12 +669,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, ALIBI, Seed, q
                    keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                   H, GROUP, Tq, Tk, Q_BUCKET,
+                   H, GROUP, Tq, Tk, Q_BUCKET, TMA_OK,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr):
     """Grid (cdiv(Tk, BLOCK_N), Hkv, B). dV = P'^T dO, dK = scale * dS^T Q for one key tile of KV
-    head kv_h, summed over the GROUP query heads that read it (kv_h * GROUP + g)."""
+    head kv_h, summed over the GROUP query heads that read it (kv_h * GROUP + g). USE_TMA (where the launcher
+    found Q and dO readable by TMA: TMA_OK, in the key): their streamed tiles come through descriptors."""
     start_n = tl.program_id(0) * BLOCK_N
     kv_h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
 
@@ -711,23 +719,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, ALIBI, Seed, q
         bh = b * H + kv_h * GROUP + g
         q_base = Q + b * stride_qb + (kv_h * GROUP + g) * stride_qh
         do_base = DO + b * stride_dob + (kv_h * GROUP + g) * stride_doh
+        if USE_TMA:  # (fresh names: a loop body must not change a name's type)
+            q_src = tl.make_tensor_descriptor(q_base, shape=[Tq, HEAD_DIM], strides=[stride_qm, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
+            do_src = tl.make_tensor_descriptor(do_base, shape=[Tq, HEAD_DIM], strides=[stride_dom, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+        else:
+            q_src = q_base
+            do_src = do_base
         lse_ptr = LSE + bh * Tq
         delta_ptr = Delta + bh * Tq
         rng_base = bh * Tq * Tk
         slope = _alibi_slope(ALIBI, kv_h * GROUP + g, HAS_ALIBI)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
                                  offs_n, offs_d, lo, full_lo, Tq, Tk, qk_scale, softcap, slope, seed, rng_base,
                                  dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, HAS_DOCS,
-                                 HAS_SOFTCAP, HAS_ALIBI, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
+                                 HAS_SOFTCAP, HAS_ALIBI, PRECISION, USE_TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, starts, stride_qm, stride_dom,
                                  offs_n, offs_d, full_lo, full_hi, Tq, Tk, qk_scale, softcap, slope, seed,
                                  rng_base, dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT,
-                                 HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+                                 HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, USE_TMA)
         if HAS_DOCS:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, stride_qm,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, starts, stride_qm,
                                      stride_dom, offs_n, offs_d, full_hi, hi, Tq, Tk, qk_scale, softcap, slope,
                                      seed, rng_base, dropout_p, keep_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True,
-                                     HAS_DROPOUT, HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+                                     HAS_DROPOUT, HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, USE_TMA)
 
     _store_rows(DK + b * stride_dkb + kv_h * stride_dkh, dk * sm_scale, offs_n, Tk, stride_dkn, offs_d,
                 HEAD_DIM, BLOCK_D)
@@ -740,12 +756,17 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """Stream KV tiles [lo, hi) past one query tile, accumulating dS K."""
+                  PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """Stream KV tiles [lo, hi) past one query tile, accumulating dS K. USE_TMA: k_base and v_base are
+    descriptors over the KV head's [Tk, HEAD_DIM] rows (_attn_bwd_dq)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
-        v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            k = k_base.load([start_n, 0])
+            v = v_base.load([start_n, 0])
+        else:
+            k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
+            v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
         s, t = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
         if HAS_ALIBI:
             s += _alibi_bias(slope, offs_m[:, None] + (Tk - Tq), offs_n[None, :])
@@ -773,11 +794,13 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, Seed, qk_scal
                  keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_sb,
                  stride_dqb, stride_dqh, stride_dqm,
-                 H, GROUP, Tq, Tk, Q_BUCKET,
+                 H, GROUP, Tq, Tk, Q_BUCKET, TMA_OK,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (cdiv(Tq, BLOCK_M), H, B). dQ = scale * dS K for one query tile; same KV skipping as forward."""
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), H, B). dQ = scale * dS K for one query tile; same KV skipping as forward.
+    USE_TMA (TMA_OK, in the key): the K and V tiles come through descriptors, as in forward."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bh = b * H + h
@@ -786,6 +809,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, Seed, qk_scal
     rng_base = bh.to(tl.int64) * Tq * Tk
     seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(k_base, shape=[Tk, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[Tk, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -801,17 +829,17 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, Seed, qk_scal
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                            q_start, lo, mid, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                            HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                           HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+                           HAS_SOFTCAP, HAS_ALIBI, PRECISION, USE_TMA)
     else:
         q_start, mid = offs_m, 0
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                        q_start, mid, full_hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                       HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+                       HAS_SOFTCAP, HAS_ALIBI, PRECISION, USE_TMA)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                        q_start, full_hi, hi, Tq, Tk, qk_scale, softcap, slope, seed, rng_base, dropout_p, keep_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT, HAS_DOCS,
-                       HAS_SOFTCAP, HAS_ALIBI, PRECISION)
+                       HAS_SOFTCAP, HAS_ALIBI, PRECISION, USE_TMA)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, Tq, stride_dqm, offs_d,
                 HEAD_DIM, BLOCK_D)
 
@@ -909,9 +937,9 @@ def _tuned(tiles, prune, key=()):
 # `tritongpt bench compile --arch 90|80|89` builds every entry for every launch: on each of those
 # architectures every launch keeps a config that fits and does not spill. The last entry of each
 # list is the fallback when pruning leaves nothing.
-# Forward's (..., True): the same tile with K and V through TMA descriptors (sm_90+, where K and V allow it:
-# _attn_tma_ok); autotune times them beside the pointer ones. The H200 run's forward at head dim 64, T 1024:
-# 283 TFLOPS against the issue's 300.
+# (..., True): the same tile with its streamed operands through TMA descriptors (sm_90+, where they allow it:
+# _attn_tma_ok): K and V in forward and dQ, Q and dO in dK/dV; autotune times them beside the pointer ones. The
+# H200 run at head dim 64, T 1024: forward 283 TFLOPS against the issue's 300, fwd+bwd 0.55x the best SDPA's.
 TILES = {
     "forward": {
         "narrow": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2),
@@ -931,14 +959,16 @@ TILES = {
     },
     "backward_dkdv": {
         "narrow": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3),
-                   (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2)],
+                   (32, 64, 4, 4), (16, 64, 4, 3), (16, 32, 4, 2),
+                   (32, 128, 8, 3, True), (64, 128, 8, 3, True), (64, 64, 8, 3, True)],
         "wide": [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2),
                  (16, 16, 4, 1)],
         "wide_fp32": [(16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     },
     "backward_dq": {
         "narrow": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 2),
-                   (16, 64, 4, 3), (16, 32, 4, 2)],
+                   (16, 64, 4, 3), (16, 32, 4, 2),
+                   (128, 32, 4, 3, True), (128, 64, 8, 3, True), (64, 64, 8, 3, True)],
         "wide": [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)],
         "wide_fp32": [(32, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1)],
     },
@@ -947,8 +977,9 @@ _attn_fwd_run = autotuned("attention.forward", _tuned(TILES["forward"], _prune_q
 _attn_fwd_split_run = autotuned("attention.forward_split", _tuned(
     TILES["forward_split"], _prune_query_tile, key=["PACK_GQA"])(_attn_fwd_split))
 _attn_bwd_dkdv_run = autotuned("attention.backward_dkdv", _tuned(
-    TILES["backward_dkdv"], _prune_streamed_rows, key=["GROUP"])(_attn_bwd_dkdv))
-_attn_bwd_dq_run = autotuned("attention.backward_dq", _tuned(TILES["backward_dq"], _prune_query_tile)(_attn_bwd_dq))
+    TILES["backward_dkdv"], _prune_streamed_rows, key=["GROUP", "TMA_OK"])(_attn_bwd_dkdv))
+_attn_bwd_dq_run = autotuned("attention.backward_dq", _tuned(TILES["backward_dq"], _prune_query_tile,
+                                                             key=["TMA_OK"])(_attn_bwd_dq))
 
 
 def _fixed_blocks():
@@ -1152,12 +1183,12 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
 TMA_INTERPRETED = False
 
 
-def _attn_tma_ok(k, v) -> bool:
-    """The forward may read k and v [B, Hkv, Tk, D] (D contiguous) through TMA descriptors: a GPU that has TMA, and
-    each head's base and row stride 16-byte aligned."""
-    if not (TMA_INTERPRETED if INTERPRET else _has_tma(k.device)):
+def _attn_tma_ok(*tensors) -> bool:
+    """The kernels may read these [B, heads, T, D] tensors (D contiguous: k and v in forward; q, k, v and dO in
+    backward) through TMA descriptors: a GPU that has TMA, and each head's base and row stride 16-byte aligned."""
+    if not (TMA_INTERPRETED if INTERPRET else _has_tma(tensors[0].device)):
         return False
-    return all(tma_strides_ok(t, (0, 1, 2)) for t in (k, v))
+    return all(tma_strides_ok(t, (0, 1, 2)) for t in tensors)
 
 
 @on_tensor_device
@@ -1179,6 +1210,10 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre_block)
     starts_arg, ends_arg, stride_sb = _doc_args(q, starts, ends)
+    tma_ok = _attn_tma_ok(q, k, v, do)
+    if tma_ok and not INTERPRET:
+        triton.set_allocator(tma_scratch)  # a context variable: set where the launch runs
+    tma = {"USE_TMA": tma_ok} if INTERPRET else {}  # (on a GPU each config says USE_TMA)
     common = (starts_arg, ends_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), softmax_scale * LOG2E,
               softcap * LOG2E, softmax_scale, dropout_p, 1.0 / (1.0 - dropout_p), q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1),
@@ -1187,12 +1222,12 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
         _attn_bwd_dkdv_run, lambda meta: (cdiv(Tk, meta["BLOCK_N"]), Hkv, B),
         q, k, v, do, dk, dv, lse, delta, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, H // Hkv, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
+        H, H // Hkv, Tq, Tk, _q_bucket(Tq), int(tma_ok), **flags, **_fixed_blocks(), **tma)
     launch_tuned(
         _attn_bwd_dq_run, lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B),
         q, k, v, do, dq, lse, delta, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, H // Hkv, Tq, Tk, _q_bucket(Tq), **flags, **_fixed_blocks())
+        H, H // Hkv, Tq, Tk, _q_bucket(Tq), int(tma_ok), **flags, **_fixed_blocks(), **tma)
     return dq, dk, dv
 
 

@@ -150,8 +150,8 @@ def attention64(q, k, v, causal, doc_ids=None):
     dict(dtype=torch.bfloat16, B=2, H=4, Hkv=2, Tq=21, Tk=33, D=80, causal=True),  # GQA, a cache prefix, D < BLOCK_D
     dict(dtype=torch.float32, B=1, H=2, Hkv=1, Tq=19, Tk=19, D=32, causal=True, docs=True),  # packed documents
 ])
-def test_attention_forward_reads_k_and_v_through_descriptors_as_through_pointers(case, monkeypatch):
-    """Forward and backward (the backward reads the forward's O and logsumexp): bit for bit the pointer loads'
+def test_attention_reads_its_streamed_tiles_through_descriptors_as_through_pointers(case, monkeypatch):
+    """Forward (K, V tiles), dK/dV (Q, dO tiles) and dQ (K, V tiles): bit for bit the pointer loads' results
     under the interpreter, and float64's within the dtype's tolerance. Lengths not multiples of the 16-row tile
     leave ragged K/V tiles; D 80 reads 128-wide tiles whose last 48 columns the descriptor fills with zeros."""
     gen = torch.Generator().manual_seed(11)
@@ -161,8 +161,10 @@ def test_attention_forward_reads_k_and_v_through_descriptors_as_through_pointers
     v = torch.randn(B, Hkv, Tk, D, generator=gen).to(dt)
     do = torch.randn(B, H, Tq, D, generator=gen).to(dt)
     doc_ids = torch.tensor([[0] * 7 + [1] * 5 + [2] * (Tk - 12)] * B) if case.get("docs") else None
-    spy = FlagSpy(attention._attn_fwd_run, ("USE_TMA",))
-    monkeypatch.setattr(attention, "_attn_fwd_run", spy)
+    spies = {}
+    for name in ("_attn_fwd_run", "_attn_bwd_dkdv_run", "_attn_bwd_dq_run"):
+        spies[name] = FlagSpy(getattr(attention, name), ("USE_TMA",))
+        monkeypatch.setattr(attention, name, spies[name])
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -173,7 +175,8 @@ def test_attention_forward_reads_k_and_v_through_descriptors_as_through_pointers
     pointer = run()
     monkeypatch.setattr(attention, "TMA_INTERPRETED", True)
     tma = run()
-    assert spy.launched == [False, True]  # one forward launch each, the second through descriptors
+    # one launch of each kernel a run, the second run's through descriptors
+    assert all(spy.launched == [False, True] for spy in spies.values()), {n: s.launched for n, s in spies.items()}
     for got, want in zip(tma, pointer):
         assert torch.equal(got, want)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
@@ -184,7 +187,7 @@ def test_attention_forward_reads_k_and_v_through_descriptors_as_through_pointers
 
 
 def test_attention_tma_ok_reads_alignment_and_the_device(monkeypatch):
-    """K and V [B, Hkv, Tk, D]: each head's base and row stride 16-byte aligned, on a GPU with TMA (or a test)."""
+    """[B, heads, T, D] operands: each head's base and row stride 16-byte aligned, on a GPU with TMA (or a test)."""
     k = torch.randn(2, 2, 10, 64, dtype=torch.bfloat16)
     assert not attention._attn_tma_ok(k, k)  # the interpreter, TMA not asked for
     monkeypatch.setattr(attention, "TMA_INTERPRETED", True)
@@ -235,15 +238,17 @@ def test_tma_configs_on_a_hopper_gpu_match_float64(kind, monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("D", [64, 80, 128])
 def test_attention_tma_tiles_on_a_hopper_gpu_match_float64(D, monkeypatch):
-    """Causal attention in bf16 at T 1000 (ragged tiles) with the forward on a TMA tile: output and gradients
+    """Causal attention in bf16 at T 1000 (ragged tiles) with its three kernels on TMA tiles: output and gradients
     within bf16's tolerance of float64."""
-    only_tma(monkeypatch, attention._attn_fwd_run)
+    for tuner in (attention._attn_fwd_run, attention._attn_bwd_dkdv_run, attention._attn_bwd_dq_run):
+        only_tma(monkeypatch, tuner)
     gen = torch.Generator().manual_seed(D)
     q, k, v, do = (torch.randn(2, 4, 1000, D, generator=gen).to("cuda", torch.bfloat16) for _ in range(4))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     o = flash_attention(*leaves, causal=True)
     o.backward(do)
-    assert all(c.kwargs["USE_TMA"] for c in attention._attn_fwd_run.tritongpt_picks.values())
+    for tuner in (attention._attn_fwd_run, attention._attn_bwd_dkdv_run, attention._attn_bwd_dq_run):
+        assert tuner.tritongpt_picks and all(c.kwargs["USE_TMA"] for c in tuner.tritongpt_picks.values())
     leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
     o64 = attention64(*leaves64, True)
     o64.backward(do.double())
