@@ -173,3 +173,18 @@ def test_input_and_output_paths(folder, tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     got = run_batch(folder, requests, out, "--overwrite")
     assert [o["custom_id"] for o in got] == ["a", "b"] and got[0]["response"]["status_code"] == 200
+
+
+def test_a_body_past_the_servers_limit_is_its_lines_413(folder, tmp_path):
+    """A body larger than serve takes (MAX_BODY): that line's 413 and the server's error object, the others
+    answered; not the whole run lost to the reset connection the server's refusal of an unread body makes."""
+    from tritongpt.train.serve import MAX_BODY
+
+    big = line("big", "/v1/completions", {"prompt": "a " * (MAX_BODY // 2 + 1), "max_tokens": 1})
+    requests = [line("a", "/v1/completions", {"prompt": "a", **GREEDY}), big,
+                line("b", "/v1/completions", {"prompt": "b", **GREEDY})]
+    out = run_batch(folder, write(tmp_path / "in.jsonl", requests), tmp_path / "out.jsonl")
+    check_wrapping(out, requests)
+    assert [o["response"]["status_code"] for o in out] == [200, 413, 200]
+    assert out[1]["response"]["body"] is None and out[1]["error"]["error"]["code"] == "request_too_large"
+    assert f"at most {MAX_BODY}" in out[1]["error"]["error"]["message"]

@@ -113,10 +113,16 @@ def output_path(args) -> Path | None:
 
 def post(port: int, key: str, url: str, body: dict) -> tuple:
     """(status, JSON reply) of body posted to the in-process server."""
+    from tritongpt.train.serve import APIError, check_body_length
+
+    data = json.dumps(body).encode("utf-8")
+    try:  # (the server refuses a body past its limit unread and hangs up: sent, it would end in a reset connection)
+        check_body_length(len(data))
+    except APIError as e:
+        return e.status, e.body()
     conn = http.client.HTTPConnection("127.0.0.1", port)
     try:
-        conn.request("POST", url, json.dumps(body).encode("utf-8"),
-                     {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        conn.request("POST", url, data, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
         reply = conn.getresponse()
         return reply.status, json.loads(reply.read().decode("utf-8"))
     finally:

@@ -128,6 +128,13 @@ class APIError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def check_body_length(length: int):
+    """A body of `length` bytes past MAX_BODY: a 413 (read_body's, before reading it; run-batch's for a line's)."""
+    if length > MAX_BODY:
+        raise APIError(413, f"the body is {length} bytes (Content-Length); this server takes at most {MAX_BODY}",
+                       code="request_too_large")
+
+
 def bad(field, message):
     return APIError(400, message, param=field)
 
@@ -1762,9 +1769,7 @@ class Handler(BaseHTTPRequestHandler):
         # isascii: '²' is a digit to isdigit(), not to int()
         if length is None or not (length.isascii() and length.isdigit()):
             raise APIError(400, "the request needs a JSON body (with its Content-Length)")
-        if int(length) > MAX_BODY:
-            raise APIError(413, f"the body is {int(length)} bytes (Content-Length); this server takes at most "
-                                f"{MAX_BODY}", code="request_too_large")
+        check_body_length(int(length))
         try:
             body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
