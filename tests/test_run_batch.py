@@ -188,3 +188,20 @@ def test_a_body_past_the_servers_limit_is_its_lines_413(folder, tmp_path):
     assert [o["response"]["status_code"] for o in out] == [200, 413, 200]
     assert out[1]["response"]["body"] is None and out[1]["error"]["error"]["code"] == "request_too_large"
     assert f"at most {MAX_BODY}" in out[1]["error"]["error"]["message"]
+
+
+def test_a_dropped_connection_is_not_a_user_error(folder, tmp_path, monkeypatch):
+    """The in-process server closing a connection unanswered is this program's fault, not the file's: an error
+    saying so (a traceback, exit 1), never cli's `error: [Errno 104] ...`, exit 2 (an OSError: a path's); -o left
+    unwritten."""
+    from tritongpt.train import serve
+
+    def hang_up(self, endpoint, body):
+        raise ConnectionResetError("gone")  # (the handler takes it for a client that left: no answer)
+
+    monkeypatch.setattr(serve.Handler, "generate", hang_up)
+    requests = write(tmp_path / "in.jsonl", [line("a", "/v1/completions", {"prompt": "a", **GREEDY})])
+    with pytest.raises(RuntimeError, match="run-batch's own server .* no JSON answer to 'a'"):
+        main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"), "--weights", str(folder),
+              "--device", "cpu"])
+    assert not (tmp_path / "out.jsonl").exists()

@@ -137,7 +137,13 @@ def answer(port: int, key: str, request: dict) -> dict:
     elif body.get("stream") is True:  # (another value is the endpoint's to refuse)
         status, reply = 400, STREAM_REFUSED
     else:
-        status, reply = post(port, key, url, body)
+        try:
+            status, reply = post(port, key, url, body)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            # serve answers every request it reads with JSON, its refusals and its own faults (500s) too: none, or
+            # another, is this program's fault, not the file's (cli reads an OSError as a path's: exit 2)
+            raise RuntimeError(f"run-batch's own server (127.0.0.1:{port}) gave no JSON answer to "
+                               f"{request['custom_id']!r} ({type(e).__name__}: {e})") from e
     ok = status == 200
     return {"id": f"vllm-{uuid.uuid4().hex}", "custom_id": request["custom_id"],
             "response": {"status_code": status, "request_id": f"vllm-batch-{uuid.uuid4().hex}",
