@@ -205,3 +205,14 @@ def test_a_dropped_connection_is_not_a_user_error(folder, tmp_path, monkeypatch)
         main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"), "--weights", str(folder),
               "--device", "cpu"])
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_flags_the_in_process_server_cannot_use(folder, tmp_path, monkeypatch, capsys):
+    """--enable-lora without --lora-modules: serve's with $VLLM_ALLOW_RUNTIME_LORA_UPDATING loads adapters through
+    POST /v1/load_lora_adapter, which no line of a batch reaches: refused (exit 2) before the model loads, not a
+    run that serves none."""
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "true")
+    requests = write(tmp_path / "in.jsonl", [line("a", "/v1/completions", {"prompt": "a", **GREEDY})])
+    assert main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"), "--weights", str(folder),
+                 "--device", "cpu", "--enable-lora"]) == 2
+    assert "--lora-modules" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()

@@ -192,9 +192,13 @@ def cmd_run_batch(args):
     from tqdm import tqdm
 
     from tritongpt.bench.serve import start_server
+    from tritongpt.train.serve import lora_modules
 
     requests = [r for _, r in read_requests(args.input_file)]
     path = output_path(args)
+    # --enable-lora alone is serve's with $VLLM_ALLOW_RUNTIME_LORA_UPDATING (adapters loaded through POST
+    # /v1/load_lora_adapter, which no line reaches): refused as offline commands refuse it
+    lora_modules(args, None)
     # serve's server on a free loopback port, behind a key of its own: no other local client reaches it meanwhile
     key = secrets.token_urlsafe(32)
     server = start_server(Namespace(**{**vars(args), "host": "127.0.0.1", "port": 0, "api_key": key}))
