@@ -93,6 +93,10 @@ def test_lines_get_the_servers_own_answers_in_order(folder, tmp_path, capsys):
     assert out[0]["response"]["body"]["usage"]["completion_tokens"] > 1  # (not an empty answer matching another)
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert summary.startswith("note: 9 requests (5 ok, 4 failed) in ") and "written to" in summary
+    usage = [o["response"]["body"]["usage"] for o in out if o["error"] is None]
+    tokens = re.search(r": (\d+) prompt and (\d+) completion tokens, ", summary).groups()
+    assert [int(t) for t in tokens] == [sum(u["prompt_tokens"] for u in usage),
+                                        sum(u["completion_tokens"] for u in usage)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # (no temporary file left)
 
 
@@ -216,3 +220,61 @@ def test_flags_the_in_process_server_cannot_use(folder, tmp_path, monkeypatch, c
     assert main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"), "--weights", str(folder),
                  "--device", "cpu", "--enable-lora"]) == 2
     assert "--lora-modules" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_server_is_keyed_bounded_and_stopped(folder, tmp_path, monkeypatch):
+    """The in-process server: behind a key of its own (not $TRITONGPT_API_KEY's; a request without it a 401),
+    2 * --max-batch requests in flight at once, and after a run, whole or failed, its socket closed, its engine
+    stopped."""
+    import socket
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tritongpt.bench import serve as bench_serve
+    from tritongpt.train import run_batch as runner
+
+    servers, start = [], bench_serve.start_server
+    monkeypatch.setattr(bench_serve, "start_server", lambda ns: servers.append(start(ns)) or servers[-1])
+    monkeypatch.setenv("TRITONGPT_API_KEY", "from-the-environment")
+    post, lock, flight, fail = runner.post, threading.Lock(), {"now": 0, "most": 0, "calls": 0}, [False]
+
+    def counted(port, key, url, body):
+        with lock:
+            flight["now"] += 1
+            flight["most"] = max(flight["most"], flight["now"])
+            flight["calls"] += 1
+            if fail[0] and flight["calls"] == 3:
+                raise RuntimeError("planted")
+            first = flight["calls"] == 1 and not fail[0]
+        if first:  # (a request without the key, while the run's server is up)
+            try:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{port}{url}", json.dumps(body).encode(), {"Content-Type": "application/json"}),
+                    timeout=30)
+            except urllib.error.HTTPError as e:
+                flight["keyless"] = e.code
+        try:
+            time.sleep(0.3)  # (long enough that every worker's request is in flight at once)
+            return post(port, key, url, body)
+        finally:
+            with lock:
+                flight["now"] -= 1
+
+    monkeypatch.setattr(runner, "post", counted)
+    requests = write(tmp_path / "in.jsonl", [line(f"r{i}", "/v1/completions", {"prompt": "a", **GREEDY})
+                                             for i in range(10)])
+    out = run_batch(folder, requests, tmp_path / "out.jsonl", "--max-batch", "2")
+    assert [o["response"]["status_code"] for o in out] == [200] * 10 and flight["most"] == 4
+    assert flight["keyless"] == 401
+    server = servers[0]
+    assert server.api_key not in (None, "from-the-environment") and len(server.api_key) >= 32
+    fail[0], flight["calls"] = True, 0
+    with pytest.raises(RuntimeError, match="planted"):
+        main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "again.jsonl"), "--weights", str(folder),
+              "--device", "cpu", "--max-batch", "2"])
+    for server in servers:
+        assert server.app.engine.closed and server.socket.fileno() == -1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(server.server_address, timeout=5).close()
