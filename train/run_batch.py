@@ -25,6 +25,9 @@ Where it differs from vLLM's runner, and why:
 - "-" is stdin (-i) or stdout (-o); http(s) URLs, which vLLM's runner GETs and PUTs, are refused: no network here.
 - -o is written to a temporary file renamed into place at the end (never half a file under its name), and an
   existing one is refused unless --overwrite.
+- The input is held in memory whole (vLLM's runner streams it); a result waits there for the lines before it.
+- A body past serve's MAX_BODY is its line's 413, as the server answers it (vLLM's has no limit); a request the
+  server leaves unanswered stops the run with a RuntimeError (vLLM's: that line's 400 with the exception's text).
 """
 import http.client
 import json
