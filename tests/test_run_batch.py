@@ -278,3 +278,23 @@ def test_the_server_is_keyed_bounded_and_stopped(folder, tmp_path, monkeypatch):
         assert server.app.engine.closed and server.socket.fileno() == -1
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(server.server_address, timeout=5).close()
+
+
+def test_a_server_error_midway_is_its_lines_500(folder, tmp_path, monkeypatch):
+    """A request the server fails on (its own fault: a 500 and its error object) is that line's error; the lines
+    after it are answered, the run ends (exit 0) with -o written."""
+    from tritongpt.train import serve
+
+    generate = serve.Handler.generate
+
+    def broken(self, endpoint, body):
+        if body.get("prompt") == "boom":
+            raise ZeroDivisionError("planted")
+        return generate(self, endpoint, body)
+
+    monkeypatch.setattr(serve.Handler, "generate", broken)
+    requests = [line(c, "/v1/completions", {"prompt": p, **GREEDY}) for c, p in (("a", "a"), ("b", "boom"), ("c", "c"))]
+    out = run_batch(folder, write(tmp_path / "in.jsonl", requests), tmp_path / "out.jsonl", "--max-batch", "1")
+    check_wrapping(out, requests)
+    assert [o["response"]["status_code"] for o in out] == [200, 500, 200]
+    assert out[1]["response"]["body"] is None and out[1]["error"]["error"]["type"] == "server_error"
