@@ -9,7 +9,8 @@ from 2 * --max-batch threads at once, so that the engine batches them as it batc
 run-batch keeps 2 * max_num_seqs requests in flight). -o gets a line a request, in the input's order, vLLM's
 BatchRequestOutput: {"id": "vllm-<hex>", "custom_id", "response": {"status_code", "request_id":
 "vllm-batch-<hex>", "body"}, "error"}: the endpoint's JSON as body and a null error, or for a request it refuses
-its status, a null body and its error object as error; a request this runner refuses (an url it does not take,
+its status, a null body and its error object as error (serve's: its "code" OpenAI's string or null, where vLLM's
+is the status again); a request this runner refuses (an url it does not take,
 stream true) a 400 with vLLM's message as error.
 
 Where it differs from vLLM's runner, and why:
