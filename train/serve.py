@@ -2747,21 +2747,15 @@ def cmd_serve(args):
 
 def add_cli(sub):
     p = sub.add_parser("serve", help=command_help("serve"))
-    add_server_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every "
-                                                       "interface, with no authentication unless --api-key)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer KEY' "
-                        f"(vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out of the "
-                        "process list, else none)")
+    add_server_args(p, listen=True)
     # load_generation_model seeds the weights of a random model with it; requests take their own seed
     p.set_defaults(func=cmd_serve, seed=1337)
 
 
-def add_server_args(p):
-    """The model, engine and request-default flags of serve (all but --host, --port and --api-key): run-batch's
-    too, whose in-process server make_server builds from them."""
+def add_server_args(p, listen: bool = False):
+    """The model, engine and request-default flags of serve: run-batch's too, whose in-process server make_server
+    builds from them; listen (serve's): --host, --port and --api-key as well, where serve's help has always listed
+    them."""
     from tritongpt.commands import add_cuda_graphs_arg, add_dtype_arg, add_generation_model_args, add_kv_cache_dtype_arg
     from tritongpt.train.reasoning import PARSERS as THINKING
     from tritongpt.train.tool_calls import PARSERS
@@ -2769,6 +2763,10 @@ def add_server_args(p):
     add_generation_model_args(p)
     add_cuda_graphs_arg(p)
     add_kv_cache_dtype_arg(p)
+    if listen:
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: "
+                                                           "every interface, with no authentication unless --api-key)")
+        p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
     add_engine_args(p, MAX_BATCH, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
                           "request of n choices taking n rows; 1: one request at a time")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
@@ -2800,6 +2798,11 @@ def add_server_args(p):
                         "deepseek_r1 (DeepSeek-R1, QwQ) or qwen3 (chat_template_kwargs enable_thinking false: all "
                         "content); structured outputs and tool calls hold the answer after </think>. The tokenizer "
                         "must have <think> and </think> tokens (default: none)")
+    if listen:
+        p.add_argument("--api-key", default=None, metavar="KEY",
+                       help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer "
+                            f"KEY' (vLLM's --api-key; else a 401) (default: ${API_KEY_ENV}, which keeps the key out "
+                            "of the process list, else none)")
     p.add_argument("--runner", default="generate", choices=RUNNERS,
                    help="generate: text (completions, chat, responses); pooling: POST /v1/embeddings (OpenAI's: the "
                         "final-norm hidden state pooled, L2-normalized) or, for a reward model, POST /pooling (its "
