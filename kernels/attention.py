@@ -113,6 +113,7 @@ instead of tracing into Triton.
 """
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -1179,14 +1180,17 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     return o, lse
 
 
-# TMA_INTERPRETED: a test drives the forward's TMA loads through the interpreter.
+# TMA_INTERPRETED: a test drives the kernels' TMA loads through the interpreter. TRITONGPT_ATTENTION_TMA=0 keeps
+# every launch on the pointer tiles (mlp's TRITONGPT_MATMUL_TMA likewise): to time them apart, or to get by a GPU
+# or driver that refuses a descriptor.
 TMA_INTERPRETED = False
+ATTENTION_TMA = os.environ.get("TRITONGPT_ATTENTION_TMA", "1") != "0"
 
 
 def _attn_tma_ok(*tensors) -> bool:
     """The kernels may read these [B, heads, T, D] tensors (D contiguous: k and v in forward; q, k, v and dO in
     backward) through TMA descriptors: a GPU that has TMA, and each head's base and row stride 16-byte aligned."""
-    if not (TMA_INTERPRETED if INTERPRET else _has_tma(tensors[0].device)):
+    if not ATTENTION_TMA or not (TMA_INTERPRETED if INTERPRET else _has_tma(tensors[0].device)):
         return False
     return all(tma_strides_ok(t, (0, 1, 2)) for t in tensors)
 

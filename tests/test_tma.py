@@ -192,6 +192,9 @@ def test_attention_tma_ok_reads_alignment_and_the_device(monkeypatch):
     assert not attention._attn_tma_ok(k, k)  # the interpreter, TMA not asked for
     monkeypatch.setattr(attention, "TMA_INTERPRETED", True)
     assert attention._attn_tma_ok(k, k)
+    monkeypatch.setattr(attention, "ATTENTION_TMA", False)  # TRITONGPT_ATTENTION_TMA=0
+    assert not attention._attn_tma_ok(k, k)
+    monkeypatch.setattr(attention, "ATTENTION_TMA", True)
     assert attention._attn_tma_ok(k, k.transpose(1, 2).contiguous().transpose(1, 2))  # [B, T, H, D] storage
     assert not attention._attn_tma_ok(k, k[..., 1:])  # a base 2 bytes past alignment
     odd = torch.randn(2, 2, 10, 36, dtype=torch.bfloat16)[..., :32]
