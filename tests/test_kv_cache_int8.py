@@ -369,6 +369,7 @@ def test_an_emulated_cuda_graph_over_the_int8_cache_draws_the_eager_tokens(kerne
 
 
 def test_the_device_step_writes_the_scales_where_the_host_step_does():
+    torch.manual_seed(4)  # (the model and tokens were drawn from whatever state earlier tests left)
     model = tiny(**CASES["rope-gqa"])
     idx = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
@@ -379,8 +380,13 @@ def test_the_device_step_writes_the_scales_where_the_host_step_does():
         for t in range(5, 9):
             want = gen.last_logits(model, idx[:, t:t + 1], host)
             assert (graph(idx[:, t:t + 1]) - want).abs().max() < 1e-5
-    for a, b in ((dev.k, host.k), (dev.v, host.v), (dev.k_scale, host.k_scale), (dev.v_scale, host.v_scale)):
-        assert torch.equal(a[:, :, :, :9], b[:, :, :, :9])
+    # The graph's step computes k and v by other kernels than the eager one: a scale may round one float32 step
+    # apart (4.7e-10 at 0.003 was seen), so an int8 value may land one step apart; a position written elsewhere, or
+    # not at all, would differ by far more.
+    for a, b in ((dev.k, host.k), (dev.v, host.v)):
+        assert (a[:, :, :, :9].int() - b[:, :, :, :9].int()).abs().max() <= 1
+    for a, b in ((dev.k_scale, host.k_scale), (dev.v_scale, host.v_scale)):
+        assert torch.allclose(a[:, :, :, :9], b[:, :, :, :9], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
