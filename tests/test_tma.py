@@ -2,8 +2,9 @@
 
 The MLP matmul (kernels/mlp.py, USE_TMA): every product of the GELU and gated MLPs, forward and backward, with
 operands in both layouts (B = W^T in the forward products, A = dy^T in the weight gradients) and ragged edges that
-the descriptors must fill with zeros as the masked loads do. Attention's forward (kernels/attention.py, USE_TMA):
-K and V tiles through descriptors, at lengths and head dims that leave ragged rows and padded columns. On a GPU
+the descriptors must fill with zeros as the masked loads do. Attention (kernels/attention.py, USE_TMA): forward's
+and dQ's K and V tiles, dK/dV's Q and dO tiles through descriptors, at lengths and head dims that leave ragged rows
+and padded columns, over views inside NaN so that a descriptor reaching past its view shows. On a GPU
 autotune times both ways and keeps the faster: these tests are what makes the faster one also the right one. Which
 operands a descriptor can read is each launcher's _tma_ok / _attn_tma_ok."""
 import math
@@ -184,6 +185,82 @@ def test_attention_reads_its_streamed_tiles_through_descriptors_as_through_point
     o64.backward(do.double())
     for name, got, want in zip(("o", "dq", "dk", "dv"), tma, [o64.detach()] + [t.grad for t in leaves]):
         assert_close_rel(got.double(), want, TOL[dt], name)
+
+
+def nan_padded(B, H, T, D, dtype, gen, device="cpu"):
+    """A [B, H, T, D] view into a NaN-filled [B, T + 5, H, D + 8] buffer (the model's [B, T, H, D] layout): the
+    columns past D and the rows past T that a tile reads beyond the view are NaN. D + 8 keeps rows 16-byte aligned
+    in every dtype, so a descriptor may read the view."""
+    buf = torch.full((B, T + 5, H, D + 8), float("nan"), dtype=dtype, device=device)
+    view = buf[:, :T, :, :D].transpose(1, 2)
+    view.copy_(torch.randn(B, H, T, D, generator=gen).to(dtype))
+    return view
+
+
+def attention64_with(q, k, v, causal, softcap=0.0, alibi=None, window=None):
+    """attention64 with Gemma's soft cap, ALiBi (slope m_h times j - i, i the query's position Tk - Tq + i) and a
+    causal window (query position p sees p - window < j <= p)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    tq, tk = s.shape[-2:]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    pos, key = torch.arange(tq)[:, None] + (tk - tq), torch.arange(tk)[None, :]
+    if alibi is not None:
+        s = s + alibi.double()[:, None, None] * (key - pos)
+    allowed = torch.ones(tq, tk, dtype=torch.bool)
+    if causal:
+        allowed = key <= pos
+    if window is not None:
+        allowed = allowed & (key > pos - window)
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("case", [
+    dict(dtype=torch.bfloat16, B=2, H=4, Hkv=2, Tq=21, Tk=33, D=80, causal=True),  # a 128-wide box over 80 columns
+    dict(dtype=torch.float32, B=1, H=2, Hkv=1, Tq=19, Tk=19, D=16, causal=True, softcap=2.0, window=5),  # 64-byte rows
+    dict(dtype=torch.float16, B=1, H=2, Hkv=2, Tq=29, Tk=11, D=32, causal=False, alibi=True),  # Tq > Tk
+    dict(dtype=torch.bfloat16, B=2, H=2, Hkv=2, Tq=1, Tk=23, D=64, causal=True),  # one query row
+    dict(dtype=torch.bfloat16, B=1, H=2, Hkv=1, Tq=17, Tk=17, D=96, causal=True, dropout=0.3),
+])
+def test_attention_descriptors_read_nothing_past_the_views(case, monkeypatch):
+    """q, k, v and dO views inside NaN: a descriptor whose shape reached past the view's rows (Tq, Tk) or columns
+    (the head dim, in a box up to BLOCK_D wide) would bring NaN into the scores or a gradient, where the zero fill
+    must stand. The TMA runs give the pointer loads' results bit for bit, and float64's (dropout aside)."""
+    gen = torch.Generator().manual_seed(13)
+    dt, B, H, Hkv, Tq, Tk, D = (case[k] for k in ("dtype", "B", "H", "Hkv", "Tq", "Tk", "D"))
+    q, do = nan_padded(B, H, Tq, D, dt, gen), nan_padded(B, H, Tq, D, dt, gen)
+    k, v = nan_padded(B, Hkv, Tk, D, dt, gen), nan_padded(B, Hkv, Tk, D, dt, gen)
+    alibi = torch.tensor([0.5, 0.25]) if case.get("alibi") else None
+    kw = dict(causal=case["causal"], softcap=case.get("softcap"), alibi_slopes=alibi, window=case.get("window"),
+              dropout_p=case.get("dropout", 0.0), seed=3)
+    spies = {}
+    for name in ("_attn_fwd_run", "_attn_bwd_dkdv_run", "_attn_bwd_dq_run"):
+        spies[name] = FlagSpy(getattr(attention, name), ("USE_TMA",))
+        monkeypatch.setattr(attention, name, spies[name])
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the padded views themselves, not copies
+        o = flash_attention(*leaves, **kw)
+        return [o.detach(), *torch.autograd.grad(o, leaves, do)]
+
+    pointer = run()
+    monkeypatch.setattr(attention, "TMA_INTERPRETED", True)
+    tma = run()
+    assert all(spy.launched == [False, True] for spy in spies.values()), {n: s.launched for n, s in spies.items()}
+    for name, got, want in zip(("o", "dq", "dk", "dv"), tma, pointer):
+        assert torch.isfinite(got).all(), f"{name}: NaN from past the view"
+        assert torch.equal(got, want), name
+    if kw["dropout_p"]:
+        assert all(t.abs().sum() > 0 for t in tma)
+        return
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o64 = attention64_with(*leaves, case["causal"], kw["softcap"], alibi, kw["window"])
+    want = [o64.detach(), *torch.autograd.grad(o64, leaves, do.double())]
+    for name, got, w in zip(("o", "dq", "dk", "dv"), tma, want):
+        assert_close_rel(got.double(), w, TOL.get(dt, 1e-2), name)
 
 
 def test_attention_tma_ok_reads_alignment_and_the_device(monkeypatch):
