@@ -131,16 +131,26 @@ def test_tma_ok_reads_alignment_layout_and_the_device(monkeypatch):
     assert not mlp._tma_readable(torch.randn(1, 8).expand(4, 8))
 
 
-def attention64(q, k, v, causal, doc_ids=None):
-    """softmax(q k^T / sqrt(D) + mask) v in float64, bottom-right causal, K/V heads repeated for their groups."""
+def attention64(q, k, v, causal, doc_ids=None, softcap=0.0, alibi=None, window=None):
+    """softmax(q k^T / sqrt(D) + mask) v in float64, bottom-right causal, K/V heads repeated for their groups; with
+    Gemma's soft cap, ALiBi (slope m_h times j - i, i the query's position Tk - Tq + i) and a causal window (query
+    position p sees p - window < j <= p). The masks are made on q's device (a GPU test's reference runs there)."""
     q, k, v = (t.double() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     tq, tk = s.shape[-2:]
-    allowed = torch.ones(tq, tk, dtype=torch.bool)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+    key = torch.arange(tk, device=q.device)[None, :]
+    if alibi is not None:
+        s = s + alibi.to(s)[:, None, None] * (key - pos)
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
     if causal:
-        allowed = torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)
+        allowed = key <= pos
+    if window is not None:
+        allowed = allowed & (key > pos - window)
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, None, -tq:, None] == doc_ids[:, None, None, :])
     return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
@@ -197,27 +207,6 @@ def nan_padded(B, H, T, D, dtype, gen, device="cpu"):
     return view
 
 
-def attention64_with(q, k, v, causal, softcap=0.0, alibi=None, window=None):
-    """attention64 with Gemma's soft cap, ALiBi (slope m_h times j - i, i the query's position Tk - Tq + i) and a
-    causal window (query position p sees p - window < j <= p)."""
-    q, k, v = (t.double() for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    tq, tk = s.shape[-2:]
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    pos, key = torch.arange(tq)[:, None] + (tk - tq), torch.arange(tk)[None, :]
-    if alibi is not None:
-        s = s + alibi.double()[:, None, None] * (key - pos)
-    allowed = torch.ones(tq, tk, dtype=torch.bool)
-    if causal:
-        allowed = key <= pos
-    if window is not None:
-        allowed = allowed & (key > pos - window)
-    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
-
-
 @pytest.mark.parametrize("case", [
     dict(dtype=torch.bfloat16, B=2, H=4, Hkv=2, Tq=21, Tk=33, D=80, causal=True),  # a 128-wide box over 80 columns
     dict(dtype=torch.float32, B=1, H=2, Hkv=1, Tq=19, Tk=19, D=16, causal=True, softcap=2.0, window=5),  # 64-byte rows
@@ -257,7 +246,7 @@ def test_attention_descriptors_read_nothing_past_the_views(case, monkeypatch):
         assert all(t.abs().sum() > 0 for t in tma)
         return
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    o64 = attention64_with(*leaves, case["causal"], kw["softcap"], alibi, kw["window"])
+    o64 = attention64(*leaves, case["causal"], softcap=kw["softcap"], alibi=alibi, window=kw["window"])
     want = [o64.detach(), *torch.autograd.grad(o64, leaves, do.double())]
     for name, got, w in zip(("o", "dq", "dk", "dv"), tma, want):
         assert_close_rel(got.double(), w, TOL.get(dt, 1e-2), name)
@@ -277,6 +266,14 @@ def test_attention_tma_ok_reads_alignment_and_the_device(monkeypatch):
     odd = torch.randn(2, 2, 10, 36, dtype=torch.bfloat16)[..., :32]
     assert not attention._attn_tma_ok(odd, odd)  # rows 72 bytes apart
     assert not attention._attn_tma_ok(k, torch.randn(1, 2, 10, 64).expand(2, 2, 10, 64))  # a broadcast batch
+
+
+def test_the_float64_reference_masks_on_its_inputs_device():
+    """The Hopper test below hands attention64 CUDA tensors: its masks must be made there (masked_fill refuses a mask
+    on another device; meta tensors stand in for the GPU here)."""
+    q, k = torch.empty(1, 2, 5, 16, device="meta"), torch.empty(1, 1, 7, 16, device="meta")
+    doc_ids = torch.zeros(1, 7, dtype=torch.int64, device="meta")
+    assert attention64(q, k, k, True, doc_ids).shape == (1, 2, 5, 16)
 
 
 # -- on a Hopper GPU: the TMA configs forced (autotune might otherwise keep a pointer one) ---------------------------
