@@ -313,22 +313,28 @@ def test_tma_configs_on_a_hopper_gpu_match_float64(kind, monkeypatch):
 
 @pytest.mark.cuda
 @needs_hopper
-@pytest.mark.parametrize("D", [64, 80, 128])
-def test_attention_tma_tiles_on_a_hopper_gpu_match_float64(D, monkeypatch):
-    """Causal attention in bf16 at T 1000 (ragged tiles) with its three kernels on TMA tiles: output and gradients
-    within bf16's tolerance of float64."""
+@pytest.mark.parametrize("dtype, D, Hkv, docs", [
+    (torch.bfloat16, 64, 4, False), (torch.bfloat16, 80, 4, False), (torch.bfloat16, 128, 4, False),
+    (torch.bfloat16, 64, 2, True),  # dK/dV's group loop makes a pair of descriptors for each query head
+    (torch.float32, 64, 4, False),
+])
+def test_attention_tma_tiles_on_a_hopper_gpu_match_float64(dtype, D, Hkv, docs, monkeypatch):
+    """Causal attention at T 1000 (ragged tiles) with its three kernels on TMA tiles, q, k, v and dO views inside
+    NaN (nan_padded: what the copy engine reads past a view must come back as zeros): output and gradients within
+    the dtype's tolerance of float64. Grouped-query heads with packed documents; fp32's tiles."""
     for tuner in (attention._attn_fwd_run, attention._attn_bwd_dkdv_run, attention._attn_bwd_dq_run):
         only_tma(monkeypatch, tuner)
     gen = torch.Generator().manual_seed(D)
-    q, k, v, do = (torch.randn(2, 4, 1000, D, generator=gen).to("cuda", torch.bfloat16) for _ in range(4))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o = flash_attention(*leaves, causal=True)
-    o.backward(do)
+    q, do = (nan_padded(2, 4, 1000, D, dtype, gen, "cuda") for _ in range(2))
+    k, v = (nan_padded(2, Hkv, 1000, D, dtype, gen, "cuda") for _ in range(2))
+    doc_ids = torch.tensor([[0] * 300 + [1] * 450 + [2] * 250] * 2, device="cuda") if docs else None
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = flash_attention(*leaves, causal=True, doc_ids=doc_ids)
+    grads = torch.autograd.grad(o, leaves, do)
     for tuner in (attention._attn_fwd_run, attention._attn_bwd_dkdv_run, attention._attn_bwd_dq_run):
         assert tuner.tritongpt_picks and all(c.kwargs["USE_TMA"] for c in tuner.tritongpt_picks.values())
     leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
-    o64 = attention64(*leaves64, True)
-    o64.backward(do.double())
-    for name, got, want in zip(("o", "dq", "dk", "dv"), [o] + [t.grad for t in leaves],
-                               [o64] + [t.grad for t in leaves64]):
-        assert_close_rel(got.double(), want.detach(), TOL[torch.bfloat16], name)
+    o64 = attention64(*leaves64, True, doc_ids)
+    grads64 = torch.autograd.grad(o64, leaves64, do.double())
+    for name, got, want in zip(("o", "dq", "dk", "dv"), [o, *grads], [o64, *grads64]):
+        assert_close_rel(got.double(), want.detach(), TOL[dtype], name)
