@@ -151,8 +151,9 @@ def sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def cuda_has_tma(device: torch.device) -> bool:
-    """The GPU has TMA (Hopper's tensor memory accelerator, sm_90+): the tensor-descriptor loads of the MLP matmul and
-    attention's forward may run. Bound as each module's `_has_tma`, the name bench/compile_check.py patches."""
+    """The GPU has TMA (Hopper's tensor memory accelerator, sm_90+): attention's tensor-descriptor loads may run.
+    Bound as attention's `_has_tma`, the name bench/compile_check.py patches (mlp.py has its own, by device type
+    and index)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 

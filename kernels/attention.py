@@ -885,11 +885,12 @@ def tile_group(block_d: int, dtype) -> str:
 def _tuned(tiles, prune, key=()):
     """Autotune on a GPU; under the interpreter, launch with the fixed small tile instead.
     tiles: {tile_group: [(BLOCK_M, BLOCK_N, num_warps, num_stages)]}; each launch times only its
-    group's (before `prune`), so autotune compiles nothing that cannot fit its head dim.
+    group's (before `prune`), so autotune compiles nothing that cannot fit its head dim. A fifth entry
+    True: the tile with USE_TMA (the kernel then takes TMA_OK, in `key`, and every config says USE_TMA).
     key: launch arguments besides the shared ones that change what the best tile is."""
     if INTERPRET:
         return lambda fn: fn
-    # a fifth entry: USE_TMA (forward's); a kernel with such tiles gets the flag in every config
+    # a fifth entry: USE_TMA; a kernel with such tiles gets the flag in every config
     tma = any(len(t) == 5 for cfgs in tiles.values() for t in cfgs)
     groups = {g: [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **({"USE_TMA": bool(rest and rest[0])} if tma else {})},
                                 num_warps=w, num_stages=s) for m, n, w, s, *rest in t]
@@ -899,7 +900,7 @@ def _tuned(tiles, prune, key=()):
     def by_head_dim(configs, named_args, **kwargs):
         group = tile_group(kwargs["BLOCK_D"], named_args["Q"].dtype)
         kept = [c for c in configs if group_of[id(c)] == group]
-        if tma:  # TMA configs only where the launcher found K and V readable by TMA
+        if tma:  # TMA configs only where the launcher found the streamed operands readable by TMA
             kept = [c for c in kept if named_args["TMA_OK"] or not c.kwargs["USE_TMA"]]
         return prune(kept, named_args, **kwargs)
 

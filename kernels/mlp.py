@@ -68,7 +68,7 @@ from tritongpt._env import triton_interpreting
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, custom_op, dot, first_order_only, grouped_tile,
                                        launch_tuned, next_pow2, no_func_transform, on_tensor_device, register_timed,
-                                       timed_pick)
+                                       timed_pick, tma_scratch)
 
 # Epilogue modes of the matmul kernel.
 EPI_NONE = 0       # C = A @ B (+ bias)
@@ -635,7 +635,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     tma_ok = _tma_ok(a, b, a2, b2)
     if tma_ok and not triton_interpreting():
-        triton.set_allocator(_tma_scratch)  # a context variable: set where the launch runs (serve's engine thread)
+        triton.set_allocator(tma_scratch)  # a context variable: set where the launch runs (serve's engine thread)
     launch_tuned(
         _matmul_kernel, grid,
         a, b, c, bias if bias is not None else c, aux if aux is not None else x, h if h is not None else x,
@@ -696,11 +696,6 @@ def _tma_ok(a, b, a2=None, b2=None) -> bool:
     elif not _has_tma(a.device.type, a.device.index):
         return False
     return all(_tma_readable(t) for t in (a, b, a2, b2) if t is not None)
-
-
-def _tma_scratch(size: int, alignment: int, stream):
-    """Triton's allocator for the descriptors a TMA launch builds in global memory (128 bytes each a program)."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 # Launchers: the products of the table at the top; the custom ops below check the device first.
