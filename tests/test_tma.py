@@ -252,6 +252,40 @@ def test_attention_descriptors_read_nothing_past_the_views(case, monkeypatch):
         assert_close_rel(got.double(), w, TOL.get(dt, 1e-2), name)
 
 
+def test_cache_reads_keep_their_pointer_loads_with_tma_on(monkeypatch, forced_splits):
+    """A fill length, an int8 cache and a paged one (_attn_fwd's static_assert refuses USE_TMA with them) launch
+    the pointer loads however aligned K and V are, and so does the split-KV decode (no TMA tiles): each gives the
+    answer it gives with TMA off."""
+    from tritongpt.model.layers import quantize_kv
+
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(2, 2, 3, 32, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(2, 1, 40, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    kv_len = torch.tensor([21, 40])
+    (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+    pages = torch.cat([k, v]).view(4, 1, 40, 32)  # rows: k0, k1, v0, v1
+    pool = pages.reshape(4, 1, 5, 8, 32).transpose(1, 2).reshape(20, 1, 8, 32)  # 8-slot pages
+    table = torch.arange(20, dtype=torch.int32).view(4, 5)
+    cases = {"kv_len": dict(k=k, v=v, kv_len=kv_len),
+             "int8": dict(k=k8, v=v8, k_scale=ks, v_scale=vs),
+             "paged": dict(k=pool, v=pool, kv_len=kv_len, block_table=table[:2]),
+             "paged v": dict(k=pool, v=pool, kv_len=kv_len, block_table=table[2:])}
+    spy = FlagSpy(attention._attn_fwd_run, ("USE_TMA",))
+    monkeypatch.setattr(attention, "_attn_fwd_run", spy)
+    want = {name: flash_attention(q, **kw) for name, kw in cases.items()}
+    split = forced_splits(2)
+    want["split"] = flash_attention(q, k, v)
+    forced_splits(1)
+    monkeypatch.setattr(attention, "TMA_INTERPRETED", True)
+    assert attention._attn_tma_ok(k, v) and attention._attn_tma_ok(k8, v8) and attention._attn_tma_ok(pool, pool)
+    for name, kw in cases.items():
+        assert torch.equal(flash_attention(q, **kw), want[name]), name
+    assert spy.launched == [False] * 8
+    forced_splits(2)
+    assert torch.equal(flash_attention(q, k, v), want["split"]) and split["launches"] == 2
+    assert torch.isfinite(want["paged"]).all() and want["paged"].abs().sum() > 0
+
+
 def test_attention_tma_ok_reads_alignment_and_the_device(monkeypatch):
     """[B, heads, T, D] operands: each head's base and row stride 16-byte aligned, on a GPU with TMA (or a test)."""
     k = torch.randn(2, 2, 10, 64, dtype=torch.bfloat16)
