@@ -182,11 +182,12 @@ def test_gpus_before_ampere_are_checked_in_fp16(monkeypatch):
         raise KeyboardInterrupt  # stop before compiling
 
     monkeypatch.setattr(compile_check, "capture", capture)
-    for arch in (70, 75, 80, 90):
+    for arch, quick in ((70, True), (75, True), (80, False), (90, True), (90, False)):
         with pytest.raises(KeyboardInterrupt):
-            compile_check.run_check(arch, quick=True)
-    # and only Hopper's build has the matmul's TMA configs (sm_90's tensor memory accelerator)
-    assert asked == [("float16", False), ("float16", False), ("bfloat16", False), ("bfloat16", True)]
+            compile_check.run_check(arch, quick=quick)
+    # and only Hopper's full build has the TMA configs (sm_90's tensor memory accelerator; --quick leaves them out)
+    assert asked == [("float16", False), ("float16", False), ("bfloat16", False), ("bfloat16", False),
+                     ("bfloat16", True)]
     assert compile_check.MAX_SHARED_BYTES[75] == 64 * 1024 and compile_check.MAX_SHARED_BYTES[70] == 96 * 1024
 
 
@@ -312,7 +313,7 @@ def test_cases_picks_the_launches_it_names(monkeypatch):
             return ""
 
     cases = ["attention bfloat16 hd256 Tq=1024", "attention bfloat16 hd128 Tq=1024", "rope bfloat16 hd256"]
-    monkeypatch.setattr(compile_check, "capture", lambda quick, half: [FakeLaunch(c) for c in cases])
+    monkeypatch.setattr(compile_check, "capture", lambda quick, half, tma: [FakeLaunch(c) for c in cases])
     _, judged = compile_check.run_check(90, cases=r"attention .* hd256", workers=1, log=lambda *a: None)
     assert [case for case, _, _ in judged] == ["attention bfloat16 hd256 Tq=1024"]
     _, judged = compile_check.run_check(90, workers=1, log=lambda *a: None)
@@ -321,6 +322,38 @@ def test_cases_picks_the_launches_it_names(monkeypatch):
         compile_check.run_check(90, cases="hd512", workers=1, log=lambda *a: None)
     with pytest.raises(SystemExit):  # argparse's error, naming the pattern
         compile_check.main(["--cases", "hd(256"])
+
+
+_TMA_PROBE = r"""
+import json
+from tritongpt.bench import compile_check as cc
+launches = cc.capture(quick=True, tma=True)
+jobs = []
+for name in ("_matmul_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+    launch = next(l for l in launches if l.name == name)
+    tma = [(launch, label, kw) for label, kw in launch.configs() if kw.get("USE_TMA")]
+    jobs += tma[:1]
+    print(name, len(tma))
+cc._JOBS[:] = jobs
+print(json.dumps([cc._compile(i, 90) for i in range(len(jobs))]))
+"""
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
+@pytest.mark.timeout(600)
+def test_the_tma_configs_build_for_sm90_with_tma_copies():
+    """One TMA config of the MLP matmul and of each attention kernel built for sm_90 (bench compile --quick leaves
+    them out): clean, and their PTX copies through the tensor memory accelerator (a descriptor Triton lowered to
+    plain loads would show 0). The capture offers the matmul 4 of them a launch, each attention kernel 3."""
+    proc = subprocess.run([sys.executable, "-c", _TMA_PROBE], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[:4] == ["_matmul_kernel 4", "_attn_fwd 3", "_attn_bwd_dkdv 3", "_attn_bwd_dq 3"]
+    rows = json.loads(lines[-1])
+    assert [r["kernel"] for r in rows] == ["_matmul_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]
+    for r in rows:
+        assert r["status"] == "ok" and r["tma_copies"] > 0 and "USE_TMA=True" in r["config"], r
 
 
 @pytest.fixture(scope="module")
