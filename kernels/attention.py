@@ -160,6 +160,26 @@ def _load_rows(base, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
+def _rows_desc(base, n_rows, stride_row, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A TMA descriptor over one head's [n_rows, HEAD_DIM] rows (unit stride along D), read in [BLOCK_R, BLOCK_D]
+    tiles: rows past n_rows and columns past HEAD_DIM read as 0, as _load_rows's masks give."""
+    return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
+                                     block_shape=[BLOCK_R, BLOCK_D])
+
+
+@triton.jit
+def _rows_tile(base, start, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """The tile of rows [start, start + len(rows)): through base as a _rows_desc descriptor (USE_TMA), else by
+    _load_rows from base as a pointer."""
+    if USE_TMA:
+        tile = base.load([start, 0])
+    else:
+        tile = _load_rows(base, rows, n_rows, stride_row, offs_d, HEAD_DIM, BLOCK_D)
+    return tile
+
+
+@triton.jit
 def _load_at(base, row_offsets, row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile whose rows start at base + row_offsets (a paged cache's rows lie in their pages);
     rows not row_ok and padded head-dim columns read as 0."""
@@ -280,10 +300,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
             page = tl.load(table_row + offs_n // PAGE, mask=offs_n < Tk, other=0).to(tl.int64)
             slot = offs_n % PAGE
             k = _load_at(k_base, page * stride_kp + slot * stride_kn, offs_n < Tk, offs_d, HEAD_DIM, BLOCK_D)
-        elif USE_TMA:
-            k = k_base.load([start_n, 0])
         else:
-            k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
+            k = _rows_tile(k_base, start_n, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D, USE_TMA)
         if INT8_KV:
             # exact (|k| <= 127); through fp32, as Triton's interpreter turns int8 -> bf16 into garbage
             k = k.to(tl.float32).to(q.dtype)
@@ -332,10 +350,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
             p = tl.where(keep, p * keep_scale, 0.0)
         if PAGE > 0:
             v = _load_at(v_base, page * stride_vp + slot * stride_vn, offs_n < Tk, offs_d, HEAD_DIM, BLOCK_D)
-        elif USE_TMA:
-            v = v_base.load([start_n, 0])
         else:
-            v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+            v = _rows_tile(v_base, start_n, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D, USE_TMA)
         if INT8_KV:
             if PAGE > 0:
                 v_sc = tl.load(vs_base + page * stride_sp + slot, mask=offs_n < Tk, other=0.0)
@@ -422,10 +438,8 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TA
     seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
     if USE_TMA:  # from here on k_base / v_base are descriptors (_fwd_inner loads their tiles)
-        k_base = tl.make_tensor_descriptor(k_base, shape=[Tk, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_base = tl.make_tensor_descriptor(v_base, shape=[Tk, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+        k_base = _rows_desc(k_base, Tk, stride_kn, BLOCK_N, HEAD_DIM, BLOCK_D)
+        v_base = _rows_desc(v_base, Tk, stride_vn, BLOCK_N, HEAD_DIM, BLOCK_D)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -631,12 +645,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, starts, s
     USE_TMA: q_base and do_base are descriptors over the query head's [Tq, HEAD_DIM] rows (_attn_bwd_dkdv)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        if USE_TMA:
-            q = q_base.load([start_m, 0])
-            do = do_base.load([start_m, 0])
-        else:
-            q = _load_rows(q_base, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
-            do = _load_rows(do_base, offs_m, Tq, stride_dom, offs_d, HEAD_DIM, BLOCK_D)
+        q = _rows_tile(q_base, start_m, offs_m, Tq, stride_qm, offs_d, HEAD_DIM, BLOCK_D, USE_TMA)
+        do = _rows_tile(do_base, start_m, offs_m, Tq, stride_dom, offs_d, HEAD_DIM, BLOCK_D, USE_TMA)
         # Rows past Tq load q = dO = 0, L = Delta = 0: their P is finite and their dS is 0.
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
@@ -721,10 +731,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, STARTS, ENDS, ALIBI, Seed, q
         q_base = Q + b * stride_qb + (kv_h * GROUP + g) * stride_qh
         do_base = DO + b * stride_dob + (kv_h * GROUP + g) * stride_doh
         if USE_TMA:  # (fresh names: a loop body must not change a name's type)
-            q_src = tl.make_tensor_descriptor(q_base, shape=[Tq, HEAD_DIM], strides=[stride_qm, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
-            do_src = tl.make_tensor_descriptor(do_base, shape=[Tq, HEAD_DIM], strides=[stride_dom, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
+            q_src = _rows_desc(q_base, Tq, stride_qm, BLOCK_M, HEAD_DIM, BLOCK_D)
+            do_src = _rows_desc(do_base, Tq, stride_dom, BLOCK_M, HEAD_DIM, BLOCK_D)
         else:
             q_src = q_base
             do_src = do_base
@@ -762,12 +770,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
     descriptors over the KV head's [Tk, HEAD_DIM] rows (_attn_bwd_dq)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if USE_TMA:
-            k = k_base.load([start_n, 0])
-            v = v_base.load([start_n, 0])
-        else:
-            k = _load_rows(k_base, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D)
-            v = _load_rows(v_base, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D)
+        k = _rows_tile(k_base, start_n, offs_n, Tk, stride_kn, offs_d, HEAD_DIM, BLOCK_D, USE_TMA)
+        v = _rows_tile(v_base, start_n, offs_n, Tk, stride_vn, offs_d, HEAD_DIM, BLOCK_D, USE_TMA)
         s, t = _scores(q, tl.trans(k), qk_scale, softcap, PRECISION, HAS_SOFTCAP)
         if HAS_ALIBI:
             s += _alibi_bias(slope, offs_m[:, None] + (Tk - Tq), offs_n[None, :])
@@ -811,10 +815,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, STARTS, ENDS, ALIBI, Seed, qk_scal
     seed = _load_seed(Seed) if HAS_DROPOUT else 0  # without dropout Seed is a stand-in, never read
     slope = _alibi_slope(ALIBI, h, HAS_ALIBI)
     if USE_TMA:
-        k_base = tl.make_tensor_descriptor(k_base, shape=[Tk, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_base = tl.make_tensor_descriptor(v_base, shape=[Tk, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+        k_base = _rows_desc(k_base, Tk, stride_kn, BLOCK_N, HEAD_DIM, BLOCK_D)
+        v_base = _rows_desc(v_base, Tk, stride_vn, BLOCK_N, HEAD_DIM, BLOCK_D)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
