@@ -546,10 +546,17 @@ def _resources(cubin: bytes) -> dict:
         f.flush()
         text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", text, re.S)
+    return _parse_resources(text)
+
+
+def _parse_resources(text: str) -> dict:
+    """cuobjdump --dump-resource-usage's registers and spill bytes a thread. ptxas spills to the stack frame
+    (STACK, what `ptxas -v` calls "bytes stack frame"), not to LOCAL (local arrays): the fp32 matmul's TMA configs
+    read REG:32 STACK:10368 LOCAL:0, 17 KB of spill stores a thread; both count."""
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+).*?LOCAL:(\d+)", text, re.S)
     if not m:
         raise RuntimeError(f"cannot read cuobjdump's resource usage: {text[:200]!r}")
-    return {"registers": int(m.group(1)), "local_bytes": int(m.group(2))}
+    return {"registers": int(m.group(1)), "local_bytes": int(m.group(3)) + int(m.group(2))}
 
 
 def _status(r, arch=90) -> str:

@@ -159,6 +159,21 @@ def test_status_flags_what_autotune_would_skip_or_regret():
     assert compile_check._status({**ok, "local_bytes": 64}) == "spills"
 
 
+def test_spills_to_the_stack_frame_count():
+    """ptxas spills to the stack frame, which cuobjdump reports as STACK with LOCAL 0: cuobjdump's text for the fp32
+    matmul's TMA config on sm_90 (`ptxas -v`: 10368 bytes stack frame, 17216 bytes spill stores) reads as spills."""
+    text = ("\nResource usage:\n Common:\n  GLOBAL:0\n Function _matmul_kernel:\n  REG:32 STACK:10368 SHARED:1024 "
+            "LOCAL:0 CONSTANT[0]:672 TEXTURE:0 SURFACE:0 SAMPLER:0\n\n")
+    r = compile_check._parse_resources(text)
+    assert r == {"registers": 32, "local_bytes": 10368}
+    assert compile_check._status({**r, "shared": 98336, "num_warps": 4}) == "spills"
+    clean = compile_check._parse_resources(text.replace("REG:32 STACK:10368", "REG:126 STACK:0"))
+    assert clean == {"registers": 126, "local_bytes": 0}
+    assert compile_check._parse_resources(text.replace("LOCAL:0", "LOCAL:8"))["local_bytes"] == 10376
+    with pytest.raises(RuntimeError, match="cannot read cuobjdump"):
+        compile_check._parse_resources("no function here")
+
+
 def test_the_ptx_fingerprint_skips_debug_lines_and_nothing_else():
     """Source positions, comments, inlining labels and the debug sections do not change it; an instruction or a
     real label does (the labels are matched only on lines that start like one)."""
