@@ -372,3 +372,123 @@ def test_attention_tma_tiles_on_a_hopper_gpu_match_float64(dtype, D, Hkv, docs, 
     grads64 = torch.autograd.grad(o64, leaves64, do.double())
     for name, got, want in zip(("o", "dq", "dk", "dv"), [o, *grads], [o64, *grads64]):
         assert_close_rel(got.double(), want.detach(), TOL[dtype], name)
+
+
+def gelu_erf64(h):
+    return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+
+
+def flags_run(picks, name):
+    """{the flag's value in a recorded launch's key}, over the launches of the test so far."""
+    at = mlp._matmul_kernel.keys.index(name)
+    return {key[at] for key in picks}
+
+
+# (kind, dtype, M, C, H, variant, frozen): every MLP flag the existing cases miss, at shapes smaller than a tile.
+# frozen: only the last Linear trains (x, the first Linear's weights without grad), so dW2 recomputes the activation
+# on its B tiles (B_GELU, B_SWIGLU) rather than storing it beside dh.
+EDGES = [
+    ("gelu", torch.float16, 1, 8, 16, "none", False),   # M=1, K=8 < BLOCK_K, N < BLOCK_N; exact erf GELU, STORE_ACT
+    ("gelu", torch.bfloat16, 5, 16, 24, "none", True),  # B_GELU with the erf GELU
+    ("swiglu", torch.bfloat16, 3, 8, 40, "gelu", False),  # GeGLU: GATE_GELU in EPI_SWIGLU and its grad, SUM2
+    ("swiglu", torch.float16, 9, 24, 16, "silu", True),   # B_SWIGLU
+    ("swiglu", torch.bfloat16, 2, 16, 8, "gelu", True),   # B_SWIGLU with GATE_GELU
+]
+
+
+@pytest.mark.parametrize("kind,dtype,M,C,H,variant,frozen", EDGES)
+def test_tma_loads_at_edge_shapes_and_every_flag(kind, dtype, M, C, H, variant, frozen, picks, monkeypatch):
+    """The MLPs' flags the test above leaves out (GELU_ERF, GATE_GELU, B_GELU, B_SWIGLU, fp16) through the
+    descriptors, at M=1 and at K and N under one tile: bit for bit the pointer loads', and float64's answer."""
+    gen = torch.Generator().manual_seed(M * 100 + C)
+    params = params_for(kind, M, C, H, dtype, gen)
+    dy = torch.randn(M, C, generator=gen).to(dtype)
+    if kind == "gelu":
+        fn = lambda *p: gelu_mlp(*p, approximate=variant)
+        act = gelu_erf64
+        ref = lambda x, w1, b1, w2, b2: act(x @ w1.t() + b1) @ w2.t() + b2
+    else:
+        fn = lambda *p: swiglu_mlp(*p, activation=variant)
+        act = (lambda g: gelu64(g)) if variant == "gelu" else (lambda g: g * torch.sigmoid(g))
+        ref = lambda x, wg, bg, wu, bu, wd, bd: (act(x @ wg.t() + bg) * (x @ wu.t() + bu)) @ wd.t() + bd
+    trains = [not frozen or i >= len(params) - 2 for i in range(len(params))]  # frozen: only the last Linear
+
+    def go(f, ps, g):
+        leaves = [p.detach().clone().requires_grad_(t) for p, t in zip(ps, trains)]
+        y = f(*leaves)
+        y.backward(g)
+        return [y.detach()] + [p.grad for p, t in zip(leaves, trains) if t]
+
+    pointer = go(fn, params, dy)
+    picks.clear()
+    monkeypatch.setattr(mlp, "TMA_INTERPRETED", True)
+    tma = go(fn, params, dy)
+    assert tma_flags(picks) == {1: {True}}
+    prologue = "B_GELU" if kind == "gelu" else "B_SWIGLU"
+    assert flags_run(picks, prologue) == ({False, True} if frozen else {False})
+    # (the plain products carry the flag False whatever the MLP's GELU or gate)
+    assert (True in flags_run(picks, "GELU_ERF" if kind == "gelu" else "GATE_GELU")) == (variant in ("none", "gelu"))
+    for got, want in zip(tma, pointer):
+        assert torch.equal(got, want)
+    want = go(ref, [p.double() for p in params], dy.double())
+    for i, (got, w) in enumerate(zip(tma, want)):
+        assert_close_rel(got.double(), w, 1e-2, f"output {i}")
+
+
+def test_tma_loads_of_views_sliced_and_transposed(monkeypatch):
+    """Operands that are views: rows of a wider tensor at a 16-byte aligned offset, and A stored transposed
+    (A_T, its M dim contiguous) with a row stride wider than M: the descriptors take the views' strides."""
+    monkeypatch.setattr(mlp, "MLP_MATMUL", "triton")
+    gen = torch.Generator().manual_seed(11)
+    big = torch.randn(80, 96, generator=gen).to(torch.bfloat16)
+    cases = [(big[3:30, 8:72], big[:64, 16:48]),       # sliced A and B, both row-major
+             (big[:40, 8:40].t(), big[40:80, 16:40]),  # A [32, 40] transposed (stride 1, 96), M, N, K off the tile
+             (big[:64, 8:9].t(), big[:64, 24:88].t()[:, :8])]  # M=1 transposed A; B [64, 8] transposed (B_T)
+    for a, b in cases:
+        monkeypatch.setattr(mlp, "TMA_INTERPRETED", False)
+        pointer, _ = mlp._matmul(a, b, path="triton")
+        monkeypatch.setattr(mlp, "TMA_INTERPRETED", True)
+        assert mlp._tma_ok(a, b), (a.shape, a.stride(), b.shape, b.stride())
+        got, _ = mlp._matmul(a, b, path="triton")
+        assert torch.equal(got, pointer)
+        assert_close_rel(got.double(), a.double() @ b.double(), 1e-2)
+
+
+def test_the_gpu_prune_keeps_tma_configs_only_for_readable_operands(monkeypatch):
+    """Outside the interpreter: TMA_OK 0 leaves only the pointer configs, TMA_OK 1 every config (autotune times
+    both kinds); and only a GPU of sm_90 or later has TMA."""
+    monkeypatch.setattr(mlp, "triton_interpreting", lambda: False)
+    configs = mlp._matmul_configs()
+    tma = [c for c in configs if c.kwargs["USE_TMA"]]
+    assert tma and len(tma) < len(configs)
+    assert mlp._prune_tma(configs, {"TMA_OK": 0}) == [c for c in configs if not c.kwargs["USE_TMA"]]
+    assert mlp._prune_tma(configs, {"TMA_OK": 1}) == configs
+    has_tma = mlp._has_tma.__wrapped__
+    for capability, want in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        assert has_tma("cuda", 0) is want
+    assert not has_tma("cpu", None)
+
+
+def test_the_allocator_is_set_in_the_thread_that_launches(monkeypatch):
+    """Triton's allocator (the descriptors' global scratch, asked for at each launch) is a context variable: a new
+    thread (serve's engine, autograd's device thread) starts without it, so _matmul sets it where it launches,
+    and only for a launch that may take a TMA config."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    seen = []
+    monkeypatch.setattr(mlp, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(mlp, "_has_tma", lambda device_type, index: True)
+    monkeypatch.setattr(mlp, "launch_tuned", lambda *args, **kw: seen.append(_allocation._allocator.get()))
+    a, b = torch.randn(16, 32), torch.randn(32, 24)
+
+    def launch(x, y):
+        mlp._matmul(x, y, path="triton")
+
+    for x, y in ((a, b), (a[:, 1:17], b[:16])):  # aligned; then a base 4 bytes past alignment
+        thread = threading.Thread(target=launch, args=(x, y))
+        thread.start()
+        thread.join()
+    assert seen == [mlp.tma_scratch, _allocation._NULL_ALLOCATOR]
