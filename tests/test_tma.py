@@ -19,7 +19,7 @@ from tritongpt.kernels.attention import flash_attention
 from tritongpt.kernels.mlp import gelu_mlp
 from tritongpt.kernels.swiglu import swiglu_mlp
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def params_for(kind, M, C, H, dtype, gen):
 
 
 @pytest.mark.parametrize("kind", ["gelu", "swiglu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_tma_loads_give_the_pointer_loads_products_forward_and_backward(kind, dtype, picks, monkeypatch):
     """M 37 (not a multiple of the 64-row tile), C 24 and H 72 (K tails of 24 and 8 past a 64-wide step): the
     descriptors' zero fill stands where the masks were. Under the interpreter both loads feed tl.dot the same
@@ -129,6 +129,25 @@ def test_tma_ok_reads_alignment_layout_and_the_device(monkeypatch):
     assert not mlp._tma_ok(x[::2, ::2].t(), w)  # no unit stride at all
     assert not mlp._tma_readable(torch.randn(4, 1).expand(4, 8))  # a broadcast: a stride of 0
     assert not mlp._tma_readable(torch.randn(1, 8).expand(4, 8))
+
+
+def test_fp32_operands_take_the_pointer_loads(picks, monkeypatch):
+    """fp32 products run their dot on FMAs ("ieee": no tensor cores to feed): through descriptors ptxas builds every
+    TMA config at 32 registers a thread and ~17 KB of spills (offline sm_90 build), so fp32 never asks for TMA,
+    aligned or not, and the GELU MLP in fp32 runs on the pointer configs."""
+    monkeypatch.setattr(mlp, "TMA_INTERPRETED", True)
+    x = torch.randn(8, 64)
+    w = torch.randn(32, 64)
+    assert not mlp._tma_ok(x, w.t()) and not mlp._tma_ok(x.t(), w)
+    assert mlp._tma_ok(x.half(), w.t().half()) and mlp._tma_ok(x.bfloat16(), w.t().bfloat16())
+    gen = torch.Generator().manual_seed(12)
+    params = params_for("gelu", 37, 24, 72, torch.float32, gen)
+    dy = torch.randn(37, 24, generator=gen)
+    got = run(gelu_mlp, params, dy)
+    assert tma_flags(picks) == {0: {False}}
+    want = run(ref_gelu_mlp, [p.double() for p in params], dy.double())
+    for g, w in zip(got, want):
+        assert_close_rel(g.double(), w, TOL[torch.float32])
 
 
 def attention64(q, k, v, causal, doc_ids=None, softcap=0.0, alibi=None, window=None):
@@ -482,12 +501,12 @@ def test_the_allocator_is_set_in_the_thread_that_launches(monkeypatch):
     monkeypatch.setattr(mlp, "triton_interpreting", lambda: False)
     monkeypatch.setattr(mlp, "_has_tma", lambda device_type, index: True)
     monkeypatch.setattr(mlp, "launch_tuned", lambda *args, **kw: seen.append(_allocation._allocator.get()))
-    a, b = torch.randn(16, 32), torch.randn(32, 24)
+    a, b = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(32, 24, dtype=torch.bfloat16)
 
     def launch(x, y):
         mlp._matmul(x, y, path="triton")
 
-    for x, y in ((a, b), (a[:, 1:17], b[:16])):  # aligned; then a base 4 bytes past alignment
+    for x, y in ((a, b), (a[:, 1:17], b[:16])):  # aligned; then a base 2 bytes past alignment
         thread = threading.Thread(target=launch, args=(x, y))
         thread.start()
         thread.join()
