@@ -385,10 +385,14 @@ def capture_run():
             "l.args[6:8] if l.name == '_int8_linear_kernel' else None, "
             "sorted({(c['BLOCK_M'], c['BLOCK_K']) for _, c in l.configs()}) if '_linear' in l.name else None] "
             "for l in cc.capture(quick=True)]; "
+            "tma = lambda target: [sorted({c['USE_TMA'] for _, c in l.configs()}) "
+            "for l in cc.capture(quick=True, tma=target) if l.name == '_matmul_kernel']; "
+            "matmul_tma = {'sm_90': tma(True), 'sm_80': tma(False)}; "
             "tiles = [{'case': l.case, 'kernel': l.name, 'block_d': l.kwargs['BLOCK_D'], 'tiles': "
             "[(kw['BLOCK_M'], kw['BLOCK_N'], kw['num_warps'], kw['num_stages']) for _, kw in l.configs()]} "
             "for l in cc.capture() if l.name in ('_attn_fwd', '_attn_bwd_dkdv', '_attn_bwd_dq')]; "
-            "print(json.dumps({'launches': ls, 'setting': mlp.MLP_MATMUL, 'attention_tiles': tiles}))")
+            "print(json.dumps({'launches': ls, 'setting': mlp.MLP_MATMUL, 'attention_tiles': tiles, "
+            "'matmul_tma': matmul_tma}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "0", "TRITONGPT_MLP_MATMUL": "torch"})
     assert proc.returncode == 0, proc.stderr
@@ -406,6 +410,14 @@ def test_capture_keeps_the_plain_products_on_our_matmul_whatever_the_setting(cap
     plain = [k for name, _, k, _, _ in capture_run["launches"] if name == "_matmul_kernel"
              and k["EPILOGUE"] == 0 and not (k["B_GELU"] or k["B_SWIGLU"] or k["SUM2"])]
     assert plain and capture_run["setting"] == "torch"  # captured, and the setting left as found
+
+
+def test_only_the_sm90_capture_builds_the_matmuls_tma_configs(capture_run):
+    """Hopper's build times the matmul's TMA configs beside its pointer ones for every (16-bit, aligned) launch of
+    the quick capture; a target without TMA gets the pointer configs only."""
+    tma = capture_run["matmul_tma"]
+    assert tma["sm_90"] and all(kinds == [False, True] for kinds in tma["sm_90"]), tma["sm_90"]
+    assert len(tma["sm_80"]) == len(tma["sm_90"]) and all(kinds == [False] for kinds in tma["sm_80"])
 
 
 def test_capture_names_every_kernel_and_the_split_passes(captured):
