@@ -498,7 +498,11 @@ def _compile(job_index, arch):
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
         kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                 options=options.__dict__)
-        out.update(_resources(kernel.asm["cubin"]))
+        res = _resources(kernel.asm["cubin"])
+        # a stack frame holds spills or local arrays (sin/cos's slow-path argument reduction: RoPE's 32 bytes at 91
+        # registers): ptxas's own report tells them apart, asked only then (~1 in 10 configs)
+        spilled = _spill_bytes(kernel.asm["ptx"], arch) if res["stack_bytes"] else 0
+        out.update(res, local_bytes=res["local_bytes"] + spilled)
         out["shared"] = int(kernel.metadata.shared)
         out["num_warps"] = int(kernel.metadata.num_warps)
         # searched line by line, and only the lines that name the instruction: a regex over the
@@ -550,13 +554,32 @@ def _resources(cubin: bytes) -> dict:
 
 
 def _parse_resources(text: str) -> dict:
-    """cuobjdump --dump-resource-usage's registers and spill bytes a thread. ptxas spills to the stack frame
-    (STACK, what `ptxas -v` calls "bytes stack frame"), not to LOCAL (local arrays): the fp32 matmul's TMA configs
-    read REG:32 STACK:10368 LOCAL:0, 17 KB of spill stores a thread; both count."""
+    """cuobjdump --dump-resource-usage's registers, stack frame and LOCAL bytes a thread. ptxas spills to the stack
+    frame, not to LOCAL: the fp32 matmul's TMA configs read REG:32 STACK:10368 LOCAL:0 (17 KB of spill stores)."""
     m = re.search(r"REG:(\d+)\s+STACK:(\d+).*?LOCAL:(\d+)", text, re.S)
     if not m:
         raise RuntimeError(f"cannot read cuobjdump's resource usage: {text[:200]!r}")
-    return {"registers": int(m.group(1)), "local_bytes": int(m.group(3)) + int(m.group(2))}
+    return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2)), "local_bytes": int(m.group(3))}
+
+
+def _spill_bytes(ptx: str, arch) -> int:
+    """The spill stores a thread that `ptxas -v` reports for ptx, built with the options Triton builds it with."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(Path(d) / "kernel.o")],
+                             capture_output=True, text=True, check=True).stderr
+    return _parse_spills(log)
+
+
+def _parse_spills(log: str) -> int:
+    m = re.search(r"(\d+) bytes spill stores", log)
+    if not m:
+        raise RuntimeError(f"cannot read ptxas's spill stores: {log[:200]!r}")
+    return int(m.group(1))
 
 
 def _status(r, arch=90) -> str:
