@@ -162,7 +162,7 @@ def test_status_flags_what_autotune_would_skip_or_regret():
 def test_spills_are_read_from_the_stack_frame_and_ptxas():
     """ptxas spills to the stack frame, which cuobjdump reports as STACK with LOCAL 0 (the fp32 matmul's TMA config on
     sm_90 below: 10368 bytes, 17216 of spill stores), and which local arrays share (RoPE's sin/cos); so a frame is
-    read apart from LOCAL, and `ptxas -v`'s spill stores decide."""
+    read apart from LOCAL, and `ptxas -v`'s spill stores are the spill_bytes."""
     text = ("\nResource usage:\n Common:\n  GLOBAL:0\n Function _matmul_kernel:\n  REG:32 STACK:10368 SHARED:1024 "
             "LOCAL:0 CONSTANT[0]:672 TEXTURE:0 SURFACE:0 SAMPLER:0\n\n")
     assert compile_check._parse_resources(text) == {"registers": 32, "stack_bytes": 10368, "local_bytes": 0}
