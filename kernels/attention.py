@@ -1192,8 +1192,12 @@ ATTENTION_TMA = os.environ.get("TRITONGPT_ATTENTION_TMA", "1") != "0"
 
 def _attn_tma_ok(*tensors) -> bool:
     """The kernels may read these [B, heads, T, D] tensors (D contiguous: k and v in forward; q, k, v and dO in
-    backward) through TMA descriptors: a GPU that has TMA, and each head's base and row stride 16-byte aligned."""
-    if not ATTENTION_TMA or not (TMA_INTERPRETED if INTERPRET else _has_tma(tensors[0].device)):
+    backward) through TMA descriptors: a GPU that has TMA, a 16-bit dtype, and each head's base and row stride
+    16-byte aligned. fp32's dots run on FMAs (no wgmma to feed): offline, its forward TMA tiles build at 32 registers
+    a thread with 28-69 KB of spills (sm_90, head dim 64), as the matmul's fp32 ones did."""
+    if not ATTENTION_TMA or tensors[0].element_size() != 2:
+        return False
+    if not (TMA_INTERPRETED if INTERPRET else _has_tma(tensors[0].device)):
         return False
     return all(tma_strides_ok(t, (0, 1, 2)) for t in tensors)
 
