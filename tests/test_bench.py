@@ -2577,7 +2577,7 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     assert got["kernel"] == "attention.forward" and got["function"] == "_attn_fwd"
     assert report._tuned_kernel_names()["_matmul_kernel"] == ("mlp.matmul", [
         "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU", "GELU_ERF", "STORE_ACT",
-        "HAS_BIAS", "stride_ak", "stride_bn"])
+        "HAS_BIAS", "stride_ak", "stride_bn", "TMA_OK", "A_T", "B_T"])
     assert [t["config"]["BLOCK_M"] for t in got["timings"]] == [64, 32, 256]
     assert got["timings"][0] == {"config": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, "ms": [0.2, 0.19, 0.21]}
     assert got["timings"][2]["ms"] is None
