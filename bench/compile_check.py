@@ -143,7 +143,7 @@ def capture(quick=False, half="bfloat16", tma=True):
     saved = (JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL, mlp._has_tma,
              attention._has_tma)
     JITFunction.run, Autotuner.run = record, record
-    mlp._has_tma = lambda device_type, index: tma
+    mlp._has_tma = lambda device: tma
     attention._has_tma = lambda device: tma
     # the MLPs' plain products on our matmul whatever TRITONGPT_MLP_MATMUL says: a GPU's "auto" may pick it
     mlp.MLP_MATMUL = "triton"

@@ -174,6 +174,7 @@ Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
 """
+import itertools
 import math
 
 import torch
@@ -2074,24 +2075,27 @@ def sweep_token_mask(timer, budget, batches, vocabs, dtype, modes=MODES, provide
     out = []
     dev = timer.device
     modes = tuple(m for m in modes if m == "fwd")
-    for dt in dict.fromkeys((torch.float32, dtype)) if modes else ():
-        for v in vocabs:
-            for b in batches:
-                for kind, share in TOKEN_MASK_KINDS.items():
-                    logits = randn(b, v, device=dev, dtype=dt, requires_grad=False)
-                    allowed = torch.rand(b, v, device=dev) < share
-                    bitmask = pack_token_bitmask(allowed)
-                    banned = int((~allowed).sum())
-                    cfg = {"B": b, "vocab": v, "mask": kind, "dtype": dtype_name(dt)}
-                    work = {"bytes": bitmask.numel() * 4 + banned * logits.element_size()}
-                    rows = bench_providers("token_mask", cfg, token_mask_providers(logits, bitmask), modes, timer,
-                                           budget, lambda mode: work, providers)
-                    for row in rows:
-                        row.setdefault("note", TOKEN_MASK_BYTES_NOTE)
-                    out += rows
-                    del logits, allowed, bitmask
-                    timer.cleanup()
+    for dt, v, b, (kind, share) in _vocab_grid(dtype, vocabs, batches, TOKEN_MASK_KINDS) if modes else ():
+        logits = randn(b, v, device=dev, dtype=dt, requires_grad=False)
+        allowed = torch.rand(b, v, device=dev) < share
+        bitmask = pack_token_bitmask(allowed)
+        banned = int((~allowed).sum())
+        cfg = {"B": b, "vocab": v, "mask": kind, "dtype": dtype_name(dt)}
+        work = {"bytes": bitmask.numel() * 4 + banned * logits.element_size()}
+        rows = bench_providers("token_mask", cfg, token_mask_providers(logits, bitmask), modes, timer,
+                               budget, lambda mode: work, providers)
+        for row in rows:
+            row.setdefault("note", TOKEN_MASK_BYTES_NOTE)
+        out += rows
+        del logits, allowed, bitmask
+        timer.cleanup()
     return out
+
+
+def _vocab_grid(dtype, vocabs, batches, kinds):
+    """(dtype, V, B, (name, value)) over fp32 and dtype, each vocabulary, batch and kind, in that nesting order: the
+    grid of the vocabulary-wide ops (token mask, sampling)."""
+    return itertools.product(dict.fromkeys((torch.float32, dtype)), vocabs, batches, kinds.items())
 
 
 def sweep_sampling(timer, budget, batches, vocabs, dtype, modes=MODES, providers=None):
@@ -2101,20 +2105,17 @@ def sweep_sampling(timer, budget, batches, vocabs, dtype, modes=MODES, providers
     out = []
     dev = timer.device
     modes = tuple(m for m in modes if m == "fwd")
-    for dt in dict.fromkeys((torch.float32, dtype)) if modes else ():
-        for v in vocabs:
-            for b in batches:
-                for name, setting in SAMPLING_SETTINGS.items():
-                    logits = randn(b, v, device=dev, dtype=dt, scale=3.0, requires_grad=False)
-                    cfg = {"B": b, "vocab": v, "setting": name, **setting, "dtype": dtype_name(dt)}
-                    rows = bench_providers("sampling", cfg, sampling_providers(logits, **setting), modes, timer,
-                                           budget, lambda mode: {}, providers)
-                    for row in rows:
-                        if is_ok(row):
-                            row["tokens_per_s"] = b * 1000.0 / row["ms"]
-                    out += rows
-                    del logits
-                    timer.cleanup()
+    for dt, v, b, (name, setting) in _vocab_grid(dtype, vocabs, batches, SAMPLING_SETTINGS) if modes else ():
+        logits = randn(b, v, device=dev, dtype=dt, scale=3.0, requires_grad=False)
+        cfg = {"B": b, "vocab": v, "setting": name, **setting, "dtype": dtype_name(dt)}
+        rows = bench_providers("sampling", cfg, sampling_providers(logits, **setting), modes, timer,
+                               budget, lambda mode: {}, providers)
+        for row in rows:
+            if is_ok(row):
+                row["tokens_per_s"] = b * 1000.0 / row["ms"]
+        out += rows
+        del logits
+        timer.cleanup()
     return out
 
 

@@ -151,9 +151,8 @@ def sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def cuda_has_tma(device: torch.device) -> bool:
-    """The GPU has TMA (Hopper's tensor memory accelerator, sm_90+): attention's tensor-descriptor loads may run.
-    Bound as attention's `_has_tma`, the name bench/compile_check.py patches (mlp.py has its own, by device type
-    and index)."""
+    """The GPU has TMA (Hopper's tensor memory accelerator, sm_90+): the tensor-descriptor loads may run.
+    Bound as attention's and mlp's `_has_tma`, the name bench/compile_check.py patches."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 

@@ -54,7 +54,6 @@ Public API: `gelu_mlp(x, w1, b1, w2, b2, approximate="tanh")`. It is built from 
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
 import contextlib
-import functools
 import math
 import os
 from typing import Optional
@@ -65,6 +64,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
+from tritongpt.kernels._common import cuda_has_tma as _has_tma  # patched by bench/compile_check.py
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, custom_op, dot, first_order_only, grouped_tile,
                                        launch_tuned, next_pow2, no_func_transform, on_tensor_device, register_timed,
@@ -670,11 +670,6 @@ def matmul_tma(on: bool):
         MATMUL_TMA = saved
 
 
-@functools.lru_cache(maxsize=None)
-def _has_tma(device_type: str, index) -> bool:
-    return device_type == "cuda" and torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def _tma_readable(t) -> bool:
     """t [R, C] can be read through a descriptor in the layout _matmul_kernel gives it (A_T / B_T: C's stride not 1)."""
     row, col = t.stride()
@@ -695,7 +690,7 @@ def _tma_ok(a, b, a2=None, b2=None) -> bool:
     if triton_interpreting():
         if not TMA_INTERPRETED:
             return False
-    elif not _has_tma(a.device.type, a.device.index):
+    elif not _has_tma(a.device):
         return False
     return all(_tma_readable(t) for t in (a, b, a2, b2) if t is not None)
 

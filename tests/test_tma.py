@@ -489,9 +489,9 @@ def test_the_gpu_prune_keeps_tma_configs_only_for_readable_operands(monkeypatch)
     assert mlp._prune_tma(configs, {"TMA_OK": 1}) == configs
     has_tma = mlp._has_tma.__wrapped__
     for capability, want in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
-        assert has_tma("cuda", 0) is want
-    assert not has_tma("cpu", None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert has_tma(torch.device("cuda", 0)) is want
+    assert not has_tma(torch.device("cpu"))
 
 
 def test_the_allocator_is_set_in_the_thread_that_launches(monkeypatch):
@@ -504,7 +504,7 @@ def test_the_allocator_is_set_in_the_thread_that_launches(monkeypatch):
 
     seen = []
     monkeypatch.setattr(mlp, "triton_interpreting", lambda: False)
-    monkeypatch.setattr(mlp, "_has_tma", lambda device_type, index: True)
+    monkeypatch.setattr(mlp, "_has_tma", lambda device: True)
     monkeypatch.setattr(mlp, "launch_tuned", lambda *args, **kw: seen.append(_allocation._allocator.get()))
     a, b = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(32, 24, dtype=torch.bfloat16)
 
