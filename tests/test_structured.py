@@ -11,7 +11,7 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.engine import Engine
-from tritongpt.train.generate import generate
+from tritongpt.train.generate import generate, masked_ends
 from tritongpt.train.tokenizer import BPETokenizer
 
 xgr = pytest.importorskip("xgrammar")
@@ -461,6 +461,56 @@ def test_serve_refuses_a_structured_request_with_no_end_before_streaming(server,
     status, out = call(srv, "/v1/completions", {"prompt": "the", "max_tokens": 4, "ignore_eos": True, "stream": stream,
                                                 "structured_outputs": {"regex": "[a-c]+"}})
     assert status == 400 and out["error"]["param"] == "ignore_eos" and "has none" in out["error"]["message"], out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_serve_refuses_masks_that_leave_out_the_grammars_end_before_streaming(server, stream):
+    """A grammar's end allows only its end token: allowed_token_ids leaving it out, or bad_words banning it, left
+    every answer reaching that end no token to draw, an error mid-answer (a stream's 200 then its error event). A
+    400 naming the mask and the grammar's field before any token, the engine's server and --max-batch 1's alike;
+    with the end token allowed, a 200."""
+    from test_serve import call
+
+    srv, tok = server
+    eot, end = tok.eot_id, srv.app.chat_stop
+    others = [t for t in range(tok.vocab_size) if t not in (eot, end)]
+    choice = {"structured_outputs": {"choice": ["a", "b"]}}
+    for path, body, param, says in (
+            ("/v1/completions", {"prompt": "the", "allowed_token_ids": others, **choice}, "allowed_token_ids",
+             f"'allowed_token_ids' leaves out token {eot}, the end of the text, which the 'structured_outputs' "
+             "grammar ends it with"),
+            ("/v1/completions", {"prompt": "the", "bad_words": ["<|endoftext|>"], **choice}, "bad_words",
+             f"'bad_words' bans token {eot}, the end of the text"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "allowed_token_ids": others,
+                                      "response_format": {"type": "json_object"}}, "allowed_token_ids",
+             f"leaves out token {end}, the end of the text, which the 'response_format' grammar")):
+        status, out = call(srv, path, {"max_tokens": 6, "temperature": 0, "stream": stream, **body})
+        assert status == 400 and out["error"]["param"] == param and says in out["error"]["message"], (body, out)
+    status, out = call(srv, "/v1/completions", {"prompt": "the", "max_tokens": 6, "temperature": 0,
+                                                "allowed_token_ids": others + [eot], **choice})
+    assert status == 200 and out["choices"][0]["text"] in ("a", "b"), out
+
+
+def test_generate_and_the_engine_refuse_masks_that_leave_out_the_grammars_end(tiny):
+    """generate() and Engine.submit: the same refusal before any token (on_token never called), not
+    check_drawable's at the grammar's end; one end token of several left drawable is enough."""
+    model, tok, grammars = tiny
+    idx = torch.tensor([tok.encode("the cat")])
+    others = [t for t in range(tok.vocab_size) if t != tok.eot_id]
+    drawn = []
+    for masks, says in ((dict(allowed_token_ids=others), f"allowed_token_ids leaves out token {tok.eot_id}"),
+                        (dict(bad_words=[[tok.eot_id]]), f"bad_words bans token {tok.eot_id}")):
+        with pytest.raises(UserError, match=says):
+            generate(model, idx, 6, guide=grammars.guide(SPECS["choice"]), eos_id=tok.eot_id, on_token=drawn.append,
+                     **masks)
+        with pytest.raises(UserError, match=says):
+            Engine(model, max_batch=2).submit(idx, 6, guide=grammars.guide(SPECS["choice"]), eos_id=tok.eot_id,
+                                              **masks)
+    assert drawn == []
+    # several end tokens (stop tokens among the specials): refused only where none is left drawable
+    assert masked_ends([5, 7], [7, 1]) is None and masked_ends([5, 7], None, [[5], [1, 7]]) is None
+    assert masked_ends([5, 7], [1])[1].startswith("allowed_token_ids leaves out tokens 5, 7, the ends of the text")
+    assert masked_ends([5, 7], [1, 5], [[5]])[0] == "bad_words"
 
 
 def test_no_repeat_ngram_size_yields_to_the_grammar_where_it_would_ban_all(tiny):

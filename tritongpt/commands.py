@@ -443,15 +443,15 @@ def token_masks(args, tok, vocab: int, flags: tuple) -> dict:
 def check_masks_end(masks: dict, end, spec, whose: str = "--structured-outputs'") -> None:
     """spec's grammar (whose: how the error names it) ends the text with its end token (end: generate's end of text,
     chat's end of turn): a mask that leaves it out (token_masks') would leave every text reaching the grammar's end
-    no token to draw, an error only then, mid-text. Refused by flag before any text."""
+    no token to draw, an error only then, mid-text. Refused by flag before any text (generate.masked_ends)."""
+    from tritongpt.train.generate import masked_ends
+
     if spec is None or end is None:
         return
-    if masks["allowed_token_ids"] is not None and end not in masks["allowed_token_ids"]:
-        raise UserError(f"--allowed-token-ids leaves out token {end}, the end of the text, which {whose} grammar ends "
-                        "it with: allow it too")
-    if [end] in (masks["bad_words"] or ()):
-        raise UserError(f"--bad-words bans token {end}, the end of the text, which {whose} grammar ends it with: ban "
-                        "other words")
+    masked = masked_ends([end], masks["allowed_token_ids"], masks["bad_words"], lambda n: "--" + n.replace("_", "-"),
+                         whose)
+    if masked is not None:
+        raise UserError(masked[1])
 
 
 def load_generation_model(args):
