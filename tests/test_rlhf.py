@@ -362,13 +362,35 @@ def test_ppo_rewards_returns_and_whitening_against_hand_formulas():
             want += (scores[i].item() - shift) / scale
             assert ro.returns[i, t].item() == pytest.approx(want, abs=1e-5), f"return of row {i} at target {t}"
     assert ro.returns[~mask].abs().max() == 0
-    # whitened over the batch's response tokens: mean 0, variance 1 (values are 0, so adv = returns)
+    # whitened over the batch's response tokens: mean 0, sample variance 1 (TRL's; values are 0, so adv = returns)
     adv = ro.advantages[mask].double()
     assert abs(adv.mean().item()) < 1e-5, f"advantages not centered: mean {adv.mean().item()}"
-    assert adv.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-4), "advantages not whitened"
+    assert adv.var().item() == pytest.approx(1.0, abs=1e-4), "advantages not whitened"
     r = ro.returns[mask].double()
-    torch.testing.assert_close(adv, (r - r.mean()) / r.std(unbiased=False), atol=1e-4, rtol=0)
+    torch.testing.assert_close(adv, (r - r.mean()) / r.std(), atol=1e-4, rtol=0)
     assert ro.advantages[~mask].abs().max() == 0
+
+
+def test_masked_whiten_is_trls_with_the_sample_variance_on_a_ragged_mask():
+    """TRL's masked_whiten: (x - mean) * rsqrt(var + 1e-8), var masked_var(unbiased=True), the sum of squared
+    deviations over the n masked positions / (n - 1); written out by hand in float64 over rows of 5, 1, 0 and 3
+    positions. Outside the mask 0; one position whitens to 0 (TRL's 0/0 is NaN), none leaves all 0."""
+    from tritongpt.train.rlhf import masked_var, masked_whiten
+
+    torch.manual_seed(5)
+    x = torch.randn(4, 6, dtype=torch.float64) * 3 + 1
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[0, :5], mask[1, 2], mask[3, 1:4] = True, True, True
+    vals = [x[i, j].item() for i in range(4) for j in range(6) if mask[i, j]]
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    want = torch.where(mask, (x - mean) / (var + 1e-8) ** 0.5, 0.0)
+    assert masked_var(x, mask).item() == pytest.approx(var, rel=1e-12)
+    torch.testing.assert_close(masked_whiten(x, mask), want, rtol=1e-12, atol=1e-12)
+    lone = torch.zeros_like(mask)
+    lone[2, 4] = True
+    assert masked_var(x, lone).item() == 0 and masked_whiten(x, lone).abs().max().item() == 0
+    assert masked_whiten(x, torch.zeros_like(mask)).abs().max().item() == 0
 
 
 def test_clipped_surrogate_and_grpo_loss_against_hand_formulas():

@@ -22,7 +22,8 @@ al. 2022): every response token is an action. Its reward is
         r_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t))  (+ the reward model's score at the last token)
 so the KL penalty is per token, in the reward. A value head (Linear(C, 1) on the policy's own
 hidden states) predicts the return; GAE(gamma, lambda) gives advantages, whitened over the
-batch. Loss = clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy.
+batch's response tokens (their sample variance, TRL's masked_whiten). Loss = clipped policy loss
++ vf_coef * clipped value loss - ent_coef * entropy.
 
 GRPO (Shao et al. 2024, DeepSeekMath): G responses per prompt; each response's advantage is
 its reward standardized within its group, (r - mean_G) / (std_G + eps) with std_G the sample std
@@ -431,10 +432,20 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1)
 
 
+def masked_var(x, mask):
+    """The sample variance (Bessel's n - 1, n the mask's count) of x where mask is set, as TRL's masked_var
+    (unbiased=True). One value: 0, not TRL's 0/0 (NaN): its centered value is 0, so it whitens to 0, as a lone GRPO
+    response's advantage (group_advantages)."""
+    m = mask.to(x.dtype)
+    centered = (x - masked_mean(x, mask)) * m
+    return (centered ** 2).sum() / (m.sum() - 1).clamp_min(1)
+
+
 def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / sqrt(var + eps) over the positions mask sets, 0 elsewhere: TRL's masked_whiten, its variance
+    the sample one (masked_var; the population one made every advantage sqrt(n / (n - 1)) larger)."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    return (x - mean) * torch.rsqrt(masked_var(x, mask) + eps) * mask
 
 
 def logprobs_and_entropy(logits, idx, entropy_grad: bool, temperature: float = 1.0):
