@@ -2831,6 +2831,44 @@ def test_rlhf_resume_of_a_reward_model_run_from_before_the_verifier_names(tmp_pa
     assert "was judged by a reward model, not --reward exact: pass the same --reward" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_a_resume_from_before_the_sample_std_says_so_once_and_records_it(tmp_path, capsys, algo):
+    """A checkpoint saved before the advantages' std was the sample one (GRPO's group std, PPO's whitening) has no
+    advantage_std in its state: its resume goes on with the sample std and says so once, with the factor (GRPO at
+    --group-size 2: sqrt(1/2)), as a changed flag is noted; the checkpoints it writes record "sample", so resuming
+    one of them notes nothing."""
+    from tritongpt.cli import main
+    from tritongpt.model.config import get_config
+
+    init, rm = tmp_path / "init.safetensors", tmp_path / "rm.safetensors"
+    torch.manual_seed(0)
+    GPTModel(get_config("tiny", vocab_size=4100, n_layer=1)).save(init)
+    RewardModel(GPTModel(get_config("tiny", vocab_size=4100, n_layer=1))).save(rm)
+    argv = ["rlhf", "--init", str(init), "--reward", str(rm), "--algo", algo, "--num-pairs", "16",
+            "--prompts-per-iter", "2", "--group-size", "2", "--max-new-tokens", "3", "--epochs", "1",
+            "--minibatch-size", "4", "--eval-prompts", "2", "--eval-samples", "1", "--device", "cpu",
+            "--out-dir", str(tmp_path / "run")]
+    if algo == "ppo":
+        argv.remove("--group-size"), argv.remove("2")
+    assert main([*argv, "--iterations", "1"]) == 0
+    state_file = tmp_path / "run" / "ckpt-0000001" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state.pop("advantage_std") == "sample"
+    torch.save(state, state_file)  # as the runs before the change saved it
+    capsys.readouterr()
+    assert main([*argv, "--iterations", "2", "--resume"]) == 0
+    err = capsys.readouterr().err
+    said = {"grpo": "divided by each group's population std, these are by the sample std (TRL's), sqrt((n - 1) / n) "
+                    "= 0.707 times as large at n = 2 (--scale-rewards group)",
+            "ppo": "whitened with the population variance of a rollout's n response tokens, these are with the "
+                   "sample one"}[algo]
+    assert err.count("predates the sample std") == 1 and said in err, err
+    state = torch.load(tmp_path / "run" / "ckpt-0000002" / "state.pt", weights_only=False)
+    assert state["advantage_std"] == "sample"
+    assert main([*argv, "--iterations", "3", "--resume"]) == 0
+    assert "predates the sample std" not in capsys.readouterr().err
+
+
 def test_rollouts_with_cuda_graphs_are_the_eager_ones(monkeypatch):
     """sample_responses(cuda_graph=True): each length batch's generate replays a captured decode step (emulated on
     the CPU: tests/test_decode_graph.py's fx_capture) and draws the eager rollout's tokens, one capture a batch."""

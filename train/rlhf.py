@@ -152,6 +152,10 @@ TRAJECTORY_ARGS = ("algo", "prompts_per_iter", "group_size", "max_new_tokens", "
 #            it falls in; bnpo weighs a token of a minibatch of short responses more. One minibatch: bnpo's loss.
 # scale_rewards: what a response's centered score r - mean_G is divided by: group (its group's std, GRPO's),
 #   batch (the whole rollout's std) or none (Dr. GRPO: no difficulty bias from near-constant groups)
+# The std the advantages are scaled by, recorded in every checkpoint: "sample" (n - 1, TRL's torch.std and
+# masked_var) for GRPO's group and batch std and PPO's whitening. A checkpoint without it predates them: its run
+# took the population std (n), which a resume notes (Trainer._note_population_std).
+ADVANTAGE_STD = "sample"
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 # importance_sampling_level (TRL's name): the ratio the surrogate clips, one per response token (token, PPO's and
@@ -1018,7 +1022,8 @@ class RLHFTrainer:
                 "shuffle_gen": self.shuffle_gen.get_state(), "score_norm": self.score_norm,
                 "args": {**vars(self.args), **self.run_args}, **self.frozen_fingerprints, "precision": str(self.dtype),
                 "kernels": self.policy.config.kernels, "name": f"rlhf-{self.args.algo}",
-                "scaler": self.scaler.state_dict(), "prompt_format": self.prompt_format}
+                "scaler": self.scaler.state_dict(), "prompt_format": self.prompt_format,
+                "advantage_std": ADVANTAGE_STD}
 
     def save_checkpoint(self):
         """The policy as a GPT checkpoint (usable by generate/dpo/rlhf --init; with LoRA it holds W, A and
@@ -1078,6 +1083,7 @@ class RLHFTrainer:
                             "iteration", "--iterations",
                             str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels,
                             defaults={**{f.name: f.default for f in fields(RLArgs)}, **_rlhf_data_defaults()})
+        self._note_population_std(state, ckpt)
         if self.model.value_head is not None:
             self.model.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -1093,6 +1099,28 @@ class RLHFTrainer:
             self.score_norm = None
         self.history = self.metrics.truncate(self.iteration)
         return ckpt
+
+    def _note_population_std(self, state, ckpt):
+        """A checkpoint that records no advantage_std predates the sample std (ADVANTAGE_STD): its run divided GRPO's
+        centered scores by the population std, and whitened PPO's advantages with the population variance. Its
+        resume goes on with the sample one, so the advantages change scale: noted once, as check_resume notes a
+        changed flag (TRL's resume takes the trainer's settings as they are now); the checkpoints from here on
+        record the std they use."""
+        if "advantage_std" in state or not self.log_enabled:
+            return
+        a = self.args
+        if a.algo == "grpo" and a.scale_rewards != "none":
+            n = a.samples_per_prompt if a.scale_rewards == "group" else a.prompts_per_iter * a.samples_per_prompt
+            whose = "each group's" if a.scale_rewards == "group" else "the rollout's"
+            note(f"resuming {ckpt}, whose run predates the sample std (its state.pt records no advantage_std): its "
+                 f"advantages were divided by {whose} population std, these are by the sample std (TRL's), "
+                 f"sqrt((n - 1) / n) = {math.sqrt((n - 1) / n):.3f} times as large at n = {n} (--scale-rewards "
+                 f"{a.scale_rewards}): the run goes on differently from the one it was started as")
+        elif a.algo == "ppo":
+            note(f"resuming {ckpt}, whose run predates the sample std (its state.pt records no advantage_std): its "
+                 "advantages were whitened with the population variance of a rollout's n response tokens, these "
+                 "are with the sample one (TRL's masked_whiten), sqrt((n - 1) / n) times as large: the run goes on "
+                 "differently from the one it was started as")
 
     def _check_judge_weights(self, state, ckpt):
         """Several judges, the same list: each reward model's weights are those of the run's (the
