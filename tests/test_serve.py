@@ -2379,6 +2379,26 @@ def test_beam_search_ends_when_its_client_leaves(both, monkeypatch):
     assert finished["abort"] - before["abort"] == 2 and finished["length"] == before["length"]
 
 
+def test_a_draw_without_the_engine_ends_when_its_client_leaves(run_folder, monkeypatch):
+    """--max-batch 1 (generate() under the model's lock): a client gone mid-draw ends it at the next token, not at
+    max_tokens (the model held for nobody, the other requests waiting), counted as aborted in /metrics, as the
+    engine's requests are."""
+    server = start(run_folder[0], "--max-batch", "1")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        asked, forwards = [], []
+        monkeypatch.setattr(type(server.app.model), "hidden", lambda self, *a, hidden=type(server.app.model).hidden,
+                            **k: forwards.append(1) or hidden(self, *a, **k))
+        monkeypatch.setattr(serve.Handler, "client_gone", lambda self: asked.append(1) or len(asked) >= 3)
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 40, "ignore_eos": True})
+        assert len(asked) == 3 and len(forwards) == 3  # (the prefill, two steps; then gone: 37 steps not run)
+        assert server.app.metrics.finished["abort"] == 1 and server.app.metrics.finished["length"] == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("path,extra,param", [
     ("/v1/completions", {"logprobs": 2}, "logprobs"),
     ("/v1/chat/completions", {"logprobs": True}, "logprobs"),

@@ -1246,10 +1246,10 @@ class Model:
         text takes (None without logprobs), the choice's tokens drawn so far (its completion tokens once it ends) and
         their ids (with logprobs only those the items given so far hold: a chunk's ids are its logprobs'); called in
         this thread (the engine's tokens come through the request's queue). gone(): whether the client left, asked while
-        waiting for the engine: its request is then cancelled and BrokenPipeError raised (as a write to its socket
-        would). timing: the request's clock (metrics.request()), started by the caller when the request came (its
-        scoring forward timed in it); None: one started here. adapter: the LoRA adapter the request names
-        (--lora-modules), None the model.
+        waiting for the engine (without one, after each token): its request is then cancelled (the draw stopped) and
+        BrokenPipeError raised (as a write to its socket would). timing: the request's clock (metrics.request()),
+        started by the caller when the request came (its scoring forward timed in it); None: one started here.
+        adapter: the LoRA adapter the request names (--lora-modules), None the model.
         prediction: a predicted output (generate.Prediction, new for this draw), its tokens proposed and verified
         (the engine's or generate()'s speculation: the same text, in fewer forwards where it is right).
         spent: a dict the draw's usage details go to (Completion.spent): "cached" (a list) the prompt tokens the
@@ -1309,6 +1309,10 @@ class Model:
                 on_token(new)
                 if request is None:  # (generate()'s steps: a token each)
                     flush()
+            # without the engine, asked after each token (the engine's wait asks it itself): the model, held under
+            # the lock, is not drawing for nobody while the other requests wait
+            if request is None and gone is not None and gone():
+                raise BrokenPipeError("the client left")
         request = None  # the engine's handle: its phases' clocks (Timing.phases)
         if budget == 0 and on_prompt is not None:  # a prefill-only request: its scored prompt is its first token
             scored_prompt = on_prompt
