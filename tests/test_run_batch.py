@@ -179,6 +179,31 @@ def test_input_and_output_paths(folder, tmp_path, capsys, monkeypatch):
     assert [o["custom_id"] for o in got] == ["a", "b"] and got[0]["response"]["status_code"] == 200
 
 
+def test_an_output_that_cannot_be_written_is_said_before_the_model_loads(tmp_path, capsys):
+    """-o in a folder no file can be made in (read-only; for root, whom modes do not stop, /sys), or a device with
+    --overwrite (the rename would replace the device itself): exit 2 naming it before any model loads (--weights names
+    none here), not once every request ran."""
+    import os
+    from pathlib import Path
+
+    requests = write(tmp_path / "in.jsonl", [line("a", "/v1/completions", {"prompt": "a", **GREEDY})])
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # (root)
+        locked = Path("/sys")
+        if not locked.is_dir():
+            pytest.skip("running as root, and no /sys: no folder this process cannot write in")
+    for out, flags, said in [(locked / "out.jsonl", [], f"-o {locked / 'out.jsonl'}: cannot write in the folder "
+                                                         f"{locked} ("),
+                             (Path("/dev/null"), ["--overwrite"], "-o /dev/null is not a regular file")]:
+        assert main(["run-batch", "-i", str(requests), "-o", str(out), "--weights", str(tmp_path / "none"),
+                     *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {said}"), err
+    assert not list(locked.glob(".out.jsonl*"))
+
+
 def test_a_body_past_the_servers_limit_is_its_lines_413(folder, tmp_path):
     """A body larger than serve takes (MAX_BODY): that line's 413 and the server's error object, the others
     answered; not the whole run lost to the reset connection the server's refusal of an unread body makes."""

@@ -25,7 +25,7 @@ Where it differs from vLLM's runner, and why:
   server's own 404 and error object (vLLM's: a 400 saying "The model does not support ... API").
 - "-" is stdin (-i) or stdout (-o); http(s) URLs, which vLLM's runner GETs and PUTs, are refused: no network here.
 - -o is written to a temporary file renamed into place at the end (never half a file under its name), and an
-  existing one is refused unless --overwrite.
+  existing one is refused unless --overwrite; a folder it cannot be written in is said before the model loads.
 - The input is held in memory whole (vLLM's runner streams it); a result waits there for the lines before it.
 - A body past serve's MAX_BODY is its line's 413, as the server answers it (vLLM's has no limit); a request the
   server leaves unanswered stops the run with a RuntimeError (vLLM's: that line's 400 with the exception's text).
@@ -112,6 +112,16 @@ def output_path(args) -> Path | None:
         raise UserError(f"-o {out}: the folder {path.parent} does not exist")
     if path.exists() and not args.overwrite:
         raise UserError(f"-o {out} already exists: pass --overwrite to replace it, or another -o")
+    if path.exists() and not path.is_file():  # (the rename at the end would replace the device or pipe itself)
+        raise UserError(f"-o {out} is not a regular file (a device, a pipe): name a file, or - for stdout")
+    # the temporary file write_lines renames into place, made and removed now: a folder it cannot be written in
+    # (read-only, not ours) is said before the model loads, not after every request ran
+    tmp = temp_path(path)
+    try:
+        open(tmp, "w").close()
+    except OSError as e:
+        raise UserError(f"-o {out}: cannot write in the folder {path.parent} ({e.strerror or e})") from None
+    tmp.unlink()
     return path
 
 
@@ -173,6 +183,11 @@ def answers(port: int, key: str, requests: list, workers: int, bar):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def temp_path(path: Path) -> Path:
+    """Where write_lines writes path's lines before renaming it path: beside it (a rename within one folder)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_lines(path: Path | None, lines):
     """lines to stdout (path None), or to a temporary file renamed path once all are written: a reader never sees
     half the results under path, and an error midway leaves an earlier file as it was."""
@@ -181,7 +196,7 @@ def write_lines(path: Path | None, lines):
             sys.stdout.write(text)
         sys.stdout.flush()
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for text in lines:
