@@ -728,15 +728,15 @@ def summarize_scoring(records, duration_s: float) -> dict:
 
 
 # -- the command ------------------------------------------------------------------------------------------------------
-def start_server(ns):
+def start_server(ns, poll_interval: float = 0.5):
     """`tritongpt serve` in a thread of this process (make_server: the model loaded, a free port), its request log
-    silenced (the table is the output)."""
+    silenced (the table is the output). poll_interval: serve_forever's, how long its shutdown() may wait."""
     from tritongpt.train.serve import make_server
 
     server = make_server(ns)
     server.RequestHandlerClass = type("QuietHandler", (server.RequestHandlerClass,),
                                       {"log_message": lambda *a: None})
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True).start()
     return server
 
 

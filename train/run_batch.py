@@ -6,12 +6,12 @@ OpenAI's Batch API file format.
 Each line of -i is one request, {"custom_id", "method": "POST", "url", "body"}. It goes to serve's own server,
 started in this process on a free loopback port (make_server: the same checks, the same responses, byte for byte),
 from 2 * --max-batch threads at once, so that the engine batches them as it batches a server's clients (vLLM's
-run-batch keeps 2 * max_num_seqs requests in flight). -o gets a line a request, in the input's order, vLLM's
-BatchRequestOutput: {"id": "vllm-<hex>", "custom_id", "response": {"status_code", "request_id":
-"vllm-batch-<hex>", "body"}, "error"}: the endpoint's JSON as body and a null error, or for a request it refuses
-its status, a null body and its error object as error (serve's: its "code" OpenAI's string or null, where vLLM's
-is the status again); a request this runner refuses (an url it does not take,
-stream true) a 400 with vLLM's message as error.
+run-batch keeps 2 * max_num_seqs requests in flight, the next submitted as one ends). -o gets a line a request, in
+the input's order, vLLM's BatchRequestOutput: {"id": "vllm-<hex>", "custom_id", "response": {"status_code",
+"request_id": "vllm-batch-<hex>", "body"}, "error"}: the endpoint's JSON as body and a null error, or for a request
+it refuses its status, a null body and its error object as error (serve's: its "code" OpenAI's string or null, where
+vLLM's is the status again); a request this runner refuses (an url it does not take, stream true) a 400 with vLLM's
+message as error.
 
 Where it differs from vLLM's runner, and why:
 - /v1/completions is taken too: serve answers it and OpenAI's Batch API takes it (vLLM's runner takes chat,
@@ -31,10 +31,13 @@ Where it differs from vLLM's runner, and why:
   server leaves unanswered stops the run with a RuntimeError (vLLM's: that line's 400 with the exception's text).
 """
 import http.client
+import itertools
 import json
 import os
 import secrets
+import socket
 import sys
+import threading
 import time
 import uuid
 from argparse import Namespace
@@ -125,7 +128,40 @@ def output_path(args) -> Path | None:
     return path
 
 
-def post(port: int, key: str, url: str, body: dict) -> tuple:
+class Client:
+    """The in-process server's address and key, and the connections open to it (a request each). hang_up() (an
+    interrupt, an error midway) shuts those down and refuses new ones: the threads waiting on them return at once,
+    and the server, its clients gone, stops drawing for them (with the engine or --max-batch 1 alike)."""
+
+    def __init__(self, port: int, key: str):
+        self.port, self.key = port, key
+        self.lock, self.open, self.stopped = threading.Lock(), set(), False
+
+    def connect(self) -> http.client.HTTPConnection:
+        with self.lock:  # (connected under the lock: hang_up() never misses one that is connecting)
+            if self.stopped:
+                raise ConnectionAbortedError("run-batch is stopping: no new requests")
+            conn = http.client.HTTPConnection("127.0.0.1", self.port)
+            conn.connect()
+            self.open.add(conn)
+            return conn
+
+    def release(self, conn):
+        with self.lock:
+            self.open.discard(conn)
+        conn.close()
+
+    def hang_up(self):
+        with self.lock:
+            self.stopped = True
+            for conn in self.open:  # (shut down, not closed: the thread using it closes it, in release)
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # (the server closed it first)
+                    pass
+
+
+def post(client: Client, url: str, body: dict) -> tuple:
     """(status, JSON reply) of body posted to the in-process server."""
     from tritongpt.train.serve import APIError, check_body_length
 
@@ -134,16 +170,17 @@ def post(port: int, key: str, url: str, body: dict) -> tuple:
         check_body_length(len(data))
     except APIError as e:
         return e.status, e.body()
-    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn = client.connect()
     try:
-        conn.request("POST", url, data, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        conn.request("POST", url, data, {"Content-Type": "application/json",
+                                         "Authorization": f"Bearer {client.key}"})
         reply = conn.getresponse()
         return reply.status, json.loads(reply.read().decode("utf-8"))
     finally:
-        conn.close()
+        client.release(conn)
 
 
-def answer(port: int, key: str, request: dict) -> dict:
+def answer(client: Client, request: dict) -> dict:
     """A request's output line (vLLM's BatchRequestOutput): the server's answer, or this runner's refusal."""
     url, body = request["url"], request["body"]
     if url not in URLS:
@@ -152,11 +189,11 @@ def answer(port: int, key: str, request: dict) -> dict:
         status, reply = 400, STREAM_REFUSED
     else:
         try:
-            status, reply = post(port, key, url, body)
+            status, reply = post(client, url, body)
         except (OSError, http.client.HTTPException, ValueError) as e:
             # serve answers every request it reads with JSON, its refusals and its own faults (500s) too: none, or
             # another, is this program's fault, not the file's (cli reads an OSError as a path's: exit 2)
-            raise RuntimeError(f"run-batch's own server (127.0.0.1:{port}) gave no JSON answer to "
+            raise RuntimeError(f"run-batch's own server (127.0.0.1:{client.port}) gave no JSON answer to "
                                f"{request['custom_id']!r} ({type(e).__name__}: {e})") from e
     ok = status == 200
     return {"id": f"vllm-{uuid.uuid4().hex}", "custom_id": request["custom_id"],
@@ -165,22 +202,27 @@ def answer(port: int, key: str, request: dict) -> dict:
             "error": None if ok else reply}
 
 
-def answers(port: int, key: str, requests: list, workers: int, bar):
-    """Each request's output line (answer's), in the input's order, `workers` requests in flight at once."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+def answers(client: Client, requests: list, workers: int, bar):
+    """Each request's output line (answer's), in the input's order, `workers` requests in flight at once and no more
+    submitted (vLLM's runner holds 2 * max_num_seqs requests at a time by a semaphore, reading on as one ends)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    pool = ThreadPoolExecutor(workers)
+    pool, todo = ThreadPoolExecutor(workers, thread_name_prefix="run-batch"), iter(enumerate(requests))
     try:
-        futures = {pool.submit(answer, port, key, r): i for i, r in enumerate(requests)}
+        flight = {pool.submit(answer, client, r): i for i, r in itertools.islice(todo, workers)}
         done, given = {}, 0
-        for fut in as_completed(futures):
-            done[futures[fut]] = fut.result()
-            bar.update()
+        while flight:
+            for fut in wait(flight, return_when=FIRST_COMPLETED)[0]:
+                done[flight.pop(fut)] = fut.result()
+                bar.update()
+                for i, r in itertools.islice(todo, 1):
+                    flight[pool.submit(answer, client, r)] = i
             while given in done:  # (the finished ones held until those before them end: vLLM's ordered writer)
                 yield done.pop(given)
                 given += 1
-    finally:  # (an error or Ctrl-C: the requests not yet sent are not sent)
-        pool.shutdown(wait=False, cancel_futures=True)
+    finally:  # (an error or Ctrl-C: the requests in flight hung up, their threads joined, the rest never sent)
+        client.hang_up()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def temp_path(path: Path) -> Path:
@@ -220,7 +262,8 @@ def cmd_run_batch(args):
     lora_modules(args, None)
     # serve's server on a free loopback port, behind a key of its own: no other local client reaches it meanwhile
     key = secrets.token_urlsafe(32)
-    server = start_server(Namespace(**{**vars(args), "host": "127.0.0.1", "port": 0, "api_key": key}))
+    # (polled every 50 ms, not socketserver's 500: its shutdown, at the end or on Ctrl-C, waits for the next poll)
+    server = start_server(Namespace(**{**vars(args), "host": "127.0.0.1", "port": 0, "api_key": key}), 0.05)
     ok = prompt_tokens = completion_tokens = 0
 
     def counted(outs):
@@ -236,7 +279,11 @@ def cmd_run_batch(args):
     t0 = time.perf_counter()
     try:
         with tqdm(total=len(requests), desc="run-batch", unit="req", file=sys.stderr, leave=False) as bar:
-            write_lines(path, counted(answers(server.server_address[1], key, requests, 2 * args.max_batch, bar)))
+            outs = answers(Client(server.server_address[1], key), requests, 2 * args.max_batch, bar)
+            try:
+                write_lines(path, counted(outs))
+            finally:  # (Ctrl-C while a line is written: the requests in flight hung up now, not when collected)
+                outs.close()
     finally:
         server.shutdown()
         server.server_close()  # (the engine stopped: a request still in flight ends)
