@@ -204,6 +204,36 @@ def test_an_output_that_cannot_be_written_is_said_before_the_model_loads(tmp_pat
     assert not list(locked.glob(".out.jsonl*"))
 
 
+def test_the_bar_in_a_log_is_a_few_frames(folder, tmp_path, monkeypatch, capsys):
+    """stderr not a terminal (a log file): the bar drawn as it opens and then every 30 s at most, not tqdm's every
+    0.1 s (its carriage returns do not overwrite one another in a file); on a terminal, tqdm's own frames."""
+    import io
+    import time
+
+    from tritongpt.train import run_batch as runner
+
+    def slow(client, url, body):  # (~0.6 s of requests, a 0.15 s each, two at a time)
+        time.sleep(0.15)
+        return 200, {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(runner, "post", slow)
+    requests = write(tmp_path / "in.jsonl", [line(f"r{i}", "/v1/completions", {"prompt": "a"}) for i in range(8)])
+    frames = {}
+    for where, stderr in (("log", None), ("terminal", Terminal())):
+        capsys.readouterr()
+        if stderr is not None:
+            monkeypatch.setattr("sys.stderr", stderr)
+        assert len(run_batch(folder, requests, tmp_path / f"{where}.jsonl", "--max-batch", "1")) == 8
+        text = capsys.readouterr().err if stderr is None else stderr.getvalue()
+        assert text.strip().splitlines()[-1].split("\r")[-1].startswith("note: 8 requests (8 ok, 0 failed)"), text
+        frames[where] = text.count("run-batch:")
+    assert frames["log"] == 1 and frames["terminal"] >= 3, frames
+
+
 def test_ctrl_c_stops_the_run_at_once(folder, tmp_path):
     """SIGINT to the CLI mid-run, --max-batch 1, a request of 64 prompts of 120 tokens in flight (~20 s of drawing
     under the model's lock, another request waiting for it): both hung up, the server drawing for neither, the pool's

@@ -277,8 +277,11 @@ def cmd_run_batch(args):
             yield json.dumps(out, ensure_ascii=False) + "\n"
 
     t0 = time.perf_counter()
+    # stderr a log file, not a terminal: a frame every 30 s, not tqdm's every 0.1 s (its carriage returns do not
+    # overwrite one another there: a long run would leave thousands)
+    frames = {} if sys.stderr.isatty() else {"mininterval": 30, "maxinterval": 30}
     try:
-        with tqdm(total=len(requests), desc="run-batch", unit="req", file=sys.stderr, leave=False) as bar:
+        with tqdm(total=len(requests), desc="run-batch", unit="req", file=sys.stderr, leave=False, **frames) as bar:
             outs = answers(Client(server.server_address[1], key), requests, 2 * args.max_batch, bar)
             try:
                 write_lines(path, counted(outs))
