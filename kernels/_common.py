@@ -4,6 +4,7 @@ launch (`launch_tuned`: one search per key, then the pick; CUDA-graph captures) 
 Kernels call these before launching, so that bad input gives a one-line ValueError /
 TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong answer.
 """
+import dataclasses
 import functools
 import re
 import warnings
@@ -571,3 +572,29 @@ def skip_interpreter_repatching() -> bool:
 
 
 INTERPRETER_FAST = triton_interpreting() and skip_interpreter_repatching()
+
+
+def skip_discarded_overflow_checks() -> bool:
+    """Make Triton's CPU interpreter stop computing integer-overflow checks it throws away; True if its options
+    now say so (or it had nothing to skip), False where it keeps them (debug on, or a Triton without the pieces).
+
+    Triton's `+`, `-` and `*` on int32 tensors (sanitize_overflow, on by default) redo the op in int64, compare the
+    result with int32's range and hand the comparison to device_assert, which does nothing unless the options'
+    debug is on. Compiled, the dead check folds away; the interpreter, whose debug is always off, builds it in
+    NumPy on every integer op of every program, then drops it: a third of the Python calls of an interpreted decode step
+    (test_model_gqa.py: 28.2-28.8 -> 22.6-25.9 s on this 2-core CPU). An int32 index that overflows wraps as it does
+    on a GPU, with this or without."""
+    try:
+        from triton.runtime import interpreter
+        builder, options = interpreter.interpreter_builder, interpreter.interpreter_builder.options
+        options.sanitize_overflow, options.debug
+    except (ImportError, AttributeError):
+        return False
+    if options.debug:
+        return False  # (the checks would be asserted: kept)
+    if options.sanitize_overflow:
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    return True
+
+
+INTERPRETER_NO_OVERFLOW_CHECKS = triton_interpreting() and skip_discarded_overflow_checks()

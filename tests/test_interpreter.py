@@ -1,5 +1,6 @@
 """Triton's CPU interpreter as the kernels run in it: kernels/_common.skip_interpreter_repatching (triton.language
 patched once a launch, not again at every device-function call) changes nothing but the time."""
+import dataclasses
 import inspect
 
 import pytest
@@ -49,3 +50,35 @@ def test_device_calls_do_not_patch_again_and_the_kernels_answer_is_the_same(monk
     assert fast_lists <= 8 < 40 <= slow_lists, (fast_lists, slow_lists)  # (the first device call may patch tl.core)
     # the launch's own patching is undone when it ends, as Triton does: tl.load is the compiler's builtin again
     assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.arange)
+
+
+@triton.jit
+def _int_kernel(a_ptr, b_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.program_id(0) * N + tl.arange(0, N)
+    a, b = tl.load(a_ptr + offs), tl.load(b_ptr + offs)
+    tl.store(out_ptr + offs, a * b + a - b)  # int32 ops: each one sanitized, unless skipped
+
+
+def test_overflow_checks_the_interpreter_drops_are_not_computed_and_the_kernels_answer_is_the_same(monkeypatch):
+    """kernels/_common.skip_discarded_overflow_checks: Triton's int32 + - * build an int64 overflow check for a
+    device_assert that does nothing with debug off (the interpreter's always); skipped, the same answers (an
+    overflow wraps, as compiled code does), and no check is built."""
+    if not _common.INTERPRETER_NO_OVERFLOW_CHECKS:
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) with the options the shim changes")
+    builder = interpreter.interpreter_builder
+    assert builder.options.sanitize_overflow is False and builder.options.debug is False
+    a = torch.randint(-2**31, 2**31 - 1, (3, 16), dtype=torch.int32)  # (a * b overflows: it wraps)
+    b = torch.randint(-2**31, 2**31 - 1, (3, 16), dtype=torch.int32)
+    want = (a.long() * b.long() + a.long() - b.long() + 2**31) % 2**32 - 2**31
+    built = []
+    real = interpreter.interpreter_semantic.less_equal
+    monkeypatch.setattr(interpreter.interpreter_semantic, "less_equal", lambda *x: built.append(1) or real(*x))
+    answers = {}
+    for sanitized in (False, True):
+        monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, sanitize_overflow=sanitized))
+        out = torch.empty_like(a)
+        before = len(built)
+        _int_kernel[(3,)](a, b, out, 16)
+        answers[sanitized] = (out, len(built) - before)
+    assert torch.equal(answers[False][0], want.int()) and torch.equal(answers[True][0], want.int())
+    assert answers[False][1] == 0 < answers[True][1], answers  # (Triton's own: 3 ops x 3 programs checked)
