@@ -489,6 +489,12 @@ def test_serve_refuses_masks_that_leave_out_the_grammars_end_before_streaming(se
     status, out = call(srv, "/v1/completions", {"prompt": "the", "max_tokens": 6, "temperature": 0,
                                                 "allowed_token_ids": others + [eot], **choice})
     assert status == 200 and out["choices"][0]["text"] in ("a", "b"), out
+    # a text stop token allowed ends the text where the grammar takes it (test_a_text_stop_token_...): not refused
+    dot = tok.encode(".")[0]
+    status, out = call(srv, "/v1/completions", {"prompt": "the", "max_tokens": 6, "temperature": 0,
+                                                "allowed_token_ids": others, "stop_token_ids": [dot],
+                                                "structured_outputs": {"regex": "[a-c]{1,3}\\."}})
+    assert status == 200 and re.fullmatch(r"[a-c]{1,3}", out["choices"][0]["text"]), out
 
 
 def test_generate_and_the_engine_refuse_masks_that_leave_out_the_grammars_end(tiny):
@@ -511,6 +517,34 @@ def test_generate_and_the_engine_refuse_masks_that_leave_out_the_grammars_end(ti
     assert masked_ends([5, 7], [7, 1]) is None and masked_ends([5, 7], None, [[5], [1, 7]]) is None
     assert masked_ends([5, 7], [1])[1].startswith("allowed_token_ids leaves out tokens 5, 7, the ends of the text")
     assert masked_ends([5, 7], [1, 5], [[5]])[0] == "bad_words"
+
+
+def test_a_text_stop_token_the_masks_allow_ends_a_grammars_text_unrefused(tiny):
+    """A stop token that is text (".") is drawn where the grammar takes it as text and ends the text there, before
+    the grammar's end: masks leaving out the EOS but allowing it are not refused (the text ends at it, as before
+    the refusal), by generate() and Engine.submit alike; without it they are. A bad_words refusal names the end
+    tokens it bans, not those allowed_token_ids left out."""
+    model, tok, grammars = tiny
+    dot, eot = tok.encode(".")[0], tok.eot_id
+    idx = torch.tensor([tok.encode("the cat")])
+    spec = StructuredOutputs(regex=r"[a-c]{1,3}\.")
+    for masks in (dict(allowed_token_ids=[t for t in range(tok.vocab_size) if t != eot]), dict(bad_words=[[eot]])):
+        out = generate(model, idx, 8, guide=grammars.guide(spec), eos_id=eot, stop_token_ids=[dot], **masks)
+        assert re.fullmatch(r"[a-c]{1,3}\.", tok.decode(out[0, idx.size(1):].tolist())), out
+        engine = Engine(model, max_batch=2)
+        handle = engine.submit(idx, 8, guide=grammars.guide(spec), eos_id=eot, stop_token_ids=[dot], **masks)
+        engine.start()
+        try:
+            got = handle.wait()
+        finally:
+            engine.close()
+        assert torch.equal(got, out), (got, out)
+    with pytest.raises(UserError, match=f"leaves out tokens {eot}, {dot}, the ends of the text"):
+        generate(model, idx, 8, guide=grammars.guide(spec), eos_id=eot, stop_token_ids=[dot],
+                 allowed_token_ids=[t for t in range(tok.vocab_size) if t not in (eot, dot)])
+    said = masked_ends([5, 7], [1, 7], [[7]])[1]
+    assert said.startswith("bad_words bans token 7, the end of the text (allowed_token_ids leaves out the "
+                           "other),"), said
 
 
 def test_no_repeat_ngram_size_yields_to_the_grammar_where_it_would_ban_all(tiny):

@@ -354,19 +354,26 @@ def check_drawable(logits, live=None) -> None:
 
 
 def masked_ends(ends, allowed_token_ids=None, bad_words=None, name=lambda n: n, whose="the structured outputs'"):
-    """A grammar's end allows only its end tokens (ends: Guide.ends, its begin's): allowed_token_ids that leave them
-    all out, or bad_words of one token that ban the rest, would leave every text reaching that end no token to draw,
-    an error only then (check_drawable's), mid-text. (The field to name, the error) before any token, or None.
-    name: how a field is named (serve's quoted, the commands' flags), whose: the grammar's."""
-    ends = list(ends or ())
-    said = f"token {ends[0]}, the end" if len(ends) == 1 else f"tokens {', '.join(map(str, ends))}, the ends"
+    """A grammar's text ends with one of `ends` (end_rule's: the EOS and the stop tokens; the grammar's end allows
+    the special ones, Guide.begin, and a text stop token ends the text where the grammar takes it as text):
+    allowed_token_ids that leave them all out, or bad_words of one token that ban the rest, leave every text
+    reaching the grammar's end no token to draw, an error only then (check_drawable's), mid-text. (The field to
+    name, the error) before any token, or None; None too where only a text stop token is left (a text may end at
+    it before the grammar's end, as it did). name: how a field is named (serve's quoted, the commands' flags),
+    whose: the grammar's."""
+    ends = list(dict.fromkeys(ends or ()))
+
+    def said(ids):
+        return f"token {ids[0]}, the end" if len(ids) == 1 else f"tokens {', '.join(map(str, ids))}, the ends"
     left = [e for e in ends if not allowed_token_ids or e in allowed_token_ids]
     if not left:
-        return "allowed_token_ids", (f"{name('allowed_token_ids')} leaves out {said} of the text, which {whose} "
-                                     f"grammar ends it with: allow {'it' if len(ends) == 1 else 'one'} too")
+        return "allowed_token_ids", (f"{name('allowed_token_ids')} leaves out {said(ends)} of the text, which "
+                                     f"{whose} grammar ends it with: allow {'it' if len(ends) == 1 else 'one'} too")
     if set(left) <= {w[0] for w in bad_words or () if len(w) == 1}:
-        return "bad_words", (f"{name('bad_words')} bans {said} of the text, which {whose} grammar ends it with: ban "
-                             "other words")
+        rest = len(ends) - len(left)  # (the ends allowed_token_ids left out: named apart, bad_words bans the others)
+        also = f" ({name('allowed_token_ids')} leaves out the other{'s' * (rest > 1)})" if rest else ""
+        return "bad_words", (f"{name('bad_words')} bans {said(left)} of the text{also}, which {whose} grammar ends "
+                             "it with: ban other words")
     return None
 
 
@@ -494,7 +501,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
             raise UserError("structured outputs with a draft or prompt_lookup do not take no_repeat_ngram_size (a "
                             "grammar's text repeats its own n-grams: without a draft it yields to the grammar)")
         guide.begin(idx.size(0), ends, vocab, sampling_with_triton(model))
-        masked = masked_ends(guide.ends, allowed_token_ids, bad_words)
+        masked = masked_ends(ends, allowed_token_ids, bad_words)
         if masked is not None:
             raise UserError(masked[1])
     if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)

@@ -1920,12 +1920,13 @@ class Completion:
         if guide is not None:  # (and an end token its text can have, before a stream's first event)
             from tritongpt.train.generate import end_rule, masked_ends
 
+            ends = end_rule(self.stop_id, s["stop_token_ids"], 0, s["ignore_eos"])[1]
             try:
-                guide.begin(1, end_rule(self.stop_id, s["stop_token_ids"], 0, s["ignore_eos"])[1], vocab)
+                guide.begin(1, ends, vocab)
             except UserError as e:
                 raise bad("ignore_eos" if s["ignore_eos"] else s["structured_field"], str(e)) from None
             # (masks that leave the grammar's end no end token: a 400 now, not an error mid-answer)
-            masked = masked_ends(guide.ends, s["allowed_token_ids"], s["bad_words_ids"], lambda n: f"'{n}'",
+            masked = masked_ends(ends, s["allowed_token_ids"], s["bad_words_ids"], lambda n: f"'{n}'",
                                  f"the '{s['structured_field']}'")
             if masked is not None:
                 raise bad(*masked)

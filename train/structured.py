@@ -237,7 +237,6 @@ class Guide:
         self.spec_bitmask = None  # mask_drafts' buffer, [rows x (k + 1), words], kept across steps
         self.draft_bitmask = None  # mask_after's, [rows, words]
         self.wake, self.waiting = None, []  # the token a row's grammar waits for, and the rows waiting for it
-        self.ends = None  # the end tokens its grammar's end allows (begin's)
 
     def begin(self, rows: int, ends, vocab: int, triton: bool = False) -> "Guide":
         """Ready for `rows` rows whose text ends with one of `ends` (token ids: end_rule's, the EOS and any stop
@@ -257,7 +256,7 @@ class Guide:
         # so a text token among them (stop_token_ids' ".") would never be text, and a grammar needing it would
         # allow nothing; left out, it is drawn as text where the grammar allows it and ends the row there, as
         # vLLM's stop_token_ids (its grammar's end is the EOS's). Text tokens alone (ignore_eos): they end it.
-        stops = self.ends = [e for e in ends if e in self.specials] or ends
+        stops = [e for e in ends if e in self.specials] or ends
         self.matchers = [xgr.GrammarMatcher(self.compiled, override_stop_tokens=stops) for _ in range(rows)]
         self.bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size)
         self.done, self.triton = [False] * rows, triton
