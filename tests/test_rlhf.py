@@ -2869,6 +2869,37 @@ def test_a_resume_from_before_the_sample_std_says_so_once_and_records_it(tmp_pat
     assert "predates the sample std" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("now, was, said", [
+    (dict(algo="grpo", group_size=3), "group", "0.816 times as large at n = 3 (--scale-rewards group)"),
+    (dict(algo="grpo", group_size=2, prompts_per_iter=3, scale_rewards="batch"), "batch",
+     "divided by the rollout's population std, these are by the sample std (TRL's), sqrt((n - 1) / n) = 0.913 times "
+     "as large at n = 6 (--scale-rewards batch)"),
+    (dict(algo="grpo", group_size=3), None, "0.816 times as large at n = 3"),  # a run from before the flag: group
+    (dict(algo="ppo"), "group", "whitened with the population variance"),
+    (dict(algo="grpo", scale_rewards="none"), "none", None),  # Dr. GRPO: no std, nothing changed
+    (dict(algo="grpo", scale_rewards="group"), "none", None),  # the old run had no std: check_resume's flag note
+    (dict(algo="grpo", scale_rewards="batch"), "group", None),  # nor its group's: the same
+    (dict(algo="rloo", normalize_advantages=True), "group", None),  # its std was the sample one already
+])
+def test_the_population_std_note_names_the_std_that_changed(capsys, now, was, said):
+    """_note_population_std: GRPO's note only where its run divided by the std this one does (n: the group's, or
+    the rollout's prompts x responses for batch), PPO's always, RLOO's never; never where the checkpoint records
+    advantage_std, nor off rank 0 (log_enabled False)."""
+    from types import SimpleNamespace
+
+    from tritongpt.train.rlhf import RLArgs, RLHFTrainer
+
+    state = {"args": {} if was is None else {"scale_rewards": was}}
+    for log_enabled, recorded in ((True, False), (True, True), (False, False)):
+        me = SimpleNamespace(args=RLArgs(**now), log_enabled=log_enabled)
+        RLHFTrainer._note_population_std(me, {**state, "advantage_std": "sample"} if recorded else state, "ckpt-1")
+        err = capsys.readouterr().err
+        if said is None or recorded or not log_enabled:
+            assert "predates the sample std" not in err, (now, was, log_enabled, recorded, err)
+        else:
+            assert err.count("predates the sample std") == 1 and said in err, (now, was, err)
+
+
 def test_rollouts_with_cuda_graphs_are_the_eager_ones(monkeypatch):
     """sample_responses(cuda_graph=True): each length batch's generate replays a captured decode step (emulated on
     the CPU: tests/test_decode_graph.py's fx_capture) and draws the eager rollout's tokens, one capture a batch."""

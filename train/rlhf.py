@@ -1105,11 +1105,13 @@ class RLHFTrainer:
         centered scores by the population std, and whitened PPO's advantages with the population variance. Its
         resume goes on with the sample one, so the advantages change scale: noted once, as check_resume notes a
         changed flag (TRL's resume takes the trainer's settings as they are now); the checkpoints from here on
-        record the std they use."""
+        record the std they use. GRPO's only where its run's --scale-rewards is this one's (none divides by no std; a
+        changed one is check_resume's note; a run from before the flag: group)."""
         if "advantage_std" in state or not self.log_enabled:
             return
         a = self.args
-        if a.algo == "grpo" and a.scale_rewards != "none":
+        was = state.get("args", {}).get("scale_rewards", "group")
+        if a.algo == "grpo" and a.scale_rewards != "none" and a.scale_rewards == was:
             n = a.samples_per_prompt if a.scale_rewards == "group" else a.prompts_per_iter * a.samples_per_prompt
             whose = "each group's" if a.scale_rewards == "group" else "the rollout's"
             note(f"resuming {ckpt}, whose run predates the sample std (its state.pt records no advantage_std): its "
