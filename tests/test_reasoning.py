@@ -296,3 +296,17 @@ def test_the_thought_as_a_reasoning_item_on_v1_responses(both):
     status, r2 = call(server, "/v1/responses", {"previous_response_id": r["id"], "input": "on", "max_output_tokens": 1})
     messages = USER + [{"role": "assistant", "content": chat["content"]}, {"role": "user", "content": "on"}]
     assert r2["usage"]["input_tokens"] == call(server, "/tokenize", {"messages": messages})[1]["count"]
+
+
+def test_masks_that_leave_out_the_thoughts_end_are_not_refused_for_the_grammars(both):
+    """A grammar wakes at </think>: allowed_token_ids without it (nor an end token) never wake it, the answer runs
+    to max_tokens as without one (a 200, finish length), not refused for the grammar's end; with </think> allowed
+    and no end token, the 400 naming allowed_token_ids stands."""
+    server, theirs, bias = both
+    end, turn = theirs.convert_tokens_to_ids("</think>"), theirs.convert_tokens_to_ids("<|im_end|>")
+    others = [t for t in range(len(theirs)) if t not in (end, turn, theirs.eos_token_id)]
+    regex = {"regex": "[0-9]{3}"}
+    status, body = ask(server, bias, max_tokens=6, allowed_token_ids=others, structured_outputs=regex)
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length", body
+    status, body = ask(server, bias, max_tokens=6, allowed_token_ids=others + [end], structured_outputs=regex)
+    assert status == 400 and body["error"]["param"] == "allowed_token_ids", body

@@ -547,6 +547,28 @@ def test_a_text_stop_token_the_masks_allow_ends_a_grammars_text_unrefused(tiny):
                            "other),"), said
 
 
+def test_masks_that_leave_out_the_grammars_wake_token_too_are_not_refused(tiny):
+    """A grammar that waits for a token (Guide.wake: a reasoning model's </think>) holds no text whose masks leave
+    that token out too: the text runs to its budget as without a grammar, not refused for the grammar's end;
+    with the wake token drawable the refusal stands (generate() and Engine.submit alike)."""
+    model, tok, grammars = tiny
+    wake, eot = tok.encode("!")[0], tok.eot_id
+    idx = torch.tensor([tok.encode("the cat")])
+    for masks in (dict(allowed_token_ids=[t for t in range(tok.vocab_size) if t not in (eot, wake)]),
+                  dict(bad_words=[[eot], [wake]])):
+        guide = grammars.guide(SPECS["choice"])
+        guide.wake = wake
+        assert generate(model, idx, 5, guide=guide, eos_id=eot, **masks).size(1) == idx.size(1) + 5
+        guide = grammars.guide(SPECS["choice"])
+        guide.wake = wake
+        Engine(model, max_batch=2).submit(idx, 5, guide=guide, eos_id=eot, **masks)  # (queued, not refused)
+    guide = grammars.guide(SPECS["choice"])
+    guide.wake = wake
+    with pytest.raises(UserError, match=f"allowed_token_ids leaves out token {eot}"):
+        generate(model, idx, 5, guide=guide, eos_id=eot, allowed_token_ids=[t for t in range(tok.vocab_size)
+                                                                             if t != eot])
+
+
 def test_no_repeat_ngram_size_yields_to_the_grammar_where_it_would_ban_all(tiny):
     """no_repeat_ngram_size 1 bans every token seen; a grammar whose text repeats its tokens ((ab|ba){3}) would be
     left nothing (a draw from all -inf: an error claiming a bug, or a NaN distribution). Greedy: each token is the

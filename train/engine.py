@@ -436,7 +436,7 @@ class Engine:
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         if guide is not None:
             guide.begin(idx.size(0), ends, vocab_limit or vocab, sampling_with_triton(self.model))
-            masked = masked_ends(ends, warp.get("allowed_token_ids"), warp.get("bad_words"))
+            masked = masked_ends(ends, warp.get("allowed_token_ids"), warp.get("bad_words"), wake=guide.wake)
             if masked is not None:
                 raise UserError(masked[1])
         if prediction is not None:  # (its ids checked here: in the batch's forward they would fail them all)

@@ -353,14 +353,18 @@ def check_drawable(logits, live=None) -> None:
                         "grammar's, min_tokens'): allow more tokens, or ban fewer")
 
 
-def masked_ends(ends, allowed_token_ids=None, bad_words=None, name=lambda n: n, whose="the structured outputs'"):
+def masked_ends(ends, allowed_token_ids=None, bad_words=None, name=lambda n: n, whose="the structured outputs'",
+                wake=None):
     """A grammar's text ends with one of `ends` (end_rule's: the EOS and the stop tokens; the grammar's end allows
     the special ones, Guide.begin, and a text stop token ends the text where the grammar takes it as text):
     allowed_token_ids that leave them all out, or bad_words of one token that ban the rest, leave every text
     reaching the grammar's end no token to draw, an error only then (check_drawable's), mid-text. (The field to
     name, the error) before any token, or None; None too where only a text stop token is left (a text may end at
     it before the grammar's end, as it did). name: how a field is named (serve's quoted, the commands' flags),
-    whose: the grammar's."""
+    whose: the grammar's. wake: the token the grammar waits for (Guide.wake): masks that leave it out too never
+    wake it, so a text never reaches its end (it runs to its budget, as without a grammar): None."""
+    if wake is not None and masked_ends([wake], allowed_token_ids, bad_words) is not None:
+        return None
     ends = list(dict.fromkeys(ends or ()))
 
     def said(ids):
@@ -501,7 +505,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
             raise UserError("structured outputs with a draft or prompt_lookup do not take no_repeat_ngram_size (a "
                             "grammar's text repeats its own n-grams: without a draft it yields to the grammar)")
         guide.begin(idx.size(0), ends, vocab, sampling_with_triton(model))
-        masked = masked_ends(ends, allowed_token_ids, bad_words)
+        masked = masked_ends(ends, allowed_token_ids, bad_words, wake=guide.wake)
         if masked is not None:
             raise UserError(masked[1])
     if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)

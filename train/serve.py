@@ -1927,7 +1927,7 @@ class Completion:
                 raise bad("ignore_eos" if s["ignore_eos"] else s["structured_field"], str(e)) from None
             # (masks that leave the grammar's end no end token: a 400 now, not an error mid-answer)
             masked = masked_ends(ends, s["allowed_token_ids"], s["bad_words_ids"], lambda n: f"'{n}'",
-                                 f"the '{s['structured_field']}'")
+                                 f"the '{s['structured_field']}'", guide.wake)
             if masked is not None:
                 raise bad(*masked)
         # a predicted output's ids (train/generate.py Prediction: a new one for each draw, its rows' places its own)
