@@ -82,3 +82,21 @@ def test_overflow_checks_the_interpreter_drops_are_not_computed_and_the_kernels_
         answers[sanitized] = (out, len(built) - before)
     assert torch.equal(answers[False][0], want.int()) and torch.equal(answers[True][0], want.int())
     assert answers[False][1] == 0 < answers[True][1], answers  # (Triton's own: 3 ops x 3 programs checked)
+
+
+def test_the_interpreters_dtype_table_built_once_gives_tritons_answers():
+    """kernels/_common.memoize_interpreter_dtypes: a Triton dtype's NumPy one from a table built once, as Triton's
+    _get_np_dtype (which builds its table on every call) gives it: scalars, blocks, pointers, blocks of pointers."""
+    if not _common.INTERPRETER_DTYPES_MEMOIZED:
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) with the function the shim replaces")
+    fast = interpreter._get_np_dtype
+    slow = fast.triton_get_np_dtype
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32, tl.int64, tl.uint64,
+               tl.float16, tl.bfloat16, tl.float32, tl.float64, tl.float8e5, tl.float8e4nv]
+    types = scalars + [tl.block_type(t, [4, 8]) for t in scalars] + [tl.pointer_type(t) for t in scalars]
+    types += [tl.block_type(tl.pointer_type(tl.float32), [16]), tl.block_type(tl.bfloat16, [2, 4, 1])]
+    for _ in range(2):  # (the second time from the table)
+        for t in types:
+            assert fast(t) == slow(t), t
+    with pytest.raises(KeyError):  # (a dtype Triton has no NumPy type for: its own error, each time)
+        fast(tl.void)
