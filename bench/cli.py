@@ -36,7 +36,7 @@ FLAG_WHATS = {"quick": ("kernels", "train", "all", "cpu", "compile", "profile"),
               "max_minutes": ("kernels", "train", "all", "profile", "decode"),
               "no_plots": ("kernels", "train", "all", "cpu", "decode", "serve"),
               "strict": ("kernels", "train", "all", "compile"),
-              "arch": ("compile",), "workers": ("compile",), "cases": ("compile",),
+              "arch": ("compile",), "workers": ("compile",), "cases": ("compile",), "one_config": ("compile",),
               "threads": ("cpu", *TIMED),  # (kernels, train and all without CUDA: the CPU-side timings)
               **{k: ("kernels", "all") for k in KERNEL_FLAGS},
               "providers": ("kernels", "all", "decode"),
@@ -286,6 +286,8 @@ def add_cli(sub):
                    help="compile: build processes (default: CPU count, at most 8)")
     p.add_argument("--cases", default=None, metavar="REGEX",
                    help="compile: only the launches whose case matches, e.g. 'attention .* hd256' (a partial check)")
+    p.add_argument("--one-config", action="store_true",
+                   help="compile: each launch's configs built until one is clean, not all (~a quarter of the builds)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")
@@ -733,6 +735,7 @@ def _run_compile(args):
     cmd += ["--out", args.out] if args.out else []
     cmd += ["--workers", str(args.workers)] if args.workers is not None else []
     cmd += ["--cases", args.cases] if args.cases is not None else []
+    cmd += ["--one-config"] * args.one_config
     return subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}).returncode
 
 

@@ -591,9 +591,13 @@ def _status(r, arch=90) -> str:
     return "spills" if r["local_bytes"] else "ok"
 
 
-def run_check(arch=90, quick=False, workers=None, log=print, cases=None):
+def run_check(arch=90, quick=False, workers=None, log=print, cases=None, one_config=False):
     """Compile every captured (launch, config); returns (rows, per-launch verdicts).
-    cases: a regular expression; only the launches whose case it matches (re.search)."""
+    cases: a regular expression; only the launches whose case it matches (re.search).
+    one_config: a launch's configs built one at a time until one is clean (rounds: every launch's next config at
+    once), each launch starting at another of its kernel's configs (its ordinal among the kernel's launches), so
+    the kernel's configs are spread over its launches: the same verdicts (a launch without a clean config has had
+    every config built) from about a quarter of the builds; a config no launch reached is not built."""
     # the half dtype training runs in there (--dtype auto): fp16 before Ampere, else bf16
     # --quick leaves out the TMA configs (~150 more builds: tests/test_compile_check.py builds a few on their own)
     launches = capture(quick, "float16" if arch < 80 else "bfloat16", tma=arch >= 90 and not quick)
@@ -615,14 +619,36 @@ def run_check(arch=90, quick=False, workers=None, log=print, cases=None):
             jobs.append(job_of[key])
         jobs_of_launch.append(jobs)
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
-    log(f"compiling {len(_JOBS)} (launch, config) pairs from {len(launches)} captured kernel launches "
-        f"for sm_{arch} with {workers} processes")
+    log(f"compiling {'one clean config of each of' if one_config else len(_JOBS)} (launch, config) pairs from "
+        f"{len(launches)} captured kernel launches for sm_{arch} with {workers} processes")
     t0 = time.perf_counter()
+    rows = [None] * len(_JOBS)
     # fork: workers inherit _JOBS (meta tensors and kernels do not need pickling)
     with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        rows = list(pool.map(_compile, range(len(_JOBS)), [arch] * len(_JOBS)))
-    log(f"compiled in {time.perf_counter() - t0:.0f} s")
-    return rows, verdicts(launches, jobs_of_launch, rows)
+        for batch in (_rounds(launches, jobs_of_launch, rows) if one_config else [range(len(_JOBS))]):
+            for j, row in zip(batch, pool.map(_compile, batch, [arch] * len(batch))):
+                rows[j] = row
+    log(f"compiled {sum(r is not None for r in rows)} in {time.perf_counter() - t0:.0f} s")
+    judged = verdicts(launches, jobs_of_launch, rows)
+    return [r for r in rows if r is not None], judged
+
+
+def _rounds(launches, jobs_of_launch, rows):
+    """run_check's one_config order: yields each round's new job indices (rows filled by the caller in between):
+    every launch's next config, starting at its ordinal among its kernel's launches, until it has a clean one."""
+    ordinal, start = {}, []
+    for launch in launches:
+        start.append(ordinal.get(launch.name, 0))
+        ordinal[launch.name] = start[-1] + 1
+    for r in range(max(map(len, jobs_of_launch), default=0)):
+        batch = []
+        for jobs, s in zip(jobs_of_launch, start):
+            if r < len(jobs) and not any(rows[j] is not None and rows[j]["status"] == "ok" for j in jobs):
+                j = jobs[(s + r) % len(jobs)]
+                if rows[j] is None and j not in batch:
+                    batch.append(j)
+        if batch:
+            yield batch
 
 
 def verdicts(launches, jobs_of_launch, rows) -> dict:
@@ -633,7 +659,7 @@ def verdicts(launches, jobs_of_launch, rows) -> dict:
     out = {}
     for launch, jobs in zip(launches, jobs_of_launch):
         key = (launch.case, launch.name, launch.variant())
-        out[key] = out.get(key, True) and any(rows[j]["status"] == "ok" for j in jobs)
+        out[key] = out.get(key, True) and any(rows[j] is not None and rows[j]["status"] == "ok" for j in jobs)
     return out
 
 
@@ -659,6 +685,9 @@ def markdown(env, rows, judged) -> str:
              "not timings.", ""]
     if env.get("cases"):
         lines += [f"**Partial**: only the cases matching `{env['cases']}` (--cases).", ""]
+    if env.get("one_config"):
+        lines += ["**One config a launch** (--one-config): each launch's configs built until one was clean; the "
+                  "table lists only those built.", ""]
     lines += [f"Launches: {sum(judged.values())} of {len(judged)} have a config that builds, fits and does not "
               "spill.", ""]
     bad = [f"{case} / {kernel} [{flags}]" for (case, kernel, flags), ok in judged.items() if not ok]
@@ -680,6 +709,10 @@ def main(argv=None):
                         "75/70: T4, V100, checked in fp16 rather than bf16)")
     p.add_argument("--quick", action="store_true",
                    help="bf16 (fp16 below sm80), a few sizes and the shapes GPT-2 small uses")
+    p.add_argument("--one-config", action="store_true",
+                   help="build each launch's configs one at a time until one is clean, each launch starting at "
+                        "another of its kernel's configs: the same verdicts from about a quarter of the builds "
+                        "(the suite's check); the rows list only the configs built")
     p.add_argument("--out", default=None, help="write compile.json and compile.md under OUT/sm<arch>-offline/")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count, at most 8)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a launch has no clean config")
@@ -707,8 +740,11 @@ def main(argv=None):
     env = environment(args.arch)
     if args.cases is not None:
         env["cases"] = args.cases
+    if args.one_config:
+        env["one_config"] = True
     try:
-        rows, judged = run_check(args.arch, args.quick, args.workers, cases=args.cases)
+        rows, judged = run_check(args.arch, args.quick, args.workers, cases=args.cases,
+                                 one_config=args.one_config)
     except UserError as e:
         p.error(str(e))
     text = markdown(env, rows, judged)
