@@ -6,6 +6,7 @@ TypeError / RuntimeError naming the tensor, instead of a Triton crash or a wrong
 """
 import dataclasses
 import functools
+import math
 import re
 import warnings
 import weakref
@@ -635,3 +636,35 @@ def memoize_interpreter_dtypes() -> bool:
 
 
 INTERPRETER_DTYPES_MEMOIZED = triton_interpreting() and memoize_interpreter_dtypes()
+
+
+def share_interpreter_shapes() -> bool:
+    """Make every Triton tensor of one block shape share its shape and numel under the interpreter; True if
+    installed.
+
+    tl.tensor's constructor, run for every value every op of every program makes, builds its shape as a new
+    tl.tuple of constexprs (its type a tuple_type of constexpr_types) and its numel as a new constexpr
+    (test_flash_decoding.py: 33.7 -> 30.9 s on this 2-core CPU without that). Neither is ever changed in place
+    (a tl.tuple has no __setitem__ in Python), so tensors of one shape can hold the same two objects, made once a
+    shape."""
+    init = tl.core.tensor.__init__
+    if getattr(init, "triton_init", None) is not None:
+        return True
+    if tl.core.base_value.__init__ is not object.__init__:
+        return False  # (a Triton whose base_value sets something up: its own constructor kept)
+    made = {}  # a block's shape (a Python tuple of ints) -> (its numel, its shape) as tl.tensor holds them
+
+    def tensor_init(self, handle, type):
+        self.handle, self.type, self.dtype = handle, type, type.scalar
+        shape = type.shape if type.is_block() else ()
+        got = made.get(shape)
+        if got is None:
+            got = made[shape] = (tl.constexpr(math.prod(shape)), tl.tuple([tl.constexpr(d) for d in shape]))
+        self.numel, self.shape = got
+
+    tensor_init.triton_init = init
+    tl.core.tensor.__init__ = tensor_init
+    return True
+
+
+INTERPRETER_SHAPES_SHARED = triton_interpreting() and share_interpreter_shapes()

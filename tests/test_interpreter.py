@@ -100,3 +100,25 @@ def test_the_interpreters_dtype_table_built_once_gives_tritons_answers():
             assert fast(t) == slow(t), t
     with pytest.raises(KeyError):  # (a dtype Triton has no NumPy type for: its own error, each time)
         fast(tl.void)
+
+
+def test_tensors_of_one_shape_share_it_and_hold_what_tritons_constructor_gives(monkeypatch):
+    """kernels/_common.share_interpreter_shapes: tl.tensor's shape and numel made once a block shape; every field
+    as Triton's own constructor sets it, and a kernel's answer the same with either."""
+    if not _common.INTERPRETER_SHAPES_SHARED:
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) with the constructor the shim replaces")
+    ours = tl.core.tensor.__init__
+    theirs = ours.triton_init
+    for ty in (tl.block_type(tl.float32, [4, 8]), tl.block_type(tl.pointer_type(tl.bfloat16), [16]), tl.int32):
+        a, b, want = (object.__new__(tl.core.tensor) for _ in range(3))
+        ours(a, "h", ty)
+        ours(b, "h2", ty)
+        theirs(want, "h", ty)
+        assert (a.handle, a.type, a.dtype, a.numel.value) == (want.handle, want.type, want.dtype, want.numel.value)
+        assert [d.value for d in a.shape] == [d.value for d in want.shape] and a.shape.type == want.shape.type
+        assert a.shape is b.shape and a.numel is b.numel  # (made once a shape)
+    x = torch.randn(5, 16)
+    fast, _ = _launch_counting_getmembers(monkeypatch, x)
+    monkeypatch.setattr(tl.core.tensor, "__init__", theirs)
+    slow, _ = _launch_counting_getmembers(monkeypatch, x)
+    assert torch.equal(fast, slow)
