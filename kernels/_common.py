@@ -668,3 +668,38 @@ def share_interpreter_shapes() -> bool:
 
 
 INTERPRETER_SHAPES_SHARED = triton_interpreting() and share_interpreter_shapes()
+
+
+def share_interpreter_block_types() -> bool:
+    """Make Triton's block types of one element type and shape read their checked shape, numel and name from a table
+    under the interpreter; True if installed.
+
+    tl.block_type's constructor, run for most ops of every program (a result's type, a broadcast, a splat),
+    unwraps the shape's constexprs, checks each dimension is a power of 2 and formats its name each time. The first
+    block type of an (element type, shape) runs Triton's own constructor (its checks raise there, as ever); the
+    next ones copy what it made."""
+    init = tl.core.block_type.__init__
+    if getattr(init, "triton_init", None) is not None:
+        return True
+    made = {}  # (element type's name, *shape) -> (shape, numel, name) as Triton's constructor set them
+
+    def block_init(self, element_ty, shape):
+        try:
+            key = (element_ty.name, *shape) if isinstance(shape, (list, tl.core.tuple)) else None  # (Triton's test)
+            got = made.get(key)
+        except (AttributeError, TypeError):  # (no name, an unhashable dimension: Triton's constructor judges)
+            key = got = None
+        if got is None:
+            init(self, element_ty, shape)
+            if key is not None:
+                made[key] = (self.shape, self.numel, self.name)
+            return
+        self.element_ty = element_ty
+        self.shape, self.numel, self.name = got
+
+    block_init.triton_init = init
+    tl.core.block_type.__init__ = block_init
+    return True
+
+
+INTERPRETER_BLOCK_TYPES_SHARED = triton_interpreting() and share_interpreter_block_types()

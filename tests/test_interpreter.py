@@ -122,3 +122,26 @@ def test_tensors_of_one_shape_share_it_and_hold_what_tritons_constructor_gives(m
     monkeypatch.setattr(tl.core.tensor, "__init__", theirs)
     slow, _ = _launch_counting_getmembers(monkeypatch, x)
     assert torch.equal(fast, slow)
+
+
+def test_block_types_made_from_a_table_hold_what_tritons_constructor_gives_and_refuse_what_it_refuses():
+    """kernels/_common.share_interpreter_block_types: a block type's shape, numel and name checked and made once an
+    (element type, shape), then copied; the same fields as Triton's constructor, its errors on the first call."""
+    if not _common.INTERPRETER_BLOCK_TYPES_SHARED:
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) with the constructor the shim replaces")
+    ours = tl.core.block_type.__init__
+    theirs = ours.triton_init
+    for elem, shape in ((tl.float32, [4, 8]), (tl.pointer_type(tl.bfloat16), [tl.constexpr(16)]),
+                        (tl.int8, [2, 1, 32]), (tl.float32, [8, 4])):
+        a, b, want = (object.__new__(tl.core.block_type) for _ in range(3))
+        ours(a, elem, shape)
+        ours(b, elem, list(shape))
+        theirs(want, elem, shape)
+        for got in (a, b):
+            assert (got.element_ty, list(got.shape), got.numel, got.name) == \
+                (want.element_ty, list(want.shape), want.numel, want.name), (got.name, want.name)
+        assert a == want and b.shape is a.shape  # (the second from the table)
+    for shape, error in (([4, 6], ValueError), ([], TypeError), ((4, 8), AssertionError)):  # (a Python tuple too)
+        for _ in range(2):
+            with pytest.raises(error):
+                tl.block_type(tl.float32, shape)
