@@ -196,12 +196,52 @@ def test_an_output_that_cannot_be_written_is_said_before_the_model_loads(tmp_pat
             pytest.skip("running as root, and no /sys: no folder this process cannot write in")
     for out, flags, said in [(locked / "out.jsonl", [], f"-o {locked / 'out.jsonl'}: cannot write in the folder "
                                                          f"{locked} ("),
-                             (Path("/dev/null"), ["--overwrite"], "-o /dev/null is not a regular file")]:
+                             (Path("/dev/null"), ["--overwrite"], "-o /dev/null is not a regular file"),
+                             # (not told to pass --overwrite, then refused with it)
+                             (Path("/dev/null"), [], "-o /dev/null is not a regular file"),
+                             # (a folder's name, not a file "new" made)
+                             (f"{tmp_path / 'new'}/", [], f"-o {tmp_path / 'new'}/: a folder's name")]:
         assert main(["run-batch", "-i", str(requests), "-o", str(out), "--weights", str(tmp_path / "none"),
                      *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {said}"), err
-    assert not list(locked.glob(".out.jsonl*"))
+    assert not list(locked.glob(".out.jsonl*")) and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl",
+                                                                                                    "read-only"]
+
+
+def test_ctrl_c_while_the_output_is_checked_leaves_no_file(tmp_path, monkeypatch, capsys):
+    """Ctrl-C just as the up-front check of -o made its temporary file: exit 130 and the file removed, not left."""
+    import builtins
+
+    from tritongpt.train import run_batch as runner
+
+    def interrupted(name, *a, **k):  # (the file made, then the interrupt)
+        builtins.open(name, *a, **k).close()
+        raise KeyboardInterrupt
+
+    requests = write(tmp_path / "in.jsonl", [line("a", "/v1/completions", {"prompt": "a", **GREEDY})])
+    monkeypatch.setattr(runner, "open", interrupted, raising=False)
+    assert main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"), "--weights",
+                 str(tmp_path / "none")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_an_output_that_is_a_symlink_is_written_through(folder, tmp_path):
+    """-o a symlink (to an existing file, with --overwrite; or to none yet): its target written, the link kept, as
+    the shell's > and vLLM's open() write it, not the link replaced by a file of its own beside it."""
+    requests = write(tmp_path / "in.jsonl", [line("a", "/v1/completions", {"prompt": "a", **GREEDY})])
+    (tmp_path / "real").mkdir()
+    target, dangling = tmp_path / "real" / "out.jsonl", tmp_path / "real" / "new.jsonl"
+    target.write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to(target)
+    (tmp_path / "dangling.jsonl").symlink_to(dangling)
+    out = run_batch(folder, requests, tmp_path / "link.jsonl", "--overwrite")
+    assert [o["custom_id"] for o in out] == ["a"] and out[0]["response"]["status_code"] == 200
+    assert run_batch(folder, requests, tmp_path / "dangling.jsonl")[0]["custom_id"] == "a"
+    assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "dangling.jsonl").is_symlink()
+    assert json.loads(target.read_text())["custom_id"] == "a" and json.loads(dangling.read_text())["custom_id"] == "a"
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.jsonl", "out.jsonl"]
 
 
 def test_the_bar_in_a_log_is_a_few_frames(folder, tmp_path, monkeypatch, capsys):

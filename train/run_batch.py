@@ -25,7 +25,8 @@ Where it differs from vLLM's runner, and why:
   server's own 404 and error object (vLLM's: a 400 saying "The model does not support ... API").
 - "-" is stdin (-i) or stdout (-o); http(s) URLs, which vLLM's runner GETs and PUTs, are refused: no network here.
 - -o is written to a temporary file renamed into place at the end (never half a file under its name), and an
-  existing one is refused unless --overwrite; a folder it cannot be written in is said before the model loads.
+  existing one is refused unless --overwrite (a symlink: its target written, as vLLM's open() writes it); a folder
+  it cannot be written in is said before the model loads.
 - The input is held in memory whole (vLLM's runner streams it); a result waits there for the lines before it.
 - A body past serve's MAX_BODY is its line's 413, as the server answers it (vLLM's has no limit); a request the
   server leaves unanswered stops the run with a RuntimeError (vLLM's: that line's 400 with the exception's text).
@@ -109,14 +110,21 @@ def output_path(args) -> Path | None:
         raise UserError(f"-o {out}: a URL (vLLM's run-batch PUTs one); this command writes no network: write a file "
                         "and upload it")
     path = Path(out)
+    if path.is_symlink():  # its target written, the link kept (the shell's > and vLLM's open(), not a file beside it)
+        try:
+            path = path.resolve(strict=False)
+        except (OSError, RuntimeError) as e:  # (a loop of links)
+            raise UserError(f"-o {out}: a symlink that leads nowhere ({e})") from None
     if path.is_dir():
         raise UserError(f"-o {out} is a folder: name the .jsonl file to write")
+    if out.endswith(("/", os.sep)):  # (Path drops the slash: a file named the folder would be written)
+        raise UserError(f"-o {out}: a folder's name: name the .jsonl file to write")
     if not path.parent.is_dir():
         raise UserError(f"-o {out}: the folder {path.parent} does not exist")
-    if path.exists() and not args.overwrite:
-        raise UserError(f"-o {out} already exists: pass --overwrite to replace it, or another -o")
     if path.exists() and not path.is_file():  # (the rename at the end would replace the device or pipe itself)
         raise UserError(f"-o {out} is not a regular file (a device, a pipe): name a file, or - for stdout")
+    if path.exists() and not args.overwrite:
+        raise UserError(f"-o {out} already exists: pass --overwrite to replace it, or another -o")
     # the temporary file write_lines renames into place, made and removed now: a folder it cannot be written in
     # (read-only, not ours) is said before the model loads, not after every request ran
     tmp = temp_path(path)
@@ -124,7 +132,8 @@ def output_path(args) -> Path | None:
         open(tmp, "w").close()
     except OSError as e:
         raise UserError(f"-o {out}: cannot write in the folder {path.parent} ({e.strerror or e})") from None
-    tmp.unlink()
+    finally:  # (a Ctrl-C between the two too: no stray file)
+        tmp.unlink(missing_ok=True)
     return path
 
 
