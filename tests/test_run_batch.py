@@ -365,6 +365,42 @@ def test_flags_the_in_process_server_cannot_use(folder, tmp_path, monkeypatch, c
     assert "--lora-modules" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
 
 
+def test_hanging_up_while_a_reply_is_read(monkeypatch):
+    """hang_up (Ctrl-C, an error midway) while a request's reply is read: serve answers HTTP/1.0, so http.client has
+    closed that connection (its socket handed to the reply, conn.sock None); that request still ends with its reply,
+    the others in flight shut down, and no AttributeError in place of the interrupt (exit 1, not 130)."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tritongpt.train import run_batch as runner
+
+    class Fake(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"ok": 1}')
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        client = runner.Client(server.server_address[1], "key")
+        waiting = client.connect()  # (another request in flight, its reply not come)
+        read = http.client.HTTPResponse.read
+        monkeypatch.setattr(http.client.HTTPResponse, "read", lambda self, *a: client.hang_up() or read(self, *a))
+        assert runner.post(client, "/v1/completions", {"prompt": "a"}) == (200, {"ok": 1})
+        waiting.sock.settimeout(5)
+        assert waiting.sock.recv(1) == b""  # (shut down: the thread waiting on it returns at once)
+        client.release(waiting)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_server_is_keyed_bounded_and_stopped(folder, tmp_path, monkeypatch):
     """The in-process server: behind a key of its own (not $TRITONGPT_API_KEY's; a request without it a 401),
     2 * --max-batch requests in flight at once, and after a run, whole or failed, its socket closed, its engine
