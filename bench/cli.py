@@ -287,7 +287,8 @@ def add_cli(sub):
     p.add_argument("--cases", default=None, metavar="REGEX",
                    help="compile: only the launches whose case matches, e.g. 'attention .* hd256' (a partial check)")
     p.add_argument("--one-config", action="store_true",
-                   help="compile: each launch's configs built until one is clean, not all (~a quarter of the builds)")
+                   help="compile: each launch's configs built until one is clean, then each kernel config not yet "
+                        "built once; not all (under a third of the builds)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the CPU-side timings (default: torch's choice)")
     k = p.add_argument_group("kernels")

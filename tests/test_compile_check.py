@@ -33,8 +33,9 @@ def _quick_build(out, *flags):
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
-# One clean config a launch (--one-config: ~200 builds of the ~750): with Triton's cache cold (a fresh machine, or a
-# kernel changed) every config took 8.5 min beside the suite's other worker, and CI's cache is always cold
+# One clean config a launch, every kernel config once (--one-config: ~220 builds of the ~750): with Triton's cache
+# cold (a fresh machine, or a kernel changed) every config took 8.5 min beside the suite's other worker, and CI's
+# cache is always cold
 @pytest.mark.timeout(900)
 def test_every_kernel_launch_builds_for_sm90(tmp_path):
     data = _quick_build(tmp_path, "--one-config")
@@ -292,22 +293,24 @@ def test_a_launch_group_passes_only_when_each_of_its_launches_has_a_clean_config
         ("ln", "_ln", ""): True}
 
 
+class FakeLaunch:
+    def __init__(self, case, name, flags):
+        self.case, self.name, self._flags = case, name, flags
+
+    def variant(self):
+        return self._flags
+
+
 def test_one_config_builds_each_launchs_configs_until_one_is_clean_spread_over_the_kernels_launches():
     """--one-config: round by round, each launch's next config (from its ordinal among its kernel's launches) until
     one is clean; a job two launches share is built once; the verdicts are those of building every config."""
-    class FakeLaunch:
-        def __init__(self, case, name, flags):
-            self.case, self.name, self._flags = case, name, flags
-
-        def variant(self):
-            return self._flags
-
     launches = [FakeLaunch("a", "_k", "X=1"), FakeLaunch("b", "_k", "X=1"), FakeLaunch("c", "_k", "X=2"),
                 FakeLaunch("d", "_j", ""), FakeLaunch("e", "_j", "")]
     jobs = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10], [10, 9]]  # (e's configs are d's, in another order)
     status = ["ok", "ok", "ok", "error", "spills", "error", "ok", "ok", "ok", "spills", "ok"]
+    labels = ["c0", "c1", "c2"] * 3 + ["c0", "c1"]  # (every config of each kernel reached by one launch or another)
     rows, built = [None] * len(status), []
-    for batch in compile_check._rounds(launches, jobs, rows):
+    for batch in compile_check._rounds(launches, jobs, rows, labels):
         built.append(list(batch))
         for j in batch:
             rows[j] = {"status": status[j]}
@@ -318,6 +321,27 @@ def test_one_config_builds_each_launchs_configs_until_one_is_clean_spread_over_t
     assert compile_check.verdicts(launches, jobs, rows) == compile_check.verdicts(launches, jobs, every) == {
         ("a", "_k", "X=1"): True, ("b", "_k", "X=1"): False, ("c", "_k", "X=2"): True, ("d", "_j", ""): True,
         ("e", "_j", ""): True}
+
+
+def test_one_config_builds_every_config_of_a_kernel_once_even_where_no_launch_reached_it():
+    """--one-config: a kernel config no launch reached before each had a clean one is built once after (at the
+    first launch that has it), so a config that fails to compile is still found (the suite's sm_90 build asserts
+    no row is an error); the verdicts stay those of building every config."""
+    launches = [FakeLaunch("a", "_k", ""), FakeLaunch("b", "_k", ""), FakeLaunch("c", "_j", "")]
+    jobs = [[0, 1, 2], [3, 4, 5], [6, 7]]
+    labels = ["c0", "c1", "c2", "c0", "c1", "c2", "c0", "c1"]
+    status = ["ok", "ok", "error", "ok", "ok", "error", "ok", "error"]
+    rows, built = [None] * len(status), []
+    for batch in compile_check._rounds(launches, jobs, rows, labels):
+        built.append(list(batch))
+        for j in batch:
+            rows[j] = {"status": status[j]}
+    # a clean at c0 and b at c1 in round 1, c at c0: then _k's c2 (a's, the first) and _j's c1, once each
+    assert built == [[0, 4, 6], [2, 7]], built
+    assert [r["status"] for r in rows if r is not None].count("error") == 2
+    every = [{"status": st} for st in status]
+    assert compile_check.verdicts(launches, jobs, rows) == compile_check.verdicts(launches, jobs, every) == {
+        ("a", "_k", ""): True, ("b", "_k", ""): True, ("c", "_j", ""): True}
 
 
 # The attention launches' autotune configs as the check sees them (after each kernel's prune),
