@@ -620,8 +620,10 @@ def run_check(arch=90, quick=False, workers=None, log=print, cases=None, one_con
             jobs.append(job_of[key])
         jobs_of_launch.append(jobs)
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
-    log(f"compiling {'one clean config of each of' if one_config else len(_JOBS)} (launch, config) pairs from "
-        f"{len(launches)} captured kernel launches for sm_{arch} with {workers} processes")
+    what = (f"of {len(_JOBS)} (launch, config) pairs, those that give each of {len(launches)} captured kernel "
+            "launches a clean config and build every kernel config once," if one_config else
+            f"{len(_JOBS)} (launch, config) pairs from {len(launches)} captured kernel launches")
+    log(f"compiling {what} for sm_{arch} with {workers} processes")
     t0 = time.perf_counter()
     rows = [None] * len(_JOBS)
     # fork: workers inherit _JOBS (meta tensors and kernels do not need pickling)
