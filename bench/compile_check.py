@@ -637,6 +637,11 @@ def run_check(arch=90, quick=False, workers=None, log=print, cases=None, one_con
     return [r for r in rows if r is not None], judged
 
 
+def _clean(rows, j) -> bool:
+    """Job j was built (one_config leaves some rows None) and is clean."""
+    return rows[j] is not None and rows[j]["status"] == "ok"
+
+
 def _rounds(launches, jobs_of_launch, rows, labels):
     """run_check's one_config order: yields each round's new job indices (rows filled by the caller in between):
     every launch's next config, starting at its ordinal among its kernel's launches, until it has a clean one;
@@ -649,7 +654,7 @@ def _rounds(launches, jobs_of_launch, rows, labels):
     for r in range(max(map(len, jobs_of_launch), default=0)):
         batch = []
         for jobs, s in zip(jobs_of_launch, start):
-            if r < len(jobs) and not any(rows[j] is not None and rows[j]["status"] == "ok" for j in jobs):
+            if r < len(jobs) and not any(_clean(rows, j) for j in jobs):
                 j = jobs[(s + r) % len(jobs)]
                 if rows[j] is None and j not in batch:
                     batch.append(j)
@@ -675,7 +680,7 @@ def verdicts(launches, jobs_of_launch, rows) -> dict:
     out = {}
     for launch, jobs in zip(launches, jobs_of_launch):
         key = (launch.case, launch.name, launch.variant())
-        out[key] = out.get(key, True) and any(rows[j] is not None and rows[j]["status"] == "ok" for j in jobs)
+        out[key] = out.get(key, True) and any(_clean(rows, j) for j in jobs)
     return out
 
 

@@ -28,9 +28,9 @@ from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
 from tritongpt.model.sampling import sampling_with_triton
 from tritongpt.train.generate import (DecodeGraph, Prediction, PromptLookup, _draw, check_cache_dtype, check_draft,
-                                     check_graphable, check_logprobs, check_sampling, decode_step, draft_width,
-                                     end_rule, hidden_and_head, last_logits, masked_ends, new_cache, sampling_logits,
-                                     score_positions, verify_step)
+                                     check_graphable, check_logprobs, check_masks_reach_end, check_sampling,
+                                     decode_step, draft_width, end_rule, hidden_and_head, last_logits, new_cache,
+                                     sampling_logits, score_positions, verify_step)
 
 # Batched prefill (_groups): several requests' prompt chunks run in one forward, each right-padded to the longest.
 # A group takes a chunk only while its padded tokens stay within PREFILL_GROUP_TOKENS (the forward's activations:
@@ -436,9 +436,7 @@ class Engine:
         pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
         if guide is not None:
             guide.begin(idx.size(0), ends, vocab_limit or vocab, sampling_with_triton(self.model))
-            masked = masked_ends(ends, warp.get("allowed_token_ids"), warp.get("bad_words"), wake=guide.wake)
-            if masked is not None:
-                raise UserError(masked[1])
+            check_masks_reach_end(ends, warp.get("allowed_token_ids"), warp.get("bad_words"), guide.wake)
         if prediction is not None:  # (its ids checked here: in the batch's forward they would fail them all)
             prediction.begin(idx.size(0), vocab)
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,

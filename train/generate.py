@@ -381,6 +381,13 @@ def masked_ends(ends, allowed_token_ids=None, bad_words=None, name=lambda n: n, 
     return None
 
 
+def check_masks_reach_end(ends, allowed_token_ids, bad_words, wake=None) -> None:
+    """masked_ends' refusal as a UserError (generate() and Engine.submit: serve names the field in a 400)."""
+    masked = masked_ends(ends, allowed_token_ids, bad_words, wake=wake)
+    if masked is not None:
+        raise UserError(masked[1])
+
+
 def cut_top_n_sigma(logits, n: float):
     """Top-n-sigma (Tang et al. 2024, "Top-nσ: Not All Logits Are You Need"): keep the tokens whose logit is at
     least max - n * std of the row's logits, as llama.cpp's llama_sampler_top_n_sigma_apply (the population std
@@ -505,9 +512,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
             raise UserError("structured outputs with a draft or prompt_lookup do not take no_repeat_ngram_size (a "
                             "grammar's text repeats its own n-grams: without a draft it yields to the grammar)")
         guide.begin(idx.size(0), ends, vocab, sampling_with_triton(model))
-        masked = masked_ends(ends, allowed_token_ids, bad_words, wake=guide.wake)
-        if masked is not None:
-            raise UserError(masked[1])
+        check_masks_reach_end(ends, allowed_token_ids, bad_words, guide.wake)
     if not isinstance(cuda_graph, bool):  # (1 and 0.0 would pass `in (True, False)`)
         raise UserError(f"cuda_graph must be a bool, got {cuda_graph!r}")
     if cuda_graph and (draft is not None or prompt_lookup is not None or not use_cache):

@@ -1114,15 +1114,15 @@ class RLHFTrainer:
         if a.algo == "grpo" and a.scale_rewards != "none" and a.scale_rewards == was:
             n = a.samples_per_prompt if a.scale_rewards == "group" else a.prompts_per_iter * a.samples_per_prompt
             whose = "each group's" if a.scale_rewards == "group" else "the rollout's"
-            note(f"resuming {ckpt}, whose run predates the sample std (its state.pt records no advantage_std): its "
-                 f"advantages were divided by {whose} population std, these are by the sample std (TRL's), "
-                 f"sqrt((n - 1) / n) = {math.sqrt((n - 1) / n):.3f} times as large at n = {n} (--scale-rewards "
-                 f"{a.scale_rewards}): the run goes on differently from the one it was started as")
+            what = (f"divided by {whose} population std, these are by the sample std (TRL's), sqrt((n - 1) / n) = "
+                    f"{math.sqrt((n - 1) / n):.3f} times as large at n = {n} (--scale-rewards {a.scale_rewards})")
         elif a.algo == "ppo":
-            note(f"resuming {ckpt}, whose run predates the sample std (its state.pt records no advantage_std): its "
-                 "advantages were whitened with the population variance of a rollout's n response tokens, these "
-                 "are with the sample one (TRL's masked_whiten), sqrt((n - 1) / n) times as large: the run goes on "
-                 "differently from the one it was started as")
+            what = ("whitened with the population variance of a rollout's n response tokens, these are with the "
+                    "sample one (TRL's masked_whiten), sqrt((n - 1) / n) times as large")
+        else:
+            return
+        note(f"resuming {ckpt}, whose run predates the sample std (its state.pt records no advantage_std): its "
+             f"advantages were {what}: the run goes on differently from the one it was started as")
 
     def _check_judge_weights(self, state, ckpt):
         """Several judges, the same list: each reward model's weights are those of the run's (the

@@ -164,8 +164,10 @@ class Client:
         with self.lock:
             self.stopped = True
             for conn in self.open:  # (shut down, not closed: the thread using it closes it, in release)
-                if conn.sock is None:  # (its reply being read: serve's HTTP/1.0 closes, http.client gave the reply
-                    continue           # the socket, and that reply is whole on its way)
+                # no socket: its reply being read (serve's HTTP/1.0 closes: http.client gave the reply the socket,
+                # and that reply is whole on its way)
+                if conn.sock is None:
+                    continue
                 try:
                     conn.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:  # (the server closed it first)
