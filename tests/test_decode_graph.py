@@ -13,7 +13,7 @@ from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from parity import loud_attention
+from parity import assert_close_rel, greedy_steps, loud_attention
 import tritongpt.train.generate as gen
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
@@ -62,6 +62,17 @@ def warm_then_fx(fn, device=None):
     fn()
     fn()
     return fx_capture(fn)
+
+
+def assert_cached_and_graph_greedy_match_uncached(monkeypatch, model, idx, name: str, steps: int = 4):
+    """Greedy decoding with the KV cache, eager and through an emulated graph, against no cache: the same tokens and
+    each step's logits (the tokens alone are blind: a graph replaying its capture's position drew them)."""
+    want, want_logits = greedy_steps(model, idx, steps, use_cache=False)
+    monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)
+    for graph in (False, True):
+        got, logits = greedy_steps(model, idx, steps, cuda_graph=graph)
+        assert torch.equal(got, want)
+        assert_close_rel(logits, want_logits, 1e-5, f"{name}'s decode logits, graph {graph}")
 
 
 @pytest.mark.parametrize("kernels,case", [("reference", c) for c in CASES] + [("triton", "rope-gqa"),

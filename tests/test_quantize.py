@@ -11,8 +11,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.layers import GELU
 from tritongpt.model.quant import Int8Linear, linear_bytes, quantize_int8, quantize_weight
-from parity import assert_close_rel, greedy_steps
-from test_decode_graph import FAMILIES, warm_then_fx
+from test_decode_graph import FAMILIES, assert_cached_and_graph_greedy_match_uncached
 
 VOCAB = 97
 LLAMA = dict(position_encoding="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False)
@@ -163,13 +162,7 @@ def test_greedy_decoding_of_a_quantized_model_is_the_same_with_and_without_the_c
                                                                                                  kernels):
     model = quantize_int8(tiny(kernels, n_layer=1))  # (one layer: the interpreter's time)
     idx = torch.randint(0, VOCAB, (2, 4))
-    want, want_logits = greedy_steps(model, idx, 4, use_cache=False)
-    monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)  # (test_decode_graph's stand-in capture)
-    for graph in (False, True):
-        got, logits = greedy_steps(model, idx, 4, cuda_graph=graph)
-        assert torch.equal(got, want)
-        # the tokens alone are blind (a graph replaying its capture's position drew them): each step's logits
-        assert_close_rel(logits, want_logits, 1e-5, f"{kernels} path's decode logits, graph {graph}")
+    assert_cached_and_graph_greedy_match_uncached(monkeypatch, model, idx, f"the {kernels} path")
 
 
 def test_a_quantized_model_passes_gradients_through_and_refuses_padding_and_a_second_quantization():

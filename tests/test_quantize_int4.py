@@ -14,8 +14,7 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.model.layers import GELU
 from tritongpt.model.quant import (Int4Linear, linear_bytes, quantize, quantize_int4,
                                    quantize_int8, quantize_weight_int4, unpack_int4)
-from parity import assert_close_rel, greedy_steps
-from test_decode_graph import warm_then_fx
+from test_decode_graph import assert_cached_and_graph_greedy_match_uncached
 from test_quantize import LLAMA, VOCAB, rel, tiny
 
 
@@ -198,13 +197,7 @@ def test_the_triton_path_runs_fc1s_gelu_in_the_int4_epilogue(monkeypatch):
 def test_greedy_decoding_of_an_int4_model_is_the_same_with_and_without_the_cache_and_a_graph(monkeypatch, kernels):
     model = quantize_int4(tiny(kernels, n_layer=1), group_size=32)  # (one layer: the interpreter's time)
     idx = torch.randint(0, VOCAB, (2, 5))
-    want, want_logits = greedy_steps(model, idx, 4, use_cache=False)
-    monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)  # (test_decode_graph's stand-in capture)
-    for graph in (False, True):
-        got, logits = greedy_steps(model, idx, 4, cuda_graph=graph)
-        assert torch.equal(got, want)
-        # the tokens alone are blind (a graph replaying its capture's position drew them): each step's logits
-        assert_close_rel(logits, want_logits, 1e-5, f"{kernels} path's decode logits, graph {graph}")
+    assert_cached_and_graph_greedy_match_uncached(monkeypatch, model, idx, f"the {kernels} path")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
