@@ -3,6 +3,7 @@ prompt lookup's verify step each draw, greedy, the model's argmax among the allo
 here directly token by token; a word of several tokens is banned only after its prefix; and serve's fields, their
 tokenizing (vLLM's update_from_tokenizer) and their refusals."""
 import json
+import re
 
 import pytest
 import torch
@@ -111,6 +112,36 @@ def test_nothing_left_to_draw_and_bad_settings_are_refused():
             check_sampling(bad_words=bad)
     with pytest.raises(UserError, match="no token to draw"):
         generate(tiny(), torch.tensor([[1, 2, 3]]), 3, allowed_token_ids=[5], bad_words=[[5]])
+
+
+def test_a_word_of_several_tokens_that_leaves_nothing_is_named_and_never_gives_token_0():
+    """allowed_token_ids [7] and the word [7, 7]: after a 7 nothing is left. The error names the word (a DrawError,
+    field bad_words: serve's 400 param), where a one-token word's stays the general one; prompt lookup's verify step,
+    whose proposals 7, 8 are checked in one step, raises it too (it took token 0 there, outside allowed_token_ids),
+    greedy and sampled (whose tempered logits are NaN, not -inf), generate() and the engine alike."""
+    from tritongpt.train.generate import DrawError
+
+    logits = torch.randn(2, 9)
+    with pytest.raises(DrawError, match="allowed_token_ids and bad_words leave a row") as e:
+        allow_and_ban(logits, [3], [[3]])
+    assert e.value.field is None
+    said = re.escape("bad_words [3, 3] bans token 3 after its other tokens, which the text ends with")
+    seen = torch.tensor([[1, 3], [1, 2]])
+    with pytest.raises(DrawError, match=said) as e:
+        allow_and_ban(logits, [3], [[3, 3]], seen, 0)
+    assert e.value.field == "bad_words"
+    model = tiny()
+    idx = torch.tensor([[5, 7, 8, 9, 5]])  # (the n-gram "5" proposes 7, 8, 9)
+    said = re.escape("bad_words [7, 7] bans token 7 after its other tokens")
+    for kw in (dict(), dict(prompt_lookup=1, num_draft_tokens=3), dict(prompt_lookup=1, temperature=1.0)):
+        with pytest.raises(DrawError, match=said):
+            generate(model, idx, 4, allowed_token_ids=[7], bad_words=[[7, 7]], **kw)
+    engine = Engine(model, max_batch=4, prompt_lookup=1, num_draft_tokens=3)
+    h = engine.submit(idx, 4, allowed_token_ids=[7], bad_words=[[7, 7]])
+    with pytest.raises(DrawError, match=said):
+        while engine.running or engine.waiting:
+            engine.step()
+        h.wait()
 
 
 def test_served_fields_tokenize_and_refuse(tmp_path):

@@ -519,6 +519,39 @@ def test_generate_and_the_engine_refuse_masks_that_leave_out_the_grammars_end(ti
     assert masked_ends([5, 7], [1, 5], [[5]])[0] == "bad_words"
 
 
+def test_a_word_of_several_tokens_that_bans_the_grammars_end_fails_its_request_alone(tiny):
+    """A bad word of several tokens ending in the end token ("a" then the EOS) is not refused before any token
+    (masked_ends sees one-token words: whether a text ends with the word's other tokens is the draw's), but once
+    the text is "a", the grammar's end allows only the EOS the word bans: the request fails with an error naming
+    bad_words and the word (a DrawError, field bad_words), plain decoding and speculation alike (a verified
+    position past the first used to take token 0, a RuntimeError from the grammar: serve's 500), and the request
+    beside it in the engine's batch draws what generate() draws alone."""
+    from tritongpt.train.generate import DrawError
+
+    model, tok, grammars = tiny
+    a, eot = tok.encode("a")[0], tok.eot_id
+    idx = torch.tensor([[5, a, 20, 21, 5]])  # (prompt lookup's n-gram "5" proposes "a", 20, 21: both in one step)
+    kw = dict(eos_id=eot, bad_words=[[a, eot]])
+    said = f"bad_words [{a}, {eot}] bans token {eot} after its other tokens"
+    spec = StructuredOutputs(choice=("a",))
+    for extra in (dict(), dict(prompt_lookup=1, num_draft_tokens=3), dict(prompt_lookup=1, temperature=1.0),
+                  dict(draft=model, num_draft_tokens=3)):
+        with pytest.raises(DrawError, match=re.escape(said)) as e:
+            generate(model, idx, 6, guide=grammars.guide(spec), **kw, **extra)
+        assert e.value.field == "bad_words", extra
+    good = generate(model, idx, 6, guide=grammars.guide(SPECS["regex"]), eos_id=eot)
+    for engine in (Engine(model, max_batch=4), Engine(model, max_batch=4, prompt_lookup=1, num_draft_tokens=3)):
+        bad = engine.submit(idx, 6, guide=grammars.guide(spec), temperature=1.0, **kw)
+        other = engine.submit(idx, 6, guide=grammars.guide(SPECS["regex"]), eos_id=eot)
+        engine.start()
+        try:
+            with pytest.raises(DrawError, match=re.escape(said)):
+                bad.wait()
+            assert torch.equal(other.wait(), good)
+        finally:
+            engine.close()
+
+
 def test_a_text_stop_token_the_masks_allow_ends_a_grammars_text_unrefused(tiny):
     """A stop token that is text (".") is drawn where the grammar takes it as text and ends the text there, before
     the grammar's end: masks leaving out the EOS but allowing it are not refused (the text ends at it, as before

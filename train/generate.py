@@ -295,7 +295,7 @@ def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, gen
     singles = tuple(word[0] for word in bad_words or () if len(word) == 1)
     ban = static_ban(tuple(allowed_token_ids) if allowed_token_ids else None, singles, V, logits.device)
     ban = ban.expand(B, V)
-    words = [word for word in bad_words or () if len(word) > 1]
+    words, hits, static = [word for word in bad_words or () if len(word) > 1], [], ban
     if words:  # (the cached mask is shared: the rows' own bans on a copy)
         ban = ban.clone()
     for word in words:
@@ -309,9 +309,38 @@ def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, gen
         prefix = torch.tensor(word[:-1]).to(seen.device, non_blocking=True)
         hit = (seen[:, T - need:] == prefix).all(-1) & (T - generated_from >= need)
         ban[:, word[-1]] |= hit
-    logits = logits.masked_fill(ban, float("-inf"))
-    check_drawable(logits, live)
-    return logits
+        hits.append((word, hit))
+
+    def why(row):  # (the error's path only) the words of several tokens that banned the row's last drawable ones
+        left = logits[row].masked_fill(static[row], float("-inf")) > float("-inf")
+        named = [word for word, hit in hits if bool(hit[row]) and bool(left[word[-1]])]
+        return words_emptied(named) if named else None
+    masked = logits.masked_fill(ban, float("-inf"))
+    check_drawable(masked, live, why)
+    return masked
+
+
+class DrawError(UserError):
+    """check_drawable's: a live row left no token to draw; field: the setting to change where one alone did (serve's
+    400 param), else None."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def words_emptied(named) -> DrawError:
+    """The error of bad words of several tokens (named: [[ids], ...]) whose last tokens, banned after their others,
+    were all a row had left: a grammar's end allows only its end tokens, so a word of a text's last tokens and an
+    end token leaves a text that ends with those nothing there. (masked_ends, before any token, sees one-token words
+    only: whether a text ends with a word's other tokens is the draw's.)"""
+    one = len(named) == 1
+    ends = list(dict.fromkeys(word[-1] for word in named))
+    return DrawError(f"bad_words {', '.join(map(str, named))} ban{'s' * one} token{'s' * (len(ends) > 1)} "
+                     f"{', '.join(map(str, ends))} after {'its' if one else 'their'} other tokens, which the text ends "
+                     "with, and that leaves a row no token to draw: the other masks allow no other there (a "
+                     "grammar's end only its end tokens, allowed_token_ids only its ids); ban other words",
+                     "bad_words")
 
 
 def bad_words_tokens(encode, words) -> list:
@@ -342,15 +371,17 @@ def static_ban(allowed: tuple | None, singles: tuple, V: int, device) -> torch.T
     return ban.to(device)
 
 
-def check_drawable(logits, live=None) -> None:
+def check_drawable(logits, live=None, why=None) -> None:
     """allow_and_ban's check on logits [B, V]: a live row (live [B], None: all) whose every logit is -inf is an
-    error, not NaN or a silent token 0 (one host sync)."""
+    error (a DrawError), not NaN or a silent token 0 (one host sync). why(row): the first such row's own error, or
+    None for the general one."""
     empty = (logits == float("-inf")).all(-1)
     if live is not None:
         empty = empty & live
     if bool(empty.any()):
-        raise UserError("allowed_token_ids and bad_words leave a row no token to draw (with the other masks: a "
-                        "grammar's, min_tokens'): allow more tokens, or ban fewer")
+        raise (why and why(int(empty.nonzero()[0]))) or DrawError(
+            "allowed_token_ids and bad_words leave a row no token to draw (with the other masks: a grammar's, "
+            "min_tokens'): allow more tokens, or ban fewer")
 
 
 def masked_ends(ends, allowed_token_ids=None, bad_words=None, name=lambda n: n, whose="the structured outputs'",
@@ -358,7 +389,8 @@ def masked_ends(ends, allowed_token_ids=None, bad_words=None, name=lambda n: n, 
     """A grammar's text ends with one of `ends` (end_rule's: the EOS and the stop tokens; the grammar's end allows
     the special ones, Guide.begin, and a text stop token ends the text where the grammar takes it as text):
     allowed_token_ids that leave them all out, or bad_words of one token that ban the rest, leave every text
-    reaching the grammar's end no token to draw, an error only then (check_drawable's), mid-text. (The field to
+    reaching the grammar's end no token to draw, an error only then (check_drawable's), mid-text (as a word of several
+    tokens ending in one does where the text ends with its others: words_emptied's, not refused here). (The field to
     name, the error) before any token, or None; None too where only a text stop token is left (a text may end at
     it before the grammar's end, as it did). name: how a field is named (serve's quoted, the commands' flags),
     whose: the grammar's. wake: the token the grammar waits for (Guide.wake): masks that leave it out too never
@@ -1192,8 +1224,11 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
     # each position warped with the tokens before it: the penalties and the n-gram ban as _generate applies them
     p_logits = torch.stack([sampling_logits(logits[:, j], seen=text[:, :L + j], generated_from=start,
                                             live=no_row, **warp) for j in range(k + 1)], dim=1)
-    if warp.get("allowed_token_ids") or warp.get("bad_words"):  # the first position is always drawn from: a live row
-        check_drawable(p_logits[:, 0], ~done)  # left nothing there is an error, not token 0
+    # a live row that takes its token at a position the masks left nothing is plain decoding's error there, not token
+    # 0 (accept_drafts' argmax, or draw of nothing; a grammar then refused it as a bug): the positions where a row has
+    # nothing (all -inf, or NaN once tempered), read once, checked below as the rows take their tokens
+    masks = warp.get("allowed_token_ids"), warp.get("bad_words")
+    empty = (~(p_logits > float("-inf")).any(-1)).any(0).tolist() if any(masks) else [False] * (k + 1)
     if lens is not None:
         n, nxt = accept_lookup(p_logits, text[:, L:], lens, greedy, generator)
     else:
@@ -1206,6 +1241,8 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
     for j, tok in enumerate(kept.split(1, dim=1)):  # as _generate does, a token at a time
         if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
             ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
+        if empty[j]:  # (its error, the words named: allow_and_ban on the text before the position)
+            allow_and_ban(logits[:, j], *masks, seen=idx, generated_from=start, live=~done)
         # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
         # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
         accepted += int((~done).sum()) if j < m else 0
