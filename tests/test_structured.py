@@ -552,6 +552,29 @@ def test_a_word_of_several_tokens_that_bans_the_grammars_end_fails_its_request_a
             engine.close()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_serve_answers_a_word_that_bans_the_grammars_end_mid_answer_with_its_400(server, stream):
+    """The same word served ("a<|endoftext|>": "a" then the EOS, special tokens read as vLLM's tokenizer reads
+    them): a 400 naming bad_words (its param too), not a 500; streamed, the 200's "a" then that error as an event
+    and [DONE]; the engine's server and --max-batch 1's alike."""
+    from test_serve import call
+
+    srv, tok = server
+    a = tok.encode("a")[0]
+    status, out = call(srv, "/v1/completions", {"prompt": "the cat", "max_tokens": 6, "temperature": 0,
+                                                "stream": stream, "structured_outputs": {"choice": ["a"]},
+                                                "bad_words": ["a<|endoftext|>"]})
+    if stream:
+        lines = [line for line in out.split("\n\n") if line]
+        assert status == 200 and lines[-1] == "data: [DONE]", out
+        *chunks, out = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [("a", None)], chunks
+    else:
+        assert status == 400, out
+    said = f"bad_words [{a}, {tok.eot_id}] bans token {tok.eot_id} after its other tokens"
+    assert out["error"]["param"] == "bad_words" and out["error"]["message"].startswith(said), out
+
+
 def test_a_text_stop_token_the_masks_allow_ends_a_grammars_text_unrefused(tiny):
     """A stop token that is text (".") is drawn where the grammar takes it as text and ends the text there, before
     the grammar's end: masks leaving out the EOS but allowing it are not refused (the text ends at it, as before

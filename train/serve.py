@@ -1600,8 +1600,8 @@ class Handler(BaseHTTPRequestHandler):
             self.fail(e)
         except EngineDown as e:  # the server's fault, not the request's: vLLM's EngineDeadError is a 500
             self.fail(APIError(500, str(e), kind="server_error", code="engine_dead"))
-        except UserError as e:  # a setting generate() refuses
-            self.fail(APIError(400, str(e)))
+        except UserError as e:  # a setting generate() refuses (the field it names, where it names one: DrawError's)
+            self.fail(APIError(400, str(e), getattr(e, "field", None)))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left
         except TimeoutError:  # (socket.timeout) mid-stream: the client stopped reading, nothing more can reach it
