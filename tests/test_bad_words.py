@@ -10,6 +10,7 @@ import torch
 
 from tritongpt.errors import UserError
 from tritongpt.train import serve
+from tritongpt.train.batch_generate import generate_batch
 from tritongpt.train.engine import Engine
 from tritongpt.train.generate import allow_and_ban, check_sampling, generate
 
@@ -142,6 +143,10 @@ def test_a_word_of_several_tokens_that_leaves_nothing_is_named_and_never_gives_t
         while engine.running or engine.waiting:
             engine.step()
         h.wait()
+    # offline (generate --prompts): the record it fails named, as a refusal at its submission is
+    each = [None, dict(allowed_token_ids=[7], bad_words=[[7, 7]])]
+    with pytest.raises(UserError, match="^b.jsonl: record 1: " + said):
+        generate_batch(model, [idx, idx], 4, max_batch=2, each=each, names=["b.jsonl: record 0", "b.jsonl: record 1"])
 
 
 def test_served_fields_tokenize_and_refuse(tmp_path):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tritongpt._types import is_int
-from tritongpt.errors import UserError, note, read_text_file
+from tritongpt.errors import EngineDown, UserError, note, read_text_file
 
 # a --prompts record's fields: the prompt and the settings it may give over the command's flags (vLLM's names;
 # "model": a --lora-modules adapter's name, as a serve request's)
@@ -35,8 +35,9 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     own "seed" or "generator" wins), so a prompt's text is the same whatever max_batch; no seed and none of its own:
     torch's global generator. on_done(i, ids): called as each prompt's result is taken, in order. prefix_caching:
     the Engine's (with kv_pages): prompts sharing full leading pages prefill them once. names: a prompt's name for
-    a refusal at its submission (default "prompt i"); every prompt is submitted before the first on_done. stats: a
-    dict given the Engine's stats at the end (prefix caching's prompt tokens and cached ones). max_prefill_tokens:
+    a refusal at its submission or its error mid-answer (default "prompt i"); every prompt is submitted before the
+    first on_done. stats: a dict given the Engine's stats at the end (prefix caching's prompt tokens and cached
+    ones). max_prefill_tokens:
     the Engine's (chunked prefill: at most that many prompt tokens a step). prompt_lookup or draft, num_draft_tokens:
     the Engine's (n-gram or draft-model speculation: each prompt's text generate(prompt_lookup=...)'s or
     generate(draft=...)'s). max_loras: the Engine's (a
@@ -70,7 +71,12 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
         engine.start()  # steps on its thread while this one takes the results in order
         outs = []
         for i, h in enumerate(handles):
-            outs.append(h.wait())
+            try:
+                outs.append(h.wait())
+            except EngineDown:  # (the engine's fault, not the prompt's)
+                raise
+            except UserError as e:  # this prompt's own, mid-answer (its masks leave its text nothing, say): which
+                raise UserError(f"{names[i] if names is not None else f'prompt {i}'}: {e}") from None
             if on_done is not None:
                 on_done(i, outs[-1])
         return outs
