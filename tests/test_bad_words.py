@@ -149,6 +149,25 @@ def test_a_word_of_several_tokens_that_leaves_nothing_is_named_and_never_gives_t
         generate_batch(model, [idx, idx], 4, max_batch=2, each=each, names=["b.jsonl: record 0", "b.jsonl: record 1"])
 
 
+def test_masks_with_the_ngram_ban_that_leave_nothing_are_an_error_not_token_0():
+    """allowed_token_ids [7, 8, 10] and no_repeat_ngram_size 1 after a prompt of 7, 8: the first token is 10, then the
+    ban leaves the allowed ids nothing (the vocabulary is not all banned, which was all the ban checked): an error,
+    not token 0 drawn outside them, plain decoding (greedy, sampled), prompt lookup's verify step and the engine's."""
+    model, idx = tiny(), torch.tensor([[5, 7, 8, 9, 5]])  # (the n-gram "5" proposes 7, 8, 9)
+    kw = dict(allowed_token_ids=[7, 8, 10], no_repeat_ngram_size=1)
+    said = "--no-repeat-ngram-size 1 bans every token of a row's vocabulary .* the masks leave it"
+    for extra in (dict(), dict(temperature=1.0), dict(prompt_lookup=1, num_draft_tokens=3)):
+        assert generate(model, idx, 1, **kw, **extra)[0, -1] == 10
+        with pytest.raises(UserError, match=said):
+            generate(model, idx, 2, **kw, **extra)
+    for engine in (Engine(model, max_batch=2), Engine(model, max_batch=2, prompt_lookup=1, num_draft_tokens=3)):
+        h = engine.submit(idx, 2, **kw)
+        with pytest.raises(UserError, match=said):
+            while engine.running or engine.waiting:
+                engine.step()
+            h.wait()
+
+
 def test_served_fields_tokenize_and_refuse(tmp_path):
     tok = tiny_run(tmp_path / "run", "chat")
     server = start(tmp_path / "run")

@@ -146,7 +146,8 @@ def ban_repeated_ngrams(logits, seen, n: int, live=None, strict: bool = True):
     """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already in the row
     (seen [B, T], the prompt's ids included) gets -inf; n = 1 bans every id seen. Ids past the logits are left
     out. live [B] (None: all): the rows still drawing; a finished row (its token replaced by the EOS) whose every
-    token is banned keeps its logits, where a live one is an error. strict False: no error, such a row is all -inf
+    token is banned (or every one its logits do not have -inf already: allowed_token_ids') keeps its logits, where
+    a live one is an error. strict False: no error, such a row is all -inf
     (a beam search beam, dropped for the others, as transformers' beam search leaves it)."""
     B, V = logits.shape
     T = seen.size(1)
@@ -158,13 +159,17 @@ def ban_repeated_ngrams(logits, seen, n: int, live=None, strict: bool = True):
     banned = torch.where(match, windows[:, :, -1].clamp(max=V), V)  # unmatched -> the spare column
     marks = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
     marks = marks.scatter(-1, banned, True)[:, :V]
-    full = marks.all(dim=-1, keepdim=True)
+    # left nothing: every id banned, or every one the masks before left (allowed_token_ids, bad_words, min_tokens'),
+    # where a draw would take token 0, outside them
+    full = (marks | (logits == float("-inf"))).all(dim=-1, keepdim=True)
     if live is not None:
         marks = marks & ~(full & ~live.view(-1, 1))
         full = full & live.view(-1, 1)
     if strict and bool(full.any()):  # nothing left to draw: multinomial's NaN error, or greedy's id 0, otherwise
-        raise UserError(f"--no-repeat-ngram-size {n} bans every token of a row's vocabulary ({V}): the text has "
-                        "repeated all it may; use a larger N, or fewer new tokens")
+        row = int(full.squeeze(-1).nonzero()[0])
+        left = "" if bool(marks[row].all()) else " the masks leave it (allowed_token_ids, bad_words, min_tokens')"
+        raise UserError(f"--no-repeat-ngram-size {n} bans every token of a row's vocabulary ({V}){left}: the text "
+                        "has repeated all it may; use a larger N, or fewer new tokens")
     return logits.masked_fill(marks, float("-inf"))
 
 
@@ -1226,9 +1231,10 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
                                             live=no_row, **warp) for j in range(k + 1)], dim=1)
     # a live row that takes its token at a position the masks left nothing is plain decoding's error there, not token
     # 0 (accept_drafts' argmax, or draw of nothing; a grammar then refused it as a bug): the positions where a row has
-    # nothing (all -inf, or NaN once tempered), read once, checked below as the rows take their tokens
-    masks = warp.get("allowed_token_ids"), warp.get("bad_words")
-    empty = (~(p_logits > float("-inf")).any(-1)).any(0).tolist() if any(masks) else [False] * (k + 1)
+    # nothing (all -inf, or NaN once tempered), read once, checked below as the rows take their tokens; the n-gram
+    # ban's at every position (live=no_row left a row it empties as it was: no error where no row reaches it)
+    masks = {key: warp[key] for key in ("allowed_token_ids", "bad_words") if warp.get(key)}
+    empty = (~(p_logits > float("-inf")).any(-1)).any(0).tolist() if masks else [False] * (k + 1)
     if lens is not None:
         n, nxt = accept_lookup(p_logits, text[:, L:], lens, greedy, generator)
     else:
@@ -1239,10 +1245,9 @@ def verify_step(logits, text, L: int, start: int, done, warp: dict, generator, e
     offered = int(lens[~done].sum()) if lens is not None else k * live
     idx, finished, ended, accepted, kept_drafts = text[:, :L], False, None, 0, 0
     for j, tok in enumerate(kept.split(1, dim=1)):  # as _generate does, a token at a time
-        if ban:  # the kept text is plain decoding's: where the ban leaves it nothing here, plain decoding's error
-            ban_repeated_ngrams(logits[:, j], idx, ban, live=~done)
-        if empty[j]:  # (its error, the words named: allow_and_ban on the text before the position)
-            allow_and_ban(logits[:, j], *masks, seen=idx, generated_from=start, live=~done)
+        if ban or empty[j]:  # the kept text is plain decoding's: where the masks and the ban leave it nothing here,
+            # plain decoding's error (the words named), its masks on the text before the position
+            sampling_logits(logits[:, j], seen=idx, generated_from=start, live=~done, no_repeat_ngram_size=ban, **masks)
         # the m draft tokens every row keeps (not after an EOS or a stop): a row's accepted (m + 1)-th is the step's
         # own token in the place of the model's, so accepted_per_forward + 1 is the tokens a forward gives a row
         accepted += int((~done).sum()) if j < m else 0
