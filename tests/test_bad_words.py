@@ -168,6 +168,24 @@ def test_masks_with_the_ngram_ban_that_leave_nothing_are_an_error_not_token_0():
             h.wait()
 
 
+def test_speculation_errs_only_where_a_row_takes_its_token():
+    """The masks leave nothing after the draft 7 (allowed_token_ids [7, 8], the words [7, 7] and [7, 8]), but the
+    model, its 8 biased up, refuses that draft: no row takes a token there, and the text is plain decoding's (8s),
+    not an error, greedy and sampled, generate() and the engine."""
+    model, idx = tiny(), torch.tensor([[5, 7, 8, 9, 5]])  # (the n-gram "5" proposes 7, 8, 9)
+    kw = dict(allowed_token_ids=[7, 8], bad_words=[[7, 7], [7, 8]], logit_bias={8: 100.0})
+    for temperature in (0.0, 1.0):
+        want = generate(model, idx, 4, temperature=temperature, **kw)
+        assert want[0, 5:].tolist() == [8] * 4
+        got = generate(model, idx, 4, temperature=temperature, prompt_lookup=1, num_draft_tokens=3, **kw)
+        assert torch.equal(got, want)
+        engine = Engine(model, max_batch=2, prompt_lookup=1, num_draft_tokens=3)
+        h = engine.submit(idx, 4, temperature=temperature, **kw)
+        while engine.running or engine.waiting:
+            engine.step()
+        assert torch.equal(h.wait(), want)
+
+
 def test_served_fields_tokenize_and_refuse(tmp_path):
     tok = tiny_run(tmp_path / "run", "chat")
     server = start(tmp_path / "run")
