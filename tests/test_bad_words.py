@@ -145,8 +145,9 @@ def test_a_word_of_several_tokens_that_leaves_nothing_is_named_and_never_gives_t
         h.wait()
     # offline (generate --prompts): the record it fails named, as a refusal at its submission is
     each = [None, dict(allowed_token_ids=[7], bad_words=[[7, 7]])]
-    with pytest.raises(UserError, match="^b.jsonl: record 1: " + said):
+    with pytest.raises(DrawError, match="^b.jsonl: record 1: " + said) as e:  # (its type and field kept)
         generate_batch(model, [idx, idx], 4, max_batch=2, each=each, names=["b.jsonl: record 0", "b.jsonl: record 1"])
+    assert e.value.field == "bad_words"
 
 
 def test_masks_with_the_ngram_ban_that_leave_nothing_are_an_error_not_token_0():

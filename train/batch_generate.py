@@ -51,6 +51,11 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
     if not len(each) == len(budgets) == len(prompts):
         raise UserError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens and {len(each)} settings: pass "
                         "one of each a prompt")
+
+    def named(e, i):  # e with prompt i's name first, its type and fields kept (a DrawError's field, say)
+        e.args = (f"{names[i] if names is not None else f'prompt {i}'}: {e}",) + e.args[1:]
+        return e
+
     engine = Engine(model, max_batch=max_batch, kv_cache_dtype=kv_cache_dtype, autocast=autocast, kv_pages=kv_pages,
                     page_size=page_size, cuda_graph=cuda_graph, prefix_caching=prefix_caching,
                     max_prefill_tokens=max_prefill_tokens, prompt_lookup=prompt_lookup,
@@ -67,7 +72,7 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
             try:
                 handles.append(engine.submit(idx, kw.pop("max_new_tokens"), **kw))
             except UserError as e:  # (the engine's pages, say: which of thousands of prompts it could never admit)
-                raise UserError(f"{names[i] if names is not None else f'prompt {i}'}: {e}") from None
+                raise named(e, i) from None
         engine.start()  # steps on its thread while this one takes the results in order
         outs = []
         for i, h in enumerate(handles):
@@ -76,7 +81,7 @@ def generate_batch(model, prompts, max_new_tokens, max_batch: int = 32, kv_pages
             except EngineDown:  # (the engine's fault, not the prompt's)
                 raise
             except UserError as e:  # this prompt's own, mid-answer (its masks leave its text nothing, say): which
-                raise UserError(f"{names[i] if names is not None else f'prompt {i}'}: {e}") from None
+                raise named(e, i) from None
             if on_done is not None:
                 on_done(i, outs[-1])
         return outs
