@@ -118,8 +118,9 @@ def test_nothing_left_to_draw_and_bad_settings_are_refused():
 def test_a_word_of_several_tokens_that_leaves_nothing_is_named_and_never_gives_token_0():
     """allowed_token_ids [7] and the word [7, 7]: after a 7 nothing is left. The error names the word (a DrawError,
     field bad_words: serve's 400 param), where a one-token word's stays the general one; prompt lookup's verify step,
-    whose proposals 7, 8 are checked in one step, raises it too (it took token 0 there, outside allowed_token_ids),
-    greedy and sampled (whose tempered logits are NaN, not -inf), generate() and the engine alike."""
+    whose proposal 7 and the token after it are checked in one step, raises it too (it took token 0 there, outside
+    allowed_token_ids), greedy and sampled (whose tempered logits are NaN, not -inf), generate() and the engine
+    alike. Two new tokens: the error is the second's (token 0 taken there raised nothing until a later 7)."""
     from tritongpt.train.generate import DrawError
 
     logits = torch.randn(2, 9)
@@ -136,9 +137,9 @@ def test_a_word_of_several_tokens_that_leaves_nothing_is_named_and_never_gives_t
     said = re.escape("bad_words [7, 7] bans token 7 after its other tokens")
     for kw in (dict(), dict(prompt_lookup=1, num_draft_tokens=3), dict(prompt_lookup=1, temperature=1.0)):
         with pytest.raises(DrawError, match=said):
-            generate(model, idx, 4, allowed_token_ids=[7], bad_words=[[7, 7]], **kw)
+            generate(model, idx, 2, allowed_token_ids=[7], bad_words=[[7, 7]], **kw)
     engine = Engine(model, max_batch=4, prompt_lookup=1, num_draft_tokens=3)
-    h = engine.submit(idx, 4, allowed_token_ids=[7], bad_words=[[7, 7]])
+    h = engine.submit(idx, 2, allowed_token_ids=[7], bad_words=[[7, 7]])
     with pytest.raises(DrawError, match=said):
         while engine.running or engine.waiting:
             engine.step()
@@ -146,7 +147,7 @@ def test_a_word_of_several_tokens_that_leaves_nothing_is_named_and_never_gives_t
     # offline (generate --prompts): the record it fails named, as a refusal at its submission is
     each = [None, dict(allowed_token_ids=[7], bad_words=[[7, 7]])]
     with pytest.raises(DrawError, match="^b.jsonl: record 1: " + said) as e:  # (its type and field kept)
-        generate_batch(model, [idx, idx], 4, max_batch=2, each=each, names=["b.jsonl: record 0", "b.jsonl: record 1"])
+        generate_batch(model, [idx, idx], 2, max_batch=2, each=each, names=["b.jsonl: record 0", "b.jsonl: record 1"])
     assert e.value.field == "bad_words"
 
 
