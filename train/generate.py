@@ -27,7 +27,7 @@ import math
 import torch
 
 from tritongpt._types import is_int, is_real
-from tritongpt.errors import UserError
+from tritongpt.errors import FieldError, UserError
 from tritongpt.model.layers import KV_CACHE_DTYPES
 from tritongpt.model.sampling import draw_from_probs, draw_with_uniform, sampling_with_triton
 
@@ -325,13 +325,9 @@ def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, gen
     return masked
 
 
-class DrawError(UserError):
+class DrawError(FieldError):
     """check_drawable's: a live row left no token to draw; field: the setting to change where one alone did (serve's
     400 param), else None."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
 
 
 def words_emptied(named) -> DrawError:

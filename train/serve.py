@@ -50,7 +50,7 @@ from pathlib import Path
 
 from tritongpt._types import is_int, is_real
 from tritongpt.cli import command_help
-from tritongpt.errors import EngineDown, UserError, note, read_json_object
+from tritongpt.errors import EngineDown, FieldError, UserError, note, read_json_object
 from tritongpt.train.metrics import Metrics
 from tritongpt.train.pooling import CONVERTS, RUNNERS, check_pooling_args
 from tritongpt.train.reasoning import ReasoningStream
@@ -1600,8 +1600,8 @@ class Handler(BaseHTTPRequestHandler):
             self.fail(e)
         except EngineDown as e:  # the server's fault, not the request's: vLLM's EngineDeadError is a 500
             self.fail(APIError(500, str(e), kind="server_error", code="engine_dead"))
-        except UserError as e:  # a setting generate() refuses (the field it names, where it names one: DrawError's)
-            self.fail(APIError(400, str(e), getattr(e, "field", None)))
+        except UserError as e:  # a setting generate() refuses (the field it names, where it names one: a FieldError)
+            self.fail(APIError(400, str(e), e.field if isinstance(e, FieldError) else None))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left
         except TimeoutError:  # (socket.timeout) mid-stream: the client stopped reading, nothing more can reach it

@@ -17,7 +17,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from tritongpt.errors import UserError
+from tritongpt.errors import FieldError, UserError
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 # vLLM's StructuredOutputsParams' options taken here: disable_any_whitespace (JSON with xgrammar's fixed ", " and
@@ -102,12 +102,8 @@ class StructuredOutputs:
         return next(k for k in KINDS if getattr(self, k) not in (None, False))
 
 
-class StructureError(UserError):
+class StructureError(FieldError):
     """request_structure's refusal, naming the request's field (serve's 400 param)."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
 
 
 def request_structure(d: dict, where: str = "") -> tuple:

@@ -8,6 +8,14 @@ class UserError(Exception):
     """Bad input from the user (file, field, shape, option): printed as `error: ...`, exit 2."""
 
 
+class FieldError(UserError):
+    """A UserError a request's field caused: field, the one to change (serve's 400 `param`), or None."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
 class EngineDown(UserError):
     """The batching engine (train/engine.py) cannot end a request: its thread died or it is closed. Not the
     request's fault: serve answers it with a 500, as vLLM's EngineDeadError."""
