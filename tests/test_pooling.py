@@ -190,6 +190,19 @@ def test_flags_refused_by_name(lm_folder, flags, words):
         start(folder, "--runner", "pooling", *flags)
 
 
+def test_every_serve_flag_is_read_by_the_pooling_runner_or_refused():
+    """Each flag of serve's parser (run-batch's are the same, add_server_args') is one the pooling runner reads or
+    one of GENERATION_FLAGS, which it refuses when given: a flag added later is placed here or fails."""
+    from tritongpt.bench.serve import serve_parser
+    from tritongpt.train.pooling import GENERATION_FLAGS
+
+    reads = {"help", "model", "kernels", "device", "weights", "pretrained", "tokenizer", "quantize", "group_size",
+             "host", "port", "api_key", "runner", "convert", "pooler_config", "chat_template", "served_model_name",
+             "dtype"}  # (load_generation_model's, the listener's, pooling's own; --chat-template a reward model's)
+    flags = {a.dest for a in serve_parser()._actions}
+    assert sorted(flags - reads - set(GENERATION_FLAGS)) == [] and set(GENERATION_FLAGS) <= flags
+
+
 def test_pooling_flags_need_the_pooling_runner(lm_folder):
     with pytest.raises(UserError, match="--pooler-config is used only with --runner pooling"):
         start(lm_folder[0], "--pooler-config", "{}")

@@ -40,21 +40,15 @@ NOT_POOLING = {"CLS": "CLS reads a bidirectional encoder's first token; these mo
 EMBEDDINGS, POOLING = "/v1/embeddings", "/pooling"
 SCORE_PATHS, RERANK_PATHS = ("/score", "/v1/score"), ("/rerank", "/v1/rerank", "/v2/rerank")  # (vLLM's)
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
-# generation flags that mean nothing to a pooling server: refused with --runner pooling
-GENERATION_FLAGS = (("speculative_config", "--speculative-config"), ("enable_lora", "--enable-lora"),
-                    ("lora_modules", "--lora-modules"), ("enable_auto_tool_choice", "--enable-auto-tool-choice"),
-                    ("tool_call_parser", "--tool-call-parser"), ("reasoning_parser", "--reasoning-parser"),
-                    ("kv_cache_pages", "--kv-cache-pages"), ("enable_prefix_caching", "--enable-prefix-caching"),
-                    ("max_prefill_tokens", "--max-prefill-tokens"), ("cuda_graphs", "--cuda-graphs"),
-                    ("kv_cache_dtype", "--kv-cache-dtype"),  # (a forward here keeps no KV cache)
-                    ("generation_config", "--generation-config"),
-                    ("override_generation_config", "--override-generation-config"),
-                    ("enable_prompt_tokens_details", "--enable-prompt-tokens-details"),  # (no prefix cache here)
+# serve's generation flags (their dests), which mean nothing to a pooling server: refused with --runner pooling when
+# given, i.e. off serve's own parser defaults (as bench refuses another benchmark's flags; a default is not given)
+GENERATION_FLAGS = ("speculative_config", "enable_lora", "lora_modules", "enable_auto_tool_choice", "tool_call_parser",
+                    "reasoning_parser", "kv_cache_pages", "enable_prefix_caching", "max_prefill_tokens", "cuda_graphs",
+                    "kv_cache_dtype",  # (a forward here keeps no KV cache)
+                    "generation_config", "override_generation_config",
+                    "enable_prompt_tokens_details",  # (no prefix cache here)
                     # (no engine: a request's inputs run in forwards of at most MAX_TOKENS positions, no KV cache)
-                    ("max_batch", "--max-batch"), ("kv_page_size", "--kv-page-size"),
-                    ("max_loras", "--max-loras"), ("max_lora_rank", "--max-lora-rank"))
-# GENERATION_FLAGS' defaults that are not None (--max-batch's, serve.MAX_BATCH, added in check_pooling_args)
-DEFAULTS = {"kv_cache_dtype": "auto", "generation_config": "auto"}
+                    "max_batch", "kv_page_size", "max_loras", "max_lora_rank")
 
 
 def pooler_config(text: str | None, kind: str) -> dict:
@@ -89,13 +83,13 @@ def check_pooling_args(args):
             if value is not None:
                 raise UserError(f"{flag} is used only with --runner pooling (embeddings, reward scores)")
         return
-    from tritongpt.train.serve import MAX_BATCH
+    from tritongpt.bench.serve import serve_parser
 
-    for dest, flag in GENERATION_FLAGS:
-        value = getattr(args, dest, None)  # (by identity: a 0, which == False, is set; False is a switch left off)
-        if value is not None and value is not False and value != {**DEFAULTS, "max_batch": MAX_BATCH}.get(dest):
-            raise UserError(f"{flag} is a generation setting: --runner pooling serves embeddings and reward scores, "
-                            "it generates nothing")
+    actions = {a.dest: a for a in serve_parser()._actions}
+    for dest in GENERATION_FLAGS:  # (!= the default: --max-loras 0 is given, its default None)
+        if getattr(args, dest) != actions[dest].default:
+            raise UserError(f"{actions[dest].option_strings[0]} is a generation setting: --runner pooling serves "
+                            "embeddings and reward scores, it generates nothing")
 
 
 def load_pooler(args):
