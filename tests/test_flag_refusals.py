@@ -155,3 +155,25 @@ def test_a_wandb_setting_without_wandb_is_refused(cmd, flags, tmp_path, capsys):
     assert cli.main([cmd, *flags, "--out-dir", str(tmp_path / "run")]) == 2
     assert f"{flags[0]} is wandb's (the run's name and project there): pass --report-to wandb too" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["serve", "run-batch"])
+@pytest.mark.parametrize("flags", [["--max-batch", "4"], ["--kv-page-size", "32"], ["--max-loras", "0"],
+                                   ["--enable-prefix-caching"], ["--kv-cache-dtype", "int8"],
+                                   ["--generation-config", "vllm"]])
+def test_the_pooling_runner_refuses_a_generation_flag(cmd, flags, tmp_path, capsys):
+    """--runner pooling decodes nothing: serve's engine and generation flags off serve's own defaults are refused
+    by name, before the model (not there) is loaded and run-batch's input (not there either) is read."""
+    files = ["-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")] * (cmd == "run-batch")
+    assert cli.main([cmd, *files, "--runner", "pooling", "--weights", str(tmp_path / "none"), *flags]) == 2
+    assert f"{flags[0]} is a generation setting: --runner pooling serves embeddings" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_the_pooling_runner_takes_the_generation_flags_at_their_defaults(tmp_path, capsys):
+    """serve's defaults named (--max-batch 8, --kv-cache-dtype auto, --generation-config auto) are not given: the
+    run goes on to load its --weights (not there)."""
+    assert cli.main(["serve", "--runner", "pooling", "--weights", str(tmp_path / "none"), "--max-batch", "8",
+                     "--kv-cache-dtype", "auto", "--generation-config", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "generation setting" not in err and str(tmp_path / "none") in err

@@ -266,8 +266,10 @@ def cmd_run_batch(args):
     from tqdm import tqdm
 
     from tritongpt.bench.serve import start_server
+    from tritongpt.train.pooling import check_pooling_args
     from tritongpt.train.serve import lora_modules
 
+    check_pooling_args(args)  # (serve's make_server checks it too, but only after the input is read)
     requests = [r for _, r in read_requests(args.input_file)]
     path = output_path(args)
     # --enable-lora alone is serve's with $VLLM_ALLOW_RUNTIME_LORA_UPDATING (adapters loaded through POST
@@ -307,8 +309,9 @@ def cmd_run_batch(args):
     # (throughput in the tokens the runner makes: drawn ones; a pooling runner's, the inputs it reads)
     kind = "completion" if args.runner == "generate" else "prompt"
     rate = (completion_tokens if kind == "completion" else prompt_tokens) / seconds
+    batch = f" (--max-batch {args.max_batch})" if args.runner == "generate" else ""  # (pooling runs no engine)
     note(f"{len(requests)} requests ({ok} ok, {len(requests) - ok} failed) in {seconds:.2f} s: {prompt_tokens} prompt "
-         f"and {completion_tokens} completion tokens, {rate:.1f} {kind} tokens/s (--max-batch {args.max_batch}); "
+         f"and {completion_tokens} completion tokens, {rate:.1f} {kind} tokens/s{batch}; "
          f"written to {'stdout' if path is None else path}")
     return 0
 
