@@ -208,6 +208,9 @@ def check_args(args) -> tuple:
     args.output_len (64, or 1 with --scoring) and args.prompts_per_request (8 with --scoring) set."""
     if args.prompts_per_request is not None and not args.scoring:
         raise UserError("--prompts-per-request is --scoring's: the generation load sends one prompt a request")
+    if args.runner == "pooling":  # (the server would answer every request of the load with a 404)
+        raise UserError("--runner pooling serves embeddings and scores, no text: bench serve times completions "
+                        "(--endpoint, --scoring), which it does not answer")
     if args.output_len is None:
         args.output_len = 1 if args.scoring else 64
     if args.prompts_per_request is None:

@@ -554,6 +554,7 @@ def closed_port():
     (["--weights", "{saved}", "--device", "cpu", "--endpoint", "/v1/chat/completions"],
      "--endpoint /v1/chat/completions: the served model has no chat format"),
     (["--prompts-per-request", "4"], "--prompts-per-request is --scoring's"),
+    (["--runner", "pooling", "--weights", "nowhere"], "--runner pooling serves embeddings and scores, no text"),
     (["--base-url", "http://127.0.0.1:1/v1", "--random-loras", "2"],
      "--random-loras writes adapters for the in-process server: with --base-url name the server's own"),
     (["--base-url", "http://127.0.0.1:1/v1", "--lora-modules", "a=/x"],
