@@ -177,3 +177,11 @@ def test_the_pooling_runner_takes_the_generation_flags_at_their_defaults(tmp_pat
                      "--kv-cache-dtype", "auto", "--generation-config", "auto"]) == 2
     err = capsys.readouterr().err
     assert "generation setting" not in err and str(tmp_path / "none") in err
+
+
+def test_the_pooling_runner_refuses_a_chat_template_for_an_embedder_before_loading(tmp_path, capsys):
+    """--chat-template lays out a reward model's chats; --weights that hold none (here: nothing) embed, and the
+    refusal comes before the model is loaded (else: the missing weights' error)."""
+    assert cli.main(["serve", "--runner", "pooling", "--weights", str(tmp_path / "none"), "--chat-template",
+                     "{{ messages }}"]) == 2
+    assert "--chat-template lays out a reward model's chats" in capsys.readouterr().err

@@ -92,19 +92,28 @@ def check_pooling_args(args):
                             "embeddings and reward scores, it generates nothing")
 
 
-def load_pooler(args):
-    """(model, tokenizer, device, dtype, limit, Pooler) for --runner pooling: a reward model by RewardModel.load
-    (detected, or --convert reward), else the language model as generate loads it."""
-    from tritongpt.commands import load_generation_model
-    from tritongpt.train.common import pick_device, pick_dtype
-    from tritongpt.train.reward import RewardModel, is_reward_model
-    from tritongpt.train.sft import pick_tokenizer
+def pooler_kind(args) -> tuple:
+    """(kind: "embed" or "reward", whether --weights holds a reward model), read from the checkpoint without
+    loading it: --convert, else "reward" for a reward model, else "embed"."""
+    from tritongpt.train.reward import is_reward_model
 
     reward = bool(args.weights) and is_reward_model(args.weights)
     kind = args.convert if args.convert not in (None, "auto") else "reward" if reward else "embed"
     if kind == "reward" and not reward:
         raise UserError(f"--convert reward needs a reward model (a `tritongpt reward` checkpoint or a Hugging Face "
                         f"sequence classifier with one label): {args.weights or args.model} is not one")
+    return kind, reward
+
+
+def load_pooler(args):
+    """(model, tokenizer, device, dtype, limit, Pooler) for --runner pooling: a reward model by RewardModel.load
+    (detected, or --convert reward), else the language model as generate loads it."""
+    from tritongpt.commands import load_generation_model
+    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.reward import RewardModel
+    from tritongpt.train.sft import pick_tokenizer
+
+    kind, reward = pooler_kind(args)
     config = pooler_config(args.pooler_config, kind)
     if not reward:
         model, tok, device, dtype, limit = load_generation_model(args)

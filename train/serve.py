@@ -2726,14 +2726,15 @@ def model_name(args) -> str:
 
 def pooling_server(args) -> ThreadingHTTPServer:
     """--runner pooling's server (train/pooling.py): the model's embeddings or reward scores, no engine, no chat."""
-    from tritongpt.train.pooling import load_pooler, served_path
+    from tritongpt.train.pooling import load_pooler, pooler_kind, served_path
 
     key = api_key(args)
     chat_template = chat_template_arg(args.chat_template)  # (a reward model's chats: its prompt's template)
-    model, tok, device, dtype, limit, pooler = load_pooler(args)
-    if chat_template is not None and pooler.kind != "reward":  # (an embedder encodes texts: it would be ignored)
+    # (an embedder encodes texts: the template would be ignored; the kind read before the model loads)
+    if chat_template is not None and pooler_kind(args)[0] != "reward":
         raise UserError("--chat-template lays out a reward model's chats (/pooling's messages, /score's and "
                         "/rerank's pairs); an embedder reads texts alone")
+    model, tok, device, dtype, limit, pooler = load_pooler(args)
     if chat_template is not None:
         tok.chat_template = chat_template
     server = Server((args.host, args.port), Handler)
