@@ -213,8 +213,10 @@ def test_info_on_a_checkpoint_says_its_config_and_its_run(saved_model, tmp_path,
     assert "no checkpoint found" in capsys.readouterr().err
 
 
-def test_unknown_model_is_a_one_line_error(capsys):
-    assert main(["info", "--model", "gpt9"]) == 2
+@pytest.mark.parametrize("argv", [["info"], ["generate", "--prompt", "hi", "--device", "cpu"]])
+def test_unknown_model_is_a_one_line_error(argv, capsys):
+    """generate's random model too: no note that 'gpt9 has random weights' before the error."""
+    assert main(argv + ["--model", "gpt9"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown model 'gpt9'") and "\n" not in err
 

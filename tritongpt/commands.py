@@ -479,8 +479,9 @@ def load_generation_model(args):
         model = load_pretrained(args.model)
     else:
         name = args.model or "tiny"
+        config = get_config(name)  # an unknown name refused before the note calls it a model
         note(f"{name} has random weights (pass --weights for a trained model)")
-        model = GPTModel(get_config(name))
+        model = GPTModel(config)
     quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
     model.to(device).eval()
     model.set_kernels(args.kernels)
