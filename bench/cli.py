@@ -573,6 +573,10 @@ def cmd_bench(args):
 
         check_out_dir(args.out)
     if args.what == "compile":
+        if args.cases is not None:
+            from tritongpt.bench.compile_check import check_cases
+
+            check_cases(args.cases)
         return _run_compile(args)
     if args.what == "profile":
         return _run_profile(args, cuda=torch.cuda.is_available())

@@ -723,8 +723,17 @@ def markdown(env, rows, judged) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_cases(cases):
+    """--cases must compile as a regular expression (checked by `bench compile` before this process starts)."""
+    try:
+        re.compile(cases)
+    except re.error as e:
+        raise UserError(f"--cases {cases!r} is not a regular expression: {e}") from None
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # run as `tritongpt bench compile`'s child process (_require_compiled_mode): its errors name that command
+    p = argparse.ArgumentParser(prog="tritongpt bench compile", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED_BYTES),
                    help="compute capability x10 (default %(default)s: H100/H200; 80: A100; 86/89: RTX 30xx/40xx, L4; "
                         "75/70: T4, V100, checked in fp16 rather than bf16)")
@@ -744,9 +753,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cases is not None:
         try:
-            re.compile(args.cases)
-        except re.error as e:
-            p.error(f"--cases {args.cases!r} is not a regular expression: {e}")
+            check_cases(args.cases)
+        except UserError as e:
+            p.error(str(e))
     if args.workers is not None and args.workers < 1:
         p.error(f"--workers must be a positive integer, got {args.workers}")
     if args.out:
@@ -767,8 +776,9 @@ def main(argv=None):
     try:
         rows, judged = run_check(args.arch, args.quick, args.workers, cases=args.cases,
                                  one_config=args.one_config)
-    except UserError as e:
-        p.error(str(e))
+    except UserError as e:  # one line, as the command line's other errors (not argparse's usage)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     text = markdown(env, rows, judged)
     n_warn = sum(r["status"] != "ok" for r in rows)
     print(f"{sum(judged.values())}/{len(judged)} launches have a clean config; "

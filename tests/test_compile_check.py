@@ -403,6 +403,26 @@ def test_cases_picks_the_launches_it_names(monkeypatch):
         compile_check.main(["--cases", "hd(256"])
 
 
+def test_cases_matching_nothing_is_a_one_line_error(monkeypatch, capsys):
+    """Found only in `bench compile`'s child process, after the capture: one line, as the command line's other
+    errors, not argparse's usage under the module's own file name (compile_check.py: error: ...)."""
+    import subprocess
+
+    from tritongpt import cli
+
+    monkeypatch.setattr(compile_check, "_require_compiled_mode", lambda: None)
+    monkeypatch.setattr(compile_check, "capture", lambda quick, half, tma: [])
+    assert compile_check.main(["--cases", "hd512"]) == 2
+    assert capsys.readouterr().err == "error: --cases 'hd512' matches no launch\n"
+    with pytest.raises(SystemExit):
+        compile_check.main(["--cases", "hd(256"])
+    assert "tritongpt bench compile: error: --cases 'hd(256' is not a regular" in capsys.readouterr().err
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("compile_check started"))
+    assert cli.main(["bench", "compile", "--cases", "hd(256"]) == 2  # refused before the child process
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cases 'hd(256' is not a regular expression: ") and err.count("\n") == 1
+
+
 _TMA_PROBE = r"""
 import json
 from tritongpt.bench import compile_check as cc
