@@ -75,6 +75,16 @@ def command_parser(parser, argv):
     return parser
 
 
+def did_you_mean(parser, unknown) -> str:
+    """' (did you mean --model?)' for an unknown flag spelled close to one of the command's (a typo), else ''."""
+    import difflib
+
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    near = [m for word in unknown if word.startswith("--")
+            for m in difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.8)]
+    return f" (did you mean {', '.join(dict.fromkeys(near))}?)" if near else ""
+
+
 # the commands whose --data may be a Hugging Face Hub dataset id, and the split each reads
 DATASET_COMMANDS = {"pretrain": "train", "sft": "train", "reward": "train", "dpo": "train", "kto": "train",
                     "rlhf": "train", "eval": "train", "lambada": "test"}
@@ -121,7 +131,8 @@ def main(argv=None) -> int:
     parser = build_parser([a for a in argv if not a.startswith("-")][:1])
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named with the command's own usage (command_parser)
-        command_parser(parser, argv).error(f"unrecognized arguments: {' '.join(unknown)}")
+        own = command_parser(parser, argv)
+        own.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(own, unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
