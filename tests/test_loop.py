@@ -1525,7 +1525,7 @@ def test_dtype_seed_and_oom_helpers_by_their_docs(monkeypatch, capsys):
     with pytest.raises(UserError, match="unknown dtype 'fp64'; use auto, fp32, bf16 or fp16"):
         common.pick_dtype("fp64", cpu)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="device 'cuda' requested but CUDA is not available"):
+    with pytest.raises(UserError, match=r"device 'cuda' requested but CUDA is not available: --device cpu \(or auto"):
         common.pick_device("cuda")
     # --seed: a 64-bit integer, both ends included
     for ok in (-2**63, 2**63 - 1, 0):

@@ -51,7 +51,8 @@ def pick_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available")
+        raise UserError(f"device {name!r} requested but CUDA is not available: --device cpu (or auto, the default) "
+                        f"runs on this machine's CPU")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
