@@ -466,8 +466,8 @@ def test_get_tokenizer_errors(monkeypatch):
     with pytest.raises(UserError, match="could not download.*encoder.json and vocab.bpe") as e:
         get_tokenizer("gpt2")
     assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="unknown tokenizer"):
-        get_tokenizer("no/such/tokenizer.json")
+    with pytest.raises(UserError, match=r"unknown tokenizer 'no/such/tokenizer.json' \(no such file or folder\)"):
+        get_tokenizer("no/such/tokenizer.json")  # a typo'd path is told so, not only that the name is unknown
 
 
 def test_default_tokenizer_is_cached_and_retrained_when_stale(tmp_path, monkeypatch):

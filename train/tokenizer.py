@@ -1017,8 +1017,8 @@ def get_tokenizer(spec="default"):
         if p.name == SPM_MODEL:  # SentencePiece's: likewise its folder, which names its special tokens
             return from_hf_folder(p.parent)
         return load_tokenizer(p)
-    raise UserError(f"unknown tokenizer {spec!r}: use 'default', 'gpt2', a tokenizer .json file, "
-                    f"or a folder (a run's; encoder.json and vocab.bpe; Hugging Face's tokenizer files)")
+    raise UserError(f"unknown tokenizer {spec!r} (no such file or folder): use 'default', 'gpt2', a tokenizer "
+                    f".json file, or a folder (a run's; encoder.json and vocab.bpe; Hugging Face's tokenizer files)")
 
 
 # -- command line: `tritongpt bpe train|encode|decode` -----------------------------------------------
