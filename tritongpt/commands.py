@@ -462,7 +462,7 @@ def load_generation_model(args):
 
     from tritongpt.model.config import get_config
     from tritongpt.model.gpt import GPTModel
-    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.common import note_slow_kernels, pick_device, pick_dtype
     from tritongpt.train.sft import pick_tokenizer
 
     device = pick_device(args.device)
@@ -485,6 +485,7 @@ def load_generation_model(args):
     quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
     model.to(device).eval()
     model.set_kernels(args.kernels)
+    note_slow_kernels([model], device)  # the trainers' note: generate, chat and serve wait on the interpreter too
     # --pretrained: the name's tokenizer (a GPT-Neo's files, fetched with its weights)
     tok = pick_tokenizer(args.tokenizer, args.weights or (args.model if args.pretrained else None),
                          model.config.vocab_size)
