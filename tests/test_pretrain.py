@@ -840,5 +840,6 @@ def test_a_wrong_resume_is_refused_before_the_data_is_tokenized(corpus, tmp_path
         (ckpt / "model.safetensors").write_bytes(b"")
     assert main(["pretrain", *argv(corpus, run, "--max-steps", "2", "--resume")]) == 2
     err = capsys.readouterr().err
-    want = (f"is a checkpoint of a {other} run, not of pretrain" if other else "no checkpoint found")
+    want = (f"is a checkpoint of a {other} run, not of pretrain" if other else
+            f"--resume: no checkpoint found at {run}, nothing to resume (leave --resume out to start a run)")
     assert err.startswith("error: ") and want in err, err

@@ -536,7 +536,12 @@ _LATEST = (True, "latest", "auto")  # what a bare --resume means: the newest che
 
 def resume_checkpoint(out_dir, resume) -> Path:
     """The checkpoint folder --resume names: the newest in out_dir, or a checkpoint/run folder or file."""
-    return resolve_checkpoint(out_dir if resume in _LATEST else resume).parent
+    try:
+        return resolve_checkpoint(out_dir if resume in _LATEST else resume).parent
+    except UserError as e:  # a first run given --resume: say how to start one
+        if not str(e).startswith("no checkpoint found"):
+            raise
+        raise UserError(f"--resume: {e}, nothing to resume (leave --resume out to start a run)") from None
 
 
 def check_resume_of(ckpt: Path, state: dict, name: str) -> None:
