@@ -109,7 +109,8 @@ def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
     """README drift: every `--flag` it names is some command's (torchrun's and tensorboard's aside), every command
     it shows (`tritongpt CMD ...` lines, `CMD --flag` in prose) takes the flags shown with it, every repository path
     it names (a file, or a folder with its /) exists, every pip extra and --model preset it names is defined, and
-    every [link](#anchor) is one of its headings, as GitHub spells them."""
+    every [link](#anchor) is one of its headings, as GitHub spells them; a value shown for a flag or an action with
+    choices (`--dtype bf16`, `bench kernels|train|all`) is one of them."""
     import re
     from pathlib import Path
 
@@ -120,7 +121,7 @@ def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
     if not (root / "README.md").exists():
         pytest.skip("not a checkout: no README.md beside the package")
     text = (root / "README.md").read_text()
-    flags_of = {}
+    flags_of, actions_of = {}, {}
 
     def walk(parser, name):
         for a in parser._actions:
@@ -128,6 +129,9 @@ def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
                 for sub_name, sub in a.choices.items():
                     walk(sub, f"{name} {sub_name}".strip())
         flags_of[name] = {o for a in parser._actions for o in a.option_strings}
+        actions_of[name] = {o: a for a in parser._actions for o in a.option_strings}
+        actions_of[name][""] = next((a for a in parser._actions if not a.option_strings and a.choices
+                                     and not isinstance(a, argparse._SubParsersAction)), None)
 
     walk(build_parser(), "")
     flag = r"(?<![\w-])--[a-z][a-z0-9-]*"
@@ -141,6 +145,16 @@ def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
         span = re.sub(r"^(torchrun .*?-m tritongpt\.cli |python -m tritongpt |tritongpt )", "", span)
         cmd = next((c for c in names if c and (span + " ").startswith(c + " ")), None)
         wrong += [f"{cmd} {f}" for f in re.findall(flag, span) if cmd and f not in flags_of[cmd]]
+        if not cmd:
+            continue
+        # the values shown of a flag with choices (`--dtype bf16`, `--algo ppo|grpo|rloo`; not a placeholder such
+        # as FILE), and of a positional with choices (`bench kernels|train|all`)
+        what = actions_of[cmd][""]
+        first = span[len(cmd):].split()[:1]
+        shown_values = [(f, v, actions_of[cmd].get(f)) for f, v in re.findall(f"({flag})[ =]([a-z][\\w.,/|-]*)", span)]
+        shown_values += [("", first[0], what)] if what and first and re.match(r"[a-z][\w|-]*$", first[0]) else []
+        wrong += [" ".join(filter(None, (cmd, f, v))) for f, value, a in shown_values if a is not None and a.choices
+                  for v in value.split("|") if v not in a.choices]
     assert wrong == []
     top = r"(?<![\w./-])((?:\.ci|bench|kernels|model|tests|train|tritongpt)/"
     paths = set(re.findall(top + r"[\w./-]*(?:\.\w+|/))(?![\w-])", text))
