@@ -2606,3 +2606,19 @@ def test_a_streamed_chunks_token_ids_are_the_tokens_its_logprobs_describe(both):
         paired = [(c["token_ids"], [int(t.split(":")[1]) for t in tokens(c["logprobs"])] if c["logprobs"] else [])
                   for c in chunks]
         assert sum(len(ids) for ids, _ in paired) == 40 and all(ids == lp for ids, lp in paired), (path, paired)
+
+
+def test_a_port_in_use_is_a_one_line_error_naming_it(run_folder, capsys):
+    """serve on a port another process listens on: the address and what to do, not '[Errno 98] Address already in
+    use' alone; the engine's thread is closed (the command returns)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--weights", str(run_folder[0]), "--port", str(port), "--device", "cpu"]
+        assert main(argv) == 2
+        said = capsys.readouterr().err.splitlines()[-1]
+        assert said == (f"error: cannot listen at 127.0.0.1:{port}: Address already in use (another --port, or stop "
+                        "what listens there)")

@@ -2705,7 +2705,7 @@ def make_server(args) -> ThreadingHTTPServer:
         why = "it records no fine-tuning prompt format and its tokenizer has no chat template"
         note(f"{args.weights or args.model}: {why}: /v1/chat/completions is refused, /v1/completions served")
     try:
-        server = Server((args.host, args.port), Handler)
+        server = listen(args)
     except BaseException:
         if engine is not None:
             engine.close()
@@ -2718,6 +2718,18 @@ def make_server(args) -> ThreadingHTTPServer:
     server.app.tool_parser, server.app.reasoning_parser = parser, thinking
     server.api_key = key
     return server
+
+
+def listen(args) -> ThreadingHTTPServer:
+    """The server bound to --host and --port: a port taken (or a host not this machine's) is one line naming them,
+    not the system's bare '[Errno 98] Address already in use'."""
+    import errno
+
+    try:
+        return Server((args.host, args.port), Handler)
+    except OSError as e:
+        hint = "another --port, or stop what listens there" if e.errno == errno.EADDRINUSE else "--host, --port"
+        raise UserError(f"cannot listen at {args.host}:{args.port}: {e.strerror or e} ({hint})") from None
 
 
 def model_name(args) -> str:
@@ -2737,7 +2749,7 @@ def pooling_server(args) -> ThreadingHTTPServer:
     model, tok, device, dtype, limit, pooler = load_pooler(args)
     if chat_template is not None:
         tok.chat_template = chat_template
-    server = Server((args.host, args.port), Handler)
+    server = listen(args)
     server.app = Model(model, tok, device, dtype, limit, model_name(args), None,
                        f"--runner pooling serves {served_path(pooler)}, no text")
     server.app.pooler, server.api_key = pooler, key
