@@ -150,7 +150,7 @@ def test_the_validation_split_is_downloaded_once(tmp_path, monkeypatch):
 
 def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
     """hellaswag --weights RUN --data FILE: the run's saved tokenizer, the same figures as
-    score(), --max-examples, --json, --model and --tokenizer heeded; bad flags are one-line errors."""
+    score(), --max-examples (or --limit), --json, --model and --tokenizer heeded; bad flags are one-line errors."""
     run, model = scoring_run(tmp_path, tok, 5, 24)
     examples = random_examples(12, seed=6)
     data = tmp_path / "val.jsonl"
@@ -163,7 +163,7 @@ def test_the_command_scores_a_run(tok, tmp_path, capsys, monkeypatch):
         (10, want["acc"], want["acc_norm"], "small")
     assert (got["weights"], got["data"], got["kernels"]) == (str(run), str(data), ["reference"])  # auto on a CPU
     # the Triton path (the interpreter here) scores the same
-    assert main(base + ["--json", "--max-examples", "3", "--kernels", "triton"]) == 0
+    assert main(base + ["--json", "--limit", "3", "--kernels", "triton"]) == 0  # (lm-eval's name, as lambada's)
     tri = json.loads(capsys.readouterr().out)
     ref = hellaswag.score(model, tok, examples[:3])
     assert tri["kernels"] == ["attention", "cross_entropy", "layernorm", "mlp", "rope"]

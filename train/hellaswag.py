@@ -396,6 +396,6 @@ def add_cli(sub):
                         "answer) .jsonl, .json or .parquet, prompted 'Question: ...\\nAnswer:' as lm-eval-harness "
                         "does (acc_norm: per token, not lm-eval's per byte), or a WinoGrande one (sentence, option1, "
                         "option2, answer), scored as lm-eval's partial scoring does (acc only)",
-                     ("--max-examples",), "score only the first N examples",
+                     ("--max-examples", "--limit"), "score only the first N examples",
                      "examples per forward, each its endings' rows")
     p.set_defaults(func=cmd_hellaswag)
