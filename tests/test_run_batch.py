@@ -365,6 +365,22 @@ def test_flags_the_in_process_server_cannot_use(folder, tmp_path, monkeypatch, c
     assert "--lora-modules" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("flags,said", [
+    (["--weights", "w", "--kv-page-size", "8"], "--kv-page-size sizes the pages of --kv-cache-pages"),
+    (["--weights", "w", "--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
+    (["--weights", "w", "--pretrained"], "--pretrained downloads published weights and --weights loads a file"),
+    ([], "run-batch needs a model: pass --weights"),
+    (["--weights", "w", "--served-model-name", " "], "--served-model-name is empty"),
+])
+def test_server_flags_are_checked_before_the_input_is_read(tmp_path, capsys, flags, said):
+    """serve's checks of its flags come before the input file is read (here: none there), not after a long file
+    was read through."""
+    assert main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "in.jsonl" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hanging_up_while_a_reply_is_read(monkeypatch):
     """hang_up (Ctrl-C, an error midway) while a request's reply is read: serve answers HTTP/1.0, so http.client has
     closed that connection (its socket handed to the reply, conn.sock None); that request still ends with its reply,

@@ -266,10 +266,9 @@ def cmd_run_batch(args):
     from tqdm import tqdm
 
     from tritongpt.bench.serve import start_server
-    from tritongpt.train.pooling import check_pooling_args
-    from tritongpt.train.serve import lora_modules
+    from tritongpt.train.serve import check_server_args, lora_modules
 
-    check_pooling_args(args)  # (serve's make_server checks it too, but only after the input is read)
+    check_server_args(args)  # (make_server checks them again, but only after the whole input is read)
     requests = [r for _, r in read_requests(args.input_file)]
     path = output_path(args)
     # --enable-lora alone is serve's with $VLLM_ALLOW_RUNTIME_LORA_UPDATING (adapters loaded through POST

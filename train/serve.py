@@ -2658,21 +2658,29 @@ def chat_template_arg(value: str | None) -> str | None:
     return text
 
 
-def make_server(args) -> ThreadingHTTPServer:
-    """The model loaded (--weights or --pretrained) and a server bound to --host and --port (0: a free one)."""
-    from tritongpt.commands import check_cuda_graphs, check_model_source, load_generation_model
-    from tritongpt.train.chat import run_template
+def check_server_args(args):
+    """The model source and the engine's and runner's flags, checked before anything is read (run-batch's input
+    too: it calls this first) or loaded."""
+    from tritongpt.commands import check_model_source
 
     check_model_source(args)
     if not args.weights and not args.pretrained:
         raise UserError(f"{getattr(args, 'command', None) or 'serve'} needs a model: pass --weights (or --pretrained "
                         "--model NAME)")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
     check_pooling_args(args)  # (first: an engine flag that pooling ignores is named as that)
     check_engine_args(args)
+
+
+def make_server(args) -> ThreadingHTTPServer:
+    """The model loaded (--weights or --pretrained) and a server bound to --host and --port (0: a free one)."""
+    from tritongpt.commands import check_cuda_graphs, load_generation_model
+    from tritongpt.train.chat import run_template
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    check_server_args(args)
     if args.runner == "pooling":
         return pooling_server(args)
     parser = tool_parser(args)
