@@ -179,9 +179,24 @@ def test_the_pooling_runner_takes_the_generation_flags_at_their_defaults(tmp_pat
     assert "generation setting" not in err and str(tmp_path / "none") in err
 
 
-def test_the_pooling_runner_refuses_a_chat_template_for_an_embedder_before_loading(tmp_path, capsys):
-    """--chat-template lays out a reward model's chats; --weights that hold none (here: nothing) embed, and the
-    refusal comes before the model is loaded (else: the missing weights' error)."""
-    assert cli.main(["serve", "--runner", "pooling", "--weights", str(tmp_path / "none"), "--chat-template",
-                     "{{ messages }}"]) == 2
+def test_the_pooling_runner_refuses_a_chat_template_for_an_embedder_before_loading(tmp_path, monkeypatch, capsys):
+    """--chat-template lays out a reward model's chats; --weights that hold a language model embed, and the
+    refusal comes before the model is loaded (the load here: an error the test would see)."""
+    from tritongpt import commands
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    GPTModel(GPTConfig(vocab_size=64, context_length=8, n_embd=8, n_layer=1, n_head=1)).save(tmp_path / "m.safetensors")
+    monkeypatch.setattr(commands, "load_generation_model", lambda args: pytest.fail("the model was loaded"))
+    assert cli.main(["serve", "--runner", "pooling", "--weights", str(tmp_path / "m.safetensors"),
+                     "--chat-template", "{{ messages }}"]) == 2
     assert "--chat-template lays out a reward model's chats" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--chat-template", "{{ messages }}"], ["--convert", "reward"]])
+def test_the_pooling_runner_says_a_missing_weights_path_as_such(flags, tmp_path, capsys):
+    """--weights that are not there: the load's own error, not that they are no reward model (which a typo in a
+    reward model's path would read as)."""
+    cmd = ["serve", "--runner", "pooling", "--weights", str(tmp_path / "none"), *flags]
+    assert cli.main(cmd) == 2
+    assert capsys.readouterr().err == f"error: no checkpoint found at {tmp_path / 'none'}\n"

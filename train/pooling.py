@@ -95,8 +95,11 @@ def check_pooling_args(args):
 def pooler_kind(args) -> tuple:
     """(kind: "embed" or "reward", whether --weights holds a reward model), read from the checkpoint without
     loading it: --convert, else "reward" for a reward model, else "embed"."""
+    from tritongpt.train.common import resolve_checkpoint
     from tritongpt.train.reward import is_reward_model
 
+    if args.weights:  # (a missing or empty path: the load's own error, not "not a reward model" or an embedder's)
+        resolve_checkpoint(args.weights)
     reward = bool(args.weights) and is_reward_model(args.weights)
     kind = args.convert if args.convert not in (None, "auto") else "reward" if reward else "embed"
     if kind == "reward" and not reward:
