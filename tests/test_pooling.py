@@ -190,6 +190,17 @@ def test_flags_refused_by_name(lm_folder, flags, words):
         start(folder, "--runner", "pooling", *flags)
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--quantize", "int8"], "--quantize is not applied to a reward model"),
+    (["--group-size", "64"], "--group-size is not applied to a reward model"),
+    (["--model", "gpt2-small"], "--model names the heads of a GPT-2 file without config.json; .* is a reward model"),
+])
+def test_model_flags_a_reward_model_does_not_read_are_refused(reward_folder, flags, words):
+    """load_generation_model's flags that RewardModel.load has no use for: refused, not left unread."""
+    with pytest.raises(UserError, match=words):
+        start(reward_folder[0], "--runner", "pooling", *flags)
+
+
 def test_every_serve_flag_is_read_by_the_pooling_runner_or_refused():
     """Each flag of serve's parser (run-batch's are the same, add_server_args') is one the pooling runner reads or
     one of GENERATION_FLAGS, which it refuses when given: a flag added later is placed here or fails."""

@@ -121,8 +121,13 @@ def load_pooler(args):
     if not reward:
         model, tok, device, dtype, limit = load_generation_model(args)
     else:
-        if args.quantize is not None:
-            raise UserError("--quantize is not applied to a reward model (quantize it with `reward --quantize`)")
+        # (load_generation_model's flags that RewardModel.load would leave unread: refused as `info` refuses them)
+        given = next((f for f, v in (("--quantize", args.quantize), ("--group-size", args.group_size)) if v), None)
+        if given is not None:
+            raise UserError(f"{given} is not applied to a reward model (quantize it with `reward --quantize`)")
+        if args.model:
+            raise UserError(f"--model names the heads of a GPT-2 file without config.json; {args.weights} is a reward "
+                            "model, with its own config: leave --model out")
         device, dtype = pick_device(args.device), pick_dtype(args.dtype, pick_device(args.device))
         model = RewardModel.load(args.weights, map_location=device, kernels=args.kernels, quantized_ok=True).eval()
         tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
