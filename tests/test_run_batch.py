@@ -371,6 +371,11 @@ def test_flags_the_in_process_server_cannot_use(folder, tmp_path, monkeypatch, c
     (["--weights", "w", "--pretrained"], "--pretrained downloads published weights and --weights loads a file"),
     ([], "run-batch needs a model: pass --weights"),
     (["--weights", "w", "--served-model-name", " "], "--served-model-name is empty"),
+    (["--weights", "w", "--tool-call-parser", "hermes"], "--tool-call-parser is used only with --enable-auto-tool"),
+    (["--weights", "w", "--chat-template", "nothing"], "--chat-template 'nothing': no such file, and not a template"),
+    (["--weights", "w", "--speculative-config", "{}"], "--speculative-config: method None is not served"),
+    (["--weights", "w", "--override-generation-config", '{"x": 1}'], "--override-generation-config: 'x' is not"),
+    (["--weights", "w", "--enable-lora"], "--enable-lora: pass the adapters too, --lora-modules NAME=PATH"),
 ])
 def test_server_flags_are_checked_before_the_input_is_read(tmp_path, capsys, flags, said):
     """serve's checks of its flags come before the input file is read (here: none there), not after a long file

@@ -269,11 +269,11 @@ def cmd_run_batch(args):
     from tritongpt.train.serve import check_server_args, lora_modules
 
     check_server_args(args)  # (make_server checks them again, but only after the whole input is read)
-    requests = [r for _, r in read_requests(args.input_file)]
-    path = output_path(args)
     # --enable-lora alone is serve's with $VLLM_ALLOW_RUNTIME_LORA_UPDATING (adapters loaded through POST
     # /v1/load_lora_adapter, which no line reaches): refused as offline commands refuse it
     lora_modules(args, None)
+    requests = [r for _, r in read_requests(args.input_file)]
+    path = output_path(args)
     # serve's server on a free loopback port, behind a key of its own: no other local client reaches it meanwhile
     key = secrets.token_urlsafe(32)
     # (polled every 50 ms, not socketserver's 500: its shutdown, at the end or on Ctrl-C, waits for the next poll)

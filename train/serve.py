@@ -2659,8 +2659,8 @@ def chat_template_arg(value: str | None) -> str | None:
 
 
 def check_server_args(args):
-    """The model source and the engine's and runner's flags, checked before anything is read (run-batch's input
-    too: it calls this first) or loaded."""
+    """The model source and the engine's, runner's and requests' flags, checked before anything is read (run-batch's
+    input too: it calls this first) or loaded; make_server reads the values again where it uses them."""
     from tritongpt.commands import check_model_source
 
     check_model_source(args)
@@ -2671,6 +2671,11 @@ def check_server_args(args):
         raise UserError("--served-model-name is empty")
     check_pooling_args(args)  # (first: an engine flag that pooling ignores is named as that)
     check_engine_args(args)
+    chat_template_arg(args.chat_template)
+    if args.runner == "generate":
+        tool_parser(args)
+        speculative_config(args.speculative_config, args.max_batch)
+        override_generation_config(args.override_generation_config)
 
 
 def make_server(args) -> ThreadingHTTPServer:
