@@ -513,3 +513,54 @@ def test_a_server_error_midway_is_its_lines_500(folder, tmp_path, monkeypatch):
     check_wrapping(out, requests)
     assert [o["response"]["status_code"] for o in out] == [200, 500, 200]
     assert out[1]["response"]["body"] is None and out[1]["error"]["error"]["type"] == "server_error"
+
+
+
+def test_ctrl_c_while_waiting_for_the_requests_ends_the_run(monkeypatch):
+    """Ctrl-C while the run waits for its requests, raised where a signal lands: in the queue's get, or halfway
+    through a loop taking the futures' locks (concurrent.futures.wait's, as_completed's: the next lock not taken, the
+    one taken never given back). The run ends at once, its threads joined: not a future's thread stuck on a lock the
+    interrupted loop holds, and the pool's shutdown waiting for it for ever."""
+    import queue
+    import threading
+    import time
+    from concurrent.futures import _base
+
+    from tritongpt.train import run_batch as runner
+
+    def slow(client, url, body):  # (the requests still in flight when the interrupt comes)
+        time.sleep(0.3)
+        return 200, {}
+
+    def interrupted_loop(self):  # the first lock taken, then the interrupt at the loop's jump back
+        next(iter(self.futures))._condition.acquire()
+        raise KeyboardInterrupt
+
+    class Interrupted(queue.SimpleQueue):  # (the pool's own queue one too: its threads' gets left alone)
+        def get(self, *a, **k):
+            if threading.current_thread() is t:
+                raise KeyboardInterrupt
+            return super().get(*a, **k)
+
+    monkeypatch.setattr(runner, "post", slow)
+    monkeypatch.setattr(_base._AcquireFutures, "__enter__", interrupted_loop)
+    monkeypatch.setattr(queue, "SimpleQueue", Interrupted)
+    requests, out = [line(f"r{i}", "/v1/completions", {"prompt": "a"}) for i in range(4)], {}
+
+    class Bar:
+        def update(self):
+            pass
+
+    def run():
+        try:
+            list(runner.answers(runner.Client(1, "key"), requests, 2, Bar()))
+        except KeyboardInterrupt:
+            out["interrupted"] = time.monotonic()
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "interrupted while waiting for its requests: the run never ended"
+    assert "interrupted" in out and out["interrupted"] - t0 < 5
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("run-batch")]

@@ -218,18 +218,29 @@ def answer(client: Client, request: dict) -> dict:
 def answers(client: Client, requests: list, workers: int, bar):
     """Each request's output line (answer's), in the input's order, `workers` requests in flight at once and no more
     submitted (vLLM's runner holds 2 * max_num_seqs requests at a time by a semaphore, reading on as one ends)."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import SimpleQueue
 
-    pool, todo = ThreadPoolExecutor(workers, thread_name_prefix="run-batch"), iter(enumerate(requests))
+    # the requests as they end, put here by the thread that ends each: the loop waits on this queue (a C one, no
+    # lock of the futures'), not concurrent.futures.wait, whose loop taking each future's lock a Ctrl-C can stop
+    # halfway: a lock left held, its future's thread could never end and the pool's shutdown below waited for ever
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="run-batch")
+    ended, todo, flight, done, given = SimpleQueue(), iter(enumerate(requests)), {}, {}, 0
+
+    def submit(i, r):
+        fut = pool.submit(answer, client, r)
+        flight[fut] = i
+        fut.add_done_callback(ended.put)
+
     try:
-        flight = {pool.submit(answer, client, r): i for i, r in itertools.islice(todo, workers)}
-        done, given = {}, 0
+        for i, r in itertools.islice(todo, workers):
+            submit(i, r)
         while flight:
-            for fut in wait(flight, return_when=FIRST_COMPLETED)[0]:
-                done[flight.pop(fut)] = fut.result()
-                bar.update()
-                for i, r in itertools.islice(todo, 1):
-                    flight[pool.submit(answer, client, r)] = i
+            fut = ended.get()
+            done[flight.pop(fut)] = fut.result()
+            bar.update()
+            for i, r in itertools.islice(todo, 1):
+                submit(i, r)
             while given in done:  # (the finished ones held until those before them end: vLLM's ordered writer)
                 yield done.pop(given)
                 given += 1
