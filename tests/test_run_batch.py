@@ -4,6 +4,7 @@ and timestamps aside), in the input's order, wrapped as vLLM's run-batch wraps i
 and error; a bad file is an error naming its line before any model loads."""
 import io
 import json
+import os
 import re
 
 import pytest
@@ -564,3 +565,23 @@ def test_ctrl_c_while_waiting_for_the_requests_ends_the_run(monkeypatch):
     assert not t.is_alive(), "interrupted while waiting for its requests: the run never ended"
     assert "interrupted" in out and out["interrupted"] - t0 < 5
     assert not [t.name for t in threading.enumerate() if t.name.startswith("run-batch")]
+
+
+@pytest.mark.parametrize("command", ["run-batch", "generate"])
+def test_stdout_a_pipe_its_reader_closed(folder, tmp_path, command):
+    """stdout a pipe whose reader left (`tritongpt run-batch -o - ... | head -1`, `tritongpt generate ... | head -1`):
+    the command ends quietly with the shell's code for SIGPIPE, 141: not `error: [Errno 32] Broken pipe`, exit 2 (an
+    OSError read as a path's), nor Python's own failed flush at its exit (exit 120)."""
+    import subprocess
+    import sys
+
+    requests = write(tmp_path / "in.jsonl", [line("a", "/v1/completions", {"prompt": "a", **GREEDY})])
+    flags = {"run-batch": ["-i", str(requests), "-o", "-"],
+             "generate": ["--prompt", "the cat", "--max-new-tokens", "4"]}[command]
+    proc = subprocess.Popen([sys.executable, "-m", "tritongpt", command, *flags, "--weights", str(folder), "--device",
+                             "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ,
+                                                                                         "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()  # (the reader gone before the first line: every write fails)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "error" not in err and "Traceback" not in err and "Exception ignored" not in err, err

@@ -1,6 +1,7 @@
 """`tritongpt` command line: one subcommand per job, each defined next to the code it runs."""
 import argparse
 import importlib
+import os
 import sys
 
 from tritongpt.errors import UserError
@@ -125,7 +126,38 @@ def fetch_hub_repos(args):
         args.data = [fetched_data(d) for d in data] if isinstance(data, list) else fetched_data(data)
 
 
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`tritongpt ... | head -1`): its write end polls as an
+    error (Linux's pipe_poll)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # (no fd: a test's captured stdout; no poll on this system)
+        return False
+
+
 def main(argv=None) -> int:
+    """The command argv names, run: its exit code (0; 2 for a UserError or a path's OSError, said as `error: ...`; 130
+    for Ctrl-C; 141 when stdout's reader left)."""
+    try:
+        try:
+            return run(argv)
+        finally:  # (here, not at Python's exit: a reader gone is said by the code below, argparse's help's too)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # stdout's reader left (`tritongpt generate ... | head -1`): the command ends quietly, as Unix tools, with
+        # the shell's code for a process SIGPIPE ended (128 + 13), and stdout pointed at /dev/null so that Python's
+        # own flush at its exit does not fail again (the signal module's "Note on SIGPIPE")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def run(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # the command is the first word that is not an option (the top level has -h alone)
     parser = build_parser([a for a in argv if not a.startswith("-")][:1])
@@ -143,6 +175,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that cannot be read or written: its name and the system's reason
+        if isinstance(e, BrokenPipeError) and stdout_reader_gone():
+            raise  # (main's: stdout's reader left, not a path's fault)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
