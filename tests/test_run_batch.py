@@ -592,3 +592,87 @@ def test_stdout_a_pipe_its_reader_closed(folder, tmp_path, monkeypatch, capsys):
     sys.stdout.write("x" * 100_000)  # (stdout /dev/null now: Python's flush at its exit does not fail again)
     sys.stdout.close()
 
+
+# `python -c` of the shutdown tests: the CLI with serve's draw (no engine: --max-batch 1) replaced by a loop of torch
+# ops, the request's client asked whether it left after each ~0.1 s (as generate() asks after each token), or never
+# ("stubborn": a forward that outlasts Server.stop_wait, set to argv[1]'s seconds)
+IN_TORCH = """
+import sys, torch
+from tritongpt.cli import main
+from tritongpt.train import serve
+
+serve.Server.stop_wait, stubborn = float(sys.argv.pop(1)), sys.argv.pop(1) == "stubborn"
+
+def in_torch(self, idx, budget, stop_id, generator, on_token, *a, **k):
+    x = torch.rand(300, 300)
+    print("in torch", file=sys.stderr, flush=True)
+    for _ in range(10 ** 6):
+        for _ in range(20):
+            x = torch.tanh(x @ x)
+        if not stubborn:
+            on_token(torch.zeros(idx.shape[0], 1, dtype=torch.long))
+
+serve.Model.generate_alone = in_torch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command, stubborn", [("serve", False), ("run-batch", True)])
+def test_ctrl_c_with_a_request_inside_torch(folder, tmp_path, command, stubborn):
+    """SIGINT while the server's thread for a request is inside torch ops (a large model's forward): the server stops
+    the request (its next check whether its client left) and joins its thread before Python exits: exit 130, not
+    an abort (-6: the thread killed inside torch's C++ code as Python exits). A request that does not stop within
+    Server.stop_wait (1 s here): said on stderr, and the process ends at once with 130 all the same, not hung."""
+    import http.client
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    body = {"prompt": "a", "max_tokens": 100, "temperature": 0}
+    flags = {"run-batch": ["-i", str(write(tmp_path / "in.jsonl", [line("a", "/v1/completions", body)])), "-o",
+                           str(tmp_path / "out.jsonl")],
+             "serve": ["--port", "0"]}[command]
+    proc = subprocess.Popen([sys.executable, "-c", IN_TORCH, "1", "stubborn" if stubborn else "-", command, *flags,
+                             "--weights", str(folder), "--device", "cpu", "--max-batch", "1"], stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = []
+
+    def read():
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            err.append(chunk)
+
+    def post(port):  # (serve's client; the connection left open until the process ends)
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        try:
+            conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            pass
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        deadline, posted = time.monotonic() + 120, False
+        while b"in torch" not in b"".join(err):
+            assert proc.poll() is None and time.monotonic() < deadline, b"".join(err).decode()
+            port = re.search(rb"at http://127\.0\.0\.1:(\d+)/v1", b"".join(err))
+            if port and not posted:
+                threading.Thread(target=post, args=(int(port.group(1)),), daemon=True).start()
+                posted = True
+            time.sleep(0.05)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join()
+    text = b"".join(err).decode()
+    assert rc == 130 and "interrupted\n" in text, text
+    stopped = "note: 1 request still running 1 s after the server stopped" in text
+    assert stopped == stubborn, text
+    assert seconds < 5, f"{seconds:.1f} s from SIGINT to exit"

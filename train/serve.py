@@ -1799,8 +1799,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def client_gone(self) -> bool:
-        """Whether the client closed its connection (readable with nothing to read), asked while its request
-        decodes so that the engine stops drawing for it."""
+        """Whether the client closed its connection (readable with nothing to read; so too once the server stops:
+        Server.server_close), asked while its request decodes so that the engine stops drawing for it."""
         try:
             if not select.select([self.connection], [], [], 0)[0]:
                 return False
@@ -2303,11 +2303,55 @@ class Server(ThreadingHTTPServer):
     # socketserver's listen backlog is 5: a sixth client connecting at once had its SYN dropped and retried after
     # ~1 s (seen: 8 concurrent requests batched in two waves); the OS's own limit instead
     request_queue_size = socket.SOMAXCONN
+    # how long server_close waits for the requests in flight to stop: each stops at its next check whether its client
+    # left (Handler.client_gone: without the engine after each token, with it every 50 ms), so once the forward it
+    # is in ends; one still running then is not waited for (a thread inside torch as Python exits aborts the
+    # process: cli.main ends it at once instead)
+    stop_wait = 5.0
+
+    def __init__(self, *a, **k):
+        self.handlers_lock, self.handlers = threading.Lock(), {}
+        super().__init__(*a, **k)
+
+    def process_request(self, request, client_address):
+        """socketserver's, each request's thread and socket kept (it keeps no daemon thread): server_close stops and
+        joins them."""
+        t = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
+        with self.handlers_lock:
+            self.handlers = {h: sock for h, sock in self.handlers.items() if h.is_alive()}
+            self.handlers[t] = request
+        t.start()
 
     def server_close(self):
+        """The socket closed, the requests in flight stopped and their threads joined (stop_wait at most: one that
+        does not stop by then said on stderr and marked abandoned, for cli.main), then the engine stopped."""
         super().server_close()
-        if getattr(self, "app", None) is not None:
-            self.app.close()  # the engine's thread stopped, its cache freed
+        with self.handlers_lock:
+            handlers = [(t, sock) for t, sock in self.handlers.items() if t.is_alive()]
+        # each request's socket shut for reading: its handler's client_gone() reads the end of the stream, as from a
+        # client that left, so its work stops; a thread waiting for a request's bytes wakes
+        for _, sock in handlers:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:  # (closed already)
+                pass
+        deadline, app, left = time.monotonic() + self.stop_wait, getattr(self, "app", None), []
+        try:
+            for t, _ in handlers:
+                t.join(max(0.0, deadline - time.monotonic()))
+            left = [t for t, _ in handlers if t.is_alive()]
+            if left:
+                note(f"{len(left)} request{'s' if len(left) > 1 else ''} still running {self.stop_wait:g} s after "
+                     "the server stopped (inside a forward longer than that): not waited for")
+            if app is not None:
+                app.close()  # the engine's thread stopped, its cache freed
+        except KeyboardInterrupt:  # (a second Ctrl-C: not waited for either)
+            engine = app and app.engine
+            left = [t for t, _ in handlers] + ([engine.thread] if engine and engine.thread else [])
+            raise
+        finally:
+            for t in left:
+                t.abandoned = True
 
 
 def check_engine_args(args, one_row_engine: bool = False):

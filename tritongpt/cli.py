@@ -3,6 +3,8 @@ import argparse
 import importlib
 import os
 import sys
+import threading
+import traceback
 
 from tritongpt.errors import UserError
 
@@ -139,13 +141,19 @@ def stdout_reader_gone() -> bool:
         return False
 
 
+def abandoned() -> bool:
+    """Whether a thread marked abandoned is still running (serve's Server.server_close marks a request's that did not
+    stop in time)."""
+    return any(getattr(t, "abandoned", False) and t.is_alive() for t in threading.enumerate())
+
+
 def main(argv=None) -> int:
     """The command argv names, run: its exit code (0; 2 for a UserError or a path's OSError, said as `error: ...`; 130
     for Ctrl-C; 141 when stdout's reader left)."""
     try:
         try:
-            return run(argv)
-        finally:  # (here, not at Python's exit: a reader gone is said by the code below, argparse's help's too)
+            code = run(argv)
+        finally:  # (here, not at Python's exit: a reader gone is caught below, argparse's help's too)
             sys.stdout.flush()
     except BrokenPipeError:
         # stdout's reader left (`tritongpt generate ... | head -1`): the command ends quietly, as Unix tools, with
@@ -154,7 +162,18 @@ def main(argv=None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return 141
+        code = 141
+    except Exception:  # (Python's traceback and exit 1, printed here where the process ends below)
+        if not abandoned():
+            raise
+        traceback.print_exc()
+        code = 1
+    if abandoned():
+        # a thread still inside torch (a request that did not stop as the server closed): Python's exit would abort
+        # in it (exit -6: the thread is killed inside C++ code as it takes the GIL back), so the process ends here
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run(argv=None) -> int:
