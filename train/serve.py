@@ -2303,10 +2303,10 @@ class Server(ThreadingHTTPServer):
     # socketserver's listen backlog is 5: a sixth client connecting at once had its SYN dropped and retried after
     # ~1 s (seen: 8 concurrent requests batched in two waves); the OS's own limit instead
     request_queue_size = socket.SOMAXCONN
-    # how long server_close waits for the requests in flight to stop: each stops at its next check whether its client
-    # left (Handler.client_gone: without the engine after each token, with it every 50 ms), so once the forward it
-    # is in ends; one still running then is not waited for (a thread inside torch as Python exits aborts the
-    # process: cli.main ends it at once instead)
+    # how long server_close waits for the requests in flight to stop (the engine's end as it stops; the others at
+    # their next check whether their client left, Handler.client_gone: after each token without the engine, so once
+    # the forward they are in ends); one still running then is not waited for (a thread inside torch as Python exits
+    # aborts the process: cli.main ends it at once instead)
     stop_wait = 5.0
 
     def __init__(self, *a, **k):
@@ -2323,28 +2323,30 @@ class Server(ThreadingHTTPServer):
         t.start()
 
     def server_close(self):
-        """The socket closed, the requests in flight stopped and their threads joined (stop_wait at most: one that
-        does not stop by then said on stderr and marked abandoned, for cli.main), then the engine stopped."""
+        """The socket closed, the engine stopped (its requests end: a 500, engine_dead), then the other requests in
+        flight stopped and every request's thread joined (stop_wait at most: one that does not stop by then said on
+        stderr and marked abandoned, for cli.main)."""
         super().server_close()
         with self.handlers_lock:
             handlers = [(t, sock) for t, sock in self.handlers.items() if t.is_alive()]
-        # each request's socket shut for reading: its handler's client_gone() reads the end of the stream, as from a
-        # client that left, so its work stops; a thread waiting for a request's bytes wakes
-        for _, sock in handlers:
-            try:
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:  # (closed already)
-                pass
-        deadline, app, left = time.monotonic() + self.stop_wait, getattr(self, "app", None), []
+        app, left = getattr(self, "app", None), []
         try:
+            if app is not None:
+                app.close()  # the engine's thread stopped, its cache freed
+            # each request's socket shut for reading: its handler's client_gone() reads the end of the stream, as
+            # from a client that left, so its work stops; a thread waiting for a request's bytes wakes
+            for _, sock in handlers:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:  # (closed already)
+                    pass
+            deadline = time.monotonic() + self.stop_wait
             for t, _ in handlers:
                 t.join(max(0.0, deadline - time.monotonic()))
             left = [t for t, _ in handlers if t.is_alive()]
             if left:
                 note(f"{len(left)} request{'s' if len(left) > 1 else ''} still running {self.stop_wait:g} s after "
                      "the server stopped (inside a forward longer than that): not waited for")
-            if app is not None:
-                app.close()  # the engine's thread stopped, its cache freed
         except KeyboardInterrupt:  # (a second Ctrl-C: not waited for either)
             engine = app and app.engine
             left = [t for t, _ in handlers] + ([engine.thread] if engine and engine.thread else [])
