@@ -590,6 +590,32 @@ def test_no_command_prints_help_and_ctrl_c_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted\n"
 
 
+def test_a_broken_pipe_is_141_only_where_stdout_s_reader_left(tmp_path, capsys, monkeypatch):
+    """A BrokenPipeError is exit 141, quietly, only where stdout is a pipe whose reader left; stdout a file or a pipe
+    still read, it is another path's (a FIFO's, a socket's): `error: [Errno 32] ...`, exit 2. Started with stdout
+    closed (`tritongpt info >&-`: sys.stdout None, print a no-op) a command still runs and exits 0."""
+    import os
+
+    from tritongpt import commands
+
+    def broken(args):
+        print("a line")
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(commands, "cmd_info", broken)
+    read, written = os.pipe()
+    files = {"file": open(tmp_path / "out.txt", "w"), "pipe": open(written, "w")}
+    for kind, stdout in files.items():
+        monkeypatch.setattr("sys.stdout", stdout)
+        assert main(["info"]) == 2, kind
+        assert capsys.readouterr().err == "error: [Errno 32] Broken pipe\n", kind
+        stdout.close()
+    os.close(read)
+    monkeypatch.setattr(commands, "cmd_info", lambda args: print("a line"))
+    monkeypatch.setattr("sys.stdout", None)
+    assert main(["info"]) == 0
+
+
 def test_generate_runs_on_the_kernels_asked_for(saved_model, monkeypatch, capsys):
     """--kernels picks the path generate runs on (it was dropped without a word, the model left on
     the reference path); the default on a CPU is the reference."""

@@ -154,7 +154,8 @@ def main(argv=None) -> int:
         try:
             code = run(argv)
         finally:  # (here, not at Python's exit: a reader gone is caught below, argparse's help's too)
-            sys.stdout.flush()
+            if sys.stdout is not None:  # (None: started with stdout closed, `>&-`, where print writes nothing)
+                sys.stdout.flush()
     except BrokenPipeError:
         # stdout's reader left (`tritongpt generate ... | head -1`): the command ends quietly, as Unix tools, with
         # the shell's code for a process SIGPIPE ended (128 + 13), and stdout pointed at /dev/null so that Python's
