@@ -838,11 +838,13 @@ def run_serve(args) -> int:
             print(f"  max concurrency {c or 'none'}: {metrics['completed']} done, {metrics['failed']} failed in "
                   f"{duration:.1f} s", file=sys.stderr, flush=True)
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if scratch is not None:
-            scratch.cleanup()
+        try:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        finally:  # (a second Ctrl-C as the server closes too: cli.main's os._exit then runs no atexit cleanup)
+            if scratch is not None:
+                scratch.cleanup()
     settings = {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "dataset", "seed",
                                               "ignore_eos", "label", "scoring", "structured_outputs")}
     settings.update(request_rate=None if math.isinf(rate) else rate, max_concurrency=list(concurrencies),

@@ -308,6 +308,36 @@ def test_random_loras_in_process_spread_the_requests_and_the_results_record_them
     capsys.readouterr()
 
 
+def test_a_second_ctrl_c_as_the_server_closes_still_removes_the_adapters_folder(saved, monkeypatch):
+    """Ctrl-C, then another while the in-process server closes (its engine's last step, its requests' threads): the
+    --random-loras folder is removed all the same. cli.main then ends the process with os._exit (a thread left in
+    torch), which runs no atexit hook: the TemporaryDirectory's own cleanup would never come."""
+    folders, real = [], bs.write_random_loras
+
+    def write(config, k, rank, folder, seed):
+        folders.append(Path(folder))
+        return real(config, k, rank, folder, seed)
+
+    class Server:  # (the first Ctrl-C as the load begins, the second in server_close)
+        @property
+        def app(self):
+            raise KeyboardInterrupt
+
+        def shutdown(self):
+            pass
+
+        def server_close(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(bs, "write_random_loras", write)
+    monkeypatch.setattr(bs, "start_server", lambda ns: Server())
+    args = build_parser(["bench"]).parse_args(["bench", "serve", "--weights", str(saved), "--device", "cpu",
+                                               "--random-loras", "1", "--lora-rank", "2"])
+    with pytest.raises(KeyboardInterrupt) as e:  # (kept: its frames hold the folder's TemporaryDirectory)
+        bs.run_serve(args)
+    assert folders and not folders[0].exists(), e
+
+
 def test_base_url_spreads_over_the_adapter_names_and_metrics_show_them(saved, tmp_path, capsys):
     """--base-url with --lora-modules NAME ...: the names the server lists, each request a pick among them; /metrics
     has vLLM's lora_requests_info (idle: no adapter running or waiting, max_lora the engine's, the value the time)."""
