@@ -616,7 +616,8 @@ def test_ctrl_c_with_a_request_inside_torch(folder, tmp_path, command, stubborn)
     """SIGINT while the server's thread for a request is inside torch ops (a large model's forward): the server stops
     the request (its next check whether its client left) and joins its thread before Python exits: exit 130, not
     an abort (-6: the thread killed inside torch's C++ code as Python exits). A request that does not stop within
-    Server.stop_wait (1 s here): said on stderr, and the process ends at once with 130 all the same, not hung."""
+    Server.stop_wait (1 s here): said on stderr, and the process ends at once with 130 all the same, not hung, no
+    file left (run-batch's -o, its temporary file)."""
     import http.client
     import signal
     import subprocess
@@ -670,3 +671,5 @@ def test_ctrl_c_with_a_request_inside_torch(folder, tmp_path, command, stubborn)
     stopped = "note: 1 request still running 1 s after the server stopped" in text
     assert stopped == stubborn, text
     assert seconds < 5, f"{seconds:.1f} s from SIGINT to exit"
+    # (run-batch: no -o and no temporary file left, though the process ends by os._exit: no atexit cleanup)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
