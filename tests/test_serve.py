@@ -2389,10 +2389,44 @@ def test_a_draw_without_the_engine_ends_when_its_client_leaves(run_folder, monke
         asked, forwards = [], []
         monkeypatch.setattr(type(server.app.model), "hidden", lambda self, *a, hidden=type(server.app.model).hidden,
                             **k: forwards.append(1) or hidden(self, *a, **k))
-        monkeypatch.setattr(serve.Handler, "client_gone", lambda self: asked.append(1) or len(asked) >= 3)
+        monkeypatch.setattr(serve.Handler, "client_gone", lambda self: asked.append(1) or len(asked) >= 4)
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
             call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 40, "ignore_eos": True})
-        assert len(asked) == 3 and len(forwards) == 3  # (the prefill, two steps; then gone: 37 steps not run)
+        # (asked as its turn at the model came, then after the prefill and two steps: gone, 37 steps not run)
+        assert len(asked) == 4 and len(forwards) == 3
+        assert server.app.metrics.finished["abort"] == 1 and server.app.metrics.finished["length"] == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_request_whose_client_left_while_it_waited_for_the_model_runs_no_forward(run_folder, monkeypatch):
+    """--max-batch 1: a request waiting for the model's lock (another request's draw holding it) whose client leaves
+    meanwhile, or whose server stops (Server.server_close: Ctrl-C), ends as it takes the lock, before its prefill:
+    not a forward for nobody while the requests behind it wait (nor one more per queued request at Ctrl-C)."""
+    server = start(run_folder[0], "--max-batch", "1")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        forwards = []
+        monkeypatch.setattr(type(server.app.model), "hidden", lambda self, *a, hidden=type(server.app.model).hidden,
+                            **k: forwards.append(1) or hidden(self, *a, **k))
+        monkeypatch.setattr(serve.Handler, "client_gone", lambda self: True)
+
+        def post():  # (its connection closed unanswered: the client's error)
+            try:
+                call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 40, "ignore_eos": True})
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+                pass
+
+        t = threading.Thread(target=post)
+        with server.app.lock:  # (another request's draw)
+            t.start()
+            deadline = time.monotonic() + 30
+            while server.app.metrics.waiting == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.app.metrics.waiting == 1
+        t.join(30)
+        assert not t.is_alive() and forwards == []
         assert server.app.metrics.finished["abort"] == 1 and server.app.metrics.finished["length"] == 0
     finally:
         server.shutdown()

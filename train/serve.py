@@ -1341,7 +1341,7 @@ class Model:
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
                                           dict(warp, logprobs=k, guide=guide, draft=prediction, **ends), timing,
-                                          adapter)
+                                          adapter, gone)
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
                 text, finish, count, reason = rows.ending(i, row)
@@ -1374,12 +1374,17 @@ class Model:
         timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices), stamps=request)
         return choices
 
-    def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp, timing, adapter=None):
-        """generate() in the model's turn (no engine)."""
+    def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp, timing, adapter=None, gone=None):
+        """generate() in the model's turn (no engine). gone(): whether the client left, asked once the turn comes
+        (then BrokenPipeError, as on_token raises it after each token)."""
         from tritongpt.train.common import autocast
         from tritongpt.train.generate import generate
 
         with self.turn(timing), autocast(self.device, self.dtype), self.adapted(adapter):
+            # (left while it waited for the model, or the server stopping: Server.server_close) not a prefill for
+            # nobody while the requests behind it wait
+            if gone is not None and gone():
+                raise BrokenPipeError("the client left")
             # (a prediction's steps verify several tokens: no graph for them, as in the engine)
             return generate(self.model, idx, budget, eos_id=stop_id, generator=generator, vocab_limit=self.limit,
                             on_token=on_token, stop=stop, cuda_graph=self.cuda_graph and warp["draft"] is None,
