@@ -41,6 +41,20 @@ def assert_close_mixed(out: torch.Tensor, ref: torch.Tensor, rel_tol: float, abs
     return max_abs, rel
 
 
+def record_step_grads(monkeypatch) -> list:
+    """Each Trainer step's gradients as its optimizer gets them (unscaled, before clipping: at its
+    torch.nn.utils.clip_grad_norm_ call), a list [(parameter, gradient)] a step. Adam's step is nearly blind to a
+    gradient's scale, so a test of two paths' steps compares these, not only the losses or weights."""
+    steps, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def clip_recording(params, max_norm):
+        params = list(params)
+        steps.append([(p, p.grad.clone()) for p in params if p.grad is not None])
+        return clip(params, max_norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_recording)
+    return steps
+
+
 def decode_token_by_token(model, idx, prefill: int = 6, singles: int | None = None, whole: bool = True):
     """(logits of idx run at once (None with whole False), logits of a prefill of `prefill` tokens, then
     `singles` tokens one at a time over the KV cache (None: every other token) and the rest as one chunk

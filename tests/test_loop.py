@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity import assert_close_rel
+from parity import assert_close_rel, record_step_grads
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -1123,17 +1123,15 @@ def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype, m
     tokens = synthetic_tokens()
     base = tiny_model(5, n_layer=1, n_head=1)  # head_dim 32; one layer: the interpreter is slow
     out, first_grads, batches = {}, {}, []
-    clip = torch.nn.utils.clip_grad_norm_
-
-    def clip_recording(params, max_norm):  # the step's unscaled, unclipped gradients: the first step's kept
-        first_grads.setdefault(path, {n: p.grad.clone() for n, p in t.raw_model.named_parameters()})
-        return clip(params, max_norm)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_recording)
+    steps = record_step_grads(monkeypatch)  # each step's unscaled, unclipped gradients: the first step's kept
     for path in ("reference", "triton"):
         a = args_for(tmp_path / path, max_steps=12, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3, dtype=dtype)
         t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 2, record=batches))
         assert t.raw_model.kernels == (frozenset() if path == "reference" else set(KERNEL_NAMES))
+        before = len(steps)
         out[path] = t.fit()["losses"]
+        names = {p: n for n, p in t.raw_model.named_parameters()}
+        first_grads[path] = {names[p]: g for p, g in steps[before]}
     # AdamW's step is nearly blind to a gradient's scale (a kernel's dq off by half moved the losses by 7e-5), so
     # the first step's gradients, from the same weights and batch, are held to float64's: each parameter's
     # (fp32 1e-4 relative, measured <= 6e-7; fp16 autocast 1e-2, measured <= 9e-4; that dq: 4e-4 and 0.5)
