@@ -843,3 +843,24 @@ def test_a_wrong_resume_is_refused_before_the_data_is_tokenized(corpus, tmp_path
     want = (f"is a checkpoint of a {other} run, not of pretrain" if other else
             f"--resume: no checkpoint found at {run}, nothing to resume (leave --resume out to start a run)")
     assert err.startswith("error: ") and want in err, err
+
+
+def test_resume_of_a_path_that_does_not_exist_names_it(corpus, tmp_path, capsys):
+    """An explicit --resume path that is not there is a typo to fix, not a first run: 'nothing to resume (leave
+    --resume out to start a run)' is said only where the path exists and holds no checkpoint."""
+    import re
+
+    from tritongpt.errors import UserError
+    from tritongpt.train.common import resume_checkpoint
+
+    run, missing, empty = tmp_path / "run", tmp_path / "ckpt-typo", tmp_path / "empty"
+    empty.mkdir()
+    assert main(["pretrain", *argv(corpus, run, "--max-steps", "2", "--resume", str(missing))]) == 2
+    assert capsys.readouterr().err == f"error: --resume {missing}: no such file or folder\n"
+    def nothing_at(path):
+        return f"^--resume: no checkpoint found at {re.escape(str(path))}, nothing to resume"
+
+    with pytest.raises(UserError, match=nothing_at(empty)):
+        resume_checkpoint(run, str(empty))
+    with pytest.raises(UserError, match=nothing_at(run)):
+        resume_checkpoint(run, True)  # a bare --resume in a new --out-dir

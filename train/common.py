@@ -483,6 +483,10 @@ def model_out_folder(command: str, out, sources, overwrite: bool, what: str, sou
     return target
 
 
+class NoCheckpoint(UserError):
+    """resolve_checkpoint's: no weights and no checkpoint at the path (which may not exist)."""
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder, a run folder (its newest checkpoint), or a weights file; a peft adapter
     folder: its weights file; a Hugging Face folder: its model.safetensors, else its shard index (shards
@@ -503,7 +507,7 @@ def resolve_checkpoint(path) -> Path:
             return p / name
     latest = Checkpointer(p).latest()
     if latest is None:
-        raise UserError(f"no checkpoint found at {path}")
+        raise NoCheckpoint(f"no checkpoint found at {path}")
     return latest / "model.safetensors"
 
 
@@ -536,11 +540,11 @@ _LATEST = (True, "latest", "auto")  # what a bare --resume means: the newest che
 
 def resume_checkpoint(out_dir, resume) -> Path:
     """The checkpoint folder --resume names: the newest in out_dir, or a checkpoint/run folder or file."""
+    if resume not in _LATEST and not Path(resume).exists():  # a typo'd path: not "nothing to resume"
+        raise UserError(f"--resume {resume}: no such file or folder")
     try:
         return resolve_checkpoint(out_dir if resume in _LATEST else resume).parent
-    except UserError as e:  # a first run given --resume: say how to start one
-        if not str(e).startswith("no checkpoint found"):
-            raise
+    except NoCheckpoint as e:  # a first run given --resume: say how to start one
         raise UserError(f"--resume: {e}, nothing to resume (leave --resume out to start a run)") from None
 
 
