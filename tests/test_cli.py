@@ -171,6 +171,27 @@ def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
     assert links and sorted(set(links) - anchors) == []
 
 
+def test_readme_s_pytest_commands_of_a_file_select_tests():
+    """README Testing's `python -m pytest ... tests/FILE -k PATTERN` examples select at least one test as written
+    (pytest exits 5 on none: a -k pattern that matches no test of the file ran nothing)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import tritongpt
+
+    root = Path(tritongpt.__file__).resolve().parent.parent
+    if not (root / "README.md").exists():
+        pytest.skip("not a checkout: no README.md beside the package")
+    spans = [s for s in re.findall(r"`(python -m pytest [^`]+)`", (root / "README.md").read_text()) if " tests/" in s]
+    assert spans
+    for span in spans:
+        words = shlex.split(span)[3:]
+        run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "-p", "no:xdist", *words], capture_output=True, text=True, cwd=root)
+        assert run.returncode == 0, (span, run.stdout[-500:])
+
+
 def test_info_counts_parameters(capsys):
     assert main(["info", "--model", "gpt2-small"]) == 0
     out = capsys.readouterr().out
