@@ -747,6 +747,7 @@ def run_serve(args) -> int:
     """bench serve from its flags: the server (ours started here, or --base-url's), one warm-up request, the load
     once per --max-concurrency, the table; files with --out (or under bench/results for our server on CUDA)."""
     from tritongpt.bench.common import check_out_dir, environment, slugify
+    from tritongpt.train.serve import host_port
 
     concurrencies, rate = check_args(args)
     server, served, adapters, scratch = None, {}, [], None
@@ -765,7 +766,7 @@ def run_serve(args) -> int:
                 raise UserError(f"--endpoint /v1/chat/completions: the served model has no chat format "
                                 f"({app.template_why}); serve an instruct model or use /v1/completions")
             adapters = list(app.adapter_paths)
-            base_url = f"http://{ns.host}:{server.server_address[1]}/v1"
+            base_url = f"http://{host_port(ns.host, server.server_address[1])}/v1"
             ctx = app.model.config.context_length
             if args.dataset is None and args.input_len + args.output_len > ctx:
                 raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} > the model's "

@@ -2656,3 +2656,50 @@ def test_a_port_in_use_is_a_one_line_error_naming_it(run_folder, capsys):
         said = capsys.readouterr().err.splitlines()[-1]
         assert said == (f"error: cannot listen at 127.0.0.1:{port}: Address already in use (another --port, or stop "
                         "what listens there)")
+
+
+def test_an_ipv6_host_is_listened_on_and_named_in_brackets(monkeypatch, capsys):
+    """--host ::1 (or ::) listens over IPv6, where socketserver's IPv4 family said 'Address family for hostname not
+    supported'; the address is named as a URL spells it, [::1]:PORT; a port the user may not bind (below 1024, not
+    root) says so."""
+    import errno
+    import re
+    import socket
+    from argparse import Namespace
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = serve.listen(Namespace(host="::1", port=0))
+    try:
+        port = server.server_address[1]
+        assert server.socket.family == socket.AF_INET6 and port > 0
+        with pytest.raises(UserError, match=re.escape(f"cannot listen at [::1]:{port}: Address already in use")):
+            serve.listen(Namespace(host="::1", port=port))
+    finally:
+        server.server_close()
+
+    def refused(self):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(serve.Server, "server_bind", refused)
+    with pytest.raises(UserError, match=r"^cannot listen at 127\.0\.0\.1:80: Permission denied \(a port below 1024 "
+                                        r"needs root: another --port\)$"):
+        serve.listen(Namespace(host="127.0.0.1", port=80))
+    with pytest.raises(UserError, match=r"^cannot listen at 127\.0\.0\.1:8080: Permission denied \(--host, --port\)$"):
+        serve.listen(Namespace(host="127.0.0.1", port=8080))  # (not the root's ports: no such hint)
+
+    class Bound:  # (what make_server returns, bound to [::1]:8000: serve's first line names its URL)
+        server_address, api_key, app = ("::1", 8000, 0, 0), None, Namespace(name="m")
+
+        def serve_forever(self):
+            pass
+
+        def server_close(self):
+            pass
+
+    monkeypatch.setattr(serve, "make_server", lambda args: Bound())
+    assert serve.cmd_serve(None) == 0
+    assert "serving m at http://[::1]:8000/v1 (Ctrl-C stops)" in capsys.readouterr().err

@@ -2361,6 +2361,15 @@ class Server(ThreadingHTTPServer):
                 t.abandoned = True
 
 
+class Server6(Server):
+    address_family = socket.AF_INET6  # an IPv6 --host (::1, ::): socketserver's default family is IPv4's alone
+
+
+def host_port(host, port) -> str:
+    """host:port as a URL spells it: an IPv6 address in brackets ([::1]:8000)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_engine_args(args, one_row_engine: bool = False):
     """--max-batch, --kv-cache-pages, --kv-page-size, --enable-prefix-caching and --max-prefill-tokens (serve's,
     `generate --prompts`'),
@@ -2790,10 +2799,12 @@ def listen(args) -> ThreadingHTTPServer:
     import errno
 
     try:
-        return Server((args.host, args.port), Handler)
+        return (Server6 if ":" in args.host else Server)((args.host, args.port), Handler)
     except OSError as e:
-        hint = "another --port, or stop what listens there" if e.errno == errno.EADDRINUSE else "--host, --port"
-        raise UserError(f"cannot listen at {args.host}:{args.port}: {e.strerror or e} ({hint})") from None
+        hint = {errno.EADDRINUSE: "another --port, or stop what listens there",
+                errno.EACCES: "a port below 1024 needs root: another --port" if args.port < 1024 else None}
+        hint = hint.get(e.errno) or "--host, --port"
+        raise UserError(f"cannot listen at {host_port(args.host, args.port)}: {e.strerror or e} ({hint})") from None
 
 
 def model_name(args) -> str:
@@ -2824,7 +2835,7 @@ def cmd_serve(args):
     server = make_server(args)
     host, port = server.server_address[:2]
     guarded = f"; an API key is needed on every path but {', '.join(PUBLIC_PATHS)}" if server.api_key else ""
-    note(f"serving {server.app.name} at http://{host}:{port}/v1{guarded} (Ctrl-C stops)")
+    note(f"serving {server.app.name} at http://{host_port(host, port)}/v1{guarded} (Ctrl-C stops)")
     try:
         server.serve_forever()
     finally:
@@ -2852,7 +2863,8 @@ def add_server_args(p, listen: bool = False):
     add_kv_cache_dtype_arg(p)
     if listen:
         p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: "
-                                                           "every interface, with no authentication unless --api-key)")
+                                                           "every interface, with no authentication unless --api-key; "
+                                                           "an IPv6 one too: ::1, ::)")
         p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
     add_engine_args(p, MAX_BATCH, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
                           "request of n choices taking n rows; 1: one request at a time")
