@@ -358,3 +358,19 @@ def test_score_and_rerank_of_a_reward_model_are_its_rewards_of_the_chats(reward_
         assert out["results"][0]["relevance_score"] == pytest.approx(want[best], rel=1e-5, abs=1e-6)
     finally:
         stop(server)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "reference"])
+def test_the_interpreter_s_slowness_is_said_once_for_a_reward_model_as_for_an_embedder(lm_folder, reward_folder,
+                                                                                       kernels, capsys):
+    """--kernels triton on the CPU: the note that the interpreter is slow (load_generation_model's, an embedder's)
+    is a reward model's too, once; none with --kernels reference."""
+    from tritongpt.cli import build_parser
+    from tritongpt.train.pooling import load_pooler
+
+    for folder in (lm_folder[0], reward_folder[0]):
+        args = build_parser(["serve"]).parse_args(["serve", "--weights", str(folder), "--runner", "pooling",
+                                                   "--device", "cpu", "--kernels", kernels])
+        load_pooler(args)
+        said = capsys.readouterr().err.count("Triton kernels on the CPU run through Triton's interpreter")
+        assert said == (kernels == "triton"), (folder, said)

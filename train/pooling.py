@@ -112,7 +112,7 @@ def load_pooler(args):
     """(model, tokenizer, device, dtype, limit, Pooler) for --runner pooling: a reward model by RewardModel.load
     (detected, or --convert reward), else the language model as generate loads it."""
     from tritongpt.commands import load_generation_model
-    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.common import note_slow_kernels, pick_device, pick_dtype
     from tritongpt.train.reward import RewardModel
     from tritongpt.train.sft import pick_tokenizer
 
@@ -130,6 +130,7 @@ def load_pooler(args):
                             "model, with its own config: leave --model out")
         device, dtype = pick_device(args.device), pick_dtype(args.dtype, pick_device(args.device))
         model = RewardModel.load(args.weights, map_location=device, kernels=args.kernels, quantized_ok=True).eval()
+        note_slow_kernels([model], device)  # as load_generation_model says it for an embedder
         tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
         limit = tok.vocab_size if tok.vocab_size < model.config.vocab_size else None
     return model, tok, device, dtype, limit, Pooler(model, tok, device, dtype, kind, **config)
