@@ -508,7 +508,8 @@ def add_cli(sub):
     from tritongpt.bench import serve
 
     serve.add_cli(p)  # its own flags, and `tritongpt serve`'s for the server it starts
-    p.set_defaults(func=cmd_bench, what_flags={a.dest: a.default for a in p._actions if a.dest in whats_of_flags()})
+    p.set_defaults(func=cmd_bench, what_flags={a.dest: a.default for a in p._actions if a.dest in whats_of_flags()},
+                   foreign_dests=foreign_dests)
 
 
 def whats_of_flags() -> dict:
@@ -526,6 +527,14 @@ def check_what_flags(args):
         if getattr(args, dest) != default and args.what not in whats[dest]:
             raise UserError(f"--{dest.replace('_', '-')} is a flag of bench {', '.join(whats[dest])}, not of bench "
                             f"{args.what}: it would do nothing there (leave it out)")
+
+
+def foreign_dests(args) -> set:
+    """The dests of the flags `bench args.what` refuses (check_what_flags', and bench serve's own elsewhere): the
+    command line's typo hint (cli.did_you_mean) leaves them out, as a flag it would then refuse."""
+    whats = whats_of_flags()
+    foreign = {d for d in args.what_flags if args.what not in whats[d]}
+    return foreign | (set(args.serve_flags) if args.what != "serve" else set())
 
 
 def cmd_bench(args):
@@ -750,7 +759,7 @@ def _or(value, default):
 
 
 def _settings(args):
-    return {k: v for k, v in vars(args).items() if k not in ("func", "what_flags")}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "what_flags", "foreign_dests")}
 
 
 def _run_gpu(args):

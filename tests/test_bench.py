@@ -3697,6 +3697,8 @@ def test_bench_train_variant_writes_the_model_into_the_json_and_markdown(tmp_pat
         {"attention_window": 4, "window_layers": "odd", "logit_softcap": 30.0}
     assert (t["settings"]["attention_window"], t["settings"]["window_layers"], t["settings"]["logit_softcap"]) == \
         (4, "odd", 30.0)
+    # the flags' values alone: no parser machinery (a function's repr) among them
+    assert [k for k, v in t["settings"].items() if str(v).startswith("<")] == []
     md = (folder / "train.md").read_text()
     assert "| step | model=tiny B=1 T=16 attention_window=4 window_layers=odd logit_softcap=30.0 |" in md
     line = "Models timed, the same for every provider: tiny attention_window=4 window_layers=odd logit_softcap=30.0"

@@ -744,10 +744,14 @@ def test_an_unknown_flag_is_named_with_its_command_s_usage(argv, usage, unknown,
     (["pretrain", "--modle", "tiny"], "--modle tiny (did you mean --model?)"),
     (["generate", "--prompt", "x", "--max-new-tokns=8", "--temprature", "0"],
      "--max-new-tokns=8 --temprature 0 (did you mean --max-new-tokens, --temperature?)"),
-    (["bpe", "encode", "--tokenzer", "t.json", "--text", "x"], "--tokenzer t.json (did you mean --tokenizer?)")])
+    (["bpe", "encode", "--tokenzer", "t.json", "--text", "x"], "--tokenzer t.json (did you mean --tokenizer?)"),
+    (["bench", "train", "--stepz", "3"], "--stepz 3 (did you mean --steps?)"),
+    (["bench", "kernels", "--stepz", "3"], "--stepz 3"),  # bench kernels refuses --steps: not suggested
+    (["bench", "serve", "--base-urll", "u"], "--base-urll u (did you mean --base-url?)"),
+    (["bench", "cpu", "--base-urll", "u"], "--base-urll u")])
 def test_a_typo_d_flag_is_told_the_flag_it_is_close_to(argv, said, capsys):
     """A new user's typo: the nearest of the command's own flags is suggested (a flag far from all, --bogus above,
-    gets no guess)."""
+    gets no guess), not one of another `bench WHAT` that the command would then refuse."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and f"error: unrecognized arguments: {said}\n" in capsys.readouterr().err

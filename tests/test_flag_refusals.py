@@ -112,7 +112,7 @@ def test_every_bench_flag_says_which_benchmarks_read_it():
     from tritongpt.bench.cli import WHATS, whats_of_flags
 
     args = cli.build_parser(["bench"]).parse_args(["bench", "cpu"])
-    mine = {"command", "what", "out", "func", "serve_flags", "what_flags"}
+    mine = {"command", "what", "out", "func", "serve_flags", "what_flags", "foreign_dests"}
     assert sorted(set(vars(args)) - set(args.serve_flags) - set(whats_of_flags()) - mine) == []
     assert set(args.what_flags) == set(whats_of_flags())
     assert all(set(w) <= set(WHATS) for w in whats_of_flags().values())

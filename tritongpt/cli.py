@@ -78,11 +78,13 @@ def command_parser(parser, argv):
     return parser
 
 
-def did_you_mean(parser, unknown) -> str:
-    """' (did you mean --model?)' for an unknown flag spelled close to one of the command's (a typo), else ''."""
+def did_you_mean(parser, unknown, args=None) -> str:
+    """' (did you mean --model?)' for an unknown flag spelled close to one of the command's (a typo), else ''; not
+    one the command would then refuse (args.foreign_dests: bench train's --steps to `bench kernels`)."""
     import difflib
 
-    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    foreign = args.foreign_dests(args) if hasattr(args, "foreign_dests") else set()
+    flags = [o for a in parser._actions if a.dest not in foreign for o in a.option_strings if o.startswith("--")]
     near = [m for word in unknown if word.startswith("--")
             for m in difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.8)]
     return f" (did you mean {', '.join(dict.fromkeys(near))}?)" if near else ""
@@ -184,7 +186,7 @@ def run(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named with the command's own usage (command_parser)
         own = command_parser(parser, argv)
-        own.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(own, unknown)}")
+        own.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(own, unknown, args)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
