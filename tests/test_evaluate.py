@@ -141,6 +141,30 @@ def _run_with_tokenizer(tmp_path, text, vocab, name):
     return run, tok
 
 
+def test_eval_of_a_reward_model_says_the_interpreter_is_slow_on_the_triton_path(tmp_path, capsys):
+    """A reward model's eval (RewardModel.load, not the language model's load) says the note too, once, and only
+    with Triton kernels on the CPU."""
+    from tritongpt.train.reward import RewardModel
+    from tritongpt.train.tokenizer import BPETokenizer, save_run_tokenizer
+
+    text = " ".join(f"the cat number {i} sat on mat {i * 7}." for i in range(30))
+    run = tmp_path / "rm"
+    tok = BPETokenizer.train(text, 270, name="t")
+    save_run_tokenizer(tok, run)
+    torch.manual_seed(0)
+    RewardModel(GPTModel(GPTConfig(vocab_size=270, context_length=32, n_embd=32, n_layer=1, n_head=2))).save(
+        run / "model.safetensors")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"the cat {i}", "chosen": " sat", "rejected": " ran"}) + "\n"
+                            for i in range(3)))
+    for kernels in ("triton", "reference"):
+        assert main(["eval", "--weights", str(run), "--data", str(data), "--split", "all", "--device", "cpu",
+                     "--kernels", kernels, "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["pairs"] == 3
+        assert err.count("Triton's interpreter") == (kernels == "triton"), err
+
+
 def test_eval_command_on_both_paths(tmp_path, capsys):
     """The command on a checkpoint and a text file the test writes: the figures printed, the
     same on the Triton path (interpreter: LayerNorm, MLP, attention, fused LM head + loss) as on
@@ -153,7 +177,11 @@ def test_eval_command_on_both_paths(tmp_path, capsys):
         argv = ["eval", "--weights", str(run), "--data", str(tmp_path / "corpus.txt"), "--kernels", kernels,
                 "--device", "cpu", "--max-tokens", "150", "--json", "--cache-dir", str(tmp_path / "cache")]
         assert main(argv) == 0
-        results.append(json.loads(capsys.readouterr().out))
+        out, err = capsys.readouterr()
+        results.append(json.loads(out))
+        # the interpreter said to be slow, as generate and the trainers say it: on the Triton path alone
+        assert ("Triton's interpreter" in err and "--kernels reference is the fast CPU path" in err) == \
+            (kernels == "triton"), err
     ref, tri = results
     assert ref["tokens"] == 149 and ref["split"] == "val" and ref["tokenizer"] == "t"
     assert tri["kernels"] == ["attention", "cross_entropy", "layernorm", "mlp", "rope"]

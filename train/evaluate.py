@@ -175,7 +175,7 @@ def eval_reward_model(args, device, dtype) -> dict:
     tasks' held-out pairs (from prompts `reward` never trains on). A `reward` run's own data, --val-fraction,
     --num-pairs and --seed are the defaults, so it is scored on the pairs it held out."""
     from tritongpt.train.chat_template import chat_template_for
-    from tritongpt.train.common import autocast
+    from tritongpt.train.common import autocast, note_slow_kernels
     from tritongpt.train.preference import encode_pairs, read_preference_file, split_pairs, train_val_pairs
     from tritongpt.train.reward import RewardModel, pairwise_metrics
     from tritongpt.train.sft import pick_tokenizer
@@ -188,6 +188,7 @@ def eval_reward_model(args, device, dtype) -> dict:
     data = args.data if args.data is not None else run.get("data")
     fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
     rm = RewardModel.load(args.weights, map_location=device, kernels=args.kernels, quantized_ok=True).eval()
+    note_slow_kernels([rm], device)
     tok = pick_tokenizer(args.tokenizer, args.weights, rm.config.vocab_size)
     if data is None:  # the tasks' val split: prompts the train split never has (--split all: the same)
         pairs = train_val_pairs(None, run.get("num_pairs", 2000), fraction, run.get("seed", 0))[1]
@@ -215,7 +216,7 @@ def eval_reward_model(args, device, dtype) -> dict:
 def cmd_eval(args):
     from tritongpt.commands import quantize
     from tritongpt.train import data
-    from tritongpt.train.common import json_report, pick_device, pick_dtype
+    from tritongpt.train.common import json_report, note_slow_kernels, pick_device, pick_dtype
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.reward import is_reward_model
     from tritongpt.train.sft import pick_tokenizer
@@ -248,6 +249,7 @@ def cmd_eval(args):
     quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
     model.to(device)
     model.set_kernels(args.kernels)
+    note_slow_kernels([model], device)  # as generate says it: the windows wait on the interpreter
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     run = pretrain_data(args.weights)
     if run and "sources" in run:

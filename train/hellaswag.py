@@ -315,13 +315,14 @@ def load_scorer(args):
     """(model on its device with --kernels and --quantize, tokenizer, device, dtype) for hellaswag's and lambada's
     scoring."""
     from tritongpt.commands import quantize
-    from tritongpt.train.common import pick_device, pick_dtype
+    from tritongpt.train.common import note_slow_kernels, pick_device, pick_dtype
     from tritongpt.train.sft import load_init_model, pick_tokenizer
 
     device = pick_device(args.device)
     model = load_init_model(args.weights, args.model, quantized_ok=True)
     quantize(model, args, device)  # before the move: the float matrices go to the device one at a time
     model.to(device).set_kernels(args.kernels)
+    note_slow_kernels([model], device)  # as generate says it: a benchmark's examples wait on the interpreter
     tok = pick_tokenizer(args.tokenizer, args.weights, model.config.vocab_size)
     return model, tok, device, pick_dtype(args.dtype, device)
 
