@@ -748,7 +748,13 @@ def test_an_unknown_flag_is_named_with_its_command_s_usage(argv, usage, unknown,
     (["bench", "train", "--stepz", "3"], "--stepz 3 (did you mean --steps?)"),
     (["bench", "kernels", "--stepz", "3"], "--stepz 3"),  # bench kernels refuses --steps: not suggested
     (["bench", "serve", "--base-urll", "u"], "--base-urll u (did you mean --base-url?)"),
-    (["bench", "cpu", "--base-urll", "u"], "--base-urll u")])
+    (["bench", "cpu", "--base-urll", "u"], "--base-urll u"),
+    # the command's own flag before the command: where it goes, not 'did you mean --overwrite?'
+    (["--overwrite", "pretrain"],
+     "--overwrite (--overwrite goes after the command: tritongpt pretrain --overwrite ...)"),
+    (["--lr=1e-3", "--overwrite", "pretrain"],
+     "--lr=1e-3 --overwrite (--lr, --overwrite go after the command: tritongpt pretrain --lr ...)"),
+    (["generate", "--prompt", "x", "--", "--modle"], "-- --modle")])  # (after --, a positional: no guess)
 def test_a_typo_d_flag_is_told_the_flag_it_is_close_to(argv, said, capsys):
     """A new user's typo: the nearest of the command's own flags is suggested (a flag far from all, --bogus above,
     gets no guess), not one of another `bench WHAT` that the command would then refuse."""

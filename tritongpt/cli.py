@@ -80,13 +80,20 @@ def command_parser(parser, argv):
 
 def did_you_mean(parser, unknown, args=None) -> str:
     """' (did you mean --model?)' for an unknown flag spelled close to one of the command's (a typo), else ''; not
-    one the command would then refuse (args.foreign_dests: bench train's --steps to `bench kernels`)."""
+    one the command would then refuse (args.foreign_dests: bench train's --steps to `bench kernels`). The command's
+    own flag given before it (`tritongpt --overwrite pretrain`) is told where it goes, not that it is itself."""
     import difflib
 
     foreign = args.foreign_dests(args) if hasattr(args, "foreign_dests") else set()
     flags = [o for a in parser._actions if a.dest not in foreign for o in a.option_strings if o.startswith("--")]
-    near = [m for word in unknown if word.startswith("--")
-            for m in difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.8)]
+    # (words after a bare -- are positionals, not flags: no guess for them)
+    words = [w.split("=")[0] for w in (unknown[:unknown.index("--")] if "--" in unknown else unknown)
+             if w.startswith("--")]
+    early = list(dict.fromkeys(w for w in words if w in flags))
+    if early:
+        verb = "goes" if len(early) == 1 else "go"
+        return f" ({', '.join(early)} {verb} after the command: {parser.prog} {early[0]} ...)"
+    near = [m for word in words for m in difflib.get_close_matches(word, flags, n=1, cutoff=0.8)]
     return f" (did you mean {', '.join(dict.fromkeys(near))}?)" if near else ""
 
 
