@@ -2672,6 +2672,10 @@ def test_an_ipv6_host_is_listened_on_and_named_in_brackets(monkeypatch, capsys):
             probe.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback here")
+    from tritongpt.bench.serve import serve_parser
+
+    for given in ("::1", "[::1]"):  # (bare, or as a URL writes it)
+        assert serve_parser().parse_args(["--host", given]).host == "::1"
     server = serve.listen(Namespace(host="::1", port=0))
     try:
         port = server.server_address[1]

@@ -2365,6 +2365,11 @@ class Server6(Server):
     address_family = socket.AF_INET6  # an IPv6 --host (::1, ::): socketserver's default family is IPv4's alone
 
 
+def unbracketed(host: str) -> str:
+    """--host as a URL writes an IPv6 address ([::1]) or bare (::1): the bare one, which a socket binds."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def host_port(host, port) -> str:
     """host:port as a URL spells it: an IPv6 address in brackets ([::1]:8000)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -2862,9 +2867,9 @@ def add_server_args(p, listen: bool = False):
     add_cuda_graphs_arg(p)
     add_kv_cache_dtype_arg(p)
     if listen:
-        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: "
-                                                           "every interface, with no authentication unless --api-key; "
-                                                           "an IPv6 one too: ::1, ::)")
+        p.add_argument("--host", default="127.0.0.1", type=unbracketed,
+                       help="address to listen on (default %(default)s; 0.0.0.0: every interface, with no "
+                            "authentication unless --api-key; an IPv6 one too: ::1, ::, or as a URL writes it, [::1])")
         p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
     add_engine_args(p, MAX_BATCH, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
                           "request of n choices taking n rows; 1: one request at a time")
