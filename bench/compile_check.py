@@ -73,8 +73,9 @@ MAX_REGS_PER_BLOCK = 65536
 
 def _require_compiled_mode():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("compile_check needs TRITON_INTERPRET=0 (set before triton is imported); "
-                         "run it as `tritongpt bench compile`")
+        print("error: compile_check needs TRITON_INTERPRET=0 (set before triton is imported); "
+              "run it as `tritongpt bench compile`", file=sys.stderr)  # (one line, the command line's other errors')
+        raise SystemExit(2)
     os.environ["TRITON_INTERPRET"] = "0"  # also stops `import tritongpt` from turning it on
 
 

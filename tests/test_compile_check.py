@@ -556,3 +556,14 @@ def test_quantized_dx_launches_take_few_row_or_training_tiles_a_group_fits(captu
     for name, case, g, blocks in launches:
         assert {m for m, _ in blocks} == ({16} if "M=8 " in case else {64, 128}), (case, blocks)
         assert name == "_int8_linear_dx_kernel" or all(k // g <= 8 for _, k in blocks), (case, blocks)
+
+
+def test_run_under_the_interpreter_is_a_one_line_error(monkeypatch, capsys):
+    """`python -m tritongpt.bench.compile_check` with TRITON_INTERPRET=1 (the suite's, a CPU shell's): exit 2 and one
+    `error:` line saying how to run it, as the command line's other errors (was SystemExit's bare text, exit 1)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit) as e:
+        compile_check._require_compiled_mode()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: compile_check needs TRITON_INTERPRET=0 (set before triton is imported); "
+                                       "run it as `tritongpt bench compile`\n")
