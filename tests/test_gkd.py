@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from parity import assert_close_rel, record_step_grads
 from tritongpt.cli import main
 from tritongpt.errors import UserError
 from tritongpt.train import distill
@@ -225,6 +226,50 @@ def test_the_loss_on_the_students_answers_is_alpha_t2_jsd_over_them_in_float64(b
     data_loss, _ = distill.sft_loss_fn(teacher, o, V, -100, parts)(student, (inputs, targets))
     assert data_loss.item() > loss.item() * 1.5 and parts.pop()["distill_on_policy"] == 0
 
+
+
+def test_a_trainer_step_on_the_students_answers_is_float64s_on_both_paths(tmp_path, monkeypatch):
+    """One Trainer step at --distill-lmbda 1 on each path (the Triton one: the student's answers drawn through its
+    kernels, the loss kernels/jsd.py's linear_distill_loss, both heads padded past V), its loss's gradients held to
+    a float64 student's on the same batch: 1e-4 relative, tensor by tensor (measured <= 1.7e-6 on both paths)."""
+    from tritongpt.train.loop import TrainArgs, Trainer
+
+    o = {**opts(lmbda=1.0, temperature=1.0, alpha=0.3, beta=0.4, max_new=3), "distill_temperature": 1.7}
+    steps, batches, first = record_step_grads(monkeypatch), [], {}
+
+    def models():  # head_dim 32: a size the Triton attention kernel takes
+        return [small(seed, vocab=40, context=32, head_scale=scale, n_embd=32, n_head=1, n_layer=1)
+                for seed, scale in ((1, 1.0), (2, 3.0))]
+    for kernels in ("reference", "triton"):
+        data = SFTData(examples(3, n=4), [], PAD, batch_size=4, seed=3, rank=0, world_size=1)
+        student, teacher = models()
+        op = distill.OnPolicy(data, student, teacher, o, END, V, max_len=16, seed=3)
+
+        def get_batch(split, generator=None, _get=op.get_batch, _op=op):
+            batches.append(_get(split, generator))
+            assert _op.source() == "student"
+            return batches[-1]
+        args = TrainArgs(out_dir=str(tmp_path / kernels), max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0,
+                         eval_every=0, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels=kernels,
+                         seed=0, dtype="fp32")
+        trainer = Trainer(student, args, distill.sft_loss_fn(teacher, o, V, -100, None, op.source), get_batch,
+                          name="sft")
+        distill.place_teacher(teacher, trainer)
+        op.place(trainer.device, trainer.dtype)
+        trainer.fit()
+        assert distill.fused_head(student, teacher, {}) == (kernels == "triton")
+        names = {p: n for n, p in student.named_parameters()}
+        first[kernels] = {names[p]: g for p, g in steps[-1]}
+    assert len(steps) == 2 and all(map(torch.equal, batches[0], batches[1])), "the paths drew other answers"
+    want, teacher = (m.double() for m in models())
+    loss, n = distill.sft_loss_fn(teacher, o, V, -100, None, lambda: "student")(want, batches[0])
+    (loss / n).backward()
+    for name, p in want.named_parameters():
+        for kernels, grads in first.items():
+            if p.grad.abs().max() < 1e-6:  # W_key's bias: 0 in exact arithmetic (a shift its softmax ignores)
+                assert grads[name].abs().max() < 1e-6, (kernels, name)
+            else:
+                assert_close_rel(grads[name], p.grad, 1e-4, f"{kernels} first step's {name}.grad")
 
 # -- refusals -----------------------------------------------------------------------------------------------
 def sft_parse(argv):
