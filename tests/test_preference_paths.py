@@ -1,10 +1,10 @@
-"""The preference trainers run the same first step on both kernel paths: DPO (sigmoid; SimPO on a LoRA policy; ORPO,
-whose loss holds the chosen answers' NLL), KTO and the reward model, each through its own train_* for one step on
-the reference and Triton paths in fp32 and on the reference path in float64, the first step's loss and every
-gradient the optimizer gets held to float64's. DPO's and KTO's log-probs are the model's cross-entropy with
-reduction="none" (preference.model_token_logprobs), kernels/cross_entropy.py's on the Triton path; the reward model
-scores the last hidden state. (PPO, GRPO and RLOO take their log-probs from torch's log_softmax of the logits:
-rlhf.logprobs_and_entropy.)"""
+"""The preference trainers run the same first step on both kernel paths: DPO (sigmoid; reference-free ORPO, whose
+loss holds the chosen answers' NLL, on a LoRA policy), KTO (on a QLoRA policy: an int4 base) and the reward model,
+each through its own train_* for one step on the reference and Triton paths in fp32 and on the reference path in
+float64, the first step's loss and every gradient the optimizer gets held to float64's. DPO's and KTO's log-probs
+are the model's cross-entropy with reduction="none" (preference.model_token_logprobs), kernels/cross_entropy.py's
+on the Triton path; the reward model scores the last hidden state. (PPO, GRPO and RLOO: test_rlhf's
+test_an_updates_first_step_is_float64s_on_both_paths.)"""
 import pytest
 import torch
 
@@ -13,6 +13,7 @@ from test_rlhf import CTX, WordTokenizer, compact_template
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.lora import add_lora
+from tritongpt.model.quant import quantize
 from tritongpt.model.toggle import KERNEL_NAMES
 from tritongpt.train import dpo, kto, reward
 from tritongpt.train.loop import TrainArgs, Trainer
@@ -38,7 +39,9 @@ def first_step(trainer, kernels, dtype, tok, pairs, out_dir, steps):
     policy = GPTModel(config)
     torch.manual_seed(1)  # a reference other than the policy: DPO's and KTO's sigmoids away from 1/2
     ref = GPTModel(config).to(dtype)
-    if trainer == "orpo":  # on a LoRA policy; B starts at 0, which leaves A's gradient 0
+    if trainer == "kto":  # on a QLoRA policy: its int4 base's kernel on the Triton path
+        policy = quantize(policy, "int4", head=False, group_size=32)
+    if trainer in ("orpo", "kto"):  # and ORPO's on a LoRA one; B starts at 0, which leaves A's gradient 0
         add_lora(policy, 4, 8.0)
         with torch.no_grad():
             for name, p in policy.named_parameters():
@@ -76,7 +79,8 @@ def test_a_preference_trainers_first_step_is_float64s_on_both_paths(data, traine
     for (kernels, dtype), (loss, grads, model) in runs.items():
         assert getattr(model, "backbone", model).kernels == (frozenset(KERNEL_NAMES) if kernels == "triton" else
                                                              frozenset())
-        assert grads.keys() == want.keys() and (trainer != "orpo" or all("lora_" in n for n in grads)), grads.keys()
+        assert grads.keys() == want.keys(), grads.keys()
+        assert trainer not in ("orpo", "kto") or all("lora_" in n for n in grads), grads.keys()
         assert loss == pytest.approx(want_loss, rel=1e-6), (kernels, dtype)
         for name, g in grads.items():
             if want[name].abs().max() < 1e-6:  # 0 in exact arithmetic: W_key's bias (a shift its softmax ignores);
