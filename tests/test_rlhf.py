@@ -19,10 +19,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from parity import assert_close_rel
+from parity import assert_close_rel, record_step_grads
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
+from tritongpt.model.toggle import KERNEL_NAMES
 from tritongpt.train.common import Checkpointer, MetricsLog
 from tritongpt.train.loop import TrainArgs
 from tritongpt.train.preference import (PreferencePair, encode_pairs, model_token_logprobs, pair_batch,
@@ -587,9 +588,12 @@ def test_sample_responses_keep_prompt_order_groups_and_the_eot():
     assert ro.lengths[0] == 5 and ro.mask[0].nonzero().flatten().tolist() == [1, 2, 3]
 
 
-def _tiny_rl_trainer(tmp_path, dropout=0.0, prompt_format=None, log=False, **kw):
+def _tiny_rl_trainer(tmp_path, dropout=0.0, prompt_format=None, log=False, lora=False, **kw):
     """An RLHFTrainer on random tiny models (no fixtures): vocab 23, prompts of 3 and 5 tokens; log:
-    whether it writes metrics (and reports them to --report-to's trackers)."""
+    whether it writes metrics (and reports them to --report-to's trackers); lora: the policy's (not the
+    reference's) attention and MLP with LoRA of rank 4, B random (at 0 it leaves A's gradient 0)."""
+    from tritongpt.model.lora import add_lora
+
     cfg = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2, dropout=dropout)
     torch.manual_seed(13)
     policy, rm = GPTModel(cfg), RewardModel(GPTModel(cfg))
@@ -598,8 +602,50 @@ def _tiny_rl_trainer(tmp_path, dropout=0.0, prompt_format=None, log=False, **kw)
                 minibatch_size=4, lr=1e-2, eval_prompts=2, eval_samples=1, device="cpu", kernels="reference",
                 seed=0, dtype="fp32")
     base.update(kw)
-    return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:2], 22, RLArgs(**base), log=log,
+    ref = copy.deepcopy(policy)
+    if lora:
+        add_lora(policy, 4, 8.0)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0.0, 0.1)
+    return RLHFTrainer(policy, ref, rm, prompts, prompts[:2], 22, RLArgs(**base), log=log,
                        prompt_format=prompt_format)
+
+
+@pytest.mark.parametrize("algo, lora", [("grpo", False), ("rloo", False), ("grpo", True)])
+def test_an_updates_first_step_is_float64s_on_both_paths(tmp_path, monkeypatch, algo, lora):
+    """One rollout (the reference path's, in fp32) and the update's first minibatch step from it on the reference
+    and Triton paths in fp32 and on the reference path in float64: its loss, and every gradient the optimizer gets
+    1e-4 relative to float64's (measured <= 6.8e-7 on both paths). The log-probs are torch's log_softmax of the
+    logits (rlhf.logprobs_and_entropy); the Triton path's kernels on it are the model's: layer_norm, attention, MLP.
+    The rollout's sampling is left out: its draws differ by the paths' rounding (greedy decode: test_model_paths).
+    PPO's whole iteration on both paths: test_one_ppo_iteration_triton_path_matches_reference."""
+    steps, trainers, grads = record_step_grads(monkeypatch), {}, {}
+    for kernels, dtype in (("reference", torch.float32), ("reference", torch.float64), ("triton", torch.float32)):
+        trainers[kernels, dtype] = t = _tiny_rl_trainer(tmp_path / f"{kernels}{dtype}", lora=lora, algo=algo,
+                                                        kernels=kernels, prompts_per_iter=2, group_size=2)
+        t.model.to(dtype)  # in place: the optimizer holds the same parameters
+    first = trainers["reference", torch.float32]
+    ro = first.rollout()
+    order = first.shuffle_gen.get_state()  # each update's minibatches drawn as the first's
+    for (kernels, dtype), t in trainers.items():
+        t.shuffle_gen.set_state(order)
+        t.update(ro)
+        names = {p: n for n, p in t.model.named_parameters()}
+        grads[kernels, dtype] = {names[p]: g for p, g in steps[-len(t.update_log)]}
+        # (the first loss is the advantages' mean, 0 but for rounding)
+        assert t.update_log[0]["loss"] == pytest.approx(first.update_log[0]["loss"], rel=1e-5, abs=1e-6)
+        assert t.policy.kernels == (frozenset(KERNEL_NAMES) if kernels == "triton" else frozenset())
+    want = grads["reference", torch.float64]
+    assert not lora or all("lora_" in n for n in want), want.keys()
+    for key, got in grads.items():
+        assert got.keys() == want.keys(), key
+        for name, g in got.items():
+            if want[name].abs().max() < 1e-6:  # W_key's bias: 0 in exact arithmetic (a shift its softmax ignores)
+                assert g.abs().max() < 1e-6, (key, name, g.abs().max())
+            else:
+                assert_close_rel(g, want[name], 1e-4, f"{key[0]} {key[1]} first step's {name}.grad")
 
 
 def test_rl_state_keeps_the_prompt_format(tmp_path):
