@@ -55,6 +55,17 @@ def record_step_grads(monkeypatch) -> list:
     return steps
 
 
+def assert_paths_grads_float64s(grads: dict, want, rel_tol: float, what: str = "first step's"):
+    """Each path's gradients ({path: {name: gradient}}) against a float64 model's after its backward (want), tensor by
+    tensor. W_key.bias's are 0 exactly on every path: a shift q.b shared by a query's scores leaves its softmax."""
+    for name, p in want.named_parameters():
+        for path, got in grads.items():
+            if name.endswith("W_key.bias"):
+                assert got[name].abs().max() < 1e-6, (path, got[name].abs().max())
+            else:
+                assert_close_rel(got[name], p.grad, rel_tol, f"{path} {what} {name}.grad")
+
+
 def decode_token_by_token(model, idx, prefill: int = 6, singles: int | None = None, whole: bool = True):
     """(logits of idx run at once (None with whole False), logits of a prefill of `prefill` tokens, then
     `singles` tokens one at a time over the KV cache (None: every other token) and the rest as one chunk
