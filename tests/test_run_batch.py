@@ -275,26 +275,16 @@ def test_the_bar_in_a_log_is_a_few_frames(folder, tmp_path, monkeypatch, capsys)
     assert frames["log"] == 1 and frames["terminal"] >= 3, frames
 
 
-def test_ctrl_c_stops_the_run_at_once(folder, tmp_path):
-    """SIGINT to the CLI mid-run, --max-batch 1, a request of 64 prompts of 120 tokens in flight (~20 s of drawing
-    under the model's lock, another request waiting for it): both hung up, the server drawing for neither, the pool's
-    threads joined (none left for the interpreter's exit to wait on); exit 130 ("interrupted") in about a second
-    (most of it the interpreter's own exit), -o not written and no temporary file left."""
-    import os
+def interrupted(argv, ready, settle: float, timeout: float) -> tuple:
+    """argv run (stderr read on a thread) until ready(its stderr so far) (asked every 50 ms, the process alive, 120 s
+    at most), then settle seconds, then SIGINT: (its exit code, the seconds from the signal to its exit, its stderr);
+    the process killed if it outlives timeout."""
     import signal
     import subprocess
-    import sys
     import threading
     import time
 
-    body = {"prompt": ["a"] * 64, "max_tokens": 120, "temperature": 0, "ignore_eos": True}
-    requests = write(tmp_path / "in.jsonl", [line(f"r{i}", "/v1/completions", body) for i in range(3)])
-    # `python -m tritongpt` (cli.main), then the names of the run's threads still alive
-    code = ("import sys, threading; from tritongpt.cli import main; rc = main(sys.argv[1:]); print('alive:', "
-            "[t.name for t in threading.enumerate() if t.name.startswith('run-batch')], file=sys.stderr); sys.exit(rc)")
-    proc = subprocess.Popen([sys.executable, "-c", code, "run-batch", "-i", str(requests), "-o",
-                             str(tmp_path / "out.jsonl"), "--weights", str(folder), "--device", "cpu", "--max-batch",
-                             "1"], stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     err = []
 
     def read():
@@ -305,19 +295,37 @@ def test_ctrl_c_stops_the_run_at_once(folder, tmp_path):
     reader.start()
     try:
         deadline = time.monotonic() + 120
-        while b"run-batch:" not in b"".join(err):  # (the bar: the model loaded, the requests about to be posted)
+        while not ready(b"".join(err)):
             assert proc.poll() is None and time.monotonic() < deadline, b"".join(err).decode()
             time.sleep(0.05)
-        time.sleep(0.5)  # (the first request drawing, the second waiting for the model)
+        time.sleep(settle)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=120)
-        seconds = time.monotonic() - t0
+        rc = proc.wait(timeout=timeout)
+        return rc, time.monotonic() - t0, b"".join(err).decode()
     finally:
         if proc.poll() is None:
             proc.kill()
         reader.join()
-    text = b"".join(err).decode()
+
+
+def test_ctrl_c_stops_the_run_at_once(folder, tmp_path):
+    """SIGINT to the CLI mid-run, --max-batch 1, a request of 64 prompts of 120 tokens in flight (~20 s of drawing
+    under the model's lock, another request waiting for it): both hung up, the server drawing for neither, the pool's
+    threads joined (none left for the interpreter's exit to wait on); exit 130 ("interrupted") in about a second
+    (most of it the interpreter's own exit), -o not written and no temporary file left."""
+    import sys
+
+    body = {"prompt": ["a"] * 64, "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+    requests = write(tmp_path / "in.jsonl", [line(f"r{i}", "/v1/completions", body) for i in range(3)])
+    # `python -m tritongpt` (cli.main), then the names of the run's threads still alive
+    code = ("import sys, threading; from tritongpt.cli import main; rc = main(sys.argv[1:]); print('alive:', "
+            "[t.name for t in threading.enumerate() if t.name.startswith('run-batch')], file=sys.stderr); sys.exit(rc)")
+    # (the bar: the model loaded, the requests about to be posted; then the first request drawing, the second waiting
+    # for the model)
+    rc, seconds, text = interrupted([sys.executable, "-c", code, "run-batch", "-i", str(requests), "-o",
+                                     str(tmp_path / "out.jsonl"), "--weights", str(folder), "--device", "cpu",
+                                     "--max-batch", "1"], lambda err: b"run-batch:" in err, 0.5, 120)
     assert rc == 130 and "interrupted\n" in text and "alive: []" in text, text
     assert seconds < 5, f"{seconds:.1f} s from SIGINT to exit"  # (~1.5 s measured on a loaded 2-core machine)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
@@ -619,24 +627,14 @@ def test_ctrl_c_with_a_request_inside_torch(folder, tmp_path, command, stubborn)
     Server.stop_wait (1 s here): said on stderr, and the process ends at once with 130 all the same, not hung, no
     file left (run-batch's -o, its temporary file)."""
     import http.client
-    import signal
-    import subprocess
     import sys
     import threading
-    import time
 
     body = {"prompt": "a", "max_tokens": 100, "temperature": 0}
     flags = {"run-batch": ["-i", str(write(tmp_path / "in.jsonl", [line("a", "/v1/completions", body)])), "-o",
                            str(tmp_path / "out.jsonl")],
              "serve": ["--port", "0"]}[command]
-    proc = subprocess.Popen([sys.executable, "-c", IN_TORCH, "1", "stubborn" if stubborn else "-", command, *flags,
-                             "--weights", str(folder), "--device", "cpu", "--max-batch", "1"], stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    err = []
-
-    def read():
-        while chunk := os.read(proc.stderr.fileno(), 4096):
-            err.append(chunk)
+    posted = []
 
     def post(port):  # (serve's client; the connection left open until the process ends)
         conn = http.client.HTTPConnection("127.0.0.1", port)
@@ -646,27 +644,15 @@ def test_ctrl_c_with_a_request_inside_torch(folder, tmp_path, command, stubborn)
         except (OSError, http.client.HTTPException):
             pass
 
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        deadline, posted = time.monotonic() + 120, False
-        while b"in torch" not in b"".join(err):
-            assert proc.poll() is None and time.monotonic() < deadline, b"".join(err).decode()
-            port = re.search(rb"at http://127\.0\.0\.1:(\d+)/v1", b"".join(err))
-            if port and not posted:
-                threading.Thread(target=post, args=(int(port.group(1)),), daemon=True).start()
-                posted = True
-            time.sleep(0.05)
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-        seconds = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        reader.join()
-    text = b"".join(err).decode()
+    def ready(err):  # (serve: its request posted once it listens) a request's thread inside torch
+        port = re.search(rb"at http://127\.0\.0\.1:(\d+)/v1", err)
+        if port and not posted:
+            threading.Thread(target=post, args=(int(port.group(1)),), daemon=True).start()
+            posted.append(port)
+        return b"in torch" in err
+    rc, seconds, text = interrupted([sys.executable, "-c", IN_TORCH, "1", "stubborn" if stubborn else "-", command,
+                                     *flags, "--weights", str(folder), "--device", "cpu", "--max-batch", "1"], ready,
+                                    0.3, 60)
     assert rc == 130 and "interrupted\n" in text, text
     stopped = "note: 1 request still running 1 s after the server stopped" in text
     assert stopped == stubborn, text
