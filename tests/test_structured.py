@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from tritongpt.errors import UserError
+from tritongpt.errors import FieldError, UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.engine import Engine
@@ -506,12 +506,14 @@ def test_generate_and_the_engine_refuse_masks_that_leave_out_the_grammars_end(ti
     drawn = []
     for masks, says in ((dict(allowed_token_ids=others), f"allowed_token_ids leaves out token {tok.eot_id}"),
                         (dict(bad_words=[[tok.eot_id]]), f"bad_words bans token {tok.eot_id}")):
-        with pytest.raises(UserError, match=says):
+        with pytest.raises(FieldError, match=says) as e:
             generate(model, idx, 6, guide=grammars.guide(SPECS["choice"]), eos_id=tok.eot_id, on_token=drawn.append,
                      **masks)
-        with pytest.raises(UserError, match=says):
+        assert e.value.field == next(iter(masks))  # (the field a Python caller, or serve's 400, names)
+        with pytest.raises(FieldError, match=says) as e:
             Engine(model, max_batch=2).submit(idx, 6, guide=grammars.guide(SPECS["choice"]), eos_id=tok.eot_id,
                                               **masks)
+        assert e.value.field == next(iter(masks))
     assert drawn == []
     # several end tokens (stop tokens among the specials): refused only where none is left drawable
     assert masked_ends([5, 7], [7, 1]) is None and masked_ends([5, 7], None, [[5], [1, 7]]) is None

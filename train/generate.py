@@ -415,10 +415,11 @@ def masked_ends(ends, allowed_token_ids=None, bad_words=None, name=lambda n: n, 
 
 
 def check_masks_reach_end(ends, allowed_token_ids, bad_words, wake=None) -> None:
-    """masked_ends' refusal as a UserError (generate() and Engine.submit: serve names the field in a 400)."""
+    """masked_ends' refusal as a FieldError naming its field (generate() and Engine.submit; serve, which refuses it
+    before, names the field in its 400 as well)."""
     masked = masked_ends(ends, allowed_token_ids, bad_words, wake=wake)
     if masked is not None:
-        raise UserError(masked[1])
+        raise FieldError(masked[1], masked[0])
 
 
 def cut_top_n_sigma(logits, n: float):
