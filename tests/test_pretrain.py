@@ -847,7 +847,8 @@ def test_a_wrong_resume_is_refused_before_the_data_is_tokenized(corpus, tmp_path
 
 def test_resume_of_a_path_that_does_not_exist_names_it(corpus, tmp_path, capsys):
     """An explicit --resume path that is not there is a typo to fix, not a first run: 'nothing to resume (leave
-    --resume out to start a run)' is said only where the path exists and holds no checkpoint."""
+    --resume out to start a run)' is said only for a bare --resume in a folder with no checkpoint; a named folder
+    holding none is told what --resume takes."""
     import re
 
     from tritongpt.errors import UserError
@@ -860,7 +861,9 @@ def test_resume_of_a_path_that_does_not_exist_names_it(corpus, tmp_path, capsys)
     def nothing_at(path):
         return f"^--resume: no checkpoint found at {re.escape(str(path))}, nothing to resume"
 
-    with pytest.raises(UserError, match=nothing_at(empty)):
+    # a folder the user named: not "leave --resume out" (they meant to resume, from another folder)
+    with pytest.raises(UserError, match=f"^--resume {re.escape(str(empty))}: no checkpoint found at ") as e:
         resume_checkpoint(run, str(empty))
+    assert "leave --resume out" not in str(e.value) and "name a run folder" in str(e.value)
     with pytest.raises(UserError, match=nothing_at(run)):
         resume_checkpoint(run, True)  # a bare --resume in a new --out-dir

@@ -544,8 +544,12 @@ def resume_checkpoint(out_dir, resume) -> Path:
         raise UserError(f"--resume {resume}: no such file or folder")
     try:
         return resolve_checkpoint(out_dir if resume in _LATEST else resume).parent
-    except NoCheckpoint as e:  # a first run given --resume: say how to start one
-        raise UserError(f"--resume: {e}, nothing to resume (leave --resume out to start a run)") from None
+    except NoCheckpoint as e:
+        if resume in _LATEST:  # a first run given a bare --resume: say how to start one
+            raise UserError(f"--resume: {e}, nothing to resume (leave --resume out to start a run)") from None
+        # a folder the user named that holds none: another folder was likely meant
+        raise UserError(f"--resume {resume}: {e} (name a run folder holding ckpt-* folders, or a checkpoint "
+                        "folder or file)") from None
 
 
 def check_resume_of(ckpt: Path, state: dict, name: str) -> None:
