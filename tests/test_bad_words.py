@@ -132,6 +132,9 @@ def test_a_word_of_several_tokens_that_leaves_nothing_is_named_and_never_gives_t
     with pytest.raises(DrawError, match=said) as e:
         allow_and_ban(logits, [3], [[3, 3]], seen, 0)
     assert e.value.field == "bad_words"
+    with pytest.raises(DrawError, match="^" + said) as e:  # a word listed twice: named once ("bans", "its")
+        allow_and_ban(logits, [3], [[3, 3], [3, 3]], seen, 0)
+    assert "[3, 3], [3, 3]" not in str(e.value)
     model = tiny()
     idx = torch.tensor([[5, 7, 8, 9, 5]])  # (the n-gram "5" proposes 7, 8, 9)
     said = re.escape("bad_words [7, 7] bans token 7 after its other tokens")

@@ -335,6 +335,7 @@ def words_emptied(named) -> DrawError:
     were all a row had left: a grammar's end allows only its end tokens, so a word of a text's last tokens and an
     end token leaves a text that ends with those nothing there. (masked_ends, before any token, sees one-token words
     only: whether a text ends with a word's other tokens is the draw's.)"""
+    named = [list(w) for w in dict.fromkeys(map(tuple, named))]  # a word listed twice is named once
     one = len(named) == 1
     ends = list(dict.fromkeys(word[-1] for word in named))
     return DrawError(f"bad_words {', '.join(map(str, named))} ban{'s' * one} token{'s' * (len(ends) > 1)} "
