@@ -731,9 +731,10 @@ def summarize_scoring(records, duration_s: float) -> dict:
 
 
 # -- the command ------------------------------------------------------------------------------------------------------
-def start_server(ns, poll_interval: float = 0.5):
+def start_server(ns, poll_interval: float = 0.05):
     """`tritongpt serve` in a thread of this process (make_server: the model loaded, a free port), its request log
-    silenced (the table is the output). poll_interval: serve_forever's, how long its shutdown() may wait."""
+    silenced (the table is the output). poll_interval: serve_forever's, how long its shutdown() may wait (50 ms, not
+    socketserver's 500: the run's end waited for the next poll)."""
     from tritongpt.train.serve import make_server
 
     server = make_server(ns)
