@@ -958,10 +958,16 @@ def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, run_args=Non
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tmp_path, algo):
+def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tmp_path, algo, monkeypatch):
+    from tritongpt.train import common
+
     trainer = _rl_setup(data, easy_reward, tmp_path, algo, group_size=4 if algo == "grpo" else 0,
                         prompts_per_iter=16 if algo == "ppo" else 4)
+    drawn, real = [], common.plot_curves
+    monkeypatch.setattr(common, "plot_curves", lambda rows, path, **kw: drawn.append(path) or real(rows, path, **kw))
     result = trainer.fit()
+    # rlhf.png drawn by the final checkpoint, not again for the same rows at the run's end
+    assert drawn == [tmp_path / "rlhf.png"]
     # the same 16 held-out prompts x 8 samples, the same sampling seed, before and after
     before, after = result["first_eval_reward"], result["eval_reward"]
     print(f"{algo}: eval reward {before:.3f} -> {after:.3f}, eval KL {result['eval_kl']:.3f} "
