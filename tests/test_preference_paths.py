@@ -15,7 +15,7 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.model.lora import add_lora
 from tritongpt.model.quant import quantize
 from tritongpt.model.toggle import KERNEL_NAMES
-from tritongpt.train import dpo, kto, reward
+from tritongpt.train import common, dpo, kto, reward
 from tritongpt.train.loop import TrainArgs, Trainer
 from tritongpt.train.preference import task_preferences
 
@@ -71,6 +71,8 @@ def test_a_preference_trainers_first_step_is_float64s_on_both_paths(data, traine
     steps = record_step_grads(monkeypatch)
     # the end of the run's eval reads no gradient, and would take a third of the Triton path's interpreter time
     monkeypatch.setattr(Trainer, "_evaluates", lambda self: False)
+    # nor do the runs' plots (two a run, ~0.2 s of matplotlib each: test_rlhf and test_kto draw these trainers')
+    monkeypatch.setattr(common, "plot_curves", lambda *a, **k: None)
     runs = {}
     for kernels, dtype in PATHS:
         runs[kernels, dtype] = first_step(trainer, kernels, dtype, tok, pairs, tmp_path / f"{kernels}{dtype}", steps)
