@@ -246,13 +246,20 @@ def capture(quick=False, half="bfloat16", tma=True):
                 case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"
                 logits = torch.empty(TOKENS, width, dtype=dt, **meta)
                 targets = torch.empty(TOKENS, dtype=torch.int64, **meta)
-                loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, -100, VOCAB)
+                loss, row_max, log_sum, _ = cross_entropy._fwd_launch(logits, targets, -100, VOCAB)
                 cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, -100, VOCAB)
                 if width == PADDED_VOCAB:  # label smoothing, the z-loss and a logit soft cap: their own binaries
                     case[0] += " smoothing+z-loss+softcap"
                     options = -100, VOCAB, 0.1, 1e-4, 30.0
-                    loss, row_max, log_sum = cross_entropy._fwd_launch(logits, targets, *options)
+                    loss, row_max, log_sum, _ = cross_entropy._fwd_launch(logits, targets, *options)
                     cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options)
+                    # RL's log-probs (GPTModel.token_logprobs): a temperature and the entropy, with and
+                    # without its gradient (the kernels' HAS_TEMP and HAS_ENT binaries)
+                    case[0] = case[0].replace("smoothing+z-loss+softcap", "temperature+entropy")
+                    options = -100, VOCAB, 0.0, 0.0, 0.0, 0.7
+                    loss, row_max, log_sum, ent = cross_entropy._fwd_launch(logits, targets, *options, True)
+                    cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options)
+                    cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options, loss, ent)
             # the distillation loss (kernels/jsd.py) on a padded student head against a teacher's: forward KL,
             # the mixture and reverse KL (one binary each), with the gradient, and the mixture without (evaluation)
             case[0] = f"distill {name} {TOKENS}x{PADDED_VOCAB} ({VOCAB} classes)"

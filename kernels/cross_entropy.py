@@ -39,6 +39,14 @@ tile loop and LANE_MAX are autotuned):
             saved pair. A soft cap c reads every logit as c tanh(x / c) (forward and backward
             alike) and multiplies its gradient by 1 - tanh^2. Each is a constexpr flag: at 0 the
             kernels compile as without it.
+  RL        (GPTModel.token_logprobs) a temperature T reads every (capped) logit as z = x / T, and the
+            loss is then -log p_T(target); the entropy H = lse - sum_j p_j z_j of every row (an ignored
+            target's too: RL masks afterwards) is a third running sum beside m and s, t = sum exp(z - m)
+            (z - m), moved to a new max as s is (t' = e^(m - m') (t + (m - m') s)), H = log S - t / S: two
+            terms >= 0, no cancellation at large logits. Backward adds g_H dH/dz_j = -g_H p_j (log p_j + H)
+            (times 1/T, and the cap's derivative) to the loss's gradient in the same pass, only when the
+            entropy has a gradient (HAS_ENT; an unused entropy compiles out). Both refuse label smoothing
+            and the z-loss (written for the untempered loss); the soft cap composes.
 """
 import math
 
@@ -47,7 +55,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
-from tritongpt._types import is_int, loss_options, softcap_value
+from tritongpt._types import is_int, loss_options, softcap_value, temperature_value
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import (autocast_dtype, autotuned, cast, cdiv, check_runnable, check_same_device,
                                        check_same_dtype, check_tensor, custom_op, first_order_only, launch_tuned,
@@ -59,12 +67,14 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit(do_not_specialize=["N_BUCKET"])
-def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, smoothing, z_coef, softcap, N_BUCKET,
-                   HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_V: tl.constexpr, LANE_MAX: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, Ent, stride_x, N, V, W, ignore_index, smoothing, z_coef, softcap,
+                   inv_temp, N_BUCKET, HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr,
+                   HAS_TEMP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                   LANE_MAX: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). Loss[i] = logsumexp(X[i]) - X[i, T[i]] (0 where T[i] == ignore_index),
     with HAS_SMOOTH mixed with the smoothed term, with HAS_Z plus z_coef * logsumexp(X[i])^2; with
-    HAS_CAP every logit x read as softcap * tanh(x / softcap) first.
+    HAS_CAP every logit x read as softcap * tanh(x / softcap) first, then with HAS_TEMP times inv_temp.
+    HAS_ENT: Ent[i] = the entropy of softmax(X[i]) (of every row, ignored targets' too).
 
     Rows hold W >= V values; only the first V are classes (the rest: a padded vocabulary).
     LANE_MAX: the running max and sum are kept per lane (no reduction in the loop, two exp2 an element);
@@ -83,6 +93,9 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_R], tl.float32)
     x_sum = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)  # label smoothing's sum of the classes' logits
+    # the entropy's running sum of exp(x - m) (x - m), beside s's exp(x - m): relative to the running max, so
+    # H = log S - t / S adds two terms >= 0 (the raw sum of exp(x - m) x would cancel against lse at large m)
+    t = tl.zeros(m.shape, tl.float32)
     for start in tl.range(0, W, BLOCK_V, num_stages=NUM_STAGES):
         # masked at the row's width W, not at V: with a vocabulary padded to a multiple of 16
         # (vocab_multiple 64: 50304) the rows stay 16-byte aligned and the loads are 16-byte
@@ -90,6 +103,8 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
         x = tl.load(x_rows + start + cols, mask=start + cols < W, other=float("-inf")).to(tl.float32)
         if HAS_CAP:
             x = softcap * tanh(x / softcap)
+        if HAS_TEMP:
+            x = x * inv_temp
         x = tl.where(start + cols < V, x, float("-inf"))
         if LANE_MAX:
             m_new = tl.maximum(m, x)
@@ -98,19 +113,39 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
         # A lane (row) that has seen only -inf (past V, or -inf logits) rescales by a finite
         # stand-in, not -inf - -inf = nan.
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2((m - m_ref) * LOG2E)
         if LANE_MAX:
-            s = s * tl.exp2((m - m_ref) * LOG2E) + tl.exp2((x - m_ref) * LOG2E)
+            e = tl.exp2((x - m_ref) * LOG2E)
         else:
-            s = s * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2((x - m_ref[:, None]) * LOG2E), 1)
+            e = tl.exp2((x - m_ref[:, None]) * LOG2E)
+        if HAS_ENT:
+            # t moves to the new max: sum e (x - m_new) = alpha (t + (m_old - m_new) s); -inf entries add 0, not nan
+            shift = tl.where(m > float("-inf"), m - m_ref, 0.0)
+            if LANE_MAX:
+                te = e * tl.where(x > float("-inf"), x - m_ref, 0.0)
+            else:
+                te = tl.sum(e * tl.where(x > float("-inf"), x - m_ref[:, None], 0.0), 1)
+            t = alpha * (t + shift * s) + te
+        if LANE_MAX:
+            s = s * alpha + e
+        else:
+            s = s * alpha + tl.sum(e, 1)
         m = m_new
         if HAS_SMOOTH:
             x_sum += tl.where(start + cols < V, x, 0.0)
     if LANE_MAX:
         m_row = tl.max(m, 1)
-        log_s = tl.log(tl.sum(s * tl.exp2((m - m_row[:, None]) * LOG2E), 1))
+        lane_scale = tl.exp2((m - m_row[:, None]) * LOG2E)
+        s_row = tl.sum(s * lane_scale, 1)
+        if HAS_ENT:
+            t_row = tl.sum(lane_scale * (t + tl.where(m > float("-inf"), m - m_row[:, None], 0.0) * s), 1)
     else:
         m_row = m
-        log_s = tl.log(s)
+        s_row = s
+        t_row = t
+    log_s = tl.log(s_row)
+    if HAS_ENT:
+        tl.store(Ent + rows, log_s - t_row / s_row, mask=row_ok)
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
     counted = target != ignore_index
     # A counted target outside [0, V) gets loss nan instead of a read past the row: the
@@ -120,6 +155,8 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
     x_t = tl.load(X + rows.to(tl.int64) * stride_x + target, mask=counted & known, other=0.0).to(tl.float32)
     if HAS_CAP:
         x_t = softcap * tanh(x_t / softcap)
+    if HAS_TEMP:
+        x_t = x_t * inv_temp
     # (m - x_t) + log S, not (m + log S) - x_t: a confident right answer (x_t = m, S just above
     # 1) then keeps its small loss to fp32 precision instead of losing it to the size of m.
     loss = (m_row - x_t) + log_s
@@ -137,13 +174,16 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, stride_x, N, V, W, ignore_index, 
 
 
 @triton.jit(do_not_specialize=["N_BUCKET"])
-def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ignore_index, smoothing, z_coef,
-                   softcap, N_BUCKET, HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _ce_bwd_kernel(X, T, RowMax, LogSum, G, Ent, GEnt, DX, stride_x, stride_dx, N, V, W, ignore_index, smoothing,
+                   z_coef, softcap, inv_temp, N_BUCKET, HAS_SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
+                   HAS_CAP: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Grid (cdiv(N, BLOCK_R),). DX[i, j] = G[i] * (softmax(X[i])_j - [j == T[i]]), 0 for ignored
     rows; all W columns are written, the padding ones (j >= V) with 0. With label smoothing the
     target is (1 - smoothing) [j == T[i]] + smoothing / V; the z-loss adds 2 z_coef lse p_j; the
-    soft cap multiplies by its derivative, 1 - tanh(x / softcap)^2."""
+    soft cap multiplies by its derivative, 1 - tanh(x / softcap)^2; HAS_TEMP by inv_temp (z = x inv_temp).
+    HAS_ENT (the entropy has a gradient) adds GEnt[i] dH/dz_j = -GEnt[i] p_j (log p_j + Ent[i]), to every row:
+    ignored targets' too (where GEnt[i] is 0 it adds 0, even to a row whose entropy is nan)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)[:, None]
@@ -154,6 +194,9 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
     counted = (target != ignore_index)[:, None]
     unknown = counted & ((target < 0) | (target >= V))[:, None]  # nan gradient, as forward's loss
     g = tl.load(G + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_ENT:
+        g_ent = tl.load(GEnt + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        ent = tl.load(Ent + rows, mask=row_ok, other=0.0)[:, None]
     hit = 1.0 - smoothing if HAS_SMOOTH else 1.0  # the target's share of the label
     if HAS_Z:
         p_scale = 1.0 + 2.0 * z_coef * (m + log_s)  # d(z lse^2)/dx_j = 2 z lse p_j
@@ -163,18 +206,31 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, DX, stride_x, stride_dx, N, V, W, ig
         if HAS_CAP:
             u = tanh(x / softcap)
             x = softcap * u
-        p = tl.exp2(((x - m[:, None]) - log_s[:, None]) * LOG2E)
+        if HAS_TEMP:
+            x = x * inv_temp
+        log_p = (x - m[:, None]) - log_s[:, None]
+        p = tl.exp2(log_p * LOG2E)
+        if HAS_ENT:
+            d_ent = p * tl.where(x > float("-inf"), log_p + ent, 0.0)  # -dH/dz; a -inf logit's p log p is 0
         if HAS_Z:
             p = p * p_scale[:, None]
         if HAS_SMOOTH:
             p = p - smoothing / V
         p = tl.where(start + cols == target[:, None], p - hit, p)
+        if HAS_TEMP:
+            p = p * inv_temp
         if HAS_CAP:
             p = p * (1.0 - u * u)
         # padding columns last: they may hold anything (nan too), and the cap's derivative reads them
         p = tl.where(start + cols < V, p, 0.0)
         # where, not a zero g: an ignored row of -inf logits has p = nan, and nan * 0 is nan
         dx = tl.where(counted, p * g[:, None], 0.0)
+        if HAS_ENT:
+            if HAS_TEMP:
+                d_ent = d_ent * inv_temp
+            if HAS_CAP:
+                d_ent = d_ent * (1.0 - u * u)
+            dx -= tl.where((g_ent != 0.0) & (start + cols < V), g_ent * d_ent, 0.0)
         dx = tl.where(unknown, float("nan"), dx)
         tl.store(DX + rows64 * stride_dx + start + cols, cast(dx, DX.dtype.element_ty), mask=mask)
 
@@ -218,7 +274,8 @@ def _prune_tiles(configs, named_args, **kwargs):
 
 
 def _tuner(configs):
-    return triton.autotune(configs, key=["W", "N_BUCKET", "HAS_SMOOTH", "HAS_Z", "HAS_CAP", "BLOCK_R"],
+    return triton.autotune(configs, key=["W", "N_BUCKET", "HAS_SMOOTH", "HAS_Z", "HAS_CAP", "HAS_TEMP", "HAS_ENT",
+                                         "BLOCK_R"],
                            prune_configs_by={"early_config_prune": _prune_tiles})
 
 
@@ -237,34 +294,41 @@ def _n_bucket(N):
 
 
 @on_tensor_device
-def _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+def _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
+                temperature=1.0, entropy=False):
     N, W = logits.shape
     loss, row_max, log_sum = (torch.empty(N, device=logits.device, dtype=torch.float32) for _ in range(3))
+    ent = torch.empty(N if entropy else 0, device=logits.device, dtype=torch.float32)
     if N == 0:
-        return loss, row_max, log_sum
-    args = (logits, targets, loss, row_max, log_sum, logits.stride(0), N, n_classes, W, ignore_index, label_smoothing,
-            z_loss, softcap, _n_bucket(N))
-    flags = dict(HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0)
+        return loss, row_max, log_sum, ent
+    args = (logits, targets, loss, row_max, log_sum, ent if entropy else loss, logits.stride(0), N, n_classes, W,
+            ignore_index, label_smoothing, z_loss, softcap, 1.0 / temperature, _n_bucket(N))
+    flags = dict(HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0, HAS_TEMP=temperature != 1,
+                 HAS_ENT=bool(entropy))
     if INTERPRET:
         rows, block, warps = _launch_shape(N, W)
         _ce_fwd_kernel[(cdiv(N, rows),)](*args, **flags, BLOCK_R=rows, BLOCK_V=block, LANE_MAX=True, NUM_STAGES=1,
                                          num_warps=warps)
     else:
         launch_tuned(_ce_fwd_tuned, (N,), *args, **flags, BLOCK_R=1)
-    return loss, row_max, log_sum
+    return loss, row_max, log_sum, ent
 
 
 @on_tensor_device
 def _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing=0.0,
-                z_loss=0.0, softcap=0.0):
+                z_loss=0.0, softcap=0.0, temperature=1.0, grad_entropy=None, entropy=None):
     N, W = logits.shape
     dx = torch.empty((N, W), device=logits.device, dtype=logits.dtype)
     if N == 0:
         return dx
     grad_loss = grad_loss.contiguous()
-    args = (logits, targets, row_max, log_sum, grad_loss, dx, logits.stride(0), dx.stride(0), N, n_classes, W,
-            ignore_index, label_smoothing, z_loss, softcap, _n_bucket(N))
-    flags = dict(HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0)
+    has_ent = grad_entropy is not None
+    grad_entropy = grad_entropy.contiguous() if has_ent else grad_loss
+    args = (logits, targets, row_max, log_sum, grad_loss, entropy if has_ent else row_max, grad_entropy, dx,
+            logits.stride(0), dx.stride(0), N, n_classes, W, ignore_index, label_smoothing, z_loss, softcap,
+            1.0 / temperature, _n_bucket(N))
+    flags = dict(HAS_SMOOTH=label_smoothing != 0, HAS_Z=z_loss != 0, HAS_CAP=softcap != 0, HAS_TEMP=temperature != 1,
+                 HAS_ENT=has_ent)
     if INTERPRET:
         rows, block, warps = _launch_shape(N, W)
         _ce_bwd_kernel[(cdiv(N, rows),)](*args, **flags, BLOCK_R=rows, BLOCK_V=block, NUM_STAGES=1, num_warps=warps)
@@ -302,20 +366,38 @@ def _(targets, vocab, ignore_index):
     return targets.new_empty(targets.numel(), dtype=torch.int64)
 
 
-def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0, **row_values):
+def rl_options(label_smoothing, z_loss, softcap, temperature, entropy) -> tuple[float, bool]:
+    """(temperature, entropy) checked: temperature a finite number > 0 (the logits, soft-capped first, are divided
+    by it: the distribution sampling drew from), entropy a bool, and neither beside label smoothing or a z-loss
+    (whose terms were written for the untempered logits' loss; a soft cap is fine: the model's logits are capped)."""
+    temperature = temperature_value(temperature)
+    if not isinstance(entropy, bool):
+        raise TypeError(f"entropy must be a bool, got {type(entropy).__name__}")
+    if (temperature != 1 or entropy) and (label_smoothing or z_loss):
+        raise ValueError(f"cross-entropy with a temperature or the entropy takes no label_smoothing or z_loss "
+                         f"(got temperature {temperature!r}, entropy {entropy}, label_smoothing "
+                         f"{label_smoothing!r}, z_loss {z_loss!r})")
+    return float(temperature), entropy
+
+
+def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0, temperature=1.0,
+                     with_entropy=False, **row_values):
     """What the kernels assume of their inputs. cross_entropy() arranges it; a direct call of the
     ops must too (short targets, a transposed logits or n_classes past the row were read as
     they lay: garbage, no error). row_values: other [N] per-row tensors (row_max, grad_loss...)."""
     loss_options(label_smoothing, z_loss)
     softcap_value(softcap)
+    rl_options(label_smoothing, z_loss, softcap, temperature, with_entropy)
     check_tensor(logits, "logits", ndim=2)
     N, W = logits.shape
     check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32), shape=(N,))
+    row_values = {name: t for name, t in row_values.items() if t is not None}
     for name, t in row_values.items():
         check_tensor(t, name, shape=(N,))
     check_same_device(logits=logits, targets=targets, **row_values)
     for name, t in (("logits", logits), ("targets", targets), *row_values.items()):
-        if name != "grad_loss" and t.shape[-1] > 1 and t.stride(-1) != 1:  # grad_loss: copied at launch
+        # the upstream gradients are copied at launch (a sum's backward gives a stride-0 expand)
+        if name not in ("grad_loss", "grad_entropy") and t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"tritongpt::cross_entropy ops read {name} with unit stride on its last dim, got "
                              f"strides {t.stride()} (call cross_entropy(), which copies, or pass .contiguous())")
     if not 1 <= n_classes <= W:
@@ -324,62 +406,88 @@ def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0
 
 @custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_classes: int,
-                       label_smoothing: float = 0.0, z_loss: float = 0.0,
-                       softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (per-row loss, row max m, log S): fp32 [N] each; m and log S are for backward.
+                       label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0,
+                       temperature: float = 1.0, entropy: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (per-row loss, row max m, log S, entropy): fp32 [N] each ([0] for the entropy unless asked for); m and
+    log S are for backward (of the tempered logits, with a temperature).
 
     Called directly, a target outside [0, n_classes) that is not ignore_index gives a nan loss
     (cross_entropy() refuses it with a message, at the cost of a host sync)."""
     check_runnable(logits, "logits")
-    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap)
-    return _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing, z_loss, softcap)
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap, temperature, entropy)
+    return _fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing, z_loss, softcap, temperature,
+                       entropy)
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
-    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap)
-    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
+def _(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0, temperature=1.0,
+      entropy=False):
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap, temperature, entropy)
+    N = logits.shape[0]
+    return tuple(logits.new_empty(n, dtype=torch.float32) for n in (N, N, N, N if entropy else 0))
 
 
 @custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                        row_max: torch.Tensor, log_sum: torch.Tensor, ignore_index: int,
                        n_classes: int, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                       softcap: float = 0.0) -> torch.Tensor:
-    """-> dlogits [N, W] in logits' dtype, from the forward op's row max and log S."""
+                       softcap: float = 0.0, temperature: float = 1.0, grad_entropy: torch.Tensor | None = None,
+                       entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """-> dlogits [N, W] in logits' dtype, from the forward op's row max and log S; with grad_entropy (the
+    entropy's upstream gradient), that of the forward's entropy (given as entropy) added in the same pass."""
     check_runnable(logits, "logits")
-    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap, grad_loss=grad_loss,
-                     row_max=row_max, log_sum=log_sum)
+    _check_bwd_entropy(grad_entropy, entropy)
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap, temperature,
+                     grad_entropy is not None, grad_loss=grad_loss, row_max=row_max, log_sum=log_sum,
+                     grad_entropy=grad_entropy, entropy=entropy)
     return _bwd_launch(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing,
-                       z_loss, softcap)
+                       z_loss, softcap, temperature, grad_entropy, entropy)
 
 
 @_cross_entropy_bwd.register_fake
 def _(grad_loss, logits, targets, row_max, log_sum, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0,
-      softcap=0.0):
-    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap, grad_loss=grad_loss,
-                     row_max=row_max, log_sum=log_sum)
+      softcap=0.0, temperature=1.0, grad_entropy=None, entropy=None):
+    _check_bwd_entropy(grad_entropy, entropy)
+    _check_op_layout(logits, targets, n_classes, label_smoothing, z_loss, softcap, temperature,
+                     grad_entropy is not None, grad_loss=grad_loss, row_max=row_max, log_sum=log_sum,
+                     grad_entropy=grad_entropy, entropy=entropy)
     return logits.new_empty(logits.shape)
+
+
+def _check_bwd_entropy(grad_entropy, entropy):
+    """The backward op's entropy gradient comes with the forward's entropy, or neither does."""
+    if (grad_entropy is None) != (entropy is None):
+        raise ValueError("tritongpt::cross_entropy_bwd takes grad_entropy and the forward's entropy together, "
+                         f"got grad_entropy {'None' if grad_entropy is None else 'a tensor'} and entropy "
+                         f"{'None' if entropy is None else 'a tensor'}")
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Per-row losses [N] from logits [N, W] whose first n_classes columns are the classes; saves
-    the logits (alive anyway), the row max and the log-sum (fp32 [N] each)."""
+    the logits (alive anyway), the row max and the log-sum (fp32 [N] each). With entropy, (losses, entropies):
+    the entropy saved too, and its gradient added in the one backward pass only when it has one."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
-        loss, row_max, log_sum = _cross_entropy_fwd.call(logits, targets, ignore_index, n_classes,
-                                                                       label_smoothing, z_loss, softcap)
-        ctx.save_for_backward(logits, targets, row_max, log_sum)
-        ctx.options = ignore_index, n_classes, label_smoothing, z_loss, softcap
-        return loss
+    def forward(ctx, logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
+                temperature=1.0, entropy=False):
+        loss, row_max, log_sum, ent = _cross_entropy_fwd.call(logits, targets, ignore_index, n_classes,
+                                                              label_smoothing, z_loss, softcap, temperature, entropy)
+        ctx.save_for_backward(logits, targets, row_max, log_sum, ent)
+        ctx.options = ignore_index, n_classes, label_smoothing, z_loss, softcap, temperature
+        # an entropy nobody differentiates comes back as None (no work), not as zeros
+        ctx.set_materialize_grads(False)
+        return (loss, ent) if entropy else loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_entropy=None):
         first_order_only("cross_entropy")
-        logits, targets, row_max, log_sum = ctx.saved_tensors
-        dx = _cross_entropy_bwd.call(grad_loss, logits, targets, row_max, log_sum, *ctx.options)
-        return dx, None, None, None, None, None, None
+        logits, targets, row_max, log_sum, ent = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(row_max)
+        dx = _cross_entropy_bwd.call(grad_loss, logits, targets, row_max, log_sum, *ctx.options, grad_entropy,
+                                     None if grad_entropy is None else ent)
+        return dx, *[None] * 8
 
 
 def _n_classes(vocab_size, width: int, what: str) -> int:
@@ -401,7 +509,7 @@ def _as_int(value, name: str) -> int:
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean", vocab_size: int | None = None, label_smoothing: float = 0.0,
-                  z_loss: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
+                  z_loss: float = 0.0, softcap: float = 0.0, temperature: float = 1.0, entropy: bool = False):
     """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=..., label_smoothing=...),
     fused, plus z_loss * logsumexp(logits)^2 per counted row. Differentiable. Reference: lm_loss.
 
@@ -417,6 +525,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     softcap: the loss of softcap * tanh(logits / softcap) instead of the logits (Gemma 2's and
     modded-nanogpt's logit soft-capping; GPTModel applies it as GPTConfig.logit_softcap), its
     gradient through the tanh; 0 (default): none. Each option, when 0, compiles out of the kernels.
+    temperature: the loss of softmax(logits / temperature) (after the soft cap): RL's log-probs of the
+    distribution its rollouts were sampled from; > 0. entropy=True: (loss, entropy), the entropy of each
+    position's (tempered) softmax, fp32 shaped like targets, made in the same pass over the logits and
+    differentiable (its gradient joins the loss's in the one backward pass). Every position gets its entropy,
+    an ignored target's too (an RL loss masks it afterwards); a row with no finite logit gets nan. Neither
+    takes label_smoothing or z_loss. Reference: log_softmax(logits / temperature), -sum p log p.
     """
     no_func_transform("cross_entropy")
     check_tensor(logits, "logits")
@@ -433,18 +547,26 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     ignore_index = _as_int(ignore_index, "ignore_index")
     label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
     softcap = softcap_value(softcap)
+    temperature, entropy = rl_options(label_smoothing, z_loss, softcap, temperature, entropy)
     V = logits.shape[-1]
     n_classes = _n_classes(vocab_size, V, "logits have {V} columns")
     x2 = logits.reshape(-1, V)
     if x2.stride(-1) != 1:  # rows are streamed with unit stride
         x2 = x2.contiguous()
     t1 = _checked_targets.call(targets, n_classes, ignore_index)
-    loss = CrossEntropyFunction.apply(x2, t1, ignore_index, n_classes, label_smoothing, z_loss, softcap)
+    out = CrossEntropyFunction.apply(x2, t1, ignore_index, n_classes, label_smoothing, z_loss, softcap, temperature,
+                                     entropy)
+    loss = _reduced(out[0] if entropy else out, reduction, t1, ignore_index, targets.shape)
+    return (loss, out[1].view(targets.shape)) if entropy else loss
+
+
+def _reduced(loss, reduction, targets, ignore_index, shape):
+    """Per-row losses [N] as reduction asks: shaped as the targets, summed, or their mean over counted targets."""
     if reduction == "none":
-        return loss.view(targets.shape)
+        return loss.view(shape)
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / (t1 != ignore_index).sum()
+    return loss.sum() / (targets != ignore_index).sum()
 
 
 # ----------------------------------------------------------------------------- LM head + loss
@@ -484,18 +606,21 @@ def _pad_rows(t, dtype, multiple=HEAD_ROW_MULTIPLE):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Mean or summed CE(hidden @ weight.T, targets) from hidden [N, C] and weight [W, C], whose
-    first n_classes rows are the classes (the others pad the vocabulary: no logit, no gradient).
+    """Mean, summed or per-row CE(hidden @ weight.T, targets) from hidden [N, C] and weight [W, C], whose
+    first n_classes rows are the classes (the others pad the vocabulary: no logit, no gradient); with entropy,
+    (loss, per-row entropies [N]).
 
     In fp16 the gradients wait for backward: a row's gradient at 1/n (a 16k-token step) times a
     probability of 1/V flushes to zero below fp16's 6e-8, which is why fp16 training scales the
     loss (GradScaler), and that scale only arrives as backward's upstream gradient. So fp16 keeps
     the forward's row max and log-sum and recomputes each chunk's logits in backward, as nn.Linear
-    would form its gradients: one more head matmul. bf16 has fp32's range and needs none of it."""
+    would form its gradients: one more head matmul. bf16 has fp32's range and needs none of it.
+    Per-row losses (reduction "none") and the entropy defer the same way, in every dtype: their upstream
+    gradients are [N] tensors (and the entropy's may be none at all) that only backward knows."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, n_classes, grad_enabled,
-                label_smoothing=0.0, z_loss=0.0, softcap=0.0, bias=None):
+                label_smoothing=0.0, z_loss=0.0, softcap=0.0, bias=None, temperature=1.0, entropy=False):
         N = hidden.shape[0]
         device = hidden.device.type
         # the matmul dtype nn.Linear would use: the autocast dtype, else the inputs' own
@@ -507,59 +632,70 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # requires grad, and the gradient work would triple the head's cost for nothing
         want_dh, want_dw = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         want_db = grad_enabled and b is not None and ctx.needs_input_grad[11]
-        defer = dt == torch.float16 and (want_dh or want_dw or want_db)
+        defer = (dt == torch.float16 or reduction == "none" or entropy) and (want_dh or want_dw or want_db)
         # d(loss)/d(row loss): 1/n for the mean (n = counted targets, kept on the device), 1 for the sum
         n = (targets != ignore_index).sum()
         g = (1.0 / n).float() if reduction == "mean" else torch.ones((), device=hidden.device)
         loss_rows = torch.empty(N, device=hidden.device, dtype=torch.float32)
         row_max, log_sum = (torch.empty_like(loss_rows) for _ in range(2))
+        ent = torch.empty(N if entropy else 0, device=hidden.device, dtype=torch.float32)
         dh, dw = _head_grad_buffers(h, weight, want_dh and not defer, want_dw and not defer)
         db = _bias_grad_buffer(bias, want_db and not defer)
         g_rows = g.expand(min(N, chunk_rows)).contiguous()  # each row's upstream gradient, made once
-        options = ignore_index, n_classes, label_smoothing, z_loss, softcap
+        options = ignore_index, n_classes, label_smoothing, z_loss, softcap, temperature
         with torch.autocast(device, enabled=False):  # the dtypes are chosen above
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
                 # all W columns: a padded W keeps the matmuls on multiples of 64; the CE kernels
                 # treat columns past n_classes as absent and give them a zero gradient
                 logits = _chunk_logits(h[s:e], w, b)
-                loss_rows[s:e], row_max[s:e], log_sum[s:e] = _cross_entropy_fwd.call(
-                    logits, targets[s:e], *options)
+                loss_rows[s:e], row_max[s:e], log_sum[s:e], ent_rows = _cross_entropy_fwd.call(
+                    logits, targets[s:e], *options, entropy)
+                if entropy:
+                    ent[s:e] = ent_rows
                 if dh is not None or dw is not None or db is not None:
-                    _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options, db)
+                    _chunk_grads(dh, dw, logits, h, w, g_rows[:e - s], targets, row_max, log_sum, s, e, options, db)
                 del logits  # before the next chunk's logits are allocated: one chunk alive at a time
         ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
-        ctx.deferred = (want_dh, want_dw, want_db, chunk_rows, options) if defer else None
+        ctx.deferred = (want_dh, want_dw, want_db, chunk_rows, options, reduction) if defer else None
         if defer:  # the weight as given (the padded copy is made again in backward, not kept alive until then)
             ctx.matmul_dtype = dt
-            ctx.save_for_backward(h, weight, bias, targets, row_max, log_sum, g)
+            ctx.save_for_backward(h, weight, bias, targets, row_max, log_sum, g, ent)
         else:
             ctx.save_for_backward(dh, dw, db)
-        return loss_rows.sum() * g
+        ctx.set_materialize_grads(False)  # an entropy (or a loss) nobody differentiates: None, no work
+        loss = loss_rows if reduction == "none" else loss_rows.sum() * g
+        return (loss, ent) if entropy else loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_entropy=None):
         first_order_only("linear_cross_entropy")  # made from saved numbers: no graph to differentiate again
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.deferred is None:
             dh, dw, db = ctx.saved_tensors
             return (None if dh is None else (dh * grad_loss).to(h_dtype),
                     None if dw is None else (dw * grad_loss).to(w_dtype), *[None] * 9,
-                    None if db is None else (db * grad_loss).to(b_dtype))
-        want_dh, want_dw, want_db, chunk_rows, options = ctx.deferred
-        h, weight, bias, targets, row_max, log_sum, g = ctx.saved_tensors
+                    None if db is None else (db * grad_loss).to(b_dtype), None, None)
+        want_dh, want_dw, want_db, chunk_rows, options, reduction = ctx.deferred
+        h, weight, bias, targets, row_max, log_sum, g, ent = ctx.saved_tensors
         N = h.shape[0]
         w, b = _pad_rows(weight, ctx.matmul_dtype), _pad_rows(bias, ctx.matmul_dtype)  # as forward's
         dh, dw = _head_grad_buffers(h, weight, want_dh, want_dw)  # the gradients: weight's rows
         db = _bias_grad_buffer(bias, want_db)
-        g_rows = (grad_loss.float() * g).expand(min(N, chunk_rows)).contiguous()  # the loss scale included
+        if grad_loss is None:  # only the entropy is differentiated
+            g_rows = torch.zeros(N, device=h.device, dtype=torch.float32)
+        elif reduction == "none":
+            g_rows = grad_loss.float().contiguous()
+        else:  # the loss scale included
+            g_rows = (grad_loss.float() * g).expand(min(N, chunk_rows)).contiguous()
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, N, chunk_rows):
                 e = min(N, s + chunk_rows)
-                _chunk_grads(dh, dw, _chunk_logits(h[s:e], w, b), h, w, g_rows, targets, row_max, log_sum, s, e,
-                             options, db)
+                g_chunk = g_rows[s:e] if g_rows.shape[0] == N else g_rows[:e - s]
+                _chunk_grads(dh, dw, _chunk_logits(h[s:e], w, b), h, w, g_chunk, targets, row_max, log_sum, s, e,
+                             options, db, grad_entropy, ent)
         return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype), *[None] * 9,
-                None if db is None else db.to(b_dtype))
+                None if db is None else db.to(b_dtype), None, None)
 
 
 def _head_grad_buffers(h, weight, want_dh, want_dw):
@@ -578,12 +714,15 @@ def _chunk_logits(h, w, b):
     return h @ w.t() if b is None else torch.addmm(b, h, w.t())
 
 
-def _chunk_grads(dh, dw, logits, h, w, g_rows, targets, row_max, log_sum, s, e, options, db=None):
-    """Rows s:e's dlogits from their logits and forward statistics, into dh[s:e], dw and db (the bias's gradient:
-    dlogits' column sums; the padding columns' dlogits are zero, so theirs stays zero).
-    options: (ignore_index, n_classes, label_smoothing, z_loss, softcap), as the ops take them."""
-    dlogits = _cross_entropy_bwd.call(g_rows[:e - s], logits, targets[s:e], row_max[s:e],
-                                                    log_sum[s:e], *options)
+def _chunk_grads(dh, dw, logits, h, w, g_chunk, targets, row_max, log_sum, s, e, options, db=None, grad_entropy=None,
+                 ent=None):
+    """Rows s:e's dlogits from their logits and forward statistics (g_chunk: their [e - s] upstream gradients),
+    into dh[s:e], dw and db (the bias's gradient: dlogits' column sums; the padding columns' dlogits are zero, so
+    theirs stays zero). options: (ignore_index, n_classes, label_smoothing, z_loss, softcap, temperature), as the
+    ops take them; grad_entropy and ent ([N]: the entropy's upstream gradient and forward value) or None."""
+    with_ent = grad_entropy is not None
+    dlogits = _cross_entropy_bwd.call(g_chunk, logits, targets[s:e], row_max[s:e], log_sum[s:e], *options,
+                                      grad_entropy[s:e] if with_ent else None, ent[s:e] if with_ent else None)
     _head_grads(dlogits, h, w, s, e, dh, dw, db)
 
 
@@ -646,8 +785,9 @@ def _fp32_accumulate_ok(device, dtype) -> bool:
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", chunk_rows: int | None = None,
                          vocab_size: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: float = 0.0, bias: torch.Tensor | None = None):
-    """cross_entropy(hidden @ weight.T, targets) for reduction "mean" or "sum", never holding all
+                         softcap: float = 0.0, bias: torch.Tensor | None = None, temperature: float = 1.0,
+                         entropy: bool = False):
+    """cross_entropy(hidden @ weight.T, targets) for reduction "mean", "sum" or "none", never holding all
     the logits: at most chunk_rows rows of them (default: 2^27 logits) at a time. Differentiable
     in hidden, weight and bias. Reference: lm_loss(out_head(hidden), targets).
 
@@ -658,6 +798,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     vocabulary (GPTConfig.vocab_multiple): the loss is then that of the logits [..., :vocab_size]
     and the padding rows get a zero gradient (default: all W rows are classes). label_smoothing,
     z_loss and softcap: as cross_entropy's (Liger-Kernel's label_smoothing, lse_square_scale and softcap).
+    temperature and entropy: as cross_entropy's (RL's log-probs and entropies: GPTModel.token_logprobs).
+    The mean and the sum make their gradients during forward; per-token losses ("none") and the entropy,
+    whose upstream gradients only backward knows, keep the chunks' row statistics and make the logits again in
+    backward (one more head matmul, as fp16's loss scale does), still one chunk at a time.
     """
     no_func_transform("linear_cross_entropy")
     check_tensor(hidden, "hidden")
@@ -672,12 +816,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"targets has shape {tuple(targets.shape)}; expected hidden's leading shape "
                          f"{tuple(hidden.shape[:-1])}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy supports reduction 'mean' or 'sum' (the gradient is made in "
-                         f"forward), got {reduction!r}; for per-token losses use cross_entropy on the logits")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     ignore_index = _as_int(ignore_index, "ignore_index")
     label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
     softcap = softcap_value(softcap)
+    temperature, entropy = rl_options(label_smoothing, z_loss, softcap, temperature, entropy)
     if autocast_dtype(hidden.device) is None:
         check_same_dtype(hidden=hidden, weight=weight)
     _check_bias(bias, weight)
@@ -688,8 +832,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     chunk = int(chunk)
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), C)  # not -1: C may be 0
     t1 = _checked_targets.call(targets, n_classes, ignore_index)
-    return LinearCrossEntropyFunction.apply(h2, weight, t1, ignore_index, reduction, chunk, n_classes,
-                                            torch.is_grad_enabled(), label_smoothing, z_loss, softcap, bias)
+    out = LinearCrossEntropyFunction.apply(h2, weight, t1, ignore_index, reduction, chunk, n_classes,
+                                           torch.is_grad_enabled(), label_smoothing, z_loss, softcap, bias,
+                                           temperature, entropy)
+    loss, ent = out if entropy else (out, None)
+    if reduction == "none":
+        loss = loss.view(targets.shape)
+    return (loss, ent.view(targets.shape)) if entropy else loss
 
 
 def _check_bias(bias, weight):

@@ -129,13 +129,14 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
         bf16 = [r for r in rows if r["kernel"] == kernel and "bfloat16" in r["case"]]
         assert bf16 and all(r["tensor_core_ops"] > 0 for r in bf16), kernel
     # a padded vocabulary's rows are 16-byte aligned: the loss kernels read them as vectors, with
-    # label smoothing, the z-loss and a soft cap too
+    # label smoothing, the z-loss and a soft cap too, and with RL's temperature and entropy
     # (the unpipelined config of each autotuned launch: a pipelined one copies to shared memory instead, cp.async)
     # (every config of those launches: --one-config may have built a pipelined one first)
     padded = [r for r in _quick_build(tmp_path / "padded", "--cases", "x50304")["rows"]
               if r["kernel"].startswith("_ce_") and "x50304" in r["case"] and r["config"].endswith(" s1")]
-    assert len({(r["case"], r["kernel"]) for r in padded}) == 4 and all(r["vector_loads"] > 0 for r in padded), padded
-    assert len({(r["case"], r["kernel"]) for r in padded if "smoothing+z-loss+softcap" in r["case"]}) == 2, padded
+    assert len({(r["case"], r["kernel"]) for r in padded}) == 6 and all(r["vector_loads"] > 0 for r in padded), padded
+    for options in ("smoothing+z-loss+softcap", "temperature+entropy"):
+        assert len({(r["case"], r["kernel"]) for r in padded if options in r["case"]}) == 2, (options, padded)
     # the distillation loss: forward KL, reverse KL and the mixture with the gradient, the mixture without; the
     # padded rows read as vectors too
     distill = [r for r in rows if r["kernel"] == "_distill_kernel"]

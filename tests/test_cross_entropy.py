@@ -292,13 +292,13 @@ def test_custom_ops_called_directly_check_their_inputs(device):
         fwd(x[None], t, IGNORE, 40)
     with pytest.raises(ValueError, match="different devices.*targets is on meta"):
         fwd(x, t.to("meta"), IGNORE, 40)
-    loss, row_max, log_sum = fwd(x, t, IGNORE, 40)
+    loss, row_max, log_sum, _ = fwd(x, t, IGNORE, 40)
     with pytest.raises(ValueError, match=r"grad_loss has shape \(3,\)"):
         bwd(torch.ones(3, device=device), x, t, row_max, log_sum, IGNORE, 40)
 
     t_bad = t.clone()
     t_bad[2], t_bad[4] = 40, -1  # neither a class nor ignore_index
-    loss, row_max, log_sum = fwd(x, t_bad, IGNORE, 40)
+    loss, row_max, log_sum, _ = fwd(x, t_bad, IGNORE, 40)
     dx = bwd(torch.ones(6, device=device), x, t_bad, row_max, log_sum, IGNORE, 40)
     bad = torch.tensor([False, False, True, False, True, False])
     assert loss[bad.to(device)].isnan().all() and dx[bad.to(device)].isnan().all()
@@ -581,20 +581,22 @@ def test_loss_options_compile_into_the_kernels_only_when_on(monkeypatch, device)
 
 
 def test_loss_option_ops_default_to_off_and_check_their_options_when_traced(device):
-    """The ops' schemas default the three options (label smoothing, z-loss, soft cap) to 0 (a call
-    written before them computes the plain cross-entropy, backward as forward), and their fake impls
+    """The ops' schemas default the three options (label smoothing, z-loss, soft cap) to 0 and RL's to off
+    (temperature 1, no entropy: a call written before them computes the plain cross-entropy, backward as
+    forward), and their fake impls
     refuse bad options as the real ops do: torch.compile's trace names the argument instead of
     compiling a kernel for it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fwd, bwd = torch.ops.tritongpt.cross_entropy_fwd, torch.ops.tritongpt.cross_entropy_bwd
-    for op in (fwd, bwd):
-        tail = [(a.name, a.default_value) for a in op.default._schema.arguments[-3:]]
-        assert tail == [("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", 0.0)], tail
+    for op, rl in ((fwd, [("temperature", 1.0), ("entropy", False)]),
+                   (bwd, [("temperature", 1.0), ("grad_entropy", None), ("entropy", None)])):
+        tail = [(a.name, a.default_value) for a in op.default._schema.arguments[-3 - len(rl):]]
+        assert tail == [("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", 0.0), *rl], tail
     gen = torch.Generator().manual_seed(43)
     x = torch.randn(6, 40, generator=gen).to(device).requires_grad_()
     t = torch.tensor([1, IGNORE, 7, 39, 0, 12], device=device)
-    loss, row_max, log_sum = fwd(x.detach(), t, IGNORE, 40)
+    loss, row_max, log_sum, _ = fwd(x.detach(), t, IGNORE, 40)
     g = torch.rand(6, generator=gen).to(device) + 0.5
     F.cross_entropy(x, t, ignore_index=IGNORE, reduction="none").mul(g).sum().backward()
     assert_close_rel(loss, F.cross_entropy(x.detach(), t, ignore_index=IGNORE, reduction="none"), 1e-5, "loss")
@@ -1114,7 +1116,7 @@ def test_linear_torch_compile_fullgraph(device, autocast, options):
 
 
 @pytest.mark.parametrize("call,err,match", [
-    (lambda h, w, t: linear_cross_entropy(h, w, t, reduction="none"), ValueError, "per-token losses use cross_entropy"),
+    (lambda h, w, t: linear_cross_entropy(h, w, t, reduction="avg"), ValueError, "reduction must be"),
     (lambda h, w, t: linear_cross_entropy(h, w[:, :5], t), ValueError, r"hidden \(6, 8\) and weight \(40, 5\)"),
     (lambda h, w, t: linear_cross_entropy(h, w.bfloat16(), t), TypeError, "dtype mismatch: hidden is float32, weight is bfloat16"),
     (lambda h, w, t: linear_cross_entropy(h, w, t[:3]), ValueError, "targets has shape"),

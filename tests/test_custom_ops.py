@@ -92,7 +92,9 @@ def _cross_entropy_args(device, gen):
     logits = _randn(6, 40, device=device, gen=gen)
     t = torch.randint(0, 37, (6,), generator=gen).to(device)
     t[3] = -100
-    loss, row_max, log_sum = ops.cross_entropy_fwd(logits, t, -100, 37)  # 3 padding columns
+    loss, row_max, log_sum, _ = ops.cross_entropy_fwd(logits, t, -100, 37)  # 3 padding columns
+    # RL's: a temperature and the entropy (a fourth output), whose gradient backward adds
+    _, max_t, sum_t, ent = ops.cross_entropy_fwd(logits, t, -100, 37, 0.0, 0.0, 0.0, 0.7, True)
     return {"checked_targets": (t.int(), 37, -100), "cross_entropy_fwd": (logits, t, -100, 37),
             "cross_entropy_bwd": (_randn(6, device=device, gen=gen), logits, t, row_max, log_sum, -100, 37),
             # label smoothing and the z-loss: two more schema arguments, and their kernel variants
@@ -101,7 +103,11 @@ def _cross_entropy_args(device, gen):
                                              37, 0.1, 1e-2),
             "cross_entropy_fwd softcap": (logits, t, -100, 37, 0.0, 0.0, 2.0),
             "cross_entropy_bwd softcap": (_randn(6, device=device, gen=gen), logits, t, row_max, log_sum, -100,
-                                          37, 0.0, 0.0, 2.0)}
+                                          37, 0.0, 0.0, 2.0),
+            "cross_entropy_fwd temperature+entropy": (logits, t, -100, 37, 0.0, 0.0, 0.0, 0.7, True),
+            "cross_entropy_bwd temperature+entropy": (_randn(6, device=device, gen=gen), logits, t, max_t, sum_t,
+                                                      -100, 37, 0.0, 0.0, 0.0, 0.7,
+                                                      _randn(6, device=device, gen=gen), ent)}
 
 
 def _attention_args(device, gen):
@@ -237,7 +243,9 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
                                                              "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",
-                                                             "cross_entropy_bwd softcap")),
+                                                             "cross_entropy_bwd softcap",
+                                                             "cross_entropy_fwd temperature+entropy",
+                                                             "cross_entropy_bwd temperature+entropy")),
                                           ("attention", ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_fwd gqa",
                                                          "flash_attn_bwd gqa", "flash_attn_fwd softcap",
                                                          "flash_attn_bwd softcap", "flash_attn_fwd alibi",

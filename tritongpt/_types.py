@@ -33,3 +33,11 @@ def softcap_value(value, name: str = "softcap") -> float:
     if not is_real(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (0: no cap), got {value!r}")
     return float(value)
+
+
+def temperature_value(value, name: str = "temperature") -> float:
+    """A softmax temperature as a float: the logits are divided by it (RL's log-probs of the distribution its
+    rollouts were sampled from), so it must be a finite number > 0. Anything else is refused by name."""
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
