@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from tritongpt._types import is_int, is_real, loss_options
+from tritongpt._types import is_int, is_real, loss_options, temperature_value
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, PerHeadNorm, RMSNorm,
@@ -892,6 +892,42 @@ class GPTModel(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         V = self.config.vocab_size
         return logits if logits.shape[-1] == V else logits[..., :V]
+
+    def token_logprobs(self, idx, temperature: float = 1.0, entropy: bool = False, hidden=None,
+                       entropy_grad: bool = True):
+        """(logp, entropy): log p(idx[:, t+1] | idx[:, :t+1]) for t < T-1, fp32 [B, T-1], and with entropy=True
+        each of those positions' entropy -sum_j p_j log p_j, fp32 [B, T-1] (else None), both of
+        softmax(logits / temperature): the distribution sampling draws from at that temperature (RL's old,
+        new and reference log-probs). hidden: hidden(idx), when the caller has it (PolicyWithValue's value head
+        reads the same trunk). entropy_grad=False: the entropy without a gradient (only logged).
+
+        Reference path: log_softmax of the logits in fp32 over the whole vocabulary, [B, T-1, V] (and p log p as
+        large again for the entropy). Triton path ("cross_entropy" in the kernels): kernels/cross_entropy.py's
+        loss kernel, whose per-row loss is -logp and which sums the entropy in the same pass over the logits;
+        with a plain nn.Linear head, the head fused with it (linear_cross_entropy), so the logits only ever
+        exist a chunk of rows at a time and no fp32 copy of them at all."""
+        temperature = temperature_value(temperature)
+        h = self.hidden(idx) if hidden is None else hidden
+        targets = idx[:, 1:]
+        if "cross_entropy" in self.kernels:
+            from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+
+            h = self._head_input(h[:, :-1])
+            options = dict(reduction="none", vocab_size=self.config.vocab_size, softcap=self.config.logit_softcap,
+                           temperature=temperature, entropy=entropy)
+            if isinstance(self.out_head, nn.Linear):
+                out = linear_cross_entropy(h, self.out_head.weight, targets, bias=self.out_head.bias, **options)
+            else:  # a quantized head makes its logits itself
+                out = cross_entropy(self.out_head(h), targets, **options)
+            loss, ent = out if entropy else (out, None)
+            return -loss, (ent if ent is None or entropy_grad else ent.detach())
+        logits = self.logits(h)[:, :-1].float()
+        logp_all = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        if not entropy:
+            return logp, None
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            return logp, -(logp_all.exp() * logp_all).sum(-1)
 
     def _head_input(self, h):
         """h as every LM-head path reads it: times GPTConfig.logit_scale when set, (s h) W^T = s (h W^T), so the
