@@ -127,8 +127,8 @@ from tritongpt.errors import UserError, note
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import common, tasks
 from tritongpt.train.generate import check_graphable, generate
-from tritongpt.train.preference import (encode_prompt, model_token_logprobs, next_token_logprobs, pad_sequences,
-                                        pick_next_tokens, response_mask, token_logprobs)
+from tritongpt.train.preference import (encode_prompt, next_token_logprobs, pad_sequences, pick_next_tokens,
+                                        response_mask)
 from tritongpt.cli import command_help
 
 
@@ -362,6 +362,15 @@ class PolicyWithValue(nn.Module):
         values = None if self.value_head is None else self.value_head(h[:, :-1]).squeeze(-1).float()
         return logits, values
 
+    def logprobs(self, idx, temperature: float = 1.0, entropy: bool = False, entropy_grad: bool = True):
+        """(logp [B, T-1], entropy [B, T-1] or None, values [B, T-1] or None) from one trunk forward: the
+        policy's GPTModel.token_logprobs (on the Triton path the loss kernel, no [B, T-1, V] fp32 log-softmax)
+        on the hidden states the value head reads."""
+        h = self.policy.hidden(idx)
+        logp, ent = self.policy.token_logprobs(idx, temperature, entropy, hidden=h, entropy_grad=entropy_grad)
+        values = None if self.value_head is None else self.value_head(h[:, :-1]).squeeze(-1).float()
+        return logp, ent, values
+
 
 # -- rollouts ------------------------------------------------------------------------------------
 @dataclass
@@ -454,12 +463,25 @@ def masked_whiten(x, mask, eps=1e-8):
 
 def logprobs_and_entropy(logits, idx, entropy_grad: bool, temperature: float = 1.0):
     """token_logprobs(logits, idx, temperature) and each position's entropy [B, T-1], from ONE
-    log_softmax: its [B, T-1, vocab] fp32 output is the biggest tensor of an update step."""
+    log_softmax of given logits: its [B, T-1, vocab] fp32 output is the biggest tensor of an update step, which
+    is why the update goes through PolicyWithValue.logprobs instead (GPTModel.token_logprobs: on the reference
+    path this same math, on the Triton path the loss kernel)."""
     logp_all = next_token_logprobs(logits, temperature)
     logp = pick_next_tokens(logp_all, idx)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def policy_logprobs(model, idx, temperature: float, entropy: bool = False, entropy_grad: bool = True):
+    """(logp, entropy or None, values or None) [B, T-1] each: PolicyWithValue.logprobs (one trunk forward, on the
+    Triton path the loss kernel), or for any other module whose forward(idx) gives PolicyWithValue's (logits,
+    values), logprobs_and_entropy of those logits."""
+    if isinstance(model, PolicyWithValue):
+        return model.logprobs(idx, temperature, entropy, entropy_grad)
+    logits, values = model(idx)
+    logp, ent = logprobs_and_entropy(logits, idx, entropy_grad, temperature)
+    return logp, ent if entropy else None, values
 
 
 def gae(rewards, values, mask, gamma: float, lam: float):
@@ -646,11 +668,10 @@ def score_rollout(ro: Rollout, model: PolicyWithValue, ref: GPTModel, reward_mod
     logp, ref_logp, values, scores, per_judge = [], [], [], [], []
     for i in range(0, len(ro), chunk):
         idx, lengths = ro.idx[i:i + chunk], ro.lengths[i:i + chunk]
-        logits, v = model(idx)
-        logp.append(token_logprobs(logits, idx, temperature))
-        # at temperature 1 the reference's own loss path (fused on the Triton path, no logits kept)
-        ref_logp.append(model_token_logprobs(ref, idx) if temperature == 1.0
-                        else token_logprobs(ref(idx), idx, temperature))
+        lp, _, v = policy_logprobs(model, idx, temperature)
+        logp.append(lp)
+        # each model's own path: on the Triton path the LM head fused with the loss kernel, no logits kept
+        ref_logp.append(ref.token_logprobs(idx, temperature)[0])
         if v is not None:
             values.append(v)
         if isinstance(reward_model, WeightedReward):
@@ -733,9 +754,8 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
             raise ValueError("mask_truncated needs the rollout's truncated responses (sample_responses fills them)")
         kept = ~ro.truncated[sel]
         mask = mask & kept.unsqueeze(1)
-    logits, values = model(idx)
-    logp, entropy = logprobs_and_entropy(logits, idx, entropy_grad=bool(args.ent_coef),
-                                         temperature=args.temperature)
+    logp, entropy, values = policy_logprobs(model, idx, args.temperature, entropy=True,
+                                            entropy_grad=bool(args.ent_coef))
     entropy = masked_mean(entropy, mask)
     old_logp, adv = ro.logp[sel], ro.advantages[sel]
     log_ratio = (logp - old_logp) * mask
