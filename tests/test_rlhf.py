@@ -613,18 +613,21 @@ def _tiny_rl_trainer(tmp_path, dropout=0.0, prompt_format=None, log=False, lora=
                        prompt_format=prompt_format)
 
 
-@pytest.mark.parametrize("algo, lora", [("grpo", False), ("rloo", False), ("grpo", True)])
-def test_an_updates_first_step_is_float64s_on_both_paths(tmp_path, monkeypatch, algo, lora):
+@pytest.mark.parametrize("algo, lora, options", [("grpo", False, {}), ("rloo", False, {}), ("grpo", True, {}),
+                                                 ("grpo", False, {"ent_coef": 0.05, "temperature": 0.7})])
+def test_an_updates_first_step_is_float64s_on_both_paths(tmp_path, monkeypatch, algo, lora, options):
     """One rollout (the reference path's, in fp32) and the update's first minibatch step from it on the reference
     and Triton paths in fp32 and on the reference path in float64: its loss, and every gradient the optimizer gets
-    1e-4 relative to float64's (measured <= 6.8e-7 on both paths). The log-probs are torch's log_softmax of the
-    logits (rlhf.logprobs_and_entropy); the Triton path's kernels on it are the model's: layer_norm, attention, MLP.
+    1e-4 relative to float64's (measured <= 6.8e-7 on both paths). The log-probs (GPTModel.token_logprobs) are
+    torch's log_softmax of the logits on the reference path and the fused LM head + loss kernel on the Triton
+    path, beside the model's other kernels (layer_norm, attention, MLP); with an entropy bonus at a temperature,
+    the entropy's gradient too (the kernel's, in the loss's backward pass).
     The rollout's sampling is left out: its draws differ by the paths' rounding (greedy decode: test_model_paths).
     PPO's whole iteration on both paths: test_one_ppo_iteration_triton_path_matches_reference."""
     steps, trainers, grads = record_step_grads(monkeypatch), {}, {}
     for kernels, dtype in (("reference", torch.float32), ("reference", torch.float64), ("triton", torch.float32)):
         trainers[kernels, dtype] = t = _tiny_rl_trainer(tmp_path / f"{kernels}{dtype}", lora=lora, algo=algo,
-                                                        kernels=kernels, prompts_per_iter=2, group_size=2)
+                                                        kernels=kernels, prompts_per_iter=2, group_size=2, **options)
         t.model.to(dtype)  # in place: the optimizer holds the same parameters
     first = trainers["reference", torch.float32]
     ro = first.rollout()

@@ -1,0 +1,236 @@
+"""RL's log-probs and entropies through the loss kernel (kernels/cross_entropy.py: temperature, entropy), the
+model's GPTModel.token_logprobs on both paths, and the RL update that no longer makes torch's log-softmax on the
+Triton path. The RL trainer's first step on both paths against float64: tests/test_rlhf.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parity import assert_close_mixed, assert_close_rel
+from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+
+IGNORE = -100
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def logp_entropy64(x64, t, temperature=1.0, softcap=0.0):
+    """The textbook: log_softmax of the (capped, then tempered) logits in float64, -logp of each counted target
+    (0 where ignored) and every row's entropy -sum p log p."""
+    # a -inf logit as -1e4: p = 0 exactly in float64 and p log p = 0, with a gradient (0) that is not nan
+    z = torch.where(x64 == float("-inf"), -1e4, x64)
+    z = z if not softcap else softcap * torch.tanh(z / softcap)
+    logp_all = torch.log_softmax(z / temperature, -1)
+    loss = -logp_all.gather(-1, t.clamp_min(0)[:, None])[:, 0] * (t != IGNORE)
+    return loss, -(logp_all.exp() * logp_all).sum(-1)
+
+
+@pytest.mark.parametrize("N,V,pad,temperature,softcap,dtype", [
+    (37, 203, 0, 1.0, 0.0, torch.float32),    # rows and V not powers of two, crossing tiles
+    (37, 203, 21, 0.7, 0.0, torch.float32),   # a padded vocabulary, a temperature
+    (19, 130, 5, 1.6, 5.0, torch.float32),    # the soft cap first, then the temperature
+    (37, 203, 21, 0.7, 0.0, torch.bfloat16),
+])
+def test_logp_and_entropy_forward_and_backward_match_float64(N, V, pad, temperature, softcap, dtype, device):
+    """The per-row loss (-logp), the entropy of softmax(logits / temperature), and the logits' gradient of
+    sum(g1 loss) + sum(g2 entropy) (both in the one backward pass) against float64; ignored targets get their
+    entropy, and its gradient, all the same; a -inf logit (a masked token) has p log p = 0, not nan."""
+    gen = torch.Generator().manual_seed(N + V + pad)
+    x = torch.randn(N, V + pad, generator=gen) * 3.0 + torch.randn(N, 1, generator=gen) * 5.0
+    x[3, 7] = x[5, 100] = float("-inf")
+    x = x.to(device, dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[::4] = IGNORE
+    t[5] = 101  # a counted target beside the -inf logit
+    loss, ent = cross_entropy(x, t.to(device), IGNORE, "none", vocab_size=V, temperature=temperature,
+                              entropy=True, softcap=softcap)
+    x64 = x.detach().double()[:, :V].cpu().requires_grad_()
+    want_loss, want_ent = logp_entropy64(x64, t, temperature, softcap)
+    g1, g2 = (torch.rand(N, generator=gen, dtype=torch.float64) + 0.5 for _ in range(2))
+    ((loss * g1.to(device, torch.float32)).sum() + (ent * g2.to(device, torch.float32)).sum()).backward()
+    ((want_loss * g1).sum() + (want_ent * g2).sum()).backward()
+    tol = TOL[dtype]
+    eps = torch.finfo(torch.float32).eps
+    assert loss.dtype == ent.dtype == torch.float32 and ent.shape == (N,)
+    assert want_ent.min() > 0.01 and want_loss.abs().max() > 0.01  # nothing passes on zeros
+    assert_close_mixed(loss, want_loss, tol, 4 * eps * N ** 0.5, "loss")
+    assert_close_rel(ent, want_ent, tol, "entropy")
+    assert_close_rel(ent[::4], want_ent[::4], tol, "ignored rows' entropy")
+    assert x.grad.dtype == dtype
+    assert (x.grad[:, V:] == 0).all()  # the padding columns
+    assert x.grad[3, 7] == 0 and x.grad[5, 100] == 0
+    assert_close_mixed(x.grad[:, :V], x64.grad, tol, 4 * eps * (N * V) ** 0.5, "dlogits")
+
+
+def test_entropy_without_a_gradient_costs_the_loss_nothing(monkeypatch, device):
+    """An entropy nobody differentiates (RL without an entropy bonus) leaves backward as the loss's alone: the
+    kernel compiles without the entropy's term (HAS_ENT off) and the gradient is the plain cross-entropy's."""
+    import tritongpt.kernels.cross_entropy as ce
+
+    flags = []
+    kernel = ce._ce_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                flags.append(kw["HAS_ENT"])
+                return kernel[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(ce, "_ce_bwd_kernel", Spy())
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 70, generator=gen) * 3).to(device).requires_grad_()
+    t = torch.randint(0, 70, (9,), generator=gen).to(device)
+    loss, ent = cross_entropy(x, t, reduction="sum", temperature=0.8, entropy=True)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    F.cross_entropy(x64 / 0.8, t, reduction="sum").backward()
+    assert_close_rel(x.grad, x64.grad, 1e-5, "dlogits")
+    assert flags == [False]
+    x.grad = None
+    cross_entropy(x, t, temperature=0.8, entropy=True)[1].sum().backward()  # the entropy's gradient alone
+    assert flags == [False, True] and x.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_per_row_logp_and_entropy_across_chunks_match_float64(dtype, device):
+    """linear_cross_entropy with reduction "none" and the entropy: the head's logits a chunk at a time (three
+    chunks, a ragged last one), a padded vocabulary and a bias, at a temperature; every gradient (hidden,
+    weight, bias) against float64, made in backward from the per-row upstream gradients."""
+    gen = torch.Generator().manual_seed(7)
+    N, C, V, W = 45, 16, 60, 70
+    h = torch.randn(N, C, generator=gen).to(device, dtype).requires_grad_()
+    w = (torch.randn(W, C, generator=gen) * 0.5).to(device, dtype).requires_grad_()
+    b = torch.randn(W, generator=gen).to(device, dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[::7] = IGNORE
+    loss, ent = linear_cross_entropy(h, w, t.to(device), reduction="none", chunk_rows=16, vocab_size=V, bias=b,
+                                     temperature=0.7, entropy=True)
+    h64, w64, b64 = (a.detach().double().cpu().requires_grad_() for a in (h, w, b))
+    want_loss, want_ent = logp_entropy64((h64 @ w64.t() + b64)[:, :V], t, 0.7)
+    g1, g2 = (torch.rand(N, generator=gen, dtype=torch.float64) + 0.5 for _ in range(2))
+    ((loss * g1.to(device, torch.float32)).sum() + (ent * g2.to(device, torch.float32)).sum()).backward()
+    ((want_loss * g1).sum() + (want_ent * g2).sum()).backward()
+    tol = TOL[dtype]
+    assert_close_mixed(loss, want_loss, tol, 1e-6, "loss")
+    assert_close_rel(ent, want_ent, tol, "entropy")
+    for name, got, want in (("hidden", h, h64), ("weight", w, w64), ("bias", b, b64)):
+        assert got.grad.dtype == dtype
+        assert_close_rel(got.grad, want.grad, tol, f"d{name}")
+    assert (w.grad[V:] == 0).all() and (b.grad[V:] == 0).all()
+
+
+def _model(kernels, dtype=torch.float32, **kw):
+    torch.manual_seed(5)
+    cfg = GPTConfig(vocab_size=37, context_length=16, n_embd=32, n_layer=1, n_head=2, vocab_multiple=8, **kw)
+    return GPTModel(cfg).to(dtype).set_kernels(kernels)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 6.0])
+def test_model_token_logprobs_on_both_paths_match_float64(softcap):
+    """GPTModel.token_logprobs (log-probs and entropies at a temperature) and the parameters' gradients of
+    sum(g1 logp) + sum(g2 entropy): the reference path (log_softmax) and the Triton path (the fused head + loss
+    kernel) in fp32 against the reference path in float64; a soft-capped head (Gemma 2's) too."""
+    idx = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(1))
+    g1, g2 = (torch.rand(3, 10, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (2, 3))
+    out = {}
+    for kernels, dtype in (("reference", torch.float64), ("reference", torch.float32), ("triton", torch.float32)):
+        model = _model(kernels, dtype, logit_softcap=softcap)
+        logp, ent = model.token_logprobs(idx, temperature=0.7, entropy=True)
+        assert logp.dtype == ent.dtype == torch.float32 if dtype == torch.float32 else True
+        ((logp * g1.to(dtype)).sum() + (ent * g2.to(dtype)).sum()).backward()
+        out[kernels, dtype] = logp, ent, {n: p.grad for n, p in model.named_parameters()}
+    want_logp, want_ent, want_grads = out["reference", torch.float64]
+    assert want_ent.min() > 0.1 and want_logp.max() < -0.1
+    for key in (("reference", torch.float32), ("triton", torch.float32)):
+        logp, ent, grads = out[key]
+        assert_close_rel(logp, want_logp, 1e-5, f"{key[0]} logp")
+        assert_close_rel(ent, want_ent, 1e-5, f"{key[0]} entropy")
+        for name, g in grads.items():
+            if want_grads[name].abs().max() < 1e-6:  # W_key's bias: 0 in exact arithmetic
+                continue
+            assert_close_rel(g, want_grads[name], 1e-4, f"{key[0]} {name}.grad")
+    assert _model("reference").token_logprobs(idx)[1] is None
+
+
+def test_model_token_logprobs_without_the_entropy_or_its_gradient():
+    """Without entropy=True: (logp, None); entropy_grad=False: an entropy with no graph on either path."""
+    idx = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(4))
+    for kernels in ("reference", "triton"):
+        model = _model(kernels)
+        logp, ent = model.token_logprobs(idx)
+        assert ent is None and logp.shape == (2, 8) and logp.requires_grad
+        logp2, ent = model.token_logprobs(idx, entropy=True, entropy_grad=False)
+        assert not ent.requires_grad and ent.shape == (2, 8) and ent.min() > 0
+        assert_close_rel(logp2, logp, 1e-6, f"{kernels} logp")
+
+
+def test_an_rl_update_on_the_triton_path_makes_no_log_softmax(tmp_path, monkeypatch):
+    """The rollout's old and reference log-probs and the update's log-probs and entropy (GRPO with an entropy
+    bonus at a temperature) on the Triton path go through the loss kernel: torch's log_softmax, whose
+    [B, T-1, V] fp32 output was the update's largest tensor, is never called. (The reference path's calls
+    are counted by the same spy: old, reference, the update's.)"""
+    from test_rlhf import _tiny_rl_trainer
+    from tritongpt.train.rlhf import score_rollout
+
+    calls = []
+    real = torch.log_softmax, torch.Tensor.log_softmax, F.log_softmax
+
+    def spy(fn):
+        def counted(*args, **kw):
+            calls.append(tuple(args[0].shape))
+            return fn(*args, **kw)
+        return counted
+    ro = None
+    for kernels in ("reference", "cross_entropy"):
+        t = _tiny_rl_trainer(tmp_path / kernels, algo="grpo", kernels=kernels, prompts_per_iter=2, group_size=2,
+                             ent_coef=0.05, temperature=0.7)
+        ro = t.rollout() if ro is None else ro  # one rollout (the sampling is not what is counted)
+        calls.clear()
+        monkeypatch.setattr(torch, "log_softmax", spy(real[0]))
+        monkeypatch.setattr(torch.Tensor, "log_softmax", spy(real[1]))
+        monkeypatch.setattr(F, "log_softmax", spy(real[2]))
+        score_rollout(ro, t.model, t.ref, t.reward_model, temperature=0.7)
+        t.update(ro)
+        monkeypatch.undo()
+        assert t.policy.kernels == ({"cross_entropy"} if kernels == "cross_entropy" else set())
+        assert t.update_log and t.update_log[-1]["entropy"] > 0
+        if kernels == "reference":
+            assert len(calls) >= 3, calls
+        else:
+            assert calls == [], calls
+
+
+def _bwd_with_grad_entropy_alone(x, t):
+    loss, row_max, log_sum, _ = torch.ops.tritongpt.cross_entropy_fwd(x, t, IGNORE, 40)
+    torch.ops.tritongpt.cross_entropy_bwd(torch.ones(6), x, t, row_max, log_sum, IGNORE, 40, 0.0, 0.0, 0.0, 1.0,
+                                          torch.ones(6), None)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda x, t: cross_entropy(x, t, temperature=0), ValueError, "temperature must be a finite number > 0, got 0"),
+    (lambda x, t: cross_entropy(x, t, temperature=-0.5), ValueError, "temperature must be .* > 0, got -0.5"),
+    (lambda x, t: cross_entropy(x, t, temperature=float("nan")), ValueError, "temperature must be .* > 0, got nan"),
+    (lambda x, t: cross_entropy(x, t, temperature=float("inf")), ValueError, "temperature must be .* > 0, got inf"),
+    (lambda x, t: cross_entropy(x, t, temperature="1"), ValueError, "temperature must be .* > 0, got '1'"),
+    (lambda x, t: cross_entropy(x, t, entropy=1), TypeError, "entropy must be a bool, got int"),
+    (lambda x, t: cross_entropy(x, t, entropy=True, label_smoothing=0.1), ValueError,
+     r"with a temperature or the entropy takes no label_smoothing or z_loss \(got temperature 1.0, entropy True"),
+    (lambda x, t: cross_entropy(x, t, temperature=2.0, z_loss=1e-4), ValueError, "takes no label_smoothing or z_loss"),
+    (lambda x, t: linear_cross_entropy(x[:, :8], torch.randn(40, 8), t, reduction="none", temperature=0.0),
+     ValueError, "temperature must be a finite number > 0, got 0.0"),
+    (lambda x, t: linear_cross_entropy(x[:, :8], torch.randn(40, 8), t, entropy=True, z_loss=1e-4), ValueError,
+     "takes no label_smoothing or z_loss"),
+    (lambda x, t: torch.ops.tritongpt.cross_entropy_fwd(x, t, IGNORE, 40, 0.0, 0.0, 0.0, -1.0), ValueError,
+     "temperature must be a finite number > 0, got -1.0"),
+    (lambda x, t: torch.ops.tritongpt.cross_entropy_fwd(x, t, IGNORE, 40, 0.1, 0.0, 0.0, 1.0, True), ValueError,
+     "takes no label_smoothing or z_loss"),
+    (_bwd_with_grad_entropy_alone, ValueError, "takes grad_entropy and the forward's entropy together"),
+    (lambda x, t: _model("reference").token_logprobs(t.view(2, 3) % 37, temperature=0.0), ValueError,
+     "temperature must be a finite number > 0, got 0.0"),
+    (lambda x, t: _model("triton").token_logprobs(t.view(2, 3) % 37, temperature=-2), ValueError,
+     "temperature must be a finite number > 0, got -2"),
+])
+def test_bad_rl_options_say_what(call, err, match):
+    x, t = torch.randn(6, 40), torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(err, match=match):
+        call(x, t)
