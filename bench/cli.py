@@ -296,7 +296,8 @@ def add_cli(sub):
                                    "window_attention,add_layernorm,rope,lm_head_loss_smooth_z,lm_head_loss_softcap,"
                                    "gqa_attention,rmsnorm,add_rmsnorm,swiglu,geglu,softcap_attention,mlp_exact_gelu,"
                                    "rope_partial,lm_head_loss_bias,alibi_attention,moe_mlp,lm_head_distill,"
-                                   "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling",
+                                   "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,"
+                                   "rl_logprobs",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4, lm_head_loss_softcap with the logits soft-capped to "
                         "30 tanh(logits / 30), gqa_attention causal attention with fewer KV heads than query heads, "
@@ -329,7 +330,10 @@ def add_cli(sub):
                         "ours and xgrammar's triton and cuda kernels when installed, sampling the temperature, top-k, "
                         "top-p and min-p cuts and the draw, at batches 1-256 of vocabularies 50257 and 151936, in "
                         "fp32 and --dtype, in ms and tokens/s: the reference (sort-based top-p, inverse CDF), it with "
-                        "torch.multinomial, it compiled, our fused kernel and flashinfer's sampling when installed)")
+                        "torch.multinomial, it compiled, our fused kernel and flashinfer's sampling when installed, "
+                        "rl_logprobs RL's per-token log-probs and entropies from the logits at temperature 0.7, "
+                        "at cross_entropy's sizes: torch's fp32 log_softmax + gather + entropy, it compiled and our "
+                        "loss kernel with the temperature and the entropy)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,

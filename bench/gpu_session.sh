@@ -19,7 +19,8 @@
 #   linear against bf16 F.linear and torch's int8 matmul), int4_linear (the int4 one, against F.linear and
 #   torch's int4 matmul), lora (the multi-LoRA shrink + expand against the gather + bmm's), token_mask
 #   (structured outputs' grammar mask against the reference and xgrammar's own kernels) and sampling (the fused
-#   sampling kernel against sort-based top-p, torch.multinomial, torch.compile and flashinfer's), within
+#   sampling kernel against sort-based top-p, torch.multinomial, torch.compile and flashinfer's) and rl_logprobs
+#   (RL's log-probs and entropies through the loss kernel against torch's fp32 log_softmax), within
 #   EXTRA_MINUTES (default 1.5),
 #   into results-extra/ and autotune-timings-extra.json
 #   graphs (not part of all): `bench kernels --cuda-graphs` of LayerNorm, attention and the loss, each row timed
@@ -260,8 +261,8 @@ if [ "$what" = profile ]; then
 fi
 if [ "$what" = kernels-extra ]; then
     extra_bench extra "${EXTRA_MINUTES:-1.5}" \
-        "kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling" \
-        kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling
+        "kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs" \
+        kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs
 fi
 if [ "$what" = graphs ]; then
     extra_bench graphs "${EXTRA_MINUTES:-1.5}" "kernels --cuda-graphs" kernels --cuda-graphs \

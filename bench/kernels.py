@@ -169,7 +169,15 @@ sample_tokens at torch.rand: the cuts by radix select, no sort, and the draw in 
 top_k_top_p_sampling_from_logits; with no cut sampling_from_probs; with min-p top_k_renorm_probs, top_p_renorm_probs,
 then min_p_sampling_from_probs; on the logits divided by T), when flashinfer is installed: run once before the timing,
 one that fails here or draws a token outside sampling_logits' cut is a skipped row saying why. No bytes or FLOPs: a
-row's rate is tokens_per_s (B tokens a call). It runs after token_mask, last of all, so a short budget drops it first.
+row's rate is tokens_per_s (B tokens a call). It runs after token_mask.
+rl_logprobs is RL's per-token log-probs and entropies (PPO's, GRPO's, RLOO's update, train/rlhf.py) from the logits
+[N, V] and the targets at the sampling temperature (RL_TEMPERATURE), both outputs differentiated (an entropy bonus):
+torch (log_softmax of the logits / T in fp32, the targets' entries gathered, the entropy -sum exp(logp) logp: what
+the reference path computes, a [N, V] fp32 log-softmax and as large a product), compile (torch.compile of it) and
+triton (ours: cross_entropy(reduction="none", temperature=T, entropy=True), the log-prob the negated loss and the
+entropy summed in the same pass, their gradients in one backward pass). At cross_entropy's sizes, bytes as its; the
+peak memory column is where the fp32 tensors show. It runs after sampling, last of all, so a short budget drops it
+first.
 Modes: fwd (inputs require grad, as in training), bwd (backward of a kept graph,
 retain_graph=True), fwd+bwd. Backward starts from a random gradient, or from 1 for a loss (as
 loss.backward() does). Gradients are reset to None before each timed call.
@@ -259,6 +267,9 @@ PROVIDERS = {
     # sampling's cuts and draw, forward only: the reference (sort-based top-p, inverse CDF), it with torch.multinomial,
     # it compiled, ours (one kernel, no sort) and flashinfer's sampling kernels
     "sampling": ("torch", "torch-multinomial", "compile", "triton", "flashinfer"),
+    # RL's log-probs and entropies from the logits at a temperature: torch's fp32 log_softmax + gather + entropy,
+    # it compiled, and ours (the loss kernel with temperature and entropy)
+    "rl_logprobs": ("torch", "compile", "triton"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -280,6 +291,7 @@ SAMPLING_SETTINGS = {"temperature": dict(temperature=0.8),
                      "top_k": dict(temperature=0.8, top_k=50),
                      "top_p": dict(temperature=0.8, top_p=0.9),
                      "top_k+top_p+min_p": dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05)}
+RL_TEMPERATURE = 0.7  # rl_logprobs' sampling temperature (a typical RL rollout's: below 1, so it is not skipped)
 INT4_GROUP_SIZE = 128  # int4_linear's G: gpt-fast's and torchao's default; every K of int8_shapes is a multiple
 # a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
 GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
@@ -1286,6 +1298,32 @@ def cross_entropy_providers(x, t):
             "triton": triton_op, "liger": liger}
 
 
+def rl_logprobs_providers(x, t, temperature=RL_TEMPERATURE):
+    """x: [N, V] logits, t: [N] targets -> (log-probs [N], entropies [N]) of softmax(x / temperature), fp32."""
+    def torch_logprobs(x, t):  # train/rlhf.py's logprobs_and_entropy on [N, V]
+        logp_all = torch.log_softmax(x.float() / temperature, dim=-1)
+        return logp_all.gather(-1, t[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)
+
+    def torch_op():
+        return (lambda: torch_logprobs(x, t)), [x]
+
+    def compiled():
+        fn = _fresh_compile(torch_logprobs)
+        return (lambda: fn(x, t)), [x]
+
+    def triton_op():
+        fn, why = try_import("tritongpt.kernels.cross_entropy", "cross_entropy")
+        if fn is None:
+            raise Unavailable(why)
+
+        def f():
+            loss, entropy = fn(x, t, reduction="none", temperature=temperature, entropy=True)
+            return -loss, entropy
+        return f, [x]
+
+    return {"torch": torch_op, "compile": compiled, "triton": triton_op}
+
+
 def lm_head_loss_providers(h, w, t):
     """h: [N, C] final hidden states, w: [V, C] LM head (bias-free), t: [N] targets -> mean loss.
     The plain op through the variants' helper, with no option: one code path for the three."""
@@ -2214,6 +2252,24 @@ def sweep_cross_entropy(timer, budget, rows_n, vocabs, dtype, modes=MODES, provi
     return out
 
 
+def sweep_rl_logprobs(timer, budget, rows_n, vocabs, dtype, modes=MODES, providers=None,
+                      temperature=RL_TEMPERATURE):
+    """RL's log-probs and entropies at each vocabulary (rows_n rows, the temperature in each row's config); bytes
+    as cross_entropy's (the logits read, their gradient written)."""
+    out = []
+    dev = timer.device
+    for v in vocabs:
+        cfg = {"rows": rows_n, "vocab": v, "temperature": temperature, "dtype": dtype_name(dtype)}
+        x = randn(rows_n, v, device=dev, dtype=dtype, scale=3.0)
+        t = torch.randint(0, v, (rows_n,), device=dev)
+        elem = x.element_size()
+        out += bench_providers("rl_logprobs", cfg, rl_logprobs_providers(x, t, temperature), modes, timer, budget,
+                               lambda m: {"bytes": cross_entropy_bytes(rows_n, v, elem, m)}, providers)
+        del x, t
+        timer.cleanup()
+    return out
+
+
 def sweep_lm_head_loss(timer, budget, rows_n, widths, vocabs, dtype, modes=MODES, providers=None):
     return _sweep_lm_head("lm_head_loss", lm_head_loss_providers, timer, budget, rows_n, widths, vocabs, dtype,
                           modes, providers)
@@ -2388,7 +2444,9 @@ def _sweep_plan(sizes, part):
             # structured outputs' grammar mask: after lora
             "token_mask": [(sizes["token_mask_batches"], sizes["token_mask_vocabs"])] if part == "rest" else [],
             # sampling's cuts and draw: after token_mask
-            "sampling": [(sizes["sampling_batches"], sizes["sampling_vocabs"])] if part == "rest" else []}
+            "sampling": [(sizes["sampling_batches"], sizes["sampling_vocabs"])] if part == "rest" else [],
+            # RL's log-probs and entropies at cross_entropy's sizes: after sampling
+            "rl_logprobs": [sizes["ce_vocabs"]] if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -2398,7 +2456,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
                      "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
-                     "token_mask", "sampling"),
+                     "token_mask", "sampling", "rl_logprobs"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -2408,11 +2466,11 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask and sampling (the
-    newest ops), so a short budget drops sampling first, then token_mask, then lora, then int4_linear, then
-    int8_linear, then matmul, then decode_attention, then lm_head_distill, then moe_mlp, then alibi_attention, then
-    lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention, then geglu, then swiglu, then
-    the RMSNorms, then gqa_attention, then the LM head's soft cap.
+    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask, sampling and
+    rl_logprobs (the newest ops), so a short budget drops rl_logprobs first, then sampling, then token_mask, then
+    lora, then int4_linear, then int8_linear, then matmul, then decode_attention, then lm_head_distill, then moe_mlp,
+    then alibi_attention, then lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention,
+    then geglu, then swiglu, then the RMSNorms, then gqa_attention, then the LM head's soft cap.
     """
     sizes = dict(FULL_SIZES, **(sizes or {}))
     log("measuring ceilings (device copy bandwidth, bf16 matmul) ...")
@@ -2573,6 +2631,11 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"sampling's cuts and draw ({part}{label}): B {list(batches)}, V {list(vocabs)}, settings "
                     f"{list(SAMPLING_SETTINGS)} ...")
                 rows += sweep_sampling(timer, budget, batches, vocabs, dtype, modes, provs)
+        for provs, label in groups:
+            for vocabs in plan["rl_logprobs"] if "rl_logprobs" in ops else ():
+                log(f"RL log-probs + entropy ({part}{label}): vocab {list(vocabs)} x {sizes['ce_rows']} rows, "
+                    f"T {RL_TEMPERATURE} ...")
+                rows += sweep_rl_logprobs(timer, budget, sizes["ce_rows"], vocabs, dtype, modes, provs)
 
 
 def sort_rows(rows):

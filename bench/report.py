@@ -413,6 +413,7 @@ def plot_kernels(rows, ceilings, out_dir) -> list:
              "mlp_exact_gelu": ("width", "tflops", "TFLOPS", "matmul"),
              "rope_partial": ("heads", "gbps", "GB/s", "copy"),
              "cross_entropy": ("vocab", "gbps", "GB/s", "copy"),
+             "rl_logprobs": ("vocab", "gbps", "GB/s", "copy"),
              "lm_head_loss": ("vocab", "tflops", "TFLOPS", "matmul"),
              "lm_head_loss_smooth_z": ("vocab", "tflops", "TFLOPS", "matmul"),
              "lm_head_loss_softcap": ("vocab", "tflops", "TFLOPS", "matmul"),

@@ -549,10 +549,13 @@ def test_run_kernels_end_to_end_on_cpu():
     # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
     # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only), the int8 linear
     # and the int4 one at 2 row counts (reference, torch; forward only), the LoRA delta at 2 shapes (torch; fwd only),
-    # the token mask's 2 masks (torch; fwd only; fp32 is the run's dtype), sampling's 4 settings (torch; fwd only)
+    # the token mask's 2 masks (torch; fwd only; fp32 is the run's dtype), sampling's 4 settings (torch; fwd only),
+    # RL's log-probs and entropies (torch)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2 + 2 + 2 + 4)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2 + 2 + 2 + 4 + 3)
+    assert {(r["provider"], r["mode"], r["config"]["vocab"]) for r in timed if r["op"] == "rl_logprobs"} == {
+        ("torch", m, 30) for m in ("fwd", "bwd", "fwd+bwd")}
     banned = [r for r in timed if r["op"] == "token_mask"]
     assert [(r["provider"], r["config"]["mask"], r["config"]["dtype"]) for r in banned] == \
         [("torch", "random", "fp32"), ("torch", "json-string", "fp32")]
@@ -617,7 +620,7 @@ def test_run_kernels_end_to_end_on_cpu():
     assert att[0]["config"]["batch"] == 2 and att[0]["config"]["heads"] == 2
     for r in (r for r in timed if r["op"] != "sampling"):
         by_bytes = r["op"] in ("layernorm", "add_layernorm", "cross_entropy", "rope", "rmsnorm", "add_rmsnorm",
-                               "rope_partial", "decode_attention", "token_mask")
+                               "rope_partial", "decode_attention", "token_mask", "rl_logprobs")
         key = "pct_of_copy_bw" if by_bytes else "pct_of_matmul"
         assert r[key] > 0
     assert {r["provider"] for r in rows if r["mode"] == "saved"} == {"reference", "torch"}
@@ -1235,7 +1238,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
                                             "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention",
                                             "matmul", "int8_linear", "int4_linear", "lora", "token_mask",
-                                            "sampling"}
+                                            "sampling", "rl_logprobs"}
     assert {(r["config"]["M"], r["config"]["C"]) for r in k["rows"] if r["op"] == "matmul"} == {(8, 8), (32, 8)}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
@@ -2108,6 +2111,33 @@ def test_sampling_rows_time_every_provider_drawing_inside_the_same_cut(device):
                    if r["provider"] == "flashinfer")
     assert kernels.sweep_sampling(quick_timer(), Budget(None), (2,), (70,), torch.float32,
                                   modes=("bwd", "fwd+bwd")) == []
+
+
+def test_rl_logprobs_providers_agree_and_their_sweep_runs(device):
+    """rl_logprobs: torch's log_softmax + gather + entropy and ours (the loss kernel with a temperature and the
+    entropy) give the same log-probs, entropies and logits' gradient; the sweep times both in every mode, the
+    temperature in each row's config, cross_entropy's bytes."""
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(6, 70, generator=gen) * 3).to(device).requires_grad_()
+    t = torch.randint(0, 70, (6,), generator=gen).to(device)
+    providers = kernels.rl_logprobs_providers(x, t)
+    assert list(providers) == ["torch", "compile", "triton"]
+    out, grads = {}, {}
+    for p in ("torch", "triton"):
+        f, leaves = providers[p]()
+        out[p] = f()
+        x.grad = None
+        (out[p][0].sum() + out[p][1].sum()).backward()
+        grads[p] = x.grad
+    for i, what in enumerate(("log-probs", "entropies")):
+        assert out["torch"][i].shape == (6,) and out["torch"][i].abs().min() > 0.01, what
+        assert torch.allclose(out["triton"][i], out["torch"][i], rtol=1e-5, atol=1e-5), what
+    assert torch.allclose(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-6) and grads["torch"].abs().max() > 0
+    rows = kernels.sweep_rl_logprobs(quick_timer(), Budget(None), 4, (70,), torch.float32,
+                                     providers=("torch", "triton"))
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("torch", "triton") for m in common.MODES}
+    assert all(r["status"] == "ok" and r["config"]["temperature"] == kernels.RL_TEMPERATURE for r in rows), rows
+    assert all(r["bytes"] == common.cross_entropy_bytes(4, 70, 4, r["mode"]) for r in rows)
 
 
 def _fake_flashinfer(monkeypatch, calls, outside=False):
@@ -3058,7 +3088,8 @@ def test_every_provider_builder_is_in_the_sweep():
              "lora": kernels.lora_providers(torch.zeros(1, 1, 5), x[None, :1], torch.zeros(1, 2, 8),
                                             torch.zeros(1, 5, 2), torch.zeros(1, dtype=torch.long)),
              "token_mask": kernels.token_mask_providers(x, torch.zeros(4, 1, dtype=torch.int32)),
-             "sampling": kernels.sampling_providers(x, 1.0)}
+             "sampling": kernels.sampling_providers(x, 1.0),
+             "rl_logprobs": kernels.rl_logprobs_providers(x, t)}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -3339,7 +3370,7 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
               "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul",
               "int8_linear": "sweep_int8_linear", "int4_linear": "sweep_int4_linear", "lora": "sweep_lora",
-              "token_mask": "sweep_token_mask", "sampling": "sweep_sampling"}
+              "token_mask": "sweep_token_mask", "sampling": "sweep_sampling", "rl_logprobs": "sweep_rl_logprobs"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
@@ -3347,14 +3378,14 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
               "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
-              "token_mask", "sampling"]
-    assert calls[-42:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-42]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-42]
+              "token_mask", "sampling", "rl_logprobs"]
+    assert calls[-44:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-44]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-44]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-21:] == newest
+    assert default_ops[-22:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
@@ -4447,7 +4478,8 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
 
 def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
     """`bash bench/gpu_session.sh kernels-extra` (not part of all) times the ops `bench all`'s budget reaches
-    last, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask and sampling, within EXTRA_MINUTES,
+    last, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask, sampling and rl_logprobs, within
+    EXTRA_MINUTES,
     into results-extra/, and packs it; no tests, no `bench all`. The command parses as `tritongpt bench kernels` with
     those ops. Python is a stand-in."""
     from session_stub import run_gpu_session
@@ -4456,13 +4488,13 @@ def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
     runs, work, stdout = run_gpu_session(tmp_path, "kernels-extra", EXTRA_MINUTES="0.7")
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
     assert bench == ["bench", "kernels", "--ops",
-                     "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling",
+                     "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs",
                      "--max-minutes", "0.7", "--out", f"{work}/results-extra"]
     args = build_parser().parse_args(bench)
-    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling"
+    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs"
     assert not any("pytest" in c for c in runs) and not any("all" in c[2:4] for c in runs if c[:1] == ["-m"])
     assert ("== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,"
-            "sampling (budget 0.7 min)") in stdout
+            "sampling,rl_logprobs (budget 0.7 min)") in stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
 
 
