@@ -119,6 +119,82 @@ def test_linear_per_row_logp_and_entropy_across_chunks_match_float64(dtype, devi
     assert (w.grad[V:] == 0).all() and (b.grad[V:] == 0).all()
 
 
+@pytest.mark.parametrize("scale,temperature,dtype", [(100.0, 0.05, torch.float32), (100.0, 1.0, torch.float32),
+                                                     (100.0, 20.0, torch.float32), (100.0, 1.0, torch.bfloat16)])
+def test_extreme_logits_entropy_has_no_cancellation(scale, temperature, dtype, device):
+    """Logits scaled x100 (|z| up to ~2e4 at T 0.05), at temperatures 0.05, 1 and 20, fp32 and bf16 inputs: each
+    row's entropy within 8 fp32 epsilons of (1 + H), -logp within 8 of (1 + -logp), and the entropy's gradient
+    within 8 of its row's largest, against float64 of the tempered logits the kernel reads (z = x * fl32(1 / T):
+    rounding x / T to fp32 moves z by up to |z| eps ~ 1e-3, every fp32 implementation's error, which would hide the
+    formula's). The kernel's H = log S - t / S sums exp(z - m) (z - m) relative to the running max; the textbook
+    lse - sum_j p_j z_j cancels two numbers of the size of z and is off by ~|z| eps."""
+    gen = torch.Generator().manual_seed(int(scale + 100 * temperature))
+    N, V = 24, 300
+    x = torch.randn(N, V, generator=gen) * 3 * scale
+    # every other row's runner-up within ~2 T of its top logit: entropies well above 0 even at T 0.05
+    top = x.argmax(-1)[::2]
+    x[::2, (top + 1) % V] = x[::2].amax(-1) - 2 * temperature * torch.rand(N // 2, generator=gen)
+    x = x.to(device, dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen)
+    g = torch.rand(N, generator=gen, dtype=torch.float64) + 0.5
+    loss, ent = cross_entropy(x, t.to(device), reduction="none", temperature=temperature, entropy=True)
+    (ent * g.to(device, torch.float32)).sum().backward()
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
+    z64 = (x.detach().float().cpu() * inv_t).double().requires_grad_()  # z rounded to fp32, as the kernel's
+    want_loss, want_ent = logp_entropy64(z64, t)
+    (want_ent * g).sum().backward()
+    want_grad = z64.grad * inv_t.double()
+    eps = torch.finfo(torch.float32).eps
+    assert want_ent.max() > 0.1 and want_loss.max() > 1.0  # not every row one-hot: nothing passes on zeros
+    for name, got, want in (("entropy", ent, want_ent), ("-logp", loss, want_loss)):
+        err = (got.detach().double().cpu() - want).abs()
+        assert (err <= 8 * eps * (1 + want.abs())).all(), (name, (err / (eps * (1 + want.abs()))).max().item())
+    # dH/dz_j = -p_j (log p_j + H): in any fp32 arithmetic log p_j + H is off by ~eps (|log p_j| + H), which an
+    # exact tie's 0 shows (H = log 2 and log p = -log 2, each rounded): 8 times that, plus 8 eps of the largest
+    logp = torch.log_softmax(z64.detach(), -1)
+    scale = (g * inv_t.double())[:, None] * logp.exp() * (logp.abs() + want_ent.detach()[:, None] + 1)
+    err = (x.grad.double().cpu() - want_grad).abs()
+    rounding = 0.0 if dtype == torch.float32 else 2.0 ** -8 * want_grad.abs()  # written in the logits' dtype
+    bound = 8 * eps * (scale + want_grad.abs().max()) + rounding
+    assert (err <= bound).all(), (err / bound).max().item()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("fastest", [{"fwd": 0, "bwd": 0}, {"fwd": 3, "bwd": 2}, {"fwd": 4, "bwd": 3}],
+                         ids=["per-lane", "per-row", "narrow-tiles"])
+def test_gpu_launch_path_logp_and_entropy_each_autotuned_shape(monkeypatch, fastest):
+    """The GPU branch of the launchers (one row a program, the autotuned tile widths, and the per-row running max
+    and sums, LANE_MAX False, which the interpreter's own launch never takes) with a temperature and the entropy:
+    -logp, the entropy and the gradient of both against float64, on rows of 5000 logits crossing one to three
+    tiles, the first tiles of one all -inf (the entropy's running sum moved from a max still -inf), one with a
+    single finite logit (entropy 0, no nan), an ignored target (its entropy and gradient all the same), and padding
+    columns holding 1e4 and nan (absent)."""
+    from test_cross_entropy import _stand_in_gpu
+
+    _stand_in_gpu(monkeypatch, fastest)
+    V, pad, T = 5000, 23, 0.6
+    gen = torch.Generator().manual_seed(29)
+    x = torch.randn(5, V + pad, generator=gen) * 3 + torch.randn(5, 1, generator=gen) * 5
+    x[:, V:] = 1e4
+    x[::2, V + 1] = float("nan")
+    x[0, :4100] = float("-inf")  # every tile of 2048 or 4096 columns before the target's, the 8192 one in part
+    x[1, :V] = float("-inf")
+    x[1, 4321] = 1.0
+    t = torch.tensor([4500, 4321, IGNORE, 7, 11])
+    x.requires_grad_()
+    loss, ent = cross_entropy(x, t, IGNORE, "none", vocab_size=V, temperature=T, entropy=True)
+    x64 = x.detach()[:, :V].double().requires_grad_()
+    want_loss, want_ent = logp_entropy64(x64, t, T)
+    g1, g2 = (torch.rand(5, generator=gen, dtype=torch.float64) + 0.5 for _ in range(2))
+    ((loss * g1.float()).sum() + (ent * g2.float()).sum()).backward()
+    ((want_loss * g1).sum() + (want_ent * g2).sum()).backward()
+    assert loss[1] == 0 and ent[1] == 0 and want_ent[[0, 2, 3, 4]].min() > 0.1
+    assert_close_mixed(loss, want_loss, 1e-5, 1e-6, "-logp")
+    assert_close_mixed(ent, want_ent, 1e-5, 1e-6, "entropy")
+    assert (x.grad[:, V:] == 0).all() and (x.grad[0, :4100] == 0).all()
+    assert_close_mixed(x.grad[:, :V], x64.grad, 1e-4, 1e-6, "dlogits")
+
+
 def _model(kernels, dtype=torch.float32, **kw):
     torch.manual_seed(5)
     cfg = GPTConfig(vocab_size=37, context_length=16, n_embd=32, n_layer=1, n_head=2, vocab_multiple=8, **kw)
