@@ -242,38 +242,58 @@ def test_model_token_logprobs_without_the_entropy_or_its_gradient():
 
 def test_an_rl_update_on_the_triton_path_makes_no_log_softmax(tmp_path, monkeypatch):
     """The rollout's old and reference log-probs and the update's log-probs and entropy (GRPO with an entropy
-    bonus at a temperature) on the Triton path go through the loss kernel: torch's log_softmax, whose
-    [B, T-1, V] fp32 output was the update's largest tensor, is never called. (The reference path's calls
-    are counted by the same spy: old, reference, the update's.)"""
+    bonus at a temperature) on the Triton path go through the loss kernel: its forward launched at the sampling
+    temperature, without the entropy for the scoring (the policy's and the reference's) and with it for the update,
+    and torch's log_softmax, whose [B, T-1, V] fp32 output was the update's largest tensor, is never called over
+    the vocabulary, nor softmax or F.cross_entropy (a log-softmax of their own). (The reference path's calls are
+    counted by the same spy: old, reference, the update's; it launches no loss kernel.)"""
+    import tritongpt.kernels.cross_entropy as ce
     from test_rlhf import _tiny_rl_trainer
     from tritongpt.train.rlhf import score_rollout
 
-    calls = []
-    real = torch.log_softmax, torch.Tensor.log_softmax, F.log_softmax
+    calls, launches = [], []
+    spied = [(torch, "log_softmax"), (torch.Tensor, "log_softmax"), (F, "log_softmax"), (torch, "softmax"),
+             (torch.Tensor, "softmax"), (F, "softmax"), (F, "cross_entropy")]
+    real = [getattr(owner, name) for owner, name in spied]
+    fwd_launch = ce._fwd_launch
 
     def spy(fn):
         def counted(*args, **kw):
-            calls.append(tuple(args[0].shape))
+            calls.append((fn.__name__, tuple(args[0].shape)))
             return fn(*args, **kw)
         return counted
+
+    def launched(logits, targets, ignore_index, n_classes, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
+                 temperature=1.0, entropy=False):
+        launches.append((temperature, entropy))
+        return fwd_launch(logits, targets, ignore_index, n_classes, label_smoothing, z_loss, softcap, temperature,
+                          entropy)
     ro = None
     for kernels in ("reference", "cross_entropy"):
         t = _tiny_rl_trainer(tmp_path / kernels, algo="grpo", kernels=kernels, prompts_per_iter=2, group_size=2,
                              ent_coef=0.05, temperature=0.7)
         ro = t.rollout() if ro is None else ro  # one rollout (the sampling is not what is counted)
         calls.clear()
-        monkeypatch.setattr(torch, "log_softmax", spy(real[0]))
-        monkeypatch.setattr(torch.Tensor, "log_softmax", spy(real[1]))
-        monkeypatch.setattr(F, "log_softmax", spy(real[2]))
+        launches.clear()
+        for (owner, name), fn in zip(spied, real):
+            monkeypatch.setattr(owner, name, spy(fn))
+        monkeypatch.setattr(ce, "_fwd_launch", launched)
         score_rollout(ro, t.model, t.ref, t.reward_model, temperature=0.7)
+        scored = list(launches)
         t.update(ro)
         monkeypatch.undo()
         assert t.policy.kernels == ({"cross_entropy"} if kernels == "cross_entropy" else set())
         assert t.update_log and t.update_log[-1]["entropy"] > 0
+        # over the vocabulary (the reference attention's softmax over keys is not one)
+        over_vocab = [(name, shape) for name, shape in calls if shape[-1] >= t.policy.config.vocab_size]
         if kernels == "reference":
-            assert len(calls) >= 3, calls
+            assert sum(name == "log_softmax" for name, _ in over_vocab) >= 3, calls
+            assert launches == [], launches
         else:
-            assert calls == [], calls
+            assert over_vocab == [], over_vocab
+            chunks = -(-len(ro) // 32)  # score_rollout's chunks, each scored by the policy and the reference
+            assert scored == [(0.7, False)] * 2 * chunks, scored
+            assert launches[len(scored):] and set(launches[len(scored):]) == {(0.7, True)}, launches
 
 
 def _bwd_with_grad_entropy_alone(x, t):
