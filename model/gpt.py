@@ -907,7 +907,15 @@ class GPTModel(nn.Module):
         with a plain nn.Linear head, the head fused with it (linear_cross_entropy), so the logits only ever
         exist a chunk of rows at a time and no fp32 copy of them at all."""
         temperature = temperature_value(temperature)
+        for name, flag in (("entropy", entropy), ("entropy_grad", entropy_grad)):
+            if not isinstance(flag, bool):  # as both paths read it (the kernel refuses a non-bool entropy)
+                raise TypeError(f"token_logprobs: {name} must be a bool, got {type(flag).__name__}")
         h = self.hidden(idx) if hidden is None else hidden
+        if not isinstance(idx, torch.Tensor):  # (hidden() checks it; a caller's hidden skips that)
+            raise UserError(f"idx must be a [batch, time] tensor of token ids, got {type(idx).__name__}")
+        if not isinstance(h, torch.Tensor) or h.shape[:-1] != idx.shape:
+            raise UserError(f"token_logprobs: hidden must be hidden(idx), [{', '.join(map(str, idx.shape))}, C], "
+                            f"got {tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
         targets = idx[:, 1:]
         if "cross_entropy" in self.kernels:
             from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy

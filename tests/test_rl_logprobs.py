@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from parity import assert_close_mixed, assert_close_rel
 from tritongpt.kernels.cross_entropy import cross_entropy, linear_cross_entropy
 from tritongpt.model.config import GPTConfig
+from tritongpt.errors import UserError
 from tritongpt.model.gpt import GPTModel
 
 IGNORE = -100
@@ -325,6 +326,17 @@ def _bwd_with_grad_entropy_alone(x, t):
      "temperature must be a finite number > 0, got 0.0"),
     (lambda x, t: _model("triton").token_logprobs(t.view(2, 3) % 37, temperature=-2), ValueError,
      "temperature must be a finite number > 0, got -2"),
+    # both paths refuse what the kernel refuses (the reference path read entropy=1 as True), and a hidden that is
+    # not hidden(idx) by name (the Triton path blamed the targets' shape, the reference path's gather its index)
+    *[(lambda x, t, k=k: _model(k).token_logprobs(t.view(2, 3) % 37, entropy=1), TypeError,
+       "token_logprobs: entropy must be a bool, got int") for k in ("reference", "triton")],
+    (lambda x, t: _model("reference").token_logprobs(t.view(2, 3) % 37, entropy_grad=None), TypeError,
+     "token_logprobs: entropy_grad must be a bool, got NoneType"),
+    *[(lambda x, t, k=k: _model(k).token_logprobs(t.view(2, 3) % 37, hidden=torch.zeros(2, 4, 32)), UserError,
+       r"token_logprobs: hidden must be hidden\(idx\), \[2, 3, C\], got \(2, 4, 32\)")
+      for k in ("reference", "triton")],
+    (lambda x, t: _model("triton").token_logprobs([[1, 2]], hidden=torch.zeros(1, 2, 32)), UserError,
+     "idx must be a .batch, time. tensor of token ids, got list"),
 ])
 def test_bad_rl_options_say_what(call, err, match):
     x, t = torch.randn(6, 40), torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(0))
