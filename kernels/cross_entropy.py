@@ -577,6 +577,14 @@ def _reduced(loss, reduction, targets, ignore_index, shape):
 # chunks: logits of one chunk -> loss (and row max, log-sum) -> dlogits -> that chunk's dhidden
 # rows and its share of dweight, then drop the chunk. Backward only scales the two stored gradients
 # (except in fp16, whose range needs the loss scale first: see LinearCrossEntropyFunction).
+# Per-token losses (reduction "none") and the entropy (RL's log-probs: GPTModel.token_logprobs) cannot: each row's
+# upstream gradient is its own, known in backward only, and dweight sums the rows' dlogits weighted by them. So
+# forward keeps each row's max and log-sum (and entropy: 8-12 bytes a row) and backward makes each chunk's logits
+# again: four head matmuls instead of three (2 N C V more FLOPs: a third more than the fused mean's), where keeping
+# the logits for backward, as F.linear then a per-token loss does, holds [N, V] (1.6 GB in bf16 at 16k x 50257,
+# and torch's fp32 log-softmax 3.3 GB more). For GPT-2 124M the extra matmul is ~10 % of an update's matmul FLOPs
+# (the head, 38.6M of the 124M weights, is one pass of the three a training step makes over each), the price of
+# not holding those.
 # (The same plan as Liger-Kernel's fused linear cross-entropy; the matmuls are cuBLAS's.)
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MB in bf16, about 2.7k rows of GPT-2's vocabulary
 # The head's rows are padded to a multiple of this inside the call, when the model's are not (GPT-2's 50257,
