@@ -241,6 +241,34 @@ def test_model_token_logprobs_without_the_entropy_or_its_gradient():
         assert_close_rel(logp2, logp, 1e-6, f"{kernels} logp")
 
 
+def test_token_logprobs_compiles_fullgraph_on_the_triton_path():
+    """torch.compile(fullgraph=True) of GPTModel.token_logprobs on the Triton path, at a temperature with the
+    entropy differentiated (the fused head + loss's custom ops through their fake impls, the fourth output included,
+    and its autograd Function's deferred backward): no graph break, and the log-probs, the entropies and every
+    parameter's gradient eager's."""
+    idx = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(6))
+    model = _model("triton")
+
+    def fn(idx):
+        logp, ent = model.token_logprobs(idx, temperature=0.7, entropy=True)
+        return logp, ent, logp.sum() + 0.3 * ent.sum()
+
+    got = {}
+    for name, f in (("compiled", torch.compile(fn, backend="aot_eager", fullgraph=True)), ("eager", fn)):
+        model.zero_grad(set_to_none=True)
+        logp, ent, loss = f(idx)
+        loss.backward()
+        got[name] = logp.detach(), ent.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (logp, ent, grads), (want_logp, want_ent, want_grads) = got["compiled"], got["eager"]
+    assert_close_rel(logp, want_logp, 1e-6, "compiled logp")
+    assert_close_rel(ent, want_ent, 1e-6, "compiled entropy")
+    assert max(g.abs().max() for g in want_grads.values() if g is not None) > 0
+    for n, g in want_grads.items():
+        assert (grads[n] is None) == (g is None), n
+        if g is not None:
+            assert torch.allclose(grads[n], g, rtol=1e-5, atol=1e-7), n
+
+
 def test_an_rl_update_on_the_triton_path_makes_no_log_softmax(tmp_path, monkeypatch):
     """The rollout's old and reference log-probs and the update's log-probs and entropy (GRPO with an entropy
     bonus at a temperature) on the Triton path go through the loss kernel: its forward launched at the sampling
