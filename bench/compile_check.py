@@ -260,6 +260,11 @@ def capture(quick=False, half="bfloat16", tma=True):
                     loss, row_max, log_sum, ent = cross_entropy._fwd_launch(logits, targets, *options, True)
                     cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options)
                     cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options, loss, ent)
+                    cross_entropy._fwd_launch(logits, targets, *options)  # the rollout's scoring: no entropy
+                    # the update at temperature 1 (rlhf's default: HAS_TEMP off, HAS_ENT on)
+                    options = -100, VOCAB, 0.0, 0.0, 0.0, 1.0
+                    loss, row_max, log_sum, ent = cross_entropy._fwd_launch(logits, targets, *options, True)
+                    cross_entropy._bwd_launch(loss, logits, targets, row_max, log_sum, *options, loss, ent)
             # the distillation loss (kernels/jsd.py) on a padded student head against a teacher's: forward KL,
             # the mixture and reverse KL (one binary each), with the gradient, and the mixture without (evaluation)
             case[0] = f"distill {name} {TOKENS}x{PADDED_VOCAB} ({VOCAB} classes)"

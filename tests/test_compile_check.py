@@ -137,6 +137,10 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert len({(r["case"], r["kernel"]) for r in padded}) == 6 and all(r["vector_loads"] > 0 for r in padded), padded
     for options in ("smoothing+z-loss+softcap", "temperature+entropy"):
         assert len({(r["case"], r["kernel"]) for r in padded if options in r["case"]}) == 2, (options, padded)
+    # RL's binaries: the update's at a temperature and at 1 (rlhf's default) with the entropy, the scoring's without
+    rl = {(r["kernel"], r["variant"].split(" ", 3)[3]) for r in padded if "temperature+entropy" in r["case"]}
+    assert rl == {(k, f"HAS_TEMP={temp} HAS_ENT={ent}") for k in ("_ce_fwd_kernel", "_ce_bwd_kernel")
+                  for temp, ent in (("True", "True"), ("True", "False"), ("False", "True"))}, rl
     # the distillation loss: forward KL, reverse KL and the mixture with the gradient, the mixture without; the
     # padded rows read as vectors too
     distill = [r for r in rows if r["kernel"] == "_distill_kernel"]
