@@ -241,6 +241,36 @@ def test_model_token_logprobs_without_the_entropy_or_its_gradient():
         assert_close_rel(logp2, logp, 1e-6, f"{kernels} logp")
 
 
+@pytest.mark.parametrize("temperature,entropy_grad", [(1.0, False), (0.7, True)])
+def test_reference_path_update_is_the_old_logits_math_bit_for_bit(temperature, entropy_grad):
+    """On the reference path the update's PolicyWithValue.logprobs (GPTModel.token_logprobs on the trunk the value
+    head reads) is what rlhf's logprobs_and_entropy of PolicyWithValue's (logits, values) computed before, op for op:
+    log-probs, entropies, values and every parameter's gradient equal bit for bit, at temperature 1 with the entropy
+    only logged (ent_coef 0: no graph) and at a temperature with an entropy bonus. A reference-path run, and one
+    resumed from before the change, sees the same numbers."""
+    from tritongpt.train.rlhf import PolicyWithValue, logprobs_and_entropy
+
+    model = PolicyWithValue(_model("reference"))
+    torch.nn.init.normal_(model.value_head.weight)  # (zero at init: no gradient through it to compare)
+    idx = torch.randint(0, 37, (3, 10), generator=torch.Generator().manual_seed(8))
+    out = []
+    for new in (False, True):
+        model.zero_grad(set_to_none=True)
+        if new:
+            logp, ent, values = model.logprobs(idx, temperature, entropy=True, entropy_grad=entropy_grad)
+        else:
+            logits, values = model(idx)
+            logp, ent = logprobs_and_entropy(logits, idx, entropy_grad, temperature)
+        assert ent.requires_grad == entropy_grad
+        loss = (logp * torch.linspace(-1, 1, 9)).sum() + values.square().sum() + (ent.sum() if entropy_grad else 0)
+        loss.backward()
+        out.append((logp, ent, values, {n: p.grad for n, p in model.named_parameters()}))
+    (logp, ent, values, grads), (logp2, ent2, values2, grads2) = out
+    assert torch.equal(logp, logp2) and torch.equal(ent, ent2) and torch.equal(values, values2)
+    assert grads.keys() == grads2.keys() and all(torch.equal(grads[n], grads2[n]) for n in grads)
+    assert grads["value_head.weight"].abs().max() > 0 and logp.max() < 0 and ent.min() > 0
+
+
 def test_token_logprobs_compiles_fullgraph_on_the_triton_path():
     """torch.compile(fullgraph=True) of GPTModel.token_logprobs on the Triton path, at a temperature with the
     entropy differentiated (the fused head + loss's custom ops through their fake impls, the fourth output included,
