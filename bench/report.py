@@ -112,9 +112,25 @@ def autotune_timings(cache_dir, kernels=None) -> list:
         function = path.name[:-len(".autotune.json")]
         name, key_names = kernels.get(function, (function, []))
         key = list(saved.get("key") or [])
+        entry = {"kernel": name, "function": function}
+        if key_names and not _fits_key(key_names, key):
+            # a search by an older version of the kernel (another hash folder of the same cache) whose key had
+            # other names: its values are left unnamed, not given the current names they would shift under
+            entry["stale_key"] = (f"{len(key)} values do not fit the kernel's key names now ({len(key_names)} "
+                                  "names, then the tensors' dtypes): saved by an older version of the kernel")
+            key_names = None
         values, dtypes = named_key(key_names, key) if key_names else (key, [])  # not ours: Triton's key
-        out.append({"kernel": name, "function": function, "key": values, "dtypes": dtypes, "timings": timings})
+        out.append({**entry, "key": values, "dtypes": dtypes, "timings": timings})
     return out
+
+
+def _fits_key(names, key) -> bool:
+    """Triton's saved key is the named values then the tensor arguments' dtypes ("torch.float16"): it fits names
+    where a dtype follows them and none is inside them."""
+    def is_dtype(v):
+        return isinstance(v, str) and v.startswith("torch.")
+    n = len(names)
+    return len(key) > n and not any(map(is_dtype, key[:n])) and all(map(is_dtype, key[n:]))
 
 
 def save_autotune_timings(path, cache_dir=None) -> int:

@@ -2608,6 +2608,13 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     assert report._tuned_kernel_names()["_matmul_kernel"] == ("mlp.matmul", [
         "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU", "GELU_ERF", "STORE_ACT",
         "HAS_BIAS", "stride_ak", "stride_bn", "TMA_OK", "A_T", "B_T"])
+    # a search the kernel saved before its key gained names (another hash folder): not named under the names it
+    # would shift under, but kept (its timings are real), marked stale
+    (tmp_path / "ef56").mkdir()
+    (tmp_path / "ef56" / "_attn_fwd.autotune.json").write_text(json.dumps(dict(search, key=[64, True, "torch.float16"])))
+    new, old = sorted(report.autotune_timings(tmp_path, kernels=named), key=lambda e: "stale_key" in e)
+    assert "stale_key" not in new and new["key"]["Q_BUCKET"] == 1024
+    assert old["key"] == [64, True, "torch.float16"] and old["dtypes"] == [] and "older version" in old["stale_key"]
     assert [t["config"]["BLOCK_M"] for t in got["timings"]] == [64, 32, 256]
     assert got["timings"][0] == {"config": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, "ms": [0.2, 0.19, 0.21]}
     assert got["timings"][2]["ms"] is None
