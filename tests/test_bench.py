@@ -2611,7 +2611,8 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     # a search the kernel saved before its key gained names (another hash folder): not named under the names it
     # would shift under, but kept (its timings are real), marked stale
     (tmp_path / "ef56").mkdir()
-    (tmp_path / "ef56" / "_attn_fwd.autotune.json").write_text(json.dumps(dict(search, key=[64, True, "torch.float16"])))
+    older = dict(search, key=[64, True, "torch.float16"])
+    (tmp_path / "ef56" / "_attn_fwd.autotune.json").write_text(json.dumps(older))
     new, old = sorted(report.autotune_timings(tmp_path, kernels=named), key=lambda e: "stale_key" in e)
     assert "stale_key" not in new and new["key"]["Q_BUCKET"] == 1024
     assert old["key"] == [64, True, "torch.float16"] and old["dtypes"] == [] and "older version" in old["stale_key"]
