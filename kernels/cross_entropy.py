@@ -366,7 +366,7 @@ def _(targets, vocab, ignore_index):
     return targets.new_empty(targets.numel(), dtype=torch.int64)
 
 
-def rl_options(label_smoothing, z_loss, softcap, temperature, entropy) -> tuple[float, bool]:
+def rl_options(label_smoothing, z_loss, temperature, entropy) -> tuple[float, bool]:
     """(temperature, entropy) checked: temperature a finite number > 0 (the logits, soft-capped first, are divided
     by it: the distribution sampling drew from), entropy a bool, and neither beside label smoothing or a z-loss
     (whose terms were written for the untempered logits' loss; a soft cap is fine: the model's logits are capped)."""
@@ -387,7 +387,7 @@ def _check_op_layout(logits, targets, n_classes, label_smoothing=0.0, z_loss=0.0
     they lay: garbage, no error). row_values: other [N] per-row tensors (row_max, grad_loss...)."""
     loss_options(label_smoothing, z_loss)
     softcap_value(softcap)
-    rl_options(label_smoothing, z_loss, softcap, temperature, with_entropy)
+    rl_options(label_smoothing, z_loss, temperature, with_entropy)
     check_tensor(logits, "logits", ndim=2)
     N, W = logits.shape
     check_tensor(targets, "targets", dtypes=(torch.int64, torch.int32), shape=(N,))
@@ -547,7 +547,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     ignore_index = _as_int(ignore_index, "ignore_index")
     label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
     softcap = softcap_value(softcap)
-    temperature, entropy = rl_options(label_smoothing, z_loss, softcap, temperature, entropy)
+    temperature, entropy = rl_options(label_smoothing, z_loss, temperature, entropy)
     V = logits.shape[-1]
     n_classes = _n_classes(vocab_size, V, "logits have {V} columns")
     x2 = logits.reshape(-1, V)
@@ -829,7 +829,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     ignore_index = _as_int(ignore_index, "ignore_index")
     label_smoothing, z_loss = loss_options(label_smoothing, z_loss)
     softcap = softcap_value(softcap)
-    temperature, entropy = rl_options(label_smoothing, z_loss, softcap, temperature, entropy)
+    temperature, entropy = rl_options(label_smoothing, z_loss, temperature, entropy)
     if autocast_dtype(hidden.device) is None:
         check_same_dtype(hidden=hidden, weight=weight)
     _check_bias(bias, weight)
