@@ -1051,6 +1051,16 @@ def plot_curves(rows, png_path, keys=("loss", "val_loss"), title="training"):
     plt.close(fig)
 
 
+def replot(shown, rows, png_path, keys, title):
+    """plot_curves(rows, ...) unless `shown`, what this returned for png_path's last plot, says it shows these rows
+    already and the file is still there (a metrics log only appends: its length and last row say which rows; the
+    end of a run follows its last checkpoint's plot of the same rows, ~0.2 s of matplotlib). -> the next `shown`."""
+    now = (len(rows), rows[-1] if rows else None)
+    if now != shown or not Path(png_path).is_file():
+        plot_curves(rows, png_path, keys=keys, title=title)
+    return now
+
+
 def note_slow_kernels(models, device):
     """Say so when Triton kernels will be slow: on the CPU they run through the interpreter, and
     below compute capability 8.0 the MLP's and attention's tl.dot has no tensor cores."""

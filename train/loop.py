@@ -443,7 +443,7 @@ class Trainer:
         self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main,
                                          trackers=common.trackers_for(args, config) if self.is_main else None)
         self.plot_path = self.out_dir / "loss.png"
-        self._plotted = None  # (row count, last row) of the rows loss.png shows: the log only appends
+        self._plotted = None  # the rows loss.png shows (common.replot's)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _gather(self, obj) -> list:
@@ -740,14 +740,10 @@ class Trainer:
         """loss.png: the training loss and every *loss column eval_fn logged (val_loss, ...), and each source's of
         a data mixture (pretrain's val_loss_<name>)."""
         rows = self.metrics.rows()
-        shown = (len(rows), rows[-1] if rows else None)
-        if shown == self._plotted and self.plot_path.is_file():
-            return  # the end of a fit follows its last checkpoint's plot of the same rows: ~0.2 s of matplotlib
         keys = ["loss"]
         for r in rows:
             keys += [k for k in r if (k.endswith("loss") or k.startswith("val_loss_")) and k not in keys]
-        common.plot_curves(rows, self.plot_path, keys=tuple(keys), title=self.name)
-        self._plotted = shown
+        self._plotted = common.replot(self._plotted, rows, self.plot_path, keys=tuple(keys), title=self.name)
 
     def _log(self, msg):
         if self.is_main:

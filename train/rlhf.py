@@ -923,7 +923,7 @@ class RLHFTrainer:
         self.metrics = common.MetricsLog(self.out_dir / "metrics.jsonl", enabled=log,
                                          trackers=common.trackers_for(args, config) if log else None)
         self.plot_path = self.out_dir / "rlhf.png"
-        self._plotted = None  # (row count, last row) of the rows rlhf.png shows: the log only appends
+        self._plotted = None  # the rows rlhf.png shows (common.replot's)
         self.iteration = 0
         self.history = []
         self.score_norm = None  # (shift, scale) of PPO's scores, from the first rollout
@@ -1164,15 +1164,10 @@ class RLHFTrainer:
     def plot(self):
         if not self.log_enabled:
             return
-        rows = self.metrics.rows()
-        shown = (len(rows), rows[-1] if rows else None)
-        if shown == self._plotted and self.plot_path.is_file():
-            return  # the end of a run follows its last checkpoint's plot of the same rows: ~0.2 s of matplotlib
-        common.plot_curves(rows, self.plot_path,
-                           keys=("reward", "eval_reward", *(f"eval_reward_{k}" for k in self.judge_keys),
-                                 "kl", "value_loss", "entropy"),
-                           title=f"rlhf ({self.args.algo})")
-        self._plotted = shown
+        self._plotted = common.replot(self._plotted, self.metrics.rows(), self.plot_path,
+                                      keys=("reward", "eval_reward", *(f"eval_reward_{k}" for k in self.judge_keys),
+                                            "kl", "value_loss", "entropy"),
+                                      title=f"rlhf ({self.args.algo})")
 
     def _log_row(self, row):
         self.history.append(row)
