@@ -20,24 +20,32 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 V = 97  # not a power of two
 
 
-def hf_configs():
-    """transformers configs of the families whose classifier heads need the most care: an untied Llama (no head
-    tensor to infer a tie from), GPT-J and Phi (LM heads with a bias, always read), GPT-NeoX (embed_out), GPT-2
-    (Conv1D) and Qwen2 (TRL's reward models' usual family)."""
+FAMILIES = ("llama", "qwen2", "gpt2", "gptj", "phi", "gpt_neox")
+
+
+def hf_config(family):
+    """A transformers config of one of the families whose classifier heads need the most care: an untied Llama (no
+    head tensor to infer a tie from), GPT-J and Phi (LM heads with a bias, always read), GPT-NeoX (embed_out),
+    GPT-2 (Conv1D) and Qwen2 (TRL's reward models' usual family). Built when a test asks: each family's config
+    class is a module transformers imports on first use, seconds of every worker's collection if done at import."""
     T = transformers
     small = dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=1)
-    return {
-        "llama": T.LlamaConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **small),
-        "qwen2": T.Qwen2Config(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, **small),
-        "gpt2": T.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **small),
-        "gptj": T.GPTJConfig(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64, **small),
-        "phi": T.PhiConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           max_position_embeddings=64, **small),
-        "gpt_neox": T.GPTNeoXConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                    max_position_embeddings=64, **small),
+    make = {
+        "llama": lambda: T.LlamaConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                                       **small),
+        "qwen2": lambda: T.Qwen2Config(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+                                       **small),
+        "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **small),
+        "gptj": lambda: T.GPTJConfig(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64, **small),
+        "phi": lambda: T.PhiConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                   max_position_embeddings=64, **small),
+        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=2, max_position_embeddings=64, **small),
     }
+    assert set(make) == set(FAMILIES)
+    return make[family]()
 
 
 def hf_classifier(config, folder, seed=0, **save):
@@ -67,9 +75,9 @@ def transformers_scores(folder, idx, lengths):
         return hf(input_ids=idx, attention_mask=mask).logits[:, 0]
 
 
-@pytest.mark.parametrize("family", list(hf_configs()))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_transformers_classifier_reads_as_a_reward_model_with_its_scores(family, tmp_path):
-    hf = hf_classifier(hf_configs()[family], tmp_path)
+    hf = hf_classifier(hf_config(family), tmp_path)
     idx, lengths = right_padded([13, 6, 1, 20])
     theirs = transformers_scores(tmp_path, idx, lengths)
     rm = RewardModel.load(tmp_path).eval()
@@ -86,7 +94,7 @@ def test_a_transformers_classifier_reads_as_a_reward_model_with_its_scores(famil
 def test_a_sharded_bf16_classifier_reads_as_its_fp32_values(tmp_path):
     """The index and its shards, bf16 on disk: our fp32 model holds the file's values (transformers upcasts the
     same file to fp32 to compare)."""
-    hf = hf_classifier(hf_configs()["llama"], tmp_path, seed=3)
+    hf = hf_classifier(hf_config("llama"), tmp_path, seed=3)
     hf.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
     (tmp_path / "model.safetensors").unlink(missing_ok=True)
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
@@ -100,20 +108,19 @@ def test_a_sharded_bf16_classifier_reads_as_its_fp32_values(tmp_path):
 def test_what_is_not_a_one_label_classifier_is_refused_by_name(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    configs = hf_configs()
-    two = configs["gpt2"]
+    two = hf_config("gpt2")
     two.num_labels = 2
     hf_classifier(two, tmp_path / "two")
     with pytest.raises(UserError, match=r"score.weight has shape \(2, 32\); a reward model's is \(1, 32\).*"
                                         r"GPT2ForSequenceClassification: 2 labels"):
         RewardModel.load(tmp_path / "two")
     # a causal LM is no reward model
-    lm = transformers.AutoModelForCausalLM.from_config(configs["qwen2"])
+    lm = transformers.AutoModelForCausalLM.from_config(hf_config("qwen2"))
     lm.save_pretrained(tmp_path / "lm")
     with pytest.raises(UserError, match="is a Hugging Face model with no sequence classifier's score head"):
         RewardModel.load(tmp_path / "lm")
     # a config.json without architectures: the tensors say it (a score, no LM head)
-    hf_classifier(hf_configs()["gpt2"], tmp_path / "bare")
+    hf_classifier(hf_config("gpt2"), tmp_path / "bare")
     cfg = json.loads((tmp_path / "bare" / "config.json").read_text())
     del cfg["architectures"]
     (tmp_path / "bare" / "config.json").write_text(json.dumps(cfg))
@@ -136,7 +143,7 @@ def test_what_is_not_a_one_label_classifier_is_refused_by_name(tmp_path):
 def test_a_token_classifier_is_neither_a_causal_lm_nor_a_reward_model(tmp_path):
     """A <Family>ForTokenClassification has a score head and no LM head too: refused as both, by its class name
     (its config names the class, so the tensors are looked at only where no causal LM is named)."""
-    config = hf_configs()["qwen2"]
+    config = hf_config("qwen2")
     config.num_labels = 3
     torch.manual_seed(0)
     transformers.AutoModelForTokenClassification.from_config(config).save_pretrained(tmp_path)
@@ -149,7 +156,7 @@ def test_a_token_classifier_is_neither_a_causal_lm_nor_a_reward_model(tmp_path):
 def test_generate_refuses_a_classifier_as_its_weights(tmp_path, capsys):
     from tritongpt import cli
 
-    hf_classifier(hf_configs()["llama"], tmp_path / "rm")
+    hf_classifier(hf_config("llama"), tmp_path / "rm")
     assert cli.main(["generate", "--weights", str(tmp_path / "rm"), "--prompt", "x", "--device", "cpu",
                      "--tokenizer", "default"]) == 2
     assert "is a LlamaForSequenceClassification (a reward model or classifier" in capsys.readouterr().err
@@ -338,7 +345,7 @@ def test_info_leaves_out_a_stand_in_lm_head_bias(tmp_path, capsys):
     parameter `info` counts, as the head's weight is not."""
     from tritongpt import cli
 
-    hf = hf_classifier(hf_configs()["phi"], tmp_path)
+    hf = hf_classifier(hf_config("phi"), tmp_path)
     assert cli.main(["info", "--weights", str(tmp_path)]) == 0
     n = hf.num_parameters() + 1  # and our head's bias
     assert f"parameters   {n:,} ({n / 1e6:.1f}M, without an LM head)\n" in capsys.readouterr().out
