@@ -1,5 +1,6 @@
 """Corpus loading, the token memmap cache (reuse vs rebuild), and batch sampling."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from tritongpt.errors import UserError
 from tritongpt.train import data
-from tritongpt.train.data import EOT, get_batch, load_text, prepare_tokens, token_dtype
+from tritongpt.train.data import EOT, check_text_field, get_batch, load_text, prepare_tokens, token_dtype
 from tritongpt.train.tokenizer import BPETokenizer
 
 
@@ -1180,3 +1181,28 @@ def test_with_bos_each_document_is_bos_to_eos():
     opens[:, 1:] = doc[:, 1:] != doc[:, :-1]
     assert torch.equal(opens[:, 1:], ids[:, 1:] == B)
     assert (doc[:, 1:][ids[:, :-1] == E] != doc[:, :-1][ids[:, :-1] == E]).all()
+
+
+def test_check_text_field_reads_no_folder_for_a_named_corpus_or_the_default_field(tmp_path, monkeypatch):
+    """No --data (the pydoc corpus) or a named one is no path: it was read as Path(''), the working directory,
+    walked whole for .parquet files on every pretrain/eval/bpe start (minutes from a home folder; a FileNotFoundError
+    when another process's temporary folder vanished mid-walk), and a working directory holding a .parquet file
+    let --text-field pass over the pydoc corpus, ignored. The default field reads nothing at all."""
+    (tmp_path / "shard.parquet").write_bytes(b"not read")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.parquet").write_bytes(b"not read")
+    monkeypatch.chdir(tmp_path)
+    walked = []
+    real = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: walked.append(str(self)) or real(self, pattern))
+    for source in (None, "", "pydoc", "stdlib", "data", str(tmp_path / "data")):
+        check_text_field(source, "text")
+        check_text_field(source, None)
+    assert walked == []
+    for source, named in ((None, "the pydoc corpus"), ("pydoc", "the pydoc corpus"), ("stdlib", "the standard library")):
+        with pytest.raises(UserError, match=f"--text-field applies to .jsonl.*; {named} is read as plain text"):
+            check_text_field(source, "body")
+    assert walked == []
+    check_text_field(str(tmp_path / "data"), "body")  # (a folder of .parquet shards: a column)
+    check_text_field("data", "body")
+    assert walked == [str(tmp_path / "data"), "data"]

@@ -205,12 +205,15 @@ def _txt_files(folder: Path) -> list:
 
 def check_text_field(source, text_field):
     """A text field other than the default names a .jsonl field (a .parquet column): on any other source it
-    would be ignored and the whole file read as text, so it is refused (before any slow work)."""
-    path = Path(str(source or "")).expanduser()
-    parquet = path.suffix == ".parquet" or path.is_dir() and any(path.rglob("*.parquet"))
-    if text_field not in (None, "text") and path.suffix != ".jsonl" and not parquet:
+    would be ignored and the whole file read as text, so it is refused (before any slow work). The default field
+    reads nothing; a named corpus is no path (Path('') would be the working directory, walked whole)."""
+    if text_field in (None, "text"):
+        return
+    path = None if source in (None, "", "pydoc", "stdlib") else Path(str(source)).expanduser()
+    parquet = path is not None and (path.suffix == ".parquet" or path.is_dir() and any(path.rglob("*.parquet")))
+    if (path is None or path.suffix != ".jsonl") and not parquet:
         raise UserError(f"--text-field applies to .jsonl data (one JSON object per line) and .parquet columns; "
-                        f"{source or 'the pydoc corpus'} is read as plain text")
+                        f"{_describe(source or None)} is read as plain text")
 
 
 def _describe(source) -> str:
