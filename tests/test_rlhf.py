@@ -2170,14 +2170,15 @@ def test_a_grpo_update_on_verified_rollouts_favours_the_right_answers(data, tmp_
     from tritongpt.train.rlhf import TaskReward, score_rollout
 
     tok, train, _ = data
-    pairs = task_preferences(400, seed=0, template=compact_template, split="train", families="lowercase")
+    # 16 pairs, learnt by heart: 200 steps of 8 rows bring 62 % of the samples right (600 of 16 on 400 pairs: 84 %)
+    pairs = task_preferences(16, seed=0, template=compact_template, split="train", families="lowercase")
     torch.manual_seed(3)
     policy = GPTModel(tiny_config(tok.vocab_size))
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(600):  # brief SFT on the answers, so that some samples are right and some wrong
+    for _ in range(200):  # brief SFT on the answers, so that some samples are right and some wrong
         rows, targets = [], []
-        for i in torch.randint(len(pairs), (16,), generator=g).tolist():
+        for i in torch.randint(len(pairs), (8,), generator=g).tolist():
             p, a = tok.encode(pairs[i].prompt), tok.encode(pairs[i].chosen) + [tok.eot_id]
             rows.append(p + a[:-1])
             targets.append([-100] * (len(p) - 1) + a)
