@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import plot_stub
 from parity import assert_paths_grads_float64s, record_step_grads
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
@@ -23,6 +24,7 @@ TINY = dict(vocab_size=VOCAB, context_length=CTX, n_embd=32, n_layer=2, n_head=2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+no_plots, real_plots = plot_stub.no_plots, plot_stub.real_plots  # (empty PNGs unless a test reads one)
 
 
 def tiny_model(seed=0, **over):
@@ -970,7 +972,7 @@ def test_other_runtime_errors_are_not_disguised(tmp_path):
         t.fit()
 
 
-def test_keep_last_k_and_a_crash_mid_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+def test_keep_last_k_and_a_crash_mid_save_leaves_no_half_checkpoint(tmp_path, monkeypatch, real_plots):
     a = args_for(tmp_path, max_steps=5, ckpt_every=1, keep_ckpts=2)
     t = Trainer(tiny_model(), a, loss_fn, make_get_batch(synthetic_tokens(), 2))
     t.fit()
@@ -1767,7 +1769,7 @@ def test_a_resume_refuses_unscaled_attention_scores_for_scaled_ones(tmp_path):
         resume(scale_attention=False)
 
 
-def test_a_plot_with_none_of_its_keys_is_written_without_a_warning(tmp_path):
+def test_a_plot_with_none_of_its_keys_is_written_without_a_warning(tmp_path, real_plots):
     """A run whose metrics hold none of a plot's keys (kto on one class with no held-out examples: no margin, no
     accuracy) still writes the PNG, and matplotlib's "No artists with labels" warning is not printed to the user."""
     import warnings

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import plot_stub
 from tritongpt.cli import main
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import common
@@ -15,6 +16,7 @@ from tritongpt.train.pretrain import model_vocab, parse_args, pretrain
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+no_plots, real_plots = plot_stub.no_plots, plot_stub.real_plots  # (empty PNGs unless a test reads one)
 
 
 def argv(corpus, out, *extra):
@@ -25,7 +27,7 @@ def argv(corpus, out, *extra):
             "--batch-size", "4", *extra]
 
 
-def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(corpus, tmp_path, capsys):
+def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(corpus, tmp_path, capsys, real_plots):
     out = tmp_path / "run"
     rc = main(["pretrain", *argv(corpus, out, "--max-steps", "30", "--warmup-steps", "5", "--lr", "3e-3",
                                  "--eval-every", "10", "--eval-batches", "2", "--ckpt-every", "15",
@@ -545,7 +547,7 @@ def test_hellaswag_under_ddp_each_rank_scores_its_share_and_sums_the_counts(corp
         assert got == {"hellaswag_acc": (right + 1) / 11, "hellaswag_acc_norm": (right_norm + 2) / 11}, rank
 
 
-def test_hellaswag_is_scored_at_each_evaluation(corpus, tmp_path, capsys):
+def test_hellaswag_is_scored_at_each_evaluation(corpus, tmp_path, capsys, real_plots):
     """--hellaswag N adds HellaSwag's acc and acc_norm on its first N examples to every
     evaluation (metrics.jsonl, hellaswag.png); the last one is what `tritongpt hellaswag` gives
     the final checkpoint. A bad flag or file is refused before training."""

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import plot_stub
 from parity import assert_close_rel, record_step_grads
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
@@ -75,6 +76,7 @@ def tiny_config(vocab_size, **kw):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+no_plots, real_plots = plot_stub.no_plots, plot_stub.real_plots  # (empty PNGs unless a test reads one)
 
 
 # The embedded task families whose wrong answers a 2-layer, 32-wide model learns to spot from

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import plot_stub
 from parity import assert_close_rel, assert_paths_grads_float64s, record_step_grads
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
@@ -21,6 +22,7 @@ from tritongpt.train.tokenizer import saved_tokenizer_path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+no_plots, real_plots = plot_stub.no_plots, plot_stub.real_plots  # (empty PNGs unless a test reads one)
 
 
 class CharTokenizer:
