@@ -1319,7 +1319,8 @@ def _ppo_iteration_on_both_paths(cfg, prompts, eot_id, device, epochs=2, **rl):
 def test_one_ppo_iteration_triton_path_matches_reference(data):
     tok, train, _ = data
     prompts = [tok.encode(p.prompt) for p in train[:8]]
-    _ppo_iteration_on_both_paths(tiny_config(tok.vocab_size), prompts, tok.eot_id, torch.device("cpu"),
+    one_block = GPTConfig(**{**tiny_config(tok.vocab_size).to_dict(), "n_layer": 1})  # every kernel: the interpreter
+    _ppo_iteration_on_both_paths(one_block, prompts, tok.eot_id, torch.device("cpu"),
                                  prompts_per_iter=2, group_size=2, max_new_tokens=3, minibatch_size=2, epochs=1)
 
 
