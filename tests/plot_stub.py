@@ -15,7 +15,7 @@ REAL = common.plot_curves
 def empty_plot(rows, png_path, keys=("loss", "val_loss"), title="training"):
     """plot_curves' reading of the rows (a row without its step still fails) and its file, empty: what the
     callers check, that a figure was drawn again or not (common.replot reads the file's presence), stays as it was."""
-    [(r["step"], r[key]) for key in keys for r in rows if key in r and r[key] is not None]
+    [(r["step"], float(r[key])) for key in keys for r in rows if key in r and r[key] is not None]  # (plot's numbers)
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     Path(png_path).write_bytes(b"")
 

@@ -14,6 +14,7 @@ import re
 import shutil
 from collections import Counter
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +228,9 @@ def test_reward_model_beats_chance_on_held_out_pairs(reward, data, tmp_path):
     print(f"reward model: {len(val)} held-out pairs, accuracy {acc:.3f} (train {result['train_acc']:.3f})")
     assert acc == pytest.approx(result["val_acc"])
     assert acc >= 0.7, f"held-out pairwise accuracy {acc:.3f} is not clearly above chance"
+    # (the module's fixture is made before a test's no_plots applies: its accuracy.png is drawn for real)
+    run = next(p for p in Path(result["checkpoint"]).parents if (p / "metrics.jsonl").is_file())
+    assert (run / "accuracy.png").stat().st_size > 1000
     # the checkpoint the Trainer wrote reads back to the same scores
     loaded = RewardModel.load(result["checkpoint"])
     idx, lengths, _ = pair_batch(enc[:8], tok.eot_id)
@@ -964,7 +968,7 @@ def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, run_args=Non
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tmp_path, algo, monkeypatch):
+def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tmp_path, algo, monkeypatch, real_plots):
     from tritongpt.train import common
 
     trainer = _rl_setup(data, easy_reward, tmp_path, algo, group_size=4 if algo == "grpo" else 0,
@@ -983,7 +987,7 @@ def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tm
     rows = [r for r in trainer.history if "reward" in r]
     keys = {"reward", "kl", "entropy", "clip_frac", "policy_loss"} | ({"value_loss"} if algo == "ppo" else {"kl_k3"})
     assert keys <= set(rows[-1])
-    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "rlhf.png").is_file()
+    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "rlhf.png").stat().st_size > 1000  # drawn
     reloaded = GPTModel.load(tmp_path / f"ckpt-{8:07d}" / "model.safetensors")
     for p, q in zip(reloaded.parameters(), trainer.policy.parameters()):
         assert torch.equal(p, q)
@@ -1154,7 +1158,7 @@ def test_rl_run_folder_rules(data, easy_reward, tmp_path, capsys):
 
 
 # -- DPO --------------------------------------------------------------------------------------------
-def test_dpo_raises_the_chosen_over_rejected_margin(data, tmp_path):
+def test_dpo_raises_the_chosen_over_rejected_margin(data, tmp_path, real_plots):
     from tritongpt.train.dpo import train_dpo
 
     tok, train, val = data
@@ -1174,6 +1178,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin(data, tmp_path):
     assert last["train_margin"] > 0.15
     assert last["val_margin"] > 0.1 and last["val_acc"] >= 0.65
     assert result["val_margin"] == last["val_margin"]
+    assert (tmp_path / "margin.png").stat().st_size > 1000  # drawn, from the rows the run gave
 
 
 def test_dpo_loss_and_accuracy_against_the_formula():
