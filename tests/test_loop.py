@@ -1117,7 +1117,7 @@ def test_mfu_pieces(monkeypatch):
 # -- one loop, both paths -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype, monkeypatch):
-    """8 steps on each path from the same weights and batches; fp16 with loss scaling on both
+    """12 steps on each path from the same weights and batches; fp16 with loss scaling on both
     (the fused LM head then makes its gradients in backward, from the scaled upstream one)."""
     pytest.importorskip("tritongpt.kernels.attention")
     pytest.importorskip("tritongpt.kernels.mlp")
@@ -1127,7 +1127,7 @@ def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype, m
     out, first_grads, batches = {}, {}, []
     steps = record_step_grads(monkeypatch)  # each step's unscaled, unclipped gradients: the first step's kept
     for path in ("reference", "triton"):
-        a = args_for(tmp_path / path, max_steps=8, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3, dtype=dtype)
+        a = args_for(tmp_path / path, max_steps=12, batch_size=2, kernels=path, lr=1e-2, min_lr=1e-3, dtype=dtype)
         t = Trainer(copy.deepcopy(base), a, loss_fn, make_get_batch(tokens, 2, record=batches))
         assert t.raw_model.kernels == (frozenset() if path == "reference" else set(KERNEL_NAMES))
         before = len(steps)
@@ -1137,16 +1137,16 @@ def test_triton_path_tracks_reference_losses_through_the_loop(tmp_path, dtype, m
     # AdamW's step is nearly blind to a gradient's scale (a kernel's dq off by half moved the losses by 7e-5), so
     # the first step's gradients, from the same weights and batch, are held to float64's: each parameter's
     # (fp32 1e-4 relative, measured <= 6e-7; fp16 autocast 1e-2, measured <= 9e-4; that dq: 4e-4 and 0.5)
-    assert all(map(torch.equal, batches[0], batches[8]))  # both paths' first step had the same batch
+    assert all(map(torch.equal, batches[0], batches[12]))  # both paths' first step had the same batch
     want = copy.deepcopy(base).double()
     loss_fn(want, batches[0]).backward()
     assert_paths_grads_float64s({path: first_grads[path] for path in ("reference", "triton")}, want,
                                 1e-4 if dtype == "fp32" else 1e-2)
     ref, tri = torch.tensor(out["reference"]), torch.tensor(out["triton"])
     rel = ((tri - ref).abs() / ref.abs()).max().item()
-    print(f"8 steps, {dtype}: reference {ref[0]:.4f} -> {ref[-1]:.4f}, triton {tri[0]:.4f} -> {tri[-1]:.4f}, "
+    print(f"12 steps, {dtype}: reference {ref[0]:.4f} -> {ref[-1]:.4f}, triton {tri[0]:.4f} -> {tri[-1]:.4f}, "
           f"max rel diff {rel:.2e}")
-    assert ref[-1] < ref[0] - 0.2  # it learned something (0.25 in 8 steps), so the comparison means something
+    assert ref[-1] < ref[0] - 0.2  # it learned something (0.31 in 12 steps), so the comparison means something
     assert rel < 1e-3
 
 
