@@ -81,7 +81,7 @@ no_plots, real_plots = plot_stub.no_plots, plot_stub.real_plots  # (empty PNGs u
 
 
 # The embedded task families whose wrong answers a 2-layer, 32-wide model learns to spot from
-# scratch in ~70 steps (the others need arithmetic or word positions, and many more steps).
+# scratch in ~150 steps (the others need arithmetic or word positions, and many more steps).
 FAMILIES = "commas_to_spaces,spaces_to_commas,uppercase,lowercase,count_words"
 
 
@@ -104,8 +104,7 @@ def reward(data, tmp_path_factory):
     torch.manual_seed(0)
     rm = RewardModel(GPTModel(tiny_config(tok.vocab_size)))
     out = tmp_path_factory.mktemp("reward")
-    # 70 steps: 84 % held-out accuracy (150: 93 %), what the test needs is clearly above chance (70 %)
-    args = TrainArgs(out_dir=str(out), max_steps=70, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
+    args = TrainArgs(out_dir=str(out), max_steps=150, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                      eval_every=0, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu",
                      kernels="reference", seed=0)
     result = train_reward_model(rm, tok, train, val, args)
