@@ -29,9 +29,9 @@ CASES = {
 }
 
 
-def tiny(kernels="reference", context_length=24, **extra):
+def tiny(kernels="reference", context_length=24, n_layer=2, **extra):
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=VOCAB, context_length=context_length, n_layer=2, n_head=4, n_embd=64,
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=context_length, n_layer=n_layer, n_head=4, n_embd=64,
                     kernels=kernels, **extra)
     return GPTModel(cfg).eval()
 
