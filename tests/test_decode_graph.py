@@ -81,8 +81,8 @@ def test_a_step_on_the_device_gives_the_host_steps_logits_whatever_the_cache_hol
     """KVCache.on_device: the same logits as the host-int step, position after position, though the cache past the
     fill holds NaN (never read into a result: the reference masks the scores and zeroes the values there, the
     kernels never load past kv_len)."""
-    model = tiny(kernels, **CASES[case])
-    # interpreted (~1 s of CPU a step of both caches): three positions, each a new fill all the same
+    # interpreted (~0.5 s of CPU a step of both caches at one layer): three positions, each a new fill all the same
+    model = tiny(kernels, n_layer=1 if kernels == "triton" else 2, **CASES[case])
     end = 9 if kernels == "triton" else 11
     idx = torch.randint(0, VOCAB, (2, end))
     with torch.no_grad():
@@ -114,13 +114,16 @@ def test_generate_with_an_emulated_cuda_graph_draws_the_eager_tokens(monkeypatch
     """Greedy and sampled, past the context (the window slides: a prefill again, the same graph after it), on both
     paths (the Triton one: flash_attention's kv_len, read in the kernels)."""
     monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)
-    interpreted = kernels == "triton"  # ~5 ms a Triton program: greedy only, one row, a shorter context and run
+    # ~5 ms a Triton program: greedy only, one row, one layer (the layers' caches are the reference cases' to
+    # check), a shorter context and run
+    interpreted = kernels == "triton"
+    small = dict(context_length=10, n_layer=1) if interpreted else dict(context_length=24)
     # loud: the plain tiny model's greedy tokens hardly read the cache (the Triton cases drew them with its values
     # zeroed in the graph's steps)
-    model = loud_attention(tiny(kernels, context_length=10 if interpreted else 24, **CASES[case]))
+    model = loud_attention(tiny(kernels, **small, **CASES[case]))
     # Triton: the eager tokens are the same weights' on the reference path, which the graph's must equal (drawing
     # them interpreted again cost ~1.5 s a case)
-    eager = loud_attention(tiny(context_length=10, **CASES[case])) if interpreted else model
+    eager = loud_attention(tiny(**small, **CASES[case])) if interpreted else model
     idx = torch.randint(0, VOCAB, (1 if interpreted else 2, 5))
     new = 8 if interpreted else 25
     for kw in (dict(),) if interpreted else (dict(), dict(temperature=1.0, top_k=20)):
