@@ -59,8 +59,13 @@ def alone(model, idx, new, kw, **extra):
     return generate(model, idx, new, **seeded(kw), **extra)
 
 
-def check(model, schedule, engine, **extra):
+def check(model, schedule, engine, reference_alone=False, **extra):
+    """Each request of schedule run by the engine gets generate()'s tokens alone; with reference_alone those on the
+    reference path of the same weights (an interpreted engine's: ~5 ms a Triton program, the engine's forwards
+    what runs the kernels under test)."""
     out = run(engine, schedule)
+    if reference_alone:
+        model.set_kernels("reference")
     for (handle, _), (_, idx, new, kw) in zip(out, schedule):
         assert torch.equal(handle.wait(), alone(model, idx, new, kw, **extra))
     assert engine.free == list(range(engine.max_batch)) and not engine.running and not engine.waiting
@@ -195,7 +200,7 @@ def test_a_paged_int8_cache_on_the_triton_path_batches_as_generate(one_thread):
     schedule = [(0, prompt(5, seed=1), 3, {}), (1, prompt(9, 2, seed=2), 3, dict(SAMPLED, seed=5))]
     engine = Engine(model, max_batch=3, kv_cache_dtype="int8", kv_pages=8, page_size=8)
     assert engine.paged and engine.cache.quantized
-    check(model, schedule, engine, kv_cache_dtype="int8")
+    check(model, schedule, engine, reference_alone=True, kv_cache_dtype="int8")
 
 
 def test_eos_and_stop_end_a_request_early_and_free_its_slots(one_thread):
@@ -452,6 +457,7 @@ def test_prefix_caching_prefills_only_what_the_cache_lacks_and_draws_generates_t
     assert prefills == [13, 3, 2, 4]
     assert engine.stats == {"prompt_tokens": 13 + 11 + 10 + 12, "cached_prompt_tokens": 0 + 8 + 8 + 8,
                             "preemptions": 0}
+    model.set_kernels("reference")  # (generate() alone: as check's reference_alone)
     for h, (idx, new, kw) in zip(handles, requests):
         assert torch.equal(h.wait(), alone(model, idx, new, kw, kv_cache_dtype=kv_dtype))
     cache = engine.cache
@@ -752,7 +758,7 @@ def test_cuda_graph_steps_on_the_triton_path_draw_generates_tokens(one_thread):
     model = tiny("triton", n_layer=1)
     log = []
     schedule = [(0, prompt(5, seed=1), 5, {}), (1, prompt(3, 2, seed=2), 2, dict(temperature=1.0, seed=3))]
-    check(model, schedule, graphed(model, log))
+    check(model, schedule, graphed(model, log), reference_alone=True)
     assert buckets_run(log) == [(1, True), (4, True), (1, False)]
 
 
@@ -891,6 +897,7 @@ def test_chunked_prefill_caps_a_steps_prompt_tokens_and_keeps_decoding(one_threa
     assert counts[:6] == [[3, 1], [4], [1, 3], [4], [4], [2, 2]]
     assert [i for i, got in enumerate(arrived) if 2 in got][0] == 5  # B's first token: after its last chunk
     assert all(1 in arrived[s] for s in (2, 3, 4, 5))  # A's tokens in each step of B's prefill
+    model.set_kernels("reference")  # (generate() alone: as check's reference_alone)
     for h, (_, idx, new, settings) in zip(handles, CHUNKED):
         assert torch.equal(h.wait(), alone(model, idx, new, settings, kv_cache_dtype=kv_dtype))
     assert engine.free == list(range(5)) and not engine.running
@@ -940,7 +947,7 @@ PREEMPTING = [(prompt(5, seed=1), 14, {}), (prompt(6, 2, seed=2), 10, dict(SAMPL
 TRITON_PREEMPTING = [(prompt(5, seed=1), 7, {}), (prompt(3, 2, seed=3), 5, dict(SAMPLED, seed=5))]
 
 
-def preempted_run(model, engine, requests, watch=None, **extra):
+def preempted_run(model, engine, requests, watch=None, reference_alone=False, **extra):
     """requests [(idx, new, settings)] submitted at once and stepped to their end (watch(engine, handles) after each
     step): each gets generate()'s tokens alone, streamed once each (its stop rule asked once a length: nothing
     appended twice), and the cache is empty at the end (no page held, every refcount zero, every slot free). -> the
@@ -958,6 +965,8 @@ def preempted_run(model, engine, requests, watch=None, **extra):
         most = max(most, len(engine.running))
         if watch is not None:
             watch(engine, handles)
+    if reference_alone:  # (as check's)
+        model.set_kernels("reference")
     for h, lengths, (idx, new, kw) in zip(handles, asked, requests):
         streamed = []
         out = h.wait(on_token=streamed.append)
@@ -984,7 +993,7 @@ def test_preemption_admits_by_the_prompts_pages_and_recomputes_to_generates_toke
         old.step()
         assert len(old.running) == 1
     engine = Engine(model, max_batch=5, kv_pages=pages, page_size=4, kv_cache_dtype=kv_dtype)
-    assert preempted_run(model, engine, requests, kv_cache_dtype=kv_dtype) == len(requests)
+    assert preempted_run(model, engine, requests, reference_alone=True, kv_cache_dtype=kv_dtype) == len(requests)
     assert engine.stats["preemptions"] > 0
 
 
@@ -1227,7 +1236,7 @@ def test_prompt_logprobs_come_from_the_requests_own_prefill(one_thread, monkeypa
     out = ha.wait(lambda nxt: order.append("token"), on_prompt=lambda rows: order.append(rows))
     assert order[1:] == ["token"] * 3 and len(order[0][0]) == 10
     check_scored(order[0], want, 1e-3 if kv_dtype == "int8" else 1e-4, f"{kernels} {kv_dtype}", kv_dtype != "int8")
-    assert torch.equal(out, alone(model, a, 3, kw, kv_cache_dtype=kv_dtype))
+    assert torch.equal(out, alone(model.set_kernels("reference"), a, 3, kw, kv_cache_dtype=kv_dtype))
     assert torch.equal(hb.wait(), alone(model, prompt(4, seed=1), 6, {}, kv_cache_dtype=kv_dtype))
 
 
@@ -1353,6 +1362,7 @@ def test_a_burst_of_prompts_prefills_in_one_forward_and_each_gets_generates_toke
     monkeypatch.undo()
     assert shapes == [(4, 7)] and [h.slots for h in handles[:3]] == [None] * 3
     tol = 1e-3 if kv_dtype == "int8" else 1e-4
+    model.set_kernels("reference")  # (generate() alone: as check's reference_alone)
     for h, (idx, new, kw) in zip(handles, BURST):
         rows, got, want = [], [], []
         out = h.wait(lambda *a: got.append(a), on_prompt=rows.append)
