@@ -186,9 +186,10 @@ def test_num_splits_heuristic(monkeypatch):
 def test_greedy_decode_same_tokens_with_splits(splits):
     """Greedy decoding over the KV cache on the Triton path: the same tokens with the KV split in 3
     as without (prefill of 20 tokens, then single tokens over 2-3 KV tiles), and as the reference;
-    the logits of a decode over the cache agree to fp32 rounding (tokens alone could hide an error)."""
+    the logits of a decode over the cache agree to fp32 rounding (tokens alone could hide an error). One layer: the
+    split path is the same in each (~5 ms a Triton program)."""
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig(vocab_size=61, context_length=40, n_embd=32, n_layer=2, n_head=2)).eval()
+    model = GPTModel(GPTConfig(vocab_size=61, context_length=40, n_embd=32, n_layer=1, n_head=2)).eval()
     idx = torch.randint(0, 61, (1, 20))  # one row: the batch strides are test_fp32_split_reads_kv_cache_views's
     outs, logits = {}, {}
     try:
@@ -197,8 +198,7 @@ def test_greedy_decode_same_tokens_with_splits(splits):
             state = splits(n or 1)
             outs[name] = generate(model, idx, 12, temperature=0.0)
             if name == "split":
-                assert state["launches"] == 2 * 12  # both layers, the prefill and 11 steps (the last token's
-                # forward is never run)
+                assert state["launches"] == 12  # the prefill and 11 steps (the last token's forward is never run)
             # the prefill, 4 single tokens, then a chunk of 8 (Tq = 8 over the filled cache)
             logits[name] = decode_token_by_token(model, outs["reference"], prefill=20, singles=4, whole=False)[1]
     finally:
