@@ -2000,10 +2000,12 @@ def test_int4_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
         assert y.dtype == x.dtype and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), name
     if device.type == "cpu":  # a pack torch reads otherwise (a version's other nibble order): refused, not timed
         real = torch.ops.aten._weight_int4pack_mm_for_cpu
-        monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: real(*a).flip(-1))
-        with pytest.raises(kernels.Unavailable, match="gives a different product .* int4 packing"):
+        # (a context, not monkeypatch.undo(): that would undo the _fresh_compile stand-in too, and the sweep below
+        # would run the compiler)
+        with monkeypatch.context() as m, pytest.raises(kernels.Unavailable,
+                                                       match="gives a different product .* int4 packing"):
+            m.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: real(*a).flip(-1))
             kernels.int4_linear_providers(x, q, scale, offset, b)["torch-int4"]()
-        monkeypatch.undo()
     rows = kernels.sweep_int4_linear(quick_timer(), Budget(None), (1, 3), ((32, 40), (16, 8)), torch.float32,
                                      group_size=16)
     assert {r["op"] for r in rows} == {"int4_linear"} and {r["mode"] for r in rows} == {"fwd"}
