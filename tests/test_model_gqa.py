@@ -18,7 +18,7 @@ TINY4 = dict(vocab_size=67, context_length=24, n_embd=64, n_layer=2, n_head=4)  
 
 def gqa_model(n_kv_head, seed, **kw):
     torch.manual_seed(seed)
-    return _randomize(GPTModel(GPTConfig(**TINY4, n_kv_head=n_kv_head, **kw)))
+    return _randomize(GPTModel(GPTConfig(**{**TINY4, **kw}, n_kv_head=n_kv_head)))
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])
@@ -26,7 +26,7 @@ def test_gqa_triton_path_matches_reference_fp32(n_kv_head, device):
     """Same logits, loss and every gradient (W_key's and W_value's of n_kv_head heads) on both
     paths: multi-query alone, two KV heads with packed documents (the kernel's every pairing of
     groups, documents, windows and dropout: tests/test_attention_gqa.py)."""
-    model = gqa_model(n_kv_head, 10 + n_kv_head).to(device)
+    model = gqa_model(n_kv_head, 10 + n_kv_head, n_layer=1).to(device)  # (the grouping is each layer's own)
     assert model.trf_blocks[0].att.W_key.weight.shape == model.trf_blocks[0].att.W_value.weight.shape == \
         (n_kv_head * 16, 64)
     if n_kv_head == 1:
@@ -40,7 +40,7 @@ def test_gqa_triton_path_matches_reference_fp32(n_kv_head, device):
 def test_gemma_heads_256_wide_over_one_kv_head_on_the_triton_path(device):
     """Gemma 3 270M's attention (4 query heads of 256 over 1 KV head, wider than n_embd): the
     Triton path takes it, with the same logits, loss and every gradient as the reference."""
-    model = gqa_model(1, 7, attention_head_dim=256).to(device)
+    model = gqa_model(1, 7, attention_head_dim=256, n_layer=1).to(device)
     assert model.trf_blocks[0].att.W_key.weight.shape == (256, 64)
     assert model.set_kernels("triton").kernels >= {"attention"}
     idx = torch.randint(0, 67, (2, 19), device=device)
@@ -76,12 +76,12 @@ def test_gqa_kv_cache_holds_n_kv_head_heads_and_decodes_as_the_whole_sequence(pa
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])
 def test_gqa_greedy_decode_same_tokens_on_both_paths(n_kv_head, device):
-    model = gqa_model(n_kv_head, 6).to(device).eval()
-    greedy_on_both_paths(model, torch.randint(0, 67, (2, 5), device=device), 8)
+    model = gqa_model(n_kv_head, 6, n_layer=1).to(device).eval()
+    greedy_on_both_paths(model, torch.randint(0, 67, (2, 5), device=device), 4)  # the prefill, 3 cached steps
 
 
 def test_gqa_model_compiles_in_one_graph(device):
-    model = gqa_model(1, 7).to(device).set_kernels("triton")
+    model = gqa_model(1, 7, n_layer=1).to(device).set_kernels("triton")
     idx = torch.randint(0, 67, (2, 19), device=device)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     loss = compiled(idx, targets=torch.roll(idx, -1, 1))
