@@ -1806,8 +1806,8 @@ def test_gqa_attention_rows_time_each_provider_on_the_same_grouped_heads(device)
     Hkv heads; the FLOPs are causal attention's over the H query heads."""
     from tritongpt.bench.common import attention_flops
 
-    q = kernels.randn(2, 6, 37, 16, device=device, dtype=torch.float32)
-    k, v = (kernels.randn(2, 2, 37, 16, device=device, dtype=torch.float32) for _ in range(2))
+    q = kernels.randn(1, 6, 37, 16, device=device, dtype=torch.float32)  # (one row: the heads are the point)
+    k, v = (kernels.randn(1, 2, 37, 16, device=device, dtype=torch.float32) for _ in range(2))
     builders = kernels.gqa_attention_providers(q, k, v)
     outs = {name: build()[0]() for name, build in builders.items()
             if name in ("reference", "sdpa-flash", "sdpa-repeat", "triton")}
@@ -3626,7 +3626,7 @@ def test_every_train_provider_computes_the_same_llama_model(monkeypatch):
     from tritongpt.model.config import GPTConfig
 
     monkeypatch.setattr(torch, "compile", lambda model: model)
-    cfg = GPTConfig(vocab_size=97, context_length=24, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, norm="rmsnorm",
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_embd=64, n_layer=1, n_head=4, n_kv_head=2, norm="rmsnorm",
                     mlp="swiglu", mlp_hidden=48, position_encoding="rope", rope_theta=500.0, bias=False)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 97, (2, 13), generator=g), torch.randint(0, 97, (2, 13), generator=g)
