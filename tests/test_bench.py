@@ -3626,7 +3626,9 @@ def test_every_train_provider_computes_the_same_llama_model(monkeypatch):
     from tritongpt.model.config import GPTConfig
 
     monkeypatch.setattr(torch, "compile", lambda model: model)
-    cfg = GPTConfig(vocab_size=97, context_length=24, n_embd=64, n_layer=1, n_head=4, n_kv_head=2, norm="rmsnorm",
+    # two layers: the second block's RMSNorm adds the first's MLP output (add_rms_norm between blocks), which a
+    # one-layer model never runs (a Triton block that dropped it passed)
+    cfg = GPTConfig(vocab_size=97, context_length=24, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, norm="rmsnorm",
                     mlp="swiglu", mlp_hidden=48, position_encoding="rope", rope_theta=500.0, bias=False)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 97, (2, 13), generator=g), torch.randint(0, 97, (2, 13), generator=g)
