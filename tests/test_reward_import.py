@@ -20,32 +20,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 V = 97  # not a power of two
 
 
-FAMILIES = ("llama", "qwen2", "gpt2", "gptj", "phi", "gpt_neox")
+# transformers configs of the families whose classifier heads need the most care: an untied Llama (no head tensor to
+# infer a tie from), GPT-J and Phi (LM heads with a bias, always read), GPT-NeoX (embed_out), GPT-2 (Conv1D) and
+# Qwen2 (TRL's reward models' usual family). By class name, built when a test asks: each config class is a module
+# transformers imports on first use (~3 s of every worker's collection when all six were built at import).
+CONFIGS = {
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, n_positions=64)),
+    "gptj": ("GPTJConfig", dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64)),
+    "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              max_position_embeddings=64)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, max_position_embeddings=64)),
+}
 
 
 def hf_config(family):
-    """A transformers config of one of the families whose classifier heads need the most care: an untied Llama (no
-    head tensor to infer a tie from), GPT-J and Phi (LM heads with a bias, always read), GPT-NeoX (embed_out),
-    GPT-2 (Conv1D) and Qwen2 (TRL's reward models' usual family). Built when a test asks: each family's config
-    class is a module transformers imports on first use, seconds of every worker's collection if done at import."""
-    T = transformers
-    small = dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=1)
-    make = {
-        "llama": lambda: T.LlamaConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-                                       **small),
-        "qwen2": lambda: T.Qwen2Config(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
-                                       **small),
-        "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **small),
-        "gptj": lambda: T.GPTJConfig(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64, **small),
-        "phi": lambda: T.PhiConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                   max_position_embeddings=64, **small),
-        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=2, max_position_embeddings=64, **small),
-    }
-    assert set(make) == set(FAMILIES)
-    return make[family]()
+    name, fields = CONFIGS[family]
+    return getattr(transformers, name)(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=1,
+                                       **fields)
 
 
 def hf_classifier(config, folder, seed=0, **save):
@@ -75,7 +71,7 @@ def transformers_scores(folder, idx, lengths):
         return hf(input_ids=idx, attention_mask=mask).logits[:, 0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(CONFIGS))
 def test_a_transformers_classifier_reads_as_a_reward_model_with_its_scores(family, tmp_path):
     hf = hf_classifier(hf_config(family), tmp_path)
     idx, lengths = right_padded([13, 6, 1, 20])
