@@ -135,7 +135,8 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, Ent, stride_x, N, V, W, ignore_in
             x_sum += tl.where(start + cols < V, x, 0.0)
     if LANE_MAX:
         m_row = tl.max(m, 1)
-        lane_scale = tl.exp2((m - m_row[:, None]) * LOG2E)
+        # (a row of only -inf: its lanes scaled by 0, S = 0, not -inf - -inf = nan)
+        lane_scale = tl.exp2((m - tl.where(m_row > float("-inf"), m_row, 0.0)[:, None]) * LOG2E)
         s_row = tl.sum(s * lane_scale, 1)
         if HAS_ENT:
             t_row = tl.sum(lane_scale * (t + tl.where(m > float("-inf"), m - m_row[:, None], 0.0) * s), 1)
@@ -145,7 +146,9 @@ def _ce_fwd_kernel(X, T, Loss, RowMax, LogSum, Ent, stride_x, N, V, W, ignore_in
         t_row = t
     log_s = tl.log(s_row)
     if HAS_ENT:
-        tl.store(Ent + rows, log_s - t_row / s_row, mask=row_ok)
+        # a row with no finite logit (every token masked, S = 0) has entropy 0, as a row with one: not 0 / 0 = nan
+        # (a nan logit's row keeps its nan: S is nan, not 0)
+        tl.store(Ent + rows, tl.where(s_row == 0.0, 0.0, log_s - t_row / s_row), mask=row_ok)
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
     counted = target != ignore_index
     # A counted target outside [0, V) gets loss nan instead of a read past the row: the
@@ -183,7 +186,7 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, Ent, GEnt, DX, stride_x, stride_dx, 
     target is (1 - smoothing) [j == T[i]] + smoothing / V; the z-loss adds 2 z_coef lse p_j; the
     soft cap multiplies by its derivative, 1 - tanh(x / softcap)^2; HAS_TEMP by inv_temp (z = x inv_temp).
     HAS_ENT (the entropy has a gradient) adds GEnt[i] dH/dz_j = -GEnt[i] p_j (log p_j + Ent[i]), to every row:
-    ignored targets' too (where GEnt[i] is 0 it adds 0, even to a row whose entropy is nan)."""
+    ignored targets' too (where GEnt[i] is 0 it adds 0; a -inf logit gets none, even in a row of only -inf)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)[:, None]
@@ -211,7 +214,8 @@ def _ce_bwd_kernel(X, T, RowMax, LogSum, G, Ent, GEnt, DX, stride_x, stride_dx, 
         log_p = (x - m[:, None]) - log_s[:, None]
         p = tl.exp2(log_p * LOG2E)
         if HAS_ENT:
-            d_ent = p * tl.where(x > float("-inf"), log_p + ent, 0.0)  # -dH/dz; a -inf logit's p log p is 0
+            # -dH/dz; a -inf logit's p log p is 0 (outside the product: a row of only -inf logits has p = nan)
+            d_ent = tl.where(x > float("-inf"), p * (log_p + ent), 0.0)
         if HAS_Z:
             p = p * p_scale[:, None]
         if HAS_SMOOTH:
@@ -529,7 +533,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     distribution its rollouts were sampled from; > 0. entropy=True: (loss, entropy), the entropy of each
     position's (tempered) softmax, fp32 shaped like targets, made in the same pass over the logits and
     differentiable (its gradient joins the loss's in the one backward pass). Every position gets its entropy,
-    an ignored target's too (an RL loss masks it afterwards); a row with no finite logit gets nan. Neither
+    an ignored target's too (an RL loss masks it afterwards); a row with no finite logit gets 0. Neither
     takes label_smoothing or z_loss. Reference: log_softmax(logits / temperature), -sum p log p.
     """
     no_func_transform("cross_entropy")

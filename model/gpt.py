@@ -510,6 +510,16 @@ class PagedKVCache(KVCache):
         raise UserError("a paged KV cache's rows are not reordered (beam search takes a KVCache)")
 
 
+def entropy_of(logp_all, logits):
+    """-sum p log p over the last dim of log_softmax(logits) (logp_all; logits only read where -inf): a -inf logit
+    (a masked token) adds 0, not 0 * -inf = nan, and a row of only -inf logits (its log_softmax nan throughout) has
+    entropy 0, as the loss kernel's (kernels/cross_entropy.py); a row with a nan logit stays nan."""
+    masked = logits == float("-inf")
+    masked = masked | masked.all(-1, keepdim=True)
+    logp = torch.where(masked, 0.0, logp_all)  # (0, not -inf: the gradient of exp(l) l would be nan there)
+    return -torch.where(masked, 0.0, logp.exp() * logp).sum(-1)
+
+
 def _checked_cache_args(cfg, max_len, dtype, kv_dtype) -> tuple:
     """A KV cache's (KVCache's, PagedKVCache's) length and storage checked: (max_len, whether it is int8)."""
     length = cfg.context_length if max_len is None else max_len
@@ -935,7 +945,7 @@ class GPTModel(nn.Module):
         if not entropy:
             return logp, None
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            return logp, -(logp_all.exp() * logp_all).sum(-1)
+            return logp, entropy_of(logp_all, logits)
 
     def _head_input(self, h):
         """h as every LM-head path reads it: times GPTConfig.logit_scale when set, (s h) W^T = s (h W^T), so the

@@ -63,6 +63,47 @@ def test_logp_and_entropy_forward_and_backward_match_float64(N, V, pad, temperat
     assert_close_mixed(x.grad[:, :V], x64.grad, tol, 4 * eps * (N * V) ** 0.5, "dlogits")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("fastest", [None, {"fwd": 3, "bwd": 2}], ids=["launch", "gpu-per-row"])
+def test_a_row_of_only_masked_logits_has_entropy_0_on_both_paths(monkeypatch, fastest, device):
+    """A row whose every logit is -inf (every token masked) has entropy 0 on both paths, not 0 / 0 = nan (a nan
+    entropy made RL's masked mean nan, the mask's 0 times nan): the loss kernel's (its per-lane running sums and,
+    driven on the CPU, the GPU's per-row ones), with no nan in its gradient either, and the reference's (rlhf's
+    logprobs_and_entropy, GPTModel.token_logprobs' entropy_of), whose -inf logit in a row of finite ones adds 0
+    too (0 * -inf was nan there)."""
+    from test_cross_entropy import _stand_in_gpu
+
+    from tritongpt.train.rlhf import logprobs_and_entropy
+
+    if fastest is not None:
+        if device.type == "cuda":
+            pytest.skip("the GPU launch path stood in for on the CPU (a GPU runs its own in the other case)")
+        _stand_in_gpu(monkeypatch, fastest)
+    gen = torch.Generator().manual_seed(11)
+    N, V, T = 6, 70, 0.8
+    x = torch.randn(N, V, generator=gen) * 3
+    x[2] = float("-inf")
+    x[4, 9] = float("-inf")
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[2] = IGNORE
+    want_loss, want_ent = logp_entropy64(x.double(), t, T)
+    rows = [0, 1, 3, 4, 5]
+    assert want_ent[rows].min() > 0.1  # nothing passes on zeros
+    xk = x.clone().to(device).requires_grad_()
+    loss, ent = cross_entropy(xk, t.to(device), IGNORE, "none", temperature=T, entropy=True)
+    (loss.sum() + ent.sum()).backward()
+    assert ent[2] == 0 and loss[2] == 0
+    assert_close_rel(ent[rows], want_ent[rows], 1e-4, "entropy")
+    assert xk.grad.isfinite().all() and (xk.grad[2] == 0).all() and xk.grad[4, 9] == 0
+    # the reference: rows t of a [1, N + 1, V] text's logits give the entropy of position t
+    xr = torch.cat([x, torch.zeros(1, V)])[None].requires_grad_()
+    _, ent_ref = logprobs_and_entropy(xr, torch.zeros(1, N + 1, dtype=torch.long), True, T)
+    ent_ref.sum().backward()
+    assert ent_ref[0, 2] == 0
+    assert_close_rel(ent_ref[0, rows], want_ent[rows], 1e-4, "reference entropy")
+    assert xr.grad[0, rows].isfinite().all() and xr.grad[0, 4, 9] == 0
+
+
 def test_entropy_without_a_gradient_costs_the_loss_nothing(monkeypatch, device):
     """An entropy nobody differentiates (RL without an entropy bonus) leaves backward as the loss's alone: the
     kernel compiles without the entropy's term (HAS_ENT off) and the gradient is the plain cross-entropy's."""

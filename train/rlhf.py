@@ -124,7 +124,7 @@ import torch
 import torch.nn as nn
 
 from tritongpt.errors import UserError, note
-from tritongpt.model.gpt import GPTModel
+from tritongpt.model.gpt import GPTModel, entropy_of
 from tritongpt.train import common, tasks
 from tritongpt.train.generate import check_graphable, generate
 from tritongpt.train.preference import (encode_prompt, next_token_logprobs, pad_sequences, pick_next_tokens,
@@ -469,7 +469,7 @@ def logprobs_and_entropy(logits, idx, entropy_grad: bool, temperature: float = 1
     logp_all = next_token_logprobs(logits, temperature)
     logp = pick_next_tokens(logp_all, idx)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = entropy_of(logp_all, logits[:, :-1])
     return logp, entropy
 
 
