@@ -811,8 +811,8 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
     guide (structured outputs, begun): its grammars' mask first, on the logits the logprobs are taken from too
     (vLLM's: its grammar bitmask is applied before the sampler); where min_tokens would then leave a row nothing
     (its grammar at its end: only end tokens allowed), the grammar wins, as where no_repeat_ngram_size would ban
-    every token it allows. The drawn tokens then advance the grammars (one more read of the step's tokens on the
-    host). triton: sample_next's (the model's sampling_with_triton)."""
+    every token it allows (and allowed_token_ids and bad_words allow). The drawn tokens then advance the grammars
+    (one more read of the step's tokens on the host). triton: sample_next's (the model's sampling_with_triton)."""
     if guide is not None:
         logits = guide.mask(logits)
     drawn = logits
@@ -822,6 +822,10 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
             drawn = torch.where((drawn == float("-inf")).all(-1, keepdim=True), logits, drawn)
     if guide is not None and warp.get("no_repeat_ngram_size"):  # (the grammar wins here too: its text repeats
         # its own n-grams, JSON's '": ' after each key, and a ban of all it allows would leave nothing to draw)
+        if warp.get("allowed_token_ids") or warp.get("bad_words"):
+            # their masks first, as sample_next's: the ban yields to what they and the grammar leave, not to what
+            # the grammar alone does (its unbanned tokens all outside allowed_token_ids: nothing left to draw)
+            drawn = allow_and_ban(drawn, warp.get("allowed_token_ids"), warp.get("bad_words"), idx, start, ~done)
         banned = ban_repeated_ngrams(drawn, idx, warp["no_repeat_ngram_size"], ~done, strict=False)
         drawn = torch.where((banned == float("-inf")).all(-1, keepdim=True), drawn, banned)
         warp = {**warp, "no_repeat_ngram_size": None}
