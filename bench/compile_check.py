@@ -27,6 +27,8 @@ TRITON_INTERPRET=0; `python -m tritongpt.bench.compile_check --help` runs it dir
 """
 import argparse
 import concurrent.futures as cf
+import contextlib
+import io
 import multiprocessing
 import os
 import re
@@ -509,14 +511,21 @@ def _compile(job_index, arch):
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, spec, opts = binder(*launch.args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                options=options.__dict__)
+        # ptxas's own report (`-v`, which Triton passes) printed by the build itself: read there, not from a
+        # second ptxas run (as long as the build's), unless Triton's cache had the binary
+        ptxas_log = io.StringIO()
+        with contextlib.redirect_stdout(ptxas_log), _knob(triton.knobs.nvidia, "dump_ptxas_log", True):
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
         res = _resources(kernel.asm["cubin"])
         # a stack frame holds spills or local arrays (sin/cos's slow-path argument reduction: RoPE's 32 bytes at 91
-        # registers): ptxas's own report tells them apart, asked only then (~1 in 10 configs)
+        # registers): ptxas's report tells them apart, read only then (~1 in 10 configs)
         # (reported, not yet in _status: RoPE's hd128 rotary96 launch and some attention tiles spill 4 bytes, and
         # RoPE's one config would leave its launch with none clean)
-        out.update(res, spill_bytes=_spill_bytes(kernel.asm["ptx"], arch) if res["stack_bytes"] else 0)
+        if res["stack_bytes"]:
+            log = ptxas_log.getvalue()
+            spills = _parse_spills(log) if "spill stores" in log else _spill_bytes(kernel.asm["ptx"], arch)
+        out.update(res, spill_bytes=spills if res["stack_bytes"] else 0)
         out["shared"] = int(kernel.metadata.shared)
         out["num_warps"] = int(kernel.metadata.num_warps)
         # searched line by line, and only the lines that name the instruction: a regex over the
@@ -574,6 +583,17 @@ def _parse_resources(text: str) -> dict:
     if not m:
         raise RuntimeError(f"cannot read cuobjdump's resource usage: {text[:200]!r}")
     return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2)), "local_bytes": int(m.group(3))}
+
+
+@contextlib.contextmanager
+def _knob(knobs, name, value):
+    """Triton's knob set for the block, then put back (the forked build processes share nothing else)."""
+    before = getattr(knobs, name)
+    setattr(knobs, name, value)
+    try:
+        yield
+    finally:
+        setattr(knobs, name, before)
 
 
 def _spill_bytes(ptx: str, arch) -> int:
