@@ -287,6 +287,7 @@ def markov_sampler(seed=0):
     return sample
 
 
+@pytest.mark.usefixtures("one_thread")  # (-n 0 on 2 cores: two OpenMP threads on a tiny model are slower)
 def test_a_trained_gpt_quantized_by_gptq_stays_closer_to_its_float_self_than_round_to_nearest():
     """A tiny GPT trained 60 steps; int4 at G 32, round-to-nearest and GPTQ four ways (act-order or not,
     true-sequential or not). On held-out text every GPTQ's next-token distributions are several times closer to
