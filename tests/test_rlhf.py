@@ -85,10 +85,16 @@ no_plots, real_plots = plot_stub.no_plots, plot_stub.real_plots  # (empty PNGs u
 FAMILIES = "commas_to_spaces,spaces_to_commas,uppercase,lowercase,count_words"
 
 
-@pytest.fixture(scope="module")
-def data():
-    train = task_preferences(2000, seed=0, template=compact_template, split="train", families=FAMILIES)
-    val = task_preferences(300, seed=0, template=compact_template, split="val", families=FAMILIES)
+# Those of them without case conversion: a 40-step policy from any of seeds 0-4 tells their answers apart (held-out
+# accuracy 0.81-1.0). With the case families a third of the held-out pairs stays at chance for longer, and most
+# seeds' policies sit at 0.6 (prefer no commas, whatever the instruction says) through step 40.
+COPY_FAMILIES = "commas_to_spaces,spaces_to_commas,count_words"
+
+
+def task_data(families):
+    """(tok, train, val): the embedded task pairs of these families that fit in CTX, and a tokenizer over them."""
+    train = task_preferences(2000, seed=0, template=compact_template, split="train", families=families)
+    val = task_preferences(300, seed=0, template=compact_template, split="val", families=families)
     tok = WordTokenizer([p.prompt + p.chosen + p.rejected for p in train + val])
 
     def fits(p):
@@ -98,13 +104,25 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def reward(data, tmp_path_factory):
-    """A tiny reward model trained on the embedded task pairs (once for the module)."""
-    tok, train, val = data
+def data():
+    return task_data(FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def copy_data():
+    return task_data(COPY_FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def reward(copy_data, tmp_path_factory):
+    """A tiny reward model trained on the embedded copy-family pairs (once for the module). Held-out accuracy from
+    seeds 0-4 (init and batches): 0.95-1.0 at 50 steps; on all five families 0.59-0.93 at 150 (seed 2's scores
+    0.32 of the pairs that join words with commas right)."""
+    tok, train, val = copy_data
     torch.manual_seed(0)
     rm = RewardModel(GPTModel(tiny_config(tok.vocab_size)))
     out = tmp_path_factory.mktemp("reward")
-    args = TrainArgs(out_dir=str(out), max_steps=150, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
+    args = TrainArgs(out_dir=str(out), max_steps=50, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                      eval_every=0, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu",
                      kernels="reference", seed=0)
     result = train_reward_model(rm, tok, train, val, args)
@@ -219,8 +237,8 @@ def test_response_mask_and_overlong_pairs_by_hand(capsys):
 # -- reward model -----------------------------------------------------------------------------------
 
 
-def test_reward_model_beats_chance_on_held_out_pairs(reward, data, tmp_path):
-    tok, train, val = data
+def test_reward_model_beats_chance_on_held_out_pairs(reward, copy_data, tmp_path):
+    tok, train, val = copy_data
     rm, result = reward
     enc = encode_pairs(val, tok, CTX)
     acc = pairwise_metrics(rm, enc, tok.eot_id)["acc"]
@@ -2311,8 +2329,7 @@ def test_ipo_reads_each_responses_mean_token_log_prob():
 def _dpo_steps(data, tmp_path, steps):
     """(tok, train, val, policy, args): `steps` steps of a tiny policy at a high lr, evaluated at the end. Hinge and
     IPO take 25 (held-out margin and accuracy then 0.14 and 0.88 here, 0.09-0.12 and 0.77-0.84 from a seed 3 policy,
-    their tests' bounds 0.05 and 0.6); SimPO and ORPO 40: at 25 SimPO's accuracy from a seed 1 policy rose by less
-    than its test's 0.1 (by more at 40)."""
+    their tests' bounds 0.05 and 0.6); SimPO and ORPO 40, on the copy families (COPY_FAMILIES)."""
     tok, train, val = data
     torch.manual_seed(4)
     policy = GPTModel(tiny_config(tok.vocab_size))
@@ -2437,20 +2454,22 @@ def test_orpos_nll_is_the_chosen_answers_token_weighted_mean():
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
-def test_a_reference_free_loss_trains_without_a_reference(data, tmp_path, capsys, monkeypatch, loss_type):
+def test_a_reference_free_loss_trains_without_a_reference(copy_data, tmp_path, capsys, monkeypatch, loss_type):
     """No reference model at all (None): the held-out margin and accuracy rise; ORPO's SFT term raises the chosen
-    answers' log-probs too. The CLI builds none either, and refuses --simpo-gamma for another loss."""
+    answers' log-probs too. The CLI builds none either, and refuses --simpo-gamma for another loss.
+    On the copy families, from policies of seeds 0-4: margin +1.38-2.26, accuracy +0.37-0.56; ORPO without its
+    odds-ratio term (the SFT term alone): +0.15-0.32 and +0.03-0.19, hence the bounds."""
     from tritongpt.cli import main
     from tritongpt.train.dpo import train_dpo
 
-    tok, train, val, policy, args = _dpo_steps(data, tmp_path, 40)
+    tok, train, val, policy, args = _dpo_steps(copy_data, tmp_path, 40)
     beta = 2.0  # SimPO's paper's smallest; ORPO's lambda weighs the odds ratio against its SFT term
     train_dpo(policy, None, tok, train, val[:64], args, beta=beta, loss_type=loss_type)
     rows = [r for r in MetricsLog(tmp_path / "metrics.jsonl").rows() if "val_margin" in r]
     print(f"dpo {loss_type}: held-out margin {rows[0]['val_margin']:.3f} -> {rows[-1]['val_margin']:.3f}, "
           f"acc {rows[0]['val_acc']:.3f} -> {rows[-1]['val_acc']:.3f}, chosen reward "
           f"{rows[0]['val_chosen_reward']:.3f} -> {rows[-1]['val_chosen_reward']:.3f}")
-    assert rows[-1]["val_margin"] > rows[0]["val_margin"] + 0.05 and rows[-1]["val_acc"] > rows[0]["val_acc"] + 0.1
+    assert rows[-1]["val_margin"] > rows[0]["val_margin"] + 0.7 and rows[-1]["val_acc"] > rows[0]["val_acc"] + 0.25
     if loss_type == "orpo":
         assert rows[-1]["val_chosen_reward"] > rows[0]["val_chosen_reward"]
     flags = ["dpo", "--model", "tiny", "--num-pairs", "8", "--max-steps", "1", "--batch-size", "4", "--device", "cpu",
