@@ -988,8 +988,11 @@ def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, run_args=Non
 def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tmp_path, algo, monkeypatch, real_plots):
     from tritongpt.train import common
 
-    trainer = _rl_setup(data, easy_reward, tmp_path, algo, group_size=4 if algo == "grpo" else 0,
-                        prompts_per_iter=16 if algo == "ppo" else 4)
+    # PPO takes 64 responses' gradients an iteration either way: 4 epochs over 16 one-sample rollouts overfit their
+    # noise (eval gain +0.31-1.24 from seeds 0-4), 2 over 32 gain +1.10-1.52, in less CPU
+    kw = dict(prompts_per_iter=32, epochs=2, minibatch_size=16) if algo == "ppo" else dict(group_size=4,
+                                                                                            prompts_per_iter=4)
+    trainer = _rl_setup(data, easy_reward, tmp_path, algo, **kw)
     drawn, real = [], common.plot_curves
     monkeypatch.setattr(common, "plot_curves", lambda rows, path, **kw: drawn.append(path) or real(rows, path, **kw))
     result = trainer.fit()
