@@ -266,22 +266,35 @@ def test_bench_host_overhead_rows():
         "host-flash_attention": ["calls", "dtype", "head_dim", "heads", "seq"]}
 
 
-def test_bench_host_overhead_gpu_branch_rows():
+def test_bench_host_overhead_gpu_branch_rows(monkeypatch):
     """The "triton-gpu-branch" rows time the launchers' GPU branch (a fresh process with the interpreter off): there
     every autotuned kernel launches through its pick, so attention's forward + backward counts three autotuned
     launches of four (the preprocess is not tuned), where the interpreter's branch has no Autotuner at all; the
     matmul's six launches of the GELU-MLP's forward + backward are tuned too; rope has no tuned kernel; a decode
     step against 512 cached keys splits them (the split kernel and the combine), which the interpreter never does;
     the int8 and int4 linears are one tuned launch each, forward only (no backward); the grammar's token mask one
-    launch, not tuned, forward only."""
+    launch, not tuned, forward only. With the interpreter off here too (a GPU machine's `bench cpu`) the
+    interpreter's rows are skipped, saying why, and the GPU branch's are still there (one process for both checks:
+    ~4 s each)."""
+    from tritongpt import _env
     from tritongpt.bench.cpu import GPU_BRANCH, GPU_BRANCH_NOTE, bench_host_overhead
 
+    monkeypatch.setattr(_env, "triton_interpreting", lambda: False)
     ops = ["layer_norm", "gelu_mlp", "flash_attention", "rope", "decode_attention", "int8_linear", "int4_linear",
            "token_mask"]
-    rows = [r for r in bench_host_overhead(calls=3, ops=ops) if r["provider"] == GPU_BRANCH]
-    assert [(r["op"], r["mode"]) for r in rows] == [(f"host-{op}", m) for op in ops[:-4] for m in ("fwd", "fwd+bwd")
-                                                    ] + [(f"host-{op}", "fwd") for op in ops[-4:]]
+    every = bench_host_overhead(calls=3, ops=ops)
+    rows = [r for r in every if r["provider"] == GPU_BRANCH]
+    modes = [(f"host-{op}", m) for op in ops[:-4] for m in ("fwd", "fwd+bwd")] + [(f"host-{op}", "fwd")
+                                                                                  for op in ops[-4:]]
+    assert [(r["op"], r["mode"]) for r in rows] == modes
+    skipped = every[:len(every) - len(rows)]
+    assert [(r["op"], r["provider"], r["mode"]) for r in skipped] == [
+        (op, p, m) for op in dict.fromkeys(o for o, _ in modes) for p in ("triton", "torch")
+        for o, m in modes if o == op]
+    assert all(r["status"] == "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)" for r in skipped), skipped
     assert all(r["status"] == "ok" and r["ms"] > 0 and r["note"] == GPU_BRANCH_NOTE for r in rows), rows
+    assert all(r["config"] == {"rows": 8, "width": 768, "dtype": "fp32", "calls": 3}
+               for r in every if r["op"] == "host-layer_norm")
     counts = {(r["op"][5:], r["mode"]): (r["launches"], r["tuned_launches"]) for r in rows}
     assert counts == {("layer_norm", "fwd"): (1, 1), ("layer_norm", "fwd+bwd"): (2, 2),
                       ("gelu_mlp", "fwd"): (2, 2), ("gelu_mlp", "fwd+bwd"): (6, 6),
@@ -339,21 +352,6 @@ def test_host_rows_configs_are_the_sizes_host_cases_runs():
     defaults = {k: p.default for k, p in inspect.signature(host_cases).parameters.items()}
     assert defaults == {k: v for k, v in HOST_CONF.items() if k != "dtype"}
     assert set(HOST_SIZES) == set(host_cases()) and all(set(s) <= set(defaults) for s in HOST_SIZES.values())
-
-
-def test_gpu_branch_rows_come_without_the_interpreter_too(monkeypatch):
-    """With the interpreter off here (a GPU machine's `bench cpu`) the interpreter's rows are skipped, saying why, but
-    the GPU branch's rows, taken in a process of their own with the interpreter off anyway, are still there."""
-    from tritongpt import _env
-    from tritongpt.bench.cpu import GPU_BRANCH, bench_host_overhead
-
-    monkeypatch.setattr(_env, "triton_interpreting", lambda: False)
-    rows = bench_host_overhead(calls=2, ops=["layer_norm"])
-    assert [(r["provider"], r["mode"]) for r in rows] == [
-        (p, m) for p in ("triton", "torch", GPU_BRANCH) for m in ("fwd", "fwd+bwd")]
-    assert all(r["status"] == "skipped: needs Triton's interpreter (TRITON_INTERPRET=1)" for r in rows[:4]), rows
-    assert all(r["status"] == "ok" and r["launches"] == r["tuned_launches"] > 0 for r in rows[4:]), rows
-    assert all(r["config"] == {"rows": 8, "width": 768, "dtype": "fp32", "calls": 2} for r in rows)
 
 
 def test_gpu_branch_failure_rows_name_their_ops_sizes(monkeypatch):
