@@ -8,12 +8,15 @@ repeat the check at GPT-2 sizes when a GPU is present.
 import pytest
 import torch
 
+import plot_stub
 from parity import assert_close_mixed, assert_close_rel, pretrain_argv
 from tritongpt.errors import UserError
 from tritongpt.kernels.layernorm import MAX_WIDTH, add_rms_norm, rms_norm
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.layers import LayerNorm, RMSNorm
+
+no_plots = plot_stub.no_plots  # (empty loss.png: no test here reads one)
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import plot_stub
 from parity import (assert_close_rel, decode_token_by_token, decodes_like, greedy_on_both_paths,
                     logits_match_transformers, pretrain_argv, report)
 from tritongpt.errors import UserError
@@ -17,6 +18,8 @@ from tritongpt.kernels.rope import rope
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.layers import MultiHeadAttention, apply_rotary, document_starts, rope_inv_freq
+
+no_plots = plot_stub.no_plots  # (empty loss.png: no test here reads one)
 
 TINY = dict(vocab_size=67, context_length=24, n_embd=32, n_layer=2, n_head=2, position_encoding="rope")
 

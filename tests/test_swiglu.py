@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from launch_spy import FlagSpy, record_launches
+import plot_stub
 from parity import assert_close_rel, pretrain_argv, report
 from test_model_paths import _compare_paths, _randomize
 from tritongpt.errors import UserError
@@ -24,6 +25,8 @@ from tritongpt.kernels.swiglu import swiglu_mlp
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.layers import SwiGLUFeedForward, swiglu_hidden
+
+no_plots = plot_stub.no_plots  # (empty loss.png: no test here reads one)
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NAMES = ("dx", "dw_gate", "db_gate", "dw_up", "db_up", "dw_down", "db_down")
