@@ -656,11 +656,16 @@ def test_no_repeat_ngram_size_yields_to_the_grammar_where_it_would_ban_all(tiny)
     assert tok.eot_id in new and re.fullmatch(r"(ab|ba){3}", tok.decode(new[:new.index(tok.eot_id)])), new
 
 
-def test_no_repeat_ngram_size_yields_to_what_the_grammar_and_allowed_token_ids_leave(tiny):
+def test_no_repeat_ngram_size_yields_to_what_the_grammar_and_allowed_token_ids_leave(tiny, monkeypatch):
     """Under a grammar of letters that are also one token together ([eh]{6}: "he" is a merged token), with
     allowed_token_ids the single letters and no_repeat_ngram_size 1: once both letters are seen, the ban leaves the
     grammar only the merged token, which allowed_token_ids leaves out. The ban yields to what the grammar and the
-    masks leave together (it drew nothing before: a DrawError blaming allowed_token_ids); the text keeps to both."""
+    masks leave together (it drew nothing before: a DrawError blaming allowed_token_ids); the text keeps to both.
+    The masks are applied once a step (each application checks the rows: a host sync)."""
+    from tritongpt.train import generate as gen
+
+    calls, real = [], gen.allow_and_ban
+    monkeypatch.setattr(gen, "allow_and_ban", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, tok, grammars = tiny
     word = next(w for w in (tok.decode([t]) for t in range(256, tok.vocab_size)) if w.isalpha() and len(set(w)) > 1)
     assert len(tok.encode(word)) == 1  # the merged token the ban would leave alone
@@ -672,6 +677,7 @@ def test_no_repeat_ngram_size_yields_to_what_the_grammar_and_allowed_token_ids_l
                    no_repeat_ngram_size=1, allowed_token_ids=single + [tok.eot_id])
     new = out[0, idx.size(1):].tolist()
     assert new[6] == tok.eot_id and set(new[:6]) == set(single), (word, new)
+    assert len(calls) == len(new), (len(calls), new)  # one a drawn token
 
 
 def test_speculation_under_a_grammar_keeps_its_text(tiny):

@@ -828,7 +828,8 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
             drawn = allow_and_ban(drawn, warp.get("allowed_token_ids"), warp.get("bad_words"), idx, start, ~done)
         banned = ban_repeated_ngrams(drawn, idx, warp["no_repeat_ngram_size"], ~done, strict=False)
         drawn = torch.where((banned == float("-inf")).all(-1, keepdim=True), drawn, banned)
-        warp = {**warp, "no_repeat_ngram_size": None}
+        # (applied: not again in sample_next, whose check of the rows would be a second host sync a step)
+        warp = {**warp, "no_repeat_ngram_size": None, "allowed_token_ids": None, "bad_words": None}
     nxt = sample_next(drawn, generator=generator, seen=idx, generated_from=start, live=~done, triton=triton, **warp)
     if logprobs is not None and on_token is not None:
         on_token = (lambda f: lambda new: f(new, step_logprobs(logits, new, logprobs)))(on_token)
