@@ -514,10 +514,10 @@ def entropy_of(logp_all, logits):
     """-sum p log p over the last dim of log_softmax(logits) (logp_all; logits only read where -inf): a -inf logit
     (a masked token) adds 0, not 0 * -inf = nan, and a row of only -inf logits (its log_softmax nan throughout) has
     entropy 0, as the loss kernel's (kernels/cross_entropy.py); a row with a nan logit stays nan."""
-    masked = logits == float("-inf")
-    masked = masked | masked.all(-1, keepdim=True)
-    logp = torch.where(masked, 0.0, logp_all)  # (0, not -inf: the gradient of exp(l) l would be nan there)
-    return -torch.where(masked, 0.0, logp.exp() * logp).sum(-1)
+    # log p read as 0 at a -inf logit (every one of such a row's): p log p = 1 * 0 there, with no gradient through
+    # it, not 0 * -inf (or nan) = nan
+    logp = logp_all.masked_fill(logits == float("-inf"), 0.0)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def _checked_cache_args(cfg, max_len, dtype, kv_dtype) -> tuple:
