@@ -192,6 +192,45 @@ def test_spills_are_read_from_the_stack_frame_and_ptxas():
         compile_check._parse_spills("ptxas info    : Used 32 registers")
 
 
+# RoPE's hd128 rotary96 launch: a stack frame that spills (sin/cos's argument reduction beside its registers)
+_PTXAS_LOG_PROBE = r"""
+import json, sys
+import triton
+from tritongpt.bench import compile_check as cc
+launch = next(l for l in cc.capture(quick=True) if l.name == "_rope_kernel" and "rotary96" in l.case)
+cc._JOBS[:] = [(launch, *launch.configs()[0])]
+second_runs, real = [], cc._spill_bytes
+cc._spill_bytes = lambda ptx, arch: second_runs.append(1) or real(ptx, arch)
+rows = [cc._compile(0, 90)]
+runs = [len(second_runs)]
+rows.append(cc._compile(0, 90))  # Triton's cache has it now: no build, no log
+runs.append(len(second_runs))
+triton.compile = lambda *a, **k: 1 / 0
+rows.append(cc._compile(0, 90))
+print(json.dumps({"rows": rows, "runs": runs, "knob": triton.knobs.nvidia.dump_ptxas_log,
+                  "stdout": sys.stdout is sys.__stdout__}))
+"""
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build ships no ptxas")
+@pytest.mark.timeout(300)
+def test_spill_stores_come_from_the_builds_own_ptxas_log_and_a_cache_hit_runs_ptxas_again(tmp_path):
+    """A config with a stack frame reads its spill stores from the report ptxas printed in its own build (Triton's
+    dump_ptxas_log, stdout captured), with no second ptxas run; built again from Triton's cache (no build, no log) it
+    runs ptxas once for the same figure. The knob and stdout are put back, after a failed build too."""
+    proc = subprocess.run([sys.executable, "-c", _PTXAS_LOG_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**{k: v for k, v in os.environ.items() if k != "TRITON_DUMP_PTXAS_LOG"},
+                               "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    built, cached, failed = out["rows"]
+    assert built["stack_bytes"] > 0 and built["spill_bytes"] > 0, built  # it spills (nothing passes on zeros)
+    assert out["runs"] == [0, 1]  # ptxas again only for the cache hit
+    assert cached["spill_bytes"] == built["spill_bytes"] and cached["ptx_sha1"] == built["ptx_sha1"], cached
+    assert failed["status"] == "error" and "ZeroDivisionError" in failed["error"], failed
+    assert out["knob"] is False and out["stdout"] is True
+
+
 def test_the_ptx_fingerprint_skips_debug_lines_and_nothing_else():
     """Source positions, comments, inlining labels and the debug sections do not change it; an instruction or a
     real label does (the labels are matched only on lines that start like one)."""
