@@ -514,7 +514,8 @@ def _compile(job_index, arch):
         # ptxas's own report (`-v`, which Triton passes) printed by the build itself: read there, not from a
         # second ptxas run (as long as the build's), unless Triton's cache had the binary
         ptxas_log = io.StringIO()
-        with contextlib.redirect_stdout(ptxas_log), _knob(triton.knobs.nvidia, "dump_ptxas_log", True):
+        nvidia = getattr(getattr(triton, "knobs", None), "nvidia", None)  # (a Triton before its knobs: None)
+        with contextlib.redirect_stdout(ptxas_log), _knob(nvidia, "dump_ptxas_log", True):
             kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                     options=options.__dict__)
         res = _resources(kernel.asm["cubin"])
@@ -587,7 +588,11 @@ def _parse_resources(text: str) -> dict:
 
 @contextlib.contextmanager
 def _knob(knobs, name, value):
-    """Triton's knob set for the block, then put back (the forked build processes share nothing else)."""
+    """Triton's knob set for the block, then put back (the forked build processes share nothing else); nothing
+    where this Triton has no such knob (no ptxas report printed: the spills are read by a second ptxas run)."""
+    if not hasattr(knobs, name):
+        yield
+        return
     before = getattr(knobs, name)
     setattr(knobs, name, value)
     try:

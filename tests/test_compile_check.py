@@ -231,6 +231,20 @@ def test_spill_stores_come_from_the_builds_own_ptxas_log_and_a_cache_hit_runs_pt
     assert out["knob"] is False and out["stdout"] is True
 
 
+def test_a_triton_without_the_knob_builds_as_before():
+    """Where Triton has no dump_ptxas_log knob (before its knobs module) the build runs with nothing set (the spills
+    then read by a second ptxas run), and where it has one it is put back after the block, an exception's too."""
+    import types
+
+    with compile_check._knob(None, "dump_ptxas_log", True):
+        pass
+    knobs = types.SimpleNamespace(dump_ptxas_log=False)
+    with pytest.raises(ZeroDivisionError), compile_check._knob(knobs, "dump_ptxas_log", True):
+        assert knobs.dump_ptxas_log is True
+        1 / 0
+    assert knobs.dump_ptxas_log is False
+
+
 def test_the_ptx_fingerprint_skips_debug_lines_and_nothing_else():
     """Source positions, comments, inlining labels and the debug sections do not change it; an instruction or a
     real label does (the labels are matched only on lines that start like one)."""
