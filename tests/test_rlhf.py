@@ -986,14 +986,19 @@ def _rl_setup(data, easy_reward, tmp_path, algo, frozen_shift=None, run_args=Non
     return RLHFTrainer(policy, ref, rm, prompts, evals, tok.eot_id, RLArgs(**kw), run_args=run_args)
 
 
+# GRPO's and Dr. GRPO's: 4 prompts of 8 responses at 2 epochs (the same 64 responses' gradients an iteration as 4 of
+# 4 at 4). Groups of 4 at 4 epochs raised the eval reward by +0.12-1.07 (GRPO) and +0.14-0.83 (Dr. GRPO) from seeds
+# 0-4; groups of 8 by +1.34-3.33 and +1.14-3.27, and by exactly 0 with the advantages zeroed.
+GRPO_GROUPS = dict(group_size=8, prompts_per_iter=4, epochs=2)
+
+
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tmp_path, algo, monkeypatch, real_plots):
     from tritongpt.train import common
 
     # PPO takes 64 responses' gradients an iteration either way: 4 epochs over 16 one-sample rollouts overfit their
-    # noise (eval gain +0.31-1.24 from seeds 0-4), 2 over 32 gain +1.10-1.52, in less CPU
-    kw = dict(prompts_per_iter=32, epochs=2, minibatch_size=16) if algo == "ppo" else dict(group_size=4,
-                                                                                            prompts_per_iter=4)
+    # noise (eval gain +0.31-1.24 from seeds 0-4), 2 over 32 gain +1.10-1.52, in less CPU; GRPO (GRPO_GROUPS)
+    kw = dict(prompts_per_iter=32, epochs=2, minibatch_size=16) if algo == "ppo" else GRPO_GROUPS
     trainer = _rl_setup(data, easy_reward, tmp_path, algo, **kw)
     drawn, real = [], common.plot_curves
     monkeypatch.setattr(common, "plot_curves", lambda rows, path, **kw: drawn.append(path) or real(rows, path, **kw))
@@ -1004,7 +1009,8 @@ def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tm
     before, after = result["first_eval_reward"], result["eval_reward"]
     print(f"{algo}: eval reward {before:.3f} -> {after:.3f}, eval KL {result['eval_kl']:.3f} "
           f"(nats per response)")
-    assert after > before + 0.3, f"{algo} did not raise the reward: {before:.3f} -> {after:.3f}"
+    gain = 0.3 if algo == "ppo" else 0.6
+    assert after > before + gain, f"{algo} did not raise the reward: {before:.3f} -> {after:.3f}"
     assert 0.0 < result["eval_kl"] < 5.0
     rows = [r for r in trainer.history if "reward" in r]
     keys = {"reward", "kl", "entropy", "clip_frac", "policy_loss"} | ({"value_loss"} if algo == "ppo" else {"kl_k3"})
@@ -1017,12 +1023,11 @@ def test_rl_raises_the_reward_models_score_with_bounded_kl(data, easy_reward, tm
 
 def test_dr_grpo_raises_the_reward_models_score(data, easy_reward, tmp_path):
     """Dr. GRPO (--loss-type dr_grpo --scale-rewards none) learns as GRPO does on the same set-up."""
-    trainer = _rl_setup(data, easy_reward, tmp_path, "grpo", group_size=4, prompts_per_iter=4, loss_type="dr_grpo",
-                        scale_rewards="none")
+    trainer = _rl_setup(data, easy_reward, tmp_path, "grpo", loss_type="dr_grpo", scale_rewards="none", **GRPO_GROUPS)
     result = trainer.fit()
     before, after = result["first_eval_reward"], result["eval_reward"]
     print(f"dr_grpo: eval reward {before:.3f} -> {after:.3f}, eval KL {result['eval_kl']:.3f}")
-    assert after > before + 0.3 and 0.0 < result["eval_kl"] < 5.0
+    assert after > before + 0.6 and 0.0 < result["eval_kl"] < 5.0
 
 
 def test_grpo_variants_against_hand_formulas():
