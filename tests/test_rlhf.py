@@ -2337,9 +2337,8 @@ def test_ipo_reads_each_responses_mean_token_log_prob():
 
 
 def _dpo_steps(data, tmp_path, steps):
-    """(tok, train, val, policy, args): `steps` steps of a tiny policy at a high lr, evaluated at the end. Hinge and
-    IPO take 25 (held-out margin and accuracy then 0.14 and 0.88 here, 0.09-0.12 and 0.77-0.84 from a seed 3 policy,
-    their tests' bounds 0.05 and 0.6); SimPO and ORPO 40, on the copy families (COPY_FAMILIES)."""
+    """(tok, train, val, policy, args): `steps` steps of a tiny policy at a high lr, evaluated at the end, on the copy
+    families (COPY_FAMILIES): hinge and IPO 20, SimPO and ORPO 40."""
     tok, train, val = data
     torch.manual_seed(4)
     policy = GPTModel(tiny_config(tok.vocab_size))
@@ -2350,17 +2349,20 @@ def _dpo_steps(data, tmp_path, steps):
 
 
 @pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
-def test_dpo_with_another_loss_raises_the_margin_and_a_resume_names_it(data, tmp_path, capsys, loss_type):
+def test_dpo_with_another_loss_raises_the_margin_and_a_resume_names_it(copy_data, tmp_path, capsys, loss_type):
+    """From policies of seeds 0-4, 20 steps on the copy families: held-out margin 0.18-0.27, accuracy 0.89-1.0 (25
+    on all five families: 0.057-0.15 and 0.70-0.89); hinge without its margin of 1, or IPO without its 1/(2 beta)
+    target, learns nothing (0.0); either with the log-ratio's sign flipped, a negative margin."""
     from tritongpt.train.dpo import train_dpo
 
-    tok, train, val, policy, args = _dpo_steps(data, tmp_path, 25)
+    tok, train, val, policy, args = _dpo_steps(copy_data, tmp_path, 20)
     beta = 0.1 if loss_type == "hinge" else 0.5
     result = train_dpo(copy.deepcopy(policy), copy.deepcopy(policy), tok, train, val[:64], args, beta=beta,
                        loss_type=loss_type)
     rows = [r for r in MetricsLog(tmp_path / "metrics.jsonl").rows() if "val_margin" in r]
     print(f"dpo {loss_type}: held-out margin {rows[0]['val_margin']:.3f} -> {rows[-1]['val_margin']:.3f}, "
           f"acc {rows[-1]['val_acc']:.3f}")
-    assert rows[0]["val_margin"] == 0.0 and rows[-1]["val_margin"] > 0.05 and rows[-1]["val_acc"] >= 0.6
+    assert rows[0]["val_margin"] == 0.0 and rows[-1]["val_margin"] > 0.1 and rows[-1]["val_acc"] >= 0.8
     assert result["first_loss"] == pytest.approx(1.0 if loss_type == "hinge" else 1 / (2 * beta) ** 2, rel=1e-5)
     capsys.readouterr()
     args.resume, args.max_steps = "latest", args.max_steps + 1
