@@ -284,7 +284,9 @@ def test_the_class_balance_note(capsys):
 
 
 # -- training ------------------------------------------------------------------------------------------------
-FAMILIES = "commas_to_spaces,spaces_to_commas,uppercase,lowercase,count_words"  # test_rlhf's: learnable fast
+# test_rlhf's COPY_FAMILIES: from policies of seeds 0-4, 40 steps on them give a held-out margin of 1.15-1.83 and
+# accuracy 0.98-1.0; 80 on all five families gave -0.01-1.86 and 0.48-0.84 (seed 1's learnt nothing held out)
+FAMILIES = "commas_to_spaces,spaces_to_commas,count_words"
 CTX = 48
 
 
@@ -299,15 +301,15 @@ def tasks():
 
 
 def test_kto_raises_the_held_out_margin_from_zero(tasks, tmp_path, loss_type="kto"):
-    """The embedded task pairs, unpaired: after 80 steps the desirable (correct) answers' rewards are above the
+    """The embedded task pairs, unpaired: after 40 steps the desirable (correct) answers' rewards are above the
     undesirable ones' on held-out prompts, from exactly 0 at step 0."""
     from tritongpt.train.kto import KTOData, cache_reference, encode_examples, kto_metrics, train_kto, unpair
 
     tok, train, val = tasks
     torch.manual_seed(4)
     policy = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=CTX, n_embd=32, n_layer=2, n_head=1))
-    args = TrainArgs(out_dir=str(tmp_path), max_steps=80, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5,
-                     eval_every=80, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=40, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                     eval_every=40, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu", kernels="reference",
                      seed=0)
     ref = copy.deepcopy(policy)
     result = train_kto(policy, ref, tok, unpair(train), unpair(val[:64]), args, beta=0.5, loss_type=loss_type)
@@ -319,8 +321,8 @@ def test_kto_raises_the_held_out_margin_from_zero(tasks, tmp_path, loss_type="kt
     assert first["val_acc"] == 0.0 and first["val_loss"] == 0.5 and first.get("val_kl", 0.0) == 0.0
     assert ("val_kl" in first) == (loss_type == "kto")
     assert result["first_loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0), policy == reference
-    assert last["train_margin"] > 0.3
-    assert last["val_margin"] > 0.2 and last["val_acc"] >= 0.6
+    assert last["train_margin"] > 0.5
+    assert last["val_margin"] > 0.5 and last["val_acc"] >= 0.9
     assert result["val_margin"] == last["val_margin"]
     # the eval's figures are the metrics of their names, on the final model: val_* of the held-out examples,
     # train_* of the first 256 training ones
