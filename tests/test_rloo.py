@@ -324,8 +324,12 @@ def test_rlhf_cli_rloo_writes_its_metrics_and_resumes_as_rloo_only(tmp_path, cap
 
 
 def test_rloo_learns_to_prefer_a_rewarded_token(tmp_path):
-    """The sign, end to end: a judge scoring 1 for a response that contains token 5 (else 0) raises the share
-    of such responses from 1/16 to most of them in 6 iterations, without a KL penalty."""
+    """The sign, end to end: a judge scoring 11 for a response that contains token 5 (else 10) raises the share
+    of such responses from 1/16 to most of them in 6 iterations, without a KL penalty. The leave-one-out baseline
+    takes the judge's offset of 10 off exactly; without it (a baseline of 0) every sampled response is pushed up
+    alike and the share stays low."""
+    OFFSET = 10.0
+
     class Likes5(nn.Module):
         config = GPTConfig(vocab_size=23, context_length=16, n_embd=32, n_layer=1, n_head=2)
 
@@ -333,7 +337,7 @@ def test_rloo_learns_to_prefer_a_rewarded_token(tmp_path):
             pass
 
         def forward(self, idx, lengths):
-            return torch.tensor([float(5 in row[3:n]) for row, n in zip(idx.tolist(), lengths.tolist())])
+            return torch.tensor([OFFSET + float(5 in row[3:n]) for row, n in zip(idx.tolist(), lengths.tolist())])
 
     cfg = Likes5.config
     torch.manual_seed(1)
@@ -344,8 +348,12 @@ def test_rloo_learns_to_prefer_a_rewarded_token(tmp_path):
                   device="cpu", kernels="reference", seed=4, dtype="fp32", kl_coef=0.0, eval_every=0)
     trainer = RLHFTrainer(policy, copy.deepcopy(policy), Likes5(), prompts, prompts[:1], 22, args, log=False)
     result = trainer.fit()
-    # 1 of the 16 held-out samples at the start (seed 4's draws); GRPO's run of this set-up climbs the same way
-    assert result["first_eval_reward"] < 0.1 and result["eval_reward"] > 0.6, result
+    # 1 of the 16 held-out samples at the start (seed 4's draws; 1-5 of them at other seeds); GRPO's run of this
+    # set-up climbs the same way. From seeds 0-4 (init and trainer) the share ends at 0.875-1.0, up by 0.56-0.94;
+    # with a baseline of 0 at 0-0.375, up by at most 0.06
+    before, after = result["first_eval_reward"] - OFFSET, result["eval_reward"] - OFFSET
+    print(f"rloo: share of held-out responses with token 5 {before:.3f} -> {after:.3f}")
+    assert before < 0.1 and after > 0.6 and after > before + 0.4, result
 
 
 def test_a_negative_group_size_is_refused_as_rloos():
