@@ -119,12 +119,13 @@ def copy_data():
 def reward(copy_data, tmp_path_factory):
     """A tiny reward model trained on the embedded copy-family pairs (once for the module). Held-out accuracy from
     seeds 0-4 (init and batches): 0.95-1.0 at 50 steps; on all five families 0.59-0.93 at 150 (seed 2's scores
-    0.32 of the pairs that join words with commas right)."""
+    0.32 of the pairs that join words with commas right). From inits of seeds 0-4 with the batches of seed 0, 50
+    steps gave 0.60-0.99 (init 1 stuck at 0.57 through step 80), 100 give 0.997-1.0."""
     tok, train, val = copy_data
     torch.manual_seed(0)
     rm = RewardModel(GPTModel(tiny_config(tok.vocab_size)))
     out = tmp_path_factory.mktemp("reward")
-    args = TrainArgs(out_dir=str(out), max_steps=50, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
+    args = TrainArgs(out_dir=str(out), max_steps=100, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                      eval_every=0, ckpt_every=0, log_every=0, weight_decay=0.0, device="cpu",
                      kernels="reference", seed=0)
     result = train_reward_model(rm, tok, train, val, args)
@@ -246,7 +247,7 @@ def test_reward_model_beats_chance_on_held_out_pairs(reward, copy_data, tmp_path
     acc = pairwise_metrics(rm, enc, tok.eot_id)["acc"]
     print(f"reward model: {len(val)} held-out pairs, accuracy {acc:.3f} (train {result['train_acc']:.3f})")
     assert acc == pytest.approx(result["val_acc"])
-    assert acc >= 0.7, f"held-out pairwise accuracy {acc:.3f} is not clearly above chance"
+    assert acc >= 0.9, f"held-out pairwise accuracy {acc:.3f} is not clearly above chance"
     # (the module's fixture is made before a test's no_plots applies: its accuracy.png is drawn for real)
     run = next(p for p in Path(result["checkpoint"]).parents if (p / "metrics.jsonl").is_file())
     assert (run / "accuracy.png").stat().st_size > 1000
