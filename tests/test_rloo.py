@@ -350,10 +350,11 @@ def test_rloo_learns_to_prefer_a_rewarded_token(tmp_path):
     result = trainer.fit()
     # 1 of the 16 held-out samples at the start (seed 4's draws; 1-5 of them at other seeds); GRPO's run of this
     # set-up climbs the same way. From seeds 0-4 (init and trainer) the share ends at 0.875-1.0, up by 0.56-0.94;
-    # with a baseline of 0 at 0-0.375, up by at most 0.06
+    # with a baseline of 0 at 0-0.375, up by at most 0.06. The start share is the init's: 2 of 16 from the inits of
+    # seeds 2 and 5 (0.81-1.0 at the end from inits 1-5), so the start is bounded by 5 of 16 and the rise does the rest
     before, after = result["first_eval_reward"] - OFFSET, result["eval_reward"] - OFFSET
     print(f"rloo: share of held-out responses with token 5 {before:.3f} -> {after:.3f}")
-    assert before < 0.1 and after > 0.6 and after > before + 0.4, result
+    assert before < 0.35 and after > 0.6 and after > before + 0.4, result
 
 
 def test_a_negative_group_size_is_refused_as_rloos():
