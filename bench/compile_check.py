@@ -523,10 +523,10 @@ def _compile(job_index, arch):
         # registers): ptxas's report tells them apart, read only then (~1 in 10 configs)
         # (reported, not yet in _status: RoPE's hd128 rotary96 launch and some attention tiles spill 4 bytes, and
         # RoPE's one config would leave its launch with none clean)
+        spills, log = 0, ptxas_log.getvalue()
         if res["stack_bytes"]:
-            log = ptxas_log.getvalue()
             spills = _parse_spills(log) if "spill stores" in log else _spill_bytes(kernel.asm["ptx"], arch)
-        out.update(res, spill_bytes=spills if res["stack_bytes"] else 0)
+        out.update(res, spill_bytes=spills)
         out["shared"] = int(kernel.metadata.shared)
         out["num_warps"] = int(kernel.metadata.num_warps)
         # searched line by line, and only the lines that name the instruction: a regex over the
