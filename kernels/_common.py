@@ -656,7 +656,7 @@ def share_interpreter_shapes() -> bool:
 
     def tensor_init(self, handle, type):
         self.handle, self.type, self.dtype = handle, type, type.scalar
-        shape = type.shape if type.is_block() else ()
+        shape = (*type.shape,) if type.is_block() else ()  # (a Python tuple: a tl.tuple's == unwraps each item)
         got = made.get(shape)
         if got is None:
             got = made[shape] = (tl.constexpr(math.prod(shape)), tl.tuple([tl.constexpr(d) for d in shape]))
@@ -703,3 +703,46 @@ def share_interpreter_block_types() -> bool:
 
 
 INTERPRETER_BLOCK_TYPES_SHARED = triton_interpreting() and share_interpreter_block_types()
+
+
+def skip_interpreter_no_op_broadcasts_and_casts() -> bool:
+    """Make Triton's CPU interpreter return at once from a broadcast of two operands of one shape and a cast to the
+    dtype a value already has; True if installed (on the interpreter's own semantic object only: compiling is
+    untouched), False where this Triton lacks the pieces.
+
+    Every binary op of every program (offsets + pointers, a * b) first casts both operands to a common dtype and
+    broadcasts them to a common shape; in our kernels both are nearly always no-ops, which Triton finds the slow way:
+    a broadcast compares the two shapes as tl.tuples of constexprs (unwrapping each, ~10 us), a cast compares
+    dtypes through constexpr unwrapping too. The fast answers here are the ones Triton's code reaches for the same
+    operands (one shape: nothing to broadcast; the same dtype object: nothing to cast); anything else goes to it."""
+    try:
+        from triton.runtime import interpreter
+        semantic = interpreter.interpreter_semantic
+        broadcast, cast = type(semantic).broadcast_impl_value, type(semantic).cast
+    except (ImportError, AttributeError):
+        return False
+    if "broadcast_impl_value" in vars(semantic):
+        return True
+    if not isinstance(tl.block_type(tl.float32, [2]).shape.values, list):
+        return False  # (a Triton whose block shapes hold no list to compare: its own code kept)
+
+    def broadcast_impl_value(lhs, rhs):
+        lhs_ty, rhs_ty = lhs.type, rhs.type
+        if lhs_ty.is_block():
+            if rhs_ty.is_block() and lhs_ty.shape.values == rhs_ty.shape.values:
+                return lhs, rhs
+        elif not rhs_ty.is_block():
+            return lhs, rhs  # (two scalars: Triton returns them as they are)
+        return broadcast(semantic, lhs, rhs)
+
+    def cast_to(input, dst_ty, fp_downcast_rounding=None):
+        if input.type.scalar is dst_ty.scalar:
+            return input  # (Triton's first test: a dtype equal to the source's returns the input)
+        return cast(semantic, input, dst_ty, fp_downcast_rounding)
+
+    broadcast_impl_value.triton_method, cast_to.triton_method = broadcast, cast  # (a test compares them)
+    semantic.broadcast_impl_value, semantic.cast = broadcast_impl_value, cast_to
+    return True
+
+
+INTERPRETER_NO_OP_CASTS_SKIPPED = triton_interpreting() and skip_interpreter_no_op_broadcasts_and_casts()

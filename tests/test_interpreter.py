@@ -145,3 +145,52 @@ def test_block_types_made_from_a_table_hold_what_tritons_constructor_gives_and_r
         for _ in range(2):
             with pytest.raises(error):
                 tl.block_type(tl.float32, shape)
+
+
+def test_no_op_broadcasts_and_casts_return_their_operands_and_the_rest_are_tritons():
+    """kernels/_common.skip_interpreter_no_op_broadcasts_and_casts: on the interpreter's semantic object, a broadcast
+    of two operands of one shape (or two scalars) and a cast to the dtype a value has return the operands themselves,
+    as Triton's code does; other broadcasts and casts give what Triton's give."""
+    if not _common.INTERPRETER_NO_OP_CASTS_SKIPPED:
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) with the methods the shim wraps")
+    import numpy as np
+    semantic = interpreter.interpreter_semantic
+    fast_broadcast, fast_cast = semantic.broadcast_impl_value, semantic.cast
+    slow_broadcast, slow_cast = fast_broadcast.triton_method, fast_cast.triton_method
+    rng = np.random.default_rng(0)
+
+    def value(dtype, shape):
+        data = rng.standard_normal(shape or ()).astype(np.float32 if dtype is tl.float32 else np.float16)
+        ty = tl.block_type(dtype, list(shape)) if shape else dtype
+        return tl.core.tensor(interpreter.TensorHandle(np.asarray(data), dtype), ty)
+
+    for a, b in ((value(tl.float32, (4, 8)), value(tl.float16, (4, 8))), (value(tl.float32, ()),
+                                                                          value(tl.float16, ()))):
+        for fn in (fast_broadcast, lambda x, y: slow_broadcast(semantic, x, y)):
+            got = fn(a, b)
+            assert got[0] is a and got[1] is b
+    for a, b in ((value(tl.float32, (4, 1)), value(tl.float32, (1, 8))), (value(tl.float32, (4, 8)),
+                                                                          value(tl.float32, ())),
+                 (value(tl.float32, ()), value(tl.float16, (2, 4))), (value(tl.float32, (8,)),
+                                                                      value(tl.float32, (4, 8)))):
+        fast, slow = fast_broadcast(a, b), slow_broadcast(semantic, a, b)
+        for f, s in zip(fast, slow):
+            assert f.type == s.type and np.array_equal(f.handle.data, s.handle.data)
+    x = value(tl.float32, (4, 8))
+    assert fast_cast(x, tl.float32) is x and slow_cast(semantic, x, tl.float32) is x
+    half, want = fast_cast(x, tl.float16), slow_cast(semantic, x, tl.float16)
+    assert half.type == want.type == tl.block_type(tl.float16, [4, 8])
+    assert np.array_equal(half.handle.data, want.handle.data) and half.handle.data.dtype == np.float16
+    with pytest.raises(ValueError, match="incompatible dimensions"):  # (Triton's own refusal, through the shim)
+        fast_broadcast(value(tl.float32, (4, 8)), value(tl.float32, (2, 8)))
+
+
+def test_a_kernel_answers_the_same_without_the_no_op_shortcuts(monkeypatch):
+    if not _common.INTERPRETER_NO_OP_CASTS_SKIPPED:
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) with the methods the shim wraps")
+    x = torch.randn(5, 16)
+    fast, _ = _launch_counting_getmembers(monkeypatch, x)
+    for name in ("broadcast_impl_value", "cast"):
+        monkeypatch.delattr(interpreter.interpreter_semantic, name)  # (the class's own methods again)
+    slow, _ = _launch_counting_getmembers(monkeypatch, x)
+    assert torch.equal(fast, slow)
