@@ -267,14 +267,27 @@ def test_reward_model_beats_chance_on_held_out_pairs(reward, copy_data, tmp_path
 
 
 def test_reward_is_read_at_the_last_non_pad_token():
+    """Each row's score is the head on the hidden state at its last real token, computed on the row alone and
+    unpadded (its last position): rows of 7, 12 and 4 tokens right-padded with junk, scored by the model and by
+    score_rollout (chunks of 2, so a chunk's rows are not the first). Comparing one padded row with itself alone
+    through the model's own indexing could not tell lengths - 2 from lengths - 1: causal attention gives both."""
+    from tritongpt.train.rlhf import score_rollout
+
     torch.manual_seed(1)
     rm = RewardModel(GPTModel(tiny_config(50))).eval()
-    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 12))
-    alone = rm(a, torch.tensor([7]))
-    idx = torch.cat([torch.cat([a, torch.randint(0, 50, (1, 5))], 1), b])  # a padded with junk
-    both = rm(idx, torch.tensor([7, 12]))
-    assert torch.allclose(both[0], alone[0], atol=1e-6)
-    assert not torch.allclose(rm(idx, torch.tensor([8, 12]))[0], alone[0])
+    rows = [torch.randint(0, 50, (n,)) for n in (7, 12, 4)]
+    lengths = torch.tensor([len(r) for r in rows])
+    idx = torch.randint(0, 50, (3, 12))  # the junk past each row's end
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = r
+    with torch.no_grad():
+        want = torch.stack([rm.head(rm.backbone.hidden(r[None])[0, -1]).squeeze(-1) for r in rows])
+        assert torch.allclose(rm(idx, lengths), want, atol=1e-5), (rm(idx, lengths), want)
+        assert not torch.allclose(rm(idx, lengths - 1), want, atol=1e-3)  # a position early is another score
+    ro = Rollout(idx, torch.tensor([2, 2, 2]), lengths, torch.ones(3, 11, dtype=torch.bool), torch.arange(3))
+    policy = GPTModel(tiny_config(50)).eval()
+    score_rollout(ro, PolicyWithValue(policy, value_head=False), policy, rm, chunk=2)
+    assert torch.allclose(ro.scores, want, atol=1e-5), (ro.scores, want)
 
 
 # -- RL pieces ------------------------------------------------------------------------------------
