@@ -499,7 +499,10 @@ FAMILIES = {  # each a family's tiny config (tests/audit_formats.py's EXPORT_BAS
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_familys_graph_draws_its_eager_tokens(monkeypatch, family):
     """The step of each family (its windows, softcaps, norms, multipliers, RoPE variants, heads), recorded once and
-    replayed, greedy and sampled, past the context (a 10-position model: the graph until the window slides)."""
+    replayed, past the context (a 10-position model: the graph until the window slides). Greedy only: a family
+    differs in the step the graph records, and sampling draws from its logits outside the graph, in decode_step,
+    as for every model (the sampled graph path is test_generate_with_an_emulated_cuda_graph_draws_the_eager_tokens's);
+    each step's logits, checked below, are stricter than sampled tokens."""
     from tritongpt.model.lora import add_lora
 
     monkeypatch.setattr(gen, "capture_cuda_graph", warm_then_fx)
@@ -515,10 +518,8 @@ def test_each_familys_graph_draws_its_eager_tokens(monkeypatch, family):
                 if "lora" in name.lower():
                     p.normal_(0, 0.3)
     idx = torch.randint(0, VOCAB, (2, 4))
-    for kw in (dict(), dict(temperature=1.0, top_k=20)):
-        want = gen.generate(model, idx, 9, generator=torch.Generator().manual_seed(3), **kw)
-        got = gen.generate(model, idx, 9, generator=torch.Generator().manual_seed(3), cuda_graph=True, **kw)
-        assert torch.equal(got, want), (family, kw)
+    want = gen.generate(model, idx, 9)
+    assert torch.equal(gen.generate(model, idx, 9, cuda_graph=True), want), family
     with torch.no_grad():  # and each step's logits, which a position baked in moves even where no token changes
         host, dev = model.new_cache(2, 10), model.new_cache(2, 10)
         model(idx, host)
