@@ -218,6 +218,8 @@ def _launch(y, x, lora_a, lora_b, index, grouped=None):
     S, N, R = lora_b.shape
     if B == 0 or T == 0:
         return
+    # the per-row kernels read index[b] at index + b: a strided or expanded (stride-0) index would read other memory
+    index = index.contiguous()
     if grouped is None:
         grouped = pick_grouped(T)
     r_pad = max(16, next_pow2(R))

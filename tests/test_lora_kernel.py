@@ -86,6 +86,19 @@ def test_no_adapter_rows_leave_y_untouched(device, grouped):
     assert torch.equal(y, y0)
 
 
+def test_a_strided_or_expanded_index_gives_each_row_its_own_slot(device):
+    """index a view (every other element of a longer tensor; one slot expand()ed over the batch): the per-row kernels
+    read index[b] at index + b, which past a stride-1 index read a neighbour's slot or memory past the tensor (the
+    grouped ones sort a copy of it)."""
+    y, x, a, b, _ = case(3, 2, 48, 40, 5, 3, [0, 0, 0], device, torch.float32, seed=9)
+    for idx in (torch.tensor([2, 7, -1, 7, 0, 7], device=device)[::2], torch.tensor([1], device=device).expand(3)):
+        want = reference(y, x, a, b, idx)
+        got = y.clone()
+        with torch.no_grad():
+            add_lora_rows(got, x, a, b, idx, grouped=False)
+        assert_close_rel(got, want, 1e-4, f"index strides {idx.stride()}")
+
+
 def test_segments_sort_tokens_by_slot():
     """The grouped kernels' map: tokens b * T + t in a stable sort by slot, -1's first, and each slot's span of it
     (slots 1 and 3 empty, their spans of length 0)."""
