@@ -103,6 +103,9 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
         if t.shape[1] > 1 and t.stride(1) != 1:
             raise UserError(f"apply_token_bitmask_: {name} must have unit stride on its last dim, got strides "
                             f"{t.stride()} (its rows may be strided)")
+    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
+        raise UserError(f"apply_token_bitmask_: logits' rows overlap in memory (strides {logits.stride()}, e.g. an "
+                        "expand()ed row): each row is masked in place by its own bitmask row; pass logits.contiguous()")
     if logits.requires_grad and torch.is_grad_enabled():
         raise UserError("apply_token_bitmask_: logits requires grad; the mask is for sampling (no backward): run it "
                         "under torch.no_grad() / inference_mode, or use apply_token_bitmask_reference")

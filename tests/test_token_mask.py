@@ -159,6 +159,7 @@ def refusal_args(device, **change):
     (dict(logits=lambda a: torch.randn(70, 3, device=a["logits"].device).T),
      r"logits must have unit stride on its last dim, got strides \(1, 3\)"),
     (dict(bitmask=lambda a: a["bitmask"].T.contiguous().T), "bitmask must have unit stride on its last dim"),
+    (dict(logits=lambda a: a["logits"][:1].expand(3, -1)), r"logits' rows overlap in memory \(strides \(0, 1\)"),
     (dict(logits=lambda a: a["logits"].to("meta"), bitmask=lambda a: a["bitmask"].to("meta")),
      "logits is on meta; Triton kernels run on CUDA"),
     (dict(logits=lambda a: a["logits"].requires_grad_()), "logits requires grad; the mask is for sampling"),
