@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from tritongpt._env import triton_interpreting
+from tritongpt._types import is_real
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import cdiv, check_runnable, custom_op, next_pow2, on_tensor_device
 
@@ -288,6 +289,12 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
                         f"{(u.dtype, tuple(u.shape)) if isinstance(u, torch.Tensor) else type(u).__name__}")
     if u.device != logits.device:
         raise UserError(f"{who}: u is on {u.device}, logits on {logits.device}: both on one device")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
+        # (a string or None compared below would raise Python's own TypeError, naming neither argument nor kernel)
+        if value is not None or name == "temperature":
+            one = isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
+            if not (is_real(value) or one):
+                raise UserError(f"{who}: {name} must be a number, got {type(value).__name__} {value!r}")
     if not temperature > 0 or temperature != temperature or temperature == float("inf"):
         raise UserError(f"{who}: temperature must be a finite number > 0 (greedy is an argmax), got {temperature!r}")
     if temperature < torch.finfo(torch.float32).tiny:  # (0 in fp32, or flushed on a GPU: 0 / 0 for the likeliest)

@@ -149,7 +149,11 @@ def test_bad_arguments_are_refused_by_name():
                         ((x, u, 0.0), "temperature"), ((x, u, float("nan")), "temperature"),
                         ((x.t().contiguous().t(), u, 1.0), "unit stride"), ((x, u, 1.0, 0), "top_k"),
                         ((x, u, 1.0, None, 1.5), "top_p"), ((x, u, 1.0, None, None, -0.1), "min_p"),
-                        ((x[:, :0], u, 1.0), "tokens a row"), ((x, u, 1e-46), "smallest normal")]:
+                        ((x[:, :0], u, 1.0), "tokens a row"), ((x, u, 1e-46), "smallest normal"),
+                        ((x, u, "1.0"), "temperature must be a number, got str"),
+                        ((x, u, None), "temperature must be a number, got NoneType"),
+                        ((x, u, 1.0, None, "0.9"), "top_p must be a number"),
+                        ((x, u, 1.0, None, None, [0.1]), "min_p must be a number")]:
         with pytest.raises(UserError, match=match):
             sample_tokens(*args)
     if torch.cuda.is_available():
