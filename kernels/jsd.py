@@ -153,7 +153,7 @@ def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, WT, V_CE, V_KD,
         kd_col = cols < V_KD
         if MODE == 0:
             pt = tl.exp2(lpt * LOG2E)
-            d += tl.where(kd_col & (pt > 0), pt * (lpt - lps), 0.0)
+            d += tl.where(kd_col & (pt != 0), pt * (lpt - lps), 0.0)  # (!= 0: a NaN p_t is kept, as torch)
             if HAS_GRAD:
                 dx = _grad_tile(x, lps, lpt, lref, cols, target, mc, lc, zero, V_CE, V_KD, ce_weight, kd_weight,
                                 share, MODE)
@@ -161,11 +161,11 @@ def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, WT, V_CE, V_KD,
                          mask=row_ok[:, None] & (cols < W))
         else:
             ps = tl.exp2(lps * LOG2E)
-            rs = tl.where(kd_col & (ps > 0), ps * (lps - lref), 0.0)
+            rs = tl.where(kd_col & (ps != 0), ps * (lps - lref), 0.0)
             r += rs
             if MODE == 2:
                 pt = tl.exp2(lpt * LOG2E)
-                d += beta * tl.where(kd_col & (pt > 0), pt * (lpt - lref), 0.0) + share * rs
+                d += beta * tl.where(kd_col & (pt != 0), pt * (lpt - lref), 0.0) + share * rs
     r_row = tl.sum(r, 1)
     kd = r_row
     if MODE != 1:

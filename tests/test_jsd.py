@@ -188,6 +188,26 @@ def test_every_target_ignored_is_nan_as_the_reference(device):
     assert linear_distill_loss(h, w, torch.randn(4, 6, device=device), w, y, 37, 0.5, reduction="sum")[0] == 0
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("nan_in", ["teacher", "student"])
+def test_a_nan_logit_gives_nan_as_the_reference(beta, nan_in, device):
+    """A NaN in one row's teacher (or student) logits makes the divergence NaN, as distill_loss's: the kernel's
+    `p > 0` test, which skips a zero probability's 0 * log 0, dropped a NaN probability too and gave a finite KD."""
+    g = torch.Generator().manual_seed(11)
+    h, w = torch.randn(4, 6, generator=g), torch.randn(37, 6, generator=g)
+    th, tw = torch.randn(4, 5, generator=g), torch.randn(37, 5, generator=g)
+    y = torch.randint(0, 37, (4,), generator=g)
+    (th if nan_in == "teacher" else h)[2, 1] = float("nan")
+    got = linear_distill_loss(h.to(device), w.to(device), th.to(device), tw.to(device), y.to(device), 37, 0.5,
+                              2.0, beta)
+    ref = distill.distill_loss((h @ w.t())[None].double(), (th @ tw.t())[None].double(), y[None], 37, 0.5, 2.0, beta)
+    for name, a, b in zip(("loss", "ce", "kd"), got, ref):
+        assert a.isnan() == b.isnan(), (name, a, b)
+        if not b.isnan():
+            assert_close_rel(a, b.float(), 1e-4, name)
+    assert ref[2].isnan()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_every_target_ignored_gives_zero_gradients_as_the_reference(reduction, device):
     # the reference's (and linear_cross_entropy's) gradient is zero there, not nan: a prompt-only batch must not
