@@ -1708,6 +1708,11 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         raise TypeError(f"alibi_slopes must be a float32 tensor [H] or None, got {type(alibi_slopes).__name__}")
     # here too: slopes on another device (meta) would send the op to that device's (fake) kernel
     _check_alibi(q, alibi_slopes, finite=False)
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        # the backward returns None for them: learnable slopes would silently never learn
+        raise ValueError("alibi_slopes requires grad, but the kernels take the slopes as a constant (no gradient): "
+                         "pass alibi_slopes.detach(), or learn them on the reference path "
+                         "(model.set_kernels('reference'))")
     dropout_p = float(dropout_p)
     _check_block_table(q, k, kv_len, block_table)
     if kv_len is not None:

@@ -1157,6 +1157,18 @@ def test_alibi_custom_op_opcheck_and_compile(device):
         assert torch.equal(e, c), f"compiled {name} differs"
 
 
+def test_alibi_slopes_requiring_grad_are_refused_not_left_without_a_gradient(device):
+    """The kernels take the slopes as a constant: slopes that require grad (learnable ones) are refused while grad is
+    on, instead of a backward that leaves their .grad None; under no_grad they are read as any slopes."""
+    q, k, v = make_qkv(1, 2, 8, 8, 16, torch.float32, device)
+    slopes = torch.tensor([0.5, 0.25], device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="alibi_slopes requires grad, but the kernels take the slopes as a constant"):
+        flash_attention(q, k, v, alibi_slopes=slopes)
+    with torch.no_grad():
+        assert torch.equal(flash_attention(q, k, v, alibi_slopes=slopes), flash_attention(q, k, v,
+                                                                                          alibi_slopes=slopes.detach()))
+
+
 def test_alibi_bad_slopes(device):
     """alibi_slopes: None or a finite fp32 [H] tensor on q's device, refused by name otherwise (the op too)."""
     q, k, v = make_qkv(1, 2, 8, 8, 16, torch.float32, device)
