@@ -96,8 +96,8 @@ def test_export_round_trips_through_transformers(tmp_path, tie):
     ({"n_layer": 3}, "n_layer 3, but the weights have 2"),
     ({"seq_length": 0}, "seq_length 0"),
 ], ids=["post-layernorm-residual", "heads", "layers", "context"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
-    _, path = hf_bloom(tmp_path)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
+    path = hf_copy(hf_bloom, tmp_path)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):

@@ -102,8 +102,8 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ("cohere2", {"sliding_window": 0}, "sliding_window 0; it must be a positive integer"),
 ], ids=["qk-norm", "qk-norm-weights", "activation", "attention-bias", "logit-scale", "dynamic-rope", "no-sliding",
         "layer-types", "layer-type-name", "window"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
-    _, path = hf_cohere(tmp_path, kind, **({"use_qk_norm": True} if change.get("use_qk_norm") is False else {}))
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
+    path = hf_copy(hf_cohere, tmp_path, kind, **({"use_qk_norm": True} if change.get("use_qk_norm") is False else {}))
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):

@@ -104,8 +104,8 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
                                                             "num_attention_heads 4"),
     ({"partial_rotary_factor": 0.5}, "has a partial rotary factor; Falcon rotates whole heads"),
 ], ids=["activation", "mlp-width", "heads", "scaled-rope", "remote-code", "kv-heads", "partial-rotary"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
-    _, path = hf_falcon(tmp_path)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
+    path = hf_copy(hf_falcon, tmp_path)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):

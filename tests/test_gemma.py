@@ -288,8 +288,8 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
      "scales the local layers' RoPE"),
 ], ids=["attn-softcap", "attention-bias", "query-scalar", "bidirectional", "activation", "multimodal", "layer-types",
         "head-dim", "local-scaling"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
-    _, path = hf_gemma(tmp_path, layers=7)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
+    path = hf_copy(hf_gemma, tmp_path, layers=7)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):

@@ -186,8 +186,8 @@ def test_presets_have_the_published_parameter_counts():
     ({"num_layers": 4}, "num_layers 4, but the weights have 3"),
     ({"num_heads": None}, "config.json names no num_heads"),
 ])
-def test_config_json_naming_what_this_model_does_not_compute_is_refused(tmp_path, edit, said):
-    _, path = _hf_model(tmp_path)
+def test_config_json_naming_what_this_model_does_not_compute_is_refused(hf_copy, tmp_path, edit, said):
+    path = hf_copy(_hf_model, tmp_path)
     good = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**good, **edit}))
     with pytest.raises(UserError, match=said):

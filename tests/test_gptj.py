@@ -118,10 +118,10 @@ def test_export_round_trips_through_transformers_with_the_output_bias_folded(tmp
     ({"n_head": 5}, "n_head 5, which does not divide the weights' width 64"),
     ({"model_type": "gpt_neox"}, None),
 ], ids=["activation", "mlp-width", "rotary-null", "rotary-odd", "heads", "not-gptj"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     from tritongpt.train.gptj_weights import load_gptj_safetensors
 
-    _, path = hf_gptj(tmp_path)
+    path = hf_copy(hf_gptj, tmp_path)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match or "says model_type 'gpt_neox'; a GPT-J folder's is gptj"):

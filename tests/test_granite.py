@@ -237,8 +237,8 @@ def test_the_multipliers_are_checked_by_name():
     ("granitemoe", {"num_experts_per_tok": 6}, "num_experts_per_tok 6; it must be an integer in \\[1, 5\\]"),
 ], ids=["shared", "hybrid", "swa", "activation", "bias", "embedding", "residual", "attention", "logits", "rope",
         "moe-bias", "moe-shared", "experts", "top-k"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
-    _, path = hf_granite(tmp_path, kind)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
+    path = hf_copy(hf_granite, tmp_path, kind)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):

@@ -125,8 +125,8 @@ def test_export_round_trip(tmp_path, overrides, kind):
     ({"vocab_size": 64}, "says vocab_size 64, but the weights have 53"),
     ({"hidden_size": 32}, "says hidden_size 32, but the weights have 64"),
 ])
-def test_config_json_naming_what_this_model_does_not_compute_is_refused(tmp_path, edit, said):
-    _, path = _hf_model(tmp_path)
+def test_config_json_naming_what_this_model_does_not_compute_is_refused(hf_copy, tmp_path, edit, said):
+    path = hf_copy(_hf_model, tmp_path)
     cfg_json = tmp_path / "config.json"
     d = json.loads(cfg_json.read_text())
     d.update(edit)

@@ -90,8 +90,8 @@ def test_export_round_trips_through_transformers(tmp_path, tie):
     ({"n_layers": 3}, "n_layers 3, but the weights have 2"),
 ], ids=["clip-qkv", "qk-ln", "softmax-scale", "alibi-bias-max", "no-alibi", "prefix-lm", "multiquery",
         "logit-scale", "biases", "expansion", "heads-mismatch", "layers"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
-    _, path = hf_mpt(tmp_path)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
+    path = hf_copy(hf_mpt, tmp_path)
     cfg_json = tmp_path / "config.json"
     d = json.loads(cfg_json.read_text())
     d = {**d, **change, "attn_config": {**d["attn_config"], **change.get("attn_config", {})}}

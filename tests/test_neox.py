@@ -136,8 +136,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"num_key_value_heads": 2}, "num_key_value_heads 2; GPT-NeoX's heads each have their own"),
 ], ids=["rotary-pct", "partial-factor", "linear-rope", "dynamic-rope", "activation", "attention-bias",
         "mlp-width", "heads", "kv-heads"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
-    _, path = hf_neox(tmp_path)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
+    path = hf_copy(hf_neox, tmp_path)
     cfg_json = tmp_path / "config.json"
     d = {k: v for k, v in json.loads(cfg_json.read_text()).items() if k not in change and
          not (k == "rope_parameters" and "rotary_pct" in change)}

@@ -205,8 +205,8 @@ def test_a_sliding_rope_without_its_base_is_read_as_transformers_reads_it(tmp_pa
     ("olmo3", {"sliding_window": None}, "sliding_window None and sliding layers"),
 ], ids=["attention-bias", "activation", "head-dim", "dynamic-rope", "yarn-mscale", "local-scaling", "layer-types",
         "no-window"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
-    _, path = hf_olmo(tmp_path, kind)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
+    path = hf_copy(hf_olmo, tmp_path, kind)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):

@@ -169,8 +169,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"qk_layernorm": "yes"}, "qk_layernorm 'yes'; it must be true or false"),
 ], ids=["phi-msft", "mixformer", "factor", "linear-rope", "dynamic-rope", "activation", "mlp-width", "heads",
         "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
-    _, path = hf_phi(tmp_path)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
+    path = hf_copy(hf_phi, tmp_path)
     cfg_json = tmp_path / "config.json"
     d = {k: v for k, v in json.loads(cfg_json.read_text()).items() if k not in change}
     cfg_json.write_text(json.dumps({**d, **change}))

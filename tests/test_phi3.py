@@ -153,8 +153,8 @@ def test_sharded_folders_and_older_rope_names_load(tmp_path):
     # Phi-2's reader (train/phi_weights.py) looks for its own tensor names
     ({"model_type": "phi"}, "not a Phi model, missing tensor 'layers.0.mlp.fc1.weight'"),
 ], ids=["activation", "kv-heads", "dynamic-rope", "longrope-one-list", "odd-rotary", "window", "phi2"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
-    _, path = hf_phi3(tmp_path)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
+    path = hf_copy(hf_phi3, tmp_path)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):

@@ -113,8 +113,8 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
     ({"num_attention_heads": 5}, "heads of 12 over a width of 64; StableLM's heads are hidden_size / "),
 ], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "theta", "qkv-bias", "epoch",
         "heads"])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, change, match):
-    _, path = hf_stablelm(tmp_path)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
+    path = hf_copy(hf_stablelm, tmp_path)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):
