@@ -575,11 +575,14 @@ class AddLayerNormFunction(torch.autograd.Function):
         dy, ds = dy.reshape(s.shape), None if ds is None else ds.reshape(s.shape)
         if ctx.delta_dtype == s.dtype:
             dx, dw, db = _layer_norm_bwd.call(dy, s, weight, mean, rstd, ds)
-            ddelta = dx
+            # one tensor object for x and delta: autograd copies it for a second leaf's .grad. Two views of one
+            # buffer would both be kept as .grad, and a later backward accumulating into one added to both.
+            dx = ddelta = dx.view(ctx.shape)
         else:  # an fp32 stream and a bf16 sublayer: delta's gradient written in bf16 by the same pass
             dx, ddelta, dw, db = _add_layer_norm_bwd.call(dy, s, weight, mean, rstd, ds,
                                                                         ctx.delta_dtype)
-        return dx.view(ctx.shape), ddelta.view(ctx.shape), dw, (db if ctx.has_bias else None), None
+            dx, ddelta = dx.view(ctx.shape), ddelta.view(ctx.shape)
+        return dx, ddelta, dw, (db if ctx.has_bias else None), None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -621,10 +624,11 @@ class AddRMSNormFunction(torch.autograd.Function):
         dy, ds = dy.reshape(s.shape), None if ds is None else ds.reshape(s.shape)
         if ctx.delta_dtype == s.dtype:
             dx, dw = _rms_norm_bwd.call(dy, s, weight, rstd, ds)
-            ddelta = dx
+            dx = ddelta = dx.view(ctx.shape)  # one object, as AddLayerNormFunction's
         else:
             dx, ddelta, dw = _add_rms_norm_bwd.call(dy, s, weight, rstd, ds, ctx.delta_dtype)
-        return dx.view(ctx.shape), ddelta.view(ctx.shape), dw, None
+            dx, ddelta = dx.view(ctx.shape), ddelta.view(ctx.shape)
+        return dx, ddelta, dw, None
 
 
 def _check_args(fn: str, x, weight, bias, eps):

@@ -888,3 +888,26 @@ def test_add_layer_norm_gpt2_sizes_cuda(width, dtypes):
 def test_odd_rows_max_width_cuda():
     check_parity((4099, MAX_WIDTH), torch.bfloat16, torch.device("cuda"), seed=1)
     check_parity((37, 100), torch.float16, torch.device("cuda"), seed=2)
+
+
+@pytest.mark.parametrize("fused", ["add_layer_norm", "add_rms_norm"])
+def test_add_norm_leaf_grads_accumulate_apart(fused, device):
+    """x and delta get one gradient: two leaves' .grad must still be two buffers, so that a second
+    backward adds its gradient once to each (two views of one buffer made both 3x, not 2x)."""
+    from tritongpt.kernels.layernorm import add_rms_norm
+    gen = torch.Generator().manual_seed(43)
+    x, d = (torch.randn(3, 32, generator=gen).to(device).requires_grad_() for _ in range(2))
+    w = torch.randn(32, generator=gen).to(device)
+    dy = torch.randn(3, 32, generator=gen).to(device)
+
+    def backward():
+        y = add_layer_norm(x, d, w, None)[1] if fused == "add_layer_norm" else add_rms_norm(x, d, w)[1]
+        y.backward(dy)
+
+    backward()
+    once = x.grad.clone()
+    assert once.abs().sum() > 0 and torch.equal(d.grad, once)
+    assert x.grad.data_ptr() != d.grad.data_ptr()
+    backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+    torch.testing.assert_close(d.grad, 2 * once)
