@@ -106,9 +106,13 @@ def sampling_with_triton(model) -> bool:
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: Optional[Sequence[int]] = None,
                         triton: bool = False) -> torch.Tensor:
     """The masked logits: triton=True masks logits in place with the Triton kernel (kernels/token_mask.py) and returns
-    it; else the reference's new tensor (logits untouched)."""
+    it (a copy of logits whose rows share memory: each row takes its own bans); else the reference's new tensor
+    (logits untouched)."""
     if triton:
         from tritongpt.kernels.token_mask import apply_token_bitmask_
+        if logits.dim() == 2 and logits.size(0) > 1 and logits.stride(0) < logits.size(1):
+            # (the engine's n samples of one prompt draw their first token from its one prefill row, expand()ed)
+            logits = logits.contiguous()
         return apply_token_bitmask_(logits, bitmask, indices)
     return apply_token_bitmask_reference(logits, bitmask, indices)
 

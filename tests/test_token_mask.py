@@ -98,6 +98,22 @@ def test_dispatcher_reference_copies_triton_in_place(device):
     assert out is logits and torch.equal(out, ref)
 
 
+def test_dispatcher_masks_each_row_of_an_expanded_row_by_its_own_bitmask_row(device):
+    """The engine's n samples of one prompt draw their first token from its prefill's one row expand()ed (stride 0):
+    the dispatcher's Triton path masks a copy, each row by its own bitmask row, as the reference (the in-place
+    kernel refuses such logits)."""
+    gen = torch.Generator().manual_seed(4)
+    row = torch.randn(1, 70, generator=gen).to(device)
+    before = row.clone()
+    bitmask = pack_token_bitmask(torch.rand(3, 70, generator=gen) < 0.5).to(device)
+    for indices in (None, [2, 0]):
+        want = apply_token_bitmask_reference(row.expand(3, -1), bitmask, indices)
+        got = apply_token_bitmask(row.expand(3, -1), bitmask, indices, triton=True)
+        assert torch.equal(got, want), indices
+        assert torch.equal(row, before)
+    assert not torch.equal(want[0], want[2])  # (the rows' bans differ: one row's memory could not hold both)
+
+
 xgr = None
 try:
     import xgrammar as xgr
