@@ -1664,7 +1664,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     softmax (Gemma 2's attn_logit_softcapping, 50; flash-attn's softcap). None or 0: no cap.
     alibi_slopes: fp32 [H], one slope m_h per query head (alibi_slopes(H) in model/layers.py):
     ALiBi adds m_h (j - i) to the scaled (and capped) score of query position i (Tk - Tq + i, as
-    for the mask) and key j, before the masks; flash-attn's alibi_slopes. A constant: no gradient.
+    for the mask) and key j, before the masks; flash-attn's alibi_slopes. A constant: no gradient
+    (slopes that require grad are refused while grad is on).
     kv_len: a one-element int32/int64 tensor on q's device (shape [] or [1]) or None. With it, k and v are a
         preallocated KV cache of Tk_cap = k.shape[2] positions of which only the first L (kv_len's value) hold
         keys: the result is flash_attention(q, k[:, :, :L], v[:, :, :L]) with the same other arguments (query i
@@ -1711,8 +1712,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
         # the backward returns None for them: learnable slopes would silently never learn
         raise ValueError("alibi_slopes requires grad, but the kernels take the slopes as a constant (no gradient): "
-                         "pass alibi_slopes.detach(), or learn them on the reference path "
-                         "(model.set_kernels('reference'))")
+                         "pass alibi_slopes.detach(), or learn them in torch (the scores plus "
+                         "model/layers.py's alibi_bias(slopes, Tq, Tk))")
     dropout_p = float(dropout_p)
     _check_block_table(q, k, kv_len, block_table)
     if kv_len is not None:
