@@ -119,19 +119,21 @@ def forced_splits(monkeypatch):
 @pytest.fixture(scope="session")
 def hf_copy(tmp_path_factory):
     """hf_copy(build, to, *args, **kw): the folder build(folder, *args, **kw) saves (a family test's tiny random
-    transformers model; the builders seed themselves) copied into `to`. -> to's model.safetensors. Built once a
-    worker for each build and arguments: a refusal test edits its own copy's config.json and needs no model of its
-    own (building and saving one is most of such a test's time, repeated for each of its dozen cases)."""
+    transformers model; the builders seed themselves and return (model, weights file)) copied into `to`. -> the
+    weights file's copy in `to`. Built once a worker for each build and arguments: a refusal test edits its own
+    copy's config.json and needs no model of its own (building and saving one is most of such a test's time,
+    repeated for each of its dozen cases). A build that fails is not kept: the next test builds again."""
     import shutil
 
     built = {}
 
     def copy(build, to, *args, **kw):
         key = (build.__module__, build.__qualname__, repr(args), repr(sorted(kw.items())))
-        if key not in built:
-            built[key] = tmp_path_factory.mktemp("hf")
-            build(built[key], *args, **kw)
-        shutil.copytree(built[key], to, dirs_exist_ok=True)
-        return to / "model.safetensors"
+        if key not in built:  # (recorded once built: a half-saved folder would be every later test's model)
+            folder = tmp_path_factory.mktemp("hf")
+            built[key] = folder, build(folder, *args, **kw)[1].name
+        folder, name = built[key]
+        shutil.copytree(folder, to, dirs_exist_ok=True)
+        return to / name
 
     return copy

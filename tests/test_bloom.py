@@ -90,6 +90,27 @@ def test_export_round_trips_through_transformers(tmp_path, tie):
     assert again.config.to_dict() == {**model.config.to_dict(), "kernels": again.config.kernels}
 
 
+def test_hf_copy_gives_the_builds_own_file_and_builds_again_after_a_failure(hf_copy, tmp_path):
+    """conftest's hf_copy: the copy's file is the one the build returned (a sharded model's index), and a build
+    that raised is not kept (its half-saved folder copied to the next test as its model)."""
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "model-00001-of-00002.safetensors").write_text("weights")
+        if len(calls) == 1:
+            raise OSError("disk full")
+        (folder / "model.safetensors.index.json").write_text("{}")
+        return None, folder / "model.safetensors.index.json"
+
+    with pytest.raises(OSError, match="disk full"):
+        hf_copy(build, tmp_path / "a")
+    for to in ("b", "c"):
+        path = hf_copy(build, tmp_path / to)
+        assert path == tmp_path / to / "model.safetensors.index.json" and path.read_text() == "{}"
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("change,match", [
     ({"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm true"),
     ({"n_head": 5}, "n_head 5, which does not divide the weights' width 64"),
