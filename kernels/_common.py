@@ -652,7 +652,7 @@ def share_interpreter_shapes() -> bool:
         return True
     if tl.core.base_value.__init__ is not object.__init__:
         return False  # (a Triton whose base_value sets something up: its own constructor kept)
-    made = {}  # a block type's shape (a tl.tuple of ints; () a scalar's) -> (numel, shape) as tl.tensor holds them
+    made = {}  # a block type's shape, a Python tuple of ints (() a scalar's) -> (numel, shape) as tl.tensor has
 
     def tensor_init(self, handle, type):
         self.handle, self.type, self.dtype = handle, type, type.scalar
