@@ -716,20 +716,13 @@ class GPTModel(nn.Module):
         document's positions count from 0 and its tokens attend to its own tokens only, so a
         packed row computes what each of its documents would alone (SFT packing, and pretraining
         with documents kept apart)."""
-        if not isinstance(idx, torch.Tensor):
-            raise UserError(f"idx must be a [batch, time] tensor of token ids, got {type(idx).__name__}")
         if cache is not None and not isinstance(cache, KVCache):
             raise UserError(f"the second argument is the KV cache, got {type(cache).__name__}: "
                             "pass targets by name, model(idx, targets=targets)")
-        if idx.dim() != 2:
-            raise UserError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
-        if idx.dtype not in (torch.int64, torch.int32):
-            raise UserError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-        self._check_token_ids(idx)
+        self._check_idx(idx)
         B, T = idx.shape
-        if cache is not None and cache.batch_size != B:
-            raise UserError(f"the KV cache holds {cache.batch_size} sequences, idx {B}: "
-                            f"make it with model.new_cache({B})")
+        if cache is not None:
+            self._check_cache(cache, B)
         start = cache.pos if cache is not None else 0
         on_device = cache is not None and cache.on_device
         # (on_device: the positions are on the device; its callers keep them within the cache, DecodeGraph and the
@@ -801,6 +794,33 @@ class GPTModel(nn.Module):
         if doc_ids.device != idx.device:
             raise UserError(f"doc_ids is on {doc_ids.device}, idx on {idx.device}")
 
+    def _check_idx(self, idx):
+        if not isinstance(idx, torch.Tensor):
+            raise UserError(f"idx must be a [batch, time] tensor of token ids, got {type(idx).__name__}")
+        if idx.dim() != 2:
+            raise UserError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise UserError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        self._check_token_ids(idx)
+
+    def _check_cache(self, cache, B):
+        """A cache made for another model (fewer layers, other heads) failed deep in a layer with an IndexError or a
+        shape mismatch, and one of another float dtype in the attention's matmul."""
+        if cache.batch_size != B:
+            raise UserError(f"the KV cache holds {cache.batch_size} sequences, idx {B}: "
+                            f"make it with model.new_cache({B})")
+        cfg = self.config
+        got = (cache.k.size(0), cache.k.size(2), cache.k.size(-1))
+        if got != (cfg.n_layer, cfg.kv_heads, cfg.head_dim):
+            raise UserError(f"the KV cache is for {got[0]} layers of {got[1]} kv heads of dim {got[2]}, this model "
+                            f"has {cfg.n_layer} of {cfg.kv_heads} of dim {cfg.head_dim}: make it with "
+                            f"model.new_cache({B})")
+        # (under autocast the keys take the autocast dtype; an int8 cache is read back in q's dtype)
+        w = self.tok_emb.weight
+        if not cache.quantized and not torch.is_autocast_enabled(w.device.type) and cache.dtype != w.dtype:
+            raise UserError(f"the KV cache holds {cache.dtype} keys and this model computes {w.dtype} ones: "
+                            f"make it with model.new_cache({B})")
+
     def _check_token_ids(self, idx):
         """Ids must be in [0, vocab_size). nn.Embedding catches ids past its rows, but with a padded
         vocabulary the padding rows would be looked up silently. On the CPU a clear error (the
@@ -854,7 +874,7 @@ class GPTModel(nn.Module):
 
     def _forward(self, idx, cache, targets, ignore_index, reduction, doc_ids, label_smoothing, z_loss):
         if targets is not None:
-            targets = self._checked_targets(idx, targets)
+            targets = self._checked_targets(idx, targets, ignore_index, reduction)
         triton_loss = targets is not None and "cross_entropy" in self.kernels
         # (a quantized head, model/quant.py, makes its logits itself: the fused head + loss takes a float weight)
         if triton_loss and reduction != "none" and isinstance(self.out_head, nn.Linear):
@@ -877,10 +897,14 @@ class GPTModel(nn.Module):
             return logits
         return lm_loss(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
 
-    @staticmethod
-    def _checked_targets(idx, targets):
+    def _checked_targets(self, idx, targets, ignore_index=-100, reduction="mean"):
         """targets as both loss paths take them: shaped like idx, integer ids (as int64: the
-        reference's F.cross_entropy takes no other integer dtype)."""
+        reference's F.cross_entropy takes no other integer dtype), each in the vocabulary or ignore_index (on the
+        CPU, as _check_token_ids: the reference loss raised a bare IndexError there, the Triton one checks its own)."""
+        if reduction not in ("mean", "sum", "none"):
+            raise UserError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if not is_int(ignore_index):
+            raise UserError(f"ignore_index must be an int, got {ignore_index!r}")
         if not isinstance(targets, torch.Tensor):
             raise UserError(f"targets must be a tensor of token ids, got {type(targets).__name__}")
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -888,7 +912,14 @@ class GPTModel(nn.Module):
         if isinstance(idx, torch.Tensor) and targets.shape != idx.shape:
             raise UserError(f"targets must have idx's shape {tuple(idx.shape)} (one next token per "
                             f"position), got {tuple(targets.shape)}")
-        return targets.long()
+        targets, V = targets.long(), self.config.vocab_size
+        if targets.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not torch._C._len_torch_dispatch_stack():
+            bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
+            if bad.numel():
+                raise UserError(f"target {int(bad[0])} is outside the model's vocabulary [0, {V}) and is not "
+                                f"ignore_index ({ignore_index})")
+        return targets
 
     def logits(self, h):
         """The LM head on hidden states (from hidden()): logits [..., vocab_size], a view that leaves
@@ -920,11 +951,12 @@ class GPTModel(nn.Module):
         for name, flag in (("entropy", entropy), ("entropy_grad", entropy_grad)):
             if not isinstance(flag, bool):  # as both paths read it (the kernel refuses a non-bool entropy)
                 raise TypeError(f"token_logprobs: {name} must be a bool, got {type(flag).__name__}")
+        if hidden is not None:  # (hidden() checks idx; a caller's hidden skips that: idx is the targets then)
+            self._check_idx(idx)
         h = self.hidden(idx) if hidden is None else hidden
-        if not isinstance(idx, torch.Tensor):  # (hidden() checks it; a caller's hidden skips that)
-            raise UserError(f"idx must be a [batch, time] tensor of token ids, got {type(idx).__name__}")
-        if not isinstance(h, torch.Tensor) or h.shape[:-1] != idx.shape:
-            raise UserError(f"token_logprobs: hidden must be hidden(idx), [{', '.join(map(str, idx.shape))}, C], "
+        if not isinstance(h, torch.Tensor) or h.shape != (*idx.shape, self.config.n_embd):
+            raise UserError(f"token_logprobs: hidden must be hidden(idx), [{', '.join(map(str, idx.shape))}, "
+                            f"{self.config.n_embd}], "
                             f"got {tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
         targets = idx[:, 1:]
         if "cross_entropy" in self.kernels:

@@ -935,3 +935,38 @@ def test_the_causal_mask_is_made_per_call_not_stored_for_the_whole_context():
     idx = torch.randint(0, SMALL["vocab_size"], (2, 13))
     with torch.no_grad():
         assert torch.equal(long(idx), short(idx))
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_bad_loss_arguments_and_a_foreign_cache_are_user_errors(kernels):
+    """Up front, on both paths: a target outside the vocabulary (the reference loss raised a bare IndexError), a
+    reduction or an ignore_index torch's loss named its own way, and a KV cache made for another model shape or
+    dtype (an IndexError or a shape mismatch deep in a layer, or with more layers a forward that ran)."""
+    small = dict(SMALL, n_head=2)  # (a head dim the Triton attention takes)
+    m = GPTModel(GPTConfig(**small)).eval().set_kernels(kernels)
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    for bad in (97, -1):
+        with pytest.raises(UserError, match=rf"target {bad} is outside the model's vocabulary \[0, 97\) and is "
+                                            r"not ignore_index \(-100\)"):
+            m(idx, targets=torch.full_like(idx, bad))
+    ignored = idx.clone()
+    ignored[:, 2:] = -1  # ignore_index=-1: those are ignored, not refused
+    default = ignored.where(ignored >= 0, -100)
+    torch.testing.assert_close(m(idx, targets=ignored, ignore_index=-1), m(idx, targets=default))
+    with pytest.raises(UserError, match="reduction must be 'mean', 'sum' or 'none', got 'avg'"):
+        m(idx, targets=idx, reduction="avg")
+    with pytest.raises(UserError, match="ignore_index must be an int, got 'x'"):
+        m(idx, targets=idx, ignore_index="x")
+    with torch.no_grad():
+        for other in (dict(n_layer=1), dict(n_layer=3), dict(n_head=4), dict(n_embd=64)):
+            cache = GPTModel(GPTConfig(**dict(small, **other))).new_cache(2)
+            with pytest.raises(UserError, match=r"the KV cache is for \d+ layers of \d+ kv heads of dim \d+, this "
+                                                r"model has 2 of 2 of dim 16: make it with model.new_cache\(2\)"):
+                m(idx, cache)
+        with pytest.raises(UserError, match="the KV cache holds torch.float16 keys and this model computes "
+                                            "torch.float32 ones"):
+            m(idx, m.new_cache(2, dtype=torch.float16))
+        # an int8 cache's values are read back in q's dtype, whatever float dtype it was made for
+        torch.testing.assert_close(m(idx, m.new_cache(2, dtype=torch.float16, kv_dtype="int8")),
+                                   m(idx, m.new_cache(2, kv_dtype="int8")))
+

@@ -432,8 +432,18 @@ def _bwd_with_grad_entropy_alone(x, t):
     (lambda x, t: _model("reference").token_logprobs(t.view(2, 3) % 37, entropy_grad=None), TypeError,
      "token_logprobs: entropy_grad must be a bool, got NoneType"),
     *[(lambda x, t, k=k: _model(k).token_logprobs(t.view(2, 3) % 37, hidden=torch.zeros(2, 4, 32)), UserError,
-       r"token_logprobs: hidden must be hidden\(idx\), \[2, 3, C\], got \(2, 4, 32\)")
+       r"token_logprobs: hidden must be hidden\(idx\), \[2, 3, 32\], got \(2, 4, 32\)")
       for k in ("reference", "triton")],
+    # a hidden of another width, and with a caller's hidden the ids hidden() would have checked (the reference
+    # path failed in the head's matmul or the gather, the Triton path in its kernel's checks of the targets)
+    *[(lambda x, t, k=k: _model(k).token_logprobs(t.view(2, 3) % 37, hidden=torch.zeros(2, 3, 16)), UserError,
+       r"token_logprobs: hidden must be hidden\(idx\), \[2, 3, 32\], got \(2, 3, 16\)")
+      for k in ("reference", "triton")],
+    *[(lambda x, t, k=k, ids=ids: _model(k).token_logprobs(ids, hidden=torch.zeros(*ids.shape, 32)), UserError,
+       said) for k in ("reference", "triton") for ids, said in (
+          (torch.ones(2, 3), "idx must hold integer token ids, got dtype torch.float32"),
+          (torch.full((2, 3), 37), r"token id 37 is outside the model's vocabulary \[0, 37\)"),
+          (torch.ones(3, dtype=torch.long), r"idx must be \[batch, time\] token ids, got shape \(3,\)"))],
     (lambda x, t: _model("triton").token_logprobs([[1, 2]], hidden=torch.zeros(1, 2, 32)), UserError,
      "idx must be a .batch, time. tensor of token ids, got list"),
 ])
