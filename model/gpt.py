@@ -1075,6 +1075,10 @@ class GPTModel(nn.Module):
 
         if not Path(path).is_file():
             raise UserError(f"weights file not found: {path}")
+        try:  # (safetensors' own error came after reading the file's header, naming no argument)
+            torch.device(map_location)
+        except (RuntimeError, TypeError):
+            raise UserError(f"map_location: unknown device {map_location!r}; use cpu, cuda or cuda:N") from None
         meta = safetensors_metadata(path)
         if meta.get("kind") == "reward_model":
             raise UserError(f"{path} is a reward model (a scalar head, not an LM head): "

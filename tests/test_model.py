@@ -970,3 +970,9 @@ def test_bad_loss_arguments_and_a_foreign_cache_are_user_errors(kernels):
         torch.testing.assert_close(m(idx, m.new_cache(2, dtype=torch.float16, kv_dtype="int8")),
                                    m(idx, m.new_cache(2, kv_dtype="int8")))
 
+
+def test_load_names_a_bad_map_location(tmp_path):
+    path = tmp_path / "m.safetensors"
+    GPTModel(GPTConfig(**SMALL)).save(path)
+    with pytest.raises(UserError, match="map_location: unknown device 'nodev'; use cpu, cuda or cuda:N"):
+        GPTModel.load(path, map_location="nodev")
