@@ -202,6 +202,8 @@ def test_triton_path_gives_the_same_beams(device, one_thread):
     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
     (dict(allowed_token_ids=[1, 2]), "beam_search does not take allowed_token_ids"),
     (dict(bad_words=[[1]]), "beam_search does not take bad_words"),
+    *[(dict(eos_id=e), rf"eos_id must be a token id \(an integer in \[0, {V}\)\), got {e!r}") for e in (V, -1, "x")],
+    (dict(eos_id=7, vocab_limit=7), r"eos_id must be a token id \(an integer in \[0, 7\)\), got 7"),
 ])
 def test_refusals(kw, said):
     model = GPTModel(GPTConfig(vocab_size=V, context_length=16, n_embd=32, n_layer=1, n_head=2))

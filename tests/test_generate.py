@@ -11,6 +11,7 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 import tritongpt.train.generate as gen
+from tritongpt.train.beam_search import beam_search
 from tritongpt.train.generate import generate, held_back, sample_next, sampling_logits, step_logprobs
 
 
@@ -190,11 +191,21 @@ def test_bad_arguments(model):
            (dict(temperature=0.0, top_p=1.5), "top_p"), (dict(temperature=0.0, top_k=0), "top_k"),
            (dict(vocab_limit=2.5), "vocab_limit must be a positive integer, got 2.5"),
            # 0 would slice the logits to nothing (argmax of an empty row, a bare IndexError)
-           (dict(vocab_limit=0), "vocab_limit must be a positive integer, got 0")]
+           (dict(vocab_limit=0), "vocab_limit must be a positive integer, got 0"),
+           # an eos_id the model never draws stopped no row, and padded a row stop() ended with an id it refuses
+           *[(dict(eos_id=e), rf"eos_id must be a token id \(an integer in \[0, 61\)\), got {e!r}")
+             for e in (61, -1, 1.5, "x")],
+           (dict(eos_id=9, vocab_limit=9), r"eos_id must be a token id \(an integer in \[0, 9\)\), got 9")]
     for kw, match in bad:
         with pytest.raises(UserError, match=match):
             generate(model, idx, 0, **kw)
         assert model.training, f"{kw}: generate left the model in eval mode"
+    # a bool prompt ran as ids 0 and 1 in beam_search, a batch of none failed in the KV cache's check
+    for prompt, said in ((idx > 0, "prompt must be a .batch, time. tensor of token ids, got a torch.bool tensor"),
+                         (idx[:0], r"prompt must be a non-empty \[batch, time\] tensor, got shape \(0, 2\)")):
+        for search in (lambda p: generate(model, p, 3), lambda p: beam_search(model, p, 3, 2)):
+            with pytest.raises(UserError, match=said):
+                search(prompt)
     for n in (2.5, None, "3", -1):  # range() and < raised bare TypeErrors on the first three
         with pytest.raises(UserError, match=r"max_new_tokens must be an integer >= 0, got"):
             generate(model, idx, n)

@@ -21,8 +21,8 @@ import torch
 
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
-from tritongpt.train.generate import (ban_repeated_ngrams, check_cache_dtype, check_sampling, crosses_longrope,
-                                      new_cache, penalize_repeats)
+from tritongpt.train.generate import (ban_repeated_ngrams, check_cache_dtype, check_eos_id, check_prompt,
+                                      check_sampling, crosses_longrope, new_cache, penalize_repeats)
 
 EARLY_STOPPING = (True, False, "never")
 
@@ -56,9 +56,7 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
     Returns (ids [B * R, T + n], scores [B * R]), R = num_return_sequences: each prompt's R best finished
     hypotheses, best first, their scores transformers' sequences_scores; shorter ones padded with eos_id.
     """
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
-        raise UserError(f"prompt must be a non-empty [batch, time] tensor of token ids, got "
-                        f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+    check_prompt(idx)
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_beam_search(num_beams, length_penalty, early_stopping, num_return_sequences)
@@ -70,6 +68,7 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
     if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     check_cache_dtype(kv_cache_dtype, use_cache)
+    check_eos_id(eos_id, vocab_limit or model.config.vocab_size)
     B, T = idx.shape
     ctx = model.config.context_length
     if max_new_tokens and T + max_new_tokens - 1 > ctx:

@@ -85,6 +85,23 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
                         f"got {bad_words!r}")
 
 
+def check_prompt(idx) -> None:
+    """generate()'s and beam_search's prompt: a [batch, time] tensor of integer ids with a row and a token (the model
+    checks the ids' range). A bool one was read as ids 0 and 1, a batch of none failed in the KV cache's check."""
+    if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise UserError(f"prompt must be a [batch, time] tensor of token ids, got {what}")
+    if idx.dim() != 2 or 0 in idx.shape:
+        raise UserError(f"prompt must be a non-empty [batch, time] tensor, got shape {tuple(idx.shape)}")
+
+
+def check_eos_id(eos_id, vocab=None) -> None:
+    """eos_id None or a token id below vocab: one past it was never drawn (no row stopped) and padded a row stopped
+    otherwise with an id the model refuses, a string failed deep in torch.full."""
+    if eos_id is not None and not (is_int(eos_id) and 0 <= eos_id < (vocab or float("inf"))):
+        raise UserError(f"eos_id must be a token id (an integer in [0, {vocab or 'vocabulary'})), got {eos_id!r}")
+
+
 def check_logprobs(logprobs) -> None:
     """logprobs (generate's and the engine's): None, or the likeliest tokens given with each drawn one, k >= 0."""
     if logprobs is not None and (not is_int(logprobs) or logprobs < 0):
@@ -100,6 +117,7 @@ def end_rule(eos_id, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool 
     work: vocab, the tokens drawn from, bounds the stop tokens."""
     if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple)):
         raise UserError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+    check_eos_id(eos_id, vocab)
     stop_token_ids = list(stop_token_ids or [])
     if not all(is_int(t) and 0 <= t < (vocab or float("inf")) for t in stop_token_ids):
         raise UserError(f"stop_token_ids must be token ids (integers in [0, {vocab or 'vocabulary'})), "
@@ -518,11 +536,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     -inf before anything else (the logprobs' too, as vLLM's). With a draft or prompt_lookup each verified position
     is masked by the grammar after the drafts before it (verify_step); not with no_repeat_ngram_size there.
     """
-    if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
-        what = f"a {idx.dtype} tensor" if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise UserError(f"prompt must be a [batch, time] tensor of token ids, got {what}")
-    if idx.dim() != 2 or idx.size(1) == 0:
-        raise UserError(f"prompt must be a non-empty [batch, time] tensor, got shape {tuple(idx.shape)}")
+    check_prompt(idx)
     # an int (numpy's too): a float or None failed in range() or a comparison with a bare TypeError
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
