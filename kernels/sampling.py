@@ -292,7 +292,8 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         # (a string or None compared below would raise Python's own TypeError, naming neither argument nor kernel)
         if value is not None or name == "temperature":
-            one = isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
+            one = (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
+                   and value.dtype != torch.bool)  # (a bool tensor as temperature 1.0: refused as a Python True)
             if not (is_real(value) or one):
                 raise UserError(f"{who}: {name} must be a number, got {type(value).__name__} {value!r}")
     if not temperature > 0 or temperature != temperature or temperature == float("inf"):
