@@ -1079,6 +1079,8 @@ class GPTModel(nn.Module):
             torch.device(map_location)
         except (RuntimeError, TypeError):
             raise UserError(f"map_location: unknown device {map_location!r}; use cpu, cuda or cuda:N") from None
+        if kernels is not None:
+            resolve_kernels(kernels, map_location, check_device=False)  # (a bad name refused before the weights load)
         meta = safetensors_metadata(path)
         if meta.get("kind") == "reward_model":
             raise UserError(f"{path} is a reward model (a scalar head, not an LM head): "

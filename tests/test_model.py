@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig, get_config
+from tritongpt.model import gpt as gpt_module
 from tritongpt.model.gpt import GPTModel, lm_loss
 from tritongpt.model.layers import GELU, FeedForward, LayerNorm, MultiHeadAttention
 from tritongpt.model.toggle import KERNEL_NAMES, resolve_kernels
@@ -976,3 +977,11 @@ def test_load_names_a_bad_map_location(tmp_path):
     GPTModel(GPTConfig(**SMALL)).save(path)
     with pytest.raises(UserError, match="map_location: unknown device 'nodev'; use cpu, cuda or cuda:N"):
         GPTModel.load(path, map_location="nodev")
+
+
+def test_load_refuses_an_unknown_kernel_name_before_reading_the_weights(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    GPTModel(GPTConfig(**SMALL)).save(path)
+    monkeypatch.setattr(gpt_module, "load_saved_weights", lambda *a: pytest.fail("read the weights first"))
+    with pytest.raises(UserError, match=r"unknown kernel\(s\) \['bogus'\]"):
+        GPTModel.load(path, kernels="bogus")
