@@ -25,7 +25,7 @@ import triton.language as tl
 from tritongpt._env import triton_interpreting
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import cdiv, check_runnable, custom_op, on_tensor_device
-from tritongpt.model.sampling import check_token_bitmask
+from tritongpt.model.sampling import check_token_bitmask, rows_overlap
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
         if t.shape[1] > 1 and t.stride(1) != 1:
             raise UserError(f"apply_token_bitmask_: {name} must have unit stride on its last dim, got strides "
                             f"{t.stride()} (its rows may be strided)")
-    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
+    if rows_overlap(logits):
         raise UserError(f"apply_token_bitmask_: logits' rows overlap in memory (strides {logits.stride()}, e.g. an "
                         "expand()ed row): each row is masked in place by its own bitmask row; pass logits.contiguous()")
     if logits.requires_grad and torch.is_grad_enabled():

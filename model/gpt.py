@@ -520,6 +520,12 @@ def entropy_of(logp_all, logits):
     return -(logp.exp() * logp).sum(-1)
 
 
+def _host_check(t) -> bool:
+    """Whether ids in t can be checked on the host with a clear error: on the CPU, eager, outside a dispatch mode
+    (torch.compile and make_fx's modes trace the values away)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+
+
 def _checked_cache_args(cfg, max_len, dtype, kv_dtype) -> tuple:
     """A KV cache's (KVCache's, PagedKVCache's) length and storage checked: (max_len, whether it is int8)."""
     length = cfg.context_length if max_len is None else max_len
@@ -830,8 +836,7 @@ class GPTModel(nn.Module):
         the embedding's own device-side check suffices and a training step gains no launches.)"""
         V = self.config.vocab_size
         on_cpu = idx.device.type == "cpu"
-        # (a dispatch mode, make_fx's say, traces the values away: the asynchronous assert there too)
-        if on_cpu and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack():
+        if _host_check(idx):
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
                 bad = idx[(idx < 0) | (idx >= V)][0]
                 raise UserError(f"token id {int(bad)} is outside the model's vocabulary [0, {V})")
@@ -913,12 +918,11 @@ class GPTModel(nn.Module):
             raise UserError(f"targets must have idx's shape {tuple(idx.shape)} (one next token per "
                             f"position), got {tuple(targets.shape)}")
         targets, V = targets.long(), self.config.vocab_size
-        if targets.device.type == "cpu" and not torch.compiler.is_compiling() \
-                and not torch._C._len_torch_dispatch_stack():
-            bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
-            if bad.numel():
-                raise UserError(f"target {int(bad[0])} is outside the model's vocabulary [0, {V}) and is not "
-                                f"ignore_index ({ignore_index})")
+        if _host_check(targets):
+            bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+            if bad.any():  # (the ids picked out only to name one)
+                raise UserError(f"target {int(targets[bad][0])} is outside the model's vocabulary [0, {V}) and is "
+                                f"not ignore_index ({ignore_index})")
         return targets
 
     def logits(self, h):

@@ -103,6 +103,12 @@ def sampling_with_triton(model) -> bool:
     return "cross_entropy" in getattr(model, "kernels", ())
 
 
+def rows_overlap(logits: torch.Tensor) -> bool:
+    """Whether rows of [B, V] logits (unit stride on V) share memory, an expand()ed row's say: masked in place,
+    each would take every row's bans."""
+    return logits.dim() == 2 and logits.size(0) > 1 and logits.stride(0) < logits.size(1)
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: Optional[Sequence[int]] = None,
                         triton: bool = False) -> torch.Tensor:
     """The masked logits: triton=True masks logits in place with the Triton kernel (kernels/token_mask.py) and returns
@@ -110,7 +116,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: Op
     (logits untouched)."""
     if triton:
         from tritongpt.kernels.token_mask import apply_token_bitmask_
-        if logits.dim() == 2 and logits.size(0) > 1 and logits.stride(0) < logits.size(1):
+        if rows_overlap(logits):
             # (the engine's n samples of one prompt draw their first token from its one prefill row, expand()ed)
             logits = logits.contiguous()
         return apply_token_bitmask_(logits, bitmask, indices)
