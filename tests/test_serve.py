@@ -656,6 +656,13 @@ def test_json_nested_past_the_parsers_depth_is_a_400(served):
     assert got == 400 and "not valid JSON" in err["error"]["message"]
 
 
+def test_an_integer_past_pythons_digit_limit_is_a_400(served):
+    # (json.loads refuses an int of more than 4300 digits with a plain ValueError, not a JSONDecodeError)
+    server, _ = served
+    got, err = call(server, "/v1/completions", raw=b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}")
+    assert got == 400 and "not valid JSON" in err["error"]["message"] and "4300" in err["error"]["message"]
+
+
 def test_a_body_shorter_than_its_content_length_times_out_with_a_408(served, monkeypatch):
     server, _ = served
     assert serve.Handler.timeout is not None and 0 < serve.Handler.timeout <= 600  # never a thread held forever

@@ -1781,7 +1781,7 @@ class Handler(BaseHTTPRequestHandler):
         check_body_length(int(length))
         try:
             body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError, and an integer past Python's 4300 digits)
             raise APIError(400, f"the body is not valid JSON ({e})") from None
         except RecursionError:  # the parser's own limit, not the server's fault
             raise APIError(400, "the body is not valid JSON (nested too deep)") from None
