@@ -381,6 +381,7 @@ def test_a_model_without_a_chat_format_refuses_chat_and_serves_completions(tmp_p
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", "needs 'logprobs': true"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias", "keys must be token ids"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"-3": 1}}, 400, "logit_bias", "keys must be token ids"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"9" * 5000: 1}}, 400, "logit_bias", "a key of 5000 digits"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 101}}, 400, "logit_bias", "in [-100, 100], got 101"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"5": "1"}}, 400, "logit_bias", "in [-100, 100], got '1'"),
     ("/v1/completions", {"prompt": "a", "logit_bias": [5]}, 400, "logit_bias", "must be an object"),

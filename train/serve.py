@@ -794,6 +794,9 @@ def logit_bias_setting(bias):
     for key, value in bias.items():
         if not (key.isascii() and key.isdigit()):
             raise bad("logit_bias", f"'logit_bias' keys must be token ids (non-negative integers), got {key!r}")
+        if len(key) > 4300:  # (int() refuses more digits, a ValueError: no vocabulary is that large anyway)
+            raise bad("logit_bias", f"'logit_bias' keys must be token ids of the model's vocabulary, got a key of "
+                                    f"{len(key)} digits")
         if not is_real(value) or not -100 <= value <= 100:
             raise bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {value!r} for {key!r}")
         out[int(key)] = float(value)
