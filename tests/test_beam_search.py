@@ -198,6 +198,8 @@ def test_triton_path_gives_the_same_beams(device, one_thread):
     (dict(num_return_sequences=4), r"num_return_sequences must be an integer in \[1, num_beams 3\]"),
     (dict(early_stopping=1), "early_stopping must be True, False or 'never'"),
     (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+    (dict(length_penalty=1e308), "length_penalty 1e\\+308 is out of range for max_new_tokens 4"),
+    (dict(length_penalty=-1e308), "length_penalty -1e\\+308 is out of range"),
     (dict(max_new_tokens=13), r"prompt 5 \+ max_new_tokens 13 - 1 > context length 16"),
     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
     (dict(allowed_token_ids=[1, 2]), "beam_search does not take allowed_token_ids"),

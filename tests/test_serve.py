@@ -2475,7 +2475,11 @@ def test_beam_search_settings_checked_and_length_penalty_needs_it(served):
     server, _ = served
     for extra, param, says in (({"length_penalty": 2.0}, "length_penalty", "pass 'use_beam_search': true"),
                                ({"use_beam_search": "yes"}, "use_beam_search", "true or false"),
-                               ({"use_beam_search": True, "length_penalty": "x"}, "length_penalty", "finite number")):
+                               ({"use_beam_search": True, "length_penalty": "x"}, "length_penalty", "finite number"),
+                               # (2 ** 1e308 overflows: Python's power raised OverflowError mid-search, a 500; 2 **
+                               # -1e308 is 0, every score -inf)
+                               *[({"use_beam_search": True, "n": 2, "length_penalty": lp}, "length_penalty",
+                                  "out of range for 2 tokens") for lp in (1e308, -1e308)]):
         status, err = call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 2, **extra})
         assert status == 400 and err["error"]["param"] == param and says in err["error"]["message"]
     # the values that change nothing are taken (a client's defaults)

@@ -42,6 +42,16 @@ def check_beam_search(num_beams, length_penalty, early_stopping, num_return_sequ
                         f"{num_beams}], got {num_return_sequences!r}")
 
 
+def length_penalty_overflows(length_penalty, max_new_tokens: int) -> bool:
+    """Whether a hypothesis' divisor, generated ** length_penalty (generated 1..max_new_tokens), leaves a float's
+    range: past it Python's power raises OverflowError, and a negative penalty's underflows to 0 (scores -inf or
+    NaN, which no ranking survives). The longest hypothesis' is the extreme either way."""
+    try:
+        return not float(max_new_tokens) ** float(length_penalty) > 0.0
+    except OverflowError:
+        return True
+
+
 @torch.no_grad()
 def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return_sequences: int = 1, eos_id: int | None = None,
@@ -75,6 +85,9 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
         # the beams' positions would shift every step: each would need its own prefill
         raise UserError(f"beam search keeps the text within the model's context: prompt {T} + max_new_tokens "
                         f"{max_new_tokens} - 1 > context length {ctx}")
+    if max_new_tokens and length_penalty_overflows(length_penalty, max_new_tokens):
+        raise UserError(f"length_penalty {length_penalty!r} is out of range for max_new_tokens {max_new_tokens}: a "
+                        f"hypothesis' score divides by its length ** length_penalty, past a float's range there")
     if max_new_tokens == 0:
         return idx.repeat_interleave(num_return_sequences, 0), torch.zeros(B * num_return_sequences, device=idx.device)
     was_training = model.training

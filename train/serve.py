@@ -1873,6 +1873,8 @@ class Completion:
     def __init__(self, handler, endpoint: str, body: dict):
         import torch
 
+        from tritongpt.train.beam_search import length_penalty_overflows
+
         self.handler, app = handler, handler.server.app
         self.app, self.chat = app, endpoint == "chat"
         s = self.s = sampling_settings(body, endpoint, app.names, app.tool_parser, app.defaults)
@@ -1919,6 +1921,10 @@ class Completion:
             s["stop_token_ids"] = list(dict.fromkeys(s["stop_token_ids"] + [t for t in app.ends_too
                                                                             if t != self.stop_id]))
         self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
+        if s["beam"] is not None and length_penalty_overflows(s["beam"]["length_penalty"], max(self.budgets)):
+            raise bad("length_penalty", f"'length_penalty' {s['beam']['length_penalty']!r} is out of range for "
+                                        f"{max(self.budgets)} tokens: a beam's score divides by its length ** "
+                                        "length_penalty, past a float's range there")
         if s["min_tokens"] > min(self.budgets):  # (the context's or generation_config's cut: vLLM's 400 too)
             raise bad("min_tokens", f"'min_tokens' ({s['min_tokens']}) must be at most max_tokens "
                                     f"({min(self.budgets)}: the most this prompt may draw, by the context left or "
