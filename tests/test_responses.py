@@ -295,7 +295,8 @@ def test_input_items_listed_and_responses_deleted(both):
     rest = call(server, f"/v1/responses/{r['id']}/input_items?order=asc&after={page['last_id']}")[1]
     assert [i["id"] for i in rest["data"]] == [listed["data"][0]["id"]]
     for query, param, says in (("limit=0", "limit", "'limit' must be an integer in [1, 100], got '0'"),
-                               ("limit=x", "limit", "got 'x'"), ("order=up", "order", "asc or desc, got 'up'"),
+                               ("limit=x", "limit", "got 'x'"), ("limit=%C2%B2", "limit", "got '\u00b2'"),
+                               ("order=up", "order", "asc or desc, got 'up'"),
                                ("after=", "after", "no input item ''"), ("after=msg_x", "after", "'msg_x'"),
                                ("include=x", "include", "query field 'include' is not supported"),
                                ("limt=2", "limt", "it takes order, limit and after")):

@@ -1671,7 +1671,7 @@ class Handler(BaseHTTPRequestHandler):
         order, limit = query.get("order", "desc"), query.get("limit", "20")
         if order not in ("asc", "desc"):
             raise bad("order", f"'order' must be asc or desc, got {order!r}")
-        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 100:  # ('²' is a digit, not an int)
             raise bad("limit", f"'limit' must be an integer in [1, 100], got {limit!r}")
         items = items[::-1] if order == "desc" else list(items)
         if "after" in query:
