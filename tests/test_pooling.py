@@ -120,6 +120,9 @@ def test_openai_client_and_refusals(lm_folder):
                 ({"input": [1] * (context + 1)}, 400, "input", f"{context + 1} tokens"),
                 ({"input": "a", "dimensions": 8}, 400, "dimensions", "Matryoshka"),
                 ({"input": "a", "encoding_format": "int8"}, 400, "encoding_format", "base64"),
+                # (falsy: these were read as "float", the default that only null or leaving it out asks)
+                *[({"input": "a", "encoding_format": f}, 400, "encoding_format", "base64") for f in ("", 0, False)],
+                ({"input": "a", "user": 5}, 400, "user", "must be a string"),
                 ({"input": "a", "truncate": 3}, 400, "truncate", "unknown field"),
                 ({"input": "a", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens", "positive integer"),
                 ({"input": "a", "truncate_prompt_tokens": context + 1}, 400, "truncate_prompt_tokens",

@@ -285,9 +285,12 @@ def pool(handler, path: str, body: dict) -> dict:
     pooler = app.pooler
     endpoint = "embeddings" if path == EMBEDDINGS else "pooling"
     check_fields(body, endpoint, app.name)
-    encoding_format = body.get("encoding_format") or "float"
+    # (null is the default; another falsy value, "", 0, false, [], is no format: refused, not read as float)
+    encoding_format = "float" if body.get("encoding_format") is None else body["encoding_format"]
     if encoding_format not in ("float", "base64"):
         raise bad("encoding_format", f"'encoding_format' must be \"float\" or \"base64\", got {encoding_format!r}")
+    if body.get("user") is not None and not isinstance(body["user"], str):  # (as completions refuse it)
+        raise bad("user", "'user' must be a string")
     if body.get("dimensions") is not None:  # (vLLM's: only a Matryoshka model takes it)
         raise bad("dimensions", f"'dimensions' is not supported: this model's embeddings have "
                                 f"{app.model.config.n_embd} dimensions (it is not a Matryoshka model)")
