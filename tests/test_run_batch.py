@@ -126,6 +126,10 @@ def test_pooling_urls_with_the_pooling_runner(folder, tmp_path, monkeypatch, cap
 
 @pytest.mark.parametrize("lines, said", [
     (['{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}', ""], "line 1) is not valid JSON"),
+    # (json.loads raises a plain ValueError for an integer past 4300 digits, RecursionError past its depth)
+    (['{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"seed": ' + "9" * 5000 + "}}"],
+     "line 1) is not valid JSON (Exceeds the limit (4300 digits)"),
+    (["[" * 100_000 + "]" * 100_000], "line 1) is not valid JSON (nested too deep)"),
     ([line("a", "/v1/completions", {}), "", {"custom_id": "b", "method": "POST", "body": {}}],
      "record 1 (line 3): missing field 'url'"),
     ([line("a", "/v1/completions", {}), line("a", "/v1/completions", {})],

@@ -120,8 +120,10 @@ def jsonl_records(text: str, name) -> list:
         where = f"{name}: record {len(raw)} (line {line_no})"
         try:
             raw.append((where, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where} is not valid JSON ({e.msg})") from None
+        except ValueError as e:  # (JSONDecodeError, or an integer past Python's 4300 digits: a plain ValueError)
+            raise UserError(f"{where} is not valid JSON ({getattr(e, 'msg', e)})") from None
+        except RecursionError:  # (nested past the parser's depth)
+            raise UserError(f"{where} is not valid JSON (nested too deep)") from None
     return raw
 
 
