@@ -188,7 +188,11 @@ def test_structured_outputs_objects_are_checked_by_field(d, says):
 
 @pytest.mark.parametrize("rf,says", [({"type": "xml"}, "text, json_object or json_schema"), ("json", '"type"'),
                                      ({"type": "json_schema", "json_schema": []}, '"schema", if given'),
-                                     ({"type": "json_schema", "json_schema": {"schema": 3}}, '"schema", if given')])
+                                     ({"type": "json_schema", "json_schema": {"schema": 3}}, '"schema", if given'),
+                                     ({"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}},
+                                      "json_schema.strict must be true or false, got 'yes'"),
+                                     ({"type": "json_schema", "json_schema": {"name": 5}},
+                                      "json_schema.name must be a string, got 5")])
 def test_response_formats_are_checked(rf, says):
     with pytest.raises(UserError, match=re.escape(says)):
         StructuredOutputs.from_response_format(rf)

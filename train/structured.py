@@ -93,6 +93,10 @@ class StructuredOutputs:
         if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
             raise UserError(f'{where}.json_schema must be an object whose "schema", if given, is an object (a JSON '
                             f'schema), got {js!r}')
+        # (OpenAI's and vLLM's types: a wrong one is refused there, so not taken here as if it were right)
+        for key, kind, what in (("name", str, "a string"), ("strict", bool, "true or false")):
+            if js.get(key) is not None and not isinstance(js[key], kind):
+                raise UserError(f"{where}.json_schema.{key} must be {what}, got {js[key]!r}"[:300])
         # OpenAI's json_schema without a schema: any JSON object (its name and strict change no token here: the
         # mask holds the text to the schema whatever `strict` says)
         return cls(json=js["schema"]) if "schema" in js else cls(json_object=True)
