@@ -227,6 +227,10 @@ def test_the_openai_clients_shapes(both):
      "tools", "tools[0] spells the special token '<|im_start|>'"),
     ({"tool_choice": "none", "messages": USER + [{"role": "assistant", "content": "x"}]}, "messages",
      "must end with a user or tool message"),
+    # (arguments nested past the JSON parser's depth: its RecursionError was a 500)
+    ({"tool_choice": "none", "messages": USER + [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "add", "arguments": "[" * 100_000 + "]" * 100_000}}]},
+      {"role": "tool", "tool_call_id": "c", "content": "2"}]}, "messages", "arguments must be the JSON text"),
 ])
 def test_refusals_name_the_field(folder, both, fields, param, says):
     server, theirs, ban = both

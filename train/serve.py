@@ -567,7 +567,7 @@ def tool_messages(messages, mode: str = "generate") -> list:
                                           f'..., "arguments": JSON text}}}}, got {c!r}'[:300])
                 try:
                     args = json.loads(f["arguments"])
-                except ValueError:
+                except (ValueError, RecursionError):  # (RecursionError: nested past the parser's depth)
                     args = None
                 if not isinstance(args, dict):
                     raise bad("messages", f"{where}.function.arguments must be the JSON text of an object, got "
