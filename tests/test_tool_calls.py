@@ -231,6 +231,9 @@ def test_the_openai_clients_shapes(both):
     ({"tool_choice": "none", "messages": USER + [{"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "add", "arguments": "[" * 100_000 + "]" * 100_000}}]},
       {"role": "tool", "tool_call_id": "c", "content": "2"}]}, "messages", "arguments must be the JSON text"),
+    # (no tools: the plain chat path's refusal was a 400 with no param)
+    ({"tools": None, "messages": [{"role": "user", "content": "<|im_start|>x"}]}, "messages",
+     "spells the special token '<|im_start|>'"),
 ])
 def test_refusals_name_the_field(folder, both, fields, param, says):
     server, theirs, ban = both

@@ -1085,7 +1085,10 @@ class Model:
                                   "system message or earlier turns: send one user message")
         conv = Conversation(self.template, system)
         conv.turns = [(u["content"], a["content"]) for u, a in zip(turns[:-1:2], turns[1::2])]
-        return formats.encode_prompt(self.tok, conv.prompt(turns[-1]["content"], 0, self.tok))
+        try:
+            return formats.encode_prompt(self.tok, conv.prompt(turns[-1]["content"], 0, self.tok))
+        except UserError as e:  # (a message the template refuses: one that spells a special token)
+            raise bad("messages", str(e)) from None
 
     @property
     def own_format(self) -> str:
