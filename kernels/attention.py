@@ -1700,6 +1700,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     no_func_transform("flash_attention", vmap_ok=True)
     if causal not in (True, False):  # bool("False") would be True
         raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(lengths_checked, bool):  # "no" is truthy: it would skip the check it asks to keep
+        raise TypeError(f"lengths_checked must be a bool, got {type(lengths_checked).__name__} {lengths_checked!r}")
     if not is_real(dropout_p):  # the op takes a float: "0.1" would be read as 0.1
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
     q, k, v = _checked_inputs(q, k, v)

@@ -275,6 +275,9 @@ def _check(y, x, lora_a, lora_b, index, index_checked, grouped):
     """Every refusal add_lora_rows makes, each a UserError naming the argument."""
     if grouped not in (None, True, False):
         raise UserError(f"add_lora_rows: grouped must be None (pick by T), True or False, got {grouped!r}")
+    if not isinstance(index_checked, bool):  # "no" is truthy: it would skip the index check it asks to keep
+        raise UserError(f"add_lora_rows: index_checked must be a bool, got {type(index_checked).__name__} "
+                        f"{index_checked!r}")
     for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("index", index)):
         if not isinstance(t, torch.Tensor):
             raise UserError(f"add_lora_rows: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -470,6 +470,8 @@ def moe_mlp(x: torch.Tensor, experts: torch.Tensor, w_gate: torch.Tensor, w_up: 
     """
     no_func_transform("moe_mlp")
     _check_activation(activation)
+    if not isinstance(check_experts, bool):  # a truthy "no" would read the ids back, a falsy "" skip the check
+        raise TypeError(f"check_experts must be a bool, got {type(check_experts).__name__} {check_experts!r}")
     for name, t in zip(NAMES, (x, experts, w_gate, w_up, w_down)):
         check_tensor(t, name, dtypes=ID_DTYPES if name == "experts" else None)
     check_same_device(x=x, experts=experts, w_gate=w_gate, w_up=w_up, w_down=w_down)

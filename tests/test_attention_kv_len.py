@@ -345,6 +345,14 @@ def test_bad_kv_len(bad, error, match, device):
         flash_attention(q, k, v, kv_len=bad)
 
 
+def test_lengths_checked_must_be_a_bool(device):
+    """A truthy "no" would skip the host check of kv_len on a GPU, the check it asks to keep: refused by name before
+    the length is read (here one out of range)."""
+    q, k, v, _ = small(device)
+    with torch.no_grad(), pytest.raises(TypeError, match="lengths_checked must be a bool, got str 'no'"):
+        flash_attention(q, k, v, kv_len=torch.tensor(CAP + 1, device=device), lengths_checked="no")
+
+
 @pytest.mark.parametrize("causal,L,lo", [(True, 2, "3"), (True, CAP + 1, "3"), (False, 0, "1"), (False, -5, "1"),
                                          (False, CAP + 1, "1")])
 def test_out_of_range_value(causal, L, lo, device):

@@ -162,9 +162,10 @@ def refusal(device, **change):
     (dict(lora_b=lambda a: a["lora_b"].clone().requires_grad_()), "lora_b requires grad"),
     (dict(lora_a=lambda a: a["lora_a"].clone().requires_grad_()), "lora_a requires grad"),
     (dict(grouped="yes"), "grouped must be None .* True or False, got 'yes'"),
+    (dict(index_checked="no"), "index_checked must be a bool, got str 'no'"),  # truthy: the range check skipped
 ], ids=["x-rank", "K", "S", "R", "N", "B-y", "B-index", "max-rank", "dtype-lora_b", "dtype-y", "dtype-float",
         "dtype-index", "device-index", "device-lora_a", "x-stride", "y-stride", "index-above", "index-below",
-        "grad-x", "grad-lora_b", "grad-lora_a", "grouped"])
+        "grad-x", "grad-lora_b", "grad-lora_a", "grouped", "index_checked"])
 def test_refusals_name_the_problem(device, change, message):
     args = refusal(device, **change)
     y0 = args["y"].clone()

@@ -200,6 +200,13 @@ def test_unknown_activation_and_devices_are_refused(device):
         moe_mlp(*args)
 
 
+def test_check_experts_must_be_a_bool(device):
+    """A string is no flag: a truthy "no" would run the check it means to skip, a falsy "" skip it."""
+    for flag in ("no", ""):
+        with pytest.raises(TypeError, match=f"check_experts must be a bool, got str {flag!r}"):
+            moe_mlp(*_good(device), check_experts=flag)
+
+
 def test_the_ops_refuse_what_moe_mlp_checks_before_them(device):
     """The ops are public too (torch.ops.tritongpt.*): no experts, an unknown activation, a dy of another
     dtype and a needs list of another length are refused there by name, before any launch; so are a
