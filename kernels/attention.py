@@ -1353,7 +1353,20 @@ def _backward(ctx, grad_o, grad_lse):
     return (dq, dk, dv, *(None,) * (ctx.n_inputs - 3))
 
 
-_flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _op_setup_context(ctx, inputs, output):
+    """The registered op's: called only with grad on and some input requiring grad. Slopes that require grad are
+    refused (flash_attention refuses them up front; a direct caller of the op gets here), where _backward's None for
+    them would leave learnable slopes silently never learning. (Not in _setup_context: FlashAttnFunction's runs
+    under no_grad too.)"""
+    alibi = _padded_inputs(inputs)[10]
+    if alibi is not None and alibi.requires_grad:  # (not needs_input_grad: under torch.compile it can be shorter)
+        raise ValueError("flash_attn_fwd: alibi requires grad, but the kernels take the slopes as a constant (no "
+                         "gradient): pass alibi.detach(), or learn them in torch (the scores plus model/layers.py's "
+                         "alibi_bias(slopes, Tq, Tk))")
+    _setup_context(ctx, inputs, output)
+
+
+_flash_attn_fwd.register_autograd(_backward, setup_context=_op_setup_context)
 
 
 class FlashAttnFunction(torch.autograd.Function):

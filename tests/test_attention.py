@@ -1170,6 +1170,23 @@ def test_alibi_slopes_requiring_grad_are_refused_not_left_without_a_gradient(dev
                                                                                           alibi_slopes=slopes.detach()))
 
 
+def test_the_op_refuses_alibi_slopes_requiring_grad_too(device):
+    """A direct caller of the registered op, whose backward returns None for the slopes: refused while grad is on
+    (slopes alone requiring grad, or beside q), read as any slopes under no_grad or detached."""
+    q, k, v = make_qkv(1, 2, 8, 8, 16, torch.float32, device)
+    slopes = torch.tensor([0.5, 0.25], device=device, requires_grad=True)
+    op = torch.ops.tritongpt.flash_attn_fwd
+    args = (True, 0.25, 0.0, None, None, None, 0.0)
+    for q_in in (q, q.clone().requires_grad_()):
+        with pytest.raises(ValueError, match=r"flash_attn_fwd: alibi requires grad, but the kernels take the slopes "
+                                             r"as a constant \(no gradient\): pass alibi.detach\(\)"):
+            op(q_in, k, v, *args, slopes)
+    with torch.no_grad():
+        want, _ = op(q, k, v, *args, slopes)
+    got, _ = op(q.clone().requires_grad_(), k, v, *args, slopes.detach())
+    assert torch.equal(got, want)
+
+
 def test_alibi_bad_slopes(device):
     """alibi_slopes: None or a finite fp32 [H] tensor on q's device, refused by name otherwise (the op too)."""
     q, k, v = make_qkv(1, 2, 8, 8, 16, torch.float32, device)
