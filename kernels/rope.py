@@ -54,7 +54,7 @@ from tritongpt.kernels._common import (cast, cdiv, check_runnable, check_same_de
                                        custom_op, first_order_only, next_pow2, no_func_transform, on_tensor_device)
 from tritongpt.errors import UserError
 from tritongpt.model.config import check_rope_scaling
-from tritongpt.model.layers import is_longrope, rope_inv_freq, rope_seq_len
+from tritongpt.model.layers import checked_seq_len, is_longrope, rope_inv_freq, rope_seq_len
 
 INTERPRET = triton_interpreting()  # Triton decided at its import: read once, not on every launch
 
@@ -286,6 +286,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0, sc
         raise ValueError(f"rope: theta must be a finite number > 0, got {theta!r}")
     if not is_real(mscale) or not math.isfinite(mscale) or mscale <= 0:
         raise ValueError(f"rope: mscale must be a finite number > 0, got {mscale!r}")
+    checked_seq_len(seq_len, "rope")
     D = q.shape[-1]
     rotary_dim = rotary_dim or 0
     _check_head_dim(D, rotary_dim)  # before the frequencies are made for it
@@ -302,8 +303,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions, theta: float = 10000.0, sc
     if is_longrope(scaling):
         if seq_len is None:  # an int start's length is known on the host; a tensor's max is one sync
             seq_len = rope_seq_len(positions if is_int(positions) else checked, q.shape[2])
-        elif not is_int(seq_len):
-            raise TypeError(f"rope: seq_len must be an int, got {type(seq_len).__name__}")
     inv_freq = rope_inv_freq(R, float(theta), q.device, scaling, seq_len)
     return RopeFunction.apply(q, k, checked, inv_freq, 0 if R == D else R, float(mscale))
 

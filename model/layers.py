@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tritongpt._types import is_int
 from tritongpt.model.lora import AdapterLinear
 from tritongpt.model.quant import QuantLinear
 
@@ -436,6 +437,16 @@ def rope_seq_len(positions, T: int) -> int:
     return int(positions.max()) + 1 if positions.numel() else 0
 
 
+def checked_seq_len(seq_len, who: str):
+    """seq_len (LongRoPE's length) as both RoPE paths take it: None or an int, not a bool. Checked whatever the
+    scaling: otherwise a "4" was ignored unless LongRoPE, and there compared with original_max_position_embeddings
+    as given (a float, True as 1)."""
+    if seq_len is not None and not is_int(seq_len):
+        raise TypeError(f"{who}: seq_len must be an int, got {type(seq_len).__name__} {seq_len!r} (LongRoPE's "
+                        "length, or None)")
+    return seq_len
+
+
 def is_longrope(scaling) -> bool:
     return bool(scaling) and scaling["rope_type"] == "longrope"
 
@@ -452,6 +463,7 @@ def apply_rotary(x, positions, theta: float = 10000.0, scaling: dict | None = No
     mscale: cos and sin multiplied by it (transformers' attention_scaling, under partial rotary).
     Triton twin: kernels/rope.py `rope` (q and k in one launch)."""
     D = x.shape[-1]
+    checked_seq_len(seq_len, "apply_rotary")
     if rotary_dim and rotary_dim != D:
         return torch.cat([apply_rotary(x[..., :rotary_dim], positions, theta, scaling, 0, seq_len, mscale),
                           x[..., rotary_dim:]], dim=-1)

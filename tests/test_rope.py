@@ -922,6 +922,18 @@ def test_partial_rotary_and_longrope_config_checked_saved_and_loaded(tmp_path):
         rope(q, q, 0, scaling=LONGROPE, rotary_dim=8, seq_len="9")
 
 
+@pytest.mark.parametrize("scaling", [None, LONGROPE], ids=["plain", "longrope"])
+@pytest.mark.parametrize("bad", ["9", 9.0, True], ids=["str", "float", "bool"])
+def test_a_seq_len_not_an_int_is_refused_on_both_paths(bad, scaling):
+    """seq_len is LongRoPE's length, and both paths refuse a non-int whatever the scaling: without LongRoPE a "9" was
+    ignored, with it 9.0 or True compared as given (True as length 1)."""
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(TypeError, match=f"rope: seq_len must be an int, got {type(bad).__name__} {bad!r}"):
+        rope(q, q, 0, scaling=scaling, rotary_dim=8, seq_len=bad)
+    with pytest.raises(TypeError, match=f"apply_rotary: seq_len must be an int, got {type(bad).__name__} {bad!r}"):
+        apply_rotary(q, torch.arange(5), 500.0, scaling, 8, bad)
+
+
 def test_rope_kernel_longrope_seq_len(device):
     """rope() with LongRoPE: an int start's length is start + T, a tensor's its max + 1, and seq_len given
     overrides both; the vector is the reference's (float64 formula, < 1e-5)."""
