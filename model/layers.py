@@ -498,6 +498,10 @@ class Rotary(nn.Module):
     def forward(self, q, k, positions, seq_len: int | None = None):
         """positions: [T] or [B, T], or an int start (T tokens from it), as `rope` takes them. seq_len: LongRoPE's
         length (GPTModel computes it once a forward); None: from positions here."""
+        if not isinstance(positions, torch.Tensor) and not is_int(positions):
+            # as rope() refuses it: a start of 2.5 made fractional positions here (and LongRoPE's length int(2.5) + T)
+            raise TypeError(f"Rotary: positions must be an int (a start offset) or an integer tensor [T] or [B, T], "
+                            f"got {type(positions).__name__} {positions!r}")
         if is_longrope(self.scaling) and seq_len is None:
             seq_len = rope_seq_len(positions, q.shape[-2])
         if not isinstance(positions, torch.Tensor) and not self.use_triton:  # rope() takes a start as it is

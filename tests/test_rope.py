@@ -969,6 +969,20 @@ def test_rotary_module_alone_takes_longrope_length_from_an_int_start_and_its_tok
     assert_close_rel(got_k, ref64(k, pos, 500.0, 8, LONG), 1e-5, "k")
 
 
+@pytest.mark.parametrize("use_triton", [False, True], ids=["reference", "triton"])
+def test_rotary_module_refuses_a_start_not_an_int(use_triton):
+    """A start of 2.5 (or True) is refused on both paths, as rope() refuses it: the reference made fractional
+    positions 2.5 .. 6.5 from it."""
+    from tritongpt.model.layers import Rotary
+
+    rot = Rotary(16, 500.0)
+    rot.use_triton = use_triton
+    q = torch.randn(1, 2, 5, 16)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match=f"positions must be an int .* got {type(bad).__name__} {bad!r}"):
+            rot(q, q, bad)
+
+
 def test_attention_alone_picks_the_longrope_vector_from_its_cache():
     """MultiHeadAttention without positions (or a length) over a KVCache: LongRoPE's length is the cache's
     fill + T, as from explicit positions (their max + 1); past the original 8 the vector is the long one."""
