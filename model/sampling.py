@@ -114,6 +114,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: Op
     """The masked logits: triton=True masks logits in place with the Triton kernel (kernels/token_mask.py) and returns
     it (a copy of logits whose rows share memory: each row takes its own bans); else the reference's new tensor
     (logits untouched)."""
+    if not isinstance(triton, bool):  # a truthy "no" would mask the caller's logits in place
+        raise UserError(f"apply_token_bitmask: triton must be a bool, got {type(triton).__name__} {triton!r}")
     if triton:
         from tritongpt.kernels.token_mask import apply_token_bitmask_
         if rows_overlap(logits):

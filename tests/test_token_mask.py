@@ -98,6 +98,16 @@ def test_dispatcher_reference_copies_triton_in_place(device):
     assert out is logits and torch.equal(out, ref)
 
 
+def test_dispatcher_refuses_a_triton_flag_not_a_bool():
+    """A truthy "no" took the in-place kernel: the caller's logits, kept by the reference, came back masked."""
+    logits = torch.randn(2, 70)
+    bitmask = pack_token_bitmask(torch.rand(2, 70) < 0.5)
+    before = logits.clone()
+    with pytest.raises(UserError, match="apply_token_bitmask: triton must be a bool, got str 'no'"):
+        apply_token_bitmask(logits, bitmask, triton="no")
+    assert torch.equal(logits, before)
+
+
 def test_dispatcher_masks_each_row_of_an_expanded_row_by_its_own_bitmask_row(device):
     """The engine's n samples of one prompt draw their first token from its prefill's one row expand()ed (stride 0):
     the dispatcher's Triton path masks a copy, each row by its own bitmask row, as the reference (the in-place
