@@ -1077,6 +1077,8 @@ class GPTModel(nn.Module):
         mode."""
         from pathlib import Path
 
+        if not isinstance(quantized_ok, bool):  # ("no" is truthy: it would let a quantized file in)
+            raise UserError(f"quantized_ok must be True or False, got {quantized_ok!r}")
         if not Path(path).is_file():
             raise UserError(f"weights file not found: {path}")
         try:  # (safetensors' own error came after reading the file's header, naming no argument)

@@ -979,6 +979,16 @@ def test_load_names_a_bad_map_location(tmp_path):
         GPTModel.load(path, map_location="nodev")
 
 
+def test_load_refuses_a_quantized_ok_not_a_bool(tmp_path):
+    path = tmp_path / "m.safetensors"
+    GPTModel(GPTConfig(**SMALL)).save(path)
+    from tritongpt.train.reward import RewardModel
+
+    for load in (GPTModel.load, RewardModel.load):  # ("no" is truthy: it would let a quantized file in)
+        with pytest.raises(UserError, match="quantized_ok must be True or False, got 'no'"):
+            load(path, quantized_ok="no")
+
+
 def test_load_refuses_an_unknown_kernel_name_before_reading_the_weights(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     GPTModel(GPTConfig(**SMALL)).save(path)

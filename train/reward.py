@@ -90,6 +90,8 @@ class RewardModel(nn.Module):
         from tritongpt.train.common import resolve_checkpoint
         from tritongpt.train.gpt2_weights import is_hf_weights
 
+        if not isinstance(quantized_ok, bool):  # ("no" is truthy: it would let a QLoRA file in)
+            raise UserError(f"quantized_ok must be True or False, got {quantized_ok!r}")
         path = resolve_checkpoint(path)
         ours = str(path).endswith(".safetensors") and safetensors_metadata(path).get("format") == "tritongpt"
         if not ours and is_hf_weights(path):
