@@ -175,6 +175,9 @@ def test_model_vocab_follows_the_tokenizer_except_gpt2_with_gpt2():
     (["--ddp-timeout", "0"], "--ddp-timeout must be positive, got 0"),
     (["--logit-softcap", "-1"], "--logit-softcap must be a finite number >= 0 (0: no cap), got -1.0"),
     (["--logit-softcap", "inf"], "--logit-softcap must be a finite number >= 0"),
+    # a dense model keeps GPTConfig's experts_per_token: the flag alone trained one without a word
+    (["--experts-per-token", "3"], "--experts-per-token 3 is how many experts a token goes through: without "
+                                   "--n-experts (its own or --init's) the MLP is dense"),
 ])
 def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expect):
     (tmp_path / "empty.txt").write_text("   \n")
@@ -187,6 +190,20 @@ def test_bad_input_is_one_line_user_error(corpus, tmp_path, capsys, extra, expec
     assert rc == 2, err
     assert err.startswith("error: ") and "\n" not in err and expect in err, err
     assert not common.Checkpointer(tmp_path / "run").list()
+
+
+@pytest.mark.parametrize("k", ["1", "2"])  # (2: GPTConfig's own experts_per_token, which a dense model keeps)
+def test_experts_per_token_for_a_dense_init_is_refused(corpus, tmp_path, capsys, k):
+    from tritongpt.model.config import GPTConfig
+
+    GPTModel(GPTConfig(vocab_size=300, context_length=32, n_embd=16, n_layer=1, n_head=2)).save(
+        tmp_path / "dense.safetensors")
+    rc = main(["pretrain", *argv(corpus, tmp_path / "run", "--init", str(tmp_path / "dense.safetensors"),
+                                 "--experts-per-token", k)])
+    assert rc == 2
+    assert f"--experts-per-token {k} is how many experts a token goes through: without --n-experts" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):

@@ -321,6 +321,8 @@ class MixturePosition:
 NO_WINDOW = "--window-layers {} picks the layers --attention-window makes local: without a window it does nothing"
 NO_ROPE = "--rope-theta {:g} is RoPE's base: without --position-encoding rope (its own or --init's) it does nothing"
 NO_SWIGLU = "--mlp-hidden {} is the SwiGLU or GeGLU MLP's hidden size: without --mlp swiglu or geglu it does nothing"
+NO_EXPERTS = ("--experts-per-token {} is how many experts a token goes through: without --n-experts (its own or "
+              "--init's) the MLP is dense and it does nothing")
 
 
 def check_args(args, targs):
@@ -375,6 +377,10 @@ def check_args(args, targs):
             raise UserError(f"--mlp-hidden must be a positive integer, got {args.mlp_hidden}")
         if args.init is None and args.mlp not in GATED_MLPS:
             raise UserError(NO_SWIGLU.format(args.mlp_hidden))
+    # (GPTConfig keeps experts_per_token on a dense model, as Hugging Face configs do: the flag alone trained a
+    # dense model without a word)
+    if args.experts_per_token is not None and args.init is None and not args.n_experts:
+        raise UserError(NO_EXPERTS.format(args.experts_per_token))
     check_mixture(args)
     for source in mixture_sources(args) or [args.data]:
         data.check_text_field(source, args.text_field)
@@ -408,6 +414,8 @@ def check_args(args, targs):
             raise UserError(NO_WINDOW.format(args.window_layers))
         if args.rope_theta is not None and (args.position_encoding or model.config.position_encoding) != "rope":
             raise UserError(NO_ROPE.format(args.rope_theta))
+        if args.experts_per_token is not None and not (args.n_experts or model.config.n_experts):
+            raise UserError(NO_EXPERTS.format(args.experts_per_token))
         for field in ("logit_softcap", "logit_scale", "embedding_multiplier", "residual_multiplier",
                       "attention_multiplier", "attn_softcap", "attention_window", "window_layers",
                       "position_encoding", "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual",
