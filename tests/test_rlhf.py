@@ -2888,6 +2888,22 @@ def test_the_number_verifier_checks_the_held_out_references_too(tmp_path):
         verified_prompts(path, 0, 0.2, 0, "number")
 
 
+def test_a_verifier_refuses_kto_examples_whose_completion_is_undesirable(tmp_path):
+    """kto's {prompt, completion, label} records read as completion records: a label false answer was taken as the
+    reference the verifier rewards matching."""
+    from tritongpt.train.rlhf import verified_prompts
+
+    recs = [{"prompt": f"{a} plus 1 is", "completion": f" {a + 1 + (a % 2)}", "label": a % 2 == 0} for a in range(6)]
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(UserError, match=r"unpaired.jsonl: record 1 \(line 2\): label false marks an undesirable "
+                                        r"completion"):
+        verified_prompts(path, 0, 0.2, 0, "exact")
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs if r["label"]))  # the desirable ones: references
+    train, val = verified_prompts(path, 0, 0.2, 0, "number")
+    assert sorted(a for _, a, _ in train + val) == [" 1", " 3", " 5"]
+
+
 def test_rlhf_cli_verifier_without_held_out_prompts_evaluates_on_the_training_prompts(tmp_path, monkeypatch):
     """--val-fraction 0 with a verifier: the eval prompts are the training prompts (as with a
     reward model), not none at all."""

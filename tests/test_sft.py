@@ -133,7 +133,10 @@ def test_read_records_and_malformed_errors(tmp_path):
              ({"instruction": "x", "output": 3}, r"record 1: field 'output' must be a string, got int"),
              ({"instruction": "x", "output": "  "}, r"record 1: field 'output' is empty"),
              ({"instruction": "x", "input": ["a"], "output": "y"}, r"record 1: field 'input' must be a string"),
-             ("just text", r"record 1: expected a JSON object")]
+             ("just text", r"record 1: expected a JSON object"),
+             # kto's undesirable example: it was learned as a target
+             ({"prompt": "x", "completion": "y", "label": False}, r"record 1: label false marks an undesirable "
+                                                                  r"completion \(kto's")]
     for rec, msg in cases:
         bad.write_text(json.dumps([good[0], rec]))
         with pytest.raises(UserError, match=msg):
