@@ -310,6 +310,12 @@ def test_models_saved_without_a_tokenizer_merge_with_tokenizer(tmp_path, tok, ca
     c = write(tiny(4), tmp_path / "c", other_tok)
     assert main(["merge", paths[0], c, "--out", str(tmp_path / "o2"), "--tokenizer", str(tmp_path / "tok.json")]) == 2
     assert "tokenizer is not" in capsys.readouterr().err
+    # every model with its own: --tokenizer was never read (a file that is no tokenizer went unsaid)
+    d, e = write(tiny(5), tmp_path / "d", tok), write(tiny(6), tmp_path / "e", tok)
+    assert main(["merge", d, e, "--out", str(tmp_path / "o3"), "--tokenizer", str(tmp_path / "nope.json")]) == 2
+    assert f"merge: --tokenizer {tmp_path / 'nope.json'} stands in for a tokenizer the models were saved without, " \
+        "and every model here has its own: it would do nothing" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
 
 
 def test_a_model_and_its_hugging_face_round_trip_are_one_architecture(tmp_path, tok):

@@ -164,6 +164,9 @@ def check_same_tokenizer(paths, models, spec=None):
     def saved(p):
         return saved_tokenizer_path(p) is not None or hub_tokenizer(p) is not None
 
+    if spec is not None and all(saved(p) for p in paths):  # (it was never read: not even a bad path was said)
+        raise UserError(f"merge: --tokenizer {spec} stands in for a tokenizer the models were saved without, and "
+                        "every model here has its own: it would do nothing (leave it out)")
     toks = [pick_tokenizer(None if saved(p) else spec, p, m.config.vocab_size) for p, m in zip(paths, models)]
     for p, tok in zip(paths[1:], toks[1:]):
         if not same_ids(tok, toks[0]):
