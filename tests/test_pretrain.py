@@ -206,6 +206,25 @@ def test_experts_per_token_for_a_dense_init_is_refused(corpus, tmp_path, capsys,
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_reads_a_metrics_log_cut_short_and_names_a_damaged_line(corpus, tmp_path, capsys):
+    """A run killed while appending a row leaves its last line cut short: the resume drops it (the log is rewritten
+    to the checkpoint's step anyway). Another bad line was json's traceback from deep in the resume; now it is named."""
+    out = tmp_path / "run"
+    short = ("--eval-every", "0", "--sample-tokens", "0", "--log-every", "0", "--block-size", "16", "--batch-size", "2")
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "1", *short)]) == 0
+    log = out / "metrics.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"step": 2, "lo')
+    capsys.readouterr()
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "2", "--resume", *short)]) == 0
+    assert f"note: {log}: its last line is cut short" in capsys.readouterr().err
+    assert [r["step"] for r in common.MetricsLog(log).rows() if "loss" in r] == [1, 2]
+    log.write_text('{"step": 1, oops}\n' + good)
+    assert main(["pretrain", *argv(corpus, out, "--max-steps", "3", "--resume", *short)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {log}:1: not a JSON row ("), err
+
+
 def test_a_run_folder_is_not_reused_by_accident(corpus, tmp_path, capsys):
     """A new run into a folder holding one is refused (its checkpoints would outrank the new ones
     and its metrics mix with them); --overwrite replaces it. A resume says which flags changed,

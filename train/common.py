@@ -810,9 +810,30 @@ class MetricsLog:
             self.trackers.log(row)
 
     def rows(self):
+        """The rows logged, in order. A last line cut short (no newline: a run killed while writing it) is dropped,
+        with a note; any other line that is no JSON object is a UserError naming it (a resume read it deep in
+        json's own error)."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_bytes().decode("utf-8", errors="replace")  # (json.dumps writes ASCII)
+        lines = text.splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines) and not text.endswith("\n"):
+                    note(f"{self.path}: its last line is cut short (a run stopped while writing it): dropped")
+                    break
+                raise UserError(f"{self.path}:{i}: not a JSON row ({e.msg}): the metrics log is damaged; "
+                                "mend or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{self.path}:{i}: expected a JSON object (one row a line), got "
+                                f"{type(row).__name__}")
+            rows.append(row)
+        return rows
 
     def truncate(self, step: int) -> list:
         """On resume: drop the rows a crashed run logged after `step`; returns the rows kept."""
