@@ -1116,6 +1116,36 @@ def test_a_refused_run_writes_nothing_into_the_folder(command, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("command", ["reward", "dpo", "kto", "rlhf"])
+def test_a_batch_larger_than_the_data_files_pairs_is_said(command, tmp_path, capsys, monkeypatch):
+    """A batch is drawn with replacement: one larger than --data's training pairs holds some of them twice, every
+    step, which went unsaid. A note says it, before the model is built (stopped there)."""
+    from tritongpt.cli import main
+    from tritongpt.train import reward
+
+    class Built(Exception):
+        pass
+
+    def build_backbone(args):
+        raise Built
+
+    monkeypatch.setattr(reward, "build_backbone", build_backbone)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                             for i in range(5)))
+    flag, what = ("--prompts-per-iter", "prompts") if command == "rlhf" else \
+        ("--batch-size", "examples" if command == "kto" else "pairs")
+    argv = [command, "--model", "tiny", "--data", str(pairs), "--val-fraction", "0", "--out-dir",
+            str(tmp_path / "run"), *(["--reward", "exact"] if command == "rlhf" else [])]
+    n = 10 if command == "kto" else 5  # (kto: a pair makes two examples)
+    for size, said in ((n, False), (n + 1, True)):
+        with pytest.raises(Built):
+            main([*argv, flag, str(size)])
+        err = capsys.readouterr().err
+        assert (f"note: {flag} {size} is more than the {n} training {what} of --data {pairs} (less the held-out "
+                "share): every batch draws some of them twice" in err) is said, err
+
+
+@pytest.mark.parametrize("command", ["reward", "dpo", "kto", "rlhf"])
 @pytest.mark.parametrize("flag", [["--model", "gpt2-small"], ["--vocab-size", "300"]])
 def test_init_refuses_the_flags_of_a_fresh_model(command, flag, tmp_path, capsys):
     """--model and --vocab-size shape the random backbone made with no --init; with --init they were

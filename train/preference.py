@@ -156,6 +156,16 @@ def is_embedded(source) -> bool:
     return source in (None, "", "tasks", "default")
 
 
+def note_batch_repeats(size: int, n: int, flag: str, what: str, source) -> None:
+    """A batch is drawn at random, with replacement, from the n training items (reward's, dpo's and kto's pairs or
+    examples, rlhf's prompts): one larger than a --data file holds draws some of them twice in every batch, which
+    went unsaid (pretrain refuses a batch larger than its data). The embedded tasks' count is --num-pairs, chosen
+    beside the batch."""
+    if size > n and not is_embedded(source):
+        note(f"{flag} {size} is more than the {n} training {what} of --data {source} (less the held-out share): "
+             f"every batch draws some of them twice")
+
+
 def train_val_pairs(source=None, n: int = 2000, val_fraction: float = 0.1, seed: int = 0, template=None):
     """(train, held-out) pairs. Embedded: n pairs from the task's train split and
     round(n * val_fraction) from its val split (disjoint prompts); a file: split by prompt hash."""

@@ -380,7 +380,7 @@ def setup_preference_run(args, command: str, read_data=None):
     from tritongpt.train.chat_template import chat_template_for
     from tritongpt.train.common import check_out_dir, check_resume_of, load_state, resume_checkpoint, set_seed
     from tritongpt.train.loop import TrainArgs
-    from tritongpt.train.preference import train_val_pairs
+    from tritongpt.train.preference import note_batch_repeats, train_val_pairs
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import save_run_tokenizer
 
@@ -397,6 +397,8 @@ def setup_preference_run(args, command: str, read_data=None):
         check_resume_of(ckpt, load_state(ckpt, mmap=True), command)
     train, val = (read_data(args) if read_data else
                   train_val_pairs(args.data, args.num_pairs, args.val_fraction, args.seed))
+    note_batch_repeats(targs.batch_size, len(train), "--batch-size", "examples" if command == "kto" else "pairs",
+                     args.data)
     note_template_mismatch([p.format for p in train + val], {"--init": args.init})
     if command == "reward" and is_reward_model(args.init):  # a reward model to train on, its head with it
         refuse_fresh_model_flags(args)

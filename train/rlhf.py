@@ -1325,7 +1325,7 @@ def _rlhf_data_defaults() -> dict:
 
 def cmd_rlhf(args):
     from tritongpt.train.chat import note_template_mismatch
-    from tritongpt.train.preference import train_val_pairs
+    from tritongpt.train.preference import note_batch_repeats, train_val_pairs
     from tritongpt.train.reward import RewardModel, build_backbone, check_num_pairs
     from tritongpt.train.chat_template import answer_end_id, chat_template_for
     from tritongpt.train.sft import pick_tokenizer
@@ -1358,6 +1358,7 @@ def cmd_rlhf(args):
     else:
         train, val = [[(p.prompt, p.chosen, p.format) for p in ps]
                       for ps in train_val_pairs(args.data, args.num_pairs, args.val_fraction, a.seed)]
+    note_batch_repeats(a.prompts_per_iter, len(train), "--prompts-per-iter", "prompts", args.data)
     formats_used = [f for _, _, f in train + val]
     note_template_mismatch(formats_used, {"--init": args.init, "--reward": models[0] if models else None})
     for r in models[1:]:
