@@ -239,6 +239,9 @@ def train_model_flags(args, models=()):
         if args.mlp not in ("swiglu", "geglu"):
             raise UserError(f"--mlp-hidden {args.mlp_hidden} is the SwiGLU or GeGLU MLP's hidden size: without --mlp "
                             "swiglu or geglu it does nothing")
+    if args.experts_per_token is not None and not args.n_experts:  # (GPTConfig keeps it on a dense model)
+        raise UserError(f"--experts-per-token {args.experts_per_token} is how many experts a token goes through: "
+                        "without --n-experts the MLP is dense and it does nothing")
     if args.attention_head_dim is not None and args.attention_head_dim <= 0:
         raise UserError(f"--attention-head-dim must be a positive integer, got {args.attention_head_dim}")
     if args.n_kv_head is not None and args.n_kv_head < 0:

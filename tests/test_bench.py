@@ -1385,6 +1385,8 @@ def test_llama_flags_are_checked_before_the_cpu_timings(monkeypatch):
         (["train", "--mlp-hidden", "2048"], "--mlp-hidden 2048 is the SwiGLU or GeGLU MLP's hidden size: without "
                                             "--mlp swiglu or geglu it does nothing"),
         (["train", "--mlp", "gelu", "--mlp-hidden", "2048"], "without --mlp swiglu or geglu it does nothing"),
+        (["train", "--experts-per-token", "4"], "--experts-per-token 4 is how many experts a token goes through: "
+                                                "without --n-experts the MLP is dense"),
         (["train", "--attention-window", "256", "--window-layers", "0,12"], r"GPTConfig.window_layers '0,12' must "
                                                                             "list distinct layers in increasing order, "
                                                                             "each below n_layer 12"),
