@@ -298,10 +298,20 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
                          ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon 1e-06"),
                          ({"scale_attn_weights": False}, "scale_attn_weights False"),
                          # another family's config (load_checkpoint hands GPT-Neo's to gpt_neo_weights)
-                         ({"model_type": "gpt_neox"}, "says model_type 'gpt_neox': not a GPT-2 model")):
+                         ({"model_type": "gpt_neox"}, "says model_type 'gpt_neox': not a GPT-2 model"),
+                         # a size of another type was called a wrong number ("says n_embd '48', but the weights
+                         # have 48"), and a bad n_head was GPTConfig's error, naming no file
+                         ({"n_embd": "48"}, "config.json: n_embd must be a positive integer, got '48'"),
+                         ({"n_layer": 3.0}, "config.json: n_layer must be a positive integer, got 3.0"),
+                         ({"n_head": None}, "config.json: n_head must be a positive integer, got None"),
+                         ({"n_head": 5}, "config.json says n_head 5, which does not divide the weights' width 48")):
         (tmp_path / "config.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(UserError, match=said):
             load_gpt2_safetensors(path)
+    # a config.json without n_head: the advice was to put a config.json beside the file, where one is
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in good.items() if k != "n_head"}))
+    with pytest.raises(UserError, match="config.json has no n_head; add it or pass --model"):
+        load_gpt2_safetensors(path)
     (tmp_path / "config.json").write_text(json.dumps({**good, "activation_function": "gelu_pytorch_tanh"}))
     assert load_gpt2_safetensors(path).config.n_head == 4  # the same GELU, spelled by PyTorch
     for text, said in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list"),

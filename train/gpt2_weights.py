@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tritongpt._types import is_int
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel, all_finite, check_finite_weights, readable_like_other_files, \
@@ -234,9 +235,10 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
             preset = get_config(name)
             if (preset.n_embd, preset.n_layer) == (n_embd, n_layer):
                 n_head = preset.n_head
-    if n_head is None:
-        raise UserError(f"cannot tell the number of heads of {path}: put its config.json beside it "
-                        "or pass --model")
+    if n_head is None:  # (a config.json without n_head is there: "put one beside it" would not help)
+        raise UserError(f"cannot tell the number of heads of {path}: " + (
+            f"{cfg_json} has no n_head; add it or pass --model" if cfg_json.is_file() else
+            "put its config.json beside it or pass --model"))
     return GPTConfig(vocab_size=vocab, context_length=ctx, n_embd=n_embd, n_layer=n_layer,
                      n_head=n_head, bias=True, tie_weights="lm_head.weight" not in sd
                      or torch.equal(sd["lm_head.weight"], sd["wte.weight"]))
@@ -266,6 +268,13 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
     no variant this model does not compute (another activation or eps would load silently and
     give other numbers)."""
     d = _gpt2_config_json(cfg_json)
+    # a size of another type ("32", 2.0, null) was compared to the tensors' as if it were a wrong number ("says n_embd
+    # '32', but the weights have 32"), and a bad n_head reached GPTConfig, whose error does not name the file
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        if key in d and not (is_int(d[key]) and d[key] > 0):
+            raise UserError(f"{cfg_json}: {key} must be a positive integer, got {d[key]!r}")
+    if "n_head" in d and n_embd % d["n_head"]:
+        raise UserError(f"{cfg_json} says n_head {d['n_head']}, which does not divide the weights' width {n_embd}")
     for key, have in (("vocab_size", vocab), ("n_positions", ctx), ("n_embd", n_embd), ("n_layer", n_layer)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
