@@ -239,6 +239,17 @@ def test_the_generate_command_prints_the_beams(saved, capsys, one_thread):
     assert capsys.readouterr().out == tok.decode(generate(model, torch.tensor([ids]), 6)[0].tolist()) + "\n"
 
 
+def test_more_sequences_than_texts_are_refused(pair):
+    """More return sequences than the texts of max_new_tokens there are (V ** n) were the search's empty slots:
+    copies of other texts scored -1e9, returned as beams."""
+    _, model = pair
+    idx = prompts(0)[:1]
+    with pytest.raises(UserError, match=f"num_return_sequences {V + 1} is more than the {V} texts of max_new_tokens 1"):
+        beam_search(model, idx, 1, V + 1, num_return_sequences=V + 1)
+    ids, scores = beam_search(model, idx, 1, V + 1, num_return_sequences=V)  # every text, each once
+    assert len(set(map(tuple, ids.tolist()))) == V and scores.min() > -1e8
+
+
 @pytest.mark.parametrize("extra,said", [
     (["--temperature", "0.7"], "--num-beams (beam search) does not take --temperature"),
     (["--top-k", "5"], "does not take --top-k"),

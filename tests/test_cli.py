@@ -332,7 +332,10 @@ def test_generate_errors(saved_model, capsys):
     for flags, said in ((["--temperature", "nan"], "--temperature must be a finite number"),
                         (["--top-k", "0", "--temperature", "0"], "--top-k must be a positive integer"),
                         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
-                        (["--seed", str(2**64)], "--seed must be a 64-bit integer")):  # was torch's overflow
+                        (["--seed", str(2**64)], "--seed must be a 64-bit integer"),  # was torch's overflow
+                        # more beams returned than the 300 one-token texts: the rest were empty slots, scored -1e9
+                        (["--num-beams", "301", "--num-return-sequences", "301", "--max-new-tokens", "1"],
+                         "--num-return-sequences 301 is more than the 300 texts of --max-new-tokens 1")):
         assert main(base + ["--weights", str(saved_model / "w.safetensors"), "--prompt", "x", *flags]) == 2
         assert said in capsys.readouterr().err, flags
     w = ["--weights", str(saved_model / "w.safetensors")]

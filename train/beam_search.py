@@ -52,6 +52,13 @@ def length_penalty_overflows(length_penalty, max_new_tokens: int) -> bool:
         return True
 
 
+def texts_possible(vocab: int, max_new_tokens: int) -> int:
+    """How many continuations of max_new_tokens tokens a vocabulary makes (vocab ** max_new_tokens), capped where it
+    passes any number of beams: more returned sequences than that were filled with the search's empty slots, each a
+    copy of another text scored -1e9, printed as beams."""
+    return vocab ** min(max_new_tokens, 64)
+
+
 @torch.no_grad()
 def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return_sequences: int = 1, eos_id: int | None = None,
@@ -79,6 +86,10 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     check_cache_dtype(kv_cache_dtype, use_cache)
     check_eos_id(eos_id, vocab_limit or model.config.vocab_size)
+    texts = texts_possible(min(vocab_limit or model.config.vocab_size, model.config.vocab_size), max_new_tokens)
+    if max_new_tokens and num_return_sequences > texts:
+        raise UserError(f"num_return_sequences {num_return_sequences} is more than the {texts} texts of "
+                        f"max_new_tokens {max_new_tokens} there are: the rest would be empty beams (score -1e9)")
     B, T = idx.shape
     ctx = model.config.context_length
     if max_new_tokens and T + max_new_tokens - 1 > ctx:
