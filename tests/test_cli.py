@@ -295,6 +295,10 @@ def test_paths_the_system_refuses_are_one_line_errors(tmp_path, capsys):
     assert main(["bpe", "train", "--input", str(corpus), "--text-field", "body", "--vocab-size", "300",
                  "--out", str(tmp_path / "tok.json")]) == 2
     assert "--text-field applies to .jsonl data" in capsys.readouterr().err
+    # --out naming the corpus itself: it was read, then replaced by the tokenizer's JSON
+    assert main(["bpe", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(corpus)]) == 2
+    assert "is the --input corpus" in capsys.readouterr().err
+    assert corpus.read_text() == load_text("pydoc")[:3000]
 
 
 def test_generate_with_a_tokenizer_smaller_than_the_model(saved_model, tmp_path, capsys):

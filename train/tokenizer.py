@@ -1028,6 +1028,12 @@ def cmd_train(args):
     from tritongpt.train.data import CorpusStats, check_text_field, empty_corpus_error, iter_documents
 
     check_text_field(args.input, args.text_field)
+    out, source = Path(args.out), Path(args.input)
+    # the corpus is read before the tokenizer is written, so --out naming it ran, and replaced the corpus with the
+    # tokenizer's JSON
+    if out.is_file() and source.is_file() and out.samefile(source):
+        raise UserError(f"--out {args.out} is the --input corpus: writing the tokenizer there would replace it; "
+                        "name another file")
     stats = CorpusStats()
 
     def documents():
