@@ -173,6 +173,7 @@ def test_every_refusal_is_named(saved, tmp_path, capsys):
             ([*base, "--prompts", str(good)], "pass --out FILE"),
             ([*base, "--prompts", str(good), "--out", str(tmp_path)], "is a folder: name the .jsonl file"),
             ([*base, "--prompts", str(good), "--out", str(tmp_path / "no" / "o.jsonl")], "does not exist"),
+            ([*base, "--prompts", str(good), "--out", str(good)], "is the --prompts file"),  # was replaced
             ([*batch, "--kv-cache-pages", "1", "--kv-page-size", "4"], "more than the cache's 1"),  # (pages passed on)
             ([*base, "--prompt", "x", "--out", "o.jsonl"], "--out is a --prompts FILE setting"),
             ([*base, "--prompt", "x", "--max-batch", "4"], "--max-batch is a --prompts FILE setting"),

@@ -210,6 +210,9 @@ def cmd_generate_prompts(args):
         raise UserError(f"--out {out_path} is a folder: name the .jsonl file to write")
     if not out_path.parent.is_dir():
         raise UserError(f"--out {out_path}: the folder {out_path.parent} does not exist")
+    if out_path.is_file() and out_path.samefile(args.prompts):  # (it was read, then replaced by the results)
+        raise UserError(f"--out {out_path} is the --prompts file: writing the results there would replace it; name "
+                        "another file")
     flags = mask_flags(args)
     model, tok, device, dtype, limit = load_generation_model(args)
     if modules:
