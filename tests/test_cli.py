@@ -280,6 +280,24 @@ def test_generate_from_saved_weights(saved_model, capsys):
     assert capsys.readouterr().out == first  # greedy is deterministic
 
 
+def test_an_allocation_too_large_is_a_one_line_error_and_other_runtime_errors_stay_tracebacks(monkeypatch, capsys):
+    import tritongpt.commands as commands
+
+    # a size asked for past any machine's memory (2**60 bytes: past a 64-bit process's address space, so it fails
+    # whatever the machine's overcommit) fails inside torch's allocator, as `generate --num-samples 100000000` does
+    monkeypatch.setattr(commands, "cmd_info", lambda args: torch.empty(2**60, dtype=torch.uint8))
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                          "1152921504606846976 bytes") and "ask for less" in err and err.count("\n") == 1
+
+    def fails(args):
+        raise RuntimeError("a bug, not a size")
+    monkeypatch.setattr(commands, "cmd_info", fails)
+    with pytest.raises(RuntimeError, match="a bug, not a size"):
+        main(["info"])
+
+
 def test_paths_the_system_refuses_are_one_line_errors(tmp_path, capsys):
     """An OSError (a folder that cannot be made, a file that cannot be written) is the user's
     path, named in one line with the system's reason, not a traceback."""

@@ -211,6 +211,25 @@ def run(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        reason = out_of_memory(e)
+        if reason is None:
+            raise
+        print(f"error: out of memory: {reason}; ask for less (a smaller batch, fewer samples or beams, a shorter "
+              "context or a smaller model)", file=sys.stderr)
+        return 1
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """torch's reason when e is an allocation that failed (a CUDA out-of-memory error, the CPU allocator's, Python's
+    MemoryError), else None. A size the user asked for (`generate --num-samples 100000000`, `--vocab-size 1e10`)
+    fails there, deep inside torch: its traceback names no flag, its first line says how much was asked."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
+        return text
+    if "DefaultCPUAllocator: can't allocate memory" in text or "DefaultCPUAllocator: not enough memory" in text:
+        return text[text.index("DefaultCPUAllocator"):]  # (without "[enforce fail at alloc_cpu.cpp:127] err == 0.")
+    return None
 
 
 if __name__ == "__main__":
