@@ -53,6 +53,16 @@ def test_cli_short_job_learns_and_writes_metrics_plot_checkpoint_then_resumes(co
     model = GPTModel.load(out / "ckpt-0000030" / "model.safetensors")
     assert model.config.vocab_size == 300  # the tokenizer's, not the preset's 4096
     assert (out / "tokenizer.json").is_file()
+    # 30 steps leave the model near a unigram one, so the losses above cannot tell a model blind to its context
+    # (test_cli_job_learns_to_use_its_context is the check of that); what they miss that the checkpoints show:
+    # every weight trained (one the optimizer never steps, or no gradient reaches, is as it was at step 15)...
+    early = dict(GPTModel.load(out / "ckpt-0000015" / "model.safetensors").named_parameters())
+    assert [k for k, w in model.named_parameters() if torch.equal(w, early[k])] == []
+    # ...and positions read: in a row of one token repeated each position sees the same tokens, so only the
+    # position can make its logits differ from the first one's (a model blind to positions gives them all alike)
+    with torch.no_grad():
+        logits = model(torch.full((1, 32), 7))[0]
+    assert (logits[1:] - logits[0]).abs().amax(-1).min() > 1e-3
 
     # --resume continues from step 30 to 34 and appends to the same log
     rc = main(["pretrain", *argv(corpus, out, "--max-steps", "34", "--resume", "--eval-every", "0",
