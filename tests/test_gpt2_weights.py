@@ -197,6 +197,24 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
         load_gpt2_safetensors(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn, torch.complex64])
+def test_a_tensor_that_is_no_float_weight_is_refused_not_cast(hf_copy, tmp_path, dtype):
+    """copy_ cast an int32 (a GPTQ file's codes), bool, FP8 (a file whose scales sit beside it) or complex tensor
+    into the float parameter and loaded another model without a word; a float16 one is a plain cast."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_copy(_hf_model, tmp_path)
+    sd = load_file(str(path))
+    (key,) = [k for k in sd if k.endswith("h.1.mlp.c_fc.weight")]
+    good = sd[key]
+    save_file({**sd, key: (good * 100).to(dtype)}, str(path))
+    with pytest.raises(UserError, match=rf"{path}: tensor for trf_blocks.1.ff.fc1.weight is "
+                                        rf"{str(dtype).removeprefix('torch.')}, not a float weight"):
+        load_gpt2_safetensors(path)
+    save_file({**sd, key: good.half()}, str(path))
+    assert torch.equal(load_gpt2_safetensors(path).trf_blocks[1].ff.fc1.weight, good.half().float().t())
+
+
 def test_an_lm_head_equal_to_the_embedding_loads_tied_and_another_untied(tmp_path):
     """Some saves of GPT-2 carry lm_head.weight as a copy of wte.weight: that is the tied head
     (one matrix: fine-tuning keeps them one, an export writes one); an lm_head of its own is an

@@ -421,6 +421,9 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def model_with_tensors(cfg: GPTConfig, mapping, path) -> GPTModel:
     """GPTModel(cfg) holding mapping()'s tensors (our parameter names -> a file's tensors; a
     KeyError names the tensor the file lacks): every parameter filled, each of its own shape
@@ -433,6 +436,11 @@ def model_with_tensors(cfg: GPTConfig, mapping, path) -> GPTModel:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in ours.items():
+            # copy_ would cast anything: integer or bool codes (a GPTQ / bitsandbytes file's), complex values, or
+            # FP8 weights without the scales beside them, each a wrong model without a word
+            if value.dtype not in _FLOAT_DTYPES:
+                raise UserError(f"{path}: tensor for {name} is {str(value.dtype).removeprefix('torch.')}, not a float "
+                                "weight (float32, float16, bfloat16 or float64): a quantized or damaged file")
             if params[name].shape != value.shape:
                 raise UserError(f"{path}: tensor for {name} has shape {tuple(value.shape)}, "
                                 f"expected {tuple(params[name].shape)}")
