@@ -215,6 +215,25 @@ def test_a_tensor_that_is_no_float_weight_is_refused_not_cast(hf_copy, tmp_path,
     assert torch.equal(load_gpt2_safetensors(path).trf_blocks[1].ff.fc1.weight, good.half().float().t())
 
 
+@pytest.mark.parametrize("edit, said", [
+    # each was a TypeError or an unhashable lookup deep in the readers, or GPTConfig's error naming no file
+    ({"model_type": ["gpt2"]}, r"config.json: model_type must be a string \(the model family, as 'llama'\), got list"),
+    ({"activation_function": ["gelu_new"]}, r"config.json has activation_function \['gelu_new'\]; this model "
+                                            "computes 'gelu_new' only"),
+    ({"n_head": "4"}, r"config.json says n_head '4', which does not divide the weights' width 48"),
+    ({"n_head": 0}, r"config.json says n_head 0, which does not divide"),
+    ({"n_head": 5}, r"config.json says n_head 5, which does not divide"),
+])
+def test_config_json_fields_of_the_wrong_type_are_named(hf_copy, tmp_path, edit, said):
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    path = hf_copy(_hf_model, tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**d, **edit}))
+    with pytest.raises(UserError, match=said):
+        load_checkpoint(path)
+
+
 def test_an_lm_head_equal_to_the_embedding_loads_tied_and_another_untied(tmp_path):
     """Some saves of GPT-2 carry lm_head.weight as a copy of wte.weight: that is the tied head
     (one matrix: fine-tuning keeps them one, an export writes one); an lm_head of its own is an

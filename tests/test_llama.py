@@ -124,6 +124,16 @@ def test_export_round_trip(tmp_path, overrides, kind):
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5; this model rotates every dimension"),
     ({"vocab_size": 64}, "says vocab_size 64, but the weights have 53"),
     ({"hidden_size": 32}, "says hidden_size 32, but the weights have 64"),
+    # fields of the wrong type: a ZeroDivisionError, a TypeError or an unhashable lookup before, or (a rope_scaling
+    # that is no object) passed over and loaded as unscaled RoPE
+    ({"num_attention_heads": 0}, "says num_attention_heads 0; it must be a positive integer"),
+    ({"num_attention_heads": "4"}, "says num_attention_heads '4'; it must be a positive integer"),
+    ({"num_attention_heads": 3, "head_dim": None}, "num_attention_heads 3, which does not divide the 64 rows of"),
+    ({"num_key_value_heads": 0}, "says num_key_value_heads 0; it must be a positive integer"),
+    ({"rope_parameters": None, "rope_scaling": ["linear", 2.0]},
+     "has rope_scaling ['linear', 2.0]; it must be an object (rope_type and its fields) or null"),
+    ({"rope_parameters": {"rope_type": ["linear"], "factor": 2.0}},
+     "has rope_parameters of type ['linear']; its rope_type must be a string"),
 ])
 def test_config_json_naming_what_this_model_does_not_compute_is_refused(hf_copy, tmp_path, edit, said):
     path = hf_copy(_hf_model, tmp_path)

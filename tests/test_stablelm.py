@@ -109,8 +109,9 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
      r"a RoPE base -1.0 \(rope_theta\); it must be a number > 0"),
     ({"use_qkv_bias": False}, "use_qkv_bias false, but the weights have q_proj's bias"),
     ({"model_type": "stablelm_epoch"}, "model_type 'stablelm_epoch'"),
-    # q_proj's 64 rows over 5 heads: heads of 12, which do not make the width
-    ({"num_attention_heads": 5}, "heads of 12 over a width of 64; StableLM's heads are hidden_size / "),
+    # q_proj's 64 rows over 5 heads (llama_weights.hf_shapes refuses it before StableLM's own check)
+    ({"num_attention_heads": 5}, "says num_attention_heads 5, which does not divide the 64 rows of the weights' "
+                                 "q_proj"),
 ], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "theta", "qkv-bias", "epoch",
         "heads"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):

@@ -36,7 +36,7 @@ from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, weights_file, write_hf_folder
-from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
+from tritongpt.train.llama_weights import _rope_theta, hf_shapes, rope_dict, shape_fields
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
@@ -91,7 +91,7 @@ def _rope(d: dict, kind: str, cfg_json) -> tuple:
     if kind != "gemma3_text":
         theta, scaling = _rope_theta(d, cfg_json)
         return theta, scaling, 0.0
-    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    params = rope_dict(d, "rope_parameters", cfg_json)
     full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
     theta, scaling = _rope_theta({"rope_parameters": full, "rope_scaling": d.get("rope_scaling"),
                                   "rope_theta": full.get("rope_theta", d.get("rope_theta", 1_000_000.0)),

@@ -224,6 +224,10 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     cfg_json = path.parent / "config.json"
     if cfg_json.is_file():
         n_head = _check_hf_config(cfg_json, vocab, ctx, n_embd, n_layer).get("n_head")
+        # (GPTConfig would refuse it too, naming neither the file nor its field)
+        if n_head is not None and (isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1
+                                   or n_embd % n_head):
+            raise UserError(f"{cfg_json} says n_head {n_head!r}, which does not divide the weights' width {n_embd}")
     if n_head is None and model_name is not None:
         named = get_config(model_name)
         if (named.n_embd, named.n_layer) != (n_embd, n_layer):
@@ -279,7 +283,7 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
     for key, (allowed, default) in _HF_MUST.items():
-        if d.get(key, default) not in allowed:
+        if d.get(key, default) not in tuple(allowed):  # (a tuple: a list or object there is refused, not unhashable)
             raise UserError(f"{cfg_json} has {key} {d[key]!r}; this model computes {default!r} only")
     return d
 
@@ -324,6 +328,11 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
     if is_hf_weights(path):
+        cfg_json = Path(path).parent / "config.json"
+        # each family's is_*_file looks model_type up in its own table: a list or object there would be a TypeError
+        if cfg_json.is_file() and not isinstance(kind := read_json_object(cfg_json).get("model_type", ""), str):
+            raise UserError(f"{cfg_json}: model_type must be a string (the model family, as 'llama'), got "
+                            f"{type(kind).__name__} {kind!r}")
         if _CLASSIFIER.get() is None and (name := classifier_name(path)) is not None:
             raise UserError(f"{path} is {name if name.startswith('a ') else 'a ' + name} (a reward model or "
                             "classifier: a score head, no LM head), not a causal LM: a reward model is "

@@ -70,13 +70,28 @@ def checked_rope_base(theta, what: str, note: str = "") -> float:
     return float(theta)
 
 
+def rope_dict(d: dict, key: str, cfg_json) -> dict:
+    """config.json's rope_parameters or rope_scaling (key): {} when absent or null. Anything but an object (a list, a
+    string), or a rope_type that is no string, is refused by name: passed over, it would load as unscaled RoPE
+    without a word (or be unhashable in a lookup of the known types)."""
+    value = d.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{cfg_json} has {key} {value!r}; it must be an object (rope_type and its fields) or null")
+    kind = value.get("rope_type", value.get("type", "default"))
+    if not isinstance(kind, str):
+        raise UserError(f"{cfg_json} has {key} of type {kind!r}; its rope_type must be a string")
+    return value
+
+
 def _rope_theta(d: dict, cfg_json) -> tuple:
     """(RoPE's base, its scaling: GPTConfig.rope_scaling) from transformers 5's rope_parameters or
     the older rope_theta / rope_scaling. Linear, Llama 3's and YaRN's scalings stretch the frequencies
     (layers.scaled_inv_freq; YaRN scales the scores too); the others (dynamic, longrope...) are other
     functions of the positions, refused by name."""
-    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    old = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
+    params = rope_dict(d, "rope_parameters", cfg_json)
+    old = rope_dict(d, "rope_scaling", cfg_json)
     scaling = None
     for where, p in (("rope_parameters", params), ("rope_scaling", old)):
         kind = p.get("rope_type", p.get("type", "default"))
@@ -115,8 +130,8 @@ def unscaled_partial_rope(d: dict, head_dim: int, cfg_json, family: str, theta_k
     head (GPT-NeoX's, StableLM's: 0.25 when config.json says none, as transformers reads both): from
     transformers 5's rope_parameters, else the older flat keys (GPT-NeoX's rotary_emb_base and rotary_pct);
     a scaled RoPE refused by name."""
-    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
+    params = rope_dict(d, "rope_parameters", cfg_json)
+    scaling = rope_dict(d, "rope_scaling", cfg_json)
     for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
         kind = p.get("rope_type", p.get("type", "default"))
         if kind != "default":
@@ -202,10 +217,18 @@ def hf_shapes(d: dict, sd: dict, cfg_json: Path, family: str) -> tuple:
                       ("intermediate_size", hidden)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
-    n_head = d["num_attention_heads"]
-    n_kv_head = d.get("num_key_value_heads") or n_head
-    head_dim = sd["layers.0.self_attn.q_proj.weight"].shape[0] // n_head if "layers.0.self_attn.q_proj.weight" in sd \
-        else n_embd // n_head
+    n_head, n_kv_head = d["num_attention_heads"], d.get("num_key_value_heads")
+    n_kv_head = n_head if n_kv_head is None else n_kv_head  # (None: as many as the query heads, as transformers)
+    # the head width is q_proj's rows over the heads: a count of another type, or one that does not divide them,
+    # would be a ZeroDivisionError or TypeError here, or a head width of the remainder's floor
+    q_rows = sd["layers.0.self_attn.q_proj.weight"].shape[0] if "layers.0.self_attn.q_proj.weight" in sd else n_embd
+    for key, value in (("num_attention_heads", n_head), ("num_key_value_heads", n_kv_head)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{cfg_json} says {key} {value!r}; it must be a positive integer")
+    if q_rows % n_head:
+        raise UserError(f"{cfg_json} says num_attention_heads {n_head}, which does not divide the {q_rows} rows of "
+                        "the weights' q_proj")
+    head_dim = q_rows // n_head
     if d.get("head_dim") not in (None, head_dim):
         raise UserError(f"{cfg_json} says head_dim {d['head_dim']!r}, but the weights have {head_dim}")
     return vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim

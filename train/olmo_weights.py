@@ -27,7 +27,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_moe_touches, refuse_neox_touches,
                                           refuse_phi3_touches, weights_file, write_hf_folder)
-from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
+from tritongpt.train.llama_weights import _rope_theta, hf_shapes, rope_dict, shape_fields
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
 _NAMES = {"olmo2": "OLMo 2", "olmo3": "OLMo 3"}
@@ -69,7 +69,7 @@ def _rope(d: dict, kind: str, window: int, cfg_json) -> tuple:
     """(rope_theta, rope_scaling, rope_local_theta). OLMo 3's two RoPEs come as transformers 5's
     rope_parameters per layer type, or flat (rope_theta, rope_scaling: the Hub's), the scaling the
     full-attention layers' only."""
-    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    params = rope_dict(d, "rope_parameters", cfg_json)
     if kind == "olmo2" or "full_attention" not in params:
         # Olmo3Config's base when none is said is 500000, Olmo2Config's (as Llama's) 10000
         theta, scaling = _rope_theta(d if kind == "olmo2" else {"rope_theta": OLMO3_THETA, **d}, cfg_json)

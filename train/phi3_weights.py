@@ -25,7 +25,7 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_per_head_qk, weights_file,
                                           write_hf_folder)
 from tritongpt.train.llama_weights import (_our_tensors, checked_rope_base, hf_shapes, partial_rotary_dim,
-                                           refuse_not_llama, shape_fields)
+                                           refuse_not_llama, rope_dict, shape_fields)
 
 MODEL_TYPE, ARCHITECTURE = "phi3", "Phi3ForCausalLM"
 LONGROPE_ALIASES = ("longrope", "su", "yarn")  # Phi3Config reads the two older names as longrope
@@ -69,7 +69,7 @@ def _unfused(sd: dict, d: dict, cfg_json: Path) -> dict:
 
 def _rotary_dim(d: dict, head_dim: int, cfg_json) -> int:
     """GPTConfig.rotary_dim of partial_rotary_factor (in rope_parameters, or top level): 0 for the whole head."""
-    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    params = rope_dict(d, "rope_parameters", cfg_json)
     return partial_rotary_dim(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)), head_dim,
                               f"{cfg_json} has")
 
@@ -78,9 +78,9 @@ def _rope(d: dict, cfg_json) -> tuple:
     """(RoPE's base, GPTConfig.rope_scaling): none, or LongRoPE's factor lists with
     original_max_position_embeddings (top level in Phi-3's configs) and the optional factor and
     attention_factor."""
-    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    params = rope_dict(d, "rope_parameters", cfg_json)
     theta = checked_rope_base(params.get("rope_theta", d.get("rope_theta", 10000.0)), f"{cfg_json} has rope_theta")
-    old = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
+    old = rope_dict(d, "rope_scaling", cfg_json)
     for where, p in (("rope_parameters", params), ("rope_scaling", old)):
         kind = p.get("rope_type", p.get("type", "default"))
         if kind == "default":
