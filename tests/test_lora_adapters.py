@@ -144,6 +144,32 @@ def _tampered(src, dst, edit):
     return dst
 
 
+@pytest.mark.parametrize("config, said", [
+    ({"r": 0}, "r is 0; it must be a positive integer"),  # was a ZeroDivisionError
+    ({"r": -3}, "r is -3; it must be a positive integer"),  # merged with its sign flipped
+    ({"r": "3"}, "r is '3'; it must be a positive integer"),  # TypeError
+    ({"lora_alpha": None}, "lora_alpha is None; it must be a finite number"),  # TypeError
+    ({"rank_pattern": ["c_attn"]}, "rank_pattern must be an object of module name patterns to values, got list"),
+    ({"alpha_pattern": {"(c_attn": 2}}, r"alpha_pattern key '\(c_attn' is not a regular expression"),  # re.error
+    ({"rank_pattern": {"c_attn": 0}}, r"rank_pattern\['c_attn'\] is 0; it must be a positive integer"),
+    ({"integer tensors": True}, r"h.0.attn.c_attn: lora_A is int32, not a float tensor"),  # cast by .float()
+])
+def test_adapter_config_fields_of_the_wrong_type_are_named(peft_gpt2, tmp_path, config, said):
+    """What peft's scale (lora_alpha / r, per module by the patterns) is made of, and the A and B themselves: each
+    bad one named by file and field, by both readers (merged, load_checkpoint; unmerged, read_adapter)."""
+    _, base_dir, adapter_dir = peft_gpt2
+    good = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    if "integer tensors" in config:
+        config, tensors = {}, {k: (v * 100).to(torch.int32) for k, v in tensors.items()}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**good, **config}))
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    where = "adapter_config.json" if config else "adapter_model.safetensors"
+    for read in (load_checkpoint, lambda p: read_adapter(p, small())):
+        with pytest.raises(UserError, match=f"{where}: {said}"):
+            read(tmp_path)
+
+
 def test_each_file_that_is_no_fitting_adapter_is_refused_by_name(peft_gpt2, tmp_path):
     model, base_dir, adapter_dir = peft_gpt2
     served = load_checkpoint(base_dir)

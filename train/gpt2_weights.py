@@ -8,6 +8,7 @@ we split into W_query, W_key and W_value. The LM head is tied to the token embed
 """
 import copy
 import json
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -1092,10 +1093,40 @@ def _peft_files(folder) -> tuple:
         if bad:
             raise UserError(f"{cfg_path}: {key} is {config.get(key)!r}; only a plain LoRA adapter (peft_type LORA, "
                             "no DoRA, bias none, no modules_to_save) is read here")
+    _check_lora_scale_fields(config, cfg_path)
     files = [folder / n for n in ADAPTER_FILES if (folder / n).is_file()]
     if not files:
         raise UserError(f"{folder}: an adapter_config.json without {' or '.join(ADAPTER_FILES)}")
     return config, files[0], _read_tensors(files[0])  # .safetensors or .bin; keys start base_model.: nothing to strip
+
+
+def _check_lora_scale_fields(config: dict, cfg_path: Path) -> None:
+    """r, lora_alpha and their per-module rank_pattern and alpha_pattern, what _peft_update's scale is made of:
+    a rank that is no positive integer or an alpha that is no number would be a ZeroDivisionError or TypeError
+    there (or, r < 0, a merge of the update with its sign flipped), a pattern that is no regular expression re's
+    error."""
+    def number(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+    rank = ("a positive integer", lambda v: number(v) and v == int(v) and v >= 1)
+    alpha = ("a finite number", number)
+    values = [("r", config.get("r", 8), *rank), ("lora_alpha", config.get("lora_alpha", 8), *alpha)]
+    for key, want in (("rank_pattern", rank), ("alpha_pattern", alpha)):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise UserError(f"{cfg_path}: {key} must be an object of module name patterns to values, got "
+                            f"{type(patterns).__name__}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"{cfg_path}: {key} key {pattern!r} is not a regular expression ({e})") from None
+            values.append((f"{key}[{pattern!r}]", value, *want))
+    for what, value, want, ok in values:
+        if not ok(value):
+            raise UserError(f"{cfg_path}: {what} is {value!r}; it must be {want}")
 
 
 def _peft_updates(tensors: dict, key: re.Pattern) -> tuple:
@@ -1121,6 +1152,10 @@ def _peft_update(config: dict, file, model: GPTModel, layer: int, module: str, a
     if set(ab) != {"A", "B"} or layer >= n_layer:
         raise UserError(f"{where}: " + (f"the base has only {n_layer} layers" if layer >= n_layer
                                         else f"lora_{'AB'[('A' in ab)]} is missing"))
+    for which in "AB":  # .float() would cast integer or FP8 codes into an update without a word
+        if ab[which].dtype not in _FLOAT_DTYPES:
+            raise UserError(f"{where}: lora_{which} is {str(ab[which].dtype).removeprefix('torch.')}, not a float "
+                            "tensor (float32, float16, bfloat16 or float64)")
     a, b = ab["A"].float(), ab["B"].float()
     full = f"{layers}.{layer}.{module}"
     r = _pattern_value(config.get("rank_pattern"), full, config.get("r", 8))
