@@ -428,6 +428,9 @@ def test_damaged_files_and_a_missing_eos_are_named(tmp_path, capsys, monkeypatch
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert get_tokenizer(path).eot_id == 0  # config.json's eos_token_id
     model_cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**model_cfg, "eos_token_id": -1}))  # was an OverflowError
+    with pytest.raises(UserError, match=r"config.json: eos_token_id -1 is not a token of"):
+        get_tokenizer(path)
     (path / "config.json").write_text(json.dumps({**model_cfg, "eos_token_id": None, "bos_token_id": None}))
     (path / "generation_config.json").unlink(missing_ok=True)
     tok = get_tokenizer(path)

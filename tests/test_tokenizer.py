@@ -877,6 +877,21 @@ def test_added_tokens_keep_their_ids_or_are_refused(corpus, tmp_path):
         get_tokenizer(hf)
 
 
+def test_tokenizer_config_fields_of_the_wrong_type_are_named(tmp_path):
+    """additional_special_tokens that is no token or list (list() of a number: a TypeError) and an
+    added_tokens_decoder key that is no id (int(): a ValueError) name the file and field."""
+    tok = BPETokenizer.train("aaabdaaabac", 260)
+    tok.save_hf(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for edit, said in (({"additional_special_tokens": 5}, "additional_special_tokens must be a token, a list of "
+                                                          "tokens or an object of them, got int 5"),
+                       ({"added_tokens_decoder": {"pad": {"content": "<pad>", "special": True}}},
+                        "added_tokens_decoder's keys must be token ids, got 'pad'")):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, **edit}))
+        with pytest.raises(UserError, match=f"tokenizer_config.json: {said}"):
+            BPETokenizer.from_hf_folder(tmp_path)
+
+
 def test_hugging_face_settings_that_change_the_ids_are_refused(tmp_path):
     """A tokenizers-library tokenizer.json (written out by hand here) reads back as the tokenizer
     it spells; each setting with which Hugging Face would give other ids than this encoder (a

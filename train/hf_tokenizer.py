@@ -176,7 +176,8 @@ class HFTokenizer(TokenizerChecks):
             name = _token_name(cfg.get(f"{key}_token"))
             if name is None:
                 i, where = _config_id(folder, f"{key}_token_id")
-                name = tok._tok.id_to_token(i) if i is not None else None
+                # (id_to_token of a negative id is an OverflowError: it is no token either)
+                name = tok._tok.id_to_token(i) if i is not None and i >= 0 else None
                 if i is not None and name is None:
                     raise UserError(f"{where}: {key}_token_id {i} is not a token of {path}")
             elif tok._tok.token_to_id(name) is None:

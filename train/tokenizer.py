@@ -495,11 +495,17 @@ class BPETokenizer(TokenizerChecks):
                     raise UserError(f"{path} sets {option}: tritongpt's encoder does not, so its ids would differ")
             for key in ("additional_special_tokens", "extra_special_tokens"):
                 value = d.get(key) or []
+                if not isinstance(value, (str, list, dict)):  # (list() of a number: a TypeError naming no file)
+                    raise UserError(f"{path}: {key} must be a token, a list of tokens or an object of them, got "
+                                    f"{type(value).__name__} {value!r}")
                 named += [value] if isinstance(value, str) else list(
                     value.values() if isinstance(value, dict) else value)
             named += [d.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
             decoder = d.get("added_tokens_decoder")
             if isinstance(decoder, dict):
+                bad = [i for i in decoder if not i.strip().isdigit()]  # JSON keys: the ids as decimal strings
+                if bad:
+                    raise UserError(f"{path}: added_tokens_decoder's keys must be token ids, got {bad[0]!r}")
                 tokens = [dict(t, id=int(i)) for i, t in decoder.items() if isinstance(t, dict)]
                 added.update(_added_tokens(tokens, path))
         # tokenizer.json first, as transformers reads it: beside vocab.json it is the newer
