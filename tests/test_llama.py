@@ -134,6 +134,8 @@ def test_export_round_trip(tmp_path, overrides, kind):
      "has rope_scaling ['linear', 2.0]; it must be an object (rope_type and its fields) or null"),
     ({"rope_parameters": {"rope_type": ["linear"], "factor": 2.0}},
      "has rope_parameters of type ['linear']; its rope_type must be a string"),
+    # bool("false") is True: read as biases, then refused for tensors the file never had
+    ({"attention_bias": "false", "mlp_bias": "false"}, "has attention_bias 'false'; it must be true or false"),
 ])
 def test_config_json_naming_what_this_model_does_not_compute_is_refused(hf_copy, tmp_path, edit, said):
     path = hf_copy(_hf_model, tmp_path)

@@ -167,8 +167,10 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"head_dim": 32}, r"head_dim 32; Phi's heads are hidden_size / num_attention_heads wide \(16\)"),
     ({"qk_layernorm": True}, r"missing tensor.*q_layernorm"),
     ({"qk_layernorm": "yes"}, "qk_layernorm 'yes'; it must be true or false"),
+    # bool("false") is True: the file's own lm_head was dropped for the embedding without a word
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings 'false'; it must be true or false"),
 ], ids=["phi-msft", "mixformer", "factor", "linear-rope", "dynamic-rope", "activation", "mlp-width", "heads",
-        "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type"])
+        "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "tie-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi, tmp_path)
     cfg_json = tmp_path / "config.json"

@@ -27,8 +27,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_moe_touches, weights_file,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, model_with_tensors, refuse_moe_touches,
+                                          weights_file, write_hf_folder)
 from tritongpt.train.gptj_weights import half_split_order
 from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
@@ -93,7 +93,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "hidden_size / num_attention_heads wide")
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
-    qk_norm = kind == "cohere" and bool(d.get("use_qk_norm", False))  # (Cohere2Config has none)
+    qk_norm = kind == "cohere" and config_flag(d, "use_qk_norm", False, cfg_json)  # (Cohere2Config has none)
     if qk_norm != ("layers.0.self_attn.q_norm.weight" in sd):
         raise UserError(f"{cfg_json} has use_qk_norm {str(qk_norm).lower()}, but the weights "
                         f"{'lack' if qk_norm else 'have'} q_norm's")

@@ -216,6 +216,17 @@ def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:
     return vocab, n_embd, sd["wpe.weight"].shape[0], 1 + max(layers)
 
 
+def config_flag(d: dict, key: str, default: bool, cfg_json) -> bool:
+    """A true/false field of config.json (null: its default). bool() of the string "false" is True: a flag spelled
+    as a string (or a number) would read as another model, so anything but a JSON boolean is refused by name."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UserError(f"{cfg_json} has {key} {value!r}; it must be true or false")
+    return value
+
+
 def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     vocab, n_embd, ctx, n_layer = tensor_shapes(sd, path, "GPT-2")
     # The heads are not in the tensors' shapes. In order: config.json beside the file, then

@@ -27,7 +27,7 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, weights_file, write_hf_folder
+from tritongpt.train.gpt2_weights import _read_tensors, config_flag, model_with_tensors, weights_file, write_hf_folder
 from tritongpt.train.llama_weights import _our_tensors as llama_tensors
 from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
 
@@ -120,7 +120,7 @@ def _check_hf_config(cfg_json: Path, sd: dict, path) -> GPTConfig:
         sd = {**sd, "layers.0.mlp.gate_proj.weight": _experts(sd, 0, path)[0][0]}  # hf_shapes reads the width there
         bias = False
     else:
-        attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
+        attention_bias, mlp_bias = (config_flag(d, k, False, cfg_json) for k in ("attention_bias", "mlp_bias"))
         if attention_bias != mlp_bias:
             raise UserError(f"{cfg_json} has attention_bias {attention_bias} and mlp_bias {mlp_bias}; this model's "
                             "linear layers have biases all or none (GPTConfig.bias)")

@@ -37,9 +37,9 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, refuse_moe_touches,
-                                          refuse_norm_touches, refuse_phi3_touches, tensor_names, weights_file,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, model_with_tensors, refuse_gemma_touches,
+                                          refuse_moe_touches, refuse_norm_touches, refuse_phi3_touches, tensor_names,
+                                          weights_file, write_hf_folder)
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -253,7 +253,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
     kind = d.get("model_type", "llama")
-    attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
+    attention_bias, mlp_bias = (config_flag(d, k, False, cfg_json) for k in ("attention_bias", "mlp_bias"))
     if kind == "qwen3" and attention_bias:  # Qwen3's MLP never has biases
         mlp_bias = False
     if kind in ("llama", "qwen3", "smollm3") and attention_bias != mlp_bias:

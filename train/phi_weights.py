@@ -23,8 +23,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, model_with_tensors, plain_block_refusals,
+                                          refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 from tritongpt.train.neox_weights import ACTIVATIONS
 
@@ -103,8 +103,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                      context_length=_positive_int(d, "max_position_embeddings", 2048, cfg_json),
                      position_encoding="rope", rope_theta=theta, rotary_dim=rotary,
                      norm_eps=d.get("layer_norm_eps", 1e-5), qk_norm=qk_norm,
-                     tie_weights=bool(d.get("tie_word_embeddings", False)), parallel_residual=True, shared_norm=True,
-                     head_bias=True, gelu_approximate=ACTIVATIONS[act])
+                     tie_weights=config_flag(d, "tie_word_embeddings", False, cfg_json), parallel_residual=True,
+                     shared_norm=True, head_bias=True, gelu_approximate=ACTIVATIONS[act])
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -20,8 +20,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_gemma_touches, refuse_moe_touches,
-                                          weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, model_with_tensors, refuse_gemma_touches,
+                                          refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import _hf_tensors as _llama_hf_tensors
 from tritongpt.train.llama_weights import _our_tensors as _llama_tensors
 from tritongpt.train.llama_weights import hf_shapes, shape_fields, unscaled_partial_rope
@@ -52,7 +52,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "hidden_size / num_attention_heads wide")
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
-    parallel, qk_norm = bool(d.get("use_parallel_residual", False)), bool(d.get("qk_layernorm", False))
+    parallel, qk_norm = (config_flag(d, k, False, cfg_json) for k in ("use_parallel_residual", "qk_layernorm"))
     if parallel == ("layers.0.post_attention_layernorm.weight" in sd):
         raise UserError(f"{cfg_json} has use_parallel_residual {str(parallel).lower()}, but the weights "
                         f"{'have' if parallel else 'lack'} post_attention_layernorm (a parallel block has one norm)")
@@ -60,7 +60,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has qk_layernorm {str(qk_norm).lower()}, but the weights "
                         f"{'lack' if qk_norm else 'have'} q_layernorm's")
     theta, rotary = unscaled_partial_rope(d, head_dim, cfg_json, "StableLM")
-    qkv_bias = bool(d.get("use_qkv_bias", False))
+    qkv_bias = config_flag(d, "use_qkv_bias", False, cfg_json)
     if qkv_bias != ("layers.0.self_attn.q_proj.bias" in sd):
         raise UserError(f"{cfg_json} has use_qkv_bias {str(qkv_bias).lower()}, but the weights "
                         f"{'lack' if qkv_bias else 'have'} q_proj's bias")
