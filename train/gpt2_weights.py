@@ -236,10 +236,6 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     cfg_json = path.parent / "config.json"
     if cfg_json.is_file():
         n_head = _check_hf_config(cfg_json, vocab, ctx, n_embd, n_layer).get("n_head")
-        # (GPTConfig would refuse it too, naming neither the file nor its field)
-        if n_head is not None and (isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1
-                                   or n_embd % n_head):
-            raise UserError(f"{cfg_json} says n_head {n_head!r}, which does not divide the weights' width {n_embd}")
     if n_head is None and model_name is not None:
         named = get_config(model_name)
         if (named.n_embd, named.n_layer) != (n_embd, n_layer):
