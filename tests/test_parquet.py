@@ -181,3 +181,27 @@ def test_a_folder_of_parquet_shards_is_one_list_of_records(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"preference file .*empty is a folder with no .parquet files"):
         read_preference_file(tmp_path / "empty")
+
+
+def test_a_file_damaged_past_its_footer_is_named_with_the_row_it_stopped_at(tmp_path):
+    """Bytes damaged inside a file whose footer still reads (a bad copy or download): the file and the row it
+    stopped at are named, not pyarrow's OSError from inside the read."""
+    from tritongpt.train.parquet import parquet_texts
+    from tritongpt.train.sft import read_records
+
+    docs = [f"document {i} " + "words " * 10 for i in range(40)]
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"prompt": docs, "completion": docs}), path, row_group_size=10)
+    page = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset  # rows 20-29's first page
+    raw = bytearray(path.read_bytes())
+    raw[page:page + 64] = b"\xff" * 64
+    path.write_bytes(raw)
+    read = []
+    with pytest.raises(UserError, match=r"damaged.parquet: its data cannot be read from row 20 on \(.+\); the file "
+                                        r"is damaged or in a form this pyarrow cannot read: fetch or write it again"):
+        for _, value in parquet_texts(path, "prompt", batch_rows=10):
+            read.append(value)
+    assert read == docs[:20]
+    with pytest.raises(UserError, match=r"damaged.parquet: its data cannot be read \(.+\); the file is damaged"):
+        read_records(path)
+

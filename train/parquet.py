@@ -18,13 +18,24 @@ def _pyarrow_parquet(path):
     return pq
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _open(path: Path):
     pq = _pyarrow_parquet(path)
     try:
-        return pq.ParquetFile(path)
+        f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid and kin: a truncated or foreign file
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path} is not a readable Parquet file ({first})") from None
+        raise UserError(f"{path} is not a readable Parquet file ({_first_line(e)})") from None
+    return f
+
+
+def _damaged(path: Path, e: Exception, where: str) -> UserError:
+    """A file whose footer reads but whose data does not (bytes damaged inside it: a bad copy or download, a
+    codec this pyarrow lacks): pyarrow's OSError or ArrowInvalid, named as the file's, not a traceback."""
+    return UserError(f"{path}: its data cannot be read{where} ({_first_line(e)}); the file is damaged or in a "
+                     "form this pyarrow cannot read: fetch or write it again")
 
 
 def _without_nulls(value):
@@ -40,7 +51,12 @@ def _without_nulls(value):
 def parquet_records(path) -> list:
     """Every row of a .parquet file as a dict (column name -> value; null fields left out)."""
     path = Path(path)
-    return [_without_nulls(row) for row in _open(path).read().to_pylist()]
+    f = _open(path)
+    try:
+        table = f.read()
+    except Exception as e:
+        raise _damaged(path, e, "") from None
+    return [_without_nulls(row) for row in table.to_pylist()]
 
 
 def parquet_texts(path, column: str, batch_rows: int = 1024):
@@ -50,8 +66,14 @@ def parquet_texts(path, column: str, batch_rows: int = 1024):
     names = f.schema_arrow.names
     if column not in names:
         raise UserError(f"{path}: no column {column!r} (found {names}); name the right one with --text-field")
-    row = 0
-    for batch in f.iter_batches(batch_size=batch_rows, columns=[column]):
+    row, batches = 0, f.iter_batches(batch_size=batch_rows, columns=[column])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # the rows before it were read (and yielded): where it stopped is named
+            raise _damaged(path, e, f" from row {row} on") from None
+        if batch is None:
+            return
         for value in batch.column(0).to_pylist():
             yield row, value
             row += 1
