@@ -205,3 +205,15 @@ def test_a_file_damaged_past_its_footer_is_named_with_the_row_it_stopped_at(tmp_
     with pytest.raises(UserError, match=r"damaged.parquet: its data cannot be read \(.+\); the file is damaged"):
         read_records(path)
 
+
+def test_two_columns_of_one_name_are_refused(tmp_path):
+    """pyarrow writes them; read back, text would take the first and a record the last: neither is guessed at."""
+    from tritongpt.train.data import load_documents
+    from tritongpt.train.sft import read_records
+
+    twice = tmp_path / "twice.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a b"]), pa.array(["c d"]), pa.array(["e"])],
+                                        names=["text", "text", "prompt"]), twice)
+    for read_it in (lambda: load_documents(str(twice)), lambda: read_records(twice)):
+        with pytest.raises(UserError, match=r"twice.parquet: several columns are named 'text': which one holds"):
+            read_it()

@@ -28,6 +28,13 @@ def _open(path: Path):
         f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid and kin: a truncated or foreign file
         raise UserError(f"{path} is not a readable Parquet file ({_first_line(e)})") from None
+    # pyarrow writes two columns of one name without complaint; read back, a record keeps the last one's value and
+    # a text column the first's: which was meant is unknown, so neither is guessed at
+    names = f.schema_arrow.names
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{path}: several columns are named {', '.join(map(repr, twice))}: which one holds the data is "
+                        "unclear; write the file with one column of each name")
     return f
 
 
