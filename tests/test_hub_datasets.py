@@ -291,3 +291,28 @@ def test_a_split_named_in_a_repo_of_one_config_and_a_repo_fetched_before_read_of
     with pytest.raises(UserError, match=r"could not fetch the dataset owner/new from the Hugging Face Hub "
                                         r"\(offline\?\): OfflineModeIsEnabled"):
         hub_dataset_folder("owner/new")
+
+
+def test_offline_a_snapshot_holding_part_of_a_split_is_refused_not_read_as_all_of_it(hub):
+    """A fetch cut short after the first of 3 shards leaves a snapshot holding 1: offline, its listing is all that
+    is known, and the shards' -of-00003 names say what is missing. Online the Hub's listing fetches the rest."""
+    from tritongpt.train.hub_datasets import hub_dataset_folder
+    from tritongpt.train.sft import read_records
+
+    hub, cache, fetched = hub
+    recs = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok", "up", "go")]
+    data = hub / "owner" / "three" / "data"
+    for i in range(3):
+        write_parquet(data / f"train-0000{i}-of-00003.parquet", recs[2 * i:2 * i + 2])
+    snapshot = cache / "datasets--owner--three" / "snapshots" / "abc"
+    write_parquet(snapshot / "data" / "train-00000-of-00003.parquet", recs[:2])  # what the cut-short fetch left
+    (hub / "OFFLINE").touch()
+    with pytest.raises(UserError, match=r"'owner/three' is no file or folder here, and as a Hugging Face Hub dataset: "
+                                        r"the local Hub cache's snapshot \S+abc holds part of its train split: 2 "
+                                        r"shard\(s\) missing \(data/train-00001-of-00003.parquet, "
+                                        r"data/train-00002-of-00003.parquet\), never fetched"):
+        hub_dataset_folder("owner/three")
+    (hub / "OFFLINE").unlink()
+    assert read_records(hub_dataset_folder("owner/three")) == read_records(write_parquet(hub / "all.parquet", recs))
+    (hub / "OFFLINE").touch()  # now fetched whole: it reads offline
+    assert len(read_records(hub_dataset_folder("owner/three"))) == 6

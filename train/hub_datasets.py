@@ -97,14 +97,14 @@ def _link(target: Path, link: Path):
     os.replace(tmp, link)
 
 
-def _repo_files(repo: str, cache_dir=None) -> list:
-    """The dataset repo's files, as the Hub lists them; where the Hub cannot be asked (HF_HUB_OFFLINE, no network),
-    those of the repo's snapshot in the local Hub cache, noted, so that data fetched before reads again offline
-    (hf_hub_download then answers from the cache too, as for a model's files)."""
+def _repo_files(repo: str, cache_dir=None) -> tuple:
+    """(the dataset repo's files, None), as the Hub lists them; where the Hub cannot be asked (HF_HUB_OFFLINE, no
+    network), (those of the repo's snapshot in the local Hub cache, that snapshot), noted, so that data fetched
+    before reads again offline (hf_hub_download then answers from the cache too, as for a model's files)."""
     from huggingface_hub import list_repo_files, snapshot_download
 
     try:
-        return list_repo_files(repo, repo_type="dataset")
+        return list_repo_files(repo, repo_type="dataset"), None
     except Exception as e:
         if {"GatedRepoError", "RepositoryNotFoundError"} & {c.__name__ for c in type(e).__mro__}:
             raise  # the Hub answered: no cache stands in for that
@@ -115,7 +115,23 @@ def _repo_files(repo: str, cache_dir=None) -> list:
             raise e from None  # nothing cached either: the Hub's error is the one to name
     note(f"{repo}: the Hugging Face Hub could not list its files ({why}); reading those of its snapshot in the "
          f"local Hub cache, {snapshot}")
-    return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()), snapshot
+
+
+_SHARD = re.compile(r"(.*)-(\d+)-of-(\d+)\.parquet")  # train-00001-of-00003.parquet: shard 1 of 3
+
+
+def _missing_shards(names) -> list:
+    """The shards a split's -NNNNN-of-NNNNN names say it has that are not among them (a cached snapshot whose
+    download was cut short holds the first few): their names, the first width kept."""
+    have, missing = {}, []
+    for name in names:
+        m = _SHARD.fullmatch(name)
+        if m:
+            have.setdefault((m[1], m[3], len(m[2])), set()).add(int(m[2]))
+    for (stem, total, width), got in sorted(have.items()):
+        missing += [f"{stem}-{i:0{width}d}-of-{total}.parquet" for i in range(int(total)) if i not in got]
+    return missing
 
 
 def hub_dataset_folder(spec: str, cache_dir=None, split: str = SPLIT) -> Path:
@@ -131,7 +147,15 @@ def hub_dataset_folder(spec: str, cache_dir=None, split: str = SPLIT) -> Path:
     parts = spec.split("/")
     repo, part = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
     try:
-        config, split, names = train_files(repo, _repo_files(repo, cache_dir), part, split)
+        files, snapshot = _repo_files(repo, cache_dir)
+        config, split, names = train_files(repo, files, part, split)
+        # the Hub's own listing is the repo; a snapshot is what was fetched of it, maybe not all: its shards short of
+        # their count would train on part of the split, as if it were all of it
+        missing = _missing_shards(names) if snapshot is not None else []
+        if missing:
+            raise UserError(f"the local Hub cache's snapshot {snapshot} holds part of its {split} split: "
+                            f"{len(missing)} shard(s) missing ({_listed(missing, 3)}), never fetched; fetch them "
+                            "where the Hub can be reached, or " + _PASS_FILES)
         paths = [Path(hf_hub_download(repo, name, repo_type="dataset", cache_dir=cache_dir)) for name in names]
     except UserError as e:
         raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: {e}") from None
