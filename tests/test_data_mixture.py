@@ -353,3 +353,18 @@ def test_a_mixture_distilled_from_a_teacher_trains_and_at_alpha_0_as_without_it(
     pretrain(parse_args(argv(two, tmp_path / "a5", *flags, *teach)))
     assert losses(tmp_path / "a5") != losses(tmp_path / "plain")
     assert all("distill_kd" in r for r in rows_of(tmp_path / "a5") if "loss" in r)
+
+
+def test_weights_whose_sum_overflows_are_shares_still(two, tmp_path):
+    """--data-weights 1e308 1e308: each finite, their sum inf; normalised by it every share was 0 and the first
+    batch's draw failed inside torch.multinomial. They are the halves that 1 1 are."""
+    from tritongpt.train.pretrain import load_mixture
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    args = parse_args(argv(two, tmp_path / "r", "--data-weights", "1e308", "1e308"))
+    trainer = SimpleNamespace(ddp=False, is_main=True)
+    splits = load_mixture(args, get_tokenizer(str(two.tok)), 16, 4, trainer)
+    assert splits["weights"] == [0.5, 0.5]
+    x, _, src = data.get_mixture_batch([p["train"] for p in splits["sources"]], splits["weights"], 4, 16,
+                                       torch.Generator().manual_seed(0))
+    assert x.shape == (4, 16) and set(src.tolist()) <= {0, 1}

@@ -627,6 +627,8 @@ def load_mixture(args, tok, block, batch_size, trainer) -> dict:
         raise UserError(f"a batch of {batch_size} x {block} tokens is larger than the training data "
                         f"({n_train} tokens in {len(parts)} sources); lower --batch-size or --block-size")
     weights = args.data_weights or [len(p["train"]) for p in parts]
+    if not math.isfinite(sum(weights)):  # finite weights near 1e308: their sum overflows, and every share were 0
+        weights = [w / max(weights) for w in weights]
     return dict(sources=parts, weights=[w / sum(weights) for w in weights])
 
 
