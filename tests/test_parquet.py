@@ -217,3 +217,24 @@ def test_two_columns_of_one_name_are_refused(tmp_path):
     for read_it in (lambda: load_documents(str(twice)), lambda: read_records(twice)):
         with pytest.raises(UserError, match=r"twice.parquet: several columns are named 'text': which one holds"):
             read_it()
+
+
+def test_a_string_column_holding_bytes_that_are_not_utf8_is_named_by_row_and_column(tmp_path):
+    """pyarrow checks no string's UTF-8 on reading (a writer that checked none wrote them): its
+    UnicodeDecodeError from inside to_pylist is named as a text file's is, with the row and the column."""
+    from tritongpt.train.data import load_documents
+    from tritongpt.train.parquet import parquet_texts
+    from tritongpt.train.sft import read_records
+
+    good = pa.array(["one", "two", "three", "four", "five"])
+    bad = pa.array([b"one", b"two", b"three", b"fo\xffur", b"five"], pa.binary()).view(pa.string())
+    path = tmp_path / "latin.parquet"
+    pq.write_table(pa.table({"prompt": good, "completion": bad}), path)
+    assert [v for _, v in parquet_texts(path, "prompt", batch_rows=2)] == good.to_pylist()
+    with pytest.raises(UserError, match=r"latin.parquet: row 3: column 'completion' is not UTF-8 text \(its byte 2: "
+                                        r"invalid start byte\)"):
+        list(parquet_texts(path, "completion", batch_rows=2))
+    with pytest.raises(UserError, match=r"latin.parquet: row 3: column 'completion' is not UTF-8 text"):
+        load_documents(str(path), "completion")
+    with pytest.raises(UserError, match=r"latin.parquet: row 3: column 'completion' is not UTF-8 text"):
+        read_records(path)

@@ -45,6 +45,24 @@ def _damaged(path: Path, e: Exception, where: str) -> UserError:
                      "form this pyarrow cannot read: fetch or write it again")
 
 
+def _values(path: Path, table, first_row: int = 0, one_column: bool = False) -> list:
+    """table.to_pylist() (a Table's rows, or a RecordBatch's one column's values); a string holding bytes that are
+    not UTF-8 (pyarrow checks none on reading: a writer that checked none wrote them) named by its row and column,
+    as a text file's are, not Python's UnicodeDecodeError from inside pyarrow."""
+    try:
+        return (table.column(0) if one_column else table).to_pylist()
+    except UnicodeDecodeError as e:
+        error = e
+    for name, column in zip(table.schema.names, table.columns):
+        for i in range(len(column)):
+            try:
+                column[i].as_py()
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: row {first_row + i}: column {name!r} is not UTF-8 text (its byte {e.start}: "
+                                f"{e.reason})") from None
+    raise error  # no one value's: pyarrow's own, as it was
+
+
 def _without_nulls(value):
     """A Parquet table has every column in every row, null where a record had none; and a list of structs has
     every struct's fields in each. Null fields are dropped, as the JSON record would not have them."""
@@ -63,7 +81,7 @@ def parquet_records(path) -> list:
         table = f.read()
     except Exception as e:
         raise _damaged(path, e, "") from None
-    return [_without_nulls(row) for row in table.to_pylist()]
+    return [_without_nulls(row) for row in _values(path, table)]
 
 
 def parquet_texts(path, column: str, batch_rows: int = 1024):
@@ -81,6 +99,6 @@ def parquet_texts(path, column: str, batch_rows: int = 1024):
             raise _damaged(path, e, f" from row {row} on") from None
         if batch is None:
             return
-        for value in batch.column(0).to_pylist():
+        for value in _values(path, batch, row, one_column=True):
             yield row, value
             row += 1
