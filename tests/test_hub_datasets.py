@@ -1,6 +1,7 @@
 """A Hugging Face Hub dataset id as --data (owner/name, owner/name/config): the train split's .parquet files of the
 config are fetched (list_repo_files and hf_hub_download, faked here from folders the tests write) into a folder of
 their own, read as the same records and text as the files themselves."""
+import re
 import shutil
 
 import pytest
@@ -316,3 +317,21 @@ def test_offline_a_snapshot_holding_part_of_a_split_is_refused_not_read_as_all_o
     assert read_records(hub_dataset_folder("owner/three")) == read_records(write_parquet(hub / "all.parquet", recs))
     (hub / "OFFLINE").touch()  # now fetched whole: it reads offline
     assert len(read_records(hub_dataset_folder("owner/three"))) == 6
+
+
+def test_a_damaged_download_in_the_hub_cache_is_named_where_it_lies(hub):
+    """The dataset's folder links each shard to the Hub cache's copy: a copy cut short (or damaged) is named there
+    too, the file to delete so that the next run fetches it again."""
+    from tritongpt.train.data import load_documents
+    from tritongpt.train.hub_datasets import hub_dataset_folder
+
+    hub, cache, fetched = hub
+    write_parquet(hub / "owner" / "cut" / "data" / "train-00000-of-00001.parquet", [{"text": "some words"}] * 5)
+    folder = hub_dataset_folder("owner/cut")
+    blob = cache / "datasets--owner--cut" / "snapshots" / "abc" / "data" / "train-00000-of-00001.parquet"
+    if not (folder / "data" / "train-00000-of-00001.parquet").is_symlink():
+        pytest.skip("this system makes no links: the folder holds copies")
+    blob.write_bytes(blob.read_bytes()[:40])
+    with pytest.raises(UserError, match=rf"train-00000-of-00001.parquet \(a link to {re.escape(str(blob.resolve()))}\) is not a "
+                                        r"readable Parquet file"):
+        load_documents(str(folder))

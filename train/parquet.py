@@ -22,12 +22,18 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _named(path: Path) -> str:
+    """The path, and where it is a link (a Hub dataset's folder links each shard to the Hub cache's copy) the file
+    it links to: the one to delete or fetch again when it is damaged."""
+    return f"{path} (a link to {path.resolve()})" if path.is_symlink() else str(path)
+
+
 def _open(path: Path):
     pq = _pyarrow_parquet(path)
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid and kin: a truncated or foreign file
-        raise UserError(f"{path} is not a readable Parquet file ({_first_line(e)})") from None
+        raise UserError(f"{_named(path)} is not a readable Parquet file ({_first_line(e)})") from None
     # pyarrow writes two columns of one name without complaint; read back, a record keeps the last one's value and
     # a text column the first's: which was meant is unknown, so neither is guessed at
     names = f.schema_arrow.names
@@ -41,7 +47,7 @@ def _open(path: Path):
 def _damaged(path: Path, e: Exception, where: str) -> UserError:
     """A file whose footer reads but whose data does not (bytes damaged inside it: a bad copy or download, a
     codec this pyarrow lacks): pyarrow's OSError or ArrowInvalid, named as the file's, not a traceback."""
-    return UserError(f"{path}: its data cannot be read{where} ({_first_line(e)}); the file is damaged or in a "
+    return UserError(f"{_named(path)}: its data cannot be read{where} ({_first_line(e)}); the file is damaged or in a "
                      "form this pyarrow cannot read: fetch or write it again")
 
 
