@@ -335,3 +335,20 @@ def test_a_damaged_download_in_the_hub_cache_is_named_where_it_lies(hub):
     with pytest.raises(UserError, match=rf"train-00000-of-00001.parquet \(a link to {re.escape(str(blob.resolve()))}\) is not a "
                                         r"readable Parquet file"):
         load_documents(str(folder))
+
+
+def test_an_id_the_hub_would_refuse_is_named_as_such_not_as_offline(hub, monkeypatch):
+    """owner/a..b passes the shape of an id here, but huggingface_hub refuses it before any request (its
+    HFValidationError): named as an invalid id, not "could not fetch (offline?)"."""
+    import huggingface_hub
+    from huggingface_hub.utils import validate_repo_id
+
+    from tritongpt.train.hub_datasets import hub_dataset_folder, is_hub_dataset
+
+    real_list = huggingface_hub.list_repo_files
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo, **kw: validate_repo_id(repo) or real_list(repo, **kw))
+    assert is_hub_dataset("owner/a..b")
+    with pytest.raises(UserError, match=r"'owner/a..b' is no file or folder here, nor a valid Hugging Face Hub "
+                                        r"dataset id: .*'owner/a\.\.b'"):
+        hub_dataset_folder("owner/a..b")
