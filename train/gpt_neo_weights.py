@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tritongpt._types import is_int
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
@@ -80,7 +81,14 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
     layers = _attention_layers(d, cfg_json)
     if len(layers) != n_layer:
         raise UserError(f"{cfg_json}: attention_types gives {len(layers)} layers, the weights have {n_layer}")
-    out = {"n_head": d.get("num_heads", d.get("num_attention_heads")), "attention_window": 0, "window_layers": "all"}
+    key = "num_heads" if "num_heads" in d else "num_attention_heads"
+    n_head = d.get(key)
+    # a count of another type ("4", 4.0) or one that does not divide the width reached GPTConfig, whose error names
+    # its own n_head and not the file (null: named below, as a missing one)
+    if n_head is not None and (not is_int(n_head) or n_head < 1 or n_embd % n_head):
+        raise UserError(f"{cfg_json} says {key} {n_head!r}; it must be a positive integer dividing the weights' width "
+                        f"{n_embd}")
+    out = {"n_head": n_head, "attention_window": 0, "window_layers": "all"}
     if "local" in layers:
         window = d.get("window_size", 256)
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
