@@ -116,7 +116,10 @@ def test_hf_copy_gives_the_builds_own_file_and_builds_again_after_a_failure(hf_c
     ({"n_head": 5}, "n_head 5, which does not divide the weights' width 64"),
     ({"n_layer": 3}, "n_layer 3, but the weights have 2"),
     ({"seq_length": 0}, "seq_length 0"),
-], ids=["post-layernorm-residual", "heads", "layers", "context"])
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ({"layer_norm_epsilon": "1e-5"},
+     r"config\.json: layer_norm_epsilon \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got '1e-5'"),
+], ids=["post-layernorm-residual", "heads", "layers", "context", "eps-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_bloom, tmp_path)
     cfg_json = tmp_path / "config.json"

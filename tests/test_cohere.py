@@ -100,8 +100,11 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ("cohere2", {"layer_types": ["sliding_attention"] * 3}, "for each of the 4 layers"),
     ("cohere2", {"layer_types": ["sliding_attention"] * 3 + ["chunked_attention"]}, "'full_attention' for each"),
     ("cohere2", {"sliding_window": 0}, "sliding_window 0; it must be a positive integer"),
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ("cohere", {"max_position_embeddings": 40.0},
+     r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
 ], ids=["qk-norm", "qk-norm-weights", "activation", "attention-bias", "logit-scale", "dynamic-rope", "no-sliding",
-        "layer-types", "layer-type-name", "window"])
+        "layer-types", "layer-type-name", "window", "context-float"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
     path = hf_copy(hf_cohere, tmp_path, kind, **({"use_qk_norm": True} if change.get("use_qk_norm") is False else {}))
     cfg_json = tmp_path / "config.json"

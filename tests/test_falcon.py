@@ -103,7 +103,13 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ({"new_decoder_architecture": True, "num_kv_heads": 3}, "num_kv_heads 3, which does not divide "
                                                             "num_attention_heads 4"),
     ({"partial_rotary_factor": 0.5}, "has a partial rotary factor; Falcon rotates whole heads"),
-], ids=["activation", "mlp-width", "heads", "scaled-rope", "remote-code", "kv-heads", "partial-rotary"])
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ({"max_position_embeddings": 40.0},
+     r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
+    ({"layer_norm_epsilon": 0},
+     r"config\.json: layer_norm_epsilon \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got 0"),
+], ids=["activation", "mlp-width", "heads", "scaled-rope", "remote-code", "kv-heads", "partial-rotary", "context-float",
+        "eps-zero"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_falcon, tmp_path)
     cfg_json = tmp_path / "config.json"

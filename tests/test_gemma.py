@@ -286,8 +286,12 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
     ({"head_dim": 16}, "head_dim 16, but the weights have 32"),
     ({"rope_parameters": {**ROPE3, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      "scales the local layers' RoPE"),
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ({"final_logit_softcapping": "30"},
+     r"config\.json: final_logit_softcapping \(GPTConfig\.logit_softcap\) must be a finite number >= 0"),
+    ({"rms_norm_eps": 0}, r"config\.json: rms_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got 0"),
 ], ids=["attn-softcap", "attention-bias", "query-scalar", "bidirectional", "activation", "multimodal", "layer-types",
-        "head-dim", "local-scaling"])
+        "head-dim", "local-scaling", "softcap-type", "eps-zero"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_gemma, tmp_path, layers=7)
     cfg_json = tmp_path / "config.json"

@@ -117,7 +117,10 @@ def test_export_round_trips_through_transformers_with_the_output_bias_folded(tmp
     ({"rotary_dim": 7}, "rotary_dim 7; it must be an even number"),
     ({"n_head": 5}, "n_head 5, which does not divide the weights' width 64"),
     ({"model_type": "gpt_neox"}, None),
-], ids=["activation", "mlp-width", "rotary-null", "rotary-odd", "heads", "not-gptj"])
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ({"n_positions": 40.0},
+     r"config\.json: n_positions \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
+], ids=["activation", "mlp-width", "rotary-null", "rotary-odd", "heads", "not-gptj", "context-float"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     from tritongpt.train.gptj_weights import load_gptj_safetensors
 

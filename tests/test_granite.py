@@ -235,8 +235,13 @@ def test_the_multipliers_are_checked_by_name():
     ("granitemoe", {"shared_intermediate_size": 32}, "shared_intermediate_size 32 .GraniteMoeShared's shared"),
     ("granitemoe", {"num_local_experts": 4}, "num_local_experts 4, but the router scores 5 experts"),
     ("granitemoe", {"num_experts_per_tok": 6}, "num_experts_per_tok 6; it must be an integer in \\[1, 5\\]"),
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ("granite", {"rms_norm_eps": "1e-6"},
+     r"config\.json: rms_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got '1e-6'"),
+    ("granitemoe", {"max_position_embeddings": None},
+     r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got None"),
 ], ids=["shared", "hybrid", "swa", "activation", "bias", "embedding", "residual", "attention", "logits", "rope",
-        "moe-bias", "moe-shared", "experts", "top-k"])
+        "moe-bias", "moe-shared", "experts", "top-k", "eps-type", "context-null"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
     path = hf_copy(hf_granite, tmp_path, kind)
     cfg_json = tmp_path / "config.json"

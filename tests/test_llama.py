@@ -148,6 +148,30 @@ def test_config_json_naming_what_this_model_does_not_compute_is_refused(hf_copy,
     assert said in str(e.value)
 
 
+
+@pytest.mark.parametrize("edit, said", [
+    ({"max_position_embeddings": "40"}, "max_position_embeddings (GPTConfig.context_length) must be a positive "
+                                        "integer, got '40'"),
+    # a real float is no count: refused, not truncated
+    ({"max_position_embeddings": 40.0}, "max_position_embeddings (GPTConfig.context_length) must be a positive "
+                                        "integer, got 40.0"),
+    ({"max_position_embeddings": None}, "max_position_embeddings (GPTConfig.context_length) must be a positive "
+                                        "integer, got None"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps (GPTConfig.norm_eps) must be a number in (0, 1), got '1e-5'"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps (GPTConfig.norm_eps) must be a number in (0, 1), got 0"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads (GPTConfig.n_kv_head) must divide n_head=4 (0: as many as "
+                                 "n_head), got 3"),
+])
+def test_config_json_fields_gptconfig_refuses_name_the_file_and_its_key(hf_copy, tmp_path, edit, said):
+    """Fields the reader passes on as config.json gives them were refused by GPTConfig, naming its own field only
+    (GPTConfig.context_length ...): the refusal now names the file and the file's key."""
+    path = hf_copy(_hf_model, tmp_path)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **edit}))
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"{cfg_json}: {said}"
+
 def test_older_config_json_with_rope_theta_and_without_rms_norm_eps_reads_as_transformers_does(tmp_path):
     """transformers 4.x wrote rope_theta, not rope_parameters; a config.json without rms_norm_eps
     means LlamaConfig's default, 1e-6."""

@@ -362,9 +362,14 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ("olmoe", {"num_experts": 8}, "num_experts 8, but the router scores 4 experts"),
     ("olmoe", {"attention_bias": True}, "attention_bias True and mlp_bias None; this model reads OLMoE without biases"),
     ("mixtral", {"router_type": "expert_choice"}, "router_type 'expert_choice' and scoring_func 'softmax'"),
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ("qwen3_moe", {"num_experts_per_tok": "2"},
+     r"config\.json: num_experts_per_tok \(GPTConfig\.experts_per_token\) must be an integer >= 1, got '2'"),
+    ("mixtral", {"max_position_embeddings": 40.0},
+     r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
 ])
-def test_what_this_model_does_not_compute_is_refused_by_name(tmp_path, kind, change, match):
-    _, path = hf_moe(tmp_path, kind)
+def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
+    path = hf_copy(hf_moe, tmp_path, kind)
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **change}))
     with pytest.raises(UserError, match=match):

@@ -134,8 +134,11 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"intermediate_size": 100}, "intermediate_size 100, but the weights have 256"),
     ({"num_attention_heads": 5}, "num_attention_heads 5, which does not divide the weights. width 64"),
     ({"num_key_value_heads": 2}, "num_key_value_heads 2; GPT-NeoX's heads each have their own"),
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ({"layer_norm_eps": 0},
+     r"config\.json: layer_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got 0"),
 ], ids=["rotary-pct", "partial-factor", "linear-rope", "dynamic-rope", "activation", "attention-bias",
-        "mlp-width", "heads", "kv-heads"])
+        "mlp-width", "heads", "kv-heads", "eps-zero"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_neox, tmp_path)
     cfg_json = tmp_path / "config.json"

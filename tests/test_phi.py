@@ -169,8 +169,11 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"qk_layernorm": "yes"}, "qk_layernorm 'yes'; it must be true or false"),
     # bool("false") is True: the file's own lm_head was dropped for the embedding without a word
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings 'false'; it must be true or false"),
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ({"layer_norm_eps": "1e-5"},
+     r"config\.json: layer_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got '1e-5'"),
 ], ids=["phi-msft", "mixformer", "factor", "linear-rope", "dynamic-rope", "activation", "mlp-width", "heads",
-        "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "tie-type"])
+        "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "tie-type", "eps-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi, tmp_path)
     cfg_json = tmp_path / "config.json"

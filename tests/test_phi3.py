@@ -152,7 +152,10 @@ def test_sharded_folders_and_older_rope_names_load(tmp_path):
     ({"sliding_window": 0}, "sliding_window 0; it must be a positive integer or null"),
     # Phi-2's reader (train/phi_weights.py) looks for its own tensor names
     ({"model_type": "phi"}, "not a Phi model, missing tensor 'layers.0.mlp.fc1.weight'"),
-], ids=["activation", "kv-heads", "dynamic-rope", "longrope-one-list", "odd-rotary", "window", "phi2"])
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ({"max_position_embeddings": "40"},
+     r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got '40'"),
+], ids=["activation", "kv-heads", "dynamic-rope", "longrope-one-list", "odd-rotary", "window", "phi2", "context-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi3, tmp_path)
     cfg_json = tmp_path / "config.json"

@@ -112,8 +112,11 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
     # q_proj's 64 rows over 5 heads (llama_weights.hf_shapes refuses it before StableLM's own check)
     ({"num_attention_heads": 5}, "says num_attention_heads 5, which does not divide the 64 rows of the weights' "
                                  "q_proj"),
+    # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
+    ({"layer_norm_eps": 0},
+     r"config\.json: layer_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got 0"),
 ], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "theta", "qkv-bias", "epoch",
-        "heads"])
+        "heads", "eps-zero"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_stablelm, tmp_path)
     cfg_json = tmp_path / "config.json"

@@ -23,8 +23,9 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows,
-                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, fuse_rows, model_with_tensors,
+                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches, weights_file,
+                                          write_hf_folder)
 
 MODEL_TYPE = "bloom"
 # BLOOM has no position table; the context it was trained at (2048) unless config.json says one (seq_length)
@@ -75,10 +76,10 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     if not is_int(context) or context < 1:
         raise UserError(f"{cfg_json} says seq_length {context!r}; a context length is a positive integer")
     head = sd.get("lm_head.weight")
-    return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, context_length=context,
-                     position_encoding="alibi", embed_norm=True, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                     tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]),
-                     gelu_approximate="tanh")
+    return config_json_gptconfig(
+        cfg_json, {"norm_eps": "layer_norm_epsilon"}, vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        context_length=context, position_encoding="alibi", embed_norm=True, norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]), gelu_approximate="tanh")
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -27,10 +27,10 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, model_with_tensors, refuse_moe_touches,
-                                          weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.gptj_weights import half_split_order
-from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
+from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, shape_fields
 
 MODEL_TYPES = {"cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM"}
 # each block's tensors: ours, then Cohere's (under "layers.{i}."); the norm has a weight only
@@ -106,11 +106,12 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise UserError(f"{cfg_json} has logit_scale {scale!r}; it must be a number > 0")
     theta, scaling = _rope_theta(d, cfg_json)
-    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 8192), bias=False,
-                     position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="layernorm",
-                     norm_bias=False, norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu", parallel_residual=True,
-                     shared_norm=True, logit_scale=float(scale), qk_norm=qk_norm,
-                     qk_norm_width="each" if qk_norm else "head", **_windows(d, kind, n_layer, cfg_json))
+    return config_json_gptconfig(
+        cfg_json, {**LLAMA_KEYS, "norm_eps": "layer_norm_eps"}, **shape_fields(shapes, sd),
+        context_length=d.get("max_position_embeddings", 8192), bias=False, position_encoding="rope", rope_theta=theta,
+        rope_scaling=scaling, norm="layernorm", norm_bias=False, norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu",
+        parallel_residual=True, shared_norm=True, logit_scale=float(scale), qk_norm=qk_norm,
+        qk_norm_width="each" if qk_norm else "head", **_windows(d, kind, n_layer, cfg_json))
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -28,8 +28,9 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows,
-                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, fuse_rows, model_with_tensors,
+                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches, weights_file,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -104,11 +105,12 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
         positions = dict(position_encoding="rope", rope_theta=theta)
     names, parallel = _norms(d)
     head = sd.get("lm_head.weight")
-    return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=kv,
-                     context_length=d.get("max_position_embeddings", 2048), **positions,
-                     norm_eps=d.get("layer_norm_epsilon", 1e-5), bias=bool(d.get("bias", False)),
-                     tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]),
-                     parallel_residual=parallel, shared_norm=parallel and names[1] is None, gelu_approximate="none")
+    return config_json_gptconfig(
+        cfg_json, {"context_length": "max_position_embeddings", "norm_eps": "layer_norm_epsilon"}, vocab_size=vocab,
+        n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=kv,
+        context_length=d.get("max_position_embeddings", 2048), **positions, norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        bias=bool(d.get("bias", False)), tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]),
+        parallel_residual=parallel, shared_norm=parallel and names[1] is None, gelu_approximate="none")
 
 
 def _qkv_rows(cfg: GPTConfig, new_arch: bool) -> tuple:

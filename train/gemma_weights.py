@@ -35,8 +35,9 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, model_with_tensors, weights_file, write_hf_folder
-from tritongpt.train.llama_weights import _rope_theta, hf_shapes, rope_dict, shape_fields
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, weights_file,
+                                          write_hf_folder)
+from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, rope_dict, shape_fields
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
@@ -178,13 +179,14 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     cap = d.get("final_logit_softcapping", 30.0 if kind == "gemma2" else None)
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     theta, scaling, local_theta = _rope(d, kind, cfg_json)
-    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 8192),
-                     attn_softcap=attn_cap or 0.0, attention_scale_width=0 if scalar == head_dim else int(scalar),
-                     qk_norm=kind == "gemma3_text", bias=False, attention_window=window,
-                     window_layers=window_layers, position_encoding="rope", rope_theta=theta, rope_scaling=scaling,
-                     rope_local_theta=local_theta if window else 0.0, norm="rmsnorm",
-                     norm_eps=d.get("rms_norm_eps", 1e-6), mlp="geglu", scale_embeddings=True,
-                     post_norms=kind != "gemma", logit_softcap=cap or 0.0)
+    return config_json_gptconfig(
+        cfg_json, {**LLAMA_KEYS, "logit_softcap": "final_logit_softcapping", "attn_softcap": "attn_logit_softcapping"},
+        **shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 8192), attn_softcap=attn_cap or 0.0,
+        attention_scale_width=0 if scalar == head_dim else int(scalar), qk_norm=kind == "gemma3_text", bias=False,
+        attention_window=window, window_layers=window_layers, position_encoding="rope", rope_theta=theta,
+        rope_scaling=scaling, rope_local_theta=local_theta if window else 0.0, norm="rmsnorm",
+        norm_eps=d.get("rms_norm_eps", 1e-6), mlp="geglu", scale_embeddings=True, post_norms=kind != "gemma",
+        logit_softcap=cap or 0.0)
 
 
 def _wide(w):

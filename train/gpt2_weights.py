@@ -227,6 +227,20 @@ def config_flag(d: dict, key: str, default: bool, cfg_json) -> bool:
     return value
 
 
+def config_json_gptconfig(cfg_json, keys: dict, **fields) -> GPTConfig:
+    """GPTConfig(**fields) for a family's reader of config.json. Most fields reach GPTConfig as the file says them
+    (a context length "40" or 40.0, an eps of 0), and GPTConfig's refusal names its own field only: it is re-raised
+    naming the file, and the file's key where keys maps the field to it ({"context_length":
+    "max_position_embeddings"}: "config.json: max_position_embeddings (GPTConfig.context_length) must be ...")."""
+    try:
+        return GPTConfig(**fields)
+    except UserError as e:
+        said = str(e)
+        for field, key in keys.items():
+            said = re.sub(rf"\bGPTConfig\.{field}\b", f"{key} (GPTConfig.{field})", said, count=1)
+        raise UserError(f"{cfg_json}: {said}") from None
+
+
 def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     vocab, n_embd, ctx, n_layer = tensor_shapes(sd, path, "GPT-2")
     # The heads are not in the tensors' shapes. In order: config.json beside the file, then

@@ -27,8 +27,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors,
+                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
 
 MODEL_TYPE = "gptj"
 # activation_function -> GPTConfig.gelu_approximate
@@ -85,11 +85,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "frequencies over n_embd, which fits a single head only")
     if "lm_head.bias" not in sd:
         raise UserError(f"{cfg_json.parent}: not a GPT-J model, missing tensor 'lm_head.bias'")
-    return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     context_length=d.get("n_positions", 2048), position_encoding="rope",
-                     rotary_dim=0 if rotary == head_dim else rotary, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                     qkv_bias=False, tie_weights=False, head_bias=True, parallel_residual=True, shared_norm=True,
-                     gelu_approximate=ACTIVATIONS[act])
+    return config_json_gptconfig(
+        cfg_json, {"context_length": "n_positions", "norm_eps": "layer_norm_epsilon"}, vocab_size=vocab, n_embd=n_embd,
+        n_layer=n_layer, n_head=n_head, context_length=d.get("n_positions", 2048), position_encoding="rope",
+        rotary_dim=0 if rotary == head_dim else rotary, norm_eps=d.get("layer_norm_epsilon", 1e-5), qkv_bias=False,
+        tie_weights=False, head_bias=True, parallel_residual=True, shared_norm=True, gelu_approximate=ACTIVATIONS[act])
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

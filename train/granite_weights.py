@@ -27,9 +27,10 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import _read_tensors, config_flag, model_with_tensors, weights_file, write_hf_folder
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import _our_tensors as llama_tensors
-from tritongpt.train.llama_weights import _rope_theta, hf_shapes, shape_fields
+from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, shape_fields
 
 MODEL_TYPES = {"granite": "GraniteForCausalLM", "granitemoe": "GraniteMoeForCausalLM"}
 _NAMES = {"granite": "Granite", "granitemoe": "GraniteMoe"}
@@ -127,13 +128,14 @@ def _check_hf_config(cfg_json: Path, sd: dict, path) -> GPTConfig:
         bias = attention_bias
     shapes = hf_shapes(d, sd, cfg_json, family)
     theta, scaling = _rope_theta(d, cfg_json)
-    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048), bias=bias,
-                     position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
-                     norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu",
-                     embedding_multiplier=multipliers["embedding_multiplier"],
-                     residual_multiplier=multipliers["residual_multiplier"],
-                     attention_multiplier=multipliers["attention_multiplier"],
-                     logit_scale=1.0 / multipliers["logits_scaling"], **moe)
+    return config_json_gptconfig(
+        cfg_json, {**LLAMA_KEYS, "moe_aux_loss": "router_aux_loss_coef"}, **shape_fields(shapes, sd),
+        context_length=d.get("max_position_embeddings", 2048), bias=bias, position_encoding="rope", rope_theta=theta,
+        rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu",
+        embedding_multiplier=multipliers["embedding_multiplier"],
+        residual_multiplier=multipliers["residual_multiplier"],
+        attention_multiplier=multipliers["attention_multiplier"], logit_scale=1.0 / multipliers["logits_scaling"],
+        **moe)
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig, path) -> dict:

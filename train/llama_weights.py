@@ -37,9 +37,9 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, model_with_tensors, refuse_gemma_touches,
-                                          refuse_moe_touches, refuse_norm_touches, refuse_phi3_touches, tensor_names,
-                                          weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          refuse_gemma_touches, refuse_moe_touches, refuse_norm_touches,
+                                          refuse_phi3_touches, tensor_names, weights_file, write_hf_folder)
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -234,6 +234,12 @@ def hf_shapes(d: dict, sd: dict, cfg_json: Path, family: str) -> tuple:
     return vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim
 
 
+# config.json's keys of the GPTConfig fields the Llama-shaped readers pass on as the file says them: GPTConfig's
+# refusal of one then names the key (config_json_gptconfig)
+LLAMA_KEYS = {"context_length": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+              "n_kv_head": "num_key_value_heads"}
+
+
 def shape_fields(shapes: tuple, sd: dict) -> dict:
     """The GPTConfig fields hf_shapes' (vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim) give,
     and whether the LM head is the embedding (no lm_head tensor, or an equal one): the Llama, Gemma and
@@ -264,11 +270,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     nope = _nope_layers(d, n_layer, cfg_json) if kind == "smollm3" else ()
     theta, scaling = _rope_theta(d, cfg_json)
-    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048),
-                     bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,
-                     qk_norm=kind == "qwen3", position_encoding="rope", rope_theta=theta, rope_scaling=scaling,
-                     norm="rmsnorm", nope_layers=",".join(map(str, nope)), norm_eps=d.get("rms_norm_eps", 1e-6),
-                     mlp="swiglu")
+    return config_json_gptconfig(
+        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048),
+        bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,
+        qk_norm=kind == "qwen3", position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
+        nope_layers=",".join(map(str, nope)), norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu")
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

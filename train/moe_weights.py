@@ -20,9 +20,9 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_per_head_qk, tensor_names,
-                                          weights_file, write_hf_folder)
-from tritongpt.train.llama_weights import _rope_theta, _sliding_window, hf_shapes, shape_fields
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, refuse_per_head_qk,
+                                          tensor_names, weights_file, write_hf_folder)
+from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, _sliding_window, hf_shapes, shape_fields
 
 FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 _NAMES = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE"}
@@ -117,11 +117,13 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                       else (0, "all"))
     theta, scaling = _rope_theta(d, cfg_json)
     norm_topk = True if kind == "mixtral" else d.get("norm_topk_prob", False)
-    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048), bias=False,
-                     attention_window=window, window_layers=layers, qk_norm=kind != "mixtral",
-                     qk_norm_width="all" if kind == "olmoe" else "head", position_encoding="rope", rope_theta=theta,
-                     rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu",
-                     n_experts=n_experts, experts_per_token=k, moe_norm_topk=norm_topk)
+    return config_json_gptconfig(
+        cfg_json, {**LLAMA_KEYS, "experts_per_token": "num_experts_per_tok"}, **shape_fields(shapes, sd),
+        context_length=d.get("max_position_embeddings", 2048), bias=False, attention_window=window,
+        window_layers=layers, qk_norm=kind != "mixtral", qk_norm_width="all" if kind == "olmoe" else "head",
+        position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
+        norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", n_experts=n_experts, experts_per_token=k,
+        moe_norm_topk=norm_topk)
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig, kind: str, path) -> dict:

@@ -26,8 +26,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, plain_block_refusals, refuse_moe_touches,
-                                          weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors,
+                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
 
 MODEL_TYPE = "mpt"
 # each block's tensors (weights only): ours, then Hugging Face's (under "blocks.{i}.")
@@ -85,10 +85,11 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has attn_config.softmax_scale {scale!r}; this model scales the scores by "
                         f"1/sqrt(head_dim) ({(n_embd // n_head) ** -0.5:g})")
     head = sd.get("lm_head.weight")
-    return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     context_length=d.get("max_seq_len", 2048), position_encoding="alibi",
-                     norm_eps=d.get("layer_norm_epsilon", 1e-5), bias=False, norm_bias=False,
-                     tie_weights=head is None or torch.equal(head, sd["wte.weight"]), gelu_approximate="none")
+    return config_json_gptconfig(
+        cfg_json, {"context_length": "max_seq_len", "norm_eps": "layer_norm_epsilon"}, vocab_size=vocab, n_embd=n_embd,
+        n_layer=n_layer, n_head=n_head, context_length=d.get("max_seq_len", 2048), position_encoding="alibi",
+        norm_eps=d.get("layer_norm_epsilon", 1e-5), bias=False, norm_bias=False,
+        tie_weights=head is None or torch.equal(head, sd["wte.weight"]), gelu_approximate="none")
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -20,9 +20,9 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, fuse_rows, model_with_tensors, per_head_qkv_rows,
-                                          plain_block_refusals, refuse_moe_touches, refuse_phi_touches, weights_file,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, fuse_rows, model_with_tensors,
+                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches,
+                                          refuse_phi_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
@@ -80,11 +80,12 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     # transformers 4's names first (the Hub's Pythia configs); rotary_pct 0.25 when absent, as transformers
     theta, rotary = unscaled_partial_rope(d, n_embd // n_head, cfg_json, "GPT-NeoX",
                                           ("rotary_emb_base", "rope_theta"), ("rotary_pct", "partial_rotary_factor"))
-    return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     context_length=d.get("max_position_embeddings", 2048), position_encoding="rope",
-                     rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5),
-                     tie_weights=head is None or torch.equal(head, sd["embed_in.weight"]),
-                     parallel_residual=d.get("use_parallel_residual", True), gelu_approximate=ACTIVATIONS[act])
+    return config_json_gptconfig(
+        cfg_json, {"context_length": "max_position_embeddings", "norm_eps": "layer_norm_eps"}, vocab_size=vocab,
+        n_embd=n_embd, n_layer=n_layer, n_head=n_head, context_length=d.get("max_position_embeddings", 2048),
+        position_encoding="rope", rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5),
+        tie_weights=head is None or torch.equal(head, sd["embed_in.weight"]),
+        parallel_residual=d.get("use_parallel_residual", True), gelu_approximate=ACTIVATIONS[act])
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -25,9 +25,9 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_moe_touches, refuse_neox_touches,
-                                          refuse_phi3_touches, weights_file, write_hf_folder)
-from tritongpt.train.llama_weights import _rope_theta, hf_shapes, rope_dict, shape_fields
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, refuse_moe_touches,
+                                          refuse_neox_touches, refuse_phi3_touches, weights_file, write_hf_folder)
+from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, rope_dict, shape_fields
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
 _NAMES = {"olmo2": "OLMo 2", "olmo3": "OLMo 3"}
@@ -116,11 +116,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     theta, scaling, local_theta = _rope(d, kind, window, cfg_json)
     # Olmo2Config's and Olmo3Config's defaults where config.json says nothing: 2048 positions, eps 1e-5
-    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048), qk_norm=True,
-                     qk_norm_width="all", bias=False, attention_window=window, window_layers=window_layers,
-                     position_encoding="rope", rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
-                     norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu", post_norms=True,
-                     pre_norms=False)
+    return config_json_gptconfig(
+        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048),
+        qk_norm=True, qk_norm_width="all", bias=False, attention_window=window, window_layers=window_layers,
+        position_encoding="rope", rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta, norm="rmsnorm",
+        norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu", post_norms=True, pre_norms=False)
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -22,10 +22,10 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, model_with_tensors, refuse_per_head_qk, weights_file,
-                                          write_hf_folder)
-from tritongpt.train.llama_weights import (_our_tensors, checked_rope_base, hf_shapes, partial_rotary_dim,
-                                           refuse_not_llama, rope_dict, shape_fields)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, refuse_per_head_qk,
+                                          weights_file, write_hf_folder)
+from tritongpt.train.llama_weights import (LLAMA_KEYS, _our_tensors, checked_rope_base, hf_shapes,
+                                           partial_rotary_dim, refuse_not_llama, rope_dict, shape_fields)
 
 MODEL_TYPE, ARCHITECTURE = "phi3", "Phi3ForCausalLM"
 LONGROPE_ALIASES = ("longrope", "su", "yarn")  # Phi3Config reads the two older names as longrope
@@ -118,9 +118,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         window = None
     theta, scaling = _rope(d, cfg_json)
     rotary = _rotary_dim(d, head_dim, cfg_json)
-    return GPTConfig(**shape_fields(shapes, sd), context_length=context, bias=False, attention_window=window or 0,
-                     position_encoding="rope", rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
-                     norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu")
+    return config_json_gptconfig(
+        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd), context_length=context, bias=False,
+        attention_window=window or 0, position_encoding="rope", rope_theta=theta, rope_scaling=scaling,
+        rotary_dim=rotary, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu")
 
 
 def load_phi3_safetensors(path) -> GPTModel:

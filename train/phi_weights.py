@@ -23,8 +23,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, model_with_tensors, plain_block_refusals,
-                                          refuse_moe_touches, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 from tritongpt.train.neox_weights import ACTIVATIONS
 
@@ -98,13 +98,13 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has qk_layernorm {qk_norm!r}; it must be true or false")
     # PhiConfig's partial_rotary_factor is 0.5 when config.json says none (unscaled_partial_rope's default is 0.25)
     theta, rotary = unscaled_partial_rope({"partial_rotary_factor": 0.5, **d}, head_dim, cfg_json, "Phi")
-    return GPTConfig(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     n_kv_head=0 if n_kv == n_head else n_kv,
-                     context_length=_positive_int(d, "max_position_embeddings", 2048, cfg_json),
-                     position_encoding="rope", rope_theta=theta, rotary_dim=rotary,
-                     norm_eps=d.get("layer_norm_eps", 1e-5), qk_norm=qk_norm,
-                     tie_weights=config_flag(d, "tie_word_embeddings", False, cfg_json), parallel_residual=True,
-                     shared_norm=True, head_bias=True, gelu_approximate=ACTIVATIONS[act])
+    return config_json_gptconfig(
+        cfg_json, {"norm_eps": "layer_norm_eps"}, vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        n_kv_head=0 if n_kv == n_head else n_kv,
+        context_length=_positive_int(d, "max_position_embeddings", 2048, cfg_json), position_encoding="rope",
+        rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5), qk_norm=qk_norm,
+        tie_weights=config_flag(d, "tie_word_embeddings", False, cfg_json), parallel_residual=True, shared_norm=True,
+        head_bias=True, gelu_approximate=ACTIVATIONS[act])
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -20,11 +20,11 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, model_with_tensors, refuse_gemma_touches,
-                                          refuse_moe_touches, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          refuse_gemma_touches, refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import _hf_tensors as _llama_hf_tensors
 from tritongpt.train.llama_weights import _our_tensors as _llama_tensors
-from tritongpt.train.llama_weights import hf_shapes, shape_fields, unscaled_partial_rope
+from tritongpt.train.llama_weights import LLAMA_KEYS, hf_shapes, shape_fields, unscaled_partial_rope
 
 MODEL_TYPE, ARCHITECTURE = "stablelm", "StableLmForCausalLM"
 # the norms' biases, which Llama's RMSNorms do not have: ours, then StableLM's (under "layers.{i}.")
@@ -65,11 +65,12 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has use_qkv_bias {str(qkv_bias).lower()}, but the weights "
                         f"{'lack' if qkv_bias else 'have'} q_proj's bias")
     # StableLmConfig's defaults where config.json says nothing: 4096 positions, eps 1e-5
-    return GPTConfig(**shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 4096), bias=False,
-                     qkv_bias_only=qkv_bias, position_encoding="rope", rope_theta=theta, rotary_dim=rotary,
-                     norm="layernorm", norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu",
-                     parallel_residual=parallel, shared_norm=parallel, qk_norm=qk_norm,
-                     qk_norm_width="each" if qk_norm else "head")
+    return config_json_gptconfig(
+        cfg_json, {**LLAMA_KEYS, "norm_eps": "layer_norm_eps"}, **shape_fields(shapes, sd),
+        context_length=d.get("max_position_embeddings", 4096), bias=False, qkv_bias_only=qkv_bias,
+        position_encoding="rope", rope_theta=theta, rotary_dim=rotary, norm="layernorm",
+        norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu", parallel_residual=parallel, shared_norm=parallel,
+        qk_norm=qk_norm, qk_norm_width="each" if qk_norm else "head")
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
