@@ -108,8 +108,12 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
      r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
     ({"layer_norm_epsilon": 0},
      r"config\.json: layer_norm_epsilon \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got 0"),
+    # read by truthiness, "false" was true: ALiBi over RoPE-trained weights (loaded without a word), biases the file
+    # does not have, the new architecture's q/k/v layout
+    *[({key: "false"}, f"config.json has {key} 'false'; it must be true or false")
+      for key in ("alibi", "bias", "new_decoder_architecture", "multi_query", "parallel_attn")],
 ], ids=["activation", "mlp-width", "heads", "scaled-rope", "remote-code", "kv-heads", "partial-rotary", "context-float",
-        "eps-zero"])
+        "eps-zero", "alibi-type", "bias-type", "new-arch-type", "multi-query-type", "parallel-attn-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_falcon, tmp_path)
     cfg_json = tmp_path / "config.json"

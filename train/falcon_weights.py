@@ -28,9 +28,9 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, fuse_rows, model_with_tensors,
-                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches, weights_file,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
+                                          model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -47,12 +47,25 @@ def is_falcon_file(path) -> bool:
     return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") in (MODEL_TYPE, *REMOTE_CODE_TYPES)
 
 
+# FalconConfig's true/false fields and their defaults
+_FLAGS = {"parallel_attn": True, "multi_query": True, "new_decoder_architecture": False, "alibi": False, "bias": False}
+
+
+def _flags(d: dict, cfg_json) -> dict:
+    """d with its Falcon flags as bools. They were read by truthiness, and "false" is true: a bias "false" read
+    as biases, an alibi "false" as ALiBi, a parallel_attn "false" as the parallel block. Each must be a JSON
+    boolean (config_flag); absent, FalconConfig's default; null, false, as transformers reads it (FalconConfig
+    keeps the None it is given, and its model tests it by truthiness)."""
+    return {**d, **{key: config_flag(d, key, default if key not in d else False, cfg_json)
+                    for key, default in _FLAGS.items()}}
+
+
 def _norms(d: dict) -> tuple:
     """(our norms' Hugging Face names (norm1, norm2 or None for a shared one), parallel_residual) of a
-    Falcon config.json's block, as FalconDecoderLayer builds it."""
-    if not d.get("parallel_attn", True):
+    Falcon config.json's block (d: its flags read by _flags), as FalconDecoderLayer builds it."""
+    if not d["parallel_attn"]:
         return ("input_layernorm", "post_attention_layernorm"), False
-    if d.get("new_decoder_architecture") and d.get("num_ln_in_parallel_attn") in (None, 2):
+    if d["new_decoder_architecture"] and d.get("num_ln_in_parallel_attn") in (None, 2):
         return ("ln_attn", "ln_mlp"), True
     return ("input_layernorm", None), True
 
@@ -86,17 +99,17 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     if d.get("activation", "gelu") != "gelu":
         raise UserError(f"{cfg_json} has activation {d['activation']!r}; this model's Falcon MLP computes 'gelu' "
                         "(the exact one) only")
-    if d.get("new_decoder_architecture"):
+    if d["new_decoder_architecture"]:
         kv = d.get("num_kv_heads") or n_head
     else:
-        kv = 1 if d.get("multi_query", True) else n_head
+        kv = 1 if d["multi_query"] else n_head
     if not is_int(kv) or kv < 1 or n_head % kv:
         raise UserError(f"{cfg_json} says num_kv_heads {kv!r}, which does not divide num_attention_heads {n_head}")
     head_dim = n_embd // n_head
     if qkv_rows != (n_head + 2 * kv) * head_dim:
         raise UserError(f"{cfg_json.parent}: query_key_value has {qkv_rows} rows; {n_head} query heads over {kv} "
                         f"key/value heads of {head_dim} need {(n_head + 2 * kv) * head_dim}")
-    if d.get("alibi"):  # Falcon-RW: no rotation, ALiBi scaled with the scores
+    if d["alibi"]:  # Falcon-RW: no rotation, ALiBi scaled with the scores
         positions = dict(position_encoding="alibi", alibi_scaled=True)
     else:  # whole heads unless rope_parameters says a factor (no Falcon does; refused below)
         theta, rotary = unscaled_partial_rope({"partial_rotary_factor": 1.0, **d}, head_dim, cfg_json, "Falcon")
@@ -109,7 +122,7 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
         cfg_json, {"context_length": "max_position_embeddings", "norm_eps": "layer_norm_epsilon"}, vocab_size=vocab,
         n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=kv,
         context_length=d.get("max_position_embeddings", 2048), **positions, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-        bias=bool(d.get("bias", False)), tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]),
+        bias=d["bias"], tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]),
         parallel_residual=parallel, shared_norm=parallel and names[1] is None, gelu_approximate="none")
 
 
@@ -136,7 +149,7 @@ def _our_tensors(sd: dict, cfg: GPTConfig, d: dict) -> dict:
             "final_norm.bias": sd["ln_f.bias"]}
     if not cfg.tie_weights:
         ours["out_head.weight"] = sd["lm_head.weight"]
-    split = _qkv_rows(cfg, bool(d.get("new_decoder_architecture")))
+    split = _qkv_rows(cfg, d["new_decoder_architecture"])
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
         for kind in kinds:
@@ -158,7 +171,7 @@ def load_falcon_safetensors(path) -> GPTModel:
     path = weights_file(path, "Falcon")
     sd = _read_tensors(path, prefix="transformer.")
     cfg_json = path.parent / "config.json"
-    d = read_json_object(cfg_json)
+    d = _flags(read_json_object(cfg_json), cfg_json)  # (_check_hf_config and _our_tensors read them)
     cfg = _check_hf_config(cfg_json, d, sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, d), path)
 
