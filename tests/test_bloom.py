@@ -119,7 +119,10 @@ def test_hf_copy_gives_the_builds_own_file_and_builds_again_after_a_failure(hf_c
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"layer_norm_epsilon": "1e-5"},
      r"config\.json: layer_norm_epsilon \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got '1e-5'"),
-], ids=["post-layernorm-residual", "heads", "layers", "context", "eps-type"])
+    # bool("false") is True: a flag spelled as a string is refused by name
+    ({"apply_residual_connection_post_layernorm": "false"},
+     "config.json has apply_residual_connection_post_layernorm 'false'; it must be true or false"),
+], ids=["post-layernorm-residual", "heads", "layers", "context", "eps-type", "post-layernorm-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_bloom, tmp_path)
     cfg_json = tmp_path / "config.json"

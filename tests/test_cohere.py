@@ -103,8 +103,10 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ("cohere", {"max_position_embeddings": 40.0},
      r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
+    # bool("false") is True: a flag spelled as a string is refused by name
+    ("cohere", {"attention_bias": "false"}, "config.json has attention_bias 'false'; it must be true or false"),
 ], ids=["qk-norm", "qk-norm-weights", "activation", "attention-bias", "logit-scale", "dynamic-rope", "no-sliding",
-        "layer-types", "layer-type-name", "window", "context-float"])
+        "layer-types", "layer-type-name", "window", "context-float", "attention-bias-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
     path = hf_copy(hf_cohere, tmp_path, kind, **({"use_qk_norm": True} if change.get("use_qk_norm") is False else {}))
     cfg_json = tmp_path / "config.json"

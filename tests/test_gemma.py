@@ -290,8 +290,11 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
     ({"final_logit_softcapping": "30"},
      r"config\.json: final_logit_softcapping \(GPTConfig\.logit_softcap\) must be a finite number >= 0"),
     ({"rms_norm_eps": 0}, r"config\.json: rms_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got 0"),
+    # bool("false") is True: a flag spelled as a string is refused by name
+    ({"use_bidirectional_attention": "false"},
+     "config.json has use_bidirectional_attention 'false'; it must be true or false"),
 ], ids=["attn-softcap", "attention-bias", "query-scalar", "bidirectional", "activation", "multimodal", "layer-types",
-        "head-dim", "local-scaling", "softcap-type", "eps-zero"])
+        "head-dim", "local-scaling", "softcap-type", "eps-zero", "bidirectional-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_gemma, tmp_path, layers=7)
     cfg_json = tmp_path / "config.json"

@@ -240,8 +240,11 @@ def test_the_multipliers_are_checked_by_name():
      r"config\.json: rms_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got '1e-6'"),
     ("granitemoe", {"max_position_embeddings": None},
      r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got None"),
+    # bool("false") is True: a flag spelled as a string is refused by name (this one trained with an aux loss)
+    ("granitemoe", {"output_router_logits": "false", "router_aux_loss_coef": 0.01},
+     "config.json has output_router_logits 'false'; it must be true or false"),
 ], ids=["shared", "hybrid", "swa", "activation", "bias", "embedding", "residual", "attention", "logits", "rope",
-        "moe-bias", "moe-shared", "experts", "top-k", "eps-type", "context-null"])
+        "moe-bias", "moe-shared", "experts", "top-k", "eps-type", "context-null", "router-logits-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
     path = hf_copy(hf_granite, tmp_path, kind)
     cfg_json = tmp_path / "config.json"

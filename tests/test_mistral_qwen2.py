@@ -102,6 +102,10 @@ def test_a_qwen2_window_over_other_layers_is_a_list_and_a_bad_window_is_refused_
         cfg_json.write_text(json.dumps({**d, "model_type": kind, "sliding_window": bad, "max_window_layers": 0}))
         with pytest.raises(UserError, match=f"has sliding_window {bad!r}; it must be a positive integer or null"):
             load_checkpoint(path)
+    # bool("false") is True: the window this file switches off was read as on
+    cfg_json.write_text(json.dumps({**d, "model_type": "qwen2", "use_sliding_window": "false", "sliding_window": 7}))
+    with pytest.raises(UserError, match="has use_sliding_window 'false'; it must be true or false"):
+        load_checkpoint(path)
 
 
 def _random(**overrides):

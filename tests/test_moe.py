@@ -367,6 +367,9 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
      r"config\.json: num_experts_per_tok \(GPTConfig\.experts_per_token\) must be an integer >= 1, got '2'"),
     ("mixtral", {"max_position_embeddings": 40.0},
      r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
+    # bool("false") is True: a flag spelled as a string is refused by name
+    ("qwen3_moe", {"norm_topk_prob": "false"}, "config.json has norm_topk_prob 'false'; it must be true or false"),
+    ("olmoe", {"attention_bias": "false"}, "config.json has attention_bias 'false'; it must be true or false"),
 ])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
     path = hf_copy(hf_moe, tmp_path, kind)

@@ -137,8 +137,11 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"layer_norm_eps": 0},
      r"config\.json: layer_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got 0"),
+    # bool("false") is True: a flag spelled as a string is refused by name
+    ({"use_parallel_residual": "false"}, "config.json has use_parallel_residual 'false'; it must be true or false"),
+    ({"attention_bias": "false"}, "config.json has attention_bias 'false'; it must be true or false"),
 ], ids=["rotary-pct", "partial-factor", "linear-rope", "dynamic-rope", "activation", "attention-bias",
-        "mlp-width", "heads", "kv-heads", "eps-zero"])
+        "mlp-width", "heads", "kv-heads", "eps-zero", "parallel-type", "attention-bias-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_neox, tmp_path)
     cfg_json = tmp_path / "config.json"

@@ -206,8 +206,10 @@ def test_a_sliding_rope_without_its_base_is_read_as_transformers_reads_it(tmp_pa
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ("olmo2", {"num_key_value_heads": 3},
      r"config\.json: num_key_value_heads \(GPTConfig\.n_kv_head\) must divide n_head=4"),
+    # bool("false") is True: a flag spelled as a string is refused by name
+    ("olmo2", {"attention_bias": "false"}, "config.json has attention_bias 'false'; it must be true or false"),
 ], ids=["attention-bias", "activation", "head-dim", "dynamic-rope", "yarn-mscale", "local-scaling", "layer-types",
-        "no-window", "kv-heads"])
+        "no-window", "kv-heads", "attention-bias-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
     path = hf_copy(hf_olmo, tmp_path, kind)
     cfg_json = tmp_path / "config.json"

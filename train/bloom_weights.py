@@ -23,9 +23,9 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, fuse_rows, model_with_tensors,
-                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches, weights_file,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
+                                          model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          refuse_moe_touches, weights_file, write_hf_folder)
 
 MODEL_TYPE = "bloom"
 # BLOOM has no position table; the context it was trained at (2048) unless config.json says one (seq_length)
@@ -47,11 +47,11 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     model does not compute refused by name."""
     if d.get("model_type") != MODEL_TYPE:
         raise UserError(f"{cfg_json} says model_type {d.get('model_type')!r}; a BLOOM folder's is {MODEL_TYPE}")
-    if d.get("apply_residual_connection_post_layernorm"):
+    if config_flag(d, "apply_residual_connection_post_layernorm", False, cfg_json):
         raise UserError(f"{cfg_json} has apply_residual_connection_post_layernorm true (each block's residual is its "
                         "LayerNorm's output); this model adds the block's input")
     tp = d.get("pretraining_tp", 1)
-    if d.get("slow_but_exact") and tp != 1:
+    if config_flag(d, "slow_but_exact", False, cfg_json) and tp != 1:
         raise UserError(f"{cfg_json} has slow_but_exact true with pretraining_tp {tp!r}: transformers' BLOOM then "
                         "computes its output projections without their biases, which this model adds")
     try:

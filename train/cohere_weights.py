@@ -97,7 +97,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if qk_norm != ("layers.0.self_attn.q_norm.weight" in sd):
         raise UserError(f"{cfg_json} has use_qk_norm {str(qk_norm).lower()}, but the weights "
                         f"{'lack' if qk_norm else 'have'} q_norm's")
-    if d.get("attention_bias") or "layers.0.self_attn.q_proj.bias" in sd:
+    if config_flag(d, "attention_bias", False, cfg_json) or "layers.0.self_attn.q_proj.bias" in sd:
         raise UserError(f"{cfg_json} has attention_bias true; this model reads Cohere's bias-free projections only")
     if "layers.0.post_attention_layernorm.weight" in sd or "layers.0.input_layernorm.bias" in sd:
         raise UserError(f"{cfg_json.parent}: a post_attention_layernorm or a norm bias, which a Cohere block (one "

@@ -52,12 +52,9 @@ _FLAGS = {"parallel_attn": True, "multi_query": True, "new_decoder_architecture"
 
 
 def _flags(d: dict, cfg_json) -> dict:
-    """d with its Falcon flags as bools. They were read by truthiness, and "false" is true: a bias "false" read
-    as biases, an alibi "false" as ALiBi, a parallel_attn "false" as the parallel block. Each must be a JSON
-    boolean (config_flag); absent, FalconConfig's default; null, false, as transformers reads it (FalconConfig
-    keeps the None it is given, and its model tests it by truthiness)."""
-    return {**d, **{key: config_flag(d, key, default if key not in d else False, cfg_json)
-                    for key, default in _FLAGS.items()}}
+    """d with its Falcon flags as bools (config_flag: absent, FalconConfig's default; null, false). They were read
+    by truthiness, and "false" is true: a bias "false" read as biases, an alibi "false" as ALiBi."""
+    return {**d, **{key: config_flag(d, key, default, cfg_json) for key, default in _FLAGS.items()}}
 
 
 def _norms(d: dict) -> tuple:

@@ -35,8 +35,8 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, weights_file,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, rope_dict, shape_fields
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
@@ -159,7 +159,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if act not in _GELU_TANH and not (kind == "gemma" and act == "gelu"):  # Gemma 1's legacy "gelu" means tanh
         raise UserError(f"{cfg_json} has {act_key} {act!r}; this model's GeGLU computes GELU's tanh form "
                         "('gelu_pytorch_tanh')")
-    if d.get("attention_bias"):
+    if config_flag(d, "attention_bias", False, cfg_json):
         raise UserError(f"{cfg_json} has attention_bias true; Gemma's projections have no biases here")
     # Gemma 1 has neither field: its scores are scaled by 1/sqrt(head_dim), never capped
     attn_cap = d.get("attn_logit_softcapping", 50.0 if kind == "gemma2" else None) if kind != "gemma" else None
@@ -174,7 +174,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar != int(scalar) or scalar < 1:
         raise UserError(f"{cfg_json} has query_pre_attn_scalar {scalar!r}; it must be a positive integer (the "
                         "width whose 1/sqrt scales the attention scores)")
-    if d.get("use_bidirectional_attention"):
+    if config_flag(d, "use_bidirectional_attention", False, cfg_json):
         raise UserError(f"{cfg_json} has use_bidirectional_attention true (an embedding model); this model is causal")
     cap = d.get("final_logit_softcapping", 30.0 if kind == "gemma2" else None)
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)

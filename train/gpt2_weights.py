@@ -217,11 +217,15 @@ def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:
 
 
 def config_flag(d: dict, key: str, default: bool, cfg_json) -> bool:
-    """A true/false field of config.json (null: its default). bool() of the string "false" is True: a flag spelled
-    as a string (or a number) would read as another model, so anything but a JSON boolean is refused by name."""
-    value = d.get(key)
-    if value is None:
+    """A true/false field of config.json: absent, its default; null, false (transformers' configs keep the None
+    they are given, and their models test it as false: Falcon's parallel_attn null is the sequential block).
+    bool() of the string "false" is True: a flag spelled as a string (or a number) would read as another model,
+    so anything but a JSON boolean is refused by name."""
+    if key not in d:
         return default
+    value = d[key]
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise UserError(f"{cfg_json} has {key} {value!r}; it must be true or false")
     return value

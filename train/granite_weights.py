@@ -101,7 +101,7 @@ def _check_hf_config(cfg_json: Path, sd: dict, path) -> GPTConfig:
             if d.get(key):
                 raise UserError(f"{cfg_json} has {key} {d[key]!r} (GraniteMoeShared's shared experts); this model "
                                 "routes every token to its top k experts only")
-        if d.get("attention_bias") or "layers.0.self_attn.q_proj.bias" in sd:
+        if config_flag(d, "attention_bias", False, cfg_json) or "layers.0.self_attn.q_proj.bias" in sd:
             raise UserError(f"{cfg_json} has attention_bias {d.get('attention_bias')!r}; this model reads GraniteMoe "
                             "without biases only (its experts have none, and this model's biases are all or none)")
         router = _router(sd, 0)
@@ -115,7 +115,7 @@ def _check_hf_config(cfg_json: Path, sd: dict, path) -> GPTConfig:
         k = d.get("num_experts_per_tok", 2)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_experts:
             raise UserError(f"{cfg_json} has num_experts_per_tok {k!r}; it must be an integer in [1, {n_experts}]")
-        aux = d.get("router_aux_loss_coef", 0.0) if d.get("output_router_logits") else 0.0
+        aux = d.get("router_aux_loss_coef", 0.0) if config_flag(d, "output_router_logits", False, cfg_json) else 0.0
         # the softmax over the top k logits (GraniteMoeTopKRouter) is the full softmax's top k renormalized
         moe = dict(n_experts=n_experts, experts_per_token=k, moe_norm_topk=True, moe_aux_loss=aux)
         sd = {**sd, "layers.0.mlp.gate_proj.weight": _experts(sd, 0, path)[0][0]}  # hf_shapes reads the width there

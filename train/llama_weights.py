@@ -158,7 +158,7 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
                             "context")
         return 0, "all"
     window = d.get("sliding_window", 4096 if kind == "mistral" else None)
-    if kind != "mistral" and not d.get("use_sliding_window", False):
+    if kind != "mistral" and not config_flag(d, "use_sliding_window", False, cfg_json):
         window = None
     if window is None:
         return 0, "all"

@@ -20,8 +20,8 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, refuse_per_head_qk,
-                                          tensor_names, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          refuse_per_head_qk, tensor_names, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, _sliding_window, hf_shapes, shape_fields
 
 FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
@@ -80,7 +80,7 @@ def _refuse(d: dict, kind: str, cfg_json) -> None:
         if d.get(key):
             raise UserError(f"{cfg_json} has {key} {d[key]!r} (shared experts beside the routed ones, as Qwen2-MoE's "
                             f"and DeepSeek's); {name} and this model route every token to its top k experts only")
-    if d.get("attention_bias") or d.get("mlp_bias"):
+    if config_flag(d, "attention_bias", False, cfg_json) or config_flag(d, "mlp_bias", False, cfg_json):
         raise UserError(f"{cfg_json} has attention_bias {d.get('attention_bias')!r} and mlp_bias "
                         f"{d.get('mlp_bias')!r}; this model reads {name} without biases only")
     if kind == "qwen3_moe":
@@ -113,10 +113,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         {**sd, "layers.0.mlp.gate_proj.weight": gate0}, cfg_json, _NAMES[kind])
     k = d.get("num_experts_per_tok", 2)
     window, layers = (_sliding_window(d, "mistral", shapes[3], cfg_json) if kind == "mixtral" else
-                      (d.get("sliding_window") or 0, "all") if kind == "qwen3_moe" and d.get("use_sliding_window")
+                      (d.get("sliding_window") or 0, "all")
+                      if kind == "qwen3_moe" and config_flag(d, "use_sliding_window", False, cfg_json)
                       else (0, "all"))
     theta, scaling = _rope_theta(d, cfg_json)
-    norm_topk = True if kind == "mixtral" else d.get("norm_topk_prob", False)
+    norm_topk = True if kind == "mixtral" else config_flag(d, "norm_topk_prob", False, cfg_json)
     return config_json_gptconfig(
         cfg_json, {**LLAMA_KEYS, "experts_per_token": "num_experts_per_tok"}, **shape_fields(shapes, sd),
         context_length=d.get("max_position_embeddings", 2048), bias=False, attention_window=window,

@@ -20,9 +20,9 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, fuse_rows, model_with_tensors,
-                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches,
-                                          refuse_phi_touches, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
+                                          model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          refuse_moe_touches, refuse_phi_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
@@ -70,7 +70,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if act not in ACTIVATIONS:
         raise UserError(f"{cfg_json} has hidden_act {act!r}; this model's GELU MLP computes "
                         f"{', '.join(map(repr, ACTIVATIONS))} only")
-    if not d.get("attention_bias", True):
+    if not config_flag(d, "attention_bias", True, cfg_json):
         raise UserError(f"{cfg_json} has attention_bias false; this model gives the attention projections biases "
                         "when the MLP has them (GPT-NeoX's MLP always does)")
     if d.get("num_key_value_heads") not in (None, d["num_attention_heads"]):
@@ -85,7 +85,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         n_embd=n_embd, n_layer=n_layer, n_head=n_head, context_length=d.get("max_position_embeddings", 2048),
         position_encoding="rope", rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5),
         tie_weights=head is None or torch.equal(head, sd["embed_in.weight"]),
-        parallel_residual=d.get("use_parallel_residual", True), gelu_approximate=ACTIVATIONS[act])
+        parallel_residual=config_flag(d, "use_parallel_residual", True, cfg_json), gelu_approximate=ACTIVATIONS[act])
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

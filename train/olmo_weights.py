@@ -25,8 +25,9 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, refuse_moe_touches,
-                                          refuse_neox_touches, refuse_phi3_touches, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          refuse_moe_touches, refuse_neox_touches, refuse_phi3_touches, weights_file,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, rope_dict, shape_fields
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
@@ -107,7 +108,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     n_layer = shapes[3]
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
-    if d.get("attention_bias"):
+    if config_flag(d, "attention_bias", False, cfg_json):
         raise UserError(f"{cfg_json} has attention_bias true; {_NAMES[kind]}'s projections have no biases here")
     for key in ("input_layernorm", "pre_feedforward_layernorm"):  # another family's block under OLMo's name
         if f"layers.0.{key}.weight" in sd:
