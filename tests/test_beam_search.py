@@ -250,6 +250,22 @@ def test_more_sequences_than_texts_are_refused(pair):
     assert len(set(map(tuple, ids.tolist()))) == V and scores.min() > -1e8
 
 
+def test_an_eos_leaves_fewer_texts_to_return():
+    """A text ends at its first EOS: of 3 tokens and 2 new ones there are 7 ([eos], then 2 x 3), not 3 ** 2 = 9, and
+    the 8th and 9th were empty slots scored -1e9 (as length-penalized, -5e8), returned as beams."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=3, context_length=8, n_embd=16, n_layer=1, n_head=2)).eval()
+    idx = torch.tensor([[1, 2]])
+    with pytest.raises(UserError, match=r"num_return_sequences 8 is more than the 7 texts of max_new_tokens 2 there "
+                                        r"are \(a text ends at its first EOS, id 0\)"):
+        beam_search(model, idx, 2, 8, num_return_sequences=8, eos_id=0)
+    ids, scores = beam_search(model, idx, 2, 7, num_return_sequences=7, eos_id=0)  # every text, each once
+    texts = {tuple(row[2:row[2:].index(0) + 3] if 0 in row[2:] else row[2:]) for row in ids.tolist()}
+    assert len(texts) == 7 and scores.min() > -1e8
+    ids, scores = beam_search(model, idx, 2, 9, num_return_sequences=9)  # without an EOS all 9 are texts
+    assert len(set(map(tuple, ids.tolist()))) == 9 and scores.min() > -1e8
+
+
 @pytest.mark.parametrize("extra,said", [
     (["--temperature", "0.7"], "--num-beams (beam search) does not take --temperature"),
     (["--top-k", "5"], "does not take --top-k"),

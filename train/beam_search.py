@@ -52,11 +52,32 @@ def length_penalty_overflows(length_penalty, max_new_tokens: int) -> bool:
         return True
 
 
-def texts_possible(vocab: int, max_new_tokens: int) -> int:
-    """How many continuations of max_new_tokens tokens a vocabulary makes (vocab ** max_new_tokens), capped where it
-    passes any number of beams: more returned sequences than that were filled with the search's empty slots, each a
-    copy of another text scored -1e9, printed as beams."""
-    return vocab ** min(max_new_tokens, 64)
+def texts_possible(vocab: int, max_new_tokens: int, eos: bool = False) -> int:
+    """How many continuations of at most max_new_tokens tokens a vocabulary makes, capped where it passes any number
+    of beams: more returned sequences than that were filled with the search's empty slots, each a copy of another
+    text scored -1e9, printed as beams. Without an EOS vocab ** max_new_tokens; with one a text ends at its first EOS,
+    so it makes fewer: (vocab - 1) ** (k - 1) texts end there at token k < max_new_tokens, beside the
+    (vocab - 1) ** (max_new_tokens - 1) * vocab of max_new_tokens tokens."""
+    if not eos:
+        return vocab ** min(max_new_tokens, 64)
+    if vocab <= 2:  # (no growth to cap: the EOS alone, or with one other token n + 1 texts)
+        return 1 if vocab == 1 else max_new_tokens + 1
+    ended, running = 0, 1  # the texts that ended at the EOS, and those without one yet
+    for _ in range(min(max_new_tokens - 1, 64)):
+        ended, running = ended + running, running * (vocab - 1)
+    return ended + running * vocab
+
+
+def check_return_sequences(num_return_sequences: int, vocab: int, max_new_tokens: int, eos_id, flags: bool = False):
+    """More return sequences than the texts there are (texts_possible: vocab tokens, ending at eos_id if any)
+    refused. flags: name them as command-line flags."""
+    name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
+    texts = texts_possible(vocab, max_new_tokens, eos_id is not None)
+    if max_new_tokens and num_return_sequences > texts:
+        ends = "" if eos_id is None else f" (a text ends at its first EOS, id {eos_id})"
+        raise UserError(f"{name('num_return_sequences')} {num_return_sequences} is more than the {texts} texts of "
+                        f"{name('max_new_tokens')} {max_new_tokens} there are{ends}: the rest would be empty beams "
+                        "(score -1e9)")
 
 
 @torch.no_grad()
@@ -86,10 +107,8 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     check_cache_dtype(kv_cache_dtype, use_cache)
     check_eos_id(eos_id, vocab_limit or model.config.vocab_size)
-    texts = texts_possible(min(vocab_limit or model.config.vocab_size, model.config.vocab_size), max_new_tokens)
-    if max_new_tokens and num_return_sequences > texts:
-        raise UserError(f"num_return_sequences {num_return_sequences} is more than the {texts} texts of "
-                        f"max_new_tokens {max_new_tokens} there are: the rest would be empty beams (score -1e9)")
+    check_return_sequences(num_return_sequences, min(vocab_limit or model.config.vocab_size, model.config.vocab_size),
+                           max_new_tokens, eos_id)
     B, T = idx.shape
     ctx = model.config.context_length
     if max_new_tokens and T + max_new_tokens - 1 > ctx:

@@ -691,16 +691,14 @@ def check_beam_args(args):
 def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eot, limit, kv_cache_dtype="auto",
                 **controls) -> int:
     """generate --num-beams: the best beams' texts (as generate prints a sample) and their scores on stderr."""
-    from tritongpt.train.beam_search import beam_search, texts_possible
+    from tritongpt.train.beam_search import beam_search, check_return_sequences
 
     T, ctx = idx.size(1), model.config.context_length
     if max_new_tokens and T + max_new_tokens - 1 > ctx:
         raise UserError(f"--num-beams keeps the text within the model's context: prompt {T} + --max-new-tokens "
                         f"{max_new_tokens} - 1 > context length {ctx}")
-    texts = texts_possible(limit or model.config.vocab_size, max_new_tokens)
-    if max_new_tokens and beams["num_return_sequences"] > texts:
-        raise UserError(f"--num-return-sequences {beams['num_return_sequences']} is more than the {texts} texts of "
-                        f"--max-new-tokens {max_new_tokens} there are: the rest would be empty beams (score -1e9)")
+    check_return_sequences(beams["num_return_sequences"], min(limit or model.config.vocab_size,
+                                                              model.config.vocab_size), max_new_tokens, eot, flags=True)
     out, scores = beam_search(model, idx, max_new_tokens, **beams, eos_id=eot, vocab_limit=limit,
                               repetition_penalty=controls["repetition_penalty"],
                               no_repeat_ngram_size=controls["no_repeat_ngram_size"], kv_cache_dtype=kv_cache_dtype)
