@@ -156,6 +156,22 @@ def test_bad_records_are_named(raw, msg):
         formats.read_records([("f.jsonl: record 0 (line 1)", raw)])
 
 
+def test_label_false_is_refused_on_kto_records_only():
+    """label false marks kto's undesirable completion ({prompt, completion, label}, text or conversational): refused
+    there. An instruction or chat record's own "label" (a dataset's gold answer, say) is no KTO label: it was
+    refused too, a whole SFT file with it."""
+    user, reply = [{"role": "user", "content": "Is 7 even?"}], [{"role": "assistant", "content": "No."}]
+    for raw in ({"prompt": "Is 7 even?", "completion": "No.", "label": False},
+                {"prompt": user, "completion": reply, "label": False}):
+        with pytest.raises(UserError, match=r"record 0 \(line 1\): label false marks an undesirable completion "
+                                            r"\(kto's \{prompt, completion, label\} records\)"):
+            formats.read_records([("f.jsonl: record 0 (line 1)", raw)])
+    alpaca = formats.read_record({"instruction": "Is 7 even?", "output": "No.", "label": False}, "r")
+    assert alpaca["output"] == "No."
+    chat = formats.read_record({"messages": user + reply, "label": False}, "r")
+    assert chat["output"] == "No." and chat["messages"][-1]["content"] == "No."
+
+
 def test_a_file_holds_one_format(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(CHAT) + "\n")

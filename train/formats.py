@@ -159,12 +159,13 @@ def read_record(rec, where: str, expect: str | None = None) -> dict:
     "output"}; chat: {"messages", "output", "learn_all"} where output is the last assistant turn.
     """
     fmt = record_format(rec, where, expect)
-    # TRL's unpaired preference format (kto's {prompt, completion, label}) reads as completion records, and its
-    # undesirable answers were learned as targets (sft) or verified against as references (rlhf's verifiers)
-    if rec.get("label") is False:
-        raise UserError(f"{where}: label false marks an undesirable completion (kto's {{prompt, completion, "
-                        "label}} records): it would be learned as a good answer; train on the file with `tritongpt "
-                        "kto`, or leave such records out")
+    # TRL's unpaired preference format (kto's {prompt, completion, label}, text or conversational) reads as
+    # completion records, and its undesirable answers were learned as targets (sft) or verified against as references
+    # (rlhf's verifiers). Only there: an instruction or chat record's own "label" is no KTO label.
+    if "completion" in rec and rec.get("label") is False:
+        raise UserError(f"{where}: label false marks an undesirable completion (kto's {{prompt, completion, label}} "
+                        "records): it would be learned as a good answer; train on the file with `tritongpt kto`, or "
+                        "leave such records out")
     if fmt == "alpaca":
         out = {"instruction": text_field(rec, "instruction", where), "input": "",
                "output": text_field(rec, "output", where)}
