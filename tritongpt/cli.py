@@ -157,8 +157,8 @@ def abandoned() -> bool:
 
 
 def main(argv=None) -> int:
-    """The command argv names, run: its exit code (0; 2 for a UserError or a path's OSError, said as `error: ...`; 130
-    for Ctrl-C; 141 when stdout's reader left)."""
+    """The command argv names, run: its exit code (0; 2 for a UserError or a path's OSError, said as `error: ...`; 1
+    for an allocation that failed, `error: out of memory: ...`; 130 for Ctrl-C; 141 when stdout's reader left)."""
     try:
         try:
             code = run(argv)
