@@ -319,6 +319,25 @@ def test_offline_a_snapshot_holding_part_of_a_split_is_refused_not_read_as_all_o
     assert len(read_records(hub_dataset_folder("owner/three"))) == 6
 
 
+def test_offline_a_whole_split_whose_shards_are_numbered_from_1_or_unpadded_is_read_not_called_short(hub):
+    """Shard names are not all datasets' train-00000-of-00003: some count from 1 (train-1-of-2, train-2-of-2), some
+    do not pad (train-9-of-11, train-10-of-11). A snapshot holding every one of them is the whole split offline."""
+    from tritongpt.train.hub_datasets import _missing_shards, hub_dataset_folder
+    from tritongpt.train.sft import read_records
+
+    hub, cache, fetched = hub
+    recs = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok")]
+    for i in (1, 2):  # counted from 1, unpadded
+        write_parquet(hub / "owner" / "fromone" / "data" / f"train-{i}-of-2.parquet", recs[2 * i - 2:2 * i])
+    hub_dataset_folder("owner/fromone")  # fetched whole, then read offline from the snapshot
+    (hub / "OFFLINE").touch()
+    assert read_records(hub_dataset_folder("owner/fromone")) == read_records(write_parquet(hub / "all.parquet", recs))
+    unpadded = [f"data/train-{i}-of-11.parquet" for i in range(11)]
+    assert _missing_shards(unpadded) == []
+    assert _missing_shards(unpadded[:9] + unpadded[10:]) == ["data/train-9-of-11.parquet"]
+    assert _missing_shards([f"train-{i:05d}-of-00012.parquet" for i in range(1, 13)]) == []
+
+
 def test_a_damaged_download_in_the_hub_cache_is_named_where_it_lies(hub):
     """The dataset's folder links each shard to the Hub cache's copy: a copy cut short (or damaged) is named there
     too, the file to delete so that the next run fetches it again."""

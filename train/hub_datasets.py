@@ -118,19 +118,24 @@ def _repo_files(repo: str, cache_dir=None) -> tuple:
     return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()), snapshot
 
 
-_SHARD = re.compile(r"(.*)-(\d+)-of-(\d+)\.parquet")  # train-00001-of-00003.parquet: shard 1 of 3
+_SHARD = re.compile(r"(.*)-(\d+)-of-(\d+)\.parquet")  # train-00000-of-00003.parquet: the first of 3
 
 
 def _missing_shards(names) -> list:
-    """The shards a split's -NNNNN-of-NNNNN names say it has that are not among them (a cached snapshot whose
-    download was cut short holds the first few): their names, the first width kept."""
+    """The shards a split's -N-of-T names say it has that are not among them (a cached snapshot whose download was
+    cut short holds the first few): their names. The numbers are compared as numbers, not as text: writers pad
+    them (train-00003-of-00012) or not (train-3-of-12), and count from 0 (datasets') or from 1 (a T-of-T shard
+    is there), and a complete split of any of these is not short of anything."""
     have, missing = {}, []
     for name in names:
         m = _SHARD.fullmatch(name)
-        if m:
-            have.setdefault((m[1], m[3], len(m[2])), set()).add(int(m[2]))
-    for (stem, total, width), got in sorted(have.items()):
-        missing += [f"{stem}-{i:0{width}d}-of-{total}.parquet" for i in range(int(total)) if i not in got]
+        if m:  # (stem, total) -> {shard number: how it was written, padding and all}
+            have.setdefault((m[1], int(m[3])), {})[int(m[2])] = (len(m[2]), m[3])
+    for (stem, total), got in sorted(have.items()):
+        first = 1 if total in got else 0
+        width, said_total = next(iter(got.values()))
+        missing += [f"{stem}-{i:0{width}d}-of-{said_total}.parquet" for i in range(first, first + total)
+                    if i not in got]
     return missing
 
 
