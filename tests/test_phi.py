@@ -140,8 +140,9 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     cfg_json = tmp_path / "b" / "config.json"
     d = {k: v for k, v in json.loads(cfg_json.read_text()).items()
          if k not in ("rope_parameters", "max_position_embeddings", "layer_norm_eps", "hidden_act")}
+    # (qk_layernorm null: PhiConfig keeps the None, and its model tests it as false, as every other flag here)
     cfg_json.write_text(json.dumps({**d, "rope_theta": 500.0, "rope_scaling": None, "num_key_value_heads": None,
-                                    "layer_norm_eps": 1e-6}))
+                                    "layer_norm_eps": 1e-6, "qk_layernorm": None}))
     model = load_checkpoint(tmp_path / "b").double().eval()
     c = model.config
     assert (c.rope_theta, c.rotary_dim, c.context_length, c.gelu_approximate, c.kv_heads) == \

@@ -93,9 +93,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if act not in ACTIVATIONS:
         raise UserError(f"{cfg_json} has hidden_act {act!r}; this model's GELU MLP computes "
                         f"{', '.join(map(repr, ACTIVATIONS))} only")
-    qk_norm = d.get("qk_layernorm", False)
-    if not isinstance(qk_norm, bool):
-        raise UserError(f"{cfg_json} has qk_layernorm {qk_norm!r}; it must be true or false")
+    qk_norm = config_flag(d, "qk_layernorm", False, cfg_json)
     # PhiConfig's partial_rotary_factor is 0.5 when config.json says none (unscaled_partial_rope's default is 0.25)
     theta, rotary = unscaled_partial_rope({"partial_rotary_factor": 0.5, **d}, head_dim, cfg_json, "Phi")
     return config_json_gptconfig(
