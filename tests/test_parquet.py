@@ -217,6 +217,13 @@ def test_two_columns_of_one_name_are_refused(tmp_path):
     for read_it in (lambda: load_documents(str(twice)), lambda: read_records(twice)):
         with pytest.raises(UserError, match=r"twice.parquet: several columns are named 'text': which one holds"):
             read_it()
+    # text read from one column: two of another name beside it leave nothing to guess, as before; records take both
+    meta = tmp_path / "meta.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a b", "c"]), pa.array([1, 2]), pa.array([3, 4])],
+                                        names=["text", "id", "id"]), meta)
+    assert load_documents(str(meta)) == ["a b", "c"]
+    with pytest.raises(UserError, match=r"meta.parquet: several columns are named 'id'"):
+        read_records(meta)
 
 
 def test_a_string_column_holding_bytes_that_are_not_utf8_is_named_by_row_and_column(tmp_path):

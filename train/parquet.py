@@ -28,16 +28,18 @@ def _named(path: Path) -> str:
     return f"{path} (a link to {path.resolve()})" if path.is_symlink() else str(path)
 
 
-def _open(path: Path):
+def _open(path: Path, read=None):
+    """The ParquetFile of path; read: the columns that will be read (None: all of them)."""
     pq = _pyarrow_parquet(path)
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid and kin: a truncated or foreign file
         raise UserError(f"{_named(path)} is not a readable Parquet file ({_first_line(e)})") from None
     # pyarrow writes two columns of one name without complaint; read back, a record keeps the last one's value and
-    # a text column the first's: which was meant is unknown, so neither is guessed at
+    # a text column the first's: which was meant is unknown, so neither is guessed at (two columns of a name that
+    # is not read, beside the text column, leave nothing to guess)
     names = f.schema_arrow.names
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted({n for n in names if names.count(n) > 1 and (read is None or n in read)})
     if twice:
         raise UserError(f"{path}: several columns are named {', '.join(map(repr, twice))}: which one holds the data is "
                         "unclear; write the file with one column of each name")
@@ -93,7 +95,7 @@ def parquet_records(path) -> list:
 def parquet_texts(path, column: str, batch_rows: int = 1024):
     """(row number, value) of one column, a batch of rows at a time; the column must exist."""
     path = Path(path)
-    f = _open(path)
+    f = _open(path, read=[column])
     names = f.schema_arrow.names
     if column not in names:
         raise UserError(f"{path}: no column {column!r} (found {names}); name the right one with --text-field")
