@@ -206,6 +206,28 @@ def test_a_file_damaged_past_its_footer_is_named_with_the_row_it_stopped_at(tmp_
         read_records(path)
 
 
+def test_running_out_of_memory_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    """pyarrow's ArrowMemoryError is a MemoryError: the file is not damaged, and fetching it again would not help."""
+    from tritongpt.train.parquet import parquet_texts
+    from tritongpt.train.sft import read_records
+
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"prompt": ["a b", "c"], "completion": ["d", "e"]}), path)
+
+    def no_memory(*args, **kwargs):
+        raise pa.ArrowMemoryError("malloc of size 1099511627776 failed")
+
+    def batches(*args, **kwargs):  # a generator, as pyarrow's: the error comes with the first batch
+        yield no_memory()
+
+    monkeypatch.setattr(pq.ParquetFile, "read", no_memory)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", batches)
+    with pytest.raises(MemoryError, match="malloc of size"):
+        read_records(path)
+    with pytest.raises(MemoryError, match="malloc of size"):
+        list(parquet_texts(path, "prompt"))
+
+
 def test_two_columns_of_one_name_are_refused(tmp_path):
     """pyarrow writes them; read back, text would take the first and a record the last: neither is guessed at."""
     from tritongpt.train.data import load_documents

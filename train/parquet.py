@@ -87,6 +87,8 @@ def parquet_records(path) -> list:
     f = _open(path)
     try:
         table = f.read()
+    except MemoryError:  # (pyarrow's ArrowMemoryError too): a file too large for this memory is not a damaged one
+        raise
     except Exception as e:
         raise _damaged(path, e, "") from None
     return [_without_nulls(row) for row in _values(path, table)]
@@ -103,6 +105,8 @@ def parquet_texts(path, column: str, batch_rows: int = 1024):
     while True:
         try:
             batch = next(batches, None)
+        except MemoryError:
+            raise
         except Exception as e:  # the rows before it were read (and yielded): where it stopped is named
             raise _damaged(path, e, f" from row {row} on") from None
         if batch is None:
