@@ -886,7 +886,9 @@ def test_tokenizer_config_fields_of_the_wrong_type_are_named(tmp_path):
     for edit, said in (({"additional_special_tokens": 5}, "additional_special_tokens must be a token, a list of "
                                                           "tokens or an object of them, got int 5"),
                        ({"added_tokens_decoder": {"pad": {"content": "<pad>", "special": True}}},
-                        "added_tokens_decoder's keys must be token ids, got 'pad'")):
+                        "added_tokens_decoder's keys must be token ids, got 'pad'"),
+                       ({"added_tokens_decoder": {"2\u00b2": {"content": "<pad>", "special": True}}},
+                        "added_tokens_decoder's keys must be token ids, got '2\u00b2'")):  # a digit, not decimal
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, **edit}))
         with pytest.raises(UserError, match=f"tokenizer_config.json: {said}"):
             BPETokenizer.from_hf_folder(tmp_path)

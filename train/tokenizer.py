@@ -503,7 +503,8 @@ class BPETokenizer(TokenizerChecks):
             named += [d.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
             decoder = d.get("added_tokens_decoder")
             if isinstance(decoder, dict):
-                bad = [i for i in decoder if not i.strip().isdigit()]  # JSON keys: the ids as decimal strings
+                # JSON keys: the ids as decimal strings (isdecimal: "²" is a digit, and no int())
+                bad = [i for i in decoder if not i.strip().isdecimal()]
                 if bad:
                     raise UserError(f"{path}: added_tokens_decoder's keys must be token ids, got {bad[0]!r}")
                 tokens = [dict(t, id=int(i)) for i, t in decoder.items() if isinstance(t, dict)]
