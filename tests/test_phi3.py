@@ -155,7 +155,11 @@ def test_sharded_folders_and_older_rope_names_load(tmp_path):
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"max_position_embeddings": "40"},
      r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got '40'"),
-], ids=["activation", "kv-heads", "dynamic-rope", "longrope-one-list", "odd-rotary", "window", "phi2", "context-type"])
+    # (with a window, compared to the context first: a TypeError there before)
+    ({"max_position_embeddings": "40", "sliding_window": 5},
+     r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got '40'"),
+], ids=["activation", "kv-heads", "dynamic-rope", "longrope-one-list", "odd-rotary", "window", "phi2", "context-type",
+        "context-type-window"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi3, tmp_path)
     cfg_json = tmp_path / "config.json"

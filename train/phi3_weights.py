@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
@@ -114,7 +115,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     window = d.get("sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise UserError(f"{cfg_json} has sliding_window {window!r}; it must be a positive integer or null")
-    if window is not None and window >= context:  # it hides nothing within the context: no window
+    # it hides nothing within the context: no window (a context that is no integer is GPTConfig's to name below)
+    if window is not None and is_int(context) and window >= context:
         window = None
     theta, scaling = _rope(d, cfg_json)
     rotary = _rotary_dim(d, head_dim, cfg_json)
