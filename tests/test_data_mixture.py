@@ -368,3 +368,18 @@ def test_weights_whose_sum_overflows_are_shares_still(two, tmp_path):
     x, _, src = data.get_mixture_batch([p["train"] for p in splits["sources"]], splits["weights"], 4, 16,
                                        torch.Generator().manual_seed(0))
     assert x.shape == (4, 16) and set(src.tolist()) <= {0, 1}
+
+
+def test_weights_whose_sum_overflows_are_recorded_as_their_shares_from_the_start(two, tmp_path, monkeypatch):
+    """The run's arguments as the trackers get them (wandb's config), before the data is read: the shares drawn by
+    (0.5 0.5), not 1e308 / inf, 0 each, from a second normalisation of its own."""
+    class Seen(Exception):  # the run stops there: nothing after it is asked about
+        pass
+
+    def trackers_for(args, config):
+        raise Seen(config["data_weights"])
+
+    monkeypatch.setattr(common, "trackers_for", trackers_for)
+    with pytest.raises(Seen) as seen:
+        pretrain(parse_args(argv(two, tmp_path / "r", "--data-weights", "1e308", "1e308")))
+    assert seen.value.args == ([0.5, 0.5],)

@@ -626,10 +626,14 @@ def load_mixture(args, tok, block, batch_size, trainer) -> dict:
     if batch_size * block > n_train:
         raise UserError(f"a batch of {batch_size} x {block} tokens is larger than the training data "
                         f"({n_train} tokens in {len(parts)} sources); lower --batch-size or --block-size")
-    weights = args.data_weights or [len(p["train"]) for p in parts]
+    return dict(sources=parts, weights=mixture_shares(args.data_weights or [len(p["train"]) for p in parts]))
+
+
+def mixture_shares(weights) -> list:
+    """The weights normalised to sum to 1 (what a mixture records and draws by)."""
     if not math.isfinite(sum(weights)):  # finite weights near 1e308: their sum overflows, and every share were 0
         weights = [w / max(weights) for w in weights]
-    return dict(sources=parts, weights=[w / sum(weights) for w in weights])
+    return [w / sum(weights) for w in weights]
 
 
 def split_tokens(splits, split) -> int:
@@ -798,7 +802,7 @@ def pretrain(args) -> dict:
             return {k: v for f in evals for k, v in f(m).items()}
 
         # recorded where one --data records nothing new: a resume on other sources or weights names them
-        given = args.data_weights and [w / sum(args.data_weights) for w in args.data_weights]
+        given = args.data_weights and mixture_shares(args.data_weights)
         run_args.update(data=[common.data_path(s) or "pydoc" for s in mixture], data_weights=given or None)
     shared = hellaswag_eval_fn(lambda: hellaswag_examples(args), tok) if args.hellaswag else None
     position = (DataPosition if mixture is None else MixturePosition)(args, tok, block, splits)
