@@ -231,6 +231,16 @@ def config_flag(d: dict, key: str, default: bool, cfg_json) -> bool:
     return value
 
 
+def head_count(value, key: str, width: int, cfg_json) -> int:
+    """config.json's head count (key): a positive integer dividing the weights' width. Another type ("4", 4.0) or
+    one that does not divide would reach GPTConfig, whose error names its own n_head and not the file."""
+    if not is_int(value) or value < 1:
+        raise UserError(f"{cfg_json} says {key} {value!r}; it must be a positive integer")
+    if width % value:
+        raise UserError(f"{cfg_json} says {key} {value}, which does not divide the weights' width {width}")
+    return int(value)
+
+
 def config_json_gptconfig(cfg_json, keys: dict, **fields) -> GPTConfig:
     """GPTConfig(**fields) for a family's reader of config.json. Most fields reach GPTConfig as the file says them
     (a context length "40" or 40.0, an eps of 0), and GPTConfig's refusal names its own field only: it is re-raised

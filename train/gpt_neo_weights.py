@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-from tritongpt._types import is_int
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, hub_download, model_with_tensors, refuse_moe_touches,
-                                          refuse_other_heads, tensor_names, tensor_shapes, weights_file,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, head_count, hub_download, model_with_tensors,
+                                          refuse_moe_touches, refuse_other_heads, tensor_names, tensor_shapes,
+                                          weights_file, write_hf_folder)
 
 HUB_REPOS = {
     "gpt-neo-125m": "EleutherAI/gpt-neo-125m",
@@ -83,11 +82,8 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
         raise UserError(f"{cfg_json}: attention_types gives {len(layers)} layers, the weights have {n_layer}")
     key = "num_heads" if "num_heads" in d else "num_attention_heads"
     n_head = d.get(key)
-    # a count of another type ("4", 4.0) or one that does not divide the width reached GPTConfig, whose error names
-    # its own n_head and not the file (null: named below, as a missing one)
-    if n_head is not None and (not is_int(n_head) or n_head < 1 or n_embd % n_head):
-        raise UserError(f"{cfg_json} says {key} {n_head!r}; it must be a positive integer dividing the weights' width "
-                        f"{n_embd}")
+    if n_head is not None:  # (null: named below, as a missing one)
+        n_head = head_count(n_head, key, n_embd, cfg_json)
     out = {"n_head": n_head, "attention_window": 0, "window_layers": "all"}
     if "local" in layers:
         window = d.get("window_size", 256)

@@ -21,7 +21,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
-                                          model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
                                           refuse_moe_touches, refuse_phi_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
@@ -55,10 +55,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     except KeyError as e:
         raise UserError(f"{cfg_json.parent}: not a GPT-NeoX model, missing tensor {e.args[0]!r}") from None
     n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
-    n_head = d["num_attention_heads"]
-    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1 or n_embd % n_head:
-        raise UserError(f"{cfg_json} says num_attention_heads {n_head!r}, which does not divide the weights' width "
-                        f"{n_embd}")
+    n_head = head_count(d["num_attention_heads"], "num_attention_heads", n_embd, cfg_json)
     for key, have in (("vocab_size", vocab), ("hidden_size", n_embd), ("num_hidden_layers", n_layer),
                       ("intermediate_size", hidden)):
         if key in d and d[key] != have:
