@@ -122,7 +122,6 @@ def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, 
         load_checkpoint(path)
 
 
-
 def test_a_null_block_flag_is_false_as_transformers_reads_it(hf_copy, tmp_path):
     """FalconConfig keeps a null parallel_attn or multi_query as None, which its model tests as false: the
     sequential block with a key/value head per query head, not FalconConfig's defaults (true), whose shared norm
@@ -132,6 +131,7 @@ def test_a_null_block_flag_is_false_as_transformers_reads_it(hf_copy, tmp_path):
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "parallel_attn": None, "multi_query": None}))
     c = load_checkpoint(path).config
     assert (c.parallel_residual, c.shared_norm, c.kv_heads) == (False, False, 4)
+
 
 def test_a_config_without_the_block_fields_is_falcon_7bs(tmp_path):
     """FalconConfig's defaults, as transformers reads a config.json that omits them: parallel_attn and multi_query

@@ -351,8 +351,8 @@ def test_a_damaged_download_in_the_hub_cache_is_named_where_it_lies(hub):
     if not (folder / "data" / "train-00000-of-00001.parquet").is_symlink():
         pytest.skip("this system makes no links: the folder holds copies")
     blob.write_bytes(blob.read_bytes()[:40])
-    with pytest.raises(UserError, match=rf"train-00000-of-00001.parquet \(a link to {re.escape(str(blob.resolve()))}\) is not a "
-                                        r"readable Parquet file"):
+    with pytest.raises(UserError, match=rf"train-00000-of-00001.parquet \(a link to {re.escape(str(blob.resolve()))}\) "
+                                        r"is not a readable Parquet file"):
         load_documents(str(folder))
 
 

@@ -148,7 +148,6 @@ def test_config_json_naming_what_this_model_does_not_compute_is_refused(hf_copy,
     assert said in str(e.value)
 
 
-
 @pytest.mark.parametrize("edit, said", [
     ({"max_position_embeddings": "40"}, "max_position_embeddings (GPTConfig.context_length) must be a positive "
                                         "integer, got '40'"),
@@ -171,6 +170,7 @@ def test_config_json_fields_gptconfig_refuses_name_the_file_and_its_key(hf_copy,
     with pytest.raises(UserError) as e:
         load_checkpoint(path)
     assert str(e.value) == f"{cfg_json}: {said}"
+
 
 def test_older_config_json_with_rope_theta_and_without_rms_norm_eps_reads_as_transformers_does(tmp_path):
     """transformers 4.x wrote rope_theta, not rope_parameters; a config.json without rms_norm_eps
