@@ -358,6 +358,27 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
             load_gpt2_safetensors(path)
 
 
+def test_config_json_null_scale_flags_are_false_as_transformers_attention_reads_them(tmp_path):
+    """GPT2Attention tests scale_attn_weights and scale_attn_by_inverse_layer_idx by truth: a null is false. A null
+    scale_attn_by_inverse_layer_idx (refused before, as another variant) is this model; a null scale_attn_weights is
+    unscaled scores, which it is not."""
+    hf, path = _hf_model(tmp_path)
+    good = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**good, "scale_attn_by_inverse_layer_idx": None}))
+    model = load_gpt2_safetensors(path).eval()
+    idx = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        assert report(model(idx), hf(idx).logits)[1] <= 1e-5
+    (tmp_path / "config.json").write_text(json.dumps({**good, "scale_attn_weights": None}))
+    with pytest.raises(UserError, match=r"config.json has scale_attn_weights None \(null: false\); this model "
+                                        "computes True only"):
+        load_gpt2_safetensors(path)
+    # read by truth, "false" would be true: a flag spelled as a string is named
+    (tmp_path / "config.json").write_text(json.dumps({**good, "scale_attn_weights": "false"}))
+    with pytest.raises(UserError, match="config.json has scale_attn_weights 'false'; it must be true or false"):
+        load_gpt2_safetensors(path)
+
+
 # -- export: a tritongpt model as a Hugging Face GPT-2 folder ---------------------------------------------
 def _random_model(**overrides):
     from tritongpt.model.config import GPTConfig

@@ -287,8 +287,10 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
 # What this model computes, as Hugging Face's GPT2Config spells it (its defaults when absent):
 # GELU with the tanh approximation, LayerNorm eps 1e-5, scores scaled by 1/sqrt(head_dim) only.
 _HF_MUST = {"activation_function": ({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}, "gelu_new"),
-            "layer_norm_epsilon": ({1e-5}, 1e-5), "scale_attn_weights": ({True}, True),
-            "scale_attn_by_inverse_layer_idx": ({False}, False)}
+            "layer_norm_epsilon": ({1e-5}, 1e-5)}
+# The two scale flags, read by config_flag: GPT2Attention tests each by truth, so a null is false (null
+# scale_attn_by_inverse_layer_idx is this model; a null scale_attn_weights, unscaled scores, is not).
+_HF_FLAGS = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
 
 def _gpt2_config_json(cfg_json: Path) -> dict:
@@ -321,6 +323,10 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
     for key, (allowed, default) in _HF_MUST.items():
         if d.get(key, default) not in tuple(allowed):  # (a tuple: a list or object there is refused, not unhashable)
             raise UserError(f"{cfg_json} has {key} {d[key]!r}; this model computes {default!r} only")
+    for key, want in _HF_FLAGS.items():
+        if config_flag(d, key, want, cfg_json) != want:
+            raise UserError(f"{cfg_json} has {key} {d[key]!r}" + (" (null: false)" if d[key] is None else "")
+                            + f"; this model computes {want!r} only")
     return d
 
 
@@ -643,13 +649,13 @@ def _hf_tensors(model: GPTModel) -> dict:
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
-    """GPT2Config fields (config.json) for this model; what _HF_MUST checks on the way in."""
+    """GPT2Config fields (config.json) for this model; what _HF_MUST and _HF_FLAGS check on the way in."""
     d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
          "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.n_embd,
          "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
          "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
          "tie_word_embeddings": cfg.tie_weights}
-    d.update({k: default for k, (_, default) in _HF_MUST.items()})
+    d.update({k: default for k, (_, default) in _HF_MUST.items()}, **_HF_FLAGS)
     # GPT2Config would otherwise say 50256, GPT-2's <|endoftext|>, whatever the tokenizer
     d.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     return d
