@@ -114,6 +114,8 @@ def test_hf_copy_gives_the_builds_own_file_and_builds_again_after_a_failure(hf_c
 @pytest.mark.parametrize("change,match", [
     ({"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm true"),
     ({"n_head": 5}, "n_head 5, which does not divide the weights' width 64"),
+    # a count of another type: gpt2_weights.head_count's wording, as the other readers'
+    ({"n_head": 4.0}, r"config\.json says n_head 4\.0; it must be a positive integer"),
     ({"n_layer": 3}, "n_layer 3, but the weights have 2"),
     ({"seq_length": 0}, "seq_length 0"),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
@@ -122,7 +124,7 @@ def test_hf_copy_gives_the_builds_own_file_and_builds_again_after_a_failure(hf_c
     # bool("false") is True: a flag spelled as a string is refused by name
     ({"apply_residual_connection_post_layernorm": "false"},
      "config.json has apply_residual_connection_post_layernorm 'false'; it must be true or false"),
-], ids=["post-layernorm-residual", "heads", "layers", "context", "eps-type", "post-layernorm-type"])
+], ids=["post-layernorm-residual", "heads", "heads-type", "layers", "context", "eps-type", "post-layernorm-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_bloom, tmp_path)
     cfg_json = tmp_path / "config.json"
@@ -144,6 +146,11 @@ def test_config_json_aliases_are_read(tmp_path):
     d["n_embed"] = 96
     cfg_json.write_text(json.dumps(d))
     assert load_checkpoint(path).config.n_head == 6
+    d["num_attention_heads"] = 5  # a count that does not divide is named as the file spells it
+    cfg_json.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="config.json says num_attention_heads 5, which does not divide the weights' "
+                                        "width 96"):
+        load_checkpoint(path)
 
 
 def test_an_mlp_not_4_hidden_size_wide_is_refused_by_name(tmp_path):

@@ -97,6 +97,8 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ({"activation": "relu"}, "activation 'relu'; this model's Falcon MLP computes 'gelu'"),
     ({"ffn_hidden_size": 100}, r"an MLP 256 wide \(ffn_hidden_size 100\)"),
     ({"num_attention_heads": 8}, "query_key_value has 96 rows; 8 query heads over 1 key/value heads of 8 need 80"),
+    ({"num_attention_heads": 4.0},  # (gpt2_weights.head_count)
+     r"config\.json says num_attention_heads 4\.0; it must be a positive integer"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
      "rope_parameters of type 'linear'"),
     ({"model_type": "RefinedWebModel"}, "the remote-code Falcon format"),
@@ -112,8 +114,9 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     # does not have, the new architecture's q/k/v layout
     *[({key: "false"}, f"config.json has {key} 'false'; it must be true or false")
       for key in ("alibi", "bias", "new_decoder_architecture", "multi_query", "parallel_attn")],
-], ids=["activation", "mlp-width", "heads", "scaled-rope", "remote-code", "kv-heads", "partial-rotary", "context-float",
-        "eps-zero", "alibi-type", "bias-type", "new-arch-type", "multi-query-type", "parallel-attn-type"])
+], ids=["activation", "mlp-width", "heads", "heads-type", "scaled-rope", "remote-code", "kv-heads", "partial-rotary",
+        "context-float", "eps-zero", "alibi-type", "bias-type", "new-arch-type", "multi-query-type",
+        "parallel-attn-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_falcon, tmp_path)
     cfg_json = tmp_path / "config.json"

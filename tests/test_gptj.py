@@ -116,11 +116,12 @@ def test_export_round_trips_through_transformers_with_the_output_bias_folded(tmp
     ({"rotary_dim": None}, "rotary_dim None; it must be an even number"),
     ({"rotary_dim": 7}, "rotary_dim 7; it must be an even number"),
     ({"n_head": 5}, "n_head 5, which does not divide the weights' width 64"),
+    ({"n_head": 0}, r"config\.json says n_head 0; it must be a positive integer"),  # (gpt2_weights.head_count)
     ({"model_type": "gpt_neox"}, None),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"n_positions": 40.0},
      r"config\.json: n_positions \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
-], ids=["activation", "mlp-width", "rotary-null", "rotary-odd", "heads", "not-gptj", "context-float"])
+], ids=["activation", "mlp-width", "rotary-null", "rotary-odd", "heads", "heads-zero", "not-gptj", "context-float"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     from tritongpt.train.gptj_weights import load_gptj_safetensors
 

@@ -87,12 +87,13 @@ def test_export_round_trips_through_transformers(tmp_path, tie):
     ({"no_bias": False}, "no_bias False"),
     ({"expansion_ratio": 2}, "expansion_ratio 2"),
     ({"n_heads": 5}, "n_heads 5, which does not divide the weights' width 64"),
+    ({"n_heads": "4"}, r"config\.json says n_heads '4'; it must be a positive integer"),  # (gpt2_weights.head_count)
     ({"n_layers": 3}, "n_layers 3, but the weights have 2"),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"max_seq_len": 40.0},
      r"config\.json: max_seq_len \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
 ], ids=["clip-qkv", "qk-ln", "softmax-scale", "alibi-bias-max", "no-alibi", "prefix-lm", "multiquery",
-        "logit-scale", "biases", "expansion", "heads-mismatch", "layers", "context-float"])
+        "logit-scale", "biases", "expansion", "heads-mismatch", "heads-type", "layers", "context-float"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_mpt, tmp_path)
     cfg_json = tmp_path / "config.json"

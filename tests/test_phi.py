@@ -164,6 +164,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"hidden_act": "relu"}, "hidden_act 'relu'; this model's GELU MLP computes"),
     ({"intermediate_size": 100}, "intermediate_size 100, but the weights have 256"),
     ({"num_attention_heads": 5}, "num_attention_heads 5, which does not divide the weights. width 64"),
+    ({"num_attention_heads": "4"},  # (gpt2_weights.head_count)
+     r"config\.json says num_attention_heads '4'; it must be a positive integer"),
     ({"num_key_value_heads": 2}, "num_key_value_heads 2, but the weights have 4"),
     ({"head_dim": 32}, r"head_dim 32; Phi's heads are hidden_size / num_attention_heads wide \(16\)"),
     ({"qk_layernorm": True}, r"missing tensor.*q_layernorm"),
@@ -174,7 +176,7 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"layer_norm_eps": "1e-5"},
      r"config\.json: layer_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got '1e-5'"),
 ], ids=["phi-msft", "mixformer", "factor", "linear-rope", "dynamic-rope", "activation", "mlp-width", "heads",
-        "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "tie-type", "eps-type"])
+        "heads-type", "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "tie-type", "eps-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi, tmp_path)
     cfg_json = tmp_path / "config.json"

@@ -24,7 +24,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
-                                          model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
                                           refuse_moe_touches, weights_file, write_hf_folder)
 
 MODEL_TYPE = "bloom"
@@ -61,9 +61,8 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     except KeyError as e:
         raise UserError(f"{cfg_json.parent}: not a BLOOM model, missing tensor {e.args[0]!r}") from None
     n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.")), default=-1)
-    n_head = d.get("n_head", d.get("num_attention_heads", 8))
-    if not is_int(n_head) or n_head < 1 or n_embd % n_head:
-        raise UserError(f"{cfg_json} says n_head {n_head!r}, which does not divide the weights' width {n_embd}")
+    key = "num_attention_heads" if "n_head" not in d and "num_attention_heads" in d else "n_head"  # (its alias)
+    n_head = head_count(d.get(key, 8), key, n_embd, cfg_json)
     width = d.get("hidden_size", d.get("n_embed"))
     for key, want, have in (("vocab_size", d.get("vocab_size"), vocab), ("hidden_size", width, n_embd),
                             ("n_layer", d.get("n_layer"), n_layer)):

@@ -29,7 +29,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
-                                          model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
                                           refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
@@ -83,10 +83,7 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     except KeyError as e:
         raise UserError(f"{cfg_json.parent}: not a Falcon model, missing tensor {e.args[0]!r}") from None
     n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.")), default=-1)
-    n_head = d.get("num_attention_heads", 71)
-    if not is_int(n_head) or n_head < 1 or n_embd % n_head:
-        raise UserError(f"{cfg_json} says num_attention_heads {n_head!r}, which does not divide the weights' width "
-                        f"{n_embd}")
+    n_head = head_count(d.get("num_attention_heads", 71), "num_attention_heads", n_embd, cfg_json)
     for key, have in (("vocab_size", vocab), ("hidden_size", n_embd), ("num_hidden_layers", n_layer)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")

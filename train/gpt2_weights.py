@@ -311,12 +311,12 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
     give other numbers)."""
     d = _gpt2_config_json(cfg_json)
     # a size of another type ("32", 2.0, null) was compared to the tensors' as if it were a wrong number ("says n_embd
-    # '32', but the weights have 32"), and a bad n_head reached GPTConfig, whose error does not name the file
-    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+    # '32', but the weights have 32")
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer"):
         if key in d and not (is_int(d[key]) and d[key] > 0):
             raise UserError(f"{cfg_json}: {key} must be a positive integer, got {d[key]!r}")
-    if "n_head" in d and n_embd % d["n_head"]:
-        raise UserError(f"{cfg_json} says n_head {d['n_head']}, which does not divide the weights' width {n_embd}")
+    if "n_head" in d:  # (null too: transformers' GPT2Config refuses it, and its attention could not divide by it)
+        head_count(d["n_head"], "n_head", n_embd, cfg_json)
     for key, have in (("vocab_size", vocab), ("n_positions", ctx), ("n_embd", n_embd), ("n_layer", n_layer)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")

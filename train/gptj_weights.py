@@ -27,7 +27,7 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors,
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, head_count, model_with_tensors,
                                           plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
 
 MODEL_TYPE = "gptj"
@@ -64,9 +64,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     except KeyError as e:
         raise UserError(f"{cfg_json.parent}: not a GPT-J model, missing tensor {e.args[0]!r}") from None
     n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.")), default=-1)
-    n_head = d.get("n_head", 16)
-    if not is_int(n_head) or n_head < 1 or n_embd % n_head:
-        raise UserError(f"{cfg_json} says n_head {n_head!r}, which does not divide the weights' width {n_embd}")
+    n_head = head_count(d.get("n_head", 16), "n_head", n_embd, cfg_json)
     for key, have in (("vocab_size", vocab), ("n_embd", n_embd), ("n_layer", n_layer)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")

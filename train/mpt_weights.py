@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors,
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, head_count, model_with_tensors,
                                           plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
 
 MODEL_TYPE = "mpt"
@@ -71,9 +70,7 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json.parent} holds biases ({next(k for k in sd if k.endswith('.bias'))}); an MPT "
                         "(no_bias) has none")
     n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    n_head = d.get("n_heads", 16)
-    if not is_int(n_head) or n_head < 1 or n_embd % n_head:
-        raise UserError(f"{cfg_json} says n_heads {n_head!r}, which does not divide the weights' width {n_embd}")
+    n_head = head_count(d.get("n_heads", 16), "n_heads", n_embd, cfg_json)
     for key, have in (("vocab_size", vocab), ("d_model", n_embd), ("n_layers", n_layer)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")

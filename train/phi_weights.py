@@ -23,8 +23,9 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
-                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, head_count,
+                                          model_with_tensors, plain_block_refusals, refuse_moe_touches, weights_file,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 from tritongpt.train.neox_weights import ACTIVATIONS
 
@@ -69,10 +70,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     except KeyError as e:
         raise UserError(f"{cfg_json.parent}: not a Phi model, missing tensor {e.args[0]!r}") from None
     n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
-    n_head = _positive_int(d, "num_attention_heads", 32, cfg_json)
-    if n_embd % n_head:
-        raise UserError(f"{cfg_json} says num_attention_heads {n_head}, which does not divide the weights' width "
-                        f"{n_embd}")
+    n_head = head_count(d.get("num_attention_heads", 32), "num_attention_heads", n_embd, cfg_json)
     head_dim = n_embd // n_head
     if d.get("head_dim", head_dim) != head_dim:
         raise UserError(f"{cfg_json} has head_dim {d['head_dim']!r}; Phi's heads are hidden_size / "
