@@ -287,3 +287,36 @@ def test_the_template_is_found_where_transformers_versions_put_it(tmp_path):
     assert template_from_config(cfg, "x", path) == ZEPHYR
     with pytest.raises(UserError, match="x: chat_template must be a Jinja string, got int"):
         template_from_config({"chat_template": 3}, "x")
+
+
+def test_a_template_that_would_hang_is_refused_by_name():
+    """Rendering is sandboxed as transformers' is (no attribute escapes), and bounded where its sandbox is not: a
+    loop in a loop of range()s, a string or power too large to make: each a UserError naming why, not a hang. A
+    template's own use of range and * still renders."""
+    import time
+
+    tok = get_tokenizer("default")
+    start = time.perf_counter()
+    for template, said in (
+            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "1,000,000 items"),
+            ("{% for i in range(99999) %}{% for c in 'ab' * 99999 %}{% endfor %}{% endfor %}", "1,000,000 items"),
+            ("{{ 'x' * 10**8 }}", "1,000,000 items"), ("{{ 3 ** (2 ** 40) }}", "1,000,000 items"),
+            ("{{ cycler.__init__.__globals__ }}", "access to attribute '__init__' of 'type' object is unsafe")):
+        tok.chat_template = template
+        with pytest.raises(UserError, match=said):
+            render(tok, CHATS[0])
+    assert time.perf_counter() - start < 5
+    tok.chat_template = ("{{ '=' * 3 }}{% for i in range(messages | length - 1, -1, -1) %}{{ messages[i].content }}"
+                         "{% endfor %}{{ 2 ** 3 }}")
+    assert render(tok, CHATS[0]) == "===on a matthe cat sat8"
+
+
+def test_a_template_that_calls_itself_without_end_is_refused_by_name():
+    """A macro that calls itself, a recursive loop with no end: a UserError, not a RecursionError's traceback (a 500
+    in serve)."""
+    tok = get_tokenizer("default")
+    for template in ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+                     "{% for x in [[1]] recursive %}{{ loop([x]) }}{% endfor %}"):
+        tok.chat_template = template
+        with pytest.raises(UserError, match="calls itself without end"):
+            render(tok, CHATS[0])

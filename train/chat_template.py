@@ -17,6 +17,7 @@ tokens (<|im_start|>, <|eot_id|>) as text, encoded as their ids (Rendered); the 
 text may spell none (refused, naming it), so a message can never forge a turn.
 """
 import json
+import threading
 from datetime import datetime
 
 from tritongpt.errors import UserError
@@ -51,6 +52,21 @@ def template_from_config(config: dict, where: str, folder=None) -> str | None:
 
 
 _ENVIRONMENTS = {}
+# What one rendering may make with range() and * (items of ranges, repeated strings and lists), so that a loop in a
+# loop cannot hang it: Jinja's sandbox bounds a single range (to 100,000), not how often one is made. Real templates
+# make as many items as there are messages.
+MAX_ITEMS = 1_000_000
+_budget = threading.local()  # (per thread: serve renders requests' chats at once with one compiled template)
+
+
+def _spend(n: int):
+    left = getattr(_budget, "left", None)
+    if left is None:  # (not under render(): nothing to bound)
+        return
+    if n > left:
+        raise OverflowError(f"the template makes more than {MAX_ITEMS:,} items with range() and * (a loop in a loop, "
+                            "a repeated string): a rendering too large to finish")
+    _budget.left = left - n
 
 
 def _compiled(template: str):
@@ -61,7 +77,7 @@ def _compiled(template: str):
         return _ENVIRONMENTS[template]
     import jinja2
     from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
     class Generation(Extension):  # {% generation %}...{% endgeneration %}: transformers marks answers with it
         tags = {"generation"}
@@ -77,11 +93,29 @@ def _compiled(template: str):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    class Sandbox(ImmutableSandboxedEnvironment):  # transformers' sandbox, with range() and * bounded (_spend)
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            ints = isinstance(left, int) and isinstance(right, int)
+            if operator == "**" and ints and abs(left) > 1 and right > 0:
+                _spend(right * abs(left).bit_length() // 64)  # (a power's size in 64-bit words)
+            elif operator == "*" and not ints and isinstance(left, int) != isinstance(right, int):
+                seq, times = (right, left) if isinstance(left, int) else (left, right)
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                    _spend(len(seq) * max(times, 0))
+            return super().call_binop(context, operator, left, right)
+
+    def bounded_range(*args):
+        rng = safe_range(*args)
+        _spend(len(rng))
+        return rng
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       range=bounded_range)
     try:
         compiled = env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
@@ -106,13 +140,20 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     context = {**(variables or {}), "messages": [dict(m) for m in messages],
                "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None,
                **{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}}
+    compiled = _compiled(tokenizer.chat_template)
+    _budget.left = MAX_ITEMS
     try:
-        return _compiled(tokenizer.chat_template).render(context)
+        return compiled.render(context)
+    except RecursionError:  # (a macro that calls itself, a recursive loop with no end: a traceback, not a refusal)
+        raise UserError("the tokenizer's chat template calls itself without end (a macro or recursive loop: "
+                        "RecursionError)") from None
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
         raise UserError(f"the tokenizer's chat template refused this conversation: {e}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError) as e:  # (a value it cannot use: 'a' + 1)
         raise UserError(f"the tokenizer's chat template could not render a value it was given ({type(e).__name__}: "
                         f"{e})") from None
+    finally:
+        _budget.left = None
 
 
 def _check_contents(tokenizer, messages):
