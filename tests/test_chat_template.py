@@ -320,3 +320,14 @@ def test_a_template_that_calls_itself_without_end_is_refused_by_name():
         tok.chat_template = template
         with pytest.raises(UserError, match="calls itself without end"):
             render(tok, CHATS[0])
+
+
+def test_a_template_that_does_not_write_the_messages_is_refused():
+    """A template that renders nothing of the chat (empty, or only its roles and generation prompt) gives no end of
+    turn: refused by name, not the EOS taken in silence (chat and serve would prompt the model with no chat)."""
+    tok = get_tokenizer("default")
+    for template in ("", "{% if add_generation_prompt %}A:{% endif %}",
+                     "{% for m in messages %}{{ m.role }}<|endoftext|>{% endfor %}"):
+        tok.chat_template = template
+        with pytest.raises(UserError, match="does not write the messages' content"):
+            turn_end_id(tok)

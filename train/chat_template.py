@@ -259,6 +259,10 @@ def turn_end_id(tokenizer) -> int:
     the EOS): the first token the template writes after an answer's text. Generation stops there."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
     text = render(tokenizer, probe)
+    if "Yes" not in text:  # (rfind's -1 would cut the text anywhere: a wrong end, or the eot, taken in silence)
+        raise UserError(f"the tokenizer's chat template does not write the messages' content (an answer 'Yes' "
+                        f"renders as {text[:60]!r}): the model would never see the chat; pass --chat-template "
+                        "tritongpt")
     after = text[text.rfind("Yes") + len("Yes"):]
     ids = tokenizer.encode(after, allowed_special="all")
     if not ids:
