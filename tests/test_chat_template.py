@@ -331,3 +331,22 @@ def test_a_template_that_does_not_write_the_messages_is_refused():
         tok.chat_template = template
         with pytest.raises(UserError, match="does not write the messages' content"):
             turn_end_id(tok)
+
+
+def test_named_templates_without_a_default_are_refused(tmp_path):
+    """tokenizer_config.json's named templates (transformers' list, or a dict) render with their "default" one; none
+    named so, or a list of no named templates, is refused naming the file (transformers' apply_chat_template refuses
+    it too), not taken as no template at all (the chats then prompted in tritongpt's format); a template file that is
+    not UTF-8 is named."""
+    from tritongpt.train.chat_template import template_from_config
+
+    named = [{"name": "tool_use", "template": ZEPHYR}, {"name": "default", "template": LLAMA3}]
+    assert template_from_config({"chat_template": {t["name"]: t["template"] for t in named}}, "x") == LLAMA3
+    for value, said in ((named[:1], "names templates 'tool_use' but no 'default' one"),
+                        ([LLAMA3], "is a list, but not of named templates"),
+                        ([{"template": LLAMA3}], "is a list, but not of named templates")):
+        with pytest.raises(UserError, match=f"cfg.json: chat_template {said}"):
+            template_from_config({"chat_template": value}, "cfg.json", tmp_path)
+    (tmp_path / "chat_template.jinja").write_bytes(b"\xff{{ x }}")
+    with pytest.raises(UserError, match="chat_template.jinja: a chat template file must be UTF-8 text"):
+        template_from_config({}, "cfg.json", tmp_path)

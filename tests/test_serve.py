@@ -2202,6 +2202,12 @@ def test_speculative_steps_stream_what_they_answer_whole_up_to_a_stop_string(run
         server.server_close()
 
 
+def test_a_chat_template_file_that_is_not_utf8_is_refused_by_name(tmp_path):
+    (tmp_path / "t.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(UserError, match="t.jinja: a chat template file must be UTF-8 text"):
+        serve.chat_template_arg(str(tmp_path / "t.jinja"))
+
+
 def test_a_chat_template_given_to_serve_renders_its_chats(run_folder, tmp_path):
     """serve --chat-template (vLLM's): a file or the template's text renders the chats of a model (here one tuned on
     tritongpt's own chat format, whose BPE tokenizer has no template): /tokenize's ids are the rendering's, a chat

@@ -36,11 +36,18 @@ def template_from_config(config: dict, where: str, folder=None) -> str | None:
     templates: the "default" one), else a chat_template.jinja / chat_template.json beside it."""
     value = config.get("chat_template")
     if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        value = named.get("default")
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t for t in value):
+            raise UserError(f"{where}: chat_template is a list, but not of named templates ({{\"name\": ..., "
+                            "\"template\": ...} objects, as transformers saves them)")
+        value = {t["name"]: t["template"] for t in value}
+    if isinstance(value, dict):  # (named templates, as transformers holds them: a dict too)
+        if "default" not in value:  # (transformers' apply_chat_template refuses it: no template to pick)
+            raise UserError(f"{where}: chat_template names templates {', '.join(map(repr, value)) or '(none)'} but "
+                            "no 'default' one: which renders the chats is unknown")
+        value = value["default"]
     if value is None and folder is not None:
         if (folder / "chat_template.jinja").is_file():
-            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            return _read(folder / "chat_template.jinja")
         if (folder / "chat_template.json").is_file():
             from tritongpt.errors import read_json_object
 
@@ -49,6 +56,14 @@ def template_from_config(config: dict, where: str, folder=None) -> str | None:
     if value is not None and not isinstance(value, str):
         raise UserError(f"{where}: chat_template must be a Jinja string, got {type(value).__name__}")
     return value
+
+
+def _read(path) -> str:
+    """A template file's text (UTF-8, as transformers reads it), a file that is not named."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: a chat template file must be UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 _ENVIRONMENTS = {}

@@ -2716,13 +2716,13 @@ def chat_template_arg(value: str | None) -> str | None:
     "{%"), checked by compiling it; None: the tokenizer's own."""
     from pathlib import Path
 
-    from tritongpt.train.chat_template import _compiled
+    from tritongpt.train.chat_template import _compiled, _read
 
     if value is None:
         return None
     path = Path(value)
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text = _read(path)
     elif "{{" in value or "{%" in value:
         text = value
     else:
