@@ -416,3 +416,21 @@ def test_mistral_v13_id_an_earlier_turn_gave_a_call_gets_a_fresh_one():
         message, why = tool_message(s["tools"], text, "stop")
         ids = [c["id"] for c in message["tool_calls"]]
         assert why == "tool_calls" and ids[1] == "Zz9Zz9Zz9" and (ids[0] == old) == kept
+
+
+def test_arguments_json_cannot_hold_are_content_not_a_call():
+    """Python's json reads NaN and Infinity, which are not JSON: a call whose arguments hold one would reach the client
+    as arguments it cannot parse, so the answer is content, as pythonic's and qwen3_coder's are (the stream sent
+    the call as drawn, as any call that breaks after it began: the whole answer's response is what differs)."""
+    for kind, text in ((Hermes, '<tool_call>{"name": "w", "arguments": {"x": NaN}}</tool_call>'),
+                       (Llama3Json, '{"name": "w", "parameters": {"x": [Infinity]}}'),
+                       (Mistral, '[TOOL_CALLS][{"name": "w", "arguments": {"x": -Infinity}}]'),
+                       (Mistral, '[TOOL_CALLS]w[ARGS]{"x": NaN}')):
+        assert kind().extract(text) == (text, [])
+    # (past 4300 digits Python's int refuses the number: content too; a float's digits are not limited)
+    # (and a float past a double's range, read as inf; past 4300 digits Python's int refuses the number)
+    for text in ('<tool_call>{"name": "w", "arguments": {"x": 1e400}}</tool_call>',
+                 '<tool_call>{"name": "w", "arguments": {"x": ' + "7" * 4400 + "}}</tool_call>"):
+        assert Hermes().extract(text) == (text, [])
+    assert Hermes().extract('<tool_call>{"name": "w", "arguments": {"x": 1e300}}</tool_call>')[1] == [
+        ("w", '{"x": 1e+300}')]

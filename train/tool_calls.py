@@ -147,7 +147,9 @@ def call(obj, keys) -> tuple:
     args = next((obj[k] for k in keys if k in obj), None)
     if not isinstance(args, dict):
         raise ValueError("a call's arguments are an object")
-    return obj["name"], json.dumps(args, ensure_ascii=False)
+    # (allow_nan off: Python's json reads NaN and Infinity, which are not JSON, so a client could not parse the
+    # arguments; such a call is the answer's text, as pythonic's and qwen3_coder's are)
+    return obj["name"], json.dumps(args, ensure_ascii=False, allow_nan=False)
 
 
 class Marked:
