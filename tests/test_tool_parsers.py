@@ -434,3 +434,81 @@ def test_arguments_json_cannot_hold_are_content_not_a_call():
         assert Hermes().extract(text) == (text, [])
     assert Hermes().extract('<tool_call>{"name": "w", "arguments": {"x": 1e300}}</tool_call>')[1] == [
         ("w", '{"x": 1e+300}')]
+
+
+def test_a_call_that_names_itself_or_gives_its_arguments_twice_is_content():
+    """JSON's dict keeps a repeated key's last value, while the stream sent the first name it read, and each
+    arguments object as a call of its own: which the model meant is not known, so the answer is content (streamed,
+    what was sent stays sent). A key repeated inside the arguments is the arguments' own (the last kept, as the
+    client's JSON reads the streamed text)."""
+    for kind, text in (
+            (Hermes, '<tool_call>{"name": "w", "arguments": {"a": 1}, "name": "add"}</tool_call>'),
+            (Hermes, '<tool_call>{"name": "w", "arguments": {"a": 1}, "arguments": {"a": 2}}</tool_call>'),
+            (Llama3Json, '{"name": "w", "parameters": {"a": 1}, "arguments": {"a": 2}}'),
+            (Mistral, '[TOOL_CALLS][{"name": "w", "arguments": {}, "name": "add"}]')):
+        assert kind().extract(text) == (text, [])
+    text = '<tool_call>{"name": "w", "arguments": {"a": 1, "a": 2}}</tool_call>'
+    assert Hermes().extract(text) == (None, [("w", '{"a": 2}')])
+    (_, name, args), = streamed(Hermes(), text, [3])[1].values()
+    assert name == "w" and json.loads(args) == {"a": 2}
+
+
+# (pieces a model may write: each family's markers, JSON's punctuation, values JSON cannot hold, arguments given as a
+# string; and calls in each family's syntax, with such a value, a key repeated or another beside)
+PIECES = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]a1B2c3D4e", "<|python_tag|>",
+          "<function=add>", "<function=", "</function>", "<parameter=a>", "</parameter>", "{", "}", "[", "]", '"',
+          "\\", ":", ",", "; ", "\n", '"name": ', '"arguments": ', '"parameters": ', '"add"', "7", "NaN", "1e400",
+          '"\\ud800"', "add(a=7)", "'", "é", '{"name": "add", "arguments": "{\\"a\\": 7}"}']
+VALUES = ["7", '"x"', "[1, {}]", "NaN", "-Infinity", "1e400", '"\\ud800"', '"</tool_call>"', "null"]
+EXTRA = ["", ', "name": "w"', ', "arguments": {"a": 8}', ', "parameters": {}', ', "x": 7', ', "a": 7']
+FAMILY = {Hermes: "<tool_call>{}</tool_call>", Llama3Json: "{}", Mistral: "[TOOL_CALLS][{}]", Pythonic: "[{}]",
+          Qwen: "<tool_call>{}</tool_call>"}
+
+
+def family_call(kind, value, extra):
+    """A call of add in kind's syntax, the value its argument a's, an extra key after its arguments (JSON's)."""
+    if kind is Pythonic:
+        return f"[add(a={value})]"
+    if kind is Qwen:
+        return f"<tool_call><function=add><parameter=a>{value}</parameter></function></tool_call>"
+    key = "parameters" if kind is Llama3Json else "arguments"
+    return FAMILY[kind].replace("{}", f'{{"name": "add", "{key}": {{"a": {value}}}{extra}}}', 1)
+
+
+def not_json(constant):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_any_text_is_content_or_calls_whole_and_streamed_alike():
+    """A model may write anything: no text makes a parser raise; an answer with no call is all its text as content,
+    whole and streamed (a stream that sent none); where the whole answer has calls, the stream sent the same
+    content and calls (their arguments the same strict JSON), cut anywhere."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    noise = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=3)), max_size=8).map("".join)
+
+    @st.composite
+    def answers(draw):
+        kind = draw(st.sampled_from(list(FAMILY)))
+        calls = st.builds(family_call, st.just(kind), st.sampled_from(VALUES), st.sampled_from(EXTRA))
+        return kind, draw(st.lists(st.one_of(noise, calls), max_size=3).map("".join))
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(answers(), st.lists(st.integers(1, 9), min_size=1, max_size=4))
+    def check(answer, sizes):
+        kind, text = answer
+        content, calls = kind().extract(text)
+        s_content, s_calls = streamed(kind(), text, sizes)
+        if calls:
+            assert s_content == (content or "")
+            assert [(n, json.loads(a)) for _, n, a in s_calls.values()] == [(n, json.loads(a)) for n, a, *_ in calls]
+            for _, a, *_ in calls:  # (strict JSON: no NaN or Infinity)
+                assert isinstance(json.loads(a, parse_constant=not_json), dict)
+        else:
+            assert content == text
+            if not s_calls:
+                assert s_content == text
+
+    check()

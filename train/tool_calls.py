@@ -139,11 +139,27 @@ def outside_strings(text: str, marker: str, start: int = 0) -> int:
     return -1
 
 
+class Pairs(dict):
+    """A JSON object as read (DECODER), with its keys in the order written, repeats kept (a dict keeps the last)."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.written = [k for k, _ in pairs]
+
+
+DECODER = json.JSONDecoder(object_pairs_hook=Pairs)  # the calls' objects, whose repeated keys call() refuses
+
+
 def call(obj, keys) -> tuple:
     """(name, arguments' JSON text) of a parsed call {"name": ..., key: {...}} (keys: where its arguments may be);
     ValueError where it is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise ValueError("a call is an object with a name")
+    # (a name or arguments written twice: the stream sent the first name, and each arguments object as a call of
+    # its own (scan_calls), while the dict keeps the last; which one the model meant is not known)
+    written = getattr(obj, "written", [])
+    if written.count("name") > 1 or sum(k in keys for k in written) > 1:
+        raise ValueError("a call names its function and gives its arguments once")
     args = next((obj[k] for k in keys if k in obj), None)
     if not isinstance(args, dict):
         raise ValueError("a call's arguments are an object")
@@ -214,7 +230,7 @@ class Hermes(Marked):
             i += len(self.marker)
 
     def objects(self, rest):
-        return [json.loads(block) for block in self.blocks(rest)]
+        return [DECODER.decode(block) for block in self.blocks(rest)]
 
     def arrays(self, rest):  # (less a tail that may begin the block's end: not the arguments')
         return ["[" + b[:len(b) - held(b, self.end)] for b in self.blocks(rest)]
@@ -289,7 +305,7 @@ class Mistral(Marked):
                     raise ValueError("a v11 call is a name, [ARGS] and an object")
                 out.append({"name": name, "arguments": json.JSONDecoder().raw_decode(chunk, at)[0]})
             return out
-        calls = json.JSONDecoder().raw_decode(rest.lstrip())[0]
+        calls = DECODER.raw_decode(rest.lstrip())[0]
         return [calls] if isinstance(calls, dict) else calls
 
     def arrays(self, rest):
@@ -322,7 +338,7 @@ class Llama3Json:
     def values(self, body: str) -> tuple:
         """([each whole JSON value body begins with], where the reading stopped): "; " and whitespace between them;
         it stops at the first that does not parse (the calls' end: text after them, or one cut short)."""
-        decoder, out, i = json.JSONDecoder(), [], 0
+        decoder, out, i = DECODER, [], 0
         while i < len(body):
             try:
                 obj, i = decoder.raw_decode(body, i)
