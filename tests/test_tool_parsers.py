@@ -453,6 +453,17 @@ def test_a_call_that_names_itself_or_gives_its_arguments_twice_is_content():
     assert name == "w" and json.loads(args) == {"a": 2}
 
 
+def test_json_nested_to_just_within_pythons_limit_is_content_not_a_crash():
+    """Llama 3's objects are read by raw_decode and written again by json.dumps, which recurses deeper: arguments
+    nested just within the limit for the first were past it for the second (a RecursionError out of the server)."""
+    import sys
+
+    for depth in range(sys.getrecursionlimit() + 10):
+        text = '{"name": "f", "parameters": {"a": ' + "[" * depth + "]" * depth + "}}"
+        content, calls = Llama3Json().extract(text)  # (a call, or content where too deep: never an error)
+        assert (content, [n for n, _ in calls]) in ((None, ["f"]), (text, []))
+
+
 # (pieces a model may write: each family's markers, JSON's punctuation, values JSON cannot hold, arguments given as a
 # string; and calls in each family's syntax, with such a value, a key repeated or another beside)
 PIECES = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]a1B2c3D4e", "<|python_tag|>",

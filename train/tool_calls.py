@@ -355,7 +355,7 @@ class Llama3Json:
             return text, []
         try:
             calls = [call(obj, self.keys) for obj in self.values(body)[0]]
-        except ValueError:
+        except (ValueError, RecursionError):  # (arguments read just within Python's limit, written just past it)
             return text, []
         return (None, calls) if calls else (text, [])
 
