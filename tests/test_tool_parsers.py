@@ -464,6 +464,19 @@ def test_json_nested_to_just_within_pythons_limit_is_content_not_a_crash():
         assert (content, [n for n, _ in calls]) in ((None, ["f"]), (text, []))
 
 
+def test_required_calls_nested_past_pythons_limit_are_content_not_a_crash():
+    """"required"'s grammar lets a tool whose parameters are a bare object draw any JSON, nested as deep as the
+    tokens allow: past Python's limit the text is content (it was a RecursionError out of the server)."""
+    from tritongpt.train.serve import tool_message
+
+    tools = {"choice": "required", "parser": None, "parallel": True}
+    for text in ('[{"name": "f", "parameters": {"a": ' + "[" * 5000 + "]" * 5000 + "}}]",
+                 '[{"name": "f", "parameters": {"a": NaN}}]'):
+        assert tool_message(tools, text, "length") == ({"role": "assistant", "content": text}, "length")
+    message, why = tool_message(tools, '[{"name": "f", "parameters": {"a": [[1]]}}]', "stop")
+    assert why == "tool_calls" and message["tool_calls"][0]["function"]["arguments"] == '{"a": [[1]]}'
+
+
 # (pieces a model may write: each family's markers, JSON's punctuation, values JSON cannot hold, arguments given as a
 # string; and calls in each family's syntax, with such a value, a key repeated or another beside)
 PIECES = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]a1B2c3D4e", "<|python_tag|>",

@@ -620,9 +620,10 @@ def tool_message(tools: dict | None, text: str, finish: str) -> tuple:
         # holds a free answer to one)
         return {"role": "assistant", "content": content,
                 "tool_calls": calls_of(calls if tools["parallel"] else calls[:1])}, "tool_calls"
-    try:
-        calls = calls_of([(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)])
-    except (ValueError, TypeError, KeyError):
+    try:  # (RecursionError: parameters nested past Python's limit, which a schema-less object lets the grammar draw)
+        calls = calls_of([(c["name"], json.dumps(c["parameters"], ensure_ascii=False, allow_nan=False))
+                          for c in json.loads(text)])
+    except (ValueError, TypeError, KeyError, RecursionError):
         return {"role": "assistant", "content": text}, finish
     return {"role": "assistant", "content": "", "tool_calls": calls}, "tool_calls" if finish == "stop" else finish
 
