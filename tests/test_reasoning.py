@@ -67,6 +67,38 @@ def test_a_tokenizer_without_think_tokens_is_refused_by_name():
         Qwen3(Plain(), "qwen3")
 
 
+def test_any_text_splits_alike_whole_and_streamed_cut_anywhere():
+    """A model may write the think tags anywhere, unbalanced, repeated or cut: the stream's reasoning and content
+    add up to the whole answer's split, nothing sent empty, and no text lost (the reasoning, the tags it meant and
+    the content are the answer)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    pieces = ["<think>", "</think>", "<", "</", "<th", "</thi", "k>", " ", "\n", "a", "é"]
+    text = st.lists(st.one_of(st.sampled_from(pieces), st.text(max_size=3)), max_size=12).map("".join)
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(text, st.lists(st.integers(1, 9), min_size=1, max_size=4), st.booleans())
+    def check(text, sizes, thinks):
+        parser = Thinking(Tok(), "deepseek_r1")
+        reasoning, content = answer(parser, text, thinks)
+        stream, r, c, i, k = ReasoningStream(parser, thinks), "", "", 0, 0
+        while i < len(text):
+            piece = text[i:i + sizes[k % len(sizes)]]
+            i, k = i + len(piece), k + 1
+            dr, dc = stream.add(piece)
+            assert dr != "" and dc != ""
+            r, c = r + (dr or ""), c + (dc or "")
+        r += stream.finish() or ""
+        assert (r if thinks else None, c or None) == (reasoning, content or None)
+        if thinks:  # (what is not the reasoning is the tags and the content)
+            assert text.lstrip().removeprefix("<think>").startswith(reasoning) or text.startswith(reasoning)
+            assert content is None or text.endswith(content)
+
+    check()
+
+
 # -- served ----------------------------------------------------------------------------------------------------------
 transformers = pytest.importorskip("transformers")
 # ChatML, short, with Qwen3's switch: enable_thinking false writes an empty thought into the prompt
