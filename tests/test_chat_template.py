@@ -301,14 +301,19 @@ def test_a_template_that_would_hang_is_refused_by_name():
             ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "1,000,000 items"),
             ("{% for i in range(99999) %}{% for c in 'ab' * 99999 %}{% endfor %}{% endfor %}", "1,000,000 items"),
             ("{{ 'x' * 10**8 }}", "1,000,000 items"), ("{{ 3 ** (2 ** 40) }}", "1,000,000 items"),
+            # an integer's bits: a power ~4,000,000 bits long, a square of a square ... (each product its own size;
+            # 30 squarings never ended), and lipsum's words
+            ("{{ 3 ** 2500000 }}", "1,000,000 items"),
+            ("{% set ns = namespace(x=3) %}{% for i in range(22) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+             "1,000,000 items"), ("{{ lipsum(25000) }}", "1,000,000 items"),
             ("{{ cycler.__init__.__globals__ }}", "access to attribute '__init__' of 'type' object is unsafe")):
         tok.chat_template = template
         with pytest.raises(UserError, match=said):
             render(tok, CHATS[0])
     assert time.perf_counter() - start < 5
     tok.chat_template = ("{{ '=' * 3 }}{% for i in range(messages | length - 1, -1, -1) %}{{ messages[i].content }}"
-                         "{% endfor %}{{ 2 ** 3 }}")
-    assert render(tok, CHATS[0]) == "===on a matthe cat sat8"
+                         "{% endfor %}{{ 2 ** 3 }}{{ (2 ** 62) * 3 }}{{ 7 * 2 ** 70 }}")
+    assert render(tok, CHATS[0]) == f"===on a matthe cat sat8{2**62 * 3}{7 * 2**70}"
 
 
 def test_a_template_that_calls_itself_without_end_is_refused_by_name():

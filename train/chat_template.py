@@ -67,9 +67,9 @@ def _read(path) -> str:
 
 
 _ENVIRONMENTS = {}
-# What one rendering may make with range() and * (items of ranges, repeated strings and lists), so that a loop in a
-# loop cannot hang it: Jinja's sandbox bounds a single range (to 100,000), not how often one is made. Real templates
-# make as many items as there are messages.
+# What one rendering may make with range(), * and ** (items of ranges, repeated strings and lists, bits of large
+# integers) and lipsum() (words), so that a loop in a loop cannot hang it: Jinja's sandbox bounds a single range (to
+# 100,000), not how often one is made. Real templates make as many items as there are messages.
 MAX_ITEMS = 1_000_000
 _budget = threading.local()  # (per thread: serve renders requests' chats at once with one compiled template)
 
@@ -79,8 +79,8 @@ def _spend(n: int):
     if left is None:  # (not under render(): nothing to bound)
         return
     if n > left:
-        raise OverflowError(f"the template makes more than {MAX_ITEMS:,} items with range() and * (a loop in a loop, "
-                            "a repeated string): a rendering too large to finish")
+        raise OverflowError(f"the template makes more than {MAX_ITEMS:,} items with range(), * and ** (a loop in a "
+                            "loop, a repeated string, an integer's bits): a rendering too large to finish")
     _budget.left = left - n
 
 
@@ -108,14 +108,21 @@ def _compiled(template: str):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    class Sandbox(ImmutableSandboxedEnvironment):  # transformers' sandbox, with range() and * bounded (_spend)
+    class Sandbox(ImmutableSandboxedEnvironment):  # transformers' sandbox, with range(), * and ** bounded (_spend)
         intercepted_binops = frozenset({"*", "**"})
 
         def call_binop(self, context, operator, left, right):
             ints = isinstance(left, int) and isinstance(right, int)
+            # an integer's size in bits: in 64-bit words, 3 ** 25_000_000 passed (8 s), and so did x * x squared in
+            # a loop (each product unbounded: 26 times took 41 s, 30 never ended). Machine-sized ones are free, as
+            # loop.index0 * 2 on every message of a long chat must be.
             if operator == "**" and ints and abs(left) > 1 and right > 0:
-                _spend(right * abs(left).bit_length() // 64)  # (a power's size in 64-bit words)
-            elif operator == "*" and not ints and isinstance(left, int) != isinstance(right, int):
+                if right * abs(left).bit_length() > 64:
+                    _spend(right * abs(left).bit_length())
+            elif operator == "*" and ints:
+                if abs(left).bit_length() + abs(right).bit_length() > 64:
+                    _spend(abs(left).bit_length() + abs(right).bit_length())
+            elif operator == "*" and isinstance(left, int) != isinstance(right, int):
                 seq, times = (right, left) if isinstance(left, int) else (left, right)
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
                     _spend(len(seq) * max(times, 0))
@@ -126,11 +133,15 @@ def _compiled(template: str):
         _spend(len(rng))
         return rng
 
+    def bounded_lipsum(n=5, html=True, min=20, max=100):  # (Jinja's global: lipsum(20000) took 1 s, unbounded)
+        _spend(abs(n) * abs(max))  # (its words, at most)
+        return jinja2.utils.generate_lorem_ipsum(n, html, min, max)
+
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       range=bounded_range)
+                       range=bounded_range, lipsum=bounded_lipsum)
     try:
         compiled = env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
