@@ -4,6 +4,7 @@ token) learned, used by `sft` (--chat-template auto), `chat` and `export`; dpo, 
 keep tritongpt's. Templates in the shapes of Qwen2.5's and SmolLM2's (ChatML with a default
 system message), Llama 3's, Zephyr's (TinyLlama-Chat) and Gemma 3's, on a tokenizer trained here beside a
 tiny random Qwen2ForCausalLM: nothing downloaded."""
+import copy
 import io
 import json
 
@@ -295,7 +296,7 @@ def test_a_template_that_would_hang_is_refused_by_name():
     template's own use of range and * still renders."""
     import time
 
-    tok = get_tokenizer("default")
+    tok = copy.copy(get_tokenizer("default"))  # (a copy: the default is cached for the process, its template too)
     start = time.perf_counter()
     for template, said in (
             ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "1,000,000 items"),
@@ -319,7 +320,7 @@ def test_a_template_that_would_hang_is_refused_by_name():
 def test_a_template_that_calls_itself_without_end_is_refused_by_name():
     """A macro that calls itself, a recursive loop with no end: a UserError, not a RecursionError's traceback (a 500
     in serve)."""
-    tok = get_tokenizer("default")
+    tok = copy.copy(get_tokenizer("default"))  # (a copy: the default is cached for the process, its template too)
     for template in ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
                      "{% for x in [[1]] recursive %}{{ loop([x]) }}{% endfor %}"):
         tok.chat_template = template
@@ -330,7 +331,7 @@ def test_a_template_that_calls_itself_without_end_is_refused_by_name():
 def test_a_template_that_does_not_write_the_messages_is_refused():
     """A template that renders nothing of the chat (empty, or only its roles and generation prompt) gives no end of
     turn: refused by name, not the EOS taken in silence (chat and serve would prompt the model with no chat)."""
-    tok = get_tokenizer("default")
+    tok = copy.copy(get_tokenizer("default"))  # (a copy: the default is cached for the process, its template too)
     for template in ("", "{% if add_generation_prompt %}A:{% endif %}",
                      "{% for m in messages %}{{ m.role }}<|endoftext|>{% endfor %}"):
         tok.chat_template = template
