@@ -1353,6 +1353,14 @@ def _backward(ctx, grad_o, grad_lse):
     return (dq, dk, dv, *(None,) * (ctx.n_inputs - 3))
 
 
+def _learnable_slopes(name: str, who: str = "") -> ValueError:
+    """The refusal of ALiBi slopes that require grad (flash_attention's and the registered op's): _backward returns
+    None for them, so learnable slopes would silently never learn."""
+    return ValueError(f"{who}{name} requires grad, but the kernels take the slopes as a constant (no gradient): pass "
+                      f"{name}.detach(), or learn them in torch (the scores plus model/layers.py's "
+                      "alibi_bias(slopes, Tq, Tk))")
+
+
 def _op_setup_context(ctx, inputs, output):
     """The registered op's: called only with grad on and some input requiring grad. Slopes that require grad are
     refused (flash_attention refuses them up front; a direct caller of the op gets here), where _backward's None for
@@ -1360,9 +1368,7 @@ def _op_setup_context(ctx, inputs, output):
     under no_grad too.)"""
     alibi = _padded_inputs(inputs)[10]
     if alibi is not None and alibi.requires_grad:  # (not needs_input_grad: under torch.compile it can be shorter)
-        raise ValueError("flash_attn_fwd: alibi requires grad, but the kernels take the slopes as a constant (no "
-                         "gradient): pass alibi.detach(), or learn them in torch (the scores plus model/layers.py's "
-                         "alibi_bias(slopes, Tq, Tk))")
+        raise _learnable_slopes("alibi", who="flash_attn_fwd: ")
     _setup_context(ctx, inputs, output)
 
 
@@ -1725,10 +1731,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     # here too: slopes on another device (meta) would send the op to that device's (fake) kernel
     _check_alibi(q, alibi_slopes, finite=False)
     if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
-        # the backward returns None for them: learnable slopes would silently never learn
-        raise ValueError("alibi_slopes requires grad, but the kernels take the slopes as a constant (no gradient): "
-                         "pass alibi_slopes.detach(), or learn them in torch (the scores plus "
-                         "model/layers.py's alibi_bias(slopes, Tq, Tk))")
+        raise _learnable_slopes("alibi_slopes")
     dropout_p = float(dropout_p)
     _check_block_table(q, k, kv_len, block_table)
     if kv_len is not None:

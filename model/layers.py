@@ -437,14 +437,13 @@ def rope_seq_len(positions, T: int) -> int:
     return int(positions.max()) + 1 if positions.numel() else 0
 
 
-def checked_seq_len(seq_len, who: str):
+def checked_seq_len(seq_len, who: str) -> None:
     """seq_len (LongRoPE's length) as both RoPE paths take it: None or an int, not a bool. Checked whatever the
     scaling: otherwise a "4" was ignored unless LongRoPE, and there compared with original_max_position_embeddings
     as given (a float, True as 1)."""
     if seq_len is not None and not is_int(seq_len):
         raise TypeError(f"{who}: seq_len must be an int, got {type(seq_len).__name__} {seq_len!r} (LongRoPE's "
                         "length, or None)")
-    return seq_len
 
 
 def is_longrope(scaling) -> bool:

@@ -20,7 +20,7 @@ import json
 import threading
 from datetime import datetime
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, read_text_file
 
 
 CHOICES = ("auto", "tritongpt")  # --chat-template
@@ -47,7 +47,7 @@ def template_from_config(config: dict, where: str, folder=None) -> str | None:
         value = value["default"]
     if value is None and folder is not None:
         if (folder / "chat_template.jinja").is_file():
-            return _read(folder / "chat_template.jinja")
+            return read_text_file(folder / "chat_template.jinja")  # (UTF-8, as transformers reads it)
         if (folder / "chat_template.json").is_file():
             from tritongpt.errors import read_json_object
 
@@ -56,14 +56,6 @@ def template_from_config(config: dict, where: str, folder=None) -> str | None:
     if value is not None and not isinstance(value, str):
         raise UserError(f"{where}: chat_template must be a Jinja string, got {type(value).__name__}")
     return value
-
-
-def _read(path) -> str:
-    """A template file's text (UTF-8, as transformers reads it), a file that is not named."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: a chat template file must be UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 _ENVIRONMENTS = {}
@@ -112,20 +104,20 @@ def _compiled(template: str):
         intercepted_binops = frozenset({"*", "**"})
 
         def call_binop(self, context, operator, left, right):
-            ints = isinstance(left, int) and isinstance(right, int)
-            # an integer's size in bits: in 64-bit words, 3 ** 25_000_000 passed (8 s), and so did x * x squared in
-            # a loop (each product unbounded: 26 times took 41 s, 30 never ended). Machine-sized ones are free, as
-            # loop.index0 * 2 on every message of a long chat must be.
+            ints, bits = isinstance(left, int) and isinstance(right, int), 0
+            # an integer result's size in bits: in 64-bit words, 3 ** 25_000_000 passed (8 s), and so did x * x
+            # squared in a loop (each product unbounded: 26 times took 41 s, 30 never ended). Machine-sized ones are
+            # free, as loop.index0 * 2 on every message of a long chat must be.
             if operator == "**" and ints and abs(left) > 1 and right > 0:
-                if right * abs(left).bit_length() > 64:
-                    _spend(right * abs(left).bit_length())
+                bits = right * abs(left).bit_length()
             elif operator == "*" and ints:
-                if abs(left).bit_length() + abs(right).bit_length() > 64:
-                    _spend(abs(left).bit_length() + abs(right).bit_length())
+                bits = abs(left).bit_length() + abs(right).bit_length()
             elif operator == "*" and isinstance(left, int) != isinstance(right, int):
                 seq, times = (right, left) if isinstance(left, int) else (left, right)
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
                     _spend(len(seq) * max(times, 0))
+            if bits > 64:
+                _spend(bits)
             return super().call_binop(context, operator, left, right)
 
     def bounded_range(*args):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tritongpt.errors import UserError, note
+from tritongpt.errors import UserError, first_line, note
 
 
 # -- device and precision ---------------------------------------------------------------------
@@ -1006,8 +1006,7 @@ class WandbRun:
             self.run = wandb.init(project=project, name=name, dir=str(out_dir), config=config,
                                   id=saved.get("id"), resume="allow")
         except wandb.errors.Error as e:  # e.g. no API key: `wandb login`, or log offline
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--report-to wandb: wandb could not start a run ({first}); run `wandb login`, "
+            raise UserError(f"--report-to wandb: wandb could not start a run ({first_line(e)}); run `wandb login`, "
                             f"or set WANDB_MODE=offline to keep the run on disk for `wandb sync`") from None
         self._save()
 

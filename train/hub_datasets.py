@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tritongpt.errors import UserError, note
+from tritongpt.errors import UserError, first_line, note
 from tritongpt.train.gpt2_weights import hub_error
 
 SPLIT = "train"
@@ -166,9 +166,8 @@ def hub_dataset_folder(spec: str, cache_dir=None, split: str = SPLIT) -> Path:
         raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: {e}") from None
     except Exception as e:
         if "HFValidationError" in {c.__name__ for c in type(e).__mro__}:  # refused before any request: not offline
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"{spec!r} is no file or folder here, nor a valid Hugging Face Hub dataset id: {first}") \
-                from None
+            raise UserError(f"{spec!r} is no file or folder here, nor a valid Hugging Face Hub dataset id: "
+                            f"{first_line(e)}") from None
         raise UserError(f"{spec!r} is no file or folder here, and as a Hugging Face Hub dataset: "
                         f"{hub_error(repo, e, _PASS_FILES, dataset=True)}") from None
     folder = Path(cache_dir or constants.HF_HUB_CACHE) / "tritongpt-datasets" / repo.replace("/", "--") / config / split

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
@@ -223,7 +224,7 @@ def hf_shapes(d: dict, sd: dict, cfg_json: Path, family: str) -> tuple:
     # would be a ZeroDivisionError or TypeError here, or a head width of the remainder's floor
     q_rows = sd["layers.0.self_attn.q_proj.weight"].shape[0] if "layers.0.self_attn.q_proj.weight" in sd else n_embd
     for key, value in (("num_attention_heads", n_head), ("num_key_value_heads", n_kv_head)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise UserError(f"{cfg_json} says {key} {value!r}; it must be a positive integer")
     if q_rows % n_head:
         raise UserError(f"{cfg_json} says num_attention_heads {n_head}, which does not divide the {q_rows} rows of "

@@ -4,7 +4,7 @@ lists and structs as JSON's lists and objects) and text for pretrain, eval and b
 batch of rows at a time, so a corpus larger than memory streams). Read with pyarrow, the `[parquet]` extra."""
 from pathlib import Path
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, first_line
 
 SUFFIX = ".parquet"
 
@@ -16,10 +16,6 @@ def _pyarrow_parquet(path):
         raise UserError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow "
                         "(or pip install -e \".[parquet]\")") from None
     return pq
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _named(path: Path) -> str:
@@ -34,7 +30,7 @@ def _open(path: Path, read=None):
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid and kin: a truncated or foreign file
-        raise UserError(f"{_named(path)} is not a readable Parquet file ({_first_line(e)})") from None
+        raise UserError(f"{_named(path)} is not a readable Parquet file ({first_line(e)})") from None
     # pyarrow writes two columns of one name without complaint; read back, a record keeps the last one's value and
     # a text column the first's: which was meant is unknown, so neither is guessed at (two columns of a name that
     # is not read, beside the text column, leave nothing to guess)
@@ -49,7 +45,7 @@ def _open(path: Path, read=None):
 def _damaged(path: Path, e: Exception, where: str) -> UserError:
     """A file whose footer reads but whose data does not (bytes damaged inside it: a bad copy or download, a
     codec this pyarrow lacks): pyarrow's OSError or ArrowInvalid, named as the file's, not a traceback."""
-    return UserError(f"{_named(path)}: its data cannot be read{where} ({_first_line(e)}); the file is damaged or in a "
+    return UserError(f"{_named(path)}: its data cannot be read{where} ({first_line(e)}); the file is damaged or in a "
                      "form this pyarrow cannot read: fetch or write it again")
 
 

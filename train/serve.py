@@ -2717,13 +2717,14 @@ def chat_template_arg(value: str | None) -> str | None:
     "{%"), checked by compiling it; None: the tokenizer's own."""
     from pathlib import Path
 
-    from tritongpt.train.chat_template import _compiled, _read
+    from tritongpt.errors import read_text_file
+    from tritongpt.train.chat_template import _compiled
 
     if value is None:
         return None
     path = Path(value)
     if path.is_file():
-        text = _read(path)
+        text = read_text_file(path)
     elif "{{" in value or "{%" in value:
         text = value
     else:

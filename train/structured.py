@@ -17,7 +17,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from tritongpt.errors import FieldError, UserError
+from tritongpt.errors import FieldError, UserError, first_line
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 # vLLM's StructuredOutputsParams' options taken here: disable_any_whitespace (JSON with xgrammar's fixed ", " and
@@ -134,8 +134,7 @@ def choice_grammar(choices) -> str:
 
 def _said(e: Exception) -> str:
     """xgrammar's error without its C++ source location ("[time] /project/cpp/x.cc:94: ")."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text)
+    return re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", first_line(e))
 
 
 def vocabulary(tok) -> list | None:

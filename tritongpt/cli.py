@@ -6,7 +6,7 @@ import sys
 import threading
 import traceback
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, first_line
 
 # Each command: the module whose add_cli(subparsers) defines it, and its line in `tritongpt --help`. The lines
 # live here, and each add_cli reads its own (command_help), so that the top-level help lists every command
@@ -224,7 +224,7 @@ def out_of_memory(e: BaseException) -> str | None:
     """torch's reason when e is an allocation that failed (a CUDA out-of-memory error, the CPU allocator's, Python's
     MemoryError), else None. A size the user asked for (`generate --num-samples 100000000`, `--vocab-size 1e10`)
     fails there, deep inside torch: its traceback names no flag, its first line says how much was asked."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e)
     if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
         return text
     if "DefaultCPUAllocator: can't allocate memory" in text or "DefaultCPUAllocator: not enough memory" in text:

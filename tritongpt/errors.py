@@ -47,6 +47,13 @@ def read_text_file(path) -> str:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message, its first line (a library's may run on for pages), or its type's name when it has
+    none: what an error naming the library's reason quotes."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def note(text: str) -> None:
     """`note: text` on stderr, from one process: under torchrun every rank runs the same code and
     would print it once each (rank 0 speaks; errors still come from whichever rank fails)."""
