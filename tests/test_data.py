@@ -685,10 +685,11 @@ def test_a_token_file_is_split_at_the_rounded_fraction(tmp_path):
 
 
 def test_a_token_files_hash_is_kept_while_its_size_and_time_stand(tmp_path, tok, monkeypatch):
-    """The hash and largest id of a token file are kept beside its size and modification time: a
-    later start with both unchanged takes them without reading the ids (rsync's quick check, as
-    for text); a file changed since is read again, and checked again; an unwritable cache only
-    costs the next start its pass."""
+    """The hash and largest id of a token file are kept beside its size, modification time and a
+    sample of its bytes: a later start with all unchanged takes them without reading the ids (as
+    for text); a file changed since, even at its size with its time put back, is read again, and
+    checked again; a record from before the sample is taken on size and time, and given the sample;
+    an unwritable cache only costs the next start its pass."""
     import hashlib
     import json
     import os
@@ -703,20 +704,29 @@ def test_a_token_files_hash_is_kept_while_its_size_and_time_stand(tmp_path, tok,
     assert len(records) == 1
     record = json.loads(records[0].read_text())
     st = path.stat()
-    assert record == {"stat": [str(path.resolve()), st.st_size, st.st_mtime_ns], "sha256": real,
+    sample = hashlib.blake2b(ids.tobytes(), digest_size=16).hexdigest()  # a small file: all of it
+    assert record == {"stat": [str(path.resolve()), st.st_size, st.st_mtime_ns, sample], "sha256": real,
                       "max_id": int(ids.max())}
     for broken in (dict(record, max_id=None), dict(record, sha256=None)):  # not a record's shape: read again
         records[0].write_text(json.dumps(broken))
         assert prepare_tokens(str(path), tok, val_fraction=0.1).meta["source_hash"] == real
         assert json.loads(records[0].read_text()) == record
+    # a record from before the sample ([path, size, time]): trusted while those stand, and given the sample
+    records[0].write_text(json.dumps(dict(record, stat=record["stat"][:3], sha256="e" * 64)))
+    assert prepare_tokens(str(path), tok, val_fraction=0.1).meta["source_hash"] == "e" * 64
+    assert json.loads(records[0].read_text()) == dict(record, sha256="e" * 64)
     records[0].write_text(json.dumps(dict(record, sha256="f" * 64)))  # trusted while the stat stands
     assert prepare_tokens(str(path), tok, val_fraction=0.1).meta["source_hash"] == "f" * 64
-    ids[5] = tok.vocab_size  # same size, a later time: read, hashed and checked again
+    ids[5] = tok.vocab_size  # same size, its time put back (touch -r): read, hashed and checked again
     ids.tofile(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
     with pytest.raises(UserError, match=rf"token id {tok.vocab_size} is past"):
         prepare_tokens(str(path), tok)
     assert json.loads(records[0].read_text())["max_id"] == tok.vocab_size  # the refusal is kept too
+    with pytest.raises(UserError, match=rf"token id {tok.vocab_size} is past"):
+        prepare_tokens(str(path), tok)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later time: read again
     with pytest.raises(UserError, match=rf"token id {tok.vocab_size} is past"):
         prepare_tokens(str(path), tok)
     ids[5] = 1
@@ -813,8 +823,9 @@ def test_a_source_unchanged_on_disk_is_not_read_again(tmp_path, tok, monkeypatch
     """A start whose text source has the files, sizes and modification times its cache recorded
     reads none of it (a 10 GB corpus was read and hashed in full at every start, by every DDP
     rank); any file grown, touched, added or renamed, or another .jsonl field, is read and
-    named again. Same size and time is taken as unchanged (rsync's quick check): an edit that
-    restores both is not seen. A cache from before the record is read once, then recorded."""
+    named again, and so is an edit that keeps the size and puts the time back (`touch -r`): the
+    record holds a sample of each file's bytes (a small file's all). A cache from before the record
+    is read once, then recorded."""
     import os
 
     monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
@@ -854,10 +865,14 @@ def test_a_source_unchanged_on_disk_is_not_read_again(tmp_path, tok, monkeypatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert prepared(source="texts")[1] == prepared(source="~/texts")[1] == 0
-    # the same size and time back on other text: not seen
+    # the same size and time back on other text (`touch -r`): its sample differs, so it is read again and its new
+    # tokens used, not the old ones
     st = a.stat()
     a.write_text("ALPHA" + a.read_text()[5:], encoding="utf-8")
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert a.stat().st_size == st.st_size and a.stat().st_mtime_ns == st.st_mtime_ns
+    td, n = prepared()
+    assert n >= 1 and td.tokens.tolist()[:len(tok.encode("ALPHA"))] == tok.encode("ALPHA")
     assert prepared()[1] == 0
     # a .jsonl's other field is another source
     rows = tmp_path / "rows.jsonl"
@@ -874,6 +889,91 @@ def test_a_source_unchanged_on_disk_is_not_read_again(tmp_path, tok, monkeypatch
     meta_path.write_text(json.dumps(meta))
     assert prepared(source={"source": str(rows), "text_field": "text"})[1] == 1   # named; its tokens reused
     assert prepared(source={"source": str(rows), "text_field": "text"})[1] == 0
+
+
+def test_a_cache_keyed_before_the_sample_is_reused_and_given_it(tmp_path, tok, monkeypatch):
+    """A cache whose record holds each file's [path, size, time] alone (written before the sample was kept) is
+    reused while those stand, reading no text, and its record gains the sample; a same-size edit with the time
+    put back is then seen."""
+    import os
+
+    (tmp_path / "texts").mkdir()
+    a, b = tmp_path / "texts" / "a.txt", tmp_path / "texts" / "b.txt"
+    a.write_text("alpha beta gamma delta " * 20, encoding="utf-8")
+    b.write_text("one two three four " * 20, encoding="utf-8")
+    first = prepare_tokens(str(tmp_path / "texts"), tok, tmp_path / "c")
+    meta_path = tmp_path / "c" / "tokens.json"
+    meta = json.loads(meta_path.read_text())
+    new = meta["source_stat"]
+    assert [len(f) for f in new["files"]] == [4, 4]
+    meta_path.write_text(json.dumps(dict(meta, source_stat=dict(new, files=[f[:3] for f in new["files"]]))))
+    real, reads = data.iter_documents, []
+    monkeypatch.setattr(data, "iter_documents", lambda *a, **k: reads.append(1) or real(*a, **k))
+    monkeypatch.setattr(data, "_write_tokens", lambda *a: pytest.fail("an old-format cache was tokenised again"))
+    td = prepare_tokens(str(tmp_path / "texts"), tok, tmp_path / "c")
+    assert reads == [] and td.tokens.tolist() == first.tokens.tolist()
+    assert json.loads(meta_path.read_text())["source_stat"] == new
+    # an old record with another size is not taken
+    meta_path.write_text(json.dumps(dict(meta, source_stat=dict(new, files=[[f[0], f[1] + 1, f[2]] for f in
+                                                                            new["files"]]))))
+    assert prepare_tokens(str(tmp_path / "texts"), tok, tmp_path / "c").tokens.tolist() == first.tokens.tolist()
+    assert reads == [1]  # named (the same text: its tokens reused), then keyed again
+    assert json.loads(meta_path.read_text())["source_stat"] == new
+    monkeypatch.undo()
+    st = a.stat()
+    a.write_text("ALPHA" + a.read_text()[5:], encoding="utf-8")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert prepare_tokens(str(tmp_path / "texts"), tok, tmp_path / "c").tokens.tolist()[:len(tok.encode("ALPHA"))] \
+        == tok.encode("ALPHA")
+
+
+def test_quick_stat_samples_at_most_a_mebibyte_from_first_block_to_last(tmp_path, monkeypatch):
+    """quick_stat hashes a file of up to SAMPLE_BLOCKS blocks whole, and of a larger one SAMPLE_BLOCKS blocks
+    spread from its first byte to its last: an edit in one is seen; one between them is not (the README says so)."""
+    block, blocks = data.SAMPLE_BLOCK, data.SAMPLE_BLOCKS
+    path = tmp_path / "big.txt"
+    size = block * blocks * 3 + 12345
+    content = bytearray(np.random.default_rng(5).integers(0, 256, size=size, dtype=np.uint8).tobytes())
+    path.write_bytes(content)
+    before = data.quick_stat(path)
+    assert before[:3] == [str(path), size, path.stat().st_mtime_ns]
+    reads = []
+    real_open = open
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def seek(self, at):
+            return self.f.seek(at)
+
+        def read(self, n=-1):
+            got = self.f.read(n)
+            reads.append(len(got))
+            return got
+
+    # _sample_hash's open, found in the module's globals before the builtins
+    monkeypatch.setattr(data, "open", lambda *a, **k: Counted(real_open(*a, **k)), raising=False)
+    assert data.quick_stat(path) == before
+    monkeypatch.undo()
+    assert sum(reads) == block * blocks and len(reads) == blocks
+    seventh = (size - block) * 7 // (blocks - 1)
+    for at, seen in ((0, True), (size - 1, True), (seventh + 5, True), (block + 3, False)):
+        edited = bytearray(content)
+        edited[at] ^= 0xFF
+        path.write_bytes(edited)
+        assert (data.quick_stat(path)[3] != before[3]) == seen, at
+    small = tmp_path / "small.txt"  # up to blocks * block bytes: all of it
+    small.write_bytes(bytes(content[:block * blocks]))
+    first = data.quick_stat(small)[3]
+    small.write_bytes(bytes(content[:block * blocks - 1]) + bytes([content[block * blocks - 1] ^ 1]))
+    assert data.quick_stat(small)[3] != first
 
 
 # -- token shards: build-nanogpt's .npy, llm.c's .bin ---------------------------------------------------

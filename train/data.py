@@ -425,28 +425,33 @@ def _ids_record(path: Path) -> Path:
 
 def _hash_ids(path: Path, tokens) -> tuple:
     """(sha256 of the ids, the largest id) of a token file. One pass in 64 MB pieces, kept beside
-    the file's size and modification time: while those stand, a later start (every rank of
-    it) takes the record instead of reading the file again, as text corpora are taken (rsync's
-    quick check). The pass runs at ~1 GB/s here: FineWeb-Edu 10B's 20 GB of shards, ~20 s a start."""
-    st = path.stat()
-    stat, record = [str(path.resolve()), st.st_size, st.st_mtime_ns], _ids_record(path)
+    the file's size, modification time and sampled bytes (`quick_stat`): while those stand, a later
+    start (every rank of it) takes the record instead of reading the file again, as text corpora
+    are taken. The pass runs at ~1 GB/s here: FineWeb-Edu 10B's 20 GB of shards, ~20 s a start."""
+    stat, record = quick_stat(path.resolve()), _ids_record(path)
     saved = _read_meta(record)
-    if (saved and saved.get("stat") == stat and isinstance(saved.get("sha256"), str)
+    if (saved and _same_file(saved.get("stat"), stat) and isinstance(saved.get("sha256"), str)
             and isinstance(saved.get("max_id"), int)):
+        if saved["stat"] != stat:  # a record from before the sample: kept, now with it
+            _write_record(record, dict(saved, stat=stat))
         return saved["sha256"], saved["max_id"]
     h, top = hashlib.sha256(), 0
     for s in range(0, len(tokens), 2**25):
         piece = np.ascontiguousarray(tokens[s:s + 2**25])
         h.update(piece)
         top = max(top, int(piece.max()))
+    _write_record(record, {"stat": stat, "sha256": h.hexdigest(), "max_id": top})
+    return h.hexdigest(), top
+
+
+def _write_record(record: Path, value: dict):
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stat": stat, "sha256": h.hexdigest(), "max_id": top}))
+        tmp.write_text(json.dumps(value))
         os.replace(tmp, record)
     except OSError:
         pass  # a read-only cache costs the next start one more pass, nothing else
-    return h.hexdigest(), top
 
 
 def _read_ids(path: Path, tokenizer):
@@ -600,10 +605,10 @@ def _token_folder(folder: Path, tokenizer, val_fraction) -> TokenData:
 
 
 def _source_stat(src: dict):
-    """A text source as it stands on disk: each file's path, size and modification time (and the
-    .jsonl field read). While they are unchanged the text is taken as unchanged, as rsync's quick
-    check and make take it, so a start need not read and hash a large corpus again (once per
-    process under DDP). None for the built-in corpora, or a source iter_documents will refuse."""
+    """A text source as it stands on disk: each file's `quick_stat` (and the .jsonl field read).
+    While they are unchanged the text is taken as unchanged, as rsync's quick check and make take
+    it, so a start need not read and hash a large corpus again (once per process under DDP). None
+    for the built-in corpora, or a source iter_documents will refuse."""
     name = src.get("source")
     if name in (None, "pydoc", "stdlib"):
         return None
@@ -611,9 +616,47 @@ def _source_stat(src: dict):
     files = _txt_files(path) if path.is_dir() else [path] if path.is_file() else None
     if files is None:
         return None
-    stats = [(f, f.stat()) for f in files]
-    return {"text_field": src.get("text_field", "text"),
-            "files": [[str(f), st.st_size, st.st_mtime_ns] for f, st in stats]}
+    return {"text_field": src.get("text_field", "text"), "files": [quick_stat(f) for f in files]}
+
+
+SAMPLE_BLOCK, SAMPLE_BLOCKS = 2**16, 16  # quick_stat reads at most 1 MiB of a file, whatever its size
+
+
+def _sample_hash(path: Path, size: int) -> str:
+    """blake2b of SAMPLE_BLOCKS blocks of a file spread evenly from its first to its last (the whole
+    file when it is no larger): the same for a copy (rsync -a, cp -p, a bucket mount), whatever its
+    inode and change time, so such a copy is not read again."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCK * SAMPLE_BLOCKS:
+            h.update(f.read())
+        else:
+            for i in range(SAMPLE_BLOCKS):
+                f.seek((size - SAMPLE_BLOCK) * i // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def quick_stat(path: Path) -> list:
+    """A file as the caches take it to be unchanged: [path, size, modification time] (rsync's quick
+    check) and a hash of a sample of its bytes (`_sample_hash`). An edit that keeps the size and puts
+    the time back (`touch -r`, `cp -p` of an edited copy, a checkout within the same second) is seen
+    where it touches a sampled block; one elsewhere in a file over 1 MiB is not."""
+    st = path.stat()  # before the sample: a file changed after it has another time next start
+    return [str(path), st.st_size, st.st_mtime_ns, _sample_hash(path, st.st_size)]
+
+
+def _same_file(saved, now: list) -> bool:
+    """A recorded quick_stat is the file's now: all of it, or, for a record written before the
+    sample was kept ([path, size, time]), those three (its cache is reused, not rebuilt)."""
+    return isinstance(saved, list) and (saved == now or len(saved) == 3 and saved == now[:3])
+
+
+def _same_source(saved, now: dict) -> bool:
+    """A recorded _source_stat is the source's now (_same_file for each of its files)."""
+    return (isinstance(saved, dict) and saved.get("text_field") == now["text_field"]
+            and isinstance(saved.get("files"), list) and len(saved["files"]) == len(now["files"])
+            and all(_same_file(s, f) for s, f in zip(saved["files"], now["files"])))
 
 
 def _read_meta(meta_path: Path):
@@ -643,7 +686,7 @@ def _cache_by_stat(cache_dir, want: dict, stat: dict):
         folders = sorted((default_cache_dir() / "tokens").glob(f"*-{_tokenizer_key(want)}"))
     for folder in folders:
         meta = _read_meta(folder / "tokens.json")
-        if meta and meta.get("source_stat") == stat and _meta_matches(
+        if meta and _same_source(meta.get("source_stat"), stat) and _meta_matches(
                 meta, dict(want, source_hash=meta.get("source_hash")), folder / "tokens.bin"):
             return folder, meta
     return None
@@ -683,8 +726,8 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None
 
     The cache is reused only when the source text, the tokenizer and the file size all match
     what the meta file records; anything else is rebuilt. cache_dir=None picks a folder under
-    the tritongpt cache named by those hashes. A source file or folder whose files' sizes and
-    times are those the meta records is not read again (`_source_stat`). A .bin source or a
+    the tritongpt cache named by those hashes. A source file or folder whose files' sizes, times
+    and sampled bytes are those the meta records is not read again (`_source_stat`). A .bin source or a
     nanoGPT folder is token ids already: no cache. val_fraction: the held-out tail (None: 0.1, or
     a nanoGPT folder's val.bin).
     """
