@@ -188,7 +188,7 @@ def test_mixture_logs_each_sources_val_loss_equal_to_it_alone_and_resumes_exactl
     err = capsys.readouterr().err
     assert "--data-weights [0.5, 0.5] ([0.8, 0.2])" in err, err
     assert main(["pretrain", *argv(two, half, "--max-steps", "9", "--resume", "--data-weights", "0.5", "0.5",
-                                   "--document-mask", sources=[two.a, two.a])]) == 0
+                                   "--document-mask", sources=[two.z, two.a])]) == 0
     err = capsys.readouterr().err
     assert "different data than the checkpoint's" in err and "--data [" in err, err
     # one --data after a mixture: its record names no sources' hashes, so the data is said to differ
@@ -255,6 +255,27 @@ def test_refusals_by_name(two, tmp_path, extra, sources, match):
     srcs = {"one": [two.a], "tiny": [two.a, two.tiny], None: None}[sources]
     with pytest.raises(UserError, match=match):
         pretrain(parse_args(argv(two, tmp_path / "r", "--max-steps", "1", *extra, sources=srcs)))
+
+
+def test_a_source_given_twice_is_refused_naming_it_and_its_positions(two, tmp_path, monkeypatch):
+    """The same file twice, however spelt (relative and ./, absolute), or a file inside a folder also given, would
+    be read twice and drawn twice as often, silently: refused, naming it, both positions and --data-weights. A
+    .jsonl inside a text folder is not read by the folder, so it mixes with it."""
+    monkeypatch.chdir(two.dir)
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text((two.a).read_text())
+    (folder / "b.jsonl").write_text(json.dumps({"text": "z z"}))
+    for sources, match in (([two.a, two.z, two.a], r"--data \S*aaa.txt is given twice \(sources 1 and 3"),
+                           (["aaa.txt", "./aaa.txt"], r"--data ./aaa.txt is given twice \(sources 1 and 2"),
+                           (["pydoc", two.z, "pydoc"], r"--data pydoc is given twice \(sources 1 and 3"),
+                           ([folder / "a.txt", folder], r"--data \S*a.txt lies inside the folder --data \S*texts "
+                                                        r"\(sources 1 and 2.*--data-weights gives a source more")):
+        with pytest.raises(UserError, match=match):
+            pretrain(parse_args(argv(two, tmp_path / "r", "--max-steps", "1", sources=sources)))
+    from tritongpt.train.pretrain import check_repeated_sources
+
+    check_repeated_sources([str(folder), str(folder / "b.jsonl"), "stdlib", "pydoc"])  # each read once
 
 
 def test_token_ids_of_another_tokenizer_beside_text_refused(two, tmp_path):

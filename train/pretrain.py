@@ -226,9 +226,44 @@ def mixture_sources(args) -> list | None:
     return args.data if isinstance(args.data, list) else None
 
 
+def _source_key(source):
+    """What a --data reads, to compare two of them: the corpus's name, or the path resolved (data/x.txt and
+    ./data/x.txt, a link and its target, are one file)."""
+    if source in (None, "", "pydoc", "stdlib"):
+        return str(source or "pydoc")
+    return Path(str(source)).expanduser().resolve()
+
+
+# what a folder source reads beneath it (its .txt or .parquet files, nanoGPT's train.bin, token shards): a file of
+# these kinds inside a folder also given is read twice; another (a .jsonl) is not read by the folder
+_FOLDER_READS = {".txt", ".parquet", ".bin", ".npy"}
+
+
+def check_repeated_sources(sources):
+    """A source given twice in a mixture (the same path however spelt, or a file or folder inside a folder also
+    given) would be read twice and drawn from twice as often, without a word: refused, naming both."""
+    keys = [_source_key(s) for s in sources]
+    for j, b in enumerate(keys):
+        for i, a in enumerate(keys[:j]):
+            if a == b:
+                raise UserError(f"--data {sources[j]} is given twice (sources {i + 1} and {j + 1} of the mixture): "
+                                "it would be read twice, drawn from twice as often; give it once (--data-weights "
+                                "gives a source more weight)")
+            for (outer, o), (inner, n) in (((a, i), (b, j)), ((b, j), (a, i))):
+                if isinstance(outer, Path) and isinstance(inner, Path) and outer.is_dir() and \
+                        inner.is_relative_to(outer) and (inner.is_dir() or inner.suffix in _FOLDER_READS):
+                    raise UserError(f"--data {sources[n]} lies inside the folder --data {sources[o]} (sources "
+                                    f"{min(i, j) + 1} and {max(i, j) + 1} of the mixture), which reads it already: it "
+                                    "would be drawn from twice as often; give one of them (--data-weights gives a "
+                                    "source more weight)")
+
+
 def check_mixture(args):
-    """--data-weights' own errors, before any slow work: one finite weight >= 0 per --data, not all 0."""
+    """A source given twice, and --data-weights' own errors, before any slow work: one finite weight >= 0 per
+    --data, not all 0."""
     sources, weights = mixture_sources(args), getattr(args, "data_weights", None)
+    if sources is not None:
+        check_repeated_sources(sources)
     if weights is None:
         return
     if sources is None:
