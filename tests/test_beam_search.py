@@ -110,7 +110,7 @@ def test_without_eos_and_without_cache(pair):
     alone = beam_search(model, idx[1:], 8, 3, num_return_sequences=3)
     assert torch.equal(alone[0], ids[3:]) and torch.allclose(alone[1], scores[3:], rtol=0, atol=1e-5)
     assert torch.equal(beam_search(model, idx, 8, 1)[0], generate(model, idx, 8))
-    assert torch.equal(beam_search(model, idx, 0, 3, num_return_sequences=2)[0], idx.repeat_interleave(2, 0))
+    assert torch.equal(beam_search(model, idx, 0, 3)[0], idx)  # no new token: the prompt, once (more: refused)
     # the score is the summed log-probability of the new tokens / their number, recomputed from the logits in fp64
     logp = torch.log_softmax(model(ids[:1, :-1]).double(), dim=-1)[0, T - 1:]
     assert abs(logp.gather(1, ids[0, T:, None]).sum().item() / 8 - scores[0].item()) < 1e-5
@@ -201,6 +201,9 @@ def test_triton_path_gives_the_same_beams(device, one_thread):
     (dict(length_penalty=1e308), "length_penalty 1e\\+308 is out of range for max_new_tokens 4"),
     (dict(length_penalty=-1e308), "length_penalty -1e\\+308 is out of range"),
     (dict(max_new_tokens=13), r"prompt 5 \+ max_new_tokens 13 - 1 > context length 16"),
+    # no new token: one text, the prompt (it was returned R times, each scored 0, as R beams)
+    (dict(max_new_tokens=0, num_return_sequences=2), "num_return_sequences 2 with max_new_tokens 0: no token is "
+                                                     "generated, so there is one text, the prompt, not 2 beams"),
     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
     (dict(allowed_token_ids=[1, 2]), "beam_search does not take allowed_token_ids"),
     (dict(bad_words=[[1]]), "beam_search does not take bad_words"),
@@ -288,6 +291,8 @@ def test_an_eos_leaves_fewer_texts_to_return():
     (["--num-beams", "0"], "--num-beams must be a positive integer"),
     (["--length-penalty", "inf"], "--length-penalty must be a finite number"),
     (["--max-new-tokens", "40"], "prompt 3 + --max-new-tokens 40 - 1 > context length 32"),
+    (["--max-new-tokens", "0", "--num-return-sequences", "2"], "--num-return-sequences 2 with --max-new-tokens 0: "
+                                                               "no token is generated, so there is one text"),
 ])
 def test_the_generate_command_refuses_by_name(saved, capsys, extra, said):
     from tritongpt import cli

@@ -58,6 +58,8 @@ def texts_possible(vocab: int, max_new_tokens: int, eos: bool = False) -> int:
     text scored -1e9, printed as beams. Without an EOS vocab ** max_new_tokens; with one a text ends at its first EOS,
     so it makes fewer: (vocab - 1) ** (k - 1) texts end there at token k < max_new_tokens, beside the
     (vocab - 1) ** (max_new_tokens - 1) * vocab of max_new_tokens tokens."""
+    if max_new_tokens == 0:  # one text: the prompt, nothing after it
+        return 1
     if not eos:
         return vocab ** min(max_new_tokens, 64)
     if vocab <= 2:  # (no growth to cap: the EOS alone, or with one other token n + 1 texts)
@@ -73,7 +75,12 @@ def check_return_sequences(num_return_sequences: int, vocab: int, max_new_tokens
     refused. flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
     texts = texts_possible(vocab, max_new_tokens, eos_id is not None)
-    if max_new_tokens and num_return_sequences > texts:
+    if max_new_tokens == 0 and num_return_sequences > 1:
+        # (each "beam" was the prompt, scored 0: R copies of one text)
+        raise UserError(f"{name('num_return_sequences')} {num_return_sequences} with {name('max_new_tokens')} 0: "
+                        "no token is generated, so there is one text, the prompt, not "
+                        f"{num_return_sequences} beams")
+    if num_return_sequences > texts:
         ends = "" if eos_id is None else f" (a text ends at its first EOS, id {eos_id})"
         raise UserError(f"{name('num_return_sequences')} {num_return_sequences} is more than the {texts} texts of "
                         f"{name('max_new_tokens')} {max_new_tokens} there are{ends}: the rest would be empty beams "
