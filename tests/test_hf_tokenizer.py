@@ -6,6 +6,7 @@ trained here on a few KB; generate, sft --init and export use it end to end; a G
 gets BPETokenizer. Nothing downloaded."""
 import json
 import random
+import re
 import unicodedata
 
 import pytest
@@ -454,6 +455,28 @@ class RepositoryNotFoundError(Exception):  # huggingface_hub's, by name: no such
 
 class GatedRepoError(RepositoryNotFoundError):  # huggingface_hub's, by name: a license not accepted, or no token
     pass
+
+
+def test_the_eos_token_as_transformers_writes_it_and_an_id_or_list_refused(tmp_path):
+    """tokenizer_config.json's eos_token as an AddedToken ({"content": ...}, as transformers writes it) names the
+    EOS over config.json's eos_token_id; an id or a list was read as no token, and config.json's id taken in its
+    place without a word: refused, naming the file and field."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    build_tokenizer("llama3", vocab=300).save(str(tmp_path / "tokenizer.json"))  # <|begin_of_text|> 0, <|end..|> 1
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({"eos_token": {"content": "<|end_of_text|>", "lstrip": False, "special": True}}))
+    tok = HFTokenizer.from_hf_folder(tmp_path)
+    assert (tok.eos_token, tok.eot_id) == ("<|end_of_text|>", 1)
+    for value, said in ((1, r"got int 1 \(an id goes in config.json's eos_token_id\)"),
+                        (["<|end_of_text|>"], "got list"), ({"contents": "<|end_of_text|>"}, "got dict")):
+        cfg.write_text(json.dumps({"eos_token": value}))
+        with pytest.raises(UserError, match=f"{re.escape(str(cfg))}: eos_token must be a token's text .*{said}"):
+            HFTokenizer.from_hf_folder(tmp_path)
+    cfg.write_text(json.dumps({"bos_token": 0}))
+    with pytest.raises(UserError, match="bos_token must be a token's text"):
+        HFTokenizer.from_hf_folder(tmp_path)
 
 
 def fake_hub(monkeypatch, hub, cache):

@@ -1,5 +1,6 @@
 """Byte-level BPE: training, the from-scratch encoder vs tiktoken, files, special tokens, GPT-2 parity."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -775,6 +776,29 @@ def test_an_ordinary_token_a_config_names_stays_ordinary(corpus, tmp_path):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": name}))
         back = BPETokenizer.from_hf_folder(tmp_path)
         assert back.hash == tok.hash and back.vocab_size == tok.vocab_size, name
+
+
+def test_a_gpt2_folders_eos_token_and_chat_template_are_checked(corpus, tmp_path):
+    """tokenizer_config.json's (special_tokens_map.json's) tokens as the tokenizers-library path reads them: a
+    string or transformers' {"content": ...}; an id or a list, read as no token, was passed over without a word,
+    and so was an EOS other than <|endoftext|> (this encoder's texts end on that one) and a chat_template of the
+    wrong type: refused, naming the file and field."""
+    tok = BPETokenizer.train(corpus[:20_000], 270, special_tokens=(EOT, "<|im_end|>"), name="hf")
+    tok.save_hf(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    path = tmp_path / "tokenizer_config.json"
+    for change, said in (({"eos_token": 269}, r"eos_token must be a token's text .*got int 269 \(an id goes in "
+                                              r"config.json's eos_token_id\)"),
+                         ({"pad_token": ["<|im_end|>"]}, r"pad_token must be a token's text .*got list"),
+                         ({"eos_token": {"id": 1}}, r"eos_token must be a token's text .*got dict"),
+                         ({"eos_token": "<|im_end|>"}, r"eos_token '<\|im_end\|>' is not <\|endoftext\|>"),
+                         ({"chat_template": 42}, "chat_template must be a Jinja string, got int")):
+        path.write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(UserError, match=f"{re.escape(str(path))}: {said}"):
+            BPETokenizer.from_hf_folder(tmp_path)
+    path.write_text(json.dumps({**cfg, "eos_token": {"content": EOT, "special": True}, "chat_template": "{{ x }}"}))
+    back = BPETokenizer.from_hf_folder(tmp_path)
+    assert back.hash == tok.hash and back.eot_id == tok.eot_id
 
 
 def test_the_tokenizer_nearest_the_weights_is_theirs(small_tok, corpus, tmp_path):

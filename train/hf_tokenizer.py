@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from tritongpt.errors import UserError, read_json_object
-from tritongpt.train.tokenizer import SPM_MODEL, TokenizerChecks, _alternation, save_tokenizer_json
+from tritongpt.train.tokenizer import SPM_MODEL, TokenizerChecks, _alternation, save_tokenizer_json, token_name
 
 FORMAT = "tritongpt-hf-tokenizer"
 # tokenizer.json's fields that do not decide ids under encode(add_special_tokens=False): the
@@ -82,13 +82,6 @@ def spec_from_sentencepiece(folder: Path) -> tuple:
         raise UserError(f"{path}: transformers reads it as {type(fast).__name__}, which has no tokenizers-library "
                         "form to convert it to")
     return json.loads(backend.to_str()), f"transformers {transformers.__version__} {type(fast).__name__}"
-
-
-def _token_name(value):
-    """tokenizer_config.json spells a token as a string or as {"content": ...} (an AddedToken)."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
 
 
 def _config_id(folder: Path, key: str):
@@ -173,7 +166,7 @@ class HFTokenizer(TokenizerChecks):
         cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
         tok = cls(spec, name=folder.name, where=str(path), info=info)
         for key in ("eos", "bos"):
-            name = _token_name(cfg.get(f"{key}_token"))
+            name = token_name(cfg.get(f"{key}_token"), cfg_path, f"{key}_token")
             if name is None:
                 i, where = _config_id(folder, f"{key}_token_id")
                 # (id_to_token of a negative id is an OverflowError: it is no token either)

@@ -79,6 +79,20 @@ def compile_pattern(pat_str, name: str = "bpe"):
     return pat
 
 
+
+def token_name(value, where, key: str):
+    """A token named by tokenizer_config.json (special_tokens_map.json): a string, or {"content": ...} as
+    transformers writes an AddedToken; None where it names none. Anything else (an id, a list) is refused, naming
+    the file and field: read as no token, the EOS was taken from elsewhere (config.json's id, <|endoftext|>)
+    without a word."""
+    content = value.get("content") if isinstance(value, dict) else value
+    if value is None or isinstance(content, str):
+        return content or None
+    hint = f" (an id goes in config.json's {key}_id)" if isinstance(value, int) and not isinstance(value, bool) \
+        else ""
+    raise UserError(f"{where}: {key} must be a token's text (a string, or {{\"content\": ...}} as transformers "
+                    f"writes it), got {type(value).__name__} {value!r}"[:300] + hint)
+
 class DisallowedSpecialToken(UserError, ValueError):
     """Text contains a special token's spelling (.token) but the caller did not allow special tokens."""
 
@@ -500,7 +514,17 @@ class BPETokenizer(TokenizerChecks):
                                     f"{type(value).__name__} {value!r}")
                 named += [value] if isinstance(value, str) else list(
                     value.values() if isinstance(value, dict) else value)
-            named += [d.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+            tokens = {k: token_name(d.get(k), path, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+            # this encoder's EOS is <|endoftext|> (eot_id): another would end texts and answers on a token the
+            # model does not (with a tokenizer.json, from_hf_folder reads it through the tokenizers library instead)
+            if tokens["eos_token"] not in (None, EOT):
+                raise UserError(f"{path}: eos_token {tokens['eos_token']!r} is not {EOT}, the end of text of "
+                                "tritongpt's GPT-2 encoder")
+            named += list(tokens.values())
+            if name == "tokenizer_config.json":  # (checked as the tokenizers-library path checks it; GPT-2's
+                from tritongpt.train.chat_template import template_from_config  # chats are in tritongpt's format)
+
+                template_from_config(d, str(path))
             decoder = d.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 # JSON keys: the ids as decimal strings (isdecimal: "²" is a digit, and no int())
