@@ -322,6 +322,20 @@ def test_eval_scores_a_reward_model_on_preference_pairs(smollm, tmp_path, capsys
     assert "--stride, --max-tokens: for a language model's eval" in capsys.readouterr().err
 
 
+def test_eval_of_a_reward_model_on_a_text_file_says_it_needs_preference_pairs(smollm, tmp_path, capsys):
+    """A text corpus (what an LM's eval reads) as a reward model's --data was told only "expected a .json ...":
+    now why (a reward model is scored on preference pairs), naming the file and the records' fields."""
+    from tritongpt import cli
+
+    _, rm_dir = smollm
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat\n" * 5)
+    assert cli.main(["eval", "--weights", str(rm_dir), "--data", str(tmp_path / "corpus.txt"), "--device",
+                     "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path / 'corpus.txt'}: {rm_dir} is a reward model, scored on preference pairs, not text" in err
+    assert '{"prompt", "chosen", "rejected"} records' in err
+
+
 def test_info_describes_a_reward_model_without_its_lm_head(smollm, capsys):
     """`info --weights` a classifier folder: its backbone's config, and the parameters transformers counts (the
     backbone and its score; ours has the head's bias too), with no LM head."""

@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -186,6 +187,12 @@ def eval_reward_model(args, device, dtype) -> dict:
                         "on preference pairs")
     run = reward_run(args.weights)
     data = args.data if args.data is not None else run.get("data")
+    # (a text corpus, as an LM's eval reads, was told "expected a .json ..." by the record reader, with no word
+    # of why: said here, before the model loads)
+    if data is not None and Path(data).is_file() and Path(data).suffix not in (".json", ".jsonl", ".parquet"):
+        raise UserError(f"--data {data}: {args.weights} is a reward model, scored on preference pairs, not text: "
+                        "expected a .json list, .jsonl or .parquet file of {\"prompt\", \"chosen\", \"rejected\"} "
+                        "records (\"instruction\" and \"input\" in place of \"prompt\" too), as `reward --data` takes")
     fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
     rm = RewardModel.load(args.weights, map_location=device, kernels=args.kernels, quantized_ok=True).eval()
     note_slow_kernels([rm], device)
