@@ -123,6 +123,15 @@ def test_a_file_that_is_not_hellaswag_is_named(tmp_path):
         hellaswag.read_examples(tmp_path / "none.jsonl")
 
 
+@pytest.mark.parametrize("command, flag", [("hellaswag", "--limit"), ("hellaswag", "--max-examples"),
+                                           ("lambada", "--max-examples"), ("lambada", "--limit")])
+def test_a_bad_count_is_refused_by_the_flag_typed(command, flag, tmp_path, capsys):
+    """--max-examples and --limit are one count's two names: a bad one is named as typed (--limit 0 was refused as
+    --max-examples'), before any work (the weights are not read)."""
+    assert main([command, "--weights", str(tmp_path / "none"), flag, "0"]) == 2
+    assert f"error: {flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_the_validation_split_is_downloaded_once(tmp_path, monkeypatch):
     import urllib.request
 

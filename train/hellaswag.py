@@ -31,6 +31,7 @@ scored after both; the option after which it is likelier is the answer. acc alon
 ending, so a mean per token ranks them as the sum does (lm-eval reports acc alone too). The output names the
 benchmark read ("WinoGrande: ... acc"); HellaSwag's own keeps "hellaswag:".
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -343,7 +344,7 @@ def check_cache_dir(args):
 
 
 def cmd_hellaswag(args):
-    check_counts(args.max_examples, "--max-examples", args.batch_size)
+    check_counts(args.max_examples, getattr(args, "limit_flag", "--max-examples"), args.batch_size)
     check_cache_dir(args)
     if args.data is None:
         shape, examples = read_shaped(download(args.cache_dir), "HellaSwag file")
@@ -367,6 +368,15 @@ def cmd_hellaswag(args):
     return 0
 
 
+class CountArg(argparse.Action):
+    """--max-examples / --limit (one count, two names): the value, and the name typed (limit_flag), so that a bad
+    count is refused by the flag the user wrote, not its alias."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        namespace.limit_flag = option_string
+
+
 def add_scoring_args(p, data_help: str, limit_flags, limit_help: str, batch_help: str):
     """hellaswag's and lambada's flags: the model, --data, the count, the batch, the tokenizer, dtype, cache, JSON."""
     from tritongpt.commands import add_dtype_arg, add_model_args, add_quantize_arg
@@ -377,7 +387,7 @@ def add_scoring_args(p, data_help: str, limit_flags, limit_help: str, batch_help
                         "model.safetensors, a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
                         "weights), or " + HUB_REPO_HELP)
     p.add_argument("--data", default=None, help=data_help)
-    p.add_argument(*limit_flags, type=int, default=None, help=limit_help)
+    p.add_argument(*limit_flags, type=int, default=None, action=CountArg, help=limit_help)
     p.add_argument("--batch-size", type=int, default=8, help=batch_help + " (default %(default)s)")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
                                        "--weights, else gpt2 for a 50257 vocab)")

@@ -99,7 +99,7 @@ def score(model, tok, examples, batch_size: int = 8, dtype=None, progress: bool 
 def cmd_lambada(args):
     from tritongpt.train.hellaswag import check_cache_dir, check_counts, load_scorer, run_facts
 
-    check_counts(args.limit, "--limit", args.batch_size)
+    check_counts(args.limit, getattr(args, "limit_flag", "--limit"), args.batch_size)
     check_cache_dir(args)
     if args.data is None:
         examples = read_texts(download(args.cache_dir))
