@@ -2208,6 +2208,13 @@ def test_a_chat_template_file_that_is_not_utf8_is_refused_by_name(tmp_path):
         serve.chat_template_arg(str(tmp_path / "t.jinja"))
 
 
+def test_a_chat_template_longer_than_a_file_name_is_the_template():
+    """--chat-template TEXT: a template longer than a file name may be (255 bytes: a real one is) is taken as the
+    template, not an OSError (File name too long) from asking whether it is a file."""
+    text = "{% for m in messages %}{{ m.content }}{% endfor %}" + "{# a long comment #}" * 20
+    assert len(text) > 255 and serve.chat_template_arg(text) == text
+
+
 def test_a_chat_template_given_to_serve_renders_its_chats(run_folder, tmp_path):
     """serve --chat-template (vLLM's): a file or the template's text renders the chats of a model (here one tuned on
     tritongpt's own chat format, whose BPE tokenizer has no template): /tokenize's ids are the rendering's, a chat

@@ -2723,7 +2723,11 @@ def chat_template_arg(value: str | None) -> str | None:
     if value is None:
         return None
     path = Path(value)
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # (a template's own text, longer than a file name may be: ENAMETOOLONG, no file)
+        is_file = False
+    if is_file:
         text = read_text_file(path)
     elif "{{" in value or "{%" in value:
         text = value
