@@ -31,31 +31,81 @@ class Rendered(str):
     (formats.encode_text encodes it with allowed_special="all")."""
 
 
-def template_from_config(config: dict, where: str, folder=None) -> str | None:
-    """The chat template of a tokenizer_config.json (a string, or transformers' list of named
-    templates: the "default" one), else a chat_template.jinja / chat_template.json beside it."""
-    value = config.get("chat_template")
+def templates_from_config(config: dict, where: str, folder=None) -> dict | None:
+    """A model folder's chat templates by name ({"default": ..., "tool_use": ...}; a single template is the
+    "default" one), as transformers >= 4.43 reads them: chat_template.jinja (the default) and
+    additional_chat_templates/<name>.jinja, where the folder has them, before tokenizer_config.json's chat_template
+    (a string, or transformers' list of named templates), else a chat_template.json beside it. None: no template.
+    Templates but no "default" one are refused: which renders a chat without tools is unknown."""
+    named, source = None, where
+    files = sorted((folder / "additional_chat_templates").glob("*.jinja")) if folder is not None else []
+    if folder is not None and ((folder / "chat_template.jinja").is_file() or files):
+        # (transformers: "independent chat template files take priority over the tokenizer config's")
+        named, source = {}, str(folder)
+        if (folder / "chat_template.jinja").is_file():
+            named["default"] = read_text_file(folder / "chat_template.jinja")  # (UTF-8, as transformers reads it)
+        for path in files:
+            named[path.name.removesuffix(".jinja")] = read_text_file(path)
+    value = config.get("chat_template") if named is None else None
     if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t for t in value):
             raise UserError(f"{where}: chat_template is a list, but not of named templates ({{\"name\": ..., "
                             "\"template\": ...} objects, as transformers saves them)")
         value = {t["name"]: t["template"] for t in value}
     if isinstance(value, dict):  # (named templates, as transformers holds them: a dict too)
-        if "default" not in value:  # (transformers' apply_chat_template refuses it: no template to pick)
-            raise UserError(f"{where}: chat_template names templates {', '.join(map(repr, value)) or '(none)'} but "
-                            "no 'default' one: which renders the chats is unknown")
-        value = value["default"]
-    if value is None and folder is not None:
-        if (folder / "chat_template.jinja").is_file():
-            return read_text_file(folder / "chat_template.jinja")  # (UTF-8, as transformers reads it)
-        if (folder / "chat_template.json").is_file():
-            from tritongpt.errors import read_json_object
+        named = value
+    elif value is None and named is None and folder is not None and (folder / "chat_template.json").is_file():
+        from tritongpt.errors import read_json_object
 
-            value = read_json_object(folder / "chat_template.json").get("chat_template")
-            where = str(folder / "chat_template.json")
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{where}: chat_template must be a Jinja string, got {type(value).__name__}")
-    return value
+        value = read_json_object(folder / "chat_template.json").get("chat_template")
+        where = source = str(folder / "chat_template.json")
+    if named is None:
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{where}: chat_template must be a Jinja string, got {type(value).__name__}")
+        return None if value is None else {"default": value}
+    if "default" not in named:  # (transformers' apply_chat_template refuses it: no template to pick)
+        raise UserError(f"{source}: chat_template names templates {', '.join(map(repr, named)) or '(none)'} but "
+                        "no 'default' one: which renders the chats is unknown")
+    for name, template in named.items():
+        if not isinstance(template, str):
+            raise UserError(f"{source}: chat template {name!r} must be a Jinja string, got {type(template).__name__}")
+        if name != "default":  # (compiled now: a broken tool_use template would otherwise surface at a request)
+            _compiled(template, f"{source}: chat template {name!r}")
+    return dict(named)
+
+
+def template_from_config(config: dict, where: str, folder=None) -> str | None:
+    """The default chat template of a model folder (templates_from_config's), None: none."""
+    named = templates_from_config(config, where, folder)
+    return None if named is None else named["default"]
+
+
+def hf_chat_template_field(default: str, named: dict | None = None):
+    """tokenizer_config.json's chat_template as an export writes it: the template, or with named others beside it
+    transformers' list of named templates (what its save_pretrained writes without jinja files, and every version
+    reads back as the same templates), so the exported folder renders a chat with tools as the source did."""
+    if not named:
+        return default
+    return [{"name": "default", "template": default}] + [{"name": k, "template": v} for k, v in named.items()]
+
+
+def template_name(tokenizer, tools=None) -> str:
+    """Which of the tokenizer's templates renders a chat, as transformers' get_chat_template (and vLLM through it)
+    picks one: "tool_use" where tools are given (a list, even empty) and the tokenizer has a template so named, else
+    "default" (tokenizer.chat_template). tokenizer.chat_templates holds the named ones besides the default."""
+    named = getattr(tokenizer, "chat_templates", None) or {}
+    if tools is not None and "tool_use" in named and getattr(tokenizer, "chat_template", None) is not None:
+        return "tool_use"
+    return "default"
+
+
+def _template_text(tokenizer, name: str) -> str:
+    return tokenizer.chat_template if name == "default" else tokenizer.chat_templates[name]
+
+
+def _called(name: str) -> str:
+    """The template as refusals name it: the default one as before, another by its name."""
+    return "the tokenizer's chat template" + ("" if name == "default" else f" {name!r}")
 
 
 _ENVIRONMENTS = {}
@@ -76,7 +126,7 @@ def _spend(n: int):
     _budget.left = left - n
 
 
-def _compiled(template: str):
+def _compiled(template: str, what: str = "the tokenizer's chat template"):
     """The template compiled as transformers compiles it: a sandbox, trim_blocks and lstrip_blocks,
     loop controls, {% generation %} blocks (rendered as their body), raise_exception,
     strftime_now and a tojson that does not escape HTML."""
@@ -137,7 +187,7 @@ def _compiled(template: str):
     try:
         compiled = env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise UserError(f"the tokenizer's chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+        raise UserError(f"{what} is not valid Jinja (line {e.lineno}: {e.message})") from None
     _ENVIRONMENTS[template] = compiled
     return compiled
 
@@ -147,29 +197,31 @@ RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "
                     "raise_exception", "strftime_now"}
 
 
-def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None, variables=None) -> str:
-    """messages rendered by tokenizer.chat_template, with the variables transformers gives it
+def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None, variables=None,
+           template: str | None = None) -> str:
+    """messages rendered by the tokenizer's chat template, with the variables transformers gives it
     (its special tokens' spellings: bos_token, eos_token...; tools: OpenAI's function tools, as
     apply_chat_template(tools=) passes them; variables: more, as apply_chat_template's own kwargs, e.g.
-    Qwen3's enable_thinking)."""
+    Qwen3's enable_thinking). template: the name of the one to render (None: template_name's pick, its
+    "tool_use" one where tools are given), so that a check rendering without tools renders the same one."""
     import jinja2
 
     # (one dict, not keyword arguments: a variable may be named as an argument, "self", "tokenizer")
     context = {**(variables or {}), "messages": [dict(m) for m in messages],
                "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None,
                **{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}}
-    compiled = _compiled(tokenizer.chat_template)
+    name = template_name(tokenizer, tools) if template is None else template
+    what = _called(name)
+    compiled = _compiled(_template_text(tokenizer, name), what)
     _budget.left = MAX_ITEMS
     try:
         return compiled.render(context)
     except RecursionError:  # (a macro that calls itself, a recursive loop with no end: a traceback, not a refusal)
-        raise UserError("the tokenizer's chat template calls itself without end (a macro or recursive loop: "
-                        "RecursionError)") from None
+        raise UserError(f"{what} calls itself without end (a macro or recursive loop: RecursionError)") from None
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
-        raise UserError(f"the tokenizer's chat template refused this conversation: {e}") from None
+        raise UserError(f"{what} refused this conversation: {e}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError) as e:  # (a value it cannot use: 'a' + 1)
-        raise UserError(f"the tokenizer's chat template could not render a value it was given ({type(e).__name__}: "
-                        f"{e})") from None
+        raise UserError(f"{what} could not render a value it was given ({type(e).__name__}: {e})") from None
     finally:
         _budget.left = None
 
@@ -218,12 +270,20 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
             _check_contents(tokenizer, [{"role": "tool", "content": json.dumps(tool, ensure_ascii=False)}])
         except UserError as e:
             raise UserError(f"tools[{j}]{str(e)[len('message 0 (tool)'):]}") from None
+    name = template_name(tokenizer, tools)  # (every rendering below in it: "tool_use"'s, where tools pick it)
+
     def prompt(messages, tools):
-        text = render(tokenizer, messages, mode == "generate", tools, variables)
+        text = render(tokenizer, messages, mode == "generate", tools, variables, name)
         return continued(text, messages[-1]["content"]) if mode == "continue" else text
 
+    def without_tools():  # (a tool_use template may refuse no tools at all: it reads them, so it renders them)
+        try:
+            return prompt(messages, None)
+        except UserError:
+            return None
+
     text = prompt(messages, tools)
-    if tools and shown and text == prompt(messages, None):
+    if tools and shown and text == without_tools():
         raise UserError("the model's chat template renders no tools (it ignores apply_chat_template's tools): the "
                         "model would call them unseen")
     # each result, and each call's name and arguments, must reach the prompt: changed, it changes the rendering (a
@@ -272,13 +332,14 @@ def template_parts(tokenizer, messages, learn_all: bool = True) -> list:
     return [p for p in parts if p[0]]
 
 
-def turn_end_id(tokenizer) -> int:
+def turn_end_id(tokenizer, template: str = "default") -> int:
     """The id that ends an answer in the template (ChatML's <|im_end|>, Llama 3's <|eot_id|>, or
-    the EOS): the first token the template writes after an answer's text. Generation stops there."""
+    the EOS): the first token the template writes after an answer's text. Generation stops there.
+    template: which one (a "tool_use" one is rendered with tools, none listed: as a request with tools picks it)."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-    text = render(tokenizer, probe)
+    text = render(tokenizer, probe, tools=[] if template == "tool_use" else None, template=template)
     if "Yes" not in text:  # (rfind's -1 would cut the text anywhere: a wrong end, or the eot, taken in silence)
-        raise UserError(f"the tokenizer's chat template does not write the messages' content (an answer 'Yes' "
+        raise UserError(f"{_called(template)} does not write the messages' content (an answer 'Yes' "
                         f"renders as {text[:60]!r}): the model would never see the chat; pass --chat-template "
                         "tritongpt")
     after = text[text.rfind("Yes") + len("Yes"):]
@@ -286,7 +347,7 @@ def turn_end_id(tokenizer) -> int:
     if not ids:
         return tokenizer.eot_id
     if ids[0] not in tokenizer.special_tokens.values():
-        raise UserError(f"the tokenizer's chat template ends an answer with {after[:20]!r}, no special token: "
+        raise UserError(f"{_called(template)} ends an answer with {after[:20]!r}, no special token: "
                         "tritongpt cannot tell when an answer ends; pass --chat-template tritongpt")
     return ids[0]
 

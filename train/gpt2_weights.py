@@ -577,10 +577,11 @@ def hub_error(repo: str, e: Exception, remedy: str, dataset: bool = False) -> Us
 # what a Hub repo named where a checkpoint goes brings beside its weights: the model's config and
 # tokenizer files (GPT-2's, a Llama's tokenizer.json, or SentencePiece's tokenizer.model, read where the
 # repo has no tokenizer.json) and its chat template (in tokenizer_config.json, or a file of its own
-# since transformers 4.43), each fetched when the repo has it
+# since transformers 4.43, its tool_use one beside it: what a chat with tools renders in), each fetched when the
+# repo has it
 HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-             "chat_template.jinja", "chat_template.json")
+             "chat_template.jinja", "chat_template.json", "additional_chat_templates/tool_use.jinja")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 

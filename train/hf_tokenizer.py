@@ -137,13 +137,16 @@ class HFTokenizer(TokenizerChecks):
         # the model's own chat template (chat_template.py), when its folder has one; a run keeps it
         # only if its chats were rendered with it. Not part of the hash: it decides no text's ids.
         self.chat_template = None
+        # the folder's other named templates ({"tool_use": ...}: Hermes-2-Pro's, Command-R's), None: none; a chat
+        # with tools renders in "tool_use" (chat_template.template_name), as transformers' and vLLM's do
+        self.chat_templates = None
 
     def without_chat_template(self) -> "HFTokenizer":
         """This tokenizer without a chat template (a run whose chats are in tritongpt's)."""
         import copy
 
         tok = copy.copy(self)
-        tok.chat_template = None
+        tok.chat_template = tok.chat_templates = None
         return tok
 
     # -- construction --------------------------------------------------------------------------
@@ -178,9 +181,11 @@ class HFTokenizer(TokenizerChecks):
             setattr(tok, f"{key}_token", name)
         tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
                        "config.json nor generation_config.json an eos_token_id")
-        from tritongpt.train.chat_template import template_from_config
+        from tritongpt.train.chat_template import templates_from_config
 
-        tok.chat_template = template_from_config(cfg, str(cfg_path), folder)
+        named = templates_from_config(cfg, str(cfg_path), folder) or {}
+        tok.chat_template = named.pop("default", None)
+        tok.chat_templates = named or None
         return tok
 
     # -- sizes and identity --------------------------------------------------------------------
@@ -282,6 +287,8 @@ class HFTokenizer(TokenizerChecks):
         return {"format": FORMAT, "version": 1, "name": self.name, "vocab_size": self.vocab_size,
                 "eos_token": self.eos_token, "bos_token": self.bos_token, "info": self.info, "hash": self.hash,
                 **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
+                **({"chat_templates": self.chat_templates} if self.chat_template is not None and self.chat_templates
+                   else {}),
                 "tokenizer": self.spec}
 
     def save(self, path):
@@ -306,17 +313,33 @@ class HFTokenizer(TokenizerChecks):
             raise UserError(f"{path}: field 'chat_template' must be a Jinja string or absent, got "
                             f"{type(d['chat_template']).__name__}")
         tok.chat_template = d.get("chat_template")
+        named = d.get("chat_templates")
+        if named is not None and not isinstance(named, dict):
+            raise UserError(f"{path}: field 'chat_templates' must be an object of named templates or absent, got "
+                            f"{type(named).__name__}")
+        for name, template in (named or {}).items():
+            if not isinstance(template, str):
+                raise UserError(f"{path}: field 'chat_templates': chat template {name!r} must be a Jinja string, got "
+                                f"{type(template).__name__}")
+        if named and (tok.chat_template is None or "default" in named):
+            raise UserError(f"{path}: field 'chat_templates' names the templates besides 'chat_template' (the "
+                            "default one), which it must have, and no 'default' of its own")
+        tok.chat_templates = named or None
         return tok
 
-    def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None) -> dict:
+    def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None,
+                 chat_templates: dict | None = None) -> dict:
         """{file name: text}: tokenizer.json as read and a tokenizer_config.json naming EOS and BOS,
         which transformers.AutoTokenizer loads with the same ids (add_special_tokens=False; with
-        True, the file's own post-processor adds what the model's pipeline adds)."""
+        True, the file's own post-processor adds what the model's pipeline adds). chat_template: the
+        default chat template; chat_templates: the named others (hf_chat_template_field)."""
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                   "bos_token": self.bos_token, "model_max_length": model_max_length or 1_000_000_000_000,
                   "clean_up_tokenization_spaces": False}
         if chat_template is not None:
-            config["chat_template"] = chat_template
+            from tritongpt.train.chat_template import hf_chat_template_field
+
+            config["chat_template"] = hf_chat_template_field(chat_template, chat_templates)
         return {"tokenizer.json": json.dumps(self.spec, ensure_ascii=False, indent=2),
                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
 

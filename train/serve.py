@@ -997,13 +997,21 @@ class Model:
         self.kv_cache_dtype = kv_cache_dtype  # generate()'s: "int8", each request's cache int8
         self.eot = eot_or_none(tok)
         self.chat_stop = self.eot
+        # a chat with tools in the tokenizer's "tool_use" template (tool_template) ends at that template's end of
+        # turn; None: it has none to find (tool_why), and such chats are refused by name
+        self.tool_chat_stop, self.tool_why = None, None
         if template == "chat" and getattr(tok, "chat_template", None) is not None:
-            from tritongpt.train.chat_template import turn_end_id
+            from tritongpt.train.chat_template import template_name, turn_end_id
 
             try:
                 self.chat_stop = turn_end_id(tok)
             except UserError as e:  # completions still work; chat completions say why not
                 self.template, self.template_why = None, str(e)
+            if self.template is not None and template_name(tok, []) == "tool_use":
+                try:
+                    self.tool_chat_stop = turn_end_id(tok, "tool_use")
+                except UserError as e:
+                    self.tool_why = str(e)
         self.lock = threading.Lock()
         self.engine = engine  # train/engine.py's Engine, started; None: generate() under the lock
         self.pooler = None  # --runner pooling's (train/pooling.py Pooler): embeddings or reward scores, no text
@@ -1073,7 +1081,8 @@ class Model:
                 raise bad(asked, f"the model '{self.name}' is prompted in {self.own_format}, not a Hugging Face chat "
                                  f"template: '{asked}' has no template to go to")
             return self.tool_chat_prompt(messages, tools, template_kwargs, mode)
-        if uses_tools(messages) or tools is not None and tools["tools"] and (tools["choice"] != "none" or rendered):
+        if uses_tools(messages) or tools is not None and tools["tools"] and (tools["choice"] != "none" or rendered) \
+                or self.tool_template(tools):
             return self.tool_chat_prompt(messages, tools)
         try:
             messages = formats.check_messages(messages, "request", ends_with="user", empty_answers=True)
@@ -1096,6 +1105,15 @@ class Model:
         """The prompt format of a model served without its tokenizer's chat template, as refusals name it."""
         return f"its {self.template} prompts" if self.template != "chat" else "tritongpt's plain-text chat format"
 
+    def tool_template(self, tools: dict | None) -> bool:
+        """Whether a chat request with these tools (tool_setting's) renders in the tokenizer's "tool_use" template:
+        tools given (even none listed, as transformers' get_chat_template and vLLM pick it) and a template so named
+        (chat_template.template_name). Its turn's end then stops the answer (tool_chat_stop)."""
+        from tritongpt.train.chat_template import template_name
+
+        return self.template == "chat" and tools is not None and tools["tools"] is not None \
+            and template_name(self.tok, tools["tools"]) == "tool_use"
+
     def tool_chat_prompt(self, messages, tools: dict | None, template_kwargs: dict | None = None,
                          mode: str = "generate") -> list:
         """A chat with tools or tool messages, rendered by the tokenizer's own chat template with tools= (as vLLM's
@@ -1115,6 +1133,9 @@ class Model:
             raise bad("tool_choice", f"the model '{self.name}' is prompted in {what}, which has no place for tools: "
                                      "a tool_choice that calls one needs a chat template that renders them "
                                      "(tool_choice \"none\" answers without them)")
+        if self.tool_template(tools) and self.tool_chat_stop is None:
+            raise bad("tools", f"the model '{self.name}' renders chats with tools in its 'tool_use' chat template, "
+                               f"whose answers' end is not known: {self.tool_why}")
         clean = tool_messages(messages, mode)
         try:
             text = tool_prompt(self.tok, clean, listed, shown=tools is not None and tools["choice"] != "none",
@@ -1904,7 +1925,7 @@ class Completion:
                 raise bad("messages", "'messages' is required")
             self.prompts, self.texts = [app.chat_prompt(body["messages"], s["tools"], s["template_kwargs"],
                                                         s["prompt_mode"])], [None]
-            self.stop_id = app.chat_stop
+            self.stop_id = app.tool_chat_stop if app.tool_template(s["tools"]) else app.chat_stop
             # a reasoning model's answer (--reasoning-parser): in thought unless its prompt ended the thinking; its
             # think tokens' text kept for the parser, its structured outputs waking at </think>
             thinking = app.reasoning_parser
@@ -2780,8 +2801,8 @@ def make_server(args) -> ThreadingHTTPServer:
     override = override_generation_config(args.override_generation_config)
     model, tok, device, dtype, limit = load_generation_model(args)
     gen = generation_config(args, tok, limit or model.config.vocab_size, override)
-    if chat_template is not None:  # (the served tokenizer's own, for chats: vLLM's override)
-        tok.chat_template = chat_template
+    if chat_template is not None:  # (the served tokenizer's own, for chats: vLLM's override, with tools too)
+        tok.chat_template, tok.chat_templates = chat_template, None
     thinking = None
     if args.reasoning_parser is not None:  # (its think tokens looked up in the tokenizer: vLLM's)
         from tritongpt.train.reasoning import PARSERS as THINKING
@@ -2846,7 +2867,7 @@ def pooling_server(args) -> ThreadingHTTPServer:
                         "/rerank's pairs); an embedder reads texts alone")
     model, tok, device, dtype, limit, pooler = load_pooler(args)
     if chat_template is not None:
-        tok.chat_template = chat_template
+        tok.chat_template, tok.chat_templates = chat_template, None
     server = listen(args)
     server.app = Model(model, tok, device, dtype, limit, model_name(args), None,
                        f"--runner pooling serves {served_path(pooler)}, no text")

@@ -410,6 +410,7 @@ class BPETokenizer(TokenizerChecks):
     decode inverts both.
     """
     chat_template = None  # GPT-2 has no chat template: chats are rendered in tritongpt's (formats.py)
+    chat_templates = None  # (nor named ones: hf_tokenizer.HFTokenizer's)
 
     def without_chat_template(self) -> "BPETokenizer":
         return self
@@ -745,11 +746,13 @@ class BPETokenizer(TokenizerChecks):
             out.append((parts[0], parts[1]))
         return out
 
-    def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None) -> dict:
+    def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None,
+                 chat_templates: dict | None = None) -> dict:
         """{file name: text} of vocab.json, merges.txt and tokenizer_config.json as Hugging Face's
         GPT-2 tokenizer reads them (transformers.AutoTokenizer.from_pretrained on the folder): the same ids for the same text. Its pre-tokenizer regex is
         GPT-2's, so only a tokenizer with that pattern has them (UserError otherwise, before any
-        file is written). chat_template: Jinja for apply_chat_template (formats.HF_CHAT_TEMPLATE)."""
+        file is written). chat_template: Jinja for apply_chat_template (formats.HF_CHAT_TEMPLATE);
+        chat_templates: named others, written beside it (hf_chat_template_field)."""
         if _SAME_PATTERN.get(self.pat_str, self.pat_str) != GPT2_PAT:
             raise UserError(f"tokenizer {self.name!r} splits text with another pattern than GPT-2's; Hugging "
                             "Face's GPT-2 tokenizer would give other ids")
@@ -763,7 +766,9 @@ class BPETokenizer(TokenizerChecks):
                   "eos_token": eot, "unk_token": eot, "additional_special_tokens": others,
                   "model_max_length": model_max_length or 1_000_000_000_000}
         if chat_template is not None:
-            config["chat_template"] = chat_template
+            from tritongpt.train.chat_template import hf_chat_template_field
+
+            config["chat_template"] = hf_chat_template_field(chat_template, chat_templates)
         return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
                 "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
                 "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}

@@ -1198,7 +1198,7 @@ def cmd_export(args):
                 EXPORT_TOKENIZER, RUN_TOKENIZER, "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                 "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "chat_template.jinja", "chat_template.json",
-                "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+                "additional_chat_templates", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
     taken = [n for n in hf_files if (out / n).exists()]
     if taken and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: pass --overwrite or another --out")
@@ -1243,8 +1243,10 @@ def cmd_export(args):
     # model's own template, which the run's tokenizer keeps only if its chats were rendered in it)
     chat = run_template(args.checkpoint) == "chat"
     template = getattr(tok, "chat_template", None) or (hf_chat_template(tok) if chat else None)
+    # (its named ones too, "tool_use": the exported folder renders a chat with tools as the run's tokenizer does)
+    named = getattr(tok, "chat_templates", None) if template is getattr(tok, "chat_template", None) else None
     try:  # made before anything is written: a refusal must not leave a half export
-        tok_files = tok.hf_files(cfg.context_length, template)
+        tok_files = tok.hf_files(cfg.context_length, template, named)
     except UserError as e:
         tok_files = {}
         note(f"the tokenizer is not exported: {e}")
@@ -1259,7 +1261,11 @@ def cmd_export(args):
                                                             ensure_ascii=False) + "\n"
         unfolded = fold_head_bias(model)
     for name in taken:  # an earlier export's (or model's) files would be read as this one's
-        (out / name).unlink()
+        if (out / name).is_dir():  # (additional_chat_templates/: transformers reads its *.jinja as named templates)
+            for path in (out / name).glob("*.jinja"):
+                path.unlink()
+        else:
+            (out / name).unlink()
     if args.adapter:
         paths = export_peft_adapter(model, out, base)
     elif reward:
