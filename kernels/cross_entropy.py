@@ -250,7 +250,7 @@ def _launch_shape(N, V):
 # and (forward) LANE_MAX autotuned per (row width, rows bucket, flags, dtypes): (BLOCK_V, num_warps, stages[,
 # LANE_MAX]). The first entries are the fixed shape the H200 ran (4096 wide, 8 warps, no pipelining, per-lane max:
 # forward 1.08 ms, 36 % of the copy bandwidth, backward 1.27 ms at 16384 x 50257), the rest pipeline the loads and
-# (forward) halve the exp2s; 16 values a thread per tile at most but for the 16-warp 8192-wide ones.
+# (forward) halve the exp2s; 16 values a thread per tile at most but for forward's 8-warp 8192-wide one (32).
 FWD_SHAPES = ((4096, 8, 1, True), (4096, 8, 2, True), (4096, 8, 2, False), (4096, 8, 3, False),
               (2048, 4, 3, False), (8192, 16, 2, False), (8192, 8, 2, False))
 BWD_SHAPES = ((4096, 8, 1), (4096, 8, 2), (4096, 8, 3), (2048, 4, 3), (8192, 16, 2), (2048, 8, 2))

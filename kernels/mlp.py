@@ -240,7 +240,7 @@ def _matmul_configs():
         cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=5),
         # An SM of sm_86/89 (RTX 30xx/40xx, L4) has 99 KB: fp32 SwiGLU's dW_down loads three tiles a
-        # stage (x^T, g, u), 104 KB at 5 stages, so without this tile (80 KB) it had none that fits.
+        # stage (dy^T, g, u), 104 KB at 5 stages, so without this tile (80 KB) it had none that fits.
         cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         # Hopper's TMA (sm_90+; _prune_tma drops these elsewhere): the A and B tiles copied into shared memory by
         # the copy engine, swizzled for wgmma, with no address arithmetic or masks in the warps. On the H200 the

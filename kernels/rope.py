@@ -29,8 +29,9 @@ where it scales the rotated columns' share of q.k only) multiplies cos and sin.
     more than positions from 0. The angle pos * inv_freq is one fp32 product, as in the reference
     (and HF's Llama), so both paths rotate by the same fp32 angles.
   * Backward: the rotation is orthogonal, so the gradient of the input is the incoming gradient
-    rotated by -angle (sin negated): the same kernel, and nothing saved but the positions. The
-    pass-through columns' gradient is the incoming one copied (the gradient of a copy).
+    rotated by -angle (sin negated): the same kernel, and nothing saved but the positions and the
+    [R/2] inverse frequencies. The pass-through columns' gradient is the incoming one copied (the
+    gradient of a copy).
   * Layout: q is [B, H, T, D] and k [B, Hkv, T, D] (Hkv < H under grouped-query attention) with any
     strides (the projection's view + transpose is read in place, not copied); the outputs are
     [B, T, H, D] buffers returned as [B, H, T, D] views, the projection's layout, so merging heads

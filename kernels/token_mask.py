@@ -10,7 +10,7 @@ whose tokens are all allowed (a JSON string's body: nearly every token) skips it
 one writes only the banned tokens (the store's mask). indices (a host list, xgrammar's semantics: the rows to mask,
 row i by bitmask row i) go to the device once as int32; then the grid's second axis walks them.
 
-Tiles: on a GPU BLOCK_W 64 words (2048 tokens, 8 per thread on 4 warps) and ROWS 1; under the interpreter, which pays
+Tiles: on a GPU BLOCK_W 64 words (2048 tokens, 16 per thread on 4 warps) and ROWS 1; under the interpreter, which pays
 per program, BLOCK_W 256 and ROWS 4, so a test's grid is a few programs.
 
 Public API: `apply_token_bitmask_(logits, bitmask, indices=None) -> logits`, through the torch.library custom op
