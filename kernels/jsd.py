@@ -1,10 +1,10 @@
 """The distillation loss in Triton, fused with both models' LM heads: Liger-Kernel's FusedLinearJSD,
 ours. linear_distill_loss (at the end) never holds either model's whole [tokens, vocab] logits.
 
-Reference: `tritongpt.train.distill.distill_loss` (and its `divergence`) on the logits of both LM heads:
-loss = (1 - alpha) * CE(student) + alpha * T^2 * D, D TRL GKD's generalized JSD between softmax(s / T)
-and softmax(t / T) (beta 0: KL(teacher || student), 1: KL(student || teacher), else the mixture form with
-M = (1 - beta) p_s + beta p_t), CE and D each the mean (or sum) over the rows whose target is counted.
+Reference: `tritongpt.train.distill.distill_loss` (and `tritongpt.train.distill.divergence`, the D it calls) on
+the logits of both LM heads: loss = (1 - alpha) * CE(student) + alpha * T^2 * D, D TRL GKD's generalized JSD
+between softmax(s / T) and softmax(t / T) (beta 0: KL(teacher || student), 1: KL(student || teacher), else the
+mixture form with M = (1 - beta) p_s + beta p_t), CE and D each the mean (or sum) over the rows whose target is counted.
 
 Why: a `--teacher` step built the student's and the teacher's logits whole (two [tokens, vocab] tensors),
 then log-softmaxes, a mixture and their gradients in fp32: several times the logits' size. Here rows go

@@ -5,8 +5,9 @@ s = index[b] >= 0 it adds to the base Linear's output y, in place,
     y[b] += (x[b] @ lora_a[s]^T) @ lora_b[s]^T          x [B, T, K], lora_a [S, R, K], lora_b [S, N, R]
 
 (the LoRA scale alpha / r folded into lora_b at load, as vLLM does); a row with index -1 (the base model) is left
-as it is. Reference module: `tritongpt.model.lora.AdapterLinear`, whose `lora_rows_reference` gathers each row's
-adapter for two bmm's (what the benchmark's torch provider times).
+as it is. Reference module: `tritongpt.model.lora.AdapterLinear`, whose reference path calls
+`tritongpt.model.lora.lora_rows_reference` (a function of that module): each row's adapter gathered for two bmm's
+(what the benchmark's torch provider times).
 
 Two kernels, as punica's and vLLM's:
   * shrink, grid (B, cdiv(T, BLOCK_T)): a program's BLOCK_T tokens all belong to row b, so all use one adapter; it

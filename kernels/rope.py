@@ -1,7 +1,7 @@
 """Rotary position embeddings (RoPE) in Triton: q and k rotated in one launch, forward and backward.
 
-Reference: `tritongpt.model.layers.apply_rotary` (through the `Rotary` module that
-MultiHeadAttention holds when GPTConfig.position_encoding is "rope"). The half-split convention
+Reference: `tritongpt.model.layers.apply_rotary` (through the `tritongpt.model.layers.Rotary` module
+that MultiHeadAttention holds when GPTConfig.position_encoding is "rope"). The half-split convention
 of GPT-NeoX and Llama (`rotate_half`): dimension i of a head and dimension i + D/2 form a pair,
 rotated by the angle pos * theta^(-2i/D):
 

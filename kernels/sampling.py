@@ -1,7 +1,7 @@
 """Sampling's last step in one Triton kernel: temperature, top-k, top-p and min-p cut the logits and a token is drawn
-by inverse CDF from one uniform number a row, without sorting the vocabulary. Reference: `sampling_logits` (the cuts,
-train/generate.py) then `tritongpt.model.sampling.draw_with_uniform` (the draw); `sample_next(..., triton=True)` picks
-this kernel.
+by inverse CDF from one uniform number a row, without sorting the vocabulary. Reference:
+`tritongpt.train.generate.sampling_logits` (the cuts) then `tritongpt.model.sampling.draw_with_uniform` (the draw);
+`sample_next(..., triton=True)` picks this kernel.
 
 Why no sort: every cut keeps an upper set of the row's logits (the top k; the likeliest tokens whose mass above them is
 under top_p; those at least min_p times the likeliest), so each is one threshold on the logit, found by a radix select

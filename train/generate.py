@@ -233,7 +233,8 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
     """The logits [B, V] sample_next draws from (softmax of them): biased, penalized, tempered and cut, -inf for a
     token it never draws. Greedy (temperature 0): only biased and penalized (and n-grams banned). logit_bias {token
     id: bias}: added to those logits first (OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it),
-    after vLLM's allowed_token_ids and bad_words (allow_and_ban), greedy's too."""
+    after vLLM's allowed_token_ids and bad_words (allow_and_ban), greedy's too.
+    Triton twin of the temperature, top_k, top_p and min_p cuts (with the draw fused in): kernels/sampling.py."""
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                    no_repeat_ngram_size=no_repeat_ngram_size, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
