@@ -317,6 +317,54 @@ def test_a_template_that_would_hang_is_refused_by_name():
     assert render(tok, CHATS[0]) == f"===on a matthe cat sat8{2**62 * 3}{7 * 2**70}"
 
 
+def test_a_template_that_grows_text_without_bound_is_refused_by_name(monkeypatch):
+    """Text a template makes is bounded as range() is: a string doubled in a loop (+, ~, a list's +), a filter or
+    method whose argument sets its length (center, indent, wordwrap, format and %, str.format, join, replace, batch,
+    expandtabs), a large string repeated in the output, a {% set %} block, or printed in a list, each refused before
+    it is made (one string past 100,000,000 characters), quickly, as is making large strings again and again (past
+    MAX_MADE in all: made small here); constants Jinja folds as it compiles too. A long chat a template builds
+    string by string (ns.x = ns.x + piece, a copy of ns.x each turn) still renders, as the plain loop does."""
+    import time
+
+    from tritongpt.train import chat_template
+
+    tok = copy.copy(get_tokenizer("default"))  # (a copy: the default is cached for the process, its template too)
+    grown = "{% set ns = namespace(s='x', l=[1]) %}{% for i in range(26) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+    big = "{% set b = 'x' * 200000 %}"
+    for template in (
+            "{% set ns = namespace(s='x') %}{% for i in range(27) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+            "{% set ns = namespace(s='x') %}{% for i in range(27) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+            "{% set ns = namespace(l=[1]) %}{% for i in range(24) %}{% set ns.l = ns.l + ns.l %}{% endfor %}",
+            "{{ 'x' | center(200000000) }}", "{{ 'x'.center(2 * 10**8) }}", "{{ 'a' | indent(width=2 * 10**8) }}",
+            "{% set w = 'x' * 10000 %}{{ ('a ' * 20000) | wordwrap(1, wrapstring=w) }}",
+            "{{ '%200000000s' | format('x') }}", "{{ '%*s' % (2 * 10**8, 'x') }}",
+            "{{ '{:>{}}'.format('x', 2 * 10**8) }}",
+            big + "{{ ([b] * 1000) | join }}", big + "{{ 'y'.join([b] * 1000) }}",
+            "{% set b = 'x' * 100000 %}{{ b | replace('x', 'y' * 2000) }}", "{{ [1] | batch(2 * 10**7, 0) | list }}",
+            "{{ 'a\tb'.expandtabs(2 * 10**8) }}", big + "{% for i in range(1000) %}{{ b }}{% endfor %}",
+            big + "{{ [b] * 1000 }}", big + "{{ ([b] * 1000) | tojson }}", grown + "{{ ns.s | center(2 * 10**8) }}",
+            grown + "{% set x %}{{ ns.s }}{{ ns.s }}{% endset %}"):
+        tok.chat_template = template
+        start = time.perf_counter()
+        with pytest.raises(UserError, match="could not render a value it was given \\(OverflowError: the template "
+                                            "makes a string [0-9,]+ characters long .*, more than 100,000,000"):
+            render(tok, CHATS[0])
+        assert time.perf_counter() - start < 0.5, template
+    monkeypatch.setattr(chat_template, "MAX_MADE", 10_000_000)
+    tok.chat_template = big + "{% set ns = namespace(l=[]) %}{% for i in range(100) %}{% set ns.l = ns.l + [b ~ i] %}" \
+                              "{% endfor %}"
+    with pytest.raises(UserError, match="makes more than 10,000,000 characters of text \\(and lists\\) in all"):
+        render(tok, CHATS[0])
+    monkeypatch.undo()
+    chat = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}: " + "the cat sat on a mat. " * 9}
+            for i in range(1000)]
+    tok.chat_template = ("{% set ns = namespace(x='') %}{% for m in messages %}{% set ns.x = ns.x + '<|im_start|>' + "
+                         "m.role + '\\n' + m.content + '<|im_end|>\\n' %}{% endfor %}{{ ns.x }}")
+    built = render(tok, chat)
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    assert built == render(tok, chat) and len(built) > 200_000
+
+
 def test_a_template_that_calls_itself_without_end_is_refused_by_name():
     """A macro that calls itself, a recursive loop with no end: a UserError, not a RecursionError's traceback (a 500
     in serve)."""

@@ -17,7 +17,9 @@ tokens (<|im_start|>, <|eot_id|>) as text, encoded as their ids (Rendered); the 
 text may spell none (refused, naming it), so a message can never forge a turn.
 """
 import json
+import re
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 
 from tritongpt.errors import UserError, read_text_file
@@ -126,6 +128,142 @@ def _spend(n: int):
     _budget.left = left - n
 
 
+# What one rendering may make as text: every string (or list) a template makes with +, ~, %, a filter, a method or
+# its output is charged its length, checked before it is made where its arguments set it (center(10**9), a list of
+# 1,000 references to one large string joined), so that doubling a string in a loop (25 times: 32 MB; 35: 32 GB) or
+# making a large one again and again is refused, not a server out of memory or hung. MAX_TEXT for any one string
+# (100x a prompt of 1 MB, past any model's context), MAX_MADE in all (the memory the strings a rendering keeps may
+# take, and the copying it may do: 1-2 s of it). Real templates make about 4x their prompt (ChatML, Llama 3.1's and
+# Qwen2.5's with tools: 4 MB for a prompt of 1 MB); a chat built by `ns.x = ns.x + a + b ...` copies ns.x each time:
+# 1,000 messages of 200 characters with 5 +'s each make 580 MB.
+MAX_TEXT = 100_000_000
+MAX_MADE = 2_000_000_000
+
+
+def _grow(n: int, made: bool = True, one: bool = True):
+    """n characters (8 a list's item) made (made False: about to be, checked only), refused past MAX_TEXT (one: n is
+    one string's length, not a copying's), or past what the rendering has left of MAX_MADE."""
+    left = getattr(_budget, "made", None)
+    if left is None:  # (not under render(): nothing to bound)
+        return
+    if one and n > MAX_TEXT:
+        raise OverflowError(f"the template makes a string {n:,} characters long (or a list: 8 an item), more than "
+                            f"{MAX_TEXT:,} (a string doubled in a loop, a width too large): a rendering too large to "
+                            "finish")
+    if n > left:
+        raise OverflowError(f"the template makes more than {MAX_MADE:,} characters of text (and lists) in all "
+                            "(a large string made again in a loop): a rendering too large to finish")
+    if made:
+        _budget.made = left - n
+
+
+def _check_size(n: int):
+    """Before a template makes text (or a list) about n characters long: refused where _grow would refuse it."""
+    _grow(n, made=False)
+
+
+def _made(value):
+    """value, a template's result, charged its length (when text; a list: 8 an item, its pointers' bytes)."""
+    if isinstance(value, str):
+        _grow(len(value))
+    elif isinstance(value, (list, tuple)):
+        _grow(8 * len(value))
+    return value
+
+
+def _text_size(value, indent: int = 0) -> int:
+    """About the length of str(value) (its repr, or its JSON with each item on a line indented by `indent` a level),
+    counted only until past MAX_TEXT: a list holding a list holding a string, each 1,000 times, is 10**6 strings
+    long in print, too many to walk."""
+    from jinja2.utils import Namespace
+
+    if isinstance(value, str):  # (most of what templates print and join: quick)
+        return len(value)
+    size, stack = 0, [iter((value,))]
+    while stack and size <= MAX_TEXT:
+        x = next(stack[-1], stack)
+        if x is stack:
+            stack.pop()
+            continue
+        size += 2 + indent * len(stack)  # (quotes or brackets, a separator, the line's indent)
+        if isinstance(x, str):
+            size += len(x)
+        elif isinstance(x, int):
+            size += x.bit_length() // 3  # (its decimal digits, at most)
+        elif isinstance(x, dict):
+            stack.append(v for kv in x.items() for v in kv)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.append(iter(x))
+        elif isinstance(x, Namespace):  # (it prints its attributes)
+            stack.append(iter(x._Namespace__attrs.items()))
+        else:
+            size += 20
+    return size
+
+
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?.")
+
+
+def _format_size(fmt: str, args, braces: bool = False) -> int:
+    """About the length of fmt formatted with args (a tuple, a dict or one value; braces: str.format's {} fields,
+    else printf's %): its text, each field's width, and per field the largest argument's text."""
+    import string
+
+    values = list(args.values()) if isinstance(args, dict) else list(args) if isinstance(args, tuple) else [args]
+    if braces:
+        try:
+            specs = [spec or "" for _, name, spec, _ in string.Formatter().parse(fmt) if name is not None]
+        except ValueError:  # (a malformed one: format() refuses it)
+            specs = []
+        nested = any("{" in spec for spec in specs)
+    else:
+        specs = ["".join(m.groups(default="")) for m in _PRINTF.finditer(fmt)]
+        nested = any("*" in spec for spec in specs)
+    widths = [int(d) for spec in specs for d in re.findall(r"\d+", spec)]
+    if nested:  # (a width given as an argument: any integer one may be it)
+        widths += [abs(v) for v in values if isinstance(v, int)]
+    return len(fmt) + len(specs) * max(map(_text_size, values), default=0) + sum(widths)
+
+
+def _method_size(method, args, kwargs) -> int:
+    """About the length of what a string's method makes, where its arguments set it (0: no such method)."""
+    wrapped = getattr(method, "__wrapped__", method)  # (str.format, as the sandbox wraps it)
+    text, name = getattr(wrapped, "__self__", None), getattr(wrapped, "__name__", None)
+    if not isinstance(text, str) or not (args or kwargs):
+        return 0
+    if name in ("format", "format_map"):
+        return _format_size(text, kwargs or (args[0] if name == "format_map" else args), braces=True)
+    if name in ("center", "ljust", "rjust", "zfill") and isinstance(args[0], int):
+        return max(len(text), args[0])
+    if name == "expandtabs":
+        tabsize = args[0] if args else kwargs.get("tabsize", 8)
+        return len(text) + text.count("\t") * tabsize if isinstance(tabsize, int) else 0
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        count = args[2] if len(args) > 2 else kwargs.get("count", -1)
+        found = text.count(args[0]) if not isinstance(count, int) or count < 0 else min(count, text.count(args[0]))
+        return len(text) + found * max(len(args[1]) - len(args[0]), 0)
+    if name == "translate" and isinstance(args[0], dict):
+        return len(text) * max([_text_size(v) for v in args[0].values()] + [1])
+    if name == "join" and isinstance(args[0], (list, tuple)):
+        return sum(map(_text_size, args[0])) + len(text) * len(args[0])
+    return 0
+
+
+def _sum_size(environment, value, attribute=None, start=0) -> int:
+    """sum(start=[]) (or "") of lists (strings): each partial sum is a copy, those before the result charged here."""
+    from jinja2.filters import make_attrgetter
+
+    if not isinstance(start, (str, list, tuple)):
+        return 0
+    total, copied = len(start), 0
+    for item in map(make_attrgetter(environment, attribute), value) if attribute is not None else value:
+        copied += total
+        total += len(item) if isinstance(item, (str, list, tuple)) else 0
+    _check_size(total)
+    _grow(copied, one=False)
+    return total
+
+
 def _compiled(template: str, what: str = "the tokenizer's chat template"):
     """The template compiled as transformers compiles it: a sandbox, trim_blocks and lstrip_blocks,
     loop controls, {% generation %} blocks (rendered as their body), raise_exception,
@@ -133,6 +271,7 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     if template in _ENVIRONMENTS:
         return _ENVIRONMENTS[template]
     import jinja2
+    from jinja2.compiler import CodeGenerator, optimizeconst
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
@@ -150,10 +289,38 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    class Compiler(CodeGenerator):
+        @optimizeconst
+        def visit_Concat(self, node, frame):  # `a ~ b` compiles to a join, not a binop: its size checked first
+            join = ("(markup_join if context.eval_ctx.volatile else str_join)" if frame.eval_ctx.volatile else
+                    "markup_join" if frame.eval_ctx.autoescape else "str_join")  # (as Jinja's own visit_Concat)
+            self.write(f"environment.join_text({join}, (")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class Sandbox(ImmutableSandboxedEnvironment):  # transformers' sandbox, with range(), * and ** bounded (_spend)
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "+", "%"})  # and the text it makes (_made): +, ~, %, ...
+        code_generator_class = Compiler
+
+        def join_text(self, join, values):  # `a ~ b ~ c`
+            _check_size(sum(map(_text_size, values)))
+            return _made(join(values))
+
+        def concat(self, parts):  # the output of the template, of a {% set %} block, a macro, a {% filter %} block
+            parts = list(parts)
+            _check_size(sum(map(len, parts)))
+            return _made("".join(parts))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # (Jinja's names: no argument of the call's can be one)
+            _check_size(_method_size(__obj, args, kwargs))
+            return _made(super().call(__context, __obj, *args, **kwargs))
 
         def call_binop(self, context, operator, left, right):
+            if operator == "+" and isinstance(left, str) and isinstance(right, str):  # (most binops: quick)
+                _grow(len(left) + len(right))
+                return left + right
             ints, bits = isinstance(left, int) and isinstance(right, int), 0
             # an integer result's size in bits: in 64-bit words, 3 ** 25_000_000 passed (8 s), and so did x * x
             # squared in a loop (each product unbounded: 26 times took 41 s, 30 never ended). Machine-sized ones are
@@ -166,9 +333,14 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
                 seq, times = (right, left) if isinstance(left, int) else (left, right)
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
                     _spend(len(seq) * max(times, 0))
+            elif operator == "+" and isinstance(left, (list, tuple)) and isinstance(right, (list, tuple)):
+                _check_size(8 * (len(left) + len(right)))
+            elif operator == "%" and isinstance(left, str):
+                _check_size(_format_size(left, right))
             if bits > 64:
                 _spend(bits)
-            return super().call_binop(context, operator, left, right)
+            value = super().call_binop(context, operator, left, right)
+            return _made(value) if operator in ("+", "%") else value
 
     def bounded_range(*args):
         rng = safe_range(*args)
@@ -177,17 +349,59 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
 
     def bounded_lipsum(n=5, html=True, min=20, max=100):  # (Jinja's global: lipsum(20000) took 1 s, unbounded)
         _spend(abs(n) * abs(max))  # (its words, at most)
-        return jinja2.utils.generate_lorem_ipsum(n, html, min, max)
+        return _made(jinja2.utils.generate_lorem_ipsum(n, html, min, max))
+
+    def bounded(f, size=None):
+        """Filter f, its result charged as made; size: its result's length, about, from f's arguments (after the
+        context or environment Jinja passes it: pass), checked before it is made."""
+        import functools
+
+        passed = 1 if hasattr(f, "jinja_pass_arg") else 0
+
+        @functools.wraps(f)  # (its jinja_pass_arg too)
+        def bounded_filter(*args, **kwargs):
+            if size is not None and len(args) > passed:
+                if isinstance(args[passed], Iterator):  # (a generator, map's: read once, for both)
+                    args = (*args[:passed], list(args[passed]), *args[passed + 1:])
+                _check_size(size(*args[passed:], **kwargs))
+            return _made(f(*args, **kwargs))
+        return bounded_filter
 
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
                        range=bounded_range, lipsum=bounded_lipsum)
+    # the filters whose arguments set their result's length (center(10**8), a list of 1,000 references to one large
+    # string joined), checked before they make it; every filter's result charged
+    lines = lambda s: s.count("\n") + 1 if isinstance(s, str) else _text_size(s)  # noqa: E731
+    width = lambda w: len(w) if isinstance(w, str) else w if isinstance(w, int) else 0  # noqa: E731
+    sizes = {
+        "center": lambda s, width=80: max(_text_size(s), width if isinstance(width, int) else 0),
+        "indent": lambda s, w=4, *a, **k: _text_size(s) + lines(s) * width(k.get("width", w)),
+        "wordwrap": lambda s, *a, wrapstring=None, **k: _text_size(s) * (1 + len(wrapstring or "\n")),
+        "format": lambda s, *args, **kwargs: _format_size(s, kwargs or args) if isinstance(s, str) else 0,
+        "join": lambda items, d="", attribute=None: sum(map(_text_size, items)) + _text_size(d) * len(items),
+        "replace": lambda s, old, new, count=None: _method_size(str(s).replace, (str(old), str(new), count or -1),
+                                                                {}),
+        "tojson": lambda x, ensure_ascii=False, indent=None, *a, **k: _text_size(x, width(indent)),
+        "string": _text_size, "pprint": lambda x: _text_size(x, 1), "sum": lambda *a, **k: _sum_size(env, *a, **k),
+        "batch": lambda items, n, fill_with=None: 8 * (len(items) + (n if fill_with is not None else 0)),
+        "slice": lambda items, n, fill_with=None: 8 * (len(items) + n)}  # (lists: 8 an item, as _made counts them)
+    for name, f in env.filters.items():
+        env.filters[name] = bounded(f, sizes.get(name))
+    # {{ value }} prints str(value): a list of 1,000 references to one large string is sized before it is made
+    env.finalize = lambda value: value if isinstance(value, str) else _check_size(_text_size(value)) or value
+    outside = getattr(_budget, "made", None) is None  # (compiling folds constants: 'x' | center(10**9) is made then)
+    if outside:
+        _budget.left, _budget.made = MAX_ITEMS, MAX_MADE
     try:
         compiled = env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise UserError(f"{what} is not valid Jinja (line {e.lineno}: {e.message})") from None
+    finally:
+        if outside:
+            _budget.left = _budget.made = None
     _ENVIRONMENTS[template] = compiled
     return compiled
 
@@ -213,7 +427,7 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     name = template_name(tokenizer, tools) if template is None else template
     what = _called(name)
     compiled = _compiled(_template_text(tokenizer, name), what)
-    _budget.left = MAX_ITEMS
+    _budget.left, _budget.made = MAX_ITEMS, MAX_MADE
     try:
         return compiled.render(context)
     except RecursionError:  # (a macro that calls itself, a recursive loop with no end: a traceback, not a refusal)
@@ -223,7 +437,7 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     except (TypeError, ValueError, ArithmeticError, LookupError) as e:  # (a value it cannot use: 'a' + 1)
         raise UserError(f"{what} could not render a value it was given ({type(e).__name__}: {e})") from None
     finally:
-        _budget.left = None
+        _budget.left = _budget.made = None
 
 
 def _check_contents(tokenizer, messages):
