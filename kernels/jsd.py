@@ -27,9 +27,9 @@ BLOCK_V column tiles, so only a few BLOCK_V vectors per row live in registers, n
               beta = 1:        p_s,j (log p_s,j - log p_t,j - D)
               0 < beta < 1:    (1 - beta) p_s,j (log p_s,j - log M_j - R)
           (the mixture's terms through log M cancel: sum_j M_j d log M_j = d sum_j M_j = 0). So
-          dx = (1 - alpha) dCE + alpha T (T^2 / T) d~D, times the row's upstream gradient, which is a
-          scalar (1/n or 1) applied in backward. Forward KL needs no row sum: its gradient is written in
-          pass 2 and pass 3 is skipped. Without a gradient (evaluation) pass 3 is skipped too.
+          dx = (1 - alpha) dCE + alpha T dD/ds (T^2 times dD/dx = dD/ds / T), times the row's upstream
+          gradient, which is a scalar (1/n or 1) applied in backward. Forward KL needs no row sum: its
+          gradient is written in pass 2 and pass 3 is skipped. Without a gradient (evaluation) pass 3 is skipped too.
   ignore  rows whose target is ignore_index get CE 0, D 0 and gradient 0.
   padding rows hold W >= V values: columns past the CE's classes (and past the divergence's V, which may be
           fewer: the tokenizer's ids) count as absent and get gradient 0; the teacher's width may differ.

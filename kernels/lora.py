@@ -182,8 +182,8 @@ def _lora_expand_grouped_kernel(H, Bw, Order, Bounds, Y, T, N, R, stride_hm, str
 
 def _tiles(T: int, r_pad: int) -> dict:
     """(BLOCK_T, BLOCK_K, BLOCK_N, num_warps, num_stages); T the tokens a program's tile serves (a row's, or a slot's
-    on average when grouped). The fp32 h tile BLOCK_T x R_PAD stays at most 64 x 64 (32 registers a thread on 4
-    warps); the weight tiles R_PAD x BLOCK_K and R_PAD x BLOCK_N at most 8192 values."""
+    on average when grouped). The fp32 h tile BLOCK_T x R_PAD stays at most 4096 values (64 x 64, 32 x 128, 16 x 256: 32
+    registers a thread on 4 warps); the weight tiles R_PAD x BLOCK_K and R_PAD x BLOCK_N at most 8192 values."""
     if triton_interpreting():  # the interpreter pays per program and per tl.dot: few small ones
         return dict(BLOCK_T=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=1)
     block_t = max(16, min(16 if T <= 16 else 64, 4096 // r_pad))
@@ -343,7 +343,8 @@ def add_lora_rows(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
     lora_a [S, R, K], lora_b [S, N, R] (the scale alpha / r folded in; unit stride on their last dims), one float
     dtype; index [B] int32 or int64 on x's device, values in [-1, S): -1 leaves the row's y as it is. Checking the
     index's values reads it back (one host sync); index_checked=True skips that (the caller guarantees them: an
-    index outside the range reads other memory in the per-row kernels and is skipped by the grouped ones). R <=
+    index >= S reads other memory in the per-row kernels, one below -1 counts as -1 there, and the grouped ones
+    skip both). R <=
     MAX_RANK. Inference only: refused where grad is enabled and y, x, lora_a or lora_b requires grad. grouped: True
     sorts the tokens by adapter first (the segment kernels), False runs a program per row, None picks (pick_grouped:
     grouped below 16 tokens a row).

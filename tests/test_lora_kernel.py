@@ -187,9 +187,10 @@ def test_grad_refusal_is_only_where_grad_is_enabled(device):
 def test_index_checked_skips_the_range_check(device, grouped):
     """index_checked=True reads no index back: slot S of adapters that are the first S of S + 1 in memory is taken
     as the caller's word instead of refused. The per-row kernels read it (here the next adapter, which exists); the
-    grouped ones sort it past every segment, so that row is left as it is."""
+    grouped ones sort it past every segment, so that row is left as it is. An index below -1 is no adapter on both
+    pairs: the per-row kernels return on any negative slot, the grouped ones sort it before every segment."""
     y, x, a, b, _ = case(2, 3, 48, 40, 5, 3, [0, 0], device, torch.float32)
-    index = torch.tensor([2, -1], device=device)
+    index = torch.tensor([2, -3], device=device)
     want = y.double() if grouped else reference(y, x, a, b, index)
     with pytest.raises(UserError, match=r"index\[0\] = 2 is outside \[-1, 2\)"):
         add_lora_rows(y, x, a[:2], b[:2], index, grouped=grouped)
