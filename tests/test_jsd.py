@@ -150,6 +150,32 @@ def test_linear_heads_matmuls_see_padded_vocabularies(device):
     assert w.grad.shape == (45, 12) and torch.count_nonzero(w.grad[41:]) == 0
 
 
+def test_linear_backward_makes_no_matmul(device):
+    """The head's dh and dW are made in forward, a chunk at a time from the kernel's dlogits (the README's
+    table): backward only scales them by the upstream gradient (1/n for the mean), no matmul of its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 8, generator=g).to(device).requires_grad_()
+    w = torch.randn(37, 8, generator=g).to(device).requires_grad_()
+    th, tw = torch.randn(6, 5, generator=g).to(device), torch.randn(37, 5, generator=g).to(device)
+    y = torch.randint(0, 37, (6,), generator=g).to(device)
+    loss, _, _ = linear_distill_loss(h, w, th, tw, y, 37, 0.5, 2.0, 0.3, chunk_rows=4)
+    with Ops() as seen:
+        loss.backward()
+    assert not {"mm", "addmm", "matmul", "bmm"} & set(seen.names), seen.names
+    assert "mul" in seen.names and torch.count_nonzero(h.grad) > 0 and torch.count_nonzero(w.grad) > 0
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
 def test_linear_parity_fp64(alpha, beta, device):
