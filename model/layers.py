@@ -13,8 +13,9 @@ a state_dict moves freely between the two paths.
     MoEFeedForward      <->  kernels/moe.py         (routing in torch; moe_mlp: every expert in grouped GEMMs over
                                                      the assignments sorted by expert, the weighted sum in torch)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped;
-                                                     its q/k norms are RMSNorms: per head, or OLMo 2's rows
-                                                     of n_head * head_dim)
+                                                     its q/k norms are GPTConfig.norm's, RMSNorm or LayerNorm:
+                                                     per head, OLMo 2's rows of n_head * head_dim, or
+                                                     PerHeadNorm's weights a head)
     NoNorm              --   no kernel: OLMo 2's absent pre-norm, a plain residual add
     Rotary (apply_rotary) <-> kernels/rope.py       (rope: q and k rotated in one launch)
     out_head + lm_loss (model/gpt.py) <->  kernels/cross_entropy.py (linear_cross_entropy: never all the logits at once;
@@ -690,9 +691,9 @@ class MultiHeadAttention(nn.Module):
         self.use_triton = False
 
     def attend(self, q, k, v, doc_ids=None, kv_len=None):
-        """Textbook attention core: dropout(softmax(q k^T / sqrt(d) + causal mask)) v (without the
-        1 / sqrt(d) when the model does not scale its scores: GPT-Neo). With self.softcap c > 0 the
-        scaled scores s are soft-capped to c tanh(s / c) first (Gemma 2).
+        """Textbook attention core: dropout(softmax(q k^T * softmax_scale + causal mask)) v, the scale 1 / sqrt(d)
+        unless __init__ sets another (1: GPT-Neo's unscaled scores; Gemma's, Granite's, YaRN's). With
+        self.softcap c > 0 the scaled scores s are soft-capped to c tanh(s / c) first (Gemma 2).
         doc_ids [B, Tk]: packed documents, each a run of equal ids; a query also may not see the
         keys of another document (the document mask). self.window W > 0: nor keys W or more
         positions back (the local mask). k, v with fewer heads than q (grouped-query attention):

@@ -13,7 +13,7 @@ run through the same Triton kernels (kernels/layernorm.py), so an RMSNorm model 
 
 On a GPU older than Ampere (compute capability < 8.0: V100, T4) Triton compiles tl.dot to
 scalar FMAs, not tensor-core MMAs (checked offline for sm_75: bench/results/sm75-offline), so
-there "auto" keeps only the kernels without a dot (the LayerNorm and the fused loss, whose
+there "auto" keeps only the kernels without a dot (the LayerNorm, RoPE and the fused loss, whose
 matmuls are cuBLAS's): the Triton MLP and attention would be slower than the reference path.
 """
 import torch

@@ -294,7 +294,7 @@ def test_lm_loss_ignores_masked_targets():
 
 def test_auto_leaves_the_dot_kernels_out_below_ampere(monkeypatch, capsys):
     """Below compute capability 8.0 Triton's tl.dot is scalar FMAs (the sm_75 compile check has
-    no MMA instruction): auto keeps the LayerNorm and the fused loss there, not the MLP and
+    no MMA instruction): auto keeps the LayerNorm, RoPE and the fused loss there, not the MLP and
     attention, and a trainer given them anyway says they will be slow."""
     from types import SimpleNamespace
 
