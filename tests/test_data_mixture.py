@@ -278,6 +278,33 @@ def test_a_source_given_twice_is_refused_naming_it_and_its_positions(two, tmp_pa
     check_repeated_sources([str(folder), str(folder / "b.jsonl"), "stdlib", "pydoc"])  # each read once
 
 
+def test_a_repeat_is_what_the_sources_read_not_where_they_lie(tmp_path):
+    """Two sources repeat each other where they read one file, as prepare_tokens picks a folder's files: a text
+    folder's link to a file also given is refused (it was let through: resolved, the file lies outside the folder);
+    a subfolder of a folder of token shards, or a nanoGPT folder's input.txt, is no file the folder reads (they
+    were refused as read by it already)."""
+    from tritongpt.train.pretrain import check_repeated_sources
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a b c")
+    (tmp_path / "b.txt").write_text("d e f")
+    (tmp_path / "texts" / "b.txt").symlink_to(tmp_path / "b.txt")
+    with pytest.raises(UserError, match=r"--data \S*b.txt and --data \S*texts \(sources 1 and 2 of the mixture\) both "
+                                        r"read \S*b.txt: it would be drawn from twice as often"):
+        check_repeated_sources([str(tmp_path / "texts"), str(tmp_path / "b.txt")])
+    shards = tmp_path / "shards"
+    (shards / "notes").mkdir(parents=True)
+    np.save(shards / "s0.npy", np.arange(1, 9, dtype=np.uint16))
+    (shards / "notes" / "n.txt").write_text("g h i")
+    (tmp_path / "ng").mkdir()
+    np.arange(1, 9, dtype=np.uint16).tofile(tmp_path / "ng" / "train.bin")
+    (tmp_path / "ng" / "input.txt").write_text("j k l")
+    check_repeated_sources([str(shards), str(shards / "notes")])  # each read once
+    check_repeated_sources([str(tmp_path / "ng"), str(tmp_path / "ng" / "input.txt")])
+    with pytest.raises(UserError, match=r"s0.npy lies inside the folder --data \S*shards \(sources 1 and 2"):
+        check_repeated_sources([str(shards / "s0.npy"), str(shards)])
+
+
 def test_token_ids_of_another_tokenizer_beside_text_refused(two, tmp_path):
     """A nanoGPT .bin (GPT-2's ids) mixed with text read by a 270-token BPE: the ids past its vocabulary are
     refused by name, before any step (the text sources' tokenizer is the run's one tokenizer)."""

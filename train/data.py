@@ -239,6 +239,26 @@ def _shard_files(path: Path) -> list:
     return sorted(p for p in path.iterdir() if _is_token_file(p))
 
 
+def files_read(source) -> set | None:
+    """The files prepare_tokens reads for a source, resolved (a link and its target are one): a nanoGPT folder's
+    train.bin and val.bin, a folder's token shards (not its subfolders), a text folder's .txt or .parquet files
+    (links among them too), or the file itself. None for a built-in corpus, or a source the reading will refuse
+    (it is named there)."""
+    if source in (None, "", "pydoc", "stdlib"):
+        return None
+    path = Path(str(source)).expanduser()
+    try:
+        if _is_token_folder(path):
+            files = [p for p in (path / "train.bin", path / "val.bin") if p.is_file()]
+        elif path.is_dir():
+            files = _shard_files(path) or _txt_files(path)
+        else:
+            files = [path] if path.is_file() else []
+    except UserError:
+        return None
+    return {p.resolve() for p in files} or None
+
+
 def iter_documents(source=None, text_field: str = "text"):
     """The corpus's documents one at a time (see the module docstring for what one is): a
     corpus need not fit in memory. A missing or unreadable source is named before the first."""

@@ -234,28 +234,34 @@ def _source_key(source):
     return Path(str(source)).expanduser().resolve()
 
 
-# what a folder source reads beneath it (its .txt or .parquet files, nanoGPT's train.bin, token shards): a file of
-# these kinds inside a folder also given is read twice; another (a .jsonl) is not read by the folder
-_FOLDER_READS = {".txt", ".parquet", ".bin", ".npy"}
-
-
 def check_repeated_sources(sources):
-    """A source given twice in a mixture (the same path however spelt, or a file or folder inside a folder also
-    given) would be read twice and drawn from twice as often, without a word: refused, naming both."""
+    """A source given twice in a mixture (the same path however spelt), or two that read one file (a file inside a
+    folder also given, a folder's link to a file also given) would be read twice and drawn from twice as often,
+    without a word: refused, naming both. What a source reads is what prepare_tokens reads (data.files_read): a
+    .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read by the folder."""
+    from tritongpt.train import data
+
     keys = [_source_key(s) for s in sources]
+    reads = [data.files_read(s) for s in sources]
     for j, b in enumerate(keys):
         for i, a in enumerate(keys[:j]):
+            where = f"sources {i + 1} and {j + 1} of the mixture"
             if a == b:
-                raise UserError(f"--data {sources[j]} is given twice (sources {i + 1} and {j + 1} of the mixture): "
-                                "it would be read twice, drawn from twice as often; give it once (--data-weights "
-                                "gives a source more weight)")
-            for (outer, o), (inner, n) in (((a, i), (b, j)), ((b, j), (a, i))):
-                if isinstance(outer, Path) and isinstance(inner, Path) and outer.is_dir() and \
-                        inner.is_relative_to(outer) and (inner.is_dir() or inner.suffix in _FOLDER_READS):
-                    raise UserError(f"--data {sources[n]} lies inside the folder --data {sources[o]} (sources "
-                                    f"{min(i, j) + 1} and {max(i, j) + 1} of the mixture), which reads it already: it "
-                                    "would be drawn from twice as often; give one of them (--data-weights gives a "
-                                    "source more weight)")
+                raise UserError(f"--data {sources[j]} is given twice ({where}): it would be read twice, drawn from "
+                                "twice as often; give it once (--data-weights gives a source more weight)")
+            shared = sorted(reads[i] & reads[j]) if reads[i] and reads[j] else []
+            if not shared:
+                continue
+            # (both are paths: a built-in corpus reads no file)
+            nested = [(o, n) for o, n in ((i, j), (j, i)) if keys[o].is_dir() and keys[n].is_relative_to(keys[o])]
+            if nested:
+                outer, inner = nested[0]
+                said = f"--data {sources[inner]} lies inside the folder --data {sources[outer]} ({where}), which " \
+                       "reads it already"
+            else:
+                said = f"--data {sources[j]} and --data {sources[i]} ({where}) both read {shared[0]}"
+            raise UserError(f"{said}: it would be drawn from twice as often; give one of them (--data-weights gives "
+                            "a source more weight)")
 
 
 def check_mixture(args):
