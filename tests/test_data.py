@@ -927,6 +927,26 @@ def test_a_cache_keyed_before_the_sample_is_reused_and_given_it(tmp_path, tok, m
         == tok.encode("ALPHA")
 
 
+def test_an_unwritable_cache_keyed_before_the_sample_is_still_reused(tmp_path, tok):
+    """A cache whose record predates the sample, in a folder this start cannot write (a shared cache mounted
+    read-only), is reused as it was before the sample was kept: its record is not rewritten, and no error (the
+    record's upgrade was a write where a start reusing it wrote nothing)."""
+    import os
+
+    (tmp_path / "a.txt").write_text("alpha beta gamma delta " * 20, encoding="utf-8")
+    first = prepare_tokens(str(tmp_path / "a.txt"), tok, tmp_path / "c")
+    meta_path = tmp_path / "c" / "tokens.json"
+    meta = json.loads(meta_path.read_text())
+    old = dict(meta, source_stat=dict(meta["source_stat"], files=[f[:3] for f in meta["source_stat"]["files"]]))
+    meta_path.write_text(json.dumps(old))
+    # (root writes past a folder's permissions: the temporary file's name taken by a folder fails the write alike)
+    (tmp_path / "c" / f".tokens.json.{os.getpid()}.tmp").mkdir()
+    assert prepare_tokens(str(tmp_path / "a.txt"), tok, tmp_path / "c").tokens.tolist() == first.tokens.tolist()
+    assert json.loads(meta_path.read_text()) == old
+    with pytest.raises(OSError):  # another split is a new record: not written, said
+        prepare_tokens(str(tmp_path / "a.txt"), tok, tmp_path / "c", val_fraction=0.5)
+
+
 def test_quick_stat_samples_at_most_a_mebibyte_from_first_block_to_last(tmp_path, monkeypatch):
     """quick_stat hashes a file of up to SAMPLE_BLOCKS blocks whole, and of a larger one SAMPLE_BLOCKS blocks
     spread from its first byte to its last: an edit in one is seen; one between them is not (the README says so)."""

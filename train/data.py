@@ -774,10 +774,18 @@ def prepare_tokens(source, tokenizer, cache_dir=None, val_fraction: float | None
     split = n - int(round(n * val_fraction))
     if (meta.get("split"), meta.get("val_fraction"), meta.get("source_stat")) != (split, val_fraction, stat) \
             or not meta_path.is_file():
+        # only the record of the source on disk is new (a cache keyed before the sample was kept, say): a cache that
+        # cannot be written (a shared one, mounted read-only) is reused as it is, as it was before the sample, and
+        # the record is kept at a start that can write it
+        refresh = meta_path.is_file() and (meta.get("split"), meta.get("val_fraction")) == (split, val_fraction)
         meta.update(split=split, val_fraction=val_fraction, source_stat=stat)
         tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
+        try:
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, meta_path)
+        except OSError:
+            if not refresh:
+                raise
     if n == 0:
         raise UserError(f"{source}: tokenised to zero tokens")
     tokens = np.memmap(cache_dir / "tokens.bin", dtype=dtype, mode="r", shape=(n,))
