@@ -801,6 +801,29 @@ def test_a_gpt2_folders_eos_token_and_chat_template_are_checked(corpus, tmp_path
     assert back.hash == tok.hash and back.eot_id == tok.eot_id
 
 
+def test_a_gpt2_folders_bad_config_field_is_said_once_beside_a_tokenizer_json(corpus, tmp_path):
+    """With a tokenizer.json beside it (transformers' save_pretrained), a tokenizer_config.json field of a wrong shape
+    is refused once, naming it: it was said twice ("...; nor does tritongpt's BPE read it: ..."), or (a pad_token
+    id, which the tokenizers-library path does not read) the folder was read by that library instead, with a note of
+    'other ids'. Another EOS still is a reason to read it there (that path keeps a folder's own EOS)."""
+    transformers = pytest.importorskip("transformers")
+    tok = BPETokenizer.train(corpus[:20_000], 270, special_tokens=(EOT, "<|im_end|>"), name="hf")
+    tok.save_hf(tmp_path)
+    transformers.GPT2TokenizerFast.from_pretrained(tmp_path).save_pretrained(tmp_path)
+    path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    for change, said in (({"eos_token": 269}, "eos_token must be a token's text"),
+                         ({"pad_token": 269}, "pad_token must be a token's text"),
+                         ({"chat_template": 42}, "chat_template must be a Jinja string")):
+        path.write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(UserError, match=re.escape(f"{path}: {said}")) as e:
+            tkz.from_hf_folder(tmp_path)
+        assert str(e.value).count(said) == 1, str(e.value)
+    path.write_text(json.dumps({**cfg, "eos_token": "<|im_end|>"}))
+    back = tkz.from_hf_folder(tmp_path)
+    assert type(back).__name__ == "HFTokenizer" and back.eot_id == tok.special_tokens["<|im_end|>"]
+
+
 def test_the_tokenizer_nearest_the_weights_is_theirs(small_tok, corpus, tmp_path):
     """Weights exported into a folder inside another run: the Hugging Face files beside them,
     not the enclosing run's tokenizer.json; a folder beside them that does not load stops a

@@ -79,6 +79,11 @@ def compile_pattern(pat_str, name: str = "bpe"):
     return pat
 
 
+class TokenizerConfigError(UserError):
+    """A field of tokenizer_config.json (special_tokens_map.json) of a shape no reader takes: refused whichever
+    reads the folder, not a reason for from_hf_folder to try the tokenizers library instead (it said the same
+    twice, or took the folder there, noting 'other ids', where the field was not checked)."""
+
 
 def token_name(value, where, key: str):
     """A token named by tokenizer_config.json (special_tokens_map.json): a string, or {"content": ...} as
@@ -90,8 +95,9 @@ def token_name(value, where, key: str):
         return content or None
     hint = f" (an id goes in config.json's {key}_id)" if isinstance(value, int) and not isinstance(value, bool) \
         else ""
-    raise UserError(f"{where}: {key} must be a token's text (a string, or {{\"content\": ...}} as transformers "
-                    f"writes it), got {type(value).__name__} {value!r}"[:300] + hint)
+    raise TokenizerConfigError(f"{where}: {key} must be a token's text (a string, or {{\"content\": ...}} as "
+                               f"transformers writes it), got {type(value).__name__} {value!r}"[:300] + hint)
+
 
 class DisallowedSpecialToken(UserError, ValueError):
     """Text contains a special token's spelling (.token) but the caller did not allow special tokens."""
@@ -525,7 +531,10 @@ class BPETokenizer(TokenizerChecks):
             if name == "tokenizer_config.json":  # (checked as the tokenizers-library path checks it; GPT-2's
                 from tritongpt.train.chat_template import template_from_config  # chats are in tritongpt's format)
 
-                template_from_config(d, str(path))
+                try:
+                    template_from_config(d, str(path))
+                except UserError as e:
+                    raise TokenizerConfigError(str(e)) from None
             decoder = d.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 # JSON keys: the ids as decimal strings (isdecimal: "²" is a digit, and no int())
@@ -932,6 +941,8 @@ def from_hf_folder(folder):
         return tok
     try:
         return BPETokenizer.from_hf_folder(folder)
+    except TokenizerConfigError:
+        raise
     except UserError as e:
         hf_json = folder / RUN_TOKENIZER
         if not hf_json.is_file() or is_ours(hf_json):
