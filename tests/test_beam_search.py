@@ -267,6 +267,10 @@ def test_an_eos_leaves_fewer_texts_to_return():
     assert len(texts) == 7 and scores.min() > -1e8
     ids, scores = beam_search(model, idx, 2, 9, num_return_sequences=9)  # without an EOS all 9 are texts
     assert len(set(map(tuple, ids.tolist()))) == 9 and scores.min() > -1e8
+    # no new token: one text, the prompt, with an EOS or without (it was counted as 3 texts with one)
+    from tritongpt.train.beam_search import texts_possible
+
+    assert [texts_possible(3, 0, eos) for eos in (False, True)] == [1, 1] and texts_possible(3, 1, True) == 3
 
 
 @pytest.mark.parametrize("extra,said", [
