@@ -947,7 +947,7 @@ def test_an_unwritable_cache_keyed_before_the_sample_is_still_reused(tmp_path, t
         prepare_tokens(str(tmp_path / "a.txt"), tok, tmp_path / "c", val_fraction=0.5)
 
 
-def test_quick_stat_samples_at_most_a_mebibyte_from_first_block_to_last(tmp_path, monkeypatch):
+def test_quick_stat_samples_at_most_64_kib_from_first_block_to_last(tmp_path, monkeypatch):
     """quick_stat hashes a file of up to SAMPLE_BLOCKS blocks whole, and of a larger one SAMPLE_BLOCKS blocks
     spread from its first byte to its last: an edit in one is seen; one between them is not (the README says so)."""
     block, blocks = data.SAMPLE_BLOCK, data.SAMPLE_BLOCKS
