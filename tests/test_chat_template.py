@@ -7,6 +7,7 @@ tiny random Qwen2ForCausalLM: nothing downloaded."""
 import copy
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -346,8 +347,10 @@ def test_a_template_that_grows_text_without_bound_is_refused_by_name(monkeypatch
             grown + "{% set x %}{{ ns.s }}{{ ns.s }}{% endset %}"):
         tok.chat_template = template
         start = time.perf_counter()
-        with pytest.raises(UserError, match="could not render a value it was given \\(OverflowError: the template "
-                                            "makes a string [0-9,]+ characters long .*, more than 100,000,000"):
+        # (the line where template code made the string; the whole output's join, the template's caller: none)
+        with pytest.raises(UserError, match="could not render a value it was given \\((line 1: )?OverflowError: the "
+                                            "template makes a string [0-9,]+ characters long .*, more than "
+                                            "100,000,000"):
             render(tok, CHATS[0])
         assert time.perf_counter() - start < 0.5, template
     monkeypatch.setattr(chat_template, "MAX_MADE", 10_000_000)
@@ -363,6 +366,82 @@ def test_a_template_that_grows_text_without_bound_is_refused_by_name(monkeypatch
     built = render(tok, chat)
     tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     assert built == render(tok, chat) and len(built) > 200_000
+
+
+def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
+    """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
+    from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'
+    list of named templates), chat_template.jinja, additional_chat_templates/<name>.jinja or chat_template.json,
+    serve's --chat-template file (or the flag's text), a run's tokenizer.json. Files with one text (one compile,
+    cached) each name their own; one set in code is the tokenizer's."""
+    from tokenizers import Tokenizer, models
+
+    from tritongpt.train import serve
+    from tritongpt.train.chat_template import templates_from_config
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+    from tritongpt.train.tokenizer import load_tokenizer
+
+    syntax, value = "{% for m in messages %}\n{{ m.content }", "{{ bos_token }}\n{{ messages[0].content + 1 }}"
+    ok = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    for name in ("jinja", "json", "extra"):
+        (tmp_path / name / "additional_chat_templates").mkdir(parents=True)
+    cfg = str(tmp_path / "tokenizer_config.json")
+    (tmp_path / "jinja" / "chat_template.jinja").write_text(syntax)
+    (tmp_path / "json" / "chat_template.json").write_text(json.dumps({"chat_template": value}))
+    (tmp_path / "extra" / "chat_template.jinja").write_text(ok)
+    extra = tmp_path / "extra" / "additional_chat_templates" / "tool_use.jinja"
+    extra.write_text(value)
+    listed = templates_from_config({"chat_template": [{"name": "default", "template": ok},
+                                                      {"name": "tool_use", "template": value}]}, cfg)
+    found = {  # (where, name): template
+        (cfg, "default"): templates_from_config({"chat_template": syntax}, cfg, tmp_path)["default"],
+        (str(tmp_path / "jinja" / "chat_template.jinja"), "default"):
+            templates_from_config({}, cfg, tmp_path / "jinja")["default"],
+        (str(tmp_path / "json" / "chat_template.json"), "default"):
+            templates_from_config({}, cfg, tmp_path / "json")["default"],
+        (str(extra), "tool_use"): templates_from_config({}, cfg, tmp_path / "extra")["tool_use"],
+        (cfg, "tool_use"): listed["tool_use"]}
+    (tmp_path / "t.jinja").write_text(value)
+    found[str(tmp_path / "t.jinja"), "default"] = serve.chat_template_arg(str(tmp_path / "t.jinja"))
+    found["--chat-template", "default"] = serve.chat_template_arg(value)
+    # a run's tokenizer.json: its own file named, not the folder's it was read from (the text saved as plain text)
+    hf = HFTokenizer(json.loads(Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).to_str()), "a")
+    hf.chat_template, hf.chat_templates = found[str(tmp_path / "t.jinja"), "default"], {"tool_use": listed["tool_use"]}
+    hf.save(tmp_path / "tokenizer.json")
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert saved["chat_template"] == value and saved["chat_templates"] == {"tool_use": value}
+    run = load_tokenizer(tmp_path / "tokenizer.json")
+    found[f"{tmp_path / 'tokenizer.json'} (field 'chat_template')", "default"] = run.chat_template
+    found[f"{tmp_path / 'tokenizer.json'} (field 'chat_templates')", "tool_use"] = run.chat_templates["tool_use"]
+    tok = copy.copy(get_tokenizer("default"))  # (a copy: the default is cached for the process, its template too)
+    for (where, name), template in found.items():
+        assert template in (syntax, value), where
+        tok.chat_template, tok.chat_templates = (template, None) if name == "default" else (ok, {name: template})
+        said = "is not valid Jinja \\(line 2: " if template == syntax else \
+            "could not render a value it was given \\(line 2: TypeError: can only concatenate str"
+        named = "" if name == "default" else f" {name!r}"
+        with pytest.raises(UserError, match=f"^the chat template{named} in {re.escape(where)} {said}"):
+            render(tok, CHATS[0], tools=None if name == "default" else [])
+    tok.chat_template, tok.chat_templates = syntax, None
+    with pytest.raises(UserError, match="^the tokenizer's chat template is not valid Jinja \\(line 2: "):
+        render(tok, CHATS[0])
+    tok.chat_template, tok.chat_templates = ok, {"tool_use": value}
+    with pytest.raises(UserError, match="^the tokenizer's chat template 'tool_use' could not render a value it was "
+                                        "given \\(line 2: TypeError"):
+        render(tok, CHATS[0], tools=[])
+    # a named template that does not compile is refused as it is read, naming its file
+    extra.write_text(syntax)
+    with pytest.raises(UserError, match=f"^the chat template 'tool_use' in {re.escape(str(extra))} is not valid Jinja "
+                                        "\\(line 2: "):
+        templates_from_config({}, cfg, tmp_path / "extra")
+    with pytest.raises(UserError, match=f"^the chat template 'tool_use' in {re.escape(cfg)} is not valid Jinja "
+                                        "\\(line 2: "):
+        templates_from_config({"chat_template": [{"name": "default", "template": ok},
+                                                 {"name": "tool_use", "template": syntax}]}, cfg)
+    (tmp_path / "t.jinja").write_text(syntax)
+    with pytest.raises(UserError, match=f"--chat-template: the template does not compile: the chat template in "
+                                        f"{re.escape(str(tmp_path / 't.jinja'))} is not valid Jinja \\(line 2: "):
+        serve.chat_template_arg(str(tmp_path / "t.jinja"))
 
 
 def test_a_template_that_calls_itself_without_end_is_refused_by_name():

@@ -79,7 +79,8 @@ def test_a_named_template_that_is_no_string_or_does_not_compile_is_named(folder,
     path, _ = folder
     broken = shutil.copytree(path, tmp_path / "broken")
     (broken / "additional_chat_templates" / "tool_use.jinja").write_text("{% for m in messages %}")
-    with pytest.raises(UserError, match=rf"{broken}: chat template 'tool_use' is not valid Jinja \(line 1"):
+    with pytest.raises(UserError, match=rf"the chat template 'tool_use' in {broken}/additional_chat_templates/"
+                                        r"tool_use.jinja is not valid Jinja \(line 1"):
         get_tokenizer(broken)
     from tritongpt.train.chat_template import templates_from_config
     from tritongpt.train.tokenizer import load_tokenizer

@@ -33,6 +33,34 @@ class Rendered(str):
     (formats.encode_text encodes it with allowed_special="all")."""
 
 
+class TemplateText(str):
+    """A chat template's text that knows the file it was read from (where): its errors name that file, not only
+    Jinja's line in it. A str in all else (equal, hashed, saved to JSON and compiled as its text is); what makes a
+    new string of it (strip, +) makes a plain one, a template set in code."""
+
+    where = None
+
+
+def from_file(text, where) -> "TemplateText | None":
+    """text, a chat template read from where (a file, a flag, a run's field); None: None."""
+    if text is None:
+        return None
+    text = TemplateText(text)
+    text.where = str(where)
+    return text
+
+
+def _line(e: BaseException) -> str:
+    """'line N: ' of the template's line a runtime error was raised at (Jinja rewrites the traceback it re-raises
+    with frames of the template's own lines, named "<template>"), else ''."""
+    tb, line = e.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno  # (the innermost: a macro's line, not the line that called it)
+        tb = tb.tb_next
+    return f"line {line}: " if line else ""
+
+
 def templates_from_config(config: dict, where: str, folder=None) -> dict | None:
     """A model folder's chat templates by name ({"default": ..., "tool_use": ...}; a single template is the
     "default" one), as transformers >= 4.43 reads them: chat_template.jinja (the default) and
@@ -44,10 +72,10 @@ def templates_from_config(config: dict, where: str, folder=None) -> dict | None:
     if folder is not None and ((folder / "chat_template.jinja").is_file() or files):
         # (transformers: "independent chat template files take priority over the tokenizer config's")
         named, source = {}, str(folder)
-        if (folder / "chat_template.jinja").is_file():
-            named["default"] = read_text_file(folder / "chat_template.jinja")  # (UTF-8, as transformers reads it)
+        if (folder / "chat_template.jinja").is_file():  # (UTF-8, as transformers reads it)
+            named["default"] = from_file(read_text_file(folder / "chat_template.jinja"), folder / "chat_template.jinja")
         for path in files:
-            named[path.name.removesuffix(".jinja")] = read_text_file(path)
+            named[path.name.removesuffix(".jinja")] = from_file(read_text_file(path), path)
     value = config.get("chat_template") if named is None else None
     if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t for t in value):
@@ -64,16 +92,19 @@ def templates_from_config(config: dict, where: str, folder=None) -> dict | None:
     if named is None:
         if value is not None and not isinstance(value, str):
             raise UserError(f"{where}: chat_template must be a Jinja string, got {type(value).__name__}")
-        return None if value is None else {"default": value}
+        return None if value is None else {"default": from_file(value, where)}
     if "default" not in named:  # (transformers' apply_chat_template refuses it: no template to pick)
         raise UserError(f"{source}: chat_template names templates {', '.join(map(repr, named)) or '(none)'} but "
                         "no 'default' one: which renders the chats is unknown")
+    named = dict(named)
     for name, template in named.items():
         if not isinstance(template, str):
             raise UserError(f"{source}: chat template {name!r} must be a Jinja string, got {type(template).__name__}")
+        if getattr(template, "where", None) is None:  # (tokenizer_config.json's list or dict: its errors name it)
+            named[name] = template = from_file(template, where)
         if name != "default":  # (compiled now: a broken tool_use template would otherwise surface at a request)
-            _compiled(template, f"{source}: chat template {name!r}")
-    return dict(named)
+            _compiled(template, _called(name, template))
+    return named
 
 
 def template_from_config(config: dict, where: str, folder=None) -> str | None:
@@ -105,9 +136,12 @@ def _template_text(tokenizer, name: str) -> str:
     return tokenizer.chat_template if name == "default" else tokenizer.chat_templates[name]
 
 
-def _called(name: str) -> str:
-    """The template as refusals name it: the default one as before, another by its name."""
-    return "the tokenizer's chat template" + ("" if name == "default" else f" {name!r}")
+def _called(name: str, text=None) -> str:
+    """The template as refusals name it: by the file its text was read from where it knows one (TemplateText),
+    else the tokenizer's; the default one as that, another by its name."""
+    named = "" if name == "default" else f" {name!r}"
+    where = getattr(text, "where", None)
+    return f"the chat template{named} in {where}" if where else f"the tokenizer's chat template{named}"
 
 
 _ENVIRONMENTS = {}
@@ -268,6 +302,9 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     """The template compiled as transformers compiles it: a sandbox, trim_blocks and lstrip_blocks,
     loop controls, {% generation %} blocks (rendered as their body), raise_exception,
     strftime_now and a tojson that does not escape HTML."""
+    # (keyed by the text alone: two files with one text share a compile. Only a template that compiles is kept, so
+    # a syntax error is raised, naming `what`, by each file's own compile; a runtime error names the file render's)
+    template = str(template)
     if template in _ENVIRONMENTS:
         return _ENVIRONMENTS[template]
     import jinja2
@@ -425,8 +462,9 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
                "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None,
                **{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}}
     name = template_name(tokenizer, tools) if template is None else template
-    what = _called(name)
-    compiled = _compiled(_template_text(tokenizer, name), what)
+    text = _template_text(tokenizer, name)
+    what = _called(name, text)
+    compiled = _compiled(text, what)
     _budget.left, _budget.made = MAX_ITEMS, MAX_MADE
     try:
         return compiled.render(context)
@@ -435,7 +473,8 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
         raise UserError(f"{what} refused this conversation: {e}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError) as e:  # (a value it cannot use: 'a' + 1)
-        raise UserError(f"{what} could not render a value it was given ({type(e).__name__}: {e})") from None
+        raise UserError(f"{what} could not render a value it was given ({_line(e)}{type(e).__name__}: {e})") \
+            from None
     finally:
         _budget.left = _budget.made = None
 
@@ -552,8 +591,9 @@ def turn_end_id(tokenizer, template: str = "default") -> int:
     template: which one (a "tool_use" one is rendered with tools, none listed: as a request with tools picks it)."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
     text = render(tokenizer, probe, tools=[] if template == "tool_use" else None, template=template)
+    what = _called(template, _template_text(tokenizer, template))
     if "Yes" not in text:  # (rfind's -1 would cut the text anywhere: a wrong end, or the eot, taken in silence)
-        raise UserError(f"{_called(template)} does not write the messages' content (an answer 'Yes' "
+        raise UserError(f"{what} does not write the messages' content (an answer 'Yes' "
                         f"renders as {text[:60]!r}): the model would never see the chat; pass --chat-template "
                         "tritongpt")
     after = text[text.rfind("Yes") + len("Yes"):]
@@ -561,7 +601,7 @@ def turn_end_id(tokenizer, template: str = "default") -> int:
     if not ids:
         return tokenizer.eot_id
     if ids[0] not in tokenizer.special_tokens.values():
-        raise UserError(f"{_called(template)} ends an answer with {after[:20]!r}, no special token: "
+        raise UserError(f"{what} ends an answer with {after[:20]!r}, no special token: "
                         "tritongpt cannot tell when an answer ends; pass --chat-template tritongpt")
     return ids[0]
 

@@ -312,7 +312,10 @@ class HFTokenizer(TokenizerChecks):
         if d.get("chat_template") is not None and not isinstance(d["chat_template"], str):
             raise UserError(f"{path}: field 'chat_template' must be a Jinja string or absent, got "
                             f"{type(d['chat_template']).__name__}")
-        tok.chat_template = d.get("chat_template")
+        from tritongpt.train.chat_template import from_file
+
+        # (each template's errors name this file and its field: the run's, not the folder it was first read from)
+        tok.chat_template = from_file(d.get("chat_template"), f"{path} (field 'chat_template')")
         named = d.get("chat_templates")
         if named is not None and not isinstance(named, dict):
             raise UserError(f"{path}: field 'chat_templates' must be an object of named templates or absent, got "
@@ -324,7 +327,8 @@ class HFTokenizer(TokenizerChecks):
         if named and (tok.chat_template is None or "default" in named):
             raise UserError(f"{path}: field 'chat_templates' names the templates besides 'chat_template' (the "
                             "default one), which it must have, and no 'default' of its own")
-        tok.chat_templates = named or None
+        tok.chat_templates = {name: from_file(t, f"{path} (field 'chat_templates')") for name, t in named.items()} \
+            if named else None
         return tok
 
     def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None,

@@ -2739,7 +2739,7 @@ def chat_template_arg(value: str | None) -> str | None:
     from pathlib import Path
 
     from tritongpt.errors import read_text_file
-    from tritongpt.train.chat_template import _compiled
+    from tritongpt.train.chat_template import _called, _compiled, from_file
 
     if value is None:
         return None
@@ -2749,14 +2749,14 @@ def chat_template_arg(value: str | None) -> str | None:
     except OSError:  # (a template's own text, longer than a file name may be: ENAMETOOLONG, no file)
         is_file = False
     if is_file:
-        text = read_text_file(path)
+        text = from_file(read_text_file(path), path)  # (its errors, here and at a request, name the file)
     elif "{{" in value or "{%" in value:
-        text = value
+        text = from_file(value, "--chat-template")
     else:
         raise UserError(f"--chat-template {value!r}: no such file, and not a template (a Jinja template has "
                         "{{ ... }} or {% ... %})")
     try:
-        _compiled(text)
+        _compiled(text, _called("default", text))
     except Exception as e:  # (jinja2's TemplateSyntaxError: the line it stops at)
         raise UserError(f"--chat-template: the template does not compile: {e}") from None
     return text
