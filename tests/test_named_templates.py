@@ -129,11 +129,15 @@ def test_serve_renders_a_chat_with_tools_in_tool_use_and_stops_at_its_turn_end(f
         assert body["tokens"] == want
         status, body = call(server, "/tokenize", {"messages": USER})
         assert body["tokens"] == theirs.apply_chat_template(USER, add_generation_prompt=True, return_dict=False)
-        for tools, n in ((TOOLS, len(want)), ([], len(theirs.apply_chat_template(
-                USER, tools=[], add_generation_prompt=True, return_dict=False)))):
+        # (tools [] are tools given: tool_use's ids, as the chat completion below is prompted, not default's)
+        empty = theirs.apply_chat_template(USER, tools=[], add_generation_prompt=True, return_dict=False)
+        assert empty != body["tokens"] and call(server, "/tokenize", {"messages": USER, "tools": []})[1]["tokens"] \
+            == empty
+        # (tools [] with tool_choice "required": none to call, so "none", but the tools still given: tool_use's)
+        for tools, n, choice in ((TOOLS, len(want), "none"), ([], len(empty), "none"), ([], len(empty), "required")):
             # (<|eot_id|> drawn first: tool_use's end of turn stops the answer there)
             status, body = call(server, "/v1/chat/completions", {"messages": USER, "tools": tools, "max_tokens": 3,
-                                                                 "tool_choice": "none", "logit_bias": {str(eot): 100}})
+                                                                 "tool_choice": choice, "logit_bias": {str(eot): 100}})
             assert status == 200, body
             assert body["usage"]["prompt_tokens"] == n
             assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 1

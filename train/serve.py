@@ -477,8 +477,8 @@ def tool_setting(body: dict, s: dict, parser=None) -> dict:
         raise bad("tool_choice", "When using `tool_choice`, `tools` must be set.")
     if choice == "auto" and parser is None:
         raise bad("tool_choice", AUTO_REFUSED)
-    if choice in ("auto", "required") and not tools:  # (OpenAI's, as vLLM: "required" of no tools is "none")
-        return {**setting, "tools": None}
+    if choice in ("auto", "required") and not tools:  # (OpenAI's, as vLLM: "required" of no tools is "none"; the
+        return setting  # tools stay [], given: a "tool_use" template renders the chat, as with tool_choice "none")
     if isinstance(choice, dict):
         f = choice.get("function")
         if choice.get("type", "function") != "function" or not isinstance(f, dict):
@@ -1726,7 +1726,8 @@ class Handler(BaseHTTPRequestHandler):
                                                 "this server: the ids are the chat request's (its template's, "
                                                 "BOS included where the tokenizer adds one)")
             # tools (vLLM's TokenizeChatRequest): rendered as a chat request whose tool_choice calls one renders them
-            tools = check_tools(body["tools"]) if body.get("tools") else None
+            # ([] too: a chat with tools given, none listed, renders in a "tool_use" template, as chat completions')
+            tools = check_tools(body["tools"]) if body.get("tools") is not None else None
             ids = app.chat_prompt(body["messages"], None if tools is None else
                                   {"tools": tools, "choice": "required", "name": None, "parser": None},
                                   template_kwargs(body), prompt_mode(body))
