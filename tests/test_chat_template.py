@@ -444,6 +444,24 @@ def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
         serve.chat_template_arg(str(tmp_path / "t.jinja"))
 
 
+def test_a_string_cut_into_a_list_is_sized_before_it_is_made(monkeypatch):
+    """|list, split(), rsplit() and splitlines() of a string make a new string an item (50-80 bytes each, not the 8 a
+    list's item is charged): sized so before they are made, at chat_template.STR_ITEM an item, so a string within
+    MAX_TEXT ('中' * 6*10**7) is not cut into gigabytes of them. Made small here; a split into few pieces (Qwen3's
+    content.split('</think>')) of the same string still renders."""
+    from tritongpt.train import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_TEXT", 10_000)  # (1,000 pieces: 8,000 as a list, 64,000 as strings)
+    tok = copy.copy(get_tokenizer("default"))
+    cut = "{% set s = '中 \\n' * 1000 %}"
+    for made in ("s | list", "s.split()", "s.split(' ')", "s.rsplit(' ', 5000)", "s.splitlines()"):
+        tok.chat_template = cut + "{{ (" + made + ") | length }}"
+        with pytest.raises(UserError, match="OverflowError: the template makes a string [0-9,]+ characters long"):
+            render(tok, CHATS[0])
+    tok.chat_template = cut + "{{ s.split('</think>') | length }}{{ s.split('中', 2) | length }}"
+    assert render(tok, CHATS[0]) == "13"
+
+
 def test_a_template_that_calls_itself_without_end_is_refused_by_name():
     """A macro that calls itself, a recursive loop with no end: a UserError, not a RecursionError's traceback (a 500
     in serve)."""

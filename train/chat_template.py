@@ -172,6 +172,10 @@ def _spend(n: int):
 # 1,000 messages of 200 characters with 5 +'s each make 580 MB.
 MAX_TEXT = 100_000_000
 MAX_MADE = 2_000_000_000
+# A list a string is cut into (|list, .split()) holds a new string an item: its pointer and the string object (about
+# 50 bytes, 76 for a CJK character), 8x what _made charges a list's item, so it is sized so before it is made: a
+# string of 6*10**7 '中' (within MAX_TEXT) | list would make about 5 GB before the list's 8 an item refused it
+STR_ITEM = 64
 
 
 def _grow(n: int, made: bool = True, one: bool = True):
@@ -259,10 +263,23 @@ def _format_size(fmt: str, args, braces: bool = False) -> int:
     return len(fmt) + len(specs) * max(map(_text_size, values), default=0) + sum(widths)
 
 
+def _pieces(text: str, name: str, args, kwargs) -> int:
+    """How many strings text.split() (rsplit, splitlines) makes, at most, counted without making them."""
+    sep = args[0] if args and name != "splitlines" else kwargs.get("sep")
+    if name == "splitlines":
+        return sum(map(text.count, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")) + 1
+    most = args[1] if len(args) > 1 else kwargs.get("maxsplit", -1)
+    # (on whitespace: a piece a word, counted, not listed)
+    n = text.count(sep) + 1 if isinstance(sep, str) and sep else sum(1 for _ in re.finditer(r"\S+", text)) + 1
+    return min(n, most + 1) if isinstance(most, int) and most >= 0 else n
+
+
 def _method_size(method, args, kwargs) -> int:
     """About the length of what a string's method makes, where its arguments set it (0: no such method)."""
     wrapped = getattr(method, "__wrapped__", method)  # (str.format, as the sandbox wraps it)
     text, name = getattr(wrapped, "__self__", None), getattr(wrapped, "__name__", None)
+    if isinstance(text, str) and name in ("split", "rsplit", "splitlines"):  # (with no arguments too)
+        return STR_ITEM * _pieces(text, name, args, kwargs)
     if not isinstance(text, str) or not (args or kwargs):
         return 0
     if name in ("format", "format_map"):
@@ -424,7 +441,8 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         "tojson": lambda x, ensure_ascii=False, indent=None, *a, **k: _text_size(x, width(indent)),
         "string": _text_size, "pprint": lambda x: _text_size(x, 1), "sum": lambda *a, **k: _sum_size(env, *a, **k),
         "batch": lambda items, n, fill_with=None: 8 * (len(items) + (n if fill_with is not None else 0)),
-        "slice": lambda items, n, fill_with=None: 8 * (len(items) + n)}  # (lists: 8 an item, as _made counts them)
+        "slice": lambda items, n, fill_with=None: 8 * (len(items) + n),  # (lists: 8 an item, as _made counts them)
+        "list": lambda x: STR_ITEM * len(x) if isinstance(x, str) else 0}
     for name, f in env.filters.items():
         env.filters[name] = bounded(f, sizes.get(name))
     # {{ value }} prints str(value): a list of 1,000 references to one large string is sized before it is made
