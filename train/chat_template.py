@@ -152,12 +152,17 @@ MAX_ITEMS = 1_000_000
 _budget = threading.local()  # (per thread: serve renders requests' chats at once with one compiled template)
 
 
+class TooLarge(OverflowError):
+    """The rendering budget's refusal (_spend, _grow): a template too large to finish, said as such, not as a value
+    it could not use (an OverflowError of Python's own, 1e308 * 10, is that)."""
+
+
 def _spend(n: int):
     left = getattr(_budget, "left", None)
     if left is None:  # (not under render(): nothing to bound)
         return
     if n > left:
-        raise OverflowError(f"the template makes more than {MAX_ITEMS:,} items with range(), * and ** (a loop in a "
+        raise TooLarge(f"the template makes more than {MAX_ITEMS:,} items with range(), * and ** (a loop in a "
                             "loop, a repeated string, an integer's bits): a rendering too large to finish")
     _budget.left = left - n
 
@@ -185,11 +190,11 @@ def _grow(n: int, made: bool = True, one: bool = True):
     if left is None:  # (not under render(): nothing to bound)
         return
     if one and n > MAX_TEXT:
-        raise OverflowError(f"the template makes a string {n:,} characters long (or a list: 8 an item), more than "
+        raise TooLarge(f"the template makes a string {n:,} characters long (or a list: 8 an item), more than "
                             f"{MAX_TEXT:,} (a string doubled in a loop, a width too large): a rendering too large to "
                             "finish")
     if n > left:
-        raise OverflowError(f"the template makes more than {MAX_MADE:,} characters of text (and lists) in all "
+        raise TooLarge(f"the template makes more than {MAX_MADE:,} characters of text (and lists) in all "
                             "(a large string made again in a loop): a rendering too large to finish")
     if made:
         _budget.made = left - n
@@ -486,6 +491,8 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     _budget.left, _budget.made = MAX_ITEMS, MAX_MADE
     try:
         return compiled.render(context)
+    except TooLarge as e:
+        raise UserError(f"{what} is too large to render ({_line(e)}{e})") from None
     except RecursionError:  # (a macro that calls itself, a recursive loop with no end: a traceback, not a refusal)
         raise UserError(f"{what} calls itself without end (a macro or recursive loop: RecursionError)") from None
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
