@@ -363,13 +363,14 @@ def lr_at(step: int, max_lr: float, warmup: int, total: int, min_lr: float, sche
           decay_fraction: float = 0.2) -> float:
     """Linear warmup for `warmup` steps, then to min_lr at `total` (flat after) by the schedule:
 
-    cosine    half a cosine from max_lr down (GPT-2's, nanoGPT's, llm.c's)
+    cosine    half a cosine from max_lr down (GPT-3's, to 10% of the peak; nanoGPT's, llm.c's)
     linear    a straight line down
     constant  max_lr to the end (min_lr unused)
     wsd       warmup-stable-decay: max_lr until the last decay_fraction of the run, then down as
-              1 - sqrt(progress) (MiniCPM's schedule; Hagele et al. 2024 find a 20% cooldown of
-              this shape matches cosine). The stable phase does not depend on `total`, so a run
-              checkpointed before its decay can be continued to more steps as if planned so.
+              1 - sqrt(progress) (WSD is MiniCPM's schedule, whose decay is exponential; the 1 - sqrt
+              shape is Hagele et al. 2024's, who find a 20% cooldown of it matches cosine). The stable
+              phase's rate does not depend on `total`, so a run checkpointed before its decay can be
+              continued to more steps as if planned so.
     """
     if warmup > 0 and step < warmup:
         return max_lr * (step + 1) / warmup

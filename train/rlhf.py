@@ -28,9 +28,10 @@ batch's response tokens (their sample variance, TRL's masked_whiten). Loss = cli
 GRPO (Shao et al. 2024, DeepSeekMath): G responses per prompt; each response's advantage is
 its reward standardized within its group, (r - mean_G) / (std_G + eps) with std_G the sample std
 (G - 1, TRL's torch.std), given to every one of its tokens; no value head. The KL to the reference
-is NOT in the reward: it is a loss term, kl_coef * k3 per token, with the unbiased, always-positive estimator
+is NOT in the reward: it is a loss term, kl_coef * k3 per token, with the unbiased, never-negative estimator
         k3 = pi_ref/pi - log(pi_ref/pi) - 1
-averaged over each response's tokens and then over responses, as in the paper.
+averaged over each response's tokens and then over responses, as in the paper (--loss-type grpo, the default;
+the other loss types aggregate it with the surrogate, per token: grpo_aggregate).
 
 RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
 Feedback in LLMs"; as TRL's RLOOTrainer, trl/trainer/rloo_trainer.py, since v0.22 built like its GRPOTrainer):
