@@ -105,6 +105,38 @@ def test_every_flag_and_argument_has_a_help_text():
     assert n > 150 and bare == []
 
 
+
+def test_a_default_a_help_text_writes_out_is_the_flags_default():
+    """A help text that writes a flag's number default out (not as %(default)s) states the default argparse has: a
+    default changed in the code but not in the text would tell every --help reader the old one. (A flag whose
+    default is None is resolved later, a preset's or the run's, in words; bench --seq-len's 128 is decode's.)"""
+    import argparse
+    import re
+
+    from tritongpt.cli import build_parser
+
+    stated = re.compile(r"\bdefault:?\s+(-?(?:\d[\d.e+-]*|inf))(?![\w.])")
+    per_mode = {("bench", "--seq-len")}
+    checked, wrong = 0, []
+
+    def walk(parser, path):
+        nonlocal checked
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, path + [name])
+            elif a.help and isinstance(a.default, (int, float)) and not isinstance(a.default, bool):
+                flag = "/".join(a.option_strings) or a.dest
+                for m in stated.finditer(a.help):
+                    if (path[-1], flag) in per_mode:
+                        continue
+                    checked += 1
+                    if float(m.group(1)) != float(a.default):
+                        wrong.append(f"{' '.join(path)} {flag}: help says default {m.group(1)}, it is {a.default!r}")
+
+    walk(build_parser(), ["tritongpt"])
+    assert checked >= 5 and wrong == []
+
 def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
     """README drift: every `--flag` it names is some command's (torchrun's and tensorboard's aside), every command
     it shows (`tritongpt CMD ...` lines, `CMD --flag` in prose) takes the flags shown with it, every repository path
