@@ -81,36 +81,33 @@ def test_every_command_is_its_modules_and_a_command_builds_its_own_only():
     assert main(["bpe", "encode", "--text", "hi"]) == 0
 
 
+def every_flag(parser, path=("tritongpt",)):
+    """(command path, action) for each option and argument of every command and subcommand, --help's aside."""
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                yield from every_flag(sub, path + (name,))
+        elif not isinstance(a, argparse._HelpAction):
+            yield path, a
+
+
 def test_every_flag_and_argument_has_a_help_text():
     """--help describes every option of every command and subcommand (argparse prints an option
     without help as its bare name, e.g. pretrain's --temperature said nothing of its default)."""
-    import argparse
-
     from tritongpt.cli import build_parser
 
-    bare, n = [], 0
-
-    def walk(parser, path):
-        nonlocal n
-        for a in parser._actions:
-            if isinstance(a, argparse._SubParsersAction):
-                for name, sub in a.choices.items():
-                    walk(sub, path + [name])
-            elif not isinstance(a, argparse._HelpAction):
-                n += 1
-                if not (a.help or "").strip():
-                    bare.append(f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}")
-
-    walk(build_parser(), ["tritongpt"])
-    assert n > 150 and bare == []
-
+    flags = list(every_flag(build_parser()))
+    bare = [f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}" for path, a in flags
+            if not (a.help or "").strip()]
+    assert len(flags) > 150 and bare == []
 
 
 def test_a_default_a_help_text_writes_out_is_the_flags_default():
     """A help text that writes a flag's number default out (not as %(default)s) states the default argparse has: a
     default changed in the code but not in the text would tell every --help reader the old one. (A flag whose
     default is None is resolved later, a preset's or the run's, in words; bench --seq-len's 128 is decode's.)"""
-    import argparse
     import re
 
     from tritongpt.cli import build_parser
@@ -118,24 +115,18 @@ def test_a_default_a_help_text_writes_out_is_the_flags_default():
     stated = re.compile(r"\bdefault:?\s+(-?(?:\d[\d.e+-]*|inf))(?![\w.])")
     per_mode = {("bench", "--seq-len")}
     checked, wrong = 0, []
-
-    def walk(parser, path):
-        nonlocal checked
-        for a in parser._actions:
-            if isinstance(a, argparse._SubParsersAction):
-                for name, sub in a.choices.items():
-                    walk(sub, path + [name])
-            elif a.help and isinstance(a.default, (int, float)) and not isinstance(a.default, bool):
-                flag = "/".join(a.option_strings) or a.dest
-                for m in stated.finditer(a.help):
-                    if (path[-1], flag) in per_mode:
-                        continue
-                    checked += 1
-                    if float(m.group(1)) != float(a.default):
-                        wrong.append(f"{' '.join(path)} {flag}: help says default {m.group(1)}, it is {a.default!r}")
-
-    walk(build_parser(), ["tritongpt"])
+    for path, a in every_flag(build_parser()):
+        if not a.help or not isinstance(a.default, (int, float)) or isinstance(a.default, bool):
+            continue
+        flag = "/".join(a.option_strings) or a.dest
+        if (path[-1], flag) in per_mode:
+            continue
+        for m in stated.finditer(a.help):
+            checked += 1
+            if float(m.group(1)) != float(a.default):
+                wrong.append(f"{' '.join(path)} {flag}: help says default {m.group(1)}, it is {a.default!r}")
     assert checked >= 5 and wrong == []
+
 
 def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
     """README drift: every `--flag` it names is some command's (torchrun's and tensorboard's aside), every command
