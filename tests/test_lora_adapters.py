@@ -152,6 +152,8 @@ def _tampered(src, dst, edit):
     ({"rank_pattern": ["c_attn"]}, "rank_pattern must be an object of module name patterns to values, got list"),
     ({"alpha_pattern": {"(c_attn": 2}}, r"alpha_pattern key '\(c_attn' is not a regular expression"),  # re.error
     ({"rank_pattern": {"c_attn": 0}}, r"rank_pattern\['c_attn'\] is 0; it must be a positive integer"),
+    # compiles alone, but peft (and _pattern_value) match it inside (.*\.)?(key)$, where a global flag is an error
+    ({"rank_pattern": {"(?i)C_ATTN": 2}}, r"rank_pattern key '\(\?i\)C_ATTN' cannot be matched as peft matches it"),
     ({"integer tensors": True}, r"h.0.attn.c_attn: lora_A is int32, not a float tensor"),  # cast by .float()
 ])
 def test_adapter_config_fields_of_the_wrong_type_are_named(peft_gpt2, tmp_path, config, said):
@@ -167,6 +169,19 @@ def test_adapter_config_fields_of_the_wrong_type_are_named(peft_gpt2, tmp_path, 
     where = "adapter_config.json" if config else "adapter_model.safetensors"
     for read in (load_checkpoint, lambda p: read_adapter(p, small())):
         with pytest.raises(UserError, match=f"{where}: {said}"):
+            read(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["use_rslora", "use_dora"])
+def test_adapter_flags_spelled_as_strings_are_refused_by_name(peft_gpt2, tmp_path, key):
+    """peft tests use_rslora and use_dora by truth: a "false" was read as rsLoRA's scale (alpha / sqrt(r), another
+    model) or refused as DoRA. Anything but true, false or null is refused, naming the file and the key."""
+    _, _, adapter_dir = peft_gpt2
+    good = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**good, key: "false"}))
+    save_file(load_file(adapter_dir / "adapter_model.safetensors"), tmp_path / "adapter_model.safetensors")
+    for read in (load_checkpoint, lambda p: read_adapter(p, small())):
+        with pytest.raises(UserError, match=f"adapter_config.json has {key} 'false'; it must be true or false"):
             read(tmp_path)
 
 

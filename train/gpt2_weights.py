@@ -1129,7 +1129,9 @@ def _peft_files(folder) -> tuple:
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
     config = read_json_object(cfg_path)
-    for key, bad in (("peft_type", config.get("peft_type") != "LORA"), ("use_dora", bool(config.get("use_dora"))),
+    # (use_dora by config_flag: peft tests it by truth, and a "false" read as DoRA was refused as DoRA)
+    for key, bad in (("peft_type", config.get("peft_type") != "LORA"),
+                     ("use_dora", config_flag(config, "use_dora", False, cfg_path)),
                      ("bias", config.get("bias", "none") != "none"),
                      ("modules_to_save", bool(config.get("modules_to_save")))):
         if bad:
@@ -1165,10 +1167,17 @@ def _check_lora_scale_fields(config: dict, cfg_path: Path) -> None:
                 re.compile(pattern)
             except re.error as e:
                 raise UserError(f"{cfg_path}: {key} key {pattern!r} is not a regular expression ({e})") from None
+            try:  # matched as peft does, inside _pattern_value's wrapper: a global inline flag ("(?i)c_attn")
+                re.compile(rf"(.*\.)?({pattern})$")  # compiles alone but not there (peft fails the same way)
+            except re.error as e:
+                raise UserError(f"{cfg_path}: {key} key {pattern!r} cannot be matched as peft matches it, inside "
+                                f"(.*\\.)?(key)$ ({e}); a flag must be scoped to the key, as (?i:c_attn)") from None
             values.append((f"{key}[{pattern!r}]", value, *want))
     for what, value, want, ok in values:
         if not ok(value):
             raise UserError(f"{cfg_path}: {what} is {value!r}; it must be {want}")
+    # peft tests use_rslora by truth: a "false" would be read as a scale over sqrt(r), so only a boolean (or null) is
+    config_flag(config, "use_rslora", False, cfg_path)  # read
 
 
 def _peft_updates(tensors: dict, key: re.Pattern) -> tuple:
@@ -1202,7 +1211,7 @@ def _peft_update(config: dict, file, model: GPTModel, layer: int, module: str, a
     full = f"{layers}.{layer}.{module}"
     r = _pattern_value(config.get("rank_pattern"), full, config.get("r", 8))
     alpha = _pattern_value(config.get("alpha_pattern"), full, config.get("lora_alpha", 8))
-    scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+    scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)  # (true, false or null: _peft_files)
     targets = [model.trf_blocks[layer].get_submodule(n) for n in linears[module]]
     out_f, in_f = sum(t.out_features for t in targets), targets[0].in_features
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
