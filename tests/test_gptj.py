@@ -110,6 +110,25 @@ def test_export_round_trips_through_transformers_with_the_output_bias_folded(tmp
         export_gptj(model, tmp_path / "out")
 
 
+def test_a_tied_head_loads_as_transformers_ties_it_and_exports_so(tmp_path):
+    """tie_word_embeddings true: GPTJForCausalLM ties lm_head.weight to wte (its bias stays its own) and
+    save_pretrained leaves lm_head.weight out. That folder was refused as missing lm_head.weight: it loads tied,
+    with transformers' logits, and exports tied, which transformers reads back to the same logits."""
+    from tritongpt.train.gptj_weights import export_gptj
+
+    hf, path = hf_gptj(tmp_path / "in", layers=1, tie_word_embeddings=True)
+    model = load_checkpoint(path).double().eval()
+    assert (model.config.tie_weights, model.config.head_bias) == (True, True)
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "tied head")
+    export_gptj(model, tmp_path / "out", eos_token_id=1)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    with torch.no_grad():
+        assert_close_rel(back(idx).logits, model(idx), 2e-6, "exported tied, read by transformers")
+
+
 @pytest.mark.parametrize("change,match", [
     ({"activation_function": "relu"}, "activation_function 'relu'; this model's GELU MLP computes"),
     ({"n_inner": 100}, r"an MLP 256 wide \(n_inner 100\)"),
@@ -118,10 +137,13 @@ def test_export_round_trips_through_transformers_with_the_output_bias_folded(tmp
     ({"n_head": 5}, "n_head 5, which does not divide the weights' width 64"),
     ({"n_head": 0}, r"config\.json says n_head 0; it must be a positive integer"),  # (gpt2_weights.head_count)
     ({"model_type": "gpt_neox"}, None),
+    # bool("false") is True: a flag spelled as a string is refused by name
+    ({"tie_word_embeddings": "true"}, "config.json has tie_word_embeddings 'true'; it must be true or false"),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"n_positions": 40.0},
      r"config\.json: n_positions \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
-], ids=["activation", "mlp-width", "rotary-null", "rotary-odd", "heads", "heads-zero", "not-gptj", "context-float"])
+], ids=["activation", "mlp-width", "rotary-null", "rotary-odd", "heads", "heads-zero", "not-gptj", "tie-type",
+        "context-float"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     from tritongpt.train.gptj_weights import load_gptj_safetensors
 
@@ -159,7 +181,6 @@ def test_other_exports_refuse_it_and_it_refuses_what_gptj_cannot_say(tmp_path):
         export_gpt2(model, tmp_path / "gpt2")
     for change, match in (({"rope_theta": 500.0}, "RoPE base 500, where GPT-J's is 10000"),
                           ({"n_kv_head": 2}, "grouped-query attention"),
-                          ({"tie_weights": True}, "ties its LM head"),
                           ({"qkv_bias": True}, "has biases on q, k and v, where GPT-J has none"),
                           ({"head_bias": False}, "has no LM-head bias, where GPT-J has one")):
         other = GPTModel(GPTConfig(**{**model.config.to_dict(), **change}))

@@ -7,7 +7,8 @@ A GPT-J is a GPT-2 with RoPE (no position embeddings) and these differences:
 - its q, k, v and out projections have no biases (the MLP's do): qkv_bias False; our attention's output
   projection keeps a bias, read in as zeros and written out folded into the MLP's fc_out bias, the same sum
   (both outputs join the residual together in a parallel block);
-- its LM head (untied) has a bias: GPTConfig.head_bias;
+- its LM head has a bias: GPTConfig.head_bias (its weight untied, unless tie_word_embeddings: the bias stays its
+  own);
 - its RoPE turns the first rotary_dim (64) dimensions of each head (256 wide in GPT-J-6B) with the base
   10000, in GPT-J's own pairing: dimensions 2i and 2i + 1 turn together (rotate_every_two), where ours
   (GPT-NeoX's, Llama's) pairs i with i + rotary_dim/2 at the same frequency. A rotation is applied to q and k
@@ -27,8 +28,9 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, head_count, model_with_tensors,
-                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, head_count,
+                                          model_with_tensors, plain_block_refusals, refuse_moe_touches, weights_file,
+                                          write_hf_folder)
 
 MODEL_TYPE = "gptj"
 # activation_function -> GPTConfig.gelu_approximate
@@ -83,11 +85,18 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "frequencies over n_embd, which fits a single head only")
     if "lm_head.bias" not in sd:
         raise UserError(f"{cfg_json.parent}: not a GPT-J model, missing tensor 'lm_head.bias'")
+    # GPTJForCausalLM ties lm_head.weight (not its bias) to wte when tie_word_embeddings says so, and
+    # save_pretrained then leaves lm_head.weight out: that file is the tied model. A file with an lm_head.weight
+    # of its own keeps it (transformers ties two tensors only when they are equal); one without it and untied
+    # would have a random head in transformers, and is refused as a missing tensor.
+    head = sd.get("lm_head.weight")
+    tied = config_flag(d, "tie_word_embeddings", False, cfg_json) and (head is None
+                                                                       or torch.equal(head, sd["wte.weight"]))
     return config_json_gptconfig(
         cfg_json, {"context_length": "n_positions", "norm_eps": "layer_norm_epsilon"}, vocab_size=vocab, n_embd=n_embd,
         n_layer=n_layer, n_head=n_head, context_length=d.get("n_positions", 2048), position_encoding="rope",
         rotary_dim=0 if rotary == head_dim else rotary, norm_eps=d.get("layer_norm_epsilon", 1e-5), qkv_bias=False,
-        tie_weights=False, head_bias=True, parallel_residual=True, shared_norm=True, gelu_approximate=ACTIVATIONS[act])
+        tie_weights=tied, head_bias=True, parallel_residual=True, shared_norm=True, gelu_approximate=ACTIVATIONS[act])
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
@@ -96,8 +105,9 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
     C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
     order = half_split_order(D, cfg.rotary_dim or D)
     ours = {"tok_emb.weight": sd["wte.weight"], "final_norm.weight": sd["ln_f.weight"],
-            "final_norm.bias": sd["ln_f.bias"], "out_head.weight": sd["lm_head.weight"],
-            "out_head.bias": sd["lm_head.bias"]}
+            "final_norm.bias": sd["ln_f.bias"], "out_head.bias": sd["lm_head.bias"]}
+    if not cfg.tie_weights:
+        ours["out_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
         for mine, theirs in _PROJ:
@@ -144,7 +154,6 @@ def refuse_not_gptj(model: GPTModel, what: str) -> None:
                          (not (cfg.parallel_residual and cfg.shared_norm), "has blocks of another shape than GPT-J's "
                           "(one LayerNorm read by attention and MLP side by side: parallel_residual and shared_norm)"),
                          (not cfg.head_bias, "has no LM-head bias, where GPT-J has one"),
-                         (cfg.tie_weights, "ties its LM head to the token embeddings, where GPT-J's is its own"),
                          (cfg.kv_heads < cfg.n_head, f"has grouped-query attention ({cfg.kv_heads} key/value heads), "
                           "where GPT-J's heads each have their own"),
                          (cfg.qk_norm, "normalizes q and k (qk_norm), which GPT-J does not"),
@@ -163,8 +172,9 @@ def _hf_tensors(model: GPTModel) -> dict:
     back = torch.argsort(half_split_order(D, cfg.rotary_dim or D))
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf = {"transformer.wte.weight": sd["tok_emb.weight"][:V], "transformer.ln_f.weight": sd["final_norm.weight"],
-          "transformer.ln_f.bias": sd["final_norm.bias"], "lm_head.weight": sd["out_head.weight"][:V],
-          "lm_head.bias": sd["out_head.bias"][:V]}
+          "transformer.ln_f.bias": sd["final_norm.bias"], "lm_head.bias": sd["out_head.bias"][:V]}
+    if not cfg.tie_weights:  # (tied: left out, as transformers saves a tied GPT-J; its bias is its own)
+        hf["lm_head.weight"] = sd["out_head.weight"][:V]
     for i in range(cfg.n_layer):
         h, b = f"transformer.h.{i}.", f"trf_blocks.{i}."
         for mine, theirs in _PROJ:
@@ -187,7 +197,7 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
             "n_head": cfg.n_head, "rotary_dim": cfg.rotary_dim or cfg.head_dim,
             "activation_function": "gelu" if cfg.gelu_approximate == "none" else "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-            "tie_word_embeddings": False, "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+            "tie_word_embeddings": cfg.tie_weights, "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
             "pad_token_id": None}
 
 
