@@ -129,6 +129,15 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
      "rope_parameters of type 'linear'"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling of type 'dynamic'"),
+    # GPTNeoXConfig (4.x and 5) reads rotary_emb_base and rotary_pct, never a flat rope_theta or factor: they were
+    # read here when rope_parameters (or rotary_*) did not say, and a rotary_emb_base that disagrees with
+    # rope_parameters (4.x reads the one, 5 the other) was passed over
+    ({"rope_theta": 777.0}, r"has rope_theta 777.0, but GPT-NeoX's RoPE reads rope_parameters' rope_theta, 500.0 "
+                            r"\(GPT-NeoX's config does not read rope_theta\)"),
+    ({"rope_parameters": None, "partial_rotary_factor": 1.0},
+     r"has partial_rotary_factor 1.0, but GPT-NeoX's RoPE reads its default, 0.25"),
+    ({"rotary_emb_base": 777.0}, r"has rotary_emb_base 777.0, but GPT-NeoX's RoPE reads rope_parameters' "
+                                 r"rope_theta, 500.0 \(transformers 4.x reads rotary_emb_base"),
     ({"hidden_act": "relu"}, "hidden_act 'relu'; this model's GELU MLP computes"),
     ({"attention_bias": False}, "attention_bias false"),
     ({"intermediate_size": 100}, "intermediate_size 100, but the weights have 256"),
@@ -140,7 +149,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     # bool("false") is True: a flag spelled as a string is refused by name
     ({"use_parallel_residual": "false"}, "config.json has use_parallel_residual 'false'; it must be true or false"),
     ({"attention_bias": "false"}, "config.json has attention_bias 'false'; it must be true or false"),
-], ids=["rotary-pct", "partial-factor", "linear-rope", "dynamic-rope", "activation", "attention-bias",
+], ids=["rotary-pct", "partial-factor", "linear-rope", "dynamic-rope", "flat-theta", "flat-factor", "emb-base",
+        "activation", "attention-bias",
         "mlp-width", "heads", "kv-heads", "eps-zero", "parallel-type", "attention-bias-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_neox, tmp_path)
@@ -150,6 +160,19 @@ def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, 
     cfg_json.write_text(json.dumps({**d, **change}))
     with pytest.raises(UserError, match=match):
         load_checkpoint(path)
+
+
+def test_a_rope_scaling_object_stands_in_for_rope_parameters_as_in_transformers(hf_copy, tmp_path):
+    """transformers 5 reads `rope_scaling or rope_parameters`: an unscaled rope_scaling object beside
+    rope_parameters (base 500, whole heads) puts the defaults (base 10000, a quarter of each head) in their place.
+    They were read from rope_parameters here: another model."""
+    path = hf_copy(hf_neox, tmp_path)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "rope_scaling": {"rope_type": "default"}}))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.rotary_dim) == (theirs["rope_theta"], int(16 * theirs["partial_rotary_factor"])) == \
+        (10000.0, 4)
 
 
 def test_a_config_without_rotary_pct_is_read_as_transformers_reads_it(tmp_path):

@@ -161,6 +161,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
      "rope_parameters of type 'linear'"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling of type 'dynamic'"),
+    # transformers 5 reads rope_parameters' base, 4.x the flat one: a disagreement loads two models
+    ({"rope_theta": 10000.0}, r"has rope_theta 10000.0, but Phi's RoPE reads rope_parameters' rope_theta, 500.0"),
     ({"hidden_act": "relu"}, "hidden_act 'relu'; this model's GELU MLP computes"),
     ({"intermediate_size": 100}, "intermediate_size 100, but the weights have 256"),
     ({"num_attention_heads": 5}, "num_attention_heads 5, which does not divide the weights. width 64"),
@@ -175,7 +177,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"layer_norm_eps": "1e-5"},
      r"config\.json: layer_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got '1e-5'"),
-], ids=["phi-msft", "mixformer", "factor", "linear-rope", "dynamic-rope", "activation", "mlp-width", "heads",
+], ids=["phi-msft", "mixformer", "factor", "linear-rope", "dynamic-rope", "flat-theta", "activation", "mlp-width",
+        "heads",
         "heads-type", "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "tie-type", "eps-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi, tmp_path)

@@ -107,6 +107,9 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
      "partial rotary factor 0.2: 3 of head_dim 16 rotated"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0, "partial_rotary_factor": 0.25}},
      r"a RoPE base -1.0 \(rope_theta\); it must be a number > 0"),
+    # transformers 5 reads rope_parameters' factor, 4.x the flat one: a disagreement loads two models
+    ({"partial_rotary_factor": 1.0}, r"has partial_rotary_factor 1.0, but StableLM's RoPE reads rope_parameters' "
+                                     r"partial_rotary_factor, 0.25 \(transformers 4.x reads partial_rotary_factor"),
     ({"use_qkv_bias": False}, "use_qkv_bias false, but the weights have q_proj's bias"),
     ({"model_type": "stablelm_epoch"}, "model_type 'stablelm_epoch'"),
     # q_proj's 64 rows over 5 heads (llama_weights.hf_shapes refuses it before StableLM's own check)
@@ -115,8 +118,8 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"layer_norm_eps": 0},
      r"config\.json: layer_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got 0"),
-], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "theta", "qkv-bias", "epoch",
-        "heads", "eps-zero"])
+], ids=["parallel", "qk-layernorm", "activation", "linear-rope", "odd-rotary", "theta", "flat-factor", "qkv-bias",
+        "epoch", "heads", "eps-zero"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_stablelm, tmp_path)
     cfg_json = tmp_path / "config.json"

@@ -106,7 +106,7 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     if d["alibi"]:  # Falcon-RW: no rotation, ALiBi scaled with the scores
         positions = dict(position_encoding="alibi", alibi_scaled=True)
     else:  # whole heads unless rope_parameters says a factor (no Falcon does; refused below)
-        theta, rotary = unscaled_partial_rope({"partial_rotary_factor": 1.0, **d}, head_dim, cfg_json, "Falcon")
+        theta, rotary = unscaled_partial_rope(d, head_dim, cfg_json, "Falcon", factor_default=1.0)
         if rotary:
             raise UserError(f"{cfg_json} has a partial rotary factor; Falcon rotates whole heads")
         positions = dict(position_encoding="rope", rope_theta=theta)

@@ -126,11 +126,15 @@ def partial_rotary_dim(factor, head_dim: int, where: str) -> int:
 
 
 def unscaled_partial_rope(d: dict, head_dim: int, cfg_json, family: str, theta_keys=("rope_theta",),
-                          factor_keys=("partial_rotary_factor",)) -> tuple:
+                          factor_keys=("partial_rotary_factor",), factor_default=0.25, unread=()) -> tuple:
     """(RoPE's base, GPTConfig.rotary_dim) of a family whose RoPE is unscaled and turns the first share of each
-    head (GPT-NeoX's, StableLM's: 0.25 when config.json says none, as transformers reads both): from
-    transformers 5's rope_parameters, else the older flat keys (GPT-NeoX's rotary_emb_base and rotary_pct);
-    a scaled RoPE refused by name."""
+    head (GPT-NeoX's, StableLM's: factor_default 0.25 when config.json says none, as transformers reads both),
+    as transformers 5 reads them: rope_parameters' rope_theta and partial_rotary_factor, else the flat keys
+    (theta_keys, factor_keys: GPT-NeoX's rotary_emb_base and rotary_pct), else the defaults. A rope_scaling object
+    stands in for rope_parameters, as transformers 5's `rope_scaling or rope_parameters`. A scaled RoPE is refused
+    by name, and so is a flat key that says another value than the one read: transformers 4.x reads the flat key
+    where 5 reads rope_parameters', and `unread` keys (GPT-NeoX's rope_theta, partial_rotary_factor) neither reads:
+    either way some reader would load another model."""
     params = rope_dict(d, "rope_parameters", cfg_json)
     scaling = rope_dict(d, "rope_scaling", cfg_json)
     for where, p in (("rope_parameters", params), ("rope_scaling", scaling)):
@@ -138,13 +142,22 @@ def unscaled_partial_rope(d: dict, head_dim: int, cfg_json, family: str, theta_k
         if kind != "default":
             raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model reads {family}'s RoPE unscaled "
                             "('default') only")
+    nested, which = (scaling, "rope_scaling") if scaling else (params, "rope_parameters")
 
-    def first(keys, default):
-        return next((d[k] for k in keys if k in d), default)
+    def read(name, keys, default):
+        flat = next((k for k in keys if k in d), None)  # (a null is read, and refused: transformers fails on it)
+        value, said = ((nested[name], f"{which}' {name}") if name in nested else
+                       (d[flat], flat) if flat is not None else (default, "its default"))
+        for k in (*keys, *(name,) * (name in unread)):  # (an unread key is the field's own name, flat)
+            if k in d and d[k] != value:
+                raise UserError(f"{cfg_json} has {k} {d[k]!r}, but {family}'s RoPE reads {said}, {value!r}" + (
+                    f" ({family}'s config does not read {k})" if k in unread else
+                    f" (transformers 4.x reads {k}, 5 {which}')") + ": make them agree")
+        return value
 
-    theta = checked_rope_base(params.get("rope_theta", first(theta_keys, 10000.0)), f"{cfg_json} has a RoPE base",
-                              f" ({' or '.join(theta_keys)})")
-    factor = params.get("partial_rotary_factor", first(factor_keys, 0.25))
+    where = f"{cfg_json} has a RoPE base"
+    theta = checked_rope_base(read("rope_theta", theta_keys, 10000.0), where, f" ({' or '.join(theta_keys)})")
+    factor = read("partial_rotary_factor", factor_keys, factor_default)
     return theta, partial_rotary_dim(factor, head_dim, f"{cfg_json} has a")
 
 

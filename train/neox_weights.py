@@ -74,9 +74,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has num_key_value_heads {d['num_key_value_heads']!r}; GPT-NeoX's heads each "
                         "have their own keys and values")
     head = sd.get("embed_out.weight", sd.get("lm_head.weight"))
-    # transformers 4's names first (the Hub's Pythia configs); rotary_pct 0.25 when absent, as transformers
-    theta, rotary = unscaled_partial_rope(d, n_embd // n_head, cfg_json, "GPT-NeoX",
-                                          ("rotary_emb_base", "rope_theta"), ("rotary_pct", "partial_rotary_factor"))
+    # transformers 4's names (the Hub's Pythia configs), rotary_pct 0.25 when absent. GPTNeoXConfig (4.x and 5)
+    # reads no flat rope_theta or partial_rotary_factor: one that says another value is refused, not read
+    theta, rotary = unscaled_partial_rope(d, n_embd // n_head, cfg_json, "GPT-NeoX", ("rotary_emb_base",),
+                                          ("rotary_pct",), unread=("rope_theta", "partial_rotary_factor"))
     return config_json_gptconfig(
         cfg_json, {"context_length": "max_position_embeddings", "norm_eps": "layer_norm_eps"}, vocab_size=vocab,
         n_embd=n_embd, n_layer=n_layer, n_head=n_head, context_length=d.get("max_position_embeddings", 2048),

@@ -92,8 +92,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has hidden_act {act!r}; this model's GELU MLP computes "
                         f"{', '.join(map(repr, ACTIVATIONS))} only")
     qk_norm = config_flag(d, "qk_layernorm", False, cfg_json)
-    # PhiConfig's partial_rotary_factor is 0.5 when config.json says none (unscaled_partial_rope's default is 0.25)
-    theta, rotary = unscaled_partial_rope({"partial_rotary_factor": 0.5, **d}, head_dim, cfg_json, "Phi")
+    # PhiConfig's partial_rotary_factor is 0.5 when config.json says none
+    theta, rotary = unscaled_partial_rope(d, head_dim, cfg_json, "Phi", factor_default=0.5)
     return config_json_gptconfig(
         cfg_json, {"norm_eps": "layer_norm_eps"}, vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         n_kv_head=0 if n_kv == n_head else n_kv,
