@@ -42,7 +42,7 @@ def test_config_json_says_whether_the_head_is_tied(family, tmp_path):
         try:
             refuse(model, "a folder")
         except UserError:
-            continue  # a family that cannot say this tie refuses it (GPT-J's head is always its own)
+            continue  # a family that cannot say this tie refuses it
         export(model, tmp_path / str(tie), None)
         d = json.loads((tmp_path / str(tie) / "config.json").read_text())
         assert d["tie_word_embeddings"] is tie, (family, tie)
