@@ -139,12 +139,26 @@ def test_tools_and_tool_messages_reach_the_prompt_as_transformers_renders_them(b
         assert status == 200, body
         want = theirs.apply_chat_template(hf_messages, tools=TOOLS, add_generation_prompt=True, return_dict=False)
         assert body["usage"]["prompt_tokens"] == len(want)
-    # "none": plain text, the tools still in the prompt (vLLM's); "required" of no tools is "none" (OpenAI's)
+    # "none": plain text, the tools still in the prompt (vLLM's); "required" of no tools: a 400 (test below)
     assert "tool_calls" not in ask(server, ban, tool_choice="none", max_tokens=2)[1]["choices"][0]["message"]
     status, body = ask(server, ban, tools=[], tool_choice="required", max_tokens=2)
-    assert status == 200 and "tool_calls" not in body["choices"][0]["message"]
-    assert body["usage"]["prompt_tokens"] == len(theirs.apply_chat_template(USER, add_generation_prompt=True,
-                                                                            return_dict=False))
+    assert status == 400 and body["error"]["param"] == "tools", body
+
+
+def test_required_of_no_tools_is_refused_not_answered_in_text():
+    """tool_choice "required" with tools [] asks for a call there is none to make: answered as "none" it was text, a
+    200 that said nothing (OpenAI refuses tools [] with a 400, as vLLM now does); refused, naming it. "auto" of no
+    tools answers without a call, as it may, the tools still given ([]: a "tool_use" template renders the chat)."""
+    from tritongpt.train.serve import APIError, tool_setting
+    from tritongpt.train.tool_calls import PARSERS
+
+    s = {"structured": None, "structured_field": None}
+    with pytest.raises(APIError, match='tool_choice "required" calls one of the request\'s tools, and "tools" is '
+                                       'empty') as e:
+        tool_setting({"tools": [], "tool_choice": "required"}, dict(s))
+    assert e.value.status == 400 and e.value.param == "tools"
+    setting = tool_setting({"tools": [], "tool_choice": "auto"}, s, PARSERS["hermes"]())
+    assert (setting["tools"], setting["choice"], s["structured"]) == ([], "none", None)
 
 
 def test_streamed_calls_add_up_to_the_whole_answers(both):

@@ -477,8 +477,12 @@ def tool_setting(body: dict, s: dict, parser=None) -> dict:
         raise bad("tool_choice", "When using `tool_choice`, `tools` must be set.")
     if choice == "auto" and parser is None:
         raise bad("tool_choice", AUTO_REFUSED)
-    if choice in ("auto", "required") and not tools:  # (OpenAI's, as vLLM: "required" of no tools is "none"; the
-        return setting  # tools stay [], given: a "tool_use" template renders the chat, as with tool_choice "none")
+    if choice == "required" and not tools:  # (answered as "none", it would be text where a call was asked for, with
+        # a 200: OpenAI refuses tools [] with a 400, as vLLM now does)
+        raise bad("tools", 'tool_choice "required" calls one of the request\'s tools, and "tools" is empty: list the '
+                           'tools to call, or ask for tool_choice "auto" or "none" to answer without one')
+    if choice == "auto" and not tools:  # (none to call: "none"; the tools stay [], given: a "tool_use" template
+        return setting  # renders the chat, as with tool_choice "none")
     if isinstance(choice, dict):
         f = choice.get("function")
         if choice.get("type", "function") != "function" or not isinstance(f, dict):
