@@ -289,7 +289,8 @@ def test_a_repeat_is_what_the_sources_read_not_where_they_lie(tmp_path):
     (tmp_path / "texts" / "a.txt").write_text("a b c")
     (tmp_path / "b.txt").write_text("d e f")
     (tmp_path / "texts" / "b.txt").symlink_to(tmp_path / "b.txt")
-    with pytest.raises(UserError, match=r"--data \S*b.txt and --data \S*texts \(sources 1 and 2 of the mixture\) both "
+    # (numbered in the order they are named: texts is source 1)
+    with pytest.raises(UserError, match=r"--data \S*texts and --data \S*b.txt \(sources 1 and 2 of the mixture\) both "
                                         r"read \S*b.txt: it would be drawn from twice as often"):
         check_repeated_sources([str(tmp_path / "texts"), str(tmp_path / "b.txt")])
     shards = tmp_path / "shards"
@@ -303,6 +304,8 @@ def test_a_repeat_is_what_the_sources_read_not_where_they_lie(tmp_path):
     check_repeated_sources([str(tmp_path / "ng"), str(tmp_path / "ng" / "input.txt")])
     with pytest.raises(UserError, match=r"s0.npy lies inside the folder --data \S*shards \(sources 1 and 2"):
         check_repeated_sources([str(shards / "s0.npy"), str(shards)])
+    with pytest.raises(UserError, match=r"s0.npy lies inside the folder --data \S*shards \(sources 2 and 1 of"):
+        check_repeated_sources([str(shards), str(shards / "s0.npy")])
 
 
 def test_token_ids_of_another_tokenizer_beside_text_refused(two, tmp_path):

@@ -245,7 +245,7 @@ def check_repeated_sources(sources):
     reads = [data.files_read(s) for s in sources]
     for j, b in enumerate(keys):
         for i, a in enumerate(keys[:j]):
-            where = f"sources {i + 1} and {j + 1} of the mixture"
+            where = f"sources {i + 1} and {j + 1} of the mixture"  # (numbered in the order the two are named)
             if a == b:
                 raise UserError(f"--data {sources[j]} is given twice ({where}): it would be read twice, drawn from "
                                 "twice as often; give it once (--data-weights gives a source more weight)")
@@ -256,10 +256,10 @@ def check_repeated_sources(sources):
             nested = [(o, n) for o, n in ((i, j), (j, i)) if keys[o].is_dir() and keys[n].is_relative_to(keys[o])]
             if nested:
                 outer, inner = nested[0]
-                said = f"--data {sources[inner]} lies inside the folder --data {sources[outer]} ({where}), which " \
-                       "reads it already"
+                said = f"--data {sources[inner]} lies inside the folder --data {sources[outer]} (sources {inner + 1} " \
+                       f"and {outer + 1} of the mixture), which reads it already"
             else:
-                said = f"--data {sources[j]} and --data {sources[i]} ({where}) both read {shared[0]}"
+                said = f"--data {sources[i]} and --data {sources[j]} ({where}) both read {shared[0]}"
             raise UserError(f"{said}: it would be drawn from twice as often; give one of them (--data-weights gives "
                             "a source more weight)")
 
