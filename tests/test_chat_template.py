@@ -461,6 +461,9 @@ def test_a_string_cut_into_a_list_is_sized_before_it_is_made(monkeypatch):
             render(tok, CHATS[0])
     tok.chat_template = cut + "{{ s.split('</think>') | length }}{{ s.split('中', 2) | length }}"
     assert render(tok, CHATS[0]) == "13"
+    # (a CRLF text's lines: one piece each, as Python cuts them, not two; 150 * 64 is within 10,000, 300 * 64 not)
+    tok.chat_template = "{% set s = 'a\\r\\n' * 150 %}{{ s.splitlines() | length }}"
+    assert render(tok, CHATS[0]) == "150"
 
 
 def test_a_template_that_calls_itself_without_end_is_refused_by_name():

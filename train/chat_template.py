@@ -272,7 +272,8 @@ def _pieces(text: str, name: str, args, kwargs) -> int:
     """How many strings text.split() (rsplit, splitlines) makes, at most, counted without making them."""
     sep = args[0] if args and name != "splitlines" else kwargs.get("sep")
     if name == "splitlines":
-        return sum(map(text.count, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")) + 1
+        # ("\r\n" is one break, not two: a CRLF text is not sized at twice its lines)
+        return sum(map(text.count, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")) - text.count("\r\n") + 1
     most = args[1] if len(args) > 1 else kwargs.get("maxsplit", -1)
     # (on whitespace: a piece a word, counted, not listed)
     n = text.count(sep) + 1 if isinstance(sep, str) and sep else sum(1 for _ in re.finditer(r"\S+", text)) + 1
