@@ -446,15 +446,19 @@ def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
 
 def test_a_string_cut_into_a_list_is_sized_before_it_is_made(monkeypatch):
     """|list, split(), rsplit() and splitlines() of a string make a new string an item (50-80 bytes each, not the 8 a
-    list's item is charged): sized so before they are made, at chat_template.STR_ITEM an item, so a string within
-    MAX_TEXT ('中' * 6*10**7) is not cut into gigabytes of them. Made small here; a split into few pieces (Qwen3's
-    content.split('</think>')) of the same string still renders."""
+    list's item is charged), as |sort and |join do (and |map, |batch... handed to |list): sized so before they are
+    made, at chat_template.STR_ITEM an item, so a string within MAX_TEXT ('中' * 6*10**7) is not cut into gigabytes
+    of them. Made small here; a split into few pieces (Qwen3's content.split('</think>')) of the same string still
+    renders."""
     from tritongpt.train import chat_template
 
     monkeypatch.setattr(chat_template, "MAX_TEXT", 10_000)  # (1,000 pieces: 8,000 as a list, 64,000 as strings)
     tok = copy.copy(get_tokenizer("default"))
     cut = "{% set s = '中 \\n' * 1000 %}"
-    for made in ("s | list", "s.split()", "s.split(' ')", "s.rsplit(' ', 5000)", "s.splitlines()"):
+    # (and the filters that read it a character at a time and keep each, or hand them to |list or |join: sort's
+    # and join's own list, map's and batch's generators)
+    for made in ("s | list", "s.split()", "s.split(' ')", "s.rsplit(' ', 5000)", "s.splitlines()", "s | sort",
+                 "s | join", "s | map('upper') | list", "s | batch(1) | list", "s | reject('eq', 'x') | join"):
         tok.chat_template = cut + "{{ (" + made + ") | length }}"
         with pytest.raises(UserError, match="too large to render \\((line [0-9]+: )?the template makes a string "
                                             "[0-9,]+ characters long"):

@@ -411,7 +411,13 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         _spend(abs(n) * abs(max))  # (its words, at most)
         return _made(jinja2.utils.generate_lorem_ipsum(n, html, min, max))
 
-    def bounded(f, size=None):
+    # the filters that read a string a character at a time and keep each (a list, a sort, join's list) or hand them
+    # to one that does (map's, select's, batch's generators, which |list or |join then keep): a new string an item,
+    # sized so (STR_ITEM) before any is made, as a string's split() is. ('中' * 6*10**7) | sort, or | join, made
+    # about 5 GB before the list's 8 an item refused it, or let it be
+    itemwise = {"list", "sort", "join", "map", "select", "reject", "selectattr", "rejectattr", "batch", "slice"}
+
+    def bounded(f, size=None, name=None):
         """Filter f, its result charged as made; size: its result's length, about, from f's arguments (after the
         context or environment Jinja passes it: pass), checked before it is made."""
         import functools
@@ -420,6 +426,8 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
 
         @functools.wraps(f)  # (its jinja_pass_arg too)
         def bounded_filter(*args, **kwargs):
+            if name in itemwise and len(args) > passed and isinstance(args[passed], str):
+                _check_size(STR_ITEM * len(args[passed]))
             if size is not None and len(args) > passed:
                 if isinstance(args[passed], Iterator):  # (a generator, map's: read once, for both)
                     args = (*args[:passed], list(args[passed]), *args[passed + 1:])
@@ -447,10 +455,9 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         "tojson": lambda x, ensure_ascii=False, indent=None, *a, **k: _text_size(x, width(indent)),
         "string": _text_size, "pprint": lambda x: _text_size(x, 1), "sum": lambda *a, **k: _sum_size(env, *a, **k),
         "batch": lambda items, n, fill_with=None: 8 * (len(items) + (n if fill_with is not None else 0)),
-        "slice": lambda items, n, fill_with=None: 8 * (len(items) + n),  # (lists: 8 an item, as _made counts them)
-        "list": lambda x: STR_ITEM * len(x) if isinstance(x, str) else 0}
+        "slice": lambda items, n, fill_with=None: 8 * (len(items) + n)}  # (lists: 8 an item, as _made counts them)
     for name, f in env.filters.items():
-        env.filters[name] = bounded(f, sizes.get(name))
+        env.filters[name] = bounded(f, sizes.get(name), name)
     # {{ value }} prints str(value): a list of 1,000 references to one large string is sized before it is made
     env.finalize = lambda value: value if isinstance(value, str) else _check_size(_text_size(value)) or value
     outside = getattr(_budget, "made", None) is None  # (compiling folds constants: 'x' | center(10**9) is made then)
