@@ -951,6 +951,7 @@ def test_quick_stat_samples_at_most_64_kib_from_first_block_to_last(tmp_path, mo
     """quick_stat hashes a file of up to SAMPLE_BLOCKS blocks whole, and of a larger one SAMPLE_BLOCKS blocks
     spread from its first byte to its last: an edit in one is seen; one between them is not (the README says so)."""
     block, blocks = data.SAMPLE_BLOCK, data.SAMPLE_BLOCKS
+    assert (block, blocks) == (4096, 16)  # (the README's "16 blocks of 4 KiB", at most 64 KiB read a file)
     path = tmp_path / "big.txt"
     size = block * blocks * 3 + 12345
     content = bytearray(np.random.default_rng(5).integers(0, 256, size=size, dtype=np.uint8).tobytes())
