@@ -2,6 +2,7 @@
 one --data unchanged, per-source val losses, resume, the refusals and the header's epochs note."""
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -293,6 +294,11 @@ def test_a_repeat_is_what_the_sources_read_not_where_they_lie(tmp_path):
     with pytest.raises(UserError, match=r"--data \S*texts and --data \S*b.txt \(sources 1 and 2 of the mixture\) both "
                                         r"read \S*b.txt: it would be drawn from twice as often"):
         check_repeated_sources([str(tmp_path / "texts"), str(tmp_path / "b.txt")])
+    (tmp_path / "linked").mkdir()  # (a hard link is the file too: each path resolves to itself)
+    os.link(tmp_path / "b.txt", tmp_path / "linked" / "c.txt")
+    with pytest.raises(UserError, match=r"--data \S*b.txt and --data \S*linked \(sources 1 and 2 of the mixture\) "
+                                        r"both read \S*c.txt"):
+        check_repeated_sources([str(tmp_path / "b.txt"), str(tmp_path / "linked")])
     shards = tmp_path / "shards"
     (shards / "notes").mkdir(parents=True)
     np.save(shards / "s0.npy", np.arange(1, 9, dtype=np.uint16))

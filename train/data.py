@@ -239,11 +239,13 @@ def _shard_files(path: Path) -> list:
     return sorted(p for p in path.iterdir() if _is_token_file(p))
 
 
-def files_read(source) -> set | None:
-    """The files prepare_tokens reads for a source, resolved (a link and its target are one): a nanoGPT folder's
-    train.bin and val.bin, a folder's token shards (not its subfolders), a text folder's .txt or .parquet files
-    (links among them too), or the file itself. None for a built-in corpus, or a source the reading will refuse
-    (it is named there)."""
+def files_read(source) -> dict | None:
+    """The files prepare_tokens reads for a source, {(device, inode): path}: a nanoGPT folder's train.bin and
+    val.bin, a folder's token shards (not its subfolders), a text folder's .txt or .parquet files (links among them
+    too), or the file itself. Keyed by what a file is on disk (a link and its target, two hard links, are one), one
+    stat a file: resolving each path cost 0.8 s of 1.6 s for a folder of 20,000 files (listing it, 0.7 s), more than
+    the start's own quick check of them. None for a built-in corpus, or a source the reading will refuse (it is
+    named there)."""
     if source in (None, "", "pydoc", "stdlib"):
         return None
     path = Path(str(source)).expanduser()
@@ -254,9 +256,10 @@ def files_read(source) -> set | None:
             files = _shard_files(path) or _txt_files(path)
         else:
             files = [path] if path.is_file() else []
-    except UserError:
+        read = {(st.st_dev, st.st_ino): p for p, st in zip(files, map(os.stat, files))}
+    except (UserError, OSError):  # (OSError: a file gone since it was listed)
         return None
-    return {p.resolve() for p in files} or None
+    return read or None
 
 
 def iter_documents(source=None, text_field: str = "text"):

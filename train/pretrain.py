@@ -249,9 +249,10 @@ def check_repeated_sources(sources):
             if a == b:
                 raise UserError(f"--data {sources[j]} is given twice ({where}): it would be read twice, drawn from "
                                 "twice as often; give it once (--data-weights gives a source more weight)")
-            shared = sorted(reads[i] & reads[j]) if reads[i] and reads[j] else []
+            shared = reads[i].keys() & reads[j].keys() if reads[i] and reads[j] else set()
             if not shared:
                 continue
+            one = min(reads[j][k] for k in shared).resolve()  # (the file itself, where the two reach it by links)
             # (both are paths: a built-in corpus reads no file)
             nested = [(o, n) for o, n in ((i, j), (j, i)) if keys[o].is_dir() and keys[n].is_relative_to(keys[o])]
             if nested:
@@ -259,7 +260,7 @@ def check_repeated_sources(sources):
                 said = f"--data {sources[inner]} lies inside the folder --data {sources[outer]} (sources {inner + 1} " \
                        f"and {outer + 1} of the mixture), which reads it already"
             else:
-                said = f"--data {sources[i]} and --data {sources[j]} ({where}) both read {shared[0]}"
+                said = f"--data {sources[i]} and --data {sources[j]} ({where}) both read {one}"
             raise UserError(f"{said}: it would be drawn from twice as often; give one of them (--data-weights gives "
                             "a source more weight)")
 
