@@ -352,7 +352,7 @@ def test_a_template_that_grows_text_without_bound_is_refused_by_name(monkeypatch
                                             "template makes a string [0-9,]+ characters long .*, more than "
                                             "100,000,000"):
             render(tok, CHATS[0])
-        assert time.perf_counter() - start < 0.5, template
+        assert time.perf_counter() - start < 5, template  # (0.1-1 s here, loaded: refused early, not after a hang)
     monkeypatch.setattr(chat_template, "MAX_MADE", 10_000_000)
     tok.chat_template = big + "{% set ns = namespace(l=[]) %}{% for i in range(100) %}{% set ns.l = ns.l + [b ~ i] %}" \
                               "{% endfor %}"

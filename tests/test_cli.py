@@ -103,6 +103,7 @@ def test_every_flag_and_argument_has_a_help_text():
             if not (a.help or "").strip()]
     assert len(flags) > 150 and bare == []
 
+
 def test_a_default_a_help_text_writes_out_is_the_flags_default():
     """A help text that writes a flag's number default out (not as %(default)s) states the default argparse has: a
     default changed in the code but not in the text would tell every --help reader the old one. (A flag whose
