@@ -163,7 +163,7 @@ def _spend(n: int):
         return
     if n > left:
         raise TooLarge(f"the template makes more than {MAX_ITEMS:,} items with range(), * and ** (a loop in a "
-                            "loop, a repeated string, an integer's bits): a rendering too large to finish")
+                       "loop, a repeated string, an integer's bits): a rendering too large to finish")
     _budget.left = left - n
 
 
@@ -191,11 +191,11 @@ def _grow(n: int, made: bool = True, one: bool = True):
         return
     if one and n > MAX_TEXT:
         raise TooLarge(f"the template makes a string {n:,} characters long (or a list: 8 an item), more than "
-                            f"{MAX_TEXT:,} (a string doubled in a loop, a width too large): a rendering too large to "
-                            "finish")
+                       f"{MAX_TEXT:,} (a string doubled in a loop, a width too large): a rendering too large to "
+                       "finish")
     if n > left:
         raise TooLarge(f"the template makes more than {MAX_MADE:,} characters of text (and lists) in all "
-                            "(a large string made again in a loop): a rendering too large to finish")
+                       "(a large string made again in a loop): a rendering too large to finish")
     if made:
         _budget.made = left - n
 
