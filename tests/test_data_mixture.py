@@ -314,6 +314,30 @@ def test_a_repeat_is_what_the_sources_read_not_where_they_lie(tmp_path):
         check_repeated_sources([str(shards), str(shards / "s0.npy")])
 
 
+def test_files_without_inode_numbers_are_told_apart_by_path(tmp_path, monkeypatch):
+    """On a filesystem that gives every file st_ino 0 (some FUSE and network mounts), keying a file by (device,
+    inode) made every two files one: two unrelated sources were refused as reading one file. Such a file is its
+    resolved path: unrelated files pass, a text folder's link to a file also given is still refused."""
+    from tritongpt.train.pretrain import check_repeated_sources
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a b c")
+    (tmp_path / "b.txt").write_text("d e f")
+    real = os.stat
+
+    def no_inode(path, *args, **kwargs):
+        st = real(path, *args, **kwargs)
+        return os.stat_result((st.st_mode, 0, *tuple(st)[2:]))
+
+    monkeypatch.setattr(os, "stat", no_inode)
+    assert os.stat(tmp_path / "b.txt").st_ino == 0
+    check_repeated_sources([str(tmp_path / "texts"), str(tmp_path / "b.txt")])  # each its own file
+    (tmp_path / "texts" / "b.txt").symlink_to(tmp_path / "b.txt")
+    with pytest.raises(UserError, match=r"--data \S*texts and --data \S*b.txt \(sources 1 and 2 of the mixture\) both "
+                                        r"read \S*b.txt"):
+        check_repeated_sources([str(tmp_path / "texts"), str(tmp_path / "b.txt")])
+
+
 def test_token_ids_of_another_tokenizer_beside_text_refused(two, tmp_path):
     """A nanoGPT .bin (GPT-2's ids) mixed with text read by a 270-token BPE: the ids past its vocabulary are
     refused by name, before any step (the text sources' tokenizer is the run's one tokenizer)."""

@@ -244,8 +244,8 @@ def files_read(source) -> dict | None:
     val.bin, a folder's token shards (not its subfolders), a text folder's .txt or .parquet files (links among them
     too), or the file itself. Keyed by what a file is on disk (a link and its target, two hard links, are one), one
     stat a file: resolving each path cost 0.8 s of 1.6 s for a folder of 20,000 files (listing it, 0.7 s), more than
-    the start's own quick check of them. None for a built-in corpus, or a source the reading will refuse (it is
-    named there)."""
+    the start's own quick check of them; a file without an inode number (st_ino 0) by its resolved path. None for a
+    built-in corpus, or a source the reading will refuse (it is named there)."""
     if source in (None, "", "pydoc", "stdlib"):
         return None
     path = Path(str(source)).expanduser()
@@ -256,7 +256,9 @@ def files_read(source) -> dict | None:
             files = _shard_files(path) or _txt_files(path)
         else:
             files = [path] if path.is_file() else []
-        read = {(st.st_dev, st.st_ino): p for p, st in zip(files, map(os.stat, files))}
+        # (st_ino 0: a filesystem with no inode numbers, some FUSE and network mounts, where every file would be
+        # one: such a file is its resolved path instead, a link to it still one, a hard link not seen)
+        read = {(st.st_dev, st.st_ino) if st.st_ino else p.resolve(): p for p, st in zip(files, map(os.stat, files))}
     except (UserError, OSError):  # (OSError: a file gone since it was listed)
         return None
     return read or None
