@@ -456,9 +456,10 @@ def test_a_string_cut_into_a_list_is_sized_before_it_is_made(monkeypatch):
     tok = copy.copy(get_tokenizer("default"))
     cut = "{% set s = '中 \\n' * 1000 %}"
     # (and the filters that read it a character at a time and keep each, or hand them to |list or |join: sort's
-    # and join's own list, map's and batch's generators)
+    # and join's own list, map's and batch's generators, groupby's sorted list)
     for made in ("s | list", "s.split()", "s.split(' ')", "s.rsplit(' ', 5000)", "s.splitlines()", "s | sort",
-                 "s | join", "s | map('upper') | list", "s | batch(1) | list", "s | reject('eq', 'x') | join"):
+                 "s | join", "s | map('upper') | list", "s | batch(1) | list", "s | reject('eq', 'x') | join",
+                 "s | groupby(0)"):
         tok.chat_template = cut + "{{ (" + made + ") | length }}"
         with pytest.raises(UserError, match="too large to render \\((line [0-9]+: )?the template makes a string "
                                             "[0-9,]+ characters long"):

@@ -412,10 +412,11 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         return _made(jinja2.utils.generate_lorem_ipsum(n, html, min, max))
 
     # the filters that read a string a character at a time and keep each (a list, a sort, join's list) or hand them
-    # to one that does (map's, select's, batch's generators, which |list or |join then keep): a new string an item,
-    # sized so (STR_ITEM) before any is made, as a string's split() is. ('中' * 6*10**7) | sort, or | join, made
-    # about 5 GB before the list's 8 an item refused it, or let it be
-    itemwise = {"list", "sort", "join", "map", "select", "reject", "selectattr", "rejectattr", "batch", "slice"}
+    # to one that does (map's, select's, batch's generators, which |list or |join then keep; groupby sorts them, as
+    # |sort): a new string an item, sized so (STR_ITEM) before any is made, as a string's split() is.
+    # ('中' * 6*10**7) | sort, or | join, made about 5 GB before the list's 8 an item refused it, or let it be
+    itemwise = {"list", "sort", "join", "map", "select", "reject", "selectattr", "rejectattr", "batch", "slice",
+                "groupby"}
 
     def bounded(f, size=None, name=None):
         """Filter f, its result charged as made; size: its result's length, about, from f's arguments (after the
