@@ -129,6 +129,25 @@ def test_a_tied_head_loads_as_transformers_ties_it_and_exports_so(tmp_path):
         assert_close_rel(back(idx).logits, model(idx), 2e-6, "exported tied, read by transformers")
 
 
+def test_a_head_of_its_own_beside_tie_word_embeddings_is_read_as_transformers_reads_it(hf_copy, tmp_path):
+    """tie_word_embeddings true, but the file holds an lm_head.weight unlike wte: transformers 5 loads the
+    file's head (ties only what the file leaves out), and so must we: tied, the head would be wte, another model."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_copy(hf_gptj, tmp_path, layers=1, tie_word_embeddings=True)
+    sd = load_file(path)
+    assert "lm_head.weight" not in sd  # (saved tied)
+    sd["lm_head.weight"] = torch.randn_like(sd["transformer.wte.weight"])
+    save_file(sd, path, metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert torch.equal(hf.lm_head.weight, sd["lm_head.weight"])  # (the premise: transformers keeps it)
+    model = load_checkpoint(path).double().eval()
+    assert not model.config.tie_weights
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "a head of its own")
+
+
 @pytest.mark.parametrize("change,match", [
     ({"activation_function": "relu"}, "activation_function 'relu'; this model's GELU MLP computes"),
     ({"n_inner": 100}, r"an MLP 256 wide \(n_inner 100\)"),
