@@ -122,6 +122,10 @@ def test_export_round_trip(tmp_path, overrides, kind):
     ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta -1.0"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta 0; it must be a number > 0"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5; this model rotates every dimension"),
+    # transformers 4.x reads the flat rope_theta, 5 rope_parameters' (5000 in the fixture): two models. It was
+    # read as rope_parameters'
+    ({"rope_theta": 321.0}, "has rope_theta 321.0, but this model's RoPE reads rope_parameters' rope_theta, 5000.0 "
+                            "(transformers 4.x reads rope_theta, 5 rope_parameters'): make them agree"),
     ({"vocab_size": 64}, "says vocab_size 64, but the weights have 53"),
     ({"hidden_size": 32}, "says hidden_size 32, but the weights have 64"),
     # fields of the wrong type: a ZeroDivisionError, a TypeError or an unhashable lookup before, or (a rope_scaling
@@ -193,15 +197,28 @@ def test_config_json_without_a_size_it_needs_is_refused_by_name(tmp_path, key):
         load_checkpoint(path)
 
 
-def test_rope_parameters_theta_wins_over_a_stale_rope_theta_as_in_transformers(tmp_path):
-    """A config.json with both (an older file edited by transformers 5): rope_parameters is what
-    LlamaConfig reads, and so does load_checkpoint."""
-    _, path = _hf_model(tmp_path)
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("edit, want", [
+    # the Hub's Llama 3.1 / 3.2 (transformers 4.x's): a flat rope_theta and rope_scaling
+    ({"rope_parameters": None, "rope_theta": 321.0, "rope_scaling": LLAMA31_SCALING}, (321.0, LLAMA31_SCALING)),
+    # beside a rope_parameters (5000, unscaled) neither 4.x nor 5 reads: the flat base, or 10000
+    ({"rope_theta": 321.0, "rope_scaling": LLAMA31_SCALING}, (321.0, LLAMA31_SCALING)),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, (10000.0, {"rope_type": "linear", "factor": 2.0})),
+], ids=["hub-llama31", "stale-params-flat-theta", "stale-params-no-theta"])
+def test_a_rope_scaling_object_stands_in_for_rope_parameters_as_in_transformers(hf_copy, tmp_path, edit, want):
+    """transformers 5 reads `rope_scaling or rope_parameters` (4.x reads no rope_parameters at all): beside a
+    rope_scaling object, rope_parameters' base (5000 in the fixture) is not read. It was read here: RoPE's base
+    5000 where transformers rotates with the flat rope_theta, or 10000."""
+    path = hf_copy(_hf_model, tmp_path)
     cfg_json = tmp_path / "config.json"
-    d = {**json.loads(cfg_json.read_text()), "rope_theta": 321.0}
-    cfg_json.write_text(json.dumps(d))
-    theirs = transformers.LlamaConfig(**d).rope_parameters["rope_theta"]
-    assert load_checkpoint(path).config.rope_theta == theirs == 5000.0
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), **edit}))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.rope_scaling) == want
+    assert c.rope_theta == theirs["rope_theta"] and all(theirs[k] == v for k, v in want[1].items())
 
 
 def test_an_untied_file_whose_head_is_its_embedding_loads_tied(tmp_path):

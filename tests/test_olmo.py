@@ -191,6 +191,20 @@ def test_a_sliding_rope_without_its_base_is_read_as_transformers_reads_it(tmp_pa
     assert (c.rope_theta, c.rope_local_theta) == (300.0, theirs) == (300.0, 5e5)
 
 
+def test_a_rope_scaling_with_its_own_base_is_read_as_transformers_reads_it(hf_copy, tmp_path):
+    """An OLMo 3 config.json with a rope_scaling that says its rope_theta, and no flat rope_theta: Olmo3Config
+    rotates the full-attention layers with rope_scaling's base (300). Olmo3Config's default (500000) was passed to
+    the Llama reader as if the file said it flat, and refused as a flat rope_theta disagreeing with rope_scaling's."""
+    path = hf_copy(hf_olmo, tmp_path, "olmo3")
+    cfg_json = tmp_path / "config.json"
+    d = {k: v for k, v in json.loads(cfg_json.read_text()).items() if k not in ("rope_parameters", "rope_theta")}
+    cfg_json.write_text(json.dumps({**d, "rope_scaling": YARN, "layer_types": ["full_attention"] * 4}))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["full_attention"]
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.rope_scaling["rope_type"], c.window_layers) == \
+        (theirs["rope_theta"], theirs["rope_type"], "all") == (300.0, "yarn", "all")
+
+
 @pytest.mark.parametrize("kind,change,match", [
     ("olmo2", {"attention_bias": True}, "attention_bias true; OLMo 2's projections have no biases"),
     ("olmo2", {"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's SwiGLU computes 'silu' only"),

@@ -86,18 +86,44 @@ def rope_dict(d: dict, key: str, cfg_json) -> dict:
     return value
 
 
-def _rope_theta(d: dict, cfg_json) -> tuple:
-    """(RoPE's base, its scaling: GPTConfig.rope_scaling) from transformers 5's rope_parameters or
-    the older rope_theta / rope_scaling. Linear, Llama 3's and YaRN's scalings stretch the frequencies
-    (layers.scaled_inv_freq; YaRN scales the scores too); the others (dynamic, longrope...) are other
-    functions of the positions, refused by name."""
+def read_rope_parameters(d: dict, cfg_json) -> tuple:
+    """(the RoPE object transformers 5 reads, its key): `rope_scaling or rope_parameters`, as its
+    convert_rope_params_to_dict; {} when neither says. A rope_scaling object (what 4.x wrote) stands in for
+    rope_parameters whole, and what rope_parameters says is not read then (nor by 4.x, which reads no
+    rope_parameters)."""
     params = rope_dict(d, "rope_parameters", cfg_json)
-    old = rope_dict(d, "rope_scaling", cfg_json)
+    scaling = rope_dict(d, "rope_scaling", cfg_json)
+    return (scaling, "rope_scaling") if scaling else (params, "rope_parameters")
+
+
+def rope_field(d: dict, nested: dict, which: str, name: str, keys, default, cfg_json, family: str, unread=()):
+    """One field (name: rope_theta, partial_rotary_factor) of RoPE as transformers 5 reads it: the RoPE object's
+    (nested, from read_rope_parameters: which), else the first flat key of `keys` config.json has (GPT-NeoX's
+    rotary_emb_base), else the default. A flat key that says another value than the one read is refused naming
+    both: transformers 4.x reads the flat key where 5 reads the object's, and `unread` keys (the field's own name,
+    flat: GPT-NeoX's rope_theta) neither reads; either way some reader would load another model."""
+    flat = next((k for k in keys if k in d), None)  # (a null is read, and refused: transformers fails on it)
+    value, said = ((nested[name], f"{which}' {name}") if name in nested else
+                   (d[flat], flat) if flat is not None else (default, "its default"))
+    for k in (*keys, *(name,) * (name in unread)):
+        if k in d and d[k] != value:
+            raise UserError(f"{cfg_json} has {k} {d[k]!r}, but {family}'s RoPE reads {said}, {value!r}" + (
+                f" ({family}'s config does not read {k})" if k in unread else
+                f" (transformers 4.x reads {k}, 5 {which}')") + ": make them agree")
+    return value
+
+
+def _rope_theta(d: dict, cfg_json, theta_default: float = 10000.0) -> tuple:
+    """(RoPE's base, its scaling: GPTConfig.rope_scaling) as transformers 5 reads them: from
+    `rope_scaling or rope_parameters` (read_rope_parameters; the Hub's Llama 3.1 says rope_scaling and a flat
+    rope_theta, transformers 5 saves rope_parameters), the base from it, else the flat rope_theta, else
+    theta_default; a flat rope_theta that disagrees with the object's refused (rope_field). Linear, Llama 3's and
+    YaRN's scalings stretch the frequencies (layers.scaled_inv_freq; YaRN scales the scores too); the others
+    (dynamic, longrope...) are other functions of the positions, refused by name."""
+    p, where = read_rope_parameters(d, cfg_json)
     scaling = None
-    for where, p in (("rope_parameters", params), ("rope_scaling", old)):
-        kind = p.get("rope_type", p.get("type", "default"))
-        if kind == "default":
-            continue
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind != "default":
         if kind not in ROPE_SCALING_KEYS:
             raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model computes unscaled RoPE ('default'), "
                             f"or scaled by {' or '.join(map(repr, ROPE_SCALING_KEYS))}")
@@ -105,8 +131,9 @@ def _rope_theta(d: dict, cfg_json) -> tuple:
         spec = {"rope_type": kind, **{k: p[k] for k in ROPE_SCALING_KEYS[kind] if k in p}}
         if kind == "llama3" and "original_max_position_embeddings" not in spec:  # transformers' fallback
             spec["original_max_position_embeddings"] = d.get("max_position_embeddings")
-        scaling = scaling or check_rope_scaling(spec, f"{cfg_json} has {where}")
-    theta = checked_rope_base(params.get("rope_theta", d.get("rope_theta", 10000.0)), f"{cfg_json} has rope_theta")
+        scaling = check_rope_scaling(spec, f"{cfg_json} has {where}")
+    theta = checked_rope_base(rope_field(d, p, where, "rope_theta", ("rope_theta",), theta_default, cfg_json,
+                                         "this model"), f"{cfg_json} has rope_theta")
     if d.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{cfg_json} has partial_rotary_factor {d['partial_rotary_factor']!r}; this model rotates "
                         "every dimension of a head (1.0) only")
@@ -142,18 +169,10 @@ def unscaled_partial_rope(d: dict, head_dim: int, cfg_json, family: str, theta_k
         if kind != "default":
             raise UserError(f"{cfg_json} has {where} of type {kind!r}; this model reads {family}'s RoPE unscaled "
                             "('default') only")
-    nested, which = (scaling, "rope_scaling") if scaling else (params, "rope_parameters")
+    nested, which = read_rope_parameters(d, cfg_json)
 
     def read(name, keys, default):
-        flat = next((k for k in keys if k in d), None)  # (a null is read, and refused: transformers fails on it)
-        value, said = ((nested[name], f"{which}' {name}") if name in nested else
-                       (d[flat], flat) if flat is not None else (default, "its default"))
-        for k in (*keys, *(name,) * (name in unread)):  # (an unread key is the field's own name, flat)
-            if k in d and d[k] != value:
-                raise UserError(f"{cfg_json} has {k} {d[k]!r}, but {family}'s RoPE reads {said}, {value!r}" + (
-                    f" ({family}'s config does not read {k})" if k in unread else
-                    f" (transformers 4.x reads {k}, 5 {which}')") + ": make them agree")
-        return value
+        return rope_field(d, nested, which, name, keys, default, cfg_json, family, unread)
 
     where = f"{cfg_json} has a RoPE base"
     theta = checked_rope_base(read("rope_theta", theta_keys, 10000.0), where, f" ({' or '.join(theta_keys)})")

@@ -73,7 +73,9 @@ def _rope(d: dict, kind: str, window: int, cfg_json) -> tuple:
     params = rope_dict(d, "rope_parameters", cfg_json)
     if kind == "olmo2" or "full_attention" not in params:
         # Olmo3Config's base when none is said is 500000, Olmo2Config's (as Llama's) 10000
-        theta, scaling = _rope_theta(d if kind == "olmo2" else {"rope_theta": OLMO3_THETA, **d}, cfg_json)
+        # (passed as the default, not as a flat rope_theta: _rope_theta refuses a flat one that disagrees with
+        # rope_parameters', which an injected default would do for a file that says its base there only)
+        theta, scaling = _rope_theta(d, cfg_json, 10000.0 if kind == "olmo2" else OLMO3_THETA)
         if kind == "olmo2" or not window:
             return theta, scaling, 0.0
         if theta != OLMO3_THETA:  # Olmo3Config gives the local layers its default when rope_theta is flat
