@@ -96,6 +96,9 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
     ("cohere", {"attention_bias": True}, "attention_bias true"),
     ("cohere", {"logit_scale": 0.0}, "logit_scale 0.0; it must be a number > 0"),
     ("cohere", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0}}, "type 'dynamic'"),
+    # CohereConfig's default base is 10000 in transformers 4.x, 500000 in 5: read as 10000 here, one of two models
+    ("cohere", {"rope_parameters": {"rope_type": "default"}},
+     r"config\.json says no RoPE base \(rope_theta\): CohereConfig reads 10000 in transformers 4\.x and 500000 in 5"),
     ("cohere2", {"layer_types": ["full_attention"] * 4}, "no sliding_attention layer"),
     ("cohere2", {"layer_types": ["sliding_attention"] * 3}, "for each of the 4 layers"),
     ("cohere2", {"layer_types": ["sliding_attention"] * 3 + ["chunked_attention"]}, "'full_attention' for each"),
@@ -105,7 +108,8 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
      r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got 40\.0"),
     # bool("false") is True: a flag spelled as a string is refused by name
     ("cohere", {"attention_bias": "false"}, "config.json has attention_bias 'false'; it must be true or false"),
-], ids=["qk-norm", "qk-norm-weights", "activation", "attention-bias", "logit-scale", "dynamic-rope", "no-sliding",
+], ids=["qk-norm", "qk-norm-weights", "activation", "attention-bias", "logit-scale", "dynamic-rope", "no-theta",
+        "no-sliding",
         "layer-types", "layer-type-name", "window", "context-float", "attention-bias-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
     path = hf_copy(hf_cohere, tmp_path, kind, **({"use_qk_norm": True} if change.get("use_qk_norm") is False else {}))

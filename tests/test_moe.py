@@ -379,6 +379,20 @@ def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, 
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_config_without_a_rope_base_reads_the_familys_default_as_transformers(hf_copy, tmp_path, kind):
+    """A config.json that says no rope_theta: MixtralConfig's base is 1000000 (in 4.x and 5), Qwen3-MoE's and
+    OLMoE's 10000. Mixtral's was read as 10000 here: another model."""
+    transformers = pytest.importorskip("transformers")
+    path = hf_copy(hf_moe, tmp_path, kind)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    d["rope_parameters"].pop("rope_theta")
+    cfg_json.write_text(json.dumps(d))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"]
+    assert load_checkpoint(path).config.rope_theta == theirs == (1e6 if kind == "mixtral" else 1e4)
+
+
 def test_other_exports_refuse_experts_and_the_moe_export_refuses_what_its_families_lack(tmp_path):
     from tritongpt.commands import export_target
     from tritongpt.train.gpt2_weights import export_gpt2

@@ -50,6 +50,18 @@ def test_smollm3_reads_its_nope_layers_and_matches_transformers(tmp_path):
         assert load_checkpoint(path).config.nope_layers == nope
 
 
+def test_a_config_without_a_rope_base_reads_smollm3s_default_as_transformers(hf_copy, tmp_path):
+    """A config.json that says no rope_theta: SmolLM3Config's base is 2000000 (in 4.x and 5), not Llama's 10000,
+    which was read here: another model."""
+    path = hf_copy(hf_llama, tmp_path, VOCAB, kind="smollm3")
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    d["rope_parameters"].pop("rope_theta")
+    cfg_json.write_text(json.dumps(d))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"]
+    assert load_checkpoint(path).config.rope_theta == theirs == 2e6
+
+
 def test_smollm3_slides_its_window_over_the_nope_layers_and_takes_a_list(tmp_path):
     """use_sliding_window with no layer_types: the window is in the NoPE layers (transformers' default);
     a no_rope_layers list of its own is read as it is."""

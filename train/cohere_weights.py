@@ -30,7 +30,7 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
                                           refuse_moe_touches, weights_file, write_hf_folder)
 from tritongpt.train.gptj_weights import half_split_order
-from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, shape_fields
+from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, read_rope_parameters, shape_fields
 
 MODEL_TYPES = {"cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM"}
 # each block's tensors: ours, then Cohere's (under "layers.{i}."); the norm has a weight only
@@ -105,6 +105,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     scale = d.get("logit_scale", 0.0625)  # CohereConfig's default
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise UserError(f"{cfg_json} has logit_scale {scale!r}; it must be a number > 0")
+    # CohereConfig's base when none is said is 10000 in transformers 4.x and 500000 in 5 (Cohere2Config's 10000 in
+    # both): such a file is two models, refused (the Hub's Command R configs all say rope_theta)
+    if kind == "cohere" and "rope_theta" not in d and "rope_theta" not in read_rope_parameters(d, cfg_json)[0]:
+        raise UserError(f"{cfg_json} says no RoPE base (rope_theta): CohereConfig reads 10000 in transformers 4.x "
+                        "and 500000 in 5; say which")
     theta, scaling = _rope_theta(d, cfg_json)
     return config_json_gptconfig(
         cfg_json, {**LLAMA_KEYS, "norm_eps": "layer_norm_eps"}, **shape_fields(shapes, sd),

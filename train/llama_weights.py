@@ -302,7 +302,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     bias = attention_bias and kind in ("llama", "smollm3")
     window, window_layers = _sliding_window(d, kind, n_layer, cfg_json)
     nope = _nope_layers(d, n_layer, cfg_json) if kind == "smollm3" else ()
-    theta, scaling = _rope_theta(d, cfg_json)
+    # SmolLM3Config's base when none is said is 2000000 (4.x and 5), the others' 10000
+    theta, scaling = _rope_theta(d, cfg_json, 2_000_000.0 if kind == "smollm3" else 10000.0)
     return config_json_gptconfig(
         cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048),
         bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,

@@ -116,7 +116,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                       (d.get("sliding_window") or 0, "all")
                       if kind == "qwen3_moe" and config_flag(d, "use_sliding_window", False, cfg_json)
                       else (0, "all"))
-    theta, scaling = _rope_theta(d, cfg_json)
+    # MixtralConfig's base when none is said is 1000000 (4.x and 5), Qwen3-MoE's and OLMoE's 10000
+    theta, scaling = _rope_theta(d, cfg_json, 1_000_000.0 if kind == "mixtral" else 10000.0)
     norm_topk = True if kind == "mixtral" else config_flag(d, "norm_topk_prob", False, cfg_json)
     return config_json_gptconfig(
         cfg_json, {**LLAMA_KEYS, "experts_per_token": "num_experts_per_tok"}, **shape_fields(shapes, sd),
