@@ -140,6 +140,21 @@ def test_sharded_folders_and_older_rope_names_load(tmp_path):
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "shards, the older config")
 
 
+def test_a_rope_scaling_object_stands_in_for_rope_parameters_as_in_transformers(hf_copy, tmp_path):
+    """Phi3Config (transformers 5) reads `rope_scaling or rope_parameters`, 4.x no rope_parameters at all: beside
+    the Hub's shape (a flat rope_theta and a LongRoPE rope_scaling), a stale rope_parameters (base 5000) is read by
+    neither. It was read here: base 5000 where transformers rotates with 321."""
+    path = hf_copy(hf_phi3, tmp_path)
+    cfg_json = tmp_path / "config.json"
+    rope = longrope(16)
+    scaling = {"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "rope_theta": 321.0, "rope_scaling": scaling}))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.rope_scaling["rope_type"], c.rope_scaling["long_factor"]) == \
+        (theirs["rope_theta"], theirs["rope_type"], theirs["long_factor"]) == (321.0, "longrope", rope["long_factor"])
+
+
 @pytest.mark.parametrize("change,match", [
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's SwiGLU computes 'silu' only"),
     ({"num_key_value_heads": 3}, "do not split into 4 query heads and twice 3 key/value heads"),
@@ -150,6 +165,12 @@ def test_sharded_folders_and_older_rope_names_load(tmp_path):
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 0.7}},
      "11 of head_dim 16 rotated"),
     ({"sliding_window": 0}, "sliding_window 0; it must be a positive integer or null"),
+    # transformers 4.x reads the flat key, 5 rope_parameters' (base 5000, factor 1.0): two models. They were read
+    # as rope_parameters'
+    ({"rope_theta": 321.0}, r"has rope_theta 321.0, but Phi-3's RoPE reads rope_parameters' rope_theta, 5000.0 "
+                            r"\(transformers 4.x reads rope_theta, 5 rope_parameters'\): make them agree"),
+    ({"partial_rotary_factor": 0.5}, r"has partial_rotary_factor 0.5, but Phi-3's RoPE reads rope_parameters' "
+                                     r"partial_rotary_factor, 1.0 \(transformers 4.x reads partial_rotary_factor"),
     # Phi-2's reader (train/phi_weights.py) looks for its own tensor names
     ({"model_type": "phi"}, "not a Phi model, missing tensor 'layers.0.mlp.fc1.weight'"),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
@@ -158,8 +179,8 @@ def test_sharded_folders_and_older_rope_names_load(tmp_path):
     # (with a window, compared to the context first: a TypeError there before)
     ({"max_position_embeddings": "40", "sliding_window": 5},
      r"config\.json: max_position_embeddings \(GPTConfig\.context_length\) must be a positive integer, got '40'"),
-], ids=["activation", "kv-heads", "dynamic-rope", "longrope-one-list", "odd-rotary", "window", "phi2", "context-type",
-        "context-type-window"])
+], ids=["activation", "kv-heads", "dynamic-rope", "longrope-one-list", "odd-rotary", "window", "flat-theta",
+        "flat-factor", "phi2", "context-type", "context-type-window"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi3, tmp_path)
     cfg_json = tmp_path / "config.json"

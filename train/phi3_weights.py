@@ -26,7 +26,8 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, refuse_per_head_qk,
                                           weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import (LLAMA_KEYS, _our_tensors, checked_rope_base, hf_shapes,
-                                           partial_rotary_dim, refuse_not_llama, rope_dict, shape_fields)
+                                           partial_rotary_dim, read_rope_parameters, refuse_not_llama, rope_field,
+                                           shape_fields)
 
 MODEL_TYPE, ARCHITECTURE = "phi3", "Phi3ForCausalLM"
 LONGROPE_ALIASES = ("longrope", "su", "yarn")  # Phi3Config reads the two older names as longrope
@@ -69,23 +70,24 @@ def _unfused(sd: dict, d: dict, cfg_json: Path) -> dict:
 
 
 def _rotary_dim(d: dict, head_dim: int, cfg_json) -> int:
-    """GPTConfig.rotary_dim of partial_rotary_factor (in rope_parameters, or top level): 0 for the whole head."""
-    params = rope_dict(d, "rope_parameters", cfg_json)
-    return partial_rotary_dim(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)), head_dim,
-                              f"{cfg_json} has")
+    """GPTConfig.rotary_dim of partial_rotary_factor (in `rope_scaling or rope_parameters`, or top level, as
+    transformers 5 reads it: rope_field): 0 for the whole head."""
+    p, where = read_rope_parameters(d, cfg_json)
+    factor = rope_field(d, p, where, "partial_rotary_factor", ("partial_rotary_factor",), 1.0, cfg_json, "Phi-3")
+    return partial_rotary_dim(factor, head_dim, f"{cfg_json} has")
 
 
 def _rope(d: dict, cfg_json) -> tuple:
     """(RoPE's base, GPTConfig.rope_scaling): none, or LongRoPE's factor lists with
     original_max_position_embeddings (top level in Phi-3's configs) and the optional factor and
     attention_factor."""
-    params = rope_dict(d, "rope_parameters", cfg_json)
-    theta = checked_rope_base(params.get("rope_theta", d.get("rope_theta", 10000.0)), f"{cfg_json} has rope_theta")
-    old = rope_dict(d, "rope_scaling", cfg_json)
-    for where, p in (("rope_parameters", params), ("rope_scaling", old)):
-        kind = p.get("rope_type", p.get("type", "default"))
-        if kind == "default":
-            continue
+    # as transformers 5's Phi3Config: `rope_scaling or rope_parameters` (the Hub's Phi-3.5 and Phi-4-mini say
+    # rope_scaling and a flat rope_theta), the base from it, else the flat one (refused where they disagree)
+    p, where = read_rope_parameters(d, cfg_json)
+    theta = checked_rope_base(rope_field(d, p, where, "rope_theta", ("rope_theta",), 10000.0, cfg_json, "Phi-3"),
+                              f"{cfg_json} has rope_theta")
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind != "default":
         if kind not in LONGROPE_ALIASES:
             raise UserError(f"{cfg_json} has {where} of type {kind!r}; Phi-3's RoPE is unscaled ('default') or "
                             "LongRoPE ('longrope', or 'su' / 'yarn' as older Phi-3 configs say)")
