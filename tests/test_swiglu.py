@@ -54,7 +54,8 @@ def make(M, C, H, dtype, device, gen, bias=True, lead=None):
 
 def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, activation="silu"):
     """Kernel vs float64: y and every gradient. 16-bit: the flat TOL or twice PyTorch's own error
-    in that dtype (F.linear + the activation), whichever is larger."""
+    in that dtype (F.linear + the activation), whichever is larger, and always within the latter (the
+    README's claim: the flat 1e-2 alone would pass a kernel rounding an intermediate PyTorch keeps)."""
     gen = torch.Generator().manual_seed(seed)
     params = make(M, C, H, dtype, device, gen, bias, lead)
     y = swiglu_mlp(*params, activation=activation)
@@ -73,11 +74,15 @@ def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, activation=
         for name, p, p64 in zip(NAMES, lp, leaves):
             if p is not None:
                 tol[name] = max(tol[name], 2 * report(p.grad, p64.grad)[1])
-    assert_close_rel(y, y64, tol["y"], f"y {activation} {dtype} M={M} C={C} H={H}")
-    for name, p, p64 in zip(NAMES, params, leaves):
+    _, rel = assert_close_rel(y, y64, tol["y"], f"y {activation} {dtype} M={M} C={C} H={H}")
+    if dtype != torch.float32:
+        assert rel <= 2 * report(y_lp, y64)[1], f"y: {rel:.3e} > 2 x PyTorch's {dtype} error"
+    for i, (name, p, p64) in enumerate(zip(NAMES, params, leaves)):
         if p is not None:
             assert p.grad is not None and p.grad.dtype == p.dtype, name
-            assert_close_rel(p.grad, p64.grad, tol[name], name)
+            _, rel = assert_close_rel(p.grad, p64.grad, tol[name], name)
+            if dtype != torch.float32:
+                assert rel <= 2 * report(lp[i].grad, p64.grad)[1], f"{name}: {rel:.3e} > 2 x PyTorch's {dtype} error"
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
