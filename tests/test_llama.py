@@ -124,8 +124,14 @@ def test_export_round_trip(tmp_path, overrides, kind):
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5; this model rotates every dimension"),
     # transformers 4.x reads the flat rope_theta, 5 rope_parameters' (5000 in the fixture): two models. It was
     # read as rope_parameters'
-    ({"rope_theta": 321.0}, "has rope_theta 321.0, but this model's RoPE reads rope_parameters' rope_theta, 5000.0 "
-                            "(transformers 4.x reads rope_theta, 5 rope_parameters'): make them agree"),
+    ({"rope_theta": 321.0}, "has rope_theta 321.0, but this model's RoPE reads the rope_theta in rope_parameters, "
+                            "5000.0 (transformers 4.x reads rope_theta, 5 the rope_theta in rope_parameters): "
+                            "make them agree"),
+    # beside a rope_scaling object that says its own base, transformers 5 reads that one (the message said
+    # "rope_scaling' rope_theta" before)
+    ({"rope_theta": 321.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+     "has rope_theta 321.0, but this model's RoPE reads the rope_theta in rope_scaling, 500.0 (transformers 4.x reads "
+     "rope_theta, 5 the rope_theta in rope_scaling): make them agree"),
     ({"vocab_size": 64}, "says vocab_size 64, but the weights have 53"),
     ({"hidden_size": 32}, "says hidden_size 32, but the weights have 64"),
     # fields of the wrong type: a ZeroDivisionError, a TypeError or an unhashable lookup before, or (a rope_scaling

@@ -132,12 +132,13 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     # GPTNeoXConfig (4.x and 5) reads rotary_emb_base and rotary_pct, never a flat rope_theta or factor: they were
     # read here when rope_parameters (or rotary_*) did not say, and a rotary_emb_base that disagrees with
     # rope_parameters (4.x reads the one, 5 the other) was passed over
-    ({"rope_theta": 777.0}, r"has rope_theta 777.0, but GPT-NeoX's RoPE reads rope_parameters' rope_theta, 500.0 "
+    ({"rope_theta": 777.0}, r"has rope_theta 777.0, but GPT-NeoX's RoPE reads the rope_theta in rope_parameters, 500.0 "
                             r"\(GPT-NeoX's config does not read rope_theta\)"),
     ({"rope_parameters": None, "partial_rotary_factor": 1.0},
      r"has partial_rotary_factor 1.0, but GPT-NeoX's RoPE reads its default, 0.25"),
-    ({"rotary_emb_base": 777.0}, r"has rotary_emb_base 777.0, but GPT-NeoX's RoPE reads rope_parameters' "
-                                 r"rope_theta, 500.0 \(transformers 4.x reads rotary_emb_base"),
+    ({"rotary_emb_base": 777.0}, r"has rotary_emb_base 777.0, but GPT-NeoX's RoPE reads the rope_theta in "
+                                 r"rope_parameters, 500.0 \(transformers 4.x reads rotary_emb_base, 5 the rope_theta "
+                                 r"in rope_parameters\)"),
     ({"hidden_act": "relu"}, "hidden_act 'relu'; this model's GELU MLP computes"),
     ({"attention_bias": False}, "attention_bias false"),
     ({"intermediate_size": 100}, "intermediate_size 100, but the weights have 256"),

@@ -162,7 +162,7 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
      "rope_parameters of type 'linear'"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling of type 'dynamic'"),
     # transformers 5 reads rope_parameters' base, 4.x the flat one: a disagreement loads two models
-    ({"rope_theta": 10000.0}, r"has rope_theta 10000.0, but Phi's RoPE reads rope_parameters' rope_theta, 500.0"),
+    ({"rope_theta": 10000.0}, r"has rope_theta 10000.0, but Phi's RoPE reads the rope_theta in rope_parameters, 500.0"),
     ({"hidden_act": "relu"}, "hidden_act 'relu'; this model's GELU MLP computes"),
     ({"intermediate_size": 100}, "intermediate_size 100, but the weights have 256"),
     ({"num_attention_heads": 5}, "num_attention_heads 5, which does not divide the weights. width 64"),

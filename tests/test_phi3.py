@@ -167,10 +167,11 @@ def test_a_rope_scaling_object_stands_in_for_rope_parameters_as_in_transformers(
     ({"sliding_window": 0}, "sliding_window 0; it must be a positive integer or null"),
     # transformers 4.x reads the flat key, 5 rope_parameters' (base 5000, factor 1.0): two models. They were read
     # as rope_parameters'
-    ({"rope_theta": 321.0}, r"has rope_theta 321.0, but Phi-3's RoPE reads rope_parameters' rope_theta, 5000.0 "
-                            r"\(transformers 4.x reads rope_theta, 5 rope_parameters'\): make them agree"),
-    ({"partial_rotary_factor": 0.5}, r"has partial_rotary_factor 0.5, but Phi-3's RoPE reads rope_parameters' "
-                                     r"partial_rotary_factor, 1.0 \(transformers 4.x reads partial_rotary_factor"),
+    ({"rope_theta": 321.0}, r"has rope_theta 321.0, but Phi-3's RoPE reads the rope_theta in rope_parameters, "
+                            r"5000.0 \(transformers 4.x reads rope_theta, 5 the rope_theta in rope_parameters\): "
+                            r"make them agree"),
+    ({"partial_rotary_factor": 0.5}, r"has partial_rotary_factor 0.5, but Phi-3's RoPE reads the partial_rotary_factor "
+                                     r"in rope_parameters, 1.0 \(transformers 4.x reads partial_rotary_factor"),
     # Phi-2's reader (train/phi_weights.py) looks for its own tensor names
     ({"model_type": "phi"}, "not a Phi model, missing tensor 'layers.0.mlp.fc1.weight'"),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key

@@ -108,8 +108,9 @@ def test_export_round_trips_through_transformers(tmp_path, kw):
     ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0, "partial_rotary_factor": 0.25}},
      r"a RoPE base -1.0 \(rope_theta\); it must be a number > 0"),
     # transformers 5 reads rope_parameters' factor, 4.x the flat one: a disagreement loads two models
-    ({"partial_rotary_factor": 1.0}, r"has partial_rotary_factor 1.0, but StableLM's RoPE reads rope_parameters' "
-                                     r"partial_rotary_factor, 0.25 \(transformers 4.x reads partial_rotary_factor"),
+    ({"partial_rotary_factor": 1.0}, r"has partial_rotary_factor 1.0, but StableLM's RoPE reads the "
+                                     r"partial_rotary_factor in rope_parameters, 0.25 \(transformers 4.x reads "
+                                     r"partial_rotary_factor"),
     ({"use_qkv_bias": False}, "use_qkv_bias false, but the weights have q_proj's bias"),
     ({"model_type": "stablelm_epoch"}, "model_type 'stablelm_epoch'"),
     # q_proj's 64 rows over 5 heads (llama_weights.hf_shapes refuses it before StableLM's own check)

@@ -103,13 +103,13 @@ def rope_field(d: dict, nested: dict, which: str, name: str, keys, default, cfg_
     both: transformers 4.x reads the flat key where 5 reads the object's, and `unread` keys (the field's own name,
     flat: GPT-NeoX's rope_theta) neither reads; either way some reader would load another model."""
     flat = next((k for k in keys if k in d), None)  # (a null is read, and refused: transformers fails on it)
-    value, said = ((nested[name], f"{which}' {name}") if name in nested else
+    value, said = ((nested[name], f"the {name} in {which}") if name in nested else
                    (d[flat], flat) if flat is not None else (default, "its default"))
     for k in (*keys, *(name,) * (name in unread)):
         if k in d and d[k] != value:
             raise UserError(f"{cfg_json} has {k} {d[k]!r}, but {family}'s RoPE reads {said}, {value!r}" + (
                 f" ({family}'s config does not read {k})" if k in unread else
-                f" (transformers 4.x reads {k}, 5 {which}')") + ": make them agree")
+                f" (transformers 4.x reads {k}, 5 the {name} in {which})") + ": make them agree")
     return value
 
 
