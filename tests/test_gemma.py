@@ -275,6 +275,21 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "older keys")
 
 
+def test_gemma3_merges_rope_scaling_into_the_global_layers_rope_as_transformers(hf_copy, tmp_path):
+    """A rope_scaling beside rope_parameters: Gemma3TextConfig (transformers 5) merges it into rope_parameters'
+    full_attention, its keys winning, a rope_theta of its own included. That base was refused here, as if the file
+    said a flat rope_theta (rope_parameters' 300, which the reader passed on as one) disagreeing with it."""
+    path = hf_copy(hf_gemma, tmp_path, layers=7)
+    cfg_json = tmp_path / "config.json"
+    scaling = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "rope_scaling": scaling}))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.rope_scaling, c.rope_local_theta) == \
+        (theirs["full_attention"]["rope_theta"], {"rope_type": "linear", "factor": theirs["full_attention"]["factor"]},
+         theirs["sliding_attention"]["rope_theta"]) == (500.0, {"rope_type": "linear", "factor": 2.0}, 20000.0)
+
+
 @pytest.mark.parametrize("change,match", [
     ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping -1.0; it must be a number > 0 or null"),
     ({"attention_bias": True}, "attention_bias true; Gemma's projections have no biases here"),
@@ -286,6 +301,13 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
     ({"head_dim": 16}, "head_dim 16, but the weights have 32"),
     ({"rope_parameters": {**ROPE3, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      "scales the local layers' RoPE"),
+    # transformers 4.x reads the flat keys, 5 rope_parameters' per layer type (300 and 20000 in the fixture): two
+    # models. They were read as rope_parameters', the flat ones passed over
+    ({"rope_theta": 777.0}, r"has rope_theta 777.0, but this model's RoPE reads the rope_theta in "
+                            r'rope_parameters\["full_attention"\], 300.0 \(transformers 4.x reads rope_theta'),
+    ({"rope_local_base_freq": 777.0}, r"has rope_local_base_freq 777.0, but Gemma 3's RoPE reads the rope_theta in "
+                                      r'rope_parameters\["sliding_attention"\], 20000.0 \(transformers 4.x reads '
+                                      r"rope_local_base_freq"),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
     ({"final_logit_softcapping": "30"},
      r"config\.json: final_logit_softcapping \(GPTConfig\.logit_softcap\) must be a finite number >= 0"),
@@ -294,7 +316,8 @@ def test_gemma3_without_rope_parameters_reads_the_older_keys(tmp_path):
     ({"use_bidirectional_attention": "false"},
      "config.json has use_bidirectional_attention 'false'; it must be true or false"),
 ], ids=["attn-softcap", "attention-bias", "query-scalar", "bidirectional", "activation", "multimodal", "layer-types",
-        "head-dim", "local-scaling", "softcap-type", "eps-zero", "bidirectional-type"])
+        "head-dim", "local-scaling", "flat-theta", "flat-local-theta", "softcap-type", "eps-zero",
+        "bidirectional-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_gemma, tmp_path, layers=7)
     cfg_json = tmp_path / "config.json"

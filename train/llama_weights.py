@@ -113,14 +113,15 @@ def rope_field(d: dict, nested: dict, which: str, name: str, keys, default, cfg_
     return value
 
 
-def _rope_theta(d: dict, cfg_json, theta_default: float = 10000.0) -> tuple:
+def _rope_theta(d: dict, cfg_json, theta_default: float = 10000.0, rope=None) -> tuple:
     """(RoPE's base, its scaling: GPTConfig.rope_scaling) as transformers 5 reads them: from
     `rope_scaling or rope_parameters` (read_rope_parameters; the Hub's Llama 3.1 says rope_scaling and a flat
     rope_theta, transformers 5 saves rope_parameters), the base from it, else the flat rope_theta, else
     theta_default; a flat rope_theta that disagrees with the object's refused (rope_field). Linear, Llama 3's and
     YaRN's scalings stretch the frequencies (layers.scaled_inv_freq; YaRN scales the scores too); the others
-    (dynamic, longrope...) are other functions of the positions, refused by name."""
-    p, where = read_rope_parameters(d, cfg_json)
+    (dynamic, longrope...) are other functions of the positions, refused by name. rope: (the RoPE object, what
+    to call it) where the family's config reads another than read_rope_parameters' (Gemma 3's)."""
+    p, where = rope or read_rope_parameters(d, cfg_json)
     scaling = None
     kind = p.get("rope_type", p.get("type", "default"))
     if kind != "default":
