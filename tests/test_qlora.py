@@ -370,7 +370,7 @@ def test_a_qlora_runs_adapter_goes_on_its_float_base_with_the_update_it_trained(
         on_base = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(hf_base), adapter)
         theirs = on_base.eval().double()(idx).logits
         print(f"peft on the float base (float64): rel {rel(theirs, copy.deepcopy(want).double()(idx)):.2e}")
-        assert rel(theirs, copy.deepcopy(want).double()(idx)) <= 1e-6
+        assert rel(theirs, copy.deepcopy(want).double()(idx)) <= 1e-12  # float64 rounding only (measured ~6e-16)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
