@@ -113,6 +113,8 @@ def test_bad_generation_configs_are_refused_at_start_by_name(folder, tmp_path, c
              ({}, ["--override-generation-config", '{"seed": 1}'], "--override-generation-config: 'seed' is not "
                                                                     "taken"),
              ({}, ["--override-generation-config", "[1]"], "--override-generation-config must be a JSON object"),
+             ({}, ["--override-generation-config", "{temperature: 0}"],  # not JSON: named too, not a traceback
+              "--override-generation-config must be a JSON object, got '{temperature: 0}' (Expecting property name"),
              ({}, ["--override-generation-config", '{"min_p": 2}'], "--override-generation-config: min_p must be"),
              ({}, ["--generation-config", str(tmp_path)], "no generation_config.json there")]
     for extra, flags, said in cases:
