@@ -323,7 +323,7 @@ class PagedKVCache(KVCache):
 
     @property
     def free(self) -> list:
-        """The pages a reserve can take, the next one last: the cached ones no row holds (the least recently
+        """The pages a reserve can take, the next one last: the cached ones no row holds (the most recently
         released taken last of all), then the never-cached free ones."""
         return [*reversed(self.cached), *self._free]
 
