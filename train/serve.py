@@ -2693,7 +2693,8 @@ def add_lora_args(p):
                         "largest one loaded")
     p.add_argument("--max-loras", type=int, default=None, metavar="N",
                    help="the most adapters the running requests use at once (vLLM's); a request of another waits, "
-                        "the ones behind it going first (default: all of --lora-modules: they all stay on the device)")
+                        "the base's requests behind it going first (default: all of --lora-modules: they all stay on "
+                        "the device)")
 
 
 def make_engine(args, model, device, dtype, tok=None):
