@@ -48,8 +48,9 @@ class Cancelled(Exception):
 
 class Request:
     """The handle submit returns: what the engine thread draws for the request arrives through `queue` as
-    ("token", on_token's arguments: (nxt [n, 1],), with logprobs (nxt, step_logprobs)) each step, then ("end",
-    ids [n, T + new]) or ("error", exception); with prompt_logprobs ("prompt", its rows) once, before any token.
+    ("token", on_token's arguments: (nxt [n, 1],), with logprobs (nxt, step_logprobs)) each step (a speculative
+    step's: ("step", [(nxt,), ...]), put_step), then ("end", ids [n, T + new]) or ("error", exception); with
+    prompt_logprobs ("prompt", its rows) once, before any token.
     The engine never calls the caller's code but stop(): the consumer's thread (an HTTP handler) reads the queue, so
     a slow client never stalls the batch."""
 
