@@ -100,6 +100,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distill-max-new-tokens", type=int, default=None, metavar="N",
                    help="with --distill-lmbda or --distill-seq-kd: the generated answers' length cap (within "
                         f"--max-length) (default {DEFAULT_MAX_NEW_TOKENS}, TRL's)")
+    from tritongpt.commands import DEFAULT_GROUP_SIZE
     from tritongpt.model.quant import GROUP_SIZES
 
     g.add_argument("--teacher-quantize", choices=("int8", "int4"), default=None,
@@ -108,7 +109,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                         "bytes, so a larger teacher fits beside the student; its targets are the quantized model's "
                         "(a teacher saved by `tritongpt quantize` runs so without it) (default: as loaded)")
     g.add_argument("--teacher-group-size", type=int, choices=GROUP_SIZES, default=None, metavar="G",
-                   help="with --teacher-quantize int4: its groups of G inputs a scale and offset (default 128)")
+                   help="with --teacher-quantize int4: its groups of G inputs a scale and offset "
+                        f"(default {DEFAULT_GROUP_SIZE})")
 
 
 def distill_options(args, prompts: bool = False) -> dict:

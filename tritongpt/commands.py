@@ -1350,7 +1350,8 @@ def add_group_size_arg(p, flag: str = "--group-size"):
 
     p.add_argument(flag, type=int, choices=GROUP_SIZES, default=None, metavar="G",
                    help=f"int4's group: G consecutive inputs of a row share a scale and an offset (one of "
-                        f"{', '.join(map(str, GROUP_SIZES))}; default 128; smaller is closer and larger)")
+                        f"{', '.join(map(str, GROUP_SIZES))}; default {DEFAULT_GROUP_SIZE}; smaller is closer and "
+                        "larger)")
 
 
 def flag_dest(flag: str) -> str:
@@ -1565,7 +1566,8 @@ def add_cli(sub):
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: within a block, quantize its matrices in the order it uses them (GPT-2: q/k/v, "
                         "then the attention output, then fc1, then fc2), each on the inputs the block's matrices "
-                        "quantized before it give (AutoGPTQ's true_sequential; default: on)")
+                        "quantized before it give (AutoGPTQ's true_sequential; default: "
+                        f"{'on' if GPTQ_TRUE_SEQUENTIAL else 'off'})")
     p.add_argument("--calibration", default=None,
                    help="GPTQ's and AWQ's calibration text: a corpus as pretrain --data takes it (default: the data "
                         "the model's pretraining run trained on, its training split, else the embedded pydoc corpus)")
