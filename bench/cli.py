@@ -261,11 +261,21 @@ def model_flags(args) -> dict:
 
 
 def add_cli(sub):
-    from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES
+    from tritongpt.bench.kernels import ALL_PROVIDERS, FULL_SIZES, QUICK_SIZES
     from tritongpt.bench.profile_step import PROFILE_PROVIDERS, TRACES
     from tritongpt.bench.train_step import TRAIN_PROVIDERS
     from tritongpt.model.config import (GELU_APPROXIMATES, MLPS, NORMS, POSITION_ENCODINGS, QK_NORM_WIDTHS,
                                         window_layers_arg)
+
+    def size_default(key):
+        """A kernel size flag's default as its help says it: FULL_SIZES', and --quick's where QUICK_SIZES differs."""
+        def text(v):  # 16384, 512,1024 or 32:8:128,12:1:64, as the flags take them
+            if not isinstance(v, tuple):
+                return str(v)
+            return ",".join(":".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in v)
+
+        full, quick = text(FULL_SIZES[key]), text(QUICK_SIZES[key])
+        return f"default {full}" + ("" if quick == full else f", --quick {quick}")
 
     p = sub.add_parser("bench", help=command_help("bench"),
                        description=__doc__.split("\n\n")[1])
@@ -341,31 +351,29 @@ def add_cli(sub):
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,
                    help=f"at least this many; on a GPU enough that x is twice the L2 cache "
-                        f"(default {FULL_SIZES['ln_rows']})")
+                        f"({size_default('ln_rows')})")
     k.add_argument("--ln-widths", default=None, help="e.g. 768,1024,1280,1600")
-    k.add_argument("--mlp-rows", type=int, default=None, help=f"(default {FULL_SIZES['mlp_rows']})")
+    k.add_argument("--mlp-rows", type=int, default=None, help=f"({size_default('mlp_rows')})")
     k.add_argument("--mlp-widths", default=None, help="e.g. 768,1024,1280,1600")
     k.add_argument("--attn-seqlens", default=None, help="e.g. 256,512,1024,2048,4096,8192")
     k.add_argument("--attn-head-dims", default=None, help="e.g. 64,128")
     k.add_argument("--attn-tokens", type=int, default=None,
-                   help=f"batch*seq_len per attention config (default {FULL_SIZES['attn_tokens']})")
+                   help=f"batch*seq_len per attention config ({size_default('attn_tokens')})")
     k.add_argument("--attn-width", type=int, default=None,
-                   help=f"heads*head_dim (default {FULL_SIZES['attn_width']})")
+                   help=f"heads*head_dim ({size_default('attn_width')})")
     k.add_argument("--attn-window", type=int, default=None,
-                   help=f"window_attention: positions each query sees (default {FULL_SIZES['attn_window']}, "
-                        "GPT-Neo's); timed at the --attn-seqlens longer than it")
+                   help=f"window_attention: positions each query sees ({size_default('attn_window')}, GPT-Neo's); "
+                        "timed at the --attn-seqlens longer than it")
     k.add_argument("--gqa-seqlens", default=None,
-                   help=f"gqa_attention's lengths (default {','.join(map(str, FULL_SIZES['gqa_seqlens']))})")
+                   help=f"gqa_attention's lengths ({size_default('gqa_seqlens')})")
     k.add_argument("--gqa-heads", default=None,
-                   help="gqa_attention's shapes as query heads:KV heads:head dim, e.g. the default "
-                        f"{','.join(':'.join(map(str, s)) for s in FULL_SIZES['gqa_heads'])} "
-                        "(Llama's, MQA, Gemma 3 270M's)")
+                   help="gqa_attention's shapes as query heads:KV heads:head dim "
+                        f"(Llama's, MQA, Gemma 3 270M's; {size_default('gqa_heads')})")
     k.add_argument("--moe-shapes", default=None,
-                   help="moe_mlp's shapes as tokens:experts:top k:width:hidden, e.g. the default "
-                        f"{','.join(':'.join(map(str, s)) for s in FULL_SIZES['moe_shapes'])} (Mixtral's 8 "
-                        "experts top 2 at a quarter of its widths)")
+                   help="moe_mlp's shapes as tokens:experts:top k:width:hidden "
+                        f"(Mixtral's 8 experts top 2 at a quarter of its widths; {size_default('moe_shapes')})")
     k.add_argument("--ce-rows", type=int, default=None,
-                   help=f"tokens per cross-entropy config (default {FULL_SIZES['ce_rows']})")
+                   help=f"tokens per cross-entropy config ({size_default('ce_rows')})")
     k.add_argument("--ce-vocabs", default=None, help="e.g. 50257,50304")
     k.add_argument("--head-widths", default=None, help="LM head + loss: hidden widths, e.g. 768,1024")
     k.add_argument("--warmup-ms", type=int, default=25, help="do_bench warmup (default %(default)s)")

@@ -4161,6 +4161,35 @@ def test_zero_warmup_ms_is_allowed():
     assert bcli.kernel_sizes(args)["ln_rows"] == kernels.FULL_SIZES["ln_rows"]
 
 
+def test_a_kernel_size_flags_help_states_the_sizes_a_run_uses_quick_or_not():
+    """The size flags default to None, kernel_sizes taking FULL_SIZES' or, with --quick, QUICK_SIZES': each help's
+    stated default, given back as the flag, is what the run uses (before, they named the full sweep's alone:
+    --ln-rows "default 16384", which --quick runs at 4096)."""
+    import argparse
+    import re
+
+    from tritongpt.bench import cli as bcli
+    from tritongpt.cli import build_parser
+
+    parser = build_parser()
+    bench = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["bench"]
+    # "default 512,1024, --quick 1024)": a value runs to the ", " or ";" or ")" after it
+    stated = re.compile(r"default ([\d:,]+?)(?:, --quick ([\d:,]+?))?(?=, |;|\))")
+    checked = 0
+    for a in bench._actions:
+        if a.dest not in kernels.FULL_SIZES or a.default is not None or "default" not in (a.help or ""):
+            continue
+        m = stated.search(a.help)
+        assert m, f"{a.option_strings[0]}: no default in {a.help!r}"
+        for quick, value in ((False, m.group(1)), (True, m.group(2) or m.group(1))):
+            flags = ["--quick"] * quick
+            runs = bcli.kernel_sizes(parser.parse_args(["bench", "kernels", *flags]), quick)[a.dest]
+            says = bcli.kernel_sizes(parser.parse_args(["bench", "kernels", *flags, a.option_strings[0], value]),
+                                     quick)[a.dest]
+            assert says == runs, f"{a.option_strings[0]}{' --quick' * quick}: help says {value}, runs {runs}"
+        checked += 1
+    assert checked >= 9
+
 def test_kernels_alone_get_the_whole_budget(tmp_path, monkeypatch):
     """Only `bench all` halves the budget for the kernels (the training step needs the rest);
     `bench kernels --max-minutes 10` gives them all 600 s."""
