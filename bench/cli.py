@@ -286,7 +286,8 @@ def add_cli(sub):
                    "serve (an OpenAI-compatible server under load: throughput, TTFT, TPOT, ITL, latency)")
     p.add_argument("--quick", action="store_true", help="small sizes, few steps (a smoke run)")
     p.add_argument("--out", default=None,
-                   help="results folder (default bench/results on a GPU; on CPU nothing is written unless given)")
+                   help="results folder (default bench/results on a GPU; on CPU, and for compile anywhere, nothing is "
+                        "written unless given)")
     p.add_argument("--dtype", default="bf16", action=_Given,
                    help="bf16 | fp16 | fp32 (default %(default)s; serve: the in-process server's, default auto)")
     p.add_argument("--max-minutes", type=float, default=8.0,
@@ -397,7 +398,7 @@ def add_cli(sub):
     t.add_argument("--seq-len", type=int, default=1024, action=_Given,
                    help="tokens per sequence (default %(default)s); decode: the prompt's (default 128)")
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10, --quick 4; profile: 3 timed, "
-                   "then 3 profiled)")
+                   "then 3 profiled, --quick 2 and 2)")
     t.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (default 3, --quick 2)")
     add_vocab_multiple_arg(t, 1, "1, GPT-2 as published; the same for every provider")
     t.add_argument("--attention-window", type=int, default=0, metavar="W",

@@ -157,8 +157,9 @@ def add_cli(p):
                    help="the path each generation request goes to (vLLM's --endpoint): completions, or chat "
                         "completions with the prompt as the user's message (the served model's chat format) "
                         "(default %(default)s)")
-    g.add_argument("--label", default=None, help="the results' name: serve-LABEL.json, .md, .png (default: serve; "
-                   "an existing file is never overwritten: the run takes the next free -2, -3, ...)")
+    g.add_argument("--label", default=None, help="the results' name: serve-LABEL.json, .md, .png (default: serve.json, ..., "
+                   "--scoring: serve-scoring.json, ...; an existing file is never overwritten: the run takes the next "
+                   "free -2, -3, ...)")
     serve.add_cli(collect)
     p.set_defaults(serve_flags={a.dest: a.default for a in collect.actions})
 
