@@ -334,7 +334,7 @@ def add_cli(sub):
 
     p = sub.add_parser("eval", help=command_help("eval"),
                        description=__doc__.split("\n\n")[0])
-    add_model_args(p, default_model=None)
+    add_model_args(p, default_model=None, default_text="what --weights holds")
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 / GPT-Neo / "
                         "Llama / Mistral / Qwen2 / Qwen3 model.safetensors (or its folder), or " + HUB_REPO_HELP +

@@ -381,7 +381,7 @@ def add_scoring_args(p, data_help: str, limit_flags, limit_help: str, batch_help
     """hellaswag's and lambada's flags: the model, --data, the count, the batch, the tokenizer, dtype, cache, JSON."""
     from tritongpt.commands import add_dtype_arg, add_model_args, add_quantize_arg
 
-    add_model_args(p, default_model=None)
+    add_model_args(p, default_model=None, default_text="what --weights holds")
     p.add_argument("--weights", required=True,
                    help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 or GPT-Neo "
                         "model.safetensors, a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "

@@ -1316,7 +1316,8 @@ def cmd_export(args):
 
 def add_generation_model_args(p):
     """The model flags of `generate` and `chat`: what load_generation_model reads."""
-    add_model_args(p, default_model=None)
+    # (check_model_source: --pretrained downloads gpt2-small when --model is not given)
+    add_model_args(p, default_model=None, default_text="tiny, gpt2-small with --pretrained, or what --weights holds")
     p.add_argument("--weights",
                    help="tritongpt checkpoint (file or run folder), Hugging Face GPT-2 / GPT-Neo / "
                         "Llama / Mistral / Qwen2 / Qwen3 model.safetensors, or " + HUB_REPO_HELP)
