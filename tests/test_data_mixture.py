@@ -104,6 +104,16 @@ def test_source_names_short_unique_filesystem_safe(tmp_path):
         ["web_text_1", "web_text_2"]
 
 
+def test_source_names_stay_unique_when_a_suffix_makes_another_label(tmp_path):
+    # "part" twice takes _1 and _2, and part_2.txt is already "part_2": the val_loss_ columns and cache folders
+    # of two sources would be one
+    for f in ("a/part.txt", "b/part.txt", "part_2.txt"):
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).write_text("x")
+    names = data.source_names([str(tmp_path / f) for f in ("a/part.txt", "b/part.txt", "part_2.txt")])
+    assert names == ["part_1", "part_2_2", "part_2_3"]
+
+
 def test_hub_ids_in_a_repeated_data_are_each_fetched(monkeypatch):
     from tritongpt.train import hub_datasets
 

@@ -852,7 +852,7 @@ def source_names(sources) -> list:
     """Short, unique, filesystem-safe labels of a mixture's sources (val_loss_<name> in metrics.jsonl): the file's
     stem or the folder's name ('pydoc' and 'stdlib' as themselves; a Hub dataset's folder, owner--name), with any
     character but letters, digits, '-' and '_' made '_'; where two share a label, each gets its position (1-based)
-    appended: _1, _2."""
+    appended: _1, _2 (again while that makes one another's: "part", "part", "part_2")."""
     names = []
     for source in sources:
         path = Path(str(source or "pydoc")).expanduser()
@@ -863,7 +863,10 @@ def source_names(sources) -> list:
         else:
             name = path.stem if path.is_file() else path.name
         names.append(re.sub(r"[^A-Za-z0-9_-]", "_", name) or "data")
-    return [f"{n}_{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    # the labels name val_loss_<name> columns and --cache-dir's folders: two alike would share one
+    while len(set(names)) < len(names):
+        names = [f"{n}_{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return names
 
 
 def get_mixture_batch(arrays: list, weights, batch_size: int, block_size: int, generator: torch.Generator = None,
