@@ -2,7 +2,7 @@
 (ChatML for Qwen2 and SmolLM, Llama 3's header tokens, Zephyr's for TinyLlama-Chat...), rendered
 as transformers' apply_chat_template renders it, and cut into the parts SFT learns from.
 
-tritongpt's own chat template (formats.CHAT_TEMPLATE) is plain text with <|endoftext|> after
+tritongpt's own chat template (formats.chat_parts, drawn in formats' docstring) is plain text with <|endoftext|> after
 each answer, for GPT-2, which has no role tokens. A published instruct model was tuned on its own
 template instead, and answers best in it: `sft` renders chat records with the tokenizer's template
 when it has one (--chat-template auto), and `chat` talks to a model through it.

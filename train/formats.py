@@ -13,7 +13,7 @@ part, so a response generated after its prompt tokenizes as it was trained:
 
     alpaca       format_prompt(record) | output <eot>
     completion   prompt | completion <eot>
-    chat         CHAT_TEMPLATE below: the context parts are headers and the user's words; every
+    chat         the chat template below: the context parts are headers and the user's words; every
                  assistant turn is a part ending in <eot>, learned in "messages" (the model learns
                  to answer at each turn, TRL's assistant-only loss) and in a conversational
                  "completion" only the last one (the earlier ones are the given history).
@@ -41,8 +41,8 @@ ROLES = ("system", "user", "assistant")
 FORMATS = ("alpaca", "completion", "chat")
 
 
-# CHAT_TEMPLATE as Jinja, for transformers' tokenizer.apply_chat_template: the same text, the
-# assistant header written as the generation prompt (add_generation_prompt=True), and each answer
+# The chat template (the module docstring's) as Jinja, for transformers' tokenizer.apply_chat_template: the same
+# text, the assistant header written as the generation prompt (add_generation_prompt=True), and each answer
 # in a {% generation %} block, so return_assistant_tokens_mask marks what SFT learns of a
 # {"messages"} chat (every answer; a conversational prompt-completion learns its last). Its ids are
 # SFT's wherever an answer does not begin with whitespace (transformers tokenizes the text whole,
@@ -224,7 +224,7 @@ def read_records(raw) -> list:
 
 # -- parts: text to encode, and what is learned --------------------------------------------------------
 def chat_parts(messages, learn_all: bool = True, tokenizer=None) -> list:
-    """(text, eot after it, learned) parts of a chat, by CHAT_TEMPLATE (see the module doc), or by
+    """(text, eot after it, learned) parts of a chat, by the chat template in the module doc, or by
     the tokenizer's own chat template when it has one (chat_template.template_parts).
     A chat that ends with a user message ends with the assistant header: a prompt to answer."""
     if getattr(tokenizer, "chat_template", None) is not None:
