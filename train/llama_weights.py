@@ -22,7 +22,7 @@ RoPE scaled for a longer context (Llama 3.1's and 3.2's "llama3", or "linear") i
 What a config.json asks that this model does not compute (another RoPE scaling, a head_dim the weights do
 not have, an activation other than SiLU, biases on only some layers) is refused by name.
 
-`export` writes a Llama, Mistral, Qwen2 or Qwen3 folder (whichever the model is) that transformers
+`export` writes a Llama, Mistral, Qwen2, Qwen3 or SmolLM3 folder (whichever the model is) that transformers
 loads with the same logits, and load_checkpoint (gpt2_weights.py) reads one back. The tokenizers of
 published Llamas (SentencePiece converted to a BPE, or a byte-level BPE with another
 pre-tokenizer) are not ones tritongpt's BPE reproduces: the folder's tokenizer.json is read by

@@ -1,7 +1,7 @@
 """StableLM weights (Stability AI's StableLM-3B-4E1T and StableLM 2 1.6B: Hugging Face's StableLmForCausalLM,
 model_type "stablelm") into GPTModel, and back out.
 
-A StableLM is a Llama (SwiGLU, RoPE, Llama's tensor names) with three differences, each a GPTConfig field:
+A StableLM is a Llama (SwiGLU, RoPE, Llama's tensor names) with these differences, each a GPTConfig field:
 - LayerNorms (with biases) where Llama has RMSNorms: norm "layernorm";
 - RoPE on the first quarter of each head only (partial_rotary_factor 0.25: 16 of 64 dimensions): rotary_dim;
 - biases on q, k and v alone when use_qkv_bias (StableLM 2's), as Qwen2: qkv_bias_only; none elsewhere;
