@@ -313,8 +313,9 @@ def shard_by_size(sizes: list, n: int) -> list:
 
 def block_matrices(model: nn.Module) -> list:
     """The trainable 2-D parameters of the transformer blocks (attention's q, k, v and output
-    projections, the MLP's two weights): what Muon orthogonalizes. Not the per-head q/k norms' [heads, head_dim]
-    weights (qk_norm_width "each"): 2-D, but scales, not a matrix."""
+    projections, the MLP's fc1 and fc2, or a gated MLP's gate, up and down; an MoE block's router, while its
+    experts' [E, ...] stacks are 3-D and AdamW's): what Muon orthogonalizes. Not the per-head q/k norms'
+    [heads, head_dim] weights (qk_norm_width "each"): 2-D, but scales, not a matrix."""
     from tritongpt.model.layers import PerHeadNorm, TransformerBlock
 
     found = {}
