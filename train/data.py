@@ -11,7 +11,8 @@ y[t] is the token that follows x[..t]. A tokenizer whose own pipeline starts eve
 Sources (`iter_documents`, `load_documents`, `load_text`):
   None / "pydoc"  Python's own reference docs (pydoc_data.topics, ~465 KB of English),
                   shipped with every CPython: a corpus that needs no download.
-  "stdlib"        the standard library's .py files (first STDLIB_MAX_BYTES, in sorted walk order).
+  "stdlib"        the standard library's .py files, whole, in sorted walk order until STDLIB_MAX_BYTES
+                  characters are read.
   a path          a text file, a folder of .txt files, or a .jsonl or .parquet file with a text field
                   (a .parquet: the Hugging Face Hub's datasets, FineWeb's shards; read a batch of rows
                   at a time), or a folder of .parquet files (of one split) read in name order.

@@ -213,7 +213,7 @@ class HFTokenizer(TokenizerChecks):
 
     @property
     def hash(self) -> str:
-        """sha256 of what decides the ids (tokenizer.json but its padding, truncation, post-processor
+        """sha256 of what decides the ids (tokenizer.json but its version, padding, truncation, post-processor
         and decoder) and of the EOS, which our data puts between documents."""
         if self._hash is None:
             blob = json.dumps({"tokenizer": self._ids_spec(), "eos_token": self.eos_token}, sort_keys=True,

@@ -5,7 +5,7 @@ A trainer supplies the model and three small functions; the Trainer owns everyth
     loss_fn(model, batch) -> scalar loss   (mean over the micro-batch; every micro-batch weighs the same)
                           or (loss sum, count)     (token-weighted: see below)
     get_batch(split, generator) -> tuple of tensors (moved to the Trainer's device if needed)
-    eval_fn(model) -> dict                 e.g. {"val_loss": 3.2}, every eval_every steps and the last
+    eval_fn(model) -> dict                 e.g. {"val_loss": 3.2}, at step 0, every eval_every steps and the last
     sample_fn(model) -> str                printed every sample_every steps
 
 One optimizer step, as in nanoGPT's train.py:
