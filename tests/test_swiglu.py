@@ -52,10 +52,18 @@ def make(M, C, H, dtype, device, gen, bias=True, lead=None):
     return [t.to(device, dtype).requires_grad_() if t is not None else None for t in (x, wg, bg, wu, bu, wd, bd)]
 
 
+def _bound(torch_lp, exact):
+    """Twice PyTorch's relative error in its dtype, plus that of rounding the exact result to the dtype."""
+    return 2 * report(torch_lp, exact)[1] + report(exact.to(torch_lp.dtype), exact)[1]
+
+
 def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, activation="silu"):
     """Kernel vs float64: y and every gradient. 16-bit: the flat TOL or twice PyTorch's own error
-    in that dtype (F.linear + the activation), whichever is larger, and always within the latter (the
-    README's claim: the flat 1e-2 alone would pass a kernel rounding an intermediate PyTorch keeps)."""
+    in that dtype (F.linear + the activation), whichever is larger, and always within the latter plus
+    one rounding of the float64 result to the dtype (the README's claim: the flat 1e-2 alone would pass
+    a kernel rounding an intermediate PyTorch keeps). That rounding is the error no kernel in the dtype
+    can go under: at tiny sizes (M 1: 64-128 values) PyTorch's error can land near it by chance, and
+    twice it alone then fails a kernel off by its usual amount (seed 70 below)."""
     gen = torch.Generator().manual_seed(seed)
     params = make(M, C, H, dtype, device, gen, bias, lead)
     y = swiglu_mlp(*params, activation=activation)
@@ -76,13 +84,14 @@ def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, activation=
                 tol[name] = max(tol[name], 2 * report(p.grad, p64.grad)[1])
     _, rel = assert_close_rel(y, y64, tol["y"], f"y {activation} {dtype} M={M} C={C} H={H}")
     if dtype != torch.float32:
-        assert rel <= 2 * report(y_lp, y64)[1], f"y: {rel:.3e} > 2 x PyTorch's {dtype} error"
+        assert rel <= _bound(y_lp, y64), f"y: {rel:.3e} > 2 x PyTorch's {dtype} error + a rounding"
     for i, (name, p, p64) in enumerate(zip(NAMES, params, leaves)):
         if p is not None:
             assert p.grad is not None and p.grad.dtype == p.dtype, name
             _, rel = assert_close_rel(p.grad, p64.grad, tol[name], name)
             if dtype != torch.float32:
-                assert rel <= 2 * report(lp[i].grad, p64.grad)[1], f"{name}: {rel:.3e} > 2 x PyTorch's {dtype} error"
+                assert rel <= _bound(lp[i].grad, p64.grad), \
+                    f"{name}: {rel:.3e} > 2 x PyTorch's {dtype} error + a rounding"
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
@@ -90,6 +99,12 @@ def check_parity(M, C, H, dtype, device, seed, bias=True, lead=None, activation=
 @pytest.mark.parametrize("M,C,H", [(37, 48, 136), (1, 64, 128), (70, 40, 72)])
 def test_parity_fp64(M, C, H, dtype, activation, device):
     check_parity(M, C, H, dtype, device, seed=M + C + H + (dtype == torch.bfloat16), activation=activation)
+
+
+def test_bf16_single_row_where_pytorchs_error_is_near_one_rounding(device):
+    # seed 70: PyTorch's bf16 db_gate is off 2.09e-3 (rounding it alone: 1.12e-3), the kernel's 4.38e-3,
+    # 2.09x: the one check of 4200 over seeds 0-299 (silu and gelu, y and 6 gradients) past twice
+    check_parity(1, 64, 128, torch.bfloat16, device, seed=70, activation="gelu")
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
