@@ -1,7 +1,8 @@
 """The H200 run's headline figures, as README.md and bench/results/nvidia-h200/README.md word them, against the
 results files they were read from (kernels.json, train.json, autotune-timings.json in that folder). A result
 counts only as measured: a figure edited in the words, or a results file replaced under them, fails here.
-A quoted figure agrees when it is the data rounded to the digits quoted (211k is 211,060 tokens/s)."""
+A quoted figure agrees when it is the data rounded to the digits quoted (211k is 211,060 tokens/s).
+The CPU folders' READMEs: the commit and versions each results file's env holds."""
 import json
 import re
 from pathlib import Path
@@ -173,3 +174,36 @@ def test_offline_compile_counts_quoted_are_the_compile_json():
     bad += _check(results, r"`--arch 80` / `--arch 89` \((\d+) of (\d+) launches each", *sm80[:2])
     assert sm80[:2] == sm89[:2], "sm_80's and sm_89's launch counts differ: 'each' no longer holds"
     assert not bad, "\n".join(bad)
+
+
+def test_cpu_readmes_name_each_files_commit_and_versions():
+    """bench/results/cpu-*/README.md's table rows: each names files by glob and the commit (with +dirty where
+    the run's tree was) that every JSON matching it holds in env; the Xeon's row its Python, torch and Triton too."""
+    from fnmatch import fnmatch
+    bad, seen = [], set()
+    for folder in sorted((ROOT / "bench" / "results").glob("cpu-*")):
+        lines = [ln for ln in (folder / "README.md").read_text().splitlines() if ln.startswith("| `")]
+        head = next(ln for ln in (folder / "README.md").read_text().splitlines() if ln.startswith("| file"))
+        cols = [c.strip() for c in head.strip("|").split("|")]
+        for line in lines:
+            cells = dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+            globs = re.findall(r"`([^`]+\.\*)`", cells[cols[0]])
+            files = [f for f in folder.glob("*.json") if any(fnmatch(f.name, g.replace(".*", ".json")) for g in globs)]
+            if not files:
+                bad.append(f"{folder.name}: {cells[cols[0]]} matches no JSON")
+            for f in files:
+                env = json.loads(f.read_text())["env"]
+                sha, _, dirty = env["git_commit"].partition("+")
+                want = {"commit": sha[:7] + (f"+{dirty}" if dirty else ""), "Python": env["python"],
+                        "torch": env["torch"], "Triton": env["triton"]}
+                bad += [f"{folder.name}/{f.name}: README's {k} {cells[k]}, its env {v}"
+                        for k, v in want.items() if k in cells and cells[k] != v]
+                if "Python" not in cells:  # the versions said once, above the table, for every file
+                    versions = "Python {Python}, torch {torch}, Triton {Triton} in every file".format(**want)
+                    if versions not in " ".join((folder / "README.md").read_text().split()):
+                        bad.append(f"{folder.name}/{f.name}: README does not say {versions!r}")
+                seen.add(f)
+        bad += [f"{folder.name}/{f.name}: in no row of the README's table"
+                for f in sorted(folder.glob("*.json")) if f not in seen]
+    assert not bad, "\n".join(bad)
+    assert len(seen) > 2, "the CPU READMEs' tables matched almost no results file"
