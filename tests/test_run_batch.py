@@ -663,3 +663,36 @@ def test_ctrl_c_with_a_request_inside_torch(folder, tmp_path, command, stubborn)
     assert seconds < 5, f"{seconds:.1f} s from SIGINT to exit"
     # (run-batch: no -o and no temporary file left, though the process ends by os._exit: no atexit cleanup)
     assert [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
+
+
+def test_a_second_ctrl_c_while_the_server_waits_for_its_requests_leaves_them_abandoned():
+    """A second Ctrl-C while Server.server_close joins the requests' threads is not waited for either: it goes on
+    up, and the threads still running are marked abandoned, so cli.main ends the process at once (os._exit, exit
+    130 all the same) instead of Python's exit waiting on them or aborting inside torch (-6)."""
+    import socket
+    import threading
+
+    from tritongpt.cli import abandoned
+    from tritongpt.train import serve
+
+    release = threading.Event()
+
+    class Request(threading.Thread):
+        def join(self, timeout=None):  # (the second Ctrl-C lands while the server waits for this request)
+            raise KeyboardInterrupt
+
+    t = Request(target=release.wait, daemon=True)
+    t.start()
+    server = serve.Server(("127.0.0.1", 0), serve.Handler)
+    a, b = socket.socketpair()
+    server.handlers[t] = a
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server.server_close()
+        assert getattr(t, "abandoned", False) and abandoned()
+    finally:
+        release.set()
+        threading.Thread.join(t)
+        a.close()
+        b.close()
+    assert not abandoned()
