@@ -132,6 +132,7 @@ def test_requests_of_several_adapters_batch_as_each_alone(cache):
     check(model, ran, engine)
     texts = {kw.get("adapter"): alone(model, idx, new, kw)[0, 9:] for _, idx, new, kw in schedule[:2] + schedule[3:4]}
     assert not torch.equal(texts["a"], texts[None]) and not torch.equal(texts["b"][:7], texts[None][:7])
+    assert not torch.equal(texts["a"][:7], texts["b"][:7])  # (nor a row given the other adapter)
     assert engine.stats["lora_requests"] == sum("adapter" in kw for *_, kw in ran)
     assert cache != "graphs" or log.count("capture") == 2 and log[:2] == ["capture", 2] and log[-1] == 2
 
