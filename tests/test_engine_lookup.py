@@ -50,7 +50,7 @@ def schedule_of(model):
                                                                                                seed=9))]
 
 
-@pytest.mark.parametrize("kw", [{}, dict(kv_pages=11, page_size=4), dict(kv_cache_dtype="int8"),
+@pytest.mark.parametrize("kw", [{}, dict(kv_pages=10, page_size=4), dict(kv_cache_dtype="int8"),
                                 dict(kv_pages=40, page_size=4, prefix_caching=True)],
                          ids=["slots", "paged-preempting", "int8", "prefix-caching"])
 def test_speculating_requests_get_generates_prompt_lookup_tokens(kw):
@@ -63,6 +63,9 @@ def test_speculating_requests_get_generates_prompt_lookup_tokens(kw):
     assert s["spec_decode_num_drafts"] > 0
     if "kv_pages" in kw:
         assert sorted(engine.cache.free) == list(range(kw["kv_pages"]))
+        # (10 pages: speculating requests preempted and recomputed, 3 times; 11 preempted none. 8 and 9 cut B's
+        # proposals short, so its samples are no longer generate()'s very tokens: README, prompt lookup)
+        assert s["preemptions"] > 0 or kw.get("prefix_caching")
     if kw.get("prefix_caching"):  # A's blocks cached: the same prompt again reads them and draws the same
         h = engine.submit(schedule[0][1], 5)
         while engine.running or engine.waiting:
