@@ -78,7 +78,7 @@ def ask(server, ban, **fields):
 
 def test_named_and_required_calls_hold_to_the_schemas_each_choice_its_own(both):
     server, theirs, ban = both
-    status, body = ask(server, ban, tool_choice=NAMED, n=2, seed=1, logprobs=True, top_logprobs=2)
+    status, body = ask(server, ban, tool_choice=NAMED, n=2, seed=3, logprobs=True, top_logprobs=2)
     assert status == 200, body
     texts = set()
     for c in body["choices"]:
@@ -91,6 +91,7 @@ def test_named_and_required_calls_hold_to_the_schemas_each_choice_its_own(both):
         spelled = "".join(t["token"] for t in c["logprobs"]["content"])
         assert spelled == tc["function"]["arguments"] + "<|im_end|>"
         texts.add(tc["function"]["arguments"])
+    assert len(texts) == 2  # (seed 3: the choices draw different calls, so one given the other's logprobs shows)
     assert len({c["message"]["tool_calls"][0]["id"] for c in body["choices"]}) == 2
     # "required": an array of calls, each one of the tools with its parameters; one with parallel_tool_calls false
     status, body = ask(server, ban, tool_choice="required", parallel_tool_calls=False, n=2, seed=3)
