@@ -57,13 +57,13 @@ def write_jsonl(path, records):
 def test_each_record_is_generate_alone_in_order_whatever_the_batch(saved, tmp_path, capsys, monkeypatch):
     """Sampled (--seed S: record i seeded S + i, a record's own seed winning), greedy, per-record max_tokens and
     stop over --stop: the texts, finish reasons and counts; --max-batch 1 and 3 (records waiting for rows), a
-    paged cache (records waiting for pages) and chunked prefill (--max-prefill-tokens 2, passed to the engine) the
+    paged cache (records preempted for pages) and chunked prefill (--max-prefill-tokens 2, passed to the engine) the
     same file's same texts in its order."""
     from tritongpt.train.engine import Engine
 
-    chunks, init = [], Engine.__init__
+    chunks, engines, init = [], [], Engine.__init__
     monkeypatch.setattr(Engine, "__init__", lambda self, *a, **kw: chunks.append(kw.get("max_prefill_tokens"))
-                        or init(self, *a, **kw))
+                        or engines.append(self) or init(self, *a, **kw))
     plain, _ = run_prompts(saved, tmp_path, capsys, write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS]))
     texts = [r["text"] for r in plain]
     stop0, stop1 = texts[0][2:4], texts[1][3:5]  # (texts of a random model: stops that do occur in them)
@@ -78,13 +78,15 @@ def test_each_record_is_generate_alone_in_order_whatever_the_batch(saved, tmp_pa
             alone(saved, capsys, PROMPTS[2], SEED + 2, "--stop", stop0, "--temperature", "0", "--max-new-tokens", "5"),
             alone(saved, capsys, PROMPTS[3], 99, "--stop", stop0, "--top-k", "5", "--top-p", "0.9"),
             alone(saved, capsys, PROMPTS[0], SEED, "--max-new-tokens", "7")]
-    # (a paged cache of 4 pages of 4 positions: one record at a time, the next waiting for its pages)
+    # (a paged cache of 4 pages of 4 positions: 3 records admitted on their prompts' pages, then short of pages as
+    # they grow: preempted, waiting and recomputed)
     # and prefix caching (record 4 repeats record 0's prompt of 3 tokens: its first page of 2 read from the cache)
     for batch in (["1"], ["3"], ["3", "--kv-cache-pages", "4", "--kv-page-size", "4"],
                   ["3", "--kv-cache-pages", "16", "--kv-page-size", "2", "--enable-prefix-caching"],
                   ["3", "--max-prefill-tokens", "2"]):
         got, err = run_prompts(saved, tmp_path, capsys, path, "--stop", stop0, "--max-batch", *batch)
         assert chunks.pop() == (2 if "--max-prefill-tokens" in batch else None)
+        assert (engines.pop().stats["preemptions"] > 0) == (batch[1:3] == ["--kv-cache-pages", "4"])
         assert [r["index"] for r in got] == list(range(5)) and [r["prompt"] for r in got] == [*PROMPTS[:4], PROMPTS[0]]
         assert [[r["text"]] for r in got] == want, batch
         assert "5 prompts (5 samples)" in err and "generated tokens/s" in err
