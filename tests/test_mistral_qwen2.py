@@ -64,6 +64,20 @@ def test_mistral_without_sliding_window_key_reads_transformers_default(tmp_path)
     assert load_checkpoint(path).config.attention_window == 4096
 
 
+@pytest.mark.parametrize("kind, window", [("qwen2", 4096), ("qwen3", 4096), ("smollm3", 0)])
+def test_a_qwen_window_without_sliding_window_key_reads_transformers_default(tmp_path, kind, window):
+    """use_sliding_window true and no sliding_window: Qwen2Config's and Qwen3Config's width is 4096 (it was read as
+    no window here), SmolLM3Config's none."""
+    _, path = hf_llama(tmp_path, VOCAB, kind=kind, layers=1, use_sliding_window=True, sliding_window=7,
+                       max_window_layers=0, layer_types=["sliding_attention"])
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    del d["sliding_window"]
+    cfg_json.write_text(json.dumps(d))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).sliding_window == (window or None)
+    assert load_checkpoint(path).config.attention_window == window
+
+
 @pytest.mark.parametrize("edit, window, layers", [
     ({"use_sliding_window": False, "sliding_window": 7}, 0, "all"),  # the window is off: every layer global
     ({"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 0}, 7, "all"),

@@ -393,6 +393,21 @@ def test_a_config_without_a_rope_base_reads_the_familys_default_as_transformers(
     assert load_checkpoint(path).config.rope_theta == theirs == (1e6 if kind == "mixtral" else 1e4)
 
 
+@pytest.mark.parametrize("kind, window", [("mixtral", 0), ("qwen3_moe", 4096)])
+def test_a_config_without_a_sliding_window_reads_the_familys_default_as_transformers(hf_copy, tmp_path, kind, window):
+    """A config.json that names no sliding_window: MixtralConfig's default is none (it was read as Mistral's 4096
+    here: a window transformers does not have), Qwen3MoeConfig's 4096 where use_sliding_window says so (it was
+    read as none)."""
+    transformers = pytest.importorskip("transformers")
+    path = hf_copy(hf_moe, tmp_path, kind)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    d.pop("sliding_window", None)
+    cfg_json.write_text(json.dumps({**d, "use_sliding_window": True} if kind == "qwen3_moe" else d))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).sliding_window
+    assert (load_checkpoint(path).config.attention_window, theirs) == (window, window or None)
+
+
 def test_other_exports_refuse_experts_and_the_moe_export_refuses_what_its_families_lack(tmp_path):
     from tritongpt.commands import export_target
     from tritongpt.train.gpt2_weights import export_gpt2

@@ -185,13 +185,16 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     """(attention_window, window_layers) of a config.json as transformers reads it: Llama has no
     window; Mistral's sliding_window covers every layer (4096 if the key is absent); Qwen2's (and
     Qwen3's, SmolLM3's) counts only with use_sliding_window, in the layers its layer_types (or,
-    without one, layer max_window_layers on; SmolLM3's NoPE layers) name "sliding_attention"."""
+    without one, layer max_window_layers on; SmolLM3's NoPE layers) name "sliding_attention", its width 4096 when
+    config.json names none (SmolLM3's none)."""
     if kind == "llama":
         if d.get("sliding_window"):
             raise UserError(f"{cfg_json} has sliding_window {d['sliding_window']!r}; a Llama attends to the whole "
                             "context")
         return 0, "all"
-    window = d.get("sliding_window", 4096 if kind == "mistral" else None)
+    # the key's default when config.json leaves it out: MistralConfig's, Qwen2Config's and Qwen3Config's 4096 (the
+    # latter two only where use_sliding_window says so), SmolLM3Config's None (4.x and 5 alike)
+    window = d.get("sliding_window", 4096 if kind in ("mistral", "qwen2", "qwen3") else None)
     if kind != "mistral" and not config_flag(d, "use_sliding_window", False, cfg_json):
         window = None
     if window is None:

@@ -112,8 +112,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         {"intermediate_size": d[width_key]} if width_key in d else {}),
         {**sd, "layers.0.mlp.gate_proj.weight": gate0}, cfg_json, _NAMES[kind])
     k = d.get("num_experts_per_tok", 2)
-    window, layers = (_sliding_window(d, "mistral", shapes[3], cfg_json) if kind == "mixtral" else
-                      (d.get("sliding_window") or 0, "all")
+    # a window config.json does not name: MixtralConfig's default is none (Mistral's 4096), Qwen3MoeConfig's 4096
+    window, layers = (_sliding_window({"sliding_window": None, **d}, "mistral", shapes[3], cfg_json)
+                      if kind == "mixtral" else
+                      (d.get("sliding_window", 4096) or 0, "all")
                       if kind == "qwen3_moe" and config_flag(d, "use_sliding_window", False, cfg_json)
                       else (0, "all"))
     # MixtralConfig's base when none is said is 1000000 (4.x and 5), Qwen3-MoE's and OLMoE's 10000
