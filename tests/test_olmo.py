@@ -205,6 +205,40 @@ def test_a_rope_scaling_with_its_own_base_is_read_as_transformers_reads_it(hf_co
         (theirs["rope_theta"], theirs["rope_type"], "all") == (300.0, "yarn", "all")
 
 
+@pytest.mark.parametrize("edit", ["flat-base", "rope-scaling"])
+def test_flat_keys_beside_rope_parameters_per_layer_type_are_read_as_transformers_reads_them(hf_copy, tmp_path,
+                                                                                             edit):
+    """Olmo3Config (transformers 5) reads rope_parameters per layer type as Gemma3TextConfig does: a rope_scaling
+    beside it merged into full_attention, a flat rope_theta where full_attention says none. Both were passed over
+    here: the full-attention layers unscaled (YaRN dropped), or at the default base 500000 for the file's 700."""
+    path = hf_copy(hf_olmo, tmp_path, "olmo3")
+    cfg_json = tmp_path / "config.json"
+    d = {k: v for k, v in json.loads(cfg_json.read_text()).items() if k not in ("rope_theta", "rope_scaling")}
+    if edit == "flat-base":
+        del d["rope_parameters"]["full_attention"]["rope_theta"]
+        d["rope_theta"] = 700.0
+    else:
+        d["rope_scaling"] = YARN
+    cfg_json.write_text(json.dumps(d))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, (c.rope_scaling or {}).get("rope_type", "default"), c.rope_local_theta) == \
+        (theirs["full_attention"]["rope_theta"], theirs["full_attention"]["rope_type"],
+         theirs["sliding_attention"]["rope_theta"]) == \
+        ((700.0, "default", 2e4) if edit == "flat-base" else (300.0, "yarn", 2e4))
+
+
+def test_a_flat_base_that_disagrees_with_rope_parameters_per_layer_type_is_refused(hf_copy, tmp_path):
+    """A flat rope_theta beside full_attention's own: transformers 4.x reads the flat one, 5 the nested one (two
+    models), refused naming both as Gemma 3's; it was passed over here."""
+    path = hf_copy(hf_olmo, tmp_path, "olmo3")
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "rope_theta": 700.0}))
+    with pytest.raises(UserError, match=r"has rope_theta 700.0, but this model's RoPE reads the rope_theta in "
+                                        r"rope_parameters\["):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("kind,change,match", [
     ("olmo2", {"attention_bias": True}, "attention_bias true; OLMo 2's projections have no biases"),
     ("olmo2", {"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's SwiGLU computes 'silu' only"),

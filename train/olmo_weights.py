@@ -83,8 +83,13 @@ def _rope(d: dict, kind: str, window: int, cfg_json) -> tuple:
                  f"where transformers' Olmo3Config rotates the sliding layers with {OLMO3_THETA:g}")
         return theta, scaling, theta if scaling else 0.0
     full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
-    theta, scaling = _rope_theta({"rope_parameters": full, "rope_theta": full.get("rope_theta", OLMO3_THETA),
-                                  "max_position_embeddings": d.get("max_position_embeddings")}, cfg_json)
+    # Olmo3Config (transformers 5) reads these as Gemma3TextConfig does: rope_scaling merged into full_attention
+    # (its keys winning), the base from there, else the flat rope_theta, else 500000; 4.x reads the flat keys only.
+    # A flat rope_theta that disagrees with the nested one is two models: refused by rope_field
+    old = rope_dict(d, "rope_scaling", cfg_json)
+    where = ("rope_scaling" if old and ("rope_theta" in old or "rope_theta" not in full) else
+             'rope_parameters["full_attention"]' + (" (rope_scaling merged in)" if old else ""))
+    theta, scaling = _rope_theta(d, cfg_json, OLMO3_THETA, rope=({**full, **old}, where))
     if scaling is not None and local == full:  # every layer scaled alike (our export of such a model)
         return theta, scaling, 0.0
     if local.get("rope_type", "default") != "default":
