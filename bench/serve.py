@@ -288,6 +288,9 @@ def check_lora_args(args):
 
 def served_config(ns):
     """The config of the model the in-process server will load (--weights or --pretrained, read on the CPU)."""
+    from tritongpt.commands import check_model_source
+
+    check_model_source(ns)  # --pretrained alone is gpt2-small, as the server takes it (not load_pretrained(None))
     if ns.weights:
         from tritongpt.train.gpt2_weights import load_checkpoint
 

@@ -278,6 +278,21 @@ def test_random_loras_are_adapter_files_read_adapter_reads(saved, tmp_path):
     assert sorted(n.rpartition(".")[2] for n in read_adapter(path, moe)) == ["W_key", "W_query", "W_value", "out_proj"]
 
 
+def test_random_loras_config_of_pretrained_without_model_is_gpt2_small(monkeypatch):
+    """--random-loras reads the served model's config before the server starts: --pretrained with no --model is
+    gpt2-small there as in the server (check_model_source), not load_pretrained(None)'s "unknown GPT-2 model None"."""
+    import argparse
+    import types
+
+    from tritongpt.train import gpt2_weights
+
+    asked = []
+    monkeypatch.setattr(gpt2_weights, "load_pretrained",
+                        lambda name: asked.append(name) or types.SimpleNamespace(config=f"config of {name}"))
+    ns = argparse.Namespace(weights=None, pretrained=True, model=None)
+    assert bs.served_config(ns) == "config of gpt2-small" and asked == ["gpt2-small"]
+
+
 def test_random_loras_in_process_spread_the_requests_and_the_results_record_them(saved, tmp_path, capsys,
                                                                                 monkeypatch):
     """Each request's model a seeded random pick among the adapters (vLLM's rule), run by the server as that
