@@ -486,6 +486,23 @@ def test_an_internal_failure_is_a_500_without_a_traceback(served, monkeypatch, c
     assert "ZeroDivisionError" in capsys.readouterr().err  # in the server's log
 
 
+def test_model_help_of_serve_run_batch_and_bench_names_no_tiny_default(capsys):
+    """generate and chat build an untrained tiny without --weights or --pretrained; serve, run-batch and bench serve
+    refuse to run so (check_server_args), so their --model help states no tiny default (it did, shared with
+    generate's)."""
+    import argparse
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def model_help(command):
+        return next(a.help for a in commands[command]._actions if a.dest == "model")
+
+    assert "(default tiny, gpt2-small with --pretrained" in model_help("generate")
+    for command in ("serve", "run-batch", "bench"):
+        assert "tiny," not in model_help(command) and "gpt2-small with --pretrained" in model_help(command), command
+    assert main(["serve"]) == 2 and "serve needs a model" in capsys.readouterr().err
+
+
 def test_the_command_refuses_bad_flags(capsys, tmp_path):
     assert main(["serve"]) == 2
     assert "serve needs a model: pass --weights" in capsys.readouterr().err

@@ -2908,7 +2908,8 @@ def add_server_args(p, listen: bool = False):
     from tritongpt.train.reasoning import PARSERS as THINKING
     from tritongpt.train.tool_calls import PARSERS
 
-    add_generation_model_args(p)
+    # no tiny: check_server_args refuses a run without --weights or --pretrained
+    add_generation_model_args(p, default_text="gpt2-small with --pretrained, or what --weights holds")
     add_cuda_graphs_arg(p)
     add_kv_cache_dtype_arg(p)
     if listen:

@@ -1314,10 +1314,11 @@ def cmd_export(args):
     return 0
 
 
-def add_generation_model_args(p):
-    """The model flags of `generate` and `chat`: what load_generation_model reads."""
+def add_generation_model_args(p, default_text="tiny, gpt2-small with --pretrained, or what --weights holds"):
+    """The model flags of `generate` and `chat`: what load_generation_model reads. default_text: --model's default
+    as the help says it (serve's has no tiny: it refuses to run without --weights or --pretrained)."""
     # (check_model_source: --pretrained downloads gpt2-small when --model is not given)
-    add_model_args(p, default_model=None, default_text="tiny, gpt2-small with --pretrained, or what --weights holds")
+    add_model_args(p, default_model=None, default_text=default_text)
     p.add_argument("--weights",
                    help="tritongpt checkpoint (file or run folder), Hugging Face GPT-2 / GPT-Neo / "
                         "Llama / Mistral / Qwen2 / Qwen3 model.safetensors, or " + HUB_REPO_HELP)
