@@ -503,6 +503,24 @@ def test_model_help_of_serve_run_batch_and_bench_names_no_tiny_default(capsys):
     assert main(["serve"]) == 2 and "serve needs a model" in capsys.readouterr().err
 
 
+def test_readme_names_the_flags_auto_tool_choice_needs():
+    """README's Serving summary says what "auto" tool choice is served with: every flag the server's refusal of it
+    (AUTO_REFUSED, vLLM's words) names, not --tool-call-parser alone (refused without --enable-auto-tool-choice)."""
+    import re
+    from pathlib import Path
+
+    import tritongpt
+
+    readme = Path(tritongpt.__file__).resolve().parent.parent / "README.md"
+    if not readme.exists():
+        pytest.skip("not a checkout: no README.md beside the package")
+    said = re.search(r'Tool\s+calling\s+\(`tools`,\s+`tool_choice`\s+named\s+or\s+`"required"`,\s+`"auto"`\s+with\s+'
+                     r'([^)]*)\)', readme.read_text())
+    assert said, "README: the Serving summary's 'Tool calling (..., \"auto\" with ...)' is not found"
+    flags = set(re.findall(r"--[a-z-]+", said.group(1)))
+    assert flags == set(re.findall(r"--[a-z-]+", serve.AUTO_REFUSED)), flags
+
+
 def test_the_command_refuses_bad_flags(capsys, tmp_path):
     assert main(["serve"]) == 2
     assert "serve needs a model: pass --weights" in capsys.readouterr().err
