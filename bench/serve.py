@@ -157,9 +157,10 @@ def add_cli(p):
                    help="the path each generation request goes to (vLLM's --endpoint): completions, or chat "
                         "completions with the prompt as the user's message (the served model's chat format) "
                         "(default %(default)s)")
-    g.add_argument("--label", default=None, help="the results' name: serve-LABEL.json, .md, .png (default: serve.json, ..., "
-                   "--scoring: serve-scoring.json, ...; an existing file is never overwritten: the run takes the next "
-                   "free -2, -3, ...)")
+    g.add_argument("--label", default=None,
+                   help="the results' name: serve-LABEL.json, .md, .png (default: serve.json, ..., --scoring: "
+                        "serve-scoring.json, ...; an existing file is never overwritten: the run takes the next "
+                        "free -2, -3, ...)")
     serve.add_cli(collect)
     p.set_defaults(serve_flags={a.dest: a.default for a in collect.actions})
 
@@ -299,7 +300,7 @@ def served_config(ns):
         from tritongpt.train.gpt2_weights import load_pretrained
 
         return load_pretrained(ns.model).config
-    raise UserError("serve needs a model: pass --weights (or --pretrained --model NAME)")
+    raise UserError("serve needs a model: pass --weights, or --pretrained (gpt2-small; --model NAME for another GPT-2)")
 
 
 RANDOM_B_STD = 0.02  # GPT-2's init std: B A x then moves a layer's output by some percent, as a trained adapter does

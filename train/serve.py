@@ -2775,8 +2775,8 @@ def check_server_args(args):
 
     check_model_source(args)
     if not args.weights and not args.pretrained:
-        raise UserError(f"{getattr(args, 'command', None) or 'serve'} needs a model: pass --weights (or --pretrained "
-                        "--model NAME)")
+        raise UserError(f"{getattr(args, 'command', None) or 'serve'} needs a model: pass --weights, or --pretrained "
+                        "(gpt2-small; --model NAME for another GPT-2)")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise UserError("--served-model-name is empty")
     check_pooling_args(args)  # (first: an engine flag that pooling ignores is named as that)
