@@ -37,7 +37,8 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
                                           weights_file, write_hf_folder)
-from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, rope_dict, rope_field, shape_fields
+from tritongpt.train.llama_weights import (LLAMA_KEYS, _rope_theta, full_attention_rope, hf_shapes, rope_dict,
+                                           rope_field, shape_fields)
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
@@ -94,13 +95,9 @@ def _rope(d: dict, kind: str, cfg_json) -> tuple:
         return theta, scaling, 0.0
     params = rope_dict(d, "rope_parameters", cfg_json)
     full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
-    # transformers 5's Gemma3TextConfig merges rope_scaling into rope_parameters' full_attention (rope_scaling's
-    # keys win), the base from there, else the flat rope_theta, else 1e6; 4.x reads the flat keys only. A flat
-    # rope_theta (or rope_local_base_freq) that disagrees with the nested one is two models: refused by rope_field
-    old = rope_dict(d, "rope_scaling", cfg_json)
-    where = ("rope_scaling" if old and ("rope_theta" in old or "rope_theta" not in full) else
-             'rope_parameters["full_attention"]' + (" (rope_scaling merged in)" if old else ""))
-    theta, scaling = _rope_theta(d, cfg_json, 1_000_000.0, rope=({**full, **old}, where))
+    # Gemma3TextConfig's global base when none is said is 1e6; a flat rope_local_base_freq that disagrees with
+    # sliding_attention's base is two models too: refused by rope_field below
+    theta, scaling = full_attention_rope(d, full, cfg_json, 1_000_000.0)
     if local.get("rope_type", "default") != "default":
         raise UserError(f"{cfg_json} scales the local layers' RoPE ({local['rope_type']!r}); this model rotates "
                         "them unscaled (rope_local_theta)")

@@ -141,6 +141,18 @@ def _rope_theta(d: dict, cfg_json, theta_default: float = 10000.0, rope=None) ->
     return float(theta), scaling
 
 
+def full_attention_rope(d: dict, full: dict, cfg_json, theta_default: float) -> tuple:
+    """_rope_theta of the full-attention layers where config.json says rope_parameters per layer type (full is its
+    "full_attention"), as transformers 5's Gemma3TextConfig and Olmo3Config read it (one convert_rope_params_to_dict):
+    a rope_scaling beside it merged into full_attention (its keys winning), the base from there, else the flat
+    rope_theta, else theta_default; 4.x reads the flat keys only. A flat rope_theta that disagrees with the nested
+    one is two models: refused by rope_field, naming where the base was read."""
+    old = rope_dict(d, "rope_scaling", cfg_json)
+    where = ("rope_scaling" if old and ("rope_theta" in old or "rope_theta" not in full) else
+             'rope_parameters["full_attention"]' + (" (rope_scaling merged in)" if old else ""))
+    return _rope_theta(d, cfg_json, theta_default, rope=({**full, **old}, where))
+
+
 def partial_rotary_dim(factor, head_dim: int, where: str) -> int:
     """GPTConfig.rotary_dim of a partial rotary factor (Phi-4-mini's partial_rotary_factor 0.75, Pythia's
     rotary_pct 0.25): int(head_dim * factor) dimensions rotated, as transformers rounds; 0 for the whole head."""

@@ -28,7 +28,8 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
                                           refuse_moe_touches, refuse_neox_touches, refuse_phi3_touches, weights_file,
                                           write_hf_folder)
-from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, rope_dict, shape_fields
+from tritongpt.train.llama_weights import (LLAMA_KEYS, _rope_theta, full_attention_rope, hf_shapes, rope_dict,
+                                           shape_fields)
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
 _NAMES = {"olmo2": "OLMo 2", "olmo3": "OLMo 3"}
@@ -83,13 +84,8 @@ def _rope(d: dict, kind: str, window: int, cfg_json) -> tuple:
                  f"where transformers' Olmo3Config rotates the sliding layers with {OLMO3_THETA:g}")
         return theta, scaling, theta if scaling else 0.0
     full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
-    # Olmo3Config (transformers 5) reads these as Gemma3TextConfig does: rope_scaling merged into full_attention
-    # (its keys winning), the base from there, else the flat rope_theta, else 500000; 4.x reads the flat keys only.
-    # A flat rope_theta that disagrees with the nested one is two models: refused by rope_field
-    old = rope_dict(d, "rope_scaling", cfg_json)
-    where = ("rope_scaling" if old and ("rope_theta" in old or "rope_theta" not in full) else
-             'rope_parameters["full_attention"]' + (" (rope_scaling merged in)" if old else ""))
-    theta, scaling = _rope_theta(d, cfg_json, OLMO3_THETA, rope=({**full, **old}, where))
+    # (Olmo3Config reads these as Gemma3TextConfig does; its base when none is said is 500000)
+    theta, scaling = full_attention_rope(d, full, cfg_json, OLMO3_THETA)
     if scaling is not None and local == full:  # every layer scaled alike (our export of such a model)
         return theta, scaling, 0.0
     if local.get("rope_type", "default") != "default":
