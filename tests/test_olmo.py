@@ -228,6 +228,24 @@ def test_flat_keys_beside_rope_parameters_per_layer_type_are_read_as_transformer
         ((700.0, "default", 2e4) if edit == "flat-base" else (300.0, "yarn", 2e4))
 
 
+def test_a_rope_scaling_merged_into_full_attention_leaves_equal_sliding_layers_unscaled(hf_copy, tmp_path):
+    """rope_parameters per layer type that say the same unscaled RoPE for both, and a rope_scaling beside them:
+    Olmo3Config merges it into full_attention only, the sliding layers stay unscaled. Here the unmerged
+    full_attention was compared with sliding_attention, found equal, and read as every layer scaled (YaRN on the
+    sliding layers too: rope_local_theta 0)."""
+    path = hf_copy(hf_olmo, tmp_path, "olmo3")
+    cfg_json = tmp_path / "config.json"
+    plain = {"rope_type": "default", "rope_theta": 300.0}
+    d = {k: v for k, v in json.loads(cfg_json.read_text()).items() if k not in ("rope_theta", "rope_scaling")}
+    d.update(rope_parameters={"full_attention": dict(plain), "sliding_attention": dict(plain)}, rope_scaling=YARN)
+    cfg_json.write_text(json.dumps(d))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    assert (theirs["full_attention"]["rope_type"], theirs["sliding_attention"]["rope_type"]) == ("yarn", "default")
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.rope_scaling["rope_type"], c.rope_local_theta) == (300.0, "yarn", 300.0)
+    assert (c.layer_rope(0), c.layer_rope(3)) == ((300.0, None), (300.0, c.rope_scaling))
+
+
 def test_a_flat_base_that_disagrees_with_rope_parameters_per_layer_type_is_refused(hf_copy, tmp_path):
     """A flat rope_theta beside full_attention's own: transformers 4.x reads the flat one, 5 the nested one (two
     models), refused naming both as Gemma 3's; it was passed over here."""

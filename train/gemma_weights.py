@@ -97,7 +97,7 @@ def _rope(d: dict, kind: str, cfg_json) -> tuple:
     full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
     # Gemma3TextConfig's global base when none is said is 1e6; a flat rope_local_base_freq that disagrees with
     # sliding_attention's base is two models too: refused by rope_field below
-    theta, scaling = full_attention_rope(d, full, cfg_json, 1_000_000.0)
+    theta, scaling, _ = full_attention_rope(d, full, cfg_json, 1_000_000.0)
     if local.get("rope_type", "default") != "default":
         raise UserError(f"{cfg_json} scales the local layers' RoPE ({local['rope_type']!r}); this model rotates "
                         "them unscaled (rope_local_theta)")

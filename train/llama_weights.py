@@ -146,11 +146,13 @@ def full_attention_rope(d: dict, full: dict, cfg_json, theta_default: float) -> 
     "full_attention"), as transformers 5's Gemma3TextConfig and Olmo3Config read it (one convert_rope_params_to_dict):
     a rope_scaling beside it merged into full_attention (its keys winning), the base from there, else the flat
     rope_theta, else theta_default; 4.x reads the flat keys only. A flat rope_theta that disagrees with the nested
-    one is two models: refused by rope_field, naming where the base was read."""
+    one is two models: refused by rope_field, naming where the base was read. -> (base, scaling, the merged
+    full_attention: what the full-attention layers compute, to compare the sliding layers' with)."""
     old = rope_dict(d, "rope_scaling", cfg_json)
     where = ("rope_scaling" if old and ("rope_theta" in old or "rope_theta" not in full) else
              'rope_parameters["full_attention"]' + (" (rope_scaling merged in)" if old else ""))
-    return _rope_theta(d, cfg_json, theta_default, rope=({**full, **old}, where))
+    merged = {**full, **old}
+    return (*_rope_theta(d, cfg_json, theta_default, rope=(merged, where)), merged)
 
 
 def partial_rotary_dim(factor, head_dim: int, where: str) -> int:

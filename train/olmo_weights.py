@@ -85,8 +85,10 @@ def _rope(d: dict, kind: str, window: int, cfg_json) -> tuple:
         return theta, scaling, theta if scaling else 0.0
     full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
     # (Olmo3Config reads these as Gemma3TextConfig does; its base when none is said is 500000)
-    theta, scaling = full_attention_rope(d, full, cfg_json, OLMO3_THETA)
-    if scaling is not None and local == full:  # every layer scaled alike (our export of such a model)
+    theta, scaling, full = full_attention_rope(d, full, cfg_json, OLMO3_THETA)
+    # every layer scaled alike (our export of such a model); compared with full_attention as read, a rope_scaling
+    # merged in: that scales the full-attention layers only, an unscaled sliding_attention stays so
+    if scaling is not None and local == full:
         return theta, scaling, 0.0
     if local.get("rope_type", "default") != "default":
         raise UserError(f"{cfg_json} scales the sliding layers' RoPE ({local['rope_type']!r}); this model rotates "
