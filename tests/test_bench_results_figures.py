@@ -43,7 +43,8 @@ def _autotune_ms(kernel, **key):
 def _section(path, heading):
     """The text under a markdown heading, whitespace folded (line breaks fall anywhere in a sentence)."""
     text = path.read_text()
-    start = text.index(heading)
+    start = text.find(heading)
+    assert start >= 0, f"{path} has no heading {heading!r} (renamed? this test reads its figures under it)"
     end = text.find("\n#", start + len(heading))
     return " ".join(text[start:end if end > 0 else None].split())
 
