@@ -204,13 +204,19 @@ def _txt_files(folder: Path) -> list:
     return files
 
 
+def named_corpus(source) -> bool:
+    """Whether a --data is one of the built-in corpora (none given: pydoc), not a path: Path('') would be the
+    working directory."""
+    return source in (None, "", "pydoc", "stdlib")
+
+
 def check_text_field(source, text_field):
     """A text field other than the default names a .jsonl field (a .parquet column): on any other source it
     would be ignored and the whole file read as text, so it is refused (before any slow work). The default field
     reads nothing; a named corpus is no path (Path('') would be the working directory, walked whole)."""
     if text_field in (None, "text"):
         return
-    path = None if source in (None, "", "pydoc", "stdlib") else Path(str(source)).expanduser()
+    path = None if named_corpus(source) else Path(str(source)).expanduser()
     parquet = path is not None and (path.suffix == ".parquet" or path.is_dir() and any(path.rglob("*.parquet")))
     if (path is None or path.suffix != ".jsonl") and not parquet:
         raise UserError(f"--text-field applies to .jsonl data (one JSON object per line) and .parquet columns; "
@@ -247,7 +253,7 @@ def files_read(source) -> dict | None:
     stat a file: resolving each path cost 0.8 s of 1.6 s for a folder of 20,000 files (listing it, 0.7 s), more than
     the start's own quick check of them; a file without an inode number (st_ino 0) by its resolved path. None for a
     built-in corpus, or a source the reading will refuse (it is named there)."""
-    if source in (None, "", "pydoc", "stdlib"):
+    if named_corpus(source):
         return None
     path = Path(str(source)).expanduser()
     try:

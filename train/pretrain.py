@@ -229,7 +229,9 @@ def mixture_sources(args) -> list | None:
 def _source_key(source):
     """What a --data reads, to compare two of them: the corpus's name, or the path resolved (data/x.txt and
     ./data/x.txt, a link and its target, are one file)."""
-    if source in (None, "", "pydoc", "stdlib"):
+    from tritongpt.train.data import named_corpus
+
+    if named_corpus(source):
         return str(source or "pydoc")
     return Path(str(source)).expanduser().resolve()
 
