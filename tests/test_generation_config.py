@@ -218,3 +218,23 @@ def test_a_beam_search_takes_the_default_repetition_penalty_and_start_says_it_ta
         assert beams[None] == beams[1.8] != beams[1.0]
     finally:
         stop(server)
+
+
+def test_without_a_generation_config_json_config_jsons_eos_token_id_ends_answers(tmp_path):
+    """A model folder without generation_config.json: its config.json's eos_token_id is the generation config's
+    (vLLM's try_get_generation_config falls back to GenerationConfig.from_model_config, transformers' generate too),
+    so its ids end answers beside the tokenizer's EOS, under auto and vllm; generation_config.json wins where there
+    is one."""
+    from tritongpt.train.serve import generation_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": [5, 7]}))
+    args = type("A", (), {"weights": str(tmp_path), "tokenizer": None, "generation_config": "auto"})()
+    assert generation_config(args, None, 10, {}) == ({}, [5, 7])
+    args.generation_config = "vllm"
+    assert generation_config(args, None, 10, {}) == ({}, [5, 7])
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    assert generation_config(args, None, 10, {}) == ({}, [3])
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5, 70]}))
+    with pytest.raises(UserError, match=r"config.json: eos_token_id must be token ids of the model's 10"):
+        generation_config(args, None, 10, {})

@@ -21,6 +21,7 @@ import json
 import re
 from pathlib import Path
 
+from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.train.tokenizer import SPM_MODEL, TokenizerChecks, _alternation, save_tokenizer_json, token_name
 
@@ -95,6 +96,24 @@ def _config_id(folder: Path, key: str):
             if isinstance(i, int) and not isinstance(i, bool):
                 return i, path
     return None, None
+
+
+def generation_end_ids(folder, vocab: int) -> tuple:
+    """(ids, file): the end tokens a model folder's generation config lists, as its eos_token_id (an id or a list:
+    an instruct Llama 3.1's three), from generation_config.json, else config.json: transformers' generate stops on
+    those alone (its model.generation_config is that file, else one made of config.json), vLLM on them beside the
+    tokenizer's EOS (try_get_generation_config's fallback too, the ids its stop_token_ids). ([], None): no file or
+    no id. An id outside the model's vocab is refused, naming the file."""
+    folder = Path(folder)
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            ends = read_json_object(path).get("eos_token_id")
+            ends = [ends] if is_int(ends) else ends if isinstance(ends, list) else []
+            if not all(is_int(t) and 0 <= t < vocab for t in ends):
+                raise UserError(f"{path}: eos_token_id must be token ids of the model's {vocab}, got {ends!r}")
+            return [int(t) for t in ends], path
+    return [], None
 
 
 class HFTokenizer(TokenizerChecks):

@@ -2542,9 +2542,10 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
     """vLLM's --generation-config: (the requests' default settings {field: value}, with "max_tokens" the most an
     answer may draw; the end tokens the model folder's generation_config.json lists beside its EOS). auto: the
     model folder's file (--weights', or --pretrained's with its own tokenizer); vllm: no defaults; a folder: its file.
-    The end tokens come from the file read, the model's own under vllm (vLLM's try_get_generation_config). Values
-    are checked here, naming the file."""
+    The end tokens come from the file read, the model's own under vllm (vLLM's try_get_generation_config: without a
+    generation_config.json, config.json's eos_token_id). Values are checked here, naming the file."""
     from tritongpt.train.generate import check_sampling
+    from tritongpt.train.hf_tokenizer import generation_end_ids
 
     # the model's folder alone (vLLM's): --weights', else --pretrained's snapshot, where its own tokenizer was read;
     # not a run's tokenizer's recorded source (the folder it was once read from) nor --tokenizer elsewhere
@@ -2583,11 +2584,11 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
         config = {k: v for k, v in config.items() if k not in unset} | given
     if "max_new_tokens" in config:  # (transformers' name: vLLM's max_tokens)
         config["max_tokens"] = config.pop("max_new_tokens")
-    ends_from = own if mode == "vllm" else path
-    ends = read_json_object(ends_from).get("eos_token_id") if ends_from is not None else None
-    ends = [ends] if is_int(ends) else ends if isinstance(ends, list) else []
-    if not all(is_int(t) and 0 <= t < vocab for t in ends):
-        raise UserError(f"{ends_from}: eos_token_id must be token ids of the model's {vocab}, got {ends!r}")
+    # the end tokens: the file read's (a folder's), else the model folder's own generation config, which without a
+    # generation_config.json is config.json's eos_token_id (vLLM's try_get_generation_config falls back to it,
+    # transformers' generate too): a tokenizer_config.json naming another EOS does not silence it
+    ends = generation_end_ids(path.parent, vocab)[0] if path is not None and path != own else \
+        generation_end_ids(folder, vocab)[0] if folder is not None else []
     if config:
         said = ", ".join(f"{k} {v}" for k, v in config.items())
         note(f"{path or '--override-generation-config'}: the requests' defaults are {said} (vLLM's "
@@ -2596,7 +2597,7 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
         if unused:  # (once, here, rather than in every beam search's response)
             note(f"use_beam_search requests do not take the default {', '.join(unused)}: the search ranks the "
                  "model's raw log-probabilities (temperature 1, no cuts; vLLM's search takes the temperature)")
-    return config, [int(t) for t in ends]
+    return config, ends
 
 
 def speculative_config(text, max_batch: int) -> dict:
@@ -2969,7 +2970,8 @@ def add_server_args(p, listen: bool = False):
                    help="the requests' default sampling settings (vLLM's): auto, the model folder's "
                         "generation_config.json (its temperature, top_p, top_k, min_p, repetition_penalty; its "
                         "max_new_tokens caps every answer); vllm, none (OpenAI's defaults); or FOLDER's "
-                        "generation_config.json. The file's eos_token_id list ends answers too (vllm: the model's) "
+                        "generation_config.json. The file's eos_token_id list ends answers too (vllm: the model's; "
+                        "without the file, config.json's) "
                         "(default %(default)s)")
     p.add_argument("--override-generation-config", default=None, metavar="JSON",
                    help="those defaults overridden, e.g. '{\"temperature\": 0.5}' (vLLM's) (default: none)")
