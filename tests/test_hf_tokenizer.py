@@ -769,3 +769,34 @@ def test_a_hub_repo_with_only_a_tokenizer_model_is_read_as_its_folder(tmp_path, 
     assert cli.main(["generate", "--weights", "someone/old-llama", *flags]) == 0
     assert capsys.readouterr().out == want
     assert {f for _, f in fetched} == {p.name for p in path.iterdir() if p.is_file()} >= {"tokenizer.model"}
+
+
+def test_generate_stops_on_the_generation_configs_eos_too(tmp_path, capsys):
+    """A folder whose tokenizer_config.json names one EOS and whose generation_config.json another: transformers'
+    generate stops on the generation config's (the tokenizer's aside), vLLM on both; `generate` stops where either
+    is drawn, as vLLM does (which is where transformers stops here), rather than on the tokenizer's alone."""
+    from tritongpt import cli
+
+    path, theirs, _ = llama_folder(tmp_path / "smollm", "smollm")
+    prompt, eos = "the cat sat on 42", theirs.eos_token_id
+    flags = ["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu",
+             "--kernels", "reference"]
+    ids = torch.tensor([theirs(prompt)["input_ids"]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        row = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+    assert eos not in row
+    # the third new token, ending the text first there, is the generation config's EOS
+    end = row[2]
+    assert end not in row[:2]
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": end}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        theirs_row = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+    assert theirs_row[:3] == row[:3] and len(theirs_row) == 3  # (transformers stops on it)
+    for stream in ([], ["--stream"]):
+        assert cli.main(["generate", "--weights", str(path), *flags, *stream]) == 0
+        out = capsys.readouterr()
+        assert out.out == theirs.decode(theirs(prompt)["input_ids"] + row[:2]) + "\n", stream
+        assert f"the model ended the text ({theirs.decode([end])}) after 2 new tokens" in out.err

@@ -2538,6 +2538,15 @@ def override_generation_config(text) -> dict:
     return got
 
 
+def model_folder(args, tok):
+    """The model's folder, where its generation config is read (vLLM's): --weights' (the folder, or a checkpoint
+    file's), else --pretrained's snapshot, where its own tokenizer was read; not a run's tokenizer's recorded source
+    (the folder it was once read from) nor --tokenizer elsewhere. None: neither."""
+    source = getattr(tok, "info", {}).get("source")
+    return (Path(args.weights) if Path(args.weights).is_dir() else Path(args.weights).parent) if args.weights \
+        else Path(source) if source and not args.tokenizer else None
+
+
 def generation_config(args, tok, vocab: int, override: dict) -> tuple:
     """vLLM's --generation-config: (the requests' default settings {field: value}, with "max_tokens" the most an
     answer may draw; the end tokens the model folder's generation_config.json lists beside its EOS). auto: the
@@ -2547,11 +2556,7 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
     from tritongpt.train.generate import check_sampling
     from tritongpt.train.hf_tokenizer import generation_end_ids
 
-    # the model's folder alone (vLLM's): --weights', else --pretrained's snapshot, where its own tokenizer was read;
-    # not a run's tokenizer's recorded source (the folder it was once read from) nor --tokenizer elsewhere
-    source = getattr(tok, "info", {}).get("source")
-    folder = (Path(args.weights) if Path(args.weights).is_dir() else Path(args.weights).parent) if args.weights \
-        else Path(source) if source and not args.tokenizer else None
+    folder = model_folder(args, tok)
     own = folder / "generation_config.json" if folder is not None else None
     own = own if own is not None and own.is_file() else None
     mode = args.generation_config

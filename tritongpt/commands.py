@@ -514,6 +514,16 @@ def encode_generate_prompt(tok, prompt: str, allow_special: bool, where: str = "
     return with_bos(tok, ids)[:-len(ids)], ids
 
 
+def model_end_ids(args, tok, vocab: int) -> list:
+    """The end tokens of the model's generation config (hf_tokenizer.generation_end_ids): its folder's alone
+    (serve.model_folder, as serve's --generation-config auto reads it: a run's checkpoint has none)."""
+    from tritongpt.train.hf_tokenizer import generation_end_ids
+    from tritongpt.train.serve import model_folder
+
+    folder = model_folder(args, tok)
+    return generation_end_ids(folder, vocab)[0] if folder is not None else []
+
+
 def cmd_generate(args):
     import torch
 
@@ -592,8 +602,12 @@ def cmd_generate(args):
     stats = {}
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eot = eot_or_none(tok)
+    # the model's generation config's end tokens end a text too, beside the tokenizer's EOS: transformers' generate
+    # stops on those (the tokenizer's EOS aside), vLLM on both, so a tokenizer_config.json naming another EOS than
+    # config.json's or generation_config.json's eos_token_id ends where either would
+    ends = [t for t in model_end_ids(args, tok, limit or model.config.vocab_size) if t != eot]
     guide = None if spec is None else Grammars.of(tok, limit or model.config.vocab_size).guide(spec)
-    stream = TextStream(tok, ids, eot, stops) if args.stream else None
+    stream = TextStream(tok, ids, eot, stops, ends) if args.stream else None
     start, prompt_text = len(lead + ids), tok.decode(ids)
 
     def stopped(rows):  # which rows' new text holds a stop string (the whole new text, decoded each step)
@@ -605,7 +619,7 @@ def cmd_generate(args):
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
                        stop=stopped if stops else None, draft=draft, num_draft_tokens=num_draft, stats=stats,
                        cuda_graph=args.cuda_graphs, kv_cache_dtype=args.kv_cache_dtype, guide=guide,
-                       **sampling_controls(args), **masks).tolist()
+                       stop_token_ids=ends or None, **sampling_controls(args), **masks).tolist()
     if stream:
         stream.close()
     if draft is not None:
@@ -614,9 +628,10 @@ def cmd_generate(args):
     for i, row in enumerate(out):
         row = row[len(lead):]
         new = row[len(ids):]
-        ended = eot in new  # a row that ended early is padded with more markers after its first
-        if ended:
-            new = new[:new.index(eot)]
+        # a row that ended early is padded with more markers after its first
+        ended = next((j for j, t in enumerate(new) if t == eot or t in ends), None)
+        if ended is not None:
+            new, marker = new[:ended], new[ended]
         text, cut = cut_at_stop(continuation(tok, ids, new, prompt_text), stops)
         if i:
             print(SAMPLE_SEPARATOR)
@@ -626,8 +641,8 @@ def cmd_generate(args):
         which = f"sample {i + 1}: " if args.num_samples > 1 else ""
         if cut:
             note(f"{which}the text stopped at --stop {cut!r}")
-        elif ended:
-            note(f"{which}the model ended the text ({tok.decode([eot])}) after {len(new)} new tokens")
+        elif ended is not None:
+            note(f"{which}the model ended the text ({tok.decode([marker])}) after {len(new)} new tokens")
     return 0
 
 
@@ -909,13 +924,14 @@ class TextStream:
     tokenizer's stream_decoder (a character split across tokens printed whole once complete), so
     the printed text is what decoding all the ids at once gives."""
 
-    def __init__(self, tok, prompt_ids, eot, stops=()):
-        self.eot, self.text, self.held = eot, tok.stream_decoder(), HeldBack(stops)
+    def __init__(self, tok, prompt_ids, eot, stops=(), ends=()):
+        # ends: the other end tokens (the model's generation config's), not printed either
+        self.ends, self.text, self.held = {eot, *ends}, tok.stream_decoder(), HeldBack(stops)
         print(self.text.write(prompt_ids), end="", flush=True)
 
     def __call__(self, new):
         i = int(new[0, 0])
-        if i != self.eot and not self.held.done:  # the marker that ends the text is not printed (nothing follows)
+        if i not in self.ends and not self.held.done:  # the marker that ends the text is not printed (nothing follows)
             self.write(self.text.write([i]))
 
     def write(self, chunk: str, final: bool = False):
