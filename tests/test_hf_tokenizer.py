@@ -800,3 +800,20 @@ def test_generate_stops_on_the_generation_configs_eos_too(tmp_path, capsys):
         out = capsys.readouterr()
         assert out.out == theirs.decode(theirs(prompt)["input_ids"] + row[:2]) + "\n", stream
         assert f"the model ended the text ({theirs.decode([end])}) after 2 new tokens" in out.err
+
+
+def test_an_empty_eos_or_bos_token_is_refused_by_name(tmp_path):
+    """tokenizer_config.json's eos_token "" (or bos_token): transformers reads a tokenizer without that token (its
+    eos_token_id None, "" in a chat template), where config.json's eos_token_id was taken in its place without a
+    word (the chat template's eos_token then another text): refused, naming the file and field."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    build_tokenizer("llama3", vocab=300).save(str(tmp_path / "tokenizer.json"))  # <|begin_of_text|> 0, <|end..|> 1
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "bos_token_id": 0}))
+    cfg = tmp_path / "tokenizer_config.json"
+    for key, value in (("eos_token", ""), ("eos_token", {"content": "", "special": True}), ("bos_token", "")):
+        cfg.write_text(json.dumps({key: value}))
+        with pytest.raises(UserError, match=f"{re.escape(str(cfg))}: {key} is an empty string, which names no token"):
+            HFTokenizer.from_hf_folder(tmp_path)
+    cfg.write_text(json.dumps({"eos_token": None}))  # (null, or no field: config.json's id, as before)
+    assert HFTokenizer.from_hf_folder(tmp_path).eos_token == "<|end_of_text|>"

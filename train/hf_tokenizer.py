@@ -188,7 +188,14 @@ class HFTokenizer(TokenizerChecks):
         cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
         tok = cls(spec, name=folder.name, where=str(path), info=info)
         for key in ("eos", "bos"):
-            name = token_name(cfg.get(f"{key}_token"), cfg_path, f"{key}_token")
+            value = cfg.get(f"{key}_token")
+            if (value.get("content") if isinstance(value, dict) else value) == "":
+                # transformers reads "" as a tokenizer without that token (eos_token_id None, "" in a chat
+                # template), not as config.json's id, which would be taken here in its place: neither silently
+                raise UserError(f"{cfg_path}: {key}_token is an empty string, which names no token (transformers "
+                                f"reads it as a tokenizer without one): name the token, or leave the field out (or "
+                                f"null) to take config.json's or generation_config.json's {key}_token_id")
+            name = token_name(value, cfg_path, f"{key}_token")
             if name is None:
                 i, where = _config_id(folder, f"{key}_token_id")
                 # (id_to_token of a negative id is an OverflowError: it is no token either)
