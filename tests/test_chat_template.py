@@ -510,3 +510,23 @@ def test_named_templates_without_a_default_are_refused(tmp_path):
     (tmp_path / "chat_template.jinja").write_bytes(b"\xff{{ x }}")
     with pytest.raises(UserError, match="chat_template.jinja: not UTF-8 text"):
         template_from_config({}, "cfg.json", tmp_path)
+
+
+def test_a_gpt2_folders_own_template_is_said_to_go_unused(tmp_path, capsys):
+    """A GPT-2 folder (our BPE reads it) whose tokenizer_config.json holds a chat template not in tritongpt's format:
+    transformers' apply_chat_template would render it, ours renders tritongpt's: said once on stderr, naming the
+    file. Our own exported template (formats.HF_CHAT_TEMPLATE) is no news."""
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train("the cat sat on the mat. " * 20, 265, name="small")
+    for name, template, said in (("ours", formats.HF_CHAT_TEMPLATE, False), ("chatml", CHATML, True)):
+        folder = tmp_path / name
+        for file, text in bpe.hf_files(chat_template=template).items():
+            folder.mkdir(exist_ok=True)
+            (folder / file).write_text(text)
+        capsys.readouterr()
+        for _ in range(2):
+            assert isinstance(get_tokenizer(folder), BPETokenizer)
+        err = capsys.readouterr().err
+        line = f"{folder / 'tokenizer_config.json'}: its chat_template is not tritongpt's chat format and is not used"
+        assert err.count(line) == said, (name, err)

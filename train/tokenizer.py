@@ -532,9 +532,10 @@ class BPETokenizer(TokenizerChecks):
                 from tritongpt.train.chat_template import template_from_config  # chats are in tritongpt's format)
 
                 try:
-                    template_from_config(d, str(path))
+                    template = template_from_config(d, str(path))
                 except UserError as e:
                     raise TokenizerConfigError(str(e)) from None
+                _note_foreign_template(template, path)
             decoder = d.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 # JSON keys: the ids as decimal strings (isdecimal: "²" is a digit, and no int())
@@ -922,6 +923,21 @@ def load_tokenizer(path):
 
 
 _NOTED = set()
+
+
+def _note_foreign_template(template, path):
+    """Say once per file that a GPT-2 folder's chat template is not tritongpt's format (formats.HF_CHAT_TEMPLATE, as
+    export writes it) and goes unused: transformers' apply_chat_template would render the folder's, and this tokenizer
+    renders every chat (chat, serve, sft) in tritongpt's. Said rather than rendered: BPETokenizer keeps no template
+    (its run file has none, and a run's chat data is in tritongpt's format), so the two would part at the next load."""
+    from tritongpt.train.formats import HF_CHAT_TEMPLATE
+
+    key = ("chat_template", str(Path(path).resolve()))
+    if template is None or template in (HF_CHAT_TEMPLATE, "{{- bos_token -}}" + HF_CHAT_TEMPLATE) or key in _NOTED:
+        return
+    _NOTED.add(key)
+    note(f"{path}: its chat_template is not tritongpt's chat format and is not used: a GPT-2 tokenizer renders chats "
+         "in tritongpt's (transformers' apply_chat_template would render the file's)")
 
 
 def from_hf_folder(folder):
