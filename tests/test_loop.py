@@ -574,6 +574,83 @@ def test_muon_training_resumes_bitwise_and_refuses_another_optimizer(tmp_path):
         args_for(tmp_path, optimizer="sgd").validate()
 
 
+@pytest.mark.parametrize("m, n, adjust", [(5, 8, "match_rms_adamw"), (8, 5, "original")])
+def test_muon_steps_each_expert_of_a_stack_as_a_matrix_of_its_own(m, n, adjust):
+    """ExpertMuon on an [E, m, n] stack (beside a 2-D matrix): two steps move expert e exactly as
+    torch's Muon moves a separate [m, n] parameter with gradients grad[e] (momentum, Nesterov,
+    Newton-Schulz, weight decay, and the lr adjusted for [m, n]: from [E, m, n]'s first two sizes
+    it would be another rate in both of these cases)."""
+    gen, E = torch.Generator().manual_seed(0), 3
+    stack = torch.nn.Parameter(torch.randn(E, m, n, dtype=torch.float64, generator=gen))
+    matrix = torch.nn.Parameter(torch.randn(n, m, dtype=torch.float64, generator=gen))
+    alone = [torch.nn.Parameter(t.detach().clone()) for t in (matrix, *stack)]
+    before = stack.detach().clone()
+    kw = dict(lr=0.05, weight_decay=0.1, adjust_lr_fn=adjust)
+    ours, ref = common.ExpertMuon([matrix], [stack], **kw), torch.optim.Muon(alone, **kw)
+    for _ in range(2):
+        grads = (torch.randn(n, m, dtype=torch.float64, generator=gen),
+                 torch.randn(E, m, n, dtype=torch.float64, generator=gen))
+        matrix.grad, stack.grad = grads
+        for p, g in zip(alone, (grads[0], *grads[1])):
+            p.grad = g.clone()
+        ours.step()
+        ref.step()
+    assert not torch.equal(stack, before)
+    torch.testing.assert_close(matrix, alone[0], rtol=0, atol=1e-12)
+    for e in range(E):
+        torch.testing.assert_close(stack[e], alone[1 + e], rtol=0, atol=1e-12, msg=f"expert {e}")
+        torch.testing.assert_close(ours.state[stack]["momentum_buffer"][e],
+                                   ref.state[alone[1 + e]]["momentum_buffer"], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="takes 2-D matrices and 3-D expert stacks, not a parameter of size"):
+        common.ExpertMuon([matrix], [torch.nn.Parameter(torch.randn(4))])
+
+
+MOE = dict(n_experts=4, experts_per_token=2, mlp="swiglu", mlp_hidden=24)
+
+
+def test_muon_takes_an_moes_experts_and_router(tmp_path):
+    """--optimizer muon on an MoE model: Muon's groups hold the blocks' matrices, the routers and
+    the [E, m, n] expert stacks (momentum one [E, m, n] tensor each); biases, norms and embeddings
+    stay AdamW's."""
+    model = tiny_model(2, **MOE)
+    opt = common.build_optimizer(model, 1e-2, 0.1, kind="muon")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    want = {f"trf_blocks.{i}.{m}" for i in range(TINY["n_layer"])
+            for m in ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight", "att.out_proj.weight",
+                      "ff.router.weight", "ff.w_gate", "ff.w_up", "ff.w_down")}
+    assert muon == want
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert adamw == set(names.values()) - want
+    assert {"tok_emb.weight", "final_norm.weight", "trf_blocks.0.norm1.weight", "trf_blocks.0.att.W_query.bias"} <= adamw
+    x, y = make_get_batch(synthetic_tokens(), 2)("train", torch.Generator().manual_seed(0))
+    model(x, targets=y).backward()
+    opt.step()
+    stacks = {names[id(p)]: s["momentum_buffer"].shape for p, s in opt.muon.state.items() if p.dim() == 3}
+    assert stacks == {n: dict(model.named_parameters())[n].shape for n in want if ".w_" in n}
+
+
+def test_muon_on_experts_resumes_bitwise(tmp_path):
+    """An MoE Muon run checkpointed at step 2 and resumed to 4 ends where an unbroken run does: the
+    experts' [E, m, n] momenta are in the checkpoint and loaded back."""
+    tokens = synthetic_tokens()
+
+    def run(out, steps, **kw):
+        t = Trainer(tiny_model(1, **MOE), args_for(out, max_steps=steps, ckpt_every=2, optimizer="muon", **kw),
+                    loss_fn, make_get_batch(tokens, 2))
+        t.fit()
+        return t
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    saved = torch.load(tmp_path / "b" / "ckpt-0000002" / "state.pt", weights_only=False)["optimizer"]["muon"]
+    assert sorted(tuple(s["momentum_buffer"].shape) for s in saved["state"].values() if s["momentum_buffer"].dim() == 3) \
+        == sorted([(4, 24, TINY["n_embd"])] * 4 + [(4, TINY["n_embd"], 24)] * 2)
+    resumed = run(tmp_path / "b", 4, resume="latest")
+    for (n, p), q in zip(straight.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
     """The default --warmup-steps with a short --max-steps: the schedule never reaches --lr nor
     decays, which the loss curve alone does not show."""

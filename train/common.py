@@ -199,7 +199,8 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 class MuonWithAdamW:
-    """Muon for the transformer blocks' weight matrices and AdamW for every other parameter
+    """Muon for the transformer blocks' weight matrices (an MoE's experts each a matrix: ExpertMuon)
+    and AdamW for every other parameter
     (embeddings, the LM head tied to them, biases, LayerNorms, reward and value heads), as
     modded-nanogpt's speedruns and Moonshot's Muon runs split them. Stepped as one optimizer:
     the Trainer, the fp16 loss scaler (duck-typed: param_groups, step) and the checkpoints see
@@ -301,6 +302,47 @@ class MuonWithAdamW:
                 self.muon.state.pop(p, None)
 
 
+class ExpertMuon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch < 2.9: build_optimizer refuses
+    """torch.optim.Muon that also takes an MoE block's 3-D expert stacks ([E, m, n]) and steps each
+    expert's [m, n] matrix as a matrix of its own, as Moonshot's Moonlight/Kimi runs and Megatron's
+    Muon do: the stack's expert e moves exactly as torch's Muon moves a separate 2-D parameter with
+    gradient grad[e] (its momentum, Nesterov, Newton-Schulz, weight decay, and the lr adjustment from
+    the expert's [m, n], not from [E, m, n]). An expert stack is one parameter to the optimizer: one
+    momentum tensor [E, m, n] in state_dict, one unit for MuonWithAdamW's owners.
+
+    params: the 2-D matrices (torch's Muon checks them, and refuses an empty list); stacks: the 3-D
+    expert stacks, a param group of their own (torch's Muon __init__ refuses any parameter not 2-D)."""
+
+    def __init__(self, params, stacks=(), **kwargs):
+        super().__init__(params, **kwargs)
+        stacks = list(stacks)
+        if stacks:
+            self.add_param_group({"params": stacks})
+
+    def add_param_group(self, param_group: dict):
+        params = param_group["params"]
+        for p in [params] if isinstance(params, torch.Tensor) else params:
+            if p.dim() not in (2, 3):
+                raise ValueError(f"ExpertMuon takes 2-D matrices and 3-D expert stacks, not a parameter of size {tuple(p.shape)}")
+        super().add_param_group(param_group)
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs):
+        # torch's own (momentum buffers made the parameter's shape, so [E, m, n] for a stack), then each
+        # stack handed on as its E experts' views: torch's step updates them in place, one matrix each,
+        # so its math (lr adjusted by param.shape included) is torch's. _init_group is private, but its
+        # signature is the one torch's Muon has had since it came; a change fails the per-expert test
+        # in tests/test_loop.py
+        has_complex = super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
+        lists = (params_with_grad, grads, muon_momentum_bufs)
+        split = [[], [], []]
+        for p, g, buf in zip(*lists):
+            for out, t in zip(split, (p, g, buf)):
+                out.extend(t.unbind(0) if p.dim() == 3 else [t])
+        for lst, out in zip(lists, split):
+            lst[:] = out
+        return has_complex
+
+
 def shard_by_size(sizes: list, n: int) -> list:
     """An owner in range(n) for each size, the loads even: the largest first, each to the least
     loaded rank so far (the lowest on a tie), so every rank computes the same assignment."""
@@ -313,9 +355,9 @@ def shard_by_size(sizes: list, n: int) -> list:
 
 def block_matrices(model: nn.Module) -> list:
     """The trainable 2-D parameters of the transformer blocks (attention's q, k, v and output
-    projections, the MLP's fc1 and fc2, or a gated MLP's gate, up and down; an MoE block's router, while its
-    experts' [E, ...] stacks are 3-D and AdamW's): what Muon orthogonalizes. Not the per-head q/k norms'
-    [heads, head_dim] weights (qk_norm_width "each"): 2-D, but scales, not a matrix."""
+    projections, the MLP's fc1 and fc2, or a gated MLP's gate, up and down; an MoE block's router):
+    what Muon orthogonalizes. Not the per-head q/k norms' [heads, head_dim] weights (qk_norm_width
+    "each"): 2-D, but scales, not a matrix. An MoE block's 3-D expert stacks are expert_stacks()."""
     from tritongpt.model.layers import PerHeadNorm, TransformerBlock
 
     found = {}
@@ -327,12 +369,25 @@ def block_matrices(model: nn.Module) -> list:
     return list(found.values())
 
 
+def expert_stacks(model: nn.Module) -> list:
+    """The trainable [E, m, n] expert stacks of MoE blocks (w_gate, w_up, w_down): E matrices each,
+    which Muon steps expert by expert (ExpertMuon)."""
+    from tritongpt.model.layers import MoEFeedForward
+
+    found = {}
+    for moe in model.modules():
+        if isinstance(moe, MoEFeedForward):
+            found.update({id(p): p for p in (moe.w_gate, moe.w_up, moe.w_down) if p.requires_grad})
+    return list(found.values())
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                     betas=(0.9, 0.95), device: torch.device | None = None, kind: str = "adamw",
                     ranks: tuple = (0, 1)):
     """AdamW with decay/no-decay groups (the fused implementation on CUDA); kind "muon": Muon
     (torch.optim.Muon, Nesterov momentum 0.95, 5 Newton-Schulz steps, its lr scaled to AdamW's
-    update RMS so that --lr and --weight-decay carry over) for block_matrices(), AdamW for the rest.
+    update RMS so that --lr and --weight-decay carry over) for block_matrices() and, expert by expert,
+    an MoE's expert_stacks() (ExpertMuon), AdamW for the rest.
     ranks: (rank, world_size) of a DDP run, whose ranks then share Muon's work (MuonWithAdamW)."""
     device = device or next(model.parameters()).device
     fused = device.type == "cuda"
@@ -347,12 +402,12 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     if any(isinstance(m, LoRAUpdate) for m in model.modules()):
         raise UserError("--optimizer muon is for whole weight matrices, not LoRA's low-rank factors: "
                         "leave out --lora-rank, or use --optimizer adamw")
-    matrices = block_matrices(model)
+    matrices, stacks = block_matrices(model), expert_stacks(model)
     if not matrices:
         raise UserError("--optimizer muon: the model has no trainable weight matrices in transformer blocks")
-    taken = {id(p) for p in matrices}
+    taken = {id(p) for p in matrices + stacks}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in taken]} for g in param_groups(model, weight_decay)]
-    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = ExpertMuon(matrices, stacks, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
     adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, betas=betas, fused=fused)
     return MuonWithAdamW(muon, adamw, *ranks)
 

@@ -203,7 +203,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
         elif f.name == "optimizer":
             g.add_argument(flag, default=d, choices=common.OPTIMIZERS,
                            help="adamw, or muon: Muon (torch.optim.Muon, its update scaled to AdamW's RMS, so "
-                                "--lr and --weight-decay carry over) for the transformer blocks' weight matrices "
+                                "--lr and --weight-decay carry over) for the transformer blocks' weight matrices (an MoE's "
+                                "experts each as a matrix of its own) "
                                 "and AdamW for embeddings, biases, LayerNorms and heads (default %(default)s)")
         elif f.name == "lr_schedule":
             g.add_argument(flag, default=d, choices=common.LR_SCHEDULES,
