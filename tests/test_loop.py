@@ -649,6 +649,13 @@ def test_muon_on_experts_resumes_bitwise(tmp_path):
     resumed = run(tmp_path / "b", 4, resume="latest")
     for (n, p), q in zip(straight.raw_model.named_parameters(), resumed.raw_model.parameters()):
         assert torch.equal(p, q), n
+    # a checkpoint from when the experts were AdamW's: its groups do not fit, which is said by name
+    model = tiny_model(1, **MOE)
+    matrices, taken = common.block_matrices(model), {id(p) for p in common.block_matrices(model)}
+    old = common.MuonWithAdamW(torch.optim.Muon(matrices, lr=1e-3), torch.optim.AdamW(
+        [{**g, "params": [p for p in g["params"] if id(p) not in taken]} for g in common.param_groups(model, 0.1)]))
+    with pytest.raises(UserError, match="gives the MoE's expert weights to AdamW, as --optimizer muon did before"):
+        common.build_optimizer(model, 1e-3, kind="muon").load_state_dict(old.state_dict())
 
 
 def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):

@@ -295,6 +295,11 @@ class MuonWithAdamW:
         return {i: {"momentum_buffer": bufs[i]} for i in have}
 
     def load_state_dict(self, state: dict):
+        saved, ours = len(state["muon"]["param_groups"]), len(self.muon.param_groups)
+        if saved < ours:  # ExpertMuon's second group: the expert stacks, which AdamW once stepped
+            raise UserError("--resume: this checkpoint's optimizer state gives the MoE's expert weights to AdamW, as "
+                            "--optimizer muon did before Muon took them expert by expert: its Muon and AdamW states "
+                            "do not fit this run's; resume it with the version that saved it")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
         for p, r in zip(self.matrices, self.owner):
