@@ -102,6 +102,31 @@ def test_load_text_errors(tmp_path):
         load_text(tmp_path / "odd")
 
 
+def test_a_folder_reads_each_file_once_its_links_to_its_own_files_too(tmp_path):
+    """A text folder's link (or hard link) to another of its own files was listed by rglob as a file of its own and
+    read twice as one source, drawn from twice as often, never said: each file on disk is read once, under its
+    first name in name order. A folder of token shards too."""
+    import os
+    from types import SimpleNamespace
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("ay", encoding="utf-8")
+    (folder / "c.txt").write_text("sea", encoding="utf-8")
+    (folder / "b.txt").symlink_to(folder / "a.txt")
+    os.link(folder / "a.txt", folder / "d.txt")
+    assert load_text(folder) == EOT.join(["ay", "sea"])
+    assert sorted(p.name for p in data.files_read(str(folder)).values()) == ["a.txt", "c.txt"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "s0.npy", np.arange(1, 9, dtype=np.uint16))
+    np.save(shards / "s2.npy", np.arange(9, 17, dtype=np.uint16))
+    (shards / "s1.npy").symlink_to(shards / "s0.npy")
+    ids = SimpleNamespace(name="ids", hash="i" * 64, vocab_size=100)  # (shards are read, not tokenized)
+    td = prepare_tokens(str(shards), ids, val_fraction=0.0)
+    assert np.array_equal(np.asarray(td.train), np.arange(1, 17))  # s0 and s2, each once
+
+
 @settings(max_examples=300, deadline=None)
 @given(parts=st.lists(st.sampled_from(["a", "é", "猫", "\r\n", "\r", "\n", " ", EOT, "<|", "endoftext", "|>", "<"]),
                       max_size=40), bom=st.booleans(), piece=st.integers(1, 17))

@@ -162,6 +162,26 @@ def _parquet_docs(path: Path, text_field: str):
         yield value
 
 
+def _file_key(path: Path, st: os.stat_result):
+    """What a file is on disk, a link and its target, two hard links, one: (device, inode); a file without an inode
+    number (st_ino 0: some FUSE and network mounts, where every file would be one) its resolved path instead, a link
+    to it still one, a hard link not seen."""
+    return (st.st_dev, st.st_ino) if st.st_ino else path.resolve()
+
+
+def _once(files: list) -> list:
+    """Files in their order, each file on disk once: a folder's link (or hard link) to another of its own files
+    was read twice as one source, drawn from twice as often, never said (rglob lists the link as a file of its
+    own). The first name in name order is kept."""
+    seen, kept = set(), []
+    for p in files:
+        key = _file_key(p, os.stat(p))
+        if key not in seen:
+            seen.add(key)
+            kept.append(p)
+    return kept
+
+
 def _files_of(folder: Path, pattern: str) -> list:
     files = []
     for p in sorted(folder.rglob(pattern)):
@@ -169,7 +189,7 @@ def _files_of(folder: Path, pattern: str) -> list:
             raise UserError(f"{p}: a broken link (its target does not exist)")
         if p.is_file():  # not a folder that happens to be named *.txt
             files.append(p)
-    return files
+    return _once(files)
 
 
 # words of a file name that say it holds an evaluation split (a Hub dataset's data/test-00000-of-00001.parquet)
@@ -243,7 +263,7 @@ def _shard_files(path: Path) -> list:
     any other folder."""
     if not path.is_dir() or _is_token_folder(path):
         return []
-    return sorted(p for p in path.iterdir() if _is_token_file(p))
+    return _once(sorted(p for p in path.iterdir() if _is_token_file(p)))
 
 
 def files_read(source) -> dict | None:
@@ -263,9 +283,7 @@ def files_read(source) -> dict | None:
             files = _shard_files(path) or _txt_files(path)
         else:
             files = [path] if path.is_file() else []
-        # (st_ino 0: a filesystem with no inode numbers, some FUSE and network mounts, where every file would be
-        # one: such a file is its resolved path instead, a link to it still one, a hard link not seen)
-        read = {(st.st_dev, st.st_ino) if st.st_ino else p.resolve(): p for p, st in zip(files, map(os.stat, files))}
+        read = {_file_key(p, os.stat(p)): p for p in files}
     except (UserError, OSError):  # (OSError: a file gone since it was listed)
         return None
     return read or None
