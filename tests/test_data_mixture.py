@@ -348,6 +348,27 @@ def test_files_without_inode_numbers_are_told_apart_by_path(tmp_path, monkeypatc
         check_repeated_sources([str(tmp_path / "texts"), str(tmp_path / "b.txt")])
 
 
+def test_a_repeat_refused_at_a_resume_says_how_to_go_on(tmp_path):
+    """A run started with a repeated source (before repeats were refused) is refused at --resume until the repeat
+    is dropped: the refusal says so, with --data-weights to keep the shares (it named neither --resume nor what to
+    do, and the checkpoint's record names the repeat)."""
+    from tritongpt.train.pretrain import check_mixture, check_repeated_sources
+
+    (tmp_path / "a.txt").write_text("a b c")
+    (tmp_path / "texts").mkdir()
+    os.link(tmp_path / "a.txt", tmp_path / "texts" / "b.txt")
+    how = r".*--resume: a run started with the repeat goes on without it: drop it, with --data-weights to keep each " \
+          r"source's share"
+    with pytest.raises(UserError, match=r"is given twice" + how):  # --resume as the command line gives it
+        check_mixture(parse_args(["--data", str(tmp_path / "a.txt")] * 2 + ["--resume"]))
+    with pytest.raises(UserError, match=r"both read" + how):
+        check_repeated_sources([str(tmp_path / "a.txt"), str(tmp_path / "texts")], resume="latest")
+    for sources in ([tmp_path / "a.txt"] * 2, [tmp_path / "a.txt", tmp_path / "texts"]):
+        with pytest.raises(UserError, match="drawn from twice as often") as e:  # without --resume: no word of it
+            check_repeated_sources([str(s) for s in sources])
+        assert "--resume" not in str(e.value)
+
+
 def test_token_ids_of_another_tokenizer_beside_text_refused(two, tmp_path):
     """A nanoGPT .bin (GPT-2's ids) mixed with text read by a 270-token BPE: the ids past its vocabulary are
     refused by name, before any step (the text sources' tokenizer is the run's one tokenizer)."""

@@ -236,13 +236,19 @@ def _source_key(source):
     return Path(str(source)).expanduser().resolve()
 
 
-def check_repeated_sources(sources):
+def check_repeated_sources(sources, resume=None):
     """A source given twice in a mixture (the same path however spelt), or two that read one file (a file inside a
     folder also given, a folder's link to a file also given) would be read twice and drawn from twice as often,
     without a word: refused, naming both. What a source reads is what prepare_tokens reads (data.files_read): a
-    .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read by the folder."""
+    .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read by the folder. resume:
+    --resume's value, said in the refusal (a run started with a repeat, before this check, is resumed with it
+    dropped)."""
     from tritongpt.train import data
 
+    # (the refusal alone would send a --resume back to the data the checkpoint recorded, repeat and all: say how
+    # to go on, and that the resume's note on other data is expected)
+    then = " --resume: a run started with the repeat goes on without it: drop it, with --data-weights to keep each " \
+           "source's share as drawn so far (the resume notes the changed data)" if resume else ""
     keys = [_source_key(s) for s in sources]
     reads = [data.files_read(s) for s in sources]
     for j, b in enumerate(keys):
@@ -250,7 +256,7 @@ def check_repeated_sources(sources):
             where = f"sources {i + 1} and {j + 1} of the mixture"  # (numbered in the order the two are named)
             if a == b:
                 raise UserError(f"--data {sources[j]} is given twice ({where}): it would be read twice, drawn from "
-                                "twice as often; give it once (--data-weights gives a source more weight)")
+                                f"twice as often; give it once (--data-weights gives a source more weight).{then}")
             shared = reads[i].keys() & reads[j].keys() if reads[i] and reads[j] else set()
             if not shared:
                 continue
@@ -264,7 +270,7 @@ def check_repeated_sources(sources):
             else:
                 said = f"--data {sources[i]} and --data {sources[j]} ({where}) both read {one}"
             raise UserError(f"{said}: it would be drawn from twice as often; give one of them (--data-weights gives "
-                            "a source more weight)")
+                            f"a source more weight).{then}")
 
 
 def check_mixture(args):
@@ -272,7 +278,7 @@ def check_mixture(args):
     --data, not all 0."""
     sources, weights = mixture_sources(args), getattr(args, "data_weights", None)
     if sources is not None:
-        check_repeated_sources(sources)
+        check_repeated_sources(sources, resume=getattr(args, "resume", None))
     if weights is None:
         return
     if sources is None:
