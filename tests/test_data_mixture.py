@@ -369,6 +369,32 @@ def test_a_repeat_refused_at_a_resume_says_how_to_go_on(tmp_path):
         assert "--resume" not in str(e.value)
 
 
+def test_a_repeated_hub_dataset_is_named_as_typed(tmp_path, monkeypatch):
+    """A Hub dataset id is fetched into a folder, which --data then holds: its repeat named that folder, not the id
+    the user typed. Named as typed, the folder beside it; two spellings of one id (owner/a, owner/a/default) both."""
+    from tritongpt.train import hub_datasets
+    from tritongpt.train.pretrain import check_mixture
+
+    def folder(spec, split):
+        f = tmp_path / "hub" / "--".join(spec.split("/")[:2]) / split
+        f.mkdir(parents=True, exist_ok=True)
+        (f / "x.txt").write_text("a b c")
+        return str(f)
+
+    monkeypatch.setattr(hub_datasets, "is_hub_dataset", lambda s: s.startswith("owner/"))
+    monkeypatch.setattr(hub_datasets, "hub_dataset_folder", folder)
+    for given, match in ((["owner/a", "owner/b", "owner/a"], r"--data owner/a \(its files in \S*owner--a\S*\) is "
+                                                              r"given twice \(sources 1 and 3 of the mixture\)"),
+                         (["owner/a", "owner/a/default"], r"--data owner/a/default \(its files in \S*owner--a\S*\) is "
+                                                          r"given twice \(sources 1 and 2 of the mixture, as owner/a "
+                                                          r"and owner/a/default\)")):
+        args = parse_args([a for s in given for a in ("--data", s)])
+        args.command = "pretrain"
+        fetch_hub_repos(args)
+        with pytest.raises(UserError, match=match):
+            check_mixture(args)
+
+
 def test_token_ids_of_another_tokenizer_beside_text_refused(two, tmp_path):
     """A nanoGPT .bin (GPT-2's ids) mixed with text read by a 270-token BPE: the ids past its vocabulary are
     refused by name, before any step (the text sources' tokenizer is the run's one tokenizer)."""

@@ -236,14 +236,19 @@ def _source_key(source):
     return Path(str(source)).expanduser().resolve()
 
 
-def check_repeated_sources(sources, resume=None):
+def check_repeated_sources(sources, given=None, resume=None):
     """A source given twice in a mixture (the same path however spelt), or two that read one file (a file inside a
     folder also given, a folder's link to a file also given) would be read twice and drawn from twice as often,
     without a word: refused, naming both. What a source reads is what prepare_tokens reads (data.files_read): a
-    .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read by the folder. resume:
-    --resume's value, said in the refusal (a run started with a repeat, before this check, is resumed with it
-    dropped)."""
+    .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read by the folder. given: the
+    --data values as typed (a Hub dataset id, where sources holds the folder it was fetched into); resume: --resume's
+    value, said in the refusal (a run started with a repeat, before this check, is resumed with it dropped)."""
     from tritongpt.train import data
+
+    given = list(sources if given is None else given)
+
+    def named(k):  # what the user typed, and for a Hub dataset id where its files lie
+        return f"{given[k]}" if str(given[k]) == str(sources[k]) else f"{given[k]} (its files in {sources[k]})"
 
     # (the refusal alone would send a --resume back to the data the checkpoint recorded, repeat and all: say how
     # to go on, and that the resume's note on other data is expected)
@@ -255,7 +260,9 @@ def check_repeated_sources(sources, resume=None):
         for i, a in enumerate(keys[:j]):
             where = f"sources {i + 1} and {j + 1} of the mixture"  # (numbered in the order the two are named)
             if a == b:
-                raise UserError(f"--data {sources[j]} is given twice ({where}): it would be read twice, drawn from "
+                if str(given[i]) != str(given[j]):  # (aaa.txt and ./aaa.txt; owner/name and owner/name/default)
+                    where += f", as {given[i]} and {given[j]}"
+                raise UserError(f"--data {named(j)} is given twice ({where}): it would be read twice, drawn from "
                                 f"twice as often; give it once (--data-weights gives a source more weight).{then}")
             shared = reads[i].keys() & reads[j].keys() if reads[i] and reads[j] else set()
             if not shared:
@@ -265,10 +272,10 @@ def check_repeated_sources(sources, resume=None):
             nested = [(o, n) for o, n in ((i, j), (j, i)) if keys[o].is_dir() and keys[n].is_relative_to(keys[o])]
             if nested:
                 outer, inner = nested[0]
-                said = f"--data {sources[inner]} lies inside the folder --data {sources[outer]} (sources {inner + 1} " \
+                said = f"--data {named(inner)} lies inside the folder --data {named(outer)} (sources {inner + 1} " \
                        f"and {outer + 1} of the mixture), which reads it already"
             else:
-                said = f"--data {sources[i]} and --data {sources[j]} ({where}) both read {one}"
+                said = f"--data {named(i)} and --data {named(j)} ({where}) both read {one}"
             raise UserError(f"{said}: it would be drawn from twice as often; give one of them (--data-weights gives "
                             f"a source more weight).{then}")
 
@@ -278,7 +285,8 @@ def check_mixture(args):
     --data, not all 0."""
     sources, weights = mixture_sources(args), getattr(args, "data_weights", None)
     if sources is not None:
-        check_repeated_sources(sources, resume=getattr(args, "resume", None))
+        # (the values as typed: cli.fetch_hub_repos puts a Hub dataset id's folder in --data)
+        check_repeated_sources(sources, getattr(args, "data_given", None), getattr(args, "resume", None))
     if weights is None:
         return
     if sources is None:

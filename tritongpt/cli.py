@@ -135,6 +135,8 @@ def fetch_hub_repos(args):
     data = getattr(args, "data", None)
     if getattr(args, "command", None) in DATASET_COMMANDS and data is not None:
         args.data = [fetched_data(d) for d in data] if isinstance(data, list) else fetched_data(data)
+        if isinstance(data, list):  # as typed: pretrain's refusal of a repeated source names the id, not its folder
+            args.data_given = data  # (a mixture's alone: rlhf records its whole namespace)
 
 
 def stdout_reader_gone() -> bool:
