@@ -324,6 +324,26 @@ def test_a_repeat_is_what_the_sources_read_not_where_they_lie(tmp_path):
         check_repeated_sources([str(shards), str(shards / "s0.npy")])
 
 
+def test_a_source_lies_inside_a_folder_by_its_own_name_not_its_links_target(tmp_path):
+    """Where a source lies is where it is named: a link beside a folder to one of its files was said to lie inside
+    the folder, and a Hub dataset folder's shard (a link to a blob of the Hub cache) to lie elsewhere."""
+    from tritongpt.train.pretrain import check_repeated_sources
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a b c")
+    (tmp_path / "beside.txt").symlink_to(tmp_path / "texts" / "a.txt")
+    with pytest.raises(UserError, match=r"--data \S*beside.txt and --data \S*texts \(sources 1 and 2 of the mixture\) "
+                                        r"both read \S*texts/a.txt"):
+        check_repeated_sources([str(tmp_path / "beside.txt"), str(tmp_path / "texts")])
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "b1").write_text("d e f")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "train.txt").symlink_to(tmp_path / "blobs" / "b1")
+    with pytest.raises(UserError, match=r"--data \S*hub/train.txt lies inside the folder --data \S*hub \(sources 2 "
+                                        r"and 1 of the mixture\), which reads it already"):
+        check_repeated_sources([str(tmp_path / "hub"), str(tmp_path / "hub" / "train.txt")])
+
+
 def test_files_without_inode_numbers_are_told_apart_by_path(tmp_path, monkeypatch):
     """On a filesystem that gives every file st_ino 0 (some FUSE and network mounts), keying a file by (device,
     inode) made every two files one: two unrelated sources were refused as reading one file. Such a file is its

@@ -268,8 +268,12 @@ def check_repeated_sources(sources, given=None, resume=None):
             if not shared:
                 continue
             one = min(reads[j][k] for k in shared).resolve()  # (the file itself, where the two reach it by links)
-            # (both are paths: a built-in corpus reads no file)
-            nested = [(o, n) for o, n in ((i, j), (j, i)) if keys[o].is_dir() and keys[n].is_relative_to(keys[o])]
+            # (both are paths: a built-in corpus reads no file.) Where a source lies is its own name in its folder,
+            # resolved: a link beside the folder to one of its files lies outside it (it was said to lie inside),
+            # a Hub dataset folder's shard, a link to a blob of the Hub cache, inside it (said to lie elsewhere)
+            at = [Path(str(s)).expanduser().absolute() for s in sources]
+            at = [a.parent.resolve() / a.name for a in at]
+            nested = [(o, n) for o, n in ((i, j), (j, i)) if keys[o].is_dir() and at[n].is_relative_to(keys[o])]
             if nested:
                 outer, inner = nested[0]
                 said = f"--data {named(inner)} lies inside the folder --data {named(outer)} (sources {inner + 1} " \
