@@ -246,6 +246,27 @@ def test_a_rope_scaling_merged_into_full_attention_leaves_equal_sliding_layers_u
     assert (c.layer_rope(0), c.layer_rope(3)) == ((300.0, None), (300.0, c.rope_scaling))
 
 
+@pytest.mark.parametrize("one", [{"rope_type": "default", "rope_theta": 300.0}, YARN], ids=["base", "yarn"])
+def test_one_rope_parameters_object_is_not_read_as_transformers_does_not(hf_copy, tmp_path, capsys, one):
+    """An OLMo 3 config.json whose rope_parameters is one RoPE object, not one per layer type: Olmo3Config looks
+    for full_attention and sliding_attention in it only, so both kinds of layer rotate with its default base
+    500000, unscaled. Its base (and YaRN) were read here for every layer: another model. Said in a note; beside a
+    rope_scaling (on which transformers fails) refused."""
+    path = hf_copy(hf_olmo, tmp_path, "olmo3")
+    cfg_json = tmp_path / "config.json"
+    d = {k: v for k, v in json.loads(cfg_json.read_text()).items() if k not in ("rope_theta", "rope_scaling")}
+    cfg_json.write_text(json.dumps({**d, "rope_parameters": dict(one)}))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.rope_scaling, c.rope_local_theta or c.rope_theta) == \
+        (theirs["full_attention"]["rope_theta"], None, theirs["sliding_attention"]["rope_theta"]) == (5e5, None, 5e5)
+    assert theirs["full_attention"]["rope_type"] == theirs["sliding_attention"]["rope_type"] == "default"
+    assert "one rope_parameters object" in capsys.readouterr().err
+    cfg_json.write_text(json.dumps({**d, "rope_parameters": dict(one), "rope_scaling": YARN}))
+    with pytest.raises(UserError, match="one rope_parameters object .not one per layer type. and a rope_scaling"):
+        load_checkpoint(path)
+
+
 def test_a_flat_base_that_disagrees_with_rope_parameters_per_layer_type_is_refused(hf_copy, tmp_path):
     """A flat rope_theta beside full_attention's own: transformers 4.x reads the flat one, 5 the nested one (two
     models), refused naming both as Gemma 3's; it was passed over here."""
