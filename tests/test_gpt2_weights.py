@@ -197,6 +197,17 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
         load_gpt2_safetensors(path)
 
 
+def test_an_untied_config_json_beside_weights_without_a_head_is_refused(hf_copy, tmp_path):
+    """GPT-2's file has no lm_head (tied); a config.json that says tie_word_embeddings false beside it is a broken
+    folder (transformers starts a random head), read as tied here."""
+    path = hf_copy(_hf_model, tmp_path)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "tie_word_embeddings": False}))
+    with pytest.raises(UserError, match="config.json says tie_word_embeddings false, but the weights beside it have "
+                                        "no lm_head.weight"):
+        load_gpt2_safetensors(path)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn, torch.complex64])
 def test_a_tensor_that_is_no_float_weight_is_refused_not_cast(hf_copy, tmp_path, dtype):
     """copy_ cast an int32 (a GPTQ file's codes), bool, FP8 (a file whose scales sit beside it) or complex tensor

@@ -182,6 +182,20 @@ def test_config_json_fields_gptconfig_refuses_name_the_file_and_its_key(hf_copy,
     assert str(e.value) == f"{cfg_json}: {said}"
 
 
+@pytest.mark.parametrize("said", [False, None], ids=["false", "null"])
+def test_an_untied_config_json_beside_weights_without_a_head_is_refused(hf_copy, tmp_path, said):
+    """tie_word_embeddings false beside weights with no lm_head: transformers starts a random head (a broken
+    folder). Tying was decided from the weights alone, so it loaded tied here: another model, without a word.
+    (null: transformers' LlamaConfig refuses it; read false, refused here alike.)"""
+    path = hf_copy(_hf_model, tmp_path, tie=True)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "tie_word_embeddings": said}))
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(f"{cfg_json} says tie_word_embeddings {json.dumps(said)}, but the weights beside "
+                                   "it have no lm_head.weight: transformers would start a random LM head")
+
+
 def test_older_config_json_with_rope_theta_and_without_rms_norm_eps_reads_as_transformers_does(tmp_path):
     """transformers 4.x wrote rope_theta, not rope_parameters; a config.json without rms_norm_eps
     means LlamaConfig's default, 1e-6."""

@@ -163,6 +163,16 @@ def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, 
         load_checkpoint(path)
 
 
+def test_an_untied_config_json_beside_weights_without_a_head_is_refused(hf_copy, tmp_path):
+    """tie_word_embeddings false and no embed_out: transformers starts a random head; it loaded tied here."""
+    path = hf_copy(hf_neox, tmp_path, tie=True)
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "tie_word_embeddings": False}))
+    with pytest.raises(UserError, match="config.json says tie_word_embeddings false, but the weights beside it have "
+                                        "no embed_out.weight"):
+        load_checkpoint(path)
+
+
 def test_a_rope_scaling_object_stands_in_for_rope_parameters_as_in_transformers(hf_copy, tmp_path):
     """transformers 5 reads `rope_scaling or rope_parameters`: an unscaled rope_scaling object beside
     rope_parameters (base 500, whole heads) puts the defaults (base 10000, a quarter of each head) in their place.

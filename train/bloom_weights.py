@@ -25,7 +25,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
                                           head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
-                                          refuse_moe_touches, weights_file, write_hf_folder)
+                                          refuse_moe_touches, tied_head, weights_file, write_hf_folder)
 
 MODEL_TYPE = "bloom"
 # BLOOM has no position table; the context it was trained at (2048) unless config.json says one (seq_length)
@@ -78,7 +78,8 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     return config_json_gptconfig(
         cfg_json, {"norm_eps": "layer_norm_epsilon"}, vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         context_length=context, position_encoding="alibi", embed_norm=True, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-        tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]), gelu_approximate="tanh")
+        tie_weights=tied_head(d, head, sd["word_embeddings.weight"], "lm_head.weight", cfg_json),
+        gelu_approximate="tanh")
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

@@ -112,7 +112,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         "and 500000 in 5; say which")
     theta, scaling = _rope_theta(d, cfg_json)
     return config_json_gptconfig(
-        cfg_json, {**LLAMA_KEYS, "norm_eps": "layer_norm_eps"}, **shape_fields(shapes, sd),
+        cfg_json, {**LLAMA_KEYS, "norm_eps": "layer_norm_eps"}, **shape_fields(shapes, sd, d, cfg_json),
         context_length=d.get("max_position_embeddings", 8192), bias=False, position_encoding="rope", rope_theta=theta,
         rope_scaling=scaling, norm="layernorm", norm_bias=False, norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu",
         parallel_residual=True, shared_norm=True, logit_scale=float(scale), qk_norm=qk_norm,

@@ -30,7 +30,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
                                           head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
-                                          refuse_moe_touches, weights_file, write_hf_folder)
+                                          refuse_moe_touches, tied_head, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -116,7 +116,7 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
         cfg_json, {"context_length": "max_position_embeddings", "norm_eps": "layer_norm_epsilon"}, vocab_size=vocab,
         n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=kv,
         context_length=d.get("max_position_embeddings", 2048), **positions, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-        bias=d["bias"], tie_weights=head is None or torch.equal(head, sd["word_embeddings.weight"]),
+        bias=d["bias"], tie_weights=tied_head(d, head, sd["word_embeddings.weight"], "lm_head.weight", cfg_json),
         parallel_residual=parallel, shared_norm=parallel and names[1] is None, gelu_approximate="none")
 
 

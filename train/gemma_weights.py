@@ -183,7 +183,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     theta, scaling, local_theta = _rope(d, kind, cfg_json)
     return config_json_gptconfig(
         cfg_json, {**LLAMA_KEYS, "logit_softcap": "final_logit_softcapping", "attn_softcap": "attn_logit_softcapping"},
-        **shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 8192), attn_softcap=attn_cap or 0.0,
+        **shape_fields(shapes, sd, d, cfg_json), context_length=d.get("max_position_embeddings", 8192),
+        attn_softcap=attn_cap or 0.0,
         attention_scale_width=0 if scalar == head_dim else int(scalar), qk_norm=kind == "gemma3_text", bias=False,
         attention_window=window, window_layers=window_layers, position_encoding="rope", rope_theta=theta,
         rope_scaling=scaling, rope_local_theta=local_theta if window else 0.0, norm="rmsnorm",

@@ -231,6 +231,20 @@ def config_flag(d: dict, key: str, default: bool, cfg_json) -> bool:
     return value
 
 
+def tied_head(d: dict, head, emb, head_name: str, cfg_json) -> bool:
+    """Whether the LM head is the embedding, as the weights say: no head tensor (head: None), or one equal to the
+    embedding (emb). A config.json that says tie_word_embeddings false beside weights with no head is a broken
+    folder: transformers starts a random head there (a missing weight), a model no reading here computes (tying
+    was: another model than transformers'); refused naming the file and field."""
+    if head is None:
+        if "tie_word_embeddings" in d and not config_flag(d, "tie_word_embeddings", True, cfg_json):
+            raise UserError(f"{cfg_json} says tie_word_embeddings {json.dumps(d['tie_word_embeddings'])}, but the "
+                            f"weights beside it have no {head_name}: transformers would start a random LM head. "
+                            "Add the head's weights, or set tie_word_embeddings true to use the embedding as the head")
+        return True
+    return torch.equal(head, emb)
+
+
 def head_count(value, key: str, width: int, cfg_json) -> int:
     """config.json's head count (key): a positive integer dividing the weights' width. Another type ("4", 4.0) or
     one that does not divide would reach GPTConfig, whose error names its own n_head and not the file."""
@@ -260,10 +274,11 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     # The heads are not in the tensors' shapes. In order: config.json beside the file, then
     # model_name -- only if its width and depth are the file's (a wrong head count loads
     # without error but computes something else) -- then the GPT-2 size of this width and depth.
-    n_head = None
+    n_head, d = None, {}
     cfg_json = path.parent / "config.json"
     if cfg_json.is_file():
-        n_head = _check_hf_config(cfg_json, vocab, ctx, n_embd, n_layer).get("n_head")
+        d = _check_hf_config(cfg_json, vocab, ctx, n_embd, n_layer)
+        n_head = d.get("n_head")
     if n_head is None and model_name is not None:
         named = get_config(model_name)
         if (named.n_embd, named.n_layer) != (n_embd, n_layer):
@@ -280,8 +295,8 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
             f"{cfg_json} has no n_head; add it or pass --model" if cfg_json.is_file() else
             "put its config.json beside it or pass --model"))
     return GPTConfig(vocab_size=vocab, context_length=ctx, n_embd=n_embd, n_layer=n_layer,
-                     n_head=n_head, bias=True, tie_weights="lm_head.weight" not in sd
-                     or torch.equal(sd["lm_head.weight"], sd["wte.weight"]))
+                     n_head=n_head, bias=True,
+                     tie_weights=tied_head(d, sd.get("lm_head.weight"), sd["wte.weight"], "lm_head.weight", cfg_json))
 
 
 # What this model computes, as Hugging Face's GPT2Config spells it (its defaults when absent):

@@ -18,7 +18,7 @@ from tritongpt.model.config import GPTConfig, get_config
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, head_count, hub_download, model_with_tensors,
                                           refuse_moe_touches, refuse_other_heads, tensor_names, tensor_shapes,
-                                          weights_file, write_hf_folder)
+                                          tied_head, weights_file, write_hf_folder)
 
 HUB_REPOS = {
     "gpt-neo-125m": "EleutherAI/gpt-neo-125m",
@@ -101,7 +101,9 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
 def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
     vocab, n_embd, ctx, n_layer = tensor_shapes(sd, path, "GPT-Neo")
     cfg_json = path.parent / "config.json"
+    d = {}  # (config.json's fields: tied_head reads its tie_word_embeddings)
     if cfg_json.is_file():
+        d = read_json_object(cfg_json)
         attn = _check_hf_config(cfg_json, vocab, ctx, n_embd, n_layer)
     else:  # the heads and the attention are in no tensor: --model's, or the published model's of this shape
         shapes = {(get_config(n).n_embd, get_config(n).n_layer): n for n in HUB_REPOS}
@@ -121,7 +123,7 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
         raise UserError(f"{cfg_json} names no num_heads")
     return GPTConfig(vocab_size=vocab, context_length=ctx, n_embd=n_embd, n_layer=n_layer, **attn,
                      scale_attention=False, qkv_bias=False, bias=True,
-                     tie_weights="lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"]))
+                     tie_weights=tied_head(d, sd.get("lm_head.weight"), sd["wte.weight"], "lm_head.weight", cfg_json))
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

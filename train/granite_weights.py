@@ -129,7 +129,7 @@ def _check_hf_config(cfg_json: Path, sd: dict, path) -> GPTConfig:
     shapes = hf_shapes(d, sd, cfg_json, family)
     theta, scaling = _rope_theta(d, cfg_json)
     return config_json_gptconfig(
-        cfg_json, {**LLAMA_KEYS, "moe_aux_loss": "router_aux_loss_coef"}, **shape_fields(shapes, sd),
+        cfg_json, {**LLAMA_KEYS, "moe_aux_loss": "router_aux_loss_coef"}, **shape_fields(shapes, sd, d, cfg_json),
         context_length=d.get("max_position_embeddings", 2048), bias=bias, position_encoding="rope", rope_theta=theta,
         rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu",
         embedding_multiplier=multipliers["embedding_multiplier"],

@@ -40,7 +40,8 @@ from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extr
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
                                           refuse_gemma_touches, refuse_moe_touches, refuse_norm_touches,
-                                          refuse_phi3_touches, tensor_names, weights_file, write_hf_folder)
+                                          refuse_phi3_touches, tensor_names, tied_head, weights_file,
+                                          write_hf_folder)
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -291,15 +292,16 @@ LLAMA_KEYS = {"context_length": "max_position_embeddings", "norm_eps": "rms_norm
               "n_kv_head": "num_key_value_heads"}
 
 
-def shape_fields(shapes: tuple, sd: dict) -> dict:
+def shape_fields(shapes: tuple, sd: dict, d: dict, cfg_json) -> dict:
     """The GPTConfig fields hf_shapes' (vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim) give,
-    and whether the LM head is the embedding (no lm_head tensor, or an equal one): the Llama, Gemma and
-    OLMo readers' common part."""
+    and whether the LM head is the embedding (no lm_head tensor, or an equal one: tied_head, which refuses a
+    config.json d that says untied without one): the Llama, Gemma and OLMo readers' common part."""
     vocab, n_embd, hidden, n_layer, n_head, n_kv_head, head_dim = shapes
     return dict(vocab_size=vocab, n_embd=n_embd, mlp_hidden=hidden, n_layer=n_layer, n_head=n_head,
                 n_kv_head=0 if n_kv_head == n_head else n_kv_head,
                 attention_head_dim=0 if head_dim * n_head == n_embd else head_dim,
-                tie_weights="lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]))
+                tie_weights=tied_head(d, sd.get("lm_head.weight"), sd["embed_tokens.weight"], "lm_head.weight",
+                                      cfg_json))
 
 
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
@@ -323,9 +325,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     # SmolLM3Config's base when none is said is 2000000 (4.x and 5), the others' 10000
     theta, scaling = _rope_theta(d, cfg_json, 2_000_000.0 if kind == "smollm3" else 10000.0)
     return config_json_gptconfig(
-        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048),
-        bias=bias, qkv_bias_only=kind == "qwen2", attention_window=window, window_layers=window_layers,
-        qk_norm=kind == "qwen3", position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
+        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd, d, cfg_json),
+        context_length=d.get("max_position_embeddings", 2048), bias=bias, qkv_bias_only=kind == "qwen2",
+        attention_window=window, window_layers=window_layers, qk_norm=kind == "qwen3", position_encoding="rope",
+        rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
         nope_layers=",".join(map(str, nope)), norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu")
 
 

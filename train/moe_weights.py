@@ -122,7 +122,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     theta, scaling = _rope_theta(d, cfg_json, 1_000_000.0 if kind == "mixtral" else 10000.0)
     norm_topk = True if kind == "mixtral" else config_flag(d, "norm_topk_prob", False, cfg_json)
     return config_json_gptconfig(
-        cfg_json, {**LLAMA_KEYS, "experts_per_token": "num_experts_per_tok"}, **shape_fields(shapes, sd),
+        cfg_json, {**LLAMA_KEYS, "experts_per_token": "num_experts_per_tok"}, **shape_fields(shapes, sd, d, cfg_json),
         context_length=d.get("max_position_embeddings", 2048), bias=False, attention_window=window,
         window_layers=layers, qk_norm=kind != "mixtral", qk_norm_width="all" if kind == "olmoe" else "head",
         position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",

@@ -26,7 +26,8 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, head_count, model_with_tensors,
-                                          plain_block_refusals, refuse_moe_touches, weights_file, write_hf_folder)
+                                          plain_block_refusals, refuse_moe_touches, tied_head, weights_file,
+                                          write_hf_folder)
 
 MODEL_TYPE = "mpt"
 # each block's tensors (weights only): ours, then Hugging Face's (under "blocks.{i}.")
@@ -86,7 +87,7 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
         cfg_json, {"context_length": "max_seq_len", "norm_eps": "layer_norm_epsilon"}, vocab_size=vocab, n_embd=n_embd,
         n_layer=n_layer, n_head=n_head, context_length=d.get("max_seq_len", 2048), position_encoding="alibi",
         norm_eps=d.get("layer_norm_epsilon", 1e-5), bias=False, norm_bias=False,
-        tie_weights=head is None or torch.equal(head, sd["wte.weight"]), gelu_approximate="none")
+        tie_weights=tied_head(d, head, sd["wte.weight"], "lm_head.weight", cfg_json), gelu_approximate="none")
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:

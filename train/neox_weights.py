@@ -22,7 +22,8 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
                                           head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
-                                          refuse_moe_touches, refuse_phi_touches, weights_file, write_hf_folder)
+                                          refuse_moe_touches, refuse_phi_touches, tied_head, weights_file,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
@@ -82,7 +83,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         cfg_json, {"context_length": "max_position_embeddings", "norm_eps": "layer_norm_eps"}, vocab_size=vocab,
         n_embd=n_embd, n_layer=n_layer, n_head=n_head, context_length=d.get("max_position_embeddings", 2048),
         position_encoding="rope", rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5),
-        tie_weights=head is None or torch.equal(head, sd["embed_in.weight"]),
+        tie_weights=tied_head(d, head, sd["embed_in.weight"], "embed_out.weight", cfg_json),
         parallel_residual=config_flag(d, "use_parallel_residual", True, cfg_json), gelu_approximate=ACTIVATIONS[act])
 
 

@@ -144,9 +144,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     theta, scaling, local_theta = _rope(d, kind, window, cfg_json)
     # Olmo2Config's and Olmo3Config's defaults where config.json says nothing: 2048 positions, eps 1e-5
     return config_json_gptconfig(
-        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd), context_length=d.get("max_position_embeddings", 2048),
-        qk_norm=True, qk_norm_width="all", bias=False, attention_window=window, window_layers=window_layers,
-        position_encoding="rope", rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta, norm="rmsnorm",
+        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd, d, cfg_json),
+        context_length=d.get("max_position_embeddings", 2048), qk_norm=True, qk_norm_width="all", bias=False,
+        attention_window=window, window_layers=window_layers, position_encoding="rope", rope_theta=theta,
+        rope_scaling=scaling, rope_local_theta=local_theta, norm="rmsnorm",
         norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu", post_norms=True, pre_norms=False)
 
 

@@ -123,7 +123,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     theta, scaling = _rope(d, cfg_json)
     rotary = _rotary_dim(d, head_dim, cfg_json)
     return config_json_gptconfig(
-        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd), context_length=context, bias=False,
+        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd, d, cfg_json), context_length=context, bias=False,
         attention_window=window or 0, position_encoding="rope", rope_theta=theta, rope_scaling=scaling,
         rotary_dim=rotary, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu")
 

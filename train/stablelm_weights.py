@@ -66,7 +66,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                         f"{'lack' if qkv_bias else 'have'} q_proj's bias")
     # StableLmConfig's defaults where config.json says nothing: 4096 positions, eps 1e-5
     return config_json_gptconfig(
-        cfg_json, {**LLAMA_KEYS, "norm_eps": "layer_norm_eps"}, **shape_fields(shapes, sd),
+        cfg_json, {**LLAMA_KEYS, "norm_eps": "layer_norm_eps"}, **shape_fields(shapes, sd, d, cfg_json),
         context_length=d.get("max_position_embeddings", 4096), bias=False, qkv_bias_only=qkv_bias,
         position_encoding="rope", rope_theta=theta, rotary_dim=rotary, norm="layernorm",
         norm_eps=d.get("layer_norm_eps", 1e-5), mlp="swiglu", parallel_residual=parallel, shared_norm=parallel,
