@@ -150,9 +150,15 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     # bool("false") is True: a flag spelled as a string is refused by name
     ({"use_parallel_residual": "false"}, "config.json has use_parallel_residual 'false'; it must be true or false"),
     ({"attention_bias": "false"}, "config.json has attention_bias 'false'; it must be true or false"),
+    # null: GPTNeoXConfig (transformers 5) refuses it; read as false, a null use_parallel_residual loaded the
+    # sequential block (the default is parallel)
+    ({"use_parallel_residual": None}, "config.json has use_parallel_residual null; it must be true or false "
+                                      r"\(transformers refuses null here, and its default is true\)"),
+    ({"attention_bias": None}, "config.json has attention_bias null; it must be true or false"),
 ], ids=["rotary-pct", "partial-factor", "linear-rope", "dynamic-rope", "flat-theta", "flat-factor", "emb-base",
         "activation", "attention-bias",
-        "mlp-width", "heads", "kv-heads", "eps-zero", "parallel-type", "attention-bias-type"])
+        "mlp-width", "heads", "kv-heads", "eps-zero", "parallel-type", "attention-bias-type", "parallel-null",
+        "attention-bias-null"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_neox, tmp_path)
     cfg_json = tmp_path / "config.json"

@@ -216,14 +216,19 @@ def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:
     return vocab, n_embd, sd["wpe.weight"].shape[0], 1 + max(layers)
 
 
-def config_flag(d: dict, key: str, default: bool, cfg_json) -> bool:
+def config_flag(d: dict, key: str, default: bool, cfg_json, null_ok: bool = True) -> bool:
     """A true/false field of config.json: absent, its default; null, false (transformers' configs keep the None
     they are given, and their models test it as false: Falcon's parallel_attn null is the sequential block).
-    bool() of the string "false" is True: a flag spelled as a string (or a number) would read as another model,
-    so anything but a JSON boolean is refused by name."""
+    null_ok False: a null refused, where transformers 5's config (a strict dataclass field typed bool) refuses it
+    and false is not the default: read as false it would load a model transformers never builds (GPT-NeoX's
+    use_parallel_residual null as the sequential block). bool() of the string "false" is True: a flag spelled as
+    a string (or a number) would read as another model, so anything but a JSON boolean is refused by name."""
     if key not in d:
         return default
     value = d[key]
+    if value is None and not null_ok:
+        raise UserError(f"{cfg_json} has {key} null; it must be true or false (transformers refuses null here, and "
+                        f"its default is {json.dumps(default)})")
     if value is None:
         return False
     if not isinstance(value, bool):
