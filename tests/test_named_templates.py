@@ -115,7 +115,9 @@ def test_the_files_come_before_tokenizer_config_json_as_transformers_reads_them(
 def test_serve_renders_a_chat_with_tools_in_tool_use_and_stops_at_its_turn_end(folder):
     """/tokenize and /v1/chat/completions with tools: transformers' apply_chat_template(tools=)'s ids (tool_use's;
     tools [] pick it too), the answer stopped at tool_use's end of turn; without tools, default's. --chat-template
-    (vLLM's override) renders every chat, tools or not."""
+    (vLLM's override) renders every chat, tools or not. /tokenizer_info shows both templates, name -> text, as
+    transformers holds them (and vLLM's TokenizerInfo returns its init_kwargs' chat_template); --chat-template's
+    one, a string."""
     from test_serve import call, start
 
     path, theirs = folder
@@ -123,6 +125,9 @@ def test_serve_renders_a_chat_with_tools_in_tool_use_and_stops_at_its_turn_end(f
     server = start(path, "--kernels", "reference", "--max-batch", "1")
     server.RequestHandlerClass.log_message = lambda *a: None
     try:
+        status, info = call(server, "/tokenizer_info")
+        assert status == 200 and info["chat_template"] == {"default": CHATML, "tool_use": TOOL_USE}, info
+        assert info["chat_template"] == theirs.chat_template == theirs.init_kwargs["chat_template"]
         status, body = call(server, "/tokenize", {"messages": USER, "tools": TOOLS})
         assert status == 200, body
         want = theirs.apply_chat_template(USER, tools=TOOLS, add_generation_prompt=True, return_dict=False)
@@ -152,6 +157,7 @@ def test_serve_renders_a_chat_with_tools_in_tool_use_and_stops_at_its_turn_end(f
     try:
         status, body = call(server, "/tokenize", {"messages": USER, "tools": TOOLS})
         assert status == 400 and "renders no tools" in body["error"]["message"], body
+        assert call(server, "/tokenizer_info")[1]["chat_template"] == CHATML
     finally:
         server.shutdown()
         server.server_close()

@@ -1751,7 +1751,10 @@ class Handler(BaseHTTPRequestHandler):
         """vLLM's GET /tokenizer_info (TokenizerInfoResponse: the tokenizer's class and its tokenizer_config.json
         fields), what lm-evaluation-harness's remote tokenizer reads (its eos_token, then /tokenize and /detokenize
         for every count): the end and BOS tokens' spellings (None where there is none), no pad token, the served
-        chat template where it is a Jinja one (the tokenizer's own; a run's prompt format is not), the context."""
+        chat template where it is a Jinja one (the tokenizer's own; a run's prompt format is not), the context. A
+        tokenizer with named templates ("tool_use" beside the default) shows them all, name -> text, as transformers
+        holds them (tokenizer.chat_template, and the init_kwargs vLLM's TokenizerInfo returns, for a folder that
+        transformers saved); --chat-template's one template is a string, as vLLM's override is."""
         app = self.server.app
         tok = app.tok
         bos = getattr(tok, "prepended_bos_id", None)
@@ -1760,7 +1763,8 @@ class Handler(BaseHTTPRequestHandler):
                 "bos_token": None if bos is None else tok.decode([bos]), "pad_token": None,
                 "model_max_length": app.model.config.context_length}
         if app.template == "chat":
-            info["chat_template"] = tok.chat_template
+            named = getattr(tok, "chat_templates", None)
+            info["chat_template"] = {"default": tok.chat_template, **named} if named else tok.chat_template
         return info
 
     def detokenize(self, body: dict) -> dict:
