@@ -481,8 +481,10 @@ def test_the_eos_token_as_transformers_writes_it_and_an_id_or_list_refused(tmp_p
 
 def fake_hub(monkeypatch, hub, cache):
     """huggingface_hub.hf_hub_download answered from the folders hub/owner/name (copied into cache/owner/name,
-    as into the Hub's cache); google/gated is gated. -> (the (repo, file)s fetched, the repos asked for)."""
+    as into the Hub's cache), and list_repo_tree (the named chat templates' listing) from them too; google/gated is
+    gated. -> (the (repo, file)s fetched, the repos asked for)."""
     import shutil
+    from types import SimpleNamespace
 
     import huggingface_hub
 
@@ -499,10 +501,17 @@ def fake_hub(monkeypatch, hub, cache):
         if not (hub / repo / filename).is_file():
             raise EntryNotFoundError(filename)
         fetched.append((repo, filename))
-        (cache / repo).mkdir(parents=True, exist_ok=True)
+        (cache / repo / filename).parent.mkdir(parents=True, exist_ok=True)
         return str(shutil.copy(hub / repo / filename, cache / repo / filename))
 
+    def fake_tree(repo, path_in_repo=None, recursive=False, **kwargs):
+        folder = hub / repo / (path_in_repo or "")
+        if repo in ("google/gated", "someone/private") or not folder.is_dir():
+            raise EntryNotFoundError(path_in_repo)  # (the Hub's 404: no such repo, or no such folder in it)
+        return (SimpleNamespace(path=p.relative_to(hub / repo).as_posix()) for p in sorted(folder.iterdir()))
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_tree", fake_tree)
     return fetched, asked
 
 

@@ -112,6 +112,37 @@ def test_the_files_come_before_tokenizer_config_json_as_transformers_reads_them(
     assert get_tokenizer(both).chat_template == CHATML
 
 
+def test_the_hub_fetch_brings_every_named_template_it_lists(folder, tmp_path, monkeypatch):
+    """A Hub repo's additional_chat_templates/*.jinja, as the Hub lists them (list_repo_tree, as transformers'
+    list_repo_templates asks): a "rag" one is fetched beside tool_use and read as transformers reads the folder.
+    Where the Hub cannot list (offline), the fixed tool_use name alone is asked for, as before."""
+    import huggingface_hub
+    from test_hf_tokenizer import fake_hub
+
+    from tritongpt.train.gpt2_weights import hub_folder
+
+    path, _ = folder
+    rag = "{% for m in messages %}[doc] {{ m.content }}<|im_end|>{% endfor %}"
+    repo = shutil.copytree(path, tmp_path / "hub" / "someone" / "hermes")
+    (repo / "additional_chat_templates" / "rag.jinja").write_text(rag)
+    fetched, _ = fake_hub(monkeypatch, tmp_path / "hub", tmp_path / "cache")
+    got = hub_folder("someone/hermes")
+    assert {"additional_chat_templates/rag.jinja", "additional_chat_templates/tool_use.jinja"} <= {f for _, f in fetched}
+    assert get_tokenizer(got).chat_templates == {"rag": rag, "tool_use": TOOL_USE}
+    assert transformers.AutoTokenizer.from_pretrained(got).chat_template == {"default": CHATML, "rag": rag,
+                                                                              "tool_use": TOOL_USE}
+
+    def offline(*a, **kw):
+        raise ConnectionError("offline")
+
+    fetched.clear()
+    monkeypatch.setattr(huggingface_hub, "list_repo_tree", offline)
+    shutil.rmtree(tmp_path / "cache")
+    got = hub_folder("someone/hermes")
+    assert "additional_chat_templates/tool_use.jinja" in {f for _, f in fetched}
+    assert get_tokenizer(got).chat_templates == {"tool_use": TOOL_USE}  # (rag: not asked for by name)
+
+
 def test_serve_renders_a_chat_with_tools_in_tool_use_and_stops_at_its_turn_end(folder):
     """/tokenize and /v1/chat/completions with tools: transformers' apply_chat_template(tools=)'s ids (tool_use's;
     tools [] pick it too), the answer stopped at tool_use's end of turn; without tools, default's. --chat-template

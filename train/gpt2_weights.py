@@ -598,10 +598,12 @@ def hub_error(repo: str, e: Exception, remedy: str, dataset: bool = False) -> Us
 # tokenizer files (GPT-2's, a Llama's tokenizer.json, or SentencePiece's tokenizer.model, read where the
 # repo has no tokenizer.json) and its chat template (in tokenizer_config.json, or a file of its own
 # since transformers 4.43, its tool_use one beside it: what a chat with tools renders in), each fetched when the
-# repo has it
+# repo has it. The named templates are those the Hub lists (hub_templates); tool_use's name stands in for them
+# where it cannot list them
+TEMPLATE_DIR = "additional_chat_templates"
 HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-             "chat_template.jinja", "chat_template.json", "additional_chat_templates/tool_use.jinja")
+             "chat_template.jinja", "chat_template.json", f"{TEMPLATE_DIR}/tool_use.jinja")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -612,12 +614,32 @@ def is_hub_repo(spec) -> bool:
         and not Path(spec).expanduser().parent.is_dir()
 
 
-def hub_folder(repo: str, cache_dir=None) -> Path:
-    """A Hugging Face Hub repo's model.safetensors with its config and tokenizer files (HUB_FILES),
-    fetched or taken from the local Hub cache: -> the snapshot folder, which load_checkpoint reads
-    (GPT-2, GPT-Neo, Llama, Mistral, Qwen2 or Qwen3, by its config.json) and where the tokenizer is found."""
+def hub_templates(repo: str):
+    """The repo's named chat templates, additional_chat_templates/<name>.jinja (any name: "rag" as well as
+    "tool_use"), as the Hub lists that folder, not recursively, at the revision hf_hub_download fetches (the
+    default branch): what transformers' list_repo_templates asks it. None where the Hub cannot list it (offline, an
+    older huggingface_hub, a repo without the folder): the fixed name in HUB_FILES is then asked for, as before
+    (offline, hf_hub_download answers from the cache)."""
     try:
-        path = hub_download(repo, HUB_FILES, cache_dir)
+        from huggingface_hub import list_repo_tree
+
+        # (a generator: the request is made, and fails, while it is read, so inside the try)
+        return tuple(e.path for e in list_repo_tree(repo, path_in_repo=TEMPLATE_DIR, recursive=False)
+                     if e.path.endswith(".jinja"))
+    except Exception:  # (a gated or unknown repo too: hub_download's fetch of the weights names that)
+        return None
+
+
+def hub_folder(repo: str, cache_dir=None) -> Path:
+    """A Hugging Face Hub repo's model.safetensors with its config and tokenizer files (HUB_FILES, with the named
+    chat templates the Hub lists: hub_templates), fetched or taken from the local Hub cache: -> the snapshot
+    folder, which load_checkpoint reads (GPT-2, GPT-Neo, Llama, Mistral, Qwen2 or Qwen3, by its config.json) and
+    where the tokenizer is found."""
+    named = hub_templates(repo)
+    files = HUB_FILES if named is None else \
+        tuple(f for f in HUB_FILES if not f.startswith(f"{TEMPLATE_DIR}/")) + named
+    try:
+        path = hub_download(repo, files, cache_dir)
     except UserError as e:
         raise UserError(f"{repo!r} is no file or folder here, and as a Hugging Face Hub repo: {e}") from None
     note(f"{repo}: the Hugging Face Hub's files, in {Path(path).parent}")
