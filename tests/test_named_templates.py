@@ -223,3 +223,35 @@ def test_a_run_and_its_export_keep_both_templates(folder, tmp_path, capsys):
         assert hf_text(exported, USER, **kw) == hf_text(theirs, USER, **kw)
     assert get_tokenizer(tmp_path / "hf").chat_templates == {"tool_use": TOOL_USE}
 
+
+def test_serve_chat_template_takes_a_named_template_by_name(folder):
+    """serve --chat-template NAME: the tokenizer's template of that name, as transformers' apply_chat_template
+    (chat_template=NAME) takes it (vLLM's flag reads a file or a template only), rendering every chat, tools or not;
+    /tokenizer_info shows it. A name the tokenizer has no template of is refused, naming those it has; a tokenizer
+    with no named templates takes none (transformers would render the name as the template's text)."""
+    from test_serve import call, start
+
+    from tritongpt.train import serve
+
+    path, theirs = folder
+    server = start(path, "--kernels", "reference", "--max-batch", "1", "--chat-template", "tool_use")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, body = call(server, "/tokenize", {"messages": USER})
+        assert status == 200, body
+        want = theirs.apply_chat_template(USER, chat_template="tool_use", add_generation_prompt=True,
+                                          return_dict=False)
+        assert body["tokens"] == want != theirs.apply_chat_template(USER, add_generation_prompt=True,
+                                                                    return_dict=False)
+        assert call(server, "/tokenizer_info")[1]["chat_template"] == TOOL_USE
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(UserError, match=r"--chat-template 'rag': no such file, not a template .*, and not the name "
+                                        r"of one of the tokenizer's templates \(it has 'default', 'tool_use'\)"):
+        start(path, "--kernels", "reference", "--chat-template", "rag")
+    tok = get_tokenizer(path)
+    assert serve.chat_template_arg("default", tok) == CHATML and serve.chat_template_arg("tool_use") is None
+    tok.chat_templates = None
+    with pytest.raises(UserError, match=r"'default': .* tokenizer's templates \(it names none\)"):
+        serve.chat_template_arg("default", tok)

@@ -186,6 +186,7 @@ def test_reward_served_is_reward_models_own_score(reward_folder):
     (["--max-loras", "0"], "--max-loras is a generation setting"),  # (0 == False: still not the default, None)
     (["--max-lora-rank", "0"], "--max-lora-rank is a generation setting"),
     (["--chat-template", "{{ messages }}"], "--chat-template lays out a reward model's chats"),  # (an embedder's)
+    (["--chat-template", "tool_use"], "--chat-template lays out a reward model's chats"),  # (a template's name too)
 ])
 def test_flags_refused_by_name(lm_folder, flags, words):
     folder, _ = lm_folder

@@ -385,7 +385,9 @@ def test_flags_the_in_process_server_cannot_use(folder, tmp_path, monkeypatch, c
     ([], "run-batch needs a model: pass --weights"),
     (["--weights", "w", "--served-model-name", " "], "--served-model-name is empty"),
     (["--weights", "w", "--tool-call-parser", "hermes"], "--tool-call-parser is used only with --enable-auto-tool"),
-    (["--weights", "w", "--chat-template", "nothing"], "--chat-template 'nothing': no such file, and not a template"),
+    # (a file's name; a bare word may name one of the tokenizer's templates, looked up once it is loaded)
+    (["--weights", "w", "--chat-template", "none.jinja"], "--chat-template 'none.jinja': no such file, and not a "
+                                                          "template"),
     (["--weights", "w", "--speculative-config", "{}"], "--speculative-config: method None is not served"),
     (["--weights", "w", "--override-generation-config", '{"x": 1}'], "--override-generation-config: 'x' is not"),
     (["--weights", "w", "--enable-lora"], "--enable-lora: pass the adapters too, --lora-modules NAME=PATH"),

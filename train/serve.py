@@ -2749,9 +2749,13 @@ def tool_parser(args):
     return PARSERS[args.tool_call_parser]() if args.tool_call_parser else None
 
 
-def chat_template_arg(value: str | None) -> str | None:
+def chat_template_arg(value: str | None, tok=None) -> str | None:
     """serve --chat-template (vLLM's): a Jinja chat template's file, or the template itself (text with "{{" or
-    "{%"), checked by compiling it; None: the tokenizer's own."""
+    "{%"), checked by compiling it; None: the tokenizer's own. Or the name of one of the tokenizer's named templates
+    ("tool_use", "default"), as transformers' apply_chat_template(chat_template=NAME) takes one where the tokenizer
+    has templates so named (vLLM's flag takes no name: it reads the value as a file): looked up in `tok`, the
+    served tokenizer; before it is loaded (tok None), a name is let through (None), to be looked up then. A value
+    with a "/" or ending .jinja is a file's name, never a template's: refused at once."""
     from pathlib import Path
 
     from tritongpt.errors import read_text_file
@@ -2768,9 +2772,20 @@ def chat_template_arg(value: str | None) -> str | None:
         text = from_file(read_text_file(path), path)  # (its errors, here and at a request, name the file)
     elif "{{" in value or "{%" in value:
         text = from_file(value, "--chat-template")
-    else:
+    elif "/" in value or os.sep in value or value.endswith(".jinja"):
         raise UserError(f"--chat-template {value!r}: no such file, and not a template (a Jinja template has "
                         "{{ ... }} or {% ... %})")
+    elif tok is None:
+        return None  # (perhaps a template's name: the tokenizer, once loaded, tells)
+    else:
+        # (transformers takes a name only where the tokenizer holds its templates by name: a dict)
+        named = getattr(tok, "chat_templates", None) or {}
+        templates = {"default": tok.chat_template, **named} if named else {}
+        if value in templates:
+            return templates[value]  # (compiled as it was read: templates_from_config)
+        names = f"it has {', '.join(map(repr, templates))}" if templates else "it names none"
+        raise UserError(f"--chat-template {value!r}: no such file, not a template (a Jinja template has "
+                        f"{{{{ ... }}}} or {{% ... %}}), and not the name of one of the tokenizer's templates ({names})")
     try:
         _compiled(text, _called("default", text))
     except Exception as e:  # (jinja2's TemplateSyntaxError: the line it stops at)
@@ -2809,13 +2824,14 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.runner == "pooling":
         return pooling_server(args)
     parser = tool_parser(args)
-    chat_template = chat_template_arg(args.chat_template)  # (checked before the model loads)
+    chat_template_arg(args.chat_template)  # (a file or a template checked before the model loads; a name after)
     speculative_config(args.speculative_config, args.max_batch)
     runtime = runtime_lora_updating() and args.enable_lora
     modules = lora_modules(args, runtime)
     key = api_key(args)
     override = override_generation_config(args.override_generation_config)
     model, tok, device, dtype, limit = load_generation_model(args)
+    chat_template = chat_template_arg(args.chat_template, tok)
     gen = generation_config(args, tok, limit or model.config.vocab_size, override)
     if chat_template is not None:  # (the served tokenizer's own, for chats: vLLM's override, with tools too)
         tok.chat_template, tok.chat_templates = chat_template, None
@@ -2878,10 +2894,11 @@ def pooling_server(args) -> ThreadingHTTPServer:
     key = api_key(args)
     chat_template = chat_template_arg(args.chat_template)  # (a reward model's chats: its prompt's template)
     # (an embedder encodes texts: the template would be ignored; the kind read before the model loads)
-    if chat_template is not None and pooler_kind(args)[0] != "reward":
+    if args.chat_template is not None and pooler_kind(args)[0] != "reward":  # (a template's name too)
         raise UserError("--chat-template lays out a reward model's chats (/pooling's messages, /score's and "
                         "/rerank's pairs); an embedder reads texts alone")
     model, tok, device, dtype, limit, pooler = load_pooler(args)
+    chat_template = chat_template_arg(args.chat_template, tok)  # (a template's name looked up: the tokenizer's)
     if chat_template is not None:
         tok.chat_template, tok.chat_templates = chat_template, None
     server = listen(args)
@@ -2949,7 +2966,8 @@ def add_server_args(p, listen: bool = False):
                         "pythonic ([f(a=1), g(b=\"x\")]: Llama 3.2, Llama 4), qwen3_coder (<function=f> and "
                         "<parameter=a> XML, typed by the tools' schemas: Qwen3-Coder, Qwen3.5) (default: none)")
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
-                   help="the Jinja chat template chats are rendered with (vLLM's): a file, or the template's text; "
+                   help="the Jinja chat template chats are rendered with (vLLM's): a file, the template's text, or "
+                        "the name of one of the tokenizer's named templates (tool_use: transformers'); "
                         "instead of the tokenizer's own, or for a model that has none (its end of turn must be a "
                         "special token of the tokenizer) (default: the tokenizer's, else the run's own format)")
     p.add_argument("--reasoning-parser", default=None, choices=sorted(THINKING),
