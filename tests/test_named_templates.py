@@ -180,6 +180,15 @@ def test_serve_renders_a_chat_with_tools_in_tool_use_and_stops_at_its_turn_end(f
         status, body = call(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 3,
                                                              "logit_bias": {str(eot): 100}})
         assert body["choices"][0]["finish_reason"] == "length"  # (default's turns end at <|im_end|>)
+        # a request's chat template, a name too (chat_template_kwargs' one is apply_chat_template's argument, which
+        # picks the template: it was taken as a variable, and ignored): refused, as vLLM refuses it without
+        # --trust-request-chat-template, naming --chat-template
+        for where, asked in (("/v1/chat/completions", {"chat_template": "tool_use"}),
+                             ("/v1/chat/completions", {"chat_template_kwargs": {"chat_template": "tool_use"}}),
+                             ("/tokenize", {"chat_template_kwargs": {"chat_template": "tool_use"}})):
+            status, body = call(server, where, {"messages": USER, **asked})
+            assert status == 400 and "--trust-request-chat-template" in body["error"]["message"] and \
+                "--chat-template FILE" in body["error"]["message"], (where, body)
     finally:
         server.shutdown()
         server.server_close()

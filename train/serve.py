@@ -86,7 +86,13 @@ FIELDS["pooling"] = FIELDS["embeddings"] | {"messages"}
 FIELDS["score"] = {"model", "text_1", "text_2", "truncate_prompt_tokens"}  # vLLM's ScoreRequest, RerankRequest
 FIELDS["rerank"] = {"model", "query", "documents", "top_n", "truncate_prompt_tokens"}
 # vLLM's tokenize fields this server does not implement: refused unless null or false
-TOKENIZE_UNSUPPORTED = {"chat_template", "mm_processor_kwargs"}
+TOKENIZE_UNSUPPORTED = {"mm_processor_kwargs"}
+# a chat template from the request (chat and tokenize's chat_template, or chat_template_kwargs' one, which
+# transformers' apply_chat_template would take as its argument: a template or a template's name): vLLM refuses it
+# unless started with --trust-request-chat-template, which this server does not have
+REQUEST_TEMPLATE = ("a chat template from the request is not supported (vLLM refuses one without "
+                    "--trust-request-chat-template, which this server does not have): start the server with "
+                    "--chat-template FILE, the template, or the name of one of the tokenizer's templates")
 API_KEY_ENV = "TRITONGPT_API_KEY"  # vLLM's VLLM_API_KEY
 # the paths that answer without the API key (probes and scrapes); every other one needs it, unknown ones too (a 401,
 # not a 404 that would map the routes): stricter than vLLM's middleware, which asks only paths under /v1
@@ -154,7 +160,10 @@ def check_fields(body: dict, endpoint: str, served, unsupported=UNSUPPORTED):
     """An unknown field, or one the API has that this server does not implement, refused by name; a model other
     than the served ones (served: the model's name, then its LoRA adapters') a 404."""
     for key in body:
-        if key in unsupported and key not in FIELDS[endpoint]:
+        if key == "chat_template" and endpoint in ("chat", "tokenize"):  # (vLLM's field: refused, and why)
+            if body[key] is not None:
+                raise bad(key, f"'chat_template': {REQUEST_TEMPLATE}")
+        elif key in unsupported and key not in FIELDS[endpoint]:
             if body[key] is not None and body[key] is not False:  # (not `in (None, False)`: 0 == False)
                 where = " on /v1/completions: it is a /v1/chat/completions field" \
                     if endpoint == "completions" and key in FIELDS["chat"] else " by this server"
@@ -342,6 +351,8 @@ def template_kwargs(body: dict) -> dict | None:
     if "continue_final_message" in kwargs:  # (apply_chat_template's argument, no variable: the template never reads it)
         raise bad("chat_template_kwargs", "'chat_template_kwargs' may not set 'continue_final_message': it is no "
                                           "template variable; send it as the request's own field")
+    if kwargs.get("chat_template") is not None:  # (apply_chat_template's argument, not a variable: it was ignored)
+        raise bad("chat_template_kwargs", f"'chat_template_kwargs' may set no 'chat_template': {REQUEST_TEMPLATE}")
     taken = sorted(RENDER_VARIABLES & set(kwargs))
     if taken:
         raise bad("chat_template_kwargs", f"'chat_template_kwargs' may not set {taken[0]!r}: the request's fields "
