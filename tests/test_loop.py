@@ -4,6 +4,7 @@ import argparse
 import copy
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -656,6 +657,33 @@ def test_muon_on_experts_resumes_bitwise(tmp_path):
         [{**g, "params": [p for p in g["params"] if id(p) not in taken]} for g in common.param_groups(model, 0.1)]))
     with pytest.raises(UserError, match="gives the MoE's expert weights to AdamW, as --optimizer muon did before"):
         common.build_optimizer(model, 1e-3, kind="muon").load_state_dict(old.state_dict())
+
+
+@pytest.mark.parametrize("change", ["hook_args", "step_skips_hook", "no_muon"])
+def test_muon_on_experts_refuses_a_torch_whose_muon_it_cannot_hook(monkeypatch, change):
+    """ExpertMuon overrides torch's private Muon._init_group: a torch whose Muon has another
+    signature (or whose step no longer calls it) is refused by version when the optimizer is
+    built, not with a bare TypeError or 'Param gradient must be a 2D matrix' inside the first
+    step; a dense model's Muon, torch's own, does not depend on it. No Muon at all: by version too."""
+    moe, dense = tiny_model(0, **MOE), tiny_model(0)
+    if change == "no_muon":
+        monkeypatch.delattr(torch.optim, "Muon")
+        with pytest.raises(UserError, match=re.escape(f"needs torch.optim.Muon (torch 2.9 or later), this is torch {torch.__version__}")):
+            common.build_optimizer(moe, 1e-3, kind="muon")
+        return
+    if change == "hook_args":
+        def other_hook(self, group, params_with_grad, grads, muon_momentum_bufs, state_steps):
+            return False
+        monkeypatch.setattr(torch.optim.Muon, "_init_group", other_hook)
+        found = "_init_group('self', 'group', 'params_with_grad', 'grads', 'muon_momentum_bufs', 'state_steps')"
+    else:
+        def other_step(self, closure=None):  # a step that collects its tensors itself
+            return None
+        monkeypatch.setattr(torch.optim.Muon, "step", other_step)
+        found = "a step that does not call _init_group"
+    with pytest.raises(UserError, match=re.escape(f"torch {torch.__version__}'s Muon has {found}: use a torch it fits, or --optimizer adamw")):
+        common.build_optimizer(moe, 1e-3, kind="muon")
+    assert type(common.build_optimizer(dense, 1e-3, kind="muon").muon) is torch.optim.Muon
 
 
 def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):

@@ -5,6 +5,7 @@ checkpoints, RNG state capture for exact resume, per-step JSONL metrics (also se
 TensorBoard with --report-to) and the loss plot.
 """
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -319,6 +320,7 @@ class ExpertMuon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch 
     expert stacks, a param group of their own (torch's Muon __init__ refuses any parameter not 2-D)."""
 
     def __init__(self, params, stacks=(), **kwargs):
+        check_muon_hook()
         super().__init__(params, **kwargs)
         stacks = list(stacks)
         if stacks:
@@ -335,8 +337,8 @@ class ExpertMuon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch 
         # torch's own (momentum buffers made the parameter's shape, so [E, m, n] for a stack), then each
         # stack handed on as its E experts' views: torch's step updates them in place, one matrix each,
         # so its math (lr adjusted by param.shape included) is torch's. _init_group is private, but its
-        # signature is the one torch's Muon has had since it came; a change fails the per-expert test
-        # in tests/test_loop.py
+        # signature is the one torch's Muon has had since it came (2.9 to 2.14): check_muon_hook()
+        # refuses, when the optimizer is built, a torch whose Muon has another
         has_complex = super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
         lists = (params_with_grad, grads, muon_momentum_bufs)
         split = [[], [], []]
@@ -346,6 +348,28 @@ class ExpertMuon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch 
         for lst, out in zip(lists, split):
             lst[:] = out
         return has_complex
+
+
+# The private hook ExpertMuon overrides: torch's Muon.step (2.9 to 2.14) calls
+# self._init_group(group, params_with_grad, grads, muon_momentum_bufs) and steps each listed tensor
+# as one matrix
+MUON_HOOK = ("self", "group", "params_with_grad", "grads", "muon_momentum_bufs")
+
+
+def check_muon_hook():
+    """Refuses, by torch's version, a torch.optim.Muon whose step ExpertMuon cannot hook: another
+    torch's _init_group with other arguments (the override would fail inside the first step with a
+    bare TypeError) or a step that no longer calls it (the expert stacks would reach torch's 2-D
+    math whole: 'Param gradient must be a 2D matrix')."""
+    hook = getattr(torch.optim.Muon, "_init_group", None)
+    args = tuple(inspect.signature(hook).parameters) if callable(hook) else None
+    calls = "_init_group" in inspect.unwrap(torch.optim.Muon.step).__code__.co_names
+    if args != MUON_HOOK or not calls:
+        found = ("no _init_group" if args is None else f"_init_group{args}" if args != MUON_HOOK
+                 else "a step that does not call _init_group")
+        raise UserError(f"--optimizer muon on an MoE steps its experts through torch.optim.Muon's private "
+                        f"_init_group{MUON_HOOK} (torch 2.9 to 2.14); torch {torch.__version__}'s Muon has {found}: "
+                        "use a torch it fits, or --optimizer adamw")
 
 
 def shard_by_size(sizes: list, n: int) -> list:
@@ -412,7 +436,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
         raise UserError("--optimizer muon: the model has no trainable weight matrices in transformer blocks")
     taken = {id(p) for p in matrices + stacks}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in taken]} for g in param_groups(model, weight_decay)]
-    muon = ExpertMuon(matrices, stacks, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    kw = dict(lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    # a dense model's Muon is torch's own: it needs none of ExpertMuon's private hook (check_muon_hook)
+    muon = ExpertMuon(matrices, stacks, **kw) if stacks else torch.optim.Muon(matrices, **kw)
     adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=lr, betas=betas, fused=fused)
     return MuonWithAdamW(muon, adamw, *ranks)
 
