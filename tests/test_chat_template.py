@@ -300,8 +300,9 @@ def test_a_template_that_would_hang_is_refused_by_name():
     tok = copy.copy(get_tokenizer("default"))  # (a copy: the default is cached for the process, its template too)
     start = time.perf_counter()
     for template, said in (
-            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "1,000,000 items"),
-            ("{% for i in range(99999) %}{% for c in 'ab' * 99999 %}{% endfor %}{% endfor %}", "1,000,000 items"),
+            # (ranges and strings made in a loop, not looped over: a loop over them is refused by its steps first)
+            ("{% for i in range(100) %}{% set r = range(100000) %}{% endfor %}", "1,000,000 items"),
+            ("{% for i in range(99) %}{% set s = 'ab' * 99999 %}{% endfor %}", "1,000,000 items"),
             ("{{ 'x' * 10**8 }}", "1,000,000 items"), ("{{ 3 ** (2 ** 40) }}", "1,000,000 items"),
             # an integer's bits: a power ~4,000,000 bits long, a square of a square ... (each product its own size;
             # 30 squarings never ended), and lipsum's words
@@ -316,6 +317,38 @@ def test_a_template_that_would_hang_is_refused_by_name():
     tok.chat_template = ("{{ '=' * 3 }}{% for i in range(messages | length - 1, -1, -1) %}{{ messages[i].content }}"
                          "{% endfor %}{{ 2 ** 3 }}{{ (2 ** 62) * 3 }}{{ 7 * 2 ** 70 }}")
     assert render(tok, CHATS[0]) == f"===on a matthe cat sat8{2**62 * 3}{7 * 2**70}"
+
+
+def test_a_template_that_loops_without_end_is_refused_by_name(monkeypatch):
+    """Work that makes no text is bounded too (chat_template.MAX_STEPS: a loop's items, a call, an item a filter
+    reads): loops in loops over a list the template keeps (no range() in them), over an iterator (map's), a recursive
+    loop, a macro that calls itself twice, a filter reading a long list in a loop, each refused by name, quickly.
+    Made small here (each case takes 27,000-65,000 steps, and renders unbounded); the three loops over 1,000 items
+    (10**9 iterations, minutes unbounded) at the real bound last."""
+    import time
+
+    from tritongpt.train import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_STEPS", 20_000)
+    tok = copy.copy(get_tokenizer("default"))
+    big = "{% set big = range(1000) | list %}"
+    for template in (
+            big + "{% for a in big[:10] %}{% for b in big[:10] %}{% for c in big[:300] %}{% endfor %}{% endfor %}"
+                  "{% endfor %}",
+            big + "{% for a in big[:30] %}{% for c in big | map('abs') %}{% endfor %}{% endfor %}",
+            big + "{% for a in big[:30] recursive %}{% if loop.depth < 3 %}{{ loop(big[:30]) }}{% endif %}{% endfor %}",
+            "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(15) }}",
+            big + "{% for a in big[:30] %}{{ big | sort | first }}{% endfor %}"):
+        tok.chat_template = template
+        with pytest.raises(UserError, match="too large to render \\(line 1: the template takes more than 20,000 "
+                                            "steps"):
+            render(tok, CHATS[0])
+    monkeypatch.undo()
+    tok.chat_template = big + "{% for a in big %}{% for b in big %}{% for c in big %}{% endfor %}{% endfor %}{% endfor %}"
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="takes more than 200,000 steps"):
+        render(tok, CHATS[0])
+    assert time.perf_counter() - start < 2  # (0.1 s here)
 
 
 def test_a_template_that_grows_text_without_bound_is_refused_by_name(monkeypatch):
