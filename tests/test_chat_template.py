@@ -401,6 +401,34 @@ def test_a_template_that_grows_text_without_bound_is_refused_by_name(monkeypatch
     assert built == render(tok, chat) and len(built) > 200_000
 
 
+def test_a_list_of_one_large_string_printed_by_a_filter_is_sized_before_it_is_made(monkeypatch):
+    """A list of 1,000 references to one large string is charged 8 an item as it is kept; printed (str() of it) it is
+    1,000 copies of the string: sized before it is made by the filters that print what they are given (upper, trim,
+    escape, xmlattr...), as {{ L }}, |string and |join size it, not refused only once made (64 GB of a string of 64 MB:
+    no memory left to refuse it in). Made small here: 10 MB of print refused, not made (the peak of the memory the
+    rendering takes stays under it)."""
+    import tracemalloc
+
+    from tritongpt.train import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_TEXT", 1_000_000)
+    tok = copy.copy(get_tokenizer("default"))
+    kept = "{% set b = 'x' * 10000 %}{% set L = [b] * 1000 %}"
+    tracemalloc.start()
+    try:
+        for made in ("L | upper", "L | lower", "L | trim", "L | capitalize", "L | title", "L | striptags", "L | e",
+                     "L | forceescape", "L | safe", "L | urlize", "L | wordcount", "{'a': L} | urlencode",
+                     "L | replace('y', 'z')", "'%s' | format(L)", "L | format", "{'a': L} | xmlattr"):
+            tok.chat_template = kept + "{{ (" + made + ") | length }}"
+            tracemalloc.reset_peak()
+            with pytest.raises(UserError, match="too large to render \\(line 1: the template makes a string "
+                                                "[0-9,]+ characters long"):
+                render(tok, CHATS[0])
+            assert tracemalloc.get_traced_memory()[1] < 5_000_000, made
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
     """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
     from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'

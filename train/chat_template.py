@@ -479,6 +479,11 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     # over a long list in a loop over it is charged as the loop in a loop it is (|length, |first, |tojson: not)
     stepwise = itemwise | {"unique", "sum", "min", "max", "dictsort", "items"}
 
+    # the filters that print a value that is not text (str(), as {{ value }} does) before they read it: a list of 1,000
+    # references to one large string, upper'd, was 1,000 copies of it made before its length refused them
+    printing = {"capitalize", "e", "escape", "forceescape", "format", "lower", "replace", "safe", "striptags", "title",
+                "trim", "upper", "urlencode", "urlize", "wordcount", "xmlattr"}
+
     def bounded(f, size=None, name=None):
         """Filter f, its result charged as made; size: its result's length, about, from f's arguments (after the
         context or environment Jinja passes it: pass), checked before it is made."""
@@ -490,6 +495,8 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         def bounded_filter(*args, **kwargs):
             if name in stepwise and len(args) > passed and hasattr(args[passed], "__len__"):
                 _step(len(args[passed]))  # (an iterator, map's: its items were charged to the filter that reads them)
+            if name in printing and len(args) > passed and not isinstance(args[passed], str):
+                _check_size(_text_size(args[passed]))
             if name in itemwise and len(args) > passed and isinstance(args[passed], str):
                 _check_size(STR_ITEM * len(args[passed]))
             if size is not None and len(args) > passed:
