@@ -344,7 +344,8 @@ def test_a_template_that_loops_without_end_is_refused_by_name(monkeypatch):
                                             "steps"):
             render(tok, CHATS[0])
     monkeypatch.undo()
-    tok.chat_template = big + "{% for a in big %}{% for b in big %}{% for c in big %}{% endfor %}{% endfor %}{% endfor %}"
+    tok.chat_template = big + ("{% for a in big %}{% for b in big %}{% for c in big %}{% endfor %}{% endfor %}"
+                               "{% endfor %}")
     start = time.perf_counter()
     with pytest.raises(UserError, match="takes more than 200,000 steps"):
         render(tok, CHATS[0])
@@ -427,6 +428,32 @@ def test_a_list_of_one_large_string_printed_by_a_filter_is_sized_before_it_is_ma
             assert tracemalloc.get_traced_memory()[1] < 5_000_000, made
     finally:
         tracemalloc.stop()
+
+
+def test_copies_a_template_keeps_are_charged_as_made(monkeypatch):
+    """What a template keeps in a list is charged 8 bytes an item; an item that is a new copy of a large string (a
+    slice, split()'s or partition()'s pieces, |list's characters) or a new dict ({}.fromkeys(L), dict(d),
+    namespace(d)) is charged as made too, so a loop keeping one each time is refused at MAX_MADE, not let hold
+    gigabytes (1,000 slices of a 64 MB string: 64 GB charged 8 KB). text.encode() (bytes, which nothing sizes) is
+    refused. Made small here: 100 copies of 30,000 characters past 2,000,000."""
+    from tritongpt.train import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_MADE", 2_000_000)
+    tok = copy.copy(get_tokenizer("default"))
+    kept = ("{% set b = 'x' * 30000 %}{% set L = range(1000) | list %}{% set d = {}.fromkeys(L) %}"
+            "{% set ns = namespace(l=[]) %}{% for i in range(100) %}{% set ns.l = ns.l + [{}] %}{% endfor %}")
+    for made in ("b[i:]", "b[:-1 - i]", "[b[i:]]", "{'a': b[i:]}", "b.split('x', 1)", "b.rsplit('x', 1)",
+                 "b.partition('x')", "b.rpartition('x')", "b[:500] | list", "{}.fromkeys(L)", "dict(d)",
+                 "namespace(d)"):
+        tok.chat_template = kept.replace("{}] %}", made + "] %}")
+        with pytest.raises(UserError, match="too large to render \\(line 1: the template makes more than 2,000,000 "
+                                            "characters of text \\(and lists\\) in all"):
+            render(tok, CHATS[0])
+    tok.chat_template = "{{ messages[0].content.encode() }}"
+    with pytest.raises(UserError, match="access to attribute 'encode' of 'str' object is unsafe"):
+        render(tok, CHATS[0])
+    tok.chat_template = kept  # (100 small dicts: 2,400 characters' worth)
+    assert render(tok, CHATS[0]) == ""
 
 
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):

@@ -245,11 +245,14 @@ def _check_size(n: int):
 
 
 def _made(value):
-    """value, a template's result, charged its length (when text; a list: 8 an item, its pointers' bytes)."""
+    """value, a template's result, charged its length (when text; a list: 8 an item, its pointers' bytes; a dict: 24
+    an entry)."""
     if isinstance(value, str):
         _grow(len(value))
     elif isinstance(value, (list, tuple)):
         _grow(8 * len(value))
+    elif isinstance(value, dict):  # ({}.fromkeys(L), dict(d), d.copy(): an entry its hash, key and value's words)
+        _grow(24 * len(value))
     return value
 
 
@@ -317,6 +320,16 @@ def _pieces(text: str, name: str, args, kwargs) -> int:
     # (on whitespace: a piece a word, counted, not listed)
     n = text.count(sep) + 1 if isinstance(sep, str) and sep else sum(1 for _ in re.finditer(r"\S+", text)) + 1
     return min(n, most + 1) if isinstance(most, int) and most >= 0 else n
+
+
+def _cut(method) -> "str | None":
+    """The text a method cuts into pieces (split, rsplit, splitlines, partition, rpartition), else None."""
+    wrapped = getattr(method, "__wrapped__", method)
+    text = getattr(wrapped, "__self__", None)
+    if isinstance(text, str) and getattr(wrapped, "__name__", None) in ("split", "rsplit", "splitlines", "partition",
+                                                                       "rpartition"):
+        return text
+    return None
 
 
 def _method_size(method, args, kwargs) -> int:
@@ -404,6 +417,15 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
             self.write(")")
 
         @optimizeconst
+        def visit_Getitem(self, node, frame):  # a slice (text[i:], messages[1:]) is a copy: charged as made
+            if isinstance(node.arg, jinja2.nodes.Slice):  # (Jinja writes a slice as Python's, not getitem())
+                self.write("environment.made(")
+                super().visit_Getitem(node, frame)
+                self.write(")")
+            else:
+                super().visit_Getitem(node, frame)
+
+        @optimizeconst
         def visit_Concat(self, node, frame):  # `a ~ b` compiles to a join, not a binop: its size checked first
             join = ("(markup_join if context.eval_ctx.volatile else str_join)" if frame.eval_ctx.volatile else
                     "markup_join" if frame.eval_ctx.autoescape else "str_join")  # (as Jinja's own visit_Concat)
@@ -416,7 +438,12 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     class Sandbox(ImmutableSandboxedEnvironment):  # transformers' sandbox, with range(), * and ** bounded (_spend)
         intercepted_binops = frozenset({"*", "**", "+", "%"})  # and the text it makes (_made): +, ~, %, ...
         code_generator_class = Compiler
-        loop_items = staticmethod(_loop_items)
+        loop_items, made = staticmethod(_loop_items), staticmethod(_made)
+
+        def is_safe_attribute(self, obj, attr, value):
+            # text.encode() makes bytes, which nothing here sizes (their *, +, %, center...): refused as an unsafe
+            # attribute, not made (a kept list of a 64 MB string's UTF-32 copies held 256 MB each, charged 8 bytes)
+            return not (isinstance(obj, str) and attr == "encode") and super().is_safe_attribute(obj, attr, value)
 
         def join_text(self, join, values):  # `a ~ b ~ c`
             _check_size(sum(map(_text_size, values)))
@@ -431,7 +458,11 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
             _step(1)  # (a macro that calls itself twice makes 2**depth calls, in no loop)
             if isinstance(__obj, LoopContext) and args:  # a recursive loop's loop(items): a loop's items too
                 args = (_loop_items(args[0]), *args[1:])
-            _check_size(_method_size(__obj, args, kwargs))
+            size = _method_size(__obj, args, kwargs)
+            _check_size(size)
+            cut = _cut(__obj)
+            if cut is not None:  # its pieces, kept (ns.l + [b.split('x', 1)] in a loop), are a copy of the text: made
+                _grow(size + len(cut), one=False)
             return _made(super().call(__context, __obj, *args, **kwargs))
 
         def call_binop(self, context, operator, left, right):
@@ -463,6 +494,11 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         rng = safe_range(*args)
         _spend(len(rng))
         return rng
+
+    def bounded_namespace(*args, **kwargs):  # namespace(d) copies d: charged as a dict (_made)
+        ns = jinja2.utils.Namespace(*args, **kwargs)
+        _grow(24 * len(ns._Namespace__attrs))
+        return ns
 
     def bounded_lipsum(n=5, html=True, min=20, max=100):  # (Jinja's global: lipsum(20000) took 1 s, unbounded)
         _spend(abs(n) * abs(max))  # (its words, at most)
@@ -498,7 +534,7 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
             if name in printing and len(args) > passed and not isinstance(args[passed], str):
                 _check_size(_text_size(args[passed]))
             if name in itemwise and len(args) > passed and isinstance(args[passed], str):
-                _check_size(STR_ITEM * len(args[passed]))
+                _grow(STR_ITEM * len(args[passed]))  # (made: a list of them kept in a loop holds all)
             if size is not None and len(args) > passed:
                 if isinstance(args[passed], Iterator):  # (a generator, map's: read once, for both)
                     args = (*args[:passed], list(args[passed]), *args[passed + 1:])
@@ -510,7 +546,7 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       range=bounded_range, lipsum=bounded_lipsum)
+                       range=bounded_range, lipsum=bounded_lipsum, namespace=bounded_namespace)
     # the filters whose arguments set their result's length (center(10**8), a list of 1,000 references to one large
     # string joined), checked before they make it; every filter's result charged
     lines = lambda s: s.count("\n") + 1 if isinstance(s, str) else _text_size(s)  # noqa: E731
