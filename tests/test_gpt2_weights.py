@@ -328,6 +328,40 @@ def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
         load_gpt2_pretrained("gpt2-small", cache_dir=tmp_path)
 
 
+class RemoteEntryNotFoundError(Exception):  # huggingface_hub >= 1.0's 404 for a file, by name
+    pass
+
+
+class LocalEntryNotFoundError(Exception):  # huggingface_hub's: offline, and the file not in the cache
+    pass
+
+
+def test_a_repo_without_model_safetensors_is_read_in_its_other_form_with_a_new_huggingface_hub(tmp_path,
+                                                                                                 monkeypatch):
+    """huggingface_hub >= 1.0 answers a file the repo lacks with RemoteEntryNotFoundError (< 1.0:
+    EntryNotFoundError): the next weights form is asked for, not "offline?"; a repo with none is named as such.
+    A file missing from the cache offline (LocalEntryNotFoundError) stays an offline error."""
+    from tritongpt.train.gpt2_weights import hub_download
+
+    hub = pytest.importorskip("huggingface_hub")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"weights")
+    missing = RemoteEntryNotFoundError
+
+    def download(repo, filename, cache_dir=None):
+        if repo == "someone/old" and (tmp_path / filename).is_file():
+            return str(tmp_path / filename)
+        raise missing(filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    assert hub_download("someone/old") == str(tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"someone/none has none of model.safetensors, .*pytorch_model.bin.index.json"):
+        hub_download("someone/none")
+    missing = LocalEntryNotFoundError
+    with pytest.raises(UserError, match=r"could not fetch someone/old from the Hugging Face Hub \(offline\?\): "
+                                        r"LocalEntryNotFoundError"):
+        hub_download("someone/old")
+
+
 def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path):
     """config.json is read for the heads; what else it says must fit this model: an activation
     or eps it does not compute, or sizes other than the tensors', would load silently and give

@@ -534,6 +534,12 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
     return load_gpt2_safetensors(hub_download(HUB_REPOS[name], ("config.json",), cache_dir), name)
 
 
+# the Hub's 404 for a file the repo does not have, by class name: huggingface_hub < 1.0 raises EntryNotFoundError,
+# >= 1.0 RemoteEntryNotFoundError (an EntryNotFoundError too, as LocalEntryNotFoundError is: a file not in the
+# cache when offline, which must not read as "the repo has no such file", so no isinstance)
+_NO_SUCH_FILE = ("EntryNotFoundError", "RemoteEntryNotFoundError")
+
+
 def hub_download(repo: str, optional=(), cache_dir=None) -> str:
     """repo's weights from the Hugging Face Hub (or the local Hub cache): the first of WEIGHT_FILES it has
     (model.safetensors, its shard index, pytorch_model.bin, that one's index; an index with every shard it
@@ -554,8 +560,8 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
                 path = fetch(name)
                 break
             except Exception as e:
-                if type(e).__name__ != "EntryNotFoundError" or name == WEIGHT_FILES[-1]:
-                    raise  # offline, gated, ...; or (EntryNotFoundError) the repo has none of them
+                if type(e).__name__ not in _NO_SUCH_FILE or name == WEIGHT_FILES[-1]:
+                    raise  # offline, gated, ...; or (the Hub's 404) the repo has none of them
         if is_shard_index(path):
             for name in sorted(set(_weight_map(path).values())):
                 fetch(name)
@@ -569,7 +575,7 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
             except Exception:
                 pass
     except Exception as e:
-        if type(e).__name__ == "EntryNotFoundError":  # the repo is there, its weights are in neither form
+        if type(e).__name__ in _NO_SUCH_FILE:  # the repo is there, its weights are in neither form
             raise UserError(f"{repo} has none of {', '.join(WEIGHT_FILES)}; {_PASS_A_FILE}") from None
         if isinstance(e, UserError):
             raise
