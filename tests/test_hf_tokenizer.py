@@ -453,6 +453,10 @@ class RepositoryNotFoundError(Exception):  # huggingface_hub's, by name: no such
     pass
 
 
+class LocalEntryNotFoundError(Exception):  # huggingface_hub's, by name: local_files_only, a file not in the cache
+    pass
+
+
 class GatedRepoError(RepositoryNotFoundError):  # huggingface_hub's, by name: a license not accepted, or no token
     pass
 
@@ -481,8 +485,8 @@ def test_the_eos_token_as_transformers_writes_it_and_an_id_or_list_refused(tmp_p
 
 def fake_hub(monkeypatch, hub, cache):
     """huggingface_hub.hf_hub_download answered from the folders hub/owner/name (copied into cache/owner/name,
-    as into the Hub's cache), and list_repo_tree (the named chat templates' listing) from them too; google/gated is
-    gated. -> (the (repo, file)s fetched, the repos asked for)."""
+    as into the Hub's cache; local_files_only: from cache alone), and list_repo_tree (the named chat templates'
+    listing) from them too; google/gated is gated. -> (the (repo, file)s fetched, the repos asked for)."""
     import shutil
     from types import SimpleNamespace
 
@@ -490,8 +494,12 @@ def fake_hub(monkeypatch, hub, cache):
 
     fetched, asked = [], []
 
-    def fake_download(repo, filename, cache_dir=None, **kwargs):
+    def fake_download(repo, filename, cache_dir=None, local_files_only=False, **kwargs):
         asked.append(repo)
+        if local_files_only:
+            if not (cache / repo / filename).is_file():
+                raise LocalEntryNotFoundError(filename)
+            return str(cache / repo / filename)
         if repo == "google/gated":
             raise GatedRepoError(repo)
         if repo == "someone/private":

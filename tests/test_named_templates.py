@@ -115,11 +115,13 @@ def test_the_files_come_before_tokenizer_config_json_as_transformers_reads_them(
 def test_the_hub_fetch_brings_every_named_template_it_lists(folder, tmp_path, monkeypatch):
     """A Hub repo's additional_chat_templates/*.jinja, as the Hub lists them (list_repo_tree, as transformers'
     list_repo_templates asks): a "rag" one is fetched beside tool_use and read as transformers reads the folder.
-    Where the Hub cannot list (offline), the fixed tool_use name alone is asked for, as before."""
+    Where the Hub does not list them (a 404: no such folder), the fixed tool_use name is asked for, as before. Where
+    it cannot be reached (offline, after huggingface_hub's ~24 s of retries), the cache alone is read: no file it
+    lacks waits for the network again, and an earlier fetch's templates are all there."""
     import huggingface_hub
-    from test_hf_tokenizer import fake_hub
+    from test_hf_tokenizer import EntryNotFoundError, fake_hub
 
-    from tritongpt.train.gpt2_weights import hub_folder
+    from tritongpt.train.gpt2_weights import TEMPLATE_DIR, hub_folder
 
     path, _ = folder
     rag = "{% for m in messages %}[doc] {{ m.content }}<|im_end|>{% endfor %}"
@@ -135,8 +137,25 @@ def test_the_hub_fetch_brings_every_named_template_it_lists(folder, tmp_path, mo
     def offline(*a, **kw):
         raise ConnectionError("offline")
 
+    def unlisted(*a, **kw):
+        raise EntryNotFoundError(TEMPLATE_DIR)
+
+    download, waited = huggingface_hub.hf_hub_download, []
+
+    def unreachable(repo, filename, cache_dir=None, local_files_only=False):
+        # (hf_hub_download with no network: a cached file at once; one not in the cache after ~24 s of retries)
+        if not local_files_only and not (tmp_path / "cache" / repo / filename).is_file():
+            waited.append(filename)
+        return download(repo, filename, cache_dir, local_files_only=True)
+
     fetched.clear()
     monkeypatch.setattr(huggingface_hub, "list_repo_tree", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    got = hub_folder("someone/hermes")
+    assert waited == [] and fetched == []
+    assert get_tokenizer(got).chat_templates == {"rag": rag, "tool_use": TOOL_USE}
+    monkeypatch.setattr(huggingface_hub, "list_repo_tree", unlisted)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     shutil.rmtree(tmp_path / "cache")
     got = hub_folder("someone/hermes")
     assert "additional_chat_templates/tool_use.jinja" in {f for _, f in fetched}

@@ -540,10 +540,11 @@ def load_gpt2_pretrained(name: str = "gpt2-small", cache_dir=None) -> GPTModel:
 _NO_SUCH_FILE = ("EntryNotFoundError", "RemoteEntryNotFoundError")
 
 
-def hub_download(repo: str, optional=(), cache_dir=None) -> str:
+def hub_download(repo: str, optional=(), cache_dir=None, cached_only=False) -> str:
     """repo's weights from the Hugging Face Hub (or the local Hub cache): the first of WEIGHT_FILES it has
     (model.safetensors, its shard index, pytorch_model.bin, that one's index; an index with every shard it
-    names), and beside them whichever `optional` files it has (config.json, tokenizer files).
+    names), and beside them whichever `optional` files it has (config.json, tokenizer files). cached_only: the
+    Hub is known to be unreachable, the local cache's files alone are read (hf_hub_download's local_files_only).
     -> the weights' path (the index, for shards)."""
     try:
         from huggingface_hub import hf_hub_download
@@ -552,7 +553,9 @@ def hub_download(repo: str, optional=(), cache_dir=None) -> str:
                         f"or {_PASS_A_FILE}") from None
 
     def fetch(name):
-        return hf_hub_download(repo, name, cache_dir=cache_dir)
+        # (unreachable, hf_hub_download retries ~24 s for every file that is not in the cache: each optional
+        # file the repo lacks; cached_only answers those at once)
+        return hf_hub_download(repo, name, cache_dir=cache_dir, **({"local_files_only": True} if cached_only else {}))
 
     try:
         for name in WEIGHT_FILES:
@@ -620,20 +623,29 @@ def is_hub_repo(spec) -> bool:
         and not Path(spec).expanduser().parent.is_dir()
 
 
+# huggingface_hub's errors where the Hub cannot be reached at all, by class name (as hub_error reads them): httpx's
+# network errors and timeouts, requests' (older huggingface_hub), HF_HUB_OFFLINE's OfflineModeIsEnabled (a
+# ConnectionError); not an HTTP answer (a 404, a gated repo), which says the Hub is there
+_UNREACHABLE = {"ConnectionError", "NetworkError", "TimeoutException", "Timeout"}
+
+
 def hub_templates(repo: str):
     """The repo's named chat templates, additional_chat_templates/<name>.jinja (any name: "rag" as well as
     "tool_use"), as the Hub lists that folder, not recursively, at the revision hf_hub_download fetches (the
-    default branch): what transformers' list_repo_templates asks it. None where the Hub cannot list it (offline, an
-    older huggingface_hub, a repo without the folder): the fixed name in HUB_FILES is then asked for, as before
-    (offline, hf_hub_download answers from the cache)."""
+    default branch): what transformers' list_repo_templates asks it. -> (those files, or None where the Hub does
+    not list them (an older huggingface_hub, a repo without the folder, a gated or unknown one): the fixed name in
+    HUB_FILES is then asked for, as before; unreachable: True where the Hub could not be reached at all (offline),
+    after huggingface_hub's own retries (~24 s with no network), so that the fetch reads the cache alone and does
+    not wait as long again for each file the cache does not hold (a cached folder keeps every template it fetched
+    before, listed or not))."""
     try:
         from huggingface_hub import list_repo_tree
 
         # (a generator: the request is made, and fails, while it is read, so inside the try)
         return tuple(e.path for e in list_repo_tree(repo, path_in_repo=TEMPLATE_DIR, recursive=False)
-                     if e.path.endswith(".jinja"))
-    except Exception:  # (a gated or unknown repo too: hub_download's fetch of the weights names that)
-        return None
+                     if e.path.endswith(".jinja")), False
+    except Exception as e:  # (a gated or unknown repo too: hub_download's fetch of the weights names that)
+        return None, bool(_UNREACHABLE & {c.__name__ for c in type(e).__mro__})
 
 
 def hub_folder(repo: str, cache_dir=None) -> Path:
@@ -641,11 +653,11 @@ def hub_folder(repo: str, cache_dir=None) -> Path:
     chat templates the Hub lists: hub_templates), fetched or taken from the local Hub cache: -> the snapshot
     folder, which load_checkpoint reads (GPT-2, GPT-Neo, Llama, Mistral, Qwen2 or Qwen3, by its config.json) and
     where the tokenizer is found."""
-    named = hub_templates(repo)
+    named, unreachable = hub_templates(repo)
     files = HUB_FILES if named is None else \
         tuple(f for f in HUB_FILES if not f.startswith(f"{TEMPLATE_DIR}/")) + named
     try:
-        path = hub_download(repo, files, cache_dir)
+        path = hub_download(repo, files, cache_dir, cached_only=unreachable)
     except UserError as e:
         raise UserError(f"{repo!r} is no file or folder here, and as a Hugging Face Hub repo: {e}") from None
     note(f"{repo}: the Hugging Face Hub's files, in {Path(path).parent}")
