@@ -273,6 +273,24 @@ def test_an_eos_leaves_fewer_texts_to_return():
     assert [texts_possible(3, 0, eos) for eos in (False, True)] == [1, 1] and texts_possible(3, 1, True) == 3
 
 
+def test_more_end_tokens_leave_fewer_texts_and_end_beams():
+    """stop_token_ids (a generation config's other end tokens) end a hypothesis as the EOS does: of 3 tokens, two of
+    them ends, and 2 new ones there are 5 texts ([eos], [stop], then 3 after the other token), and a sixth return
+    sequence is refused naming both."""
+    from tritongpt.train.beam_search import texts_possible
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=3, context_length=8, n_embd=16, n_layer=1, n_head=2)).eval()
+    idx = torch.tensor([[1, 2]])
+    assert texts_possible(3, 2, 2) == 5 and texts_possible(3, 3, 2) == 2 + 2 + 3 and texts_possible(2, 4, 2) == 2
+    with pytest.raises(UserError, match=r"num_return_sequences 6 is more than the 5 texts of max_new_tokens 2 there "
+                                        r"are \(a text ends at its first end token, ids \[0, 2\]\)"):
+        beam_search(model, idx, 2, 6, num_return_sequences=6, eos_id=0, stop_token_ids=[2])
+    ids, scores = beam_search(model, idx, 2, 5, num_return_sequences=5, eos_id=0, stop_token_ids=[2])
+    texts = {tuple(next((row[2:j + 1] for j in range(2, 4) if row[j] in (0, 2)), row[2:])) for row in ids.tolist()}
+    assert texts == {(0,), (2,), (1, 0), (1, 1), (1, 2)} and scores.min() > -1e8
+
+
 @pytest.mark.parametrize("extra,said", [
     (["--temperature", "0.7"], "--num-beams (beam search) does not take --temperature"),
     (["--top-k", "5"], "does not take --top-k"),

@@ -22,7 +22,7 @@ import torch
 from tritongpt._types import is_int, is_real
 from tritongpt.errors import UserError
 from tritongpt.train.generate import (ban_repeated_ngrams, check_cache_dtype, check_eos_id, check_prompt,
-                                      check_sampling, crosses_longrope, new_cache, penalize_repeats)
+                                      check_sampling, crosses_longrope, end_rule, new_cache, penalize_repeats)
 
 EARLY_STOPPING = (True, False, "never")
 
@@ -52,29 +52,31 @@ def length_penalty_overflows(length_penalty, max_new_tokens: int) -> bool:
         return True
 
 
-def texts_possible(vocab: int, max_new_tokens: int, eos: bool = False) -> int:
+def texts_possible(vocab: int, max_new_tokens: int, eos: int = 0) -> int:
     """How many continuations of at most max_new_tokens tokens a vocabulary makes, capped where it passes any number
     of beams: more returned sequences than that were filled with the search's empty slots, each a copy of another
-    text scored -1e9, printed as beams. Without an EOS vocab ** max_new_tokens; with one a text ends at its first EOS,
-    so it makes fewer: (vocab - 1) ** (k - 1) texts end there at token k < max_new_tokens, beside the
-    (vocab - 1) ** (max_new_tokens - 1) * vocab of max_new_tokens tokens."""
+    text scored -1e9, printed as beams. Without an EOS vocab ** max_new_tokens; with eos end tokens (True: one) a text
+    ends at its first, so it makes fewer: eos * (vocab - eos) ** (k - 1) texts end there at token k < max_new_tokens,
+    beside the (vocab - eos) ** (max_new_tokens - 1) * vocab of max_new_tokens tokens."""
+    eos = min(int(eos), vocab)
     if max_new_tokens == 0:  # one text: the prompt, nothing after it
         return 1
     if not eos:
         return vocab ** min(max_new_tokens, 64)
-    if vocab <= 2:  # (no growth to cap: the EOS alone, or with one other token n + 1 texts)
-        return 1 if vocab == 1 else max_new_tokens + 1
-    ended, running = 0, 1  # the texts that ended at the EOS, and those without one yet
+    if vocab - eos <= 1:  # (no growth to cap: every text ends at its first token, or eos more texts a token)
+        return vocab if vocab == eos else eos * (max_new_tokens - 1) + vocab
+    ended, running = 0, 1  # the texts that ended at an end token, and those without one yet
     for _ in range(min(max_new_tokens - 1, 64)):
-        ended, running = ended + running, running * (vocab - 1)
+        ended, running = ended + running * eos, running * (vocab - eos)
     return ended + running * vocab
 
 
-def check_return_sequences(num_return_sequences: int, vocab: int, max_new_tokens: int, eos_id, flags: bool = False):
-    """More return sequences than the texts there are (texts_possible: vocab tokens, ending at eos_id if any)
-    refused. flags: name them as command-line flags."""
+def check_return_sequences(num_return_sequences: int, vocab: int, max_new_tokens: int, eos_id, flags: bool = False,
+                           stop_token_ids=()):
+    """More return sequences than the texts there are (texts_possible: vocab tokens, ending at eos_id if any, or
+    one of stop_token_ids) refused. flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
-    texts = texts_possible(vocab, max_new_tokens, eos_id is not None)
+    texts = texts_possible(vocab, max_new_tokens, len({eos_id, *stop_token_ids} - {None}))
     if max_new_tokens == 0 and num_return_sequences > 1:
         # (each "beam" was the prompt, scored 0: R copies of one text)
         raise UserError(f"{name('num_return_sequences')} {num_return_sequences} with {name('max_new_tokens')} 0: "
@@ -82,6 +84,8 @@ def check_return_sequences(num_return_sequences: int, vocab: int, max_new_tokens
                         f"{num_return_sequences} beams")
     if num_return_sequences > texts:
         ends = "" if eos_id is None else f" (a text ends at its first EOS, id {eos_id})"
+        ends = f" (a text ends at its first end token, ids {sorted({eos_id, *stop_token_ids} - {None})})" \
+            if set(stop_token_ids) - {eos_id} else ends
         raise UserError(f"{name('num_return_sequences')} {num_return_sequences} is more than the {texts} texts of "
                         f"{name('max_new_tokens')} {max_new_tokens} there are{ends}: the rest would be empty beams "
                         "(score -1e9)")
@@ -92,11 +96,13 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
                 early_stopping: bool | str = False, num_return_sequences: int = 1, eos_id: int | None = None,
                 use_cache: bool = True, vocab_limit: int | None = None, repetition_penalty: float | None = None,
                 no_repeat_ngram_size: int | None = None, kv_cache_dtype: str = "auto", on_step=None,
-                allowed_token_ids=None, bad_words=None):
+                allowed_token_ids=None, bad_words=None, stop_token_ids=None):
     """Beam search from each row of idx [B, T] (the text within the model's context: no sliding window).
     kv_cache_dtype: generate()'s ("int8": the beams' cache quantized; a reorder moves the scales with the rows).
     on_step(): called before each step after the first; what it raises ends the search (serve: a client gone).
     allowed_token_ids, bad_words (generate()'s): refused by name, as serve's use_beam_search refuses them.
+    stop_token_ids: more ids that end a hypothesis beside eos_id (a model's generation config's eos_token_id list, as
+    transformers' beam search ends on each of them).
 
     Returns (ids [B * R, T + n], scores [B * R]), R = num_return_sequences: each prompt's R best finished
     hypotheses, best first, their scores transformers' sequences_scores; shorter ones padded with eos_id.
@@ -114,8 +120,10 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
         raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
     check_cache_dtype(kv_cache_dtype, use_cache)
     check_eos_id(eos_id, vocab_limit or model.config.vocab_size)
+    # (end_rule's check of them: a list of ids the search may draw)
+    ends = list(end_rule(eos_id, stop_token_ids, vocab=vocab_limit or model.config.vocab_size)[1])
     check_return_sequences(num_return_sequences, min(vocab_limit or model.config.vocab_size, model.config.vocab_size),
-                           max_new_tokens, eos_id)
+                           max_new_tokens, eos_id, stop_token_ids=[t for t in ends if t != eos_id])
     B, T = idx.shape
     ctx = model.config.context_length
     if max_new_tokens and T + max_new_tokens - 1 > ctx:
@@ -132,18 +140,21 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
     try:
         return _beam_search(model, idx, max_new_tokens, num_beams, float(length_penalty), early_stopping,
                             num_return_sequences, eos_id, use_cache, vocab_limit, repetition_penalty,
-                            no_repeat_ngram_size, kv_cache_dtype, on_step)
+                            no_repeat_ngram_size, kv_cache_dtype, on_step, ends)
     finally:
         model.train(was_training)
 
 
 def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, R, eos_id, use_cache, vocab_limit,
-                 repetition_penalty, no_repeat_ngram_size, kv_cache_dtype="auto", on_step=None):
+                 repetition_penalty, no_repeat_ngram_size, kv_cache_dtype="auto", on_step=None, end_ids=()):
     B, T = idx.shape
     dev = idx.device
-    K = 2 * N  # transformers' beams_to_keep, max(2, 1 + number of EOS ids) * N: enough to go on if N end
+    # end_ids: every id that ends a hypothesis (eos_id among them, first; generation_config's others)
+    end_ids = list(end_ids) or ([] if eos_id is None else [eos_id])
+    # transformers' beams_to_keep: enough to go on if N of them end (at most every candidate there is)
+    K = min(max(2, 1 + len(end_ids)) * N, N * min(vocab_limit or model.config.vocab_size, model.config.vocab_size))
     L = T + max_new_tokens
-    fill = -1 if eos_id is None else eos_id
+    fill = -1 if not end_ids else end_ids[0]
     run = torch.full((B, N, L), fill, dtype=torch.long, device=dev)  # running beams
     run[:, :, :T] = idx.unsqueeze(1)
     # all beams start as the prompt: only the first's continuations count at the first step
@@ -184,8 +195,8 @@ def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, 
         cand[:, :, cur] = top_idx % V
         # transformers' stopping criteria: the EOS drawn, or max_length reached (every candidate then)
         ends = torch.full((B, K), cur + 1 >= L, device=dev)
-        if eos_id is not None:
-            ends |= cand[:, :, cur] == eos_id
+        if end_ids:
+            ends |= torch.isin(cand[:, :, cur], torch.tensor(end_ids, device=dev))
         # the N best candidates that did not end run on
         going = top_scores + ends.float() * -1e9
         keep = torch.topk(going, N).indices
