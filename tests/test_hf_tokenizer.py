@@ -4,6 +4,7 @@ a SmolLM and a Qwen2 byte-level BPE (the last beside a Qwen2 model), and on a fo
 SentencePiece's tokenizer.model alone (converted by transformers; sentencepiece's own ids), each
 trained here on a few KB; generate, sft --init and export use it end to end; a GPT-2 folder still
 gets BPETokenizer. Nothing downloaded."""
+import io
 import json
 import random
 import re
@@ -788,35 +789,152 @@ def test_a_hub_repo_with_only_a_tokenizer_model_is_read_as_its_folder(tmp_path, 
     assert {f for _, f in fetched} == {p.name for p in path.iterdir() if p.is_file()} >= {"tokenizer.model"}
 
 
-def test_generate_stops_on_the_generation_configs_eos_too(tmp_path, capsys):
-    """A folder whose tokenizer_config.json names one EOS and whose generation_config.json another: transformers'
-    generate stops on the generation config's (the tokenizer's aside), vLLM on both; `generate` stops where either
-    is drawn, as vLLM does (which is where transformers stops here), rather than on the tokenizer's alone."""
+PROMPT, CHAT = "the cat sat on 42", "the cat sat"
+
+
+@pytest.fixture(scope="module")
+def ends_folder(tmp_path_factory):
+    """A SmolLM-shaped folder whose generation_config.json lists other end tokens beside its tokenizer's EOS (as an
+    instruct Llama 3.1's lists <|eot_id|>, <|eom_id|> and <|end_of_text|>): the third token of PROMPT's greedy
+    continuation (its first place there) and the second of CHAT's answer (chat's prompt, tritongpt's template).
+    -> (folder, transformers' tokenizer, PROMPT's greedy 8 new ids, its end, CHAT's prompt ids, its answer's ids,
+    its end), the greedy ids transformers' with the tokenizer's EOS alone."""
+    from tritongpt.train.chat import Conversation
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    path, theirs, hf = llama_folder(tmp_path_factory.mktemp("ends") / "smollm", "smollm")
+    eos = theirs.eos_token_id
+
+    def greedy(ids):
+        with torch.no_grad():
+            return hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=eos,
+                               eos_token_id=eos)[0, len(ids):].tolist()
+    row = greedy(theirs(PROMPT)["input_ids"])
+    chat_ids = Conversation("chat").fit(get_tokenizer(path), CHAT, 40, 8)[0]
+    answer = greedy(chat_ids)
+    end, chat_end = row[2], answer[1]
+    # each ends its own text first, and the other's not before it
+    assert eos not in row + answer and end not in row[:2] + answer[:2] and chat_end not in row[:3] + answer[:1]
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [eos, end, chat_end]}))
+    return path, theirs, row, end, chat_ids, answer, chat_end
+
+
+FLAGS = ["--temperature", "0", "--max-new-tokens", "8", "--device", "cpu", "--kernels", "reference"]
+
+
+def test_generate_stops_on_the_generation_configs_eos_too(ends_folder, capsys):
+    """A folder whose tokenizer_config.json names one EOS and whose generation_config.json others too: transformers'
+    generate stops on the generation config's, vLLM on those and the tokenizer's; `generate` stops where any is
+    drawn, as vLLM does (which is where transformers stops here), rather than on the tokenizer's alone; --stream
+    prints the same text."""
     from tritongpt import cli
 
-    path, theirs, _ = llama_folder(tmp_path / "smollm", "smollm")
-    prompt, eos = "the cat sat on 42", theirs.eos_token_id
-    flags = ["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu",
-             "--kernels", "reference"]
-    ids = torch.tensor([theirs(prompt)["input_ids"]])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    path, theirs, row, end, *_ = ends_folder
+    ids = theirs(PROMPT)["input_ids"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)  # (its generation config: the file's)
     with torch.no_grad():
-        row = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=eos)[0, ids.shape[1]:].tolist()
-    assert eos not in row
-    # the third new token, ending the text first there, is the generation config's EOS
-    end = row[2]
-    assert end not in row[:2]
-    config = json.loads((path / "generation_config.json").read_text())
-    (path / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": end}))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        theirs_row = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=eos)[0, ids.shape[1]:].tolist()
-    assert theirs_row[:3] == row[:3] and len(theirs_row) == 3  # (transformers stops on it)
+        theirs_row = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert theirs_row == row[:3]  # (transformers stops on it)
     for stream in ([], ["--stream"]):
-        assert cli.main(["generate", "--weights", str(path), *flags, *stream]) == 0
+        assert cli.main(["generate", "--weights", str(path), "--prompt", PROMPT, *FLAGS, *stream]) == 0
         out = capsys.readouterr()
-        assert out.out == theirs.decode(theirs(prompt)["input_ids"] + row[:2]) + "\n", stream
+        assert out.out == theirs.decode(ids + row[:2]) + "\n", stream
         assert f"the model ended the text ({theirs.decode([end])}) after 2 new tokens" in out.err
+
+
+def test_generate_beams_stop_on_the_generation_configs_eos_too(ends_folder, capsys):
+    """generate --num-beams: a beam ends on the generation config's end tokens too, as transformers' beam search
+    (generation_config.eos_token_id, each of them): its beams' texts and scores."""
+    from tritongpt import cli
+    from tritongpt.commands import SAMPLE_SEPARATOR
+
+    path, theirs, row, end, *_ = ends_folder
+    ids = theirs(PROMPT)["input_ids"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=8, num_beams=2, num_return_sequences=2,
+                          do_sample=False, output_scores=True, return_dict_in_generate=True)
+    beams = [b[len(ids):].tolist() for b in out.sequences]
+    assert beams[0][:3] == row[:3]  # (the best beam ended at `end`: it did not without it, see ends_folder)
+    assert cli.main(["generate", "--weights", str(path), "--prompt", PROMPT, *FLAGS, "--num-beams", "2",
+                     "--num-return-sequences", "2"]) == 0
+    got = capsys.readouterr()
+    ends = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    texts = [theirs.decode(ids + next((b[:j] for j, t in enumerate(b) if t in ends), b)) for b in beams]
+    assert got.out == f"{texts[0]}\n{SAMPLE_SEPARATOR}\n{texts[1]}\n"
+    said = re.findall(r"beam \d: score ([-\d.]+)(?:, )?(.*)", got.err)
+    assert [float(score) for score, _ in said] == pytest.approx(out.sequences_scores.tolist(), abs=1e-5)
+    assert said[0][1] == f"the model ended the text ({theirs.decode([end])}) after 2 new tokens" and not said[1][1]
+
+
+def test_generate_prompts_stop_on_the_generation_configs_eos_too(ends_folder, tmp_path):
+    """generate --prompts: a record's text ends where `generate`'s does, finish_reason "stop", the end token
+    counted (serve's completion choices)."""
+    from tritongpt import cli
+
+    path, theirs, row, *_ = ends_folder
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    assert cli.main(["generate", "--weights", str(path), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+                     str(tmp_path / "o.jsonl"), *FLAGS]) == 0
+    (record,) = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert (record["text"], record["finish_reason"], record["completion_tokens"]) == \
+        (theirs.decode(row[:2]), "stop", 3)
+
+
+def test_chat_stops_on_the_generation_configs_eos_too(ends_folder, monkeypatch, capsys):
+    """chat: an answer ends on the generation config's end tokens too (serve's chat answers do)."""
+    from tritongpt import cli
+
+    path, theirs, *_, answer, _ = ends_folder
+    monkeypatch.setattr("sys.stdin", io.StringIO(CHAT + "\n"))
+    assert cli.main(["chat", "--weights", str(path), *FLAGS, "--template", "chat"]) == 0
+    out = capsys.readouterr()
+    assert out.out == theirs.decode(answer[:1]) + "\n" and "the answer was cut" not in out.err, out
+
+
+def test_serve_and_run_batch_stop_on_the_generation_configs_eos_too(ends_folder, tmp_path, capsys):
+    """serve (and run-batch, its server in process): an answer ends where `generate`'s does, vLLM's stop_reason the
+    id, a stream's last choice chunk saying it and its usage counting the end token; min_tokens holds the end token
+    back; a request's own stop_token_ids end it beside them, not in their place; ignore_eos ignores them all."""
+    from tritongpt import cli
+
+    from test_serve import call, events, start
+
+    path, theirs, row, end, *_ = ends_folder
+    body = {"prompt": PROMPT, "temperature": 0, "max_tokens": 8}
+    server = start(path, "--kernels", "reference")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, got = call(server, "/v1/completions", {**body, "stream": True,
+                                                        "stream_options": {"include_usage": True}})
+        chunks = events(got)
+        texts = [c["choices"][0] for c in chunks if c["choices"]]
+        assert status == 200 and "".join(c["text"] for c in texts) == theirs.decode(row[:2])
+        assert (texts[-1]["finish_reason"], texts[-1]["stop_reason"]) == ("stop", end)
+        assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+        def answer(**extra):
+            status, got = call(server, "/v1/completions", {**body, **extra})
+            assert status == 200, got
+            choice = got["choices"][0]
+            return choice["finish_reason"], choice["stop_reason"], got["usage"]["completion_tokens"]
+        assert answer(min_tokens=3)[2] > 3
+        assert answer(stop_token_ids=[row[1]]) == ("stop", row[1], 2)
+        other = next(t for t in range(theirs.eos_token_id + 1, len(theirs)) if t not in row)
+        assert answer(stop_token_ids=[other]) == ("stop", end, 3)
+        assert answer(ignore_eos=True) == ("length", None, 8)
+    finally:
+        server.shutdown()
+        server.server_close()
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": body}
+    (tmp_path / "in.jsonl").write_text(json.dumps(line) + "\n")
+    assert cli.main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), "--weights",
+                     str(path), "--device", "cpu", "--kernels", "reference"]) == 0
+    (got,) = [json.loads(x)["response"]["body"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    choice = got["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"], got["usage"]["completion_tokens"]) == \
+        (theirs.decode(row[:2]), "stop", end, 3)
 
 
 def test_an_empty_eos_or_bos_token_is_refused_by_name(tmp_path):

@@ -187,7 +187,7 @@ def cmd_generate_prompts(args):
 
     from tritongpt.commands import (Choices, check_beam_args, check_cuda_graphs, check_generation_args,
                                     check_masks_end, encode_generate_prompt, load_draft, load_generation_model,
-                                    mask_flags, sampling_controls, stop_strings, token_masks)
+                                    mask_flags, model_end_ids, sampling_controls, stop_strings, token_masks)
     from tritongpt.train.common import autocast
     from tritongpt.train.engine import prefix_caching_said, speculation_said
     from tritongpt.train.serve import load_adapters, lora_modules, page_args
@@ -221,6 +221,7 @@ def cmd_generate_prompts(args):
     draft = load_draft(args, model, tok, device) if args.draft else None
     masks = token_masks(args, tok, limit or model.config.vocab_size, flags)
     eot, ctx = eot_or_none(tok), model.config.context_length
+    ends = model_end_ids(args, tok, model, limit, eot)  # (the generation config's: `generate`'s, serve's)
     prompts, budgets, each, rows = [], [], [], []
     for where, rec in records:
         lead, ids = encode_generate_prompt(tok, rec["prompt"], args.allow_special, where=f"{where}: the prompt")
@@ -231,7 +232,7 @@ def cmd_generate_prompts(args):
                             "record's max_tokens")
         own_stop = rec.get("stop")  # (a record's own list replaces --stop's; [] : none)
         choices = Choices(tok, ids, stops if own_stop is None else [own_stop] if isinstance(own_stop, str) else
-                          own_stop, eot, lead=len(lead))
+                          own_stop, eot, lead=len(lead), stop_token_ids=ends)
         own = {k: rec[k] for k in ("temperature", "top_k", "top_p", "seed") if rec.get(k) is not None}
         own["adapter"] = rec.get("model")
         structure = record_structure(rec, where, spec)
@@ -268,7 +269,8 @@ def cmd_generate_prompts(args):
     try:
         generate_batch(model, prompts, budgets, args.max_batch, kv_cache_dtype=args.kv_cache_dtype,
                        autocast=lambda: autocast(device, dtype), cuda_graph=args.cuda_graphs, seed=args.seed,
-                       each=each, on_done=write, eos_id=eot, vocab_limit=limit, temperature=args.temperature,
+                       each=each, on_done=write, eos_id=eot, stop_token_ids=ends or None, vocab_limit=limit,
+                       temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, names=[where for where, _ in records], stats=stats,
                        prompt_lookup=args.prompt_lookup, num_draft_tokens=args.draft_tokens, draft=draft,
                        max_loras=args.max_loras,

@@ -130,9 +130,10 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
           vocab_limit=None, stream: bool = True, stop_id=None, min_p=None, repetition_penalty=None,
           frequency_penalty=None, presence_penalty=None, no_repeat_ngram_size=None, draft=None, num_draft_tokens=4,
           stats=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_n_sigma=None, cuda_graph=False,
-          kv_cache_dtype="auto", guide=None, allowed_token_ids=None, bad_words=None):
+          kv_cache_dtype="auto", guide=None, allowed_token_ids=None, bad_words=None, stop_token_ids=()):
     """Draw one answer after `ids` (printed as it comes, with stream): (its text up to the eot, or
-    stop_id (a chat template's end-of-turn token), whether the model ended it). draft: a speculative decoding
+    stop_id (a chat template's end-of-turn token), or one of stop_token_ids (the model's generation config's other
+    end tokens), whether the model ended it). draft: a speculative decoding
     draft model (generate()'s; stats: its acceptance, filled). cuda_graph, kv_cache_dtype, guide (structured
     outputs: this answer's), allowed_token_ids, bad_words: generate()'s."""
     import torch
@@ -144,7 +145,7 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
     eot = tokenizer.eot_id if stop_id is None else stop_id
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    printer = TextStream(tokenizer, [], eot) if stream else None
+    printer = TextStream(tokenizer, [], eot, ends=stop_token_ids) if stream else None
     with autocast(device, dtype):
         out = generate(model, idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_id=eot, generator=generator, vocab_limit=vocab_limit, on_token=printer, min_p=min_p,
@@ -153,12 +154,13 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
                        num_draft_tokens=num_draft_tokens, stats=stats, typical_p=typical_p,
                        epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
                        cuda_graph=cuda_graph, kv_cache_dtype=kv_cache_dtype, guide=guide,
-                       allowed_token_ids=allowed_token_ids, bad_words=bad_words)
+                       allowed_token_ids=allowed_token_ids, bad_words=bad_words,
+                       stop_token_ids=list(stop_token_ids) or None)
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()
-    ended = eot in new
-    return tokenizer.decode(new[:new.index(eot)] if ended else new), ended
+    end = next((j for j, t in enumerate(new) if t == eot or t in stop_token_ids), None)
+    return tokenizer.decode(new if end is None else new[:end]), end is not None
 
 
 def read_message(read_line):
@@ -192,7 +194,8 @@ def cmd_chat(args):
     import torch
 
     from tritongpt.commands import (check_cuda_graphs, check_generation_args, check_masks_end, draft_note,
-                                    load_draft, load_generation_model, mask_flags, sampling_controls, token_masks)
+                                    load_draft, load_generation_model, mask_flags, model_end_ids, sampling_controls,
+                                    token_masks)
     from tritongpt.train.structured import Grammars, spec_from_flag
 
     check_generation_args(args)
@@ -233,6 +236,9 @@ def cmd_chat(args):
 
         stop = turn_end_id(tok)
     check_masks_end(masks, tok.eot_id if stop is None else stop, spec)  # (reply's end of an answer)
+    # the model's generation config's other end tokens end an answer too, as serve's chat answers (an instruct
+    # Llama 3.1's <|eom_id|> and <|end_of_text|> beside its template's <|eot_id|>)
+    ends = model_end_ids(args, tok, model, limit, tok.eot_id if stop is None else stop)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     tty = sys.stdin.isatty()
     if tty:
@@ -274,7 +280,8 @@ def cmd_chat(args):
                               top_p=args.top_p, dtype=dtype, generator=gen, vocab_limit=limit, stop_id=stop,
                               **sampling_controls(args), **speculative, stats=stats, cuda_graph=args.cuda_graphs,
                               kv_cache_dtype=args.kv_cache_dtype,
-                              guide=None if grammars is None else grammars.guide(spec), **masks)
+                              guide=None if grammars is None else grammars.guide(spec), stop_token_ids=ends,
+                              **masks)
         for k in totals:
             totals[k] += stats.get(k, 0)
         if not ended:

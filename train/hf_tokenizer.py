@@ -98,12 +98,14 @@ def _config_id(folder: Path, key: str):
     return None, None
 
 
-def generation_end_ids(folder, vocab: int) -> tuple:
+def generation_end_ids(folder, vocab: int, limit: int | None = None) -> tuple:
     """(ids, file): the end tokens a model folder's generation config lists, as its eos_token_id (an id or a list:
     an instruct Llama 3.1's three), from generation_config.json, else config.json: transformers' generate stops on
     those alone (its model.generation_config is that file, else one made of config.json), vLLM on them beside the
     tokenizer's EOS (try_get_generation_config's fallback too, the ids its stop_token_ids). ([], None): no file or
-    no id. An id outside the model's vocab is refused, naming the file."""
+    no id. An id outside the model's vocab is refused, naming the file; limit: the tokenizer's size where the
+    model's vocabulary is padded past it (only its ids are drawn), an id in the padding left out: it is never drawn,
+    so it ends nothing (vLLM and transformers never meet it either), and a folder listing one is not refused."""
     folder = Path(folder)
     for name in ("generation_config.json", "config.json"):
         path = folder / name
@@ -112,7 +114,7 @@ def generation_end_ids(folder, vocab: int) -> tuple:
             ends = [ends] if is_int(ends) else ends if isinstance(ends, list) else []
             if not all(is_int(t) and 0 <= t < vocab for t in ends):
                 raise UserError(f"{path}: eos_token_id must be token ids of the model's {vocab}, got {ends!r}")
-            return [int(t) for t in ends], path
+            return [int(t) for t in ends if limit is None or t < limit], path
     return [], None
 
 

@@ -514,14 +514,19 @@ def encode_generate_prompt(tok, prompt: str, allow_special: bool, where: str = "
     return with_bos(tok, ids)[:-len(ids)], ids
 
 
-def model_end_ids(args, tok, vocab: int) -> list:
-    """The end tokens of the model's generation config (hf_tokenizer.generation_end_ids): its folder's alone
-    (serve.model_folder, as serve's --generation-config auto reads it: a run's checkpoint has none)."""
+def model_end_ids(args, tok, model, limit, stop_id) -> list:
+    """The end tokens of the model's generation config (hf_tokenizer.generation_end_ids: generation_config.json's
+    eos_token_id, else config.json's) other than stop_id (the tokenizer's EOS, or a chat's end of turn): every
+    command that generates from a model folder (generate, its --num-beams and --prompts, chat) ends a text on them
+    too, as serve does (vLLM stops on them beside the EOS, transformers' generate on them). Its folder's alone
+    (serve.model_folder, as serve's --generation-config auto reads it: a run's checkpoint has none). limit: the
+    tokenizer's size where the model has more rows (load_generation_model's)."""
     from tritongpt.train.hf_tokenizer import generation_end_ids
     from tritongpt.train.serve import model_folder
 
     folder = model_folder(args, tok)
-    return generation_end_ids(folder, vocab)[0] if folder is not None else []
+    ends = generation_end_ids(folder, model.config.vocab_size, limit)[0] if folder is not None else []
+    return [t for t in ends if t != stop_id]
 
 
 def cmd_generate(args):
@@ -581,10 +586,15 @@ def cmd_generate(args):
     if len(lead + ids) > model.config.context_length:  # a full window is fine: it predicts the next token
         raise UserError(f"prompt is {len(lead + ids)} tokens; the model's context is {model.config.context_length}")
     idx = torch.tensor([lead + ids] * args.num_samples, dtype=torch.long, device=device)  # one batch
+    eot = eot_or_none(tok)
+    # the model's generation config's end tokens end a text too, beside the tokenizer's EOS: transformers' generate
+    # stops on those (the tokenizer's EOS aside), vLLM on both, so a tokenizer_config.json naming another EOS than
+    # config.json's or generation_config.json's eos_token_id ends where either would
+    ends = model_end_ids(args, tok, model, limit, eot)
     if beams is not None:
         with autocast(device, dtype):
-            return print_beams(model, tok, idx, len(lead), args.max_new_tokens, beams, eot_or_none(tok), limit,
-                               kv_cache_dtype=args.kv_cache_dtype, **sampling_controls(args))
+            return print_beams(model, tok, idx, len(lead), args.max_new_tokens, beams, eot, limit,
+                               kv_cache_dtype=args.kv_cache_dtype, stop_token_ids=ends, **sampling_controls(args))
     # transformers' defaults: 10 tokens a prompt lookup (prompt_lookup_num_tokens)
     num_draft = (4 if args.draft else 10) if args.draft_tokens is None else args.draft_tokens
     if args.prompt_lookup is not None:
@@ -601,11 +611,6 @@ def cmd_generate(args):
         check_draft(model, draft, idx, args.max_new_tokens, num_draft, flags=True)
     stats = {}
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    eot = eot_or_none(tok)
-    # the model's generation config's end tokens end a text too, beside the tokenizer's EOS: transformers' generate
-    # stops on those (the tokenizer's EOS aside), vLLM on both, so a tokenizer_config.json naming another EOS than
-    # config.json's or generation_config.json's eos_token_id ends where either would
-    ends = [t for t in model_end_ids(args, tok, limit or model.config.vocab_size) if t != eot]
     guide = None if spec is None else Grammars.of(tok, limit or model.config.vocab_size).guide(spec)
     stream = TextStream(tok, ids, eot, stops, ends) if args.stream else None
     start, prompt_text = len(lead + ids), tok.decode(ids)
@@ -704,8 +709,9 @@ def check_beam_args(args):
 
 
 def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eot, limit, kv_cache_dtype="auto",
-                **controls) -> int:
-    """generate --num-beams: the best beams' texts (as generate prints a sample) and their scores on stderr."""
+                stop_token_ids=(), **controls) -> int:
+    """generate --num-beams: the best beams' texts (as generate prints a sample) and their scores on stderr.
+    stop_token_ids: the other ids that end a beam (model_end_ids')."""
     from tritongpt.train.beam_search import beam_search, check_return_sequences
 
     T, ctx = idx.size(1), model.config.context_length
@@ -713,20 +719,23 @@ def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eo
         raise UserError(f"--num-beams keeps the text within the model's context: prompt {T} + --max-new-tokens "
                         f"{max_new_tokens} - 1 > context length {ctx}")
     check_return_sequences(beams["num_return_sequences"], min(limit or model.config.vocab_size,
-                                                              model.config.vocab_size), max_new_tokens, eot, flags=True)
+                                                              model.config.vocab_size), max_new_tokens, eot, flags=True,
+                           stop_token_ids=stop_token_ids)
     out, scores = beam_search(model, idx, max_new_tokens, **beams, eos_id=eot, vocab_limit=limit,
                               repetition_penalty=controls["repetition_penalty"],
-                              no_repeat_ngram_size=controls["no_repeat_ngram_size"], kv_cache_dtype=kv_cache_dtype)
-    ids = idx[0, lead:].tolist()
+                              no_repeat_ngram_size=controls["no_repeat_ngram_size"], kv_cache_dtype=kv_cache_dtype,
+                              stop_token_ids=list(stop_token_ids) or None)
+    ids, ends = idx[0, lead:].tolist(), {eot, *stop_token_ids} - {None}
     for i, (row, score) in enumerate(zip(out.tolist(), scores.tolist())):
         new = row[T:]
-        ended = eot is not None and eot in new
-        if ended:
-            new = new[:new.index(eot)]
+        ended = next((j for j, t in enumerate(new) if t in ends), None)  # (a shorter beam is padded with an end)
+        if ended is not None:
+            new, marker = new[:ended], new[ended]
         if i:
             print(SAMPLE_SEPARATOR)
         print(tok.decode(ids + new))
-        end = f", the model ended the text ({tok.decode([eot])}) after {len(new)} new tokens" if ended else ""
+        end = f", the model ended the text ({tok.decode([marker])}) after {len(new)} new tokens" \
+            if ended is not None else ""
         note(f"beam {i + 1}: score {score:.6f}{end}")
     return 0
 
