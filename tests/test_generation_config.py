@@ -238,3 +238,21 @@ def test_without_a_generation_config_json_config_jsons_eos_token_id_ends_answers
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5, 70]}))
     with pytest.raises(UserError, match=r"config.json: eos_token_id must be token ids of the model's 10"):
         generation_config(args, None, 10, {})
+
+
+def test_an_end_token_in_a_padded_vocabularys_padding_is_left_out(tmp_path):
+    """A model whose vocabulary is padded past its tokenizer's (only the tokenizer's ids are drawn): an eos_token_id
+    in the padding is never drawn, so it ends nothing and is left out, by serve and by the commands
+    (commands.model_end_ids), rather than refusing the folder; one past the model's vocabulary is refused."""
+    from tritongpt.commands import model_end_ids
+    from tritongpt.train.serve import generation_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5, 12]}))
+    args = type("A", (), {"weights": str(tmp_path), "tokenizer": None, "generation_config": "auto"})()
+    model = type("M", (), {"config": type("C", (), {"vocab_size": 16})()})()
+    assert generation_config(args, None, 16, {}, limit=10) == ({}, [5])
+    assert model_end_ids(args, None, model, 10, None) == [5] and model_end_ids(args, None, model, 10, 5) == []
+    assert model_end_ids(args, None, model, None, 0) == [5, 12]
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5, 16]}))
+    with pytest.raises(UserError, match=r"config.json: eos_token_id must be token ids of the model's 16"):
+        model_end_ids(args, None, model, 10, None)

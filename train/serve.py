@@ -2562,12 +2562,13 @@ def model_folder(args, tok):
         else Path(source) if source and not args.tokenizer else None
 
 
-def generation_config(args, tok, vocab: int, override: dict) -> tuple:
+def generation_config(args, tok, vocab: int, override: dict, limit: int | None = None) -> tuple:
     """vLLM's --generation-config: (the requests' default settings {field: value}, with "max_tokens" the most an
     answer may draw; the end tokens the model folder's generation_config.json lists beside its EOS). auto: the
     model folder's file (--weights', or --pretrained's with its own tokenizer); vllm: no defaults; a folder: its file.
     The end tokens come from the file read, the model's own under vllm (vLLM's try_get_generation_config: without a
-    generation_config.json, config.json's eos_token_id). Values are checked here, naming the file."""
+    generation_config.json, config.json's eos_token_id). Values are checked here, naming the file. vocab: the
+    model's; limit: the tokenizer's size where the model's is padded past it (load_generation_model's)."""
     from tritongpt.train.generate import check_sampling
     from tritongpt.train.hf_tokenizer import generation_end_ids
 
@@ -2607,8 +2608,8 @@ def generation_config(args, tok, vocab: int, override: dict) -> tuple:
     # the end tokens: the file read's (a folder's), else the model folder's own generation config, which without a
     # generation_config.json is config.json's eos_token_id (vLLM's try_get_generation_config falls back to it,
     # transformers' generate too): a tokenizer_config.json naming another EOS does not silence it
-    ends = generation_end_ids(path.parent, vocab)[0] if path is not None and path != own else \
-        generation_end_ids(folder, vocab)[0] if folder is not None else []
+    ends = generation_end_ids(path.parent, vocab, limit)[0] if path is not None and path != own else \
+        generation_end_ids(folder, vocab, limit)[0] if folder is not None else []
     if config:
         said = ", ".join(f"{k} {v}" for k, v in config.items())
         note(f"{path or '--override-generation-config'}: the requests' defaults are {said} (vLLM's "
@@ -2843,7 +2844,7 @@ def make_server(args) -> ThreadingHTTPServer:
     override = override_generation_config(args.override_generation_config)
     model, tok, device, dtype, limit = load_generation_model(args)
     chat_template = chat_template_arg(args.chat_template, tok)
-    gen = generation_config(args, tok, limit or model.config.vocab_size, override)
+    gen = generation_config(args, tok, model.config.vocab_size, override, limit)
     if chat_template is not None:  # (the served tokenizer's own, for chats: vLLM's override, with tools too)
         tok.chat_template, tok.chat_templates = chat_template, None
     thinking = None
