@@ -623,3 +623,27 @@ def test_a_gpt2_folders_own_template_is_said_to_go_unused(tmp_path, capsys):
         err = capsys.readouterr().err
         line = f"{folder / 'tokenizer_config.json'}: its chat_template is not tritongpt's chat format and is not used"
         assert err.count(line) == said, (name, err)
+
+
+def test_a_gpt2_folder_saved_by_transformers_or_edited_keeps_our_template_unsaid(tmp_path, capsys):
+    """transformers' save_pretrained writes a GPT-2 folder's chat template to chat_template.jinja (not
+    tokenizer_config.json): ours there is no news, a foreign one is said once naming that file; ours with a newline
+    after it (an editor's) renders the same, so it is no news either."""
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train("the cat sat on the mat. " * 20, 265, name="small")
+    for name, template, said in (("ours", formats.HF_CHAT_TEMPLATE, False), ("chatml", CHATML, True),
+                                 ("edited", "\n" + formats.HF_CHAT_TEMPLATE + "\n", False)):
+        src, folder = tmp_path / f"{name}-src", tmp_path / name
+        src.mkdir()
+        for file, text in bpe.hf_files().items():
+            (src / file).write_text(text)
+        theirs = transformers.AutoTokenizer.from_pretrained(src)
+        theirs.chat_template = template
+        theirs.save_pretrained(folder)
+        assert (folder / "chat_template.jinja").is_file()
+        capsys.readouterr()
+        assert isinstance(get_tokenizer(folder), BPETokenizer)
+        err = capsys.readouterr().err
+        line = f"{folder / 'chat_template.jinja'}: its chat_template is not tritongpt's chat format and is not used"
+        assert err.count(line) == said and ("not tritongpt's chat format" in err) == said, (name, err)

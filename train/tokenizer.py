@@ -531,11 +531,14 @@ class BPETokenizer(TokenizerChecks):
             if name == "tokenizer_config.json":  # (checked as the tokenizers-library path checks it; GPT-2's
                 from tritongpt.train.chat_template import template_from_config  # chats are in tritongpt's format)
 
+                # the folder's chat_template.jinja first, as transformers reads it: its save_pretrained (5's) writes
+                # the template there, not into tokenizer_config.json
+                jinja = path.parent / "chat_template.jinja"
                 try:
-                    template = template_from_config(d, str(path))
+                    template = template_from_config(d, str(path), path.parent)
                 except UserError as e:
                     raise TokenizerConfigError(str(e)) from None
-                _note_foreign_template(template, path)
+                _note_foreign_template(template, jinja if jinja.is_file() else path)
             decoder = d.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 # JSON keys: the ids as decimal strings (isdecimal: "²" is a digit, and no int())
@@ -926,14 +929,18 @@ _NOTED = set()
 
 
 def _note_foreign_template(template, path):
-    """Say once per file that a GPT-2 folder's chat template is not tritongpt's format (formats.HF_CHAT_TEMPLATE, as
+    """Say once per file (path: tokenizer_config.json, or the chat_template.jinja it was read from) that a GPT-2
+    folder's chat template is not tritongpt's format (formats.HF_CHAT_TEMPLATE, as
     export writes it) and goes unused: transformers' apply_chat_template would render the folder's, and this tokenizer
     renders every chat (chat, serve, sft) in tritongpt's. Said rather than rendered: BPETokenizer keeps no template
     (its run file has none, and a run's chat data is in tritongpt's format), so the two would part at the next load."""
     from tritongpt.train.formats import HF_CHAT_TEMPLATE
 
     key = ("chat_template", str(Path(path).resolve()))
-    if template is None or template in (HF_CHAT_TEMPLATE, "{{- bos_token -}}" + HF_CHAT_TEMPLATE) or key in _NOTED:
+    # (stripped: ours opens with "{%-" and closes with "-%}", which strip the whitespace around it when rendered, so a
+    # copy with a newline after it, as an editor saves a chat_template.jinja, renders the same)
+    ours = (HF_CHAT_TEMPLATE.strip(), ("{{- bos_token -}}" + HF_CHAT_TEMPLATE).strip())
+    if template is None or template.strip() in ours or key in _NOTED:
         return
     _NOTED.add(key)
     note(f"{path}: its chat_template is not tritongpt's chat format and is not used: a GPT-2 tokenizer renders chats "
