@@ -103,9 +103,8 @@ def test_load_text_errors(tmp_path):
 
 
 def test_a_folder_reads_each_file_once_its_links_to_its_own_files_too(tmp_path):
-    """A text folder's link (or hard link) to another of its own files was listed by rglob as a file of its own and
-    read twice as one source, drawn from twice as often, never said: each file on disk is read once, under its
-    first name in name order. A folder of token shards too."""
+    """A text folder's link to another of its own files was listed by rglob as a file of its own and read twice as
+    one source, drawn from twice as often, never said: it is dropped. A folder of token shards too."""
     import os
     from types import SimpleNamespace
 
@@ -114,7 +113,7 @@ def test_a_folder_reads_each_file_once_its_links_to_its_own_files_too(tmp_path):
     (folder / "a.txt").write_text("ay", encoding="utf-8")
     (folder / "c.txt").write_text("sea", encoding="utf-8")
     (folder / "b.txt").symlink_to(folder / "a.txt")
-    os.link(folder / "a.txt", folder / "d.txt")
+    (folder / "e.txt").symlink_to("b.txt")  # (a chain of links within the folder: a.txt's too)
     assert load_text(folder) == EOT.join(["ay", "sea"])
     assert sorted(p.name for p in data.files_read(str(folder)).values()) == ["a.txt", "c.txt"]
     shards = tmp_path / "shards"
@@ -125,6 +124,47 @@ def test_a_folder_reads_each_file_once_its_links_to_its_own_files_too(tmp_path):
     ids = SimpleNamespace(name="ids", hash="i" * 64, vocab_size=100)  # (shards are read, not tokenized)
     td = prepare_tokens(str(shards), ids, val_fraction=0.0)
     assert np.array_equal(np.asarray(td.train), np.arange(1, 17))  # s0 and s2, each once
+    # a hard link is a name of equal standing, as dedup tools make of equal files: read, as `datasets` reads it
+    os.link(folder / "c.txt", folder / "d.txt")
+    assert load_text(folder) == EOT.join(["ay", "sea", "sea"])
+
+
+def test_names_that_share_a_stored_file_without_naming_each_other_are_each_read(tmp_path):
+    """Only a link to another of the folder's own names is dropped. A Hub snapshot's shards are links into its
+    blobs/, and two shards of equal bytes share one blob: distinct shards, each read, as `datasets.load_dataset`
+    reads them (it yields both shards' rows); they were read once. A token folder's val shard linking a train shard
+    is the validation split, not a repeat (dropped, validation silently became the training tail); a held-out
+    name linking a training shard still mixes splits."""
+    from types import SimpleNamespace
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot" / "data"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    (blobs / "h1").write_text("one", encoding="utf-8")
+    (blobs / "h2").write_text("two", encoding="utf-8")
+    for name, blob in (("train-0.txt", "h1"), ("train-1.txt", "h2"), ("train-2.txt", "h1")):
+        (snap / name).symlink_to(Path("../../blobs") / blob)  # (as the Hub cache links them: relative)
+    assert load_text(snap) == EOT.join(["one", "two", "one"])
+    linked = tmp_path / "fetched"  # hub_datasets' own folder: a link to each snapshot file
+    linked.mkdir()
+    for p in sorted(snap.iterdir()):
+        (linked / p.name).symlink_to(p)
+    assert load_text(linked) == EOT.join(["one", "two", "one"])
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "train_0.npy", np.arange(1, 9, dtype=np.uint16))
+    (shards / "val_0.npy").symlink_to(shards / "train_0.npy")
+    ids = SimpleNamespace(name="ids", hash="i" * 64, vocab_size=100)
+    td = prepare_tokens(str(shards), ids)
+    assert np.array_equal(np.asarray(td.train), np.arange(1, 9)) and np.array_equal(np.asarray(td.val),
+                                                                                     np.arange(1, 9))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "train-0.parquet").write_bytes(b"not read")  # (refused before any is read)
+    (mixed / "test-0.parquet").symlink_to(mixed / "train-0.parquet")
+    with pytest.raises(UserError, match="mixes splits: test-0.parquet is held-out data beside train-0.parquet"):
+        data.parquet_shards(mixed)
 
 
 @settings(max_examples=300, deadline=None)

@@ -170,16 +170,32 @@ def _file_key(path: Path, st: os.stat_result):
 
 
 def _once(files: list) -> list:
-    """Files in their order, each file on disk once: a folder's link (or hard link) to another of its own files
-    was read twice as one source, drawn from twice as often, never said (rglob lists the link as a file of its
-    own). The first name in name order is kept."""
-    seen, kept = set(), []
-    for p in files:
-        key = _file_key(p, os.stat(p))
-        if key not in seen:
-            seen.add(key)
-            kept.append(p)
-    return kept
+    """Files in their order, less a link to another of them: rglob lists a folder's link to one of its own files as a
+    file of its own (iterdir a token shard's link), so that file was read twice as one source, drawn from twice as
+    often, never said. Only such a link is dropped: two names of one stored file where neither names the other are
+    two files, each read, as `datasets` reads them (a Hub snapshot's shards, links into its blobs/, share one blob
+    where their bytes are equal: distinct shards, distinct rows; hard links, as dedup tools make of equal files)."""
+    if not any(p.is_symlink() for p in files):
+        return files
+    parents = {}
+
+    def here(p):  # a file by its own name in its resolved folder (a link to a folder's file names the file)
+        if p.parent not in parents:
+            parents[p.parent] = p.parent.resolve()
+        return parents[p.parent] / p.name
+
+    listed = {here(p) for p in files}
+
+    def links_to_listed(p):  # each hop of a link chain: b -> a -> a Hub blob names a, listed
+        hops = set()
+        while p.is_symlink() and p not in hops:
+            hops.add(p)
+            p = here(p.parent / os.readlink(p))
+            if p in listed:
+                return True
+        return False
+
+    return [p for p in files if not links_to_listed(p)]
 
 
 def _files_of(folder: Path, pattern: str) -> list:
@@ -189,7 +205,7 @@ def _files_of(folder: Path, pattern: str) -> list:
             raise UserError(f"{p}: a broken link (its target does not exist)")
         if p.is_file():  # not a folder that happens to be named *.txt
             files.append(p)
-    return _once(files)
+    return files
 
 
 # words of a file name that say it holds an evaluation split (a Hub dataset's data/test-00000-of-00001.parquet)
@@ -206,13 +222,13 @@ def parquet_shards(folder: Path) -> list:
         raise UserError(f"folder {folder} mixes splits: {held[0].name} is held-out data beside "
                         f"{next(p for p in parquet if p not in held).name}; pass the training files alone (a "
                         "folder of them, or one file)")
-    return parquet
+    return _once(parquet)  # (after the splits are judged by every name: a test-* link to a train-* shard mixes them)
 
 
 def _txt_files(folder: Path) -> list:
     """A text folder's files: its .txt files, or else its .parquet files (a Hub dataset's shards, FineWeb's), in
     name order, all of one split."""
-    files = _files_of(folder, "*.txt")
+    files = _once(_files_of(folder, "*.txt"))
     parquet = parquet_shards(folder)
     if files and parquet:
         raise UserError(f"folder {folder} holds both .txt and .parquet files: pass a folder of one kind, or a file")
@@ -263,7 +279,7 @@ def _shard_files(path: Path) -> list:
     any other folder."""
     if not path.is_dir() or _is_token_folder(path):
         return []
-    return _once(sorted(p for p in path.iterdir() if _is_token_file(p)))
+    return sorted(p for p in path.iterdir() if _is_token_file(p))
 
 
 def files_read(source) -> dict | None:
@@ -592,8 +608,12 @@ def _shard_folder(folder: Path, files: list, tokenizer, val_fraction) -> TokenDa
 
     # a word, in any case: not the "val" of "interval"; "validation" too (a HF-style split name)
     is_val = [bool(re.search(r"(^|[^a-z])val(id|idation)?($|[^a-z])", p.stem.lower())) for p in files]
-    train_files = [p for p, v in zip(files, is_val) if not v]
-    val_files = [p for p, v in zip(files, is_val) if v]
+    # a link to another shard dropped within its split, not across: a val shard linking a train shard is the
+    # validation split the folder names (dropped, that split would silently become the training tail)
+    train_files = _once([p for p, v in zip(files, is_val) if not v])
+    val_files = _once([p for p, v in zip(files, is_val) if v])
+    kept = set(train_files + val_files)
+    files = [p for p in files if p in kept]
     if not train_files:
         raise UserError(f"{folder}: every token shard is a validation one ({', '.join(p.name for p in val_files)}): "
                         "no training shard")
