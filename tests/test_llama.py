@@ -196,6 +196,35 @@ def test_an_untied_config_json_beside_weights_without_a_head_is_refused(hf_copy,
                                    "it have no lm_head.weight: transformers would start a random LM head")
 
 
+def test_a_config_json_without_tie_word_embeddings_unties_as_its_model_types_default(hf_copy, tmp_path):
+    """LlamaConfig's default is untied: a Llama folder whose config.json does not say tie_word_embeddings and whose
+    weights have no lm_head loads in transformers with a random head. It loaded tied here (no head read as tied,
+    whatever the model type): refused, naming the field and the type's default. Saying true still loads tied."""
+    path = hf_copy(_hf_model, tmp_path, tie=True)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+    assert d.pop("tie_word_embeddings") is True  # (save_pretrained writes it: true is not LlamaConfig's default)
+    cfg_json.write_text(json.dumps(d))
+    with pytest.raises(UserError, match=r"does not say tie_word_embeddings \(model_type 'llama': transformers' default "
+                                        r"false\), but the weights beside it have no lm_head.weight"):
+        load_checkpoint(path)
+    cfg_json.write_text(json.dumps({**d, "tie_word_embeddings": True}))
+    assert load_checkpoint(path).config.tie_weights
+
+
+def test_the_untied_by_default_model_types_are_transformers_own():
+    """UNTIED_BY_DEFAULT is what transformers' configs say where config.json is silent: each of the model types the
+    readers take, tied or untied by default as its config class is."""
+    from transformers import CONFIG_MAPPING
+
+    from tritongpt.train.gpt2_weights import UNTIED_BY_DEFAULT
+
+    tied = {"gpt2", "gpt_neo", "bloom", "falcon", "mpt", "gemma", "gemma2", "gemma3_text", "cohere", "cohere2",
+            "smollm3"}
+    for model_type in sorted(tied | UNTIED_BY_DEFAULT):
+        assert CONFIG_MAPPING[model_type]().tie_word_embeddings == (model_type not in UNTIED_BY_DEFAULT), model_type
+
+
 def test_older_config_json_with_rope_theta_and_without_rms_norm_eps_reads_as_transformers_does(tmp_path):
     """transformers 4.x wrote rope_theta, not rope_parameters; a config.json without rms_norm_eps
     means LlamaConfig's default, 1e-6."""

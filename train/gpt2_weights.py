@@ -236,16 +236,31 @@ def config_flag(d: dict, key: str, default: bool, cfg_json, null_ok: bool = True
     return value
 
 
+# the model types whose transformers config unties the head where config.json does not say tie_word_embeddings
+# (LlamaConfig's default false and its kin's; transformers 5.25 as 4.x). Their models tie only when it says true, so
+# a folder of theirs with no head and no word is loaded with a random head; and save_pretrained writes the field
+# wherever the value differs from PretrainedConfig's default (true) or the class's, so every folder transformers
+# wrote for these says it. GPT-2, GPT-Neo, BLOOM, Falcon, MPT, Gemma, Cohere and SmolLM3 tie by default (GPT-2's
+# configs leave the field out, their files the head); a config.json without a model_type is no transformers
+# folder: tied as before.
+UNTIED_BY_DEFAULT = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "phi", "phi3", "stablelm",
+                               "granite", "granitemoe", "mixtral", "qwen3_moe", "olmoe", "gpt_neox", "gptj"})
+
+
 def tied_head(d: dict, head, emb, head_name: str, cfg_json) -> bool:
     """Whether the LM head is the embedding, as the weights say: no head tensor (head: None), or one equal to the
     embedding (emb). A config.json that says tie_word_embeddings false beside weights with no head is a broken
     folder: transformers starts a random head there (a missing weight), a model no reading here computes (tying
-    was: another model than transformers'); refused naming the file and field."""
+    was: another model than transformers'); refused naming the file and field. So is one that does not say it, of a
+    model type whose transformers config unties by default (UNTIED_BY_DEFAULT)."""
     if head is None:
-        if "tie_word_embeddings" in d and not config_flag(d, "tie_word_embeddings", True, cfg_json):
-            raise UserError(f"{cfg_json} says tie_word_embeddings {json.dumps(d['tie_word_embeddings'])}, but the "
-                            f"weights beside it have no {head_name}: transformers would start a random LM head. "
-                            "Add the head's weights, or set tie_word_embeddings true to use the embedding as the head")
+        default = not (isinstance(d.get("model_type"), str) and d["model_type"] in UNTIED_BY_DEFAULT)
+        if not config_flag(d, "tie_word_embeddings", default, cfg_json):
+            said = f"says tie_word_embeddings {json.dumps(d['tie_word_embeddings'])}" if "tie_word_embeddings" in d \
+                else f"does not say tie_word_embeddings (model_type {d['model_type']!r}: transformers' default false)"
+            raise UserError(f"{cfg_json} {said}, but the weights beside it have no {head_name}: transformers would "
+                            "start a random LM head. Add the head's weights, or set tie_word_embeddings true to use "
+                            "the embedding as the head")
         return True
     return torch.equal(head, emb)
 
