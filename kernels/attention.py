@@ -357,7 +357,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
                 v_sc = tl.load(vs_base + page * stride_sp + slot, mask=offs_n < Tk, other=0.0)
             else:
                 v_sc = tl.load(vs_base + offs_n, mask=offs_n < Tk, other=0.0)
-            v = (v.to(tl.float32) * v_sc[:, None]).to(q.dtype)
+            # cast, not .to: the interpreter's .to truncates into bf16, dequantize_kv rounds to nearest even
+            v = cast(v.to(tl.float32) * v_sc[:, None], q.dtype)
         acc = dot(cast(p, v.dtype), v, acc, PRECISION)
         m_i = m_new
     return acc, l_i, m_i

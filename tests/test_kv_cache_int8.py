@@ -143,6 +143,22 @@ def test_16_bit_q_reads_the_int8_values_in_its_dtype(dtype, forced_splits, devic
         assert_close_rel(got, ref, 1e-2, f"{dtype} splits={splits}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_query_that_sees_one_key_reads_its_value_as_dequantize_kv_rounds_it(dtype, forced_splits, device):
+    """Causal, the first query sees key 0 alone: its weight is exactly 1, so its output is that value as the kernel
+    reads it, which must be dequantize_kv's, v_int * v_scale rounded to nearest even into q's dtype, bit for bit.
+    The interpreter's .to(bf16) truncates instead: the values read back were up to one bf16 ulp low in magnitude (found
+    by test_attention_fuzz.py: 2x the bf16 reference's error at softmax_scale 0, where every key weighs the same)."""
+    for splits in (1, 2):
+        forced_splits(splits)
+        q, k, v = make_qkv(2, 2, 17, 17, 16, dtype, device, seed=splits + 7)
+        kq, vq, ks, vs = quantized(k[:, :1], v[:, :1] * 3)
+        with torch.no_grad():
+            got = flash_attention(q, kq, vq, k_scale=ks, v_scale=vs)
+        want = dequantize_kv(vq, vs, dtype)[:, :, :1].expand(-1, 2, -1, -1)  # (MQA: both heads read it)
+        assert torch.equal(got[:, :, :1], want), (splits, (got[:, :, :1].double() - want.double()).abs().max())
+
+
 def test_the_op_with_int8_kv_passes_opcheck(device):
     q, k, v = make_qkv(1, 2, 3, 20, 16, torch.float32, device)
     kq, vq, ks, vs = quantized(k, v)
