@@ -1063,7 +1063,7 @@ def test_a_prefill_only_request_counts_as_vllms_one_drawn_and_dropped_token(both
     def counts():
         return m.generation_tokens, [(m.hist[name].count, m.hist[name].sum) for name in names]
     req = {"prompt": prompt, "echo": True, "max_tokens": 0, "n": 2, "logprobs": logprobs}
-    for stream in (False, True):
+    for stream in (True, False):
         (gen, hist) = counts()
         status, body = call(server, "/v1/completions", {**req, "stream": stream,
                                                         **({"stream_options": {}} if stream else {})})
@@ -2768,3 +2768,38 @@ def test_an_ipv6_host_is_listened_on_and_named_in_brackets(monkeypatch, capsys):
     monkeypatch.setattr(serve, "make_server", lambda args: Bound())
     assert serve.cmd_serve(None) == 0
     assert "serving m at http://[::1]:8000/v1 (Ctrl-C stops)" in capsys.readouterr().err
+
+
+def test_a_request_the_paged_cache_cannot_hold_is_a_400_before_its_stream(tmp_path):
+    """A request whose KV pages (Engine.check_room: the engine's own count) pass the paged cache's is refused
+    before anything is sent: a 400 naming the field to blame (max_tokens; the prompt where it alone does not fit; n
+    where one row would fit), streamed or not, on completions, chat and the Responses API (vLLM's length checks come
+    before its stream), not a 200 and an error event; a stream that fits is unchanged."""
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    server = start(folder, "--max-batch", "2", "--kv-cache-pages", "12", "--kv-page-size", "4")  # (48 positions)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        P = len(server.app.completion_prompt("the cat"))
+        long = "the cat sat on the mat. a dog ran in the park, the bird sang; Hello there! How are you? " * 2
+        hi = [{"role": "user", "content": "Hi"}]
+        assert P < 16 and 48 < len(server.app.completion_prompt(long)) < 128 and len(server.app.chat_prompt(hi)) < 40
+        fits = 32 - P + 1  # (a row of P + fits - 1 = 32 positions: 8 pages, two rows 16)
+        for stream in (True, False):
+            cases = [("/v1/completions", {"prompt": "the cat", "max_tokens": 60}, "max_tokens"),
+                     ("/v1/completions", {"prompt": "the cat", "max_tokens": fits, "n": 2}, "n"),
+                     ("/v1/completions", {"prompt": long, "max_tokens": 0, "echo": True, "logprobs": 1}, "prompt"),
+                     ("/v1/chat/completions", {"messages": hi, "max_tokens": 60}, "max_tokens"),
+                     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1}, "messages"),
+                     ("/v1/responses", {"input": "Hello", "max_output_tokens": 60}, "max_output_tokens")]
+            for path, body, param in cases:
+                status, out = call(server, path, {**body, "stream": stream})
+                assert status == 400 and out["error"]["param"] == param, (path, body, out)
+                assert "KV pages" in out["error"]["message"] and "more than the cache's 12" in out["error"]["message"]
+        assert server.app.engine.stats["prompt_tokens"] == 0  # (none of them reached the engine)
+        status, out = call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": fits, "stream": True,
+                                                       "temperature": 0})
+        assert status == 200 and [c["choices"][0]["finish_reason"] for c in events(out)][-1] == "length"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -395,33 +395,18 @@ class Engine:
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
             what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
-        if idx.size(0) > self.max_batch:
-            raise UserError(f"the request has {idx.size(0)} rows (n), more than the engine's max_batch "
-                            f"{self.max_batch}: it could never be admitted")
         vocab = self.model.config.vocab_size
         if bool(((idx < 0) | (idx >= vocab)).any()):  # (checked here: in the batch's forward it would fail them all)
             raise UserError(f"a request's token ids must be in [0, {vocab}) (the model's vocabulary), got "
                             f"{int(idx.min())}..{int(idx.max())}")
         if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if idx.size(1) + max_new_tokens > self.max_len:
-            raise UserError(f"prompt {idx.size(1)} + max_new_tokens {max_new_tokens} > the context length "
-                            f"{self.max_len}: the engine does not slide the window")
-        # The most it can hold (no cache hit): equal rows prefill once and share their prompt's full pages, but a
-        # request preempted after its rows drew different tokens recomputes each row, with pages of its own
-        prefilled = 1 if bool((idx == idx[:1]).all()) and not self.preemption else idx.size(0)
         if prediction is not None and not isinstance(prediction, Prediction):
             raise UserError(f"a request's prediction must be a generate.Prediction, got {type(prediction).__name__}")
         draft = prediction if prediction is not None else self.lookup if self.lookup is not None else self.draft
-        speculates = draft is not None and logprobs is None and not min_tokens and prompt_logprobs is None \
-            and max_new_tokens > 0 and (guide is None or not warp.get("no_repeat_ngram_size") and guide.wake is None)
-        most = self._new_pages(idx, idx.size(1) + max(max_new_tokens, 1) - 1, [[]] * prefilled,
-                               speculates) if self.paged else 0
-        if self.paged and most > self.cache.num_pages:
-            raise UserError(f"the request needs {most} KV pages "
-                            f"of {self.cache.page_size} positions ({idx.size(0)} rows of {idx.size(1)} + "
-                            f"{max_new_tokens}), more than the cache's {self.cache.num_pages}: it could never be "
-                            "admitted")
+        speculates = self.speculates(max_new_tokens, logprobs, min_tokens, prompt_logprobs, guide,
+                                     prediction is not None, **warp)
+        self.check_room(idx.size(0), idx.size(1), max_new_tokens, bool((idx == idx[:1]).all()), speculates)
         if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
             raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
         check_sampling(**warp)
@@ -455,6 +440,38 @@ class Engine:
             self.waiting.append(r)
             self.cond.notify_all()
         return r
+
+    def speculates(self, max_new_tokens: int, logprobs=None, min_tokens: int = 0, prompt_logprobs=None, guide=None,
+                   predicted: bool = False, **warp) -> bool:
+        """Whether a request of submit's settings drafts (predicted: it brings a prediction), which its pages count
+        (_new_pages' lookup): its draws' logprobs, min_tokens, prompt scoring and a grammar waking late each keep it
+        plain."""
+        drafts = predicted or self.lookup is not None or self.draft is not None
+        return drafts and logprobs is None and not min_tokens and prompt_logprobs is None and max_new_tokens > 0 \
+            and (guide is None or not warp.get("no_repeat_ngram_size") and guide.wake is None)
+
+    def check_room(self, rows: int, prompt: int, max_new_tokens: int, same: bool = True, speculates: bool = False):
+        """submit's refusal of a request the engine could never admit however long it waited: more rows than
+        max_batch, a prompt and budget past the context, more pages than a paged cache holds (rows of `prompt`
+        tokens, `same`: all one prompt; speculates: speculates()'s). Shared so that a server can refuse such a
+        request before it answers (serve's 400 before a stream's 200), by the engine's own arithmetic."""
+        if rows > self.max_batch:
+            raise UserError(f"the request has {rows} rows (n), more than the engine's max_batch "
+                            f"{self.max_batch}: it could never be admitted")
+        if prompt + max_new_tokens > self.max_len:
+            raise UserError(f"prompt {prompt} + max_new_tokens {max_new_tokens} > the context length "
+                            f"{self.max_len}: the engine does not slide the window")
+        if not self.paged:
+            return
+        # The most it can hold (no cache hit): equal rows prefill once and share their prompt's full pages, but a
+        # request preempted after its rows drew different tokens recomputes each row, with pages of its own
+        prefilled = 1 if same and not self.preemption else rows
+        most = self._new_pages((rows, prompt), prompt + max(max_new_tokens, 1) - 1, [[]] * prefilled, speculates)
+        if most > self.cache.num_pages:
+            raise UserError(f"the request needs {most} KV pages "
+                            f"of {self.cache.page_size} positions ({rows} rows of {prompt} + "
+                            f"{max_new_tokens}), more than the cache's {self.cache.num_pages}: it could never be "
+                            "admitted")
 
     def call(self, fn):
         """fn() on the engine's thread between two steps (so no forward runs while it changes the model), -> its
@@ -546,13 +563,13 @@ class Engine:
         T, left = r.idx.size(1), r.budget - (r.idx.size(1) - r.start)
         return T + max(min(left, 2) if self.preemption else left, 1) - 1
 
-    def _new_pages(self, idx, length: int, hits, lookup: bool = False) -> int:
-        """The pages a request of rows idx [n, T] takes beyond `hits`, its prefilled rows' cached pages (one
+    def _new_pages(self, shape, length: int, hits, lookup: bool = False) -> int:
+        """The pages a request of rows of shape (n, T) takes beyond `hits`, its prefilled rows' cached pages (one
         prefilled row for n equal rows, n otherwise), its rows holding `length` positions: each prefilled row's
         pages less its hits, and with prefix caching the other equal rows' own pages past the prefill's full blocks
         (the prompt's; a speculating request's but its last token), which they share (without it they hold the
         whole prompt's, copied)."""
-        n, T = idx.shape
+        n, T = shape
         pages = self.cache.pages_for(length)
         shared = (T - lookup) // self.cache.page_size if self.prefix_caching else 0
         return sum(pages - len(h) for h in hits) + (n - len(hits)) * (pages - shared)
@@ -575,7 +592,7 @@ class Engine:
         if not self.paged:
             return 0
         cached = {p for h in r.hits for p in h if p in cache.cached} if self.prefix_caching else ()
-        return self._new_pages(r.idx, self._length(r), r.hits, r.lookup) + len(cached)
+        return self._new_pages(r.idx.shape, self._length(r), r.hits, r.lookup) + len(cached)
 
     def start(self):
         """step() on a background thread while there is work; returns self."""

@@ -1999,6 +1999,7 @@ class Completion:
                 self.predicted = app.encode(s["prediction"], bos=False, special=True)
             except (UserError, ValueError) as e:
                 raise bad("prediction.content", f"'prediction.content' cannot be tokenized: {e}") from None
+        self.check_room(guide)
         # echo: the prompt's text (and logprobs) first, then the choice's
         self.echoes = [text if s["echo"] else "" for text in self.texts]
         self.kind = "chat.completion" if self.chat else "text_completion"
@@ -2010,6 +2011,36 @@ class Completion:
         self.calls = {}  # a streamed choice's tool calls (CallStream, AutoStream), by its index
         self.thoughts = {}  # a streamed choice's reasoning (ReasoningStream), by its index
         self.ids_sent = {}  # a streamed choice's token ids sent so far (return_token_ids), by its index
+
+    def check_room(self, guide):
+        """Each prompt's engine request as draw() submits it, refused now where the engine could never admit it
+        (Engine.check_room: its rows, context and a paged cache's pages, speculation's too): a 400 before a stream's
+        200, as vLLM's (its length checks come before the stream; a request past its KV cache cannot come: vLLM
+        refuses that at startup), not an error event after it. param: the prompt where it alone does not fit, else
+        max_tokens, else n (its rows together)."""
+        engine, s = self.app.engine, self.s
+        if engine is None or s["beam"] is not None:  # (beams: no engine)
+            return
+        in_prefill = s["score_k"] is not None
+        for ids, budget in zip(self.prompts, self.budgets):
+            if budget == 0 and not in_prefill:  # (draw()'s: nothing submitted)
+                continue
+            rows = 1 if budget == 0 else s["n"]  # (a prefill-only request: one row, Model.draw's)
+
+            def check(rows, budget):
+                engine.check_room(rows, len(ids), budget, True, engine.speculates(
+                    budget, s["logprobs"], s["min_tokens"], s["score_k"], guide, self.predicted is not None))
+            try:
+                check(rows, budget)
+            except UserError as e:
+                blame = "n"  # (one row of it would fit: its n rows together do not)
+                for field, one_row_of in (("messages" if self.chat else "prompt", 0), ("max_tokens", budget)):
+                    try:
+                        check(1, one_row_of)
+                    except UserError:
+                        blame = field
+                        break
+                raise bad(blame, str(e)) from None
 
     def logprobs(self, items, start=0):
         """A choice's (or a chunk's) logprobs object, or None: chat's, or completions' (text offsets from start)."""
