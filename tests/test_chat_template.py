@@ -352,6 +352,40 @@ def test_a_template_that_loops_without_end_is_refused_by_name(monkeypatch):
     assert time.perf_counter() - start < 2  # (0.1 s here)
 
 
+def test_a_template_that_loops_over_the_messages_in_its_loop_over_them_renders(monkeypatch):
+    """A real template may walk every message for each message: Command R7B's tool template (c4ai-command-r7b-12-2024,
+    its tool_call_id_to_int macro, here as it is) numbers each tool result by walking every message and call before
+    it, 941,000 steps for an agent's chat of 1,000 messages (transformers renders it in 7 s), which MAX_STEPS alone
+    refused from 461 messages. A rendering may take n**2 steps for the n messages, tool calls and tools it is given
+    (chat_template._steps_for): made small here (MAX_STEPS 2,000; the chat, 31 calls and their results, takes 3,070
+    steps of 94**2); a loop in a loop in a loop over the messages (254,000) is still refused, naming the steps it was
+    given."""
+    from tritongpt.train import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_STEPS", 2_000)
+    tok = copy.copy(get_tokenizer("default"))
+    tok.chat_template = (
+        "{%- macro tool_call_id_to_int(messages, tool_call_id) %}{%- set counter = namespace(value=0) %}"
+        "{%- set tool_call_id_seen = namespace(value=false) %}{%- for msg in messages %}{%- if msg.tool_calls %}"
+        "{%- for tool_call in msg.tool_calls %}{%- if tool_call.id == tool_call_id and not tool_call_id_seen.value -%}"
+        "{{ counter.value }}{%- set tool_call_id_seen.value = true %}{%- endif %}"
+        "{%- set counter.value = counter.value + 1 %}{%- endfor %}{%- endif %}{%- endfor %}{%- endmacro %}"
+        "{%- for message in messages %}{%- if message.role == 'tool' %}<|START_TOOL_RESULT|>"
+        "{{ tool_call_id_to_int(messages, message.tool_call_id) }}={{ message.content }}"
+        "{%- else %}<|START_OF_TURN_TOKEN|>{{ message.role }}: {{ message.content }}{%- endif %}{%- endfor %}")
+    chat = [{"role": "user", "content": "fix it"}]
+    for i in range(30, -1, -1):  # (ids that sort apart from their order: the number is the call's place)
+        chat += [{"role": "assistant", "content": "", "tool_calls": [
+                     {"id": f"call_{i}", "type": "function", "function": {"name": "ls", "arguments": {"n": i}}}]},
+                 {"role": "tool", "tool_call_id": f"call_{i}", "content": f"r{i}"}]
+    assert render(tok, chat) == "<|START_OF_TURN_TOKEN|>user: fix it" + "".join(
+        f"<|START_OF_TURN_TOKEN|>assistant: <|START_TOOL_RESULT|>{30 - i}=r{i}" for i in range(30, -1, -1))
+    tok.chat_template = ("{% for a in messages %}{% for b in messages %}{% for c in messages %}{% endfor %}"
+                         "{% endfor %}{% endfor %}")
+    with pytest.raises(UserError, match="takes more than 8,836 steps"):  # ((63 messages + 31 calls)**2)
+        render(tok, chat)
+
+
 def test_a_template_that_grows_text_without_bound_is_refused_by_name(monkeypatch):
     """Text a template makes is bounded as range() is: a string doubled in a loop (+, ~, a list's +), a filter or
     method whose argument sets its length (center, indent, wordwrap, format and %, str.format, join, replace, batch,
