@@ -8,6 +8,9 @@ import math
 
 import pytest
 import torch
+import hypothesis
+from hypothesis import HealthCheck, Phase, example, settings
+from hypothesis import strategies as st
 
 import plot_stub
 from parity import (assert_close_rel, decode_token_by_token, decodes_like, greedy_on_both_paths,
@@ -15,7 +18,7 @@ from parity import (assert_close_rel, decode_token_by_token, decodes_like, greed
 from tritongpt.errors import UserError
 from tritongpt.kernels._common import saved_tensor_bytes
 from tritongpt.kernels.rope import rope
-from tritongpt.model.config import GPTConfig
+from tritongpt.model.config import GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.layers import MultiHeadAttention, apply_rotary, document_starts, rope_inv_freq
 
@@ -1077,3 +1080,97 @@ def test_cuda_partial_rotary_at_model_sizes_bf16(H, Hkv, D, R, mscale):
         ours, theirs = report(a.cpu(), b)[1], report(r.cpu(), b)[1]
         assert ours <= 2 * theirs + 1e-6, (name, ours, theirs)
     assert torch.equal(got[0][..., R:], q.detach()[..., R:]) and torch.equal(got[1][..., R:], k.detach()[..., R:])
+
+
+# -- shape/feature fuzz: every argument the kernel takes, drawn together ------------------------
+
+FUZZ_SCALING = [None, {"rope_type": "linear", "factor": 2.5},
+                {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 16},
+                {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+                "longrope"]  # longrope: factors drawn to the rotated width
+
+
+def fuzz_reference(x, pos, inv_freq, R, mscale):
+    """float64 rotation of x's first R columns by the fp32 angles pos * inv_freq (the angle both paths
+    define: one fp32 product), cos and sin times mscale; the rest as they are."""
+    x = x.double().cpu()
+    a = (pos.float()[..., None] * inv_freq.cpu()).double()[:, None]  # [B, 1, T, R/2]
+    cos, sin = a.cos() * mscale, a.sin() * mscale
+    x1, x2 = x[..., :R // 2], x[..., R // 2:R]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], -1)
+
+
+def fuzz_float64(q, k, pos, inv_freq, R, mscale, dq, dk):
+    """(q out, k out, dq, dk) in float64 for incoming gradients dq, dk."""
+    q64, k64 = (t.detach().double().cpu().requires_grad_() for t in (q, k))
+    want = fuzz_reference(q64, pos, inv_freq, R, mscale), fuzz_reference(k64, pos, inv_freq, R, mscale)
+    torch.autograd.backward(want, (dq.double().cpu(), dk.double().cpu()))
+    return (*[w.detach() for w in want], q64.grad, k64.grad)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+# hypothesis.given: the tests above name their positions argument `given`
+@hypothesis.given(B=st.integers(1, 3), H=st.integers(0, 4), Hkv=st.integers(0, 4), T=st.integers(0, 70),
+       half=st.integers(1, 48), rot=st.sampled_from([None, "partial", "whole"]),
+       kind=st.sampled_from(["offset", "tensor", "documents"]), theta=st.sampled_from([10000.0, 500.0, 1e6]),
+       scaling=st.sampled_from(FUZZ_SCALING), mscale=st.sampled_from([1.0, 1.19]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1))
+@example(B=1, H=1, Hkv=1, T=1, half=1, rot=None, kind="offset", theta=1e6, scaling="longrope", mscale=1.0,
+         dtype=torch.bfloat16, seed=25735)  # found by this test: a bound too tight at 2 values (not the kernel)
+def test_shape_fuzz(B, H, Hkv, T, half, rot, kind, theta, scaling, mscale, dtype, seed):
+    """rope() against float64 over batch, heads (k's count apart from q's, either may be 0), length (partial
+    token tiles), head_dim, partial rotary, each positions form, theta, each scaling rule and mscale: forward and
+    both gradients. fp32 within 1e-4; bf16/fp16 within twice apply_rotary's own error (in that dtype) plus
+    one rounding."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    D = 2 * half
+    R = {None: None, "whole": D, "partial": 2 * int(torch.randint(1, half + 1, (), generator=gen))}[rot]
+    width = R or D
+    if scaling == "longrope":
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": 24,
+                   "short_factor": (1 + torch.rand(width // 2, generator=gen)).tolist(),
+                   "long_factor": (1 + 4 * torch.rand(width // 2, generator=gen)).tolist()}
+    # q a transposed view of a projection, k contiguous: different strides
+    q = torch.randn(B, T, H, D, generator=gen).to(device, dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, Hkv, T, D, generator=gen).to(device, dtype).requires_grad_()
+    if kind == "offset":
+        start = int(torch.randint(0, 40, (), generator=gen))
+        given_pos, pos = start, torch.arange(start, start + T).expand(B, T)
+    elif kind == "tensor":
+        pos = torch.randint(0, 60, (T,), generator=gen)
+        given_pos, pos = pos.to(device), pos.expand(B, T)
+    else:
+        pos = doc_positions(B, T, gen)
+        given_pos = pos.to(device)
+    seq_len = (int(pos.max()) + 1 if pos.numel() else 0) if kind != "offset" else start + T
+    normal = check_rope_scaling(scaling, "fuzz")  # yarn's defaults filled in, as rope() does
+    inv_freq = rope_inv_freq(width, theta, "cpu", normal, seq_len)
+
+    def kernel(q, k):
+        return rope(q, k, given_pos, theta=theta, scaling=scaling, rotary_dim=R, mscale=mscale)
+    got = run_and_grads(kernel, q, k, gen)
+    want = fuzz_float64(q, k, pos, inv_freq, width, mscale, got[4], got[5])
+    what = f"B={B} H={H}/{Hkv} T={T} D={D} R={R} {kind} {scaling and scaling['rope_type']} {dtype}"
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == dtype and a.shape == b.shape, (name, what)
+    if dtype == torch.float32:
+        for name, a, b in zip(NAMES, got, want):
+            if a.numel():
+                assert_close_rel(a, b, 1e-4, f"{name} {what}")
+        return
+    if B * T == 0:
+        return
+
+    def module(q, k):
+        return tuple(apply_rotary(t, pos.to(device), theta, normal, R or 0, seq_len, mscale) for t in (q, k))
+    ref = run_and_grads(module, q, k, gen)
+    ref_want = fuzz_float64(q, k, pos, inv_freq, width, mscale, ref[4], ref[5])
+    for name, a, r, b, rb in zip(NAMES, got, ref, want, ref_want):
+        if a.numel():
+            # plus one rounding of the float64 result to the dtype: at a few values (D 2, T 1) apply_rotary's
+            # error can fall near 0 by chance, and twice it alone fails a kernel off by one rounding
+            ours, theirs, floor = report(a, b)[1], report(r, rb)[1], report(b.to(dtype), b)[1]
+            assert ours <= 2 * theirs + floor, (name, what, ours, theirs, floor)
