@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
 from launch_spy import FlagSpy, record_launches
 import plot_stub
@@ -802,3 +804,86 @@ def test_gated_products_timed_as_the_gelu_ones(device, monkeypatch):
     check_parity(37, 48, 136, torch.bfloat16, device, seed=44)
     assert sorted(key[8] for key in mlp._GATE) == [mlp.EPI_SWIGLU, mlp.EPI_SWIGLU_GRAD]
     assert all(p["path"] == "triton" and p["triton_ms"] == 1.0 and p["torch_ms"] == 2.0 for p in mlp._GATE.values())
+
+
+# -- shape/feature fuzz --------------------------------------------------------------------------
+
+def rounding_floors(leaves, dy, activation, eps):
+    """Per result, twice the error of rounding each of its summed terms once in the dtype (eps = 2 roundoffs times
+    the l2 norm of the terms, float64): a relative bound fails on a few values that cancel (the fuzz's M 1, C 1: dx
+    one sum of 122 terms, far under their size, off 1.2e-2 relative in bf16 where PyTorch's error happened to be
+    4e-3, 6.2e-5 absolute against a term rounding of ~6e-5), and a term's rounding is what any 16-bit kernel (dg, du
+    stored in the dtype) pays."""
+    x, wg, bg, wu, bu, wd, bd = (t.detach() if t is not None else None for t in leaves)
+    x2 = x.reshape(-1, x.shape[-1])
+    g = F.linear(x2, wg, bg).requires_grad_()
+    u = F.linear(x2, wu, bu).requires_grad_()
+    a = ACTS[activation](g) * u
+    dy2 = dy.reshape(a.shape[0], -1)
+    dg, du = torch.autograd.grad(F.linear(a, wd), (g, u), dy2)
+    a, sq = a.detach(), lambda t: t * t
+    terms = {"y": sq(a) @ sq(wd).T, "dx": sq(dg) @ sq(wg) + sq(du) @ sq(wu), "dw_gate": sq(dg).T @ sq(x2),
+             "dw_up": sq(du).T @ sq(x2), "dw_down": sq(dy2).T @ sq(a), "db_gate": sq(dg).sum(0),
+             "db_up": sq(du).sum(0), "db_down": sq(dy2).sum(0)}
+    return {name: eps * t.sum().sqrt().item() for name, t in terms.items()}
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+@given(M=st.integers(1, 70), C=st.integers(1, 72), H=st.integers(1, 140), lead=st.booleans(),
+       biases=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+       trainable=st.lists(st.booleans(), min_size=7, max_size=7).filter(any),
+       activation=st.sampled_from(["silu", "gelu"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1))
+@example(M=1, C=1, H=61, lead=False, biases=(False, False, True), trainable=[True, False, False, False, False, False,
+         True], activation="gelu", dtype=torch.bfloat16, seed=136)  # found by this test: dx one sum that cancels
+def test_shape_fuzz(M, C, H, lead, biases, trainable, activation, dtype, seed):
+    """swiglu_mlp against float64 over rows (or leading dims), widths, each bias present or not, any set of
+    trainable inputs (the rest frozen: no gradient, no product) and both activations: y and every gradient
+    made. fp32 within 1e-4; 16-bit as check_parity bounds it (the flat TOL or twice PyTorch's own error in the
+    dtype, and within that plus one rounding), or rounding_floors' absolute floor where that is larger (sums
+    that cancel)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, (M + 1) // 2) if lead else None
+    params = make(M, C, H, dtype, device, gen, lead=shape)
+    for i, present in zip((2, 4, 6), biases):
+        if not present:
+            params[i] = None
+    for p, train in zip(params, trainable):
+        if p is not None:
+            p.requires_grad_(train)
+    if not any(p is not None and p.requires_grad for p in params):
+        params[0].requires_grad_()
+    y = swiglu_mlp(*params, activation=activation)
+    assert y.dtype == dtype and y.shape == params[0].shape
+    dy = torch.randn(y.shape, generator=gen).to(device, dtype)
+    y.backward(dy)
+    leaves = [p.detach().double().requires_grad_(p.requires_grad) if p is not None else None for p in params]
+    y64 = ref_swiglu(*leaves, activation)
+    y64.backward(dy.double())
+    what = f"{activation} {dtype} x{tuple(params[0].shape)} H={H} biases={biases}"
+    floors = dict.fromkeys(("y",) + NAMES, 0.0)
+    if dtype != torch.float32:
+        lp = [p.detach().clone().requires_grad_(p.requires_grad) if p is not None else None for p in params]
+        y_lp = ref_swiglu(*lp, activation)
+        y_lp.backward(dy)
+        floors = rounding_floors(leaves, dy.double(), activation, torch.finfo(dtype).eps)
+    for i, (name, got, want) in enumerate(zip(("y",) + NAMES, [y] + params, [y64] + leaves)):
+        if i and (got is None or not got.requires_grad):
+            assert got is None or got.grad is None, f"{name} {what}: frozen, yet given a gradient"
+            continue
+        got, want = (got, want) if not i else (got.grad, want.grad)
+        if dtype == torch.float32:
+            assert_close_rel(got, want, TOL[dtype], f"{name} {what}")
+            continue
+        torch_lp = y_lp if not i else lp[i - 1].grad
+        # the larger of each relative bound and the floor (not their sum: where nothing cancels the floor is
+        # ~eps of ||result||, and a sum would loosen the bounds check_parity holds the kernel to)
+        ref_norm, (_, rel) = want.norm().item(), report(got, want)
+        err = rel * ref_norm
+        assert torch.isfinite(got).all(), f"{name} {what}: NaN/inf"
+        assert err <= max(max(TOL[dtype], 2 * report(torch_lp, want)[1]) * ref_norm, floors[name]), \
+            f"{name} {what}: error {err:.3e} (rel {rel:.3e}) over the flat TOL, twice PyTorch's and the floor"
+        assert err <= max(_bound(torch_lp, want) * ref_norm, floors[name]), \
+            f"{name} {what}: error {err:.3e} > 2 x PyTorch's + a rounding, and the floor {floors[name]:.1e}"
