@@ -11,9 +11,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from parity import assert_close_rel
-from tritongpt.kernels.moe import moe_mlp
+from tritongpt.kernels.moe import ID_DTYPES, moe_mlp
 
 N, E, K, C, H = 37, 5, 2, 72, 40
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -290,3 +292,53 @@ def test_stored_activation_is_freed_once_dw_down_is_made(device, monkeypatch):
         y, g, u, order, offsets = moe._fwd_launch(x, experts, wg, wu, wd)
         moe._bwd_launch(dy, x, g, u, order, offsets, wg, wu, wd, (True,) * 4)
     assert len(stored) == 1 and alive == [True, False, False], alive  # dW_down reads it; then gone
+
+
+# -- shape/routing fuzz ----------------------------------------------------------------------------
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+@given(n=st.integers(0, 40), e=st.integers(1, 6), k=st.integers(1, 3), c=st.integers(1, 40), h=st.integers(1, 40),
+       repeats=st.booleans(), frozen=st.sets(st.integers(0, 3), max_size=3), ids=st.sampled_from(ID_DTYPES),
+       activation=st.sampled_from(["silu", "gelu"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1))
+def test_shape_fuzz(n, e, k, c, h, repeats, frozen, ids, activation, dtype, seed):
+    """moe_mlp against the float64 loop over experts: tokens, experts, top-k, widths, routing drawn unevenly
+    (a skewed preference over the experts, some of them idle; repeats: a token may pick one expert in two
+    slots), any frozen inputs, int32 or int64 ids, both activations: y and each gradient made, idle experts'
+    weight gradients exactly zero. fp32 within 1e-4, 16-bit within TOL."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, e) if not repeats else k
+    x = torch.randn(n, c, generator=gen)
+    wg = torch.randn(e, h, c, generator=gen) * (1.5 / math.sqrt(c))
+    wu = torch.randn(e, h, c, generator=gen) / math.sqrt(c)
+    wd = torch.randn(e, c, h, generator=gen) / math.sqrt(h)
+    # skewed: each expert's weight a power of a uniform (some near 0: idle or nearly), at least one kept
+    pref = torch.rand(e, generator=gen) ** 4 * (torch.rand(e, generator=gen) > 0.3)
+    pref[int(torch.randint(0, e, (), generator=gen))] += 1.0
+    experts = torch.multinomial(pref.expand(max(n, 1), e), k, replacement=repeats, generator=gen)[:n]
+    params = [t.to(device, dtype).requires_grad_(i not in frozen) for i, t in enumerate((x, wg, wu, wd))]
+    experts = experts.to(device, ids)
+    y = moe_mlp(params[0], experts, *params[1:], activation=activation)
+    assert y.dtype == dtype and y.shape == (n, k, c)
+    dy = torch.randn(y.shape, generator=gen).to(device, dtype)
+    if n:
+        y.backward(dy)
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    y_ref = ref_moe(leaves[0], experts.long(), *leaves[1:], activation=activation)
+    what = f"{dtype} {activation} n={n} e={e} k={k} c={c} h={h} repeats={repeats} frozen={sorted(frozen)}"
+    if not n:
+        assert y.numel() == 0
+        return
+    y_ref.backward(dy.double())
+    assert_close_rel(y, y_ref, TOL[dtype], f"y {what}")
+    idle = [i for i in range(e) if not (experts == i).any()]
+    for i, name in enumerate(("dx", "dw_gate", "dw_up", "dw_down")):
+        if i in frozen:
+            assert params[i].grad is None, f"{name} {what}"
+            continue
+        assert params[i].grad.dtype == dtype, name
+        assert_close_rel(params[i].grad, leaves[i].grad, TOL[dtype], f"{name} {what}")
+        for j in idle if i else ():
+            assert torch.equal(params[i].grad[j], torch.zeros_like(params[i].grad[j])), f"{name} idle {j} {what}"
