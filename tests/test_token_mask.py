@@ -4,6 +4,8 @@ xgrammar's own (skipped without xgrammar); the dispatcher; every refusal. The cu
 tests/test_custom_ops.py."""
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from tritongpt.errors import UserError
 from tritongpt.kernels.token_mask import apply_token_bitmask_
@@ -204,3 +206,42 @@ def test_refusals(device, change, message):
 def test_pack_refuses_non_bool():
     with pytest.raises(UserError, match="allowed must be a bool tensor"):
         pack_token_bitmask(torch.ones(2, 3))
+
+
+# -- shape fuzz ----------------------------------------------------------------------------------------------
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+@given(B=st.integers(0, 9), V=st.integers(0, 9000), extra_rows=st.integers(0, 3), data=st.data(),
+       raw=st.booleans(), pad=st.integers(0, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_shape_fuzz(B, V, extra_rows, data, raw, pad, dtype, seed):
+    """apply_token_bitmask_ against the float64 loop and the reference over rows, vocabularies (none, under a word,
+    across the interpreter's 256-word block), a bitmask with more rows than logits, indices (None, or any host list
+    of rows in range: any order, repeats, empty), words as pack_token_bitmask makes them or raw int32s (any bits,
+    those past V and bit 31 too), row-strided logits: equal exactly, the padding past V untouched. (The float64 loop
+    on small cases only.)"""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    logits, buf = logits_view(B, V, dtype, device, gen, pad=pad)
+    n_words = (V + 31) // 32
+    indices = data.draw(st.none() | st.lists(st.integers(0, B - 1), max_size=12) if B else st.none(), "indices")
+    rows = B + (extra_rows if indices is not None else 0)
+    if raw:
+        bitmask = torch.randint(-2**31, 2**31, (rows, n_words), generator=gen, dtype=torch.int64).to(torch.int32)
+        bitmask[torch.rand(rows, n_words, generator=gen) < 0.2] = -1  # whole words allowed: blocks with no store
+    elif rows:
+        bitmask = pack_token_bitmask(allowed_rows(rows, V, gen))
+    else:  # (allowed_rows stacks its rows: none to stack)
+        bitmask = torch.zeros(0, n_words, dtype=torch.int32)
+    bitmask = bitmask.to(device)
+    buf0 = buf.clone()
+    ref = apply_token_bitmask_reference(logits, bitmask, indices)
+    # the Python loop costs a second per 50k tokens: past that the reference (checked against it above) stands in
+    want = loop_reference(logits, bitmask, range(B) if indices is None else indices) if B * V <= 20000 else ref.double()
+    with torch.no_grad():
+        out = apply_token_bitmask_(logits, bitmask, indices)
+    assert out is logits
+    assert torch.equal(ref.double(), want)
+    assert torch.equal(logits.double(), want), (B, V, rows, indices, raw)
+    assert torch.equal(buf[:, V:], buf0[:, V:])
