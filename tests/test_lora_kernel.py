@@ -3,8 +3,10 @@ reference written here, row by row, on both its kernel pairs (per row, and group
 adapter); and its refusals."""
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
-from parity import assert_close_rel
+from parity import assert_close_mixed, assert_close_rel
 from tritongpt.errors import UserError
 from tritongpt.kernels import lora
 from tritongpt.kernels.lora import MAX_RANK, add_lora_rows, segments
@@ -214,3 +216,39 @@ def test_gpt2_small_widths_on_cuda(T, K, N, grouped):
     on = idx >= 0
     assert torch.equal(y[~on], y0[~on])
     assert_close_rel(y[on].double() - y0[on].double(), want[on] - y0[on].double(), 1e-2, "delta")
+
+
+# -- shape fuzz --------------------------------------------------------------------------------------
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+@given(B=st.integers(0, 5), T=st.integers(0, 40), K=st.integers(1, 80), N=st.integers(1, 80),
+       R=st.one_of(st.integers(1, 40), st.sampled_from([64, 100, MAX_RANK])), S=st.integers(1, 4),
+       grouped=st.sampled_from([None, False, True]), int32=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1))
+@example(B=2, T=25, K=1, N=25, R=1, S=2, grouped=True, int32=True, dtype=torch.bfloat16, seed=1024)  # the floor's
+def test_shape_fuzz(B, T, K, N, R, S, grouped, int32, dtype, seed):
+    """add_lora_rows against the float64 loop over rows, slots, tokens (partial token tiles, decode's 1, none),
+    widths, ranks up to MAX_RANK, each kernel pair, int32 or int64 slots, each float dtype: y and the deltas
+    alone within 1e-4 (fp32) or 1e-2 (16-bit), the deltas with a floor of y's rounding; rows with index -1 exactly
+    as they were."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randint(-1, S, (B,), generator=gen).tolist()
+    y, x, a, b, idx = case(B, T, K, N, R, S, index, device, dtype, seed=seed)
+    idx = idx.to(torch.int32 if int32 else torch.int64)  # (an empty list makes a float tensor)
+    y0 = y.clone()
+    want = reference(y0, x, a, b, idx)
+    with torch.no_grad():
+        out = add_lora_rows(y, x, a, b, idx, grouped=grouped)
+    assert out is y and y.dtype == dtype
+    what = f"{dtype} B={B} T={T} K={K} N={N} R={R} S={S} grouped={grouped} index={index}"
+    on = idx >= 0
+    assert torch.equal(y[~on], y0[~on]), what
+    if y[on].numel():
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        assert_close_rel(y, want, tol, f"y {what}")
+        # the delta read back from y carries y's rounding (eps of |y| at most): at K 1, R 1 a delta is a product of
+        # three normals, often small beside y, and 2e-2 off relative in bf16 from that rounding alone
+        floor = torch.finfo(dtype).eps * want[on].norm().item()
+        assert_close_mixed(y[on].double() - y0[on].double(), want[on] - y0[on].double(), tol, floor, f"delta {what}")
