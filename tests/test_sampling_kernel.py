@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 import tritongpt.kernels.sampling as ks
 from tritongpt.errors import UserError
@@ -261,3 +263,52 @@ def test_gpt2_and_qwen_vocabularies_on_cuda(V, dtype):
         got = sample_tokens(logits, u, 0.8, **cut).cpu()
         want = reference(logits.float().cpu(), u.cpu(), 0.8, **cut)
         assert (got != want).sum() <= 1, (cut, (got != want).nonzero())
+
+
+# -- shape/cut fuzz: which tokens survive the cuts, exactly --------------------------------------------------
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+@given(B=st.integers(1, 3), V=st.integers(1, 400), T=st.sampled_from([0.3, 1.0, 2.5]),
+       top_k=st.none() | st.integers(1, 420), top_p=st.none() | st.floats(0.01, 1.0),
+       min_p=st.none() | st.floats(0.0, 0.5), ties=st.booleans(), banned=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1))
+def test_shape_fuzz(B, V, T, top_k, top_p, min_p, ties, banned, dtype, seed):
+    """sample_tokens' survivors against sampling_logits' (the reference path's cuts, -inf for a cut token) over rows,
+    vocabularies (one token, a partial block), temperature, top-k (past V too), top-p, min-p, logits with many ties
+    (whole numbers) or -inf tokens (a grammar's bans), each dtype. The draw is deterministic in u: at the midpoint of
+    surviving tokens' CDF intervals (float64 masses; the first, the last and 6 more of those wider than 1e-4) the
+    kernel draws that very token, so the survivors and their order are the reference's; at any other u it draws a
+    survivor."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=g) * 3
+    if ties:
+        logits = logits.round()
+    if banned:
+        logits[torch.rand(B, V, generator=g) < 0.3] = float("-inf")
+        logits[:, int(torch.randint(0, V, (), generator=g))] = 0.0  # one drawable token a row
+    logits = logits.to(dtype)
+    cut = dict(top_k=top_k, top_p=top_p, min_p=min_p)
+    keep = torch.isfinite(sampling_logits(logits, T, **cut))
+    z = logits.double().masked_fill(~keep, float("-inf"))
+    probs = torch.softmax((z - z.amax(-1, keepdim=True)) / T, -1)
+    edges = probs.cumsum(-1)
+    rows, us, want = [], [], []
+    for b in range(B):
+        wide = (keep[b] & (probs[b] > 1e-4)).nonzero().flatten()
+        # a draw a program row under the interpreter: the first and last survivors and 6 others, not all of them
+        pick = wide[torch.randperm(len(wide), generator=g)[:6]].tolist() + wide[[0, -1]].tolist() if len(wide) else []
+        for t in pick:
+            rows.append(b)
+            us.append((edges[b, t] - probs[b, t] / 2).item())
+            want.append(t)
+        for u in torch.rand(2, generator=g).tolist():
+            rows.append(b)
+            us.append(u)
+            want.append(None)
+    u = torch.tensor(us, dtype=torch.float32)
+    got = sample_tokens(logits[rows], u, T, **cut).tolist()
+    what = f"{dtype} B={B} V={V} T={T} {cut} ties={ties} banned={banned}"
+    for r, w, t in zip(rows, want, got):
+        assert keep[r, t], f"row {r} drew token {t}, which the cuts remove: {what}"
+        assert w is None or t == w, f"row {r}: token {t} drawn at the midpoint of survivor {w}'s interval: {what}"
