@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
 from parity import assert_close_mixed, assert_close_rel
 from tritongpt.errors import UserError
@@ -402,3 +404,82 @@ def test_ids_past_the_teachers_vocabulary_are_refused_not_read_from_its_padded_h
     opts = {"distill_alpha": 0.4, "distill_temperature": 2.0, "distill_beta": 0.3}
     with pytest.raises(UserError, match="teacher's vocabulary has 33 ids"):
         distill.pretrain_loss_fn(teacher, opts, 37, lambda x: None)(fused, (x, y))
+
+
+# -- shape/option fuzz ------------------------------------------------------------------------------------
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: minutes under the interpreter
+@given(lead=st.tuples(st.integers(1, 2), st.integers(1, 8)), cs=st.integers(1, 16), ct=st.integers(1, 16),
+       ws=st.integers(1, 64), wt=st.integers(1, 64), v_ce=st.integers(1, 64), v=st.integers(1, 64), alpha=st.sampled_from([0.0, 0.4, 1.0]),
+       T=st.sampled_from([0.5, 1.0, 2.0]), beta=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+       reduction=st.sampled_from(["mean", "sum"]), chunk_rows=st.sampled_from([None, 2, 7]),
+       bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**31 - 1))
+@example(lead=(1, 1), cs=12, ct=12, ws=57, wt=29, v_ce=46, v=28, alpha=0.4, T=0.5, beta=0.9, reduction="sum",
+         chunk_rows=None, bias=True, dtype=torch.bfloat16, seed=1)  # found by this test: one row's kd in bf16 (logits' rounding)
+@example(lead=(1, 1), cs=1, ct=16, ws=45, wt=1, v_ce=45, v=45, alpha=0.4, T=1.0, beta=0.0, reduction="mean",
+         chunk_rows=2, bias=False, dtype=torch.bfloat16, seed=15597)  # found by this test: dhidden cancels
+@example(lead=(2, 1), cs=14, ct=16, ws=2, wt=52, v_ce=56, v=44, alpha=1.0, T=1.0, beta=0.9, reduction="sum",
+         chunk_rows=7, bias=True, dtype=torch.bfloat16, seed=13)  # found by this test: dweight at two ids
+def test_shape_fuzz(lead, cs, ct, ws, wt, v_ce, v, alpha, T, beta, reduction, chunk_rows, bias, dtype, seed):
+    """linear_distill_loss against distill_loss on float64 heads over rows, hidden widths, head rows, the CE's
+    classes and the divergence's ids (each <= the heads'), alpha, temperature, beta (each divergence), reduction,
+    chunking, biases, ignored targets and dtype: loss, ce, kd and every student gradient within 1e-4 (fp32) or
+    1e-2 (16-bit) of float64 (on the logits rounded to the dtype, as the kernel's are), with an absolute floor for
+    values that cancel (a divergence over one id is 0; a row's dlogits sum to 0)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    v_ce = min(v_ce, ws)  # (clamped: the edges v_ce = ws, v = v_ce or wt often)
+    v = min(v, v_ce, wt)
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_()
+
+    h, w, th, tw = leaf(*lead, cs), leaf(ws, cs, scale=0.8), leaf(*lead, ct), leaf(wt, ct, scale=1.2)
+    b, tb = (leaf(ws), leaf(wt)) if bias else (None, None)
+    y = torch.randint(0, v_ce, lead, generator=g)
+    y[torch.rand(lead, generator=g) < 0.3] = IGNORE
+    y.view(-1)[0] = int(torch.randint(0, v_ce, (), generator=g))  # one counted target at least (none: nan)
+    up = torch.rand((), generator=g).item() + 0.5
+    loss, ce, kd = linear_distill_loss(h, w, th, tw, y.to(device), v, alpha, T, beta, IGNORE, reduction,
+                                       student_bias=b, teacher_bias=tb, ce_vocab_size=v_ce, chunk_rows=chunk_rows)
+    (loss * up).backward()
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    s64 = h64 @ w64.t()
+    t64 = th.detach().double() @ tw.detach().double().t()
+    if bias:
+        b64 = b.detach().double().requires_grad_()
+        s64, t64 = s64 + b64, t64 + tb.detach().double()
+    if dtype != torch.float32:
+        # the heads' logits as the kernel's matmuls leave them, rounded to the dtype (nn.Linear's would be too): at two
+        # ids a bf16 logit's rounding moves the probabilities, so dweight, by 1% (the @example with ws=2); rounded
+        # straight through, so the gradient still flows to h, W and b as the kernel's does
+        s64 = s64 + (s64.detach().to(dtype).double() - s64.detach())
+        t64 = t64.to(dtype).double()
+    s64.retain_grad()  # dlogits: the terms of the gradients' sums
+    want = distill.distill_loss(s64[..., :v_ce], t64, y, v, alpha, T, beta, IGNORE, reduction)
+    (want[0] * up).backward()
+    what = f"{dtype} {lead} cs={cs} ct={ct} ws={ws} wt={wt} v_ce={v_ce} v={v} a={alpha} T={T} b={beta} {reduction}"
+    tol = TOL[dtype]
+    floor = 1e-6 * y.numel()
+    for name, got, ref in zip(("loss", "ce", "kd"), (loss, ce, kd), want):
+        assert got.dtype == torch.float32
+        assert_close_mixed(got.detach().cpu(), ref.detach(), tol, floor, f"{name} {what}")
+    # the gradients are sums over the logits of dlogits (made in the dtype, as the kernel writes them over the
+    # logits) times h or W: a row's dlogits sum to 0, so at one row a dhidden cancels (bf16, N 1, cs 1: 1.1e-2 off
+    # relative). Floor: eps x the l2 norm of the summed terms, one rounding each; the larger of it and the relative
+    # bound holds (not their sum: where nothing cancels the floor is about eps of the result)
+    ds = s64.grad.detach().reshape(-1, ws) ** 2
+    terms = {"dhidden": ds @ w64.detach() ** 2, "dweight": ds.T @ h64.detach().reshape(-1, cs) ** 2, "dbias": ds.sum(0)}
+    grads = [("dhidden", h, h64), ("dweight", w, w64)] + ([("dbias", b, b64)] if bias else [])
+    for name, got, ref in grads:
+        assert got.grad.dtype == dtype
+        floor = 1e-6 * math.sqrt(ref.grad.numel())
+        if dtype != torch.float32:
+            floor = max(floor, torch.finfo(dtype).eps * terms[name].sum().sqrt().item())
+        err = (got.grad.cpu().double() - ref.grad).norm().item()
+        assert torch.isfinite(got.grad).all() and err <= max(tol * ref.grad.norm().item(), floor), \
+            f"{name} {what}: error {err:.3e} over {tol:.0e} x ||ref|| {ref.grad.norm().item():.3e} and {floor:.3e}"
+    assert torch.count_nonzero(w.grad[v_ce:]) == 0
+    assert th.grad is None and tw.grad is None and (tb is None or tb.grad is None)
