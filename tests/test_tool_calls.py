@@ -326,6 +326,78 @@ def test_the_template_check_sees_what_is_rendered_not_a_text_search(folder, monk
             tool_prompt(tok, messages, tools)
 
 
+def agent_chat(results: int, length: int, name=lambda k: "w") -> list:
+    """A user's question, then `results` calls (call k named name(k)) each answered by a tool result (quotes, a
+    backslash, HTML's specials and non-ASCII in it), then user and assistant turns to `length` messages."""
+    from tritongpt.train.serve import tool_messages
+
+    messages = list(USER)
+    for k in range(results):
+        messages += [{"role": "assistant", "content": None, "tool_calls": [{"id": f"c{k}", "type": "function",
+                      "function": {"name": name(k), "arguments": json.dumps({"city": "Oslo", "hot": k % 2 == 0})}}]},
+                     {"role": "tool", "tool_call_id": f"c{k}", "content": f'<{k}> said "cold" & \\ 2°'}]
+    while len(messages) < length:
+        messages.append({"role": "user" if messages[-1]["role"] != "user" else "assistant", "content": "and then?"})
+    return tool_messages(messages if messages[-1]["role"] != "assistant" else messages[:-1])
+
+
+def test_the_template_check_takes_a_few_renderings_whatever_the_chat_length(folder, monkeypatch):
+    """Every result and call is changed at once, each by a marker of its own, and found in one rendering (escaped by
+    tojson or |e too): a chat of 100 messages with 30 results and calls takes 4 renderings (the prompt, it without
+    tools, the results' and arguments' markers, the names'), not one a result and two a call (92)."""
+    from tritongpt.train import chat_template
+    from tritongpt.train.serve import check_tools
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok, tools, messages = get_tokenizer(folder[0]), check_tools(TOOLS), agent_chat(30, 100)
+    assert len(messages) == 100 and sum(m["role"] == "tool" for m in messages) == 30
+    renders, render = [], chat_template.render
+    monkeypatch.setattr(chat_template, "render", lambda *a, **k: renders.append(1) or render(*a, **k))
+    escaped = TOOLS_TEMPLATE.replace("message.content + '<|im_end|>", "(message.content | e) + '<|im_end|>")
+    for template in (TOOLS_TEMPLATE, TOJSON_RESULTS, escaped):
+        monkeypatch.setattr(tok, "chat_template", template)
+        renders.clear()
+        text = chat_template.tool_prompt(tok, messages, tools)
+        assert len(renders) <= 4 and text == render(tok, messages, True, tools)
+    assert '&lt;7&gt; said &#34;cold&#34; &amp;' in text  # (|e's: the results reach it escaped)
+    # continued (vLLM's continue_final_message): the final answer cut where its text ends, as few renderings
+    monkeypatch.setattr(tok, "chat_template", TOOLS_TEMPLATE)
+    renders.clear()
+    text = chat_template.tool_prompt(tok, messages + [{"role": "assistant", "content": "it is"}], tools,
+                                     mode="continue")
+    assert len(renders) <= 4 and text.endswith("<|im_start|>assistant\nit is")
+
+
+def test_one_dropped_item_among_many_is_named_as_before(folder, monkeypatch):
+    """A template that drops one result, or one call's arguments, in the middle of 30 of each is refused naming that
+    message; one that shows a result cut short (no room for its marker) or refuses a call whose name is no tool's
+    (a marked name: refused, so read) passes, each such item then probed alone as before."""
+    from tritongpt.train import chat_template
+    from tritongpt.train.serve import check_tools
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok, tools = get_tokenizer(folder[0]), check_tools(TOOLS)
+    messages = agent_chat(30, 70, name=lambda k: "add" if k == 17 else "w")  # (call 17 at 35, its result at 36)
+    drops_result = TOOLS_TEMPLATE.replace("{%- if message.role == 'tool' %}",
+                                          "{%- if message.role == 'tool' and loop.index0 == 24 %}"
+                                          "{%- elif message.role == 'tool' %}")
+    drops_adds_arguments = TOOLS_TEMPLATE.replace("(call.function.arguments | tojson)",
+                                                  "((call.function.arguments | tojson) if call.function.name != 'add' "
+                                                  "else '')")
+    for template, at, what in ((drops_result, 24, "tool result"), (drops_adds_arguments, 35, "assistant's tool "
+                                                                                           "call's arguments")):
+        monkeypatch.setattr(tok, "chat_template", template)
+        with pytest.raises(UserError, match=rf"^messages\[{at}\]: the model's chat template drops this {what} "):
+            chat_template.tool_prompt(tok, messages, tools)
+    cut = TOOLS_TEMPLATE.replace("message.content + '<|im_end|>", "message.content[:12] + '<|im_end|>")
+    known = TOOLS_TEMPLATE.replace(
+        "{{- call.function.name", "{%- if call.function.name not in tools | map(attribute='function.name') %}"
+        "{{- raise_exception('no tool ' + call.function.name) }}{%- endif %}{{- call.function.name")
+    for template in (cut, known):
+        monkeypatch.setattr(tok, "chat_template", template)
+        assert chat_template.tool_prompt(tok, messages, tools) == chat_template.render(tok, messages, True, tools)
+
+
 def test_call_ids_are_text_a_template_may_write(folder):
     """Templates write a call's id and a result's tool_call_id (Mistral's do): neither may spell a special token."""
     from tritongpt.train.chat_template import tool_prompt
