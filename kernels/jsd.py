@@ -43,7 +43,7 @@ import triton.language as tl
 
 from tritongpt._env import triton_interpreting
 from tritongpt._types import is_int, is_real
-from tritongpt.kernels._common import (autocast_dtype, cdiv, check_runnable, check_same_device, check_same_dtype,
+from tritongpt.kernels._common import (autocast_dtype, cast, cdiv, check_runnable, check_same_device, check_same_dtype,
                                        check_tensor, custom_op, first_order_only, next_pow2, no_func_transform,
                                        on_tensor_device)
 from tritongpt.kernels.cross_entropy import (CHUNK_ELEMENTS, _as_int, _bias_grad_buffer, _checked_targets,
@@ -157,7 +157,8 @@ def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, WT, V_CE, V_KD,
             if HAS_GRAD:
                 dx = _grad_tile(x, lps, lpt, lref, cols, target, mc, lc, zero, V_CE, V_KD, ce_weight, kd_weight,
                                 share, MODE)
-                tl.store(x_rows + cols, tl.where(counted[:, None], dx, 0.0).to(X.dtype.element_ty),
+                # cast, not .to: the interpreter's .to truncates into bf16 where the GPU rounds to nearest even
+                tl.store(x_rows + cols, cast(tl.where(counted[:, None], dx, 0.0), X.dtype.element_ty),
                          mask=row_ok[:, None] & (cols < W))
         else:
             ps = tl.exp2(lps * LOG2E)
@@ -180,7 +181,7 @@ def _distill_kernel(X, Y, Tgt, CE, KD, stride_x, stride_y, N, W, WT, V_CE, V_KD,
             lps, lpt, lref = _log_probs(x, y, inv_t, ms, ls, mt, lt, log_1mb, log_b, MODE)
             dx = _grad_tile(x, lps, lpt, lref, cols, target, mc, lc, r_row, V_CE, V_KD, ce_weight, kd_weight,
                             share, MODE)
-            tl.store(x_rows + cols, tl.where(counted[:, None], dx, 0.0).to(X.dtype.element_ty),
+            tl.store(x_rows + cols, cast(tl.where(counted[:, None], dx, 0.0), X.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < W))
 
 

@@ -84,6 +84,23 @@ def test_kernel_gradient_at_beta_near_1_with_fp32_scalars(beta, device, monkeypa
     assert_close_rel(buf.cpu().double(), x64.grad, 1e-4, "dlogits")
 
 
+
+@pytest.mark.parametrize("beta", [0.0, 0.3])  # (forward KL writes its gradient in pass 2, the mixture in pass 3)
+def test_a_bf16_gradient_is_its_fp32_value_rounded_to_nearest_even(beta, device):
+    """The gradient written over bf16 logits is the kernel's fp32 value (the same logits in fp32: loaded exactly,
+    the same arithmetic) rounded to nearest even, bit for bit torch's .to(bfloat16), as the GPU's cast: the
+    interpreter's .to(bf16) truncated, up to one ulp low in magnitude."""
+    g = torch.Generator().manual_seed(3)
+    N, V, T = 5, 37, 2.0
+    x, y = (torch.randn(N, V, generator=g) * 3).bfloat16(), torch.randn(N, V, generator=g) * 3
+    t = torch.randint(0, V, (N,), generator=g)
+    bufs = [x.clone().to(device), x.float().to(device)]
+    for buf in bufs:
+        torch.ops.tritongpt.distill_fwd(buf, y.to(device), t.to(device), IGNORE, V, V, T, beta, 0.6, 0.4 * T, True)
+    got, fp32 = (b.cpu() for b in bufs)
+    assert fp32.abs().min() > 0 and not torch.equal(fp32.bfloat16().float(), fp32)  # (values that round)
+    assert torch.equal(got, fp32.bfloat16()), (got.float() - fp32.bfloat16().float()).abs().max()
+
 # -- linear_distill_loss: loss, ce, kd and every gradient against distill_loss in float64 --------------
 def check_linear(alpha, T, beta, dtype, device, reduction="mean", seed=0, chunk_rows=3, bias=True):
     """Student [2, 5] x 12 (head 45 rows, CE over 41), teacher 8 wide (head 40 rows), the divergence over
