@@ -309,8 +309,12 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 def cast(x, dtype: tl.constexpr):
     """x.to(dtype), rounding to nearest even into bf16 on the interpreter too."""
     if INTERPRETER_BF16_FIX and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
         bits = bits + (0x7FFF + ((bits >> 16) & 1))  # round half to even on the 16 dropped bits
+        # a NaN whose payload is all ones below bit 16 would carry into the sign (0x7FFFFFFF -> -0.0), and one
+        # with its payload below bit 16 alone would truncate to inf: any NaN is bf16's quiet NaN, as on the GPU
+        bits = tl.where(x != x, 0x7FC00000, bits)
         y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         y = x.to(dtype)

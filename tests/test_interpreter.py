@@ -194,3 +194,29 @@ def test_a_kernel_answers_the_same_without_the_no_op_shortcuts(monkeypatch):
         monkeypatch.delattr(interpreter.interpreter_semantic, name)  # (the class's own methods again)
     slow, _ = _launch_counting_getmembers(monkeypatch, x)
     assert torch.equal(fast, slow)
+
+
+@triton.jit
+def _narrow_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, _common.cast(tl.load(x_ptr + offs), tl.bfloat16))
+
+
+def test_cast_into_bf16_rounds_to_nearest_even_and_keeps_every_nan_a_nan():
+    """_common.cast is torch's fp32 -> bf16 rounding bit for bit, and a NaN of any payload stays a NaN: the rounding's
+    carry once turned 0x7FFFFFFF into -0.0 and a low payload (0x7F800001) into inf, a NaN swallowed."""
+    torch.manual_seed(0)
+    finite = torch.randn(61) * torch.logspace(-30, 30, 61)
+    edges = torch.tensor([3.3895e38, -3.3895e38, 1e-40, float("inf"), float("-inf")])  # (rounds to inf, subnormal)
+    nans = torch.tensor([0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF - 2**32, 0x7F800001, 0x7FBFFFFF, 0x7FFF8000],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([finite, edges, nans])
+    pad = torch.full((128,), 1.5)
+    pad[:x.numel()] = x
+    wide = torch.empty(128, dtype=torch.bfloat16)
+    _narrow_kernel[(1,)](pad, wide, 128)
+    out = wide[:x.numel()]
+    want = x.to(torch.bfloat16)
+    fin = ~torch.isnan(x)
+    assert torch.equal(out[fin].view(torch.int16), want[fin].view(torch.int16))
+    assert torch.isnan(out[~fin].float()).all(), out[~fin]
