@@ -1270,7 +1270,7 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     check_tensor(q, "q", ndim=4)
     for name, t in (("k", k), ("v", v)):  # (int8: an int8 KV cache's, with its scales: _check_int8_kv)
         check_tensor(t, name, KV_DTYPES, ndim=4)
-    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
+    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p, block_table)
     _check_block_table(q, k, kv_len, block_table)
     _check_shapes(q, k, v, causal, dropout_p, block_table)
     _check_seed(q, dropout_p, seed)
@@ -1291,7 +1291,7 @@ def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, s
       k_scale=None, v_scale=None, block_table=None):
     _check_seed(q, dropout_p, seed)  # a seed on another device fails when traced, not first on the GPU
     _check_kv_len(q, kv_len, dropout_p)
-    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
+    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p, block_table)
     _check_block_table(q, k, kv_len, block_table)
     _check_routed_to_fake("flash_attn_fwd", q, k=k, v=v, seed=seed, starts=starts, ends=ends, alibi=alibi,
                           kv_len=kv_len, k_scale=k_scale, v_scale=v_scale, block_table=block_table)
@@ -1531,10 +1531,11 @@ def _check_block_table_values(block_table, pages):
         raise ValueError(f"block_table names page {lo if lo < 0 else hi}, but the pool has pages 0..{pages - 1}")
 
 
-def _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p=0.0):
+def _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p=0.0, block_table=None):
     """The dtypes of q, k, v, and an int8 cache's scales as the kernels read them (INT8_KV): int8 k and v (both) with
     k_scale and v_scale fp32 [B, Hkv, Tk] on q's device and a float q; a float k and v with none (then q, k and v
-    share one dtype)."""
+    share one dtype). With a block_table the scales are in pages as the values are, [pages, Hkv, page size]: named
+    so in the refusal, where [B, Hkv, Tk] sent a caller to the rows' shape (its pages' sizes printed as [B, Hkv, Tk])."""
     int8 = [t.dtype == torch.int8 for t in (k, v)]
     scales = [t is not None for t in (k_scale, v_scale)]
     if q.dtype == torch.int8:
@@ -1552,11 +1553,12 @@ def _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p=0.0):
                          "cache's KVCache.k_scale and v_scale), got "
                          f"k_scale {'given' if scales[0] else 'None'} and v_scale {'given' if scales[1] else 'None'}")
     want = tuple(k.shape[:3])
+    layout = "[B, Hkv, Tk]" if block_table is None else "[pages, Hkv, page size] (the pool's, as k's pages)"
     for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be an fp32 tensor [B, Hkv, Tk], got {type(t).__name__}")
+            raise TypeError(f"{name} must be an fp32 tensor {layout}, got {type(t).__name__}")
         if t.dtype != torch.float32 or tuple(t.shape) != want or t.device != q.device:
-            raise ValueError(f"{name} must be float32 [B, Hkv, Tk] = {list(want)} (one scale per key/value vector) "
+            raise ValueError(f"{name} must be float32 {layout} = {list(want)} (one scale per key/value vector) "
                              f"on q's device {q.device}, got {t.dtype} {list(t.shape)} on {t.device}")
     if dropout_p > 0.0:
         raise ValueError(f"int8 k and v (a KV cache) are for inference: dropout_p must be 0, got {dropout_p}")
@@ -1737,7 +1739,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     _check_block_table(q, k, kv_len, block_table)
     if kv_len is not None:
         _checked_kv_len_call(q, k, v, causal, dropout_p, doc_ids, kv_len, block_table, lengths_checked)
-    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p)
+    _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p, block_table)
     if k_scale is not None:
         if torch.is_grad_enabled() and q.requires_grad:
             raise ValueError("int8 k and v (an int8 KV cache) are for inference only (no backward through a "

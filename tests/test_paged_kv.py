@@ -237,6 +237,19 @@ def test_a_bad_block_table_is_named(table, kv_len, error, match, device):
         flash_attention(q, k, k, kv_len=lens[kv_len], block_table=tables[table])
 
 
+
+def test_int8_scales_not_in_pages_are_named_as_the_pools(device):
+    """Scales of the rows' shape [B, Hkv, Tk] beside a paged int8 cache: the refusal names the pool's shape
+    [pages, Hkv, page size], where it said [B, Hkv, Tk] = [6, 2, 4] (the pool's sizes under the rows' names)."""
+    q, _, _ = make_qkv(2, 2, 1, 1, 16, torch.float32, device, seed=3)
+    kq = torch.randint(-127, 128, (6, 2, 4, 16), dtype=torch.int8, device=device)
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=device)
+    rows_scale = torch.rand(2, 2, 12, device=device)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"k_scale must be float32 \[pages, Hkv, page size\] "
+                                                          r"\(the pool's, as k's pages\) = \[6, 2, 4\]"):
+        flash_attention(q, kq, kq, kv_len=torch.tensor([5, 9], device=device), block_table=table,
+                        k_scale=rows_scale, v_scale=rows_scale)
+
 @pytest.mark.cuda
 def test_lengths_checked_by_the_caller_are_never_read_on_the_host():
     """On a GPU flash_attention reads a per-row kv_len and a block table on the host to check them (a sync), unless
