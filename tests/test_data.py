@@ -102,6 +102,33 @@ def test_load_text_errors(tmp_path):
         load_text(tmp_path / "odd")
 
 
+def test_a_broken_link_among_token_shards_is_named_as_a_text_folders_is(tmp_path):
+    """A token shard's link to nothing failed is_file() and was left out of the data without a word (8 tokens of
+    16 read); a text folder's is refused by name. So is a loop of links (a -> b -> a), said as one: its target is
+    no missing file."""
+    from types import SimpleNamespace
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "s0.npy", np.arange(1, 9, dtype=np.uint16))
+    (shards / "s1.npy").symlink_to(tmp_path / "moved.npy")
+    ids = SimpleNamespace(name="ids", hash="i" * 64, vocab_size=100)  # (shards are read, not tokenized)
+    with pytest.raises(UserError, match=r"s1.npy: a broken link \(its target does not exist\)"):
+        prepare_tokens(str(shards), ids, val_fraction=0.0)
+    (shards / "s1.npy").unlink()
+    (shards / "s1.npy").symlink_to("s2.npy")
+    (shards / "s2.npy").symlink_to("s1.npy")
+    with pytest.raises(UserError, match=r"s1.npy: a broken link \(a loop of links: it never reaches a file\)"):
+        prepare_tokens(str(shards), ids, val_fraction=0.0)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("ay", encoding="utf-8")
+    (docs / "b.txt").symlink_to("c.txt")
+    (docs / "c.txt").symlink_to("b.txt")
+    with pytest.raises(UserError, match=r"b.txt: a broken link \(a loop of links"):
+        load_text(docs)
+
+
 def test_a_folder_reads_each_file_once_its_links_to_its_own_files_too(tmp_path):
     """A text folder's link to another of its own files was listed by rglob as a file of its own and read twice as
     one source, drawn from twice as often, never said: it is dropped. A folder of token shards too."""

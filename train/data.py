@@ -34,6 +34,7 @@ mark them). In a .jsonl record or a .py file that spelling is text, tokenised as
 characters, never as the separator.
 """
 import codecs
+import errno
 import hashlib
 import itertools
 import json
@@ -198,11 +199,22 @@ def _once(files: list) -> list:
     return [p for p in files if not links_to_listed(p)]
 
 
+def _refuse_broken_link(p: Path) -> None:
+    """A link to nothing among a folder's data files is named, not skipped as no file (its data silently gone). A
+    loop of links (a -> b -> a) is one too: exists() is false there, but its target is no missing file to restore."""
+    if not p.is_symlink():
+        return
+    try:
+        os.stat(p)
+    except OSError as e:
+        why = "a loop of links: it never reaches a file" if e.errno == errno.ELOOP else "its target does not exist"
+        raise UserError(f"{p}: a broken link ({why})") from None
+
+
 def _files_of(folder: Path, pattern: str) -> list:
     files = []
     for p in sorted(folder.rglob(pattern)):
-        if p.is_symlink() and not p.exists():
-            raise UserError(f"{p}: a broken link (its target does not exist)")
+        _refuse_broken_link(p)
         if p.is_file():  # not a folder that happens to be named *.txt
             files.append(p)
     return files
@@ -279,7 +291,10 @@ def _shard_files(path: Path) -> list:
     any other folder."""
     if not path.is_dir() or _is_token_folder(path):
         return []
-    return sorted(p for p in path.iterdir() if _is_token_file(p))
+    names = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".npy"))
+    for p in names:  # (is_file() is false for a broken link: that shard was silently left out of the data)
+        _refuse_broken_link(p)
+    return [p for p in names if _is_token_file(p)]
 
 
 def files_read(source) -> dict | None:
