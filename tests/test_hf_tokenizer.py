@@ -937,6 +937,36 @@ def test_serve_and_run_batch_stop_on_the_generation_configs_eos_too(ends_folder,
         (theirs.decode(row[:2]), "stop", end, 3)
 
 
+def test_serves_beam_search_ends_on_the_tokenizers_eos_alone(ends_folder):
+    """use_beam_search is vLLM's beam search, which ends a beam on the tokenizer's EOS alone (its
+    serving_engine's beam_search: no stop_token_ids, no generation config's), not on the generation config's other
+    end tokens as its sampling does: the beams are transformers' with eos_token_id the tokenizer's, not those with
+    the generation config's list (`generate --num-beams`'s)."""
+    from test_serve import call, start
+
+    path, theirs, *_ = ends_folder
+    ids, eos = theirs(PROMPT)["input_ids"], theirs.eos_token_id
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+
+    def beams(ends):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=8, num_beams=2, num_return_sequences=2,
+                              do_sample=False, eos_token_id=ends, pad_token_id=eos)
+        return [theirs.decode(next((b[:j] for j, t in enumerate(b) if t in ends), b))
+                for b in (row[len(ids):].tolist() for row in out)]
+    texts = beams([eos])
+    assert texts != beams(json.loads((path / "generation_config.json").read_text())["eos_token_id"])
+    server = start(path, "--kernels", "reference")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, got = call(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "n": 2,
+                                                        "use_beam_search": True})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200 and [c["text"] for c in got["choices"]] == texts, got
+
+
 def test_an_empty_eos_or_bos_token_is_refused_by_name(tmp_path):
     """tokenizer_config.json's eos_token "" (or bos_token): transformers reads a tokenizer without that token (its
     eos_token_id None, "" in a chat template), where config.json's eos_token_id was taken in its place without a
