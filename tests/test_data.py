@@ -104,8 +104,8 @@ def test_load_text_errors(tmp_path):
 
 def test_a_broken_link_among_token_shards_is_named_as_a_text_folders_is(tmp_path):
     """A token shard's link to nothing failed is_file() and was left out of the data without a word (8 tokens of
-    16 read); a text folder's is refused by name. So is a loop of links (a -> b -> a), said as one: its target is
-    no missing file."""
+    16 read), a nanoGPT folder's val.bin too (the training tail held out instead); a text folder's is refused by
+    name. So is a loop of links (a -> b -> a), said as one: its target is no missing file."""
     from types import SimpleNamespace
 
     shards = tmp_path / "shards"
@@ -120,6 +120,13 @@ def test_a_broken_link_among_token_shards_is_named_as_a_text_folders_is(tmp_path
     (shards / "s2.npy").symlink_to("s1.npy")
     with pytest.raises(UserError, match=r"s1.npy: a broken link \(a loop of links: it never reaches a file\)"):
         prepare_tokens(str(shards), ids, val_fraction=0.0)
+    # nanoGPT's val.bin too: its training tail was held out in its place
+    nano = tmp_path / "nano"
+    nano.mkdir()
+    np.arange(1, 41, dtype=np.uint16).tofile(nano / "train.bin")
+    (nano / "val.bin").symlink_to(tmp_path / "moved.bin")
+    with pytest.raises(UserError, match=r"val.bin: a broken link \(its target does not exist\)"):
+        prepare_tokens(str(nano), ids)
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("ay", encoding="utf-8")

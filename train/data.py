@@ -677,6 +677,7 @@ def _token_folder(folder: Path, tokenizer, val_fraction) -> TokenData:
                         "tokenise the text itself (e.g. its input.txt) instead")
     if any(folder.glob("*.txt")):
         note(f"{folder}: reading its token ids (train.bin); its .txt files are not read")
+    _refuse_broken_link(folder / "val.bin")  # (not is_file(): the training tail silently held out in its place)
     if not (folder / "val.bin").is_file():
         return _token_file(folder / "train.bin", tokenizer, 0.1 if val_fraction is None else val_fraction)
     if val_fraction is not None:
