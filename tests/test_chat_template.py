@@ -490,6 +490,21 @@ def test_copies_a_template_keeps_are_charged_as_made(monkeypatch):
     assert render(tok, CHATS[0]) == ""
 
 
+def test_the_dict_global_is_transformers():
+    """The `dict` global is transformers' (dict(...), dict.fromkeys(...)), not the type, whose methods called unbound
+    (dict.update(tools[0], ...)) would change the caller's own tools past the immutable sandbox."""
+    tok = copy.copy(get_tokenizer("default"))
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    for template in ("{{ dict.update(tools[0], type='x') }}", "{{ dict.pop(tools[0], 'type') }}",
+                     "{{ dict.setdefault(tools[0], 'x', 1) }}"):
+        tok.chat_template = template
+        with pytest.raises(UserError, match="refused this conversation: .*TemplateDict object' has no attribute"):
+            render(tok, CHATS[0], tools=tools)
+        assert tools == [{"type": "function", "function": {"name": "add"}}]
+    tok.chat_template = "{{ dict(a=[2], b=1) | tojson }}{{ dict.fromkeys('xy', 0) | tojson }}"
+    assert render(tok, CHATS[0]) == '{"a": [2], "b": 1}{"x": 0, "y": 0}'
+
+
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
     """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
     from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'

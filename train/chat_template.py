@@ -522,6 +522,17 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         _grow(24 * len(ns._Namespace__attrs))
         return ns
 
+    class TemplateDict:
+        """transformers' `dict` global: dict(...) and dict.fromkeys(...) alone. Jinja's is the type itself, whose
+        methods called unbound (dict.update(d, x=1), dict.pop(tools[0], 'name')) change a value the template was given
+        (a caller's own tools), past the immutable sandbox's refusal of d.update(...)."""
+
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
     def bounded_lipsum(n=5, html=True, min=20, max=100):  # (Jinja's global: lipsum(20000) took 1 s, unbounded)
         _spend(abs(n) * abs(max))  # (its words, at most)
         return _made(jinja2.utils.generate_lorem_ipsum(n, html, min, max))
@@ -568,7 +579,8 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       range=bounded_range, lipsum=bounded_lipsum, namespace=bounded_namespace)
+                       range=bounded_range, lipsum=bounded_lipsum, namespace=bounded_namespace,
+                       dict=TemplateDict())
     # the filters whose arguments set their result's length (center(10**8), a list of 1,000 references to one large
     # string joined), checked before they make it; every filter's result charged
     lines = lambda s: s.count("\n") + 1 if isinstance(s, str) else _text_size(s)  # noqa: E731
