@@ -505,6 +505,20 @@ def test_the_dict_global_is_transformers():
     assert render(tok, CHATS[0]) == '{"a": [2], "b": 1}{"x": 0, "y": 0}'
 
 
+def test_a_namespace_attribute_named_with_an_underscore_is_refused():
+    """As transformers' sandbox refuses it (namespace(_x=...), {% set ns._x %}): a template that renders only here
+    would be one that no other server renders."""
+    tok = copy.copy(get_tokenizer("default"))
+    for template in ("{% set ns = namespace(a=1) %}{% set ns._b = 2 %}", "{% set ns = namespace(_b=2) %}",
+                     "{% set ns = namespace({'_b': 2}) %}"):
+        tok.chat_template = template
+        with pytest.raises(UserError, match="refused this conversation: a namespace's attribute may not start with "
+                                            "'_' \\(got '_b'"):
+            render(tok, CHATS[0])
+    tok.chat_template = "{% set ns = namespace(self=1, a_=2) %}{% set ns.b = 3 %}{{ ns.self }}{{ ns.a_ }}{{ ns.b }}"
+    assert render(tok, CHATS[0]) == "123"
+
+
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
     """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
     from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'

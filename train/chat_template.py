@@ -517,8 +517,28 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         _spend(len(rng))
         return rng
 
+    class TemplateNamespace(jinja2.utils.Namespace):
+        """transformers' namespace: no attribute named with a leading '_' (namespace(_x=1), {% set ns._x = 1 %}),
+        refused as its sandbox refuses it, not rendered: a template that runs there runs here, and no other."""
+
+        def __init__(*args, **kwargs):  # (Jinja's signature trick: namespace(self=1) is an attribute, as there)
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                TemplateNamespace.check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace.check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a namespace's attribute may not start with '_' (got {name!r}"
+                                                      "; transformers' sandbox refuses it too)")
+
     def bounded_namespace(*args, **kwargs):  # namespace(d) copies d: charged as a dict (_made)
-        ns = jinja2.utils.Namespace(*args, **kwargs)
+        ns = TemplateNamespace(*args, **kwargs)
         _grow(24 * len(ns._Namespace__attrs))
         return ns
 
