@@ -519,6 +519,21 @@ def test_a_namespace_attribute_named_with_an_underscore_is_refused():
     assert render(tok, CHATS[0]) == "123"
 
 
+def test_a_generator_a_filter_prints_is_printed_as_transformers_prints_it():
+    """A filter that prints its value (|tojson, |string...) given a generator (map's, select's) prints or refuses the
+    generator, as transformers' does, not the list it is sized as: tools | map(...) | tojson renders only here
+    otherwise. Filters that read it item by item (join, batch, slice, sum) read it whole."""
+    tok = copy.copy(get_tokenizer("default"))
+    tok.chat_template = "{{ messages | map(attribute='role') | tojson }}"
+    with pytest.raises(UserError, match="TypeError: Object of type generator is not JSON serializable"):
+        render(tok, CHATS[0])
+    tok.chat_template = "{{ messages | map(attribute='role') | string | truncate(20, end='') }}"
+    assert render(tok, CHATS[0]) == "<generator object"
+    tok.chat_template = ("{{ messages | map(attribute='role') | join(',') }} {{ messages | map(attribute='role') | "
+                         "batch(1) | list }} {{ messages | map(attribute='role') | map('list') | sum(start=[]) }}")
+    assert render(tok, CHATS[0]) == "user,assistant [['user'], ['assistant']] " + str(list("userassistant"))
+
+
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
     """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
     from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'

@@ -573,6 +573,9 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     printing = {"capitalize", "e", "escape", "forceescape", "format", "lower", "replace", "safe", "striptags", "title",
                 "trim", "upper", "urlencode", "urlize", "wordcount", "xmlattr"}
 
+    # the sized filters that read their value as items (not print it): a generator is listed to be sized
+    reading = {"join", "batch", "slice", "sum"}
+
     def bounded(f, size=None, name=None):
         """Filter f, its result charged as made; size: its result's length, about, from f's arguments (after the
         context or environment Jinja passes it: pass), checked before it is made."""
@@ -589,7 +592,10 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
             if name in itemwise and len(args) > passed and isinstance(args[passed], str):
                 _grow(STR_ITEM * len(args[passed]))  # (made: a list of them kept in a loop holds all)
             if size is not None and len(args) > passed:
-                if isinstance(args[passed], Iterator):  # (a generator, map's: read once, for both)
+                # a generator (map's) that the filter reads item by item: read once, for both. Not one it prints
+                # (|string, |tojson, |center...): that prints (or refuses) the generator itself, as transformers' does,
+                # not a list it never was
+                if name in reading and isinstance(args[passed], Iterator):
                     args = (*args[:passed], list(args[passed]), *args[passed + 1:])
                 _check_size(size(*args[passed:], **kwargs))
             return _made(f(*args, **kwargs))
