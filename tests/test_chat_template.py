@@ -534,6 +534,16 @@ def test_a_generator_a_filter_prints_is_printed_as_transformers_prints_it():
     assert render(tok, CHATS[0]) == "user,assistant [['user'], ['assistant']] " + str(list("userassistant"))
 
 
+def test_a_filter_given_a_value_without_the_method_it_calls_is_refused_by_name():
+    """|indent of a message's content list (a multimodal message) raises the filter's own AttributeError: a refusal
+    naming it (as 'a' + 1's TypeError is), not a traceback out of render (serve's 500)."""
+    tok = copy.copy(get_tokenizer("default"))
+    tok.chat_template = "{% for m in messages %}{{ m.content | indent(2) }}{% endfor %}"
+    with pytest.raises(UserError, match="could not render a value it was given \\(line 1: AttributeError: 'list' "
+                                        "object has no attribute 'splitlines'\\)"):
+        render(tok, [{"role": "user", "content": [{"type": "text", "text": "the cat sat"}]}])
+
+
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
     """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
     from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'

@@ -676,7 +676,9 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
         raise UserError(f"{what} calls itself without end (a macro or recursive loop: RecursionError)") from None
     except jinja2.exceptions.TemplateError as e:  # raise_exception's message: what the template refuses
         raise UserError(f"{what} refused this conversation: {e}") from None
-    except (TypeError, ValueError, ArithmeticError, LookupError) as e:  # (a value it cannot use: 'a' + 1)
+    # (a value it cannot use: 'a' + 1; a filter given what it has no method for: a message's content list | indent
+    # is an AttributeError of the filter's own)
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
         raise UserError(f"{what} could not render a value it was given ({_line(e)}{type(e).__name__}: {e})") \
             from None
     finally:
