@@ -544,6 +544,20 @@ def test_a_filter_given_a_value_without_the_method_it_calls_is_refused_by_name()
         render(tok, [{"role": "user", "content": [{"type": "text", "text": "the cat sat"}]}])
 
 
+def test_a_message_key_set_to_none_is_left_out_as_transformers_leaves_it_out():
+    """transformers >= 5's apply_chat_template leaves out a message's keys set to None (a record's "content": null
+    beside its tool calls, "tool_calls": null): a template reads them as undefined ('' | trim, not in the message),
+    not as None, whose text is "None"."""
+    tok = copy.copy(get_tokenizer("default"))
+    tok.chat_template = "{% for m in messages %}[{{ m.content | trim }}]{{ 'tool_calls' in m }}{% endfor %}"
+    chat = [{"role": "user", "content": "hi", "tool_calls": None},
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]
+    want = transformers.utils.chat_template_utils.render_jinja_template(
+        [transformers.utils.chat_template_utils._normalize_chat_messages(chat)], chat_template=tok.chat_template)[0]
+    assert render(tok, chat) == want[0] == "[hi]False[]True"
+    assert chat[0]["tool_calls"] is None and chat[1]["content"] is None  # (the caller's messages as they were)
+
+
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
     """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
     from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'

@@ -658,8 +658,10 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     "tool_use" one where tools are given), so that a check rendering without tools renders the same one."""
     import jinja2
 
-    # (one dict, not keyword arguments: a variable may be named as an argument, "self", "tokenizer")
-    context = {**(variables or {}), "messages": [dict(m) for m in messages],
+    # (one dict, not keyword arguments: a variable may be named as an argument, "self", "tokenizer"). A message's keys
+    # set to None are left out, as transformers >= 5's apply_chat_template leaves them out: a record's tool call with
+    # "content": null renders its content as undefined ('' | trim), not as the text "None"
+    context = {**(variables or {}), "messages": [{k: v for k, v in m.items() if v is not None} for m in messages],
                "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None,
                **{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}}
     name = template_name(tokenizer, tools) if template is None else template
