@@ -558,6 +558,20 @@ def test_a_message_key_set_to_none_is_left_out_as_transformers_leaves_it_out():
     assert chat[0]["tool_calls"] is None and chat[1]["content"] is None  # (the caller's messages as they were)
 
 
+def test_a_messages_reasoning_is_named_as_transformers_names_it():
+    """A message's reasoning under any of its names (reasoning_content, thinking, reasoning) reaches the template under
+    reasoning_content and thinking too, as transformers >= 5's apply_chat_template passes it: Qwen3's template reads
+    the first, gpt-oss's the second."""
+    utils = transformers.utils.chat_template_utils
+    tok = copy.copy(get_tokenizer("default"))
+    tok.chat_template = "{% for m in messages %}{{ m | tojson }}|{% endfor %}"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reasoning": "r"},
+            {"role": "assistant", "content": "b", "thinking": "t", "reasoning_content": None},
+            {"role": "assistant", "content": "c", "reasoning_content": "q", "thinking": "u"}]
+    want = utils.render_jinja_template([utils._normalize_chat_messages(chat)], chat_template=tok.chat_template)[0]
+    assert render(tok, chat) == want[0] and '"reasoning_content": "r"' in want[0]
+
+
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
     """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
     from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'

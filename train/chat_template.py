@@ -649,6 +649,18 @@ RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "
                     "raise_exception", "strftime_now"}
 
 
+# the names a message's reasoning goes by: templates read the first (Qwen3's), gpt-oss's the second
+REASONING_NAMES = ("reasoning_content", "thinking", "reasoning")
+
+
+def _reasoning_named(message: dict) -> dict:
+    """message with its reasoning (under any of REASONING_NAMES) under "reasoning_content" and "thinking" too, as
+    transformers >= 5's apply_chat_template names it (its keys in that order: a template may print the message), so
+    a record's "reasoning" reaches Qwen3's template and gpt-oss's alike."""
+    reasoning = next((message[k] for k in REASONING_NAMES if message.get(k) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None, variables=None,
            template: str | None = None) -> str:
     """messages rendered by the tokenizer's chat template, with the variables transformers gives it
@@ -661,7 +673,8 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     # (one dict, not keyword arguments: a variable may be named as an argument, "self", "tokenizer"). A message's keys
     # set to None are left out, as transformers >= 5's apply_chat_template leaves them out: a record's tool call with
     # "content": null renders its content as undefined ('' | trim), not as the text "None"
-    context = {**(variables or {}), "messages": [{k: v for k, v in m.items() if v is not None} for m in messages],
+    context = {**(variables or {}), "messages": [_reasoning_named(
+                   {k: v for k, v in m.items() if v is not None}) for m in messages],
                "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None,
                **{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}}
     name = template_name(tokenizer, tools) if template is None else template
