@@ -354,7 +354,10 @@ def test_the_template_check_takes_a_few_renderings_whatever_the_chat_length(fold
     renders, render = [], chat_template.render
     monkeypatch.setattr(chat_template, "render", lambda *a, **k: renders.append(1) or render(*a, **k))
     escaped = TOOLS_TEMPLATE.replace("message.content + '<|im_end|>", "(message.content | e) + '<|im_end|>")
-    for template in (TOOLS_TEMPLATE, TOJSON_RESULTS, escaped):
+    # (the arguments written by tojson indented, or as Python writes a dict: their marker's pair taken out as well)
+    indented, as_dict = (TOOLS_TEMPLATE.replace("arguments | tojson)", f"arguments | {how})")
+                         for how in ("tojson(indent=2)", "string"))
+    for template in (TOOLS_TEMPLATE, TOJSON_RESULTS, indented, as_dict, escaped):
         monkeypatch.setattr(tok, "chat_template", template)
         renders.clear()
         text = chat_template.tool_prompt(tok, messages, tools)
@@ -396,6 +399,39 @@ def test_one_dropped_item_among_many_is_named_as_before(folder, monkeypatch):
     for template in (cut, known):
         monkeypatch.setattr(tok, "chat_template", template)
         assert chat_template.tool_prompt(tok, messages, tools) == chat_template.render(tok, messages, True, tools)
+
+
+def test_a_template_that_tests_what_it_shows_is_refused_as_before(folder, monkeypatch):
+    """All marked at once, the results and arguments are not what the template tests in the prompt: one that shows a
+    result only if it is long, or the results only where none is "ok", or a result only after a call with arguments,
+    shows the marked ones it drops. The marked rendering is then more than the prompt and its markers, proves
+    nothing, and each item is probed alone: the first it drops is named, as before."""
+    from tritongpt.train.chat_template import render, tool_prompt
+    from tritongpt.train.serve import check_tools, tool_messages
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok, tools = get_tokenizer(folder[0]), check_tools(TOOLS)
+    messages = list(USER)
+    for k, (arguments, result) in enumerate((('{"city": "Oslo", "hot": false}', "ok"), ("{}", "it is cold"))):
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+                         {"id": f"c{k}", "type": "function", "function": {"name": "w", "arguments": arguments}}]},
+                     {"role": "tool", "tool_call_id": f"c{k}", "content": result}]
+    messages = tool_messages(messages)
+    def drops_results(where: str, before: str = "") -> str:  # (a result it drops: not written as any other turn)
+        return TOOLS_TEMPLATE.replace("{%- for message in messages %}{%- if message.role == 'tool' %}",
+                                      before + "{%- for message in messages %}{%- if message.role == 'tool' and "
+                                      + where + " %}{%- elif message.role == 'tool' %}")
+
+    long_only = drops_results("message.content | length <= 12")
+    none_ok = drops_results("ok", "{%- set ok = messages | selectattr('content', 'eq', 'ok') | list %}")
+    after_arguments = drops_results("not last.args", "{%- set last = namespace(args={}) %}").replace(
+        "{%- for call in message.tool_calls or [] %}",
+        "{%- for call in message.tool_calls or [] %}{%- set last.args = call.function.arguments %}")
+    for template, at in ((long_only, 2), (none_ok, 4), (after_arguments, 4)):
+        monkeypatch.setattr(tok, "chat_template", template)
+        assert "it is cold" not in render(tok, messages, True, tools)  # (it drops the last result)
+        with pytest.raises(UserError, match=rf"^messages\[{at}\]: the model's chat template drops this tool result "):
+            tool_prompt(tok, messages, tools)
 
 
 def test_call_ids_are_text_a_template_may_write(folder):

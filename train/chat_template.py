@@ -764,8 +764,9 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
     # search for its text would find a call's name in the tools' list, and miss a result the template escapes). One
     # rendering a change is O(n) renderings of an O(n) chat (Qwen2.5's with tools: 3 s at 200 messages), so they are
     # first all changed at once, each by a marker of its own (random digits: no escaping, quoting or casing alters
-    # them): a marker found in that rendering proves its item reaches the prompt. An item whose marker is missing (a
-    # template that truncates or transforms it, or drops it) is then probed alone, changed as it was before.
+    # them): a marker found in that rendering proves its item reaches the prompt, where the rendering is the prompt
+    # and the markers, nothing more (all changed at once, a template that tests them may show what it drops). An item
+    # not so proven (a template that truncates, transforms, tests or drops it) is probed alone, as it was before.
     probes = []  # (message, call or None, key, what it is called, the message changed alone)
     for i, m in enumerate(messages):
         if m["role"] == "tool":
@@ -792,9 +793,13 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
 def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
     """The probes (tool_prompt's) whose marked change is found in a rendering of the chat with them all changed (two
     renderings: the results' and arguments', then the calls' names): a tool result's content with a marker after it,
-    a call's name with one, its arguments with a key and value of one. A rendering the template refuses (it may check
-    a call's arguments) is retried a kind at a time, so that one kind it refuses leaves the other proven; what it
-    still refuses, and what is not text or an object (no place for a marker), is left to the probes one at a time."""
+    a call's name with one, its arguments with a key and value of one. A marker found proves its item reaches the
+    prompt only where that rendering, the markers taken out, is the prompt itself: a template that tests what it is
+    given (shows the results only where none is "ok", a result only after a call with arguments, or only if it is
+    long, or only its digits) shows marked items it drops as they are, and each change alone (the probes one at a
+    time) would leave the prompt as it is. A rendering the template refuses, or that is more than the prompt and
+    its markers, is retried a kind at a time, so that one kind leaves the other proven; what is still not proven,
+    and what is not text or an object (no place for a marker), is left to the probes one at a time."""
     width = len(str(len(probes)))
     while True:  # (a marker's digits, fixed in length so that none is the start of another, in no text already)
         token = str(secrets.randbelow(10 ** 16)).zfill(16)
@@ -808,9 +813,13 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
             marks[n] = {**value, mark: mark}
         elif isinstance(value, str):
             marks[n] = f"{value} {mark}" if key == "content" else value + mark
-    found = re.compile(re.escape(token) + r"\d{%d}" % width)
+    marker = re.escape(token) + r"\d{%d}" % width
+    # what a marker adds where it is found: a result's " " and marker, a name's marker, an arguments' key and value
+    # (a pair as tojson or a Python dict writes it, with the separator on one side of it)
+    added = re.compile(rf"(?P<pre>,\s*)?(?P<q>[\"'])(?P<key>{marker})(?P=q): (?P=q)(?P=key)(?P=q)(?P<post>,\s*)?"
+                       rf"|(?P<space> ?)(?P<mark>{marker})")
 
-    def proven(group) -> set:
+    def proven(group) -> set | None:
         changed = list(messages)
         for n in group:
             i, j, key = probes[n][:3]
@@ -824,16 +833,27 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
             rendered = prompt(changed, tools)
         except UserError:
             return None
-        seen = set(found.findall(rendered))
-        return {n for n in group if f"{token}{n:0{width}d}" in seen}
+        kinds, seen = {n: probes[n][2] for n in group}, set()
+
+        def taken_out(m):  # (a marker not where its kind puts it is left in: the rendering is then not the prompt)
+            n = int((m["key"] or m["mark"])[len(token):])
+            if m["key"] and kinds.get(n) == "arguments":
+                seen.add(n)
+                return m["pre"] if m["pre"] and m["post"] else ""
+            if m["mark"] and (kinds.get(n) == "name" or kinds.get(n) == "content" and m["space"]):
+                seen.add(n)
+                return m["space"] if kinds[n] == "name" else ""
+            return m[0]
+        return seen if added.sub(taken_out, rendered) == text else None
 
     read = set()
     # names apart: a template may look a call's name up in the tools, and show or refuse other items by what it finds
     for kinds in (("content", "arguments"), ("name",)):
         group = [n for n in marks if probes[n][2] in kinds]
         got = proven(group) if group else set()
-        if got is None and len(kinds) > 1:  # (refused: which kind it refuses is unknown, each alone may pass)
-            got = set().union(*(proven([n for n in group if probes[n][2] == kind]) or set() for kind in kinds))
+        if got is None and len(kinds) > 1:  # (refused or more than marked: which kind is unknown, each alone may pass)
+            apart = ([n for n in group if probes[n][2] == kind] for kind in kinds)
+            got = set().union(*(proven(g) or set() for g in apart if g))
         read |= got or set()
     return read
 
