@@ -434,6 +434,43 @@ def test_a_template_that_tests_what_it_shows_is_refused_as_before(folder, monkey
             tool_prompt(tok, messages, tools)
 
 
+def test_a_result_of_text_parts_reaches_the_template_as_transformers_gives_it(folder, monkeypatch):
+    """A tool result whose content is a list of text parts (OpenAI's, transformers' shape; serve joins them first)
+    is given to the template as it is: its text checked for special tokens, joined as templates join parts, proven
+    to reach the prompt by a marker in its last part, refused by name where the template drops it; a part that is
+    not text is refused naming it."""
+    from tritongpt.train import chat_template
+    from tritongpt.train.serve import check_tools
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok, tools = get_tokenizer(folder[0]), check_tools(TOOLS)
+    parts = [{"type": "text", "text": "it is "}, {"type": "text", "text": "cold"}]
+    messages = agent_chat(2, 5)
+    messages[2] = {**messages[2], "content": parts}
+    joins = TOOLS_TEMPLATE.replace("message.content + '<|im_end|>",
+                                   "(message.content if message.content is string else message.content | "
+                                   "map(attribute='text') | join) + '<|im_end|>")
+    renders, render = [], chat_template.render
+    monkeypatch.setattr(chat_template, "render", lambda *a, **k: renders.append(1) or render(*a, **k))
+    monkeypatch.setattr(tok, "chat_template", joins)
+    text = chat_template.tool_prompt(tok, messages, tools)
+    assert "tool\nit is cold<|im_end|>" in text and text == render(tok, messages, True, tools) and len(renders) <= 4
+    monkeypatch.setattr(tok, "chat_template", joins.replace("message.content | map", "[] | map"))  # (drops lists)
+    with pytest.raises(UserError, match=r"^messages\[2\]: the model's chat template drops this tool result "):
+        chat_template.tool_prompt(tok, messages, tools)
+    monkeypatch.setattr(tok, "chat_template", joins)
+    for part, says in (({"type": "text", "text": "<|im_end|>"}, r"^message 2 \(tool\) spells the special token "
+                                                                 r"'<\|im_end\|>'"),
+                       ({"type": "image_url", "image_url": {"url": "x"}}, r"^messages\[2\]: content\[1\] is a "
+                                                                           r"'image_url' part, not")):
+        with pytest.raises(UserError, match=says):
+            chat_template.tool_prompt(tok, messages[:2] + [{**messages[2], "content": parts[:1] + [part]}]
+                                      + messages[3:], tools)
+    with pytest.raises(UserError, match=r"^messages\[2\]: content must be text, a list of text parts or null, got "
+                                        "dict"):
+        chat_template.tool_prompt(tok, messages[:2] + [{**messages[2], "content": parts[0]}] + messages[3:], tools)
+
+
 def test_call_ids_are_text_a_template_may_write(folder):
     """Templates write a call's id and a result's tool_call_id (Mistral's do): neither may spell a special token."""
     from tritongpt.train.chat_template import tool_prompt

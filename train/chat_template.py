@@ -723,6 +723,32 @@ def continued(text: str, final: str) -> str:
     return text[:at + keep]
 
 
+def _content_text(messages, i: int) -> str:
+    """messages[i]'s text as a template writes it: its content, none (null beside an assistant's calls), or a list
+    of text parts ([{"type": "text", "text": ...}], given to the template as it is, as transformers gives it: the
+    templates that read one write its parts one after another, as serve joins them)."""
+    from tritongpt.train.formats import message_content
+
+    content = messages[i].get("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise UserError(f"messages[{i}]: content must be text, a list of text parts or null, got "
+                        f"{type(content).__name__}")
+    return message_content(messages[i], f"messages[{i}]", empty_ok=True)
+
+
+def _with_text(content, before: str, after: str):
+    """content (text, or a list of text parts) with text before and after it: a list's first and last parts changed,
+    none added (a template may write only some of its parts, or test how many)."""
+    if isinstance(content, list) and content:
+        parts = [dict(part) for part in content]
+        parts[0]["text"] = before + parts[0]["text"]
+        parts[-1]["text"] += after
+        return parts
+    return f"{before}{content}{after}"
+
+
 def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=None,
                 mode: str = "generate") -> Rendered:
     """The generation prompt of a chat that may use tools (serve's tool calling, vLLM's): messages with an
@@ -736,9 +762,9 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
     # a message's text: its content, a result's tool_call_id, each call's id, name and arguments (as templates write
     # them: tojson keeps non-ASCII as it is), apart (no token spelled across two of them)
     _check_contents(tokenizer, [{"role": m["role"], "content": "\n".join(
-        [m.get("content") or "", m.get("tool_call_id") or ""] + [t for c in m.get("tool_calls") or () for t in (
+        [_content_text(messages, i), m.get("tool_call_id") or ""] + [t for c in m.get("tool_calls") or () for t in (
             c["id"], c["function"]["name"], json.dumps(c["function"]["arguments"], ensure_ascii=False))])}
-        for m in messages])
+        for i, m in enumerate(messages)])
     for j, tool in enumerate(tools or ()):  # (its name, description and schema are rendered text too)
         try:
             _check_contents(tokenizer, [{"role": "tool", "content": json.dumps(tool, ensure_ascii=False)}])
@@ -748,7 +774,7 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
 
     def prompt(messages, tools):
         text = render(tokenizer, messages, mode == "generate", tools, variables, name)
-        return continued(text, messages[-1]["content"]) if mode == "continue" else text
+        return continued(text, _content_text(messages, -1)) if mode == "continue" else text
 
     def without_tools():  # (a tool_use template may refuse no tools at all: it reads them, so it renders them)
         try:
@@ -770,7 +796,8 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
     probes = []  # (message, call or None, key, what it is called, the message changed alone)
     for i, m in enumerate(messages):
         if m["role"] == "tool":
-            probes.append((i, None, "content", "tool result", {**m, "content": f"({m['content']})"}))
+            changed = {**m, "content": _with_text(m.get("content"), "(", ")")}
+            probes.append((i, None, "content", "tool result", changed))
         for j, c in enumerate(m.get("tool_calls") or ()):
             for key, value in (("name", c["function"]["name"] + "_"), ("arguments", {"_": c["function"]["arguments"]})):
                 calls_j = [dict(d, function={**d["function"], key: value}) if k == j else d
@@ -811,8 +838,10 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
         value = messages[i]["content"] if key == "content" else messages[i]["tool_calls"][j]["function"][key]
         if key == "arguments" and isinstance(value, dict):
             marks[n] = {**value, mark: mark}
+        elif key == "content" and (isinstance(value, str) or isinstance(value, list) and value):
+            marks[n] = _with_text(value, "", f" {mark}")
         elif isinstance(value, str):
-            marks[n] = f"{value} {mark}" if key == "content" else value + mark
+            marks[n] = value + mark
     marker = re.escape(token) + r"\d{%d}" % width
     # what a marker adds where it is found: a result's " " and marker, a name's marker, an arguments' key and value
     # (a pair as tojson or a Python dict writes it, with the separator on one side of it)
