@@ -611,3 +611,95 @@ def test_a_window_of_one_attends_to_each_position_alone():
     q, k, v = torch.randn(3, 2, 2, 9, 16).unbind(0)
     torch.testing.assert_close(att.attend(q, k, v), v)
     torch.testing.assert_close(att.attend(q[:, :, -2:], k, v), v[:, :, -2:])
+
+
+# ----------------------------------------------------------------------------- every family on both paths
+# The model families whose whole-model parity (logits, loss and every gradient, Triton path against the reference
+# and both against float64) no other test checks: the others' tests compare loss and gradients to float64 only
+# (test_gemma, test_neox, test_phi, test_olmo, test_stablelm, test_granite, test_cohere, test_lora) or logits
+# only (the transformers comparisons). Widths not powers of two (n_embd 48 in 3 heads of 16, gated MLPs 40 wide),
+# one layer (the layer-to-layer paths are the GPT-2 tests' above) and T 19 (no multiple of a block size): each
+# about a second under the interpreter.
+FAMILY = dict(vocab_size=67, context_length=24, n_embd=48, n_layer=1, n_head=3)
+LLAMA_LIKE = dict(position_encoding="rope", rope_theta=500.0, norm="rmsnorm", mlp="swiglu", mlp_hidden=40,
+                  bias=False, tie_weights=False)
+FAMILIES = {
+    # Llama 3.1's RoPE scaling, Qwen2's q/k/v-only biases (the key's rotated by RoPE: a gradient of its own),
+    # Mistral's window, GQA 3:1
+    "llama3-qwen2-mistral": dict(LLAMA_LIKE, qkv_bias_only=True, n_kv_head=1, attention_window=7,
+                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # Gemma 2: both soft caps (small enough to bend), a scale width, sandwich norms, GeGLU, q/k norms, heads of 32
+    "gemma2-softcaps": dict(LLAMA_LIKE, mlp="geglu", n_kv_head=1, attention_head_dim=32, attention_scale_width=24,
+                            attn_softcap=1.5, logit_softcap=3.0, post_norms=True, scale_embeddings=True,
+                            qk_norm=True, attention_window=5),
+    # BLOOM: ALiBi of 3 heads (not a power of two: the interleaved slopes), the embeddings' own LayerNorm
+    "bloom": dict(position_encoding="alibi", embed_norm=True),
+    # MPT's bias-free LayerNorms and Falcon-RW's ALiBi scaled with the scores
+    "mpt-falcon-rw": dict(position_encoding="alibi", alibi_scaled=True, norm_bias=False, bias=False),
+    # Falcon-7B: one norm for the parallel attention and MLP, multi-query, exact GELU
+    "falcon": dict(position_encoding="rope", rope_theta=500.0, parallel_residual=True, shared_norm=True,
+                   n_kv_head=1, bias=False, gelu_approximate="none"),
+    # OLMoE-like: GeGLU experts, top-1 not renormalized, the aux loss on
+    "moe-geglu-top1": dict(LLAMA_LIKE, mlp="geglu", n_experts=3, experts_per_token=1, moe_norm_topk=False,
+                           moe_aux_loss=0.02),
+    # LoRA on a Llama-shaped model (the base frozen: A's and B's gradients, the attention's K/V of one head)
+    "lora-llama": dict(LLAMA_LIKE, n_kv_head=1, lora_rank=4, lora_alpha=8.0),
+}
+
+
+def _family_model(kw, seed):
+    torch.manual_seed(seed)
+    # a config with lora_rank builds the model with LoRA on (the base frozen); _randomize moves B off zero too,
+    # where it would give A no gradient
+    return _randomize(GPTModel(GPTConfig(**{**FAMILY, **kw})))
+
+
+def _family_results(model, idx, targets):
+    """(logits, loss, {name: gradient} of each trainable parameter), one forward and one backward."""
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logits = model(idx)
+    loss = model(idx, targets=targets)
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                            if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_triton_path_matches_reference_and_float64(family, device):
+    """Logits, loss and every trainable parameter's gradient: the Triton path against the reference path (fp32,
+    1e-4), and each against the model in float64 on the reference path (1e-4); the Triton path runs the
+    attention, MLP and norm kernels (counted, so that a silent fallback to the reference fails)."""
+    import copy
+
+    kw = FAMILIES[family]
+    model = _family_model(kw, seed=len(family)).to(device)
+    model64 = copy.deepcopy(model).double()
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    targets = torch.randint(0, 67, (2, 19), device=device)
+    targets[1, :3] = -100
+    ref = _family_results(model.set_kernels("reference"), idx, targets)
+    with CountOps() as mode:
+        got = _family_results(model.set_kernels("triton"), idx, targets)
+    model.set_kernels("reference")
+    ops = mode.ops
+    assert ops["flash_attn_bwd"] == model.config.n_layer, dict(ops)
+    assert ops["gelu_mlp_bwd"] + ops["swiglu_mlp_bwd"] + ops["moe_mlp_bwd"] == model.config.n_layer, dict(ops)
+    assert ops["layer_norm_bwd"] + ops["rms_norm_bwd"] + ops["add_layer_norm_bwd"] + ops["add_rms_norm_bwd"] > 0
+    assert ops["cross_entropy_bwd"] >= 1, dict(ops)  # the loss too (the fused LM head's, or on the logits)
+    want = _family_results(model64, idx, targets)
+    assert set(got[2]) == set(ref[2]) == set(want[2]) and ref[2]
+    assert_close_rel(got[0], ref[0], 1e-4, "logits")
+    assert_close_rel(got[1], ref[1], 1e-5, "loss")
+    for path, (logits, loss, grads) in (("triton", got), ("reference", ref)):
+        assert_close_rel(logits, want[0], 1e-4, f"{path} logits vs float64")
+        assert_close_rel(loss, want[1], 1e-5, f"{path} loss vs float64")
+        for name, g in want[2].items():
+            if name.endswith("W_key.bias") and kw.get("position_encoding") != "rope":
+                # unrotated, q.b_k shifts a whole row of scores, which softmax ignores: zero in exact arithmetic
+                assert g.abs().max() < 1e-12 and grads[name].abs().max() < 1e-6, name
+                continue
+            if path == "triton":
+                assert_close_rel(grads[name], ref[2][name], 1e-4, f"grad {name}")
+            assert_close_rel(grads[name], g, 1e-4, f"{path} grad {name} vs float64")
