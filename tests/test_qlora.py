@@ -171,11 +171,13 @@ def test_a_qlora_checkpoint_loads_with_its_updates_and_runs_unmerged(tmp_path, k
     assert torch.equal(gen.generate(got, idx, 3), gen.generate(got, idx, 3, use_cache=False))
 
 
-@pytest.mark.parametrize("extra", [dict(), LLAMA])
-def test_the_triton_path_trains_qlora_as_the_reference_does(extra):
-    """The Triton path: the quantized matmuls' kernels carry the gradient to x (kernels/quant.py's backward), the
-    GELU unfused where its input is needed; loss and every A and B gradient match the reference path's."""
-    compare_paths(qlora("int4", **extra), torch.randint(0, VOCAB, (2, 11)), 1e-5, 1e-4)
+@pytest.mark.parametrize("mode,extra", [("int4", dict()), ("int4", LLAMA), ("int8", LLAMA)],
+                         ids=["int4-gpt2", "int4-llama", "int8-llama"])
+def test_the_triton_path_trains_qlora_as_the_reference_does(mode, extra):
+    """The Triton path: the quantized matmuls' kernels carry the gradient to x (kernels/quant.py's backward: the
+    int8 and the int4 dx kernels), the GELU unfused where its input is needed; loss and every A and B gradient
+    match the reference path's."""
+    compare_paths(qlora(mode, **extra), torch.randint(0, VOCAB, (2, 11)), 1e-5, 1e-4)
 
 
 @pytest.mark.cuda
