@@ -311,6 +311,11 @@ class MoEFeedForward(nn.Module):
         self.use_triton = False
         self.router_logits = None
 
+    def __getstate__(self):
+        # the last forward's router logits are part of its autograd graph while it trains: copy.deepcopy (a DPO
+        # reference model, an EMA) and pickling refuse such a tensor; a copy has run no forward yet
+        return {**self.__dict__, "router_logits": None}
+
     def route(self, x):
         """x [N, C] -> (router logits [N, E], weights [N, k] (fp32 at least), experts [N, k])."""
         logits = self.router(x)

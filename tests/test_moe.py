@@ -105,6 +105,27 @@ def test_reference_and_triton_paths_agree_on_loss_and_every_gradient(monkeypatch
     assert g_ref["trf_blocks.1.ff.router.weight"].abs().sum() > 0
 
 
+def test_a_model_that_ran_a_training_forward_can_be_copied_and_pickled():
+    """The router logits a training forward leaves on the module (a non-leaf tensor of its graph) made copy.deepcopy
+    and pickling refuse the model ("Only Tensors created explicitly by the user support the deepcopy protocol")."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = GPTModel(moe_config(n_layer=1))
+    idx = torch.randint(0, VOCAB, (2, 7))
+    model(idx).sum().backward()
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        want = model(idx)
+        assert torch.equal(twin(idx), want) and torch.equal(loaded(idx), want)
+    assert model.trf_blocks[0].ff.router_logits is not None  # (the original keeps its own)
+
+
 def test_the_aux_loss_is_transformers_load_balancing_loss():
     """router_aux_loss on a forward's router logits is transformers' load_balancing_loss_func on them (value and
     gradient as a function of the logits), and forward(targets=) adds moe_aux_loss times it to the mean loss."""
