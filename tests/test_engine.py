@@ -576,7 +576,7 @@ def test_serve_batches_concurrent_requests_to_the_text_each_gets_alone(tmp_path)
             {"prompt": "the bird", "max_tokens": 7, "stop": ["a"], "seed": 2, "stream": True},
             {"prompt": "0123", "max_tokens": 9, "seed": 4}]
     texts = {}
-    paged = ("--max-batch", "4", "--kv-cache-pages", "24", "--kv-page-size", "4")
+    paged = ("--max-batch", "4", "--kv-cache-pages", "32", "--kv-page-size", "4")  # (128: the context)
     for flags in (("--max-batch", "1"), ("--max-batch", "4"), paged, (*paged, "--enable-prefix-caching"),
                   ("--max-batch", "4", "--max-prefill-tokens", "3")):
         server = start(folder, *flags)
@@ -619,7 +619,7 @@ def test_serve_with_prefix_caching_prefills_a_repeated_prompt_once(tmp_path, cap
 
     folder = tmp_path / "run"
     tiny_run(folder, "chat")
-    server = start(folder, "--max-batch", "2", "--kv-cache-pages", "16", "--kv-page-size", "4",
+    server = start(folder, "--max-batch", "2", "--kv-cache-pages", "32", "--kv-page-size", "4",
                    "--enable-prefix-caching")
     server.RequestHandlerClass.log_message = lambda *a: None
     body = {"prompt": "the cat sat on the mat and the dog ran in the park", "max_tokens": 4, "temperature": 0}

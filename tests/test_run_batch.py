@@ -378,6 +378,21 @@ def test_flags_the_in_process_server_cannot_use(folder, tmp_path, monkeypatch, c
     assert "--lora-modules" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_paged_cache_too_small_for_the_context_is_refused_at_startup(folder, tmp_path, capsys):
+    """run-batch builds serve's server: a --kv-cache-pages pool that cannot hold one row of the context (128: 32
+    pages of 4) is refused (exit 2) naming the pages needed, no output written, not a run whose chat lines without
+    max_tokens are all 400s; 32 pages serve such a line to the context's end."""
+    hi = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "ignore_eos": True}
+    requests = write(tmp_path / "in.jsonl", [line("a", "/v1/chat/completions", hi)])
+    flags = ["--device", "cpu", "--max-batch", "2", "--kv-page-size", "4", "--kv-cache-pages"]
+    assert main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"), "--weights", str(folder),
+                 *flags, "31"]) == 2
+    assert "cannot hold one request of the model's context length (128): that needs 32 pages" in \
+        capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+    body = run_batch(folder, requests, tmp_path / "out.jsonl", *flags[2:], "32")[0]["response"]["body"]
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["total_tokens"] == 128
+
+
 @pytest.mark.parametrize("flags,said", [
     (["--weights", "w", "--kv-page-size", "8"], "--kv-page-size sizes the pages of --kv-cache-pages"),
     (["--weights", "w", "--max-batch", "0"], "--max-batch must be a positive integer, got 0"),

@@ -2571,7 +2571,7 @@ def test_prompt_tokens_details_count_the_prefix_caches_tokens(tmp_path):
     Responses API's input_tokens_details; none of it without the flag."""
     folder = tmp_path / "run"
     tiny_run(folder, "chat")
-    flags = ["--max-batch", "2", "--kv-cache-pages", "24", "--kv-page-size", "4", "--enable-prefix-caching"]
+    flags = ["--max-batch", "2", "--kv-cache-pages", "32", "--kv-page-size", "4", "--enable-prefix-caching"]
     server = start(folder, *flags, "--enable-prompt-tokens-details")
     server.RequestHandlerClass.log_message = lambda *a: None
     try:
@@ -2772,34 +2772,59 @@ def test_an_ipv6_host_is_listened_on_and_named_in_brackets(monkeypatch, capsys):
 
 def test_a_request_the_paged_cache_cannot_hold_is_a_400_before_its_stream(tmp_path):
     """A request whose KV pages (Engine.check_room: the engine's own count) pass the paged cache's is refused
-    before anything is sent: a 400 naming the field to blame (max_tokens; the prompt where it alone does not fit; n
-    where one row would fit), streamed or not, on completions, chat and the Responses API (vLLM's length checks come
-    before its stream), not a 200 and an error event; a stream that fits is unchanged."""
+    before anything is sent: a 400 naming n (one row of it fits: the pool holds a row of the whole context, or the
+    server would not start; so the prompt or max_tokens alone is never to blame), streamed or not, on completions and
+    chat (vLLM's length checks come before its stream), not a 200 and an error event; a stream that fits is
+    unchanged."""
     folder = tmp_path / "run"
     tiny_run(folder, "chat")
-    server = start(folder, "--max-batch", "2", "--kv-cache-pages", "12", "--kv-page-size", "4")  # (48 positions)
+    server = start(folder, "--max-batch", "2", "--kv-cache-pages", "32", "--kv-page-size", "4")  # (128: the context)
     server.RequestHandlerClass.log_message = lambda *a: None
     try:
         P = len(server.app.completion_prompt("the cat"))
-        long = "the cat sat on the mat. a dog ran in the park, the bird sang; Hello there! How are you? " * 2
         hi = [{"role": "user", "content": "Hi"}]
-        assert P < 16 and 48 < len(server.app.completion_prompt(long)) < 128 and len(server.app.chat_prompt(hi)) < 40
-        fits = 32 - P + 1  # (a row of P + fits - 1 = 32 positions: 8 pages, two rows 16)
+        assert P < 16 and len(server.app.chat_prompt(hi)) < 40
+        fits = 64 - P + 1  # (a row of P + fits - 1 = 64 positions: 16 pages, two rows 32)
         for stream in (True, False):
-            cases = [("/v1/completions", {"prompt": "the cat", "max_tokens": 60}, "max_tokens"),
-                     ("/v1/completions", {"prompt": "the cat", "max_tokens": fits, "n": 2}, "n"),
-                     ("/v1/completions", {"prompt": long, "max_tokens": 0, "echo": True, "logprobs": 1}, "prompt"),
-                     ("/v1/chat/completions", {"messages": hi, "max_tokens": 60}, "max_tokens"),
-                     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1}, "messages"),
-                     ("/v1/responses", {"input": "Hello", "max_output_tokens": 60}, "max_output_tokens")]
-            for path, body, param in cases:
+            cases = [("/v1/completions", {"prompt": "the cat", "max_tokens": fits + 1, "n": 2}),
+                     ("/v1/chat/completions", {"messages": hi, "n": 2})]  # (each row to the context's end)
+            for path, body in cases:
                 status, out = call(server, path, {**body, "stream": stream})
-                assert status == 400 and out["error"]["param"] == param, (path, body, out)
-                assert "KV pages" in out["error"]["message"] and "more than the cache's 12" in out["error"]["message"]
+                assert status == 400 and out["error"]["param"] == "n", (path, body, out)
+                assert "KV pages" in out["error"]["message"] and "more than the cache's 32" in out["error"]["message"]
         assert server.app.engine.stats["prompt_tokens"] == 0  # (none of them reached the engine)
-        status, out = call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": fits, "stream": True,
-                                                       "temperature": 0})
-        assert status == 200 and [c["choices"][0]["finish_reason"] for c in events(out)][-1] == "length"
+        status, out = call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": fits, "n": 2,
+                                                       "stream": True, "temperature": 0, "ignore_eos": True})
+        ends = [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in events(out)
+                if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert status == 200 and sorted(ends) == [(0, "length"), (1, "length")]
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_serve_refuses_at_startup_a_paged_cache_too_small_for_one_request_of_the_context(tmp_path):
+    """A paged cache that cannot hold one row of the model's context (128) is refused when the server starts, naming
+    the pages it needs (Engine.context_pages) and the flags to change, as vLLM refuses a KV cache too small for
+    max_model_len: else it would start and refuse every request that omits max_tokens (its budget the rest of the
+    context). A pool of exactly that many pages starts and serves such a request to the context's end."""
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    for flags, need in ((("--kv-cache-pages", "31", "--kv-page-size", "4"), 32), (("--kv-cache-pages", "7"), 8)):
+        with pytest.raises(UserError) as e:
+            start(folder, "--max-batch", "2", *flags).server_close()
+        assert f"--kv-cache-pages {flags[1]} of {128 // need} positions (--kv-page-size) cannot hold one request " \
+            f"of the model's context length (128): that needs {need} pages" in str(e.value)
+        assert f"Pass --kv-cache-pages {need} or more, or a larger --kv-page-size" in str(e.value)
+    server = start(folder, "--max-batch", "2", "--kv-cache-pages", "32", "--kv-page-size", "4")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        assert server.app.engine.context_pages() == server.app.engine.cache.num_pages == 32
+        hi = [{"role": "user", "content": "Hi"}]  # (chat: no max_tokens is the rest of the context; completions' 16)
+        status, out = call(server, "/v1/chat/completions", {"messages": hi, "temperature": 0, "ignore_eos": True})
+        assert status == 200 and out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"]["completion_tokens"] == 128 - len(server.app.chat_prompt(hi))
+    finally:
+        server.shutdown()
+        server.server_close()
+

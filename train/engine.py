@@ -473,6 +473,13 @@ class Engine:
                             f"{max_new_tokens}), more than the cache's {self.cache.num_pages}: it could never be "
                             "admitted")
 
+    def context_pages(self) -> int:
+        """The pages one row of the whole context takes (pages_for: a one-row request whose prompt and budget fill
+        the context, serve's that omits max_tokens, takes as many whatever its prompt's length). A paged cache of
+        fewer pages refuses every such request (check_room), so a server refuses it at startup (serve.make_engine,
+        as vLLM does); 0 for a slot cache (each slot holds the whole context)."""
+        return self.pages_for(1, self.max_len - 1) if self.paged else 0
+
     def call(self, fn):
         """fn() on the engine's thread between two steps (so no forward runs while it changes the model), -> its
         result, or its error raised here; with no thread running (stepped by hand), here and now."""

@@ -2774,8 +2774,26 @@ def make_engine(args, model, device, dtype, tok=None):
     if "draft" in spec:  # (its path loaded as --weights is, refused by name where its vocabulary is not the model's)
         from tritongpt.commands import load_draft
         spec["draft"] = load_draft(args, model, tok, device, spec["draft"], "--speculative-config's model")
-    return Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
-                  cuda_graph=args.cuda_graphs, **page_args(args), max_loras=args.max_loras, **spec).start()
+    engine = Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
+                    cuda_graph=args.cuda_graphs, **page_args(args), max_loras=args.max_loras, **spec)
+    check_pool(engine)
+    return engine.start()
+
+
+def check_pool(engine):
+    """A paged cache too small for one row of the model's whole context refused at startup, as vLLM refuses one that
+    cannot serve a request of max_model_len: a chat (or Responses) request that omits max_tokens runs to the
+    context's end, so such a server would start and then refuse ordinary requests (check_room's 400). Counted by the
+    engine (context_pages). serve has no --max-model-len (vLLM's, nor another name for it): the context is the
+    model's config's, so the pool's flags are the ones to change."""
+    need = engine.context_pages()  # (0 without a paged cache)
+    if engine.paged and need > engine.cache.num_pages:
+        pages, size = engine.cache.num_pages, engine.cache.page_size
+        raise UserError(f"--kv-cache-pages {pages} of {size} positions (--kv-page-size) cannot hold one request of "
+                        f"the model's context length ({engine.max_len}): that needs {need} pages, and every chat "
+                        f"request that omits max_tokens (the rest of the context its budget) would be refused. Pass "
+                        f"--kv-cache-pages {need} or more, or a larger --kv-page-size (serve has no --max-model-len: "
+                        f"the context is the model's)")
 
 
 def tool_parser(args):
