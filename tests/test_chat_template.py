@@ -15,7 +15,7 @@ import torch
 from parity import hf_llama
 from tritongpt.errors import UserError
 from tritongpt.train import chat, formats
-from tritongpt.train.chat_template import Rendered, render, template_parts, turn_end_id
+from tritongpt.train.chat_template import Rendered, render, template_parts, tool_prompt, turn_end_id
 from tritongpt.train.tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -570,6 +570,25 @@ def test_a_messages_reasoning_is_named_as_transformers_names_it():
             {"role": "assistant", "content": "c", "reasoning_content": "q", "thinking": "u"}]
     want = utils.render_jinja_template([utils._normalize_chat_messages(chat)], chat_template=tok.chat_template)[0]
     assert render(tok, chat) == want[0] and '"reasoning_content": "r"' in want[0]
+
+
+def test_a_tool_result_without_content_renders_as_transformers_renders_it():
+    """A tool message with no content key (the Python API's: serve's messages always have one) renders as
+    transformers renders it, its content undefined, not a KeyError out of tool_prompt's probes; a template that
+    drops tool results is still refused by name."""
+    utils = transformers.utils.chat_template_utils
+    tok = copy.copy(get_tokenizer("default"))
+    tok.chat_template = "{% for m in messages %}{{ m.role }}:{{ m.content }}{{ m.tool_calls | tojson if m.tool_calls }}|{% endfor %}"
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+        {"role": "tool", "tool_call_id": "c1"}]
+    want = utils.render_jinja_template([utils._normalize_chat_messages(chat)], tools=tools,
+                                       chat_template=tok.chat_template, add_generation_prompt=True)[0][0]
+    assert tool_prompt(tok, chat, tools, shown=False) == want and want.endswith("|tool:|")
+    tok.chat_template = tok.chat_template.replace("{{ m.content }}", "{{ m.content if m.role != 'tool' }}")
+    with pytest.raises(UserError, match=r"^messages\[2\]: the model's chat template drops this tool result "):
+        tool_prompt(tok, chat, tools, shown=False)
 
 
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):

@@ -835,7 +835,9 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
     marks = {}  # probe's index: its item marked
     for n, (i, j, key, _, _) in enumerate(probes):
         mark = f"{token}{n:0{width}d}"
-        value = messages[i]["content"] if key == "content" else messages[i]["tool_calls"][j]["function"][key]
+        # (a tool message may have no content, or null: left out, as transformers leaves a null key out, it renders as
+        # the template renders an undefined one, and is probed alone)
+        value = messages[i].get("content") if key == "content" else messages[i]["tool_calls"][j]["function"][key]
         if key == "arguments" and isinstance(value, dict):
             marks[n] = {**value, mark: mark}
         elif key == "content" and (isinstance(value, str) or isinstance(value, list) and value):
