@@ -591,6 +591,44 @@ def test_a_tool_result_without_content_renders_as_transformers_renders_it():
         tool_prompt(tok, chat, tools, shown=False)
 
 
+def test_a_folders_special_tokens_reach_the_template_as_transformers_passes_them(tmp_path):
+    """transformers >= 5's apply_chat_template gives the template every token of special_tokens_map, not bos_token
+    and eos_token alone: pad_token (an AddedToken in the file), unk_token, a model's own (a key ending in _token,
+    extra_special_tokens' names); not a key whose value is no token (add_bos_token). They are kept in a run's
+    tokenizer file and written by export, and rendered the same from each."""
+    from test_hf_tokenizer import build_tokenizer
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+    from tritongpt.train.tokenizer import load_tokenizer
+
+    tok = build_tokenizer("qwen2")
+    tok.add_special_tokens(["<|endoftext|>", "<pad>", "<img>"])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.update(pad_token={"content": "<pad>", "special": True, "__type": "AddedToken"}, unk_token="<|endoftext|>",
+               image_token="<img>", add_bos_token=False, extra_special_tokens={"video_token": "<vid>"},
+               chat_template="{{ pad_token }}|{{ unk_token }}|{{ image_token }}|{{ video_token }}|"
+                             "{{ add_bos_token is defined }}|{{ mask_token is defined }}|{{ messages[0].content }}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    chat = [{"role": "user", "content": "hi"}]
+    want = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(chat, tokenize=False)
+    assert want == "<pad>|<|endoftext|>|<img>|<vid>|False|False|hi"
+    ours = get_tokenizer(str(tmp_path))
+    assert render(ours, chat) == want
+    ours.save(tmp_path / "run.json")
+    assert render(load_tokenizer(tmp_path / "run.json"), chat) == want
+    (tmp_path / "export").mkdir()
+    for file, text in ours.hf_files(chat_template=ours.chat_template).items():
+        (tmp_path / "export" / file).write_text(text)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export").apply_chat_template(
+        chat, tokenize=False) == want
+    # (a request's variables set them, as apply_chat_template's kwargs do)
+    assert render(ours, chat, variables={"pad_token": "P"}).startswith("P|")
+    cfg["pad_token"] = 0
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"tokenizer_config.json: pad_token must be a token's text"):
+        HFTokenizer.from_hf_folder(tmp_path)
+
+
 def test_a_template_error_names_the_file_the_template_came_from(tmp_path):
     """A template that does not compile, or fails as it renders (with its line), is named by the file it was read
     from, and by its name where it is not the default: a folder's tokenizer_config.json (a string, or transformers'

@@ -645,8 +645,8 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
 
 
 # the variables render gives a template, and its helpers (_compiled's globals): no request's variables may set them
-RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
-                    "raise_exception", "strftime_now"}
+RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token", "unk_token",
+                    "sep_token", "pad_token", "cls_token", "mask_token", "raise_exception", "strftime_now"}
 
 
 # the names a message's reasoning goes by: templates read the first (Qwen3's), gpt-oss's the second
@@ -670,13 +670,15 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     "tool_use" one where tools are given), so that a check rendering without tools renders the same one."""
     import jinja2
 
-    # (one dict, not keyword arguments: a variable may be named as an argument, "self", "tokenizer"). A message's keys
-    # set to None are left out, as transformers >= 5's apply_chat_template leaves them out: a record's tool call with
-    # "content": null renders its content as undefined ('' | trim), not as the text "None"
-    context = {**(variables or {}), "messages": [_reasoning_named(
-                   {k: v for k, v in m.items() if v is not None}) for m in messages],
-               "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None,
-               **{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")}}
+    # (one dict, not keyword arguments: a variable may be named as an argument, "self", "tokenizer"). The tokenizer's
+    # special tokens first, every one transformers' special_tokens_map holds (pad_token, a model's image_token...),
+    # which the variables may set, as apply_chat_template's kwargs do (serve refuses those in RENDER_VARIABLES). A
+    # message's keys set to None are left out, as transformers >= 5's apply_chat_template leaves them out: a record's
+    # tool call with "content": null renders its content as undefined ('' | trim), not as the text "None"
+    context = {**{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")},
+               **(getattr(tokenizer, "template_tokens", None) or {}), **(variables or {}),
+               "messages": [_reasoning_named({k: v for k, v in m.items() if v is not None}) for m in messages],
+               "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None}
     name = template_name(tokenizer, tools) if template is None else template
     text = _template_text(tokenizer, name)
     what = _called(name, text)

@@ -118,6 +118,39 @@ def generation_end_ids(folder, vocab: int, limit: int | None = None) -> tuple:
     return [], None
 
 
+# the special tokens transformers' tokenizers name besides BOS and EOS (SPECIAL_TOKENS_ATTRIBUTES): with them and a
+# model's own (Gemma 3's image_token...), special_tokens_map, which apply_chat_template gives the template
+NAMED_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def template_tokens(cfg: dict, where) -> dict:
+    """{name: spelling} of tokenizer_config.json's special tokens besides bos_token and eos_token, as transformers >= 5
+    reads them into special_tokens_map (which apply_chat_template passes to the template, a template may write
+    pad_token): NAMED_TOKENS, then a model's own, its extra_special_tokens as an object, every other key ending in
+    "_token" whose value is a token's text (not add_bos_token's true), and model_specific_special_tokens."""
+    tokens = {}
+    for key in NAMED_TOKENS:
+        name = token_name(cfg.get(key), where, key)
+        if name is not None:
+            tokens[key] = name
+
+    def text(value):  # (a string, or an AddedToken as transformers writes it)
+        return value.get("content") if isinstance(value, dict) else value
+
+    extra = cfg.get("extra_special_tokens", cfg.get("additional_special_tokens"))
+    own = {**(extra if isinstance(extra, dict) else {}),
+           **{k: v for k, v in cfg.items() if k.endswith("_token") and k not in NAMED_TOKENS
+              and k not in ("bos_token", "eos_token") and isinstance(text(v), str)},
+           **(cfg.get("model_specific_special_tokens") if isinstance(cfg.get("model_specific_special_tokens"), dict)
+              else {})}
+    for key, value in own.items():
+        if not isinstance(text(value), str):  # (transformers refuses it too: a TypeError)
+            raise UserError(f"{where}: special token {key!r} must be a token's text (a string, or {{\"content\": ...}} "
+                            f"as transformers writes it), got {type(value).__name__} {value!r}"[:300])
+        tokens[key] = text(value)
+    return tokens
+
+
 class HFTokenizer(TokenizerChecks):
     """A tokenizers.Tokenizer with BPETokenizer's interface.
 
@@ -161,6 +194,9 @@ class HFTokenizer(TokenizerChecks):
         # the folder's other named templates ({"tool_use": ...}: Hermes-2-Pro's, Command-R's), None: none; a chat
         # with tools renders in "tool_use" (chat_template.template_name), as transformers' and vLLM's do
         self.chat_templates = None
+        # the folder's other special tokens by name ({"pad_token": ..., "image_token": ...}: template_tokens), which
+        # transformers gives a chat template beside bos_token and eos_token. Not part of the hash, as the template.
+        self.template_tokens = {}
 
     def without_chat_template(self) -> "HFTokenizer":
         """This tokenizer without a chat template (a run whose chats are in tritongpt's)."""
@@ -207,6 +243,7 @@ class HFTokenizer(TokenizerChecks):
             elif tok._tok.token_to_id(name) is None:
                 raise UserError(f"{cfg_path}: {key}_token {name!r} is not a token of {path}")
             setattr(tok, f"{key}_token", name)
+        tok.template_tokens = template_tokens(cfg, cfg_path)
         tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
                        "config.json nor generation_config.json an eos_token_id")
         from tritongpt.train.chat_template import templates_from_config
@@ -317,6 +354,7 @@ class HFTokenizer(TokenizerChecks):
                 **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
                 **({"chat_templates": self.chat_templates} if self.chat_template is not None and self.chat_templates
                    else {}),
+                **({"template_tokens": self.template_tokens} if self.template_tokens else {}),
                 "tokenizer": self.spec}
 
     def save(self, path):
@@ -357,6 +395,11 @@ class HFTokenizer(TokenizerChecks):
                             "default one), which it must have, and no 'default' of its own")
         tok.chat_templates = {name: from_file(t, f"{path} (field 'chat_templates')") for name, t in named.items()} \
             if named else None
+        tokens = d.get("template_tokens", {})
+        if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+            raise UserError(f"{path}: field 'template_tokens' must be an object of special tokens' text by name "
+                            f"(\"pad_token\": ...) or absent, got {tokens!r}"[:300])
+        tok.template_tokens = dict(tokens)
         return tok
 
     def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None,
@@ -368,6 +411,11 @@ class HFTokenizer(TokenizerChecks):
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                   "bos_token": self.bos_token, "model_max_length": model_max_length or 1_000_000_000_000,
                   "clean_up_tokenization_spaces": False}
+        # (transformers >= 5 reads them back, and gives a chat template them, as render does: a model's own by name)
+        config.update({k: v for k, v in self.template_tokens.items() if k in NAMED_TOKENS})
+        own = {k: v for k, v in self.template_tokens.items() if k not in NAMED_TOKENS}
+        if own:
+            config["model_specific_special_tokens"] = own
         if chat_template is not None:
             from tritongpt.train.chat_template import hf_chat_template_field
 
