@@ -2827,4 +2827,3 @@ def test_serve_refuses_at_startup_a_paged_cache_too_small_for_one_request_of_the
     finally:
         server.shutdown()
         server.server_close()
-
