@@ -88,6 +88,25 @@ def test_the_model_as_its_own_draft_takes_fewer_forwards_than_tokens(model):
     assert s["spec_decode_num_drafts"] == 8 and steps == 1 + 4
 
 
+def test_max_len_shortens_the_rows_the_draft_s_too(model):
+    """Engine(max_len=20) (serve's --max-model-len) on the 40-position model, itself its draft: both caches' rows are
+    20 long, a request filling them exactly speculates to its end and gets generate()'s tokens (the last steps' k
+    cut by 20, not by 40), one position more is refused, as is a max_len past the model's context."""
+    engine = Engine(model, max_batch=2, draft=model, num_draft_tokens=4, max_len=20)
+    assert engine.max_len == engine.draft_cache.max_len == engine.cache.k.size(3) == 20
+    idx = prompt(7, seed=1)
+    h = engine.submit(idx, 13)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert torch.equal(h.wait(), generate(model, idx, 13)) and engine.stats["spec_decode_num_drafts"] > 0
+    with pytest.raises(UserError, match="the context length 20"):
+        engine.check_room(1, 7, 14)
+    for bad in (0, 41, 1.5):
+        with pytest.raises(UserError, match="max_len must be a positive integer of at most the model's context "
+                                            r"length \(40\)"):
+            Engine(model, max_batch=2, max_len=bad)
+
+
 def test_requests_that_cannot_speculate_decode_plainly(model, draft):
     engine = Engine(model, max_batch=3, draft=draft, num_draft_tokens=K)
     a, b = prompt(8, seed=1), prompt(7, seed=2)

@@ -213,9 +213,28 @@ def test_every_serve_flag_is_read_by_the_pooling_runner_or_refused():
 
     reads = {"help", "model", "kernels", "device", "weights", "pretrained", "tokenizer", "quantize", "group_size",
              "host", "port", "api_key", "runner", "convert", "pooler_config", "chat_template", "served_model_name",
-             "dtype"}  # (load_generation_model's, the listener's, pooling's own; --chat-template a reward model's)
+             "dtype", "max_model_len"}  # (load_generation_model's, the listener's, pooling's own; --chat-template
+    # a reward model's; --max-model-len the inputs' limit, pooling.fit's)
     flags = {a.dest for a in serve_parser()._actions}
     assert sorted(flags - reads - set(GENERATION_FLAGS)) == [] and set(GENERATION_FLAGS) <= flags
+
+
+def test_max_model_len_limits_the_inputs(lm_folder):
+    """--max-model-len (vLLM's, a pooling model's too) is the inputs' limit: one of 17 tokens past 16 is the 400 of
+    one past the context, as is a truncate_prompt_tokens past it, though the model's context is 128; 16 are
+    embedded; /v1/models reports 16."""
+    server = serving(lm_folder[0], "--max-model-len", "16")
+    try:
+        assert call(server, "/v1/models")[1]["data"][0]["max_model_len"] == 16
+        for body, param, words in (({"input": [5] * 17}, "input", "17 tokens; this model's maximum context length is "
+                                                                  "16"),
+                                   ({"input": "a", "truncate_prompt_tokens": 17}, "truncate_prompt_tokens", "(16)")):
+            status, out = call(server, "/v1/embeddings", body)
+            assert status == 400 and out["error"]["param"] == param and words in out["error"]["message"], out
+        status, out = call(server, "/v1/embeddings", {"input": [5] * 16})
+        assert status == 200 and out["usage"]["total_tokens"] == 16
+    finally:
+        stop(server)
 
 
 def test_pooling_flags_need_the_pooling_runner(lm_folder):

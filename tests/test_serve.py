@@ -2814,8 +2814,9 @@ def test_serve_refuses_at_startup_a_paged_cache_too_small_for_one_request_of_the
         with pytest.raises(UserError) as e:
             start(folder, "--max-batch", "2", *flags).server_close()
         assert f"--kv-cache-pages {flags[1]} of {128 // need} positions (--kv-page-size) cannot hold one request " \
-            f"of the model's context length (128): that needs {need} pages" in str(e.value)
-        assert f"Pass --kv-cache-pages {need} or more, or a larger --kv-page-size" in str(e.value)
+            f"of the served context length (128, --max-model-len): that needs {need} pages" in str(e.value)
+        assert f"Pass --kv-cache-pages {need} or more, a larger --kv-page-size, or --max-model-len " \
+            f"{int(flags[1]) * 128 // need} or less" in str(e.value)
     server = start(folder, "--max-batch", "2", "--kv-cache-pages", "32", "--kv-page-size", "4")
     server.RequestHandlerClass.log_message = lambda *a: None
     try:
@@ -2827,3 +2828,67 @@ def test_serve_refuses_at_startup_a_paged_cache_too_small_for_one_request_of_the
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_max_model_len_is_the_served_context(tmp_path):
+    """vLLM's --max-model-len 64 on the 128-position model: a pool of 16 pages of 4 (one row of 64, not of 128)
+    starts where it alone is refused; every context check is 64's: a request past it but within the model's 128 is
+    the 400 of one past the context (completions, chat, the Responses API, truncate_prompt_tokens), a chat without
+    max_tokens runs to 64 exactly, /v1/models and /tokenize report 64 (/metrics' token buckets end there), and the
+    engine's rows are 64 long."""
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    pool = ("--max-batch", "2", "--kv-cache-pages", "16", "--kv-page-size", "4")
+    with pytest.raises(UserError, match="that needs 32 pages"):
+        start(folder, *pool).server_close()
+    server = start(folder, *pool, "--max-model-len", "64")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        assert server.app.engine.max_len == 64 and server.app.engine.context_pages() == 16
+        assert call(server, "/v1/models")[1]["data"][0]["max_model_len"] == 64
+        assert call(server, "/tokenize", {"prompt": "the cat"})[1]["max_model_len"] == 64
+        assert server.app.metrics.hist["request_prompt_tokens"].buckets[-1] == 50  # (1, 2, 5, ... to 64: vLLM's)
+        hi = [{"role": "user", "content": "Hi"}]
+        P = len(server.app.completion_prompt("the cat"))
+        for path, body, param in (("/v1/completions", {"prompt": "the cat", "max_tokens": 65 - P}, "max_tokens"),
+                                  ("/v1/chat/completions", {"messages": hi, "max_tokens": 60}, "max_tokens"),
+                                  ("/v1/responses", {"input": "Hi", "max_output_tokens": 60}, "max_output_tokens"),
+                                  ("/v1/completions", {"prompt": "the cat", "max_tokens": 1,
+                                                       "truncate_prompt_tokens": 65}, "truncate_prompt_tokens")):
+            status, out = call(server, path, body)
+            assert status == 400 and out["error"]["param"] == param and "64" in out["error"]["message"], (path, out)
+        status, out = call(server, "/v1/completions", {"prompt": "the cat", "max_tokens": 64 - P, "temperature": 0,
+                                                       "ignore_eos": True})
+        assert status == 200 and out["usage"]["total_tokens"] == 64
+        status, out = call(server, "/v1/chat/completions", {"messages": hi, "temperature": 0, "ignore_eos": True})
+        assert status == 200 and out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"]["total_tokens"] == 64
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_max_model_len_without_the_engine_and_its_refusals(tmp_path):
+    """--max-batch 1 (generate(), no engine) keeps --max-model-len's context too; a value past the model's context
+    (128) is refused naming both numbers, and one that is no positive integer naming the flag; vLLM's suffixes
+    (k decimal, K binary) are read."""
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    server = start(folder, "--max-batch", "1", "--max-model-len", "40")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        hi = [{"role": "user", "content": "Hi"}]
+        status, out = call(server, "/v1/chat/completions", {"messages": hi, "temperature": 0, "ignore_eos": True})
+        assert status == 200 and out["usage"]["total_tokens"] == 40
+        status, out = call(server, "/v1/chat/completions", {"messages": hi, "max_tokens": 41})
+        assert status == 400 and out["error"]["code"] == "context_length_exceeded"
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(UserError, match=r"--max-model-len 129 is more than the model's context length \(128"):
+        start(folder, "--max-model-len", "129").server_close()
+    for bad in ("0", "-1", "x", "1.5K", "2.5", "", "0k"):
+        with pytest.raises(UserError, match="--max-model-len must be a positive integer of tokens"):
+            start(folder, "--max-model-len", bad).server_close()
+    read = serve.parse_max_model_len
+    assert (read("1k"), read("1K"), read("25.6k"), read(" 64 "), read("2M")) == (1000, 1024, 25600, 64, 2**21)

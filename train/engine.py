@@ -282,13 +282,17 @@ class Engine:
     waiting request of another one is passed over (vLLM's scheduler skips it) until one of them has no request
     left, and the adapters' requests behind it wait with it (vLLM's runs them: a steady stream of them starves it);
     the base's still pass. None: every served adapter (they all stay on the device: vLLM's default is 1, its slots
-    on the GPU). stats: "lora_requests" a request run with an adapter."""
+    on the GPU). stats: "lora_requests" a request run with an adapter.
+
+    max_len (vLLM's max_model_len; serve's --max-model-len): the longest row, prompt and budget, the engine takes;
+    the slot cache's rows and a paged cache's tables hold that many positions, not the model's whole context (what
+    lets a long-context model serve in less memory); None: the model's context_length."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
                  kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
                  prefix_caching: bool = False, max_prefill_tokens: int | None = None, preemption: bool = True,
                  prompt_lookup: int | None = None, num_draft_tokens: int | None = None, max_loras: int | None = None,
-                 draft=None):
+                 draft=None, max_len: int | None = None):
         if not is_int(max_batch) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer (the requests' rows decoded at once), "
                             f"got {max_batch!r}")
@@ -330,7 +334,11 @@ class Engine:
         if cuda_graph:
             check_graphable(model)
         self.model, self.max_batch = model.eval(), int(max_batch)
-        self.max_len = model.config.context_length
+        context = model.config.context_length
+        if max_len is not None and (not is_int(max_len) or not 1 <= max_len <= context):
+            raise UserError(f"max_len must be a positive integer of at most the model's context length ({context}), "
+                            f"got {max_len!r}")
+        self.max_len = context if max_len is None else int(max_len)
         self.autocast = autocast or contextlib.nullcontext
         with self.autocast():  # the cache in the dtype the keys will have (an fp32 one would be cast every layer)
             if kv_pages is None:  # a row of the whole context a slot

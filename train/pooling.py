@@ -250,7 +250,7 @@ def fit(app, body: dict, seqs: list, names: list, params: list) -> list:
     longer than the context refused by its name (names[i], params[i])."""
     from tritongpt.train.serve import APIError, truncation
 
-    context = app.model.config.context_length
+    context = app.max_model_len  # (--max-model-len, else the model's)
     keep = truncation(body, context)
     if keep is not None:
         seqs = [s[-keep:] for s in seqs]

@@ -36,6 +36,7 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 import select
 import socket
@@ -996,10 +997,14 @@ class Model:
     with none (--max-batch 1, a LongRoPE model) one request at a time."""
 
     def __init__(self, model, tok, device, dtype, limit, name: str, template: str | None, template_why: str = "",
-                 cuda_graph: bool = False, kv_cache_dtype: str = "auto", engine=None, adapter_paths=None):
+                 cuda_graph: bool = False, kv_cache_dtype: str = "auto", engine=None, adapter_paths=None,
+                 max_model_len: int | None = None):
         from tritongpt.train.tokenizer import eot_or_none
 
         self.model, self.tok, self.device, self.dtype, self.limit = model, tok, device, dtype, limit
+        # the served context (--max-model-len, vLLM's max_model_len): every request's prompt and budget fit in it;
+        # the model's own context_length where none is given
+        self.max_model_len = model.config.context_length if max_model_len is None else max_model_len
         self.name, self.template, self.template_why = name, template, template_why
         # the LoRA adapters served beside the model (--lora-modules: model/lora.py serve_adapters), name -> path
         self.adapter_paths = dict(adapter_paths or {})
@@ -1033,7 +1038,7 @@ class Model:
         # --generation-config's (generation_config()): the requests' defaults, and the end tokens besides the EOS
         self.defaults, self.ends_too = {}, []
         self.prompt_tokens_details = False  # vLLM's --enable-prompt-tokens-details: usage's cached_tokens
-        self.metrics = Metrics(name, model.config.context_length, engine)  # GET /metrics
+        self.metrics = Metrics(name, self.max_model_len, engine)  # GET /metrics
         self.created = int(time.time())
 
     def close(self):
@@ -1189,8 +1194,9 @@ class Model:
             raise bad(field, str(e)) from None
 
     def fits(self, ids, max_tokens) -> int:
-        """The prompt's budget: max_tokens, or the context left (None); a 400 where the prompt and it pass it."""
-        ctx = self.model.config.context_length
+        """The prompt's budget: max_tokens, or the context left (None); a 400 where the prompt and it pass it. The
+        context is the served one (max_model_len), which vLLM's messages call the model's."""
+        ctx = self.max_model_len
         if max_tokens is None:  # as far as the context goes
             if len(ids) >= ctx:
                 raise APIError(400, f"the prompt is {len(ids)} tokens; the model's context is {ctx}: nothing is "
@@ -1755,7 +1761,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise bad("prompt", "'prompt' (a string) or 'messages' is required" if prompt is None else
                           f"'prompt' must be a string, got {prompt!r}"[:300])
             ids = app.encode(prompt, bos=bool_field(body, "add_special_tokens", True), special=True)
-        return {"count": len(ids), "max_model_len": app.model.config.context_length, "tokens": ids,
+        return {"count": len(ids), "max_model_len": app.max_model_len, "tokens": ids,
                 "token_strs": [token_text(app.tok, i)[0] for i in ids] if strs else None}
 
     def tokenizer_info(self) -> dict:
@@ -1819,7 +1825,7 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         return {"id": name, "object": "model", "created": app.created, "owned_by": "tritongpt",
                 "root": name if root is None else root, "parent": None if root is None else app.name,
-                "max_model_len": app.model.config.context_length}
+                "max_model_len": app.max_model_len}
 
     def read_body(self) -> dict:
         length = self.headers.get("Content-Length")
@@ -1957,7 +1963,7 @@ class Completion:
         else:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
             self.stop_id = app.eot
-        keep = truncation(body, app.model.config.context_length)
+        keep = truncation(body, app.max_model_len)
         if keep is not None:  # (vLLM's left truncation; echo would show a prompt the model did not read)
             if s["echo"]:
                 raise bad("truncate_prompt_tokens", "'truncate_prompt_tokens' is not supported with 'echo': true")
@@ -2775,25 +2781,68 @@ def make_engine(args, model, device, dtype, tok=None):
         from tritongpt.commands import load_draft
         spec["draft"] = load_draft(args, model, tok, device, spec["draft"], "--speculative-config's model")
     engine = Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
-                    cuda_graph=args.cuda_graphs, **page_args(args), max_loras=args.max_loras, **spec)
+                    cuda_graph=args.cuda_graphs, **page_args(args), max_loras=args.max_loras, **spec,
+                    max_len=max_model_len(args, model))
     check_pool(engine)
     return engine.start()
 
 
 def check_pool(engine):
-    """A paged cache too small for one row of the model's whole context refused at startup, as vLLM refuses one that
-    cannot serve a request of max_model_len: a chat (or Responses) request that omits max_tokens runs to the
-    context's end, so such a server would start and then refuse ordinary requests (check_room's 400). Counted by the
-    engine (context_pages). serve has no --max-model-len (vLLM's, nor another name for it): the context is the
-    model's config's, so the pool's flags are the ones to change."""
+    """A paged cache too small for one row of the served context (the engine's max_len: --max-model-len, else the
+    model's) refused at startup, as vLLM refuses one that cannot serve a request of max_model_len: a chat (or
+    Responses) request that omits max_tokens runs to the context's end, so such a server would start and then refuse
+    ordinary requests (check_room's 400). Counted by the engine (context_pages). vLLM's message offers a smaller
+    max_model_len too: so does this one."""
     need = engine.context_pages()  # (0 without a paged cache)
     if engine.paged and need > engine.cache.num_pages:
         pages, size = engine.cache.num_pages, engine.cache.page_size
+        most = pages * size  # (a row of this many positions takes every page: pages_for(1, most - 1))
         raise UserError(f"--kv-cache-pages {pages} of {size} positions (--kv-page-size) cannot hold one request of "
-                        f"the model's context length ({engine.max_len}): that needs {need} pages, and every chat "
-                        f"request that omits max_tokens (the rest of the context its budget) would be refused. Pass "
-                        f"--kv-cache-pages {need} or more, or a larger --kv-page-size (serve has no --max-model-len: "
-                        f"the context is the model's)")
+                        f"the served context length ({engine.max_len}, --max-model-len): that needs {need} pages, "
+                        f"and every chat request that omits max_tokens (the rest of the context its budget) would be "
+                        f"refused. Pass --kv-cache-pages {need} or more, a larger --kv-page-size, or --max-model-len "
+                        f"{most} or less")
+
+
+MAX_MODEL_LEN_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+                          "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}  # (vLLM's human_readable_int)
+
+
+def parse_max_model_len(text) -> int | None:
+    """--max-model-len's value -> tokens, or None (not given): an integer, or vLLM's human-readable form (1k = 1000,
+    25.6k = 25600 with a decimal suffix; 1K = 1024 with a binary one, whole numbers only); refused by name unless a
+    positive integer results."""
+    if text is None:
+        return None
+    value = str(text).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", value)
+    tokens = None
+    if match:
+        number, suffix = match.groups()
+        if suffix.islower():
+            tokens = int(float(number) * MAX_MODEL_LEN_SUFFIXES[suffix])
+        elif "." not in number:  # (vLLM's: a binary multiple of a fraction is refused)
+            tokens = int(number) * MAX_MODEL_LEN_SUFFIXES[suffix]
+    elif re.fullmatch(r"[+-]?\d+", value):
+        tokens = int(value)
+    if tokens is None or tokens < 1:
+        raise UserError(f"--max-model-len must be a positive integer of tokens (or vLLM's 1k = 1000, 1K = 1024; "
+                        f"decimals with k, m, g, t only), got {text!r}")
+    return tokens
+
+
+def max_model_len(args, model) -> int:
+    """The served context: --max-model-len (parsed), refused above the model's context_length (vLLM's rule without
+    its VLLM_ALLOW_LONG_MAX_MODEL_LEN: positions the model never learned, or that its position table lacks), else
+    the model's."""
+    context = model.config.context_length
+    tokens = parse_max_model_len(getattr(args, "max_model_len", None))
+    if tokens is None:
+        return context
+    if tokens > context:
+        raise UserError(f"--max-model-len {tokens} is more than the model's context length ({context}, its "
+                        f"max_position_embeddings): pass --max-model-len {context} or less, or leave it out")
+    return tokens
 
 
 def tool_parser(args):
@@ -2867,6 +2916,7 @@ def check_server_args(args):
         raise UserError("--served-model-name is empty")
     check_pooling_args(args)  # (first: an engine flag that pooling ignores is named as that)
     check_engine_args(args)
+    parse_max_model_len(args.max_model_len)  # (the model's context checks it again once loaded: max_model_len)
     chat_template_arg(args.chat_template)
     if args.runner == "generate":
         tool_parser(args)
@@ -2905,6 +2955,7 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.enable_lora:  # (none yet with runtime loading: the engine then has its adapter rows from the start)
         load_adapters(model, modules, args.max_lora_rank, name)
     check_cuda_graphs(args, device, model)
+    context = max_model_len(args, model)  # (before the engine: its caches are that long)
     engine = make_engine(args, model, device, dtype, tok)
     # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed;
     # --chat-template's is the chat's
@@ -2921,7 +2972,7 @@ def make_server(args) -> ThreadingHTTPServer:
             engine.close()
         raise
     server.app = Model(model, tok, device, dtype, limit, name, template, why, args.cuda_graphs, args.kv_cache_dtype,
-                       engine, modules)
+                       engine, modules, max_model_len=context)
     server.app.runtime_lora, server.app.max_lora_rank = runtime, args.max_lora_rank or 16
     server.app.defaults, server.app.ends_too = gen
     server.app.prompt_tokens_details = args.enable_prompt_tokens_details
@@ -2959,12 +3010,13 @@ def pooling_server(args) -> ThreadingHTTPServer:
         raise UserError("--chat-template lays out a reward model's chats (/pooling's messages, /score's and "
                         "/rerank's pairs); an embedder reads texts alone")
     model, tok, device, dtype, limit, pooler = load_pooler(args)
+    context = max_model_len(args, model)  # (the inputs' limit: pooling.fit)
     chat_template = chat_template_arg(args.chat_template, tok)  # (a template's name looked up: the tokenizer's)
     if chat_template is not None:
         tok.chat_template, tok.chat_templates = chat_template, None
     server = listen(args)
     server.app = Model(model, tok, device, dtype, limit, model_name(args), None,
-                       f"--runner pooling serves {served_path(pooler)}, no text")
+                       f"--runner pooling serves {served_path(pooler)}, no text", max_model_len=context)
     server.app.pooler, server.api_key = pooler, key
     return server
 
@@ -3007,6 +3059,11 @@ def add_server_args(p, listen: bool = False):
         p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s; 0: a free one)")
     add_engine_args(p, MAX_BATCH, "rows decoded together (default %(default)s): requests are batched as they arrive, a "
                           "request of n choices taking n rows; 1: one request at a time")
+    p.add_argument("--max-model-len", default=None, metavar="N",
+                   help="the served context (vLLM's): a request's prompt and answer together at most N tokens (a "
+                        "chat without max_tokens answers to it), the engine's cache rows that long (a long-context "
+                        "model in less memory; --kv-cache-pages must hold one row of it); also 1k (1000), 32K "
+                        "(32768); at most the model's context length (default: the model's)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="vLLM's speculative decoding in the batching engine: "
                         "'{\"method\": \"ngram\", \"num_speculative_tokens\": K, \"prompt_lookup_max\": N}': each "
