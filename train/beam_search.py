@@ -6,9 +6,11 @@ _update_finished_beams, _check_early_stop_heuristic, _beam_search_has_unfinished
   ids past vocab_limit are then never chosen, as transformers' suppress_tokens), after the logits processors
   transformers applies to them: the repetition penalty, then the no-repeat n-gram ban (on the log-probabilities,
   not the logits, as transformers' beam search does);
-- each step keeps the 2 * N best continuations over all N beams of a prompt: those ending in the EOS (or at
-  max_new_tokens) among the first N become finished hypotheses, scored sum_logprobs / (generated ** length_penalty),
-  generated counting the EOS; the N best others run on (a finished candidate outside the first N is dropped);
+- each step keeps the max(2, 1 + end tokens) * N best continuations over all N beams of a prompt (transformers'
+  beams_to_keep: 2 * N with one EOS), enough to go on if N of them end: those ending in an end token (the EOS or one
+  of stop_token_ids) or at max_new_tokens among the first N become finished hypotheses, scored
+  sum_logprobs / (generated ** length_penalty), generated counting the end token; the N best others run on (a
+  finished candidate outside the first N is dropped);
 - N finished hypotheses are kept per prompt, the best first; early_stopping True stops a prompt once it has N,
   False once its best running beam, at its current length, cannot beat the worst of them, "never" the same with the
   length that beam could still reach where length_penalty > 0 (transformers' heuristic, not an exact bound).
@@ -105,7 +107,8 @@ def beam_search(model, idx, max_new_tokens: int, num_beams: int, length_penalty:
     transformers' beam search ends on each of them).
 
     Returns (ids [B * R, T + n], scores [B * R]), R = num_return_sequences: each prompt's R best finished
-    hypotheses, best first, their scores transformers' sequences_scores; shorter ones padded with eos_id.
+    hypotheses, best first, their scores transformers' sequences_scores; shorter ones padded with eos_id
+    (the first of stop_token_ids without one).
     """
     check_prompt(idx)
     if not is_int(max_new_tokens) or max_new_tokens < 0:
