@@ -313,7 +313,8 @@ def cast(x, dtype: tl.constexpr):
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + (0x7FFF + ((bits >> 16) & 1))  # round half to even on the 16 dropped bits
         # a NaN whose payload is all ones below bit 16 would carry into the sign (0x7FFFFFFF -> -0.0), and one
-        # with its payload below bit 16 alone would truncate to inf: any NaN is bf16's quiet NaN, as on the GPU
+        # with its payload below bit 16 alone would truncate to inf: any NaN is narrowed to a NaN (torch's 0x7FC0), as the
+        # GPU keeps it one
         bits = tl.where(x != x, 0x7FC00000, bits)
         y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:

@@ -306,8 +306,9 @@ DROPS_ARGUMENTS = TOOLS_TEMPLATE.replace("(call.function.arguments | tojson)", "
 
 def test_the_template_check_sees_what_is_rendered_not_a_text_search(folder, monkeypatch):
     """A tool result a template escapes (tojson) is rendered, not dropped; a call whose name is in the tools' list
-    but not in the conversation, or whose arguments are dropped, is dropped: the check renders each result and call
-    changed and looks for the change, where a search for its text finds the tools' list or misses the escapes."""
+    but not in the conversation, or whose arguments are dropped, is dropped: the check renders the results and calls
+    changed (each marked, all at once, then alone where its marker proves nothing) and looks for the change, where a
+    search for their text finds the tools' list or misses the escapes."""
     from tritongpt.train.chat_template import tool_prompt
     from tritongpt.train.serve import check_tools, tool_messages
     from tritongpt.train.tokenizer import get_tokenizer
