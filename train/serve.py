@@ -2719,7 +2719,8 @@ def add_engine_args(p, max_batch, max_batch_help: str):
     p.add_argument("--kv-cache-pages", type=int, default=None, metavar="N",
                    help="a paged KV cache of N pages shared by the batch's rows (vLLM's PagedAttention): a request "
                         "takes its prompt's pages, waiting while too few are free, and more as its rows grow; when "
-                        "none is free the latest admitted request is preempted and recomputed later (default: none, "
+                        "none is free the latest admitted request is preempted and recomputed later; serve and "
+                        "run-batch refuse a pool that cannot hold one row of the served context (default: none, "
                         "each of --max-batch rows holds the whole context)")
     p.add_argument("--kv-page-size", type=int, default=None, metavar="P",
                    help="positions a page of --kv-cache-pages (default 16, vLLM's)")
