@@ -404,8 +404,9 @@ class HFTokenizer(TokenizerChecks):
 
     def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None,
                  chat_templates: dict | None = None) -> dict:
-        """{file name: text}: tokenizer.json as read and a tokenizer_config.json naming EOS and BOS,
-        which transformers.AutoTokenizer loads with the same ids (add_special_tokens=False; with
+        """{file name: text}: tokenizer.json as read and a tokenizer_config.json naming EOS and BOS (and the
+        folder's other special tokens, template_tokens, which a chat template may write), which
+        transformers.AutoTokenizer loads with the same ids (add_special_tokens=False; with
         True, the file's own post-processor adds what the model's pipeline adds). chat_template: the
         default chat template; chat_templates: the named others (hf_chat_template_field)."""
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
