@@ -1471,7 +1471,8 @@ def add_dtype_arg(p):
 def add_sampling_args(p, max_new_tokens: int, temperature: float, temperature_text: str):
     """The sampling flags of `generate` and `chat`, and the precision they run in."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="at most this many (default "
-                   "%(default)s); generation stops early at <|endoftext|>")
+                   "%(default)s); generation stops early at the end-of-text token (<|endoftext|>; chat: a chat "
+                   "template's end of turn) or a model folder's generation config's end tokens")
     # temperature None: the command picks it (generate: 0.8 sampling, 0 with --num-beams), temperature_text says how
     p.add_argument("--temperature", type=float, default=temperature,
                    help=f"sampling temperature (default {'%(default)s, ' * (temperature is not None)}"
