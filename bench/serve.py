@@ -773,9 +773,11 @@ def run_serve(args) -> int:
                                 f"({app.template_why}); serve an instruct model or use /v1/completions")
             adapters = list(app.adapter_paths)
             base_url = f"http://{host_port(ns.host, server.server_address[1])}/v1"
-            ctx = app.model.config.context_length
+            # the served context (--max-model-len's where given): past it every request would be a 400
+            ctx = app.max_model_len
             if args.dataset is None and args.input_len + args.output_len > ctx:
-                raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} > the model's "
+                whose = "--max-model-len's" if ns.max_model_len is not None else "the model's"
+                raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} > {whose} "
                                 f"context ({ctx})")
             model, tok, key = app.name, app.tok, server.api_key
             served = {"in_process": True, "device": str(app.device), "flags": {  # (the key never written)
