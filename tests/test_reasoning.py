@@ -286,6 +286,21 @@ def test_chat_template_kwargs_named_as_the_renderers_own_arguments_are_variables
     assert status == 400 and "may not set 'raise_exception'" in body["error"]["message"], body
 
 
+def test_chat_template_kwargs_may_set_a_folders_other_special_tokens(both, monkeypatch):
+    """A folder's special tokens besides BOS and EOS (pad_token, a model's image_token) reach the template, and a
+    request's chat_template_kwargs naming one set it, as vLLM passes them on to apply_chat_template's kwargs (which
+    override special_tokens_map): not a 400."""
+    from test_serve import call
+    from test_tool_calls import TOOLS_TEMPLATE
+
+    server, theirs, bias = both
+    monkeypatch.setattr(server.app.tok, "chat_template", TOOLS_TEMPLATE + "{{- pad_token ~ '|' ~ image_token }}")
+    monkeypatch.setattr(server.app.tok, "template_tokens", {"pad_token": "<pad>", "image_token": "<img>"})
+    for kwargs, ends in ((None, "<pad>|<img>"), ({"pad_token": "P", "image_token": "I"}, "P|I")):
+        status, body = call(server, "/tokenize", {"messages": USER, "chat_template_kwargs": kwargs})
+        assert status == 200 and theirs.decode(body["tokens"]).endswith(ends), body
+
+
 def test_a_chat_template_kwargs_value_the_template_cannot_use_is_a_400(both, monkeypatch):
     """The values reach the template as they are: one it fails on (gpt-oss's 'Reasoning: ' + reasoning_effort, given a
     number) is the request's 400 naming chat_template_kwargs and the template's error, not a 500."""

@@ -644,9 +644,12 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     return compiled
 
 
-# the variables render gives a template, and its helpers (_compiled's globals): no request's variables may set them
-RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token", "unk_token",
-                    "sep_token", "pad_token", "cls_token", "mask_token", "raise_exception", "strftime_now"}
+# the variables render gives a template, and its helpers (_compiled's globals): no request's variables may set them.
+# A folder's other special tokens (pad_token, unk_token, a model's image_token: template_tokens) are not among them:
+# render lets the variables set those, as apply_chat_template's kwargs do, and vLLM passes a request's
+# chat_template_kwargs naming them on to it
+RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
+                    "raise_exception", "strftime_now"}
 
 
 # the names a message's reasoning goes by: templates read the first (Qwen3's), gpt-oss's the second
