@@ -387,7 +387,7 @@ def test_a_paged_cache_too_small_for_the_context_is_refused_at_startup(folder, t
     flags = ["--device", "cpu", "--max-batch", "2", "--kv-page-size", "4", "--kv-cache-pages"]
     assert main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"), "--weights", str(folder),
                  *flags, "31"]) == 2
-    assert "cannot hold one request of the served context length (128, --max-model-len): that needs 32 pages" in \
+    assert "cannot hold one request of the model's context length (128): that needs 32 pages" in \
         capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
     body = run_batch(folder, requests, tmp_path / "out.jsonl", *flags[2:], "32")[0]["response"]["body"]
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["total_tokens"] == 128

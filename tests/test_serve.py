@@ -2814,9 +2814,13 @@ def test_serve_refuses_at_startup_a_paged_cache_too_small_for_one_request_of_the
         with pytest.raises(UserError) as e:
             start(folder, "--max-batch", "2", *flags).server_close()
         assert f"--kv-cache-pages {flags[1]} of {128 // need} positions (--kv-page-size) cannot hold one request " \
-            f"of the served context length (128, --max-model-len): that needs {need} pages" in str(e.value)
+            f"of the model's context length (128): that needs {need} pages" in str(e.value)
+        most = int(flags[1]) * 128 // need + 1  # (the last token drawn takes no page)
         assert f"Pass --kv-cache-pages {need} or more, a larger --kv-page-size, or --max-model-len " \
-            f"{int(flags[1]) * 128 // need} or less" in str(e.value)
+            f"{most} or less" in str(e.value)
+        start(folder, "--max-batch", "2", *flags, "--max-model-len", str(most)).server_close()  # (the advice holds)
+        with pytest.raises(UserError, match=rf"the served context length \({most + 1}, --max-model-len\)"):
+            start(folder, "--max-batch", "2", *flags, "--max-model-len", str(most + 1)).server_close()
     server = start(folder, "--max-batch", "2", "--kv-cache-pages", "32", "--kv-page-size", "4")
     server.RequestHandlerClass.log_message = lambda *a: None
     try:

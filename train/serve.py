@@ -2797,9 +2797,11 @@ def check_pool(engine):
     need = engine.context_pages()  # (0 without a paged cache)
     if engine.paged and need > engine.cache.num_pages:
         pages, size = engine.cache.num_pages, engine.cache.page_size
-        most = pages * size  # (a row of this many positions takes every page: pages_for(1, most - 1))
+        most = pages * size + 1  # (the last token drawn is never fed back: pages_for(1, most - 1) is every page)
+        context = f"the model's context length ({engine.max_len})" if engine.max_len == \
+            engine.model.config.context_length else f"the served context length ({engine.max_len}, --max-model-len)"
         raise UserError(f"--kv-cache-pages {pages} of {size} positions (--kv-page-size) cannot hold one request of "
-                        f"the served context length ({engine.max_len}, --max-model-len): that needs {need} pages, "
+                        f"{context}: that needs {need} pages, "
                         f"and every chat request that omits max_tokens (the rest of the context its budget) would be "
                         f"refused. Pass --kv-cache-pages {need} or more, a larger --kv-page-size, or --max-model-len "
                         f"{most} or less")
