@@ -1,6 +1,17 @@
 import os
 import sys
 
+# No network in tests (netguard.py): installed before anything imports a client. huggingface_hub and datasets read
+# their offline switches once, at import: a model or dataset a test fakes is then never looked for on the Hub.
+_NETGUARD = os.path.join(os.path.dirname(__file__), "netguard")
+sys.path.insert(0, _NETGUARD)
+import netguard  # noqa: E402
+
+netguard.install(owner=True)
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+# the processes the tests start run netguard/sitecustomize.py (and log what they tried to netguard's file)
+os.environ["PYTHONPATH"] = os.pathsep.join([_NETGUARD] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+
 # Triton reads TRITON_INTERPRET once, at import: set it before anything imports triton.
 import tritongpt  # noqa: F401  (sets TRITON_INTERPRET=1 when there is no GPU)
 
@@ -22,6 +33,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def no_network():
+    """A test that tried the network fails, even where the client (or the package: hub_datasets falls back to the
+    Hub cache on any error) swallowed the guard's error, and where a process the test started tried it."""
+    mark = netguard.mark()
+    yield
+    tried = netguard.tried_since(mark)
+    if tried:
+        pytest.fail("\n".join(tried), pytrace=False)
 
 
 @pytest.fixture(autouse=True)
