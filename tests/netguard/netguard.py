@@ -73,7 +73,8 @@ def install(owner=False):
         fd, _log = tempfile.mkstemp(prefix="tritongpt-netguard-", suffix=".log")
         os.close(fd)
         os.environ[LOG_ENV] = _log
-        atexit.register(lambda path=_log: os.path.exists(path) and os.remove(path))
+        # (a child forked from this process that exits through atexit must not remove the file under it)
+        atexit.register(lambda pid=_owner, path=_log: os.getpid() == pid and os.path.exists(path) and os.remove(path))
     if _real:
         return
     _real.update(connect=socket.socket.connect, connect_ex=socket.socket.connect_ex, sendto=socket.socket.sendto,
@@ -112,9 +113,11 @@ def tried_since(mark) -> list:
     the guard's error, made on purpose, is not failed for it)."""
     global _read
     n, size = mark
-    with open(_log) as f:
-        f.seek(max(size, _read))
-        tried = seen[n:] + f.read().splitlines()
-        _read = f.tell()
+    tried, start = seen[n:], max(size, _read)
+    if os.path.getsize(_log) > start:  # (the file opened only when a child wrote to it: a stat a test)
+        with open(_log) as f:
+            f.seek(start)
+            tried += f.read().splitlines()
+            _read = f.tell()
     del seen[n:]
     return list(dict.fromkeys(tried))
