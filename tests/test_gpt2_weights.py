@@ -404,21 +404,17 @@ def test_config_json_that_disagrees_or_names_another_variant_is_refused(tmp_path
             load_gpt2_safetensors(path)
 
 
-def test_config_json_null_scale_flags_are_false_as_transformers_attention_reads_them(tmp_path):
-    """GPT2Attention tests scale_attn_weights and scale_attn_by_inverse_layer_idx by truth: a null is false. A null
-    scale_attn_by_inverse_layer_idx (refused before, as another variant) is this model; a null scale_attn_weights is
-    unscaled scores, which it is not."""
-    hf, path = _hf_model(tmp_path)
+def test_config_json_null_scale_flags_are_refused_as_transformers_5_refuses_them(tmp_path):
+    """GPT2Config (transformers 5: strict bool fields) refuses a null scale_attn_weights or
+    scale_attn_by_inverse_layer_idx (4.x kept the None, and its attention tested it as false): refused by name, the
+    one that is false by default too."""
+    _, path = _hf_model(tmp_path)
     good = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**good, "scale_attn_by_inverse_layer_idx": None}))
-    model = load_gpt2_safetensors(path).eval()
-    idx = torch.randint(0, 101, (1, 9))
-    with torch.no_grad():
-        assert report(model(idx), hf(idx).logits)[1] <= 1e-5
-    (tmp_path / "config.json").write_text(json.dumps({**good, "scale_attn_weights": None}))
-    with pytest.raises(UserError, match=r"config.json has scale_attn_weights None \(null: false\); this model "
-                                        "computes True only"):
-        load_gpt2_safetensors(path)
+    for key, default in (("scale_attn_by_inverse_layer_idx", "false"), ("scale_attn_weights", "true")):
+        (tmp_path / "config.json").write_text(json.dumps({**good, key: None}))
+        with pytest.raises(UserError, match=f"config.json has {key} null; it must be true or false "
+                                            rf"\(transformers refuses null here, and its default is {default}\)"):
+            load_gpt2_safetensors(path)
     # read by truth, "false" would be true: a flag spelled as a string is named
     (tmp_path / "config.json").write_text(json.dumps({**good, "scale_attn_weights": "false"}))
     with pytest.raises(UserError, match="config.json has scale_attn_weights 'false'; it must be true or false"):

@@ -140,9 +140,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     cfg_json = tmp_path / "b" / "config.json"
     d = {k: v for k, v in json.loads(cfg_json.read_text()).items()
          if k not in ("rope_parameters", "max_position_embeddings", "layer_norm_eps", "hidden_act")}
-    # (qk_layernorm null: PhiConfig keeps the None, and its model tests it as false, as every other flag here)
     cfg_json.write_text(json.dumps({**d, "rope_theta": 500.0, "rope_scaling": None, "num_key_value_heads": None,
-                                    "layer_norm_eps": 1e-6, "qk_layernorm": None}))
+                                    "layer_norm_eps": 1e-6, "qk_layernorm": False}))
     model = load_checkpoint(tmp_path / "b").double().eval()
     c = model.config
     assert (c.rope_theta, c.rotary_dim, c.context_length, c.gelu_approximate, c.kv_heads) == \
@@ -172,6 +171,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"head_dim": 32}, r"head_dim 32; Phi's heads are hidden_size / num_attention_heads wide \(16\)"),
     ({"qk_layernorm": True}, r"missing tensor.*q_layernorm"),
     ({"qk_layernorm": "yes"}, "qk_layernorm 'yes'; it must be true or false"),
+    # null: PhiConfig (transformers 5, a strict bool field) refuses it
+    ({"qk_layernorm": None}, r"qk_layernorm null; it must be true or false \(transformers refuses null here"),
     # bool("false") is True: the file's own lm_head was dropped for the embedding without a word
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings 'false'; it must be true or false"),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
@@ -179,7 +180,8 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
      r"config\.json: layer_norm_eps \(GPTConfig\.norm_eps\) must be a number in \(0, 1\), got '1e-5'"),
 ], ids=["phi-msft", "mixformer", "factor", "linear-rope", "dynamic-rope", "flat-theta", "activation", "mlp-width",
         "heads",
-        "heads-type", "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "tie-type", "eps-type"])
+        "heads-type", "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "qk-layernorm-null",
+        "tie-type", "eps-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi, tmp_path)
     cfg_json = tmp_path / "config.json"

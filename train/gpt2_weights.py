@@ -216,17 +216,41 @@ def tensor_shapes(sd: dict, path: Path, family: str) -> tuple:
     return vocab, n_embd, sd["wpe.weight"].shape[0], 1 + max(layers)
 
 
-def config_flag(d: dict, key: str, default: bool, cfg_json, null_ok: bool = True) -> bool:
-    """A true/false field of config.json: absent, its default; null, false (transformers' configs keep the None
-    they are given, and their models test it as false: Falcon's parallel_attn null is the sequential block).
-    null_ok False: a null refused, where transformers 5's config (a strict dataclass field typed bool) refuses it
-    and false is not the default: read as false it would load a model transformers never builds (GPT-NeoX's
-    use_parallel_residual null as the sequential block). bool() of the string "false" is True: a flag spelled as
-    a string (or a number) would read as another model, so anything but a JSON boolean is refused by name."""
+# The true/false fields our readers read whose null transformers 5.25's config class accepts, by model_type: typed
+# bool | None (Falcon's flags, Cohere's use_qk_norm...) or no field of that class at all (Mistral's mlp_bias, read
+# here as its default). The config keeps the None and its model tests it by truth, so a null is false. Every other
+# field read is a strict bool there (attention_bias, qk_layernorm, tie_word_embeddings...): a null is refused when
+# the config is built, and read as false here it loaded a model transformers never builds. Made by instantiating
+# each config class with each field its reader reads set to None (tests/test_config_nulls.py compares it with
+# transformers'); an entry for a field a branch does not read for that type (Cohere 2's use_qk_norm) keeps it true.
+NULL_AS_FALSE = {
+    "falcon": frozenset({"parallel_attn", "multi_query", "new_decoder_architecture", "alibi", "bias"}),
+    "cohere": frozenset({"use_qk_norm"}), "cohere2": frozenset({"use_qk_norm"}),
+    # (transformers 5 writes use_bidirectional_attention null in every Gemma and Gemma 2 config.json it saves)
+    **dict.fromkeys(("gemma", "gemma2", "gemma3_text"), frozenset({"use_bidirectional_attention"})),
+    "granite": frozenset({"output_router_logits"}), "granitemoe": frozenset({"output_router_logits", "mlp_bias"}),
+    "llama": frozenset({"use_sliding_window"}),
+    "mistral": frozenset({"attention_bias", "mlp_bias", "use_sliding_window"}),
+    "qwen2": frozenset({"attention_bias", "mlp_bias"}), "qwen3": frozenset({"mlp_bias"}),
+    "mixtral": frozenset({"attention_bias", "mlp_bias", "use_sliding_window", "norm_topk_prob"}),
+    "qwen3_moe": frozenset({"mlp_bias"}), "olmoe": frozenset({"mlp_bias", "use_sliding_window"}),
+    # not transformers: peft's LoraConfig (adapter_config.json) is a plain dataclass that tests these by truth
+    "peft_lora": frozenset({"use_dora", "use_rslora"}),
+}
+
+
+def config_flag(d: dict, key: str, default: bool, cfg_json, kind: str | None = None) -> bool:
+    """A true/false field of config.json: absent, its default. kind: the model_type whose config reads the file
+    (default: d's model_type). A null is false where that config accepts it (NULL_AS_FALSE: Falcon's parallel_attn
+    null is the sequential block in transformers too), and refused by name elsewhere, as transformers 5 refuses it.
+    bool() of the string "false" is True: a flag spelled as a string (or a number) would read as another model, so
+    anything but a JSON boolean is refused by name."""
     if key not in d:
         return default
     value = d[key]
-    if value is None and not null_ok:
+    if kind is None:
+        kind = d.get("model_type")
+    if value is None and key not in NULL_AS_FALSE.get(kind, ()):
         raise UserError(f"{cfg_json} has {key} null; it must be true or false (transformers refuses null here, and "
                         f"its default is {json.dumps(default)})")
     if value is None:
@@ -323,8 +347,8 @@ def _infer_config(sd: dict, path: Path, model_name: str | None) -> GPTConfig:
 # GELU with the tanh approximation, LayerNorm eps 1e-5, scores scaled by 1/sqrt(head_dim) only.
 _HF_MUST = {"activation_function": ({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}, "gelu_new"),
             "layer_norm_epsilon": ({1e-5}, 1e-5)}
-# The two scale flags, read by config_flag: GPT2Attention tests each by truth, so a null is false (null
-# scale_attn_by_inverse_layer_idx is this model; a null scale_attn_weights, unscaled scores, is not).
+# The two scale flags, read by config_flag: GPT2Config (transformers 5) refuses a null in either, so a null is
+# refused by name.
 _HF_FLAGS = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
 
@@ -359,9 +383,8 @@ def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer:
         if d.get(key, default) not in tuple(allowed):  # (a tuple: a list or object there is refused, not unhashable)
             raise UserError(f"{cfg_json} has {key} {d[key]!r}; this model computes {default!r} only")
     for key, want in _HF_FLAGS.items():
-        if config_flag(d, key, want, cfg_json) != want:
-            raise UserError(f"{cfg_json} has {key} {d[key]!r}" + (" (null: false)" if d[key] is None else "")
-                            + f"; this model computes {want!r} only")
+        if config_flag(d, key, want, cfg_json, "gpt2") != want:
+            raise UserError(f"{cfg_json} has {key} {d[key]!r}; this model computes {want!r} only")
     return d
 
 
@@ -1206,7 +1229,7 @@ def _peft_files(folder) -> tuple:
     config = read_json_object(cfg_path)
     # (use_dora by config_flag: peft tests it by truth, and a "false" read as DoRA was refused as DoRA)
     for key, bad in (("peft_type", config.get("peft_type") != "LORA"),
-                     ("use_dora", config_flag(config, "use_dora", False, cfg_path)),
+                     ("use_dora", config_flag(config, "use_dora", False, cfg_path, "peft_lora")),
                      ("bias", config.get("bias", "none") != "none"),
                      ("modules_to_save", bool(config.get("modules_to_save")))):
         if bad:
@@ -1252,7 +1275,7 @@ def _check_lora_scale_fields(config: dict, cfg_path: Path) -> None:
         if not ok(value):
             raise UserError(f"{cfg_path}: {what} is {value!r}; it must be {want}")
     # peft tests use_rslora by truth: a "false" would be read as a scale over sqrt(r), so only a boolean (or null) is
-    config_flag(config, "use_rslora", False, cfg_path)  # read
+    config_flag(config, "use_rslora", False, cfg_path, "peft_lora")  # read
 
 
 def _peft_updates(tensors: dict, key: re.Pattern) -> tuple:

@@ -210,7 +210,7 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     # the key's default when config.json leaves it out: MistralConfig's, Qwen2Config's and Qwen3Config's 4096 (the
     # latter two only where use_sliding_window says so), SmolLM3Config's None (4.x and 5 alike)
     window = d.get("sliding_window", 4096 if kind in ("mistral", "qwen2", "qwen3") else None)
-    if kind != "mistral" and not config_flag(d, "use_sliding_window", False, cfg_json):
+    if kind != "mistral" and not config_flag(d, "use_sliding_window", False, cfg_json, kind):
         window = None
     if window is None:
         return 0, "all"
@@ -312,7 +312,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's SwiGLU computes 'silu' only")
     kind = d.get("model_type", "llama")
-    attention_bias, mlp_bias = (config_flag(d, k, False, cfg_json) for k in ("attention_bias", "mlp_bias"))
+    attention_bias, mlp_bias = (config_flag(d, k, False, cfg_json, kind) for k in ("attention_bias", "mlp_bias"))
     if kind == "qwen3" and attention_bias:  # Qwen3's MLP never has biases
         mlp_bias = False
     if kind in ("llama", "qwen3", "smollm3") and attention_bias != mlp_bias:

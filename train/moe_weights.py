@@ -80,7 +80,7 @@ def _refuse(d: dict, kind: str, cfg_json) -> None:
         if d.get(key):
             raise UserError(f"{cfg_json} has {key} {d[key]!r} (shared experts beside the routed ones, as Qwen2-MoE's "
                             f"and DeepSeek's); {name} and this model route every token to its top k experts only")
-    if config_flag(d, "attention_bias", False, cfg_json) or config_flag(d, "mlp_bias", False, cfg_json):
+    if config_flag(d, "attention_bias", False, cfg_json, kind) or config_flag(d, "mlp_bias", False, cfg_json, kind):
         raise UserError(f"{cfg_json} has attention_bias {d.get('attention_bias')!r} and mlp_bias "
                         f"{d.get('mlp_bias')!r}; this model reads {name} without biases only")
     if kind == "qwen3_moe":
@@ -116,11 +116,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     window, layers = (_sliding_window({"sliding_window": None, **d}, "mistral", shapes[3], cfg_json)
                       if kind == "mixtral" else
                       (d.get("sliding_window", 4096) or 0, "all")
-                      if kind == "qwen3_moe" and config_flag(d, "use_sliding_window", False, cfg_json)
+                      if kind == "qwen3_moe" and config_flag(d, "use_sliding_window", False, cfg_json, kind)
                       else (0, "all"))
     # MixtralConfig's base when none is said is 1000000 (4.x and 5), Qwen3-MoE's and OLMoE's 10000
     theta, scaling = _rope_theta(d, cfg_json, 1_000_000.0 if kind == "mixtral" else 10000.0)
-    norm_topk = True if kind == "mixtral" else config_flag(d, "norm_topk_prob", False, cfg_json)
+    norm_topk = True if kind == "mixtral" else config_flag(d, "norm_topk_prob", False, cfg_json, kind)
     return config_json_gptconfig(
         cfg_json, {**LLAMA_KEYS, "experts_per_token": "num_experts_per_tok"}, **shape_fields(shapes, sd, d, cfg_json),
         context_length=d.get("max_position_embeddings", 2048), bias=False, attention_window=window,

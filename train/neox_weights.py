@@ -68,8 +68,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if act not in ACTIVATIONS:
         raise UserError(f"{cfg_json} has hidden_act {act!r}; this model's GELU MLP computes "
                         f"{', '.join(map(repr, ACTIVATIONS))} only")
-    # (GPTNeoXConfig refuses a null attention_bias or use_parallel_residual: both default to true)
-    if not config_flag(d, "attention_bias", True, cfg_json, null_ok=False):
+    if not config_flag(d, "attention_bias", True, cfg_json):
         raise UserError(f"{cfg_json} has attention_bias false; this model gives the attention projections biases "
                         "when the MLP has them (GPT-NeoX's MLP always does)")
     if d.get("num_key_value_heads") not in (None, d["num_attention_heads"]):
@@ -85,7 +84,7 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         n_embd=n_embd, n_layer=n_layer, n_head=n_head, context_length=d.get("max_position_embeddings", 2048),
         position_encoding="rope", rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5),
         tie_weights=tied_head(d, head, sd["embed_in.weight"], "embed_out.weight", cfg_json),
-        parallel_residual=config_flag(d, "use_parallel_residual", True, cfg_json, null_ok=False),
+        parallel_residual=config_flag(d, "use_parallel_residual", True, cfg_json),
         gelu_approximate=ACTIVATIONS[act])
 
 
