@@ -3,7 +3,7 @@ model_type's config class refuses it, and reads it as false where the class acce
 import pytest
 
 from tritongpt.errors import UserError
-from tritongpt.train.gpt2_weights import NULL_AS_FALSE, config_flag
+from tritongpt.train.gpt2_weights import NULL_AS_FALSE, config_flag, tied_head
 
 # (model_type, field): the true/false fields each family's reader passes to config_flag, for every model_type it
 # reads (a field one of its branches reads for some types only is listed for all: the table must hold for each);
@@ -50,3 +50,12 @@ def test_null_refused_where_transformers_refuses_it(kind, key):
     else:  # the config keeps the None (or ignores the field) and its model tests it by truth: false
         assert config_flag(d, key, True, "config.json") is False
 
+
+def test_null_tie_word_embeddings_refused_beside_a_head():
+    import torch
+
+    head, emb = torch.arange(6.0).reshape(2, 3), torch.arange(6.0).reshape(2, 3) + 1
+    assert tied_head({"model_type": "llama", "tie_word_embeddings": False}, head, emb, "lm_head.weight", "c") is False
+    with pytest.raises(UserError, match="^c has tie_word_embeddings null; it must be true or false "
+                                         r"\(transformers refuses null here, and its default is false\)"):
+        tied_head({"model_type": "llama", "tie_word_embeddings": None}, head, emb, "lm_head.weight", "c")

@@ -171,8 +171,9 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
     ({"head_dim": 32}, r"head_dim 32; Phi's heads are hidden_size / num_attention_heads wide \(16\)"),
     ({"qk_layernorm": True}, r"missing tensor.*q_layernorm"),
     ({"qk_layernorm": "yes"}, "qk_layernorm 'yes'; it must be true or false"),
-    # null: PhiConfig (transformers 5, a strict bool field) refuses it
+    # null: PhiConfig (transformers 5, a strict bool field) refuses it, as tie_word_embeddings beside the head
     ({"qk_layernorm": None}, r"qk_layernorm null; it must be true or false \(transformers refuses null here"),
+    ({"tie_word_embeddings": None}, r"tie_word_embeddings null; it must be true or false \(transformers refuses"),
     # bool("false") is True: the file's own lm_head was dropped for the embedding without a word
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings 'false'; it must be true or false"),
     # a field passed on as config.json gives it, which GPTConfig refuses: named with the file and its key
@@ -181,7 +182,7 @@ def test_sharded_and_hub_style_configs_load(tmp_path):
 ], ids=["phi-msft", "mixformer", "factor", "linear-rope", "dynamic-rope", "flat-theta", "activation", "mlp-width",
         "heads",
         "heads-type", "kv-heads", "head-dim", "qk-layernorm-tensors", "qk-layernorm-type", "qk-layernorm-null",
-        "tie-type", "eps-type"])
+        "tie-null", "tie-type", "eps-type"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     path = hf_copy(hf_phi, tmp_path)
     cfg_json = tmp_path / "config.json"

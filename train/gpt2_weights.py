@@ -276,10 +276,12 @@ def tied_head(d: dict, head, emb, head_name: str, cfg_json) -> bool:
     embedding (emb). A config.json that says tie_word_embeddings false beside weights with no head is a broken
     folder: transformers starts a random head there (a missing weight), a model no reading here computes (tying
     was: another model than transformers'); refused naming the file and field. So is one that does not say it, of a
-    model type whose transformers config unties by default (UNTIED_BY_DEFAULT)."""
+    model type whose transformers config unties by default (UNTIED_BY_DEFAULT). A null (or a string) is refused
+    beside a head too: every transformers config refuses it, whatever the weights."""
+    default = not (isinstance(d.get("model_type"), str) and d["model_type"] in UNTIED_BY_DEFAULT)
+    tied = config_flag(d, "tie_word_embeddings", default, cfg_json)
     if head is None:
-        default = not (isinstance(d.get("model_type"), str) and d["model_type"] in UNTIED_BY_DEFAULT)
-        if not config_flag(d, "tie_word_embeddings", default, cfg_json):
+        if not tied:
             said = f"says tie_word_embeddings {json.dumps(d['tie_word_embeddings'])}" if "tie_word_embeddings" in d \
                 else f"does not say tie_word_embeddings (model_type {d['model_type']!r}: transformers' default false)"
             raise UserError(f"{cfg_json} {said}, but the weights beside it have no {head_name}: transformers would "
