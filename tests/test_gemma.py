@@ -290,6 +290,29 @@ def test_gemma3_merges_rope_scaling_into_the_global_layers_rope_as_transformers(
          theirs["sliding_attention"]["rope_theta"]) == (500.0, {"rope_type": "linear", "factor": 2.0}, 20000.0)
 
 
+def test_gemma3_one_rope_object_is_read_as_transformers_and_refused_beside_rope_scaling(hf_copy, tmp_path, capsys):
+    """One rope_parameters object, not one per layer type: Gemma3TextConfig (transformers 5) does not read it (its
+    default bases, 1e6 and 1e4, as the reader had it), and beside a rope_scaling it fails (KeyError
+    'full_attention'), where the reader merged the two into a scaled global RoPE: refused by name, as OLMo 3's."""
+    path = hf_copy(hf_gemma, tmp_path, layers=7)
+    cfg_json = tmp_path / "config.json"
+    d = {k: v for k, v in json.loads(cfg_json.read_text()).items() if k != "rope_parameters"}
+    one = {"rope_type": "default", "rope_theta": 300.0}
+    cfg_json.write_text(json.dumps({**d, "rope_parameters": one}))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    c = load_checkpoint(path).config
+    assert (c.rope_theta, c.rope_scaling, c.rope_local_theta) == \
+        (theirs["full_attention"]["rope_theta"], None, theirs["sliding_attention"]["rope_theta"]) == (1e6, None, 1e4)
+    assert "one rope_parameters object" in capsys.readouterr().err
+    cfg_json.write_text(json.dumps({**d, "rope_parameters": one, "rope_scaling": {"rope_type": "linear",
+                                                                                   "factor": 2.0}}))
+    with pytest.raises(KeyError, match="full_attention"):
+        transformers.AutoConfig.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match="one rope_parameters object .not one per layer type. and a rope_scaling; "
+                                        "transformers' Gemma3TextConfig fails on that pair"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("change,match", [
     ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping -1.0; it must be a number > 0 or null"),
     ({"attention_bias": True}, "attention_bias true; Gemma's projections have no biases here"),

@@ -38,7 +38,7 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
                                           weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import (LLAMA_KEYS, _rope_theta, full_attention_rope, hf_shapes, rope_dict,
-                                           rope_field, shape_fields)
+                                           rope_field, shape_fields, without_one_rope_object)
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
@@ -94,6 +94,8 @@ def _rope(d: dict, kind: str, cfg_json) -> tuple:
         theta, scaling = _rope_theta(d, cfg_json)
         return theta, scaling, 0.0
     params = rope_dict(d, "rope_parameters", cfg_json)
+    if params and not {"full_attention", "sliding_attention"} & set(params):
+        d, params = without_one_rope_object(d, params, cfg_json, "Gemma3TextConfig", 1_000_000.0), {}
     full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
     # Gemma3TextConfig's global base when none is said is 1e6; a flat rope_local_base_freq that disagrees with
     # sliding_attention's base is two models too: refused by rope_field below

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from tritongpt._types import is_int
-from tritongpt.errors import UserError, read_json_object
+from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
@@ -154,6 +154,25 @@ def full_attention_rope(d: dict, full: dict, cfg_json, theta_default: float) -> 
              'rope_parameters["full_attention"]' + (" (rope_scaling merged in)" if old else ""))
     merged = {**full, **old}
     return (*_rope_theta(d, cfg_json, theta_default, rope=(merged, where)), merged)
+
+
+def without_one_rope_object(d: dict, params: dict, cfg_json, config_name: str, theta_default: float) -> dict:
+    """d without its rope_parameters, where a config.json of a model with one RoPE per layer type (OLMo 3's, Gemma
+    3's) says one RoPE object and not one per layer type: their transformers 5 configs (config_name) look for
+    "full_attention" and "sliding_attention" in it only, so the object's base and scaling are not read (the flat
+    rope_theta or theta_default, and rope_scaling, are), nor by 4.x, which reads no rope_parameters. Read as they
+    read it, said in a note when the object asks otherwise; beside a rope_scaling transformers fails (KeyError
+    'full_attention'): refused, where merging the two loaded a model transformers never builds."""
+    if rope_dict(d, "rope_scaling", cfg_json):
+        raise UserError(f"{cfg_json} has one rope_parameters object (not one per layer type) and a rope_scaling; "
+                        f"transformers' {config_name} fails on that pair: say rope_parameters as {{'full_attention': "
+                        "{...}, 'sliding_attention': {...}}, or rope_scaling alone")
+    flat = d.get("rope_theta", theta_default)
+    if params.get("rope_type", params.get("type", "default")) != "default" or params.get("rope_theta", flat) != flat:
+        note(f"{cfg_json} has one rope_parameters object ({params!r}), not one per layer type: transformers' "
+             f"{config_name} does not read it, and neither does this model (RoPE base {flat!r}, unscaled, as "
+             "transformers reads it)")
+    return {k: v for k, v in d.items() if k != "rope_parameters"}
 
 
 def partial_rotary_dim(factor, head_dim: int, where: str) -> int:

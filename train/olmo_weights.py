@@ -29,7 +29,7 @@ from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_jso
                                           refuse_moe_touches, refuse_neox_touches, refuse_phi3_touches, weights_file,
                                           write_hf_folder)
 from tritongpt.train.llama_weights import (LLAMA_KEYS, _rope_theta, full_attention_rope, hf_shapes, rope_dict,
-                                           shape_fields)
+                                           shape_fields, without_one_rope_object)
 
 FAMILIES = {"olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
 _NAMES = {"olmo2": "OLMo 2", "olmo3": "OLMo 3"}
@@ -67,31 +67,13 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     return window, ",".join(map(str, local))
 
 
-def _without_one_rope_object(d: dict, params: dict, cfg_json) -> dict:
-    """d without its rope_parameters, where an OLMo 3 config.json says one RoPE object and not one per layer type:
-    Olmo3Config (transformers 5) looks for "full_attention" and "sliding_attention" in it only, so the object's
-    base and scaling are not read (both kinds of layer get the flat rope_theta or 500000, and rope_scaling),
-    nor by 4.x, which reads no rope_parameters. Read as they read it, said in a note when the object asks
-    otherwise; beside a rope_scaling transformers fails (KeyError 'full_attention'): refused."""
-    if rope_dict(d, "rope_scaling", cfg_json):
-        raise UserError(f"{cfg_json} has one rope_parameters object (not one per layer type) and a rope_scaling; "
-                        "transformers' Olmo3Config fails on that pair: say rope_parameters as {'full_attention': "
-                        "{...}, 'sliding_attention': {...}}, or rope_scaling alone")
-    flat = d.get("rope_theta", OLMO3_THETA)
-    if params.get("rope_type", params.get("type", "default")) != "default" or params.get("rope_theta", flat) != flat:
-        note(f"{cfg_json} has one rope_parameters object ({params!r}), not one per layer type: transformers' "
-             f"Olmo3Config does not read it, and neither does this model (RoPE base {flat!r}, unscaled, as "
-             "transformers reads it)")
-    return {k: v for k, v in d.items() if k != "rope_parameters"}
-
-
 def _rope(d: dict, kind: str, window: int, cfg_json) -> tuple:
     """(rope_theta, rope_scaling, rope_local_theta). OLMo 3's two RoPEs come as transformers 5's
     rope_parameters per layer type, or flat (rope_theta, rope_scaling: the Hub's), the scaling the
     full-attention layers' only."""
     params = rope_dict(d, "rope_parameters", cfg_json)
     if kind == "olmo3" and params and not {"full_attention", "sliding_attention"} & set(params):
-        d = _without_one_rope_object(d, params, cfg_json)
+        d = without_one_rope_object(d, params, cfg_json, "Olmo3Config", OLMO3_THETA)
         params = {}
     if kind == "olmo2" or "full_attention" not in params:
         # Olmo3Config's base when none is said is 500000, Olmo2Config's (as Llama's) 10000
