@@ -982,3 +982,37 @@ def test_an_empty_eos_or_bos_token_is_refused_by_name(tmp_path):
             HFTokenizer.from_hf_folder(tmp_path)
     cfg.write_text(json.dumps({"eos_token": None}))  # (null, or no field: config.json's id, as before)
     assert HFTokenizer.from_hf_folder(tmp_path).eos_token == "<|end_of_text|>"
+
+
+def test_tokenizer_info_gives_the_folders_special_tokens_as_transformers_init_kwargs(ends_folder, tmp_path):
+    """vLLM's /tokenizer_info is its tokenizer's init_kwargs (AddedTokens as their text): a folder's pad_token and
+    unk_token by name, a model's own (image_token, extra_special_tokens) under model_specific_special_tokens, as
+    transformers.AutoTokenizer holds them, where pad_token was always None here."""
+    import shutil
+
+    from test_serve import call, start
+
+    path = tmp_path / "specials"
+    shutil.copytree(ends_folder[0], path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.update(pad_token="<|im_end|>", unk_token={"__type": "AddedToken", "content": "<|im_start|>", "special": True,
+                                                           "lstrip": False, "rstrip": False, "normalized": False,
+                                                           "single_word": False},
+               image_token="<|im_start|>", extra_special_tokens={"video_token": "<|im_end|>"})
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    kwargs = transformers.AutoTokenizer.from_pretrained(path).init_kwargs
+
+    def text(value):
+        return value if isinstance(value, (str, dict)) or value is None else value.content
+    server = start(path, "--kernels", "reference")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, info = call(server, "/tokenizer_info")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200, info
+    for key in ("eos_token", "bos_token", "pad_token", "unk_token", "model_specific_special_tokens"):
+        assert info[key] == text(kwargs[key]), key
+    assert info["pad_token"] == "<|im_end|>" and info["model_specific_special_tokens"] == \
+        {"image_token": "<|im_start|>", "video_token": "<|im_end|>"}

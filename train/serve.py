@@ -1767,8 +1767,10 @@ class Handler(BaseHTTPRequestHandler):
     def tokenizer_info(self) -> dict:
         """vLLM's GET /tokenizer_info (TokenizerInfoResponse: the tokenizer's class and its tokenizer_config.json
         fields), what lm-evaluation-harness's remote tokenizer reads (its eos_token, then /tokenize and /detokenize
-        for every count): the end and BOS tokens' spellings (None where there is none), no pad token, the served
-        chat template where it is a Jinja one (the tokenizer's own; a run's prompt format is not), the context. A
+        for every count): the end and BOS tokens' spellings (None where there is none), the folder's other special
+        tokens as transformers' init_kwargs hold them (pad_token, unk_token... by name, None where there is no pad
+        token; a model's own, image_token..., under model_specific_special_tokens), the served chat template where
+        it is a Jinja one (the tokenizer's own; a run's prompt format is not), the context. A
         tokenizer with named templates ("tool_use" beside the default) shows them all, name -> text, as transformers
         holds them (tokenizer.chat_template, and the init_kwargs vLLM's TokenizerInfo returns, for a folder that
         transformers saved); --chat-template's one template is a string, as vLLM's override is."""
@@ -1779,6 +1781,15 @@ class Handler(BaseHTTPRequestHandler):
                 "eos_token": None if app.eot is None else tok.decode([app.eot]),
                 "bos_token": None if bos is None else tok.decode([bos]), "pad_token": None,
                 "model_max_length": app.model.config.context_length}
+        # (transformers >= 5 keeps the named ones at the top of init_kwargs, a model's own in one object: vLLM's
+        # TokenizerInfo returns init_kwargs, so a client reading pad_token gets the folder's, not None)
+        from tritongpt.train.hf_tokenizer import NAMED_TOKENS
+
+        special = getattr(tok, "template_tokens", None) or {}
+        info.update({k: v for k, v in special.items() if k in NAMED_TOKENS})
+        own = {k: v for k, v in special.items() if k not in NAMED_TOKENS}
+        if own:
+            info["model_specific_special_tokens"] = own
         if app.template == "chat":
             named = getattr(tok, "chat_templates", None)
             info["chat_template"] = {"default": tok.chat_template, **named} if named else tok.chat_template
