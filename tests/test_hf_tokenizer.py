@@ -937,6 +937,35 @@ def test_serve_and_run_batch_stop_on_the_generation_configs_eos_too(ends_folder,
         (theirs.decode(row[:2]), "stop", end, 3)
 
 
+def test_serve_min_tokens_holds_the_generation_configs_eos_back_under_ignore_eos(ends_folder):
+    """ignore_eos with min_tokens: vLLM's update_from_generation_config keeps the generation config's end tokens in
+    all_stop_token_ids, which its min_tokens processor holds back, even where ignore_eos leaves them out of
+    stop_token_ids; so the first min_tokens tokens are never one of them (nor the EOS), and later ones end nothing.
+    Here the third greedy token was the config's `end`, drawn under ignore_eos: it is the likeliest other token."""
+    from test_serve import call, start
+
+    path, theirs, row, end, *_ = ends_folder
+    ids = theirs(PROMPT)["input_ids"]
+    held = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + row[:2]])).logits[0, -1]
+    logits[held] = -float("inf")
+    body = {"prompt": PROMPT, "temperature": 0, "max_tokens": 4, "ignore_eos": True, "return_token_ids": True}
+    for flags in ([], ["--max-batch", "1"]):  # (the engine's draws, and generate()'s without one)
+        server = start(path, "--kernels", "reference", *flags)
+        server.RequestHandlerClass.log_message = lambda *a: None
+        try:
+            got = [call(server, "/v1/completions", {**body, **extra})[1]["choices"][0]
+                   for extra in ({"min_tokens": 3}, {"min_tokens": 2})]
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert got[0]["token_ids"][:3] == row[:2] + [int(logits.argmax())] and end not in got[0]["token_ids"][:3]
+        # (past min_tokens it is drawn, and under ignore_eos ends nothing)
+        assert got[1]["token_ids"][:3] == row[:3] and got[1]["finish_reason"] == "length", flags
+
+
 def test_serves_beam_search_ends_on_the_tokenizers_eos_alone(ends_folder):
     """use_beam_search is vLLM's beam search, which ends a beam on the tokenizer's EOS alone (its
     serving_engine's beam_search: no stop_token_ids, no generation config's), not on the generation config's other

@@ -379,11 +379,11 @@ class Engine:
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
                vocab_limit: int | None = None, stop=None, logprobs: int | None = None, stop_token_ids=None,
                min_tokens: int = 0, ignore_eos: bool = False, prompt_logprobs: int | None = None,
-               adapter: str | None = None, guide=None, prediction=None, **warp) -> Request:
+               adapter: str | None = None, guide=None, prediction=None, hold_ids=None, **warp) -> Request:
         """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=...,
-        logprobs=..., stop_token_ids=..., min_tokens=..., ignore_eos=..., **warp) (warp: its sampling settings) and
-        return its handle. idx [n, T]: n rows (n <= max_batch), T + max_new_tokens within the context (the engine
-        does not slide the window).
+        logprobs=..., stop_token_ids=..., min_tokens=..., ignore_eos=..., hold_ids=..., **warp) (warp: its sampling
+        settings) and return its handle. idx [n, T]: n rows (n <= max_batch), T + max_new_tokens within the context
+        (the engine does not slide the window).
 
         prompt_logprobs k (vLLM's SamplingParams.prompt_logprobs; serve's echo): the request's own prefill scores
         its prompt, from the forward that fills its cache (no second forward): each position but the last's
@@ -427,7 +427,7 @@ class Engine:
             raise UserError(f"prompt_logprobs: the prompt's token id {int(idx.max())} is not among the vocab_limit "
                             f"{vocab_limit} tokens drawn from, so it has no logprob to give")
         self._adapter_slot(adapter)  # (refused now by name; its slot and salt taken below, under the cond)
-        pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab)
+        pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab_limit or vocab, hold_ids)
         if guide is not None:
             guide.begin(idx.size(0), ends, vocab_limit or vocab, sampling_with_triton(self.model))
             check_masks_reach_end(ends, warp.get("allowed_token_ids"), warp.get("bad_words"), guide.wake)

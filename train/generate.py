@@ -109,26 +109,31 @@ def check_logprobs(logprobs) -> None:
                         f"got {logprobs!r}")
 
 
-def end_rule(eos_id, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False, vocab=None) -> tuple:
+def end_rule(eos_id, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False, vocab=None,
+             hold_ids=None) -> tuple:
     """vLLM's stop_token_ids, min_tokens and ignore_eos as decode_step takes them: (pad, the id a finished row is
     padded with: eos_id, or the first stop token without one; ends, the ids that end a row: eos_id unless
     ignore_eos, and stop_token_ids; hold, (min_tokens, the ids a row draws only after min_tokens new tokens: the EOS,
-    ignored or not, and the stop tokens, as vLLM's MinTokensLogitsProcessor) or None). Checked here, before any
-    work: vocab, the tokens drawn from, bounds the stop tokens."""
-    if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple)):
-        raise UserError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+    ignored or not, the stop tokens and hold_ids, as vLLM's MinTokensLogitsProcessor its all_stop_token_ids) or
+    None). hold_ids: ids held back for min_tokens that end nothing (with ignore_eos, a generation config's other end
+    tokens: vLLM's update_from_generation_config keeps them in all_stop_token_ids, not in stop_token_ids). Checked
+    here, before any work: vocab, the tokens drawn from, bounds the stop tokens."""
+    named = (("stop_token_ids", stop_token_ids), ("hold_ids", hold_ids))
+    for name, ids in named:
+        if ids is not None and not isinstance(ids, (list, tuple)):
+            raise UserError(f"{name} must be a list of token ids, got {ids!r}")
     check_eos_id(eos_id, vocab)
+    for name, ids in named:
+        if not all(is_int(t) and 0 <= t < (vocab or float("inf")) for t in ids or []):
+            raise UserError(f"{name} must be token ids (integers in [0, {vocab or 'vocabulary'})), got {ids!r}")
     stop_token_ids = list(stop_token_ids or [])
-    if not all(is_int(t) and 0 <= t < (vocab or float("inf")) for t in stop_token_ids):
-        raise UserError(f"stop_token_ids must be token ids (integers in [0, {vocab or 'vocabulary'})), "
-                        f"got {stop_token_ids!r}")
     if not is_int(min_tokens) or min_tokens < 0:
         raise UserError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
     if not isinstance(ignore_eos, bool):
         raise UserError(f"ignore_eos must be a bool, got {ignore_eos!r}")
     pad = eos_id if eos_id is not None else stop_token_ids[0] if stop_token_ids else None
     ends = tuple(dict.fromkeys(([] if eos_id is None or ignore_eos else [eos_id]) + stop_token_ids))
-    held = tuple(dict.fromkeys(([] if eos_id is None else [eos_id]) + stop_token_ids))
+    held = tuple(dict.fromkeys(([] if eos_id is None else [eos_id]) + stop_token_ids + list(hold_ids or [])))
     return pad, ends, (int(min_tokens), held) if min_tokens and held else None
 
 
@@ -491,7 +496,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None,
              cuda_graph: bool = False, kv_cache_dtype: str = "auto", logit_bias: dict | None = None,
              logprobs: int | None = None, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
-             guide=None, allowed_token_ids=None, bad_words=None):
+             guide=None, allowed_token_ids=None, bad_words=None, hold_ids=None):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -532,6 +537,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     stop_token_ids, min_tokens, ignore_eos (vLLM's SamplingParams; see end_rule): rows also stop after drawing one
     of stop_token_ids (padded with eos_id, or the first of them without one); a row's first min_tokens new tokens
     are never the EOS nor a stop token (their logits -inf where it draws); ignore_eos: the EOS ends no row.
+    hold_ids: more ids held back for min_tokens, which end no row (end_rule's).
     guide: structured outputs (train/structured.py: Grammars.guide's, not begun): each row's text what its grammar
     allows, ended by an end token at the grammar's end; the logits of the tokens the grammar does not allow are
     -inf before anything else (the logprobs' too, as vLLM's). With a draft or prompt_lookup each verified position
@@ -554,7 +560,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
         raise UserError("draft and prompt_lookup are two drafts: pass one")
     # (a stand-in model's config may have no vocab_size)
     vocab = vocab_limit or getattr(model.config, "vocab_size", None)
-    pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab)
+    pad, ends, hold = end_rule(eos_id, stop_token_ids, min_tokens, ignore_eos, vocab, hold_ids)
     if hold is not None and (draft is not None or prompt_lookup is not None):
         raise UserError("min_tokens masks a one-token decode step's logits: not with a draft or prompt_lookup")
     if guide is not None:

@@ -1311,6 +1311,7 @@ class Model:
 
         n, stops, k = s["n"], s["stops"], s["logprobs"]
         ends = dict(stop_token_ids=s["stop_token_ids"], ignore_eos=s["ignore_eos"], min_tokens=s["min_tokens"])
+        hold = s.get("hold_ids") or None  # (min_tokens' alone: the choices' ends are the ids above)
         # the choices' texts, finish reasons and counts
         rows = Choices(self.tok, ids, stops, stop_id, include_stop=s["include_stop_str_in_output"],
                        skip_special=s["skip_special_tokens"], **ends)
@@ -1374,9 +1375,9 @@ class Model:
                 try:
                     request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator,
                                                  vocab_limit=self.limit, stop=stopped if stops else None, logprobs=k,
-                                                 **ends, prompt_logprobs=s["score_k"] if on_prompt is not None
-                                                 else None, adapter=adapter, guide=guide, prediction=prediction,
-                                                 **warp)
+                                                 **ends, hold_ids=hold, prompt_logprobs=s["score_k"] if on_prompt
+                                                 is not None else None, adapter=adapter, guide=guide,
+                                                 prediction=prediction, **warp)
                 except UserError:
                     self.check_loaded(adapter)  # (the engine's refusal of an adapter unloaded meanwhile: the 404)
                     raise
@@ -1389,7 +1390,8 @@ class Model:
                     spent["cached"].append(request.cached)
             else:
                 out = self.generate_alone(idx, budget, stop_id, generator, on_step, stopped if stops else None,
-                                          dict(warp, logprobs=k, guide=guide, draft=prediction, **ends), timing,
+                                          dict(warp, logprobs=k, guide=guide, draft=prediction, hold_ids=hold,
+                                               **ends), timing,
                                           adapter, gone)
             choices = []  # (in the try: a last write that fails, the text held back for a stop string, aborts)
             for i, row in enumerate(out):
@@ -1979,9 +1981,12 @@ class Completion:
             if s["echo"]:
                 raise bad("truncate_prompt_tokens", "'truncate_prompt_tokens' is not supported with 'echo': true")
             self.prompts = [ids[-keep:] for ids in self.prompts]
-        if app.ends_too and not s["ignore_eos"] and s["beam"] is None:  # (generation_config's: vLLM's stop ids)
-            s["stop_token_ids"] = list(dict.fromkeys(s["stop_token_ids"] + [t for t in app.ends_too
-                                                                            if t != self.stop_id]))
+        if app.ends_too and s["beam"] is None:  # (generation_config's: vLLM's stop ids)
+            others = [t for t in app.ends_too if t != self.stop_id]
+            if s["ignore_eos"]:  # they end nothing, but min_tokens still holds them back (vLLM's all_stop_token_ids)
+                s["hold_ids"] = others
+            else:
+                s["stop_token_ids"] = list(dict.fromkeys(s["stop_token_ids"] + others))
         self.budgets = [app.budget(ids, s["max_tokens"]) for ids in self.prompts]  # every prompt checked first
         if s["beam"] is not None and length_penalty_overflows(s["beam"]["length_penalty"], max(self.budgets)):
             raise bad("length_penalty", f"'length_penalty' {s['beam']['length_penalty']!r} is out of range for "
