@@ -46,8 +46,28 @@ def start(folder, *flags):
                                                *flags])
     server = serve.make_server(args)
     # polled every 50 ms, not socketserver's 500: shutdown() waits for the next poll (~0.45 s a server, 23 in this file)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    server.loop = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    server.loop.start()
+    STARTED.append(server)
     return server
+
+
+STARTED = []  # every server start() made, for closed_servers_shut_down
+
+
+@pytest.fixture(autouse=True)
+def closed_servers_shut_down():
+    """A server a test closed (server_close) without shutdown() first: its serve_forever thread, polling a closed
+    socket, finds it ready at once and spins for the rest of the session, a core's worth of CPU taken from every later
+    test. Stopped here, and the test failed."""
+    first = len(STARTED)
+    yield
+    spinning = [s for s in STARTED[first:] if s.fileno() == -1 and s.loop.is_alive()]
+    del STARTED[first:]
+    for server in spinning:
+        server.shutdown()
+    assert not spinning, f"{len(spinning)} server(s) closed without shutdown() first: call server.shutdown() before " \
+        "server_close()"
 
 
 def serve_once(folder, path, body, *flags):
@@ -2818,7 +2838,9 @@ def test_serve_refuses_at_startup_a_paged_cache_too_small_for_one_request_of_the
         most = int(flags[1]) * 128 // need + 1  # (the last token drawn takes no page)
         assert f"Pass --kv-cache-pages {need} or more, a larger --kv-page-size, or --max-model-len " \
             f"{most} or less" in str(e.value)
-        start(folder, "--max-batch", "2", *flags, "--max-model-len", str(most)).server_close()  # (the advice holds)
+        server = start(folder, "--max-batch", "2", *flags, "--max-model-len", str(most))  # (the advice holds)
+        server.shutdown()
+        server.server_close()
         with pytest.raises(UserError, match=rf"the served context length \({most + 1}, --max-model-len\)"):
             start(folder, "--max-batch", "2", *flags, "--max-model-len", str(most + 1)).server_close()
     server = start(folder, "--max-batch", "2", "--kv-cache-pages", "32", "--kv-page-size", "4")
