@@ -102,6 +102,18 @@ def test_a_bf16_gradient_is_its_fp32_value_rounded_to_nearest_even(beta, device)
     assert torch.equal(got, fp32.bfloat16()), (got.float() - fp32.bfloat16().float()).abs().max()
 
 # -- linear_distill_loss: loss, ce, kd and every gradient against distill_loss in float64 --------------
+def float64_heads(h, w, th, tw, b, tb):
+    """The student's inputs as float64 leaves (h, w, b: their gradients are the reference's) and both heads' logits
+    in float64 from them (the teacher's detached: linear_distill_loss trains the student alone). b None: no biases."""
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    s64 = h64 @ w64.t()
+    t64 = th.detach().double() @ tw.detach().double().t()
+    if b is not None:
+        s64, t64 = s64 + b64, t64 + tb.detach().double()
+    return h64, w64, b64, s64, t64
+
+
 def check_linear(alpha, T, beta, dtype, device, reduction="mean", seed=0, chunk_rows=3, bias=True):
     """Student [2, 5] x 12 (head 45 rows, CE over 41), teacher 8 wide (head 40 rows), the divergence over
     37 ids; 3 rows a chunk (10 rows: three chunks and a ragged one)."""
@@ -119,12 +131,7 @@ def check_linear(alpha, T, beta, dtype, device, reduction="mean", seed=0, chunk_
     loss, ce, kd = linear_distill_loss(h, w, th, tw, y.to(device), V, alpha, T, beta, IGNORE, reduction,
                                        student_bias=b, teacher_bias=tb, ce_vocab_size=V_CE, chunk_rows=chunk_rows)
     (loss * up).backward()
-    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
-    s64 = h64 @ w64.t()
-    t64 = th.detach().double() @ tw.detach().double().t()
-    if bias:
-        b64 = b.detach().double().requires_grad_()
-        s64, t64 = s64 + b64, t64 + tb.detach().double()
+    h64, w64, b64, s64, t64 = float64_heads(h, w, th, tw, b, tb)
     want = distill.distill_loss(s64[..., :V_CE], t64, y, V, alpha, T, beta, IGNORE, reduction)
     (want[0] * up).backward()
     tol = TOL[dtype]
@@ -462,12 +469,7 @@ def test_shape_fuzz(lead, cs, ct, ws, wt, v_ce, v, alpha, T, beta, reduction, ch
     loss, ce, kd = linear_distill_loss(h, w, th, tw, y.to(device), v, alpha, T, beta, IGNORE, reduction,
                                        student_bias=b, teacher_bias=tb, ce_vocab_size=v_ce, chunk_rows=chunk_rows)
     (loss * up).backward()
-    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
-    s64 = h64 @ w64.t()
-    t64 = th.detach().double() @ tw.detach().double().t()
-    if bias:
-        b64 = b.detach().double().requires_grad_()
-        s64, t64 = s64 + b64, t64 + tb.detach().double()
+    h64, w64, b64, s64, t64 = float64_heads(h, w, th, tw, b, tb)
     if dtype != torch.float32:
         # the heads' logits as the kernel's matmuls leave them, rounded to the dtype (nn.Linear's would be too): at two
         # ids a bf16 logit's rounding moves the probabilities, so dweight, by 1% (the @example with ws=2); rounded
