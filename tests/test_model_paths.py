@@ -44,7 +44,7 @@ def _loss_and_grads(model, idx, targets, doc_ids=None):
         logits = model(idx, doc_ids=doc_ids)
     loss = model(idx, targets=targets, doc_ids=doc_ids)  # the model's own loss: lm_loss or the Triton cross-entropy
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # (LoRA: A, B)
     return logits.detach(), loss.detach(), grads
 
 
@@ -655,17 +655,6 @@ def _family_model(kw, seed):
     return _randomize(GPTModel(GPTConfig(**{**FAMILY, **kw})))
 
 
-def _family_results(model, idx, targets):
-    """(logits, loss, {name: gradient} of each trainable parameter), one forward and one backward."""
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        logits = model(idx)
-    loss = model(idx, targets=targets)
-    loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
-                                            if p.requires_grad}
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_triton_path_matches_reference_and_float64(family, device):
     """Logits, loss and every trainable parameter's gradient: the Triton path against the reference path (fp32,
@@ -679,16 +668,16 @@ def test_every_family_triton_path_matches_reference_and_float64(family, device):
     idx = torch.randint(0, 67, (2, 19), device=device)
     targets = torch.randint(0, 67, (2, 19), device=device)
     targets[1, :3] = -100
-    ref = _family_results(model.set_kernels("reference"), idx, targets)
+    ref = _loss_and_grads(model.set_kernels("reference"), idx, targets)
     with CountOps() as mode:
-        got = _family_results(model.set_kernels("triton"), idx, targets)
+        got = _loss_and_grads(model.set_kernels("triton"), idx, targets)
     model.set_kernels("reference")
     ops = mode.ops
     assert ops["flash_attn_bwd"] == model.config.n_layer, dict(ops)
     assert ops["gelu_mlp_bwd"] + ops["swiglu_mlp_bwd"] + ops["moe_mlp_bwd"] == model.config.n_layer, dict(ops)
     assert ops["layer_norm_bwd"] + ops["rms_norm_bwd"] + ops["add_layer_norm_bwd"] + ops["add_rms_norm_bwd"] > 0
     assert ops["cross_entropy_bwd"] >= 1, dict(ops)  # the loss too (the fused LM head's, or on the logits)
-    want = _family_results(model64, idx, targets)
+    want = _loss_and_grads(model64, idx, targets)
     assert set(got[2]) == set(ref[2]) == set(want[2]) and ref[2]
     assert_close_rel(got[0], ref[0], 1e-4, "logits")
     assert_close_rel(got[1], ref[1], 1e-5, "loss")
