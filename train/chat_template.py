@@ -238,6 +238,17 @@ def _step(n: int):
     _budget.steps = left - n
 
 
+def _open_budget(steps: int):
+    """Starts a rendering's budget (render's, or a compile's outside one: Jinja folds constants then), every field at
+    once: one set here, not at each place a rendering starts, so no field is left from the last one."""
+    _budget.left, _budget.made, _budget.steps, _budget.given = MAX_ITEMS, MAX_MADE, steps, steps
+
+
+def _close_budget():
+    """Ends it: _spend, _grow and _step bound nothing outside a rendering."""
+    _budget.left = _budget.made = _budget.steps = None
+
+
 def _counted(items):
     for x in items:
         _step(1)
@@ -631,15 +642,14 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         isinstance(value, int) and value.bit_length() <= 64) else _check_size(_text_size(value)) or value
     outside = getattr(_budget, "made", None) is None  # (compiling folds constants: 'x' | center(10**9) is made then)
     if outside:
-        _budget.left, _budget.made, _budget.steps = MAX_ITEMS, MAX_MADE, MAX_STEPS
-        _budget.given = MAX_STEPS
+        _open_budget(MAX_STEPS)
     try:
         compiled = env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise UserError(f"{what} is not valid Jinja (line {e.lineno}: {e.message})") from None
     finally:
         if outside:
-            _budget.left = _budget.made = _budget.steps = None
+            _close_budget()
     _ENVIRONMENTS[template] = compiled
     return compiled
 
@@ -686,8 +696,7 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     text = _template_text(tokenizer, name)
     what = _called(name, text)
     compiled = _compiled(text, what)
-    _budget.left, _budget.made = MAX_ITEMS, MAX_MADE
-    _budget.steps = _budget.given = _steps_for(context["messages"], tools)
+    _open_budget(_steps_for(context["messages"], tools))
     try:
         return compiled.render(context)
     except TooLarge as e:
@@ -702,7 +711,7 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
         raise UserError(f"{what} could not render a value it was given ({_line(e)}{type(e).__name__}: {e})") \
             from None
     finally:
-        _budget.left = _budget.made = _budget.steps = None
+        _close_budget()
 
 
 def _check_contents(tokenizer, messages):
