@@ -340,10 +340,10 @@ def _format_size(fmt: str, args, braces: bool = False) -> int:
 
 def _pieces(text: str, name: str, args, kwargs) -> int:
     """How many strings text.split() (rsplit, splitlines) makes, at most, counted without making them."""
-    sep = args[0] if args and name != "splitlines" else kwargs.get("sep")
     if name == "splitlines":
         # ("\r\n" is one break, not two: a CRLF text is not sized at twice its lines)
         return sum(map(text.count, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")) - text.count("\r\n") + 1
+    sep = args[0] if args else kwargs.get("sep")
     most = args[1] if len(args) > 1 else kwargs.get("maxsplit", -1)
     most = most if isinstance(most, int) and most >= 0 else None
     if isinstance(sep, str) and sep:
