@@ -158,6 +158,8 @@ def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, 
     K = min(max(2, 1 + len(end_ids)) * N, N * min(vocab_limit or model.config.vocab_size, model.config.vocab_size))
     L = T + max_new_tokens
     fill = -1 if not end_ids else end_ids[0]
+    # (made once: a tensor built in the loop would be one more allocation and host-to-device copy every step)
+    end_set = torch.tensor(end_ids, dtype=torch.long, device=dev) if end_ids else None
     run = torch.full((B, N, L), fill, dtype=torch.long, device=dev)  # running beams
     run[:, :, :T] = idx.unsqueeze(1)
     # all beams start as the prompt: only the first's continuations count at the first step
@@ -198,8 +200,8 @@ def _beam_search(model, idx, max_new_tokens, N, length_penalty, early_stopping, 
         cand[:, :, cur] = top_idx % V
         # transformers' stopping criteria: the EOS drawn, or max_length reached (every candidate then)
         ends = torch.full((B, K), cur + 1 >= L, device=dev)
-        if end_ids:
-            ends |= torch.isin(cand[:, :, cur], torch.tensor(end_ids, device=dev))
+        if end_set is not None:
+            ends |= torch.isin(cand[:, :, cur], end_set)
         # the N best candidates that did not end run on
         going = top_scores + ends.float() * -1e9
         keep = torch.topk(going, N).indices
