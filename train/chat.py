@@ -138,7 +138,7 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
     outputs: this answer's), allowed_token_ids, bad_words: generate()'s."""
     import torch
 
-    from tritongpt.commands import TextStream
+    from tritongpt.commands import TextStream, first_end
     from tritongpt.train.common import autocast
     from tritongpt.train.generate import generate
 
@@ -159,7 +159,7 @@ def reply(model, tokenizer, ids, budget, *, temperature=0.0, top_k=None, top_p=N
     if printer:
         printer.close()
     new = out[0, len(ids):].tolist()
-    end = next((j for j, t in enumerate(new) if t == eot or t in stop_token_ids), None)
+    end = first_end(new, {eot, *stop_token_ids})
     return tokenizer.decode(new if end is None else new[:end]), end is not None
 
 

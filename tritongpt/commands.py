@@ -514,6 +514,12 @@ def encode_generate_prompt(tok, prompt: str, allow_special: bool, where: str = "
     return with_bos(tok, ids)[:-len(ids)], ids
 
 
+def first_end(new, ends):
+    """The index in new (a row's new ids) of its first end token (ends: a set of ids), or None: where its text ends
+    (a row that ended early is padded with more end tokens after it)."""
+    return next((j for j, t in enumerate(new) if t in ends), None)
+
+
 def model_end_ids(args, tok, model, limit, stop_id) -> list:
     """The end tokens of the model's generation config (hf_tokenizer.generation_end_ids: generation_config.json's
     eos_token_id, else config.json's) other than stop_id (the tokenizer's EOS, or a chat's end of turn): every
@@ -614,6 +620,7 @@ def cmd_generate(args):
     guide = None if spec is None else Grammars.of(tok, limit or model.config.vocab_size).guide(spec)
     stream = TextStream(tok, ids, eot, stops, ends) if args.stream else None
     start, prompt_text = len(lead + ids), tok.decode(ids)
+    end_set = {eot, *ends}
 
     def stopped(rows):  # which rows' new text holds a stop string (the whole new text, decoded each step)
         return torch.tensor([cut_at_stop(continuation(tok, ids, r[start:], prompt_text), stops)[1] is not None
@@ -634,7 +641,7 @@ def cmd_generate(args):
         row = row[len(lead):]
         new = row[len(ids):]
         # a row that ended early is padded with more markers after its first
-        ended = next((j for j, t in enumerate(new) if t == eot or t in ends), None)
+        ended = first_end(new, end_set)
         if ended is not None:
             new, marker = new[:ended], new[ended]
         text, cut = cut_at_stop(continuation(tok, ids, new, prompt_text), stops)
@@ -728,7 +735,7 @@ def print_beams(model, tok, idx, lead: int, max_new_tokens: int, beams: dict, eo
     ids, ends = idx[0, lead:].tolist(), {eot, *stop_token_ids} - {None}
     for i, (row, score) in enumerate(zip(out.tolist(), scores.tolist())):
         new = row[T:]
-        ended = next((j for j, t in enumerate(new) if t in ends), None)  # (a shorter beam is padded with an end)
+        ended = first_end(new, ends)  # (a shorter beam is padded with an end)
         if ended is not None:
             new, marker = new[:ended], new[ended]
         if i:
@@ -863,7 +870,7 @@ class Choices:
 
     def end_of(self, new):
         """The index of the token that ends the row's answer in new, or None."""
-        return next((j for j, t in enumerate(new) if t in self.ends), None)
+        return first_end(new, self.ends)
 
     def text_of(self, new) -> str:
         """The row's new text, up to the token that ends the answer."""
