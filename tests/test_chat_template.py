@@ -820,3 +820,91 @@ def test_a_gpt2_folder_saved_by_transformers_or_edited_keeps_our_template_unsaid
         err = capsys.readouterr().err
         line = f"{folder / 'chat_template.jinja'}: its chat_template is not tritongpt's chat format and is not used"
         assert err.count(line) == said and ("not tritongpt's chat format" in err) == said, (name, err)
+
+
+# a template that tells an undefined special token from an empty one ({{ x }} of either is ""), as templates test them
+DEFINED = ("{{ bos_token is defined }}|{{ eos_token is defined }}|{{ bos_token | default('B?') }}|"
+           "{{ eos_token | default('E?') }}|{{ bos_token }}{{ eos_token }}|{{ unk_token | default('U?') }}|"
+           "{{ pad_token | default('P?') }}|{{ mask_token | default('M?') }}|{{ messages[0].content }}")
+
+
+def tiny_folder(folder, config: dict, files: dict = None):
+    """A folder of a word-level tokenizer.json (its special tokens the defaults of the classes real chat models name,
+    and Llama's) and tokenizer_config.json `config` with DEFINED as its template; files: more JSON files by name.
+    -> the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True)
+    specials = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_end|>", "<bos>", "<eos>", "<pad>", "<mask>"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + ["hi"])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    for name, value in {"tokenizer_config.json": {**config, "chat_template": DEFINED}, **(files or {})}.items():
+        (folder / name).write_text(json.dumps(value))
+    return folder
+
+
+def rendered_alike(folder, tmp_path):
+    """render's rendering of folder's chat, read from the folder and from a run's tokenizer file saved of it, and
+    transformers' apply_chat_template's, asserted equal. -> transformers' text."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+    from tritongpt.train.tokenizer import load_tokenizer
+
+    chat = [{"role": "user", "content": "hi"}]
+    want = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(chat, tokenize=False)
+    ours = HFTokenizer.from_hf_folder(folder)
+    assert render(ours, chat) == want, folder.name
+    ours.save(tmp_path / f"{folder.name}.json")
+    assert render(load_tokenizer(tmp_path / f"{folder.name}.json"), chat) == want, folder.name
+    return want
+
+
+def test_a_bos_or_eos_the_folder_does_not_name_is_undefined_in_the_template(tmp_path):
+    """transformers gives the template only the special tokens its tokenizer has: a folder naming no BOS (or EOS)
+    leaves bos_token undefined ({% if bos_token is defined %} false, | default('...') taken), not "". config.json's
+    eos_token_id (what generation stops on, and our EOS where tokenizer_config.json names none) is not the
+    template's either; a run's tokenizer file renders as its folder did."""
+    base = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    assert rendered_alike(tiny_folder(tmp_path / "none", base), tmp_path) == "False|False|B?|E?||U?|P?|M?|hi"
+    assert rendered_alike(tiny_folder(tmp_path / "null", {**base, "bos_token": None, "eos_token": None}),
+                          tmp_path) == "False|False|B?|E?||U?|P?|M?|hi"
+    assert rendered_alike(tiny_folder(tmp_path / "eos", {**base, "eos_token": "</s>"}),
+                          tmp_path) == "False|True|B?|</s>|</s>|U?|P?|M?|hi"
+    ids = tiny_folder(tmp_path / "ids", base, {"config.json": {"bos_token_id": 1, "eos_token_id": 2}})
+    assert rendered_alike(ids, tmp_path) == "False|False|B?|E?||U?|P?|M?|hi"
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    assert HFTokenizer.from_hf_folder(ids).eot_id == 2  # (still the EOS our runs end texts and answers on)
+
+
+def test_a_tokenizer_classs_default_and_special_tokens_map_json_reach_the_template(tmp_path):
+    """transformers 5 fills the special tokens a folder's tokenizer_config.json leaves out with its class's defaults
+    (Qwen2Tokenizer's <|endoftext|> EOS, unk and pad; Llama's, GPT-2's and Gemma's; none for
+    PreTrainedTokenizerFast), a null set in the file stays unset, and a legacy special_tokens_map.json's tokens win
+    over the config's where it has no added_tokens_decoder (ignored where it has): the template sees them so."""
+    cases = {  # folder: (tokenizer_config.json, more files, transformers' rendering)
+        "qwen2": ({"tokenizer_class": "Qwen2Tokenizer"}, None,
+                  "False|True|B?|<|endoftext|>|<|endoftext|>|<|endoftext|>|<|endoftext|>|M?|hi"),
+        "qwen2_null": ({"tokenizer_class": "Qwen2TokenizerFast", "eos_token": None, "pad_token": "<pad>"}, None,
+                       "False|False|B?|E?||<|endoftext|>|<pad>|M?|hi"),
+        "llama": ({"tokenizer_class": "LlamaTokenizerFast", "eos_token": "<|im_end|>"}, None,
+                  "True|True|<s>|<|im_end|>|<s><|im_end|>|<unk>|P?|M?|hi"),
+        "gpt2": ({"tokenizer_class": "GPT2Tokenizer"}, None,
+                 "True|True|<|endoftext|>|<|endoftext|>|<|endoftext|><|endoftext|>|<|endoftext|>|P?|M?|hi"),
+        "gemma": ({"tokenizer_class": "GemmaTokenizer"}, None, "True|True|<bos>|<eos>|<bos><eos>|<unk>|<pad>|<mask>|hi"),
+        "map": ({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"},
+                {"special_tokens_map.json": {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>"}},
+                "True|True|<s>|</s>|<s></s>|U?|<pad>|M?|hi"),
+        "map_unread": ({"tokenizer_class": "PreTrainedTokenizerFast",
+                        "added_tokens_decoder": {"1": {"content": "<s>", "special": True}}},
+                       {"special_tokens_map.json": {"bos_token": "<s>", "pad_token": "<pad>"}},
+                       "False|False|B?|E?||U?|P?|M?|hi"),
+    }
+    for name, (config, files, want) in cases.items():
+        assert rendered_alike(tiny_folder(tmp_path / name, config, files), tmp_path) == want, name
+    (tmp_path / "map" / "special_tokens_map.json").write_text(json.dumps({"eos_token": 2}))
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    with pytest.raises(UserError, match=r"special_tokens_map.json: eos_token must be a token's text"):
+        HFTokenizer.from_hf_folder(tmp_path / "map")

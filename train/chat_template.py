@@ -674,6 +674,17 @@ def _reasoning_named(message: dict) -> dict:
     return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
+def _special_tokens(tokenizer) -> dict:
+    """The special tokens transformers' apply_chat_template gives a template (special_tokens_map): the tokenizer's
+    BOS and EOS (or what its folder gave the template instead, template_ends) and template_tokens. One it has none
+    of is left out, undefined as transformers leaves it ({% if bos_token is defined %}, | default('...')), not "";
+    a tokenizer with no such attribute (BPETokenizer: GPT-2's, tritongpt's) keeps "", as it always rendered."""
+    ends = {k: getattr(tokenizer, k, "") for k in ("bos_token", "eos_token")}
+    ends.update(getattr(tokenizer, "template_ends", None) or {})
+    tokens = {**ends, **(getattr(tokenizer, "template_tokens", None) or {})}
+    return {k: v for k, v in tokens.items() if v is not None}
+
+
 def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None, variables=None,
            template: str | None = None) -> str:
     """messages rendered by the tokenizer's chat template, with the variables transformers gives it
@@ -684,12 +695,11 @@ def render(tokenizer, messages, add_generation_prompt: bool = False, tools=None,
     import jinja2
 
     # (one dict, not keyword arguments: a variable may be named as an argument, "self", "tokenizer"). The tokenizer's
-    # special tokens first, every one transformers' special_tokens_map holds (pad_token, a model's image_token...),
-    # which the variables may set, as apply_chat_template's kwargs do (serve refuses those in RENDER_VARIABLES). A
-    # message's keys set to None are left out, as transformers >= 5's apply_chat_template leaves them out: a record's
-    # tool call with "content": null renders its content as undefined ('' | trim), not as the text "None"
-    context = {**{f"{k}_token": getattr(tokenizer, f"{k}_token", None) or "" for k in ("bos", "eos")},
-               **(getattr(tokenizer, "template_tokens", None) or {}), **(variables or {}),
+    # special tokens first (_special_tokens: every one transformers' special_tokens_map holds, pad_token, a model's
+    # image_token...), which the variables may set, as apply_chat_template's kwargs do (serve refuses those in
+    # RENDER_VARIABLES). A message's keys set to None are left out, as transformers >= 5's apply_chat_template leaves
+    # them out: a record's tool call with "content": null renders its content as undefined ('' | trim), not "None"
+    context = {**_special_tokens(tokenizer), **(variables or {}),
                "messages": [_reasoning_named({k: v for k, v in m.items() if v is not None}) for m in messages],
                "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": None}
     name = template_name(tokenizer, tools) if template is None else template

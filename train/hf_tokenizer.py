@@ -123,6 +123,35 @@ def generation_end_ids(folder, vocab: int, limit: int | None = None) -> tuple:
 NAMED_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+# the special tokens transformers 5's tokenizer classes default to (their __init__'s defaults) where a folder's
+# tokenizer_config.json (and special_tokens_map.json) leaves a key out, not where it sets null: the template is given
+# them. The classes real chat models' folders name (a "...Fast" name is the same class in 5); any other
+# (PreTrainedTokenizerFast, read as TokenizersBackend) defaults to none.
+CLASS_TOKENS = {
+    "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+    "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "GPT2Tokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+                       "mask_token": "<mask>"},
+}
+
+
+def special_config(cfg: dict, folder: Path) -> dict:
+    """tokenizer_config.json's fields with the special tokens transformers 5 reads beside them: a legacy
+    special_tokens_map.json's over them where the config has no added_tokens_decoder (the file only read then,
+    and its values win), then the class's defaults (CLASS_TOKENS) for the keys neither names."""
+    cfg = dict(cfg)
+    path = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in cfg and path.is_file():
+        legacy = read_json_object(path)
+        for key in ("bos_token", "eos_token", *NAMED_TOKENS):  # (refused naming this file, not the config)
+            token_name(legacy.get(key), path, key)
+        cfg.update(legacy)
+    cls = cfg.get("tokenizer_class")
+    defaults = CLASS_TOKENS.get(cls.removesuffix("Fast"), {}) if isinstance(cls, str) else {}
+    return {**defaults, **cfg}
+
+
 def template_tokens(cfg: dict, where) -> dict:
     """{name: spelling} of tokenizer_config.json's special tokens besides bos_token and eos_token, as transformers >= 5
     reads them into special_tokens_map (which apply_chat_template passes to the template, a template may write
@@ -197,6 +226,9 @@ class HFTokenizer(TokenizerChecks):
         # the folder's other special tokens by name ({"pad_token": ..., "image_token": ...}: template_tokens), which
         # transformers gives a chat template beside bos_token and eos_token. Not part of the hash, as the template.
         self.template_tokens = {}
+        # the bos_token and eos_token transformers gives the template where they are not the tokenizer's own
+        # ({"eos_token": None}: undefined; from_hf_folder's), as template_tokens not part of the hash
+        self.template_ends = {}
 
     def without_chat_template(self) -> "HFTokenizer":
         """This tokenizer without a chat template (a run whose chats are in tritongpt's)."""
@@ -243,7 +275,15 @@ class HFTokenizer(TokenizerChecks):
             elif tok._tok.token_to_id(name) is None:
                 raise UserError(f"{cfg_path}: {key}_token {name!r} is not a token of {path}")
             setattr(tok, f"{key}_token", name)
-        tok.template_tokens = template_tokens(cfg, cfg_path)
+        special = special_config(cfg, folder)
+        tok.template_tokens = template_tokens(special, cfg_path)
+        # the BOS and EOS transformers gives the template, where not the tokenizer's: none (undefined, not "") where
+        # only config.json names one (it sets the EOS generation stops on, not the template's), a class's default
+        # where the config names none
+        for key in ("bos_token", "eos_token"):
+            name = token_name(special.get(key), cfg_path, key)
+            if name != getattr(tok, key):
+                tok.template_ends[key] = name
         tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
                        "config.json nor generation_config.json an eos_token_id")
         from tritongpt.train.chat_template import templates_from_config
@@ -355,6 +395,7 @@ class HFTokenizer(TokenizerChecks):
                 **({"chat_templates": self.chat_templates} if self.chat_template is not None and self.chat_templates
                    else {}),
                 **({"template_tokens": self.template_tokens} if self.template_tokens else {}),
+                **({"template_ends": self.template_ends} if self.template_ends else {}),
                 "tokenizer": self.spec}
 
     def save(self, path):
@@ -400,6 +441,12 @@ class HFTokenizer(TokenizerChecks):
             raise UserError(f"{path}: field 'template_tokens' must be an object of special tokens' text by name "
                             f"(\"pad_token\": ...) or absent, got {tokens!r}"[:300])
         tok.template_tokens = dict(tokens)
+        ends = d.get("template_ends", {})
+        if not isinstance(ends, dict) or not set(ends) <= {"bos_token", "eos_token"} or \
+                not all(v is None or isinstance(v, str) for v in ends.values()):
+            raise UserError(f"{path}: field 'template_ends' must be an object of bos_token and eos_token's text "
+                            f"(or null) as the chat template sees them, or absent, got {ends!r}"[:300])
+        tok.template_ends = dict(ends)
         return tok
 
     def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None,
