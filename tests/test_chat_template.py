@@ -908,3 +908,22 @@ def test_a_tokenizer_classs_default_and_special_tokens_map_json_reach_the_templa
 
     with pytest.raises(UserError, match=r"special_tokens_map.json: eos_token must be a token's text"):
         HFTokenizer.from_hf_folder(tmp_path / "map")
+
+
+def test_chat_template_kwargs_may_set_bos_and_eos_as_vllm_passes_them(tmp_path):
+    """A request's chat_template_kwargs naming bos_token or eos_token are passed on by vLLM where the template reads
+    them (resolve_chat_template_kwargs keeps its undeclared variables) to apply_chat_template, whose kwargs override
+    special_tokens_map: serve takes them so, not a 400. Its fields' own variables and the template's helpers are still
+    refused by name."""
+    from tritongpt.train import serve
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    folder = tiny_folder(tmp_path / "f", {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>"})
+    chat, kwargs = [{"role": "user", "content": "hi"}], {"bos_token": "<|im_end|>", "eos_token": "E"}
+    want = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(chat, tokenize=False, **kwargs)
+    assert want == "True|True|<|im_end|>|E|<|im_end|>E|U?|P?|M?|hi"
+    variables = serve.template_kwargs({"chat_template_kwargs": kwargs})
+    assert render(HFTokenizer.from_hf_folder(folder), chat, variables=variables) == want
+    for key in ("messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now"):
+        with pytest.raises(serve.APIError, match=f"'chat_template_kwargs' may not set '{key}'"):
+            serve.template_kwargs({"chat_template_kwargs": {key: 1, **kwargs}})

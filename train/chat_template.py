@@ -655,11 +655,12 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
 
 
 # the variables render gives a template, and its helpers (_compiled's globals): no request's variables may set them.
-# A folder's other special tokens (pad_token, unk_token, a model's image_token: template_tokens) are not among them:
-# render lets the variables set those, as apply_chat_template's kwargs do, and vLLM passes a request's
-# chat_template_kwargs naming them on to it
-RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
-                    "raise_exception", "strftime_now"}
+# The folder's special tokens (bos_token, eos_token, pad_token, a model's image_token: _special_tokens) are not among
+# them: render lets the variables set those, as apply_chat_template's kwargs do ({**special_tokens_map, **kwargs}),
+# and vLLM passes a request's chat_template_kwargs naming them on to it where the template reads them
+# (resolve_chat_template_kwargs keeps the template's undeclared variables; where it does not, setting one changes
+# nothing either way)
+RENDER_VARIABLES = {"messages", "add_generation_prompt", "tools", "documents", "raise_exception", "strftime_now"}
 
 
 # the names a message's reasoning goes by: templates read the first (Qwen3's), gpt-oss's the second
