@@ -776,7 +776,7 @@ def run_serve(args) -> int:
             # the served context (--max-model-len's where given): past it every request would be a 400
             ctx = app.max_model_len
             if args.dataset is None and args.input_len + args.output_len > ctx:
-                whose = "--max-model-len's" if ns.max_model_len is not None else "the model's"
+                whose = "the model's" if ctx == app.model.config.context_length else "--max-model-len's"
                 raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} > {whose} "
                                 f"context ({ctx})")
             model, tok, key = app.name, app.tok, server.api_key

@@ -591,6 +591,8 @@ def closed_port():
      "--input-len 30 \\+ --output-len 3 > the model's context \\(32\\)"),
     (["--weights", "{saved}", "--device", "cpu", "--max-model-len", "16", "--input-len", "14", "--output-len", "3"],
      "--input-len 14 \\+ --output-len 3 > --max-model-len's context \\(16\\)"),
+    (["--weights", "{saved}", "--device", "cpu", "--max-model-len", "-1", "--kv-cache-pages", "1", "--input-len",
+      "15", "--output-len", "3"], "--input-len 15 \\+ --output-len 3 > --max-model-len's context \\(17\\)"),
     (["--dtype", "fp64", "--weights", "{saved}"], "--dtype 'fp64': serve takes one of"),
     (["--scoring", "--prompts-per-request", "0"], "--prompts-per-request must be a positive integer, got 0"),
     (["--scoring", "--output-len", "-1"], "--output-len must be a non-negative integer with --scoring, got -1"),

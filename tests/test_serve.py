@@ -2913,8 +2913,31 @@ def test_max_model_len_without_the_engine_and_its_refusals(tmp_path):
         server.server_close()
     with pytest.raises(UserError, match=r"--max-model-len 129 is more than the model's context length \(128"):
         start(folder, "--max-model-len", "129").server_close()
-    for bad in ("0", "-1", "x", "1.5K", "2.5", "", "0k"):
+    for bad in ("0", "-2", "x", "1.5K", "2.5", "", "0k", "autos"):
         with pytest.raises(UserError, match="--max-model-len must be a positive integer of tokens"):
             start(folder, "--max-model-len", bad).server_close()
     read = serve.parse_max_model_len
     assert (read("1k"), read("1K"), read("25.6k"), read(" 64 "), read("2M")) == (1000, 1024, 25600, 64, 2**21)
+    assert (read("-1"), read("auto"), read(" AUTO ")) == ("auto",) * 3  # (vLLM's human_readable_int_or_auto)
+
+
+def test_max_model_len_auto_is_the_longest_one_row_of_the_pool_holds(tmp_path):
+    """vLLM's --max-model-len -1 / auto: the model's context (128) where one row of it fits the paged cache, else
+    the longest that does (15 pages of 4: 61, the last token drawn taking no page), served as the context (the
+    engine's rows, /v1/models); without a paged cache, or with --max-batch 1 (no engine), the model's."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(context_length=128))
+    for flag, pool, want in (("auto", None, 128), ("-1", (32, 4), 128), ("auto", (31, 4), 125), ("AUTO", (1, 16), 17)):
+        assert serve.max_model_len(Namespace(max_model_len=flag), model, pool) == want, (flag, pool)
+    folder = tmp_path / "run"
+    tiny_run(folder, "chat")
+    server = start(folder, "--max-batch", "2", "--kv-cache-pages", "15", "--kv-page-size", "4", "--max-model-len",
+                   "auto")
+    try:
+        assert server.app.engine.max_len == 61 and server.app.engine.context_pages() == 15
+        assert server.app.max_model_len == 61 and call(server, "/v1/models")[1]["data"][0]["max_model_len"] == 61
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -40,6 +40,7 @@ from tritongpt.train.generate import (DecodeGraph, Prediction, PromptLookup, _dr
 # 30 to 150 tokens prefilled slower at 1.5 than one forward each), so only near-equal lengths go together.
 PREFILL_GROUP_TOKENS = 2048
 PREFILL_PAD = {"cuda": 1.5, "cpu": 1.1}
+PAGE_SIZE = 16  # a paged cache's positions a page where none is given (vLLM's block_size)
 
 
 class Cancelled(Exception):
@@ -289,7 +290,7 @@ class Engine:
     lets a long-context model serve in less memory); None: the model's context_length."""
 
     def __init__(self, model, max_batch: int = 8, kv_cache_dtype: str = "auto", autocast=None,
-                 kv_pages: int | None = None, page_size: int = 16, cuda_graph: bool = False, capture=None,
+                 kv_pages: int | None = None, page_size: int = PAGE_SIZE, cuda_graph: bool = False, capture=None,
                  prefix_caching: bool = False, max_prefill_tokens: int | None = None, preemption: bool = True,
                  prompt_lookup: int | None = None, num_draft_tokens: int | None = None, max_loras: int | None = None,
                  draft=None, max_len: int | None = None):

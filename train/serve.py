@@ -2799,9 +2799,19 @@ def make_engine(args, model, device, dtype, tok=None):
         spec["draft"] = load_draft(args, model, tok, device, spec["draft"], "--speculative-config's model")
     engine = Engine(model, args.max_batch, args.kv_cache_dtype, lambda: autocast(device, dtype),
                     cuda_graph=args.cuda_graphs, **page_args(args), max_loras=args.max_loras, **spec,
-                    max_len=max_model_len(args, model))
+                    max_len=max_model_len(args, model, engine_pool(args)))
     check_pool(engine)
     return engine.start()
+
+
+def engine_pool(args):
+    """The engine's paged cache as (pages, positions a page) from --kv-cache-pages and --kv-page-size (the engine's
+    default page size where none is given), or None: no paged cache."""
+    from tritongpt.train.engine import PAGE_SIZE
+
+    if args.kv_cache_pages is None:
+        return None
+    return args.kv_cache_pages, page_args(args).get("page_size", PAGE_SIZE)
 
 
 def check_pool(engine):
@@ -2827,13 +2837,15 @@ MAX_MODEL_LEN_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                           "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}  # (vLLM's human_readable_int)
 
 
-def parse_max_model_len(text) -> int | None:
-    """--max-model-len's value -> tokens, or None (not given): an integer, or vLLM's human-readable form (1k = 1000,
-    25.6k = 25600 with a decimal suffix; 1K = 1024 with a binary one, whole numbers only); refused by name unless a
-    positive integer results."""
+def parse_max_model_len(text) -> int | str | None:
+    """--max-model-len's value -> tokens, "auto", or None (not given): an integer, vLLM's human-readable form (1k =
+    1000, 25.6k = 25600 with a decimal suffix; 1K = 1024 with a binary one, whole numbers only), or vLLM's -1 / auto
+    (any case): the longest context that fits (max_model_len resolves it); refused by name unless one of those."""
     if text is None:
         return None
     value = str(text).strip()
+    if value == "-1" or value.lower() == "auto":  # (vLLM's human_readable_int_or_auto: its only negative)
+        return "auto"
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", value)
     tokens = None
     if match:
@@ -2846,18 +2858,27 @@ def parse_max_model_len(text) -> int | None:
         tokens = int(value)
     if tokens is None or tokens < 1:
         raise UserError(f"--max-model-len must be a positive integer of tokens (or vLLM's 1k = 1000, 1K = 1024; "
-                        f"decimals with k, m, g, t only), got {text!r}")
+                        f"decimals with k, m, g, t only; -1 or auto: the longest that fits), got {text!r}")
     return tokens
 
 
-def max_model_len(args, model) -> int:
+def max_model_len(args, model, pool=None) -> int:
     """The served context: --max-model-len (parsed), refused above the model's context_length (vLLM's rule without
     its VLLM_ALLOW_LONG_MAX_MODEL_LEN: positions the model never learned, or that its position table lacks), else
-    the model's."""
+    the model's. -1 / auto (vLLM's): the model's where one row of it fits the engine's paged cache, pool (its pages,
+    their size; None: no paged cache, every row the whole context), else the longest that does (check_pool's
+    pages x size + 1: the last token drawn takes no page), as vLLM shortens it to fit the memory it has."""
     context = model.config.context_length
     tokens = parse_max_model_len(getattr(args, "max_model_len", None))
     if tokens is None:
         return context
+    if tokens == "auto":
+        if pool is None or pool[0] * pool[1] + 1 >= context:
+            return context
+        most = pool[0] * pool[1] + 1
+        note(f"--max-model-len {args.max_model_len}: the served context is {most} tokens, the most one row of "
+             f"--kv-cache-pages {pool[0]} of {pool[1]} positions holds (the model's is {context})")
+        return most
     if tokens > context:
         raise UserError(f"--max-model-len {tokens} is more than the model's context length ({context}, its "
                         f"max_position_embeddings): pass --max-model-len {context} or less, or leave it out")
@@ -2974,8 +2995,10 @@ def make_server(args) -> ThreadingHTTPServer:
     if args.enable_lora:  # (none yet with runtime loading: the engine then has its adapter rows from the start)
         load_adapters(model, modules, args.max_lora_rank, name)
     check_cuda_graphs(args, device, model)
-    context = max_model_len(args, model)  # (before the engine: its caches are that long)
+    context = max_model_len(args, model)  # (refused before the engine is built: its caches are that long)
     engine = make_engine(args, model, device, dtype, tok)
+    if engine is not None:  # (-1 / auto: the engine's, as its paged cache holds it)
+        context = engine.max_len
     # the chat format as `chat --template auto` picks it, except that a model with none is refused, not guessed;
     # --chat-template's is the chat's
     template, why = "chat" if chat_template is not None else run_template(args.weights), ""
@@ -3082,7 +3105,8 @@ def add_server_args(p, listen: bool = False):
                    help="the served context (vLLM's): a request's prompt and answer together at most N tokens (a "
                         "chat without max_tokens answers to it), the engine's cache rows that long (a long-context "
                         "model in less memory; --kv-cache-pages must hold one row of it); also 1k (1000), 32K "
-                        "(32768); at most the model's context length (default: the model's)")
+                        "(32768); at most the model's context length; -1 or auto (vLLM's): the model's, or the longest one row of "
+                        "--kv-cache-pages holds (default: the model's)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="vLLM's speculative decoding in the batching engine: "
                         "'{\"method\": \"ngram\", \"num_speculative_tokens\": K, \"prompt_lookup_max\": N}': each "
