@@ -10,6 +10,7 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.lora import AdapterLinear, add_adapter, serve_adapters
+from tritongpt.train import serve
 from tritongpt.train.engine import Engine
 from tritongpt.train.generate import generate
 
@@ -654,23 +655,60 @@ def test_a_load_between_graphed_steps_recaptures_and_an_unload_keeps_the_graphs(
     assert engine.graphs == graphs and graphs
 
 
-def test_a_request_whose_adapter_is_unloaded_before_it_runs_is_a_404(lora_server, monkeypatch):
-    """An unload landing after a request's "model" was read but before the model runs it (the engine's submit, or
-    no engine: its turn at the model): vLLM's 404 for a model not there, with the engine as without it (not the
-    engine's refusal as a 400)."""
+def test_an_unload_between_a_requests_check_and_its_forward_is_refused_and_the_request_runs(lora_server,
+                                                                                            monkeypatch):
+    """An unload landing after a streamed request's "model" was checked and its headers sent, but before the model
+    runs it (the engine's submit, or no engine: its turn at the model), is refused as one while a request of it
+    runs (the request holds its adapter: Model.holding), and the stream ends with that adapter's text; it was the
+    engine's refusal, a 404 inside a stream already begun. Once the request has ended the unload goes through."""
+    from test_serve import call, events
+
+    server, _, adapters = lora_server
+    app = server.app
+    body = {"model": "peft", "prompt": "the cat", "max_tokens": 3, "temperature": 0, "stream": True}
+    want = "".join(c["choices"][0]["text"] for c in events(call(server, "/v1/completions", body)[1]) if c["choices"])
+    target = (app.engine, "submit") if app.engine is not None else (app, "generate_alone")
+    real, refusals = getattr(*target), []
+
+    def unloaded_first(*args, **kw):
+        try:
+            app.unload_adapter("peft")
+        except UserError as e:
+            refusals.append(str(e))
+        return real(*args, **kw)
+    monkeypatch.setattr(*target, unloaded_first)
+    try:
+        status, text = call(server, "/v1/completions", body)
+        monkeypatch.undo()
+        assert refusals == ["the adapter 'peft' runs 1 request(s): unload it once they have ended"]
+        assert status == 200 and "".join(c["choices"][0]["text"] for c in events(text) if c["choices"]) == want
+        assert {c["model"] for c in events(text)} == {"peft"} and want
+        app.unload_adapter("peft")  # (the request has ended: nothing holds it)
+        assert "peft" not in app.adapter_paths and "peft" not in app.model.adapters.names
+    finally:
+        monkeypatch.undo()
+        if "peft" not in app.adapter_paths:
+            app.load_adapter("peft", str(adapters["peft"]))
+
+
+def test_a_request_whose_adapter_is_unloaded_before_it_is_held_is_a_404_before_its_stream(lora_server,
+                                                                                       monkeypatch):
+    """An unload landing between a request's check of its "model" and its hold on it (emulated: right after the
+    check, Completion's) is vLLM's 404 for a model not there, with the engine as without it, before the stream's
+    headers: not a 200 whose stream then ends in that error."""
     from test_serve import call
 
     server, _, adapters = lora_server
     app = server.app
-    target = (app.engine, "submit") if app.engine is not None else (app, "generate_alone")
-    real = getattr(*target)
+    real = serve.Completion.__init__
 
-    def unloaded_first(*args, **kw):
+    def checked_then_unloaded(self, *args, **kw):
+        real(self, *args, **kw)
         app.unload_adapter("peft")
-        return real(*args, **kw)
-    monkeypatch.setattr(*target, unloaded_first)
+    monkeypatch.setattr(serve.Completion, "__init__", checked_then_unloaded)
     try:
-        status, out = call(server, "/v1/completions", {"model": "peft", "prompt": "the cat", "max_tokens": 2})
+        status, out = call(server, "/v1/completions", {"model": "peft", "prompt": "the cat", "max_tokens": 2,
+                                                       "stream": True})
     finally:
         monkeypatch.undo()
         app.load_adapter("peft", str(adapters["peft"]))

@@ -1010,6 +1010,10 @@ class Model:
         self.adapter_paths = dict(adapter_paths or {})
         # POST /v1/load_lora_adapter and /v1/unload_lora_adapter ($VLLM_ALLOW_RUNTIME_LORA_UPDATING, make_server)
         self.runtime_lora, self.max_lora_rank = False, 16
+        # adapter name -> the requests holding it (held: their "model" checked, not yet ended), which an unload
+        # refuses (unload_adapter), under adapters_lock: the engine refuses one only while its requests wait or
+        # run, and a request is checked (its stream's headers sent) before it is submitted, its prompts one by one
+        self.holders, self.adapters_lock = {}, threading.Lock()
         self.tool_parser = None  # "auto" tool choice's (--enable-auto-tool-choice --tool-call-parser): tool_calls.py
         self.reasoning_parser = None  # --reasoning-parser's (train/reasoning.py): chat answers' thought apart
         self.responses = Store()  # /v1/responses' stored responses (previous_response_id, GET /v1/responses/{id})
@@ -1231,6 +1235,27 @@ class Model:
             raise APIError(404, f"the model '{adapter}' does not exist any more: it was unloaded", "model",
                            code="model_not_found")
 
+    @contextmanager
+    def holding(self, adapter):
+        """adapter (None: the base model) held while the block runs, so that no unload takes it from a request
+        between its check and the model's forwards (there, after the stream's headers, the 404 of check_loaded
+        could only end the stream); one unloaded since the request's "model" was read is that 404 here."""
+        if adapter is None:
+            yield
+            return
+        with self.adapters_lock:
+            if adapter not in self.adapter_paths:
+                raise APIError(404, f"the model '{adapter}' does not exist any more: it was unloaded", "model",
+                               code="model_not_found")
+            self.holders[adapter] = self.holders.get(adapter, 0) + 1
+        try:
+            yield
+        finally:
+            with self.adapters_lock:
+                self.holders[adapter] -= 1
+                if not self.holders[adapter]:
+                    del self.holders[adapter]
+
     def load_adapter(self, name: str, path: str):
         """POST /v1/load_lora_adapter: the adapter read (read_adapter) and served from the next step on."""
         from tritongpt.model.lora import add_adapter
@@ -1245,15 +1270,22 @@ class Model:
         self.adapter_paths[name] = path
 
     def unload_adapter(self, name: str):
-        """POST /v1/unload_lora_adapter (refused while a request of it waits or runs, by the engine)."""
+        """POST /v1/unload_lora_adapter, refused while a request holds it (holding: from its check to its end; the
+        engine's refusal, while one of its requests waits or runs, is the same). vLLM's lets such requests end with
+        the adapter they were given (each keeps its LoRARequest, loaded again where need be); here an unload frees
+        the adapter's rows at once, so it is refused instead: the request still ends with its adapter."""
         from tritongpt.model.lora import remove_adapter
 
-        if self.engine is not None:
-            self.engine.unload_adapter(name)
-        else:
-            with self.lock:
-                remove_adapter(self.model, name)
-        del self.adapter_paths[name]
+        with self.adapters_lock:  # (no request can take it between this count and the name's removal)
+            users = self.holders.get(name, 0)
+            if users:
+                raise UserError(f"the adapter {name!r} runs {users} request(s): unload it once they have ended")
+            if self.engine is not None:
+                self.engine.unload_adapter(name)
+            else:
+                with self.lock:
+                    remove_adapter(self.model, name)
+            del self.adapter_paths[name]
 
     def score_prompt(self, ids, k: int, step=None, timing=None, adapter=None) -> list:
         """prompt_rows' rows of the prompt ids with the k likeliest tokens. step: the engine's prefill's rows of them
@@ -1911,7 +1943,12 @@ class Handler(BaseHTTPRequestHandler):
         its prompts' choices drawn (one), then the response, or the stream's last events."""
         app = self.server.app
         c = Response(self, body) if endpoint == "responses" else Completion(self, endpoint, body)
-        s = c.s
+        with app.holding(c.adapter):  # (its adapter kept until it ends: no unload between its check and its forwards)
+            self.generate_checked(c)
+
+    def generate_checked(self, c):
+        """generate's request c, checked and its adapter held: its prompts' choices drawn, then its response."""
+        app, s = self.server.app, c.s
         if s["stream"]:
             c.start_stream()
         if s["beam"] is not None:  # (its own loop, outside the engine: Model.beam_search)
