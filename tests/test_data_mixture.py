@@ -304,10 +304,10 @@ def test_a_repeat_is_what_the_sources_read_not_where_they_lie(tmp_path):
     with pytest.raises(UserError, match=r"--data \S*texts and --data \S*b.txt \(sources 1 and 2 of the mixture\) both "
                                         r"read \S*b.txt: it would be drawn from twice as often"):
         check_repeated_sources([str(tmp_path / "texts"), str(tmp_path / "b.txt")])
-    (tmp_path / "linked").mkdir()  # (a hard link is the file too: each path resolves to itself)
-    os.link(tmp_path / "b.txt", tmp_path / "linked" / "c.txt")
+    (tmp_path / "linked").mkdir()  # (the file given first, the folder's link to it second)
+    (tmp_path / "linked" / "c.txt").symlink_to("../b.txt")  # (relative, as the Hub cache links)
     with pytest.raises(UserError, match=r"--data \S*b.txt and --data \S*linked \(sources 1 and 2 of the mixture\) "
-                                        r"both read \S*c.txt"):
+                                        r"both read \S*/b.txt"):
         check_repeated_sources([str(tmp_path / "b.txt"), str(tmp_path / "linked")])
     shards = tmp_path / "shards"
     (shards / "notes").mkdir(parents=True)
@@ -344,6 +344,41 @@ def test_a_source_lies_inside_a_folder_by_its_own_name_not_its_links_target(tmp_
         check_repeated_sources([str(tmp_path / "hub"), str(tmp_path / "hub" / "train.txt")])
 
 
+def test_names_that_share_a_hub_blob_are_each_read_a_link_and_its_target_are_one(tmp_path):
+    """Two Hub snapshot files of equal bytes are links to one blob (as are two repos' files, where the blob is hard
+    linked): two files, each read, as `datasets.load_dataset` reads every file it is given (datasets 5.2.0 yields
+    both files' rows; it reads a name given twice twice too, which a mixture refuses). They were refused as both
+    reading the blob. The same name reached twice is still one file: a file and a folder holding it, a link and its
+    target (the blob itself, or a snapshot file another link names)."""
+    from tritongpt.train.pretrain import check_repeated_sources
+
+    repo = tmp_path / "hub" / "datasets--o--n"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (repo / "blobs" / "h1").write_text("one two")
+    for name in ("a.txt", "b.txt"):
+        (snap / name).symlink_to("../../blobs/h1")  # (relative, as the Hub cache links them)
+    other = tmp_path / "hub" / "datasets--o--m"  # another repo's snapshot, its blob a hard link of the first's
+    (other / "blobs").mkdir(parents=True)
+    (other / "snapshots" / "rev").mkdir(parents=True)
+    os.link(repo / "blobs" / "h1", other / "blobs" / "h1")
+    (other / "snapshots" / "rev" / "c.txt").symlink_to("../../blobs/h1")
+    (tmp_path / "x.txt").symlink_to(snap / "a.txt")  # x -> a -> h1: names a.txt
+    for sources in ([snap / "a.txt", snap / "b.txt"], [snap, other / "snapshots" / "rev"],
+                    [tmp_path / "x.txt", snap / "b.txt"], [repo / "blobs" / "h1", other / "blobs" / "h1"],
+                    [snap / "b.txt", other / "blobs" / "h1"]):
+        check_repeated_sources([str(s) for s in sources])  # distinct names: each read
+    both = r"\(sources 1 and 2 of the mixture\) both read \S*"
+    for sources, match in (([repo / "blobs" / "h1", snap / "b.txt"], both + "datasets--o--n/blobs/h1: "),
+                           ([snap / "a.txt", tmp_path / "x.txt"], both + "snapshots/rev/a.txt: "),
+                           ([tmp_path / "x.txt", snap], both + "snapshots/rev/a.txt: "),
+                           ([snap / "a.txt", snap], r"a.txt lies inside the folder --data \S*snapshots/rev \(sources 1 "
+                                                    r"and 2 of the mixture\)")):
+        with pytest.raises(UserError, match=match):
+            check_repeated_sources([str(s) for s in sources])
+
+
 def test_files_without_inode_numbers_are_told_apart_by_path(tmp_path, monkeypatch):
     """On a filesystem that gives every file st_ino 0 (some FUSE and network mounts), keying a file by (device,
     inode) made every two files one: two unrelated sources were refused as reading one file. Such a file is its
@@ -376,7 +411,7 @@ def test_a_repeat_refused_at_a_resume_says_how_to_go_on(tmp_path):
 
     (tmp_path / "a.txt").write_text("a b c")
     (tmp_path / "texts").mkdir()
-    os.link(tmp_path / "a.txt", tmp_path / "texts" / "b.txt")
+    (tmp_path / "texts" / "b.txt").symlink_to(tmp_path / "a.txt")
     how = r".*--resume: a run started with the repeat goes on without it: drop it, with --data-weights to keep each " \
           r"source's share"
     with pytest.raises(UserError, match=r"is given twice" + how):  # --resume as the command line gives it

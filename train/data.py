@@ -163,11 +163,29 @@ def _parquet_docs(path: Path, text_field: str):
         yield value
 
 
-def _file_key(path: Path, st: os.stat_result):
-    """What a file is on disk, a link and its target, two hard links, one: (device, inode); a file without an inode
-    number (st_ino 0: some FUSE and network mounts, where every file would be one) its resolved path instead, a link
-    to it still one, a hard link not seen."""
-    return (st.st_dev, st.st_ino) if st.st_ino else path.resolve()
+class _Names:
+    """A file by its own name in its resolved folder, a string (a link to a folder's file names the file, a/../b and b
+    are one), and the names a link's chain passes through: one resolve a folder, not a file (resolving each path
+    cost 0.8 s of 1.6 s for a folder of 20,000 files, listing it 0.7 s), and strings, not Paths (a Path's parent and
+    hash cost 0.5 s there, os.path 0.1 s)."""
+
+    def __init__(self):
+        self.parents = {}
+
+    def own(self, p) -> str:
+        folder, name = os.path.split(os.fspath(p))
+        if folder not in self.parents:
+            self.parents[folder] = os.path.realpath(folder or ".")
+        return os.path.join(self.parents[folder], name)
+
+    def hops(self, p) -> list:
+        """Each name a link's chain reaches, in order (b -> a -> a Hub blob: a, then the blob); [] for a file."""
+        p, seen, out = os.fspath(p), set(), []
+        while os.path.islink(p) and p not in seen:  # (a loop ends where it comes back: it is refused where it is read)
+            seen.add(p)
+            p = self.own(os.path.join(os.path.dirname(p), os.readlink(p)))
+            out.append(p)
+        return out
 
 
 def _once(files: list) -> list:
@@ -178,25 +196,9 @@ def _once(files: list) -> list:
     where their bytes are equal: distinct shards, distinct rows; hard links, as dedup tools make of equal files)."""
     if not any(p.is_symlink() for p in files):
         return files
-    parents = {}
-
-    def here(p):  # a file by its own name in its resolved folder (a link to a folder's file names the file)
-        if p.parent not in parents:
-            parents[p.parent] = p.parent.resolve()
-        return parents[p.parent] / p.name
-
-    listed = {here(p) for p in files}
-
-    def links_to_listed(p):  # each hop of a link chain: b -> a -> a Hub blob names a, listed
-        hops = set()
-        while p.is_symlink() and p not in hops:
-            hops.add(p)
-            p = here(p.parent / os.readlink(p))
-            if p in listed:
-                return True
-        return False
-
-    return [p for p in files if not links_to_listed(p)]
+    names = _Names()
+    listed = {names.own(p) for p in files}
+    return [p for p in files if not listed.intersection(names.hops(p))]
 
 
 def _refuse_broken_link(p: Path) -> None:
@@ -298,23 +300,26 @@ def _shard_files(path: Path) -> list:
 
 
 def files_read(source) -> dict | None:
-    """The files prepare_tokens reads for a source, {(device, inode): path}: a nanoGPT folder's train.bin and
-    val.bin, a folder's token shards (not its subfolders), a text folder's .txt or .parquet files (links among them
-    too), or the file itself. Keyed by what a file is on disk (a link and its target, two hard links, are one), one
-    stat a file: resolving each path cost 0.8 s of 1.6 s for a folder of 20,000 files (listing it, 0.7 s), more than
-    the start's own quick check of them; a file without an inode number (st_ino 0) by its resolved path. None for a
-    built-in corpus, or a source the reading will refuse (it is named there)."""
-    if named_corpus(source):
-        return None
-    path = Path(str(source)).expanduser()
+    """The files prepare_tokens reads for a source, {name: (path, hops)}: a nanoGPT folder's train.bin and val.bin, a
+    folder's token shards (not its subfolders), a text folder's .txt or .parquet files (links among them too), the
+    file itself. Keyed by each file's own name (_Names.own), hops the names its
+    link chain passes through: one file is read twice where a name is read by two sources, or one's link passes
+    through a name the other reads (a link and its target); two names whose chains only meet beyond them (two Hub
+    snapshot files linked to one blob, two hard links of one file) are two files, each read, as `datasets` reads
+    them. None for a built-in corpus, or a source the reading will refuse (it is named there)."""
     try:
-        if _is_token_folder(path):
-            files = [p for p in (path / "train.bin", path / "val.bin") if p.is_file()]
-        elif path.is_dir():
-            files = _shard_files(path) or _txt_files(path)
+        if named_corpus(source):
+            return None
         else:
-            files = [path] if path.is_file() else []
-        read = {_file_key(p, os.stat(p)): p for p in files}
+            path = Path(str(source)).expanduser()
+            if _is_token_folder(path):
+                files = [p for p in (path / "train.bin", path / "val.bin") if p.is_file()]
+            elif path.is_dir():
+                files = _shard_files(path) or _txt_files(path)
+            else:
+                files = [path] if path.is_file() else []
+        names = _Names()
+        read = {names.own(p): (p, frozenset(names.hops(p))) for p in files}
     except (UserError, OSError):  # (OSError: a file gone since it was listed)
         return None
     return read or None

@@ -227,22 +227,41 @@ def mixture_sources(args) -> list | None:
 
 
 def _source_key(source):
-    """What a --data reads, to compare two of them: the corpus's name, or the path resolved (data/x.txt and
-    ./data/x.txt, a link and its target, are one file)."""
+    """What a --data names, to compare two of them: the corpus's name, a folder resolved (a link to it is it), or a
+    file by its own name in its resolved folder (data/x.txt and ./data/x.txt are one file). Not a file resolved: two
+    Hub snapshot files of equal bytes are links to one blob, two files that `datasets` reads each of (a link and
+    its target are one file all the same: check_repeated_sources finds the link's chain reaching the target)."""
     from tritongpt.train.data import named_corpus
 
     if named_corpus(source):
         return str(source or "pydoc")
-    return Path(str(source)).expanduser().resolve()
+    path = Path(str(source)).expanduser().absolute()
+    return path.resolve() if path.is_dir() else path.parent.resolve() / path.name
+
+
+def _read_by_both(a, b) -> set:
+    """The names of files two sources both read (data.files_read's {name: (path, hops)}): one name read by both,
+    or a name one reads that a link of the other passes through (a link and its target, both given). Names whose
+    link chains only meet beyond them (two Hub snapshot files of one blob, two hard links) are two files, each read
+    by `datasets` (it reads every file it is given, by name) and here too."""
+    if not a or not b:
+        return set()
+
+    def reached(reads):  # every name a link of these sources passes through
+        return set().union(*(hops for _, hops in reads.values()))
+
+    return (a.keys() & b.keys()) | (a.keys() & reached(b)) | (b.keys() & reached(a))
 
 
 def check_repeated_sources(sources, given=None, resume=None):
     """A source given twice in a mixture (the same path however spelt), or two that read one file (a file inside a
     folder also given, a folder's link to a file also given) would be read twice and drawn from twice as often,
     without a word: refused, naming both. What a source reads is what prepare_tokens reads (data.files_read): a
-    .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read by the folder. given: the
-    --data values as typed (a Hub dataset id, where sources holds the folder it was fetched into); resume: --resume's
-    value, said in the refusal (a run started with a repeat, before this check, is resumed with it dropped)."""
+    .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read by the folder; two names of
+    one stored file where neither names the other (Hub snapshot files sharing a blob, hard links) are two files,
+    each read (_read_by_both). given: the --data values as typed (a Hub dataset id, where sources holds the folder it
+    was fetched into); resume: --resume's value, said in the refusal (a run started with a repeat, before this
+    check, is resumed with it dropped)."""
     from tritongpt.train import data
 
     given = list(sources if given is None else given)
@@ -264,10 +283,10 @@ def check_repeated_sources(sources, given=None, resume=None):
                     where += f", as {given[i]} and {given[j]}"
                 raise UserError(f"--data {named(j)} is given twice ({where}): it would be read twice, drawn from "
                                 f"twice as often; give it once (--data-weights gives a source more weight).{then}")
-            shared = reads[i].keys() & reads[j].keys() if reads[i] and reads[j] else set()
+            shared = _read_by_both(reads[i], reads[j])
             if not shared:
                 continue
-            one = min(reads[j][k] for k in shared).resolve()  # (the file itself, where the two reach it by links)
+            one = min(shared)  # (the name both reach: the file itself, or the file a link of one names)
             # (both are paths: a built-in corpus reads no file.) Where a source lies is its own name in its folder,
             # resolved: a link beside the folder to one of its files lies outside it (it was said to lie inside),
             # a Hub dataset folder's shard, a link to a blob of the Hub cache, inside it (said to lie elsewhere)
