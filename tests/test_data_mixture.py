@@ -379,6 +379,34 @@ def test_names_that_share_a_hub_blob_are_each_read_a_link_and_its_target_are_one
             check_repeated_sources([str(s) for s in sources])
 
 
+def test_a_file_of_the_stdlib_corpus_given_beside_it_is_refused(tmp_path, monkeypatch):
+    """--data stdlib reads the standard library's .py files up to its cap; one of those files given as another source
+    was read twice, never said (a built-in corpus read no file as far as the check knew). The same name (or a link
+    to it) is refused; a copy elsewhere, or a file past the cap that the corpus does not read, is a source of its
+    own."""
+    from tritongpt.train.pretrain import check_repeated_sources
+
+    root = tmp_path / "lib"
+    (root / "m").mkdir(parents=True)
+    for rel, text in {"a.py": "a", "b.py": "bb", "m/d.py": "dddd"}.items():
+        (root / rel).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    monkeypatch.setattr(data, "STDLIB_MAX_BYTES", 3)  # a.py and b.py; m/d.py is past the cap
+    assert data.load_documents("stdlib") == ["a", "bb"]
+    (tmp_path / "copy.py").write_text("bb", encoding="utf-8")
+    (tmp_path / "link.py").symlink_to(root / "b.py")
+    for other in (root / "m" / "d.py", tmp_path / "copy.py", "pydoc"):
+        check_repeated_sources(["stdlib", str(other)])
+    for sources, match in ((["stdlib", root / "b.py"], r"--data \S*lib/b.py \(sources 2 and 1 of the mixture\) "
+                                                        r"reads \S*lib/b.py, a file the standard library corpus "
+                                                        r"\(--data stdlib\) reads already: it would be drawn from "
+                                                        r"twice as often"),
+                           ([tmp_path / "link.py", "stdlib"], r"--data \S*link.py \(sources 1 and 2 of the mixture\) "
+                                                              r"reads \S*lib/b.py, a file the standard library")):
+        with pytest.raises(UserError, match=match):
+            check_repeated_sources([str(s) for s in sources])
+
+
 def test_files_without_inode_numbers_are_told_apart_by_path(tmp_path, monkeypatch):
     """On a filesystem that gives every file st_ino 0 (some FUSE and network mounts), keying a file by (device,
     inode) made every two files one: two unrelated sources were refused as reading one file. Such a file is its

@@ -62,23 +62,28 @@ def _pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _stdlib_docs(max_bytes: int = None) -> list:
+def _stdlib_read(max_bytes: int = None):
+    """The stdlib corpus's files and their text, (path, text), as _stdlib_docs reads them (files_read names them)."""
     max_bytes = STDLIB_MAX_BYTES if max_bytes is None else max_bytes
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    docs, total = [], 0
+    total = 0
     # Walk in sorted order, pruning installed packages, and stop at the cap (no full scan).
     for folder, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
         dirs[:] = sorted(d for d in dirs if d not in skip)
         for name in sorted(f for f in files if f.endswith(".py")):
+            path = Path(folder, name)
             try:
-                text = Path(folder, name).read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):  # a few test fixtures are deliberately not UTF-8
                 continue
-            docs.append(text)
+            yield path, text
             total += len(text)
             if total >= max_bytes:
-                return docs
-    return docs
+                return
+
+
+def _stdlib_docs(max_bytes: int = None) -> list:
+    return [text for _, text in _stdlib_read(max_bytes)]
 
 
 def _first_bad_byte(path: Path) -> int:
@@ -302,13 +307,15 @@ def _shard_files(path: Path) -> list:
 def files_read(source) -> dict | None:
     """The files prepare_tokens reads for a source, {name: (path, hops)}: a nanoGPT folder's train.bin and val.bin, a
     folder's token shards (not its subfolders), a text folder's .txt or .parquet files (links among them too), the
-    file itself. Keyed by each file's own name (_Names.own), hops the names its
+    file itself, or the stdlib corpus's .py files. Keyed by each file's own name (_Names.own), hops the names its
     link chain passes through: one file is read twice where a name is read by two sources, or one's link passes
     through a name the other reads (a link and its target); two names whose chains only meet beyond them (two Hub
     snapshot files linked to one blob, two hard links of one file) are two files, each read, as `datasets` reads
-    them. None for a built-in corpus, or a source the reading will refuse (it is named there)."""
+    them. None for the pydoc corpus (no file), or a source the reading will refuse (it is named there)."""
     try:
-        if named_corpus(source):
+        if source == "stdlib":
+            files = [p for p, _ in _stdlib_read()]
+        elif named_corpus(source):
             return None
         else:
             path = Path(str(source)).expanduser()

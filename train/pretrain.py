@@ -255,13 +255,13 @@ def _read_by_both(a, b) -> set:
 
 def check_repeated_sources(sources, given=None, resume=None):
     """A source given twice in a mixture (the same path however spelt), or two that read one file (a file inside a
-    folder also given, a folder's link to a file also given) would be read twice and drawn from twice as often,
-    without a word: refused, naming both. What a source reads is what prepare_tokens reads (data.files_read): a
-    .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read by the folder; two names of
-    one stored file where neither names the other (Hub snapshot files sharing a blob, hard links) are two files,
-    each read (_read_by_both). given: the --data values as typed (a Hub dataset id, where sources holds the folder it
-    was fetched into); resume: --resume's value, said in the refusal (a run started with a repeat, before this
-    check, is resumed with it dropped)."""
+    folder also given, a folder's link to a file also given, a .py file the stdlib corpus reads) would be read twice
+    and drawn from twice as often, without a word: refused, naming both. What a source reads is what prepare_tokens
+    reads (data.files_read): a .jsonl inside a text folder, or a subfolder of a folder of token shards, is not read
+    by the folder; two names of one stored file where neither names the other (Hub snapshot files sharing a blob,
+    hard links) are two files, each read (_read_by_both). given: the --data values as typed (a Hub dataset id, where
+    sources holds the folder it was fetched into); resume: --resume's value, said in the refusal (a run started with
+    a repeat, before this check, is resumed with it dropped)."""
     from tritongpt.train import data
 
     given = list(sources if given is None else given)
@@ -287,13 +287,19 @@ def check_repeated_sources(sources, given=None, resume=None):
             if not shared:
                 continue
             one = min(shared)  # (the name both reach: the file itself, or the file a link of one names)
-            # (both are paths: a built-in corpus reads no file.) Where a source lies is its own name in its folder,
-            # resolved: a link beside the folder to one of its files lies outside it (it was said to lie inside),
-            # a Hub dataset folder's shard, a link to a blob of the Hub cache, inside it (said to lie elsewhere)
+            # Where a source lies is its own name in its folder, resolved: a link beside the folder to one of its
+            # files lies outside it (it was said to lie inside), a Hub dataset folder's shard, a link to a blob of
+            # the Hub cache, inside it (said to lie elsewhere). The stdlib corpus reads files, pydoc none.
             at = [Path(str(s)).expanduser().absolute() for s in sources]
             at = [a.parent.resolve() / a.name for a in at]
-            nested = [(o, n) for o, n in ((i, j), (j, i)) if keys[o].is_dir() and at[n].is_relative_to(keys[o])]
-            if nested:
+            nested = [(o, n) for o, n in ((i, j), (j, i))
+                      if isinstance(keys[o], Path) and keys[o].is_dir() and at[n].is_relative_to(keys[o])]
+            stdlib = [(o, n) for o, n in ((i, j), (j, i)) if keys[o] == "stdlib"]
+            if stdlib:  # (the other is a path: two stdlib sources are given twice, above)
+                corpus, other = stdlib[0]
+                said = f"--data {named(other)} (sources {other + 1} and {corpus + 1} of the mixture) reads {one}, " \
+                       "a file the standard library corpus (--data stdlib) reads already"
+            elif nested:
                 outer, inner = nested[0]
                 said = f"--data {named(inner)} lies inside the folder --data {named(outer)} (sources {inner + 1} " \
                        f"and {outer + 1} of the mixture), which reads it already"
