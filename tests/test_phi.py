@@ -192,6 +192,34 @@ def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, 
         load_checkpoint(path)
 
 
+def test_the_head_is_tied_as_transformers_ties_it(hf_copy, tmp_path):
+    """tie_word_embeddings true beside a head of the file's own, unlike the embedding: PhiForCausalLM (transformers 5)
+    keeps the file's head, where the reader took the embedding for it (another model's logits). Untied beside no
+    head at all: transformers starts a random head, refused by name (gpt2_weights.tied_head), not as a missing
+    tensor."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_copy(hf_phi, tmp_path, layers=1, tie_word_embeddings=True)
+    sd = load_file(path)
+    assert "lm_head.weight" not in sd  # (saved tied)
+    sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file(sd, path, metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert torch.equal(hf.lm_head.weight, sd["lm_head.weight"])  # (the premise: transformers keeps it)
+    model = load_checkpoint(path).double().eval()
+    assert not model.config.tie_weights
+    idx = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "a head of its own")
+    del sd["lm_head.weight"]
+    save_file(sd, path, metadata={"format": "pt"})
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "tie_word_embeddings": False}))
+    with pytest.raises(UserError, match="config.json says tie_word_embeddings false, but the weights beside it have "
+                                        "no lm_head.weight: transformers would start a random LM head"):
+        load_checkpoint(path)
+
+
 def test_an_mlp_of_another_width_is_refused(tmp_path):
     _, path = hf_phi(tmp_path, hidden=96)
     with pytest.raises(UserError, match=r"intermediate_size 96; this model's GELU MLP is 4 hidden_size wide \(256\)"):

@@ -4,7 +4,8 @@ and back out.
 A Phi is a GPT-2 with RoPE (no position embeddings) and these differences:
 - its blocks are parallel on one norm: h = input_layernorm(x), x + attention(h) + mlp(h), GPTConfig.parallel_residual
   with shared_norm (no second norm: GPT-J's and Falcon-7B's block too);
-- its LM head has a bias (lm_head.bias), GPTConfig.head_bias, and is untied unless tie_word_embeddings says so;
+- its LM head has a bias (lm_head.bias), GPTConfig.head_bias; its weight is the embedding where the file has
+  none and tie_word_embeddings says true (or one equal to it: gpt2_weights.tied_head);
 - q, k and v are projections of their own (q_proj, k_proj, v_proj, with biases; fewer key/value heads when
   num_key_value_heads says), the output projection is self_attn.dense, the MLP fc1 and fc2 (GELU: gelu_new, the
   tanh form; "gelu" the exact one, GPTConfig.gelu_approximate);
@@ -24,8 +25,8 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, head_count,
-                                          model_with_tensors, plain_block_refusals, refuse_moe_touches, weights_file,
-                                          write_hf_folder)
+                                          model_with_tensors, plain_block_refusals, refuse_moe_touches, tied_head,
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 from tritongpt.train.neox_weights import ACTIVATIONS
 
@@ -99,8 +100,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         n_kv_head=0 if n_kv == n_head else n_kv,
         context_length=_positive_int(d, "max_position_embeddings", 2048, cfg_json), position_encoding="rope",
         rope_theta=theta, rotary_dim=rotary, norm_eps=d.get("layer_norm_eps", 1e-5), qk_norm=qk_norm,
-        tie_weights=config_flag(d, "tie_word_embeddings", False, cfg_json), parallel_residual=True, shared_norm=True,
-        head_bias=True, gelu_approximate=ACTIVATIONS[act])
+        # tied as the weights say (tied_head): PhiForCausalLM keeps a head of the file's own even where
+        # tie_word_embeddings says true, and one read as the embedding there was another model than transformers'
+        tie_weights=tied_head(d, sd.get("lm_head.weight"), sd["embed_tokens.weight"], "lm_head.weight", cfg_json),
+        parallel_residual=True, shared_norm=True, head_bias=True, gelu_approximate=ACTIVATIONS[act])
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
