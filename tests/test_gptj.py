@@ -148,6 +148,24 @@ def test_a_head_of_its_own_beside_tie_word_embeddings_is_read_as_transformers_re
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "a head of its own")
 
 
+def test_the_head_is_tied_by_every_readers_rule(hf_copy, tmp_path):
+    """GPT-J's tie is gpt2_weights.tied_head's, as every other reader's: untied (as save_pretrained wrote it) beside
+    no lm_head.weight is refused by name, where transformers would start a random head (it was refused as a missing
+    tensor, naming no field); a head equal to wte is the embedding, as the weights say."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_copy(hf_gptj, tmp_path)  # (the refusal tests' build, made once)
+    sd = load_file(path)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+    save_file(sd, path, metadata={"format": "pt"})
+    assert load_checkpoint(path).config.tie_weights
+    del sd["lm_head.weight"]
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match="config.json says tie_word_embeddings false, but the weights beside it have "
+                                        "no lm_head.weight: transformers would start a random LM head"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("change,match", [
     ({"activation_function": "relu"}, "activation_function 'relu'; this model's GELU MLP computes"),
     ({"n_inner": 100}, r"an MLP 256 wide \(n_inner 100\)"),

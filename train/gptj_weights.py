@@ -28,8 +28,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, head_count,
-                                          model_with_tensors, plain_block_refusals, refuse_moe_touches, weights_file,
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, head_count, model_with_tensors,
+                                          plain_block_refusals, refuse_moe_touches, tied_head, weights_file,
                                           write_hf_folder)
 
 MODEL_TYPE = "gptj"
@@ -86,12 +86,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if "lm_head.bias" not in sd:
         raise UserError(f"{cfg_json.parent}: not a GPT-J model, missing tensor 'lm_head.bias'")
     # GPTJForCausalLM ties lm_head.weight (not its bias) to wte when tie_word_embeddings says so, and
-    # save_pretrained then leaves lm_head.weight out: that file is the tied model. A file with an lm_head.weight
-    # of its own keeps it (transformers ties two tensors only when they are equal); one without it and untied
-    # would have a random head in transformers, and is refused as a missing tensor.
-    head = sd.get("lm_head.weight")
-    tied = config_flag(d, "tie_word_embeddings", False, cfg_json) and (head is None
-                                                                       or torch.equal(head, sd["wte.weight"]))
+    # save_pretrained then leaves lm_head.weight out: that file is the tied model. A file with an lm_head.weight of
+    # its own keeps it (transformers 5 ties only what the file leaves out). The rule of every reader: tied_head (an
+    # untied config beside no head refused by name: transformers would start a random head)
+    tied = tied_head(d, sd.get("lm_head.weight"), sd["wte.weight"], "lm_head.weight", cfg_json)
     return config_json_gptconfig(
         cfg_json, {"context_length": "n_positions", "norm_eps": "layer_norm_epsilon"}, vocab_size=vocab, n_embd=n_embd,
         n_layer=n_layer, n_head=n_head, context_length=d.get("n_positions", 2048), position_encoding="rope",
