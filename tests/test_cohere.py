@@ -119,6 +119,25 @@ def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, 
         load_checkpoint(path)
 
 
+def test_the_rope_object_is_read_once(hf_copy, tmp_path, monkeypatch):
+    """read_rope_parameters once a config: the Cohere reader's check for a RoPE base and _rope_theta read the same
+    (object, key) pair; the check read it again."""
+    from tritongpt.train import cohere_weights, llama_weights
+
+    path = hf_copy(hf_cohere, tmp_path, "cohere")
+    assert "rope_theta" not in json.loads((tmp_path / "config.json").read_text())  # (the base in rope_parameters)
+    calls, read = [], llama_weights.read_rope_parameters
+
+    def spy(d, cfg_json):
+        calls.append(cfg_json)
+        return read(d, cfg_json)
+
+    for module in (cohere_weights, llama_weights):
+        monkeypatch.setattr(module, "read_rope_parameters", spy)
+    load_checkpoint(path)
+    assert len(calls) == 1
+
+
 def test_heads_narrower_than_the_width_are_refused(tmp_path):
     """Cohere's heads are hidden_size / num_attention_heads wide (transformers' CohereAttention): a folder whose
     q/k/v/o weights have heads of 8 over a width of 64 with 4 heads is refused by name, not loaded as another

@@ -140,6 +140,24 @@ def test_sharded_folders_and_older_rope_names_load(tmp_path):
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "shards, the older config")
 
 
+def test_the_rope_object_is_read_once(hf_copy, tmp_path, monkeypatch):
+    """read_rope_parameters once a config: Phi-3's base and scaling (_rope) and its rotary share (_rotary_dim)
+    are read from the same (object, key) pair; each read it again."""
+    from tritongpt.train import llama_weights, phi3_weights
+
+    path = hf_copy(hf_phi3, tmp_path)
+    calls, read = [], llama_weights.read_rope_parameters
+
+    def spy(d, cfg_json):
+        calls.append(cfg_json)
+        return read(d, cfg_json)
+
+    for module in (phi3_weights, llama_weights):
+        monkeypatch.setattr(module, "read_rope_parameters", spy)
+    load_checkpoint(path)
+    assert len(calls) == 1
+
+
 def test_a_rope_scaling_object_stands_in_for_rope_parameters_as_in_transformers(hf_copy, tmp_path):
     """Phi3Config (transformers 5) reads `rope_scaling or rope_parameters`, 4.x no rope_parameters at all: beside
     the Hub's shape (a flat rope_theta and a LongRoPE rope_scaling), a stale rope_parameters (base 5000) is read by

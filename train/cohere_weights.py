@@ -107,10 +107,11 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         raise UserError(f"{cfg_json} has logit_scale {scale!r}; it must be a number > 0")
     # CohereConfig's base when none is said is 10000 in transformers 4.x and 500000 in 5 (Cohere2Config's 10000 in
     # both): such a file is two models, refused (the Hub's Command R configs all say rope_theta)
-    if kind == "cohere" and "rope_theta" not in d and "rope_theta" not in read_rope_parameters(d, cfg_json)[0]:
+    rope = read_rope_parameters(d, cfg_json)  # (read once: this check's and _rope_theta's)
+    if kind == "cohere" and "rope_theta" not in d and "rope_theta" not in rope[0]:
         raise UserError(f"{cfg_json} says no RoPE base (rope_theta): CohereConfig reads 10000 in transformers 4.x "
                         "and 500000 in 5; say which")
-    theta, scaling = _rope_theta(d, cfg_json)
+    theta, scaling = _rope_theta(d, cfg_json, rope=rope)
     return config_json_gptconfig(
         cfg_json, {**LLAMA_KEYS, "norm_eps": "layer_norm_eps"}, **shape_fields(shapes, sd, d, cfg_json),
         context_length=d.get("max_position_embeddings", 8192), bias=False, position_encoding="rope", rope_theta=theta,

@@ -121,7 +121,8 @@ def _rope_theta(d: dict, cfg_json, theta_default: float = 10000.0, rope=None) ->
     theta_default; a flat rope_theta that disagrees with the object's refused (rope_field). Linear, Llama 3's and
     YaRN's scalings stretch the frequencies (layers.scaled_inv_freq; YaRN scales the scores too); the others
     (dynamic, longrope...) are other functions of the positions, refused by name. rope: (the RoPE object, what
-    to call it) where the family's config reads another than read_rope_parameters' (Gemma 3's)."""
+    to call it) where the family's config reads another than read_rope_parameters' (Gemma 3's), or where the
+    reader has read that one already (Cohere's)."""
     p, where = rope or read_rope_parameters(d, cfg_json)
     scaling = None
     kind = p.get("rope_type", p.get("type", "default"))

@@ -69,21 +69,21 @@ def _unfused(sd: dict, d: dict, cfg_json: Path) -> dict:
     return out
 
 
-def _rotary_dim(d: dict, head_dim: int, cfg_json) -> int:
+def _rotary_dim(d: dict, rope: tuple, head_dim: int, cfg_json) -> int:
     """GPTConfig.rotary_dim of partial_rotary_factor (in `rope_scaling or rope_parameters`, or top level, as
-    transformers 5 reads it: rope_field): 0 for the whole head."""
-    p, where = read_rope_parameters(d, cfg_json)
+    transformers 5 reads it: rope_field; rope: read_rope_parameters' (object, key)): 0 for the whole head."""
+    p, where = rope
     factor = rope_field(d, p, where, "partial_rotary_factor", ("partial_rotary_factor",), 1.0, cfg_json, "Phi-3")
     return partial_rotary_dim(factor, head_dim, f"{cfg_json} has")
 
 
-def _rope(d: dict, cfg_json) -> tuple:
+def _rope(d: dict, rope: tuple, cfg_json) -> tuple:
     """(RoPE's base, GPTConfig.rope_scaling): none, or LongRoPE's factor lists with
     original_max_position_embeddings (top level in Phi-3's configs) and the optional factor and
-    attention_factor."""
+    attention_factor. rope: read_rope_parameters' (object, key)."""
     # as transformers 5's Phi3Config: `rope_scaling or rope_parameters` (the Hub's Phi-3.5 and Phi-4-mini say
     # rope_scaling and a flat rope_theta), the base from it, else the flat one (refused where they disagree)
-    p, where = read_rope_parameters(d, cfg_json)
+    p, where = rope
     theta = checked_rope_base(rope_field(d, p, where, "rope_theta", ("rope_theta",), 10000.0, cfg_json, "Phi-3"),
                               f"{cfg_json} has rope_theta")
     kind = p.get("rope_type", p.get("type", "default"))
@@ -120,8 +120,9 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     # it hides nothing within the context: no window (a context that is no integer is GPTConfig's to name below)
     if window is not None and is_int(context) and window >= context:
         window = None
-    theta, scaling = _rope(d, cfg_json)
-    rotary = _rotary_dim(d, head_dim, cfg_json)
+    rope = read_rope_parameters(d, cfg_json)  # (read once: the base, the scaling and the rotary share)
+    theta, scaling = _rope(d, rope, cfg_json)
+    rotary = _rotary_dim(d, rope, head_dim, cfg_json)
     return config_json_gptconfig(
         cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd, d, cfg_json), context_length=context, bias=False,
         attention_window=window or 0, position_encoding="rope", rope_theta=theta, rope_scaling=scaling,
