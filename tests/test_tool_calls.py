@@ -402,6 +402,159 @@ def test_one_dropped_item_among_many_is_named_as_before(folder, monkeypatch):
         assert chat_template.tool_prompt(tok, messages, tools) == chat_template.render(tok, messages, True, tools)
 
 
+# Qwen3-Coder's chat template (Qwen/Qwen3-Coder-30B-A3B-Instruct's tokenizer_config.json), as published: each
+# argument of a call written apart, <parameter=KEY>\nVALUE\n</parameter>\n, not as JSON
+QWEN3_CODER = r"""{% macro render_extra_keys(json_dict, handled_keys) %}
+    {%- if json_dict is mapping %}
+        {%- for json_key in json_dict if json_key not in handled_keys %}
+            {%- if json_dict[json_key] is mapping or (json_dict[json_key] is sequence and json_dict[json_key] is not string) %}
+                {{- '\n<' ~ json_key ~ '>' ~ (json_dict[json_key] | tojson | safe) ~ '</' ~ json_key ~ '>' }}
+            {%- else %}
+                {{-'\n<' ~ json_key ~ '>' ~ (json_dict[json_key] | string) ~ '</' ~ json_key ~ '>' }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{% endmacro %}
+
+{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{%- if not tools is defined %}
+    {%- set tools = [] %}
+{%- endif %}
+
+{%- if system_message is defined %}
+    {{- "<|im_start|>system\n" + system_message }}
+{%- else %}
+    {%- if tools is iterable and tools | length > 0 %}
+        {{- "<|im_start|>system\nYou are Qwen, a helpful AI assistant that can interact with a computer to solve tasks." }}
+    {%- endif %}
+{%- endif %}
+{%- if tools is iterable and tools | length > 0 %}
+    {{- "\n\n# Tools\n\nYou have access to the following functions:\n\n" }}
+    {{- "<tools>" }}
+    {%- for tool in tools %}
+        {%- if tool.function is defined %}
+            {%- set tool = tool.function %}
+        {%- endif %}
+        {{- "\n<function>\n<name>" ~ tool.name ~ "</name>" }}
+        {%- if tool.description is defined %}
+            {{- '\n<description>' ~ (tool.description | trim) ~ '</description>' }}
+        {%- endif %}
+        {{- '\n<parameters>' }}
+        {%- if tool.parameters is defined and tool.parameters is mapping and tool.parameters.properties is defined and tool.parameters.properties is mapping %}
+            {%- for param_name, param_fields in tool.parameters.properties|items %}
+                {{- '\n<parameter>' }}
+                {{- '\n<name>' ~ param_name ~ '</name>' }}
+                {%- if param_fields.type is defined %}
+                    {{- '\n<type>' ~ (param_fields.type | string) ~ '</type>' }}
+                {%- endif %}
+                {%- if param_fields.description is defined %}
+                    {{- '\n<description>' ~ (param_fields.description | trim) ~ '</description>' }}
+                {%- endif %}
+                {%- set handled_keys = ['name', 'type', 'description'] %}
+                {{- render_extra_keys(param_fields, handled_keys) }}
+                {{- '\n</parameter>' }}
+            {%- endfor %}
+        {%- endif %}
+        {% set handled_keys = ['type', 'properties'] %}
+        {{- render_extra_keys(tool.parameters, handled_keys) }}
+        {{- '\n</parameters>' }}
+        {%- set handled_keys = ['type', 'name', 'description', 'parameters'] %}
+        {{- render_extra_keys(tool, handled_keys) }}
+        {{- '\n</function>' }}
+    {%- endfor %}
+    {{- "\n</tools>" }}
+    {{- '\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n- Required parameters MUST be specified\n- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n</IMPORTANT>' }}
+{%- endif %}
+{%- if system_message is defined %}
+    {{- '<|im_end|>\n' }}
+{%- else %}
+    {%- if tools is iterable and tools | length > 0 %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if message.role == "assistant" and message.tool_calls is defined and message.tool_calls is iterable and message.tool_calls | length > 0 %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content is defined and message.content is string and message.content | trim | length > 0 %}
+            {{- '\n' + message.content | trim + '\n' }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n<function=' + tool_call.name + '>\n' }}
+            {%- if tool_call.arguments is defined %}
+                {%- for args_name, args_value in tool_call.arguments|items %}
+                    {{- '<parameter=' + args_name + '>\n' }}
+                    {%- set args_value = args_value | tojson | safe if args_value is mapping or (args_value is sequence and args_value is not string) else args_value | string %}
+                    {{- args_value }}
+                    {{- '\n</parameter>\n' }}
+                {%- endfor %}
+            {%- endif %}
+            {{- '</function>\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "user" or message.role == "system" or message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.previtem and loop.previtem.role != "tool" %}
+            {{- '<|im_start|>user\n' }}
+        {%- endif %}
+        {{- '<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>\n' }}
+        {%- if not loop.last and loop.nextitem.role != "tool" %}
+            {{- '<|im_end|>\n' }}
+        {%- elif loop.last %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+
+def test_a_template_that_writes_each_argument_apart_takes_as_few_renderings(folder, monkeypatch):
+    """Qwen3-Coder's template writes a call's arguments a pair at a time in words of its own, not as JSON: the
+    arguments' markers are found with those words around them (taken out, the rendering is the prompt), so a chat of
+    100 messages with 30 calls and results takes 4 renderings, not one more a call; one that drops a call, a call's
+    arguments or a result among them is still refused naming that message."""
+    from tritongpt.train import chat_template
+    from tritongpt.train.serve import check_tools
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok, tools = get_tokenizer(folder[0]), check_tools(TOOLS)
+    messages = agent_chat(30, 100, name=lambda k: "add" if k == 17 else "w")  # (call 17 at 35, its result at 36)
+    renders, render = [], chat_template.render
+    monkeypatch.setattr(chat_template, "render", lambda *a, **k: renders.append(1) or render(*a, **k))
+    monkeypatch.setattr(tok, "chat_template", QWEN3_CODER)
+    text = chat_template.tool_prompt(tok, messages, tools)
+    assert len(renders) <= 4 and text == render(tok, messages, True, tools)
+    assert "<function=add>\n<parameter=city>\nOslo\n</parameter>\n<parameter=hot>\nFalse\n</parameter>" in text
+    drops_call = QWEN3_CODER.replace("{%- for tool_call in message.tool_calls %}",
+                                     "{%- for tool_call in message.tool_calls if tool_call.function.name != 'add' %}")
+    drops_arguments = QWEN3_CODER.replace("{%- if tool_call.arguments is defined %}",
+                                          "{%- if tool_call.arguments is defined and tool_call.name != 'add' %}")
+    drops_result = QWEN3_CODER.replace("{{- message.content }}", "{{- message.content if loop.index0 != 24 }}")
+    # (a call dropped by its name: its name changed alone is shown, its arguments changed alone are not)
+    for template, at, what in ((drops_call, 35, "assistant's tool call's arguments"),
+                               (drops_arguments, 35, "assistant's tool call's arguments"),
+                               (drops_result, 24, "tool result")):
+        monkeypatch.setattr(tok, "chat_template", template)
+        with pytest.raises(UserError, match=rf"^messages\[{at}\]: the model's chat template drops this {what} "):
+            chat_template.tool_prompt(tok, messages, tools)
+
+
 def test_a_template_that_tests_what_it_shows_is_refused_as_before(folder, monkeypatch):
     """All marked at once, the results and arguments are not what the template tests in the prompt: one that shows a
     result only if it is long, or the results only where none is "ok", or a result only after a call with arguments,

@@ -845,13 +845,15 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
 def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
     """The probes (tool_prompt's) whose marked change is found in a rendering of the chat with them all changed (two
     renderings: the results' and arguments', then the calls' names): a tool result's content with a marker after it,
-    a call's name with one, its arguments with a key and value of one. A marker found proves its item reaches the
-    prompt only where that rendering, the markers taken out, is the prompt itself: a template that tests what it is
-    given (shows the results only where none is "ok", a result only after a call with arguments, or only if it is
-    long, or only its digits) shows marked items it drops as they are, and each change alone (the probes one at a
-    time) would leave the prompt as it is. A rendering the template refuses, or that is more than the prompt and
-    its markers, is retried a kind at a time, so that one kind leaves the other proven; what is still not proven,
-    and what is not text or an object (no place for a marker), is left to the probes one at a time."""
+    a call's name with one, its arguments with a key and value of one (taken out as JSON writes the pair, or with
+    the template's own words around it where it writes each argument apart: _pairs_taken_out). A marker found proves
+    its item reaches the prompt only where that rendering, the markers taken out, is the prompt itself: a template
+    that tests what it is given (shows the results only where none is "ok", a result only after a call with
+    arguments, or only if it is long, or only its digits) shows marked items it drops as they are, and each change
+    alone (the probes one at a time) would leave the prompt as it is. A rendering the template refuses, or that is
+    more than the prompt and its markers, is retried a kind at a time, so that one kind leaves the other proven;
+    what is still not proven, and what is not text or an object (no place for a marker), is left to the probes one
+    at a time."""
     width = len(str(len(probes)))
     while True:  # (a marker's digits, fixed in length so that none is the start of another, in no text already)
         token = str(secrets.randbelow(10 ** 16)).zfill(16)
@@ -900,7 +902,12 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
                 seen.add(n)
                 return m["space"] if kinds[n] == "name" else ""
             return m[0]
-        return seen if added.sub(taken_out, rendered) == text else None
+        left = added.sub(taken_out, rendered)
+        if left == text:
+            return seen
+        # (what is left may be the arguments' pairs, written in words of the template's own: <parameter=k>...)
+        pairs = _pairs_taken_out(left, text, token, width, {n for n in group if kinds[n] == "arguments"} - seen)
+        return None if pairs is None else seen | pairs
 
     read = set()
     # names apart: a template may look a call's name up in the tools, and show or refuse other items by what it finds
@@ -912,6 +919,53 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
             got = set().union(*(proven(g) or set() for g in apart if g))
         read |= got or set()
     return read
+
+
+def _agree(a: str, b: str, ends: bool = False) -> int:
+    """How many characters a and b share at their start (ends: at their end): found by halving, each test a
+    comparison in C, not a character at a time in Python (a prompt may be megabytes long)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if (a.endswith(b[len(b) - mid:]) if ends else a.startswith(b[:mid])):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _pairs_taken_out(left: str, text: str, token: str, width: int, arguments: set) -> set | None:
+    """The arguments' probes (_marked_probes') proven where a template writes each argument as a pair in words of
+    its own, not as JSON: Qwen3-Coder's <parameter=KEY>\\nVALUE\\n</parameter>\\n, a marked key and value with the
+    template's text before, between and after them. left: the marked rendering with every other marker taken out.
+    The text between a key and its value is read from left; the text around each pair is found by its length (left
+    is longer than the prompt by the pairs and as many characters around each: a template writes each pair alike)
+    and by where it splits, before the pair and after it: the split that leaves the prompt itself, where there is
+    one, takes the pairs out, and proves those probes as their JSON pairs prove theirs. Else None."""
+    key = re.escape(token) + r"\d{%d}" % width
+    # a key, then no other marker's digits until its own again: its value
+    pairs = list(re.finditer(rf"(?P<key>{key})(?:(?!{re.escape(token)}).)*?(?P=key)", left, re.S))
+    found = {int(m["key"][len(token):]) for m in pairs}
+    if not pairs or len(found) < len(pairs) or not found <= arguments:
+        return None
+    extra = len(left) - len(text) - sum(m.end() - m.start() for m in pairs)
+    if extra < 0 or extra % len(pairs):
+        return None
+    around = extra // len(pairs)  # (the template's text around each pair: `before` characters of it before)
+    # the first pair's text before it is where left and the prompt still agree, the last one's after it where they
+    # agree again: only the splits between those bounds can leave the prompt (usually one, or a few where the text
+    # before a pair repeats the one after it)
+    least = max(0, pairs[0].start() - _agree(left, text))
+    most = min(around, pairs[-1].end() + around - len(left) + _agree(left, text, ends=True))
+    for before in range(least, most + 1):
+        cuts = [(m.start() - before, m.end() + around - before) for m in pairs]
+        if cuts[0][0] < 0 or cuts[-1][1] > len(left) or any(end > start for (_, end), (start, _) in
+                                                             zip(cuts, cuts[1:])):
+            continue  # (past left's ends, or pairs' texts overlapping: no such split)
+        kept = [left[end:start] for (_, end), (start, _) in zip([(0, 0)] + cuts, cuts + [(len(left), 0)])]
+        if "".join(kept) == text:
+            return found
+    return None
 
 
 def template_parts(tokenizer, messages, learn_all: bool = True) -> list:
