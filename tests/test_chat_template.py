@@ -927,3 +927,17 @@ def test_chat_template_kwargs_may_set_bos_and_eos_as_vllm_passes_them(tmp_path):
     for key in ("messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now"):
         with pytest.raises(serve.APIError, match=f"'chat_template_kwargs' may not set '{key}'"):
             serve.template_kwargs({"chat_template_kwargs": {key: 1, **kwargs}})
+
+
+def test_a_folder_hftokenizer_reads_is_not_said_to_leave_its_template_unused(tmp_path, capsys):
+    """A folder naming no EOS gets past BPETokenizer's EOS check to its template before the encoder refuses it (a
+    word-level tokenizer.json); HFTokenizer then reads it and renders its template, so the GPT-2 note that the
+    template is not used would be untrue: only the note that the tokenizers library reads it is said."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    folder = tiny_folder(tmp_path / "f", {"tokenizer_class": "PreTrainedTokenizerFast"})
+    capsys.readouterr()
+    tok = get_tokenizer(folder)
+    err = capsys.readouterr().err
+    assert isinstance(tok, HFTokenizer) and tok.chat_template == DEFINED
+    assert "is read by Hugging Face's tokenizers library" in err and "is not used" not in err, err

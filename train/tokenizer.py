@@ -503,6 +503,7 @@ class BPETokenizer(TokenizerChecks):
         normalizer, an added token that strips spaces or is not special."""
         folder = Path(folder)
         named, added = [EOT], {}  # added: spelling -> id, beyond vocab.json
+        foreign = None  # (template, file) of a chat template to note as unused, once this encoder reads the folder
         for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
             path = folder / name
             if not path.is_file():
@@ -538,7 +539,7 @@ class BPETokenizer(TokenizerChecks):
                     template = template_from_config(d, str(path), path.parent)
                 except UserError as e:
                     raise TokenizerConfigError(str(e)) from None
-                _note_foreign_template(template, jinja if jinja.is_file() else path)
+                foreign = (template, jinja if jinja.is_file() else path)
             decoder = d.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 # JSON keys: the ids as decimal strings (isdecimal: "²" is a digit, and no int())
@@ -559,8 +560,13 @@ class BPETokenizer(TokenizerChecks):
             where = (str(folder / "vocab.json"), str(folder / "merges.txt"))
         encoder = {**encoder, **added} if isinstance(encoder, dict) else encoder  # (a non-object is named below)
         specials = [t.get("content") if isinstance(t, dict) else t for t in named + list(added)]
-        return cls._from_encoder_and_merges(encoder, merges, [t for t in specials if isinstance(t, str)],
-                                            *where, folder.name)
+        tok = cls._from_encoder_and_merges(encoder, merges, [t for t in specials if isinstance(t, str)],
+                                           *where, folder.name)
+        # said only now: a folder this encoder refuses (other ids, another EOS) is read by HFTokenizer, which does
+        # render its template, so the note would be untrue there
+        if foreign is not None:
+            _note_foreign_template(*foreign)
+        return tok
 
     @classmethod
     def from_tiktoken(cls, enc, name: str = None) -> "BPETokenizer":
