@@ -941,3 +941,25 @@ def test_a_folder_hftokenizer_reads_is_not_said_to_leave_its_template_unused(tmp
     err = capsys.readouterr().err
     assert isinstance(tok, HFTokenizer) and tok.chat_template == DEFINED
     assert "is read by Hugging Face's tokenizers library" in err and "is not used" not in err, err
+
+
+def test_an_empty_special_token_is_empty_not_undefined_as_transformers_gives_it(tmp_path):
+    """A special token set to "" (pad_token "", a special_tokens_map.json's eos_token "", a class default's unk
+    overridden by "") is "" in transformers' special_tokens_map, so the template sees it defined and empty, not
+    undefined, from the folder and from a run's tokenizer file. The config's own bos_token or eos_token "" is still
+    refused (a tokenizer without one to transformers, config.json's id here)."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    base = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    cases = {  # folder: (tokenizer_config.json, more files, transformers' rendering)
+        "pad": (dict(base, pad_token=""), None, "False|False|B?|E?||U?||M?|hi"),
+        "qwen2_unk": ({"tokenizer_class": "Qwen2Tokenizer", "unk_token": ""}, None,
+                      "False|True|B?|<|endoftext|>|<|endoftext|>||<|endoftext|>|M?|hi"),
+        "map": (base, {"special_tokens_map.json": {"eos_token": "", "pad_token": ""}}, "False|True|B?|||U?||M?|hi"),
+        "llama_map": ({"tokenizer_class": "LlamaTokenizer"}, {"special_tokens_map.json": {"bos_token": ""}},
+                      "True|True||</s>|</s>|<unk>|P?|M?|hi"),
+    }
+    for name, (config, files, want) in cases.items():
+        assert rendered_alike(tiny_folder(tmp_path / name, config, files), tmp_path) == want, name
+    with pytest.raises(UserError, match=r"tokenizer_config.json: eos_token is an empty string"):
+        HFTokenizer.from_hf_folder(tiny_folder(tmp_path / "eos", dict(base, eos_token="")))

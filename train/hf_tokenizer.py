@@ -152,6 +152,13 @@ def special_config(cfg: dict, folder: Path) -> dict:
     return {**defaults, **cfg}
 
 
+def spelling(value, where, key: str):
+    """A special token's text as transformers gives a chat template: token_name's, but "" kept (transformers sets the
+    token to "", defined, where token_name reads no token); None where it names none."""
+    name = token_name(value, where, key)
+    return "" if value is not None and name is None else name
+
+
 def template_tokens(cfg: dict, where) -> dict:
     """{name: spelling} of tokenizer_config.json's special tokens besides bos_token and eos_token, as transformers >= 5
     reads them into special_tokens_map (which apply_chat_template passes to the template, a template may write
@@ -159,7 +166,7 @@ def template_tokens(cfg: dict, where) -> dict:
     "_token" whose value is a token's text (not add_bos_token's true), and model_specific_special_tokens."""
     tokens = {}
     for key in NAMED_TOKENS:
-        name = token_name(cfg.get(key), where, key)
+        name = spelling(cfg.get(key), where, key)
         if name is not None:
             tokens[key] = name
 
@@ -281,7 +288,8 @@ class HFTokenizer(TokenizerChecks):
         # only config.json names one (it sets the EOS generation stops on, not the template's), a class's default
         # where the config names none
         for key in ("bos_token", "eos_token"):
-            name = token_name(special.get(key), cfg_path, key)
+            # ("" only from special_tokens_map.json: the config's is refused above)
+            name = spelling(special.get(key), cfg_path, key)
             if name != getattr(tok, key):
                 tok.template_ends[key] = name
         tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
