@@ -963,3 +963,32 @@ def test_an_empty_special_token_is_empty_not_undefined_as_transformers_gives_it(
         assert rendered_alike(tiny_folder(tmp_path / name, config, files), tmp_path) == want, name
     with pytest.raises(UserError, match=r"tokenizer_config.json: eos_token is an empty string"):
         HFTokenizer.from_hf_folder(tiny_folder(tmp_path / "eos", dict(base, eos_token="")))
+
+
+def test_an_exported_folder_renders_the_template_as_its_source_did(tmp_path):
+    """export's tokenizer_config.json names the BOS and EOS the template saw (template_ends), not the tokenizer's:
+    a Qwen2.5-shaped folder (bos_token null, config.json's bos_token_id), one naming its tokens by config.json's ids
+    only and a Llama class's default BOS render in transformers from the export as from the source. Read back with
+    the config.json export writes (its eos_token_id), the tokenizer is the run's: same EOS, same hash."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    ids = {"config.json": {"bos_token_id": 3, "eos_token_id": 4}}
+    cases = {  # folder: (tokenizer_config.json, more files, transformers' rendering of the source and export)
+        "qwen25": ({"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>"}, ids,
+                   "False|True|B?|<|im_end|>|<|im_end|>|<|endoftext|>|<|endoftext|>|M?|hi"),
+        "ids": ({"tokenizer_class": "PreTrainedTokenizerFast"}, ids, "False|False|B?|E?||U?|P?|M?|hi"),
+        "llama": ({"tokenizer_class": "LlamaTokenizer", "eos_token": "<|im_end|>"}, None,
+                  "True|True|<s>|<|im_end|>|<s><|im_end|>|<unk>|P?|M?|hi"),
+    }
+    chat = [{"role": "user", "content": "hi"}]
+    for name, (config, files, want) in cases.items():
+        assert rendered_alike(tiny_folder(tmp_path / name, config, files), tmp_path) == want, name
+        ours, out = HFTokenizer.from_hf_folder(tmp_path / name), tmp_path / f"{name}-export"
+        out.mkdir()
+        for file, text in ours.hf_files(chat_template=ours.chat_template).items():
+            (out / file).write_text(text)
+        (out / "config.json").write_text(json.dumps({"eos_token_id": ours.eot_id}))  # (as export writes it)
+        theirs = transformers.AutoTokenizer.from_pretrained(out)
+        assert theirs.apply_chat_template(chat, tokenize=False) == want, name
+        back = HFTokenizer.from_hf_folder(out)
+        assert (back.eos_token, back.hash) == (ours.eos_token, ours.hash), name

@@ -467,6 +467,11 @@ class HFTokenizer(TokenizerChecks):
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                   "bos_token": self.bos_token, "model_max_length": model_max_length or 1_000_000_000_000,
                   "clean_up_tokenization_spaces": False}
+        # the BOS and EOS the chat template sees where they are not the tokenizer's (template_ends: none where only
+        # config.json named one, a class's default, special_tokens_map.json's), so transformers renders the exported
+        # folder's template as the source's; the EOS generation stops on is config.json's eos_token_id, which export
+        # writes (and from_hf_folder reads back where the file names none)
+        config.update(self.template_ends)
         # (transformers >= 5 reads them back, and gives a chat template them, as render does: a model's own by name)
         config.update({k: v for k, v in self.template_tokens.items() if k in NAMED_TOKENS})
         own = {k: v for k, v in self.template_tokens.items() if k not in NAMED_TOKENS}
