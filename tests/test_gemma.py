@@ -206,6 +206,34 @@ def test_a_multimodal_gemma3_loads_as_its_language_model(tmp_path, capsys):
         load_checkpoint(path)
 
 
+def test_a_multimodal_gemma3s_head_is_tied_by_the_top_level_field(hf_copy, tmp_path):
+    """Gemma3ForConditionalGeneration ties its head by the top level's tie_word_embeddings (Gemma3Config's: default
+    true, a null false), never text_config's, which _text_config read: text_config false beside no head is the
+    tied model in transformers 5 (it was refused as a random head), a top-level false or null beside no head a
+    random head (it was read tied), refused by name. text_config's null is still refused: Gemma3TextConfig's."""
+    path = hf_copy(hf_gemma3_multimodal, tmp_path)
+    cfg_json = tmp_path / "config.json"
+    d = json.loads(cfg_json.read_text())
+
+    def say(top, text):
+        d["tie_word_embeddings"], d["text_config"]["tie_word_embeddings"] = top, text
+        cfg_json.write_text(json.dumps(d))
+
+    say(True, False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)  # (the premise: transformers ties it)
+    assert torch.equal(hf.lm_head.weight, hf.get_input_embeddings().weight)
+    assert load_checkpoint(path).config.tie_weights
+    for top in (False, None):
+        say(top, True)
+        with pytest.raises(UserError, match="config.json says tie_word_embeddings false, but the weights beside it "
+                                            "have no lm_head.weight: transformers would start a random LM head"):
+            load_checkpoint(path)
+    say(True, None)
+    with pytest.raises(UserError, match="config.json's text_config has tie_word_embeddings null; it must be true or "
+                                        "false"):
+        load_checkpoint(path)
+
+
 def test_attention_cap_and_scale_fields_are_checked_and_exports_that_cannot_say_them_refuse(tmp_path):
     from tritongpt.train.gemma_weights import export_gemma
     from tritongpt.train.llama_weights import export_llama

@@ -133,7 +133,14 @@ def _text_config(d: dict, cfg_json: Path) -> dict:
         raise UserError(f"{cfg_json} is a multimodal Gemma 3 without a Gemma 3 text_config (got "
                         f"{type(text).__name__ if not isinstance(text, dict) else text.get('model_type')!r}); "
                         "its language model's fields are read from there")
-    return {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text"}
+    out = {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text"}
+    # the head is tied as the top level's tie_word_embeddings says (Gemma3Config's: default true, a null false):
+    # Gemma3ForConditionalGeneration ties by its own config, never text_config's, so text_config's "false" beside
+    # no head is the tied model there, and a top-level false the random head tied_head refuses. text_config's is
+    # still Gemma3TextConfig's strict bool (a null or a string refused when transformers builds it)
+    config_flag(out, "tie_word_embeddings", True, f"{cfg_json}'s text_config")
+    out["tie_word_embeddings"] = config_flag(d, "tie_word_embeddings", True, cfg_json)
+    return out
 
 
 def _language_model_tensors(path: Path) -> dict:

@@ -228,6 +228,9 @@ NULL_AS_FALSE = {
     "cohere": frozenset({"use_qk_norm"}), "cohere2": frozenset({"use_qk_norm"}),
     # (transformers 5 writes use_bidirectional_attention null in every Gemma and Gemma 2 config.json it saves)
     **dict.fromkeys(("gemma", "gemma2", "gemma3_text"), frozenset({"use_bidirectional_attention"})),
+    # (a multimodal Gemma 3's top-level tie_word_embeddings: Gemma3Config types it bool | None, its model tests it
+    # by truth)
+    "gemma3": frozenset({"tie_word_embeddings"}),
     "granite": frozenset({"output_router_logits"}), "granitemoe": frozenset({"output_router_logits", "mlp_bias"}),
     "llama": frozenset({"use_sliding_window"}),
     "mistral": frozenset({"attention_bias", "mlp_bias", "use_sliding_window"}),
