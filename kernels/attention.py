@@ -98,7 +98,8 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             keys convert exactly to q's dtype (|k| <= 127), each raw score q . k_int is multiplied by its key's
             scale in fp32, then scaled, capped and biased as above (FOLD_SCALE folds the softmax scale as before);
             each V tile is read back as v_int * v_scale in q's dtype, as the reference's dequantize_kv, before
-            P V. Inference only (no dropout, no backward).
+            P V. Inference only (no dropout, no backward). A NaN or inf k scale (quantize_kv gives a vector
+            holding inf or NaN a NaN scale) makes that key's scores NaN, as the reference's dequantized key does.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
@@ -309,6 +310,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, stride_kn, st
                 k_sc = tl.load(ks_base + page * stride_sp + slot, mask=offs_n < Tk, other=0.0)
             else:
                 k_sc = tl.load(ks_base + offs_n, mask=offs_n < Tk, other=0.0)
+            # an inf scale reads as NaN, as the reference's k_int * inf (inf, or NaN at a 0) makes the key's scores
+            # NaN: (q . k_int) * inf would be a clean -inf for a row whose dot is negative, the key silently dropped
+            k_sc = tl.where(tl.abs(k_sc) < float("inf"), k_sc, float("nan"))
             if FOLD_SCALE:
                 s = dot(q, tl.trans(k), None, PRECISION) * k_sc[None, :]
             else:

@@ -127,6 +127,26 @@ def test_int8_over_a_whole_cache_with_kv_len(Tq, L, splits, forced_splits, devic
     assert_close_rel(got, ref, 1e-5, f"kv_len Tq={Tq} L={L}")
 
 
+@pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
+@pytest.mark.parametrize("Tq", [1, 4, 20])
+def test_an_inf_k_scale_makes_the_rows_that_see_its_key_nan_as_the_reference(Tq, splits, forced_splits, device):
+    """A key's scale inf (or -inf; quantize_kv itself gives NaN) dequantizes to inf, or NaN at a 0, so the reference's
+    scores of that key are NaN in every row that sees it. The kernel multiplied q . k_int by the scale instead: a row
+    whose dot was negative got a clean -inf score and silently dropped the key (a finite, wrong answer)."""
+    forced_splits(splits)
+    q, k, v = make_qkv(1, 2, Tq, 20, 16, torch.float32, device, seed=1)
+    kq, vq, ks, vs = quantized(k, v)
+    ks[0, 0, 3], ks[0, 1, 3] = float("inf"), float("-inf")
+    with torch.no_grad():
+        got = flash_attention(q, kq, vq, k_scale=ks, v_scale=vs)
+    ref = reference(q.double(), dequantize_kv(kq, ks, torch.float64), dequantize_kv(vq, vs, torch.float64))
+    sees = torch.arange(20 - Tq, 20) >= 3  # causal: the rows at or past position 3
+    assert torch.equal(got.isnan().any(-1).cpu(), ref.isnan().any(-1).cpu())
+    assert got.isnan().all(-1)[:, :, sees].all() and not got[:, :, ~sees].isnan().any()
+    if (~sees).any():
+        assert_close_rel(got[:, :, ~sees], ref[:, :, ~sees], 1e-5, "the rows before the key")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_q_reads_the_int8_values_in_its_dtype(dtype, forced_splits, device):
     """q in bf16/fp16: the int8 keys convert exactly, the values are read back in q's dtype; within the 16-bit
