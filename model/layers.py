@@ -338,15 +338,19 @@ class MoEFeedForward(nn.Module):
             y = moe_mlp(x, experts, self.w_gate, self.w_up, self.w_down, self.activation, check_experts=False)
             out = (y * weights[..., None].to(y.dtype)).sum(1)
             return self.drop(out.view(shape))
-        out = torch.zeros_like(x)
+        # under autocast x is fp32 and each expert's output bf16 (its matmuls'): the sum is kept in x's dtype and
+        # the result is the experts' dtype, as the Triton path's weighted sum of its bf16 y
+        out, dtype = torch.zeros_like(x), x.dtype
         for e in range(self.n_experts):
             token, slot = torch.where(experts == e)
             if token.numel() == 0:  # skip an idle expert (its gradient slice stays zero)
                 continue
             xe = x[token]
             ye = (GATES[self.activation](xe @ self.w_gate[e].t()) * (xe @ self.w_up[e].t())) @ self.w_down[e].t()
-            out.index_add_(0, token, ye * weights[token, slot, None].to(ye.dtype))  # in place: no [N, C] per expert
-        return self.drop(out.view(shape))
+            dtype = ye.dtype
+            # in place: no [N, C] per expert
+            out.index_add_(0, token, (ye * weights[token, slot, None].to(ye.dtype)).to(out.dtype))
+        return self.drop(out.to(dtype).view(shape))
 
 
 def load_balancing_loss(router_logits, top_k: int):

@@ -190,6 +190,37 @@ def test_a_half_module_routes_on_fp32_probabilities():
     assert torch.equal(weights, want / want.sum(-1, keepdim=True))
 
 
+def test_under_bf16_autocast_both_paths_give_the_experts_bf16_output_and_fp32_gradients():
+    """fp32 weights under bf16 autocast (pretrain --dtype bf16 on the reference path, the CPU's): each expert's
+    output is bf16, as the dense MLP's; the reference path summed it into an fp32 zeros_like(x) with index_add_,
+    which refuses a bf16 source, so an MoE model could not train under autocast. Both paths within bf16's 1e-2 of
+    a float64 module, input and weight gradients too."""
+    import copy
+
+    torch.manual_seed(4)
+    moe = MoEFeedForward(C, H, E, K)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 7, C)
+    dy = torch.randn(2, 7, C)
+    moe64, x64 = copy.deepcopy(moe).double(), x.double().requires_grad_()
+    (moe64(x64) * dy.double()).sum().backward()
+    for triton in (False, True):
+        moe.use_triton = triton
+        moe.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(xi)
+        assert y.dtype == torch.bfloat16, (triton, y.dtype)
+        (y.float() * dy).sum().backward()
+        assert_close_rel(y, moe64(x64), 1e-2, f"triton={triton} y")
+        assert_close_rel(xi.grad, x64.grad, 1e-2, f"triton={triton} dx")
+        for (name, p), p64 in zip(moe.named_parameters(), moe64.parameters()):
+            assert p.grad.dtype == torch.float32
+            assert_close_rel(p.grad, p64.grad, 1e-2, f"triton={triton} {name}.grad")
+
+
 def test_the_triton_path_keeps_the_modules_activation_and_dropout():
     """GeGLU experts through the kernel match the reference path; in training both paths drop the output at the
     module's rate (p 0.5: about half the entries zeroed, the rest doubled), and eval drops nothing."""
