@@ -407,6 +407,29 @@ def test_a_file_of_the_stdlib_corpus_given_beside_it_is_refused(tmp_path, monkey
             check_repeated_sources([str(s) for s in sources])
 
 
+def test_the_stdlib_corpus_is_read_by_the_check_only_beside_a_file_in_its_folder(tmp_path, monkeypatch):
+    """Finding the stdlib corpus's files means reading it up to its cap; prepare_tokens reads it again. The check read
+    it at every start of a mixture with stdlib (--data stdlib --data pydoc, or data elsewhere), where no other source
+    can read one of its files: it is read only beside a source with a file (or a link's target) in its folder."""
+    from tritongpt.train.pretrain import check_repeated_sources
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "a.py").write_text("a", encoding="utf-8")
+    (tmp_path / "web.txt").write_text("words", encoding="utf-8")
+    (tmp_path / "to_lib.txt").symlink_to(root / "a.py")  # (its name is outside, its target inside)
+    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    walks = []
+    stdlib_read = data._stdlib_read
+    monkeypatch.setattr(data, "_stdlib_read", lambda *a: walks.append(a) or stdlib_read(*a))
+    check_repeated_sources(["stdlib", "pydoc"])
+    check_repeated_sources([str(tmp_path / "web.txt"), "stdlib"])
+    assert walks == []
+    with pytest.raises(UserError, match=r"to_lib.txt \(sources 2 and 1 of the mixture\) reads \S*lib/a.py"):
+        check_repeated_sources(["stdlib", str(tmp_path / "to_lib.txt")])
+    assert len(walks) == 1
+
+
 def test_files_without_inode_numbers_are_told_apart_by_path(tmp_path, monkeypatch):
     """On a filesystem that gives every file st_ino 0 (some FUSE and network mounts), keying a file by (device,
     inode) made every two files one: two unrelated sources were refused as reading one file. Such a file is its

@@ -304,6 +304,17 @@ def _shard_files(path: Path) -> list:
     return [p for p in names if _is_token_file(p)]
 
 
+def reads_in_stdlib(read: dict | None) -> bool:
+    """Whether a source's files (files_read's names, or a name a link of them passes through) lie in the standard
+    library's folder: only such a source can read a file of the stdlib corpus, whose files are known only by reading
+    it up to its cap (the cap counts characters, not bytes), so that read is spent only where it can find one."""
+    if not read:
+        return False
+    root = os.path.join(os.path.realpath(sysconfig.get_paths()["stdlib"]), "")  # (each corpus file's name starts so)
+    return any(name.startswith(root) for name in read) or \
+        any(hop.startswith(root) for _, hops in read.values() for hop in hops)
+
+
 def files_read(source) -> dict | None:
     """The files prepare_tokens reads for a source, {name: (path, hops)}: a nanoGPT folder's train.bin and val.bin, a
     folder's token shards (not its subfolders), a text folder's .txt or .parquet files (links among them too), the

@@ -274,7 +274,11 @@ def check_repeated_sources(sources, given=None, resume=None):
     then = " --resume: a run started with the repeat goes on without it: drop it, with --data-weights to keep each " \
            "source's share as drawn so far (the resume notes the changed data)" if resume else ""
     keys = [_source_key(s) for s in sources]
-    reads = [data.files_read(s) for s in sources]
+    # (the stdlib corpus's files are found by reading it, as prepare_tokens then reads it again: only where another
+    # source reads a file in the standard library's folder, not at every start of --data stdlib --data pydoc)
+    reads = [None if s == "stdlib" else data.files_read(s) for s in sources]
+    if "stdlib" in sources and any(data.reads_in_stdlib(r) for r in reads):
+        reads = [data.files_read(s) if s == "stdlib" else r for s, r in zip(sources, reads)]
     for j, b in enumerate(keys):
         for i, a in enumerate(keys[:j]):
             where = f"sources {i + 1} and {j + 1} of the mixture"  # (numbered in the order the two are named)
