@@ -430,6 +430,29 @@ def test_the_stdlib_corpus_is_read_by_the_check_only_beside_a_file_in_its_folder
     assert len(walks) == 1
 
 
+def test_names_equal_but_for_case_are_one_file_where_they_are_one(tmp_path):
+    """On a case-insensitive filesystem (macOS's, Windows' default) --data data/a.txt --data Data/a.txt name one file,
+    and realpath keeps each spelling: compared by name (647fa4d) they were two files, each read, drawn from twice as
+    often (keyed by (device, inode) before, refused). Stood in for here by a hard link whose name differs in case
+    only: what such a filesystem shows, one file under two spellings. Two files whose names differ in case alone
+    are two sources."""
+    from tritongpt.train.pretrain import check_repeated_sources
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "Data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("one two")
+    os.link(tmp_path / "data" / "a.txt", tmp_path / "Data" / "a.txt")
+    (tmp_path / "to_a.txt").symlink_to(tmp_path / "Data" / "a.txt")
+    (tmp_path / "data" / "b.txt").write_text("three")
+    (tmp_path / "Data" / "B.txt").write_text("four")
+    check_repeated_sources([str(tmp_path / "data" / "b.txt"), str(tmp_path / "Data" / "B.txt")])
+    for sources in ([tmp_path / "data" / "a.txt", tmp_path / "Data" / "a.txt"],
+                    [tmp_path / "Data" / "a.txt", tmp_path / "data"], [tmp_path / "data", tmp_path / "to_a.txt"]):
+        with pytest.raises(UserError, match=r"\(sources 1 and 2 of the mixture\) both read \S*ata/a.txt: it would be "
+                                            r"drawn from twice as often"):
+            check_repeated_sources([str(s) for s in sources])
+
+
 def test_files_without_inode_numbers_are_told_apart_by_path(tmp_path, monkeypatch):
     """On a filesystem that gives every file st_ino 0 (some FUSE and network mounts), keying a file by (device,
     inode) made every two files one: two unrelated sources were refused as reading one file. Such a file is its

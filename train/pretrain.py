@@ -17,6 +17,7 @@ the model is a GPTModel whose vocabulary is the tokenizer's and which computes i
 """
 import argparse
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -250,7 +251,21 @@ def _read_by_both(a, b) -> set:
     def reached(reads):  # every name a link of these sources passes through
         return set().union(*(hops for _, hops in reads.values()))
 
-    return (a.keys() & b.keys()) | (a.keys() & reached(b)) | (b.keys() & reached(a))
+    shared = (a.keys() & b.keys()) | (a.keys() & reached(b)) | (b.keys() & reached(a))
+    # A case-insensitive filesystem (macOS's and Windows' default) takes data/a.txt and Data/a.txt for one name, as
+    # realpath leaves a spelling be: names equal but for case are one where they are one file (the (device, inode)
+    # check this replaced caught them). Two such names on a case-sensitive one are hard links: one too, a rare case.
+    for ours, theirs in ((a.keys(), b.keys() | reached(b)), (reached(a), b.keys())):
+        ours, theirs = ours - shared, theirs - shared
+        alike = {n.lower() for n in ours} & {n.lower() for n in theirs}  # (mostly none: no stat at all)
+        for name in (n for n in ours if n.lower() in alike):
+            for other in (n for n in theirs if n.lower() == name.lower()):
+                try:
+                    if os.path.samefile(name, other):
+                        shared.add(name)
+                except OSError:  # (gone since it was listed: the reading names it)
+                    pass
+    return shared
 
 
 def check_repeated_sources(sources, given=None, resume=None):
