@@ -2919,6 +2919,8 @@ def test_max_model_len_without_the_engine_and_its_refusals(tmp_path):
     read = serve.parse_max_model_len
     assert (read("1k"), read("1K"), read("25.6k"), read(" 64 "), read("2M")) == (1000, 1024, 25600, 64, 2**21)
     assert (read("-1"), read("auto"), read(" AUTO ")) == ("auto",) * 3  # (vLLM's human_readable_int_or_auto)
+    # vLLM's plain numbers are python's int(): digit separators and a sign too, -01 its -1 (auto)
+    assert (read("1_000"), read("+64"), read("-01")) == (1000, 64, "auto")
 
 
 def test_max_model_len_auto_is_the_longest_one_row_of_the_pool_holds(tmp_path):

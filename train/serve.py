@@ -2875,13 +2875,14 @@ MAX_MODEL_LEN_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 
 
 def parse_max_model_len(text) -> int | str | None:
-    """--max-model-len's value -> tokens, "auto", or None (not given): an integer, vLLM's human-readable form (1k =
-    1000, 25.6k = 25600 with a decimal suffix; 1K = 1024 with a binary one, whole numbers only), or vLLM's -1 / auto
-    (any case): the longest context that fits (max_model_len resolves it); refused by name unless one of those."""
+    """--max-model-len's value -> tokens, "auto", or None (not given): an integer as int() reads it (1_000 and +64
+    too, as vLLM's), vLLM's human-readable form (1k = 1000, 25.6k = 25600 with a decimal suffix; 1K = 1024 with a
+    binary one, whole numbers only), or vLLM's -1 / auto (any case): the longest context that fits (max_model_len
+    resolves it); refused by name unless one of those."""
     if text is None:
         return None
     value = str(text).strip()
-    if value == "-1" or value.lower() == "auto":  # (vLLM's human_readable_int_or_auto: its only negative)
+    if value.lower() == "auto":  # (vLLM's human_readable_int_or_auto)
         return "auto"
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", value)
     tokens = None
@@ -2891,8 +2892,13 @@ def parse_max_model_len(text) -> int | str | None:
             tokens = int(float(number) * MAX_MODEL_LEN_SUFFIXES[suffix])
         elif "." not in number:  # (vLLM's: a binary multiple of a fraction is refused)
             tokens = int(number) * MAX_MODEL_LEN_SUFFIXES[suffix]
-    elif re.fullmatch(r"[+-]?\d+", value):
-        tokens = int(value)
+    else:  # (vLLM's plain int(): 1_000 and +64 too, and -01 is its -1)
+        try:
+            tokens = int(value)
+        except ValueError:
+            pass
+    if tokens == -1:  # (vLLM's only negative: auto)
+        return "auto"
     if tokens is None or tokens < 1:
         raise UserError(f"--max-model-len must be a positive integer of tokens (or vLLM's 1k = 1000, 1K = 1024; "
                         f"decimals with k, m, g, t only; -1 or auto: the longest that fits), got {text!r}")
