@@ -713,3 +713,29 @@ def test_a_request_whose_adapter_is_unloaded_before_it_is_held_is_a_404_before_i
         monkeypatch.undo()
         app.load_adapter("peft", str(adapters["peft"]))
     assert status == 404 and "'peft'" in out["error"]["message"] and out["error"]["code"] == "model_not_found"
+
+def test_of_two_unloads_of_one_adapter_racing_the_second_is_the_404_of_an_adapter_not_there(lora_server,
+                                                                                           monkeypatch):
+    """Two POST /v1/unload_lora_adapter of one name at once both pass the endpoint's look-up; the other one's
+    unload landing between this one's look-up and its unload (emulated: run first) makes this one vLLM's 404 for an
+    adapter not there, with the engine as without it (it was the engine's or the model's refusal as a 400)."""
+    from test_serve import call
+
+    server, _, adapters = lora_server
+    app = server.app
+    real = app.unload_adapter
+
+    def the_other_first(name):
+        real(name)
+        real(name)
+    monkeypatch.setattr(app, "runtime_lora", True)
+    monkeypatch.setattr(app, "unload_adapter", the_other_first)
+    try:
+        status, out = call(server, "/v1/unload_lora_adapter", {"lora_name": "peft"})
+    finally:
+        monkeypatch.undo()
+        if "peft" not in app.adapter_paths:
+            app.load_adapter("peft", str(adapters["peft"]))
+    assert (status, out["error"]["message"], out["error"]["code"]) == (
+        404, "The lora adapter 'peft' cannot be found.", "not_found"), out
+    assert "peft" in app.adapter_paths and "peft" in app.model.adapters.names

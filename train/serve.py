@@ -1273,10 +1273,14 @@ class Model:
         """POST /v1/unload_lora_adapter, refused while a request holds it (holding: from its check to its end; the
         engine's refusal, while one of its requests waits or runs, is the same). vLLM's lets such requests end with
         the adapter they were given (each keeps its LoRARequest, loaded again where need be); here an unload frees
-        the adapter's rows at once, so it is refused instead: the request still ends with its adapter."""
+        the adapter's rows at once, so it is refused instead: the request still ends with its adapter. A name not
+        loaded (never, or unloaded by another unload meanwhile) is vLLM's 404."""
         from tritongpt.model.lora import remove_adapter
 
         with self.adapters_lock:  # (no request can take it between this count and the name's removal)
+            # (looked up here, under the lock: another unload of the name may have come since the endpoint's look-up)
+            if name not in self.adapter_paths:
+                raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", code="not_found")
             users = self.holders.get(name, 0)
             if users:
                 raise UserError(f"the adapter {name!r} runs {users} request(s): unload it once they have ended")
@@ -1859,9 +1863,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(404, f"No adapter found at {body['lora_path']}", "lora_path", code="not_found")
             app.load_adapter(name, body["lora_path"])
             return f"Success: LoRA adapter '{name}' added successfully."
-        if name not in app.adapter_paths:
-            raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", code="not_found")
-        app.unload_adapter(name)
+        app.unload_adapter(name)  # (vLLM's 404 for a name not loaded: its own look-up, under its lock)
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def model_card(self, name: str, root=None):
