@@ -489,6 +489,34 @@ def test_the_engine_unloads_no_adapter_in_use_and_a_load_drops_its_graphs():
                        alone(model, prompt(6, seed=2), 4, {"adapter": "b"}))
 
 
+def test_an_unload_right_after_a_cancel_is_not_refused_for_the_cancelled_request():
+    """A request cancelled (its client gone: serve's hold on its adapter already let go) still sits in the engine's
+    running and waiting lists until the next step drops it; an unload between (Engine.call runs before that step)
+    drops it first, as the step would, rather than refuse the adapter as one a request runs. The requests then end
+    as cancelled ones do; one not cancelled still refuses it."""
+    from tritongpt.train.engine import Cancelled
+
+    model, _ = served(tiny())
+    engine = Engine(model, max_batch=1)
+    running = engine.submit(prompt(5, seed=1), 4, adapter="a")
+    engine.step()
+    waiting = engine.submit(prompt(6, seed=2), 3, adapter="a")
+    assert engine.running == [running] and list(engine.waiting) == [waiting]
+    other = engine.submit(prompt(4, seed=3), 2, adapter="b")
+    running.cancel()
+    waiting.cancel()
+    engine.unload_adapter("a")
+    assert model.adapters.names == [None, "b"] and list(engine.waiting) == [other] and not engine.running
+    for r in (running, waiting):
+        with pytest.raises(Cancelled):
+            r.wait()
+    with pytest.raises(UserError, match="the adapter 'b' runs 1 request"):
+        engine.unload_adapter("b")
+    while engine.step():
+        pass
+    assert other.wait().shape == (1, 6) and engine.free == [0]
+
+
 def test_with_a_slot_left_free_by_an_unload_each_request_still_runs_its_own_adapter():
     """a unloaded (slot 0 free, b still in slot 1): b's requests run b's slot, not the index among the adapters
     served (which would refuse b as "unloaded", or run the freed slot's zeros); unloading b counts b's requests."""

@@ -526,12 +526,25 @@ class Engine:
 
         def unload():
             slot = self._adapter_slot(name)
+            # (a request cancelled since the last step, its client gone, no longer runs it: dropped now, as the next
+            # step would, not counted below; serve's hold on the adapter ended when the client left)
+            self._drop_cancelled()
             with self.cond:  # (submit appends under it: no request of it can join between the check and the removal)
                 users = sum(r.adapter == slot for r in [*self.running, *self.waiting])
                 if users:
                     raise UserError(f"the adapter {name!r} runs {users} request(s): unload it once they have ended")
                 remove_adapter(self.model, name)
         self.call(unload)
+
+    def _drop_cancelled(self):
+        """The cancelled requests (their callers gone) out of the waiting and running lists, each told, so that a
+        wait() on it ends; between steps only (step's first act, and an unload's)."""
+        with self.cond:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in [r for r in self.running if r.cancelled] + gone:
+            self._finish(r, Cancelled("the request was cancelled"))
 
     def _adapter_slot(self, adapter) -> int:
         if adapter is None:
@@ -656,13 +669,7 @@ class Engine:
     def step(self) -> bool:
         """Admits what fits, prefills it, decodes every running request one token (one forward), finishes what
         ended. Returns whether any request ran."""
-        with self.cond:
-            gone = [r for r in self.waiting if r.cancelled]
-            for r in gone:
-                self.waiting.remove(r)
-        # (first: their slots serve this step's admissions) each told, so that a wait() on it ends
-        for r in [r for r in self.running if r.cancelled] + gone:
-            self._finish(r, Cancelled("the request was cancelled"))
+        self._drop_cancelled()  # (first: their slots serve this step's admissions)
         with self.cond:  # (/metrics reads the pages held under it)
             # (before admission, vLLM's order: the running requests' next pages come first; a step that preempted
             # one admits none, or it would take back the pages just freed)
