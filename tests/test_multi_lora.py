@@ -767,3 +767,29 @@ def test_of_two_unloads_of_one_adapter_racing_the_second_is_the_404_of_an_adapte
     assert (status, out["error"]["message"], out["error"]["code"]) == (
         404, "The lora adapter 'peft' cannot be found.", "not_found"), out
     assert "peft" in app.adapter_paths and "peft" in app.model.adapters.names
+
+
+def test_of_two_loads_of_one_name_racing_the_second_is_vllms_already_loaded(lora_server, monkeypatch):
+    """Two POST /v1/load_lora_adapter of one name at once both pass the endpoint's look-up; the other one's load
+    landing between this one's look-up and its load (emulated: run first) makes this one vLLM's 400 for a name
+    loaded already (it was the engine's or the model's own wording), the first load served."""
+    from test_serve import call
+
+    server, _, adapters = lora_server
+    app = server.app
+    real = app.load_adapter
+
+    def the_other_first(name, path):
+        real(name, str(adapters["ours"]))
+        real(name, path)
+    monkeypatch.setattr(app, "runtime_lora", True)
+    monkeypatch.setattr(app, "load_adapter", the_other_first)
+    try:
+        status, out = call(server, "/v1/load_lora_adapter", {"lora_name": "again", "lora_path": str(adapters["peft"])})
+        assert app.adapter_paths.get("again") == str(adapters["ours"]) and "again" in app.model.adapters.names
+    finally:
+        monkeypatch.undo()
+        if "again" in app.adapter_paths:
+            app.unload_adapter("again")
+    assert (status, out["error"]["message"], out["error"]["param"]) == (
+        400, "The lora adapter 'again' has already been loaded.", "lora_name"), out

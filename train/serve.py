@@ -1257,17 +1257,21 @@ class Model:
                     del self.holders[adapter]
 
     def load_adapter(self, name: str, path: str):
-        """POST /v1/load_lora_adapter: the adapter read (read_adapter) and served from the next step on."""
+        """POST /v1/load_lora_adapter: the adapter read (read_adapter) and served from the next step on; a name
+        served already (loaded by another load meanwhile too) is vLLM's 400."""
         from tritongpt.model.lora import add_adapter
         from tritongpt.train.gpt2_weights import read_adapter
 
         modules = read_adapter(path, self.model)
-        if self.engine is not None:
-            self.engine.load_adapter(name, modules, self.max_lora_rank)
-        else:
-            with self.lock:  # (no engine: between two requests' forwards)
-                add_adapter(self.model, name, modules, self.max_lora_rank)
-        self.adapter_paths[name] = path
+        with self.adapters_lock:  # (another load of the name may have come since the endpoint's look-up)
+            if name in self.names:
+                raise bad("lora_name", f"The lora adapter '{name}' has already been loaded.")
+            if self.engine is not None:
+                self.engine.load_adapter(name, modules, self.max_lora_rank)
+            else:
+                with self.lock:  # (no engine: between two requests' forwards)
+                    add_adapter(self.model, name, modules, self.max_lora_rank)
+            self.adapter_paths[name] = path
 
     def unload_adapter(self, name: str):
         """POST /v1/unload_lora_adapter, refused while a request holds it (holding: from its check to its end; the
