@@ -793,3 +793,28 @@ def test_of_two_loads_of_one_name_racing_the_second_is_vllms_already_loaded(lora
             app.unload_adapter("again")
     assert (status, out["error"]["message"], out["error"]["param"]) == (
         400, "The lora adapter 'again' has already been loaded.", "lora_name"), out
+
+
+def test_a_request_whose_adapter_is_unloaded_right_after_its_fields_are_checked_is_a_404_not_the_base(lora_server,
+                                                                                                    monkeypatch):
+    """An unload landing between the check of a request's fields (its "model" one of those served) and the reading
+    of its adapter from that "model" (emulated: right after sampling_settings) is the 404 of an adapter not there;
+    it was the base model's answer, named the base's, to a request of the adapter."""
+    from test_serve import call
+
+    server, _, adapters = lora_server
+    app = server.app
+    real = serve.sampling_settings
+
+    def checked_then_unloaded(*args, **kw):
+        out = real(*args, **kw)
+        app.unload_adapter("peft")
+        return out
+    monkeypatch.setattr(serve, "sampling_settings", checked_then_unloaded)
+    try:
+        status, out = call(server, "/v1/completions", {"model": "peft", "prompt": "the cat", "max_tokens": 2})
+    finally:
+        monkeypatch.undo()
+        if "peft" not in app.adapter_paths:
+            app.load_adapter("peft", str(adapters["peft"]))
+    assert status == 404 and "'peft'" in out["error"]["message"] and out["error"]["code"] == "model_not_found", out

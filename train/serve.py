@@ -1985,8 +1985,11 @@ class Completion:
         self.handler, app = handler, handler.server.app
         self.app, self.chat = app, endpoint == "chat"
         s = self.s = sampling_settings(body, endpoint, app.names, app.tool_parser, app.defaults)
-        # a LoRA adapter's name (serve --lora-modules): its requests run it, their responses name it (vLLM's)
-        self.adapter = body.get("model") if body.get("model") in app.names[1:] else None
+        # a LoRA adapter's name (serve --lora-modules): its requests run it, their responses name it (vLLM's). Any
+        # "model" but the base's passed sampling_settings' check as an adapter's: not looked up again (an unload
+        # since would make it the base's), Model.holding's 404 where it is gone
+        model = body.get("model")
+        self.adapter = model if model is not None and model != app.name else None
         if app.engine is not None and s["n"] > app.engine.max_batch and s["beam"] is None:  # (beams: no engine)
             raise bad("n", f"'n' is {s['n']}, more than this server's --max-batch {app.engine.max_batch}: a "
                            "request's choices decode together in the batch")
