@@ -555,6 +555,35 @@ def test_a_template_that_writes_each_argument_apart_takes_as_few_renderings(fold
             chat_template.tool_prompt(tok, messages, tools)
 
 
+def test_a_template_that_drops_one_argument_among_a_calls_is_refused_naming_it(folder, monkeypatch):
+    """A call's arguments changed whole change the prompt where a template writes any one of them, and the arguments'
+    marker pair is written by one that writes only the keys it looks like: each argument whose value is text has a
+    marker of its own in the same rendering (no rendering more where they are all found), and one the template drops
+    by its name, or by what its name looks like, is refused naming it."""
+    from tritongpt.train import chat_template
+    from tritongpt.train.serve import check_tools
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    tok, tools = get_tokenizer(folder[0]), check_tools(TOOLS)
+    messages = agent_chat(3, 9, name=lambda k: "add" if k == 1 else "w")  # (calls at 1, 3 and 5)
+    messages[3]["tool_calls"][0]["function"]["arguments"] = {"city": "Rome", "note": "wet", "hot": True}
+    each = "{%- for args_name, args_value in tool_call.arguments|items %}"
+    renders, render = [], chat_template.render
+    monkeypatch.setattr(chat_template, "render", lambda *a, **k: renders.append(1) or render(*a, **k))
+    monkeypatch.setattr(tok, "chat_template", QWEN3_CODER)
+    assert "<parameter=note>\nwet\n</parameter>" in chat_template.tool_prompt(tok, messages, tools)
+    assert len(renders) <= 4
+    for template, at, key in ((QWEN3_CODER.replace(each, each[:-3] + " if args_name != 'note' %}"), 3, "note"),
+                              (QWEN3_CODER.replace(each, each[:-3] + " if args_name | length > 12 %}"), 1, "city"),
+                              (TOOLS_TEMPLATE.replace("(call.function.arguments | tojson)",
+                                                      "(call.function.arguments | dictsort | rejectattr(0, 'eq', "
+                                                      "'note') | list | tojson)"), 3, "note")):
+        monkeypatch.setattr(tok, "chat_template", template)
+        with pytest.raises(UserError, match=rf"^messages\[{at}\]: the model's chat template drops this assistant's "
+                                            rf"tool call's argument '{key}' \(the prompt is the same without it\)"):
+            chat_template.tool_prompt(tok, messages, tools)
+
+
 def test_a_template_that_tests_what_it_shows_is_refused_as_before(folder, monkeypatch):
     """All marked at once, the results and arguments are not what the template tests in the prompt: one that shows a
     result only if it is long, or the results only where none is "ok", or a result only after a call with arguments,

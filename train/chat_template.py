@@ -818,18 +818,27 @@ def tool_prompt(tokenizer, messages, tools=None, shown: bool = True, variables=N
     # them): a marker found in that rendering proves its item reaches the prompt, where the rendering is the prompt
     # and the markers, nothing more (all changed at once, a template that tests them may show what it drops). An item
     # not so proven (a template that truncates, transforms, tests or drops it) is probed alone, as it was before.
-    probes = []  # (message, call or None, key, what it is called, the message changed alone)
+    # A call's arguments changed whole change the prompt where the template writes any one of them, so each argument
+    # whose value is text is a probe of its own too (its marker beside the others: no rendering more where they are
+    # found): a template may write some of a call's arguments and drop others (by name, or by what a name looks like)
+    probes = []  # (message, call or None, key, argument's name or None, what it is called, the message changed alone)
     for i, m in enumerate(messages):
         if m["role"] == "tool":
             changed = {**m, "content": _with_text(m.get("content"), "(", ")")}
-            probes.append((i, None, "content", "tool result", changed))
+            probes.append((i, None, "content", None, "tool result", changed))
         for j, c in enumerate(m.get("tool_calls") or ()):
-            for key, value in (("name", c["function"]["name"] + "_"), ("arguments", {"_": c["function"]["arguments"]})):
-                calls_j = [dict(d, function={**d["function"], key: value}) if k == j else d
+            arguments = c["function"]["arguments"]
+            changes = [("name", None, c["function"]["name"] + "_", "name"), ("arguments", None, {"_": arguments},
+                                                                             "arguments")]
+            changes += [("argument", a, {**arguments, a: f"({v})"}, f"argument {a!r}")
+                        for a, v in (arguments.items() if isinstance(arguments, dict) else ()) if isinstance(v, str)]
+            for key, a, value, what in changes:
+                key_of = "arguments" if key == "argument" else key
+                calls_j = [dict(d, function={**d["function"], key_of: value}) if k == j else d
                            for k, d in enumerate(m["tool_calls"])]
-                probes.append((i, j, key, f"assistant's tool call's {key}", {**m, "tool_calls": calls_j}))
+                probes.append((i, j, key, a, f"assistant's tool call's {what}", {**m, "tool_calls": calls_j}))
     read = _marked_probes(prompt, messages, tools, text, probes)
-    for n, (i, _, _, what, changed) in enumerate(probes):
+    for n, (i, _, _, _, what, changed) in enumerate(probes):
         if n in read:
             continue
         try:
@@ -846,29 +855,35 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
     """The probes (tool_prompt's) whose marked change is found in a rendering of the chat with them all changed (two
     renderings: the results' and arguments', then the calls' names): a tool result's content with a marker after it,
     a call's name with one, its arguments with a key and value of one (taken out as JSON writes the pair, or with
-    the template's own words around it where it writes each argument apart: _pairs_taken_out). A marker found proves
-    its item reaches the prompt only where that rendering, the markers taken out, is the prompt itself: a template
-    that tests what it is given (shows the results only where none is "ok", a result only after a call with
-    arguments, or only if it is long, or only its digits) shows marked items it drops as they are, and each change
-    alone (the probes one at a time) would leave the prompt as it is. A rendering the template refuses, or that is
-    more than the prompt and its markers, is retried a kind at a time, so that one kind leaves the other proven;
-    what is still not proven, and what is not text or an object (no place for a marker), is left to the probes one
-    at a time."""
+    the template's own words around it where it writes each argument apart: _pairs_taken_out), each argument whose
+    value is text with a space and marker after it (the pair proves the template writes a call's arguments, not that
+    it writes each of them: one it drops by name, or by what its name looks like, leaves its marker out). A marker
+    found proves its item reaches the prompt only where that rendering, the markers taken out, is the prompt itself:
+    a template that tests what it is given (shows the results only where none is "ok", a result only after a call
+    with arguments, or only if it is long, or only its digits) shows marked items it drops as they are, and each
+    change alone (the probes one at a time) would leave the prompt as it is. A rendering the template refuses, or
+    that is more than the prompt and its markers, is retried a kind at a time, so that one kind leaves the other
+    proven; what is still not proven, and what is not text or an object (no place for a marker), is left to the
+    probes one at a time."""
     width = len(str(len(probes)))
     while True:  # (a marker's digits, fixed in length so that none is the start of another, in no text already)
         token = str(secrets.randbelow(10 ** 16)).zfill(16)
         if token not in text:
             break
-    marks = {}  # probe's index: its item marked
-    for n, (i, j, key, _, _) in enumerate(probes):
+    marks = {}  # probe's index: its item marked (an arguments' probe: the pair added to them)
+    for n, (i, j, key, a, _, _) in enumerate(probes):
         mark = f"{token}{n:0{width}d}"
         # (a tool message may have no content, or null: left out, as transformers leaves a null key out, it renders as
         # the template renders an undefined one, and is probed alone)
-        value = messages[i].get("content") if key == "content" else messages[i]["tool_calls"][j]["function"][key]
+        function = messages[i]["tool_calls"][j]["function"] if j is not None else {}
+        value = messages[i].get("content") if key == "content" else function["arguments"][a] if key == "argument" \
+            else function[key]
         if key == "arguments" and isinstance(value, dict):
-            marks[n] = {**value, mark: mark}
+            marks[n] = {mark: mark}
         elif key == "content" and (isinstance(value, str) or isinstance(value, list) and value):
             marks[n] = _with_text(value, "", f" {mark}")
+        elif key == "argument":  # (after a space, as a result's: a template that writes only a value's digits, or
+            marks[n] = f"{value} {mark}"  # cuts it short, leaves its marker in, not taken out)
         elif isinstance(value, str):
             marks[n] = value + mark
     marker = re.escape(token) + r"\d{%d}" % width
@@ -880,13 +895,21 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
     def proven(group) -> set | None:
         changed = list(messages)
         for n in group:
-            i, j, key = probes[n][:3]
+            i, j, key, a = probes[n][:4]
             m = changed[i] = dict(changed[i])
             if j is None:
                 m["content"] = marks[n]
+                continue
+            calls = m["tool_calls"] = list(m["tool_calls"])
+            function = dict(calls[j]["function"])
+            calls[j] = {**calls[j], "function": function}
+            # (an argument's marker replaces its value where it is, the arguments' pair comes after them all)
+            if key == "arguments":
+                function["arguments"] = {**function["arguments"], **marks[n]}
+            elif key == "argument":
+                function["arguments"] = {**function["arguments"], a: marks[n]}
             else:
-                calls = m["tool_calls"] = list(m["tool_calls"])
-                calls[j] = {**calls[j], "function": {**calls[j]["function"], key: marks[n]}}
+                function[key] = marks[n]
         try:
             rendered = prompt(changed, tools)
         except UserError:
@@ -898,7 +921,7 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
             if m["key"] and kinds.get(n) == "arguments":
                 seen.add(n)
                 return m["pre"] if m["pre"] and m["post"] else ""
-            if m["mark"] and (kinds.get(n) == "name" or kinds.get(n) == "content" and m["space"]):
+            if m["mark"] and (kinds.get(n) == "name" or kinds.get(n) in ("content", "argument") and m["space"]):
                 seen.add(n)
                 return m["space"] if kinds[n] == "name" else ""
             return m[0]
@@ -911,7 +934,7 @@ def _marked_probes(prompt, messages, tools, text: str, probes: list) -> set:
 
     read = set()
     # names apart: a template may look a call's name up in the tools, and show or refuse other items by what it finds
-    for kinds in (("content", "arguments"), ("name",)):
+    for kinds in (("content", "arguments", "argument"), ("name",)):
         group = [n for n in marks if probes[n][2] in kinds]
         got = proven(group) if group else set()
         if got is None and len(kinds) > 1:  # (refused or more than marked: which kind is unknown, each alone may pass)
