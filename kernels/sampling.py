@@ -10,6 +10,9 @@ computed in fp32 as it does, and its bits turned into a 32-bit key that orders a
 reference's ties are); eight radix passes each fix four more bits of the threshold key: the k-th largest key for top-k
 (from each 4-bit digit's count of tokens), then the smallest kept key for top-p (from each digit's mass: the lowest
 digit whose mass above stays under top_p x the row's mass among the top-k). min-p is exp((logit - max) / T) >= min_p.
+The cuts keep transformers' order (top-k, top-p, min-p) or, with min_p_first, vLLM's (min-p, top-k, top-p): min-p and
+top-k keep the same tokens in either order (two upper sets, the likeliest token in both), but top-p then weighs only
+the tokens min-p kept, so in vLLM's order every top-p mass counts only the weights >= min_p (`floor`; 0 otherwise).
 The last pass draws: the kept tokens' weights in vocabulary order, a running cumulative sum over the blocks, and the
 first token whose sum passes u x their total (the reference's inverse CDF, the same token for the same u up to the sums'
 rounding). Ties at the top-k threshold are all kept, as the reference's top-k keeps them; those at the top-p threshold
@@ -24,8 +27,9 @@ read the copy. Top-p after top-k reads only the top-k's tokens, copied. Then two
 weights are recomputed in each pass rather than stored. Passes over the row: 1 (max) + 4 (top-k) + 5 (top-p alone,
 or 1 after top-k) + 2 (draw).
 
-Public API: `sample_tokens(logits, u, temperature, top_k=None, top_p=None, min_p=None) -> ids [B] int64`, through the
-torch.library custom op `tritongpt::sample_tokens` (a fake impl), so torch.compile keeps it as an opaque call.
+Public API: `sample_tokens(logits, u, temperature, top_k=None, top_p=None, min_p=None, min_p_first=False) -> ids [B]
+int64`, through the torch.library custom op `tritongpt::sample_tokens` (a fake impl), so torch.compile keeps it as an
+opaque call.
 """
 from typing import Optional
 
@@ -70,11 +74,12 @@ def _count_level(src, n, kth, need, shift, mx, temperature, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _mass_level(src, n, pth, above_all, limit, shift, mx, temperature, BLOCK: tl.constexpr):
+def _mass_level(src, n, pth, above_all, limit, shift, mx, temperature, floor, BLOCK: tl.constexpr):
     """Top-p's radix pass over src[0:n]: the 4-bit digit at `shift` of the smallest key whose mass above is under
-    limit, among the keys whose higher digits are pth's; above_all: the mass of the keys above those. From each
-    digit's mass: the lowest digit whose mass above is under the limit (an empty digit below the last kept token's
-    makes the same cut: no key lies between them). -> (pth with the digit set, the mass above its keys)."""
+    limit, among the keys whose higher digits are pth's; above_all: the mass of the keys above those (a weight under
+    floor counts 0: min-p's cut, in vLLM's order, before top-p). From each digit's mass: the lowest digit whose mass
+    above is under the limit (an empty digit below the last kept token's makes the same cut: no key lies between
+    them). -> (pth with the digit set, the mass above its keys)."""
     offs0 = tl.arange(0, BLOCK)
     digit = tl.arange(0, 16)
     part = tl.zeros((16,), tl.float32)
@@ -85,17 +90,18 @@ def _mass_level(src, n, pth, above_all, limit, shift, mx, temperature, BLOCK: tl
         inside = (offs < n) & ((key >> (shift + 4)) == (pth >> (shift + 4)))
         d = ((key >> shift) & 15).to(tl.int32)
         hit = (d[:, None] == digit[None, :]) & inside[:, None]
-        part += tl.sum(tl.where(hit, tl.exp(z)[:, None], 0.0), 0)
+        w = tl.exp(z)
+        part += tl.sum(tl.where(hit, tl.where(w >= floor, w, 0.0)[:, None], 0.0), 0)
     above = above_all + (tl.sum(part, 0) - tl.cumsum(part, 0))
     best = tl.min(tl.where(above < limit, digit, 16), 0)
     return pth | (best.to(tl.int64) << shift), tl.sum(tl.where(digit == best, above, 0.0), 0)
 
 
 @triton.jit
-def _compact(src, n, dst, prefix, shift, lower, mx, temperature, BLOCK: tl.constexpr):
+def _compact(src, n, dst, prefix, shift, lower, mx, temperature, floor, BLOCK: tl.constexpr):
     """dst[0:m] = the values of src[0:n], in order, whose key has prefix's bits from `shift` up (32: any) and is at
     least lower: the few tokens the later radix passes still need, so they read m values, not the row.
-    -> (m, their mass)."""
+    -> (m, their mass: of the weights >= floor)."""
     offs0 = tl.arange(0, BLOCK)
     m = tl.full((), 0, tl.int32)
     mass = tl.full((), 0.0, tl.float32)
@@ -107,7 +113,8 @@ def _compact(src, n, dst, prefix, shift, lower, mx, temperature, BLOCK: tl.const
         keep = (offs < n) & ((key >> shift) == (prefix >> shift)) & (key >= lower)
         tl.store(dst + m + tl.cumsum(keep.to(tl.int32), 0) - 1, x, mask=keep)
         m += tl.sum(keep.to(tl.int32), 0)
-        mass += tl.sum(tl.where(keep, tl.exp((x - mx) / temperature), 0.0), 0)
+        w = tl.exp((x - mx) / temperature)
+        mass += tl.sum(tl.where(keep & (w >= floor), w, 0.0), 0)
     tl.debug_barrier()  # written before any thread reads it
     return m, mass
 
@@ -133,7 +140,7 @@ def _kept(x, offs, V, mx, temperature, cut, pth, above_p, limit, tied, min_p, TO
 
 
 @triton.jit
-def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_k, top_p, min_p,
+def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_k, top_p, min_p, floor,
                    TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK: tl.constexpr):
     offs0 = tl.arange(0, BLOCK)
@@ -160,36 +167,37 @@ def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_
                 need = tl.full((), 0, tl.int32) + top_k  # how many keys at or above the threshold are still wanted
                 for level in range(3):
                     kth, need = _count_level(base, V, kth, need, 28 - 4 * level, mx, temperature, BLOCK)
-                m, _ = _compact(base, V, scratch, kth, 20, 0, mx, temperature, BLOCK)
+                m, _ = _compact(base, V, scratch, kth, 20, 0, mx, temperature, floor, BLOCK)
                 for level in range(3, 8):
                     kth, need = _count_level(scratch, m, kth, need, 28 - 4 * level, mx, temperature, BLOCK)
-            # top-p: the smallest key whose mass above (among the top-k) is under top_p x their mass; its passes read
-            # the top-k's tokens alone (copied), or without top-k the row three times and then the keys sharing pth's
-            # top 12 bits
+            # top-p: the smallest key whose mass above (among the top-k, and in vLLM's order the weights >= floor: what
+            # min-p kept) is under top_p x their mass; its passes read the top-k's tokens alone (copied), or without
+            # top-k the row three times and then the keys sharing pth's top 12 bits
             pth = tl.full((), 0, tl.int64)
             limit = tl.full((), 0.0, tl.float32)
             above_all = tl.full((), 0.0, tl.float32)  # the mass of keys above the prefix fixed so far
             if TOP_P:
                 if TOP_K:
-                    m, top_mass = _compact(base, V, scratch, kth, 32, kth, mx, temperature, BLOCK)
+                    m, top_mass = _compact(base, V, scratch, kth, 32, kth, mx, temperature, floor, BLOCK)
                     limit = top_p * top_mass
                     for level in range(8):
                         pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
-                                                     temperature, BLOCK)
+                                                     temperature, floor, BLOCK)
                 else:
                     mass = tl.zeros((BLOCK,), tl.float32)
                     for start in range(0, V, BLOCK):
                         offs = start + offs0
                         x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                        mass += tl.exp((x - mx) / temperature)
+                        w = tl.exp((x - mx) / temperature)
+                        mass += tl.where(w >= floor, w, 0.0)
                     limit = top_p * tl.sum(mass, 0)
                     for level in range(3):
                         pth, above_all = _mass_level(base, V, pth, above_all, limit, 28 - 4 * level, mx, temperature,
-                                                     BLOCK)
-                    m, _ = _compact(base, V, scratch, pth, 20, 0, mx, temperature, BLOCK)
+                                                     floor, BLOCK)
+                    m, _ = _compact(base, V, scratch, pth, 20, 0, mx, temperature, floor, BLOCK)
                     for level in range(3, 8):
                         pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
-                                                     temperature, BLOCK)
+                                                     temperature, floor, BLOCK)
             # the draw: the first token (vocabulary order) whose running sum of kept weights passes u x their total
             # (above_all is now the mass above pth: of the keys greater than it)
             cut = tl.maximum(kth, pth)
@@ -229,7 +237,7 @@ def _tiles(V: int) -> tuple:
 # (bench/compile_check.py calls this on meta tensors to compile the exact launch for sm_90.)
 @on_tensor_device
 def _launch(logits, u, out, temperature: float, top_k: Optional[int], top_p: Optional[float],
-            min_p: Optional[float]):
+            min_p: Optional[float], min_p_first: bool = False):
     """The kernel on checked arguments: out [B] int64 written."""
     B, V = logits.shape
     if B == 0:
@@ -245,30 +253,33 @@ def _launch(logits, u, out, temperature: float, top_k: Optional[int], top_p: Opt
     scratch = torch.empty((B, V) if use_k or use_p else (1,), dtype=torch.float32, device=logits.device)
     _sample_kernel[(cdiv(B, rows),)](
         logits, u, out, scratch, B, V, logits.stride(0), float(temperature), int(top_k) if use_k else 0,
-        float(top_p), float(min_p or 0.0), TOP_K=use_k, TOP_P=use_p, MIN_P=bool(min_p),
-        ROWS=rows, BLOCK=block, num_warps=warps)
+        float(top_p), float(min_p or 0.0), float(min_p or 0.0) if min_p_first else 0.0, TOP_K=use_k, TOP_P=use_p,
+        MIN_P=bool(min_p), ROWS=rows, BLOCK=block, num_warps=warps)
 
 
 @custom_op("tritongpt::sample_tokens")
 def _sample_tokens_op(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: Optional[int] = None,
-                      top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+                      top_p: Optional[float] = None, min_p: Optional[float] = None,
+                      min_p_first: bool = False) -> torch.Tensor:
     """ids [B] int64; sample_tokens checks the arguments."""
     check_runnable(logits, "logits")
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    _launch(logits, u.contiguous(), out, temperature, top_k, top_p, min_p)
+    _launch(logits, u.contiguous(), out, temperature, top_k, top_p, min_p, min_p_first)
     return out
 
 
 @_sample_tokens_op.register_fake
-def _(logits, u, temperature, top_k=None, top_p=None, min_p=None):
+def _(logits, u, temperature, top_k=None, top_p=None, min_p=None, min_p_first=False):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+                  top_p: Optional[float] = None, min_p: Optional[float] = None,
+                  min_p_first: bool = False) -> torch.Tensor:
     """A token id for each row of logits [B, V] (float32 / bfloat16 / float16, unit stride on V), drawn from
     softmax((logits - max) / temperature) cut to its top_k tokens, then to the likeliest whose mass above them is
-    under top_p, then to those at least min_p times the likeliest (sampling_logits' order), by inverse CDF at
+    under top_p, then to those at least min_p times the likeliest (sampling_logits' order; min_p_first: min_p first,
+    so top_p weighs only what it kept, vLLM's order and sampling_logits(min_p_first=True)'s), by inverse CDF at
     u [B] (float32 in [0, 1), on logits' device): ids [B] int64. temperature > 0 (greedy is an argmax, not this).
     A row with nothing to draw (every logit -inf, or any NaN) gives token 0, as the reference's draw_from_probs: a
     NaN is not refused, which would cost a host sync a step."""
@@ -307,9 +318,11 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         raise UserError(f"{who}: top_p must be in (0, 1], got {top_p!r}")
     if min_p is not None and not 0.0 <= min_p <= 1.0:
         raise UserError(f"{who}: min_p must be in [0, 1], got {min_p!r}")
+    if not isinstance(min_p_first, bool):
+        raise UserError(f"{who}: min_p_first must be a bool, got {type(min_p_first).__name__} {min_p_first!r}")
     try:
         check_runnable(logits, "logits")
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{who}: {e}") from None
     return _sample_tokens_op.call(logits, u, float(temperature), top_k, None if top_p is None else float(top_p),
-                                  None if min_p is None else float(min_p))
+                                  None if min_p is None else float(min_p), min_p_first)

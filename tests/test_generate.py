@@ -407,7 +407,8 @@ def test_min_p_and_repetition_penalty_are_checked_by_name(model, capsys):
     for bad, said in ((dict(min_p=1.5), "min_p must be in [0, 1], got 1.5"),
                       (dict(min_p=-0.1), "min_p must be in [0, 1]"),
                       (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0 (1 = none)"),
-                      (dict(repetition_penalty=math.inf), "repetition_penalty must be a finite number > 0")):
+                      (dict(repetition_penalty=math.inf), "repetition_penalty must be a finite number > 0"),
+                      (dict(min_p_first="no"), "min_p_first must be a bool, got str 'no'")):
         with pytest.raises(UserError, match=re.escape(said)):
             generate(model, torch.randint(0, 61, (1, 3)), 2, temperature=1.0, **bad)
     assert cli.main(["generate", "--model", "tiny", "--prompt", "the", "--min-p", "2", "--device", "cpu"]) == 2

@@ -6,8 +6,8 @@ and model_executor/layers/utils.py apply_penalties), and sample_next's Triton pa
 The logits are continuous random numbers: no two tie, so the kept sets are defined. At a tie on the top-p edge
 transformers keeps whichever of the tied tokens its unstable ascending sort puts last (no fixed rule, seen to vary
 with the row), we keep the earliest in vocabulary order (test_sampling_kernel's ties tests); not fuzzed here.
-Known and left: vLLM applies min_p after the temperature and BEFORE top-k / top-p (top-p then weighs the tokens
-min_p left), we in transformers' order (top-k, top-p, min-p) on every path, serve's too."""
+The cuts' order: transformers' (top-k, top-p, min-p) by default, generate's; vLLM applies min_p after the temperature
+and BEFORE top-k / top-p (top-p then weighs only the tokens min_p left): sampling_logits(min_p_first=True), serve's."""
 import math
 import random
 
@@ -139,3 +139,67 @@ def test_the_triton_path_draws_the_reference_paths_tokens():
         drawn = [sample_next(logits.clone(), generator=torch.Generator().manual_seed(case), seen=seen,
                              generated_from=3, triton=triton, **s) for triton in (False, True)]
         assert torch.equal(*drawn), (case, s)
+
+
+def vllm_cuts(logits, s):
+    """vLLM's sampler after the penalties, written out from vllm/v1/sample/sampler.py Sampler.sample: the temperature
+    (apply_temperature), the argmax-invariant logits processors (MinPLogitsProcessor.apply: -inf where the softmax is
+    under min_p x its max), then top-k and top-p on one ascending sort (ops/topk_topp_sampler.py
+    apply_top_k_top_p_pytorch: below the k-th largest -inf, then -inf where the ascending cumulative probability is
+    <= 1 - top_p, the likeliest always kept). In float64."""
+    x = logits.double() / s["temperature"]
+    if s.get("min_p"):
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < s["min_p"] * probs.amax(-1, keepdim=True), -math.inf)
+    x_sort, order = x.sort(-1)
+    if s.get("top_k"):
+        kth = x_sort[:, max(x.size(1) - s["top_k"], 0)].unsqueeze(1)
+        x_sort = x_sort.masked_fill(x_sort < kth, -math.inf)
+    if s.get("top_p"):
+        drop = x_sort.softmax(-1).cumsum(-1) <= 1 - s["top_p"]
+        drop[:, -1] = False
+        x_sort = x_sort.masked_fill(drop, -math.inf)
+    return torch.empty_like(x_sort).scatter(-1, order, x_sort)
+
+
+def random_vllm_cuts(rng):
+    """serve's cuts (vLLM's fields), min_p and top_p always: where the two orders part."""
+    return dict(temperature=rng.choice([0.7, 1.0, 1.5]), top_p=rng.choice([0.3, 0.5, 0.9, rng.random()]),
+                min_p=rng.choice([0.05, 0.1, 0.3, rng.random()]), top_k=rng.choice([None, None, 5, 40]))
+
+
+def test_min_p_first_keeps_vllms_tokens():
+    """serve's order (min_p_first): 30 random settings of the temperature, top_k, top_p and min_p over 4 rows of 37
+    and 1000 tokens keep vLLM's tokens with its probabilities, where transformers' order (the default) keeps others
+    in many rows (top_p weighing the whole row's mass, not what min_p kept)."""
+    rng = random.Random(3)
+    parted = 0
+    for case in range(30):
+        V = rng.choice([37, 1000])
+        logits = torch.randn(4, V, generator=torch.Generator().manual_seed(300 + case)) * rng.choice([1.0, 3.0])
+        s = random_vllm_cuts(rng)
+        ours = sampling_logits(logits.clone(), min_p_first=True, **s)
+        want = vllm_cuts(logits, s)
+        assert torch.equal(ours > -math.inf, want > -math.inf), (case, s)
+        torch.testing.assert_close(torch.softmax(ours.double(), -1), torch.softmax(want, -1), rtol=1e-5, atol=1e-7,
+                                   msg=lambda m: f"{case} {s}: {m}")
+        parted += int(((sampling_logits(logits.clone(), **s) > -math.inf) != (want > -math.inf)).any(-1).sum())
+    assert parted >= 30, parted  # (the fuzz reaches the rows where the orders part: 50 of its 120)
+
+
+def test_min_p_first_on_the_triton_path_draws_the_reference_paths_tokens():
+    """The kernel's top-p counts only what min_p kept in min_p_first's order: through the interpreter, 8 rows of
+    37 tokens (two programs), where the orders keep different tokens, draw the reference path's tokens at a sweep
+    of u; with top_k too, sample_next's two paths draw alike from one seed, not as in transformers' order."""
+    from tritongpt.kernels.sampling import sample_tokens
+    from tritongpt.model.sampling import draw_with_uniform
+    logits = torch.randn(1, 37, generator=torch.Generator().manual_seed(0)).expand(8, -1).contiguous()
+    u = (torch.arange(8) + 0.5) / 8
+    cut = dict(top_p=0.5, min_p=0.2)
+    want = draw_with_uniform(sampling_logits(logits, 1.0, min_p_first=True, **cut), u)
+    assert sample_tokens(logits, u, 1.0, min_p_first=True, **cut).tolist() == want.tolist()
+    assert draw_with_uniform(sampling_logits(logits, 1.0, **cut), u).tolist() != want.tolist()  # (the orders part)
+    drawn = [sample_next(logits, 1.0, top_k=20, generator=torch.Generator().manual_seed(1), triton=triton, **cut,
+                         **order) for triton, order in ((False, {"min_p_first": True}), (True, {"min_p_first": True}),
+                                                        (False, {}))]
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2]), drawn

@@ -156,6 +156,7 @@ def test_bad_arguments_are_refused_by_name():
                         ((x, u, None), "temperature must be a number, got NoneType"),
                         ((x, u, 1.0, None, "0.9"), "top_p must be a number"),
                         ((x, u, 1.0, None, None, [0.1]), "min_p must be a number"),
+                        ((x, u, 1.0, None, None, 0.1, 1), "min_p_first must be a bool, got int 1"),
                         ((x, u, torch.tensor(True)), "temperature must be a number, got Tensor"),
                         ((x, u, 1.0, None, torch.tensor([True])), "top_p must be a number")]:
         with pytest.raises(UserError, match=match):

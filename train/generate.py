@@ -38,7 +38,7 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
                    no_repeat_ngram_size: int | None = None, typical_p: float | None = None,
                    epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
                    top_n_sigma: float | None = None, logit_bias: dict | None = None, allowed_token_ids=None,
-                   bad_words=None) -> None:
+                   bad_words=None, min_p_first: bool = False) -> None:
     """The sampling settings, checked before any work (also those greedy decoding ignores: a
     typo should not wait for the first sample). flags: name them as command-line flags."""
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
@@ -83,6 +83,8 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
             isinstance(w, (list, tuple)) and w and all(is_int(t) and t >= 0 for t in w) for w in bad_words)):
         raise UserError(f"{name('bad_words')} must be a list of tokenized words (non-empty lists of token ids >= 0), "
                         f"got {bad_words!r}")
+    if not isinstance(min_p_first, bool):  # (a truthy "no" would pick vLLM's order)
+        raise UserError(f"{name('min_p_first')} must be a bool, got {type(min_p_first).__name__} {min_p_first!r}")
 
 
 def check_prompt(idx) -> None:
@@ -202,7 +204,7 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
                 presence_penalty: float | None = None, no_repeat_ngram_size: int | None = None, generated_from=None,
                 live=None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
                 eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None,
-                allowed_token_ids=None, bad_words=None, triton: bool = False):
+                allowed_token_ids=None, bad_words=None, triton: bool = False, min_p_first: bool = False):
     """Pick one token per row from logits [B, V]: [B, 1]. temperature 0 means greedy (argmax). seen [B, T]: the ids a
     repetition_penalty and no_repeat_ngram_size apply to; those from column generated_from on (an int or a [B]
     tensor), the generated ones, are what frequency_penalty and presence_penalty count.
@@ -210,21 +212,24 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
     the same token from the same logits and seed: triton=False sampling_logits then draw_with_uniform; triton=True
     the Triton kernel (kernels/sampling.py) with the temperature, top_k, top_p and min_p cuts fused into the draw (no
     sort of the vocabulary; the biases and penalties before it stay torch's, and with typical_p, epsilon_cutoff,
-    eta_cutoff or top_n_sigma the whole of sampling_logits runs first and the kernel only draws)."""
+    eta_cutoff or top_n_sigma the whole of sampling_logits runs first and the kernel only draws). min_p_first:
+    sampling_logits'."""
     settings = dict(repetition_penalty=repetition_penalty, seen=seen, frequency_penalty=frequency_penalty,
                     presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                     generated_from=generated_from, live=live, logit_bias=logit_bias,
                     allowed_token_ids=allowed_token_ids, bad_words=bad_words)
     greedy = temperature < torch.finfo(torch.float32).tiny
     if triton and not greedy and not (typical_p or epsilon_cutoff or eta_cutoff or top_n_sigma):
-        check_sampling(temperature, top_k, top_p, min_p=min_p)
+        check_sampling(temperature, top_k, top_p, min_p=min_p, min_p_first=min_p_first)
         # biased and penalized only (greedy's logits): the kernel tempers, cuts and draws
         logits = sampling_logits(logits, **settings)
         u = torch.rand(logits.size(0), generator=generator, device=logits.device)
         from tritongpt.kernels.sampling import sample_tokens
-        return sample_tokens(logits, u, temperature, None if top_k is None else int(top_k), top_p, min_p)[:, None]
+        return sample_tokens(logits, u, temperature, None if top_k is None else int(top_k), top_p, min_p,
+                             min_p_first=min_p_first)[:, None]
     logits = sampling_logits(logits, temperature, top_k, top_p, min_p, typical_p=typical_p,
-                             epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma, **settings)
+                             epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
+                             min_p_first=min_p_first, **settings)
     return _draw(logits, greedy, generator, triton)
 
 
@@ -234,17 +239,21 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
                     no_repeat_ngram_size: int | None = None, generated_from=None, live=None,
                     typical_p: float | None = None, epsilon_cutoff: float | None = None,
                     eta_cutoff: float | None = None, top_n_sigma: float | None = None, logit_bias: dict | None = None,
-                    allowed_token_ids=None, bad_words=None):
+                    allowed_token_ids=None, bad_words=None, min_p_first: bool = False):
     """The logits [B, V] sample_next draws from (softmax of them): biased, penalized, tempered and cut, -inf for a
     token it never draws. Greedy (temperature 0): only biased and penalized (and n-grams banned). logit_bias {token
     id: bias}: added to those logits first (OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it),
     after vLLM's allowed_token_ids and bad_words (allow_and_ban), greedy's too.
+    The cuts in transformers' order (its _get_logits_processor's: top_k, top_p, min_p, then the rarer ones), which
+    generate and the other commands claim; min_p_first: vLLM's order (serve's), min_p right after the temperature,
+    before top_k and top_p (vllm/v1/sample/sampler.py Sampler.sample: the argmax-invariant logits processors,
+    MinPLogitsProcessor, before topk_topp_sampler), so top_p weighs only the tokens min_p kept.
     Triton twin of the temperature, top_k, top_p and min_p cuts (with the draw fused in): kernels/sampling.py."""
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                    no_repeat_ngram_size=no_repeat_ngram_size, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
                    eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma, logit_bias=logit_bias,
-                   allowed_token_ids=allowed_token_ids, bad_words=bad_words)
+                   allowed_token_ids=allowed_token_ids, bad_words=bad_words, min_p_first=min_p_first)
     if allowed_token_ids or bad_words:  # vLLM's sampler: these masks first, before logit_bias and the penalties
         logits = allow_and_ban(logits, allowed_token_ids, bad_words, seen, generated_from, live)
     if logit_bias:
@@ -276,6 +285,8 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
     logits = logits.float()
     # from the row's max down: a tiny temperature then gives -inf, never inf - inf = nan
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    if min_p and min_p_first:  # vLLM's order: top_p below then weighs only what min_p kept
+        logits = cut_min_p(logits, min_p)
     if top_n_sigma is not None:
         logits = cut_top_n_sigma(logits, top_n_sigma)
     if top_k is not None:
@@ -295,10 +306,8 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
         above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)
         sorted_logits = sorted_logits.masked_fill(above >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    if min_p:
-        # min-p (Nguyen et al. 2024): drop what is less likely than min_p times the likeliest token
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    if min_p and not min_p_first:
+        logits = cut_min_p(logits, min_p)
     if typical_p is not None and typical_p < 1.0:
         logits = cut_typical(logits, typical_p)
     if epsilon_cutoff:
@@ -309,6 +318,12 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
         entropy = -(logp.exp() * logp).nansum(dim=-1, keepdim=True)  # nansum: 0 * -inf of a cut token
         logits = cut_below(logits, torch.clamp(math.sqrt(eta_cutoff) * torch.exp(-entropy), max=eta_cutoff))
     return logits
+
+
+def cut_min_p(logits, min_p: float):
+    """min-p (Nguyen et al. 2024): -inf for what is less likely than min_p times the row's likeliest token."""
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
 def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, generated_from=None, live=None):
@@ -496,7 +511,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
              eta_cutoff: float | None = None, top_n_sigma: float | None = None, prompt_lookup: int | None = None,
              cuda_graph: bool = False, kv_cache_dtype: str = "auto", logit_bias: dict | None = None,
              logprobs: int | None = None, stop_token_ids=None, min_tokens: int = 0, ignore_eos: bool = False,
-             guide=None, allowed_token_ids=None, bad_words=None, hold_ids=None):
+             guide=None, allowed_token_ids=None, bad_words=None, hold_ids=None, min_p_first: bool = False):
     """Extend idx [B, T] by up to max_new_tokens tokens; rows stop after emitting eos_id.
 
     Returns [B, T + n]. Rows that finished early are padded with eos_id. vocab_limit: only ids
@@ -538,6 +553,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     of stop_token_ids (padded with eos_id, or the first of them without one); a row's first min_tokens new tokens
     are never the EOS nor a stop token (their logits -inf where it draws); ignore_eos: the EOS ends no row.
     hold_ids: more ids held back for min_tokens, which end no row (end_rule's).
+    min_p_first: min_p before top_k and top_p, vLLM's order (serve's), not transformers' (sampling_logits).
     guide: structured outputs (train/structured.py: Grammars.guide's, not begun): each row's text what its grammar
     allows, ended by an end token at the grammar's end; the logits of the tokens the grammar does not allow are
     -inf before anything else (the logprobs' too, as vLLM's). With a draft or prompt_lookup each verified position
@@ -550,7 +566,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                    no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias,
-                   allowed_token_ids=allowed_token_ids, bad_words=bad_words)
+                   allowed_token_ids=allowed_token_ids, bad_words=bad_words, min_p_first=min_p_first)
     check_logprobs(logprobs)
     if logprobs is not None and (draft is not None or prompt_lookup is not None):
         raise UserError("logprobs are given by a one-token decode step: not with a draft or prompt_lookup")
@@ -595,7 +611,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                     repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                     presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                     typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma,
-                    logit_bias=logit_bias, allowed_token_ids=allowed_token_ids, bad_words=bad_words)
+                    logit_bias=logit_bias, allowed_token_ids=allowed_token_ids, bad_words=bad_words,
+                    min_p_first=min_p_first)
         if draft is not None:
             return _speculative(model, draft, idx, max_new_tokens, warp, pad, generator, vocab_limit, on_token,
                                 stop, num_draft_tokens, stats, kv_cache_dtype, ends, guide)
