@@ -599,17 +599,47 @@ def test_requests_at_once_take_turns_and_get_what_each_gets_alone(served):
 
 
 def test_the_sampling_fields_draw_as_generate_draws_with_them(served):
+    """...in vLLM's order (min_p before top_p: generate's min_p_first), where transformers' order (generate's
+    default) draws other tokens: this near-uniform model's min_p 0.8 keeps 58 tokens, top_p 0.3 of those 17, of the
+    whole row 58."""
     server, tok = served
     ids = tok.encode("a dog ran")
     settings = dict(temperature=0.7, top_p=0.8, top_k=40, min_p=0.02, frequency_penalty=0.5, presence_penalty=-0.3,
                     repetition_penalty=1.3)
-    for fields, kwargs in ((settings, settings), ({}, {"temperature": 1.0})):  # ({}: OpenAI's temperature 1)
+    parting = dict(temperature=1.0, top_p=0.3, min_p=0.8)
+    vllm = {"min_p_first": True}
+
+    def rows(**kwargs):
+        return generate(server.app.model, torch.tensor([ids] * 3), 10, eos_id=tok.eot_id,
+                        generator=torch.Generator().manual_seed(21), **kwargs)[:, len(ids):].tolist()
+    for fields, kwargs in ((settings, {**settings, **vllm}), (parting, {**parting, **vllm}),
+                           ({}, {"temperature": 1.0})):  # ({}: OpenAI's temperature 1)
         body = call(server, "/v1/completions", {"prompt": "a dog ran", "max_tokens": 10, "n": 3, "seed": 21,
                                                 **fields})[1]
-        rows = generate(server.app.model, torch.tensor([ids] * 3), 10, eos_id=tok.eot_id,
-                        generator=torch.Generator().manual_seed(21), **kwargs)[:, len(ids):].tolist()
         assert [c["text"] for c in body["choices"]] == [
-            new_text(tok, ids, r[:r.index(tok.eot_id)] if tok.eot_id in r else r) for r in rows]
+            new_text(tok, ids, r[:r.index(tok.eot_id)] if tok.eot_id in r else r) for r in rows(**kwargs)], fields
+    assert rows(**parting) != rows(**parting, **vllm)  # (the orders part here)
+
+
+def test_a_temperature_under_vllms_epsilon_is_greedy(both, monkeypatch):
+    """vLLM's sampler takes the argmax below a temperature of 1e-5 (vllm/v1/sample/sampler.py _SAMPLING_EPS), and so
+    does serve, with the engine and without: the decode step is handed temperature 0; 1e-5 itself samples.
+    (generate, as transformers, samples at any temperature > 0.)"""
+    server, tok = both
+    handed = []
+
+    def spy(*args, **kwargs):
+        handed.append(kwargs["temperature"])
+        return sample_next(*args, **kwargs)
+    sample_next = generate_module.sample_next
+    monkeypatch.setattr(generate_module, "sample_next", spy)
+    for temperature in (9e-6, 1e-5):
+        handed.clear()
+        status, body = call(server, "/v1/completions", {"prompt": "a dog ran", "max_tokens": 2,
+                                                        "temperature": temperature})
+        assert status == 200 and handed == [0.0 if temperature < 1e-5 else temperature] * 2, (temperature, handed)
+        assert body["choices"][0]["text"] == call(server, "/v1/completions", {
+            "prompt": "a dog ran", "max_tokens": 2, "temperature": 0})[1]["choices"][0]["text"]
 
 
 def test_the_context_holds_the_prompt_and_max_tokens_exactly(served):

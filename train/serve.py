@@ -101,6 +101,10 @@ PUBLIC_PATHS = ("/health", "/version", "/metrics")
 LORA_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # vLLM's runtime LoRA updating
 MAX_N = 128  # OpenAI's limit on n
 MAX_BATCH = 8  # serve's --max-batch default
+# vLLM decodes greedily below this temperature (vllm/v1/sample/sampler.py's _SAMPLING_EPS: Sampler.sample takes the
+# argmax where temperature < _SAMPLING_EPS); generate, as transformers, samples at any temperature its fp32 division
+# does not round to 0
+SAMPLING_EPS = 1e-5
 # the most top tokens a drawn token's logprobs list: vLLM's default --max-logprobs and OpenAI chat's top_logprobs
 # limit (OpenAI's legacy completions took 5)
 MAX_LOGPROBS = 20
@@ -212,6 +216,12 @@ def check_api_key(key: str, where: str) -> str:
         raise UserError(f"{where} is empty or holds whitespace, a control character or one outside ASCII: no request "
                         f"could send it")
     return key
+
+
+def sampled(s: dict) -> bool:
+    """Whether a request's settings (sampling_settings') draw at random: vLLM's, a temperature of SAMPLING_EPS or
+    more (below it greedy, its seed unused)."""
+    return s["temperature"] >= SAMPLING_EPS
 
 
 def sampling_settings(body: dict, endpoint: str, served, parser=None, defaults=None) -> dict:
@@ -1382,8 +1392,10 @@ class Model:
         # a prefill-only request (budget 0: echo's scoring) draws nothing: one row scores the prompt for its n
         # choices, not n rows of slots and pages
         idx = torch.tensor([ids] * (1 if budget == 0 else n), dtype=torch.long, device=self.device)
-        warp = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"] if s["top_p"] < 1 else None,
-                    min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
+        # vLLM's sampler: greedy below SAMPLING_EPS, and min_p before top_k and top_p (sampling_logits' min_p_first)
+        warp = dict(temperature=s["temperature"] if sampled(s) else 0.0, top_k=s["top_k"],
+                    top_p=s["top_p"] if s["top_p"] < 1 else None, min_p=s["min_p"], min_p_first=True,
+                    repetition_penalty=s["repetition_penalty"],
                     frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"],
                     logit_bias=s["logit_bias"], allowed_token_ids=s["allowed_token_ids"],
                     bad_words=s.get("bad_words_ids"))
@@ -1964,7 +1976,7 @@ class Handler(BaseHTTPRequestHandler):
         # threads of their own; in turn with no engine, or when seeded draws share the request's one generator
         # (its draws in prompt order are what the seed reproduces)
         together = app.engine is not None and len(c.prompts) > 1 and not (
-            s["seed"] is not None and s["temperature"] > 0 and s["max_tokens"] != 0)
+            s["seed"] is not None and sampled(s) and s["max_tokens"] != 0)
         done = in_threads(c.one, len(c.prompts), c.stop, 2 * app.engine.max_batch) if together else \
             [c.one(p) for p in range(len(c.prompts))]
         c.respond(done)
