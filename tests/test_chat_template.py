@@ -992,3 +992,55 @@ def test_an_exported_folder_renders_the_template_as_its_source_did(tmp_path):
         assert theirs.apply_chat_template(chat, tokenize=False) == want, name
         back = HFTokenizer.from_hf_folder(out)
         assert (back.eos_token, back.hash) == (ours.eos_token, ours.hash), name
+
+
+def test_a_folder_naming_its_eos_only_in_special_tokens_map_json_or_by_class_ends_texts_on_it(tmp_path):
+    """Where neither tokenizer_config.json nor config.json names an EOS, the run's is transformers 5's
+    tokenizer.eos_token (what vLLM stops on, beside the generation config's ids): a legacy special_tokens_map.json's
+    (read where the config has no added_tokens_decoder) or the class's default; none where transformers' is null or
+    not a token of tokenizer.json (it would add one past the model's rows). A run's tokenizer file keeps it."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+    from tritongpt.train.tokenizer import eot_or_none, load_tokenizer
+
+    cases = {  # folder: (tokenizer_config.json, more files, transformers' eos_token_id)
+        "map": ({"tokenizer_class": "PreTrainedTokenizerFast"}, {"special_tokens_map.json": {"eos_token": "<|im_end|>"}},
+                4),
+        "map_over_class": ({"tokenizer_class": "LlamaTokenizerFast", "eos_token": None},
+                           {"special_tokens_map.json": {"eos_token": {"content": "<|im_end|>"}}}, 4),
+        "qwen2": ({"tokenizer_class": "Qwen2Tokenizer"}, None, 3),
+        "llama": ({"tokenizer_class": "LlamaTokenizer"}, None, 2),
+        "qwen2_null": ({"tokenizer_class": "Qwen2Tokenizer", "eos_token": None}, None, None),
+        "map_unread": ({"tokenizer_class": "PreTrainedTokenizerFast",
+                        "added_tokens_decoder": {"1": {"content": "<s>", "special": True}}},
+                       {"special_tokens_map.json": {"eos_token": "</s>"}}, None),
+    }
+    for name, (config, files, want) in cases.items():
+        folder = tiny_folder(tmp_path / name, config, files)
+        assert transformers.AutoTokenizer.from_pretrained(folder).eos_token_id == want, name
+        ours = HFTokenizer.from_hf_folder(folder)
+        assert eot_or_none(ours) == want, name
+        ours.save(tmp_path / f"{name}.json")
+        run = load_tokenizer(tmp_path / f"{name}.json")
+        assert (eot_or_none(run), run.hash) == (want, ours.hash), name
+    # transformers reads an eos_token tokenizer.json lacks as a new token (id 10, past its 10): no EOS of ours
+    folder = tiny_folder(tmp_path / "absent", {"tokenizer_class": "PreTrainedTokenizerFast"},
+                         {"special_tokens_map.json": {"eos_token": "<|nope|>"}})
+    assert transformers.AutoTokenizer.from_pretrained(folder).eos_token_id == 10
+    with pytest.raises(UserError, match=r"names no end-of-text token: .*; the eos_token '<\|nope\|>' transformers "
+                                        r"reads \(special_tokens_map.json's, or the tokenizer class's default\) is "
+                                        r"not a token of .*tokenizer.json"):
+        HFTokenizer.from_hf_folder(folder).eot_id
+
+
+def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_reads(tmp_path):
+    """config.json's eos_token_id stays the EOS where tokenizer_config.json names none, though transformers'
+    tokenizer.eos_token is the class's default (a Qwen2 folder: <|endoftext|>): a folder that had an EOS keeps it,
+    and its runs their data and hash; the template still sees transformers' (template_ends)."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    folder = tiny_folder(tmp_path / "qwen2", {"tokenizer_class": "Qwen2Tokenizer"}, {"config.json": {"eos_token_id": 4}})
+    assert transformers.AutoTokenizer.from_pretrained(folder).eos_token_id == 3
+    tok = HFTokenizer.from_hf_folder(folder)
+    assert (tok.eot_id, tok.template_ends) == (4, {"eos_token": "<|endoftext|>"})
+    assert rendered_alike(folder, tmp_path) == \
+        "False|True|B?|<|endoftext|>|<|endoftext|>|<|endoftext|>|<|endoftext|>|M?|hi"

@@ -251,7 +251,8 @@ class HFTokenizer(TokenizerChecks):
         """A folder as transformers' save_pretrained writes it: tokenizer.json (else SentencePiece's
         tokenizer.model, converted by transformers: spec_from_sentencepiece), and the EOS named by
         tokenizer_config.json's eos_token, else config.json's or generation_config.json's
-        eos_token_id (BOS likewise, kept for export)."""
+        eos_token_id (BOS likewise, kept for export), else the eos_token transformers 5 reads beside the
+        config (special_config: special_tokens_map.json's, the tokenizer class's default)."""
         folder = Path(folder)
         path, info = folder / "tokenizer.json", {"source": str(folder)}
         if path.is_file():
@@ -283,6 +284,22 @@ class HFTokenizer(TokenizerChecks):
                 raise UserError(f"{cfg_path}: {key}_token {name!r} is not a token of {path}")
             setattr(tok, f"{key}_token", name)
         special = special_config(cfg, folder)
+        tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
+                       "config.json nor generation_config.json an eos_token_id")
+        if tok.eos_token is None:
+            # where neither tokenizer_config.json nor config.json names it, the EOS is transformers 5's
+            # tokenizer.eos_token: a legacy special_tokens_map.json's (Llama 2's and older Mistral folders) or the
+            # class's default (a Qwen2Tokenizer's <|endoftext|>). vLLM stops on it (its tokenizer's eos_token_id
+            # beside the generation config's), and SFT trainers end answers on it. Taken after config.json's id,
+            # not before, so that no folder that had an EOS changes it (nor its runs' data and hash).
+            name = spelling(special.get("eos_token"), cfg_path, "eos_token")
+            if name and tok._tok.token_to_id(name) is not None:
+                tok.eos_token = name
+            elif name:  # (transformers would add it as a new token, past the model's rows: no EOS the model draws)
+                tok._no_eos += (f"; the eos_token {name!r} transformers reads (special_tokens_map.json's, or the "
+                                f"tokenizer class's default) is not a token of {path}")
+            else:
+                tok._no_eos += " (nor special_tokens_map.json, nor its tokenizer class by default)"
         tok.template_tokens = template_tokens(special, cfg_path)
         # the BOS and EOS transformers gives the template, where not the tokenizer's: none (undefined, not "") where
         # only config.json names one (it sets the EOS generation stops on, not the template's), a class's default
@@ -292,8 +309,6 @@ class HFTokenizer(TokenizerChecks):
             name = spelling(special.get(key), cfg_path, key)
             if name != getattr(tok, key):
                 tok.template_ends[key] = name
-        tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
-                       "config.json nor generation_config.json an eos_token_id")
         from tritongpt.train.chat_template import templates_from_config
 
         named = templates_from_config(cfg, str(cfg_path), folder) or {}
