@@ -828,14 +828,14 @@ DEFINED = ("{{ bos_token is defined }}|{{ eos_token is defined }}|{{ bos_token |
            "{{ pad_token | default('P?') }}|{{ mask_token | default('M?') }}|{{ messages[0].content }}")
 
 
-def tiny_folder(folder, config: dict, files: dict = None):
+def tiny_folder(folder, config: dict, files: dict = None, more: tuple = ()):
     """A folder of a word-level tokenizer.json (its special tokens the defaults of the classes real chat models name,
-    and Llama's) and tokenizer_config.json `config` with DEFINED as its template; files: more JSON files by name.
-    -> the folder."""
+    and Llama's; more: others after them) and tokenizer_config.json `config` with DEFINED as its template; files: more
+    JSON files by name. -> the folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     folder.mkdir(parents=True)
-    specials = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_end|>", "<bos>", "<eos>", "<pad>", "<mask>"]
+    specials = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_end|>", "<bos>", "<eos>", "<pad>", "<mask>", *more]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + ["hi"])}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(specials)
@@ -1044,3 +1044,50 @@ def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_re
     assert (tok.eot_id, tok.template_ends) == (4, {"eos_token": "<|endoftext|>"})
     assert rendered_alike(folder, tmp_path) == \
         "False|True|B?|<|endoftext|>|<|endoftext|>|<|endoftext|>|<|endoftext|>|M?|hi"
+
+
+def test_cohere_gpt_neox_and_codegen_classes_and_a_config_json_model_type_give_transformers_defaults(tmp_path):
+    """The class whose defaults fill what a folder leaves out is the one transformers 5 reads it as: Cohere's,
+    GPT-NeoX's (Pythia, OLMo 1) and CodeGen's own; config.json's model_type's where it registers another (a Mistral's
+    or Phi-3's LlamaTokenizer is TokenizersBackend, no defaults; a Qwen2's any class is Qwen2Tokenizer) or the folder
+    names none; TokenizersBackend for a LlamaTokenizer whose tokenizer.json is byte-level. The template sees them, and
+    the EOS is transformers' where no file names one."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+    from tritongpt.train.tokenizer import eot_or_none
+
+    chat = [{"role": "user", "content": "hi"}]
+    cohere = ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<UNK>", "<PAD>", "<MASK_TOKEN>", "<|padding|>")
+    none = "False|False|B?|E?||U?|P?|M?|hi"
+    llama = "True|True|<s>|</s>|<s></s>|<unk>|P?|M?|hi"
+    qwen2 = "False|True|B?|<|endoftext|>|<|endoftext|>|<|endoftext|>|<|endoftext|>|M?|hi"
+    cases = {  # folder: (tokenizer_config.json, config.json's model_type, transformers' rendering, its eos_token_id)
+        "cohere": ({"tokenizer_class": "CohereTokenizerFast"}, None,
+                   "True|True|<BOS_TOKEN>|<|END_OF_TURN_TOKEN|>|<BOS_TOKEN><|END_OF_TURN_TOKEN|>|<UNK>|<PAD>|"
+                   "<MASK_TOKEN>|hi", 10),
+        "cohere_type": ({}, "cohere", "True|True|<BOS_TOKEN>|<|END_OF_TURN_TOKEN|>|<BOS_TOKEN><|END_OF_TURN_TOKEN|>|"
+                                      "<UNK>|<PAD>|<MASK_TOKEN>|hi", 10),
+        "neox": ({"tokenizer_class": "GPTNeoXTokenizerFast"}, "olmo",
+                 "True|True|<|endoftext|>|<|endoftext|>|<|endoftext|><|endoftext|>|<|endoftext|>|<|padding|>|M?|hi",
+                 3),
+        "codegen": ({"tokenizer_class": "CodeGenTokenizer"}, "codegen",
+                    "True|True|<|endoftext|>|<|endoftext|>|<|endoftext|><|endoftext|>|<|endoftext|>|P?|M?|hi", 3),
+        "llama": ({"tokenizer_class": "LlamaTokenizerFast"}, "llama", llama, 2),
+        "mistral": ({"tokenizer_class": "LlamaTokenizerFast"}, "mistral", none, None),
+        "phi3": ({"tokenizer_class": "LlamaTokenizer"}, "phi3", none, None),
+        "qwen2_as_llama": ({"tokenizer_class": "LlamaTokenizerFast"}, "qwen2", qwen2, 3),
+        "qwen2_type": ({}, "qwen2", qwen2, 3),
+        "llama_type": ({}, "llama", none, None),
+        "bloom": ({"tokenizer_class": "BloomTokenizerFast"}, "bloom", none, None),
+        "falcon": ({"tokenizer_class": "PreTrainedTokenizerFast"}, "falcon", none, None),
+        "llama_bytes": ({"tokenizer_class": "LlamaTokenizerFast"}, "llama", none, None),
+    }
+    for name, (config, model_type, want, eos) in cases.items():
+        folder = tiny_folder(tmp_path / name, config, {"config.json": {"model_type": model_type}} if model_type else {},
+                             more=cohere)
+        if name == "llama_bytes":
+            spec = json.loads((folder / "tokenizer.json").read_text())
+            spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+            (folder / "tokenizer.json").write_text(json.dumps(spec))
+        hf, ours = transformers.AutoTokenizer.from_pretrained(folder), HFTokenizer.from_hf_folder(folder)
+        assert hf.apply_chat_template(chat, tokenize=False) == want == render(ours, chat), name
+        assert hf.eos_token_id == eos == eot_or_none(ours), name

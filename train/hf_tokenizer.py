@@ -125,21 +125,69 @@ NAMED_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token"
 
 # the special tokens transformers 5's tokenizer classes default to (their __init__'s defaults) where a folder's
 # tokenizer_config.json (and special_tokens_map.json) leaves a key out, not where it sets null: the template is given
-# them. The classes real chat models' folders name (a "...Fast" name is the same class in 5); any other
-# (PreTrainedTokenizerFast, read as TokenizersBackend) defaults to none.
+# them, and the EOS is where no file names one. The classes real chat models' folders are read as (tokenizer_class: a
+# "...Fast" name is the same class in 5); any other (PreTrainedTokenizerFast, BloomTokenizerFast: TokenizersBackend)
+# defaults to none. Checked against transformers 5.25.
 CLASS_TOKENS = {
     "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
     "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
     "GPT2Tokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
     "GemmaTokenizer": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
                        "mask_token": "<mask>"},
+    # Command-R's: its EOS by default is the end of a turn
+    "CohereTokenizer": {"bos_token": "<BOS_TOKEN>", "eos_token": "<|END_OF_TURN_TOKEN|>", "unk_token": "<UNK>",
+                        "pad_token": "<PAD>", "cls_token": "<CLS>", "sep_token": "<SEP>", "mask_token": "<MASK_TOKEN>"},
+    # Pythia's, OLMo 1's, MPT's
+    "GPTNeoXTokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                         "pad_token": "<|padding|>"},
+    "CodeGenTokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
 }
+
+# config.json's model_type -> the class transformers 5's AutoTokenizer registers for it (TOKENIZER_MAPPING_NAMES),
+# for the families tritongpt reads; None: TokenizersBackend (no defaults). A type not here (llama, falcon, bloom)
+# has none registered: the folder's tokenizer_class decides.
+MODEL_TYPE_CLASSES = {
+    **dict.fromkeys(("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"), "Qwen2Tokenizer"),
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text"), "GemmaTokenizer"),
+    **dict.fromkeys(("cohere", "cohere2"), "CohereTokenizer"),
+    **dict.fromkeys(("gpt2", "gpt_neo", "gptj", "codegen", "phi"), "GPT2Tokenizer"),
+    **dict.fromkeys(("gpt_neox", "olmo", "olmoe", "mpt"), "GPTNeoXTokenizer"),
+    **dict.fromkeys(("mistral", "mixtral", "phi3", "olmo2", "olmo3", "stablelm", "granite", "granitemoe"), None),
+}
+# the types whose folders' tokenizer_class transformers 5 overrides by the registered one
+# (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+WRONG_CLASS_TYPES = ("qwen2", "phi3")
+
+
+def tokenizer_class(cfg: dict, folder: Path) -> str | None:
+    """The tokenizer class (without "Fast") transformers 5's AutoTokenizer reads folder as, whose defaults
+    (CLASS_TOKENS) fill what its files leave out: tokenizer_config.json's tokenizer_class (else config.json's), but
+    the one config.json's model_type registers where it registers another and says the folder's is wrong (Qwen2) or
+    gives none, and TokenizersBackend (None) where the type registers it (a Mistral's or Phi-3's LlamaTokenizer) or a
+    LlamaTokenizer's tokenizer.json is byte-level (LlamaTokenizer splits on Metaspace)."""
+    path = folder / "config.json"
+    model = read_json_object(path) if path.is_file() else {}
+    model_type = model.get("model_type")
+    declared = cfg.get("tokenizer_class") or model.get("tokenizer_class")
+    declared = declared.removesuffix("Fast") if isinstance(declared, str) else None
+    path = folder / "tokenizer.json"
+    if declared == "LlamaTokenizer" and model_type not in WRONG_CLASS_TYPES and path.is_file() and \
+            '"ByteLevel"' in path.read_text(encoding="utf-8"):  # (transformers' own test, on the file's text)
+        return None
+    if isinstance(model_type, str) and model_type in MODEL_TYPE_CLASSES:
+        registered = MODEL_TYPE_CLASSES[model_type]
+        if registered is None:
+            return None
+        if declared is None or model_type in WRONG_CLASS_TYPES:
+            return registered
+    return declared
 
 
 def special_config(cfg: dict, folder: Path) -> dict:
     """tokenizer_config.json's fields with the special tokens transformers 5 reads beside them: a legacy
     special_tokens_map.json's over them where the config has no added_tokens_decoder (the file only read then,
-    and its values win), then the class's defaults (CLASS_TOKENS) for the keys neither names."""
+    and its values win), then the defaults of the class transformers reads the folder as (tokenizer_class) for the
+    keys neither names."""
     cfg = dict(cfg)
     path = folder / "special_tokens_map.json"
     if "added_tokens_decoder" not in cfg and path.is_file():
@@ -147,9 +195,7 @@ def special_config(cfg: dict, folder: Path) -> dict:
         for key in ("bos_token", "eos_token", *NAMED_TOKENS):  # (refused naming this file, not the config)
             token_name(legacy.get(key), path, key)
         cfg.update(legacy)
-    cls = cfg.get("tokenizer_class")
-    defaults = CLASS_TOKENS.get(cls.removesuffix("Fast"), {}) if isinstance(cls, str) else {}
-    return {**defaults, **cfg}
+    return {**CLASS_TOKENS.get(tokenizer_class(cfg, folder), {}), **cfg}
 
 
 def spelling(value, where, key: str):
