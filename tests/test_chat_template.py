@@ -464,6 +464,61 @@ def test_a_list_of_one_large_string_printed_by_a_filter_is_sized_before_it_is_ma
         tracemalloc.stop()
 
 
+def test_a_filter_whose_result_outgrows_its_input_is_sized_before_it_is_made(monkeypatch):
+    """A filter whose result (or the words, lines and bytes it cuts its input into on the way) may be several times
+    its input is sized from the input and its arguments before it runs: |escape (5x for '"'), |urlencode (an emoji's
+    4 bytes listed, then 12 characters), |tojson and repr (|string, %r) of control characters (6x, 4x), |upper of
+    Greek, tojson's separators, and the word lists of |title, |wordwrap, |indent, |urlize. Refused before: the peak
+    memory the rendering takes stays under the result's size (at MAX_TEXT = 1,000,000 here: 0.9 GB at the real one).
+    |wordcount counts its words without listing them; an |escape exactly at MAX_TEXT still renders (sized exactly)."""
+    import gc
+    import tracemalloc
+
+    from tritongpt.train import chat_template
+
+    tok = copy.copy(get_tokenizer("default"))
+    content = "a<b & 'c' \"d\"> 東京 🙂 " * 1000
+    tok.chat_template = "{{ messages[0].content | e }}"
+    escaped = render(tok, [{"role": "user", "content": content}])  # (and what rendering imports: loaded first)
+    monkeypatch.setattr(chat_template, "MAX_TEXT", len(escaped))
+    assert render(tok, [{"role": "user", "content": content}]) == escaped
+    # (a str subclass, |safe's Markup, is sized as the text it holds: its width read from its size all the same)
+    tok.chat_template = "{{ messages[0].content | safe | urlencode }} {{ [messages[0].content | safe] }}"
+    assert render(tok, [{"role": "user", "content": "é\x01"}]) == "%C3%A9%01 [Markup('é\\x01')]"
+    monkeypatch.setattr(chat_template, "MAX_TEXT", 1_000_000)
+    cases = [("c | escape", '"' * 300_000), ("c | e", "<&" * 150_000), ("c | forceescape", "'" * 300_000),
+             ("c | urlencode", "🙂" * 100_000), ("c | tojson", "\x01" * 300_000),
+             ("c | tojson(ensure_ascii=True)", "中" * 200_000), ("c | upper", "ΐ" * 350_000),
+             ("c | title", "ab " * 100_000), ("c | wordwrap", "ab " * 100_000), ("c | indent", "ab\n" * 100_000),
+             ("c | urlize", "a.com " * 30_000), ("[c] | string", "\x01" * 300_000),
+             ("'%r' | format(c)", "\x01" * 300_000),
+             ("([c] * 1000) | tojson(separators=(' ' * 2000, ':'))", "x")]
+    tracemalloc.start()
+    try:
+        for made, content in cases:
+            tok.chat_template = "{% set c = messages[0].content %}{{ (" + made + ") | length }}"
+            gc.collect()  # (the last refusal's traceback holds what it made, in a cycle)
+            tracemalloc.reset_peak()
+            held = tracemalloc.get_traced_memory()[0]  # (the templates compiled before: kept)
+            with pytest.raises(UserError, match="too large to render \\(line 1: the template makes a string "
+                                                "[0-9,]+ characters long"):
+                render(tok, [{"role": "user", "content": content}])
+            assert tracemalloc.get_traced_memory()[1] - held < 500_000, made  # (its compile: 0.1 MB)
+        tok.chat_template = "{{ messages[0].content | wordcount }}"
+        gc.collect()
+        tracemalloc.reset_peak()
+        held = tracemalloc.get_traced_memory()[0]
+        assert render(tok, [{"role": "user", "content": "ab " * 100_000}]) == "100000"
+        assert tracemalloc.get_traced_memory()[1] - held < 500_000
+    finally:
+        tracemalloc.stop()
+    # striptags copies the whole text for each tag it cuts out: refused as copying past MAX_MADE, not done
+    monkeypatch.setattr(chat_template, "MAX_MADE", 10_000_000)
+    tok.chat_template = "{{ messages[0].content | striptags }}"
+    with pytest.raises(UserError, match="makes more than 10,000,000 characters of text \\(and lists\\) in all"):
+        render(tok, [{"role": "user", "content": "<>" * 3000}])
+
+
 def test_copies_a_template_keeps_are_charged_as_made(monkeypatch):
     """What a template keeps in a list is charged 8 bytes an item; an item that is a new copy of a large string (a
     slice, split()'s or partition()'s pieces, |list's characters) or a new dict ({}.fromkeys(L), dict(d),

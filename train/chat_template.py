@@ -20,6 +20,7 @@ import itertools
 import json
 import re
 import secrets
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -284,23 +285,51 @@ def _made(value):
     return value
 
 
-def _text_size(value, indent: int = 0) -> int:
-    """About the length of str(value) (its repr, or its JSON with each item on a line indented by `indent` a level),
-    counted only until past MAX_TEXT: a list holding a list holding a string, each 1,000 times, is 10**6 strings
-    long in print, too many to walk."""
+def _width(s: str) -> int:
+    """Bytes a character of s takes in memory (1, 2 or 4: CPython's storage of it, its widest character's), read
+    from its size in O(1), not by walking it."""
+    if s.isascii():
+        return 1
+    width = (sys.getsizeof(s) - _WIDE_HEADER) // (len(s) + 1)
+    return 1 if width <= 1 else 2 if width <= 2 else 4  # (a str subclass, Markup, is larger by its fields: rounded up)
+
+
+_WIDE_HEADER = sys.getsizeof("\xe9") - 2  # (a non-ASCII string's header: its characters, and a NUL, follow it)
+
+
+def _quoted_size(s: str, json_ascii=None) -> int:
+    """The length of repr(s) (json_ascii None: as a list or dict prints it) or of its JSON (json.dumps(s,
+    ensure_ascii=json_ascii)), at most, counted without making it: its quotes and backslashes doubled, where every
+    character is printable; else each character as its longest escape (\\x01 and \\u2028 in repr: \\U000e0001 for a
+    4-byte one; \\u0001 in JSON, \\ud83d\\ude42 for one outside the BMP written as ASCII). A message's newline is
+    not printable: its repr is sized 4-10x, well within MAX_TEXT for any prompt of a few MB."""
+    named = len(type(s).__name__) + 2 if json_ascii is None and type(s) is not str else 0  # (Markup('...'))
+    if s.isprintable() and (json_ascii is not True or s.isascii()):
+        return named + len(s) + 2 + s.count("\\") + s.count('"' if json_ascii is not None else "'")
+    width = _width(s)
+    per = ({1: 4, 2: 6, 4: 10} if json_ascii is None else {1: 6, 2: 6, 4: 12})[width]
+    return named + 2 + per * len(s)
+
+
+def _text_size(value, indent: int = 0, json_ascii=None, sep: int = 0) -> int:
+    """About the length of str(value) (its repr, or with json_ascii True or False its JSON, with each item on a line
+    indented by `indent` a level, and sep more characters an item: tojson's separators), counted only until past
+    MAX_TEXT: a list holding a list holding a string, each 1,000 times, is 10**6 strings long in print, too many to
+    walk. A string in it is sized as repr or JSON writes it (_quoted_size: escaped, up to 12x its length), not by
+    its length."""
     from jinja2.utils import Namespace
 
     if isinstance(value, str):  # (most of what templates print and join: quick)
-        return len(value)
+        return len(value) if json_ascii is None else _quoted_size(value, json_ascii)
     size, stack = 0, [iter((value,))]
     while stack and size <= MAX_TEXT:
         x = next(stack[-1], stack)
         if x is stack:
             stack.pop()
             continue
-        size += 2 + indent * len(stack)  # (quotes or brackets, a separator, the line's indent)
+        size += 2 + sep + indent * len(stack)  # (quotes or brackets, a separator, the line's indent)
         if isinstance(x, str):
-            size += len(x)
+            size += _quoted_size(x, json_ascii)
         elif isinstance(x, int):
             size += x.bit_length() // 3  # (its decimal digits, at most)
         elif isinstance(x, dict):
@@ -335,7 +364,10 @@ def _format_size(fmt: str, args, braces: bool = False) -> int:
     widths = [int(d) for spec in specs for d in re.findall(r"\d+", spec)]
     if nested:  # (a width given as an argument: any integer one may be it)
         widths += [abs(v) for v in values if isinstance(v, int)]
-    return len(fmt) + len(specs) * max(map(_text_size, values), default=0) + sum(widths)
+    size = _text_size
+    if re.search(r"%(?:\([^)]*\))?[-#0-9 +*.hlL]*[ra]" if not braces else r"![ra]", fmt):  # %r, {!a}: a repr of it
+        size = lambda v: 2 + 10 * len(v) if isinstance(v, str) else _text_size(v)  # noqa: E731 (its longest escapes)
+    return len(fmt) + len(specs) * max(map(size, values), default=0) + sum(widths)
 
 
 def _pieces(text: str, name: str, args, kwargs) -> int:
@@ -353,6 +385,34 @@ def _pieces(text: str, name: str, args, kwargs) -> int:
         enough = MAX_TEXT // STR_ITEM + 1 if most is None else min(MAX_TEXT // STR_ITEM + 1, most + 1)
         n = sum(1 for _ in itertools.islice(re.finditer(r"\S+", text), enough)) + 1
     return n if most is None else min(n, most + 1)
+
+
+_SPACES = "".join(c for c in map(chr, range(0x3001)) if c.isspace())  # (every one str.split() and \\s split on)
+
+
+def _words(s: str, more: str = "") -> int:
+    """How many pieces, at most, s is cut into at its whitespace (and the characters in more): each space or more a
+    cut, counted in C (str.count), not by cutting it."""
+    return 2 * sum(map(s.count, _SPACES + more)) + 1
+
+
+def _utf8_size(s: str) -> int:
+    """len(s.encode()), at most, without encoding it: 1 byte a character for ASCII, 2 for Latin-1, 3 for the BMP's,
+    4 (an emoji's) by the widest character s holds (_width)."""
+    return len(s) * (1 if s.isascii() else {1: 2, 2: 3, 4: 4}[_width(s)])
+
+
+def _html_size(s) -> int:
+    """The length of markupsafe.escape(s), exactly for text (& " ' as 5 characters, < > as 4), at most 5x the print of
+    a value that is not."""
+    if not isinstance(s, str):
+        return 5 * _text_size(s)
+    return len(s) + 4 * (s.count("&") + s.count('"') + s.count("'")) + 3 * (s.count("<") + s.count(">"))
+
+
+def _case_size(s) -> int:
+    """The length of s upper'd, lower'd or title'd, at most: 3x where it is not ASCII ('\ufb03'.upper() is 'FFI')."""
+    return _text_size(s) if isinstance(s, str) and s.isascii() else 3 * _text_size(s)
 
 
 def _cut(method) -> "str | None":
@@ -620,20 +680,49 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
                        dict=TemplateDict())
     # the filters whose arguments set their result's length (center(10**8), a list of 1,000 references to one large
     # string joined), checked before they make it; every filter's result charged
-    lines = lambda s: s.count("\n") + 1 if isinstance(s, str) else _text_size(s)  # noqa: E731
+    lines = lambda s: _pieces(s, "splitlines", (), {}) if isinstance(s, str) else _text_size(s)  # noqa: E731
     width = lambda w: len(w) if isinstance(w, str) else w if isinstance(w, int) else 0  # noqa: E731
+    text = lambda s: s if isinstance(s, str) else ""  # noqa: E731 (a value printed: sized by _text_size alone)
+
+    def striptags_size(s):
+        # (markupsafe cuts out each tag by copying the whole text: <> * 10**6 is 10**6 copies of it, refused as
+        # copying past what is left of MAX_MADE; then it splits it at its spaces: a new string a word)
+        s = text(s)
+        _grow(len(s) * min(s.count("<"), s.count(">")), made=False, one=False)
+        return _text_size(s) + STR_ITEM * _words(s)
+
+    # the filters whose result, or what they make on the way to it, may be several times their input: sized from it
+    # before they make it, not refused only once made (|escape of 6.7*10**7 '"' made 335 MB, |urlencode of 1.7*10**7
+    # emoji a list of their 6.7*10**7 bytes: 850 MB, before MAX_TEXT refused the result). Words and lines they cut a
+    # text into are a new string each (STR_ITEM), as a string's split() is.
     sizes = {
         "center": lambda s, width=80: max(_text_size(s), width if isinstance(width, int) else 0),
-        "indent": lambda s, w=4, *a, **k: _text_size(s) + lines(s) * width(k.get("width", w)),
-        "wordwrap": lambda s, *a, wrapstring=None, **k: _text_size(s) * (1 + len(wrapstring or "\n")),
+        "indent": lambda s, w=4, *a, **k: _text_size(s) + lines(s) * (width(k.get("width", w)) + STR_ITEM),
+        "wordwrap": lambda s, w=79, *a, wrapstring=None, **k: _text_size(s) * (1 + len(wrapstring or "\n")) + (
+            # (textwrap's chunks, a word and a space each, and its lines: at most one a `w` characters)
+            STR_ITEM * (_words(text(s), "-") + len(text(s)) // max(w if isinstance(w, int) else 1, 1))),
+        "escape": _html_size, "e": _html_size, "forceescape": _html_size,
+        # (url_quote lists the UTF-8 bytes, a pointer each, before it joins their %XX)
+        "urlencode": lambda v: 8 * (_utf8_size(v) if isinstance(v, str) else 4 * _text_size(v)),
+        "upper": _case_size, "lower": _case_size, "capitalize": _case_size,
+        # (title cuts its text at spaces and - ( { [ <: a new string a piece)
+        "title": lambda s: _case_size(s) + STR_ITEM * _words(text(s), "-({[<"),
+        "striptags": striptags_size,
+        # (escaped, cut at its spaces, each word a link at most: <a href="https://w" rel=... target=...>w</a>)
+        "urlize": lambda s, *a, **k: 11 * _text_size(s) + _words(text(s)) * (STR_ITEM + 60 + sum(
+            map(width, [*a, *k.values()]))),
         "format": lambda s, *args, **kwargs: _format_size(s, kwargs or args) if isinstance(s, str) else 0,
         "join": lambda items, d="", attribute=None: sum(map(_text_size, items)) + _text_size(d) * len(items),
         "replace": lambda s, old, new, count=None: _method_size(str(s).replace, (str(old), str(new), count or -1),
                                                                 {}),
-        "tojson": lambda x, ensure_ascii=False, indent=None, *a, **k: _text_size(x, width(indent)),
+        "tojson": lambda x, ensure_ascii=False, indent=None, separators=None, *a, **k: _text_size(
+            x, width(indent), bool(ensure_ascii), sum(map(width, separators)) if isinstance(separators, (
+                list, tuple)) else 0),
         "string": _text_size, "pprint": lambda x: _text_size(x, 1), "sum": lambda *a, **k: _sum_size(env, *a, **k),
         "batch": lambda items, n, fill_with=None: 8 * (len(items) + (n if fill_with is not None else 0)),
         "slice": lambda items, n, fill_with=None: 8 * (len(items) + n)}  # (lists: 8 an item, as _made counts them)
+    # |wordcount listed every word to count them (a new string each: 'ab ' * 3*10**7 made 600 MB): counted one by one
+    env.filters["wordcount"] = lambda s: sum(1 for _ in re.finditer(r"\w+", jinja2.filters.soft_str(s)))
     for name, f in env.filters.items():
         env.filters[name] = bounded(f, sizes.get(name), name)
     # {{ value }} prints str(value): a list of 1,000 references to one large string is sized before it is made (a
