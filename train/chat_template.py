@@ -178,6 +178,11 @@ def _spend(n: int):
 # take, and the copying it may do: 1-2 s of it). Real templates make about 4x their prompt (ChatML, Llama 3.1's and
 # Qwen2.5's with tools: 4 MB for a prompt of 1 MB); a chat built by `ns.x = ns.x + a + b ...` copies ns.x each time:
 # 1,000 messages of 200 characters with 5 +'s each make 580 MB.
+# Both count characters, not bytes: CPython keeps a string at 1, 2 or 4 bytes a character (its widest one's: ASCII,
+# CJK, an emoji), so one string within MAX_TEXT takes up to 400 MB, and the strings a template keeps within MAX_MADE
+# up to 8 GB (kept copies of an emoji text, measured at MAX_MADE = 2*10**8: 0.18 GB ASCII, 0.37 GB CJK, 0.74 GB
+# emoji). Bytes are not charged: a real chat built by + (1,000 messages of 200 CJK characters, one emoji in them:
+# the whole string then 4 bytes a character) makes 576 million characters, 2.3 GB as bytes, past MAX_MADE.
 MAX_TEXT = 100_000_000
 MAX_MADE = 2_000_000_000
 # A list a string is cut into (|list, .split()) holds a new string an item: its pointer and the string object (about
