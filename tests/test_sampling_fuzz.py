@@ -203,3 +203,14 @@ def test_min_p_first_on_the_triton_path_draws_the_reference_paths_tokens():
                          **order) for triton, order in ((False, {"min_p_first": True}), (True, {"min_p_first": True}),
                                                         (False, {}))]
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2]), drawn
+
+
+def test_min_p_first_leaves_top_n_sigma_right_after_the_temperature():
+    """min_p_first moves min_p before top_k and top_p only: top_n_sigma stays right after the temperature, its std
+    over the whole row (min_p's -inf first shrank it: 1 to 3 tokens a row kept here, not 1 to 13). Without top_k and
+    top_p the two orders keep the same tokens: min_p and top_n_sigma are both cuts from the max."""
+    logits = torch.randn(4, 37, generator=torch.Generator().manual_seed(0)) * 2
+    for min_p, n in ((0.1, 1.0), (0.05, 1.5), (0.2, 0.5)):
+        kept = [sampling_logits(logits, 1.0, min_p=min_p, top_n_sigma=n, min_p_first=first) > -math.inf
+                for first in (False, True)]
+        assert torch.equal(*kept), (min_p, n, [k.sum(-1).tolist() for k in kept])

@@ -245,8 +245,8 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
     id: bias}: added to those logits first (OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it),
     after vLLM's allowed_token_ids and bad_words (allow_and_ban), greedy's too.
     The cuts in transformers' order (its _get_logits_processor's: top_k, top_p, min_p, then the rarer ones), which
-    generate and the other commands claim; min_p_first: vLLM's order (serve's), min_p right after the temperature,
-    before top_k and top_p (vllm/v1/sample/sampler.py Sampler.sample: the argmax-invariant logits processors,
+    generate and the other commands claim; min_p_first: vLLM's order (serve's), min_p right after the temperature
+    (and top_n_sigma, which vLLM has not), before top_k and top_p (vllm/v1/sample/sampler.py Sampler.sample: the argmax-invariant logits processors,
     MinPLogitsProcessor, before topk_topp_sampler), so top_p weighs only the tokens min_p kept.
     Triton twin of the temperature, top_k, top_p and min_p cuts (with the draw fused in): kernels/sampling.py."""
     check_sampling(temperature, top_k, top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -285,10 +285,13 @@ def sampling_logits(logits, temperature: float = 0.0, top_k: int | None = None, 
     logits = logits.float()
     # from the row's max down: a tiny temperature then gives -inf, never inf - inf = nan
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if min_p and min_p_first:  # vLLM's order: top_p below then weighs only what min_p kept
-        logits = cut_min_p(logits, min_p)
     if top_n_sigma is not None:
         logits = cut_top_n_sigma(logits, top_n_sigma)
+    # vLLM's order: top_p below then weighs only what min_p kept. After top_n_sigma, which stays right after the
+    # temperature: its std is over the whole row's finite logits, and min_p's -inf would shrink it (min_p and
+    # top_n_sigma, two cuts from the max, then keep what they keep in transformers' order)
+    if min_p and min_p_first:
+        logits = cut_min_p(logits, min_p)
     if top_k is not None:
         kth = torch.topk(logits, min(int(top_k), logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
