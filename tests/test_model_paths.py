@@ -697,11 +697,14 @@ def test_every_family_triton_path_matches_reference_and_float64(family, device):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_under_bf16_autocast_is_within_bf16_of_float64(family, device):
     """The families above under bf16 autocast (fp32 weights, the model's residual stream fp32), against the model in
-    float64: logits within bf16's 1e-2 and the loss within 1e-3 on the Triton path, and each trainable parameter's
-    gradient at most 2x the reference path's error under the same autocast (FlashAttention's rule, as the GPT-2 test
-    above: a gradient that sums many bf16 products is a few 1e-2 off on either path, 4.4e-2 on the reference one).
-    Measured on 12 seeds: logits 2.7e-3 (BLOOM) to 9.2e-3 (Gemma 2, whose reference reaches 1.0e-2), loss <= 1.9e-4,
-    the gradients' ratio to the reference path's <= 1.74. The Triton path runs its kernels (counted) under autocast."""
+    float64: the loss within 1e-3 on the Triton path, and the logits and each trainable parameter's gradient at most
+    2x the reference path's error under the same autocast (FlashAttention's rule, as the GPT-2 test above: a
+    gradient that sums many bf16 products is a few 1e-2 off on either path, 4.4e-2 on the reference one). The logits
+    too: what bf16 costs them depends on the family, 2.4e-3 (BLOOM) to 1.0e-2 (Gemma 2's reference path), so a flat
+    1e-2 was a fit (Gemma 2's 8.6e-3 at this seed, 9.5e-3 at worst over 46) that another seed, CPU or a GPU's
+    kernels may cross. Measured: the logits' ratio to the reference path's at most 1.03 (6 seeds a family, 46 for
+    Gemma 2), loss <= 1.9e-4 and the gradients' ratio <= 1.74 (12 seeds). The Triton path runs its kernels
+    (counted) under autocast."""
     import copy
 
     kw = FAMILIES[family]
@@ -718,7 +721,8 @@ def test_every_family_under_bf16_autocast_is_within_bf16_of_float64(family, devi
     assert mode.ops["flash_attn_bwd"] == model.config.n_layer, dict(mode.ops)
     want = _loss_and_grads(model64, idx, targets)
     logits, loss, grads = got["triton"]
-    assert_close_rel(logits, want[0], 1e-2, "triton logits vs float64")
+    ref_err = report(got["reference"][0], want[0])[1]
+    assert_close_rel(logits, want[0], 2 * ref_err, f"triton logits vs float64 (reference path's {ref_err:.1e})")
     assert_close_rel(loss, want[1], 1e-3, "triton loss vs float64")
     for name, g in want[2].items():
         if name.endswith("W_key.bias") and kw.get("position_encoding") != "rope":
