@@ -2973,3 +2973,63 @@ def test_max_model_len_auto_is_the_longest_one_row_of_the_pool_holds(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_choices_stopped_finds_what_cutting_the_whole_rows_text_finds():
+    """Choices.stopped grows each row's text by its new tokens' bytes (a BPETokenizer's) rather than decoding the
+    prompt and every new id each step: on random rows (byte tokens cutting characters, U+FFFD, end tokens,
+    stop_token_ids, min_tokens, include_stop, skip_special) each step's stopped rows and first_stop are those of
+    cut() on the whole row, the old way (grown None)."""
+    from random import Random
+
+    from tritongpt.commands import Choices
+
+    tok = BPETokenizer.train(CORPUS + " héllo wörld €€ 日本", 300)
+    eot, rng, hits = tok.special_tokens["<|endoftext|>"], Random(0), 0
+    text = tok.encode(CORPUS + " héllo wörld €€ 日本")
+    pool = ["\ufffd", "e", " th", "é", "日本", "€", " ", "a", "\ufffd\ufffd", "at.", tok.decode([195])]
+    for trial in range(150):
+        ids = tok.encode(rng.choice(["the cat", "hé", "日本 a dog", "x"]))
+        stops = [rng.choice(pool) + rng.choice(["", rng.choice(pool)]) for _ in range(rng.randint(1, 3))]
+        kw = dict(stop_token_ids=rng.choice([(), (5,), (7, 9)]), ignore_eos=rng.random() < 0.2,
+                  min_tokens=rng.choice([0, 0, 2, 5]), include_stop=rng.random() < 0.3,
+                  skip_special=rng.random() < 0.3)
+        n = rng.randint(1, 3)
+        grown, whole = Choices(tok, ids, stops, eot, **kw), Choices(tok, ids, stops, eot, **kw)
+        assert grown.grown is not None
+        whole.grown = None
+        rows = torch.tensor([ids] * n)
+        for step in range(rng.randint(1, 20)):  # (ids below 256 are single bytes: characters cut across tokens)
+            new = [[rng.choice(text) if u < 0.4 else rng.randrange(256) if u < 0.75 else
+                    rng.randrange(tok.vocab_size) if u < 0.85 else rng.choice([eot, 5, 7, 9])]
+                   for u in [rng.random() for _ in range(n)]]
+            rows = torch.cat([rows, torch.tensor(new)], 1)
+            assert torch.equal(grown.stopped(rows), whole.stopped(rows)), (ids, stops, kw, rows.tolist())
+            assert grown.first_stop == whole.first_stop
+        hits += len(whole.first_stop)
+    assert hits > 50  # (the stop strings were found, at many steps)
+
+
+def test_choices_stopped_decodes_each_new_token_once_not_the_whole_row_each_step():
+    """A server's stop strings are checked every decode step for every row of the batch: the rows' text grown by
+    the step's tokens, not the prompt and every token so far decoded again (a decode of the whole row per row per
+    step, growing with the prompt and the answer). A counting spy on the tokenizer's decode_bytes: the prompt once
+    (whether it ends on a whole character) and each new token once; the stop string found at the step it is drawn."""
+    from tritongpt.commands import Choices
+
+    tok = BPETokenizer.train(CORPUS, 300)
+    ids = tok.encode(CORPUS[:200])
+    decoded = []
+    real = tok.decode_bytes
+    tok.decode_bytes = lambda some: decoded.append(len(some)) or real(some)
+    rows = Choices(tok, ids, ["0123"], tok.special_tokens["<|endoftext|>"])
+    new = tok.encode(" the cat sat on the mat. a dog ran in the park" * 3 + " 0123")
+    other = tok.encode(" a")[0]
+    idx = torch.tensor([ids] * 2)
+    for step, t in enumerate(new):
+        idx = torch.cat([idx, torch.tensor([[t], [other]])], 1)
+        assert rows.stopped(idx).tolist() == [step == len(new) - 1, False]
+    assert rows.first_stop == {0: len(new)}
+    # the prompt twice (its text, and whether it ends on a whole character), then a token a row a step (old: the
+    # whole row, prompt and new ids, every step: 6736 ids here, growing with the prompt and the answer)
+    assert sum(decoded) <= 2 * len(ids) + 2 * len(new), sum(decoded)

@@ -867,6 +867,18 @@ class Choices:
         # the end tokens whose text the answer keeps (the EOS's never: vLLM skips special tokens' text)
         self.shown = set(stop_token_ids) - {stop_id} if include_stop else set()
         self.min_tokens, self.include_stop = min_tokens, include_stop
+        # stopped's running text a row (Grown), where decoding the prompt and the new ids each step would cost a
+        # decode step of the whole row for every row of the batch (a server's per-step host time): only for a
+        # byte-level BPETokenizer whose prompt ends on a whole character, where the text of more ids is exactly the
+        # text so far and the new bytes' (other tokenizers' text may change before the new ids: decoded whole)
+        from tritongpt.train.tokenizer import BPETokenizer
+
+        self.grown = None
+        if type(tok).decode is BPETokenizer.decode and isinstance(tok, BPETokenizer):
+            probe = Grown()
+            probe.decoder.decode(tok.decode_bytes(ids))
+            if not probe.decoder.getstate()[0]:
+                self.grown = {}
 
     def end_of(self, new):
         """The index of the token that ends the row's answer in new, or None."""
@@ -887,10 +899,41 @@ class Choices:
     def stopped(self, rows):
         import torch
 
-        for i, r in enumerate(rows.tolist()):
-            if i not in self.first_stop and self.cut(r[self.start:])[1] is not None:
-                self.first_stop[i] = len(r) - self.start
+        if self.grown is not None:
+            self._grow(rows)
+        else:
+            for i, r in enumerate(rows.tolist()):
+                if i not in self.first_stop and self.cut(r[self.start:])[1] is not None:
+                    self.first_stop[i] = len(r) - self.start
         return torch.tensor([i in self.first_stop for i in range(len(rows))])
+
+    def _grow(self, rows):
+        """stopped's rows each step without decoding them whole: each live row's ids since its last call read to the
+        host (not the whole row) and its text grown by their bytes (Grown), a stop string searched for only where it
+        could end in what they added. The same first_stop as cut() on the whole row (tests/test_serve.py compares
+        them on random ids)."""
+        live = [i for i in range(len(rows)) if i not in self.first_stop]
+        if not live or not self.stops:  # (no stop string: cut() finds none)
+            return
+        length = rows.size(1) - self.start
+        for i in live:  # (a row shorter than at its last call is not that row grown: read again whole)
+            if i not in self.grown or self.grown[i].count > length:
+                self.grown[i] = Grown()
+        first = min(self.grown[i].count for i in live)
+        hold = max(map(len, self.stops)) - 1
+        new = rows[:, self.start + first:].tolist()  # (a slice, not rows[live]: an indexing op costs more here)
+        for i in live:
+            g, ids = self.grown[i], new[i]
+            # A match lying in the committed text of the last call was searched for then, with an `after` no larger
+            # (the text's length only grows: a pending byte's U+FFFD becomes its character's or stays): only one
+            # ending past it can be new, so the search starts len(stop) - 1 before its end (within the tail kept).
+            seen = g.length
+            g.add(self, ids[g.count - first:])
+            text, base = g.text()
+            if any(text.find(stop, max(g.after - len(stop) + 1, seen - len(stop) + 1, 0) - base) >= 0
+                   for stop in self.stops):
+                self.first_stop[i] = length
+            g.trim(hold)
 
     def choice(self, i: int, row) -> tuple:
         """Row i (the lead, the prompt's ids and the new ones: a list) -> (text, finish_reason, completion tokens)."""
@@ -907,6 +950,50 @@ class Choices:
         if end is not None:  # the end token was drawn too
             return text, "stop", end + 1, None if new[end] == self.stop_id and self.eos_ends else new[end]
         return text, "length", len(new), None
+
+
+class Grown:
+    """One row's new text as Choices.stopped grows it (a byte-level BPETokenizer's): the row's new tokens' bytes, up
+    to its first end token (an end token in `shown` included) less the hidden ones, through an incremental UTF-8
+    decoder: text() is exactly tok.decode of the prompt and those ids less the prompt's text (the prompt ends on a
+    whole character: nothing of it pending), U+FFFD for bytes still pending as decode's errors="replace" gives them.
+    Only the committed text's tail is kept (trim), `base` its place in the whole; `after` min_tokens' (Choices.cut's:
+    the text's length at the row's min_tokens-th token, or now while it has fewer)."""
+
+    def __init__(self):
+        import codecs
+
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.count = 0  # the row's new ids read so far
+        self.tail, self.base, self.length = "", 0, 0  # the committed text from base on; its whole length
+        self.ended, self.after = False, 0
+
+    def pending(self) -> str:
+        return self.decoder.getstate()[0].decode("utf-8", errors="replace")
+
+    def add(self, rows, ids):
+        """ids: the row's next new ids (rows: its Choices, for the tokenizer, ends, shown and hidden)."""
+        for t in ids:
+            self.count += 1
+            if not self.ended:
+                if t in rows.ends:
+                    self.ended = True
+                if (not self.ended or t in rows.shown) and t not in rows.hidden:
+                    chunk = self.decoder.decode(rows.tok.decode_bytes([t]))
+                    self.tail += chunk
+                    self.length += len(chunk)
+            if self.count <= rows.min_tokens:
+                self.after = self.length + len(self.pending())
+
+    def text(self) -> tuple:
+        """(the text from `base` on, base)."""
+        return self.tail + self.pending(), self.base
+
+    def trim(self, hold: int):
+        """Keeps the last `hold` committed characters only (a stop string's start in them may end in the next)."""
+        if len(self.tail) > hold:
+            cut = len(self.tail) - hold
+            self.tail, self.base = self.tail[cut:], self.base + cut
 
 
 class HeldBack:
