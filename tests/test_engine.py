@@ -1017,6 +1017,38 @@ def test_a_preempted_request_cancelled_while_it_waits_ends_holding_nothing(one_t
     assert not any(engine.cache.refs) and engine.cache.num_free == 10 and engine.free == list(range(5))
 
 
+def test_growing_pages_scans_the_running_list_no_more_per_request(one_thread):
+    """_grow's check, for each running request, of whether an earlier one's pages preempted it reads the step's
+    victims, not `r in self.running` (a scan of the list: the running requests squared, a step's host time that
+    grows with the batch): a list counting its scans sees none while 12 running requests grow, and the ones
+    preempted for the pages (the latest admitted) are still passed over, their pages given back."""
+    class Scanned(list):
+        scans = 0
+
+        def __contains__(self, item):
+            Scanned.scans += 1
+            return super().__contains__(item)
+
+    model = tiny(n_layer=1)
+    engine = Engine(model, max_batch=12, kv_pages=26, page_size=4)
+    for j in range(12):  # (2 pages each at admission, 8 positions: a row of 9 ids writes into a third)
+        engine.submit(prompt(6, seed=j), 6)
+    while engine.running[0].idx.size(1) < 9 if engine.running else True:
+        engine.step()
+    assert len(engine.running) == 12 and engine.cache.num_free == 2
+    engine.running = Scanned(engine.running)
+    latest = engine.running[-1]
+    with engine.cond:
+        assert engine._grow()
+    assert Scanned.scans == 0
+    # (the latest admitted first, each victim sent to the front: the waiting queue in admission order; a victim the
+    # loop reaches later is passed over, never grown without slots)
+    victims = list(engine.waiting)
+    assert victims and victims[-1] is latest and all(r.slots is None for r in victims)
+    assert list(engine.running) + victims == sorted(list(engine.running) + victims, key=lambda r: r.queued)
+    assert all(len(engine.cache.pages[s]) == 3 for r in engine.running for s in r.slots)
+
+
 def test_a_preempted_request_goes_back_to_the_front_of_the_queue_and_cuda_graph_steps_run_it(one_thread):
     """max_batch 4 (graphed: buckets 1, 2, 4, the capture emulated on the CPU): A, B's 2 rows and C run, D waits
     for a slot; C, the latest admitted, is the first preempted and goes back in front of D, readmitted first.

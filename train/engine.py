@@ -758,9 +758,11 @@ class Engine:
         past its end are padding too, never shown). Earliest admitted first; when too few pages are free (cached
         pages no row holds count as free), the latest admitted running request is preempted (_preempt), the one
         growing itself when it is the latest. -> whether any was."""
-        cache, preempted = self.cache, False
+        # (victims: the ones preempted so far, a set: `r in self.running` each would scan the list, a step's
+        # requests squared)
+        cache, preempted, victims = self.cache, False, set()
         for r in [r for r in self.running if not r.todo]:
-            if r not in self.running:  # preempted already, for an earlier one's pages
+            if r in victims:  # preempted already, for an earlier one's pages
                 continue
             length, slots = r.idx.size(1), [s for s, ended in zip(r.slots, r.ended) if not ended]
             while sum(cache.pages_for(length) - len(cache.pages[s]) for s in slots) > cache.num_free:
@@ -770,6 +772,7 @@ class Engine:
                         f"the request's rows need more than the cache's {cache.num_pages} KV pages"))
                     break
                 self._preempt(victim)
+                victims.add(victim)
                 if victim is r:
                     break
             else:
