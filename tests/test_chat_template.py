@@ -1103,42 +1103,33 @@ def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_re
 
 def test_cohere_gpt_neox_and_codegen_classes_and_a_config_json_model_type_give_transformers_defaults(tmp_path):
     """The class whose defaults fill what a folder leaves out is the one transformers 5 reads it as: Cohere's,
-    GPT-NeoX's (Pythia, OLMo 1) and CodeGen's own; config.json's model_type's where it registers another (a Mistral's
-    or Phi-3's LlamaTokenizer is TokenizersBackend, no defaults; a Qwen2's any class is Qwen2Tokenizer) or the folder
-    names none; TokenizersBackend for a LlamaTokenizer whose tokenizer.json is byte-level. The template sees them, and
-    the EOS is transformers' where no file names one."""
+    GPT-NeoX's (Pythia) and CodeGen's (Phi-2, though model_type phi registers GPT2Tokenizer) own; config.json's
+    model_type's where the folder names none (Command-R's cohere) or it registers another and lists the folder's as
+    wrong (a Qwen2's any class is Qwen2Tokenizer); TokenizersBackend, no defaults, where the type registers it (a
+    Mistral's LlamaTokenizer) or a LlamaTokenizer's tokenizer.json is byte-level. The template sees them, and the EOS
+    is transformers' where no file names one. (Each case is one that reading tokenizer_class alone got wrong; a
+    Llama 2 folder's own LlamaTokenizer defaults: test_a_folder_naming_its_eos_only_in_special_tokens_map_json...)"""
     from tritongpt.train.hf_tokenizer import HFTokenizer
     from tritongpt.train.tokenizer import eot_or_none
 
     chat = [{"role": "user", "content": "hi"}]
     cohere = ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<UNK>", "<PAD>", "<MASK_TOKEN>", "<|padding|>")
     none = "False|False|B?|E?||U?|P?|M?|hi"
-    llama = "True|True|<s>|</s>|<s></s>|<unk>|P?|M?|hi"
-    qwen2 = "False|True|B?|<|endoftext|>|<|endoftext|>|<|endoftext|>|<|endoftext|>|M?|hi"
     cases = {  # folder: (tokenizer_config.json, config.json's model_type, transformers' rendering, its eos_token_id)
-        "cohere": ({"tokenizer_class": "CohereTokenizerFast"}, None,
-                   "True|True|<BOS_TOKEN>|<|END_OF_TURN_TOKEN|>|<BOS_TOKEN><|END_OF_TURN_TOKEN|>|<UNK>|<PAD>|"
-                   "<MASK_TOKEN>|hi", 10),
         "cohere_type": ({}, "cohere", "True|True|<BOS_TOKEN>|<|END_OF_TURN_TOKEN|>|<BOS_TOKEN><|END_OF_TURN_TOKEN|>|"
                                       "<UNK>|<PAD>|<MASK_TOKEN>|hi", 10),
-        "neox": ({"tokenizer_class": "GPTNeoXTokenizerFast"}, "olmo",
-                 "True|True|<|endoftext|>|<|endoftext|>|<|endoftext|><|endoftext|>|<|endoftext|>|<|padding|>|M?|hi",
-                 3),
-        "codegen": ({"tokenizer_class": "CodeGenTokenizer"}, "codegen",
-                    "True|True|<|endoftext|>|<|endoftext|>|<|endoftext|><|endoftext|>|<|endoftext|>|P?|M?|hi", 3),
-        "llama": ({"tokenizer_class": "LlamaTokenizerFast"}, "llama", llama, 2),
+        "pythia": ({"tokenizer_class": "GPTNeoXTokenizerFast"}, "gpt_neox",
+                   "True|True|<|endoftext|>|<|endoftext|>|<|endoftext|><|endoftext|>|<|endoftext|>|<|padding|>|M?|hi",
+                   3),
+        "phi2": ({"tokenizer_class": "CodeGenTokenizer"}, "phi",
+                 "True|True|<|endoftext|>|<|endoftext|>|<|endoftext|><|endoftext|>|<|endoftext|>|P?|M?|hi", 3),
         "mistral": ({"tokenizer_class": "LlamaTokenizerFast"}, "mistral", none, None),
-        "phi3": ({"tokenizer_class": "LlamaTokenizer"}, "phi3", none, None),
-        "qwen2_as_llama": ({"tokenizer_class": "LlamaTokenizerFast"}, "qwen2", qwen2, 3),
-        "qwen2_type": ({}, "qwen2", qwen2, 3),
-        "llama_type": ({}, "llama", none, None),
-        "bloom": ({"tokenizer_class": "BloomTokenizerFast"}, "bloom", none, None),
-        "falcon": ({"tokenizer_class": "PreTrainedTokenizerFast"}, "falcon", none, None),
+        "qwen2_as_llama": ({"tokenizer_class": "LlamaTokenizerFast"}, "qwen2",
+                           "False|True|B?|<|endoftext|>|<|endoftext|>|<|endoftext|>|<|endoftext|>|M?|hi", 3),
         "llama_bytes": ({"tokenizer_class": "LlamaTokenizerFast"}, "llama", none, None),
     }
     for name, (config, model_type, want, eos) in cases.items():
-        folder = tiny_folder(tmp_path / name, config, {"config.json": {"model_type": model_type}} if model_type else {},
-                             more=cohere)
+        folder = tiny_folder(tmp_path / name, config, {"config.json": {"model_type": model_type}}, more=cohere)
         if name == "llama_bytes":
             spec = json.loads((folder / "tokenizer.json").read_text())
             spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
