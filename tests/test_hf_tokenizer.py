@@ -937,6 +937,41 @@ def test_serve_and_run_batch_stop_on_the_generation_configs_eos_too(ends_folder,
         (theirs.decode(row[:2]), "stop", end, 3)
 
 
+def test_generate_and_serve_stop_on_an_eos_only_special_tokens_map_json_names(ends_folder, tmp_path, capsys):
+    """A legacy folder (an older Llama 2's or Mistral's) naming its EOS in special_tokens_map.json alone: none in
+    tokenizer_config.json (nor an added_tokens_decoder there, so transformers reads the map), config.json or
+    generation_config.json. transformers' tokenizer.eos_token_id is the map's, which vLLM stops on; so do generate
+    and serve (ends_folder's `end`, PROMPT's third greedy token, made the map's EOS here)."""
+    import shutil
+
+    from tritongpt import cli
+
+    from test_serve import call, start
+
+    src, theirs, row, end, *_ = ends_folder
+    path = shutil.copytree(src, tmp_path / "legacy")
+    for name, keys in (("tokenizer_config.json", ("eos_token", "added_tokens_decoder")),
+                       ("config.json", ("eos_token_id",)), ("generation_config.json", ("eos_token_id",))):
+        d = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({k: v for k, v in d.items() if k not in keys}))
+    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": theirs.convert_ids_to_tokens(end)}))
+    assert transformers.AutoTokenizer.from_pretrained(path).eos_token_id == end
+    assert cli.main(["generate", "--weights", str(path), "--prompt", PROMPT, *FLAGS]) == 0
+    out = capsys.readouterr()
+    assert out.out == theirs.decode(theirs(PROMPT)["input_ids"] + row[:2]) + "\n"
+    assert f"the model ended the text ({theirs.decode([end])}) after 2 new tokens" in out.err
+    server = start(path, "--kernels", "reference")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        status, got = call(server, "/v1/completions", {"prompt": PROMPT, "temperature": 0, "max_tokens": 8})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200, got
+    assert (got["choices"][0]["text"], got["choices"][0]["finish_reason"], got["usage"]["completion_tokens"]) == \
+        (theirs.decode(row[:2]), "stop", 3)
+
+
 def test_serve_min_tokens_holds_the_generation_configs_eos_back_under_ignore_eos(ends_folder):
     """ignore_eos with min_tokens: vLLM's update_from_generation_config keeps the generation config's end tokens in
     all_stop_token_ids, which its min_tokens processor holds back, even where ignore_eos leaves them out of
