@@ -1106,8 +1106,9 @@ def test_cohere_gpt_neox_and_codegen_classes_and_a_config_json_model_type_give_t
     GPT-NeoX's (Pythia) and CodeGen's (Phi-2, though model_type phi registers GPT2Tokenizer) own; config.json's
     model_type's where the folder names none (Command-R's cohere) or it registers another and lists the folder's as
     wrong (a Qwen2's any class is Qwen2Tokenizer); TokenizersBackend, no defaults, where the type registers it (a
-    Mistral's LlamaTokenizer) or a LlamaTokenizer's tokenizer.json is byte-level. The template sees them, and the EOS
-    is transformers' where no file names one. (Each case is one that reading tokenizer_class alone got wrong; a
+    Mistral's LlamaTokenizer) or a LlamaTokenizer's tokenizer.json is byte-level; the declared class, all that aside,
+    where tokenizer_config.json's auto_map names a remote-code tokenizer. The template sees them, and the EOS is
+    transformers' where no file names one. (Each case is one that reading tokenizer_class alone got wrong; a
     Llama 2 folder's own LlamaTokenizer defaults: test_a_folder_naming_its_eos_only_in_special_tokens_map_json...)"""
     from tritongpt.train.hf_tokenizer import HFTokenizer
     from tritongpt.train.tokenizer import eot_or_none
@@ -1127,6 +1128,9 @@ def test_cohere_gpt_neox_and_codegen_classes_and_a_config_json_model_type_give_t
         "qwen2_as_llama": ({"tokenizer_class": "LlamaTokenizerFast"}, "qwen2",
                            "False|True|B?|<|endoftext|>|<|endoftext|>|<|endoftext|>|<|endoftext|>|M?|hi", 3),
         "llama_bytes": ({"tokenizer_class": "LlamaTokenizerFast"}, "llama", none, None),
+        # a remote-code tokenizer: without trust_remote_code, its declared class all the same (neither check above)
+        "remote": ({"tokenizer_class": "LlamaTokenizerFast", "auto_map": {"AutoTokenizer": ["tok.XTokenizer", None]}},
+                   "mistral", "True|True|<s>|</s>|<s></s>|<unk>|P?|M?|hi", 2),
     }
     for name, (config, model_type, want, eos) in cases.items():
         folder = tiny_folder(tmp_path / name, config, {"config.json": {"model_type": model_type}}, more=cohere)

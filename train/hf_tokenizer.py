@@ -164,12 +164,19 @@ def tokenizer_class(cfg: dict, folder: Path) -> str | None:
     (CLASS_TOKENS) fill what its files leave out: tokenizer_config.json's tokenizer_class (else config.json's), but
     the one config.json's model_type registers where it registers another and says the folder's is wrong (Qwen2) or
     gives none, and TokenizersBackend (None) where the type registers it (a Mistral's or Phi-3's LlamaTokenizer) or a
-    LlamaTokenizer's tokenizer.json is byte-level (LlamaTokenizer splits on Metaspace)."""
+    LlamaTokenizer's tokenizer.json is byte-level (LlamaTokenizer splits on Metaspace); the declared one, all that
+    aside, where tokenizer_config.json's auto_map names a remote-code AutoTokenizer."""
     path = folder / "config.json"
     model = read_json_object(path) if path.is_file() else {}
     model_type = model.get("model_type")
     declared = cfg.get("tokenizer_class") or model.get("tokenizer_class")
     declared = declared.removesuffix("Fast") if isinstance(declared, str) else None
+    auto = cfg.get("auto_map")
+    remote = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto if isinstance(auto, list) else None
+    if declared is not None and remote is not None:
+        # a remote-code tokenizer (tokenizer_config.json's auto_map): transformers skips both checks below for it
+        # and, without trust_remote_code, reads the folder as its declared class
+        return declared
     path = folder / "tokenizer.json"
     if declared == "LlamaTokenizer" and model_type not in WRONG_CLASS_TYPES and path.is_file() and \
             '"ByteLevel"' in path.read_text(encoding="utf-8"):  # (transformers' own test, on the file's text)
