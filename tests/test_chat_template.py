@@ -519,6 +519,38 @@ def test_a_filter_whose_result_outgrows_its_input_is_sized_before_it_is_made(mon
         render(tok, [{"role": "user", "content": "<>" * 3000}])
 
 
+def test_a_strings_width_is_never_read_below_its_own():
+    """_width (1, 2 or 4 bytes a character, read from a string's size) sizes |urlencode and the repr and JSON of
+    text: read below a string's own, those are under-counted, past MAX_TEXT unrefused. Its header is not read from
+    'é', a shared singleton whose size grows once anything caches its UTF-8 (a class named 'é' here; on 3.12 and
+    later it always has it): read so, every CJK text was 1 byte a character. A fresh copy of the module, loaded after
+    that, reads each width as it is (a str subclass's or a string with its UTF-8 cached: at it or above)."""
+    import importlib.util
+    import sys
+
+    from tritongpt.train import chat_template
+
+    type("\xe9", (), {})  # (caches the singleton's UTF-8, as CPython 3.12 and later are built with it)
+    spec = importlib.util.spec_from_file_location("_chat_template_copy", chat_template.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+
+    class Text(str):
+        pass
+
+    for piece, width in (("\xe9", 1), ("a\xff", 1), ("中", 2), ("a\u0100", 2), ("🙂", 4), ("中\U000e0001", 4)):
+        for n in (1, 2, 7, 1000):
+            text = "".join([piece] * n)  # (made here; 'é' alone is the singleton, its UTF-8 cached: above)
+            for same in (text, sys.intern(text)):
+                assert fresh._width(same) == width or text == "\xe9" and fresh._width(same) > width, (piece, n)
+            assert fresh._width(Text(text)) >= width
+            assert fresh._utf8_size(text) >= len(text.encode()) and fresh._quoted_size(text) >= len(repr(text))
+            assert fresh._quoted_size(text + "\n") >= len(repr(text + "\n"))
+            type(text, (), {})  # (its UTF-8 cached now: the string larger, its width read at or above its own)
+            assert fresh._width(text) >= width
+    assert fresh._width("ab") == 1
+
+
 def test_copies_a_template_keeps_are_charged_as_made(monkeypatch):
     """What a template keeps in a list is charged 8 bytes an item; an item that is a new copy of a large string (a
     slice, split()'s or partition()'s pieces, |list's characters) or a new dict ({}.fromkeys(L), dict(d),

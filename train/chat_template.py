@@ -299,7 +299,13 @@ def _width(s: str) -> int:
     return 1 if width <= 1 else 2 if width <= 2 else 4  # (a str subclass, Markup, is larger by its fields: rounded up)
 
 
-_WIDE_HEADER = sys.getsizeof("\xe9") - 2  # (a non-ASCII string's header: its characters, and a NUL, follow it)
+# (a non-ASCII string's header: its characters, and a NUL, follow it). Read from a string made here, two 2-byte
+# characters: not from a one-character Latin-1 string, which CPython keeps as a shared singleton that may carry its
+# cached UTF-8 too (3.12 and later always: 'é' is 3 bytes larger, so every CJK text read as 1 byte a character, its
+# repr and UTF-8 under-counted; 3.10-3.11 once anything cached it: a class named 'é'). Any other string's size is this
+# header (or a str subclass's larger one) and its characters, plus a cached UTF-8 or wchar_t copy where it has one: so
+# its width is read at its real one or above, never below.
+_WIDE_HEADER = sys.getsizeof(chr(0x100) * 2) - 3 * 2
 
 
 def _quoted_size(s: str, json_ascii=None) -> int:
