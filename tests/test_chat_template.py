@@ -519,6 +519,36 @@ def test_a_filter_whose_result_outgrows_its_input_is_sized_before_it_is_made(mon
         render(tok, [{"role": "user", "content": "<>" * 3000}])
 
 
+def test_wordwrap_is_sized_by_the_arguments_it_is_given_however_they_are_given(monkeypatch):
+    """|wordwrap's wrapstring given third (its place in Jinja's signature: width, break_long_words, wrapstring) or its
+    width given by name were sized as the defaults (a newline; lines of 79): 3,000 words wrapped at 1 with a
+    wrapstring of 10,000 made 3*10**7 characters (30x MAX_TEXT here) before refused, and 30,000 '中' wrapped at
+    width=1 made 30,000 lines unrefused (3*10**7 of them at the real MAX_TEXT: 2.5 GB). Each is refused before it is
+    made, as given by keyword (at MAX_TEXT = 1,000,000 here); a real wrap still renders as Jinja's does."""
+    import tracemalloc
+
+    from tritongpt.train import chat_template
+
+    tok = copy.copy(get_tokenizer("default"))
+    tok.chat_template = "{% set c = messages[0].content %}{{ c | wordwrap(5, True, '|') }}/{{ c | wordwrap(width=3) }}"
+    assert render(tok, [{"role": "user", "content": "ab cd ef"}]) == "ab cd|ef/ab\ncd\nef"
+    monkeypatch.setattr(chat_template, "MAX_TEXT", 1_000_000)
+    tracemalloc.start()
+    try:
+        for made, content in [("c | wordwrap(1, True, c[:1] * 10000)", "a " * 3000),
+                              ("c | wordwrap(1, False, c[:1] * 10000, True)", "a " * 3000),
+                              ("c | wordwrap(width=1)", "中" * 30_000)]:
+            tok.chat_template = "{% set c = messages[0].content %}{{ (" + made + ") | length }}"
+            tracemalloc.reset_peak()  # (the peak past what is held now: a refusal's traceback, kept, is not it)
+            held = tracemalloc.get_traced_memory()[0]
+            with pytest.raises(UserError, match="too large to render \\(line 1: the template makes a string "
+                                                "[0-9,]+ characters long"):
+                render(tok, [{"role": "user", "content": content}])
+            assert tracemalloc.get_traced_memory()[1] - held < 500_000, made
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_strings_width_is_never_read_below_its_own():
     """_width (1, 2 or 4 bytes a character, read from a string's size) sizes |urlencode and the repr and JSON of
     text: read below a string's own, those are under-counted, past MAX_TEXT unrefused. Its header is not read from

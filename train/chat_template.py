@@ -702,6 +702,14 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
         _grow(len(s) * min(s.count("<"), s.count(">")), made=False, one=False)
         return _text_size(s) + STR_ITEM * _words(s)
 
+    def wordwrap_size(s, width=79, break_long_words=True, wrapstring=None, *a, **k):
+        # (Jinja's own parameters, in its order: a wrapstring given third, or a width given by name, is the one
+        # sized, not the default's; every line gets a wrapstring, and textwrap's chunks (a word and a space each) and
+        # lines (at most one a `width` characters) are a new string each)
+        wrap = len(wrapstring) if isinstance(wrapstring, str) and wrapstring else 1  # (none or '': its newline)
+        every = max(width if isinstance(width, int) else 1, 1)
+        return _text_size(s) * (1 + wrap) + STR_ITEM * (_words(text(s), "-") + len(text(s)) // every)
+
     # the filters whose result, or what they make on the way to it, may be several times their input: sized from it
     # before they make it, not refused only once made (|escape of 6.7*10**7 '"' made 335 MB, |urlencode of 1.7*10**7
     # emoji a list of their 6.7*10**7 bytes: 850 MB, before MAX_TEXT refused the result). Words and lines they cut a
@@ -709,9 +717,7 @@ def _compiled(template: str, what: str = "the tokenizer's chat template"):
     sizes = {
         "center": lambda s, width=80: max(_text_size(s), width if isinstance(width, int) else 0),
         "indent": lambda s, w=4, *a, **k: _text_size(s) + lines(s) * (width(k.get("width", w)) + STR_ITEM),
-        "wordwrap": lambda s, w=79, *a, wrapstring=None, **k: _text_size(s) * (1 + len(wrapstring or "\n")) + (
-            # (textwrap's chunks, a word and a space each, and its lines: at most one a `w` characters)
-            STR_ITEM * (_words(text(s), "-") + len(text(s)) // max(w if isinstance(w, int) else 1, 1))),
+        "wordwrap": wordwrap_size,
         "escape": _html_size, "e": _html_size, "forceescape": _html_size,
         # (url_quote lists the UTF-8 bytes, a pointer each, before it joins their %XX)
         "urlencode": lambda v: 8 * (_utf8_size(v) if isinstance(v, str) else 4 * _text_size(v)),
