@@ -891,8 +891,9 @@ class Scored:
     up to the end token, stop token or the token a stop string ends in (draw: vLLM's)."""
 
     def __init__(self, tok, prompt_ids, hidden=()):
-        self.decoder = tok.stream_decoder()
-        self.decoder.write(prompt_ids)  # (a word's leading space is the new text's, as Delta's)
+        from tritongpt.commands import ContinuationStream
+
+        self.decoder = ContinuationStream(tok, prompt_ids)  # (the text after the prompt's, as Delta's)
         self.items, self.ends, self.given = [], [], 0
         self.hidden = hidden  # ids whose text is left out (Choices.hidden: skip_special_tokens)
 
@@ -1577,14 +1578,16 @@ class Delta:
     token's text sent only where the answer keeps it; a stop string only past the first min_tokens tokens' text)."""
 
     def __init__(self, tok, prompt_ids, rows):
-        from tritongpt.commands import HeldBack
+        from tritongpt.commands import ContinuationStream, HeldBack
 
         self.rows, self.count = rows, 0
         self.drawn = 0  # the choice's tokens so far, the one that ended it included (usage's completion tokens)
         self.tokens = []  # their ids (return_token_ids')
-        self.decoder, self.held, self.done = tok.stream_decoder(), HeldBack(rows.stops, rows.include_stop), False
+        # the prompt's text read, not sent: a word's leading space is the new text's, a character the prompt's ids
+        # cut is the answer's text as continuation() counts it (Choices' text, which the stream must add up to)
+        self.decoder = ContinuationStream(tok, prompt_ids)
+        self.held, self.done = HeldBack(rows.stops, rows.include_stop), False
         self.held.after = sys.maxsize if rows.min_tokens else 0  # (no stop string yet)
-        self.decoder.write(prompt_ids)  # the prompt's text read, not sent: a word's leading space is the new text's
 
     @property
     def sent_text(self) -> str:

@@ -820,6 +820,39 @@ def continuation(tok, ids, new, prompt=None) -> str:
     return whole[len(prompt):] if whole.startswith(prompt) else tok.decode(new)
 
 
+class ContinuationStream:
+    """continuation()'s text streamed: write(new ids) hands out what continuation(tok, ids, all new ids so far) adds,
+    less what later ids may change (the tokenizer's stream_decoder, read after the prompt). A prompt that ends in a
+    cut character (token ids sent as the prompt) holds text its stream decoder has not handed out: continuation
+    counts it the prompt's (its U+FFFD) where the new ids do not complete it, and decodes the new ids alone where
+    they do; until the new text says which, nothing is handed out."""
+
+    def __init__(self, tok, ids):
+        self.tok, self.after = tok, tok.stream_decoder()  # after: the prompt's text, then the new text
+        self.held = tok.decode(ids)[len(self.after.write(ids)):]  # the prompt's text not handed out
+        self.alone = tok.stream_decoder() if self.held else None  # the new ids decoded alone (continuation's else)
+        self.seen, self.seen_alone = "", ""  # what each handed out since the prompt, while undecided
+
+    def write(self, ids) -> str:
+        if self.alone is None:  # decided (or nothing held): the new text as decoding the whole row gives it
+            return self.after.write(ids)
+        return self._decide(self.after.write(ids), self.alone.write(ids))
+
+    def flush(self) -> str:
+        return self.after.flush() if self.alone is None else self._decide(self.after.flush(), self.alone.flush(),
+                                                                          True)
+
+    def _decide(self, after: str, alone: str, final: bool = False) -> str:
+        self.seen, self.seen_alone = self.seen + after, self.seen_alone + alone
+        if self.seen.startswith(self.held):  # the whole row starts with the prompt's text: what follows it
+            self.alone = None
+            return self.seen[len(self.held):]
+        if self.held.startswith(self.seen) and not final:
+            return ""  # not known yet
+        self.after, self.alone = self.alone, None  # the new ids complete the prompt's character: decoded alone
+        return self.seen_alone
+
+
 def stop_strings(values) -> list:
     """--stop's texts, backslash escapes read (a shell passes "\\n" as two characters); an empty one is refused."""
     stops = []

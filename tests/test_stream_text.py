@@ -1,0 +1,98 @@
+"""Streamed text against the whole answer, as vLLM's detokenizer has them: `serve`'s deltas add up to the
+non-streamed text for every choice, with or without stop strings, on both endpoints; a character cut between tokens
+is never sent as U+FFFD (nor one a prompt of token ids cuts); a stop string never leaks into the stream. The model
+is a script of token ids over a byte-level BPE whose tokens split multi-byte characters."""
+import pytest
+import torch
+
+from test_serve import call, events, start
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.tokenizer import EOT, BPETokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# emoji, CJK, accents and a combining mark: the trained merges hold tokens like b"\x82\xf0\x9f" (a character's
+# tail and the next one's head)
+CORPUS = "the cat 🙂🎉 東京 naïve café a\u0301b " * 6
+
+
+def tokenizer():
+    return BPETokenizer.train(CORPUS, 280, special_tokens=(EOT, "<|im_end|>"))
+
+
+class Scripted(torch.nn.Module):
+    """A model stand-in whose greedy draw is script[row][k] as the row's k-th new token, then the EOS."""
+
+    def __init__(self, vocab: int, eos: int):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab, context_length=128, n_embd=32, n_layer=1, n_head=1)
+        self.vocab, self.eos, self.script, self.prompt_len, self.adapters = vocab, eos, [[]], None, None
+
+    def new_cache(self, batch, length):
+        return type("Cache", (), dict(pos=0, reset=lambda c: setattr(c, "pos", 0)))()
+
+    def forward(self, idx, cache=None):
+        if cache is not None and cache.pos == 0:  # a prefill: the prompt's length
+            self.prompt_len = idx.size(1)
+        pos = (cache.pos if cache is not None else 0) + idx.size(1)
+        if cache is not None:
+            cache.pos = pos
+        k = pos - self.prompt_len if cache is not None else -1  # (echo's scoring forward: no cache, no draw)
+        out = torch.zeros(idx.size(0), idx.size(1), self.vocab)
+        for b in range(idx.size(0)):
+            row = self.script[b % len(self.script)]
+            out[b, -1, row[k] if 0 <= k < len(row) else self.eos] = 20.0
+        return out
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    """A server (--max-batch 1: generate(), which a stand-in model can drive) whose model is a Scripted."""
+    folder = tmp_path_factory.mktemp("stream") / "run"
+    tok = tokenizer()
+    (folder / "ckpt-0000001").mkdir(parents=True)
+    tok.save(folder / "tokenizer.json")
+    GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=128, n_embd=16, n_layer=1, n_head=1)).save(
+        folder / "ckpt-0000001" / "model.safetensors")
+    torch.save({"step": 1, "prompt_format": "chat"}, folder / "ckpt-0000001" / "state.pt")
+    server = start(folder, "--max-batch", "1")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    server.app.model = model = Scripted(tok.vocab_size, tok.eot_id)
+    yield server, tok, model
+    server.shutdown()
+    server.server_close()
+
+
+def both_ways(server, path, body) -> tuple:
+    """(the response, each choice's streamed pieces by index, their last chunks), the stream checked error-free."""
+    status, plain = call(server, path, body)
+    assert status == 200, plain
+    chunks = events(call(server, path, {**body, "stream": True})[1])
+    assert not [c for c in chunks if "error" in c], chunks
+    pieces, last = {}, {}
+    for c in chunks:
+        for ch in c["choices"]:
+            text = ch["text"] if "text" in ch else ch["delta"].get("content") or ""
+            pieces.setdefault(ch["index"], []).append(text)
+            last[ch["index"]] = ch
+    return plain, pieces, last
+
+
+def answer_text(choice) -> str:
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def test_a_prompt_of_ids_that_cuts_a_character_streams_the_answers_text(scripted):
+    """Token ids sent as the prompt can end inside a character ("a" and two of "€"'s three bytes). The stream read
+    the prompt through the tokenizer's stream decoder, which holds those bytes back: the first new token then
+    handed out the prompt's U+FFFD as the answer's (the new ids not completing it) or the completed "€" (where
+    the answer, decoded as continuation() does, starts with U+FFFD), so the stream did not add up to the text
+    and ended in a 500 error event. It now hands out the answer's text."""
+    server, tok, model = scripted
+    prompt = list("a€".encode())[:-1]
+    model.script = [list(b"bc"), [list("€".encode())[-1]] + list(b"bc")]  # not completing it, completing it
+    plain, pieces, last = both_ways(server, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "n": 2,
+                                                               "temperature": 0})
+    assert [c["text"] for c in plain["choices"]] == ["bc", "\ufffdbc"]
+    for c in plain["choices"]:
+        assert "".join(pieces[c["index"]]) == c["text"] and last[c["index"]]["finish_reason"] == "stop"
