@@ -1228,7 +1228,9 @@ def test_a_stop_string_keeps_every_drawn_tokens_logprobs_as_vllm_does(both):
     new = reference(server, ids, 24)[0]
     full = new_text(tok, ids, new)
     stop = fresh_stop(full, 6)
-    k = next(k for k in range(1, 25) if stop in new_text(tok, ids, new[:k]))  # the token the stop ends in
+    # the token the stop ends in (a random model's bytes may put U+FFFD in it: matched once text follows it, as
+    # vLLM's detokenizer holds back text that ends in one)
+    k = next(k for k in range(1, 25) if stop in new_text(tok, ids, new[:k]).rstrip("\ufffd"))
     for keep in (False, True):
         req = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1, "stop": stop,
                "include_stop_str_in_output": keep}
@@ -1246,8 +1248,9 @@ def test_a_stop_string_keeps_every_drawn_tokens_logprobs_as_vllm_does(both):
     content = answer["choices"][0]["logprobs"]["content"]
     by_bytes = {tok.decode_bytes([i]): i for i in range(tok.vocab_size)}
     got = [by_bytes[bytes(e["bytes"])] for e in content]  # (each token's bytes: which token it is)
-    stop = fresh_stop(answer["choices"][0]["message"]["content"], 3)
-    k = next(k for k in range(1, len(got) + 1) if stop in tok.decode(got[:k]))
+    # (where U+FFFDs end the answer, a stop string of theirs matches nothing: one before them)
+    stop = fresh_stop(answer["choices"][0]["message"]["content"].rstrip("\ufffd"), 0)
+    k = next(k for k in range(1, len(got) + 1) if stop in tok.decode(got[:k]).rstrip("\ufffd"))
     body = call(server, "/v1/chat/completions", {**chat_req, "stop": stop})[1]
     assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == k
     assert body["choices"][0]["logprobs"]["content"] == content[:k]

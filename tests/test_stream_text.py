@@ -96,3 +96,23 @@ def test_a_prompt_of_ids_that_cuts_a_character_streams_the_answers_text(scripted
     assert [c["text"] for c in plain["choices"]] == ["bc", "\ufffdbc"]
     for c in plain["choices"]:
         assert "".join(pieces[c["index"]]) == c["text"] and last[c["index"]]["finish_reason"] == "stop"
+
+
+def test_a_stop_string_does_not_match_a_character_the_next_token_completes(scripted):
+    """vLLM's detokenizer holds back text that ends in U+FFFD (a character a later token may complete), so its stop
+    strings never see it. Ours searched the text decoded so far, where the first bytes of "🙂" are a U+FFFD: a stop
+    string with one in it ended the answer mid-character. It now matches once text follows the U+FFFD, as a lone
+    continuation byte's, which no token completes, is then."""
+    server, tok, model = scripted
+    emoji = list("🙂".encode())
+    model.script = [list(b"hi") + emoji + list(b"!")]
+    body = {"max_tokens": 8, "temperature": 0, "stop": ["\ufffd", "i\ufffd"]}
+    for path, extra in (("/v1/completions", {"prompt": "the"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "the"}]})):
+        plain, pieces, last = both_ways(server, path, {**body, **extra})
+        assert answer_text(plain["choices"][0]) == "hi🙂!" == "".join(pieces[0])
+        assert plain["choices"][0]["finish_reason"] == "stop" and plain["choices"][0]["stop_reason"] is None  # EOS
+    model.script = [list(b"hi") + [0x80] + list(b"!")]
+    plain, pieces, last = both_ways(server, "/v1/completions", {**body, "prompt": "the", "stop": ["\ufffd"]})
+    assert plain["choices"][0]["text"] == "hi" == "".join(pieces[0])
+    assert (plain["choices"][0]["stop_reason"], plain["usage"]["completion_tokens"]) == ("\ufffd", 4)

@@ -870,8 +870,11 @@ def stop_strings(values) -> list:
 def cut_at_stop(text: str, stops, after: int = 0, keep: bool = False) -> tuple:
     """(text before the first stop string in it, that stop) or (text, None). after: only a stop string that ends past
     that many characters counts (vLLM's min_tokens: not in the text of the first min_tokens tokens); keep: the text
-    up to the stop string's end instead (vLLM's include_stop_str_in_output)."""
-    hits = [(at, s) for s in stops for at in [text.find(s, max(after - len(s) + 1, 0))] if at >= 0]
+    up to the stop string's end instead (vLLM's include_stop_str_in_output). A U+FFFD the text ends in is not
+    searched: a character cut by the last token, which the next may complete (vLLM's detokenizer holds such text
+    back, its stop strings never see it)."""
+    whole = text.rstrip("\ufffd")
+    hits = [(at, s) for s in stops for at in [whole.find(s, max(after - len(s) + 1, 0))] if at >= 0]
     if not hits:
         return text, None
     at, stop = min(hits)
@@ -1045,7 +1048,8 @@ class HeldBack:
         """chunk's share of what can be sent now (final: the stream's end, nothing held back)."""
         self.new += chunk
         text, cut = cut_at_stop(self.new, self.stops, self.after, self.keep)
-        end = len(text) if cut or final else max(self.sent, len(self.new) - self.hold)
+        # (a U+FFFD the text ends in held back too: a stop string may yet start with it, cut_at_stop)
+        end = len(text) if cut or final else max(self.sent, len(self.new.rstrip("\ufffd")) - self.hold)
         out = self.new[self.sent:end]
         self.sent, self.done = end, bool(cut)
         return out
