@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from test_serve import call, events, start
+from tritongpt.commands import cut_at_stop
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.tokenizer import EOT, BPETokenizer
@@ -116,3 +117,13 @@ def test_a_stop_string_does_not_match_a_character_the_next_token_completes(scrip
     plain, pieces, last = both_ways(server, "/v1/completions", {**body, "prompt": "the", "stop": ["\ufffd"]})
     assert plain["choices"][0]["text"] == "hi" == "".join(pieces[0])
     assert (plain["choices"][0]["stop_reason"], plain["usage"]["completion_tokens"]) == ("\ufffd", 4)
+
+
+def test_stop_strings_found_at_the_same_place_go_by_the_requests_order():
+    """Two stop strings starting at the same character: the one listed first cuts (vLLM's check_stop_strings tries
+    them in order), not the one that sorts first, which decided the text and stop_reason with
+    include_stop_str_in_output."""
+    assert cut_at_stop("xabc", ["abc", "ab"], keep=True) == ("xabc", "abc")
+    assert cut_at_stop("xabc", ["ab", "abc"], keep=True) == ("xab", "ab")
+    assert cut_at_stop("xabc", ["abc", "ab"]) == ("x", "abc")
+    assert cut_at_stop("xabc", ["bc", "abc"]) == ("x", "abc")  # (the earliest start, whatever the order)

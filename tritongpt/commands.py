@@ -870,15 +870,16 @@ def stop_strings(values) -> list:
 def cut_at_stop(text: str, stops, after: int = 0, keep: bool = False) -> tuple:
     """(text before the first stop string in it, that stop) or (text, None). after: only a stop string that ends past
     that many characters counts (vLLM's min_tokens: not in the text of the first min_tokens tokens); keep: the text
-    up to the stop string's end instead (vLLM's include_stop_str_in_output). A U+FFFD the text ends in is not
-    searched: a character cut by the last token, which the next may complete (vLLM's detokenizer holds such text
-    back, its stop strings never see it)."""
+    up to the stop string's end instead (vLLM's include_stop_str_in_output). Two found at the same place: the one
+    listed first (vLLM's check_stop_strings tries them in the request's order), not the one that sorts first. A
+    U+FFFD the text ends in is not searched: a character cut by the last token, which the next may complete (vLLM's
+    detokenizer holds such text back, its stop strings never see it)."""
     whole = text.rstrip("\ufffd")
-    hits = [(at, s) for s in stops for at in [whole.find(s, max(after - len(s) + 1, 0))] if at >= 0]
+    hits = [(at, k) for k, s in enumerate(stops) for at in [whole.find(s, max(after - len(s) + 1, 0))] if at >= 0]
     if not hits:
         return text, None
-    at, stop = min(hits)
-    return text[:at + len(stop) if keep else at], stop
+    at, k = min(hits)
+    return text[:at + len(stops[k]) if keep else at], stops[k]
 
 
 class Choices:
