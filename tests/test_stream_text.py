@@ -2,13 +2,16 @@
 non-streamed text for every choice, with or without stop strings, on both endpoints; a character cut between tokens
 is never sent as U+FFFD (nor one a prompt of token ids cuts); a stop string never leaks into the stream. The model
 is a script of token ids over a byte-level BPE whose tokens split multi-byte characters."""
+import random
+
 import pytest
 import torch
 
 from test_serve import call, events, start
-from tritongpt.commands import cut_at_stop
+from tritongpt.commands import Choices, cut_at_stop
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
+from tritongpt.train.serve import Delta
 from tritongpt.train.tokenizer import EOT, BPETokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,3 +130,59 @@ def test_stop_strings_found_at_the_same_place_go_by_the_requests_order():
     assert cut_at_stop("xabc", ["ab", "abc"], keep=True) == ("xab", "ab")
     assert cut_at_stop("xabc", ["abc", "ab"]) == ("x", "abc")
     assert cut_at_stop("xabc", ["bc", "abc"]) == ("x", "abc")  # (the earliest start, whatever the order)
+
+
+def streamed(tok, prompt, new, stops, **ends) -> tuple:
+    """Model.draw's stream of one choice, without the model: the new ids drawn one a step until Choices' rule ends
+    the row (an end token, a stop string) -> (the text sent as it was drawn, Choices' (text, finish, count, reason))."""
+    rows = Choices(tok, prompt, stops, tok.eot_id, **ends)
+    delta, row, sent = Delta(tok, prompt, rows), list(prompt), ""
+    for t in new:
+        row.append(t)
+        sent += delta.add(t)
+        if rows.end_of(row[len(prompt):]) is not None or stops and rows.stopped(torch.tensor([row]))[0]:
+            break
+    return sent, rows.ending(0, row)
+
+
+def test_fuzz_streamed_text_is_the_answers_own_and_stop_strings_never_leak():
+    """Random token ids (characters cut between tokens and between the prompt and the answer, special tokens) and
+    stop strings taken from the text they make (spanning tokens, several at once, some only in the prompt): what
+    the stream sent is where the answer starts (Model.draw sends the rest at the end), never a U+FFFD the answer
+    does not have; the answer ends at the first token whose text so far holds a stop string, before it (at its end
+    with include_stop_str_in_output, the string then in it once), finish "stop" with stop_reason the string; without
+    one it is the whole continuation. A stop string never matches a U+FFFD the text so far ends in (vLLM's
+    detokenizer holds it back). A special token's text is text only with skip_special_tokens false."""
+    from tritongpt.commands import continuation
+
+    tok, rng = tokenizer(), random.Random(0)
+    specials = set(tok.special_tokens.values())
+    for _ in range(300):
+        prompt = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 4))]
+        new = [rng.randrange(tok.vocab_size - 2) for _ in range(rng.randint(1, 10))]  # (no EOS, no <|im_end|>)
+        if rng.random() < 0.3:
+            new.insert(rng.randrange(len(new) + 1), rng.choice(sorted(specials)))
+        skip, keep = rng.random() < 0.5, rng.random() < 0.4
+        new = new[:new.index(tok.eot_id) + 1] if tok.eot_id in new else new
+        # the answer's text after each token
+        texts = [continuation(tok, prompt, [t for t in new[:k] if t != tok.eot_id and not (skip and t in specials)])
+                 for k in range(1, len(new) + 1)]
+        source = texts[-1] if rng.random() < 0.8 else tok.decode(prompt)  # (a stop only in the prompt stops nothing)
+        stops = [source[a:a + rng.randint(1, 4)] for a in (rng.randrange(len(source)) for _ in range(
+            rng.randint(0, 3)) if source)]
+        # a special token's text (a stop only where it is text), a U+FFFD (only once text follows it)
+        stops += [rng.choice(["<|im_end|>", "\ufffd"])] if rng.random() < 0.3 else []
+        case = (prompt, new, stops, skip, keep)
+        sent, (text, finish, count, reason) = streamed(tok, prompt, new, stops, include_stop=keep, skip_special=skip)
+        assert text.startswith(sent), case
+        hit = next((k for k, t in enumerate(texts) if any(s in t.rstrip("\ufffd") for s in stops)), None)
+        if hit is None:
+            assert text == texts[-1] and reason is None, case
+            continue
+        at, first = min((texts[hit].find(s), i) for i, s in enumerate(stops) if s in texts[hit].rstrip("\ufffd"))
+        assert (finish, reason, count) == ("stop", stops[first], hit + 1), case
+        assert text == texts[hit][:at + len(reason) if keep else at], case
+        # (no stop string before it; with include_stop_str_in_output the text ends with it, there once)
+        assert all(text.find(s) in range(-1, 0) or text.find(s) >= at for s in stops), case
+        assert text.find(reason) == (at if keep else -1) and (not keep or text.endswith(reason)), case
+        assert keep or not any(s in sent for s in stops), case
