@@ -3013,6 +3013,35 @@ def test_choices_stopped_finds_what_cutting_the_whole_rows_text_finds():
     assert hits > 50  # (the stop strings were found, at many steps)
 
 
+def test_choices_stopped_grown_text_is_searched_less_its_trailing_replacement_characters():
+    """cut_at_stop searches the text less the U+FFFDs it ends in (vLLM's detokenizer holds them back: a character
+    the next token may complete), and so must the grown text: Grown searched its pending byte's U+FFFD and its
+    committed ones, stopping "hi" + the first bytes of "🙂" on a "\ufffd" that the next byte completes. A run of
+    U+FFFDs (lone continuation bytes) is searched once a character follows it, a stop string spanning it then
+    found, min_tokens' `after` counting its U+FFFDs; the kept tail stays a stop string long through the run."""
+    from tritongpt.commands import Choices
+
+    tok = BPETokenizer.train(CORPUS, 300)  # (ids below 256: single bytes)
+    eot, emoji, ids = tok.special_tokens["<|endoftext|>"], list("🙂".encode()), tok.encode("the")
+    cases = [  # (stops, min_tokens, row's new ids, how many new ids when stopped: None, never)
+        (["\ufffd"], 0, list(b"hi") + emoji + list(b"!"), None),
+        (["\ufffd"], 0, list(b"hi") + [0x80] * 3 + list(b"!"), 6),
+        (["i\ufffd\ufffd!"], 0, list(b"hi") + [0x80, 0x80] + list(b"!"), 5),
+        (["i\ufffd\ufffd!"], 0, list(b"hi") + [0x80] * 30 + list(b"!"), None),
+        (["\ufffd!"], 0, list(b"hi") + [0x80] * 30 + list(b"!"), 33),
+        (["\ufffd"], 3, list(b"x") + [0x80, 0x80] + list(b"y") + [0x80] + list(b"z"), 6)]
+    for stops, min_tokens, new, want in cases:
+        grown = Choices(tok, ids, stops, eot, min_tokens=min_tokens)
+        whole = Choices(tok, ids, stops, eot, min_tokens=min_tokens)
+        whole.grown = None
+        row = list(ids)
+        for t in new:
+            row.append(t)
+            assert grown.stopped(torch.tensor([row])).tolist() == whole.stopped(torch.tensor([row])).tolist()
+            assert all(len(g.tail) <= max(map(len, stops)) - 1 for g in grown.grown.values())
+        assert grown.first_stop == whole.first_stop == ({} if want is None else {0: want}), (stops, new)
+
+
 def test_choices_stopped_decodes_each_new_token_once_not_the_whole_row_each_step():
     """A server's stop strings are checked every decode step for every row of the batch: the rows' text grown by
     the step's tokens, not the prompt and every token so far decoded again (a decode of the whole row per row per

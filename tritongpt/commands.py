@@ -961,14 +961,14 @@ class Choices:
         new = rows[:, self.start + first:].tolist()  # (a slice, not rows[live]: an indexing op costs more here)
         for i in live:
             g, ids = self.grown[i], new[i]
-            # A match lying in the committed text of the last call was searched for then, with an `after` no larger
-            # (the text's length only grows: a pending byte's U+FFFD becomes its character's or stays): only one
-            # ending past it can be new, so the search starts len(stop) - 1 before its end (within the tail kept).
-            seen = g.length
+            # cut_at_stop searches the text less its trailing U+FFFDs (a pending byte's, or a committed one a later
+            # character may follow): that part only grows, each call's a prefix of the next's. A match in it at the
+            # last call was searched for then, with an `after` no larger: only one ending past it can be new, so the
+            # search starts len(stop) - 1 before its end (within the tail kept), and none while it has not grown.
+            seen = g.whole
             g.add(self, ids[g.count - first:])
-            text, base = g.text()
-            if any(text.find(stop, max(g.after - len(stop) + 1, seen - len(stop) + 1, 0) - base) >= 0
-                   for stop in self.stops):
+            if g.whole > seen and any(g.tail.find(stop, max(g.after - len(stop) + 1, seen - len(stop) + 1, g.base)
+                                                  - g.base) >= 0 for stop in self.stops):
                 self.first_stop[i] = length
             g.trim(hold)
 
@@ -992,17 +992,20 @@ class Choices:
 class Grown:
     """One row's new text as Choices.stopped grows it (a byte-level BPETokenizer's): the row's new tokens' bytes, up
     to its first end token (an end token in `shown` included) less the hidden ones, through an incremental UTF-8
-    decoder: text() is exactly tok.decode of the prompt and those ids less the prompt's text (the prompt ends on a
-    whole character: nothing of it pending), U+FFFD for bytes still pending as decode's errors="replace" gives them.
-    Only the committed text's tail is kept (trim), `base` its place in the whole; `after` min_tokens' (Choices.cut's:
-    the text's length at the row's min_tokens-th token, or now while it has fewer)."""
+    decoder, whose text is exactly tok.decode of the prompt and those ids less the prompt's text (the prompt ends on
+    a whole character: nothing of it pending), U+FFFD for bytes still pending as decode's errors="replace" gives
+    them. What cut_at_stop searches of it is kept: the text less its trailing U+FFFDs (a pending byte's is one, and
+    committed ones are held as a count, `run`, until a character follows them), `whole` characters, of which only
+    the tail from `base` on is kept (trim). `after`: min_tokens' (Choices.cut's: the text's length, U+FFFDs and all,
+    at the row's min_tokens-th token, or now while it has fewer)."""
 
     def __init__(self):
         import codecs
 
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.count = 0  # the row's new ids read so far
-        self.tail, self.base, self.length = "", 0, 0  # the committed text from base on; its whole length
+        self.tail, self.base, self.whole = "", 0, 0  # the searched text from base on; its whole length
+        self.run = 0  # the committed U+FFFDs after it (a long run of bad bytes is not copied each step)
         self.ended, self.after = False, 0
 
     def pending(self) -> str:
@@ -1017,17 +1020,17 @@ class Grown:
                     self.ended = True
                 if (not self.ended or t in rows.shown) and t not in rows.hidden:
                     chunk = self.decoder.decode(rows.tok.decode_bytes([t]))
-                    self.tail += chunk
-                    self.length += len(chunk)
+                    some = chunk.rstrip("\ufffd")
+                    if some:  # (a character after the run: the run is searched text now)
+                        self.tail += "\ufffd" * self.run + some
+                        self.whole += self.run + len(some)
+                        self.run = 0
+                    self.run += len(chunk) - len(some)
             if self.count <= rows.min_tokens:
-                self.after = self.length + len(self.pending())
-
-    def text(self) -> tuple:
-        """(the text from `base` on, base)."""
-        return self.tail + self.pending(), self.base
+                self.after = self.whole + self.run + len(self.pending())
 
     def trim(self, hold: int):
-        """Keeps the last `hold` committed characters only (a stop string's start in them may end in the next)."""
+        """Keeps the last `hold` searched characters only (a stop string's start in them may end in the next)."""
         if len(self.tail) > hold:
             cut = len(self.tail) - hold
             self.tail, self.base = self.tail[cut:], self.base + cut
