@@ -217,6 +217,28 @@ def test_what_xgrammar_cannot_compile_is_named(tiny, spec, says):
         tiny[2].guide(spec)
 
 
+@pytest.mark.parametrize("schema,says", [
+    ({"type": "array", "items": {"enum": [1, 2]}, "minItems": 2, "maxItems": 2, "uniqueItems": True},
+     "uniqueItems at the top level"),
+    ({"type": "object", "properties": {"enum": {"type": ["integer", "null"], "multipleOf": 7}}},
+     "multipleOf at properties.enum"),
+    ({"$defs": {"a": {"type": "array", "contains": {"const": 1}}}, "$ref": "#/$defs/a"}, "contains at $defs.a"),
+    ({"anyOf": [{"type": "null"}, {"type": "object", "propertyNames": {"pattern": "^z$"}}]}, "propertyNames at anyOf[1]"),
+    ({"type": "object", "patternProperties": {"^a$": {"type": "integer"}}}, "patternProperties at the top level"),
+    ({"type": "string", "format": "zip-code"}, "format 'zip-code' at the top level")])
+def test_schema_keywords_xgrammar_reads_past_are_refused_by_name(tiny, schema, says):
+    """vLLM's has_xgrammar_unsupported_json_features: xgrammar compiles these schemas as if the keyword were not
+    there (uniqueItems' grammar draws [2, 2], ended by the EOS as if whole), so they are refused, the keyword and
+    where it is named; as text too. A keyword's name as data (an enum's, a const's) or a property's is no schema."""
+    model, tok, grammars = tiny
+    for given in (schema, json.dumps(schema)):
+        with pytest.raises(UserError, match=re.escape(f"the json schema's {says} is not supported by xgrammar")):
+            grammars.guide(StructuredOutputs(json=given))
+    grammars.guide(StructuredOutputs(json={"type": "object", "properties": {"enum": {"type": "integer"}},
+                                           "default": {"type": "array", "uniqueItems": True},
+                                           "enum": [{"type": "number", "multipleOf": 2}]}))
+
+
 def test_generate_refuses_what_a_guide_cannot_do(tiny):
     model, tok, grammars = tiny
     idx = torch.tensor([tok.encode("the")])
@@ -290,7 +312,9 @@ def test_serve_takes_structured_outputs_and_response_format(server):
     ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "removed it"),
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "whitespace_pattern, not built here"),
     ({"response_format": {"type": "xml"}}, "response_format", "json_object or json_schema"),
-    ({"structured_outputs": {"choice": "yes"}}, "structured_outputs", "non-empty list")])
+    ({"structured_outputs": {"choice": "yes"}}, "structured_outputs", "non-empty list"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}}},
+     "response_format", "uniqueItems at the top level is not supported by xgrammar")])
 def test_serve_refuses_bad_structured_requests_by_field(server, extra, param, says):
     from test_serve import call
 

@@ -137,6 +137,53 @@ def _said(e: Exception) -> str:
     return re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", first_line(e))
 
 
+# vLLM's has_xgrammar_unsupported_json_features (backend_xgrammar.py): keywords xgrammar's schema converter reads
+# past, its grammar then allowing texts that break them (uniqueItems' [2, 2], multipleOf's 8 for 7), ended by the EOS
+# as if whole. vLLM refuses such a schema with a 400; so does Grammars.compile, naming the keyword and where it is
+UNSUPPORTED = {"integer": ("multipleOf",), "number": ("multipleOf",),
+               "array": ("uniqueItems", "contains", "minContains", "maxContains"),
+               "object": ("patternProperties", "propertyNames")}
+# the string formats xgrammar's converter builds a grammar for (vLLM's STRING_SUPPORTED_FORMATS); any other is
+# read past, any string allowed
+STRING_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                            "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
+DATA = ("const", "enum", "default", "examples")  # (values, not schemas: a dict there is never read as one)
+NAMED = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")  # (names to schemas)
+
+
+def unsupported_feature(schema, where: str = "", names: bool = False) -> str | None:
+    """The first keyword of the JSON schema (at any depth) that xgrammar cannot hold a text to, as "KEYWORD at
+    PATH" (PATH: the keys down to it, "the top level" there), or None. As vLLM's check, a keyword counts where its
+    object's type says it applies (a list of types naming it too: the text could be of that type). names: schema
+    is a map of names to schemas (properties, $defs: a property may be called "enum")."""
+    if isinstance(schema, list):
+        for j, item in enumerate(schema):
+            found = unsupported_feature(item, f"{where}[{j}]")
+            if found:
+                return found
+        return None
+    if not isinstance(schema, dict):
+        return None
+    if names:
+        return next(filter(None, (unsupported_feature(v, f"{where}.{k}") for k, v in schema.items())), None)
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else [t for t in types if isinstance(t, str)] \
+        if isinstance(types, list) else []
+    at = where.lstrip(".") or "the top level"
+    for t in types:
+        for key in UNSUPPORTED.get(t, ()):
+            if key in schema:
+                return f"{key} at {at}"
+        if t == "string" and "format" in schema and schema["format"] not in STRING_FORMATS:
+            return f"format {schema['format']!r} at {at}"
+    for key, value in schema.items():
+        if key not in DATA and isinstance(value, (dict, list)):
+            found = unsupported_feature(value, f"{where}.{key}", key in NAMED)
+            if found:
+                return found
+    return None
+
+
 def vocabulary(tok) -> list | None:
     """The tokenizer's vocabulary as xgrammar reads it raw: our byte-level BPE's token bytes (a token is the bytes it
     adds to the text), special tokens empty (xgrammar treats an empty token as special: never part of a grammar's
@@ -204,6 +251,14 @@ class Grammars:
         try:
             if spec.json is not None:
                 schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+                try:  # (its text read here for the check; text that is not JSON is xgrammar's to refuse)
+                    found = unsupported_feature(json.loads(spec.json) if isinstance(spec.json, str) else spec.json)
+                except (ValueError, RecursionError):
+                    found = None
+                if found:
+                    formats = f" (its formats: {', '.join(sorted(STRING_FORMATS))})" if found[:6] == "format" else ""
+                    raise UserError(f"structured outputs: the json schema's {found} is not supported by xgrammar"
+                                    f"{formats}: its text would not be held to it (vLLM refuses it too); leave it out")
                 return c.compile_json_schema(schema, any_whitespace=not spec.disable_any_whitespace)
             if spec.regex is not None:
                 return c.compile_regex(spec.regex)
