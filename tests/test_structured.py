@@ -219,24 +219,34 @@ def test_what_xgrammar_cannot_compile_is_named(tiny, spec, says):
 
 @pytest.mark.parametrize("schema,says", [
     ({"type": "array", "items": {"enum": [1, 2]}, "minItems": 2, "maxItems": 2, "uniqueItems": True},
-     "uniqueItems at the top level"),
+     "uniqueItems at the top level is not supported by xgrammar"),
     ({"type": "object", "properties": {"enum": {"type": ["integer", "null"], "multipleOf": 7}}},
-     "multipleOf at properties.enum"),
-    ({"$defs": {"a": {"type": "array", "contains": {"const": 1}}}, "$ref": "#/$defs/a"}, "contains at $defs.a"),
-    ({"anyOf": [{"type": "null"}, {"type": "object", "propertyNames": {"pattern": "^z$"}}]}, "propertyNames at anyOf[1]"),
-    ({"type": "object", "patternProperties": {"^a$": {"type": "integer"}}}, "patternProperties at the top level"),
-    ({"type": "string", "format": "zip-code"}, "format 'zip-code' at the top level")])
+     "multipleOf at properties.enum is not supported by xgrammar"),
+    ({"$defs": {"a": {"type": "array", "contains": {"const": 1}}}, "$ref": "#/$defs/a"},
+     "contains at $defs.a is not supported by xgrammar"),
+    ({"anyOf": [{"type": "null"}, {"type": "object", "propertyNames": {"pattern": "^z$"}}]},
+     "propertyNames at anyOf[1] is not supported by xgrammar"),
+    ({"type": "object", "patternProperties": {"^a$": {"type": "integer"}}},
+     "patternProperties at the top level is not supported by xgrammar"),
+    ({"type": "string", "format": "zip-code"}, "format 'zip-code' at the top level is not supported by xgrammar"),
+    ({"type": "object", "properties": {"q": {"type": "string", "pattern": '^a"$'}}},
+     "pattern '^a\"$' at properties.q has a literal '\"' or '\\', which xgrammar writes into the JSON string "
+     "unescaped"),
+    ({"type": "array", "items": {"type": "string", "pattern": "^(ab|\\x5c)$"}}, "pattern '^(ab|\\\\x5c)$' at items")])
 def test_schema_keywords_xgrammar_reads_past_are_refused_by_name(tiny, schema, says):
     """vLLM's has_xgrammar_unsupported_json_features: xgrammar compiles these schemas as if the keyword were not
     there (uniqueItems' grammar draws [2, 2], ended by the EOS as if whole), so they are refused, the keyword and
-    where it is named; as text too. A keyword's name as data (an enum's, a const's) or a property's is no schema."""
+    where it is named; as text too. So is a pattern's literal quote or backslash, which xgrammar's grammar writes
+    unescaped (^a"$ drew "a"", not JSON). A keyword's name as data (an enum's, a const's) or a property's is no
+    schema; a class of several characters ([^a]) is xgrammar's to keep the quote out of."""
     model, tok, grammars = tiny
     for given in (schema, json.dumps(schema)):
-        with pytest.raises(UserError, match=re.escape(f"the json schema's {says} is not supported by xgrammar")):
+        with pytest.raises(UserError, match=re.escape(f"the json schema's {says}")):
             grammars.guide(StructuredOutputs(json=given))
     grammars.guide(StructuredOutputs(json={"type": "object", "properties": {"enum": {"type": "integer"}},
                                            "default": {"type": "array", "uniqueItems": True},
                                            "enum": [{"type": "number", "multipleOf": 2}]}))
+    grammars.guide(StructuredOutputs(json={"type": "string", "pattern": '^[^a]+\\.[!-#]$'}))
 
 
 def test_generate_refuses_what_a_guide_cannot_do(tiny):

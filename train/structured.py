@@ -151,11 +151,42 @@ DATA = ("const", "enum", "default", "examples")  # (values, not schemas: a dict 
 NAMED = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")  # (names to schemas)
 
 
+def raw_in_pattern(pattern: str) -> bool:
+    """Whether a string's pattern has a literal quote or backslash (a one-character class's too: ["], \\x22), which
+    xgrammar's JSON grammar takes as the string's raw text, not its escape: {"pattern": "^a\\"$"} drew "a"" and
+    ended it whole (in an alternation, (ab|"), it drops the branch: no text has the quote either). Its classes of
+    several characters, [^a], . and ranges, leave both out. A pattern Python's parser cannot read (ECMAScript's own
+    syntax) is xgrammar's to take or refuse."""
+    try:
+        from re import _parser as sre  # (Python 3.11's name of sre_parse)
+    except ImportError:
+        import sre_parse as sre
+    try:
+        parsed = sre.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+
+    def walk(items):
+        for item in items:
+            if isinstance(item, (list, tuple, sre.SubPattern)):
+                if len(item) == 2 and item[0] is sre.LITERAL and item[1] in (34, 92):
+                    return True
+                if len(item) == 2 and item[0] is sre.IN:  # (a class of more leaves them out)
+                    if len(item[1]) == 1 and item[1][0][0] is sre.LITERAL and item[1][0][1] in (34, 92):
+                        return True
+                    continue
+                if walk(item):
+                    return True
+        return False
+    return walk(parsed)
+
+
 def unsupported_feature(schema, where: str = "", names: bool = False) -> str | None:
     """The first keyword of the JSON schema (at any depth) that xgrammar cannot hold a text to, as "KEYWORD at
-    PATH" (PATH: the keys down to it, "the top level" there), or None. As vLLM's check, a keyword counts where its
-    object's type says it applies (a list of types naming it too: the text could be of that type). names: schema
-    is a map of names to schemas (properties, $defs: a property may be called "enum")."""
+    PATH ..." and why (PATH: the keys down to it, "the top level" there), or None. As vLLM's check, a keyword counts
+    where its object's type says it applies (a list of types naming it too: the text could be of that type); a
+    string's pattern too (raw_in_pattern). names: schema is a map of names to schemas (properties, $defs: a property
+    may be called "enum")."""
     if isinstance(schema, list):
         for j, item in enumerate(schema):
             found = unsupported_feature(item, f"{where}[{j}]")
@@ -170,12 +201,18 @@ def unsupported_feature(schema, where: str = "", names: bool = False) -> str | N
     types = [types] if isinstance(types, str) else [t for t in types if isinstance(t, str)] \
         if isinstance(types, list) else []
     at = where.lstrip(".") or "the top level"
+    past = ": its text would not be held to it (vLLM refuses it too); leave it out"
     for t in types:
         for key in UNSUPPORTED.get(t, ()):
             if key in schema:
-                return f"{key} at {at}"
+                return f"{key} at {at} is not supported by xgrammar{past}"
         if t == "string" and "format" in schema and schema["format"] not in STRING_FORMATS:
-            return f"format {schema['format']!r} at {at}"
+            return (f"format {schema['format']!r} at {at} is not supported by xgrammar (its formats: "
+                    f"{', '.join(sorted(STRING_FORMATS))}){past}")
+        if t == "string" and isinstance(schema.get("pattern"), str) and raw_in_pattern(schema["pattern"]):
+            return (f"pattern {schema['pattern']!r} at {at} has a literal '\"' or '\\', which xgrammar writes into "
+                    "the JSON string unescaped (the text not JSON: a string ended by that quote, a stray backslash) "
+                    "or, in an alternation, leaves out; write the pattern without it")
     for key, value in schema.items():
         if key not in DATA and isinstance(value, (dict, list)):
             found = unsupported_feature(value, f"{where}.{key}", key in NAMED)
@@ -256,9 +293,7 @@ class Grammars:
                 except (ValueError, RecursionError):
                     found = None
                 if found:
-                    formats = f" (its formats: {', '.join(sorted(STRING_FORMATS))})" if found[:6] == "format" else ""
-                    raise UserError(f"structured outputs: the json schema's {found} is not supported by xgrammar"
-                                    f"{formats}: its text would not be held to it (vLLM refuses it too); leave it out")
+                    raise UserError(f"structured outputs: the json schema's {found}")
                 return c.compile_json_schema(schema, any_whitespace=not spec.disable_any_whitespace)
             if spec.regex is not None:
                 return c.compile_regex(spec.regex)
