@@ -1024,3 +1024,90 @@ def test_chat_holds_every_answer_to_its_structured_outputs(tmp_path, monkeypatch
     assert main(base + ["--structured-outputs", '{"regex": "a("}']) == 2
     out, err = capsys.readouterr()
     assert "the regex could not be compiled" in err and out == ""
+
+
+def random_schema(r, depth=0):
+    """A seeded random JSON schema of the keywords xgrammar holds a text to: objects with required and optional
+    properties (additionalProperties false or not), enums, consts, arrays with minItems/maxItems, bounded integers
+    and numbers, strings with maxLength or a pattern, anyOf, a $ref to $defs (at the top)."""
+    kinds = ["string", "integer", "number", "boolean", "enum", "const"] + ["object", "array", "anyOf"] * (depth < 2)
+    kind = r.choice(kinds)
+    if kind == "string":
+        return r.choice([{"type": "string", "maxLength": r.randint(0, 4)}, {"type": "string", "pattern": "^[a-c]+-?$"},
+                         {"type": "string"}])
+    if kind in ("integer", "number"):
+        lo = r.randint(-20, 20)
+        return {"type": kind, "minimum": lo, "maximum": lo + r.randint(0, 50)} if r.random() < 0.7 else {"type": kind}
+    if kind == "boolean":
+        return {"type": "boolean"}
+    if kind == "enum":
+        return {"enum": r.sample(["a", "b c", 1, 2.5, None, True, "é", 'q"'], r.randint(1, 3))}
+    if kind == "const":
+        return {"const": r.choice(["x", 3, False, None])}
+    if kind == "array":
+        lo = r.randint(0, 2)
+        return {"type": "array", "items": random_schema(r, depth + 1), "minItems": lo, "maxItems": lo + r.randint(0, 2)}
+    if kind == "anyOf":
+        return {"anyOf": [random_schema(r, depth + 1) for _ in range(r.randint(1, 3))]}
+    props = {f"k{i}": random_schema(r, depth + 1) for i in range(r.randint(0, 3))}
+    out = {"type": "object", "properties": props, "required": r.sample(sorted(props), r.randint(0, len(props)))}
+    if r.random() < 0.6:
+        out["additionalProperties"] = False
+    return out
+
+
+def conforms(v, s, defs) -> bool:
+    """v is what schema s allows (random_schema's keywords only: jsonschema is no dependency here)."""
+    if "$ref" in s:
+        return conforms(v, defs[s["$ref"].rsplit("/", 1)[1]], defs)
+    if "anyOf" in s:
+        return any(conforms(v, a, defs) for a in s["anyOf"])
+    if "enum" in s or "const" in s:  # (JSON's 1 is not true: compared with their types)
+        return any(type(v) is type(c) and v == c for c in s.get("enum", [s.get("const")]))
+    kind = s["type"]
+    number = type(v) is int or (kind == "number" and type(v) is float)
+    if kind in ("integer", "number"):
+        return number and s.get("minimum", v) <= v <= s.get("maximum", v)
+    if kind == "boolean":
+        return type(v) is bool
+    if kind == "string":
+        return type(v) is str and len(v) <= s.get("maxLength", len(v)) and (
+            "pattern" not in s or re.search(s["pattern"], v) is not None)
+    if kind == "array":
+        return (type(v) is list and s["minItems"] <= len(v) <= s["maxItems"]
+                and all(conforms(x, s["items"], defs) for x in v))
+    return (type(v) is dict and set(s["required"]) <= set(v)
+            and all(k in s["properties"] or s.get("additionalProperties", True) for k in v)
+            and all(conforms(x, s["properties"][k], defs) for k, x in v.items() if k in s["properties"]))
+
+
+def test_fuzz_every_guided_text_is_whole_and_valid_or_cut_by_its_budget(tiny):
+    """Random schemas, sampling settings (temperature 0.3 to 2, top_p, top_k, a bias toward JSON's closing marks)
+    and budgets small enough to cut texts: each row either ends with the EOS, its text JSON the schema allows
+    (checked here, not by xgrammar), or runs its whole budget: never a text the grammar left unended that stopped."""
+    import random
+
+    model, tok, grammars = tiny
+    closers = {tok.encode(c)[0]: 3.0 for c in '"}]'}
+    idx = torch.tensor([tok.encode("the cat")] * 2)
+    whole = 0
+    for seed in range(24):
+        r = random.Random(seed)
+        defs = {"d": random_schema(r, 1)}
+        schema = {**random_schema(r), "$defs": defs} if r.random() < 0.7 else \
+            {"type": "object", "properties": {"r": {"$ref": "#/$defs/d"}}, "required": ["r"], "$defs": defs}
+        budget = r.randint(3, 40)
+        kw = dict(temperature=r.uniform(0.3, 2.0), top_p=r.choice([None, r.uniform(0.5, 1.0)]),
+                  top_k=r.choice([None, r.randint(2, 20)]), logit_bias=closers if r.random() < 0.7 else None)
+        guide = grammars.guide(StructuredOutputs(json=schema, disable_any_whitespace=r.random() < 0.5))
+        out = generate(model, idx, budget, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, guide=guide,
+                       generator=torch.Generator().manual_seed(seed), **kw)
+        for row, done in zip(out[:, idx.size(1):].tolist(), guide.finished):
+            if tok.eot_id in row:
+                text = tok.decode(row[:row.index(tok.eot_id)])
+                # (strict=False: raw control characters, as xgrammar's strings take them; see allowed())
+                assert done and conforms(json.loads(text, strict=False), schema, defs), (seed, schema, text)
+                whole += 1
+            else:
+                assert len(row) == budget and not done, (seed, row)
+    assert whole >= 10  # (the texts checked: the budgets and the bias end most of them)
