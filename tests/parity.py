@@ -208,3 +208,44 @@ def hf_llama(folder, vocab_size, tie=False, bias=False, kv_heads=2, eos=0, conte
             p.add_(torch.randn_like(p) * 0.3)
     hf.save_pretrained(folder)
     return hf, folder / "model.safetensors"
+
+
+def a_head_of_its_own_is_kept(path, embed: str, vocab_size: int, T: int) -> dict:
+    """Writes a head unlike the embedding (state dict key embed) into the tied safetensors file at path, beside
+    tie_word_embeddings true: transformers 5 keeps the file's head (the premise, checked), and load_checkpoint must
+    read the same logits. Returns the file's state dict, the head in it."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    sd = load_file(path)
+    assert "lm_head.weight" not in sd  # (saved tied)
+    sd["lm_head.weight"] = torch.randn_like(sd[embed])
+    save_file(sd, path, metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float64).eval()
+    assert torch.equal(hf.lm_head.weight, sd["lm_head.weight"])  # (the premise: transformers keeps it)
+    model = load_checkpoint(path).double().eval()
+    assert not model.config.tie_weights
+    idx = torch.randint(0, vocab_size, (2, T))
+    with torch.no_grad():
+        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "a head of its own")
+    return sd
+
+
+def rope_reads(monkeypatch, path, *modules) -> int:
+    """How many times load_checkpoint(path) reads the config's RoPE object (llama_weights.read_rope_parameters, as
+    each of modules imports it)."""
+    from tritongpt.train import llama_weights
+    from tritongpt.train.gpt2_weights import load_checkpoint
+
+    calls, read = [], llama_weights.read_rope_parameters
+
+    def spy(d, cfg_json):
+        calls.append(cfg_json)
+        return read(d, cfg_json)
+
+    for module in (*modules, llama_weights):
+        monkeypatch.setattr(module, "read_rope_parameters", spy)
+    load_checkpoint(path)
+    return len(calls)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel, decodes_like, logits_match_transformers
+from parity import assert_close_rel, decodes_like, logits_match_transformers, rope_reads
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -122,20 +122,11 @@ def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, 
 def test_the_rope_object_is_read_once(hf_copy, tmp_path, monkeypatch):
     """read_rope_parameters once a config: the Cohere reader's check for a RoPE base and _rope_theta read the same
     (object, key) pair; the check read it again."""
-    from tritongpt.train import cohere_weights, llama_weights
+    from tritongpt.train import cohere_weights
 
     path = hf_copy(hf_cohere, tmp_path, "cohere")
     assert "rope_theta" not in json.loads((tmp_path / "config.json").read_text())  # (the base in rope_parameters)
-    calls, read = [], llama_weights.read_rope_parameters
-
-    def spy(d, cfg_json):
-        calls.append(cfg_json)
-        return read(d, cfg_json)
-
-    for module in (cohere_weights, llama_weights):
-        monkeypatch.setattr(module, "read_rope_parameters", spy)
-    load_checkpoint(path)
-    assert len(calls) == 1
+    assert rope_reads(monkeypatch, path, cohere_weights) == 1
 
 
 def test_heads_narrower_than_the_width_are_refused(tmp_path):

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel, decodes_like, logits_match_transformers, pretrain_argv
+from parity import a_head_of_its_own_is_kept, assert_close_rel, decodes_like, logits_match_transformers, pretrain_argv
 from tritongpt.errors import UserError
 from tritongpt.train.gpt2_weights import load_checkpoint
 
@@ -132,20 +132,8 @@ def test_a_tied_head_loads_as_transformers_ties_it_and_exports_so(tmp_path):
 def test_a_head_of_its_own_beside_tie_word_embeddings_is_read_as_transformers_reads_it(hf_copy, tmp_path):
     """tie_word_embeddings true, but the file holds an lm_head.weight unlike wte: transformers 5 loads the
     file's head (ties only what the file leaves out), and so must we: tied, the head would be wte, another model."""
-    from safetensors.torch import load_file, save_file
-
     path = hf_copy(hf_gptj, tmp_path, layers=1, tie_word_embeddings=True)
-    sd = load_file(path)
-    assert "lm_head.weight" not in sd  # (saved tied)
-    sd["lm_head.weight"] = torch.randn_like(sd["transformer.wte.weight"])
-    save_file(sd, path, metadata={"format": "pt"})
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
-    assert torch.equal(hf.lm_head.weight, sd["lm_head.weight"])  # (the premise: transformers keeps it)
-    model = load_checkpoint(path).double().eval()
-    assert not model.config.tie_weights
-    idx = torch.randint(0, VOCAB, (2, T))
-    with torch.no_grad():
-        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "a head of its own")
+    a_head_of_its_own_is_kept(path, "transformer.wte.weight", VOCAB, T)
 
 
 def test_the_head_is_tied_by_every_readers_rule(hf_copy, tmp_path):

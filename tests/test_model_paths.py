@@ -655,19 +655,25 @@ def _family_model(kw, seed):
     return _randomize(GPTModel(GPTConfig(**{**FAMILY, **kw})))
 
 
+def _family_case(kw, family, device):
+    """The family's model (seeded by its name), its float64 copy, and a batch: 19 tokens (no multiple of a block),
+    the second row's first 3 targets ignored."""
+    import copy
+
+    model = _family_model(kw, seed=len(family)).to(device)
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    targets = torch.randint(0, 67, (2, 19), device=device)
+    targets[1, :3] = -100
+    return model, copy.deepcopy(model).double(), idx, targets
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_triton_path_matches_reference_and_float64(family, device):
     """Logits, loss and every trainable parameter's gradient: the Triton path against the reference path (fp32,
     1e-4), and each against the model in float64 on the reference path (1e-4); the Triton path runs the
     attention, MLP and norm kernels (counted, so that a silent fallback to the reference fails)."""
-    import copy
-
     kw = FAMILIES[family]
-    model = _family_model(kw, seed=len(family)).to(device)
-    model64 = copy.deepcopy(model).double()
-    idx = torch.randint(0, 67, (2, 19), device=device)
-    targets = torch.randint(0, 67, (2, 19), device=device)
-    targets[1, :3] = -100
+    model, model64, idx, targets = _family_case(kw, family, device)
     ref = _loss_and_grads(model.set_kernels("reference"), idx, targets)
     with CountOps() as mode:
         got = _loss_and_grads(model.set_kernels("triton"), idx, targets)
@@ -705,14 +711,8 @@ def test_every_family_under_bf16_autocast_is_within_bf16_of_float64(family, devi
     kernels may cross. Measured: the logits' ratio to the reference path's at most 1.03 (6 seeds a family, 46 for
     Gemma 2), loss <= 1.9e-4 and the gradients' ratio <= 1.74 (12 seeds). The Triton path runs its kernels
     (counted) under autocast."""
-    import copy
-
     kw = FAMILIES[family]
-    model = _family_model(kw, seed=len(family)).to(device)
-    model64 = copy.deepcopy(model).double()
-    idx = torch.randint(0, 67, (2, 19), device=device)
-    targets = torch.randint(0, 67, (2, 19), device=device)
-    targets[1, :3] = -100
+    model, model64, idx, targets = _family_case(kw, family, device)
     got = {}
     for path in ("reference", "triton"):
         with CountOps() as mode, torch.autocast(device.type, dtype=torch.bfloat16):

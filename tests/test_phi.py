@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel, decodes_like, logits_match_transformers, pretrain_argv
+from parity import a_head_of_its_own_is_kept, assert_close_rel, decodes_like, logits_match_transformers, pretrain_argv
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -197,20 +197,10 @@ def test_the_head_is_tied_as_transformers_ties_it(hf_copy, tmp_path):
     keeps the file's head, where the reader took the embedding for it (another model's logits). Untied beside no
     head at all: transformers starts a random head, refused by name (gpt2_weights.tied_head), not as a missing
     tensor."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     path = hf_copy(hf_phi, tmp_path, layers=1, tie_word_embeddings=True)
-    sd = load_file(path)
-    assert "lm_head.weight" not in sd  # (saved tied)
-    sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
-    save_file(sd, path, metadata={"format": "pt"})
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
-    assert torch.equal(hf.lm_head.weight, sd["lm_head.weight"])  # (the premise: transformers keeps it)
-    model = load_checkpoint(path).double().eval()
-    assert not model.config.tie_weights
-    idx = torch.randint(0, VOCAB, (2, T))
-    with torch.no_grad():
-        assert_close_rel(model(idx), hf(idx).logits, 2e-6, "a head of its own")
+    sd = a_head_of_its_own_is_kept(path, "model.embed_tokens.weight", VOCAB, T)
     del sd["lm_head.weight"]
     save_file(sd, path, metadata={"format": "pt"})
     cfg_json = tmp_path / "config.json"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel, decode_token_by_token, logits_match_transformers, pretrain_argv
+from parity import assert_close_rel, decode_token_by_token, logits_match_transformers, pretrain_argv, rope_reads
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -143,19 +143,10 @@ def test_sharded_folders_and_older_rope_names_load(tmp_path):
 def test_the_rope_object_is_read_once(hf_copy, tmp_path, monkeypatch):
     """read_rope_parameters once a config: Phi-3's base and scaling (_rope) and its rotary share (_rotary_dim)
     are read from the same (object, key) pair; each read it again."""
-    from tritongpt.train import llama_weights, phi3_weights
+    from tritongpt.train import phi3_weights
 
     path = hf_copy(hf_phi3, tmp_path)
-    calls, read = [], llama_weights.read_rope_parameters
-
-    def spy(d, cfg_json):
-        calls.append(cfg_json)
-        return read(d, cfg_json)
-
-    for module in (phi3_weights, llama_weights):
-        monkeypatch.setattr(module, "read_rope_parameters", spy)
-    load_checkpoint(path)
-    assert len(calls) == 1
+    assert rope_reads(monkeypatch, path, phi3_weights) == 1
 
 
 def test_a_rope_scaling_object_stands_in_for_rope_parameters_as_in_transformers(hf_copy, tmp_path):
