@@ -224,10 +224,10 @@ def test_what_xgrammar_cannot_compile_is_named(tiny, spec, says):
      "multipleOf at properties.enum is not supported by xgrammar"),
     ({"$defs": {"a": {"type": "array", "contains": {"const": 1}}}, "$ref": "#/$defs/a"},
      "contains at $defs.a is not supported by xgrammar"),
-    ({"anyOf": [{"type": "null"}, {"type": "object", "propertyNames": {"pattern": "^z$"}}]},
-     "propertyNames at anyOf[1] is not supported by xgrammar"),
-    ({"type": "object", "patternProperties": {"^a$": {"type": "integer"}}},
-     "patternProperties at the top level is not supported by xgrammar"),
+    ({"anyOf": [{"type": "null"}, {"type": "object", "properties": {"q": {}}, "propertyNames": {"pattern": "^z$"}}]},
+     "propertyNames with properties at anyOf[1] is not supported by xgrammar"),
+    ({"type": "object", "patternProperties": {"^a$": {"type": "integer"}, "^b$": {"type": "string"}}},
+     "patternProperties with more than one pattern at the top level is not supported by xgrammar"),
     ({"type": "string", "format": "zip-code"}, "format 'zip-code' at the top level is not supported by xgrammar"),
     ({"type": "object", "properties": {"q": {"type": "string", "pattern": '^a"$'}}},
      "pattern '^a\"$' at properties.q has a literal '\"' or '\\', which xgrammar writes into the JSON string "
@@ -247,6 +247,19 @@ def test_schema_keywords_xgrammar_reads_past_are_refused_by_name(tiny, schema, s
                                            "default": {"type": "array", "uniqueItems": True},
                                            "enum": [{"type": "number", "multipleOf": 2}]}))
     grammars.guide(StructuredOutputs(json={"type": "string", "pattern": '^[^a]+\\.[!-#]$'}))
+
+
+def test_a_lone_pattern_properties_or_property_names_is_taken_and_held(tiny):
+    """pydantic's dict[constr(pattern=...), int] is a lone patternProperties, which xgrammar holds names and values
+    to (as a lone propertyNames): taken, as vLLM takes them; only their combinations it reads past are refused."""
+    model, tok, grammars = tiny
+    keyed = {"type": "object", "patternProperties": {"^[a-z]+$": {"type": "integer"}}}
+    named = {"type": "object", "propertyNames": {"pattern": "^z[a-z]*$"}}
+    for schema, good, bad in ((keyed, '{"ab": 1}', ['{"aB": 1}', '{"ab": "x"}']),
+                              (named, '{"zq": "x"}', ['{"q": 1}'])):
+        compiled = grammars.compile(StructuredOutputs(json=schema))
+        assert xgr.GrammarMatcher(compiled).accept_string(good)
+        assert not any(xgr.GrammarMatcher(compiled).accept_string(text) for text in bad)
 
 
 def test_generate_refuses_what_a_guide_cannot_do(tiny):

@@ -138,11 +138,11 @@ def _said(e: Exception) -> str:
 
 
 # vLLM's has_xgrammar_unsupported_json_features (backend_xgrammar.py): keywords xgrammar's schema converter reads
-# past, its grammar then allowing texts that break them (uniqueItems' [2, 2], multipleOf's 8 for 7), ended by the EOS
-# as if whole. vLLM refuses such a schema with a 400; so does Grammars.compile, naming the keyword and where it is
+# past, its grammar then allowing texts that break them (uniqueItems' [2, 2], a number's multipleOf 0.5's 0.3), ended
+# by the EOS as if whole. vLLM refuses such a schema with a 400; so does Grammars.compile, naming the keyword and where
+# it is. (patternProperties and propertyNames alone xgrammar holds names to: see unsupported_feature)
 UNSUPPORTED = {"integer": ("multipleOf",), "number": ("multipleOf",),
-               "array": ("uniqueItems", "contains", "minContains", "maxContains"),
-               "object": ("patternProperties", "propertyNames")}
+               "array": ("uniqueItems", "contains", "minContains", "maxContains")}
 # the string formats xgrammar's converter builds a grammar for (vLLM's STRING_SUPPORTED_FORMATS); any other is
 # read past, any string allowed
 STRING_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
@@ -206,6 +206,21 @@ def unsupported_feature(schema, where: str = "", names: bool = False) -> str | N
         for key in UNSUPPORTED.get(t, ()):
             if key in schema:
                 return f"{key} at {at} is not supported by xgrammar{past}"
+        # a lone patternProperties (pydantic's dict[constr(pattern=...), V]) or propertyNames xgrammar holds the
+        # names and values to; in company it does not: a name in properties that a pattern matches too is held to
+        # properties' schema alone, two patterns' common names to one, and propertyNames lets properties' names and
+        # patternProperties' through ({"q": 1} under propertyNames ^z). vLLM's check refuses these same combinations
+        pattern_properties = schema.get("patternProperties")
+        if t == "object" and isinstance(pattern_properties, dict) and ("properties" in schema
+                                                                       or len(pattern_properties) > 1):
+            with_ = "properties" if "properties" in schema else "more than one pattern"
+            return f"patternProperties with {with_} at {at} is not supported by xgrammar{past}"
+        if t == "object" and "propertyNames" in schema:
+            with_ = next((k for k in ("properties", "patternProperties") if k in schema), None) \
+                or ("additionalProperties" if isinstance(schema.get("additionalProperties"), dict) else None) \
+                or ("unevaluatedProperties" if schema.get("unevaluatedProperties", True) is not True else None)
+            if with_:
+                return f"propertyNames with {with_} at {at} is not supported by xgrammar{past}"
         if t == "string" and "format" in schema and schema["format"] not in STRING_FORMATS:
             return (f"format {schema['format']!r} at {at} is not supported by xgrammar (its formats: "
                     f"{', '.join(sorted(STRING_FORMATS))}){past}")
