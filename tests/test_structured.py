@@ -232,13 +232,15 @@ def test_what_xgrammar_cannot_compile_is_named(tiny, spec, says):
     ({"type": "object", "properties": {"q": {"type": "string", "pattern": '^a"$'}}},
      "pattern '^a\"$' at properties.q has a literal '\"' or '\\', which xgrammar writes into the JSON string "
      "unescaped"),
-    ({"type": "array", "items": {"type": "string", "pattern": "^(ab|\\x5c)$"}}, "pattern '^(ab|\\\\x5c)$' at items")])
+    ({"type": "array", "items": {"type": "string", "pattern": "^(ab|\\x5c)$"}}, "pattern '^(ab|\\\\x5c)$' at items"),
+    ({"type": "string", "pattern": '^["\\\\]$'}, "pattern " + repr('^["\\\\]$') + " at the top level has a literal")])
 def test_schema_keywords_xgrammar_reads_past_are_refused_by_name(tiny, schema, says):
     """vLLM's has_xgrammar_unsupported_json_features: xgrammar compiles these schemas as if the keyword were not
     there (uniqueItems' grammar draws [2, 2], ended by the EOS as if whole), so they are refused, the keyword and
     where it is named; as text too. So is a pattern's literal quote or backslash, which xgrammar's grammar writes
     unescaped (^a"$ drew "a"", not JSON). A keyword's name as data (an enum's, a const's) or a property's is no
-    schema; a class of several characters ([^a]) is xgrammar's to keep the quote out of."""
+    schema; a class of other characters too ([^a], [a"]) is xgrammar's to keep the quote out of, not one of only
+    quotes and backslashes (["\\\\] drew a string of a bare quote, not JSON)."""
     model, tok, grammars = tiny
     for given in (schema, json.dumps(schema)):
         with pytest.raises(UserError, match=re.escape(f"the json schema's {says}")):
@@ -247,6 +249,7 @@ def test_schema_keywords_xgrammar_reads_past_are_refused_by_name(tiny, schema, s
                                            "default": {"type": "array", "uniqueItems": True},
                                            "enum": [{"type": "number", "multipleOf": 2}]}))
     grammars.guide(StructuredOutputs(json={"type": "string", "pattern": '^[^a]+\\.[!-#]$'}))
+    grammars.guide(StructuredOutputs(json={"type": "string", "pattern": '^[a"]$'}))
 
 
 def test_a_lone_pattern_properties_or_property_names_is_taken_and_held(tiny):

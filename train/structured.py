@@ -152,11 +152,11 @@ NAMED = ("properties", "$defs", "definitions", "patternProperties", "dependentSc
 
 
 def raw_in_pattern(pattern: str) -> bool:
-    """Whether a string's pattern has a literal quote or backslash (a one-character class's too: ["], \\x22), which
-    xgrammar's JSON grammar takes as the string's raw text, not its escape: {"pattern": "^a\\"$"} drew "a"" and
-    ended it whole (in an alternation, (ab|"), it drops the branch: no text has the quote either). Its classes of
-    several characters, [^a], . and ranges, leave both out. A pattern Python's parser cannot read (ECMAScript's own
-    syntax) is xgrammar's to take or refuse."""
+    """Whether a string's pattern has a literal quote or backslash (a class of only those too: ["], ["\\\\], \\x22),
+    which xgrammar's JSON grammar takes as the string's raw text, not its escape: {"pattern": "^a\\"$"} drew "a""
+    and ended it whole (in an alternation, (ab|"), it drops the branch: no text has the quote either). A class with
+    any other character ([a"], [^a], . and ranges) leaves both out. A pattern Python's parser cannot read
+    (ECMAScript's own syntax) is xgrammar's to take or refuse."""
     try:
         from re import _parser as sre  # (Python 3.11's name of sre_parse)
     except ImportError:
@@ -171,8 +171,10 @@ def raw_in_pattern(pattern: str) -> bool:
             if isinstance(item, (list, tuple, sre.SubPattern)):
                 if len(item) == 2 and item[0] is sre.LITERAL and item[1] in (34, 92):
                     return True
-                if len(item) == 2 and item[0] is sre.IN:  # (a class of more leaves them out)
-                    if len(item[1]) == 1 and item[1][0][0] is sre.LITERAL and item[1][0][1] in (34, 92):
+                # a class of nothing but quotes and backslashes (["], ["\\]) is written raw too: ["\\] drew """;
+                # one with any other character ([a"], [!-#], [^a], .) leaves both out
+                if len(item) == 2 and item[0] is sre.IN:
+                    if all(op is sre.LITERAL and c in (34, 92) for op, c in item[1]):
                         return True
                     continue
                 if walk(item):
