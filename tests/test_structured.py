@@ -247,7 +247,8 @@ def test_schema_keywords_xgrammar_reads_past_are_refused_by_name(tiny, schema, s
             grammars.guide(StructuredOutputs(json=given))
     grammars.guide(StructuredOutputs(json={"type": "object", "properties": {"enum": {"type": "integer"}},
                                            "default": {"type": "array", "uniqueItems": True},
-                                           "enum": [{"type": "number", "multipleOf": 2}]}))
+                                           "enum": [{"type": "number", "multipleOf": 2}],
+                                           "example": {"type": "string", "format": "zip-code"}}))
     grammars.guide(StructuredOutputs(json={"type": "string", "pattern": '^[^a]+\\.[!-#]$'}))
     grammars.guide(StructuredOutputs(json={"type": "string", "pattern": '^[a"]$'}))
 

@@ -147,7 +147,8 @@ UNSUPPORTED = {"integer": ("multipleOf",), "number": ("multipleOf",),
 # read past, any string allowed
 STRING_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
                             "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
-DATA = ("const", "enum", "default", "examples")  # (values, not schemas: a dict there is never read as one)
+# (values, not schemas: a dict there is never read as one; "example" is OpenAPI 3.0's and FastAPI's one example)
+DATA = ("const", "enum", "default", "examples", "example")
 NAMED = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")  # (names to schemas)
 
 
