@@ -229,6 +229,11 @@ def test_what_xgrammar_cannot_compile_is_named(tiny, spec, says):
     ({"type": "object", "patternProperties": {"^a$": {"type": "integer"}, "^b$": {"type": "string"}}},
      "patternProperties with more than one pattern at the top level is not supported by xgrammar"),
     ({"type": "string", "format": "zip-code"}, "format 'zip-code' at the top level is not supported by xgrammar"),
+    # (xgrammar drops a length beside a pattern or format: uuid under maxLength 5 drew all 36 characters)
+    ({"type": "object", "properties": {"id": {"type": ["string", "null"], "format": "uuid", "maxLength": 5}}},
+     "maxLength beside format at properties.id is not supported by xgrammar"),
+    ({"type": "object", "propertyNames": {"pattern": "^[a-z]+$", "minLength": 2}},
+     "minLength beside pattern in propertyNames at the top level is not supported by xgrammar"),
     ({"type": "object", "properties": {"q": {"type": "string", "pattern": '^a"$'}}},
      "pattern '^a\"$' at properties.q has a literal '\"' or '\\', which xgrammar writes into the JSON string "
      "unescaped"),

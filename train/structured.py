@@ -184,6 +184,15 @@ def raw_in_pattern(pattern: str) -> bool:
     return walk(parsed)
 
 
+def bounded_pattern(schema: dict) -> str | None:
+    """A string schema's minLength or maxLength beside its pattern or format, named ("maxLength beside pattern"), or
+    None: xgrammar builds the pattern's or format's grammar and drops the bounds ("Ignoring the length constraints"),
+    format uuid with maxLength 5 drawing all 36 characters; vLLM's check refuses it too."""
+    bound = next((k for k in ("minLength", "maxLength") if k in schema), None)
+    held = next((k for k in ("pattern", "format") if k in schema), None)
+    return f"{bound} beside {held}" if bound and held else None
+
+
 def unsupported_feature(schema, where: str = "", names: bool = False) -> str | None:
     """The first keyword of the JSON schema (at any depth) that xgrammar cannot hold a text to, as "KEYWORD at
     PATH ..." and why (PATH: the keys down to it, "the top level" there), or None. As vLLM's check, a keyword counts
@@ -218,6 +227,9 @@ def unsupported_feature(schema, where: str = "", names: bool = False) -> str | N
                                                                        or len(pattern_properties) > 1):
             with_ = "properties" if "properties" in schema else "more than one pattern"
             return f"patternProperties with {with_} at {at} is not supported by xgrammar{past}"
+        names_schema = schema.get("propertyNames")  # (a string schema, whether or not it says so)
+        if t == "object" and isinstance(names_schema, dict) and bounded_pattern(names_schema):
+            return f"{bounded_pattern(names_schema)} in propertyNames at {at} is not supported by xgrammar{past}"
         if t == "object" and "propertyNames" in schema:
             with_ = next((k for k in ("properties", "patternProperties") if k in schema), None) \
                 or ("additionalProperties" if isinstance(schema.get("additionalProperties"), dict) else None) \
@@ -227,6 +239,8 @@ def unsupported_feature(schema, where: str = "", names: bool = False) -> str | N
         if t == "string" and "format" in schema and schema["format"] not in STRING_FORMATS:
             return (f"format {schema['format']!r} at {at} is not supported by xgrammar (its formats: "
                     f"{', '.join(sorted(STRING_FORMATS))}){past}")
+        if t == "string" and bounded_pattern(schema):
+            return f"{bounded_pattern(schema)} at {at} is not supported by xgrammar{past}"
         if t == "string" and isinstance(schema.get("pattern"), str) and raw_in_pattern(schema["pattern"]):
             return (f"pattern {schema['pattern']!r} at {at} has a literal '\"' or '\\', which xgrammar writes into "
                     "the JSON string unescaped (the text not JSON: a string ended by that quote, a stray backslash) "
