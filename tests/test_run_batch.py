@@ -331,7 +331,9 @@ def test_ctrl_c_stops_the_run_at_once(folder, tmp_path):
                                      str(tmp_path / "out.jsonl"), "--weights", str(folder), "--device", "cpu",
                                      "--max-batch", "1"], lambda err: b"run-batch:" in err, 0.5, 120)
     assert rc == 130 and "interrupted\n" in text and "alive: []" in text, text
-    assert seconds < 5, f"{seconds:.1f} s from SIGINT to exit"  # (~1.5 s measured on a loaded 2-core machine)
+    # (~1.5 s measured on a loaded 2-core machine, 5.7 s for the test below with helpers' tests beside the suite; a
+    # hang waits out the 120 s timeout)
+    assert seconds < 15, f"{seconds:.1f} s from SIGINT to exit"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
@@ -678,7 +680,9 @@ def test_ctrl_c_with_a_request_inside_torch(folder, tmp_path, command, stubborn)
     assert rc == 130 and "interrupted\n" in text, text
     stopped = "note: 1 request still running 1 s after the server stopped" in text
     assert stopped == stubborn, text
-    assert seconds < 5, f"{seconds:.1f} s from SIGINT to exit"
+    # (a request's thread that kept the process: the 60 s timeout; 5.7 s was measured from SIGINT to exit with other
+    # work beside the suite)
+    assert seconds < 15, f"{seconds:.1f} s from SIGINT to exit"
     # (run-batch: no -o and no temporary file left, though the process ends by os._exit: no atexit cleanup)
     assert [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
 
