@@ -4,6 +4,7 @@ a SmolLM and a Qwen2 byte-level BPE (the last beside a Qwen2 model), and on a fo
 SentencePiece's tokenizer.model alone (converted by transformers; sentencepiece's own ids), each
 trained here on a few KB; generate, sft --init and export use it end to end; a GPT-2 folder still
 gets BPETokenizer. Nothing downloaded."""
+import copy
 import io
 import json
 import random
@@ -1080,3 +1081,156 @@ def test_tokenizer_info_gives_the_folders_special_tokens_as_transformers_init_kw
         assert info[key] == text(kwargs[key]), key
     assert info["pad_token"] == "<|im_end|>" and info["model_specific_special_tokens"] == \
         {"image_token": "<|im_start|>", "video_token": "<|im_end|>"}
+
+
+# -- incremental decoding: a window of the row's last ids spells them as decoding the whole row does ----------------
+@pytest.fixture(scope="module")
+def decoder_shapes():
+    """{name: HFTokenizer} of each decoder shape: Llama 2's (Replace, ByteFallback, Fuse, Strip), a Metaspace with
+    byte fallback (Mistral's converted), Llama 3's and SmolLM's byte-level BPE, a BERT WordPiece; each with added
+    tokens, special (<|im_end|>, its EOS) and not (one of spaces and "▁")."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    shapes = {kind: build_tokenizer(kind, 300) for kind in ("sentencepiece", "llama3", "smollm")}
+    shapes["metaspace"] = build_tokenizer("sentencepiece", 300)
+    shapes["metaspace"].decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    # (a vocabulary of WORDS' words, characters and "##" characters: WordPieceTrainer's is not the same each run)
+    chars = sorted(set("".join(WORDS)))
+    pieces = ["[UNK]"] + sorted(set(WORDS) - {""}) + chars + ["##" + c for c in chars]
+    shapes["wordpiece"] = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    shapes["wordpiece"].pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    shapes["wordpiece"].decoder = decoders.WordPiece()
+    for t in shapes.values():
+        t.add_tokens([AddedToken("<tool>", special=False), AddedToken(" ▁x ", special=False, normalized=False)])
+        t.add_special_tokens(["<|im_end|>"])
+    return {name: HFTokenizer(json.loads(t.to_str()), eos_token="<|im_end|>") for name, t in shapes.items()}
+
+
+def _random_ids(rng, tok, n):
+    """Random ids, many of them byte-fallback tokens, added tokens and low ids (single bytes of a byte-level BPE)."""
+    odd, byte = sorted(tok.special_tokens.values()) + [tok.vocab_size - 1, tok.vocab_size - 2], sorted(tok.byte_ids)
+    return [rng.choice(byte) if byte and u < 0.3 else rng.choice(odd) if u < 0.4 else
+            rng.randrange(60) if u < 0.55 else rng.randrange(tok.vocab_size) for u in (rng.random() for _ in range(n))]
+
+
+def test_streamed_text_and_stop_checks_decode_a_window_as_the_whole_row(decoder_shapes):
+    """A differential fuzz: on random ids of each decoder shape (cut characters, runs of byte-fallback tokens that
+    turn valid characters to U+FFFD, a Strip of the first space, Metaspace's and WordPiece's first token, added and
+    special tokens), the stream decoder hands out, write by write, what decoding the ids so far whole gave it (the
+    text less what later ids may change; the stream adds up to decode), the Window's text is the whole row's past
+    its done ids at every id, and Choices.stopped, growing each row's text, stops the rows cut() on the whole row
+    stops (min_tokens, skip_special_tokens, include_stop, stop ids)."""
+    from tritongpt.commands import Choices
+    from tritongpt.train.hf_tokenizer import Window
+
+    for name, tok in decoder_shapes.items():
+        assert tok.incremental, name
+        rng, stopped = random.Random(name), 0
+        for _ in range(200):
+            ids = _random_ids(rng, tok, rng.randint(0, 40))
+            stream, window, shown = tok.stream_decoder(), Window(tok), ""
+            for k, i in enumerate(ids, 1):
+                n = k
+                while n and ids[n - 1] in tok.byte_ids:
+                    n -= 1
+                whole = tok.decode(ids[:n]).rstrip("\ufffd")
+                want = whole[len(shown):] if whole.startswith(shown) else ""
+                shown += want
+                assert stream.write([i]) == want, (name, ids, k)
+                window.ids.append(i)
+                text = window.text(k)
+                assert text == tok.decode(ids[:k])[window.done:] and window.local, (name, ids, k)
+                window.commit(k, text)
+            assert shown + stream.flush() == tok.decode(ids), (name, ids)
+        for _ in range(40):
+            prompt, new = _random_ids(rng, tok, rng.randint(0, 6)), _random_ids(rng, tok, rng.randint(1, 20))
+            text = tok.decode(prompt + new) or "x"
+            stops = [text[a:a + rng.randint(1, 3)] for a in (rng.randrange(len(text)) for _ in range(rng.randint(1, 3)))]
+            kw = dict(stop_token_ids=rng.choice([(), (5,), (7, 9)]), ignore_eos=rng.random() < 0.2,
+                      min_tokens=rng.choice([0, 0, 2, 5]), include_stop=rng.random() < 0.3,
+                      skip_special=rng.random() < 0.3)
+            grown, whole = Choices(tok, prompt, stops, tok.eot_id, **kw), Choices(tok, prompt, stops, tok.eot_id, **kw)
+            whole.grown = None
+            row = list(prompt)
+            for i in new:
+                row.append(i)
+                assert grown.stopped(torch.tensor([row])).tolist() == whole.stopped(torch.tensor([row])).tolist(), \
+                    (name, prompt, new, stops, kw)
+            assert grown.first_stop == whole.first_stop
+            stopped += grown.grown is not None and bool(whole.first_stop)
+        assert stopped >= 5, (name, stopped)  # (rows grown, stopped where the whole row's text stops them)
+
+
+class _CountingDecode:
+    """A tokenizers.Tokenizer whose decode counts the ids it is given (the rest passed through)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids = tok, 0
+
+    def decode(self, ids, **kw):
+        self.ids += len(ids)
+        return self.tok.decode(ids, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_streaming_and_stop_checks_decode_the_last_ids_not_the_whole_row(decoder_shapes):
+    """Streaming (TextSoFar.write) and the stop check of every row each step (Choices.stopped) decoded the whole row
+    for each new id of a Hugging Face tokenizer: O(length) a token, a Llama's or Qwen's biggest host cost a step. A
+    counting spy on the tokenizer's decode: the ids each new id costs stay a window's few however long the row
+    (the prompt's once), and the text is the whole decode's."""
+    from tritongpt.commands import Choices
+
+    for name in ("sentencepiece", "llama3"):
+        tok = copy.copy(decoder_shapes[name])
+        spy = tok._tok = _CountingDecode(tok._tok)
+        prompt = tok.encode(_corpus(seed=1, lines=12))
+        new = tok.encode(_corpus(seed=2, lines=24))
+        assert len(prompt) > 100 and len(new) > 200, (len(prompt), len(new))
+        stream = tok.stream_decoder()
+        text = stream.write(prompt)
+        spy.ids = 0
+        text += "".join(stream.write([i]) for i in new)
+        assert text + stream.flush() == tok.decode(prompt + new)
+        # (old: the whole row each write, 70,000 ids here)
+        assert spy.ids <= 40 * len(new), (name, spy.ids)
+        rows = Choices(tok, prompt, ["0123"], tok.eot_id)
+        spy.ids, row = 0, list(prompt)
+        for i in new:
+            row.append(i)
+            assert rows.stopped(torch.tensor([row])).tolist() == [False]
+        assert spy.ids <= 3 * len(prompt) + 40 * len(new), (name, spy.ids)
+        row.extend(tok.encode(" 0123"))
+        assert rows.stopped(torch.tensor([row])).tolist() == [True]
+
+
+def test_a_decoder_a_window_cannot_spell_is_decoded_whole():
+    """Decoders whose text of a token depends on more than the ids before it (BPEDecoder's suffix, "</w>", spells
+    the last token without its space; CTC drops a token equal to the one before; a Strip of the text's end; a
+    Replace of two characters after a Fuse may span tokens) are decided once per tokenizer not incremental: the
+    stream and the stop check decode the whole row, as before, and give its text."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from tritongpt.commands import Choices
+    from tritongpt.train.hf_tokenizer import HFTokenizer, local_decoder
+
+    vocab = {"<unk>": 0, "a</w>": 1, "b": 2, "c</w>": 3, "<eos>": 4}
+    for decoder, want in ((decoders.BPEDecoder(), "a bbc"), (decoders.CTC(pad_token="<unk>"), "a</w>bc</w>")):
+        t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        t.decoder = decoder
+        tok = HFTokenizer(json.loads(t.to_str()), eos_token="<eos>")
+        assert not tok.incremental
+        ids = [1, 2, 2, 3]
+        stream = tok.stream_decoder()
+        assert "".join(stream.write([i]) for i in ids) + stream.flush() == tok.decode(ids) == want
+        assert Choices(tok, [1], ["b"], 4).grown is None
+    fused = {"type": "Fuse"}
+    assert not local_decoder({"type": "Sequence", "decoders": [fused, {"type": "Strip", "content": " ", "start": 0,
+                                                                       "stop": 1}]})
+    assert not local_decoder({"type": "Sequence", "decoders": [fused, {"type": "Replace", "pattern": {"String": "ab"},
+                                                                       "content": "c"}]})
+    assert local_decoder({"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "ab"},
+                                                            "content": "c"}, fused]})

@@ -265,6 +265,12 @@ class HFTokenizer(TokenizerChecks):
         self._plain_tok = None
         self.spec, self.name, self.where = spec, name, where
         self.info = dict(info or {})
+        # the byte-fallback tokens (<0xE2>): a run of them is decoded together (TextSoFar, Window)
+        model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+        vocab = model.get("vocab") if model.get("byte_fallback") and isinstance(model.get("vocab"), dict) else {}
+        self.byte_ids = frozenset(i for t, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
+        # whether a row's text can be decoded a window of its last ids at a time (local_decoder), decided once
+        self.incremental = local_decoder(spec.get("decoder"))
         self.special_tokens = {t.content: i for i, t in sorted(self._tok.get_added_tokens_decoder().items())
                                if t.special}
         self._special_pat = _alternation(self.special_tokens) if self.special_tokens else None
@@ -553,30 +559,115 @@ class HFTokenizer(TokenizerChecks):
                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
 
 
+# the decoders (tokenizer.json's "decoder") whose text of each id is the same in any run of ids that has the ids just
+# before it: each spells a token alone (ByteLevel and ByteFallback a run of byte tokens together, Fuse and ByteLevel
+# join all), but for the text's first token (Metaspace and WordPiece spell it without its space) and first spaces
+# (a Strip after a Fuse). For those, a window of a row's last ids, decoded, spells its ids past its first as decoding
+# the whole row does (Window), and the window's first is read in the same place each time. Any other (BPEDecoder's
+# suffix spells the last token otherwise, CTC drops a token equal to the one before, a Replace of a longer pattern
+# after a Fuse may span tokens, a Strip of the end): decoded whole each time.
+def local_decoder(d, fused: bool = False) -> bool:
+    if d is None:  # (no decoder: the tokens joined by spaces)
+        return True
+    if not isinstance(d, dict):
+        return False
+    kind = d.get("type")
+    if kind == "Sequence":
+        for part in d.get("decoders") or []:
+            if not local_decoder(part, fused):
+                return False
+            fused = fused or part.get("type") in ("Fuse", "ByteLevel")
+        return True
+    if kind in ("ByteLevel", "Fuse"):
+        return True
+    if kind in ("Metaspace", "WordPiece", "ByteFallback"):  # (on the tokens, not one fused text)
+        return not fused
+    if kind == "Strip":  # the text's first spaces after a Fuse: the window's first ids keep some text (Window)
+        return d.get("stop") == 0 or not fused
+    if kind == "Replace":  # each token's own, or one character of the fused text
+        pattern = (d.get("pattern") or {}).get("String")
+        return isinstance(pattern, str) and (not fused or len(pattern) == 1)
+    return False
+
+
+class Window:
+    """decode(ids[:m]) of a growing row without decoding the row: the ids up to r (a point no later id changes the
+    text before: not after a byte-fallback token, not in a cut character) are done, their text's length `done`;
+    text(m) decodes ids[p:m], a window from an earlier such point p whose own text `head` (ids[p:r]'s) is not empty
+    (a Strip of a window's first space then cuts the head's), and what follows head is ids[r:m]'s text as decoding the
+    whole row spells it (local_decoder). A tokenizer whose decoder is not local decodes the row whole each time (p
+    and r stay 0), decided once per tokenizer (HFTokenizer.incremental); so does a row whose window's text does not
+    start with its head (no decoder allowed does that; checked rather than trusted)."""
+    SPAN = 16  # ids a window may reach back before p moves up to r
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.local = tok, [], tok.incremental
+        self.p = self.r = self.done = 0
+        self.head = ""
+
+    def _decode(self, ids) -> str:
+        return self.tok._tok.decode(ids, skip_special_tokens=False)
+
+    def text(self, m: int) -> str:
+        """decode(ids[:m])[done:], m >= r."""
+        if self.local:
+            window = self._decode(self.ids[self.p:m])
+            if window.startswith(self.head):
+                return window[len(self.head):]
+            self.local = False
+        return self._decode(self.ids[:m])[self.done:]
+
+    def commit(self, m: int, text: str) -> bool:
+        """Marks ids[:m] done where no later id can change their text: text, text(m), holds no cut character at its
+        end and ids[m - 1] is no byte-fallback token (a run of them is decoded together). -> whether it did."""
+        if not self.local or m <= self.r or self.ids[m - 1] in self.tok.byte_ids or text.endswith("\ufffd"):
+            return False
+        r, self.r, self.done = self.r, m, self.done + len(text)
+        head = self._decode(self.ids[r:m]) if m - self.p > self.SPAN else ""
+        if head:
+            self.p, self.head = r, head
+        else:
+            self.head += text
+        return True
+
+
 class TextSoFar:
     """Streams decode(ids so far). A token's text is not its own decode (SentencePiece's "▁" is a
     space except first), so each write decodes the ids and hands out what is new, holding back what
     later ids may change: a run of byte-fallback tokens (<0xE2>...) is decoded together, valid bytes
     turning to U+FFFD when the run ends in a broken character, and a trailing U+FFFD may be a
-    character cut between tokens. flush hands out the rest. (tokenizers' DecodeStream raises on
-    byte tokens that never make a character, which a random model draws.)"""
+    character cut between tokens. flush hands out the rest. The ids are decoded a window at a time
+    (Window: a write costs the last few ids' decode, not the row's), but for a decoder that is not
+    local. (tokenizers' DecodeStream raises on byte tokens that never make a character, which a
+    random model draws.)"""
 
     def __init__(self, tok: HFTokenizer):
-        self.tok, self.ids, self.shown = tok, [], ""
-        model = tok.spec.get("model") or {}
-        vocab = model.get("vocab") if model.get("byte_fallback") and isinstance(model.get("vocab"), dict) else {}
-        self.bytes = {i for t, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)}
+        self.tok, self.window, self.sent = tok, Window(tok), 0  # sent: the characters handed out
+        # a decoder that is not local: the row decoded whole each write, what was handed out kept to compare
+        self.shown = None if tok.incremental else ""
 
     def write(self, ids) -> str:
-        self.ids += self.tok._checked_ids(ids)
-        n = len(self.ids)
-        while n and self.ids[n - 1] in self.bytes:
+        w = self.window
+        w.ids += self.tok._checked_ids(ids)
+        n = len(w.ids)
+        while n > w.r and w.ids[n - 1] in self.tok.byte_ids:
             n -= 1
-        text = self.tok.decode(self.ids[:n]).rstrip("\ufffd")
-        new = text[len(self.shown):] if text.startswith(self.shown) else ""
-        self.shown += new
+        if n == w.r:
+            return ""
+        if self.shown is not None:
+            text = self.tok.decode(w.ids[:n]).rstrip("\ufffd")
+            new = text[len(self.shown):] if text.startswith(self.shown) else ""
+            self.shown += new
+            return new
+        text = w.text(n)
+        new = text.rstrip("\ufffd")[self.sent - w.done:]
+        self.sent += len(new)
+        w.commit(n, text)
         return new
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        return text[len(self.shown):] if text.startswith(self.shown) else ""
+        w = self.window
+        if self.shown is not None:
+            text = self.tok.decode(w.ids)
+            return text[len(self.shown):] if text.startswith(self.shown) else ""
+        return w.text(len(w.ids))[self.sent - w.done:] if len(w.ids) > w.r else ""

@@ -905,17 +905,25 @@ class Choices:
         self.shown = set(stop_token_ids) - {stop_id} if include_stop else set()
         self.min_tokens, self.include_stop = min_tokens, include_stop
         # stopped's running text a row (Grown), where decoding the prompt and the new ids each step would cost a
-        # decode step of the whole row for every row of the batch (a server's per-step host time): only for a
+        # decode step of the whole row for every row of the batch (a server's per-step host time): for a
         # byte-level BPETokenizer whose prompt ends on a whole character, where the text of more ids is exactly the
-        # text so far and the new bytes' (other tokenizers' text may change before the new ids: decoded whole)
+        # text so far and the new bytes', and for an HFTokenizer whose decoder is local (hf_tokenizer.Window) and
+        # whose prompt's text no later id changes (GrownText: the last ids' window decoded). Else decoded whole.
         from tritongpt.train.tokenizer import BPETokenizer
 
-        self.grown = None
+        self.grown, self.prompt_window = None, None
         if type(tok).decode is BPETokenizer.decode and isinstance(tok, BPETokenizer):
             probe = Grown()
             probe.decoder.decode(tok.decode_bytes(ids))
             if not probe.decoder.getstate()[0]:
                 self.grown = {}
+        elif getattr(tok, "incremental", False):
+            from tritongpt.train.hf_tokenizer import Window
+
+            window = Window(tok)
+            window.ids = list(tok._checked_ids(ids))
+            if not ids or window.commit(len(ids), window.text(len(ids))):
+                self.grown, self.prompt_window = {}, window
 
     def end_of(self, new):
         """The index of the token that ends the row's answer in new, or None."""
@@ -955,7 +963,7 @@ class Choices:
         length = rows.size(1) - self.start
         for i in live:  # (a row shorter than at its last call is not that row grown: read again whole)
             if i not in self.grown or self.grown[i].count > length:
-                self.grown[i] = Grown()
+                self.grown[i] = Grown() if self.prompt_window is None else GrownText(self.prompt_window)
         first = min(self.grown[i].count for i in live)
         hold = max(map(len, self.stops)) - 1
         new = rows[:, self.start + first:].tolist()  # (a slice, not rows[live]: an indexing op costs more here)
@@ -965,7 +973,7 @@ class Choices:
             # character may follow): that part only grows, each call's a prefix of the next's. A match in it at the
             # last call was searched for then, with an `after` no larger: only one ending past it can be new, so the
             # search starts len(stop) - 1 before its end (within the tail kept), and none while it has not grown.
-            seen = g.whole
+            seen = g.stable
             g.add(self, ids[g.count - first:])
             if g.whole > seen and any(g.tail.find(stop, max(g.after - len(stop) + 1, seen - len(stop) + 1, g.base)
                                                   - g.base) >= 0 for stop in self.stops):
@@ -1011,6 +1019,11 @@ class Grown:
     def pending(self) -> str:
         return self.decoder.getstate()[0].decode("utf-8", errors="replace")
 
+    @property
+    def stable(self) -> int:
+        """The searched text's length no later id changes: all of it (its bytes only grow)."""
+        return self.whole
+
     def add(self, rows, ids):
         """ids: the row's next new ids (rows: its Choices, for the tokenizer, ends, shown and hidden)."""
         for t in ids:
@@ -1034,6 +1047,59 @@ class Grown:
         if len(self.tail) > hold:
             cut = len(self.tail) - hold
             self.tail, self.base = self.tail[cut:], self.base + cut
+
+
+class GrownText:
+    """Grown's for an HFTokenizer whose decoder is local: the row's kept new ids after the prompt's in a Window
+    (hf_tokenizer.Window: the prompt's ids done), whose text past its done ids (`loose`: a trailing run of
+    byte-fallback tokens, a cut character) is decoded again each call, a window of the last ids, not the row. Only
+    the done text (its length past the prompt's text `stable`) is kept searched for good: a byte-fallback token may
+    turn the loose text's characters to U+FFFDs. tail, base, whole, after, count, trim: Grown's."""
+
+    def __init__(self, prompt):
+        import copy
+
+        self.window = copy.copy(prompt)
+        self.window.ids = list(prompt.ids)
+        self.prompt, self.stable = prompt.done, 0  # the prompt's text's length; the done text's past it
+        self.count, self.ended, self.after = 0, False, 0
+        self.done, self.base = "", 0  # the done text from base on
+        self.tail, self.whole, self.loose = "", 0, ""
+
+    def add(self, rows, ids):
+        """ids: the row's next new ids (rows: its Choices, for the tokenizer, ends, shown and hidden)."""
+        grew = False
+        for t in ids:
+            self.count += 1
+            if not self.ended:
+                if t in rows.ends:
+                    self.ended = True
+                if (not self.ended or t in rows.shown) and t not in rows.hidden:
+                    self.window.ids.append(t)
+                    grew = True
+            if self.count <= rows.min_tokens:  # (the text's length at each of the first min_tokens ids)
+                loose = self._read() if grew else self.loose
+                grew = False
+                self.after = self.stable + len(loose)
+        if grew:
+            self._read()
+
+    def _read(self) -> str:
+        w = self.window
+        n = len(w.ids)
+        loose = w.text(n) if n > w.r else ""
+        if w.commit(n, loose):
+            self.done, loose = self.done + loose, ""
+        self.stable, self.loose = w.done - self.prompt, loose
+        searched = loose.rstrip("\ufffd")  # (cut_at_stop's: the text less its trailing U+FFFDs)
+        self.tail, self.whole = self.done + searched, self.stable + len(searched)
+        return loose
+
+    def trim(self, hold: int):
+        """Keeps the last `hold` characters of the done text only."""
+        if len(self.done) > hold:
+            cut = len(self.done) - hold
+            self.done, self.base = self.done[cut:], self.base + cut
 
 
 class HeldBack:
