@@ -1000,3 +1000,21 @@ def test_min_tokens_draws_from_the_masked_distribution_and_stop_token_ids_end_ro
         generate(model, idx, 2, min_tokens=-1)
     with pytest.raises(UserError, match="min_tokens masks a one-token decode step"):
         generate(model, idx, 2, min_tokens=1, eos_id=eos, prompt_lookup=2)
+
+
+def test_the_generate_commands_stop_check_decodes_each_new_token_once(monkeypatch, capsys):
+    """`generate --stop` asked every step whether a row's text holds a stop string by decoding the prompt and every
+    new id again (O(length) a token); it now asks Choices.stopped, which grows each row's text by its new ids. A
+    counting spy on the tokenizer's decode_bytes over 30 new tokens that never hold the stop string."""
+    from tritongpt import cli
+    from tritongpt.train.tokenizer import BPETokenizer, get_tokenizer
+
+    decoded, real = [], BPETokenizer.decode_bytes
+    monkeypatch.setattr(BPETokenizer, "decode_bytes", lambda self, ids: decoded.append(len(ids)) or real(self, ids))
+    prompt = "The cat sat on the mat and the dog ran in the park while " * 2
+    assert cli.main(["generate", "--model", "tiny", "--prompt", prompt, "--temperature", "0", "--max-new-tokens",
+                     "30", "--device", "cpu", "--kernels", "reference", "--stop", "\\x00\\x01"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+    # the prompt and the row a few times (its text, whether it ends on a whole character, the printed text), each
+    # new token once: 285 ids (old: the prompt and the new ids so far every step, 1812)
+    assert sum(decoded) <= 5 * (len(get_tokenizer().encode(prompt)) + 30), sum(decoded)

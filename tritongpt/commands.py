@@ -619,17 +619,17 @@ def cmd_generate(args):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     guide = None if spec is None else Grammars.of(tok, limit or model.config.vocab_size).guide(spec)
     stream = TextStream(tok, ids, eot, stops, ends) if args.stream else None
-    start, prompt_text = len(lead + ids), tok.decode(ids)
+    prompt_text = tok.decode(ids)
     end_set = {eot, *ends}
 
-    def stopped(rows):  # which rows' new text holds a stop string (the whole new text, decoded each step)
-        return torch.tensor([cut_at_stop(continuation(tok, ids, r[start:], prompt_text), stops)[1] is not None
-                             for r in rows.tolist()])
+    # which rows' new text holds a stop string: Choices.stopped (no end token of its own: the text is all the new
+    # ids', as continuation() gives it), which grows each row's text rather than decoding the whole row each step
+    stopped = Choices(tok, ids, stops, None, lead=len(lead)).stopped if stops else None
 
     with autocast(device, dtype):  # the weights stay fp32; sampling reads fp32 probabilities
         out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=eot, generator=gen, vocab_limit=limit, on_token=stream,
-                       stop=stopped if stops else None, draft=draft, num_draft_tokens=num_draft, stats=stats,
+                       stop=stopped, draft=draft, num_draft_tokens=num_draft, stats=stats,
                        cuda_graph=args.cuda_graphs, kv_cache_dtype=args.kv_cache_dtype, guide=guide,
                        stop_token_ids=ends or None, **sampling_controls(args), **masks).tolist()
     if stream:
