@@ -3018,7 +3018,8 @@ def test_choices_stopped_grown_text_is_searched_less_its_trailing_replacement_ch
     the next token may complete), and so must the grown text: Grown searched its pending byte's U+FFFD and its
     committed ones, stopping "hi" + the first bytes of "🙂" on a "\ufffd" that the next byte completes. A run of
     U+FFFDs (lone continuation bytes) is searched once a character follows it, a stop string spanning it then
-    found, min_tokens' `after` counting its U+FFFDs; the kept tail stays a stop string long through the run."""
+    found; min_tokens' `after` is its tokens' text less the U+FFFDs it ends in (vLLM's, held back then: a run there
+    counts once a character follows it); the kept tail stays a stop string long through the run."""
     from tritongpt.commands import Choices
 
     tok = BPETokenizer.train(CORPUS, 300)  # (ids below 256: single bytes)
@@ -3029,7 +3030,8 @@ def test_choices_stopped_grown_text_is_searched_less_its_trailing_replacement_ch
         (["i\ufffd\ufffd!"], 0, list(b"hi") + [0x80, 0x80] + list(b"!"), 5),
         (["i\ufffd\ufffd!"], 0, list(b"hi") + [0x80] * 30 + list(b"!"), None),
         (["\ufffd!"], 0, list(b"hi") + [0x80] * 30 + list(b"!"), 33),
-        (["\ufffd"], 3, list(b"x") + [0x80, 0x80] + list(b"y") + [0x80] + list(b"z"), 6)]
+        (["\ufffd"], 3, list(b"x") + [0x80, 0x80] + list(b"y") + [0x80] + list(b"z"), 4),
+        (["\ufffd"], 4, list(b"x") + [0x80, 0x80] + list(b"y") + [0x80] + list(b"z"), 6)]
     for stops, min_tokens, new, want in cases:
         grown = Choices(tok, ids, stops, eot, min_tokens=min_tokens)
         whole = Choices(tok, ids, stops, eot, min_tokens=min_tokens)

@@ -186,3 +186,31 @@ def test_fuzz_streamed_text_is_the_answers_own_and_stop_strings_never_leak():
         assert all(text.find(s) in range(-1, 0) or text.find(s) >= at for s in stops), case
         assert text.find(reason) == (at if keep else -1) and (not keep or text.endswith(reason)), case
         assert keep or not any(s in sent for s in stops), case
+
+
+def test_min_tokens_counts_the_text_its_tokens_show_not_a_character_they_leave_cut():
+    """min_tokens: a stop string counts where it ends past the text of the first min_tokens tokens, which vLLM's
+    detokenizer reads as it has handed it out, less text that ends in U+FFFD (a cut character: held back). Choices
+    counted that U+FFFD into the text (its `after`, on the grown and whole-row paths alike), the stream (Delta) did
+    not: with min_tokens 1 and "é" cut between the first two tokens, the stream cut at the stop string "é" while
+    the answer went on past it (vLLM's stops there). Each path now stops, or not, at the same token."""
+    tok = tokenizer()
+    prompt, e = list(b"the"), list("é".encode())
+    for new, stops, min_tokens, want in (
+            (e + list(b"xy"), ["é"], 1, ("", "stop", 2, "é")),  # the "é" ends past "": it counts
+            (e + list(b"xy"), ["é"], 2, ("éxy", "length", 4, None)),  # within the first two tokens' "é"
+            ([0x80] + list(b"ab"), ["\ufffd"], 1, ("", "stop", 2, "\ufffd")),  # a lone byte's, once "a" follows
+            ([0x80] + list(b"ab"), ["\ufffd"], 2, ("\ufffdab", "length", 3, None))):
+        for grown in (True, False):
+            rows = Choices(tok, prompt, stops, tok.eot_id, min_tokens=min_tokens)
+            assert rows.grown is not None  # (a byte-level BPE's: Grown)
+            rows.grown = rows.grown if grown else None  # (the whole row decoded each step instead)
+            delta, row, sent, case = Delta(tok, prompt, rows), list(prompt), "", (new, min_tokens, grown)
+            for t in new:
+                row.append(t)
+                sent += delta.add(t)
+                stopped = bool(rows.stopped(torch.tensor([row]))[0])
+                assert delta.done == stopped, case  # the stream ends where the answer does
+                if stopped:
+                    break
+            assert rows.ending(0, row) == want and want[0].startswith(sent), case

@@ -1605,8 +1605,8 @@ class Delta:
         self.count += 1
         chunk = "" if token in self.rows.hidden else self.decoder.write([token])
         delta = self.held.add(chunk)
-        if self.count == self.rows.min_tokens:  # a stop string counts from here on (vLLM's)
-            self.held.after = len(self.held.new)
+        if self.count == self.rows.min_tokens:  # a stop string counts from here on (vLLM's; Choices.cut's text
+            self.held.after = len(self.held.new.rstrip("\ufffd"))  # less a U+FFFD it ends in, held back)
         self.done = self.held.done or ends
         return delta
 

@@ -938,7 +938,9 @@ class Choices:
 
     def cut(self, new) -> tuple:
         """cut_at_stop of the row's new text, as min_tokens and include_stop have it."""
-        after = len(self.text_of(new[:self.min_tokens])) if self.min_tokens and self.stops else 0
+        # (min_tokens' text less its trailing U+FFFDs: a character its last token cut is held back from vLLM's text
+        # then, as from a stop string's search, so a stop string it completes later counts)
+        after = len(self.text_of(new[:self.min_tokens]).rstrip("\ufffd")) if self.min_tokens and self.stops else 0
         return cut_at_stop(self.text_of(new), self.stops, after, self.include_stop)
 
     def stopped(self, rows):
@@ -1004,8 +1006,8 @@ class Grown:
     a whole character: nothing of it pending), U+FFFD for bytes still pending as decode's errors="replace" gives
     them. What cut_at_stop searches of it is kept: the text less its trailing U+FFFDs (a pending byte's is one, and
     committed ones are held as a count, `run`, until a character follows them), `whole` characters, of which only
-    the tail from `base` on is kept (trim). `after`: min_tokens' (Choices.cut's: the text's length, U+FFFDs and all,
-    at the row's min_tokens-th token, or now while it has fewer)."""
+    the tail from `base` on is kept (trim). `after`: min_tokens' (Choices.cut's: `whole` at the row's min_tokens-th
+    token, or now while it has fewer)."""
 
     def __init__(self):
         import codecs
@@ -1040,7 +1042,7 @@ class Grown:
                         self.run = 0
                     self.run += len(chunk) - len(some)
             if self.count <= rows.min_tokens:
-                self.after = self.whole + self.run + len(self.pending())
+                self.after = self.whole  # (Choices.cut's: the U+FFFDs after it, run and pending, not counted)
 
     def trim(self, hold: int):
         """Keeps the last `hold` searched characters only (a stop string's start in them may end in the next)."""
