@@ -492,6 +492,40 @@ def test_the_generate_command_stops_at_a_stop_text_streamed_or_not(capsys, monke
         assert said in capsys.readouterr().err
 
 
+def test_the_generate_command_takes_the_stop_listed_first_of_those_one_token_completes(capsys, monkeypatch):
+    """--stop "e" --stop "h" and a drawn " the" (one token completing both): vLLM's check_stop_strings takes the
+    first in the request's order that the step's text holds, cutting " th" (stop "e"); the earliest start cut " t",
+    streamed or not. The model is a stand-in generate() that draws " the cat", stopping as asked."""
+    from tritongpt import cli, commands
+
+    real, tokens = commands.load_generation_model, []
+
+    def loaded(args):
+        out = real(args)
+        tokens.extend(out[1].encode(" the cat"))
+        assert out[1].decode(tokens[:1]) == " the"  # (one token: both stop strings in one step's text)
+        return out
+
+    def drawn(model, idx, max_new_tokens, on_token=None, stop=None, **kw):
+        for t in tokens:
+            idx = torch.cat([idx, torch.tensor([[t]])], 1)
+            if on_token is not None:
+                on_token(idx[:, -1:])
+            if stop is not None and stop(idx).all():
+                break
+        return idx
+
+    monkeypatch.setattr(commands, "load_generation_model", loaded)
+    monkeypatch.setattr(gen, "generate", drawn)
+    flags = ["generate", "--model", "tiny", "--prompt", "The cat", "--temperature", "0", "--max-new-tokens", "4",
+             "--device", "cpu", "--kernels", "reference", "--stop", "e", "--stop", "h"]
+    for extra in ([], ["--stream"]):
+        tokens.clear()
+        assert cli.main(flags + extra) == 0
+        out = capsys.readouterr()
+        assert out.out == "The cat th\n" and "stopped at --stop 'e'" in out.err, (extra, out)
+
+
 def test_a_stop_cut_keeps_the_continuations_leading_space(tmp_path):
     """A SentencePiece-style tokenizer decodes a text's first "▁word" without its space: the continuation is read
     off the whole row's decoding, where the space is."""

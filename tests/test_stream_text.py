@@ -126,10 +126,14 @@ def test_stop_strings_found_at_the_same_place_go_by_the_requests_order():
     """Two stop strings starting at the same character: the one listed first cuts (vLLM's check_stop_strings tries
     them in order), not the one that sorts first, which decided the text and stop_reason with
     include_stop_str_in_output."""
-    assert cut_at_stop("xabc", ["abc", "ab"], keep=True) == ("xabc", "abc")
+    assert cut_at_stop("xabc", ["abc", "ab"], keep=True, since=0) == ("xabc", "abc")  # ("xabc" one step's text)
+    assert cut_at_stop("xabc", ["abc", "ab"], keep=True, since=2) == ("xabc", "abc")  # (both end in "bc"'s step)
+    assert cut_at_stop("xabc", ["abc", "ab"], keep=True, since=3) == ("xab", "ab")  # ("ab" a step before "abc")
+    assert cut_at_stop("xabc", ["abc", "ab"], keep=True) == ("xab", "ab")  # (steps not known: "ab" ends first)
     assert cut_at_stop("xabc", ["ab", "abc"], keep=True) == ("xab", "ab")
-    assert cut_at_stop("xabc", ["abc", "ab"]) == ("x", "abc")
-    assert cut_at_stop("xabc", ["bc", "abc"]) == ("x", "abc")  # (the earliest start, whatever the order)
+    assert cut_at_stop("xabc", ["abc", "ab"], since=1) == ("x", "abc")
+    # (two ending at the same character are found at the same step, whatever the tokens: the one listed first)
+    assert cut_at_stop("xabc", ["bc", "abc"]) == ("xa", "bc") and cut_at_stop("xabc", ["abc", "bc"]) == ("x", "abc")
 
 
 def streamed(tok, prompt, new, stops, **ends) -> tuple:
@@ -149,9 +153,10 @@ def test_fuzz_streamed_text_is_the_answers_own_and_stop_strings_never_leak():
     """Random token ids (characters cut between tokens and between the prompt and the answer, special tokens) and
     stop strings taken from the text they make (spanning tokens, several at once, some only in the prompt): what
     the stream sent is where the answer starts (Model.draw sends the rest at the end), never a U+FFFD the answer
-    does not have; the answer ends at the first token whose text so far holds a stop string, before it (at its end
-    with include_stop_str_in_output, the string then in it once), finish "stop" with stop_reason the string; without
-    one it is the whole continuation. A stop string never matches a U+FFFD the text so far ends in (vLLM's
+    does not have; the answer ends at the first token whose text so far holds a stop string, cut where vLLM's
+    check_stop_strings cuts (vllm_stop: before the first in the request's order that the token completes, at its
+    end with include_stop_str_in_output, the string then in it once), finish "stop" with stop_reason the string;
+    without one it is the whole continuation. A stop string never matches a U+FFFD the text so far ends in (vLLM's
     detokenizer holds it back). A special token's text is text only with skip_special_tokens false."""
     from tritongpt.commands import continuation
 
@@ -179,13 +184,16 @@ def test_fuzz_streamed_text_is_the_answers_own_and_stop_strings_never_leak():
         if hit is None:
             assert text == texts[-1] and reason is None, case
             continue
-        at, first = min((texts[hit].find(s), i) for i, s in enumerate(stops) if s in texts[hit].rstrip("\ufffd"))
-        assert (finish, reason, count) == ("stop", stops[first], hit + 1), case
-        assert text == texts[hit][:at + len(reason) if keep else at], case
-        # (no stop string before it; with include_stop_str_in_output the text ends with it, there once)
-        assert all(text.find(s) in range(-1, 0) or text.find(s) >= at for s in stops), case
+        step, first, want = vllm_stop(texts, stops, keep)  # (which stop string, where: vLLM's rule)
+        at = len(want) - len(first) if keep else len(want)
+        assert (finish, reason, count) == ("stop", first, hit + 1) and step == hit, case
+        assert text == want, case
+        # (no stop string an earlier token completed: one listed after the stop_reason that the same token completed
+        # may start before it, vLLM's; with include_stop_str_in_output the text ends with it, there once)
+        before = len(texts[hit - 1].rstrip("\ufffd")) if hit else 0
+        assert all(text.find(s) < 0 or text.find(s) + len(s) > before for s in stops), case
         assert text.find(reason) == (at if keep else -1) and (not keep or text.endswith(reason)), case
-        assert keep or not any(s in sent for s in stops), case
+        assert keep or reason not in sent, case
 
 
 def test_min_tokens_counts_the_text_its_tokens_show_not_a_character_they_leave_cut():
@@ -214,3 +222,47 @@ def test_min_tokens_counts_the_text_its_tokens_show_not_a_character_they_leave_c
                 if stopped:
                     break
             assert rows.ending(0, row) == want and want[0].startswith(sent), case
+
+
+def vllm_stop(texts, stops, keep: bool = False):
+    """vLLM's stop strings over an answer's text after each token (texts), a token a step: its detokenizer's text
+    less the U+FFFDs it ends in (held back), searched by check_stop_strings for the stop strings in the request's
+    order, each only where it ends in the step's new text; the first found wins. -> (step, stop, cut text) or
+    None."""
+    prev = ""
+    for k, text in enumerate(texts):
+        out = text.rstrip("\ufffd")
+        for stop in stops if len(out) > len(prev) else ():
+            at = out.find(stop, max(len(prev) - len(stop) + 1, 0))
+            if at >= 0:
+                return k, stop, out[:at + len(stop) if keep else at]
+        prev = out
+    return None
+
+
+def test_stop_strings_a_token_completes_together_go_by_the_requests_order():
+    """vLLM's check_stop_strings tries the stop strings in the request's order over a step's new text and takes the
+    first it finds there, not the one that starts first: "e" before "h" in "the" (one token) cuts "th", "at"
+    before "cat" in " cat" cuts " c". cut_at_stop took the earliest start ("t", " "): a text and stop_reason vLLM
+    does not give. Served answers (Choices, grown and whole-row), their streams (Delta) and `generate --stream`'s
+    HeldBack now give vLLM's, and a stop string an earlier token completes still wins."""
+    tok = tokenizer()
+    prompt, the, cat = list(b"a "), tok.encode("the"), tok.encode(" cat")
+    assert len(the) == len(cat) == 1  # (one token each: both stop strings in one step's text)
+    for new, stops, keep in ((the + cat, ["e", "h"], False), (the + cat, ["h", "e"], False),
+                             (the + cat, ["at", "cat"], False), (the + cat, ["at", "cat"], True),
+                             (the + cat, ["cat", "e c", "he"], False), (the + cat, ["e c", "he"], True)):
+        texts = [tok.decode(prompt + new[:k + 1])[len("a "):] for k in range(len(new))]
+        step, stop, want = vllm_stop(texts, stops, keep)
+        for grown in (True, False):
+            rows = Choices(tok, prompt, stops, tok.eot_id, include_stop=keep)
+            rows.grown = rows.grown if grown else None
+            delta, row, sent = Delta(tok, prompt, rows), list(prompt), ""
+            for t in new:
+                row.append(t)
+                sent += delta.add(t)
+                if rows.stopped(torch.tensor([row]))[0]:
+                    break
+            case = (new, stops, keep, grown)
+            assert rows.ending(0, row) == (want, "stop", step + 1, stop) and sent == want, case
+            assert delta.done, case

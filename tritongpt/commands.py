@@ -644,7 +644,9 @@ def cmd_generate(args):
         ended = first_end(new, end_set)
         if ended is not None:
             new, marker = new[:ended], new[ended]
-        text, cut = cut_at_stop(continuation(tok, ids, new, prompt_text), stops)
+        # (a row a stop string ended ends with the token that completed it: its text the last step's, vLLM's window)
+        since = len(continuation(tok, ids, new[:-1], prompt_text).rstrip("\ufffd")) if stops and new else None
+        text, cut = cut_at_stop(continuation(tok, ids, new, prompt_text), stops, since=since)
         if i:
             print(SAMPLE_SEPARATOR)
         if not stream:
@@ -867,18 +869,23 @@ def stop_strings(values) -> list:
     return stops
 
 
-def cut_at_stop(text: str, stops, after: int = 0, keep: bool = False) -> tuple:
+def cut_at_stop(text: str, stops, after: int = 0, keep: bool = False, since: int | None = None) -> tuple:
     """(text before the first stop string in it, that stop) or (text, None). after: only a stop string that ends past
     that many characters counts (vLLM's min_tokens: not in the text of the first min_tokens tokens); keep: the text
-    up to the stop string's end instead (vLLM's include_stop_str_in_output). Two found at the same place: the one
-    listed first (vLLM's check_stop_strings tries them in the request's order), not the one that sorts first. A
-    U+FFFD the text ends in is not searched: a character cut by the last token, which the next may complete (vLLM's
-    detokenizer holds such text back, its stop strings never see it)."""
+    up to the stop string's end instead (vLLM's include_stop_str_in_output). A U+FFFD the text ends in is not
+    searched: a character cut by the last token, which the next may complete (vLLM's detokenizer holds such text
+    back, its stop strings never see it). Which stop string is first: vLLM's check_stop_strings searches each step's
+    new text for the stop strings in the request's order and takes the first it finds there, so of those ending
+    past `since` (the searched text's length before the step that drew the last token, where the caller knows it)
+    the one listed first, whatever its start; before that, the one that ends first (a step a character, where
+    the steps are not known), two ending together by the request's order."""
     whole = text.rstrip("\ufffd")
-    hits = [(at, k) for k, s in enumerate(stops) for at in [whole.find(s, max(after - len(s) + 1, 0))] if at >= 0]
+    since = len(whole) if since is None else since
+    hits = [(min(at + len(s), since + 1), k, at) for k, s in enumerate(stops)
+            for at in [whole.find(s, max(after - len(s) + 1, 0))] if at >= 0]
     if not hits:
         return text, None
-    at, k = min(hits)
+    _, k, at = min(hits)
     return text[:at + len(stops[k]) if keep else at], stops[k]
 
 
@@ -936,12 +943,12 @@ class Choices:
             new = new[:end + (new[end] in self.shown)]
         return continuation(self.tok, self.ids, [t for t in new if t not in self.hidden], self.prompt_text)
 
-    def cut(self, new) -> tuple:
-        """cut_at_stop of the row's new text, as min_tokens and include_stop have it."""
+    def cut(self, new, since: int | None = None) -> tuple:
+        """cut_at_stop of the row's new text, as min_tokens and include_stop have it (since: cut_at_stop's)."""
         # (min_tokens' text less its trailing U+FFFDs: a character its last token cut is held back from vLLM's text
         # then, as from a stop string's search, so a stop string it completes later counts)
         after = len(self.text_of(new[:self.min_tokens]).rstrip("\ufffd")) if self.min_tokens and self.stops else 0
-        return cut_at_stop(self.text_of(new), self.stops, after, self.include_stop)
+        return cut_at_stop(self.text_of(new), self.stops, after, self.include_stop, since)
 
     def stopped(self, rows):
         import torch
@@ -990,6 +997,11 @@ class Choices:
         """choice's (text, finish_reason, completion tokens) and vLLM's stop_reason: the stop string that cut the
         text, or the stop token id that ended it; None for the EOS (stop_id) or the budget."""
         new = row[self.start:]
+        if i in self.first_stop:  # the text up to the step that stopped it, its last token's text vLLM's window
+            k = self.first_stop[i]
+            text, cut = self.cut(new[:k], len(self.text_of(new[:k - 1]).rstrip("\ufffd")))
+            if cut is not None:
+                return text, "stop", k, cut
         text, cut = self.cut(new)
         if cut is not None:
             return text, "stop", self.first_stop[i], cut
@@ -1118,8 +1130,9 @@ class HeldBack:
 
     def add(self, chunk: str, final: bool = False) -> str:
         """chunk's share of what can be sent now (final: the stream's end, nothing held back)."""
+        since = len(self.new.rstrip("\ufffd"))  # (what was searched before: the chunk's step is vLLM's window)
         self.new += chunk
-        text, cut = cut_at_stop(self.new, self.stops, self.after, self.keep)
+        text, cut = cut_at_stop(self.new, self.stops, self.after, self.keep, since)
         # (a U+FFFD the text ends in held back too: a stop string may yet start with it, cut_at_stop)
         end = len(text) if cut or final else max(self.sent, len(self.new.rstrip("\ufffd")) - self.hold)
         out = self.new[self.sent:end]
