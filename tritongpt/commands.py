@@ -1091,10 +1091,11 @@ class GrownText:
                 if (not self.ended or t in rows.shown) and t not in rows.hidden:
                     self.window.ids.append(t)
                     grew = True
-            if self.count <= rows.min_tokens:  # (the text's length at each of the first min_tokens ids)
-                loose = self._read() if grew else self.loose
+            if self.count <= rows.min_tokens:  # (the text's length at each of the first min_tokens ids, less the
+                if grew:  # U+FFFDs it ends in: Choices.cut's, as the stream and vLLM count it)
+                    self._read()
                 grew = False
-                self.after = self.stable + len(loose)
+                self.after = self.whole
         if grew:
             self._read()
 
