@@ -1254,3 +1254,37 @@ def test_min_tokens_counts_a_windows_text_less_its_trailing_replacement_characte
         row = torch.tensor([prompt + new[:k]])
         assert grown.stopped(row).tolist() == whole.stopped(row).tolist(), k
     assert grown.grown is not None
+
+
+def test_byte_fallback_tokens_of_a_unigram_or_of_the_decoder_alone_are_decoded_as_one_run():
+    """A run of byte-fallback tokens is decoded together, so the stream and the window hold it back; their ids were
+    read from tokenizer.json's vocab only where it was a dict with the model's byte_fallback set. A Unigram's vocab
+    is a list of [piece, score] (llm-jp's, byte_fallback true), and a BPE file may leave the flag out while its
+    decoder's ByteFallback still spells <0xNN> as a byte: none counted, the stream handed out "ha" for <0x68><0x61>,
+    which <0x82> after them turns, decoded whole, to three U+FFFDs, and the stop check missed "\ufffd\ufffd"."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from tritongpt.commands import Choices
+    from tritongpt.train.hf_tokenizer import HFTokenizer, Window
+
+    pieces = ["<unk>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁the", "a"]
+    unigram = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0, byte_fallback=True))
+    bpe = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>"))
+    for t in (unigram, bpe):
+        t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+        tok = HFTokenizer(json.loads(t.to_str()), eos_token="</s>")
+        assert tok.byte_ids == set(range(2, 258)) and tok.incremental
+        ids = [258, 2 + 0x68, 2 + 0x61, 2 + 0x82, 259]  # "the", then h a and a stray continuation byte, then "a"
+        whole = tok.decode(ids)
+        assert whole == "the\ufffd\ufffd\ufffda"
+        stream = tok.stream_decoder()
+        assert "".join(stream.write([i]) for i in ids) + stream.flush() == whole
+        window = Window(tok)
+        for k in range(1, len(ids) + 1):
+            window.ids.append(ids[k - 1])
+            text = window.text(k)
+            assert window.done <= len(tok.decode(ids[:k - 1])) and text == tok.decode(ids[:k])[window.done:], k
+            window.commit(k, text)
+        rows = Choices(tok, ids[:1], ["\ufffd\ufffd"], 1)  # (the grown text held "ha\ufffda")
+        assert [rows.stopped(torch.tensor([ids[:k]])).item() for k in range(2, len(ids) + 1)] == [0, 0, 0, 1]

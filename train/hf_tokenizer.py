@@ -265,9 +265,12 @@ class HFTokenizer(TokenizerChecks):
         self._plain_tok = None
         self.spec, self.name, self.where = spec, name, where
         self.info = dict(info or {})
-        # the byte-fallback tokens (<0xE2>): a run of them is decoded together (TextSoFar, Window)
+        # the byte-fallback tokens (<0xE2>): a run of them is decoded together (TextSoFar, Window). Read from the
+        # library's vocabulary, not the file's: a Unigram's "vocab" is a list of [piece, score] (llm-jp's, with
+        # byte_fallback), and the decoder's ByteFallback turns these tokens to bytes whatever the model's flag says
         model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
-        vocab = model.get("vocab") if model.get("byte_fallback") and isinstance(model.get("vocab"), dict) else {}
+        vocab = self._tok.get_vocab(with_added_tokens=True) \
+            if model.get("byte_fallback") or _holds_decoder(spec.get("decoder"), "ByteFallback") else {}
         self.byte_ids = frozenset(i for t, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
         # whether a row's text can be decoded a window of its last ids at a time (local_decoder), decided once
         self.incremental = local_decoder(spec.get("decoder"))
@@ -566,6 +569,12 @@ class HFTokenizer(TokenizerChecks):
 # the whole row does (Window), and the window's first is read in the same place each time. Any other (BPEDecoder's
 # suffix spells the last token otherwise, CTC drops a token equal to the one before, a Replace of a longer pattern
 # after a Fuse may span tokens, a Strip of the end): decoded whole each time.
+def _holds_decoder(d, kind: str) -> bool:
+    """Whether tokenizer.json's decoder d is, or has in its Sequence, a decoder of this type."""
+    return isinstance(d, dict) and (d.get("type") == kind or d.get("type") == "Sequence" and
+                                    any(_holds_decoder(part, kind) for part in d.get("decoders") or []))
+
+
 def local_decoder(d, fused: bool = False) -> bool:
     if d is None:  # (no decoder: the tokens joined by spaces)
         return True
