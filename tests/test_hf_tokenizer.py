@@ -1288,3 +1288,24 @@ def test_byte_fallback_tokens_of_a_unigram_or_of_the_decoder_alone_are_decoded_a
             window.commit(k, text)
         rows = Choices(tok, ids[:1], ["\ufffd\ufffd"], 1)  # (the grown text held "ha\ufffda")
         assert [rows.stopped(torch.tensor([ids[:k]])).item() for k in range(2, len(ids) + 1)] == [0, 0, 0, 1]
+
+
+def test_a_fuse_inside_a_nested_sequence_counts_for_the_decoders_after_it():
+    """local_decoder read a Sequence's parts in order, a Fuse or ByteLevel making the parts after it see one text;
+    one inside a nested Sequence did not count, so a Replace of two characters after it passed as local: the window
+    handed out "a" before the "b" that turns "ab" to "c", and the stop check never saw the "c"."""
+    from tokenizers import Tokenizer, models
+
+    from tritongpt.commands import Choices
+    from tritongpt.train.hf_tokenizer import HFTokenizer, local_decoder
+
+    replace = {"type": "Replace", "pattern": {"String": "ab"}, "content": "c"}
+    nested = {"type": "Sequence", "decoders": [{"type": "Sequence", "decoders": [{"type": "Fuse"}]}, replace]}
+    assert not local_decoder(nested)
+    assert local_decoder({"type": "Sequence", "decoders": [replace, nested["decoders"][0]]})  # (before the Fuse)
+    spec = json.loads(Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2, "<eos>": 3}, unk_token="<unk>")).to_str())
+    tok = HFTokenizer(dict(spec, decoder=nested), eos_token="<eos>")
+    assert tok.decode([1, 2]) == "c" and not tok.incremental
+    rows = Choices(tok, [], ["c"], 3)
+    assert rows.grown is None and rows.stopped(torch.tensor([[1]])).tolist() == [False]
+    assert rows.stopped(torch.tensor([[1, 2]])).tolist() == [True]

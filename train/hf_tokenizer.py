@@ -585,7 +585,8 @@ def local_decoder(d, fused: bool = False) -> bool:
         for part in d.get("decoders") or []:
             if not local_decoder(part, fused):
                 return False
-            fused = fused or part.get("type") in ("Fuse", "ByteLevel")
+            # (a Sequence in the Sequence fuses the tokens for the parts after it where any of its own parts does)
+            fused = fused or any(_holds_decoder(part, kind) for kind in ("Fuse", "ByteLevel"))
         return True
     if kind in ("ByteLevel", "Fuse"):
         return True
