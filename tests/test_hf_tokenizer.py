@@ -1309,3 +1309,22 @@ def test_a_fuse_inside_a_nested_sequence_counts_for_the_decoders_after_it():
     rows = Choices(tok, [], ["c"], 3)
     assert rows.grown is None and rows.stopped(torch.tensor([[1]])).tolist() == [False]
     assert rows.stopped(torch.tensor([[1, 2]])).tolist() == [True]
+
+
+def test_the_stop_check_searches_the_grown_text_it_kept_after_a_call_that_adds_none(decoder_shapes):
+    """GrownText.trim dropped the searched text's head but kept its tail whole: a later call whose ids add no text
+    (a skipped special token) searched the old tail at the new offset, so " cat" within the first min_tokens
+    tokens' text, which does not count, stopped the row. The text held back ("A" of a byte-fallback token, a run a
+    later byte may extend) is what makes that call search at all."""
+    from tritongpt.commands import Choices
+
+    tok = decoder_shapes["sentencepiece"]
+    the, cat, byte = tok.encode("the"), tok.encode(" cat"), tok._tok.token_to_id("<0x41>")
+    kw = dict(ignore_eos=True, skip_special=True, min_tokens=len(the + cat) + 2)
+    grown, whole = (Choices(tok, tok.encode("a dog"), [" cat"], tok.eot_id, **kw) for _ in range(2))
+    whole.grown = None  # (decoded whole: the rule)
+    row = list(grown.ids)
+    for ids in [[t] for t in the] + [cat + [byte], [tok.eot_id], tok.encode(" sat")]:
+        row += ids
+        assert grown.stopped(torch.tensor([row])).tolist() == whole.stopped(torch.tensor([row])).tolist() == [False], \
+            ids

@@ -1111,10 +1111,11 @@ class GrownText:
         return loose
 
     def trim(self, hold: int):
-        """Keeps the last `hold` characters of the done text only."""
+        """Keeps the last `hold` characters of the done text only (and of tail, which starts with it: a call that
+        adds no text searches it again, from base)."""
         if len(self.done) > hold:
             cut = len(self.done) - hold
-            self.done, self.base = self.done[cut:], self.base + cut
+            self.done, self.tail, self.base = self.done[cut:], self.tail[cut:], self.base + cut
 
 
 class HeldBack:
