@@ -1135,8 +1135,10 @@ class HeldBack:
         since = len(self.new.rstrip("\ufffd"))  # (what was searched before: the chunk's step is vLLM's window)
         self.new += chunk
         text, cut = cut_at_stop(self.new, self.stops, self.after, self.keep, since)
-        # (a U+FFFD the text ends in held back too: a stop string may yet start with it, cut_at_stop)
-        end = len(text) if cut or final else max(self.sent, len(self.new.rstrip("\ufffd")) - self.hold)
+        # (a U+FFFD the text ends in held back too, where there are stop strings: one may yet start with it; the
+        # stream decoder hands out no U+FFFD a later byte completes, so without them there is nothing to wait for)
+        searched = self.new.rstrip("\ufffd") if self.stops else self.new
+        end = len(text) if cut or final else max(self.sent, len(searched) - self.hold)
         out = self.new[self.sent:end]
         self.sent, self.done = end, bool(cut)
         return out
