@@ -1144,6 +1144,7 @@ def test_streamed_text_and_stop_checks_decode_a_window_as_the_whole_row(decoder_
                 assert text == tok.decode(ids[:k])[window.done:] and window.local, (name, ids, k)
                 window.commit(k, text)
             assert shown + stream.flush() == tok.decode(ids), (name, ids)
+            assert stream.shown is None, (name, ids)  # (the window never fell back to whole decodes)
         for _ in range(40):
             prompt, new = _random_ids(rng, tok, rng.randint(0, 6)), _random_ids(rng, tok, rng.randint(1, 20))
             text = tok.decode(prompt + new) or "x"
@@ -1234,6 +1235,48 @@ def test_a_decoder_a_window_cannot_spell_is_decoded_whole():
                                                                        "content": "c"}]})
     assert local_decoder({"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "ab"},
                                                             "content": "c"}, fused]})
+
+
+def test_a_misjudged_decoder_streams_only_what_extends_the_text_handed_out(monkeypatch):
+    """The safety net under local_decoder: a window whose text does not spell the row's as decoding it whole does
+    fell back to whole decodes, but TextSoFar then handed out whole[sent:] unchecked (the whole text need not start
+    with what the window had handed out), and a window's text past its done ids was not checked against the piece a
+    cut character held back of it (loose). With local_decoder misjudging on purpose (a Replace of two characters
+    after a Fuse, a BPEDecoder's suffix, CTC), the text handed out is, after every piece, the start of the row's
+    whole decode: a piece the whole text contradicts stalls the stream, as it did before windows."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from tritongpt.train import hf_tokenizer
+
+    monkeypatch.setattr(hf_tokenizer, "local_decoder", lambda d, fused=False: True)
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "c</w>": 3, "\ufffd": 4, "<eos>": 5}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    cases = {"replace": decoders.Sequence([decoders.Fuse(), decoders.Replace("ab", "X"),
+                                           decoders.Replace("c</w>\ufffdb", "Y")]),
+             "bpe": decoders.BPEDecoder(), "ctc": decoders.CTC(pad_token="<unk>", word_delimiter_token="b")}
+
+    def stream(tok, writes):
+        s, sent = tok.stream_decoder(), ""
+        for k in range(1, len(writes) + 1):
+            sent += (piece := s.write(writes[k - 1]))
+            whole = tok.decode([i for w in writes[:k] for i in w])
+            assert not piece or whole.startswith(sent), (writes[:k], sent, whole)
+        end = s.flush()
+        assert sent + end == whole or not end and not whole.startswith(sent), (writes, sent, end, whole)
+        return sent + end
+
+    rng = random.Random(0)
+    for name, decoder in cases.items():
+        t.decoder = decoder
+        tok = hf_tokenizer.HFTokenizer(json.loads(t.to_str()), eos_token="<eos>")
+        assert tok.incremental, name  # (misjudged)
+        for _ in range(100):
+            stream(tok, [[rng.randrange(5)] for _ in range(rng.randint(1, 24))])
+        if name == "replace":
+            # the done "a" becomes "X" with "b" (the window's head); "c</w>" handed out before its cut "\ufffd",
+            # not yet done, becomes "Y" with "b" (loose): both stall, the whole text no longer starting with them
+            assert tok.decode([1, 2, 1]) == "Xa" and stream(tok, [[1], [2], [1]]) == "a"
+            assert tok.decode([1, 3, 4, 2, 1]) == "aYa" and stream(tok, [[1], [3, 4], [2], [1]]) == "ac</w>"
 
 
 @pytest.mark.parametrize("name, prompt, new, stops, min_tokens, ignore_eos", [

@@ -648,13 +648,23 @@ class TextSoFar:
     turning to U+FFFD when the run ends in a broken character, and a trailing U+FFFD may be a
     character cut between tokens. flush hands out the rest. The ids are decoded a window at a time
     (Window: a write costs the last few ids' decode, not the row's), but for a decoder that is not
-    local. (tokenizers' DecodeStream raises on byte tokens that never make a character, which a
-    random model draws.)"""
+    local; a window whose text does not spell what was handed out (a decoder local_decoder misjudged)
+    falls back to that, handing out only what extends the text handed out. (tokenizers' DecodeStream
+    raises on byte tokens that never make a character, which a random model draws.)"""
 
     def __init__(self, tok: HFTokenizer):
-        self.tok, self.window, self.sent = tok, Window(tok), 0  # sent: the characters handed out
-        # a decoder that is not local: the row decoded whole each write, what was handed out kept to compare
+        self.tok, self.window = tok, Window(tok)
+        # the pieces handed out (joined only if the window falls back), and `loose`: those handed out past the
+        # window's done ids (a cut character at the text's end keeps them from being done): its text starts with it
+        self.pieces, self.loose = [], ""
+        # the text handed out, kept to compare where the row is decoded whole each write: for a decoder that is not
+        # local, and once a window's text did not spell what was handed out (a decoder local_decoder misjudged)
         self.shown = None if tok.incremental else ""
+
+    def _fall_back(self):
+        """Decodes the row whole from now on, handing out only what extends the text handed out (the window's
+        pieces may be what the whole row's text no longer starts with: then nothing until it does)."""
+        self.shown, self.window.local = "".join(self.pieces), False
 
     def write(self, ids) -> str:
         w = self.window
@@ -664,20 +674,30 @@ class TextSoFar:
             n -= 1
         if n == w.r:
             return ""
-        if self.shown is not None:
-            text = self.tok.decode(w.ids[:n]).rstrip("\ufffd")
-            new = text[len(self.shown):] if text.startswith(self.shown) else ""
-            self.shown += new
-            return new
-        text = w.text(n)
-        new = text.rstrip("\ufffd")[self.sent - w.done:]
-        self.sent += len(new)
-        w.commit(n, text)
+        if self.shown is None:
+            text = w.text(n)
+            # (checked before a piece goes out: what was handed out is the done text and loose, so a window that
+            # spells the row's text past its done ids as decoding the row whole does starts with loose)
+            if w.local and text.startswith(self.loose):
+                new = text.rstrip("\ufffd")[len(self.loose):]
+                self.loose = "" if w.commit(n, text) else self.loose + new
+                if new:
+                    self.pieces.append(new)
+                return new
+            self._fall_back()
+        text = self.tok.decode(w.ids[:n]).rstrip("\ufffd")
+        new = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown += new
         return new
 
     def flush(self) -> str:
         w = self.window
-        if self.shown is not None:
-            text = self.tok.decode(w.ids)
-            return text[len(self.shown):] if text.startswith(self.shown) else ""
-        return w.text(len(w.ids))[self.sent - w.done:] if len(w.ids) > w.r else ""
+        if len(w.ids) == w.r:
+            return ""
+        if self.shown is None:
+            text = w.text(len(w.ids))
+            if w.local and text.startswith(self.loose):
+                return text[len(self.loose):]
+            self._fall_back()
+        text = self.tok.decode(w.ids)
+        return text[len(self.shown):] if text.startswith(self.shown) else ""
