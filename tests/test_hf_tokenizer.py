@@ -1208,6 +1208,26 @@ def test_streaming_and_stop_checks_decode_the_last_ids_not_the_whole_row(decoder
         assert rows.stopped(torch.tensor([row])).tolist() == [True]
 
 
+def test_generate_streams_a_stop_string_only_in_the_new_text_after_a_prompts_byte_run(decoder_shapes, capsys):
+    """A prompt that ends in a run of byte-fallback tokens ("€", three of them): the stream decoder holds the run
+    back (a later byte may turn it to U+FFFDs) and handed it out with the first new token's text, which
+    `generate --stream`'s TextStream searched for stop strings as new text: --stop "€" cut the stream after "the "
+    where the text printed without --stream (continuation's) holds no stop string and runs on."""
+    from tritongpt.commands import TextStream, continuation, cut_at_stop
+
+    tok = decoder_shapes["sentencepiece"]
+    prompt, new = tok.encode("the €"), tok.encode(" sat")
+    assert prompt[-1] in tok.byte_ids and "€" not in tok.stream_decoder().write(prompt)  # (the run held back)
+    for stops in (["€"], ["€ ", "sat"]):
+        stream = TextStream(tok, prompt, tok.eot_id, stops)
+        for t in new:
+            stream(torch.tensor([[t]]))
+        stream.close()
+        text, cut = cut_at_stop(continuation(tok, prompt, new), stops)  # (what generate prints without --stream)
+        assert capsys.readouterr().out == (tok.decode(prompt) + text if cut else tok.decode(prompt + new)) + "\n"
+        assert cut == (None if stops == ["€"] else "sat")
+
+
 def test_a_decoder_a_window_cannot_spell_is_decoded_whole():
     """Decoders whose text of a token depends on more than the ids before it (BPEDecoder's suffix, "</w>", spells
     the last token without its space; CTC drops a token equal to the one before; a Strip of the text's end; a

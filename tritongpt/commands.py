@@ -1149,14 +1149,19 @@ class HeldBack:
 
 
 class TextStream:
-    """generate's on_token for one sample: prints the text as its tokens are drawn, through the
-    tokenizer's stream_decoder (a character split across tokens printed whole once complete), so
-    the printed text is what decoding all the ids at once gives."""
+    """generate's on_token for one sample: prints the prompt's text, then the new text as its tokens are drawn,
+    through ContinuationStream (a character split across tokens printed whole once complete), so the printed text
+    is what generate prints without --stream."""
 
     def __init__(self, tok, prompt_ids, eot, stops=(), ends=()):
         # ends: the other end tokens (the model's generation config's), not printed either
-        self.ends, self.text, self.held = {eot, *ends}, tok.stream_decoder(), HeldBack(stops)
-        print(self.text.write(prompt_ids), end="", flush=True)
+        self.ends, self.held = {eot, *ends}, HeldBack(stops)
+        # the new text as continuation() has it (serve's Delta's): a stop string is searched for in it alone, as
+        # without --stream. The prompt's stream decoder holds its last characters back where later ids may change
+        # them (a run of byte-fallback tokens), and handed them on with the first new text, where a stop string in
+        # them stopped the stream, or cut it elsewhere, but not the text printed without --stream.
+        self.text = ContinuationStream(tok, prompt_ids)
+        print(tok.decode(prompt_ids), end="", flush=True)  # (the prompt's text as printed without --stream)
 
     def __call__(self, new):
         i = int(new[0, 0])
