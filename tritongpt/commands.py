@@ -1134,7 +1134,9 @@ class HeldBack:
         """chunk's share of what can be sent now (final: the stream's end, nothing held back)."""
         since = len(self.new.rstrip("\ufffd"))  # (what was searched before: the chunk's step is vLLM's window)
         self.new += chunk
-        text, cut = cut_at_stop(self.new, self.stops, self.after, self.keep, since)
+        # (a stop string ending within that was looked for then, and is not there: only one ending past it is
+        # searched for, not the whole text each chunk, which cost a long answer's stream time quadratic in its length)
+        text, cut = cut_at_stop(self.new, self.stops, max(self.after, since), self.keep, since)
         # (a U+FFFD the text ends in held back too, where there are stop strings: one may yet start with it; the
         # stream decoder hands out no U+FFFD a later byte completes, so without them there is nothing to wait for)
         searched = self.new.rstrip("\ufffd") if self.stops else self.new
