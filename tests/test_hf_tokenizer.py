@@ -1228,6 +1228,30 @@ def test_generate_streams_a_stop_string_only_in_the_new_text_after_a_prompts_byt
         assert cut == (None if stops == ["€"] else "sat")
 
 
+def test_the_stream_counts_min_tokens_text_where_a_prompts_byte_run_holds_it_back(decoder_shapes):
+    """A prompt ending in a byte-fallback run ("€") and new ids that are bytes too: ContinuationStream hands out
+    nothing until a later id says whether the row's text starts with the prompt's, so Delta took min_tokens' text as
+    "" and a stop string inside it ("€", the first three new ids) counted: the stream was done at the next token
+    while the answer (Choices, min_tokens' text "€") ran on. Delta now counts the first min_tokens ids' text."""
+    from tritongpt.commands import Choices
+    from tritongpt.train.serve import Delta
+
+    tok = decoder_shapes["sentencepiece"]
+    prompt = tok.encode("the €")
+    new = prompt[-3:] + tok.encode(" sat")  # ("€" again: three byte tokens, then text)
+    assert all(t in tok.byte_ids for t in new[:3])
+    for grown in (True, False):
+        rows = Choices(tok, prompt, ["€"], tok.eot_id, min_tokens=3)
+        rows.grown = rows.grown if grown else None
+        delta, row, sent = Delta(tok, prompt, rows), list(prompt), ""
+        for t in new:
+            row.append(t)
+            sent += delta.add(t)
+            assert delta.done == bool(rows.stopped(torch.tensor([row]))[0]), (grown, len(row))
+        text, finish, count, reason = rows.ending(0, row)
+        assert (finish, reason) == ("length", None) and text.startswith(sent) and sent.startswith("€"), (grown, sent)
+
+
 def test_a_decoder_a_window_cannot_spell_is_decoded_whole():
     """Decoders whose text of a token depends on more than the ids before it (BPEDecoder's suffix, "</w>", spells
     the last token without its space; CTC drops a token equal to the one before; a Strip of the text's end; a

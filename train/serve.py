@@ -1606,7 +1606,9 @@ class Delta:
         chunk = "" if token in self.rows.hidden else self.decoder.write([token])
         delta = self.held.add(chunk)
         if self.count == self.rows.min_tokens:  # a stop string counts from here on (vLLM's; Choices.cut's text
-            self.held.after = len(self.held.new.rstrip("\ufffd"))  # less a U+FFFD it ends in, held back)
+            # less a U+FFFD it ends in, held back). Its text decoded, not the stream's so far: a prompt's held run of
+            # byte-fallback tokens leaves the stream undecided (nothing handed out) while the new ids are bytes too
+            self.held.after = len(self.rows.text_of(self.tokens).rstrip("\ufffd"))
         self.done = self.held.done or ends
         return delta
 
