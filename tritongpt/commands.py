@@ -1011,6 +1011,16 @@ class Choices:
         return text, "length", len(new), None
 
 
+def _kept(grown, rows, t) -> bool:
+    """Counts t among a grown row's new ids (Grown's or GrownText's): whether its text is the row's, up to the row's
+    first end token (an end token in rows.shown included), the hidden ones left out."""
+    grown.count += 1
+    if grown.ended:
+        return False
+    grown.ended = t in rows.ends
+    return (not grown.ended or t in rows.shown) and t not in rows.hidden
+
+
 class Grown:
     """One row's new text as Choices.stopped grows it (a byte-level BPETokenizer's): the row's new tokens' bytes, up
     to its first end token (an end token in `shown` included) less the hidden ones, through an incremental UTF-8
@@ -1041,18 +1051,14 @@ class Grown:
     def add(self, rows, ids):
         """ids: the row's next new ids (rows: its Choices, for the tokenizer, ends, shown and hidden)."""
         for t in ids:
-            self.count += 1
-            if not self.ended:
-                if t in rows.ends:
-                    self.ended = True
-                if (not self.ended or t in rows.shown) and t not in rows.hidden:
-                    chunk = self.decoder.decode(rows.tok.decode_bytes([t]))
-                    some = chunk.rstrip("\ufffd")
-                    if some:  # (a character after the run: the run is searched text now)
-                        self.tail += "\ufffd" * self.run + some
-                        self.whole += self.run + len(some)
-                        self.run = 0
-                    self.run += len(chunk) - len(some)
+            if _kept(self, rows, t):
+                chunk = self.decoder.decode(rows.tok.decode_bytes([t]))
+                some = chunk.rstrip("\ufffd")
+                if some:  # (a character after the run: the run is searched text now)
+                    self.tail += "\ufffd" * self.run + some
+                    self.whole += self.run + len(some)
+                    self.run = 0
+                self.run += len(chunk) - len(some)
             if self.count <= rows.min_tokens:
                 self.after = self.whole  # (Choices.cut's: the U+FFFDs after it, run and pending, not counted)
 
@@ -1084,13 +1090,9 @@ class GrownText:
         """ids: the row's next new ids (rows: its Choices, for the tokenizer, ends, shown and hidden)."""
         grew = False
         for t in ids:
-            self.count += 1
-            if not self.ended:
-                if t in rows.ends:
-                    self.ended = True
-                if (not self.ended or t in rows.shown) and t not in rows.hidden:
-                    self.window.ids.append(t)
-                    grew = True
+            if _kept(self, rows, t):
+                self.window.ids.append(t)
+                grew = True
             if self.count <= rows.min_tokens:  # (the text's length at each of the first min_tokens ids, less the
                 if grew:  # U+FFFDs it ends in: Choices.cut's, as the stream and vLLM count it)
                     self._read()
