@@ -240,6 +240,14 @@ def template_tokens(cfg: dict, where) -> dict:
     return tokens
 
 
+def as_init_kwargs(tokens: dict) -> dict:
+    """template_tokens as transformers' tokenizer_config.json and init_kwargs hold them: NAMED_TOKENS by name, a
+    model's own (image_token...) under model_specific_special_tokens."""
+    kwargs = {k: v for k, v in tokens.items() if k in NAMED_TOKENS}
+    own = {k: v for k, v in tokens.items() if k not in NAMED_TOKENS}
+    return {**kwargs, "model_specific_special_tokens": own} if own else kwargs
+
+
 class HFTokenizer(TokenizerChecks):
     """A tokenizers.Tokenizer with BPETokenizer's interface.
 
@@ -550,10 +558,7 @@ class HFTokenizer(TokenizerChecks):
         # writes (and from_hf_folder reads back where the file names none)
         config.update(self.template_ends)
         # (transformers >= 5 reads them back, and gives a chat template them, as render does: a model's own by name)
-        config.update({k: v for k, v in self.template_tokens.items() if k in NAMED_TOKENS})
-        own = {k: v for k, v in self.template_tokens.items() if k not in NAMED_TOKENS}
-        if own:
-            config["model_specific_special_tokens"] = own
+        config.update(as_init_kwargs(self.template_tokens))
         if chat_template is not None:
             from tritongpt.train.chat_template import hf_chat_template_field
 
@@ -562,13 +567,6 @@ class HFTokenizer(TokenizerChecks):
                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
 
 
-# the decoders (tokenizer.json's "decoder") whose text of each id is the same in any run of ids that has the ids just
-# before it: each spells a token alone (ByteLevel and ByteFallback a run of byte tokens together, Fuse and ByteLevel
-# join all), but for the text's first token (Metaspace and WordPiece spell it without its space) and first spaces
-# (a Strip after a Fuse). For those, a window of a row's last ids, decoded, spells its ids past its first as decoding
-# the whole row does (Window), and the window's first is read in the same place each time. Any other (BPEDecoder's
-# suffix spells the last token otherwise, CTC drops a token equal to the one before, a Replace of a longer pattern
-# after a Fuse may span tokens, a Strip of the end): decoded whole each time.
 def _holds_decoder(d, kind: str) -> bool:
     """Whether tokenizer.json's decoder d is, or has in its Sequence, a decoder of this type."""
     return isinstance(d, dict) and (d.get("type") == kind or d.get("type") == "Sequence" and
@@ -576,6 +574,14 @@ def _holds_decoder(d, kind: str) -> bool:
 
 
 def local_decoder(d, fused: bool = False) -> bool:
+    """Whether d, tokenizer.json's "decoder", spells each id's text the same in any run of ids that has the ids just
+    before it (fused: a Fuse or ByteLevel came before d in its Sequence, the tokens one text now): each spells a
+    token alone (ByteLevel and ByteFallback a run of byte tokens together, Fuse and ByteLevel join all), but for the
+    text's first token (Metaspace and WordPiece spell it without its space) and first spaces (a Strip after a Fuse).
+    For those, a window of a row's last ids, decoded, spells its ids past its first as decoding the whole row does
+    (Window), and the window's first is read in the same place each time. Any other (BPEDecoder's suffix spells the
+    last token otherwise, CTC drops a token equal to the one before, a Replace of a longer pattern after a Fuse may
+    span tokens, a Strip of the end): decoded whole each time."""
     if d is None:  # (no decoder: the tokens joined by spaces)
         return True
     if not isinstance(d, dict):
@@ -586,7 +592,7 @@ def local_decoder(d, fused: bool = False) -> bool:
             if not local_decoder(part, fused):
                 return False
             # (a Sequence in the Sequence fuses the tokens for the parts after it where any of its own parts does)
-            fused = fused or any(_holds_decoder(part, kind) for kind in ("Fuse", "ByteLevel"))
+            fused = fused or any(_holds_decoder(part, joiner) for joiner in ("Fuse", "ByteLevel"))
         return True
     if kind in ("ByteLevel", "Fuse"):
         return True

@@ -1842,13 +1842,9 @@ class Handler(BaseHTTPRequestHandler):
                 "model_max_length": app.model.config.context_length}
         # (transformers >= 5 keeps the named ones at the top of init_kwargs, a model's own in one object: vLLM's
         # TokenizerInfo returns init_kwargs, so a client reading pad_token gets the folder's, not None)
-        from tritongpt.train.hf_tokenizer import NAMED_TOKENS
+        from tritongpt.train.hf_tokenizer import as_init_kwargs
 
-        special = getattr(tok, "template_tokens", None) or {}
-        info.update({k: v for k, v in special.items() if k in NAMED_TOKENS})
-        own = {k: v for k, v in special.items() if k not in NAMED_TOKENS}
-        if own:
-            info["model_specific_special_tokens"] = own
+        info.update(as_init_kwargs(getattr(tok, "template_tokens", None) or {}))
         if app.template == "chat":
             named = getattr(tok, "chat_templates", None)
             info["chat_template"] = {"default": tok.chat_template, **named} if named else tok.chat_template

@@ -228,8 +228,9 @@ def unsupported_feature(schema, where: str = "", names: bool = False) -> str | N
             with_ = "properties" if "properties" in schema else "more than one pattern"
             return f"patternProperties with {with_} at {at} is not supported by xgrammar{past}"
         names_schema = schema.get("propertyNames")  # (a string schema, whether or not it says so)
-        if t == "object" and isinstance(names_schema, dict) and bounded_pattern(names_schema):
-            return f"{bounded_pattern(names_schema)} in propertyNames at {at} is not supported by xgrammar{past}"
+        bounded = bounded_pattern(names_schema) if t == "object" and isinstance(names_schema, dict) else None
+        if bounded:
+            return f"{bounded} in propertyNames at {at} is not supported by xgrammar{past}"
         if t == "object" and "propertyNames" in schema:
             with_ = next((k for k in ("properties", "patternProperties") if k in schema), None) \
                 or ("additionalProperties" if isinstance(schema.get("additionalProperties"), dict) else None) \
@@ -239,8 +240,9 @@ def unsupported_feature(schema, where: str = "", names: bool = False) -> str | N
         if t == "string" and "format" in schema and schema["format"] not in STRING_FORMATS:
             return (f"format {schema['format']!r} at {at} is not supported by xgrammar (its formats: "
                     f"{', '.join(sorted(STRING_FORMATS))}){past}")
-        if t == "string" and bounded_pattern(schema):
-            return f"{bounded_pattern(schema)} at {at} is not supported by xgrammar{past}"
+        bounded = bounded_pattern(schema) if t == "string" else None
+        if bounded:
+            return f"{bounded} at {at} is not supported by xgrammar{past}"
         if t == "string" and isinstance(schema.get("pattern"), str) and raw_in_pattern(schema["pattern"]):
             return (f"pattern {schema['pattern']!r} at {at} has a literal '\"' or '\\', which xgrammar writes into "
                     "the JSON string unescaped (the text not JSON: a string ended by that quote, a stray backslash) "
