@@ -759,6 +759,17 @@ def test_task_family_lists_splits_and_counts():
         tasks.generate_tasks(3, split="dev")
 
 
+def test_wrong_answer_of_a_file_record_with_a_number_like_gold():
+    """A gold that str.isdigit takes ("²") or that is digits after several minus signs ("--5") is
+    not an integer int() reads: it gets a wrong word, not a ValueError; integers stay off by one."""
+    for gold in ("--5", "²", "-"):
+        w = tasks.wrong_answer({"instruction": "x", "input": "", "output": gold}, random.Random(1))
+        assert w.strip() and not tasks.exact_match(w, gold), (gold, w)
+    for gold in ("-3", "007", "٣"):  # (int() reads the Arabic-Indic 3 as 3)
+        w = tasks.wrong_answer({"instruction": "x", "input": "", "output": gold}, random.Random(1))
+        assert abs(int(w) - int(gold)) == 1, (gold, w)
+
+
 def test_exact_match_strips_both_sides_and_nothing_else():
     assert tasks.exact_match("42", " 42\n")         # the gold's surrounding whitespace does not count either
     assert not tasks.exact_match("cat", "CAT")      # case is the answer of the uppercase/lowercase tasks

@@ -270,7 +270,8 @@ def wrong_answer(record, rng: random.Random) -> str:
 
 def _generic_wrong(gold: str, rng) -> str:
     s = gold.strip()
-    if s.lstrip("-").isdigit():
+    # an integer as int() reads one: str.isdigit also takes "²" and lstrip("-") "--5", which it refuses
+    if re.fullmatch(r"-?\d+", s):
         return _off_by_one(s, rng)
     words = s.split()
     if len(words) > 1:
