@@ -770,6 +770,27 @@ def test_wrong_answer_of_a_file_record_with_a_number_like_gold():
         assert abs(int(w) - int(gold)) == 1, (gold, w)
 
 
+def test_unit_hash_stays_below_one_for_the_largest_digests(monkeypatch):
+    """A digest starting with eight 0xff bytes: 64 bits over 2**64 rounded to 1.0, outside every split."""
+    import hashlib
+    import types
+
+    class Top:
+        def __init__(self, data):
+            pass
+
+        def digest(self):
+            return b"\xff" * 32
+
+    monkeypatch.setattr(tasks, "hashlib", types.SimpleNamespace(sha256=Top))
+    assert 0.9 < tasks.unit_hash("any") < 1.0
+    assert tasks.split_of({"instruction": "Give the first word.", "input": "cat dog"}) == "test"
+    monkeypatch.setattr(tasks, "hashlib", hashlib)
+    # below the top 53 bits nothing moves: a split fixed before stays as it was
+    digest = int.from_bytes(hashlib.sha256(b"Give the first word.\ncat dog").digest()[:8], "big")
+    assert tasks.unit_hash("Give the first word.\ncat dog") == pytest.approx(digest / 2**64, abs=2**-52)
+
+
 def test_exact_match_strips_both_sides_and_nothing_else():
     assert tasks.exact_match("42", " 42\n")         # the gold's surrounding whitespace does not count either
     assert not tasks.exact_match("cat", "CAT")      # case is the answer of the uppercase/lowercase tasks

@@ -144,7 +144,9 @@ def parse_families(spec) -> tuple:
 # -- splits, generation, checking ------------------------------------------------------------------
 def unit_hash(text: str) -> float:
     """A number in [0, 1) fixed by the text: same text, same number, on every machine."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    # 53 bits, as many as a float holds: 64 bits over 2**64 round to 1.0 for the top 2**10 values,
+    # and split_of would find no split for such a prompt
+    return (int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 11) / 2**53
 
 
 def prompt_key(record) -> str:
