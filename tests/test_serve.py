@@ -2489,6 +2489,24 @@ def test_beam_search_ends_when_its_client_leaves(both, monkeypatch):
     assert finished["abort"] - before["abort"] == 2 and finished["length"] == before["length"]
 
 
+def test_a_streamed_beam_search_whose_client_left_before_its_first_chunk_counts_as_aborted(served, monkeypatch):
+    """Chat's role chunks go out before the search: a client gone by then (the write fails) ends the request
+    there, counted in /metrics as aborted, its n beams and its latency, as one()'s draws are (not left uncounted)."""
+    server, _ = served
+    m = server.app.metrics
+
+    def gone(self, obj):
+        raise BrokenPipeError("the client left")
+    monkeypatch.setattr(serve.Handler, "send_event", gone)
+    before, e2e = dict(m.finished), m.hist["e2e_request_latency_seconds"].count
+    try:
+        call(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4, "n": 2, "use_beam_search": True,
+                                              "stream": True})
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+        pass  # (the stream's headers went, then nothing: how the client sees it is not the point)
+    assert m.finished["abort"] - before["abort"] == 2 and m.hist["e2e_request_latency_seconds"].count == e2e + 1
+
+
 def test_a_draw_without_the_engine_ends_when_its_client_leaves(run_folder, monkeypatch):
     """--max-batch 1 (generate() under the model's lock): a client gone mid-draw ends it at the next token, not at
     max_tokens (the model held for nobody, the other requests waiting), counted as aborted in /metrics, as the

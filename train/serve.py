@@ -2239,8 +2239,9 @@ class Completion:
         """Prompt p's n beams (use_beam_search), as one() gives its choices: the best first, the prompt counted once.
         With stream, each beam's text a chunk once the search ends (vLLM's: the beams are known only then)."""
         timing = self.app.metrics.request()
-        if self.s["stream"]:  # (chat's role chunks first, as a draw's)
-            self.begin(p, False, {"echo": None, "prompt": None})
+        if self.s["stream"]:  # (chat's role chunks first, as a draw's; a client gone by then counted, as in one())
+            with ended_if_failed(timing, self.s["n"]):
+                self.begin(p, False, {"echo": None, "prompt": None})
         drawn = self.app.beam_search(self.prompts[p], self.budgets[p], self.s, self.stop_id, timing, self.adapter,
                                      lambda: self.stop.is_set() or self.handler.client_gone(), self.spent)
         for i, (text, _, count, _, _, ids) in enumerate(drawn if self.s["stream"] else ()):
