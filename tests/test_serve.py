@@ -2528,6 +2528,26 @@ def test_a_draw_without_the_engine_ends_when_its_client_leaves(run_folder, monke
         server.server_close()
 
 
+@pytest.mark.parametrize("beam", [False, True])
+def test_a_client_gone_mid_request_counts_every_prompts_choices_aborted(both, beam, monkeypatch):
+    """A request of 3 prompts whose client leaves: each prompt's n choices aborted in /metrics, whether the prompts
+    run at once (the engine's threads) or in turn (--max-batch 1, beam search: those after the first end as they
+    start, no forward run for them), as vLLM's, which submits them all."""
+    server, _ = both
+    m, forwards = server.app.metrics, []
+    monkeypatch.setattr(type(server.app.model), "hidden", lambda self, *a, hidden=type(server.app.model).hidden, **k:
+                        forwards.append(1) or hidden(self, *a, **k))
+    monkeypatch.setattr(serve.Handler, "client_gone", lambda self: True)
+    before, e2e = dict(m.finished), m.hist["e2e_request_latency_seconds"].count
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        call(server, "/v1/completions", {"prompt": ["the cat", "a dog", "the bird"], "max_tokens": 40, "n": 2,
+                                         "ignore_eos": True, "use_beam_search": beam})
+    assert m.finished["abort"] - before["abort"] == 6 and m.hist["e2e_request_latency_seconds"].count == e2e + 3
+    assert m.finished["length"] == before["length"]
+    if beam:  # (the first prompt's prefill, then gone)
+        assert len(forwards) == 1
+
+
 def test_a_request_whose_client_left_while_it_waited_for_the_model_runs_no_forward(run_folder, monkeypatch):
     """--max-batch 1: a request waiting for the model's lock (another request's draw holding it) whose client leaves
     meanwhile, or whose server stops (Server.server_close: Ctrl-C), ends as it takes the lock, before its prefill:

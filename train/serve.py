@@ -1003,6 +1003,22 @@ def in_threads(fn, count: int, stop: threading.Event, workers: int) -> list:
     return [f.result() for f in futures]
 
 
+def in_turn(fn, count: int, stop: threading.Event) -> list:
+    """[fn(0), ..., fn(count - 1)], one after another: the first to raise sets `stop`, and the rest still start, to
+    end at once (their prompts then count as aborted in /metrics, as in_threads' do: vLLM submits a request's
+    prompts together, so a client gone aborts them all), its exception raised once all have run."""
+    out, errors = [], []
+    for i in range(count):
+        try:
+            out.append(fn(i))
+        except BaseException as e:
+            errors.append(e)  # (the first is the cause: the others end because of it)
+            stop.set()
+    if errors:
+        raise errors[0]
+    return out
+
+
 class Model:
     """The served model, its tokenizer and its chat format; generates through its engine (continuous batching), or
     with none (--max-batch 1, a LongRoPE model) one request at a time."""
@@ -1971,7 +1987,7 @@ class Handler(BaseHTTPRequestHandler):
         if s["stream"]:
             c.start_stream()
         if s["beam"] is not None:  # (its own loop, outside the engine: Model.beam_search)
-            c.respond([c.beams(p) for p in range(len(c.prompts))])
+            c.respond(in_turn(c.beams, len(c.prompts), c.stop))
             return
         # a request's prompts decode together (vLLM's): each its own engine request, all submitted at once, in
         # threads of their own; in turn with no engine, or when seeded draws share the request's one generator
@@ -1979,7 +1995,7 @@ class Handler(BaseHTTPRequestHandler):
         together = app.engine is not None and len(c.prompts) > 1 and not (
             s["seed"] is not None and sampled(s) and s["max_tokens"] != 0)
         done = in_threads(c.one, len(c.prompts), c.stop, 2 * app.engine.max_batch) if together else \
-            [c.one(p) for p in range(len(c.prompts))]
+            in_turn(c.one, len(c.prompts), c.stop)
         c.respond(done)
 
 
@@ -2239,6 +2255,9 @@ class Completion:
         """Prompt p's n beams (use_beam_search), as one() gives its choices: the best first, the prompt counted once.
         With stream, each beam's text a chunk once the search ends (vLLM's: the beams are known only then)."""
         timing = self.app.metrics.request()
+        if self.stop.is_set():  # another prompt of the request failed before this one started: counted, not run
+            timing.end(["abort"] * self.s["n"])
+            raise BrokenPipeError("another prompt of the request failed")
         if self.s["stream"]:  # (chat's role chunks first, as a draw's; a client gone by then counted, as in one())
             with ended_if_failed(timing, self.s["n"]):
                 self.begin(p, False, {"echo": None, "prompt": None})
