@@ -807,9 +807,10 @@ def test_cuda_graphs_with_a_model_no_graph_replays_are_refused_at_startup(tmp_pa
             start(folder, "--cuda-graphs", "--max-batch", batch)
 
 
-def scrape(server):
+def scrape(server, model="tiny"):
     """GET /metrics parsed: {(name, sorted labels): value}; every line checked against Prometheus' text format
-    (HELP and TYPE before a family's samples, `name{labels} float`, histogram buckets cumulative to +Inf)."""
+    (HELP and TYPE before a family's samples, `name{labels} float`, histogram buckets cumulative to +Inf), every
+    sample's model_name the served model's."""
     import re
 
     url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
@@ -830,14 +831,14 @@ def scrape(server):
         assert value == value, line  # (never NaN)
         family = re.sub(r"_(bucket|sum|count)$", "", name) if types.get(name) is None else name
         assert family in helps and family in types, f"{line}: no HELP/TYPE for {family}"
-        assert types[family] in ("gauge", "counter", "histogram") and labels.get("model_name") == "tiny", line
+        assert types[family] in ("gauge", "counter", "histogram") and labels.get("model_name") == model, line
         samples[name, tuple(sorted(labels.items()))] = value
     for family in (f for f, t in types.items() if t == "histogram"):
         les = [(dict(k[1])["le"], v) for k, v in samples.items() if k[0] == family + "_bucket"]
         assert les[-1][0] == "+Inf" and [float(le) for le, _ in les] == sorted(float(le) for le, _ in les)
         assert all(a <= b for (_, a), (_, b) in zip(les, les[1:]))  # cumulative
-        assert samples[family + "_count", (("model_name", "tiny"),)] == les[-1][1]
-        assert (family + "_sum", (("model_name", "tiny"),)) in samples
+        assert samples[family + "_count", (("model_name", model),)] == les[-1][1]
+        assert (family + "_sum", (("model_name", model),)) in samples
     return samples
 
 
@@ -2505,6 +2506,35 @@ def test_a_streamed_beam_search_whose_client_left_before_its_first_chunk_counts_
     except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
         pass  # (the stream's headers went, then nothing: how the client sees it is not the point)
     assert m.finished["abort"] - before["abort"] == 2 and m.hist["e2e_request_latency_seconds"].count == e2e + 1
+
+
+def test_a_beam_search_holding_the_engines_model_is_running_in_metrics(served, monkeypatch):
+    """With the engine a beam search runs between its steps (Engine.call), not in its batch: /metrics counts it
+    running while it holds the model (a request there, not an idle server), then 0 again."""
+    from tritongpt.train import beam_search as bs_module
+
+    server, _ = served
+    held, go, out = threading.Event(), threading.Event(), []
+
+    def search(*a, real=bs_module.beam_search, **k):
+        held.set()
+        go.wait(10)
+        return real(*a, **k)
+    monkeypatch.setattr(bs_module, "beam_search", search)
+    t = threading.Thread(target=lambda: out.append(call(server, "/v1/completions", {
+        "prompt": "the cat", "max_tokens": 2, "n": 2, "use_beam_search": True})))
+    t.start()
+    try:
+        assert held.wait(10)
+        s = scrape(server, "tiny-chat")
+        assert metric(s, "num_requests_running", model_name="tiny-chat") == 1
+        assert metric(s, "num_requests_waiting", model_name="tiny-chat") == 0
+    finally:
+        go.set()
+        t.join()
+    assert out[0][0] == 200
+    s = scrape(server, "tiny-chat")
+    assert metric(s, "num_requests_running", model_name="tiny-chat") == 0
 
 
 def test_a_draw_without_the_engine_ends_when_its_client_leaves(run_folder, monkeypatch):

@@ -3,8 +3,9 @@ standard library. Names and histogram buckets are vLLM's (vllm/v1/metrics/logger
 `vllm:`, so a dashboard built for vLLM reads this server too.
 
 The handler threads count what their requests drew (a request here: one prompt's n choices, the engine's unit);
-the gauges are read from the engine at scrape time (its waiting queue, running requests and cache), or, with no
-engine (--max-batch 1), from the requests holding and waiting for the model's lock. One small lock guards it all.
+the gauges are read from the engine at scrape time (its waiting queue, running requests and cache, plus the beam
+searches holding or waiting for the model between its steps), or, with no engine (--max-batch 1), from the requests
+holding and waiting for the model's lock. One small lock guards it all.
 
 With LoRA adapters served by the engine (serve --enable-lora --lora-modules), vLLM's lora_requests_info gauge too
 (vllm/v1/metrics/loggers.py): its labels max_lora (the engine's max_loras), waiting_lora_adapters and
@@ -101,23 +102,27 @@ class Metrics:
         self.finished = dict.fromkeys(REASONS, 0)
         self.hist = {name: Histogram(b) for name, (b, _) in HISTOGRAMS.items()}
         self.hist.update({name: Histogram(buckets_1_2_5(max_model_len)) for name in TOKEN_HISTOGRAMS})
-        self.running = self.waiting = 0  # no engine: requests holding, and waiting for, the model's lock
+        # requests holding, and waiting for, the model outside an engine batch (no engine: the model's lock; with one, a
+        # beam search's Engine.call)
+        self.running = self.waiting = 0
 
     def request(self) -> "Timing":
         return Timing(self)
 
     def gauges(self):
-        """(running, waiting, KV-cache usage or None) now."""
+        """(running, waiting, KV-cache usage or None) now. With the engine, its requests and those holding or
+        waiting for the model outside its batch (a beam search's Engine.call: Model.called; its own count here)."""
         e = self.engine
+        with self.lock:
+            running, waiting = self.running, self.waiting
         if e is None:
-            with self.lock:
-                return self.running, self.waiting, None
+            return running, waiting, None
         with e.cond:  # (the engine frees slots and pages under it)
             if e.paged:
                 usage = (e.cache.num_pages - e.cache.num_free) / e.cache.num_pages
             else:
                 usage = (e.max_batch - len(e.free)) / e.max_batch
-            return len(e.running), len(e.waiting), usage
+            return running + len(e.running), waiting + len(e.waiting), usage
 
     def lora_info(self):
         """(max_lora, waiting adapters, running adapters: names, comma-joined) now, or None: no engine serving

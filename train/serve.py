@@ -1547,7 +1547,7 @@ class Model:
             return out.tolist()
         with ended_if_failed(timing, s["n"]):
             if self.engine is not None:
-                rows = self.engine.call(run)
+                rows = self.called(run)
             else:
                 with self.turn(timing):
                     rows = run()
@@ -1566,6 +1566,30 @@ class Model:
         timing.tokens()  # (the beams come at once: their first token is their last)
         timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices))
         return choices
+
+    def called(self, fn):
+        """Engine.call(fn), the request counted in /metrics as turn() counts one: waiting until fn starts on the
+        engine's thread, running while it holds the model there (the engine's own requests wait meanwhile; not
+        counted, the server would read idle while a beam search holds it)."""
+        m, started = self.metrics, []
+
+        def run():
+            started.append(True)
+            with m.lock:
+                m.waiting, m.running = m.waiting - 1, m.running + 1
+            try:
+                return fn()
+            finally:
+                with m.lock:
+                    m.running -= 1
+        with m.lock:
+            m.waiting += 1
+        try:
+            return self.engine.call(run)
+        finally:
+            if not started:  # (the engine down before it ran: never taken off the waiting)
+                with m.lock:
+                    m.waiting -= 1
 
     @contextmanager
     def turn(self, timing=None):
