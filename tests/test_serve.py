@@ -873,6 +873,61 @@ def test_token_count_buckets_are_vllms_1_2_5_up_to_the_context():
     assert Metrics("m", 32).hist["request_prompt_tokens"].buckets == (1, 2, 5, 10, 20)
 
 
+def test_metrics_text_is_strict_prometheus_0_0_4_with_a_model_name_to_escape():
+    """Every line of render() read by Prometheus' 0.0.4 grammar, strictly: a label value's backslash, quote and
+    newline escaped (a raw newline would cut the sample in two), which read back give the served model's name; HELP
+    then TYPE once a family, before its samples; histograms cumulative to +Inf == _count."""
+    import re
+    from types import SimpleNamespace as NS
+
+    from tritongpt.train.metrics import Metrics
+
+    name = 'a "q"\\b\nc\\n'  # (a quote, a backslash before b, a newline, a backslash before n)
+    stats = {"prompt_tokens": 5, "cached_prompt_tokens": 2, "preemptions": 0}
+    engine = NS(cond=threading.Condition(), paged=False, max_batch=4, free=[0, 1, 2], stats=stats, max_loras=2,
+                adapters=NS(names=["x\\y", 'p"\nq']), running=[NS(adapter=0)], waiting=[NS(adapter=1)])
+    m = Metrics(name, 32, engine)
+    t = m.request()
+    t.scheduled = t.start
+    t.tokens(), t.tokens(), t.end(["stop"], 3, 2)
+    value = r'"((?:[^"\\\n]|\\[\\"n])*)"'  # (the grammar's label value: only \\, \" and \n escapes)
+    sample = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{((?:[a-zA-Z_][a-zA-Z0-9_]*=" + value.replace("((", "(?:(", 1) +
+                        r",?)*)\} (\S+)")
+    unescape = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+    seen, families, hist = [], {}, {}
+    text = m.render()
+    assert text.endswith("\n") and "\r" not in text
+    for line in text[:-1].split("\n"):
+        if line.startswith("#"):
+            word, family, rest = re.fullmatch(r"# (HELP|TYPE) (\S+) (.+)", line).groups()
+            assert not re.search(r"\\[^\\n]", rest), line  # (HELP's escapes: only \\ and \n)
+            seen.append((word, family))
+            if word == "TYPE":
+                assert seen[-2:] == [("HELP", family), ("TYPE", family)] and family not in families, line
+                families[family] = rest
+            continue
+        got = sample.fullmatch(line)
+        assert got, line
+        family = got.group(1)
+        kind = families[seen[-1][1]]
+        assert family == seen[-1][1] or kind == "histogram" and re.fullmatch(
+            re.escape(seen[-1][1]) + "_(bucket|sum|count)", family), line
+        labels = {k: re.sub(r"\\.", lambda e: unescape[e.group()], v)
+                  for k, v in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)=" + value, got.group(2))}
+        assert labels["model_name"] == name, line
+        float(got.group(3))
+        if family.endswith("_bucket"):
+            hist.setdefault(family[:-7], []).append((float(labels["le"]), float(got.group(3))))
+        elif family.endswith("_count") and kind == "histogram":
+            assert hist[family[:-6]][-1] == (float("inf"), float(got.group(3))), line
+        if family.endswith("lora_requests_info"):
+            assert labels["running_lora_adapters"] == "x\\y" and labels["waiting_lora_adapters"] == 'p"\nq'
+    assert set(families.values()) == {"gauge", "counter", "histogram"} and len(hist) == 10
+    for family, les in hist.items():
+        assert les == sorted(les) and les[-1][0] == float("inf"), family  # (bounds rising, counts cumulative)
+    assert hist["tritongpt:time_to_first_token_seconds"][-1][1] == 1
+
+
 def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
     """/metrics after a completion, a streamed n=2 one, one cut by a stop string and one whose client hangs up:
     the token counters are the responses' usage, the finish reasons theirs, the histograms one observation a
