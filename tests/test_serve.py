@@ -922,7 +922,7 @@ def test_metrics_text_is_strict_prometheus_0_0_4_with_a_model_name_to_escape():
             assert hist[family[:-6]][-1] == (float("inf"), float(got.group(3))), line
         if family.endswith("lora_requests_info"):
             assert labels["running_lora_adapters"] == "x\\y" and labels["waiting_lora_adapters"] == 'p"\nq'
-    assert set(families.values()) == {"gauge", "counter", "histogram"} and len(hist) == 10
+    assert set(families.values()) == {"gauge", "counter", "histogram"} and len(hist) == 11
     for family, les in hist.items():
         assert les == sorted(les) and les[-1][0] == float("inf"), family  # (bounds rising, counts cumulative)
     assert hist["tritongpt:time_to_first_token_seconds"][-1][1] == 1
@@ -963,6 +963,8 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
         assert metric(s, "time_to_first_token_seconds_count") == metric(s, "e2e_request_latency_seconds_count") == 3
         steps = [a["usage"]["completion_tokens"], b["usage"]["completion_tokens"] // 2, c["usage"]["completion_tokens"]]
         assert metric(s, "time_per_output_token_seconds_count") == sum(k - 1 for k in steps)
+        for part in ("count", "sum"):  # (vLLM 0.11's name for it)
+            assert metric(s, f"inter_token_latency_seconds_{part}") == metric(s, f"time_per_output_token_seconds_{part}")
         assert metric(s, "e2e_request_latency_seconds_sum") > 0
         phases(s, 3, [(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]) for r in (a, b, c)])
         # n equal rows prefill once (usage counts their prompt once too); the repeated prompt finds a's full blocks

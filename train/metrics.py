@@ -30,7 +30,11 @@ HISTOGRAMS = {  # name: (buckets, help)
     "time_to_first_token_seconds": (TTFT_BUCKETS, "Histogram of time to first token in seconds (from the request's "
                                                   "prompt reaching the model's queue)."),
     "time_per_output_token_seconds": (TPOT_BUCKETS, "Histogram of time per output token in seconds (each gap "
-                                                    "between a request's decode steps: inter-token latency)."),
+                                                    "between a request's decode steps: inter-token latency). "
+                                                    "DEPRECATED: Use inter_token_latency_seconds instead."),
+    # vLLM 0.11's name for the one above (whose own it hides from 0.12 on): both, for dashboards of either
+    "inter_token_latency_seconds": (TPOT_BUCKETS, "Histogram of inter-token latency in seconds (each gap between a "
+                                                  "request's decode steps)."),
     "e2e_request_latency_seconds": (E2E_BUCKETS, "Histogram of end to end request latency in seconds (one prompt's "
                                                  "choices, whatever ended them)."),
     # vLLM's per-phase ones (vllm/v1/metrics/stats.py, update_from_finished_request): queue = first scheduled -
@@ -221,7 +225,8 @@ class Timing:
                 self.metrics.hist["time_to_first_token_seconds"].observe(now - self.start)
         elif not same_step:
             with self.metrics.lock:
-                self.metrics.hist["time_per_output_token_seconds"].observe(now - self.step)
+                for name in ("time_per_output_token_seconds", "inter_token_latency_seconds"):
+                    self.metrics.hist[name].observe(now - self.step)
             self.step = now
         self.last, self.steps = now, self.steps + 1
 
