@@ -1058,10 +1058,11 @@ def test_a_folder_hftokenizer_reads_is_not_said_to_leave_its_template_unused(tmp
 
 
 def test_an_empty_special_token_is_empty_not_undefined_as_transformers_gives_it(tmp_path):
-    """A special token set to "" (pad_token "", a special_tokens_map.json's eos_token "", a class default's unk
+    """A special token set to "" (pad_token "", a special_tokens_map.json's pad_token "", a class default's unk
     overridden by "") is "" in transformers' special_tokens_map, so the template sees it defined and empty, not
-    undefined, from the folder and from a run's tokenizer file. The config's own bos_token or eos_token "" is still
-    refused (a tokenizer without one to transformers, config.json's id here)."""
+    undefined, from the folder and from a run's tokenizer file. A bos_token or eos_token "" is still refused, the
+    config's or special_tokens_map.json's (which transformers reads in the config's place): a tokenizer without one
+    to transformers, config.json's id here."""
     from tritongpt.train.hf_tokenizer import HFTokenizer
 
     base = {"tokenizer_class": "PreTrainedTokenizerFast"}
@@ -1069,14 +1070,21 @@ def test_an_empty_special_token_is_empty_not_undefined_as_transformers_gives_it(
         "pad": (dict(base, pad_token=""), None, "False|False|B?|E?||U?||M?|hi"),
         "qwen2_unk": ({"tokenizer_class": "Qwen2Tokenizer", "unk_token": ""}, None,
                       "False|True|B?|<|endoftext|>|<|endoftext|>||<|endoftext|>|M?|hi"),
-        "map": (base, {"special_tokens_map.json": {"eos_token": "", "pad_token": ""}}, "False|True|B?|||U?||M?|hi"),
-        "llama_map": ({"tokenizer_class": "LlamaTokenizer"}, {"special_tokens_map.json": {"bos_token": ""}},
-                      "True|True||</s>|</s>|<unk>|P?|M?|hi"),
+        "map": (base, {"special_tokens_map.json": {"pad_token": ""}}, "False|False|B?|E?||U?||M?|hi"),
+        "llama_map": ({"tokenizer_class": "LlamaTokenizer"}, {"special_tokens_map.json": {"unk_token": ""}},
+                      "True|True|<s>|</s>|<s></s>||P?|M?|hi"),
     }
     for name, (config, files, want) in cases.items():
         assert rendered_alike(tiny_folder(tmp_path / name, config, files), tmp_path) == want, name
     with pytest.raises(UserError, match=r"tokenizer_config.json: eos_token is an empty string"):
         HFTokenizer.from_hf_folder(tiny_folder(tmp_path / "eos", dict(base, eos_token="")))
+    # the map's "" over the config's </s>: transformers' EOS is "" (its id the unknown token's here), no longer </s>
+    for key in ("eos_token", "bos_token"):
+        folder = tiny_folder(tmp_path / f"map_{key}", dict(base, **{key: "</s>"}),
+                             {"special_tokens_map.json": {key: ""}})
+        assert getattr(transformers.AutoTokenizer.from_pretrained(folder), key) == ""
+        with pytest.raises(UserError, match=f"special_tokens_map.json: {key} is an empty string"):
+            HFTokenizer.from_hf_folder(folder)
 
 
 def test_an_exported_folder_renders_the_template_as_its_source_did(tmp_path):
@@ -1136,14 +1144,41 @@ def test_a_folder_naming_its_eos_only_in_special_tokens_map_json_or_by_class_end
         ours.save(tmp_path / f"{name}.json")
         run = load_tokenizer(tmp_path / f"{name}.json")
         assert (eot_or_none(run), run.hash) == (want, ours.hash), name
-    # transformers reads an eos_token tokenizer.json lacks as a new token (id 10, past its 10): no EOS of ours
+    # transformers reads an eos_token tokenizer.json lacks as a new token (id 10, past its 10), which the model never
+    # draws: refused naming the file, as the config's own (the map's is the config's to transformers)
     folder = tiny_folder(tmp_path / "absent", {"tokenizer_class": "PreTrainedTokenizerFast"},
                          {"special_tokens_map.json": {"eos_token": "<|nope|>"}})
     assert transformers.AutoTokenizer.from_pretrained(folder).eos_token_id == 10
-    with pytest.raises(UserError, match=r"names no end-of-text token: .*; the eos_token '<\|nope\|>' transformers "
-                                        r"reads \(special_tokens_map.json's, or the tokenizer class's default\) is "
-                                        r"not a token of .*tokenizer.json"):
-        HFTokenizer.from_hf_folder(folder).eot_id
+    with pytest.raises(UserError, match=r"special_tokens_map.json: eos_token '<\|nope\|>' is not a token of "
+                                        r".*tokenizer.json"):
+        HFTokenizer.from_hf_folder(folder)
+
+
+def test_special_tokens_map_jsons_eos_wins_over_the_configs_as_transformers_reads_it(tmp_path):
+    """transformers reads a legacy special_tokens_map.json over tokenizer_config.json where the config has no
+    added_tokens_decoder: the map's eos_token (and bos_token) is the tokenizer's, a null there unsets the config's,
+    and with an added_tokens_decoder (even an empty one) the map is never read. The config's EOS was kept here, so a
+    run ended texts on another token than the template's (and vLLM's) EOS."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    base = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "bos_token": "<bos>"}
+    cases = {  # folder: (tokenizer_config.json, special_tokens_map.json, transformers' (eos_token_id, bos_token_id))
+        "map_wins": (base, {"eos_token": "</s>", "bos_token": {"content": "<s>"}}, (2, 1)),
+        "map_null": (base, {"eos_token": None}, (None, 5)),
+        "map_unread": (dict(base, added_tokens_decoder={}), {"eos_token": "</s>", "bos_token": "<s>"}, (4, 5)),
+    }
+    for name, (config, legacy, want) in cases.items():
+        folder = tiny_folder(tmp_path / name, config, {"special_tokens_map.json": legacy})
+        theirs = transformers.AutoTokenizer.from_pretrained(folder)
+        assert (theirs.eos_token_id, theirs.bos_token_id) == want, name
+        ours = HFTokenizer.from_hf_folder(folder)
+        ids = tuple(None if t is None else ours.special_tokens[t] for t in (ours.eos_token, ours.bos_token))
+        assert ids == want, name
+        rendered_alike(folder, tmp_path)
+    # the map's token, where tokenizer.json lacks it, is refused naming the map (as the config's is)
+    folder = tiny_folder(tmp_path / "absent", base, {"special_tokens_map.json": {"bos_token": "<|nope|>"}})
+    with pytest.raises(UserError, match=r"special_tokens_map.json: bos_token '<\|nope\|>' is not a token of "):
+        HFTokenizer.from_hf_folder(folder)
 
 
 def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_reads(tmp_path):
@@ -1200,3 +1235,4 @@ def test_cohere_gpt_neox_and_codegen_classes_and_a_config_json_model_type_give_t
         hf, ours = transformers.AutoTokenizer.from_pretrained(folder), HFTokenizer.from_hf_folder(folder)
         assert hf.apply_chat_template(chat, tokenize=False) == want == render(ours, chat), name
         assert hf.eos_token_id == eos == eot_or_none(ours), name
+

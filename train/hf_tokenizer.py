@@ -190,19 +190,27 @@ def tokenizer_class(cfg: dict, folder: Path) -> str | None:
     return declared
 
 
-def special_config(cfg: dict, folder: Path) -> dict:
-    """tokenizer_config.json's fields with the special tokens transformers 5 reads beside them: a legacy
-    special_tokens_map.json's over them where the config has no added_tokens_decoder (the file only read then,
-    and its values win), then the defaults of the class transformers reads the folder as (tokenizer_class) for the
-    keys neither names."""
-    cfg = dict(cfg)
+def special_files(cfg: dict, cfg_path: Path, folder: Path) -> tuple:
+    """tokenizer_config.json's fields as transformers 5 reads them (cfg, read from cfg_path): a legacy
+    special_tokens_map.json's over them where the config has no added_tokens_decoder (an added_tokens_decoder, even
+    an empty one, and transformers never opens the file), its values winning: its eos_token is the tokenizer's, not
+    the config's, and a null there unsets the config's token.
+    -> (fields, {key: the file its value came from, where not cfg_path})."""
+    cfg, where = dict(cfg), {}
     path = folder / "special_tokens_map.json"
     if "added_tokens_decoder" not in cfg and path.is_file():
         legacy = read_json_object(path)
         for key in ("bos_token", "eos_token", *NAMED_TOKENS):  # (refused naming this file, not the config)
             token_name(legacy.get(key), path, key)
         cfg.update(legacy)
-    return {**CLASS_TOKENS.get(tokenizer_class(cfg, folder), {}), **cfg}
+        where = dict.fromkeys(legacy, path)
+    return cfg, where
+
+
+def special_config(files: dict, folder: Path) -> dict:
+    """special_files' fields with the defaults of the class transformers reads the folder as (tokenizer_class) for
+    the keys neither file names."""
+    return {**CLASS_TOKENS.get(tokenizer_class(files, folder), {}), **files}
 
 
 def spelling(value, where, key: str):
@@ -320,9 +328,10 @@ class HFTokenizer(TokenizerChecks):
     def from_hf_folder(cls, folder) -> "HFTokenizer":
         """A folder as transformers' save_pretrained writes it: tokenizer.json (else SentencePiece's
         tokenizer.model, converted by transformers: spec_from_sentencepiece), and the EOS named by
-        tokenizer_config.json's eos_token, else config.json's or generation_config.json's
-        eos_token_id (BOS likewise, kept for export), else the eos_token transformers 5 reads beside the
-        config (special_config: special_tokens_map.json's, the tokenizer class's default)."""
+        tokenizer_config.json's eos_token as transformers 5 reads it (special_files: a legacy
+        special_tokens_map.json's winning), else config.json's or generation_config.json's
+        eos_token_id (BOS likewise, kept for export), else the tokenizer class's default eos_token
+        (special_config)."""
         folder = Path(folder)
         path, info = folder / "tokenizer.json", {"source": str(folder)}
         if path.is_file():
@@ -335,15 +344,18 @@ class HFTokenizer(TokenizerChecks):
         cfg_path = folder / "tokenizer_config.json"
         cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
         tok = cls(spec, name=folder.name, where=str(path), info=info)
+        # (special_tokens_map.json's bos_token and eos_token win over the config's, as transformers reads them)
+        files, came_from = special_files(cfg, cfg_path, folder)
         for key in ("eos", "bos"):
-            value = cfg.get(f"{key}_token")
+            value, src = files.get(f"{key}_token"), came_from.get(f"{key}_token", cfg_path)
             if (value.get("content") if isinstance(value, dict) else value) == "":
-                # transformers reads "" as a tokenizer without that token (eos_token_id None, "" in a chat
-                # template), not as config.json's id, which would be taken here in its place: neither silently
-                raise UserError(f"{cfg_path}: {key}_token is an empty string, which names no token (transformers "
+                # transformers reads "" as a tokenizer without that token ("" in a chat template; its eos_token_id
+                # None, or the unknown token's id), not as config.json's id, which would be taken here in its place:
+                # neither silently. (special_tokens_map.json's "" too: it stands in the config's place.)
+                raise UserError(f"{src}: {key}_token is an empty string, which names no token (transformers "
                                 f"reads it as a tokenizer without one): name the token, or leave the field out (or "
                                 f"null) to take config.json's or generation_config.json's {key}_token_id")
-            name = token_name(value, cfg_path, f"{key}_token")
+            name = token_name(value, src, f"{key}_token")
             if name is None:
                 i, where = _config_id(folder, f"{key}_token_id")
                 # (id_to_token of a negative id is an OverflowError: it is no token either)
@@ -351,17 +363,17 @@ class HFTokenizer(TokenizerChecks):
                 if i is not None and name is None:
                     raise UserError(f"{where}: {key}_token_id {i} is not a token of {path}")
             elif tok._tok.token_to_id(name) is None:
-                raise UserError(f"{cfg_path}: {key}_token {name!r} is not a token of {path}")
+                raise UserError(f"{src}: {key}_token {name!r} is not a token of {path}")
             setattr(tok, f"{key}_token", name)
-        special = special_config(cfg, folder)
+        special = special_config(files, folder)
         tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
                        "config.json nor generation_config.json an eos_token_id")
         if tok.eos_token is None:
-            # where neither tokenizer_config.json nor config.json names it, the EOS is transformers 5's
-            # tokenizer.eos_token: a legacy special_tokens_map.json's (Llama 2's and older Mistral folders) or the
-            # class's default (a Qwen2Tokenizer's <|endoftext|>). vLLM stops on it (its tokenizer's eos_token_id
-            # beside the generation config's), and SFT trainers end answers on it. Taken after config.json's id,
-            # not before, so that no folder that had an EOS changes it (nor its runs' data and hash).
+            # where neither tokenizer_config.json (nor a legacy special_tokens_map.json read with it, Llama 2's and
+            # older Mistral folders: taken above) nor config.json names it, the EOS is transformers 5's
+            # tokenizer.eos_token: the class's default (a Qwen2Tokenizer's <|endoftext|>). vLLM stops on it (its
+            # tokenizer's eos_token_id beside the generation config's), and SFT trainers end answers on it. Taken
+            # after config.json's id, not before, so that no folder that had an EOS changes it (nor its runs' data).
             name = spelling(special.get("eos_token"), cfg_path, "eos_token")
             if name and tok._tok.token_to_id(name) is not None:
                 tok.eos_token = name
