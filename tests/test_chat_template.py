@@ -1181,6 +1181,29 @@ def test_special_tokens_map_jsons_eos_wins_over_the_configs_as_transformers_read
         HFTokenizer.from_hf_folder(folder)
 
 
+def test_a_special_token_object_without_its_type_in_tokenizer_config_json_is_refused_by_name(tmp_path):
+    """tokenizer_config.json's special token as {"content": ...} without "__type": "AddedToken" is a TypeError to
+    transformers (special_tokens_map.json's are AddedTokens untagged); a pad_token {"content": ""} was read here as
+    "" (and {"content": "</s>"} as </s>), a folder transformers and vLLM cannot load: refused, naming the file and
+    field. Tagged, or overridden by the map's, it is read as transformers reads it."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    base = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for key, content in (("pad_token", ""), ("eos_token", "</s>"), ("unk_token", "<unk>")):
+        folder = tiny_folder(tmp_path / f"{key}{len(content)}", dict(base, **{key: {"content": content}}))
+        with pytest.raises(TypeError, match=f"Special token {key} has to be either str or AddedToken"):
+            transformers.AutoTokenizer.from_pretrained(folder)
+        with pytest.raises(UserError, match=f"{re.escape(str(folder))}/tokenizer_config.json: {key} is an object "
+                                            r"without \"__type\": \"AddedToken\", which transformers refuses"):
+            HFTokenizer.from_hf_folder(folder)
+    typed = {"__type": "AddedToken", "content": "", "special": True}
+    assert rendered_alike(tiny_folder(tmp_path / "typed", dict(base, pad_token=typed)), tmp_path) == \
+        "False|False|B?|E?||U?||M?|hi"
+    overridden = tiny_folder(tmp_path / "overridden", dict(base, pad_token={"content": ""}),
+                             {"special_tokens_map.json": {"pad_token": "<pad>"}})
+    assert rendered_alike(overridden, tmp_path) == "False|False|B?|E?||U?|<pad>|M?|hi"
+
+
 def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_reads(tmp_path):
     """config.json's eos_token_id stays the EOS where tokenizer_config.json names none, though transformers'
     tokenizer.eos_token is the class's default (a Qwen2 folder: <|endoftext|>): a folder that had an EOS keeps it,

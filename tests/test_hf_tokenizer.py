@@ -464,15 +464,16 @@ class GatedRepoError(RepositoryNotFoundError):  # huggingface_hub's, by name: a 
 
 
 def test_the_eos_token_as_transformers_writes_it_and_an_id_or_list_refused(tmp_path):
-    """tokenizer_config.json's eos_token as an AddedToken ({"content": ...}, as transformers writes it) names the
-    EOS over config.json's eos_token_id; an id or a list was read as no token, and config.json's id taken in its
-    place without a word: refused, naming the file and field."""
+    """tokenizer_config.json's eos_token as an AddedToken ({"__type": "AddedToken", "content": ...}, as transformers
+    writes it) names the EOS over config.json's eos_token_id; an id or a list was read as no token, and config.json's
+    id taken in its place without a word: refused, naming the file and field."""
     from tritongpt.train.hf_tokenizer import HFTokenizer
 
     build_tokenizer("llama3", vocab=300).save(str(tmp_path / "tokenizer.json"))  # <|begin_of_text|> 0, <|end..|> 1
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))
     cfg = tmp_path / "tokenizer_config.json"
-    cfg.write_text(json.dumps({"eos_token": {"content": "<|end_of_text|>", "lstrip": False, "special": True}}))
+    cfg.write_text(json.dumps({"eos_token": {"__type": "AddedToken", "content": "<|end_of_text|>", "lstrip": False,
+                                             "special": True}}))
     tok = HFTokenizer.from_hf_folder(tmp_path)
     assert (tok.eos_token, tok.eot_id) == ("<|end_of_text|>", 1)
     for value, said in ((1, r"got int 1 \(an id goes in config.json's eos_token_id\)"),
@@ -1041,7 +1042,8 @@ def test_an_empty_eos_or_bos_token_is_refused_by_name(tmp_path):
     build_tokenizer("llama3", vocab=300).save(str(tmp_path / "tokenizer.json"))  # <|begin_of_text|> 0, <|end..|> 1
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "bos_token_id": 0}))
     cfg = tmp_path / "tokenizer_config.json"
-    for key, value in (("eos_token", ""), ("eos_token", {"content": "", "special": True}), ("bos_token", "")):
+    for key, value in (("eos_token", ""), ("eos_token", {"__type": "AddedToken", "content": "", "special": True}),
+                       ("bos_token", "")):
         cfg.write_text(json.dumps({key: value}))
         with pytest.raises(UserError, match=f"{re.escape(str(cfg))}: {key} is an empty string, which names no token"):
             HFTokenizer.from_hf_folder(tmp_path)

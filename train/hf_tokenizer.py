@@ -204,6 +204,18 @@ def special_files(cfg: dict, cfg_path: Path, folder: Path) -> tuple:
             token_name(legacy.get(key), path, key)
         cfg.update(legacy)
         where = dict.fromkeys(legacy, path)
+    for key in ("bos_token", "eos_token", *NAMED_TOKENS):
+        if key in where:
+            continue
+        value = cfg.get(key)
+        token_name(value, cfg_path, key)  # (an id, a list, an object without a text: refused as such first)
+        # transformers turns the config's {"__type": "AddedToken", ...} into an AddedToken and refuses any other
+        # object (a TypeError: "Special token pad_token has to be either str or AddedToken"); the map's objects are
+        # AddedTokens without the tag. Read here, {"content": ""} was a pad_token "" no transformers loads.
+        if isinstance(value, dict) and value.get("__type") != "AddedToken":
+            raise UserError(f"{cfg_path}: {key} is an object without \"__type\": \"AddedToken\", which transformers "
+                            f"refuses (a TypeError) in tokenizer_config.json: write the token's text as a string, or "
+                            f"add \"__type\": \"AddedToken\" as transformers writes it, got {value!r}"[:400])
     return cfg, where
 
 
