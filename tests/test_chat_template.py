@@ -7,6 +7,7 @@ tiny random Qwen2ForCausalLM: nothing downloaded."""
 import copy
 import io
 import json
+import random
 import re
 
 import pytest
@@ -1259,3 +1260,73 @@ def test_cohere_gpt_neox_and_codegen_classes_and_a_config_json_model_type_give_t
         assert hf.apply_chat_template(chat, tokenize=False) == want == render(ours, chat), name
         assert hf.eos_token_id == eos == eot_or_none(ours), name
 
+
+# -- differential: random tokenizer_config.json and special_tokens_map.json against transformers' reading ----------
+SPECIAL_POOL = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_end|>", "<bos>", "<eos>", "<pad>", "<mask>", "<|nope|>"]
+SPECIAL_CLASSES = [None, "PreTrainedTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast", "LlamaTokenizerFast",
+                   "GPT2Tokenizer", "GemmaTokenizer", "GPTNeoXTokenizerFast"]
+
+
+def random_special_files(rng) -> tuple:
+    """(tokenizer_config.json, more files) naming the special tokens at random: left out, null, "", a token (one
+    tokenizer.json lacks: <|nope|>), an AddedToken as each file writes it, an untagged object in the config, the
+    two files disagreeing, an added_tokens_decoder (the map then unread) or not."""
+    def value(in_map):
+        r = rng.random()
+        if r < 0.3:
+            return ...
+        if r < 0.4:
+            return None
+        if r < 0.45:
+            return ""
+        t = rng.choice(SPECIAL_POOL[:-1] if rng.random() < 0.9 else SPECIAL_POOL)
+        if r < 0.8:
+            return t
+        if r < 0.9 or in_map:
+            return {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                    **({} if in_map else {"__type": "AddedToken", "special": True})}
+        return {"content": t if r < 0.95 else ""}
+
+    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
+    cfg = {"tokenizer_class": rng.choice(SPECIAL_CLASSES)}
+    cfg.update((k, v) for k in keys if (v := value(False)) is not ...)
+    if rng.random() < 0.3:
+        cfg["added_tokens_decoder"] = {"4": {"content": "<|im_end|>", "special": True}}
+    files = {}
+    if rng.random() < 0.5:
+        files["special_tokens_map.json"] = {k: v for k in keys if (v := value(True)) is not ...}
+    return cfg, files
+
+
+def test_random_special_tokens_read_as_transformers_reads_them(tmp_path):
+    """Seeded random folders (random_special_files): where transformers refuses one (an untagged object in the
+    config), so do we by name; where it loads one, we load it but where we refuse on purpose (a BOS or EOS that
+    tokenizer.json lacks, which transformers adds past the model's rows; a "" BOS or EOS, the config's or the
+    map's), and then the EOS id, what the chat template sees and /tokenizer_info's pad, unk and mask (vLLM's:
+    init_kwargs) are transformers'. The same generator ran on thousands of folders in the session that wrote it."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer, as_init_kwargs
+    from tritongpt.train.tokenizer import eot_or_none
+
+    chat = [{"role": "user", "content": "hi"}]
+    for seed in range(50):
+        config, files = random_special_files(random.Random(seed))
+        folder = tiny_folder(tmp_path / str(seed), config, files)
+        try:
+            theirs = transformers.AutoTokenizer.from_pretrained(folder)
+        except TypeError:
+            with pytest.raises(UserError, match="which transformers refuses"):
+                HFTokenizer.from_hf_folder(folder)
+            continue
+        try:
+            ours = HFTokenizer.from_hf_folder(folder)
+        except UserError as e:
+            assert re.search(r"is not a token of|(bos|eos)_token is an empty string", str(e)), \
+                (seed, str(e))
+            continue
+        assert render(ours, chat) == theirs.apply_chat_template(chat, tokenize=False), seed
+        eos = theirs.eos_token_id if theirs.eos_token_id is not None and theirs.eos_token_id < 10 else None
+        assert eot_or_none(ours) == eos, seed
+        info = {"pad_token": None, **as_init_kwargs(ours.template_tokens)}
+        for key in ("pad_token", "unk_token", "mask_token"):
+            value = theirs.init_kwargs.get(key)
+            assert info.get(key) == getattr(value, "content", value), (seed, key)
