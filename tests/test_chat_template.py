@@ -1205,6 +1205,28 @@ def test_a_special_token_object_without_its_type_in_tokenizer_config_json_is_ref
     assert rendered_alike(overridden, tmp_path) == "False|False|B?|E?||U?|<pad>|M?|hi"
 
 
+def test_tokenizer_jsons_padding_names_the_pad_token_where_no_file_does_as_transformers_reads_it(tmp_path):
+    """transformers' TokenizersBackend takes tokenizer.json's padding's pad_token where the kwargs name none
+    (setdefault): the template and init_kwargs (vLLM's /tokenizer_info) see it, where we read no pad token; a null
+    in the config, or a class that passes its own (Qwen2Tokenizer's <|endoftext|>), keeps it out."""
+    from tokenizers import Tokenizer
+
+    from tritongpt.train.hf_tokenizer import HFTokenizer, as_init_kwargs
+
+    cases = {"fast": ({"tokenizer_class": "PreTrainedTokenizerFast"}, "<pad>"),
+             "llama": ({"tokenizer_class": "LlamaTokenizerFast"}, "<pad>"),
+             "null": ({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": None}, None),
+             "qwen2": ({"tokenizer_class": "Qwen2Tokenizer"}, "<|endoftext|>")}
+    for name, (config, want) in cases.items():
+        folder = tiny_folder(tmp_path / name, config)
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok.enable_padding(pad_id=7, pad_token="<pad>")
+        tok.save(str(folder / "tokenizer.json"))
+        assert transformers.AutoTokenizer.from_pretrained(folder).pad_token == want, name
+        rendered_alike(folder, tmp_path)
+        assert as_init_kwargs(HFTokenizer.from_hf_folder(folder).template_tokens).get("pad_token") == want, name
+
+
 def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_reads(tmp_path):
     """config.json's eos_token_id stays the EOS where tokenizer_config.json names none, though transformers'
     tokenizer.eos_token is the class's default (a Qwen2 folder: <|endoftext|>): a folder that had an EOS keeps it,
@@ -1303,19 +1325,30 @@ def test_random_special_tokens_read_as_transformers_reads_them(tmp_path):
     config), so do we by name; where it loads one, we load it but where we refuse on purpose (a BOS or EOS that
     tokenizer.json lacks, which transformers adds past the model's rows; a "" BOS or EOS, the config's or the
     map's), and then the EOS id, what the chat template sees and /tokenizer_info's pad, unk and mask (vLLM's:
-    init_kwargs) are transformers'. The same generator ran on thousands of folders in the session that wrote it."""
+    init_kwargs) are transformers'. Some tokenizer.json pad (its "padding" names a pad_token). The same generator
+    ran on thousands of folders in the session that wrote it."""
+    from tokenizers import Tokenizer
+
     from tritongpt.train.hf_tokenizer import HFTokenizer, as_init_kwargs
     from tritongpt.train.tokenizer import eot_or_none
 
     chat = [{"role": "user", "content": "hi"}]
     for seed in range(50):
-        config, files = random_special_files(random.Random(seed))
+        rng = random.Random(seed)
+        config, files = random_special_files(rng)
         folder = tiny_folder(tmp_path / str(seed), config, files)
+        if rng.random() < 0.3:
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            pad = rng.randrange(9)
+            tok.enable_padding(pad_id=pad, pad_token=SPECIAL_POOL[pad])  # (tiny_folder's ids: the pool's order)
+            tok.save(str(folder / "tokenizer.json"))
         try:
             theirs = transformers.AutoTokenizer.from_pretrained(folder)
         except TypeError:
             with pytest.raises(UserError, match="which transformers refuses"):
                 HFTokenizer.from_hf_folder(folder)
+            continue
+        except RecursionError:  # (transformers' own, on some unk_token "": nothing of its to compare with)
             continue
         try:
             ours = HFTokenizer.from_hf_folder(folder)

@@ -219,10 +219,21 @@ def special_files(cfg: dict, cfg_path: Path, folder: Path) -> tuple:
     return cfg, where
 
 
-def special_config(files: dict, folder: Path) -> dict:
+# the classes (of CLASS_TOKENS's) whose __init__ passes transformers' TokenizersBackend a pad_token of its own, a
+# default or None; the others (LlamaTokenizer, TokenizersBackend itself) leave it to tokenizer.json's "padding"
+OWN_PAD = ("Qwen2Tokenizer", "GemmaTokenizer", "CohereTokenizer", "GPTNeoXTokenizer", "GPT2Tokenizer",
+           "CodeGenTokenizer")
+
+
+def special_config(files: dict, folder: Path, padding=None) -> dict:
     """special_files' fields with the defaults of the class transformers reads the folder as (tokenizer_class) for
-    the keys neither file names."""
-    return {**CLASS_TOKENS.get(tokenizer_class(files, folder), {}), **files}
+    the keys neither file names, and, where neither names a pad_token (a null names none) and the class passes none,
+    the pad_token of tokenizer.json's "padding" (padding: that object), which transformers' TokenizersBackend takes
+    by default (kwargs.setdefault): the template and init_kwargs (vLLM's /tokenizer_info) see it."""
+    cls = tokenizer_class(files, folder)
+    pad = padding.get("pad_token") if isinstance(padding, dict) else None
+    pad = {"pad_token": pad} if isinstance(pad, str) and "pad_token" not in files and cls not in OWN_PAD else {}
+    return {**CLASS_TOKENS.get(cls, {}), **pad, **files}
 
 
 def spelling(value, where, key: str):
@@ -377,7 +388,7 @@ class HFTokenizer(TokenizerChecks):
             elif tok._tok.token_to_id(name) is None:
                 raise UserError(f"{src}: {key}_token {name!r} is not a token of {path}")
             setattr(tok, f"{key}_token", name)
-        special = special_config(files, folder)
+        special = special_config(files, folder, spec.get("padding"))
         tok._no_eos = (f"{folder} names no end-of-text token: tokenizer_config.json has no eos_token, and neither "
                        "config.json nor generation_config.json an eos_token_id")
         if tok.eos_token is None:
