@@ -34,6 +34,12 @@ per-token log-prob l(x, y), their implicit reward beta * l(x, y) and m = beta * 
 --rpo-alpha a adds a times the chosen answers' NLL (as ORPO's) to any loss but ORPO's own: RPO (Pang et al.
 2024; TRL's rpo_alpha), DPO kept from lowering the chosen answers' likelihood along with the rejected ones'.
 
+Gradient accumulation: every loss is a mean over pairs and every micro-batch --batch-size pairs, so --grad-accum k
+trains as one batch of k x --batch-size pairs (tests/test_grad_accum_jobs.py), except ORPO's and RPO's NLL: each
+micro-batch's is the mean over its own chosen tokens (as in TRL, whose cross-entropy is per training_step), and
+the step takes the mean of those means. With chosen answers of different lengths a token of a micro-batch of short
+ones weighs more than in one batch of all of them (the pair terms are unaffected).
+
 The reference never changes, so its log-probs are computed once for every pair before
 training (one forward each) and travel with the batches.
 

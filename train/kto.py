@@ -44,6 +44,10 @@ Under torchrun z0 is one estimate for the step: each rank's batch mean, averaged
 detached), then clamped at 0, as TRL gathers each process's mean, takes their mean and clamps it. Each rank's own
 would give every rank another reference point for the same step, and a noisier one: a rank sees 1/world of the
 examples. The eval (rank 0 alone) estimates z0 on all it measures and reduces nothing. One process: unchanged.
+Under --grad-accum, though, each micro-batch estimates its own z0 from its --batch-size examples (TRL too takes
+the KL in each training_step), so k micro-batches are not one batch of k x --batch-size as k ranks are. The loss
+is a mean over examples and every micro-batch holds --batch-size of them: apo_zero_unpaired, with no z0,
+accumulates exactly (tests/test_grad_accum_jobs.py).
 """
 import copy
 import math

@@ -10,6 +10,9 @@ One iteration, every algorithm:
                 SFT reference gives log pi_ref for every response token.
   3. update     several epochs of minibatch gradient steps on the clipped surrogate, with the
                 log-probs of step 2 as the "old" policy.
+                One optimizer step a minibatch, no gradient accumulation; where --minibatch-size does not
+                divide the rollout, each epoch's last minibatch is smaller and still one whole step (its
+                loss a mean over its own responses or tokens; dapo's divisor, per minibatch, is the same).
 
 pi is the policy at the sampling temperature, softmax(logits / temperature), and pi_ref the
 reference at the same temperature, as in Ziegler et al.'s code and TRL: the rollouts are drawn
