@@ -872,6 +872,12 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
         # (applied: not again in sample_next, whose check of the rows would be a second host sync a step)
         warp = {**warp, "no_repeat_ngram_size": None, "allowed_token_ids": None, "bad_words": None}
     nxt = sample_next(drawn, generator=generator, seen=idx, generated_from=start, live=~done, triton=triton, **warp)
+    return take_step(logits, idx, nxt, done, eos_id, on_token, stop, logprobs, ends, guide)
+
+
+def take_step(logits, idx, nxt, done, eos_id, on_token, stop, logprobs=None, ends=None, guide=None):
+    """decode_step's after its draw of nxt [B, 1] from logits [B, V] (the logprobs' raw logits): append_token's,
+    on_token given the logprobs with logprobs k, the guide advanced. (The engine's batched draw ends with it too.)"""
     if logprobs is not None and on_token is not None:
         on_token = (lambda f: lambda new: f(new, step_logprobs(logits, new, logprobs)))(on_token)
     idx, finished, ended = append_token(idx, nxt, done, eos_id, on_token, stop, ends)
