@@ -216,14 +216,17 @@ def test_a_prompt_the_engine_refuses_names_its_record_and_leaves_out_as_it_was(s
     # half-written --out said to be so
     from tritongpt.train import engine
 
-    calls, step = [], engine.decode_step
+    calls = []
 
-    def failing(*a, **kw):
-        calls.append(1)
-        if len(calls) == 6:
-            raise RuntimeError("a broken step")
-        return step(*a, **kw)
-    monkeypatch.setattr(engine, "decode_step", failing)
+    def failing(step):  # (a request's step's token: decode_step's, or take_step's after the batched draw)
+        def fn(*a, **kw):
+            calls.append(1)
+            if len(calls) == 6:
+                raise RuntimeError("a broken step")
+            return step(*a, **kw)
+        return fn
+    monkeypatch.setattr(engine, "decode_step", failing(engine.decode_step))
+    monkeypatch.setattr(engine, "take_step", failing(engine.take_step))
     with pytest.raises(RuntimeError, match="a broken step"):
         cli.main(["generate", "--weights", str(saved), "--device", "cpu", "--prompts", str(path), "--out", str(out),
                   "--max-new-tokens", "4", "--max-batch", "1"])

@@ -17,7 +17,7 @@ from tritongpt.cli import build_parser, main
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train import chat, formats, generate as generate_module, serve
+from tritongpt.train import chat, engine as engine_module, formats, generate as generate_module, serve
 from tritongpt.train.engine import PREFILL_PAD
 from tritongpt.train.generate import generate
 from tritongpt.train.tokenizer import BPETokenizer
@@ -623,7 +623,8 @@ def test_the_sampling_fields_draw_as_generate_draws_with_them(served):
 
 def test_a_temperature_under_vllms_epsilon_is_greedy(both, monkeypatch):
     """vLLM's sampler takes the argmax below a temperature of 1e-5 (vllm/v1/sample/sampler.py _SAMPLING_EPS), and so
-    does serve, with the engine and without: the decode step is handed temperature 0; 1e-5 itself samples.
+    does serve, with the engine and without: the decode step is handed temperature 0 (sample_next's, or the
+    engine's batched draw's, sample_rows); 1e-5 itself samples.
     (generate, as transformers, samples at any temperature > 0.)"""
     server, tok = both
     handed = []
@@ -631,8 +632,13 @@ def test_a_temperature_under_vllms_epsilon_is_greedy(both, monkeypatch):
     def spy(*args, **kwargs):
         handed.append(kwargs["temperature"])
         return sample_next(*args, **kwargs)
-    sample_next = generate_module.sample_next
+
+    def rows_spy(logits, warps, *args):
+        handed.extend(w["temperature"] for w in warps)
+        return sample_rows(logits, warps, *args)
+    sample_next, sample_rows = generate_module.sample_next, engine_module.sample_rows
     monkeypatch.setattr(generate_module, "sample_next", spy)
+    monkeypatch.setattr(engine_module, "sample_rows", rows_spy)
     for temperature in (9e-6, 1e-5):
         handed.clear()
         status, body = call(server, "/v1/completions", {"prompt": "a dog ran", "max_tokens": 2,

@@ -8,7 +8,9 @@ later, its tokens unchanged).
 
 A request is one generate() call: its n rows draw together with its own settings, generator, stop rule and EOS
 (generate.decode_step, the step _generate runs), so its tokens are generate()'s for it whatever else is in the
-batch (a batched forward's logits differ from a one-row forward's only by float rounding). Its rows keep their
+batch (a batched forward's logits differ from a one-row forward's only by float rounding). The step's plain
+requests draw in one batched pass (Engine._draw_plain, generate.sample_rows: per-row settings, each seeded
+request's uniforms from its own generator), the very tokens each would draw alone. Its rows keep their
 slots until the whole request ends, finished rows padded with the EOS, as generate's are.
 
     engine = Engine(model, max_batch=8).start()
@@ -27,10 +29,11 @@ import torch
 from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
 from tritongpt.model.sampling import sampling_with_triton
-from tritongpt.train.generate import (DecodeGraph, Prediction, PromptLookup, _draw, check_cache_dtype, check_draft,
-                                     check_graphable, check_logprobs, check_masks_reach_end, check_sampling,
-                                     decode_step, draft_width, end_rule, hidden_and_head, last_logits, new_cache,
-                                     sampling_logits, score_positions, verify_step)
+from tritongpt.train.generate import (LATE_CUTS, ROW_CUTS, DecodeGraph, Prediction, PromptLookup, _draw,
+                                     check_cache_dtype, check_draft, check_graphable, check_logprobs,
+                                     check_masks_reach_end, check_sampling, decode_step, draft_width, end_rule,
+                                     held_back, hidden_and_head, last_logits, new_cache, sample_rows, sampling_logits,
+                                     score_positions, take_step, verify_step)
 
 # Batched prefill (_groups): several requests' prompt chunks run in one forward, each right-padded to the longest.
 # A group takes a chunk only while its padded tokens stay within PREFILL_GROUP_TOKENS (the forward's activations:
@@ -41,6 +44,11 @@ from tritongpt.train.generate import (DecodeGraph, Prediction, PromptLookup, _dr
 PREFILL_GROUP_TOKENS = 2048
 PREFILL_PAD = {"cuda": 1.5, "cpu": 1.1}
 PAGE_SIZE = 16  # a paged cache's positions a page where none is given (vLLM's block_size)
+# Engine._draw_plain: the most logits a batched draw's pass takes on a CPU. Measured (one thread, 64 requests of
+# mixed settings): at GPT-2's 50257 tokens one pass of all 64 rows drew ~1.4x slower than each request alone (its
+# float64 sort and softmax tensors, tens of MB, out of the cache), passes of 8 to 16 rows about as fast; at 97 or
+# 8192 tokens the whole batch in one pass was the fastest.
+SAMPLE_PASS_CPU = 2**19
 
 
 class Cancelled(Exception):
@@ -728,10 +736,17 @@ class Engine:
                 self._finish(r, e)
         if out is not None:
             self._mask_decode(out, [r for r in decoding if r in logits], logits)
+        # (the Triton kernel takes one temperature, top_k, top_p and min_p a launch: its requests draw alone)
+        drawn = {} if sampling_with_triton(self.model) else self._draw_plain(logits, drafts)
         for r, lg in logits.items():
             try:
                 if r in drafts:
                     finished, ended = self._accept(r, lg, *drafts[r])
+                elif r in drawn:  # (decode_step's after its draw)
+                    if isinstance(drawn[r], Exception):
+                        raise drawn[r]
+                    r.idx, finished, ended = take_step(lg[:, :r.vocab_limit], r.idx, drawn[r], r.done, r.eos_id,
+                                                       r.put_token, r.stop, r.logprobs, r.ends)
                 else:
                     r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
                                                          r.eos_id, r.generator, r.put_token, r.stop, r.logprobs,
@@ -749,6 +764,52 @@ class Engine:
             if finished or r.idx.size(1) - r.start >= r.budget:
                 self._finish(r)
         return True
+
+    def _draw_plain(self, logits, drafts) -> dict:
+        """{r: nxt [n, 1]} for the step's plain decode requests (no speculation, no grammar, no cut of LATE_CUTS),
+        drawn together by generate.sample_rows, a pass for the rows of each width (vocab_limit; on a CPU at most
+        SAMPLE_PASS_CPU logits a pass): one batched draw a step, not decode_step's ~20 ops (GPU launches) a request. A request's hold and its biases and penalties
+        (sampling_logits at temperature 0) still run on its own rows first, as decode_step's; one of them failing
+        leaves the request to decode_step, where the error fails it alone; sample_rows failing gives its requests
+        the error."""
+        widths, out = {}, {}
+        for r, lg in logits.items():
+            if r in drafts or r.guide is not None or any(r.warp.get(k) is not None for k in LATE_CUTS):
+                continue
+            try:
+                x = lg[:, :r.vocab_limit]
+                if r.hold is not None and r.idx.size(1) - r.start < r.hold[0]:
+                    x = held_back(x, r.hold[1])
+                rest = {k: v for k, v in r.warp.items() if k not in ROW_CUTS}
+                if any(v is not None for v in rest.values()):
+                    x = sampling_logits(x, seen=r.idx, generated_from=r.start, live=~r.done, **rest)
+            except Exception:
+                continue
+            widths.setdefault(x.size(-1), []).append((r, x))
+        passes = []
+        for group in widths.values():
+            passes.append([])
+            size = 0
+            for r, x in group:
+                # (a CPU's pass at most SAMPLE_PASS_CPU logits: there launches cost little, and a pass's tensors
+                # out of the cache cost more than the ops saved; a GPU's requests of a width all in one)
+                if passes[-1] and x.is_cpu and size + x.numel() > SAMPLE_PASS_CPU:
+                    passes.append([])
+                    size = 0
+                passes[-1].append((r, x))
+                size += x.numel()
+        for group in passes:
+            reqs = [r for r, _ in group]
+            try:
+                nxt = sample_rows(torch.cat([x for _, x in group]), [r.warp for r in reqs],
+                                  [r.generator for r in reqs], [r.n for r in reqs])
+            except Exception as e:
+                out.update((r, e) for r in reqs)
+                continue
+            row = 0
+            for r in reqs:
+                out[r], row = nxt[row:row + r.n], row + r.n
+        return out
 
     def _grow(self) -> bool:
         """Preemption (vLLM's scheduler): before the decode step each running request whose rows' next write

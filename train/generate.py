@@ -329,6 +329,88 @@ def cut_min_p(logits, min_p: float):
     return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
+# sample_rows: the settings it takes a row at a time; a warp with any of LATE_CUTS is drawn alone (sample_next)
+ROW_CUTS = ("temperature", "top_k", "top_p", "min_p", "min_p_first")
+LATE_CUTS = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_n_sigma")
+
+
+def sample_rows(logits, warps, generators, sizes):
+    """sample_next's draw for several requests' rows at once: request j's sizes[j] rows of logits [B, V] (biased and
+    penalized already, as sampling_logits leaves them at temperature 0) with its own temperature, top_k, top_p, min_p
+    and min_p_first (warps[j]) and generator (generators[j]; None: torch's default) -> [B, 1].
+    Why: the serving engine drew each request alone, some 15 torch ops a request a step, on a GPU a kernel launch
+    each (at 64 requests more launches than a small model's forward); here the cuts and the draw run once for the
+    whole step on per-row tensors of the settings, plus one torch.rand a seeded request.
+    A seeded request draws the very tokens it draws alone: its sampled rows' uniforms come from its generator as
+    _draw takes them (one torch.rand of its n rows; none for a greedy request), and each row is rounded as
+    sampling_logits rounds it (sorts, a topk's k-th value and softmaxes are a row's own; top_p is compared in
+    float64, min_p and the temperature are fp32 as torch casts a Python float, and a CUDA tensor divided by a
+    Python float is multiplied by its fp32 reciprocal, so here too). Greedy rows (a temperature below fp32's tiny,
+    sample_next's rule) are the logits' argmax. The settings are not checked again: the engine's submit did."""
+    V, device = logits.size(-1), logits.device
+    greedy = [w.get("temperature", 0.0) < torch.finfo(torch.float32).tiny for w in warps]
+
+    def rows(value):  # a request's setting on each of its sampled rows
+        return [value(w) for w, g, n in zip(warps, greedy, sizes) if not g for _ in range(n)]
+
+    def at(flags):  # the rows a cut applies to: all, or their index, sent without waiting (as logit_bias's)
+        return slice(None) if all(flags) else torch.tensor([i for i, f in enumerate(flags) if f]).to(
+            device, non_blocking=True)
+
+    nxt = logits.argmax(dim=-1, keepdim=True) if any(greedy) else None
+    if all(greedy):
+        return nxt
+    sampled = at([not g for g, n in zip(greedy, sizes) for _ in range(n)])
+    temperature = torch.tensor(rows(lambda w: w["temperature"]), dtype=torch.float32)
+    if device.type == "cuda":
+        temperature = 1 / temperature  # (on the host, in fp32: the CUDA kernel's reciprocal of a Python float)
+    top_k = rows(lambda w: 0 if w.get("top_k") is None else min(int(w["top_k"]), V))
+    top_p = rows(lambda w: w["top_p"] if w.get("top_p") is not None and w["top_p"] < 1.0 else 1.0)
+    first = rows(lambda w: (w.get("min_p") or 0.0) if w.get("min_p_first") else 0.0)
+    later = rows(lambda w: 0.0 if w.get("min_p_first") else (w.get("min_p") or 0.0))
+    # a setting a row of one table, in float64 (exact for each: fp32 temperatures, ints, top_p as Python compares
+    # it), sent in one copy without waiting
+    table = torch.tensor([temperature.tolist(), top_k, top_p, first, later], dtype=torch.float64).to(
+        device, non_blocking=True)
+    # the sampled rows only, and each cut on the rows that ask for it: on a CPU the cost is the FLOPs, and a sort
+    # of every row for one row's top_p made the step slower than drawing each request alone
+    x = logits[sampled].float()
+    x = x - x.amax(dim=-1, keepdim=True)
+    x = x * table[0, :, None].float() if device.type == "cuda" else x / table[0, :, None].float()
+    if any(first):
+        i = at([m > 0 for m in first])
+        x[i] = cut_min_p(x[i], table[3, i, None].float())
+    if any(top_k):
+        i = at([k > 0 for k in top_k])
+        y, k = x[i], table[1, i].long()
+        kth = torch.topk(y, max(top_k)).values.gather(-1, (k - 1)[:, None])
+        x[i] = y.masked_fill(y < kth, float("-inf"))
+    if any(p < 1.0 for p in top_p):
+        i = at([p < 1.0 for p in top_p])
+        y = x[i]
+        sorted_y, order = torch.sort(y, descending=True, stable=True)
+        probs = torch.softmax(sorted_y.double(), dim=-1)
+        above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)
+        sorted_y = sorted_y.masked_fill(above >= table[2, i, None], float("-inf"))
+        x[i] = torch.full_like(y, float("-inf")).scatter(-1, order, sorted_y)
+    if any(later):
+        i = at([m > 0 for m in later])
+        x[i] = cut_min_p(x[i], table[4, i, None].float())
+    unseeded = sum(n for g, gr, n in zip(generators, greedy, sizes) if g is None and not gr)
+    shared = torch.rand(unseeded, device=device) if unseeded else None
+    u, row = [], 0
+    for g, gr, n in zip(generators, greedy, sizes):
+        if g is None and not gr:
+            u.append(shared[row:row + n])
+            row += n
+        elif not gr:
+            u.append(torch.rand(n, generator=g, device=device))
+    drawn = draw_with_uniform(x, torch.cat(u) if len(u) > 1 else u[0])[:, None]
+    if nxt is None:
+        return drawn
+    return nxt.index_put((sampled,), drawn)
+
+
 def allow_and_ban(logits, allowed_token_ids=None, bad_words=None, seen=None, generated_from=None, live=None):
     """vLLM's allowed_token_ids and bad_words (SamplingParams; vllm/v1/sample/ops/bad_words.py) on logits [B, V]:
     every id outside allowed_token_ids -inf; a bad word's (a list of ids) last id -inf where its other ids end the

@@ -1,0 +1,117 @@
+"""The engine's batched draw (generate.sample_rows, Engine._draw_plain): a step's plain decode requests drawn in one
+pass with per-row settings. A seeded request's tokens (and logprobs) are exactly those it drew alone, whatever
+else is in the batch; greedy rows are argmaxes; unseeded rows follow each row's own distribution."""
+import pytest
+import torch
+
+import tritongpt.train.engine as engine_module
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.engine import Engine
+from tritongpt.train.generate import sample_next, sample_rows, sampling_logits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# one request each: settings that differ in every cut the pass takes a row at a time, both min_p orders, a greedy one
+WARPS = [dict(temperature=0.5, top_p=0.6, min_p_first=True),
+         dict(temperature=1.7, top_k=3),
+         dict(temperature=1.0, min_p=0.2, top_p=0.9),
+         dict(temperature=0.0, top_k=2),
+         dict(temperature=0.8, top_k=5, min_p=0.1, top_p=0.8, min_p_first=True),
+         dict(temperature=2.5)]
+
+
+def test_seeded_rows_draw_what_each_request_draws_alone():
+    """Request by request with sample_next (the engine's draw before the batching) and all at once with sample_rows:
+    the same tokens at every step, and each generator left in the same state (a greedy request's untouched)."""
+    sizes, V = [2, 1, 3, 1, 2, 1], 11
+    alone = [torch.Generator().manual_seed(10 + j) for j in range(len(WARPS))]
+    together = [torch.Generator().manual_seed(10 + j) for j in range(len(WARPS))]
+    logits = torch.randn(30, sum(sizes), V, generator=torch.Generator().manual_seed(0)) * 2
+    for step in logits:
+        want, row = [], 0
+        for w, g, n in zip(WARPS, alone, sizes):
+            want.append(sample_next(step[row:row + n], generator=g, **w))
+            row += n
+        assert torch.equal(sample_rows(step, WARPS, together, sizes), torch.cat(want))
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(alone, together))
+
+
+def test_unseeded_rows_follow_each_rows_own_distribution():
+    """Many rows of each request (one logits row each, drawn 3000 times) against softmax(sampling_logits(row, its
+    settings)): a chi-square a request, and no token its cuts removed. A row given another's temperature or cuts
+    fails it."""
+    torch.manual_seed(0)
+    V, draws = 6, 3000
+    base = torch.randn(len(WARPS), V, generator=torch.Generator().manual_seed(1)) * 1.5
+    got = sample_rows(base.repeat_interleave(draws, 0), WARPS, [None] * len(WARPS), [draws] * len(WARPS))
+    for j, w in enumerate(WARPS):
+        counts = torch.bincount(got[j * draws:(j + 1) * draws, 0], minlength=V).double()
+        if w["temperature"] == 0.0:
+            assert torch.equal(counts, torch.eye(V, dtype=torch.double)[base[j].argmax()] * draws)
+            continue
+        p = torch.softmax(sampling_logits(base[j:j + 1], **w).double(), dim=-1)[0]
+        assert counts[p == 0].sum() == 0, (j, counts, p)  # (a cut token never drawn)
+        kept = p > 0
+        chi2 = ((counts[kept] - draws * p[kept]) ** 2 / (draws * p[kept])).sum()
+        assert chi2 < 25, (j, chi2, counts, p * draws)  # (5 degrees of freedom at most: p ~ 1e-4)
+
+
+def tiny():
+    torch.manual_seed(0)
+    return GPTModel(GPTConfig(vocab_size=50, context_length=32, n_embd=32, n_layer=1, n_head=2, tie_weights=False,
+                              kernels="reference")).eval()
+
+
+def served(model, batched: bool, monkeypatch, pass_rows=None):
+    """The engine's tokens and on_token calls for mixed requests in one batch: each request's draw alone (the
+    engine before the batching: _draw_plain drawing nothing) or batched (pass_rows: a CPU pass's logits cut to that
+    many rows of the model's vocabulary)."""
+    with monkeypatch.context() as m:
+        calls = []
+        if pass_rows is not None:
+            m.setattr(engine_module, "SAMPLE_PASS_CPU", pass_rows * 50)
+        if not batched:
+            m.setattr(Engine, "_draw_plain", lambda self, logits, drafts: {})
+        else:  # (the batched path taken: its rows counted)
+            m.setattr(engine_module, "sample_rows",
+                      lambda logits, *a: calls.append(logits.size(0)) or sample_rows(logits, *a))
+        engine = Engine(model, max_batch=12)
+        # (logprobs with a penalty: taken from the raw logits, not the drawn ones; min_tokens holding back an EOS
+        # its bias makes likely)
+        extra = [dict(logprobs=2, presence_penalty=1.5),
+                 dict(repetition_penalty=1.3, eos_id=7, min_tokens=3, logit_bias={7: 4.0}),
+                 dict(logit_bias={3: 2.0}), dict(logprobs=1), dict(frequency_penalty=0.5),
+                 dict(stop_token_ids=[9], eos_id=7)]
+        handles = []
+        for j, (w, n) in enumerate(zip(WARPS, [2, 1, 3, 1, 2, 1])):
+            ids = torch.randint(0, 50, (1, 4 + j), generator=torch.Generator().manual_seed(j)).expand(n, -1)
+            handles.append(engine.submit(ids, 6, generator=torch.Generator().manual_seed(j), **w, **extra[j]))
+        handles.append(engine.submit(torch.tensor([[1, 2, 3]]), 6, temperature=0.9))  # an unseeded one beside
+        while engine.running or engine.waiting:
+            engine.step()
+        streams = []
+        for h in handles[:-1]:
+            stream = []
+            out = h.wait(lambda *item: stream.append(item))
+            streams.append((out, stream))
+        assert handles[-1].wait().shape == (1, 9)
+        return streams, calls
+
+
+@pytest.mark.parametrize("pass_rows", [None, 3])
+def test_the_engine_batched_draw_gives_each_seeded_request_its_own_tokens_and_logprobs(monkeypatch, pass_rows):
+    """The same requests, drawn a request at a time and batched: equal ids and on_token calls (tokens, logprobs'
+    values and top ids), greedy and sampled, with penalties, a bias, min_tokens, stop tokens, in one batch; and
+    with a CPU's passes cut to 3 rows (SAMPLE_PASS_CPU)."""
+    model = tiny()
+    want, _ = served(model, False, monkeypatch)
+    got, calls = served(model, True, monkeypatch, pass_rows)
+    # (the batched path taken: every request's rows, 11, in one pass a step, or passes of at most 3 rows)
+    assert calls and (max(calls) == 11 if pass_rows is None else max(calls) == 3 and len(calls) > 4)
+    for (ids, stream), (ids_, stream_) in zip(got, want):
+        assert torch.equal(ids, ids_) and len(stream) == len(stream_)
+        for item, item_ in zip(stream, stream_):
+            assert torch.equal(item[0], item_[0])
+            if len(item) > 1:
+                assert all(torch.equal(a, b) for a, b in zip(item[1], item_[1]))
