@@ -848,8 +848,8 @@ def scrape(server, model="tiny"):
     return samples
 
 
-def metric(samples, name, **labels):
-    return samples["tritongpt:" + name, tuple(sorted({"model_name": "tiny", **labels}.items()))]
+def metric(samples, name, model="tiny", **labels):
+    return samples["tritongpt:" + name, tuple(sorted({"model_name": model, **labels}.items()))]
 
 
 def phases(s, requests, tokens):
@@ -895,7 +895,7 @@ def test_metrics_text_is_strict_prometheus_0_0_4_with_a_model_name_to_escape():
     m = Metrics(name, 32, engine)
     t = m.request()
     t.scheduled = t.start
-    t.tokens(), t.tokens(), t.end(["stop"], 3, 2)
+    t.tokens(), t.tokens(), t.end(["stop"], 3, [2])
     value = r'"((?:[^"\\\n]|\\[\\"n])*)"'  # (the grammar's label value: only \\, \" and \n escapes)
     sample = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{((?:[a-zA-Z_][a-zA-Z0-9_]*=" + value.replace("((", "(?:(", 1) +
                         r",?)*)\} (\S+)")
@@ -928,7 +928,7 @@ def test_metrics_text_is_strict_prometheus_0_0_4_with_a_model_name_to_escape():
             assert hist[family[:-6]][-1] == (float("inf"), float(got.group(3))), line
         if family.endswith("lora_requests_info"):
             assert labels["running_lora_adapters"] == "x\\y" and labels["waiting_lora_adapters"] == 'p"\nq'
-    assert set(families.values()) == {"gauge", "counter", "histogram"} and len(hist) == 11
+    assert set(families.values()) == {"gauge", "counter", "histogram"} and len(hist) == 14
     for family, les in hist.items():
         assert les == sorted(les) and les[-1][0] == float("inf"), family  # (bounds rising, counts cumulative)
     assert hist["tritongpt:time_to_first_token_seconds"][-1][1] == 1
@@ -962,17 +962,21 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
         reasons = [ch["finish_reason"] for r in (a, b, c) for ch in r["choices"]]
         assert reasons == ["length"] * 3 + ["stop"]
         s = scrape(server)
-        assert metric(s, "prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in (a, b, c))
+        # (b's prompt once a choice: vLLM's n child requests each prefill it; its usage counts it once)
+        prompts = a["usage"]["prompt_tokens"] + 2 * b["usage"]["prompt_tokens"] + c["usage"]["prompt_tokens"]
+        assert metric(s, "prompt_tokens_total") == prompts
         assert metric(s, "generation_tokens_total") == sum(r["usage"]["completion_tokens"] for r in (a, b, c))
         for reason in ("stop", "length", "abort", "error"):
             assert metric(s, "request_success_total", finished_reason=reason) == reasons.count(reason)
-        assert metric(s, "time_to_first_token_seconds_count") == metric(s, "e2e_request_latency_seconds_count") == 3
-        steps = [a["usage"]["completion_tokens"], b["usage"]["completion_tokens"] // 2, c["usage"]["completion_tokens"]]
+        assert metric(s, "time_to_first_token_seconds_count") == metric(s, "e2e_request_latency_seconds_count") == 4
+        steps = [a["usage"]["completion_tokens"], *[b["usage"]["completion_tokens"] // 2] * 2,
+                 c["usage"]["completion_tokens"]]
         assert metric(s, "time_per_output_token_seconds_count") == sum(k - 1 for k in steps)
         for part in ("count", "sum"):  # (vLLM 0.11's name for it)
             assert metric(s, f"inter_token_latency_seconds_{part}") == metric(s, f"time_per_output_token_seconds_{part}")
         assert metric(s, "e2e_request_latency_seconds_sum") > 0
-        phases(s, 3, [(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]) for r in (a, b, c)])
+        phases(s, 4, [(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"] // len(r["choices"]))
+                      for r in (a, b, b, c)])
         # n equal rows prefill once (usage counts their prompt once too); the repeated prompt finds a's full blocks
         # (its last token always computed)
         assert metric(s, "prefix_cache_queries_total") == 2 * P + b["usage"]["prompt_tokens"]
@@ -1002,14 +1006,50 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
             time.sleep(0.01)
         s = scrape(server)
         assert metric(s, "request_success_total", finished_reason="abort") == 1
-        assert metric(s, "e2e_request_latency_seconds_count") == 4
+        assert metric(s, "e2e_request_latency_seconds_count") == 5
         assert metric(s, "num_requests_running") == metric(s, "kv_cache_usage_perc") == 0
-        assert metric(s, "prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in (a, b, c))  # (not counted)
+        assert metric(s, "prompt_tokens_total") == prompts  # (not counted)
         # its phases timed as far as it got (it drew tokens), its token counts not
-        assert metric(s, "request_inference_time_seconds_count") == 4 and metric(s, "request_prompt_tokens_count") == 3
+        assert metric(s, "request_inference_time_seconds_count") == 5 and metric(s, "request_prompt_tokens_count") == 4
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_metrics_count_n_choices_as_vllms_n_child_requests(both):
+    """vLLM splits an n > 1 request into n child requests, each prefilling the prompt (parallel_sampling.py): n
+    finished requests, the prompt n times, n first tokens, each step's gap n times, n observations of each
+    per-request histogram and of max_tokens, and once the parent's n and the most tokens of its choices; streamed
+    or not, with the engine or --max-batch 1, a beam search as its n beams (all its tokens at once: no gap)."""
+    server, _ = both
+    cases = [({"n": 3, "max_tokens": 4, "temperature": 1, "seed": 1}, 3, 4, 4),
+             ({"n": 3, "max_tokens": 4, "temperature": 1, "seed": 1, "stream": True}, 3, 4, 4),
+             ({"n": 2, "max_tokens": 3, "use_beam_search": True}, 2, 3, 1)]
+    P = len(server.app.completion_prompt("the cat"))
+    for body, n, k, steps in cases:
+        before = scrape(server, "tiny-chat")
+        status, out = call(server, "/v1/completions", {"prompt": "the cat", "ignore_eos": True, **body})
+        assert status == 200
+        after = scrape(server, "tiny-chat")
+
+        def delta(name, **labels):
+            return metric(after, name, "tiny-chat", **labels) - metric(before, name, "tiny-chat", **labels)
+        assert delta("request_success_total", finished_reason="length") == n, body
+        assert delta("prompt_tokens_total") == n * P and delta("generation_tokens_total") == n * k
+        assert delta("time_to_first_token_seconds_count") == n
+        assert delta("inter_token_latency_seconds_count") == delta("time_per_output_token_seconds_count") == \
+            n * (steps - 1)
+        for name in ("e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
+                     "request_decode_time_seconds", "request_inference_time_seconds",
+                     "request_time_per_output_token_seconds", "request_prompt_tokens", "request_generation_tokens",
+                     "request_params_max_tokens"):
+            assert delta(name + "_count") == n, name
+        assert delta("request_prompt_tokens_sum") == n * P and delta("request_generation_tokens_sum") == n * k
+        assert delta("request_params_max_tokens_sum") == n * body["max_tokens"]
+        assert delta("request_params_n_count") == 1 and delta("request_params_n_sum") == n
+        assert delta("request_params_n_bucket", le="1.0") == 0 and delta("request_params_n_bucket", le="5.0") == 1
+        assert delta("request_max_num_generation_tokens_count") == 1
+        assert delta("request_max_num_generation_tokens_sum") == k
 
 
 def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_path):
@@ -1037,11 +1077,12 @@ def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_p
         status, body = out[0]
         s = scrape(server)
         assert status == 200 and metric(s, "num_requests_waiting") == metric(s, "num_requests_running") == 0
-        assert metric(s, "prompt_tokens_total") == body["usage"]["prompt_tokens"]
-        assert metric(s, "generation_tokens_total") == body["usage"]["completion_tokens"]
+        # (its 2 choices vLLM's 2 child requests: the prompt prefilled, and each step's gap timed, once a choice)
+        assert metric(s, "prompt_tokens_total") == 2 * body["usage"]["prompt_tokens"]
+        assert metric(s, "generation_tokens_total") == body["usage"]["completion_tokens"] == 8
         assert metric(s, "request_success_total", finished_reason="length") == 2
-        assert metric(s, "time_per_output_token_seconds_count") == 3
-        phases(s, 1, [(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])])
+        assert metric(s, "time_per_output_token_seconds_count") == 2 * 3
+        phases(s, 2, [(body["usage"]["prompt_tokens"], 4)] * 2)
         # it waited for the lock while the scrape above ran; its 4 steps: the mean gap of its 3
         queue = metric(s, "request_queue_time_seconds_sum")
         assert queue >= 0.05 and metric(s, "time_to_first_token_seconds_sum") > queue
@@ -1159,8 +1200,8 @@ def test_echo_with_max_tokens_0_scores_the_prompt_as_the_model_does(served):
 @pytest.mark.parametrize("logprobs", [2, None])
 def test_a_prefill_only_request_counts_as_vllms_one_drawn_and_dropped_token(both, logprobs, monkeypatch):
     """echo with max_tokens 0: vLLM draws one token a choice and drops it (protocol.py's to_sampling_params:
-    max_tokens 1), so its usage counts 1 completion token a choice and its metrics a first token (TTFT), those
-    generation tokens and one e2e latency, no inter-token gap. Ours draws none (the engine ends the request after
+    max_tokens 1), so its usage counts 1 completion token a choice and its metrics, a choice each (vLLM's n child
+    requests), a first token (TTFT), that generation token and an e2e latency, no inter-token gap. Ours draws none (the engine ends the request after
     its prefill; with no engine, or no scoring, the prompt is scored or echoed alone) and counts alike, streamed
     too, with the engine's phases and with --max-batch 1's (its scoring, under the model's lock, its prefill)."""
     import time
@@ -1187,7 +1228,7 @@ def test_a_prefill_only_request_counts_as_vllms_one_drawn_and_dropped_token(both
         (gen2, hist2) = counts()
         assert gen2 == gen + 2
         ttft, e2e, itl, gens, prefill, inference = [(c2 - c, s2 - s) for (c, s), (c2, s2) in zip(hist, hist2)]
-        assert ttft[0] == e2e[0] == gens[0] == prefill[0] == inference[0] == 1 and itl[0] == 0
+        assert ttft[0] == e2e[0] == gens[0] == prefill[0] == inference[0] == 2 and itl[0] == 0
         assert gens[1] == 2 and 0 < ttft[1] <= e2e[1] and prefill[1] == pytest.approx(inference[1])
         if logprobs is not None and server.app.engine is None:  # (no engine: scored by prompt_rows, 50 ms more)
             assert prefill[1] >= 0.05
@@ -2568,7 +2609,8 @@ def test_a_streamed_beam_search_whose_client_left_before_its_first_chunk_counts_
                                               "stream": True})
     except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
         pass  # (the stream's headers went, then nothing: how the client sees it is not the point)
-    assert m.finished["abort"] - before["abort"] == 2 and m.hist["e2e_request_latency_seconds"].count == e2e + 1
+    # (a beam a choice: vLLM's child requests, each with its e2e latency)
+    assert m.finished["abort"] - before["abort"] == 2 and m.hist["e2e_request_latency_seconds"].count == e2e + 2
 
 
 def test_a_beam_search_holding_the_engines_model_is_running_in_metrics(served, monkeypatch):
@@ -2635,7 +2677,7 @@ def test_a_client_gone_mid_request_counts_every_prompts_choices_aborted(both, be
     with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
         call(server, "/v1/completions", {"prompt": ["the cat", "a dog", "the bird"], "max_tokens": 40, "n": 2,
                                          "ignore_eos": True, "use_beam_search": beam})
-    assert m.finished["abort"] - before["abort"] == 6 and m.hist["e2e_request_latency_seconds"].count == e2e + 3
+    assert m.finished["abort"] - before["abort"] == 6 and m.hist["e2e_request_latency_seconds"].count == e2e + 6
     assert m.finished["length"] == before["length"]
     if beam:  # (the first prompt's prefill, then gone)
         assert len(forwards) == 1

@@ -2,8 +2,19 @@
 standard library. Names and histogram buckets are vLLM's (vllm/v1/metrics/loggers.py) with `tritongpt:` for
 `vllm:`, so a dashboard built for vLLM reads this server too.
 
-The handler threads count what their requests drew (a request here: one prompt's n choices, the engine's unit);
-the gauges are read from the engine at scrape time (its waiting queue, running requests and cache, plus the beam
+The handler threads count what their requests drew. A request here is one prompt's n choices (the engine's unit);
+vLLM splits it into n child requests (vllm/v1/engine/parallel_sampling.py), each prefilling the prompt, so what it
+counts per request counts here once per choice: request_success, prompt_tokens_total (the prompt n times), the
+time to first token (n observations of the one step's clock), each step's inter-token latency (n observations; a
+choice that ended before the request's last step still counts the later gaps, where vLLM's child stops), e2e, the
+phases and the per-request time per output token (the request's clocks, once a choice), request_prompt_tokens,
+request_generation_tokens (each choice's own count) and request_params_max_tokens. Once per request (vLLM's
+ParentRequest, once its n children ended): request_params_n and request_max_num_generation_tokens (the most tokens
+of its choices). A beam search (use_beam_search) counts as its n beams (vLLM's runs each step's beams as
+max_tokens 1 requests, counted each; not copied: a dashboard would read each step's beam as a request). A pooling
+request (train/pooling.py) counts once, with no sampling parameters (no request_params_*).
+
+The gauges are read from the engine at scrape time (its waiting queue, running requests and cache, plus the beam
 searches holding or waiting for the model between its steps), or, with no engine (--max-batch 1), from the requests
 holding and waiting for the model's lock. One small lock guards it all.
 
@@ -24,6 +35,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
                960.0, 1920.0, 7680.0)
+N_BUCKETS = (1, 2, 5, 10, 20)
 REASONS = ("stop", "length", "abort", "error")
 PHASES = ("queue", "prefill", "decode", "inference")
 HISTOGRAMS = {  # name: (buckets, help)
@@ -35,8 +47,8 @@ HISTOGRAMS = {  # name: (buckets, help)
     # vLLM 0.11's name for the one above (whose own it hides from 0.12 on): both, for dashboards of either
     "inter_token_latency_seconds": (TPOT_BUCKETS, "Histogram of inter-token latency in seconds (each gap between a "
                                                   "request's decode steps)."),
-    "e2e_request_latency_seconds": (E2E_BUCKETS, "Histogram of end to end request latency in seconds (one prompt's "
-                                                 "choices, whatever ended them)."),
+    "e2e_request_latency_seconds": (E2E_BUCKETS, "Histogram of end to end request latency in seconds (each choice "
+                                                 "of a prompt, whatever ended them)."),
     # vLLM's per-phase ones (vllm/v1/metrics/stats.py, update_from_finished_request): queue = first scheduled -
     # queued, prefill = first token - first scheduled, decode = last token - first token, inference = last token -
     # first scheduled (prefill + decode), each observed once a request ends, if it got that far
@@ -54,12 +66,18 @@ HISTOGRAMS = {  # name: (buckets, help)
                                                             "request: its decode time / (its steps - 1), 0 for one "
                                                             "step (each step draws a token for each of its n "
                                                             "choices)."),
+    "request_params_n": (N_BUCKETS, "Histogram of the n request parameter."),
 }
 TOKEN_HISTOGRAMS = {  # name: help; buckets 1, 2, 5, 10, ... up to the context length (vLLM's build_1_2_5_buckets)
-    "request_prompt_tokens": "Number of prefill tokens processed: a request's prompt tokens, when it ends with its "
-                             "choices (not aborted or failed).",
-    "request_generation_tokens": "Number of generation tokens processed: a request's completion tokens (its n "
-                                 "choices' together), when it ends with its choices (not aborted or failed).",
+    "request_prompt_tokens": "Number of prefill tokens processed: a choice's prompt tokens, when its request ends "
+                             "with its choices (not aborted or failed).",
+    "request_generation_tokens": "Number of generation tokens processed: a choice's completion tokens, when its "
+                                 "request ends with its choices (not aborted or failed).",
+    "request_max_num_generation_tokens": "Histogram of maximum number of requested generation tokens: the most "
+                                         "completion tokens of a request's n choices, when it ends with its choices "
+                                         "(not aborted or failed).",
+    "request_params_max_tokens": "Histogram of the max_tokens request parameter (each choice's: the prompt's "
+                                 "budget, vLLM's default where none was asked).",
 }
 
 
@@ -110,8 +128,10 @@ class Metrics:
         # beam search's Engine.call)
         self.running = self.waiting = 0
 
-    def request(self) -> "Timing":
-        return Timing(self)
+    def request(self, n: int = 1, max_tokens=None) -> "Timing":
+        """A request's clock: n choices (vLLM's n child requests), max_tokens its budget (None: a pooling request,
+        no sampling parameters to count)."""
+        return Timing(self, n, max_tokens)
 
     def gauges(self):
         """(running, waiting, KV-cache usage or None) now. With the engine, its requests and those holding or
@@ -183,8 +203,9 @@ class Metrics:
             family("spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
                    [("", label, stats["spec_decode_num_accepted_tokens"])])
         with self.lock:
-            family("prompt_tokens_total", "counter", "Number of prompt tokens processed (a request's, when it ends "
-                   "with its choices).", [("", label, self.prompt_tokens)])
+            family("prompt_tokens_total", "counter", "Number of prompt tokens processed (a prompt's once a choice, as "
+                   "vLLM's child requests each prefill it, when its request ends with its choices).",
+                   [("", label, self.prompt_tokens)])
             family("generation_tokens_total", "counter", "Number of generation tokens processed (the choices' "
                    "completion tokens, when their request ends; an aborted request's are not counted; a "
                    "prefill-only one's 1 a choice, vLLM's drawn and dropped token).",
@@ -209,8 +230,8 @@ class Timing:
     The phases' stamps (queued, scheduled, first and last token: time.monotonic) are its own with no engine
     (scheduled: set by the caller when it takes the model's lock), the engine Request's (end(stamps=request))."""
 
-    def __init__(self, metrics):
-        self.metrics = metrics
+    def __init__(self, metrics, n: int = 1, max_tokens=None):
+        self.metrics, self.n, self.max_tokens = metrics, n, max_tokens
         self.start = self.last = time.monotonic()
         self.scheduled = self.first = self.step = None  # (step: the clock at the last step's first token)
         self.steps = 0
@@ -222,11 +243,13 @@ class Timing:
         if self.steps == 0:
             self.first = self.step = now
             with self.metrics.lock:
-                self.metrics.hist["time_to_first_token_seconds"].observe(now - self.start)
+                for _ in range(self.n):  # (each choice's first token: a child request's, in the same step)
+                    self.metrics.hist["time_to_first_token_seconds"].observe(now - self.start)
         elif not same_step:
             with self.metrics.lock:
                 for name in ("time_per_output_token_seconds", "inter_token_latency_seconds"):
-                    self.metrics.hist[name].observe(now - self.step)
+                    for _ in range(self.n):
+                        self.metrics.hist[name].observe(now - self.step)
             self.step = now
         self.last, self.steps = now, self.steps + 1
 
@@ -246,19 +269,30 @@ class Timing:
             out["time_per_output_token"] = out["decode"] / (self.steps - 1) if self.steps > 1 else 0.0
         return out
 
-    def end(self, reasons, prompt_tokens: int = 0, generation_tokens: int = 0, stamps=None):
-        """reasons: a finish reason a choice. prompt_tokens and generation_tokens: a request that ended with its
-        choices' (0 for one aborted or failed: not counted). stamps: Timing.phases'."""
-        m, phases = self.metrics, self.phases(stamps)
+    def end(self, reasons, prompt_tokens: int = 0, generation_tokens=(), stamps=None):
+        """reasons: a finish reason a choice. prompt_tokens and generation_tokens (a count a choice): a request that
+        ended with its choices' (0 and none for one aborted or failed: not counted). stamps: Timing.phases'. Each
+        choice counts as one of vLLM's child requests (the module's docstring)."""
+        m, phases, n = self.metrics, self.phases(stamps), len(reasons)
+        counts = list(generation_tokens) or [0] * n
+        done = all(r in ("stop", "length") for r in reasons)
         with m.lock:
-            m.hist["e2e_request_latency_seconds"].observe(time.monotonic() - self.start)
-            for phase, seconds in phases.items():
-                m.hist[f"request_{phase}_time_seconds" if phase in PHASES else
-                       "request_time_per_output_token_seconds"].observe(seconds)
-            for r in reasons:
+            e2e = time.monotonic() - self.start
+            for r, count in zip(reasons, counts):  # (vLLM's finished_requests: one a child request)
+                m.hist["e2e_request_latency_seconds"].observe(e2e)
+                for phase, seconds in phases.items():
+                    m.hist[f"request_{phase}_time_seconds" if phase in PHASES else
+                           "request_time_per_output_token_seconds"].observe(seconds)
                 m.finished[r] += 1
-            m.prompt_tokens += prompt_tokens
-            m.generation_tokens += generation_tokens
-            if all(r in ("stop", "length") for r in reasons):
-                m.hist["request_prompt_tokens"].observe(prompt_tokens)
-                m.hist["request_generation_tokens"].observe(generation_tokens)
+                if self.max_tokens:  # (vLLM's: a child's max_tokens, none for a pooling request)
+                    m.hist["request_params_max_tokens"].observe(self.max_tokens)
+                if done:
+                    m.hist["request_prompt_tokens"].observe(prompt_tokens)
+                    m.hist["request_generation_tokens"].observe(count)
+            # each child prefills its prompt (vLLM's num_prompt_tokens: the prompt's length at a child's first token)
+            m.prompt_tokens += prompt_tokens * n
+            m.generation_tokens += sum(counts)
+            if self.max_tokens is not None:  # (vLLM's ParentRequest.observe_finished_request: once the n children end)
+                m.hist["request_params_n"].observe(n)
+                if done:
+                    m.hist["request_max_num_generation_tokens"].observe(max(counts))

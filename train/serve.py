@@ -1416,7 +1416,8 @@ class Model:
                     frequency_penalty=s["frequency_penalty"], presence_penalty=s["presence_penalty"],
                     logit_bias=s["logit_bias"], allowed_token_ids=s["allowed_token_ids"],
                     bad_words=s.get("bad_words_ids"))
-        timing = timing or self.metrics.request()  # (the caller's: its clock started when the request came)
+        # (the caller's: its clock started when the request came; budget 0, echo's prefill-only: vLLM's max_tokens 1)
+        timing = timing or self.metrics.request(n, max(budget, 1))
         guide = self.guide(s["structured"], s["structured_field"], wake=s.get("wake")) if budget else None
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
@@ -1491,7 +1492,7 @@ class Model:
         except Exception:
             timing.end(["error"] * n, stamps=request)
             raise
-        timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices), stamps=request)
+        timing.end([c[1] for c in choices], len(ids), [c[2] for c in choices], stamps=request)
         return choices
 
     def generate_alone(self, idx, budget, stop_id, generator, on_token, stop, warp, timing, adapter=None, gone=None):
@@ -1564,7 +1565,7 @@ class Model:
                     spent["thought"][i] = thought_tokens(row[len(ids):len(ids) + count], s["wake"])
                 choices.append((text, finish, count, None, reason, row[len(ids):len(ids) + count]))
         timing.tokens()  # (the beams come at once: their first token is their last)
-        timing.end([c[1] for c in choices], len(ids), sum(c[2] for c in choices))
+        timing.end([c[1] for c in choices], len(ids), [c[2] for c in choices])
         return choices
 
     def called(self, fn):
@@ -2262,7 +2263,8 @@ class Completion:
         s = self.s
         # the prompt's clock, from here: its scoring forward (no engine) is in it, the draw ends it (or whatever
         # fails first)
-        timing = self.app.metrics.request()
+        # (its n choices vLLM's n child requests; echo's max_tokens 0 runs vLLM's max_tokens 1: draw())
+        timing = self.app.metrics.request(s["n"], max(self.budgets[p], 1))
         if self.stop.is_set():  # another prompt of the request failed before this one started: counted, not run
             timing.end(["abort"] * s["n"])
             raise BrokenPipeError("another prompt of the request failed")
@@ -2278,7 +2280,7 @@ class Completion:
     def beams(self, p: int) -> tuple:
         """Prompt p's n beams (use_beam_search), as one() gives its choices: the best first, the prompt counted once.
         With stream, each beam's text a chunk once the search ends (vLLM's: the beams are known only then)."""
-        timing = self.app.metrics.request()
+        timing = self.app.metrics.request(self.s["n"], self.budgets[p])  # (its beams counted as n choices are)
         if self.stop.is_set():  # another prompt of the request failed before this one started: counted, not run
             timing.end(["abort"] * self.s["n"])
             raise BrokenPipeError("another prompt of the request failed")
@@ -2339,7 +2341,7 @@ class Completion:
             if timing.scheduled is None:  # (nothing scored: nothing waited for the model)
                 timing.scheduled = time.monotonic()
             timing.tokens()
-            timing.end(["length"] * s["n"], len(ids), s["n"])  # (vLLM's finish "length")
+            timing.end(["length"] * s["n"], len(ids), [1] * s["n"])  # (vLLM's finish "length")
             return [("", "length", 1, [] if s["logprobs"] is not None else None, None, [])] * s["n"]
         # (with the engine's echo, budget 0: a prefill-only request, its choices "length", counted alike: Model.draw)
         prediction = None
