@@ -816,7 +816,7 @@ def test_cuda_graphs_with_a_model_no_graph_replays_are_refused_at_startup(tmp_pa
 def scrape(server, model="tiny"):
     """GET /metrics parsed: {(name, sorted labels): value}; every line checked against Prometheus' text format
     (HELP and TYPE before a family's samples, `name{labels} float`, histogram buckets cumulative to +Inf), every
-    sample's model_name the served model's."""
+    sample's model_name the served model's, and its engine vLLM's "0" (lora_requests_info's none, as vLLM's)."""
     import re
 
     url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
@@ -838,6 +838,7 @@ def scrape(server, model="tiny"):
         family = re.sub(r"_(bucket|sum|count)$", "", name) if types.get(name) is None else name
         assert family in helps and family in types, f"{line}: no HELP/TYPE for {family}"
         assert types[family] in ("gauge", "counter", "histogram") and labels.get("model_name") == model, line
+        assert labels.pop("engine", None) == (None if family == "tritongpt:lora_requests_info" else "0"), line
         samples[name, tuple(sorted(labels.items()))] = value
     for family in (f for f, t in types.items() if t == "histogram"):
         les = [(dict(k[1])["le"], v) for k, v in samples.items() if k[0] == family + "_bucket"]
@@ -849,6 +850,7 @@ def scrape(server, model="tiny"):
 
 
 def metric(samples, name, model="tiny", **labels):
+    """A sample of scrape()'s (its engine label "0" checked there)."""
     return samples["tritongpt:" + name, tuple(sorted({"model_name": model, **labels}.items()))]
 
 
@@ -928,7 +930,7 @@ def test_metrics_text_is_strict_prometheus_0_0_4_with_a_model_name_to_escape():
             assert hist[family[:-6]][-1] == (float("inf"), float(got.group(3))), line
         if family.endswith("lora_requests_info"):
             assert labels["running_lora_adapters"] == "x\\y" and labels["waiting_lora_adapters"] == 'p"\nq'
-    assert set(families.values()) == {"gauge", "counter", "histogram"} and len(hist) == 14
+    assert set(families.values()) == {"gauge", "counter", "histogram"} and len(hist) == 15
     for family, les in hist.items():
         assert les == sorted(les) and les[-1][0] == float("inf"), family  # (bounds rising, counts cumulative)
     assert hist["tritongpt:time_to_first_token_seconds"][-1][1] == 1
@@ -985,6 +987,10 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
         assert metric(s, "kv_cache_usage_perc") == 0  # (cached pages no request holds count as free)
 
         assert metric(s, "num_preemptions_total") == 0
+        # vLLM's cache_config_info: the paged cache's config as labels (vLLM's strings), its value 1
+        (info,) = [k for k in s if k[0] == "tritongpt:cache_config_info"]
+        assert dict(info[1]) == {"model_name": "tiny", "block_size": "8", "num_gpu_blocks": "24", "cache_dtype": "auto",
+                                 "enable_prefix_caching": "True"} and s[info] == 1
 
         real, gate = engine.step, threading.Lock()  # (held: the engine between steps, its pages as scraped)
 
@@ -1020,7 +1026,8 @@ def test_metrics_count_n_choices_as_vllms_n_child_requests(both):
     """vLLM splits an n > 1 request into n child requests, each prefilling the prompt (parallel_sampling.py): n
     finished requests, the prompt n times, n first tokens, each step's gap n times, n observations of each
     per-request histogram and of max_tokens, and once the parent's n and the most tokens of its choices; streamed
-    or not, with the engine or --max-batch 1, a beam search as its n beams (all its tokens at once: no gap)."""
+    or not, with the engine or --max-batch 1, a beam search as its n beams (all its tokens at once: no gap). Each
+    step's tokens (iteration_tokens_total) count every child's too."""
     server, _ = both
     cases = [({"n": 3, "max_tokens": 4, "temperature": 1, "seed": 1}, 3, 4, 4),
              ({"n": 3, "max_tokens": 4, "temperature": 1, "seed": 1, "stream": True}, 3, 4, 4),
@@ -1050,6 +1057,11 @@ def test_metrics_count_n_choices_as_vllms_n_child_requests(both):
         assert delta("request_params_n_bucket", le="1.0") == 0 and delta("request_params_n_bucket", le="5.0") == 1
         assert delta("request_max_num_generation_tokens_count") == 1
         assert delta("request_max_num_generation_tokens_sum") == k
+        # vLLM's tokens per engine step: the first step each child's prompt and its token, then a token a child (a
+        # beam search's forwards not counted: outside the engine's steps)
+        beams = "use_beam_search" in body
+        assert delta("iteration_tokens_total_count") == (0 if beams else k)
+        assert delta("iteration_tokens_total_sum") == (0 if beams else n * (P + k))
 
 
 def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_path):
@@ -1088,7 +1100,8 @@ def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_p
         assert queue >= 0.05 and metric(s, "time_to_first_token_seconds_sum") > queue
         assert metric(s, "request_time_per_output_token_seconds_sum") == pytest.approx(
             metric(s, "request_decode_time_seconds_sum") / 3)
-        assert not [k for k in s if k[0] == "tritongpt:kv_cache_usage_perc"]
+        # (no paged cache: no cache_config_info either)
+        assert not [k for k in s if k[0] in ("tritongpt:kv_cache_usage_perc", "tritongpt:cache_config_info")]
         assert call(server, "/metrics", {"x": 1})[0] == 405
     finally:
         server.shutdown()

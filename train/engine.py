@@ -371,6 +371,8 @@ class Engine:
         self.closed, self.thread = False, None
         self.calls = []  # call()'s functions, run on the engine's thread between steps: [(fn, done, result)]
         self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
+        self.kv_cache_dtype = kv_cache_dtype  # (/metrics' cache_config_info tells it)
+        self.on_iteration = None  # on_iteration(tokens) after each step that drew any (/metrics' iteration_tokens)
         self.preemption = preemption and self.paged  # (a slot cache's row holds the whole context: nothing to grow)
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
         self.adapters = getattr(model, "adapters", None)  # (model/lora.py AdapterRows, or None)
@@ -738,7 +740,9 @@ class Engine:
             self._mask_decode(out, [r for r in decoding if r in logits], logits)
         # (the Triton kernel takes one temperature, top_k, top_p and min_p a launch: its requests draw alone)
         drawn = {} if sampling_with_triton(self.model) else self._draw_plain(logits, drafts)
+        tokens = 0  # the step's tokens as vLLM's iteration_tokens_total counts them (on_iteration)
         for r, lg in logits.items():
+            alive, length = r.ended.count(False), r.idx.size(1)  # (before the step: its rows still drawing)
             try:
                 if r in drafts:
                     finished, ended = self._accept(r, lg, *drafts[r])
@@ -759,19 +763,23 @@ class Engine:
             # (with an EOS or a stop rule decode_step has read the step's tokens back: it has run on the device;
             # without either, the stamp is its launch)
             r.last_token = time.monotonic()
+            # vLLM's: a child request's (a row's) new tokens, and its prompt at its first token
+            tokens += alive * (r.idx.size(1) - length) + (r.idx.size(0) * r.start if r.first_token is None else 0)
             if r.first_token is None:
                 r.first_token = r.last_token
             if finished or r.idx.size(1) - r.start >= r.budget:
                 self._finish(r)
+        if tokens and self.on_iteration is not None:
+            self.on_iteration(tokens)
         return True
 
     def _draw_plain(self, logits, drafts) -> dict:
         """{r: nxt [n, 1]} for the step's plain decode requests (no speculation, no grammar, no cut of LATE_CUTS),
         drawn together by generate.sample_rows, a pass for the rows of each width (vocab_limit; on a CPU at most
-        SAMPLE_PASS_CPU logits a pass): one batched draw a step, not decode_step's ~20 ops (GPU launches) a request. A request's hold and its biases and penalties
-        (sampling_logits at temperature 0) still run on its own rows first, as decode_step's; one of them failing
-        leaves the request to decode_step, where the error fails it alone; sample_rows failing gives its requests
-        the error."""
+        SAMPLE_PASS_CPU logits a pass): one batched draw a step, not decode_step's ~20 ops (GPU launches) a
+        request. A request's hold and its biases and penalties (sampling_logits at temperature 0) still run on its
+        own rows first, as decode_step's; one of them failing leaves the request to decode_step, where the error
+        fails it alone; sample_rows failing gives its requests the error."""
         widths, out = {}, {}
         for r, lg in logits.items():
             if r in drafts or r.guide is not None or any(r.warp.get(k) is not None for k in LATE_CUTS):

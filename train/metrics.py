@@ -24,6 +24,11 @@ running_lora_adapters (the adapters' names of the waiting and the running reques
 the order the requests first show them), its value the time the labels were read (set_to_current_time: seconds
 since the epoch; vLLM's at each logging step, ours at the scrape). It bears model_name too, as every family
 here (vLLM's has none: a query matching its own labels reads both).
+
+Every other series bears vLLM's engine label too, "0" (its data-parallel engine's index; one engine here).
+vLLM's cache_config_info gauge (value 1, the cache config as labels) is here with a paged cache only
+(--kv-cache-pages): block_size, num_gpu_blocks, cache_dtype and enable_prefix_caching, the labels that mean the
+same here (vLLM's others, gpu_memory_utilization, swap_space, cpu_offload_gb, ..., have no counterpart).
 """
 import threading
 import time
@@ -36,6 +41,11 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
                960.0, 1920.0, 7680.0)
 N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM's iteration_tokens_total buckets without CUDA graphs (build_cudagraph_buckets' enforce_eager list, its 8096
+# too); with them, its capture sizes: ours the engine's graph batch sizes (--cuda-graphs)
+ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8096)
+ITERATION_HELP = ("Histogram of number of tokens per engine_step: the prompts of the rows (choices) that drew "
+                  "their first token in it and the rows' new tokens (--max-batch 1: a request's step).")
 REASONS = ("stop", "length", "abort", "error")
 PHASES = ("queue", "prefill", "decode", "inference")
 HISTOGRAMS = {  # name: (buckets, help)
@@ -124,9 +134,18 @@ class Metrics:
         self.finished = dict.fromkeys(REASONS, 0)
         self.hist = {name: Histogram(b) for name, (b, _) in HISTOGRAMS.items()}
         self.hist.update({name: Histogram(buckets_1_2_5(max_model_len)) for name in TOKEN_HISTOGRAMS})
+        graphs = engine is not None and getattr(engine, "cuda_graph", False)
+        self.hist["iteration_tokens_total"] = Histogram(tuple(engine.buckets) if graphs else ITERATION_BUCKETS)
+        if engine is not None:
+            engine.on_iteration = self.iteration  # (the engine's thread, after each step)
         # requests holding, and waiting for, the model outside an engine batch (no engine: the model's lock; with one, a
         # beam search's Engine.call)
         self.running = self.waiting = 0
+
+    def iteration(self, tokens: int):
+        """An engine step's (no engine: a request's step's) tokens, vLLM's iteration_tokens_total."""
+        with self.lock:
+            self.hist["iteration_tokens_total"].observe(tokens)
 
     def request(self, n: int = 1, max_tokens=None) -> "Timing":
         """A request's clock: n choices (vLLM's n child requests), max_tokens its budget (None: a pooling request,
@@ -162,8 +181,18 @@ class Metrics:
             most = len(e.adapters.served) if e.max_loras is None else e.max_loras
             return most, used(e.waiting), used(e.running)
 
+    def cache_info(self):
+        """vLLM's cache_config_info labels, {name: str}, or None: no paged cache (--max-batch 1, or the engine's rows
+        without --kv-cache-pages: no blocks to tell)."""
+        e = self.engine
+        if e is None or not e.paged:
+            return None
+        return {"block_size": str(e.cache.page_size), "num_gpu_blocks": str(e.cache.num_pages),
+                "cache_dtype": str(e.kv_cache_dtype), "enable_prefix_caching": str(bool(e.prefix_caching))}
+
     def render(self) -> str:
-        label = f'model_name="{escape(self.model_name)}"'
+        # (vLLM's engine label: its data-parallel engine's index, "0" for its one engine; ours is always one)
+        label = f'model_name="{escape(self.model_name)}",engine="0"'
         running, waiting, usage = self.gauges()
         lora = self.lora_info()
         stats = self.engine.stats if self.engine is not None else {"prompt_tokens": 0, "cached_prompt_tokens": 0,
@@ -186,8 +215,15 @@ class Metrics:
         if lora is not None:
             family("lora_requests_info", "gauge", "Running stats on lora requests: the adapters of the waiting and of "
                    "the running requests, and max_lora (--max-loras); the value the time they were read (seconds "
-                   "since the epoch).", [("", f'{label},max_lora="{lora[0]}",waiting_lora_adapters="{escape(lora[1])}",'
+                   "since the epoch).", [("", f'model_name="{escape(self.model_name)}",max_lora="{lora[0]}",'
+                                              f'waiting_lora_adapters="{escape(lora[1])}",'
                                               f'running_lora_adapters="{escape(lora[2])}"', time.time())])
+        cache = self.cache_info()
+        if cache is not None:
+            family("cache_config_info", "gauge", "Information of the LLMEngine CacheConfig: the paged KV cache's "
+                   "block_size (--kv-page-size), num_gpu_blocks (--kv-cache-pages), cache_dtype (--kv-cache-dtype) "
+                   "and enable_prefix_caching (vLLM's are strings: True/False); the value 1.",
+                   [("", label + "".join(f',{k}="{escape(v)}"' for k, v in cache.items()), 1)])
         family("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache (0 unless "
                "--enable-prefix-caching).", [("", label, stats["prompt_tokens"])])
         family("prefix_cache_hits_total", "counter", "Prompt tokens read from the prefix cache (0 unless "
@@ -213,7 +249,8 @@ class Metrics:
             family("request_success_total", "counter", "Count of finished choices by finish reason (abort: the "
                    "client left; error: the server failed it).",
                    [("", f'{label},finished_reason="{r}"', self.finished[r]) for r in REASONS])
-            helps = {**{name: text for name, (_, text) in HISTOGRAMS.items()}, **TOKEN_HISTOGRAMS}
+            helps = {**{name: text for name, (_, text) in HISTOGRAMS.items()}, **TOKEN_HISTOGRAMS,
+                     "iteration_tokens_total": ITERATION_HELP}
             for name, text in helps.items():
                 h, cum, samples = self.hist[name], 0, []
                 for le, c in zip(h.buckets, h.counts):

@@ -1421,6 +1421,8 @@ class Model:
         guide = self.guide(s["structured"], s["structured_field"], wake=s.get("wake")) if budget else None
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
+            if request is None:  # (no engine: the request's step is the model's; the engine counts its own)
+                self.metrics.iteration(new.size(0) * (1 + (len(ids) if timing.steps == 0 else 0)))
             timing.tokens(request is not None and request.same_step)
             if step is not None:
                 for i, (t, row) in enumerate(zip(new[:, 0].tolist(), rows_of(step))):
