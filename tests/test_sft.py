@@ -542,6 +542,35 @@ def test_cli_runs_on_a_data_file(tmp_path, capsys):
     assert "--vocab-multiple must be a positive integer" in capsys.readouterr().err
 
 
+def test_a_resume_from_another_size_of_init_names_the_field_and_the_init(tmp_path, capsys):
+    """sft has no --model: its model's size is --init's, and a resume whose --init is of another size is told the
+    field that differs and the --init the run was trained with (it was told to pass a --model sft does not take)."""
+    from tritongpt.cli import main
+
+    recs = tasks.generate_tasks(8, seed=0, families="first_word")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    torch.manual_seed(0)
+    for name, width in (("a", 32), ("b", 16)):  # the embedded tokenizer's vocabulary (no tokenizer.json beside them)
+        (tmp_path / name).mkdir()
+        GPTModel(GPTConfig(vocab_size=4100, context_length=256, n_embd=width, n_layer=1, n_head=2)).save(
+            tmp_path / name / "model.safetensors")
+    out = tmp_path / "sft"
+
+    def sft(init, *extra):
+        return main(["sft", "--init", str(tmp_path / init / "model.safetensors"), "--data", str(tmp_path / "d.jsonl"),
+                     "--out-dir", str(out), "--batch-size", "2", "--eval-every", "0", "--eval-gen", "0",
+                     "--sample-every", "0", "--val-fraction", "0.25", "--max-new-tokens", "2", "--device", "cpu", "--kernels", "reference",
+                     *extra])
+
+    assert sft("a", "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert sft("b", "--max-steps", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint's model has n_embd 32 (this run: 16); pass the --init " \
+           f"{tmp_path / 'a' / 'model.safetensors'} it was trained with" in err, err
+    assert "--model" not in err
+
+
 def test_cli_reports_on_rank_0_only(tmp_path, capsys, monkeypatch):
     """Under torchrun every rank runs cmd_sft; the others printed "checkpoint: None" (they write
     none) beside rank 0's report. A rank that is not the main one now prints no report."""

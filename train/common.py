@@ -794,22 +794,29 @@ def check_same_base(model, ckpt: Path, group_flag: str = "--group-size") -> None
                     f"{describe(*now)}); {fix}, as its run trained")
 
 
-def load_checkpoint_weights(module, ckpt: Path, device, config, what: str):
+# the flags that choose a model of another size from scratch (pretrain's; a run from --init names that instead)
+MODEL_FLAGS = "--model (and --vocab-multiple)"
+
+
+def load_checkpoint_weights(module, ckpt: Path, device, config, what: str, model_flags: str = MODEL_FLAGS):
     """ckpt's model.safetensors into module. Weights of another shape are a UserError naming how
-    the checkpoint's model config differs from `config` (None: not known), else torch's reason."""
+    the checkpoint's model config differs from `config` (None: not known), else torch's reason.
+    model_flags: the flags that chose the run's model, for the error to name (config_difference's)."""
     from safetensors.torch import load_model
 
     weights = ckpt / "model.safetensors"
     try:
         load_model(module, str(weights), device=str(device))
     except RuntimeError as e:
-        why = (config_difference(weights, config) if config is not None else "") or str(e).splitlines()[0]
+        why = (config_difference(weights, config, model_flags) if config is not None else "") \
+            or str(e).splitlines()[0]
         raise UserError(f"checkpoint {ckpt} does not fit this {what}: {why}") from None
 
 
-def config_difference(weights_file, config) -> str:
+def config_difference(weights_file, config, model_flags: str = MODEL_FLAGS) -> str:
     """How the model config saved with a checkpoint differs from `config` ("" if unknown), for
-    the error a checkpoint of another model size gets."""
+    the error a checkpoint of another model size gets. model_flags: what chose the run's model
+    (sft has no --model, reward no --vocab-multiple: a run from --init is told to pass that)."""
     saved = saved_model_config(weights_file)
     if not saved:  # no config, or not readable: the caller says what torch said
         return ""
@@ -818,7 +825,7 @@ def config_difference(weights_file, config) -> str:
     diffs = [f"{k} {saved[k]} (this run: {now[k]})" for k in keys]
     flags = []
     if any(not k.startswith("lora_") and k != "n_kv_head" for k in keys):
-        flags.append("--model (and --vocab-multiple)")
+        flags.append(model_flags)
     if "n_kv_head" in keys:  # pretrain --n-kv-head: the key and value projections' shapes
         flags.append("--n-kv-head")
     if any(k.startswith("lora_") for k in keys):  # a LoRA run's checkpoint holds A and B too

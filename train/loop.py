@@ -679,7 +679,10 @@ class Trainer:
         # before the weights: a RoPE model's have no pos_emb, and the shapes' error would name --model
         self._check_same_function(ckpt, saved_cfg)
         common.check_same_base(self.raw_model, ckpt)
-        common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model")
+        # a run from --init (sft's always: it has no --model; reward refuses --model with one) got its shape there
+        init = state.get("args", {}).get("init")
+        common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model",
+                                       f"--init {init}" if init else common.MODEL_FLAGS)
         # dropout changes the run too but is the model's (pretrain --dropout), not a TrainArgs field:
         # compared with the model config saved beside the weights (a resume without --dropout
         # silently trained on at the preset's rate)
