@@ -1227,6 +1227,31 @@ def test_tokenizer_jsons_padding_names_the_pad_token_where_no_file_does_as_trans
         assert as_init_kwargs(HFTokenizer.from_hf_folder(folder).template_tokens).get("pad_token") == want, name
 
 
+def test_an_exported_folder_gains_no_pad_token_from_tokenizer_jsons_padding(tmp_path):
+    """Export keeps tokenizer.json's "padding" and writes a PreTrainedTokenizerFast config: a source without a pad
+    token (a null, or GPT-2's class, which passes its own None) read back with padding's <pad> by transformers and
+    by us, its template and /tokenizer_info then other than the source's. The export names none (a null)."""
+    from tokenizers import Tokenizer
+
+    from tritongpt.train.hf_tokenizer import HFTokenizer, as_init_kwargs
+
+    chat = [{"role": "user", "content": "hi"}]
+    for name, config in (("null", {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": None}),
+                         ("gpt2", {"tokenizer_class": "GPT2Tokenizer"})):
+        folder = tiny_folder(tmp_path / name, config)
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok.enable_padding(pad_id=7, pad_token="<pad>")
+        tok.save(str(folder / "tokenizer.json"))
+        want = rendered_alike(folder, tmp_path)
+        assert "|P?|" in want, name
+        ours, out = HFTokenizer.from_hf_folder(folder), tmp_path / f"{name}-export"
+        out.mkdir()
+        for file, text in ours.hf_files(chat_template=ours.chat_template).items():
+            (out / file).write_text(text)
+        assert transformers.AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False) == want, name
+        assert "pad_token" not in as_init_kwargs(HFTokenizer.from_hf_folder(out).template_tokens), name
+
+
 def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_reads(tmp_path):
     """config.json's eos_token_id stays the EOS where tokenizer_config.json names none, though transformers'
     tokenizer.eos_token is the class's default (a Qwen2 folder: <|endoftext|>): a folder that had an EOS keeps it,
