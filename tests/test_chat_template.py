@@ -1252,6 +1252,18 @@ def test_an_exported_folder_gains_no_pad_token_from_tokenizer_jsons_padding(tmp_
         assert "pad_token" not in as_init_kwargs(HFTokenizer.from_hf_folder(out).template_tokens), name
 
 
+def test_a_class_default_eos_tokenizer_json_lacks_is_named_as_the_classs(tmp_path):
+    """Where no file names an EOS and the class's default (Command-R's <|END_OF_TURN_TOKEN|>) is no token of
+    tokenizer.json, the refusal names the class: since special_tokens_map.json's eos_token is taken (or refused)
+    with the config's, it no longer says the token may be that file's."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    tok = HFTokenizer.from_hf_folder(tiny_folder(tmp_path / "cohere", {"tokenizer_class": "CohereTokenizerFast"}))
+    with pytest.raises(UserError, match=r"the eos_token '<\|END_OF_TURN_TOKEN\|>' transformers reads \(the default "
+                                        r"of its tokenizer class, CohereTokenizer\) is not a token of "):
+        tok.eot_id
+
+
 def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_reads(tmp_path):
     """config.json's eos_token_id stays the EOS where tokenizer_config.json names none, though transformers'
     tokenizer.eos_token is the class's default (a Qwen2 folder: <|endoftext|>): a folder that had an EOS keeps it,

@@ -401,8 +401,9 @@ class HFTokenizer(TokenizerChecks):
             if name and tok._tok.token_to_id(name) is not None:
                 tok.eos_token = name
             elif name:  # (transformers would add it as a new token, past the model's rows: no EOS the model draws)
-                tok._no_eos += (f"; the eos_token {name!r} transformers reads (special_tokens_map.json's, or the "
-                                f"tokenizer class's default) is not a token of {path}")
+                # (only the class's: a special_tokens_map.json's eos_token was taken, or refused, above)
+                tok._no_eos += (f"; the eos_token {name!r} transformers reads (the default of its tokenizer class, "
+                                f"{tokenizer_class(files, folder)}) is not a token of {path}")
             else:
                 tok._no_eos += " (nor special_tokens_map.json, nor its tokenizer class by default)"
         tok.template_tokens = template_tokens(special, cfg_path)
