@@ -1252,6 +1252,30 @@ def test_an_exported_folder_gains_no_pad_token_from_tokenizer_jsons_padding(tmp_
         assert "pad_token" not in as_init_kwargs(HFTokenizer.from_hf_folder(out).template_tokens), name
 
 
+def test_a_models_own_tokens_named_twice_are_read_as_transformers_ranks_them(tmp_path):
+    """A model's own token (image_token) named in two places: transformers 5 takes tokenizer_config.json's
+    extra_special_tokens object over its image_token string, both over the AddedToken-only ones (the config's tagged
+    object, a legacy special_tokens_map.json's image_token), and the map's extra_special_tokens over all. The key read
+    last won here (the config's string, the map's image_token), so the template saw another token."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    base = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": "{{ image_token }}"}
+    tagged = {"__type": "AddedToken", "content": "<bos>", "special": True}
+    cases = {  # folder: (tokenizer_config.json, special_tokens_map.json, transformers' image_token)
+        "extra_over_string": (dict(base, image_token="<s>", extra_special_tokens={"image_token": "</s>"}), {}, "</s>"),
+        "config_over_map": (dict(base, image_token="<s>"), {"image_token": "<pad>"}, "<s>"),
+        "map_over_tagged": (dict(base, image_token=tagged), {"image_token": "<pad>"}, "<pad>"),
+        "map_extra": (dict(base, image_token="<s>"), {"extra_special_tokens": {"image_token": "<mask>"}}, "<mask>"),
+    }
+    for name, (config, legacy, want) in cases.items():
+        folder = tiny_folder(tmp_path / name, {}, {"special_tokens_map.json": legacy})
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))  # (its own template, not DEFINED)
+        chat = [{"role": "user", "content": "hi"}]
+        assert transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(chat, tokenize=False) == want, \
+            name
+        assert render(HFTokenizer.from_hf_folder(folder), chat) == want, name
+
+
 def test_a_class_default_eos_tokenizer_json_lacks_is_named_as_the_classs(tmp_path):
     """Where no file names an EOS and the class's default (Command-R's <|END_OF_TURN_TOKEN|>) is no token of
     tokenizer.json, the refusal names the class: since special_tokens_map.json's eos_token is taken (or refused)

@@ -243,11 +243,41 @@ def spelling(value, where, key: str):
     return "" if value is not None and name is None else name
 
 
-def template_tokens(cfg: dict, where) -> dict:
+def _own_key(key) -> bool:
+    """Whether key names a model's own special token (image_token...): a "_token" key but the named ones."""
+    return isinstance(key, str) and key.endswith("_token") and key not in NAMED_TOKENS and \
+        key not in ("bos_token", "eos_token")
+
+
+def own_tokens(cfg: dict, legacy: dict) -> dict:
+    """A model's own special tokens (image_token...) as transformers 5 reads them from tokenizer_config.json (cfg) and a
+    legacy special_tokens_map.json (legacy: its fields, where read). The config's "_token" strings, then its
+    extra_special_tokens object (additional_special_tokens where that is empty) over them, are the model's tokens by
+    name (and replace the config's own model_specific_special_tokens, which stands where there are none); the map's
+    extra_special_tokens object goes over those. Below them all (transformers' auto-detected ones) the "_token" keys it
+    reads only as AddedTokens: the config's {"__type": "AddedToken", ...} (an untagged object is none), and the map's,
+    each in place of the config's of its name."""
+    explicit = {k: v for k, v in cfg.items() if _own_key(k) and isinstance(v, str)}
+    extra = cfg.get("extra_special_tokens")
+    if "additional_special_tokens" in cfg and not extra:
+        extra = cfg["additional_special_tokens"]
+    if isinstance(extra, dict):
+        explicit.update(extra)
+    if not explicit and isinstance(cfg.get("model_specific_special_tokens"), dict):
+        explicit = dict(cfg["model_specific_special_tokens"])
+    if isinstance(legacy.get("extra_special_tokens"), dict):
+        explicit.update(legacy["extra_special_tokens"])
+    auto = {k: v for k, v in cfg.items() if _own_key(k) and isinstance(v, dict) and v.get("__type") == "AddedToken"}
+    auto.update((k, v) for k, v in legacy.items() if _own_key(k))
+    # (a null or a number among the auto-detected ones is no token to transformers: left out)
+    auto = {k: v for k, v in auto.items() if isinstance(v.get("content") if isinstance(v, dict) else v, str)}
+    return {**auto, **explicit}
+
+
+def template_tokens(cfg: dict, where, own: dict) -> dict:
     """{name: spelling} of tokenizer_config.json's special tokens besides bos_token and eos_token, as transformers >= 5
     reads them into special_tokens_map (which apply_chat_template passes to the template, a template may write
-    pad_token): NAMED_TOKENS, then a model's own, its extra_special_tokens as an object, every other key ending in
-    "_token" whose value is a token's text (not add_bos_token's true), and model_specific_special_tokens."""
+    pad_token): NAMED_TOKENS of cfg (special_config's), then a model's own (own: own_tokens')."""
     tokens = {}
     for key in NAMED_TOKENS:
         name = spelling(cfg.get(key), where, key)
@@ -257,12 +287,6 @@ def template_tokens(cfg: dict, where) -> dict:
     def text(value):  # (a string, or an AddedToken as transformers writes it)
         return value.get("content") if isinstance(value, dict) else value
 
-    extra = cfg.get("extra_special_tokens", cfg.get("additional_special_tokens"))
-    own = {**(extra if isinstance(extra, dict) else {}),
-           **{k: v for k, v in cfg.items() if k.endswith("_token") and k not in NAMED_TOKENS
-              and k not in ("bos_token", "eos_token") and isinstance(text(v), str)},
-           **(cfg.get("model_specific_special_tokens") if isinstance(cfg.get("model_specific_special_tokens"), dict)
-              else {})}
     for key, value in own.items():
         if not isinstance(text(value), str):  # (transformers refuses it too: a TypeError)
             raise UserError(f"{where}: special token {key!r} must be a token's text (a string, or {{\"content\": ...}} "
@@ -406,7 +430,8 @@ class HFTokenizer(TokenizerChecks):
                                 f"{tokenizer_class(files, folder)}) is not a token of {path}")
             else:
                 tok._no_eos += " (nor special_tokens_map.json, nor its tokenizer class by default)"
-        tok.template_tokens = template_tokens(special, cfg_path)
+        legacy = {k: files[k] for k in came_from}  # (special_tokens_map.json's fields, where read)
+        tok.template_tokens = template_tokens(special, cfg_path, own_tokens(cfg, legacy))
         # the BOS and EOS transformers gives the template, where not the tokenizer's: none (undefined, not "") where
         # only config.json names one (it sets the EOS generation stops on, not the template's), a class's default
         # where the config names none
