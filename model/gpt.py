@@ -873,7 +873,8 @@ class GPTModel(nn.Module):
     def router_aux_loss(self):
         """The load-balancing loss (layers.load_balancing_loss) of the last forward's routers, every layer's
         tokens together; what forward(targets=) adds times GPTConfig.moe_aux_loss to the mean loss (not to
-        per-token or summed losses: those score, not train). None for a dense model."""
+        per-token or summed losses: the objectives that train on those, sft's sums or DPO's log-probs, add it
+        themselves, train/common.py's moe_aux_term). None for a dense model."""
         logits = [b.ff.router_logits for b in self.trf_blocks if isinstance(b.ff, MoEFeedForward)]
         return load_balancing_loss(logits, self.config.experts_per_token) if logits else None
 

@@ -398,6 +398,22 @@ def block_matrices(model: nn.Module) -> list:
     return list(found.values())
 
 
+def moe_aux_term(model):
+    """GPTConfig.moe_aux_loss times the routers' load-balancing loss of model's last forward (a scalar mean), or
+    None for a dense model or a coefficient of 0: what GPTModel.forward(targets=) adds to a mean loss, for the
+    objectives that compute theirs otherwise (a sum, per-token log-probs). Call it right after the policy's own
+    forward: the routers keep the last forward's logits, and another forward through the same model (KTO's z0
+    batch) replaces them. model may be DDP's or torch.compile's wrapper, a reward model (its backbone's routers) or
+    rlhf's PolicyWithValue (its policy's)."""
+    m = getattr(model, "module", model)
+    m = getattr(m, "_orig_mod", m)
+    m = getattr(m, "backbone", m)
+    m = getattr(m, "policy", m)
+    coef = getattr(getattr(m, "config", None), "moe_aux_loss", 0.0)
+    aux = m.router_aux_loss() if coef else None
+    return None if aux is None else coef * aux
+
+
 def expert_stacks(model: nn.Module) -> list:
     """The trainable [E, m, n] expert stacks of MoE blocks (w_gate, w_up, w_down): E matrices each,
     which Muon steps expert by expert (ExpertMuon)."""

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.errors import UserError
+from tritongpt.train.common import moe_aux_term
 
 DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DEFAULT_BETA = 0.5, 1.0, 0.0
 # GKD's on-policy options (sft only): TRL's GKDConfig has lmbda 0.5, temperature 0.9 and max_new_tokens 128; our
@@ -317,7 +318,8 @@ def pretrain_loss_fn(teacher, opts: dict, vocab_size: int, doc_ids_of, parts: Pa
 def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: Parts | None = None,
                 source=None, **loss_options):
     """SFT's training loss with a teacher: fn(model, (inputs, targets[, doc_ids])) -> (loss sum, count)
-    over the counted (response) targets, as sft_loss returns them (no aux loss: as sft_loss, a sum).
+    over the counted (response) targets, as sft_loss returns them (a mixture of experts' load-balancing loss
+    over the student's forward joins the sum once per counted target, as sft_loss adds it).
 
     source: None, or OnPolicy's source(): "student" where the batch's answers are the student's own samples
     (--distill-lmbda's draw); its loss is then alpha * T^2 * the divergence alone. Cross-entropy on them would
@@ -340,7 +342,7 @@ def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: 
                 loss, ce = alpha * loss, None
             if parts is not None:
                 parts.add(ce, kd, n, student)
-            return loss, n
+            return with_aux(m, loss, n)
         with torch.no_grad():
             t_logits = teacher(inputs, doc_ids=doc_ids)
         logits = m(inputs, doc_ids=doc_ids)
@@ -354,7 +356,11 @@ def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: 
                                         **loss_options)
         if parts is not None:
             parts.add(ce, kd, n, student)
-        return loss, n
+        return with_aux(m, loss, n)
+
+    def with_aux(m, loss, n):  # read after the student's forward (the teacher is another model: its own routers)
+        aux = moe_aux_term(m)
+        return (loss if aux is None else loss + aux * n), n
 
     return loss_fn
 

@@ -293,13 +293,16 @@ def make_loss_fn(beta: float, loss_type: str = "kto", desirable_weight: float = 
     def loss_fn(model, batch):
         idx, mask, kl_idx, kl_mask, labels, ref, ref_kl = batch
         lp = sequence_logprobs(model, idx, mask).float()
+        # a mixture of experts' load-balancing loss, read now: z0's forward below replaces the routers' logits
+        # (the KL batch's forward is z0's baseline, under no_grad: nothing of it trains)
+        aux = common.moe_aux_term(model)
         policy_kl = None
         if loss_type == "kto":
             with torch.no_grad():  # z0 is a baseline, not optimised: no graph kept for it (TRL's no_grad)
                 policy_kl = sequence_logprobs(model, kl_idx, kl_mask).float()
         loss, _, loss_fn.kl = kto_loss(lp, ref, labels, beta, loss_type, policy_kl, ref_kl, desirable_weight,
                                        undesirable_weight, kl_across_ranks=True)
-        return loss
+        return loss if aux is None else loss + aux
 
     loss_fn.kl = None
     return loss_fn

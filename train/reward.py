@@ -30,6 +30,7 @@ from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import TOKENIZER_CHOICES, bytes_to_unicode
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel, save_safetensors
+from tritongpt.train import common
 from tritongpt.train.preference import encode_pairs, pair_batch
 from tritongpt.cli import command_help
 
@@ -183,7 +184,10 @@ def make_reward_loss(center_rewards_coefficient: float = 0.0):
         loss = bradley_terry_loss(rc, rr, batch[2])
         if center_rewards_coefficient:
             loss = loss + center_rewards_coefficient * centering_loss(rc, rr)
-        return loss
+        # a mixture-of-experts backbone's load-balancing loss over the pairs' one forward: its routers train here
+        # too, and without it nothing keeps their load even
+        aux = common.moe_aux_term(model)
+        return loss if aux is None else loss + aux
 
     return loss_fn
 

@@ -760,12 +760,15 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         mask = mask & kept.unsqueeze(1)
     logp, entropy, values = policy_logprobs(model, idx, args.temperature, entropy=True,
                                             entropy_grad=bool(args.ent_coef))
+    # a mixture of experts' load-balancing loss over this forward (the reference's log-probs come with the
+    # rollout): without it the policy's routers train with nothing to keep their load even
+    aux = common.moe_aux_term(model)
     entropy = masked_mean(entropy, mask)
     old_logp, adv = ro.logp[sel], ro.advantages[sel]
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     if args.algo == "rloo":
-        return rloo_loss(log_ratio, ratio, mask, ro.seq_advantages[sel], kept, entropy, args)
+        return with_aux(*rloo_loss(log_ratio, ratio, mask, ro.seq_advantages[sel], kept, entropy, args), aux)
     is_ratio = ratio  # the ratio the surrogate clips
     if args.importance_sampling_level == "sequence":  # GSPO: each response's mean log-ratio, on all its tokens
         seq = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
@@ -816,7 +819,15 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
         # no kept token to measure: these are left out of update()'s means rather than logged as 0s
         for k in ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl_k3", "policy_loss"):
             stats.pop(k, None)
-    return loss, stats
+    return with_aux(loss, stats, aux)
+
+
+def with_aux(loss, stats, aux):
+    """(loss + aux, stats with the logged loss so): aux is common.moe_aux_term's, None for none."""
+    if aux is None:
+        return loss, stats
+    loss = loss + aux
+    return loss, {**stats, "loss": loss.item()}
 
 
 def rloo_loss(log_ratio, ratio, mask, adv, kept, entropy, args: RLArgs):

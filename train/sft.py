@@ -467,12 +467,20 @@ def sft_loss(model, batch, label_smoothing: float = 0.0, z_loss: float = 0.0):
     batches of short and of long answers count different numbers of them (and a packed batch,
     (inputs, targets, doc_ids), the same sum as its examples one by one). label_smoothing and
     z_loss: the objective's options (GPTModel.forward's), 0 for the plain cross-entropy.
+
+    A mixture-of-experts model's load-balancing loss (GPTConfig.moe_aux_loss times it, which forward adds to a
+    mean loss only) joins the sum once per counted target, so that over the step's count it is the batch's aux
+    as pretrain adds it. Under --grad-accum each micro-batch's aux then weighs its share of the step's counted
+    targets (1/k where they count alike, as pretrain's windows do): 1/k exactly would need the step's count
+    before the first micro-batch's backward, which the Trainer learns only at its end.
     """
     inputs, targets = batch[0], batch[1]
     doc_ids = batch[2] if len(batch) > 2 else None  # packed rows (--packing): each example kept apart
-    return (model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum", doc_ids=doc_ids,
-                  label_smoothing=label_smoothing, z_loss=z_loss),
-            (targets != IGNORE_INDEX).sum())
+    loss = model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum", doc_ids=doc_ids,
+                 label_smoothing=label_smoothing, z_loss=z_loss)
+    n = (targets != IGNORE_INDEX).sum()
+    aux = common.moe_aux_term(model)
+    return (loss if aux is None else loss + aux * n), n
 
 
 @torch.no_grad()

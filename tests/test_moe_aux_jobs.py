@@ -1,0 +1,191 @@
+"""A mixture of experts' load-balancing loss in the fine-tuning jobs' objectives.
+
+GPTModel.forward adds GPTConfig.moe_aux_loss * router_aux_loss() to a mean LM loss only; the jobs that score
+their batches otherwise (sft's (sum, count), DPO's and KTO's log-probs, the reward model's scores) add it
+themselves (common.moe_aux_term), once per micro-batch, over the policy's own forward. Each test here compares a
+job's loss and gradients against the same job at coefficient 0 plus coef * the routers' aux of that forward.
+"""
+import copy
+
+import pytest
+import torch
+
+from test_grad_accum_jobs import CTX, VOCAB, assert_accumulation_is_one_batch, ids, one_step, pairs, sft_batches
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train import distill, dpo, kto, reward, sft
+from tritongpt.train.preference import pair_batch, sequence_logprobs
+
+COEF = 0.7  # large, so that a missing or misweighted term shows well above float noise
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_moe(seed, coef=COEF):
+    torch.manual_seed(seed)
+    m = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=CTX, n_embd=16, n_layer=1, n_head=2, mlp="swiglu",
+                           mlp_hidden=16, n_experts=4, experts_per_token=2, moe_aux_loss=coef))
+    with torch.no_grad():  # uneven routing: an aux loss well away from its balanced value
+        for b in m.trf_blocks:
+            b.ff.router.weight.normal_(0, 1.0)
+    return m
+
+
+def grads(loss, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+
+
+def assert_adds_aux(loss_fn, model, batch, policy_forward, scale=lambda out: 1.0):
+    """loss_fn(model, batch) at COEF is the loss at coefficient 0 plus COEF * the aux of policy_forward(model)'s
+    routers (times scale(output) for a sum), in value and in every gradient."""
+    inner = getattr(model, "backbone", getattr(model, "policy", model))  # a reward model, rlhf's PolicyWithValue
+    inner.config.moe_aux_loss = 0.0
+    base = loss_fn(model, batch)
+    policy_forward(model)
+    aux = inner.router_aux_loss()
+    inner.config.moe_aux_loss = COEF
+    got = loss_fn(model, batch)
+    b, g = (base[0], got[0]) if isinstance(got, tuple) else (base, got)
+    if isinstance(got, tuple):
+        assert torch.equal(got[1], base[1])  # the count is the count
+    want = b + COEF * aux * scale(got)
+    assert (COEF * aux * scale(got)).item() > 1e-2 * abs(b.item())  # a term the comparison can see
+    torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-6)
+    for x, y in zip(grads(g, model), grads(want, model)):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+# -- sft ----------------------------------------------------------------------------------------------------
+def test_sft_loss_adds_the_aux_once_per_counted_target():
+    _, full = sft_batches(1)
+    assert_adds_aux(sft.sft_loss, tiny_moe(0), full, lambda m: m(full[0]), scale=lambda out: out[1])
+
+
+def test_sft_step_logs_and_trains_on_the_mean_plus_the_aux(tmp_path):
+    """Through the Trainer: the step's loss is the token mean plus COEF * aux (not aux times the count, nor aux
+    over the count), and with two micro-batches each one's aux weighs its share of the step's counted targets."""
+    micro, full = sft_batches(1)
+    model = tiny_moe(0)
+    row, _ = one_step(copy.deepcopy(model), sft.sft_loss, [full], tmp_path / "one")
+    m = copy.deepcopy(model)
+    x, y = full
+    ce = m(x, targets=y, ignore_index=sft.IGNORE_INDEX)  # forward's mean, aux included, as pretrain trains
+    assert row["loss"] == pytest.approx(ce.item(), rel=1e-5)
+
+    row, g = one_step(copy.deepcopy(model), sft.sft_loss, micro, tmp_path / "two")
+    m = copy.deepcopy(model)
+    total, n = 0.0, sum(int((t != sft.IGNORE_INDEX).sum()) for _, t in micro)
+    for x, y in micro:
+        s = m(x, targets=y, ignore_index=sft.IGNORE_INDEX, reduction="sum")
+        total = total + s + COEF * m.router_aux_loss() * (y != sft.IGNORE_INDEX).sum()
+    (total / n).backward()
+    assert row["loss"] == pytest.approx((total / n).item(), rel=1e-5)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(g[name], p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sft_with_a_teacher_adds_the_students_aux_not_the_teachers():
+    _, full = sft_batches(3)
+    opts = {"distill_alpha": 0.6, "distill_temperature": 1.5, "distill_beta": 0.3}
+    fn = distill.sft_loss_fn(tiny_moe(1), opts, VOCAB, sft.IGNORE_INDEX)
+    assert_adds_aux(fn, tiny_moe(0), full, lambda m: m(full[0]), scale=lambda out: out[1])
+
+
+def test_sft_with_no_coefficient_is_the_plain_sum():
+    _, full = sft_batches(2)
+    m = tiny_moe(0, coef=0.0)
+    s, n = sft.sft_loss(m, full)
+    assert torch.equal(s, m(full[0], targets=full[1], ignore_index=sft.IGNORE_INDEX, reduction="sum"))
+    dense = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=CTX, n_embd=16, n_layer=1, n_head=2))
+    s, n = sft.sft_loss(dense, full)
+    assert torch.equal(s, dense(full[0], targets=full[1], ignore_index=sft.IGNORE_INDEX, reduction="sum"))
+
+
+# -- preference jobs ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo", "orpo"])
+def test_dpo_adds_the_policys_aux(loss_type):
+    enc = pairs(5)
+    ref = None
+    if loss_type not in dpo.REFERENCE_FREE:
+        ref = dpo.reference_logprobs(tiny_moe(1), enc, 0, "cpu", mean=loss_type in dpo.PER_TOKEN)
+    idx, mask, r = dpo.DPOData(enc, ref, pad_id=0).batch(range(4))
+    fn = dpo.make_loss_fn(0.5, loss_type)
+    assert_adds_aux(fn, tiny_moe(0), (idx, mask, r), lambda m: sequence_logprobs(m, idx, mask))
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_adds_the_completions_aux_not_the_kl_batchs(loss_type):
+    g = torch.Generator().manual_seed(6)
+    enc = [kto.EncodedExample(prompt=ids(g, p), completion=ids(g, c), label=label)
+           for p, c, label in ((5, 2, True), (3, 3, False), (4, 9, False), (2, 7, True))]
+    kl = loss_type == "kto"
+    data = kto.cache_reference(tiny_moe(1), kto.KTOData(enc, chunk=4, max_len=CTX, pad_id=0), "cpu", kl=kl)
+    batch = data.batch([0, 1, 2, 3], kl=kl)
+    fn = kto.make_loss_fn(0.3, loss_type)
+    assert_adds_aux(fn, tiny_moe(0), batch, lambda m: sequence_logprobs(m, batch[0], batch[1]))
+
+
+def test_the_reward_model_adds_its_backbones_aux():
+    enc = pairs(4, margins=True)
+    idx, lengths, _ = pair_batch(enc, pad_id=0)
+    model = reward.RewardModel(tiny_moe(0))
+    fn = reward.make_reward_loss(center_rewards_coefficient=0.1)
+    assert_adds_aux(fn, model, (idx, lengths, reward.pair_margins(enc)), lambda m: m(idx, lengths))
+
+
+def test_dpo_accumulates_each_micro_batchs_aux_over_k(tmp_path):
+    """--grad-accum 2: each micro-batch's loss, its aux included, / 2 (as pretrain's mean losses); the aux of two
+    halves is not the whole batch's (a product of means), so only at coefficient 0 is it one batch."""
+    enc = pairs(5)
+    data = dpo.DPOData(enc, None, pad_id=0)
+    fn = dpo.make_loss_fn(0.5, "simpo")
+    micro = [data.batch([0, 1]), data.batch([2, 3])]
+    row, g = one_step(tiny_moe(0), fn, micro, tmp_path / "two")
+    m = tiny_moe(0)
+    m.config.moe_aux_loss = 0.0
+    total = 0.0
+    for idx, mask, ref in micro:
+        total = total + (fn(m, (idx, mask, ref)) + COEF * m.router_aux_loss()) / 2
+    total.backward()
+    assert row["loss"] == pytest.approx(total.item(), rel=1e-5)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(g[name], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_at_coefficient_0_a_mixture_of_experts_accumulates_as_one_batch(tmp_path):
+    micro, full = sft_batches(1)
+    assert_accumulation_is_one_batch(tiny_moe(0, coef=0.0), sft.sft_loss, micro, full, tmp_path / "sft")
+    data = dpo.DPOData(pairs(5), None, pad_id=0)
+    assert_accumulation_is_one_batch(tiny_moe(0, coef=0.0), dpo.make_loss_fn(0.5, "simpo"),
+                                     [data.batch([0, 1]), data.batch([2, 3])], data.batch(range(4)), tmp_path / "dpo")
+
+
+# -- rlhf -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
+def test_rlhf_minibatch_loss_adds_the_policys_aux(algo):
+    from tritongpt.train.rlhf import PolicyWithValue, RLArgs, Rollout, minibatch_loss
+
+    g = torch.Generator().manual_seed(7)
+    B, T = 4, 12
+    idx = torch.randint(0, VOCAB, (B, T), generator=g)
+    mask = torch.zeros(B, T - 1, dtype=torch.bool)
+    mask[:, 4:] = True
+    noise = lambda: 0.1 * torch.randn(B, T - 1, generator=g)  # noqa: E731
+    model = PolicyWithValue(tiny_moe(0), value_head=algo == "ppo")
+    with torch.no_grad():
+        now = model.logprobs(idx)[0]
+    adv = torch.randn(B, 1, generator=g)
+    ro = Rollout(idx, torch.full((B,), 5), torch.full((B,), T), mask, torch.arange(B) // 2, logp=now + noise(),
+                 ref_logp=now + noise(), values=noise(), advantages=adv * mask, returns=noise(),
+                 seq_advantages=adv.squeeze(1), truncated=torch.zeros(B, dtype=torch.bool))
+    args = RLArgs(algo=algo, kl_coef=0.05)
+    sel = torch.arange(B)
+
+    def fn(m, batch):
+        loss, stats = minibatch_loss(m, ro, sel, args)
+        assert stats["loss"] == pytest.approx(loss.item())  # the logged loss is the one trained
+        return loss
+
+    assert_adds_aux(fn, model, None, lambda m: m.logprobs(idx))
