@@ -189,3 +189,57 @@ def test_rlhf_minibatch_loss_adds_the_policys_aux(algo):
         return loss
 
     assert_adds_aux(fn, model, None, lambda m: m.logprobs(idx))
+
+
+# -- --moe-aux-loss -------------------------------------------------------------------------------------------
+def test_the_flag_sets_the_coefficient_and_is_refused_for_a_dense_model():
+    import argparse
+
+    from tritongpt.errors import UserError
+    from tritongpt.train import common
+
+    m = tiny_moe(0, coef=0.0)
+    common.set_moe_aux_loss(m, argparse.Namespace(moe_aux_loss=None))
+    assert m.config.moe_aux_loss == 0.0  # not given: --init's
+    common.set_moe_aux_loss(m, argparse.Namespace(moe_aux_loss=0.02))
+    assert m.config.moe_aux_loss == 0.02
+    r = reward.RewardModel(tiny_moe(0, coef=0.0))
+    common.set_moe_aux_loss(r, argparse.Namespace(moe_aux_loss=0.3))
+    assert r.config.moe_aux_loss == 0.3
+    with pytest.raises(UserError, match="GPTConfig.moe_aux_loss must be a finite number >= 0"):
+        common.set_moe_aux_loss(m, argparse.Namespace(moe_aux_loss=-1.0))
+    dense = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=CTX, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(UserError, match=r"--moe-aux-loss 0\.02 weighs a mixture of experts' load-balancing loss, "
+                                        r"and --init's model is dense \(n_experts 0\): leave the flag out"):
+        common.set_moe_aux_loss(dense, argparse.Namespace(moe_aux_loss=0.02))
+
+
+@pytest.mark.parametrize("cmd", ["sft", "dpo", "kto", "reward", "rlhf"])
+def test_each_fine_tuning_command_reads_the_flag(cmd, tmp_path, monkeypatch, capsys):
+    """A dense --init (rlhf, dpo, kto, reward: also their random preset) with --moe-aux-loss is refused by name,
+    exit 2; a mixture-of-experts one trains with the flag's coefficient (the run stopped where it would start)."""
+    from tritongpt import cli
+    from tritongpt.train import rlhf
+
+    small = dict(vocab_size=4096, context_length=64, n_embd=16, n_layer=1, n_head=2)  # the default tokenizer's
+    GPTModel(GPTConfig(**small)).save(tmp_path / "dense.safetensors")
+    GPTModel(GPTConfig(**small, mlp="swiglu", mlp_hidden=16, n_experts=4)).save(tmp_path / "moe.safetensors")
+    extra = {"sft": ["--n-train", "4", "--n-eval", "1"], "rlhf": ["--reward", "exact"]}.get(cmd, [])
+    argv = lambda init: [cmd, "--init", str(tmp_path / init), "--moe-aux-loss", "0.02", *extra,  # noqa: E731
+                         "--tokenizer", "default", "--out-dir", str(tmp_path / f"run_{init}")]
+    assert cli.main(argv("dense.safetensors")) == 2
+    assert "--moe-aux-loss 0.02 weighs a mixture of experts' load-balancing loss" in capsys.readouterr().err
+
+    class Started(Exception):
+        pass
+
+    def started(model, *a, **k):
+        assert getattr(model, "config", None).moe_aux_loss == 0.02
+        raise Started
+
+    for mod, name in ((sft, "run_sft"), (dpo, "train_dpo"), (kto, "train_kto"), (reward, "train_reward_model"),
+                      (rlhf, "RLHFTrainer")):
+        if hasattr(mod, name):
+            monkeypatch.setattr(mod, name, started)
+    with pytest.raises(Started):
+        cli.main(argv("moe.safetensors"))

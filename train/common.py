@@ -414,6 +414,31 @@ def moe_aux_term(model):
     return None if aux is None else coef * aux
 
 
+def add_moe_aux_arg(p) -> None:
+    """--moe-aux-loss of the fine-tuning commands (pretrain has its own, beside --n-experts)."""
+    p.add_argument("--moe-aux-loss", type=float, default=None, metavar="COEF",
+                   help="a mixture-of-experts --init: add COEF times the routers' load-balancing loss to the "
+                        "training loss (GPTConfig.moe_aux_loss, saved with the model; Mixtral trains with 0.02). "
+                        "Default: what --init's config has (a pretrain run's --moe-aux-loss; a Hugging Face "
+                        "Mixtral, Qwen3-MoE or OLMoE folder: 0, a GraniteMoE one's router_aux_loss_coef where its "
+                        "output_router_logits is true, as transformers adds it)")
+
+
+def set_moe_aux_loss(model, args) -> None:
+    """--moe-aux-loss onto model's config (a reward model's: its backbone's), refused by name for a dense model:
+    there is no router to balance, and the flag would be ignored silently."""
+    coef = getattr(args, "moe_aux_loss", None)
+    if coef is None:
+        return
+    from dataclasses import replace
+
+    m = getattr(model, "backbone", model)
+    if not m.config.n_experts:
+        raise UserError(f"--moe-aux-loss {coef:g} weighs a mixture of experts' load-balancing loss, and --init's "
+                        "model is dense (n_experts 0): leave the flag out")
+    m.config.moe_aux_loss = replace(m.config, moe_aux_loss=coef).moe_aux_loss  # checked as GPTConfig checks it
+
+
 def expert_stacks(model: nn.Module) -> list:
     """The trainable [E, m, n] expert stacks of MoE blocks (w_gate, w_up, w_down): E matrices each,
     which Muon steps expert by expert (ExpertMuon)."""

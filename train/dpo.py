@@ -373,5 +373,6 @@ def add_cli(sub):
     p.add_argument("--rpo-alpha", type=float, default=0.0,
                    help="RPO: add this times the chosen answers' NLL to the loss (TRL's rpo_alpha; its paper uses 1; "
                         "0 = none; not with orpo, whose loss has it) (default %(default)s)")
+    common.add_moe_aux_arg(p)
     add_train_args(p, out_dir="runs/dpo", **POLICY_TRAIN_DEFAULTS)
     p.set_defaults(func=cmd_dpo)

@@ -454,5 +454,6 @@ def add_cli(sub):
     p.add_argument("--undesirable-weight", type=float, default=1.0,
                    help="weight of the undesirable examples' losses; a note says when the weights times the class "
                         "counts are outside TRL's recommended ratio (default %(default)s)")
+    common.add_moe_aux_arg(p)
     add_train_args(p, out_dir="runs/kto", **POLICY_TRAIN_DEFAULTS)
     p.set_defaults(func=cmd_kto)

@@ -409,6 +409,7 @@ def setup_preference_run(args, command: str, read_data=None):
         backbone = RewardModel.load(args.init)
     else:
         backbone = build_backbone(args)
+    common.set_moe_aux_loss(backbone, args)
     if getattr(args, "quantize", None):  # QLoRA: the base quantized before a file is written (a group that fits
         from tritongpt.commands import quantize_base  # no width is refused with nothing left in --out-dir)
 
@@ -456,6 +457,7 @@ def add_cli(sub):
     p.add_argument("--center-rewards-coefficient", type=float, default=0.0, metavar="C",
                    help="add C * mean((r_chosen + r_rejected)^2) to the loss, pulling the scores' mean toward 0 "
                         "(TRL's center_rewards_coefficient, Eisenstein et al. 2023; 0: none) (default %(default)s)")
+    common.add_moe_aux_arg(p)
     add_train_args(p, out_dir="runs/reward", max_steps=300, batch_size=16, lr=1e-4, min_lr=1e-5,
                    warmup_steps=20, eval_every=50, ckpt_every=100, sample_every=0, weight_decay=0.0)
     p.set_defaults(func=cmd_reward)

@@ -1379,6 +1379,7 @@ def cmd_rlhf(args):
     for r in models[1:]:
         note_template_mismatch(formats_used, {"--reward": r})
     policy = build_backbone(args)
+    common.set_moe_aux_loss(policy, args)  # before the reference copies it (whose forwards add no loss anyway)
     loaded = {r: RewardModel.load(r, map_location=device, quantized_ok=True) for r in models}  # QLoRA: unmerged
     # QLoRA: the reference is the quantized base, the policy with its updates at 0 (the KL starts at 0)
     quantize_base(policy, args, QLORA_GROUP_FLAG)
@@ -1529,6 +1530,7 @@ def add_cli(sub):
     add_vocab_multiple_arg(p, None, "as the --init model has them")
     add_lora_args(p)
     add_qlora_args(p, QLORA_GROUP_FLAG)  # --group-size is GRPO's and RLOO's responses per prompt
+    common.add_moe_aux_arg(p)
     p.add_argument("--reward", action="append", metavar="REWARD",
                    help="a judge, repeatable (several: TRL's reward_funcs; a response's score is the weighted sum "
                         "of their scores, see --reward-weights): a reward model, a checkpoint of `tritongpt reward` "

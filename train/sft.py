@@ -820,6 +820,7 @@ def cmd_sft(args):
         raise UserError("--val-fraction holds out a share of a --data file's records; the embedded tasks' held-out "
                         "records are --n-eval's: pass --data, or --n-eval")
     model = load_init_model(args.init)
+    common.set_moe_aux_loss(model, args)
     if vocab_multiple(args) is not None:
         model = model.pad_vocab(args.vocab_multiple)
     quantize_base(model, args)  # QLoRA: the frozen matrices quantized, then the updates beside them
@@ -909,6 +910,7 @@ def add_cli(sub):
                    help="held-out records answered at each evaluation (default %(default)s)")
     p.add_argument("--eval-before", action="store_true", help="also answer the held-out set before training")
     add_lm_loss_args(p)
+    common.add_moe_aux_arg(p)
     add_distill_args(p)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --distill-lmbda or --distill-seq-kd: each generated answer's decode steps replays of a "
