@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tritongpt.train.engine as engine_module
+from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.engine import Engine
@@ -115,3 +116,19 @@ def test_the_engine_batched_draw_gives_each_seeded_request_its_own_tokens_and_lo
             assert torch.equal(item[0], item_[0])
             if len(item) > 1:
                 assert all(torch.equal(a, b) for a, b in zip(item[1], item_[1]))
+
+
+def test_a_sampled_requests_generator_the_draw_cannot_use_is_refused_at_submit():
+    """A generator torch.rand refuses (a seed passed for one; a Generator on another device) would fail every
+    request of the step's batched pass, not its own alone: submit refuses it by name. A greedy request draws nothing
+    from its generator: it runs as before, beside a seeded one."""
+    engine, ids = Engine(tiny(), max_batch=4), torch.tensor([[1, 2, 3]])
+    with pytest.raises(UserError, match=r"generator must be a torch.Generator on the engine's device \(cpu\), "
+                                        r"got int"):
+        engine.submit(ids, 3, generator=1234, temperature=1.0)
+    assert not engine.waiting
+    greedy = engine.submit(ids, 3, generator=1234)
+    sampled = engine.submit(ids, 3, generator=torch.Generator().manual_seed(0), temperature=1.0)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert greedy.wait().shape == sampled.wait().shape == (1, 6)

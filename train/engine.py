@@ -429,6 +429,14 @@ class Engine:
         if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit <= 0):
             raise UserError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
         check_sampling(**warp)
+        device = self.cache.k.device
+        # (checked here: the step's plain requests draw in one pass, _draw_plain, where a generator torch.rand
+        # refuses would fail them all; a greedy request draws nothing from it)
+        if generator is not None and warp.get("temperature", 0.0) >= torch.finfo(torch.float32).tiny and (
+                not isinstance(generator, torch.Generator) or generator.device.type != device.type):
+            what = f"one on {generator.device}" if isinstance(generator, torch.Generator) else type(generator).__name__
+            raise UserError(f"a request's generator must be a torch.Generator on the engine's device ({device}), "
+                            f"got {what}")
         check_logprobs(logprobs)
         check_logprobs(prompt_logprobs)
         if prompt_logprobs is not None and not bool((idx == idx[:1]).all()):
@@ -779,7 +787,8 @@ class Engine:
         SAMPLE_PASS_CPU logits a pass): one batched draw a step, not decode_step's ~20 ops (GPU launches) a
         request. A request's hold and its biases and penalties (sampling_logits at temperature 0) still run on its
         own rows first, as decode_step's; one of them failing leaves the request to decode_step, where the error
-        fails it alone; sample_rows failing gives its requests the error."""
+        fails it alone; sample_rows failing gives its requests the error (submit refuses the one input of a
+        request's own that could: a generator torch.rand refuses)."""
         widths, out = {}, {}
         for r, lg in logits.items():
             if r in drafts or r.guide is not None or any(r.warp.get(k) is not None for k in LATE_CUTS):
