@@ -1064,6 +1064,29 @@ def test_metrics_count_n_choices_as_vllms_n_child_requests(both):
         assert delta("iteration_tokens_total_sum") == (0 if beams else n * (P + k))
 
 
+def test_iteration_tokens_count_no_choice_past_its_end(both):
+    """vLLM's iteration_tokens_total counts a step's new tokens of the child requests still drawing: a choice ended by
+    a stop string or a stop token adds none after (--max-batch 1's generate() pads it to the last step: not tokens),
+    so over a request the sum is its prompt once a choice and its completion tokens, as with the engine."""
+    server, _ = both
+    P = len(server.app.completion_prompt("the cat"))
+    body = {"prompt": "the cat", "n": 3, "max_tokens": 12, "temperature": 1, "seed": 5, "return_token_ids": True}
+    first = None
+    for ends in ({"stop": [" "]}, "stop token"):
+        if ends == "stop token":  # (the same seeded draws, ended where choice 0's drew its 2nd token)
+            ends = {"stop_token_ids": [first["choices"][0]["token_ids"][1]]}
+        before = scrape(server, "tiny-chat")
+        status, out = call(server, "/v1/completions", {**body, **ends})
+        assert status == 200
+        after = scrape(server, "tiny-chat")
+        first = first or out
+        counts = [len(c["token_ids"]) for c in out["choices"]]
+        assert min(counts) < max(counts), (ends, counts)  # (a choice ended steps before another)
+        delta = metric(after, "iteration_tokens_total_sum", "tiny-chat") - \
+            metric(before, "iteration_tokens_total_sum", "tiny-chat")
+        assert delta == 3 * P + out["usage"]["completion_tokens"] == 3 * P + sum(counts), ends
+
+
 def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_path):
     """No engine: running and waiting are the requests holding and waiting for the model's lock, no cache usage."""
     import time

@@ -1420,9 +1420,19 @@ class Model:
         timing = timing or self.metrics.request(n, max(budget, 1))
         guide = self.guide(s["structured"], s["structured_field"], wake=s.get("wake")) if budget else None
 
+        # (no engine) the rows that drew an end token: generate() pads them to the last step, new tokens of none
+        ended = [False] * n
+
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
             if request is None:  # (no engine: the request's step is the model's; the engine counts its own)
-                self.metrics.iteration(new.size(0) * (1 + (len(ids) if timing.steps == 0 else 0)))
+                # vLLM's count: the rows still drawing (its child requests not finished: not those that ended on an
+                # end token or a stop string, rows.first_stop, asked by generate() after each step's tokens), and
+                # each row's prompt at its first token
+                alive = sum(not e and i not in rows.first_stop for i, e in enumerate(ended))
+                self.metrics.iteration(alive + (n * len(ids) if timing.steps == 0 else 0))
+                if rows.ends:
+                    for i, t in enumerate(new[:, 0].tolist()):
+                        ended[i] = ended[i] or t in rows.ends
             timing.tokens(request is not None and request.same_step)
             if step is not None:
                 for i, (t, row) in enumerate(zip(new[:, 0].tolist(), rows_of(step))):
