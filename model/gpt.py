@@ -870,13 +870,21 @@ class GPTModel(nn.Module):
             loss = loss + self.config.moe_aux_loss * self.router_aux_loss()
         return loss
 
-    def router_aux_loss(self):
+    def router_aux_loss(self, mask=None):
         """The load-balancing loss (layers.load_balancing_loss) of the last forward's routers, every layer's
         tokens together; what forward(targets=) adds times GPTConfig.moe_aux_loss to the mean loss (not to
         per-token or summed losses: the objectives that train on those, sft's sums or DPO's log-probs, add it
-        themselves, train/common.py's moe_aux_term). None for a dense model."""
+        themselves, train/common.py's moe_aux_term). None for a dense model.
+
+        mask: None (every token: pretrain's windows have no padding), or the forward's [B, T] true at its real
+        tokens: a padded batch's pad tokens are left out, as transformers' attention_mask leaves them out."""
         logits = [b.ff.router_logits for b in self.trf_blocks if isinstance(b.ff, MoEFeedForward)]
-        return load_balancing_loss(logits, self.config.experts_per_token) if logits else None
+        if not logits:
+            return None
+        if mask is not None and mask.numel() != logits[0].shape[0]:
+            raise ValueError(f"router_aux_loss: a mask of {tuple(mask.shape)} ({mask.numel()} tokens) for a "
+                             f"forward of {logits[0].shape[0]} tokens: pass the last forward's [B, T]")
+        return load_balancing_loss(logits, self.config.experts_per_token, mask)
 
     def _forward(self, idx, cache, targets, ignore_index, reduction, doc_ids, label_smoothing, z_loss):
         if targets is not None:

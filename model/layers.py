@@ -353,21 +353,30 @@ class MoEFeedForward(nn.Module):
         return self.drop(out.to(dtype).view(shape))
 
 
-def load_balancing_loss(router_logits, top_k: int):
+def load_balancing_loss(router_logits, top_k: int, mask=None):
     """Switch Transformer's load-balancing loss over layers' router logits (a list of [N, E]), as transformers'
     load_balancing_loss_func computes it: E * sum_e f_e P_e, f_e the share of the top-k assignments expert e
     got and P_e its mean router probability, both averaged over every layer's tokens together. 1 per chosen
-    expert (k) when the load is even; the gradient flows through P only (f counts)."""
+    expert (k) when the load is even; the gradient flows through P only (f counts).
+
+    mask: None, or [N] (any shape of N elements: the forward's [B, T]) true at the tokens to count, as
+    load_balancing_loss_func's attention_mask: a padded batch's pad tokens are left out of both f and P, so the
+    routers do not train on them. No counted token at all gives 0 (not 0 / 0)."""
     n_experts = router_logits[0].shape[-1]
     counts = _fp32_if_half(router_logits[0]).new_zeros(n_experts)
     prob_sum = torch.zeros_like(counts)
+    w = None if mask is None else mask.reshape(-1, 1).to(counts.dtype)  # [N, 1]: a token's weight, 0 or 1
     rows = 0
     for logits in router_logits:
         probs = torch.softmax(_fp32_if_half(logits), dim=-1)
-        chosen = probs.topk(top_k, dim=-1).indices
-        counts = counts + F.one_hot(chosen, n_experts).sum(dim=(0, 1)).to(counts.dtype)
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, n_experts).sum(1).to(counts.dtype)  # [N, E]
+        if w is not None:
+            probs, chosen = probs * w, chosen * w
+        counts = counts + chosen.sum(0)
         prob_sum = prob_sum + probs.sum(0)
-        rows += probs.shape[0]
+        rows += probs.shape[0] if w is None else w.sum()
+    if w is not None:
+        rows = rows.clamp_min(1)  # an all-padding batch: counts and probabilities 0, the loss 0
     return n_experts * torch.sum((counts / rows) * (prob_sum / rows))
 
 

@@ -10,10 +10,11 @@ import copy
 import pytest
 import torch
 
-from test_grad_accum_jobs import CTX, VOCAB, assert_accumulation_is_one_batch, ids, one_step, pairs, sft_batches
+from test_grad_accum_jobs import (CTX, VOCAB, assert_accumulation_is_one_batch, ids, one_step, pairs, sft_batches,
+                                  sft_examples)
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train import distill, dpo, kto, reward, sft
+from tritongpt.train import common, distill, dpo, kto, reward, sft
 from tritongpt.train.preference import pair_batch, sequence_logprobs
 
 COEF = 0.7  # large, so that a missing or misweighted term shows well above float noise
@@ -35,14 +36,27 @@ def grads(loss, model):
     return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
 
 
-def assert_adds_aux(loss_fn, model, batch, policy_forward, scale=lambda out: 1.0):
+def real(lengths, T):
+    """[B, T] true at a right-padded batch's first lengths[b] tokens: the tokens the aux counts."""
+    return torch.arange(T) < torch.as_tensor(lengths).unsqueeze(1)
+
+
+def sft_real(seed, rows=slice(None)):
+    """sft_batches(seed)'s real input tokens (collate's rows, each len(ids) - 1 long, then padding)."""
+    lengths = [len(e.ids) - 1 for e in sft_examples(seed)[rows]]
+    return real(lengths, max(lengths))
+
+
+def assert_adds_aux(loss_fn, model, batch, policy_forward, scale=lambda out: 1.0, mask=None):
     """loss_fn(model, batch) at COEF is the loss at coefficient 0 plus COEF * the aux of policy_forward(model)'s
-    routers (times scale(output) for a sum), in value and in every gradient."""
+    routers over mask's tokens (a padded batch's real ones; times scale(output) for a sum), in value and in every
+    gradient."""
     inner = getattr(model, "backbone", getattr(model, "policy", model))  # a reward model, rlhf's PolicyWithValue
     inner.config.moe_aux_loss = 0.0
     base = loss_fn(model, batch)
     policy_forward(model)
-    aux = inner.router_aux_loss()
+    aux = inner.router_aux_loss(mask)
+    assert mask is None or not mask.all()  # padding the aux leaves out
     inner.config.moe_aux_loss = COEF
     got = loss_fn(model, batch)
     b, g = (base[0], got[0]) if isinstance(got, tuple) else (base, got)
@@ -54,13 +68,14 @@ def assert_adds_aux(loss_fn, model, batch, policy_forward, scale=lambda out: 1.0
     for x, y in zip(grads(g, model), grads(want, model)):
         assert (x is None) == (y is None)
         if x is not None:
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # sums: gradients of order 1
 
 
 # -- sft ----------------------------------------------------------------------------------------------------
 def test_sft_loss_adds_the_aux_once_per_counted_target():
     _, full = sft_batches(1)
-    assert_adds_aux(sft.sft_loss, tiny_moe(0), full, lambda m: m(full[0]), scale=lambda out: out[1])
+    assert_adds_aux(sft.sft_loss, tiny_moe(0), full, lambda m: m(full[0]), scale=lambda out: out[1],
+                    mask=sft_real(1))
 
 
 def test_sft_step_logs_and_trains_on_the_mean_plus_the_aux(tmp_path):
@@ -71,15 +86,16 @@ def test_sft_step_logs_and_trains_on_the_mean_plus_the_aux(tmp_path):
     row, _ = one_step(copy.deepcopy(model), sft.sft_loss, [full], tmp_path / "one")
     m = copy.deepcopy(model)
     x, y = full
-    ce = m(x, targets=y, ignore_index=sft.IGNORE_INDEX)  # forward's mean, aux included, as pretrain trains
-    assert row["loss"] == pytest.approx(ce.item(), rel=1e-5)
+    m.config.moe_aux_loss = 0.0
+    ce = m(x, targets=y, ignore_index=sft.IGNORE_INDEX)  # forward's mean, plus the aux of the real tokens
+    assert row["loss"] == pytest.approx(ce.item() + COEF * m.router_aux_loss(sft_real(1)).item(), rel=1e-5)
 
     row, g = one_step(copy.deepcopy(model), sft.sft_loss, micro, tmp_path / "two")
     m = copy.deepcopy(model)
     total, n = 0.0, sum(int((t != sft.IGNORE_INDEX).sum()) for _, t in micro)
-    for x, y in micro:
+    for (x, y), rows in zip(micro, (slice(0, 2), slice(2, 4))):
         s = m(x, targets=y, ignore_index=sft.IGNORE_INDEX, reduction="sum")
-        total = total + s + COEF * m.router_aux_loss() * (y != sft.IGNORE_INDEX).sum()
+        total = total + s + COEF * m.router_aux_loss(sft_real(1, rows)) * (y != sft.IGNORE_INDEX).sum()
     (total / n).backward()
     assert row["loss"] == pytest.approx((total / n).item(), rel=1e-5)
     for name, p in m.named_parameters():
@@ -90,7 +106,7 @@ def test_sft_with_a_teacher_adds_the_students_aux_not_the_teachers():
     _, full = sft_batches(3)
     opts = {"distill_alpha": 0.6, "distill_temperature": 1.5, "distill_beta": 0.3}
     fn = distill.sft_loss_fn(tiny_moe(1), opts, VOCAB, sft.IGNORE_INDEX)
-    assert_adds_aux(fn, tiny_moe(0), full, lambda m: m(full[0]), scale=lambda out: out[1])
+    assert_adds_aux(fn, tiny_moe(0), full, lambda m: m(full[0]), scale=lambda out: out[1], mask=sft_real(3))
 
 
 def test_sft_with_no_coefficient_is_the_plain_sum():
@@ -112,7 +128,9 @@ def test_dpo_adds_the_policys_aux(loss_type):
         ref = dpo.reference_logprobs(tiny_moe(1), enc, 0, "cpu", mean=loss_type in dpo.PER_TOKEN)
     idx, mask, r = dpo.DPOData(enc, ref, pad_id=0).batch(range(4))
     fn = dpo.make_loss_fn(0.5, loss_type)
-    assert_adds_aux(fn, tiny_moe(0), (idx, mask, r), lambda m: sequence_logprobs(m, idx, mask))
+    lengths = pair_batch(enc[:4], pad_id=0)[1]
+    assert_adds_aux(fn, tiny_moe(0), (idx, mask, r), lambda m: sequence_logprobs(m, idx, mask),
+                    mask=real(lengths, idx.size(1)))
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
@@ -124,7 +142,9 @@ def test_kto_adds_the_completions_aux_not_the_kl_batchs(loss_type):
     data = kto.cache_reference(tiny_moe(1), kto.KTOData(enc, chunk=4, max_len=CTX, pad_id=0), "cpu", kl=kl)
     batch = data.batch([0, 1, 2, 3], kl=kl)
     fn = kto.make_loss_fn(0.3, loss_type)
-    assert_adds_aux(fn, tiny_moe(0), batch, lambda m: sequence_logprobs(m, batch[0], batch[1]))
+    lengths = [len(e.prompt) + len(e.completion) for e in enc]
+    assert_adds_aux(fn, tiny_moe(0), batch, lambda m: sequence_logprobs(m, batch[0], batch[1]),
+                    mask=real(lengths, batch[0].size(1)))
 
 
 def test_the_reward_model_adds_its_backbones_aux():
@@ -132,7 +152,8 @@ def test_the_reward_model_adds_its_backbones_aux():
     idx, lengths, _ = pair_batch(enc, pad_id=0)
     model = reward.RewardModel(tiny_moe(0))
     fn = reward.make_reward_loss(center_rewards_coefficient=0.1)
-    assert_adds_aux(fn, model, (idx, lengths, reward.pair_margins(enc)), lambda m: m(idx, lengths))
+    assert_adds_aux(fn, model, (idx, lengths, reward.pair_margins(enc)), lambda m: m(idx, lengths),
+                    mask=real(lengths, idx.size(1)))
 
 
 def test_dpo_accumulates_each_micro_batchs_aux_over_k(tmp_path):
@@ -146,8 +167,9 @@ def test_dpo_accumulates_each_micro_batchs_aux_over_k(tmp_path):
     m = tiny_moe(0)
     m.config.moe_aux_loss = 0.0
     total = 0.0
-    for idx, mask, ref in micro:
-        total = total + (fn(m, (idx, mask, ref)) + COEF * m.router_aux_loss()) / 2
+    for (idx, mask, ref), rows in zip(micro, ([0, 1], [2, 3])):
+        lengths = pair_batch([enc[i] for i in rows], pad_id=0)[1]
+        total = total + (fn(m, (idx, mask, ref)) + COEF * m.router_aux_loss(real(lengths, idx.size(1)))) / 2
     total.backward()
     assert row["loss"] == pytest.approx(total.item(), rel=1e-5)
     for name, p in m.named_parameters():
@@ -170,14 +192,16 @@ def test_rlhf_minibatch_loss_adds_the_policys_aux(algo):
     g = torch.Generator().manual_seed(7)
     B, T = 4, 12
     idx = torch.randint(0, VOCAB, (B, T), generator=g)
+    lengths = torch.tensor([T, 9, 7, T])  # right-padded after the shorter responses
     mask = torch.zeros(B, T - 1, dtype=torch.bool)
     mask[:, 4:] = True
+    mask &= real(lengths - 1, T - 1)
     noise = lambda: 0.1 * torch.randn(B, T - 1, generator=g)  # noqa: E731
     model = PolicyWithValue(tiny_moe(0), value_head=algo == "ppo")
     with torch.no_grad():
         now = model.logprobs(idx)[0]
     adv = torch.randn(B, 1, generator=g)
-    ro = Rollout(idx, torch.full((B,), 5), torch.full((B,), T), mask, torch.arange(B) // 2, logp=now + noise(),
+    ro = Rollout(idx, torch.full((B,), 5), lengths, mask, torch.arange(B) // 2, logp=now + noise(),
                  ref_logp=now + noise(), values=noise(), advantages=adv * mask, returns=noise(),
                  seq_advantages=adv.squeeze(1), truncated=torch.zeros(B, dtype=torch.bool))
     args = RLArgs(algo=algo, kl_coef=0.05)
@@ -188,7 +212,107 @@ def test_rlhf_minibatch_loss_adds_the_policys_aux(algo):
         assert stats["loss"] == pytest.approx(loss.item())  # the logged loss is the one trained
         return loss
 
-    assert_adds_aux(fn, model, None, lambda m: m.logprobs(idx))
+    assert_adds_aux(fn, model, None, lambda m: m.logprobs(idx), mask=real(lengths, T))
+
+
+# -- padding --------------------------------------------------------------------------------------------------
+def test_the_aux_over_a_mask_is_transformers_with_its_attention_mask():
+    """load_balancing_loss(mask=) is transformers' load_balancing_loss_func(attention_mask=) on the same float64
+    router logits (value and gradient): the pad tokens out of both the routing shares and the probabilities."""
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from tritongpt.model.layers import load_balancing_loss
+
+    g = torch.Generator().manual_seed(2)
+    B, T, E, K = 3, 6, 4, 2
+    logits = [torch.randn(B * T, E, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2)]
+    mask = real([6, 2, 4], T)
+    ours = load_balancing_loss(logits, K, mask)
+    theirs = load_balancing_loss_func(tuple(logits), E, K, attention_mask=mask.long())
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-6, atol=0)
+    assert abs(ours.item() - load_balancing_loss(logits, K).item()) > 1e-3  # the padding did weigh
+    for a, b in zip(torch.autograd.grad(ours, logits), torch.autograd.grad(theirs, logits)):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-9)
+    assert torch.equal(load_balancing_loss(logits, K, torch.ones(B, T, dtype=torch.bool)),
+                       load_balancing_loss(logits, K))
+    assert load_balancing_loss(logits, K, torch.zeros(B, T, dtype=torch.bool)).item() == 0.0  # not 0 / 0
+
+
+def repad(idx, pad):
+    """idx with its pad positions (pad [B, T] true there) drawn anew: other pad ids."""
+    g = torch.Generator().manual_seed(11)
+    return torch.where(pad, torch.randint(1, VOCAB, idx.shape, generator=g), idx)
+
+
+def packed_batch():
+    ex = sft_examples(1)
+    return sft.collate_packed([[ex[0], ex[1]], [ex[2]]], row_len=CTX, pad_id=0)
+
+
+@pytest.mark.parametrize("job", ["sft", "sft_packed", "gkd", "dpo", "kto", "reward", "rlhf"])
+def test_pad_tokens_change_nothing(job):
+    """Each job's loss (the aux at COEF in it) is the same whatever ids the batch's padding holds: the routers'
+    balance counts the real tokens only, as transformers' attention_mask has it (causal attention and the
+    ignored targets already keep the padding out of everything else)."""
+    from tritongpt.train.rlhf import PolicyWithValue, RLArgs, Rollout, minibatch_loss
+
+    model = tiny_moe(0)
+    if job in ("sft", "gkd"):
+        batch = sft_batches(1)[1]
+        fn = sft.sft_loss if job == "sft" else distill.sft_loss_fn(
+            tiny_moe(1), {"distill_alpha": 0.6, "distill_temperature": 1.5, "distill_beta": 0.3}, VOCAB,
+            sft.IGNORE_INDEX)
+        other = (repad(batch[0], ~sft_real(1)), batch[1])
+    elif job == "sft_packed":
+        batch, fn = packed_batch(), sft.sft_loss
+        pad = batch[2] == torch.tensor([[2], [1]])  # collate_packed's padding: doc id len(row)
+        assert pad.any() and not pad.all()
+        other = (repad(batch[0], pad), *batch[1:])
+    elif job == "dpo":
+        enc = pairs(5)
+        batch, fn = dpo.DPOData(enc, None, pad_id=0).batch(range(4)), dpo.make_loss_fn(0.5, "simpo")
+        other = (repad(batch[0], ~real(pair_batch(enc, pad_id=0)[1], batch[0].size(1))), *batch[1:])
+    elif job == "kto":
+        g = torch.Generator().manual_seed(6)
+        enc = [kto.EncodedExample(prompt=ids(g, p), completion=ids(g, c), label=label)
+               for p, c, label in ((5, 2, True), (3, 3, False), (4, 9, False), (2, 7, True))]
+        data = kto.cache_reference(tiny_moe(1), kto.KTOData(enc, chunk=4, max_len=CTX, pad_id=0), "cpu")
+        batch, fn = data.batch([0, 1, 2, 3]), kto.make_loss_fn(0.3, "kto")
+        lengths = [len(e.prompt) + len(e.completion) for e in enc]
+        other = (repad(batch[0], ~real(lengths, batch[0].size(1))), *batch[1:])
+    elif job == "reward":
+        enc = pairs(4, margins=True)
+        idx, lengths, _ = pair_batch(enc, pad_id=0)
+        model, fn = reward.RewardModel(model), reward.make_reward_loss()
+        batch = (idx, lengths, reward.pair_margins(enc))
+        other = (repad(idx, ~real(lengths, idx.size(1))), *batch[1:])
+    else:
+        g = torch.Generator().manual_seed(7)
+        B, T = 4, 12
+        idx, lengths = torch.randint(0, VOCAB, (B, T), generator=g), torch.tensor([T, 9, 7, T])
+        mask = torch.zeros(B, T - 1, dtype=torch.bool)
+        mask[:, 4:] = True
+        mask &= real(lengths - 1, T - 1)
+        model = PolicyWithValue(model, value_head=False)
+        with torch.no_grad():
+            now = model.logprobs(idx)[0]
+        adv = torch.randn(B, 1, generator=g)
+
+        def rollout(idx):
+            return Rollout(idx, torch.full((B,), 5), lengths, mask, torch.arange(B) // 2, logp=now, ref_logp=now,
+                           advantages=adv * mask, truncated=torch.zeros(B, dtype=torch.bool))
+
+        batch, other = rollout(idx), rollout(repad(idx, ~real(lengths, T)))
+
+        def fn(m, ro):
+            return minibatch_loss(m, ro, torch.arange(B), RLArgs(algo="grpo", kl_coef=0.05))[0]
+
+    assert not torch.equal(batch[0] if job != "rlhf" else batch.idx, other[0] if job != "rlhf" else other.idx)
+    want, got = fn(model, batch), fn(model, other)
+    want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+    assert common.moe_aux_term(model) is not None  # the aux is in the loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 # -- --moe-aux-loss -------------------------------------------------------------------------------------------

@@ -398,20 +398,44 @@ def block_matrices(model: nn.Module) -> list:
     return list(found.values())
 
 
-def moe_aux_term(model):
+def moe_aux_term(model, mask=None):
     """GPTConfig.moe_aux_loss times the routers' load-balancing loss of model's last forward (a scalar mean), or
     None for a dense model or a coefficient of 0: what GPTModel.forward(targets=) adds to a mean loss, for the
     objectives that compute theirs otherwise (a sum, per-token log-probs). Call it right after the policy's own
     forward: the routers keep the last forward's logits, and another forward through the same model (KTO's z0
     batch) replaces them. model may be DDP's or torch.compile's wrapper, a reward model (its backbone's routers) or
-    rlhf's PolicyWithValue (its policy's)."""
+    rlhf's PolicyWithValue (its policy's).
+
+    mask: that forward's [B, T], true at its real tokens (length_mask, through_last_mask): a padded batch's pad
+    tokens are left out of the loss, as transformers' load_balancing_loss_func leaves out its attention_mask's 0s
+    (else the routers would train to balance the padding too). None: every token counts."""
     m = getattr(model, "module", model)
     m = getattr(m, "_orig_mod", m)
     m = getattr(m, "backbone", m)
     m = getattr(m, "policy", m)
     coef = getattr(getattr(m, "config", None), "moe_aux_loss", 0.0)
-    aux = m.router_aux_loss() if coef else None
+    aux = m.router_aux_loss(mask) if coef else None
     return None if aux is None else coef * aux
+
+
+def length_mask(lengths, T: int):
+    """[B, T] true at each right-padded row's first lengths[b] tokens: its real ones (rlhf's rollouts, the reward
+    model's pairs)."""
+    return torch.arange(T, device=lengths.device) < lengths.unsqueeze(1)
+
+
+def through_last_mask(counted):
+    """[B, T] true at and before each row's last true of counted [B, T]: the real tokens of a right-padded row
+    whose last real position is always counted (sft's targets: each example's closing eot is one; packed rows'
+    last example's too), false at the padding after it. A row with nothing counted is all padding."""
+    return counted.flip(1).cummax(1).values.flip(1)
+
+
+def response_rows_mask(mask):
+    """idx's [B, T] real tokens from preference.response_mask's [B, T-1] (target t is token t+1): a right-padded
+    row's tokens through its response's last (dpo's and kto's batches carry no lengths)."""
+    through = through_last_mask(mask)
+    return torch.cat([through[:, :1], through], 1)
 
 
 def add_moe_aux_arg(p) -> None:

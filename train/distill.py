@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.errors import UserError
-from tritongpt.train.common import moe_aux_term
+from tritongpt.train.common import moe_aux_term, through_last_mask
 
 DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DEFAULT_BETA = 0.5, 1.0, 0.0
 # GKD's on-policy options (sft only): TRL's GKDConfig has lmbda 0.5, temperature 0.9 and max_new_tokens 128; our
@@ -342,7 +342,7 @@ def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: 
                 loss, ce = alpha * loss, None
             if parts is not None:
                 parts.add(ce, kd, n, student)
-            return with_aux(m, loss, n)
+            return with_aux(m, loss, n, targets)
         with torch.no_grad():
             t_logits = teacher(inputs, doc_ids=doc_ids)
         logits = m(inputs, doc_ids=doc_ids)
@@ -356,10 +356,10 @@ def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: 
                                         **loss_options)
         if parts is not None:
             parts.add(ce, kd, n, student)
-        return with_aux(m, loss, n)
+        return with_aux(m, loss, n, targets)
 
-    def with_aux(m, loss, n):  # read after the student's forward (the teacher is another model: its own routers)
-        aux = moe_aux_term(m)
+    def with_aux(m, loss, n, targets):  # read after the student's forward (the teacher: another model's routers)
+        aux = moe_aux_term(m, through_last_mask(targets != ignore_index))  # the padding left out, as sft_loss
         return (loss if aux is None else loss + aux * n), n
 
     return loss_fn

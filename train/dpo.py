@@ -183,7 +183,7 @@ def make_loss_fn(beta: float, loss_type: str = "sigmoid", label_smoothing: float
         loss = dpo_loss(lp, ref, beta, loss_type, label_smoothing, simpo_gamma, nll, rpo_alpha)[0]
         # a mixture of experts' load-balancing loss over the policy's one forward (chosen and rejected together;
         # the reference's log-probs are cached), a mean as the loss is: TRL's aux_loss_enabled adds it the same way
-        aux = common.moe_aux_term(model)
+        aux = common.moe_aux_term(model, common.response_rows_mask(mask))  # the pad tokens left out
         return loss if aux is None else loss + aux
 
     return loss_fn

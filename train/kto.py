@@ -295,7 +295,7 @@ def make_loss_fn(beta: float, loss_type: str = "kto", desirable_weight: float = 
         lp = sequence_logprobs(model, idx, mask).float()
         # a mixture of experts' load-balancing loss, read now: z0's forward below replaces the routers' logits
         # (the KL batch's forward is z0's baseline, under no_grad: nothing of it trains)
-        aux = common.moe_aux_term(model)
+        aux = common.moe_aux_term(model, common.response_rows_mask(mask))  # the pad tokens left out
         policy_kl = None
         if loss_type == "kto":
             with torch.no_grad():  # z0 is a baseline, not optimised: no graph kept for it (TRL's no_grad)

@@ -186,7 +186,7 @@ def make_reward_loss(center_rewards_coefficient: float = 0.0):
             loss = loss + center_rewards_coefficient * centering_loss(rc, rr)
         # a mixture-of-experts backbone's load-balancing loss over the pairs' one forward: its routers train here
         # too, and without it nothing keeps their load even
-        aux = common.moe_aux_term(model)
+        aux = common.moe_aux_term(model, common.length_mask(batch[1], batch[0].size(1)))  # pads left out
         return loss if aux is None else loss + aux
 
     return loss_fn

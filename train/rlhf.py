@@ -762,7 +762,7 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
                                             entropy_grad=bool(args.ent_coef))
     # a mixture of experts' load-balancing loss over this forward (the reference's log-probs come with the
     # rollout): without it the policy's routers train with nothing to keep their load even
-    aux = common.moe_aux_term(model)
+    aux = common.moe_aux_term(model, common.length_mask(ro.lengths[sel], idx.size(1)))  # pads left out
     entropy = masked_mean(entropy, mask)
     old_logp, adv = ro.logp[sel], ro.advantages[sel]
     log_ratio = (logp - old_logp) * mask

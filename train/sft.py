@@ -479,7 +479,8 @@ def sft_loss(model, batch, label_smoothing: float = 0.0, z_loss: float = 0.0):
     loss = model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum", doc_ids=doc_ids,
                  label_smoothing=label_smoothing, z_loss=z_loss)
     n = (targets != IGNORE_INDEX).sum()
-    aux = common.moe_aux_term(model)
+    # padding (after each row's last counted target, its eot) left out of the routers' balance
+    aux = common.moe_aux_term(model, common.through_last_mask(targets != IGNORE_INDEX))
     return (loss if aux is None else loss + aux * n), n
 
 
