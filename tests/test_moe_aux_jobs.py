@@ -367,3 +367,26 @@ def test_each_fine_tuning_command_reads_the_flag(cmd, tmp_path, monkeypatch, cap
             monkeypatch.setattr(mod, name, started)
     with pytest.raises(Started):
         cli.main(argv("moe.safetensors"))
+
+
+def test_an_rlhf_resume_names_a_changed_coefficient(tmp_path, capsys):
+    """rlhf's own trainer notes a --moe-aux-loss other than the checkpoint's run had (its policy's saved config),
+    as the Trainer's resume does: the run goes on with another objective. The same coefficient notes nothing."""
+    from tritongpt.train.rlhf import RLArgs, RLHFTrainer
+
+    def trainer(coef, **kw):
+        policy = tiny_moe(0, coef=coef)
+        rm = reward.RewardModel(tiny_moe(1, coef=0.0))
+        prompts = [ids(torch.Generator().manual_seed(i), 3 + i % 2) for i in range(4)]
+        args = RLArgs(algo="grpo", out_dir=str(tmp_path), iterations=1, prompts_per_iter=2, group_size=2,
+                      max_new_tokens=2, epochs=1, minibatch_size=4, eval_prompts=1, eval_samples=1, device="cpu",
+                      kernels="reference", seed=0, dtype="fp32", **kw)
+        return RLHFTrainer(policy, copy.deepcopy(policy), rm, prompts, prompts[:1], VOCAB - 1, args, log=True)
+
+    trainer(0.02).save_checkpoint()
+    capsys.readouterr()
+    trainer(0.02, resume="latest").resume("latest")
+    assert "moe-aux-loss" not in capsys.readouterr().err
+    trainer(0.5, resume="latest").resume("latest")
+    err = capsys.readouterr().err
+    assert "resuming with --moe-aux-loss 0.5 (the run had 0.02)" in err, err

@@ -1115,6 +1115,12 @@ class RLHFTrainer:
             saved = {**saved, "verifier": was}  # stop 27's, inferred: not a flag newer than the checkpoint
         common.load_checkpoint_weights(self.policy, ckpt, self.device, self.policy.config, "policy")
         names = TRAJECTORY_ARGS + tuple(self.run_args) + (("reward_weights",) if several else ())
+        # the aux loss's weight is the policy's config (--init's, or --moe-aux-loss), not an RLArgs field: compared
+        # with the config saved beside the policy's weights, as the Trainer's resume compares it
+        saved_cfg = common.saved_model_config(ckpt / "model.safetensors")
+        if saved_cfg.get("n_experts"):
+            now_args, names = {**now_args, "moe_aux_loss": self.policy.config.moe_aux_loss}, names + ("moe_aux_loss",)
+            saved = {**saved, "moe_aux_loss": saved_cfg.get("moe_aux_loss", 0.0)}
         common.check_resume(ckpt, {**state, "args": saved}, now_args, tuple(dict.fromkeys(names)),
                             "iteration", "--iterations",
                             str(self.dtype), say=self.log_enabled, kernels=self.policy.config.kernels,
