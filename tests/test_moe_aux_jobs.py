@@ -390,3 +390,23 @@ def test_an_rlhf_resume_names_a_changed_coefficient(tmp_path, capsys):
     trainer(0.5, resume="latest").resume("latest")
     err = capsys.readouterr().err
     assert "resuming with --moe-aux-loss 0.5 (the run had 0.02)" in err, err
+
+
+def test_gkds_fused_head_on_the_triton_path_adds_the_aux():
+    """kernels mlp (moe_mlp) and cross_entropy (GKD's fused linear_distill_loss: the student's forward stops at
+    the head's input): the routers still keep that forward's logits, and the aux joins the sum as on the
+    reference path (the Triton interpreter on a CPU)."""
+    micro, _ = sft_batches(3)
+    batch = micro[0]
+    opts = {"distill_alpha": 0.6, "distill_temperature": 1.5, "distill_beta": 0.3}
+    m, teacher = tiny_moe(0), tiny_moe(1)
+    for model in (m, teacher):
+        model.set_kernels("mlp,cross_entropy", check_device=False)
+    assert distill.fused_head(m, teacher, {}) and m.trf_blocks[0].ff.use_triton
+    fn = distill.sft_loss_fn(teacher, opts, VOCAB, sft.IGNORE_INDEX)
+    got, n = fn(m, batch)
+    aux = m.router_aux_loss(sft_real(3, slice(0, 2)))
+    m.config.moe_aux_loss = 0.0
+    base, _ = fn(m, batch)
+    assert (COEF * aux * n).item() > 1e-2 * base.item()
+    torch.testing.assert_close(got, base + COEF * aux * n, rtol=1e-6, atol=1e-5)
