@@ -7,7 +7,7 @@ memory, or ask for more shared memory than an SM has. This check catches those o
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
               and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
               in rope.py, quant.py, lora.py, token_mask.py and sampling.py, quant.py's `_launch_int4` and dx
-              ones) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each
+              ones, sampling.py's `_launch_rows`) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each
               `kernel[grid](...)` is recorded instead of launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
@@ -480,6 +480,13 @@ def capture(quick=False, half="bfloat16", tma=True):
                     sampling._launch(torch.empty(TOKEN_MASK_ROWS, v, dtype=dt, **meta),
                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.float32, **meta),
                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.int64, **meta), 0.8, k, p, mp)
+                # each row its own settings (sample_token_rows, the engine's step): every cut compiled in, one build
+                case[0] = f"sampling {name} B={TOKEN_MASK_ROWS} V={v} per-row settings"
+                f32 = lambda: torch.empty(TOKEN_MASK_ROWS, dtype=torch.float32, **meta)  # noqa: E731
+                sampling._launch_rows(torch.empty(TOKEN_MASK_ROWS, v, dtype=dt, **meta), f32(),
+                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.int64, **meta), f32(),
+                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.int64, **meta), f32(), f32(),
+                                      torch.empty(TOKEN_MASK_ROWS, dtype=torch.bool, **meta))
     finally:
         (JITFunction.run, Autotuner.run, layernorm._sm_count, attention._sm_count, mlp.MLP_MATMUL, mlp._has_tma,
          attention._has_tma) = saved

@@ -18,6 +18,11 @@ first token whose sum passes u x their total (the reference's inverse CDF, the s
 rounding). Ties at the top-k threshold are all kept, as the reference's top-k keeps them; those at the top-p threshold
 are ranked in vocabulary order, as the reference's stable sort ranks them, and kept while under it.
 
+Each row's settings (temperature, top_k, top_p, min_p and min-p's order) are one launch's scalars (sample_tokens)
+or loaded per row from [B] tensors (sample_token_rows: the serving engine's step, requests of different settings in
+one launch); then every cut is compiled in and a row skips the passes of the cuts it does not take (top_k 0 or >= V,
+top_p 1, min_p 0), so it reads the row as often as it would alone.
+
 One program a row (ROWS under the interpreter, which pays per program); between passes it keeps a few scalars and,
 in a scratch row of global memory, the tokens still in play: a radix pass over the whole row costs a [BLOCK, 16]
 compare a block, so only the first three of each select read the row (a key's top 12 bits are its sign, exponent and
@@ -28,8 +33,9 @@ weights are recomputed in each pass rather than stored. Passes over the row: 1 (
 or 1 after top-k) + 2 (draw).
 
 Public API: `sample_tokens(logits, u, temperature, top_k=None, top_p=None, min_p=None, min_p_first=False) -> ids [B]
-int64`, through the torch.library custom op `tritongpt::sample_tokens` (a fake impl), so torch.compile keeps it as an
-opaque call.
+int64`, and `sample_token_rows(logits, u, temperature, top_k, top_p, min_p, min_p_first) -> ids [B] int64` with each
+setting a [B] tensor, through the torch.library custom ops `tritongpt::sample_tokens` and
+`tritongpt::sample_token_rows` (fake impls), so torch.compile keeps them as opaque calls.
 """
 from typing import Optional
 
@@ -140,15 +146,32 @@ def _kept(x, offs, V, mx, temperature, cut, pth, above_p, limit, tied, min_p, TO
 
 
 @triton.jit
-def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_k, top_p, min_p, floor,
-                   TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, Temperature, TopK, TopP, MinP, Floor,
+                   TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, PER_ROW: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
     offs0 = tl.arange(0, BLOCK)
     for i in range(ROWS):
         r = tl.program_id(0) * ROWS + i
         if r < n_rows:
             base = Logits + r.to(tl.int64) * stride
             scratch = Scratch + r.to(tl.int64) * V
+            # the row's settings: PER_ROW, loaded from [B] tensors (the engine's step draws requests of different
+            # settings in one launch); else the launch's scalars
+            if PER_ROW:
+                temperature = tl.load(Temperature + r).to(tl.float32)
+                top_k = tl.load(TopK + r).to(tl.int32)
+                top_p = tl.load(TopP + r).to(tl.float32)
+                min_p = tl.load(MinP + r).to(tl.float32)
+                floor = tl.load(Floor + r).to(tl.float32)
+            else:
+                temperature = Temperature
+                top_k = TopK
+                top_p = TopP
+                min_p = MinP
+                floor = Floor
+            # which cuts this row takes: top_k 0 (or >= V) and top_p 1 are none (TOP_K / TOP_P: any row may)
+            use_k = (top_k > 0) & (top_k < V)
+            use_p = top_p < 1.0
             # the row's max (the reference subtracts it before dividing by T), and whether it holds a NaN
             mx = tl.full((), float("-inf"), tl.float32)
             nan = tl.full((), 0, tl.int32)
@@ -164,40 +187,44 @@ def _sample_kernel(Logits, U, Out, Scratch, n_rows, V, stride, temperature, top_
             # scratch, the five other passes read those
             kth = tl.full((), 0, tl.int64)
             if TOP_K:
-                need = tl.full((), 0, tl.int32) + top_k  # how many keys at or above the threshold are still wanted
-                for level in range(3):
-                    kth, need = _count_level(base, V, kth, need, 28 - 4 * level, mx, temperature, BLOCK)
-                m, _ = _compact(base, V, scratch, kth, 20, 0, mx, temperature, floor, BLOCK)
-                for level in range(3, 8):
-                    kth, need = _count_level(scratch, m, kth, need, 28 - 4 * level, mx, temperature, BLOCK)
+                if use_k:
+                    need = tl.full((), 0, tl.int32) + top_k  # how many keys at or above the threshold still wanted
+                    for level in range(3):
+                        kth, need = _count_level(base, V, kth, need, 28 - 4 * level, mx, temperature, BLOCK)
+                    m, _ = _compact(base, V, scratch, kth, 20, 0, mx, temperature, floor, BLOCK)
+                    for level in range(3, 8):
+                        kth, need = _count_level(scratch, m, kth, need, 28 - 4 * level, mx, temperature, BLOCK)
             # top-p: the smallest key whose mass above (among the top-k, and in vLLM's order the weights >= floor: what
             # min-p kept) is under top_p x their mass; its passes read the top-k's tokens alone (copied), or without
-            # top-k the row three times and then the keys sharing pth's top 12 bits
-            pth = tl.full((), 0, tl.int64)
+            # top-k the row three times and then the keys sharing pth's top 12 bits. Without top-p pth is -1, a key
+            # none has (_kept's ties at it)
+            pth = tl.full((), -1, tl.int64)
             limit = tl.full((), 0.0, tl.float32)
             above_all = tl.full((), 0.0, tl.float32)  # the mass of keys above the prefix fixed so far
             if TOP_P:
-                if TOP_K:
-                    m, top_mass = _compact(base, V, scratch, kth, 32, kth, mx, temperature, floor, BLOCK)
-                    limit = top_p * top_mass
-                    for level in range(8):
-                        pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
-                                                     temperature, floor, BLOCK)
-                else:
-                    mass = tl.zeros((BLOCK,), tl.float32)
-                    for start in range(0, V, BLOCK):
-                        offs = start + offs0
-                        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                        w = tl.exp((x - mx) / temperature)
-                        mass += tl.where(w >= floor, w, 0.0)
-                    limit = top_p * tl.sum(mass, 0)
-                    for level in range(3):
-                        pth, above_all = _mass_level(base, V, pth, above_all, limit, 28 - 4 * level, mx, temperature,
-                                                     floor, BLOCK)
-                    m, _ = _compact(base, V, scratch, pth, 20, 0, mx, temperature, floor, BLOCK)
-                    for level in range(3, 8):
-                        pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
-                                                     temperature, floor, BLOCK)
+                if use_p:
+                    pth = tl.full((), 0, tl.int64)
+                    if use_k:
+                        m, top_mass = _compact(base, V, scratch, kth, 32, kth, mx, temperature, floor, BLOCK)
+                        limit = top_p * top_mass
+                        for level in range(8):
+                            pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
+                                                         temperature, floor, BLOCK)
+                    else:
+                        mass = tl.zeros((BLOCK,), tl.float32)
+                        for start in range(0, V, BLOCK):
+                            offs = start + offs0
+                            x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                            w = tl.exp((x - mx) / temperature)
+                            mass += tl.where(w >= floor, w, 0.0)
+                        limit = top_p * tl.sum(mass, 0)
+                        for level in range(3):
+                            pth, above_all = _mass_level(base, V, pth, above_all, limit, 28 - 4 * level, mx,
+                                                         temperature, floor, BLOCK)
+                        m, _ = _compact(base, V, scratch, pth, 20, 0, mx, temperature, floor, BLOCK)
+                        for level in range(3, 8):
+                            pth, above_all = _mass_level(scratch, m, pth, above_all, limit, 28 - 4 * level, mx,
+                                                         temperature, floor, BLOCK)
             # the draw: the first token (vocabulary order) whose running sum of kept weights passes u x their total
             # (above_all is now the mass above pth: of the keys greater than it)
             cut = tl.maximum(kth, pth)
@@ -238,7 +265,7 @@ def _tiles(V: int) -> tuple:
 @on_tensor_device
 def _launch(logits, u, out, temperature: float, top_k: Optional[int], top_p: Optional[float],
             min_p: Optional[float], min_p_first: bool = False):
-    """The kernel on checked arguments: out [B] int64 written."""
+    """The kernel on checked arguments, one setting for every row: out [B] int64 written."""
     B, V = logits.shape
     if B == 0:
         return
@@ -254,7 +281,25 @@ def _launch(logits, u, out, temperature: float, top_k: Optional[int], top_p: Opt
     _sample_kernel[(cdiv(B, rows),)](
         logits, u, out, scratch, B, V, logits.stride(0), float(temperature), int(top_k) if use_k else 0,
         float(top_p), float(min_p or 0.0), float(min_p or 0.0) if min_p_first else 0.0, TOP_K=use_k, TOP_P=use_p,
-        MIN_P=bool(min_p), ROWS=rows, BLOCK=block, num_warps=warps)
+        MIN_P=bool(min_p), PER_ROW=False, ROWS=rows, BLOCK=block, num_warps=warps)
+
+
+@on_tensor_device
+def _launch_rows(logits, u, out, temperature, top_k, top_p, min_p, min_p_first):
+    """The kernel on checked arguments, each row its own settings ([B] tensors on logits' device: fp32 temperature,
+    int top_k (0: none), fp32 top_p (1: none) and min_p (0: none), bool min_p_first): out [B] int64 written. Every
+    cut is compiled in and each row skips those it does not take (which rows take which is on the device: knowing
+    it here would cost a host sync)."""
+    B, V = logits.shape
+    if B == 0:
+        return
+    block, rows, warps = _tiles(V)
+    top_p = top_p.clamp(min=1e-30)  # (_launch's 1e-30: a top_p below fp32's normal numbers keeps the likeliest)
+    floor = torch.where(min_p_first, min_p, 0.0)  # top-p's mass counts the weights >= floor: min_p in vLLM's order
+    scratch = torch.empty((B, V), dtype=torch.float32, device=logits.device)
+    _sample_kernel[(cdiv(B, rows),)](
+        logits, u, out, scratch, B, V, logits.stride(0), temperature, top_k, top_p, min_p, floor, TOP_K=True,
+        TOP_P=True, MIN_P=True, PER_ROW=True, ROWS=rows, BLOCK=block, num_warps=warps)
 
 
 @custom_op("tritongpt::sample_tokens")
@@ -273,17 +318,24 @@ def _(logits, u, temperature, top_k=None, top_p=None, min_p=None, min_p_first=Fa
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
-def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None, min_p: Optional[float] = None,
-                  min_p_first: bool = False) -> torch.Tensor:
-    """A token id for each row of logits [B, V] (float32 / bfloat16 / float16, unit stride on V), drawn from
-    softmax((logits - max) / temperature) cut to its top_k tokens, then to the likeliest whose mass above them is
-    under top_p, then to those at least min_p times the likeliest (sampling_logits' order; min_p_first: min_p first,
-    so top_p weighs only what it kept, vLLM's order and sampling_logits(min_p_first=True)'s), by inverse CDF at
-    u [B] (float32 in [0, 1), on logits' device): ids [B] int64. temperature > 0 (greedy is an argmax, not this).
-    A row with nothing to draw (every logit -inf, or any NaN) gives token 0, as the reference's draw_from_probs: a
-    NaN is not refused, which would cost a host sync a step."""
-    who = "sample_tokens"
+@custom_op("tritongpt::sample_token_rows")
+def _sample_token_rows_op(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                          top_p: torch.Tensor, min_p: torch.Tensor, min_p_first: torch.Tensor) -> torch.Tensor:
+    """ids [B] int64; sample_token_rows checks the arguments."""
+    check_runnable(logits, "logits")
+    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    _launch_rows(logits, u.contiguous(), out, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(),
+                 min_p.contiguous(), min_p_first.contiguous())
+    return out
+
+
+@_sample_token_rows_op.register_fake
+def _(logits, u, temperature, top_k, top_p, min_p, min_p_first):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+def _check_logits_u(who: str, logits, u):
+    """The refusals sample_tokens and sample_token_rows share: logits [B, V] and u [B]. -> (B, V)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise UserError(f"{who}: logits must be a 2-D tensor [B, V], got "
                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
@@ -300,6 +352,22 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
                         f"{(u.dtype, tuple(u.shape)) if isinstance(u, torch.Tensor) else type(u).__name__}")
     if u.device != logits.device:
         raise UserError(f"{who}: u is on {u.device}, logits on {logits.device}: both on one device")
+    return B, V
+
+
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, min_p: Optional[float] = None,
+                  min_p_first: bool = False) -> torch.Tensor:
+    """A token id for each row of logits [B, V] (float32 / bfloat16 / float16, unit stride on V), drawn from
+    softmax((logits - max) / temperature) cut to its top_k tokens, then to the likeliest whose mass above them is
+    under top_p, then to those at least min_p times the likeliest (sampling_logits' order; min_p_first: min_p first,
+    so top_p weighs only what it kept, vLLM's order and sampling_logits(min_p_first=True)'s), by inverse CDF at
+    u [B] (float32 in [0, 1), on logits' device): ids [B] int64. temperature > 0 (greedy is an argmax, not this).
+    A row with nothing to draw (every logit -inf, or any NaN) gives token 0, as the reference's draw_from_probs: a
+    NaN is not refused, which would cost a host sync a step. One setting for every row: sample_token_rows takes
+    each row's own."""
+    who = "sample_tokens"
+    _check_logits_u(who, logits, u)
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         # (a string or None compared below would raise Python's own TypeError, naming neither argument nor kernel)
         if value is not None or name == "temperature":
@@ -326,3 +394,54 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         raise UserError(f"{who}: {e}") from None
     return _sample_tokens_op.call(logits, u, float(temperature), top_k, None if top_p is None else float(top_p),
                                   None if min_p is None else float(min_p), min_p_first)
+
+
+# sample_token_rows' settings: (name, the dtypes it takes, what "none" is, the allowed range in words)
+_ROW_SETTINGS = (("temperature", (torch.float32,), "a finite number >= fp32's smallest normal (greedy rows are "
+                  "an argmax, not this)"),
+                 ("top_k", (torch.int32, torch.int64), "an int >= 0 (0, or V and more: none)"),
+                 ("top_p", (torch.float32,), "in (0, 1] (1: none)"),
+                 ("min_p", (torch.float32,), "in [0, 1] (0: none)"),
+                 ("min_p_first", (torch.bool,), "a bool"))
+
+
+def sample_token_rows(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor, min_p: torch.Tensor, min_p_first: torch.Tensor) -> torch.Tensor:
+    """sample_tokens with each row's own settings, in one launch: temperature [B] float32, top_k [B] int32 or int64
+    (0 or >= V: no top-k), top_p [B] float32 in (0, 1] (1: none), min_p [B] float32 in [0, 1] (0: none) and
+    min_p_first [B] bool; row b draws exactly the token sample_tokens draws for it alone with its settings as
+    scalars (the same fp32 values, the same u). Why: the serving engine's step draws requests of different settings
+    together (generate.sample_rows), one launch a step rather than one a request. Greedy rows are the caller's
+    argmax (sample_rows routes them; a temperature below fp32's smallest normal is refused here).
+    The settings may be on logits' device or on the CPU: host tensors are checked there and sent without waiting;
+    device ones are checked with one read back to the host (a sync)."""
+    who = "sample_token_rows"
+    B, _ = _check_logits_u(who, logits, u)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, min_p_first=min_p_first)
+    for name, dtypes, _ in _ROW_SETTINGS:
+        t = given[name]
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or tuple(t.shape) != (B,):
+            want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise UserError(f"{who}: {name} must be a {want} tensor of shape ({B},), one value a row, got "
+                            f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != logits.device and t.device.type != "cpu":
+            raise UserError(f"{who}: {name} is on {t.device}, logits on {logits.device}: on logits' device or "
+                            "the CPU")
+    # (NaN fails every comparison: refused as out of range)
+    bad = {"temperature": ~((temperature >= torch.finfo(torch.float32).tiny) & (temperature < float("inf"))),
+           "top_k": top_k < 0, "top_p": ~((top_p > 0.0) & (top_p <= 1.0)),
+           "min_p": ~((min_p >= 0.0) & (min_p <= 1.0))}
+    # the device's flags read back together: one sync, none for host tensors
+    on_device = [name for name in bad if bad[name].device.type != "cpu"]
+    any_bad = dict(zip(on_device, torch.stack([bad[n].any() for n in on_device]).tolist() if on_device else []))
+    for name, _, allowed in _ROW_SETTINGS[:4]:
+        if any_bad[name] if name in any_bad else bool(bad[name].any()):
+            row = int(bad[name].nonzero()[0])
+            raise UserError(f"{who}: {name} must be {allowed}, got {given[name][row].item()!r} in row {row}")
+    try:
+        check_runnable(logits, "logits")
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{who}: {e}") from None
+    # (a host setting sent without waiting: as generate's logit_bias)
+    sent = [given[name].to(logits.device, non_blocking=True) for name, _, _ in _ROW_SETTINGS]
+    return _sample_token_rows_op.call(logits, u, *sent)

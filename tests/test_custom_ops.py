@@ -212,11 +212,16 @@ def _token_mask_args(device, gen):
 
 
 def _sampling_args(device, gen):
-    """sample_tokens: a new ids tensor from logits and one uniform a row; no cut, then every cut (V 70)."""
+    """sample_tokens: a new ids tensor from logits and one uniform a row; no cut, then every cut (V 70).
+    sample_token_rows: each row its own settings."""
     logits = _randn(3, 70, device=device, gen=gen) * 3
     u = torch.rand(3, generator=gen).to(device)
+    rows = (torch.tensor([0.8, 1.2, 1.0]).to(device), torch.tensor([0, 20, 5]).to(device),
+            torch.tensor([1.0, 0.9, 0.5]).to(device), torch.tensor([0.0, 0.05, 0.1]).to(device),
+            torch.tensor([False, False, True]).to(device))
     return {"sample_tokens": (logits, u, 0.8, None, None, None),
-            "sample_tokens bf16 cuts": (logits.bfloat16(), u, 1.2, 20, 0.9, 0.05)}
+            "sample_tokens bf16 cuts": (logits.bfloat16(), u, 1.2, 20, 0.9, 0.05),
+            "sample_token_rows": (logits, u, *rows)}
 
 
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
@@ -262,7 +267,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("lora", ("add_lora_rows", "add_lora_rows bf16 int32")),
                                           ("token_mask", ("apply_token_bitmask_",
                                                           "apply_token_bitmask_ bf16 indices")),
-                                          ("sampling", ("sample_tokens", "sample_tokens bf16 cuts")))
+                                          ("sampling", ("sample_tokens", "sample_tokens bf16 cuts",
+                                                        "sample_token_rows")))
        for op in names]
 
 

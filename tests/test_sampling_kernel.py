@@ -7,10 +7,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from launch_spy import FlagSpy
 
 import tritongpt.kernels.sampling as ks
 from tritongpt.errors import UserError
-from tritongpt.kernels.sampling import sample_tokens
+from tritongpt.kernels.sampling import sample_token_rows, sample_tokens
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.model.sampling import draw_from_probs, draw_with_uniform
@@ -248,6 +249,75 @@ def test_ties_at_the_top_p_cut_are_kept_in_vocabulary_order_while_under_it(monke
             want = [m + (side > 0)] * 2
             assert sample_tokens(rows, u, 1.0, top_p=top_p).tolist() == want, (N, L, m, side)
             assert fp32_reference(rows, u, 1.0, top_p=top_p).tolist() == want, (N, L, m, side)
+
+
+# (temperature, top_k, top_p, min_p, min_p_first): a row's settings for sample_token_rows, each cut on and off, top_k
+# past V and 1, top_p 1 and below fp32's range, both min_p orders
+ROW_SETTINGS = [(0.8, None, None, None, False), (1.3, 20, None, None, False), (0.7, None, 0.8, None, False),
+                (1.0, 30, 0.9, 0.05, False), (0.9, None, 0.7, 0.1, True), (1.1, 400, 1.0, 0.02, True),
+                (0.6, 1, 0.5, None, False), (2.0, 50, 1e-40, 0.3, True)]
+
+
+def row_tensors(settings):
+    """sample_token_rows' [B] tensors for a list of settings (None: 0 for top_k and min_p, 1 for top_p)."""
+    T, k, p, mp, first = zip(*settings)
+    return (torch.tensor(T), torch.tensor([x or 0 for x in k]), torch.tensor([1.0 if x is None else x for x in p]),
+            torch.tensor([x or 0.0 for x in mp]), torch.tensor(first))
+
+
+def test_each_rows_settings_in_one_launch_draw_its_scalar_launchs_token(monkeypatch):
+    """Eight logits rows (V 157, bfloat16), each with its own settings and drawn at a sweep of 4 uniforms, in one
+    launch of the kernel: every row draws the token sample_tokens draws for it alone (the same u) and the reference
+    path's (sampling_logits then draw_with_uniform, per row)."""
+    spy = FlagSpy(ks._sample_kernel, ("PER_ROW",))
+    monkeypatch.setattr(ks, "_sample_kernel", spy)
+    g, n = torch.Generator().manual_seed(11), 4
+    logits = (torch.randn(len(ROW_SETTINGS), 157, generator=g) * 1.5).bfloat16().repeat_interleave(n, 0)
+    u = sweep(n).repeat(len(ROW_SETTINGS))
+    got = sample_token_rows(logits, u, *(t.repeat_interleave(n) for t in row_tensors(ROW_SETTINGS)))
+    assert spy.launched == [True] and got.dtype == torch.int64 and got.shape == (len(u),)
+    for j, (T, k, p, mp, first) in enumerate(ROW_SETTINGS):
+        rows = slice(j * n, (j + 1) * n)
+        alone = sample_tokens(logits[rows], u[rows], T, k, p, mp, min_p_first=first)
+        ref = fp32_reference(logits[rows], u[rows], T, top_k=k, top_p=p, min_p=mp, min_p_first=first)
+        assert got[rows].tolist() == alone.tolist() == ref.tolist(), (j, got[rows], alone, ref)
+    assert len(set(got.tolist())) > 10  # (not one token everywhere)
+
+
+def test_sample_token_rows_refuses_bad_settings_by_name_before_launching(monkeypatch):
+    """Each setting's dtype, shape and device, and its values (top_k < 0, top_p outside (0, 1], min_p outside
+    [0, 1], a temperature of 0 or inf, NaN anywhere) are refused naming the setting (and the row), before any
+    launch."""
+    launched = []
+    monkeypatch.setattr(ks, "_launch_rows", lambda *a: launched.append(a))
+    x, u = torch.randn(3, 50), torch.rand(3)
+    ok = row_tensors(ROW_SETTINGS[3:6])
+
+    def given(i, value):
+        return ok[:i] + (value,) + ok[i + 1:]
+    nan = float("nan")
+    for i, value, match in [(0, ok[0].double(), "temperature must be a float32 tensor of shape \\(3,\\)"),
+                            (0, ok[0][:2], r"temperature must be .* shape \(3,\)"),
+                            (0, 0.8, "temperature must be a float32 tensor .* got float"),
+                            (1, ok[1].float(), "top_k must be a int32 or int64 tensor"),
+                            (2, ok[2].to("meta"), "top_p is on meta, logits on cpu"),
+                            (4, ok[4].int(), "min_p_first must be a bool tensor"),
+                            (0, torch.tensor([0.8, 0.0, 1.0]), "temperature must be a finite .* got 0.0 in row 1"),
+                            (0, torch.tensor([0.8, 1.0, float("inf")]), "temperature .* got inf in row 2"),
+                            (0, torch.tensor([nan, 1.0, 1.0]), "temperature .* got nan in row 0"),
+                            (1, torch.tensor([5, -1, 0]), r"top_k must be an int >= 0 .* got -1 in row 1"),
+                            (2, torch.tensor([0.5, 1.0, 0.0]), r"top_p must be in \(0, 1\] .* got 0.0 in row 2"),
+                            (2, torch.tensor([1.5, 1.0, 0.5]), r"top_p must be in \(0, 1\] .* got 1.5 in row 0"),
+                            (2, torch.tensor([0.5, nan, 0.5]), "top_p .* got nan in row 1"),
+                            (3, torch.tensor([0.0, -0.1, 0.0]), r"min_p must be in \[0, 1\] .* in row 1"),
+                            (3, torch.tensor([0.0, 0.0, nan]), "min_p .* got nan in row 2")]:
+        with pytest.raises(UserError, match="sample_token_rows: " + match):
+            sample_token_rows(x, u, *given(i, value))
+    with pytest.raises(UserError, match="sample_token_rows: u must be a float32"):
+        sample_token_rows(x, u.double(), *ok)
+    assert launched == []
+    sample_token_rows(x, u, *ok)  # (the spy: the checked call does reach the launch)
+    assert len(launched) == 1
 
 
 @pytest.mark.cuda
