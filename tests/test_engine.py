@@ -88,15 +88,17 @@ def test_requests_arriving_and_waiting_get_generates_tokens_each(one_thread):
 
 
 def test_the_triton_path_batches_as_generate_does(one_thread, monkeypatch):
-    """And its sampled request draws with the Triton sampling kernel at each of its 3 tokens, in the engine and in
-    generate() alone (both paths draw the same tokens, so only a spy on the kernel sees which one ran)."""
+    """And its sampled request draws with the Triton sampling kernel at each of its 3 tokens, in the engine (the
+    step's batched draw: the per-row launch) and in generate() alone (one setting a launch); both paths draw the same
+    tokens, so only a spy on the kernel sees which one ran."""
     import tritongpt.kernels.sampling as ks
-    launches, real = [], ks._launch
-    monkeypatch.setattr(ks, "_launch", lambda *a: launches.append(tuple(a[0].shape)) or real(*a))
+    launches, real, rows = [], ks._launch, ks._launch_rows
+    monkeypatch.setattr(ks, "_launch", lambda *a: launches.append(("alone", *a[0].shape)) or real(*a))
+    monkeypatch.setattr(ks, "_launch_rows", lambda *a: launches.append(("rows", *a[0].shape)) or rows(*a))
     model = tiny("triton", n_layer=1)
     schedule = [(0, prompt(5, seed=1), 3, {}), (1, prompt(9, 2, seed=2), 3, dict(SAMPLED, seed=5))]
     check(model, schedule, Engine(model, max_batch=3))
-    assert launches == [(2, VOCAB)] * 6, launches
+    assert sorted(launches) == [("alone", 2, VOCAB)] * 3 + [("rows", 2, VOCAB)] * 3, launches
 
 
 def test_an_int8_cache_batches_as_generate_with_it(one_thread):

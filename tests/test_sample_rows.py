@@ -76,7 +76,7 @@ def served(model, batched: bool, monkeypatch, pass_rows=None):
             m.setattr(Engine, "_draw_plain", lambda self, logits, drafts: {})
         else:  # (the batched path taken: its rows counted)
             m.setattr(engine_module, "sample_rows",
-                      lambda logits, *a: calls.append(logits.size(0)) or sample_rows(logits, *a))
+                      lambda logits, *a, **k: calls.append(logits.size(0)) or sample_rows(logits, *a, **k))
         engine = Engine(model, max_batch=12)
         # (logprobs with a penalty: taken from the raw logits, not the drawn ones; min_tokens holding back an EOS
         # its bias makes likely)
@@ -132,3 +132,61 @@ def test_a_sampled_requests_generator_the_draw_cannot_use_is_refused_at_submit()
     while engine.running or engine.waiting:
         engine.step()
     assert greedy.wait().shape == sampled.wait().shape == (1, 6)
+
+
+def test_the_triton_path_draws_what_each_request_draws_alone_in_one_launch(monkeypatch):
+    """triton=True: the sampled rows of every request (mixed settings, both min_p orders, top_k past V) in one launch
+    of the sampling kernel, each seeded request's tokens those sample_next(triton=True) draws for it alone (a launch
+    a request), greedy rows the argmax, and each generator left in the same state. A top_p of 1e-50 (0 in fp32)
+    keeps the likeliest token, as sample_tokens' does."""
+    import tritongpt.kernels.sampling as ks
+    launches, real = [], ks._launch_rows
+    monkeypatch.setattr(ks, "_launch_rows", lambda *a: launches.append(a[0].size(0)) or real(*a))
+    warps = WARPS + [dict(temperature=1.2, top_k=500, top_p=1.0), dict(temperature=0.9, top_p=1e-50)]
+    sizes, V = [2, 1, 3, 1, 2, 1, 1, 2], 101
+    alone = [torch.Generator().manual_seed(20 + j) for j in range(len(warps))]
+    together = [torch.Generator().manual_seed(20 + j) for j in range(len(warps))]
+    step = torch.randn(sum(sizes), V, generator=torch.Generator().manual_seed(3)) * 2
+    want, row = [], 0
+    for w, g, n in zip(warps, alone, sizes):
+        want.append(sample_next(step[row:row + n], generator=g, triton=True, **w))
+        row += n
+    got = sample_rows(step, warps, together, sizes, triton=True)
+    assert torch.equal(got, torch.cat(want)) and len(set(got.flatten().tolist())) > 4
+    assert launches == [sum(sizes) - 1]  # (the greedy request's row: an argmax, not the kernel's)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(alone, together))
+
+
+def test_the_engine_with_triton_sampling_draws_a_step_in_one_launch(monkeypatch):
+    """Triton sampling on (sampling_with_triton, forced here: the model's forward stays the reference's): the
+    engine's plain requests, greedy and seeded of mixed settings, draw in one launch of the sampling kernel a step,
+    the very tokens each request drew alone with a launch of its own (decode_step's sample_next(triton=True))."""
+    import tritongpt.kernels.sampling as ks
+    model = tiny()
+    warps = [WARPS[0], WARPS[3], WARPS[4]]
+
+    def serve(batched):
+        per_row, scalar = [], []
+        with monkeypatch.context() as m:
+            m.setattr(engine_module, "sampling_with_triton", lambda model: True)
+            rows, one = ks._launch_rows, ks._launch
+            m.setattr(ks, "_launch_rows", lambda *a: per_row.append(a[0].size(0)) or rows(*a))
+            m.setattr(ks, "_launch", lambda *a: scalar.append(a[0].size(0)) or one(*a))
+            if not batched:
+                m.setattr(Engine, "_draw_plain", lambda self, logits, drafts: {})
+            engine = Engine(model, max_batch=6)
+            handles = [engine.submit(torch.randint(0, 50, (1, 4 + j), generator=torch.Generator().manual_seed(j))
+                                     .expand(n, -1), 3, generator=torch.Generator().manual_seed(j), **w)
+                       for j, (w, n) in enumerate(zip(warps, [2, 1, 2]))]
+            steps = 0
+            while engine.running or engine.waiting:
+                engine.step()
+                steps += 1
+            return [h.wait() for h in handles], per_row, scalar, steps
+    want, per_row_, scalar_, _ = serve(False)
+    got, per_row, scalar, steps = serve(True)
+    assert per_row_ == [] and scalar_ == [2, 2] * 3  # (alone: a launch for each sampled request a step)
+    # (batched: its 4 sampled rows in one launch a step)
+    assert scalar == [] and per_row == [4] * 3, (per_row, steps)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+

@@ -633,9 +633,9 @@ def test_a_temperature_under_vllms_epsilon_is_greedy(both, monkeypatch):
         handed.append(kwargs["temperature"])
         return sample_next(*args, **kwargs)
 
-    def rows_spy(logits, warps, *args):
+    def rows_spy(logits, warps, *args, **kwargs):
         handed.extend(w["temperature"] for w in warps)
-        return sample_rows(logits, warps, *args)
+        return sample_rows(logits, warps, *args, **kwargs)
     sample_next, sample_rows = generate_module.sample_next, engine_module.sample_rows
     monkeypatch.setattr(generate_module, "sample_next", spy)
     monkeypatch.setattr(engine_module, "sample_rows", rows_spy)

@@ -746,8 +746,7 @@ class Engine:
                 self._finish(r, e)
         if out is not None:
             self._mask_decode(out, [r for r in decoding if r in logits], logits)
-        # (the Triton kernel takes one temperature, top_k, top_p and min_p a launch: its requests draw alone)
-        drawn = {} if sampling_with_triton(self.model) else self._draw_plain(logits, drafts)
+        drawn = self._draw_plain(logits, drafts)
         tokens = 0  # the step's tokens as vLLM's iteration_tokens_total counts them (on_iteration)
         for r, lg in logits.items():
             alive, length = r.ended.count(False), r.idx.size(1)  # (before the step: its rows still drawing)
@@ -785,11 +784,13 @@ class Engine:
         """{r: nxt [n, 1]} for the step's plain decode requests (no speculation, no grammar, no cut of LATE_CUTS),
         drawn together by generate.sample_rows, a pass for the rows of each width (vocab_limit; on a CPU at most
         SAMPLE_PASS_CPU logits a pass): one batched draw a step, not decode_step's ~20 ops (GPU launches) a
-        request. A request's hold and its biases and penalties (sampling_logits at temperature 0) still run on its
+        request; with Triton sampling on (sampling_with_triton), one launch of the sampling kernel a width. A
+        request's hold and its biases and penalties (sampling_logits at temperature 0) still run on its
         own rows first, as decode_step's; one of them failing leaves the request to decode_step, where the error
         fails it alone; sample_rows failing gives its requests the error (submit refuses the one input of a
         request's own that could: a generator torch.rand refuses)."""
         widths, out = {}, {}
+        triton = sampling_with_triton(self.model)
         for r, lg in logits.items():
             if r in drafts or r.guide is not None or any(r.warp.get(k) is not None for k in LATE_CUTS):
                 continue
@@ -809,8 +810,9 @@ class Engine:
             size = 0
             for r, x in group:
                 # (a CPU's pass at most SAMPLE_PASS_CPU logits: there launches cost little, and a pass's tensors
-                # out of the cache cost more than the ops saved; a GPU's requests of a width all in one)
-                if passes[-1] and x.is_cpu and size + x.numel() > SAMPLE_PASS_CPU:
+                # out of the cache cost more than the ops saved; a GPU's requests of a width all in one, and the
+                # Triton kernel's too: it holds no pass-sized tensors, a row at a time)
+                if passes[-1] and x.is_cpu and not triton and size + x.numel() > SAMPLE_PASS_CPU:
                     passes.append([])
                     size = 0
                 passes[-1].append((r, x))
@@ -819,7 +821,7 @@ class Engine:
             reqs = [r for r, _ in group]
             try:
                 nxt = sample_rows(torch.cat([x for _, x in group]), [r.warp for r in reqs],
-                                  [r.generator for r in reqs], [r.n for r in reqs])
+                                  [r.generator for r in reqs], [r.n for r in reqs], triton=triton)
             except Exception as e:
                 out.update((r, e) for r in reqs)
                 continue

@@ -334,7 +334,7 @@ ROW_CUTS = ("temperature", "top_k", "top_p", "min_p", "min_p_first")
 LATE_CUTS = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_n_sigma")
 
 
-def sample_rows(logits, warps, generators, sizes):
+def sample_rows(logits, warps, generators, sizes, triton: bool = False):
     """sample_next's draw for several requests' rows at once: request j's sizes[j] rows of logits [B, V] (biased and
     penalized already, as sampling_logits leaves them at temperature 0) with its own temperature, top_k, top_p, min_p
     and min_p_first (warps[j]) and generator (generators[j]; None: torch's default) -> [B, 1].
@@ -346,7 +346,10 @@ def sample_rows(logits, warps, generators, sizes):
     sampling_logits rounds it (sorts, a topk's k-th value and softmaxes are a row's own; top_p is compared in
     float64, min_p and the temperature are fp32 as torch casts a Python float, and a CUDA tensor divided by a
     Python float is multiplied by its fp32 reciprocal, so here too). Greedy rows (a temperature below fp32's tiny,
-    sample_next's rule) are the logits' argmax. The settings are not checked again: the engine's submit did."""
+    sample_next's rule) are the logits' argmax. The settings are not checked again: the engine's submit did.
+    triton: sample_next's triton=True, the sampled rows' cuts and draw in one launch of the Triton kernel with each
+    row's settings (kernels/sampling.py sample_token_rows), each row's token the one sample_next(triton=True) draws
+    for its request alone from the same uniform."""
     V, device = logits.size(-1), logits.device
     greedy = [w.get("temperature", 0.0) < torch.finfo(torch.float32).tiny for w in warps]
 
@@ -361,6 +364,33 @@ def sample_rows(logits, warps, generators, sizes):
     if all(greedy):
         return nxt
     sampled = at([not g for g, n in zip(greedy, sizes) for _ in range(n)])
+
+    def uniforms():  # the sampled rows' u: the unseeded requests' from one torch.rand, then each seeded one's own
+        unseeded = sum(n for g, gr, n in zip(generators, greedy, sizes) if g is None and not gr)
+        shared = torch.rand(unseeded, device=device) if unseeded else None
+        u, row = [], 0
+        for g, gr, n in zip(generators, greedy, sizes):
+            if g is None and not gr:
+                u.append(shared[row:row + n])
+                row += n
+            elif not gr:
+                u.append(torch.rand(n, generator=g, device=device))
+        return torch.cat(u) if len(u) > 1 else u[0]
+
+    if triton:
+        from tritongpt.kernels.sampling import sample_token_rows
+        # the settings as sample_next hands them to sample_tokens, a row each (host tensors: checked on the host,
+        # sent without waiting); top_k V and top_p 1 are no cut, as there. A top_p below 1e-30 (0 in fp32, which
+        # sample_token_rows refuses) is 1e-30, as sample_tokens' launch makes it: the likeliest token kept
+        drawn = sample_token_rows(
+            logits[sampled], uniforms(), torch.tensor(rows(lambda w: w["temperature"]), dtype=torch.float32),
+            torch.tensor(rows(lambda w: 0 if w.get("top_k") is None else min(int(w["top_k"]), V)),
+                         dtype=torch.int64),
+            torch.tensor(rows(lambda w: min(max(w["top_p"], 1e-30), 1.0) if w.get("top_p") is not None else 1.0),
+                         dtype=torch.float32),
+            torch.tensor(rows(lambda w: w.get("min_p") or 0.0), dtype=torch.float32),
+            torch.tensor(rows(lambda w: bool(w.get("min_p_first"))), dtype=torch.bool))[:, None]
+        return drawn if nxt is None else nxt.index_put((sampled,), drawn)
     temperature = torch.tensor(rows(lambda w: w["temperature"]), dtype=torch.float32)
     if device.type == "cuda":
         temperature = 1 / temperature  # (on the host, in fp32: the CUDA kernel's reciprocal of a Python float)
@@ -396,16 +426,7 @@ def sample_rows(logits, warps, generators, sizes):
     if any(later):
         i = at([m > 0 for m in later])
         x[i] = cut_min_p(x[i], table[4, i, None].float())
-    unseeded = sum(n for g, gr, n in zip(generators, greedy, sizes) if g is None and not gr)
-    shared = torch.rand(unseeded, device=device) if unseeded else None
-    u, row = [], 0
-    for g, gr, n in zip(generators, greedy, sizes):
-        if g is None and not gr:
-            u.append(shared[row:row + n])
-            row += n
-        elif not gr:
-            u.append(torch.rand(n, generator=g, device=device))
-    drawn = draw_with_uniform(x, torch.cat(u) if len(u) > 1 else u[0])[:, None]
+    drawn = draw_with_uniform(x, uniforms())[:, None]
     if nxt is None:
         return drawn
     return nxt.index_put((sampled,), drawn)
