@@ -120,11 +120,59 @@ def weights_file(path, family: str) -> Path:
     return path
 
 
-def _read_tensors(path, prefix: str = "transformer.") -> dict:
+# how each quantizer transformers loads stores a linear layer (its quant_method): named in the refusal, since a reader
+# here that went on would find no float .weight (a confusing missing-tensor error) or integer codes in its place
+_QUANT_STORAGE = {
+    "gptq": "GPTQ's int32-packed qweight, qzeros, scales and g_idx",
+    "awq": "AWQ's int32-packed qweight, qzeros and scales",
+    "bitsandbytes": "bitsandbytes' int8 (SCB) or 4-bit (absmax, quant_map) blocks",
+    "fp8": "float8 weights with their scales (weight_scale_inv)",
+    "fbgemm_fp8": "float8 weights with their scales (weight_scale)",
+    "compressed-tensors": "compressed-tensors' packed weights with their scales",
+}
+_QUANT_FIELDS = ("bits", "group_size", "desc_act", "sym", "version", "checkpoint_format", "load_in_4bit",
+                 "load_in_8bit", "fmt")
+
+
+def hf_quantization(cfg_json) -> dict | None:
+    """config.json's quantization_config (a model quantized by GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors ...:
+    transformers' pre-quantized folders), or AutoGPTQ's own quantize_config.json beside it; None when neither says
+    one (null: nothing said). Anything but an object there is refused by name."""
+    cfg_json = Path(cfg_json)
+    q = read_json_object(cfg_json).get("quantization_config") if cfg_json.is_file() else None
+    if q is None and (own := cfg_json.parent / "quantize_config.json").is_file():
+        # AutoGPTQ's save_quantized writes its settings here, not in config.json (and no quant_method: it is GPTQ's)
+        return {"quant_method": "gptq", **read_json_object(own), "_where": str(own)}
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise UserError(f"{cfg_json} has quantization_config {q!r}; it must be an object (quant_method and its "
+                        "fields) or null")
+    return {**q, "_where": f"{cfg_json}'s quantization_config"}
+
+
+def refuse_quantized(q: dict, why: str = "") -> None:
+    """A UserError naming a quantization_config (hf_quantization's) that the reader does not take (why: what it
+    does take, where it takes some)."""
+    # transformers reads a config without quant_method but with load_in_4bit / load_in_8bit as bitsandbytes'
+    method = q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else None)
+    said = ", ".join(f"{k} {q[k]!r}" for k in _QUANT_FIELDS if k in q)
+    raise UserError(f"{q['_where']}: quant_method {method!r}{f' ({said})' if said else ''} is not read here" +
+                    (f" ({why})" if why else "") + f": its linear layers are stored as "
+                    f"{_QUANT_STORAGE.get(method, 'quantized tensors')}, not float weights; load the float model "
+                    "it was quantized from (`tritongpt quantize --quantize int4 --method gptq` or `--method awq` "
+                    "makes a 4-bit model of it here)")
+
+
+def _read_tensors(path, prefix: str = "transformer.", quantization_read: bool = False) -> dict:
     """A safetensors file's tensors (or a pytorch_model.bin's, or all of a shard index's shards'), their
-    names without the model class's prefix."""
+    names without the model class's prefix. A folder quantized by GPTQ, AWQ, bitsandbytes ... (config.json's
+    quantization_config) is refused by name first, unless the reader takes it (quantization_read: it has read and
+    checked that config itself)."""
     from safetensors.torch import load_file
 
+    if not quantization_read and (q := hf_quantization(Path(path).parent / "config.json")) is not None:
+        refuse_quantized(q)
     tensors = {}
     for file in shard_files(path) if is_shard_index(path) else [path]:
         if is_torch_bin(file):
