@@ -60,30 +60,38 @@ def test_a_quantized_folder_is_refused_by_name_at_the_config_read(tmp_path, fami
     (a real quantized folder's integer codes, or its missing .weight, fail later and say less)."""
     folder = with_quantization(exported(tmp_path, family), CONFIGS[name])
     method = CONFIGS[name].get("quant_method", "bitsandbytes")
-    with pytest.raises(UserError, match=rf"config\.json's quantization_config: quant_method '{method}'.* is not "
-                                        r"read here: .*load the float model it was quantized from"):
-        load_checkpoint(folder)
+    said = (rf"config\.json's quantization_config: quant_method '{method}'.* is not read here.*: .*load the float "
+            "model it was quantized from")
+    if family == "llama" and method in ("gptq", "awq"):  # 4-bit, read as int4 (below): its float tensors named
+        said = rf"config\.json says {method.upper()} quantization, but no tensor is a quantized linear's"
+    with pytest.raises(UserError, match=said):
+        load_checkpoint(folder, quantized_ok=True)
 
 
-def test_gptq_tensors_are_refused_by_name_not_as_a_missing_tensor(tmp_path):
-    """A Llama's linears as GPTQ stores them (qweight, qzeros, scales, g_idx; no .weight), through generate."""
-    folder = with_quantization(exported(tmp_path), CONFIGS["gptq"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gptq_tensors_are_refused_by_name_not_as_a_missing_tensor(tmp_path, family):
+    """Linears as GPTQ stores them (qweight, qzeros, scales, g_idx; no .weight), through generate: a GPT-2's (whose
+    reader takes no GPTQ), and a Llama's at 8 bits (its reader takes 4)."""
+    q = {**CONFIGS["gptq"], "bits": 8 if family == "llama" else 4}
+    folder = with_quantization(exported(tmp_path, family), q)
     sd = load_file(folder / "model.safetensors")
-    for k in [k for k in sd if k.endswith("_proj.weight")]:
+    for k in [k for k in sd if k.endswith(("_proj.weight", "c_attn.weight", "c_fc.weight"))]:
         N, K = sd.pop(k).shape
+        N, K = (K, N) if family == "gpt2" else (N, K)  # (GPT-2's Conv1D: [in, out])
         base = k.removesuffix(".weight")
         sd.update({base + ".qweight": torch.randint(0, 2 ** 31 - 1, (K // 8, N), dtype=torch.int32),
                    base + ".qzeros": torch.randint(0, 2 ** 31 - 1, (K // 32, N // 8), dtype=torch.int32),
                    base + ".scales": torch.rand(K // 32, N).half(), base + ".g_idx": torch.arange(K) // 32})
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(UserError, match=r"quant_method 'gptq' \(bits 4, group_size 32, desc_act False, sym True\) "
-                                        r"is not read here: its linear layers are stored as GPTQ's int32-packed"):
-        load_checkpoint(folder)
+    with pytest.raises(UserError, match=rf"quant_method 'gptq' \(bits {q['bits']}, group_size 32, desc_act False, "
+                                        r"sym True\) is not read here.*: its linear layers are stored as GPTQ's "
+                                        "int32-packed"):
+        load_checkpoint(folder, quantized_ok=True)
     assert cli.main(["generate", "--weights", str(folder), "--prompt", "hi", "--device", "cpu"]) == 2
 
 
 def test_autogptqs_own_quantize_config_json_is_refused_by_name(tmp_path):
-    folder = exported(tmp_path)
+    folder = exported(tmp_path, "gpt2")  # (a Llama's is read: the 4-bit GPTQ below)
     (folder / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "desc_act": True}))
     with pytest.raises(UserError, match=r"quantize_config\.json: quant_method 'gptq' \(bits 4, group_size 128, "
                                         r"desc_act True\) is not read here"):
@@ -101,3 +109,206 @@ def test_a_null_quantization_config_is_a_float_model(tmp_path):
     want = load_checkpoint(folder)
     got = load_checkpoint(with_quantization(folder, None))
     assert torch.equal(got.trf_blocks[0].att.W_query.weight, want.trf_blocks[0].att.W_query.weight)
+
+
+# -- 4-bit GPTQ and AWQ read as int4 (train/hf_quant.py) ----------------------------------------------------------
+# The reference packers below are written from the quantizers' own code, not from our unpacker:
+# - GPTQ: AutoGPTQ's auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py QuantLinear.pack (and GPTQ's quant.py
+#   find_params): q = clamp(round(W / s) + z, 0, 15); qweight [K / 8, N], row r's bits 4j..4j+3 input 8r + j;
+#   qzeros [G, N / 8] of `zeros -= 1` (v1; GPTQModel's gptq_v2 keeps z), column c's bits 4j.. output 8c + j;
+#   sym: z = (maxq + 1) / 2 = 8, s = 2 max|W| / 15.
+# - AWQ GEMM: AutoAWQ's awq/modules/linear/gemm.py WQLinear_GEMM.from_linear: intweight [K, N], qweight[:, c] |=
+#   intweight[:, 8c + order_map[i]] << 4i with order_map [0, 2, 4, 6, 1, 3, 5, 7]; qzeros the same of z [G, N];
+#   W = (q - z) s (awq/utils/packing_utils.py dequantize_gemm).
+
+def as_int32(words):
+    """uint32 values (int64) as the int32 words the files hold (two's complement)."""
+    return ((words + 2 ** 31) % 2 ** 32 - 2 ** 31).to(torch.int32)
+
+
+def reference_quantize(w, group, sym):
+    """(q [N, K], z [N, G], s [N, G]) by GPTQ's find_params / round-to-nearest (what AWQ's pseudo-quantizer does
+    too), and the matrix (q - z) s they stand for."""
+    N, K = w.shape
+    width = K if group == -1 else group
+    g = w.double().view(N, K // width, width)
+    if sym:
+        s = 2 * g.abs().amax(dim=2) / 15
+        z = torch.full_like(s, 8)
+    else:
+        lo, hi = g.amin(dim=2).clamp(max=0), g.amax(dim=2).clamp(min=0)
+        s = (hi - lo) / 15
+        z = torch.round(-lo / s)
+    s = s.half().double()  # scales are stored fp16
+    q = (torch.round(g / s[:, :, None]) + z[:, :, None]).clamp(0, 15)
+    return q.view(N, K).long(), z.long(), s, ((q - z[:, :, None]) * s[:, :, None]).view(N, K)
+
+
+def pack_gptq(q, z, s, v1=True):
+    intweight, zeros = q.T, (z.T - 1 if v1 else z.T)  # [K, N], [G, N]
+    K, N = intweight.shape
+    qweight = torch.zeros(K // 8, N, dtype=torch.int64)
+    for j in range(8):
+        qweight |= intweight[j::8] << (4 * j)
+    qzeros = torch.zeros(zeros.shape[0], N // 8, dtype=torch.int64)
+    for j in range(8):
+        qzeros |= (zeros[:, j::8] & 15) << (4 * j)
+    G = s.shape[1]
+    return {".qweight": as_int32(qweight), ".qzeros": as_int32(qzeros), ".scales": s.T.half().contiguous(),
+            ".g_idx": (torch.arange(K) // (K // G)).to(torch.int32)}
+
+
+def pack_awq(q, z, s):
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    intweight, zeros = q.T, z.T
+
+    def pack(t):
+        out = torch.zeros(t.shape[0], t.shape[1] // 8, dtype=torch.int64)
+        for col in range(t.shape[1] // 8):
+            for i in range(8):
+                out[:, col] |= t[:, col * 8 + order[i]] << (i * 4)
+        return as_int32(out)
+
+    return {".qweight": pack(intweight), ".qzeros": pack(zeros), ".scales": s.T.half().contiguous()}
+
+
+KINDS = {  # name: (family config, quantization_config)
+    "gptq-v1-sym": ({}, {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}),
+    "gptq-v1-asym-qwen2": ({"qkv_bias_only": True}, {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                                     "desc_act": False, "sym": False, "checkpoint_format": "gptq"}),
+    "gptq-v2-one-group-mistral": ({"attention_window": 5}, {"quant_method": "gptq", "bits": 4, "group_size": -1,
+                                                             "sym": False, "checkpoint_format": "gptq_v2"}),
+    "gptq-desc-act-sorted": ({}, {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True,
+                                  "sym": False}),
+    "awq-gemm": ({}, {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "GEMM"}),
+}
+
+
+def quantized_folder(tmp_path, kind, seed=0):
+    """A tiny Llama-shaped folder of `kind`, quantized and packed by the reference rules above, and the float model
+    of the matrices it stands for (the dequantized weights, everything else as exported)."""
+    extra, q = KINDS[kind]
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
+                               **{**LLAMA, **extra})).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms and biases off their ones and zeros
+            p.add_(0.05 * torch.randn(p.shape))
+    folder = tmp_path / kind
+    export_llama(model, folder)
+    sd = load_file(folder / "model.safetensors")
+    dequantized = {}
+    for k in [k for k in sd if k.endswith("_proj.weight")]:
+        base = k.removesuffix(".weight")
+        lv, zero, scale, w = reference_quantize(sd.pop(k), q["group_size"], q.get("sym", False))
+        packed = pack_awq(lv, zero, scale) if q["quant_method"] == "awq" else \
+            pack_gptq(lv, zero, scale, v1=q.get("checkpoint_format", "gptq") == "gptq")
+        sd.update({base + part: t for part, t in packed.items()})
+        dequantized[k] = w.float()
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with_quantization(folder, q)
+    float_model = load_checkpoint(exported_with(tmp_path / "float", folder, dequantized))
+    return folder, float_model
+
+
+def exported_with(out, folder, weights):
+    """folder's float twin: its config.json without the quantization, the dequantized matrices in place."""
+    out.mkdir()
+    d = json.loads((folder / "config.json").read_text())
+    del d["quantization_config"]
+    (out / "config.json").write_text(json.dumps(d))
+    sd = {k: v for k, v in load_file(folder / "model.safetensors").items()
+          if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
+    save_file({**sd, **weights}, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_logits(tmp_path, kind):
+    folder, want = quantized_folder(tmp_path, kind)
+    model = load_checkpoint(folder, quantized_ok=True)
+    assert model.quantized == "int4" and not model.quantized_head
+    assert type(model.trf_blocks[0].ff.w_down).__name__ == "Int4Linear"
+    assert model.quantized_group_size == 32 if KINDS[kind][1]["group_size"] == 32 else 64
+    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = want(idx)
+        for kernels in ("reference", "triton"):
+            model.set_kernels(kernels)
+            got = model(idx)
+            assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item(), kernels
+
+
+def test_an_int4_folder_saves_and_loads_as_our_int4_file(tmp_path):
+    folder, _ = quantized_folder(tmp_path, "awq-gemm")
+    model = load_checkpoint(folder, quantized_ok=True)
+    model.save(tmp_path / "int4.safetensors")
+    back = GPTModel.load(tmp_path / "int4.safetensors", quantized_ok=True).eval()
+    idx = torch.arange(9)[None]
+    with torch.no_grad():
+        assert torch.equal(back(idx), model(idx))
+
+
+def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_path):
+    folder, _ = quantized_folder(tmp_path, "gptq-v1-sym")
+    with pytest.raises(UserError, match=r"is GPTQ-quantized .* read as int4 for inference: .*train, export or merge "
+                                        "the float weights it was quantized from"):
+        load_checkpoint(folder)
+    assert cli.main(["export", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert cli.main(["merge", str(folder), str(folder), "--out", str(tmp_path / "merged")]) == 2
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"bits": 8}, r"quant_method 'gptq' \(bits 8, .*\) is not read here \(bits 8: 4-bit GPTQ only"),
+    ({"checkpoint_format": "marlin"}, r"checkpoint_format 'marlin': 'gptq' \(v1, zeros stored less 1\) or "),
+    ({"group_size": 0}, r"group_size 0: a positive integer, or -1"),
+    ({"dynamic": {".*down.*": {"bits": 8}}}, r"a dynamic per-module config"),
+    ({"quant_method": "awq", "version": "gemv"}, r"quant_method 'awq' .* \(version 'gemv': AWQ's GEMM packing only"),
+    ({"quant_method": "awq", "zero_point": False}, r"zero_point false"),
+    ({"quant_method": "fp8"}, r"quant_method 'fp8' .* is not read here \(4-bit GPTQ and AWQ GEMM are\)"),
+])
+def test_what_does_not_map_to_int4_is_refused_by_name(tmp_path, change, said):
+    folder, _ = quantized_folder(tmp_path, "gptq-v1-sym")
+    with_quantization(folder, {**KINDS["gptq-v1-sym"][1], **change})
+    with pytest.raises(UserError, match=said):
+        load_checkpoint(folder, quantized_ok=True)
+
+
+def edit_tensors(folder, edit):
+    sd = load_file(folder / "model.safetensors")
+    edit(sd)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_an_act_order_g_idx_is_refused_by_name(tmp_path):
+    folder, _ = quantized_folder(tmp_path, "gptq-desc-act-sorted")
+
+    def shuffle(sd):
+        g = sd["model.layers.0.mlp.down_proj.g_idx"]  # (128 inputs: 2 groups of 64)
+        sd["model.layers.0.mlp.down_proj.g_idx"] = g[torch.randperm(len(g), generator=torch.Generator().manual_seed(0))]
+
+    with pytest.raises(UserError, match=r"down_proj\.g_idx puts its inputs in groups out of order \(desc_act"):
+        load_checkpoint(edit_tensors(folder, shuffle), quantized_ok=True)
+
+
+def test_a_float_layer_beside_4bit_ones_and_a_quantized_head_are_refused_by_name(tmp_path):
+    folder, want = quantized_folder(tmp_path, "awq-gemm")
+
+    def float_down(sd):
+        for part in (".qweight", ".qzeros", ".scales"):
+            del sd["model.layers.0.mlp.down_proj" + part]
+        sd["model.layers.0.mlp.down_proj.weight"] = want.trf_blocks[0].ff.w_down.weight.detach().clone()
+
+    with pytest.raises(UserError, match=r"trf_blocks\.0\.ff\.w_down is stored as a float weight beside 4-bit"):
+        load_checkpoint(edit_tensors(folder, float_down), quantized_ok=True)
+
+    folder, _ = quantized_folder(tmp_path / "head", "awq-gemm")
+
+    def quantized_head(sd):
+        lv, zero, scale, _ = reference_quantize(sd.pop("lm_head.weight"), 32, False)
+        sd.update({"lm_head" + part: t for part, t in pack_awq(lv, zero, scale).items()})
+
+    with pytest.raises(UserError, match=r"lm_head is quantized, where this model keeps all but the blocks' linear"):
+        load_checkpoint(edit_tensors(folder, quantized_head), quantized_ok=True)

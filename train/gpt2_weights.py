@@ -536,7 +536,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         if is_moe_file(path):
             return load_moe_safetensors(path)
         if is_llama_file(path):
-            return load_llama_safetensors(path)
+            return _inference_only(load_llama_safetensors(path), path, quantized_ok)
         return load_gpt2_safetensors(path, model_name)
     model = GPTModel.load(path, quantized_ok=quantized_ok)
     # used, not trained on: the plain model its LoRA update makes; a QLoRA checkpoint's (model/quant.py) runs its
@@ -545,6 +545,17 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         from tritongpt.model.lora import merge_lora
 
         merge_lora(model)
+    return model
+
+
+def _inference_only(model: GPTModel, path, quantized_ok: bool) -> GPTModel:
+    """model, unless it is a GPTQ or AWQ folder read as int4 (hf_quant.py) where quantized_ok is not given: refused
+    by name, as GPTModel.load refuses an int4 file of ours (the trainers, export and merge take float weights)."""
+    if getattr(model, "quantized", None) and not quantized_ok:
+        q = hf_quantization(Path(path).parent / "config.json")
+        raise UserError(f"{path} is {q['quant_method'].upper()}-quantized ({q['_where']}), read as int4 for "
+                        "inference: generate, chat, serve, eval, hellaswag and lambada run it; train, export or merge "
+                        "the float weights it was quantized from")
     return model
 
 
@@ -586,11 +597,12 @@ def load_gpt2_safetensors(path, model_name: str | None = None) -> GPTModel:
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def model_with_tensors(cfg: GPTConfig, mapping, path) -> GPTModel:
+def model_with_tensors(cfg: GPTConfig, mapping, path, build=None) -> GPTModel:
     """GPTModel(cfg) holding mapping()'s tensors (our parameter names -> a file's tensors; a
     KeyError names the tensor the file lacks): every parameter filled, each of its own shape
-    (built empty: no random init to overwrite; a parameter the mapping leaves out is refused)."""
-    model = GPTModel.empty(cfg)
+    (built empty: no random init to overwrite; a parameter the mapping leaves out is refused).
+    build: makes the empty model instead of GPTModel.empty (hf_quant.py's, its int4 layers filled first)."""
+    model = GPTModel.empty(cfg) if build is None else build(cfg)
     try:
         ours = mapping()
     except KeyError as e:  # the first tensor the mapping asked for and the file lacks

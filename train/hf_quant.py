@@ -1,0 +1,180 @@
+"""4-bit GPTQ and AWQ folders from Hugging Face (config.json's quantization_config) into Int4Linear (model/quant.py),
+kept 4-bit: for the readers whose layers are Llama's q/k/v/o/gate/up/down projections (llama_weights.py).
+
+Both store a linear of in K, out N as int32 words of eight 4-bit levels q, a zero z and an fp16 scale s per group of
+inputs and output, W[n, k] = (q[k, n] - z[g, n]) * s[g, n]; ours is W = q * scale + offset per group of consecutive
+inputs, so scale = s and offset = -z * s, the levels q the same 0..15 repacked two to a byte.
+- GPTQ (AutoGPTQ, GPTQModel; qlinear pack/unpack): qweight [K / 8, N], word r's nibble j (from the low bits) input
+  8r + j; qzeros [G, N / 8], word c's nibble j output 8c + j; scales [G, N]; g_idx [K] each input's group. The
+  gptq (v1) checkpoint_format stores z - 1 in qzeros (dequantization adds the 1 back); GPTQModel's gptq_v2 stores z.
+  sym: z is 8 in every group. desc_act: the inputs were quantized in another order, their groups given by g_idx;
+  read where g_idx is still k // group_size (ours groups consecutive inputs), refused otherwise.
+- AWQ GEMM (AutoAWQ's WQLinear_GEMM.from_linear): qweight [K, N / 8] and qzeros [G, N / 8] packed along the outputs,
+  word c's nibble i holding output 8c + [0, 2, 4, 6, 1, 3, 5, 7][i]; z stored as it is; scales [G, N].
+group_size -1 is one group of all K inputs. The groups become ours of the largest size GROUP_SIZES has that divides
+every layer's (each scale repeated over the smaller groups: the same matrix). What does not map (other bits, other
+checkpoint formats or AWQ versions, a non-trivial g_idx, a quantized LM head, some layers float) is refused by name.
+"""
+import torch
+
+from tritongpt.errors import UserError
+from tritongpt.model.gpt import GPTModel, check_quantized_scales
+from tritongpt.model.quant import GROUP_SIZES, Int4Linear, pack_int4, quantized_layout
+from tritongpt.train.gpt2_weights import _FLOAT_DTYPES, model_with_tensors, refuse_quantized
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word holds output 8c + AWQ_ORDER[i]
+_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def int4_spec(q: dict) -> dict:
+    """A quantization_config (gpt2_weights.hf_quantization's) as {method, group_size, zero_minus_one} for
+    int4_linears, or a UserError naming what of it is not read (refuse_quantized)."""
+    method = q.get("quant_method")
+    if method not in ("gptq", "awq"):
+        refuse_quantized(q, "4-bit GPTQ and AWQ GEMM are")
+    if q.get("bits") != 4 or isinstance(q.get("bits"), bool):
+        refuse_quantized(q, f"bits {q.get('bits')!r}: 4-bit {method.upper()} only, into int4 groups")
+    group = q.get("group_size", 128)
+    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or group > 0):
+        refuse_quantized(q, f"group_size {group!r}: a positive integer, or -1 for one group of all the inputs")
+    if method == "gptq":
+        fmt = q.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            refuse_quantized(q, f"checkpoint_format {fmt!r}: 'gptq' (v1, zeros stored less 1) or 'gptq_v2' only")
+        if q.get("dynamic"):  # GPTQModel's per-module overrides of bits and group size
+            refuse_quantized(q, "a dynamic per-module config: one bits and group_size for every layer only")
+        return dict(method=method, group_size=group, zero_minus_one=fmt == "gptq")
+    version = q.get("version", "gemm")
+    if not isinstance(version, str) or version.lower() != "gemm":
+        refuse_quantized(q, f"version {version!r}: AWQ's GEMM packing only")
+    if q.get("zero_point", True) is not True:
+        refuse_quantized(q, "zero_point false: AWQ GEMM with zero points only")
+    return dict(method=method, group_size=group, zero_minus_one=False)
+
+
+def _unpack_rows(words):
+    """int32 [R, C] -> levels [8R, C]: word r's nibble j (from the low bits) is row 8r + j (GPTQ's qweight)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    return ((words[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, words.shape[1])
+
+
+def _unpack_cols(words, order=tuple(range(8))):
+    """int32 [R, C] -> levels [R, 8C]: word c's nibble i is column 8c + order[i] (GPTQ's qzeros; AWQ's, reordered)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    nibbles = (words[:, :, None] >> shifts) & 15  # [R, C, 8]: nibble i
+    out = torch.empty_like(nibbles)
+    out[:, :, list(order)] = nibbles
+    return out.reshape(words.shape[0], -1)
+
+
+def _one(sd: dict, name: str, path):
+    if name not in sd:
+        raise UserError(f"{path}: missing tensor {name!r} (a quantized linear's qweight, qzeros and scales go "
+                        "together)")
+    return sd.pop(name)
+
+
+def _levels(base: str, sd: dict, spec: dict, path) -> tuple:
+    """(q [N, K] int, zero [N, G] float, scale [N, G] fp32, K / G) of one quantized linear, its tensors taken out of
+    sd."""
+    qweight, qzeros, scales = (_one(sd, base + p, path) for p in _PARTS[:3])
+    g_idx = sd.pop(base + ".g_idx", None)
+    for name, t in ((".qweight", qweight), (".qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise UserError(f"{path}: tensor {base}{name} is {str(t.dtype).removeprefix('torch.')} "
+                            f"{tuple(t.shape)}, not 2-D int32 (words of eight 4-bit levels)")
+    if spec["method"] == "gptq":
+        q, zero = _unpack_rows(qweight).T, _unpack_cols(qzeros).T  # [N, K], [N, G]
+    else:
+        q, zero = _unpack_cols(qweight, AWQ_ORDER).T, _unpack_cols(qzeros, AWQ_ORDER).T
+    N, K = q.shape
+    G = scales.shape[0]
+    if tuple(scales.shape) != (G, N) or tuple(zero.shape) != (N, G) or G < 1 or K % G:
+        raise UserError(f"{path}: {base}'s qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and scales "
+                        f"{tuple(scales.shape)} are not one 4-bit {spec['method'].upper()} layer")
+    width = K if spec["group_size"] == -1 else spec["group_size"]
+    if width * G != K:
+        raise UserError(f"{path}: {base} has {G} groups of its {K} inputs, not groups of group_size "
+                        f"{spec['group_size']}")
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(K) // width):
+        raise UserError(f"{path}: {base}.g_idx puts its inputs in groups out of order (desc_act's act-order): "
+                        "this model's int4 groups are consecutive inputs; requantize without desc_act")
+    if not scales.is_floating_point():
+        raise UserError(f"{path}: tensor {base}.scales is {scales.dtype}, not a float")
+    zero = zero.float() + 1 if spec["zero_minus_one"] else zero.float()
+    return q, zero, scales.T.float(), width
+
+
+def int4_linears(sd: dict, spec: dict, path) -> tuple:
+    """(sd with each quantized linear's tensors replaced by a meta .weight of its float shape, for the reader's shape
+    checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G])}; G, our group size)."""
+    bases = sorted({k.removesuffix(".qweight") for k in sd if k.endswith(".qweight")})
+    if not bases:
+        raise UserError(f"{path}: config.json says {spec['method'].upper()} quantization, but no tensor is a "
+                        "quantized linear's (.qweight)")
+    outside = [b for b in bases if not b.startswith("layers.")]  # (GPTQModel's lm_head=True: the LM head 4-bit)
+    if outside:
+        raise UserError(f"{path}: {outside[0]} is quantized, where this model keeps all but the blocks' linear layers "
+                        "float (the LM head, as GPTQ and AWQ leave it by default): requantize without it")
+    # our group size first, from the shapes (qweight's inputs: GPTQ packs them 8 to a word, AWQ keeps one a row), so
+    # that each layer is unpacked and repacked alone (all of a 7B model's levels at once would be tens of GB)
+    widths = {spec["group_size"] if spec["group_size"] != -1 else
+              sd[b + ".qweight"].shape[0] * (8 if spec["method"] == "gptq" else 1) for b in bases}
+    G = max((g for g in GROUP_SIZES if all(w % g == 0 for w in widths)), default=None)
+    if G is None:
+        raise UserError(f"{path}: group widths {sorted(widths)} are not all multiples of one of this model's int4 "
+                        f"group sizes ({', '.join(map(str, GROUP_SIZES))})")
+    out = {}
+    for b in bases:
+        q, zero, scale, width = _levels(b, sd, spec, path)
+        N, K = q.shape
+        # each of the file's groups is width / G of ours, sharing its scale and zero
+        scale, zero = scale.repeat_interleave(width // G, dim=1), zero.repeat_interleave(width // G, dim=1)
+        out[b] = (pack_int4(q).contiguous(), scale.contiguous(), (-zero * scale).contiguous())
+        sd[b + ".weight"] = torch.empty(N, K, device="meta")
+    left = sorted(k for k in sd if k.endswith(_PARTS))
+    if left:
+        raise UserError(f"{path}: tensor {left[0]!r} is part of no quantized linear this reader maps")
+    return sd, out, G
+
+
+def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path) -> GPTModel:
+    """model_with_tensors' model of a quantized folder: every Linear of the blocks an Int4Linear (quantized_layout;
+    the LM head float, as GPTQ and AWQ leave it) filled from int4_linears' packed ({base: (qweight, scale, offset)},
+    the base found by the meta .weight mapping() gives it), its bias from the file, the rest as model_with_tensors
+    fills it."""
+    meta = {}
+    bases = {id(t): k.removesuffix(".weight") for k, t in sd.items() if t.is_meta}  # mapping() hands these on
+
+    def build(cfg):
+        with torch.device("meta"):  # (the float matrices never made)
+            model = GPTModel(cfg)
+        meta["model"] = model = quantized_layout(model, "int4", head=False, group_size=group_size)
+        return model.to_empty(device="cpu").eval()
+
+    def floats():
+        model, ours, filled = meta["model"], mapping(), set()
+        layers = {name for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+        for name in [n for n in ours if n.removesuffix(".weight") in layers or n.removesuffix(".bias") in layers]:
+            layer, _, kind = name.rpartition(".")
+            value, m = ours.pop(name), model.get_submodule(layer)
+            if kind == "weight":
+                if not value.is_meta:
+                    raise UserError(f"{path}: {layer} is stored as a float weight beside 4-bit layers; this model reads "
+                                    "a folder whose every linear layer of the blocks is quantized")
+                for buf, t in zip((m.qweight, m.scale, m.offset), packed[bases[id(value)]]):
+                    assert buf.shape == t.shape, (layer, buf.shape, t.shape)  # (int4_linears made them to fit)
+                    buf.copy_(t)
+                filled.add(layer)
+            elif value.dtype not in _FLOAT_DTYPES or value.shape != m.bias.shape:
+                raise UserError(f"{path}: tensor for {name} is {value.dtype} {tuple(value.shape)}, not a float "
+                                f"bias of {m.out_features}")
+            else:
+                m.bias.copy_(value)
+        if layers - filled:
+            raise UserError(f"{path}: no weights for {sorted(layers - filled)[:3]}")
+        return ours
+
+    model = model_with_tensors(cfg, floats, path, build=build)
+    check_quantized_scales(model, path)  # (a scale of 0 or below: a damaged file)
+    return model
