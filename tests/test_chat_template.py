@@ -1276,6 +1276,31 @@ def test_a_models_own_tokens_named_twice_are_read_as_transformers_ranks_them(tmp
         assert render(HFTokenizer.from_hf_folder(folder), chat) == want, name
 
 
+def exported(ours, out, config_json: dict):
+    """ours.hf_files written into out with config_json as export's config.json. -> out."""
+    out.mkdir()
+    for file, text in ours.hf_files(chat_template=ours.chat_template).items():
+        (out / file).write_text(text)
+    (out / "config.json").write_text(json.dumps(config_json))
+    return out
+
+
+def test_an_export_whose_config_json_picks_a_class_gains_none_of_its_defaults(tmp_path):
+    """A named token the source has none of (Qwen2.5's unk_token null) is written null in the exported
+    tokenizer_config.json, not left out: left out, the class export's config.json model_type picks (qwen2: transformers
+    reads any Qwen2 folder as Qwen2Tokenizer) filled it with its default (<|endoftext|>), in transformers and here."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    source = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "unk_token": None}
+    want = rendered_alike(tiny_folder(tmp_path / "qwen25", source), tmp_path)
+    assert want == "False|True|B?|<|im_end|>|<|im_end|>|U?|<|endoftext|>|M?|hi"
+    ours = HFTokenizer.from_hf_folder(tmp_path / "qwen25")
+    out = exported(ours, tmp_path / "export", {"model_type": "qwen2", "eos_token_id": ours.eot_id})
+    chat = [{"role": "user", "content": "hi"}]
+    assert transformers.AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False) == want
+    assert render(HFTokenizer.from_hf_folder(out), chat) == want
+
+
 def test_a_class_default_eos_tokenizer_json_lacks_is_named_as_the_classs(tmp_path):
     """Where no file names an EOS and the class's default (Command-R's <|END_OF_TURN_TOKEN|>) is no token of
     tokenizer.json, the refusal names the class: since special_tokens_map.json's eos_token is taken (or refused)

@@ -620,12 +620,11 @@ class HFTokenizer(TokenizerChecks):
         config.update(self.template_ends)
         # (transformers >= 5 reads them back, and gives a chat template them, as render does: a model's own by name)
         config.update(as_init_kwargs(self.template_tokens))
-        # tokenizer.json keeps its "padding", whose pad_token transformers takes where the config names none
-        # (special_config): a source without a pad token (a null, or a class passing its own None: GPT-2's) would
-        # gain that one in the exported folder, in its template and /tokenizer_info. A null keeps it out.
-        padding = self.spec.get("padding")
-        if "pad_token" not in config and isinstance(padding, dict) and isinstance(padding.get("pad_token"), str):
-            config["pad_token"] = None
+        # the named tokens the source had none of are null, not left out: left out, a class's default would fill
+        # them (a Qwen2Tokenizer's unk_token, where the exported config.json's model_type picks the class), and
+        # transformers' TokenizersBackend takes tokenizer.json's "padding" pad_token (a source without a pad token,
+        # a null or a class passing its own None, GPT-2's, would gain that one in its template and /tokenizer_info)
+        config.update((key, None) for key in NAMED_TOKENS if key not in config)
         if chat_template is not None:
             from tritongpt.train.chat_template import hf_chat_template_field
 
