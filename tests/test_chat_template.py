@@ -1313,6 +1313,33 @@ def test_a_class_default_eos_tokenizer_json_lacks_is_named_as_the_classs(tmp_pat
         tok.eot_id
 
 
+def test_an_export_of_a_class_default_tokenizer_json_lacks_reads_back_as_its_source(tmp_path):
+    """A Command-R class's folder whose tokenizer.json lacks its default BOS and EOS (<BOS_TOKEN>,
+    <|END_OF_TURN_TOKEN|>): transformers gives the template them (adding them as new tokens). The export wrote them
+    into tokenizer_config.json, where from_hf_folder refuses a token tokenizer.json lacks; it names the class and
+    leaves them to its defaults, as the source did, so both read the export (and a run's file of it) as the source."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+    from tritongpt.train.tokenizer import eot_or_none, load_tokenizer
+
+    source = tiny_folder(tmp_path / "cohere", {"tokenizer_class": "CohereTokenizerFast", "unk_token": "<unk>",
+                                               "pad_token": None})
+    want = rendered_alike(source, tmp_path)
+    assert want == "True|True|<BOS_TOKEN>|<|END_OF_TURN_TOKEN|>|<BOS_TOKEN><|END_OF_TURN_TOKEN|>|<unk>|P?|" \
+                   "<MASK_TOKEN>|hi"
+    ours = HFTokenizer.from_hf_folder(source)
+    ours.save(tmp_path / "run.json")
+    out = exported(load_tokenizer(tmp_path / "run.json"), tmp_path / "export", {})
+    chat = [{"role": "user", "content": "hi"}]
+    assert transformers.AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False) == want
+    back = HFTokenizer.from_hf_folder(out)
+    assert (render(back, chat), eot_or_none(back), back.hash) == (want, None, ours.hash)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["template_class"] == "CohereTokenizer"
+    (tmp_path / "bad.json").write_text(json.dumps({**run, "template_class": "NopeTokenizer"}))
+    with pytest.raises(UserError, match=r"bad.json: field 'template_class' must be one of the tokenizer classes"):
+        load_tokenizer(tmp_path / "bad.json")
+
+
 def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_reads(tmp_path):
     """config.json's eos_token_id stays the EOS where tokenizer_config.json names none, though transformers'
     tokenizer.eos_token is the class's default (a Qwen2 folder: <|endoftext|>): a folder that had an EOS keeps it,

@@ -361,6 +361,10 @@ class HFTokenizer(TokenizerChecks):
         # the bos_token and eos_token transformers gives the template where they are not the tokenizer's own
         # ({"eos_token": None}: undefined; from_hf_folder's), as template_tokens not part of the hash
         self.template_ends = {}
+        # the tokenizer class whose default gave template_ends a token tokenizer.json lacks (a Command-R class's
+        # <|END_OF_TURN_TOKEN|>), else None: export names the class and leaves that token to its default, as the
+        # source did (hf_files), since a tokenizer_config.json naming a token tokenizer.json lacks is refused
+        self.template_class = None
 
     def without_chat_template(self) -> "HFTokenizer":
         """This tokenizer without a chat template (a run whose chats are in tritongpt's)."""
@@ -440,6 +444,9 @@ class HFTokenizer(TokenizerChecks):
             name = spelling(special.get(key), cfg_path, key)
             if name != getattr(tok, key):
                 tok.template_ends[key] = name
+                # (only a class's default can be no token here: the files' are refused above if not tokens)
+                if name and tok._tok.token_to_id(name) is None:
+                    tok.template_class = tokenizer_class(files, folder)
         from tritongpt.train.chat_template import templates_from_config
 
         named = templates_from_config(cfg, str(cfg_path), folder) or {}
@@ -550,6 +557,7 @@ class HFTokenizer(TokenizerChecks):
                    else {}),
                 **({"template_tokens": self.template_tokens} if self.template_tokens else {}),
                 **({"template_ends": self.template_ends} if self.template_ends else {}),
+                **({"template_class": self.template_class} if self.template_class else {}),
                 "tokenizer": self.spec}
 
     def save(self, path):
@@ -601,6 +609,11 @@ class HFTokenizer(TokenizerChecks):
             raise UserError(f"{path}: field 'template_ends' must be an object of bos_token and eos_token's text "
                             f"(or null) as the chat template sees them, or absent, got {ends!r}"[:300])
         tok.template_ends = dict(ends)
+        cls_name = d.get("template_class")
+        if cls_name is not None and cls_name not in CLASS_TOKENS:
+            raise UserError(f"{path}: field 'template_class' must be one of the tokenizer classes whose defaults "
+                            f"tritongpt knows ({', '.join(CLASS_TOKENS)}) or absent, got {cls_name!r}"[:300])
+        tok.template_class = cls_name
         return tok
 
     def hf_files(self, model_max_length: int | None = None, chat_template: str | None = None,
@@ -625,6 +638,16 @@ class HFTokenizer(TokenizerChecks):
         # transformers' TokenizersBackend takes tokenizer.json's "padding" pad_token (a source without a pad token,
         # a null or a class passing its own None, GPT-2's, would gain that one in its template and /tokenizer_info)
         config.update((key, None) for key in NAMED_TOKENS if key not in config)
+        if self.template_class is not None:
+            # a BOS or EOS the template saw that tokenizer.json lacks was the source's class default (Command-R's
+            # <|END_OF_TURN_TOKEN|>): named here, from_hf_folder would refuse the export (a config's token must be
+            # the tokenizer's), so the export names the class and leaves the key out, as its source did; transformers
+            # (which adds the default as a new token, source and export alike) and from_hf_folder read it back so.
+            # Every other key of the class's defaults is named above (a null where the source had none).
+            config["tokenizer_class"] = self.template_class
+            for key, name in self.template_ends.items():
+                if name and self._tok.token_to_id(name) is None and name == CLASS_TOKENS[self.template_class].get(key):
+                    del config[key]
         if chat_template is not None:
             from tritongpt.train.chat_template import hf_chat_template_field
 
