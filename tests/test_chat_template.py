@@ -1340,6 +1340,45 @@ def test_an_export_of_a_class_default_tokenizer_json_lacks_reads_back_as_its_sou
         load_tokenizer(tmp_path / "bad.json")
 
 
+def test_extra_special_tokens_transformers_refuses_are_refused_naming_the_file_and_field(tmp_path):
+    """transformers 5 refuses (a TypeError) a tokenizer_config.json additional_special_tokens list holding an object
+    without "__type": "AddedToken" (the tokenizers library takes only strings and AddedTokens), a legacy
+    special_tokens_map.json's additional_special_tokens object (read as one token, where no extra_special_tokens
+    stands) and an object saying "special" in the map's extra_special_tokens list (it marks them special itself).
+    They were read here; each is refused naming its file and field, and the shapes it loads still load."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    untagged = {"content": "<pad>", "special": True}
+    cases = {  # folder: (tokenizer_config.json, special_tokens_map.json, the refusal; None: both load it)
+        "config_list": ({"additional_special_tokens": [untagged]}, None,
+                        r"tokenizer_config.json: additional_special_tokens holds \{'content': '<pad>', 'special': True\}"
+                        r", which transformers refuses \(TypeError: Input must be a List"),
+        "map_object": ({}, {"additional_special_tokens": {"image_token": "<pad>"}},
+                       r"special_tokens_map.json: additional_special_tokens is an object, which transformers 5 reads"),
+        # (the config's object is a model's own tokens, dropped before the map is read: no extra_special_tokens)
+        "map_object_beside_an_object": ({"additional_special_tokens": {"a": "<s>"}},
+                                        {"additional_special_tokens": {"a": "<s>"}},
+                                        r"special_tokens_map.json: additional_special_tokens is an object"),
+        "map_special": ({}, {"extra_special_tokens": [untagged]},
+                        r"special_tokens_map.json: extra_special_tokens holds an object with \"special\""),
+        "tagged": ({"additional_special_tokens": [{**untagged, "__type": "AddedToken"}]}, None, None),
+        "map_object_beside_extra": ({"extra_special_tokens": ["<s>"]}, {"additional_special_tokens": {"a": "<s>"}},
+                                    None),
+        "map_plain": ({}, {"extra_special_tokens": [{"content": "<pad>"}]}, None),
+    }
+    for name, (config, legacy, refusal) in cases.items():
+        folder = tiny_folder(tmp_path / name, {"tokenizer_class": "PreTrainedTokenizerFast", **config},
+                             {"special_tokens_map.json": legacy} if legacy else None)
+        if refusal is None:
+            transformers.AutoTokenizer.from_pretrained(folder)
+            HFTokenizer.from_hf_folder(folder)
+            continue
+        with pytest.raises(TypeError):
+            transformers.AutoTokenizer.from_pretrained(folder)
+        with pytest.raises(UserError, match=refusal):
+            HFTokenizer.from_hf_folder(folder)
+
+
 def test_an_eos_config_json_names_is_kept_over_the_class_default_transformers_reads(tmp_path):
     """config.json's eos_token_id stays the EOS where tokenizer_config.json names none, though transformers'
     tokenizer.eos_token is the class's default (a Qwen2 folder: <|endoftext|>): a folder that had an EOS keeps it,

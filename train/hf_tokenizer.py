@@ -219,6 +219,72 @@ def special_files(cfg: dict, cfg_path: Path, folder: Path) -> tuple:
     return cfg, where
 
 
+def extra_token_list(cfg: dict, cfg_path: Path, legacy: dict, map_path: Path):
+    """Refuses the extra special tokens transformers 5 refuses (a TypeError), naming the file and field, where it
+    reads them as from_pretrained and the tokenizer's __init__ do: tokenizer_config.json's extra_special_tokens (its
+    additional_special_tokens where that is empty), dropped where an object (a model's own tokens by name); the
+    legacy special_tokens_map.json's (legacy: its fields, where read) over it, its extra_special_tokens list joined
+    to the config's; and where no extra_special_tokens is left, the additional_special_tokens left (the map's over
+    the config's). What it reads must be a list or an object, else "extra_special_tokens must be a list/tuple of
+    tokens or a dict of named tokens" (the map's additional_special_tokens object it reads as one token); a list's
+    objects must carry "__type": "AddedToken" (the tokenizers library takes only strings and AddedTokens: "Input must
+    be a List[Union[str, AddedToken]]"), but the map's extra_special_tokens', which it makes AddedTokens itself,
+    marking them special, so that one saying "special" is refused ("got multiple values for keyword argument")."""
+    # {key: (value, (file, field) of the value or of each item of a list)}, as transformers' init_kwargs
+    kw = {k: (cfg[k], [(cfg_path, k)] * len(cfg[k]) if isinstance(cfg[k], list) else (cfg_path, k))
+          for k in ("extra_special_tokens", "additional_special_tokens") if k in cfg}
+    if "additional_special_tokens" in kw and not kw.get("extra_special_tokens", (None,))[0]:
+        kw["extra_special_tokens"] = kw.pop("additional_special_tokens")
+    if isinstance(kw.get("extra_special_tokens", (None,))[0], dict):  # (taken as a model's own, the key dropped)
+        del kw["extra_special_tokens"]
+    if "additional_special_tokens" in legacy:  # (taken as it stands; an object, as one token: refused if read)
+        value = legacy["additional_special_tokens"]
+        kw["additional_special_tokens"] = (value, [(map_path, "additional_special_tokens")] * len(value)
+                                           if isinstance(value, list) else (map_path, "additional_special_tokens"))
+    if "extra_special_tokens" in legacy:
+        value = legacy["extra_special_tokens"]
+        if isinstance(value, list):  # joined to the config's, its objects made AddedTokens (special=True)
+            for t in value:
+                if isinstance(t, dict) and "special" in t:
+                    raise UserError(f"{map_path}: extra_special_tokens holds an object with \"special\" ({t!r}), "
+                                    "which transformers refuses (TypeError: AddedToken() got multiple values for "
+                                    "keyword argument 'special': it marks this file's tokens special itself): leave "
+                                    "\"special\" out"[:400])
+            old, where = kw.get("extra_special_tokens", (None, []))
+            old = list(old or [])
+            # (the config's value made a list: a string's characters, an object's keys, all strings)
+            where = where if isinstance(where, list) and len(where) == len(old) else \
+                [(cfg_path, "extra_special_tokens")] * len(old)
+            joined = [t if not isinstance(t, dict) else "" for t in value]  # (a made AddedToken: a token)
+            kw["extra_special_tokens"] = (old + joined, where + [(map_path, "extra_special_tokens")] * len(joined))
+        elif isinstance(value, dict):
+            kw.pop("extra_special_tokens", None)
+        else:
+            kw["extra_special_tokens"] = (value, (map_path, "extra_special_tokens"))
+    if "additional_special_tokens" in kw and "extra_special_tokens" not in kw:  # (the tokenizer's __init__)
+        kw["extra_special_tokens"] = kw.pop("additional_special_tokens")
+    value, where = kw.get("extra_special_tokens", (None, None))
+    if value is None or isinstance(value, dict) and where != (map_path, "additional_special_tokens"):
+        return
+    if isinstance(value, dict):
+        raise UserError(f"{map_path}: additional_special_tokens is an object, which transformers 5 reads as one "
+                        "token and then refuses (TypeError: extra_special_tokens must be a list/tuple of tokens "
+                        "or a dict of named tokens): list the tokens, or name a model's own tokens in an "
+                        f"extra_special_tokens object; got {value!r}"[:400])
+    if not isinstance(value, list):
+        path, field = where
+        own = "" if (path, field) == (map_path, "additional_special_tokens") else \
+            " (or an object of a model's own by name)"
+        raise UserError(f"{path}: {field} must be a list of special tokens{own}, got {type(value).__name__} "
+                        f"{value!r}, which transformers 5 refuses (TypeError: extra_special_tokens must be a list/tuple "
+                        "of tokens or a dict of named tokens)"[:400])
+    for t, (path, field) in zip(value, where):
+        if not isinstance(t, str) and not (isinstance(t, dict) and t.get("__type") == "AddedToken"):
+            raise UserError(f"{path}: {field} holds {t!r}, which transformers refuses (TypeError: Input must be a "
+                            "List[Union[str, AddedToken]]): write the token's text as a string, or an object with "
+                            "\"__type\": \"AddedToken\" as transformers writes it"[:400])
+
+
 # the classes (of CLASS_TOKENS's) whose __init__ passes transformers' TokenizersBackend a pad_token of its own, a
 # default or None; the others (LlamaTokenizer, TokenizersBackend itself) leave it to tokenizer.json's "padding"
 OWN_PAD = ("Qwen2Tokenizer", "GemmaTokenizer", "CohereTokenizer", "GPTNeoXTokenizer", "GPT2Tokenizer",
@@ -435,6 +501,7 @@ class HFTokenizer(TokenizerChecks):
             else:
                 tok._no_eos += " (nor special_tokens_map.json, nor its tokenizer class by default)"
         legacy = {k: files[k] for k in came_from}  # (special_tokens_map.json's fields, where read)
+        extra_token_list(cfg, cfg_path, legacy, folder / "special_tokens_map.json")
         tok.template_tokens = template_tokens(special, cfg_path, own_tokens(cfg, legacy))
         # the BOS and EOS transformers gives the template, where not the tokenizer's: none (undefined, not "") where
         # only config.json names one (it sets the EOS generation stops on, not the template's), a class's default
