@@ -115,7 +115,8 @@ def test_a_null_quantization_config_is_a_float_model(tmp_path):
 # The reference packers below are written from the quantizers' own code, not from our unpacker:
 # - GPTQ: AutoGPTQ's auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py QuantLinear.pack (and GPTQ's quant.py
 #   find_params): q = clamp(round(W / s) + z, 0, 15); qweight [K / 8, N], row r's bits 4j..4j+3 input 8r + j;
-#   qzeros [G, N / 8] of `zeros -= 1` (v1; GPTQModel's gptq_v2 keeps z), column c's bits 4j.. output 8c + j;
+#   qzeros [G, N / 8], column c's bits 4j.. output 8c + j, of z (GPTQModel's gptq_v2) or z - 1 (v1: GPTQModel's
+#   convert_gptq_v2_to_v1_format subtracts 0x11111111 from each word, so a zero of 0 borrows from the next nibble);
 #   sym: z = (maxq + 1) / 2 = 8, s = 2 max|W| / 15.
 # - AWQ GEMM: AutoAWQ's awq/modules/linear/gemm.py WQLinear_GEMM.from_linear: intweight [K, N], qweight[:, c] |=
 #   intweight[:, 8c + order_map[i]] << 4i with order_map [0, 2, 4, 6, 1, 3, 5, 7]; qzeros the same of z [G, N];
@@ -145,14 +146,16 @@ def reference_quantize(w, group, sym):
 
 
 def pack_gptq(q, z, s, v1=True):
-    intweight, zeros = q.T, (z.T - 1 if v1 else z.T)  # [K, N], [G, N]
+    intweight, zeros = q.T, z.T  # [K, N], [G, N]
     K, N = intweight.shape
     qweight = torch.zeros(K // 8, N, dtype=torch.int64)
     for j in range(8):
         qweight |= intweight[j::8] << (4 * j)
     qzeros = torch.zeros(zeros.shape[0], N // 8, dtype=torch.int64)
     for j in range(8):
-        qzeros |= (zeros[:, j::8] & 15) << (4 * j)
+        qzeros |= zeros[:, j::8] << (4 * j)
+    if v1:  # GPTQModel's v2 -> v1: z - 1 as whole words (a zero of 0 borrows from the next nibble)
+        qzeros -= 0x11111111
     G = s.shape[1]
     return {".qweight": as_int32(qweight), ".qzeros": as_int32(qzeros), ".scales": s.T.half().contiguous(),
             ".g_idx": (torch.arange(K) // (K // G)).to(torch.int32)}
@@ -312,3 +315,25 @@ def test_a_float_layer_beside_4bit_ones_and_a_quantized_head_are_refused_by_name
 
     with pytest.raises(UserError, match=r"lm_head is quantized, where this model keeps all but the blocks' linear"):
         load_checkpoint(edit_tensors(folder, quantized_head), quantized_ok=True)
+
+
+def test_a_gptq_v1_zero_of_0_saved_as_whole_words_reads_back(tmp_path):
+    """GPTQ v1's z - 1 is word arithmetic: GPTQModel saves v1 as its v2 qzeros less 0x11111111 per int32 word (and
+    loads it back adding that), so a zero of 0 (an asymmetric group of weights all at or above 0) becomes nibble 15
+    and borrows 1 from the next output's. Read nibble by nibble + 1, that zero is 16 and its neighbour one short."""
+    from tritongpt.model.quant import dequantize_int4
+    from tritongpt.train.hf_quant import int4_linears, int4_spec
+
+    gen = torch.Generator().manual_seed(0)
+    N, K, group = 16, 64, 32
+    q = torch.randint(0, 16, (N, K), generator=gen)
+    z = torch.randint(1, 16, (N, K // group), generator=gen)
+    z[3, 0] = z[8, 1] = 0  # output 3 (a word's nibble 3) in group 0, output 8 (a word's lowest) in group 1
+    s = (torch.rand(N, K // group, generator=gen) + 0.1).half().double()
+    packed = pack_gptq(q, z, s, v1=True)  # (v2's words less 0x11111111)
+    sd = {"layers.0.mlp.down_proj" + part: t for part, t in packed.items()}
+    spec = int4_spec({**KINDS["gptq-v1-asym-qwen2"][1], "_where": "config.json"})
+    _, out, G = int4_linears(sd, spec, tmp_path)
+    got = dequantize_int4(*out["layers.0.mlp.down_proj"], G)
+    want = (q - z.repeat_interleave(group, dim=1)) * s.repeat_interleave(group, dim=1)
+    assert torch.allclose(got.double(), want, atol=1e-6, rtol=0)

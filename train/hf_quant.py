@@ -6,7 +6,8 @@ inputs and output, W[n, k] = (q[k, n] - z[g, n]) * s[g, n]; ours is W = q * scal
 inputs, so scale = s and offset = -z * s, the levels q the same 0..15 repacked two to a byte.
 - GPTQ (AutoGPTQ, GPTQModel; qlinear pack/unpack): qweight [K / 8, N], word r's nibble j (from the low bits) input
   8r + j; qzeros [G, N / 8], word c's nibble j output 8c + j; scales [G, N]; g_idx [K] each input's group. The
-  gptq (v1) checkpoint_format stores z - 1 in qzeros (dequantization adds the 1 back); GPTQModel's gptq_v2 stores z.
+  gptq (v1) checkpoint_format stores z - 1 in qzeros, as whole words (v2's less 0x11111111: a zero of 0 borrows
+  from the next nibble), read back by adding 0x11111111 to each word as GPTQModel does; its gptq_v2 stores z.
   sym: z is 8 in every group. desc_act: the inputs were quantized in another order, their groups given by g_idx;
   read where g_idx is still k // group_size (ours groups consecutive inputs), refused otherwise.
 - AWQ GEMM (AutoAWQ's WQLinear_GEMM.from_linear): qweight [K, N / 8] and qzeros [G, N / 8] packed along the outputs,
@@ -84,6 +85,11 @@ def _levels(base: str, sd: dict, spec: dict, path) -> tuple:
             raise UserError(f"{path}: tensor {base}{name} is {str(t.dtype).removeprefix('torch.')} "
                             f"{tuple(t.shape)}, not 2-D int32 (words of eight 4-bit levels)")
     if spec["method"] == "gptq":
+        if spec["zero_minus_one"]:
+            # v1's z - 1 is word arithmetic, not per nibble: GPTQModel saves v1 as its v2 qzeros less 0x11111111, so a
+            # zero of 0 borrows from the next nibble up; adding the words back (as GPTQModel's load does) undoes it
+            # exactly, where each nibble + 1 would read that zero as 16 and its neighbour one short
+            qzeros = (qzeros.long() + 0x11111111) & 0xFFFFFFFF
         q, zero = _unpack_rows(qweight).T, _unpack_cols(qzeros).T  # [N, K], [N, G]
     else:
         q, zero = _unpack_cols(qweight, AWQ_ORDER).T, _unpack_cols(qzeros, AWQ_ORDER).T
@@ -101,8 +107,7 @@ def _levels(base: str, sd: dict, spec: dict, path) -> tuple:
                         "this model's int4 groups are consecutive inputs; requantize without desc_act")
     if not scales.is_floating_point():
         raise UserError(f"{path}: tensor {base}.scales is {scales.dtype}, not a float")
-    zero = zero.float() + 1 if spec["zero_minus_one"] else zero.float()
-    return q, zero, scales.T.float(), width
+    return q, zero.float(), scales.T.float(), width
 
 
 def int4_linears(sd: dict, spec: dict, path) -> tuple:
