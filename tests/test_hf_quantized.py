@@ -269,6 +269,9 @@ def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_pat
     ({"dynamic": {".*down.*": {"bits": 8}}}, r"a dynamic per-module config"),
     ({"quant_method": "awq", "version": "gemv"}, r"quant_method 'awq' .* \(version 'gemv': AWQ's GEMM packing only"),
     ({"quant_method": "awq", "zero_point": False}, r"zero_point false"),
+    ({"quant_method": "awq", "version": "gemm", "backend": "llm-awq"}, r"backend 'llm-awq': AutoAWQ's GEMM packing"),
+    ({"is_marlin_format": True}, r"checkpoint_format 'marlin': 'gptq' \(v1"),
+    ({"checkpoint_format": "gptq", "format": "gptq_v2"}, r"checkpoint_format 'gptq' but format 'gptq_v2': which packing is unclear"),
     ({"quant_method": "fp8"}, r"quant_method 'fp8' .* is not read here \(4-bit GPTQ and AWQ GEMM are\)"),
 ])
 def test_what_does_not_map_to_int4_is_refused_by_name(tmp_path, change, said):
@@ -337,3 +340,16 @@ def test_a_gptq_v1_zero_of_0_saved_as_whole_words_reads_back(tmp_path):
     got = dequantize_int4(*out["layers.0.mlp.down_proj"], G)
     want = (q - z.repeat_interleave(group, dim=1)) * s.repeat_interleave(group, dim=1)
     assert torch.allclose(got.double(), want, atol=1e-6, rtol=0)
+
+
+def test_a_gptq_v2_folder_naming_its_format_as_format_alone_reads_as_v2(tmp_path):
+    """GPTQModel calls its checkpoint_format "format" (and writes both today): a config with only that one is v2's
+    zeros as they are, not v1's read one too high."""
+    folder, want = quantized_folder(tmp_path, "gptq-v2-one-group-mistral")
+    q = {**KINDS["gptq-v2-one-group-mistral"][1]}
+    q["format"] = q.pop("checkpoint_format")
+    model = load_checkpoint(with_quantization(folder, q), quantized_ok=True)
+    idx = torch.arange(7)[None]
+    with torch.no_grad():
+        expected = want(idx)
+        assert (model(idx) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()

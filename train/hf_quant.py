@@ -39,7 +39,13 @@ def int4_spec(q: dict) -> dict:
     if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or group > 0):
         refuse_quantized(q, f"group_size {group!r}: a positive integer, or -1 for one group of all the inputs")
     if method == "gptq":
-        fmt = q.get("checkpoint_format", "gptq")
+        # GPTQModel writes its format as both "format" (its own name) and "checkpoint_format" (transformers'): one
+        # alone is read, so that a v2 folder saying only "format" is not read as v1 (every zero one too high)
+        fmt = q.get("checkpoint_format", q.get("format", "gptq"))
+        if "format" in q and q["format"] != fmt:
+            refuse_quantized(q, f"checkpoint_format {fmt!r} but format {q['format']!r}: which packing is unclear")
+        if q.get("is_marlin_format"):  # (AutoGPTQ's older name for checkpoint_format 'marlin')
+            fmt = "marlin"
         if fmt not in ("gptq", "gptq_v2"):
             refuse_quantized(q, f"checkpoint_format {fmt!r}: 'gptq' (v1, zeros stored less 1) or 'gptq_v2' only")
         if q.get("dynamic"):  # GPTQModel's per-module overrides of bits and group size
@@ -48,6 +54,9 @@ def int4_spec(q: dict) -> dict:
     version = q.get("version", "gemm")
     if not isinstance(version, str) or version.lower() != "gemm":
         refuse_quantized(q, f"version {version!r}: AWQ's GEMM packing only")
+    # transformers' AwqConfig backend: 'llm-awq' (MIT's WQLinear) packs its linears otherwise than AutoAWQ's GEMM
+    if q.get("backend", "autoawq") not in ("autoawq", None):
+        refuse_quantized(q, f"backend {q['backend']!r}: AutoAWQ's GEMM packing only")
     if q.get("zero_point", True) is not True:
         refuse_quantized(q, "zero_point false: AWQ GEMM with zero points only")
     return dict(method=method, group_size=group, zero_minus_one=False)
