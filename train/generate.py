@@ -402,17 +402,18 @@ def sample_rows(logits, warps, generators, sizes, triton: bool = False):
     # it), sent in one copy without waiting
     table = torch.tensor([temperature.tolist(), top_k, top_p, first, later], dtype=torch.float64).to(
         device, non_blocking=True)
+    temperature_row, top_k_row, top_p_row, first_row, later_row = table  # (its rows, by name: views of the one copy)
     # the sampled rows only, and each cut on the rows that ask for it: on a CPU the cost is the FLOPs, and a sort
     # of every row for one row's top_p made the step slower than drawing each request alone
     x = logits[sampled].float()
     x = x - x.amax(dim=-1, keepdim=True)
-    x = x * table[0, :, None].float() if device.type == "cuda" else x / table[0, :, None].float()
+    x = x * temperature_row[:, None].float() if device.type == "cuda" else x / temperature_row[:, None].float()
     if any(first):
         i = at([m > 0 for m in first])
-        x[i] = cut_min_p(x[i], table[3, i, None].float())
+        x[i] = cut_min_p(x[i], first_row[i, None].float())
     if any(top_k):
         i = at([k > 0 for k in top_k])
-        y, k = x[i], table[1, i].long()
+        y, k = x[i], top_k_row[i].long()
         kth = torch.topk(y, max(top_k)).values.gather(-1, (k - 1)[:, None])
         x[i] = y.masked_fill(y < kth, float("-inf"))
     if any(p < 1.0 for p in top_p):
@@ -421,11 +422,11 @@ def sample_rows(logits, warps, generators, sizes, triton: bool = False):
         sorted_y, order = torch.sort(y, descending=True, stable=True)
         probs = torch.softmax(sorted_y.double(), dim=-1)
         above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)
-        sorted_y = sorted_y.masked_fill(above >= table[2, i, None], float("-inf"))
+        sorted_y = sorted_y.masked_fill(above >= top_p_row[i, None], float("-inf"))
         x[i] = torch.full_like(y, float("-inf")).scatter(-1, order, sorted_y)
     if any(later):
         i = at([m > 0 for m in later])
-        x[i] = cut_min_p(x[i], table[4, i, None].float())
+        x[i] = cut_min_p(x[i], later_row[i, None].float())
     drawn = draw_with_uniform(x, uniforms())[:, None]
     if nxt is None:
         return drawn
