@@ -30,10 +30,10 @@ from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
 from tritongpt.model.sampling import sampling_with_triton
 from tritongpt.train.generate import (LATE_CUTS, ROW_CUTS, DecodeGraph, Prediction, PromptLookup, _draw,
-                                     check_cache_dtype, check_draft, check_graphable, check_logprobs,
+                                     append_taken, check_cache_dtype, check_draft, check_graphable, check_logprobs,
                                      check_masks_reach_end, check_sampling, decode_step, draft_width, end_rule,
                                      held_back, hidden_and_head, last_logits, new_cache, sample_rows, sampling_logits,
-                                     score_positions, take_step, verify_step)
+                                     score_positions, take_rows, take_step, verify_step)
 
 # Batched prefill (_groups): several requests' prompt chunks run in one forward, each right-padded to the longest.
 # A group takes a chunk only while its padded tokens stay within PREFILL_GROUP_TOKENS (the forward's activations:
@@ -49,6 +49,9 @@ PAGE_SIZE = 16  # a paged cache's positions a page where none is given (vLLM's b
 # float64 sort and softmax tensors, tens of MB, out of the cache), passes of 8 to 16 rows about as fast; at 97 or
 # 8192 tokens the whole batch in one pass was the fastest.
 SAMPLE_PASS_CPU = 2**19
+# the batched draw's requests: their tokens read to the host and their logprobs taken together, a step
+# (_take_plain); False: take_step a request at a time (tests compare the two)
+TAKE_BATCHED = True
 
 
 class Cancelled(Exception):
@@ -747,12 +750,18 @@ class Engine:
         if out is not None:
             self._mask_decode(out, [r for r in decoding if r in logits], logits)
         drawn = self._draw_plain(logits, drafts)
+        taken = self._take_plain(logits, drawn) if TAKE_BATCHED else {}
         tokens = 0  # the step's tokens as vLLM's iteration_tokens_total counts them (on_iteration)
         for r, lg in logits.items():
             alive, length = r.ended.count(False), r.idx.size(1)  # (before the step: its rows still drawing)
             try:
                 if r in drafts:
                     finished, ended = self._accept(r, lg, *drafts[r])
+                elif r in taken:  # (take_step's, its batch work done together: _take_plain)
+                    if isinstance(taken[r], Exception):
+                        raise taken[r]
+                    nxt, was, ended, lp = taken[r]
+                    r.idx, finished, ended = append_taken(r.idx, nxt, r.done, was, ended, r.put_token, r.stop, lp)
                 elif r in drawn:  # (decode_step's after its draw)
                     if isinstance(drawn[r], Exception):
                         raise drawn[r]
@@ -833,6 +842,22 @@ class Engine:
             for r in reqs:
                 out[r], row = nxt[row:row + r.n], row + r.n
         return out
+
+    def _take_plain(self, logits, drawn) -> dict:
+        """{r: take_rows' (tokens, done before, ended, logprobs)} for the requests _draw_plain drew: their tokens
+        and done rows read to the host in one copy a step (on a GPU one sync, not take_step's done.tolist() a
+        request), the logprobs once for the rows of each width and k (generate.take_rows). take_rows failing gives
+        its requests the error, as sample_rows' does."""
+        reqs = [r for r in logits if r in drawn and not isinstance(drawn[r], Exception)]
+        if not reqs:
+            return {}
+        try:
+            took = take_rows([logits[r][:, :r.vocab_limit] for r in reqs], [drawn[r] for r in reqs],
+                             [r.done for r in reqs], [r.eos_id for r in reqs], [r.ends for r in reqs],
+                             [r.eos_id is not None or r.stop is not None for r in reqs], [r.logprobs for r in reqs])
+        except Exception as e:
+            return {r: e for r in reqs}
+        return dict(zip(reqs, took))
 
     def _grow(self) -> bool:
         """Preemption (vLLM's scheduler): before the decode step each running request whose rows' next write

@@ -981,13 +981,82 @@ def decode_step(logits, idx, start: int, done, warp: dict, eos_id, generator, on
 
 def take_step(logits, idx, nxt, done, eos_id, on_token, stop, logprobs=None, ends=None, guide=None):
     """decode_step's after its draw of nxt [B, 1] from logits [B, V] (the logprobs' raw logits): append_token's,
-    on_token given the logprobs with logprobs k, the guide advanced. (The engine's batched draw ends with it too.)"""
+    on_token given the logprobs with logprobs k, the guide advanced. (The engine's batched draw does its work for
+    all its requests at once: take_rows, then append_taken a request.)"""
     if logprobs is not None and on_token is not None:
         on_token = (lambda f: lambda new: f(new, step_logprobs(logits, new, logprobs)))(on_token)
     idx, finished, ended = append_token(idx, nxt, done, eos_id, on_token, stop, ends)
     if guide is not None:
         guide.accept(idx[:, -1].tolist(), ended)
     return idx, finished, ended
+
+
+def take_rows(logits, nxt, done, pads, ends, reads, logprobs):
+    """take_step's batch work for several requests' rows at once (the engine's batched draw, Engine._take_plain):
+    request j's raw logits[j] [n_j, V_j] (take_step's), drawn tokens nxt[j] [n_j, 1], done[j] [n_j], pads[j] (its
+    eos_id: the padding id; None: nothing pads or ends a row), ends[j] (end_rule's; None: the EOS alone), reads[j]
+    (whether its rows' done must be known on the host: an EOS or a stop rule) and logprobs[j] (k or None).
+    -> per request (tokens [n_j, 1] padded as append_token pads them, done's host list before the step (None when
+    no request reads), the rows the step's EOS or ends end (None without an EOS), step_logprobs' tuple or None),
+    for append_taken.
+    Why: take_step a request at a time runs a where, a comparison an end and a cat, and done.tolist(): on a GPU a
+    host sync a request a step, each waiting for the device. Here the step's tokens and done rows come to the host
+    in one copy (none when no request reads), the padding and the ends are decided there, and the logprobs run once
+    for the rows of each width and k: the same ops (step_logprobs') on the same rows, so a row's values are those it
+    gets alone (a log-softmax, topk and gather are a row's own)."""
+    sizes = [x.size(0) for x in nxt]
+    drawn = torch.cat(nxt) if len(nxt) > 1 else nxt[0]
+    out = [[x, None, None, None] for x in nxt]
+    if any(reads):
+        # the one read of the step: its tokens and its done rows (as ints), side by side
+        rows = torch.cat([drawn, torch.cat(done).to(drawn.dtype)[:, None]], dim=1).tolist()
+        padded, row = [], 0
+        for j, (n, pad) in enumerate(zip(sizes, pads)):
+            part = rows[row:row + n]
+            was = [bool(d) for _, d in part]
+            toks = [pad if d and pad is not None else t for t, d in part]  # (append_token's where)
+            out[j][1] = was
+            if pad is not None:  # (append_token's comparisons with each end)
+                end_ids = (pad,) if ends[j] is None else ends[j]
+                out[j][2] = [d or t in end_ids for t, d in zip(toks, was)]
+            padded += toks
+            row += n
+        if any(pad is not None and any(out[j][1]) for j, pad in enumerate(pads)):  # a row padded: sent, no wait
+            drawn = torch.tensor(padded, dtype=drawn.dtype).to(drawn.device, non_blocking=True)[:, None]
+            row = 0
+            for j, n in enumerate(sizes):
+                out[j][0], row = drawn[row:row + n], row + n
+    groups = {}
+    for j, k in enumerate(logprobs):
+        if k is not None:
+            groups.setdefault((logits[j].size(-1), k), []).append(j)
+    for (_, k), js in groups.items():
+        lp = step_logprobs(torch.cat([logits[j] for j in js]), torch.cat([out[j][0] for j in js]), k)
+        row = 0
+        for j in js:
+            out[j][3], row = tuple(t[row:row + sizes[j]] for t in lp), row + sizes[j]
+    return [tuple(o) for o in out]
+
+
+def append_taken(idx, nxt, done, was, ended, on_token, stop, logprobs=None):
+    """append_token's for a request's rows after take_rows (nxt padded, was and ended its host lists, logprobs its
+    step_logprobs' tuple or None): idx grown, on_token called, stop(idx) asked, done written (on the device, sent
+    without waiting) only where a row ended. -> append_token's (idx, whether every row is done, done's host list or
+    None)."""
+    idx = torch.cat([idx, nxt], dim=1)
+    if on_token is not None:
+        if logprobs is None:
+            on_token(nxt)
+        else:
+            on_token(nxt, logprobs)
+    if stop is not None:
+        # (the caller's rule: it reads the ids itself; its answer joined to done on the host, as append_token's |=)
+        flags = torch.tensor(ended if ended is not None else was)
+        flags |= stop(idx).cpu()
+        ended = flags.tolist()
+    if ended is not None and ended != was:
+        done.copy_(torch.tensor(ended), non_blocking=True)
+    return idx, ended is not None and all(ended), ended
 
 
 def held_back(logits, ids):
