@@ -295,6 +295,9 @@ def _launch_rows(logits, u, out, temperature, top_k, top_p, min_p, min_p_first):
         return
     block, rows, warps = _tiles(V)
     top_p = top_p.clamp(min=1e-30)  # (_launch's 1e-30: a top_p below fp32's normal numbers keeps the likeliest)
+    # the kernel reads top_k as int32: an int64 past 2^31 would wrap (2^32 + 1 to a top-1 cut); V and more are all
+    # no cut, so V stands for them
+    top_k = top_k.clamp(max=V)
     floor = torch.where(min_p_first, min_p, 0.0)  # top-p's mass counts the weights >= floor: min_p in vLLM's order
     scratch = torch.empty((B, V), dtype=torch.float32, device=logits.device)
     _sample_kernel[(cdiv(B, rows),)](

@@ -284,6 +284,19 @@ def test_each_rows_settings_in_one_launch_draw_its_scalar_launchs_token(monkeypa
     assert len(set(got.tolist())) > 10  # (not one token everywhere)
 
 
+def test_a_top_k_past_int32_is_no_cut_as_in_the_scalar_launch():
+    """top_k is V or more for no cut, any int64 among them: 2^32 + 1 (and 2^40 + 3) draw what no top-k draws, as
+    sample_tokens' launch does, not the top-1 (top-3) cut the kernel's int32 read would wrap them to."""
+    g = torch.Generator().manual_seed(5)
+    logits, u = torch.randn(8, 50, generator=g) * 2, sweep(8)
+    T, _, p, mp, first = row_tensors([(1.0, None, None, None, False)] * 8)
+    want = sample_tokens(logits, u, 1.0).tolist()
+    assert len(set(want)) > 3  # (a top-1 or top-3 cut would draw fewer tokens)
+    for k in (2**32 + 1, 2**40 + 3, 2**63 - 1):
+        got = sample_token_rows(logits, u, T, torch.full((8,), k, dtype=torch.int64), p, mp, first)
+        assert got.tolist() == want, k
+
+
 def test_sample_token_rows_refuses_bad_settings_by_name_before_launching(monkeypatch):
     """Each setting's dtype, shape and device, and its values (top_k < 0, top_p outside (0, 1], min_p outside
     [0, 1], a temperature of 0 or inf, NaN anywhere) are refused naming the setting (and the row), before any
