@@ -98,7 +98,9 @@ def _mass_level(src, n, pth, above_all, limit, shift, mx, temperature, floor, BL
         hit = (d[:, None] == digit[None, :]) & inside[:, None]
         w = tl.exp(z)
         part += tl.sum(tl.where(hit, tl.where(w >= floor, w, 0.0)[:, None], 0.0), 0)
-    above = above_all + (tl.sum(part, 0) - tl.cumsum(part, 0))
+    # each digit's mass above: the sum of the higher digits' own, not the total less a running sum, whose rounding
+    # (~1e-7 of the mass) left above the top digit passes a tiny top_p's limit: no digit under it, every token cut
+    above = above_all + tl.sum(tl.where(digit[None, :] > digit[:, None], part[None, :], 0.0), 1)
     best = tl.min(tl.where(above < limit, digit, 16), 0)
     return pth | (best.to(tl.int64) << shift), tl.sum(tl.where(digit == best, above, 0.0), 0)
 

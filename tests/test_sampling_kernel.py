@@ -196,6 +196,20 @@ def test_a_top_p_below_fp32s_range_keeps_the_likeliest_token():
         assert sample_tokens(rows, torch.tensor([0.1, 0.9]), 1.0, top_p=top_p).tolist() == [1, 1], top_p
 
 
+def test_a_tiny_top_p_keeps_the_likeliest_token_of_any_row():
+    """top_p 1e-30 (what sample_tokens and the engine send for any top_p under it) and 1e-9 keep the likeliest
+    token alone, whatever the row: the mass above the top digit was the row's mass less a running sum of it,
+    whose rounding (~1e-7 of the mass) passed so small a limit, so no digit was under it and every token was cut
+    (token 0 drawn: here in one row of 8, seed 1's). Scalar launches and the per-row one, T 1.5, V 50."""
+    g = torch.Generator().manual_seed(1)
+    logits, u = torch.randn(8, 50, generator=g), torch.rand(8, generator=g)
+    want = logits.argmax(-1).tolist()
+    got = {top_p: sample_tokens(logits, u, 1.5, top_p=top_p).tolist() for top_p in (1e-30, 1e-9)}
+    T, k, p, mp, first = row_tensors([(1.5, None, 1e-30, None, False), (1.5, None, 1e-9, None, True)] * 4)
+    got["rows"] = sample_token_rows(logits, u, T, k, p, mp, first).tolist()
+    assert got == {1e-30: want, 1e-9: want, "rows": want}
+
+
 def test_a_row_holding_nan_draws_token_0_as_the_reference():
     """A NaN logit (either sign: 0/0 gives the negative one) leaves nothing to draw: token 0 on both paths
     (draw_from_probs' answer), with or without the cuts, the other rows drawn as ever. Its key sorted above +inf (or
