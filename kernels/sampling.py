@@ -21,7 +21,8 @@ are ranked in vocabulary order, as the reference's stable sort ranks them, and k
 Each row's settings (temperature, top_k, top_p, min_p and min-p's order) are one launch's scalars (sample_tokens)
 or loaded per row from [B] tensors (sample_token_rows: the serving engine's step, requests of different settings in
 one launch); then every cut is compiled in and a row skips the passes of the cuts it does not take (top_k 0 or >= V,
-top_p 1, min_p 0), so it reads the row as often as it would alone.
+top_p 1; min-p has none, its compare in the draw keeps every token at min_p 0), so it reads the row as often as it
+would alone.
 
 One program a row (ROWS under the interpreter, which pays per program); between passes it keeps a few scalars and,
 in a scratch row of global memory, the tokens still in play: a radix pass over the whole row costs a [BLOCK, 16]
