@@ -184,6 +184,11 @@ KINDS = {  # name: (family config, quantization_config)
     "gptq-desc-act-sorted": ({}, {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True,
                                   "sym": False}),
     "awq-gemm": ({}, {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "GEMM"}),
+    # the same reader's Qwen3 (q/k norms, float beside the 4-bit layers) and SmolLM3 (a layer without RoPE)
+    "gptq-v2-qwen3": ({"qk_norm": True}, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
+                                          "checkpoint_format": "gptq_v2"}),
+    "awq-gemm-smollm3": ({"nope_layers": "0"}, {"quant_method": "awq", "bits": 4, "group_size": 32,
+                                                "zero_point": True, "version": "gemm"}),
 }
 
 
@@ -232,6 +237,9 @@ def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_log
     model = load_checkpoint(folder, quantized_ok=True)
     assert model.quantized == "int4" and not model.quantized_head
     assert type(model.trf_blocks[0].ff.w_down).__name__ == "Int4Linear"
+    family = json.loads((folder / "config.json").read_text())["model_type"]
+    assert kind.endswith(family) or family == "llama", family  # (the family the kind names is the one read)
+    assert (model.config.qk_norm, model.config.nope_layers) == (want.config.qk_norm, want.config.nope_layers)
     assert model.quantized_group_size == 32 if KINDS[kind][1]["group_size"] == 32 else 64
     idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
