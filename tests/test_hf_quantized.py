@@ -361,3 +361,40 @@ def test_a_gptq_v2_folder_naming_its_format_as_format_alone_reads_as_v2(tmp_path
     with torch.no_grad():
         expected = want(idx)
         assert (model(idx) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+
+
+def autoawq_own_config(folder, fields):
+    """folder as AutoAWQ's older save_quantized leaves it: no quantization_config in config.json, its settings in
+    quant_config.json (AwqConfig.to_dict's fields)."""
+    d = json.loads((folder / "config.json").read_text())
+    del d["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(d))
+    (folder / "quant_config.json").write_text(json.dumps(fields))
+    return folder
+
+
+def test_autoawqs_own_quant_config_json_is_read_as_autoawq_reads_it(tmp_path):
+    folder, want = quantized_folder(tmp_path, "awq-gemm")
+    autoawq_own_config(folder, {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM",
+                                "modules_to_not_convert": None})
+    model = load_checkpoint(folder, quantized_ok=True)
+    assert model.quantized == "int4" and model.quantized_group_size == 32
+    idx = torch.arange(7)[None]
+    with torch.no_grad():
+        expected = want(idx)
+        assert (model(idx) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+    # AwqConfig's defaults where a field is missing: groups of 128 (this model's are of 32)
+    autoawq_own_config(with_quantization(folder, {}), {"w_bit": 4, "zero_point": True})
+    with pytest.raises(UserError, match=r"down_proj has 4 groups of its 128 inputs, not groups of group_size 128"):
+        load_checkpoint(folder, quantized_ok=True)
+    autoawq_own_config(with_quantization(folder, {}), {"w_bit": 3, "q_group_size": 32})
+    with pytest.raises(UserError, match=r"quant_config\.json: quant_method 'awq' \(bits 3, group_size 32, version "
+                                        r"'GEMM'\) is not read here \(bits 3: 4-bit AWQ only"):
+        load_checkpoint(folder, quantized_ok=True)
+    # a GPT-2's reader takes none: refused by name, as quantization_config would be
+    gpt2 = autoawq_own_config(with_quantization(exported(tmp_path, "gpt2"), {}), {"w_bit": 4, "q_group_size": 32})
+    with pytest.raises(UserError, match=r"quant_config\.json: quant_method 'awq' .* is not read here"):
+        load_checkpoint(gpt2, quantized_ok=True)
+    (gpt2 / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32}))
+    with pytest.raises(UserError, match=r"both AutoGPTQ's quantize_config\.json and AutoAWQ's quant_config\.json"):
+        load_checkpoint(gpt2, quantized_ok=True)

@@ -136,13 +136,25 @@ _QUANT_FIELDS = ("bits", "group_size", "desc_act", "sym", "version", "checkpoint
 
 def hf_quantization(cfg_json) -> dict | None:
     """config.json's quantization_config (a model quantized by GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors ...:
-    transformers' pre-quantized folders), or AutoGPTQ's own quantize_config.json beside it; None when neither says
-    one (null: nothing said). Anything but an object there is refused by name."""
+    transformers' pre-quantized folders), or AutoGPTQ's own quantize_config.json or AutoAWQ's quant_config.json beside
+    it; None when none says one (null: nothing said). Anything but an object there is refused by name."""
     cfg_json = Path(cfg_json)
     q = read_json_object(cfg_json).get("quantization_config") if cfg_json.is_file() else None
-    if q is None and (own := cfg_json.parent / "quantize_config.json").is_file():
+    gptq_own, awq_own = cfg_json.parent / "quantize_config.json", cfg_json.parent / "quant_config.json"
+    if q is None and gptq_own.is_file() and awq_own.is_file():
+        raise UserError(f"{cfg_json.parent} has both AutoGPTQ's quantize_config.json and AutoAWQ's quant_config.json "
+                        "(and no quantization_config in config.json): which quantization its tensors hold is unclear")
+    if q is None and gptq_own.is_file():
         # AutoGPTQ's save_quantized writes its settings here, not in config.json (and no quant_method: it is GPTQ's)
-        return {"quant_method": "gptq", **read_json_object(own), "_where": str(own)}
+        return {"quant_method": "gptq", **read_json_object(gptq_own), "_where": str(gptq_own)}
+    if q is None and awq_own.is_file():
+        # AutoAWQ's older save_quantized writes these (AwqConfig.to_dict: w_bit, q_group_size, zero_point, version),
+        # read by its from_quantized when config.json has no quantization_config; under transformers' names here
+        # (its to_transformers_dict), AwqConfig's defaults where a field is missing
+        d = read_json_object(awq_own)
+        return {"quant_method": d.get("quant_method", "awq"), "bits": d.get("w_bit", 4),
+                "group_size": d.get("q_group_size", 128), "zero_point": d.get("zero_point", True),
+                "version": d.get("version", "GEMM"), "_where": str(awq_own)}
     if q is None:
         return None
     if not isinstance(q, dict):
