@@ -189,21 +189,35 @@ KINDS = {  # name: (family config, quantization_config)
                                           "checkpoint_format": "gptq_v2"}),
     "awq-gemm-smollm3": ({"nope_layers": "0"}, {"quant_method": "awq", "bits": 4, "group_size": 32,
                                                 "zero_point": True, "version": "gemm"}),
+    # Gemma's reader (gemma_weights.py): the same seven projections, its norms read as 1 + w
+    "gptq-v1-gemma": ({"family": "gemma"}, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True}),
+    "awq-gemm-gemma2": ({"family": "gemma", "post_norms": True, "attention_window": 5, "window_layers": "0",
+                         "attn_softcap": 50.0, "logit_softcap": 30.0},
+                        {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}),
+    "gptq-v2-gemma3_text": ({"family": "gemma", "post_norms": True, "qk_norm": True, "attention_window": 5,
+                             "window_layers": "0", "rope_theta": 1e6, "rope_local_theta": 1e4},
+                            {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False,
+                             "checkpoint_format": "gptq_v2"}),
 }
+GEMMA = dict(LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True)
 
 
 def quantized_folder(tmp_path, kind, seed=0):
     """A tiny Llama-shaped folder of `kind`, quantized and packed by the reference rules above, and the float model
     of the matrices it stands for (the dequantized weights, everything else as exported)."""
+    from tritongpt.train.gemma_weights import export_gemma
+
     extra, q = KINDS[kind]
+    family = extra.get("family", "llama")
+    base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma)}[family]
     torch.manual_seed(seed)
     model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
-                               **{**LLAMA, **extra})).eval()
+                               **{**base, **{k: v for k, v in extra.items() if k != "family"}})).eval()
     with torch.no_grad():
         for p in model.parameters():  # norms and biases off their ones and zeros
             p.add_(0.05 * torch.randn(p.shape))
     folder = tmp_path / kind
-    export_llama(model, folder)
+    export(model, folder)
     sd = load_file(folder / "model.safetensors")
     dequantized = {}
     for k in [k for k in sd if k.endswith("_proj.weight")]:
@@ -239,7 +253,7 @@ def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_log
     assert type(model.trf_blocks[0].ff.w_down).__name__ == "Int4Linear"
     family = json.loads((folder / "config.json").read_text())["model_type"]
     assert kind.endswith(family) or family == "llama", family  # (the family the kind names is the one read)
-    assert (model.config.qk_norm, model.config.nope_layers) == (want.config.qk_norm, want.config.nope_layers)
+    assert model.config == GPTConfig(**{**want.config.to_dict(), "kernels": model.config.kernels})
     assert model.quantized_group_size == 32 if KINDS[kind][1]["group_size"] == 32 else 64
     idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -260,8 +274,9 @@ def test_an_int4_folder_saves_and_loads_as_our_int4_file(tmp_path):
         assert torch.equal(back(idx), model(idx))
 
 
-def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_path):
-    folder, _ = quantized_folder(tmp_path, "gptq-v1-sym")
+@pytest.mark.parametrize("kind", ["gptq-v1-sym", "gptq-v1-gemma"])
+def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_path, kind):
+    folder, _ = quantized_folder(tmp_path, kind)
     with pytest.raises(UserError, match=r"is GPTQ-quantized .* read as int4 for inference: .*train, export or merge "
                                         "the float weights it was quantized from"):
         load_checkpoint(folder)
@@ -398,3 +413,28 @@ def test_autoawqs_own_quant_config_json_is_read_as_autoawq_reads_it(tmp_path):
     (gpt2 / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32}))
     with pytest.raises(UserError, match=r"both AutoGPTQ's quantize_config\.json and AutoAWQ's quant_config\.json"):
         load_checkpoint(gpt2, quantized_ok=True)
+
+
+def test_a_quantized_multimodal_gemma3_loads_its_language_model_as_int4(tmp_path):
+    """Gemma3ForConditionalGeneration's folder (model_type gemma3, the text model's fields in text_config, its tensors
+    under model.language_model.): the language model's 4-bit projections read, the vision tower's left out as they
+    are for a float folder (a vision linear of GPTQ's here too)."""
+    folder, want = quantized_folder(tmp_path, "gptq-v2-gemma3_text")
+    d = json.loads((folder / "config.json").read_text())
+    q = d.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d,
+                                                    "quantization_config": q, "tie_word_embeddings": True}))
+
+    def multimodal(sd):
+        for k in list(sd):
+            sd["model.language_model." + k.removeprefix("model.")] = sd.pop(k)
+        down = "model.language_model.layers.0.mlp.down_proj"
+        sd.update({"model.vision_tower.encoder.layers.0.mlp.fc1" + p[len(down):]: sd[p].clone()
+                   for p in [k for k in sd if k.startswith(down + ".")]})
+
+    model = load_checkpoint(edit_tensors(folder, multimodal), quantized_ok=True)
+    assert model.quantized == "int4"
+    idx = torch.arange(7)[None]
+    with torch.no_grad():
+        expected = want(idx)
+        assert (model(idx) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()

@@ -522,7 +522,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         if is_gpt_neo_file(path):
             return load_gpt_neo_safetensors(path, model_name)
         if is_gemma_file(path):
-            return load_gemma_safetensors(path)
+            return _inference_only(load_gemma_safetensors(path), path, quantized_ok)
         if is_olmo_file(path):
             return load_olmo_safetensors(path)
         if is_neox_file(path):
