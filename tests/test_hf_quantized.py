@@ -198,18 +198,25 @@ KINDS = {  # name: (family config, quantization_config)
                              "window_layers": "0", "rope_theta": 1e6, "rope_local_theta": 1e4},
                             {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False,
                              "checkpoint_format": "gptq_v2"}),
+    # Phi-3's (phi3_weights.py): qkv_proj and gate_up_proj quantized fused, as GPTQ and AWQ see them; asymmetric,
+    # so that each output's own zero and scale must follow it into q, k or v (gate or up)
+    "gptq-v1-phi3": ({"family": "phi3"}, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
+    "awq-gemm-phi3": ({"family": "phi3"}, {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True,
+                                           "version": "gemm"}),
 }
 GEMMA = dict(LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True)
+PHI3 = dict(LLAMA, rotary_dim=12)  # (a partial rotary: written as Phi-3, not as the Llama it would equal)
 
 
 def quantized_folder(tmp_path, kind, seed=0):
     """A tiny Llama-shaped folder of `kind`, quantized and packed by the reference rules above, and the float model
     of the matrices it stands for (the dequantized weights, everything else as exported)."""
     from tritongpt.train.gemma_weights import export_gemma
+    from tritongpt.train.phi3_weights import export_phi3
 
     extra, q = KINDS[kind]
     family = extra.get("family", "llama")
-    base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma)}[family]
+    base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma), "phi3": (PHI3, export_phi3)}[family]
     torch.manual_seed(seed)
     model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
                                **{**base, **{k: v for k, v in extra.items() if k != "family"}})).eval()
@@ -274,7 +281,7 @@ def test_an_int4_folder_saves_and_loads_as_our_int4_file(tmp_path):
         assert torch.equal(back(idx), model(idx))
 
 
-@pytest.mark.parametrize("kind", ["gptq-v1-sym", "gptq-v1-gemma"])
+@pytest.mark.parametrize("kind", ["gptq-v1-sym", "gptq-v1-gemma", "gptq-v1-phi3"])
 def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_path, kind):
     folder, _ = quantized_folder(tmp_path, kind)
     with pytest.raises(UserError, match=r"is GPTQ-quantized .* read as int4 for inference: .*train, export or merge "

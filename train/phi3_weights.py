@@ -23,8 +23,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, refuse_per_head_qk,
-                                          weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, hf_quantization, model_with_tensors,
+                                          refuse_per_head_qk, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import (LLAMA_KEYS, _our_tensors, checked_rope_base, hf_shapes,
                                            partial_rotary_dim, read_rope_parameters, refuse_not_llama, rope_field,
                                            shape_fields)
@@ -39,8 +39,20 @@ def is_phi3_file(path) -> bool:
     return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") == MODEL_TYPE
 
 
-def _unfused(sd: dict, d: dict, cfg_json: Path) -> dict:
-    """The state dict with each layer's qkv_proj and gate_up_proj split into Llama's names."""
+def _split_rows(out: dict, prefix: str, k: str, w, sizes: list, names: tuple, packed: dict | None) -> None:
+    """out[prefix.name.weight] = w's rows split by sizes; where w is a 4-bit linear's meta weight (int4_linears),
+    its packed qweight, scale and offset split the same way. Their rows are the outputs and every group runs along
+    the inputs (one scale and offset per output and group), so a split along the outputs is exact: the fused
+    linear GPTQ and AWQ quantized, as its parts."""
+    out.update({f"{prefix}.{name}.weight": part for name, part in zip(names, w.split(sizes))})
+    if w.is_meta:
+        parts = [t.split(sizes) for t in packed.pop(k.removesuffix(".weight"))]
+        packed.update({f"{prefix}.{name}": tuple(p[i] for p in parts) for i, name in enumerate(names)})
+
+
+def _unfused(sd: dict, d: dict, cfg_json: Path, packed: dict | None = None) -> dict:
+    """The state dict with each layer's qkv_proj and gate_up_proj split into Llama's names (packed: a 4-bit
+    folder's int4_linears, whose fused linears are split alike)."""
     if "layers.0.self_attn.qkv_proj.weight" not in sd:
         raise UserError(f"{cfg_json.parent}: not a Phi-3 model, missing tensor 'layers.0.self_attn.qkv_proj.weight'")
     n_head = d.get("num_attention_heads")
@@ -57,13 +69,12 @@ def _unfused(sd: dict, d: dict, cfg_json: Path) -> dict:
                 raise UserError(f"{cfg_json.parent}: tensor {k} has {rows} rows, which do not split into "
                                 f"{n_head} query heads and twice {n_kv_head} key/value heads of one width")
             D = rows // (n_head + 2 * n_kv_head)
-            q, kk, v = w.split([n_head * D, n_kv_head * D, n_kv_head * D])
-            out.update({f"{prefix}.q_proj.weight": q, f"{prefix}.k_proj.weight": kk, f"{prefix}.v_proj.weight": v})
+            _split_rows(out, prefix, k, w, [n_head * D, n_kv_head * D, n_kv_head * D], ("q_proj", "k_proj", "v_proj"),
+                        packed)
         elif k.endswith(".gate_up_proj.weight"):
             if w.shape[0] % 2:
                 raise UserError(f"{cfg_json.parent}: tensor {k} has {w.shape[0]} rows, not gate's and up's alike")
-            gate, up = w.chunk(2)
-            out.update({f"{prefix}.gate_proj.weight": gate, f"{prefix}.up_proj.weight": up})
+            _split_rows(out, prefix, k, w, [w.shape[0] // 2] * 2, ("gate_proj", "up_proj"), packed)
         elif k.endswith((".qkv_proj.bias", ".gate_up_proj.bias")):
             raise UserError(f"{cfg_json.parent}: tensor {k} is a bias, which Phi-3's projections do not have")
     return out
@@ -132,10 +143,20 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
 def load_phi3_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Phi-3 (Phi-4) model.safetensors (or shard index) and its
     config.json beside it."""
+    from tritongpt.train.hf_quant import int4_linears, int4_spec, model_with_int4
     path = weights_file(path, "Phi-3")
     cfg_json = path.parent / "config.json"
-    sd = _unfused(_read_tensors(path, prefix="model."), read_json_object(cfg_json), cfg_json)
+    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py), its fused qkv_proj and gate_up_proj quantized as one
+    # linear each and split after (_split_rows), or refused by name
+    spec = int4_spec(q) if (q := hf_quantization(cfg_json)) is not None else None
+    sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None)
+    packed = None
+    if spec is not None:
+        sd, packed, group_size = int4_linears(sd, spec, path)
+    sd = _unfused(sd, read_json_object(cfg_json), cfg_json, packed)
     cfg = _check_hf_config(cfg_json, sd)
+    if spec is not None:
+        return model_with_int4(cfg, lambda: _our_tensors(sd, cfg), sd, packed, group_size, path)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
 
 
