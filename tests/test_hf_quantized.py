@@ -445,3 +445,21 @@ def test_a_quantized_multimodal_gemma3_loads_its_language_model_as_int4(tmp_path
     with torch.no_grad():
         expected = want(idx)
         assert (model(idx) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])  # Mixtral, Qwen3-MoE
+def test_a_quantized_moe_folder_is_refused_by_name_its_experts_being_float_here(tmp_path, qk_norm):
+    """GPTQ and AWQ quantize each expert's linears, which MoEFeedForward keeps as stacked float tensors for its
+    grouped kernels: refused by name, without the `tritongpt quantize` remedy (which refuses MoE models too)."""
+    from tritongpt.train.moe_weights import export_moe
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, n_experts=4,
+                               experts_per_token=2, qk_norm=qk_norm, **{**LLAMA, "mlp_hidden": 32}))
+    export_moe(model, tmp_path / "moe")
+    folder = with_quantization(tmp_path / "moe", KINDS["gptq-v1-sym"][1])
+    name = "Qwen3-MoE" if qk_norm else "Mixtral"
+    with pytest.raises(UserError, match=rf"quant_method 'gptq' .* is not read here \(a quantized {name}: this model's "
+                                        r"mixture-of-experts layer keeps its experts float .*; load the float "
+                                        rf"{name} it was quantized from \(this model's int4 and int8 do not take"):
+        load_checkpoint(folder, quantized_ok=True)

@@ -163,17 +163,17 @@ def hf_quantization(cfg_json) -> dict | None:
     return {**q, "_where": f"{cfg_json}'s quantization_config"}
 
 
-def refuse_quantized(q: dict, why: str = "") -> None:
+def refuse_quantized(q: dict, why: str = "", remedy: str | None = None) -> None:
     """A UserError naming a quantization_config (hf_quantization's) that the reader does not take (why: what it
-    does take, where it takes some)."""
+    does take, where it takes some; remedy: what to load instead, where `tritongpt quantize` cannot make it)."""
     # transformers reads a config without quant_method but with load_in_4bit / load_in_8bit as bitsandbytes'
     method = q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else None)
     said = ", ".join(f"{k} {q[k]!r}" for k in _QUANT_FIELDS if k in q)
     raise UserError(f"{q['_where']}: quant_method {method!r}{f' ({said})' if said else ''} is not read here" +
                     (f" ({why})" if why else "") + f": its linear layers are stored as "
-                    f"{_QUANT_STORAGE.get(method, 'quantized tensors')}, not float weights; load the float model "
-                    "it was quantized from (`tritongpt quantize --quantize int4 --method gptq` or `--method awq` "
-                    "makes a 4-bit model of it here)")
+                    f"{_QUANT_STORAGE.get(method, 'quantized tensors')}, not float weights; " +
+                    (remedy or "load the float model it was quantized from (`tritongpt quantize --quantize int4 "
+                     "--method gptq` or `--method awq` makes a 4-bit model of it here)"))
 
 
 def _read_tensors(path, prefix: str = "transformer.", quantization_read: bool = False) -> dict:

@@ -20,8 +20,9 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
-                                          refuse_per_head_qk, tensor_names, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, hf_quantization,
+                                          model_with_tensors, refuse_per_head_qk, refuse_quantized, tensor_names,
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, _sliding_window, hf_shapes, shape_fields
 
 FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
@@ -154,8 +155,15 @@ def load_moe_safetensors(path) -> GPTModel:
     if not cfg_json.is_file():
         raise UserError(f"{path} looks like a mixture-of-experts model, whose heads, experts per token and RoPE "
                         "base are in its config.json: put that file beside it")
-    sd = _read_tensors(path, prefix="model.")
     kind = read_json_object(cfg_json).get("model_type", "mixtral")
+    if (q := hf_quantization(cfg_json)) is not None:
+        # GPTQ and AWQ quantize each expert's gate, up and down as a Linear of its own; MoEFeedForward keeps every
+        # expert's in stacked float tensors for the grouped kernels (kernels/moe.py), with no int4 form to fill
+        refuse_quantized(q, f"a quantized {_NAMES.get(kind, kind)}: this model's mixture-of-experts layer keeps "
+                            "its experts float (stacked tensors run by the grouped kernels), not as int4 linears",
+                         f"load the float {_NAMES.get(kind, kind)} it was quantized from (this model's int4 and int8 "
+                         "do not take mixture-of-experts models yet)")
+    sd = _read_tensors(path, prefix="model.")
     cfg = _check_hf_config(cfg_json, sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, kind, path), path)
 
