@@ -203,8 +203,17 @@ KINDS = {  # name: (family config, quantization_config)
     "gptq-v1-phi3": ({"family": "phi3"}, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
     "awq-gemm-phi3": ({"family": "phi3"}, {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True,
                                            "version": "gemm"}),
+    # GPT-NeoX's (neox_weights.py): query_key_value quantized fused, its rows per head, and float biases beside
+    "gptq-v2-gpt_neox": ({"family": "neox"}, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
+                                              "checkpoint_format": "gptq_v2"}),
+    "awq-gemm-gpt_neox": ({"family": "neox"}, {"quant_method": "awq", "bits": 4, "group_size": 32,
+                                               "zero_point": True, "version": "gemm"}),
 }
 GEMMA = dict(LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True)
+NEOX = dict(position_encoding="rope", rotary_dim=4, parallel_residual=True, gelu_approximate="none", tie_weights=False)
+# the file's names of the linears GPTQ and AWQ quantize (the LM head left float)
+LINEARS = ("_proj.weight", "query_key_value.weight", "attention.dense.weight", "dense_h_to_4h.weight",
+           "dense_4h_to_h.weight")
 PHI3 = dict(LLAMA, rotary_dim=12)  # (a partial rotary: written as Phi-3, not as the Llama it would equal)
 
 
@@ -212,11 +221,13 @@ def quantized_folder(tmp_path, kind, seed=0):
     """A tiny Llama-shaped folder of `kind`, quantized and packed by the reference rules above, and the float model
     of the matrices it stands for (the dequantized weights, everything else as exported)."""
     from tritongpt.train.gemma_weights import export_gemma
+    from tritongpt.train.neox_weights import export_neox
     from tritongpt.train.phi3_weights import export_phi3
 
     extra, q = KINDS[kind]
     family = extra.get("family", "llama")
-    base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma), "phi3": (PHI3, export_phi3)}[family]
+    base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma), "phi3": (PHI3, export_phi3),
+                    "neox": (NEOX, export_neox)}[family]
     torch.manual_seed(seed)
     model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
                                **{**base, **{k: v for k, v in extra.items() if k != "family"}})).eval()
@@ -227,7 +238,7 @@ def quantized_folder(tmp_path, kind, seed=0):
     export(model, folder)
     sd = load_file(folder / "model.safetensors")
     dequantized = {}
-    for k in [k for k in sd if k.endswith("_proj.weight")]:
+    for k in [k for k in sd if k.endswith(LINEARS)]:
         base = k.removesuffix(".weight")
         lv, zero, scale, w = reference_quantize(sd.pop(k), q["group_size"], q.get("sym", False))
         packed = pack_awq(lv, zero, scale) if q["quant_method"] == "awq" else \
@@ -257,7 +268,8 @@ def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_log
     folder, want = quantized_folder(tmp_path, kind)
     model = load_checkpoint(folder, quantized_ok=True)
     assert model.quantized == "int4" and not model.quantized_head
-    assert type(model.trf_blocks[0].ff.w_down).__name__ == "Int4Linear"
+    linears = {type(m).__name__ for m in model.trf_blocks.modules() if "Linear" in type(m).__name__}
+    assert linears == {"Int4Linear"}  # (every linear of the blocks 4-bit: none left float)
     family = json.loads((folder / "config.json").read_text())["model_type"]
     assert kind.endswith(family) or family == "llama", family  # (the family the kind names is the one read)
     assert model.config == GPTConfig(**{**want.config.to_dict(), "kernels": model.config.kernels})
@@ -281,7 +293,7 @@ def test_an_int4_folder_saves_and_loads_as_our_int4_file(tmp_path):
         assert torch.equal(back(idx), model(idx))
 
 
-@pytest.mark.parametrize("kind", ["gptq-v1-sym", "gptq-v1-gemma", "gptq-v1-phi3"])
+@pytest.mark.parametrize("kind", ["gptq-v1-sym", "gptq-v1-gemma", "gptq-v1-phi3", "gptq-v2-gpt_neox"])
 def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_path, kind):
     folder, _ = quantized_folder(tmp_path, kind)
     with pytest.raises(UserError, match=r"is GPTQ-quantized .* read as int4 for inference: .*train, export or merge "

@@ -526,7 +526,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         if is_olmo_file(path):
             return load_olmo_safetensors(path)
         if is_neox_file(path):
-            return load_neox_safetensors(path)
+            return _inference_only(load_neox_safetensors(path), path, quantized_ok)
         if is_phi3_file(path):
             return _inference_only(load_phi3_safetensors(path), path, quantized_ok)
         if is_gptj_file(path):

@@ -152,6 +152,17 @@ def int4_linears(sd: dict, spec: dict, path) -> tuple:
     return sd, out, G
 
 
+def int4_rows(sd: dict, packed: dict, base: str, parts: dict) -> None:
+    """A fused 4-bit linear (int4_linears' base) taken apart by its outputs: for each {name: rows (an index
+    tensor)} of parts, sd[name.weight] a meta weight of those rows and packed[name] those rows of base's qweight,
+    scale and offset. Exact: each output's levels, scale and offset are its own, the groups running along the
+    inputs; the fused linear's entries stay, unused."""
+    weight = sd[base + ".weight"]
+    for name, rows in parts.items():
+        sd[name + ".weight"] = torch.empty(len(rows), weight.shape[1], device="meta")
+        packed[name] = tuple(t[rows] for t in packed[base])
+
+
 def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path) -> GPTModel:
     """model_with_tensors' model of a quantized folder: every Linear of the blocks an Int4Linear (quantized_layout;
     the LM head float, as GPTQ and AWQ leave it) filled from int4_linears' packed ({base: (qweight, scale, offset)},

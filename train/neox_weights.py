@@ -21,7 +21,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
-                                          head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          head_count, hf_quantization, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
                                           refuse_moe_touches, refuse_phi_touches, tied_head, weights_file,
                                           write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
@@ -101,7 +101,8 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
         for kind in ("weight", "bias"):
             fused = sd[f"{h}attention.query_key_value.{kind}"]
             for name, rows in zip(_QKV, split):
-                ours[f"{b}{name}.{kind}"] = fused[rows]
+                # (a 4-bit query_key_value's is split by the loader: hf_quant.int4_rows, named by _int4_part)
+                ours[f"{b}{name}.{kind}"] = sd[_int4_part(i, name)] if fused.is_meta else fused[rows]
             for mine, theirs in _LAYER:
                 ours[f"{b}{mine}.{kind}"] = sd[f"{h}{theirs}.{kind}"]
     return ours
@@ -110,10 +111,28 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_neox_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face GPT-NeoX (Pythia) model.safetensors (or shard index) and
     its config.json beside it."""
+    from tritongpt.train.hf_quant import int4_linears, int4_rows, int4_spec, model_with_int4
     path = weights_file(path, "GPT-NeoX")
-    sd = _read_tensors(path, prefix="gpt_neox.")
+    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py), or refused by name
+    spec = int4_spec(q) if (q := hf_quantization(path.parent / "config.json")) is not None else None
+    sd = _read_tensors(path, prefix="gpt_neox.", quantization_read=spec is not None)
+    if spec is None:
+        cfg = _check_hf_config(path.parent / "config.json", sd)
+        return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
+    sd, packed, group_size = int4_linears(sd, spec, path)
     cfg = _check_hf_config(path.parent / "config.json", sd)
-    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
+    # GPTQ and AWQ quantize query_key_value as one linear, its rows laid out per head: each projection's rows
+    # taken from it, as the float weight's are
+    for i in range(cfg.n_layer):
+        int4_rows(sd, packed, f"layers.{i}.attention.query_key_value",
+                  {_int4_part(i, name).removesuffix(".weight"): rows
+                   for name, rows in zip(_QKV, per_head_qkv_rows(cfg.n_head, cfg.head_dim))})
+    return model_with_int4(cfg, lambda: _our_tensors(sd, cfg), sd, packed, group_size, path)
+
+
+def _int4_part(i: int, name: str) -> str:
+    """Where load_neox_safetensors puts layer i's q, k or v (ours: name) of a 4-bit query_key_value."""
+    return f"layers.{i}.attention.query_key_value.{name.removeprefix('att.')}.weight"
 
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
