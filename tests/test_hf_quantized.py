@@ -208,9 +208,16 @@ KINDS = {  # name: (family config, quantization_config)
                                               "checkpoint_format": "gptq_v2"}),
     "awq-gemm-gpt_neox": ({"family": "neox"}, {"quant_method": "awq", "bits": 4, "group_size": 32,
                                                "zero_point": True, "version": "gemm"}),
+    # Falcon's (falcon_weights.py): query_key_value quantized fused, Falcon-7B's multi-query layout and the new
+    # architecture's grouped one
+    "gptq-v1-falcon": ({"family": "falcon", "shared_norm": True, "n_kv_head": 1, "bias": False},
+                       {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
+    "awq-gemm-falcon": ({"family": "falcon", "n_kv_head": 2, "bias": False},
+                        {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}),
 }
 GEMMA = dict(LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True)
 NEOX = dict(position_encoding="rope", rotary_dim=4, parallel_residual=True, gelu_approximate="none", tie_weights=False)
+FALCON = dict(NEOX, rotary_dim=0)  # (Falcon rotates whole heads)
 # the file's names of the linears GPTQ and AWQ quantize (the LM head left float)
 LINEARS = ("_proj.weight", "query_key_value.weight", "attention.dense.weight", "dense_h_to_4h.weight",
            "dense_4h_to_h.weight")
@@ -220,6 +227,7 @@ PHI3 = dict(LLAMA, rotary_dim=12)  # (a partial rotary: written as Phi-3, not as
 def quantized_folder(tmp_path, kind, seed=0):
     """A tiny Llama-shaped folder of `kind`, quantized and packed by the reference rules above, and the float model
     of the matrices it stands for (the dequantized weights, everything else as exported)."""
+    from tritongpt.train.falcon_weights import export_falcon
     from tritongpt.train.gemma_weights import export_gemma
     from tritongpt.train.neox_weights import export_neox
     from tritongpt.train.phi3_weights import export_phi3
@@ -227,7 +235,7 @@ def quantized_folder(tmp_path, kind, seed=0):
     extra, q = KINDS[kind]
     family = extra.get("family", "llama")
     base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma), "phi3": (PHI3, export_phi3),
-                    "neox": (NEOX, export_neox)}[family]
+                    "neox": (NEOX, export_neox), "falcon": (FALCON, export_falcon)}[family]
     torch.manual_seed(seed)
     model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
                                **{**base, **{k: v for k, v in extra.items() if k != "family"}})).eval()

@@ -29,7 +29,7 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
-                                          head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
+                                          head_count, hf_quantization, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
                                           refuse_moe_touches, tied_head, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
@@ -149,7 +149,8 @@ def _our_tensors(sd: dict, cfg: GPTConfig, d: dict) -> dict:
         for kind in kinds:
             fused = sd[f"{h}self_attention.query_key_value.{kind}"]
             for name, rows in zip(_QKV, split):
-                ours[f"{b}{name}.{kind}"] = fused[rows]
+                # (a 4-bit query_key_value's is split by the loader: hf_quant.int4_rows, named by _int4_part)
+                ours[f"{b}{name}.{kind}"] = sd[_int4_part(i, name)] if fused.is_meta else fused[rows]
             for mine, theirs in _PROJ:
                 ours[f"{b}{mine}.{kind}"] = sd[f"{h}{theirs}.{kind}"]
         for mine, theirs in zip(("norm1", "norm2"), names):
@@ -162,12 +163,30 @@ def _our_tensors(sd: dict, cfg: GPTConfig, d: dict) -> dict:
 def load_falcon_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Falcon model.safetensors (or shard index) and its
     config.json beside it."""
+    from tritongpt.train.hf_quant import int4_linears, int4_rows, int4_spec, model_with_int4
     path = weights_file(path, "Falcon")
-    sd = _read_tensors(path, prefix="transformer.")
     cfg_json = path.parent / "config.json"
+    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py), or refused by name
+    spec = int4_spec(q) if (q := hf_quantization(cfg_json)) is not None else None
+    sd = _read_tensors(path, prefix="transformer.", quantization_read=spec is not None)
+    if spec is not None:
+        sd, packed, group_size = int4_linears(sd, spec, path, blocks="h.")
     d = _flags(read_json_object(cfg_json), cfg_json)  # (_check_hf_config and _our_tensors read them)
     cfg = _check_hf_config(cfg_json, d, sd)
-    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, d), path)
+    if spec is None:
+        return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, d), path)
+    # GPTQ and AWQ quantize query_key_value as one linear, in its architecture's layout: each projection's rows
+    # taken from it, as the float weight's are
+    for i in range(cfg.n_layer):
+        int4_rows(sd, packed, f"h.{i}.self_attention.query_key_value",
+                  {_int4_part(i, name).removesuffix(".weight"): rows
+                   for name, rows in zip(_QKV, _qkv_rows(cfg, d["new_decoder_architecture"]))})
+    return model_with_int4(cfg, lambda: _our_tensors(sd, cfg, d), sd, packed, group_size, path)
+
+
+def _int4_part(i: int, name: str) -> str:
+    """Where load_falcon_safetensors puts layer i's q, k or v (ours: name) of a 4-bit query_key_value."""
+    return f"h.{i}.self_attention.query_key_value.{name.removeprefix('att.')}.weight"
 
 
 # -- export: the inverse of _our_tensors -----------------------------------------------------------

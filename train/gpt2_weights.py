@@ -532,7 +532,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         if is_gptj_file(path):
             return load_gptj_safetensors(path)
         if is_falcon_file(path):
-            return load_falcon_safetensors(path)
+            return _inference_only(load_falcon_safetensors(path), path, quantized_ok)
         if is_bloom_file(path):
             return load_bloom_safetensors(path)
         if is_mpt_file(path):

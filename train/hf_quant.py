@@ -119,14 +119,15 @@ def _levels(base: str, sd: dict, spec: dict, path) -> tuple:
     return q, zero.float(), scales.T.float(), width
 
 
-def int4_linears(sd: dict, spec: dict, path) -> tuple:
+def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
     """(sd with each quantized linear's tensors replaced by a meta .weight of its float shape, for the reader's shape
-    checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G])}; G, our group size)."""
+    checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G])}; G, our group size). blocks: the
+    prefix of the file's block tensors (Falcon's "h.")."""
     bases = sorted({k.removesuffix(".qweight") for k in sd if k.endswith(".qweight")})
     if not bases:
         raise UserError(f"{path}: config.json says {spec['method'].upper()} quantization, but no tensor is a "
                         "quantized linear's (.qweight)")
-    outside = [b for b in bases if not b.startswith("layers.")]  # (GPTQModel's lm_head=True: the LM head 4-bit)
+    outside = [b for b in bases if not b.startswith(blocks)]  # (GPTQModel's lm_head=True: the LM head 4-bit)
     if outside:
         raise UserError(f"{path}: {outside[0]} is quantized, where this model keeps all but the blocks' linear layers "
                         "float (the LM head, as GPTQ and AWQ leave it by default): requantize without it")
