@@ -483,3 +483,49 @@ def test_a_quantized_moe_folder_is_refused_by_name_its_experts_being_float_here(
                                         r"mixture-of-experts layer keeps its experts float .*; load the float "
                                         rf"{name} it was quantized from \(this model's int4 and int8 do not take"):
         load_checkpoint(folder, quantized_ok=True)
+
+
+def grown_rows(sd, name, rows):
+    """sd with the fused tensor `name` (a float weight or bias, or a GPTQ linear's qweight, qzeros and scales) given
+    `rows` more outputs (fewer where negative), its first ones repeated."""
+    for k in [k for k in sd if (k == name or k.startswith(name + ".")) and not k.endswith(".g_idx")]:  # (inputs')
+        t, dim = sd[k], 1 if k.endswith((".qweight", ".qzeros", ".scales")) else 0
+        n = rows // 8 if k.endswith(".qzeros") else rows  # (eight outputs a word)
+        sd[k] = (torch.cat([t, t.narrow(dim, 0, n)], dim) if n > 0 else t.narrow(dim, 0, t.shape[dim] + n)).contiguous()
+
+
+@pytest.mark.parametrize("rows", [16, -16])
+def test_a_4bit_query_key_value_of_other_rows_is_refused_by_name(tmp_path, rows):
+    """Its q, k and v are taken by index (per_head_qkv_rows): extra rows loaded without a word (the first ones
+    taken), too few an IndexError; refused by name as the float reader's are (below)."""
+    folder, _ = quantized_folder(tmp_path, "gptq-v2-gpt_neox")
+    edit_tensors(folder, lambda sd: grown_rows(sd, "gpt_neox.layers.0.attention.query_key_value", rows))
+    with pytest.raises(UserError, match=rf"tensor layers\.0\.attention\.query_key_value\.weight has {192 + rows} "
+                                        r"rows; 4 heads' queries, keys and values of 16 need 192"):
+        load_checkpoint(folder, quantized_ok=True)
+
+
+@pytest.mark.parametrize("family", ["neox", "falcon", "bloom"])
+def test_a_float_query_key_value_of_other_rows_in_any_layer_is_refused_by_name(tmp_path, family):
+    """The fused q, k, v split by index (GPT-NeoX's and BLOOM's per head, Falcon's in its layout): a later layer's
+    weight or a bias of other rows was loaded without a word (or an IndexError), only layer 0's weight checked
+    (Falcon's) or none."""
+    from tritongpt.train.bloom_weights import export_bloom
+    from tritongpt.train.falcon_weights import export_falcon
+    from tritongpt.train.neox_weights import export_neox
+
+    fields, export, prefix = {"neox": (NEOX, export_neox, "gpt_neox.layers.1.attention"),
+                              "falcon": ({**FALCON, "bias": True}, export_falcon, "transformer.h.1.self_attention"),
+                              "bloom": (dict(position_encoding="alibi", embed_norm=True), export_bloom,
+                                        "transformer.h.1.self_attention")}[family]
+    torch.manual_seed(0)
+    export(GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=2, n_head=4, n_embd=64, **fields)),
+           tmp_path / family)
+    for kind, rows in (("bias", 16), ("weight", -16)):
+        folder = edit_tensors(tmp_path / family, lambda sd: grown_rows(sd, f"{prefix}.query_key_value.{kind}", rows))
+        need = 192  # (Falcon's old per-head layout here: a key and value head each)
+        with pytest.raises(UserError, match=rf"tensor {prefix.split('.', 1)[1]}\.query_key_value\.{kind} has "
+                                            rf"{need + rows} rows; .* need {need}"):
+            load_checkpoint(folder)
+        grown_rows(sd := load_file(folder / "model.safetensors"), f"{prefix}.query_key_value.{kind}", -rows)
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})  # (back as it was, for the next)

@@ -23,9 +23,10 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
-                                          head_count, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
-                                          refuse_moe_touches, tied_head, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, check_fused_rows, config_flag, config_json_gptconfig,
+                                          fuse_rows, head_count, model_with_tensors, per_head_qkv_rows,
+                                          plain_block_refusals, refuse_moe_touches, tied_head, weights_file,
+                                          write_hf_folder)
 
 MODEL_TYPE = "bloom"
 # BLOOM has no position table; the context it was trained at (2048) unless config.json says one (seq_length)
@@ -68,6 +69,8 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
                             ("n_layer", d.get("n_layer"), n_layer)):
         if want is not None and want != have:
             raise UserError(f"{cfg_json} says {key} {want!r}, but the weights have {have}")
+    check_fused_rows(sd, "h.{i}.self_attention.query_key_value", n_layer, 3 * n_embd,
+                     f"{n_head} heads' queries, keys and values of {n_embd // n_head}", cfg_json.parent)
     if hidden != 4 * n_embd:
         raise UserError(f"{cfg_json.parent}: dense_h_to_4h has {hidden} rows; BLOOM's MLP is 4 hidden_size wide "
                         f"({4 * n_embd})")

@@ -28,9 +28,10 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
-                                          head_count, hf_quantization, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
-                                          refuse_moe_touches, tied_head, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, check_fused_rows, config_flag, config_json_gptconfig,
+                                          fuse_rows, head_count, hf_quantization, model_with_tensors,
+                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches, tied_head,
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -103,6 +104,9 @@ def _check_hf_config(cfg_json: Path, d: dict, sd: dict) -> GPTConfig:
     if qkv_rows != (n_head + 2 * kv) * head_dim:
         raise UserError(f"{cfg_json.parent}: query_key_value has {qkv_rows} rows; {n_head} query heads over {kv} "
                         f"key/value heads of {head_dim} need {(n_head + 2 * kv) * head_dim}")
+    # (layer 0's weight above, in the words its tests match; every layer's weight and bias here)
+    check_fused_rows(sd, "h.{i}.self_attention.query_key_value", n_layer, (n_head + 2 * kv) * head_dim,
+                     f"{n_head} query heads over {kv} key/value heads of {head_dim}", cfg_json.parent)
     if d["alibi"]:  # Falcon-RW: no rotation, ALiBi scaled with the scores
         positions = dict(position_encoding="alibi", alibi_scaled=True)
     else:  # whole heads unless rope_parameters says a factor (no Falcon does; refused below)

@@ -953,6 +953,18 @@ def per_head_qkv_rows(n_head: int, head_dim: int) -> tuple:
     return rows[:, 0].reshape(-1), rows[:, 1].reshape(-1), rows[:, 2].reshape(-1)
 
 
+def check_fused_rows(sd: dict, name: str, n_layer: int, rows: int, need: str, folder) -> None:
+    """Refuse by name a fused query_key_value whose weight or bias (name: its tensors' name with {i} for the layer)
+    has not `rows` rows (need: what those rows are, for the message). Its q, k and v are taken by index
+    (per_head_qkv_rows' or another): extra rows would be dropped without a word, too few an IndexError; every layer's
+    checked, a 4-bit folder's too (its meta weight's shape, int4_linears')."""
+    for i in range(n_layer):
+        for kind in ("weight", "bias"):
+            t = sd.get(f"{name.format(i=i)}.{kind}")
+            if t is not None and t.shape[0] != rows:
+                raise UserError(f"{folder}: tensor {name.format(i=i)}.{kind} has {t.shape[0]} rows; {need} need {rows}")
+
+
 def fuse_rows(parts, rows) -> torch.Tensor:
     """The fused tensor a split by rows came from (per_head_qkv_rows' or another): parts[i] (a weight or a
     bias) written at rows[i]; what a fused query_key_value's export writes."""

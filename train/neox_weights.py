@@ -20,10 +20,10 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, fuse_rows,
-                                          head_count, hf_quantization, model_with_tensors, per_head_qkv_rows, plain_block_refusals,
-                                          refuse_moe_touches, refuse_phi_touches, tied_head, weights_file,
-                                          write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, check_fused_rows, config_flag, config_json_gptconfig,
+                                          fuse_rows, head_count, hf_quantization, model_with_tensors,
+                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches,
+                                          refuse_phi_touches, tied_head, weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "gpt_neox"
@@ -61,6 +61,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                       ("intermediate_size", hidden)):
         if key in d and d[key] != have:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the weights have {have}")
+    check_fused_rows(sd, "layers.{i}.attention.query_key_value", n_layer, 3 * n_embd,
+                     f"{n_head} heads' queries, keys and values of {n_embd // n_head}", cfg_json.parent)
     if hidden != 4 * n_embd:
         raise UserError(f"{cfg_json} has intermediate_size {hidden}; this model's GELU MLP is 4 hidden_size wide "
                         f"({4 * n_embd})")
