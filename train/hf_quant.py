@@ -156,12 +156,14 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
 def int4_rows(sd: dict, packed: dict, base: str, parts: dict) -> None:
     """A fused 4-bit linear (int4_linears' base) taken apart by its outputs: for each {name: rows (an index
     tensor)} of parts, sd[name.weight] a meta weight of those rows and packed[name] those rows of base's qweight,
-    scale and offset. Exact: each output's levels, scale and offset are its own, the groups running along the
-    inputs; the fused linear's entries stay, unused."""
-    weight = sd[base + ".weight"]
+    scale and offset, in place of base's packed entry (sd's meta weight of base is left as it is: GPT-NeoX's and
+    Falcon's readers see by it that the fused linear was 4-bit). Exact: each output's levels, scale and offset are
+    its own, the groups running along the inputs."""
+    fused = packed.pop(base)
+    K = 2 * fused[0].shape[1]  # (qweight: two 4-bit levels a byte along the inputs)
     for name, rows in parts.items():
-        sd[name + ".weight"] = torch.empty(len(rows), weight.shape[1], device="meta")
-        packed[name] = tuple(t[rows] for t in packed[base])
+        sd[name + ".weight"] = torch.empty(len(rows), K, device="meta")
+        packed[name] = tuple(t[rows] for t in fused)
 
 
 def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path) -> GPTModel:

@@ -41,13 +41,13 @@ def is_phi3_file(path) -> bool:
 
 def _split_rows(out: dict, prefix: str, k: str, w, sizes: list, names: tuple, packed: dict | None) -> None:
     """out[prefix.name.weight] = w's rows split by sizes; where w is a 4-bit linear's meta weight (int4_linears),
-    its packed qweight, scale and offset split the same way. Their rows are the outputs and every group runs along
-    the inputs (one scale and offset per output and group), so a split along the outputs is exact: the fused
-    linear GPTQ and AWQ quantized, as its parts."""
-    out.update({f"{prefix}.{name}.weight": part for name, part in zip(names, w.split(sizes))})
-    if w.is_meta:
-        parts = [t.split(sizes) for t in packed.pop(k.removesuffix(".weight"))]
-        packed.update({f"{prefix}.{name}": tuple(p[i] for p in parts) for i, name in enumerate(names)})
+    the fused linear GPTQ and AWQ quantized is split as its parts by hf_quant.int4_rows (exact along the outputs)."""
+    if not w.is_meta:
+        out.update({f"{prefix}.{name}.weight": part for name, part in zip(names, w.split(sizes))})
+        return
+    from tritongpt.train.hf_quant import int4_rows
+    rows = torch.arange(w.shape[0]).split(sizes)
+    int4_rows(out, packed, k.removesuffix(".weight"), {f"{prefix}.{name}": r for name, r in zip(names, rows)})
 
 
 def _unfused(sd: dict, d: dict, cfg_json: Path, packed: dict | None = None) -> dict:
