@@ -6,6 +6,7 @@ themselves (common.moe_aux_term), once per micro-batch, over the policy's own fo
 job's loss and gradients against the same job at coefficient 0 plus coef * the routers' aux of that forward.
 """
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -410,3 +411,53 @@ def test_gkds_fused_head_on_the_triton_path_adds_the_aux():
     base, _ = fn(m, batch)
     assert (COEF * aux * n).item() > 1e-2 * base.item()
     torch.testing.assert_close(got, base + COEF * aux * n, rtol=1e-6, atol=1e-5)
+
+
+# -- evaluations: the plain objective, never the aux ----------------------------------------------------------
+def dense_ce(model, x, y):
+    """The cross-entropy of model's logits, computed here (no forward(targets=), so no aux can enter)."""
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item()
+
+
+def test_loss_eval_fn_and_the_trainers_evaluations_score_the_plain_cross_entropy(tmp_path):
+    """pretrain's val_loss (loss_eval_fn over forward(targets=)'s mean, which adds COEF * aux in training) is the
+    cross-entropy alone; so is any eval_fn the Trainer runs (its _side_run), and the coefficient comes back."""
+    from tritongpt.train.loop import TrainArgs, Trainer, loss_eval_fn
+
+    model = tiny_moe(0)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, VOCAB, (2, CTX + 1), generator=g) for _ in range(2)]
+
+    def get_batch(split, gen):
+        b = batches[int(torch.randint(2, (1,), generator=gen))]
+        return b[:, :-1], b[:, 1:]
+
+    def loss_fn(m, batch):  # pretrain's: the model's own mean loss
+        return m(batch[0], targets=batch[1])
+
+    with torch.no_grad():  # the training objective does add it: the eval would differ by COEF * aux
+        x, y = get_batch("val", torch.Generator().manual_seed(0))
+        assert loss_fn(model, (x, y)).item() > dense_ce(model, x, y) + 0.1
+    gen = torch.Generator().manual_seed(0)
+    want = sum(dense_ce(model, *get_batch("val", gen)) for _ in range(3)) / 3
+    with torch.no_grad():
+        got = loss_eval_fn(loss_fn, get_batch, 3)(model)["val_loss"]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert model.config.moe_aux_loss == COEF
+
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=1, batch_size=2, device="cpu", dtype="fp32",
+                     kernels="reference", eval_every=0, ckpt_every=0, log_every=0, sample_every=0)
+    t = Trainer(model, args, loss_fn, get_batch)
+    assert t._side_run(lambda m: loss_fn(m, (x, y)).item()) == pytest.approx(dense_ce(model, x, y), rel=1e-5)
+    assert t.raw_model.config.moe_aux_loss == COEF
+
+
+def test_without_moe_aux_restores_the_coefficient_after_an_error():
+    model = tiny_moe(0)
+    rm = SimpleNamespace(backbone=model)  # a reward model's routers are its backbone's
+    with pytest.raises(RuntimeError, match="boom"):
+        with common.without_moe_aux(rm):
+            assert model.config.moe_aux_loss == 0.0
+            raise RuntimeError("boom")
+    assert model.config.moe_aux_loss == COEF

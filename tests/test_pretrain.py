@@ -945,3 +945,18 @@ def test_resume_of_a_path_that_does_not_exist_names_it(corpus, tmp_path, capsys)
     assert "leave --resume out" not in str(e.value) and "name a run folder" in str(e.value)
     with pytest.raises(UserError, match=nothing_at(run)):
         resume_checkpoint(run, True)  # a bare --resume in a new --out-dir
+
+
+def test_an_moe_runs_val_loss_is_the_cross_entropy_without_its_load_balancing_loss(corpus, tmp_path):
+    """--moe-aux-loss trains the routers (the training loss adds it) but val_loss is the plain cross-entropy, as
+    the header says: the same weights evaluate alike at coefficient 0.7 and 0 (forward(targets=)'s mean would add
+    0.7 * aux, about 0.7)."""
+    runs = {}
+    for coef in ("0.7", "0"):
+        a = parse_args(argv(corpus, tmp_path / coef, "--max-steps", "1", "--eval-every", "1", "--sample-tokens", "0",
+                            "--mlp", "swiglu", "--n-experts", "4",
+                            "--experts-per-token", "2", "--moe-aux-loss", coef, "--ckpt-every", "0"))
+        runs[coef] = pretrain(a)
+    first = {k: r["first_val_loss"] for k, r in runs.items()}  # step 0's: the same weights
+    assert first["0.7"] is not None and first["0.7"] == pytest.approx(first["0"], rel=1e-6)
+    assert runs["0.7"]["losses"][0] > runs["0"]["losses"][0] + 0.5  # the training objective does add it

@@ -409,13 +409,37 @@ def moe_aux_term(model, mask=None):
     mask: that forward's [B, T], true at its real tokens (length_mask, through_last_mask): a padded batch's pad
     tokens are left out of the loss, as transformers' load_balancing_loss_func leaves out its attention_mask's 0s
     (else the routers would train to balance the padding too). None: every token counts."""
-    m = getattr(model, "module", model)
-    m = getattr(m, "_orig_mod", m)
-    m = getattr(m, "backbone", m)
-    m = getattr(m, "policy", m)
+    m = _routed_model(model)
     coef = getattr(getattr(m, "config", None), "moe_aux_loss", 0.0)
     aux = m.router_aux_loss(mask) if coef else None
     return None if aux is None else coef * aux
+
+
+def _routed_model(model):
+    """The GPTModel whose routers model's forward runs, through DDP's and torch.compile's wrappers, a reward
+    model's backbone and rlhf's PolicyWithValue's policy."""
+    m = getattr(model, "module", model)
+    m = getattr(m, "_orig_mod", m)
+    m = getattr(m, "backbone", m)
+    return getattr(m, "policy", m)
+
+
+@contextlib.contextmanager
+def without_moe_aux(model):
+    """Evaluations score the plain objective: within this, model's GPTConfig.moe_aux_loss is 0, so neither
+    GPTModel.forward(targets=)'s mean nor moe_aux_term adds the load-balancing loss. That loss is a training
+    regulariser of the routers, not part of the model's fit: a val_loss with it would not be the cross-entropy
+    (nor comparable with a dense model's or another coefficient's). The coefficient comes back after, error or not."""
+    cfg = getattr(_routed_model(model), "config", None)
+    coef = getattr(cfg, "moe_aux_loss", 0.0)
+    if not coef:
+        yield
+        return
+    cfg.moe_aux_loss = 0.0
+    try:
+        yield
+    finally:
+        cfg.moe_aux_loss = coef
 
 
 def length_mask(lengths, T: int):

@@ -729,13 +729,15 @@ class Trainer:
                      for t in batch)
 
     def _side_run(self, fn):
-        """eval/sample on the raw model: no grad, eval mode, autocast, and the training RNG untouched."""
+        """eval/sample on the raw model: no grad, eval mode, autocast, and the training RNG untouched; a mixture of
+        experts' load-balancing loss left out (common.without_moe_aux): every job's evaluations are its plain
+        objective (val_loss the cross-entropy), the aux being a training term only."""
         was = self.raw_model.training
         self.raw_model.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad(), \
-                    common.autocast(self.device, self.dtype):
+                    common.autocast(self.device, self.dtype), common.without_moe_aux(self.raw_model):
                 return fn(self.raw_model)
         finally:
             self.raw_model.train(was)
@@ -1046,19 +1048,22 @@ def loss_eval_fn(loss_fn, get_batch, batches: int, seed: int = 0, split: str = "
     """An eval_fn: mean of loss_fn over the same `batches` batches of `split` every time.
 
     The batches come from a generator reseeded on every call, so evaluations are comparable
-    and do not move the training generator.
+    and do not move the training generator. A mixture of experts' load-balancing loss is left
+    out (as the Trainer's evaluations leave it out, also when this is called alone): the mean is
+    the plain loss, not the training objective.
     """
     def eval_fn(model):
         device = next(model.parameters()).device
         gen = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0.0
-        for _ in range(batches):
-            batch = get_batch(split, gen)
-            batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t
-                          for t in (batch if isinstance(batch, (tuple, list)) else (batch,)))
-            loss = loss_fn(model, batch)
-            loss, n = loss if isinstance(loss, tuple) else (loss, 1)  # (sum, count): token-weighted
-            total, count = total + float(loss), count + float(n)
+        with common.without_moe_aux(model):
+            for _ in range(batches):
+                batch = get_batch(split, gen)
+                batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t
+                              for t in (batch if isinstance(batch, (tuple, list)) else (batch,)))
+                loss = loss_fn(model, batch)
+                loss, n = loss if isinstance(loss, tuple) else (loss, 1)  # (sum, count): token-weighted
+                total, count = total + float(loss), count + float(n)
         return {key: total / count}
 
     return eval_fn
