@@ -218,7 +218,8 @@ def test_a_prompt_the_engine_refuses_names_its_record_and_leaves_out_as_it_was(s
 
     calls = []
 
-    def failing(step):  # (a request's step's token: decode_step's, or take_step's after the batched draw)
+    def failing(step):  # (a request's step's token: decode_step's, take_step's, or append_taken's after the
+        # batched draw's post-draw work)
         def fn(*a, **kw):
             calls.append(1)
             if len(calls) == 6:
@@ -227,6 +228,7 @@ def test_a_prompt_the_engine_refuses_names_its_record_and_leaves_out_as_it_was(s
         return fn
     monkeypatch.setattr(engine, "decode_step", failing(engine.decode_step))
     monkeypatch.setattr(engine, "take_step", failing(engine.take_step))
+    monkeypatch.setattr(engine, "append_taken", failing(engine.append_taken))
     with pytest.raises(RuntimeError, match="a broken step"):
         cli.main(["generate", "--weights", str(saved), "--device", "cpu", "--prompts", str(path), "--out", str(out),
                   "--max-new-tokens", "4", "--max-batch", "1"])
