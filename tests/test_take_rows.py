@@ -26,7 +26,14 @@ def stop_on(token, start):
 def session(model, batched: bool, monkeypatch):
     """Mixed requests served in one batch: each one's ids, on_token calls, the step it finished at and its rows
     done, with the batched post-draw on or off (take_step a request at a time)."""
-    monkeypatch.setattr(engine_module, "TAKE_BATCHED", batched)
+    with monkeypatch.context() as m:
+        if not batched:  # (each drawn request then takes its step alone: take_step)
+            m.setattr(Engine, "_take_plain", lambda self, logits, drawn: {})
+        return serve_session(model)
+
+
+def serve_session(model):
+    """session's requests on a fresh engine, served to their ends."""
     engine, P = Engine(model, max_batch=16), 4
     asks = [dict(n=3, eos_id=3, temperature=1.0, logprobs=3),  # rows ending at different steps: padded after
             dict(n=2, eos_id=3, stop_token_ids=[5], temperature=0.7, logprobs=0),

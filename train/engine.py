@@ -49,9 +49,6 @@ PAGE_SIZE = 16  # a paged cache's positions a page where none is given (vLLM's b
 # float64 sort and softmax tensors, tens of MB, out of the cache), passes of 8 to 16 rows about as fast; at 97 or
 # 8192 tokens the whole batch in one pass was the fastest.
 SAMPLE_PASS_CPU = 2**19
-# the batched draw's requests: their tokens read to the host and their logprobs taken together, a step
-# (_take_plain); False: take_step a request at a time (tests compare the two)
-TAKE_BATCHED = True
 
 
 class Cancelled(Exception):
@@ -750,7 +747,7 @@ class Engine:
         if out is not None:
             self._mask_decode(out, [r for r in decoding if r in logits], logits)
         drawn = self._draw_plain(logits, drafts)
-        taken = self._take_plain(logits, drawn) if TAKE_BATCHED else {}
+        taken = self._take_plain(logits, drawn)
         tokens = 0  # the step's tokens as vLLM's iteration_tokens_total counts them (on_iteration)
         for r, lg in logits.items():
             alive, length = r.ended.count(False), r.idx.size(1)  # (before the step: its rows still drawing)
