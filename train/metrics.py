@@ -32,6 +32,7 @@ same here (vLLM's others, gpu_memory_utilization, swap_space, cpu_offload_gb, ..
 """
 import threading
 import time
+from contextlib import contextmanager
 
 # vLLM's buckets (seconds)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -141,6 +142,21 @@ class Metrics:
         # requests holding, and waiting for, the model outside an engine batch (no engine: the model's lock; with one, a
         # beam search's Engine.call)
         self.running = self.waiting = 0
+
+    def count(self, waiting: int = 0, running: int = 0):
+        """The requests outside an engine batch (gauges' own count) waiting for the model and holding it, moved."""
+        with self.lock:
+            self.waiting += waiting
+            self.running += running
+
+    @contextmanager
+    def holding(self):
+        """A request counted waiting (count(waiting=1)) holds the model until the block ends."""
+        self.count(waiting=-1, running=1)
+        try:
+            yield
+        finally:
+            self.count(running=-1)
 
     def iteration(self, tokens: int):
         """An engine step's (no engine: a request's step's) tokens, vLLM's iteration_tokens_total."""

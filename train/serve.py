@@ -1588,40 +1588,26 @@ class Model:
 
         def run():
             started.append(True)
-            with m.lock:
-                m.waiting, m.running = m.waiting - 1, m.running + 1
-            try:
+            with m.holding():
                 return fn()
-            finally:
-                with m.lock:
-                    m.running -= 1
-        with m.lock:
-            m.waiting += 1
+        m.count(waiting=1)
         try:
             return self.engine.call(run)
         finally:
             if not started:  # (the engine down before it ran: never taken off the waiting)
-                with m.lock:
-                    m.waiting -= 1
+                m.count(waiting=-1)
 
     @contextmanager
     def turn(self, timing=None):
         """The model's lock (no engine: one forward at a time), the requests holding and waiting for it counted
         (/metrics' running and waiting), timing's request scheduled when it first takes it (a scoring forward and
         then the draw of the same request: its queue time the wait for the first, the rest its prefill)."""
-        m = self.metrics
-        with m.lock:
-            m.waiting += 1
+        self.metrics.count(waiting=1)
         with self.lock:
             if timing is not None and timing.scheduled is None:
                 timing.scheduled = time.monotonic()
-            with m.lock:
-                m.waiting, m.running = m.waiting - 1, m.running + 1
-            try:
+            with self.metrics.holding():
                 yield
-            finally:
-                with m.lock:
-                    m.running -= 1
 
 
 class Delta:
