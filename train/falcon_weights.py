@@ -29,9 +29,9 @@ from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, check_fused_rows, config_flag, config_json_gptconfig,
-                                          fuse_rows, head_count, hf_quantization, model_with_tensors,
-                                          per_head_qkv_rows, plain_block_refusals, refuse_moe_touches, tied_head,
-                                          weights_file, write_hf_folder)
+                                          fuse_rows, head_count, model_with_tensors, per_head_qkv_rows,
+                                          plain_block_refusals, refuse_moe_touches, tied_head, weights_file,
+                                          write_hf_folder)
 from tritongpt.train.llama_weights import unscaled_partial_rope
 
 MODEL_TYPE = "falcon"
@@ -167,11 +167,11 @@ def _our_tensors(sd: dict, cfg: GPTConfig, d: dict) -> dict:
 def load_falcon_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Falcon model.safetensors (or shard index) and its
     config.json beside it."""
-    from tritongpt.train.hf_quant import int4_linears, int4_rows, int4_spec, model_with_int4
+    from tritongpt.train.hf_quant import folder_int4_spec, int4_linears, int4_rows, model_with_int4
     path = weights_file(path, "Falcon")
     cfg_json = path.parent / "config.json"
     # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py), or refused by name
-    spec = int4_spec(q) if (q := hf_quantization(cfg_json)) is not None else None
+    spec = folder_int4_spec(cfg_json)
     sd = _read_tensors(path, prefix="transformer.", quantization_read=spec is not None)
     if spec is not None:
         sd, packed, group_size = int4_linears(sd, spec, path, blocks="h.")

@@ -35,8 +35,8 @@ import torch
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, hf_quantization,
-                                          model_with_tensors, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import (LLAMA_KEYS, _rope_theta, full_attention_rope, hf_shapes, rope_dict,
                                            rope_field, shape_fields, without_one_rope_object)
 
@@ -227,11 +227,11 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_gemma_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Gemma (1, 2 or 3; a multimodal Gemma 3's language model)
     model.safetensors (or shard index) and its config.json beside it."""
-    from tritongpt.train.hf_quant import int4_linears, int4_spec, model_with_int4
+    from tritongpt.train.hf_quant import folder_int4_spec, int4_linears, model_with_int4
     path = weights_file(path, "Gemma")
     cfg_json = path.parent / "config.json"
     # a GPTQ or AWQ folder: 4-bit, its projections read as int4 (hf_quant.py) as Llama's are, or refused by name
-    spec = int4_spec(q) if (q := hf_quantization(cfg_json)) is not None else None
+    spec = folder_int4_spec(cfg_json)
     if read_json_object(cfg_json).get("model_type") == "gemma3":
         _text_config(read_json_object(cfg_json), cfg_json)  # a config without one refused before any tensor is read
         sd = _language_model_tensors(path, quantization_read=spec is not None)

@@ -21,10 +21,17 @@ import torch
 from tritongpt.errors import UserError
 from tritongpt.model.gpt import GPTModel, check_quantized_scales
 from tritongpt.model.quant import GROUP_SIZES, Int4Linear, pack_int4, quantized_layout
-from tritongpt.train.gpt2_weights import _FLOAT_DTYPES, model_with_tensors, refuse_quantized
+from tritongpt.train.gpt2_weights import _FLOAT_DTYPES, hf_quantization, model_with_tensors, refuse_quantized
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word holds output 8c + AWQ_ORDER[i]
 _PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def folder_int4_spec(cfg_json) -> dict | None:
+    """The int4_spec of the folder whose config.json is cfg_json (gpt2_weights.hf_quantization's), None for a float
+    folder: what each reader that takes 4-bit folders asks first."""
+    q = hf_quantization(cfg_json)
+    return None if q is None else int4_spec(q)
 
 
 def int4_spec(q: dict) -> dict:
@@ -188,8 +195,8 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path)
             value, m = ours.pop(name), model.get_submodule(layer)
             if kind == "weight":
                 if not value.is_meta:
-                    raise UserError(f"{path}: {layer} is stored as a float weight beside 4-bit layers; this model reads "
-                                    "a folder whose every linear layer of the blocks is quantized")
+                    raise UserError(f"{path}: {layer} is stored as a float weight beside 4-bit layers; this model "
+                                    "reads a folder whose every linear layer of the blocks is quantized")
                 for buf, t in zip((m.qweight, m.scale, m.offset), packed[bases[id(value)]]):
                     assert buf.shape == t.shape, (layer, buf.shape, t.shape)  # (int4_linears made them to fit)
                     buf.copy_(t)

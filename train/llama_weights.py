@@ -38,10 +38,9 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import ROPE_SCALING_KEYS, GPTConfig, check_rope_extras, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, hf_quantization,
-                                          model_with_tensors, refuse_gemma_touches, refuse_moe_touches,
-                                          refuse_norm_touches, refuse_phi3_touches, tensor_names, tied_head,
-                                          weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
+                                          refuse_gemma_touches, refuse_moe_touches, refuse_norm_touches,
+                                          refuse_phi3_touches, tensor_names, tied_head, weights_file, write_hf_folder)
 
 # each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
 _LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -373,14 +372,14 @@ def load_llama_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Llama (Mistral, Qwen2, Qwen3) model.safetensors and its
     config.json beside it (the heads, RoPE's base and the norm's eps are in no tensor). A 4-bit GPTQ or AWQ GEMM
     folder loads int4 (hf_quant.py: its Linears Int4Linears, the model marked quantized)."""
-    from tritongpt.train.hf_quant import int4_linears, int4_spec, model_with_int4
+    from tritongpt.train.hf_quant import folder_int4_spec, int4_linears, model_with_int4
     path = weights_file(path, "Llama")
     cfg_json = path.parent / "config.json"
     if not cfg_json.is_file():
         raise UserError(f"{path} looks like a Llama model, whose heads, RoPE base and norm eps are in its "
                         "config.json: put that file beside it")
     # a GPTQ or AWQ folder (quantization_config): 4-bit, read as int4 (hf_quant.py), or refused by name
-    spec = int4_spec(q) if (q := hf_quantization(cfg_json)) is not None else None
+    spec = folder_int4_spec(cfg_json)
     sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None)  # "model.layers.0..."
     if spec is not None:
         sd, packed, group_size = int4_linears(sd, spec, path)

@@ -23,8 +23,8 @@ from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig, check_rope_scaling
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, hf_quantization, model_with_tensors,
-                                          refuse_per_head_qk, weights_file, write_hf_folder)
+from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, model_with_tensors, refuse_per_head_qk,
+                                          weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import (LLAMA_KEYS, _our_tensors, checked_rope_base, hf_shapes,
                                            partial_rotary_dim, read_rope_parameters, refuse_not_llama, rope_field,
                                            shape_fields)
@@ -143,12 +143,12 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
 def load_phi3_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Phi-3 (Phi-4) model.safetensors (or shard index) and its
     config.json beside it."""
-    from tritongpt.train.hf_quant import int4_linears, int4_spec, model_with_int4
+    from tritongpt.train.hf_quant import folder_int4_spec, int4_linears, model_with_int4
     path = weights_file(path, "Phi-3")
     cfg_json = path.parent / "config.json"
     # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py), its fused qkv_proj and gate_up_proj quantized as one
     # linear each and split after (_split_rows), or refused by name
-    spec = int4_spec(q) if (q := hf_quantization(cfg_json)) is not None else None
+    spec = folder_int4_spec(cfg_json)
     sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None)
     packed = None
     if spec is not None:
