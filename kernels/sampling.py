@@ -383,6 +383,8 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
                 raise UserError(f"{who}: {name} must be a number, got {type(value).__name__} {value!r}")
     if not temperature > 0 or temperature != temperature or temperature == float("inf"):
         raise UserError(f"{who}: temperature must be a finite number > 0 (greedy is an argmax), got {temperature!r}")
+    if temperature > torch.finfo(torch.float32).max:  # (the kernel's fp32 scalar: Triton cannot pass it)
+        raise UserError(f"{who}: temperature {temperature!r} is above fp32's largest number (3.4e38)")
     if temperature < torch.finfo(torch.float32).tiny:  # (0 in fp32, or flushed on a GPU: 0 / 0 for the likeliest)
         raise UserError(f"{who}: temperature {temperature!r} is below fp32's smallest normal number; sample_next "
                         "takes such a temperature as greedy (an argmax)")

@@ -183,6 +183,7 @@ def test_bad_arguments(model):
     model.train()
     bad = [(dict(temperature=float("nan")), "temperature must be a finite number"),
            (dict(temperature=float("inf")), "temperature"),
+           (dict(temperature=1e39), "temperature must be at most fp32's largest"),  # (the kernel crashed on it)
            (dict(temperature=1.0, top_k=0), "top_k must be a positive integer"),
            (dict(temperature=1.0, top_k=2.5), "top_k must be a positive integer, got 2.5"),
            (dict(temperature=1.0, top_k=True), "top_k"),

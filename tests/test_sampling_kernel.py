@@ -153,6 +153,7 @@ def test_bad_arguments_are_refused_by_name():
                         ((x.t().contiguous().t(), u, 1.0), "unit stride"), ((x, u, 1.0, 0), "top_k"),
                         ((x, u, 1.0, None, 1.5), "top_p"), ((x, u, 1.0, None, None, -0.1), "min_p"),
                         ((x[:, :0], u, 1.0), "tokens a row"), ((x, u, 1e-46), "smallest normal"),
+                        ((x, u, 1e39), "above fp32's largest"),  # (Triton could not pass it: InterpreterError)
                         ((x, u, "1.0"), "temperature must be a number, got str"),
                         ((x, u, None), "temperature must be a number, got NoneType"),
                         ((x, u, 1.0, None, "0.9"), "top_p must be a number"),

@@ -800,10 +800,6 @@ class Engine:
         for r, lg in logits.items():
             if r in drafts or r.guide is not None or any(r.warp.get(k) is not None for k in LATE_CUTS):
                 continue
-            # (a temperature past fp32's range is inf in the kernel's [B] tensor, which it refuses: the request
-            # draws alone, so that error, or its own, fails it and not the requests batched beside it)
-            if triton and r.warp.get("temperature", 0.0) > torch.finfo(torch.float32).max:
-                continue
             try:
                 x = lg[:, :r.vocab_limit]
                 if r.hold is not None and r.idx.size(1) - r.start < r.hold[0]:

@@ -44,6 +44,8 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
     name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
     if not is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if temperature > torch.finfo(torch.float32).max:  # the logits are fp32: divided by it, every one is 0 or NaN
+        raise UserError(f"{name('temperature')} must be at most fp32's largest number (3.4e38), got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise UserError(f"{name('top_k')} must be a positive integer, got {top_k!r}")
     if top_p is not None and (not is_real(top_p) or not 0.0 < top_p <= 1.0):
