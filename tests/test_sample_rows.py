@@ -59,6 +59,12 @@ def test_unseeded_rows_follow_each_rows_own_distribution():
         assert chi2 < 25, (j, chi2, counts, p * draws)  # (5 degrees of freedom at most: p ~ 1e-4)
 
 
+# every sampling setting sample_next takes beyond the temperature and the row cuts, at the value that turns it off
+# (check_sampling's)
+NEUTRAL = dict(typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, frequency_penalty=0.0,
+               presence_penalty=0.0, no_repeat_ngram_size=0, logit_bias={}, bad_words=[])
+
+
 def tiny():
     torch.manual_seed(0)
     return GPTModel(GPTConfig(vocab_size=50, context_length=32, n_embd=32, n_layer=1, n_head=2, tie_weights=False,
@@ -80,11 +86,12 @@ def served(model, batched: bool, monkeypatch, pass_rows=None):
                       lambda logits, *a, **k: calls.append(logits.size(0)) or sample_rows(logits, *a, **k))
         engine = Engine(model, max_batch=12)
         # (logprobs with a penalty: taken from the raw logits, not the drawn ones; min_tokens holding back an EOS
-        # its bias makes likely)
+        # its bias makes likely; every setting at its "off" value spelled out, NEUTRAL: plain requests still)
         extra = [dict(logprobs=2, presence_penalty=1.5),
                  dict(repetition_penalty=1.3, eos_id=7, min_tokens=3, logit_bias={7: 4.0}),
-                 dict(logit_bias={3: 2.0}), dict(logprobs=1), dict(frequency_penalty=0.5),
-                 dict(stop_token_ids=[9], eos_id=7)]
+                 dict(logit_bias={3: 2.0}, typical_p=1.0), dict(logprobs=1),
+                 dict(frequency_penalty=0.5, epsilon_cutoff=0.0, eta_cutoff=0),
+                 dict(stop_token_ids=[9], eos_id=7, min_tokens=0, top_p=1.0, min_p=0.0, **NEUTRAL)]
         handles = []
         for j, (w, n) in enumerate(zip(WARPS, [2, 1, 3, 1, 2, 1])):
             ids = torch.randint(0, 50, (1, 4 + j), generator=torch.Generator().manual_seed(j)).expand(n, -1)
@@ -105,7 +112,8 @@ def served(model, batched: bool, monkeypatch, pass_rows=None):
 def test_the_engine_batched_draw_gives_each_seeded_request_its_own_tokens_and_logprobs(monkeypatch, pass_rows):
     """The same requests, drawn a request at a time and batched: equal ids and on_token calls (tokens, logprobs'
     values and top ids), greedy and sampled, with penalties, a bias, min_tokens, stop tokens, in one batch; and
-    with a CPU's passes cut to 3 rows (SAMPLE_PASS_CPU)."""
+    with a CPU's passes cut to 3 rows (SAMPLE_PASS_CPU). Requests naming typical_p 1 or a cutoff 0 (which cut
+    nothing) draw in the batched pass too (they drew alone)."""
     model = tiny()
     want, _ = served(model, False, monkeypatch)
     got, calls = served(model, True, monkeypatch, pass_rows)
@@ -164,7 +172,8 @@ def test_the_engine_with_triton_sampling_draws_a_step_in_one_launch(monkeypatch)
     the very tokens each request drew alone with a launch of its own (decode_step's sample_next(triton=True))."""
     import tritongpt.kernels.sampling as ks
     model = tiny()
-    warps = [WARPS[0], WARPS[3], WARPS[4]]
+    # (the third naming typical_p 1 and the cutoffs 0: no cut, so in the batch's launch)
+    warps = [WARPS[0], WARPS[3], {**WARPS[4], "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}]
 
     def serve(batched):
         per_row, scalar = [], []
@@ -200,3 +209,21 @@ def test_a_temperature_past_fp32s_range_is_refused_at_submit():
     with pytest.raises(UserError, match="temperature must be at most fp32's largest"):
         engine.submit(torch.tensor([[4, 5]]), 2, generator=torch.Generator().manual_seed(1), temperature=1e39)
     assert not engine.running and not engine.waiting
+
+
+def test_late_cuts_at_their_off_values_take_the_fused_triton_draw(monkeypatch):
+    """sample_next(triton=True) with typical_p 1, epsilon_cutoff 0 or eta_cutoff 0 (no cut) draws as without them:
+    the kernel given the temperature and cuts (the fused draw, which the engine's batched launch matches), not
+    sampling_logits' cut logits at temperature 1; a real late cut still goes that way."""
+    import tritongpt.kernels.sampling as ks
+    temps, real = [], ks._launch
+    monkeypatch.setattr(ks, "_launch", lambda *a: temps.append(a[3]) or real(*a))
+    logits = torch.randn(3, 37, generator=torch.Generator().manual_seed(4)) * 2
+    w = dict(temperature=0.7, top_p=0.8, top_k=9)
+    want = sample_next(logits, generator=torch.Generator().manual_seed(5), triton=True, **w)
+    for off in (dict(typical_p=1.0), dict(epsilon_cutoff=0.0), dict(eta_cutoff=0), NEUTRAL):
+        got = sample_next(logits, generator=torch.Generator().manual_seed(5), triton=True,
+                          seen=torch.randint(0, 37, (3, 4)), generated_from=0, **w, **off)
+        assert torch.equal(got, want), off
+    sample_next(logits, generator=torch.Generator().manual_seed(5), triton=True, typical_p=0.9, **w)
+    assert temps == [pytest.approx(0.7)] * 5 + [1.0]

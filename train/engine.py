@@ -29,11 +29,11 @@ import torch
 from tritongpt._types import is_int
 from tritongpt.errors import EngineDown, UserError
 from tritongpt.model.sampling import sampling_with_triton
-from tritongpt.train.generate import (LATE_CUTS, ROW_CUTS, DecodeGraph, Prediction, PromptLookup, _draw,
-                                     append_taken, check_cache_dtype, check_draft, check_graphable, check_logprobs,
+from tritongpt.train.generate import (ROW_CUTS, DecodeGraph, Prediction, PromptLookup, _draw, append_taken,
+                                     check_cache_dtype, check_draft, check_graphable, check_logprobs,
                                      check_masks_reach_end, check_sampling, decode_step, draft_width, end_rule,
-                                     held_back, hidden_and_head, last_logits, new_cache, sample_rows, sampling_logits,
-                                     score_positions, take_rows, take_step, verify_step)
+                                     held_back, hidden_and_head, late_cut, last_logits, new_cache, sample_rows,
+                                     sampling_logits, score_positions, take_rows, take_step, verify_step)
 
 # Batched prefill (_groups): several requests' prompt chunks run in one forward, each right-padded to the longest.
 # A group takes a chunk only while its padded tokens stay within PREFILL_GROUP_TOKENS (the forward's activations:
@@ -787,7 +787,7 @@ class Engine:
         return True
 
     def _draw_plain(self, logits, drafts) -> dict:
-        """{r: nxt [n, 1]} for the step's plain decode requests (no speculation, no grammar, no cut of LATE_CUTS),
+        """{r: nxt [n, 1]} for the step's plain decode requests (no speculation, no grammar, no late_cut),
         drawn together by generate.sample_rows, a pass for the rows of each width (vocab_limit; on a CPU at most
         SAMPLE_PASS_CPU logits a pass): one batched draw a step, not decode_step's ~20 ops (GPU launches) a
         request; with Triton sampling on (sampling_with_triton), one launch of the sampling kernel a width. A
@@ -798,7 +798,8 @@ class Engine:
         widths, out = {}, {}
         triton = sampling_with_triton(self.model)
         for r, lg in logits.items():
-            if r in drafts or r.guide is not None or any(r.warp.get(k) is not None for k in LATE_CUTS):
+            # (a late cut at its "off" value, typical_p 1 or a cutoff 0, cuts nothing: such a request is plain)
+            if r in drafts or r.guide is not None or late_cut(r.warp):
                 continue
             try:
                 x = lg[:, :r.vocab_limit]

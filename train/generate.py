@@ -214,14 +214,15 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
     the same token from the same logits and seed: triton=False sampling_logits then draw_with_uniform; triton=True
     the Triton kernel (kernels/sampling.py) with the temperature, top_k, top_p and min_p cuts fused into the draw (no
     sort of the vocabulary; the biases and penalties before it stay torch's, and with typical_p, epsilon_cutoff,
-    eta_cutoff or top_n_sigma the whole of sampling_logits runs first and the kernel only draws). min_p_first:
+    eta_cutoff or top_n_sigma cutting, late_cut's, the whole of sampling_logits runs first and the kernel only draws). min_p_first:
     sampling_logits'."""
     settings = dict(repetition_penalty=repetition_penalty, seen=seen, frequency_penalty=frequency_penalty,
                     presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                     generated_from=generated_from, live=live, logit_bias=logit_bias,
                     allowed_token_ids=allowed_token_ids, bad_words=bad_words)
     greedy = temperature < torch.finfo(torch.float32).tiny
-    if triton and not greedy and not (typical_p or epsilon_cutoff or eta_cutoff or top_n_sigma):
+    if triton and not greedy and not late_cut(dict(typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
+                                                   eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma)):
         check_sampling(temperature, top_k, top_p, min_p=min_p, min_p_first=min_p_first)
         # biased and penalized only (greedy's logits): the kernel tempers, cuts and draws
         logits = sampling_logits(logits, **settings)
@@ -331,9 +332,20 @@ def cut_min_p(logits, min_p: float):
     return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
-# sample_rows: the settings it takes a row at a time; a warp with any of LATE_CUTS is drawn alone (sample_next)
+# sample_rows: the settings it takes a row at a time; a warp that cuts with any of LATE_CUTS is drawn alone
+# (sample_next)
 ROW_CUTS = ("temperature", "top_k", "top_p", "min_p", "min_p_first")
 LATE_CUTS = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_n_sigma")
+
+
+def late_cut(warp: dict) -> bool:
+    """Whether a warp's LATE_CUTS cut anything: typical_p 1 and epsilon_cutoff or eta_cutoff 0 are their "off"
+    (check_sampling's; sampling_logits skips them, as transformers' generate does), so a request that spells them
+    out draws what one leaving them None draws, and takes the same paths (the engine's batched draw, the fused
+    Triton draw). top_n_sigma has no such value (> 0)."""
+    typical = warp.get("typical_p")
+    return (typical is not None and typical < 1.0) or bool(warp.get("epsilon_cutoff")) or \
+        bool(warp.get("eta_cutoff")) or warp.get("top_n_sigma") is not None
 
 
 def sample_rows(logits, warps, generators, sizes, triton: bool = False):
