@@ -227,3 +227,44 @@ def test_late_cuts_at_their_off_values_take_the_fused_triton_draw(monkeypatch):
         assert torch.equal(got, want), off
     sample_next(logits, generator=torch.Generator().manual_seed(5), triton=True, typical_p=0.9, **w)
     assert temps == [pytest.approx(0.7)] * 5 + [1.0]
+
+
+def test_a_batched_pass_that_fails_fails_only_the_request_whose_draw_fails(monkeypatch):
+    """One request's draw fails (injected: the batched pass raises after its torch.rand, as a failure surfacing late
+    would, whenever that request is in it; and its own draw alone raises too): only its client gets the error. The
+    requests beside it draw alone for that step, their generators put back, so each seeded one's tokens are those of
+    a run where nothing failed (the pass's error failed them all)."""
+    import tritongpt.train.generate as generate_module
+    model = tiny()
+    BAD = 0.77  # (the failing request's temperature: how the injected failure finds it)
+
+    def run():
+        engine = Engine(model, max_batch=8)
+        asks = [(dict(WARPS[0], logprobs=2), 2), (dict(temperature=BAD), 1), (WARPS[3], 1), (WARPS[4], 2)]
+        handles = [engine.submit(torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(j))
+                                 .expand(n, -1), 5, generator=torch.Generator().manual_seed(j), **w)
+                   for j, (w, n) in enumerate(asks)]
+        while engine.running or engine.waiting:
+            engine.step()
+        return handles
+    want = [h.wait() for h in run()]
+    rows, alone = engine_module.sample_rows, generate_module.sample_next
+
+    def failing_rows(logits, warps, *a, **k):
+        nxt = rows(logits, warps, *a, **k)  # (the generators drawn from first)
+        if any(w.get("temperature") == BAD for w in warps):
+            raise RuntimeError("a broken draw")
+        return nxt
+
+    def failing_alone(logits, **k):
+        if k.get("temperature") == BAD:
+            raise RuntimeError("a broken draw")
+        return alone(logits, **k)
+    monkeypatch.setattr(engine_module, "sample_rows", failing_rows)
+    monkeypatch.setattr(generate_module, "sample_next", failing_alone)
+    got = run()
+    with pytest.raises(RuntimeError, match="a broken draw"):
+        got[1].wait()
+    for j in (0, 2, 3):
+        assert torch.equal(got[j].wait(), want[j]), j
+    assert len(set(want[3][:, 4:].flatten().tolist())) > 2  # (sampled: tokens a wrong uniform would change)

@@ -110,3 +110,51 @@ def test_a_step_of_plain_requests_reads_the_host_once(monkeypatch):
         per_step.append(len(reads))
     monkeypatch.undo()
     assert len(per_step) == 3 and max(per_step) <= 2, per_step
+
+
+def test_a_failing_logprob_group_fails_only_its_request(monkeypatch):
+    """One request's logprobs fail (injected: step_logprobs raising for its k, batched or alone): its client gets
+    the error, and the requests taken beside it (logprobs of another k, none, an EOS, a stop rule) go on, taken
+    alone that step (take_step), with the ids and on_token calls of a run where nothing failed (take_rows' error
+    failed every request of the step)."""
+    import tritongpt.train.generate as generate_module
+    model = tiny()
+
+    def run():
+        engine = Engine(model, max_batch=8)
+        asks = [dict(n=2, eos_id=3, temperature=1.0, logprobs=2), dict(n=1, temperature=0.9, logprobs=5),
+                dict(n=2, temperature=1.1), dict(n=1, stop=stop_on(7, 4), temperature=1.2, logprobs=2)]
+        handles = []
+        for j, a in enumerate(asks):
+            n = a.pop("n")
+            ids = torch.randint(0, 12, (1, 4), generator=torch.Generator().manual_seed(j)).expand(n, -1)
+            handles.append(engine.submit(ids, 6, generator=torch.Generator().manual_seed(100 + j), **a))
+        while engine.running or engine.waiting:
+            engine.step()
+        return handles
+
+    def streams(handles, skip):
+        out = []
+        for j, h in enumerate(handles):
+            if j != skip:
+                stream = []
+                out.append((h.wait(lambda *item: stream.append(item)), stream))
+        return out
+    want = streams(run(), 1)
+    real = generate_module.step_logprobs
+
+    def failing(logits, nxt, k, *a):
+        if k == 5:
+            raise RuntimeError("a broken logprob")
+        return real(logits, nxt, k, *a)
+    monkeypatch.setattr(generate_module, "step_logprobs", failing)
+    handles = run()
+    with pytest.raises(RuntimeError, match="a broken logprob"):
+        handles[1].wait()
+    got = streams(handles, 1)
+    for (ids, stream), (ids_, stream_) in zip(got, want):
+        assert torch.equal(ids, ids_) and len(stream) == len(stream_) > 0
+        for item, item_ in zip(stream, stream_):
+            assert len(item) == len(item_) and torch.equal(item[0], item_[0])
+            if len(item) > 1:
+                assert all(torch.equal(a, b) for a, b in zip(item[1], item_[1]))

@@ -755,13 +755,9 @@ class Engine:
                 if r in drafts:
                     finished, ended = self._accept(r, lg, *drafts[r])
                 elif r in taken:  # (take_step's, its batch work done together: _take_plain)
-                    if isinstance(taken[r], Exception):
-                        raise taken[r]
                     nxt, was, ended, lp = taken[r]
                     r.idx, finished, ended = append_taken(r.idx, nxt, r.done, was, ended, r.put_token, r.stop, lp)
                 elif r in drawn:  # (decode_step's after its draw)
-                    if isinstance(drawn[r], Exception):
-                        raise drawn[r]
                     r.idx, finished, ended = take_step(lg[:, :r.vocab_limit], r.idx, drawn[r], r.done, r.eos_id,
                                                        r.put_token, r.stop, r.logprobs, r.ends)
                 else:
@@ -793,8 +789,9 @@ class Engine:
         request; with Triton sampling on (sampling_with_triton), one launch of the sampling kernel a width. A
         request's hold and its biases and penalties (sampling_logits at temperature 0) still run on its
         own rows first, as decode_step's; one of them failing leaves the request to decode_step, where the error
-        fails it alone; sample_rows failing gives its requests the error (submit refuses the one input of a
-        request's own that could: a generator torch.rand refuses)."""
+        fails it alone. sample_rows failing leaves its pass's requests to decode_step too, their generators put back
+        as they were (vLLM's: one request's error fails that request, not the batch beside it): each then draws
+        alone, the very tokens it would have drawn in the pass, and what failed fails only its own request."""
         widths, out = {}, {}
         triton = sampling_with_triton(self.model)
         for r, lg in logits.items():
@@ -826,11 +823,16 @@ class Engine:
                 size += x.numel()
         for group in passes:
             reqs = [r for r, _ in group]
+            # (a pass may fail after its torch.rand: the sampled requests' generators kept to put back, so a seeded
+            # request drawing alone after it draws its own uniforms again; submit checked they are Generators)
+            kept = [(r.generator, r.generator.get_state()) for r in reqs if r.generator is not None and
+                    r.warp.get("temperature", 0.0) >= torch.finfo(torch.float32).tiny]
             try:
                 nxt = sample_rows(torch.cat([x for _, x in group]), [r.warp for r in reqs],
                                   [r.generator for r in reqs], [r.n for r in reqs], triton=triton)
-            except Exception as e:
-                out.update((r, e) for r in reqs)
+            except Exception:  # (not in out: each draws alone, decode_step's, whose error fails it alone)
+                for g, state in kept:
+                    g.set_state(state)
                 continue
             row = 0
             for r in reqs:
@@ -840,17 +842,18 @@ class Engine:
     def _take_plain(self, logits, drawn) -> dict:
         """{r: take_rows' (tokens, done before, ended, logprobs)} for the requests _draw_plain drew: their tokens
         and done rows read to the host in one copy a step (on a GPU one sync, not take_step's done.tolist() a
-        request), the logprobs once for the rows of each width and k (generate.take_rows). take_rows failing gives
-        its requests the error, as sample_rows' does."""
-        reqs = [r for r in logits if r in drawn and not isinstance(drawn[r], Exception)]
+        request), the logprobs once for the rows of each width and k (generate.take_rows). take_rows failing (one
+        request's logprobs, say) leaves them all to take_step, a request at a time (it changes nothing before it
+        returns: nothing to undo), so the error fails only the request it is in, as sample_rows' does."""
+        reqs = [r for r in logits if r in drawn]
         if not reqs:
             return {}
         try:
             took = take_rows([logits[r][:, :r.vocab_limit] for r in reqs], [drawn[r] for r in reqs],
                              [r.done for r in reqs], [r.eos_id for r in reqs], [r.ends for r in reqs],
                              [r.eos_id is not None or r.stop is not None for r in reqs], [r.logprobs for r in reqs])
-        except Exception as e:
-            return {r: e for r in reqs}
+        except Exception:
+            return {}
         return dict(zip(reqs, took))
 
     def _grow(self) -> bool:
