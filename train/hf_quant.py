@@ -15,10 +15,15 @@ inputs, so scale = s and offset = -z * s, the levels q the same 0..15 repacked t
 group_size -1 is one group of all K inputs. The groups become ours of the largest size GROUP_SIZES has that divides
 every layer's (each scale repeated over the smaller groups: the same matrix). What does not map (other bits, other
 checkpoint formats or AWQ versions, a non-trivial g_idx, a quantized LM head, some layers float) is refused by name.
+
+FP8 folders (transformers' fp8 and fbgemm_fp8, compressed-tensors' float-quantized) load as float models: each FP8
+weight times its scale (per block, row or tensor) at load (fp8_dequantized, below).
 """
+import re
+
 import torch
 
-from tritongpt.errors import UserError
+from tritongpt.errors import UserError, note
 from tritongpt.model.gpt import GPTModel, check_quantized_scales
 from tritongpt.model.quant import GROUP_SIZES, Int4Linear, pack_int4, quantized_layout
 from tritongpt.train.gpt2_weights import _FLOAT_DTYPES, hf_quantization, model_with_tensors, refuse_quantized
@@ -27,11 +32,16 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word 
 _PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
-def folder_int4_spec(cfg_json) -> dict | None:
-    """The int4_spec of the folder whose config.json is cfg_json (gpt2_weights.hf_quantization's), None for a float
-    folder: what each reader that takes 4-bit folders asks first."""
+def folder_quantization(cfg_json) -> tuple:
+    """(int4_spec, fp8_spec) of the folder whose config.json is cfg_json, at most one not None (both None: a float
+    folder): an FP8 folder is read as the float model of its dequantized weights (fp8_dequantized), a GPTQ or AWQ one
+    as int4, anything else refused by name."""
     q = hf_quantization(cfg_json)
-    return None if q is None else int4_spec(q)
+    if q is None:
+        return None, None
+    if q.get("quant_method") in FP8_METHODS:
+        return None, fp8_spec(q)
+    return int4_spec(q), None
 
 
 def int4_spec(q: dict) -> dict:
@@ -39,7 +49,7 @@ def int4_spec(q: dict) -> dict:
     int4_linears, or a UserError naming what of it is not read (refuse_quantized)."""
     method = q.get("quant_method")
     if method not in ("gptq", "awq"):
-        refuse_quantized(q, "4-bit GPTQ and AWQ GEMM are")
+        refuse_quantized(q, "4-bit GPTQ and AWQ GEMM are, and FP8 dequantized")
     if q.get("bits") != 4 or isinstance(q.get("bits"), bool):
         refuse_quantized(q, f"bits {q.get('bits')!r}: 4-bit {method.upper()} only, into int4 groups")
     group = q.get("group_size", 128)
@@ -213,3 +223,187 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path)
     model = model_with_tensors(cfg, floats, path, build=build)
     check_quantized_scales(model, path)  # (a scale of 0 or below: a damaged file)
     return model
+
+
+# -- FP8 folders, read dequantized -------------------------------------------------------------------------------
+# Each quantized linear keeps its .weight [N, K] as float8_e4m3fn beside a float scale, W = w * scale, the scale
+# broadcast over (from transformers' integrations and compressed-tensors' float-quantized decompress):
+# - "fp8" (FineGrainedFP8Config, DeepSeek-V3's and Qwen3-*-FP8's): weight_scale_inv [ceil(N / bn), ceil(K / bk)]
+#   for weight_block_size [bn, bk] (output rows, input columns; the last blocks ragged where bn, bk do not divide).
+# - "fbgemm_fp8": weight_scale [N, 1], one per output row.
+# - "compressed-tensors" format float-quantized: weight_scale of its weights' strategy: "tensor" one, "channel"
+#   [N, 1], "block" [ceil(N / bn), ceil(K / bk)] for block_structure [bn, bk].
+# The LM head (and modules_to_not_convert / ignore) stay float in the file. Dequantized, the model is an ordinary
+# float model of the same weights: no FP8 kernel here, its activations never rounded to FP8 (the folder's dynamic
+# per-token or per-block activation quantization is its kernels' rounding, not part of the weights).
+FP8_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
+_FP8_SCALES = (".weight_scale_inv", ".weight_scale")
+# tensors an FP8 folder may hold that this reader does not read: static activation scales, a KV cache's scales,
+# zero points (an asymmetric scheme): named, never dropped
+_FP8_OTHER = (".input_scale", ".activation_scale", ".input_scale_ub", ".weight_zero_point", ".input_zero_point",
+              ".k_scale", ".v_scale", ".output_scale")
+_STATIC = ("its activations quantized with the fixed scales the folder stores (input_scale), clipped where they run "
+           "past them: the dequantized float model, which does not clip, would give other outputs")
+
+
+def _block(q: dict, value, name: str) -> tuple:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2 or
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        refuse_quantized(q, f"{name} {value!r}: two positive integers, the blocks' output rows and input columns",
+                         remedy="load the float model it was quantized from")
+    return tuple(value)
+
+
+def fp8_spec(q: dict) -> dict:
+    """An FP8 quantization_config (hf_quantization's) as {method, scale (the scale tensor's suffix), block ((rows,
+    columns) or None), per ("block", "row", "channel", "tensor"), keep (a name -> bool: a module the config says is
+    left float)} for fp8_dequantized, or a UserError naming what of it is not read."""
+    method = q["quant_method"]
+    refuse = lambda why: refuse_quantized(q, why, remedy="load the float model it was quantized from")  # noqa: E731
+    if method == "fp8":
+        scheme = q.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            refuse(f"activation_scheme {scheme!r}: {_STATIC}; 'dynamic' only")
+        block = _block(q, q.get("weight_block_size", [128, 128]), "weight_block_size")
+        return dict(method=method, scale=".weight_scale_inv", block=block, per="block",
+                    keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"))
+    if method == "fbgemm_fp8":
+        return dict(method=method, scale=".weight_scale", block=None, per="row",
+                    keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"))
+    # compressed-tensors: its FP8 ("float-quantized") weights only; its int4 / int8 packings, sparsity, a quantized KV
+    # cache are other formats
+    fmt = q.get("format")
+    if fmt != "float-quantized":
+        refuse(f"format {fmt!r}: FP8 'float-quantized' only")
+    sparsity = q.get("sparsity_config") or {}
+    if not isinstance(sparsity, dict) or sparsity.get("format", "dense") != "dense":
+        refuse(f"sparsity_config {sparsity!r}: dense weights only")
+    if q.get("kv_cache_scheme") is not None:
+        refuse(f"kv_cache_scheme {q['kv_cache_scheme']!r}: {_STATIC.replace('activations', 'keys and values')}")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
+        refuse(f"config_groups {groups!r}: an object of quantization schemes")
+    schemes = []
+    for name, g in groups.items():
+        w, act = g.get("weights"), g.get("input_activations")
+        if g.get("format", fmt) != fmt:
+            refuse(f"config_groups {name!r} has format {g['format']!r}: 'float-quantized' only")
+        if not isinstance(w, dict) or w.get("type") != "float" or w.get("num_bits") != 8:
+            refuse(f"config_groups {name!r} weights {w!r}: 8-bit float (FP8) weights only")
+        if w.get("symmetric", True) is not True or w.get("dynamic", False) is not False:
+            refuse(f"config_groups {name!r} weights {w!r}: symmetric FP8 weights with stored scales only")
+        strategy = w.get("strategy", "tensor")
+        if strategy not in ("tensor", "channel", "block"):
+            refuse(f"config_groups {name!r} weights strategy {strategy!r}: 'tensor', 'channel' or 'block' scales only")
+        block = _block(q, w.get("block_structure"), "block_structure") if strategy == "block" else None
+        if isinstance(act, dict) and act.get("dynamic") is not True:
+            refuse(f"config_groups {name!r} input_activations static: {_STATIC}")
+        if g.get("output_activations") is not None:
+            refuse(f"config_groups {name!r} output_activations {g['output_activations']!r}: weights and dynamic "
+                   "activations only")
+        schemes.append((strategy, block))
+    if len(set(schemes)) > 1:
+        # which group a module is in is its targets' matching (class names, regexes): each strategy's scale shape
+        # alone would not say which was meant
+        refuse(f"config_groups of several weight schemes {sorted(set(map(str, schemes)))}: one for all only")
+    strategy, block = schemes[0]
+    return dict(method=method, scale=".weight_scale", block=block, per=strategy,
+                keep=_names_kept(q, q.get("ignore"), "ignore"))
+
+
+def _names_kept(q: dict, names, field: str):
+    """A test of a module name (the file's, e.g. "model.layers.0.mlp.gate") against the config's list of modules left
+    float, each matched as the library that wrote it matches: transformers' modules_to_not_convert, compressed-tensors'
+    ignore (a module, a "re:" regex, or a class: a class here refused, unread)."""
+    if names is None:
+        names = []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        refuse_quantized(q, f"{field} {names!r}: a list of module names", remedy="load the float model it was "
+                         "quantized from")
+    if field == "ignore":
+        for n in names:
+            if n[:1].isupper() and "." not in n:  # (a class name: "Linear", "Qwen3MoeSparseMoeBlock")
+                refuse_quantized(q, f"ignore names the class {n!r}: module names and 're:' patterns only",
+                                 remedy="load the float model it was quantized from")
+        # (compressed-tensors matches a "re:" pattern from the name's start, any other name whole)
+        pats = [re.compile(n[3:]) for n in names if n.startswith("re:")]
+        plain = {n for n in names if not n.startswith("re:")}
+        return lambda name: name in plain or any(p.match(name) for p in pats)
+    # transformers' should_convert_module: a pattern matched from the name's start (a regex: "model.layers.*"), or
+    # the name's end ("down_proj")
+    pats = []
+    for n in names:
+        try:
+            pats.append(re.compile(n))
+        except re.error:
+            pats.append(re.compile(re.escape(n)))
+    return lambda name: any(p.match(name) for p in pats) or any(name.endswith(n) for n in names)
+
+
+def _dequantized(w, scale, spec: dict, base: str, path):
+    """w (float8_e4m3fn [N, K]) times its scale broadcast per spec, float32; a scale of another shape named."""
+    N, K = w.shape
+    if spec["per"] == "block":
+        bn, bk = spec["block"]
+        want = (-(-N // bn), -(-K // bk))
+    else:
+        want = {"row": (N, 1), "channel": (N, 1), "tensor": (1,)}[spec["per"]]
+    shape = tuple(scale.shape)
+    # (a per-tensor scale is saved as [1] or a 0-d tensor, both one number)
+    ok = shape == want or (spec["per"] == "tensor" and scale.numel() == 1 and scale.dim() <= 2)
+    if not ok:
+        raise UserError(f"{path}: tensor {base}{spec['scale']} has shape {shape}, where {spec['method']}'s "
+                        f"{spec['per']} scales of an FP8 weight {tuple(w.shape)} are {want}"
+                        + (f" (weight_block_size {list(spec['block'])})" if spec["per"] == "block" else ""))
+    scale = scale.float()
+    if spec["per"] == "block":
+        bn, bk = spec["block"]
+        # each scale over its block, the last row and column of blocks cropped where N, K are not multiples
+        scale = scale.repeat_interleave(bn, dim=0)[:N].repeat_interleave(bk, dim=1)[:, :K]
+    else:
+        scale = scale.reshape(N, 1) if spec["per"] in ("row", "channel") else scale.reshape(())
+    return w.float() * scale
+
+
+def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> dict:
+    """sd (a reader's tensors, named without its prefix) with each FP8 weight of the blocks' linears replaced by the
+    float32 matrix it stands for and its scale taken out; a note on stderr that it was. Refused by name: an FP8
+    tensor outside the blocks (an LM head or embedding), in a module the config leaves float, without its scale or
+    with one of another shape, a scale without its weight, and the tensors this reader does not read (static
+    activation scales, zero points)."""
+    fp8 = sorted(k for k, t in sd.items() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+    if not fp8:
+        raise UserError(f"{path}: config.json says {spec['method']} (FP8) quantization, but no tensor is float8")
+    for k in fp8:
+        base = k.removesuffix(".weight")
+        if not k.endswith(".weight") or sd[k].dim() != 2:
+            raise UserError(f"{path}: tensor {k} is {str(sd[k].dtype).removeprefix('torch.')} "
+                            f"{tuple(sd[k].shape)}: FP8 weights of linear layers are read here, nothing else")
+        if sd[k].dtype != torch.float8_e4m3fn:
+            raise UserError(f"{path}: tensor {k} is float8_e5m2; the FP8 formats read here store float8_e4m3fn")
+        if not k.startswith(blocks):
+            raise UserError(f"{path}: {k} is FP8, where this reader dequantizes the blocks' linear layers only (an LM "
+                            "head or embedding is left float by the FP8 quantizers): load the float model it was "
+                            "quantized from")
+        if spec["keep"](prefix + base) or spec["keep"](base):
+            raise UserError(f"{path}: {k} is FP8, but the quantization_config leaves {base} float "
+                            "(modules_to_not_convert / ignore): which it is is unclear")
+        if base + spec["scale"] not in sd:
+            raise UserError(f"{path}: FP8 tensor {k} has no {base}{spec['scale']} beside it ({spec['method']}'s "
+                            "scales)")
+    other = sorted(k for k in sd if k.endswith(_FP8_OTHER) or (k.endswith(_FP8_SCALES) and not k.endswith(
+        spec["scale"])) or (k.endswith(spec["scale"]) and k.removesuffix(spec["scale"]) + ".weight" not in fp8))
+    if other:
+        raise UserError(f"{path}: tensor {other[0]!r} is not read here ({spec['method']}'s FP8 weights and their "
+                        f"{spec['scale'].lstrip('.')} only: no static activation scales, zero points or scales without "
+                        "an FP8 weight)")
+    for k in fp8:
+        base = k.removesuffix(".weight")
+        scale = sd.pop(base + spec["scale"])
+        if not scale.is_floating_point() or scale.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise UserError(f"{path}: tensor {base}{spec['scale']} is {str(scale.dtype).removeprefix('torch.')}, "
+                            "not a float scale")
+        sd[k] = _dequantized(sd[k], scale, spec, base, path)
+    note(f"{path}: its {len(fp8)} FP8 linear weights ({spec['method']}) are dequantized to float at load: an "
+         "ordinary float model of the same weights, no FP8 kernel")
+    return sd

@@ -1,0 +1,272 @@
+"""FP8 folders from Hugging Face (transformers' fp8 block scales and fbgemm_fp8 row scales, compressed-tensors'
+float-quantized tensor / channel / block scales) load as the float model of their dequantized weights
+(train/hf_quant.py fp8_dequantized), and what is not read is refused by name. Tiny folders exported here and
+quantized in the test by each format's rule: nothing downloaded."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tritongpt.errors import UserError
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.gpt2_weights import load_checkpoint
+from tritongpt.train.llama_weights import export_llama
+
+from test_hf_quantized import FALCON, GEMMA, LINEARS, LLAMA, NEOX, PHI3, T, V, edit_tensors, with_quantization
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+# -- each format's quantizer, written from its own code (not from our reader) ------------------------------------
+# - fp8 (transformers' integrations/finegrained_fp8.py Fp8Quantize): per block of weight_block_size [bn, bk] (output
+#   rows, input columns), scale = 448 / max|w|, q = clamp(w * scale).to(float8_e4m3fn), weight_scale_inv = 1 / scale
+#   [ceil(N / bn), ceil(K / bk)]; the last blocks here ragged (FP8Linear sizes its scales by ceil division).
+# - fbgemm_fp8 (fbgemm's quantize_fp8_per_row): per output row, weight_scale [N, 1] = max|w| / 448, q = w / scale.
+# - compressed-tensors float-quantized: weight_scale of the strategy's shape ("tensor" [1], "channel" [N, 1],
+#   "block" as fp8's), q = w / scale; decompressed as q * scale.
+def blocks(N, K, bn, bk):
+    for i in range(0, N, bn):
+        for j in range(0, K, bk):
+            yield i // bn, j // bk, slice(i, i + bn), slice(j, j + bk)
+
+
+def quantize_fp8(w, per, block=None):
+    """(q float8_e4m3fn [N, K], scale as the format stores it, the float32 matrix q stands for), each block, row or
+    the whole tensor scaled and dequantized in a loop of its own."""
+    w = w.float()
+    N, K = w.shape
+    q, deq = torch.empty(N, K, dtype=torch.float8_e4m3fn), torch.empty(N, K)
+    if per == "block":
+        bn, bk = block
+        scale = torch.empty(-(-N // bn), -(-K // bk))
+        for bi, bj, rows, cols in blocks(N, K, bn, bk):
+            scale[bi, bj] = w[rows, cols].abs().max() / FP8_MAX
+            q[rows, cols] = (w[rows, cols] / scale[bi, bj]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            deq[rows, cols] = q[rows, cols].float() * scale[bi, bj]
+    elif per in ("row", "channel"):
+        scale = torch.empty(N, 1)
+        for n in range(N):
+            scale[n, 0] = w[n].abs().max() / FP8_MAX
+            q[n] = (w[n] / scale[n, 0]).to(torch.float8_e4m3fn)
+            deq[n] = q[n].float() * scale[n, 0]
+    else:
+        scale = (w.abs().max() / FP8_MAX).reshape(1)
+        q = (w / scale).to(torch.float8_e4m3fn)
+        deq = q.float() * scale
+    return q, scale, deq
+
+
+def compressed_tensors(strategy, block=None, **extra):
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
+    if block:
+        weights["block_structure"] = block
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": {
+                "num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}}},
+            "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}, **extra}
+
+
+KINDS = {  # name: (family config, quantization_config, (per, block), the scale's suffix)
+    "fp8-llama": ({}, {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [16, 16],
+                       "modules_to_not_convert": ["lm_head"]}, ("block", (16, 16)), ".weight_scale_inv"),
+    # blocks that divide none of the layers' 32, 64 or 128 rows and columns: the last of each ragged
+    "fp8-ragged-qwen3": ({"qk_norm": True}, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                            "weight_block_size": [24, 40]}, ("block", (24, 40)), ".weight_scale_inv"),
+    "fbgemm_fp8-gpt_neox": ({"family": "neox"}, {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                                                 "modules_to_not_convert": ["embed_out"]}, ("row", None),
+                            ".weight_scale"),
+    "ct-channel-phi3": ({"family": "phi3"}, compressed_tensors("channel"), ("channel", None), ".weight_scale"),
+    "ct-tensor-falcon": ({"family": "falcon", "n_kv_head": 2, "bias": False}, compressed_tensors("tensor"),
+                         ("tensor", None), ".weight_scale"),
+    "fp8-gemma": ({"family": "gemma"}, {"quant_method": "fp8", "weight_block_size": [32, 48]}, ("block", (32, 48)),
+                  ".weight_scale_inv"),
+    "ct-block-qwen2": ({"qkv_bias_only": True}, compressed_tensors("block", [16, 48]), ("block", (16, 48)),
+                       ".weight_scale"),
+}
+
+
+def fp8_folder(tmp_path, kind, seed=0, keep_float=()):
+    """A tiny folder of `kind`, its blocks' linears quantized to FP8 by the rules above (those whose name ends with
+    one of keep_float left float), and the float model of the matrices it stands for."""
+    from tritongpt.train.falcon_weights import export_falcon
+    from tritongpt.train.gemma_weights import export_gemma
+    from tritongpt.train.neox_weights import export_neox
+    from tritongpt.train.phi3_weights import export_phi3
+
+    extra, q, (per, block), suffix = KINDS[kind]
+    family = extra.get("family", "llama")
+    base, export = {"llama": (LLAMA, export_llama), "phi3": (PHI3, export_phi3), "neox": (NEOX, export_neox),
+                    "falcon": (FALCON, export_falcon),
+                    "gemma": (GEMMA, export_gemma)}[family]
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
+                               **{**base, **{k: v for k, v in extra.items() if k != "family"}})).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms and biases off their ones and zeros
+            p.add_(0.05 * torch.randn(p.shape))
+    folder = tmp_path / kind
+    export(model, folder)
+    sd = load_file(folder / "model.safetensors")
+    dequantized = {}
+    for k in [k for k in sd if k.endswith(LINEARS) and not k.removesuffix(".weight").endswith(keep_float)]:
+        sd[k], sd[k.removesuffix(".weight") + suffix], dequantized[k] = quantize_fp8(sd[k], per, block)
+    assert dequantized
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with_quantization(folder, q)
+    twin = tmp_path / "float"
+    twin.mkdir()
+    d = json.loads((folder / "config.json").read_text())
+    del d["quantization_config"]
+    (twin / "config.json").write_text(json.dumps(d))
+    save_file({**{k: v for k, v in sd.items() if not k.endswith(suffix)}, **dequantized}, twin / "model.safetensors",
+              metadata={"format": "pt"})
+    return folder, load_checkpoint(twin)
+
+
+def assert_same_logits(model, want):
+    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = want(idx)
+        got = model(idx)
+    assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_fp8_folder_loads_as_the_float_model_of_its_dequantized_weights(tmp_path, kind, capsys):
+    folder, want = fp8_folder(tmp_path, kind)
+    model = load_checkpoint(folder)  # (an ordinary float model: no quantized_ok needed)
+    assert not getattr(model, "quantized", None)
+    assert {type(m) for m in model.trf_blocks.modules() if "Linear" in type(m).__name__} == {torch.nn.Linear}
+    family = json.loads((folder / "config.json").read_text())["model_type"]
+    assert kind.endswith(family) or family == "llama", family  # (the family the kind names is the one read)
+    assert model.config == GPTConfig(**{**want.config.to_dict(), "kernels": model.config.kernels})
+    assert_same_logits(model, want)
+    err = capsys.readouterr().err
+    assert err.count("FP8 linear weights") == 1 and "are dequantized to float at load" in err
+    # the FP8 matrices themselves: not the float ones the folder was quantized from (the test would pass on those)
+    quantized = load_file(folder / "model.safetensors")
+    assert any(t.dtype == torch.float8_e4m3fn for t in quantized.values())
+
+
+def test_modules_left_float_by_the_config_load_as_they_are_and_an_fp8_one_it_names_is_refused(tmp_path):
+    """modules_to_not_convert (transformers': a name contained in the module's) and compressed-tensors' ignore ("re:"
+    patterns matched from the start): those linears are float in the file, read as such beside the FP8 ones."""
+    folder, want = fp8_folder(tmp_path, "fp8-llama", keep_float=("down_proj",))
+    q = {**KINDS["fp8-llama"][1], "modules_to_not_convert": ["lm_head", "down_proj"]}
+    assert_same_logits(load_checkpoint(with_quantization(folder, q)), want)
+    with_quantization(folder, {**q, "modules_to_not_convert": ["lm_head", "up_proj"]})
+    with pytest.raises(UserError, match=r"layers\.0\.mlp\.up_proj\.weight is FP8, but the quantization_config leaves "
+                                        r"layers\.0\.mlp\.up_proj float"):
+        load_checkpoint(folder)
+
+    folder, want = fp8_folder(tmp_path / "ct", "ct-channel-phi3", keep_float=("o_proj",))
+    q = {**KINDS["ct-channel-phi3"][1], "ignore": ["lm_head", "re:.*self_attn\\.o_proj$"]}
+    assert_same_logits(load_checkpoint(with_quantization(folder, q)), want)
+    with_quantization(folder, {**q, "ignore": ["lm_head", "re:.*qkv_proj"]})
+    with pytest.raises(UserError, match=r"qkv_proj\.weight is FP8, but the quantization_config leaves"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"activation_scheme": "static"}, r"quant_method 'fp8' is not read here \(activation_scheme 'static': its "
+                                      r"activations quantized with the fixed scales .* would give other outputs"),
+    ({"weight_block_size": [16]}, r"weight_block_size \[16\]: two positive integers"),
+    ({"weight_block_size": None}, r"weight_block_size None: two positive integers"),
+    ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert 'lm_head': a list of module names"),
+    (compressed_tensors("channel", format="pack-quantized"), r"quant_method 'compressed-tensors' .*\(format "
+                                                             r"'pack-quantized': FP8 'float-quantized' only"),
+    (compressed_tensors("group"), r"weights strategy 'group': 'tensor', 'channel' or 'block' scales only"),
+    (compressed_tensors("channel", kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "tensor"}),
+     r"kv_cache_scheme .*: its keys and values quantized with the fixed scales"),
+    (compressed_tensors("channel", ignore=["lm_head", "Qwen3MoeSparseMoeBlock"]),
+     r"ignore names the class 'Qwen3MoeSparseMoeBlock'"),
+])
+def test_what_an_fp8_folder_says_and_is_not_read_is_refused_by_name(tmp_path, change, said):
+    folder, _ = fp8_folder(tmp_path, "fp8-llama")
+    q = change if "quant_method" in change else {**KINDS["fp8-llama"][1], **change}
+    with pytest.raises(UserError, match=said):
+        load_checkpoint(with_quantization(folder, q))
+
+
+def test_static_activation_scales_are_refused_by_name(tmp_path):
+    """compressed-tensors' static input_activations (input_scale beside each weight): the FP8 model clips its inputs
+    at them, which the float model would not: refused, in the config and as a stray tensor."""
+    folder, _ = fp8_folder(tmp_path, "ct-channel-phi3")
+    q = compressed_tensors("channel")
+    q["config_groups"]["group_0"]["input_activations"].update(strategy="tensor", dynamic=False)
+    with pytest.raises(UserError, match=r"config_groups 'group_0' input_activations static: its activations "
+                                        r"quantized with the fixed scales the folder stores"):
+        load_checkpoint(with_quantization(folder, q))
+    with_quantization(folder, compressed_tensors("channel"))
+    edit_tensors(folder, lambda sd: sd.update({"model.layers.0.mlp.down_proj.input_scale": torch.tensor([0.02])}))
+    with pytest.raises(UserError, match=r"tensor 'layers\.0\.mlp\.down_proj\.input_scale' is not read here"):
+        load_checkpoint(folder)
+
+
+def quantize_tensor(name, suffix=".weight_scale_inv", per="block", block=(16, 16)):
+    def edit(sd):
+        sd[name], sd[name.removesuffix(".weight") + suffix], _ = quantize_fp8(sd[name], per, block)
+    return edit
+
+
+@pytest.mark.parametrize("name", ["lm_head.weight", "model.embed_tokens.weight"])
+def test_an_fp8_head_or_embedding_is_refused_by_name(tmp_path, name):
+    folder, _ = fp8_folder(tmp_path, "fp8-llama")
+    with pytest.raises(UserError, match=rf"{name.removeprefix('model.')} is FP8, where this reader dequantizes the "
+                                        r"blocks' linear layers only"):
+        load_checkpoint(edit_tensors(folder, quantize_tensor(name)))
+
+
+@pytest.mark.parametrize("kind, tensor, shape, said", [
+    ("fp8-ragged-qwen3", "model.layers.0.mlp.down_proj.weight_scale_inv", (3, 3),
+     r"tensor layers\.0\.mlp\.down_proj\.weight_scale_inv has shape \(3, 3\), where fp8's block scales of an FP8 "
+     r"weight \(64, 128\) are \(3, 4\) \(weight_block_size \[24, 40\]\)"),
+    ("fbgemm_fp8-gpt_neox", "gpt_neox.layers.0.mlp.dense_4h_to_h.weight_scale", (1, 64),
+     r"dense_4h_to_h\.weight_scale has shape \(1, 64\), where fbgemm_fp8's row scales of an FP8 weight \(64, 256\) "
+     r"are \(64, 1\)"),
+    ("ct-tensor-falcon", "transformer.h.0.mlp.dense_4h_to_h.weight_scale", (2,),
+     r"h\.0\.mlp\.dense_4h_to_h\.weight_scale has shape \(2,\), where compressed-tensors's tensor scales"),
+])
+def test_a_scale_of_the_wrong_shape_is_refused_naming_the_tensor_and_shapes(tmp_path, kind, tensor, shape, said):
+    folder, _ = fp8_folder(tmp_path, kind)
+    edit_tensors(folder, lambda sd: sd.update({tensor: torch.rand(shape) + 0.1}))
+    with pytest.raises(UserError, match=said):
+        load_checkpoint(folder)
+
+
+def test_a_missing_scale_a_scale_without_weight_and_no_fp8_tensor_are_refused_by_name(tmp_path):
+    folder, _ = fp8_folder(tmp_path, "fp8-llama")
+    scale = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    held = load_file(folder / "model.safetensors")[scale]
+    with pytest.raises(UserError, match=r"FP8 tensor layers\.0\.self_attn\.q_proj\.weight has no "
+                                        r"layers\.0\.self_attn\.q_proj\.weight_scale_inv beside it"):
+        load_checkpoint(edit_tensors(folder, lambda sd: sd.pop(scale)))
+    edit_tensors(folder, lambda sd: sd.update({scale: held, "lm_head.weight_scale_inv": held.clone()}))
+    with pytest.raises(UserError, match=r"tensor 'lm_head\.weight_scale_inv' is not read here"):
+        load_checkpoint(folder)
+    # the config says FP8 over a float folder: not read as the float model it seems
+    float_folder = tmp_path / "plain"
+    export_llama(GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, **LLAMA)),
+                 float_folder)
+    with pytest.raises(UserError, match=r"config\.json says fp8 \(FP8\) quantization, but no tensor is float8"):
+        load_checkpoint(with_quantization(float_folder, KINDS["fp8-llama"][1]))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])  # Mixtral, Qwen3-MoE
+def test_an_fp8_moe_folder_is_refused_by_name(tmp_path, qk_norm):
+    """The MoE reader keeps its experts stacked float for the grouped kernels and dequantizes nothing: refused
+    naming the method, never a dtype error from its experts."""
+    from tritongpt.train.moe_weights import export_moe
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, n_experts=4,
+                               experts_per_token=2, qk_norm=qk_norm, **{**LLAMA, "mlp_hidden": 32}))
+    export_moe(model, tmp_path / "moe")
+    folder = with_quantization(tmp_path / "moe", KINDS["fp8-llama"][1])
+    name = "Qwen3-MoE" if qk_norm else "Mixtral"
+    with pytest.raises(UserError, match=rf"quant_method 'fp8' is not read here \(a quantized {name}: "):
+        load_checkpoint(folder)
