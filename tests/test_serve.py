@@ -1014,8 +1014,10 @@ def test_metrics_count_what_the_responses_say(tmp_path, monkeypatch):
         assert metric(s, "request_success_total", finished_reason="abort") == 1
         assert metric(s, "e2e_request_latency_seconds_count") == 5
         assert metric(s, "num_requests_running") == metric(s, "kv_cache_usage_perc") == 0
-        assert metric(s, "prompt_tokens_total") == prompts  # (not counted)
-        # its phases timed as far as it got (it drew tokens), its token counts not
+        # its prompt and the tokens it drew counted (vLLM's engine steps count them as they are made)
+        assert metric(s, "prompt_tokens_total") == prompts + len(server.app.completion_prompt("the cat"))
+        assert metric(s, "generation_tokens_total") > sum(r["usage"]["completion_tokens"] for r in (a, b, c))
+        # its phases timed as far as it got (it drew tokens), its token histograms not
         assert metric(s, "request_inference_time_seconds_count") == 5 and metric(s, "request_prompt_tokens_count") == 4
     finally:
         server.shutdown()
@@ -1085,6 +1087,86 @@ def test_iteration_tokens_count_no_choice_past_its_end(both):
         delta = metric(after, "iteration_tokens_total_sum", "tiny-chat") - \
             metric(before, "iteration_tokens_total_sum", "tiny-chat")
         assert delta == 3 * P + out["usage"]["completion_tokens"] == 3 * P + sum(counts), ends
+
+
+def test_each_choice_times_its_inter_token_gaps_up_to_its_own_end(both):
+    """vLLM's n child requests each observe their own inter-token latencies: a choice a stop string ended early adds
+    no gap of the steps its siblings drew after it (each choice's tokens less its first)."""
+    server, _ = both
+    body = {"prompt": "the cat", "n": 3, "max_tokens": 12, "temperature": 1, "seed": 5, "return_token_ids": True,
+            "stop": [" "]}
+    before = scrape(server, "tiny-chat")
+    status, out = call(server, "/v1/completions", body)
+    after = scrape(server, "tiny-chat")
+    assert status == 200
+    counts = [len(c["token_ids"]) for c in out["choices"]]
+    assert min(counts) < max(counts), counts  # (a choice ended steps before another)
+    for name in ("inter_token_latency_seconds_count", "time_per_output_token_seconds_count"):
+        assert metric(after, name, "tiny-chat") - metric(before, name, "tiny-chat") == sum(k - 1 for k in counts)
+
+
+def test_a_choices_clocks_stop_at_its_own_last_token(monkeypatch):
+    """Timing.end on a hand-run clock: a choice of 2 tokens among 4 steps ends 2 s before the request's last token,
+    so its gaps, decode, inference and e2e stop there (vLLM's child request finishes then); the longest choice's
+    are the request's."""
+    from tritongpt.train import metrics as metrics_module
+
+    clock = iter(range(100))
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: float(next(clock)))
+    m = metrics_module.Metrics("m", 32)
+    t = m.request(2, 4)  # started at 0
+    t.scheduled = 0.5
+    for _ in range(4):  # tokens at 1, 2, 3, 4
+        t.tokens()
+    t.end(["stop", "length"], 3, [2, 4])  # at 5
+    h = m.hist
+    assert (h["inter_token_latency_seconds"].count, h["inter_token_latency_seconds"].sum) == (1 + 3, 4.0)
+    assert h["time_per_output_token_seconds"].count == 4
+    assert h["request_decode_time_seconds"].sum == 1.0 + 3.0
+    assert h["request_inference_time_seconds"].sum == 1.5 + 3.5
+    assert h["e2e_request_latency_seconds"].sum == 3.0 + 5.0
+    assert h["request_time_per_output_token_seconds"].sum == 1.0 + 1.0
+    assert (m.prompt_tokens, m.generation_tokens) == (6, 6)
+
+
+def test_an_aborted_requests_prompt_and_drawn_tokens_are_counted(both, monkeypatch):
+    """vLLM counts each engine step's tokens as they are made (its IterationStats: prompt_tokens_total at a child's
+    first token, generation_tokens_total each step's): a request whose client left after its first step counts its
+    n children's prompts and the token each drew, as iteration_tokens_total does."""
+    server, _ = both
+    app, n = server.app, 2
+    m, P, engine = app.metrics, len(app.completion_prompt("the cat")), app.engine
+    aborts, first = m.finished["abort"], m.hist["time_to_first_token_seconds"].count
+    deadline = time.time() + 10
+    # the client gone once the first tokens came (with no engine asked after each token, and before the model's turn)
+    monkeypatch.setattr(server.RequestHandlerClass, "client_gone",
+                        lambda self: m.hist["time_to_first_token_seconds"].count > first)
+    if engine is not None:  # (the engine held after the step that drew them until the handler saw the client gone)
+        real = engine.step
+
+        def step():
+            out = real()
+            while any(r.first_token is not None for r in engine.running) and m.finished["abort"] == aborts and \
+                    time.time() < deadline:
+                time.sleep(0.005)
+            return out
+        monkeypatch.setattr(engine, "step", step)
+    before = scrape(server, "tiny-chat")
+    try:
+        call(server, "/v1/completions", {"prompt": "the cat", "n": n, "max_tokens": 8, "ignore_eos": True,
+                                         "temperature": 1, "seed": 1})
+    except (OSError, http.client.HTTPException):  # (the server sends nothing to a client gone)
+        pass
+    while (m.finished["abort"] == aborts or engine is not None and engine.running) and time.time() < deadline:
+        time.sleep(0.01)
+    after = scrape(server, "tiny-chat")
+
+    def delta(name, **labels):
+        return metric(after, name, "tiny-chat", **labels) - metric(before, name, "tiny-chat", **labels)
+    assert delta("request_success_total", finished_reason="abort") == n
+    assert delta("prompt_tokens_total") == n * P and delta("generation_tokens_total") == n
+    assert delta("iteration_tokens_total_sum") == n * (P + 1)
+    assert delta("request_generation_tokens_count") == 0  # (the token histograms: requests that ended)
 
 
 def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_path):

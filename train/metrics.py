@@ -5,13 +5,17 @@ standard library. Names and histogram buckets are vLLM's (vllm/v1/metrics/logger
 The handler threads count what their requests drew. A request here is one prompt's n choices (the engine's unit);
 vLLM splits it into n child requests (vllm/v1/engine/parallel_sampling.py), each prefilling the prompt, so what it
 counts per request counts here once per choice: request_success, prompt_tokens_total (the prompt n times), the
-time to first token (n observations of the one step's clock), each step's inter-token latency (n observations; a
-choice that ended before the request's last step still counts the later gaps, where vLLM's child stops), e2e, the
-phases and the per-request time per output token (the request's clocks, once a choice), request_prompt_tokens,
+time to first token (n observations of the one step's clock), the inter-token latencies (each choice's own gaps,
+observed when the request ends: a choice that ended early has none of its siblings' later steps, as a vLLM child
+stops), e2e, the phases and the per-request time per output token (the request's clocks, each choice's ending at its
+own last token, as a vLLM child request finishes then), request_prompt_tokens,
 request_generation_tokens (each choice's own count) and request_params_max_tokens. Once per request (vLLM's
 ParentRequest, once its n children ended): request_params_n and request_max_num_generation_tokens (the most tokens
 of its choices). A beam search (use_beam_search) counts as its n beams (vLLM's runs each step's beams as
-max_tokens 1 requests, counted each; not copied: a dashboard would read each step's beam as a request). A pooling
+max_tokens 1 requests, counted each; not copied: a dashboard would read each step's beam as a request).
+prompt_tokens_total and generation_tokens_total
+count an aborted or failed request too (vLLM counts each engine step's tokens as they are made): its prompt once it
+drew its first token, each choice's tokens drawn until it stopped. A pooling
 request (train/pooling.py) counts once, with no sampling parameters (no request_params_*).
 
 The gauges are read from the engine at scrape time (its waiting queue, running requests and cache, plus the beam
@@ -53,13 +57,14 @@ HISTOGRAMS = {  # name: (buckets, help)
     "time_to_first_token_seconds": (TTFT_BUCKETS, "Histogram of time to first token in seconds (from the request's "
                                                   "prompt reaching the model's queue)."),
     "time_per_output_token_seconds": (TPOT_BUCKETS, "Histogram of time per output token in seconds (each gap "
-                                                    "between a request's decode steps: inter-token latency). "
+                                                    "between a choice's decode steps: inter-token latency). "
                                                     "DEPRECATED: Use inter_token_latency_seconds instead."),
     # vLLM 0.11's name for the one above (whose own it hides from 0.12 on): both, for dashboards of either
     "inter_token_latency_seconds": (TPOT_BUCKETS, "Histogram of inter-token latency in seconds (each gap between a "
-                                                  "request's decode steps)."),
+                                                  "choice's decode steps, observed as its request ends)."),
     "e2e_request_latency_seconds": (E2E_BUCKETS, "Histogram of end to end request latency in seconds (each choice "
-                                                 "of a prompt, whatever ended them)."),
+                                                 "of a prompt, whatever ended them, to its own last token where "
+                                                 "it ended before its siblings)."),
     # vLLM's per-phase ones (vllm/v1/metrics/stats.py, update_from_finished_request): queue = first scheduled -
     # queued, prefill = first token - first scheduled, decode = last token - first token, inference = last token -
     # first scheduled (prefill + decode), each observed once a request ends, if it got that far
@@ -70,13 +75,12 @@ HISTOGRAMS = {  # name: (buckets, help)
                                                   "first admission to its first token (a preemption's recompute "
                                                   "counts here or in decode, as vLLM's)."),
     "request_decode_time_seconds": (E2E_BUCKETS, "Histogram of time spent in DECODE phase for request: from its "
-                                                 "first token to its last."),
+                                                 "first token to its last (each choice's)."),
     "request_inference_time_seconds": (E2E_BUCKETS, "Histogram of time spent in RUNNING phase for request: from its "
                                                     "first admission to its last token (prefill + decode)."),
     "request_time_per_output_token_seconds": (TPOT_BUCKETS, "Histogram of time_per_output_token_seconds per "
-                                                            "request: its decode time / (its steps - 1), 0 for one "
-                                                            "step (each step draws a token for each of its n "
-                                                            "choices)."),
+                                                            "request: a choice's decode time / (its tokens - 1), 0 for "
+                                                            "one token."),
     "request_params_n": (N_BUCKETS, "Histogram of the n request parameter."),
 }
 TOKEN_HISTOGRAMS = {  # name: help; buckets 1, 2, 5, 10, ... up to the context length (vLLM's build_1_2_5_buckets)
@@ -256,11 +260,12 @@ class Metrics:
                    [("", label, stats["spec_decode_num_accepted_tokens"])])
         with self.lock:
             family("prompt_tokens_total", "counter", "Number of prompt tokens processed (a prompt's once a choice, as "
-                   "vLLM's child requests each prefill it, when its request ends with its choices).",
+                   "vLLM's child requests each prefill it, when its request ends; an aborted or failed one's once "
+                   "it drew its first token).",
                    [("", label, self.prompt_tokens)])
             family("generation_tokens_total", "counter", "Number of generation tokens processed (the choices' "
-                   "completion tokens, when their request ends; an aborted request's are not counted; a "
-                   "prefill-only one's 1 a choice, vLLM's drawn and dropped token).",
+                   "completion tokens, when their request ends; an aborted or failed request's those drawn until it "
+                   "stopped; a prefill-only one's 1 a choice, vLLM's drawn and dropped token).",
                    [("", label, self.generation_tokens)])
             family("request_success_total", "counter", "Count of finished choices by finish reason (abort: the "
                    "client left; error: the server failed it).",
@@ -288,22 +293,23 @@ class Timing:
         self.start = self.last = time.monotonic()
         self.scheduled = self.first = self.step = None  # (step: the clock at the last step's first token)
         self.steps = 0
+        # each token's clock, and the inter-token gap it ends (None: the first token, a speculative step's after its
+        # first): end() observes each choice's gaps up to its own last token (vLLM's child requests each stop theirs)
+        self.times, self.gaps = [], []
 
     def tokens(self, same_step: bool = False):
         """same_step: a token of the step before's (a speculative step's after its first): counted in steps (per
         token, as vLLM's per-request time per output token), no inter-token gap of its own (vLLM's: a step's)."""
-        now = time.monotonic()
+        now, gap = time.monotonic(), None
         if self.steps == 0:
             self.first = self.step = now
             with self.metrics.lock:
                 for _ in range(self.n):  # (each choice's first token: a child request's, in the same step)
                     self.metrics.hist["time_to_first_token_seconds"].observe(now - self.start)
         elif not same_step:
-            with self.metrics.lock:
-                for name in ("time_per_output_token_seconds", "inter_token_latency_seconds"):
-                    for _ in range(self.n):
-                        self.metrics.hist[name].observe(now - self.step)
-            self.step = now
+            gap, self.step = now - self.step, now
+        self.times.append(now)
+        self.gaps.append(gap)
         self.last, self.steps = now, self.steps + 1
 
     def phases(self, stamps=None) -> dict:
@@ -323,17 +329,33 @@ class Timing:
         return out
 
     def end(self, reasons, prompt_tokens: int = 0, generation_tokens=(), stamps=None):
-        """reasons: a finish reason a choice. prompt_tokens and generation_tokens (a count a choice): a request that
-        ended with its choices' (0 and none for one aborted or failed: not counted). stamps: Timing.phases'. Each
-        choice counts as one of vLLM's child requests (the module's docstring)."""
+        """reasons: a finish reason a choice. prompt_tokens: the prompt's; generation_tokens: each choice's tokens
+        drawn (an aborted or failed request's so far; none where unknown: each taken as the request's steps, none
+        counted). As vLLM counts each engine step's tokens as they are made, an aborted or failed request's count
+        too, its prompt once it drew its first token; the token histograms only a request that ended with its
+        choices. stamps: Timing.phases'. Each choice counts as one of vLLM's child requests (the module's
+        docstring): its inter-token gaps, e2e, decode and inference time end with its own last token."""
         m, phases, n = self.metrics, self.phases(stamps), len(reasons)
-        counts = list(generation_tokens) or [0] * n
+        counts = list(generation_tokens)
         done = all(r in ("stop", "length") for r in reasons)
         with m.lock:
             e2e = time.monotonic() - self.start
-            for r, count in zip(reasons, counts):  # (vLLM's finished_requests: one a child request)
-                m.hist["e2e_request_latency_seconds"].observe(e2e)
-                for phase, seconds in phases.items():
+            for i, r in enumerate(reasons):  # (vLLM's finished_requests: one a child request)
+                # the choice's steps (a beam search's tokens come in one), and how long before the request's last
+                # token its own last came (0 for the longest): its clocks stop there
+                k = min(counts[i], self.steps) if counts else self.steps
+                early = self.last - self.times[k - 1] if k else 0.0
+                for gap in self.gaps[1:k]:
+                    if gap is not None:
+                        m.hist["time_per_output_token_seconds"].observe(gap)
+                        m.hist["inter_token_latency_seconds"].observe(gap)
+                m.hist["e2e_request_latency_seconds"].observe(e2e - early)
+                own = dict(phases)
+                if "decode" in own:  # (the engine's clocks less the handler's: never below 0)
+                    own["decode"] = max(own["decode"] - early, 0.0)
+                    own["inference"] = own["prefill"] + own["decode"]
+                    own["time_per_output_token"] = own["decode"] / (k - 1) if k > 1 else 0.0
+                for phase, seconds in own.items():
                     m.hist[f"request_{phase}_time_seconds" if phase in PHASES else
                            "request_time_per_output_token_seconds"].observe(seconds)
                 m.finished[r] += 1
@@ -341,11 +363,13 @@ class Timing:
                     m.hist["request_params_max_tokens"].observe(self.max_tokens)
                 if done:
                     m.hist["request_prompt_tokens"].observe(prompt_tokens)
-                    m.hist["request_generation_tokens"].observe(count)
-            # each child prefills its prompt (vLLM's num_prompt_tokens: the prompt's length at a child's first token)
-            m.prompt_tokens += prompt_tokens * n
+                    m.hist["request_generation_tokens"].observe(counts[i] if counts else 0)
+            # each child prefills its prompt (vLLM's num_prompt_tokens: the prompt's length at a child's first token;
+            # a pooling request's, which draws none, once it ends)
+            if done or self.steps:
+                m.prompt_tokens += prompt_tokens * n
             m.generation_tokens += sum(counts)
             if self.max_tokens is not None:  # (vLLM's ParentRequest.observe_finished_request: once the n children end)
                 m.hist["request_params_n"].observe(n)
                 if done:
-                    m.hist["request_max_num_generation_tokens"].observe(max(counts))
+                    m.hist["request_max_num_generation_tokens"].observe(max(counts or [0]))

@@ -1422,8 +1422,17 @@ class Model:
 
         # (no engine) the rows that drew an end token: generate() pads them to the last step, new tokens of none
         ended = [False] * n
+        got = [[] for _ in range(n)]  # each choice's tokens as they come (an aborted or failed request's count)
+
+        def drawn_so_far(i):  # choice i's tokens drawn, up to its end as rows.ending() counts them
+            if budget == 0:  # (prefill-only: vLLM's one token, once its prefill ran)
+                return 1 if timing.steps else 0
+            end, k = rows.end_of(got[i]), len(got[i])
+            return min(k if end is None else end + 1, rows.first_stop.get(i, k))
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
+            for i, t in enumerate(new[:, 0].tolist()):
+                got[i].append(t)
             if request is None:  # (no engine: the request's step is the model's; the engine counts its own)
                 # vLLM's count: the rows still drawing (its child requests not finished: not those that ended on an
                 # end token or a stop string, rows.first_stop, asked by generate() after each step's tokens), and
@@ -1499,10 +1508,11 @@ class Model:
                         on_delta(i, text[len(sent):], None if scored is None else scored[i].give(len(text), taken),
                                  count, drawn)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left, or stopped reading
-            timing.end(["abort"] * n, stamps=request)
+            # (the tokens drawn so far counted, as vLLM's engine steps count them as they are made)
+            timing.end(["abort"] * n, len(ids), [drawn_so_far(i) for i in range(n)], stamps=request)
             raise
         except Exception:
-            timing.end(["error"] * n, stamps=request)
+            timing.end(["error"] * n, len(ids), [drawn_so_far(i) for i in range(n)], stamps=request)
             raise
         timing.end([c[1] for c in choices], len(ids), [c[2] for c in choices], stamps=request)
         return choices
