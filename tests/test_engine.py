@@ -359,6 +359,9 @@ def test_what_the_engine_refuses(one_thread):
         Engine(model, max_batch=2).submit(torch.tensor([[0, 97]]), 2)
     with pytest.raises(UserError, match="the engine does not slide the window"):
         Engine(model, max_batch=2).submit(prompt(4), 37)
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(UserError, match="a request's copies must be an integer >= 1, got"):
+            Engine(model, max_batch=2).submit(prompt(4), 0, copies=bad)
     longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
                 "original_max_position_embeddings": 16}
     with pytest.raises(UserError, match="the batching engine does not take LongRoPE models"):

@@ -1060,10 +1060,10 @@ def test_metrics_count_n_choices_as_vllms_n_child_requests(both):
         assert delta("request_max_num_generation_tokens_count") == 1
         assert delta("request_max_num_generation_tokens_sum") == k
         # vLLM's tokens per engine step: the first step each child's prompt and its token, then a token a child (a
-        # beam search's forwards not counted: outside the engine's steps)
+        # beam search's beams come at once: one observation of them all)
         beams = "use_beam_search" in body
-        assert delta("iteration_tokens_total_count") == (0 if beams else k)
-        assert delta("iteration_tokens_total_sum") == (0 if beams else n * (P + k))
+        assert delta("iteration_tokens_total_count") == (1 if beams else k)
+        assert delta("iteration_tokens_total_sum") == n * (P + k)
 
 
 def test_iteration_tokens_count_no_choice_past_its_end(both):
@@ -1167,6 +1167,25 @@ def test_an_aborted_requests_prompt_and_drawn_tokens_are_counted(both, monkeypat
     assert delta("prompt_tokens_total") == n * P and delta("generation_tokens_total") == n
     assert delta("iteration_tokens_total_sum") == n * (P + 1)
     assert delta("request_generation_tokens_count") == 0  # (the token histograms: requests that ended)
+
+
+@pytest.mark.parametrize("logprobs", [None, 1])
+def test_echo_with_max_tokens_0_counts_vllms_prefill_step(both, logprobs):
+    """vLLM runs echo with max_tokens 0 as max_tokens 1 (its token drawn and dropped): its step counts each child's
+    prompt and token in iteration_tokens_total, as prompt_tokens_total and generation_tokens_total count them (with
+    the engine and logprobs, scored in the engine's prefill; else no engine step: its own observation)."""
+    server, _ = both
+    P = len(server.app.completion_prompt("the cat"))
+    body = {"prompt": "the cat", "echo": True, "max_tokens": 0, "n": 2, "logprobs": logprobs}
+    before = scrape(server, "tiny-chat")
+    status, out = call(server, "/v1/completions", body)
+    after = scrape(server, "tiny-chat")
+    assert status == 200 and out["usage"]["completion_tokens"] == 2
+
+    def delta(name):
+        return metric(after, name, "tiny-chat") - metric(before, name, "tiny-chat")
+    assert delta("prompt_tokens_total") == 2 * P and delta("generation_tokens_total") == 2
+    assert delta("iteration_tokens_total_count") == 1 and delta("iteration_tokens_total_sum") == 2 * (P + 1)
 
 
 def test_metrics_with_max_batch_1_count_the_requests_waiting_for_the_model(tmp_path):

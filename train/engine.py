@@ -77,6 +77,7 @@ class Request:
         self.ended = [False] * idx.size(0)  # done's host copy (decode_step's): its EOS-padded rows (_grow)
         self.slots = None  # the cache rows it holds while running
         self.same, self.hits = False, []  # prefix caching's (Engine._plan): whether its rows are equal, their hits
+        self.copies = 1  # the choices its rows stand for (submit's copies: a prefill-only request's, /metrics')
         self.cached = 0  # the prompt tokens its first prefill read from the prefix cache (vLLM's num_cached_tokens)
         self.prefilled = False
         self.todo, self.rows = None, []  # its prefill's rows still to run ([row, slot, fill]) and the logits done
@@ -372,7 +373,9 @@ class Engine:
         self.calls = []  # call()'s functions, run on the engine's thread between steps: [(fn, done, result)]
         self.prefix_caching, self.max_prefill_tokens = prefix_caching, max_prefill_tokens
         self.kv_cache_dtype = kv_cache_dtype  # (/metrics' cache_config_info tells it)
-        self.on_iteration = None  # on_iteration(tokens) after each step that drew any (/metrics' iteration_tokens)
+        # on_iteration(tokens) after each step that drew any, or ended a prefill-only request (its rows' prompts and
+        # one token each, times its copies: vLLM's max_tokens 1 children) (/metrics' iteration_tokens)
+        self.on_iteration = None
         self.preemption = preemption and self.paged  # (a slot cache's row holds the whole context: nothing to grow)
         self.stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0}
         self.adapters = getattr(model, "adapters", None)  # (model/lora.py AdapterRows, or None)
@@ -390,7 +393,8 @@ class Engine:
     def submit(self, idx, max_new_tokens: int, *, eos_id: int | None = None, generator=None,
                vocab_limit: int | None = None, stop=None, logprobs: int | None = None, stop_token_ids=None,
                min_tokens: int = 0, ignore_eos: bool = False, prompt_logprobs: int | None = None,
-               adapter: str | None = None, guide=None, prediction=None, hold_ids=None, **warp) -> Request:
+               adapter: str | None = None, guide=None, prediction=None, hold_ids=None, copies: int = 1,
+               **warp) -> Request:
         """Queue generate(model, idx, max_new_tokens, eos_id=..., generator=..., vocab_limit=..., stop=...,
         logprobs=..., stop_token_ids=..., min_tokens=..., ignore_eos=..., hold_ids=..., **warp) (warp: its sampling
         settings) and return its handle. idx [n, T]: n rows (n <= max_batch), T + max_new_tokens within the context
@@ -410,7 +414,12 @@ class Engine:
         on each of the request's draws, its n-gram speculation's verifications too (not with no_repeat_ngram_size:
         such a request does not speculate).
         prediction: a predicted output (generate.Prediction, new for this request: it keeps its rows' places), the
-        request's draft (the class's docstring); where the request cannot speculate it decodes plainly."""
+        request's draft (the class's docstring); where the request cannot speculate it decodes plainly.
+        copies: the choices a max_new_tokens 0 request's rows stand for (serve's echo with max_tokens 0 and n choices
+        scores the prompt in one row): on_iteration counts each, as vLLM's n child requests, each its prompt and one
+        token (vLLM runs max_tokens 1 and drops the token)."""
+        if not is_int(copies) or copies < 1:
+            raise UserError(f"a request's copies must be an integer >= 1, got {copies!r}")
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.is_floating_point():
             what = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise UserError(f"a request's prompt must be a non-empty [n, time] tensor of token ids, got {what}")
@@ -455,6 +464,7 @@ class Engine:
         r = Request(self, idx.to(self.cache.k.device), max_new_tokens, warp, pad, generator, vocab_limit, stop,
                     logprobs, ends, hold, prompt_logprobs)
         r.lookup, r.guide, r.draft = speculates, guide, draft if speculates else None
+        r.copies = copies
         if max_new_tokens == 0 and prompt_logprobs is None:  # generate's: the prompt back, nothing run
             r.queue.put(("end", r.idx))
             return r
@@ -724,7 +734,7 @@ class Engine:
             return False
         logits, out = {}, None
         with self.autocast():
-            self._prefill(logits)
+            prefilled = self._prefill(logits)  # (the prefill-only requests' tokens, ended in it)
             drafts = {}
             try:
                 drafts = self._propose(decoding) if any(r.lookup for r in decoding) else {}
@@ -748,7 +758,7 @@ class Engine:
             self._mask_decode(out, [r for r in decoding if r in logits], logits)
         drawn = self._draw_plain(logits, drafts)
         taken = self._take_plain(logits, drawn)
-        tokens = 0  # the step's tokens as vLLM's iteration_tokens_total counts them (on_iteration)
+        tokens = prefilled  # the step's tokens as vLLM's iteration_tokens_total counts them (on_iteration)
         for r, lg in logits.items():
             alive, length = r.ended.count(False), r.idx.size(1)  # (before the step: its rows still drawing)
             try:
@@ -959,8 +969,9 @@ class Engine:
         its first token's logits in `logits`, or, prefill-only (its prompt scored, nothing to draw), ends here: its
         first token's stamp where vLLM's (which draws one token for it, dropped) would be, and before the decode,
         its slot a free row there (at its fill, a prompt of the whole context would run a row past the last
-        position). A group's forward that fails fails its requests; a request's own bookkeeping, it alone."""
-        chunks = self._chunks()
+        position). A group's forward that fails fails its requests; a request's own bookkeeping, it alone.
+        -> the tokens of the prefill-only requests it ended, as on_iteration counts them."""
+        chunks, tokens = self._chunks(), 0
         for group in self._groups([c for c in chunks if c.end > c.start]):  # (a speculating prompt of 1 token: none)
             group = [c for c in group if c.r in self.running]  # (not a request an earlier group's failure ended)
             try:
@@ -976,11 +987,14 @@ class Engine:
                 lg = self._prefilled(r, [c for c in chunks if c.r is r])
                 if lg is not None and r.budget == 0:
                     r.first_token = r.last_token = time.monotonic()
+                    # vLLM's max_tokens 1 request a copy: its prompt and the token it draws and drops
+                    tokens += r.copies * r.n * (r.start + 1)
                     self._finish(r)
                 elif lg is not None:
                     logits[r] = lg
             except Exception as e:
                 self._finish(r, e)
+        return tokens
 
     def _chunks(self) -> list:
         """The admitted requests' prompt rows to prefill this step, FIFO (the earliest admitted first), each from

@@ -12,8 +12,9 @@ own last token, as a vLLM child request finishes then), request_prompt_tokens,
 request_generation_tokens (each choice's own count) and request_params_max_tokens. Once per request (vLLM's
 ParentRequest, once its n children ended): request_params_n and request_max_num_generation_tokens (the most tokens
 of its choices). A beam search (use_beam_search) counts as its n beams (vLLM's runs each step's beams as
-max_tokens 1 requests, counted each; not copied: a dashboard would read each step's beam as a request).
-prompt_tokens_total and generation_tokens_total
+max_tokens 1 requests, counted each; not copied: a dashboard would read each step's beam as a request), its
+iteration_tokens_total one observation of its beams' prompts and tokens (vLLM's: each step's requests, the prompt
+and the beam's tokens so far each, a recompute ours does not run). prompt_tokens_total and generation_tokens_total
 count an aborted or failed request too (vLLM counts each engine step's tokens as they are made): its prompt once it
 drew its first token, each choice's tokens drawn until it stopped. A pooling
 request (train/pooling.py) counts once, with no sampling parameters (no request_params_*).
@@ -50,7 +51,9 @@ N_BUCKETS = (1, 2, 5, 10, 20)
 # too); with them, its capture sizes: ours the engine's graph batch sizes (--cuda-graphs)
 ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8096)
 ITERATION_HELP = ("Histogram of number of tokens per engine_step: the prompts of the rows (choices) that drew "
-                  "their first token in it and the rows' new tokens (--max-batch 1: a request's step).")
+                  "their first token in it and the rows' new tokens (--max-batch 1: a request's step; echo with "
+                  "max_tokens 0: each choice's prompt and one token, vLLM's step of it; a beam search: its beams' "
+                  "prompts and tokens at once).")
 REASONS = ("stop", "length", "abort", "error")
 PHASES = ("queue", "prefill", "decode", "inference")
 HISTOGRAMS = {  # name: (buckets, help)

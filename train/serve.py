@@ -1464,7 +1464,7 @@ class Model:
         try:
             if self.engine is not None:
                 try:
-                    request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator,
+                    request = self.engine.submit(idx, budget, eos_id=stop_id, generator=generator, copies=n,
                                                  vocab_limit=self.limit, stop=stopped if stops else None, logprobs=k,
                                                  **ends, hold_ids=hold, prompt_logprobs=s["score_k"] if on_prompt
                                                  is not None else None, adapter=adapter, guide=guide,
@@ -1587,6 +1587,10 @@ class Model:
                     spent["thought"][i] = thought_tokens(row[len(ids):len(ids) + count], s["wake"])
                 choices.append((text, finish, count, None, reason, row[len(ids):len(ids) + count]))
         timing.tokens()  # (the beams come at once: their first token is their last)
+        # iteration_tokens_total: its n beams' prompts and tokens, one observation, as they come at once (vLLM's
+        # beam search sends each step's beams as max_tokens 1 requests, each prefilling the prompt and the beam's
+        # tokens so far: a step's tokens that ours, one KV cache of n rows drawing a token each, does not run)
+        self.metrics.iteration(s["n"] * len(ids) + sum(c[2] for c in choices))
         timing.end([c[1] for c in choices], len(ids), [c[2] for c in choices])
         return choices
 
@@ -2348,6 +2352,9 @@ class Completion:
             # the scored (or echoed) prompt taken as its first token
             if timing.scheduled is None:  # (nothing scored: nothing waited for the model)
                 timing.scheduled = time.monotonic()
+            # vLLM's step of its n children: each one's prompt and its token (iteration_tokens_total); ours ran no
+            # engine step (a scoring forward at most, outside the engine's steps), so it is its own observation
+            self.app.metrics.iteration(s["n"] * (len(ids) + 1))
             timing.tokens()
             timing.end(["length"] * s["n"], len(ids), [1] * s["n"])  # (vLLM's finish "length")
             return [("", "length", 1, [] if s["logprobs"] is not None else None, None, [])] * s["n"]
