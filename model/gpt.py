@@ -621,6 +621,7 @@ class GPTModel(nn.Module):
             model = quantized_layout(model, mode, head == "true", int(group or 0))
         except UserError as e:
             raise UserError(f"{path}: its {mode} layout does not fit its config ({e})") from None
+        _act_order_layers(model, path)
         if cfg.lora_rank:
             from tritongpt.model.lora import attach_lora
 
@@ -1176,19 +1177,42 @@ def load_saved_weights(module: nn.Module, path, map_location="cpu"):
     check_finite_weights(module, path)
 
 
+def _act_order_layers(model, path):
+    """The Int4Linears of a quantized file's layout (on the meta device) given the in_perm buffer the file holds for
+    them (an act-order GPTQ layer's, model/quant.py Int4Linear), so that it loads into them; a reward model's file
+    names them under its backbone."""
+    from safetensors import safe_open
+
+    from tritongpt.model.quant import Int4Linear
+
+    with safe_open(str(path), framework="pt") as f:
+        perms = [k.removesuffix(".in_perm") for k in f.keys() if k.endswith(".in_perm")]
+    if not perms:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, Int4Linear) and any(k == name or k.endswith("." + name) for k in perms):
+            m.in_perm = torch.empty(m.in_features, dtype=torch.int64, device=m.qweight.device)
+
+
 def check_quantized_scales(model, path):
     """A UserError naming the first quantized layer of a loaded int8/int4 file whose scales are not all positive:
     quantize_weight(_int4) makes every scale > 0 (a row or group with no range gets 1), so a 0 or negative one is a
-    damaged file (a zeroed or sign-flipped row), not a model. NaN and inf are check_finite_weights'."""
+    damaged file (a zeroed or sign-flipped row), not a model. NaN and inf are check_finite_weights'. Likewise an
+    act-order layer's in_perm that is not a permutation of its inputs."""
+    from tritongpt.model.quant import check_in_perm
+
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear) and m.scale.numel() and not bool((m.scale > 0).all()):
             raise UserError(f"{path}: tensor {name}.scale holds a scale of 0 or below ({m.mode} scales are "
                             "positive: a damaged file)")
+        if isinstance(m, QuantLinear) and getattr(m, "in_perm", None) is not None:
+            check_in_perm(m.in_perm, m.in_features, f"{path}: tensor {name}.in_perm")
 
 
 QUANTIZED_DTYPES = {  # (safetensors dtype, name) of each quantized tensor an int8/int4 file must hold
     "int8": {".qweight": ("I8", "int8"), ".scale": ("F32", "fp32")},
-    "int4": {".qweight": ("U8", "uint8"), ".scale": ("F32", "fp32"), ".offset": ("F32", "fp32")},
+    "int4": {".qweight": ("U8", "uint8"), ".scale": ("F32", "fp32"), ".offset": ("F32", "fp32"),
+             ".in_perm": ("I64", "int64")},  # (an act-order GPTQ layer's input order, where it has one)
 }
 
 

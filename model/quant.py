@@ -353,17 +353,29 @@ class QuantLinear(nn.Module):
         # activation is fused into the Triton matmul's epilogue only where nothing needs its input afterwards: no
         # gradient through it, and no LoRA update to add before it.
         fused = act is not None and self.lora is None and not (torch.is_grad_enabled() and x.requires_grad)
+        # the stored matrix's inputs: x itself, or (Int4Linear with in_perm) x's columns gathered into its order;
+        # the LoRA update below reads x as it is, its A being in the inputs' own order
+        xs = self._inputs(x)
         if self.use_triton:
             activation = ("gelu_erf" if act.approximate == "none" else "gelu_tanh") if fused else None
-            y = self._triton(x, activation)
+            y = self._triton(xs, activation)
         else:
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = F.linear(x, self.dequantize().to(x.dtype), bias)  # under autocast F.linear casts both, as nn.Linear's
+            y = F.linear(xs, self._stored().to(x.dtype), bias)  # under autocast F.linear casts both, as nn.Linear's
             if fused:
                 y = act(y)
         if self.lora is not None:
             y = y + self.lora.branch(x)
         return y if act is None or fused else act(y)
+
+    def _inputs(self, x):
+        """What the stored matrix multiplies: x (Int4Linear's act-order layers gather its columns)."""
+        return x
+
+    def _stored(self):
+        """The matrix as stored, for _inputs(x): dequantize()'s (Int4Linear's act-order layers: its columns in
+        in_perm's order)."""
+        return self.dequantize()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -405,7 +417,13 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     """y = x @ W^T + bias with W[n, k] = q[n, k] * scale[n, g] + offset[n, g], g = k // group_size: q in 0..15 packed
     two to a byte (qweight uint8 [out, in / 2]: an even k's q in the low nibble, the odd k after it in the high),
-    scale and offset fp32 [out, in / group_size]. Triton twin: kernels/quant.py `int4_linear`."""
+    scale and offset fp32 [out, in / group_size]. Triton twin: kernels/quant.py `int4_linear`.
+
+    in_perm (int64 [in], None unless set_in_perm): a GPTQ act-order layer's (desc_act; train/hf_quant.py), whose
+    groups are inputs scattered over x. Its columns are stored sorted by group (stored column j is input
+    in_perm[j]), so that each group is consecutive as the kernel reads them, and forward gathers x's columns into
+    that order first (both paths), as vLLM's and exllama's GPTQ kernels do. dequantize() gives the matrix in the
+    inputs' own order: whatever uses it on x as it is (merge, export, LoRA, distillation) needs no permutation."""
 
     FP32_BUFFERS = ("scale", "offset")
     mode = "int4"
@@ -419,6 +437,12 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("offset", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("in_perm", None)  # (a buffer once set: saved, loaded and moved with the layer)
+
+    def set_in_perm(self, perm) -> None:
+        """The stored columns' inputs (see the class): a permutation of 0..in_features - 1, refused otherwise."""
+        check_in_perm(perm, self.in_features, "in_perm")
+        self.in_perm = perm.to(self.qweight.device, torch.int64)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device=None, group_size: int = 128, hessian=None,
@@ -433,8 +457,20 @@ class Int4Linear(QuantLinear):
         return new
 
     def dequantize(self):
-        """The fp32 matrix q * scale + offset this layer multiplies by: [out, in]."""
+        """The fp32 matrix q * scale + offset this layer multiplies x by: [out, in], in the inputs' own order (an
+        act-order layer's stored columns put back where in_perm says they came from)."""
+        w = self._stored()
+        if self.in_perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.in_perm] = w
+        return out
+
+    def _stored(self):
         return dequantize_int4(self.qweight, self.scale, self.offset, self.group_size)
+
+    def _inputs(self, x):
+        return x if self.in_perm is None else x.index_select(-1, self.in_perm)
 
     def _triton(self, x, activation):
         from tritongpt.kernels.quant import int4_linear
@@ -442,7 +478,20 @@ class Int4Linear(QuantLinear):
         return int4_linear(x, self.qweight, self.scale, self.offset, self.bias, activation)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}" + (
+            ", act-order (in_perm)" if self.in_perm is not None else "")
+
+
+def check_in_perm(perm, in_features: int, what) -> None:
+    """A UserError naming `what` unless perm is a 1-D integer permutation of 0..in_features - 1 (an Int4Linear's
+    in_perm: any other index would gather some input twice and drop another, a wrong layer without an error)."""
+    if not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.is_floating_point() or perm.is_complex() \
+            or perm.dtype == torch.bool or perm.numel() != in_features or \
+            not torch.equal(perm.sort().values.long().cpu(), torch.arange(in_features)):
+        got = (f"{str(perm.dtype).removeprefix('torch.')} {tuple(perm.shape)}" if isinstance(perm, torch.Tensor)
+               else type(perm).__name__)
+        raise UserError(f"{what} is not a permutation of the layer's {in_features} inputs (got {got}): each input's "
+                        "column must be gathered exactly once")
 
 
 def _swap_linears(model, head: bool, make) -> None:

@@ -164,6 +164,23 @@ def pack_gptq(q, z, s, v1=True):
             ".g_idx": (torch.arange(K) // (K // G)).to(torch.int32)}
 
 
+def act_order_quantize(w, group, gen):
+    """GPTQ's act-order (desc_act) of w [N, K]: the inputs quantized in a random order perm (GPTQ's: by decreasing
+    H_kk), the i-th of them in group i // group, so that g_idx[perm[i]] = i // group (AutoGPTQ's g_idx) scatters each
+    group over the inputs. -> (q [N, K], z, s [N, G]) as pack_gptq takes them, q in the inputs' own order; the
+    matrix they stand for, dequantized straight from g_idx: w[n, k] = (q[n, k] - z[n, g_idx[k]]) s[n, g_idx[k]]
+    (nothing sorted); g_idx int32 [K]."""
+    N, K = w.shape
+    perm = torch.randperm(K, generator=gen)
+    g_idx = torch.empty(K, dtype=torch.long)
+    g_idx[perm] = torch.arange(K) // group
+    lv_sorted, z, s, _ = reference_quantize(w[:, perm], group, False)  # (group i is perm[i * group: (i + 1) * group])
+    q = torch.empty_like(lv_sorted)
+    q[:, perm] = lv_sorted
+    assert not torch.equal(g_idx, torch.arange(K) // group)  # (a real act-order: its groups not consecutive)
+    return q, z, s, ((q - z[:, g_idx]) * s[:, g_idx]), g_idx.to(torch.int32)
+
+
 def pack_awq(q, z, s):
     order = [0, 2, 4, 6, 1, 3, 5, 7]
     intweight, zeros = q.T, z.T
@@ -187,6 +204,14 @@ KINDS = {  # name: (family config, quantization_config)
     "gptq-desc-act-sorted": ({}, {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True,
                                   "sym": False}),
     "awq-gemm": ({}, {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "GEMM"}),
+    # desc_act with a real act-order g_idx (quantized_folder: each linear's groups a random scatter of its inputs):
+    # read with its inputs sorted by group and a gather of x's columns (Int4Linear.in_perm); an MLP of 96 (three
+    # groups: not a power of two), and NeoX's fused query_key_value split along the outputs, one order for all
+    "gptq-v1-act-order": ({"mlp_hidden": 96}, {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                                               "sym": False}),
+    "gptq-v2-act-order-gpt_neox": ({"family": "neox"}, {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                                        "desc_act": True, "sym": False,
+                                                        "checkpoint_format": "gptq_v2"}),
     # the same reader's Qwen3 (q/k norms, float beside the 4-bit layers) and SmolLM3 (a layer without RoPE)
     "gptq-v2-qwen3": ({"qk_norm": True}, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
                                           "checkpoint_format": "gptq_v2"}),
@@ -249,11 +274,17 @@ def quantized_folder(tmp_path, kind, seed=0):
     export(model, folder)
     sd = load_file(folder / "model.safetensors")
     dequantized = {}
+    gen = torch.Generator().manual_seed(seed)
     for k in [k for k in sd if k.endswith(LINEARS)]:
         base = k.removesuffix(".weight")
-        lv, zero, scale, w = reference_quantize(sd.pop(k), q["group_size"], q.get("sym", False))
+        if "act-order" in kind:
+            lv, zero, scale, w, g_idx = act_order_quantize(sd.pop(k), q["group_size"], gen)
+        else:
+            lv, zero, scale, w = reference_quantize(sd.pop(k), q["group_size"], q.get("sym", False))
         packed = pack_awq(lv, zero, scale) if q["quant_method"] == "awq" else \
             pack_gptq(lv, zero, scale, v1=q.get("checkpoint_format", "gptq") == "gptq")
+        if "act-order" in kind:
+            packed[".g_idx"] = g_idx
         sd.update({base + part: t for part, t in packed.items()})
         dequantized[k] = w.float()
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
@@ -285,6 +316,8 @@ def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_log
     assert kind.endswith(family) or family == "llama", family  # (the family the kind names is the one read)
     assert model.config == GPTConfig(**{**want.config.to_dict(), "kernels": model.config.kernels})
     assert model.quantized_group_size == 32 if KINDS[kind][1]["group_size"] == 32 else 64
+    ordered = {getattr(m, "in_perm", None) is not None for m in model.trf_blocks.modules()} - {False}
+    assert ordered == ({True} if "act-order" in kind else set())  # (a sorted g_idx needs no gather)
     idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = want(idx)
@@ -343,15 +376,61 @@ def edit_tensors(folder, edit):
     return folder
 
 
-def test_an_act_order_g_idx_is_refused_by_name(tmp_path):
-    folder, _ = quantized_folder(tmp_path, "gptq-desc-act-sorted")
+@pytest.mark.parametrize("edit, said", [
+    # one input moved from group 0 to group 1: act-order is read as whole groups of group_size inputs
+    (lambda g: g.index_put_((torch.nonzero(g == 0)[0],), torch.tensor(1, dtype=g.dtype)),
+     r"down_proj\.g_idx gives its groups different sizes \(group 0 has 31 inputs, not group_size 32\)"),
+    (lambda g: torch.where(g == 2, 3, g), r"down_proj\.g_idx names group 3, outside the layer's 3 groups"),
+    (lambda g: g[:-1], r"down_proj\.g_idx is int32 \(95,\), not the group \(an integer\) of each of the layer's 96"),
+])
+def test_an_act_order_g_idx_of_unequal_or_unknown_groups_is_refused_by_name(tmp_path, edit, said):
+    folder, _ = quantized_folder(tmp_path, "gptq-v1-act-order")
 
-    def shuffle(sd):
-        g = sd["model.layers.0.mlp.down_proj.g_idx"]  # (128 inputs: 2 groups of 64)
-        sd["model.layers.0.mlp.down_proj.g_idx"] = g[torch.randperm(len(g), generator=torch.Generator().manual_seed(0))]
+    def groups(sd):
+        sd["model.layers.0.mlp.down_proj.g_idx"] = edit(sd["model.layers.0.mlp.down_proj.g_idx"].clone())
 
-    with pytest.raises(UserError, match=r"down_proj\.g_idx puts its inputs in groups out of order \(desc_act"):
-        load_checkpoint(edit_tensors(folder, shuffle), quantized_ok=True)
+    with pytest.raises(UserError, match=said):
+        load_checkpoint(edit_tensors(folder, groups), quantized_ok=True)
+
+
+def test_an_act_order_model_saves_loads_dequantizes_copies_and_casts_with_its_input_order(tmp_path):
+    """in_perm goes wherever the layer goes: our int4 file (written and read back, the gather included), a deep
+    copy, .to(dtype) (an index: never cast), and dequantize_model (merge's and export's float model: the matrix in
+    the inputs' own order, the original model's logits). A damaged in_perm is refused by name."""
+    import copy
+
+    from tritongpt.model.quant import dequantize_model
+
+    folder, want = quantized_folder(tmp_path, "gptq-v1-act-order")
+    model = load_checkpoint(folder, quantized_ok=True)
+    model.save(tmp_path / "int4.safetensors")
+    back = GPTModel.load(tmp_path / "int4.safetensors", quantized_ok=True).eval()
+    perm = model.trf_blocks[0].ff.w_down.in_perm
+    assert torch.equal(back.trf_blocks[0].ff.w_down.in_perm, perm)
+    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = want(idx)
+        assert torch.equal(back(idx), model(idx))
+        copied = copy.deepcopy(model)
+        assert torch.equal(copied(idx), model(idx))
+        cast = copy.deepcopy(model).to(torch.float64)
+        assert cast.trf_blocks[0].ff.w_down.in_perm.dtype == torch.int64
+        dense = dequantize_model(copy.deepcopy(model))
+        assert not any(type(m).__name__ == "Int4Linear" for m in dense.modules())
+        got = dense(idx)
+        assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+
+    sd = load_file(tmp_path / "int4.safetensors")
+    name = "trf_blocks.0.ff.w_down.in_perm"
+    sd[name] = sd[name].clone()
+    sd[name][0] = sd[name][1]  # (input perm[1] gathered twice, perm[0] never)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "int4.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    save_file(sd, tmp_path / "bad.safetensors", metadata=meta)
+    with pytest.raises(UserError, match=r"bad\.safetensors: tensor trf_blocks\.0\.ff\.w_down\.in_perm is not a "
+                                        r"permutation of the layer's 96 inputs"):
+        GPTModel.load(tmp_path / "bad.safetensors", quantized_ok=True)
 
 
 def test_a_float_layer_beside_4bit_ones_and_a_quantized_head_are_refused_by_name(tmp_path):
@@ -392,7 +471,7 @@ def test_a_gptq_v1_zero_of_0_saved_as_whole_words_reads_back(tmp_path):
     sd = {"layers.0.mlp.down_proj" + part: t for part, t in packed.items()}
     spec = int4_spec({**KINDS["gptq-v1-asym-qwen2"][1], "_where": "config.json"})
     _, out, G = int4_linears(sd, spec, tmp_path)
-    got = dequantize_int4(*out["layers.0.mlp.down_proj"], G)
+    got = dequantize_int4(*out["layers.0.mlp.down_proj"][:3], G)
     want = (q - z.repeat_interleave(group, dim=1)) * s.repeat_interleave(group, dim=1)
     assert torch.allclose(got.double(), want, atol=1e-6, rtol=0)
 

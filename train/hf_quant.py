@@ -8,13 +8,17 @@ inputs, so scale = s and offset = -z * s, the levels q the same 0..15 repacked t
   8r + j; qzeros [G, N / 8], word c's nibble j output 8c + j; scales [G, N]; g_idx [K] each input's group. The
   gptq (v1) checkpoint_format stores z - 1 in qzeros, as whole words (v2's less 0x11111111: a zero of 0 borrows
   from the next nibble), read back by adding 0x11111111 to each word as GPTQModel does; its gptq_v2 stores z.
-  sym: z is 8 in every group. desc_act: the inputs were quantized in another order, their groups given by g_idx;
-  read where g_idx is still k // group_size (ours groups consecutive inputs), refused otherwise.
+  sym: z is 8 in every group. desc_act (act-order): the inputs were quantized in another order, their groups given
+  by g_idx, each group's inputs scattered over K. Ours groups consecutive inputs, so such a layer is kept with its
+  inputs sorted by g_idx (stable; each group must then hold group_size of them, else refused) and a per-layer
+  gather of x's columns into that order before the matmul (Int4Linear.in_perm, both paths), as vLLM and exllama
+  serve it; a g_idx of k // group_size needs none.
 - AWQ GEMM (AutoAWQ's WQLinear_GEMM.from_linear): qweight [K, N / 8] and qzeros [G, N / 8] packed along the outputs,
   word c's nibble i holding output 8c + [0, 2, 4, 6, 1, 3, 5, 7][i]; z stored as it is; scales [G, N].
 group_size -1 is one group of all K inputs. The groups become ours of the largest size GROUP_SIZES has that divides
 every layer's (each scale repeated over the smaller groups: the same matrix). What does not map (other bits, other
-checkpoint formats or AWQ versions, a non-trivial g_idx, a quantized LM head, some layers float) is refused by name.
+checkpoint formats or AWQ versions, a g_idx of unequal groups, a quantized LM head, some layers float) is refused by
+name.
 
 FP8 folders (transformers' fp8 and fbgemm_fp8, compressed-tensors' float-quantized) load as float models: each FP8
 weight times its scale (per block, row or tensor) at load (fp8_dequantized, below).
@@ -102,8 +106,9 @@ def _one(sd: dict, name: str, path):
 
 
 def _levels(base: str, sd: dict, spec: dict, path) -> tuple:
-    """(q [N, K] int, zero [N, G] float, scale [N, G] fp32, K / G) of one quantized linear, its tensors taken out of
-    sd."""
+    """(q [N, K] int, zero [N, G] float, scale [N, G] fp32, K / G, perm) of one quantized linear, its tensors taken
+    out of sd. perm: None, or an act-order layer's input order (_act_order): q's columns are then in that order,
+    each group's inputs consecutive."""
     qweight, qzeros, scales = (_one(sd, base + p, path) for p in _PARTS[:3])
     g_idx = sd.pop(base + ".g_idx", None)
     for name, t in ((".qweight", qweight), (".qzeros", qzeros)):
@@ -128,18 +133,42 @@ def _levels(base: str, sd: dict, spec: dict, path) -> tuple:
     if width * G != K:
         raise UserError(f"{path}: {base} has {G} groups of its {K} inputs, not groups of group_size "
                         f"{spec['group_size']}")
-    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(K) // width):
-        raise UserError(f"{path}: {base}.g_idx puts its inputs in groups out of order (desc_act's act-order): "
-                        "this model's int4 groups are consecutive inputs; requantize without desc_act")
+    perm = None if g_idx is None else _act_order(g_idx, K, G, width, f"{path}: {base}.g_idx")
+    if perm is not None:
+        q = q[:, perm]
     if not scales.is_floating_point():
         raise UserError(f"{path}: tensor {base}.scales is {scales.dtype}, not a float")
-    return q, zero.float(), scales.T.float(), width
+    return q, zero.float(), scales.T.float(), width, perm
+
+
+def _act_order(g_idx, K: int, G: int, width: int, what) -> torch.Tensor | None:
+    """None where g_idx (each input's group) is k // width, the groups consecutive inputs as ours are; else
+    (desc_act's act-order: the inputs were quantized in another order) the inputs sorted by group, stably, as
+    vLLM's and exllama's GPTQ kernels sort them: column j of the layer kept is input perm[j], so group g is columns
+    g * width .. (g + 1) * width - 1, and the layer gathers x's columns in that order (Int4Linear.in_perm). Each
+    group must then hold exactly width inputs (GPTQ's do: its g_idx is i // group_size of the i-th input quantized)."""
+    if g_idx.dim() != 1 or len(g_idx) != K or g_idx.is_floating_point() or g_idx.dtype == torch.bool:
+        raise UserError(f"{what} is {str(g_idx.dtype).removeprefix('torch.')} {tuple(g_idx.shape)}, not the group "
+                        f"(an integer) of each of the layer's {K} inputs")
+    g_idx = g_idx.long()
+    if torch.equal(g_idx, torch.arange(K) // width):
+        return None
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= G:
+        raise UserError(f"{what} names group {int(g_idx.min()) if int(g_idx.min()) < 0 else int(g_idx.max())}, "
+                        f"outside the layer's {G} groups")
+    sizes = torch.bincount(g_idx, minlength=G)
+    if not bool((sizes == width).all()):
+        g = int((sizes != width).nonzero()[0])
+        raise UserError(f"{what} gives its groups different sizes (group {g} has {int(sizes[g])} inputs, not "
+                        f"group_size {width}): act-order is read as whole groups of group_size inputs each")
+    return torch.argsort(g_idx, stable=True)
 
 
 def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
     """(sd with each quantized linear's tensors replaced by a meta .weight of its float shape, for the reader's shape
-    checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G])}; G, our group size). blocks: the
-    prefix of the file's block tensors (Falcon's "h.")."""
+    checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G], in_perm: None, or an act-order
+    layer's input order, Int4Linear.in_perm)}; G, our group size). blocks: the prefix of the file's block tensors
+    (Falcon's "h.")."""
     bases = sorted({k.removesuffix(".qweight") for k in sd if k.endswith(".qweight")})
     if not bases:
         raise UserError(f"{path}: config.json says {spec['method'].upper()} quantization, but no tensor is a "
@@ -158,11 +187,11 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
                         f"group sizes ({', '.join(map(str, GROUP_SIZES))})")
     out = {}
     for b in bases:
-        q, zero, scale, width = _levels(b, sd, spec, path)
+        q, zero, scale, width, perm = _levels(b, sd, spec, path)
         N, K = q.shape
         # each of the file's groups is width / G of ours, sharing its scale and zero
         scale, zero = scale.repeat_interleave(width // G, dim=1), zero.repeat_interleave(width // G, dim=1)
-        out[b] = (pack_int4(q).contiguous(), scale.contiguous(), (-zero * scale).contiguous())
+        out[b] = (pack_int4(q).contiguous(), scale.contiguous(), (-zero * scale).contiguous(), perm)
         sd[b + ".weight"] = torch.empty(N, K, device="meta")
     left = sorted(k for k in sd if k.endswith(_PARTS))
     if left:
@@ -180,7 +209,7 @@ def int4_rows(sd: dict, packed: dict, base: str, parts: dict) -> None:
     K = 2 * fused[0].shape[1]  # (qweight: two 4-bit levels a byte along the inputs)
     for name, rows in parts.items():
         sd[name + ".weight"] = torch.empty(len(rows), K, device="meta")
-        packed[name] = tuple(t[rows] for t in fused)
+        packed[name] = (*(t[rows] for t in fused[:3]), fused[3])  # (an act-order's input order: every part's)
 
 
 def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path) -> GPTModel:
@@ -207,9 +236,12 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path)
                 if not value.is_meta:
                     raise UserError(f"{path}: {layer} is stored as a float weight beside 4-bit layers; this model "
                                     "reads a folder whose every linear layer of the blocks is quantized")
-                for buf, t in zip((m.qweight, m.scale, m.offset), packed[bases[id(value)]]):
+                *tensors, perm = packed[bases[id(value)]]
+                for buf, t in zip((m.qweight, m.scale, m.offset), tensors):
                     assert buf.shape == t.shape, (layer, buf.shape, t.shape)  # (int4_linears made them to fit)
                     buf.copy_(t)
+                if perm is not None:
+                    m.set_in_perm(perm)
                 filled.add(layer)
             elif value.dtype not in _FLOAT_DTYPES or value.shape != m.bias.shape:
                 raise UserError(f"{path}: tensor for {name} is {value.dtype} {tuple(value.shape)}, not a float "
