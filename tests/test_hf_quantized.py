@@ -551,6 +551,31 @@ def test_a_quantized_multimodal_gemma3_loads_its_language_model_as_int4(tmp_path
         assert (model(idx) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("quantized, tie", [("lm_head", True), ("language_model.lm_head", True), ("lm_head", False),
+                                            ("model.language_model.embed_tokens", True)])
+def test_a_multimodal_gemma3s_quantized_head_or_embedding_is_refused_by_name(tmp_path, quantized, tie):
+    """GPTQModel's lm_head=True in a Gemma3ForConditionalGeneration folder: the head's qweight was left out with the
+    vision tower, so a tied model loaded its float embedding as the head without a word (and an untied one was said
+    to have no head); a 4-bit embedding was "no language model found". Refused by name, as the text model's are."""
+    folder, _ = quantized_folder(tmp_path, "gptq-v2-gemma3_text")
+    d = json.loads((folder / "config.json").read_text())
+    q = d.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d,
+                                                    "quantization_config": q, "tie_word_embeddings": tie}))
+
+    def multimodal(sd):
+        for k in list(sd):
+            sd["model.language_model." + k.removeprefix("model.")] = sd.pop(k)
+        emb = "model.language_model.embed_tokens.weight"
+        w = sd.pop(emb) if "embed" in quantized else sd[emb].clone()
+        lv, zero, scale, _ = reference_quantize(w, 64, False)
+        sd.update({quantized + part: t for part, t in pack_gptq(lv, zero, scale, v1=False).items()})
+
+    name = quantized.rpartition(".")[2]
+    with pytest.raises(UserError, match=rf"{name} is quantized, where this model keeps all but the blocks' linear"):
+        load_checkpoint(edit_tensors(folder, multimodal), quantized_ok=True)
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])  # Mixtral, Qwen3-MoE
 def test_a_quantized_moe_folder_is_refused_by_name_its_experts_being_float_here(tmp_path, qk_norm):
     """GPTQ and AWQ quantize each expert's linears, which MoEFeedForward keeps as stacked float tensors for its

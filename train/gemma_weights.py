@@ -121,6 +121,7 @@ GEMMA3_TEXT_DEFAULTS = {"model_type": "gemma3_text", "num_attention_heads": 8,
 # and transformers 5's in-memory names
 _LANGUAGE_MODEL = ("language_model.model.", "model.language_model.")
 _LANGUAGE_HEAD = ("language_model.lm_head.weight", "lm_head.weight")
+_QUANTIZED_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")  # a GPTQ or AWQ linear's (hf_quant.py's _PARTS)
 
 
 def _text_config(d: dict, cfg_json: Path) -> dict:
@@ -147,7 +148,9 @@ def _language_model_tensors(path: Path, quantization_read: bool = False) -> dict
     """A multimodal Gemma 3's language model tensors, named as a Gemma3ForCausalLM's (without "model.");
     the vision tower's and the projector's are left out (quantization_read: _read_tensors')."""
     sd = _read_tensors(path, prefix="", quantization_read=quantization_read)
-    prefix = next((p for p in _LANGUAGE_MODEL if p + "embed_tokens.weight" in sd), None)
+    # (a 4-bit embedding has a .qweight instead: found, so that hf_quant.int4_linears refuses it by name)
+    prefix = next((p for p in _LANGUAGE_MODEL if p + "embed_tokens.weight" in sd or p + "embed_tokens.qweight" in sd),
+                  None)
     if prefix is None:
         raise UserError(f"{path}: a multimodal Gemma 3 whose language model is not found: no "
                         f"{' or '.join(p + 'embed_tokens.weight' for p in _LANGUAGE_MODEL)}")
@@ -155,6 +158,13 @@ def _language_model_tensors(path: Path, quantization_read: bool = False) -> dict
     head = next((k for k in _LANGUAGE_HEAD if k in sd), None)
     if head is not None:
         out["lm_head.weight"] = sd[head]
+    # a 4-bit head (GPTQModel's lm_head=True) handed on as lm_head's, as the text model's reader sees it, for
+    # hf_quant.int4_linears to refuse by name: left behind, a tied model loaded its float embedding as the head
+    # without a word, and an untied one was said to have no head at all
+    for name in _LANGUAGE_HEAD:
+        base = name.removesuffix(".weight")
+        out.update({"lm_head" + k[len(base):]: v for k, v in sd.items()
+                    if k.startswith(base + ".") and k.endswith(_QUANTIZED_PARTS)})
     return out
 
 
