@@ -551,6 +551,32 @@ def test_a_quantized_multimodal_gemma3_loads_its_language_model_as_int4(tmp_path
         assert (model(idx) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
 
 
+def test_qlora_on_an_act_order_layer_trains_and_merges_in_the_inputs_own_order(tmp_path):
+    """A LoRA update beside an act-order Int4Linear reads x ungathered (its A is in the inputs' order), and merging
+    (dequantize_model: W + scale B A) gives the same logits; a gradient reaches A through both paths' gather."""
+    import copy
+
+    from tritongpt.model.lora import add_lora, merge_lora
+
+    folder, _ = quantized_folder(tmp_path, "gptq-v1-act-order")
+    model = add_lora(load_checkpoint(folder, quantized_ok=True), 4, 8.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "lora", None) is not None:
+                m.lora.lora_B.normal_(generator=torch.Generator().manual_seed(2))  # (B starts at 0: no update at all)
+    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = merge_lora(copy.deepcopy(model))(idx)
+    for kernels in ("reference", "mlp"):  # (the quantized matmuls' Triton path: the rest left reference, quicker)
+        model.set_kernels(kernels)
+        got = model(idx)
+        assert (got - merged).abs().max().item() < 1e-5 * merged.abs().max().item(), kernels
+        got.square().mean().backward()
+        a = model.trf_blocks[0].ff.w_down.lora.lora_A
+        assert a.grad is not None and a.grad.abs().sum() > 0
+        a.grad = None
+
+
 @pytest.mark.parametrize("quantized, tie", [("lm_head", True), ("language_model.lm_head", True), ("lm_head", False),
                                             ("model.language_model.embed_tokens", True)])
 def test_a_multimodal_gemma3s_quantized_head_or_embedding_is_refused_by_name(tmp_path, quantized, tie):
