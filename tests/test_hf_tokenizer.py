@@ -1051,6 +1051,27 @@ def test_an_empty_eos_or_bos_token_is_refused_by_name(tmp_path):
     assert HFTokenizer.from_hf_folder(tmp_path).eos_token == "<|end_of_text|>"
 
 
+
+def test_an_empty_named_special_token_reads_as_transformers_5_reads_it(tmp_path):
+    """{"content": ""} as a pad_token or unk_token (tokenizer_config.json's AddedToken, or special_tokens_map.json's
+    object): transformers 5 loads it as the token "" (no error, fast or converted tokenizer alike), so this reader
+    reads it the same and the chat template gets pad_token "" as transformers passes it. (An empty eos_token or
+    bos_token is refused, above: there config.json's id would stand in for it.)"""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    build_tokenizer("llama3", vocab=300).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "bos_token_id": 0}))
+    cfg, smap = tmp_path / "tokenizer_config.json", tmp_path / "special_tokens_map.json"
+    for key, config, legacy in (
+            ("pad_token", {"pad_token": {"__type": "AddedToken", "content": "", "special": True}}, None),
+            ("unk_token", {}, {"unk_token": {"content": ""}})):
+        cfg.write_text(json.dumps(config))
+        smap.unlink(missing_ok=True)
+        if legacy is not None:
+            smap.write_text(json.dumps(legacy))
+        assert getattr(transformers.AutoTokenizer.from_pretrained(tmp_path), key) == ""  # (the premise)
+        assert HFTokenizer.from_hf_folder(tmp_path).template_tokens == {key: ""}
+
 def test_tokenizer_info_gives_the_folders_special_tokens_as_transformers_init_kwargs(ends_folder, tmp_path):
     """vLLM's /tokenizer_info is its tokenizer's init_kwargs (AddedTokens as their text): a folder's pad_token and
     unk_token by name, a model's own (image_token, extra_special_tokens) under model_specific_special_tokens, as
