@@ -99,6 +99,59 @@ def test_any_text_splits_alike_whole_and_streamed_cut_anywhere():
     check()
 
 
+CALL = "<tool_call>\n<function=add>\n<parameter=a>\n3\n</parameter>\n</function>\n</tool_call>"
+CALLS = [  # (text, qwen3's (reasoning, content)): a tool call in the thought ends it (Qwen3.5's, vLLM's rule)
+    ("Let me add.\n" + CALL, ("Let me add.\n", CALL)),
+    ("<think>Let me add.\n" + CALL, ("Let me add.\n", CALL)),  # (the <think> written in the answer, Qwen3's)
+    (CALL, (None, CALL)),  # (nothing thought first: no reasoning, vLLM's)
+    ("<tool_call> <function name=\"add\">", (None, "<tool_call> <function name=\"add\">")),  # (vLLM's tag: [\s=])
+    ("Let me add.</think>\n\n" + CALL, ("Let me add.", "\n\n" + CALL)),  # (</think> first: as without the rule)
+    ("I write <tool_call> tags; " + CALL, ("I write <tool_call> tags; ", CALL)),  # (a mention, then the call)
+    ('hermes: <tool_call>\n{"name": "add"}</tool_call>', ('hermes: <tool_call>\n{"name": "add"}</tool_call>', None)),
+    ("cut short <tool_call>\n<function", ("cut short <tool_call>\n<function", None)),  # (no tag yet: thought)
+    ("<tool_call><functions=x>", ("<tool_call><functions=x>", None)),
+    ("a" + CALL + "b</think>c", ("a", CALL + "b</think>c")),  # (ours: the first end, whole and streamed alike)
+]
+
+
+def joined(parser, text, cuts, calls=True) -> tuple:
+    """The stream's (reasoning, content) of text cut at cuts, checking nothing is sent empty."""
+    stream, r, c = ReasoningStream(parser, True, calls), "", ""
+    for a, b in zip([0, *cuts], [*cuts, len(text)]):
+        dr, dc = stream.add(text[a:b])
+        assert dr != "" and dc != ""
+        r, c = r + (dr or ""), c + (dc or "")
+    return r + (stream.finish() or ""), c
+
+
+@pytest.mark.parametrize("text, split", CALLS)
+def test_qwen3s_thought_ends_at_a_tool_call_whole_and_streamed_every_split(text, split):
+    """qwen3: a <tool_call> whose function tag follows ends the thought without </think>, the call the content
+    (where the tool parser finds it); every way of cutting the text in two or three deltas adds up to the whole
+    answer's split. deepseek_r1, and qwen3 where a grammar waits for </think> (calls False), have no such rule."""
+    q3, r1 = Qwen3(Tok(), "qwen3"), Thinking(Tok(), "deepseek_r1")
+    assert answer(q3, text, True) == split
+    plain = answer(r1, text, True)
+    assert answer(q3, text, True, calls=False) == plain and plain[0] == text.partition("</think>")[0].removeprefix(
+        "<think>")
+    n = len(text)
+    for cuts in [[i] for i in range(1, n)] + [[i, j] for i in range(1, n, 3) for j in range(i + 1, n)]:
+        r, c = joined(q3, text, cuts)
+        assert (r or None, c or None) == (split[0] or None, split[1]), cuts
+    for cuts in ([], [1], list(range(1, n))):
+        assert joined(q3, text, cuts, calls=False) == (plain[0], plain[1] or "")
+
+
+def test_qwen3s_call_in_the_thought_is_found_by_the_qwen3_coder_tool_parser():
+    """The content a tool call ends a thought at is what the tool parser reads: the call, no content before it."""
+    from tritongpt.train.tool_calls import Qwen3Coder
+
+    tools = [{"function": {"name": "add", "parameters": {"properties": {"a": {"type": "integer"}}}}}]
+    for text, _ in CALLS[:3]:
+        reasoning, content = answer(Qwen3(Tok(), "qwen3"), text, True)
+        assert Qwen3Coder(tools).extract(content) == (None, [("add", '{"a": 3}')])
+
+
 # -- served ----------------------------------------------------------------------------------------------------------
 transformers = pytest.importorskip("transformers")
 # ChatML, short, with Qwen3's switch: enable_thinking false writes an empty thought into the prompt
@@ -357,3 +410,81 @@ def test_masks_that_leave_out_the_thoughts_end_are_not_refused_for_the_grammars(
     assert status == 200 and body["choices"][0]["finish_reason"] == "length", body
     status, body = ask(server, bias, max_tokens=6, allowed_token_ids=others + [end], structured_outputs=regex)
     assert status == 400 and body["error"]["param"] == "allowed_token_ids", body
+
+
+@pytest.fixture(scope="module")
+def calling(folder):
+    """The folder served with qwen3 and the qwen3_coder tool parser, its model a Scripted stand-in (test_stream_text's:
+    it draws the answer a test writes), its template one that takes tools."""
+    from test_stream_text import Scripted
+    from test_tool_calls import TOOLS_TEMPLATE, started
+
+    path, theirs = folder
+    server = started(path, "--max-batch", "1", "--reasoning-parser", "qwen3", "--enable-auto-tool-choice",
+                     "--tool-call-parser", "qwen3_coder")
+    server.app.tok.chat_template = TOOLS_TEMPLATE
+    server.app.model = model = Scripted(len(theirs), theirs.convert_tokens_to_ids("<|im_end|>"))
+    yield server, theirs, model
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("text, reasoning, content", [
+    ("Let me add.\n" + CALL, "Let me add.\n", None), ("<think>Let me add.\n" + CALL, "Let me add.\n", None),
+    (CALL, None, None),
+    ("Let me add.</think>\n\n" + CALL, "Let me add.", "\n\n")])  # (</think> then the call: as before the rule)
+def test_a_served_thought_that_ends_at_a_tool_call_is_a_call(calling, text, reasoning, content):
+    """A Qwen3.5 answer that calls a tool from its thought (no </think>): the chat message's reasoning the thought,
+    the call the qwen3_coder parser's, whole and streamed alike; /v1/responses' items a reasoning and a
+    function_call."""
+    from test_responses import typed
+    from test_serve import call, events
+
+    server, theirs, model = calling
+    model.script = [theirs.encode(text, add_special_tokens=False)]
+    assert theirs.decode(model.script[0]) == text
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}}]
+    body = {"messages": USER, "tools": tools, "max_tokens": 80, "temperature": 0}
+    status, whole = call(server, "/v1/chat/completions", body)
+    assert status == 200, whole
+    (choice,) = whole["choices"]
+    message = choice["message"]
+    assert choice["finish_reason"] == "tool_calls" and (message["reasoning"], message["content"]) == (reasoning, content)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [("add", '{"a": 3}')]
+    chunks = [k["choices"][0] for k in events(call(server, "/v1/chat/completions", {**body, "stream": True})[1])
+              if k["choices"]]
+    assert "".join(k["delta"].get("reasoning") or "" for k in chunks) == (reasoning or "")
+    assert "".join(k["delta"].get("content") or "" for k in chunks) == (content or "")
+    assert chunks[-1]["finish_reason"] == "tool_calls"
+    deltas = [d for k in chunks for d in k["delta"].get("tool_calls") or ()]
+    assert deltas[0]["function"]["name"] == "add" and "".join(d["function"]["arguments"] for d in deltas) == '{"a": 3}'
+    body = {"input": "the cat sat", "tools": [{"type": "function", **tools[0]["function"]}], "max_output_tokens": 80,
+            "temperature": 0}
+    status, r = call(server, "/v1/responses", body)
+    assert status == 200, r
+    want = [("reasoning", reasoning)] * (reasoning is not None) + [("message", content)] * (content is not None) + [
+        ("function_call", "add")]
+    assert [(o["type"], o["name"] if o["type"] == "function_call" else o["content"][0]["text"]) for o in r["output"]] \
+        == want
+    events_ = typed(call(server, "/v1/responses", {**body, "stream": True})[1])
+    assert [o["type"] for o in events_[-1]["response"]["output"]] == [kind for kind, _ in want]
+
+
+def test_where_a_grammar_waits_for_the_thoughts_end_a_call_in_the_thought_stays_thought(calling):
+    """Structured outputs wake at the </think> token: a tool call written in the thought before it does not end the
+    thought there (the parser keeps to the grammar's end), whole and streamed; the content is the grammar's."""
+    from test_serve import call, events
+
+    server, theirs, model = calling
+    thought = "a<tool_call><function=f></function></tool_call>"
+    model.script = [theirs.encode(thought + "</think>7", add_special_tokens=False)]
+    body = {"messages": USER, "max_tokens": 90, "temperature": 0, "structured_outputs": {"regex": "[0-9]"}}
+    status, whole = call(server, "/v1/chat/completions", body)
+    assert status == 200, whole
+    message = whole["choices"][0]["message"]
+    assert (message["reasoning"], message["content"]) == (thought, "7"), message
+    chunks = [k["choices"][0]["delta"] for k in events(call(server, "/v1/chat/completions",
+                                                            {**body, "stream": True})[1]) if k["choices"]]
+    assert ("".join(d.get("reasoning") or "" for d in chunks), "".join(d.get("content") or "" for d in chunks)) == \
+        (thought, "7")

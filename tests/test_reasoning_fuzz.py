@@ -16,7 +16,13 @@ reasoning "" for an empty thought). Where they do not, vLLM is odd and ours keep
     answer still splits it). Ours: all content, as the stream.
   - vLLM's stream drops a think token that is a delta alone and keeps one that shares a delta with text (a second
     </think> lost, or "<think>" in the reasoning): ours, written on text, does not depend on the deltas.
-Not here: newest vLLM's Qwen3.5 rule (a <tool_call><function= inside the thought ends it without </think>)."""
+  - qwen3's tool call in the thought (newest vLLM's Qwen3.5 rule, qwen3_reasoning_parser.py: a <tool_call> token
+    followed by a function tag ends the thought without </think>): vLLM's whole answer reads the first <tool_call>
+    only (a mention of one before the call: all reasoning) and a </think> anywhere before it (a </think> after the
+    call: the call in the thought); its stream ends the thought at any such call, and splits a later </think>'s
+    delta again; a <tool_call> it holds back whose tag never comes is dropped. Ours: the first of </think> and a
+    call ends the thought, whole and streamed alike."""
+import re
 import random
 
 import pytest
@@ -24,9 +30,13 @@ import torch
 
 from tritongpt.train.reasoning import Qwen3, ReasoningStream, Thinking, answer
 
-START, END = 1, 2  # the think tokens' ids; a text piece's ids are its characters' code points
-NAMES = {START: "<think>", END: "</think>"}
+# the think tokens' ids, and qwen3's <tool_call> and <function (one token each, as in Qwen3's vocabulary: vLLM's
+# lookahead for a function tag reads the 8 tokens after a <tool_call>); a text piece's ids are its characters'
+START, END, TOOL, FUNC = 1, 2, 3, 4
+NAMES = {START: "<think>", END: "</think>", TOOL: "<tool_call>", FUNC: "<function"}
 PIECES = ["a", "the cat", " ", "\n", "<", "</th", "k>", "é"]
+CALLING = [[TOOL, ord("\n"), FUNC, ord("=")], [FUNC, ord("=")], [FUNC], [ord("=")], [ord(c) for c in "<func"]]
+# (qwen3's calls: whole, cut, or a <tool_call> a mere mention)
 
 
 def spelled(ids) -> str:
@@ -47,15 +57,24 @@ def vllm_is_reasoning_end(ids) -> bool:
     return next((t == END for t in reversed(ids) if t in (START, END)), False)
 
 
-def vllm_whole(text: str, qwen3_disabled=False) -> tuple:
+FUNCTION = re.compile(r"<function[\s=]")  # (Qwen3ReasoningParser._RE_FUNCTION_OPEN, matched after lstrip)
+
+
+def vllm_whole(text: str, qwen3_disabled=False, qwen3=False) -> tuple:
     """extract_reasoning: partition at the first <think>, then at the first </think>; none: all reasoning (qwen3 with
-    enable_thinking false: all content)."""
+    enable_thinking false: all content; qwen3 else: split at the first <tool_call> where a function tag follows it,
+    reasoning None where nothing is before it)."""
     before, start, after = text.partition("<think>")
     text = after if start else before
     if "</think>" in text:
         reasoning, _, content = text.partition("</think>")
         return reasoning, content or None
-    return (None, text) if qwen3_disabled else (text, None)
+    if qwen3_disabled:
+        return None, text
+    at = text.find("<tool_call>")
+    if qwen3 and at >= 0 and FUNCTION.match(text[at + 11:].lstrip()):
+        return text[:at] or None, text[at:] or None
+    return text, None
 
 
 def vllm_delta_r1(prev, delta, text):
@@ -74,8 +93,17 @@ def vllm_delta_r1(prev, delta, text):
     return (None, text) if END in prev else (text, None)
 
 
-def vllm_delta_qwen3(prev, delta, text):
-    """Qwen3ReasoningParser.extract_reasoning_streaming (less its <tool_call> rule)."""
+def vllm_genuine(ids, at) -> bool:
+    """Qwen3ReasoningParser._tool_call_is_genuine_end: a function tag in the 8 tokens after the <tool_call> at."""
+    after = ids[at + 1:at + 9]
+    return bool(after) and bool(FUNCTION.match(spelled(after).lstrip()))
+
+
+def vllm_delta_qwen3(prev, delta, text, state):
+    """Qwen3ReasoningParser.extract_reasoning_streaming, its <tool_call> rule with it (state: the parser's
+    _tool_call_pending, under "pending")."""
+    if not prev:
+        state["pending"] = None
     if START in delta and "<think>" in text:
         text = text[text.find("<think>") + 7:]
     if END in delta:
@@ -83,6 +111,30 @@ def vllm_delta_qwen3(prev, delta, text):
         if j < 0 or not text[:j] + text[j + 8:]:
             return None
         return text[:j] or None, text[j + 8:] or None
+    ids = prev + delta
+    last = len(ids) - 1 - ids[::-1].index(TOOL) if TOOL in ids else -1
+    if state["pending"] is not None:
+        if vllm_genuine(ids, last):
+            content, state["pending"] = state["pending"] + text, None
+            return None, content
+        rest = (state["pending"][11:] + text).lstrip()
+        if not rest or "<function".startswith(rest) or rest.startswith("<function"):
+            state["pending"] += text
+            return None
+        held, state["pending"] = state["pending"] + text, None
+        return held, None
+    if TOOL in delta or TOOL in prev:
+        if vllm_genuine(ids, last):
+            if TOOL not in delta:
+                return None, text
+            k = text.find("<tool_call>")
+            if k >= 0:
+                return text[:k] or None, text[k:] or None
+        if TOOL in delta and END not in prev:
+            k = text.find("<tool_call>")
+            if k >= 0:
+                state["pending"] = text[k:]
+                return (text[:k], None) if text[:k] else None
     if not text:
         return None
     return (None, text) if END in prev else (text, None)
@@ -92,10 +144,12 @@ def vllm_stream(ids, sizes, qwen3, prompt_ended) -> tuple:
     """The serving layer's stream joined: prompt_is_reasoning_end sends every delta as content."""
     reasoning = content = ""
     i = k = 0
+    state = {"pending": None}
     while i < len(ids):
         delta = ids[i:i + sizes[k % len(sizes)]]
         text = spelled(delta)
-        got = (None, text) if prompt_ended else (vllm_delta_qwen3 if qwen3 else vllm_delta_r1)(ids[:i], delta, text)
+        got = (None, text) if prompt_ended else vllm_delta_qwen3(ids[:i], delta, text, state) if qwen3 else \
+            vllm_delta_r1(ids[:i], delta, text)
         if got is not None:
             reasoning, content = reasoning + (got[0] or ""), content + (got[1] or "")
         i, k = i + len(delta), k + 1
@@ -112,12 +166,16 @@ def ours_stream(parser, ids, sizes, thinks) -> tuple:
     return reasoning + (stream.finish() or ""), content
 
 
-def draw(rng) -> list:
-    """An answer's ids: think tokens anywhere (first, twice, after the content, none) among text pieces."""
-    ids = []
-    for _ in range(rng.randint(0, 7)):
+def draw(rng, calls=False) -> list:
+    """An answer's ids: think tokens anywhere (first, twice, after the content, none) among text pieces; calls:
+    qwen3's <tool_call> token and function tags (whole, cut, or none after it) among them too."""
+    ids, pieces = [], [[ord(c) for c in p] for p in PIECES] + (CALLING * 4 if calls else [])
+    for _ in range(rng.randint(0, 9 if calls else 7)):
         k = rng.random()
-        ids += [START] if k < 0.2 else [END] if k < 0.45 else [ord(c) for c in rng.choice(PIECES)]
+        if calls:  # (fewer think tokens: a call has a thought to end)
+            ids += [START] if k < 0.05 else [END] if k < 0.12 else [TOOL] if k < 0.35 else rng.choice(pieces)
+        else:
+            ids += [START] if k < 0.2 else [END] if k < 0.45 else rng.choice(pieces)
     return ids
 
 
@@ -126,11 +184,19 @@ def loses_text(text: str) -> bool:
     return "<think>" in text.lstrip()[1:]
 
 
+def vllm_reads_the_call_otherwise(parser, text: str, whole: tuple) -> bool:
+    """Whether ours ends the thought at a tool call that vLLM's whole answer reads otherwise (the module's
+    docstring): a </think> after it, or a <tool_call> before it that is a mere mention."""
+    if whole == answer(parser, text, True, calls=False):
+        return False  # (no call ended the thought)
+    return "</think>" in whole[1] or text.find("<tool_call>") < len(text) - len(whole[1])
+
+
 def test_answers_split_as_vllms_parsers_where_they_agree_with_themselves():
     rng = random.Random(8)
-    agreed = 0
-    for _ in range(400):
-        ids = draw(rng)
+    agreed, called = 0, 0
+    for n in range(800):
+        ids = draw(rng, calls=n % 2 == 1)
         text, sizes = spelled(ids), [rng.randint(1, 3) for _ in range(4)]
         for name, kind in (("deepseek_r1", Thinking), ("qwen3", Qwen3)):
             parser = kind(Tok(), name)
@@ -139,16 +205,20 @@ def test_answers_split_as_vllms_parsers_where_they_agree_with_themselves():
                 assert parser.thinks(prompt) == (not ended)
                 whole = answer(parser, text, not ended)
                 r, c = ours_stream(parser, ids, sizes, not ended)
-                # (ours: one rule; a thought the prompt ended and an empty answer: content "", as without a parser)
-                assert (r if not ended else None, c or None) == (whole[0], whole[1] or None), (text, sizes)
-                theirs = vllm_whole(text)
+                # (ours: one rule; a thought the prompt ended and an empty answer: content "", as without a parser;
+                # a call with no thought before it: reasoning None whole, no reasoning delta streamed)
+                assert (r if not ended else None, c or None) == (
+                    None if ended else whole[0] or "", whole[1] or None), (text, sizes)
+                theirs = vllm_whole(text, qwen3=name == "qwen3")
                 vr, vc = vllm_stream(ids, sizes, name == "qwen3", ended)
                 if ended:  # (vLLM's stream: all content; its whole answer the parser's all the same)
                     assert whole == (None, text) and (vr, vc) == ("", text)
-                elif theirs == (vr, vc or None) and not loses_text(text):
+                elif (theirs[0] or "", theirs[1]) == (vr, vc or None) and not loses_text(text) \
+                        and not vllm_reads_the_call_otherwise(parser, text, whole):  # (reasoning None: no delta)
                     assert whole == theirs, (name, text, sizes)
                     agreed += 1
-    assert agreed > 300  # (most answers: the fuzz compares, not only skips)
+                    called += whole != answer(parser, text, True, calls=False)  # (the call rule decided it)
+    assert agreed > 600 and called > 30  # (most answers: the fuzz compares, not only skips; calls among them)
     # qwen3's switch: chat_template_kwargs enable_thinking false, the answer all content (vLLM's whole answer splits
     # at a </think> the model writes anyway; its stream, the prompt ending the thought, does not)
     q3 = Qwen3(Tok(), "qwen3")
@@ -172,6 +242,20 @@ def test_the_cases_vllm_drops_text_in_keep_it_whole_and_streamed():
             assert (r, c or None) == ours
     # (vLLM's stream of the two </think>, one token a delta: the second dropped)
     assert vllm_stream([START, ord("a"), END, ord("b"), END], [1], False, False) == ("a", "b")
+    # qwen3's tool call that vLLM's whole answer reads otherwise: a </think> after it (the call in the thought), a
+    # mention of <tool_call> before it (all the thought); ours: the thought ends at the call, whole and streamed
+    q3 = Qwen3(Tok(), "qwen3")
+    for ids, ours, theirs in (
+            ([ord("a"), TOOL, FUNC, ord("="), END, ord("b")], ("a", "<tool_call><function=</think>b"),
+             ("a<tool_call><function=", "b")),
+            ([TOOL, ord("!"), TOOL, FUNC, ord("=")], ("<tool_call>!", "<tool_call><function="),
+             ("<tool_call>!<tool_call><function=", None)),
+    ):
+        text = spelled(ids)
+        assert answer(q3, text, True) == ours and vllm_whole(text, qwen3=True) == theirs
+        for sizes in ([1], [2], [3]):
+            r, c = ours_stream(q3, ids, sizes, True)
+            assert (r, c or None) == ours
 
 
 # -- served: chat, its stream, /v1/responses -------------------------------------------------------------------------

@@ -2110,6 +2110,9 @@ class Completion:
                                     "generation_config's max_new_tokens)")
         # (compiled now: a schema it cannot take, a 400)
         guide = app.guide(s["structured"], s["structured_field"], s["tools"], s.get("wake"))
+        # a tool call ends a thought without </think> (qwen3's) only where no grammar holds the answer: a grammar
+        # wakes at the </think> token, and the parser's split keeps to it
+        self.thought_calls = guide is None
         if guide is not None:  # (and an end token its text can have, before a stream's first event)
             from tritongpt.train.generate import end_rule, masked_ends
 
@@ -2203,7 +2206,8 @@ class Completion:
         if self.chat:
             thought = None  # the reasoning this chunk sends (--reasoning-parser): the rest is the answer's text
             if self.app.reasoning_parser is not None and not role:
-                stream = self.thoughts.setdefault(index, ReasoningStream(self.app.reasoning_parser, self.thinks))
+                stream = self.thoughts.setdefault(index, ReasoningStream(self.app.reasoning_parser, self.thinks,
+                                                                         self.thought_calls))
                 thought, text = stream.add(text) if text is not None else (None, None)
                 if finish is not None:
                     thought = (thought or "") + (stream.finish() or "") or None
@@ -2403,7 +2407,7 @@ class Completion:
             return tool_message(self.s["tools"], text, finish)
         from tritongpt.train.reasoning import answer
 
-        reasoning, content = answer(self.app.reasoning_parser, text, self.thinks)
+        reasoning, content = answer(self.app.reasoning_parser, text, self.thinks, self.thought_calls)
         message, finish = ({"role": "assistant", "content": None}, finish) if content is None else \
             tool_message(self.s["tools"], content, finish)
         return {"role": "assistant", "reasoning": reasoning if self.s["include_reasoning"] else None, **message}, finish
