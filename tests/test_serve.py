@@ -1089,10 +1089,24 @@ def test_iteration_tokens_count_no_choice_past_its_end(both):
         assert delta == 3 * P + out["usage"]["completion_tokens"] == 3 * P + sum(counts), ends
 
 
-def test_each_choice_times_its_inter_token_gaps_up_to_its_own_end(both):
+def test_each_choice_times_its_inter_token_gaps_up_to_its_own_end(both, monkeypatch):
     """vLLM's n child requests each observe their own inter-token latencies: a choice a stop string ended early adds
-    no gap of the steps its siblings drew after it (each choice's tokens less its first)."""
+    no gap of the steps its siblings drew after it (each choice's tokens less its first). With the engine the
+    handler is held after its first step until the engine has drawn the whole request (its stop rule ahead of the
+    handler's steps: a choice's stop, set at a later step, does not end it at an earlier one)."""
+    import time
+
+    from tritongpt.train import metrics as metrics_module
+
     server, _ = both
+    engine, real = server.app.engine, metrics_module.Timing.tokens
+
+    def tokens(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        deadline = time.time() + 10
+        while engine is not None and self.steps == 1 and engine.running and time.time() < deadline:
+            time.sleep(0.005)
+    monkeypatch.setattr(metrics_module.Timing, "tokens", tokens)
     body = {"prompt": "the cat", "n": 3, "max_tokens": 12, "temperature": 1, "seed": 5, "return_token_ids": True,
             "stop": [" "]}
     before = scrape(server, "tiny-chat")
@@ -1105,10 +1119,54 @@ def test_each_choice_times_its_inter_token_gaps_up_to_its_own_end(both):
         assert metric(after, name, "tiny-chat") - metric(before, name, "tiny-chat") == sum(k - 1 for k in counts)
 
 
+def test_inter_token_gaps_show_in_metrics_mid_stream(both, monkeypatch):
+    """vLLM observes each step's inter-token latency at the step (IterationStats.update_from_output, for each child
+    request still running), so a dashboard sees a long stream's gaps as it goes: scraped while the stream's handler
+    is held after its 3rd step, /metrics holds the n choices' first 2 gaps each (the request not ended: no e2e yet),
+    and all of them once it ends."""
+    import http.client
+
+    from tritongpt.train import metrics as metrics_module
+
+    server, _ = both
+    n, k, held_at = 2, 6, 3
+    real, held, go = metrics_module.Timing.tokens, threading.Event(), threading.Event()
+
+    def tokens(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if self.max_tokens == k and self.steps == held_at:  # (this request's handler, after its 3rd step)
+            held.set()
+            go.wait(10)
+    monkeypatch.setattr(metrics_module.Timing, "tokens", tokens)
+    before = scrape(server, "tiny-chat")
+
+    def delta(s, name):
+        return metric(s, name, "tiny-chat") - metric(before, name, "tiny-chat")
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "the cat", "n": n, "max_tokens": k,
+                                                            "ignore_eos": True, "temperature": 1, "seed": 3,
+                                                            "stream": True}),
+                     {"Content-Type": "application/json"})
+        assert held.wait(10)
+        mid = scrape(server, "tiny-chat")
+    finally:
+        go.set()
+    text = conn.getresponse().read().decode()
+    conn.close()
+    after = scrape(server, "tiny-chat")
+    assert len([c for e in events(text) for c in e["choices"] if c["finish_reason"] == "length"]) == n
+    assert delta(mid, "e2e_request_latency_seconds_count") == 0 and delta(mid, "time_to_first_token_seconds_count") == n
+    for name in ("inter_token_latency_seconds_count", "time_per_output_token_seconds_count"):
+        assert delta(mid, name) == n * (held_at - 1)  # (observed at the steps, before the end)
+        assert delta(after, name) == n * (k - 1)
+
+
 def test_a_choices_clocks_stop_at_its_own_last_token(monkeypatch):
-    """Timing.end on a hand-run clock: a choice of 2 tokens among 4 steps ends 2 s before the request's last token,
+    """Timing on a hand-run clock: a choice of 2 tokens among 4 steps ends 2 s before the request's last token,
     so its gaps, decode, inference and e2e stop there (vLLM's child request finishes then); the longest choice's
-    are the request's."""
+    are the request's. Each step's gap is observed at the step, once for each choice still drawing (vLLM's
+    IterationStats at each engine step), not when the request ends."""
     from tritongpt.train import metrics as metrics_module
 
     clock = iter(range(100))
@@ -1116,10 +1174,12 @@ def test_a_choices_clocks_stop_at_its_own_last_token(monkeypatch):
     m = metrics_module.Metrics("m", 32)
     t = m.request(2, 4)  # started at 0
     t.scheduled = 0.5
-    for _ in range(4):  # tokens at 1, 2, 3, 4
-        t.tokens()
+    h, seen = m.hist, []
+    for alive in ([0, 1], [0, 1], [1], [1]):  # tokens at 1, 2, 3, 4; choice 0's last at 2
+        t.tokens(alive=alive)
+        seen.append((h["inter_token_latency_seconds"].count, h["time_per_output_token_seconds"].count))
+    assert seen == [(0, 0), (2, 2), (3, 3), (4, 4)]  # (live: 2 choices drew the second step, 1 the later ones)
     t.end(["stop", "length"], 3, [2, 4])  # at 5
-    h = m.hist
     assert (h["inter_token_latency_seconds"].count, h["inter_token_latency_seconds"].sum) == (1 + 3, 4.0)
     assert h["time_per_output_token_seconds"].count == 4
     assert h["request_decode_time_seconds"].sum == 1.0 + 3.0

@@ -4,20 +4,20 @@ standard library. Names and histogram buckets are vLLM's (vllm/v1/metrics/logger
 
 The handler threads count what their requests drew. A request here is one prompt's n choices (the engine's unit);
 vLLM splits it into n child requests (vllm/v1/engine/parallel_sampling.py), each prefilling the prompt, so what it
-counts per request counts here once per choice: request_success, prompt_tokens_total (the prompt n times), the
-time to first token (n observations of the one step's clock), the inter-token latencies (each choice's own gaps,
-observed when the request ends: a choice that ended early has none of its siblings' later steps, as a vLLM child
-stops), e2e, the phases and the per-request time per output token (the request's clocks, each choice's ending at its
-own last token, as a vLLM child request finishes then), request_prompt_tokens,
-request_generation_tokens (each choice's own count) and request_params_max_tokens. Once per request (vLLM's
-ParentRequest, once its n children ended): request_params_n and request_max_num_generation_tokens (the most tokens
-of its choices). A beam search (use_beam_search) counts as its n beams (vLLM's runs each step's beams as
-max_tokens 1 requests, counted each; not copied: a dashboard would read each step's beam as a request), its
-iteration_tokens_total one observation of its beams' prompts and tokens (vLLM's: each step's requests, the prompt
-and the beam's tokens so far each, a recompute ours does not run). prompt_tokens_total and generation_tokens_total
-count an aborted or failed request too (vLLM counts each engine step's tokens as they are made): its prompt once it
-drew its first token, each choice's tokens drawn until it stopped. A pooling
-request (train/pooling.py) counts once, with no sampling parameters (no request_params_*).
+counts per request counts here once per choice: request_success, prompt_tokens_total (the prompt n times), the time
+to first token (n observations of the one step's clock), the inter-token latencies (each step's gap observed at the
+step, once for each choice still drawing in it, as vLLM's engine steps observe each running child's: a choice that
+ended early has none of its siblings' later steps), e2e, the phases and the per-request time per output token (the
+request's clocks, each choice's ending at its own last token, as a vLLM child request finishes then),
+request_prompt_tokens, request_generation_tokens (each choice's own count) and request_params_max_tokens. Once per
+request (vLLM's ParentRequest, once its n children ended): request_params_n and request_max_num_generation_tokens
+(the most tokens of its choices). A beam search (use_beam_search) counts as its n beams (vLLM's runs each step's
+beams as max_tokens 1 requests, counted each; not copied: a dashboard would read each step's beam as a request), its
+iteration_tokens_total one observation of its beams' prompts and tokens (vLLM's: each step's requests, the prompt and
+the beam's tokens so far each, a recompute ours does not run). prompt_tokens_total and generation_tokens_total count
+an aborted or failed request too (vLLM counts each engine step's tokens as they are made): its prompt once it drew
+its first token, each choice's tokens drawn until it stopped. A pooling request (train/pooling.py) counts once, with
+no sampling parameters (no request_params_*).
 
 The gauges are read from the engine at scrape time (its waiting queue, running requests and cache, plus the beam
 searches holding or waiting for the model between its steps), or, with no engine (--max-batch 1), from the requests
@@ -64,7 +64,7 @@ HISTOGRAMS = {  # name: (buckets, help)
                                                     "DEPRECATED: Use inter_token_latency_seconds instead."),
     # vLLM 0.11's name for the one above (whose own it hides from 0.12 on): both, for dashboards of either
     "inter_token_latency_seconds": (TPOT_BUCKETS, "Histogram of inter-token latency in seconds (each gap between a "
-                                                  "choice's decode steps, observed as its request ends)."),
+                                                  "choice's decode steps, observed at the step)."),
     "e2e_request_latency_seconds": (E2E_BUCKETS, "Histogram of end to end request latency in seconds (each choice "
                                                  "of a prompt, whatever ended them, to its own last token where "
                                                  "it ended before its siblings)."),
@@ -296,14 +296,19 @@ class Timing:
         self.start = self.last = time.monotonic()
         self.scheduled = self.first = self.step = None  # (step: the clock at the last step's first token)
         self.steps = 0
-        # each token's clock, and the inter-token gap it ends (None: the first token, a speculative step's after its
-        # first): end() observes each choice's gaps up to its own last token (vLLM's child requests each stop theirs)
-        self.times, self.gaps = [], []
+        # each choice's last token's clock (vLLM's child request's last_token_ts): its e2e, decode and inference time
+        # end there (end())
+        self.own = [None] * n
 
-    def tokens(self, same_step: bool = False):
+    def tokens(self, same_step: bool = False, alive=None):
         """same_step: a token of the step before's (a speculative step's after its first): counted in steps (per
-        token, as vLLM's per-request time per output token), no inter-token gap of its own (vLLM's: a step's)."""
-        now, gap = time.monotonic(), None
+        token, as vLLM's per-request time per output token), no inter-token gap of its own (vLLM's: a step's).
+        alive: the choices (indices) still drawing at this token, None all n: not those that ended before it (on an
+        end token, a stop string). The step's gap is observed now, once for each of them, as vLLM's
+        IterationStats.update_from_output does at each engine step for each child request still running, so a
+        dashboard sees a long stream's gaps as it goes, not once it ends."""
+        now = time.monotonic()
+        alive = range(self.n) if alive is None else alive
         if self.steps == 0:
             self.first = self.step = now
             with self.metrics.lock:
@@ -311,8 +316,12 @@ class Timing:
                     self.metrics.hist["time_to_first_token_seconds"].observe(now - self.start)
         elif not same_step:
             gap, self.step = now - self.step, now
-        self.times.append(now)
-        self.gaps.append(gap)
+            with self.metrics.lock:
+                for _ in alive:
+                    self.metrics.hist["time_per_output_token_seconds"].observe(gap)
+                    self.metrics.hist["inter_token_latency_seconds"].observe(gap)
+        for i in alive:
+            self.own[i] = now
         self.last, self.steps = now, self.steps + 1
 
     def phases(self, stamps=None) -> dict:
@@ -337,21 +346,18 @@ class Timing:
         counted). As vLLM counts each engine step's tokens as they are made, an aborted or failed request's count
         too, its prompt once it drew its first token; the token histograms only a request that ended with its
         choices. stamps: Timing.phases'. Each choice counts as one of vLLM's child requests (the module's
-        docstring): its inter-token gaps, e2e, decode and inference time end with its own last token."""
+        docstring): its e2e, decode and inference time end with its own last token (its gaps were observed at its
+        steps: tokens())."""
         m, phases, n = self.metrics, self.phases(stamps), len(reasons)
         counts = list(generation_tokens)
         done = all(r in ("stop", "length") for r in reasons)
         with m.lock:
             e2e = time.monotonic() - self.start
             for i, r in enumerate(reasons):  # (vLLM's finished_requests: one a child request)
-                # the choice's steps (a beam search's tokens come in one), and how long before the request's last
+                # the choice's tokens (a beam search's come in one step), and how long before the request's last
                 # token its own last came (0 for the longest): its clocks stop there
                 k = min(counts[i], self.steps) if counts else self.steps
-                early = self.last - self.times[k - 1] if k else 0.0
-                for gap in self.gaps[1:k]:
-                    if gap is not None:
-                        m.hist["time_per_output_token_seconds"].observe(gap)
-                        m.hist["inter_token_latency_seconds"].observe(gap)
+                early = self.last - self.own[i] if self.own[i] is not None else 0.0
                 m.hist["e2e_request_latency_seconds"].observe(e2e - early)
                 own = dict(phases)
                 if "decode" in own:  # (the engine's clocks less the handler's: never below 0)

@@ -1420,29 +1420,33 @@ class Model:
         timing = timing or self.metrics.request(n, max(budget, 1))
         guide = self.guide(s["structured"], s["structured_field"], wake=s.get("wake")) if budget else None
 
-        # (no engine) the rows that drew an end token: generate() pads them to the last step, new tokens of none
-        ended = [False] * n
-        got = [[] for _ in range(n)]  # each choice's tokens as they come (an aborted or failed request's count)
+        # each choice's first end token's index among its new tokens (rows.end_of's, kept as they come: generate()
+        # and the engine pad a row that ended with more), and the tokens each row was handed so far
+        end_at, seen = [None] * n, 0
 
         def drawn_so_far(i):  # choice i's tokens drawn, up to its end as rows.ending() counts them
             if budget == 0:  # (prefill-only: vLLM's one token, once its prefill ran)
                 return 1 if timing.steps else 0
-            end, k = rows.end_of(got[i]), len(got[i])
-            return min(k if end is None else end + 1, rows.first_stop.get(i, k))
+            return min(seen if end_at[i] is None else end_at[i] + 1, rows.first_stop.get(i, seen))
+
+        def drawing(i, j):  # whether choice i draws its token j: nothing ended it before (an end token, a stop string)
+            # (rows.first_stop: the tokens a row had when its text first held a stop string; the engine's thread,
+            # ahead of this one, may have set it already at a later step: a count, compared, not its presence)
+            return (end_at[i] is None or end_at[i] >= j) and rows.first_stop.get(i, j + 1) > j
 
         def on_step(new, step=None):  # each step's tokens: the clock, their logprobs, then the stream
+            nonlocal seen
             for i, t in enumerate(new[:, 0].tolist()):
-                got[i].append(t)
+                if end_at[i] is None and t in rows.ends:
+                    end_at[i] = seen
+            # the choices still drawing at this token (vLLM's child requests not finished): its gap observed for
+            # each of them now (Timing.tokens), as vLLM's engine step does
+            alive = [i for i in range(n) if drawing(i, seen)]
+            seen += 1
             if request is None:  # (no engine: the request's step is the model's; the engine counts its own)
-                # vLLM's count: the rows still drawing (its child requests not finished: not those that ended on an
-                # end token or a stop string, rows.first_stop, asked by generate() after each step's tokens), and
-                # each row's prompt at its first token
-                alive = sum(not e and i not in rows.first_stop for i, e in enumerate(ended))
-                self.metrics.iteration(alive + (n * len(ids) if timing.steps == 0 else 0))
-                if rows.ends:
-                    for i, t in enumerate(new[:, 0].tolist()):
-                        ended[i] = ended[i] or t in rows.ends
-            timing.tokens(request is not None and request.same_step)
+                # vLLM's count: the rows still drawing, and each row's prompt at its first token
+                self.metrics.iteration(len(alive) + (n * len(ids) if timing.steps == 0 else 0))
+            timing.tokens(request is not None and request.same_step, alive)
             if step is not None:
                 for i, (t, row) in enumerate(zip(new[:, 0].tolist(), rows_of(step))):
                     scored[i].add((t, *row))
