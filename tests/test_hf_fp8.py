@@ -270,3 +270,82 @@ def test_an_fp8_moe_folder_is_refused_by_name(tmp_path, qk_norm):
     name = "Qwen3-MoE" if qk_norm else "Mixtral"
     with pytest.raises(UserError, match=rf"quant_method 'fp8' is not read here \(a quantized {name}: "):
         load_checkpoint(folder)
+
+
+# -- differential: transformers' own FP8 quantizer and dequantizing loader ---------------------------------------
+def hf_fp8():
+    """transformers' FineGrainedFP8 pieces (its CPU load dequantizes), or a skip where this transformers lacks them."""
+    try:
+        from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+        from transformers.integrations.finegrained_fp8 import Fp8Quantize, _dequantize_fp8_weight
+        from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+    except ImportError as e:
+        pytest.skip(f"transformers without its FineGrainedFP8 quantizer: {e}")
+    return AutoModelForCausalLM, FineGrainedFP8Config, Fp8Quantize, FineGrainedFP8HfQuantizer, _dequantize_fp8_weight
+
+
+def tiny_folder(tmp_path, family, **extra):
+    from tritongpt.train.falcon_weights import export_falcon
+    from tritongpt.train.gemma_weights import export_gemma
+    from tritongpt.train.neox_weights import export_neox
+    from tritongpt.train.phi3_weights import export_phi3
+
+    base, export = {"llama": (LLAMA, export_llama), "phi3": (PHI3, export_phi3), "neox": (NEOX, export_neox),
+                    "falcon": (FALCON, export_falcon), "gemma": (GEMMA, export_gemma)}[family]
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
+                               **{**base, **extra})).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms and biases off their ones and zeros
+            p.add_(0.05 * torch.randn(p.shape))
+    export(model, tmp_path / family)
+    return tmp_path / family
+
+
+def assert_logits_like_transformers(ours, theirs):
+    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(idx).logits.float()
+        got = ours(idx)
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("family, extra", [("llama", {}), ("llama", {"qk_norm": True}), ("gemma", {}),
+                                           ("phi3", {}), ("neox", {}), ("falcon", {"n_kv_head": 2, "bias": False})])
+def test_an_fp8_folder_quantized_by_transformers_gives_transformers_dequantized_logits(tmp_path, family, extra):
+    """Quantized by transformers' own Fp8Quantize (FineGrainedFP8Config, blocks [16, 32]) and read by
+    from_pretrained(dequantize=True) on the CPU: our logits are transformers'."""
+    auto, config, quantize, quantizer, _ = hf_fp8()
+    folder = tiny_folder(tmp_path, family, **extra)
+    q = config(weight_block_size=[16, 32])
+    op = quantize(quantizer(q))
+    sd = load_file(folder / "model.safetensors")
+    for k in [k for k in sd if k.endswith(LINEARS)]:
+        sd.update(op.convert({k: sd.pop(k)}))
+    assert sum(t.dtype == torch.float8_e4m3fn for t in sd.values()) >= 4  # (every linear divides: none left float)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with_quantization(folder, json.loads(q.to_json_string()))
+    theirs = auto.from_pretrained(folder, quantization_config=config(dequantize=True), dtype=torch.float32).eval()
+    assert_logits_like_transformers(load_checkpoint(folder), theirs)
+
+
+@pytest.mark.parametrize("kind", ["fp8-llama", "fp8-ragged-qwen3"])
+def test_ragged_fp8_blocks_dequantize_as_transformers_fp8linear_does(tmp_path, kind):
+    """Blocks that do not divide the layers (FP8Linear sizes its scales by ceil division; from_pretrained's CPU
+    dequantize refuses them): each weight dequantized by transformers' own _dequantize_fp8_weight (FP8Linear's, the
+    last blocks cropped) into a float folder read by transformers, against ours from the FP8 folder."""
+    auto, _, _, _, dequantize = hf_fp8()
+    folder, _ = fp8_folder(tmp_path, kind)
+    block = KINDS[kind][1]["weight_block_size"]
+    sd = load_file(folder / "model.safetensors")
+    for k in [k for k, t in sd.items() if t.dtype == torch.float8_e4m3fn]:
+        scale = sd.pop(k.removesuffix(".weight") + ".weight_scale_inv")
+        sd[k] = dequantize(sd[k], scale, block, torch.float32)
+    plain = tmp_path / "hf-dequantized"
+    plain.mkdir()
+    d = json.loads((folder / "config.json").read_text())
+    del d["quantization_config"]
+    (plain / "config.json").write_text(json.dumps(d))
+    save_file(sd, plain / "model.safetensors", metadata={"format": "pt"})
+    theirs = auto.from_pretrained(plain, dtype=torch.float32).eval()
+    assert_logits_like_transformers(load_checkpoint(folder), theirs)
