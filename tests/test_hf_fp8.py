@@ -349,3 +349,22 @@ def test_ragged_fp8_blocks_dequantize_as_transformers_fp8linear_does(tmp_path, k
     save_file(sd, plain / "model.safetensors", metadata={"format": "pt"})
     theirs = auto.from_pretrained(plain, dtype=torch.float32).eval()
     assert_logits_like_transformers(load_checkpoint(folder), theirs)
+
+
+NAMES = ["model.layers.1.mlp.down_proj", "model.layers.11.mlp.down_proj", "model.layers.10.self_attn.q_proj",
+         "model.layers.0.mlp.gate_proj", "lm_head", "model.layers.2.self_attn.o_proj"]
+
+
+def test_modules_to_not_convert_matches_whole_modules_as_transformers_does():
+    """"model.layers.1" leaves layer 1 float, not layers 10 to 19 with it (whose FP8 weights were then refused as
+    'left float'); transformers' should_convert_module matches up to a module boundary."""
+    from tritongpt.train.hf_quant import fp8_spec
+
+    patterns = ["model.layers.1", "lm_head", "mlp.gate", "model.layers.*.self_attn.o"]
+    keep = fp8_spec({"quant_method": "fp8", "modules_to_not_convert": patterns})["keep"]
+    assert [keep(n) for n in NAMES] == [True, False, False, False, True, False]
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return
+    assert [keep(n) for n in NAMES] == [not should_convert_module(n, patterns) for n in NAMES]

@@ -361,14 +361,15 @@ def _names_kept(q: dict, names, field: str):
         pats = [re.compile(n[3:]) for n in names if n.startswith("re:")]
         plain = {n for n in names if not n.startswith("re:")}
         return lambda name: name in plain or any(p.match(name) for p in pats)
-    # transformers' should_convert_module: a pattern matched from the name's start (a regex: "model.layers.*"), or
-    # the name's end ("down_proj")
+    # transformers' should_convert_module: a pattern matched from the name's start up to a module boundary (a regex:
+    # "model.layers.*"; "model.layers.1" keeps layer 1, not layers 10 to 19 with it), or the name's end ("down_proj")
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
     pats = []
     for n in names:
         try:
-            pats.append(re.compile(n))
+            pats.append(re.compile(rf"(?:{n}){boundary}"))
         except re.error:
-            pats.append(re.compile(re.escape(n)))
+            pats.append(re.compile(rf"(?:{re.escape(n)}){boundary}"))
     return lambda name: any(p.match(name) for p in pats) or any(name.endswith(n) for n in names)
 
 
