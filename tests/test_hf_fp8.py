@@ -3,6 +3,7 @@ float-quantized tensor / channel / block scales) load as the float model of thei
 (train/hf_quant.py fp8_dequantized), and what is not read is refused by name. Tiny folders exported here and
 quantized in the test by each format's rule: nothing downloaded."""
 import json
+import re
 
 import pytest
 import torch
@@ -368,3 +369,34 @@ def test_modules_to_not_convert_matches_whole_modules_as_transformers_does():
     except ImportError:
         return
     assert [keep(n) for n in NAMES] == [not should_convert_module(n, patterns) for n in NAMES]
+
+
+@pytest.mark.parametrize("kind, value", [("fp8-llama", 0.0), ("fp8-ragged-qwen3", -0.01),
+                                         ("ct-channel-phi3", float("nan")), ("fbgemm_fp8-gpt_neox", float("inf"))])
+def test_a_damaged_fp8_scale_is_refused_naming_the_tensor(tmp_path, kind, value):
+    """A scale of 0 or below loaded as a model with a zeroed or sign-flipped block; NaN and inf were named by our
+    float weight's name, not the file's tensor."""
+    folder, _ = fp8_folder(tmp_path, kind)
+    suffix = KINDS[kind][3]
+    sd = load_file(folder / "model.safetensors")
+    name = next(k for k in sorted(sd) if k.endswith(suffix) and ("down_proj" in k or "4h_to_h" in k))
+
+    def damage(sd):
+        sd[name] = sd[name].clone()
+        sd[name].view(-1)[-1] = value
+    edit_tensors(folder, damage)
+    with pytest.raises(UserError, match=rf"tensor {re.escape(name.split('.', 1)[1])} holds a scale that is 0 or "
+                                        r"below, NaN or inf \(.*FP8 scales are positive: a damaged file\)"):
+        load_checkpoint(folder)
+
+
+def test_an_fp8_nan_weight_is_refused_naming_the_tensor(tmp_path):
+    folder, _ = fp8_folder(tmp_path, "fp8-llama")
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def damage(sd):
+        w = sd[name].view(torch.uint8).clone()
+        w[3, 5] = 0x7F  # (e4m3fn's NaN: it has no inf)
+        sd[name] = w.view(torch.float8_e4m3fn)
+    with pytest.raises(UserError, match=r"tensor layers\.0\.self_attn\.q_proj\.weight holds FP8 NaN values"):
+        load_checkpoint(edit_tensors(folder, damage))

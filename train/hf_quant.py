@@ -436,6 +436,16 @@ def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
         if not scale.is_floating_point() or scale.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise UserError(f"{path}: tensor {base}{spec['scale']} is {str(scale.dtype).removeprefix('torch.')}, "
                             "not a float scale")
+        # every FP8 quantizer keeps its scales finite and > 0 (an all-zero block's too: transformers gives it 1,
+        # compressed-tensors clamps to eps) and its values within +-448: a 0 or negative scale (a zeroed or
+        # sign-flipped block that would load as another model, as check_quantized_scales refuses for int4), or
+        # e4m3fn's NaN, is a damaged file, named here by the file's tensor rather than the float one it would become
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise UserError(f"{path}: tensor {base}{spec['scale']} holds a scale that is 0 or below, NaN or inf "
+                            f"({spec['method']}'s FP8 scales are positive: a damaged file)")
+        if bool(torch.isnan(sd[k].float()).any()):
+            raise UserError(f"{path}: tensor {k} holds FP8 NaN values (a quantized weight is within +-448: a "
+                            "damaged file)")
         sd[k] = _dequantized(sd[k], scale, spec, base, path)
     note(f"{path}: its {len(fp8)} FP8 linear weights ({spec['method']}) are dequantized to float at load: an "
          "ordinary float model of the same weights, no FP8 kernel")
