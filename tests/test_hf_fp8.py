@@ -85,6 +85,11 @@ KINDS = {  # name: (family config, quantization_config, (per, block), the scale'
                          ("tensor", None), ".weight_scale"),
     "fp8-gemma": ({"family": "gemma"}, {"quant_method": "fp8", "weight_block_size": [32, 48]}, ("block", (32, 48)),
                   ".weight_scale_inv"),
+    "fp8-gemma3_text": ({"family": "gemma", "post_norms": True, "qk_norm": True, "attention_window": 5,
+                         "window_layers": "0", "rope_theta": 1e6, "rope_local_theta": 1e4},
+                        {"quant_method": "fp8", "weight_block_size": [32, 48],
+                         "modules_to_not_convert": ["vision_tower", "multi_modal_projector", "lm_head"]},
+                        ("block", (32, 48)), ".weight_scale_inv"),
     "ct-block-qwen2": ({"qkv_bias_only": True}, compressed_tensors("block", [16, 48]), ("block", (16, 48)),
                        ".weight_scale"),
 }
@@ -311,19 +316,24 @@ def assert_logits_like_transformers(ours, theirs):
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("family, extra", [("llama", {}), ("llama", {"qk_norm": True}), ("gemma", {}),
-                                           ("phi3", {}), ("neox", {}), ("falcon", {"n_kv_head": 2, "bias": False})])
-def test_an_fp8_folder_quantized_by_transformers_gives_transformers_dequantized_logits(tmp_path, family, extra):
-    """Quantized by transformers' own Fp8Quantize (FineGrainedFP8Config, blocks [16, 32]) and read by
-    from_pretrained(dequantize=True) on the CPU: our logits are transformers'."""
+@pytest.mark.parametrize("family, extra, block, fp8", [
+    ("llama", {}, [16, 32], 7), ("llama", {"qk_norm": True}, [16, 32], 7), ("gemma", {}, [16, 32], 7),
+    ("phi3", {}, [16, 32], 4), ("neox", {}, [16, 32], 4), ("falcon", {"n_kv_head": 2, "bias": False}, [16, 32], 4),
+    # blocks that divide only down_proj [64, 128]: Fp8Quantize leaves the other linears float, named nowhere in
+    # the config, and transformers loads such a folder as it is: so do we
+    ("llama", {}, [32, 128], 1)])
+def test_an_fp8_folder_quantized_by_transformers_gives_transformers_dequantized_logits(tmp_path, family, extra,
+                                                                                       block, fp8):
+    """Quantized by transformers' own Fp8Quantize (FineGrainedFP8Config) and read by from_pretrained(dequantize=True)
+    on the CPU: our logits are transformers'."""
     auto, config, quantize, quantizer, _ = hf_fp8()
     folder = tiny_folder(tmp_path, family, **extra)
-    q = config(weight_block_size=[16, 32])
+    q = config(weight_block_size=block)
     op = quantize(quantizer(q))
     sd = load_file(folder / "model.safetensors")
     for k in [k for k in sd if k.endswith(LINEARS)]:
         sd.update(op.convert({k: sd.pop(k)}))
-    assert sum(t.dtype == torch.float8_e4m3fn for t in sd.values()) >= 4  # (every linear divides: none left float)
+    assert sum(t.dtype == torch.float8_e4m3fn for t in sd.values()) == fp8
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     with_quantization(folder, json.loads(q.to_json_string()))
     theirs = auto.from_pretrained(folder, quantization_config=config(dequantize=True), dtype=torch.float32).eval()
@@ -400,3 +410,34 @@ def test_an_fp8_nan_weight_is_refused_naming_the_tensor(tmp_path):
         sd[name] = w.view(torch.float8_e4m3fn)
     with pytest.raises(UserError, match=r"tensor layers\.0\.self_attn\.q_proj\.weight holds FP8 NaN values"):
         load_checkpoint(edit_tensors(folder, damage))
+
+
+def test_a_sharded_fp8_folder_with_its_scales_in_another_shard_loads(tmp_path):
+    folder, want = fp8_folder(tmp_path, "fp8-ragged-qwen3")
+    sd = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in sd.items() if not k.endswith("_scale_inv")},
+              "model-00002-of-00002.safetensors": {k: v for k, v in sd.items() if k.endswith("_scale_inv")}}
+    for name, part in shards.items():
+        save_file(part, folder / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_logits(load_checkpoint(folder), want)
+
+
+def test_a_multimodal_gemma3_fp8_folder_loads_its_language_model(tmp_path):
+    """Gemma3ForConditionalGeneration's folder (tensors under model.language_model., text_config): the language
+    model's FP8 projections dequantized, the vision tower's FP8 linear and the projector left out with the tower."""
+    folder, want = fp8_folder(tmp_path, "fp8-gemma3_text")
+    d = json.loads((folder / "config.json").read_text())
+    q = d.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d,
+                                                    "quantization_config": q, "tie_word_embeddings": True}))
+
+    def multimodal(sd):
+        for k in list(sd):
+            sd["model.language_model." + k.removeprefix("model.")] = sd.pop(k)
+        fc1 = "model.vision_tower.encoder.layers.0.mlp.fc1"
+        sd[fc1 + ".weight"], sd[fc1 + ".weight_scale_inv"], _ = quantize_fp8(torch.randn(64, 96), "block", (32, 48))
+        sd["model.multi_modal_projector.mm_input_projection_weight"] = torch.randn(32, 64)
+    assert_same_logits(load_checkpoint(edit_tensors(folder, multimodal)), want)
