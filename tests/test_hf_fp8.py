@@ -181,7 +181,6 @@ def test_modules_left_float_by_the_config_load_as_they_are_and_an_fp8_one_it_nam
     ({"activation_scheme": "static"}, r"quant_method 'fp8' is not read here \(activation_scheme 'static': its "
                                       r"activations quantized with the fixed scales .* would give other outputs"),
     ({"weight_block_size": [16]}, r"weight_block_size \[16\]: two positive integers"),
-    ({"weight_block_size": None}, r"weight_block_size None: two positive integers"),
     ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert 'lm_head': a list of module names"),
     (compressed_tensors("channel", format="pack-quantized"), r"quant_method 'compressed-tensors' .*\(format "
                                                              r"'pack-quantized': FP8 'float-quantized' only"),
@@ -318,7 +317,8 @@ def assert_logits_like_transformers(ours, theirs):
 
 @pytest.mark.parametrize("family, extra, block, fp8", [
     ("llama", {}, [16, 32], 7), ("llama", {"qk_norm": True}, [16, 32], 7), ("gemma", {}, [16, 32], 7),
-    ("phi3", {}, [16, 32], 4), ("neox", {}, [16, 32], 4), ("falcon", {"n_kv_head": 2, "bias": False}, [16, 32], 4),
+    # weight_block_size null: one scale per weight (FP8Linear's 0-d weight_scale_inv)
+    ("llama", {}, None, 7), ("phi3", {}, [16, 32], 4), ("neox", {}, [16, 32], 4), ("falcon", {"n_kv_head": 2, "bias": False}, [16, 32], 4),
     # blocks that divide only down_proj [64, 128]: Fp8Quantize leaves the other linears float, named nowhere in
     # the config, and transformers loads such a folder as it is: so do we
     ("llama", {}, [32, 128], 1)])
@@ -332,7 +332,8 @@ def test_an_fp8_folder_quantized_by_transformers_gives_transformers_dequantized_
     op = quantize(quantizer(q))
     sd = load_file(folder / "model.safetensors")
     for k in [k for k in sd if k.endswith(LINEARS)]:
-        sd.update(op.convert({k: sd.pop(k)}))
+        sd.update({n: t.reshape(()) if block is None and n.endswith("_scale_inv") else t
+                   for n, t in op.convert({k: sd.pop(k)}).items()})
     assert sum(t.dtype == torch.float8_e4m3fn for t in sd.values()) == fp8
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     with_quantization(folder, json.loads(q.to_json_string()))

@@ -261,7 +261,8 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path)
 # Each quantized linear keeps its .weight [N, K] as float8_e4m3fn beside a float scale, W = w * scale, the scale
 # broadcast over (from transformers' integrations and compressed-tensors' float-quantized decompress):
 # - "fp8" (FineGrainedFP8Config, DeepSeek-V3's and Qwen3-*-FP8's): weight_scale_inv [ceil(N / bn), ceil(K / bk)]
-#   for weight_block_size [bn, bk] (output rows, input columns; the last blocks ragged where bn, bk do not divide).
+#   for weight_block_size [bn, bk] (output rows, input columns; the last blocks ragged where bn, bk do not divide);
+#   weight_block_size null: one weight_scale_inv for the whole weight.
 # - "fbgemm_fp8": weight_scale [N, 1], one per output row.
 # - "compressed-tensors" format float-quantized: weight_scale of its weights' strategy: "tensor" one, "channel"
 #   [N, 1], "block" [ceil(N / bn), ceil(K / bk)] for block_structure [bn, bk].
@@ -296,8 +297,12 @@ def fp8_spec(q: dict) -> dict:
         scheme = q.get("activation_scheme", "dynamic")
         if scheme != "dynamic":
             refuse(f"activation_scheme {scheme!r}: {_STATIC}; 'dynamic' only")
-        block = _block(q, q.get("weight_block_size", [128, 128]), "weight_block_size")
-        return dict(method=method, scale=".weight_scale_inv", block=block, per="block",
+        block = q.get("weight_block_size", [128, 128])  # (transformers' default; an explicit null is per tensor)
+        if block is None:
+            # FineGrainedFP8Config(weight_block_size=None): FP8Linear's one weight_scale_inv for the whole weight
+            return dict(method=method, scale=".weight_scale_inv", block=None, per="tensor",
+                        keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"))
+        return dict(method=method, scale=".weight_scale_inv", block=_block(q, block, "weight_block_size"), per="block",
                     keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"))
     if method == "fbgemm_fp8":
         return dict(method=method, scale=".weight_scale", block=None, per="row",
