@@ -197,6 +197,12 @@ def test_what_an_fp8_folder_says_and_is_not_read_is_refused_by_name(tmp_path, ch
         load_checkpoint(with_quantization(folder, q))
 
 
+def test_an_activation_scheme_in_capitals_reads_as_transformers_lowercases_it(tmp_path):
+    folder, want = fp8_folder(tmp_path, "fp8-llama")  # (FineGrainedFP8Config.post_init: activation_scheme.lower())
+    assert_same_logits(load_checkpoint(with_quantization(folder, {**KINDS["fp8-llama"][1],
+                                                                  "activation_scheme": "Dynamic"})), want)
+
+
 def test_static_activation_scales_are_refused_by_name(tmp_path):
     """compressed-tensors' static input_activations (input_scale beside each weight): the FP8 model clips its inputs
     at them, which the float model would not: refused, in the config and as a stray tensor."""

@@ -295,7 +295,7 @@ def fp8_spec(q: dict) -> dict:
     refuse = lambda why: refuse_quantized(q, why, remedy="load the float model it was quantized from")  # noqa: E731
     if method == "fp8":
         scheme = q.get("activation_scheme", "dynamic")
-        if scheme != "dynamic":
+        if not (isinstance(scheme, str) and scheme.lower() == "dynamic"):  # (FineGrainedFP8Config lowercases it)
             refuse(f"activation_scheme {scheme!r}: {_STATIC}; 'dynamic' only")
         block = q.get("weight_block_size", [128, 128])  # (transformers' default; an explicit null is per tensor)
         if block is None:
