@@ -14,6 +14,10 @@ from tritongpt.train.generate import sample_next, sample_rows, sampling_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# where the differential tests run: the CPU always (through Triton's interpreter), the GPU where there is one (the
+# batched draw's CUDA branch, a Python float's division as torch's CUDA kernel makes it, and the real kernel)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
 # one request each: settings that differ in every cut the pass takes a row at a time, both min_p orders, a greedy one
 WARPS = [dict(temperature=0.5, top_p=0.6, min_p_first=True),
          dict(temperature=1.7, top_k=3),
@@ -23,13 +27,20 @@ WARPS = [dict(temperature=0.5, top_p=0.6, min_p_first=True),
          dict(temperature=2.5)]
 
 
-def test_seeded_rows_draw_what_each_request_draws_alone():
+@pytest.mark.parametrize("dev,V,steps", [("cpu", 11, 30), pytest.param("cuda", 11, 30, marks=pytest.mark.cuda),
+                                          pytest.param("cuda", 50257, 4, marks=pytest.mark.cuda)])
+def test_seeded_rows_draw_what_each_request_draws_alone(dev, V, steps):
     """Request by request with sample_next (the engine's draw before the batching) and all at once with sample_rows:
-    the same tokens at every step, and each generator left in the same state (a greedy request's untouched)."""
-    sizes, V = [2, 1, 3, 1, 2, 1], 11
-    alone = [torch.Generator().manual_seed(10 + j) for j in range(len(WARPS))]
-    together = [torch.Generator().manual_seed(10 + j) for j in range(len(WARPS))]
-    logits = torch.randn(30, sum(sizes), V, generator=torch.Generator().manual_seed(0)) * 2
+    the same tokens at every step, and each generator left in the same state (a greedy request's untouched).
+    On CUDA it settles what sample_rows' docstring argues from torch's source: the temperature as the fp32
+    reciprocal the CUDA kernel multiplies by, the row-subset softmaxes, topk and float64 cumsum round each row as a
+    request's own rows alone do, so a seeded request's tokens are token-exact batched (at 11 tokens and at GPT-2's
+    50,257). (A differential of tokens: a 1-ulp difference in the cut logits rarely moves a draw, so it settles the
+    tokens, not the bits of the logits.)"""
+    sizes = [2, 1, 3, 1, 2, 1]
+    alone = [torch.Generator(dev).manual_seed(10 + j) for j in range(len(WARPS))]
+    together = [torch.Generator(dev).manual_seed(10 + j) for j in range(len(WARPS))]
+    logits = (torch.randn(steps, sum(sizes), V, generator=torch.Generator().manual_seed(0)) * 2).to(dev)
     for step in logits:
         want, row = [], 0
         for w, g, n in zip(WARPS, alone, sizes):
@@ -74,7 +85,8 @@ def tiny():
 def served(model, batched: bool, monkeypatch, pass_rows=None):
     """The engine's tokens and on_token calls for mixed requests in one batch: each request's draw alone (the
     engine before the batching: _draw_plain drawing nothing) or batched (pass_rows: a CPU pass's logits cut to that
-    many rows of the model's vocabulary)."""
+    many rows of the model's vocabulary). The generators on the model's device."""
+    dev = next(model.parameters()).device
     with monkeypatch.context() as m:
         calls = []
         if pass_rows is not None:
@@ -95,7 +107,7 @@ def served(model, batched: bool, monkeypatch, pass_rows=None):
         handles = []
         for j, (w, n) in enumerate(zip(WARPS, [2, 1, 3, 1, 2, 1])):
             ids = torch.randint(0, 50, (1, 4 + j), generator=torch.Generator().manual_seed(j)).expand(n, -1)
-            handles.append(engine.submit(ids, 6, generator=torch.Generator().manual_seed(j), **w, **extra[j]))
+            handles.append(engine.submit(ids, 6, generator=torch.Generator(dev).manual_seed(j), **w, **extra[j]))
         handles.append(engine.submit(torch.tensor([[1, 2, 3]]), 6, temperature=0.9))  # an unseeded one beside
         while engine.running or engine.waiting:
             engine.step()
@@ -108,13 +120,16 @@ def served(model, batched: bool, monkeypatch, pass_rows=None):
         return streams, calls
 
 
-@pytest.mark.parametrize("pass_rows", [None, 3])
-def test_the_engine_batched_draw_gives_each_seeded_request_its_own_tokens_and_logprobs(monkeypatch, pass_rows):
+@pytest.mark.parametrize("dev,pass_rows", [("cpu", None), ("cpu", 3),
+                                           pytest.param("cuda", None, marks=pytest.mark.cuda)])
+def test_the_engine_batched_draw_gives_each_seeded_request_its_own_tokens_and_logprobs(monkeypatch, dev, pass_rows):
     """The same requests, drawn a request at a time and batched: equal ids and on_token calls (tokens, logprobs'
     values and top ids), greedy and sampled, with penalties, a bias, min_tokens, stop tokens, in one batch; and
     with a CPU's passes cut to 3 rows (SAMPLE_PASS_CPU). Requests naming typical_p 1 or a cutoff 0 (which cut
-    nothing) draw in the batched pass too (they drew alone)."""
-    model = tiny()
+    nothing) draw in the batched pass too (they drew alone). On CUDA (one pass a step: no SAMPLE_PASS_CPU there)
+    it settles that the engine's batched draw and post-draw give a seeded request its tokens and logprobs
+    bit-exact against decode_step's per-request draw on the device."""
+    model = tiny().to(dev)
     want, _ = served(model, False, monkeypatch)
     got, calls = served(model, True, monkeypatch, pass_rows)
     # (the batched path taken: every request's rows, 11, in one pass a step, or passes of at most 3 rows)
@@ -143,19 +158,21 @@ def test_a_sampled_requests_generator_the_draw_cannot_use_is_refused_at_submit()
     assert greedy.wait().shape == sampled.wait().shape == (1, 6)
 
 
-def test_the_triton_path_draws_what_each_request_draws_alone_in_one_launch(monkeypatch):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_the_triton_path_draws_what_each_request_draws_alone_in_one_launch(monkeypatch, dev):
     """triton=True: the sampled rows of every request (mixed settings, both min_p orders, top_k past V) in one launch
     of the sampling kernel, each seeded request's tokens those sample_next(triton=True) draws for it alone (a launch
     a request), greedy rows the argmax, and each generator left in the same state. A top_p of 1e-50 (0 in fp32)
-    keeps the likeliest token, as sample_tokens' does."""
+    keeps the likeliest token, as sample_tokens' does. On CUDA it settles that the compiled per-row kernel, fed
+    host settings without waiting, draws the compiled scalar kernel's tokens."""
     import tritongpt.kernels.sampling as ks
     launches, real = [], ks._launch_rows
     monkeypatch.setattr(ks, "_launch_rows", lambda *a: launches.append(a[0].size(0)) or real(*a))
     warps = WARPS + [dict(temperature=1.2, top_k=500, top_p=1.0), dict(temperature=0.9, top_p=1e-50)]
     sizes, V = [2, 1, 3, 1, 2, 1, 1, 2], 101
-    alone = [torch.Generator().manual_seed(20 + j) for j in range(len(warps))]
-    together = [torch.Generator().manual_seed(20 + j) for j in range(len(warps))]
-    step = torch.randn(sum(sizes), V, generator=torch.Generator().manual_seed(3)) * 2
+    alone = [torch.Generator(dev).manual_seed(20 + j) for j in range(len(warps))]
+    together = [torch.Generator(dev).manual_seed(20 + j) for j in range(len(warps))]
+    step = (torch.randn(sum(sizes), V, generator=torch.Generator().manual_seed(3)) * 2).to(dev)
     want, row = [], 0
     for w, g, n in zip(warps, alone, sizes):
         want.append(sample_next(step[row:row + n], generator=g, triton=True, **w))
@@ -166,12 +183,14 @@ def test_the_triton_path_draws_what_each_request_draws_alone_in_one_launch(monke
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(alone, together))
 
 
-def test_the_engine_with_triton_sampling_draws_a_step_in_one_launch(monkeypatch):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_the_engine_with_triton_sampling_draws_a_step_in_one_launch(monkeypatch, dev):
     """Triton sampling on (sampling_with_triton, forced here: the model's forward stays the reference's): the
     engine's plain requests, greedy and seeded of mixed settings, draw in one launch of the sampling kernel a step,
-    the very tokens each request drew alone with a launch of its own (decode_step's sample_next(triton=True))."""
+    the very tokens each request drew alone with a launch of its own (decode_step's sample_next(triton=True)).
+    On CUDA: the same through the engine on the device, the real kernels."""
     import tritongpt.kernels.sampling as ks
-    model = tiny()
+    model = tiny().to(dev)
     # (the third naming typical_p 1 and the cutoffs 0: no cut, so in the batch's launch)
     warps = [WARPS[0], WARPS[3], {**WARPS[4], "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}]
 
@@ -186,7 +205,7 @@ def test_the_engine_with_triton_sampling_draws_a_step_in_one_launch(monkeypatch)
                 m.setattr(Engine, "_draw_plain", lambda self, logits, drafts: {})
             engine = Engine(model, max_batch=6)
             handles = [engine.submit(torch.randint(0, 50, (1, 4 + j), generator=torch.Generator().manual_seed(j))
-                                     .expand(n, -1), 3, generator=torch.Generator().manual_seed(j), **w)
+                                     .expand(n, -1), 3, generator=torch.Generator(dev).manual_seed(j), **w)
                        for j, (w, n) in enumerate(zip(warps, [2, 1, 2]))]
             steps = 0
             while engine.running or engine.waiting:
