@@ -11,6 +11,10 @@ from tritongpt.train.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# where the tests run: the CPU always, the GPU where there is one (the one copy to the host a step is a real wait
+# there, and the logprobs run on the device)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
 
 def tiny():
     torch.manual_seed(0)  # (12 tokens: an EOS or a stop token drawn within a few steps)
@@ -33,8 +37,8 @@ def session(model, batched: bool, monkeypatch):
 
 
 def serve_session(model):
-    """session's requests on a fresh engine, served to their ends."""
-    engine, P = Engine(model, max_batch=16), 4
+    """session's requests on a fresh engine, served to their ends (the generators on the model's device)."""
+    engine, P, dev = Engine(model, max_batch=16), 4, next(model.parameters()).device
     asks = [dict(n=3, eos_id=3, temperature=1.0, logprobs=3),  # rows ending at different steps: padded after
             dict(n=2, eos_id=3, stop_token_ids=[5], temperature=0.7, logprobs=0),
             dict(n=2, eos_id=3, min_tokens=4, logit_bias={3: 3.0}, temperature=0.9),  # the EOS held back, then likely
@@ -48,7 +52,7 @@ def serve_session(model):
     for j, a in enumerate(asks):
         n = a.pop("n")
         ids = torch.randint(0, 12, (1, P), generator=torch.Generator().manual_seed(j)).expand(n, -1)
-        handles.append(engine.submit(ids, 10, generator=torch.Generator().manual_seed(100 + j), **a))
+        handles.append(engine.submit(ids, 10, generator=torch.Generator(dev).manual_seed(100 + j), **a))
     ended_at, step = {}, 0
     while engine.running or engine.waiting:
         engine.step()
@@ -64,11 +68,14 @@ def serve_session(model):
     return out
 
 
-def test_the_batched_post_draw_gives_what_take_step_gives_a_request_at_a_time(monkeypatch):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_the_batched_post_draw_gives_what_take_step_gives_a_request_at_a_time(monkeypatch, dev):
     """EOS and its padding (rows of a request ending at different steps), stop_token_ids, min_tokens, stop rules with
     and without an EOS, ignore_eos, two vocab widths, logprobs 0, 2 and 3: equal ids, tokens and logprobs (values
-    and top ids, bitwise), the same step each request finished at and the same rows done."""
-    model = tiny()
+    and top ids, bitwise), the same step each request finished at and the same rows done. On CUDA it settles that
+    take_rows' one host copy, its padded tokens sent back without waiting and its logprobs of a width's rows
+    together give take_step's very results on the device (the log-softmax and topk a row's own there too)."""
+    model = tiny().to(dev)
     calls = []
     real = engine_module.take_rows
     monkeypatch.setattr(engine_module, "take_rows", lambda *a: calls.append(len(a[0])) or real(*a))
@@ -89,15 +96,17 @@ def test_the_batched_post_draw_gives_what_take_step_gives_a_request_at_a_time(mo
                 assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(item[1], item_[1]))
 
 
-def test_a_step_of_plain_requests_reads_the_host_once(monkeypatch):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_step_of_plain_requests_reads_the_host_once(monkeypatch, dev):
     """A step of 6 plain requests with an EOS: a constant number of tolist/item/cpu calls (on a GPU each a wait
     for the device), not take_step's done.tolist() a request: the step's one read, and sample_rows' read of its
-    host tensor of temperatures."""
-    model = tiny()
+    host tensor of temperatures. On CUDA it settles that no CUDA-only branch of the step (sample_rows' reciprocal
+    temperatures, the engine's device tensors) adds a read."""
+    model = tiny().to(dev)
     engine = Engine(model, max_batch=8)
     for j in range(6):
         engine.submit(torch.tensor([[1 + j, 2, 4]]), 3, eos_id=11, ignore_eos=True, temperature=0.5 + 0.1 * j,
-                      generator=torch.Generator().manual_seed(j), logprobs=2 if j % 2 else None)
+                      generator=torch.Generator(dev).manual_seed(j), logprobs=2 if j % 2 else None)
     reads = []
     for name in ("tolist", "item", "cpu"):
         real = getattr(torch.Tensor, name)
