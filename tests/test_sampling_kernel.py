@@ -18,6 +18,11 @@ from tritongpt.model.sampling import draw_from_probs, draw_with_uniform
 from tritongpt.train.generate import generate, sample_next, sampling_logits
 
 
+# where the per-row launch's differential tests run: the CPU always (Triton's interpreter), the GPU where there is
+# one (the compiled kernel: blocks of 1,024 tokens, one row a program, where the interpreter takes a row whole)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
 def reference(logits, u, temperature, top_k=None, top_p=None, min_p=None):
     """float64: softmax((logits - max) / T) cut to the top k (ties kept), to the tokens whose mass above them (sorted,
     among the top k) is under top_p, to those at least min_p x the likeliest; then the inverse CDF at u."""
@@ -197,13 +202,15 @@ def test_a_top_p_below_fp32s_range_keeps_the_likeliest_token():
         assert sample_tokens(rows, torch.tensor([0.1, 0.9]), 1.0, top_p=top_p).tolist() == [1, 1], top_p
 
 
-def test_a_tiny_top_p_keeps_the_likeliest_token_of_any_row():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_tiny_top_p_keeps_the_likeliest_token_of_any_row(dev):
     """top_p 1e-30 (what sample_tokens and the engine send for any top_p under it) and 1e-9 keep the likeliest
     token alone, whatever the row: the mass above the top digit was the row's mass less a running sum of it,
     whose rounding (~1e-7 of the mass) passed so small a limit, so no digit was under it and every token was cut
-    (token 0 drawn: here in one row of 8, seed 1's). Scalar launches and the per-row one, T 1.5, V 50."""
+    (token 0 drawn: here in one row of 8, seed 1's). Scalar launches and the per-row one, T 1.5, V 50. On CUDA it
+    settles that the compiled kernel's sums (a GPU's reduction order, not the interpreter's numpy) keep it so."""
     g = torch.Generator().manual_seed(1)
-    logits, u = torch.randn(8, 50, generator=g), torch.rand(8, generator=g)
+    logits, u = torch.randn(8, 50, generator=g).to(dev), torch.rand(8, generator=g).to(dev)
     want = logits.argmax(-1).tolist()
     got = {top_p: sample_tokens(logits, u, 1.5, top_p=top_p).tolist() for top_p in (1e-30, 1e-9)}
     T, k, p, mp, first = row_tensors([(1.5, None, 1e-30, None, False), (1.5, None, 1e-9, None, True)] * 4)
@@ -280,30 +287,41 @@ def row_tensors(settings):
             torch.tensor([x or 0.0 for x in mp]), torch.tensor(first))
 
 
-def test_each_rows_settings_in_one_launch_draw_its_scalar_launchs_token(monkeypatch):
+@pytest.mark.parametrize("dev,V", [("cpu", 157), pytest.param("cuda", 157, marks=pytest.mark.cuda),
+                                   pytest.param("cuda", 50257, marks=pytest.mark.cuda)])
+def test_each_rows_settings_in_one_launch_draw_its_scalar_launchs_token(monkeypatch, dev, V):
     """Eight logits rows (V 157, bfloat16), each with its own settings and drawn at a sweep of 4 uniforms, in one
     launch of the kernel: every row draws the token sample_tokens draws for it alone (the same u) and the reference
-    path's (sampling_logits then draw_with_uniform, per row)."""
+    path's (sampling_logits then draw_with_uniform, per row). On CUDA it settles that the compiled per-row launch
+    (host settings sent without waiting) draws each row's scalar launch's exact id, at 157 tokens and at GPT-2's
+    50,257 (49 blocks a row: the counts, masses and running sum carried across them); there the fp32 reference's
+    own sums may move a draw whose u falls within their rounding of an edge, so one row in the 32 may differ from it
+    (as test_gpt2_and_qwen_vocabularies_on_cuda allows), never from the scalar launch."""
     spy = FlagSpy(ks._sample_kernel, ("PER_ROW",))
     monkeypatch.setattr(ks, "_sample_kernel", spy)
     g, n = torch.Generator().manual_seed(11), 4
-    logits = (torch.randn(len(ROW_SETTINGS), 157, generator=g) * 1.5).bfloat16().repeat_interleave(n, 0)
-    u = sweep(n).repeat(len(ROW_SETTINGS))
+    logits = (torch.randn(len(ROW_SETTINGS), V, generator=g) * 1.5).bfloat16().repeat_interleave(n, 0).to(dev)
+    u = sweep(n).repeat(len(ROW_SETTINGS)).to(dev)
     got = sample_token_rows(logits, u, *(t.repeat_interleave(n) for t in row_tensors(ROW_SETTINGS)))
-    assert spy.launched == [True] and got.dtype == torch.int64 and got.shape == (len(u),)
+    assert spy.launched == [True] and got.dtype == torch.int64 and got.shape == (len(u),) and got.device == u.device
+    off = 0  # (rows whose token the fp32 reference's rounding moved)
     for j, (T, k, p, mp, first) in enumerate(ROW_SETTINGS):
         rows = slice(j * n, (j + 1) * n)
         alone = sample_tokens(logits[rows], u[rows], T, k, p, mp, min_p_first=first)
         ref = fp32_reference(logits[rows], u[rows], T, top_k=k, top_p=p, min_p=mp, min_p_first=first)
-        assert got[rows].tolist() == alone.tolist() == ref.tolist(), (j, got[rows], alone, ref)
+        assert got[rows].tolist() == alone.tolist(), (j, got[rows], alone)
+        off += (alone != ref).sum().item()
+        assert off <= (1 if V > 1024 else 0), (j, got[rows], alone, ref)
     assert len(set(got.tolist())) > 10  # (not one token everywhere)
 
 
-def test_a_top_k_past_int32_is_no_cut_as_in_the_scalar_launch():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_top_k_past_int32_is_no_cut_as_in_the_scalar_launch(dev):
     """top_k is V or more for no cut, any int64 among them: 2^32 + 1 (and 2^40 + 3) draw what no top-k draws, as
-    sample_tokens' launch does, not the top-1 (top-3) cut the kernel's int32 read would wrap them to."""
+    sample_tokens' launch does, not the top-1 (top-3) cut the kernel's int32 read would wrap them to. On CUDA: the
+    compiled kernel's read of the int64 settings."""
     g = torch.Generator().manual_seed(5)
-    logits, u = torch.randn(8, 50, generator=g) * 2, sweep(8)
+    logits, u = (torch.randn(8, 50, generator=g) * 2).to(dev), sweep(8).to(dev)
     T, _, p, mp, first = row_tensors([(1.0, None, None, None, False)] * 8)
     want = sample_tokens(logits, u, 1.0).tolist()
     assert len(set(want)) > 3  # (a top-1 or top-3 cut would draw fewer tokens)
