@@ -305,8 +305,25 @@ def exported_with(out, folder, weights):
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_logits(tmp_path, kind):
+# the largest logit error against the fp32 float model, over its largest logit: fp32 differs by summation order
+# alone; a 16-bit run rounds the activations, the weights and the logits (measured on the CPU: ~1.3 bf16 eps and
+# ~1 fp16 eps), so 4 of its eps (3e-2, 4e-3). An unpacking slip is O(1) off.
+LOGIT_TOL = {torch.float32: 1e-5, torch.bfloat16: 4 * 2.0**-7, torch.float16: 4 * 2.0**-10}
+# every kind on the CPU in fp32; a GPTQ and an AWQ folder on the GPU in each dtype (and one in bf16 on the CPU: the
+# 16-bit bound's logic run here too)
+ON_DEVICES = [pytest.param(kind, "cpu", torch.float32, id=kind) for kind in KINDS] + \
+    [pytest.param("gptq-v1-sym", "cpu", torch.bfloat16, id="gptq-v1-sym-cpu-bf16")] + \
+    [pytest.param(kind, "cuda", dtype, id=f"{kind}-cuda-{name}", marks=pytest.mark.cuda)
+     for kind in ("gptq-v1-sym", "awq-gemm")
+     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"))]
+
+
+@pytest.mark.parametrize("kind,dev,dtype", ON_DEVICES)
+def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_logits(tmp_path, kind, dev, dtype):
+    """A folder written by the quantizers' own packing rules loads as Int4Linear and gives, on both paths (the
+    reference's dequantized F.linear and the Triton int4 kernel), the logits of the float model built from the
+    weights dequantized here, independently of our unpacker. On CUDA it settles the compiled int4 kernel (its GPU
+    tiles) and the moved model on a real folder's layers, in fp32 to 1e-5 and in bf16 / fp16 within LOGIT_TOL."""
     folder, want = quantized_folder(tmp_path, kind)
     model = load_checkpoint(folder, quantized_ok=True)
     assert model.quantized == "int4" and not model.quantized_head
@@ -318,13 +335,16 @@ def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_log
     assert model.quantized_group_size == 32 if KINDS[kind][1]["group_size"] == 32 else 64
     ordered = {getattr(m, "in_perm", None) is not None for m in model.trf_blocks.modules()} - {False}
     assert ordered == ({True} if "act-order" in kind else set())  # (a sorted g_idx needs no gather)
-    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1)).to(dev)
+    want, model = want.to(dev), model.to(dev, dtype)  # (the float model stays fp32: the bound's reference)
     with torch.no_grad():
         expected = want(idx)
         for kernels in ("reference", "triton"):
             model.set_kernels(kernels)
             got = model(idx)
-            assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item(), kernels
+            assert got.dtype == dtype and got.device == expected.device, (kernels, got.dtype, got.device)
+            err = (got.float() - expected).abs().max().item()
+            assert err < LOGIT_TOL[dtype] * expected.abs().max().item(), (kernels, err)
 
 
 def test_an_int4_folder_saves_and_loads_as_our_int4_file(tmp_path):
