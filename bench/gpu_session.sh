@@ -178,13 +178,16 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     # trainer's mixed precision, fp32 attention with dropout, PPO) and those of paths no GPU has run
     # yet (an autotuned kernel first launched inside a CUDA-graph capture; a decode step captured and
     # replayed, the kv_len kernels at new lengths; the int8 and int4 weight-only kernels and model, their dx
-    # kernels and QLoRA, GPTQ on the GPU, the int8 KV cache in a real graph), then every other
+    # kernels and QLoRA, GPTQ on the GPU, the int8 KV cache in a real graph; the serving engine's batched draw and
+    # post-draw, the per-row sampling kernel and 4-bit GPTQ/AWQ folders on the device), then every other
     # file with a CUDA-marked test (a directory argument would put them back in name order).
     first="tests/test_model_paths.py tests/test_loop.py tests/test_attention.py tests/test_rlhf.py tests/test_mlp.py"
     first="$first tests/test_tuned_launch.py tests/test_decode_graph.py tests/test_attention_kv_len.py"
     first="$first tests/test_int8_linear.py tests/test_int4_linear.py tests/test_quantize.py"
     first="$first tests/test_quantize_int4.py tests/test_quant_dx.py tests/test_qlora.py"
     first="$first tests/test_qlora_rlhf.py tests/test_gptq.py tests/test_kv_cache_int8.py"
+    first="$first tests/test_sample_rows.py tests/test_take_rows.py tests/test_sampling_kernel.py"
+    first="$first tests/test_hf_quantized.py"
     rest=$(grep -l "mark\.cuda" tests/test_*.py | grep -v -x -F -e "${first// /$'\n'}" -e "" | tr '\n' ' ')
     # shellcheck disable=SC2086  # the file lists split on spaces on purpose
     timeout -s INT -k 15 "${TEST_SECONDS:-120}" $PY -m pytest -m cuda -q -p no:cacheprovider -n 8 $first $rest \
