@@ -314,7 +314,7 @@ LOGIT_TOL = {torch.float32: 1e-5, torch.bfloat16: 4 * 2.0**-7, torch.float16: 4 
 ON_DEVICES = [pytest.param(kind, "cpu", torch.float32, id=kind) for kind in KINDS] + \
     [pytest.param("gptq-v1-sym", "cpu", torch.bfloat16, id="gptq-v1-sym-cpu-bf16")] + \
     [pytest.param(kind, "cuda", dtype, id=f"{kind}-cuda-{name}", marks=pytest.mark.cuda)
-     for kind in ("gptq-v1-sym", "awq-gemm")
+     for kind in ("gptq-v1-sym", "gptq-v1-act-order", "awq-gemm")
      for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"))]
 
 
