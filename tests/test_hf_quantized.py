@@ -74,8 +74,9 @@ def test_a_quantized_folder_is_refused_by_name_at_the_config_read(tmp_path, fami
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_gptq_tensors_are_refused_by_name_not_as_a_missing_tensor(tmp_path, family):
     """Linears as GPTQ stores them (qweight, qzeros, scales, g_idx; no .weight), through generate: a GPT-2's (whose
-    reader takes no GPTQ), and a Llama's at 8 bits (its reader takes 4)."""
-    q = {**CONFIGS["gptq"], "bits": 8 if family == "llama" else 4}
+    reader takes no GPTQ), and a Llama's at 5 bits (its reader takes 2, 3, 4 and 8: GPTQModel's planar 5 bits are
+    another layout)."""
+    q = {**CONFIGS["gptq"], "bits": 5 if family == "llama" else 4}
     folder = with_quantization(exported(tmp_path, family), q)
     sd = load_file(folder / "model.safetensors")
     for k in [k for k in sd if k.endswith(("_proj.weight", "c_attn.weight", "c_fc.weight"))]:
@@ -369,7 +370,10 @@ def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_pat
 
 
 @pytest.mark.parametrize("change, said", [
-    ({"bits": 8}, r"quant_method 'gptq' \(bits 8, .*\) is not read here \(bits 8: 4-bit GPTQ only"),
+    ({"bits": 5}, r"quant_method 'gptq' \(bits 5, .*\) is not read here \(bits 5: GPTQ of 2, 3, 4 or 8 bits only"),
+    ({"bits": True}, r"\(bits True: GPTQ of 2, 3, 4 or 8 bits only"),
+    ({"quant_method": "awq", "bits": 8, "version": "gemm"}, r"quant_method 'awq' \(bits 8, .*\) is not read here "
+                                                            r"\(bits 8: 4-bit AWQ only: AutoAWQ's GEMM packs no other"),
     ({"checkpoint_format": "marlin"}, r"checkpoint_format 'marlin': 'gptq' \(v1, zeros stored less 1\) or "),
     ({"group_size": 0}, r"group_size 0: a positive integer, or -1"),
     ({"dynamic": {".*down.*": {"bits": 8}}}, r"a dynamic per-module config"),
@@ -379,8 +383,8 @@ def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_pat
     ({"is_marlin_format": True}, r"checkpoint_format 'marlin': 'gptq' \(v1"),
     ({"checkpoint_format": "gptq", "format": "gptq_v2"}, r"checkpoint_format 'gptq' but format 'gptq_v2': which packing is unclear"),
     ({"quant_method": "fp8"}, r"config\.json says fp8 \(FP8\) quantization, but no tensor is float8"),
-    ({"quant_method": "hqq", "bits": 4}, r"quant_method 'hqq' .* is not read here \(4-bit GPTQ and AWQ GEMM are, and "
-                                         r"FP8 dequantized\)"),
+    ({"quant_method": "hqq", "bits": 4}, r"quant_method 'hqq' .* is not read here \(GPTQ of 2, 3, 4 or 8 bits and "
+                                         r"4-bit AWQ GEMM are, and FP8 dequantized\)"),
 ])
 def test_what_does_not_map_to_int4_is_refused_by_name(tmp_path, change, said):
     folder, _ = quantized_folder(tmp_path, "gptq-v1-sym")
@@ -461,7 +465,7 @@ def test_a_float_layer_beside_4bit_ones_and_a_quantized_head_are_refused_by_name
             del sd["model.layers.0.mlp.down_proj" + part]
         sd["model.layers.0.mlp.down_proj.weight"] = want.trf_blocks[0].ff.w_down.weight.detach().clone()
 
-    with pytest.raises(UserError, match=r"trf_blocks\.0\.ff\.w_down is stored as a float weight beside 4-bit"):
+    with pytest.raises(UserError, match=r"trf_blocks\.0\.ff\.w_down is stored as a float weight beside quantized"):
         load_checkpoint(edit_tensors(folder, float_down), quantized_ok=True)
 
     folder, _ = quantized_folder(tmp_path / "head", "awq-gemm")
@@ -684,3 +688,163 @@ def test_a_float_query_key_value_of_other_rows_in_any_layer_is_refused_by_name(t
             load_checkpoint(folder)
         grown_rows(sd := load_file(folder / "model.safetensors"), f"{prefix}.query_key_value.{kind}", -rows)
         save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})  # (back as it was, for the next)
+
+
+# -- GPTQ of 2, 3 and 8 bits: 8-bit symmetric with one group a row kept int8, the rest dequantized ------------------
+# The packer below is AutoGPTQ's QuantLinear.pack loop (auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py) as it is:
+# at 2, 4 and 8 bits word r's field j is level (32 / bits) r + j; at 3, each 32 levels fill three words, level 10's
+# low two bits at the top of the first and its high bit at the bottom of the second, level 21 likewise across the
+# second and third. v1's zeros less 1: whole words less 0x55555555 / 0x01010101 at 2 / 8 bits (GPTQModel's
+# convert_gptq_v2_to_v1_format), per level mod 8 at 3 (its _revert_gptq_v1_qzeros_correction).
+
+def autogptq_pack(intweight, bits):
+    """int64 levels [R, C] (R a multiple of 32) -> int32 words [R / 32 * bits, C] along the rows."""
+    qweight = torch.zeros(intweight.shape[0] // 32 * bits, intweight.shape[1], dtype=torch.int64)
+    i = row = 0
+    while row < qweight.shape[0]:
+        if bits in (2, 4, 8):
+            for j in range(i, i + 32 // bits):
+                qweight[row] |= intweight[j] << (bits * (j - i))
+            i += 32 // bits
+            row += 1
+        else:
+            for j in range(i, i + 10):
+                qweight[row] |= intweight[j] << (3 * (j - i))
+            i += 10
+            qweight[row] |= intweight[i] << 30
+            row += 1
+            qweight[row] |= (intweight[i] >> 2) & 1
+            i += 1
+            for j in range(i, i + 10):
+                qweight[row] |= intweight[j] << (3 * (j - i) + 1)
+            i += 10
+            qweight[row] |= intweight[i] << 31
+            row += 1
+            qweight[row] |= (intweight[i] >> 1) & 0x3
+            i += 1
+            for j in range(i, i + 10):
+                qweight[row] |= intweight[j] << (3 * (j - i) + 2)
+            i += 10
+            row += 1
+    return as_int32(qweight & 0xFFFFFFFF)
+
+
+def pack_gptq_bits(q, z, s, g_idx, bits, v1):
+    """GPTQ's tensors of levels q [N, K], zeros z and scales s [N, G] (fp16 values), g_idx [K]: qweight packed along
+    the inputs, qzeros along the outputs (AutoGPTQ packs zeros [G, N] column by column as qweight row by row)."""
+    if v1 and bits == 3:
+        z = (z - 1) & 7
+    qzeros = autogptq_pack(z.contiguous(), bits).T  # (z [N, G]: the outputs its rows)
+    if v1 and bits != 3:
+        qzeros = as_int32((qzeros.long() - sum(1 << i for i in range(0, 32, bits))) & 0xFFFFFFFF)
+    return {".qweight": autogptq_pack(q.T.contiguous(), bits), ".qzeros": qzeros.contiguous(),
+            ".scales": s.T.half().contiguous(), ".g_idx": g_idx.to(torch.int32)}
+
+
+def coded_folder(tmp_path, q, family="llama", act_order=False, seed=0):
+    """A tiny folder of `family` whose linears are random GPTQ codes of q's bits and groups (levels, zeros: 0 among
+    them where asymmetric, scales), packed by pack_gptq_bits, with an act-order g_idx (a random scatter of equal
+    groups) where asked; and the float model of the matrices they stand for, dequantized here straight from g_idx:
+    W[n, k] = (q[n, k] - z[n, g_idx[k]]) s[n, g_idx[k]]. Its MLP 96 wide (three groups of 32: not a power of two)."""
+    from tritongpt.train.neox_weights import export_neox
+
+    base, export = {"llama": ({**LLAMA, "mlp_hidden": 96}, export_llama), "neox": (NEOX, export_neox)}[family]
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, **base)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms and biases off their ones and zeros
+            p.add_(0.05 * torch.randn(p.shape))
+    folder = tmp_path / f"gptq{q['bits']}-{family}"
+    export(model, folder)
+    sd = load_file(folder / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    bits, dequantized = q["bits"], {}
+    maxq = 2 ** bits - 1
+    for k in [k for k in sd if k.endswith(LINEARS)]:
+        N, K = sd.pop(k).shape
+        width = K if q["group_size"] == -1 else q["group_size"]
+        levels = torch.randint(0, maxq + 1, (N, K), generator=gen)
+        levels[0, :2] = torch.tensor([0, maxq])  # (both ends of the range: int8's -128 and 127 at 8 bits sym)
+        if q.get("sym", True):
+            z = torch.full((N, K // width), (maxq + 1) // 2)
+        else:
+            z = torch.randint(0, maxq + 1, (N, K // width), generator=gen)
+            z[1, 0] = 0  # (v1's z - 1 of 0: borrowed from the next word's level, or 7 at 3 bits)
+        s = ((torch.rand(N, K // width, generator=gen) + 0.5) * 0.2 / maxq).half().double()
+        g_idx = torch.arange(K) // width
+        if act_order:
+            g_idx = g_idx[torch.randperm(K, generator=gen)]
+            assert not torch.equal(g_idx, torch.arange(K) // width)
+        packed = pack_gptq_bits(levels, z, s, g_idx, bits, v1=q.get("checkpoint_format", "gptq") == "gptq")
+        sd.update({k.removesuffix(".weight") + part: t for part, t in packed.items()})
+        dequantized[k] = ((levels - z[:, g_idx]) * s[:, g_idx]).float()
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with_quantization(folder, q)
+    return folder, load_checkpoint(exported_with(tmp_path / "float", folder, dequantized))
+
+
+def same_logits(model, want, kernels=("reference",)):
+    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = want(idx)
+        for k in kernels:
+            model.set_kernels(k)
+            got = model(idx)
+            assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item(), k
+
+
+GPTQ = {"quant_method": "gptq", "desc_act": False}
+
+
+@pytest.mark.parametrize("q, family, act_order", [
+    ({**GPTQ, "bits": 2, "group_size": 32, "sym": False}, "llama", False),
+    ({**GPTQ, "bits": 2, "group_size": 32, "sym": False, "checkpoint_format": "gptq_v2"}, "llama", True),
+    ({**GPTQ, "bits": 3, "group_size": 32, "sym": False}, "llama", True),
+    ({**GPTQ, "bits": 3, "group_size": -1, "sym": True, "checkpoint_format": "gptq_v2"}, "llama", False),
+    ({**GPTQ, "bits": 3, "group_size": 32, "sym": False}, "neox", False),
+    # 8 bits that Int8Linear does not hold: groups along the inputs, or zero points
+    ({**GPTQ, "bits": 8, "group_size": 32, "sym": True}, "llama", True),
+    ({**GPTQ, "bits": 8, "group_size": -1, "sym": False, "checkpoint_format": "gptq_v2"}, "llama", False),
+    ({**GPTQ, "bits": 8, "group_size": 32, "sym": False}, "neox", False),
+])
+def test_a_2_3_or_8bit_gptq_folder_loads_as_the_float_model_of_its_dequantized_weights(tmp_path, capsys, q, family,
+                                                                                      act_order):
+    folder, want = coded_folder(tmp_path, {**q, "desc_act": act_order}, family, act_order)
+    model = load_checkpoint(folder)  # (an ordinary float model: no quantized_ok needed)
+    assert not getattr(model, "quantized", None)
+    assert {type(m).__name__ for m in model.trf_blocks.modules() if "Linear" in type(m).__name__} == {"Linear"}
+    n = 4 if family == "neox" else 7
+    assert f"its {n} {q['bits']}-bit GPTQ linear weights are dequantized to float at load" in capsys.readouterr().err
+    same_logits(model, want)
+
+
+@pytest.mark.parametrize("v1, family, desc_act", [(True, "llama", False), (False, "llama", True),
+                                                  (True, "neox", False)])
+def test_an_8bit_symmetric_gptq_folder_of_one_group_a_row_loads_kept_int8(tmp_path, v1, family, desc_act):
+    """W = s (q - 128), a scale a row: Int8Linear's qweight q - 128 (-128..127) and scale s, exactly (desc_act with
+    one group: every input's g_idx 0). NeoX's fused query_key_value split along the outputs. Saved as our int8 file
+    and loaded back, the same model."""
+    q = {**GPTQ, "bits": 8, "group_size": -1, "sym": True, "desc_act": desc_act,
+         "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    folder, want = coded_folder(tmp_path, q, family)
+    model = load_checkpoint(folder, quantized_ok=True)
+    assert model.quantized == "int8" and not model.quantized_head
+    assert {type(m).__name__ for m in model.trf_blocks.modules() if "Linear" in type(m).__name__} == {"Int8Linear"}
+    assert int(model.trf_blocks[0].att.W_query.qweight.min()) == -128  # (level 0 less 128: int8's lowest)
+    same_logits(model, want, ("reference", "triton"))
+    with pytest.raises(UserError, match=r"GPTQ-quantized .* read as int8 for inference"):
+        load_checkpoint(folder)
+    model.save(tmp_path / "int8.safetensors")  # (our int8 file: its -128s kept)
+    same_logits(GPTModel.load(tmp_path / "int8.safetensors", quantized_ok=True).eval(), want)
+
+
+def test_an_8bit_sym_layer_whose_zero_is_not_128_is_refused_by_name(tmp_path):
+    q = {**GPTQ, "bits": 8, "group_size": -1, "sym": True, "checkpoint_format": "gptq_v2"}
+    folder, _ = coded_folder(tmp_path, q)
+
+    def zero_0(sd):  # (one output's zero 0: its levels 0..255 no int8 less it)
+        sd["model.layers.0.mlp.down_proj.qzeros"][0, 0] = 0x80808000 - 2 ** 32  # (as the int32 word it is)
+
+    with pytest.raises(UserError, match=r"down_proj's 8-bit levels less their zeros run -128\.\.255, outside int8's "
+                                        r"-128\.\.127: not the symmetric GPTQ layer \(zero 128\)"):
+        load_checkpoint(edit_tensors(folder, zero_0), quantized_ok=True)

@@ -167,15 +167,16 @@ def _our_tensors(sd: dict, cfg: GPTConfig, d: dict) -> dict:
 def load_falcon_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Falcon model.safetensors (or shard index) and its
     config.json beside it."""
-    from tritongpt.train.hf_quant import folder_quantization, fp8_dequantized, int4_linears, int4_rows, model_with_int4
+    from tritongpt.train.hf_quant import (folder_dequantized, folder_quantization, int4_linears, int4_rows,
+                                          model_with_int4)
     path = weights_file(path, "Falcon")
     cfg_json = path.parent / "config.json"
-    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py); an FP8 one dequantized to a float model; any other
-    # refused by name
-    spec, fp8 = folder_quantization(cfg_json)
-    sd = _read_tensors(path, prefix="transformer.", quantization_read=spec is not None or fp8 is not None)
-    if fp8 is not None:
-        sd = fp8_dequantized(sd, fp8, path, blocks="h.", prefix="transformer.")
+    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py; 8-bit GPTQ as int8 where it maps); an FP8 one, or a
+    # GPTQ one of other bits, dequantized to a float model; any other refused by name
+    spec, dequant = folder_quantization(cfg_json)
+    sd = _read_tensors(path, prefix="transformer.", quantization_read=spec is not None or dequant is not None)
+    if dequant is not None:
+        sd = folder_dequantized(sd, dequant, path, blocks="h.", prefix="transformer.")
     if spec is not None:
         sd, packed, group_size = int4_linears(sd, spec, path, blocks="h.")
     d = _flags(read_json_object(cfg_json), cfg_json)  # (_check_hf_config and _our_tensors read them)

@@ -237,20 +237,20 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_gemma_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Gemma (1, 2 or 3; a multimodal Gemma 3's language model)
     model.safetensors (or shard index) and its config.json beside it."""
-    from tritongpt.train.hf_quant import folder_quantization, fp8_dequantized, int4_linears, model_with_int4
+    from tritongpt.train.hf_quant import folder_dequantized, folder_quantization, int4_linears, model_with_int4
     path = weights_file(path, "Gemma")
     cfg_json = path.parent / "config.json"
-    # a GPTQ or AWQ folder: 4-bit, its projections read as int4 (hf_quant.py) as Llama's are; an FP8 one dequantized
-    # to a float model; any other refused by name
-    spec, fp8 = folder_quantization(cfg_json)
+    # a GPTQ or AWQ folder: 4-bit, its projections read as int4 (hf_quant.py) as Llama's are (8-bit GPTQ as int8
+    # where it maps); an FP8 one, or a GPTQ one of other bits, dequantized to a float model; any other refused by name
+    spec, dequant = folder_quantization(cfg_json)
     if read_json_object(cfg_json).get("model_type") == "gemma3":
         _text_config(read_json_object(cfg_json), cfg_json)  # a config without one refused before any tensor is read
-        sd = _language_model_tensors(path, quantization_read=spec is not None or fp8 is not None)
+        sd = _language_model_tensors(path, quantization_read=spec is not None or dequant is not None)
         note(f"{path}: a multimodal Gemma 3; its language model is read, without the vision tower")
     else:
-        sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None or fp8 is not None)
-    if fp8 is not None:
-        sd = fp8_dequantized(sd, fp8, path, prefix="model.")
+        sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None or dequant is not None)
+    if dequant is not None:
+        sd = folder_dequantized(sd, dequant, path, prefix="model.")
     if spec is not None:
         sd, packed, group_size = int4_linears(sd, spec, path)
     cfg = _check_hf_config(cfg_json, sd)

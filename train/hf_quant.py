@@ -1,5 +1,8 @@
 """4-bit GPTQ and AWQ folders from Hugging Face (config.json's quantization_config) into Int4Linear (model/quant.py),
-kept 4-bit: for the readers whose layers are Llama's q/k/v/o/gate/up/down projections (llama_weights.py).
+kept 4-bit: for the readers whose layers are Llama's q/k/v/o/gate/up/down projections (llama_weights.py). 8-bit GPTQ
+symmetric with one group a row (group_size -1) into Int8Linear, kept 8-bit (int8_linears); other 8-bit GPTQ (groups,
+zero points: no int8 form here) and 2- and 3-bit GPTQ (no kernel) as the float model of their dequantized weights
+(gptq_dequantized, a note on stderr), as FP8 folders are.
 
 Both store a linear of in K, out N as int32 words of eight 4-bit levels q, a zero z and an fp16 scale s per group of
 inputs and output, W[n, k] = (q[k, n] - z[g, n]) * s[g, n]; ours is W = q * scale + offset per group of consecutive
@@ -15,10 +18,14 @@ inputs, so scale = s and offset = -z * s, the levels q the same 0..15 repacked t
   serve it; a g_idx of k // group_size needs none.
 - AWQ GEMM (AutoAWQ's WQLinear_GEMM.from_linear): qweight [K, N / 8] and qzeros [G, N / 8] packed along the outputs,
   word c's nibble i holding output 8c + [0, 2, 4, 6, 1, 3, 5, 7][i]; z stored as it is; scales [G, N].
+- GPTQ of other bits (AutoGPTQ's QuantLinear.pack): qweight's column a little-endian stream of bits-bit levels along
+  the inputs, 32 / bits a word at 2 and 8; at 3, 32 levels fill three words, levels 10 and 21 of each straddling two;
+  qzeros the same along the outputs. v1's zeros less 1: words less 0x55555555 (2) or 0x01010101 (8) as at 4 bits; at
+  3 bits per level mod 8 (GPTQModel's _correct_gptq_v1_qzeros: a word add would lose a straddling level's carry).
 group_size -1 is one group of all K inputs. The groups become ours of the largest size GROUP_SIZES has that divides
-every layer's (each scale repeated over the smaller groups: the same matrix). What does not map (other bits, other
-checkpoint formats or AWQ versions, a g_idx of unequal groups, a quantized LM head, some layers float) is refused by
-name.
+every layer's (each scale repeated over the smaller groups: the same matrix). What does not map (other bits:
+GPTQModel's planar 5 to 7, AWQ's but 4; other checkpoint formats or AWQ versions, a g_idx of unequal groups, a
+quantized LM head, some layers float) is refused by name.
 
 FP8 folders (transformers' fp8 and fbgemm_fp8, compressed-tensors' float-quantized) load as float models: each FP8
 weight times its scale (per block, row or tensor) at load (fp8_dequantized, below).
@@ -29,7 +36,7 @@ import torch
 
 from tritongpt.errors import UserError, note
 from tritongpt.model.gpt import GPTModel, check_quantized_scales
-from tritongpt.model.quant import GROUP_SIZES, Int4Linear, pack_int4, quantized_layout
+from tritongpt.model.quant import GROUP_SIZES, Int4Linear, QuantLinear, pack_int4, quantized_layout
 from tritongpt.train.gpt2_weights import _FLOAT_DTYPES, hf_quantization, model_with_tensors, refuse_quantized
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word holds output 8c + AWQ_ORDER[i]
@@ -37,25 +44,34 @@ _PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
 def folder_quantization(cfg_json) -> tuple:
-    """(int4_spec, fp8_spec) of the folder whose config.json is cfg_json, at most one not None (both None: a float
-    folder): an FP8 folder is read as the float model of its dequantized weights (fp8_dequantized), a GPTQ or AWQ one
-    as int4, anything else refused by name."""
+    """(packed_spec, dequantized_spec) of the folder whose config.json is cfg_json, at most one not None (both None: a
+    float folder): a GPTQ or AWQ folder kept quantized (4-bit as int4; 8-bit as int8 where Int8Linear holds it
+    exactly) is packed (int4_linears), an FP8 one or a GPTQ one of other bits read as the float model of its
+    dequantized weights (folder_dequantized), anything else refused by name."""
     q = hf_quantization(cfg_json)
     if q is None:
         return None, None
     if q.get("quant_method") in FP8_METHODS:
         return None, fp8_spec(q)
-    return int4_spec(q), None
+    spec = int4_spec(q)
+    return (None, spec) if spec["mode"] == "float" else (spec, None)
+
+
+GPTQ_BITS = (2, 3, 4, 8)  # AutoGPTQ's QuantLinear.pack widths (GPTQModel's planar 5, 6 and 7 bits are another layout)
 
 
 def int4_spec(q: dict) -> dict:
-    """A quantization_config (gpt2_weights.hf_quantization's) as {method, group_size, zero_minus_one} for
-    int4_linears, or a UserError naming what of it is not read (refuse_quantized)."""
+    """A quantization_config (gpt2_weights.hf_quantization's) as {method, bits, group_size, zero_minus_one, mode}, or
+    a UserError naming what of it is not read (refuse_quantized). mode: "int4" (4-bit, int4_linears), "int8" (8-bit
+    GPTQ that Int8Linear holds exactly: symmetric, one group a row, W = s (q - 128) with q - 128 an int8), or "float"
+    (other GPTQ bits, or 8-bit with groups or zero points: dequantized at load, gptq_dequantized)."""
     method = q.get("quant_method")
     if method not in ("gptq", "awq"):
-        refuse_quantized(q, "4-bit GPTQ and AWQ GEMM are, and FP8 dequantized")
-    if q.get("bits") != 4 or isinstance(q.get("bits"), bool):
-        refuse_quantized(q, f"bits {q.get('bits')!r}: 4-bit {method.upper()} only, into int4 groups")
+        refuse_quantized(q, "GPTQ of 2, 3, 4 or 8 bits and 4-bit AWQ GEMM are, and FP8 dequantized")
+    bits = q.get("bits")
+    if isinstance(bits, bool) or bits not in (GPTQ_BITS if method == "gptq" else (4,)):
+        refuse_quantized(q, f"bits {bits!r}: " + ("GPTQ of 2, 3, 4 or 8 bits only" if method == "gptq" else
+                                                   "4-bit AWQ only: AutoAWQ's GEMM packs no other width"))
     group = q.get("group_size", 128)
     if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or group > 0):
         refuse_quantized(q, f"group_size {group!r}: a positive integer, or -1 for one group of all the inputs")
@@ -71,7 +87,11 @@ def int4_spec(q: dict) -> dict:
             refuse_quantized(q, f"checkpoint_format {fmt!r}: 'gptq' (v1, zeros stored less 1) or 'gptq_v2' only")
         if q.get("dynamic"):  # GPTQModel's per-module overrides of bits and group size
             refuse_quantized(q, "a dynamic per-module config: one bits and group_size for every layer only")
-        return dict(method=method, group_size=group, zero_minus_one=fmt == "gptq")
+        # 8-bit symmetric with one group a row is Int8Linear's own form (a scale a row, levels q - 128 in -128..127):
+        # kept int8, exactly. Groups along the inputs (several scales a row) or zero points have no int8 form here,
+        # and 2 and 3 bits no kernel: those are dequantized (an ordinary float model of the same weights)
+        mode = {4: "int4", 8: "int8" if q.get("sym", True) is True and group == -1 else "float"}.get(bits, "float")
+        return dict(method=method, bits=bits, group_size=group, zero_minus_one=fmt == "gptq", mode=mode)
     version = q.get("version", "gemm")
     if not isinstance(version, str) or version.lower() != "gemm":
         refuse_quantized(q, f"version {version!r}: AWQ's GEMM packing only")
@@ -80,17 +100,31 @@ def int4_spec(q: dict) -> dict:
         refuse_quantized(q, f"backend {q['backend']!r}: AutoAWQ's GEMM packing only")
     if q.get("zero_point", True) is not True:
         refuse_quantized(q, "zero_point false: AWQ GEMM with zero points only")
-    return dict(method=method, group_size=group, zero_minus_one=False)
+    return dict(method=method, bits=4, group_size=group, zero_minus_one=False, mode="int4")
 
 
-def _unpack_rows(words):
-    """int32 [R, C] -> levels [8R, C]: word r's nibble j (from the low bits) is row 8r + j (GPTQ's qweight)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    return ((words[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, words.shape[1])
+def _unpack_rows(words, bits: int = 4):
+    """int32 [R, C] -> levels [32R / bits, C]: the words of each column a little-endian stream of bits-bit levels, row
+    i at bits i * bits .. (i + 1) * bits - 1 (GPTQ's qweight, AutoGPTQ's QuantLinear.pack: word r's field j from the
+    low bits is row 32r / bits + j at 2, 4 and 8 bits; at 3 a level every 3 bits of three words, so that rows 10 and
+    21 of each 32 straddle two words)."""
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        return ((words[:, None, :] >> shifts[None, :, None]) & mask).reshape(-1, words.shape[1])
+    # (3 bits: each level read from the 64 bits of its word and the next, the word past the last one zeros)
+    stream = torch.cat([words.long() & 0xFFFFFFFF, torch.zeros_like(words[:1], dtype=torch.long)])
+    at = torch.arange(words.shape[0] * 32 // bits) * bits
+    word, shift = at // 32, (at % 32)[:, None]
+    return (((stream[word] | (stream[word + 1] << 32)) >> shift) & mask).to(torch.int32)
 
 
-def _unpack_cols(words, order=tuple(range(8))):
-    """int32 [R, C] -> levels [R, 8C]: word c's nibble i is column 8c + order[i] (GPTQ's qzeros; AWQ's, reordered)."""
+def _unpack_cols(words, order=tuple(range(8)), bits: int = 4):
+    """int32 [R, C] -> levels [R, 32C / bits]: the rows' words a stream of levels along the columns as _unpack_rows'
+    along the rows (GPTQ's qzeros: at 4 bits word c's nibble i is column 8c + i); AWQ's 4-bit ones, word c's nibble
+    i column 8c + order[i]."""
+    if bits != 4:
+        return _unpack_rows(words.T, bits).T
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
     nibbles = (words[:, :, None] >> shifts) & 15  # [R, C, 8]: nibble i
     out = torch.empty_like(nibbles)
@@ -105,40 +139,67 @@ def _one(sd: dict, name: str, path):
     return sd.pop(name)
 
 
-def _levels(base: str, sd: dict, spec: dict, path) -> tuple:
-    """(q [N, K] int, zero [N, G] float, scale [N, G] fp32, K / G, perm) of one quantized linear, its tensors taken
-    out of sd. perm: None, or an act-order layer's input order (_act_order): q's columns are then in that order,
-    each group's inputs consecutive."""
+def _codes(base: str, sd: dict, spec: dict, path) -> tuple:
+    """(q [N, K] int, zero [N, G] float, scale [N, G] fp32, width (K / G), g_idx or None) of one quantized linear as
+    the file stores it, its tensors taken out of sd."""
     qweight, qzeros, scales = (_one(sd, base + p, path) for p in _PARTS[:3])
     g_idx = sd.pop(base + ".g_idx", None)
+    bits = spec["bits"]
     for name, t in ((".qweight", qweight), (".qzeros", qzeros)):
         if t.dtype != torch.int32 or t.dim() != 2:
             raise UserError(f"{path}: tensor {base}{name} is {str(t.dtype).removeprefix('torch.')} "
-                            f"{tuple(t.shape)}, not 2-D int32 (words of eight 4-bit levels)")
+                            f"{tuple(t.shape)}, not 2-D int32 (words of {bits}-bit levels)")
     if spec["method"] == "gptq":
-        if spec["zero_minus_one"]:
-            # v1's z - 1 is word arithmetic, not per nibble: GPTQModel saves v1 as its v2 qzeros less 0x11111111, so a
-            # zero of 0 borrows from the next nibble up; adding the words back (as GPTQModel's load does) undoes it
-            # exactly, where each nibble + 1 would read that zero as 16 and its neighbour one short
-            qzeros = (qzeros.long() + 0x11111111) & 0xFFFFFFFF
-        q, zero = _unpack_rows(qweight).T, _unpack_cols(qzeros).T  # [N, K], [N, G]
+        if spec["zero_minus_one"] and bits != 3:
+            # v1's z - 1 is word arithmetic, not per level: GPTQModel saves v1 as its v2 qzeros less 0x11111111 (4
+            # bits; 0x55555555 at 2, 0x01010101 at 8), so a zero of 0 borrows from the next level up; adding the
+            # words back (as GPTQModel's load does) undoes it exactly, where each level + 1 would read that zero as
+            # 2 ** bits and its neighbour one short
+            qzeros = (qzeros.long() + sum(1 << i for i in range(0, 32, bits))) & 0xFFFFFFFF
+        q, zero = _unpack_rows(qweight, bits).T, _unpack_cols(qzeros, bits=bits).T  # [N, K], [N, G]
+        if spec["zero_minus_one"] and bits == 3:
+            # v1's z - 1 at 3 bits is per level (GPTQModel's _correct_gptq_v1_qzeros: a word add would lose the carry
+            # of a level straddling two words), its zero of 0 stored as 7
+            zero = (zero + 1) & 7
     else:
         q, zero = _unpack_cols(qweight, AWQ_ORDER).T, _unpack_cols(qzeros, AWQ_ORDER).T
     N, K = q.shape
     G = scales.shape[0]
     if tuple(scales.shape) != (G, N) or tuple(zero.shape) != (N, G) or G < 1 or K % G:
         raise UserError(f"{path}: {base}'s qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and scales "
-                        f"{tuple(scales.shape)} are not one 4-bit {spec['method'].upper()} layer")
+                        f"{tuple(scales.shape)} are not one {bits}-bit {spec['method'].upper()} layer")
     width = K if spec["group_size"] == -1 else spec["group_size"]
     if width * G != K:
         raise UserError(f"{path}: {base} has {G} groups of its {K} inputs, not groups of group_size "
                         f"{spec['group_size']}")
-    perm = None if g_idx is None else _act_order(g_idx, K, G, width, f"{path}: {base}.g_idx")
-    if perm is not None:
-        q = q[:, perm]
     if not scales.is_floating_point():
         raise UserError(f"{path}: tensor {base}.scales is {scales.dtype}, not a float")
-    return q, zero.float(), scales.T.float(), width, perm
+    return q, zero.float(), scales.T.float(), width, g_idx
+
+
+def _levels(base: str, sd: dict, spec: dict, path) -> tuple:
+    """(q [N, K] int, zero [N, G] float, scale [N, G] fp32, K / G, perm) of one 4-bit linear, its tensors taken out of
+    sd. perm: None, or an act-order layer's input order (_act_order): q's columns are then in that order, each
+    group's inputs consecutive."""
+    q, zero, scale, width, g_idx = _codes(base, sd, spec, path)
+    G = scale.shape[1]
+    perm = None if g_idx is None else _act_order(g_idx, q.shape[1], G, width, f"{path}: {base}.g_idx")
+    if perm is not None:
+        q = q[:, perm]
+    return q, zero, scale, width, perm
+
+
+def _groups(g_idx, K: int, G: int, what) -> torch.Tensor:
+    """g_idx (each of the K inputs' group, int64), or a UserError naming it where it is not one of the G groups of
+    each input."""
+    if g_idx.dim() != 1 or len(g_idx) != K or g_idx.is_floating_point() or g_idx.dtype == torch.bool:
+        raise UserError(f"{what} is {str(g_idx.dtype).removeprefix('torch.')} {tuple(g_idx.shape)}, not the group "
+                        f"(an integer) of each of the layer's {K} inputs")
+    g_idx = g_idx.long()
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= G:
+        raise UserError(f"{what} names group {int(g_idx.min()) if int(g_idx.min()) < 0 else int(g_idx.max())}, "
+                        f"outside the layer's {G} groups")
+    return g_idx
 
 
 def _act_order(g_idx, K: int, G: int, width: int, what) -> torch.Tensor | None:
@@ -147,15 +208,9 @@ def _act_order(g_idx, K: int, G: int, width: int, what) -> torch.Tensor | None:
     vLLM's and exllama's GPTQ kernels sort them: column j of the layer kept is input perm[j], so group g is columns
     g * width .. (g + 1) * width - 1, and the layer gathers x's columns in that order (Int4Linear.in_perm). Each
     group must then hold exactly width inputs (GPTQ's do: its g_idx is i // group_size of the i-th input quantized)."""
-    if g_idx.dim() != 1 or len(g_idx) != K or g_idx.is_floating_point() or g_idx.dtype == torch.bool:
-        raise UserError(f"{what} is {str(g_idx.dtype).removeprefix('torch.')} {tuple(g_idx.shape)}, not the group "
-                        f"(an integer) of each of the layer's {K} inputs")
-    g_idx = g_idx.long()
+    g_idx = _groups(g_idx, K, G, what)
     if torch.equal(g_idx, torch.arange(K) // width):
         return None
-    if int(g_idx.min()) < 0 or int(g_idx.max()) >= G:
-        raise UserError(f"{what} names group {int(g_idx.min()) if int(g_idx.min()) < 0 else int(g_idx.max())}, "
-                        f"outside the layer's {G} groups")
     sizes = torch.bincount(g_idx, minlength=G)
     if not bool((sizes == width).all()):
         g = int((sizes != width).nonzero()[0])
@@ -164,19 +219,34 @@ def _act_order(g_idx, K: int, G: int, width: int, what) -> torch.Tensor | None:
     return torch.argsort(g_idx, stable=True)
 
 
-def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
-    """(sd with each quantized linear's tensors replaced by a meta .weight of its float shape, for the reader's shape
-    checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G], in_perm: None, or an act-order
-    layer's input order, Int4Linear.in_perm)}; G, our group size). blocks: the prefix of the file's block tensors
-    (Falcon's "h.")."""
+def _quantized_bases(sd: dict, spec: dict, path, blocks: str) -> list:
+    """The names of sd's quantized linears (each .qweight's), all of the blocks (refused by name otherwise)."""
     bases = sorted({k.removesuffix(".qweight") for k in sd if k.endswith(".qweight")})
     if not bases:
         raise UserError(f"{path}: config.json says {spec['method'].upper()} quantization, but no tensor is a "
                         "quantized linear's (.qweight)")
-    outside = [b for b in bases if not b.startswith(blocks)]  # (GPTQModel's lm_head=True: the LM head 4-bit)
+    outside = [b for b in bases if not b.startswith(blocks)]  # (GPTQModel's lm_head=True: the LM head quantized)
     if outside:
         raise UserError(f"{path}: {outside[0]} is quantized, where this model keeps all but the blocks' linear layers "
                         "float (the LM head, as GPTQ and AWQ leave it by default): requantize without it")
+    return bases
+
+
+def _check_all_read(sd: dict, path) -> None:
+    left = sorted(k for k in sd if k.endswith(_PARTS))
+    if left:
+        raise UserError(f"{path}: tensor {left[0]!r} is part of no quantized linear this reader maps")
+
+
+def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
+    """(sd with each quantized linear's tensors replaced by a meta .weight of its float shape, for the reader's shape
+    checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G], in_perm: None, or an act-order
+    layer's input order, Int4Linear.in_perm)}; G, our group size). blocks: the prefix of the file's block tensors
+    (Falcon's "h."). An 8-bit spec (mode "int8": int8_linears) gives {base: (qweight int8 [N, K], scale fp32 [N],
+    None)} and G None."""
+    bases = _quantized_bases(sd, spec, path, blocks)
+    if spec["mode"] == "int8":
+        return int8_linears(sd, bases, spec, path)
     # our group size first, from the shapes (qweight's inputs: GPTQ packs them 8 to a word, AWQ keeps one a row), so
     # that each layer is unpacked and repacked alone (all of a 7B model's levels at once would be tens of GB)
     widths = {spec["group_size"] if spec["group_size"] != -1 else
@@ -193,10 +263,56 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
         scale, zero = scale.repeat_interleave(width // G, dim=1), zero.repeat_interleave(width // G, dim=1)
         out[b] = (pack_int4(q).contiguous(), scale.contiguous(), (-zero * scale).contiguous(), perm)
         sd[b + ".weight"] = torch.empty(N, K, device="meta")
-    left = sorted(k for k in sd if k.endswith(_PARTS))
-    if left:
-        raise UserError(f"{path}: tensor {left[0]!r} is part of no quantized linear this reader maps")
+    _check_all_read(sd, path)
     return sd, out, G
+
+
+def int8_linears(sd: dict, bases: list, spec: dict, path) -> tuple:
+    """int4_linears' (sd, packed, None) of an 8-bit GPTQ folder that Int8Linear holds exactly (int4_spec's mode
+    "int8": sym, one group a row): W[n, k] = s[n] (q[n, k] - z[n]) is Int8Linear's qweight q - z, scale s. Its zero
+    is 128 (GPTQ's symmetric (maxq + 1) / 2), so q - z is -128..127, an int8; a layer whose levels less its zero run
+    outside that is not the symmetric layer its config says, and is refused by name (no rounding)."""
+    out = {}
+    for b in bases:
+        q, zero, scale, width, g_idx = _codes(b, sd, spec, path)
+        N, K = q.shape
+        if g_idx is not None:  # (desc_act with one group: every input in group 0, nothing to reorder)
+            _act_order(g_idx, K, 1, width, f"{path}: {b}.g_idx")
+        w = q - zero.long()  # [N, K] less [N, 1]
+        lo, hi = int(w.min()), int(w.max())
+        if lo < -128 or hi > 127:
+            raise UserError(f"{path}: {b}'s 8-bit levels less their zeros run {lo}..{hi}, outside int8's -128..127: "
+                            "not the symmetric GPTQ layer (zero 128) its config says (sym true)")
+        out[b] = (w.to(torch.int8).contiguous(), scale[:, 0].contiguous(), None)
+        sd[b + ".weight"] = torch.empty(N, K, device="meta")
+    _check_all_read(sd, path)
+    return sd, out, None
+
+
+def gptq_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.") -> dict:
+    """sd with each GPTQ linear (int4_spec's mode "float": 2 or 3 bits, or 8 without Int8Linear's form) replaced by
+    the float32 matrix it stands for, W[n, k] = (q[n, k] - z[n, g]) s[n, g] with g = g_idx[k] (each input's own
+    group: act-order needs no reordering here), and a note on stderr that it was."""
+    bases = _quantized_bases(sd, spec, path, blocks)
+    for b in bases:
+        q, zero, scale, width, g_idx = _codes(b, sd, spec, path)
+        N, K = q.shape
+        g = torch.arange(K) // width if g_idx is None else _groups(g_idx, K, scale.shape[1], f"{path}: {b}.g_idx")
+        # (exact in fp32: an fp16 scale times an integer of at most 8 bits)
+        sd[b + ".weight"] = (q - zero[:, g]) * scale[:, g]
+    _check_all_read(sd, path)
+    note(f"{path}: its {len(bases)} {spec['bits']}-bit GPTQ linear weights are dequantized to float at load: an "
+         "ordinary float model of the same weights, no " + (f"{spec['bits']}-bit kernel" if spec["bits"] != 8 else
+                                                              "int8 form for its groups or zero points"))
+    return sd
+
+
+def folder_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> dict:
+    """The float model's tensors of a folder folder_quantization reads dequantized: FP8 (fp8_dequantized) or GPTQ of
+    bits without a kernel here (gptq_dequantized)."""
+    if spec["method"] == "gptq":
+        return gptq_dequantized(sd, spec, path, blocks)
+    return fp8_dequantized(sd, spec, path, blocks, prefix)
 
 
 def int4_rows(sd: dict, packed: dict, base: str, parts: dict) -> None:
@@ -206,38 +322,41 @@ def int4_rows(sd: dict, packed: dict, base: str, parts: dict) -> None:
     Falcon's readers see by it that the fused linear was 4-bit). Exact: each output's levels, scale and offset are
     its own, the groups running along the inputs."""
     fused = packed.pop(base)
-    K = 2 * fused[0].shape[1]  # (qweight: two 4-bit levels a byte along the inputs)
+    # (qweight: int4's two levels a byte along the inputs, uint8; int8's one a byte)
+    K = fused[0].shape[1] * (2 if fused[0].dtype == torch.uint8 else 1)
     for name, rows in parts.items():
         sd[name + ".weight"] = torch.empty(len(rows), K, device="meta")
-        packed[name] = (*(t[rows] for t in fused[:3]), fused[3])  # (an act-order's input order: every part's)
+        packed[name] = (*(t[rows] for t in fused[:-1]), fused[-1])  # (an act-order's input order: every part's)
 
 
-def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int, path) -> GPTModel:
+def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None, path) -> GPTModel:
     """model_with_tensors' model of a quantized folder: every Linear of the blocks an Int4Linear (quantized_layout;
-    the LM head float, as GPTQ and AWQ leave it) filled from int4_linears' packed ({base: (qweight, scale, offset)},
-    the base found by the meta .weight mapping() gives it), its bias from the file, the rest as model_with_tensors
-    fills it."""
+    the LM head float, as GPTQ and AWQ leave it) filled from int4_linears' packed ({base: (qweight, scale, offset,
+    in_perm)}, the base found by the meta .weight mapping() gives it), its bias from the file, the rest as
+    model_with_tensors fills it. group_size None (int8_linears'): Int8Linears, from {base: (qweight, scale, None)}."""
     meta = {}
     bases = {id(t): k.removesuffix(".weight") for k, t in sd.items() if t.is_meta}  # mapping() hands these on
 
     def build(cfg):
         with torch.device("meta"):  # (the float matrices never made)
             model = GPTModel(cfg)
-        meta["model"] = model = quantized_layout(model, "int4", head=False, group_size=group_size)
+        mode = "int8" if group_size is None else "int4"
+        meta["model"] = model = quantized_layout(model, mode, head=False, group_size=group_size or 128)
         return model.to_empty(device="cpu").eval()
 
     def floats():
         model, ours, filled = meta["model"], mapping(), set()
-        layers = {name for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+        layers = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
         for name in [n for n in ours if n.removesuffix(".weight") in layers or n.removesuffix(".bias") in layers]:
             layer, _, kind = name.rpartition(".")
             value, m = ours.pop(name), model.get_submodule(layer)
             if kind == "weight":
                 if not value.is_meta:
-                    raise UserError(f"{path}: {layer} is stored as a float weight beside 4-bit layers; this model "
+                    raise UserError(f"{path}: {layer} is stored as a float weight beside quantized layers; this model "
                                     "reads a folder whose every linear layer of the blocks is quantized")
                 *tensors, perm = packed[bases[id(value)]]
-                for buf, t in zip((m.qweight, m.scale, m.offset), tensors):
+                bufs = (m.qweight, m.scale, m.offset) if isinstance(m, Int4Linear) else (m.qweight, m.scale)
+                for buf, t in zip(bufs, tensors, strict=True):
                     assert buf.shape == t.shape, (layer, buf.shape, t.shape)  # (int4_linears made them to fit)
                     buf.copy_(t)
                 if perm is not None:

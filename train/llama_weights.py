@@ -372,18 +372,18 @@ def load_llama_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Llama (Mistral, Qwen2, Qwen3) model.safetensors and its
     config.json beside it (the heads, RoPE's base and the norm's eps are in no tensor). A 4-bit GPTQ or AWQ GEMM
     folder loads int4 (hf_quant.py: its Linears Int4Linears, the model marked quantized)."""
-    from tritongpt.train.hf_quant import folder_quantization, fp8_dequantized, int4_linears, model_with_int4
+    from tritongpt.train.hf_quant import folder_dequantized, folder_quantization, int4_linears, model_with_int4
     path = weights_file(path, "Llama")
     cfg_json = path.parent / "config.json"
     if not cfg_json.is_file():
         raise UserError(f"{path} looks like a Llama model, whose heads, RoPE base and norm eps are in its "
                         "config.json: put that file beside it")
-    # a GPTQ or AWQ folder (quantization_config): 4-bit, read as int4 (hf_quant.py); an FP8 one dequantized to a
-    # float model; any other refused by name
-    spec, fp8 = folder_quantization(cfg_json)
-    sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None or fp8 is not None)
-    if fp8 is not None:
-        sd = fp8_dequantized(sd, fp8, path, prefix="model.")
+    # a GPTQ or AWQ folder (quantization_config): 4-bit, read as int4 (hf_quant.py; 8-bit GPTQ as int8 where it
+    # maps); an FP8 one, or a GPTQ one of other bits, dequantized to a float model; any other refused by name
+    spec, dequant = folder_quantization(cfg_json)
+    sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None or dequant is not None)
+    if dequant is not None:
+        sd = folder_dequantized(sd, dequant, path, prefix="model.")
     if spec is not None:
         sd, packed, group_size = int4_linears(sd, spec, path)
     cfg = _check_hf_config(cfg_json, sd)

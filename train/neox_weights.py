@@ -113,14 +113,16 @@ def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
 def load_neox_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face GPT-NeoX (Pythia) model.safetensors (or shard index) and
     its config.json beside it."""
-    from tritongpt.train.hf_quant import folder_quantization, fp8_dequantized, int4_linears, int4_rows, model_with_int4
+    from tritongpt.train.hf_quant import (folder_dequantized, folder_quantization, int4_linears, int4_rows,
+                                          model_with_int4)
     path = weights_file(path, "GPT-NeoX")
-    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py); an FP8 one dequantized to a float model (its
-    # query_key_value split after, as a float folder's); any other refused by name
-    spec, fp8 = folder_quantization(path.parent / "config.json")
-    sd = _read_tensors(path, prefix="gpt_neox.", quantization_read=spec is not None or fp8 is not None)
-    if fp8 is not None:
-        sd = fp8_dequantized(sd, fp8, path, prefix="gpt_neox.")
+    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py; 8-bit GPTQ as int8 where it maps); an FP8 one, or a
+    # GPTQ one of other bits, dequantized to a float model (its query_key_value split after, as a float folder's); any
+    # other refused by name
+    spec, dequant = folder_quantization(path.parent / "config.json")
+    sd = _read_tensors(path, prefix="gpt_neox.", quantization_read=spec is not None or dequant is not None)
+    if dequant is not None:
+        sd = folder_dequantized(sd, dequant, path, prefix="gpt_neox.")
     if spec is None:
         cfg = _check_hf_config(path.parent / "config.json", sd)
         return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)

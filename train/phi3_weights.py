@@ -143,16 +143,16 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
 def load_phi3_safetensors(path) -> GPTModel:
     """GPTModel with the weights of a Hugging Face Phi-3 (Phi-4) model.safetensors (or shard index) and its
     config.json beside it."""
-    from tritongpt.train.hf_quant import folder_quantization, fp8_dequantized, int4_linears, model_with_int4
+    from tritongpt.train.hf_quant import folder_dequantized, folder_quantization, int4_linears, model_with_int4
     path = weights_file(path, "Phi-3")
     cfg_json = path.parent / "config.json"
-    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py), its fused qkv_proj and gate_up_proj quantized as one
-    # linear each and split after (_split_rows); an FP8 one dequantized (fused, as it was quantized) before the split;
-    # any other refused by name
-    spec, fp8 = folder_quantization(cfg_json)
-    sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None or fp8 is not None)
-    if fp8 is not None:
-        sd = fp8_dequantized(sd, fp8, path, prefix="model.")
+    # a GPTQ or AWQ folder: 4-bit, read as int4 (hf_quant.py; 8-bit GPTQ as int8 where it maps), its fused qkv_proj
+    # and gate_up_proj quantized as one linear each and split after (_split_rows); an FP8 one, or a GPTQ one of other
+    # bits, dequantized (fused, as it was quantized) before the split; any other refused by name
+    spec, dequant = folder_quantization(cfg_json)
+    sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None or dequant is not None)
+    if dequant is not None:
+        sd = folder_dequantized(sd, dequant, path, prefix="model.")
     packed = None
     if spec is not None:
         sd, packed, group_size = int4_linears(sd, spec, path)
