@@ -82,10 +82,16 @@ def expected(model, batch, o, generator, max_len=16):
     return out
 
 
+def same_batch(a, b):
+    """Two batches alike, element by element (an unpacked batch's doc_ids None in both)."""
+    return len(a) == len(b) and all(x is y if x is None or y is None else torch.equal(x, y) for x, y in zip(a, b))
+
+
 def check_batch(batch, want):
     """inputs = prompt + answer (shifted), targets -100 over the prompt, the answer's tokens, -100 after its
-    END; padding PAD."""
-    inputs, targets = batch
+    END; padding PAD; each row's real tokens (lengths, the last) its prompt and answer's, shifted."""
+    inputs, targets, doc_ids, lengths = batch
+    assert doc_ids is None and lengths.tolist() == [len(p) + len(a) - 1 for p, a in want]
     for r, (prompt, answer) in enumerate(want):
         seq = prompt + answer
         L = len(seq) - 1
@@ -124,7 +130,7 @@ def test_lmbda_zero_never_generates_and_a_fraction_follows_the_seeded_draw():
     plain = SFTData(examples(0), [], PAD, batch_size=4, seed=0, rank=0, world_size=1)
     for _ in range(5):
         got, want = op.get_batch("train"), plain.get_batch("train")
-        assert op.source() == "data" and all(torch.equal(a, b) for a, b in zip(got, want))
+        assert op.source() == "data" and same_batch(got, want)
     # lmbda 0.5, greedy (the samples draw nothing from the generator): one uniform draw a batch, < 0.5 student's
     sources = {}
     for seed in (0, 1):
@@ -140,7 +146,7 @@ def test_lmbda_zero_never_generates_and_a_fraction_follows_the_seeded_draw():
             if student_turn:
                 check_batch(batch, expected(student, ex, o, None))
             else:
-                assert all(torch.equal(a, b) for a, b in zip(batch, plain.collate_train(ex)))
+                assert same_batch(batch, plain.collate_train(ex))
             sources[seed].append(op.source())
         assert 0 < sources[seed].count("student") < 10
     assert sources[0] != sources[1]  # the draw is the seed's
@@ -173,13 +179,13 @@ def test_a_chats_earlier_turns_are_its_prompt_and_a_generator_state_resumes():
     data = SFTData([e] * 4, [], PAD, batch_size=2, seed=0, rank=0, world_size=1)
     op = distill.OnPolicy(data, small(1, vocab=40, context=32), small(2, vocab=40, context=32),
                           opts(max_new=4), END, V, max_len=16)
-    inputs, targets = op.get_batch("train")
+    inputs, targets = op.get_batch("train")[:2]
     assert inputs[0, :7].tolist() == e.ids[:7] and (targets[0, :6] == -100).all() and (targets[0, 6:] != -100).any()
     state = op.state_dict()
     after = [op.get_batch("train") for _ in range(2)]
     op.load_state_dict(state)
     again = [op.get_batch("train") for _ in range(2)]
-    assert all(torch.equal(a, b) for x, y in zip(after, again) for a, b in zip(x, y))
+    assert all(same_batch(x, y) for x, y in zip(after, again))
     # a state from another device type's generator (a CUDA state is not a CPU one's 5056 bytes): fresh draws
     # from the seed, said, not a crash at the resume
     import contextlib
@@ -200,7 +206,7 @@ def test_the_loss_on_the_students_answers_is_alpha_t2_jsd_over_them_in_float64(b
     data, student, teacher, op = setup(o, seed=3)
     parts = distill.Parts(on_policy=True)
     fn = distill.sft_loss_fn(teacher, o, V, -100, parts, op.source)
-    inputs, targets = op.get_batch("train")
+    inputs, targets = op.get_batch("train")[:2]
     loss, n = fn(student, (inputs, targets))
     with torch.no_grad():
         s, t = student(inputs).double(), teacher(inputs).double()
@@ -260,7 +266,7 @@ def test_a_trainer_step_on_the_students_answers_is_float64s_on_both_paths(tmp_pa
         assert distill.fused_head(student, teacher, {}) == (kernels == "triton")
         names = {p: n for n, p in student.named_parameters()}
         first[kernels] = {names[p]: g for p, g in steps[-1]}
-    assert len(steps) == 2 and all(map(torch.equal, batches[0], batches[1])), "the paths drew other answers"
+    assert len(steps) == 2 and same_batch(batches[0], batches[1]), "the paths drew other answers"
     want, teacher = (m.double() for m in models())
     loss, n = distill.sft_loss_fn(teacher, o, V, -100, None, lambda: "student")(want, batches[0])
     (loss / n).backward()
@@ -413,7 +419,7 @@ def test_no_mask_prompt_still_learns_only_the_students_own_tokens_on_its_batches
     # the data's own batches (lmbda 0) still learn the prompt
     op = distill.OnPolicy(SFTData(examples(4), [], PAD, 4, mask_prompt=False, seed=4, rank=0, world_size=1),
                           student, teacher, opts(lmbda=0.0), END, V, max_len=16, seed=4)
-    inputs, targets = op.get_batch("train")
+    inputs, targets = op.get_batch("train")[:2]
     assert (targets[:, 0] != -100).all()
 
 
@@ -456,7 +462,7 @@ def test_cuda_graph_answers_are_the_eager_ones(monkeypatch):
         graphed.cuda_graph = True
         for _ in range(2):
             want, got = eager.get_batch("train"), graphed.get_batch("train")
-            assert all(torch.equal(a, b) for a, b in zip(want, got))
+            assert same_batch(want, got)
     assert captured
 
 

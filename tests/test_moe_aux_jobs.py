@@ -110,6 +110,46 @@ def test_sft_with_a_teacher_adds_the_students_aux_not_the_teachers():
     assert_adds_aux(fn, tiny_moe(0), full, lambda m: m(full[0]), scale=lambda out: out[1], mask=sft_real(3))
 
 
+def cut_in_a_user_turn(seed):
+    """A chat cut by --max-length in a later user turn (its last 4 tokens a context range: real tokens, their
+    targets ignored), then a whole example: a batch whose first row ends in ignored targets."""
+    g = torch.Generator().manual_seed(seed)
+    return [sft.Example(ids=ids(g, 14), prompt_len=3, context=((10, 14),)), sft.Example(ids=ids(g, 6), prompt_len=2)]
+
+
+@pytest.mark.parametrize("job", ["sft", "sft_packed", "gkd"])
+def test_sft_counts_the_real_tokens_whose_targets_are_ignored(job):
+    """The aux is over every real token of the batch, a cut chat's trailing user-turn tokens too (their targets
+    are ignored, but the model routed them): not only through each row's last counted target."""
+    ex = cut_in_a_user_turn(4)
+    if job == "sft_packed":
+        batch = sft.collate_packed([[ex[1], ex[0]], [ex[1]]], row_len=CTX, pad_id=0, lengths=True)
+        want = real([18, 5], CTX)
+    else:
+        batch = sft.collate(ex, pad_id=0, lengths=True)
+        want = real([13, 5], 13)
+    assert torch.equal(batch[3], want.sum(1))
+    assert not torch.equal(common.through_last_mask(batch[1] != sft.IGNORE_INDEX), want)  # the cut row's tail
+    fn = sft.sft_loss if job != "gkd" else distill.sft_loss_fn(
+        tiny_moe(1), {"distill_alpha": 0.6, "distill_temperature": 1.5, "distill_beta": 0.3}, VOCAB, sft.IGNORE_INDEX)
+    doc_ids = batch[2]
+    assert_adds_aux(fn, tiny_moe(0), batch, lambda m: m(batch[0], doc_ids=doc_ids), scale=lambda out: out[1],
+                    mask=want)
+
+
+def test_sft_data_batches_carry_their_rows_lengths():
+    """SFTData's training batches (and so GKD's) carry each row's real tokens, packed or not, for the aux."""
+    ex = cut_in_a_user_turn(4) + sft_examples(1)
+    for pack in (None, CTX):
+        data = sft.SFTData(ex, [], pad_id=0, batch_size=2, seed=0, rank=0, world_size=1, pack_len=pack)
+        batch = data.get_batch("train")
+        assert len(batch) == 4 and (batch[2] is None) == (pack is None)
+        real_tokens = batch[3].sum().item()
+        took = data._order[data.pos - 1]
+        rows = [[ex[i] for i in row] for row in took] if pack else [[ex[i]] for i in took]
+        assert real_tokens == sum(len(e.ids) - 1 for row in rows for e in row)
+
+
 def test_sft_with_no_coefficient_is_the_plain_sum():
     _, full = sft_batches(2)
     m = tiny_moe(0, coef=0.0)
@@ -127,10 +167,11 @@ def test_dpo_adds_the_policys_aux(loss_type):
     ref = None
     if loss_type not in dpo.REFERENCE_FREE:
         ref = dpo.reference_logprobs(tiny_moe(1), enc, 0, "cpu", mean=loss_type in dpo.PER_TOKEN)
-    idx, mask, r = dpo.DPOData(enc, ref, pad_id=0).batch(range(4))
+    batch = dpo.DPOData(enc, ref, pad_id=0).batch(range(4))
+    idx, mask = batch[:2]
     fn = dpo.make_loss_fn(0.5, loss_type)
     lengths = pair_batch(enc[:4], pad_id=0)[1]
-    assert_adds_aux(fn, tiny_moe(0), (idx, mask, r), lambda m: sequence_logprobs(m, idx, mask),
+    assert_adds_aux(fn, tiny_moe(0), batch, lambda m: sequence_logprobs(m, idx, mask),
                     mask=real(lengths, idx.size(1)))
 
 
@@ -168,9 +209,9 @@ def test_dpo_accumulates_each_micro_batchs_aux_over_k(tmp_path):
     m = tiny_moe(0)
     m.config.moe_aux_loss = 0.0
     total = 0.0
-    for (idx, mask, ref), rows in zip(micro, ([0, 1], [2, 3])):
+    for batch, rows in zip(micro, ([0, 1], [2, 3])):
         lengths = pair_batch([enc[i] for i in rows], pad_id=0)[1]
-        total = total + (fn(m, (idx, mask, ref)) + COEF * m.router_aux_loss(real(lengths, idx.size(1)))) / 2
+        total = total + (fn(m, batch) + COEF * m.router_aux_loss(real(lengths, batch[0].size(1)))) / 2
     total.backward()
     assert row["loss"] == pytest.approx(total.item(), rel=1e-5)
     for name, p in m.named_parameters():

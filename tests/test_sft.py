@@ -265,7 +265,7 @@ def test_sft_data_epochs_and_exact_resume():
     gen = torch.Generator().manual_seed(0)
     seen = []
     for _ in range(7):  # 50 examples / 8 = 7 batches: one epoch
-        x, y = data.get_batch("train", gen)
+        x, y = data.get_batch("train", gen)[:2]
         seen.append(x.shape[0])
         assert x.shape == y.shape
     assert sum(seen) == 50 and data.epoch == 0
@@ -281,8 +281,8 @@ def test_sft_data_epochs_and_exact_resume():
     resumed.load_state_dict(state)
     gen2 = torch.Generator()
     gen2.set_state(gen_state)
-    for (x, y), (x2, y2) in zip(rest, (resumed.get_batch("train", gen2) for _ in range(10))):
-        assert torch.equal(x, x2) and torch.equal(y, y2)
+    for (x, y, _, n), (x2, y2, _, n2) in zip(rest, (resumed.get_batch("train", gen2) for _ in range(10))):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(n, n2)
     with pytest.raises(UserError, match="no training examples"):
         sft.SFTData([], [], 0, 8)
 
@@ -490,7 +490,8 @@ def test_triton_path_runs_the_same_sft_steps(tmp_path, monkeypatch):
     # A gradient off by a common factor moves AdamW's steps by nothing fp32 shows (the fused head's sum 1% off
     # passed the checks below), so the first step's, from the same weights and batch, against float64: 1e-4
     # (measured <= 4e-7 on both paths)
-    assert len(steps) == 6 and all(map(torch.equal, batches[0], batches[3]))
+    assert len(steps) == 6 and batches[0][2] is batches[3][2] is None  # unpacked: no doc_ids
+    assert all(torch.equal(batches[0][i], batches[3][i]) for i in (0, 1, 3))
     want = GPTModel(base.config).set_kernels("reference").double()
     want.load_state_dict(state)
     loss_sum, count = sft.sft_loss(want, batches[0])
@@ -936,7 +937,7 @@ def test_sft_data_as_many_batches_as_ranks_gives_each_rank_its_own():
     taken = []
     for r in range(3):
         d = sft.SFTData(examples, [], pad_id=-1, batch_size=2, seed=1, rank=r, world_size=3)
-        _, y = d.get_batch("train")
+        _, y = d.get_batch("train")[:2]
         assert len(d._order) == 1
         taken += [int(t) - 1000 for t in y.flatten() if t >= 1000]
     assert sorted(taken) == list(range(6))
@@ -1200,11 +1201,13 @@ def test_sft_data_packing_epochs_ranks_and_resume():
         return sft.SFTData(examples, examples[:5], pad_id=128, batch_size=4, seed=5, pack_len=16, **kw)
 
     d = data()
-    x, y, doc = d.get_batch("train")
+    x, y, doc, lengths = d.get_batch("train")
     assert x.shape == y.shape == doc.shape == (4, 16)
+    # each row's real tokens: its examples' inputs, before the padding (doc id len(row))
+    assert lengths.tolist() == [sum(len(examples[i].ids) - 1 for i in row) for row in d._order[0]]
     order = d._order
     # --no-mask-prompt reaches the packed rows: the same rows, every target learned
-    xu, yu, _ = data(mask_prompt=False).get_batch("train")
+    xu, yu, *_ = data(mask_prompt=False).get_batch("train")
     want = sft.collate_packed([[examples[i] for i in row] for row in order[0]], 16, 128, mask_prompt=False)
     assert torch.equal(xu, x) and torch.equal(yu, want[1]) and not torch.equal(yu, y)
     rows = [row for b in order for row in b]
@@ -1212,7 +1215,7 @@ def test_sft_data_packing_epochs_ranks_and_resume():
     assert len(rows) == n_rows and len(order) == math.ceil(n_rows / 4)  # one pool of 90: what BFD gives
     assert d.layout(16)[:2] == (len(rows), len(order)) and d.layout(None)[:2] == (90, math.ceil(90 / 4))
     for _ in range(len(order) - 1):
-        x, y, doc = d.get_batch("train")
+        x, y, doc, _ = d.get_batch("train")
         assert x.shape[1] == 16
     assert d.epoch == 0 and d._order == order
     d.get_batch("train")
@@ -1244,7 +1247,7 @@ def test_sft_data_packing_epochs_ranks_and_resume():
     resumed = data()
     resumed.load_state_dict(state)
     for want, got in zip(rest, (resumed.get_batch("train") for _ in range(5))):
-        assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(want, got))
+        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(want, got))
     # a resume that turns packing on (or off) goes on as far into the epoch as the run had gone
     unpacked = sft.SFTData(examples, [], pad_id=128, batch_size=4, seed=5)
     for _ in range(10):
@@ -1308,7 +1311,7 @@ def test_packed_loss_is_the_sum_of_the_examples_alone(path):
     data = sft.SFTData(examples, [], pad_id=128, batch_size=2, pack_len=24)
     packed = [data.get_batch("train")]
     packed += [data.get_batch("train") for _ in range(len(data._order) - 1)]
-    assert sum(x.shape[0] for x, _, _ in packed) < 6  # rows shared: something was packed
+    assert sum(x.shape[0] for x, *_ in packed) < 6  # rows shared: something was packed
     sums, grads, counts = [], [], []
     for batches in (packed, [collate([e], pad_id=128) for e in examples]):
         model.zero_grad()
@@ -1325,7 +1328,7 @@ def test_packed_loss_is_the_sum_of_the_examples_alone(path):
     assert_close_rel(grads[0], grads[1], 1e-5, f"{path}: its gradients")
     # the check has teeth: the same rows without doc_ids (examples seeing each other) differ
     with torch.no_grad():
-        mixed = sum(float(sft.sft_loss(model, (x, y))[0]) for x, y, _ in packed)
+        mixed = sum(float(sft.sft_loss(model, (x, y))[0]) for x, y, *_ in packed)
     gap = abs(mixed - float(sums[1])) / abs(float(sums[1]))
     assert gap > 1e-4  # 2.5e-3 here; 1e-4 is 10x the tolerance
     if path == "triton":

@@ -406,9 +406,10 @@ def moe_aux_term(model, mask=None):
     batch) replaces them. model may be DDP's or torch.compile's wrapper, a reward model (its backbone's routers) or
     rlhf's PolicyWithValue (its policy's).
 
-    mask: that forward's [B, T], true at its real tokens (length_mask, through_last_mask): a padded batch's pad
-    tokens are left out of the loss, as transformers' load_balancing_loss_func leaves out its attention_mask's 0s
-    (else the routers would train to balance the padding too). None: every token counts."""
+    mask: that forward's [B, T], true at its real tokens, whatever their targets (length_mask, sft_real_mask,
+    response_rows_mask): a padded batch's pad tokens are left out of the loss, as transformers'
+    load_balancing_loss_func leaves out its attention_mask's 0s (else the routers would train to balance the
+    padding too). None: every token counts."""
     m = _routed_model(model)
     coef = getattr(getattr(m, "config", None), "moe_aux_loss", 0.0)
     aux = m.router_aux_loss(mask) if coef else None
@@ -453,6 +454,18 @@ def through_last_mask(counted):
     whose last real position is always counted (sft's targets: each example's closing eot is one; packed rows'
     last example's too), false at the padding after it. A row with nothing counted is all padding."""
     return counted.flip(1).cummax(1).values.flip(1)
+
+
+def sft_real_mask(batch, ignore_index: int = -100):
+    """[B, T] true at an sft batch's real input tokens, whatever their targets: the first lengths[b] of each row
+    where the batch carries its rows' lengths (sft.collate(lengths=True), collate_packed(lengths=True): (inputs,
+    targets, doc_ids or None, lengths)). A chat cut in a later user turn ends in real tokens whose targets are
+    ignored, and its routing counts as any other. A batch without them ((inputs, targets[, doc_ids]), made by
+    hand): through each row's last counted target (through_last_mask), exact where no row ends in ignored
+    targets."""
+    if len(batch) > 3 and batch[3] is not None:
+        return length_mask(batch[3], batch[0].size(1))
+    return through_last_mask(batch[1] != ignore_index)
 
 
 def response_rows_mask(mask):

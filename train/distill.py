@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.errors import UserError
-from tritongpt.train.common import moe_aux_term, through_last_mask
+from tritongpt.train.common import moe_aux_term, sft_real_mask
 
 DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DEFAULT_BETA = 0.5, 1.0, 0.0
 # GKD's on-policy options (sft only): TRL's GKDConfig has lmbda 0.5, temperature 0.9 and max_new_tokens 128; our
@@ -317,7 +317,7 @@ def pretrain_loss_fn(teacher, opts: dict, vocab_size: int, doc_ids_of, parts: Pa
 
 def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: Parts | None = None,
                 source=None, **loss_options):
-    """SFT's training loss with a teacher: fn(model, (inputs, targets[, doc_ids])) -> (loss sum, count)
+    """SFT's training loss with a teacher: fn(model, (inputs, targets[, doc_ids[, lengths]])) -> (loss sum, count)
     over the counted (response) targets, as sft_loss returns them (a mixture of experts' load-balancing loss
     over the student's forward joins the sum once per counted target, as sft_loss adds it).
 
@@ -342,7 +342,7 @@ def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: 
                 loss, ce = alpha * loss, None
             if parts is not None:
                 parts.add(ce, kd, n, student)
-            return with_aux(m, loss, n, targets)
+            return with_aux(m, loss, n, batch)
         with torch.no_grad():
             t_logits = teacher(inputs, doc_ids=doc_ids)
         logits = m(inputs, doc_ids=doc_ids)
@@ -356,10 +356,10 @@ def sft_loss_fn(teacher, opts: dict, vocab_size: int, ignore_index: int, parts: 
                                         **loss_options)
         if parts is not None:
             parts.add(ce, kd, n, student)
-        return with_aux(m, loss, n, targets)
+        return with_aux(m, loss, n, batch)
 
-    def with_aux(m, loss, n, targets):  # read after the student's forward (the teacher: another model's routers)
-        aux = moe_aux_term(m, through_last_mask(targets != ignore_index))  # the padding left out, as sft_loss
+    def with_aux(m, loss, n, batch):  # read after the student's forward (the teacher: another model's routers)
+        aux = moe_aux_term(m, sft_real_mask(batch, ignore_index))  # the padding left out, as sft_loss
         return (loss if aux is None else loss + aux * n), n
 
     return loss_fn
@@ -528,7 +528,7 @@ class OnPolicy:
                 # tokens only (TRL's loss: those after the prompt), not the data's prompt it was given
                 from tritongpt.train.sft import collate
 
-                return collate(examples, self.data.pad_id)
+                return collate(examples, self.data.pad_id, lengths=True)
         return self.data.collate_train(examples)
 
     @torch.no_grad()

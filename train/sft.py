@@ -227,13 +227,19 @@ def example_io(e: Example, mask_prompt: bool = True, ignore_index: int = IGNORE_
     return inputs, targets
 
 
-def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX):
+def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX,
+            lengths: bool = False):
     """Pad and shift: inputs [B, T] = seq[:-1], targets [B, T] = seq[1:], T = longest seq - 1.
 
     Inputs are padded with pad_id (after the sequence: causal attention never looks there).
     Target positions past each sequence's end are ignore_index, so its final eot (the last
     real token) stays a target; with mask_prompt the targets that are prompt or context tokens
     are too.
+
+    lengths: (inputs, targets, None, lengths [B]) instead, each row's real input tokens (the None where a
+    packed batch has its doc_ids): the padding cannot be told from the targets (a chat cut in a later user
+    turn ends in real tokens whose targets are ignored) nor from the inputs (pad_id is the eot), and a
+    mixture of experts' load-balancing loss counts every real token (common.sft_real_mask).
     """
     T = max(len(e.ids) for e in examples) - 1
     inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -241,10 +247,13 @@ def collate(examples, pad_id: int, mask_prompt: bool = True, ignore_index: int =
     for i, e in enumerate(examples):
         x, y = example_io(e, mask_prompt, ignore_index)
         inputs[i, :len(x)], targets[i, :len(y)] = x, y
+    if lengths:
+        return inputs, targets, None, torch.tensor([len(e.ids) - 1 for e in examples], dtype=torch.long)
     return inputs, targets
 
 
-def collate_packed(rows, row_len: int, pad_id: int, mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX):
+def collate_packed(rows, row_len: int, pad_id: int, mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX,
+                   lengths: bool = False):
     """Packed rows: (inputs, targets, doc_ids), each [len(rows), row_len].
 
     rows: lists of Examples. A row holds its examples one after another, each as collate lays it
@@ -253,6 +262,9 @@ def collate_packed(rows, row_len: int, pad_id: int, mask_prompt: bool = True, ig
     its padding len(row), so the model (GPTModel's doc_ids) restarts positions at each example and
     keeps its attention inside it. A target is always the example's own next token: none runs
     from one example into the next.
+
+    lengths: (inputs, targets, doc_ids, lengths [len(rows)]) instead, each row's real tokens (its examples',
+    before the padding), as collate(lengths=True).
     """
     inputs = torch.full((len(rows), row_len), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), row_len), ignore_index, dtype=torch.long)
@@ -266,6 +278,8 @@ def collate_packed(rows, row_len: int, pad_id: int, mask_prompt: bool = True, ig
             inputs[r, at:at + len(x)], targets[r, at:at + len(y)], doc_ids[r, at:at + len(x)] = x, y, j
             at += len(x)
         doc_ids[r, at:] = len(row)
+    if lengths:
+        return inputs, targets, doc_ids, torch.tensor([sum(len(e.ids) - 1 for e in row) for row in rows])
     return inputs, targets, doc_ids
 
 
@@ -393,10 +407,11 @@ class SFTData:
         return [self.train[i] for i in batch]
 
     def collate_train(self, examples):
-        """next_examples' batch as tensors: (inputs, targets), packed (inputs, targets, doc_ids)."""
+        """next_examples' batch as tensors: (inputs, targets, None, lengths), packed (inputs, targets, doc_ids,
+        lengths): each row's real tokens, which a mixture of experts' load-balancing loss counts."""
         if self.pack_len is not None:
-            return collate_packed(examples, self.pack_len, self.pad_id, self.mask_prompt)
-        return self._collate(examples)
+            return collate_packed(examples, self.pack_len, self.pad_id, self.mask_prompt, lengths=True)
+        return collate(examples, self.pad_id, self.mask_prompt, lengths=True)
 
     def _seed_of(self, epoch: int) -> int:
         return (self.seed * 1_000_003 + epoch) % 2 ** 62
@@ -479,8 +494,8 @@ def sft_loss(model, batch, label_smoothing: float = 0.0, z_loss: float = 0.0):
     loss = model(inputs, targets=targets, ignore_index=IGNORE_INDEX, reduction="sum", doc_ids=doc_ids,
                  label_smoothing=label_smoothing, z_loss=z_loss)
     n = (targets != IGNORE_INDEX).sum()
-    # padding (after each row's last counted target, its eot) left out of the routers' balance
-    aux = common.moe_aux_term(model, common.through_last_mask(targets != IGNORE_INDEX))
+    # the padding left out of the routers' balance, every real token in it, counted target or not
+    aux = common.moe_aux_term(model, common.sft_real_mask(batch, IGNORE_INDEX))
     return (loss if aux is None else loss + aux * n), n
 
 
