@@ -16,7 +16,7 @@ from test_grad_accum_jobs import (CTX, VOCAB, assert_accumulation_is_one_batch, 
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train import common, distill, dpo, kto, reward, sft
-from tritongpt.train.preference import pair_batch, sequence_logprobs
+from tritongpt.train.preference import EncodedPair, pair_batch, sequence_logprobs
 
 COEF = 0.7  # large, so that a missing or misweighted term shows well above float noise
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,6 +187,28 @@ def test_kto_adds_the_completions_aux_not_the_kl_batchs(loss_type):
     lengths = [len(e.prompt) + len(e.completion) for e in enc]
     assert_adds_aux(fn, tiny_moe(0), batch, lambda m: sequence_logprobs(m, batch[0], batch[1]),
                     mask=real(lengths, batch[0].size(1)))
+
+
+def test_dpo_and_kto_count_the_prompt_of_a_row_with_no_response_target():
+    """A row whose response has no token (no target to score) still routed its prompt's tokens: they count in the
+    aux, as every real token does (the rows' lengths, not the response mask's last target, mark the padding)."""
+    g = torch.Generator().manual_seed(9)
+    enc = [EncodedPair(prompt=ids(g, 6), chosen=ids(g, 3), rejected=[]),
+           EncodedPair(prompt=ids(g, 4), chosen=ids(g, 5), rejected=ids(g, 2))]
+    batch = dpo.DPOData(enc, dpo.reference_logprobs(tiny_moe(1), enc, 0, "cpu"), pad_id=0).batch([0, 1])
+    lengths = [9, 9, 6, 6]
+    assert torch.equal(batch[3], torch.tensor(lengths)) and not batch[1][2].any()  # row 2: no response target
+    idx, mask = batch[:2]
+    assert_adds_aux(dpo.make_loss_fn(0.5), tiny_moe(0), batch, lambda m: sequence_logprobs(m, idx, mask),
+                    mask=real(lengths, idx.size(1)))
+
+    ex = [kto.EncodedExample(prompt=ids(g, 5), completion=[], label=True),
+          kto.EncodedExample(prompt=ids(g, 3), completion=ids(g, 4), label=False)]
+    data = kto.cache_reference(tiny_moe(1), kto.KTOData(ex, chunk=2, max_len=CTX, pad_id=0), "cpu", kl=False)
+    batch = data.batch([0, 1], kl=False)
+    assert torch.equal(batch[7], torch.tensor([5, 7])) and not batch[1][0].any()
+    assert_adds_aux(kto.make_loss_fn(0.3, "apo_zero_unpaired"), tiny_moe(0), batch,
+                    lambda m: sequence_logprobs(m, batch[0], batch[1]), mask=real([5, 7], batch[0].size(1)))
 
 
 def test_the_reward_model_adds_its_backbones_aux():

@@ -407,7 +407,7 @@ def moe_aux_term(model, mask=None):
     rlhf's PolicyWithValue (its policy's).
 
     mask: that forward's [B, T], true at its real tokens, whatever their targets (length_mask, sft_real_mask,
-    response_rows_mask): a padded batch's pad tokens are left out of the loss, as transformers'
+    preference_real_mask): a padded batch's pad tokens are left out of the loss, as transformers'
     load_balancing_loss_func leaves out its attention_mask's 0s (else the routers would train to balance the
     padding too). None: every token counts."""
     m = _routed_model(model)
@@ -466,6 +466,15 @@ def sft_real_mask(batch, ignore_index: int = -100):
     if len(batch) > 3 and batch[3] is not None:
         return length_mask(batch[3], batch[0].size(1))
     return through_last_mask(batch[1] != ignore_index)
+
+
+def preference_real_mask(batch, at: int):
+    """[B, T] true at a dpo or kto batch's real tokens (idx = batch[0]), prompt and response alike: from the rows'
+    lengths where the batch carries them (batch[at], DPOData's and KTOData's), else response_rows_mask of its
+    response mask (batch[1]; a batch made by hand), which leaves out a row with no response target at all."""
+    if len(batch) > at and batch[at] is not None:
+        return length_mask(batch[at], batch[0].size(1))
+    return response_rows_mask(batch[1])
 
 
 def response_rows_mask(mask):

@@ -149,11 +149,13 @@ class DPOData:
         return len(self.encoded)
 
     def batch(self, rows, device="cpu"):
+        """(idx, mask, ref log-probs or None, lengths): the rows' real tokens last, for a mixture of experts'
+        load-balancing loss, which counts every token the policy routed, a response's or not."""
         idx, lengths, mask = pair_batch([self.encoded[i] for i in rows], self.pad_id, device)
         if self.ref_logp is None:
-            return idx, mask, None
+            return idx, mask, None, lengths
         ref = self.ref_logp[rows]
-        return idx, mask, torch.cat([ref[:, 0], ref[:, 1]]).to(device)
+        return idx, mask, torch.cat([ref[:, 0], ref[:, 1]]).to(device), lengths
 
 
 class FrozenReference:
@@ -178,12 +180,12 @@ class FrozenReference:
 def make_loss_fn(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  simpo_gamma: float = SIMPO_GAMMA, rpo_alpha: float = 0.0):
     def loss_fn(model, batch):
-        idx, mask, ref = batch
+        idx, mask, ref = batch[:3]
         lp, nll = policy_terms(model, idx, mask, loss_type, rpo_alpha)
         loss = dpo_loss(lp, ref, beta, loss_type, label_smoothing, simpo_gamma, nll, rpo_alpha)[0]
         # a mixture of experts' load-balancing loss over the policy's one forward (chosen and rejected together;
         # the reference's log-probs are cached), a mean as the loss is: TRL's aux_loss_enabled adds it the same way
-        aux = common.moe_aux_term(model, common.response_rows_mask(mask))  # the pad tokens left out
+        aux = common.moe_aux_term(model, common.preference_real_mask(batch, 3))  # the pad tokens left out
         return loss if aux is None else loss + aux
 
     return loss_fn
@@ -200,7 +202,7 @@ def dpo_metrics(model, data: DPOData, beta: float, limit: int | None = None, bat
     loss = margin = acc = rc = rr = 0.0
     for i in range(0, n, batch_size):
         rows = list(range(i, min(n, i + batch_size)))
-        idx, mask, ref = data.batch(rows, device)
+        idx, mask, ref, _ = data.batch(rows, device)
         lp, nll = policy_terms(model, idx, mask, loss_type, rpo_alpha)
         lp = lp.float()
         l, m = dpo_loss(lp, ref, beta, loss_type, label_smoothing, simpo_gamma, nll, rpo_alpha)

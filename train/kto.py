@@ -260,9 +260,13 @@ class KTOData:
         return idx, mask, kl_idx, kl_mask
 
     def batch(self, rows, device="cpu", kl: bool = True):
-        """What the loss reads: (idx, mask, kl_idx, kl_mask, labels, ref_logp, ref_kl_logp)."""
+        """What the loss reads: (idx, mask, kl_idx, kl_mask, labels, ref_logp, ref_kl_logp, lengths), lengths the
+        rows' real tokens (idx's, response_batch's), which a mixture of experts' load-balancing loss counts."""
         ref_kl = self.ref_kl_logp[rows].to(device) if kl else None
-        return (*self.inputs(rows, device, kl), self.labels[rows].to(device), self.ref_logp[rows].to(device), ref_kl)
+        lengths = torch.tensor([len(self.encoded[i].prompt) + len(self.encoded[i].completion) for i in rows],
+                               dtype=torch.long, device=device)
+        return (*self.inputs(rows, device, kl), self.labels[rows].to(device), self.ref_logp[rows].to(device), ref_kl,
+                lengths)
 
 
 def logprobs(model, idx, mask, kl_idx=None, kl_mask=None):
@@ -291,11 +295,11 @@ def make_loss_fn(beta: float, loss_type: str = "kto", desirable_weight: float = 
     """The Trainer's loss_fn. Its z0 is averaged over the torchrun ranks (every rank runs each training step);
     loss_fn.kl holds the z0 (a detached tensor) of its last call, None for apo_zero_unpaired."""
     def loss_fn(model, batch):
-        idx, mask, kl_idx, kl_mask, labels, ref, ref_kl = batch
+        idx, mask, kl_idx, kl_mask, labels, ref, ref_kl = batch[:7]
         lp = sequence_logprobs(model, idx, mask).float()
         # a mixture of experts' load-balancing loss, read now: z0's forward below replaces the routers' logits
         # (the KL batch's forward is z0's baseline, under no_grad: nothing of it trains)
-        aux = common.moe_aux_term(model, common.response_rows_mask(mask))  # the pad tokens left out
+        aux = common.moe_aux_term(model, common.preference_real_mask(batch, 7))  # the pad tokens left out
         policy_kl = None
         if loss_type == "kto":
             with torch.no_grad():  # z0 is a baseline, not optimised: no graph kept for it (TRL's no_grad)
