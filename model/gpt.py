@@ -868,7 +868,9 @@ class GPTModel(nn.Module):
             return self._head_input(self.hidden(idx, cache, doc_ids))
         loss = self._forward(idx, cache, targets, ignore_index, reduction, doc_ids, label_smoothing, z_loss)
         if targets is not None and self.config.moe_aux_loss and reduction == "mean":
-            loss = loss + self.config.moe_aux_loss * self.router_aux_loss()
+            aux = self.config.moe_aux_loss * self.router_aux_loss()
+            self.logged_moe_aux = aux.detach()  # the Trainer's moe_aux column (train/common.py's take_moe_aux)
+            loss = loss + aux
         return loss
 
     def router_aux_loss(self, mask=None):

@@ -248,6 +248,82 @@ def test_at_coefficient_0_a_mixture_of_experts_accumulates_as_one_batch(tmp_path
                                      [data.batch([0, 1]), data.batch([2, 3])], data.batch(range(4)), tmp_path / "dpo")
 
 
+# -- the moe_aux column ---------------------------------------------------------------------------------------
+def test_the_step_logs_the_aux_it_trained_on(tmp_path):
+    """moe_aux: what of the logged loss is the routers' balance, weighed as the loss is (sft's by counted targets
+    over the micro-batches, a mean loss's by 1/k), so loss - moe_aux is the plain objective; no column for a
+    dense model or a coefficient of 0."""
+    ex = sft_examples(1)
+    micro = [sft.collate(ex[:2], pad_id=0, lengths=True), sft.collate(ex[2:], pad_id=0, lengths=True)]
+    row, _ = one_step(tiny_moe(0), sft.sft_loss, micro, tmp_path / "sft")
+    m = tiny_moe(0)
+    aux = plain = 0.0
+    for x, y, _, lengths in micro:
+        n = (y != sft.IGNORE_INDEX).sum().item()
+        m.config.moe_aux_loss = 0.0
+        plain += sft.sft_loss(m, (x, y))[0].item()
+        aux += COEF * m.router_aux_loss(real(lengths, x.size(1))).item() * n
+    n = sum((y != sft.IGNORE_INDEX).sum().item() for _, y, *_ in micro)
+    assert row["moe_aux"] == pytest.approx(aux / n, rel=1e-5) and row["moe_aux"] > 0.1
+    assert row["loss"] - row["moe_aux"] == pytest.approx(plain / n, rel=1e-5)
+
+    data = dpo.DPOData(pairs(5), None, pad_id=0)
+    micro = [data.batch([0, 1]), data.batch([2, 3])]
+    row, _ = one_step(tiny_moe(0), dpo.make_loss_fn(0.5, "simpo"), list(micro), tmp_path / "dpo")
+    m = tiny_moe(0)
+    want = 0.0
+    for batch in micro:
+        dpo.make_loss_fn(0.5, "simpo")(m, batch)
+        want += common.take_moe_aux(m).item() / 2
+    assert row["moe_aux"] == pytest.approx(want, rel=1e-5)
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, VOCAB, (2, CTX + 1), generator=g)
+    batch = (x[:, :-1], x[:, 1:])
+    row, _ = one_step(tiny_moe(0), lambda m, b: m(b[0], targets=b[1]), [batch], tmp_path / "pretrain")
+    m = tiny_moe(0)
+    m(batch[0])
+    assert row["moe_aux"] == pytest.approx(COEF * m.router_aux_loss().item(), rel=1e-5)
+
+    dense = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=CTX, n_embd=16, n_layer=1, n_head=2))
+    for i, model in enumerate((tiny_moe(0, coef=0.0), dense)):
+        row, _ = one_step(model, sft.sft_loss, [sft.collate(ex, pad_id=0, lengths=True)], tmp_path / f"none{i}")
+        assert "moe_aux" not in row and row["loss"] > 0
+
+
+@pytest.mark.parametrize("job", ["sft", "dpo"])
+def test_a_run_writes_moe_aux_to_its_metrics_for_a_mixture_of_experts_only(job, tmp_path):
+    """Through the jobs' own training functions, one step each: metrics.jsonl has the column for a mixture of
+    experts at a non-zero coefficient, and none for a dense model."""
+    import json
+
+    from test_sft import CharTokenizer, train_args
+
+    from tritongpt.train.preference import PreferencePair
+
+    def model(moe):
+        torch.manual_seed(0)
+        extra = dict(mlp="swiglu", mlp_hidden=16, n_experts=4, experts_per_token=2, moe_aux_loss=COEF) if moe else {}
+        return GPTModel(GPTConfig(vocab_size=129, context_length=32, n_embd=16, n_layer=1, n_head=2, **extra))
+
+    for moe in (True, False):
+        out = tmp_path / f"{job}_{moe}"
+        args = train_args(out, max_steps=1, batch_size=2)
+        if job == "sft":
+            recs = [{"instruction": f"w{i}", "input": "", "output": "ab"} for i in range(4)]
+            sft.run_sft(model(moe), CharTokenizer(), recs, [], [], args, sample=False, eval_gen=0,
+                        template=lambda r: r["instruction"])
+        else:
+            ps = [PreferencePair(f"q{i}", "yes", "no") for i in range(4)]
+            dpo.train_dpo(model(moe), None, CharTokenizer(), ps, None, args, loss_type="simpo")
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "grad_norm" in r]
+        assert len(steps) == 1
+        assert ("moe_aux" in steps[0]) == moe
+        if moe:
+            assert 0 < steps[0]["moe_aux"] < steps[0]["loss"]
+
+
 # -- rlhf -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
 def test_rlhf_minibatch_loss_adds_the_policys_aux(algo):
@@ -274,6 +350,10 @@ def test_rlhf_minibatch_loss_adds_the_policys_aux(algo):
     def fn(m, batch):
         loss, stats = minibatch_loss(m, ro, sel, args)
         assert stats["loss"] == pytest.approx(loss.item())  # the logged loss is the one trained
+        aux = common.moe_aux_term(m, real(lengths, T))  # after minibatch_loss's forward: its routers' logits
+        assert ("moe_aux" in stats) == (aux is not None)  # the logged column, at COEF only
+        if aux is not None:
+            assert stats["moe_aux"] == pytest.approx(aux.item(), rel=1e-6)
         return loss
 
     assert_adds_aux(fn, model, None, lambda m: m.logprobs(idx), mask=real(lengths, T))

@@ -413,7 +413,23 @@ def moe_aux_term(model, mask=None):
     m = _routed_model(model)
     coef = getattr(getattr(m, "config", None), "moe_aux_loss", 0.0)
     aux = m.router_aux_loss(mask) if coef else None
-    return None if aux is None else coef * aux
+    if aux is None:
+        return None
+    term = coef * aux
+    m.logged_moe_aux = term.detach()  # the step's moe_aux column (take_moe_aux)
+    return term
+
+
+def take_moe_aux(model):
+    """The load-balancing term (detached) that the last moe_aux_term, or the last forward(targets=)'s mean, added to
+    a loss since the last call, then forgotten: None where none was (a dense model, a coefficient of 0, or no
+    such forward). The Trainer reads it after each micro-batch's loss for its moe_aux column: what of the logged
+    loss is the routers' balance, so that loss - moe_aux is the plain objective."""
+    m = _routed_model(model)
+    aux = getattr(m, "logged_moe_aux", None)
+    if aux is not None:
+        m.logged_moe_aux = None
+    return aux
 
 
 def _routed_model(model):

@@ -307,10 +307,8 @@ def pretrain_loss_fn(teacher, opts: dict, vocab_size: int, doc_ids_of, parts: Pa
             loss, ce, kd = distill_loss(m(x, doc_ids=doc_ids), t_logits, y, vocab_size, *mix, **loss_options)
         if parts is not None:
             parts.add(ce * y.numel(), kd * y.numel(), y.numel())
-        cfg = unwrapped(m).config
-        if cfg.moe_aux_loss:  # as forward(targets=) adds it to a mean loss
-            loss = loss + cfg.moe_aux_loss * unwrapped(m).router_aux_loss()
-        return loss
+        aux = moe_aux_term(m)  # as forward(targets=) adds it to a mean loss (windows: no padding)
+        return loss if aux is None else loss + aux
 
     return loss_fn
 

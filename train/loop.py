@@ -900,6 +900,9 @@ class Trainer:
         tokens = 0
         graphs = a.compile and a.compile_mode in CUDAGRAPH_MODES
         owned = set()  # ids of the parameters whose .grad is the loop's own copy (_own_grads)
+        # a mixture of experts' load-balancing term in the loss, weighed as the loss is (moe_aux): None for none
+        aux_sum = None
+        common.take_moe_aux(self.raw_model)  # none left over from a forward outside this step's losses
         for micro in range(a.grad_accum):
             batch = self._to_device(self.get_batch("train", self.generator))
             tokens += batch[0].numel()
@@ -913,9 +916,12 @@ class Trainer:
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     with common.autocast(self.device, self.dtype):
                         loss = self.loss_fn(model, batch)
+                    aux = common.take_moe_aux(self.raw_model)
                     if isinstance(loss, tuple):
                         # a sum: scaled by the step's whole count once every rank has it (below)
                         loss, n = loss
+                        # the aux joined the sum once per counted target (sft_loss): over the count, its mean
+                        aux = None if aux is None else aux * n
                         if divisor is None:
                             divisor = self._count_estimate(n)
                         count += n
@@ -934,29 +940,35 @@ class Trainer:
                                    ", or pass --activation-checkpointing (the same step in far less "
                                    "activation memory, ~1/3 slower)")) from None
             loss_sum += loss.detach().float()  # a copy: `loss` may be a CUDA graph's static output buffer
+            if aux is not None:
+                aux_sum = aux.float() + (0.0 if aux_sum is None else aux_sum)  # a copy too (a new tensor)
             if graphs and micro < a.grad_accum - 1:
                 self._own_grads(owned)
         weighted = divisor is not None
+        has_aux = aux_sum is not None  # alike on every rank: the same model and coefficient
         if weighted:
-            totals = torch.stack([loss_sum, count])
+            totals = torch.stack([loss_sum, count] + ([aux_sum] if has_aux else []))
             if self.ddp:
                 dist.all_reduce(totals, op=dist.ReduceOp.SUM)
             loss_t, count = totals[0] / totals[1], totals[1]
+            aux_t = totals[2] / totals[1] if has_aux else None
             # DDP averaged the ranks' gradients of sum / c: times world_size * c / count is the token mean
             grads = [p.grad for p in self.params if p.grad is not None]
             torch._foreach_mul_(grads, self.world_size * divisor / count)
         else:
-            loss_t = loss_sum / a.grad_accum
+            means = torch.stack([loss_sum] + ([aux_sum] if has_aux else [])) / a.grad_accum
             if self.ddp:
-                dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
-                loss_t /= self.world_size
+                dist.all_reduce(means, op=dist.ReduceOp.SUM)
+                means /= self.world_size
+            loss_t, aux_t = means[0], (means[1] if has_aux else None)
         tokens *= self.world_size
         max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
         self.scaler.unscale(self.optimizer)
         norm_t = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         # one device-to-host sync for these numbers; nothing has touched the weights yet
-        loss_value, grad_norm, count_value = torch.stack(
-            [loss_t.float(), norm_t.float().to(loss_t.device), count.float()]).tolist()
+        loss_value, grad_norm, count_value, *aux_value = torch.stack(
+            [loss_t.float(), norm_t.float().to(loss_t.device), count.float()]
+            + ([aux_t.float()] if has_aux else [])).tolist()
         scale = self.scaler.scale  # this step's (until step() updates it), read once the GPU has caught up
         step = self.step + 1  # the step being taken, 1-based as logged
         if weighted and count_value == 0:
@@ -982,6 +994,8 @@ class Trainer:
         row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": None if skipped else grad_norm,
                "tok_per_s": tok_s, "mfu": self._mfu(tok_s, self._seq_len),
                "mem_gb": round(_mem_gb(self.device), 3), "dt": dt}
+        if has_aux:  # what of `loss` is the routers' balance: loss - moe_aux is the plain objective
+            row["moe_aux"] = aux_value[0]
         if self.scaler.enabled:
             row.update(loss_scale=scale, skipped=skipped)
         if self.step_metrics is not None:

@@ -823,11 +823,12 @@ def minibatch_loss(model: PolicyWithValue, ro: Rollout, sel, args: RLArgs):
 
 
 def with_aux(loss, stats, aux):
-    """(loss + aux, stats with the logged loss so): aux is common.moe_aux_term's, None for none."""
+    """(loss + aux, stats with the logged loss so, and moe_aux: what of it is the routers' balance): aux is
+    common.moe_aux_term's, None for none (then no moe_aux)."""
     if aux is None:
         return loss, stats
     loss = loss + aux
-    return loss, {**stats, "loss": loss.item()}
+    return loss, {**stats, "loss": loss.item(), "moe_aux": aux.item()}
 
 
 def rloo_loss(log_ratio, ratio, mask, adv, kept, entropy, args: RLArgs):
