@@ -877,7 +877,11 @@ def pretrain(args) -> dict:
 
     def loss_fn(m, batch, **options):
         x, y, *src = batch  # a mixture's batches: each row's source too
-        # the model computes its loss: the toggle covers the loss kernel too
+        # the model computes its loss: the toggle covers the loss kernel too. A mixture of experts' load-balancing
+        # loss is forward's, over its own micro-batch: under --grad-accum k the step trains on the mean of the k
+        # micro-batches' aux, not the aux of their tokens together (E * sum f_e P_e, a product of two means, is
+        # not linear in the tokens). Left so: it is what transformers' Trainer does (an aux per forward), k
+        # equal windows weigh alike, and the whole batch's would need every micro-batch's routing first
         return m(x, targets=y, doc_ids=doc_ids_of(x, *src), **options)
 
     def objective(m, batch):
