@@ -442,7 +442,10 @@ class Int4Linear(QuantLinear):
     def set_in_perm(self, perm) -> None:
         """The stored columns' inputs (see the class): a permutation of 0..in_features - 1, refused otherwise."""
         check_in_perm(perm, self.in_features, "in_perm")
-        self.in_perm = perm.to(self.qweight.device, torch.int64)
+        # a copy of its own: the parts of a fused GPTQ layer (int4_rows: q/k/v, gate/up) are handed one order, and
+        # layers sharing one tensor are saved under one name alone (safetensors' save_model keeps one of shared
+        # tensors), so the file's other parts would load without their gather
+        self.in_perm = perm.to(self.qweight.device, torch.int64, copy=True)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device=None, group_size: int = 128, hessian=None,

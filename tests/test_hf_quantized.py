@@ -457,6 +457,24 @@ def test_an_act_order_model_saves_loads_dequantizes_copies_and_casts_with_its_in
         GPTModel.load(tmp_path / "bad.safetensors", quantized_ok=True)
 
 
+def test_a_fused_act_order_layers_parts_each_save_and_load_their_input_order(tmp_path):
+    """GPT-NeoX's query_key_value is one GPTQ layer, split into W_query, W_key and W_value (int4_rows) with one input
+    order: each part must keep its own copy, as safetensors saves tensors shared by several names under one of them
+    alone, and the file's other parts then loaded without their gather (wrong logits, no error)."""
+    folder, want = quantized_folder(tmp_path, "gptq-v2-act-order-gpt_neox")
+    model = load_checkpoint(folder, quantized_ok=True)
+    model.save(tmp_path / "int4.safetensors")
+    back = GPTModel.load(tmp_path / "int4.safetensors", quantized_ok=True).eval()
+    att = back.trf_blocks[0].att
+    for part in ("W_query", "W_key", "W_value"):
+        assert getattr(att, part).in_perm is not None, part
+        assert torch.equal(getattr(att, part).in_perm, model.trf_blocks[0].att.W_query.in_perm), part
+    idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = want(idx)
+        assert (back(idx) - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+
+
 def test_a_float_layer_beside_4bit_ones_and_a_quantized_head_are_refused_by_name(tmp_path):
     folder, want = quantized_folder(tmp_path, "awq-gemm")
 
