@@ -263,6 +263,35 @@ def test_the_op_refuses_by_name_too(case, device):
         torch.ops.tritongpt.int4_linear(torch.randn(64, 5, device=device).t(), q, scale, offset, b, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_an_act_order_layer_gathers_x_into_its_stored_order_on_both_paths(dtype, device):
+    """An act-order GPTQ layer (in_perm: stored column j is input in_perm[j], train/hf_quant.py) is the matrix
+    dequantize() gives, in the inputs' own order, times x as it is: both paths within the kernel's TOL of float64,
+    in every dtype (the gather only moves x's values: no rounding of its own), and torch.compile fullgraph the
+    same. Without the gather (or gathering by the inverse order) the result is O(1) off."""
+    k, n = 96, 48
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=torch.Generator().manual_seed(5)) * k ** -0.5)
+    layer = Int4Linear.from_linear(lin, group_size=32)
+    layer.set_in_perm(torch.randperm(k, generator=torch.Generator().manual_seed(6)))
+    layer = layer.to(device, dtype)
+    assert layer.in_perm.dtype == torch.int64 and layer.scale.dtype == torch.float32
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    w = layer.dequantize().double()  # (the inputs' own order)
+    want = x.double() @ w.T + layer.bias.double()
+    unordered = x.double() @ layer._stored().double().T + layer.bias.double()  # (the stored order: no gather)
+    assert (unordered - want).abs().max() > 0.1 * want.abs().max()
+    with torch.no_grad():
+        for use_triton in (False, True):
+            layer.use_triton = use_triton
+            got = layer(x)
+            assert got.dtype == dtype
+            assert_close_rel(got, want, TOL[dtype], f"act-order {dtype} triton={use_triton}")
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(compiled, got)
+
+
 def test_inference_under_no_grad_and_inference_mode(device):
     args = _bad(device, x=lambda x: x.requires_grad_(), bias=lambda b: b.requires_grad_())
     want = reference(args["x"].detach(), args["qweight"], args["scale"], args["offset"], args["bias"].detach())
