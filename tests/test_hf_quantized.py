@@ -619,6 +619,40 @@ def test_qlora_on_an_act_order_layer_trains_and_merges_in_the_inputs_own_order(t
         a.grad = None
 
 
+def test_adapters_served_on_an_act_order_model_read_x_ungathered_on_both_paths(tmp_path):
+    """serve --lora on an act-order GPTQ folder: each AdapterLinear runs its adapter on x as it is (A in the inputs'
+    own order), beside the base's gather: a row per adapter and a base row, on the reference path and the Triton
+    one (kernels/lora.py add_lora_rows), give the float model's logits with that row's adapter merged, W + B A."""
+    import copy
+
+    from tritongpt.model.lora import serve_adapters
+
+    folder, want = quantized_folder(tmp_path, "gptq-v1-act-order")
+    model = load_checkpoint(folder, quantized_ok=True)
+    assert model.trf_blocks[0].ff.w_down.in_perm is not None
+    gen = torch.Generator().manual_seed(3)
+    adapters = {name: {f"trf_blocks.0.{p}": (0.3 * torch.randn(4, m.in_features, generator=gen),
+                                             0.3 * torch.randn(m.out_features, 4, generator=gen))
+                       for p in paths for m in [model.get_submodule(f"trf_blocks.0.{p}")]}
+                for name, paths in (("a", ["ff.w_down", "att.W_query"]), ("b", ["ff.w_down", "ff.w_up"]))}
+    merged = {}
+    for name, modules in adapters.items():
+        merged[name] = copy.deepcopy(want)
+        with torch.no_grad():
+            for path, (a, b) in modules.items():
+                merged[name].get_submodule(path).weight.add_(b @ a)
+    serve_adapters(model, adapters)
+    idx = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = torch.stack([merged["a"](idx[:1])[0], merged["b"](idx[1:2])[0], want(idx[2:])[0]])
+        assert (expected[0] - want(idx[:1])[0]).abs().max() > 0.1 * expected.abs().max()  # (the adapters matter)
+        for kernels in ("reference", "mlp"):  # (the quantized and adapter matmuls' Triton path)
+            model.set_kernels(kernels)
+            with model.adapters.use(torch.tensor([0, 1, -1])):
+                got = model(idx)
+            assert (got - expected).abs().max().item() < 1e-5 * expected.abs().max().item(), kernels
+
+
 @pytest.mark.parametrize("quantized, tie", [("lm_head", True), ("language_model.lm_head", True), ("lm_head", False),
                                             ("model.language_model.embed_tokens", True)])
 def test_a_multimodal_gemma3s_quantized_head_or_embedding_is_refused_by_name(tmp_path, quantized, tie):
