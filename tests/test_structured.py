@@ -15,7 +15,7 @@ from tritongpt.train.generate import generate, masked_ends
 from tritongpt.train.tokenizer import BPETokenizer
 
 xgr = pytest.importorskip("xgrammar")
-from tritongpt.train.structured import Grammars, StructuredOutputs  # noqa: E402
+from tritongpt.train.structured import Grammars, StructuredOutputs, grammar_is_lark  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CORPUS = ('the cat sat on the mat. a dog ran in the park, "name": 12, {"age": [1, 2]} yes no maybe ' * 4
@@ -217,6 +217,106 @@ def test_what_xgrammar_cannot_compile_is_named(tiny, spec, says):
         tiny[2].guide(spec)
 
 
+# vLLM's own test grammars (tests/v1/entrypoints/conftest.py's sample_sql_ebnf and sample_sql_lark: one language,
+# 16 texts; test_struct_output_generate.py's ?start grammar with a regex terminal), and one with Lark's multi-line
+# alternatives, `//` comments, %import and %ignore
+SQL_EBNF = """
+root ::= select_statement
+select_statement ::= "SELECT" column "from" table "where" condition
+column ::= "col_1" | "col_2"
+table ::= "table_1" | "table_2"
+condition ::= column "=" number
+number ::= "1" | "2"
+"""
+SQL_LARK = """
+start: select_statement
+select_statement: "SELECT" column "from" table "where" condition
+column: "col_1" | "col_2"
+table: "table_1" | "table_2"
+condition: column "=" number
+number: "1" | "2"
+"""
+SQL_TEXTS = {f"SELECT{c}from{t}where{d}={n}" for c in ("col_1", "col_2") for t in ("table_1", "table_2")
+             for d in ("col_1", "col_2") for n in "12"}
+LARK = {
+    "sql": (SQL_LARK, lambda t: t in SQL_TEXTS),
+    "sql_regex": ("""
+?start: select_statement
+?select_statement: "SELECT " column_list " FROM " table_name
+?column_list: column_name ("," column_name)*
+?table_name: identifier
+?column_name: identifier
+?identifier: /[a-zA-Z_][a-zA-Z0-9_]*/
+""", lambda t: re.fullmatch(r"SELECT ([a-zA-Z_]\w*)(,[a-zA-Z_]\w*)* FROM [a-zA-Z_]\w*", t, re.ASCII) is not None),
+    "ignore": ("""// a list: the blanks between its tokens ignored
+start: "[" item ("," item)* "]"
+item: INT
+    | "x"   // a placeholder
+%import common.INT
+%ignore " "
+""", lambda t: re.fullmatch(r" *\[ *(\d+|x)( *, *(\d+|x))* *\] *", t) is not None)}
+
+
+@pytest.mark.parametrize("name", list(LARK))
+def test_a_lark_grammar_holds_the_text_as_vllms_does(tiny, name):
+    """A grammar with no `::=` rule is Lark's (vLLM's grammar_is_likely_lark), compiled by xgrammar's Lark reader as
+    vLLM's backend compiles it: every sampled text is one of the grammar's (checked by a pattern of its language, not
+    by Lark or xgrammar), ended by the EOS."""
+    model, tok, grammars = tiny
+    grammar, ok = LARK[name]
+    assert grammar_is_lark(grammar)
+    idx = torch.tensor([tok.encode("the cat")] * 3)
+    # (a bias toward the ends: a random model's identifiers and lists run on, the grammar deciding where they may end)
+    bias = {tok.eot_id: 6.0, tok.encode(" ")[0]: 3.0, tok.encode("]")[0]: 3.0}
+    kw = dict(temperature=1.0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size, logit_bias=bias)
+    guide = grammars.guide(StructuredOutputs(grammar=grammar))
+    out = generate(model, idx, 40, guide=guide, generator=torch.Generator().manual_seed(1), **kw)
+    got = texts(tok, out, idx.size(1))
+    assert all(ended and ok(text) for text, ended in got) and guide.finished == [True] * 3, got
+    plain = generate(model, idx, 40, generator=torch.Generator().manual_seed(1), **kw)
+    assert not any(ok(text) for text, _ in texts(tok, plain, idx.size(1)))
+
+
+def test_a_lark_grammar_draws_what_its_ebnf_twin_draws(tiny):
+    """vLLM's sample_sql_lark and sample_sql_ebnf, one language: the same tokens drawn under each (the EBNF one still
+    read as EBNF). A `::=` on any line, outside a `#` or `//` comment, makes a grammar EBNF, as vLLM's rule says."""
+    model, tok, grammars = tiny
+    assert grammar_is_lark(SQL_LARK) and not grammar_is_lark(SQL_EBNF)
+    assert grammar_is_lark('start: "a" // not root ::= "a"\n# x ::= y') and not grammar_is_lark('root ::= "a"  // a')
+    idx = torch.tensor([tok.encode("the cat")] * 4)
+    outs = [generate(model, idx, 44, temperature=1.0, eos_id=tok.eot_id, vocab_limit=tok.vocab_size,
+                     guide=grammars.guide(StructuredOutputs(grammar=g)), generator=torch.Generator().manual_seed(5))
+            for g in (SQL_LARK, SQL_EBNF)]
+    assert torch.equal(outs[0], outs[1])
+    got = texts(tok, outs[0], idx.size(1))
+    assert all(ended and text in SQL_TEXTS for text, ended in got) and len({t for t, _ in got}) > 1, got
+
+
+@pytest.mark.parametrize("grammar,says", [
+    ('start: "a"\n    | b', "Lark error at line 2, column 7: unknown name 'b'"),
+    ("\nrule: 'hello'", "Lark error at line 2, column 7: unexpected character"),  # (Lark's strings are "...")
+    ('start: A\n%declare A', "Lark error at line 2, column 1: directive %declare is not supported"),
+    ('start: NUM\n%import common.NUM', "Lark error at line 2, column 1: unknown common import 'common.NUM'"),
+    ('a: "x"', "Lark error at line 1, column 1: no start rule found")])
+def test_a_malformed_lark_grammar_is_refused_naming_its_line(tiny, grammar, says):
+    with pytest.raises(UserError, match=re.escape("the grammar (read as Lark: no line defines a rule with ::=) could "
+                                                  f"not be compiled: {says}")):
+        tiny[2].guide(StructuredOutputs(grammar=grammar))
+
+
+def test_a_lark_grammar_without_xgrammars_lark_reader_is_refused(tiny, monkeypatch):
+    """xgrammar before 0.2.6 has no compile_lark: a Lark grammar is refused by name, not read as EBNF."""
+    grammars = tiny[2]
+
+    class Old:  # (an older compiler: compile_grammar alone)
+        compile_grammar = grammars.compiler.compile_grammar
+    monkeypatch.setattr(grammars, "compiler", Old())
+    with pytest.raises(UserError, match=re.escape("(read as Lark: no line defines a rule with ::=) needs xgrammar "
+                                                  "0.2.6 or later")):
+        grammars.compile(StructuredOutputs(grammar=SQL_LARK))
+    grammars.compile(StructuredOutputs(grammar=SQL_EBNF))
+
+
 @pytest.mark.parametrize("schema,says", [
     ({"type": "array", "items": {"enum": [1, 2]}, "minItems": 2, "maxItems": 2, "uniqueItems": True},
      "uniqueItems at the top level is not supported by xgrammar"),
@@ -334,10 +434,17 @@ def test_serve_takes_structured_outputs_and_response_format(server):
     assert status == 200, out
     answer = out["choices"][0]["message"]["content"]
     assert json.loads(answer)["a"] in ("x", "yy") and out["choices"][0]["finish_reason"] == "stop", answer
+    # a Lark grammar (vLLM's sample_sql_lark), read as vLLM's xgrammar backend reads it
+    status, out = call(srv, "/v1/completions", {"prompt": "the cat", "max_tokens": 44, "seed": 2, "temperature": 1.0,
+                                                "structured_outputs": {"grammar": SQL_LARK}})
+    assert status == 200 and out["choices"][0]["text"] in SQL_TEXTS and out["choices"][0]["finish_reason"] == "stop", \
+        out
 
 
 @pytest.mark.parametrize("extra,param,says", [
     ({"structured_outputs": {"regex": "a("}}, "structured_outputs", "the regex could not be compiled"),
+    ({"structured_outputs": {"grammar": 'start: "a"\n  | b'}}, "structured_outputs",
+     "(read as Lark: no line defines a rule with ::=) could not be compiled: Lark error at line 2, column 5"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "response_format",
      "pass one of"),
     ({"guided_json": {"type": "object"}}, "guided_json", 'use "structured_outputs": {"json": ...}'),

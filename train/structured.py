@@ -40,7 +40,8 @@ def _xgrammar():
 class StructuredOutputs:
     """What the text must be, one of vLLM's StructuredOutputsParams kinds: json (a JSON schema, as a dict or its
     text), regex, choice (a list of strings: the text is one of them), grammar (an EBNF grammar in xgrammar's GBNF
-    form, `root ::= ...`) or json_object (any JSON object: OpenAI's response_format {"type": "json_object"})."""
+    form, `root ::= ...`, or a Lark grammar, `start: ...`: grammar_is_lark) or json_object (any JSON object:
+    OpenAI's response_format {"type": "json_object"})."""
     json: object = None
     regex: str | None = None
     choice: tuple | None = None
@@ -130,6 +131,14 @@ def request_structure(d: dict, where: str = "") -> tuple:
 def choice_grammar(choices) -> str:
     """An EBNF grammar whose language is exactly the choices (each a JSON-escaped string literal)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def grammar_is_lark(grammar: str) -> bool:
+    """Whether a grammar is read as Lark's (`start: a | b`) rather than EBNF's (`root ::= ...`), by vLLM's rule
+    (grammar_is_likely_lark): Lark unless some line, its comment (`#` or `//` on) cut off, has `::=`. vLLM's
+    xgrammar backend then compiles it with xgrammar's own Lark reader (compile_lark; its hand-written Lark-to-EBNF
+    conversion is gone), so that is what reads it here too: the same grammars taken, the same texts allowed."""
+    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.split("\n"))
 
 
 def _said(e: Exception) -> str:
@@ -318,7 +327,7 @@ class Grammars:
     def compile(self, spec: StructuredOutputs):
         """spec compiled against the vocabulary (xgrammar caches each grammar's compilation): a UserError naming
         the kind and xgrammar's complaint for a schema, pattern or grammar it cannot read."""
-        c = self.compiler
+        c, what = self.compiler, spec.kind
         try:
             if spec.json is not None:
                 schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
@@ -333,12 +342,19 @@ class Grammars:
                 return c.compile_regex(spec.regex)
             if spec.choice is not None:
                 return c.compile_grammar(choice_grammar(spec.choice))
+            if spec.grammar is not None and grammar_is_lark(spec.grammar):
+                what = "grammar (read as Lark: no line defines a rule with ::=)"
+                if not hasattr(c, "compile_lark"):  # (xgrammar 0.2.6's; our floor is 0.2)
+                    raise UserError(f"structured outputs: the {what} needs xgrammar 0.2.6 or later, whose Lark "
+                                    "reader vLLM uses: pip install -U xgrammar, or write it as EBNF (root ::= ...)")
+                # (xgrammar's error names the line and column: "Lark error at line 2, column 5: unknown name 'b'")
+                return c.compile_lark(spec.grammar)
             if spec.grammar is not None:
                 return c.compile_grammar(spec.grammar)
             # OpenAI's json_object is an object; xgrammar's builtin JSON grammar (vLLM's) takes any value, [1] too
             return c.compile_json_schema('{"type": "object"}', any_whitespace=not spec.disable_any_whitespace)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"structured outputs: the {spec.kind} could not be compiled: {_said(e)}") from None
+            raise UserError(f"structured outputs: the {what} could not be compiled: {_said(e)}") from None
 
     def guide(self, spec: StructuredOutputs) -> "Guide":
         """A Guide of spec's compiled grammar (its rows and end tokens given by Guide.begin)."""
@@ -554,6 +570,6 @@ def add_structured_arg(p, what: str = "the text"):
     p.add_argument("--structured-outputs", default=None, metavar="SPEC",
                    help=f"{what} must be what SPEC allows (vLLM's structured_outputs, through xgrammar): a JSON "
                         "object with one of json (a JSON schema), regex, choice (a list of strings), grammar (EBNF, "
-                        "`root ::= ...`) or json_object: true, and optionally disable_any_whitespace; or @FILE "
-                        "holding it. A text ends at the grammar's end with its end token (the EOS, a chat's end of "
-                        "turn)")
+                        "`root ::= ...`, or Lark, `start: ...`) or json_object: true, and optionally "
+                        "disable_any_whitespace; or @FILE holding it. A text ends at the grammar's end with its end "
+                        "token (the EOS, a chat's end of turn)")
