@@ -1438,3 +1438,30 @@ def test_the_stop_check_searches_the_grown_text_it_kept_after_a_call_that_adds_n
         row += ids
         assert grown.stopped(torch.tensor([row])).tolist() == whole.stopped(torch.tensor([row])).tolist() == [False], \
             ids
+
+
+def test_a_decoder_the_tokenizers_library_panics_on_is_a_user_error_naming_it():
+    """A Strip decoder with stop > 0 panics inside the tokenizers library on a token (or, after a Fuse, a text) of
+    only its content shorter than its start + stop (0.23: Strip(" ", 1, 1) on " "), and a Rust panic reaches
+    Python as pyo3's PanicException, a BaseException no handler of ours stopped (a server's request thread died of
+    it). decode and the stream raise a UserError naming the decoder; the empty row (whose text the library decodes
+    as "" even after a Fuse, and panics) is "" without the library."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from tritongpt.train.hf_tokenizer import HFTokenizer
+
+    t = Tokenizer(models.WordLevel({"<unk>": 0, " ": 1, "a": 2, "<eos>": 3}, unk_token="<unk>"))
+    t.decoder = decoders.Strip(" ", 1, 1)  # (on each token)
+    tok = HFTokenizer(json.loads(t.to_str()), eos_token="<eos>")
+    assert tok.decode([2, 2]) == "aa"
+    with pytest.raises(UserError, match=r'decoder \{"type": "Strip".*panicked inside the tokenizers library'):
+        tok.decode([2, 1])
+    stream = tok.stream_decoder()
+    assert stream.write([2]) == "a"
+    with pytest.raises(UserError, match="Strip"):
+        stream.write([1])
+    t.decoder = decoders.Sequence([decoders.Fuse(), decoders.Strip(" ", 1, 1)])  # (the text's first and last space)
+    tok = HFTokenizer(json.loads(t.to_str()), eos_token="<eos>")
+    assert tok.decode([]) == "" and tok.decode([2, 1]) == "a"
+    with pytest.raises(UserError, match="Strip"):
+        tok.decode([1])

@@ -403,6 +403,10 @@ class HFTokenizer(TokenizerChecks):
         self.byte_ids = frozenset(i for t, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
         # whether a row's text can be decoded a window of its last ids at a time (local_decoder), decided once
         self.incremental = local_decoder(spec.get("decoder"))
+        # the characters a Strip with stop > 0 strips: the library panics on a text of only them shorter than its
+        # start + stop (Window decodes a fresh window's text only where it holds another character)
+        self.strip_chars = frozenset(d.get("content") for d in _decoders(spec.get("decoder"))
+                                     if d.get("type") == "Strip" and d.get("stop"))
         self.special_tokens = {t.content: i for i, t in sorted(self._tok.get_added_tokens_decoder().items())
                                if t.special}
         self._special_pat = _alternation(self.special_tokens) if self.special_tokens else None
@@ -602,7 +606,27 @@ class HFTokenizer(TokenizerChecks):
     def decode(self, ids) -> str:
         """ids -> text, special tokens included, as transformers' decode(skip_special_tokens=False).
         Bytes of a cut-off character become U+FFFD."""
-        return self._tok.decode(self._checked_ids(ids), skip_special_tokens=False)
+        return self._decode(self._checked_ids(ids))
+
+    def _decode(self, ids) -> str:
+        """decode of checked ids, the library's panics a UserError (DecoderPanic) naming the decoder."""
+        if not ids:  # (no text; a Strip with stop > 0 after a Fuse panics on the empty text the library decodes)
+            return ""
+        try:
+            return self._tok.decode(ids, skip_special_tokens=False)
+        except BaseException as e:
+            # a panic in the library's Rust reaches Python as pyo3's PanicException, a BaseException (not an
+            # Exception: no `except Exception` of ours, a server's included, would stop it). A Strip
+            # decoder with stop > 0 panics on a token (or, after a Fuse, a text) of only its content shorter than
+            # its start + stop (tokenizers 0.23: Strip(" ", 1, 1) on " ")
+            if type(e).__name__ != "PanicException":
+                raise
+            decoder = json.dumps(self.spec.get("decoder"), ensure_ascii=False)
+            hint = " (a Strip with stop > 0 panics on a text of only its content shorter than its start + stop)" \
+                if self.strip_chars else ""
+            raise DecoderPanic(f"{self.where}: its decoder {decoder} panicked inside the tokenizers library decoding "
+                               f"{len(ids)} ids ({str(e).splitlines()[0] if str(e) else type(e).__name__}){hint}; "
+                               "the ids' text cannot be read with this decoder") from None
 
     def decode_bytes(self, ids) -> bytes:
         """The UTF-8 bytes of decode(ids) (eval's bits per byte counts them). Tokens here spell no
@@ -723,6 +747,18 @@ class HFTokenizer(TokenizerChecks):
                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
 
 
+class DecoderPanic(UserError):
+    """The tokenizers library panicked decoding (HFTokenizer._decode)."""
+
+
+def _decoders(d):
+    """tokenizer.json's decoder d and the decoders of its Sequences, in order."""
+    if isinstance(d, dict):
+        yield d
+        for part in (d.get("decoders") or []) if d.get("type") == "Sequence" else []:
+            yield from _decoders(part)
+
+
 def _holds_decoder(d, kind: str) -> bool:
     """Whether tokenizer.json's decoder d is, or has in its Sequence, a decoder of this type."""
     return isinstance(d, dict) and (d.get("type") == kind or d.get("type") == "Sequence" and
@@ -778,7 +814,7 @@ class Window:
         self.head = ""
 
     def _decode(self, ids) -> str:
-        return self.tok._tok.decode(ids, skip_special_tokens=False)
+        return self.tok._decode(ids)
 
     def text(self, m: int) -> str:
         """decode(ids[:m])[done:], m >= r."""
