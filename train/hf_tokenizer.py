@@ -769,11 +769,23 @@ def local_decoder(d, fused: bool = False) -> bool:
     """Whether d, tokenizer.json's "decoder", spells each id's text the same in any run of ids that has the ids just
     before it (fused: a Fuse or ByteLevel came before d in its Sequence, the tokens one text now): each spells a
     token alone (ByteLevel and ByteFallback a run of byte tokens together, Fuse and ByteLevel join all), but for the
-    text's first token (Metaspace and WordPiece spell it without its space) and first spaces (a Strip after a Fuse).
-    For those, a window of a row's last ids, decoded, spells its ids past its first as decoding the whole row does
-    (Window), and the window's first is read in the same place each time. Any other (BPEDecoder's suffix spells the
-    last token otherwise, CTC drops a token equal to the one before, a Replace of a longer pattern after a Fuse may
-    span tokens, a Strip of the end): decoded whole each time."""
+    text's first token (Metaspace and WordPiece spell it without its space), its first and last spaces (a Strip after
+    a Fuse), its last token (BPEDecoder) and a token equal to the one before (CTC). For those, a window of a row's
+    last ids, decoded, spells its ids past its head as decoding the whole row does (Window), and the head is read in
+    the same place each time. Any other (a Replace of a longer pattern after a Fuse may span tokens, and the row's
+    text then need not extend the text handed out; a regex Replace; a BPEDecoder or CTC after a Fuse, whose suffix or
+    pad may span tokens): decoded whole each time.
+
+    Why a window of ids[p:m] with a head (ids[p:r]'s text, r the done ids) is exact for the kinds that look past a
+    token: Window hands out window[len(head):], which is whole[m][len(whole[r]):] when ids[r:m] are spelled in the
+    window as in the row and the head as it was read. BPEDecoder spells a token by whether it is last (its suffix
+    "" last, " " before another): ids[r:m]'s last is last in both, and the head's last, read when it was last, only
+    gains its " " where the suffix ends the token (else the window's text does not start with the head: checked,
+    decoded whole from then on). CTC drops a token equal to the one just before (its pad and word delimiter are the
+    token's own): it reaches back one id, and ids[r]'s is ids[r - 1], in the window since p < r; the head's first,
+    never dropped in the window, is the head's alone. A Strip of the end after a Fuse takes at most `stop` content
+    characters off the text's end: the head's text not empty, the window's fused text is more than a run of `stop`
+    content characters, so the Strip takes the same ones off the window as off the row (and never panics on it)."""
     if d is None:  # (no decoder: the tokens joined by spaces)
         return True
     if not isinstance(d, dict):
@@ -788,10 +800,10 @@ def local_decoder(d, fused: bool = False) -> bool:
         return True
     if kind in ("ByteLevel", "Fuse"):
         return True
-    if kind in ("Metaspace", "WordPiece", "ByteFallback"):  # (on the tokens, not one fused text)
+    if kind in ("Metaspace", "WordPiece", "ByteFallback", "BPEDecoder", "CTC"):  # (on the tokens, not one fused text)
         return not fused
-    if kind == "Strip":  # the text's first spaces after a Fuse: the window's first ids keep some text (Window)
-        return d.get("stop") == 0 or not fused
+    if kind == "Strip":  # the text's first and last spaces after a Fuse: the head keeps some text (Window)
+        return True
     if kind == "Replace":  # each token's own, or one character of the fused text
         pattern = (d.get("pattern") or {}).get("String")
         return isinstance(pattern, str) and (not fused or len(pattern) == 1)
@@ -805,7 +817,8 @@ class Window:
     (a Strip of a window's first space then cuts the head's), and what follows head is ids[r:m]'s text as decoding the
     whole row spells it (local_decoder). A tokenizer whose decoder is not local decodes the row whole each time (p
     and r stay 0), decided once per tokenizer (HFTokenizer.incremental); so does a row whose window's text does not
-    start with its head (no decoder allowed does that; checked rather than trusted)."""
+    start with its head (a BPEDecoder token with its suffix inside it, not at its end; checked rather than trusted),
+    or whose window the library panics on (DecoderPanic: the row's own decode then says whether its text is read)."""
     SPAN = 16  # ids a window may reach back before p moves up to r
 
     def __init__(self, tok):
@@ -819,8 +832,11 @@ class Window:
     def text(self, m: int) -> str:
         """decode(ids[:m])[done:], m >= r."""
         if self.local:
-            window = self._decode(self.ids[self.p:m])
-            if window.startswith(self.head):
+            try:
+                window = self._decode(self.ids[self.p:m])
+            except DecoderPanic:  # (a window the library panics on where the row may not: the row decides)
+                window = None
+            if window is not None and window.startswith(self.head):
                 return window[len(self.head):]
             self.local = False
         return self._decode(self.ids[:m])[self.done:]
@@ -831,7 +847,15 @@ class Window:
         if not self.local or m <= self.r or self.ids[m - 1] in self.tok.byte_ids or text.endswith("\ufffd"):
             return False
         r, self.r, self.done = self.r, m, self.done + len(text)
-        head = self._decode(self.ids[r:m]) if m - self.p > self.SPAN else ""
+        head = ""
+        # a fresh window's text, ids[r:m]'s alone, only where it holds a character a Strip of the end does not strip
+        # (one of only those, shorter than the Strip's start + stop, panics the library; the row's text may not)
+        strips = self.tok.strip_chars
+        if m - self.p > self.SPAN and (not strips or any(c not in strips for c in text)):
+            try:
+                head = self._decode(self.ids[r:m])
+            except DecoderPanic:  # (the window grows on from p)
+                pass
         if head:
             self.p, self.head = r, head
         else:
