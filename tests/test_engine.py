@@ -1537,3 +1537,40 @@ def test_cuda_graph_decode_steps_read_the_rows_a_batched_prefill_wrote(one_threa
     assert buckets_run(log) == [(4, True)]
     for (h, _), (_, idx, new, kw) in zip(out, schedule):
         assert torch.equal(h.wait(), alone(model, idx, new, kw))
+
+
+def engine_lines(engine) -> int:
+    """The lines of train/engine.py one engine.step() runs (sys.settrace's line events: a comprehension's every
+    item too): a count of the step's Python work that no machine's speed changes."""
+    import sys
+
+    import tritongpt.train.engine as engine_module
+    count = [0]
+
+    def local(frame, event, arg):
+        count[0] += event == "line"
+        return local
+
+    old = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == engine_module.__file__ else None)
+    try:
+        engine.step()
+    finally:
+        sys.settrace(old)
+    return count[0]
+
+
+@pytest.mark.parametrize("pages", [None, 72])
+def test_an_admission_steps_python_work_grows_linearly_with_its_requests(one_thread, pages):
+    """A step admitting and prefilling a burst of N equal prompts (one batched forward) runs a + b N lines of the
+    engine, not a + b N + c N^2: its second difference over N = 8, 16, 24 is 0 (a few lines allowed). It was 192:
+    _groups summed its group's tokens again for each chunk joining it, and _prefill scanned the step's chunks for
+    each request."""
+    def lines(N):
+        engine = Engine(tiny(n_layer=1), max_batch=N, **({} if pages is None else dict(kv_pages=pages, page_size=4)))
+        for j in range(N):
+            engine.submit(prompt(6, seed=j), 3)
+        return engine_lines(engine)
+
+    a, b, c = (lines(N) for N in (8, 16, 24))
+    assert abs(c - 2 * b + a) <= 8, (a, b, c)

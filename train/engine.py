@@ -972,19 +972,25 @@ class Engine:
         position). A group's forward that fails fails its requests; a request's own bookkeeping, it alone.
         -> the tokens of the prefill-only requests it ended, as on_iteration counts them."""
         chunks, tokens = self._chunks(), 0
+        # (each request's chunks, in order, and the ones a failed forward ended, gathered once: a scan of the chunks
+        # or of the running list a request would be a burst's requests squared)
+        failed, mine = set(), {}
+        for c in chunks:
+            mine.setdefault(c.r, []).append(c)
         for group in self._groups([c for c in chunks if c.end > c.start]):  # (a speculating prompt of 1 token: none)
-            group = [c for c in group if c.r in self.running]  # (not a request an earlier group's failure ended)
+            group = [c for c in group if c.r not in failed]  # (not a request an earlier group's failure ended)
             try:
                 if group:
                     self._forward(group)
             except Exception as e:
                 for r in dict.fromkeys(c.r for c in group):
+                    failed.add(r)
                     self._finish(r, e)
-        for r in dict.fromkeys(c.r for c in chunks):
-            if r not in self.running:
+        for r, own in mine.items():
+            if r in failed:
                 continue
             try:
-                lg = self._prefilled(r, [c for c in chunks if c.r is r])
+                lg = self._prefilled(r, own)
                 if lg is not None and r.budget == 0:
                     r.first_token = r.last_token = time.monotonic()
                     # vLLM's max_tokens 1 request a copy: its prompt and the token it draws and drops
@@ -1020,15 +1026,18 @@ class Engine:
         padded end stays within the context (its keys' positions, its position embeddings)."""
         groups, most = [], min(PREFILL_GROUP_TOKENS, self.max_prefill_tokens or PREFILL_GROUP_TOKENS)
         pad = PREFILL_PAD.get(self.cache.k.device.type, PREFILL_PAD["cpu"])
+        held = 0  # the last group's real tokens, kept as it grows (summed again a chunk: a burst's chunks squared)
         for c in sorted(chunks, key=lambda c: c.start - c.end):
             if groups:
                 g = groups[-1]
                 width = g[0].end - g[0].start  # (its first, the longest)
-                padded, real = width * (len(g) + 1), sum(x.end - x.start for x in g) + c.end - c.start
+                padded, real = width * (len(g) + 1), held + c.end - c.start
                 if padded <= most and padded <= pad * real and c.start + width <= self.max_len:
                     g.append(c)
+                    held = real
                     continue
             groups.append([c])
+            held = c.end - c.start
         return groups
 
     def _forward(self, group):
@@ -1044,7 +1053,7 @@ class Engine:
             ids = c.r.idx[c.i:c.i + 1, c.start:c.end]
         else:
             width = max(c.end - c.start for c in group)
-            ids = torch.stack([torch.cat([c.ids, c.ids[-1:].expand(width - len(c.ids))]) for c in group])
+            ids = torch.stack([torch.cat([t, t[-1:].expand(width - len(t))]) for t in (c.ids for c in group)])
             view = self.cache.rows([c.slot for c in group], [c.start for c in group],
                                    max(c.start for c in group) + width)
         with self._adapted([c.slot for c in group]):
