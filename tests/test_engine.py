@@ -1574,3 +1574,28 @@ def test_an_admission_steps_python_work_grows_linearly_with_its_requests(one_thr
 
     a, b, c = (lines(N) for N in (8, 16, 24))
     assert abs(c - 2 * b + a) <= 8, (a, b, c)
+
+
+def test_a_step_ending_many_requests_scans_the_running_list_once(one_thread):
+    """A step whose 12 requests all end frees them together (_finish_all): no list.remove (a scan of the running
+    list) nor a sort of the free slots a request, the step's requests squared; and the engine is left as before,
+    every slot free in order, nothing running."""
+    import sys
+
+    import tritongpt.train.engine as engine_module
+    engine = Engine(tiny(n_layer=1), max_batch=12)
+    for j in range(12):
+        engine.submit(prompt(5, seed=j), 2)
+    engine.step()
+    assert len(engine.running) == 12
+    calls = []
+    old = sys.getprofile()
+    sys.setprofile(lambda frame, event, arg: calls.append(arg.__name__) if event == "c_call" and
+                   frame.f_code.co_filename == engine_module.__file__ else None)
+    try:
+        engine.step()
+    finally:
+        sys.setprofile(old)
+    assert not engine.running and engine.free == list(range(12))
+    # (the sorts: _groups' of the step's prefill chunks, none, and the free slots' once)
+    assert calls.count("remove") == 0 and calls.count("sorted") + calls.count("sort") <= 2, calls

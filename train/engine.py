@@ -571,8 +571,8 @@ class Engine:
             gone = [r for r in self.waiting if r.cancelled]
             for r in gone:
                 self.waiting.remove(r)
-        for r in [r for r in self.running if r.cancelled] + gone:
-            self._finish(r, Cancelled("the request was cancelled"))
+        self._finish_all([(r, Cancelled("the request was cancelled")) for r in
+                          [r for r in self.running if r.cancelled] + gone])
 
     def _adapter_slot(self, adapter) -> int:
         if adapter is None:
@@ -745,8 +745,7 @@ class Engine:
                     for r in decoding:
                         logits[r] = out[r.slots]
             except Exception as e:  # the batch's forward failed: every request in it fails with the error
-                for r in decoding:
-                    self._finish(r, e)
+                self._finish_all([(r, e) for r in decoding])
         for r in list(logits):  # (the grammars' host work while the GPU runs the step's forwards: Guide.fill)
             try:
                 if r.guide is not None and r not in drafts:
@@ -759,6 +758,7 @@ class Engine:
         drawn = self._draw_plain(logits, drafts)
         taken = self._take_plain(logits, drawn)
         tokens = prefilled  # the step's tokens as vLLM's iteration_tokens_total counts them (on_iteration)
+        ending = []  # [(r, its error or None)]: the requests the step ends, finished together after it (_finish_all)
         for r, lg in logits.items():
             alive, length = r.ended.count(False), r.idx.size(1)  # (before the step: its rows still drawing)
             try:
@@ -777,7 +777,7 @@ class Engine:
                 if r.eos_id is not None:  # (without an EOS a done row draws on: its tokens are still returned)
                     r.ended = ended
             except Exception as e:  # this request's settings or stop rule: it alone fails
-                self._finish(r, e)
+                ending.append((r, e))
                 continue
             # (with an EOS or a stop rule decode_step has read the step's tokens back: it has run on the device;
             # without either, the stamp is its launch)
@@ -787,7 +787,8 @@ class Engine:
             if r.first_token is None:
                 r.first_token = r.last_token
             if finished or r.idx.size(1) - r.start >= r.budget:
-                self._finish(r)
+                ending.append((r, None))
+        self._finish_all(ending)
         if tokens and self.on_iteration is not None:
             self.on_iteration(tokens)
         return True
@@ -907,6 +908,7 @@ class Engine:
             # (its fed pages cached first, so its recompute reads them back and prefills only its last partial page,
             # as vLLM's does)
             self._let_go(r, cache=True)
+            self.free.sort()
             r.todo, r.rows, r.scores = None, [], []
             self.waiting.appendleft(r)
         self.stats["preemptions"] += 1
@@ -914,7 +916,8 @@ class Engine:
     def _let_go(self, r, cache: bool):
         """r's slots free again (under self.cond): with `cache`, its fed pages into the prefix index first
         (_cache_fed), then its pages released (shared ones by their refcounts), or a slot row's fill back to 0 (a
-        free row's fill within the next steps' bound, _decode)."""
+        free row's fill within the next steps' bound, _decode). Its slots join self.free unsorted: the caller sorts it,
+        once for all the requests it lets go."""
         if cache:
             self._cache_fed(r)
         for slot in r.slots if self.paged else ():
@@ -923,7 +926,7 @@ class Engine:
             self.cache.fill[r.slots] = 0
         if self.adapters is not None:
             self.slot_adapter[r.slots] = -1
-        self.free = sorted(self.free + r.slots)
+        self.free += r.slots
         r.slots = None
 
     def _cache_fed(self, r):
@@ -1316,11 +1319,22 @@ class Engine:
 
     def _finish(self, r, error=None):
         """The request ends (its ids, or the error, to its queue) and its slots are free again."""
-        if r in self.running:
-            self.running.remove(r)
-        if r.slots is not None:
-            with self.cond:
-                # (a normal end or a cancel, between steps: its pages hold its fed ids' keys; an error may come from
-                # a forward that wrote some layers' keys only)
-                self._let_go(r, cache=error is None or isinstance(error, Cancelled))
-        r.queue.put(("error", error) if error is not None else ("end", r.idx))
+        self._finish_all([(r, error)])
+
+    def _finish_all(self, ending):
+        """_finish for each (r, error or None) of `ending`, in order: the running list filtered and the free slots
+        sorted once for them all, not a list.remove and a sort a request (a step whose many requests end together
+        would take their number squared)."""
+        if not ending:
+            return
+        gone = {r for r, _ in ending}
+        self.running = [r for r in self.running if r not in gone]
+        with self.cond:
+            for r, error in ending:
+                if r.slots is not None:
+                    # (a normal end or a cancel, between steps: its pages hold its fed ids' keys; an error may come
+                    # from a forward that wrote some layers' keys only)
+                    self._let_go(r, cache=error is None or isinstance(error, Cancelled))
+            self.free.sort()
+        for r, error in ending:
+            r.queue.put(("error", error) if error is not None else ("end", r.idx))
