@@ -1599,3 +1599,63 @@ def test_a_step_ending_many_requests_scans_the_running_list_once(one_thread):
     assert not engine.running and engine.free == list(range(12))
     # (the sorts: _groups' of the step's prefill chunks, none, and the free slots' once)
     assert calls.count("remove") == 0 and calls.count("sorted") + calls.count("sort") <= 2, calls
+
+
+
+def decode_ops(engine) -> int:
+    """The torch ops one engine.step() dispatches outside the model's forward (its hidden states and LM head)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops, inside = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not self.inside
+            return func(*args, **(kwargs or {}))
+
+    count, model = Count(), engine.model
+    for name in ("hidden", "logits"):
+        def paused(*a, _real=getattr(model, name), **k):
+            count.inside += 1
+            try:
+                return _real(*a, **k)
+            finally:
+                count.inside -= 1
+        setattr(model, name, paused)
+    try:
+        with count:
+            engine.step()
+    finally:
+        del model.hidden, model.logits
+    return count.ops
+
+
+def test_a_decode_steps_torch_ops_a_request_stay_few(one_thread):
+    """A decode step of N greedy one-row requests with an EOS dispatches 4 torch ops a request outside the forward
+    (N = 8 to 16; on a GPU the ones that are not views are launches): its last token's slice, its logits' rows of the
+    batch's (a view, not a gather), its drawn token's slice and its ids' cat. It was 7: an index (and its index
+    tensor) a request for its logits' rows, and an alias of them for each of the draw and the post-draw."""
+    def ops(N):
+        engine = Engine(tiny(n_layer=1), max_batch=N)
+        for j in range(N):
+            engine.submit(prompt(5, seed=j), 6, eos_id=VOCAB - 1, ignore_eos=True)
+        engine.step()  # (the prefill and first token)
+        engine.step()
+        return decode_ops(engine)
+
+    assert ops(16) - ops(8) <= 4 * 8
+
+
+def test_a_request_in_slots_apart_draws_generates_tokens(one_thread, monkeypatch):
+    """rows_of's gather: a request of 2 rows admitted into slots 0 and 3 (the first request's, freed, and the last
+    free one) draws, seeded, with its penalties and logprobs asked, generate()'s tokens for it alone, beside
+    requests whose rows are views."""
+    import tritongpt.train.engine as engine_module
+
+    seen, real = [], engine_module.rows_of
+    monkeypatch.setattr(engine_module, "rows_of", lambda out, slots: seen.append(list(slots)) or real(out, slots))
+    model = tiny()
+    schedule = [(0, prompt(5, seed=1), 2, {}), (0, prompt(6, seed=2), 9, dict(SAMPLED, seed=3)),
+                (0, prompt(4, seed=4), 9, {}), (3, prompt(5, 2, seed=5), 6, dict(SAMPLED, seed=6, logprobs=2))]
+    check(model, schedule, Engine(model, max_batch=4))
+    assert [0, 3] in seen

@@ -51,6 +51,21 @@ PAGE_SIZE = 16  # a paged cache's positions a page where none is given (vLLM's b
 SAMPLE_PASS_CPU = 2**19
 
 
+def rows_of(out, slots: list):
+    """A request's rows of the decode's logits out [rows, V], at its slots (ascending: taken from the sorted free
+    list): a view where they are consecutive, as a 1-row request's always are, else a gather. (A gather a request a
+    step was an index op each, on a GPU a kernel launch each.)"""
+    first = slots[0]
+    if len(slots) == 1 or slots == list(range(first, first + len(slots))):
+        return out[first:first + len(slots)]
+    return out[slots]
+
+
+def cut(logits, vocab_limit):
+    """logits [n, V]'s first vocab_limit columns (None: all of them, logits itself: no view op a request a step)."""
+    return logits if vocab_limit is None else logits[:, :vocab_limit]
+
+
 class Cancelled(Exception):
     """Request.wait's exception once its `cancelled` callback says the caller has gone (a client that left)."""
 
@@ -642,7 +657,8 @@ class Engine:
         without prefix caching) and the free pages r takes: the new ones, and the cached ones it holds again (those
         no row holds count as free)."""
         cache = self.cache
-        r.same = bool((r.idx == r.idx[:1]).all())
+        # (a 1-row request is one prompt: no comparison, on a GPU no host sync, a request admitted)
+        r.same = r.n == 1 or bool((r.idx == r.idx[:1]).all())
         prefilled = r.idx[:1] if r.same else r.idx
         # (the last token always computed; a request scoring its prompt reads none: each position needs its forward)
         r.hits = [cache.lookup(row[:-1], r.salt) if self.prefix_caching and not r.scoring else [] for row in prefilled]
@@ -743,7 +759,7 @@ class Engine:
                 elif decoding:
                     out = self._decode(decoding)
                     for r in decoding:
-                        logits[r] = out[r.slots]
+                        logits[r] = rows_of(out, r.slots)
             except Exception as e:  # the batch's forward failed: every request in it fails with the error
                 self._finish_all([(r, e) for r in decoding])
         for r in list(logits):  # (the grammars' host work while the GPU runs the step's forwards: Guide.fill)
@@ -810,7 +826,7 @@ class Engine:
             if r in drafts or r.guide is not None or late_cut(r.warp):
                 continue
             try:
-                x = lg[:, :r.vocab_limit]
+                x = cut(lg, r.vocab_limit)
                 if r.hold is not None and r.idx.size(1) - r.start < r.hold[0]:
                     x = held_back(x, r.hold[1])
                 rest = {k: v for k, v in r.warp.items() if k not in ROW_CUTS}
@@ -860,7 +876,7 @@ class Engine:
         if not reqs:
             return {}
         try:
-            took = take_rows([logits[r][:, :r.vocab_limit] for r in reqs], [drawn[r] for r in reqs],
+            took = take_rows([cut(logits[r], r.vocab_limit) for r in reqs], [drawn[r] for r in reqs],
                              [r.done for r in reqs], [r.eos_id for r in reqs], [r.ends for r in reqs],
                              [r.eos_id is not None or r.stop is not None for r in reqs], [r.logprobs for r in reqs])
         except Exception:
@@ -1271,7 +1287,9 @@ class Engine:
                     # again (~6 bytes a fp32 parameter a step); 16-bit weights cast nothing.
                     self.graphs[rows] = DecodeGraph(self.model, self.cache.first_rows(rows), self.capture,
                                                     row_fill=True)
-                logits = self.graphs[rows](tokens)[:, -1]  # the graph's buffer: the caller copies its rows out
+                # (the graph's buffer, which its next replay rewrites: the step's requests read their rows of it, views
+                # (rows_of), before the next step's replay)
+                logits = self.graphs[rows](tokens)[:, -1]
             else:
                 # (a host bound on every row's kv_len, so the reference core reads that many keys, not max_len: a
                 # decoding row's is its ids', a prefilling one's at most its ids' + 1, a free row's 1, its fill reset)
@@ -1315,7 +1333,7 @@ class Engine:
             return
         for r in decoding:
             if r in logits:
-                logits[r] = out[r.slots]
+                logits[r] = rows_of(out, r.slots)
 
     def _finish(self, r, error=None):
         """The request ends (its ids, or the error, to its queue) and its slots are free again."""
