@@ -253,9 +253,10 @@ LINEARS = ("_proj.weight", "query_key_value.weight", "attention.dense.weight", "
 PHI3 = dict(LLAMA, rotary_dim=12)  # (a partial rotary: written as Phi-3, not as the Llama it would equal)
 
 
-def quantized_folder(tmp_path, kind, seed=0):
+def quantized_folder(tmp_path, kind, seed=0, vocab=V):
     """A tiny Llama-shaped folder of `kind`, quantized and packed by the reference rules above, and the float model
-    of the matrices it stands for (the dequantized weights, everything else as exported)."""
+    of the matrices it stands for (the dequantized weights, everything else as exported). vocab: a tokenizer's, for
+    a run on it (test_qlora_gptq.py)."""
     from tritongpt.train.falcon_weights import export_falcon
     from tritongpt.train.gemma_weights import export_gemma
     from tritongpt.train.neox_weights import export_neox
@@ -266,12 +267,12 @@ def quantized_folder(tmp_path, kind, seed=0):
     base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma), "phi3": (PHI3, export_phi3),
                     "neox": (NEOX, export_neox), "falcon": (FALCON, export_falcon)}[family]
     torch.manual_seed(seed)
-    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
+    model = GPTModel(GPTConfig(vocab_size=vocab, context_length=T, n_layer=1, n_head=4, n_embd=64,
                                **{**base, **{k: v for k, v in extra.items() if k != "family"}})).eval()
     with torch.no_grad():
         for p in model.parameters():  # norms and biases off their ones and zeros
             p.add_(0.05 * torch.randn(p.shape))
-    folder = tmp_path / kind
+    folder = tmp_path / (kind if seed == 0 else f"{kind}-{seed}")
     export(model, folder)
     sd = load_file(folder / "model.safetensors")
     dequantized = {}
@@ -290,7 +291,7 @@ def quantized_folder(tmp_path, kind, seed=0):
         dequantized[k] = w.float()
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     with_quantization(folder, q)
-    float_model = load_checkpoint(exported_with(tmp_path / "float", folder, dequantized))
+    float_model = load_checkpoint(exported_with(tmp_path / f"{folder.name}-float", folder, dequantized))
     return folder, float_model
 
 
@@ -361,8 +362,9 @@ def test_an_int4_folder_saves_and_loads_as_our_int4_file(tmp_path):
 @pytest.mark.parametrize("kind", ["gptq-v1-sym", "gptq-v1-gemma", "gptq-v1-phi3", "gptq-v2-gpt_neox"])
 def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_path, kind):
     folder, _ = quantized_folder(tmp_path, kind)
-    with pytest.raises(UserError, match=r"is GPTQ-quantized .* read as int4 for inference: .*train, export or merge "
-                                        "the float weights it was quantized from"):
+    with pytest.raises(UserError, match=r"is GPTQ-quantized .* read as int4 for inference: .*`sft --lora-rank` trains "
+                                        r"LoRA updates on it .*dpo, kto, reward and rlhf, full fine-tuning, export "
+                                        "and merge take the float weights it was quantized from"):
         load_checkpoint(folder)
     assert cli.main(["export", str(folder), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out" / "model.safetensors").exists()

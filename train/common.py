@@ -898,27 +898,55 @@ def unrecorded_flags(saved: dict, now_args: dict, names, defaults: dict) -> list
     return out
 
 
-def check_same_base(model, ckpt: Path, group_flag: str = "--group-size") -> None:
+def check_same_base(model, ckpt: Path, group_flag: str = "--group-size", saved_args: dict | None = None) -> None:
     """A QLoRA run's base is quantized (--quantize, --group-size), and its weights file says how: resumed with
     another (or none), the file's tensors would not fit the model, and torch's error names no flag. The Trainer's
     resume and rlhf's ask before loading the weights (and rlhf's before comparing its reference's fingerprint,
-    which a base quantized otherwise changes too). group_flag: the command's int4 group flag (add_qlora_args')."""
-    from tritongpt.model.gpt import safetensors_metadata
+    which a base quantized otherwise changes too). group_flag: the command's int4 group flag (add_qlora_args').
+    A run on a GPTQ or AWQ folder's own quantization (sft's --init, model.base_folder: commands.folder_base) has its
+    base re-loaded from the folder: it must be the checkpoint's bit for bit, or loading the checkpoint would
+    silently put the run's base back over another folder's. saved_args: the checkpoint's run args (its --init)."""
+    from safetensors import safe_open
 
+    from tritongpt.model.gpt import safetensors_metadata
+    from tritongpt.model.quant import QuantLinear
+
+    saved_args = saved_args or {}
     meta = safetensors_metadata(ckpt / "model.safetensors")
     group = meta.get("quantized_group_size")
     was = meta.get("quantized"), int(group) if group and group.isdigit() else group
     now = getattr(model, "quantized", None), getattr(model, "quantized_group_size", None)
-    if was == now:
+    folder, own = getattr(model, "base_folder", None), saved_args.get("init_quantized")
+    if was == now and folder is None and own is None:
         return
 
     def describe(mode, group):
         return "float" if mode is None else f"int4 (group {group})" if mode == "int4" else mode
 
-    fix = ("resume without --quantize" if was[0] is None else f"pass --quantize {was[0]}"
-           + (f" {group_flag} {was[1]}" if was[0] == "int4" else ""))
-    raise UserError(f"--resume: {ckpt} does not fit this model: its base is {describe(*was)} (this run: "
-                    f"{describe(*now)}); {fix}, as its run trained")
+    if own is not None and folder is None:  # (a float --init, or --quantize: the run's base was its folder's)
+        raise UserError(f"--resume: {ckpt}'s base is its --init folder's own {own.upper()} quantization (this run: "
+                        f"{describe(*now)}): resume with the run's own --init {saved_args.get('init')}, without "
+                        "--quantize")
+    if was != now:
+        fix = ("resume without --quantize" if was[0] is None else f"pass --quantize {was[0]}"
+               + (f" {group_flag} {was[1]}" if was[0] == "int4" else ""))
+        if folder is not None:  # (this model's quantization is the folder's, not a flag's)
+            fix = f"resume with the run's own --init {saved_args.get('init') or 'model'}"
+        raise UserError(f"--resume: {ckpt} does not fit this model: its base is {describe(*was)} (this run: "
+                        f"{describe(*now)}); {fix}, as its run trained")
+    if folder is None:
+        return
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for prefix, m in model.named_modules():
+            if not isinstance(m, QuantLinear):
+                continue
+            for name, buf in m.named_buffers(recurse=False):
+                key = f"{prefix}.{name}"
+                if key not in keys or not torch.equal(f.get_tensor(key), buf.to("cpu")):
+                    raise UserError(f"--resume: --init {folder} is not the base {ckpt} trained on ({key} differs "
+                                    "from the checkpoint's): resume with the run's own --init "
+                                    f"{saved_args.get('init') or 'folder'}")
 
 
 # the flags that choose a model of another size from scratch (pretrain's; a run from --init names that instead)

@@ -678,7 +678,7 @@ class Trainer:
         saved_cfg = common.saved_model_config(ckpt / "model.safetensors")
         # before the weights: a RoPE model's have no pos_emb, and the shapes' error would name --model
         self._check_same_function(ckpt, saved_cfg)
-        common.check_same_base(self.raw_model, ckpt)
+        common.check_same_base(self.raw_model, ckpt, saved_args=state.get("args", {}))
         # a run from --init (sft's always: it has no --model; reward refuses --model with one) got its shape there
         init = state.get("args", {}).get("init")
         common.load_checkpoint_weights(self.raw_model, ckpt, self.device, self._cfg, "model",

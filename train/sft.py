@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.commands import (add_lora_args, add_qlora_args, add_vocab_multiple_arg, apply_lora, check_lora_args,
-                                check_qlora, qlora_record, quantize_base, vocab_multiple)
+                                check_qlora, folder_base, qlora_record, quantize_base, vocab_multiple)
 from tritongpt._types import is_real
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
@@ -835,7 +835,16 @@ def cmd_sft(args):
     if not args.data and args.val_fraction != RUN_DEFAULTS["val_fraction"]:  # the tasks' held-out: --n-eval's
         raise UserError("--val-fraction holds out a share of a --data file's records; the embedded tasks' held-out "
                         "records are --n-eval's: pass --data, or --n-eval")
-    model = load_init_model(args.init)
+    # a GPTQ or AWQ folder: its own quantized matrices are the frozen base (None: a float --init, or refused)
+    init_quantized = folder_base(args)
+    model = load_init_model(args.init, quantized_ok=init_quantized is not None)
+    if init_quantized is not None:
+        from tritongpt.commands import describe_quantized
+
+        # the Trainer's resume re-loads the folder and compares this base with the checkpoint's bit for bit
+        model.base_folder = str(args.init)
+        note(f"QLoRA on --init's own {init_quantized.split()[0].upper()} quantization: the base's "
+             f"{model.quantized_linears} matrices {describe_quantized(model)} frozen as the folder holds them")
     common.set_moe_aux_loss(model, args)
     if vocab_multiple(args) is not None:
         model = model.pad_vocab(args.vocab_multiple)
@@ -866,7 +875,7 @@ def cmd_sft(args):
                      eval_gen=args.eval_gen, eval_before=args.eval_before,
                      run_args={"data": common.data_path(args.data), "tasks": args.tasks, "n_train": args.n_train,
                                "val_fraction": args.val_fraction, "init": common.data_path(args.init),
-                               **qlora_record(args)},
+                               **qlora_record(args), "init_quantized": init_quantized},
                      loss_options=loss_options, packing=args.packing, neftune_alpha=args.neftune_noise_alpha,
                      teacher=teacher, distill=distill, cuda_graph=args.cuda_graphs)
     if not result["is_main"]:  # DDP: rank 0 reports

@@ -82,6 +82,44 @@ def check_qlora(args, group_flag: str = "--group-size"):
                         "only through LoRA updates (QLoRA): pass --lora-rank")
 
 
+def folder_base(args) -> str | None:
+    """sft's --init when it is a GPTQ or AWQ Hugging Face folder that loads kept quantized (train/hf_quant.py: 4-bit
+    as int4, 8-bit symmetric one-group GPTQ as int8): its own matrices are the frozen base LoRA trains beside (QLoRA
+    on a pre-quantized base, as peft does on a GPTQModel or AutoAWQ model). Returns what the run records of it ("gptq
+    int4", "awq int4", "gptq int8"), None for any other --init. Asked before the model loads, so that full
+    fine-tuning (no float weights to train) and --quantize on top (the base is quantized already) are refused by
+    name, not by the loader's general refusal."""
+    from pathlib import Path
+
+    from tritongpt.train.common import NoCheckpoint, resolve_checkpoint
+    from tritongpt.train.gpt2_weights import adapter_folder, hf_quantization, is_hf_weights
+    from tritongpt.train.hf_quant import folder_quantization
+
+    p = Path(args.init).expanduser()
+    if not p.exists():
+        return None
+    try:
+        path = resolve_checkpoint(p)
+    except NoCheckpoint:  # (the load says so)
+        return None
+    if not is_hf_weights(path) or adapter_folder(path) is not None:
+        return None
+    spec = folder_quantization(path.parent / "config.json")[0]
+    if spec is None:  # a float folder, or one read as its dequantized float model (FP8; GPTQ of 2 or 3 bits)
+        return None
+    method = spec["method"].upper()
+    where = hf_quantization(path.parent / "config.json")["_where"]
+    if args.quantize is not None:
+        raise UserError(f"--quantize {args.quantize}: --init {args.init} is {method}-quantized already ({where}), "
+                        f"its matrices read as {spec['mode']}: LoRA trains on that base as it is: leave --quantize "
+                        "out")
+    if not args.lora_rank:
+        raise UserError(f"--init {args.init} is {method}-quantized ({where}), its matrices read as {spec['mode']}: "
+                        "they train only through LoRA updates beside them (QLoRA on its own quantization): pass "
+                        "--lora-rank (full fine-tuning needs the float weights it was quantized from)")
+    return f"{spec['method']} {spec['mode']}"
+
+
 def qlora_record(args, group_flag: str = "--group-size") -> dict:
     """What a trainer's run record keeps of QLoRA's flags: the group size used (128 when not given), so that a resume
     naming the default is the same run; None without int4 (a trainer without the flags: no quantization). Its key is
@@ -186,7 +224,7 @@ def cmd_info(args):
     from tritongpt.model.gpt import GPTModel
 
     if args.weights:
-        from tritongpt.train.common import resolve_checkpoint
+        from tritongpt.train.common import load_state, resolve_checkpoint
         from tritongpt.train.gpt2_weights import load_checkpoint
 
         from tritongpt.train.reward import RewardModel, is_reward_model
@@ -230,6 +268,11 @@ def cmd_info(args):
         b = sum(m.bias.numel() for m in layers if m.bias is not None)  # buffers too: not among the parameters
         made = "QLoRA: --quantize with --lora-rank" if model.config.lora_rank else "`tritongpt quantize`"
         file = resolve_checkpoint(args.weights)
+        state = file.parent / "state.pt"  # a run's: sft --lora-rank on a GPTQ/AWQ folder records its quantization
+        own = load_state(file.parent, mmap=True).get("args", {}).get("init_quantized") \
+            if model.config.lora_rank and state.is_file() else None
+        if own:
+            made = f"QLoRA: --lora-rank on its --init folder's own {own.upper()} quantization"
         meta = safetensors_metadata(file) if file.suffix == ".safetensors" else {}
         if meta.get("quantized_method") == "gptq":  # (files from before the method was recorded: round-to-nearest)
             made += (f", GPTQ on {meta.get('quantized_calibration', 'its calibration text')}"
@@ -1460,6 +1503,13 @@ def cmd_export(args):
     if reward and args.adapter:
         raise UserError(f"--adapter: {source} is a reward model, whose scalar head a peft adapter for a causal LM "
                         "cannot hold: export it without --adapter, whole (merged), as a sequence classifier")
+    run = load_state(source.parent, mmap=True).get("args", {}) \
+        if args.adapter and (source.parent / "state.pt").is_file() else {}
+    if run.get("init_quantized"):  # (sft --lora-rank on a GPTQ/AWQ folder: commands.folder_base)
+        raise UserError(f"--adapter: {source}'s update was trained on its --init folder's own "
+                        f"{run['init_quantized'].upper()} matrices ({run.get('init')}), a family whose peft adapter "
+                        "this export does not write (GPT-2's only): export it without --adapter, merged (the "
+                        "dequantized base plus the update)")
     model = RewardModel.load(source, quantized_ok=True) if reward else load_checkpoint(
         source, merge=not args.adapter, quantized_ok=is_qlora_checkpoint(source))
     qlora = getattr(model, "quantized", None)  # QLoRA's (an int8/int4 file without updates was refused by name)

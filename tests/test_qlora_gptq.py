@@ -1,0 +1,156 @@
+"""QLoRA on a pre-quantized base: LoRA updates trained beside a GPTQ or AWQ Hugging Face folder's own 4-bit (or kept
+8-bit) matrices (train/hf_quant.py; `sft --init FOLDER --lora-rank R`, commands.folder_base), as peft trains on a
+GPTQModel or AutoAWQ model. The reference: the same LoRA on the float model of the folder's matrices dequantized by
+the test's own rules (test_hf_quantized.py's writers), independent of our unpacker."""
+import json
+
+import pytest
+import torch
+
+from tritongpt.cli import main
+from tritongpt.model.lora import add_lora, has_lora
+from tritongpt.model.quant import QuantLinear
+from tritongpt.train.gpt2_weights import load_checkpoint
+from test_hf_quantized import V, coded_folder, quantized_folder
+from test_qlora import lora_grads, rel, sft_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INT8 = {"quant_method": "gptq", "bits": 8, "group_size": -1, "sym": True, "desc_act": False}
+
+
+def with_updates(model, twin):
+    """LoRA of rank 4 on both, the same random A and B (B starts at 0: no update to compare otherwise)."""
+    add_lora(model, 4, 8.0)
+    add_lora(twin, 4, 8.0)
+    gen = torch.Generator().manual_seed(2)
+    ours = {n.replace(".lora.", "."): p for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {n.replace(".parametrizations.weight.0", ""): p for n, p in twin.named_parameters() if p.requires_grad}
+    assert sorted(ours) == sorted(theirs) and len(ours) == 2 * 7  # (q, k, v, o, gate, up, down: A and B each)
+    with torch.no_grad():
+        for name, p in ours.items():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            theirs[name].copy_(p)
+    return model, twin
+
+
+@pytest.mark.parametrize("kind", ["gptq-v1-sym", "awq-gemm", "gptq-v1-act-order", "gptq8-sym-int8"])
+def test_lora_on_a_gptq_or_awq_folder_is_lora_on_its_dequantized_weights_forward_and_backward(tmp_path, kind):
+    """Loss and every A and B gradient of LoRA on the loaded folder (the updates beside its Int4Linear / Int8Linear
+    matmuls, act-order's gather included) equal LoRA's on the float model of its dequantized matrices, on the
+    reference path and on the Triton path (its quantized matmul kernels among them)."""
+    folder, twin = coded_folder(tmp_path, INT8) if kind.endswith("int8") else quantized_folder(tmp_path, kind)
+    loaded = load_checkpoint(folder, quantized_ok=True)
+    assert loaded.quantized == ("int8" if kind.endswith("int8") else "int4")
+    model, twin = with_updates(loaded, twin.train())
+    idx = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = twin(idx, targets=idx)
+    want.backward()
+    ref = lora_grads(twin)
+    for kernels in ("reference", "triton"):  # (triton: the quantized matmuls' Triton kernels, forward and dx)
+        model.set_kernels(kernels).train()
+        loss = model(idx, targets=idx)
+        loss.backward()
+        assert abs(loss.item() - want.item()) < 1e-5 * want.item(), kernels
+        got = lora_grads(model)
+        assert sorted(got) == sorted(ref)
+        for name, g in got.items():
+            assert g is not None and g.abs().sum() > 0, (kernels, name)
+            assert rel(g, ref[name]) < 1e-5, (kernels, name, rel(g, ref[name]))
+        model.zero_grad()
+    # only the updates train: the folder's matrices are buffers
+    assert all(n.endswith(("lora_A", "lora_B")) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def base_buffers(model) -> dict:
+    return {f"{n}.{b}": t for n, m in model.named_modules() if isinstance(m, QuantLinear)
+            for b, t in m.named_buffers(recurse=False)}
+
+
+@pytest.fixture
+def gptq_llama(tmp_path):
+    """A tiny GPTQ Llama folder with our tokenizer (sft needs one of its vocabulary), and its float twin."""
+    from tritongpt.train.tokenizer import default_tokenizer, save_run_tokenizer
+
+    folder, twin = quantized_folder(tmp_path, "gptq-v1-sym", vocab=4096)
+    save_run_tokenizer(default_tokenizer(), folder)
+    return folder, twin
+
+
+def test_sft_trains_lora_on_a_gptq_folders_own_base_resumes_on_it_and_exports_merged(gptq_llama, tmp_path, capsys):
+    from tritongpt.train import common
+
+    folder, _ = gptq_llama
+    out = tmp_path / "run"
+    assert main(sft_argv(folder, out, "--max-steps", "4", "--lora-rank", "4")) == 0
+    assert "QLoRA on --init's own GPTQ quantization: the base's 7 matrices int4 (group 32)" in capsys.readouterr().err
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    state = common.load_state(common.resume_checkpoint(out, "latest"))
+    assert (state["args"]["init_quantized"], state["args"]["quantize"]) == ("gptq int4", None)
+    model = load_checkpoint(out, quantized_ok=True)
+    assert model.quantized == "int4" and has_lora(model)
+    # the frozen base is the folder's own matrices, bit for bit
+    want = base_buffers(load_checkpoint(folder, quantized_ok=True))
+    got = base_buffers(model)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    capsys.readouterr()
+    assert main(["info", "--weights", str(out)]) == 0
+    assert "(QLoRA: --lora-rank on its --init folder's own GPTQ INT4 quantization)" in capsys.readouterr().out
+    # generate runs the checkpoint unmerged; export writes the float model it computes (dequantized W + scale B A)
+    assert main(["generate", "--weights", str(out), "--prompt", "Say hi.", "--device", "cpu", "--max-new-tokens", "2",
+                 "--temperature", "0"]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
+    idx = torch.randint(0, 4096, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(load_checkpoint(tmp_path / "hf")(idx), model.eval()(idx)) < 1e-5
+    capsys.readouterr()
+    # a peft adapter of it would be a Llama's, which our adapter export does not write
+    assert main(["export", str(out), "--out", str(tmp_path / "adapter"), "--adapter"]) == 2
+    assert "trained on its --init folder's own GPTQ INT4 matrices" in capsys.readouterr().err
+    # a resume re-loads the folder, finds it the checkpoint's base, and goes on
+    assert main(sft_argv(folder, out, "--max-steps", "5", "--lora-rank", "4", "--resume")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-2:] == [4, 5]
+
+
+def test_a_resume_on_another_folder_or_on_a_float_init_is_refused_by_name(gptq_llama, tmp_path, capsys):
+    folder, _ = gptq_llama
+    other, _ = quantized_folder(tmp_path, "gptq-v1-sym", seed=1, vocab=4096)  # (the same shapes, other weights)
+    float_twin = tmp_path / "gptq-v1-sym-float"
+    out = tmp_path / "run"
+    assert main(sft_argv(folder, out, "--max-steps", "1", "--lora-rank", "4")) == 0
+    capsys.readouterr()
+    assert main(sft_argv(other, out, "--max-steps", "2", "--lora-rank", "4", "--resume", "--tokenizer",
+                         str(folder / "tokenizer.json"))) == 2
+    err = capsys.readouterr().err
+    assert f"--init {other} is not the base" in err and f"resume with the run's own --init {folder}" in err
+    assert main(sft_argv(float_twin, out, "--max-steps", "2", "--lora-rank", "4", "--resume", "--tokenizer",
+                         str(folder / "tokenizer.json"))) == 2
+    assert "'s base is its --init folder's own GPTQ INT4 quantization (this run: float)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,said", [
+    ([], "its matrices read as int4: they train only through LoRA updates beside them (QLoRA on its own "
+         "quantization): pass --lora-rank"),
+    (["--lora-rank", "4", "--quantize", "int4"], "is GPTQ-quantized already"),
+])
+def test_sft_on_a_gptq_folder_refuses_full_fine_tuning_and_quantize_by_name(gptq_llama, tmp_path, capsys, flags,
+                                                                             said):
+    folder, _ = gptq_llama
+    assert main(sft_argv(folder, tmp_path / "bad", "--max-steps", "1", *flags)) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("cmd", ["dpo", "kto"])
+def test_the_preference_trainers_refuse_a_gptq_folder_by_name_naming_sft(gptq_llama, tmp_path, capsys, cmd):
+    """Only sft trains on a folder's own quantization (the other trainers' set-up, their frozen reference or reward
+    model beside the policy, is not wired for it): dpo and kto refuse it by name, and say what does train on it."""
+    from test_qlora_preference import argv
+
+    folder, _ = gptq_llama
+    assert main(argv(cmd, folder, tmp_path / "bad", "--max-steps", "1", "--lora-rank", "4")) == 2
+    err = capsys.readouterr().err
+    assert "is GPTQ-quantized" in err and "`sft --lora-rank` trains LoRA updates on it" in err
+    assert "dpo, kto, reward and rlhf, full fine-tuning, export and merge take the float weights" in err
