@@ -136,20 +136,24 @@ def reference_quantize(w, group, sym):
     too), and the matrix (q - z) s they stand for."""
     N, K = w.shape
     width = K if group == -1 else group
-    g = w.double().view(N, K // width, width)
+    # ceil(K / width) groups, the last one short where K is not a multiple (GPTQ's g_idx k // group_size)
+    g_idx = torch.arange(K) // width
+    w = w.double()
     if sym:
-        s = 2 * g.abs().amax(dim=2) / 15
+        s = 2 * torch.stack([c.abs().amax(dim=1) for c in w.split(width, dim=1)], dim=1) / 15
         z = torch.full_like(s, 8)
     else:
-        lo, hi = g.amin(dim=2).clamp(max=0), g.amax(dim=2).clamp(min=0)
+        lo = torch.stack([c.amin(dim=1) for c in w.split(width, dim=1)], dim=1).clamp(max=0)
+        hi = torch.stack([c.amax(dim=1) for c in w.split(width, dim=1)], dim=1).clamp(min=0)
         s = (hi - lo) / 15
         z = torch.round(-lo / s)
     s = s.half().double()  # scales are stored fp16
-    q = (torch.round(g / s[:, :, None]) + z[:, :, None]).clamp(0, 15)
-    return q.view(N, K).long(), z.long(), s, ((q - z[:, :, None]) * s[:, :, None]).view(N, K)
+    q = (torch.round(w / s[:, g_idx]) + z[:, g_idx]).clamp(0, 15)
+    return q.long(), z.long(), s, (q - z[:, g_idx]) * s[:, g_idx]
 
 
-def pack_gptq(q, z, s, v1=True):
+def pack_gptq(q, z, s, v1=True, width=None):
+    """width: the group size (default K / G: whole groups)."""
     intweight, zeros = q.T, z.T  # [K, N], [G, N]
     K, N = intweight.shape
     qweight = torch.zeros(K // 8, N, dtype=torch.int64)
@@ -162,7 +166,7 @@ def pack_gptq(q, z, s, v1=True):
         qzeros -= 0x11111111
     G = s.shape[1]
     return {".qweight": as_int32(qweight), ".qzeros": as_int32(qzeros), ".scales": s.T.half().contiguous(),
-            ".g_idx": (torch.arange(K) // (K // G)).to(torch.int32)}
+            ".g_idx": (torch.arange(K) // (width or K // G)).to(torch.int32)}
 
 
 def act_order_quantize(w, group, gen):
@@ -243,6 +247,24 @@ KINDS = {  # name: (family config, quantization_config)
                        {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
     "awq-gemm-falcon": ({"family": "falcon", "n_kv_head": 2, "bias": False},
                         {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}),
+    # hidden 80 (5 heads of 16) at group_size 32 (Falcon-7B's 4544 at 128): the attention's and dense_h_to_4h's 80 inputs three GPTQ
+    # groups, the last of 16, read as ours of 16 (dense_4h_to_h's 320 whole groups); act-order's last group short too.
+    # (AutoAWQ's GEMM asserts K a multiple of group_size: no such AWQ folder)
+    "gptq-v1-ragged-falcon": ({"family": "falcon", "n_embd": 80, "n_head": 5, "n_kv_head": 1, "bias": False},
+                              {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
+    "gptq-v2-ragged-falcon": ({"family": "falcon", "n_embd": 80, "n_head": 5, "n_kv_head": 1, "bias": False},
+                              {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+                               "checkpoint_format": "gptq_v2"}),
+    "gptq-v1-act-order-ragged-falcon": ({"family": "falcon", "n_embd": 80, "n_head": 5, "n_kv_head": 1, "bias": False},
+                                        {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                                         "sym": False}),
+}
+# 4-bit folders that do not load as int4 (quantized_folder takes these too): an AWQ layer of a short group (AutoAWQ
+# writes none)
+OTHER_KINDS = {
+    "awq-gemm-ragged-falcon": ({"family": "falcon", "n_embd": 80, "n_head": 5, "n_kv_head": 1, "bias": False},
+                               {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                "version": "gemm"}),
 }
 GEMMA = dict(LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True)
 NEOX = dict(position_encoding="rope", rotary_dim=4, parallel_residual=True, gelu_approximate="none", tie_weights=False)
@@ -262,13 +284,14 @@ def quantized_folder(tmp_path, kind, seed=0, vocab=V):
     from tritongpt.train.neox_weights import export_neox
     from tritongpt.train.phi3_weights import export_phi3
 
-    extra, q = KINDS[kind]
+    extra, q = {**KINDS, **OTHER_KINDS}[kind]
     family = extra.get("family", "llama")
     base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma), "phi3": (PHI3, export_phi3),
                     "neox": (NEOX, export_neox), "falcon": (FALCON, export_falcon)}[family]
     torch.manual_seed(seed)
-    model = GPTModel(GPTConfig(vocab_size=vocab, context_length=T, n_layer=1, n_head=4, n_embd=64,
-                               **{**base, **{k: v for k, v in extra.items() if k != "family"}})).eval()
+    model = GPTModel(GPTConfig(vocab_size=vocab, context_length=T, n_layer=1,
+                               **{"n_head": 4, "n_embd": 64, **base,
+                                  **{k: v for k, v in extra.items() if k != "family"}})).eval()
     with torch.no_grad():
         for p in model.parameters():  # norms and biases off their ones and zeros
             p.add_(0.05 * torch.randn(p.shape))
@@ -284,7 +307,8 @@ def quantized_folder(tmp_path, kind, seed=0, vocab=V):
         else:
             lv, zero, scale, w = reference_quantize(sd.pop(k), q["group_size"], q.get("sym", False))
         packed = pack_awq(lv, zero, scale) if q["quant_method"] == "awq" else \
-            pack_gptq(lv, zero, scale, v1=q.get("checkpoint_format", "gptq") == "gptq")
+            pack_gptq(lv, zero, scale, v1=q.get("checkpoint_format", "gptq") == "gptq", width=q["group_size"] if
+                      q["group_size"] != -1 else None)
         if "act-order" in kind:
             packed[".g_idx"] = g_idx
         sd.update({base + part: t for part, t in packed.items()})
@@ -334,7 +358,10 @@ def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_log
     family = json.loads((folder / "config.json").read_text())["model_type"]
     assert kind.endswith(family) or family == "llama", family  # (the family the kind names is the one read)
     assert model.config == GPTConfig(**{**want.config.to_dict(), "kernels": model.config.kernels})
-    assert model.quantized_group_size == 32 if KINDS[kind][1]["group_size"] == 32 else 64
+    # ours: the file's group size (one group a row: 64, the largest dividing every K), 16 where K = 80 ends in a short
+    # group of 16
+    group = KINDS[kind][1]["group_size"]
+    assert model.quantized_group_size == (16 if "ragged" in kind else 64 if group == -1 else group)
     ordered = {getattr(m, "in_perm", None) is not None for m in model.trf_blocks.modules()} - {False}
     assert ordered == ({True} if "act-order" in kind else set())  # (a sorted g_idx needs no gather)
     idx = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1)).to(dev)
@@ -347,6 +374,15 @@ def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_log
             assert got.dtype == dtype and got.device == expected.device, (kernels, got.dtype, got.device)
             err = (got.float() - expected).abs().max().item()
             assert err < LOGIT_TOL[dtype] * expected.abs().max().item(), (kernels, err)
+
+
+def test_an_awq_layer_of_a_short_last_group_is_refused_by_name(tmp_path):
+    """AutoAWQ's WQLinear_GEMM asserts K a multiple of group_size: a file whose 80 inputs have three groups of 32 is
+    none it wrote, named, not read as GPTQ's short last group."""
+    folder, _ = quantized_folder(tmp_path, "awq-gemm-ragged-falcon")
+    with pytest.raises(UserError, match=r"h\.0\.\w+\.\w+ has 3 groups of its 80 inputs, not groups of group_size 32 "
+                                        r"\(AutoAWQ's GEMM layers hold whole groups only"):
+        load_checkpoint(folder, quantized_ok=True)
 
 
 def test_an_int4_folder_saves_and_loads_as_our_int4_file(tmp_path):

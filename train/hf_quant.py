@@ -22,8 +22,11 @@ inputs, so scale = s and offset = -z * s, the levels q the same 0..15 repacked t
   the inputs, 32 / bits a word at 2 and 8; at 3, 32 levels fill three words, levels 10 and 21 of each straddling two;
   qzeros the same along the outputs. v1's zeros less 1: words less 0x55555555 (2) or 0x01010101 (8) as at 4 bits; at
   3 bits per level mod 8 (GPTQModel's _correct_gptq_v1_qzeros: a word add would lose a straddling level's carry).
-group_size -1 is one group of all K inputs. The groups become ours of the largest size GROUP_SIZES has that divides
-every layer's (each scale repeated over the smaller groups: the same matrix). What does not map (other bits:
+group_size -1 is one group of all K inputs. GPTQ gives a layer whose K is not a multiple of group_size ceil(K /
+group_size) groups, the last one short (Falcon-7B's 4544 inputs at 128); AutoAWQ's GEMM takes whole groups only. The
+groups become ours of the largest size GROUP_SIZES has that divides the file's group size and every layer's K (each
+scale repeated over the smaller groups: the same matrix; 4544 at 128 is ours 64, the short group one of them). What
+does not map (other bits:
 GPTQModel's planar 5 to 7, AWQ's but 4; other checkpoint formats or AWQ versions, a g_idx of unequal groups, a
 quantized LM head, some layers float) is refused by name.
 
@@ -165,13 +168,17 @@ def _codes(base: str, sd: dict, spec: dict, path) -> tuple:
         q, zero = _unpack_cols(qweight, AWQ_ORDER).T, _unpack_cols(qzeros, AWQ_ORDER).T
     N, K = q.shape
     G = scales.shape[0]
-    if tuple(scales.shape) != (G, N) or tuple(zero.shape) != (N, G) or G < 1 or K % G:
+    if tuple(scales.shape) != (G, N) or tuple(zero.shape) != (N, G) or G < 1:
         raise UserError(f"{path}: {base}'s qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and scales "
                         f"{tuple(scales.shape)} are not one {bits}-bit {spec['method'].upper()} layer")
     width = K if spec["group_size"] == -1 else spec["group_size"]
-    if width * G != K:
+    # GPTQ gives a layer ceil(K / group_size) groups (AutoGPTQ's and GPTQModel's QuantLinear: g_idx k // group_size),
+    # the last one short where K is not a multiple (Falcon-7B's 4544 inputs at 128: 35 groups, the last of 64);
+    # AutoAWQ's WQLinear_GEMM asserts K a multiple of group_size, so an AWQ layer's groups are all whole
+    if G != -(-K // width) or (spec["method"] == "awq" and width * G != K):
         raise UserError(f"{path}: {base} has {G} groups of its {K} inputs, not groups of group_size "
-                        f"{spec['group_size']}")
+                        f"{spec['group_size']}" + (" (AutoAWQ's GEMM layers hold whole groups only: K a multiple of "
+                                                   "group_size)" if spec["method"] == "awq" and K % width else ""))
     if not scales.is_floating_point():
         raise UserError(f"{path}: tensor {base}.scales is {scales.dtype}, not a float")
     return q, zero.float(), scales.T.float(), width, g_idx
@@ -207,13 +214,16 @@ def _act_order(g_idx, K: int, G: int, width: int, what) -> torch.Tensor | None:
     (desc_act's act-order: the inputs were quantized in another order) the inputs sorted by group, stably, as
     vLLM's and exllama's GPTQ kernels sort them: column j of the layer kept is input perm[j], so group g is columns
     g * width .. (g + 1) * width - 1, and the layer gathers x's columns in that order (Int4Linear.in_perm). Each
-    group must then hold exactly width inputs (GPTQ's do: its g_idx is i // group_size of the i-th input quantized)."""
+    group must then hold exactly width inputs, the last the K - (G - 1) width left where K is not a multiple of
+    width (GPTQ's do: its g_idx is i // group_size of the i-th input quantized)."""
     g_idx = _groups(g_idx, K, G, what)
     if torch.equal(g_idx, torch.arange(K) // width):
         return None
-    sizes = torch.bincount(g_idx, minlength=G)
-    if not bool((sizes == width).all()):
-        g = int((sizes != width).nonzero()[0])
+    sizes, want = torch.bincount(g_idx, minlength=G), torch.full((G,), width)
+    want[-1] = K - (G - 1) * width  # (a short last group: K not a multiple of group_size)
+    if not torch.equal(sizes, want):
+        # (the first group off is never the last: the sizes sum to K, so all the others right make it right too)
+        g = int((sizes != want).nonzero()[0])
         raise UserError(f"{what} gives its groups different sizes (group {g} has {int(sizes[g])} inputs, not "
                         f"group_size {width}): act-order is read as whole groups of group_size inputs each")
     return torch.argsort(g_idx, stable=True)
@@ -248,19 +258,23 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
     if spec["mode"] == "int8":
         return int8_linears(sd, bases, spec, path)
     # our group size first, from the shapes (qweight's inputs: GPTQ packs them 8 to a word, AWQ keeps one a row), so
-    # that each layer is unpacked and repacked alone (all of a 7B model's levels at once would be tens of GB)
-    widths = {spec["group_size"] if spec["group_size"] != -1 else
-              sd[b + ".qweight"].shape[0] * (8 if spec["method"] == "gptq" else 1) for b in bases}
-    G = max((g for g in GROUP_SIZES if all(w % g == 0 for w in widths)), default=None)
+    # that each layer is unpacked and repacked alone (all of a 7B model's levels at once would be tens of GB). It
+    # divides the file's group size and every layer's K: a GPTQ layer whose K is not a multiple of group_size ends in
+    # a short group (_codes), which must be whole groups of ours too (4544 at 128: ours 64, the last group one)
+    inputs = {sd[b + ".qweight"].shape[0] * (8 if spec["method"] == "gptq" else 1) for b in bases}
+    sizes = inputs | ({spec["group_size"]} if spec["group_size"] != -1 else set())
+    G = max((g for g in GROUP_SIZES if all(w % g == 0 for w in sizes)), default=None)
     if G is None:
-        raise UserError(f"{path}: group widths {sorted(widths)} are not all multiples of one of this model's int4 "
+        raise UserError(f"{path}: group widths {sorted(sizes)} are not all multiples of one of this model's int4 "
                         f"group sizes ({', '.join(map(str, GROUP_SIZES))})")
     out = {}
     for b in bases:
         q, zero, scale, width, perm = _levels(b, sd, spec, path)
         N, K = q.shape
-        # each of the file's groups is width / G of ours, sharing its scale and zero
-        scale, zero = scale.repeat_interleave(width // G, dim=1), zero.repeat_interleave(width // G, dim=1)
+        # each of the file's groups is width / G of ours, sharing its scale and zero; a short last group (K not a
+        # multiple of width) fewer, cut at K / G
+        scale = scale.repeat_interleave(width // G, dim=1)[:, :K // G]
+        zero = zero.repeat_interleave(width // G, dim=1)[:, :K // G]
         out[b] = (pack_int4(q).contiguous(), scale.contiguous(), (-zero * scale).contiguous(), perm)
         sd[b + ".weight"] = torch.empty(N, K, device="meta")
     _check_all_read(sd, path)
