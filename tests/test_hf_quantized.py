@@ -259,9 +259,25 @@ KINDS = {  # name: (family config, quantization_config)
                                         {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
                                          "sym": False}),
 }
-# 4-bit folders that do not load as int4 (quantized_folder takes these too): an AWQ layer of a short group (AutoAWQ
-# writes none)
+# 4-bit folders that load otherwise (quantized_folder takes these too): K = 72 at group_size 16 ends in a group of 8,
+# below GROUP_SIZES' 16, so no int4 group size divides it: read dequantized (4 heads of 18 and 4 kv heads: every
+# output count a multiple of 8, as GPTQ packs its zeros); and an AWQ layer of a short group (AutoAWQ writes none)
 OTHER_KINDS = {
+    "gptq-v1-ragged-dequantized": ({"n_embd": 72, "n_kv_head": 4}, {"quant_method": "gptq", "bits": 4,
+                                                                     "group_size": 16, "sym": False}),
+    "gptq-v2-act-order-ragged-dequantized": ({"n_embd": 72, "n_kv_head": 4},
+                                             {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True,
+                                              "sym": False, "checkpoint_format": "gptq_v2"}),
+    # the other readers (each its own path to the float model)
+    "gptq-v1-ragged-dequantized-gemma": ({"family": "gemma", "n_embd": 72, "n_kv_head": 4},
+                                         {"quant_method": "gptq", "bits": 4, "group_size": 16, "sym": False}),
+    "gptq-v1-ragged-dequantized-phi3": ({"family": "phi3", "n_embd": 72, "n_kv_head": 4},
+                                        {"quant_method": "gptq", "bits": 4, "group_size": 16, "sym": False}),
+    "gptq-v1-ragged-dequantized-gpt_neox": ({"family": "neox", "n_embd": 72},
+                                            {"quant_method": "gptq", "bits": 4, "group_size": 16, "sym": False}),
+    "gptq-v2-ragged-dequantized-falcon": ({"family": "falcon", "n_embd": 72, "n_kv_head": 2, "bias": False},
+                                          {"quant_method": "gptq", "bits": 4, "group_size": 16, "sym": True,
+                                           "checkpoint_format": "gptq_v2"}),
     "awq-gemm-ragged-falcon": ({"family": "falcon", "n_embd": 80, "n_head": 5, "n_kv_head": 1, "bias": False},
                                {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
                                 "version": "gemm"}),
@@ -374,6 +390,25 @@ def test_a_4bit_gptq_or_awq_folder_loads_as_int4_with_the_dequantized_models_log
             assert got.dtype == dtype and got.device == expected.device, (kernels, got.dtype, got.device)
             err = (got.float() - expected).abs().max().item()
             assert err < LOGIT_TOL[dtype] * expected.abs().max().item(), (kernels, err)
+
+
+@pytest.mark.parametrize("kind, n, inputs", [("gptq-v1-ragged-dequantized", 7, [72, 128]),
+                                             ("gptq-v2-act-order-ragged-dequantized", 7, [72, 128]),
+                                             ("gptq-v1-ragged-dequantized-gemma", 7, [72, 128]),
+                                             ("gptq-v1-ragged-dequantized-phi3", 4, [72, 128]),
+                                             ("gptq-v1-ragged-dequantized-gpt_neox", 4, [72, 288]),
+                                             ("gptq-v2-ragged-dequantized-falcon", 4, [72, 288])])
+def test_a_4bit_folder_whose_groups_no_int4_group_size_divides_loads_dequantized(tmp_path, capsys, kind, n, inputs):
+    """K = 72 at group_size 16: GPTQ's five groups, the last of 8, that no int4 group size (16 and up) divides:
+    read as the float model of its dequantized weights, with a note saying why, where it was refused."""
+    folder, want = quantized_folder(tmp_path, kind)
+    model = load_checkpoint(folder)  # (an ordinary float model: no quantized_ok needed)
+    assert not getattr(model, "quantized", None)
+    assert {type(m).__name__ for m in model.trf_blocks.modules() if "Linear" in type(m).__name__} == {"Linear"}
+    assert (f"its {n} 4-bit GPTQ linear weights are dequantized to float at load: an ordinary float model of the "
+            "same weights, no int4 group size here (16, 32, 64, 128, 256, 512, 1024) divides both its group_size 16 "
+            f"and its layers' inputs {inputs}") in capsys.readouterr().err
+    same_logits(model, want)
 
 
 def test_an_awq_layer_of_a_short_last_group_is_refused_by_name(tmp_path):

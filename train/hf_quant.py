@@ -25,8 +25,8 @@ inputs, so scale = s and offset = -z * s, the levels q the same 0..15 repacked t
 group_size -1 is one group of all K inputs. GPTQ gives a layer whose K is not a multiple of group_size ceil(K /
 group_size) groups, the last one short (Falcon-7B's 4544 inputs at 128); AutoAWQ's GEMM takes whole groups only. The
 groups become ours of the largest size GROUP_SIZES has that divides the file's group size and every layer's K (each
-scale repeated over the smaller groups: the same matrix; 4544 at 128 is ours 64, the short group one of them). What
-does not map (other bits:
+scale repeated over the smaller groups: the same matrix; 4544 at 128 is ours 64, the short group one of them); where
+none does, the folder is read dequantized (gptq_dequantized, a note on stderr). What does not map (other bits:
 GPTQModel's planar 5 to 7, AWQ's but 4; other checkpoint formats or AWQ versions, a g_idx of unequal groups, a
 quantized LM head, some layers float) is refused by name.
 
@@ -253,7 +253,8 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
     checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G], in_perm: None, or an act-order
     layer's input order, Int4Linear.in_perm)}; G, our group size). blocks: the prefix of the file's block tensors
     (Falcon's "h."). An 8-bit spec (mode "int8": int8_linears) gives {base: (qweight int8 [N, K], scale fp32 [N],
-    None)} and G None."""
+    None)} and G None. A 4-bit folder whose groups no size of GROUP_SIZES divides gives (sd dequantized, None, None)
+    (gptq_dequantized, with its note): the caller reads it as a float folder."""
     bases = _quantized_bases(sd, spec, path, blocks)
     if spec["mode"] == "int8":
         return int8_linears(sd, bases, spec, path)
@@ -265,8 +266,10 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
     sizes = inputs | ({spec["group_size"]} if spec["group_size"] != -1 else set())
     G = max((g for g in GROUP_SIZES if all(w % g == 0 for w in sizes)), default=None)
     if G is None:
-        raise UserError(f"{path}: group widths {sorted(sizes)} are not all multiples of one of this model's int4 "
-                        f"group sizes ({', '.join(map(str, GROUP_SIZES))})")
+        # no int4 layout holds these groups exactly: the float model of the same weights, as other bits are read
+        sizes = ", ".join(map(str, GROUP_SIZES))
+        return gptq_dequantized(sd, spec, path, blocks, why=f"no int4 group size here ({sizes}) divides both its "
+                                f"group_size {spec['group_size']} and its layers' inputs {sorted(inputs)}"), None, None
     out = {}
     for b in bases:
         q, zero, scale, width, perm = _levels(b, sd, spec, path)
@@ -303,10 +306,11 @@ def int8_linears(sd: dict, bases: list, spec: dict, path) -> tuple:
     return sd, out, None
 
 
-def gptq_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.") -> dict:
+def gptq_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", why: str | None = None) -> dict:
     """sd with each GPTQ linear (int4_spec's mode "float": 2 or 3 bits, or 8 without Int8Linear's form) replaced by
     the float32 matrix it stands for, W[n, k] = (q[n, k] - z[n, g]) s[n, g] with g = g_idx[k] (each input's own
-    group: act-order needs no reordering here), and a note on stderr that it was."""
+    group: act-order needs no reordering here), and a note on stderr that it was. why: the note's reason where it is
+    not the bits' (int4_linears: a 4-bit GPTQ or AWQ folder whose groups no int4 group size divides)."""
     bases = _quantized_bases(sd, spec, path, blocks)
     for b in bases:
         q, zero, scale, width, g_idx = _codes(b, sd, spec, path)
@@ -315,9 +319,9 @@ def gptq_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.") -> dic
         # (exact in fp32: an fp16 scale times an integer of at most 8 bits)
         sd[b + ".weight"] = (q - zero[:, g]) * scale[:, g]
     _check_all_read(sd, path)
-    note(f"{path}: its {len(bases)} {spec['bits']}-bit GPTQ linear weights are dequantized to float at load: an "
-         "ordinary float model of the same weights, no " + (f"{spec['bits']}-bit kernel" if spec["bits"] != 8 else
-                                                              "int8 form for its groups or zero points"))
+    note(f"{path}: its {len(bases)} {spec['bits']}-bit {spec['method'].upper()} linear weights are dequantized to "
+         "float at load: an ordinary float model of the same weights, " + (why or "no " + (
+             f"{spec['bits']}-bit kernel" if spec["bits"] != 8 else "int8 form for its groups or zero points")))
     return sd
 
 

@@ -386,6 +386,8 @@ def load_llama_safetensors(path) -> GPTModel:
         sd = folder_dequantized(sd, dequant, path, prefix="model.")
     if spec is not None:
         sd, packed, group_size = int4_linears(sd, spec, path)
+        if packed is None:  # (4-bit groups no int4 group size divides: read dequantized, a float model)
+            spec = None
     cfg = _check_hf_config(cfg_json, sd)
     if spec is not None:
         return model_with_int4(cfg, lambda: _our_tensors(sd, cfg), sd, packed, group_size, path)

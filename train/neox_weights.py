@@ -123,10 +123,13 @@ def load_neox_safetensors(path) -> GPTModel:
     sd = _read_tensors(path, prefix="gpt_neox.", quantization_read=spec is not None or dequant is not None)
     if dequant is not None:
         sd = folder_dequantized(sd, dequant, path, prefix="gpt_neox.")
+    if spec is not None:
+        sd, packed, group_size = int4_linears(sd, spec, path)
+        if packed is None:  # (4-bit groups no int4 group size divides: read dequantized, a float model)
+            spec = None
     if spec is None:
         cfg = _check_hf_config(path.parent / "config.json", sd)
         return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg), path)
-    sd, packed, group_size = int4_linears(sd, spec, path)
     cfg = _check_hf_config(path.parent / "config.json", sd)
     # GPTQ and AWQ quantize query_key_value as one linear, its rows laid out per head: each projection's rows
     # taken from it, as the float weight's are

@@ -156,6 +156,8 @@ def load_phi3_safetensors(path) -> GPTModel:
     packed = None
     if spec is not None:
         sd, packed, group_size = int4_linears(sd, spec, path)
+        if packed is None:  # (4-bit groups no int4 group size divides: read dequantized, a float model)
+            spec = None
     sd = _unfused(sd, read_json_object(cfg_json), cfg_json, packed)
     cfg = _check_hf_config(cfg_json, sd)
     if spec is not None:
