@@ -1,8 +1,8 @@
 """Hugging Face folders quantized elsewhere (config.json's quantization_config: GPTQ, AWQ, bitsandbytes, FP8,
 compressed-tensors ...; or AutoGPTQ's quantize_config.json): refused by name at the config read, by every reader
 and command, never a missing-tensor error or a model of whatever float tensors are there; 4-bit GPTQ and AWQ read as
-int4 (below), FP8 dequantized (test_hf_fp8.py), by the readers that take them. Tiny models exported here: nothing
-downloaded."""
+int4 (below), FP8 dequantized (test_hf_fp8.py), bitsandbytes 8-bit as int8 and 4-bit dequantized (test_hf_bnb.py),
+by the readers that take them. Tiny models exported here: nothing downloaded."""
 import json
 
 import pytest
@@ -67,6 +67,8 @@ def test_a_quantized_folder_is_refused_by_name_at_the_config_read(tmp_path, fami
         said = rf"config\.json says {method.upper()} quantization, but no tensor is a quantized linear's"
     if family == "llama" and method == "fp8":  # read dequantized (test_hf_fp8.py): its float tensors named
         said = r"config\.json says fp8 \(FP8\) quantization, but no tensor is float8"
+    if family == "llama" and method == "bitsandbytes":  # read (test_hf_bnb.py): its float tensors named
+        said = r"config\.json says bitsandbytes [48]-bit quantization, but no tensor is a quantized linear's"
     with pytest.raises(UserError, match=said):
         load_checkpoint(folder, quantized_ok=True)
 
@@ -456,8 +458,8 @@ def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_pat
     ({"is_marlin_format": True}, r"checkpoint_format 'marlin': 'gptq' \(v1"),
     ({"checkpoint_format": "gptq", "format": "gptq_v2"}, r"checkpoint_format 'gptq' but format 'gptq_v2': which packing is unclear"),
     ({"quant_method": "fp8"}, r"config\.json says fp8 \(FP8\) quantization, but no tensor is float8"),
-    ({"quant_method": "hqq", "bits": 4}, r"quant_method 'hqq' .* is not read here \(GPTQ of 2, 3, 4 or 8 bits and "
-                                         r"4-bit AWQ GEMM are, and FP8 dequantized\)"),
+    ({"quant_method": "hqq", "bits": 4}, r"quant_method 'hqq' .* is not read here \(GPTQ of 2, 3, 4 or 8 bits, "
+                                         r"4-bit AWQ GEMM and bitsandbytes are, and FP8 dequantized\)"),
 ])
 def test_what_does_not_map_to_int4_is_refused_by_name(tmp_path, change, said):
     folder, _ = quantized_folder(tmp_path, "gptq-v1-sym")

@@ -178,7 +178,7 @@ def load_falcon_safetensors(path) -> GPTModel:
     if dequant is not None:
         sd = folder_dequantized(sd, dequant, path, blocks="h.", prefix="transformer.")
     if spec is not None:
-        sd, packed, group_size = int4_linears(sd, spec, path, blocks="h.")
+        sd, packed, group_size = int4_linears(sd, spec, path, blocks="h.", prefix="transformer.")
         if packed is None:  # (4-bit groups no int4 group size divides: read dequantized, a float model)
             spec = None
     d = _flags(read_json_object(cfg_json), cfg_json)  # (_check_hf_config and _our_tensors read them)

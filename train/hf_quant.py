@@ -32,7 +32,12 @@ quantized LM head, some layers float) is refused by name.
 
 FP8 folders (transformers' fp8 and fbgemm_fp8, compressed-tensors' float-quantized) load as float models: each FP8
 weight times its scale (per block, row or tensor) at load (fp8_dequantized, below).
+
+bitsandbytes folders (transformers' load_in_8bit / load_in_4bit): 8-bit (LLM.int8) kept as Int8Linear
+(bnb_int8_linears), 4-bit NF4 / FP4 dequantized to float (bnb_dequantized); their formats below.
 """
+import json
+import math
 import re
 
 import torch
@@ -49,11 +54,16 @@ _PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 def folder_quantization(cfg_json) -> tuple:
     """(packed_spec, dequantized_spec) of the folder whose config.json is cfg_json, at most one not None (both None: a
     float folder): a GPTQ or AWQ folder kept quantized (4-bit as int4; 8-bit as int8 where Int8Linear holds it
-    exactly) is packed (int4_linears), an FP8 one or a GPTQ one of other bits read as the float model of its
-    dequantized weights (folder_dequantized), anything else refused by name."""
+    exactly) and a bitsandbytes 8-bit one are packed (int4_linears), an FP8 one, a GPTQ one of other bits or a
+    bitsandbytes 4-bit one read as the float model of its dequantized weights (folder_dequantized), anything else
+    refused by name."""
     q = hf_quantization(cfg_json)
     if q is None:
         return None, None
+    if bnb_method(q):
+        # 8-bit (LLM.int8): kept as Int8Linear (bnb_int8_linears); 4-bit NF4 / FP4 read dequantized (bnb_dequantized)
+        spec = bnb_spec(q)
+        return (spec, None) if spec["bits"] == 8 else (None, spec)
     if q.get("quant_method") in FP8_METHODS:
         return None, fp8_spec(q)
     spec = int4_spec(q)
@@ -70,7 +80,8 @@ def int4_spec(q: dict) -> dict:
     (other GPTQ bits, or 8-bit with groups or zero points: dequantized at load, gptq_dequantized)."""
     method = q.get("quant_method")
     if method not in ("gptq", "awq"):
-        refuse_quantized(q, "GPTQ of 2, 3, 4 or 8 bits and 4-bit AWQ GEMM are, and FP8 dequantized")
+        refuse_quantized(q, "GPTQ of 2, 3, 4 or 8 bits, 4-bit AWQ GEMM and bitsandbytes are, and FP8 "
+                            "dequantized")
     bits = q.get("bits")
     if isinstance(bits, bool) or bits not in (GPTQ_BITS if method == "gptq" else (4,)):
         refuse_quantized(q, f"bits {bits!r}: " + ("GPTQ of 2, 3, 4 or 8 bits only" if method == "gptq" else
@@ -248,13 +259,17 @@ def _check_all_read(sd: dict, path) -> None:
         raise UserError(f"{path}: tensor {left[0]!r} is part of no quantized linear this reader maps")
 
 
-def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.") -> tuple:
+def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> tuple:
     """(sd with each quantized linear's tensors replaced by a meta .weight of its float shape, for the reader's shape
     checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G], in_perm: None, or an act-order
     layer's input order, Int4Linear.in_perm)}; G, our group size). blocks: the prefix of the file's block tensors
     (Falcon's "h."). An 8-bit spec (mode "int8": int8_linears) gives {base: (qweight int8 [N, K], scale fp32 [N],
-    None)} and G None. A 4-bit folder whose groups no size of GROUP_SIZES divides gives (sd dequantized, None, None)
-    (gptq_dequantized, with its note): the caller reads it as a float folder."""
+    None)} and G None; a bitsandbytes 8-bit one (bnb_int8_linears) the same. A folder read dequantized (a 4-bit one
+    whose groups no size of GROUP_SIZES divides: gptq_dequantized, with its note; a bitsandbytes 8-bit one with some
+    linear of the blocks float) gives (sd dequantized, None, None): the caller reads it as a float folder. prefix: the
+    file's model prefix, for the config's modules left float (bitsandbytes')."""
+    if spec["method"] == "bitsandbytes":
+        return bnb_int8_linears(sd, spec, path, blocks, prefix)
     bases = _quantized_bases(sd, spec, path, blocks)
     if spec["mode"] == "int8":
         return int8_linears(sd, bases, spec, path)
@@ -326,8 +341,10 @@ def gptq_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", why: s
 
 
 def folder_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> dict:
-    """The float model's tensors of a folder folder_quantization reads dequantized: FP8 (fp8_dequantized) or GPTQ of
-    bits without a kernel here (gptq_dequantized)."""
+    """The float model's tensors of a folder folder_quantization reads dequantized: FP8 (fp8_dequantized), GPTQ of
+    bits without a kernel here (gptq_dequantized) or bitsandbytes' 4-bit (bnb_dequantized)."""
+    if spec["method"] == "bitsandbytes":
+        return bnb_dequantized(sd, spec, path, blocks, prefix)
     if spec["method"] == "gptq":
         return gptq_dequantized(sd, spec, path, blocks)
     return fp8_dequantized(sd, spec, path, blocks, prefix)
@@ -338,7 +355,10 @@ def int4_rows(sd: dict, packed: dict, base: str, parts: dict) -> None:
     tensor)} of parts, sd[name.weight] a meta weight of those rows and packed[name] those rows of base's qweight,
     scale and offset, in place of base's packed entry (sd's meta weight of base is left as it is: GPT-NeoX's and
     Falcon's readers see by it that the fused linear was 4-bit). Exact: each output's levels, scale and offset are
-    its own, the groups running along the inputs."""
+    its own, the groups running along the inputs. A float base (a bitsandbytes 8-bit folder read dequantized,
+    bnb_int8_linears) is left whole, for the reader to split as a float folder's."""
+    if base + ".weight" in sd and not sd[base + ".weight"].is_meta:
+        return
     fused = packed.pop(base)
     # (qweight: int4's two levels a byte along the inputs, uint8; int8's one a byte)
     K = fused[0].shape[1] * (2 if fused[0].dtype == torch.uint8 else 1)
@@ -351,7 +371,10 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None
     """model_with_tensors' model of a quantized folder: every Linear of the blocks an Int4Linear (quantized_layout;
     the LM head float, as GPTQ and AWQ leave it) filled from int4_linears' packed ({base: (qweight, scale, offset,
     in_perm)}, the base found by the meta .weight mapping() gives it), its bias from the file, the rest as
-    model_with_tensors fills it. group_size None (int8_linears'): Int8Linears, from {base: (qweight, scale, None)}."""
+    model_with_tensors fills it. group_size None (int8_linears'): Int8Linears, from {base: (qweight, scale, None)}.
+    packed empty (a bitsandbytes 8-bit folder read dequantized: bnb_int8_linears): model_with_tensors' float model."""
+    if not packed:
+        return model_with_tensors(cfg, mapping, path)
     meta = {}
     bases = {id(t): k.removesuffix(".weight") for k, t in sd.items() if t.is_meta}  # mapping() hands these on
 
@@ -591,4 +614,243 @@ def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
         sd[k] = _dequantized(sd[k], scale, spec, base, path)
     note(f"{path}: its {len(fp8)} FP8 linear weights ({spec['method']}) are dequantized to float at load: an "
          "ordinary float model of the same weights, no FP8 kernel")
+    return sd
+
+
+# -- bitsandbytes folders (transformers' BitsAndBytesConfig: load_in_8bit, load_in_4bit) ---------------------------
+# From bitsandbytes' functional.py (quantize_4bit, QuantState.as_dict / from_dict, int8_vectorwise_quant) and
+# nn/modules.py (Params4bit, Linear8bitLt's state dict), as transformers saves them:
+# - 8-bit (LLM.int8): weight int8 [N, K] and SCB [N] (each row's absmax), W = weight * SCB / 127; weight_format a
+#   uint8 0 ("row": older versions also wrote their GPU tile layouts, 1 to 3). At run time bitsandbytes rounds the
+#   activations to int8 too (their outlier columns above llm_int8_threshold in 16 bits): read here weight-only, as
+#   Int8Linear (its qweight the weight, its one scale a row SCB / 127 in fp32, the only rounding: the one bitsandbytes'
+#   own dequantize makes), or, where some linear of the blocks is left float (llm_int8_skip_modules), as the float
+#   model of the same weights (a model is all Int8Linear or all float here).
+# - 4-bit: the [N, K] weight flattened row-major, cut into blocks of blocksize (64; the last ragged), each block's
+#   absmax (float32) and each value's nearest code of quant_map / absmax, two codes a byte, the first in the high
+#   nibble: weight uint8 [ceil(NK / 2), 1]; W = quant_map[code] * absmax[i // blocksize], in fp32, cast to the
+#   quant_state's dtype. Double quant (bnb_4bit_use_double_quant): absmax less its mean (nested_offset) quantized
+#   again by 8-bit blocks of nested_blocksize (256): absmax uint8 codes of nested_quant_map (256 values) times
+#   nested_absmax, plus the offset. Beside the weight: weight.absmax, weight.quant_map [16], weight.nested_absmax,
+#   weight.nested_quant_map and weight.quant_state.bitsandbytes__nf4 (or __fp4): a uint8 tensor holding JSON of
+#   quant_type, blocksize, dtype, shape and nested_blocksize, nested_dtype, nested_offset. NF4's 16 levels are
+#   normal quantiles and FP4's a tiny float's, neither equally spaced: no scale and offset (Int4Linear's W = q *
+#   scale + offset) gives them, so 4-bit folders load dequantized, an ordinary float model of the same weights.
+# LM heads (and what llm_int8_skip_modules names) stay float, as transformers leaves them.
+BNB_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+# (get_4bit_type("fp4"): 1 sign, 2 exponent and 1 mantissa bits, normalized by its largest, 12)
+BNB_FP4 = tuple(v / 12 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0,
+                                 -2.0, -3.0))
+_BNB_STATE = ".weight.quant_state.bitsandbytes__"
+_BNB4_PARTS = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map")
+_BNB_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def bnb_method(q: dict) -> bool:
+    # (transformers reads a config without quant_method but with load_in_4bit / load_in_8bit as bitsandbytes')
+    return q.get("quant_method", "bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else None) \
+        == "bitsandbytes"
+
+
+def bnb_spec(q: dict) -> dict:
+    """A bitsandbytes quantization_config as {method, bits (4 or 8), keep (a name -> bool: a module the config leaves
+    float)}, or a UserError naming what of it is not read."""
+    refuse = lambda why: refuse_quantized(q, why, remedy="load the float model it was quantized from")  # noqa: E731
+    four, eight = q.get("load_in_4bit", False), q.get("load_in_8bit", False)
+    if four not in (True, False) or eight not in (True, False) or four == eight:
+        refuse(f"load_in_4bit {four!r} and load_in_8bit {eight!r}: exactly one of them true")
+    if four:
+        # (Params4bit packs its bytes into another dtype's elements when quant_storage is not uint8: unread)
+        storage = q.get("bnb_4bit_quant_storage", "uint8")
+        if storage not in ("uint8", None):
+            refuse(f"bnb_4bit_quant_storage {storage!r}: 4-bit codes stored as uint8 only")
+        kind = q.get("bnb_4bit_quant_type", "fp4")
+        if kind not in ("nf4", "fp4"):
+            refuse(f"bnb_4bit_quant_type {kind!r}: 'nf4' or 'fp4' only")
+    elif q.get("llm_int8_has_fp16_weight"):
+        refuse("llm_int8_has_fp16_weight true: 8-bit weights stored as int8 with their SCB only")
+    keep = _names_kept(q, q.get("llm_int8_skip_modules"), "llm_int8_skip_modules")
+    return dict(method="bitsandbytes", bits=4 if four else 8, keep=keep)
+
+
+def _bnb_bases(sd: dict, spec: dict, path, blocks: str, prefix: str) -> list:
+    """The names of sd's bitsandbytes linears of spec's bits (each 4-bit one's quant_state, each 8-bit one's SCB),
+    all of the blocks and none the config leaves float; whatever of the other width, or a part of none, named."""
+    four = sorted({k.partition(_BNB_STATE)[0] for k in sd if _BNB_STATE in k})
+    eight = sorted(k.removesuffix(".SCB") for k in sd if k.endswith(".SCB"))
+    bases, other = (four, eight) if spec["bits"] == 4 else (eight, four)
+    what = ("4-bit", "weight.quant_state.bitsandbytes__nf4 or __fp4") if spec["bits"] == 4 else ("8-bit", "SCB")
+    if other:
+        raise UserError(f"{path}: {other[0]} is a bitsandbytes {'8-bit' if spec['bits'] == 4 else '4-bit'} linear, "
+                        f"where the config says {what[0]} (load_in_{spec['bits']}bit)")
+    if not bases:
+        raise UserError(f"{path}: config.json says bitsandbytes {what[0]} quantization, but no tensor is a quantized "
+                        f"linear's ({what[1]})")
+    parts = _BNB4_PARTS if spec["bits"] == 4 else (".weight_format",)
+    orphan = sorted(k for k in sd if k.endswith(parts) and
+                    k.removesuffix(next(p for p in parts if k.endswith(p))) not in bases)
+    if orphan:
+        raise UserError(f"{path}: tensor {orphan[0]!r} is part of no bitsandbytes {what[0]} linear (no {what[1]} "
+                        "beside it)")
+    for b in bases:
+        if not b.startswith(blocks):
+            raise UserError(f"{path}: {b} is quantized by bitsandbytes, where this model keeps all but the blocks' "
+                            "linear layers float (an LM head or embedding; transformers leaves the head float): load "
+                            "the float model it was quantized from")
+        if spec["keep"](prefix + b) or spec["keep"](b):
+            raise UserError(f"{path}: {b} is quantized by bitsandbytes, but the quantization_config leaves it float "
+                            "(llm_int8_skip_modules): which it is is unclear")
+        if b + ".weight" not in sd:
+            raise UserError(f"{path}: bitsandbytes linear {b} has no {b}.weight (its quantized codes)")
+    return bases
+
+
+def _bnb_int8(sd: dict, b: str, path) -> tuple:
+    """(q int8 [N, K], SCB fp32 [N]) of one 8-bit linear, its tensors taken out of sd; what is not LLM.int8's row
+    layout named."""
+    q, scb, fmt = sd.pop(b + ".weight"), sd.pop(b + ".SCB"), sd.pop(b + ".weight_format", None)
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise UserError(f"{path}: tensor {b}.weight is {str(q.dtype).removeprefix('torch.')} {tuple(q.shape)}, not "
+                        "2-D int8 (bitsandbytes' 8-bit weight)")
+    if not scb.is_floating_point() or tuple(scb.shape) != (q.shape[0],):
+        raise UserError(f"{path}: tensor {b}.SCB is {str(scb.dtype).removeprefix('torch.')} {tuple(scb.shape)}, "
+                        f"where the 8-bit weight {tuple(q.shape)} has one float absmax a row: ({q.shape[0]},)")
+    if fmt is not None and (fmt.numel() != 1 or int(fmt.reshape(-1)[0]) != 0):
+        raise UserError(f"{path}: tensor {b}.weight_format is {fmt.reshape(-1).tolist()}, not 0: its weight is in a "
+                        "GPU tile layout (col32, col_turing, col_ampere) of older bitsandbytes, not rows")
+    # (each row's absmax: >= 0 and finite; a negative or NaN one is a damaged file)
+    if not bool(torch.isfinite(scb).all()) or not bool((scb >= 0).all()):
+        raise UserError(f"{path}: tensor {b}.SCB holds an absmax below 0, NaN or inf (a damaged file)")
+    return q, scb.float()
+
+
+def bnb_int8_linears(sd: dict, spec: dict, path, blocks: str, prefix: str) -> tuple:
+    """int4_linears' (sd, {base: (qweight int8 [N, K], scale fp32 [N], None)}, None) of a bitsandbytes 8-bit
+    folder: Int8Linear's W = q * scale is bitsandbytes' q * SCB / 127, scale = SCB / 127 a row. Where some linear of
+    the blocks is float (llm_int8_skip_modules), the 8-bit ones are dequantized into sd instead, a note saying why,
+    and (sd, None, None) comes back: the caller reads it as a float folder."""
+    bases = _bnb_bases(sd, spec, path, blocks, prefix)
+    # (the blocks' float matrices: linears left float; norms and biases are 1-D)
+    floats = sorted(k for k, t in sd.items() if k.startswith(blocks) and k.endswith(".weight") and t.dim() == 2
+                    and t.is_floating_point() and k.removesuffix(".weight") not in bases)
+    out = {}
+    for b in bases:
+        q, scb = _bnb_int8(sd, b, path)
+        if floats:
+            # (float64 then fp32: W = q * SCB / 127 rounded once)
+            sd[b + ".weight"] = (q.double() * scb.double()[:, None] / 127).float()
+            continue
+        # a row of absmax 0 is all zeros (bitsandbytes' W is 0 whatever q): scale 1 and q 0, as quantize_weight
+        # gives such a row (check_quantized_scales refuses a scale of 0)
+        zero = scb == 0
+        q = q.masked_fill(zero[:, None], 0)
+        out[b] = (q.contiguous(), torch.where(zero, 1.0, scb / 127).contiguous(), None)
+        sd[b + ".weight"] = torch.empty(q.shape, device="meta")
+    if floats:
+        note(f"{path}: its {len(bases)} bitsandbytes 8-bit linear weights are dequantized to float at load ("
+             f"{floats[0].removesuffix('.weight')} and others of the blocks are float, llm_int8_skip_modules: this "
+             "model's int8 layers are all of the blocks' or none): an ordinary float model of the same weights")
+        return sd, None, None
+    return sd, out, None
+
+
+def _bnb_part(sd: dict, name: str, path):
+    if name not in sd:
+        raise UserError(f"{path}: missing tensor {name!r} (a bitsandbytes 4-bit weight's absmax, quant_map and "
+                        "quant_state go together, with nested_absmax and nested_quant_map when double quantized)")
+    return sd.pop(name)
+
+
+def _bnb_state(raw, name: str, kind: str, nested: bool, path) -> dict:
+    """The quant_state JSON of tensor name (QuantState.as_dict(packed=True): utf-8 bytes as uint8), checked."""
+    def bad(why):
+        raise UserError(f"{path}: tensor {name} is not bitsandbytes' quant_state JSON ({why})")
+    if raw.dtype != torch.uint8 or raw.dim() != 1:
+        bad(f"{str(raw.dtype).removeprefix('torch.')} {tuple(raw.shape)}, not 1-D uint8 bytes")
+    try:
+        d = json.loads(bytes(raw.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        bad(f"unreadable: {e}")
+    if not isinstance(d, dict):
+        bad(f"{d!r}: not an object")
+    if d.get("quant_type") != kind:
+        bad(f"quant_type {d.get('quant_type')!r}, where its name says {kind!r}")
+    shape, dtype = d.get("shape"), str(d.get("dtype")).removeprefix("torch.")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v > 0 for v in shape)):
+        bad(f"shape {shape!r}: a linear's [out, in]")
+    if dtype not in _BNB_DTYPES:
+        bad(f"dtype {d.get('dtype')!r}: {', '.join(_BNB_DTYPES)}")
+    fields = ("blocksize", "nested_blocksize") if nested else ("blocksize",)
+    for f in fields:
+        if type(d.get(f)) is not int or d[f] < 1:
+            bad(f"{f} {d.get(f)!r}: a positive integer")
+    if nested and (type(d.get("nested_offset")) not in (int, float) or not math.isfinite(d["nested_offset"])):
+        bad(f"nested_offset {d.get('nested_offset')!r}: a number (the mean absmax, double quant)")
+    if not nested and "nested_blocksize" in d:
+        bad("nested_blocksize, but no nested_absmax beside it")
+    return d
+
+
+def _bnb_4bit_weight(sd: dict, b: str, path):
+    """The float32 matrix [N, K] one bitsandbytes 4-bit linear stands for, its tensors taken out of sd."""
+    key = next(k for k in sd if k.startswith(b + _BNB_STATE))
+    kind = key.removeprefix(b + _BNB_STATE)
+    if kind not in ("nf4", "fp4"):
+        raise UserError(f"{path}: tensor {key}: bitsandbytes' {kind!r} is not read here (nf4 and fp4 only)")
+    nested = b + ".weight.nested_absmax" in sd
+    d = _bnb_state(sd.pop(key), key, kind, nested, path)
+    N, K = d["shape"]
+    n = N * K
+    blocks = -(-n // d["blocksize"])
+    w, absmax, code = sd.pop(b + ".weight"), _bnb_part(sd, b + ".weight.absmax", path), \
+        _bnb_part(sd, b + ".weight.quant_map", path)
+
+    def check(name, t, dtypes, shape, what):
+        if t.dtype not in dtypes or tuple(t.shape) != shape:
+            raise UserError(f"{path}: tensor {b}{name} is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, "
+                            f"where {kind} of a {N}x{K} weight in blocks of {d['blocksize']} has {what} "
+                            f"{' or '.join(str(x).removeprefix('torch.') for x in dtypes)} {shape}")
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    check(".weight", w, (torch.uint8,), (-(-n // 2), 1), "its codes, two a byte:")
+    check(".weight.quant_map", code, floats, (16,), "its 16 levels:")
+    table = torch.tensor(BNB_NF4 if kind == "nf4" else BNB_FP4)
+    if not torch.allclose(code.float(), table, rtol=0, atol=1e-6):
+        # (bitsandbytes' GPU kernels use their own NF4 / FP4 tables, whatever quant_map says: another code would
+        # load as another model than the one it runs)
+        raise UserError(f"{path}: tensor {b}.weight.quant_map is not bitsandbytes' {kind} code table")
+    if nested:
+        check(".weight.absmax", absmax, (torch.uint8,), (blocks,), "its blocks' double-quantized absmax:")
+        nested_absmax = _bnb_part(sd, b + ".weight.nested_absmax", path)
+        nested_code = _bnb_part(sd, b + ".weight.nested_quant_map", path)
+        check(".weight.nested_absmax", nested_absmax, (torch.float32,), (-(-blocks // d["nested_blocksize"]),),
+              f"in nested blocks of {d['nested_blocksize']} the absmax:")
+        check(".weight.nested_quant_map", nested_code, (torch.float32,), (256,), "its absmax's 256 levels:")
+        # (dequantize_blockwise in fp32, then the offset added: bitsandbytes' dequantize_4bit)
+        scale = nested_absmax.repeat_interleave(d["nested_blocksize"])[:blocks]
+        absmax = nested_code[absmax.long()] * scale + torch.tensor(d["nested_offset"], dtype=torch.float32)
+    else:
+        if b + ".weight.nested_quant_map" in sd:
+            raise UserError(f"{path}: tensor {b}.weight.nested_quant_map without {b}.weight.nested_absmax")
+        check(".weight.absmax", absmax, (torch.float32,), (blocks,), "its blocks' absmax:")
+    if not bool(torch.isfinite(absmax).all()):
+        raise UserError(f"{path}: tensor {b}.weight.absmax holds NaN or inf (a damaged file)")
+    w = w.reshape(-1)
+    codes = torch.stack([w >> 4, w & 15], dim=1).reshape(-1)[:n].long()  # (the high nibble first)
+    W = code.float()[codes] * absmax.float().repeat_interleave(d["blocksize"])[:n]
+    return W.to(_BNB_DTYPES[d["dtype"].removeprefix("torch.")]).float().reshape(N, K)
+
+
+def bnb_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> dict:
+    """sd with each bitsandbytes 4-bit linear of the blocks replaced by the float32 matrix it stands for (its
+    quant_state's dtype's values), a note on stderr that it was. Refused by name: a quantized linear outside the
+    blocks or in a module the config leaves float, a part missing, of another shape or dtype, malformed quant_state
+    JSON, a quant_map that is not bitsandbytes' code."""
+    bases = _bnb_bases(sd, spec, path, blocks, prefix)
+    for b in bases:
+        sd[b + ".weight"] = _bnb_4bit_weight(sd, b, path)
+    note(f"{path}: its {len(bases)} bitsandbytes 4-bit linear weights are dequantized to float at load: an ordinary "
+         "float model of the same weights (NF4 and FP4 levels are not equally spaced: no int4 scale and offset holds "
+         "them)")
     return sd

@@ -124,7 +124,7 @@ def load_neox_safetensors(path) -> GPTModel:
     if dequant is not None:
         sd = folder_dequantized(sd, dequant, path, prefix="gpt_neox.")
     if spec is not None:
-        sd, packed, group_size = int4_linears(sd, spec, path)
+        sd, packed, group_size = int4_linears(sd, spec, path, prefix="gpt_neox.")
         if packed is None:  # (4-bit groups no int4 group size divides: read dequantized, a float model)
             spec = None
     if spec is None:
