@@ -116,7 +116,9 @@ def weighted_loss_fn(model, batch):
     by 3 is ignored, so micro-batches count different numbers of them."""
     x, y = batch
     y = torch.where(y % 3 == 0, -100, y)
-    return model(x, targets=y, reduction="sum"), (y != -100).sum()
+    loss, n = model(x, targets=y, reduction="sum"), (y != -100).sum()
+    aux = common.moe_aux_term(model)  # a mixture of experts' load-balancing loss, once per target as sft_loss adds it
+    return (loss if aux is None else loss + aux * n), n
 
 
 def test_token_weighted_accumulation_equals_one_batch_of_all_tokens(tmp_path):
@@ -1323,7 +1325,8 @@ def _ddp_worker(rank, out, rec, port, kw):
         seeds.append(torch.initial_seed())  # the seed of the RNG dropout draws from
         return loss(model, batch)
 
-    t = Trainer(tiny_model(rank), args_for(out, grad_accum=2, **kw),  # rank 0's init is broadcast
+    model = tiny_model(rank, **kw.pop("model", {}))
+    t = Trainer(model, args_for(out, grad_accum=2, **kw),  # rank 0's init is broadcast
                 loss_and_threads, make_get_batch(synthetic_tokens(), 2, record=seen))
     res = t.fit()
     params = torch.cat([p.detach().flatten() for p in t.raw_model.parameters()])
@@ -1571,6 +1574,26 @@ def test_ddp_token_weighted_loss_is_the_mean_over_both_ranks_tokens(tmp_path):
     assert alone["grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-5)
     assert torch.allclose(r0["params"], torch.cat([p.detach().flatten() for p in one.raw_model.parameters()]),
                           rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_moe_aux_column_is_the_aux_in_the_loss_over_both_ranks(tmp_path):
+    """A mixture of experts' (sum, count) loss under DDP: the moe_aux column is the aux each micro-batch added,
+    weighed by its counted targets over both ranks' (all-reduced with the loss), so loss - moe_aux is the plain
+    token mean; not rank 0's alone."""
+    moe = dict(MOE, moe_aux_loss=0.7)
+    r0, r1 = _run_ddp(tmp_path / "run", tmp_path / "rec", max_steps=1, weighted=True, model=moe)
+    model = tiny_model(0, **moe)  # rank 0's weights, broadcast
+    plain, aux, counts = [], [], []
+    with torch.no_grad():
+        for b in r0["seen"] + r1["seen"]:
+            model.config.moe_aux_loss = 0.0
+            s, n = weighted_loss_fn(model, b)
+            plain.append(float(s)), counts.append(int(n)), aux.append(0.7 * model.router_aux_loss().item())
+    row = rows(tmp_path / "run")[0]
+    want = sum(a * n for a, n in zip(aux, counts)) / sum(counts)
+    mine = sum(a * n for a, n in zip(aux[:2], counts[:2])) / sum(counts[:2])
+    assert row["moe_aux"] == pytest.approx(want, rel=1e-5) and abs(mine - want) > 1e-6 * want
+    assert row["loss"] - row["moe_aux"] == pytest.approx(sum(plain) / sum(counts), rel=1e-5)
 
 
 def test_ddp_error_still_tears_the_group_down(tmp_path):

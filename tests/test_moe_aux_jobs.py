@@ -291,6 +291,48 @@ def test_the_step_logs_the_aux_it_trained_on(tmp_path):
         assert "moe_aux" not in row and row["loss"] > 0
 
 
+def column_jobs():
+    """(loss_fn, two micro-batches, model maker) of the jobs the test above leaves out: uneven micro-batches each
+    (packed rows counting 5 and 54 targets, short and long pairs), so a misweighed aux shows."""
+    ex = sft_examples(1)
+    opts = {"distill_alpha": 0.6, "distill_temperature": 1.5, "distill_beta": 0.3}
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, VOCAB, (4, 12), generator=g), torch.randint(0, VOCAB, (4, 12), generator=g)
+    windows = [(x[:2], y[:2]), (x[2:], y[2:])]
+    enc = pairs(4, margins=True)
+    kx = [kto.EncodedExample(p.prompt, p.chosen, i % 2 == 0) for i, p in enumerate(enc)]
+    data = kto.KTOData(kx, chunk=4, max_len=CTX, pad_id=0)
+    data.ref_logp, data.ref_kl_logp = torch.linspace(-9, -3, 4), torch.linspace(-8, -2, 4)
+
+    def pair_rows(chunk):
+        idx, lengths, _ = pair_batch(chunk, pad_id=0)
+        return idx, lengths, reward.pair_margins(chunk)
+
+    return {
+        "sft_packed": (sft.sft_loss, [sft.collate_packed([ex[:2]], CTX, 0, lengths=True),
+                                      sft.collate_packed([ex[2:3], ex[3:]], CTX, 0, lengths=True)], tiny_moe),
+        "gkd": (distill.sft_loss_fn(tiny_moe(1), opts, VOCAB, sft.IGNORE_INDEX),
+                [sft.collate(ex[:2], 0, lengths=True), sft.collate(ex[2:], 0, lengths=True)], tiny_moe),
+        "pretrain": (lambda m, b: m(b[0], targets=b[1]), windows, tiny_moe),
+        "pretrain_teacher": (distill.pretrain_loss_fn(tiny_moe(1), opts, VOCAB, lambda x: None), windows, tiny_moe),
+        "kto": (kto.make_loss_fn(0.3, "kto"), [data.batch([0, 1]), data.batch([2, 3])], tiny_moe),
+        "reward": (reward.make_reward_loss(0.1), [pair_rows(enc[:2]), pair_rows(enc[2:])],
+                   lambda seed, coef=COEF: reward.RewardModel(tiny_moe(seed, coef))),
+    }
+
+
+@pytest.mark.parametrize("job", ["sft_packed", "gkd", "pretrain", "pretrain_teacher", "kto", "reward"])
+def test_loss_minus_the_column_is_the_step_at_coefficient_0(job, tmp_path):
+    """Over two micro-batches: moe_aux is exactly what of the logged loss the aux is, weighed as the loss is (by
+    counted targets for a (sum, count) loss, 1/k for a mean), so loss - moe_aux is the same step's loss at
+    coefficient 0 (the routing, and so the plain objective, does not depend on the coefficient)."""
+    fn, micro, make = column_jobs()[job]
+    row, _ = one_step(make(0), fn, copy.deepcopy(micro), tmp_path / "moe")
+    plain, _ = one_step(make(0, coef=0.0), fn, copy.deepcopy(micro), tmp_path / "plain")
+    assert "moe_aux" not in plain and row["moe_aux"] > 0.1
+    assert row["loss"] - row["moe_aux"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize("job", ["sft", "dpo"])
 def test_a_run_writes_moe_aux_to_its_metrics_for_a_mixture_of_experts_only(job, tmp_path):
     """Through the jobs' own training functions, one step each: metrics.jsonl has the column for a mixture of
