@@ -13,9 +13,8 @@ from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import load_checkpoint
-from tritongpt.train.llama_weights import export_llama
 
-from test_hf_quantized import FALCON, LINEARS, LLAMA, NEOX, T, V, edit_tensors, with_quantization
+from test_hf_quantized import LINEARS, LLAMA, T, V, edit_tensors, exported_model, with_quantization
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,21 +121,8 @@ KINDS = {  # name: (family config, quantization_config, quantizer of one weight)
 def bnb_folder(tmp_path, kind, seed=0, keep_float=()):
     """A tiny folder of `kind`, its blocks' linears quantized by bitsandbytes' rules (those whose name ends with one of
     keep_float left float), and the float model of the matrices it stands for."""
-    from tritongpt.train.falcon_weights import export_falcon
-    from tritongpt.train.neox_weights import export_neox
-
     extra, q, quantize = KINDS[kind]
-    family = extra.get("family", "llama")
-    base, export = {"llama": (LLAMA, export_llama), "neox": (NEOX, export_neox),
-                    "falcon": (FALCON, export_falcon)}[family]
-    torch.manual_seed(seed)
-    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64,
-                               **{**base, **{k: v for k, v in extra.items() if k != "family"}})).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # norms and biases off their ones and zeros
-            p.add_(0.05 * torch.randn(p.shape))
-    folder = tmp_path / kind
-    export(model, folder)
+    model, folder = exported_model(tmp_path / kind, extra, seed)
     sd = load_file(folder / "model.safetensors")
     float_sd, dequantized = dict(sd), {}
     for k in [k for k in sd if k.endswith(LINEARS) and not k.removesuffix(".weight").endswith(keep_float)]:

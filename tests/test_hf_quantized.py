@@ -293,28 +293,34 @@ LINEARS = ("_proj.weight", "query_key_value.weight", "attention.dense.weight", "
 PHI3 = dict(LLAMA, rotary_dim=12)  # (a partial rotary: written as Phi-3, not as the Llama it would equal)
 
 
-def quantized_folder(tmp_path, kind, seed=0, vocab=V):
-    """A tiny Llama-shaped folder of `kind`, quantized and packed by the reference rules above, and the float model
-    of the matrices it stands for (the dequantized weights, everything else as exported). vocab: a tokenizer's, for
-    a run on it (test_qlora_gptq.py)."""
+def exported_model(folder, extra: dict, seed=0, vocab=V):
+    """A tiny random model of extra's family ("family": llama by default; the rest GPTConfig fields over the family's
+    own), its norms and biases off their ones and zeros, exported to folder as that family's Hugging Face folder:
+    (model, folder). The float folder the quantized-folder tests (here, test_hf_fp8, test_hf_bnb) quantize."""
     from tritongpt.train.falcon_weights import export_falcon
     from tritongpt.train.gemma_weights import export_gemma
     from tritongpt.train.neox_weights import export_neox
     from tritongpt.train.phi3_weights import export_phi3
 
-    extra, q = {**KINDS, **OTHER_KINDS}[kind]
-    family = extra.get("family", "llama")
     base, export = {"llama": (LLAMA, export_llama), "gemma": (GEMMA, export_gemma), "phi3": (PHI3, export_phi3),
-                    "neox": (NEOX, export_neox), "falcon": (FALCON, export_falcon)}[family]
+                    "neox": (NEOX, export_neox), "falcon": (FALCON, export_falcon)}[extra.get("family", "llama")]
     torch.manual_seed(seed)
     model = GPTModel(GPTConfig(vocab_size=vocab, context_length=T, n_layer=1,
                                **{"n_head": 4, "n_embd": 64, **base,
                                   **{k: v for k, v in extra.items() if k != "family"}})).eval()
     with torch.no_grad():
-        for p in model.parameters():  # norms and biases off their ones and zeros
+        for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape))
-    folder = tmp_path / (kind if seed == 0 else f"{kind}-{seed}")
     export(model, folder)
+    return model, folder
+
+
+def quantized_folder(tmp_path, kind, seed=0, vocab=V):
+    """A tiny Llama-shaped folder of `kind`, quantized and packed by the reference rules above, and the float model
+    of the matrices it stands for (the dequantized weights, everything else as exported). vocab: a tokenizer's, for
+    a run on it (test_qlora_gptq.py)."""
+    extra, q = {**KINDS, **OTHER_KINDS}[kind]
+    model, folder = exported_model(tmp_path / (kind if seed == 0 else f"{kind}-{seed}"), extra, seed, vocab)
     sd = load_file(folder / "model.safetensors")
     dequantized = {}
     gen = torch.Generator().manual_seed(seed)
