@@ -441,9 +441,9 @@ def test_an_int4_folder_saves_and_loads_as_our_int4_file(tmp_path):
 @pytest.mark.parametrize("kind", ["gptq-v1-sym", "gptq-v1-gemma", "gptq-v1-phi3", "gptq-v2-gpt_neox"])
 def test_an_int4_folder_is_for_inference_export_merge_and_init_refuse_it(tmp_path, kind):
     folder, _ = quantized_folder(tmp_path, kind)
-    with pytest.raises(UserError, match=r"is GPTQ-quantized .* read as int4 for inference: .*`sft --lora-rank` trains "
-                                        r"LoRA updates on it .*dpo, kto, reward and rlhf, full fine-tuning, export "
-                                        "and merge take the float weights it was quantized from"):
+    with pytest.raises(UserError, match=r"is GPTQ-quantized .* read as int4 for inference: .*sft, dpo, kto, reward "
+                                        r"and rlhf with --lora-rank train LoRA updates on it .*full fine-tuning, "
+                                        "export and merge take the float weights it was quantized from"):
         load_checkpoint(folder)
     assert cli.main(["export", str(folder), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -143,14 +143,154 @@ def test_sft_on_a_gptq_folder_refuses_full_fine_tuning_and_quantize_by_name(gptq
     assert not (tmp_path / "bad").exists()
 
 
+WORDS = ("hi", "yes", "no", "ok", "up", "go", "on", "in", "at", "by", "so", "we")
+
+
+def other_folder(tmp_path):
+    """A second GPTQ folder of the same shapes (other weights) with the tokenizer: a resume's wrong --init."""
+    from tritongpt.train.tokenizer import default_tokenizer, save_run_tokenizer
+
+    other, _ = quantized_folder(tmp_path, "gptq-v1-sym", seed=1, vocab=4096)
+    save_run_tokenizer(default_tokenizer(), other)
+    return other
+
+
+def pref_argv(cmd, folder, out, *extra):
+    """dpo, kto or reward on short pairs (the folder's context is 32 tokens), an eval every step."""
+    data = out.parent / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": f" {w}", "rejected": f" not {w}"}) + "\n"
+                            for w in WORDS))
+    return [cmd, "--init", str(folder), "--data", str(data), "--val-fraction", "0.3", "--batch-size", "4",
+            "--out-dir", str(out), "--device", "cpu", "--kernels", "reference", "--eval-every", "1", "--log-every",
+            "1", "--lr", "5e-2", "--warmup-steps", "0", "--lora-rank", "4", *extra]
+
+
+def rlhf_argv(folder, out, reward, *extra):
+    """GRPO (2 prompts an iteration, 2 responses each, 4 new tokens) judged by the reward model `reward`."""
+    data = out.parent / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": f" {w}", "rejected": f" not {w}"}) + "\n"
+                            for w in WORDS))
+    return ["rlhf", "--init", str(folder), "--reward", str(reward), "--algo", "grpo", "--data", str(data),
+            "--prompts-per-iter", "2", "--group-size", "2", "--max-new-tokens", "4", "--epochs", "1",
+            "--minibatch-size", "4", "--eval-prompts", "2", "--eval-samples", "1", "--device", "cpu", "--kernels",
+            "reference", "--lr", "5e-2", "--ckpt-every", "1", "--out-dir", str(out), "--lora-rank", "4", *extra]
+
+
+def metric_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def trained_on_the_folder(out, folder, prefix=""):
+    """The run's checkpoint records the folder's quantization, and its frozen base is the folder's matrices bit for
+    bit (prefix: a reward model's backbone.)."""
+    from safetensors import safe_open
+
+    from tritongpt.train import common
+
+    ckpt = common.resume_checkpoint(out, "latest")
+    state = common.load_state(ckpt)
+    assert (state["args"]["init_quantized"], state["args"]["quantize"]) == ("gptq int4", None)
+    want = base_buffers(load_checkpoint(folder, quantized_ok=True))
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        got = {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.removeprefix(prefix) in want}
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def resumes_and_refuses_another_folder(argv_of, folder, other, steps, capsys):
+    """A resume re-loads the folder and goes on; on another folder (the same shapes), or on the float model of the
+    folder's matrices (quantized_folder's twin), it is refused by name."""
+    assert main(argv_of(folder, steps + 1, "--resume")) == 0
+    capsys.readouterr()
+    assert main(argv_of(other, steps + 2, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"--init {other} is not the base" in err and f"resume with the run's own --init {folder}" in err
+    assert main(argv_of(folder.parent / f"{folder.name}-float", steps + 2, "--resume")) == 2
+    assert "'s base is its --init folder's own GPTQ INT4 quantization (this run: float)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("cmd", ["dpo", "kto"])
-def test_the_preference_trainers_refuse_a_gptq_folder_by_name_naming_sft(gptq_llama, tmp_path, capsys, cmd):
-    """Only sft trains on a folder's own quantization (the other trainers' set-up, their frozen reference or reward
-    model beside the policy, is not wired for it): dpo and kto refuse it by name, and say what does train on it."""
-    from test_qlora_preference import argv
+def test_dpo_and_kto_train_lora_on_a_gptq_folders_own_base_their_reference_it_and_resume_on_it(
+        gptq_llama, tmp_path, capsys, cmd):
+    """The reference is the folder's base as loaded (the policy with its updates at 0): the implicit rewards start
+    at exactly 0, as --quantize's QLoRA (test_qlora_preference.py) does with a base it quantizes itself."""
+    folder, _ = gptq_llama
+    out = tmp_path / "run"
+    assert main(pref_argv(cmd, folder, out, "--max-steps", "2")) == 0
+    assert "QLoRA on --init's own GPTQ quantization: the base's 7 matrices int4 (group 32)" in capsys.readouterr().err
+    rows = metric_rows(out)
+    zero = ["val_margin", "val_chosen_reward", "val_rejected_reward", "train_margin"] if cmd == "dpo" else \
+        ["val_margin", "val_kl", "val_desirable_reward", "val_undesirable_reward", "train_margin", "train_kl"]
+    assert rows[0]["step"] == 0 and all(rows[0][k] == 0.0 for k in zero), rows[0]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and losses[1] < losses[0] and rows[-1]["train_margin"] > 0  # the updates train
+    trained_on_the_folder(out, folder)
+    other = other_folder(tmp_path)
+    resumes_and_refuses_another_folder(lambda init, n, *f: pref_argv(cmd, init, out, "--max-steps", str(n), *f),
+                                       folder, other, 2, capsys)
+    assert [r["step"] for r in metric_rows(out) if "loss" in r][-2:] == [2, 3]
+
+
+def test_reward_trains_lora_and_a_new_head_on_a_gptq_folders_backbone_and_resumes_on_it(gptq_llama, tmp_path,
+                                                                                          capsys):
+    """The folder is a causal LM: reward takes its backbone, quantized as the folder holds it, and a new scalar head
+    (as from a float causal LM); the updates and the head train."""
+    from tritongpt.train.reward import RewardModel
 
     folder, _ = gptq_llama
-    assert main(argv(cmd, folder, tmp_path / "bad", "--max-steps", "1", "--lora-rank", "4")) == 2
+    out = tmp_path / "run"
+    assert main(pref_argv("reward", folder, out, "--max-steps", "2")) == 0
     err = capsys.readouterr().err
-    assert "is GPTQ-quantized" in err and "`sft --lora-rank` trains LoRA updates on it" in err
-    assert "dpo, kto, reward and rlhf, full fine-tuning, export and merge take the float weights" in err
+    assert "QLoRA on --init's own GPTQ quantization" in err and "and the new reward head whole" in err
+    losses = [r["loss"] for r in metric_rows(out) if "loss" in r]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    trained_on_the_folder(out, folder, "backbone.")
+    rm = RewardModel.load(out, quantized_ok=True)
+    assert rm.quantized == "int4" and has_lora(rm.backbone)
+    other = other_folder(tmp_path)
+    resumes_and_refuses_another_folder(lambda init, n, *f: pref_argv("reward", init, out, "--max-steps", str(n), *f),
+                                       folder, other, 2, capsys)
+    assert [r["step"] for r in metric_rows(out) if "loss" in r][-2:] == [2, 3]
+
+
+def test_rlhf_trains_lora_on_a_gptq_folders_own_base_from_kl_0_judged_by_a_reward_model_trained_on_it_too(
+        gptq_llama, tmp_path, capsys):
+    """The policy's reference is the folder's base as loaded, so the first rollout's KL is exactly 0; the judge is
+    a reward model `reward` trained on the same folder (a QLoRA reward model, used unmerged)."""
+    folder, _ = gptq_llama
+    rm = tmp_path / "rm"
+    assert main(pref_argv("reward", folder, rm, "--max-steps", "1", "--eval-every", "0")) == 0
+    out = tmp_path / "run"
+    assert main(rlhf_argv(folder, out, rm, "--iterations", "2")) == 0
+    assert "QLoRA on --init's own GPTQ quantization" in capsys.readouterr().err
+    rows = [r for r in metric_rows(out) if "kl" in r]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == 0.0 and rows[0]["approx_kl"] == 0.0
+    assert rows[0]["grad_norm"] > 0 and rows[1]["kl"] != 0.0  # the updates moved the policy in the first step
+    trained_on_the_folder(out, folder)
+    other = other_folder(tmp_path)
+    resumes_and_refuses_another_folder(lambda init, n, *f: rlhf_argv(init, out, rm, "--iterations", str(n), *f),
+                                       folder, other, 2, capsys)
+    assert [r["step"] for r in metric_rows(out) if "kl" in r][-1] == 3
+
+
+@pytest.mark.parametrize("cmd,flags,said", [
+    ("dpo", ["--lora-rank", "0"], "they train only through LoRA updates beside them (QLoRA on its own "
+                                  "quantization): pass --lora-rank"),
+    ("kto", ["--quantize", "int8"], "is GPTQ-quantized already"),
+    ("reward", ["--lora-rank", "0"], "pass --lora-rank"),
+    ("reward", ["--quantize", "int4", "--group-size", "32"], "is GPTQ-quantized already"),
+    ("rlhf", ["--lora-rank", "0"], "pass --lora-rank"),
+    ("rlhf", ["--quantize", "int4"], "is GPTQ-quantized already"),
+    # pad_vocab rebuilds a float model's rows; its own refusal ("quantized, for inference") named no flag
+    ("dpo", ["--vocab-multiple", "64"], "--vocab-multiple 64: --init"),
+    ("sft", ["--vocab-multiple", "64"], "--vocab-multiple 64: --init"),
+])
+def test_the_trainers_refuse_full_fine_tuning_quantize_and_vocab_multiple_on_a_gptq_folder_by_name(
+        gptq_llama, tmp_path, capsys, cmd, flags, said):
+    folder, _ = gptq_llama
+    bad = tmp_path / "bad"
+    argv = sft_argv(folder, bad, "--lora-rank", "4") if cmd == "sft" else \
+        rlhf_argv(folder, bad, "exact") if cmd == "rlhf" else pref_argv(cmd, folder, bad)
+    assert main([*argv, "--max-steps" if cmd != "rlhf" else "--iterations", "1", *flags]) == 2
+    assert said in capsys.readouterr().err
+    assert not bad.exists()
+

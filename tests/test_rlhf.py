@@ -2158,7 +2158,7 @@ def test_preference_data_flags_named_on_resume_and_instruction_records_without_i
 
     ns = argparse.Namespace(data=None, num_pairs=12, val_fraction=0.25)
     assert data_run_args(ns) == {"data": None, "num_pairs": 12, "val_fraction": 0.25, "init": None,
-                                 "quantize": None, "group_size": None}  # QLoRA's base: none here
+                                 "quantize": None, "group_size": None, "init_quantized": None}  # QLoRA's base: none
     ns.init = "gpt2"  # a name as it is, a path made absolute (export --adapter reads it from anywhere)
     assert data_run_args(ns)["init"] == "gpt2"
     ns.init = str(tmp_path / ".." / tmp_path.name)

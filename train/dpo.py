@@ -321,10 +321,12 @@ def cmd_dpo(args):
     check_qlora(args)
     check_beta(args.beta, args.loss_type, args.label_smoothing, args.simpo_gamma, args.rpo_alpha)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(args, "dpo")
-    # QLoRA: the set-up quantized the base: the reference is it, the policy with its updates at 0
+    # QLoRA: the set-up quantized the base (or kept a GPTQ/AWQ folder's): the reference is it, the policy with its
+    # updates at 0
     ref = None if args.loss_type in REFERENCE_FREE else copy.deepcopy(policy)
     apply_lora(policy, args)  # the reference stays the whole --init model
-    result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),
+    result = train_dpo(policy, ref, tok, train, val, targs, beta=args.beta,
+                       run_args=data_run_args(args, base=policy),
                        loss_type=args.loss_type, label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma,
                        rpo_alpha=args.rpo_alpha)
     if not result.get("is_main", True):  # DDP: rank 0 reports

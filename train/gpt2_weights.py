@@ -562,14 +562,15 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
 
 def _inference_only(model: GPTModel, path, quantized_ok: bool) -> GPTModel:
     """model, unless it is a GPTQ or AWQ folder read as int4 or int8 (hf_quant.py) where quantized_ok is not given:
-    refused by name, as GPTModel.load refuses an int4 file of ours (export, merge and the trainers take float weights;
-    sft's --init with --lora-rank passes quantized_ok: commands.folder_base)."""
+    refused by name, as GPTModel.load refuses an int4 file of ours (export, merge and full fine-tuning take float
+    weights; a trainer's --init with --lora-rank passes quantized_ok: sft.load_init_base)."""
     if getattr(model, "quantized", None) and not quantized_ok:
         q = hf_quantization(Path(path).parent / "config.json")
         raise UserError(f"{path} is {q['quant_method'].upper()}-quantized ({q['_where']}), read as {model.quantized} "
-                        "for inference: generate, chat, serve, eval, hellaswag and lambada run it, and `sft "
-                        "--lora-rank` trains LoRA updates on it (QLoRA on its own quantization); dpo, kto, reward "
-                        "and rlhf, full fine-tuning, export and merge take the float weights it was quantized from")
+                        "for inference: generate, chat, serve, eval, hellaswag and lambada run it, and sft, dpo, kto, "
+                        "reward and rlhf with --lora-rank train LoRA updates on it as their --init (QLoRA on its own "
+                        "quantization); full fine-tuning, export and merge take the float weights it was quantized "
+                        "from")
     return model
 
 

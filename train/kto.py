@@ -423,9 +423,11 @@ def cmd_kto(args):
               args.batch_size)  # before the set-up
     targs, train, val, policy, tok = setup_preference_run(
         args, "kto", lambda a: train_val_examples(a.data, a.num_pairs, a.val_fraction, a.seed))
-    ref = copy.deepcopy(policy)  # (QLoRA: the quantized base, as the set-up left it: the policy at step 0)
+    ref = copy.deepcopy(policy)  # (QLoRA: the quantized base, as the set-up left it (or a GPTQ/AWQ folder's): the
+    # policy at step 0)
     apply_lora(policy, args)  # the reference stays the whole --init model
-    result = train_kto(policy, ref, tok, train, val, targs, beta=args.beta, run_args=data_run_args(args),
+    result = train_kto(policy, ref, tok, train, val, targs, beta=args.beta,
+                       run_args=data_run_args(args, base=policy),
                        loss_type=args.loss_type, desirable_weight=args.desirable_weight,
                        undesirable_weight=args.undesirable_weight)
     if not result.get("is_main", True):  # DDP: rank 0 reports

@@ -61,6 +61,12 @@ class RewardModel(nn.Module):
     def quantized_group_size(self):
         return getattr(self.backbone, "quantized_group_size", None)
 
+    @property
+    def base_folder(self):
+        """The GPTQ or AWQ folder whose own quantization the backbone is (sft.load_init_base), None otherwise: what
+        the Trainer's resume re-loads and compares with the checkpoint's base (common.check_same_base)."""
+        return getattr(self.backbone, "base_folder", None)
+
     def set_kernels(self, spec):
         self.backbone.set_kernels(spec)
         return self
@@ -308,10 +314,10 @@ def build_backbone(args):
 
     multiple = vocab_multiple(args) if hasattr(args, "vocab_multiple") else None  # dpo and rlhf: an LM head
     if args.init:
-        from tritongpt.train.sft import load_init_model
+        from tritongpt.train.sft import load_init_base
 
         refuse_fresh_model_flags(args)
-        model = load_init_model(args.init)
+        model = load_init_base(args)  # (a GPTQ or AWQ folder: kept quantized, LoRA's frozen base)
         return model if multiple is None else model.pad_vocab(multiple)
     preset = args.model or "tiny"
     note(f"no --init checkpoint: the backbone is a randomly initialised {preset} "
@@ -365,21 +371,25 @@ def check_num_pairs(args):
                         "are the file's (--val-fraction holds some out): pass one of them")
 
 
-def data_run_args(args, group_flag: str = "--group-size") -> dict:
+def data_run_args(args, group_flag: str = "--group-size", base=None) -> dict:
     """The data flags of `reward`, `dpo`, `kto` and `rlhf` that a resume names when they change, the
-    --init the run started from (`export --adapter` puts a LoRA run's update on it) and how QLoRA quantized it."""
+    --init the run started from (`export --adapter` puts a LoRA run's update on it) and how QLoRA quantized it:
+    --quantize's, or base's (the model set up from --init) own GPTQ or AWQ folder's (init_quantized, as sft
+    records it: a resume's check_same_base, info and export --adapter read it)."""
     from tritongpt.commands import qlora_record
     from tritongpt.train.common import data_path
 
     return {"data": data_path(args.data), "num_pairs": args.num_pairs, "val_fraction": args.val_fraction,
-            "init": data_path(getattr(args, "init", None)), **qlora_record(args, group_flag)}
+            "init": data_path(getattr(args, "init", None)), **qlora_record(args, group_flag),
+            "init_quantized": getattr(base, "init_quantized", None)}
 
 
 def setup_preference_run(args, command: str, read_data=None):
     """What `reward`, `dpo` and `kto` share: validated TrainArgs, the pairs (bad data fails before any
     slow work), the backbone from --init (for `reward`, a whole RewardModel when --init is one; with --quantize,
-    QLoRA's, its matrices quantized), and its tokenizer (saved beside the run). read_data(args) -> (train,
-    held-out): other items than pairs (KTO's unpaired examples), each with the .format of its prompt."""
+    QLoRA's, its matrices quantized; a GPTQ or AWQ folder kept quantized, sft.load_init_base), and its tokenizer
+    (saved beside the run). read_data(args) -> (train, held-out): other items than pairs (KTO's unpaired examples),
+    each with the .format of its prompt."""
     from tritongpt.train.chat import note_template_mismatch
     from tritongpt.train.chat_template import chat_template_for
     from tritongpt.train.common import check_out_dir, check_resume_of, load_state, resume_checkpoint, set_seed
@@ -433,7 +443,7 @@ def cmd_reward(args):
         model = init.train()
     else:  # the scalar head is new: it trains whole
         model = RewardModel(apply_lora(init, args, "new reward head"))
-    result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args),
+    result = train_reward_model(model, tok, train, val, targs, run_args=data_run_args(args, base=init),
                                 center_rewards_coefficient=args.center_rewards_coefficient)
     if not result["is_main"]:  # DDP: rank 0 reports
         return 0

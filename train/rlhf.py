@@ -1076,7 +1076,7 @@ class RLHFTrainer:
             raise UserError(f"--resume: {ckpt} is not an rlhf --algo {self.args.algo} checkpoint")
         # A QLoRA run's base quantized otherwise (or not) is named by its flags, before the reference's fingerprint
         # (which differs too) would blame --init, and before the weights (which would not fit).
-        common.check_same_base(self.policy, ckpt, QLORA_GROUP_FLAG)
+        common.check_same_base(self.policy, ckpt, QLORA_GROUP_FLAG, saved_args=state.get("args", {}))
         # The frozen models are rebuilt from --init and --reward: other ones would change the KL
         # and the rewards the run optimises, silently.
         # Several judges (either run's): their lists are compared first, then each one's weights.
@@ -1331,12 +1331,12 @@ def note_other_tokenizer(reward: str, tok, end: int | None = None) -> None:
 QLORA_GROUP_FLAG = "--quantize-group-size"
 
 
-def rlhf_run_args(args) -> dict:
+def rlhf_run_args(args, policy=None) -> dict:
     """data_run_args with the int4 group under its rlhf name (quantize_group_size): a group_size there would
-    overwrite GRPO's in the run record."""
+    overwrite GRPO's in the run record. policy: as set up from --init (a GPTQ or AWQ folder's base recorded)."""
     from tritongpt.train.reward import data_run_args
 
-    return data_run_args(args, QLORA_GROUP_FLAG)
+    return data_run_args(args, QLORA_GROUP_FLAG, policy)
 
 
 def _rlhf_data_defaults() -> dict:
@@ -1388,7 +1388,8 @@ def cmd_rlhf(args):
     policy = build_backbone(args)
     common.set_moe_aux_loss(policy, args)  # before the reference copies it (whose forwards add no loss anyway)
     loaded = {r: RewardModel.load(r, map_location=device, quantized_ok=True) for r in models}  # QLoRA: unmerged
-    # QLoRA: the reference is the quantized base, the policy with its updates at 0 (the KL starts at 0)
+    # QLoRA: the reference is the quantized base (--quantize's, or a GPTQ/AWQ folder's own), the policy with its
+    # updates at 0 (the KL starts at 0)
     quantize_base(policy, args, QLORA_GROUP_FLAG)
     ref = copy.deepcopy(policy)
     # the reference stays the whole --init model (quantized with --quantize); PPO's value head trains whole, in float
@@ -1414,11 +1415,11 @@ def cmd_rlhf(args):
     prompts = prompt_ids([p for p, _, _ in train], tok, room)
     eval_prompts = prompt_ids([p for p, _, _ in val or train], tok, room)[:a.eval_prompts]
     if several:  # the judges in --reward order (a reward model: None, told apart by its weights) and weights
-        run_args = {**rlhf_run_args(args), "rewards": [("exact" if r == "tasks" else r) if r in VERIFIERS else None
-                                                       for r in rewards], "reward_weights": weights}
+        run_args = {**rlhf_run_args(args, policy), "rewards": [("exact" if r == "tasks" else r) if r in VERIFIERS
+                                                               else None for r in rewards], "reward_weights": weights}
     else:
-        run_args = {**rlhf_run_args(args), "verifier": ("exact" if rewards[0] == "tasks" else rewards[0]) if verify
-                    else None}
+        run_args = {**rlhf_run_args(args, policy), "verifier": ("exact" if rewards[0] == "tasks" else rewards[0])
+                    if verify else None}
     trainer = RLHFTrainer(policy, ref, reward_model, prompts, eval_prompts, end, a,
                           run_args=run_args, prompt_format=train[0][2])
     result = trainer.fit()

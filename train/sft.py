@@ -607,6 +607,24 @@ def load_init_model(init: str, model_name: str | None = None, quantized_ok: bool
                     f"({', '.join([*HUB_REPOS, *gpt_neo_weights.HUB_REPOS])}) or a preset ({', '.join(PRESETS)})")
 
 
+def load_init_base(args):
+    """--init as the trainers with LoRA load it (sft, dpo, kto, reward, rlhf): load_init_model's model, or a GPTQ or
+    AWQ folder kept quantized, its own matrices the frozen base LoRA trains beside (commands.folder_base, which
+    refuses it without --lora-rank, or with --quantize, by name). The model's init_quantized is what the run
+    records of the folder's quantization ("gptq int4"; None for any other --init), and its base_folder (the folder)
+    is what a resume re-loads and check_same_base compares with the checkpoint's base bit for bit."""
+    own = folder_base(args)  # (None: a float --init, or refused)
+    model = load_init_model(args.init, quantized_ok=own is not None)
+    model.init_quantized = own
+    if own is not None:
+        from tritongpt.commands import describe_quantized
+
+        model.base_folder = str(args.init)
+        note(f"QLoRA on --init's own {own.split()[0].upper()} quantization: the base's {model.quantized_linears} "
+             f"matrices {describe_quantized(model)} frozen as the folder holds them")
+    return model
+
+
 def load_quietly(spec):
     """The tokenizer, or None where it does not load (it only decides a note)."""
     from tritongpt.train.tokenizer import get_tokenizer
@@ -835,16 +853,8 @@ def cmd_sft(args):
     if not args.data and args.val_fraction != RUN_DEFAULTS["val_fraction"]:  # the tasks' held-out: --n-eval's
         raise UserError("--val-fraction holds out a share of a --data file's records; the embedded tasks' held-out "
                         "records are --n-eval's: pass --data, or --n-eval")
-    # a GPTQ or AWQ folder: its own quantized matrices are the frozen base (None: a float --init, or refused)
-    init_quantized = folder_base(args)
-    model = load_init_model(args.init, quantized_ok=init_quantized is not None)
-    if init_quantized is not None:
-        from tritongpt.commands import describe_quantized
-
-        # the Trainer's resume re-loads the folder and compares this base with the checkpoint's bit for bit
-        model.base_folder = str(args.init)
-        note(f"QLoRA on --init's own {init_quantized.split()[0].upper()} quantization: the base's "
-             f"{model.quantized_linears} matrices {describe_quantized(model)} frozen as the folder holds them")
+    model = load_init_base(args)
+    init_quantized = model.init_quantized
     common.set_moe_aux_loss(model, args)
     if vocab_multiple(args) is not None:
         model = model.pad_vocab(args.vocab_multiple)

@@ -83,12 +83,13 @@ def check_qlora(args, group_flag: str = "--group-size"):
 
 
 def folder_base(args) -> str | None:
-    """sft's --init when it is a GPTQ or AWQ Hugging Face folder that loads kept quantized (train/hf_quant.py: 4-bit
-    as int4, 8-bit symmetric one-group GPTQ as int8): its own matrices are the frozen base LoRA trains beside (QLoRA
-    on a pre-quantized base, as peft does on a GPTQModel or AutoAWQ model). Returns what the run records of it ("gptq
-    int4", "awq int4", "gptq int8"), None for any other --init. Asked before the model loads, so that full
-    fine-tuning (no float weights to train) and --quantize on top (the base is quantized already) are refused by
-    name, not by the loader's general refusal."""
+    """A LoRA trainer's --init (sft, dpo, kto, reward, rlhf: sft.load_init_base) when it is a GPTQ or AWQ Hugging
+    Face folder that loads kept quantized (train/hf_quant.py: 4-bit as int4, 8-bit symmetric one-group GPTQ as int8):
+    its own matrices are the frozen base LoRA trains beside (QLoRA on a pre-quantized base, as peft does on a
+    GPTQModel or AutoAWQ model). Returns what the run records of it ("gptq int4", "awq int4", "gptq int8"), None for
+    any other --init. Asked before the model loads, so that full fine-tuning (no float weights to train), --quantize
+    on top (the base is quantized already) and --vocab-multiple (pad_vocab rebuilds float models only) are refused
+    by name, not by the loader's general refusal."""
     from pathlib import Path
 
     from tritongpt.train.common import NoCheckpoint, resolve_checkpoint
@@ -117,6 +118,10 @@ def folder_base(args) -> str | None:
         raise UserError(f"--init {args.init} is {method}-quantized ({where}), its matrices read as {spec['mode']}: "
                         "they train only through LoRA updates beside them (QLoRA on its own quantization): pass "
                         "--lora-rank (full fine-tuning needs the float weights it was quantized from)")
+    if getattr(args, "vocab_multiple", None) is not None:  # (pad_vocab rebuilds a float model's rows)
+        raise UserError(f"--vocab-multiple {args.vocab_multiple}: --init {args.init} is {method}-quantized ({where}): "
+                        "its model is kept as the folder holds it, its embedding and LM head rows unpadded: leave "
+                        "--vocab-multiple out")
     return f"{spec['method']} {spec['mode']}"
 
 
