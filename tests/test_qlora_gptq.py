@@ -294,3 +294,21 @@ def test_the_trainers_refuse_full_fine_tuning_quantize_and_vocab_multiple_on_a_g
     assert said in capsys.readouterr().err
     assert not bad.exists()
 
+
+def test_rlhf_refuses_a_gptq_sequence_classifier_folder_as_reward_by_name(gptq_llama, tmp_path, capsys):
+    """A GPTQ <Family>ForSequenceClassification folder (the tiny Llama's LM head cut to one score row) is not read
+    as a reward model: the refusal names it and what trains a QLoRA reward model on such a quantization."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = gptq_llama
+    cls, _ = quantized_folder(tmp_path, "gptq-v1-sym", seed=2, vocab=4096)
+    sd = load_file(cls / "model.safetensors")
+    sd["score.weight"] = sd.pop("lm_head.weight")[:1].clone()
+    save_file(sd, cls / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((cls / "config.json").read_text())
+    (cls / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForSequenceClassification"]}))
+    assert main(rlhf_argv(folder, tmp_path / "bad", cls, "--iterations", "1")) == 2
+    err = capsys.readouterr().err
+    assert "is a GPTQ-quantized LlamaForSequenceClassification" in err
+    assert "train a QLoRA reward model on a GPTQ or AWQ causal LM folder (reward --init FOLDER --lora-rank R)" in err
+    assert not (tmp_path / "bad").exists()

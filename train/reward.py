@@ -146,6 +146,7 @@ class RewardModel(nn.Module):
         if name.endswith("ForTokenClassification"):
             raise UserError(f"{path} is a {name}: a score for every token, not one for a sequence; a reward model is "
                             "a <Family>ForSequenceClassification with one label")
+        refuse_quantized_classifier(path, name)
         with reading_classifier() as held:
             backbone = load_checkpoint(path)
         score, C = held[SCORE], backbone.config.n_embd
@@ -158,6 +159,23 @@ class RewardModel(nn.Module):
             model.head.bias.zero_()  # transformers' score has none
         check_finite_weights(model.head, path)
         return model
+
+
+def refuse_quantized_classifier(path, name: str) -> None:
+    """A GPTQ or AWQ classifier folder kept quantized is not read as a reward model (rlhf --reward, eval, reward's
+    --init): the loader's refusal would speak of a causal LM's uses. Said here, naming what does take the folder's
+    quantization: `reward --init` on a GPTQ or AWQ causal LM with --lora-rank (sft.load_init_base), whose QLoRA reward
+    model rlhf --reward runs unmerged."""
+    from tritongpt.train.gpt2_weights import hf_quantization
+    from tritongpt.train.hf_quant import folder_quantization
+
+    cfg = Path(path).parent / "config.json"
+    spec = folder_quantization(cfg)[0]
+    if spec is not None:
+        raise UserError(f"{path} is a {spec['method'].upper()}-quantized {name.removeprefix('a ')} "
+                        f"({hf_quantization(cfg)['_where']}): a reward model here is read from float weights; use the "
+                        "float classifier it was quantized from, or train a QLoRA reward model on a GPTQ or AWQ causal "
+                        "LM folder (reward --init FOLDER --lora-rank R)")
 
 
 def bradley_terry_loss(r_chosen, r_rejected, margin=None):
