@@ -623,9 +623,10 @@ def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
 # - 8-bit (LLM.int8): weight int8 [N, K] and SCB [N] (each row's absmax), W = weight * SCB / 127; weight_format a
 #   uint8 0 ("row": older versions also wrote their GPU tile layouts, 1 to 3). At run time bitsandbytes rounds the
 #   activations to int8 too (their outlier columns above llm_int8_threshold in 16 bits): read here weight-only, as
-#   Int8Linear (its qweight the weight, its one scale a row SCB / 127 in fp32, the only rounding: the one bitsandbytes'
-#   own dequantize makes), or, where some linear of the blocks is left float (llm_int8_skip_modules), as the float
-#   model of the same weights (a model is all Int8Linear or all float here).
+#   Int8Linear (its qweight the weight, its one scale a row SCB / 127 rounded to fp32: q * scale is within an fp32
+#   ulp of bitsandbytes' own int8_vectorwise_dequant, q * SCB * (1 / 127) rounded twice, not always the same bits),
+#   or, where some linear of the blocks is left float (llm_int8_skip_modules), as the float model of the same weights
+#   (a model is all Int8Linear or all float here).
 # - 4-bit: the [N, K] weight flattened row-major, cut into blocks of blocksize (64; the last ragged), each block's
 #   absmax (float32) and each value's nearest code of quant_map / absmax, two codes a byte, the first in the high
 #   nibble: weight uint8 [ceil(NK / 2), 1]; W = quant_map[code] * absmax[i // blocksize], in fp32, cast to the
