@@ -362,11 +362,11 @@ def test_export_command_writes_a_llama_folder_and_refuses_what_llama_does_not_co
     assert cli.main(["export", str(layernorm), "--out", str(tmp_path / "stablelm")]) == 0
     assert "StableLM with" in capsys.readouterr().out
 
-    # a LoRA run of a Llama: peft adapters are written for GPT-2 bases only; the merged model is a Llama
+    # a LoRA run of a Llama: its peft adapter goes on a Llama folder (tests/test_llama_adapter.py), which a run
+    # without its --init must name; the merged model is a Llama
     lora, _ = save_run(tmp_path, _random_llama(vocab_size=280, lora_rank=2), "lora")
     assert cli.main(["export", str(lora), "--adapter", "--out", str(tmp_path / "adapter")]) == 2
-    assert "--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is a Llama (norm rmsnorm, mlp " \
-           "swiglu): export it without --adapter, merged, as a Llama folder" in capsys.readouterr().err
+    assert "--adapter: name the model it goes on with --base (a Hugging Face Llama folder" in capsys.readouterr().err
     assert not (tmp_path / "adapter").exists()
     assert cli.main(["export", str(lora), "--out", str(tmp_path / "merged")]) == 0
 

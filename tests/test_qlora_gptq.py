@@ -105,9 +105,11 @@ def test_sft_trains_lora_on_a_gptq_folders_own_base_resumes_on_it_and_exports_me
     with torch.no_grad():
         assert rel(load_checkpoint(tmp_path / "hf")(idx), model.eval()(idx)) < 1e-5
     capsys.readouterr()
-    # a peft adapter of it would be a Llama's, which our adapter export does not write
-    assert main(["export", str(out), "--out", str(tmp_path / "adapter"), "--adapter"]) == 2
-    assert "trained on its --init folder's own GPTQ INT4 matrices" in capsys.readouterr().err
+    # its peft adapter goes on the folder (peft's logits on it: tests/test_llama_adapter.py)
+    assert main(["export", str(out), "--out", str(tmp_path / "adapter"), "--adapter"]) == 0
+    assert "its GPTQ Linears: the run's frozen matrices" in capsys.readouterr().err
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(folder)
     # a resume re-loads the folder, finds it the checkpoint's base, and goes on
     assert main(sft_argv(folder, out, "--max-steps", "5", "--lora-rank", "4", "--resume")) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1090,10 +1090,42 @@ HF_LINEARS = {"attn.c_attn": ("att.W_query", "att.W_key", "att.W_value"), "attn.
               "mlp.c_fc": ("ff.fc1",), "mlp.c_proj": ("ff.fc2",)}
 
 
+# a Llama-family model's (Mistral's, Qwen2's, Qwen3's, SmolLM3's: one set of module names): each target's
+# Hugging Face Linears, one of ours each (llama_weights._LAYER), so no update spans two of them
+_PEFT_LLAMA_MODULES = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+                       "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+LLAMA_FAMILIES = "Llama, Mistral, Qwen2, Qwen3 or SmolLM3"
+
+
+def peft_family(model: GPTModel) -> str:
+    """The family whose transformers class a LoRA model's peft adapter is written for: the Llama-family name
+    export writes it as ("Llama", "Mistral", "Qwen2", "Qwen3", "SmolLM3": llama_weights.export_llama's, one set
+    of module names), else "GPT-2". A model neither expresses is refused by name: its adapter would put the
+    update on another model's weights."""
+    from tritongpt.commands import article, export_target
+    from tritongpt.train import llama_weights
+
+    cfg = model.config
+    family, refuse, export = export_target(cfg)
+    if export is llama_weights.export_llama:
+        refuse(model, f"a peft adapter for {family}")
+        return family
+    # a model export writes as another family: named here (GPT-2's refusals below would name only one of its
+    # touches); one of GPT-2's shape (LayerNorm, GELU) that GPT-2 still cannot say, by GPT-2's refusal
+    if cfg.norm == "rmsnorm" or cfg.mlp != "gelu" or family.startswith(("OLMo", "Gemma")):
+        what = f"{article(family)} {family}"
+        raise UserError(f"--adapter writes a peft adapter for Hugging Face's GPT-2 or a Llama-family model "
+                        f"({LLAMA_FAMILIES}), and this model is {what} (norm {cfg.norm}, mlp {cfg.mlp}): export it "
+                        f"without --adapter, merged, as {what} folder")
+    refuse_not_gpt2(model, "a peft adapter for GPT-2")
+    return "GPT-2"
+
+
 def peft_adapter(model: GPTModel, base: str) -> tuple:
-    """A LoRA model's update as a peft adapter for GPT2LMHeadModel: (adapter_model.safetensors'
-    tensors, adapter_config.json's fields). `base`: the model the adapter goes on (its
-    base_model_name_or_path), the frozen one this update was trained on.
+    """A LoRA model's update as a peft adapter for GPT2LMHeadModel, or a Llama-family model's for its
+    LlamaForCausalLM (MistralForCausalLM ...: peft_family): (adapter_model.safetensors' tensors,
+    adapter_config.json's fields). `base`: the model the adapter goes on (its base_model_name_or_path), the
+    frozen one this update was trained on.
 
     peft keeps an A [r, in] and a B [out, r] for each module and adds scale (B A)^T to a Conv1D's
     [in, out] weight (fan_in_fan_out), the scale being lora_alpha / r, as ours. Hugging Face's
@@ -1101,32 +1133,41 @@ def peft_adapter(model: GPTModel, base: str) -> tuple:
     A = [A_q; A_k; A_v] [3r, C] and B = diag(B_q, B_k, B_v) [3C, 3r], a rank-3r update with alpha
     3 alpha (rank_pattern, alpha_pattern). Exact: B's zero blocks add nothing.
 
+    A Llama's q_proj ... down_proj are nn.Linears ([out, in], fan_in_fan_out false), one of ours each: their A
+    and B are ours as they are, at the run's r and alpha.
+
     A QLoRA model's update (QuantLinear.lora) is written the same: A and B are the same object on a
     float base or a quantized one, and peft applies them to the float base (or its 4-bit load)."""
     from tritongpt.model.lora import lora_linears, parse_targets
     from tritongpt.model.quant import QuantLinear
+    from tritongpt.train.llama_weights import _LAYER
 
     cfg = model.config
+    llama = peft_family(model) != "GPT-2"  # (first: a model of no family written is refused as that, LoRA or not)
     if not cfg.lora_rank:
         raise UserError("the model has no LoRA update (a run trained with --lora-rank has one)")
     ups = {name: linear.lora if isinstance(linear, QuantLinear) else linear.parametrizations.weight[0]
            for name, linear in lora_linears(model)}
     targets = parse_targets(cfg.lora_targets)
+    modules = [m for t in targets for m in (_PEFT_LLAMA_MODULES if llama else _PEFT_MODULES)[t]]
+    linears = {theirs: (mine,) for mine, theirs in _LAYER} if llama else HF_LINEARS
     tensors = {}
     for i in range(cfg.n_layer):
-        ours, theirs = f"trf_blocks.{i}.", f"base_model.model.transformer.h.{i}."
-        for module in (m for t in targets for m in _PEFT_MODULES[t]):
-            parts = [ups[ours + n] for n in HF_LINEARS[module]]  # one, or c_attn's three
+        ours = f"trf_blocks.{i}."
+        theirs = f"base_model.model.model.layers.{i}." if llama else f"base_model.model.transformer.h.{i}."
+        for module in modules:
+            parts = [ups[ours + n] for n in linears[module]]  # one, or c_attn's three
             a, b = torch.cat([u.lora_A for u in parts]), torch.block_diag(*[u.lora_B for u in parts])
             tensors[theirs + module + ".lora_A.weight"], tensors[theirs + module + ".lora_B.weight"] = a, b
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
-    qkv_pattern = "attn" in targets
+    qkv_pattern = "attn" in targets and not llama
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
               "r": cfg.lora_rank, "lora_alpha": alpha,
-              "target_modules": [m for t in targets for m in _PEFT_MODULES[t]],
+              # a Llama's as peft's recipes name them (q_proj ...: no other module of the model ends so)
+              "target_modules": [m.rpartition(".")[2] if llama else m for m in modules],
               "rank_pattern": {"c_attn": 3 * cfg.lora_rank} if qkv_pattern else {},
               "alpha_pattern": {"c_attn": 3 * alpha} if qkv_pattern else {},
-              "fan_in_fan_out": True, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+              "fan_in_fan_out": not llama, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
               "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
     tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in tensors.items()}
     return tensors, config
@@ -1134,38 +1175,47 @@ def peft_adapter(model: GPTModel, base: str) -> tuple:
 
 def adapter_base(base: str | None, init: str | None, frozen: GPTModel) -> str:
     """base_model_name_or_path for an adapter whose frozen model is `frozen`: --base, else the
-    run's --init. A Hugging Face GPT-2 folder, or a Hub model in the local cache, is compared with
-    `frozen` tensor by tensor, and its heads: an adapter on another base would be a wrong model,
-    silently. A QLoRA run's `frozen` (quantized matrices): the base quantized as the run did is
-    compared with it (_check_base)."""
+    run's --init. A Hugging Face folder of the adapter's family (peft_family: GPT-2's, or a Llama-family one,
+    GPTQ or AWQ ones too), or a Hub model in the local cache, is compared with `frozen` tensor by tensor, and
+    its heads: an adapter on another base would be a wrong model, silently. A QLoRA run's `frozen`
+    (quantized matrices): the base quantized as the run did is compared with it, or, a GPTQ/AWQ folder (sft
+    --lora-rank on its own quantization), the folder's matrices as they load (_check_base)."""
+    family = peft_family(frozen)
+    gpt2 = family == "GPT-2"
     name = base if base is not None else init
     if name is None:
-        raise UserError("--adapter: name the model it goes on with --base (a Hugging Face GPT-2 folder, e.g. "
-                        "`tritongpt export` of the run's --init, or a GPT-2 name): the checkpoint has no run "
-                        "state saying its --init")
+        raise UserError(f"--adapter: name the model it goes on with --base (a Hugging Face {family} folder, e.g. "
+                        "`tritongpt export` of the run's --init" + (", or a GPT-2 name" if gpt2 else "") +
+                        "): the checkpoint has no run state saying its --init")
     flag = "--base" if base is not None else "the run's --init"
-    if name in HUB_REPOS or name in HUB_REPOS.values():
+    if gpt2 and (name in HUB_REPOS or name in HUB_REPOS.values()) or not gpt2 and is_hub_repo(name):
         repo = HUB_REPOS.get(name, name)
+        cached = None
         try:
             from huggingface_hub import try_to_load_from_cache
-            cached = try_to_load_from_cache(repo, "model.safetensors")
+            for weights in WEIGHT_FILES[:1 if gpt2 else 2]:  # (model.safetensors, or a Llama's shards' index)
+                if isinstance(found := try_to_load_from_cache(repo, weights), str):
+                    cached = found
+                    break
         except ImportError:
-            cached = None
-        if isinstance(cached, str):
+            pass
+        if cached is not None:
             _check_base(Path(cached), frozen, f"{flag} {name}")
         else:
             note(f"the adapter's base {repo} is not in the local Hub cache: not compared with the run's frozen weights")
         return repo
     path = Path(name).expanduser()
-    file = path / "model.safetensors" if path.is_dir() else path
+    # a Hugging Face folder's weights: model.safetensors, or (a Llama's, as the Hub's larger ones come) its shards
+    file = next((path / n for n in WEIGHT_FILES[:1 if gpt2 else 2] if (path / n).is_file()),
+                path / "model.safetensors") if path.is_dir() else path
     adapter = adapter_folder(path) is not None  # the run's --init was an adapter, merged when loaded
     if not path.exists():
-        raise UserError(f"{flag} {name}: no such Hugging Face GPT-2 folder, and not a GPT-2 name "
-                        f"({', '.join(HUB_REPOS)})")
+        raise UserError(f"{flag} {name}: no such Hugging Face {family} folder" +
+                        (f", and not a GPT-2 name ({', '.join(HUB_REPOS)})" if gpt2 else ""))
     # a tritongpt run folder (the usual --init) holds no model.safetensors of its own: export it too
-    if adapter or not file.is_file() or file.suffix != ".safetensors" or not is_hf_file(file) \
-            or not (file.parent / "config.json").is_file():
-        raise UserError(f"{flag} {name} is not a Hugging Face GPT-2 folder (config.json and model.safetensors), "
+    if adapter or not file.is_file() or not (is_shard_index(file) and not gpt2 or file.suffix == ".safetensors"
+                                             and is_hf_file(file)) or not (file.parent / "config.json").is_file():
+        raise UserError(f"{flag} {name} is not a Hugging Face {family} folder (config.json and model.safetensors), "
                         f"which peft loads the adapter onto: export it (`tritongpt export {name} --out BASE`) "
                         "and pass --base BASE")
     _check_base(file, frozen, f"{flag} {name}")
@@ -1180,23 +1230,46 @@ def _check_base(file: Path, frozen: GPTModel, what: str):
     A QLoRA run's frozen model holds its matrices quantized (the float ones are not in the run):
     the base is quantized as the run quantized its --init (quantize(head=False), deterministic)
     and its quantized buffers compared with the run's bit for bit; every tensor the run keeps
-    float (embeddings, norms, the LM head, the matrices' biases) is compared as a float run's."""
-    base = load_gpt2_safetensors(file)
-    # the heads are in config.json, not in any tensor: other heads split the same weights otherwise
+    float (embeddings, norms, the LM head, the matrices' biases) is compared as a float run's. A base that
+    loads quantized (a GPTQ or AWQ folder: the run's own --init, sft --lora-rank on it) is compared as it
+    loads, its buffers with the run's bit for bit."""
+    from tritongpt.train import llama_weights
+
+    gpt2 = peft_family(frozen) == "GPT-2"
+    if gpt2:
+        base = load_gpt2_safetensors(file)
+        hf_tensors = _hf_tensors
+        matrices = {f"transformer.h.{i}.{m}.weight" for i in range(frozen.config.n_layer) for m in HF_LINEARS}
+    else:
+        base = llama_weights.load_llama_safetensors(file)  # (a GPTQ/AWQ folder's: int4 or int8, as sft loaded it)
+        hf_tensors = llama_weights._hf_tensors
+        matrices = {f"model.layers.{i}.{theirs}.weight" for i in range(frozen.config.n_layer)
+                    for mine, theirs in llama_weights._LAYER if mine not in llama_weights._NORMS}
+    # the heads (and a Llama's RoPE, eps, window...) are in config.json, not in any tensor: other heads split
+    # the same weights otherwise
     if base.config.n_head != frozen.config.n_head:
         raise UserError(f"{what} is not the model this LoRA update was trained on: it has {base.config.n_head} "
                         f"heads, not {frozen.config.n_head}")
-    mode = getattr(frozen, "quantized", None)
+    if not gpt2:
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")  # (change no logit)
+        theirs, ours = llama_weights.hf_config(base.config), llama_weights.hf_config(frozen.config)
+        for key in (k for k in ours if k not in ids and theirs.get(k) != ours[k]):
+            raise UserError(f"{what} is not the model this LoRA update was trained on: its config.json's {key} is "
+                            f"{theirs.get(key)!r}, not {ours[key]!r}")
+    mode, base_mode = getattr(frozen, "quantized", None), getattr(base, "quantized", None)
+    if base_mode and not mode:
+        raise UserError(f"{what} is not the model this LoRA update was trained on: it loads {base_mode}-quantized "
+                        "(a GPTQ or AWQ folder), and the run trained on float matrices")
     if mode:
         from tritongpt.model.quant import dequantize_model
 
         # its float tensors under Hugging Face's names (_hf_tensors reads each matrix as a weight: dequantized
         # here, only their shapes compared below; their values are compared quantized, after)
-        matrices = {f"transformer.h.{i}.{m}.weight" for i in range(frozen.config.n_layer) for m in HF_LINEARS}
-        theirs, ours = _hf_tensors(base), _hf_tensors(dequantize_model(copy.deepcopy(frozen)))
+        theirs = hf_tensors(dequantize_model(copy.deepcopy(base)) if base_mode else base)
+        ours = hf_tensors(dequantize_model(copy.deepcopy(frozen)))
     else:
         matrices = set()
-        theirs, ours = _hf_tensors(base), _hf_tensors(frozen)
+        theirs, ours = hf_tensors(base), hf_tensors(frozen)
     extra = sorted(set(theirs) - set(ours))  # an LM head of its own where the run's is the token embedding
     if extra:
         raise UserError(f"{what} is not the model this LoRA update was trained on: it has {extra[0]}, "
@@ -1209,38 +1282,49 @@ def _check_base(file: Path, frozen: GPTModel, what: str):
                 else f"differs by up to {(t.double() - ours[key].double()).abs().max().item():.3g}")
             raise UserError(f"{what} is not the model this LoRA update was trained on: its {key} {how}")
     if mode:
-        _check_quantized_base(base, frozen, what)
+        hf_module = {ours: theirs for theirs, names in HF_LINEARS.items() for ours in names} if gpt2 else \
+            dict(llama_weights._LAYER)
+        layers = "transformer.h" if gpt2 else "model.layers"
+        _check_quantized_base(base, frozen, what, lambda layer, path: f"{layers}.{layer}.{hf_module[path]}.weight")
 
 
-def _check_quantized_base(base: GPTModel, frozen: GPTModel, what: str):
+def _check_quantized_base(base: GPTModel, frozen: GPTModel, what: str, hf_key):
     """base (float, of frozen's shapes) quantized as QLoRA's run quantized its --init, its quantized
     buffers compared with frozen's bit for bit. A weight moved by less than its quantization step
-    quantizes the same: such a base is the run's frozen model exactly, all the run can tell."""
+    quantizes the same: such a base is the run's frozen model exactly, all the run can tell. A base loaded
+    quantized (a GPTQ or AWQ folder's own matrices) is compared as it is. hf_key(layer, our module path): the
+    weight's Hugging Face name, said in the refusal."""
     from tritongpt.model.quant import QuantLinear, quantize
 
     group = frozen.quantized_group_size
     how = f"{frozen.quantized}" + (f", group {group}" if group else "")
-    try:
-        quantize(base, frozen.quantized, head=False, group_size=group or 128)  # (int8's has no groups)
-    except UserError as e:  # a NaN or inf matrix weight (the shapes are the run's): the run quantized none
-        raise UserError(f"{what} is not the model this LoRA update was trained on: its matrices do not quantize "
-                        f"as the run's ({how}): {e}") from None
-    hf_module = {ours: theirs for theirs, names in HF_LINEARS.items() for ours in names}
+    if getattr(base, "quantized", None):
+        how = f"as its folder's {base.quantized} matrices load"
+    else:
+        try:
+            quantize(base, frozen.quantized, head=False, group_size=group or 128)  # (int8's has no groups)
+        except UserError as e:  # a NaN or inf matrix weight (the shapes are the run's): the run quantized none
+            raise UserError(f"{what} is not the model this LoRA update was trained on: its matrices do not quantize "
+                            f"as the run's ({how}): {e}") from None
+        how = f"quantized as the run's ({how})"
     for name, m in frozen.named_modules():
         if not isinstance(m, QuantLinear):
             continue
         layer, _, path = name.removeprefix("trf_blocks.").partition(".")
-        key = f"transformer.h.{layer}.{hf_module[path]}.weight"
+        key = hf_key(layer, path)
         theirs = base.get_submodule(name)
-        for buf in ("scale", "offset", "qweight"):  # a step changed first: the coarser difference
+        # a step changed first: the coarser difference (then every other buffer: act-order's g_idx, a GPTQ
+        # folder's own)
+        names = ["scale", "offset", "qweight"] + [n for n, _ in m.named_buffers(recurse=False)
+                                                 if n not in ("scale", "offset", "qweight")]
+        for buf in names:
             t, o = getattr(theirs, buf, None), getattr(m, buf, None)
             if o is None:
                 continue
-            if t is None or t.shape != o.shape or not torch.equal(t, o):
-                n = "all" if t is None or t.shape != o.shape else int((t != o).sum())
-                raise UserError(f"{what} is not the model this LoRA update was trained on: its {key}, quantized as "
-                                f"the run's ({how}), differs ({path.rpartition('.')[2]}'s {buf} in {n} of "
-                                f"{o.numel()} places)")
+            if not isinstance(t, torch.Tensor) or t.shape != o.shape or not torch.equal(t, o):
+                n = "all" if not isinstance(t, torch.Tensor) or t.shape != o.shape else int((t != o).sum())
+                raise UserError(f"{what} is not the model this LoRA update was trained on: its {key}, {how}, "
+                                f"differs ({path.rpartition('.')[2]}'s {buf} in {n} of {o.numel()} places)")
 
 
 def export_peft_adapter(model: GPTModel, out_dir, base: str) -> list:
@@ -1248,8 +1332,7 @@ def export_peft_adapter(model: GPTModel, out_dir, base: str) -> list:
     adapter_config.json), which peft's PeftModel.from_pretrained(base model, out_dir) loads."""
     from safetensors.torch import save_file
 
-    refuse_not_gpt2(model, "a peft adapter for GPT-2")
-    tensors, config = peft_adapter(model, base)
+    tensors, config = peft_adapter(model, base)  # (refuses a model of no family it writes: peft_family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "adapter_model.safetensors", out / "adapter_config.json"]

@@ -1476,7 +1476,7 @@ def cmd_export(args):
     from tritongpt.train.chat import EXPORTED_FORMAT, run_template
     from tritongpt.train.common import load_state, resolve_checkpoint
     from tritongpt.train.formats import hf_chat_template
-    from tritongpt.train.gpt2_weights import adapter_base, export_peft_adapter, load_checkpoint, refuse_not_gpt2
+    from tritongpt.train.gpt2_weights import adapter_base, export_peft_adapter, load_checkpoint, peft_family
     from tritongpt.train.sft import pick_tokenizer
     from tritongpt.train.tokenizer import EXPORT_TOKENIZER, RUN_TOKENIZER, eot_or_none, is_ours
     from tritongpt.train.chat_template import turn_end_id
@@ -1508,13 +1508,6 @@ def cmd_export(args):
     if reward and args.adapter:
         raise UserError(f"--adapter: {source} is a reward model, whose scalar head a peft adapter for a causal LM "
                         "cannot hold: export it without --adapter, whole (merged), as a sequence classifier")
-    run = load_state(source.parent, mmap=True).get("args", {}) \
-        if args.adapter and (source.parent / "state.pt").is_file() else {}
-    if run.get("init_quantized"):  # (sft --lora-rank on a GPTQ/AWQ folder: commands.folder_base)
-        raise UserError(f"--adapter: {source}'s update was trained on its --init folder's own "
-                        f"{run['init_quantized'].upper()} matrices ({run.get('init')}), a family whose peft adapter "
-                        "this export does not write (GPT-2's only): export it without --adapter, merged (the "
-                        "dequantized base plus the update)")
     model = RewardModel.load(source, quantized_ok=True) if reward else load_checkpoint(
         source, merge=not args.adapter, quantized_ok=is_qlora_checkpoint(source))
     qlora = getattr(model, "quantized", None)  # QLoRA's (an int8/int4 file without updates was refused by name)
@@ -1524,17 +1517,10 @@ def cmd_export(args):
         merge_lora(model.backbone if reward else model)  # the float model it computes: dequantized W + scale B A
     backbone = model.backbone if reward else model
     cfg = backbone.config
-    # a peft adapter is GPT-2's (peft targets GPT-Neo's and Llama's q/k/v apart from GPT-2's c_attn: their
-    # adapters are not written here); a whole model goes as the family export_target picks. Refused before any
-    # file goes.
+    # a peft adapter is GPT-2's or a Llama-family model's (peft_family: any other is refused by name); a whole model
+    # goes as the family export_target picks. Refused before any file goes.
     if args.adapter:
-        shaped = export_target(cfg)[0]
-        if cfg.norm == "rmsnorm" or cfg.mlp != "gelu" or shaped.startswith(("OLMo", "Gemma")):
-            what = f"{article(shaped)} {shaped}"
-            raise UserError(f"--adapter writes a peft adapter for Hugging Face's GPT-2, and this model is {what} "
-                            f"(norm {cfg.norm}, mlp {cfg.mlp}): export it without --adapter, merged, as {what} folder")
-        family, export = "GPT-2", None
-        refuse_not_gpt2(model, "a peft adapter for GPT-2")
+        family, export = peft_family(model), None
     else:
         family, refuse, export = export_target(cfg)
         refuse(backbone, f"{article(family)} {family} folder")
@@ -1593,10 +1579,18 @@ def cmd_export(args):
         paths.append(tok.save(out / EXPORT_TOKENIZER))
     if args.adapter:
         print(f"wrote {out}/ ({', '.join(p.name for p in paths)}): the LoRA update (rank {cfg.lora_rank}, alpha "
-              f"{cfg.lora_alpha:g} on {cfg.lora_targets}) of a GPT-2 with {cfg.n_layer} layers, for the base {base}")
+              f"{cfg.lora_alpha:g} on {cfg.lora_targets}) of {article(family)} {family} with {cfg.n_layer} layers, for "
+              f"the base {base}")
+        hf_class = "GPT2LMHeadModel" if family == "GPT-2" else "AutoModelForCausalLM"
         print(f"load it with peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}), or "
-              f"peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base!r}), {str(out)!r})")
-        if qlora:
+              f"peft.PeftModel.from_pretrained({hf_class}.from_pretrained({base!r}), {str(out)!r})")
+        own = load_state(source.parent, mmap=True).get("args", {}).get("init_quantized") \
+            if (source.parent / "state.pt").is_file() else None
+        if own:  # (sft --lora-rank on a GPTQ/AWQ folder: commands.folder_base; the base is that folder)
+            note(f"the run trained this update on its base folder's own {own.upper()} matrices; peft puts the adapter "
+                 f"on that folder as transformers loads it (its {own.split()[0].upper()} Linears: the run's frozen "
+                 "matrices)")
+        elif qlora:
             note(f"the run trained this update on its base's matrices {describe_quantized(model)}; the adapter goes "
                  f"on the float base {base}, which peft loads it onto as it is (the float model plus the update, "
                  "not the run's quantized one: each matrix weight differs by up to half a quantization step) or "
@@ -1906,10 +1900,12 @@ def add_cli(sub):
                                        "checkpoint's run, else by vocab size)")
     p.add_argument("--adapter", action="store_true",
                    help="a LoRA (or QLoRA) run's update alone, as a peft adapter (adapter_model.safetensors, "
-                        "adapter_config.json) for its float base model, instead of the merged model")
-    p.add_argument("--base", help="the Hugging Face GPT-2 folder or GPT-2 name the --adapter goes on, written as its "
-                                  "base_model_name_or_path (default: the run's --init); a folder, or a Hub model in "
-                                  "the local cache, must hold the run's frozen weights exactly (a QLoRA run's: "
-                                  "quantized as the run did)")
+                        "adapter_config.json) for its base model (a GPT-2, or a Llama, Mistral, Qwen2, Qwen3 or "
+                        "SmolLM3: q_proj ... down_proj), instead of the merged model")
+    p.add_argument("--base", help="the Hugging Face folder (GPT-2's, or the Llama family's) or Hub name the --adapter "
+                                  "goes on, written as its base_model_name_or_path (default: the run's --init); a "
+                                  "folder, or a Hub model in the local cache, must hold the run's frozen weights "
+                                  "exactly (a QLoRA run's: quantized as the run did; a run on a GPTQ/AWQ folder's "
+                                  "own quantization: that folder)")
     p.add_argument("--overwrite", action="store_true", help="replace those files if --out holds them")
     p.set_defaults(func=cmd_export)
