@@ -100,6 +100,8 @@ def test_peft_puts_a_llama_runs_adapter_on_its_init_with_the_runs_logits(tmp_pat
     print(f"peft on the --init vs the run (fp32): rel {rel:.2e}")
     assert rel < 1e-5
     assert report(logits(model_cls.from_pretrained(merged).eval(), idx), got)[1] < 1e-5
+    # and back, merged into its base_model_name_or_path (--weights ADAPTER: generate, chat, --init)
+    assert report(logits(load_checkpoint(adapter).eval(), idx), got)[1] < 1e-5
     # serve --lora-modules' reader: the run's own A and scale B, each module at rank 4
     served = load_checkpoint(folder)
     read = read_adapter(adapter, served)
@@ -239,3 +241,24 @@ def test_a_hub_repo_as_a_llama_adapters_base_is_compared_when_in_the_local_cache
     assert adapter_base(None, "org/uncached", frozen) == "org/uncached"
     assert "the adapter's base org/uncached is not in the local Hub cache" in capsys.readouterr().err
 
+
+def test_a_llama_adapter_merged_into_a_base_of_another_family_is_refused_by_name(tmp_path):
+    """load_peft_adapter (--weights ADAPTER) maps a Llama adapter's module names onto a Llama's rows only: a GPT-2
+    base (of any shapes) is refused naming why, as read_adapter refuses a served one."""
+    from safetensors.torch import save_file
+
+    from tritongpt.errors import UserError
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.gpt2_weights import export_gpt2, load_peft_adapter
+
+    export_gpt2(GPTModel(GPTConfig(vocab_size=V, context_length=16, n_embd=32, n_layer=1, n_head=2)), tmp_path / "gpt2")
+    gen = torch.Generator().manual_seed(0)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    save_file({key.format("A"): torch.randn(2, 32, generator=gen), key.format("B"): torch.randn(32, 2, generator=gen)},
+              tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                              "base_model_name_or_path": str(tmp_path / "gpt2")}))
+    with pytest.raises(UserError, match="a peft adapter for Llama, and its base model is no Llama: this model learns "
+                                        "position embeddings"):
+        load_peft_adapter(tmp_path)

@@ -1371,23 +1371,20 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def load_peft_adapter(folder, base: str | None = None) -> GPTModel:
-    """A GPT-2 with a peft LoRA adapter merged in: the base model (base_model_name_or_path, or
-    `base`: a Hugging Face GPT-2 folder or a GPT-2 name, downloaded if need be), each adapted
-    Conv1D weight plus scale (B A)^T, peft's own merge. c_attn's update is split into the
-    W_query, W_key and W_value rows of ours. Any other adapter (DoRA, trained biases or embeddings,
+    """A GPT-2 (or a Llama-family model) with a peft LoRA adapter merged in: the base model
+    (base_model_name_or_path, or `base`: a Hugging Face folder or a GPT-2 name, downloaded if need be), each
+    adapted Conv1D weight plus scale (B A)^T (a Llama's Linear plus scale B A), peft's own merge. c_attn's update
+    is split into the W_query, W_key and W_value rows of ours. Any other adapter (DoRA, trained biases or embeddings,
     modules_to_save) is refused by name: merged without it, it would be another model."""
     config, file, tensors = _peft_files(folder)
     name = base if base is not None else config.get("base_model_name_or_path")
     if not name:
         raise UserError(f"{Path(folder) / 'adapter_config.json'} names no base_model_name_or_path: pass the base model")
     model = _adapter_base_model(str(name), Path(folder) / "adapter_config.json")
-    updates, bad = _peft_updates(tensors, _ADAPTER_KEY)
-    if bad is not None:
-        raise UserError(f"{file}: tensor {bad!r} is not a LoRA A or B of GPT-2's c_attn, c_proj or c_fc: "
-                        "this adapter changes more than those")
+    updates, linears, layers = _peft_family_updates(file, tensors, model, "its base model")
     with torch.no_grad():
         for (layer, module), ab in sorted(updates.items()):
-            a, b, scale, names = _peft_update(config, file, model, layer, module, ab, HF_LINEARS, "transformer.h")
+            a, b, scale, names = _peft_update(config, file, model, layer, module, ab, linears, layers)
             targets = [model.trf_blocks[layer].get_submodule(n) for n in names]
             delta = (scale * (b.double() @ a.double())).split([t.weight.shape[0] for t in targets])
             for t, d in zip(targets, delta):
@@ -1498,7 +1495,9 @@ def _adapter_base_model(name: str, cfg_path: Path) -> GPTModel:
     if name in HUB_REPOS or name in short:
         return load_gpt2_pretrained(short.get(name, name))
     path = Path(name).expanduser()
-    file = path / "model.safetensors" if path.is_dir() else path
+    # (a Llama's folder may hold its weights as shards: their index, as adapter_base writes such a base)
+    file = next((path / n for n in WEIGHT_FILES[:2] if (path / n).is_file()), path / "model.safetensors") \
+        if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"{cfg_path}: its base_model_name_or_path {name!r} is neither a folder here holding "
                         f"model.safetensors nor a GPT-2 name ({', '.join(HUB_REPOS)})")
@@ -1543,10 +1542,13 @@ def read_adapter(path, model: GPTModel) -> dict:
     return out
 
 
-def _read_peft_adapter(folder: Path, model: GPTModel) -> dict:
+def _peft_family_updates(file, tensors: dict, model: GPTModel, role: str) -> tuple:
+    """(updates as _peft_updates, {HF module: our Linears}, the layers' prefix) of a peft adapter's tensors under
+    GPT-2's module names or a Llama's (Mistral's, Qwen2's, Qwen3's: q_proj ... down_proj, train/llama_weights.py's
+    names); `model` (the adapter's `role`, in words) refused by name unless of that family: the module names map
+    onto ours as that family's weights do, and another family's model has other rows."""
     from tritongpt.train.llama_weights import _LAYER, _NORMS, refuse_not_llama
 
-    config, file, tensors = _peft_files(folder)
     llama = {theirs: (mine,) for mine, theirs in _LAYER if mine not in _NORMS}
     families = (("GPT-2", _ADAPTER_KEY, HF_LINEARS, "transformer.h", refuse_not_gpt2),
                 ("Llama", _adapter_key(r"model\.layers", llama), llama, "model.layers", refuse_not_llama))
@@ -1559,11 +1561,18 @@ def _read_peft_adapter(folder: Path, model: GPTModel) -> dict:
                         "Llama's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj: an adapter for "
                         "another family, or one that changes more than those, is not read here")
     what = f"the base of a peft {family} adapter"
-    try:  # the module names map onto ours as that family's weights do: another family's model has other rows
+    try:
         refuse(model, what)
     except UserError as e:  # (the export's refusals: "this model <why>: it cannot be exported as <what>")
         why = str(e).removesuffix(f": it cannot be exported as {what}")
-        raise UserError(f"{file}: a peft adapter for {family}, and the served model is no {family}: {why}") from None
+        raise UserError(f"{file}: a peft adapter for {family}, and {role} is no {family}: {why}") from None
+    return updates, linears, layers
+
+
+def _read_peft_adapter(folder: Path, model: GPTModel) -> dict:
+    """read_adapter's of a peft adapter folder."""
+    config, file, tensors = _peft_files(folder)
+    updates, linears, layers = _peft_family_updates(file, tensors, model, "the served model")
     out = {}
     for (layer, module), ab in sorted(updates.items()):
         a, b, scale, names = _peft_update(config, file, model, layer, module, ab, linears, layers)
