@@ -14,7 +14,7 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import load_checkpoint
 
-from test_hf_quantized import LINEARS, LLAMA, T, V, edit_tensors, exported_model, with_quantization
+from test_hf_quantized import LINEARS, LLAMA, T, V, edit_tensors, exported_model, float_twin, with_quantization
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,13 +131,7 @@ def bnb_folder(tmp_path, kind, seed=0, keep_float=()):
     assert dequantized
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     with_quantization(folder, q)
-    twin = tmp_path / "float"
-    twin.mkdir()
-    d = json.loads((folder / "config.json").read_text())
-    del d["quantization_config"]
-    (twin / "config.json").write_text(json.dumps(d))
-    save_file({**float_sd, **dequantized}, twin / "model.safetensors", metadata={"format": "pt"})
-    return folder, load_checkpoint(twin)
+    return folder, load_checkpoint(float_twin(tmp_path / "float", folder, {**float_sd, **dequantized}))
 
 
 def logits_err(model, want):

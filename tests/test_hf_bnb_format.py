@@ -28,7 +28,7 @@ from tritongpt.train.hf_quant import bnb_dequantized, bnb_spec
 from tritongpt.train.llama_weights import export_llama
 
 from test_hf_bnb import bnb4, bnb_folder
-from test_hf_quantized import LINEARS, LLAMA, T, V, with_quantization
+from test_hf_quantized import LINEARS, LLAMA, T, V, float_twin, with_quantization
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,11 +175,7 @@ def test_a_folder_quantized_by_bitsandbytes_rules_loads_as_the_float_model_bitsa
         assert sd["model.layers.0.mlp.up_proj.weight.nested_absmax"].shape == (2,)
     save_file(sd, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
     with_quantization(tmp_path / "q", bnb4(kind, nested))
-    (tmp_path / "f").mkdir()
-    d = json.loads((tmp_path / "q" / "config.json").read_text())
-    del d["quantization_config"]
-    (tmp_path / "f" / "config.json").write_text(json.dumps(d))
-    save_file(float_sd, tmp_path / "f" / "model.safetensors", metadata={"format": "pt"})
+    float_twin(tmp_path / "f", tmp_path / "q", float_sd)
     got, want = load_checkpoint(tmp_path / "q").state_dict(), load_checkpoint(tmp_path / "f").state_dict()
     assert got.keys() == want.keys()
     for k in want:

@@ -16,7 +16,7 @@ from tritongpt.train.gpt2_weights import load_checkpoint
 from tritongpt.train.llama_weights import export_llama
 
 from test_hf_quantized import (FALCON, GEMMA, LINEARS, LLAMA, NEOX, PHI3, T, V, edit_tensors, exported_model,
-                               with_quantization)
+                               float_twin, with_quantization)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,14 +108,8 @@ def fp8_folder(tmp_path, kind, seed=0, keep_float=()):
     assert dequantized
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     with_quantization(folder, q)
-    twin = tmp_path / "float"
-    twin.mkdir()
-    d = json.loads((folder / "config.json").read_text())
-    del d["quantization_config"]
-    (twin / "config.json").write_text(json.dumps(d))
-    save_file({**{k: v for k, v in sd.items() if not k.endswith(suffix)}, **dequantized}, twin / "model.safetensors",
-              metadata={"format": "pt"})
-    return folder, load_checkpoint(twin)
+    floats = {**{k: v for k, v in sd.items() if not k.endswith(suffix)}, **dequantized}
+    return folder, load_checkpoint(float_twin(tmp_path / "float", folder, floats))
 
 
 def assert_same_logits(model, want):
@@ -344,12 +338,7 @@ def test_ragged_fp8_blocks_dequantize_as_transformers_fp8linear_does(tmp_path, k
     for k in [k for k, t in sd.items() if t.dtype == torch.float8_e4m3fn]:
         scale = sd.pop(k.removesuffix(".weight") + ".weight_scale_inv")
         sd[k] = dequantize(sd[k], scale, block, torch.float32)
-    plain = tmp_path / "hf-dequantized"
-    plain.mkdir()
-    d = json.loads((folder / "config.json").read_text())
-    del d["quantization_config"]
-    (plain / "config.json").write_text(json.dumps(d))
-    save_file(sd, plain / "model.safetensors", metadata={"format": "pt"})
+    plain = float_twin(tmp_path / "hf-dequantized", folder, sd)
     theirs = auto.from_pretrained(plain, dtype=torch.float32).eval()
     assert_logits_like_transformers(load_checkpoint(folder), theirs)
 

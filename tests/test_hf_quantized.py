@@ -343,16 +343,23 @@ def quantized_folder(tmp_path, kind, seed=0, vocab=V):
     return folder, float_model
 
 
-def exported_with(out, folder, weights):
-    """folder's float twin: its config.json without the quantization, the dequantized matrices in place."""
+def float_twin(out, folder, tensors: dict):
+    """out: a float folder beside the quantized `folder`, its config.json without the quantization_config and
+    `tensors` (the dequantized matrices and everything else) as its model.safetensors (the GPTQ/AWQ, FP8 and
+    bitsandbytes tests' reference model)."""
     out.mkdir()
     d = json.loads((folder / "config.json").read_text())
     del d["quantization_config"]
     (out / "config.json").write_text(json.dumps(d))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def exported_with(out, folder, weights):
+    """folder's float twin: the dequantized matrices in place of its packed ones."""
     sd = {k: v for k, v in load_file(folder / "model.safetensors").items()
           if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
-    save_file({**sd, **weights}, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return float_twin(out, folder, {**sd, **weights})
 
 
 # the largest logit error against the fp32 float model, over its largest logit: fp32 differs by summation order
