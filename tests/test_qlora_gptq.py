@@ -145,6 +145,51 @@ def test_sft_on_a_gptq_folder_refuses_full_fine_tuning_and_quantize_by_name(gptq
     assert not (tmp_path / "bad").exists()
 
 
+def init_args(folder, lora_rank=0, quantize=None, vocab_multiple=None):
+    import types
+
+    return types.SimpleNamespace(init=str(folder), lora_rank=lora_rank, quantize=quantize,
+                                 vocab_multiple=vocab_multiple)
+
+
+@pytest.mark.parametrize("kind", ["gptq-ragged", "bnb8-skip-down"])
+def test_a_folder_the_config_calls_quantized_but_that_loads_float_is_fully_fine_tuned(tmp_path, capsys, kind):
+    """The config says 4-bit GPTQ or bitsandbytes 8-bit, but the load reads it as a float model (groups of 16 whose
+    ragged last one of 8 no int4 group size divides; a linear of the blocks left float by llm_int8_skip_modules):
+    full fine-tuning, --quantize and --vocab-multiple take it as the float model it is, not refused as quantized."""
+    from test_hf_bnb import BNB8, bnb_folder
+    from test_hf_quantized import with_quantization
+    from tritongpt.train.sft import load_init_base
+
+    if kind == "gptq-ragged":
+        folder, _ = quantized_folder(tmp_path, "gptq-v1-ragged-dequantized")
+    else:
+        folder, _ = bnb_folder(tmp_path, "int8-llama", keep_float=("down_proj",))
+        with_quantization(folder, {**BNB8, "llm_int8_skip_modules": ["lm_head", "down_proj"]})
+    for args in (init_args(folder), init_args(folder, 4, "int4"), init_args(folder, vocab_multiple=64)):
+        model = load_init_base(args)
+        assert model.init_quantized is None and not getattr(model, "quantized", None)
+        assert not hasattr(model, "base_folder")
+        assert any(p.requires_grad and p.dim() == 2 for p in model.trf_blocks.parameters())  # (float matrices)
+        assert "linear weights are dequantized to float at load" in capsys.readouterr().err
+
+
+def test_a_bitsandbytes_8bit_folder_kept_int8_is_a_qlora_base_refused_without_lora_by_name(tmp_path, capsys):
+    """Kept int8, it is a base LoRA trains beside (recorded "bitsandbytes int8"); without --lora-rank refused by name,
+    where its config's spec (no "mode" of GPTQ's) was a KeyError."""
+    from test_hf_bnb import bnb_folder
+    from tritongpt.errors import UserError
+    from tritongpt.train.sft import load_init_base
+
+    folder, _ = bnb_folder(tmp_path, "int8-llama")
+    model = load_init_base(init_args(folder, lora_rank=4))
+    assert model.init_quantized == "bitsandbytes int8" and model.quantized == "int8"
+    assert "QLoRA on --init's own BITSANDBYTES quantization: the base's 7 matrices int8" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"is BITSANDBYTES-quantized \(.*config\.json's quantization_config\), its "
+                                        r"matrices read as int8: they train only through LoRA updates"):
+        load_init_base(init_args(folder))
+
+
 WORDS = ("hi", "yes", "no", "ok", "up", "go", "on", "in", "at", "by", "so", "we")
 
 

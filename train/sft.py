@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tritongpt.commands import (add_lora_args, add_qlora_args, add_vocab_multiple_arg, apply_lora, check_lora_args,
-                                check_qlora, folder_base, qlora_record, quantize_base, vocab_multiple)
+                                check_qlora, folder_base, folder_spec, qlora_record, quantize_base, vocab_multiple)
 from tritongpt._types import is_real
 from tritongpt.errors import UserError, note
 from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
@@ -613,8 +613,10 @@ def load_init_base(args):
     refuses it without --lora-rank, or with --quantize, by name). The model's init_quantized is what the run
     records of the folder's quantization ("gptq int4"; None for any other --init), and its base_folder (the folder)
     is what a resume re-loads and check_same_base compares with the checkpoint's base bit for bit."""
-    own = folder_base(args)  # (None: a float --init, or refused)
-    model = load_init_model(args.init, quantized_ok=own is not None)
+    # decided from the model loaded, not the config: some folders the config calls quantized load as float (their
+    # groups no int4 group size divides, a bitsandbytes 8-bit linear left float), and those train like any float one
+    model = load_init_model(args.init, quantized_ok=folder_spec(args) is not None)
+    own = folder_base(args, model)  # (None: a float --init, or refused)
     model.init_quantized = own
     if own is not None:
         from tritongpt.commands import describe_quantized

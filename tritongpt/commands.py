@@ -82,18 +82,16 @@ def check_qlora(args, group_flag: str = "--group-size"):
                         "only through LoRA updates (QLoRA): pass --lora-rank")
 
 
-def folder_base(args) -> str | None:
-    """A LoRA trainer's --init (sft, dpo, kto, reward, rlhf: sft.load_init_base) when it is a GPTQ or AWQ Hugging
-    Face folder that loads kept quantized (train/hf_quant.py: 4-bit as int4, 8-bit symmetric one-group GPTQ as int8):
-    its own matrices are the frozen base LoRA trains beside (QLoRA on a pre-quantized base, as peft does on a
-    GPTQModel or AutoAWQ model). Returns what the run records of it ("gptq int4", "awq int4", "gptq int8"), None for
-    any other --init. Asked before the model loads, so that full fine-tuning (no float weights to train), --quantize
-    on top (the base is quantized already) and --vocab-multiple (pad_vocab rebuilds float models only) are refused
-    by name, not by the loader's general refusal."""
+def folder_spec(args) -> dict | None:
+    """hf_quant.folder_quantization's spec of a LoRA trainer's --init where it is a GPTQ, AWQ or bitsandbytes Hugging
+    Face folder whose config.json says kept quantized, else None: the load is then let keep it so (quantized_ok), and
+    folder_base decides from the model it gave. The config alone cannot say: a 4-bit folder whose groups no int4 group
+    size divides, or a bitsandbytes 8-bit one with a linear of the blocks left float, loads dequantized (its note
+    says why), an ordinary float model."""
     from pathlib import Path
 
     from tritongpt.train.common import NoCheckpoint, resolve_checkpoint
-    from tritongpt.train.gpt2_weights import adapter_folder, hf_quantization, is_hf_weights
+    from tritongpt.train.gpt2_weights import adapter_folder, is_hf_weights
     from tritongpt.train.hf_quant import folder_quantization
 
     p = Path(args.init).expanduser()
@@ -105,24 +103,43 @@ def folder_base(args) -> str | None:
         return None
     if not is_hf_weights(path) or adapter_folder(path) is not None:
         return None
-    spec = folder_quantization(path.parent / "config.json")[0]
-    if spec is None:  # a float folder, or one read as its dequantized float model (FP8; GPTQ of 2 or 3 bits)
+    return folder_quantization(path.parent / "config.json")[0]
+
+
+def folder_base(args, model) -> str | None:
+    """A LoRA trainer's --init (sft, dpo, kto, reward, rlhf: sft.load_init_base) when it is a GPTQ, AWQ or
+    bitsandbytes Hugging Face folder that loaded kept quantized (train/hf_quant.py: 4-bit as int4, 8-bit symmetric
+    one-group GPTQ and bitsandbytes 8-bit as int8): its own matrices are the frozen base LoRA trains beside (QLoRA on
+    a pre-quantized base, as peft does on a GPTQModel or AutoAWQ model). model: what the load gave (folder_spec's
+    folders loaded with quantized_ok), so that this says what the model is, not what the config alone suggests: a
+    folder read dequantized is a float model, fully fine-tuned like any other. Returns what the run records of it
+    ("gptq int4", "awq int4", "gptq int8", "bitsandbytes int8"), None for any other --init. Refused by name: full
+    fine-tuning (no float weights to train), --quantize on top (the base is quantized already) and --vocab-multiple
+    (pad_vocab rebuilds float models only), not by the loader's general refusal."""
+    from pathlib import Path
+
+    from tritongpt.train.common import resolve_checkpoint
+    from tritongpt.train.gpt2_weights import hf_quantization
+
+    mode = getattr(model, "quantized", None)
+    spec = folder_spec(args) if mode else None
+    if spec is None:  # a float --init, or a folder read as its dequantized float model (its note said so)
         return None
-    method = spec["method"].upper()
-    where = hf_quantization(path.parent / "config.json")["_where"]
+    method = spec["method"]
+    where = hf_quantization(resolve_checkpoint(Path(args.init).expanduser()).parent / "config.json")["_where"]
     if args.quantize is not None:
-        raise UserError(f"--quantize {args.quantize}: --init {args.init} is {method}-quantized already ({where}), "
-                        f"its matrices read as {spec['mode']}: LoRA trains on that base as it is: leave --quantize "
+        raise UserError(f"--quantize {args.quantize}: --init {args.init} is {method.upper()}-quantized already "
+                        f"({where}), its matrices read as {mode}: LoRA trains on that base as it is: leave --quantize "
                         "out")
     if not args.lora_rank:
-        raise UserError(f"--init {args.init} is {method}-quantized ({where}), its matrices read as {spec['mode']}: "
+        raise UserError(f"--init {args.init} is {method.upper()}-quantized ({where}), its matrices read as {mode}: "
                         "they train only through LoRA updates beside them (QLoRA on its own quantization): pass "
                         "--lora-rank (full fine-tuning needs the float weights it was quantized from)")
     if getattr(args, "vocab_multiple", None) is not None:  # (pad_vocab rebuilds a float model's rows)
-        raise UserError(f"--vocab-multiple {args.vocab_multiple}: --init {args.init} is {method}-quantized ({where}): "
-                        "its model is kept as the folder holds it, its embedding and LM head rows unpadded: leave "
-                        "--vocab-multiple out")
-    return f"{spec['method']} {spec['mode']}"
+        raise UserError(f"--vocab-multiple {args.vocab_multiple}: --init {args.init} is {method.upper()}-quantized "
+                        f"({where}): its model is kept as the folder holds it, its embedding and LM head rows "
+                        "unpadded: leave --vocab-multiple out")
+    return f"{method} {mode}"
 
 
 def qlora_record(args, group_flag: str = "--group-size") -> dict:
