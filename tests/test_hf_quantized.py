@@ -545,6 +545,20 @@ def test_an_act_order_model_saves_loads_dequantizes_copies_and_casts_with_its_in
         GPTModel.load(tmp_path / "bad.safetensors", quantized_ok=True)
 
 
+@pytest.mark.parametrize("kind, ordered", [("gptq-v1-act-order", 7), ("gptq-desc-act-sorted", 0)])
+def test_info_on_our_int4_file_of_an_act_order_model_says_so(tmp_path, capsys, kind, ordered):
+    """info on the int4 file an act-order folder saves as (GPTModel.save): its layers gather their inputs first
+    (in_perm), said with the quantization; a desc_act folder whose g_idx is already in order has no in_perm, and says
+    none."""
+    folder, _ = quantized_folder(tmp_path, kind)
+    load_checkpoint(folder, quantized_ok=True).save(tmp_path / "int4.safetensors")
+    assert cli.main(["info", "--weights", str(tmp_path / "int4.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "quantized    int4: 7 matrices (" in out
+    said = "of them act-order (GPTQ's desc_act: each gathers its inputs into its groups' order first, its in_perm)"
+    assert (f", {ordered} {said}" in out) if ordered else (said not in out)
+
+
 def test_a_fused_act_order_layers_parts_each_save_and_load_their_input_order(tmp_path):
     """GPT-NeoX's query_key_value is one GPTQ layer, split into W_query, W_key and W_value (int4_rows) with one input
     order: each part must keep its own copy, as safetensors saves tensors shared by several names under one of them

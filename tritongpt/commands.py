@@ -305,6 +305,12 @@ def cmd_info(args):
             made += ", rounded to nearest"
         how = ("int8 with an fp32 scale a row" if model.quantized == "int8" else
                f"int4 with an fp32 scale and offset a group of {model.quantized_group_size} inputs")
+        # act-order GPTQ layers (desc_act) hold their inputs sorted by group and gather x's columns into that order
+        # before each matmul: the file's in_perm, which a reader of the file must know of
+        ordered = sum(getattr(m, "in_perm", None) is not None for m in layers)
+        if ordered:
+            how += (f", {ordered} of them act-order (GPTQ's desc_act: each gathers its inputs into its groups' order "
+                    "first, its in_perm)")
         print(f"quantized    {model.quantized}: {model.quantized_linears} matrices ({q:,} weights and {b:,} biases, "
               f"the parameters above without them) as {how}, "
               f"{linear_bytes(model) / 2**20:,.1f} MiB as the matmuls read them ({made})")
