@@ -505,6 +505,20 @@ def test_an_act_order_g_idx_of_unequal_or_unknown_groups_is_refused_by_name(tmp_
         load_checkpoint(edit_tensors(folder, groups), quantized_ok=True)
 
 
+def test_an_awq_layer_with_a_g_idx_is_refused_by_name_not_read_as_act_order(tmp_path):
+    """AutoAWQ's GEMM writes no g_idx: a scattered one beside an AWQ layer was read as GPTQ's act-order (its inputs
+    gathered, another model than AWQ's), without a word. Refused naming the tensor."""
+    folder, _ = quantized_folder(tmp_path, "awq-gemm")
+    name = "model.layers.0.mlp.down_proj.g_idx"
+
+    def scattered(sd):  # (128 inputs in four groups of 32, each group's inputs spread over K)
+        sd[name] = (torch.arange(128, dtype=torch.int32) % 4).contiguous()
+
+    with pytest.raises(UserError, match=rf"tensor '{name.removeprefix('model.')}' is not an AWQ layer's \(AutoAWQ's "
+                                        r"GEMM writes no g_idx"):
+        load_checkpoint(edit_tensors(folder, scattered), quantized_ok=True)
+
+
 def test_an_act_order_model_saves_loads_dequantizes_copies_and_casts_with_its_input_order(tmp_path):
     """in_perm goes wherever the layer goes: our int4 file (written and read back, the gather included), a deep
     copy, .to(dtype) (an index: never cast), and dequantize_model (merge's and export's float model: the matrix in

@@ -27,8 +27,8 @@ group_size) groups, the last one short (Falcon-7B's 4544 inputs at 128); AutoAWQ
 groups become ours of the largest size GROUP_SIZES has that divides the file's group size and every layer's K (each
 scale repeated over the smaller groups: the same matrix; 4544 at 128 is ours 64, the short group one of them); where
 none does, the folder is read dequantized (gptq_dequantized, a note on stderr). What does not map (other bits:
-GPTQModel's planar 5 to 7, AWQ's but 4; other checkpoint formats or AWQ versions, a g_idx of unequal groups, a
-quantized LM head, some layers float) is refused by name.
+GPTQModel's planar 5 to 7, AWQ's but 4; other checkpoint formats or AWQ versions, a g_idx of unequal groups or one
+beside an AWQ layer, a quantized LM head, some layers float) is refused by name.
 
 FP8 folders (transformers' fp8 and fbgemm_fp8, compressed-tensors' float-quantized) load as float models: each FP8
 weight times its scale (per block, row or tensor) at load (fp8_dequantized, below).
@@ -157,6 +157,12 @@ def _codes(base: str, sd: dict, spec: dict, path) -> tuple:
     """(q [N, K] int, zero [N, G] float, scale [N, G] fp32, width (K / G), g_idx or None) of one quantized linear as
     the file stores it, its tensors taken out of sd."""
     qweight, qzeros, scales = (_one(sd, base + p, path) for p in _PARTS[:3])
+    if spec["method"] == "awq" and base + ".g_idx" in sd:
+        # AutoAWQ's GEMM groups consecutive inputs and writes no g_idx: one here would be read as GPTQ's act-order,
+        # another model than the one AWQ runs
+        raise UserError(f"{path}: tensor {base + '.g_idx'!r} is not an AWQ layer's (AutoAWQ's GEMM writes no g_idx, "
+                        "its groups consecutive inputs; GPTQ's act-order does): which format its tensors are is "
+                        "unclear")
     g_idx = sd.pop(base + ".g_idx", None)
     bits = spec["bits"]
     for name, t in ((".qweight", qweight), (".qzeros", qzeros)):
