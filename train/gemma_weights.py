@@ -158,13 +158,12 @@ def _language_model_tensors(path: Path, quantization_read: bool = False) -> dict
     head = next((k for k in _LANGUAGE_HEAD if k in sd), None)
     if head is not None:
         out["lm_head.weight"] = sd[head]
-    # a 4-bit head (GPTQModel's lm_head=True) handed on as lm_head's, as the text model's reader sees it, for
-    # hf_quant.int4_linears to refuse by name: left behind, a tied model loaded its float embedding as the head
-    # without a word, and an untied one was said to have no head at all
+    # a 4-bit head (GPTQModel's lm_head=True) handed on under the file's own name (language_model.lm_head, or
+    # lm_head), for hf_quant.int4_linears to refuse by that name: left behind, a tied model loaded its float
+    # embedding as the head without a word, and an untied one was said to have no head at all
     for name in _LANGUAGE_HEAD:
         base = name.removesuffix(".weight")
-        out.update({"lm_head" + k[len(base):]: v for k, v in sd.items()
-                    if k.startswith(base + ".") and k.endswith(_QUANTIZED_PARTS)})
+        out.update({k: v for k, v in sd.items() if k.startswith(base + ".") and k.endswith(_QUANTIZED_PARTS)})
     return out
 
 
