@@ -359,3 +359,25 @@ def test_rlhf_refuses_a_gptq_sequence_classifier_folder_as_reward_by_name(gptq_l
     assert "is a GPTQ-quantized LlamaForSequenceClassification" in err
     assert "train a QLoRA reward model on a GPTQ or AWQ causal LM folder (reward --init FOLDER --lora-rank R)" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_gptq_sequence_classifier_folder_that_loads_float_is_a_reward_model(tmp_path, capsys):
+    """A GPTQ classifier whose groups no int4 group size divides loads as the float model of its dequantized weights
+    (said): a reward model like any float classifier, its score row the head, not refused as quantized by its config
+    alone."""
+    from safetensors.torch import load_file, save_file
+
+    from tritongpt.train.reward import RewardModel
+
+    cls, twin = quantized_folder(tmp_path, "gptq-v1-ragged-dequantized")
+    sd = load_file(cls / "model.safetensors")
+    sd["score.weight"] = sd.pop("lm_head.weight")[:1].clone()
+    save_file(sd, cls / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((cls / "config.json").read_text())
+    (cls / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForSequenceClassification"]}))
+    model = RewardModel.load(cls)
+    assert not getattr(model.backbone, "quantized", None)
+    assert "4-bit GPTQ linear weights are dequantized to float at load" in capsys.readouterr().err
+    assert torch.equal(model.head.weight, sd["score.weight"])
+    w = model.backbone.trf_blocks[0].ff.w_down.weight
+    assert torch.equal(w, twin.trf_blocks[0].ff.w_down.weight) and w.abs().sum() > 0

@@ -146,9 +146,12 @@ class RewardModel(nn.Module):
         if name.endswith("ForTokenClassification"):
             raise UserError(f"{path} is a {name}: a score for every token, not one for a sequence; a reward model is "
                             "a <Family>ForSequenceClassification with one label")
-        refuse_quantized_classifier(path, name)
         with reading_classifier() as held:
-            backbone = load_checkpoint(path)
+            # quantized_ok: what the folder loads as decides, not its config alone (a GPTQ folder whose groups no int4
+            # group size divides, a bitsandbytes 8-bit one with a linear left float, load as float models)
+            backbone = load_checkpoint(path, quantized_ok=True)
+        if getattr(backbone, "quantized", None):
+            refuse_quantized_classifier(path, name)
         score, C = held[SCORE], backbone.config.n_embd
         if score.shape != (1, C):
             raise UserError(f"{path}: {SCORE} has shape {tuple(score.shape)}; a reward model's is (1, {C}): one "
@@ -162,10 +165,10 @@ class RewardModel(nn.Module):
 
 
 def refuse_quantized_classifier(path, name: str) -> None:
-    """A GPTQ or AWQ classifier folder kept quantized is not read as a reward model (rlhf --reward, eval, reward's
-    --init): the loader's refusal would speak of a causal LM's uses. Said here, naming what does take the folder's
-    quantization: `reward --init` on a GPTQ or AWQ causal LM with --lora-rank (sft.load_init_base), whose QLoRA reward
-    model rlhf --reward runs unmerged."""
+    """A GPTQ or AWQ classifier folder kept quantized (it loaded so: RewardModel.from_hugging_face) is not read as a
+    reward model (rlhf --reward, eval, reward's --init): the loader's refusal would speak of a causal LM's uses. Said
+    here, naming what does take the folder's quantization: `reward --init` on a GPTQ or AWQ causal LM with --lora-rank
+    (sft.load_init_base), whose QLoRA reward model rlhf --reward runs unmerged."""
     from tritongpt.train.gpt2_weights import hf_quantization
     from tritongpt.train.hf_quant import folder_quantization
 
