@@ -913,14 +913,15 @@ def pack_gptq_bits(q, z, s, g_idx, bits, v1):
             ".scales": s.T.half().contiguous(), ".g_idx": g_idx.to(torch.int32)}
 
 
-def coded_folder(tmp_path, q, family="llama", act_order=False, seed=0):
+def coded_folder(tmp_path, q, family="llama", act_order=False, seed=0, mlp_hidden=96):
     """A tiny folder of `family` whose linears are random GPTQ codes of q's bits and groups (levels, zeros: 0 among
     them where asymmetric, scales), packed by pack_gptq_bits, with an act-order g_idx (a random scatter of equal
     groups) where asked; and the float model of the matrices they stand for, dequantized here straight from g_idx:
-    W[n, k] = (q[n, k] - z[n, g_idx[k]]) s[n, g_idx[k]]. Its MLP 96 wide (three groups of 32: not a power of two)."""
+    W[n, k] = (q[n, k] - z[n, g_idx[k]]) s[n, g_idx[k]]. A Llama's MLP 96 wide by default (three groups of 32: not a
+    power of two)."""
     from tritongpt.train.neox_weights import export_neox
 
-    base, export = {"llama": ({**LLAMA, "mlp_hidden": 96}, export_llama), "neox": (NEOX, export_neox)}[family]
+    base, export = {"llama": ({**LLAMA, "mlp_hidden": mlp_hidden}, export_llama), "neox": (NEOX, export_neox)}[family]
     torch.manual_seed(seed)
     model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, **base)).eval()
     with torch.no_grad():
@@ -1008,6 +1009,26 @@ def test_an_8bit_symmetric_gptq_folder_of_one_group_a_row_loads_kept_int8(tmp_pa
         load_checkpoint(folder)
     model.save(tmp_path / "int8.safetensors")  # (our int8 file: its -128s kept)
     same_logits(GPTModel.load(tmp_path / "int8.safetensors", quantized_ok=True).eval(), want)
+
+
+@pytest.mark.parametrize("mlp_hidden", [64, 128])
+def test_an_8bit_sym_gptq_folder_of_group_size_k_is_kept_int8_only_where_every_layer_has_one_group(tmp_path, capsys,
+                                                                                                  mlp_hidden):
+    """group_size 64 where every layer's K is 64 (an MLP 64 wide): one group a row in fact, though the config names a
+    number, so kept int8 as group_size -1 is. With an MLP 128 wide down_proj has two groups: the whole folder is read
+    dequantized (this model's int8 layers are all of the blocks' or none), its note naming that layer."""
+    q = {**GPTQ, "bits": 8, "group_size": 64, "sym": True}
+    folder, want = coded_folder(tmp_path, q, mlp_hidden=mlp_hidden)
+    model = load_checkpoint(folder, quantized_ok=True)
+    linears = {type(m).__name__ for m in model.trf_blocks.modules() if "Linear" in type(m).__name__}
+    err = capsys.readouterr().err
+    if mlp_hidden == 64:
+        assert model.quantized == "int8" and linears == {"Int8Linear"} and "dequantized" not in err
+    else:
+        assert not getattr(model, "quantized", None) and linears == {"Linear"}
+        assert "its 7 8-bit GPTQ linear weights are dequantized to float at load" in err
+        assert "no int8 form for layers.0.mlp.down_proj's 2 groups of its inputs (group_size 64" in err
+    same_logits(model, want)
 
 
 def test_an_8bit_sym_layer_whose_zero_is_not_128_is_refused_by_name(tmp_path):

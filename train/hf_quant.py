@@ -1,8 +1,8 @@
 """4-bit GPTQ and AWQ folders from Hugging Face (config.json's quantization_config) into Int4Linear (model/quant.py),
 kept 4-bit: for the readers whose layers are Llama's q/k/v/o/gate/up/down projections (llama_weights.py). 8-bit GPTQ
-symmetric with one group a row (group_size -1) into Int8Linear, kept 8-bit (int8_linears); other 8-bit GPTQ (groups,
-zero points: no int8 form here) and 2- and 3-bit GPTQ (no kernel) as the float model of their dequantized weights
-(gptq_dequantized, a note on stderr), as FP8 folders are.
+symmetric with one group a row (group_size -1, or one at least every layer's K) into Int8Linear, kept 8-bit
+(int8_linears); other 8-bit GPTQ (groups, zero points: no int8 form here) and 2- and 3-bit GPTQ (no kernel) as the
+float model of their dequantized weights (gptq_dequantized, a note on stderr), as FP8 folders are.
 
 Both store a linear of in K, out N as int32 words of eight 4-bit levels q, a zero z and an fp16 scale s per group of
 inputs and output, W[n, k] = (q[k, n] - z[g, n]) * s[g, n]; ours is W = q * scale + offset per group of consecutive
@@ -76,8 +76,9 @@ GPTQ_BITS = (2, 3, 4, 8)  # AutoGPTQ's QuantLinear.pack widths (GPTQModel's plan
 def int4_spec(q: dict) -> dict:
     """A quantization_config (gpt2_weights.hf_quantization's) as {method, bits, group_size, zero_minus_one, mode}, or
     a UserError naming what of it is not read (refuse_quantized). mode: "int4" (4-bit, int4_linears), "int8" (8-bit
-    GPTQ that Int8Linear holds exactly: symmetric, one group a row, W = s (q - 128) with q - 128 an int8), or "float"
-    (other GPTQ bits, or 8-bit with groups or zero points: dequantized at load, gptq_dequantized)."""
+    symmetric GPTQ, which Int8Linear holds exactly where each layer has one group, W = s (q - 128) with q - 128 an
+    int8: int8_linears, which reads the folder dequantized where some layer has more), or "float" (other GPTQ bits,
+    or 8-bit with zero points: dequantized at load, gptq_dequantized)."""
     method = q.get("quant_method")
     if method not in ("gptq", "awq"):
         refuse_quantized(q, "GPTQ of 2, 3, 4 or 8 bits, 4-bit AWQ GEMM and bitsandbytes are, and FP8 "
@@ -102,9 +103,11 @@ def int4_spec(q: dict) -> dict:
         if q.get("dynamic"):  # GPTQModel's per-module overrides of bits and group size
             refuse_quantized(q, "a dynamic per-module config: one bits and group_size for every layer only")
         # 8-bit symmetric with one group a row is Int8Linear's own form (a scale a row, levels q - 128 in -128..127):
-        # kept int8, exactly. Groups along the inputs (several scales a row) or zero points have no int8 form here,
-        # and 2 and 3 bits no kernel: those are dequantized (an ordinary float model of the same weights)
-        mode = {4: "int4", 8: "int8" if q.get("sym", True) is True and group == -1 else "float"}.get(bits, "float")
+        # kept int8, exactly. One group a row is group_size -1, or a group_size at least a layer's K (GPTQ's g_idx
+        # k // group_size is then 0 for all its inputs): only the shapes say which, so int8_linears decides, the
+        # folder dequantized where some layer has several. Zero points have no int8 form here, and 2 and 3 bits no
+        # kernel: those are dequantized (an ordinary float model of the same weights)
+        mode = {4: "int4", 8: "int8" if q.get("sym", True) is True else "float"}.get(bits, "float")
         return dict(method=method, bits=bits, group_size=group, zero_minus_one=fmt == "gptq", mode=mode)
     version = q.get("version", "gemm")
     if not isinstance(version, str) or version.lower() != "gemm":
@@ -271,14 +274,14 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: st
     layer's input order, Int4Linear.in_perm)}; G, our group size). blocks: the prefix of the file's block tensors
     (Falcon's "h."). An 8-bit spec (mode "int8": int8_linears) gives {base: (qweight int8 [N, K], scale fp32 [N],
     None)} and G None; a bitsandbytes 8-bit one (bnb_int8_linears) the same. A folder read dequantized (a 4-bit one
-    whose groups no size of GROUP_SIZES divides: gptq_dequantized, with its note; a bitsandbytes 8-bit one with some
-    linear of the blocks float) gives (sd dequantized, None, None): the caller reads it as a float folder. prefix: the
+    whose groups no size of GROUP_SIZES divides: gptq_dequantized, with its note; an 8-bit GPTQ one with a layer of
+    several groups, int8_linears'; a bitsandbytes 8-bit one with some linear of the blocks float) gives (sd dequantized, None, None): the caller reads it as a float folder. prefix: the
     file's model prefix, for the config's modules left float (bitsandbytes')."""
     if spec["method"] == "bitsandbytes":
         return bnb_int8_linears(sd, spec, path, blocks, prefix)
     bases = _quantized_bases(sd, spec, path, blocks)
     if spec["mode"] == "int8":
-        return int8_linears(sd, bases, spec, path)
+        return int8_linears(sd, bases, spec, path, blocks)
     # our group size first, from the shapes (qweight's inputs: GPTQ packs them 8 to a word, AWQ keeps one a row), so
     # that each layer is unpacked and repacked alone (all of a 7B model's levels at once would be tens of GB). It
     # divides the file's group size and every layer's K: a GPTQ layer whose K is not a multiple of group_size ends in
@@ -305,11 +308,22 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: st
     return sd, out, G
 
 
-def int8_linears(sd: dict, bases: list, spec: dict, path) -> tuple:
-    """int4_linears' (sd, packed, None) of an 8-bit GPTQ folder that Int8Linear holds exactly (int4_spec's mode
-    "int8": sym, one group a row): W[n, k] = s[n] (q[n, k] - z[n]) is Int8Linear's qweight q - z, scale s. Its zero
-    is 128 (GPTQ's symmetric (maxq + 1) / 2), so q - z is -128..127, an int8; a layer whose levels less its zero run
-    outside that is not the symmetric layer its config says, and is refused by name (no rounding)."""
+def int8_linears(sd: dict, bases: list, spec: dict, path, blocks: str = "layers.") -> tuple:
+    """int4_linears' (sd, packed, None) of an 8-bit symmetric GPTQ folder (int4_spec's mode "int8") whose layers each
+    have one group (scales [1, N]: group_size -1, or at least the layer's K): W[n, k] = s[n] (q[n, k] - z[n]) is
+    Int8Linear's qweight q - z, scale s. Its zero is 128 (GPTQ's symmetric (maxq + 1) / 2), so q - z is -128..127, an
+    int8; a layer whose levels less its zero run outside that is not the symmetric layer its config says, and is
+    refused by name (no rounding). Where some layer has several groups, (sd dequantized, None, None): the whole
+    folder read as a float model (gptq_dequantized, its note naming the layer)."""
+    # decided for the folder, not layer by layer: this model's int8 layers are all of the blocks' or none (as
+    # bnb_int8_linears'). (A missing or misshapen .scales is left for _codes to refuse by name.)
+    grouped = [b for b in bases if getattr(sd.get(b + ".scales"), "ndim", 0) == 2 and sd[b + ".scales"].shape[0] > 1]
+    if grouped:
+        b = grouped[0]
+        return gptq_dequantized(sd, spec, path, blocks, why=(
+            f"no int8 form for {b}'s {sd[b + '.scales'].shape[0]} groups of its inputs (group_size "
+            f"{spec['group_size']}; Int8Linear holds one scale a row, and this model's int8 layers are all of the "
+            "blocks' or none)")), None, None
     out = {}
     for b in bases:
         q, zero, scale, width, g_idx = _codes(b, sd, spec, path)

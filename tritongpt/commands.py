@@ -86,8 +86,8 @@ def folder_spec(args) -> dict | None:
     """hf_quant.folder_quantization's spec of a LoRA trainer's --init where it is a GPTQ, AWQ or bitsandbytes Hugging
     Face folder whose config.json says kept quantized, else None: the load is then let keep it so (quantized_ok), and
     folder_base decides from the model it gave. The config alone cannot say: a 4-bit folder whose groups no int4 group
-    size divides, or a bitsandbytes 8-bit one with a linear of the blocks left float, loads dequantized (its note
-    says why), an ordinary float model."""
+    size divides, an 8-bit GPTQ one with a layer of several groups, or a bitsandbytes 8-bit one with a linear of the
+    blocks left float, loads dequantized (its note says why), an ordinary float model."""
     from pathlib import Path
 
     from tritongpt.train.common import NoCheckpoint, resolve_checkpoint
