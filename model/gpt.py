@@ -22,7 +22,7 @@ from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, Mult
                                     load_balancing_loss, make_norm, quantize_kv, rope_seq_len)
 from tritongpt.model.layers import KV_CACHE_DTYPES
 from tritongpt.model.lora import AdapterLinear
-from tritongpt.model.quant import QuantLinear, quantized_layout
+from tritongpt.model.quant import QUANTIZED_FROM, QuantLinear, quantized_layout
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -608,8 +608,11 @@ class GPTModel(nn.Module):
             raise UserError(f"{path} is a QLoRA checkpoint (LoRA updates on an {mode} base): generate, chat, serve, "
                             "eval, hellaswag and lambada run it, `tritongpt export` writes it merged (the base "
                             "dequantized); to train on, resume its run (--resume) or start from the float model")
+        # (older files, and those `tritongpt quantize` writes, have no quantized_from; an unknown one is not credited)
+        made = QUANTIZED_FROM.get(meta.get("quantized_from"))
+        made = f"a Hugging Face {made} folder's own quantization, saved" if made else "`tritongpt quantize`"
         if not quantized_ok:
-            raise UserError(f"{path} is {mode}-quantized (`tritongpt quantize`), for inference: generate, chat, "
+            raise UserError(f"{path} is {mode}-quantized ({made}), for inference: generate, chat, "
                             "serve, eval, hellaswag and lambada run it; train, export or merge the float weights it "
                             "was made from")
         if mode == "int4" and not group.isdigit():
@@ -621,6 +624,7 @@ class GPTModel(nn.Module):
             model = quantized_layout(model, mode, head == "true", int(group or 0))
         except UserError as e:
             raise UserError(f"{path}: its {mode} layout does not fit its config ({e})") from None
+        model.quantized_from = meta.get("quantized_from") if meta.get("quantized_from") in QUANTIZED_FROM else None
         _act_order_layers(model, path)
         if cfg.lora_rank:
             from tritongpt.model.lora import attach_lora
@@ -1077,6 +1081,8 @@ class GPTModel(nn.Module):
         meta = {"quantized": self.quantized, "quantized_head": str(self.quantized_head).lower()}
         if self.quantized_group_size:
             meta.update(quantized_group_size=self.quantized_group_size)
+        if getattr(self, "quantized_from", None):  # (a Hugging Face folder's own quantization, kept: hf_quant.py)
+            meta.update(quantized_from=self.quantized_from)
         return meta
 
     @classmethod

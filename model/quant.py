@@ -35,7 +35,8 @@ beside the quantized matmul. Refused: mixture-of-experts models (their experts a
 quantized yet), LoRA-parametrized weights (merge them first: merge_lora), a second quantization.
 
 A quantized model saves as it is (GPTModel.save: the quantized matrices, fp32 scales and offsets, "quantized" and
-int4's "quantized_group_size" in the metadata; `tritongpt quantize MODEL --out DIR`); GPTModel.load(quantized_ok=True)
+int4's "quantized_group_size" in the metadata, and "quantized_from" (QUANTIZED_FROM) where it is a Hugging Face
+folder's own quantization; `tritongpt quantize MODEL --out DIR`); GPTModel.load(quantized_ok=True)
 builds the QuantLinears on the meta device (quantized_layout) and fills them, so the float matrices are never made.
 Only the commands that run a model pass quantized_ok; the trainers and merge refuse such a file by name (export takes
 a QLoRA run's, merged: dequantize_model; or its updates alone, --adapter, for the float base it quantized).
@@ -72,6 +73,9 @@ def _int8_scale(amax):
 
 
 INT4_LEVELS = 15  # q in 0..15 (4 bits); a group's minimum maps to 0 and its maximum to 15
+# A model kept in a Hugging Face folder's own quantization (train/hf_quant.py) says so in its file's metadata
+# ("quantized_from"), so that what reads it back does not credit `tritongpt quantize` with it: its names as said
+QUANTIZED_FROM = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes"}
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # int4 groups: powers of two the kernel's K tiles divide or hold
 
 
@@ -521,6 +525,8 @@ def _mark_quantized(model, head: bool, made, n: int) -> None:
             m.use_triton = "mlp" in model.kernels
     model.quantized, model.quantized_linears, model.quantized_head = made.mode, n, head
     model.quantized_group_size = getattr(made, "group_size", None)
+    # quantized here (`tritongpt quantize`, QLoRA's --quantize); a folder's reader marks its own after (model_with_int4)
+    model.quantized_from = None
 
 
 def _check_quantizable(model, mode: str, group_size=None):

@@ -1041,3 +1041,36 @@ def test_an_8bit_sym_layer_whose_zero_is_not_128_is_refused_by_name(tmp_path):
     with pytest.raises(UserError, match=r"down_proj's 8-bit levels less their zeros run -128\.\.255, outside int8's "
                                         r"-128\.\.127: not the symmetric GPTQ layer \(zero 128\)"):
         load_checkpoint(edit_tensors(folder, zero_0), quantized_ok=True)
+
+
+@pytest.mark.parametrize("kind, name, mode", [("gptq-v1-sym", "GPTQ", "int4"), ("awq-gemm", "AWQ", "int4"),
+                                              ("gptq-8bit", "GPTQ", "int8")])
+def test_a_folders_own_quantization_is_said_as_its_own_not_tritongpt_quantizes(tmp_path, capsys, kind, name, mode):
+    """info on a GPTQ/AWQ folder kept quantized, and on our file saved from it (GPTModel.save: its quantized_from),
+    names the folder's quantization, as the loader's refusal does; a file without the record (older ones, and
+    `tritongpt quantize`'s) still loads, said as before."""
+    from tritongpt.model.gpt import safetensors_metadata
+
+    if kind == "gptq-8bit":
+        folder, _ = coded_folder(tmp_path, {**GPTQ, "bits": 8, "group_size": -1, "sym": True})
+    else:
+        folder, _ = quantized_folder(tmp_path, kind)
+    file = tmp_path / "ours.safetensors"
+    load_checkpoint(folder, quantized_ok=True).save(file)
+    for weights in (folder, file):
+        assert cli.main(["info", "--weights", str(weights)]) == 0
+        out = capsys.readouterr().out
+        assert f"as the matmuls read them (a Hugging Face {name} folder's own quantization)" in out, weights
+        assert "tritongpt quantize" not in out
+    with pytest.raises(UserError, match=rf"is {mode}-quantized \(a Hugging Face {name} folder's own quantization, "
+                                        r"saved\), for inference"):
+        GPTModel.load(file)
+    back = GPTModel.load(file, quantized_ok=True)
+    back.save(tmp_path / "again.safetensors")  # (kept through a load and a save)
+    assert safetensors_metadata(tmp_path / "again.safetensors")["quantized_from"] == name.lower()
+    meta = safetensors_metadata(file)
+    del meta["quantized_from"]
+    save_file(load_file(file), tmp_path / "old.safetensors", metadata=meta)
+    assert GPTModel.load(tmp_path / "old.safetensors", quantized_ok=True).quantized_from is None
+    assert cli.main(["info", "--weights", str(tmp_path / "old.safetensors")]) == 0
+    assert "as the matmuls read them (`tritongpt quantize`)" in capsys.readouterr().out

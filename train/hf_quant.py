@@ -39,6 +39,7 @@ bitsandbytes folders (transformers' load_in_8bit / load_in_4bit): 8-bit (LLM.int
 import json
 import math
 import re
+from pathlib import Path
 
 import torch
 
@@ -434,6 +435,9 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None
 
     model = model_with_tensors(cfg, floats, path, build=build)
     check_quantized_scales(model, path)  # (a scale of 0 or below: a damaged file)
+    # the folder's own quantization, not ours: GPTModel.save records it (quantized_metadata), for info and the loader
+    q = hf_quantization(Path(path).parent / "config.json")
+    model.quantized_from = "bitsandbytes" if bnb_method(q) else q["quant_method"]
     return model
 
 

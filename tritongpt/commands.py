@@ -283,12 +283,17 @@ def cmd_info(args):
         print(f"parameters   {n:,} ({n / 1e6:.1f}M, {head} LM head)")
     if args.weights and getattr(model, "quantized", None):
         from tritongpt.model.gpt import safetensors_metadata
-        from tritongpt.model.quant import QuantLinear, linear_bytes
+        from tritongpt.model.quant import QUANTIZED_FROM, QuantLinear, linear_bytes
 
         layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
         q = sum(m.in_features * m.out_features for m in layers)
         b = sum(m.bias.numel() for m in layers if m.bias is not None)  # buffers too: not among the parameters
         made = "QLoRA: --quantize with --lora-rank" if model.config.lora_rank else "`tritongpt quantize`"
+        if getattr(model, "quantized_from", None):
+            # a GPTQ/AWQ/bitsandbytes folder read kept quantized, or our file saved from one (its quantized_from)
+            own = QUANTIZED_FROM[model.quantized_from]
+            made = (f"QLoRA: --lora-rank on its --init folder's own {own} quantization" if model.config.lora_rank
+                    else f"a Hugging Face {own} folder's own quantization")
         file = resolve_checkpoint(args.weights)
         state = file.parent / "state.pt"  # a run's: sft --lora-rank on a GPTQ/AWQ folder records its quantization
         own = load_state(file.parent, mmap=True).get("args", {}).get("init_quantized") \
