@@ -176,6 +176,23 @@ def test_what_an_fp8_folder_says_and_is_not_read_is_refused_by_name(tmp_path, ch
         load_checkpoint(with_quantization(folder, q))
 
 
+def test_ignored_layers_is_read_as_modules_to_not_convert_as_finegrainedfp8config_does(tmp_path):
+    """MiniMax's ignored_layers: FineGrainedFP8Config's alias of modules_to_not_convert where that is missing or
+    null (its __init__): an FP8 up_proj it names, which transformers would leave a float Linear, was read as FP8
+    without a word."""
+    folder, want = fp8_folder(tmp_path, "fp8-llama", keep_float=("down_proj",))
+    q = {**KINDS["fp8-llama"][1], "modules_to_not_convert": None}
+    assert_same_logits(load_checkpoint(with_quantization(folder, {**q, "ignored_layers": ["lm_head", "down_proj"]})),
+                       want)
+    with_quantization(folder, {**q, "ignored_layers": ["lm_head", "up_proj"]})
+    with pytest.raises(UserError, match=r"up_proj\.weight is FP8, but the quantization_config leaves "
+                                        r"layers\.0\.mlp\.up_proj float \(ignored_layers\)"):
+        load_checkpoint(folder)
+    # modules_to_not_convert given: ignored_layers unread, as transformers leaves it
+    with_quantization(folder, {**q, "modules_to_not_convert": ["lm_head", "down_proj"], "ignored_layers": ["up_proj"]})
+    assert_same_logits(load_checkpoint(folder), want)
+
+
 def test_an_activation_scheme_in_capitals_reads_as_transformers_lowercases_it(tmp_path):
     folder, want = fp8_folder(tmp_path, "fp8-llama")  # (FineGrainedFP8Config.post_init: activation_scheme.lower())
     assert_same_logits(load_checkpoint(with_quantization(folder, {**KINDS["fp8-llama"][1],

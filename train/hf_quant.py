@@ -478,19 +478,24 @@ def fp8_spec(q: dict) -> dict:
     method = q["quant_method"]
     refuse = lambda why: refuse_quantized(q, why, remedy="load the float model it was quantized from")  # noqa: E731
     if method == "fp8":
+        # FineGrainedFP8Config takes MiniMax's ignored_layers for modules_to_not_convert where that is missing or
+        # null (FbgemmFp8Config and compressed-tensors take no such alias: left unread there, as they leave it)
+        field = "modules_to_not_convert" if q.get("modules_to_not_convert") is not None or "ignored_layers" not in q \
+            else "ignored_layers"
+        keep = _names_kept(q, q.get(field), field)
         scheme = q.get("activation_scheme", "dynamic")
         if not (isinstance(scheme, str) and scheme.lower() == "dynamic"):  # (FineGrainedFP8Config lowercases it)
             refuse(f"activation_scheme {scheme!r}: {_STATIC}; 'dynamic' only")
         block = q.get("weight_block_size", [128, 128])  # (transformers' default; an explicit null is per tensor)
         if block is None:
             # FineGrainedFP8Config(weight_block_size=None): FP8Linear's one weight_scale_inv for the whole weight
-            return dict(method=method, scale=".weight_scale_inv", block=None, per="tensor",
-                        keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"))
+            return dict(method=method, scale=".weight_scale_inv", block=None, per="tensor", keep=keep, kept_by=field)
         return dict(method=method, scale=".weight_scale_inv", block=_block(q, block, "weight_block_size"), per="block",
-                    keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"))
+                    keep=keep, kept_by=field)
     if method == "fbgemm_fp8":
         return dict(method=method, scale=".weight_scale", block=None, per="row",
-                    keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"))
+                    keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"),
+                    kept_by="modules_to_not_convert")
     # compressed-tensors: its FP8 ("float-quantized") weights only; its int4 / int8 packings, sparsity, a quantized KV
     # cache are other formats
     fmt = q.get("format")
@@ -529,7 +534,7 @@ def fp8_spec(q: dict) -> dict:
         refuse(f"config_groups of several weight schemes {sorted(set(map(str, schemes)))}: one for all only")
     strategy, block = schemes[0]
     return dict(method=method, scale=".weight_scale", block=block, per=strategy,
-                keep=_names_kept(q, q.get("ignore"), "ignore"))
+                keep=_names_kept(q, q.get("ignore"), "ignore"), kept_by="ignore")
 
 
 def _names_kept(q: dict, names, field: str):
@@ -609,7 +614,7 @@ def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
                             "quantized from")
         if spec["keep"](prefix + base) or spec["keep"](base):
             raise UserError(f"{path}: {k} is FP8, but the quantization_config leaves {base} float "
-                            "(modules_to_not_convert / ignore): which it is is unclear")
+                            f"({spec['kept_by']}): which it is is unclear")
         if base + spec["scale"] not in sd:
             raise UserError(f"{path}: FP8 tensor {k} has no {base}{spec['scale']} beside it ({spec['method']}'s "
                             "scales)")
