@@ -295,3 +295,26 @@ def test_a_bitsandbytes_moe_folder_is_refused_by_name(tmp_path, q):
     with pytest.raises(UserError, match=r"quant_method 'bitsandbytes' .* is not read here \(a quantized Mixtral: this "
                                         r"model's mixture-of-experts layer keeps its experts float"):
         load_checkpoint(with_quantization(tmp_path / "moe", q), quantized_ok=True)
+
+
+GEMMA3_TEXT = {"family": "gemma", "post_norms": True, "qk_norm": True, "attention_window": 5, "window_layers": "0",
+               "rope_theta": 1e6, "rope_local_theta": 1e4}
+
+
+@pytest.mark.parametrize("bits, quantize", [(4, lambda w: quantize_4bit(w, "nf4")), (8, quantize_8bit)])
+def test_a_multimodal_gemma3s_skip_modules_are_matched_by_its_full_names(tmp_path, monkeypatch, bits, quantize):
+    """llm_int8_skip_modules naming a multimodal folder's language model in full (model.language_model. in
+    transformers 5, language_model.model. in older saves): matched against the reader's shortened names too, so a
+    quantized up_proj it leaves float is refused (it was read without a word), as for a text-only folder."""
+    q = {**(bnb4() if bits == 4 else BNB8),
+         "llm_int8_skip_modules": ["lm_head", "language_model.model.layers.0.mlp.up_proj"]}
+    monkeypatch.setitem(KINDS, "gemma3_text", (GEMMA3_TEXT, q, quantize))
+    folder, _ = bnb_folder(tmp_path, "gemma3_text")
+    d = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d, "quantization_config":
+                                                    d.pop("quantization_config"), "tie_word_embeddings": True}))
+    edit_tensors(folder, lambda sd: sd.update({"model.language_model." + k.removeprefix("model."): sd.pop(k)
+                                               for k in list(sd)}))
+    with pytest.raises(UserError, match=r"layers\.0\.mlp\.up_proj is quantized by bitsandbytes, but the "
+                                        r"quantization_config leaves it float \(llm_int8_skip_modules\)"):
+        load_checkpoint(folder)

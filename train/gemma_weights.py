@@ -242,16 +242,20 @@ def load_gemma_safetensors(path) -> GPTModel:
     # a GPTQ or AWQ folder: 4-bit, its projections read as int4 (hf_quant.py) as Llama's are (8-bit GPTQ as int8
     # where it maps); an FP8 one, or a GPTQ one of other bits, dequantized to a float model; any other refused by name
     spec, dequant = folder_quantization(cfg_json)
-    if read_json_object(cfg_json).get("model_type") == "gemma3":
+    multimodal = read_json_object(cfg_json).get("model_type") == "gemma3"
+    if multimodal:
         _text_config(read_json_object(cfg_json), cfg_json)  # a config without one refused before any tensor is read
         sd = _language_model_tensors(path, quantization_read=spec is not None or dequant is not None)
         note(f"{path}: a multimodal Gemma 3; its language model is read, without the vision tower")
     else:
         sd = _read_tensors(path, prefix="model.", quantization_read=spec is not None or dequant is not None)
+    # the file's model prefix, for the config's modules left float: a multimodal model's language model is named
+    # by either of its prefixes there (hf_quant._left_float)
+    prefix = _LANGUAGE_MODEL if multimodal else "model."
     if dequant is not None:
-        sd = folder_dequantized(sd, dequant, path, prefix="model.")
+        sd = folder_dequantized(sd, dequant, path, prefix=prefix)
     if spec is not None:
-        sd, packed, group_size = int4_linears(sd, spec, path)
+        sd, packed, group_size = int4_linears(sd, spec, path, prefix=prefix)
         if packed is None:  # (4-bit groups no int4 group size divides: read dequantized, a float model)
             spec = None
     cfg = _check_hf_config(cfg_json, sd)

@@ -269,7 +269,7 @@ def _check_all_read(sd: dict, path) -> None:
         raise UserError(f"{path}: tensor {left[0]!r} is part of no quantized linear this reader maps")
 
 
-def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> tuple:
+def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str | tuple = "model.") -> tuple:
     """(sd with each quantized linear's tensors replaced by a meta .weight of its float shape, for the reader's shape
     checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G], in_perm: None, or an act-order
     layer's input order, Int4Linear.in_perm)}; G, our group size). blocks: the prefix of the file's block tensors
@@ -361,7 +361,7 @@ def gptq_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", why: s
     return sd
 
 
-def folder_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> dict:
+def folder_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str | tuple = "model.") -> dict:
     """The float model's tensors of a folder folder_quantization reads dequantized: FP8 (fp8_dequantized), GPTQ of
     bits without a kernel here (gptq_dequantized) or bitsandbytes' 4-bit (bnb_dequantized)."""
     if spec["method"] == "bitsandbytes":
@@ -592,12 +592,21 @@ def _dequantized(w, scale, spec: dict, base: str, path):
     return w.float() * scale
 
 
-def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> dict:
+def _left_float(spec: dict, base: str, prefix) -> bool:
+    """Whether the config (spec's keep) leaves the module base (a reader's name, without the file's prefix) float,
+    tried under each name the file's model may give it: prefix one, or a tuple (a multimodal Gemma 3's language
+    model is model.language_model. in transformers 5, language_model.model. in the Hub's older saves, and its
+    config may name either), and bare."""
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+    return any(spec["keep"](p + base) for p in prefixes) or spec["keep"](base)
+
+
+def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str | tuple = "model.") -> dict:
     """sd (a reader's tensors, named without its prefix) with each FP8 weight of the blocks' linears replaced by the
     float32 matrix it stands for and its scale taken out; a note on stderr that it was. Refused by name: an FP8
     tensor outside the blocks (an LM head or embedding), in a module the config leaves float, without its scale or
     with one of another shape, a scale without its weight, and the tensors this reader does not read (static
-    activation scales, zero points)."""
+    activation scales, zero points). prefix: the file's model prefix (or prefixes: _left_float)."""
     fp8 = sorted(k for k, t in sd.items() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
     if not fp8:
         raise UserError(f"{path}: config.json says {spec['method']} (FP8) quantization, but no tensor is float8")
@@ -612,7 +621,7 @@ def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
             raise UserError(f"{path}: {k} is FP8, where this reader dequantizes the blocks' linear layers only (an LM "
                             "head or embedding is left float by the FP8 quantizers): load the float model it was "
                             "quantized from")
-        if spec["keep"](prefix + base) or spec["keep"](base):
+        if _left_float(spec, base, prefix):
             raise UserError(f"{path}: {k} is FP8, but the quantization_config leaves {base} float "
                             f"({spec['kept_by']}): which it is is unclear")
         if base + spec["scale"] not in sd:
@@ -705,7 +714,7 @@ def bnb_spec(q: dict) -> dict:
     return dict(method="bitsandbytes", bits=4 if four else 8, keep=keep)
 
 
-def _bnb_bases(sd: dict, spec: dict, path, blocks: str, prefix: str) -> list:
+def _bnb_bases(sd: dict, spec: dict, path, blocks: str, prefix: str | tuple) -> list:
     """The names of sd's bitsandbytes linears of spec's bits (each 4-bit one's quant_state, each 8-bit one's SCB),
     all of the blocks and none the config leaves float; whatever of the other width, or a part of none, named."""
     four = sorted({k.partition(_BNB_STATE)[0] for k in sd if _BNB_STATE in k})
@@ -729,7 +738,7 @@ def _bnb_bases(sd: dict, spec: dict, path, blocks: str, prefix: str) -> list:
             raise UserError(f"{path}: {b} is quantized by bitsandbytes, where this model keeps all but the blocks' "
                             "linear layers float (an LM head or embedding; transformers leaves the head float): load "
                             "the float model it was quantized from")
-        if spec["keep"](prefix + b) or spec["keep"](b):
+        if _left_float(spec, b, prefix):
             raise UserError(f"{path}: {b} is quantized by bitsandbytes, but the quantization_config leaves it float "
                             "(llm_int8_skip_modules): which it is is unclear")
         if b + ".weight" not in sd:
@@ -756,7 +765,7 @@ def _bnb_int8(sd: dict, b: str, path) -> tuple:
     return q, scb.float()
 
 
-def bnb_int8_linears(sd: dict, spec: dict, path, blocks: str, prefix: str) -> tuple:
+def bnb_int8_linears(sd: dict, spec: dict, path, blocks: str, prefix: str | tuple) -> tuple:
     """int4_linears' (sd, {base: (qweight int8 [N, K], scale fp32 [N], None)}, None) of a bitsandbytes 8-bit
     folder: Int8Linear's W = q * scale is bitsandbytes' q * SCB / 127, scale = SCB / 127 a row. Where some linear of
     the blocks is float (llm_int8_skip_modules), the 8-bit ones are dequantized into sd instead, a note saying why,
@@ -872,7 +881,7 @@ def _bnb_4bit_weight(sd: dict, b: str, path):
     return W.to(_BNB_DTYPES[d["dtype"].removeprefix("torch.")]).float().reshape(N, K)
 
 
-def bnb_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str = "model.") -> dict:
+def bnb_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str | tuple = "model.") -> dict:
     """sd with each bitsandbytes 4-bit linear of the blocks replaced by the float32 matrix it stands for (its
     quant_state's dtype's values), a note on stderr that it was. Refused by name: a quantized linear outside the
     blocks or in a module the config leaves float, a part missing, of another shape or dtype, malformed quant_state
