@@ -263,6 +263,28 @@ def test_a_missing_scale_a_scale_without_weight_and_no_fp8_tensor_are_refused_by
         load_checkpoint(with_quantization(float_folder, KINDS["fp8-llama"][1]))
 
 
+@pytest.mark.parametrize("suffix", [".scale", ".qscale_weight"])
+def test_fp8_scales_under_the_names_transformers_renames_are_read(tmp_path, suffix):
+    """transformers' fp8 loader renames DeepSeek-V4's ".scale" and Mistral Large's ".qscale_weight" to
+    weight_scale_inv (FineGrainedFP8HfQuantizer.update_weight_conversions): read so, not refused as missing; one
+    beside a weight_scale_inv, or beside no FP8 weight, refused by name."""
+    folder, want = fp8_folder(tmp_path, "fp8-ragged-qwen3")
+    edit_tensors(folder, lambda sd: sd.update({k.replace(".weight_scale_inv", suffix): sd.pop(k) for k in list(sd)
+                                               if k.endswith(".weight_scale_inv")}))
+    assert_same_logits(load_checkpoint(folder), want)
+    scale = "model.layers.0.mlp.up_proj" + suffix
+    held = load_file(folder / "model.safetensors")[scale]
+    edit_tensors(folder, lambda sd: sd.update({scale.replace(suffix, ".weight_scale_inv"): held.clone()}))
+    with pytest.raises(UserError, match=rf"up_proj\.weight has scales layers\.0\.mlp\.up_proj\.weight_scale_inv "
+                                        rf"and layers\.0\.mlp\.up_proj{re.escape(suffix)}, both read as its "
+                                        r"weight_scale_inv"):
+        load_checkpoint(folder)
+    edit_tensors(folder, lambda sd: sd.pop(scale.replace(suffix, ".weight_scale_inv")))
+    edit_tensors(folder, lambda sd: sd.update({"model.layers.0.mlp.foo" + suffix: held.clone()}))
+    with pytest.raises(UserError, match=rf"tensor 'layers\.0\.mlp\.foo{re.escape(suffix)}' is not read here"):
+        load_checkpoint(folder)
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])  # Mixtral, Qwen3-MoE
 def test_an_fp8_moe_folder_is_refused_by_name(tmp_path, qk_norm):
     """The MoE reader keeps its experts stacked float for the grouped kernels and dequantizes nothing: refused

@@ -472,9 +472,10 @@ def _block(q: dict, value, name: str) -> tuple:
 
 
 def fp8_spec(q: dict) -> dict:
-    """An FP8 quantization_config (hf_quantization's) as {method, scale (the scale tensor's suffix), block ((rows,
-    columns) or None), per ("block", "row", "channel", "tensor"), keep (a name -> bool: a module the config says is
-    left float)} for fp8_dequantized, or a UserError naming what of it is not read."""
+    """An FP8 quantization_config (hf_quantization's) as {method, scale (the scale tensor's suffix; scales: those it
+    is read under, where the format's loader takes others too), block ((rows, columns) or None), per ("block", "row",
+    "channel", "tensor"), keep (a name -> bool: a module the config says is left float)} for fp8_dequantized, or a
+    UserError naming what of it is not read."""
     method = q["quant_method"]
     refuse = lambda why: refuse_quantized(q, why, remedy="load the float model it was quantized from")  # noqa: E731
     if method == "fp8":
@@ -483,15 +484,20 @@ def fp8_spec(q: dict) -> dict:
         field = "modules_to_not_convert" if q.get("modules_to_not_convert") is not None or "ignored_layers" not in q \
             else "ignored_layers"
         keep = _names_kept(q, q.get(field), field)
+        # the scale under the other names transformers' fp8 loader renames to weight_scale_inv
+        # (FineGrainedFP8HfQuantizer.update_weight_conversions: DeepSeek-V4's ".scale", Mistral Large's
+        # ".qscale_weight")
+        scales = (".weight_scale_inv", ".scale", ".qscale_weight")
         scheme = q.get("activation_scheme", "dynamic")
         if not (isinstance(scheme, str) and scheme.lower() == "dynamic"):  # (FineGrainedFP8Config lowercases it)
             refuse(f"activation_scheme {scheme!r}: {_STATIC}; 'dynamic' only")
         block = q.get("weight_block_size", [128, 128])  # (transformers' default; an explicit null is per tensor)
         if block is None:
             # FineGrainedFP8Config(weight_block_size=None): FP8Linear's one weight_scale_inv for the whole weight
-            return dict(method=method, scale=".weight_scale_inv", block=None, per="tensor", keep=keep, kept_by=field)
-        return dict(method=method, scale=".weight_scale_inv", block=_block(q, block, "weight_block_size"), per="block",
-                    keep=keep, kept_by=field)
+            return dict(method=method, scale=".weight_scale_inv", scales=scales, block=None, per="tensor", keep=keep,
+                        kept_by=field)
+        return dict(method=method, scale=".weight_scale_inv", scales=scales, per="block",
+                    block=_block(q, block, "weight_block_size"), keep=keep, kept_by=field)
     if method == "fbgemm_fp8":
         return dict(method=method, scale=".weight_scale", block=None, per="row",
                     keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"),
@@ -567,7 +573,7 @@ def _names_kept(q: dict, names, field: str):
     return lambda name: any(p.match(name) for p in pats) or any(name.endswith(n) for n in names)
 
 
-def _dequantized(w, scale, spec: dict, base: str, path):
+def _dequantized(w, scale, spec: dict, name: str, path):
     """w (float8_e4m3fn [N, K]) times its scale broadcast per spec, float32; a scale of another shape named."""
     N, K = w.shape
     if spec["per"] == "block":
@@ -579,7 +585,7 @@ def _dequantized(w, scale, spec: dict, base: str, path):
     # (a per-tensor scale is saved as [1] or a 0-d tensor, both one number)
     ok = shape == want or (spec["per"] == "tensor" and scale.numel() == 1 and scale.dim() <= 2)
     if not ok:
-        raise UserError(f"{path}: tensor {base}{spec['scale']} has shape {shape}, where {spec['method']}'s "
+        raise UserError(f"{path}: tensor {name} has shape {shape}, where {spec['method']}'s "
                         f"{spec['per']} scales of an FP8 weight {tuple(w.shape)} are {want}"
                         + (f" (weight_block_size {list(spec['block'])})" if spec["per"] == "block" else ""))
     scale = scale.float()
@@ -608,6 +614,8 @@ def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
     with one of another shape, a scale without its weight, and the tensors this reader does not read (static
     activation scales, zero points). prefix: the file's model prefix (or prefixes: _left_float)."""
     fp8 = sorted(k for k, t in sd.items() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+    scales = spec.get("scales", (spec["scale"],))
+    named = {}  # each FP8 weight's scale tensor: under the format's name, or another its loader reads as that
     if not fp8:
         raise UserError(f"{path}: config.json says {spec['method']} (FP8) quantization, but no tensor is float8")
     for k in fp8:
@@ -624,32 +632,36 @@ def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
         if _left_float(spec, base, prefix):
             raise UserError(f"{path}: {k} is FP8, but the quantization_config leaves {base} float "
                             f"({spec['kept_by']}): which it is is unclear")
-        if base + spec["scale"] not in sd:
+        found = [base + s for s in scales if base + s in sd]
+        if not found:
+            also = f"; nor its {' or '.join(scales[1:])}, read as that too" if len(scales) > 1 else ""
             raise UserError(f"{path}: FP8 tensor {k} has no {base}{spec['scale']} beside it ({spec['method']}'s "
-                            "scales)")
-    other = sorted(k for k in sd if k.endswith(_FP8_OTHER) or (k.endswith(_FP8_SCALES) and not k.endswith(
-        spec["scale"])) or (k.endswith(spec["scale"]) and k.removesuffix(spec["scale"]) + ".weight" not in fp8))
+                            f"scales{also})")
+        if len(found) > 1:
+            raise UserError(f"{path}: FP8 tensor {k} has scales {' and '.join(found)}, both read as its "
+                            f"{spec['scale'].lstrip('.')}: which is meant is unclear")
+        named[k] = found[0]
+    other = sorted(k for k in sd if k not in named.values() and k.endswith(_FP8_OTHER + _FP8_SCALES + scales))
     if other:
         raise UserError(f"{path}: tensor {other[0]!r} is not read here ({spec['method']}'s FP8 weights and their "
                         f"{spec['scale'].lstrip('.')} only: no static activation scales, zero points or scales without "
                         "an FP8 weight)")
     for k in fp8:
-        base = k.removesuffix(".weight")
-        scale = sd.pop(base + spec["scale"])
+        name = named[k]
+        scale = sd.pop(name)
         if not scale.is_floating_point() or scale.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise UserError(f"{path}: tensor {base}{spec['scale']} is {str(scale.dtype).removeprefix('torch.')}, "
-                            "not a float scale")
+            raise UserError(f"{path}: tensor {name} is {str(scale.dtype).removeprefix('torch.')}, not a float scale")
         # every FP8 quantizer keeps its scales finite and > 0 (an all-zero block's too: transformers gives it 1,
         # compressed-tensors clamps to eps) and its values within +-448: a 0 or negative scale (a zeroed or
         # sign-flipped block that would load as another model, as check_quantized_scales refuses for int4), or
         # e4m3fn's NaN, is a damaged file, named here by the file's tensor rather than the float one it would become
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-            raise UserError(f"{path}: tensor {base}{spec['scale']} holds a scale that is 0 or below, NaN or inf "
+            raise UserError(f"{path}: tensor {name} holds a scale that is 0 or below, NaN or inf "
                             f"({spec['method']}'s FP8 scales are positive: a damaged file)")
         if bool(torch.isnan(sd[k].float()).any()):
             raise UserError(f"{path}: tensor {k} holds FP8 NaN values (a quantized weight is within +-448: a "
                             "damaged file)")
-        sd[k] = _dequantized(sd[k], scale, spec, base, path)
+        sd[k] = _dequantized(sd[k], scale, spec, name, path)
     note(f"{path}: its {len(fp8)} FP8 linear weights ({spec['method']}) are dequantized to float at load: an "
          "ordinary float model of the same weights, no FP8 kernel")
     return sd
