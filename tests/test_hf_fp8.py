@@ -199,6 +199,16 @@ def test_an_activation_scheme_in_capitals_reads_as_transformers_lowercases_it(tm
                                                                   "activation_scheme": "Dynamic"})), want)
 
 
+@pytest.mark.parametrize("weights", [{"type": "FLOAT", "strategy": "Channel"}, {"strategy": None, "group_size": -1}])
+def test_compressed_tensors_strategy_and_type_read_as_its_quantizationargs_does(tmp_path, weights):
+    """QuantizationArgs lowercases type and strategy, and infers a null strategy from group_size (-1: channel):
+    both were refused, or read as one scale for the tensor."""
+    folder, want = fp8_folder(tmp_path, "ct-channel-phi3")
+    q = compressed_tensors("channel")
+    q["config_groups"]["group_0"]["weights"].update(weights)
+    assert_same_logits(load_checkpoint(with_quantization(folder, q)), want)
+
+
 def test_static_activation_scales_are_refused_by_name(tmp_path):
     """compressed-tensors' static input_activations (input_scale beside each weight): the FP8 model clips its inputs
     at them, which the float model would not: refused, in the config and as a stray tensor."""

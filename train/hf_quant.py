@@ -520,11 +520,17 @@ def fp8_spec(q: dict) -> dict:
         w, act = g.get("weights"), g.get("input_activations")
         if g.get("format", fmt) != fmt:
             refuse(f"config_groups {name!r} has format {g['format']!r}: 'float-quantized' only")
-        if not isinstance(w, dict) or w.get("type") != "float" or w.get("num_bits") != 8:
+        # compressed-tensors' QuantizationArgs lowercases type and strategy (its validators), and a strategy
+        # missing or null is its group_size's: none "tensor", -1 "channel", above 0 "group"
+        lower = lambda v: v.lower() if isinstance(v, str) else v  # noqa: E731
+        if not isinstance(w, dict) or lower(w.get("type")) != "float" or w.get("num_bits") != 8:
             refuse(f"config_groups {name!r} weights {w!r}: 8-bit float (FP8) weights only")
         if w.get("symmetric", True) is not True or w.get("dynamic", False) is not False:
             refuse(f"config_groups {name!r} weights {w!r}: symmetric FP8 weights with stored scales only")
-        strategy = w.get("strategy", "tensor")
+        strategy = lower(w.get("strategy"))
+        if strategy is None:
+            size = w.get("group_size")
+            strategy = "tensor" if size is None else "channel" if size == -1 else "group"
         if strategy not in ("tensor", "channel", "block"):
             refuse(f"config_groups {name!r} weights strategy {strategy!r}: 'tensor', 'channel' or 'block' scales only")
         block = _block(q, w.get("block_structure"), "block_structure") if strategy == "block" else None
