@@ -14,7 +14,8 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import load_checkpoint
 
-from test_hf_quantized import LINEARS, LLAMA, T, V, edit_tensors, exported_model, float_twin, with_quantization
+from test_hf_quantized import (LINEARS, LLAMA, T, V, as_multimodal_gemma3, edit_tensors, exported_model, float_twin,
+                               with_quantization)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -310,11 +311,7 @@ def test_a_multimodal_gemma3s_skip_modules_are_matched_by_its_full_names(tmp_pat
          "llm_int8_skip_modules": ["lm_head", "language_model.model.layers.0.mlp.up_proj"]}
     monkeypatch.setitem(KINDS, "gemma3_text", (GEMMA3_TEXT, q, quantize))
     folder, _ = bnb_folder(tmp_path, "gemma3_text")
-    d = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d, "quantization_config":
-                                                    d.pop("quantization_config"), "tie_word_embeddings": True}))
-    edit_tensors(folder, lambda sd: sd.update({"model.language_model." + k.removeprefix("model."): sd.pop(k)
-                                               for k in list(sd)}))
+    as_multimodal_gemma3(folder)
     with pytest.raises(UserError, match=r"layers\.0\.mlp\.up_proj is quantized by bitsandbytes, but the "
                                         r"quantization_config leaves it float \(llm_int8_skip_modules\)"):
         load_checkpoint(folder)

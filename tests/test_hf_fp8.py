@@ -15,8 +15,8 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import load_checkpoint
 from tritongpt.train.llama_weights import export_llama
 
-from test_hf_quantized import (FALCON, GEMMA, LINEARS, LLAMA, NEOX, PHI3, T, V, edit_tensors, exported_model,
-                               float_twin, with_quantization)
+from test_hf_quantized import (FALCON, GEMMA, LINEARS, LLAMA, NEOX, PHI3, T, V, as_multimodal_gemma3, edit_tensors,
+                               exported_model, float_twin, with_quantization)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -459,18 +459,12 @@ def test_a_multimodal_gemma3_fp8_folder_loads_its_language_model(tmp_path):
     """Gemma3ForConditionalGeneration's folder (tensors under model.language_model., text_config): the language
     model's FP8 projections dequantized, the vision tower's FP8 linear and the projector left out with the tower."""
     folder, want = fp8_folder(tmp_path, "fp8-gemma3_text")
-    d = json.loads((folder / "config.json").read_text())
-    q = d.pop("quantization_config")
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d,
-                                                    "quantization_config": q, "tie_word_embeddings": True}))
 
-    def multimodal(sd):
-        for k in list(sd):
-            sd["model.language_model." + k.removeprefix("model.")] = sd.pop(k)
+    def vision_tower(sd):
         fc1 = "model.vision_tower.encoder.layers.0.mlp.fc1"
         sd[fc1 + ".weight"], sd[fc1 + ".weight_scale_inv"], _ = quantize_fp8(torch.randn(64, 96), "block", (32, 48))
         sd["model.multi_modal_projector.mm_input_projection_weight"] = torch.randn(32, 64)
-    assert_same_logits(load_checkpoint(edit_tensors(folder, multimodal)), want)
+    assert_same_logits(load_checkpoint(as_multimodal_gemma3(folder, more=vision_tower)), want)
 
 
 @pytest.mark.parametrize("named", ["model.language_model.layers.0.mlp.up_proj",
@@ -481,18 +475,14 @@ def test_a_multimodal_gemma3s_modules_left_float_are_matched_by_its_full_names(t
     transformers 5, language_model.model. in older saves): matched against the reader's shortened names too, so an
     FP8 up_proj it leaves float is refused (it was read without a word), as for a text-only folder."""
     folder, _ = fp8_folder(tmp_path, "fp8-gemma3_text")
-    d = json.loads((folder / "config.json").read_text())
-    q = d.pop("quantization_config")
+    q = json.loads((folder / "config.json").read_text())["quantization_config"]
     if named.startswith("re:"):  # (compressed-tensors' ignore: a module name or a "re:" pattern)
         q = {**compressed_tensors("block", [32, 48]), "ignore": ["re:.*vision_tower.*", "lm_head", named]}
         edit_tensors(folder, lambda sd: sd.update({k.replace("_scale_inv", "_scale"): sd.pop(k) for k in list(sd)
                                                    if k.endswith("_scale_inv")}))
     else:
         q = {**q, "modules_to_not_convert": q["modules_to_not_convert"] + [named]}
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d,
-                                                    "quantization_config": q, "tie_word_embeddings": True}))
-    edit_tensors(folder, lambda sd: sd.update({"model.language_model." + k.removeprefix("model."): sd.pop(k)
-                                               for k in list(sd)}))
+    as_multimodal_gemma3(folder, q)
     with pytest.raises(UserError, match=r"layers\.0\.mlp\.up_proj\.weight is FP8, but the quantization_config "
                                         r"leaves layers\.0\.mlp\.up_proj float"):
         load_checkpoint(folder)

@@ -489,6 +489,24 @@ def edit_tensors(folder, edit):
     return folder
 
 
+def as_multimodal_gemma3(folder, q=None, tie=True, more=None):
+    """A gemma3_text folder rewritten as Gemma3ForConditionalGeneration saves it: config.json's fields in text_config
+    beside model_type gemma3, its quantization_config (q, or its own) and tie_word_embeddings (tie); its tensors under
+    model.language_model.; more(sd): the test's own edits after (a vision tower, a quantized head)."""
+    d = json.loads((folder / "config.json").read_text())
+    own = d.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d,
+                                                    "quantization_config": own if q is None else q,
+                                                    "tie_word_embeddings": tie}))
+
+    def edit(sd):
+        for k in list(sd):
+            sd["model.language_model." + k.removeprefix("model.")] = sd.pop(k)
+        if more is not None:
+            more(sd)
+    return edit_tensors(folder, edit)
+
+
 @pytest.mark.parametrize("edit, said", [
     # one input moved from group 0 to group 1: act-order is read as whole groups of group_size inputs
     (lambda g: g.index_put_((torch.nonzero(g == 0)[0],), torch.tensor(1, dtype=g.dtype)),
@@ -690,19 +708,13 @@ def test_a_quantized_multimodal_gemma3_loads_its_language_model_as_int4(tmp_path
     under model.language_model.): the language model's 4-bit projections read, the vision tower's left out as they
     are for a float folder (a vision linear of GPTQ's here too)."""
     folder, want = quantized_folder(tmp_path, "gptq-v2-gemma3_text")
-    d = json.loads((folder / "config.json").read_text())
-    q = d.pop("quantization_config")
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d,
-                                                    "quantization_config": q, "tie_word_embeddings": True}))
 
-    def multimodal(sd):
-        for k in list(sd):
-            sd["model.language_model." + k.removeprefix("model.")] = sd.pop(k)
+    def vision_tower(sd):
         down = "model.language_model.layers.0.mlp.down_proj"
         sd.update({"model.vision_tower.encoder.layers.0.mlp.fc1" + p[len(down):]: sd[p].clone()
                    for p in [k for k in sd if k.startswith(down + ".")]})
 
-    model = load_checkpoint(edit_tensors(folder, multimodal), quantized_ok=True)
+    model = load_checkpoint(as_multimodal_gemma3(folder, more=vision_tower), quantized_ok=True)
     assert model.quantized == "int4"
     idx = torch.arange(7)[None]
     with torch.no_grad():
@@ -777,14 +789,8 @@ def test_a_multimodal_gemma3s_quantized_head_or_embedding_is_refused_by_name(tmp
     vision tower, so a tied model loaded its float embedding as the head without a word (and an untied one was said
     to have no head); a 4-bit embedding was "no language model found". Refused by name, as the text model's are."""
     folder, _ = quantized_folder(tmp_path, "gptq-v2-gemma3_text")
-    d = json.loads((folder / "config.json").read_text())
-    q = d.pop("quantization_config")
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": d,
-                                                    "quantization_config": q, "tie_word_embeddings": tie}))
 
-    def multimodal(sd):
-        for k in list(sd):
-            sd["model.language_model." + k.removeprefix("model.")] = sd.pop(k)
+    def quantized_part(sd):
         emb = "model.language_model.embed_tokens.weight"
         w = sd.pop(emb) if "embed" in quantized else sd[emb].clone()
         lv, zero, scale, _ = reference_quantize(w, 64, False)
@@ -795,7 +801,7 @@ def test_a_multimodal_gemma3s_quantized_head_or_embedding_is_refused_by_name(tmp
     name = re.escape(quantized.removeprefix("model.language_model."))
     with pytest.raises(UserError, match=rf"safetensors: {name} is quantized, where this model keeps all but the "
                                         r"blocks' linear"):
-        load_checkpoint(edit_tensors(folder, multimodal), quantized_ok=True)
+        load_checkpoint(as_multimodal_gemma3(folder, tie=tie, more=quantized_part), quantized_ok=True)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])  # Mixtral, Qwen3-MoE
