@@ -224,6 +224,16 @@ def test_static_activation_scales_are_refused_by_name(tmp_path):
         load_checkpoint(folder)
 
 
+def test_mistrals_static_activation_scale_qscale_act_is_refused_by_name(tmp_path):
+    """Mistral's consolidated FP8 format stores its static activation scale as qscale_act (vLLM's Mistral loader reads
+    it as input_scale): it was dropped without a word, the float model then not clipping where the FP8 one does."""
+    folder, _ = fp8_folder(tmp_path, "fp8-llama")
+    edit_tensors(folder, lambda sd: sd.update({"model.layers.0.self_attn.o_proj.qscale_act": torch.tensor([0.02])}))
+    with pytest.raises(UserError, match=r"tensor 'layers\.0\.self_attn\.o_proj\.qscale_act' is not read here "
+                                        r"\(fp8's FP8 weights and their weight_scale_inv only: no static activation"):
+        load_checkpoint(folder)
+
+
 def quantize_tensor(name, suffix=".weight_scale_inv", per="block", block=(16, 16)):
     def edit(sd):
         sd[name], sd[name.removesuffix(".weight") + suffix], _ = quantize_fp8(sd[name], per, block)

@@ -455,10 +455,11 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None
 # per-token or per-block activation quantization is its kernels' rounding, not part of the weights).
 FP8_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
 _FP8_SCALES = (".weight_scale_inv", ".weight_scale")
-# tensors an FP8 folder may hold that this reader does not read: static activation scales, a KV cache's scales,
-# zero points (an asymmetric scheme): named, never dropped
-_FP8_OTHER = (".input_scale", ".activation_scale", ".input_scale_ub", ".weight_zero_point", ".input_zero_point",
-              ".k_scale", ".v_scale", ".output_scale")
+# tensors an FP8 folder may hold that this reader does not read: static activation scales (Mistral's consolidated
+# format names its ".qscale_act", which vLLM's Mistral loader reads as input_scale), a KV cache's scales, zero points
+# (an asymmetric scheme): named, never dropped
+_FP8_OTHER = (".input_scale", ".activation_scale", ".input_scale_ub", ".qscale_act", ".weight_zero_point",
+              ".input_zero_point", ".k_scale", ".v_scale", ".output_scale")
 _STATIC = ("its activations quantized with the fixed scales the folder stores (input_scale), clipped where they run "
            "past them: the dequantized float model, which does not clip, would give other outputs")
 
