@@ -160,6 +160,7 @@ def test_modules_left_float_by_the_config_load_as_they_are_and_an_fp8_one_it_nam
     ({"activation_scheme": "static"}, r"quant_method 'fp8' is not read here \(activation_scheme 'static': its "
                                       r"activations quantized with the fixed scales .* would give other outputs"),
     ({"weight_block_size": [16]}, r"weight_block_size \[16\]: two positive integers"),
+    ({"scale_fmt": "e8m0"}, r"scale_fmt 'e8m0': 'float' or 'ue8m0' scales only"),  # (FineGrainedFP8Config's two)
     ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert 'lm_head': a list of module names"),
     (compressed_tensors("channel", format="pack-quantized"), r"quant_method 'compressed-tensors' .*\(format "
                                                              r"'pack-quantized': FP8 'float-quantized' only"),
@@ -232,6 +233,40 @@ def test_mistrals_static_activation_scale_qscale_act_is_refused_by_name(tmp_path
     with pytest.raises(UserError, match=r"tensor 'layers\.0\.self_attn\.o_proj\.qscale_act' is not read here "
                                         r"\(fp8's FP8 weights and their weight_scale_inv only: no static activation"):
         load_checkpoint(folder)
+
+
+def test_ue8m0_scales_read_as_float32_powers_of_two_or_as_e8m0_exponent_bytes(tmp_path):
+    """scale_fmt "ue8m0" (DeepSeek-V3.1's, V4's): power-of-two weight_scale_inv, saved as float32 or as float8_e8m0fnu
+    exponent bytes (2 ** (b - 127)); transformers' fp8 reads both. The bytes failed in a comparison torch has no e8m0
+    kernel for; read now, each the same model as its float32 twin, and the NaN byte 255 refused as a damaged scale."""
+    folder, _ = fp8_folder(tmp_path, "fp8-ragged-qwen3")
+    with_quantization(folder, {**KINDS["fp8-ragged-qwen3"][1], "scale_fmt": "ue8m0"})
+    # the folder's scales rounded to powers of two (their exponents vary: not a test on ones)
+    edit_tensors(folder, lambda sd: sd.update({k: torch.exp2(torch.round(torch.log2(v.float()))) for k, v in sd.items()
+                                               if k.endswith(".weight_scale_inv")}))
+    sd = load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    assert len(set(sd[name + ".weight_scale_inv"].flatten().tolist())) > 1
+    (N, K), (bn, bk) = sd[name + ".weight"].shape, KINDS["fp8-ragged-qwen3"][2][1]
+    want = sd[name + ".weight"].float() * sd[name + ".weight_scale_inv"].repeat_interleave(bn, 0)[
+        :N].repeat_interleave(bk, 1)[:, :K]
+    as_floats = load_checkpoint(folder)
+    exponents = lambda s: (torch.log2(s).round() + 127).to(torch.uint8).view(torch.float8_e8m0fnu)  # noqa: E731
+    edit_tensors(folder, lambda sd: sd.update({k: exponents(v) for k, v in sd.items()
+                                               if k.endswith(".weight_scale_inv")}))
+    assert load_file(folder / "model.safetensors")[name + ".weight_scale_inv"].dtype == torch.float8_e8m0fnu
+    as_bytes = load_checkpoint(folder)
+    floats, read = as_floats.state_dict(), as_bytes.state_dict()
+    assert floats.keys() == read.keys() and all(torch.equal(floats[k], read[k]) for k in floats)
+    assert any(torch.equal(v, want) for v in read.values())  # (the down_proj: its FP8 matrix times its blocks' scales)
+
+    def damage(sd):
+        s = sd[name + ".weight_scale_inv"].view(torch.uint8).clone()
+        s.view(-1)[-1] = 255  # (e8m0's NaN)
+        sd[name + ".weight_scale_inv"] = s.view(torch.float8_e8m0fnu)
+    with pytest.raises(UserError, match=r"tensor layers\.0\.mlp\.down_proj\.weight_scale_inv holds a scale that is "
+                                        r"0 or below, NaN or inf"):
+        load_checkpoint(edit_tensors(folder, damage))
 
 
 def quantize_tensor(name, suffix=".weight_scale_inv", per="block", block=(16, 16)):

@@ -489,6 +489,11 @@ def fp8_spec(q: dict) -> dict:
         # (FineGrainedFP8HfQuantizer.update_weight_conversions: DeepSeek-V4's ".scale", Mistral Large's
         # ".qscale_weight")
         scales = (".weight_scale_inv", ".scale", ".qscale_weight")
+        # scale_fmt "ue8m0" (DeepSeek-V3.1's and V4's): power-of-two scales, still each block's multiplier, stored as
+        # float32 or as float8_e8m0fnu exponents (fp8_dequantized reads both); FineGrainedFP8Config refuses others
+        fmt = q.get("scale_fmt", "float")
+        if fmt not in ("float", "ue8m0"):
+            refuse(f"scale_fmt {fmt!r}: 'float' or 'ue8m0' scales only")
         scheme = q.get("activation_scheme", "dynamic")
         if not (isinstance(scheme, str) and scheme.lower() == "dynamic"):  # (FineGrainedFP8Config lowercases it)
             refuse(f"activation_scheme {scheme!r}: {_STATIC}; 'dynamic' only")
@@ -658,6 +663,10 @@ def fp8_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
         scale = sd.pop(name)
         if not scale.is_floating_point() or scale.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise UserError(f"{path}: tensor {name} is {str(scale.dtype).removeprefix('torch.')}, not a float scale")
+        if scale.dtype == getattr(torch, "float8_e8m0fnu", None):
+            # ue8m0 scales saved as exponent bytes (DeepSeek-V4's): 2 ** (b - 127) exactly in float32, the byte 255
+            # NaN (refused below); compared as they are, they would not compute ("gt" has no e8m0 kernel)
+            scale = scale.float()
         # every FP8 quantizer keeps its scales finite and > 0 (an all-zero block's too: transformers gives it 1,
         # compressed-tensors clamps to eps) and its values within +-448: a 0 or negative scale (a zeroed or
         # sign-flipped block that would load as another model, as check_quantized_scales refuses for int4), or
