@@ -1601,6 +1601,42 @@ def test_a_step_ending_many_requests_scans_the_running_list_once(one_thread):
     assert calls.count("remove") == 0 and calls.count("sorted") + calls.count("sort") <= 2, calls
 
 
+def test_a_failure_letting_go_of_ending_requests_leaves_none_waiting_for_ever(one_thread):
+    """A step ending 3 requests together whose second's release fails (injected: the engine's own fault, _loop's to
+    handle): the first, let go, gets its ids, the second and third the error; none is left out of the running list
+    untold (its wait() hung for ever: _finish_all had taken them all out, and told none), and the engine serves on."""
+    engine = Engine(tiny(n_layer=1), max_batch=3)
+    handles = [engine.submit(prompt(4, seed=j), 2) for j in range(3)]
+    real = engine._cache_fed
+
+    def failing(r):
+        if r is handles[1]:
+            raise RuntimeError("a broken release")
+        real(r)
+    engine._cache_fed = failing
+    engine.start()
+    try:
+        out = []
+
+        def wait_all():
+            for h in handles:
+                try:
+                    out.append(h.wait(poll=0.01))
+                except RuntimeError as e:
+                    out.append(e)
+        t = threading.Thread(target=wait_all, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "a request's wait() hung"
+        assert torch.equal(out[0], generate(engine.model, prompt(4, seed=0), 2))
+        assert all(isinstance(e, RuntimeError) and "a broken release" in str(e) for e in out[1:]), out
+        engine._cache_fed = real
+        assert torch.equal(engine.submit(prompt(4, seed=5), 2).wait(),
+                           generate(engine.model, prompt(4, seed=5), 2))
+    finally:
+        engine.close()
+
+
 
 def decode_ops(engine) -> int:
     """The torch ops one engine.step() dispatches outside the model's forward (its hidden states and LM head)."""

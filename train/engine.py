@@ -1347,12 +1347,22 @@ class Engine:
             return
         gone = {r for r, _ in ending}
         self.running = [r for r in self.running if r not in gone]
-        with self.cond:
+        let_go = 0  # (how many of `ending` are let go: the rest get the error if one of them fails)
+        try:
+            with self.cond:
+                for r, error in ending:
+                    if r.slots is not None:
+                        # (a normal end or a cancel, between steps: its pages hold its fed ids' keys; an error may
+                        # come from a forward that wrote some layers' keys only)
+                        self._let_go(r, cache=error is None or isinstance(error, Cancelled))
+                    let_go += 1
+        except Exception as e:
+            # (the engine's own fault, _loop's to handle: the requests not let go are out of the running list
+            # already, where _loop would find them, so each is told the error here, or its wait() hangs for ever)
+            ending = ending[:let_go] + [(r, e) for r, _ in ending[let_go:]]
+            raise
+        finally:
+            with self.cond:
+                self.free.sort()
             for r, error in ending:
-                if r.slots is not None:
-                    # (a normal end or a cancel, between steps: its pages hold its fed ids' keys; an error may come
-                    # from a forward that wrote some layers' keys only)
-                    self._let_go(r, cache=error is None or isinstance(error, Cancelled))
-            self.free.sort()
-        for r, error in ending:
-            r.queue.put(("error", error) if error is not None else ("end", r.idx))
+                r.queue.put(("error", error) if error is not None else ("end", r.idx))
