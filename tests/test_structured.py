@@ -1240,3 +1240,38 @@ def test_fuzz_every_guided_text_is_whole_and_valid_or_cut_by_its_budget(tiny):
             else:
                 assert len(row) == budget and not done, (seed, row)
     assert whole >= 10  # (the texts checked: the budgets and the bias end most of them)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "cross_entropy"])
+def test_a_guided_request_in_slots_apart_with_penalties_draws_generates_tokens(tiny, kernels):
+    """rows_of's gather beside its views: a JSON request of 2 rows admitted into slots 0 and 3 (the first request's,
+    freed, and the last free one), seeded, with penalties, beside a guided one and plain ones, on the reference path
+    and the Triton one (its mask in place on the decode's logits): each request's tokens are generate()'s alone."""
+    import tritongpt.train.engine as engine_module
+
+    model, tok, grammars = tiny
+    pen = dict(repetition_penalty=1.3, frequency_penalty=0.6, presence_penalty=0.4)
+    reqs = [(0, "the cat", 1, None, 2, dict(temperature=0.0)), (0, "a dog", 1, "regex", 10, dict(temperature=1.0, **pen)),
+            (0, "Hello", 1, None, 10, dict(temperature=0.8, top_p=0.9, **pen)),
+            (3, "the park", 2, "json", 14, dict(temperature=1.0, **pen)), (3, "the cat", 1, None, 6, {})]
+    kw = dict(eos_id=tok.eot_id, vocab_limit=tok.vocab_size)
+
+    def ask(j, submit):
+        at, p, n, spec, new, w = reqs[j]
+        return submit(torch.tensor([tok.encode(p)] * n), new, generator=torch.Generator().manual_seed(10 + j),
+                      guide=spec and grammars.guide(SPECS[spec]), **kw, **w)
+    seen, real = [], engine_module.rows_of
+    engine_module.rows_of = lambda out, slots: seen.append(list(slots)) or real(out, slots)
+    model.set_kernels(kernels)
+    try:
+        engine, handles, step = Engine(model, max_batch=4), {}, 0
+        while len(handles) < len(reqs) or engine.running or engine.waiting:
+            handles.update((j, ask(j, engine.submit)) for j, r in enumerate(reqs) if r[0] == step)
+            engine.step()
+            step += 1
+    finally:
+        model.set_kernels("reference")
+        engine_module.rows_of = real
+    for j in range(len(reqs)):
+        assert torch.equal(handles[j].wait(), ask(j, lambda *a, **k: generate(model, *a, **k))), j
+    assert [0, 3] in seen
