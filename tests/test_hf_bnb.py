@@ -116,6 +116,12 @@ KINDS = {  # name: (family config, quantization_config, quantizer of one weight)
     "int8-llama": ({}, BNB8, quantize_8bit),
     # Falcon's fused query_key_value kept int8, split by its rows (int4_rows)
     "int8-falcon": ({"family": "falcon", "n_kv_head": 2, "bias": False}, {"load_in_8bit": True}, quantize_8bit),
+    # Phi-3's fused qkv_proj and gate_up_proj: dequantized before their split (4-bit), kept int8 and split by rows
+    "nf4-phi3": ({"family": "phi3"}, bnb4("nf4"), lambda w: quantize_4bit(w, "nf4")),
+    "int8-phi3": ({"family": "phi3"}, BNB8, quantize_8bit),
+    # Gemma (text): GeGLU, tied head, scaled embeddings around the same linears
+    "nf4-gemma": ({"family": "gemma"}, bnb4("nf4"), lambda w: quantize_4bit(w, "nf4")),
+    "int8-gemma": ({"family": "gemma"}, BNB8, quantize_8bit),
 }
 
 
@@ -158,7 +164,15 @@ def test_a_4bit_folder_loads_as_the_float_model_of_its_dequantized_weights(tmp_p
                if k.endswith(LINEARS))
 
 
-@pytest.mark.parametrize("kind", ["int8-llama", "int8-falcon"])
+# an 8-bit kind: its file's linear, our layer that holds it (ff's attribute) and the rows of the file's it holds
+# (Phi-3's gate_up_proj: gate rows first, then up)
+KEPT = {"int8-llama": ("model.layers.0.mlp.down_proj", "w_down", slice(None)),
+        "int8-falcon": ("transformer.h.0.mlp.dense_4h_to_h", "fc2", slice(None)),
+        "int8-phi3": ("model.layers.0.mlp.gate_up_proj", "w_up", slice(128, None)),
+        "int8-gemma": ("model.layers.0.mlp.down_proj", "w_down", slice(None))}
+
+
+@pytest.mark.parametrize("kind", KEPT)
 def test_an_8bit_folder_loads_kept_int8_with_the_dequantized_models_logits_on_both_paths(tmp_path, kind):
     folder, want = bnb_folder(tmp_path, kind)
     model = load_checkpoint(folder, quantized_ok=True)
@@ -167,10 +181,10 @@ def test_an_8bit_folder_loads_kept_int8_with_the_dequantized_models_logits_on_bo
     assert model.config == GPTConfig(**{**want.config.to_dict(), "kernels": model.config.kernels})
     # the file's int8 weight kept as it is, its scale SCB / 127
     sd = load_file(folder / "model.safetensors")
-    name = "model.layers.0.mlp.down_proj" if kind == "int8-llama" else "transformer.h.0.mlp.dense_4h_to_h"
-    layer = model.trf_blocks[0].ff.w_down if kind == "int8-llama" else model.trf_blocks[0].ff.fc2
-    assert torch.equal(layer.qweight, sd[name + ".weight"])
-    torch.testing.assert_close(layer.scale, sd[name + ".SCB"] / 127, rtol=0, atol=0)
+    name, attr, rows = KEPT[kind]
+    layer = getattr(model.trf_blocks[0].ff, attr)
+    assert torch.equal(layer.qweight, sd[name + ".weight"][rows])
+    torch.testing.assert_close(layer.scale, sd[name + ".SCB"][rows] / 127, rtol=0, atol=0)
     for kernels in ("reference", "triton"):
         model.set_kernels(kernels)
         assert logits_err(model, want) < 1e-5, kernels
