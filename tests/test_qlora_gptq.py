@@ -381,3 +381,26 @@ def test_a_gptq_sequence_classifier_folder_that_loads_float_is_a_reward_model(tm
     assert torch.equal(model.head.weight, sd["score.weight"])
     w = model.backbone.trf_blocks[0].ff.w_down.weight
     assert torch.equal(w, twin.trf_blocks[0].ff.w_down.weight) and w.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["gptq-v2-gpt_neox", "awq-gemm-falcon"])
+def test_sft_on_a_fused_qkv_family_folder_exports_merged_as_the_runs_unmerged_logits(tmp_path, capsys, kind):
+    """GPT-NeoX's and Falcon's fused query_key_value, read as q, k and v Int4Linears each with its own update: the
+    merged export (dequantized W + scale B A, fused back into the family's query_key_value) is a float folder whose
+    logits are the run's, computed unmerged on the 4-bit base."""
+    from tritongpt.train.tokenizer import default_tokenizer, save_run_tokenizer
+
+    folder, _ = quantized_folder(tmp_path, kind, vocab=4096)
+    save_run_tokenizer(default_tokenizer(), folder)
+    out = tmp_path / "run"
+    assert main(sft_argv(folder, out, "--max-steps", "2", "--lora-rank", "4", "--lr", "5e-2")) == 0
+    model = load_checkpoint(out, quantized_ok=True).eval()
+    assert model.quantized == "int4" and has_lora(model)
+    # the updates moved (B starts at 0: an export of untrained updates would be the folder's own matrices)
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
+    merged = load_checkpoint(tmp_path / "hf")
+    assert not getattr(merged, "quantized", None) and not has_lora(merged)
+    idx = torch.randint(0, 4096, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(merged(idx), model(idx)) < 1e-5
