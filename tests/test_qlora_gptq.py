@@ -384,7 +384,7 @@ def test_a_gptq_sequence_classifier_folder_that_loads_float_is_a_reward_model(tm
 
 
 @pytest.mark.parametrize("kind", ["gptq-v2-gpt_neox", "awq-gemm-falcon"])
-def test_sft_on_a_fused_qkv_family_folder_exports_merged_as_the_runs_unmerged_logits(tmp_path, capsys, kind):
+def test_sft_on_a_fused_qkv_family_folder_exports_merged_as_the_runs_unmerged_logits(tmp_path, kind):
     """GPT-NeoX's and Falcon's fused query_key_value, read as q, k and v Int4Linears each with its own update: the
     merged export (dequantized W + scale B A, fused back into the family's query_key_value) is a float folder whose
     logits are the run's, computed unmerged on the 4-bit base."""
@@ -404,3 +404,41 @@ def test_sft_on_a_fused_qkv_family_folder_exports_merged_as_the_runs_unmerged_lo
     idx = torch.randint(0, 4096, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert rel(merged(idx), model(idx)) < 1e-5
+
+
+def test_a_reward_model_on_an_act_order_gptq_folder_keeps_its_input_order_through_save_and_load(tmp_path):
+    """An act-order folder's layers gather x's columns into their stored order (in_perm): a QLoRA reward model's
+    checkpoint holds those buffers under backbone., and the model loaded from it scores as one built here from the
+    folder itself, the run's updates and head put on it (and so again once saved and loaded)."""
+    from safetensors.torch import load_file
+
+    from tritongpt.train import common
+    from tritongpt.train.reward import RewardModel
+    from tritongpt.train.tokenizer import default_tokenizer, save_run_tokenizer
+
+    folder, _ = quantized_folder(tmp_path, "gptq-v1-act-order", vocab=4096)
+    save_run_tokenizer(default_tokenizer(), folder)
+    out = tmp_path / "run"
+    assert main(pref_argv("reward", folder, out, "--max-steps", "2", "--eval-every", "0")) == 0
+    base = load_checkpoint(folder, quantized_ok=True)
+    perms = {n + ".in_perm": m.in_perm for n, m in base.named_modules() if isinstance(m, QuantLinear)}
+    assert len(perms) == 7 and all(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    saved = load_file(common.resume_checkpoint(out, "latest") / "model.safetensors")
+    assert all(torch.equal(saved["backbone." + n], p) for n, p in perms.items())
+    rm = RewardModel.load(out, quantized_ok=True).eval()
+    assert all(torch.equal(rm.backbone.get_submodule(n.removesuffix(".in_perm")).in_perm, p) for n, p in perms.items())
+    # the folder's base, the run's updates and head: built here without the checkpoint's quantized buffers
+    cfg = rm.config
+    want = RewardModel(add_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)).eval()
+    trained = {k: v for k, v in saved.items() if k.endswith(("lora_A", "lora_B")) or k.startswith("head.")}
+    assert len(trained) == 2 * 7 + 2 and all(saved[k].abs().sum() > 0 for k in trained)
+    missing = want.load_state_dict(trained, strict=False).missing_keys
+    assert not [k for k in missing if k.endswith(("lora_A", "lora_B")) or k.startswith("head.")]
+    idx = torch.randint(0, 4096, (3, 9), generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([9, 5, 2])
+    with torch.no_grad():
+        expected = want(idx, lengths)
+        assert rel(rm(idx, lengths), expected) < 1e-5
+        rm.save(tmp_path / "again.safetensors")
+        again = RewardModel.load(tmp_path / "again.safetensors", quantized_ok=True).eval()
+        assert rel(again(idx, lengths), expected) < 1e-5
