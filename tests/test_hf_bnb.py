@@ -11,11 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import load_checkpoint
 
-from test_hf_quantized import (LINEARS, LLAMA, T, V, as_multimodal_gemma3, edit_tensors, exported_model, float_twin,
-                               with_quantization)
+from test_hf_quantized import (LINEARS, V, as_multimodal_gemma3, edit_tensors, exported_model, float_twin,
+                               moe_folder, with_quantization)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -301,15 +300,9 @@ def test_a_part_without_its_linear_and_a_missing_part_are_refused_by_name(tmp_pa
 
 @pytest.mark.parametrize("q", [bnb4("nf4"), BNB8])
 def test_a_bitsandbytes_moe_folder_is_refused_by_name(tmp_path, q):
-    from tritongpt.train.moe_weights import export_moe
-
-    torch.manual_seed(0)
-    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, n_experts=4,
-                               experts_per_token=2, **{**LLAMA, "mlp_hidden": 32}))
-    export_moe(model, tmp_path / "moe")
     with pytest.raises(UserError, match=r"quant_method 'bitsandbytes' .* is not read here \(a quantized Mixtral: this "
                                         r"model's mixture-of-experts layer keeps its experts float"):
-        load_checkpoint(with_quantization(tmp_path / "moe", q), quantized_ok=True)
+        load_checkpoint(with_quantization(moe_folder(tmp_path), q), quantized_ok=True)
 
 
 GEMMA3_TEXT = {"family": "gemma", "post_norms": True, "qk_norm": True, "attention_window": 5, "window_layers": "0",

@@ -16,7 +16,7 @@ from tritongpt.train.gpt2_weights import load_checkpoint
 from tritongpt.train.llama_weights import export_llama
 
 from test_hf_quantized import (FALCON, GEMMA, LINEARS, LLAMA, NEOX, PHI3, T, V, as_multimodal_gemma3, edit_tensors,
-                               exported_model, float_twin, with_quantization)
+                               exported_model, float_twin, moe_folder, with_quantization)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -344,13 +344,7 @@ def test_fp8_scales_under_the_names_transformers_renames_are_read(tmp_path, suff
 def test_an_fp8_moe_folder_is_refused_by_name(tmp_path, qk_norm):
     """The MoE reader keeps its experts stacked float for the grouped kernels and dequantizes nothing: refused
     naming the method, never a dtype error from its experts."""
-    from tritongpt.train.moe_weights import export_moe
-
-    torch.manual_seed(0)
-    model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, n_experts=4,
-                               experts_per_token=2, qk_norm=qk_norm, **{**LLAMA, "mlp_hidden": 32}))
-    export_moe(model, tmp_path / "moe")
-    folder = with_quantization(tmp_path / "moe", KINDS["fp8-llama"][1])
+    folder = with_quantization(moe_folder(tmp_path, qk_norm), KINDS["fp8-llama"][1])
     name = "Qwen3-MoE" if qk_norm else "Mixtral"
     with pytest.raises(UserError, match=rf"quant_method 'fp8' is not read here \(a quantized {name}: "):
         load_checkpoint(folder)

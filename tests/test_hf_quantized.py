@@ -804,17 +804,23 @@ def test_a_multimodal_gemma3s_quantized_head_or_embedding_is_refused_by_name(tmp
         load_checkpoint(as_multimodal_gemma3(folder, tie=tie, more=quantized_part), quantized_ok=True)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])  # Mixtral, Qwen3-MoE
-def test_a_quantized_moe_folder_is_refused_by_name_its_experts_being_float_here(tmp_path, qk_norm):
-    """GPTQ and AWQ quantize each expert's linears, which MoEFeedForward keeps as stacked float tensors for its
-    grouped kernels: refused by name, without the `tritongpt quantize` remedy (which refuses MoE models too)."""
+def moe_folder(tmp_path, qk_norm=False):
+    """A tiny float Mixtral (Qwen3-MoE with qk_norm) folder, for the quantized-MoE refusals (here, test_hf_fp8,
+    test_hf_bnb) to give a quantization_config."""
     from tritongpt.train.moe_weights import export_moe
 
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, n_experts=4,
                                experts_per_token=2, qk_norm=qk_norm, **{**LLAMA, "mlp_hidden": 32}))
     export_moe(model, tmp_path / "moe")
-    folder = with_quantization(tmp_path / "moe", KINDS["gptq-v1-sym"][1])
+    return tmp_path / "moe"
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])  # Mixtral, Qwen3-MoE
+def test_a_quantized_moe_folder_is_refused_by_name_its_experts_being_float_here(tmp_path, qk_norm):
+    """GPTQ and AWQ quantize each expert's linears, which MoEFeedForward keeps as stacked float tensors for its
+    grouped kernels: refused by name, without the `tritongpt quantize` remedy (which refuses MoE models too)."""
+    folder = with_quantization(moe_folder(tmp_path, qk_norm), KINDS["gptq-v1-sym"][1])
     name = "Qwen3-MoE" if qk_norm else "Mixtral"
     with pytest.raises(UserError, match=rf"quant_method 'gptq' .* is not read here \(a quantized {name}: this model's "
                                         r"mixture-of-experts layer keeps its experts float .*; load the float "
