@@ -495,7 +495,7 @@ def preference_real_mask(batch, at: int):
 
 def response_rows_mask(mask):
     """idx's [B, T] real tokens from preference.response_mask's [B, T-1] (target t is token t+1): a right-padded
-    row's tokens through its response's last (dpo's and kto's batches carry no lengths)."""
+    row's tokens through its response's last (preference_real_mask's fallback for a batch without its lengths)."""
     through = through_last_mask(mask)
     return torch.cat([through[:, :1], through], 1)
 

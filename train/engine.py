@@ -784,10 +784,10 @@ class Engine:
                     nxt, was, ended, lp = taken[r]
                     r.idx, finished, ended = append_taken(r.idx, nxt, r.done, was, ended, r.put_token, r.stop, lp)
                 elif r in drawn:  # (decode_step's after its draw)
-                    r.idx, finished, ended = take_step(lg[:, :r.vocab_limit], r.idx, drawn[r], r.done, r.eos_id,
+                    r.idx, finished, ended = take_step(cut(lg, r.vocab_limit), r.idx, drawn[r], r.done, r.eos_id,
                                                        r.put_token, r.stop, r.logprobs, r.ends)
                 else:
-                    r.idx, finished, ended = decode_step(lg[:, :r.vocab_limit], r.idx, r.start, r.done, r.warp,
+                    r.idx, finished, ended = decode_step(cut(lg, r.vocab_limit), r.idx, r.start, r.done, r.warp,
                                                          r.eos_id, r.generator, r.put_token, r.stop, r.logprobs,
                                                          r.ends, r.hold, r.guide, sampling_with_triton(self.model))
                 if r.eos_id is not None:  # (without an EOS a done row draws on: its tokens are still returned)

@@ -615,8 +615,9 @@ def load_init_base(args):
     is what a resume re-loads and check_same_base compares with the checkpoint's base bit for bit."""
     # decided from the model loaded, not the config: some folders the config calls quantized load as float (their
     # groups no int4 group size divides, a bitsandbytes 8-bit linear left float), and those train like any float one
-    model = load_init_model(args.init, quantized_ok=folder_spec(args) is not None)
-    own = folder_base(args, model)  # (None: a float --init, or refused)
+    spec = folder_spec(args)
+    model = load_init_model(args.init, quantized_ok=spec is not None)
+    own = folder_base(args, model, spec)  # (None: a float --init, or refused)
     model.init_quantized = own
     if own is not None:
         from tritongpt.commands import describe_quantized

@@ -106,12 +106,12 @@ def folder_spec(args) -> dict | None:
     return folder_quantization(path.parent / "config.json")[0]
 
 
-def folder_base(args, model) -> str | None:
+def folder_base(args, model, spec: dict | None) -> str | None:
     """A LoRA trainer's --init (sft, dpo, kto, reward, rlhf: sft.load_init_base) when it is a GPTQ, AWQ or
     bitsandbytes Hugging Face folder that loaded kept quantized (train/hf_quant.py: 4-bit as int4, 8-bit symmetric
     one-group GPTQ and bitsandbytes 8-bit as int8): its own matrices are the frozen base LoRA trains beside (QLoRA on
-    a pre-quantized base, as peft does on a GPTQModel or AutoAWQ model). model: what the load gave (folder_spec's
-    folders loaded with quantized_ok), so that this says what the model is, not what the config alone suggests: a
+    a pre-quantized base, as peft does on a GPTQModel or AutoAWQ model). model: what the load gave (spec, folder_spec's,
+    not None: loaded with quantized_ok), so that this says what the model is, not what the config alone suggests: a
     folder read dequantized is a float model, fully fine-tuned like any other. Returns what the run records of it
     ("gptq int4", "awq int4", "gptq int8", "bitsandbytes int8"), None for any other --init. Refused by name: full
     fine-tuning (no float weights to train), --quantize on top (the base is quantized already) and --vocab-multiple
@@ -122,8 +122,7 @@ def folder_base(args, model) -> str | None:
     from tritongpt.train.gpt2_weights import hf_quantization
 
     mode = getattr(model, "quantized", None)
-    spec = folder_spec(args) if mode else None
-    if spec is None:  # a float --init, or a folder read as its dequantized float model (its note said so)
+    if spec is None or not mode:  # a float --init, or a folder read as its dequantized float model (its note said so)
         return None
     method = spec["method"]
     where = hf_quantization(resolve_checkpoint(Path(args.init).expanduser()).parent / "config.json")["_where"]
