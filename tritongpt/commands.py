@@ -1512,6 +1512,10 @@ def cmd_export(args):
 
     if args.base is not None and not args.adapter:
         raise UserError("--base names the model an --adapter goes on: pass --adapter too")
+    if args.format == "gguf":
+        return export_gguf(args)
+    if args.gguf_type is not None:
+        raise UserError("--gguf-type sets a GGUF file's tensor type: pass --format gguf too")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: name a folder")
@@ -1641,6 +1645,53 @@ def cmd_export(args):
                                      "tuned on" if chat else "") + ")") if tok_files else ""
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}){how}, or "
           "`tritongpt generate --weights` on its model.safetensors")
+    return 0
+
+
+def export_gguf(args):
+    """`export --format gguf`: the model and its tokenizer as one .gguf file (train/gguf_export.py) for llama.cpp,
+    Ollama, LM Studio. A whole causal LM only: GGUF's LoRA adapters and classifiers are not written."""
+    from pathlib import Path
+
+    from tritongpt.train.chat import run_template
+    from tritongpt.train.common import resolve_checkpoint
+    from tritongpt.train.formats import hf_chat_template
+    from tritongpt.train.gguf_export import import_gguf, write_gguf
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.reward import is_reward_checkpoint
+    from tritongpt.train.sft import pick_tokenizer
+
+    import_gguf()  # before the model loads: the remedy first
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise UserError(f"--out {out}: --format gguf writes one file; name it NAME.gguf")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the .gguf file to write")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists: pass --overwrite or another --out")
+    if args.adapter:
+        raise UserError("--adapter with --format gguf: the GGUF writer writes whole models only; export the merged "
+                        "model (without --adapter), or the adapter as a peft folder (without --format gguf)")
+    source = resolve_checkpoint(args.checkpoint)
+    if is_reward_checkpoint(source):
+        raise UserError(f"{source} is a reward model, whose scalar head a GGUF causal LM cannot hold: export it as "
+                        "a Hugging Face folder (without --format gguf)")
+    model = load_checkpoint(source, quantized_ok=is_qlora_checkpoint(source))
+    if getattr(model, "quantized", None):  # QLoRA's: the float model it computes, W dequantized + scale B A
+        from tritongpt.model.lora import merge_lora
+
+        merge_lora(model)
+    cfg = model.config
+    family, refuse, _ = export_target(cfg)
+    refuse(model, f"{article(family)} {family} folder")
+    tok = pick_tokenizer(args.tokenizer, args.checkpoint, cfg.vocab_size)
+    chat = run_template(args.checkpoint) == "chat"
+    template = getattr(tok, "chat_template", None) or (hf_chat_template(tok) if chat else None)
+    kind = args.gguf_type or "f16"
+    path = write_gguf(model, out, tok, kind, family=family, chat_template=template)
+    print(f"wrote {path} ({kind.upper()}): {family} with {cfg.n_layer} layers, {cfg.n_head} heads, width "
+          f"{cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
+    print(f"run it with llama.cpp (llama-cli -m {path}), or Ollama (a Modelfile's FROM {path})")
     return 0
 
 
@@ -1934,5 +1985,12 @@ def add_cli(sub):
                                   "folder, or a Hub model in the local cache, must hold the run's frozen weights "
                                   "exactly (a QLoRA run's: quantized as the run did; a run on a GPTQ/AWQ folder's "
                                   "own quantization: that folder)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: a Hugging Face folder (default); gguf: one .gguf file (--out NAME.gguf) for llama.cpp, "
+                        "Ollama and LM Studio, a GPT-2, Llama, Mistral or Qwen2 with its tokenizer "
+                        '(pip install -e ".[gguf]")')
+    p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+                   help="--format gguf's matrices: f32, f16 (default), bf16 or q8_0 (8-bit blocks of 32 with an f16 "
+                        "scale); norms and biases stay f32")
     p.add_argument("--overwrite", action="store_true", help="replace those files if --out holds them")
     p.set_defaults(func=cmd_export)

@@ -1,0 +1,281 @@
+"""GGUF export: one .gguf file that llama.cpp (and Ollama, LM Studio, anything built on it) runs.
+
+GGUF is ggml's single-file format: key/value metadata (the architecture's hyperparameters, the tokenizer's
+vocabulary and merges) followed by the tensors, each in its own type (F32, F16, BF16, or a block quantization:
+Q8_0 here). It is written with the `gguf` package, ggml's own writer (pip install -e ".[gguf]"), imported only
+here. Tensor names and layouts are the ones llama.cpp's convert_hf_to_gguf.py writes, so llama.cpp reads the file
+as it reads that script's:
+
+- GPT-2 ("gpt2"): q, k and v fused in one attn_qkv [3C, C], every matrix [out, in] (Hugging Face's Conv1D
+  [in, out] is what that script transposes; ours are Linear weights already).
+- Llama ("llama", Mistral without its window too): q and k rows permuted within each head from Hugging Face's
+  rotate-half pairing (i, i + d/2) to the interleaved (2i, 2i + 1) pairs llama.cpp's "normal" RoPE rotates.
+- Qwen2 ("qwen2"): as Llama, with q/k/v biases and no permute (llama.cpp rotates Qwen2 in NeoX style, halves).
+
+A model these cannot hold is refused by name before anything is written."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tritongpt.errors import UserError, note
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+INSTALL = 'pip install -e ".[gguf]"'
+# llama.cpp's name for the pre-tokenizer regex a byte-level BPE vocabulary was learned over (its
+# tokenizer.ggml.pre): the regex itself is not in the file, llama.cpp and transformers pick it by this name
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PAT = LLAMA3_PAT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_NAMES = {LLAMA3_PAT: "llama-bpe", QWEN2_PAT: "qwen2"}
+# llama.cpp's token types (gguf.TokenType): a normal token, a special one (<|endoftext|>), an added non-special
+# one (matched whole in text), a padding row no text encodes to
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+def import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"--format gguf writes with the gguf package (ggml's own writer), which is not installed: "
+                        f"{INSTALL}") from None
+    return gguf
+
+
+def gguf_arch(cfg, family: str) -> str:
+    """The llama.cpp architecture this model is written as, from the Hugging Face family export_target picks:
+    GPT-2 -> "gpt2", Llama and Mistral -> "llama" (convert_hf_to_gguf.py writes Mistral as a Llama), Qwen2 ->
+    "qwen2"; any other family is refused by name."""
+    arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2"}.get(family)
+    if arch is None:
+        raise UserError(f"this model is {_article(family)} {family}, which the GGUF writer does not write (it writes "
+                        "GPT-2, Llama, Mistral and Qwen2): export it as a Hugging Face folder (without --format "
+                        "gguf) and convert that with llama.cpp's convert_hf_to_gguf.py if it knows the family")
+    return arch
+
+
+def _article(name: str) -> str:
+    return "an" if name[0] in "AEIOU" else "a"
+
+
+def refuse_not_gguf(model, arch: str, what: str) -> None:
+    """What llama.cpp's architecture (as this writer writes it) has no key or tensor for, beyond what the Hugging
+    Face family already refuses: its logits would differ."""
+    cfg = model.config
+    if arch == "gpt2":
+        return  # refuse_not_gpt2 has said all of it: GGUF's gpt2 is Hugging Face's GPT-2
+    for differs, why in ((bool(cfg.attention_window), f"has local attention (attention_window "
+                          f"{cfg.attention_window}), which llama.cpp's {arch} does not"),
+                         (cfg.rope_scaling is not None, f"rescales its RoPE frequencies (rope_scaling "
+                          f"{cfg.rope_scaling}), which this writer does not write (no rope.scaling keys)"),
+                         (arch == "llama" and cfg.bias, "has biases in its linear layers, which this writer's llama "
+                          "does not write"),
+                         (arch == "qwen2" and cfg.bias, "has biases in its MLP, where Qwen2's are on q, k and v "
+                          "only")):
+        if differs:
+            raise UserError(f"this model {why}: it cannot be exported as {what}")
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute: each head's rows from rotate-half order (i and i + d/2 are a
+    pair) to interleaved (2i, 2i + 1), the pairs llama.cpp's llama rotates. Biases ([rows]) the same way."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model, arch: str) -> dict:
+    """{GGUF name: float32 tensor [out, in]} as convert_hf_to_gguf.py names and lays them out; the vocabulary's
+    padding rows (vocab_multiple) dropped, a tied head not written (llama.cpp reuses token_embd)."""
+    cfg = model.config
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    V = cfg.vocab_size
+    t = {"token_embd.weight": sd["tok_emb.weight"][:V], "output_norm.weight": sd["final_norm.weight"]}
+    if not cfg.tie_weights:
+        t["output.weight"] = sd["out_head.weight"][:V]
+    for i in range(cfg.n_layer):
+        b, g = f"trf_blocks.{i}.", f"blk.{i}."
+        if arch == "gpt2":
+            C = cfg.n_embd
+            qkv = [b + f"att.{n}" for n in ("W_query", "W_key", "W_value")]
+            t[g + "attn_qkv.weight"] = torch.cat([sd[n + ".weight"] for n in qkv])
+            # GPT-2 has all its biases: a model without them (qkv_bias False) has zero ones, the same function
+            t[g + "attn_qkv.bias"] = torch.cat([sd.get(n + ".bias", torch.zeros(C)) for n in qkv])
+            for ours, theirs, n_out in (("att.out_proj", "attn_output", C), ("ff.fc1", "ffn_up", cfg.ff_hidden),
+                                        ("ff.fc2", "ffn_down", C)):
+                t[g + theirs + ".weight"] = sd[b + ours + ".weight"]
+                t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(n_out))
+            for ours, theirs in (("norm1", "attn_norm"), ("norm2", "ffn_norm")):
+                t[g + theirs + ".weight"], t[g + theirs + ".bias"] = sd[b + ours + ".weight"], sd[b + ours + ".bias"]
+            continue
+        q, k = sd[b + "att.W_query.weight"], sd[b + "att.W_key.weight"]
+        if arch == "llama":
+            q, k = permute_qk(q, cfg.n_head), permute_qk(k, cfg.kv_heads)
+        t.update({g + "attn_norm.weight": sd[b + "norm1.weight"], g + "ffn_norm.weight": sd[b + "norm2.weight"],
+                  g + "attn_q.weight": q, g + "attn_k.weight": k, g + "attn_v.weight": sd[b + "att.W_value.weight"],
+                  g + "attn_output.weight": sd[b + "att.out_proj.weight"],
+                  g + "ffn_gate.weight": sd[b + "ff.w_gate.weight"], g + "ffn_up.weight": sd[b + "ff.w_up.weight"],
+                  g + "ffn_down.weight": sd[b + "ff.w_down.weight"]})
+        if arch == "qwen2":  # q/k/v biases (zero where the model has none: qwen2's are always there)
+            for ours, theirs in (("W_query", "attn_q"), ("W_key", "attn_k"), ("W_value", "attn_v")):
+                w = t[g + theirs + ".weight"]
+                t[g + theirs + ".bias"] = sd.get(b + f"att.{ours}.bias", torch.zeros(w.shape[0]))
+    if arch == "gpt2":
+        t["position_embd.weight"] = sd["pos_emb.weight"]
+        t["output_norm.bias"] = sd["final_norm.bias"]
+    return t
+
+
+def _pre_name(spec: dict, where: str) -> str:
+    """llama.cpp's tokenizer.ggml.pre for a tokenizer.json's pre-tokenizer: GPT-2's byte-level split, Llama 3's or
+    Qwen2's regex; any other refused by name."""
+    from tritongpt.train.tokenizer import _SAME_PATTERN, GPT2_PAT
+
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True) \
+            and not steps[0].get("add_prefix_space"):
+        return "gpt-2"
+    if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel" \
+            and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
+        pattern = steps[0].get("pattern", {}).get("Regex")
+        if _SAME_PATTERN.get(pattern, pattern) == GPT2_PAT:
+            return "gpt-2"
+        if pattern in PRE_NAMES:
+            return PRE_NAMES[pattern]
+    raise UserError(f"{where}: its pre-tokenizer ({json.dumps(pre)[:200]}) is none of those GGUF's byte-level BPE "
+                    "names that this writer knows (GPT-2's, Llama 3's, Qwen2's): llama.cpp would split text "
+                    "otherwise and give other ids")
+
+
+def tokenizer_fields(tok, vocab_size: int) -> dict:
+    """GGUF's tokenizer.ggml.* for a byte-level BPE tokenizer (ours with GPT-2's pattern, or a Hugging Face
+    tokenizer.json): {"pre", "tokens", "types", "merges", "bos", "eos", "add_bos"}. Ids past the tokenizer's (the
+    model's vocabulary is larger) are "[PAD{i}]" rows of type UNUSED, as convert_hf_to_gguf.py writes them."""
+    spec = getattr(tok, "spec", None)
+    if spec is None:  # ours: hf_files refuses a pattern other than GPT-2's by name
+        files = tok.hf_files()
+        vocab = json.loads(files["vocab.json"])
+        merges = files["merges.txt"].splitlines()[1:]
+        specials = set(tok.special_tokens)
+        pre, added, bos = "gpt-2", {s: True for s in specials}, None
+        eot = getattr(tok, "eot_id", None) if "<|endoftext|>" in specials else None
+        bos = eos = eot
+        add_bos = False  # our runs never prepend one
+    else:
+        where = f"tokenizer {tok.name!r}"
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            raise UserError(f"{where} is no byte-level BPE (its model is {model.get('type')!r}, its decoder "
+                            f"{(spec.get('decoder') or {}).get('type')!r}): GGUF's \"gpt2\" tokenizer is byte-level "
+                            "BPE, the only one this writer writes")
+        norm = (spec.get("normalizer") or {}).get("type")
+        if norm == "NFC":  # Qwen2's: llama.cpp's qwen2 vocabulary is written without it, as convert_hf_to_gguf.py does
+            note(f"{where} composes text (NFC) before splitting it, which GGUF's tokenizer does not: text with "
+                 "decomposed characters (e + U+0301) may get other ids in llama.cpp")
+        elif norm is not None:
+            raise UserError(f"{where} normalizes text first ({norm}), which GGUF's \"gpt2\" tokenizer does not: "
+                            "llama.cpp would give other ids")
+        pre = _pre_name(spec, where)
+        vocab = dict(model["vocab"])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        added = {}
+        for a in spec.get("added_tokens", []):
+            vocab[a["content"]] = a["id"]
+            added[a["content"]] = a.get("special", True)
+        bos = vocab.get(tok.bos_token) if tok.bos_token else None
+        eos = vocab.get(tok.eos_token) if tok.eos_token else None
+        post = spec.get("post_processor") or {}
+        single = post.get("single", []) if post.get("type") == "TemplateProcessing" else []
+        add_bos = bool(single) and tok.bos_token is not None \
+            and single[0].get("SpecialToken", {}).get("id") == tok.bos_token
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
+    for text, i in vocab.items():
+        if i >= vocab_size:
+            raise UserError(f"tokenizer {tok.name!r} has token {text!r} at id {i}, past the model's {vocab_size} rows")
+        tokens[i] = text
+        types[i] = (CONTROL if added[text] else USER_DEFINED) if text in added else NORMAL
+    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges, "bos": bos, "eos": eos,
+            "add_bos": add_bos}
+
+
+def _as_type(gguf, name: str, data: np.ndarray, kind: str):
+    """(array, raw_dtype or None): a tensor in the export's type. Norms, biases (1-D) and GPT-2's position
+    embeddings stay F32, as convert_hf_to_gguf.py keeps them; Q8_0 takes rows of whole 32-wide blocks, and a
+    matrix whose rows are not falls back to F16 as that script does."""
+    T = gguf.GGMLQuantizationType
+    if data.ndim == 1 or name == "position_embd.weight" or kind == "f32":
+        return data, None
+    if kind == "q8_0":
+        try:
+            return gguf.quants.quantize(data, T.Q8_0), T.Q8_0
+        except gguf.quants.QuantError:
+            kind = "f16"
+    if kind == "bf16":
+        return gguf.quants.quantize(data, T.BF16), T.BF16
+    return data.astype(np.float16), None
+
+
+def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, chat_template: str | None = None,
+               name: str | None = None) -> Path:
+    """Write model (and its tokenizer, tok) as the GGUF file `out` in tensor type kind (GGUF_TYPES). family: the
+    Hugging Face family export_target picks (which refuses what that family cannot hold); refused by name, before
+    the file is opened, whatever GGUF or this writer cannot hold."""
+    from tritongpt.commands import export_target
+
+    gguf = import_gguf()
+    if kind not in GGUF_TYPES:
+        raise UserError(f"GGUF tensor type must be one of {', '.join(GGUF_TYPES)}, got {kind!r}")
+    cfg = model.config
+    if family is None:
+        family, refuse, _ = export_target(cfg)
+        refuse(model, f"{_article(family)} {family} folder")
+    arch = gguf_arch(cfg, family)
+    what = f"a GGUF file (llama.cpp's {arch})"
+    refuse_not_gguf(model, arch, what)
+    toks = tokenizer_fields(tok, cfg.vocab_size)
+    tensors = gguf_tensors(model, arch)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(out, arch)
+    w.add_name(name or out.stem)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+    w.add_context_length(cfg.context_length)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.ff_hidden)
+    w.add_head_count(cfg.n_head)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_head_count_kv(cfg.kv_heads)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(cfg.head_dim)
+        if cfg.head_dim * cfg.n_head != cfg.n_embd:  # heads of their own width (llama.cpp: n_embd / n_head else)
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(toks["pre"])
+    w.add_token_list(toks["tokens"])
+    w.add_token_types(toks["types"])
+    w.add_token_merges(toks["merges"])
+    if toks["bos"] is not None:
+        w.add_bos_token_id(toks["bos"])
+    if toks["eos"] is not None:
+        w.add_eos_token_id(toks["eos"])
+    w.add_add_bos_token(toks["add_bos"])
+    if chat_template:
+        w.add_chat_template(chat_template)
+    for tname, t in tensors.items():
+        data, raw = _as_type(gguf, tname, t.contiguous().numpy(), kind)
+        if raw is None:
+            w.add_tensor(tname, data)
+        else:
+            w.add_tensor(tname, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
