@@ -57,7 +57,7 @@ def test_the_prompt_and_the_switch_decide_whether_the_answer_thinks():
     assert r1.thinks([5, 1, 6]) and r1.thinks([7, 8]) and not r1.thinks([1, 9, 2, 11])
     assert r1.thinks([2, 1]) and r1.thinks([5], {"enable_thinking": False})  # (R1 has no switch)
     assert not q3.thinks([5], {"enable_thinking": False}) and q3.thinks([5], {"enable_thinking": True})
-    assert sorted(PARSERS) == ["deepseek_r1", "qwen3"]
+    assert sorted(PARSERS) == ["deepseek_r1", "openai_gptoss", "qwen3"]  # (harmony's: test_harmony.py)
 
 
 def test_a_tokenizer_without_think_tokens_is_refused_by_name():

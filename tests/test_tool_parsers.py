@@ -171,10 +171,10 @@ def test_scan_calls_takes_the_parsers_keys_and_odd_strings():
 
 
 def test_every_parser_is_named_as_vllm_names_it():
-    assert sorted(PARSERS) == ["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"]
-    assert [PARSERS[n].keeps_specials for n in sorted(PARSERS)] == [True, False, True, False, False]
-    assert [PARSERS[n].needs_tools for n in sorted(PARSERS)] == [False, False, False, False, True]
-    assert [PARSERS[n].needs_ids for n in sorted(PARSERS)] == [False, False, True, False, False]
+    assert sorted(PARSERS) == ["hermes", "llama3_json", "mistral", "openai", "pythonic", "qwen3_coder"]
+    assert [PARSERS[n].keeps_specials for n in sorted(PARSERS)] == [True, False, True, True, False, False]
+    assert [PARSERS[n].needs_tools for n in sorted(PARSERS)] == [False, False, False, False, False, True]
+    assert [PARSERS[n].needs_ids for n in sorted(PARSERS)] == [False, False, True, False, False, False]
 
 
 def test_serve_settings_and_messages_follow_the_parser():

@@ -14,19 +14,25 @@
                  the call rule is off where a grammar holds the answer (structured outputs, a named or "required"
                  tool_choice): the grammar wakes at </think> only, and the parser then agrees with it
 
-Both need <think> and </think> to be tokens of the tokenizer (vLLM refuses the parser otherwise): the </think> token
+    openai_gptoss  gpt-oss: OpenAI's harmony format, not think tags: the analysis channel's messages are the
+                 reasoning, the final channel's (and commentary preambles', shown to the user: vLLM's) the content;
+                 tool calls (to=functions.NAME) are neither, left to the openai tool parser, which reads the answer's
+                 markup itself (tool_calls.harmony_split, whose notes say where it differs from vLLM's)
+
+The think parsers need <think> and </think> to be tokens of the tokenizer (vLLM refuses the parser otherwise): the </think> token
 is where a request's structured outputs begin (the grammar holds the answer, not the thinking: vLLM's), and a prompt
 whose last think token is </think> has done its thinking (Qwen3's template with enable_thinking false writes
 "<think>\\n\\n</think>\\n\\n" into it): its answer is all content (vLLM's prompt_is_reasoning_end)."""
 import re
 
 from tritongpt.errors import UserError
-from tritongpt.train.tool_calls import held
+from tritongpt.train.tool_calls import HARMONY_MARKERS, harmony_split, held
 
 
 class Thinking:
     """A <think> ... </think> reasoning parser for one tokenizer (its two tokens' ids)."""
     start, end = "<think>", "</think>"
+    markup = False  # (Harmony's: the tool parser reads the answer's own text)
     switch = None  # the chat_template_kwargs key that turns thinking off (qwen3's enable_thinking)
     call = None  # a tool call's opening that ends the thought without </think> (qwen3's <tool_call>)
     function = re.compile(r"\s*<function[\s=]")  # what must follow call for it to be one (vLLM's lookahead)
@@ -34,6 +40,7 @@ class Thinking:
     def __init__(self, tok, name: str):
         self.name = name
         self.start_id, self.end_id = (token_id(tok, t, name) for t in (self.start, self.end))
+        self.ids = (self.start_id, self.end_id)  # (the tokens whose text serve keeps for the parser)
 
     def thinks(self, prompt_ids, template_kwargs=None) -> bool:
         """Whether an answer to prompt_ids begins in thought: not where the prompt's last think token is </think>,
@@ -84,11 +91,38 @@ class Thinking:
         "<function")."""
         return "<function".startswith(after.lstrip())
 
+    def stream(self, thinks: bool, calls: bool = True):
+        return ReasoningStream(self, thinks, calls)
+
 class Qwen3(Thinking):
     switch, call = "enable_thinking", "<tool_call>"
 
 
-PARSERS = {"deepseek_r1": Thinking, "qwen3": Qwen3}
+class Harmony:
+    """gpt-oss's harmony answers (vLLM's openai_gptoss): every answer begins in a message header (the prompt ends
+    <|start|>assistant), its analysis messages the reasoning, its final and preamble messages the content
+    (tool_calls.harmony_split). Its marker tokens must be the tokenizer's: serve keeps their text for the parser.
+    Its thought ends at a sequence of tokens (<|channel|>final<|message|>), not at one token a grammar can wake at:
+    structured outputs and a named or "required" tool_choice are refused with it (markup: the tool parser, where it
+    is openai, reads the whole answer's text)."""
+    end_id, markup = None, True  # (no one token ends the thought: no grammar waits for it, no reasoning_tokens)
+
+    def __init__(self, tok, name: str):
+        self.name = name
+        self.ids = tuple(token_id(tok, t, name) for t in HARMONY_MARKERS)
+
+    def thinks(self, prompt_ids, template_kwargs=None) -> bool:
+        return True  # (the answer's first header says which channel it writes)
+
+    def split(self, text: str, final: bool = True, calls: bool = True) -> tuple:
+        """(reasoning, content), either None where the answer has none (final False: as far as it is decided)."""
+        return harmony_split(text, final)[:2]
+
+    def stream(self, thinks: bool, calls: bool = True):
+        return HarmonyStream(self)
+
+
+PARSERS = {"deepseek_r1": Thinking, "openai_gptoss": Harmony, "qwen3": Qwen3}
 
 
 def token_id(tok, text: str, name: str) -> int:
@@ -99,7 +133,7 @@ def token_id(tok, text: str, name: str) -> int:
         ids = []
     if len(ids) != 1 or tok.decode(ids) != text:
         raise UserError(f"--reasoning-parser {name}: the tokenizer has no {text} token (vLLM's rule: the parser "
-                        "finds a reasoning model's think tokens); serve a model whose tokenizer has them")
+                        "finds a reasoning model's marker tokens); serve a model whose tokenizer has them")
     return ids[0]
 
 
@@ -139,3 +173,32 @@ class ReasoningStream:
     def finish(self) -> str | None:
         """The reasoning the stream held back, at the answer's end."""
         return None if self.past else self._new(True)[0]
+
+    def ends(self) -> tuple:
+        """(reasoning, content) the answer's end sends: a think stream holds back reasoning only."""
+        return self.finish(), None
+
+
+class HarmonyStream:
+    """A streamed harmony choice: the reasoning and the content each sent as they grow (harmony_split of the text so
+    far: an end marker's possible start held back, a header until its <|message|>), in the order drawn; ends() sends
+    what was held, and a text with no marker at all (content once whole)."""
+
+    def __init__(self, parser):
+        self.text, self.sent = "", [0, 0]  # (the reasoning's and the content's characters sent)
+
+    def _new(self, final: bool) -> tuple:
+        out = []
+        for k, part in enumerate(harmony_split(self.text, final)[:2]):
+            new = part[self.sent[k]:] if part is not None and len(part) > self.sent[k] else None
+            self.sent[k] += len(new or "")
+            out.append(new)
+        return tuple(out)
+
+    def add(self, text: str) -> tuple:
+        """(reasoning delta or None, content delta or None) of the choice's new text."""
+        self.text += text
+        return self._new(False)
+
+    def ends(self) -> tuple:
+        return self._new(True)

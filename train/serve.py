@@ -54,7 +54,6 @@ from tritongpt.cli import command_help
 from tritongpt.errors import EngineDown, FieldError, UserError, note, read_json_object
 from tritongpt.train.metrics import Metrics
 from tritongpt.train.pooling import CONVERTS, RUNNERS, check_pooling_args
-from tritongpt.train.reasoning import ReasoningStream
 from tritongpt.train.responses import Store
 from tritongpt.train.tool_calls import AutoStream, CallStream, tool_call_id
 from tritongpt.train.structured import KINDS, OPTIONS
@@ -640,8 +639,9 @@ def tool_message(tools: dict | None, text: str, finish: str) -> tuple:
         return {"role": "assistant", "content": "", "tool_calls": calls_of([(tools["name"], text)])}, finish
     if tools["choice"] == "auto":
         content, calls = tools["parser"].extract(text)
-        if not calls:
-            return {"role": "assistant", "content": text}, finish
+        if not calls:  # (a markup parser's content is never the raw text: harmony's headers are not the answer)
+            return {"role": "assistant", "content": content if getattr(tools["parser"], "markup", False) else text}, \
+                finish
         # (parallel_tool_calls false: the first call alone, vLLM's maybe_filter_parallel_tool_calls; no grammar
         # holds a free answer to one)
         return {"role": "assistant", "content": content,
@@ -2085,9 +2085,9 @@ class Completion:
             # think tokens' text kept for the parser, its structured outputs waking at </think>
             thinking = app.reasoning_parser
             self.thinks = thinking is not None and thinking.thinks(self.prompts[0], s["template_kwargs"])
-            s["think_ids"] = (thinking.start_id, thinking.end_id) if thinking is not None else ()
+            s["think_ids"] = thinking.ids if thinking is not None else ()
             s["wake"] = thinking.end_id if self.thinks else None
-            if self.thinks:  # each choice's thought's tokens (Model.draw's)
+            if s["wake"] is not None:  # each choice's thought's tokens (Model.draw's; harmony's: no one end token)
                 self.spent["thought"] = {}
         else:
             self.prompts, self.texts = handler.completion_prompts(body.get("prompt"), vocab)
@@ -2112,11 +2112,21 @@ class Completion:
             raise bad("min_tokens", f"'min_tokens' ({s['min_tokens']}) must be at most max_tokens "
                                     f"({min(self.budgets)}: the most this prompt may draw, by the context left or "
                                     "generation_config's max_new_tokens)")
+        if self.chat and s["structured"] is not None and self.thinks and s["wake"] is None:
+            # (harmony's thought ends at a run of tokens, <|channel|>final<|message|>: a grammar wakes at one token)
+            raise bad(s["structured_field"], f"'{s['structured_field']}' is not supported with --reasoning-parser "
+                                             f"{thinking.name}: its grammar would hold the reasoning too (the final "
+                                             "channel's header is several tokens, not one the grammar can wait for)")
         # (compiled now: a schema it cannot take, a 400)
         guide = app.guide(s["structured"], s["structured_field"], s["tools"], s.get("wake"))
         # a tool call ends a thought without </think> (qwen3's) only where no grammar holds the answer: a grammar
         # wakes at the </think> token, and the parser's split keeps to it
         self.thought_calls = guide is None
+        # harmony's tool parser reads the answer's own markup (its calls are messages): handed the whole text, not the
+        # reasoning parser's content (train/reasoning.py Harmony)
+        tools = s["tools"]
+        self.markup_calls = self.chat and app.reasoning_parser is not None and app.reasoning_parser.markup and \
+            tools is not None and tools["choice"] == "auto" and getattr(tools["parser"], "markup", False)
         if guide is not None:  # (and an end token its text can have, before a stream's first event)
             from tritongpt.train.generate import end_rule, masked_ends
 
@@ -2210,13 +2220,17 @@ class Completion:
         if self.chat:
             thought = None  # the reasoning this chunk sends (--reasoning-parser): the rest is the answer's text
             if self.app.reasoning_parser is not None and not role:
-                stream = self.thoughts.setdefault(index, ReasoningStream(self.app.reasoning_parser, self.thinks,
-                                                                         self.thought_calls))
+                stream = self.thoughts.setdefault(index, self.app.reasoning_parser.stream(self.thinks,
+                                                                                          self.thought_calls))
+                raw = text  # (harmony's tool parser reads it: markup_calls)
                 thought, text = stream.add(text) if text is not None else (None, None)
                 if finish is not None:
-                    thought = (thought or "") + (stream.finish() or "") or None
+                    more, rest = stream.ends()
+                    thought, text = (thought or "") + (more or "") or None, (text or "") + (rest or "") or None
                 thought = thought if self.s["include_reasoning"] else None
-                if thought is None and text is None and finish is None and lp is None:
+                if self.markup_calls:
+                    text = raw  # (the tool parser's stream sends the content: the same as the reasoning parser's)
+                elif thought is None and text is None and finish is None and lp is None:
                     return  # (a tail that may begin </think>, held: no chunk)
             delta = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
             tools = self.s["tools"]
@@ -2412,8 +2426,11 @@ class Completion:
         from tritongpt.train.reasoning import answer
 
         reasoning, content = answer(self.app.reasoning_parser, text, self.thinks, self.thought_calls)
-        message, finish = ({"role": "assistant", "content": None}, finish) if content is None else \
-            tool_message(self.s["tools"], content, finish)
+        if self.markup_calls:  # (harmony's: the tool parser reads the calls and the content from the whole text)
+            message, finish = tool_message(self.s["tools"], text, finish)
+        else:
+            message, finish = ({"role": "assistant", "content": None}, finish) if content is None else \
+                tool_message(self.s["tools"], content, finish)
         return {"role": "assistant", "reasoning": reasoning if self.s["include_reasoning"] else None, **message}, finish
 
     def usage(self, done: list) -> dict:
@@ -3258,6 +3275,7 @@ def add_server_args(p, listen: bool = False):
                    help="the syntax the model writes tool calls in, with --enable-auto-tool-choice: hermes "
                         "(<tool_call> blocks: Qwen2.5, Qwen3, Hermes), llama3_json (JSON objects: Llama 3.1+), "
                         "mistral ([TOOL_CALLS] and an array, or name[ARGS]{...} per call; 9-character call ids), "
+                        "openai (gpt-oss's harmony: to=functions.NAME messages), "
                         "pythonic ([f(a=1), g(b=\"x\")]: Llama 3.2, Llama 4), qwen3_coder (<function=f> and "
                         "<parameter=a> XML, typed by the tools' schemas: Qwen3-Coder, Qwen3.5) (default: none)")
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
@@ -3270,7 +3288,9 @@ def add_server_args(p, listen: bool = False):
                         "and </think>) and content, streamed as delta.reasoning and delta.content (vLLM's): "
                         "deepseek_r1 (DeepSeek-R1, QwQ) or qwen3 (chat_template_kwargs enable_thinking false: all "
                         "content); structured outputs and tool calls hold the answer after </think>. The tokenizer "
-                        "must have <think> and </think> tokens (default: none)")
+                        "must have <think> and </think> tokens; or openai_gptoss (gpt-oss's harmony: the analysis "
+                        "channel the reasoning, the final channel the content; its marker tokens the tokenizer's; no "
+                        "structured outputs) (default: none)")
     if listen:
         p.add_argument("--api-key", default=None, metavar="KEY",
                        help="every path but /health, /version and /metrics needs the header 'Authorization: Bearer "

@@ -11,6 +11,8 @@ a parser for that model family finds (vLLM's --tool-call-parser, vllm/entrypoint
                  [TOOL_CALLS]name[ARGS]{...} per call (v11+), or [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} (v13, the
                  call's id in the text); ids of 9 letters and digits, which its templates insist on
     pythonic     [f(a=1, b="x"), g(c=[1, 2])], a Python list of calls with literal arguments (Llama 3.2, Llama 4)
+    openai       gpt-oss's harmony messages, each <|channel|>commentary to=functions.NAME ... <|message|>{...}<|call|>
+                 a call; the content its final channel's text (harmony_split: serve hands it the answer's markup)
     qwen3_coder  text, then <tool_call><function=f><parameter=a>text</parameter></function></tool_call> (Qwen3-Coder,
                  Qwen3.5): parameter values converted by the request's tool's JSON schema types
 
@@ -585,7 +587,118 @@ class Qwen3Coder:
             return text[:at], []
 
 
-PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "pythonic": Pythonic,
+HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>")  # (a message's end: <|call|> a tool call's, <|return|> the answer's)
+HARMONY_MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>") + HARMONY_ENDS
+
+
+class HarmonyMessage:
+    """One message of a harmony answer: its header's role (None in the answer's first header: the prompt's
+    <|start|>assistant gave it), channel, recipient (to=...) and content type (<|constrain|>json, or a bare word
+    after the channel), its body's text, and whether its end marker was read (done)."""
+
+    def __init__(self, header: str, first: bool, body: str, done: bool):
+        before, _, after = header.partition("<|channel|>")
+        heads, words = before.split(), after.replace("<|constrain|>", " ").split()
+        self.role = None if first or not heads or heads[0].startswith("to=") else heads[0]
+        self.channel = words[0] if words else None
+        rest = heads + words[1:]
+        self.recipient = next((w[3:] for w in rest if w.startswith("to=")), None)
+        self.ctype = next((w for w in words[1:] if not w.startswith("to=")), None)
+        self.body, self.done = body, done
+
+    @property
+    def kind(self) -> str | None:
+        """"call" (to=functions.NAME), "reasoning" (analysis), "content" (final, and commentary without a recipient:
+        vLLM's preambles, shown to the user), or None: dropped (another role's message, a built-in tool's call, an
+        unknown channel: vLLM's chat answer has neither text nor call of them)."""
+        if self.role not in (None, "assistant"):
+            return None
+        if self.recipient is not None:
+            return "call" if self.recipient.startswith("functions.") else None
+        return {"analysis": "reasoning", "final": "content", "commentary": "content"}.get(self.channel)
+
+
+def harmony(text: str, final: bool) -> list:
+    """The messages of a gpt-oss answer's text in OpenAI's harmony format (its special tokens kept), as a small
+    state machine reads them: a header up to <|message|>, a body up to <|end|>, <|call|> or <|return|>, then
+    nothing (text there dropped) up to the next <|start|>. vLLM reads the token ids with the openai_harmony
+    library; this reads the decoded text: a marker is its special token's spelling, so a body that spells one
+    (never a token the model draws as text) would end there. The answer's first header needs no <|start|> (the
+    prompt ends <|start|>assistant). final False (a growing answer): a header not yet ended is no message, and an
+    open body is less a tail that may begin an end marker; final: an open body ends with the answer (a call whose
+    <|call|> is a stop token, left out of the text, is whole: vLLM's parser reads that token)."""
+    out, i, state, first = [], 0, "header", True
+    while i < len(text):
+        if state == "between":
+            at = text.find("<|start|>", i)
+            if at < 0:
+                break
+            i, state = at + len("<|start|>"), "header"
+        elif state == "header":
+            at = text.find("<|message|>", i)
+            if at < 0:
+                break
+            header = text[i:at]
+            header = header[header.rfind("<|start|>") + len("<|start|>"):] if "<|start|>" in header else header
+            out.append(HarmonyMessage(header, first, "", False))
+            i, state, first = at + len("<|message|>"), "body", False
+        else:
+            ends = [(text.find(m, i), m) for m in HARMONY_ENDS]
+            at, marker = min(((a, m) for a, m in ends if a >= 0), default=(-1, None))
+            if at < 0:
+                body = text[i:]
+                out[-1].body = body if final else body[:len(body) - max(held(body, m) for m in HARMONY_ENDS)]
+                out[-1].done = final
+                break
+            out[-1].body, out[-1].done = text[i:at], True
+            i, state = at + len(marker), "between"
+    return out
+
+
+def harmony_split(text: str, final: bool) -> tuple:
+    """(reasoning, content, calls [(name, body so far, content type)]) of a harmony answer: reasoning the analysis
+    messages' bodies, content the final and preamble ones', each "\n"-joined (vLLM's whole answer joins its
+    messages so; its stream sends no "\n" between them: here the stream sends what the whole answer has). A text
+    with no harmony marker at all is all content once whole (vLLM's parser finds no message in it: no content)."""
+    if final and not any(m in text for m in HARMONY_MARKERS):
+        return None, text or None, []
+    parts = {"reasoning": [], "content": [], "call": []}
+    for m in harmony(text, final):
+        if m.kind is not None:
+            parts[m.kind].append(m)
+    reasoning, content = ("\n".join(m.body for m in parts[k]) or None for k in ("reasoning", "content"))
+    return reasoning, content, [(m.recipient.split("functions.", 1)[1], m.body, m.ctype) for m in parts["call"]]
+
+
+def harmony_arguments(body: str, ctype) -> str:
+    """A harmony call's arguments as vLLM's openai parser gives them: JSON (no content type, or one naming json)
+    read and written anew; text that does not parse kept as written (vLLM's too: a call with those arguments)."""
+    if ctype is not None and "json" not in ctype:
+        return body
+    try:
+        return json.dumps(json.loads(body), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return body
+
+
+class OpenAI:
+    """gpt-oss's harmony calls (vLLM's openai parser): each message addressed to=functions.NAME is a call, its body
+    the arguments; the content the final channel's text, and commentary preambles' (harmony_split). The parser reads
+    the answer's markup, not a reasoning parser's content: serve hands it the whole text (Harmony's markup), and its
+    content is the answer's even where it finds no call (markup: the raw text is never content)."""
+    short_ids, keeps_specials, needs_tools, needs_ids, markup = False, True, False, False, True
+
+    def extract(self, text: str) -> tuple:
+        _, content, calls = harmony_split(text, True)
+        return content, [(name, harmony_arguments(body, ctype)) for name, body, ctype in calls]
+
+    def scan(self, text: str, final: bool) -> tuple:
+        # (the arguments streamed as drawn, vLLM's: the whole answer's are written anew)
+        _, content, calls = harmony_split(text, final)
+        return content or "", [(name, body) for name, body, _ in calls]
+
+
+PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "openai": OpenAI, "pythonic": Pythonic,
            "qwen3_coder": Qwen3Coder}
 
 
@@ -619,7 +732,9 @@ class AutoStream:
         """(content, tool_calls deltas) the answer's end sends: what add held back."""
         content, calls = self.parser.scan(self.text, True)
         _, whole = self.parser.extract(self.text)
-        if not whole and not self.sent:  # (no call after all: a Llama answer in JSON, a marker never written whole)
+        # (no call after all: a Llama answer in JSON, a marker never written whole; a markup parser's content is
+        # its scan's, never the raw text)
+        if not whole and not self.sent and not getattr(self.parser, "markup", False):
             return self._content(self.text), []
         # (and calls the scan could not follow, their arguments before their name: sent whole)
         return self._content(content), self.deltas((calls + whole[len(calls):])[:self.most])
