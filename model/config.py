@@ -164,6 +164,11 @@ class GPTConfig:
     experts_per_token: int = 2
     moe_norm_topk: bool = True
     moe_aux_loss: float = 0.0
+    # Qwen2-MoE's shared expert: beside its routed top k, every token goes through one more gated MLP (the same
+    # mlp, no biases) of hidden size moe_shared_hidden (shared_expert_intermediate_size), its output scaled by
+    # sigmoid(x w_g), w_g a [1, n_embd] gate of its own, and added to the routed sum. 0: none (Mixtral, Qwen3-MoE,
+    # OLMoE). Always gated: DeepSeek's ungated shared experts are another function, not read.
+    moe_shared_hidden: int = 0
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -371,8 +376,9 @@ class GPTConfig:
                             "gelu_approximate 'tanh'")
 
     def _check_moe_fields(self):
-        """n_experts, experts_per_token, moe_norm_topk and moe_aux_loss (Mixtral, Qwen3-MoE, OLMoE): checked by name."""
-        for name, low in (("n_experts", 0), ("experts_per_token", 1)):
+        """n_experts, experts_per_token, moe_norm_topk, moe_aux_loss and moe_shared_hidden (Mixtral, Qwen3-MoE,
+        OLMoE, Qwen2-MoE): checked by name."""
+        for name, low in (("n_experts", 0), ("experts_per_token", 1), ("moe_shared_hidden", 0)):
             value = getattr(self, name)
             if not is_int(value) or value < low:
                 raise UserError(f"GPTConfig.{name} must be an integer >= {low}, got {value!r}")
@@ -388,6 +394,10 @@ class GPTConfig:
             if self.moe_aux_loss:
                 raise UserError(f"GPTConfig.moe_aux_loss {self.moe_aux_loss:g} balances a router's load, and this "
                                 "model has none (n_experts 0): set n_experts or leave moe_aux_loss 0")
+            if self.moe_shared_hidden:
+                raise UserError(f"GPTConfig.moe_shared_hidden {self.moe_shared_hidden} is the width of a shared "
+                                "expert beside routed ones, and this model has none (n_experts 0): set n_experts or "
+                                "leave moe_shared_hidden 0")
             return
         if self.mlp not in GATED_MLPS:
             raise UserError(f"GPTConfig.n_experts {self.n_experts}: the experts are gated MLPs (mlp 'swiglu' or "

@@ -11,7 +11,8 @@ a state_dict moves freely between the two paths.
     SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused;
                                                      GeGLU's gelu(g) * u too)
     MoEFeedForward      <->  kernels/moe.py         (routing in torch; moe_mlp: every expert in grouped GEMMs over
-                                                     the assignments sorted by expert, the weighted sum in torch)
+                                                     the assignments sorted by expert, the weighted sum in torch;
+                                                     Qwen2-MoE's shared expert a SwiGLUFeedForward: kernels/swiglu.py)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped;
                                                      its q/k norms are GPTConfig.norm's, RMSNorm or LayerNorm:
                                                      per head, OLMo 2's rows of n_head * head_dim, or
@@ -279,7 +280,7 @@ class SwiGLUFeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE): n_experts gated MLPs and a router.
+    """Mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE): n_experts gated MLPs and a router.
 
     router [E, C] scores each token; softmax over the E scores (fp32); the token goes to its top_k experts with
     those probabilities as weights, renormalized to sum to 1 over the k when norm_topk (Mixtral's). Expert e
@@ -290,13 +291,18 @@ class MoEFeedForward(nn.Module):
     The router's logits of the last forward stay on the module (router_logits, [tokens, E]) for the
     load-balancing loss (load_balancing_loss), which GPTModel.forward adds when GPTConfig.moe_aux_loss is set.
 
+    shared_hidden > 0 (Qwen2-MoE's shared expert): one more gated MLP of that width, no biases, that every token
+    goes through, scaled by sigmoid(shared_gate(x)) ([C] -> 1 a token) and added to the routed sum:
+    out = sum_k w_k expert_k(x) + sigmoid(x g^T) shared_expert(x). It is a SwiGLUFeedForward (w_gate, w_up,
+    w_down Linears), so its Triton path is the dense MLP's kernel, kernels/swiglu.py.
+
     Triton twin: the same routing in torch, then every expert at once through kernels/moe.py's moe_mlp (grouped
     GEMMs over the assignments sorted by expert: two launches forward, four backward, whatever E), which gives
     each token's k outputs unweighted; the weighted sum over k is torch's, as the router's gradient flows there.
     """
 
     def __init__(self, n_embd: int, hidden: int, n_experts: int, top_k: int, norm_topk: bool = True,
-                 dropout: float = 0.0, activation: str = "silu"):
+                 dropout: float = 0.0, activation: str = "silu", shared_hidden: int = 0):
         super().__init__()
         assert activation in GATES, f"activation must be one of {', '.join(GATES)}"
         assert 1 <= top_k <= n_experts, "top_k must be in [1, n_experts]"
@@ -307,6 +313,9 @@ class MoEFeedForward(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, n_embd, hidden))
         for w in (self.w_gate, self.w_up, self.w_down):  # GPTModel scales w_down's std by depth, as Linear's
             nn.init.normal_(w, mean=0.0, std=0.02)
+        # (its own dropout 0: the module's dropout is applied once, to the sum)
+        self.shared_expert = SwiGLUFeedForward(n_embd, shared_hidden, 0.0, False, activation) if shared_hidden else None
+        self.shared_gate = nn.Linear(n_embd, 1, bias=False) if shared_hidden else None
         self.drop = nn.Dropout(dropout)
         self.use_triton = False
         self.router_logits = None
@@ -336,7 +345,7 @@ class MoEFeedForward(nn.Module):
             # y [N, k, C] unweighted; the weighted sum stays here so the router gets its gradient through it.
             # top-k's ids are in range by construction: no check (it would read a flag back from the GPU)
             y = moe_mlp(x, experts, self.w_gate, self.w_up, self.w_down, self.activation, check_experts=False)
-            out = (y * weights[..., None].to(y.dtype)).sum(1)
+            out = self._plus_shared(x, (y * weights[..., None].to(y.dtype)).sum(1))
             return self.drop(out.view(shape))
         # under autocast x is fp32 and each expert's output bf16 (its matmuls'): the sum is kept in x's dtype and
         # the result is the experts' dtype, as the Triton path's weighted sum of its bf16 y
@@ -350,7 +359,14 @@ class MoEFeedForward(nn.Module):
             dtype = ye.dtype
             # in place: no [N, C] per expert
             out.index_add_(0, token, (ye * weights[token, slot, None].to(ye.dtype)).to(out.dtype))
-        return self.drop(out.to(dtype).view(shape))
+        return self.drop(self._plus_shared(x, out.to(dtype)).view(shape))
+
+    def _plus_shared(self, x, out):
+        """The routed sum out [N, C] plus the shared expert's output gated by sigmoid(shared_gate(x)), when there
+        is one (the order of transformers' Qwen2MoeSparseMoeBlock: routed + gated shared)."""
+        if self.shared_expert is None:
+            return out
+        return out + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
 
 
 def load_balancing_loss(router_logits, top_k: int, mask=None):
@@ -846,7 +862,7 @@ class TransformerBlock(nn.Module):
         self.post_ff_norm = make_norm(cfg) if cfg.post_norms else None
         if cfg.n_experts:
             self.ff = MoEFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.n_experts, cfg.experts_per_token, cfg.moe_norm_topk,
-                                     cfg.dropout, "gelu" if cfg.mlp == "geglu" else "silu")
+                                     cfg.dropout, "gelu" if cfg.mlp == "geglu" else "silu", cfg.moe_shared_hidden)
         elif cfg.mlp in ("swiglu", "geglu"):
             self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias,
                                         "gelu" if cfg.mlp == "geglu" else "silu")
