@@ -194,11 +194,12 @@ def test_a_head_dim_the_weights_do_not_have_and_another_family_are_refused_by_na
     cfg_json.write_text(json.dumps({**d, "head_dim": 16}))
     with pytest.raises(UserError, match="config.json says head_dim 16, but the weights have 32"):
         load_checkpoint(path)
-    cfg_json.write_text(json.dumps({**d, "model_type": "qwen2_moe"}))  # (olmoe is read: train/moe_weights.py)
-    with pytest.raises(UserError, match="config.json says model_type 'qwen2_moe': not a GPT-2 model \\(tritongpt "
+    # (olmoe and qwen2_moe are read: train/moe_weights.py)
+    cfg_json.write_text(json.dumps({**d, "model_type": "deepseek_v2"}))
+    with pytest.raises(UserError, match="config.json says model_type 'deepseek_v2': not a GPT-2 model \\(tritongpt "
                                         "reads Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, "
                                         "gemma2, gemma3_text, olmo2, olmo3, gpt_neox, phi, phi3, stablelm, mixtral, "
-                                        "qwen3_moe and olmoe models\\)"):
+                                        "qwen3_moe, olmoe and qwen2_moe models\\)"):
         load_checkpoint(path)
     # OLMo 2's loader reads its own block: a Qwen3 folder called one has input norms OLMo 2 has not
     cfg_json.write_text(json.dumps({**d, "model_type": "olmo2"}))

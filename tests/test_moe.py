@@ -403,7 +403,9 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind,change,match", [
-    ("qwen3_moe", {"shared_expert_intermediate_size": 16}, "shared_expert_intermediate_size 16 \\(shared experts"),
+    ("qwen3_moe", {"shared_expert_intermediate_size": 16},
+     "shared_expert_intermediate_size 16 \\(a gated shared expert, Qwen2-MoE's: read under model_type qwen2_moe\\)"),
+    ("olmoe", {"n_shared_experts": 2}, "n_shared_experts 2 \\(shared experts beside the routed ones, as DeepSeek's"),
     ("mixtral", {"scoring_func": "sigmoid"}, "scoring_func 'sigmoid'.*softmax then top k"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers \\[1\\].*dense layers among the MoE ones"),
     ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step 2: dense layers"),

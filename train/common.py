@@ -506,8 +506,8 @@ def add_moe_aux_arg(p) -> None:
                    help="a mixture-of-experts --init: add COEF times the routers' load-balancing loss to the "
                         "training loss (GPTConfig.moe_aux_loss, saved with the model; Mixtral trains with 0.02). "
                         "Default: what --init's config has (a pretrain run's --moe-aux-loss; a Hugging Face "
-                        "Mixtral, Qwen3-MoE or OLMoE folder: 0, a GraniteMoE one's router_aux_loss_coef where its "
-                        "output_router_logits is true, as transformers adds it)")
+                        "Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder: 0, a GraniteMoE one's router_aux_loss_coef "
+                        "where its output_router_logits is true, as transformers adds it)")
 
 
 def set_moe_aux_loss(model, args) -> None:

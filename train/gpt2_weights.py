@@ -425,7 +425,7 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     if d.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
                         "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
-                        "olmo2, olmo3, gpt_neox, phi, phi3, stablelm, mixtral, qwen3_moe and olmoe models)")
+                        "olmo2, olmo3, gpt_neox, phi, phi3, stablelm, mixtral, qwen3_moe, olmoe and qwen2_moe models)")
     return d
 
 
@@ -1000,15 +1000,15 @@ def plain_block_refusals(cfg: GPTConfig, family: str) -> tuple:
 def refuse_moe_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool = False,
                        bias_free_norms: bool = False, logit_scale: bool = False, per_head_qk: bool = False,
                        mup: bool = False) -> None:
-    """Mixture-of-experts MLPs (n_experts), which only a Mixtral, Qwen3-MoE or OLMoE folder can say: refused by
-    name, before the MLP's other fields (a MoE model's gated MLP would be named a SwiGLU one otherwise). Then
+    """Mixture-of-experts MLPs (n_experts), which only a Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder can say:
+    refused by name, before the MLP's other fields (a MoE model's gated MLP would be named a SwiGLU one otherwise). Then
     refuse_norm_touches (embed_norm, bias_free_norms, logit_scale: the family has BLOOM's embedding norm, MPT's
     and Cohere's norms, Cohere's scaled logits, per_head_qk: StableLM's and Cohere's q/k norms of each head's own)."""
     refuse_norm_touches(cfg, family, what, embed_norm, bias_free_norms, logit_scale, per_head_qk, mup)
     if cfg.n_experts:
         raise UserError(f"this model's MLPs are {cfg.n_experts} experts with a router (n_experts: a mixture of "
                         f"experts), which Hugging Face's {family} does not have: it cannot be exported as {what} (a "
-                        "Mixtral, Qwen3-MoE or OLMoE folder may take it)")
+                        "Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder may take it)")
 
 
 def refuse_norm_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool = False,

@@ -452,7 +452,7 @@ def refuse_not_llama(model: GPTModel, what: str, family: str | None = None) -> N
                           "where SmolLM3's linear layers have biases all or none")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    refuse_gemma_touches(cfg, family, what, layer_types=family in ("Qwen2", "Qwen3", "SmolLM3"))
+    refuse_gemma_touches(cfg, family, what, layer_types=family in ("Qwen2", "Qwen3", "SmolLM3", "Qwen2-MoE"))
     if family != "Phi-3":
         refuse_phi3_touches(cfg, family, what)
 

@@ -1,4 +1,4 @@
-"""Mixture-of-experts weights (Mixtral, Qwen3-MoE, OLMoE) into GPTModel, and back out.
+"""Mixture-of-experts weights (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE) into GPTModel, and back out.
 
 Each is a Llama-shaped model whose MLPs are GPTConfig.n_experts SwiGLU experts and a router (MoEFeedForward):
 - Mixtral: Mistral's attention (its sliding window, null in the published configs), a router per block
@@ -8,10 +8,17 @@ Each is a Llama-shaped model whose MLPs are GPTConfig.n_experts SwiGLU experts a
   config.json with dense layers (mlp_only_layers, decoder_sparse_step) is refused by name.
 - OLMoE: Qwen3-MoE's tensor names, q/k RMSNorms over the whole projection (qk_norm_width "all"), the top k
   weights not renormalized (norm_topk_prob false); clip_qkv refused.
+- Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2's attention (q/k/v biases, qkv_bias; its window in the
+  layers layer_types names), Qwen3-MoE's expert names and widths, renormalized when norm_topk_prob (false in
+  Qwen1.5-MoE), and a shared expert: mlp.shared_expert.gate_proj / up_proj / down_proj of hidden size
+  shared_expert_intermediate_size, scaled by sigmoid(mlp.shared_expert_gate(x)) (GPTConfig.moe_shared_hidden).
+  Dense layers (mlp_only_layers, decoder_sparse_step) refused by name, as Qwen3-MoE's.
 The Hub's folders hold one tensor per expert (those names); transformers 5 merges them into gate_up_proj
 [E, 2H, C] and down_proj [E, C, H] when it loads and splits them back when it saves, so either layout is read
-here and the per-expert one is written. What a config.json asks that this model does not compute (shared
-experts, another router, biases, another activation) is refused by name.
+here and the per-expert one is written. What a config.json asks that this model does not compute (another
+family's shared experts: DeepSeek's ungated ones; another router, biases, another activation) is refused by name.
+Each reads router_aux_loss_coef as 0 (transformers adds it only with output_router_logits, false in the Hub's
+folders) and writes GPTConfig.moe_aux_loss there with output_router_logits false.
 """
 from pathlib import Path
 
@@ -25,22 +32,30 @@ from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_jso
                                           weights_file, write_hf_folder)
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, _sliding_window, hf_shapes, shape_fields
 
-FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
-_NAMES = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE"}
+FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM"}
+_NAMES = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE"}
 FAMILY_NAMES = tuple(_NAMES.values())
-# (router, the expert names of gate, up, down) under "layers.{i}.": Mixtral's, then Qwen3-MoE's and OLMoE's
+# (router, the expert names of gate, up, down) under "layers.{i}.": Mixtral's, then Qwen3-MoE's, OLMoE's and
+# Qwen2-MoE's (whose shared expert has the same three names under mlp.shared_expert)
 _MOE = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
         "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-        "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+        "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+# Qwen2-MoE's shared expert: (ours under trf_blocks.{i}.ff., theirs under layers.{i}.mlp.)
+_SHARED_EXPERT = (("shared_expert.w_gate", "shared_expert.gate_proj"), ("shared_expert.w_up", "shared_expert.up_proj"),
+                  ("shared_expert.w_down", "shared_expert.down_proj"), ("shared_gate", "shared_expert_gate"))
+_QKV = ("att.W_query", "att.W_key", "att.W_value")
 _ATT = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
         ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"))
 _QK_NORMS = (("att.q_norm", "self_attn.q_norm"), ("att.k_norm", "self_attn.k_norm"))
-# config.json keys of other MoE designs, refused by name when they would change the function
+# config.json keys of other MoE designs, refused by name when they would change the function (Qwen2-MoE's own
+# shared_expert_intermediate_size is read: its shared expert is gated, GPTConfig.moe_shared_hidden)
 _SHARED = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
 
 
 def is_moe_file(path) -> bool:
-    """A Hugging Face Mixtral, Qwen3-MoE or OLMoE model.safetensors: its config.json says that model_type, or
+    """A Hugging Face Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE model.safetensors: its config.json says that model_type, or
     without one, its tensors have Mixtral's names (block_sparse_moe)."""
     cfg_json = Path(path).parent / "config.json"
     if cfg_json.is_file() and "model_type" in (d := read_json_object(cfg_json)):
@@ -78,13 +93,21 @@ def _refuse(d: dict, kind: str, cfg_json) -> None:
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's experts compute 'silu' only")
     for key in _SHARED:
+        if kind == "qwen2_moe" and key == "shared_expert_intermediate_size":
+            continue  # Qwen2-MoE's gated shared expert, read (moe_shared_hidden)
         if d.get(key):
-            raise UserError(f"{cfg_json} has {key} {d[key]!r} (shared experts beside the routed ones, as Qwen2-MoE's "
-                            f"and DeepSeek's); {name} and this model route every token to its top k experts only")
-    if config_flag(d, "attention_bias", False, cfg_json, kind) or config_flag(d, "mlp_bias", False, cfg_json, kind):
+            which = ("a gated shared expert, Qwen2-MoE's: read under model_type qwen2_moe"
+                     if key == "shared_expert_intermediate_size" else
+                     "shared experts beside the routed ones, as DeepSeek's, ungated")
+            raise UserError(f"{cfg_json} has {key} {d[key]!r} ({which}); {name} routes every token to its top k "
+                            "experts" + (" and one shared expert scaled by a sigmoid gate only" if kind == "qwen2_moe"
+                                         else " only"))
+    # (Qwen2MoeConfig has no attention_bias: its q/k/v biases are qkv_bias, read in _check_hf_config)
+    if kind != "qwen2_moe" and (config_flag(d, "attention_bias", False, cfg_json, kind)
+                                or config_flag(d, "mlp_bias", False, cfg_json, kind)):
         raise UserError(f"{cfg_json} has attention_bias {d.get('attention_bias')!r} and mlp_bias "
                         f"{d.get('mlp_bias')!r}; this model reads {name} without biases only")
-    if kind == "qwen3_moe":
+    if kind in ("qwen3_moe", "qwen2_moe"):
         if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
             raise UserError(f"{cfg_json} has mlp_only_layers {d.get('mlp_only_layers')!r} and decoder_sparse_step "
                             f"{d.get('decoder_sparse_step', 1)!r}: dense layers among the MoE ones, where this model's "
@@ -97,7 +120,8 @@ def _refuse(d: dict, kind: str, cfg_json) -> None:
 
 
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
-    """The GPTConfig of a Mixtral, Qwen3-MoE or OLMoE config.json, checked against the tensors beside it."""
+    """The GPTConfig of a Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE config.json, checked against the tensors beside
+    it."""
     d = read_json_object(cfg_json)
     kind = d.get("model_type", "mixtral")
     _refuse(d, kind, cfg_json)
@@ -107,8 +131,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         if key in d and d[key] != n_experts:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the router scores {n_experts} experts")
     # hf_shapes reads a dense MLP's width: the experts' is intermediate_size (Mixtral's, OLMoE's) or
-    # moe_intermediate_size (Qwen3-MoE's, whose intermediate_size is the dense layers' it has none of)
-    width_key = "moe_intermediate_size" if kind == "qwen3_moe" else "intermediate_size"
+    # moe_intermediate_size (Qwen3-MoE's and Qwen2-MoE's, whose intermediate_size is the dense layers' it has none of)
+    width_key = "moe_intermediate_size" if kind in ("qwen3_moe", "qwen2_moe") else "intermediate_size"
     shapes = hf_shapes({k: v for k, v in d.items() if k != "intermediate_size"} | (
         {"intermediate_size": d[width_key]} if width_key in d else {}),
         {**sd, "layers.0.mlp.gate_proj.weight": gate0}, cfg_json, _NAMES[kind])
@@ -118,17 +142,46 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
                       if kind == "mixtral" else
                       (d.get("sliding_window", 4096) or 0, "all")
                       if kind == "qwen3_moe" and config_flag(d, "use_sliding_window", False, cfg_json, kind)
-                      else (0, "all"))
+                      else _qwen2_moe_window(d, shapes[3], cfg_json) if kind == "qwen2_moe" else (0, "all"))
     # MixtralConfig's base when none is said is 1000000 (4.x and 5), Qwen3-MoE's and OLMoE's 10000
     theta, scaling = _rope_theta(d, cfg_json, 1_000_000.0 if kind == "mixtral" else 10000.0)
     norm_topk = True if kind == "mixtral" else config_flag(d, "norm_topk_prob", False, cfg_json, kind)
+    # Qwen2-MoE: Qwen2's q/k/v biases (qkv_bias, true unless said; transformers 4.x has them always) and the
+    # shared expert, its width the tensors' (Qwen2MoeConfig's default 5632 when config.json names none)
+    qkv_bias = kind == "qwen2_moe" and config_flag(d, "qkv_bias", True, cfg_json, kind)
+    shared = 0
+    if kind == "qwen2_moe":
+        gate = sd.get("layers.0.mlp.shared_expert.gate_proj.weight")
+        if gate is None:
+            raise UserError(f"{cfg_json.parent}: not a Qwen2-MoE model, missing tensor "
+                            "'layers.0.mlp.shared_expert.gate_proj.weight' (the shared expert)")
+        shared = gate.shape[0]
+        said = d.get("shared_expert_intermediate_size", 5632)
+        if said != shared:
+            raise UserError(f"{cfg_json} says shared_expert_intermediate_size {said!r}"
+                            f"{'' if 'shared_expert_intermediate_size' in d else ' (not said: the default)'}, but "
+                            f"the shared expert's weights have {shared}")
     return config_json_gptconfig(
         cfg_json, {**LLAMA_KEYS, "experts_per_token": "num_experts_per_tok"}, **shape_fields(shapes, sd, d, cfg_json),
-        context_length=d.get("max_position_embeddings", 2048), bias=False, attention_window=window,
-        window_layers=layers, qk_norm=kind != "mixtral", qk_norm_width="all" if kind == "olmoe" else "head",
-        position_encoding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
-        norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", n_experts=n_experts, experts_per_token=k,
-        moe_norm_topk=norm_topk)
+        context_length=d.get("max_position_embeddings", 2048), bias=False, qkv_bias_only=qkv_bias,
+        attention_window=window, window_layers=layers, qk_norm=kind not in ("mixtral", "qwen2_moe"),
+        qk_norm_width="all" if kind == "olmoe" else "head", position_encoding="rope", rope_theta=theta,
+        rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu",
+        n_experts=n_experts, experts_per_token=k, moe_norm_topk=norm_topk, moe_shared_hidden=shared)
+
+
+def _qwen2_moe_window(d: dict, n_layer: int, cfg_json) -> tuple:
+    """(attention_window, window_layers) of a Qwen2-MoE config.json: none unless use_sliding_window, then the
+    layers its layer_types name "sliding_attention" (Qwen2's reading). Without layer_types the layers are
+    transformers' guess, and its versions guess apart (4.x: from max_window_layers on; 5: the even layers below
+    it): refused by name rather than read as one of them."""
+    if not config_flag(d, "use_sliding_window", False, cfg_json, "qwen2_moe"):
+        return 0, "all"
+    if not d.get("layer_types"):
+        raise UserError(f"{cfg_json} has use_sliding_window true and no layer_types: which layers slide their window "
+                        "is transformers' guess from max_window_layers, and its versions guess differently; add "
+                        "layer_types (one 'sliding_attention' or 'full_attention' a layer)")
+    return _sliding_window(d, "qwen2", n_layer, cfg_json)
 
 
 def _our_tensors(sd: dict, cfg: GPTConfig, kind: str, path) -> dict:
@@ -140,6 +193,10 @@ def _our_tensors(sd: dict, cfg: GPTConfig, kind: str, path) -> dict:
     for i in range(cfg.n_layer):
         for mine, theirs in _ATT + (_QK_NORMS if cfg.qk_norm else ()):
             ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
+            if cfg.qkv_bias_only and mine in _QKV:  # Qwen2-MoE's q/k/v biases
+                ours[f"trf_blocks.{i}.{mine}.bias"] = sd[f"layers.{i}.{theirs}.bias"]
+        for mine, theirs in _SHARED_EXPERT if cfg.moe_shared_hidden else ():
+            ours[f"trf_blocks.{i}.ff.{mine}.weight"] = sd[f"layers.{i}.{block}.{theirs}.weight"]
         ours[f"trf_blocks.{i}.ff.router.weight"] = sd[f"layers.{i}.{block}.gate.weight"]
         gate, up, down = _experts(sd, i, kind, cfg.n_experts, path)
         ours[f"trf_blocks.{i}.ff.w_gate"], ours[f"trf_blocks.{i}.ff.w_up"] = gate, up
@@ -148,8 +205,8 @@ def _our_tensors(sd: dict, cfg: GPTConfig, kind: str, path) -> dict:
 
 
 def load_moe_safetensors(path) -> GPTModel:
-    """GPTModel with the weights of a Hugging Face Mixtral, Qwen3-MoE or OLMoE model.safetensors (or shard index)
-    and its config.json beside it."""
+    """GPTModel with the weights of a Hugging Face Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE model.safetensors (or
+    shard index) and its config.json beside it."""
     path = weights_file(path, "MoE")
     cfg_json = path.parent / "config.json"
     if not cfg_json.is_file():
@@ -170,8 +227,10 @@ def load_moe_safetensors(path) -> GPTModel:
 
 # -- export ------------------------------------------------------------------------------------------------
 def hf_family(cfg: GPTConfig) -> str:
-    """The model_type a MoE model is written as: olmoe with q/k norms over the whole projection, qwen3_moe with
-    per-head ones, else mixtral."""
+    """The model_type a MoE model is written as: qwen2_moe with a shared expert (only Qwen2-MoE has one), olmoe
+    with q/k norms over the whole projection, qwen3_moe with per-head ones, else mixtral."""
+    if cfg.moe_shared_hidden:
+        return "qwen2_moe"
     if cfg.qk_norm:
         return "olmoe" if cfg.qk_norm_width == "all" else "qwen3_moe"
     return "mixtral"
@@ -182,8 +241,9 @@ def family_name(cfg: GPTConfig) -> str:
 
 
 def refuse_not_moe(model: GPTModel, what: str) -> None:
-    """A MoE model that Mixtral, Qwen3-MoE or OLMoE cannot say, refused by name: the Llama-shaped fields
-    (refuse_not_llama's), then the family's router (Mixtral always renormalizes the top k) and window."""
+    """A MoE model that Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE cannot say, refused by name: the Llama-shaped
+    fields (refuse_not_llama's), then the family's router (Mixtral always renormalizes the top k), window, biases
+    (Qwen2-MoE's q/k/v ones only) and q/k norms (none in Qwen2-MoE)."""
     from dataclasses import replace
 
     from tritongpt.train.llama_weights import refuse_not_llama
@@ -194,7 +254,12 @@ def refuse_not_moe(model: GPTModel, what: str) -> None:
         raise UserError(f"this model has a dense MLP (n_experts 0): it cannot be exported as {what}")
     refuse_per_head_qk(cfg, family, what)  # before the dense twin below forgets it
     for differs, why in ((cfg.mlp != "swiglu", f"has {cfg.mlp.upper()} experts, where {family}'s are SwiGLU"),
-                         (cfg.bias or cfg.qkv_bias_only, f"has biases, where {family} has none"),
+                         (cfg.bias, f"has biases, where {family} has none" + (" but on q, k and v" if
+                                                                               family == "Qwen2-MoE" else "")),
+                         (cfg.qkv_bias_only and family != "Qwen2-MoE", f"has biases on q, k and v only (Qwen2's), "
+                          f"where {family} has none (Qwen2-MoE has them, and a shared expert this model has not)"),
+                         (family == "Qwen2-MoE" and cfg.qk_norm, "normalizes q and k (qk_norm), where Qwen2-MoE, "
+                          "which has a shared expert as this model does, does not"),
                          # refuse_not_llama below takes them as SmolLM3's, a dense family
                          (cfg.nope_layers != "", f"has layers without RoPE ({cfg.nope_layers}), which {family} "
                           "does not"),
@@ -210,9 +275,9 @@ def refuse_not_moe(model: GPTModel, what: str) -> None:
                           "every layer")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    # the attention is a Mistral's (Mixtral), a Qwen3's (Qwen3-MoE) or an OLMo-style one (OLMoE): Llama's checks
-    # on a dense twin, less the OLMo q/k norm OLMoE has
-    dense = replace(cfg, n_experts=0, moe_aux_loss=0.0, qk_norm_width="head")
+    # the attention is a Mistral's (Mixtral), a Qwen3's (Qwen3-MoE), an OLMo-style one (OLMoE) or a Qwen2's
+    # (Qwen2-MoE): Llama's checks on a dense twin, less the OLMo q/k norm OLMoE has
+    dense = replace(cfg, n_experts=0, moe_aux_loss=0.0, moe_shared_hidden=0, qk_norm_width="head")
     refuse_not_llama(_Shell(dense), what, family)
 
 
@@ -224,7 +289,8 @@ class _Shell:
 
 
 def _hf_tensors(model: GPTModel) -> dict:
-    """Our parameters under the family's Hub names, one tensor per expert; the padding rows dropped."""
+    """Our parameters under the family's Hub names, one tensor per expert; the padding rows dropped. Qwen2-MoE's
+    q/k/v biases are zeros where the model has none (its attention always has them in transformers 4.x)."""
     cfg = model.config
     kind = hf_family(cfg)
     block, (gate, up, down) = _MOE[kind]
@@ -233,7 +299,11 @@ def _hf_tensors(model: GPTModel) -> dict:
     hf = {"embed_tokens.weight": sd["tok_emb.weight"][:V], "norm.weight": sd["final_norm.weight"]}
     for i in range(cfg.n_layer):
         for mine, theirs in _ATT + (_QK_NORMS if cfg.qk_norm else ()):
-            hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
+            w = hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
+            if kind == "qwen2_moe" and mine in _QKV:
+                hf[f"layers.{i}.{theirs}.bias"] = sd.get(f"trf_blocks.{i}.{mine}.bias", w.new_zeros(w.shape[0]))
+        for mine, theirs in _SHARED_EXPERT if kind == "qwen2_moe" else ():
+            hf[f"layers.{i}.{block}.{theirs}.weight"] = sd[f"trf_blocks.{i}.ff.{mine}.weight"]
         hf[f"layers.{i}.{block}.gate.weight"] = sd[f"trf_blocks.{i}.ff.router.weight"]
         for ours, theirs in (("w_gate", gate), ("w_up", up), ("w_down", down)):
             for e, w in enumerate(sd[f"trf_blocks.{i}.ff.{ours}"]):
@@ -245,8 +315,8 @@ def _hf_tensors(model: GPTModel) -> dict:
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
-    """MixtralConfig, Qwen3MoeConfig or OlmoeConfig fields (config.json) for this model; what _check_hf_config
-    reads back."""
+    """MixtralConfig, Qwen3MoeConfig, OlmoeConfig or Qwen2MoeConfig fields (config.json) for this model; what
+    _check_hf_config reads back."""
     kind = hf_family(cfg)
     d = {"model_type": kind, "architectures": [FAMILIES[kind]], "vocab_size": cfg.vocab_size,
          "max_position_embeddings": cfg.context_length, "hidden_size": cfg.n_embd,
@@ -265,13 +335,22 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
         d.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.ff_hidden, norm_topk_prob=cfg.moe_norm_topk,
                  decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=bool(window), sliding_window=window,
                  attention_bias=False)
+    elif kind == "qwen2_moe":
+        # the window's layers said one by one (layer_types): transformers' guess from max_window_layers differs
+        # between its versions
+        types = ["sliding_attention" if window and i in cfg.local_layers else "full_attention"
+                 for i in range(cfg.n_layer)]
+        d.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.ff_hidden, norm_topk_prob=cfg.moe_norm_topk,
+                 shared_expert_intermediate_size=cfg.moe_shared_hidden, decoder_sparse_step=1, mlp_only_layers=[],
+                 qkv_bias=True, use_sliding_window=bool(window), sliding_window=window, layer_types=types,
+                 max_window_layers=cfg.n_layer)
     else:
         d.update(num_experts=cfg.n_experts, norm_topk_prob=cfg.moe_norm_topk, clip_qkv=None, attention_bias=False)
     return d
 
 
 def export_moe(model: GPTModel, out_dir, eos_token_id: int | None = None, overwrite: bool = False) -> list:
-    """Write model as a Hugging Face Mixtral, Qwen3-MoE or OLMoE folder (hf_family): model.safetensors and
+    """Write model as a Hugging Face Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder (hf_family): model.safetensors and
     config.json, which transformers.AutoModelForCausalLM.from_pretrained(out_dir) and load_checkpoint both read.
     Returns the paths written; refuses to replace them unless overwrite."""
     refuse_not_moe(model, f"{'an' if hf_family(model.config) == 'olmoe' else 'a'} {family_name(model.config)} folder")

@@ -1258,8 +1258,8 @@ class TextStream:
 
 def export_target(cfg) -> tuple:
     """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches it has:
-    Granite's or GraniteMoe's (muP multipliers, or scaled logits on RMSNorm blocks), Mixtral's, Qwen3-MoE's or
-    OLMoE's for a mixture of experts (n_experts), BLOOM's (ALiBi with embed_norm), MPT's
+    Granite's or GraniteMoe's (muP multipliers, or scaled logits on RMSNorm blocks), Mixtral's, Qwen3-MoE's,
+    Qwen2-MoE's or OLMoE's for a mixture of experts (n_experts), BLOOM's (ALiBi with embed_norm), MPT's
     (ALiBi without biases), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then
     Gemma's (scaled embeddings, sandwich norms, GeGLU...), Cohere's (a SwiGLU MLP in a shared-norm parallel block
     over LayerNorms, or scaled logits; Cohere2's with local layers), StableLM's (LayerNorms with SwiGLU), Phi-3's
