@@ -83,42 +83,58 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """permute_qk's inverse (gguf_import.py): a llama file's interleaved rows back to rotate-half order."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# Our parameter names -> GGUF's (convert_hf_to_gguf.py's), written here and read back by gguf_import.py. Whole-model
+# tensors; then each block's (trf_blocks.{i}.X -> blk.{i}.Y); GPT-2 fuses q, k and v in one attn_qkv (GPT2_QKV).
+GGUF_TOP = (("tok_emb", "token_embd"), ("final_norm", "output_norm"), ("out_head", "output"))
+GGUF_LAYER = {
+    "gpt2": (("att.out_proj", "attn_output"), ("ff.fc1", "ffn_up"), ("ff.fc2", "ffn_down"), ("norm1", "attn_norm"),
+             ("norm2", "ffn_norm")),
+    "llama": (("norm1", "attn_norm"), ("norm2", "ffn_norm"), ("att.W_query", "attn_q"), ("att.W_key", "attn_k"),
+              ("att.W_value", "attn_v"), ("att.out_proj", "attn_output"), ("ff.w_gate", "ffn_gate"),
+              ("ff.w_up", "ffn_up"), ("ff.w_down", "ffn_down")),
+}
+GGUF_LAYER["qwen2"] = GGUF_LAYER["llama"]
+GPT2_QKV = ("att.W_query", "att.W_key", "att.W_value")
+QKV = {"att.W_query": "attn_q", "att.W_key": "attn_k", "att.W_value": "attn_v"}  # qwen2's biases: on these only
+
+
 def gguf_tensors(model, arch: str) -> dict:
     """{GGUF name: float32 tensor [out, in]} as convert_hf_to_gguf.py names and lays them out; the vocabulary's
     padding rows (vocab_multiple) dropped, a tied head not written (llama.cpp reuses token_embd)."""
     cfg = model.config
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     V = cfg.vocab_size
-    t = {"token_embd.weight": sd["tok_emb.weight"][:V], "output_norm.weight": sd["final_norm.weight"]}
+    top = dict(GGUF_TOP)
+    t = {top["tok_emb"] + ".weight": sd["tok_emb.weight"][:V], top["final_norm"] + ".weight": sd["final_norm.weight"]}
     if not cfg.tie_weights:
-        t["output.weight"] = sd["out_head.weight"][:V]
+        t[top["out_head"] + ".weight"] = sd["out_head.weight"][:V]
     for i in range(cfg.n_layer):
         b, g = f"trf_blocks.{i}.", f"blk.{i}."
         if arch == "gpt2":
             C = cfg.n_embd
-            qkv = [b + f"att.{n}" for n in ("W_query", "W_key", "W_value")]
+            qkv = [b + n for n in GPT2_QKV]
             t[g + "attn_qkv.weight"] = torch.cat([sd[n + ".weight"] for n in qkv])
             # GPT-2 has all its biases: a model without them (qkv_bias False) has zero ones, the same function
             t[g + "attn_qkv.bias"] = torch.cat([sd.get(n + ".bias", torch.zeros(C)) for n in qkv])
-            for ours, theirs, n_out in (("att.out_proj", "attn_output", C), ("ff.fc1", "ffn_up", cfg.ff_hidden),
-                                        ("ff.fc2", "ffn_down", C)):
-                t[g + theirs + ".weight"] = sd[b + ours + ".weight"]
-                t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(n_out))
-            for ours, theirs in (("norm1", "attn_norm"), ("norm2", "ffn_norm")):
-                t[g + theirs + ".weight"], t[g + theirs + ".bias"] = sd[b + ours + ".weight"], sd[b + ours + ".bias"]
+            for ours, theirs in GGUF_LAYER[arch]:
+                w = sd[b + ours + ".weight"]
+                t[g + theirs + ".weight"] = w
+                t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(w.shape[0]))
             continue
-        q, k = sd[b + "att.W_query.weight"], sd[b + "att.W_key.weight"]
+        for ours, theirs in GGUF_LAYER[arch]:
+            t[g + theirs + ".weight"] = sd[b + ours + ".weight"]
         if arch == "llama":
-            q, k = permute_qk(q, cfg.n_head), permute_qk(k, cfg.kv_heads)
-        t.update({g + "attn_norm.weight": sd[b + "norm1.weight"], g + "ffn_norm.weight": sd[b + "norm2.weight"],
-                  g + "attn_q.weight": q, g + "attn_k.weight": k, g + "attn_v.weight": sd[b + "att.W_value.weight"],
-                  g + "attn_output.weight": sd[b + "att.out_proj.weight"],
-                  g + "ffn_gate.weight": sd[b + "ff.w_gate.weight"], g + "ffn_up.weight": sd[b + "ff.w_up.weight"],
-                  g + "ffn_down.weight": sd[b + "ff.w_down.weight"]})
+            for theirs, heads in (("attn_q", cfg.n_head), ("attn_k", cfg.kv_heads)):
+                t[g + theirs + ".weight"] = permute_qk(t[g + theirs + ".weight"], heads)
         if arch == "qwen2":  # q/k/v biases (zero where the model has none: qwen2's are always there)
-            for ours, theirs in (("W_query", "attn_q"), ("W_key", "attn_k"), ("W_value", "attn_v")):
+            for ours, theirs in QKV.items():
                 w = t[g + theirs + ".weight"]
-                t[g + theirs + ".bias"] = sd.get(b + f"att.{ours}.bias", torch.zeros(w.shape[0]))
+                t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(w.shape[0]))
     if arch == "gpt2":
         t["position_embd.weight"] = sd["pos_emb.weight"]
         t["output_norm.bias"] = sd["final_norm.bias"]
