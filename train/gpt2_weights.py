@@ -470,8 +470,8 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True, qua
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
     Falcon, BLOOM, MPT, Cohere (Cohere2), Granite (GraniteMoe) or
-    mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin
-    (model_name: the preset, when no config.json says the heads).
+    mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin, or a GGUF
+    file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter). quantized_ok: an int8 or int4 file (`tritongpt quantize`) loads, for the
     commands that only run a model; elsewhere it is refused by name (GPTModel.load)."""
@@ -492,6 +492,10 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
     """load_checkpoint's model from a resolved path, by the kind of file it is."""
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
+    if str(path).endswith(".gguf"):  # llama.cpp's single file (gguf_import.py): dequantized to a float model
+        from tritongpt.train.gguf_import import load_gguf
+
+        return load_gguf(path)
     if is_hf_weights(path):
         cfg_json = Path(path).parent / "config.json"
         # each family's is_*_file looks model_type up in its own table: a list or object there would be a TypeError

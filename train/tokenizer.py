@@ -856,6 +856,8 @@ def saved_tokenizer_path(init):
     p = Path(init).expanduser() if init else None
     if p is None or not p.exists():
         return None
+    if p.is_file() and p.suffix == ".gguf":  # llama.cpp's file holds its tokenizer (get_tokenizer rebuilds it)
+        return p
     base = p if p.is_dir() else p.parent
     # nearest first: the weights' own folder (ours, then Hugging Face's files: a Hub snapshot,
     # or `tritongpt export`'s folder), then the run folder above a checkpoint
@@ -1066,7 +1068,7 @@ def get_tokenizer(spec="default"):
     """"default" | "gpt2" | a saved tokenizer JSON | a run folder (its tokenizer.json) | a folder
     with encoder.json + vocab.bpe (OpenAI's) or vocab.json + merges.txt or tokenizer.json (Hugging
     Face's: an HFTokenizer where BPETokenizer would give other ids) or tokenizer.model (SentencePiece's,
-    converted by transformers to an HFTokenizer)."""
+    converted by transformers to an HFTokenizer) | a .gguf file (its metadata's tokenizer: gguf_import.py)."""
     if isinstance(spec, TokenizerChecks):  # a tokenizer already (BPETokenizer, HFTokenizer)
         return spec
     spec = "default" if spec is None else str(spec)
@@ -1092,6 +1094,10 @@ def get_tokenizer(spec="default"):
             return from_hf_folder(p.parent)
         if p.name == SPM_MODEL:  # SentencePiece's: likewise its folder, which names its special tokens
             return from_hf_folder(p.parent)
+        if p.suffix == ".gguf":  # llama.cpp's model file, whose metadata holds the tokenizer
+            from tritongpt.train.gguf_import import gguf_tokenizer
+
+            return gguf_tokenizer(p)
         return load_tokenizer(p)
     raise UserError(f"unknown tokenizer {spec!r} (no such file or folder): use 'default', 'gpt2', a tokenizer "
                     f".json file, or a folder (a run's; encoder.json and vocab.bpe; Hugging Face's tokenizer files)")

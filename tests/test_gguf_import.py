@@ -1,0 +1,234 @@
+"""GGUF import (train/gguf_import.py): a .gguf file as a model and tokenizer. Checked two ways: our own export read
+back (every type: the logits of the model rounded as the file rounds it), and a file written here with ggml's
+GGUFWriter alone (Q4_0 matrices), which transformers' own GGUF loader and tokenizer read too: the same logits and
+ids as ours."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_gguf_export import ARCHS, TEXT, logits, random_model, rounded
+from tritongpt.errors import UserError
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    return BPETokenizer.train(" ".join(f"a cat {i} sat on mat {i * 7}." for i in range(200)), 280, name="tiny")
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_round_trip_through_our_export(arch, kind, tok, tmp_path):
+    """load_checkpoint of an exported .gguf: the exported model's logits with its weights rounded as the file's type
+    rounds them (the llama's q/k rows un-permuted, the tied head of qwen2 tied again), and its tokenizer's ids."""
+    from tritongpt.train.gguf_export import write_gguf
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    model = random_model(ARCHS[arch], 288)
+    path = write_gguf(model, tmp_path / f"m-{kind}.gguf", tok, kind)
+    ours = load_checkpoint(path)
+    assert ours.config.tie_weights is model.config.tie_weights and ours.config.vocab_size == 288
+    ids = torch.tensor([tok.encode(TEXT, allowed_special="all")])
+    want = logits(rounded(model, kind), ids)
+    assert (logits(ours, ids) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    back = get_tokenizer(path)
+    assert back.vocab_size == 280 and back.eot_id == tok.eot_id  # the [PAD] rows are no tokens
+    for text in (TEXT, "  a  cat\n\n 123456 sat", "naïve café 東京 🙂"):
+        assert back.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all"), text
+
+
+def test_a_broken_unpermute_is_seen(tok, tmp_path, monkeypatch):
+    """The round trip's logits move when the llama's q/k rows are not un-permuted: the check can fail."""
+    from tritongpt.train import gguf_import
+    from tritongpt.train.gguf_export import write_gguf
+
+    model = random_model(ARCHS["llama"], 288)
+    path = write_gguf(model, tmp_path / "m.gguf", tok, "f32")
+    ids = torch.tensor([tok.encode(TEXT, allowed_special="all")])
+    monkeypatch.setattr(gguf_import, "unpermute_qk", lambda w, n: w)
+    off = (logits(gguf_import.load_gguf(path), ids) - logits(model, ids)).abs().max().item()
+    assert off > 1e-2 * logits(model, ids).abs().max().item()
+
+
+TEMPLATE = "{% for m in messages %}<|begin_of_text|>{{ m['content'] }}<|end_of_text|>{% endfor %}"
+
+
+def write_by_hand(path, kind="llama3", arch="llama", tie=False, edit=None):
+    """A tiny Llama (or Qwen2) .gguf written with gguf.GGUFWriter alone, as convert_hf_to_gguf.py lays one out: its
+    matrices Q4_0 (gguf.quants.quantize), norms F32, q/k rows in llama.cpp's interleaved order (random: only the
+    loaders' un-permute decides where they go), a tokenizers-library BPE's vocabulary and merges, BOS prepended, a
+    chat template. edit(writer, tensors): change the file (the refusal tests)."""
+    import test_hf_tokenizer as th
+
+    T = gguf.GGMLQuantizationType
+    spec = json.loads(th.build_tokenizer(kind, vocab=300).to_str())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items()}
+    special = {a["content"]: a["id"] for a in spec["added_tokens"]}
+    vocab.update(special)
+    V, C, F, H, KV = 320, 64, 96, 4, 2
+    tokens = [f"[PAD{i}]" for i in range(V)]
+    types = [5] * V
+    for t, i in vocab.items():
+        tokens[i], types[i] = t, 3 if t in special else 1
+    rng = np.random.default_rng(0)
+    mat = lambda o, i: (rng.standard_normal((o, i)) * 0.3).astype(np.float32)  # noqa: E731
+    norm = lambda n: (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    t = {"token_embd.weight": mat(V, C), "output_norm.weight": norm(C)}
+    if not tie:
+        t["output.weight"] = mat(V, C)
+    for i in range(2):
+        g = f"blk.{i}."
+        t.update({g + "attn_norm.weight": norm(C), g + "ffn_norm.weight": norm(C), g + "attn_q.weight": mat(C, C),
+                  g + "attn_k.weight": mat(C // H * KV, C), g + "attn_v.weight": mat(C // H * KV, C),
+                  g + "attn_output.weight": mat(C, C), g + "ffn_gate.weight": mat(F, C),
+                  g + "ffn_up.weight": mat(F, C), g + "ffn_down.weight": mat(C, F)})
+        if arch == "qwen2":
+            for n, rows in (("attn_q", C), ("attn_k", C // H * KV), ("attn_v", C // H * KV)):
+                t[g + n + ".bias"] = (0.3 * rng.standard_normal(rows)).astype(np.float32)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_context_length(64)
+    w.add_embedding_length(C)
+    w.add_block_count(2)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(5000.0)
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe" if kind == "llama3" else "qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    ends = th.KINDS[kind]
+    w.add_eos_token_id(vocab[ends[0]])
+    if ends[1] is not None:
+        w.add_bos_token_id(vocab[ends[1]])
+    w.add_add_bos_token(kind == "llama3")
+    w.add_chat_template(TEMPLATE)
+    if edit is not None:
+        edit(w, t)
+    for name, x in t.items():
+        if x.ndim == 2 and x.shape[1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(x, T.Q4_0), raw_dtype=T.Q4_0)
+        else:
+            w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("kind, arch, tie", [("llama3", "llama", False), ("qwen2", "qwen2", True)])
+def test_transformers_reads_a_hand_written_file_as_we_do(kind, arch, tie, tmp_path, capsys):
+    """A Q4_0 file not of our writer: transformers' GGUF loader (AutoModelForCausalLM, AutoTokenizer with gguf_file)
+    and ours give the same logits and the same ids; the BOS prepended (add_bos_token), the chat template kept, and
+    the dequantizing said."""
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    path = write_by_hand(tmp_path / "m.gguf", kind, arch, tie)
+    ours = load_checkpoint(path)
+    assert "Q4_0 tensors are dequantized, no GGUF kernel" in capsys.readouterr().err
+    assert ours.config.tie_weights is tie and ours.config.n_kv_head == 2 and ours.config.rope_theta == 5000.0
+    tok = get_tokenizer(path)
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    # (1999: Llama 3's split keeps 3 digits together, Qwen2's 1: a file's pre-tokenizer read as the other's shows)
+    for text in ("a cat 12 sat on the mat. naïve café 東京 🙂  x\n\n y", "in 1999, x=3.14 IT'S", ""):
+        assert tok.encode(text) == theirs_tok.encode(text, add_special_tokens=False), text
+    assert tok.eot_id == theirs_tok.eos_token_id
+    assert tok.prepended_bos_id == (theirs_tok.bos_token_id if kind == "llama3" else None)
+    assert tok.chat_template == TEMPLATE
+    ids = torch.tensor([tok.encode("a cat 12 sat on the mat, 7 sat")])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+    want = theirs(ids).logits.detach()
+    assert (logits(ours, ids) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_generate_from_a_gguf_file(tok, tmp_path, capsys):
+    """`tritongpt generate --weights m.gguf`: the model and its tokenizer from the one file, greedy tokens that are
+    the exported model's own greedy continuation."""
+    from tritongpt.cli import main
+    from tritongpt.train.generate import generate
+    from tritongpt.train.gguf_export import write_gguf
+
+    model = random_model(ARCHS["qwen2"], 288)
+    path = write_gguf(model, tmp_path / "m.gguf", tok, "f32")
+    prompt = "a cat 12"
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.no_grad():
+        out = generate(model, ids, 4, temperature=0.0, vocab_limit=280)
+    want = prompt + tok.decode(out[0, ids.shape[1]:].tolist())
+    assert main(["generate", "--weights", str(path), "--prompt", prompt, "--max-new-tokens", "4", "--temperature",
+                 "0", "--device", "cpu"]) == 0
+    assert len(want) > len(prompt) + 2 and capsys.readouterr().out.strip() == want.strip()
+
+
+def _drop(name):
+    return lambda w, t: t.pop(name)
+
+
+def _set(key, value):
+    def edit(w, t):
+        w.add_string(key, value) if isinstance(value, str) else w.add_uint32(key, value)
+    return edit
+
+
+@pytest.mark.parametrize("edit, said", [
+    (_drop("blk.1.ffn_up.weight"), r"missing tensor\(s\) \['blk.1.ffn_up.weight'\]"),
+    (lambda w, t: t.update({"rope_freqs.weight": np.ones(8, np.float32)}), "rope_freqs.weight"),
+    (lambda w, t: t.update({"blk.0.attn_q_norm.weight": np.ones(16, np.float32)}), "blk.0.attn_q_norm.weight"),
+    (_set("llama.rope.scaling.type", "yarn"), "llama.rope.scaling.type is 'yarn'"),
+    (_set("llama.rope.dimension_count", 8), "partial rotary"),
+    (lambda w, t: t.update({"blk.0.attn_k.weight": t["blk.0.attn_k.weight"][:16]}),
+     r"blk.0.attn_k.weight has shape \(16, 64\), but its metadata says \(32, 64\)"),
+])
+def test_refusals_by_name(edit, said, tmp_path):
+    from tritongpt.train.gguf_import import load_gguf
+
+    with pytest.raises(UserError, match=said):
+        load_gguf(write_by_hand(tmp_path / "m.gguf", edit=edit))
+
+
+def test_unknown_architecture_and_tokenizers_refused(tmp_path, monkeypatch):
+    """Another general.architecture; a SentencePiece vocabulary, or a pre-tokenizer not known, by name (the tokenizer
+    folder to pass said); no gguf package: the pip command."""
+    import sys
+
+    from tritongpt.train.gguf_import import gguf_tokenizer, load_gguf
+
+    w = gguf.GGUFWriter(tmp_path / "p.gguf", "phi3")
+    w.add_tensor("token_embd.weight", np.ones((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="general.architecture is 'phi3'"):
+        load_gguf(tmp_path / "p.gguf")
+
+    def retokenize(model, pre):
+        def edit(w, t):  # (a key given twice: the writer keeps the last)
+            w.add_tokenizer_model(model)
+            w.add_tokenizer_pre(pre)
+        return edit
+
+    path = write_by_hand(tmp_path / "s.gguf", edit=retokenize("llama", "default"))
+    with pytest.raises(UserError, match="SentencePiece's.*pass the model's Hugging Face tokenizer folder"):
+        gguf_tokenizer(path)
+    path = write_by_hand(tmp_path / "d.gguf", edit=retokenize("gpt2", "deepseek-llm"))
+    with pytest.raises(UserError, match="tokenizer.ggml.pre is 'deepseek-llm'"):
+        gguf_tokenizer(path)
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(UserError, match=r'pip install -e "\.\[gguf\]"'):
+        load_gguf(path)
