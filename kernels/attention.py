@@ -100,12 +100,23 @@ Algorithm (Dao, "FlashAttention-2", 2023). Per (batch, head), with S = scale * Q
             each V tile is read back as v_int * v_scale in q's dtype, as the reference's dequantize_kv, before
             P V. Inference only (no dropout, no backward). A NaN or inf k scale (quantize_kv gives a vector
             holding inf or NaN a NaN scale) makes that key's scores NaN, as the reference's dequantized key does.
+  sinks     (sinks: gpt-oss's attention sinks, float [H]; reference: MultiHeadAttention.attend with
+            GPTConfig.attention_sinks) query head h's sink logit is one more column of each row's softmax, with
+            no value, dropped after it. The forward folds it into the epilogue (_sink_fold, HAS_SINKS a
+            constexpr: without sinks the kernel is as before): with m, l the row's running max and sum (base 2),
+            m' = max(m, sink), l' = l 2^(m - m') + 2^(sink - m'), O = acc 2^(m - m') / l', and the stored
+            L = m' + log2 l' is logaddexp2(lse, sink), so the backward kernels, which recompute P = 2^(S - L),
+            need no change; Delta = rowsum(O * dO) is still rowsum(P * dP) (the sink's dP is 0), and
+            d sink_h = -sum over batch and rows of 2^(sink_h - L) Delta (a [B, H, Tq] reduction in torch from
+            Delta and L). The split-KV combine adds 2^(sink - m) to its sum the same way (the splits' partials
+            leave the sink out), so every decode path (kv_len, paged, int8 KV) has it.
   NaN/inf   in q or k behave as in PyTorch; a NaN in v reaches the rows whose visited KV tiles
             hold it (PyTorch's P @ V spreads it to every row, 0 * NaN; exact math, to the rows
             that attend to it).
 
 Public API: `flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None,
-doc_ids=None, window=None, softcap=None, alibi_slopes=None, kv_len=None, k_scale=None, v_scale=None)`,
+doc_ids=None, window=None, softcap=None, alibi_slopes=None, kv_len=None, k_scale=None, v_scale=None,
+block_table=None, *, lengths_checked=False, sinks=None)`,
 `document_bounds(doc_ids)`, `window_bounds(window, Tk, ...)` and `dropout_mask(seed, B, H, Tq, Tk, p, device)`.
 The kernels are registered as the custom ops `tritongpt::flash_attn_fwd` /
 `tritongpt::flash_attn_bwd` (fake impls + register_autograd, which plays the role of the
@@ -398,15 +409,15 @@ def _doc_tile_range(starts, offs_m, Tq, Tk, full_hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["H"])
-def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TABLE, qk_scale, softcap, dropout_p,
-              keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TABLE, SINKS, qk_scale, softcap,
+              dropout_p, keep_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_sb, stride_scb, stride_sch,
               stride_lb, stride_tb, H, GROUP, Tq, Tk, Q_BUCKET, TMA_OK,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
               FOLD_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr, INT8_KV: tl.constexpr, PAGE: tl.constexpr,
-              USE_TMA: tl.constexpr):
+              HAS_SINKS: tl.constexpr, USE_TMA: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Writes O and the base-2 logsumexp of the scaled (with HAS_SOFTCAP,
     capped) scores. Query head h reads KV head h // GROUP (GROUP = H / Hkv query heads share one).
     FOLD_SCALE: the scale folded into exp2's FMA (_fwd_inner); the launcher sets it for a positive scale
@@ -419,7 +430,8 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TA
     PAGE > 0: K and V (and their scales) are pools of pages [pages, Hkv, PAGE, D], row b's positions in the pages
     TABLE[b, :] names (a paged KV cache; _fwd_inner), stride_kb / stride_vb / stride_scb the pages' strides.
     USE_TMA (a config autotune may pick where the launcher found K and V readable by TMA: TMA_OK, in the key):
-    the K and V tiles come through tensor descriptors over this head's rows, not masked pointer loads."""
+    the K and V tiles come through tensor descriptors over this head's rows, not masked pointer loads.
+    HAS_SINKS: SINKS [H] holds each query head's sink logit, folded into the epilogue (_sink_fold)."""
     tl.static_assert(not (USE_TMA and (PAGE > 0 or INT8_KV or HAS_KV_LEN)), "USE_TMA: a plain K and V")
     tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or HAS_ALIBI)), "FOLD_SCALE: the scores must be q k * scale")
     tl.static_assert(not (PAGE > 0 and not HAS_KV_LEN), "PAGE: a paged cache has its lengths (KV_LEN)")
@@ -478,9 +490,25 @@ def _attn_fwd(Q, K, V, O, LSE, STARTS, ALIBI, Seed, KV_LEN, K_SCALE, V_SCALE, TA
                                HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_DROPOUT,
                                HAS_DOCS, HAS_SOFTCAP, HAS_ALIBI, PRECISION, True, FOLD_SCALE, INT8_KV, PAGE, USE_TMA)
 
+    if HAS_SINKS:
+        acc, l_i, m_i = _sink_fold(acc, l_i, m_i, tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634)
     acc = acc / l_i[:, None]
     _store_rows(o_base, acc, offs_m, Tq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Tq)
+
+
+@triton.jit
+def _sink_fold(acc, l_i, m_i, sink):
+    """An attention sink (gpt-oss): one more column of every row's softmax, of logit `sink` (base 2, the scores'
+    domain) and with no value, so it joins the row sum l and not the accumulator: O = acc / (l + 2^(sink - m)),
+    and the row's logsumexp m + log2(l) then includes it, the L the backward recomputes P from. The running max
+    is raised to the sink's first (acc and l rescaled as _fwd_inner does), so a sink far above every score does
+    not overflow the sum. A row that saw no key (m = -inf) gets l = 1 at the sink and acc = 0: O = 0, as the
+    reference's softmax puts all of the row on the sink."""
+    m_new = tl.maximum(m_i, sink)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink over a row of no key: no exp2(-inf - -inf)
+    alpha = tl.exp2(m_i - m_use)
+    return acc * alpha[:, None], l_i * alpha + tl.exp2(sink - m_use), m_new
 
 
 @triton.jit(do_not_specialize=["H", "NUM_SPLITS"])  # the split count follows Tk: one binary for every count
@@ -596,12 +624,16 @@ def _attn_fwd_split(Q, K, V, O_PART, LSE_PART, STARTS, ALIBI, KV_LEN, K_SCALE, V
 
 
 @triton.jit(do_not_specialize=["H", "NUM_SPLITS"])
-def _attn_fwd_combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om, H, Tq, NUM_SPLITS,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_fwd_combine(O_PART, LSE_PART, O, LSE, SINKS, stride_ob, stride_oh, stride_om, H, Tq, NUM_SPLITS,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      HAS_SINKS: tl.constexpr):
     """Grid (cdiv(Tq, BLOCK_M), H, B). Merges _attn_fwd_split's partials of BLOCK_M query rows:
     lse = log2 sum_s 2^lse_s, O = sum_s 2^(lse_s - lse) O_s (each O_s normalized by its own row
     sum, so its weight is that split's share of the whole row sum). Two passes over the splits:
-    the max of the lse_s first, so no 2^lse_s overflows; then the weighted sum."""
+    the max of the lse_s first, so no 2^lse_s overflows; then the weighted sum.
+    HAS_SINKS: head h's sink logit SINKS[h] is one more term of the sum, of weight 2^(sink - m) and no value (the
+    splits' partials leave it out: it is a column of the whole row, not of any split's keys), so O and the stored
+    lse come out as _attn_fwd's _sink_fold gives them."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     part = (b * H + h) * NUM_SPLITS * Tq
@@ -610,6 +642,9 @@ def _attn_fwd_combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om,
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(0, NUM_SPLITS):
         m = tl.maximum(m, tl.load(LSE_PART + part + s * Tq + offs_m, mask=offs_m < Tq, other=float("-inf")))
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)  # rows past Tq: no split has any of them (l stays 0)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -618,6 +653,8 @@ def _attn_fwd_combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om,
         o_s = _load_rows(O_PART + (part + s * Tq) * HEAD_DIM, offs_m, Tq, HEAD_DIM, offs_d, HEAD_DIM, BLOCK_D)
         acc += w[:, None] * o_s
         l += w
+    if HAS_SINKS:
+        l += tl.exp2(sink - m)
     l = tl.where(offs_m < Tq, l, 1.0)
     _store_rows(O + b * stride_ob + h * stride_oh, acc / l[:, None], offs_m, Tq, stride_om, offs_d, HEAD_DIM,
                 BLOCK_D)
@@ -916,7 +953,7 @@ def _tuned(tiles, prune, key=()):
     # join the key automatically. The split kernel has no HAS_DROPOUT: only the flags a kernel takes.
     def decorate(fn):
         flags = [a for a in ("HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "HAS_DOCS", "HAS_SOFTCAP", "HAS_ALIBI",
-                             "FOLD_SCALE", "HAS_KV_LEN")
+                             "FOLD_SCALE", "HAS_KV_LEN", "HAS_SINKS")
                  if a in fn.arg_names]
         return triton.autotune([c for cfgs in groups.values() for c in cfgs], key=[*flags, "Q_BUCKET", *key],
                                prune_configs_by={"early_config_prune": by_head_dim})(fn)
@@ -1052,6 +1089,12 @@ def _table_arg(q, block_table):
     return _stand_in(q.device, torch.int32) if block_table is None else block_table
 
 
+def _sinks_arg(q, sinks):
+    """The SINKS pointer: the per-head sink logits [H] (any float dtype, unit stride), else a never-read stand-in
+    (HAS_SINKS is False)."""
+    return _stand_in(q.device, torch.float32) if sinks is None else sinks.contiguous()
+
+
 def _table_stride(block_table):
     return 0 if block_table is None else block_table.stride(0)
 
@@ -1123,8 +1166,8 @@ def _split_rows(H, Hkv, Tq):
 
 
 def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits, kv_len=None,
-                      k_scale=None, v_scale=None, block_table=None):
-    """_attn_fwd_split into fp32 partials, then _attn_fwd_combine into o and lse."""
+                      k_scale=None, v_scale=None, block_table=None, sinks=None):
+    """_attn_fwd_split into fp32 partials, then _attn_fwd_combine into o and lse (and the sinks, if any)."""
     B, H, Tq, D = q.shape
     heads, rows, pack = _split_rows(H, k.shape[1], Tq)
     o_part = torch.empty((B, H, splits, Tq, D), dtype=torch.float32, device=q.device)
@@ -1142,15 +1185,15 @@ def _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, soft
         H, H // k.shape[1], Tq, _cache_len(k, block_table), _q_bucket(rows), splits, **flags, PACK_GQA=pack,
         HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, PAGE=_page(k, block_table), **_fixed_blocks())
     _attn_fwd_combine[(cdiv(Tq, COMBINE_BLOCK), H, B)](
-        o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
-        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
+        o_part, lse_part, o, lse, _sinks_arg(q, sinks), o.stride(0), o.stride(1), o.stride(2), H, Tq, splits,
+        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=COMBINE_BLOCK, HAS_SINKS=sinks is not None)
     return o, lse
 
 
 # ----------------------------------------------------------------------------- launchers
 @on_tensor_device
 def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None,
-                kv_len=None, k_scale=None, v_scale=None, block_table=None):
+                kv_len=None, k_scale=None, v_scale=None, block_table=None, sinks=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     # With kv_len, Tk is the cache's capacity: the grid, the split count and the tuning key follow it, never the
@@ -1166,7 +1209,7 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     splits = 1 if dropout_p > 0.0 else _num_splits(B, *_split_rows(H, k.shape[1], Tq)[:2], Tk, q.device)
     if splits > 1:
         return _fwd_split_launch(q, k, v, o, lse, causal, softmax_scale, starts, ends, softcap, alibi, splits,
-                                 kv_len, k_scale, v_scale, block_table)
+                                 kv_len, k_scale, v_scale, block_table, sinks)
     group = H // k.shape[1]
     grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     starts_arg, _, stride_sb = _doc_args(q, starts, ends)
@@ -1177,13 +1220,15 @@ def _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, en
     launch_tuned(
         _attn_fwd_run, grid,
         q, k, v, o, lse, starts_arg, _alibi_arg(q, alibi), _seed_arg(q, seed, dropout_p), _kv_len_arg(q, kv_len),
-        ks, vs, _table_arg(q, block_table), softmax_scale * LOG2E, softcap * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        ks, vs, _table_arg(q, block_table), _sinks_arg(q, sinks), softmax_scale * LOG2E, softcap * LOG2E, dropout_p,
+        1.0 / (1.0 - dropout_p),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stride_sb, stride_scb, stride_sch,
         _kv_len_stride(kv_len), _table_stride(block_table), H, group, Tq, Tk, _q_bucket(Tq), int(tma_ok),
         **_kernel_flags(q, causal, dropout_p, starts, softcap, alibi),
         FOLD_SCALE=softmax_scale * LOG2E >= FP32_TINY and softcap == 0.0 and alibi is None,
-        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, PAGE=_page(k, block_table), **_fixed_blocks(),
+        HAS_KV_LEN=kv_len is not None, INT8_KV=k_scale is not None, PAGE=_page(k, block_table),
+        HAS_SINKS=sinks is not None, **_fixed_blocks(),
         **({"USE_TMA": tma_ok} if INTERPRET else {}))  # (on a GPU each config says USE_TMA)
     return o, lse
 
@@ -1209,7 +1254,12 @@ def _attn_tma_ok(*tensors) -> bool:
 
 @on_tensor_device
 def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0,
-                alibi=None):
+                alibi=None, sinks=None):
+    """-> (dq, dk, dv, dsinks): dsinks [H] in sinks' dtype, or an empty fp32 tensor without sinks (the op returns
+    tensors only). The sinks change no kernel here: forward stored the L that includes them, so P = exp2(S - L) is
+    already the sink-shrunk probability, and Delta = rowsum(O * dO) is still rowsum(P * dP) (the sink column has no
+    value: its dP is 0). The sink's own gradient is -P_sink * Delta summed over batch and rows, P_sink = 2^(sink - L):
+    a [B, H, Tq] product from Delta and L, no pass over Q, K or V."""
     do, q, k, v = (_last_dim_contiguous(t) for t in (do, q, k, v))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -1217,8 +1267,10 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
     # q, k, v (the same after _last_dim_contiguous) and o were checked in forward; dq, dk, dv are
     # empty_like of them, so no wider: only the incoming gradient is new
     _check_head_span(do=do)
+    dsinks = torch.empty(0, dtype=torch.float32, device=q.device) if sinks is None else \
+        torch.zeros_like(sinks)
     if B * H * Tq * Tk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), dsinks
     flags = _kernel_flags(q, causal, dropout_p, starts, softcap, alibi)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block = INTERPRET_BLOCK if INTERPRET else 64
@@ -1244,7 +1296,10 @@ def _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, sta
         q, k, v, do, dq, lse, delta, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, H // Hkv, Tq, Tk, _q_bucket(Tq), int(tma_ok), **flags, **_fixed_blocks(), **tma)
-    return dq, dk, dv
+    if sinks is not None:
+        p_sink = torch.exp2(sinks.float().view(1, H, 1) * LOG2E - lse)
+        dsinks = (-(p_sink * delta).sum((0, 2))).to(sinks.dtype)
+    return dq, dk, dv, dsinks
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -1260,7 +1315,8 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     alibi: torch.Tensor | None = None,
                     kv_len: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None,
-                    block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_table: torch.Tensor | None = None,
+                    sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (o [B, H, Tq, D], lse [B, H, Tq] fp32: the base-2 logsumexp of the scaled, capped, biased scores).
     starts/ends: int32 [B, Tk], each position's document start and end (document_bounds).
     softcap: c > 0 caps each scaled score s to c * tanh(s / c); 0: no cap.
@@ -1270,7 +1326,9 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     k_scale, v_scale: fp32 [B, Hkv, Tk] with int8 k and v (an int8 KV cache): key/value j of head h is
     k[..., j, :] * k_scale[..., j]. Forward only: its backward refuses them.
     block_table: int32 [B, pages a row] with kv_len: k and v (and their scales) are pools of pages [pages, Hkv,
-    PAGE, D], row b's position n in page block_table[b, n // PAGE] (a paged KV cache). Forward only."""
+    PAGE, D], row b's position n in page block_table[b, n // PAGE] (a paged KV cache). Forward only.
+    sinks: float [H], each query head's attention-sink logit (gpt-oss): one more softmax column with no value; the
+    returned lse includes it."""
     check_tensor(q, "q", ndim=4)
     for name, t in (("k", k), ("v", v)):  # (int8: an int8 KV cache's, with its scales: _check_int8_kv)
         check_tensor(t, name, KV_DTYPES, ndim=4)
@@ -1281,24 +1339,26 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _check_bounds(q, k, causal, starts, ends, block_table)
     _checked_softcap(softcap)
     _check_alibi(q, alibi)
+    _check_sinks(q, sinks)
     _check_kv_len(q, kv_len, dropout_p)
     if kv_len is not None and q.device.type == "cpu":  # free there, and run under torch.compile too
         _check_kv_len_value(kv_len, q.shape[2], _cache_len(k, block_table), causal)
     if block_table is not None and q.device.type == "cpu":
         _check_block_table_values(block_table, k.shape[0])
     return _fwd_launch(q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len,
-                       k_scale, v_scale, block_table)
+                       k_scale, v_scale, block_table, sinks)
 
 
 @_flash_attn_fwd.register_fake
 def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None, kv_len=None,
-      k_scale=None, v_scale=None, block_table=None):
+      k_scale=None, v_scale=None, block_table=None, sinks=None):
     _check_seed(q, dropout_p, seed)  # a seed on another device fails when traced, not first on the GPU
+    _check_sinks(q, sinks)
     _check_kv_len(q, kv_len, dropout_p)
     _check_int8_kv(q, k, v, k_scale, v_scale, dropout_p, block_table)
     _check_block_table(q, k, kv_len, block_table)
     _check_routed_to_fake("flash_attn_fwd", q, k=k, v=v, seed=seed, starts=starts, ends=ends, alibi=alibi,
-                          kv_len=kv_len, k_scale=k_scale, v_scale=v_scale, block_table=block_table)
+                          kv_len=kv_len, k_scale=k_scale, v_scale=v_scale, block_table=block_table, sinks=sinks)
     B, H, Tq, D = q.shape
     o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return o, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -1308,29 +1368,34 @@ def _(q, k, v, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, s
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, causal: bool, softmax_scale: float, dropout_p: float,
                     seed: torch.Tensor | None, starts: torch.Tensor | None = None, ends: torch.Tensor | None = None,
-                    softcap: float = 0.0, alibi: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    softcap: float = 0.0, alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv, dsinks): dsinks [H] with sinks, else an empty fp32 tensor (_bwd_launch)."""
     _checked_softcap(softcap)
     _check_alibi(q, alibi, finite=False)  # forward checked its values
+    _check_sinks(q, sinks)
     _check_seed(q, dropout_p, seed)
-    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi)
+    return _bwd_launch(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi,
+                       sinks)
 
 
 @_flash_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None):
+def _(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, starts=None, ends=None, softcap=0.0, alibi=None,
+      sinks=None):
     _check_seed(q, dropout_p, seed)
     _check_routed_to_fake("flash_attn_bwd", q, do=do, k=k, v=v, o=o, lse=lse, seed=seed, starts=starts, ends=ends,
-                          alibi=alibi)
+                          alibi=alibi, sinks=sinks)
     # Same allocation calls as _bwd_launch, so fake and real strides agree.
+    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
     return torch.empty_like(_last_dim_contiguous(q)), torch.empty_like(_last_dim_contiguous(k)), \
-        torch.empty_like(_last_dim_contiguous(v))
+        torch.empty_like(_last_dim_contiguous(v)), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len, k_scale, v_scale, _ = \
-        _padded_inputs(inputs)
+    q, k, v, causal, softmax_scale, dropout_p, seed, starts, ends, softcap, alibi, kv_len, k_scale, v_scale, _, \
+        sinks = _padded_inputs(inputs)
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends, alibi)
+    ctx.save_for_backward(q, k, v, o, lse, seed, starts, ends, alibi, sinks)
     ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.softcap = causal, softmax_scale, dropout_p, softcap
     ctx.has_kv_len = kv_len is not None
     ctx.int8_kv = k_scale is not None
@@ -1338,9 +1403,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _padded_inputs(inputs):
-    """The op's inputs with the trailing optional ones a caller left out (kv_len, k_scale, v_scale, block_table) as
-    None."""
-    return (*inputs, *(None,) * (15 - len(inputs)))
+    """The op's inputs with the trailing optional ones a caller left out (kv_len, k_scale, v_scale, block_table,
+    sinks) as None."""
+    return (*inputs, *(None,) * (16 - len(inputs)))
 
 
 def _backward(ctx, grad_o, grad_lse):
@@ -1351,11 +1416,14 @@ def _backward(ctx, grad_o, grad_lse):
     if ctx.has_kv_len:  # flash_attention refuses it with gradients on; a direct caller of the op gets here
         raise RuntimeError("flash_attn_fwd with kv_len is inference only: the backward kernels take the whole "
                            "Tk of k and v (slice the cache to its filled length to train through it)")
-    q, k, v, o, lse, seed, starts, ends, alibi = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd.call(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p, seed,
-                                 starts, ends, ctx.softcap, alibi)
-    # q, k, v then the other inputs (the ALiBi slopes are constants: no gradient)
-    return (dq, dk, dv, *(None,) * (ctx.n_inputs - 3))
+    q, k, v, o, lse, seed, starts, ends, alibi, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = _flash_attn_bwd.call(grad_o, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.dropout_p,
+                                              seed, starts, ends, ctx.softcap, alibi, sinks)
+    # q, k, v then the other inputs (the ALiBi slopes are constants: no gradient); the sinks, the 16th input, last
+    grads = [dq, dk, dv, *(None,) * (ctx.n_inputs - 3)]
+    if sinks is not None:
+        grads[15] = dsinks
+    return tuple(grads)
 
 
 def _learnable_slopes(name: str, who: str = "") -> ValueError:
@@ -1645,6 +1713,18 @@ def _checked_softcap(softcap) -> float:
     return float(softcap)
 
 
+def _check_sinks(q, sinks):
+    """The sink logits as the kernels read them: a float [H] on q's device, one per query head (any strides: the
+    launch makes them contiguous). Their values are not read here (that would sync a GPU every layer): a NaN sink
+    makes its head's rows NaN, as in the reference."""
+    if sinks is None:
+        return
+    H = q.shape[1]
+    if sinks.dtype not in FLOAT_DTYPES or tuple(sinks.shape) != (H,) or sinks.device != q.device:
+        raise ValueError(f"sinks must be a float tensor [H] = [{H}] (one sink logit per query head) on {q.device}, "
+                         f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
+
+
 _FINITE_SLOPES = WeakIdKeyDictionary()  # slopes tensors read finite -> their _version then
 
 
@@ -1666,7 +1746,7 @@ def _check_alibi(q, alibi, finite=True):
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, seed=None, doc_ids=None,
                     window=None, softcap=None, alibi_slopes=None, kv_len=None, k_scale=None, v_scale=None,
-                    block_table=None, *, lengths_checked=False):
+                    block_table=None, *, lengths_checked=False, sinks=None):
     """softmax(q k^T * scale + mask) with dropout, @ v, without the Tq x Tk matrix. Differentiable.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D], any strides (unit stride on D is fastest), bf16/fp16/fp32
@@ -1721,6 +1801,12 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
         as above (kv_len too). Inference only: refused with gradients on, with dropout_p > 0 and with doc_ids;
         int8 k without scales, scales without int8 k and v, scales not fp32 [B, Hkv, Tk] on q's device, and an
         int8 q are refused.
+    sinks: a float tensor [H] on q's device (bf16/fp16/fp32), or None: attention sinks (gpt-oss's learned per-head
+        sink logits, model/layers.py MultiHeadAttention.attend). Each row of query head h gets one more softmax
+        column of logit sinks[h] and no value, dropped after the softmax, so the row's weights sum to less than 1:
+        O = sum_j e^(s_j) v_j / (e^(sinks[h]) + sum_j e^(s_j)). Combines with every argument above (dropout, documents,
+        window, cap, ALiBi, kv_len, paged and int8 caches, the split-KV decode). Differentiable: the sinks get a
+        gradient (-P_sink * rowsum(O * dO), summed over batch and rows). A -inf sink is attention without one.
     Returns [B, H, Tq, D] (a view of a [B, Tq, H, D] buffer, so merging heads is free).
     """
     no_func_transform("flash_attention", vmap_ok=True)
@@ -1755,9 +1841,15 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, see
     if window is not None:
         starts, ends = window_bounds(_checked_window(window, causal), _cache_len(k, block_table), q.shape[0],
                                      q.device, starts, ends)
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a float tensor [H] (one sink logit per query head) or None, got "
+                        f"{type(sinks).__name__}")
+    _check_sinks(q, sinks)
     seed = _seed_tensor(seed, dropout_p, q.device)
+    # the op's trailing optional inputs are left out while None (older callers' arity); sinks come 16th
+    tail = (block_table, sinks) if sinks is not None else (() if block_table is None else (block_table,))
     args = (q, k, v, bool(causal), scale, dropout_p, seed, starts, ends, softcap, alibi_slopes, kv_len, k_scale,
-            v_scale, *(() if block_table is None else (block_table,)))
+            v_scale, *tail)
     out, _ = FlashAttnFunction.apply(*args) if plain_eager(args) else _flash_attn_fwd(*args)
     return out
 

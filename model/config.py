@@ -51,6 +51,10 @@ class GPTConfig:
     attn_softcap: float = 0.0
     qkv_bias: bool = True
     qkv_bias_only: bool = False
+    # Attention sinks (gpt-oss): each attention block has a learned logit per query head, att.sinks [n_head], that
+    # joins every query row's softmax as one more column with no value and is dropped after it, so a head can give
+    # a row's weight to nothing rather than force it onto some token (its rows sum to less than 1). False: none.
+    attention_sinks: bool = False
     tie_weights: bool = True   # LM head shares the token-embedding matrix (GPT-2 does)
     # Embedding and LM-head rows are padded to a multiple of this (64: GPT-2's 50257 -> 50304, as
     # nanoGPT and llm.c do) so the head's matmuls run on aligned shapes. The padding rows are
@@ -266,7 +270,7 @@ class GPTConfig:
             raise UserError(f"GPTConfig.mlp_hidden {self.mlp_hidden} is the gated (SwiGLU, GeGLU) MLP's hidden size; "
                             f"the GELU MLP's is 4 n_embd: set mlp 'swiglu' or 'geglu', or leave mlp_hidden 0")
         for name in ("bias", "tie_weights", "scale_attention", "qkv_bias", "qkv_bias_only", "qk_norm",
-                     "scale_embeddings", "post_norms"):
+                     "scale_embeddings", "post_norms", "attention_sinks"):
             value = getattr(self, name)
             # a bool or numpy's; not a string ("False" would read as true) or a number
             if not isinstance(value, (bool, np.bool_)):

@@ -666,7 +666,9 @@ class MultiHeadAttention(nn.Module):
     split into heads); with head_dim (Qwen3's own width) the heads are
     head_dim wide whatever n_embd is, so q and the merged heads are n_head x head_dim. Gemma's
     two: scale_width, the scores scaled by 1/sqrt(scale_width) instead of 1/sqrt(head_dim)
-    (query_pre_attn_scalar), and softcap, the scores soft-capped (attn_logit_softcapping). Triton
+    (query_pre_attn_scalar), and softcap, the scores soft-capped (attn_logit_softcapping). With sinks
+    (gpt-oss's attention sinks) each head has a learned sink logit, the parameter `sinks` [n_head]: one more
+    column of every query row's softmax, with no value, dropped after the softmax (attend). Triton
     twin of the attention core: kernels/attention.py (flash_attention), which never builds the
     Tq x Tk score matrix.
     """
@@ -676,7 +678,8 @@ class MultiHeadAttention(nn.Module):
                  qkv_bias: bool | None = None, rope_theta: float | None = None, n_kv_head: int = 0,
                  head_dim: int = 0, qk_norm=None, rope_scaling: dict | None = None, scale_width: int = 0,
                  softcap: float = 0.0, qk_norm_all: bool = False, rotary_dim: int = 0, alibi: bool = False,
-                 alibi_scale: float = 1.0, qk_norm_each: bool = False, multiplier: float = 0.0):
+                 alibi_scale: float = 1.0, qk_norm_each: bool = False, multiplier: float = 0.0,
+                 sinks: bool = False):
         super().__init__()
         assert head_dim or n_embd % n_head == 0, "n_embd must be divisible by n_head"
         # head_dim 0: n_embd / n_head; else its own (Qwen3), q, k and v n_head * head_dim wide
@@ -720,6 +723,10 @@ class MultiHeadAttention(nn.Module):
         # round, and a model built on the meta device leave unset), but an fp32 copy made once per device
         self.alibi, self.alibi_scale = alibi, alibi_scale
         self._alibi_slopes = {}  # device -> alibi_slopes(n_head) * alibi_scale, fp32
+        # gpt-oss's attention sinks: a logit per query head that every row's softmax also normalizes over, so a head
+        # can put weight "nowhere" instead of on some token (GPTConfig.attention_sinks). Initialized as transformers
+        # initializes GptOssAttention.sinks for a fresh model (normal, std 0.02); a checkpoint's replace them
+        self.sinks = nn.Parameter(torch.randn(n_head) * 0.02) if sinks else None
         self.attn_drop = nn.Dropout(dropout)  # both paths read its p (the Triton one in-kernel)
         self.resid_drop = nn.Dropout(dropout)
         self.use_triton = False
@@ -734,7 +741,11 @@ class MultiHeadAttention(nn.Module):
         each KV head is repeated for the n_head / n_kv_head query heads that share it.
         kv_len [1] (a CUDA-graph decode step's, KVCache.on_device): only the first kv_len of the Tk positions
         hold keys, and query i sits at position kv_len - Tq + i; the masks hide the rest, whatever it holds.
-        kv_len [B] (a per-row fill, continuous batching): the same, each row by its own length."""
+        kv_len [B] (a per-row fill, continuous batching): the same, each row by its own length.
+        self.sinks [n_head] (gpt-oss, transformers' eager_attention_forward): head h's sink logit is one more column
+        of each row's softmax, after the masks, and is dropped after it, so a row's weights sum to less than 1 (a
+        row every mask hides puts all of it on the sink: weights 0, output 0). Triton twin: flash_attention(sinks=),
+        folded into the kernel's epilogue (kernels/attention.py _sink_fold)."""
         if k.size(1) != q.size(1):
             k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
         Tq, Tk = q.size(-2), k.size(-2)
@@ -756,7 +767,11 @@ class MultiHeadAttention(nn.Module):
             scores = scores.masked_fill(other_doc[:, None], float("-inf"))
         if self.window:
             scores = scores.masked_fill(outside_window(Tq, Tk, self.window, q.device, kv_len), float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        if self.sinks is not None:
+            sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            weights = torch.softmax(scores, dim=-1)
         weights = self.attn_drop(weights)
         return weights.to(v.dtype) @ v
 
@@ -806,7 +821,8 @@ class MultiHeadAttention(nn.Module):
                                   window=self.window or None, softcap=self.softcap or None,
                                   alibi_slopes=self.alibi_slopes(q.device) if self.alibi else None, kv_len=kv_len,
                                   k_scale=k_scale, v_scale=v_scale, block_table=table,
-                                  lengths_checked=cache is not None)  # (the cache's owner keeps its fill in range)
+                                  lengths_checked=cache is not None,  # (the cache's owner keeps its fill in range)
+                                  sinks=self.sinks)
         else:
             if table is not None:  # each row's pages gathered into the rows a KVCache would hold
                 k, v, k_scale, v_scale = (None if t is None else gather_pages(t, table)
@@ -854,7 +870,7 @@ class TransformerBlock(nn.Module):
                                       alibi=cfg.position_encoding == "alibi",
                                       alibi_scale=1 / math.sqrt(cfg.head_dim) if cfg.alibi_scaled else 1.0,
                                       qk_norm_each=cfg.qk_norm_width == "each",
-                                      multiplier=cfg.attention_multiplier)
+                                      multiplier=cfg.attention_multiplier, sinks=cfg.attention_sinks)
         # shared_norm (Phi-1/1.5/2, GPT-J, Falcon-7B): the MLP reads norm1's output too, and there is no norm2
         self.norm2 = None if cfg.shared_norm else make_norm(cfg) if cfg.pre_norms else NoNorm()
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)

@@ -1,0 +1,234 @@
+"""Attention sinks (gpt-oss): a learned logit per query head, one more column of every row's softmax with no
+value, dropped after it (transformers' GptOss eager_attention_forward). kernels/attention.py folds it into the
+forward's epilogue (_sink_fold) and the split-KV combine; model/layers.py MultiHeadAttention.attend is the
+textbook version (GPTConfig.attention_sinks).
+
+The reference here is float64 and written out: softmax over [scores, sink], then the sink column dropped.
+Shapes stay small (the interpreter's 16 x 16 tiles, lengths not multiples of 16)."""
+import math
+
+import pytest
+import torch
+
+from parity import assert_close_rel, decode_token_by_token
+from test_attention import same_document
+from tritongpt.errors import UserError
+from tritongpt.kernels.attention import flash_attention
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.gpt import GPTModel
+from tritongpt.train.generate import generate
+
+NAMES = ("out", "dq", "dk", "dv", "dsinks")
+
+
+def sink_reference(q, k, v, sinks, causal=True, window=None, doc_ids=None, softcap=None):
+    """softmax([q k^T / sqrt(D) (capped) + masks, sinks[h]])[..., :-1] @ v, k and v repeated to q's heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    pos = torch.arange(Tq)[:, None] + (Tk - Tq)  # bottom-right: query i at position Tk - Tq + i
+    if causal:
+        scores = scores.masked_fill(torch.arange(Tk)[None, :] > pos, float("-inf"))
+    if window is not None:
+        scores = scores.masked_fill(torch.arange(Tk)[None, :] <= pos - window, float("-inf"))
+    if doc_ids is not None:
+        scores = scores.masked_fill(~same_document(doc_ids, Tq)[:, None], float("-inf"))
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    weights = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    return weights @ v
+
+
+def grads(fn, q, k, v, sinks, do):
+    """(out, dq, dk, dv, dsinks) of fn on leaf copies."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sinks)]
+    out = fn(*leaves)
+    out.backward(do.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def make(B, H, Hkv, Tq, Tk, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g)
+    k, v = (torch.randn(B, Hkv, Tk, D, generator=g) for _ in range(2))
+    sinks = torch.randn(H, generator=g) * 2  # in the scores' range: a sink takes a real share of each row
+    do = torch.randn(B, H, Tq, D, generator=g)
+    return q, k, v, sinks, do
+
+
+def check(shape, device, tag, dtype=torch.float32, tol=1e-4, **kw):
+    q, k, v, sinks, do = make(*shape, seed=sum(shape))
+    ref_kw = {**kw, **({"doc_ids": kw["doc_ids"].cpu()} if "doc_ids" in kw else {})}
+    got = grads(lambda a, b, c, s: flash_attention(a, b, c, sinks=s, **kw),
+                *(t.to(device, dtype) for t in (q, k, v, sinks, do)))
+    ref = grads(lambda a, b, c, s: sink_reference(a, b, c, s, **ref_kw),
+                *(t.double() for t in (q, k, v, sinks, do)))
+    for name, g_, r in zip(NAMES, got, ref):
+        assert_close_rel(g_.double().cpu(), r, tol, f"{tag} {name}")
+
+
+# (B, H, Hkv, Tq, Tk, D): lengths 1, 17, 37 against 16-wide tiles
+SHAPES = {
+    "one token": (1, 2, 2, 1, 1, 64),
+    "17, head dim 64": (2, 2, 2, 17, 17, 64),
+    "37, head dim 32": (1, 3, 3, 37, 37, 32),
+    "GQA 4 over 2, the last 17 of 37 keys": (1, 4, 2, 17, 37, 64),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fp32_sinks_fwd_bwd(shape, device):
+    check(SHAPES[shape], device, shape)
+
+
+def test_fp32_sinks_window_softcap_and_not_causal(device):
+    check((1, 4, 2, 37, 37, 32), device, "window 5", window=5)
+    check((1, 2, 2, 17, 37, 32), device, "softcap", softcap=3.0)
+    check((1, 2, 1, 17, 37, 32), device, "not causal", causal=False)
+
+
+def test_fp32_sinks_documents(device):
+    doc_ids = torch.tensor([[0] * 9 + [1] * 20 + [2] * 8])
+    check((1, 2, 2, 37, 37, 32), device, "documents", doc_ids=doc_ids.to(device))
+
+
+def test_bf16_sinks(device):
+    check((1, 4, 2, 37, 37, 64), device, "bf16", dtype=torch.bfloat16, tol=1e-2)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sinks_decode_splits_and_kv_len(n, forced_splits, device):
+    """Decode over a preallocated cache (kv_len one length, then one a row; a paged cache) through the single
+    pass (n = 1) and the split-KV path's combine (n = 3: it must add the sink, the splits' partials leave it out);
+    GQA packed."""
+    state = forced_splits(n)
+    q, k, v, sinks, _ = make(2, 4, 2, 1, 41, 64, seed=7)
+    q, k, v, sinks = (t.to(device) for t in (q, k, v, sinks))
+    with torch.no_grad():
+        for lens in ([29], [29, 41]):
+            kv_len = torch.tensor(lens if len(lens) > 1 else lens[0], device=device)
+            got = flash_attention(q, k, v, sinks=sinks, kv_len=kv_len)
+            for b in range(2):
+                L = lens[min(b, len(lens) - 1)]
+                want = sink_reference(q[b:b + 1].double().cpu(), k[b:b + 1, :, :L].double().cpu(),
+                                      v[b:b + 1, :, :L].double().cpu(), sinks.double().cpu())
+                assert_close_rel(got[b:b + 1].double().cpu(), want, 1e-4, f"splits={n} kv_len={lens} row {b}")
+        # a paged cache: the same keys in pages of 8, each row's pages in reverse order of the pool
+        pool_k, pool_v = (t[:, :, :40].reshape(2, 2, 5, 8, 64).permute(0, 2, 1, 3, 4).reshape(10, 2, 8, 64)
+                          for t in (k, v))
+        table = torch.arange(10, dtype=torch.int32, device=device).view(2, 5).flip(1).contiguous()
+        pool_k, pool_v = (t[torch.arange(10).view(2, 5).flip(1).flatten().argsort().to(device)]
+                          for t in (pool_k, pool_v))
+        lens = torch.tensor([29, 40], device=device)
+        got = flash_attention(q, pool_k, pool_v, sinks=sinks, kv_len=lens, block_table=table)
+        for b, L in enumerate((29, 40)):
+            want = sink_reference(q[b:b + 1].double().cpu(), k[b:b + 1, :, :L].double().cpu(),
+                                  v[b:b + 1, :, :L].double().cpu(), sinks.double().cpu())
+            assert_close_rel(got[b:b + 1].double().cpu(), want, 1e-4, f"splits={n} paged row {b}")
+        # a chunk of 3 (the causal mask hides a split from the chunk's first rows) with a window
+        q3 = torch.randn(2, 4, 3, 64, generator=torch.Generator().manual_seed(3)).to(device)
+        got = flash_attention(q3, k, v, sinks=sinks, window=20)
+        want = sink_reference(*(t.double().cpu() for t in (q3, k, v, sinks)), window=20)
+        assert_close_rel(got.double().cpu(), want, 1e-4, f"splits={n} chunk of 3, window 20")
+    assert (state["launches"] > 0) == (n > 1)
+
+
+def test_minus_inf_sinks_are_no_sinks_and_a_sink_matters(device):
+    q, k, v, sinks, do = (t.to(device) for t in make(1, 2, 2, 17, 17, 32, seed=11))
+    plain = grads(lambda a, b, c, s: flash_attention(a, b, c), q, k, v, sinks, do)
+    none = grads(lambda a, b, c, s: flash_attention(a, b, c, sinks=s), q, k, v,
+                 torch.full_like(sinks, float("-inf")), do)
+    for name, a, b in zip(NAMES[:4], plain, none):
+        assert torch.equal(a, b), name
+    assert not none[4].any()  # a -inf sink takes no share: its gradient is 0
+    with torch.no_grad():
+        very_negative = flash_attention(q, k, v, sinks=torch.full_like(sinks, -1e4))
+        sunk = flash_attention(q, k, v, sinks=torch.full_like(sinks, 2.0))
+    assert torch.allclose(very_negative, plain[0], rtol=0, atol=1e-6)
+    # a sink shrinks every row's weights: no no-op
+    assert (sunk - plain[0]).abs().max() > 0.1
+
+
+def test_sinks_refused_by_name(device):
+    q = torch.randn(1, 2, 5, 16, device=device)
+    with pytest.raises(ValueError, match=r"sinks must be a float tensor \[H\] = \[2\]"):
+        flash_attention(q, q, q, sinks=torch.zeros(3, device=device))
+    with pytest.raises(ValueError, match="sinks must be a float tensor"):
+        flash_attention(q, q, q, sinks=torch.zeros(2, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="sinks must be a float tensor"):
+        flash_attention(q, q, q, sinks=[0.0, 0.0])
+    with pytest.raises(UserError, match="attention_sinks must be True or False"):
+        GPTConfig(attention_sinks="yes")
+
+
+TINY = dict(vocab_size=61, context_length=40, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, position_encoding="rope",
+            norm="rmsnorm", mlp="swiglu", bias=False, attention_window=7, window_layers="odd", attention_sinks=True)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(**TINY))
+    with torch.no_grad():
+        for block in model.trf_blocks:
+            block.att.sinks.normal_(0.0, 2.0)  # not init's ~0: each sink takes a real share
+    return model
+
+
+def test_model_sinks_both_paths(device):
+    """Logits, loss and every gradient (the sinks' too) agree on the reference and Triton paths; the state dict
+    carries the sinks."""
+    model = tiny_model().to(device)
+    assert tuple(model.trf_blocks[0].att.sinks.shape) == (4,)
+    idx = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(1)).to(device)
+    runs = {}
+    for kernels in ("reference", "triton"):
+        model.set_kernels(kernels)
+        model.zero_grad()
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        assert torch.allclose(model(idx[:, :-1], targets=idx[:, 1:]), loss, rtol=1e-5, atol=0)  # the model's own
+        loss.backward()
+        runs[kernels] = (logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (ref_logits, ref_loss, ref_grads), (tri_logits, tri_loss, tri_grads) = runs["reference"], runs["triton"]
+    assert_close_rel(tri_logits, ref_logits, 1e-4, "logits")
+    assert abs(tri_loss.item() - ref_loss.item()) < 1e-5
+    assert any(".att.sinks" in n for n in ref_grads)
+    for name, g in ref_grads.items():
+        assert g.abs().max() > 0, name
+        assert_close_rel(tri_grads[name], g, 1e-3, name)
+    # save/load keeps the sinks: a fresh model with other sinks gives the same logits once loaded
+    state = model.state_dict()
+    assert {n for n in state if "sinks" in n} == {f"trf_blocks.{i}.att.sinks" for i in range(2)}
+    other = tiny_model(seed=5).to(device).eval()
+    other.load_state_dict(state)
+    model.set_kernels("reference")
+    with torch.no_grad():
+        assert torch.equal(other.eval()(idx), model.eval()(idx))
+
+
+def test_model_sinks_decode(device):
+    """Greedy decode over the KV cache (float and int8) gives the same tokens on both paths, and the Triton path's
+    steps over the cache give the reference path's logits."""
+    model = tiny_model().to(device)
+    idx = torch.randint(0, 61, (1, 14), generator=torch.Generator().manual_seed(1)).to(device)
+    model.eval()
+    tokens = {}
+    for kernels in ("reference", "triton"):
+        model.set_kernels(kernels)
+        with torch.no_grad():
+            tokens[kernels] = generate(model, idx[:, :5], 4, temperature=0.0)
+            # an int8 KV cache: the kernels' INT8_KV loads under the same epilogue
+            tokens[kernels, "int8"] = generate(model, idx[:, :5], 4, temperature=0.0, kv_cache_dtype="int8")
+    assert torch.equal(tokens["reference"], tokens["triton"])
+    assert torch.equal(tokens["reference", "int8"], tokens["triton", "int8"])
+    # the Triton path's cache steps (prefill, single tokens, a chunk: Tq < Tk in the kernel) give the reference
+    # path's whole-sequence logits (greedy tokens of a tiny random model alone could agree by chance)
+    model.set_kernels("reference")
+    with torch.no_grad():
+        want = model(idx)
+    model.set_kernels("triton")
+    _, stepped, _ = decode_token_by_token(model, idx, prefill=6, singles=2, whole=False)
+    assert_close_rel(stepped, want, 1e-4, "decoded over the cache, triton")
+
