@@ -73,7 +73,7 @@ VARIANTS = dict(
     scale_embeddings=[True, False], post_norms=[True, False], pre_norms=[False, True], qk_norm_width=["all", "head", "each"],
     parallel_residual=[True, False], gelu_approximate=["none", "tanh"], shared_norm=[True, False],
     head_bias=[True, False], n_experts=[4, 0], experts_per_token=[1, 3], moe_norm_topk=[False, True],
-    moe_aux_loss=[0.01])
+    moe_aux_loss=[0.01], attention_sinks=[True])
 
 
 def perturbed(model):

@@ -232,3 +232,15 @@ def test_model_sinks_decode(device):
     _, stepped, _ = decode_token_by_token(model, idx, prefill=6, singles=2, whole=False)
     assert_close_rel(stepped, want, 1e-4, "decoded over the cache, triton")
 
+
+def test_export_refuses_sinks(tmp_path):
+    """No Hugging Face family this exports to has sinks: writing the other weights would drop them silently."""
+    from tritongpt.train.gpt2_weights import export_gpt2
+    from tritongpt.train.llama_weights import refuse_not_llama
+
+    gpt2 = GPTModel(GPTConfig(vocab_size=61, context_length=16, n_embd=32, n_layer=1, n_head=2, attention_sinks=True))
+    with pytest.raises(UserError, match="has attention sinks .* cannot be exported as a GPT-2 folder"):
+        export_gpt2(gpt2, tmp_path / "gpt2")
+    assert not (tmp_path / "gpt2").exists()
+    with pytest.raises(UserError, match="has attention sinks .*Llama.* cannot be exported as a Llama folder"):
+        refuse_not_llama(GPTModel(GPTConfig(**{**TINY, "attention_window": 0})), "a Llama folder", "Llama")

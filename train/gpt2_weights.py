@@ -1022,9 +1022,12 @@ def refuse_norm_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool
     False), Cohere's scaled logits (logit_scale) and StableLM 2 12B's and Command R+'s q/k norms with weights of
     each head's own (qk_norm_width "each"), which only their folders say: refused by name (embed_norm,
     bias_free_norms, logit_scale, per_head_qk: the family has them); Granite's muP multipliers (embedding_multiplier,
-    residual_multiplier, attention_multiplier) unless mup."""
+    residual_multiplier, attention_multiplier) unless mup; gpt-oss's attention sinks (attention_sinks), always."""
     if not per_head_qk:
         refuse_per_head_qk(cfg, family, what)
+    if cfg.attention_sinks:  # every family's export reaches here: none of theirs has sinks, written or not
+        raise UserError(f"this model has attention sinks (attention_sinks: gpt-oss's per-head sink logits, "
+                        f"att.sinks), which Hugging Face's {family} does not: it cannot be exported as {what}")
     for differs, why, where in ((cfg.embed_norm and not embed_norm, "normalizes its token embeddings (embed_norm, "
                                  "BLOOM's word_embeddings_layernorm)", "a BLOOM"),
                                 (not cfg.norm_bias and not bias_free_norms, "has LayerNorms without biases "
