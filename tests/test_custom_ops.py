@@ -121,6 +121,11 @@ def _attention_args(device, gen):
     # ALiBi's slopes, fp32 [H]: the schema argument after the soft cap
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
     oa, lsea = ops.flash_attn_fwd(q4, k, v, True, 0.25, 0.1, seed, None, None, 0.0, slopes)
+    # gpt-oss's attention sinks, float [H]: the 16th schema argument, after the (absent) cache ones; the backward
+    # returns their gradient as a fourth output
+    sinks = _randn(4, device=device, gen=gen)
+    cache_none = (None,) * 4  # kv_len, k_scale, v_scale, block_table
+    os_, lses = ops.flash_attn_fwd(q4, k, v, True, 0.25, 0.1, seed, None, None, 0.0, None, *cache_none, sinks)
     return {"flash_attn_fwd": (q, k, v, True, 0.25, 0.1, seed),
             "flash_attn_bwd": (torch.randn_like(o), q, k, v, o, lse, True, 0.25, 0.1, seed),
             "flash_attn_fwd gqa": (q4, k, v, True, 0.25, 0.1, seed),
@@ -130,7 +135,10 @@ def _attention_args(device, gen):
                                        2.0),
             "flash_attn_fwd alibi": (q4, k, v, True, 0.25, 0.1, seed, None, None, 0.0, slopes),
             "flash_attn_bwd alibi": (torch.randn_like(oa), q4, k, v, oa, lsea, True, 0.25, 0.1, seed, None, None,
-                                     0.0, slopes)}
+                                     0.0, slopes),
+            "flash_attn_fwd sinks": (q4, k, v, True, 0.25, 0.1, seed, None, None, 0.0, None, *cache_none, sinks),
+            "flash_attn_bwd sinks": (torch.randn_like(os_), q4, k, v, os_, lses, True, 0.25, 0.1, seed, None, None,
+                                     0.0, None, sinks)}
 
 
 def _rope_args(device, gen):
@@ -254,7 +262,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("attention", ("flash_attn_fwd", "flash_attn_bwd", "flash_attn_fwd gqa",
                                                          "flash_attn_bwd gqa", "flash_attn_fwd softcap",
                                                          "flash_attn_bwd softcap", "flash_attn_fwd alibi",
-                                                         "flash_attn_bwd alibi")),
+                                                         "flash_attn_bwd alibi", "flash_attn_fwd sinks",
+                                                         "flash_attn_bwd sinks")),
                                           ("rope", ("rope_fwd", "rope_fwd shared", "rope_bwd", "rope_fwd partial",
                                                     "rope_bwd partial")),
                                           ("distill", ("distill_fwd", "distill_fwd mixture", "distill_fwd no grad")),
