@@ -13,7 +13,7 @@ import torch
 from parity import assert_close_rel, decode_token_by_token
 from test_attention import same_document
 from tritongpt.errors import UserError
-from tritongpt.kernels.attention import flash_attention
+from tritongpt.kernels.attention import dropout_mask, flash_attention
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.generate import generate
@@ -21,8 +21,9 @@ from tritongpt.train.generate import generate
 NAMES = ("out", "dq", "dk", "dv", "dsinks")
 
 
-def sink_reference(q, k, v, sinks, causal=True, window=None, doc_ids=None, softcap=None):
-    """softmax([q k^T / sqrt(D) (capped) + masks, sinks[h]])[..., :-1] @ v, k and v repeated to q's heads."""
+def sink_reference(q, k, v, sinks, causal=True, window=None, doc_ids=None, softcap=None, keep=None, dropout_p=0.0):
+    """softmax([q k^T / sqrt(D) (capped) + masks, sinks[h]])[..., :-1] (dropout by keep) @ v, k and v repeated to
+    q's heads."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     Tq, Tk = q.shape[-2], k.shape[-2]
@@ -38,6 +39,8 @@ def sink_reference(q, k, v, sinks, causal=True, window=None, doc_ids=None, softc
         scores = scores.masked_fill(~same_document(doc_ids, Tq)[:, None], float("-inf"))
     sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
     weights = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    if keep is not None:  # dropout after the softmax, on the real columns only (nn.Dropout on the weights)
+        weights = weights * keep.to(weights) / (1.0 - dropout_p)
     return weights @ v
 
 
@@ -61,6 +64,10 @@ def make(B, H, Hkv, Tq, Tk, D, seed):
 def check(shape, device, tag, dtype=torch.float32, tol=1e-4, **kw):
     q, k, v, sinks, do = make(*shape, seed=sum(shape))
     ref_kw = {**kw, **({"doc_ids": kw["doc_ids"].cpu()} if "doc_ids" in kw else {})}
+    if kw.get("dropout_p"):  # the kernels' own keep-mask (dropout_mask), given to the reference
+        B, H, Tq, _ = q.shape
+        ref_kw = {**ref_kw, "keep": dropout_mask(kw["seed"], B, H, Tq, k.shape[2], kw["dropout_p"], device).cpu()}
+        del ref_kw["seed"]
     got = grads(lambda a, b, c, s: flash_attention(a, b, c, sinks=s, **kw),
                 *(t.to(device, dtype) for t in (q, k, v, sinks, do)))
     ref = grads(lambda a, b, c, s: sink_reference(a, b, c, s, **ref_kw),
@@ -87,6 +94,10 @@ def test_fp32_sinks_window_softcap_and_not_causal(device):
     check((1, 4, 2, 37, 37, 32), device, "window 5", window=5)
     check((1, 2, 2, 17, 37, 32), device, "softcap", softcap=3.0)
     check((1, 2, 1, 17, 37, 32), device, "not causal", causal=False)
+
+
+def test_fp32_sinks_dropout(device):
+    check((1, 1, 1, 17, 20, 16), device, "dropout", dropout_p=0.3, seed=5)
 
 
 def test_fp32_sinks_documents(device):
