@@ -23,6 +23,14 @@ exists in memory, and the scale costs one multiply per output instead of one per
 dequantized weight q * scale to the compute dtype (in bf16 up to 2^-9 relative per weight) before the product; this
 kernel's weight is exact (q, and the scale in fp32), so only x's, the bias's and y's roundings remain.
 
+int8 with group scales (a GPTQ 8-bit folder's, Qwen's *-GPTQ-Int8: train/hf_quant.py): scale [N, K / G], W[n, k] =
+q[n, k] * scale[n, k // G], G one of GROUP_SIZES dividing K. A group's scale does not factor out of the whole K sum,
+so the same kernel (constexpr G > 0) dequantizes each q tile in registers as int4's does, per step: with
+BLOCK_K <= G the step lies in one group (one scale a column of the tile), with BLOCK_K > G it holds BLOCK_K / G
+whole groups ([BLOCK_K / G, BLOCK_N] scales broadcast over [BLOCK_K / G, G, BLOCK_N]); q * s in fp32 is rounded to
+the compute dtype (as the reference's dequantized weight is) before tl.dot, and the epilogue skips the row scale.
+Its tiles are int4's budget (_int8_prune: at most MAX_GROUPS_A_STEP groups a step and a 128 x 128 weight tile).
+
 Compute dtype: under torch.autocast its dtype (x and bias are cast to it first, as nn.Linear's inputs are), else
 x's. fp32 uses IEEE products (no TF32), bf16/fp16 tensor cores with fp32 accumulation. Launch: on a GPU autotuned
 per (rows bucket, N, K, flags, dtypes) over decode tiles (BLOCK_M 16, wide N and K tiles: one or a few rows, the
@@ -124,37 +132,80 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"] <= DECODE_M) == decode] or configs
 
 
-# M_BUCKET stands in for M (the token count changes from call to call); N and K are the layer's widths.
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "GELU_ERF"],
-                 prune_configs_by={"early_config_prune": _prune})
+MAX_GROUPS_A_STEP = 8  # BLOCK_K / G above this: a fine-grained scale tile per step, pruned (a smaller BLOCK_K fits)
+GROUPED_TILE = 128 * 128  # a grouped int8 weight tile's most values (BLOCK_N x BLOCK_K): int4's largest
+
+
+def _int8_prune(configs, named_args, **kwargs):
+    """_prune's decode or prefill tiles; with group scales (G > 0) less those whose K step holds more than
+    MAX_GROUPS_A_STEP groups or whose weight tile, dequantized to fp32 in registers as int4's is, is larger than
+    int4's largest (GROUPED_TILE: int8's 128 x 256 decode tile would double the registers a thread; kept if nothing
+    else is left)."""
+    G = kwargs.get("G", named_args.get("G"))
+    configs = _prune(configs, named_args)
+    if not G:
+        return configs
+    # (the dx kernel's tile is [BLOCK_N, BLOCK_K] too: one rule for both)
+    return [c for c in configs if c.kwargs["BLOCK_K"] // G <= MAX_GROUPS_A_STEP
+            and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= GROUPED_TILE] or configs
+
+
 @triton.jit
-def _int8_linear_kernel(X, Q, Scale, Bias, Y, M, N, K, M_BUCKET, stride_xm, stride_qn, stride_ym,
-                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GELU_ERF: tl.constexpr,
+def _int8_group_tile(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr):
+    """The fp32 weight tile W^T [BLOCK_K, BLOCK_N] from its int8 q^T [BLOCK_K, BLOCK_N] and its groups' fp32 scales
+    s [GROUPS, BLOCK_N] (GROUPS 1: the step is inside one group), in registers."""
+    if GROUPS == 1:
+        return q.to(tl.float32) * s  # [1, BLOCK_N] broadcast
+    else:
+        w = tl.reshape(q.to(tl.float32), (GROUPS, G, BLOCK_N)) * s[:, None, :]
+        return tl.reshape(w, (BLOCK_K, BLOCK_N))
+
+
+# M_BUCKET stands in for M (the token count changes from call to call); N and K are the layer's widths.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_BIAS", "ACTIVATION", "GELU_ERF"],
+                 prune_configs_by={"early_config_prune": _int8_prune})
+@triton.jit
+def _int8_linear_kernel(X, Q, Scale, Bias, Y, M, N, K, M_BUCKET, stride_xm, stride_qn, stride_sn, stride_sg, stride_ym,
+                        G: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GELU_ERF: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Y[M, N] = act((X[M, K] @ Q[N, K]^T) * Scale[N] + Bias[N]); X and Q at unit stride along K."""
+    """Y[M, N] = act((X[M, K] @ Q[N, K]^T) * Scale[N] + Bias[N]); X and Q at unit stride along K. G > 0 (a power of
+    two, K a multiple of it): Scale is [N, K / G], W[n, k] = Q[n, k] * Scale[n, k // G], dequantized in the K loop."""
     # grouped ordering: GROUP_M row-tiles sweep the column-tiles together, so the weight tiles stay in L2
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    GROUPS: tl.constexpr = (BLOCK_K // G if BLOCK_K > G else 1) if G > 0 else 1  # whole groups a step (1: part of one)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, GROUPS)
     m_ok = offs_m < M
     n_ok = offs_n < N
     # int64 row offsets: M * K and N * K may pass 2^31 elements (a long prefill at a wide K, a big vocabulary's head)
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     q_ptrs = Q + offs_k[:, None] + offs_n.to(tl.int64)[None, :] * stride_qn  # the [BLOCK_K, BLOCK_N] tile of q^T
+    s_ptrs = Scale + offs_g[:, None] * stride_sg + offs_n.to(tl.int64)[None, :] * stride_sn  # [GROUPS, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         q = tl.load(q_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        acc = dot(x, cast(q, X.dtype.element_ty), acc, PRECISION)  # int8 -> compute dtype: exact
+        if G > 0:
+            # a group's scale does not factor out of the whole K sum: the tile is dequantized in registers (q * s in
+            # fp32, rounded to the compute dtype as the reference's dequantized weight is), as int4's is
+            first = k * BLOCK_K // G  # the step's first group
+            s = tl.load(s_ptrs + first * stride_sg, mask=(offs_g < K // G - first)[:, None] & n_ok[None, :],
+                        other=0.0).to(tl.float32)
+            w = _int8_group_tile(q, s, BLOCK_N, BLOCK_K, G, GROUPS)  # masked q and s are 0: w 0 there, never NaN
+            acc = dot(x, cast(w, X.dtype.element_ty), acc, PRECISION)
+        else:
+            acc = dot(x, cast(q, X.dtype.element_ty), acc, PRECISION)  # int8 -> compute dtype: exact
         x_ptrs += BLOCK_K
         q_ptrs += BLOCK_K
 
-    # the scale factors out of the K sum: once per output here, not once per weight in the loop
-    acc = acc * tl.load(Scale + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if G == 0:
+        # one scale a row factors out of the K sum: once per output here, not once per weight in the loop
+        acc = acc * tl.load(Scale + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION:
@@ -180,15 +231,27 @@ def _launch(x, qweight, scale, bias=None, activation=None):
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    scale = scale if scale.stride(0) == 1 else scale.contiguous()  # read at unit stride; N values
+    if scale.dim() == 1 and scale.stride(0) != 1:
+        scale = scale.contiguous()  # read at unit stride; N values
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     launch_tuned(_int8_linear_kernel, grid, x, qweight, scale, bias if bias is not None else scale, y,
-                 M, N, K, _bucket(M), x.stride(0), qweight.stride(0), y.stride(0),
-                 HAS_BIAS=bias is not None, ACTIVATION=activation is not None, GELU_ERF=activation == "gelu_erf",
+                 M, N, K, _bucket(M), x.stride(0), qweight.stride(0), *_scale_strides(scale), y.stride(0),
+                 G=_group(scale, K), HAS_BIAS=bias is not None, ACTIVATION=activation is not None,
+                 GELU_ERF=activation == "gelu_erf",
                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # tf32 only affects fp32 inputs
     return y
+
+
+def _group(scale, K: int) -> int:
+    """int8's group size: 0 for one scale a row (scale [N]), else K / groups (scale [N, K / G])."""
+    return 0 if scale.dim() == 1 else K // scale.shape[1]
+
+
+def _scale_strides(scale) -> tuple:
+    """(stride along N, stride along the groups) of int8's scale: [N] has no groups (its stride there unused)."""
+    return (scale.stride(0), 0) if scale.dim() == 1 else (scale.stride(0), scale.stride(1))
 
 
 def check_activation(activation, kernel: str = "int8_linear") -> None:
@@ -207,7 +270,15 @@ def _check_weight(qweight, scale, bias):
         raise ValueError(f"int8_linear: qweight must have unit stride along K (nn.Linear's [N, K] layout), got "
                          f"strides {qweight.stride()}; store it contiguous once (qweight.contiguous()): a copy "
                          "on every call would read the weight twice")
-    check_tensor(scale, "scale", dtypes=SCALE_DTYPES, shape=(N,))
+    if isinstance(scale, torch.Tensor) and scale.dim() == 2:  # group scales: W[n, k] = q[n, k] * scale[n, k // G]
+        check_tensor(scale, "scale", dtypes=SCALE_DTYPES)
+        groups = scale.shape[1]
+        if scale.shape[0] != N or groups == 0 or K % groups or K // groups not in GROUP_SIZES:
+            raise ValueError(f"int8_linear: scale has shape {tuple(scale.shape)}; group scales must be [N, K / G] = "
+                             f"[{N}, K / G] for qweight {tuple(qweight.shape)} (K = {K}) with a group size G in "
+                             f"{', '.join(map(str, GROUP_SIZES))}")
+    else:  # (one a row)
+        check_tensor(scale, "scale", dtypes=SCALE_DTYPES, shape=(N,))
     if bias is not None:
         check_tensor(bias, "bias", dtypes=SCALE_DTYPES, shape=(N,))
     return N, K
@@ -246,10 +317,11 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
                 activation: Optional[str] = None) -> torch.Tensor:
     """act(x @ (qweight * scale[:, None]).T + bias) over the last dim of x (any leading dims): y [..., N].
 
-    qweight [N, K] torch.int8 with unit stride along K (nn.Linear's layout), scale [N] floating (used in fp32),
-    bias [N] floating or None; activation None, "gelu_tanh" or "gelu_erf" (after the bias). y has the compute
-    dtype: the autocast dtype under torch.autocast (x and bias cast to it first, as nn.Linear's inputs), else x's
-    (the bias rounded to it too, as F.linear would need it).
+    qweight [N, K] torch.int8 with unit stride along K (nn.Linear's layout), scale [N] floating (used in fp32), or
+    [N, K / G] for a scale a group of G consecutive inputs (W[n, k] = qweight[n, k] * scale[n, k // G], G one of
+    GROUP_SIZES: a GPTQ 8-bit folder's groups), bias [N] floating or None; activation None, "gelu_tanh" or
+    "gelu_erf" (after the bias). y has the compute dtype: the autocast dtype under torch.autocast (x and bias cast
+    to it first, as nn.Linear's inputs), else x's (the bias rounded to it too, as F.linear would need it).
     Backward: x's gradient only, with activation None (qweight, scale and bias are frozen; see the module's text).
     """
     _check_x(x, "int8_linear")
@@ -280,9 +352,6 @@ def _call(op, kernel: str, x, N: int, bias, activation, **weights):
     # with x's gradient: through the dispatcher, whose registered autograd records the backward (.call would not)
     y = (op if grad else op.call)(as_rows(x), *weights.values(), bias, activation)
     return y.view(*x.shape[:-1], N)
-
-
-MAX_GROUPS_A_STEP = 8  # BLOCK_K / G above this: a fine-grained scale tile per step, pruned (a smaller BLOCK_K fits)
 
 
 def _int4_configs():
@@ -491,20 +560,24 @@ def _dx_configs():
     ]
 
 
-@triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K", "G"],
+                 prune_configs_by={"early_config_prune": _int8_prune})
 @triton.jit
-def _int8_linear_dx_kernel(DY, Q, Scale, DX, M, N, K, M_BUCKET, stride_dym, stride_qn, stride_dxm,
-                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """DX[M, K] = DY[M, N] @ W[N, K], W[n, k] = Q[n, k] * Scale[n]; DY and Q at unit stride along N and K.
+def _int8_linear_dx_kernel(DY, Q, Scale, DX, M, N, K, M_BUCKET, stride_dym, stride_qn, stride_sn, stride_sg,
+                           stride_dxm, G: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """DX[M, K] = DY[M, N] @ W[N, K], W[n, k] = Q[n, k] * Scale[n] (G 0), or Q[n, k] * Scale[n, k // G] (G > 0, a
+    power of two, K a multiple of it); DY and Q at unit stride along N and K.
 
     Tiled over (M, K): a BLOCK_M x BLOCK_K tile of DX a program, N walked in BLOCK_N steps. Per step the dy tile
     [BLOCK_M, BLOCK_N] and the int8 tile [BLOCK_N, BLOCK_K] (rows of Q, read along K) are loaded, the weight tile is
     dequantized in registers (q * scale in fp32: the scale is per n, the reduction index, so it does not factor out
     of the sum as in the forward) and rounded to dy's dtype, as the reference's dequantized weight is; tl.dot adds
-    into the fp32 accumulator, which stays in registers for the whole N loop. The dequantized weight never exists in
-    memory."""
+    into the fp32 accumulator, which stays in registers for the whole N loop. A program's K columns are fixed, so
+    are its groups (G > 0): BLOCK_K / G whole ones or part of one, a [BLOCK_N, groups] scale tile a step (int4's dx).
+    The dequantized weight never exists in memory."""
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    GROUPS: tl.constexpr = (BLOCK_K // G if BLOCK_K > G else 1) if G > 0 else 1
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
@@ -512,17 +585,28 @@ def _int8_linear_dx_kernel(DY, Q, Scale, DX, M, N, K, M_BUCKET, stride_dym, stri
     k_ok = offs_k < K
     dy_ptrs = DY + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :]
     q_ptrs = Q + offs_n.to(tl.int64)[:, None] * stride_qn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    if G > 0:
+        offs_g = pid_k * BLOCK_K // G + tl.arange(0, GROUPS)
+        g_ok = offs_g < K // G
+    else:
+        offs_g = tl.arange(0, 1)  # (one scale a row: no groups along K)
+        g_ok = offs_g < 1
+    s_ptrs = Scale + offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :] * stride_sg  # [BLOCK_N, GROUPS]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_ok = offs_n < N - n * BLOCK_N
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         q = tl.load(q_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        s = tl.load(Scale + n * BLOCK_N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        s = tl.load(s_ptrs, mask=n_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
         # masked q and scales are 0: w is 0 past N's and K's edges (dy is too past N's), never NaN
-        w = q.to(tl.float32) * s[:, None]
+        if GROUPS == 1:
+            w = q.to(tl.float32) * s  # [BLOCK_N, 1] broadcast: the row's scale, or its group's
+        else:
+            w = tl.reshape(tl.reshape(q.to(tl.float32), (BLOCK_N, GROUPS, G)) * s[:, :, None], (BLOCK_N, BLOCK_K))
         acc = dot(dy, cast(w, DY.dtype.element_ty), acc, PRECISION)
         dy_ptrs += BLOCK_N
         q_ptrs += BLOCK_N * stride_qn
+        s_ptrs += BLOCK_N * stride_sn
     dx_ptrs = DX + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
     tl.store(dx_ptrs, cast(acc, DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
@@ -591,10 +675,10 @@ def _launch_dx(dy, qweight, scale):
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    scale = scale if scale.stride(0) == 1 else scale.contiguous()
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     launch_tuned(_int8_linear_dx_kernel, grid, dy, qweight, scale, dx, M, N, K, _bucket(M), dy.stride(0),
-                 qweight.stride(0), dx.stride(0), PRECISION="ieee" if dy.dtype == torch.float32 else "tf32")
+                 qweight.stride(0), *_scale_strides(scale), dx.stride(0), G=_group(scale, K),
+                 PRECISION="ieee" if dy.dtype == torch.float32 else "tf32")
     return dx
 
 
@@ -629,7 +713,7 @@ def _check_dx_args(dy, qweight, scale):
 
 @custom_op("tritongpt::int8_linear_dx", mutates_args=())
 def _int8_linear_dx_op(dy: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """dy [M, N] -> dx = dy @ (qweight * scale[:, None]) [M, K] in dy's dtype."""
+    """dy [M, N] -> dx = dy @ W [M, K] in dy's dtype, W int8_linear's dequantized weight."""
     check_runnable(dy, "dy")
     _check_dx_args(dy, qweight, scale)
     return _launch_dx(dy, qweight, scale)

@@ -63,6 +63,37 @@ def test_parity_against_float64(dtype, m, k, n, activation, device):
         check(int8_linear(x, q, scale), reference(x, q, scale), dtype, f"{dtype} {m}x{k}->{n} no bias")
 
 
+def grouped(n, k, g, device, seed=0):
+    """int8 q [n, k] with a scale a group of g inputs [n, k / g] (a GPTQ 8-bit folder's), and the float64 W."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * k ** -0.5
+    w[:, g:2 * g] *= 10  # (the second group of each row far larger: a group's scale read for another is seen)
+    q, scale = quantize_weight(w.view(-1, g))  # each group a row of its own
+    q, scale = q.view(n, k), scale.view(n, k // g)
+    w64 = (q.double().view(n, -1, g) * scale.double()[:, :, None]).view(n, k)
+    return q.to(device), scale.to(device), w64.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,k,n,g", [(7, 96, 37, 32), (5, 256, 33, 128), (3, 80, 65, 16)])
+def test_group_scales_against_float64(dtype, m, k, n, g, device):
+    """Group scales [N, K / G]: each weight tile dequantized in the K loop (2 whole groups a 64-wide step at G 32, K
+    96 ending inside a step; part of one at 128; 4 at 16), against float64's x @ W^T + bias; in bf16 against the
+    product with the weight rounded to bf16, as the reference module rounds its dequantized weight. Odd M and N."""
+    q, scale, w64 = grouped(n, k, g, device, seed=m + n)
+    gen = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    b = torch.randn(n, generator=gen).to(device, dtype)
+    with torch.no_grad():
+        y = int8_linear(x, q, scale, b, "gelu_tanh")
+        ref = F.gelu(x.double() @ w64.T + b.double(), approximate="tanh")
+    assert y.dtype == dtype
+    assert_close_rel(y, ref, TOL[dtype], f"{dtype} {m}x{k}->{n} G{g}")
+    if dtype == torch.bfloat16:
+        want = F.gelu(x.double() @ w64.to(dtype).double().T + b.double(), approximate="tanh").to(dtype)
+        assert_close_rel(y, want, ROUNDED, f"{dtype} G{g} against the bf16 weight's product")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_leading_dims_and_strided_x(dtype, device, monkeypatch):
     """[2, 3, K] -> [2, 3, N]; a transposed view of x (copied to rows) and rows at a stride > K (read in place)."""
@@ -147,7 +178,14 @@ REFUSED = {
     "K mismatch": (dict(x=lambda x: x[:, :60]), ValueError, "x has 60 features .* K = 64"),
     "scale int": (dict(scale=lambda s: s.int()), TypeError, "scale has dtype int32"),
     "scale shape": (dict(scale=lambda s: s[:47]), ValueError, r"scale has shape \(47,\), expected \(48,\)"),
-    "scale 2-D": (dict(scale=lambda s: s[:, None]), ValueError, r"scale has shape \(48, 1\), expected \(48,\)"),
+    "scale 3-D": (dict(scale=lambda s: s[:, None, None]), ValueError,
+                  r"scale has shape \(48, 1, 1\), expected \(48,\)"),
+    # group scales [N, K / G] (a GPTQ 8-bit folder's): G one of GROUP_SIZES, K a multiple of it
+    "group scales of 3": (dict(scale=lambda s: s[:, None].repeat(1, 3)), ValueError,
+                          r"scale has shape \(48, 3\); group scales must be \[N, K / G\] = \[48, K / G\] for qweight "
+                          r"\(48, 64\) \(K = 64\) with a group size G in 16, 32"),
+    "group scales rows": (dict(scale=lambda s: s[:40, None].repeat(1, 2)), ValueError,
+                          r"scale has shape \(40, 2\); group scales must be \[N, K / G\] = \[48, K / G\]"),
     "bias shape": (dict(bias=lambda b: b[:40]), ValueError, r"bias has shape \(40,\), expected \(48,\)"),
     "bias int": (dict(bias=lambda b: b.long()), TypeError, "bias has dtype int64"),
     "x int": (dict(x=lambda x: x.long()), TypeError, "x has dtype int64"),
@@ -238,7 +276,7 @@ def test_fp32_products_are_ieee(dtype, precision, device, monkeypatch):
     real = quant.launch_tuned
     monkeypatch.setattr(quant, "launch_tuned", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     int8_linear(torch.randn(3, 64, device=device, dtype=dtype), q, scale, None, "gelu_erf")
-    assert seen == [dict(HAS_BIAS=False, ACTIVATION=True, GELU_ERF=True, PRECISION=precision)]
+    assert seen == [dict(G=0, HAS_BIAS=False, ACTIVATION=True, GELU_ERF=True, PRECISION=precision)]
 
 
 def test_eager_call_skips_the_dispatcher(device, monkeypatch):

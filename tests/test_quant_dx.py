@@ -37,6 +37,12 @@ def make(fmt, n, k, g, device, seed=0):
         weight = (q, scale)
         deq = q.float() * scale[:, None]
         w64 = q.double() * scale.double()[:, None]
+    elif fmt == "int8g":  # int8 with a scale a group of g inputs (a GPTQ 8-bit folder's): scale [n, k / g]
+        q, scale = quantize_weight(w.view(-1, g))  # (each group a row of its own: its own scale)
+        q, scale = q.view(n, k), scale.view(n, k // g)
+        weight = (q, scale)
+        deq = (q.float().view(n, -1, g) * scale[:, :, None]).view(n, k)
+        w64 = (q.double().view(n, -1, g) * scale.double()[:, :, None]).view(n, k)
     else:
         w[1, :g] = 0.25  # a constant group: scale 1, q 0, the offset the value itself
         q, scale, offset = quantize_weight_int4(w, g)
@@ -48,7 +54,7 @@ def make(fmt, n, k, g, device, seed=0):
 
 
 def linear(fmt, x, weight, bias=None, activation=None):
-    return (int8_linear if fmt == "int8" else int4_linear)(x, *weight, bias, activation)
+    return (int4_linear if fmt == "int4" else int8_linear)(x, *weight, bias, activation)
 
 
 def dx_of(fmt, x, weight, bias, dy):
@@ -68,9 +74,11 @@ def check(dx, dy, deq, w64, dtype, name):
     return rel
 
 
-# (format, K, N, G): N 48 and 130 against the 64-wide reduction step, K 100 / 80 / 96 off the 64-wide dx tile
-SHAPES = [("int8", 100, 130, None), ("int8", 64, 48, None), ("int4", 80, 130, 16), ("int4", 96, 130, 32),
-          ("int4", 192, 48, 64), ("int4", 256, 48, 128)]
+# (format, K, N, G): N 48 and 130 against the 64-wide reduction step, K 100 / 80 / 96 off the 64-wide dx tile;
+# int8g: int8 with group scales, 2 whole groups a 64-wide K tile (G 32, K 96: the last tile's second group past K)
+# or part of one (G 128)
+SHAPES = [("int8", 100, 130, None), ("int8", 64, 48, None), ("int8g", 96, 130, 32), ("int8g", 256, 48, 128),
+          ("int4", 80, 130, 16), ("int4", 96, 130, 32), ("int4", 192, 48, 64), ("int4", 256, 48, 128)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -175,7 +183,7 @@ def test_nan_in_dy_stays_in_its_row(fmt, g, device):
     assert_close_rel(rest, torch.cat([want[:20], want[21:]]), 1e-4, f"{fmt} rows without the NaN")
 
 
-@pytest.mark.parametrize("fmt,g", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("fmt,g", [("int8", None), ("int8g", 32), ("int4", 32)])
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.bfloat16, "tf32")])
 def test_dx_is_the_triton_kernel(fmt, g, dtype, precision, device, monkeypatch):
     """The backward launches the format's dx kernel (IEEE products in fp32: the interpreter does not model TF32,
@@ -187,8 +195,8 @@ def test_dx_is_the_triton_kernel(fmt, g, dtype, precision, device, monkeypatch):
     x = torch.randn(3, 128, device=device, dtype=dtype, requires_grad=True)
     y = linear(fmt, x, weight, b.to(dtype))
     y.backward(torch.ones_like(y))
-    kernel = quant._int8_linear_dx_kernel if fmt == "int8" else quant._int4_linear_dx_kernel
-    assert seen[1:] == [(kernel, dict(PRECISION=precision) if fmt == "int8" else dict(G=g, PRECISION=precision))]
+    kernel = quant._int4_linear_dx_kernel if fmt == "int4" else quant._int8_linear_dx_kernel
+    assert seen[1:] == [(kernel, dict(G=g or 0, PRECISION=precision))]  # (int8's G 0: a scale a row)
 
 
 @pytest.mark.parametrize("fmt,g", [("int8", None), ("int4", 32)])
