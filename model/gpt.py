@@ -601,7 +601,8 @@ class GPTModel(nn.Module):
         """A quantized file's model, its QuantLinears (model/quant.py quantized_layout) and the rest allocated on the
         CPU but not filled: the float matrices are never made, so it loads where its float model would not fit."""
         mode, head, group = meta["quantized"], meta.get("quantized_head"), meta.get("quantized_group_size")
-        if mode not in ("int8", "int4") or head not in ("true", "false") or (mode == "int4") != (group is not None):
+        # (int8 has a group size where its scales are a GPTQ 8-bit folder's groups, Int8Linear.group_size)
+        if mode not in ("int8", "int4") or head not in ("true", "false") or (mode == "int4" and group is None):
             raise UserError(f"{path}: quantized {mode!r} (head {head!r}, group size {group!r}) is not a quantization "
                             "this version reads (int8, or int4 with a group size; head true or false)")
         if not quantized_ok and cfg.lora_rank:
@@ -615,13 +616,14 @@ class GPTModel(nn.Module):
             raise UserError(f"{path} is {mode}-quantized ({made}), for inference: generate, chat, "
                             "serve, eval, hellaswag and lambada run it; train, export or merge the float weights it "
                             "was made from")
-        if mode == "int4" and not group.isdigit():
-            raise UserError(f"{path}: quantized_group_size {group!r} is not a number (a damaged int4 file)")
+        if group is not None and not group.isdigit():
+            raise UserError(f"{path}: quantized_group_size {group!r} is not a number (a damaged {mode} file)")
         check_quantized_dtypes(path, mode)
         with torch.device("meta"):  # a QLoRA checkpoint's updates go on the quantized layers, after the layout
             model = cls(dataclasses.replace(cfg, lora_rank=0) if cfg.lora_rank else cfg)
         try:
-            model = quantized_layout(model, mode, head == "true", int(group or 0))
+            model = quantized_layout(model, mode, head == "true", int(group or 0),
+                                     int8_group_size=int(group) if group else None)
         except UserError as e:
             raise UserError(f"{path}: its {mode} layout does not fit its config ({e})") from None
         model.quantized_from = meta.get("quantized_from") if meta.get("quantized_from") in QUANTIZED_FROM else None

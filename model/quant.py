@@ -4,6 +4,8 @@ int4 in groups of G inputs with an fp32 scale and offset each.
 
     int8:  W [N, K] -> q = round(W / s[:, None]) in [-127, 127],  s[n] = max_k |W[n, k]| / 127     (fp32)
            x @ W^T  ~= (x @ q^T) * s                               (s factors out of the sum over k)
+           (a GPTQ 8-bit folder's: s [N, K / G], a scale a group of G inputs, W ~= q * s[n, k // G]: Int8Linear's
+           group_size; made by train/hf_quant.py only, never by quantize_int8)
     int4:  W[n, k] ~= q[n, k] * scale[n, k // G] + offset[n, k // G],  q in 0..15, two a byte (quantize_weight_int4)
 
 Why: a decode step reads every weight once for a few tokens' work, so its speed is the bytes it reads; int8
@@ -387,15 +389,26 @@ class QuantLinear(nn.Module):
 
 class Int8Linear(QuantLinear):
     """y = x @ (q * scale[:, None])^T + bias, q int8 [out, in], one fp32 scale a row. Triton twin:
-    kernels/quant.py `int8_linear`."""
+    kernels/quant.py `int8_linear`.
+
+    group_size (None: a scale a row): a scale a group of group_size consecutive inputs of a row instead, scale fp32
+    [out, in / group_size], W[n, k] = q[n, k] * scale[n, k // group_size]: a GPTQ 8-bit folder's groups
+    (train/hf_quant.py), kept 8-bit. Its groups are int4's: one of GROUP_SIZES dividing in_features."""
 
     mode = "int8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, group_size: int | None = None):
+        if group_size is not None:
+            try:
+                check_group_size(in_features, group_size)
+            except GroupSizeError as e:  # (check_group_size speaks of int4, whose groups these are)
+                raise GroupSizeError(f"int8 group scales: {e}") from None
         super().__init__(in_features, out_features, bias, device, dtype)
+        self.group_size = group_size
+        shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("scale", torch.ones(shape, dtype=torch.float32, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device=None, hessian=None, act_order: bool = False) -> "Int8Linear":
@@ -409,13 +422,19 @@ class Int8Linear(QuantLinear):
         return new
 
     def dequantize(self):
-        """The fp32 matrix q * scale this layer multiplies by: [out, in]."""
-        return self.qweight.float() * self.scale[:, None]
+        """The fp32 matrix q * scale this layer multiplies by: [out, in] (each group's scale over its inputs)."""
+        if self.group_size is None:
+            return self.qweight.float() * self.scale[:, None]
+        N = self.out_features
+        return (self.qweight.float().view(N, -1, self.group_size) * self.scale[:, :, None]).view(N, -1)
 
     def _triton(self, x, activation):
         from tritongpt.kernels.quant import int8_linear
 
         return int8_linear(x, self.qweight, self.scale, self.bias, activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.group_size is None else f", group_size={self.group_size}")
 
 
 class Int4Linear(QuantLinear):
@@ -1112,15 +1131,19 @@ def quantize(model, mode: str, head: bool = True, device=None, group_size: int =
     raise UserError(f"quantization must be int8 or int4, got {mode!r}")
 
 
-def quantized_layout(model, mode: str = "int8", head: bool = True, group_size: int = 128):
+def quantized_layout(model, mode: str = "int8", head: bool = True, group_size: int = 128,
+                     int8_group_size: int | None = None):
     """model (a GPTModel, on the meta device) with each Linear quantize() would quantize replaced by an empty
-    QuantLinear of its shape: what a quantized file's tensors load into (GPTModel.load). In place; returns it."""
-    _check_quantizable(model, mode, group_size if mode == "int4" else None)
+    QuantLinear of its shape: what a quantized file's tensors load into (GPTModel.load). In place; returns it.
+    group_size: int4's; int8_group_size: int8's, None for a scale a row (what quantize makes), else Int8Linear's
+    group scales (a GPTQ 8-bit folder's, train/hf_quant.py). Each mode ignores the other's, as quantize does."""
+    group_size = int8_group_size if mode == "int8" else group_size
+    _check_quantizable(model, mode, group_size)
 
     def empty(linear):
         args = (linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
                 linear.weight.dtype)
-        return Int4Linear(*args, group_size=group_size) if mode == "int4" else Int8Linear(*args)
+        return Int4Linear(*args, group_size=group_size) if mode == "int4" else Int8Linear(*args, group_size=group_size)
 
     _swap_linears(model, head, empty)
     return model

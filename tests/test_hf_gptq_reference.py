@@ -146,7 +146,7 @@ def loaded(t, spec):
     qweight, scale, *rest = packed[BASE]
     N, K = sd[BASE + ".weight"].shape
     if spec["mode"] == "int8":
-        m = Int8Linear(K, N, bias=False)
+        m = Int8Linear(K, N, bias=False, group_size=G)  # (G None: a scale a row)
         m.qweight.copy_(qweight)
         m.scale.copy_(scale)
     else:
@@ -173,6 +173,11 @@ CASES = [  # bits, N, K, group_size, sym, act_order
     (8, 32, 64, -1, False, False),
     (8, 32, 64, 32, True, False),
     (8, 32, 80, -1, True, True),  # (kept int8)
+    (8, 32, 96, 32, True, False),  # (kept int8 with group scales: ours 32)
+    (8, 64, 96, 64, True, False),  # (a last group of 32: ours 32)
+    (8, 32, 80, 32, True, False),  # (a last group of 16: ours 16)
+    (8, 32, 72, 32, True, False),  # (a last group of 8: no int8 group size fits, read dequantized)
+    (8, 32, 96, 32, True, True),  # (act-order groups: read dequantized)
 ]
 
 

@@ -930,10 +930,11 @@ def coded_folder(tmp_path, q, family="llama", act_order=False, seed=0, mlp_hidde
     them where asymmetric, scales), packed by pack_gptq_bits, with an act-order g_idx (a random scatter of equal
     groups) where asked; and the float model of the matrices they stand for, dequantized here straight from g_idx:
     W[n, k] = (q[n, k] - z[n, g_idx[k]]) s[n, g_idx[k]]. A Llama's MLP 96 wide by default (three groups of 32: not a
-    power of two)."""
+    power of two); "qwen2": a Llama with Qwen2's q/k/v biases."""
     from tritongpt.train.neox_weights import export_neox
 
-    base, export = {"llama": ({**LLAMA, "mlp_hidden": mlp_hidden}, export_llama), "neox": (NEOX, export_neox)}[family]
+    base, export = {"llama": ({**LLAMA, "mlp_hidden": mlp_hidden}, export_llama), "neox": (NEOX, export_neox),
+                    "qwen2": ({**LLAMA, "mlp_hidden": mlp_hidden, "qkv_bias_only": True}, export_llama)}[family]
     torch.manual_seed(seed)
     model = GPTModel(GPTConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_embd=64, **base)).eval()
     with torch.no_grad():
@@ -987,7 +988,7 @@ GPTQ = {"quant_method": "gptq", "desc_act": False}
     ({**GPTQ, "bits": 3, "group_size": 32, "sym": False}, "llama", True),
     ({**GPTQ, "bits": 3, "group_size": -1, "sym": True, "checkpoint_format": "gptq_v2"}, "llama", False),
     ({**GPTQ, "bits": 3, "group_size": 32, "sym": False}, "neox", False),
-    # 8 bits that Int8Linear does not hold: groups along the inputs, or zero points
+    # 8 bits that Int8Linear does not hold: act-order groups (their inputs scattered), or zero points
     ({**GPTQ, "bits": 8, "group_size": 32, "sym": True}, "llama", True),
     ({**GPTQ, "bits": 8, "group_size": -1, "sym": False, "checkpoint_format": "gptq_v2"}, "llama", False),
     ({**GPTQ, "bits": 8, "group_size": 32, "sym": False}, "neox", False),
@@ -1024,23 +1025,54 @@ def test_an_8bit_symmetric_gptq_folder_of_one_group_a_row_loads_kept_int8(tmp_pa
 
 
 @pytest.mark.parametrize("mlp_hidden", [64, 128])
-def test_an_8bit_sym_gptq_folder_of_group_size_k_is_kept_int8_only_where_every_layer_has_one_group(tmp_path, capsys,
-                                                                                                  mlp_hidden):
+def test_an_8bit_sym_gptq_folder_of_group_size_k_is_kept_int8_a_scale_a_row_only_where_every_layer_has_one_group(
+        tmp_path, capsys, mlp_hidden):
     """group_size 64 where every layer's K is 64 (an MLP 64 wide): one group a row in fact, though the config names a
-    number, so kept int8 as group_size -1 is. With an MLP 128 wide down_proj has two groups: the whole folder is read
-    dequantized (this model's int8 layers are all of the blocks' or none), its note naming that layer."""
+    number, so kept int8 with a scale a row as group_size -1 is. With an MLP 128 wide down_proj has two groups: every
+    layer kept int8 with group scales of 64 (this model's int8 layers are all of one kind)."""
     q = {**GPTQ, "bits": 8, "group_size": 64, "sym": True}
     folder, want = coded_folder(tmp_path, q, mlp_hidden=mlp_hidden)
     model = load_checkpoint(folder, quantized_ok=True)
     linears = {type(m).__name__ for m in model.trf_blocks.modules() if "Linear" in type(m).__name__}
-    err = capsys.readouterr().err
-    if mlp_hidden == 64:
-        assert model.quantized == "int8" and linears == {"Int8Linear"} and "dequantized" not in err
-    else:
-        assert not getattr(model, "quantized", None) and linears == {"Linear"}
-        assert "its 7 8-bit GPTQ linear weights are dequantized to float at load" in err
-        assert "no int8 form for layers.0.mlp.down_proj's 2 groups of its inputs (group_size 64" in err
+    assert model.quantized == "int8" and linears == {"Int8Linear"} and "dequantized" not in capsys.readouterr().err
+    # (a scale a row: [N]; group scales of 64: [N, 1] for K 64, [N, 2] for down_proj's 128)
+    groups = {tuple(m.scale.shape[1:]) for m in model.trf_blocks.modules() if type(m).__name__ == "Int8Linear"}
+    assert groups == ({()} if mlp_hidden == 64 else {(1,), (2,)})
+    assert model.quantized_group_size == (None if mlp_hidden == 64 else 64)
     same_logits(model, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_an_8bit_sym_gptq_folder_of_groups_loads_kept_int8_with_group_scales(tmp_path, capsys, family):
+    """Qwen's *-GPTQ-Int8 layout (bits 8, sym, a group_size: 32 here, K 64 and the MLP's 96, not multiples of 128;
+    "qwen2": its q/k/v biases): every linear an Int8Linear whose scale is [N, K / 32] fp32 and qweight int8 (not
+    read dequantized: nothing said on stderr), W = s[n, k // 32] (q - 128) exactly; the logits the float model's of
+    the weights dequantized straight from the file, on both kernel paths; saved as our int8 file (its group size
+    recorded) and loaded back, the same layers and logits."""
+    from tritongpt.model.quant import dequantize_model
+
+    folder, want = coded_folder(tmp_path, {**GPTQ, "bits": 8, "group_size": 32, "sym": True}, family)
+    model = load_checkpoint(folder, quantized_ok=True)
+    assert "dequantized" not in capsys.readouterr().err
+    layers = {n: m for n, m in model.trf_blocks.named_modules() if "Linear" in type(m).__name__}
+    assert len(layers) == 7 and {type(m).__name__ for m in layers.values()} == {"Int8Linear"}
+    for name, m in layers.items():
+        assert m.qweight.dtype == torch.int8 and m.scale.dtype == torch.float32, name
+        assert m.group_size == 32 and m.scale.shape == (m.out_features, m.in_features // 32), name
+    assert {m.in_features for m in layers.values()} == {64, 96}
+    assert model.quantized == "int8" and model.quantized_group_size == 32
+    if family == "qwen2":
+        assert model.trf_blocks[0].att.W_query.bias is not None
+    same_logits(model, want, ("reference", "triton"))
+    model.save(tmp_path / "int8g.safetensors")
+    back = GPTModel.load(tmp_path / "int8g.safetensors", quantized_ok=True).eval()
+    assert back.quantized == "int8" and back.quantized_group_size == 32
+    for name, m in back.trf_blocks.named_modules():
+        if name in layers:
+            assert torch.equal(m.qweight, layers[name].qweight) and torch.equal(m.scale, layers[name].scale), name
+    same_logits(back, want, ("reference", "triton"))
+    same_logits(dequantize_model(back), want)  # (merge's and export's float model: each group's scale on its inputs)
+    assert not any("Int8" in type(m).__name__ for m in back.modules())
 
 
 def test_an_8bit_sym_layer_whose_zero_is_not_128_is_refused_by_name(tmp_path):

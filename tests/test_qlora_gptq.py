@@ -17,6 +17,7 @@ from test_qlora import lora_grads, rel, sft_argv
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 INT8 = {"quant_method": "gptq", "bits": 8, "group_size": -1, "sym": True, "desc_act": False}
+INT8_GROUPS = {**INT8, "group_size": 32}  # (Qwen's *-GPTQ-Int8 layout: Int8Linear with group scales)
 
 
 def with_updates(model, twin):
@@ -34,14 +35,17 @@ def with_updates(model, twin):
     return model, twin
 
 
-@pytest.mark.parametrize("kind", ["gptq-v1-sym", "awq-gemm", "gptq-v1-act-order", "gptq8-sym-int8"])
+@pytest.mark.parametrize("kind", ["gptq-v1-sym", "awq-gemm", "gptq-v1-act-order", "gptq8-sym-int8",
+                                  "gptq8-groups-int8"])
 def test_lora_on_a_gptq_or_awq_folder_is_lora_on_its_dequantized_weights_forward_and_backward(tmp_path, kind):
     """Loss and every A and B gradient of LoRA on the loaded folder (the updates beside its Int4Linear / Int8Linear
     matmuls, act-order's gather included) equal LoRA's on the float model of its dequantized matrices, on the
     reference path and on the Triton path (its quantized matmul kernels among them)."""
-    folder, twin = coded_folder(tmp_path, INT8) if kind.endswith("int8") else quantized_folder(tmp_path, kind)
+    folder, twin = (coded_folder(tmp_path, INT8_GROUPS if "groups" in kind else INT8) if kind.endswith("int8") else
+                    quantized_folder(tmp_path, kind))
     loaded = load_checkpoint(folder, quantized_ok=True)
     assert loaded.quantized == ("int8" if kind.endswith("int8") else "int4")
+    assert loaded.quantized_group_size == (32 if "groups" in kind else None if kind.endswith("int8") else 32)
     model, twin = with_updates(loaded, twin.train())
     idx = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
     want = twin(idx, targets=idx)

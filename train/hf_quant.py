@@ -1,8 +1,10 @@
 """4-bit GPTQ and AWQ folders from Hugging Face (config.json's quantization_config) into Int4Linear (model/quant.py),
 kept 4-bit: for the readers whose layers are Llama's q/k/v/o/gate/up/down projections (llama_weights.py). 8-bit GPTQ
-symmetric with one group a row (group_size -1, or one at least every layer's K) into Int8Linear, kept 8-bit
-(int8_linears); other 8-bit GPTQ (groups, zero points: no int8 form here) and 2- and 3-bit GPTQ (no kernel) as the
-float model of their dequantized weights (gptq_dequantized, a note on stderr), as FP8 folders are.
+symmetric into Int8Linear, kept 8-bit (int8_linears): a scale a row where each layer has one group (group_size -1,
+or one at least every layer's K), else group scales (Qwen's *-GPTQ-Int8: group_size 128; int4's rule for the group
+size below); other 8-bit GPTQ (zero points, act-order groups, groups no size of ours fits: no int8 form here) and
+2- and 3-bit GPTQ (no kernel) as the float model of their dequantized weights (gptq_dequantized, a note on stderr),
+as FP8 folders are.
 
 Both store a linear of in K, out N as int32 words of eight 4-bit levels q, a zero z and an fp16 scale s per group of
 inputs and output, W[n, k] = (q[k, n] - z[g, n]) * s[g, n]; ours is W = q * scale + offset per group of consecutive
@@ -55,9 +57,9 @@ _PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 def folder_quantization(cfg_json) -> tuple:
     """(packed_spec, dequantized_spec) of the folder whose config.json is cfg_json, at most one not None (both None: a
     float folder): a GPTQ or AWQ folder kept quantized (4-bit as int4; 8-bit as int8 where Int8Linear holds it
-    exactly) and a bitsandbytes 8-bit one are packed (int4_linears), an FP8 one, a GPTQ one of other bits or a
-    bitsandbytes 4-bit one read as the float model of its dequantized weights (folder_dequantized), anything else
-    refused by name."""
+    exactly, a scale a row or a group) and a bitsandbytes 8-bit one are packed (int4_linears), an FP8 one, a GPTQ
+    one of other bits or a bitsandbytes 4-bit one read as the float model of its dequantized weights
+    (folder_dequantized), anything else refused by name."""
     q = hf_quantization(cfg_json)
     if q is None:
         return None, None
@@ -77,8 +79,8 @@ GPTQ_BITS = (2, 3, 4, 8)  # AutoGPTQ's QuantLinear.pack widths (GPTQModel's plan
 def int4_spec(q: dict) -> dict:
     """A quantization_config (gpt2_weights.hf_quantization's) as {method, bits, group_size, zero_minus_one, mode}, or
     a UserError naming what of it is not read (refuse_quantized). mode: "int4" (4-bit, int4_linears), "int8" (8-bit
-    symmetric GPTQ, which Int8Linear holds exactly where each layer has one group, W = s (q - 128) with q - 128 an
-    int8: int8_linears, which reads the folder dequantized where some layer has more), or "float" (other GPTQ bits,
+    symmetric GPTQ, which Int8Linear holds exactly, W = s (q - 128) with q - 128 an int8 and s a row's or a group's:
+    int8_linears, which reads the folder dequantized where its groups do not fit), or "float" (other GPTQ bits,
     or 8-bit with zero points: dequantized at load, gptq_dequantized)."""
     method = q.get("quant_method")
     if method not in ("gptq", "awq"):
@@ -103,11 +105,12 @@ def int4_spec(q: dict) -> dict:
             refuse_quantized(q, f"checkpoint_format {fmt!r}: 'gptq' (v1, zeros stored less 1) or 'gptq_v2' only")
         if q.get("dynamic"):  # GPTQModel's per-module overrides of bits and group size
             refuse_quantized(q, "a dynamic per-module config: one bits and group_size for every layer only")
-        # 8-bit symmetric with one group a row is Int8Linear's own form (a scale a row, levels q - 128 in -128..127):
-        # kept int8, exactly. One group a row is group_size -1, or a group_size at least a layer's K (GPTQ's g_idx
-        # k // group_size is then 0 for all its inputs): only the shapes say which, so int8_linears decides, the
-        # folder dequantized where some layer has several. Zero points have no int8 form here, and 2 and 3 bits no
-        # kernel: those are dequantized (an ordinary float model of the same weights)
+        # 8-bit symmetric is Int8Linear's own form (levels q - 128 in -128..127, a scale a row or a group of
+        # inputs): kept int8, exactly. One group a row is group_size -1, or a group_size at least a layer's K (GPTQ's
+        # g_idx k // group_size is then 0 for all its inputs): only the shapes say which, so int8_linears decides
+        # (group scales where some layer has several; the folder dequantized where no group size of ours fits them,
+        # or act-order groups). Zero points have no int8 form here, and 2 and 3 bits no kernel: those are
+        # dequantized (an ordinary float model of the same weights)
         mode = {4: "int4", 8: "int8" if q.get("sym", True) is True else "float"}.get(bits, "float")
         return dict(method=method, bits=bits, group_size=group, zero_minus_one=fmt == "gptq", mode=mode)
     version = q.get("version", "gemm")
@@ -274,9 +277,10 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: st
     checks; {base name: (qweight uint8 [N, K / 2], scale, offset fp32 [N, K / G], in_perm: None, or an act-order
     layer's input order, Int4Linear.in_perm)}; G, our group size). blocks: the prefix of the file's block tensors
     (Falcon's "h."). An 8-bit spec (mode "int8": int8_linears) gives {base: (qweight int8 [N, K], scale fp32 [N],
-    None)} and G None; a bitsandbytes 8-bit one (bnb_int8_linears) the same. A folder read dequantized (a 4-bit one
-    whose groups no size of GROUP_SIZES divides: gptq_dequantized, with its note; an 8-bit GPTQ one with a layer of
-    several groups, int8_linears'; a bitsandbytes 8-bit one with some linear of the blocks float) gives (sd dequantized, None, None): the caller reads it as a float folder. prefix: the
+    None)} and G None, or scale fp32 [N, K / G] and G (group scales); a bitsandbytes 8-bit one (bnb_int8_linears)
+    the first. A folder read dequantized (a 4-bit one whose groups no size of GROUP_SIZES divides: gptq_dequantized,
+    with its note; an 8-bit GPTQ one whose groups do not fit, int8_linears'; a bitsandbytes 8-bit one with some
+    linear of the blocks float) gives (sd dequantized, None, None): the caller reads it as a float folder. prefix: the
     file's model prefix, for the config's modules left float (bitsandbytes')."""
     if spec["method"] == "bitsandbytes":
         return bnb_int8_linears(sd, spec, path, blocks, prefix)
@@ -310,36 +314,60 @@ def int4_linears(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: st
 
 
 def int8_linears(sd: dict, bases: list, spec: dict, path, blocks: str = "layers.") -> tuple:
-    """int4_linears' (sd, packed, None) of an 8-bit symmetric GPTQ folder (int4_spec's mode "int8") whose layers each
-    have one group (scales [1, N]: group_size -1, or at least the layer's K): W[n, k] = s[n] (q[n, k] - z[n]) is
-    Int8Linear's qweight q - z, scale s. Its zero is 128 (GPTQ's symmetric (maxq + 1) / 2), so q - z is -128..127, an
-    int8; a layer whose levels less its zero run outside that is not the symmetric layer its config says, and is
-    refused by name (no rounding). Where some layer has several groups, (sd dequantized, None, None): the whole
-    folder read as a float model (gptq_dequantized, its note naming the layer)."""
+    """int4_linears' (sd, packed, G) of an 8-bit symmetric GPTQ folder (int4_spec's mode "int8"): W[n, k] =
+    s[n, g] (q[n, k] - z[n, g]) is Int8Linear's qweight q - z and scale s. Its zero is 128 (GPTQ's symmetric
+    (maxq + 1) / 2), so q - z is -128..127, an int8; a layer whose levels less its zero run outside that is not the
+    symmetric layer its config says, and is refused by name (no rounding). Where every layer has one group (scales
+    [1, N]: group_size -1, or at least the layer's K), a scale a row: packed {base: (qweight int8 [N, K], scale fp32
+    [N], None)}, G None. Where some layer has several (Qwen's *-GPTQ-Int8 folders: group_size 128), group scales:
+    scale fp32 [N, K / G], G our group size, int4_linears' (the largest of GROUP_SIZES dividing the file's group
+    size and every layer's K, each of the file's scales repeated over ours: the same matrix). Where no size divides
+    them, or a grouped layer is act-order (desc_act: Int8Linear has no in_perm), (sd dequantized, None, None): the
+    whole folder read as a float model (gptq_dequantized, its note naming why)."""
     # decided for the folder, not layer by layer: this model's int8 layers are all of the blocks' or none (as
-    # bnb_int8_linears'). (A missing or misshapen .scales is left for _codes to refuse by name.)
+    # bnb_int8_linears'), and all of one group size. (A missing or misshapen .scales is left for _codes to refuse.)
     grouped = [b for b in bases if getattr(sd.get(b + ".scales"), "ndim", 0) == 2 and sd[b + ".scales"].shape[0] > 1]
+    G = None
     if grouped:
-        b = grouped[0]
-        return gptq_dequantized(sd, spec, path, blocks, why=(
-            f"no int8 form for {b}'s {sd[b + '.scales'].shape[0]} groups of its inputs (group_size "
-            f"{spec['group_size']}; Int8Linear holds one scale a row, and this model's int8 layers are all of the "
-            "blocks' or none)")), None, None
+        inputs = {sd[b + ".qweight"].shape[0] * 4 for b in bases}  # (GPTQ's 8-bit qweight: 4 inputs a word)
+        sizes = inputs | ({spec["group_size"]} if spec["group_size"] != -1 else set())
+        G = max((g for g in GROUP_SIZES if all(w % g == 0 for w in sizes)), default=None)
+        why = None
+        if G is None:
+            why = (f"no int8 group size here ({', '.join(map(str, GROUP_SIZES))}) divides both its group_size "
+                   f"{spec['group_size']} and its layers' inputs {sorted(inputs)}")
+        else:
+            for b in grouped:  # act-order: its groups are inputs scattered over K, which Int8Linear does not gather
+                g_idx, K = sd.get(b + ".g_idx"), sd[b + ".qweight"].shape[0] * 4
+                if g_idx is not None and g_idx.shape == (K,) and not torch.equal(
+                        g_idx.long(), torch.arange(K) // spec["group_size"]):
+                    why = (f"{b} is act-order (desc_act: its groups' inputs scattered, by g_idx), which int8 group "
+                           "scales do not gather")
+                    break
+        if why is not None:
+            return gptq_dequantized(sd, spec, path, blocks, why=why), None, None
     out = {}
     for b in bases:
         q, zero, scale, width, g_idx = _codes(b, sd, spec, path)
         N, K = q.shape
-        if g_idx is not None:  # (desc_act with one group: every input in group 0, nothing to reorder)
-            _act_order(g_idx, K, 1, width, f"{path}: {b}.g_idx")
-        w = q - zero.long()  # [N, K] less [N, 1]
+        if g_idx is not None:  # checked (k // width, or desc_act with one group: nothing to reorder; act-order
+            _act_order(g_idx, K, scale.shape[1], width, f"{path}: {b}.g_idx")  # with groups was read dequantized)
+        g = torch.arange(K) // width
+        w = q - zero.long()[:, g]  # [N, K] less each input's group's zero
         lo, hi = int(w.min()), int(w.max())
         if lo < -128 or hi > 127:
             raise UserError(f"{path}: {b}'s 8-bit levels less their zeros run {lo}..{hi}, outside int8's -128..127: "
                             "not the symmetric GPTQ layer (zero 128) its config says (sym true)")
-        out[b] = (w.to(torch.int8).contiguous(), scale[:, 0].contiguous(), None)
+        if G is None:
+            scale = scale[:, 0]
+        else:
+            # each of the file's groups is width / G of ours, sharing its scale; a short last group (K not a
+            # multiple of width) fewer, cut at K / G
+            scale = scale.repeat_interleave(width // G, dim=1)[:, :K // G]
+        out[b] = (w.to(torch.int8).contiguous(), scale.contiguous(), None)
         sd[b + ".weight"] = torch.empty(N, K, device="meta")
     _check_all_read(sd, path)
-    return sd, out, None
+    return sd, out, G
 
 
 def gptq_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", why: str | None = None) -> dict:
@@ -392,7 +420,8 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None
     """model_with_tensors' model of a quantized folder: every Linear of the blocks an Int4Linear (quantized_layout;
     the LM head float, as GPTQ and AWQ leave it) filled from int4_linears' packed ({base: (qweight, scale, offset,
     in_perm)}, the base found by the meta .weight mapping() gives it), its bias from the file, the rest as
-    model_with_tensors fills it. group_size None (int8_linears'): Int8Linears, from {base: (qweight, scale, None)}.
+    model_with_tensors fills it. An int8 qweight (int8_linears'): Int8Linears, from {base: (qweight, scale, None)},
+    a scale a row where group_size is None, else group scales.
     packed empty (a bitsandbytes 8-bit folder read dequantized: bnb_int8_linears): model_with_tensors' float model."""
     if not packed:
         return model_with_tensors(cfg, mapping, path)
@@ -402,8 +431,10 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None
     def build(cfg):
         with torch.device("meta"):  # (the float matrices never made)
             model = GPTModel(cfg)
-        mode = "int8" if group_size is None else "int4"
-        meta["model"] = model = quantized_layout(model, mode, head=False, group_size=group_size or 128)
+        # (int8_linears' and bnb_int8_linears' qweight int8, int4's packed uint8; int8's group_size None: a scale a row)
+        mode = "int8" if next(iter(packed.values()))[0].dtype == torch.int8 else "int4"
+        meta["model"] = model = quantized_layout(model, mode, head=False, group_size=group_size or 128,
+                                                 int8_group_size=group_size)
         return model.to_empty(device="cpu").eval()
 
     def floats():

@@ -307,8 +307,9 @@ def cmd_info(args):
             made += f", AWQ on {meta.get('quantized_calibration', 'its calibration text')}{awq_options(meta)}"
         elif meta.get("quantized_method") == "rtn":
             made += ", rounded to nearest"
-        how = ("int8 with an fp32 scale a row" if model.quantized == "int8" else
-               f"int4 with an fp32 scale and offset a group of {model.quantized_group_size} inputs")
+        size = model.quantized_group_size  # (int8's where a GPTQ 8-bit folder's group scales: Int8Linear.group_size)
+        how = (f"int4 with an fp32 scale and offset a group of {size} inputs" if model.quantized == "int4" else
+               f"int8 with an fp32 scale a group of {size} inputs" if size else "int8 with an fp32 scale a row")
         # act-order GPTQ layers (desc_act) hold their inputs sorted by group and gather x's columns into that order
         # before each matmul: the file's in_perm, which a reader of the file must know of
         ordered = sum(getattr(m, "in_perm", None) is not None for m in layers)
@@ -1782,8 +1783,8 @@ def quantize(model, args, device=None, what: str = ""):
 
 
 def describe_quantized(model) -> str:
-    """"int8", or "int4 (group 128)"."""
-    return model.quantized + (f" (group {model.quantized_group_size})" if model.quantized == "int4" else "")
+    """"int8", or "int4 (group 128)" (int8 with a GPTQ 8-bit folder's group scales: "int8 (group 128)")."""
+    return model.quantized + (f" (group {model.quantized_group_size})" if model.quantized_group_size else "")
 
 
 def add_cuda_graphs_arg(p):
