@@ -208,6 +208,9 @@ def test_a_hugging_face_tokenizer_json(kind, tmp_path):
     (dict(LLAMA, rope_scaling={"rope_type": "linear", "factor": 2.0}), "rescales its RoPE"),
     (dict(LLAMA, bias=True), "biases in its linear layers"),
     (dict(LLAMA, norm="layernorm"), "a StableLM, which the GGUF writer does not write"),
+    # llama.cpp's qwen2 (src/models/qwen2.cpp, load_arch_tensors) creates attn_q and attn_output [n_embd, n_embd]:
+    # a Qwen2 folder holds head_dim 32 over n_embd 64 with 4 heads, llama.cpp would refuse the file's shapes
+    (dict(ARCHS["qwen2"], attention_head_dim=32), "heads of their own width"),
     (dict(LLAMA, scale_attention=False), "cannot be exported as a Llama folder"),  # the family's own
 ])
 def test_refusals_by_name(fields, said, tok, tmp_path):

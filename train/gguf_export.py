@@ -72,7 +72,12 @@ def refuse_not_gguf(model, arch: str, what: str) -> None:
                          (arch == "llama" and cfg.bias, "has biases in its linear layers, which this writer's llama "
                           "does not write"),
                          (arch == "qwen2" and cfg.bias, "has biases in its MLP, where Qwen2's are on q, k and v "
-                          "only")):
+                          "only"),
+                         # llama.cpp's qwen2 loads attn_q and attn_output as [n_embd, n_embd] whatever key_length
+                         # says (llama's reads n_head * key_length): a head width of its own fails to load there
+                         (arch == "qwen2" and cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of their own "
+                          f"width ({cfg.n_head} heads of {cfg.head_dim} over n_embd {cfg.n_embd}), where llama.cpp's "
+                          "qwen2 has n_embd / n_head")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 
