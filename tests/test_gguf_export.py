@@ -175,17 +175,25 @@ def test_transformers_tokenizer_encodes_as_ours(tok, tmp_path):
         assert theirs.encode(text, add_special_tokens=False) == tok.encode(text, allowed_special="all"), text
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
-def test_a_hugging_face_tokenizer_json(kind, tmp_path):
+@pytest.mark.parametrize("kind, sequence", [("llama3", False), ("llama3", True), ("qwen2", False)])
+def test_a_hugging_face_tokenizer_json(kind, sequence, tmp_path):
     """A run whose tokenizer is a Hugging Face tokenizer.json folder (Llama 3's split, Qwen2's): the file's
-    vocabulary, merges, pre-tokenizer name and BOS/EOS give transformers our ids and ends."""
+    vocabulary, merges, pre-tokenizer name and BOS/EOS give transformers our ids and ends. sequence: the
+    post-processor as Llama 3's published tokenizer.json has it, ByteLevel then the BOS template in a Sequence
+    (llama.cpp's llama-vocab.cpp load: tokenizer.ggml.add_bos_token overrides llama-bpe's add_bos default, so a
+    False there would drop the <|begin_of_text|> every Llama 3 prompt starts with)."""
     import test_hf_tokenizer as th
+    from tokenizers import processors
 
     from tritongpt.train.gguf_export import write_gguf
     from tritongpt.train.tokenizer import get_tokenizer
 
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=th.build_tokenizer(kind, vocab=300),
-                                                eos_token=th.KINDS[kind][0], bos_token=th.KINDS[kind][1])
+    spec = th.build_tokenizer(kind, vocab=300)
+    if sequence:
+        spec.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), spec.post_processor])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=spec, eos_token=th.KINDS[kind][0],
+                                                bos_token=th.KINDS[kind][1])
+    assert (fast("a").input_ids[0] == fast.bos_token_id) is (kind == "llama3")  # transformers prepends it
     fast.save_pretrained(tmp_path / "tok")
     tok = get_tokenizer(tmp_path / "tok")
     arch = "llama" if kind == "llama3" else "qwen2"

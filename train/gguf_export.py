@@ -205,10 +205,9 @@ def tokenizer_fields(tok, vocab_size: int) -> dict:
             added[a["content"]] = a.get("special", True)
         bos = vocab.get(tok.bos_token) if tok.bos_token else None
         eos = vocab.get(tok.eos_token) if tok.eos_token else None
-        post = spec.get("post_processor") or {}
-        single = post.get("single", []) if post.get("type") == "TemplateProcessing" else []
-        add_bos = bool(single) and tok.bos_token is not None \
-            and single[0].get("SpecialToken", {}).get("id") == tok.bos_token
+        # llama.cpp prepends BOS as tokenizer.ggml.add_bos_token says: as the tokenizer's own pipeline does,
+        # asked of the pipeline itself (Llama 3's post-processor is a Sequence: ByteLevel, then the template)
+        add_bos = tok.prepended_bos_id is not None
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
     for text, i in vocab.items():
         if i >= vocab_size:
