@@ -244,6 +244,19 @@ def test_a_tokenizer_gguf_cannot_say_is_refused(tmp_path):
         write_gguf(random_model(LLAMA, tok.vocab_size), tmp_path / "m.gguf", tok, "f16")
 
 
+def test_a_tokenizer_without_eos_is_noted(tmp_path, capsys):
+    """No EOS key in the file makes llama.cpp's BPE vocabulary end text at id 11 (llama-vocab.cpp, load: the "gpt2"
+    tokenizer's default special_eos_id = 11, then put among the end-of-generation ids): said, as GGUF cannot say
+    "none"."""
+    from tritongpt.train.gguf_export import write_gguf
+    from tritongpt.train.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(" ".join(f"a cat {i} sat." for i in range(50)), 270, special_tokens=(), name="no-eos")
+    reader = gguf.GGUFReader(write_gguf(random_model(LLAMA, 272), tmp_path / "m.gguf", tok, "f32"))
+    assert "tokenizer.ggml.eos_token_id" not in reader.fields
+    assert "llama.cpp then takes id 11 as its EOS" in capsys.readouterr().err
+
+
 def test_cli(tok, tmp_path, monkeypatch, capsys):
     """`tritongpt export CKPT --out NAME.gguf --format gguf --gguf-type q8_0`; its refusals: no gguf package (the
     pip command named), an --out that is no .gguf, --adapter, --gguf-type without --format gguf, a file there."""

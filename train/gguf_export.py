@@ -208,6 +208,9 @@ def tokenizer_fields(tok, vocab_size: int) -> dict:
         # llama.cpp prepends BOS as tokenizer.ggml.add_bos_token says: as the tokenizer's own pipeline does,
         # asked of the pipeline itself (Llama 3's post-processor is a Sequence: ByteLevel, then the template)
         add_bos = tok.prepended_bos_id is not None
+    if eos is None:  # GGUF has no "none": llama.cpp's BPE vocabulary defaults its BOS and EOS to id 11 instead
+        note(f"tokenizer {tok.name!r} has no end-of-text token, so the GGUF file names none: llama.cpp then takes id "
+             "11 as its EOS and stops generating wherever the model picks that token")
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
     for text, i in vocab.items():
         if i >= vocab_size:
