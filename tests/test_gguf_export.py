@@ -229,15 +229,23 @@ def test_refusals_by_name(fields, said, tok, tmp_path):
     assert not (tmp_path / "m.gguf").exists()  # refused before the file is opened
 
 
-def test_a_tokenizer_gguf_cannot_say_is_refused(tmp_path):
-    """SmolLM's pre-tokenizer (digits alone, then GPT-2's split) has no GGUF name here: refused, not guessed."""
+@pytest.mark.parametrize("kind", ["smollm", "llama3-removed"])
+def test_a_tokenizer_gguf_cannot_say_is_refused(kind, tmp_path):
+    """SmolLM's pre-tokenizer (digits alone, then GPT-2's split) has no GGUF name here: refused, not guessed. Nor
+    Llama 3's regex in a Split that drops its matches (behavior Removed, here all of the text): llama.cpp's
+    llama-bpe (llama-vocab.cpp: its regex_exprs, split by unicode_regex_split) keeps each match as a word."""
     import test_hf_tokenizer as th
+    from tokenizers import Regex, pre_tokenizers
 
     from tritongpt.train.gguf_export import write_gguf
     from tritongpt.train.tokenizer import get_tokenizer
 
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=th.build_tokenizer("smollm", vocab=300),
-                                                eos_token="<|endoftext|>")
+    spec = th.build_tokenizer(kind.split("-")[0], vocab=300)
+    if kind == "llama3-removed":
+        spec.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(th.LLAMA3_PAT), behavior="removed"),
+                                                      pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                               use_regex=False)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=spec, eos_token=th.KINDS[kind.split("-")[0]][0])
     fast.save_pretrained(tmp_path / "tok")
     tok = get_tokenizer(tmp_path / "tok")
     with pytest.raises(UserError, match="pre-tokenizer"):

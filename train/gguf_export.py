@@ -156,7 +156,10 @@ def _pre_name(spec: dict, where: str) -> str:
     if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True) \
             and not steps[0].get("add_prefix_space"):
         return "gpt-2"
+    # llama.cpp keeps every match of its regex as a word of its own (the tokenizers library's Isolated, not
+    # inverted): a Split that drops or merges the matches would give other words under the same name
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel" \
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") \
             and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
         pattern = steps[0].get("pattern", {}).get("Regex")
         if _SAME_PATTERN.get(pattern, pattern) == GPT2_PAT:
