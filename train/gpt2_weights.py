@@ -129,6 +129,7 @@ _QUANT_STORAGE = {
     "fp8": "float8 weights with their scales (weight_scale_inv)",
     "fbgemm_fp8": "float8 weights with their scales (weight_scale)",
     "compressed-tensors": "compressed-tensors' packed weights with their scales",
+    "mxfp4": "MXFP4's uint8 FP4 blocks with e8m0 exponent scales (_blocks, _scales)",
 }
 _QUANT_FIELDS = ("bits", "group_size", "desc_act", "sym", "version", "checkpoint_format", "load_in_4bit",
                  "load_in_8bit", "fmt")

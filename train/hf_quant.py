@@ -37,6 +37,9 @@ weight times its scale (per block, row or tensor) at load (fp8_dequantized, belo
 
 bitsandbytes folders (transformers' load_in_8bit / load_in_4bit): 8-bit (LLM.int8) kept as Int8Linear
 (bnb_int8_linears), 4-bit NF4 / FP4 dequantized to float (bnb_dequantized); their formats below.
+
+MXFP4 (transformers' mxfp4: gpt-oss's experts, the only family published so): dequantized to float at load
+(mxfp4_experts, mxfp4_dequantize; the format below), for the gpt-oss reader.
 """
 import json
 import math
@@ -45,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from tritongpt.errors import UserError, note
+from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.gpt import GPTModel, check_quantized_scales
 from tritongpt.model.quant import GROUP_SIZES, Int4Linear, QuantLinear, pack_int4, quantized_layout
 from tritongpt.train.gpt2_weights import _FLOAT_DTYPES, hf_quantization, model_with_tensors, refuse_quantized
@@ -59,7 +62,8 @@ def folder_quantization(cfg_json) -> tuple:
     float folder): a GPTQ or AWQ folder kept quantized (4-bit as int4; 8-bit as int8 where Int8Linear holds it
     exactly, a scale a row or a group) and a bitsandbytes 8-bit one are packed (int4_linears), an FP8 one, a GPTQ
     one of other bits or a bitsandbytes 4-bit one read as the float model of its dequantized weights
-    (folder_dequantized), anything else refused by name."""
+    (folder_dequantized), as is a gpt-oss MXFP4 one (mxfp4_spec: other model types' refused), anything else refused
+    by name."""
     q = hf_quantization(cfg_json)
     if q is None:
         return None, None
@@ -69,6 +73,9 @@ def folder_quantization(cfg_json) -> tuple:
         return (spec, None) if spec["bits"] == 8 else (None, spec)
     if q.get("quant_method") in FP8_METHODS:
         return None, fp8_spec(q)
+    if q.get("quant_method") == "mxfp4":
+        # (gpt-oss's experts only, its reader's to read: any other model type refused by name, mxfp4_spec)
+        return None, mxfp4_spec(q, read_json_object(cfg_json).get("model_type"))
     spec = int4_spec(q)
     return (None, spec) if spec["mode"] == "float" else (spec, None)
 
@@ -391,7 +398,10 @@ def gptq_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", why: s
 
 def folder_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str | tuple = "model.") -> dict:
     """The float model's tensors of a folder folder_quantization reads dequantized: FP8 (fp8_dequantized), GPTQ of
-    bits without a kernel here (gptq_dequantized) or bitsandbytes' 4-bit (bnb_dequantized)."""
+    bits without a kernel here (gptq_dequantized), bitsandbytes' 4-bit (bnb_dequantized) or gpt-oss's MXFP4 experts
+    (mxfp4_experts, at its default dtype)."""
+    if spec["method"] == "mxfp4":
+        return mxfp4_experts(sd, spec, path, blocks, prefix)
     if spec["method"] == "bitsandbytes":
         return bnb_dequantized(sd, spec, path, blocks, prefix)
     if spec["method"] == "gptq":
@@ -951,4 +961,104 @@ def bnb_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
     note(f"{path}: its {len(bases)} bitsandbytes 4-bit linear weights are dequantized to float at load: an ordinary "
          "float model of the same weights (NF4 and FP4 levels are not equally spaced: no int4 scale and offset holds "
          "them)")
+    return sd
+
+
+# -- MXFP4 (gpt-oss's experts; transformers' quant_method "mxfp4", integrations/mxfp4.py) --------------------------
+# OCP Microscaling FP4: blocks of 32 values along a weight's inputs, each value an FP4 e2m1 code (1 sign, 2 exponent,
+# 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) and the block's shared scale an e8m0 exponent byte
+# (2 ** (byte - 127); 255 is e8m0's NaN). gpt-oss's published checkpoints store each layer's experts so, beside
+# their float biases: mlp.experts.gate_up_proj_blocks uint8 [E, 2I, H / 32, 16] (two codes a byte, the low nibble
+# first: value 2j of a block in byte j's bits 0-3, value 2j + 1 in bits 4-7) and gate_up_proj_scales uint8
+# [E, 2I, H / 32]; down_proj_blocks [E, H, I / 32, 16] and down_proj_scales [E, H, I / 32]: rows the outputs, blocks
+# the inputs (a Linear's [out, in]). transformers' convert_moe_packed_tensors (Mxfp4Config(dequantize=True))
+# decodes them and transposes to GptOssExperts' layout, [E, in, out]: gate_up_proj [E, H, 2I], down_proj [E, I, H].
+# Only the experts are MXFP4 (the config's modules_to_not_convert names attention, router, embeddings and head).
+MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_MXFP4_PARTS = ("_blocks", "_scales")
+_MXFP4_PROJS = ("gate_up_proj", "down_proj")
+
+
+def mxfp4_dequantize(blocks, scales, dtype=torch.float32, what: str = "MXFP4 blocks"):
+    """The float tensor of MXFP4 blocks (uint8 [E, R, G, 16], 32 FP4 codes a block two a byte, the low nibble first)
+    and scales (uint8 [E, R, G], e8m0 exponents), in transformers' convert_moe_packed_tensors' layout [E, G * 32, R]
+    (each expert's matrix transposed: the blocks' inputs first, as GptOssExperts holds gate_up_proj [E, H, 2I] and
+    down_proj [E, I, H]), bit for bit its values. dtype float32, bfloat16 or float64: each holds every MXFP4 value
+    below 2 ** 128 exactly (the least, 0.5 * 2 ** -127, a subnormal of float32 and bfloat16 alike), so the one
+    rounding is none. Refused by name (what: the tensors' name, for the message): other dtypes or shapes, a scale of
+    255 (e8m0's NaN) and a value beyond float range (2 ** 128 or more: a damaged file)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        raise ValueError(f"mxfp4_dequantize: dtype {dtype}: float32, bfloat16 or float64 (which hold MXFP4's values "
+                         "exactly)")
+    if blocks.dtype != torch.uint8 or blocks.dim() != 4 or blocks.shape[-1] != 16:
+        raise UserError(f"{what}: blocks are {str(blocks.dtype).removeprefix('torch.')} {tuple(blocks.shape)}, not "
+                        "uint8 [experts, rows, blocks, 16] (32 FP4 codes a block, two a byte)")
+    if scales.dtype != torch.uint8 or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise UserError(f"{what}: scales are {str(scales.dtype).removeprefix('torch.')} {tuple(scales.shape)}, where "
+                        f"blocks {tuple(blocks.shape)} have one uint8 e8m0 exponent a block: uint8 "
+                        f"{tuple(blocks.shape[:-1])}")
+    if scales.numel() and int(scales.max()) == 255:
+        # (transformers' ldexp reads it as 2 ** 128: every code of 1 or more inf, where the format says NaN)
+        raise UserError(f"{what}: a scale is 255, e8m0's NaN (a damaged file)")
+    E, R, G, _ = blocks.shape
+    lut = torch.tensor(MXFP4_VALUES, dtype=torch.float32)
+    # codes in order: byte j of a block holds values 2j (low nibble) and 2j + 1 (high); int32 indices, half int64's
+    # memory (a gpt-oss-120b layer's gate_up_proj is 128 * 5760 * 2880 codes)
+    codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(E, R, G, 32).int()
+    # (in float32 exactly, e2m1 times a power of two from 2 ** -127, as transformers' ldexp computes it; one cast)
+    out = torch.ldexp(lut[codes], scales.to(torch.int32)[..., None] - 127)
+    # (from scale 253 up: 4 * 2 ** 126 is 2 ** 128, float32's inf, as transformers' ldexp gives it)
+    if not bool(torch.isfinite(out).all()):
+        raise UserError(f"{what}: a value is 2 ** 128 or more (a scale of 253 or 254 and a large code), beyond "
+                        "float range (a damaged file)")
+    return out.to(dtype).reshape(E, R, G * 32).transpose(1, 2).contiguous()
+
+
+def mxfp4_spec(q: dict, model_type) -> dict:
+    """A quantization_config of quant_method "mxfp4" (hf_quantization's) as {method, keep (a module name -> bool: left
+    float by modules_to_not_convert, matched to a module boundary as transformers' should_convert_module does),
+    kept_by}, for gpt-oss (model_type "gpt_oss"): the only family transformers reads MXFP4 for (its Mxfp4HfQuantizer
+    replaces GptOssMLP's experts and nothing else). Any other model type is refused by name."""
+    if q.get("quant_method") != "mxfp4":
+        refuse_quantized(q, "MXFP4 only")
+    if model_type != "gpt_oss":
+        refuse_quantized(q, f"model_type {model_type!r}: MXFP4 is read for gpt-oss's experts (model_type 'gpt_oss') "
+                            "only, as transformers reads it", remedy="load the float model it was quantized from")
+    return dict(method="mxfp4", keep=_names_kept(q, q.get("modules_to_not_convert"), "modules_to_not_convert"),
+                kept_by="modules_to_not_convert")
+
+
+def mxfp4_experts(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str | tuple = "model.",
+                  dtype=torch.bfloat16) -> dict:
+    """sd (a gpt-oss reader's tensors, named without the file's prefix) with each expert projection's MXFP4 pair,
+    NAME_blocks and NAME_scales (NAME a layer's mlp.experts.gate_up_proj or down_proj), replaced by the float tensor
+    NAME in GptOssExperts' layout (mxfp4_dequantize: gate_up_proj [E, H, 2I], down_proj [E, I, H]), of dtype
+    (bfloat16, gpt-oss's own: exact, as is float32); a note on stderr that they were. Refused by name: no pair at
+    all, half a pair, a pair beside a float tensor of its name, one outside the blocks' experts or in a module the
+    config leaves float (spec's keep), and what mxfp4_dequantize refuses. The shapes' agreement with the config is
+    the reader's to check."""
+    bases = sorted({k.removesuffix(p) for k in sd for p in _MXFP4_PARTS if k.endswith(p)})
+    if not bases:
+        raise UserError(f"{path}: config.json says MXFP4 quantization, but no tensor is MXFP4 (an experts' "
+                        "gate_up_proj_blocks / _scales)")
+    for b in bases:
+        module, _, proj = b.rpartition(".")
+        if not (b.startswith(blocks) and module.endswith(".mlp.experts") and proj in _MXFP4_PROJS):
+            raise UserError(f"{path}: tensors {b}_blocks / _scales are MXFP4, where gpt-oss stores only its experts' "
+                            "gate_up_proj and down_proj so: which tensor they are is unclear")
+        for p in _MXFP4_PARTS:
+            if b + p not in sd:
+                other = next(o for o in _MXFP4_PARTS if o != p)
+                raise UserError(f"{path}: MXFP4 tensor {b}{other} has no {b}{p} beside it (blocks and scales go "
+                                "together)")
+        if b in sd:
+            raise UserError(f"{path}: {b} is stored both as a float tensor and as MXFP4 ({b}_blocks): which it is is "
+                            "unclear")
+        if _left_float(spec, module, prefix):
+            raise UserError(f"{path}: {b} is MXFP4, but the quantization_config leaves {module} float "
+                            f"({spec['kept_by']}): which it is is unclear")
+    for b in bases:
+        sd[b] = mxfp4_dequantize(sd.pop(b + "_blocks"), sd.pop(b + "_scales"), dtype, what=f"{path}: {b}")
+    note(f"{path}: its {len(bases)} MXFP4 expert weights are dequantized to {str(dtype).removeprefix('torch.')} at "
+         "load: an ordinary float model of the same weights, no MXFP4 kernel")
     return sd
