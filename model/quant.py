@@ -77,7 +77,8 @@ def _int8_scale(amax):
 INT4_LEVELS = 15  # q in 0..15 (4 bits); a group's minimum maps to 0 and its maximum to 15
 # A model kept in a Hugging Face folder's own quantization (train/hf_quant.py) says so in its file's metadata
 # ("quantized_from"), so that what reads it back does not credit `tritongpt quantize` with it: its names as said
-QUANTIZED_FROM = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes"}
+# (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks too: train/gguf_import.py)
+QUANTIZED_FROM = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "gguf": "GGUF"}
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # int4 groups: powers of two the kernel's K tiles divide or hold
 
 

@@ -426,13 +426,16 @@ def int4_rows(sd: dict, packed: dict, base: str, parts: dict) -> None:
         packed[name] = (*(t[rows] for t in fused[:-1]), fused[-1])  # (an act-order's input order: every part's)
 
 
-def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None, path) -> GPTModel:
+def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None, path,
+                    quantized_from: str | None = None) -> GPTModel:
     """model_with_tensors' model of a quantized folder: every Linear of the blocks an Int4Linear (quantized_layout;
     the LM head float, as GPTQ and AWQ leave it) filled from int4_linears' packed ({base: (qweight, scale, offset,
     in_perm)}, the base found by the meta .weight mapping() gives it), its bias from the file, the rest as
     model_with_tensors fills it. An int8 qweight (int8_linears'): Int8Linears, from {base: (qweight, scale, None)},
     a scale a row where group_size is None, else group scales.
-    packed empty (a bitsandbytes 8-bit folder read dequantized: bnb_int8_linears): model_with_tensors' float model."""
+    packed empty (a bitsandbytes 8-bit folder read dequantized: bnb_int8_linears): model_with_tensors' float model.
+    quantized_from: what the quantization is recorded as (QUANTIZED_FROM's key) where there is no config.json to say
+    (a GGUF file's, gguf_import.py)."""
     if not packed:
         return model_with_tensors(cfg, mapping, path)
     meta = {}
@@ -477,6 +480,9 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None
     model = model_with_tensors(cfg, floats, path, build=build)
     check_quantized_scales(model, path)  # (a scale of 0 or below: a damaged file)
     # the folder's own quantization, not ours: GPTModel.save records it (quantized_metadata), for info and the loader
+    if quantized_from is not None:
+        model.quantized_from = quantized_from
+        return model
     q = hf_quantization(Path(path).parent / "config.json")
     model.quantized_from = "bitsandbytes" if bnb_method(q) else q["quant_method"]
     return model
