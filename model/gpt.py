@@ -611,7 +611,8 @@ class GPTModel(nn.Module):
                             "dequantized); to train on, resume its run (--resume) or start from the float model")
         # (older files, and those `tritongpt quantize` writes, have no quantized_from; an unknown one is not credited)
         made = QUANTIZED_FROM.get(meta.get("quantized_from"))
-        made = f"a Hugging Face {made} folder's own quantization, saved" if made else "`tritongpt quantize`"
+        made = ("a GGUF file's own quantization, saved" if made == "GGUF" else
+                f"a Hugging Face {made} folder's own quantization, saved") if made else "`tritongpt quantize`"
         if not quantized_ok:
             raise UserError(f"{path} is {mode}-quantized ({made}), for inference: generate, chat, "
                             "serve, eval, hellaswag and lambada run it; train, export or merge the float weights it "

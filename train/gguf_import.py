@@ -1,10 +1,12 @@
 """GGUF import: a .gguf file (llama.cpp's, what Ollama and LM Studio keep on disk) as a model and its tokenizer.
 
 The inverse of gguf_export.py, whose tensor-name tables and Q/K permute it reads with. Architectures: "llama"
-(Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2" and "gpt2". Every tensor is dequantized to float32 by
-the gguf package (ggml's reader: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants): no kernel here runs a
-GGUF block format, so a quantized file runs as the float model it stands for. One tensor is dequantized at a time,
-straight into the model's parameter, so a large file never has two float copies in memory.
+(Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2" and "gpt2". A file whose blocks' linears are all Q8_0,
+or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same fp32 matrices; the
+embedding and head float), unless float weights are asked for (load_gguf's quantized, load_checkpoint's quantized_ok).
+Otherwise every tensor is dequantized to float32 by the gguf package (ggml's reader: F32, F16, BF16, Q8_0, Q4_0,
+Q4_1, Q5_0, Q5_1 and the K-quants), and a quantized file runs as the float model it stands for. One tensor is
+dequantized at a time, straight into the model's parameter, so a large file never has two float copies in memory.
 
 The tokenizer is rebuilt from the file's metadata (tokenizer.ggml.*): a byte-level BPE ("gpt2") with one of the
 pre-tokenizer regexes gguf_export.py writes, as the same HFTokenizer a Hugging Face folder gives. A SentencePiece
@@ -16,6 +18,7 @@ import torch
 
 from tritongpt.errors import UserError, note
 from tritongpt.model.config import GPTConfig
+from tritongpt.model.quant import pack_int4
 from tritongpt.train.gguf_export import (GGUF_LAYER, GGUF_TOP, GPT2_QKV, INSTALL, LLAMA3_PAT, QKV, QWEN2_PAT, CONTROL,
                                          UNUSED, USER_DEFINED, unpermute_qk)
 
@@ -137,8 +140,10 @@ def gguf_names(cfg: GPTConfig, arch: str) -> dict:
     return names
 
 
-def load_gguf(path):
-    """GPTModel (float32, eval) with a .gguf file's weights, each tensor dequantized as it is copied in."""
+def load_gguf(path, quantized: bool = True):
+    """GPTModel (eval) with a .gguf file's weights: the blocks' linears kept in the file's own Q8_0 / Q4_0 / Q4_1
+    blocks where they all are of one kind (_load_kept; quantized False: never), else float32, each tensor dequantized
+    as it is copied in."""
     from tritongpt.model.gpt import GPTModel, check_finite_weights
 
     path = Path(path)
@@ -163,6 +168,10 @@ def load_gguf(path):
                             "dequantize") from None
         return torch.from_numpy(np.array(x, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape))))
 
+    if quantized:
+        model = _load_kept(reader, path, arch, cfg, names, tensors, read)
+        if model is not None:
+            return model
     model = GPTModel.empty(cfg)
     params = dict(model.named_parameters())
     # the file holds the vocabulary's rows; our padded ones (vocab_multiple) stay zero, never a token
@@ -197,9 +206,135 @@ def load_gguf(path):
     check_finite_weights(model, path)
     kinds = sorted({tensors[n].tensor_type.name for n in wanted} - {"F32"})
     if kinds:
-        note(f"{path}: its {', '.join(kinds)} tensors are dequantized, no GGUF kernel runs them: the model is float32 "
-             "here (the file's rounding, not its size)")
+        why = "float weights asked for" if not quantized else "no kernel here runs them as the file holds them"
+        note(f"{path}: its {', '.join(kinds)} tensors are dequantized, {why}: the model is float32 here (the file's "
+             "rounding, not its size)")
     return model.eval()
+
+
+# The block formats whose linears are kept as the file holds them (ggml-common.h's block_q8_0 / q4_0 / q4_1: blocks
+# of 32 consecutive inputs of a row, an fp16 d, Q4_1's fp16 m, then the levels) -> our mode: Int8Linear with group
+# scales of 32 (W = d q, q int8), Int4Linear of group 32 (W = q scale + offset, q 0..15). The K-quants (Q4_K, Q6_K,
+# ...) nest 6-bit sub-scales in 256-blocks, which no scale and offset a group of ours gives: dequantized.
+GGUF_BLOCK = 32
+KEPT = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+
+
+def _fp16(raw) -> np.ndarray:
+    """An fp16 field of each block ([..., 2] bytes, little-endian as ggml writes them) as float32: exact, every fp16
+    is an fp32."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def gguf_packed(t, N: int, K: int):
+    """(qweight, scale [N, K / 32] fp32, offset or None) of a Q8_0 / Q4_0 / Q4_1 tensor of N rows of K inputs, the
+    same matrix as gguf.quants.dequantize gives, bit for bit in fp32; None where ours cannot hold it exactly.
+    - Q8_0 (d, 32 int8 q: w = d q): Int8Linear's q and scale d. llama.cpp's d is amax / 127 >= 0; 0 only for a block
+      of zeros, stored as scale 1 and q 0 (check_quantized_scales wants scales > 0, as _int8_scale makes them). A
+      negative d has no such form (-q overflows at -128): None.
+    - Q4_0 (d, 16 bytes: byte j's low nibble element j, its high nibble element j + 16; w = d (q - 8)): Int4Linear's
+      levels q, scale d and offset -8 d, exact (d an fp16, so d q and 8 d are exact in fp32, and so their sum, a
+      multiple of d within fp32's 24 bits). llama.cpp's d is the signed largest value / -8, negative half the time:
+      there the levels are flipped, q' = 15 - q, scale -d, offset 7 d (w = d (7 - q') = -d q' + 7 d), exact too.
+    - Q4_1 (d, m, nibbles as Q4_0's: w = d q + m): scale d, offset m, the same fp32 sum gguf computes (the zero point
+      held as the float m itself, never divided out as -m / d). d >= 0 (llama.cpp's range / 15); a negative one: None.
+    A d of 0 (a constant block) is scale 1, levels 0 and the offset the value (Int4Linear's own constant group)."""
+    kind = t.tensor_type.name
+    G = K // GGUF_BLOCK
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(N, G, -1)
+    d = _fp16(raw[..., 0:2])
+    if kind == "Q8_0":
+        q = np.ascontiguousarray(raw[..., 2:]).view(np.int8).copy()
+        if (d < 0).any():
+            return None
+        zero = d == 0
+        q[zero], d[zero] = 0, 1
+        return torch.from_numpy(q.reshape(N, K)), torch.from_numpy(d), None
+    nibbles = raw[..., 4:] if kind == "Q4_1" else raw[..., 2:]
+    q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)  # [N, G, 32]: elements 0-15, then 16-31
+    if kind == "Q4_0":
+        neg = d < 0
+        q[neg] = 15 - q[neg]
+        scale, offset = np.abs(d), np.where(neg, 7 * d, -8 * d).astype(np.float32)
+    else:
+        if (d < 0).any():
+            return None
+        scale, offset = d, _fp16(raw[..., 2:4])
+    zero = d == 0
+    q[zero], scale[zero] = 0, 1
+    if kind == "Q4_0":
+        offset[zero] = 0
+    return pack_int4(torch.from_numpy(q.reshape(N, K))), torch.from_numpy(scale), torch.from_numpy(offset)
+
+
+def _load_kept(reader, path, arch, cfg, names, tensors, read):
+    """load_gguf's model with every linear of the blocks kept in the file's block format (KEPT), built by hf_quant's
+    model_with_int4 as a GPTQ folder's is (the embedding, norms, biases and LM head float: dequantized, as GPTQ and
+    AWQ leave a head float), or None (a note on stderr saying why) where they are not all of one kept kind, or some
+    block holds what ours cannot hold exactly: the caller then dequantizes them all (a model is all int8, all int4
+    or all float here)."""
+    from tritongpt.model.gpt import GPTModel
+    from tritongpt.train.hf_quant import model_with_int4
+
+    with torch.device("meta"):  # (the shapes alone, to tell linears and check the file's against)
+        ref = GPTModel(cfg)
+    shapes = {k: tuple(v.shape) for k, v in ref.named_parameters()}
+    linears = [n for n in names if n.startswith("trf_blocks.") and n.endswith(".weight")
+               and isinstance(ref.get_submodule(n.removesuffix(".weight")), torch.nn.Linear)]
+    theirs = lambda n: names[n] if isinstance(names[n], str) else names[n][0]  # noqa: E731
+    kinds = sorted({tensors[theirs(n)].tensor_type.name for n in linears})
+    modes = {KEPT.get(k) for k in kinds}
+    if not linears or None in modes or len(modes) > 1:
+        if set(kinds) & set(KEPT):  # (a float file needs no word: it is what it was)
+            note(f"{path}: its blocks' linears are {', '.join(kinds)}: kept quantized only where all are Q8_0 (int8) "
+                 "or all Q4_0 / Q4_1 (int4), so all are dequantized")
+        return None
+    mode = modes.pop()
+    sd, packed, fused = {}, {}, {}
+    for ours in linears:
+        name, j = (names[ours], None) if isinstance(names[ours], str) else names[ours]
+        want = shapes[ours]
+        t = tensors[name]
+        N, K = (int(s) for s in reversed(t.shape))
+        if (N, K) != ((3 * want[0] if j is not None else want[0]), want[1]):
+            raise UserError(f"{path}: tensor {name} has shape {(N, K)}, but its metadata says "
+                            f"{(3 * want[0], want[1]) if j is not None else want}")
+        if name not in fused:
+            got = gguf_packed(t, N, K)
+            if got is None:
+                note(f"{path}: tensor {name} is {t.tensor_type.name} with a negative block scale, which "
+                     f"{mode} here does not hold exactly: all are dequantized")
+                return None
+            fused = {name: got} if j is not None else {}  # (gpt2's attn_qkv: one layer's, read once for its three)
+        else:
+            got = fused[name]
+        parts = [None if x is None else (x if j is None else x.chunk(3)[j]) for x in got]
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            # the interleaved rows back in rotate-half order: a row's bytes, scales and offsets move together
+            heads = cfg.n_head if "attn_q" in name else cfg.kv_heads
+            parts = [None if x is None else unpermute_qk(x, heads) for x in parts]
+        base = ours.removesuffix(".weight")
+        packed[base] = (*(x.contiguous() for x in parts if x is not None), None)
+        sd[ours] = torch.empty(want, device="meta")  # (model_with_int4 finds the layer by this tensor)
+
+    def mapping():
+        out = {}
+        for ours, name in names.items():
+            if ours in sd:
+                out[ours] = sd[ours]
+                continue
+            value = read(name) if isinstance(name, str) else read(name[0]).chunk(3)[name[1]]
+            if tuple(value.shape) != shapes[ours]:
+                raise UserError(f"{path}: tensor {name} has shape {tuple(value.shape)}, but its metadata says "
+                                f"{shapes[ours]}")
+            out[ours] = value
+        return out
+
+    model = model_with_int4(cfg, mapping, sd, packed, GGUF_BLOCK, path, quantized_from="gguf")
+    floats = sorted({tensors[theirs(n)].tensor_type.name for n in names if n not in sd} - {"F32"})
+    note(f"{path}: its {len(linears)} {'/'.join(kinds)} linears of the blocks kept as {mode} (groups of {GGUF_BLOCK}"
+         " inputs)" + (f"; its {', '.join(floats)} embedding / head tensors dequantized to float32" if floats else ""))
+    return model
 
 
 def gguf_tokenizer(path):

@@ -493,10 +493,12 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
     """load_checkpoint's model from a resolved path, by the kind of file it is."""
     if adapter_folder(path) is not None:
         return load_peft_adapter(adapter_folder(path))
-    if str(path).endswith(".gguf"):  # llama.cpp's single file (gguf_import.py): dequantized to a float model
+    if str(path).endswith(".gguf"):  # llama.cpp's single file (gguf_import.py)
         from tritongpt.train.gguf_import import load_gguf
 
-        return load_gguf(path)
+        # its Q8_0 / Q4_0 / Q4_1 linears kept so for the commands that run a model; the float model it stands for
+        # (dequantized, as before) for those that take float weights: trainers, export, merge
+        return load_gguf(path, quantized=quantized_ok)
     if is_hf_weights(path):
         cfg_json = Path(path).parent / "config.json"
         # each family's is_*_file looks model_type up in its own table: a list or object there would be a TypeError

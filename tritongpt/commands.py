@@ -292,7 +292,8 @@ def cmd_info(args):
             # a GPTQ/AWQ/bitsandbytes folder read kept quantized, or our file saved from one (its quantized_from)
             own = QUANTIZED_FROM[model.quantized_from]
             made = (f"QLoRA: --lora-rank on its --init folder's own {own} quantization" if model.config.lora_rank
-                    else f"a Hugging Face {own} folder's own quantization")
+                    else f"a Hugging Face {own} folder's own quantization" if model.quantized_from != "gguf" else
+                    "a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, the embedding and LM head float")
         file = resolve_checkpoint(args.weights)
         state = file.parent / "state.pt"  # a run's: sft --lora-rank on a GPTQ/AWQ folder records its quantization
         own = load_state(file.parent, mmap=True).get("args", {}).get("init_quantized") \
