@@ -23,6 +23,9 @@ ARCHS = {
     "gpt2": dict(context_length=1024, norm_eps=1e-5),
     "llama": LLAMA,
     "qwen2": dict(LLAMA, qkv_bias_only=True, tie_weights=True),
+    # heads of their own width (4 x 128 over n_embd 64: key_length): transformers' GGUF loader maps no key to
+    # Qwen3Config.head_dim, which stays at its default 128, so only that width loads there (every Qwen3's)
+    "qwen3": dict(LLAMA, qk_norm=True, attention_head_dim=128),
 }
 TEXT = "a cat 12 sat on mat 84. a cat 7 sat<|endoftext|> on mat 49."
 
@@ -162,6 +165,30 @@ def test_q_and_k_rows_are_permuted_as_convert_hf_to_gguf_does(tok, tmp_path):
         for i in range(d // 2):
             np.testing.assert_array_equal(q[h * d + 2 * i], ours[h * d + i])
             np.testing.assert_array_equal(q[h * d + 2 * i + 1], ours[h * d + i + d // 2])
+
+
+def test_qwen3_keys_and_tensors_llama_cpp_reads(tok, tmp_path):
+    """llama.cpp's qwen3 (src/models/qwen3.cpp, load_arch_tensors) creates attn_q [n_embd, head_dim * n_head],
+    attn_output its transpose, attn_q_norm and attn_k_norm [head_dim] and no biases, and asserts rope.dimension_count
+    == key_length: written so, q/k rows as ours (qwen3 rotates in NeoX style, halves, as we do: no permute)."""
+    from tritongpt.train.gguf_export import write_gguf
+
+    model = random_model(ARCHS["qwen3"], 288)
+    reader = gguf.GGUFReader(write_gguf(model, tmp_path / "m.gguf", tok, "f32"))
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "qwen3"
+    for key, want in (("attention.key_length", 128), ("attention.value_length", 128), ("rope.dimension_count", 128),
+                      ("attention.head_count", 4), ("attention.head_count_kv", 2), ("embedding_length", 64)):
+        assert field(f"qwen3.{key}") == want, key
+    shapes = {t.name: list(t.shape) for t in reader.tensors}
+    assert shapes["blk.0.attn_q.weight"] == [64, 512] and shapes["blk.0.attn_k.weight"] == [64, 256]
+    assert shapes["blk.0.attn_output.weight"] == [512, 64]
+    assert shapes["blk.1.attn_q_norm.weight"] == shapes["blk.1.attn_k_norm.weight"] == [128]
+    assert not [n for n in shapes if n.endswith(".bias")]
+    data = {t.name: np.asarray(t.data) for t in reader.tensors}
+    att = model.trf_blocks[1].att
+    np.testing.assert_array_equal(data["blk.1.attn_q.weight"], att.W_query.weight.detach().numpy())
+    np.testing.assert_array_equal(data["blk.1.attn_k_norm.weight"], att.k_norm.weight.detach().numpy())
 
 
 def test_transformers_tokenizer_encodes_as_ours(tok, tmp_path):

@@ -11,6 +11,8 @@ as it reads that script's:
 - Llama ("llama", Mistral without its window too): q and k rows permuted within each head from Hugging Face's
   rotate-half pairing (i, i + d/2) to the interleaved (2i, 2i + 1) pairs llama.cpp's "normal" RoPE rotates.
 - Qwen2 ("qwen2"): as Llama, with q/k/v biases and no permute (llama.cpp rotates Qwen2 in NeoX style, halves).
+- Qwen3 ("qwen3"): as Qwen2 without the biases, with each head's q and k RMSNorm weights (attn_q_norm and
+  attn_k_norm, [head_dim]), heads possibly of their own width (key_length, value_length).
 
 A model these cannot hold is refused by name before anything is written."""
 import json
@@ -46,11 +48,11 @@ def import_gguf():
 def gguf_arch(cfg, family: str) -> str:
     """The llama.cpp architecture this model is written as, from the Hugging Face family export_target picks:
     GPT-2 -> "gpt2", Llama and Mistral -> "llama" (convert_hf_to_gguf.py writes Mistral as a Llama), Qwen2 ->
-    "qwen2"; any other family is refused by name."""
-    arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2"}.get(family)
+    "qwen2", Qwen3 -> "qwen3"; any other family is refused by name."""
+    arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3"}.get(family)
     if arch is None:
         raise UserError(f"this model is {_article(family)} {family}, which the GGUF writer does not write (it writes "
-                        "GPT-2, Llama, Mistral and Qwen2): export it as a Hugging Face folder (without --format "
+                        "GPT-2, Llama, Mistral, Qwen2 and Qwen3): export it as a Hugging Face folder (without --format "
                         "gguf) and convert that with llama.cpp's convert_hf_to_gguf.py if it knows the family")
     return arch
 
@@ -104,6 +106,8 @@ GGUF_LAYER = {
               ("ff.w_up", "ffn_up"), ("ff.w_down", "ffn_down")),
 }
 GGUF_LAYER["qwen2"] = GGUF_LAYER["llama"]
+# Qwen3's per-head q/k RMSNorms: one [head_dim] weight each, shared by every head (llama.cpp's attn_q_norm, attn_k_norm)
+GGUF_LAYER["qwen3"] = GGUF_LAYER["llama"] + (("att.q_norm", "attn_q_norm"), ("att.k_norm", "attn_k_norm"))
 GPT2_QKV = ("att.W_query", "att.W_key", "att.W_value")
 QKV = {"att.W_query": "attn_q", "att.W_key": "attn_k", "att.W_value": "attn_v"}  # qwen2's biases: on these only
 

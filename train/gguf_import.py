@@ -22,7 +22,7 @@ from tritongpt.model.quant import pack_int4
 from tritongpt.train.gguf_export import (GGUF_LAYER, GGUF_TOP, GPT2_QKV, INSTALL, LLAMA3_PAT, QKV, QWEN2_PAT, CONTROL,
                                          UNUSED, USER_DEFINED, unpermute_qk)
 
-ARCHS = ("llama", "qwen2", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2")  # (qwen3: Qwen2's layout without biases, with q/k norms)
 # tokenizer.ggml.pre -> the split regex (None: GPT-2's own, ByteLevel's use_regex)
 PRE_PATTERNS = {"gpt-2": None, "llama-bpe": LLAMA3_PAT, "qwen2": QWEN2_PAT}
 
@@ -109,7 +109,8 @@ def gguf_config(reader, path) -> tuple:
                   attention_head_dim=head_dim if head_dim * fields["n_head"] != fields["n_embd"] else 0,
                   rope_theta=float(_field(reader, k("rope.freq_base"), path, 10000.0)),
                   norm_eps=float(_field(reader, k("attention.layer_norm_rms_epsilon"), path, 1e-5)),
-                  qkv_bias_only=arch == "qwen2", tie_weights="output.weight" not in tensors)
+                  qkv_bias_only=arch == "qwen2", tie_weights="output.weight" not in tensors,
+                  qk_norm=arch == "qwen3")  # (its per-head q/k RMSNorms: attn_q_norm, attn_k_norm)
     try:
         return arch, GPTConfig(**fields)
     except UserError as e:  # (heads that do not divide the width, ...)
