@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import plot_stub
 from test_gguf_export import ARCHS, TEXT, logits, random_model, rounded
 from tritongpt.errors import UserError
 
@@ -15,6 +16,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+no_plots = plot_stub.no_plots  # (the sft run's loss figure: an empty PNG)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +234,60 @@ def test_unknown_architecture_and_tokenizers_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[gguf\]"'):
         load_gguf(path)
+
+
+def test_a_gguf_file_through_the_cli_as_a_user_runs_it(tmp_path, capsys):
+    """From one .gguf file, through the commands: a ChatML Qwen2 folder as `export --format gguf` writes it;
+    `info --weights m.gguf`; `serve --weights m.gguf` answers a chat completion in the file's chat template, up to
+    its <|im_end|>: transformers' greedy tokens on the folder; `sft --init m.gguf` 2 steps on chats, rendered in the
+    file's template, then `generate --weights RUN`: the run's greedy tokens."""
+    from test_chat_template import CHATML, chat_folder
+    from test_serve import call, start
+    from tritongpt.cli import main
+    from tritongpt.train.generate import generate
+    from tritongpt.train.gpt2_weights import load_checkpoint
+    from tritongpt.train.tokenizer import get_tokenizer
+
+    folder, theirs, hf = chat_folder(tmp_path / "qwen", CHATML, "<|im_end|>")
+    path = tmp_path / "m.gguf"
+    assert main(["export", str(folder), "--format", "gguf", "--gguf-type", "f32", "--out", str(path)]) == 0
+    assert main(["info", "--weights", str(path)]) == 0
+    said = capsys.readouterr().out
+    assert "qkv_bias_only   True" in said and f"tokenizer    {path}\n" in said  # (the file's own)
+
+    server = start(path, "--kernels", "reference")
+    server.RequestHandlerClass.log_message = lambda *a: None
+    try:
+        end = theirs.convert_tokens_to_ids("<|im_end|>")
+        assert server.app.chat_stop == end
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat"}]
+        prompt = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        with torch.no_grad():
+            row = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        body = call(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0})[1]
+        assert body["choices"][0]["message"]["content"] == theirs.decode(row[:row.index(end)] if end in row else row)
+        assert body["usage"]["prompt_tokens"] == len(prompt)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                                     {"role": "assistant", "content": f"{i} {i}"}]}) + "\n"
+                            for i in range(8)))
+    run = tmp_path / "run"
+    assert main(["sft", "--init", str(path), "--out-dir", str(run), "--data", str(data), "--max-steps", "2",
+                 "--batch-size", "2", "--device", "cpu", "--kernels", "reference", "--eval-gen", "0"]) == 0
+    assert "chats are rendered in the model's own chat template" in capsys.readouterr().err
+    tok = get_tokenizer(run)
+    assert tok.chat_template == CHATML and tok.encode("say 7") == get_tokenizer(path).encode("say 7")
+    tuned = load_checkpoint(run)
+    before = load_checkpoint(path)
+    assert any((a - b).abs().max() > 0 for a, b in zip(tuned.parameters(), before.parameters()))  # (it trained)
+    ids = torch.tensor([tok.encode("the cat sat")])
+    with torch.no_grad():
+        want = tok.decode(generate(tuned, ids, 5, temperature=0.0)[0].tolist())
+    assert main(["generate", "--weights", str(run), "--prompt", "the cat sat", "--max-new-tokens", "5",
+                 "--temperature", "0", "--device", "cpu", "--kernels", "reference"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
