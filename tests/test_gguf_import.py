@@ -291,3 +291,59 @@ def test_a_gguf_file_through_the_cli_as_a_user_runs_it(tmp_path, capsys):
     assert main(["generate", "--weights", str(run), "--prompt", "the cat sat", "--max-new-tokens", "5",
                  "--temperature", "0", "--device", "cpu", "--kernels", "reference"]) == 0
     assert capsys.readouterr().out.strip() == want.strip()
+
+
+# Text the three byte-level splits cut apart differently: a digit run (GPT-2 keeps it whole with the space before,
+# Llama 3 cuts it in threes, Qwen2 in ones), contractions in capitals (Llama 3's and Qwen2's are case-blind, GPT-2's
+# 'T is no contraction), newlines then spaces (GPT-2's \s+(?!\S) takes them together, Llama 3's \s*[\r\n]+ not)
+SPLITS = ["in 12345 days, 1999 DON'T\n\n   stop", " 42 IT'S\n \n  ok 7", "x 31415926 ISN'T"]
+
+
+def test_each_pre_tokenizer_name_is_its_own_split(tmp_path, monkeypatch):
+    """tokenizer.ggml.pre "gpt-2", "llama-bpe", "qwen2" over one vocabulary whose merges cross all three splits'
+    cuts (trained on SPLITS without a split: "Ġ1", "123", "'T", "ĊĊ"...): our tokenizer gives transformers' GGUF
+    tokenizer's ids (it picks its regex by that name too) for each name, and another name's regex gives other ids:
+    a name read as another's fails here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tritongpt.train import gguf_import
+
+    spec = Tokenizer(models.BPE())
+    spec.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    spec.decoder = decoders.ByteLevel()
+    spec.train_from_iterator(SPLITS * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                            show_progress=False,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(spec.to_str())["model"]
+    vocab = {**model["vocab"], "<|endoftext|>": 0}
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    ids = {}
+    for pre in ("gpt-2", "llama-bpe", "qwen2"):
+        path = tmp_path / pre / "m.gguf"
+        path.parent.mkdir()
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([3] + [1] * (len(tokens) - 1))
+        w.add_token_merges(merges)
+        w.add_eos_token_id(0)
+        w.add_tensor("token_embd.weight", np.ones((len(tokens), 4), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        ours = gguf_import.gguf_tokenizer(path)
+        ids[pre] = [ours.encode(text) for text in SPLITS]
+        assert ids[pre] == [theirs.encode(text, add_special_tokens=False) for text in SPLITS], pre
+        assert all(ours.decode(row) == text for row, text in zip(ids[pre], SPLITS))
+    for pre in ids:  # each name's ids are its own: read with another name's regex, the same file gives others
+        for other, pattern in gguf_import.PRE_PATTERNS.items():
+            if other != pre:
+                with monkeypatch.context() as m:
+                    m.setitem(gguf_import.PRE_PATTERNS, pre, pattern)
+                    ours = gguf_import.gguf_tokenizer(tmp_path / pre / "m.gguf")
+                assert [ours.encode(text) for text in SPLITS] != ids[pre], (pre, other)
