@@ -192,10 +192,10 @@ def test_saves_loads_and_trains_lora_beside_it(qtype, tmp_path, capsys):
     assert all(torch.equal(v, frozen[k]) for k, v in model.named_buffers())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama", "qwen3"])
 def test_our_q8_0_export_read_back_kept(arch, tmp_path):
     """Our own q8_0 export of each architecture read back kept int8: GPT-2's fused attn_qkv split by rows (scales
-    with them), fc1/fc2 and Qwen2's q/k/v biases on the QuantLinears, a tied head tied: the float load's logits."""
+    with them), fc1/fc2 and Qwen2's q/k/v biases on the QuantLinears, Qwen3's q/k norms float beside them, a tied head tied: the float load's logits."""
     from test_gguf_export import ARCHS, random_model
     from tritongpt.train.gguf_export import write_gguf
     from tritongpt.train.gguf_import import load_gguf
