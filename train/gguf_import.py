@@ -1,7 +1,7 @@
 """GGUF import: a .gguf file (llama.cpp's, what Ollama and LM Studio keep on disk) as a model and its tokenizer.
 
 The inverse of gguf_export.py, whose tensor-name tables and Q/K permute it reads with. Architectures: "llama"
-(Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2" and "gpt2". A file whose blocks' linears are all Q8_0,
+(Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2", "qwen3" and "gpt2". A file whose blocks' linears are all Q8_0,
 or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same fp32 matrices; the
 embedding and head float), unless float weights are asked for (load_gguf's quantized, load_checkpoint's quantized_ok).
 Otherwise every tensor is dequantized to float32 by the gguf package (ggml's reader: F32, F16, BF16, Q8_0, Q4_0,
