@@ -96,7 +96,8 @@ class GPTConfig:
     # None, {"rope_type": "linear", "factor": f} (every frequency / f), Llama 3.1's and 3.2's
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"}, or YaRN's (OLMo 3, Qwen3's long context) {"rope_type": "yarn",
-    # "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"}, or
+    # "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"} (plus
+    # "truncate": False where the correction range's bounds are not rounded out, GPT-OSS's), or
     # LongRoPE's (Phi-3, Phi-4-mini) {"rope_type": "longrope", "short_factor": [R/2 numbers], "long_factor":
     # [R/2], "original_max_position_embeddings", "factor", "attention_factor"} (long_factor over a forward
     # longer than the original context), as Hugging Face's rope_parameters spell them.
@@ -543,8 +544,10 @@ def check_rope_scaling(scaling, where: str) -> dict | None:
     if not isinstance(scaling, dict):
         raise UserError(f"{where} must be a dict (rope_type and its factors) or None, got {type(scaling).__name__}")
     kind = scaling.get("rope_type")
+    truncate = True
     if kind == "yarn":
         scaling = yarn_defaults(scaling, where)
+        truncate = scaling.pop("truncate", True)
     if kind not in ROPE_SCALING_KEYS:
         raise UserError(f"{where}: rope_type {kind!r} is not computed here; one of {', '.join(ROPE_SCALING_KEYS)}")
     keys = ROPE_SCALING_KEYS[kind]
@@ -573,6 +576,8 @@ def check_rope_scaling(scaling, where: str) -> dict | None:
     if kind == "longrope" and len(out["short_factor"]) != len(out["long_factor"]):
         raise UserError(f"{where}: short_factor has {len(out['short_factor'])} numbers and long_factor "
                         f"{len(out['long_factor'])}: one for each rotated pair, both")
+    if not truncate:  # kept only when false, so the common spec (truncate true) compares as before
+        out["truncate"] = False
     return out
 
 
@@ -608,10 +613,16 @@ def longrope_defaults(scaling: dict, where: str, context_length: int, n_pairs: i
 
 def yarn_defaults(scaling: dict, where: str) -> dict:
     """A YaRN spec with transformers' defaults where it leaves them out (_compute_yarn_parameters): beta_fast
-    32, beta_slow 1, attention_factor 0.1 ln(factor) + 1 (1 for a factor <= 1). DeepSeek's mscale keys and
-    truncate false, which this model does not compute, are refused by name."""
+    32, beta_slow 1, attention_factor 0.1 ln(factor) + 1 (1 for a factor <= 1), truncate true when absent
+    (a null truncate is false there: transformers tests it with `if truncate`). DeepSeek's mscale keys, which this
+    model does not compute, are refused by name."""
     check_rope_extras(scaling, "yarn", where)
-    out = {k: v for k, v in scaling.items() if k != "truncate"}
+    out = dict(scaling)
+    truncate = out.pop("truncate", True)
+    if truncate is not None and not isinstance(truncate, (bool, np.bool_)):
+        raise UserError(f"{where}: YaRN's truncate must be true or false (whether the correction range's bounds are "
+                        f"rounded out), got {truncate!r}")
+    out["truncate"] = bool(truncate)
     for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
         if out.get(key) is None:  # transformers' `or`: absent or null
             out[key] = default
@@ -623,16 +634,13 @@ def yarn_defaults(scaling: dict, where: str) -> dict:
 
 def check_rope_extras(params: dict, kind: str, where: str) -> None:
     """The keys of a config.json's RoPE scaling that GPTConfig.rope_scaling leaves out but that would change
-    the function: YaRN's mscale and mscale_all_dim (DeepSeek's attention factor) and truncate false."""
+    the function: YaRN's mscale and mscale_all_dim (DeepSeek's attention factor)."""
     if kind != "yarn":
         return
     extra = [k for k in ("mscale", "mscale_all_dim") if params.get(k)]
     if extra:
         raise UserError(f"{where}: YaRN with {', '.join(extra)} (DeepSeek's attention factor) is not computed here; "
                         "attention_factor, or the default 0.1 ln(factor) + 1, is")
-    if params.get("truncate", True) is not True:
-        raise UserError(f"{where}: YaRN with truncate {params['truncate']!r} is not computed here (the correction "
-                        "range's bounds are rounded out, truncate true)")
 
 
 PRESETS = {

@@ -437,16 +437,19 @@ def yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, theta: float) -> torch.
     """YaRN's frequencies (Peng et al. 2023), as transformers' _compute_yarn_parameters: the dimensions that
     turn more than beta_fast times over the original context keep their frequency, those under beta_slow
     turns are divided by factor, and a linear ramp over the dimension index blends the ones between
-    (bounds rounded out: floor and ceil). Its attention_factor multiplies cos and sin, so the scores by
-    its square: MultiHeadAttention's softmax_scale takes that, on either kernel path."""
+    (bounds rounded out: floor and ceil, unless the spec says truncate false, GPT-OSS's: then the ramp starts
+    and ends between dimensions). Its attention_factor multiplies cos and sin, so the scores by its square:
+    MultiHeadAttention's softmax_scale takes that, on either kernel path."""
     dim = 2 * inv_freq.numel()
     context = scaling["original_max_position_embeddings"]
 
     def correction_dim(rotations):  # the dimension whose wavelength fits `rotations` turns in the context
         return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(scaling["beta_fast"])), 0)
-    high = min(math.ceil(correction_dim(scaling["beta_slow"])), dim - 1)
+    low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)

@@ -334,8 +334,8 @@ def test_the_fields_are_checked_by_name():
                        ({"qk_norm_width": "all"}, "qk_norm is False"),
                        ({"position_encoding": "rope", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
                         "missing original_max_position_embeddings"),
-                       ({"position_encoding": "rope", "rope_scaling": {**YARN, "truncate": False}},
-                        "YaRN with truncate False")):
+                       ({"position_encoding": "rope", "rope_scaling": {**YARN, "truncate": "no"}},
+                        "YaRN's truncate must be true or false")):
         with pytest.raises(UserError, match=match):
             GPTConfig(**bad)
     # transformers' YaRN defaults: beta 32 and 1, attention factor 0.1 ln(factor) + 1
@@ -364,6 +364,30 @@ def test_yarn_clamps_its_ramp_to_the_head_as_transformers(original, theta):
     scaling = GPTConfig(position_encoding="rope", rope_scaling=spec).rope_scaling
     assert scaling["attention_factor"] == pytest.approx(factor)
     assert_close_rel(rope_inv_freq(16, theta, "cpu", scaling).double(), want.double(), 1e-6, "YaRN frequencies")
+
+
+@pytest.mark.parametrize("truncate", [False, True, None])
+def test_yarn_truncate_false_leaves_the_bounds_unrounded_as_transformers(truncate):
+    """GPT-OSS's YaRN (truncate false): the correction range's bounds are not floored and ceiled, so the ramp
+    starts and ends between dimensions. GPT-OSS's own numbers (head 64, base 150000, factor 32 over 4096), where
+    the rounded and unrounded frequencies differ; true the rounded ones, null the unrounded ones (transformers'
+    `if truncate`)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tritongpt.model.layers import rope_inv_freq
+
+    spec = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096, "truncate": truncate}
+    cfg = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64,
+                                   max_position_embeddings=131072, rope_parameters={**spec, "rope_theta": 150000.0})
+    want, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    scaling = GPTConfig(position_encoding="rope", rope_scaling=spec, n_embd=128, n_head=2).rope_scaling
+    assert ("truncate" in scaling) == (not truncate)  # kept only when false
+    assert scaling["attention_factor"] == pytest.approx(factor)
+    ours = rope_inv_freq(64, 150000.0, "cpu", scaling).double()
+    assert_close_rel(ours, want.double(), 1e-6, "YaRN frequencies")
+    other = rope_inv_freq(64, 150000.0, "cpu", {**scaling, "truncate": not truncate}).double()
+    assert (other - want.double()).abs().max() > 1e-4 * want.abs().max()  # the rounding shows at these numbers
 
 
 def test_a_model_built_here_exports_as_olmo3_and_other_exports_refuse_its_fields(tmp_path):

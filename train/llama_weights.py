@@ -131,6 +131,8 @@ def _rope_theta(d: dict, cfg_json, theta_default: float = 10000.0, rope=None) ->
                             f"or scaled by {' or '.join(map(repr, ROPE_SCALING_KEYS))}")
         check_rope_extras(p, kind, f"{cfg_json} has {where}")  # keys the filter below would drop
         spec = {"rope_type": kind, **{k: p[k] for k in ROPE_SCALING_KEYS[kind] if k in p}}
+        if kind == "yarn" and "truncate" in p:  # GPT-OSS's false: the correction range's bounds not rounded
+            spec["truncate"] = p["truncate"]
         if kind == "llama3" and "original_max_position_embeddings" not in spec:  # transformers' fallback
             spec["original_max_position_embeddings"] = d.get("max_position_embeddings")
         scaling = check_rope_scaling(spec, f"{cfg_json} has {where}")
