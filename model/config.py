@@ -174,6 +174,15 @@ class GPTConfig:
     # sigmoid(x w_g), w_g a [1, n_embd] gate of its own, and added to the routed sum. 0: none (Mixtral, Qwen3-MoE,
     # OLMoE). Always gated: DeepSeek's ungated shared experts are another function, not read.
     moe_shared_hidden: int = 0
+    # GPT-OSS's experts: moe_bias gives the router and each expert's gate, up and down products biases
+    # (ff.router.bias, ff.b_gate, ff.b_up [E, mlp_hidden], ff.b_down [E, n_embd]); moe_activation "gpt_oss" makes
+    # the experts' SwiGLU its clamped one, gate g = min(g, swiglu_limit), up u = clamp(u, +-swiglu_limit),
+    # (u + 1) * g * sigmoid(swiglu_alpha * g), where "glu" is the gated MLP that mlp names. The Triton MoE kernel
+    # has neither: such a model runs its MLPs on the reference path (set_kernels refuses 'mlp' by name).
+    moe_bias: bool = False
+    moe_activation: str = "glu"
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
     kernels: str = "reference"  # "reference" | "triton" | "auto" | a comma list of toggle.KERNEL_NAMES
     # LoRA (model/lora.py): rank 0 is none; else the targets' weights are W + (alpha / rank) B A
     lora_rank: int = 0
@@ -395,6 +404,22 @@ class GPTConfig:
             raise UserError(f"GPTConfig.moe_aux_loss must be a finite number >= 0 (0: no load-balancing loss), "
                             f"got {self.moe_aux_loss!r}")
         self.moe_aux_loss = float(self.moe_aux_loss)
+        if not isinstance(self.moe_bias, (bool, np.bool_)):
+            raise UserError(f"GPTConfig.moe_bias must be True or False, got {self.moe_bias!r}")
+        self.moe_bias = bool(self.moe_bias)
+        if self.moe_activation not in MOE_ACTIVATIONS:
+            raise UserError(f"GPTConfig.moe_activation must be one of {', '.join(MOE_ACTIVATIONS)} ('glu': the gated "
+                            f"MLP mlp names; 'gpt_oss': GPT-OSS's clamped SwiGLU), got {self.moe_activation!r}")
+        for name, default in (("swiglu_limit", 7.0), ("swiglu_alpha", 1.702)):
+            value = getattr(self, name)
+            if not is_real(value) or not math.isfinite(value) or value <= 0:
+                raise UserError(f"GPTConfig.{name} must be a finite number > 0 (GPT-OSS's clamped SwiGLU), "
+                                f"got {value!r}")
+            setattr(self, name, float(value))
+            if value != default and self.moe_activation != "gpt_oss":  # said, and nothing would read it
+                raise UserError(f"GPTConfig.{name} {value:g} sets GPT-OSS's clamped SwiGLU, and this model's "
+                                f"moe_activation is {self.moe_activation!r}: set moe_activation 'gpt_oss' or leave "
+                                f"{name} {default:g}")
         if not self.n_experts:
             if self.moe_aux_loss:
                 raise UserError(f"GPTConfig.moe_aux_loss {self.moe_aux_loss:g} balances a router's load, and this "
@@ -403,10 +428,17 @@ class GPTConfig:
                 raise UserError(f"GPTConfig.moe_shared_hidden {self.moe_shared_hidden} is the width of a shared "
                                 "expert beside routed ones, and this model has none (n_experts 0): set n_experts or "
                                 "leave moe_shared_hidden 0")
+            if self.moe_bias or self.moe_activation != "glu":
+                raise UserError(f"GPTConfig.moe_bias {self.moe_bias} and moe_activation {self.moe_activation!r} are "
+                                "GPT-OSS's experts' biases and activation, and this model has no experts (n_experts "
+                                "0): set n_experts or leave them False and 'glu'")
             return
         if self.mlp not in GATED_MLPS:
             raise UserError(f"GPTConfig.n_experts {self.n_experts}: the experts are gated MLPs (mlp 'swiglu' or "
                             f"'geglu'), and this model's mlp is {self.mlp!r}: set mlp or leave n_experts 0")
+        if self.moe_activation == "gpt_oss" and self.mlp != "swiglu":
+            raise UserError(f"GPTConfig.moe_activation 'gpt_oss' is a clamped SwiGLU, and this model's mlp is "
+                            f"{self.mlp!r}: set mlp 'swiglu'")
         if self.experts_per_token > self.n_experts:
             raise UserError(f"GPTConfig.experts_per_token {self.experts_per_token} is more than the n_experts "
                             f"{self.n_experts} there are")
@@ -524,6 +556,7 @@ def window_layers_arg(text: str) -> str:
     return text
 
 
+MOE_ACTIVATIONS = ("glu", "gpt_oss")
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                      "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",

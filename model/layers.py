@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tritongpt._types import is_int
+from tritongpt.errors import UserError
 from tritongpt.model.lora import AdapterLinear
 from tritongpt.model.quant import QuantLinear
 
@@ -296,23 +297,36 @@ class MoEFeedForward(nn.Module):
     out = sum_k w_k expert_k(x) + sigmoid(x g^T) shared_expert(x). It is a SwiGLUFeedForward (w_gate, w_up,
     w_down Linears), so its Triton path is the dense MLP's kernel, kernels/swiglu.py.
 
+    GPT-OSS (bias True, activation "gpt_oss"): the router a Linear with a bias, each expert's three products
+    with biases b_gate, b_up [E, H] and b_down [E, C], and its activation a clamped SwiGLU: g = min(g, limit),
+    u = clamp(u, -limit, limit), a = (u + 1) * g * sigmoid(alpha * g). Its router takes the top k logits and
+    softmaxes over those k, which is the softmax over all E renormalized over the k (norm_topk True).
+
     Triton twin: the same routing in torch, then every expert at once through kernels/moe.py's moe_mlp (grouped
     GEMMs over the assignments sorted by expert: two launches forward, four backward, whatever E), which gives
     each token's k outputs unweighted; the weighted sum over k is torch's, as the router's gradient flows there.
+    That kernel has no expert biases nor GPT-OSS's clamped activation: such a layer refuses it by name
+    (GPTModel.set_kernels first).
     """
 
     def __init__(self, n_embd: int, hidden: int, n_experts: int, top_k: int, norm_topk: bool = True,
-                 dropout: float = 0.0, activation: str = "silu", shared_hidden: int = 0):
+                 dropout: float = 0.0, activation: str = "silu", shared_hidden: int = 0, bias: bool = False,
+                 limit: float = 7.0, alpha: float = 1.702):
         super().__init__()
-        assert activation in GATES, f"activation must be one of {', '.join(GATES)}"
+        assert activation in (*GATES, "gpt_oss"), f"activation must be one of {', '.join(GATES)}, gpt_oss"
         assert 1 <= top_k <= n_experts, "top_k must be in [1, n_experts]"
         self.activation, self.n_experts, self.top_k, self.norm_topk = activation, n_experts, top_k, norm_topk
-        self.router = nn.Linear(n_embd, n_experts, bias=False)
+        self.limit, self.alpha = limit, alpha
+        self.router = nn.Linear(n_embd, n_experts, bias=bias)
         self.w_gate = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
         self.w_up = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
         self.w_down = nn.Parameter(torch.empty(n_experts, n_embd, hidden))
         for w in (self.w_gate, self.w_up, self.w_down):  # GPTModel scales w_down's std by depth, as Linear's
             nn.init.normal_(w, mean=0.0, std=0.02)
+        # GPT-OSS's expert biases (zeros at init, as transformers' GptOssExperts); None: no biases (the others)
+        self.b_gate = nn.Parameter(torch.zeros(n_experts, hidden)) if bias else None
+        self.b_up = nn.Parameter(torch.zeros(n_experts, hidden)) if bias else None
+        self.b_down = nn.Parameter(torch.zeros(n_experts, n_embd)) if bias else None
         # (its own dropout 0: the module's dropout is applied once, to the sum)
         self.shared_expert = SwiGLUFeedForward(n_embd, shared_hidden, 0.0, False, activation) if shared_hidden else None
         self.shared_gate = nn.Linear(n_embd, 1, bias=False) if shared_hidden else None
@@ -342,6 +356,9 @@ class MoEFeedForward(nn.Module):
         if self.use_triton:
             from tritongpt.kernels.moe import moe_mlp
 
+            if self.b_gate is not None or self.activation == "gpt_oss":  # never computed without them
+                raise UserError(GPT_OSS_TRITON_REFUSAL)
+
             # y [N, k, C] unweighted; the weighted sum stays here so the router gets its gradient through it.
             # top-k's ids are in range by construction: no check (it would read a flag back from the GPU)
             y = moe_mlp(x, experts, self.w_gate, self.w_up, self.w_down, self.activation, check_experts=False)
@@ -354,12 +371,27 @@ class MoEFeedForward(nn.Module):
             token, slot = torch.where(experts == e)
             if token.numel() == 0:  # skip an idle expert (its gradient slice stays zero)
                 continue
-            xe = x[token]
-            ye = (GATES[self.activation](xe @ self.w_gate[e].t()) * (xe @ self.w_up[e].t())) @ self.w_down[e].t()
+            ye = self._expert(x[token], e)
             dtype = ye.dtype
             # in place: no [N, C] per expert
             out.index_add_(0, token, (ye * weights[token, slot, None].to(ye.dtype)).to(out.dtype))
         return self.drop(self._plus_shared(x, out.to(dtype)).view(shape))
+
+    def _expert(self, xe, e: int):
+        """Expert e's gated MLP on its tokens' rows xe, textbook: act(g) * u, or GPT-OSS's clamped SwiGLU, with
+        the biases when the layer has them."""
+        g, u = xe @ self.w_gate[e].t(), xe @ self.w_up[e].t()
+        if self.b_gate is not None:
+            g, u = g + self.b_gate[e], u + self.b_up[e]
+        if self.activation == "gpt_oss":
+            # transformers' GptOssExperts._apply_gate: the gate clamped above only, the up both ways, and the
+            # up's + 1 (its residual-like offset), alpha the sigmoid's gain
+            g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+            a = (u + 1) * (g * torch.sigmoid(self.alpha * g))
+        else:
+            a = GATES[self.activation](g) * u
+        y = a @ self.w_down[e].t()
+        return y + self.b_down[e] if self.b_down is not None else y
 
     def _plus_shared(self, x, out):
         """The routed sum out [N, C] plus the shared expert's output gated by sigmoid(shared_gate(x)), when there
@@ -367,6 +399,11 @@ class MoEFeedForward(nn.Module):
         if self.shared_expert is None:
             return out
         return out + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
+
+
+GPT_OSS_TRITON_REFUSAL = ("the Triton MoE kernel (kernels/moe.py) computes bias-free SwiGLU or GeGLU experts, and "
+                          "this model's are GPT-OSS's (moe_bias: expert and router biases; moe_activation 'gpt_oss': "
+                          "the clamped SwiGLU): leave 'mlp' out of the kernels")
 
 
 def load_balancing_loss(router_logits, top_k: int, mask=None):
@@ -880,8 +917,10 @@ class TransformerBlock(nn.Module):
         self.post_att_norm = make_norm(cfg) if cfg.post_norms else None
         self.post_ff_norm = make_norm(cfg) if cfg.post_norms else None
         if cfg.n_experts:
+            act = "gpt_oss" if cfg.moe_activation == "gpt_oss" else "gelu" if cfg.mlp == "geglu" else "silu"
             self.ff = MoEFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.n_experts, cfg.experts_per_token, cfg.moe_norm_topk,
-                                     cfg.dropout, "gelu" if cfg.mlp == "geglu" else "silu", cfg.moe_shared_hidden)
+                                     cfg.dropout, act, cfg.moe_shared_hidden, cfg.moe_bias, cfg.swiglu_limit,
+                                     cfg.swiglu_alpha)
         elif cfg.mlp in ("swiglu", "geglu"):
             self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias,
                                         "gelu" if cfg.mlp == "geglu" else "silu")

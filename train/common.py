@@ -186,6 +186,8 @@ def param_groups(model: nn.Module, weight_decay: float):
     for module in model.modules():
         if isinstance(module, nn.Embedding) or type(module).__name__ in ("LayerNorm", "RMSNorm", "PerHeadNorm"):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+        if type(module).__name__ == "MoEFeedForward":  # GPT-OSS's expert biases are [E, H]: biases, though 2-d
+            no_decay_ids.update(id(b) for b in (module.b_gate, module.b_up, module.b_down) if b is not None)
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
