@@ -50,6 +50,8 @@ EXPORT_BASES = {
                     logit_softcap=30.0, attention_window=8, window_layers="0"),
     "OLMo 2": dict(LLAMA, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_width="all"),
     "Mixtral": dict(LLAMA, n_experts=4, experts_per_token=2),
+    "GPT-OSS": dict(LLAMA, n_experts=4, experts_per_token=2, bias=True, attention_sinks=True, moe_bias=True,
+                    moe_activation="gpt_oss", swiglu_limit=2.0, attention_window=8, window_layers="0"),
     "BLOOM": dict(position_encoding="alibi", embed_norm=True),
     "MPT": dict(position_encoding="alibi", bias=False, norm_bias=False, gelu_approximate="none"),
     "Falcon-RW": dict(position_encoding="alibi", alibi_scaled=True, gelu_approximate="none"),
@@ -73,7 +75,8 @@ VARIANTS = dict(
     scale_embeddings=[True, False], post_norms=[True, False], pre_norms=[False, True], qk_norm_width=["all", "head", "each"],
     parallel_residual=[True, False], gelu_approximate=["none", "tanh"], shared_norm=[True, False],
     head_bias=[True, False], n_experts=[4, 0], experts_per_token=[1, 3], moe_norm_topk=[False, True],
-    moe_aux_loss=[0.01], attention_sinks=[True])
+    moe_aux_loss=[0.01], attention_sinks=[True, False], moe_bias=[True, False], moe_activation=["gpt_oss", "glu"],
+    swiglu_limit=[3.0], swiglu_alpha=[1.5])
 
 
 def perturbed(model):
@@ -155,7 +158,8 @@ def loader_bases():
         "gemma2": (t.Gemma2Config, dict(sliding_window=8)), "gemma3_text": (t.Gemma3TextConfig, dict(sliding_window=8)),
         "olmo2": (t.Olmo2Config, {}), "smollm3": (t.SmolLM3Config, {}), "mixtral": (t.MixtralConfig, {}),
         "qwen3_moe": (t.Qwen3MoeConfig, dict(decoder_sparse_step=1, mlp_only_layers=[])),
-        "olmoe": (t.OlmoeConfig, {}), "bloom": (t.BloomConfig, {}),
+        "olmoe": (t.OlmoeConfig, {}), "gpt_oss": (t.GptOssConfig, dict(sliding_window=8, head_dim=8)),
+        "bloom": (t.BloomConfig, {}),
         "mpt": (t.MptConfig, dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64)),
         "cohere": (t.CohereConfig, {}), "cohere2": (t.Cohere2Config, dict(sliding_window=8, num_hidden_layers=4)),
     }

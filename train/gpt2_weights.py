@@ -515,6 +515,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         from tritongpt.train.falcon_weights import is_falcon_file, load_falcon_safetensors
         from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
+        from tritongpt.train.gpt_oss_weights import is_gpt_oss_file, load_gpt_oss_safetensors
         from tritongpt.train.gptj_weights import is_gptj_file, load_gptj_safetensors
         from tritongpt.train.granite_weights import is_granite_file, load_granite_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
@@ -552,6 +553,8 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
             return load_phi_safetensors(path)
         if is_stablelm_file(path):
             return load_stablelm_safetensors(path)
+        if is_gpt_oss_file(path):  # before the other MoE families: its tensors have their layers' names
+            return load_gpt_oss_safetensors(path)
         if is_moe_file(path):
             return load_moe_safetensors(path)
         if is_llama_file(path):

@@ -207,7 +207,10 @@ def refuse_not_granite(model: GPTModel, what: str) -> None:
     cfg = model.config
     family = family_name(cfg)
     refuse_norm_touches(cfg, family, what, logit_scale=True, mup=True)
-    for differs, why in ((cfg.n_experts and cfg.bias, f"has biases, where {family}'s are none (its experts have "
+    for differs, why in ((cfg.n_experts and (cfg.moe_bias or cfg.moe_activation != "glu"), "has GPT-OSS's experts "
+                          f"(moe_bias {cfg.moe_bias}, moe_activation {cfg.moe_activation!r}), where {family}'s are "
+                          "bias-free SwiGLUs: a GPT-OSS folder takes them"),
+                         (cfg.n_experts and cfg.bias, f"has biases, where {family}'s are none (its experts have "
                           "none)"),
                          (cfg.n_experts and not cfg.moe_norm_topk, "does not renormalize its top k router weights "
                           "(moe_norm_topk False), which GraniteMoe does (a softmax over the top k logits)"),

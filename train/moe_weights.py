@@ -253,7 +253,10 @@ def refuse_not_moe(model: GPTModel, what: str) -> None:
     if not cfg.n_experts:
         raise UserError(f"this model has a dense MLP (n_experts 0): it cannot be exported as {what}")
     refuse_per_head_qk(cfg, family, what)  # before the dense twin below forgets it
-    for differs, why in ((cfg.mlp != "swiglu", f"has {cfg.mlp.upper()} experts, where {family}'s are SwiGLU"),
+    for differs, why in ((cfg.moe_bias or cfg.moe_activation != "glu", f"has GPT-OSS's experts (moe_bias "
+                          f"{cfg.moe_bias}, moe_activation {cfg.moe_activation!r}), where {family}'s are bias-free "
+                          "SwiGLUs: a GPT-OSS folder takes them"),
+                         (cfg.mlp != "swiglu", f"has {cfg.mlp.upper()} experts, where {family}'s are SwiGLU"),
                          (cfg.bias, f"has biases, where {family} has none" + (" but on q, k and v" if
                                                                                family == "Qwen2-MoE" else "")),
                          (cfg.qkv_bias_only and family != "Qwen2-MoE", f"has biases on q, k and v only (Qwen2's), "

@@ -1260,8 +1260,9 @@ class TextStream:
 
 def export_target(cfg) -> tuple:
     """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches it has:
-    Granite's or GraniteMoe's (muP multipliers, or scaled logits on RMSNorm blocks), Mixtral's, Qwen3-MoE's,
-    Qwen2-MoE's or OLMoE's for a mixture of experts (n_experts), BLOOM's (ALiBi with embed_norm), MPT's
+    Granite's or GraniteMoe's (muP multipliers, or scaled logits on RMSNorm blocks), GPT-OSS's for experts with
+    biases or its clamped SwiGLU, Mixtral's, Qwen3-MoE's, Qwen2-MoE's or OLMoE's for another mixture of experts
+    (n_experts), BLOOM's (ALiBi with embed_norm), MPT's
     (ALiBi without biases), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then
     Gemma's (scaled embeddings, sandwich norms, GeGLU...), Cohere's (a SwiGLU MLP in a shared-norm parallel block
     over LayerNorms, or scaled logits; Cohere2's with local layers), StableLM's (LayerNorms with SwiGLU), Phi-3's
@@ -1272,11 +1273,13 @@ def export_target(cfg) -> tuple:
     GPT-NeoX's; else GPT-2. An ALiBi model none of them takes falls through to a family that refuses ALiBi by
     name. refuse(model, what) names what that family cannot say."""
     from tritongpt.train import bloom_weights, cohere_weights, falcon_weights, gemma_weights, gpt2_weights, \
-        gpt_neo_weights, gptj_weights, granite_weights, llama_weights, moe_weights, mpt_weights, neox_weights, \
-        olmo_weights, phi3_weights, phi_weights, stablelm_weights
+        gpt_neo_weights, gpt_oss_weights, gptj_weights, granite_weights, llama_weights, moe_weights, mpt_weights, \
+        neox_weights, olmo_weights, phi3_weights, phi_weights, stablelm_weights
 
     if granite_weights.is_granite_shaped(cfg):  # before the MoE families: GraniteMoe writes experts with multipliers
         return granite_weights.family_name(cfg), granite_weights.refuse_not_granite, granite_weights.export_granite
+    if gpt_oss_weights.is_gpt_oss_shaped(cfg):  # experts with GPT-OSS's biases or clamped SwiGLU
+        return "GPT-OSS", gpt_oss_weights.refuse_not_gpt_oss, gpt_oss_weights.export_gpt_oss
     if cfg.n_experts:  # only these write experts; each refuses the rest by name
         return moe_weights.family_name(cfg), moe_weights.refuse_not_moe, moe_weights.export_moe
     if bloom_weights.is_bloom_shaped(cfg):
