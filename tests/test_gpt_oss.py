@@ -227,12 +227,15 @@ def test_the_fields_are_checked_and_the_exports_refuse_what_their_families_lack(
         export_gpt_oss(GPTModel(_tiny(attention_sinks=False)), tmp_path / "sinkless")
 
 
-def test_the_expert_biases_are_not_weight_decayed():
-    """param_groups decays matrices, never biases: the experts' [E, H] and [E, C] biases are 2-d but biases."""
-    from tritongpt.train.common import param_groups
+def test_the_expert_biases_are_not_weight_decayed_nor_orthogonalized():
+    """param_groups decays matrices, never biases, and Muon orthogonalizes the blocks' matrices (block_matrices):
+    the experts' [E, H] and [E, C] biases are 2-d but biases, in neither."""
+    from tritongpt.train.common import block_matrices, param_groups
 
     model = GPTModel(_tiny())
     decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
     ff = model.trf_blocks[0].ff
     assert {id(ff.b_gate), id(ff.b_up), id(ff.b_down), id(ff.router.bias)} <= no_decay
     assert {id(ff.w_gate), id(ff.w_up), id(ff.w_down), id(ff.router.weight)} <= decay
+    muon = set(map(id, block_matrices(model)))
+    assert id(ff.router.weight) in muon and not {id(ff.b_gate), id(ff.b_up), id(ff.b_down)} & muon

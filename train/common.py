@@ -388,13 +388,16 @@ def block_matrices(model: nn.Module) -> list:
     """The trainable 2-D parameters of the transformer blocks (attention's q, k, v and output
     projections, the MLP's fc1 and fc2, or a gated MLP's gate, up and down; an MoE block's router):
     what Muon orthogonalizes. Not the per-head q/k norms' [heads, head_dim] weights (qk_norm_width
-    "each"): 2-D, but scales, not a matrix. An MoE block's 3-D expert stacks are expert_stacks()."""
-    from tritongpt.model.layers import PerHeadNorm, TransformerBlock
+    "each"): 2-D, but scales, not a matrix; nor GPT-OSS's expert biases ([E, H], [E, C]: a bias per expert). An
+    MoE block's 3-D expert stacks are expert_stacks()."""
+    from tritongpt.model.layers import MoEFeedForward, PerHeadNorm, TransformerBlock
 
     found = {}
     for block in model.modules():
         if isinstance(block, TransformerBlock):
             norms = {id(p) for m in block.modules() if isinstance(m, PerHeadNorm) for p in m.parameters()}
+            norms |= {id(b) for m in block.modules() if isinstance(m, MoEFeedForward)
+                      for b in (m.b_gate, m.b_up, m.b_down) if b is not None}
             found.update({id(p): p for p in block.parameters() if p.requires_grad and p.dim() == 2
                           and id(p) not in norms})
     return list(found.values())
