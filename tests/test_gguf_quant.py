@@ -17,11 +17,14 @@ V, C, F, H, KV = 64, 64, 96, 4, 2
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def write(path, qtype: str, other: dict | None = None, skew=None):
+def write(path, qtype: str, other: dict | None = None, skew=None, tok=None, vocab: int = V, seed: int = 0):
     """A 2-layer llama .gguf: every matrix qtype (other: {tensor name: its type} for some), norms F32. skew(name, x):
-    a weight changed before quantizing (the tests that need particular blocks)."""
+    a weight changed before quantizing (the tests that need particular blocks). tok: a byte-level BPE tokenizer
+    written as the file's own (the trainers encode text with it; else vocab placeholder tokens), of vocab rows.
+    seed: the weights' (another file of the same shapes)."""
     T = gguf.GGMLQuantizationType
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    V = vocab
     mat = lambda o, i: (rng.standard_normal((o, i)) * 0.3).astype(np.float32)  # noqa: E731
     norm = lambda n: (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
     t = {"token_embd.weight": mat(V, C), "output_norm.weight": norm(C), "output.weight": mat(V, C)}
@@ -36,7 +39,18 @@ def write(path, qtype: str, other: dict | None = None, skew=None):
                    ("head_count", H), ("head_count_kv", KV), ("layer_norm_rms_eps", 1e-5), ("vocab_size", V)):
         getattr(w, "add_" + add)(v)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(V)])
+    if tok is None:
+        w.add_token_list([f"t{i}" for i in range(V)])
+    else:
+        from tritongpt.train.gguf_export import tokenizer_fields
+
+        toks = tokenizer_fields(tok, V)
+        w.add_tokenizer_pre(toks["pre"])
+        w.add_token_list(toks["tokens"])
+        w.add_token_types(toks["types"])
+        w.add_token_merges(toks["merges"])
+        if toks["eos"] is not None:
+            w.add_eos_token_id(toks["eos"])
     for name, x in t.items():
         if skew is not None:
             x = skew(name, x)

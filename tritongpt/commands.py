@@ -84,10 +84,11 @@ def check_qlora(args, group_flag: str = "--group-size"):
 
 def folder_spec(args) -> dict | None:
     """hf_quant.folder_quantization's spec of a LoRA trainer's --init where it is a GPTQ, AWQ or bitsandbytes Hugging
-    Face folder whose config.json says kept quantized, else None: the load is then let keep it so (quantized_ok), and
-    folder_base decides from the model it gave. The config alone cannot say: a 4-bit folder whose groups no int4 group
-    size divides, an 8-bit GPTQ one with a layer of several groups, or a bitsandbytes 8-bit one with a linear of the
-    blocks left float, loads dequantized (its note says why), an ordinary float model."""
+    Face folder whose config.json says kept quantized (GGUF_SPEC for any .gguf file), else None: the load is then let
+    keep it so (quantized_ok), and folder_base decides from the model it gave. The config alone cannot say: a 4-bit
+    folder whose groups no int4 group size divides, an 8-bit GPTQ one with a layer of several groups, or a
+    bitsandbytes 8-bit one with a linear of the blocks left float, loads dequantized (its note says why), an ordinary
+    float model (so does a .gguf of mixed or K-quant linears)."""
     from pathlib import Path
 
     from tritongpt.train.common import NoCheckpoint, resolve_checkpoint
@@ -101,21 +102,29 @@ def folder_spec(args) -> dict | None:
         path = resolve_checkpoint(p)
     except NoCheckpoint:  # (the load says so)
         return None
+    if path.suffix == ".gguf":  # (no config: the load alone says whether its linears are kept: gguf_import)
+        return GGUF_SPEC
     if not is_hf_weights(path) or adapter_folder(path) is not None:
         return None
     return folder_quantization(path.parent / "config.json")[0]
 
 
+# A .gguf --init's "spec": the file itself says nothing before it loads (a mixed or K-quant file loads float), so
+# folder_base decides from the model, as for a folder the config calls quantized
+GGUF_SPEC = {"method": "gguf", "_where": "its blocks' linears kept in the file's own Q8_0 / Q4_0 / Q4_1 blocks"}
+
+
 def folder_base(args, model, spec: dict | None) -> str | None:
     """A LoRA trainer's --init (sft, dpo, kto, reward, rlhf: sft.load_init_base) when it is a GPTQ, AWQ or
     bitsandbytes Hugging Face folder that loaded kept quantized (train/hf_quant.py: 4-bit as int4, 8-bit symmetric
-    one-group GPTQ and bitsandbytes 8-bit as int8): its own matrices are the frozen base LoRA trains beside (QLoRA on
+    one-group GPTQ and bitsandbytes 8-bit as int8), or a .gguf file whose linears loaded kept (gguf_import._load_kept:
+    Q8_0 as int8, Q4_0 / Q4_1 as int4): its own matrices are the frozen base LoRA trains beside (QLoRA on
     a pre-quantized base, as peft does on a GPTQModel or AutoAWQ model). model: what the load gave (spec, folder_spec's,
     not None: loaded with quantized_ok), so that this says what the model is, not what the config alone suggests: a
     folder read dequantized is a float model, fully fine-tuned like any other. Returns what the run records of it
-    ("gptq int4", "awq int4", "gptq int8", "bitsandbytes int8"), None for any other --init. Refused by name: full
-    fine-tuning (no float weights to train), --quantize on top (the base is quantized already) and --vocab-multiple
-    (pad_vocab rebuilds float models only), not by the loader's general refusal."""
+    ("gptq int4", "awq int4", "gptq int8", "bitsandbytes int8", "gguf int4"), None for any other --init. Refused by
+    name: full fine-tuning (no float weights to train), --quantize on top (the base is quantized already) and
+    --vocab-multiple (pad_vocab rebuilds float models only), not by the loader's general refusal."""
     from pathlib import Path
 
     from tritongpt.train.common import resolve_checkpoint
@@ -125,7 +134,8 @@ def folder_base(args, model, spec: dict | None) -> str | None:
     if spec is None or not mode:  # a float --init, or a folder read as its dequantized float model (its note said so)
         return None
     method = spec["method"]
-    where = hf_quantization(resolve_checkpoint(Path(args.init).expanduser()).parent / "config.json")["_where"]
+    where = spec["_where"] if spec is GGUF_SPEC else \
+        hf_quantization(resolve_checkpoint(Path(args.init).expanduser()).parent / "config.json")["_where"]
     if args.quantize is not None:
         raise UserError(f"--quantize {args.quantize}: --init {args.init} is {method.upper()}-quantized already "
                         f"({where}), its matrices read as {mode}: LoRA trains on that base as it is: leave --quantize "
@@ -136,7 +146,7 @@ def folder_base(args, model, spec: dict | None) -> str | None:
                         "--lora-rank (full fine-tuning needs the float weights it was quantized from)")
     if getattr(args, "vocab_multiple", None) is not None:  # (pad_vocab rebuilds a float model's rows)
         raise UserError(f"--vocab-multiple {args.vocab_multiple}: --init {args.init} is {method.upper()}-quantized "
-                        f"({where}): its model is kept as the folder holds it, its embedding and LM head rows "
+                        f"({where}): its model is kept as --init holds it, its embedding and LM head rows "
                         "unpadded: leave --vocab-multiple out")
     return f"{method} {mode}"
 
@@ -291,15 +301,17 @@ def cmd_info(args):
         if getattr(model, "quantized_from", None):
             # a GPTQ/AWQ/bitsandbytes folder read kept quantized, or our file saved from one (its quantized_from)
             own = QUANTIZED_FROM[model.quantized_from]
-            made = (f"QLoRA: --lora-rank on its --init folder's own {own} quantization" if model.config.lora_rank
+            made = (f"QLoRA: --lora-rank on its --init {'file' if own == 'GGUF' else 'folder'}'s own {own} "
+                    "quantization" if model.config.lora_rank
                     else f"a Hugging Face {own} folder's own quantization" if model.quantized_from != "gguf" else
                     "a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, the embedding and LM head float")
         file = resolve_checkpoint(args.weights)
         state = file.parent / "state.pt"  # a run's: sft --lora-rank on a GPTQ/AWQ folder records its quantization
         own = load_state(file.parent, mmap=True).get("args", {}).get("init_quantized") \
             if model.config.lora_rank and state.is_file() else None
-        if own:
-            made = f"QLoRA: --lora-rank on its --init folder's own {own.upper()} quantization"
+        if own:  # (a .gguf --init is a file, not a folder)
+            where = "file" if own.startswith("gguf ") else "folder"
+            made = f"QLoRA: --lora-rank on its --init {where}'s own {own.upper()} quantization"
         meta = safetensors_metadata(file) if file.suffix == ".safetensors" else {}
         if meta.get("quantized_method") == "gptq":  # (files from before the method was recorded: round-to-nearest)
             made += (f", GPTQ on {meta.get('quantized_calibration', 'its calibration text')}"
