@@ -151,3 +151,28 @@ def test_reward_trains_lora_and_a_new_head_on_a_gguf_files_backbone(tok, tmp_pat
     assert rm.quantized == "int8" and has_lora(rm.backbone)
     assert any(p.abs().sum() > 0 for n, p in rm.named_parameters() if n.endswith("lora_B"))
 
+
+def test_its_peft_adapter_goes_on_the_files_float_export_and_gives_the_runs_logits(tok, tmp_path, capsys):
+    """peft loads no .gguf base: the adapter goes on the file's float export (`export x.gguf --out BASE`), whose
+    matrices are the run's frozen blocks dequantized exactly, so it is checked equal to them (not re-quantized by
+    round-to-nearest, which is not the file's rounding: that refused the right base); the adapter read back onto that
+    base (merged) gives the run's logits; another file's export is refused by name."""
+    path = gguf_file(tmp_path, "Q4_0", tok)
+    out = tmp_path / "run"
+    assert main(sft_argv(path, out, "--max-steps", "2", "--lora-rank", "4", "--lr", "5e-2")) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "ad"), "--adapter"]) == 2
+    assert f"export it (`tritongpt export {path} --out BASE`) and pass --base BASE" in capsys.readouterr().err
+    base = tmp_path / "base"
+    assert main(["export", str(path), "--out", str(base)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "ad"), "--adapter", "--base", str(base)]) == 0
+    assert "its --init file's own GGUF INT4 blocks; the adapter goes on their float model" in capsys.readouterr().err
+    idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(load_checkpoint(tmp_path / "ad").eval()(idx), load_checkpoint(out, quantized_ok=True).eval()(idx)) \
+            < 1e-5
+    other = tmp_path / "other"
+    assert main(["export", str(gguf_file(tmp_path, "Q4_0", tok, seed=1, name="other.gguf")), "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "ad2"), "--adapter", "--base", str(other)]) == 2
+    assert f"--base {other} is not the model this LoRA update was trained on" in capsys.readouterr().err

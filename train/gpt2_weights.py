@@ -1245,7 +1245,8 @@ def _check_base(file: Path, frozen: GPTModel, what: str):
     and its quantized buffers compared with the run's bit for bit; every tensor the run keeps
     float (embeddings, norms, the LM head, the matrices' biases) is compared as a float run's. A base that
     loads quantized (a GPTQ or AWQ folder: the run's own --init, sft --lora-rank on it) is compared as it
-    loads, its buffers with the run's bit for bit."""
+    loads, its buffers with the run's bit for bit; a float base of a run on a .gguf file's own blocks (its export)
+    with the run's matrices dequantized, exactly."""
     from tritongpt.train import llama_weights
 
     gpt2 = peft_family(frozen) == "GPT-2"
@@ -1273,7 +1274,17 @@ def _check_base(file: Path, frozen: GPTModel, what: str):
     if base_mode and not mode:
         raise UserError(f"{what} is not the model this LoRA update was trained on: it loads {base_mode}-quantized "
                         "(a GPTQ or AWQ folder), and the run trained on float matrices")
-    if mode:
+    # a run on a .gguf file's own blocks (sft --lora-rank on it): peft cannot put an adapter on a .gguf, so its base
+    # is the file's float export, whose matrices are the run's frozen blocks dequantized exactly (gguf_import's
+    # packing is bit for bit): compared as a float run's, every matrix equal, not re-quantized (round-to-nearest of
+    # the dequantized blocks is not the file's own rounding)
+    gguf_float = mode and not base_mode and getattr(frozen, "quantized_from", None) == "gguf"
+    if gguf_float:
+        from tritongpt.model.quant import dequantize_model
+
+        matrices = set()
+        theirs, ours = hf_tensors(base), hf_tensors(dequantize_model(copy.deepcopy(frozen)))
+    elif mode:
         from tritongpt.model.quant import dequantize_model
 
         # its float tensors under Hugging Face's names (_hf_tensors reads each matrix as a weight: dequantized
@@ -1294,7 +1305,7 @@ def _check_base(file: Path, frozen: GPTModel, what: str):
                 f"has shape {tuple(t.shape)}, not {tuple(ours[key].shape)}" if t.shape != ours[key].shape
                 else f"differs by up to {(t.double() - ours[key].double()).abs().max().item():.3g}")
             raise UserError(f"{what} is not the model this LoRA update was trained on: its {key} {how}")
-    if mode:
+    if mode and not gguf_float:
         hf_module = {ours: theirs for theirs, names in HF_LINEARS.items() for ours in names} if gpt2 else \
             dict(llama_weights._LAYER)
         layers = "transformer.h" if gpt2 else "model.layers"

@@ -1634,7 +1634,11 @@ def cmd_export(args):
               f"peft.PeftModel.from_pretrained({hf_class}.from_pretrained({base!r}), {str(out)!r})")
         own = load_state(source.parent, mmap=True).get("args", {}).get("init_quantized") \
             if (source.parent / "state.pt").is_file() else None
-        if own:  # (sft --lora-rank on a GPTQ/AWQ folder: commands.folder_base; the base is that folder)
+        if own and own.startswith("gguf "):  # (peft loads no .gguf: the base is the file's float export)
+            note(f"the run trained this update on its --init file's own {own.upper()} blocks; the adapter goes on "
+                 f"their float model {base} (the file's export, its matrices those blocks dequantized exactly, "
+                 "checked): the run's model")
+        elif own:  # (sft --lora-rank on a GPTQ/AWQ folder: commands.folder_base; the base is that folder)
             note(f"the run trained this update on its base folder's own {own.upper()} matrices; peft puts the adapter "
                  f"on that folder as transformers loads it (its {own.split()[0].upper()} Linears: the run's frozen "
                  "matrices)")
