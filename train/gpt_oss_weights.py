@@ -11,10 +11,14 @@ have not:
   gate_up_proj [E, C, 2H] (C first: the product is x @ W, not Mixtral's W x) whose columns INTERLEAVE gate and up
   (gate the even ones, up the odd), gate_up_proj_bias [E, 2H] likewise, down_proj [E, H, C] and down_proj_bias
   [E, C]; ours are w_gate, w_up [E, H, C], w_down [E, C, H] and b_gate, b_up, b_down.
-Float weights only: the Hub's own folders hold the experts in MXFP4 (quantization_config quant_method "mxfp4",
-gate_up_proj_blocks / _scales), refused by name (not read yet); the BF16 copies (and transformers' save_pretrained)
-are read. router_aux_loss_coef is read as 0, as the other MoE families (transformers adds it only with
-output_router_logits, false in the Hub's folders), and written as GPTConfig.moe_aux_loss.
+The Hub's own folders hold the experts in MXFP4 (quantization_config quant_method "mxfp4": gate_up_proj_blocks
+uint8 [E, 2H, C / 32, 16] and gate_up_proj_scales, down_proj_blocks / _scales; attention, router, embeddings and head
+float, its modules_to_not_convert): read as the float model of their dequantized experts (hf_quant.mxfp4_experts:
+bfloat16, which holds every MXFP4 value exactly, in transformers' [E, C, 2H] layout, then split as a float folder's
+are), said on stderr; there is no MXFP4 kernel here. Any other quantization is refused by name; the BF16 copies
+(and transformers' save_pretrained) are read as they are. router_aux_loss_coef is read as 0, as the other MoE
+families (transformers adds it only with output_router_logits, false in the Hub's folders), and written as
+GPTConfig.moe_aux_loss.
 """
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, hf_quantization,
                                           model_with_tensors, refuse_quantized, tensor_names, weights_file,
                                           write_hf_folder)
+from tritongpt.train.hf_quant import folder_dequantized, folder_quantization
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, shape_fields
 
 _ATT = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
@@ -47,9 +52,12 @@ def _experts(sd: dict, i: int, path) -> tuple:
     """Layer i's (w_gate, w_up [E, H, C], w_down [E, C, H], b_gate, b_up [E, H], b_down [E, C]) from transformers'
     merged tensors: gate_up_proj [E, C, 2H] with gate and up interleaved (columns 0, 2, 4... and 1, 3, 5...)."""
     p = _EXPERTS.format(i)
-    if p + "gate_up_proj_blocks" in sd:  # a folder whose config.json lost its quantization_config
-        raise UserError(f"{path}: {p}gate_up_proj_blocks is GPT-OSS's MXFP4 form of the experts, which is not read "
-                        "yet: load a BF16 copy")
+    if p + "gate_up_proj_blocks" in sd or p + "down_proj_blocks" in sd:
+        # (an MXFP4 folder's are dequantized before this: these are in a folder whose config.json lost its
+        # quantization_config, which alone says how they are read)
+        raise UserError(f"{path}: {p}gate_up_proj_blocks / down_proj_blocks are GPT-OSS's MXFP4 form of the experts, "
+                        "but config.json has no quantization_config (quant_method 'mxfp4') saying so: restore it "
+                        "from the model's Hub folder")
     gate_up, bias = sd[p + "gate_up_proj"], sd[p + "gate_up_proj_bias"]
     down, down_bias = sd[p + "down_proj"], sd[p + "down_proj_bias"]
     if gate_up.dim() != 3 or gate_up.shape[2] % 2 or bias.shape != (gate_up.shape[0], gate_up.shape[2]):
@@ -151,13 +159,18 @@ def load_gpt_oss_safetensors(path) -> GPTModel:
     if not cfg_json.is_file():
         raise UserError(f"{path} looks like a GPT-OSS model, whose heads, experts per token, window layers and RoPE "
                         "scaling are in its config.json: put that file beside it")
+    # the Hub's MXFP4 folders: the experts dequantized to float (hf_quant.py), the model then read as a float
+    # folder's; any other quantization refused by name
+    dequant = None
     if (q := hf_quantization(cfg_json)) is not None:
-        if q.get("quant_method") == "mxfp4":
-            raise UserError(f"{q['_where']}: quant_method 'mxfp4' (GPT-OSS's experts as 4-bit MXFP4 blocks and "
-                            "scales) is not read yet: load a BF16 copy of the model (its experts' gate_up_proj and "
-                            "down_proj float)")
-        refuse_quantized(q, "GPT-OSS is read from float weights only")
-    sd = _read_tensors(path, prefix="model.")
+        if q.get("quant_method") != "mxfp4":
+            refuse_quantized(q, "GPT-OSS is read from float weights or its MXFP4 experts only")
+        dequant = folder_quantization(cfg_json)[1]  # (mxfp4_spec: a model_type other than gpt_oss refused)
+    sd = _read_tensors(path, prefix="model.", quantization_read=dequant is not None)
+    if dequant is not None:
+        # each layer's experts' *_blocks / _scales -> gate_up_proj [E, C, 2H] and down_proj [E, H, C] bfloat16,
+        # the layout of a float folder's, which _experts splits as it does those
+        sd = folder_dequantized(sd, dequant, path, prefix="model.")
     cfg = _check_hf_config(cfg_json, sd)
     return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, path), path)
 
