@@ -347,3 +347,16 @@ def test_each_pre_tokenizer_name_is_its_own_split(tmp_path, monkeypatch):
                     m.setitem(gguf_import.PRE_PATTERNS, pre, pattern)
                     ours = gguf_import.gguf_tokenizer(tmp_path / pre / "m.gguf")
                 assert [ours.encode(text) for text in SPLITS] != ids[pre], (pre, other)
+
+
+@pytest.mark.parametrize("arch, eps", [("gpt2", 1e-5), ("llama", 1e-6)])
+def test_norm_eps_read_back_as_written(arch, eps, tok, tmp_path):
+    """GGUF keeps eps as a float32 (1e-05 is 9.99999974738e-06 there): read back as the decimal written, so that a
+    GPT-2 read from a .gguf exports again (its eps checked against Hugging Face's 1e-05 exactly)."""
+    from tritongpt.train.gguf_export import write_gguf
+    from tritongpt.train.gguf_import import load_gguf
+
+    path = write_gguf(random_model(dict(ARCHS[arch], norm_eps=eps), 288), tmp_path / "m.gguf", tok, "f32")
+    back = load_gguf(path)
+    assert back.config.norm_eps == eps
+    write_gguf(back, tmp_path / "again.gguf", tok, "f32")  # (a GPT-2's eps is checked: no refusal)

@@ -62,6 +62,12 @@ def _positive(reader, key, path, default=...) -> int:
     return int(v)
 
 
+def _decimal(v) -> float:
+    """A float32 key's value as the shortest decimal float32 rounds to it: the eps a writer meant (1e-05, not
+    float32's 9.99999974738e-06), which the Hugging Face export checks GPT-2's against exactly."""
+    return float(str(np.float32(v)))
+
+
 def gguf_config(reader, path) -> tuple:
     """(arch, GPTConfig) from the file's metadata; the vocabulary is token_embd's rows. What this model cannot
     compute is refused by name: another architecture, rescaled RoPE, partial rotary."""
@@ -86,7 +92,7 @@ def gguf_config(reader, path) -> tuple:
         if fields["mlp_hidden"] != 4 * fields["n_embd"]:
             raise UserError(f"{path}: {k('feed_forward_length')} is {fields['mlp_hidden']}, not 4 x "
                             f"{k('embedding_length')} ({4 * fields['n_embd']}), the only GPT-2 MLP this model has")
-        fields.update(mlp_hidden=0, norm_eps=float(_field(reader, k("attention.layer_norm_epsilon"), path, 1e-5)),
+        fields.update(mlp_hidden=0, norm_eps=_decimal(_field(reader, k("attention.layer_norm_epsilon"), path, 1e-5)),
                       tie_weights="output.weight" not in tensors)
         return arch, GPTConfig(**fields)
     scaling = _field(reader, k("rope.scaling.type"), path, "none")
@@ -108,7 +114,7 @@ def gguf_config(reader, path) -> tuple:
                   n_kv_head=_positive(reader, k("attention.head_count_kv"), path, fields["n_head"]),
                   attention_head_dim=head_dim if head_dim * fields["n_head"] != fields["n_embd"] else 0,
                   rope_theta=float(_field(reader, k("rope.freq_base"), path, 10000.0)),
-                  norm_eps=float(_field(reader, k("attention.layer_norm_rms_epsilon"), path, 1e-5)),
+                  norm_eps=_decimal(_field(reader, k("attention.layer_norm_rms_epsilon"), path, 1e-5)),
                   qkv_bias_only=arch == "qwen2", tie_weights="output.weight" not in tensors,
                   qk_norm=arch == "qwen3")  # (its per-head q/k RMSNorms: attn_q_norm, attn_k_norm)
     try:
