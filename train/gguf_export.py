@@ -14,16 +14,35 @@ as it reads that script's:
 - Qwen3 ("qwen3"): as Qwen2 without the biases, with each head's q and k RMSNorm weights (attn_q_norm and
   attn_k_norm, [head_dim]), heads possibly of their own width (key_length, value_length).
 
+Tensor types (--gguf-type): F32, F16, BF16, or ggml's blocks of 32 inputs that the gguf package quantizes in
+Python: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the K-quants it only dequantizes: not written). Which tensors take the type
+follows llama.cpp: norms, biases (1-D) and GPT-2's position embeddings stay F32 (llama-quant.cpp quantizes 2-D
+tensors only, and never position_embd); a matrix whose rows are not whole blocks of 32 goes as F16, as
+convert_hf_to_gguf.py does for Q8_0 (llama-quantize refuses it outright for Q4_0..Q5_1). For Q4_0..Q5_1 the LM head
+(output, or token_embd where it is tied and so is the head) goes as Q8_0: llama-quant.cpp's default mixes write it
+in Q6_K, a K-quant gguf cannot quantize here, so the next type up that it can; an untied token_embd takes the asked
+type, as there.
+
+An already quantized model (Int8Linear / Int4Linear with groups of 32 and fp16 scales, as gguf_import.py keeps a
+Q8_0 / Q4_0 / Q4_1 file) is written to the matching type by copying its levels and scales into ggml's blocks
+(_exact_blocks): no second rounding, so .gguf -> kept model -> .gguf gives the same bytes. Where its groups are not
+the type's (`tritongpt quantize`'s per-row int8, int4 at another group size or act-order, scales no fp16 holds as
+its fp32 range / 15 are; asymmetric int4 as Q4_0) the matrix is dequantized and quantized again, with a note.
+
 A model these cannot hold is refused by name before anything is written."""
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from tritongpt.errors import UserError, note
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# ggml's block types of 32 inputs a block that gguf.quants can quantize (its K-quants it can only dequantize)
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_BLOCK = 32
 INSTALL = 'pip install -e ".[gguf]"'
 # llama.cpp's name for the pre-tokenizer regex a byte-level BPE vocabulary was learned over (its
 # tokenizer.ggml.pre): the regex itself is not in the file, llama.cpp and transformers pick it by this name
@@ -112,42 +131,95 @@ GPT2_QKV = ("att.W_query", "att.W_key", "att.W_value")
 QKV = {"att.W_query": "attn_q", "att.W_key": "attn_k", "att.W_value": "attn_v"}  # qwen2's biases: on these only
 
 
+class Coded(NamedTuple):
+    """A quantized layer's matrix as gguf_tensors hands it on: dense, its fp32 value [N, K] (what it computes); and
+    where its groups are ggml's blocks (32 consecutive inputs of a row, no act-order gather), its levels q (int16 [N,
+    K]: Int8Linear's -127..127, Int4Linear's 0..15), scale [N, K / 32] and offset (int4's, else None), fp32, for
+    _exact_blocks to copy. Rows are moved (permute_qk), cut ([:V]) and joined (GPT-2's attn_qkv) in every part
+    alike: _rowwise."""
+    bits: int
+    dense: torch.Tensor
+    q: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+
+def _rowwise(fn, *xs):
+    """fn applied to float matrices, or to each part of Coded ones (fn takes one tensor of each x)."""
+    if not isinstance(xs[0], Coded):
+        return fn(*xs)
+    parts = [fn(*p) if p[0] is not None else None for p in zip(*(x[1:] for x in xs))]
+    return Coded(xs[0].bits, *parts)
+
+
+def _coded(m) -> Coded:
+    """A QuantLinear (model/quant.py) as Coded, on the CPU."""
+    from tritongpt.model.quant import Int4Linear, unpack_int4
+
+    if m.lora is not None:  # its matrix is W + scale B A, which no copy of W's levels holds
+        raise UserError("the model has QLoRA updates on its quantized layers: merge them first (export does: "
+                        "tritongpt.model.lora.merge_lora), then write the GGUF file")
+    dense = m.dequantize().detach().to("cpu", torch.float32)
+    int4 = isinstance(m, Int4Linear)
+    if m.group_size != GGUF_BLOCK or (int4 and m.in_perm is not None):
+        return Coded(4 if int4 else 8, dense)
+    q = (unpack_int4(m.qweight) if int4 else m.qweight).to("cpu", torch.int16)
+    return Coded(4 if int4 else 8, dense, q, m.scale.detach().to("cpu", torch.float32),
+                 m.offset.detach().to("cpu", torch.float32) if int4 else None)
+
+
 def gguf_tensors(model, arch: str) -> dict:
-    """{GGUF name: float32 tensor [out, in]} as convert_hf_to_gguf.py names and lays them out; the vocabulary's
-    padding rows (vocab_multiple) dropped, a tied head not written (llama.cpp reuses token_embd)."""
+    """{GGUF name: float32 tensor [out, in], or Coded for a quantized layer's} as convert_hf_to_gguf.py names and
+    lays them out; the vocabulary's padding rows (vocab_multiple) dropped, a tied head not written (llama.cpp reuses
+    token_embd)."""
+    from tritongpt.model.quant import QuantLinear
+
     cfg = model.config
-    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items() if v.is_floating_point()}
+    quant = {n: _coded(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+    def weight(name):  # a module's matrix: float, or Coded where the module is quantized
+        return quant[name] if name in quant else sd[name + ".weight"]
+
     V = cfg.vocab_size
     top = dict(GGUF_TOP)
     t = {top["tok_emb"] + ".weight": sd["tok_emb.weight"][:V], top["final_norm"] + ".weight": sd["final_norm.weight"]}
     if not cfg.tie_weights:
-        t[top["out_head"] + ".weight"] = sd["out_head.weight"][:V]
+        t[top["out_head"] + ".weight"] = _rowwise(lambda x: x[:V], weight("out_head"))
     for i in range(cfg.n_layer):
         b, g = f"trf_blocks.{i}.", f"blk.{i}."
         if arch == "gpt2":
             C = cfg.n_embd
             qkv = [b + n for n in GPT2_QKV]
-            t[g + "attn_qkv.weight"] = torch.cat([sd[n + ".weight"] for n in qkv])
+            parts = [weight(n) for n in qkv]
+            forms = {(x.bits, x.q is None) if isinstance(x, Coded) else None for x in parts}
+            if len(forms) > 1:  # (one fused tensor holds one form: q, k and v quantized alike, or all float)
+                parts = [x.dense if isinstance(x, Coded) else x for x in parts]
+            t[g + "attn_qkv.weight"] = _rowwise(lambda *xs: torch.cat(xs), *parts)
             # GPT-2 has all its biases: a model without them (qkv_bias False) has zero ones, the same function
             t[g + "attn_qkv.bias"] = torch.cat([sd.get(n + ".bias", torch.zeros(C)) for n in qkv])
             for ours, theirs in GGUF_LAYER[arch]:
-                w = sd[b + ours + ".weight"]
+                w = weight(b + ours)
                 t[g + theirs + ".weight"] = w
-                t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(w.shape[0]))
+                t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(_rows(w)))
             continue
         for ours, theirs in GGUF_LAYER[arch]:
-            t[g + theirs + ".weight"] = sd[b + ours + ".weight"]
+            t[g + theirs + ".weight"] = weight(b + ours)
         if arch == "llama":
             for theirs, heads in (("attn_q", cfg.n_head), ("attn_k", cfg.kv_heads)):
-                t[g + theirs + ".weight"] = permute_qk(t[g + theirs + ".weight"], heads)
+                t[g + theirs + ".weight"] = _rowwise(lambda x: permute_qk(x, heads), t[g + theirs + ".weight"])
         if arch == "qwen2":  # q/k/v biases (zero where the model has none: qwen2's are always there)
             for ours, theirs in QKV.items():
                 w = t[g + theirs + ".weight"]
-                t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(w.shape[0]))
+                t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(_rows(w)))
     if arch == "gpt2":
         t["position_embd.weight"] = sd["pos_emb.weight"]
         t["output_norm.bias"] = sd["final_norm.bias"]
     return t
+
+
+def _rows(w) -> int:
+    return (w.dense if isinstance(w, Coded) else w).shape[0]
 
 
 def _pre_name(spec: dict, where: str) -> str:
@@ -228,21 +300,83 @@ def tokenizer_fields(tok, vocab_size: int) -> dict:
             "add_bos": add_bos}
 
 
-def _as_type(gguf, name: str, data: np.ndarray, kind: str):
-    """(array, raw_dtype or None): a tensor in the export's type. Norms, biases (1-D) and GPT-2's position
-    embeddings stay F32, as convert_hf_to_gguf.py keeps them; Q8_0 takes rows of whole 32-wide blocks, and a
-    matrix whose rows are not falls back to F16 as that script does."""
+def _as_type(gguf, name: str, data, kind: str, head: bool = False, requantized: list | None = None):
+    """(array, raw_dtype or None): a tensor (float, or Coded) in the export's type. Norms, biases (1-D) and GPT-2's
+    position embeddings stay F32, as llama.cpp's tools keep them; head (the LM head: output, or a tied token_embd)
+    goes as Q8_0 where the type is Q4_0..Q5_1 (the module docstring says why); a block type takes rows of whole
+    32-wide blocks, and a matrix whose rows are not falls back to F16 as convert_hf_to_gguf.py does. A Coded
+    matrix is copied block for block where _exact_blocks can; otherwise its dense value is quantized (its name
+    appended to requantized, for the note)."""
     T = gguf.GGMLQuantizationType
+    coded = data if isinstance(data, Coded) else None
+    if coded is not None:
+        data = coded.dense.contiguous().numpy()
     if data.ndim == 1 or name == "position_embd.weight" or kind == "f32":
         return data, None
-    if kind == "q8_0":
+    if kind in BLOCK_TYPES and head:
+        kind = "q8_0"
+    if kind in BLOCK_TYPES:
+        qtype = T[kind.upper()]
+        if coded is not None:
+            blocks = _exact_blocks(coded, kind)
+            if blocks is not None:
+                return blocks, qtype
+            if requantized is not None:
+                requantized.append(name)
         try:
-            return gguf.quants.quantize(data, T.Q8_0), T.Q8_0
+            return gguf.quants.quantize(data, qtype), qtype
         except gguf.quants.QuantError:
             kind = "f16"
     if kind == "bf16":
         return gguf.quants.quantize(data, T.BF16), T.BF16
     return data.astype(np.float16), None
+
+
+def _exact_blocks(c: Coded, kind: str):
+    """c's matrix as ggml's `kind` blocks (uint8 [N, K / 32 * block bytes], as gguf.quants.quantize returns them)
+    holding exactly the matrix c computes, its levels and scales copied; None where that type cannot.
+    - q8_0 (w = d q, q int8) from int8: d the scale, q the levels.
+    - q4_0 / q5_0 (w = d (q - z), z 8 / 16) from int4 whose offset is -8 scale (the symmetric zero, gguf_import's
+      Q4_0 load): d the scale, q + z - 8; or offset -7 scale (gguf_import's flip of a negative Q4_0 d, levels 15 -
+      q'): d -scale, levels 15 - q + z - 8, the block llama.cpp wrote.
+    - q4_1 / q5_1 (w = d q + m) from int4: d the scale, m the offset (fp32 sums as ours: the same matrix).
+    Each d and m must be an fp16 (the block's fields) and the same value; a block of levels all 0 (a constant group
+    of ours: scale 1) is written with d 0 as gguf writes a constant block (Q4_0 / Q5_0: a block of zeros, d -0 and
+    levels z), so the import's blocks come back byte for byte."""
+    if c.q is None or c.bits != (8 if kind == "q8_0" else 4):
+        return None
+    N, K = c.q.shape
+    G = K // GGUF_BLOCK
+    q = c.q.view(N, G, GGUF_BLOCK)
+    scale = c.scale
+    const = (q == 0).all(dim=-1)  # a group whose levels are all 0: its scale is no part of its value
+    if kind == "q8_0":
+        d, m = torch.where(const, 0.0, scale), None
+    elif kind in ("q4_1", "q5_1"):
+        d, m = torch.where(const, 0.0, scale), c.offset
+    else:
+        z = 8 if kind == "q4_0" else 16
+        zero = const & (c.offset == 0)  # (gguf_import's load of a zero block: levels 0, scale 1, offset 0)
+        up, flip = c.offset == -8 * scale, c.offset == -7 * scale
+        if not bool((zero | up | flip).all()):
+            return None  # (an asymmetric group: no d (q - z) holds it)
+        # (a zero block's d is -0: ggml's max / -8 of a max of 0, its sign bit set in the file)
+        d = torch.where(zero, -0.0, torch.where(up, scale, -scale))
+        q = torch.where(zero[..., None], 8, torch.where(up[..., None], q, 15 - q)) + (z - 8)
+        m = None
+    for x in (d, m):
+        if x is not None and not torch.equal(x.half().float(), x):
+            return None  # (a scale or offset fp16 would round: not the same matrix)
+    fp16 = lambda x: x.half().numpy().view(np.uint8).reshape(N, G, 2)  # noqa: E731
+    # (int8 levels as their two's-complement bytes, as ggml stores them)
+    q = q.numpy().astype(np.int8).view(np.uint8) if kind == "q8_0" else q.numpy().astype(np.uint8)
+    fields = [fp16(d)] + ([] if m is None else [fp16(m)])
+    if kind != "q8_0":
+        lo, hi = q[..., :16], q[..., 16:]  # (ggml: byte j holds element j's low 4 bits, element j + 16's above)
+        if kind in ("q5_0", "q5_1"):  # their fifth bits, 32 of them in 4 bytes, element 0 the lowest
+            fields.append(np.packbits(q >> 4, axis=-1, bitorder="little"))
+        q = (lo & 15) | (hi << 4)
+    return np.ascontiguousarray(np.concatenate(fields + [q], axis=-1).reshape(N, -1))
 
 
 def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, chat_template: str | None = None,
@@ -268,8 +402,7 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(out, arch)
     w.add_name(name or out.stem)
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if kind == "f32" else gguf.LlamaFileType["MOSTLY_" + kind.upper()])
     w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.n_embd)
     w.add_block_count(cfg.n_layer)
@@ -298,12 +431,19 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
     w.add_add_bos_token(toks["add_bos"])
     if chat_template:
         w.add_chat_template(chat_template)
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    requantized = []
     for tname, t in tensors.items():
-        data, raw = _as_type(gguf, tname, t.contiguous().numpy(), kind)
+        data, raw = _as_type(gguf, tname, t if isinstance(t, Coded) else t.contiguous().numpy(), kind,
+                             tname == head, requantized)
         if raw is None:
             w.add_tensor(tname, data)
         else:
             w.add_tensor(tname, data, raw_dtype=raw)
+    if requantized:
+        some = ", ".join(requantized[:3]) + (", ..." if len(requantized) > 3 else "")
+        note(f"{len(requantized)} quantized matrices ({some}) do not fit their {kind.upper()} file's blocks exactly "
+             "(other groups or levels, scales no fp16 holds): dequantized and quantized again, rounded twice")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

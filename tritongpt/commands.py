@@ -1677,7 +1677,8 @@ def export_gguf(args):
     from tritongpt.train.chat import run_template
     from tritongpt.train.common import resolve_checkpoint
     from tritongpt.train.formats import hf_chat_template
-    from tritongpt.train.gguf_export import import_gguf, write_gguf
+    from tritongpt.model.lora import has_lora
+    from tritongpt.train.gguf_export import BLOCK_TYPES, import_gguf, write_gguf
     from tritongpt.train.gpt2_weights import load_checkpoint
     from tritongpt.train.reward import is_reward_checkpoint
     from tritongpt.train.sft import pick_tokenizer
@@ -1697,9 +1698,12 @@ def export_gguf(args):
     if is_reward_checkpoint(source):
         raise UserError(f"{source} is a reward model, whose scalar head a GGUF causal LM cannot hold: export it as "
                         "a Hugging Face folder (without --format gguf)")
-    model = load_checkpoint(source, quantized_ok=is_qlora_checkpoint(source))
-    if getattr(model, "quantized", None):  # QLoRA's: the float model it computes, W dequantized + scale B A
-        from tritongpt.model.lora import merge_lora
+    kind = args.gguf_type or "f16"
+    # a quantized model (a `quantize` output, a .gguf kept quantized) loads as it is for a block type: its levels
+    # and scales go into the file's blocks as they are (write_gguf), not rounded a second time
+    model = load_checkpoint(source, quantized_ok=is_qlora_checkpoint(source) or kind in BLOCK_TYPES)
+    if getattr(model, "quantized", None) and (has_lora(model) or kind not in BLOCK_TYPES):
+        from tritongpt.model.lora import merge_lora  # QLoRA's: the float model it computes, W dequantized + scale B A
 
         merge_lora(model)
     cfg = model.config
@@ -1708,7 +1712,6 @@ def export_gguf(args):
     tok = pick_tokenizer(args.tokenizer, args.checkpoint, cfg.vocab_size)
     chat = run_template(args.checkpoint) == "chat"
     template = getattr(tok, "chat_template", None) or (hf_chat_template(tok) if chat else None)
-    kind = args.gguf_type or "f16"
     path = write_gguf(model, out, tok, kind, family=family, chat_template=template)
     print(f"wrote {path} ({kind.upper()}): {family} with {cfg.n_layer} layers, {cfg.n_head} heads, width "
           f"{cfg.n_embd}, vocabulary {cfg.vocab_size}, context {cfg.context_length}")
@@ -2010,8 +2013,12 @@ def add_cli(sub):
                    help="hf: a Hugging Face folder (default); gguf: one .gguf file (--out NAME.gguf) for llama.cpp, "
                         "Ollama and LM Studio, a GPT-2, Llama, Mistral or Qwen2 with its tokenizer "
                         '(pip install -e ".[gguf]")')
-    p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None,
-                   help="--format gguf's matrices: f32, f16 (default), bf16 or q8_0 (8-bit blocks of 32 with an f16 "
-                        "scale); norms and biases stay f32")
+    # (gguf_export.GGUF_TYPES: not imported here, the parser is built before any command runs)
+    p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
+                   default=None,
+                   help="--format gguf's matrices: f32, f16 (default), bf16, or ggml's blocks of 32 with an f16 "
+                        "scale: q8_0 (8-bit), q4_0, q4_1, q5_0, q5_1 (4 / 5-bit; _1 with an f16 minimum too; the LM "
+                        "head q8_0); norms and biases stay f32. An int8 / int4 model of groups of 32 with fp16 "
+                        "scales (a .gguf file kept quantized) is copied into the blocks unrounded")
     p.add_argument("--overwrite", action="store_true", help="replace those files if --out holds them")
     p.set_defaults(func=cmd_export)
