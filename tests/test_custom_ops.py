@@ -83,9 +83,17 @@ def _moe_args(device, gen):
     experts = torch.stack([torch.randperm(2, generator=gen) for _ in range(9)]).to(device)
     y, g, u, order, offsets = ops.moe_mlp_fwd(x, experts, wg, wu, wd)
     saved = (experts, g, u, order, offsets, wg, wu, wd)
+    # GPT-OSS's experts: the biases (optional tensors), the clamped SwiGLU and its limit and alpha (float arguments)
+    biases = tuple(_randn(*shape, device=device, gen=gen) for shape in ((3, 20), (3, 20), (3, 12)))
+    oss = ("gpt_oss", *biases, 0.5, 1.702)
+    _, g2, u2, _, _ = ops.moe_mlp_fwd(x, experts, wg, wu, wd, *oss)
     return {"moe_mlp_fwd": (x, experts, wg, wu, wd), "moe_mlp_fwd int32 gelu": (x, experts.int(), wg, wu, wd, "gelu"),
             "moe_mlp_bwd": (torch.randn_like(y), x, *saved, [True] * 4),
-            "moe_mlp_bwd frozen w_up": (torch.randn_like(y), x, *saved, [True, True, False, True], "gelu")}
+            "moe_mlp_bwd frozen w_up": (torch.randn_like(y), x, *saved, [True, True, False, True], "gelu"),
+            "moe_mlp_fwd gpt_oss": (x, experts, wg, wu, wd, *oss),
+            "moe_mlp_bwd gpt_oss": (torch.randn_like(y), x, experts, g2, u2, *saved[3:], [True, True, False, True,
+                                                                                     True, False, True],
+                                    "gpt_oss", 0.5, 1.702)}
 
 
 def _cross_entropy_args(device, gen):
@@ -252,7 +260,8 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                                       "swiglu_mlp_bwd", "swiglu_mlp_fwd gelu",
                                                       "swiglu_mlp_bwd gelu")),
                                           ("moe", ("moe_mlp_fwd", "moe_mlp_fwd int32 gelu", "moe_mlp_bwd",
-                                                   "moe_mlp_bwd frozen w_up")),
+                                                   "moe_mlp_bwd frozen w_up", "moe_mlp_fwd gpt_oss",
+                                                   "moe_mlp_bwd gpt_oss")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
                                                              "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",

@@ -1,5 +1,6 @@
 """The grouped-GEMM mixture-of-experts kernel (kernels/moe.py) against a float64 loop over experts:
-y and every gradient, an idle expert, one expert with every token, GeGLU, frozen weights, the refusals.
+y and every gradient, an idle expert, one expert with every token, GeGLU, GPT-OSS's experts (biases and the
+clamped SwiGLU), frozen weights, the refusals.
 The module through both paths is tests/test_moe.py's; the ops' opcheck is tests/test_custom_ops.py's.
 
 Sizes are odd on purpose (37 tokens, 5 experts, C 72, H 40): under the interpreter the tiles are 32
@@ -23,14 +24,23 @@ ACTS = {"silu": lambda g: g * torch.sigmoid(g),
         "gelu": lambda g: 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))}
 
 
-def ref_moe(x, experts, wg, wu, wd, activation="silu"):
-    """y [N, k, C] written out expert by expert (run on float64 leaves)."""
+def ref_moe(x, experts, wg, wu, wd, activation="silu", bg=None, bu=None, bd=None, limit=7.0, alpha=1.702):
+    """y [N, k, C] written out expert by expert (run on float64 leaves); with biases and activation "gpt_oss" as
+    MoEFeedForward._expert (transformers' GptOssExperts), whose autograd gives the clamp's gradient."""
     y = x.new_zeros(*experts.shape, wd.shape[1])
     for e in range(wg.shape[0]):
         token, slot = torch.where(experts == e)
         xe = x[token]
-        ye = (ACTS[activation](xe @ wg[e].t()) * (xe @ wu[e].t())) @ wd[e].t()
-        y = y.index_put((token, slot), ye)
+        g, u = xe @ wg[e].t(), xe @ wu[e].t()
+        if bg is not None:
+            g, u = g + bg[e], u + bu[e]
+        if activation == "gpt_oss":
+            g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+            a = (u + 1) * (g * torch.sigmoid(alpha * g))
+        else:
+            a = ACTS[activation](g) * u
+        ye = a @ wd[e].t()
+        y = y.index_put((token, slot), ye + bd[e] if bd is not None else ye)
     return y
 
 
@@ -163,6 +173,88 @@ def test_no_tokens_gives_empty_output_and_zero_weight_gradients(device):
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params[1:])
 
 
+# GPT-OSS's experts. The pre-activations are multiples of 1/32 under 8 in magnitude (x in +-{1/2, 1}, the gate and
+# up weights multiples of 1/16, their biases of 1/32): exact in bf16 and in any fp32 summation order, so the
+# kernel's rounded g and u and float64's are the same numbers, and the clamp decides alike on both (a real-valued g
+# within a bf16 rounding of the limit would flip there, one element's dg off by O(1)). The limit is on that grid,
+# so some g and u land on it exactly: the clamp's gradient there (0, torch.clamp's) is checked too.
+LIMIT = 1.0
+
+
+def make_gpt_oss(dtype, device, gen, idle=(E - 1,)):
+    """-> ([x, w_gate, w_up, w_down, b_gate, b_up, b_down] leaves, experts [N, K]); expert `idle` gets no token."""
+    sign = torch.randint(0, 2, (N, C), generator=gen) * 2 - 1
+    x = sign * torch.randint(1, 3, (N, C), generator=gen) / 2
+    wg, wu = (torch.randint(-3, 4, (E, H, C), generator=gen) / 16 for _ in range(2))
+    bg, bu = (torch.randint(-16, 17, (E, H), generator=gen) / 32 for _ in range(2))
+    wd = torch.randn(E, C, H, generator=gen) / math.sqrt(H)
+    bd = torch.randn(E, C, generator=gen) * 0.5
+    busy = torch.tensor([e for e in range(E) if e not in idle])
+    experts = torch.stack([busy[torch.randperm(len(busy), generator=gen)[:K]] for _ in range(N)])
+    params = [t.to(device, dtype).requires_grad_() for t in (x, wg, wu, wd, bg, bu, bd)]
+    return params, experts.to(device)
+
+
+GPT_OSS_NAMES = ("dx", "dw_gate", "dw_up", "dw_down", "db_gate", "db_up", "db_down")
+
+
+@pytest.mark.parametrize("dtype,frozen", [(torch.float32, ()), (torch.bfloat16, ()), (torch.float32, (0, 1, 2, 4, 5)),
+                                          (torch.float32, (3, 4))],
+                         ids=["fp32", "bf16", "only the down product trains", "w_down and b_gate frozen"])
+def test_gpt_oss_experts_match_float64_where_the_clamp_bites(dtype, frozen, device):
+    """Biases and the clamped SwiGLU: y and every gradient asked for against float64's autograd, fp32 within 1e-4,
+    bf16 within 1e-2; the gate above the limit, the up past it both ways, and on it exactly (gradient 0), all in
+    the routed rows; 37 tokens (odd), top 2 of 5 experts, one idle (its weights' and biases' gradients exact
+    zeros). Frozen: only w_down and b_down train (a recomputed on dW_down's tiles, CLAMP there), or b_up's
+    gradient made without b_gate's."""
+    gen = torch.Generator().manual_seed(61)
+    params, experts = make_gpt_oss(dtype, device, gen)
+    for i in frozen:
+        params[i].requires_grad_(False)
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    x, wg, wu, _, bg, bu, _ = leaves
+    rows, tok = experts.reshape(-1).cpu(), torch.arange(N).repeat_interleave(K)
+    g = torch.einsum("nc,nhc->nh", x[tok], wg[rows]) + bg[rows]  # the routed rows' pre-activations
+    u = torch.einsum("nc,nhc->nh", x[tok], wu[rows]) + bu[rows]
+    assert g.abs().max() < 8 and u.abs().max() < 8  # on the 1/32 grid, exact in bf16
+    for what, hits in (("g above", g > LIMIT), ("g on", g == LIMIT), ("u above", u > LIMIT), ("u on", u == LIMIT),
+                       ("u below", u < -LIMIT), ("u on -", u == -LIMIT), ("g inside", g < LIMIT)):
+        assert hits.sum() >= 3, what  # the clamp bites, forward and backward, and ties the limit
+    y = moe_mlp(params[0], experts, *params[1:4], "gpt_oss", b_gate=params[4], b_up=params[5], b_down=params[6],
+                limit=LIMIT)
+    assert y.dtype == dtype and y.shape == (N, K, C)
+    dy = torch.randn(y.shape, generator=gen).to(device, dtype)
+    y.backward(dy)
+    y_ref = ref_moe(leaves[0], experts, *leaves[1:4], "gpt_oss", *leaves[4:], limit=LIMIT)
+    y_ref.backward(dy.double())
+    assert_close_rel(y, y_ref, TOL[dtype], f"{dtype} gpt_oss y")
+    for i, name in enumerate(GPT_OSS_NAMES):
+        if i in frozen:
+            assert params[i].grad is None, name
+            continue
+        assert params[i].grad.dtype == dtype, name
+        assert_close_rel(params[i].grad, leaves[i].grad, TOL[dtype], f"{dtype} gpt_oss {name}")
+        if i:
+            assert torch.equal(params[i].grad[E - 1], torch.zeros_like(params[i].grad[E - 1])), f"{name} idle"
+
+
+def test_gpt_oss_bias_and_limit_refusals(device):
+    """The biases come as all three or none, of [E, H] / [E, C] and x's dtype; the limit and alpha are finite and
+    positive (GPTConfig's rule for swiglu_limit / _alpha): each refused by name, before any launch."""
+    params, experts = make_gpt_oss(torch.float32, device, torch.Generator().manual_seed(62))
+    x, wg, wu, wd, bg, bu, bd = (p.detach() for p in params)
+    with pytest.raises(ValueError, match="b_gate, b_up and b_down come together .* got b_gate and b_up only"):
+        moe_mlp(x, experts, wg, wu, wd, "gpt_oss", b_gate=bg, b_up=bu)
+    with pytest.raises(ValueError, match=rf"b_down has shape \({E}, {H}\), expected \({E}, {C}\)"):
+        moe_mlp(x, experts, wg, wu, wd, b_gate=bg, b_up=bu, b_down=bg)
+    with pytest.raises(TypeError, match="dtype mismatch: x is float32, b_up is bfloat16"):
+        moe_mlp(x, experts, wg, wu, wd, b_gate=bg, b_up=bu.bfloat16(), b_down=bd)
+    for name, value in (("limit", 0.0), ("limit", float("inf")), ("alpha", -1.0), ("limit", True)):
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number > 0 \(GPT-OSS's clamped SwiGLU\), "
+                                             rf"got {value!r}"):
+            moe_mlp(x, experts, wg, wu, wd, "gpt_oss", **{name: value})
+
+
 def _good(device):
     params, experts = make(torch.float32, device, torch.Generator().manual_seed(6))
     return [p.detach() for p in params[:1]] + [experts] + [p.detach() for p in params[1:]]
@@ -193,9 +285,9 @@ def test_bad_inputs_are_refused_by_name(index, bad, error, match, device):
 
 def test_unknown_activation_and_devices_are_refused(device):
     args = _good(device)
-    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', got 'relu'"):
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', 'gpt_oss', got 'relu'"):
         moe_mlp(*args, activation="relu")
-    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', got 'relu'"):
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', 'gpt_oss', got 'relu'"):
         torch.ops.tritongpt.moe_mlp_fwd(*[t.to("meta") for t in args], "relu")  # the fake impl, as compile traces
     args[4] = args[4].to("meta")
     with pytest.raises(ValueError, match="different devices.*w_down is on meta"):
@@ -216,13 +308,14 @@ def test_the_ops_refuse_what_moe_mlp_checks_before_them(device):
     x, experts, wg, wu, wd = _good(device)
     with pytest.raises(ValueError, match=r"w_gate has no experts \(shape \[0, H, C\]\)"):
         moe_mlp(x, experts, wg[:0], wu[:0], wd[:0], check_experts=False)
-    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', got 'relu'"):
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', 'gpt_oss', got 'relu'"):
         torch.ops.tritongpt.moe_mlp_fwd(x, experts, wg, wu, wd, "relu")
     y, *saved = torch.ops.tritongpt.moe_mlp_fwd(x, experts, wg, wu, wd)
     bwd_args = (x, experts, *saved, wg, wu, wd)
     with pytest.raises(TypeError, match="dtype mismatch: x is float32, dy is bfloat16"):
         torch.ops.tritongpt.moe_mlp_bwd(torch.randn_like(y).bfloat16(), *bwd_args, [True] * 4)
-    with pytest.raises(ValueError, match=r"needs must hold 4 flags \(dx, dw_gate, dw_up, dw_down\), got 3"):
+    with pytest.raises(ValueError, match=r"needs must hold 4 flags \(dx, dw_gate, dw_up, dw_down\), or 7 with the "
+                                         r"biases' \(db_gate, db_up, db_down\), got 3"):
         torch.ops.tritongpt.moe_mlp_bwd(torch.randn_like(y), *bwd_args, [True] * 3)
     x.requires_grad_()
     with pytest.raises(RuntimeError, match="moe_mlp: the Triton kernel has no second derivative"):
