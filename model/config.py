@@ -178,7 +178,7 @@ class GPTConfig:
     # (ff.router.bias, ff.b_gate, ff.b_up [E, mlp_hidden], ff.b_down [E, n_embd]); moe_activation "gpt_oss" makes
     # the experts' SwiGLU its clamped one, gate g = min(g, swiglu_limit), up u = clamp(u, +-swiglu_limit),
     # (u + 1) * g * sigmoid(swiglu_alpha * g), where "glu" is the gated MLP that mlp names. The Triton MoE kernel
-    # has neither: such a model runs its MLPs on the reference path (set_kernels refuses 'mlp' by name).
+    # (kernels/moe.py) computes both, forward and backward.
     moe_bias: bool = False
     moe_activation: str = "glu"
     swiglu_limit: float = 7.0

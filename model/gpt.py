@@ -674,11 +674,6 @@ class GPTModel(nn.Module):
                 raise UserError(f"the Triton attention supports head dims {SUPPORTED_HEAD_DIMS}, and this "
                                 f"model's is {self.config.head_dim} (n_embd {self.config.n_embd} / n_head "
                                 f"{self.config.n_head}): leave 'attention' out of the kernels")
-        if "mlp" in names and self.config.n_experts and (self.config.moe_bias or
-                                                         self.config.moe_activation == "gpt_oss"):
-            from tritongpt.model.layers import GPT_OSS_TRITON_REFUSAL
-
-            raise UserError(GPT_OSS_TRITON_REFUSAL)
         if "rope" in names and self.config.position_encoding == "rope":
             from tritongpt.kernels.rope import MAX_HEAD_DIM
 

@@ -34,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tritongpt._types import is_int
-from tritongpt.errors import UserError
 from tritongpt.model.lora import AdapterLinear
 from tritongpt.model.quant import QuantLinear
 
@@ -305,8 +304,8 @@ class MoEFeedForward(nn.Module):
     Triton twin: the same routing in torch, then every expert at once through kernels/moe.py's moe_mlp (grouped
     GEMMs over the assignments sorted by expert: two launches forward, four backward, whatever E), which gives
     each token's k outputs unweighted; the weighted sum over k is torch's, as the router's gradient flows there.
-    That kernel has no expert biases nor GPT-OSS's clamped activation: such a layer refuses it by name
-    (GPTModel.set_kernels first).
+    GPT-OSS's expert biases and clamped SwiGLU are that kernel's too (in its epilogues, forward and backward; the
+    biases' gradients two launches more); the router's bias is the router Linear's, in torch.
     """
 
     def __init__(self, n_embd: int, hidden: int, n_experts: int, top_k: int, norm_topk: bool = True,
@@ -356,12 +355,11 @@ class MoEFeedForward(nn.Module):
         if self.use_triton:
             from tritongpt.kernels.moe import moe_mlp
 
-            if self.b_gate is not None or self.activation == "gpt_oss":  # never computed without them
-                raise UserError(GPT_OSS_TRITON_REFUSAL)
-
-            # y [N, k, C] unweighted; the weighted sum stays here so the router gets its gradient through it.
-            # top-k's ids are in range by construction: no check (it would read a flag back from the GPU)
-            y = moe_mlp(x, experts, self.w_gate, self.w_up, self.w_down, self.activation, check_experts=False)
+            # y [N, k, C] unweighted (b_down in it, as _expert's); the weighted sum stays here so the router gets
+            # its gradient through it. top-k's ids are in range by construction: no check (it would read a flag
+            # back from the GPU)
+            y = moe_mlp(x, experts, self.w_gate, self.w_up, self.w_down, self.activation, check_experts=False,
+                        b_gate=self.b_gate, b_up=self.b_up, b_down=self.b_down, limit=self.limit, alpha=self.alpha)
             out = self._plus_shared(x, (y * weights[..., None].to(y.dtype)).sum(1))
             return self.drop(out.view(shape))
         # under autocast x is fp32 and each expert's output bf16 (its matmuls'): the sum is kept in x's dtype and
@@ -399,11 +397,6 @@ class MoEFeedForward(nn.Module):
         if self.shared_expert is None:
             return out
         return out + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
-
-
-GPT_OSS_TRITON_REFUSAL = ("the Triton MoE kernel (kernels/moe.py) computes bias-free SwiGLU or GeGLU experts, and "
-                          "this model's are GPT-OSS's (moe_bias: expert and router biases; moe_activation 'gpt_oss': "
-                          "the clamped SwiGLU): leave 'mlp' out of the kernels")
 
 
 def load_balancing_loss(router_logits, top_k: int, mask=None):

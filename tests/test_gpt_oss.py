@@ -2,9 +2,9 @@
 and router biases (GPTConfig.moe_bias), the clamped SwiGLU (moe_activation "gpt_oss"), attention sinks, q/k/v/o
 biases, alternating window layers and YaRN with truncate false. Tiny random GptOssForCausalLM models saved to
 tmp_path (float64, every tensor jittered so no bias, sink or norm is a no-op; swiglu_limit 2 so the clamp bites):
-logits on the reference path and the Triton kernels that take it (the MoE kernel refuses by name), the KV-cache
-decode and greedy tokens, the export read back by transformers, loss and gradients across paths, refusals by
-name. Nothing downloaded."""
+logits on the reference path and the Triton path (every kernel: the MoE one with the expert biases and the clamp),
+the KV-cache decode and greedy tokens, the export read back by transformers, loss and gradients across paths,
+refusals by name. Nothing downloaded."""
 import json
 
 import pytest
@@ -18,8 +18,6 @@ from tritongpt.train.gpt2_weights import load_checkpoint
 
 VOCAB, CTX, T = 53, 40, 11
 E, K, C, H, LIMIT, WINDOW = 4, 2, 64, 32, 2.0, 4
-# every Triton kernel but the MoE one (which has no expert biases nor the clamped SwiGLU)
-NO_MLP = "layernorm,attention,rope,cross_entropy"
 YARN = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
         "original_max_position_embeddings": 10, "rope_theta": 500.0}
 
@@ -69,14 +67,9 @@ def test_a_folder_loads_its_fields_and_matches_transformers(tmp_path):
         assert (g > LIMIT).any() and (u.abs() > LIMIT).any() and (u.abs() < LIMIT).any()  # the clamp bites
         want = hf(idx).logits
         assert_close_rel(model(idx), want, 2e-6, "reference path")
-        with pytest.raises(UserError, match="Triton MoE kernel .* GPT-OSS's .* leave 'mlp' out of the kernels"):
-            model.set_kernels("triton")
-        assert not model.trf_blocks[0].ff.use_triton  # refused before any flag moved
-        model.float().set_kernels(NO_MLP)
-        assert_close_rel(model(idx).double(), want, 1e-5, "triton path (attention with sinks, rope, norms)")
-        model.trf_blocks[0].ff.use_triton = True  # flipped by hand: refused at the forward, never computed wrong
-        with pytest.raises(UserError, match="leave 'mlp' out of the kernels"):
-            model(idx)
+        model.float().set_kernels("triton")
+        assert all(b.ff.use_triton for b in model.trf_blocks)  # the experts on the MoE kernel, biases and clamp
+        assert_close_rel(model(idx).double(), want, 1e-5, "triton path (experts, attention with sinks, rope, norms)")
 
 
 def test_the_interleave_the_clamp_and_the_sinks_each_change_the_logits(tmp_path):
@@ -111,7 +104,7 @@ def test_decodes_over_the_cache_and_generates_transformers_tokens(tmp_path):
     idx = torch.randint(0, VOCAB, (1, T))
     with torch.no_grad():
         want = hf(idx).logits
-    for kernels, dtype, tol, singles in (("reference", torch.float64, 2e-6, None), (NO_MLP, torch.float32, 1e-5, 2)):
+    for kernels, dtype, tol, singles in (("reference", torch.float64, 2e-6, None), ("triton", torch.float32, 1e-5, 2)):
         model.to(dtype).set_kernels(kernels)
         _, decoded, _ = decode_token_by_token(model, idx, prefill=3, singles=singles, whole=False)
         assert_close_rel(decoded.double(), want, tol, f"decoded over the cache, {kernels}")
@@ -129,25 +122,30 @@ def _tiny(**kw):
 
 
 def test_both_paths_agree_on_loss_and_every_gradient():
-    """fp32, one layer: the Triton kernels that take GPT-OSS (attention with sinks, RoPE, RMSNorm, the loss) give the
-    reference path's loss and every gradient, the expert and router biases' and the sinks' included; the state
-    dict is the same on both."""
+    """fp32, one layer: the Triton path (the MoE kernel with the expert biases and the clamped SwiGLU, attention with
+    sinks, RoPE, RMSNorm, the loss) gives the reference path's loss and every gradient, the expert and router
+    biases' and the sinks' included, with the clamp biting (gate above the limit, up past it); the state dict is
+    the same on both."""
     torch.manual_seed(0)
     model = GPTModel(_tiny())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("b_gate", "b_up", "b_down", "router.bias", "sinks")):
-                p.normal_(0, 1.0)  # zeros at init: make them count
+                p.normal_(0, 1.5)  # zeros at init: make them count (and the gate and up biases cross the limit)
     idx, targets = torch.randint(0, VOCAB, (2, 5)), torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        g, u = _pre_activations(model, idx)
+        assert (g > LIMIT).sum() > 10 and (u > LIMIT).sum() > 10 and (u < -LIMIT).sum() > 10  # the clamp bites
     results = {}
-    for kernels in ("reference", NO_MLP):
+    for kernels in ("reference", "triton"):
         model.set_kernels(kernels)
+        assert model.trf_blocks[0].ff.use_triton == (kernels == "triton")
         model.zero_grad()
         loss = model(idx, targets=targets)
         loss.backward()
         results[kernels] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
                             list(model.state_dict()))
-    (loss_ref, g_ref, keys_ref), (loss_tri, g_tri, keys_tri) = results["reference"], results[NO_MLP]
+    (loss_ref, g_ref, keys_ref), (loss_tri, g_tri, keys_tri) = results["reference"], results["triton"]
     assert keys_ref == keys_tri
     assert_close_rel(loss_tri, loss_ref, 1e-4, "loss")
     for name in ("trf_blocks.0.ff.b_gate", "trf_blocks.0.ff.b_up", "trf_blocks.0.ff.b_down",
