@@ -310,3 +310,31 @@ def test_gpt2_small_sizes_on_cuda(dtype, m, k, n, activation):
         check(y, reference(x, q, scale, b, activation), dtype, f"cuda {dtype} {m}x{k}->{n}")
         compiled = torch.compile(lambda t: int8_linear(t, q, scale, b, activation), fullgraph=True)
         assert torch.equal(compiled(x), y)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 7, 333])
+@pytest.mark.parametrize("g", [32, 128])
+@pytest.mark.parametrize("k,n,activation", [(768, 3072, "gelu_tanh"), (3072, 768, None)])
+def test_group_scales_gpt2_small_sizes_on_cuda(dtype, m, g, k, n, activation):
+    """Group scales (a GPTQ 8-bit folder's) at GPT-2 small's fc1 (with its GELU) and fc2 on a GPU: the autotuned
+    decode tiles (1 and 7 rows) and prefill ones (333), K steps of several groups (G 32) or inside one (G 128), against
+    float64 within the 16-bit bound (TOL), rounded as a 16-bit run is (ROUNDING), and within ROUNDED of float64's
+    product with the weight rounded to the dtype (the kernel rounds q * scale as the reference module does)."""
+    q, scale, w64 = grouped(n, k, g, "cuda", seed=m + g)
+    gen = torch.Generator().manual_seed(k + m)
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    b = torch.randn(n, generator=gen).to("cuda", dtype)
+    with torch.no_grad():
+        y = int8_linear(x, q, scale, b, activation)
+    name = f"cuda {dtype} G{g} {m}x{k}->{n}"
+
+    def act(t):
+        return F.gelu(t, approximate=GELU[activation]) if activation else t
+
+    assert y.dtype == dtype
+    _, rel = assert_close_rel(y, act(x.double() @ w64.T + b.double()), TOL[dtype], name)
+    assert rel > ROUNDING[dtype], f"{name}: relative error {rel:.1e}: not rounded to {dtype}?"
+    want = act(x.double() @ w64.to(dtype).double().T + b.double()).to(dtype)
+    assert_close_rel(y, want, ROUNDED, f"{name} against the {dtype} weight's product")

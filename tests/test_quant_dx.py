@@ -290,3 +290,23 @@ def test_gpt2_small_sizes_on_cuda(fmt, g, k, n, m, dtype):
     dy = torch.randn(m, n, generator=gen).to("cuda", dtype)
     dx, _ = dx_of(fmt, x, weight, b.to(dtype), dy)
     check(dx, dy, deq, w64, dtype, f"cuda {fmt} G{g} {dtype} dx {m}x{n} -> {k}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 7, 333])
+@pytest.mark.parametrize("g", [32, 128])
+@pytest.mark.parametrize("k,n", [(768, 3072), (3072, 768)])
+def test_int8_group_scales_dx_gpt2_small_sizes_on_cuda(g, k, n, m, dtype):
+    """int8 with group scales (scale [N, K / G]) on a GPU: dx through the autotuned few-row tiles (1 and 7 rows) and
+    the training ones (333) at GPT-2 small's fc1 and fc2, K tiles of several groups (G 32) or part of one (G 128),
+    against float64 within the 16-bit bound (check: TOL, ROUNDING and the rounded weight's product within ROUNDED);
+    the forward under grad is the inference one."""
+    weight, deq, w64, b = make("int8g", n, k, g, "cuda", seed=m + g)
+    gen = torch.Generator().manual_seed(k + m)
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    dy = torch.randn(m, n, generator=gen).to("cuda", dtype)
+    dx, y = dx_of("int8g", x, weight, b.to(dtype), dy)
+    with torch.no_grad():
+        assert torch.equal(y, linear("int8g", x, weight, b.to(dtype)))
+    check(dx, dy, deq, w64, dtype, f"cuda int8 G{g} {dtype} dx {m}x{n} -> {k}")
