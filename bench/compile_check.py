@@ -65,6 +65,7 @@ LORA_RANK, LORA_ADAPTERS = 16, 4
 TOKEN_MASK_ROWS, TOKEN_MASK_VOCABS = 64, (50257, 151936)
 # sampling's fused cuts and draw (kernels/sampling.py): each set of cuts its own build (no cut; top-k; top-p; all)
 SAMPLING_CUTS = ((None, None, None), (50, None, None), (None, 0.9, None), (50, 0.9, 0.05))
+SINK_WINDOW = 128  # gpt-oss's sliding-window layers, the attention-sinks cases'
 INT4_GROUPS = (128, 32)  # int4_linear: G 128 (a K step of part of a group), 32 (steps of several), the latter in bf16
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
@@ -316,6 +317,19 @@ def capture(quick=False, half="bfloat16", tma=True):
                             o, lse = attention._fwd_launch(q, k, k, True, d ** -0.5, p, seed, alibi=slopes)
                             attention._bwd_launch(torch.empty_like(o), q, k, k, o, lse, True, d ** -0.5, p, seed,
                                                   alibi=slopes)
+                        if tq > 1 and p == 0.0 and dt == half and d == 64:
+                            # gpt-oss's attention sinks (HAS_SINKS: the forward's epilogue folds each head's sink
+                            # into the row sum) on its sliding-window layers (window 128: HAS_DOCS) and its heads
+                            # (64 wide, 8 query heads a KV head); the backward kernels are the plain ones (the sink's
+                            # gradient is a torch reduction over Delta and L), so only the forward is its own binary
+                            case[0] = f"attention {name} hd{d} Tq={tq} Tk={ATTN_SEQ} sinks window={SINK_WINDOW}"
+                            sinks = torch.empty(heads, dtype=torch.float32, **meta)
+                            starts, ends = attention.window_bounds(SINK_WINDOW, ATTN_SEQ, batch, "meta")
+                            kv = torch.empty(batch, ATTN_SEQ, heads // 4, d, dtype=dt, **meta).transpose(1, 2)
+                            o, lse = attention._fwd_launch(q, kv, kv, True, d ** -0.5, p, seed, starts, ends,
+                                                           sinks=sinks)
+                            attention._bwd_launch(torch.empty_like(o), q, kv, kv, o, lse, True, d ** -0.5, p, seed,
+                                                  starts, ends, sinks=sinks)
 
             # KV-cache decode at batch 1 (the split-KV forward: _attn_fwd_split, then _attn_fwd_combine): one
             # query, and a speculative step verifying 4 (Tq > 1: the causal mask inside a split); Llama's 32 query
@@ -337,6 +351,10 @@ def capture(quick=False, half="bfloat16", tma=True):
                         case[0] = case[0].replace(" softcap=50", " alibi")
                         attention._fwd_launch(q, k, k, True, d ** -0.5, 0.0, None,
                                               alibi=torch.empty(heads, dtype=torch.float32, **meta))
+                        if d == 64:  # the sinks in the split-KV combine (HAS_SINKS: one more term of its sum)
+                            case[0] = case[0].replace(" alibi", " sinks")
+                            attention._fwd_launch(q, k, k, True, d ** -0.5, 0.0, None,
+                                                  sinks=torch.empty(heads, dtype=torch.float32, **meta))
                 if dt == half and d in (64, 128):
                     # A whole preallocated cache with its filled length read on the device (kv_len: HAS_KV_LEN),
                     # as a CUDA-graph decode step calls it: the split path at batch 1 (Tq 1 and 4; Mistral's
@@ -359,6 +377,11 @@ def capture(quick=False, half="bfloat16", tma=True):
                             starts, ends = attention.window_bounds(4096, DECODE_SEQ, 1, "meta")
                             case[0] += " window"
                             attention._fwd_launch(q, kb, kb, True, d ** -0.5, 0.0, None, starts, ends, kv_len=kv_len)
+                        if tq == 1 and d == 64:  # gpt-oss's sinks in a graph's decode step: the split path's
+                            # combine at batch 1, the single pass's epilogue with HAS_KV_LEN at batch 32
+                            case[0] += " sinks"
+                            attention._fwd_launch(q, kb, kb, True, d ** -0.5, 0.0, None, kv_len=kv_len,
+                                                  sinks=torch.empty(heads, dtype=torch.float32, **meta))
                     # continuous batching (train/engine.py): a length a row (kv_len [B]: a row stride of 1, its own
                     # binary) over a KVCache at batch 32, and over a paged cache of vLLM's 16-position pages (PAGE:
                     # the single pass at batch 32, float and int8; the split path at batch 1)
@@ -402,16 +425,19 @@ def capture(quick=False, half="bfloat16", tma=True):
                     rope._launch(q, q, positions, inv_freq, inverse, r, mscale)
 
         # the int8 weight-only linear (inference): decode rows (1, 8: its BLOCK_M 16 tiles) and a prefill's, on GPT-2
-        # small's fc1 (the GELU in its epilogue) and fc2, in each 16-bit dtype the target has
+        # small's fc1 (the GELU in its epilogue) and fc2, in each 16-bit dtype the target has; then with group scales
+        # (a GPTQ 8-bit folder's, scale [N, K / G]: G > 0, each q tile dequantized in the K loop) at int4's groups
         for dt in (half,) + ((torch.float16,) if half != torch.float16 else ()):
             name = str(dt).replace("torch.", "")
-            for m in INT8_ROWS:
-                for k, n, activation in ((MLP_WIDTH, 4 * MLP_WIDTH, "gelu_tanh"), (4 * MLP_WIDTH, MLP_WIDTH, None)):
-                    case[0] = f"int8_linear {name} M={m} {k}->{n}" + (f" {activation}" if activation else "")
-                    x = torch.empty(m, k, dtype=dt, **meta)
-                    qweight = torch.empty(n, k, dtype=torch.int8, **meta)
-                    scale = torch.empty(n, dtype=torch.float32, **meta)
-                    quant._launch(x, qweight, scale, torch.empty(n, dtype=dt, **meta), activation)
+            for g in (0,) + (INT4_GROUPS if dt == half else INT4_GROUPS[:1]):
+                for m in INT8_ROWS:
+                    for k, n, activation in ((MLP_WIDTH, 4 * MLP_WIDTH, "gelu_tanh"), (4 * MLP_WIDTH, MLP_WIDTH, None)):
+                        case[0] = f"int8_linear {name}{f' G{g}' if g else ''} M={m} {k}->{n}" + \
+                            (f" {activation}" if activation else "")
+                        x = torch.empty(m, k, dtype=dt, **meta)
+                        qweight = torch.empty(n, k, dtype=torch.int8, **meta)
+                        scale = torch.empty((n, k // g) if g else (n,), dtype=torch.float32, **meta)
+                        quant._launch(x, qweight, scale, torch.empty(n, dtype=dt, **meta), activation)
 
         # the int4 weight-only linear: int8's rows and shapes, at G 128 (and 32: K steps of several groups, the
         # scale and offset a [BLOCK_N, BLOCK_K / G] tile) in the target's 16-bit dtype, G 128 in fp16
@@ -428,15 +454,17 @@ def capture(quick=False, half="bfloat16", tma=True):
                                            torch.empty(n, dtype=dt, **meta), activation)
 
         # their input gradients (QLoRA: the frozen quantized weight's dx = dy @ W), fc1's and fc2's: a few rows and a
-        # training step's tokens, at int8 and int4's G 128 in each 16-bit dtype, G 32 in the target's
+        # training step's tokens, at int8 (a scale a row, and group scales) and int4, G 128 in each 16-bit dtype, G 32
+        # in the target's
         for dt in (half,) + ((torch.float16,) if half != torch.float16 else ()):
             name = str(dt).replace("torch.", "")
             for m in DX_ROWS:
                 for k, n in ((MLP_WIDTH, 4 * MLP_WIDTH), (4 * MLP_WIDTH, MLP_WIDTH)):
                     dy = torch.empty(m, n, dtype=dt, **meta)
-                    case[0] = f"int8_linear dx {name} M={m} {n}->{k}"
-                    quant._launch_dx(dy, torch.empty(n, k, dtype=torch.int8, **meta),
-                                     torch.empty(n, dtype=torch.float32, **meta))
+                    for g in (0,) + (INT4_GROUPS if dt == half else INT4_GROUPS[:1]):  # int8's group scales too
+                        case[0] = f"int8_linear dx {name}{f' G{g}' if g else ''} M={m} {n}->{k}"
+                        quant._launch_dx(dy, torch.empty(n, k, dtype=torch.int8, **meta),
+                                         torch.empty((n, k // g) if g else (n,), dtype=torch.float32, **meta))
                     for g in (INT4_GROUPS if dt == half else INT4_GROUPS[:1]):
                         case[0] = f"int4_linear dx {name} G{g} M={m} {n}->{k}"
                         scale = torch.empty(n, k // g, dtype=torch.float32, **meta)

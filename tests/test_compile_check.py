@@ -92,11 +92,14 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     for r in rows:
         if " decode " in r["case"]:
             decode.setdefault(r["case"], set()).add((r["kernel"], r["variant"]))
-    assert len(decode) == 10 and all({k for k, _ in v} == {"_attn_fwd_split", "_attn_fwd_combine"}
+    assert len(decode) == 11 and all({k for k, _ in v} == {"_attn_fwd_split", "_attn_fwd_combine"}
                                      for v in decode.values()), decode
     for flag, tag in (("HAS_DOCS", " window"), ("HAS_SOFTCAP", " softcap=50"), ("HAS_ALIBI", " alibi")):
         assert all((f"{flag}=True" in v) == case.endswith(tag) for case, kv in decode.items()
                    for k, v in kv if k == "_attn_fwd_split"), (flag, decode)
+    # gpt-oss's attention sinks: the split path's combine adds them (HAS_SINKS), its split kernel never reads them
+    assert all((("HAS_SINKS=True" in v) == case.endswith(" sinks")) if k == "_attn_fwd_combine" else
+               "HAS_SINKS" not in v for case, kv in decode.items() for k, v in kv), decode
     # a whole KV cache with its filled length read on the device (kv_len: HAS_KV_LEN), in its cases' forwards only:
     # the split kernel then the combine at batch 1 (with a window: HAS_DOCS too), the single pass at batch 32
     cached = {}
@@ -104,10 +107,12 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
         if " kv_len " in r["case"]:
             cached.setdefault(r["case"], set()).add((r["kernel"], r["variant"]))
     # seven over a float cache, and six of them (not the window's) over an int8 one (INT8_KV, its cases' alone); and
-    # a length a row ("rows"), paged (PAGE=16: float at batch 32 and 1, int8 at 32), at each of two head dims
-    assert len(cached) == 21 and sum(case.endswith(" int8") for case in cached) == 8, cached
+    # a length a row ("rows"), paged (PAGE=16: float at batch 32 and 1, int8 at 32), at each of two head dims; and
+    # gpt-oss's sinks at head dim 64, at batch 1 (the split path) and 32 (the single pass: HAS_SINKS in its epilogue)
+    assert len(cached) == 23 and sum(case.endswith(" int8") for case in cached) == 8, cached
+    assert sum(case.endswith(" sinks") for case in cached) == 2, cached
     for case, kv in cached.items():
-        base = case.removesuffix(" int8")
+        base = case.removesuffix(" int8").removesuffix(" sinks")
         want = {"_attn_fwd"} if base.endswith("B=32") else {"_attn_fwd_split", "_attn_fwd_combine"}
         assert {k for k, _ in kv} == want, (case, kv)
         assert all("HAS_KV_LEN=True" in v and ("HAS_DOCS=True" in v) == base.endswith(" window")
@@ -116,6 +121,11 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
             (case, kv)
     assert not any("HAS_KV_LEN=True" in r["variant"] for r in rows if " kv_len " not in r["case"])
     assert not any("INT8_KV=True" in r["variant"] for r in rows if not r["case"].endswith(" int8"))
+    # the sinks: in their cases' forwards only (the training case's backward kernels are the plain ones)
+    sunk = {(r["kernel"], "HAS_SINKS=True" in r["variant"]) for r in rows if " sinks" in r["case"]}
+    assert sunk == {("_attn_fwd", True), ("_attn_fwd_split", False), ("_attn_fwd_combine", True),
+                    ("_attn_bwd_preprocess", False), ("_attn_bwd_dkdv", False), ("_attn_bwd_dq", False)}, sunk
+    assert not any("HAS_SINKS=True" in r["variant"] for r in rows if " sinks" not in r["case"])
     # partial rotary (GPTConfig.rotary_dim): its launches copy the pass-through columns (PASS), and scale cos and
     # sin only with an attention factor (SCALED); whole heads build without either
     partial = [r["variant"] for r in rows if "rotary" in r["case"]]
@@ -148,9 +158,11 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
                                                "MODE=2 HAS_GRAD=False"}, distill
     assert all(r["vector_loads"] > 0 for r in distill), distill
     # the int8 weight-only linear: decode and prefill rows, fc1 (GELU epilogue) and fc2, in bf16 and fp16, on the
-    # tensor cores (the int8 tiles converted in registers)
+    # tensor cores (the int8 tiles converted in registers); with group scales at int4's groups (G 128 in bf16 and
+    # fp16, G 32 in bf16), each tile dequantized in registers onto them too
     int8 = [r for r in rows if r["kernel"] == "_int8_linear_kernel"]
-    assert len({r["case"] for r in int8}) == 12 and all(r["tensor_core_ops"] > 0 for r in int8), int8
+    assert len({r["case"] for r in int8}) == 30 and all(r["tensor_core_ops"] > 0 for r in int8), int8
+    assert {r["variant"].split()[0] for r in int8} == {"G=0", "G=128", "G=32"}, int8
     # the int4 one: the same rows and shapes at G 128 in bf16 and fp16, and G 32 (K steps of several groups) in bf16;
     # the unpacked, dequantized tiles reach the tensor cores too
     int4 = [r for r in rows if r["kernel"] == "_int4_linear_kernel"]
@@ -159,7 +171,7 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     # their input gradients (dx = dy @ W through the frozen weight): a few rows and a training step's, fc1 and
     # fc2, int8 and int4 G 128 in bf16 and fp16, int4 G 32 in bf16; dequantized in registers onto the tensor cores
     dx = [r for r in rows if r["kernel"] in ("_int8_linear_dx_kernel", "_int4_linear_dx_kernel")]
-    assert len({r["case"] for r in dx}) == 20 and all(r["tensor_core_ops"] > 0 for r in dx), dx
+    assert len({r["case"] for r in dx}) == 32 and all(r["tensor_core_ops"] > 0 for r in dx), dx
     assert "have a config that builds, fits and does not spill" in (tmp_path / "sm90-offline" / "compile.md").read_text()
 
 
@@ -516,7 +528,7 @@ def capture_run():
     configs each would time after its prune)."""
     code = ("from tritongpt.bench import compile_check as cc; from tritongpt.kernels import mlp; import json; "
             "keys = ('GRAD', 'STORE_ACT', 'GELU_ERF', 'GATE_GELU', 'ACTIVATION', 'G', 'EPILOGUE', 'B_GELU', "
-            "'B_SWIGLU', 'SUM2'); "
+            "'B_SWIGLU', 'SUM2', 'HAS_SINKS'); "
             "ls = [[l.name, l.case, {k: l.kwargs[k] for k in keys if k in l.kwargs}, "
             "l.args[6:8] if l.name == '_int8_linear_kernel' else None, "
             "sorted({(c['BLOCK_M'], c['BLOCK_K']) for _, c in l.configs()}) if '_linear' in l.name else None] "
@@ -572,13 +584,18 @@ def test_capture_names_every_kernel_and_the_split_passes(captured):
 
 def test_int8_linear_launches_take_decode_or_prefill_tiles(captured):
     """int8_linear's captured launches (decode rows 1 and 8, a 4096-row prefill; GPT-2 small's fc1 with its GELU and
-    fc2; bf16 and fp16 on sm_90) are offered the 16-row decode tiles up to 16 rows and only the prefill ones above."""
-    launches = [[case, kw["ACTIVATION"], *nk, sorted({m for m, _ in blocks})]
+    fc2; bf16 and fp16 on sm_90, a scale a row and group scales at int4's groups: G 128 in both, G 32 in bf16) are
+    offered the 16-row decode tiles up to 16 rows and only the prefill ones above, grouped ones none with a K step
+    of more than MAX_GROUPS_A_STEP groups."""
+    launches = [[case, kw["ACTIVATION"], kw["G"], *nk, blocks]
                 for name, case, kw, nk, blocks in captured if name == "_int8_linear_kernel"]
-    assert sorted((case.split()[1], case.split()[2], act, n, k) for case, act, n, k, _ in launches) == sorted(
-        (dt, f"M={m}", k == 768, n, k) for dt in ("bfloat16", "float16") for m in (1, 8, 4096)
-        for k, n in ((768, 3072), (3072, 768)))
-    assert all(blocks == ([16] if "M=4096" not in case else [64, 128]) for case, *_, blocks in launches), launches
+    want = [(f"int8_linear {dt}{f' G{g}' if g else ''} M={m} {k}->{n}" + (" gelu_tanh" if k == 768 else ""),
+             k == 768, g, n, k) for dt, groups in (("bfloat16", (0, 128, 32)), ("float16", (0, 128)))
+            for g in groups for m in (1, 8, 4096) for k, n in ((768, 3072), (3072, 768))]
+    assert sorted(tuple(launch[:5]) for launch in launches) == sorted(want)
+    for case, _, g, _, _, blocks in launches:
+        assert {m for m, _ in blocks} == ({16} if "M=4096" not in case else {64, 128}), (case, blocks)
+        assert not g or all(k // g <= 8 for _, k in blocks), (case, blocks)
 
 
 def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits(captured):
@@ -596,18 +613,32 @@ def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits(captured
 
 def test_quantized_dx_launches_take_few_row_or_training_tiles_a_group_fits(captured):
     """int8_linear's and int4_linear's dx launches (8 rows and a 16384-token training step; fc1 and fc2; int8 and
-    int4 G 128 in bf16 and fp16, int4 G 32 in bf16) are offered the 16-row tiles at 8 rows, the taller ones at
-    16384, none with a K tile of more than MAX_GROUPS_A_STEP groups."""
+    int4 G 128 in bf16 and fp16, G 32 in bf16, and int8 with a scale a row in both) are offered the 16-row tiles at 8
+    rows, the taller ones at 16384, none with a K tile of more than MAX_GROUPS_A_STEP groups."""
     launches = [[name, case, kw.get("G"), blocks] for name, case, kw, _, blocks in captured
                 if name.endswith("_linear_dx_kernel")]
     shapes = [(m, k, n) for m in (8, 16384) for k, n in ((768, 3072), (3072, 768))]
     want = [f"int8_linear dx {dt} M={m} {n}->{k}" for dt in ("bfloat16", "float16") for m, k, n in shapes]
+    want += [f"int8_linear dx {dt} G{g} M={m} {n}->{k}" for dt, g in (("bfloat16", 128), ("bfloat16", 32),
+                                                                      ("float16", 128)) for m, k, n in shapes]
     want += [f"int4_linear dx {dt} G{g} M={m} {n}->{k}" for dt, g in (("bfloat16", 128), ("bfloat16", 32),
                                                                       ("float16", 128)) for m, k, n in shapes]
     assert sorted(case for _, case, _, _ in launches) == sorted(want)
     for name, case, g, blocks in launches:
         assert {m for m, _ in blocks} == ({16} if "M=8 " in case else {64, 128}), (case, blocks)
-        assert name == "_int8_linear_dx_kernel" or all(k // g <= 8 for _, k in blocks), (case, blocks)
+        assert not g or all(k // g <= 8 for _, k in blocks), (case, blocks)  # (int8's G 0: a scale a row)
+
+
+def test_capture_builds_the_sinks_launches(captured):
+    """gpt-oss's attention sinks (HAS_SINKS) in the quick capture: the forward of the training case (its heads 4 to a
+    KV head, its window of 128), the split-KV decode's combine, and a graph's decode step over kv_len (the combine at
+    batch 1, the single pass at batch 32); no other launch has them."""
+    sunk = sorted((name, case) for name, case, kw, _, _ in captured if kw.get("HAS_SINKS"))
+    assert sunk == sorted([
+        ("_attn_fwd", "attention bfloat16 hd64 Tq=1024 Tk=1024 sinks window=128"),
+        ("_attn_fwd_combine", "attention bfloat16 hd64 decode Tq=1 Tk=16384 heads=12/12 sinks"),
+        ("_attn_fwd_combine", "attention bfloat16 hd64 kv_len Tq=1 Tk_cap=16384 heads=12/12 B=1 sinks"),
+        ("_attn_fwd", "attention bfloat16 hd64 kv_len Tq=1 Tk_cap=16384 heads=12/12 B=32 sinks")]), sunk
 
 
 def test_run_under_the_interpreter_is_a_one_line_error(monkeypatch, capsys):
