@@ -311,7 +311,7 @@ def add_cli(sub):
                                    "gqa_attention,rmsnorm,add_rmsnorm,swiglu,geglu,softcap_attention,mlp_exact_gelu,"
                                    "rope_partial,lm_head_loss_bias,alibi_attention,moe_mlp,lm_head_distill,"
                                    "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,"
-                                   "rl_logprobs",
+                                   "rl_logprobs,sink_attention",
                    help="comma list (default: all of %(default)s; lm_head_loss_smooth_z is the LM head + loss with "
                         "label smoothing 0.1 and z-loss 1e-4, lm_head_loss_softcap with the logits soft-capped to "
                         "30 tanh(logits / 30), gqa_attention causal attention with fewer KV heads than query heads, "
@@ -334,7 +334,8 @@ def add_cli(sub):
                         "kernel, forward only, int8_linear the weight-only int8 linear (W8A16) at decode and prefill "
                         "rows on GPT-2 small's fc1 and fc2 and Llama-3-8B's up projection: the weight dequantized "
                         "once (torch) or every call (reference, compile), torch's aten._weight_int8pack_mm and our "
-                        "kernel, forward only, int4_linear the weight-only int4 linear (W4A16, a scale and offset a "
+                        "kernel, forward only, each with a scale a row and with a scale a group of 128 inputs "
+                        "(a GPTQ 8-bit folder's), int4_linear the weight-only int4 linear (W4A16, a scale and offset a "
                         "group of 128 inputs) at int8_linear's sizes, with torch's aten._weight_int4pack_mm, lora "
                         "multi-LoRA serving's per-row adapter delta added in place (kernels/lora.py's add_lora_rows "
                         "against the gather + two bmm's) at a decode batch of 32 rows and a 4 x 512 prefill, "
@@ -347,7 +348,9 @@ def add_cli(sub):
                         "torch.multinomial, it compiled, our fused kernel and flashinfer's sampling when installed, "
                         "rl_logprobs RL's per-token log-probs and entropies from the logits at temperature 0.7, "
                         "at cross_entropy's sizes: torch's fp32 log_softmax + gather + entropy, it compiled and our "
-                        "loss kernel with the temperature and the entropy)")
+                        "loss kernel with the temperature and the entropy, sink_attention gpt-oss's attention, "
+                        "64 query heads over 8 KV heads of 64 with a learned sink logit a head, causal and over a "
+                        "window of 128, at T 1024 and 4096: the reference module, it compiled and flash_attention)")
     k.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list (default: all of %(default)s)")
     k.add_argument("--providers", default=None, help=f"subset of {','.join(ALL_PROVIDERS)}")
     k.add_argument("--ln-rows", type=int, default=None,

@@ -16,11 +16,12 @@
 #   kernels-extra (not part of all): `bench kernels` of the ops `bench all` runs last, which its budget has not
 #   reached: decode_attention (one KV-cache decode step, the split-KV path against triton-1pass, SDPA and
 #   flash-attn), matmul (our matmul against cuBLAS per operand layout), int8_linear (the weight-only int8
-#   linear against bf16 F.linear and torch's int8 matmul), int4_linear (the int4 one, against F.linear and
+#   linear, a scale a row and group scales, against bf16 F.linear and torch's int8 matmul), int4_linear (the int4 one, against F.linear and
 #   torch's int4 matmul), lora (the multi-LoRA shrink + expand against the gather + bmm's), token_mask
 #   (structured outputs' grammar mask against the reference and xgrammar's own kernels) and sampling (the fused
-#   sampling kernel against sort-based top-p, torch.multinomial, torch.compile and flashinfer's) and rl_logprobs
-#   (RL's log-probs and entropies through the loss kernel against torch's fp32 log_softmax), within
+#   sampling kernel against sort-based top-p, torch.multinomial, torch.compile and flashinfer's), rl_logprobs
+#   (RL's log-probs and entropies through the loss kernel against torch's fp32 log_softmax) and sink_attention
+#   (gpt-oss's attention with sinks, causal and over its window of 128, against the reference module), within
 #   EXTRA_MINUTES (default 1.5),
 #   into results-extra/ and autotune-timings-extra.json
 #   graphs (not part of all): `bench kernels --cuda-graphs` of LayerNorm, attention and the loss, each row timed
@@ -177,12 +178,14 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     # 2026-12-04) did not reach in 120 s, or failed, go first (the whole model on both paths, the
     # trainer's mixed precision, fp32 attention with dropout, PPO) and those of paths no GPU has run
     # yet (an autotuned kernel first launched inside a CUDA-graph capture; a decode step captured and
-    # replayed, the kv_len kernels at new lengths; the int8 and int4 weight-only kernels and model, their dx
-    # kernels and QLoRA, GPTQ on the GPU, the int8 KV cache in a real graph; the serving engine's batched draw and
+    # replayed, the kv_len kernels at new lengths; gpt-oss's attention sinks (forward, backward, the split-KV
+    # decode, a graph's decode step); the int8 and int4 weight-only kernels and model (int8's group scales too), their
+    # dx kernels and QLoRA, GPTQ on the GPU, the int8 KV cache in a real graph; the serving engine's batched draw and
     # post-draw, the per-row sampling kernel and 4-bit GPTQ/AWQ folders on the device), then every other
     # file with a CUDA-marked test (a directory argument would put them back in name order).
     first="tests/test_model_paths.py tests/test_loop.py tests/test_attention.py tests/test_rlhf.py tests/test_mlp.py"
     first="$first tests/test_tuned_launch.py tests/test_decode_graph.py tests/test_attention_kv_len.py"
+    first="$first tests/test_attention_sinks.py"
     first="$first tests/test_int8_linear.py tests/test_int4_linear.py tests/test_quantize.py"
     first="$first tests/test_quantize_int4.py tests/test_quant_dx.py tests/test_qlora.py"
     first="$first tests/test_qlora_rlhf.py tests/test_gptq.py tests/test_kv_cache_int8.py"
@@ -263,9 +266,8 @@ if [ "$what" = profile ]; then
     rc=$((rc | prc))
 fi
 if [ "$what" = kernels-extra ]; then
-    extra_bench extra "${EXTRA_MINUTES:-1.5}" \
-        "kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs" \
-        kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs
+    ops=decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs,sink_attention
+    extra_bench extra "${EXTRA_MINUTES:-1.5}" "kernels --ops $ops" kernels --ops "$ops"
 fi
 if [ "$what" = graphs ]; then
     extra_bench graphs "${EXTRA_MINUTES:-1.5}" "kernels --cuda-graphs" kernels --cuda-graphs \

@@ -270,6 +270,10 @@ PROVIDERS = {
     # RL's log-probs and entropies from the logits at a temperature: torch's fp32 log_softmax + gather + entropy,
     # it compiled, and ours (the loss kernel with temperature and entropy)
     "rl_logprobs": ("torch", "compile", "triton"),
+    # gpt-oss's attention: GQA with a learned sink logit a query head, causal or over a window: the reference module
+    # (MultiHeadAttention(sinks=True)), it compiled, and ours (the sink folded into the epilogue); SDPA, flex and
+    # flash-attn take no sinks
+    "sink_attention": ("reference", "compile", "triton"),
 }
 # a gated MLP op -> its gate's activation (SwiGLUFeedForward's and swiglu_mlp's activation)
 GATED_MLPS = {"swiglu": "silu", "geglu": "gelu"}
@@ -293,6 +297,9 @@ SAMPLING_SETTINGS = {"temperature": dict(temperature=0.8),
                      "top_k+top_p+min_p": dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05)}
 RL_TEMPERATURE = 0.7  # rl_logprobs' sampling temperature (a typical RL rollout's: below 1, so it is not skipped)
 INT4_GROUP_SIZE = 128  # int4_linear's G: gpt-fast's and torchao's default; every K of int8_shapes is a multiple
+# int8_linear's scales: 0 one a row (gpt-fast's), then group scales of 128 inputs (a GPTQ 8-bit folder's, Qwen's
+# *-GPTQ-Int8: the kernel's G > 0 path, which dequantizes each weight tile in its K loop)
+INT8_GROUPS = (0, INT4_GROUP_SIZE)
 # a GELU MLP op -> its GELU, as F.gelu names them (FeedForward's and gelu_mlp's approximate)
 GELU_MLPS = {"mlp": "tanh", "mlp_exact_gelu": "none"}
 # Phi-4-mini's LongRoPE attention factor, transformers' default for its 131072 positions over the original 4096
@@ -328,7 +335,10 @@ FULL_SIZES = dict(ln_rows=16384, ln_widths=(768, 1024, 1280, 1600),
                   # token_mask: batches and vocabularies (GPT-2's, Qwen's)
                   token_mask_batches=(1, 8, 64, 256), token_mask_vocabs=(50257, 151936),
                   # sampling: batches and vocabularies (GPT-2's, Qwen's)
-                  sampling_batches=(1, 8, 64, 256), sampling_vocabs=(50257, 151936))
+                  sampling_batches=(1, 8, 64, 256), sampling_vocabs=(50257, 151936),
+                  # sink_attention: lengths, (query heads, KV heads, head dim) and windows (0: causal over all):
+                  # gpt-oss's (20b and 120b: 64 over 8 heads of 64, window 128 on half the layers)
+                  sink_seqlens=(1024, 4096), sink_heads=((64, 8, 64),), sink_windows=(128, 0))
 QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    mlp_rows=4096, mlp_widths=(768,),
                    attn_seqlens=(1024,), attn_head_dims=(64,),
@@ -342,7 +352,8 @@ QUICK_SIZES = dict(ln_rows=4096, ln_widths=(768, 1600),
                    matmul_widths=(768,), int8_rows=(1, 4096), int8_shapes=((768, 3072), (4096, 14336)),
                    lora_shapes=((32, 1, 768, 3072, 16, 4), (4, 512, 768, 3072, 16, 4)),
                    token_mask_batches=(1, 64), token_mask_vocabs=(151936,),
-                   sampling_batches=(1, 64), sampling_vocabs=(151936,))
+                   sampling_batches=(1, 64), sampling_vocabs=(151936,),
+                   sink_seqlens=(1024,), sink_heads=((64, 8, 64),), sink_windows=(128, 0))
 
 
 def randn(*shape, device, dtype, scale=1.0, requires_grad=True):
@@ -1037,11 +1048,14 @@ def matmul_providers(a, b, copy_b=False):
 
 
 def int8_linear_providers(x, q, scale, b=None):
-    """y = x [M, K] @ (q * scale[:, None]).T (+ b): q [N, K] int8, scale [N] fp32 (see int8_linear in the module
-    docstring). Every provider returns y [M, N] in x's dtype; nothing requires grad (inference)."""
+    """y = x [M, K] @ (q * scale[:, None]).T (+ b): q [N, K] int8, scale [N] fp32, or [N, K / G] for a scale a group
+    of G inputs (group scales, a GPTQ 8-bit folder's; see int8_linear in the module docstring). Every provider returns
+    y [M, N] in x's dtype; nothing requires grad (inference)."""
     from tritongpt.model.quant import Int8Linear
 
-    module = Int8Linear(q.shape[1], q.shape[0], b is not None, x.device, x.dtype if b is None else b.dtype)
+    group = None if scale.dim() == 1 else q.shape[1] // scale.shape[1]
+    module = Int8Linear(q.shape[1], q.shape[0], b is not None, x.device, x.dtype if b is None else b.dtype,
+                        group_size=group)
     module.qweight, module.scale = q, scale.float()
     if b is not None:
         module.bias = b
@@ -1050,13 +1064,15 @@ def int8_linear_providers(x, q, scale, b=None):
         return module(x)
 
     def torch_op():
-        w = q.to(x.dtype) * scale.to(x.dtype)[:, None]  # the unquantized layer: its weight made once, untimed
+        w = module.dequantize().to(x.dtype)  # the unquantized layer: its weight made once, untimed
         return (lambda: F.linear(x, w, b)), [x]
 
     def torch_int8():
         op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
         if op is None:
             raise Unavailable("this torch has no aten._weight_int8pack_mm")
+        if group is not None:
+            raise Unavailable("aten._weight_int8pack_mm takes one scale a row, not group scales")
         s = scale.to(x.dtype)  # it takes the scales in x's dtype
 
         def f():
@@ -2006,6 +2022,64 @@ def sweep_gqa_attention(timer, budget, seqlens, heads, dtype, tokens=16384, mode
     return out
 
 
+def sink_attention_providers(q, k, v, sinks, window=0):
+    """gpt-oss's attention: q [B, H, T, D] over k, v [B, Hkv, T, D] (grouped-query), causal, over the last `window`
+    positions too where window > 0, with head h's sink logit sinks[h] one more column of each row's softmax (dropped
+    after it). The reference module's attend (MultiHeadAttention(sinks=True): its sinks parameter set to these),
+    torch.compile of it, and flash_attention(sinks=) (_sink_fold in the forward's epilogue). The sinks are a leaf
+    with the rest: bwd times their gradient too."""
+    from tritongpt.model.layers import MultiHeadAttention
+
+    B, H, T, D = q.shape
+
+    def module():
+        m = MultiHeadAttention(H * D, H, T, window=window, n_kv_head=k.shape[1], sinks=True).to(q.device).eval()
+        with torch.no_grad():
+            m.sinks.copy_(sinks)
+        return m
+
+    def reference():
+        m = module()
+        return (lambda: m.attend(q, k, v)), [q, k, v, m.sinks]
+
+    def compiled():
+        m = module()
+        return (lambda cf=_fresh_compile(m.attend): cf(q, k, v)), [q, k, v, m.sinks]
+
+    def ours():
+        fn, why = try_import("tritongpt.kernels.attention", "flash_attention")
+        if fn is None:
+            raise Unavailable(why)
+        return (lambda: fn(q, k, v, causal=True, window=window or None, sinks=sinks)), [q, k, v, sinks]
+
+    return {"reference": reference, "compile": compiled, "triton": ours}
+
+
+def sweep_sink_attention(timer, budget, seqlens, heads, windows, dtype, tokens=16384, modes=MODES, providers=None):
+    """gpt-oss's attention with sinks at each (H, Hkv, D) of heads, each window (0: causal over every position) and
+    each length, batch * T = tokens; the FLOPs are causal attention's over the H query heads, the window's pairs
+    where it is shorter than T (window_attention_flops: the sinks add a column, no FLOPs to speak of)."""
+    out = []
+    dev = timer.device
+    for h, h_kv, d in heads:
+        for window in windows:
+            for t in seqlens:
+                b = max(1, tokens // t)
+                cfg = {"batch": b, "heads": h, "kv_heads": h_kv, "seq_len": t, "head_dim": d, "window": window,
+                       "sinks": True, "dtype": dtype_name(dtype)}
+                q = randn(b, h, t, d, device=dev, dtype=dtype)
+                k, v = (randn(b, h_kv, t, d, device=dev, dtype=dtype) for _ in range(2))
+                sinks = randn(h, device=dev, dtype=torch.float32)  # (the module's parameter dtype)
+                why = scores_too_big(b, h, t, dtype, dev)
+                out += bench_providers("sink_attention", cfg, sink_attention_providers(q, k, v, sinks, window), modes,
+                                       timer, budget,
+                                       lambda m: {"flops": window_attention_flops(b, h, t, window or t, d, m)},
+                                       providers, {"reference": why, "compile": why} if why else {})
+                del q, k, v, sinks
+                timer.cleanup()
+    return out
+
+
 def decode_kv_bytes(b, h_kv, t, d, elem) -> int:
     """Bytes a decode step must read: its KV cache, k and v [b, h_kv, t, d]."""
     return 2 * b * h_kv * t * d * elem
@@ -2066,9 +2140,10 @@ def sweep_matmul(timer, budget, rows_m, widths, dtype, modes=MODES, providers=No
     return out
 
 
-def int8_linear_bytes(m: int, n: int, k: int, elem: int) -> int:
-    """int8_linear's bytes (INT8_BYTES_NOTE): the int8 weight, its fp32 scales, x and y."""
-    return n * k + 4 * n + (m * k + m * n) * elem
+def int8_linear_bytes(m: int, n: int, k: int, elem: int, group_size: int = 0) -> int:
+    """int8_linear's bytes (INT8_BYTES_NOTE): the int8 weight, its fp32 scales (one a row, or one a group of
+    group_size inputs), x and y."""
+    return n * k + 4 * n * (k // group_size if group_size else 1) + (m * k + m * n) * elem
 
 
 def int4_linear_bytes(m: int, n: int, k: int, elem: int, group_size: int = INT4_GROUP_SIZE) -> int:
@@ -2190,28 +2265,39 @@ def sweep_int4_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, provide
     return out
 
 
-def sweep_int8_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None):
-    """The weight-only int8 linear at each (K, N) of shapes and each row count; "fwd" only of modes (inference).
-    FLOPs 2 M N K, bytes int8_linear_bytes; each row notes what its bytes count."""
-    from tritongpt.model.quant import quantize_weight  # (the model's: symmetric, an fp32 scale a row)
+def sweep_int8_linear(timer, budget, rows_m, shapes, dtype, modes=MODES, providers=None, groups=INT8_GROUPS):
+    """The weight-only int8 linear at each (K, N) of shapes and each row count, with one scale a row (G 0 in groups)
+    and with group scales at each G > 0 of groups (or, for a K it does not divide, the largest group size below it
+    that does, as int4_linear's; none for a K no group size divides); the grouped rows name their G, the row
+    scales' rows have none. "fwd" only of modes (inference). FLOPs 2 M N K, bytes int8_linear_bytes; each row notes
+    what its bytes count."""
+    # (the model's: symmetric, an fp32 scale a row; a group's scale is a row of the weight viewed [N K / G, G])
+    from tritongpt.model.quant import GROUP_SIZES, quantize_weight
 
     out = []
     dev = timer.device
     modes = tuple(m for m in modes if m == "fwd")
     for k, n in shapes if modes else ():
-        q, scale = quantize_weight(randn(n, k, device=dev, dtype=torch.float32, scale=k ** -0.5, requires_grad=False))
-        for m in rows_m:
-            x = randn(m, k, device=dev, dtype=dtype, requires_grad=False)
-            cfg = {"M": m, "K": k, "N": n, "dtype": dtype_name(dtype)}
-            work = {"flops": matmul_flops(m, n, k), "bytes": int8_linear_bytes(m, n, k, x.element_size())}
-            rows = bench_providers("int8_linear", cfg, int8_linear_providers(x, q, scale), modes, timer, budget,
-                                   lambda mode: work, providers)
-            for r in rows:
-                r.setdefault("note", INT8_BYTES_NOTE)
-            out += rows
-            del x
-            timer.cleanup()
-        del q, scale
+        w = randn(n, k, device=dev, dtype=torch.float32, scale=k ** -0.5, requires_grad=False)
+        for group in groups:
+            g = group and max((s for s in GROUP_SIZES if s <= group and k % s == 0), default=None)
+            if g is None:  # (the row scales' rows of this K are the ones it has)
+                continue
+            q, scale = quantize_weight(w if not g else w.view(-1, g))
+            q, scale = q.view(n, k), scale.view(n, k // g) if g else scale
+            for m in rows_m:
+                x = randn(m, k, device=dev, dtype=dtype, requires_grad=False)
+                cfg = {"M": m, "K": k, "N": n, **({"G": g} if g else {}), "dtype": dtype_name(dtype)}
+                work = {"flops": matmul_flops(m, n, k), "bytes": int8_linear_bytes(m, n, k, x.element_size(), g)}
+                rows = bench_providers("int8_linear", cfg, int8_linear_providers(x, q, scale), modes, timer, budget,
+                                       lambda mode: work, providers)
+                for r in rows:
+                    r.setdefault("note", INT8_BYTES_NOTE)
+                out += rows
+                del x
+                timer.cleanup()
+            del q, scale
+        del w
     return out
 
 
@@ -2446,7 +2532,10 @@ def _sweep_plan(sizes, part):
             # sampling's cuts and draw: after token_mask
             "sampling": [(sizes["sampling_batches"], sizes["sampling_vocabs"])] if part == "rest" else [],
             # RL's log-probs and entropies at cross_entropy's sizes: after sampling
-            "rl_logprobs": [sizes["ce_vocabs"]] if part == "rest" else []}
+            "rl_logprobs": [sizes["ce_vocabs"]] if part == "rest" else [],
+            # gpt-oss's attention with sinks at the attention tokens: after rl_logprobs, the first a short budget drops
+            "sink_attention": [(sizes["sink_seqlens"], sizes["sink_heads"], sizes["sink_windows"])]
+            if part == "rest" else []}
     return {op: [a for a in args if a] for op, args in plan.items()}
 
 
@@ -2456,7 +2545,7 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
                      "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu", "geglu", "softcap_attention",
                      "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention", "moe_mlp",
                      "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
-                     "token_mask", "sampling", "rl_logprobs"),
+                     "token_mask", "sampling", "rl_logprobs", "sink_attention"),
                 modes=MODES, providers=None, sizes=None, ceiling_sizes=None, log=print):
     """All sweeps plus the ceilings; returns (rows, ceilings).
 
@@ -2466,8 +2555,9 @@ def run_kernels(timer, budget, dtype=torch.bfloat16,
     lm_head_loss_softcap (variants of lm_head_loss) come after all of those, each whole (every
     provider's, compiled ones too) before the next, gqa_attention after them, then rmsnorm,
     add_rmsnorm, swiglu, geglu, softcap_attention, mlp_exact_gelu, rope_partial, lm_head_loss_bias, alibi_attention
-    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask, sampling and
-    rl_logprobs (the newest ops), so a short budget drops rl_logprobs first, then sampling, then token_mask, then
+    moe_mlp, lm_head_distill, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask, sampling,
+    rl_logprobs and sink_attention (the newest ops), so a short budget drops sink_attention first, then rl_logprobs,
+    then sampling, then token_mask, then
     lora, then int4_linear, then int8_linear, then matmul, then decode_attention, then lm_head_distill, then moe_mlp,
     then alibi_attention, then lm_head_loss_bias, then rope_partial, then mlp_exact_gelu, then softcap_attention,
     then geglu, then swiglu, then the RMSNorms, then gqa_attention, then the LM head's soft cap.
@@ -2609,7 +2699,8 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
         for provs, label in groups:
             for rows_m, shapes in plan["int8_linear"] if "int8_linear" in ops else ():
                 what = ", ".join(f"{k}->{n}" for k, n in shapes)
-                log(f"int8 weight-only linear ({part}{label}): {what}, rows {list(rows_m)} ...")
+                log(f"int8 weight-only linear ({part}{label}, a scale a row and G {INT8_GROUPS[1]}): {what}, rows "
+                    f"{list(rows_m)} ...")
                 rows += sweep_int8_linear(timer, budget, rows_m, shapes, dtype, modes, provs)
         for provs, label in groups:
             for rows_m, shapes in plan["int4_linear"] if "int4_linear" in ops else ():
@@ -2636,6 +2727,13 @@ def _run_plan(rows, timer, budget, dtype, ops, modes, sizes, groups, log):
                 log(f"RL log-probs + entropy ({part}{label}): vocab {list(vocabs)} x {sizes['ce_rows']} rows, "
                     f"T {RL_TEMPERATURE} ...")
                 rows += sweep_rl_logprobs(timer, budget, sizes["ce_rows"], vocabs, dtype, modes, provs)
+        for provs, label in groups:
+            for seqlens, heads, windows in plan["sink_attention"] if "sink_attention" in ops else ():
+                shapes = ", ".join(f"{h} over {h_kv} heads D={d}" for h, h_kv, d in heads)
+                log(f"attention with sinks ({part}{label}): {shapes}, T {list(seqlens)}, windows {list(windows)} "
+                    f"(0: causal) ...")
+                rows += sweep_sink_attention(timer, budget, seqlens, heads, windows, dtype, sizes["attn_tokens"],
+                                             modes, provs)
 
 
 def sort_rows(rows):

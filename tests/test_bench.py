@@ -535,7 +535,8 @@ def test_run_kernels_end_to_end_on_cpu():
                    rope_partial_heads=((2, 2, 8, 4, 1.0), (4, 2, 16, 12, 1.5)), moe_shapes=((12, 3, 2, 8, 16),),
                    decode_batches=(1,), decode_seqlens=(16,), decode_heads=((4, 2, 8),), matmul_widths=(8,),
                    int8_rows=(1, 4), int8_shapes=((16, 8),), lora_shapes=((3, 1, 16, 8, 5, 2), (2, 3, 16, 8, 5, 2)),
-                   token_mask_batches=(2,), token_mask_vocabs=(70,), sampling_batches=(2,), sampling_vocabs=(70,)),
+                   token_mask_batches=(2,), token_mask_vocabs=(70,), sampling_batches=(2,), sampling_vocabs=(70,),
+                   sink_seqlens=(16,), sink_heads=((4, 2, 8),), sink_windows=(8, 0)),
         ceiling_sizes=dict(copy_bytes=1 << 16, matmul_n=32, dtype=torch.float32), log=lambda s: None)
     assert ceil["copy"]["gbps"] > 0 and ceil["matmul"]["tflops"] > 0
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
@@ -548,12 +549,13 @@ def test_run_kernels_end_to_end_on_cpu():
     # MLP (reference, torch), partial rotary at 2 shapes (reference), lm_head_loss with a head bias, ALiBi attention
     # at T 32 and 16 (reference), the mixture-of-experts MLP (reference), both LM heads + distillation (reference),
     # a decode step (reference, sdpa-flash; forward only), the MLP's 5 matmuls (torch; forward only), the int8 linear
-    # and the int4 one at 2 row counts (reference, torch; forward only), the LoRA delta at 2 shapes (torch; fwd only),
-    # the token mask's 2 masks (torch; fwd only; fp32 is the run's dtype), sampling's 4 settings (torch; fwd only),
-    # RL's log-probs and entropies (torch)
+    # with a scale a row and with group scales, and the int4 one, at 2 row counts (reference, torch; forward only),
+    # the LoRA delta at 2 shapes (torch; fwd only), the token mask's 2 masks (torch; fwd only; fp32 is the run's
+    # dtype), sampling's 4 settings (torch; fwd only), RL's log-probs and entropies (torch), attention with sinks over
+    # a window and causal (reference)
     assert len(timed) == (2 * 2 * 3 + 1 * 2 * 3 + 2 * 2 * 3 + 1 * 2 * 3 + 1 * 2 * 3 + 2 * 3 + 3 + 2 * 2 * 3 + 1 * 2 * 3
                           + 1 * 2 * 3 + 2 * 3 + 2 * 3 + 2 * 2 * 3 + 2 * 2 * 3 + 3 + 3 + 2 * 3 + 2 * 3 + 2 * 3
-                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 + 2 * 2 + 2 + 2 + 4 + 3)
+                          + 1 * 2 * 3 + 2 * 3 + 3 + 3 + 2 + 5 + 2 * 2 * 2 + 2 * 2 + 2 + 2 + 4 + 3 + 2 * 3)
     assert {(r["provider"], r["mode"], r["config"]["vocab"]) for r in timed if r["op"] == "rl_logprobs"} == {
         ("torch", m, 30) for m in ("fwd", "bwd", "fwd+bwd")}
     banned = [r for r in timed if r["op"] == "token_mask"]
@@ -569,9 +571,14 @@ def test_run_kernels_end_to_end_on_cpu():
     assert [(r["provider"], r["config"]["B"], r["config"]["T"], r["flops"], r["bytes"]) for r in timed
             if r["op"] == "lora"] == [("torch", b, t, 2 * b * t * 5 * (16 + 8),
                                        (b * t * 16 + 2 * b * t * 8 + 2 * 5 * 24) * 4) for b, t in ((3, 1), (2, 3))]
-    assert [(r["provider"], r["mode"], r["config"]["M"], r["flops"], r["bytes"]) for r in timed
-            if r["op"] == "int8_linear"] == [(p, "fwd", m, 2 * m * 8 * 16, 8 * 16 + 4 * 8 + (m * 16 + m * 8) * 4)
-                                             for m in (1, 4) for p in ("reference", "torch")]
+    # int8: a scale a row, then group scales (K 16: G 128 does not divide it, so the group is 16, one a row)
+    assert sorted((r["provider"], r["mode"], r["config"]["M"], r["config"].get("G", 0), r["flops"], r["bytes"])
+                  for r in timed if r["op"] == "int8_linear") == sorted(
+        (p, "fwd", m, g, 2 * m * 8 * 16, 8 * 16 + 4 * 8 + (m * 16 + m * 8) * 4)
+        for g in (0, 16) for m in (1, 4) for p in ("reference", "torch"))
+    assert sorted((r["provider"], r["config"]["window"], r["config"]["kv_heads"], r["config"]["sinks"], r["mode"])
+                  for r in timed if r["op"] == "sink_attention") == sorted(
+        ("reference", w, 2, True, m) for w in (8, 0) for m in ("fwd", "bwd", "fwd+bwd"))
     # K 16: G 128 does not divide it, so the group is 16 (one a row)
     assert [(r["provider"], r["mode"], r["config"]["M"], r["config"]["G"], r["flops"], r["bytes"]) for r in timed
             if r["op"] == "int4_linear"] == [(p, "fwd", m, 16, 2 * m * 8 * 16, 8 * 8 + 8 * 8 + (m * 16 + m * 8) * 4)
@@ -1194,6 +1201,8 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(kernels.QUICK_SIZES, "lora_shapes", ((3, 1, 16, 8, 5, 2),))  # nor lora's
     monkeypatch.setitem(kernels.QUICK_SIZES, "token_mask_vocabs", (70,))  # nor token_mask's
     monkeypatch.setitem(kernels.QUICK_SIZES, "sampling_vocabs", (70,))  # nor sampling's
+    monkeypatch.setitem(kernels.QUICK_SIZES, "sink_seqlens", (16,))  # nor sink_attention's
+    monkeypatch.setitem(kernels.QUICK_SIZES, "sink_heads", ((4, 2, 8),))
     seen = {}
 
     def fake_train(device, budget, dtype, models, providers, batch, seq_len, warmup, steps, peak, log, **model):
@@ -1238,7 +1247,7 @@ def test_gpu_command_flow_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
                                             "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias",
                                             "alibi_attention", "moe_mlp", "lm_head_distill", "decode_attention",
                                             "matmul", "int8_linear", "int4_linear", "lora", "token_mask",
-                                            "sampling", "rl_logprobs"}
+                                            "sampling", "rl_logprobs", "sink_attention"}
     assert {(r["config"]["M"], r["config"]["C"]) for r in k["rows"] if r["op"] == "matmul"} == {(8, 8), (32, 8)}
     assert {(r["config"]["heads"], r["config"]["kv_heads"]) for r in k["rows"] if r["op"] == "gqa_attention"} == \
         {(4, 2), (3, 1)}
@@ -1962,7 +1971,8 @@ def test_int8_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
             continue
         y = f()
         assert y.dtype == x.dtype and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), name
-    rows = kernels.sweep_int8_linear(quick_timer(), Budget(None), (1, 3), ((24, 40), (16, 8)), torch.float32)
+    rows = kernels.sweep_int8_linear(quick_timer(), Budget(None), (1, 3), ((24, 40), (16, 8)), torch.float32,
+                                     groups=(0,))
     assert {r["op"] for r in rows} == {"int8_linear"} and {r["mode"] for r in rows} == {"fwd"}
     by = {(r["config"]["M"], r["config"]["K"], r["provider"]): r for r in rows}
     assert len(by) == len(rows) == 2 * 2 * 5
@@ -1973,6 +1983,78 @@ def test_int8_linear_rows_time_every_provider_on_one_quantized_weight(device, mo
     assert all(r["note"] == kernels.INT8_BYTES_NOTE for r in rows)
     assert kernels.sweep_int8_linear(quick_timer(), Budget(None), (1,), ((16, 8),), torch.float32,
                                      modes=("bwd", "fwd+bwd")) == []
+
+
+def test_int8_linear_rows_with_group_scales(device, monkeypatch):
+    """int8_linear with group scales (a GPTQ 8-bit folder's, scale [N, K / G]): every provider computes x @ W.T + b
+    from the same grouped weight, W[n, k] = q[n, k] * scale[n, k // G], but torch-int8, whose op takes one scale a
+    row and says so; the sweep's grouped rows name their G (a K G does not divide: the largest group size that
+    does; none divides 24) and count a scale a group in their bytes."""
+    from tritongpt.model.quant import quantize_weight  # (what sweep_int8_linear quantizes each group with)
+
+    monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(40, 32, generator=gen) * 32 ** -0.5
+    w[:, 16:] *= 10  # the second group far larger: a scale read for the other group is seen
+    q, scale = quantize_weight(w.view(-1, 16))
+    q, scale = q.view(40, 32).to(device), scale.view(40, 2).to(device)
+    x = torch.randn(5, 32, generator=gen).to(device)
+    b = torch.randn(40, generator=gen).to(device)
+    want = x.double() @ (q.double().view(40, 2, 16) * scale.double()[:, :, None]).view(40, 32).T + b.double()
+    builders = kernels.int8_linear_providers(x, q, scale, b)
+    assert set(builders) == set(kernels.PROVIDERS["int8_linear"])
+    with pytest.raises(kernels.Unavailable, match="takes one scale a row, not group scales|has no aten"):
+        builders["torch-int8"]()
+    for name in ("reference", "torch", "compile", "triton"):
+        f, _ = builders[name]()
+        y = f()
+        assert y.dtype == x.dtype and torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5), name
+    rows = kernels.sweep_int8_linear(quick_timer(), Budget(None), (2,), ((32, 40), (24, 8), (64, 8)), torch.float32,
+                                     providers=("torch", "triton"), groups=(0, 128))
+    assert [(r["config"]["K"], r["config"].get("G"), r["provider"]) for r in rows] == [
+        (k, g, p) for k, groups in ((32, (None, 32)), (24, (None,)), (64, (None, 64))) for g in groups
+        for p in ("torch", "triton")]
+    assert all(r["status"] == "ok" for r in rows), rows
+    by = {(r["config"]["K"], r["config"].get("G"), r["provider"]): r for r in rows}
+    assert by[32, 32, "triton"]["bytes"] == 40 * 32 + 4 * 40 * 1 + (2 * 32 + 2 * 40) * 4
+    assert by[64, 64, "torch"]["bytes"] == 8 * 64 + 4 * 8 * 1 + (2 * 64 + 2 * 8) * 4
+    assert by[64, None, "torch"]["bytes"] == 8 * 64 + 4 * 8 + (2 * 64 + 2 * 8) * 4
+
+
+def test_sink_attention_rows_time_each_provider_on_the_same_sinks(device, monkeypatch):
+    """sink_attention (gpt-oss's): the reference module, it compiled and ours compute causal GQA attention with a
+    sink logit a query head (over a window where given), against the float64 textbook (softmax over the scores and
+    the sink, the sink's column dropped); the sweep's rows name the window (0: causal over all) and count causal
+    attention's FLOPs, the window's pairs below T."""
+    import math
+
+    from tritongpt.bench.common import attention_flops, window_attention_flops
+
+    monkeypatch.setattr(kernels, "_fresh_compile", lambda fn: fn)
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 20, 16, generator=gen).to(device)
+    k, v = (torch.randn(1, 2, 20, 16, generator=gen).to(device) for _ in range(2))
+    sinks = (torch.randn(4, generator=gen) * 2).to(device)
+    for window in (0, 5):
+        kv = [t[:, [0, 0, 1, 1]].double() for t in (k, v)]
+        scores = q.double() @ kv[0].transpose(-2, -1) / math.sqrt(16)
+        i, j = torch.arange(20, device=device)[:, None], torch.arange(20, device=device)[None, :]
+        scores = scores.masked_fill((j > i) | ((j <= i - window) if window else False), float("-inf"))
+        sink = sinks.double().view(1, 4, 1, 1).expand(1, 4, 20, 1)
+        want = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1] @ kv[1]
+        builders = kernels.sink_attention_providers(q, k, v, sinks, window)
+        assert set(builders) == set(kernels.PROVIDERS["sink_attention"])
+        for name, build in builders.items():
+            f, leaves = build()
+            assert len(leaves) == 4 and leaves[3].shape == (4,)  # the sinks a leaf: bwd times their gradient
+            assert torch.allclose(f().double(), want, atol=1e-5), (name, window)
+    rows = kernels.sweep_sink_attention(quick_timer(), Budget(None), (16,), ((4, 2, 16),), (8, 0), torch.float32,
+                                        tokens=32, providers=("triton",))
+    assert [(r["config"]["window"], r["mode"]) for r in rows] == [(w, m) for w in (8, 0) for m in kernels.MODES]
+    assert all(r["status"] == "ok" and r["config"]["sinks"] and r["config"]["batch"] == 2 for r in rows), rows
+    by = {(r["config"]["window"], r["mode"]): r for r in rows}
+    assert by[8, "fwd"]["flops"] == window_attention_flops(2, 4, 16, 8, 16, "fwd") < attention_flops(
+        2, 4, 16, 16, 16, True, "fwd") == by[0, "fwd"]["flops"]
 
 
 def test_int4_linear_rows_time_every_provider_on_one_quantized_weight(device, monkeypatch):
@@ -3101,7 +3183,8 @@ def test_every_provider_builder_is_in_the_sweep():
                                             torch.zeros(1, 5, 2), torch.zeros(1, dtype=torch.long)),
              "token_mask": kernels.token_mask_providers(x, torch.zeros(4, 1, dtype=torch.int32)),
              "sampling": kernels.sampling_providers(x, 1.0),
-             "rl_logprobs": kernels.rl_logprobs_providers(x, t)}
+             "rl_logprobs": kernels.rl_logprobs_providers(x, t),
+             "sink_attention": kernels.sink_attention_providers(q, q[:, :1], q[:, :1], torch.zeros(2))}
     assert set(built) == set(kernels.PROVIDERS)
     for op, builders in built.items():
         assert set(kernels.PROVIDERS[op]) == set(builders), op
@@ -3382,7 +3465,8 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
               "moe_mlp": "sweep_moe_mlp", "lm_head_distill": "sweep_lm_head_distill",
               "decode_attention": "sweep_decode_attention", "matmul": "sweep_matmul",
               "int8_linear": "sweep_int8_linear", "int4_linear": "sweep_int4_linear", "lora": "sweep_lora",
-              "token_mask": "sweep_token_mask", "sampling": "sweep_sampling", "rl_logprobs": "sweep_rl_logprobs"}
+              "token_mask": "sweep_token_mask", "sampling": "sweep_sampling", "rl_logprobs": "sweep_rl_logprobs",
+              "sink_attention": "sweep_sink_attention"}
     for op, name in sweeps.items():
         monkeypatch.setattr(kernels, name, lambda *a, op=op: calls.append((op, "compile" in a[-1])) or [])
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer, **k: {})
@@ -3390,14 +3474,14 @@ def test_lm_head_variants_run_last_of_all_the_soft_cap_last(monkeypatch):
     newest = ["lm_head_loss_smooth_z", "lm_head_loss_softcap", "gqa_attention", "rmsnorm", "add_rmsnorm", "swiglu",
               "geglu", "softcap_attention", "mlp_exact_gelu", "rope_partial", "lm_head_loss_bias", "alibi_attention",
               "moe_mlp", "lm_head_distill", "decode_attention", "matmul", "int8_linear", "int4_linear", "lora",
-              "token_mask", "sampling", "rl_logprobs"]
-    assert calls[-44:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
-    assert {op for op, _ in calls[:-44]} == set(sweeps) - set(newest)
-    assert ("doc_attention", True) in calls[:-44]
+              "token_mask", "sampling", "rl_logprobs", "sink_attention"]
+    assert calls[-46:] == [(op, compiled) for op in newest for compiled in (False, True)]  # after them all
+    assert {op for op, _ in calls[:-46]} == set(sweeps) - set(newest)
+    assert ("doc_attention", True) in calls[:-46]
     parser = cli.build_parser()
     default_ops = parser.parse_args(["bench", "kernels"]).ops.split(",")
     assert default_ops == list(inspect.signature(kernels.run_kernels).parameters["ops"].default)
-    assert default_ops[-22:] == newest
+    assert default_ops[-23:] == newest
     ops, _, _ = bcli.kernel_names(parser.parse_args(["bench", "kernels", "--ops", "lm_head_loss_softcap"]))
     assert ops == ("lm_head_loss_softcap",)
 
@@ -4510,10 +4594,10 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
     root = Path(__file__).resolve().parent.parent
     (pytest_args,) = [c[2:] for c in runs if c[:2] == ["-m", "pytest"]]
     files = [a for a in pytest_args if a.startswith("tests/") and "::" not in a]  # not the --deselect ids
-    assert files[:14] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
+    assert files[:15] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
                          "tests/test_rlhf.py", "tests/test_mlp.py", "tests/test_tuned_launch.py",
-                         "tests/test_decode_graph.py", "tests/test_attention_kv_len.py", "tests/test_int8_linear.py",
-                         "tests/test_int4_linear.py", "tests/test_quantize.py", "tests/test_quantize_int4.py",
+                         "tests/test_decode_graph.py", "tests/test_attention_kv_len.py",
+                         "tests/test_attention_sinks.py", "tests/test_int8_linear.py", "tests/test_int4_linear.py", "tests/test_quantize.py", "tests/test_quantize_int4.py",
                          "tests/test_quant_dx.py", "tests/test_qlora.py"]
     marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
     assert len(files) == len(set(files)) and set(files) == marked and "tests" not in pytest_args
@@ -4521,23 +4605,22 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
 
 def test_gpu_session_kernels_extra_times_the_ops_bench_all_runs_last(tmp_path):
     """`bash bench/gpu_session.sh kernels-extra` (not part of all) times the ops `bench all`'s budget reaches
-    last, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask, sampling and rl_logprobs, within
-    EXTRA_MINUTES,
-    into results-extra/, and packs it; no tests, no `bench all`. The command parses as `tritongpt bench kernels` with
+    last, decode_attention, matmul, int8_linear, int4_linear, lora, token_mask, sampling, rl_logprobs and
+    sink_attention, within EXTRA_MINUTES, into results-extra/, and packs it; no tests, no `bench all`. The command parses as `tritongpt bench kernels` with
     those ops. Python is a stand-in."""
     from session_stub import run_gpu_session
     from tritongpt.cli import build_parser
 
     runs, work, stdout = run_gpu_session(tmp_path, "kernels-extra", EXTRA_MINUTES="0.7")
     (bench,) = [c[2:] for c in runs if c[:2] == ["-m", "tritongpt.cli"]]
-    assert bench == ["bench", "kernels", "--ops",
-                     "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs",
+    ops = "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs,sink_attention"
+    assert bench == ["bench", "kernels", "--ops", ops,
                      "--max-minutes", "0.7", "--out", f"{work}/results-extra"]
     args = build_parser().parse_args(bench)
-    assert args.ops == "decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,sampling,rl_logprobs"
+    assert args.ops == ops
     assert not any("pytest" in c for c in runs) and not any("all" in c[2:4] for c in runs if c[:1] == ["-m"])
     assert ("== tritongpt bench kernels --ops decode_attention,matmul,int8_linear,int4_linear,lora,token_mask,"
-            "sampling,rl_logprobs (budget 0.7 min)") in stdout
+            "sampling,rl_logprobs,sink_attention (budget 0.7 min)") in stdout
     assert (tmp_path / "out" / "session.tgz").is_file()
 
 
