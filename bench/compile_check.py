@@ -244,6 +244,11 @@ def capture(quick=False, half="bfloat16", tma=True):
             y, g, u, order, offsets = moe._fwd_launch(x, experts, wg, wg, wd)
             moe._bwd_launch(torch.empty_like(y), x, g, u, order, offsets, wg, wg, wd)
             moe._bwd_launch(torch.empty_like(y), x, g, u, order, offsets, wg, wg, wd, (False,) * 3 + (True,))
+            if dt == half:  # GPT-OSS's experts: biases in both products' epilogues, the clamped SwiGLU (CLAMP)
+                case[0] = f"gpt-oss moe {name} {TOKENS}x{c}->{hs} E=8 k=2"
+                bg, bd = torch.empty(8, hs, dtype=dt, **meta), torch.empty(8, c, dtype=dt, **meta)
+                y, g, u, order, offsets = moe._fwd_launch(x, experts, wg, wg, wd, "gpt_oss", bg, bg, bd)
+                moe._bwd_launch(torch.empty_like(y), x, g, u, order, offsets, wg, wg, wd, (True,) * 7, "gpt_oss")
 
             for width in (VOCAB, PADDED_VOCAB):  # GPT-2's rows, and rows padded to a multiple of 64
                 case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"

@@ -57,11 +57,20 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     moe = {(r["kernel"], r["variant"]) for r in rows if r["case"].startswith("moe")}
     assert len(moe) == 7, moe
     assert {v.split(" PRECISION")[0] for k, v in moe if k == "_grouped_kernel"} == {
-        "GATHER_A=True SCATTER_C=False EPILOGUE=3 SUM2=False GATE_GELU=False STORE_ACT=False",
-        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=False GATE_GELU=False STORE_ACT=False",
-        "GATHER_A=True SCATTER_C=False EPILOGUE=4 SUM2=False GATE_GELU=False STORE_ACT=True",
-        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=True GATE_GELU=False STORE_ACT=False"}, moe
+        "GATHER_A=True SCATTER_C=False EPILOGUE=3 SUM2=False GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False",
+        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=False GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False",
+        "GATHER_A=True SCATTER_C=False EPILOGUE=4 SUM2=False GATE_GELU=False STORE_ACT=True HAS_BIAS=False CLAMP=False",
+        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=True GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False"
+    }, moe
     assert sum("R_SWIGLU=True" in v for k, v in moe if k == "_expert_grad_kernel") == 1, moe
+    # GPT-OSS's experts (kernels/moe.py's HAS_BIAS and CLAMP): forward's gate+up with both, its down with the
+    # bias; backward's dg/du epilogue with the clamp's masks; the biases' gradients from the weight-gradient kernel
+    oss = {(r["kernel"], r["variant"]) for r in rows if r["case"].startswith("gpt-oss moe")}
+    assert any("EPILOGUE=3" in v and "HAS_BIAS=True CLAMP=True" in v for k, v in oss if k == "_grouped_kernel"), oss
+    assert any("EPILOGUE=4" in v and "CLAMP=True" in v for k, v in oss if k == "_grouped_kernel"), oss
+    assert not any(("CLAMP=True" in r["variant"] or "HAS_BIAS=True" in r["variant"]) for r in rows
+                   if r["kernel"] in ("_grouped_kernel", "_expert_grad_kernel")
+                   and not r["case"].startswith("gpt-oss")), "GPT-OSS's flags outside its case"
     # the dense MLPs: dh's (dg/du's) epilogue stores a, and the prologues that recompute it are built for
     # the frozen fallback
     dense = {r["variant"] for r in rows if r["kernel"] == "_matmul_kernel"}
