@@ -132,9 +132,15 @@ def _random(**overrides):
 def test_what_none_of_the_three_computes_is_refused_by_name():
     from tritongpt.train.llama_weights import refuse_not_llama
 
+    from tritongpt.train.llama_weights import hf_family
+
+    # a window in some layers only is Ministral's (layer_types: test_more_families.py), never Mistral's
+    odd = _random(attention_window=5, window_layers="odd")
+    assert hf_family(odd.config) == "ministral"
+    with pytest.raises(UserError, match=r"has local attention \(attention_window 5\) in its odd layers, where "
+                                        "Mistral's sliding window, if any, is in every layer: it cannot be exported"):
+        refuse_not_llama(odd, "X", "Mistral")
     for overrides, said in (
-            ({"attention_window": 5, "window_layers": "odd"}, "has local attention (attention_window 5) in its odd "
-             "layers, where Mistral's sliding window, if any, is in every layer: it cannot be exported"),
             ({"attention_window": 5, "bias": True}, "where Llama attends to the whole context (a Mistral folder would "
              "take the window, but Mistral's projections have no biases)"),
             ({"qkv_bias_only": True, "norm": "layernorm"}, "normalizes with layernorm, where Qwen2 has RMSNorms"),

@@ -15,6 +15,9 @@ no row is permuted. Four relatives differ from it in a field or two, and are rea
 - Qwen3: no q/k/v biases, but each head's query and key RMSNorm-ed before RoPE (qk_norm), and a
   head width of its own (attention_head_dim: Qwen3-0.6B's 16 heads of 128 over a width of 1024);
   a Llama, Mistral or Qwen2 config.json's head_dim is read too.
+- Ministral (Ministral-8B-Instruct-2410): Mistral with its sliding window in the layers layer_types names
+  "sliding_attention" (without one, every layer when sliding_window says a width), the others global: our
+  window_layers as a list. export writes a Mistral-shaped model whose window is in some layers only as one.
 - SmolLM3: no RoPE in every fourth layer (no_rope_layers, 0 where q and k are not rotated:
   nope_layers), its sliding window, when use_sliding_window, in the layers layer_types names (by
   default those NoPE layers).
@@ -50,8 +53,9 @@ _NORMS = ("norm1", "norm2")
 _QKV = ("att.W_query", "att.W_key", "att.W_value")
 # model_type -> the class transformers builds; all three share LlamaForCausalLM's tensor names
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
-_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "smollm3": "SmolLM3"}
+            "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "ministral": "MinistralForCausalLM"}
+_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "smollm3": "SmolLM3",
+          "ministral": "Ministral"}
 _QK_NORMS = (("att.q_norm", "self_attn.q_norm"), ("att.k_norm", "self_attn.k_norm"))  # Qwen3's
 
 
@@ -230,8 +234,8 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
         return 0, "all"
     # the key's default when config.json leaves it out: MistralConfig's, Qwen2Config's and Qwen3Config's 4096 (the
     # latter two only where use_sliding_window says so), SmolLM3Config's None (4.x and 5 alike)
-    window = d.get("sliding_window", 4096 if kind in ("mistral", "qwen2", "qwen3") else None)
-    if kind != "mistral" and not config_flag(d, "use_sliding_window", False, cfg_json, kind):
+    window = d.get("sliding_window", 4096 if kind in ("mistral", "qwen2", "qwen3", "ministral") else None)
+    if kind not in ("mistral", "ministral") and not config_flag(d, "use_sliding_window", False, cfg_json, kind):
         window = None
     if window is None:
         return 0, "all"
@@ -243,6 +247,8 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     if kind == "smollm3":  # without layer_types, SmolLM3 slides its window over its NoPE layers
         nope = _nope_layers(d, n_layer, cfg_json)
         default = ["sliding_attention" if i in nope else "full_attention" for i in range(n_layer)]
+    elif kind == "ministral":  # MinistralConfig's: without layer_types, every layer slides (a window is said here)
+        default = ["sliding_attention"] * n_layer
     else:
         default = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
     types = d.get("layer_types") or default
@@ -400,19 +406,21 @@ def load_llama_safetensors(path) -> GPTModel:
 def hf_family(cfg: GPTConfig) -> str:
     """The model_type a Llama-shaped model is written as: smollm3 when some layers have no RoPE (nope_layers),
     qwen3 when it normalizes q and k, qwen2 when
-    its q/k/v alone have biases, mistral when it has a sliding window (and no biases: Mistral's
-    projections have none), else llama."""
+    its q/k/v alone have biases, mistral when it has a sliding window in every layer (and no biases: Mistral's
+    projections have none), ministral when in some layers only (Ministral's layer_types), else llama."""
     if cfg.nope_layers:
         return "smollm3"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias_only:
         return "qwen2"
-    return "mistral" if cfg.attention_window and not cfg.bias else "llama"
+    if cfg.attention_window and not cfg.bias:
+        return "mistral" if cfg.window_layers == "all" else "ministral"
+    return "llama"
 
 
 def family_name(cfg: GPTConfig) -> str:
-    """"Llama", "Mistral", "Qwen2", "Qwen3" or "SmolLM3": what export writes this model as."""
+    """"Llama", "Mistral", "Qwen2", "Qwen3", "SmolLM3" or "Ministral": what export writes this model as."""
     return _NAMES[hf_family(cfg)]
 
 
@@ -454,7 +462,8 @@ def refuse_not_llama(model: GPTModel, what: str, family: str | None = None) -> N
                           "where SmolLM3's linear layers have biases all or none")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    refuse_gemma_touches(cfg, family, what, layer_types=family in ("Qwen2", "Qwen3", "SmolLM3", "Qwen2-MoE"))
+    refuse_gemma_touches(cfg, family, what, layer_types=family in ("Qwen2", "Qwen3", "SmolLM3", "Qwen2-MoE",
+                                                                         "Ministral"))
     if family != "Phi-3":
         refuse_phi3_touches(cfg, family, what)
 
@@ -483,7 +492,7 @@ def _hf_tensors(model: GPTModel) -> dict:
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
-    """LlamaConfig (MistralConfig, Qwen2Config, Qwen3Config, SmolLM3Config) fields (config.json) for this
+    """LlamaConfig (MistralConfig, Qwen2Config, Qwen3Config, SmolLM3Config, MinistralConfig) fields (config.json) for this
     model; what _check_hf_config reads back. RoPE's base is written both ways: rope_parameters (transformers 5)
     and rope_theta (4.x)."""
     kind = hf_family(cfg)
@@ -507,6 +516,9 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
                  no_rope_layers=[int(cfg.layer_has_rope(i)) for i in range(cfg.n_layer)])
     elif kind == "mistral":
         d.update(sliding_window=window)
+    elif kind == "ministral":
+        d.update(sliding_window=window, layer_types=["sliding_attention" if cfg.layer_window(i) else "full_attention"
+                                                     for i in range(cfg.n_layer)])
     else:  # Qwen2's and Qwen3's local layers: layer_types (older readers: from max_window_layers 0, all)
         d.update(use_sliding_window=bool(window), sliding_window=window, max_window_layers=0 if window else cfg.n_layer,
                  layer_types=["sliding_attention" if cfg.layer_window(i) else "full_attention"
