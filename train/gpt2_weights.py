@@ -469,7 +469,7 @@ def is_hf_weights(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True, quantized_ok: bool = False) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Qwen2, Qwen3), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
+    Face GPT-2, GPT-Neo, Llama (Mistral, Ministral, Qwen2, Qwen3, ERNIE 4.5, Seed-OSS, Helium), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
     Falcon, BLOOM, MPT, Cohere (Cohere2), Granite (GraniteMoe) or
     mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin, or a GGUF
     file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset, when no config.json says the heads).
@@ -519,6 +519,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         from tritongpt.train.gptj_weights import is_gptj_file, load_gptj_safetensors
         from tritongpt.train.granite_weights import is_granite_file, load_granite_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
+        from tritongpt.train.llama_kin_weights import is_kin_file, load_kin_safetensors
         from tritongpt.train.moe_weights import is_moe_file, load_moe_safetensors
         from tritongpt.train.mpt_weights import is_mpt_file, load_mpt_safetensors
         from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
@@ -557,6 +558,8 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
             return load_gpt_oss_safetensors(path)
         if is_moe_file(path):
             return load_moe_safetensors(path)
+        if is_kin_file(path):  # ERNIE 4.5, Seed-OSS, Helium: Llamas under model_types of their own
+            return load_kin_safetensors(path)
         if is_llama_file(path):
             return _inference_only(load_llama_safetensors(path), path, quantized_ok)
         return load_gpt2_safetensors(path, model_name)
