@@ -18,7 +18,8 @@ from tritongpt.train.gpt2_weights import load_checkpoint
 transformers = pytest.importorskip("transformers")
 
 VOCAB, CTX, T = 53, 40, 23
-_CLASSES = {"ernie4_5": "Ernie4_5", "helium": "Helium", "seed_oss": "SeedOss", "ministral": "Ministral"}
+_CLASSES = {"ernie4_5": "Ernie4_5", "helium": "Helium", "seed_oss": "SeedOss", "ministral": "Ministral",
+            "glm4": "Glm4"}
 
 
 def hf_kin(folder, kind, tie=False, layers=2, head_dim=16, **config):
@@ -46,6 +47,8 @@ CASES = [
     ("ministral", dict(layers=3, sliding_window=5, layer_types=["sliding_attention", "full_attention",
                                                                 "sliding_attention"]),
      dict(bias=False, attention_window=5, window_layers="0,2"), "Ministral"),
+    # Glm4Config's default partial_rotary_factor 0.5: 8 of each head's 16 dimensions rotated
+    ("glm4", dict(), dict(post_norms=True, pre_norms=True, rotary_dim=8, qkv_bias_only=True, bias=False), "GLM-4"),
 ]
 
 
@@ -95,8 +98,19 @@ def test_loads_decodes_generates_and_exports_like_transformers(tmp_path, kind, b
     ("seed_oss", {"head_dim": 24}, "says head_dim 24, but the weights have 16"),
     ("ministral", {"layer_types": ["sliding_attention"] * 2}, "has 2 layer_types for 3 layers"),
     ("ministral", {"sliding_window": 0}, "sliding_window 0; it must be a positive integer or null"),
+    ("glm4", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ("glm4", {"partial_rotary_factor": 0.1, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0,
+                                                                 "partial_rotary_factor": 0.1}},
+     "partial rotary factor 0.1: 1 of head_dim 16 rotated"),
+    ("glm4", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 2.0}},
+     "rope_parameters of type 'yarn'; this model reads GLM-4's RoPE unscaled"),
+    ("glm4", {"attention_bias": False}, "has attention_bias false, but the weights have q_proj's bias"),
+    # (the other way, biases said and missing, is model_with_tensors' missing tensor)
+    ("seed_oss", {"attention_bias": False}, "says no q/k/v biases, but the weights have q_proj's bias"),
 ], ids=["ernie-activation", "ernie-partial-rotary", "ernie-bias-type", "helium-mlp-bias", "helium-window",
-        "seed-out-bias", "seed-dynamic-rope", "seed-head-dim", "ministral-layer-types", "ministral-window"])
+        "seed-out-bias", "seed-dynamic-rope", "seed-head-dim", "ministral-layer-types", "ministral-window",
+        "glm4-activation", "glm4-partial-rotary", "glm4-yarn", "glm4-biases-not-said",
+        "seed-biases-not-said"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):
     build = dict(layers=3, sliding_window=5) if kind == "ministral" else {}
     path = hf_copy(hf_kin, tmp_path, kind, **build)
@@ -120,3 +134,26 @@ def test_config_defaults_are_each_familys(hf_copy, tmp_path):
         assert (theirs.rope_parameters["rope_theta"], theirs.rms_norm_eps) == (theta, eps)
         c = load_checkpoint(path).config
         assert (c.rope_theta, c.norm_eps) == (theta, eps)
+
+
+@pytest.mark.parametrize("change,said", [
+    ({"bias": True}, "has biases on its output projection and MLP, where GLM-4's are on q, k and v only"),
+    ({"attention_window": 5}, "has local attention (attention_window 5), where GLM-4 attends to the whole context"),
+    ({"qk_norm": True}, "normalizes q and k (qk_norm), which GLM-4 does not"),
+    ({"logit_softcap": 30.0}, "soft-caps its logits (logit_softcap 30), which GLM-4 does not"),
+], ids=["biases", "window", "qk-norm", "softcap"])
+def test_a_glm4_shaped_model_glm4_cannot_say_is_refused_by_name(tmp_path, change, said):
+    """Sandwich norms on a SwiGLU block are GLM-4's (export_target): what its folder cannot say refused before any
+    file is written."""
+    from tritongpt.commands import export_target
+    from tritongpt.model.gpt import GPTModel
+
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=CTX, n_embd=64, n_layer=1, n_head=4, norm="rmsnorm",
+                    mlp="swiglu", position_encoding="rope", rotary_dim=8, post_norms=True,
+                    **(change if "bias" in change else {"bias": False, "qkv_bias_only": True, **change}))
+    name, refuse, export = export_target(cfg)
+    assert name == "GLM-4"
+    with pytest.raises(UserError) as e:
+        export(GPTModel(cfg), tmp_path / "out")
+    assert f"this model {said}: it cannot be exported as a GLM-4 folder" in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -469,8 +469,8 @@ def is_hf_weights(path) -> bool:
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True, quantized_ok: bool = False) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Ministral, Qwen2, Qwen3, ERNIE 4.5, Seed-OSS, Helium), Gemma, OLMo, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J,
-    Falcon, BLOOM, MPT, Cohere (Cohere2), Granite (GraniteMoe) or
+    Face GPT-2, GPT-Neo, Llama (Mistral, Ministral, Qwen2, Qwen3, ERNIE 4.5, Seed-OSS, Helium), GLM-4, Gemma, OLMo,
+    GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J, Falcon, BLOOM, MPT, Cohere (Cohere2), Granite (GraniteMoe) or
     mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin, or a GGUF
     file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset, when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
@@ -520,6 +520,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         from tritongpt.train.granite_weights import is_granite_file, load_granite_safetensors
         from tritongpt.train.llama_weights import is_llama_file, load_llama_safetensors
         from tritongpt.train.llama_kin_weights import is_kin_file, load_kin_safetensors
+        from tritongpt.train.glm4_weights import is_glm4_file, load_glm4_safetensors
         from tritongpt.train.moe_weights import is_moe_file, load_moe_safetensors
         from tritongpt.train.mpt_weights import is_mpt_file, load_mpt_safetensors
         from tritongpt.train.neox_weights import is_neox_file, load_neox_safetensors
@@ -558,6 +559,8 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
             return load_gpt_oss_safetensors(path)
         if is_moe_file(path):
             return load_moe_safetensors(path)
+        if is_glm4_file(path):
+            return load_glm4_safetensors(path)
         if is_kin_file(path):  # ERNIE 4.5, Seed-OSS, Helium: Llamas under model_types of their own
             return load_kin_safetensors(path)
         if is_llama_file(path):

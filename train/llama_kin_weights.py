@@ -76,9 +76,14 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     if d.get("sliding_window") is not None:  # none of the three reads one: a file that says one means another model
         raise UserError(f"{cfg_json} has sliding_window {d['sliding_window']!r}; {family} attends to the whole "
                         "context")
+    biases = _biases(d, kind, cfg_json)
+    said = biases["bias"] or biases["qkv_bias_only"]
+    if said != ("layers.0.self_attn.q_proj.bias" in sd):  # transformers would drop (or zero) them unsaid
+        raise UserError(f"{cfg_json} says {'' if said else 'no '}q/k/v biases, but the weights "
+                        f"{'lack' if said else 'have'} q_proj's bias")
     theta, scaling = _rope_theta(d, cfg_json, _THETA[kind])  # (a partial_rotary_factor is refused there)
     return config_json_gptconfig(
-        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd, d, cfg_json), **_biases(d, kind, cfg_json),
+        cfg_json, LLAMA_KEYS, **shape_fields(shapes, sd, d, cfg_json), **biases,
         context_length=d.get("max_position_embeddings", 2048), position_encoding="rope", rope_theta=theta,
         rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", _EPS[kind]), mlp="swiglu")
 

@@ -492,8 +492,8 @@ def _hf_tensors(model: GPTModel) -> dict:
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
-    """LlamaConfig (MistralConfig, Qwen2Config, Qwen3Config, SmolLM3Config, MinistralConfig) fields (config.json) for this
-    model; what _check_hf_config reads back. RoPE's base is written both ways: rope_parameters (transformers 5)
+    """LlamaConfig (MistralConfig, Qwen2Config, Qwen3Config, SmolLM3Config, MinistralConfig) fields (config.json)
+    for this model; what _check_hf_config reads back. RoPE's base is written both ways: rope_parameters (transformers 5)
     and rope_theta (4.x)."""
     kind = hf_family(cfg)
     d = {"model_type": kind, "architectures": [FAMILIES[kind]], "vocab_size": cfg.vocab_size,

@@ -1275,18 +1275,18 @@ def export_target(cfg) -> tuple:
     Granite's or GraniteMoe's (muP multipliers, or scaled logits on RMSNorm blocks), GPT-OSS's for experts with
     biases or its clamped SwiGLU, Mixtral's, Qwen3-MoE's, Qwen2-MoE's or OLMoE's for another mixture of experts
     (n_experts), BLOOM's (ALiBi with embed_norm), MPT's
-    (ALiBi without biases), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), then
-    Gemma's (scaled embeddings, sandwich norms, GeGLU...), Cohere's (a SwiGLU MLP in a shared-norm parallel block
-    over LayerNorms, or scaled logits; Cohere2's with local layers), StableLM's (LayerNorms with SwiGLU), Phi-3's
-    (a partial rotary or LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as
-    hf_family says), GPT-Neo's (unscaled attention scores); then, for RoPE over LayerNorms and a GELU MLP: GPT-J's
+    (ALiBi without biases), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), GLM-4's
+    (sandwich norms on a SwiGLU MLP), then Gemma's (scaled embeddings, sandwich norms, GeGLU...), Cohere's (a SwiGLU
+    MLP in a shared-norm parallel block over LayerNorms, or scaled logits; Cohere2's with local layers), StableLM's
+    (LayerNorms with SwiGLU), Phi-3's (a partial rotary or LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a
+    Mistral, a Qwen2... as hf_family says), GPT-Neo's (unscaled attention scores); then, for RoPE over LayerNorms and a GELU MLP: GPT-J's
     (a shared-norm parallel block, an LM-head bias, no q/k/v biases), Falcon's (the exact GELU, no LM-head bias,
     and a shared norm, grouped key/value heads or no biases), Phi's (one norm in a parallel block or an LM-head bias),
     GPT-NeoX's; else GPT-2. An ALiBi model none of them takes falls through to a family that refuses ALiBi by
     name. refuse(model, what) names what that family cannot say."""
-    from tritongpt.train import bloom_weights, cohere_weights, falcon_weights, gemma_weights, gpt2_weights, \
-        gpt_neo_weights, gpt_oss_weights, gptj_weights, granite_weights, llama_weights, moe_weights, mpt_weights, \
-        neox_weights, olmo_weights, phi3_weights, phi_weights, stablelm_weights
+    from tritongpt.train import bloom_weights, cohere_weights, falcon_weights, gemma_weights, glm4_weights, \
+        gpt2_weights, gpt_neo_weights, gpt_oss_weights, gptj_weights, granite_weights, llama_weights, moe_weights, \
+        mpt_weights, neox_weights, olmo_weights, phi3_weights, phi_weights, stablelm_weights
 
     if granite_weights.is_granite_shaped(cfg):  # before the MoE families: GraniteMoe writes experts with multipliers
         return granite_weights.family_name(cfg), granite_weights.refuse_not_granite, granite_weights.export_granite
@@ -1300,6 +1300,8 @@ def export_target(cfg) -> tuple:
         return "MPT", mpt_weights.refuse_not_mpt, mpt_weights.export_mpt
     if olmo_weights.is_olmo_shaped(cfg):
         return olmo_weights.family_name(cfg), olmo_weights.refuse_not_olmo, olmo_weights.export_olmo
+    if glm4_weights.is_glm4_shaped(cfg):  # sandwich norms on SwiGLU: before Gemma's, which are GeGLU
+        return "GLM-4", glm4_weights.refuse_not_glm4, glm4_weights.export_glm4
     if gemma_weights.is_gemma_shaped(cfg):
         return gemma_weights.family_name(cfg), gemma_weights.refuse_not_gemma, gemma_weights.export_gemma
     if cohere_weights.is_cohere_shaped(cfg):
