@@ -294,7 +294,7 @@ def test_another_model_type_is_refused_and_a_sharded_folder_is_read_whole(tmp_pa
     cfg_json = tmp_path / "mamba" / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "model_type": "mamba"}))
     with pytest.raises(UserError, match="config.json says model_type 'mamba': not a GPT-2 model \\(tritongpt reads "
-                                        "Hugging Face's gpt2, gpt_neo, llama, .* and olmoe models\\)"):
+                                        "Hugging Face's gpt2, gpt_neo, .*, llama, .* and qwen2_moe models\\)"):
         load_checkpoint(path)
     folder = tmp_path / "sharded"
     hf, _ = _hf_model(folder)

@@ -203,10 +203,17 @@ def test_a_head_dim_the_weights_do_not_have_and_another_family_are_refused_by_na
     # (olmoe and qwen2_moe are read: train/moe_weights.py)
     cfg_json.write_text(json.dumps({**d, "model_type": "deepseek_v2"}))
     with pytest.raises(UserError, match="config.json says model_type 'deepseek_v2': not a GPT-2 model \\(tritongpt "
-                                        "reads Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, "
-                                        "gemma2, gemma3_text, olmo2, olmo3, gpt_neox, phi, phi3, stablelm, mixtral, "
-                                        "qwen3_moe, olmoe and qwen2_moe models\\)"):
+                                        "reads Hugging Face's gpt2, gpt_neo, gpt_oss, llama, mistral, .*, glm4, "
+                                        "mixtral, qwen3_moe, olmoe and qwen2_moe models\\)"):
         load_checkpoint(path)
+    # every model_type that refusal lists is one a reader takes (its own refusals differ: not "not a GPT-2 model")
+    from tritongpt.train.gpt2_weights import read_model_types
+    for kind in read_model_types()[1:]:
+        cfg_json.write_text(json.dumps({**d, "model_type": kind}))
+        try:
+            load_checkpoint(path)
+        except UserError as e:
+            assert "not a GPT-2 model" not in str(e), (kind, e)
     # OLMo 2's loader reads its own block: a Qwen3 folder called one has input norms OLMo 2 has not
     cfg_json.write_text(json.dumps({**d, "model_type": "olmo2"}))
     with pytest.raises(UserError, match="tensor layers.0.input_layernorm is not OLMo 2's"):

@@ -424,10 +424,23 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
     GPT-2's names."""
     d = read_json_object(cfg_json)
     if d.get("model_type", "gpt2") != "gpt2":
+        *most, last = read_model_types()
         raise UserError(f"{cfg_json} says model_type {d['model_type']!r}: not a GPT-2 model (tritongpt reads "
-                        "Hugging Face's gpt2, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
-                        "olmo2, olmo3, gpt_neox, phi, phi3, stablelm, mixtral, qwen3_moe, olmoe and qwen2_moe models)")
+                        f"Hugging Face's {', '.join(most)} and {last} models)")
     return d
+
+
+def read_model_types() -> tuple:
+    """The config.json model_types load_checkpoint hands to a reader, from the readers' own tables (a list
+    written out here went stale as families were added)."""
+    import importlib
+
+    types = ["gpt2", "gpt_neo", "gpt_oss"]  # (the readers that name theirs inline)
+    for name in ("llama", "llama_kin", "gemma", "olmo", "neox", "phi", "phi3", "gptj", "falcon", "bloom", "mpt",
+                 "cohere", "granite", "stablelm", "glm4", "moe"):
+        m = importlib.import_module(f"tritongpt.train.{name}_weights")
+        types += [getattr(m, "MODEL_TYPE", None), *getattr(m, "FAMILIES", ()), *getattr(m, "MODEL_TYPES", ())]
+    return tuple(dict.fromkeys(t for t in types if t))
 
 
 def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer: int) -> dict:
