@@ -24,7 +24,7 @@ _READ = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3"), _LLAMA),
 }
 _PAIRS = [(kind, key) for kind, keys in _READ.items() for key in (*keys, "tie_word_embeddings")] + [
-    (kind, "tie_word_embeddings") for kind in ("gpt_neo", "gptj", "phi3", "mpt", "gemma3")]
+    (kind, "tie_word_embeddings") for kind in ("gpt_neo", "gptj", "phi3", "mpt", "gemma3", "exaone4")]
 
 
 def test_every_null_accepting_field_is_one_a_reader_reads():

@@ -204,7 +204,7 @@ def test_a_head_dim_the_weights_do_not_have_and_another_family_are_refused_by_na
     cfg_json.write_text(json.dumps({**d, "model_type": "deepseek_v2"}))
     with pytest.raises(UserError, match="config.json says model_type 'deepseek_v2': not a GPT-2 model \\(tritongpt "
                                         "reads Hugging Face's gpt2, gpt_neo, gpt_oss, llama, mistral, .*, glm4, "
-                                        "mixtral, qwen3_moe, olmoe and qwen2_moe models\\)"):
+                                        "exaone4, mixtral, qwen3_moe, olmoe and qwen2_moe models\\)"):
         load_checkpoint(path)
     # every model_type that refusal lists is one a reader takes (its own refusals differ: not "not a GPT-2 model")
     from tritongpt.train.gpt2_weights import read_model_types

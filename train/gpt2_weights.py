@@ -332,7 +332,8 @@ def config_flag(d: dict, key: str, default: bool, cfg_json, kind: str | None = N
 # configs leave the field out, their files the head); a config.json without a model_type is no transformers
 # folder: tied as before.
 UNTIED_BY_DEFAULT = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "phi", "phi3", "stablelm",
-                               "granite", "granitemoe", "mixtral", "qwen3_moe", "olmoe", "gpt_neox", "gptj"})
+                               "granite", "granitemoe", "mixtral", "qwen3_moe", "olmoe", "gpt_neox", "gptj",
+                               "exaone4"})
 
 
 def tied_head(d: dict, head, emb, head_name: str, cfg_json) -> bool:
@@ -437,7 +438,7 @@ def read_model_types() -> tuple:
 
     types = ["gpt2", "gpt_neo", "gpt_oss"]  # (the readers that name theirs inline)
     for name in ("llama", "llama_kin", "gemma", "olmo", "neox", "phi", "phi3", "gptj", "falcon", "bloom", "mpt",
-                 "cohere", "granite", "stablelm", "glm4", "moe"):
+                 "cohere", "granite", "stablelm", "glm4", "exaone4", "moe"):
         m = importlib.import_module(f"tritongpt.train.{name}_weights")
         types += [getattr(m, "MODEL_TYPE", None), *getattr(m, "FAMILIES", ()), *getattr(m, "MODEL_TYPES", ())]
     return tuple(dict.fromkeys(t for t in types if t))
@@ -483,9 +484,10 @@ def is_hf_weights(path) -> bool:
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True, quantized_ok: bool = False) -> GPTModel:
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Ministral, Qwen2, Qwen3, ERNIE 4.5, Seed-OSS, Helium), GLM-4, Gemma, OLMo,
-    GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J, Falcon, BLOOM, MPT, Cohere (Cohere2), Granite (GraniteMoe) or
-    mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or pytorch_model.bin, or a GGUF
-    file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset, when no config.json says the heads).
+    EXAONE 4, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J, Falcon, BLOOM, MPT, Cohere (Cohere2), Granite
+    (GraniteMoe) or mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or
+    pytorch_model.bin, or a GGUF file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset, when no
+    config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter). quantized_ok: an int8 or int4 file (`tritongpt quantize`) loads, for the
     commands that only run a model; elsewhere it is refused by name (GPTModel.load)."""
@@ -525,6 +527,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
                             "tritongpt.train.reward.RewardModel.load)")
         from tritongpt.train.bloom_weights import is_bloom_file, load_bloom_safetensors
         from tritongpt.train.cohere_weights import is_cohere_file, load_cohere_safetensors
+        from tritongpt.train.exaone4_weights import is_exaone4_file, load_exaone4_safetensors
         from tritongpt.train.falcon_weights import is_falcon_file, load_falcon_safetensors
         from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
@@ -548,6 +551,8 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
             return _inference_only(load_gemma_safetensors(path), path, quantized_ok)
         if is_olmo_file(path):
             return load_olmo_safetensors(path)
+        if is_exaone4_file(path):
+            return load_exaone4_safetensors(path)
         if is_neox_file(path):
             return _inference_only(load_neox_safetensors(path), path, quantized_ok)
         if is_phi3_file(path):
@@ -944,13 +949,13 @@ def refuse_olmo_touches(cfg: GPTConfig, family: str, what: str) -> None:
     """OLMo 2's and 3's blocks without input norms and q/k norms over the whole projection, which no other
     family's folder can say: refused by name (GPT-NeoX's touches first)."""
     refuse_neox_touches(cfg, family, what)
-    for differs, why in ((not cfg.pre_norms, "does not normalize each sublayer's input (pre_norms False: OLMo 2's "
-                          "blocks)"),
-                         (cfg.qk_norm and cfg.qk_norm_width == "all", "normalizes q and k over all their heads at "
-                          "once (qk_norm_width 'all')")):
+    for differs, why, takers in ((not cfg.pre_norms, "does not normalize each sublayer's input (pre_norms False: "
+                                  "OLMo 2's and EXAONE 4's blocks)", "an OLMo or EXAONE 4"),
+                                 (cfg.qk_norm and cfg.qk_norm_width == "all", "normalizes q and k over all their "
+                                  "heads at once (qk_norm_width 'all')", "an OLMo")):
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
-                            f"{what} (an OLMo folder may take it)")
+                            f"{what} ({takers} folder may take it)")
 
 
 def refuse_neox_touches(cfg: GPTConfig, family: str, what: str) -> None:

@@ -1274,8 +1274,8 @@ def export_target(cfg) -> tuple:
     """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches it has:
     Granite's or GraniteMoe's (muP multipliers, or scaled logits on RMSNorm blocks), GPT-OSS's for experts with
     biases or its clamped SwiGLU, Mixtral's, Qwen3-MoE's, Qwen2-MoE's or OLMoE's for another mixture of experts
-    (n_experts), BLOOM's (ALiBi with embed_norm), MPT's
-    (ALiBi without biases), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), GLM-4's
+    (n_experts), BLOOM's (ALiBi with embed_norm), MPT's (ALiBi without biases), EXAONE 4's (no input norms, each
+    head's q and k normalized), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms too), GLM-4's
     (sandwich norms on a SwiGLU MLP), then Gemma's (scaled embeddings, sandwich norms, GeGLU...), Cohere's (a SwiGLU
     MLP in a shared-norm parallel block over LayerNorms, or scaled logits; Cohere2's with local layers), StableLM's
     (LayerNorms with SwiGLU), Phi-3's (a partial rotary or LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a
@@ -1284,9 +1284,9 @@ def export_target(cfg) -> tuple:
     and a shared norm, grouped key/value heads or no biases), Phi's (one norm in a parallel block or an LM-head bias),
     GPT-NeoX's; else GPT-2. An ALiBi model none of them takes falls through to a family that refuses ALiBi by
     name. refuse(model, what) names what that family cannot say."""
-    from tritongpt.train import bloom_weights, cohere_weights, falcon_weights, gemma_weights, glm4_weights, \
-        gpt2_weights, gpt_neo_weights, gpt_oss_weights, gptj_weights, granite_weights, llama_weights, moe_weights, \
-        mpt_weights, neox_weights, olmo_weights, phi3_weights, phi_weights, stablelm_weights
+    from tritongpt.train import bloom_weights, cohere_weights, exaone4_weights, falcon_weights, gemma_weights, \
+        glm4_weights, gpt2_weights, gpt_neo_weights, gpt_oss_weights, gptj_weights, granite_weights, llama_weights, \
+        moe_weights, mpt_weights, neox_weights, olmo_weights, phi3_weights, phi_weights, stablelm_weights
 
     if granite_weights.is_granite_shaped(cfg):  # before the MoE families: GraniteMoe writes experts with multipliers
         return granite_weights.family_name(cfg), granite_weights.refuse_not_granite, granite_weights.export_granite
@@ -1298,6 +1298,8 @@ def export_target(cfg) -> tuple:
         return "BLOOM", bloom_weights.refuse_not_bloom, bloom_weights.export_bloom
     if mpt_weights.is_mpt_shaped(cfg):
         return "MPT", mpt_weights.refuse_not_mpt, mpt_weights.export_mpt
+    if exaone4_weights.is_exaone4_shaped(cfg):  # no input norms as OLMo's, but q/k norms per head: before OLMo's
+        return "EXAONE 4", exaone4_weights.refuse_not_exaone4, exaone4_weights.export_exaone4
     if olmo_weights.is_olmo_shaped(cfg):
         return olmo_weights.family_name(cfg), olmo_weights.refuse_not_olmo, olmo_weights.export_olmo
     if glm4_weights.is_glm4_shaped(cfg):  # sandwich norms on SwiGLU: before Gemma's, which are GeGLU
@@ -1327,7 +1329,7 @@ def export_target(cfg) -> tuple:
 
 
 def article(name: str) -> str:
-    return "an" if name.startswith(("OLMo", "OLMoE", "MPT")) else "a"
+    return "an" if name.startswith(("OLMo", "OLMoE", "MPT", "EXAONE")) else "a"
 
 
 def gptq_options(meta: dict, mode: str) -> str:
