@@ -49,6 +49,8 @@ EXPORT_BASES = {
     "Gemma 2": dict(LLAMA, mlp="geglu", scale_embeddings=True, tie_weights=True, post_norms=True, attn_softcap=50.0,
                     logit_softcap=30.0, attention_window=8, window_layers="0"),
     "OLMo 2": dict(LLAMA, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_width="all"),
+    "EXAONE 4": dict(LLAMA, pre_norms=False, post_norms=True, qk_norm=True, attention_window=8, window_layers="0",
+                     nope_layers="1"),
     "Mixtral": dict(LLAMA, n_experts=4, experts_per_token=2),
     "Qwen2-MoE": dict(LLAMA, qkv_bias_only=True, n_experts=4, experts_per_token=2, moe_shared_hidden=24),
     "Ministral": dict(LLAMA, attention_window=8, window_layers="0"),
@@ -165,6 +167,7 @@ def loader_bases():
         "bloom": (t.BloomConfig, {}),
         "mpt": (t.MptConfig, dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64)),
         "cohere": (t.CohereConfig, {}), "cohere2": (t.Cohere2Config, dict(sliding_window=8, num_hidden_layers=4)),
+        "exaone4": (t.Exaone4Config, dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
     }
 
 
