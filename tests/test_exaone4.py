@@ -60,7 +60,7 @@ def test_hybrid_layers_load_their_fields_and_match_transformers(tmp_path):
 
 
 def test_without_a_window_every_layer_rotates_as_transformers(tmp_path):
-    """The 1.2B's shape: sliding_window null, every layer global and every layer rotated (Exaone4Attention's
+    """No window (sliding_window null), every layer global and every layer rotated (Exaone4Attention's
     `sliding_window is None or is_sliding`), a tied head."""
     hf, path = hf_exaone4(tmp_path, ["full_attention"] * 3, window=None, tie=True)
     model = load_checkpoint(path).double().eval()

@@ -9,9 +9,9 @@ whose differences are each a GPTConfig field:
 - with a sliding_window, its layers are of two kinds (layer_types; the 32B's three sliding to one global): the
   sliding ones attend to the last sliding_window positions and rotate q and k, the global ones attend to the
   whole context without RoPE (Exaone4Attention rotates `if self.sliding_window is None or self.is_sliding`):
-  attention_window and window_layers, and nope_layers the global ones. Without a window (sliding_window null:
-  the 1.2B) every layer is global and every layer rotates.
-One RoPE (Llama 3's scaling in both published models) for every layer that rotates: rope_theta and rope_scaling.
+  attention_window and window_layers, and nope_layers the global ones. Without a window (sliding_window null)
+  every layer is global and every layer rotates.
+One RoPE (with the 32B's Llama 3 scaling, say) for every layer that rotates: rope_theta and rope_scaling.
 What this model does not compute is refused by name: another activation, biases, another RoPE scaling, a head_dim
 the weights do not have, and the layer_types transformers' Exaone4Config fails on (sliding layers without a
 window, no layer_types where its pattern cannot make them).
