@@ -238,3 +238,21 @@ def test_the_expert_biases_are_not_weight_decayed_nor_orthogonalized():
     assert {id(ff.w_gate), id(ff.w_up), id(ff.w_down), id(ff.router.weight)} <= decay
     muon = set(map(id, block_matrices(model)))
     assert id(ff.router.weight) in muon and not {id(ff.b_gate), id(ff.b_up), id(ff.b_down)} & muon
+
+
+def test_pretrains_header_says_the_sinks_and_the_experts_biases_and_clamp(capsys):
+    """pretrain's header names every architecture field a model has: a GPT-OSS-shaped model's sinks, expert biases
+    and clamped SwiGLU too (without them it read as a Mixtral's "4 experts (top 2, renormalized)")."""
+    from types import SimpleNamespace as NS
+
+    from tritongpt.train.pretrain import print_header
+
+    args = NS(init="gpt-oss", model=None, data="d.txt", document_mask=False)
+    trainer = NS(device="cpu", dtype=torch.float32, ddp=False, world_size=1)
+    splits = {"train": [0] * 8, "val": [0] * 2, "bos_id": None}
+    print_header(args, NS(batch_size=1, grad_accum=1, max_steps=1), GPTModel(_tiny()), NS(name="t"), CTX, splits,
+                 trainer)
+    out = capsys.readouterr().out
+    assert ", attention sinks, " in out
+    assert "4 experts (top 2, renormalized, with biases, clamped SwiGLU (limit 2, alpha 1.702), load-balancing loss " \
+           "x0.05)" in out

@@ -802,9 +802,16 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += ", a norm on the embeddings" if cfg.embed_norm else ""
     gqa += ", LayerNorms without biases" if not cfg.norm_bias else ""
     gqa += ", exact (erf) GELU" if cfg.gelu_approximate == "none" else ""
+    # gpt-oss's touches (attention_sinks, moe_bias, moe_activation): said as every other architecture field is, so
+    # the header tells a GPT-OSS-shaped model from a Mixtral-shaped one
+    gqa += ", attention sinks" if cfg.attention_sinks else ""
     renorm = ", renormalized" if cfg.moe_norm_topk else ""
     aux = f", load-balancing loss x{cfg.moe_aux_loss:g}" if cfg.moe_aux_loss else ""
-    gqa += f", {cfg.n_experts} experts (top {cfg.experts_per_token}{renorm}{aux})" if cfg.n_experts else ""
+    biased = ", with biases" if cfg.moe_bias else ""
+    clamped = f", clamped SwiGLU (limit {cfg.swiglu_limit:g}, alpha {cfg.swiglu_alpha:g})" \
+        if cfg.moe_activation == "gpt_oss" else ""
+    gqa += f", {cfg.n_experts} experts (top {cfg.experts_per_token}{renorm}{biased}{clamped}{aux})" \
+        if cfg.n_experts else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
           f"{f', trained on {block}-token blocks' if block != cfg.context_length else ''}"
