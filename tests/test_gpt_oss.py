@@ -256,3 +256,26 @@ def test_pretrains_header_says_the_sinks_and_the_experts_biases_and_clamp(capsys
     assert ", attention sinks, " in out
     assert "4 experts (top 2, renormalized, with biases, clamped SwiGLU (limit 2, alpha 1.702), load-balancing loss " \
            "x0.05)" in out
+
+
+def test_the_engine_batches_requests_to_transformers_tokens_each(tmp_path):
+    """Continuous batching (train/engine.py) of a tiny GPT-OSS: four prompts of different lengths (past the window,
+    the first and the last on one prefix), three rows at once so the last waits and reads that prefix's pages, a paged
+    cache with prefix caching and chunked prefill: each
+    request's greedy tokens are transformers' generate of that prompt alone."""
+    from tritongpt.train.engine import Engine
+
+    hf, path = hf_gpt_oss(tmp_path)
+    model = load_checkpoint(path).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(1, VOCAB, (1, T), generator=g) for T in (8, 5, 1, 13, 2)]  # (no 0: transformers' pad id)
+    prompts = [torch.cat([ids[0], ids[1]], 1), ids[2], ids[3], torch.cat([ids[0], ids[4]], 1)]
+    engine = Engine(model, max_batch=3, kv_pages=24, page_size=4, prefix_caching=True, max_prefill_tokens=6)
+    handles = [engine.submit(p, 6) for p in prompts]
+    while engine.running or engine.waiting:
+        engine.step()
+    assert engine.stats["cached_prompt_tokens"] >= 8  # the shared prefix read back from the cache
+    for h, p in zip(handles, prompts):
+        with torch.no_grad():
+            want = hf.generate(p, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(h.wait(), want)
