@@ -204,8 +204,8 @@ def test_refusals_by_name(edit, said, tmp_path):
 
 
 def test_unknown_architecture_and_tokenizers_refused(tmp_path, monkeypatch):
-    """Another general.architecture; a SentencePiece vocabulary, or a pre-tokenizer not known, by name (the tokenizer
-    folder to pass said); no gguf package: the pip command."""
+    """Another general.architecture; a tokenizer model other than "gpt2" and "llama" (T5's Unigram), or a
+    pre-tokenizer not known, by name (the tokenizer folder to pass said); no gguf package: the pip command."""
     import sys
 
     from tritongpt.train.gguf_import import gguf_tokenizer, load_gguf
@@ -225,8 +225,8 @@ def test_unknown_architecture_and_tokenizers_refused(tmp_path, monkeypatch):
             w.add_tokenizer_pre(pre)
         return edit
 
-    path = write_by_hand(tmp_path / "s.gguf", edit=retokenize("llama", "default"))
-    with pytest.raises(UserError, match="SentencePiece's.*pass the model's Hugging Face tokenizer folder"):
+    path = write_by_hand(tmp_path / "s.gguf", edit=retokenize("t5", "default"))  # (SentencePiece's: test_gguf_spm)
+    with pytest.raises(UserError, match="tokenizer.ggml.model is 't5'.*pass a tokenizer folder"):
         gguf_tokenizer(path)
     path = write_by_hand(tmp_path / "d.gguf", edit=retokenize("gpt2", "deepseek-llm"))
     with pytest.raises(UserError, match="tokenizer.ggml.pre is 'deepseek-llm'"):

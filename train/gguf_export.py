@@ -31,6 +31,7 @@ its fp32 range / 15 are; asymmetric int4 as Q4_0) the matrix is dequantized and 
 
 A model these cannot hold is refused by name before anything is written."""
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,7 +53,8 @@ QWEN2_PAT = LLAMA3_PAT.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_NAMES = {LLAMA3_PAT: "llama-bpe", QWEN2_PAT: "qwen2"}
 # llama.cpp's token types (gguf.TokenType): a normal token, a special one (<|endoftext|>), an added non-special
 # one (matched whole in text), a padding row no text encodes to
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's "▁": a space, inside its pieces
 
 
 def import_gguf():
@@ -247,9 +249,101 @@ def _pre_name(spec: dict, where: str) -> str:
                     "otherwise and give other ids")
 
 
+def spm_merges(vocab: dict, scores: dict) -> list:
+    """The merges ("a b") a SentencePiece-BPE vocabulary's scores stand for, as transformers' GGUF reader recovers
+    them (tokenization_utils_base.generate_merges): every split of a token into two tokens of vocab is a merge
+    ranked by the token's score, higher first (ties: the longer left part first, then by the parts' ids).
+    llama.cpp's SentencePiece tokenizer uses the same scores directly: of a text's adjacent pairs, it merges the
+    one whose joined token scores highest."""
+    merges = []
+    for token, score in scores.items():
+        local = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # (stable: ties keep the ids' order)
+    return [f"{a} {b}" for a, b, _ in merges]
+
+
+def _space_prefix(spec: dict, where: str) -> bool:
+    """Whether a SentencePiece-BPE tokenizer.json prepends "▁" to a text (GGUF's tokenizer.ggml.add_space_prefix),
+    from how it turns spaces into "▁": a Metaspace pre-tokenizer (transformers' LlamaTokenizer today; not split on
+    "▁", as SentencePiece never splits there) or the Prepend + Replace normalizer (Llama 2's own tokenizer.json),
+    or a Replace alone (no prefix). Another way of spelling spaces is refused by name: llama.cpp's would differ."""
+    norm, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+    norms = norm.get("normalizers", []) if (norm or {}).get("type") == "Sequence" else [norm] if norm else []
+    kinds = [n.get("type") for n in norms]
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    if not norms and (pre or {}).get("type") == "Metaspace" and pre.get("replacement") == SPACE \
+            and not pre.get("split", True) and pre.get("prepend_scheme") in ("first", "always", "never"):
+        return pre["prepend_scheme"] != "never"
+    if pre is None and kinds in (["Prepend", "Replace"], ["Replace"]) and norms[-1] == replace \
+            and (len(norms) == 1 or norms[0].get("prepend") == SPACE):
+        return len(norms) == 2
+    raise UserError(f"{where}: a SentencePiece-style BPE whose spaces are spelled otherwise (normalizer "
+                    f"{json.dumps(norm)[:120]}, pre-tokenizer {json.dumps(pre)[:120]}) than GGUF's \"llama\" tokenizer "
+                    "says (\"▁\" for every space, one prepended or not): llama.cpp would give other ids")
+
+
+def _spm_fields(tok, spec: dict, vocab_size: int, where: str) -> dict:
+    """tokenizer_fields for a SentencePiece-style BPE (Llama 2's, Mistral 7B's, TinyLlama's tokenizer.json: BPE with
+    byte_fallback, "▁" for spaces): GGUF's "llama" tokenizer as convert_hf_to_gguf.py writes one (its
+    _set_vocab_sentencepiece: the tokens in id order, their scores and types; byte tokens <0xNN> BYTE, the unknown
+    token UNKNOWN, special added tokens CONTROL, others USER_DEFINED; no merges). GGUF holds no merges for it: its
+    readers rank merges by the scores (spm_merges), so a token's score is minus the rank of the first merge that
+    makes it (SentencePiece's own BPE scores: 0, -1, -2, ...), 0 for the others. Where no scores rank the
+    tokenizer's own merges so (a merge the scores imply that it lacks, or one token's merges far apart in its list:
+    a BPE not trained by SentencePiece), refused by name: llama.cpp and transformers would give other ids.
+    (_set_vocab_llama_hf writes every score -1000, which ranks no merge at all: not followed.)"""
+    model = spec["model"]
+    prefix = _space_prefix(spec, where)
+    vocab = dict(model["vocab"])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    first = {}
+    for rank, m in enumerate(merges):
+        first.setdefault(m.replace(" ", "", 1), -float(rank))
+    for text in first:
+        if text not in vocab:
+            raise UserError(f"{where}: its merge making {text!r} makes no token of its vocabulary")
+    added = {a["content"]: a for a in spec.get("added_tokens", [])}
+    byte = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    # (the readers rank a split of every token; added and byte tokens are matched whole before any merge)
+    scores = {t: first.get(t, 0.0) for t in vocab if t not in added and not byte.fullmatch(t)}
+    implied = spm_merges(vocab, scores)
+    if set(implied) != set(merges) or any(first[a.replace(" ", "", 1)] < first[b.replace(" ", "", 1)]
+                                          for a, b in zip(merges, merges[1:])):
+        extra = sorted(set(implied) - set(merges))
+        why = f"its vocabulary implies merges it does not have ({extra[:3]})" if extra else \
+            "its merges are not ranked by the tokens they make"
+        raise UserError(f"{where}: a SentencePiece-style BPE whose merges no token scores hold: {why}; GGUF's \"llama\" "
+                        "tokenizer keeps scores, not merges, and llama.cpp would give other ids (a tokenizer.json "
+                        "converted from SentencePiece's tokenizer.model has such merges)")
+    for text, a in added.items():
+        vocab[text] = a["id"]
+    unk = model.get("unk_token")
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
+    score_list = [-1000.0] * vocab_size  # (convert_hf_to_gguf.py's for padding and added tokens)
+    for text, i in vocab.items():
+        if i >= vocab_size:
+            raise UserError(f"tokenizer {tok.name!r} has token {text!r} at id {i}, past the model's {vocab_size} rows")
+        tokens[i] = text
+        if text in added and text != unk:
+            types[i] = CONTROL if added[text].get("special", True) else USER_DEFINED
+            score_list[i] = 0.0 if types[i] == CONTROL else -1000.0
+        else:
+            types[i] = UNKNOWN if text == unk else BYTE if byte.fullmatch(text) else NORMAL
+            score_list[i] = scores.get(text, 0.0)
+    ids = {t: vocab.get(t) if t else None for t in (tok.bos_token, tok.eos_token, unk)}
+    pad = (getattr(tok, "template_tokens", None) or {}).get("pad_token")
+    return {"model": "llama", "pre": "default", "tokens": tokens, "types": types, "scores": score_list,
+            "merges": None, "bos": ids[tok.bos_token], "eos": ids[tok.eos_token], "unk": ids[unk],
+            "pad": vocab.get(pad) if pad else None, "add_bos": tok.prepended_bos_id is not None,
+            "add_space_prefix": prefix}
+
+
 def tokenizer_fields(tok, vocab_size: int) -> dict:
     """GGUF's tokenizer.ggml.* for a byte-level BPE tokenizer (ours with GPT-2's pattern, or a Hugging Face
-    tokenizer.json): {"pre", "tokens", "types", "merges", "bos", "eos", "add_bos"}. Ids past the tokenizer's (the
+    tokenizer.json): {"model": "gpt2", "pre", "tokens", "types", "merges", "bos", "eos", "add_bos"}; for a
+    SentencePiece-style BPE tokenizer.json, _spm_fields' ("llama", with scores). Ids past the tokenizer's (the
     model's vocabulary is larger) are "[PAD{i}]" rows of type UNUSED, as convert_hf_to_gguf.py writes them."""
     spec = getattr(tok, "spec", None)
     if spec is None:  # ours: hf_files refuses a pattern other than GPT-2's by name
@@ -264,10 +358,12 @@ def tokenizer_fields(tok, vocab_size: int) -> dict:
     else:
         where = f"tokenizer {tok.name!r}"
         model = spec.get("model") or {}
+        if model.get("type") == "BPE" and model.get("byte_fallback"):
+            return _spm_fields(tok, spec, vocab_size, where)
         if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
             raise UserError(f"{where} is no byte-level BPE (its model is {model.get('type')!r}, its decoder "
                             f"{(spec.get('decoder') or {}).get('type')!r}): GGUF's \"gpt2\" tokenizer is byte-level "
-                            "BPE, the only one this writer writes")
+                            "BPE; its \"llama\" one SentencePiece-style BPE (byte_fallback): the only ones this writer writes")
         norm = (spec.get("normalizer") or {}).get("type")
         if norm == "NFC":  # Qwen2's: llama.cpp's qwen2 vocabulary is written without it, as convert_hf_to_gguf.py does
             note(f"{where} composes text (NFC) before splitting it, which GGUF's tokenizer does not: text with "
@@ -296,8 +392,28 @@ def tokenizer_fields(tok, vocab_size: int) -> dict:
             raise UserError(f"tokenizer {tok.name!r} has token {text!r} at id {i}, past the model's {vocab_size} rows")
         tokens[i] = text
         types[i] = (CONTROL if added[text] else USER_DEFINED) if text in added else NORMAL
-    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges, "bos": bos, "eos": eos,
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges, "bos": bos, "eos": eos,
             "add_bos": add_bos}
+
+
+def write_tokenizer(w, toks: dict) -> None:
+    """tokenizer_fields' toks as GGUF's tokenizer.ggml.* keys, on the GGUFWriter w."""
+    w.add_tokenizer_model(toks["model"])
+    w.add_tokenizer_pre(toks["pre"])
+    w.add_token_list(toks["tokens"])
+    if toks.get("scores") is not None:
+        w.add_token_scores(toks["scores"])
+    w.add_token_types(toks["types"])
+    if toks["merges"] is not None:
+        w.add_token_merges(toks["merges"])
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                     ("pad", w.add_pad_token_id)):
+        if toks.get(key) is not None:
+            add(toks[key])
+    w.add_add_bos_token(toks["add_bos"])
+    if toks["model"] == "llama":
+        w.add_add_eos_token(False)  # (our data puts EOS between documents itself)
+        w.add_add_space_prefix(toks["add_space_prefix"])
 
 
 def _as_type(gguf, name: str, data, kind: str, head: bool = False, requantized: list | None = None):
@@ -419,16 +535,7 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
         if cfg.head_dim * cfg.n_head != cfg.n_embd:  # heads of their own width (llama.cpp: n_embd / n_head else)
             w.add_key_length(cfg.head_dim)
             w.add_value_length(cfg.head_dim)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(toks["pre"])
-    w.add_token_list(toks["tokens"])
-    w.add_token_types(toks["types"])
-    w.add_token_merges(toks["merges"])
-    if toks["bos"] is not None:
-        w.add_bos_token_id(toks["bos"])
-    if toks["eos"] is not None:
-        w.add_eos_token_id(toks["eos"])
-    w.add_add_bos_token(toks["add_bos"])
+    write_tokenizer(w, toks)
     if chat_template:
         w.add_chat_template(chat_template)
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"

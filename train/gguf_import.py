@@ -9,8 +9,9 @@ Q4_1, Q5_0, Q5_1 and the K-quants), and a quantized file runs as the float model
 dequantized at a time, straight into the model's parameter, so a large file never has two float copies in memory.
 
 The tokenizer is rebuilt from the file's metadata (tokenizer.ggml.*): a byte-level BPE ("gpt2") with one of the
-pre-tokenizer regexes gguf_export.py writes, as the same HFTokenizer a Hugging Face folder gives. A SentencePiece
-vocabulary ("llama") is refused by name: pass its Hugging Face tokenizer folder."""
+pre-tokenizer regexes gguf_export.py writes, as the same HFTokenizer a Hugging Face folder gives; or a SentencePiece
+vocabulary ("llama": Llama 2, Mistral 7B, Gemma, Phi-3) as the BPE with byte fallback transformers builds of it
+(_spm_spec). Any other (T5's Unigram "t5", ...) is refused by name: pass its Hugging Face tokenizer folder."""
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from tritongpt.errors import UserError, note
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.quant import pack_int4
 from tritongpt.train.gguf_export import (GGUF_LAYER, GGUF_TOP, GPT2_QKV, INSTALL, LLAMA3_PAT, QKV, QWEN2_PAT, CONTROL,
-                                         UNUSED, USER_DEFINED, unpermute_qk)
+                                         SPACE, UNUSED, USER_DEFINED, spm_merges, unpermute_qk)
 
 ARCHS = ("llama", "qwen2", "qwen3", "gpt2")  # (qwen3: Qwen2's layout without biases, with q/k norms)
 # tokenizer.ggml.pre -> the split regex (None: GPT-2's own, ByteLevel's use_regex)
@@ -347,29 +348,27 @@ def _load_kept(reader, path, arch, cfg, names, tensors, read):
 def gguf_tokenizer(path):
     """The HFTokenizer of a .gguf file's tokenizer.ggml.* metadata (byte-level BPE, "gpt2"): its vocabulary (the
     [PAD] rows, type UNUSED, left out), merges, pre-tokenizer (PRE_PATTERNS), special tokens (type CONTROL), BOS, EOS,
-    pad, whether a BOS is prepended (add_bos_token), and its chat template."""
-    from tritongpt.train.hf_tokenizer import HFTokenizer
-
+    pad, whether a BOS is prepended (add_bos_token), and its chat template; a SentencePiece one ("llama"): _spm_spec."""
     path = Path(path)
     _, reader = _reader(path)
     kind = _field(reader, "tokenizer.ggml.model", path)
-    if kind == "llama":
-        raise UserError(f"{path}: its tokenizer is SentencePiece's (tokenizer.ggml.model 'llama'), which is not "
-                        "rebuilt from a GGUF file here: pass the model's Hugging Face tokenizer folder (--tokenizer)")
-    if kind != "gpt2":
-        raise UserError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is read from a GGUF "
-                        "file: pass a tokenizer folder (--tokenizer)")
-    pre = _field(reader, "tokenizer.ggml.pre", path, "default")
-    if pre not in PRE_PATTERNS:
-        raise UserError(f"{path}: tokenizer.ggml.pre is {pre!r}, none of the pre-tokenizers read from a GGUF file "
-                        f"({', '.join(PRE_PATTERNS)}): its text would be split otherwise and give other ids; pass a "
-                        "tokenizer folder (--tokenizer)")
+    if kind not in ("gpt2", "llama"):
+        raise UserError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') and SentencePiece's "
+                        "BPE ('llama') are read from a GGUF file: pass a tokenizer folder (--tokenizer)")
     tokens = _field(reader, "tokenizer.ggml.tokens", path)
     types = _field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
     merges = _field(reader, "tokenizer.ggml.merges", path, [])
     if len(types) != len(tokens):
         raise UserError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries, tokenizer.ggml.tokens "
                         f"{len(tokens)}")
+    if kind == "llama":
+        spec = _spm_spec(reader, path, tokens, types)
+        return _wrap(reader, path, spec, tokens, {t: i for i, t in enumerate(tokens)})
+    pre = _field(reader, "tokenizer.ggml.pre", path, "default")
+    if pre not in PRE_PATTERNS:
+        raise UserError(f"{path}: tokenizer.ggml.pre is {pre!r}, none of the pre-tokenizers read from a GGUF file "
+                        f"({', '.join(PRE_PATTERNS)}): its text would be split otherwise and give other ids; pass a "
+                        "tokenizer folder (--tokenizer)")
     vocab, added = {}, []
     for i, (text, t) in enumerate(zip(tokens, types)):
         if t == UNUSED:
@@ -383,6 +382,20 @@ def gguf_tokenizer(path):
     pre_tok = byte_level if pattern is None else {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
         {**byte_level, "use_regex": False}]}
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": pre_tok, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": [m.split(" ", 1) for m in merges]}}
+    return _wrap(reader, path, spec, tokens, vocab)
+
+
+def _wrap(reader, path, spec: dict, tokens: list, vocab: dict):
+    """spec as the HFTokenizer of the file: its BOS, EOS and pad (tokenizer.ggml.*_token_id), the BOS prepended
+    where add_bos_token says (SentencePiece's "llama": unless it says not, as llama.cpp and transformers do), EOS
+    appended where add_eos_token says, and its chat template."""
+    from tritongpt.train.hf_tokenizer import HFTokenizer
 
     def token(key):
         i = _field(reader, key, path, None)
@@ -393,21 +406,68 @@ def gguf_tokenizer(path):
         return tokens[i]
 
     bos, eos, pad = (token(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding"))
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", path, False)) and bos is not None
-    post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                                                     {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [vocab[bos]], "tokens": [bos]}}} if add_bos else None
-    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-            "pre_tokenizer": pre_tok, "post_processor": post,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": vocab, "merges": [m.split(" ", 1) for m in merges]}}
+    spm = _field(reader, "tokenizer.ggml.model", path) == "llama"
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", path, spm)) and bos is not None
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", path, False)) and eos is not None
+    ends = [t for t, add in ((bos, add_bos), (eos, add_eos)) if add]
+    if ends:  # (transformers' template: the BOS before the text, the EOS after)
+        single = ([{"SpecialToken": {"id": bos, "type_id": 0}}] if add_bos else []) + \
+            [{"Sequence": {"id": "A", "type_id": 0}}] + ([{"SpecialToken": {"id": eos, "type_id": 0}}] if add_eos else [])
+        spec["post_processor"] = {"type": "TemplateProcessing", "single": single,
+                                  "pair": single + [{"Sequence": {"id": "B", "type_id": 1}}],
+                                  "special_tokens": {t: {"id": t, "ids": [vocab[t]], "tokens": [t]} for t in ends}}
     tok = HFTokenizer(spec, eos_token=eos, bos_token=bos, name=path.stem, info={"source": str(path)},
                       where=str(path), no_eos=f"{path} has no tokenizer.ggml.eos_token_id")
     if pad is not None:
         tok.template_tokens = {"pad_token": pad}
     tok.chat_template = _field(reader, "tokenizer.chat_template", path, None)
     return tok
+
+
+def _spm_spec(reader, path, tokens: list, types: list) -> dict:
+    """The tokenizers-library spec of a SentencePiece vocabulary (tokenizer.ggml.model "llama"), as transformers'
+    GGUF reader builds it (integrations/gguf: LlamaTokenizer, GemmaTokenizer, Phi-3's): a BPE with byte fallback
+    over the tokens as the file spells them, its merges the file's tokenizer.ggml.merges or else ranked by the
+    tokens' scores (spm_merges; a Gemma's by the tokens' order, which its scores do not follow); CONTROL tokens
+    special, USER_DEFINED ones added whole. Spaces are "▁": a Metaspace pre-tokenizer prepending one to the text
+    unless tokenizer.ggml.add_space_prefix says not (llama.cpp's reading of that key; transformers' ignores it),
+    Gemma's without one (and its all-space tokens spelled "▁"), Phi-3's prepended by a normalizer (" hi" is
+    "▁▁hi" there, "▁hi" under Metaspace). The decoder: "▁" back to spaces, byte tokens to bytes, the prefix off."""
+    arch = _field(reader, "general.architecture", path)
+    gemma = arch.startswith("gemma")
+    if gemma:
+        tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}  # (every row, UNUSED too, as transformers keeps them)
+    merges = _field(reader, "tokenizer.ggml.merges", path, None)
+    if merges is None:
+        if gemma:
+            ranks = {t: -i for i, t in enumerate(tokens)}
+        else:
+            scores = _field(reader, "tokenizer.ggml.scores", path, None)
+            if scores is None:
+                raise UserError(f"{path}: a SentencePiece vocabulary (tokenizer.ggml.model 'llama') with neither "
+                                "tokenizer.ggml.scores nor tokenizer.ggml.merges: nothing says how its tokens merge")
+            if len(scores) != len(tokens):
+                raise UserError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries, tokenizer.ggml.tokens "
+                                f"{len(tokens)}")
+            ranks = dict(zip(tokens, (float(x) for x in scores)))
+        merges = spm_merges(vocab, ranks)
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": k == CONTROL} for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, USER_DEFINED)]
+    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", path, True)) and not gemma
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    normalizer, pre_tok = None, {"type": "Metaspace", "replacement": SPACE,
+                                 "prepend_scheme": "first" if prefix else "never", "split": False}
+    if gemma:
+        normalizer = replace
+        pre_tok = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
+    elif arch == "phi3" and prefix:
+        normalizer, pre_tok = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE},
+                                                                    replace]}, None
+    decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": normalizer,
+            "pre_tokenizer": pre_tok, "post_processor": None, "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                      "vocab": vocab, "merges": [m.split(" ", 1) for m in merges]}}
