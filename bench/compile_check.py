@@ -206,11 +206,18 @@ def capture(quick=False, half="bfloat16", tma=True):
                 mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate="none")
                 mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, FROZEN_W1, approximate="none")
                 launches[n:] = [launch for launch in launches[n:] if launch.kwargs["GELU_ERF"]]
+                # the squared-ReLU MLP (RELU2: Arcee's, Nemotron's): the same three launches, relu(h)^2 in them
+                case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c} relu2"
+                n = len(launches)
+                _, h = mlp._fwd_launch(x, w1, b1, w2, b2, approximate="relu2")
+                mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate="relu2")
+                mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, FROZEN_W1, approximate="relu2")
+                launches[n:] = [launch for launch in launches[n:] if launch.kwargs["RELU2"]]
                 # the GELU products split (MLP_MATMUL "torch": cuBLAS's product, then one Triton GELU pass):
                 # the pass's launches, forward and backward (it stores the activation), each GELU
                 case[0] = f"mlp {name} {TOKENS}x{c}->{4 * c} split gelu"
                 with mlp.mlp_matmul("torch"):
-                    for approximate in ("tanh", "none"):
+                    for approximate in ("tanh", "none", "relu2"):
                         _, h = mlp._fwd_launch(x, w1, b1, w2, b2, approximate=approximate)
                         mlp._bwd_launch(torch.empty_like(x), x, h, w1, w2, approximate=approximate)
             # the SwiGLU MLP (Llama's bias-free one): gate and up in one pass, its epilogues and

@@ -43,13 +43,17 @@ gelu'(h) = s + h * 2 s (1 - s) * dz/dh.
 With approximate "none" (GELU_ERF: GPT-NeoX's and Pythia's exact GELU, torch's F.gelu default) the
 epilogues use the erf form instead: gelu(h) = h Phi(h), Phi(h) = 0.5 (1 + erf(h / sqrt(2))), and
 gelu'(h) = Phi(h) + h phi(h), phi the standard normal density.
+With approximate "relu2" (RELU2: the squared-ReLU MLP, relu(x W1^T + b1)^2 W2^T + b2, of Arcee's AFM, NVIDIA's
+Nemotron and the modded-nanoGPT speedruns; reference module: FeedForward(activation="relu2")) the same
+epilogues compute a = relu(h)^2 and its derivative 2 relu(h): the products and what is saved stay as above.
 
 The same kernel carries the gated MLPs' products too, SwiGLU's and GeGLU's (kernels/swiglu.py: a
 second B operand and accumulator, the gate epilogues EPI_SWIGLU / EPI_SWIGLU_GRAD, the B_SWIGLU
 prologue and SUM2, a second product summed into the same tile). GATE_GELU picks the gate's
 activation in those three: silu (Llama's SwiGLU) or gelu_tanh (Gemma's GeGLU).
 
-Public API: `gelu_mlp(x, w1, b1, w2, b2, approximate="tanh")`. It is built from torch.library custom ops
+Public API: `gelu_mlp(x, w1, b1, w2, b2, approximate="tanh")`, and `relu2_mlp(x, w1, b1, w2, b2)` (its
+approximate "relu2"). It is built from torch.library custom ops
 (`tritongpt::gelu_mlp_fwd` / `tritongpt::gelu_mlp_bwd`, with fake impls) inside an
 autograd.Function, so it runs under torch.compile (the ops stay opaque calls in the graph).
 """
@@ -81,6 +85,9 @@ EPI_SWIGLU_GRAD = 4  # D = A @ B; C = D * AUX2 * act'(AUX), C2 = D * act(AUX)  (
 # (act: silu, or gelu_tanh with GATE_GELU; the gated MLP's gate activations by name)
 GATES = ("silu", "gelu")
 APPROXIMATES = ("tanh", "none")  # the GELU MLP's GELU, as F.gelu names them: GPT-2's tanh form or exact erf
+# The non-gated MLP's activations, passed where `approximate` is: the two GELUs, or "relu2", the squared ReLU
+# relu(h)^2 (Arcee's AFM, Nemotron, the modded-nanoGPT speedruns): the same two products, another epilogue (RELU2)
+ACTIVATIONS = APPROXIMATES + ("relu2",)
 
 
 @triton.jit
@@ -136,6 +143,38 @@ def _gelu_act_grad(h, GELU_ERF: tl.constexpr):
         d = _gelu_erf_grad(h)
     else:
         d = _gelu_grad(h)
+    return d
+
+
+@triton.jit
+def _relu2(h):
+    """relu(h)^2 (h fp32): the square of a rounded h is exact in fp32, so one rounding, at the store."""
+    r = tl.maximum(h, 0.0)
+    return r * r
+
+
+@triton.jit
+def _relu2_grad(h):
+    """d relu(h)^2 / dh = 2 relu(h) (0 at h = 0, as torch's relu gradient is)."""
+    return 2.0 * tl.maximum(h, 0.0)
+
+
+@triton.jit
+def _mlp_act(h, GELU_ERF: tl.constexpr, RELU2: tl.constexpr):
+    """The non-gated MLP's activation of h (fp32): relu(h)^2 with RELU2, else _gelu_act's GELU."""
+    if RELU2:
+        a = _relu2(h)
+    else:
+        a = _gelu_act(h, GELU_ERF)
+    return a
+
+
+@triton.jit
+def _mlp_act_grad(h, GELU_ERF: tl.constexpr, RELU2: tl.constexpr):
+    if RELU2:
+        d = _relu2_grad(h)
+    else:
+        d = _gelu_act_grad(h, GELU_ERF)
     return d
 
 
@@ -275,7 +314,7 @@ def _bucket(n: int) -> int:
 # pick of a TMA config is never launched on operands it cannot read; A_T / B_T follow stride_ak / stride_bn.
 @triton.autotune(configs=_matmul_configs(),
                  key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU",
-                      "GELU_ERF", "STORE_ACT", "HAS_BIAS", "stride_ak", "stride_bn", "TMA_OK", "A_T", "B_T"],
+                      "GELU_ERF", "RELU2", "STORE_ACT", "HAS_BIAS", "stride_ak", "stride_bn", "TMA_OK", "A_T", "B_T"],
                  prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K, M_BUCKET, K_BUCKET,
@@ -283,8 +322,8 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
                    stride_xm, stride_xn, TMA_OK,
                    HAS_BIAS: tl.constexpr, B_GELU: tl.constexpr, EPILOGUE: tl.constexpr,
                    B_SWIGLU: tl.constexpr, SUM2: tl.constexpr, GATE_GELU: tl.constexpr,
-                   GELU_ERF: tl.constexpr, STORE_ACT: tl.constexpr, PRECISION: tl.constexpr,
-                   A_T: tl.constexpr, B_T: tl.constexpr,
+                   GELU_ERF: tl.constexpr, RELU2: tl.constexpr, STORE_ACT: tl.constexpr,
+                   PRECISION: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr):
     """C[M, N] = A[M, K] @ B[K, N] with the fused prologue (B_GELU, B_SWIGLU) / epilogue (EPILOGUE) above.
@@ -295,6 +334,7 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
     u beside g (B_SWIGLU: B = act(g) * u), or with A2 a second product added to the first (SUM2:
     C = A @ B + A2 @ B2, dx = dg @ W_gate + du @ W_up). act is gelu_tanh if GATE_GELU, else silu.
     GELU_ERF: the GELU MLP's modes (EPI_GELU, EPI_GELU_GRAD, B_GELU) take the exact erf GELU, not gelu_tanh.
+    RELU2: those modes take relu(h)^2 (derivative 2 relu(h)) instead of a GELU (the squared-ReLU MLP).
     STORE_ACT (EPI_GELU_GRAD, EPI_SWIGLU_GRAD): the activation a, recomputed from the Aux tiles the epilogue
     reads anyway, is stored to Hout: once per element, where B_GELU / B_SWIGLU recompute it per row-tile.
     USE_TMA: A, B (and A2, B2) tiles come through TMA descriptors (zero past the edges, as the masked loads give);
@@ -327,7 +367,7 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_GELU:  # recompute a = gelu(h) on the fly instead of reading a saved copy
-            b = cast(_gelu_act(b.to(tl.float32), GELU_ERF), A.dtype.element_ty)
+            b = cast(_mlp_act(b.to(tl.float32), GELU_ERF, RELU2), A.dtype.element_ty)
         if B_SWIGLU or EPILOGUE == 3:
             if USE_TMA:
                 b2 = _tma_tile(b2_desc, k * BLOCK_K, pid_n * BLOCK_N, B_T)
@@ -366,12 +406,12 @@ def _matmul_kernel(A, B, C, Bias, Aux, Hout, A2, B2, Bias2, Aux2, Hout2, M, N, K
         h = cast(acc, Hout.dtype.element_ty)
         tl.store(Hout + x_off, h, mask=mask)
         # gelu of the *rounded* h, so the backward's recomputation sees exactly the same value
-        acc = _gelu_act(h.to(tl.float32), GELU_ERF)
+        acc = _mlp_act(h.to(tl.float32), GELU_ERF, RELU2)
     elif EPILOGUE == 2:
         h = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
         if STORE_ACT:  # a = gelu(h) of the saved (rounded) h, rounded: the very a forward's EPI_GELU made
-            tl.store(Hout + x_off, cast(_gelu_act(h, GELU_ERF), Hout.dtype.element_ty), mask=mask)
-        acc = acc * _gelu_act_grad(h, GELU_ERF)
+            tl.store(Hout + x_off, cast(_mlp_act(h, GELU_ERF, RELU2), Hout.dtype.element_ty), mask=mask)
+        acc = acc * _mlp_act_grad(h, GELU_ERF, RELU2)
     elif EPILOGUE == 3:
         if HAS_BIAS:
             acc2 += tl.load(Bias2 + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -464,7 +504,7 @@ def _plain_path(a, b, bias, a2, b2, tokens) -> str:
 # at 627: a short K loop cannot hide an epilogue that writes two tiles. The gated MLPs' products likewise
 # (_gate_pointwise_kernel). "auto" times both ways per shape, as the plain products.
 _GELU = register_timed("mlp.gelu_product", ("device", "dtype", "M_BUCKET", "N", "K_BUCKET", "a_row_major",
-                                            "b_row_major", "bias", "EPILOGUE", "STORE_ACT", "GELU_ERF"))
+                                            "b_row_major", "bias", "EPILOGUE", "STORE_ACT", "GELU_ERF", "RELU2"))
 _GATE = register_timed("mlp.gated_product", ("device", "dtype", "M_BUCKET", "N", "K_BUCKET", "a_row_major",
                                              "b_row_major", "bias", "EPILOGUE", "STORE_ACT", "GATE_GELU"))
 POINTWISE_BLOCK = 1024
@@ -472,18 +512,18 @@ POINTWISE_BLOCK = 1024
 
 @triton.jit
 def _gelu_pointwise_kernel(H, A, DA, n, GRAD: tl.constexpr, STORE_ACT: tl.constexpr, GELU_ERF: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           RELU2: tl.constexpr, BLOCK: tl.constexpr):
     """The split path's GELU, one pass over n elements of contiguous [M, N] tensors: forward A = gelu(H);
     backward DA *= gelu'(H) in place (da = dy @ W2 becomes dh), and with STORE_ACT A = gelu(H) too. The math of
-    the fused epilogues EPI_GELU / EPI_GELU_GRAD, on the 16-bit h the product stored."""
+    the fused epilogues EPI_GELU / EPI_GELU_GRAD, on the 16-bit h the product stored (RELU2: relu(h)^2 there)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     h = tl.load(H + offs, mask=ok, other=0.0).to(tl.float32)
     if GRAD:
         da = tl.load(DA + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DA + offs, cast(da * _gelu_act_grad(h, GELU_ERF), DA.dtype.element_ty), mask=ok)
+        tl.store(DA + offs, cast(da * _mlp_act_grad(h, GELU_ERF, RELU2), DA.dtype.element_ty), mask=ok)
     if not GRAD or STORE_ACT:
-        tl.store(A + offs, cast(_gelu_act(h, GELU_ERF), A.dtype.element_ty), mask=ok)
+        tl.store(A + offs, cast(_mlp_act(h, GELU_ERF, RELU2), A.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -517,7 +557,7 @@ def _split_product(a, b, bias, epilogue, aux, approximate, store_act, b2=None, b
     if epilogue in (EPI_GELU, EPI_GELU_GRAD):
         h = aux.contiguous() if grad else c
         _gelu_pointwise_kernel[grid](h, act if act is not None else c, c, n, GRAD=grad, STORE_ACT=store_act,
-                                     GELU_ERF=approximate == "none", BLOCK=POINTWISE_BLOCK, num_warps=4)
+                                     GELU_ERF=approximate == "none", RELU2=approximate == "relu2", BLOCK=POINTWISE_BLOCK, num_warps=4)
         return (c, act) if grad else (act, c)
     if grad:
         g, u, du = aux.contiguous(), aux2.contiguous(), torch.empty_like(c)
@@ -535,13 +575,19 @@ def _split_path(a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, au
     gelu = epilogue in (EPI_GELU, EPI_GELU_GRAD)
 
     def make_key():
-        return (*_key(a, b, bias if bias is not None else bias2), epilogue, store_act,
-                approximate == "none" if gelu else gate == "gelu")
+        flags = (approximate == "none", approximate == "relu2") if gelu else (gate == "gelu",)
+        return (*_key(a, b, bias if bias is not None else bias2), epilogue, store_act, *flags)
 
     return _auto_path(_GELU if gelu else _GATE, make_key, a, a.shape[0], lambda: {
         "triton": lambda: _matmul(a, b, bias, epilogue, aux, b2=b2, bias2=bias2, aux2=aux2, gate=gate,
                                   approximate=approximate, store_act=store_act, path="triton"),
         "torch": lambda: _split_product(a, b, bias, epilogue, aux, approximate, store_act, b2, bias2, aux2, gate)})
+
+
+def _act_torch(h, approximate):
+    """The non-gated MLP's activation in fp32, torch's ops: _mlp_act's, for _matmul's empty reduction."""
+    h = h.float()
+    return F.relu(h).square() if approximate == "relu2" else F.gelu(h, approximate=approximate)
 
 
 def _gated(g, u, gate):
@@ -557,7 +603,8 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
     (EPI_GELU), (g, u) (EPI_SWIGLU), du (EPI_SWIGLU_GRAD), else None. The SwiGLU operands: b2
     (b's layout), bias2, aux2 (u beside aux = g), a2 (a's layout: C = a @ b + a2 @ b2). gate: the
     activation of g in EPI_SWIGLU, EPI_SWIGLU_GRAD and b_swiglu, "silu" (SwiGLU) or "gelu" (GeGLU).
-    approximate: the GELU of EPI_GELU, EPI_GELU_GRAD and b_gelu, "tanh" or "none" (exact erf).
+    approximate: the activation of EPI_GELU, EPI_GELU_GRAD and b_gelu, "tanh" or "none" (exact erf) GELU, or
+    "relu2" (relu(h)^2: the modes keep their GELU names).
     store_act (EPI_GELU_GRAD, EPI_SWIGLU_GRAD only): also make the activation a [M, N] from aux (and aux2);
     the second return is then a (EPI_GELU_GRAD) or (du, a) (EPI_SWIGLU_GRAD). path: for a plain product (none of
     the above, or SUM2), "triton" or "torch" (torch.mm / addmm); for a GELU or gated product, "triton" (the fused
@@ -609,11 +656,11 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
             c += bias
         if epilogue == EPI_GELU:
             h.copy_(c)
-            c = F.gelu(c.float(), approximate=approximate).to(c.dtype)
+            c = _act_torch(c, approximate).to(c.dtype)
         elif epilogue == EPI_GELU_GRAD:
             c.zero_()
             if store_act:
-                h.copy_(F.gelu(aux.float(), approximate=approximate))
+                h.copy_(_act_torch(aux, approximate))
         return c, extra
     # Hout / Aux (and their second ones) share a layout: the outputs are new, the saved ones made so
     outs = [t for t in (h, h2) if t is not None]
@@ -644,7 +691,7 @@ def _matmul(a, b, bias=None, epilogue=EPI_NONE, aux=None, b_gelu=False, b2=None,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         x.stride(0), x.stride(1), int(tma_ok),
         HAS_BIAS=bias is not None, B_GELU=b_gelu, EPILOGUE=epilogue, B_SWIGLU=b_swiglu, SUM2=a2 is not None,
-        GATE_GELU=gate == "gelu", GELU_ERF=approximate == "none", STORE_ACT=store_act,
+        GATE_GELU=gate == "gelu", GELU_ERF=approximate == "none", RELU2=approximate == "relu2", STORE_ACT=store_act,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # tf32 only affects fp32 inputs
         A_T=a.stride(1) != 1, B_T=b.stride(1) != 1)
     return c, extra
@@ -698,9 +745,11 @@ def _tma_ok(a, b, a2=None, b2=None) -> bool:
 # Launchers: the products of the table at the top; the custom ops below check the device first.
 # (bench/compile_check.py calls these on meta tensors to compile the exact launches for sm_90.)
 def check_approximate(approximate) -> None:
-    """approximate names a GELU this kernel computes: "tanh" (GPT-2's) or "none" (exact, erf)."""
-    if approximate not in APPROXIMATES:
-        raise ValueError(f"approximate must be one of {', '.join(APPROXIMATES)} (F.gelu's names), got {approximate!r}")
+    """approximate names an activation this kernel computes: a GELU, "tanh" (GPT-2's) or "none" (exact, erf), or
+    "relu2" (squared ReLU)."""
+    if approximate not in ACTIVATIONS:
+        raise ValueError(f"approximate must be one of {', '.join(APPROXIMATES)} (F.gelu's names) or relu2 (the "
+                         f"squared ReLU), got {approximate!r}")
 
 
 def _fwd_launch(x, w1, b1, w2, b2, approximate="tanh"):
@@ -825,7 +874,8 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
              b2: Optional[torch.Tensor], approximate: str = "tanh") -> torch.Tensor:
     """gelu(x @ w1.T + b1) @ w2.T + b2 over the last dim of x (any leading dims). Differentiable.
 
-    approximate: the GELU, "tanh" (GPT-2's gelu_new) or "none" (exact erf: GPT-NeoX's, Pythia's), as F.gelu says.
+    approximate: the GELU, "tanh" (GPT-2's gelu_new) or "none" (exact erf: GPT-NeoX's, Pythia's), as F.gelu says;
+    or "relu2", relu(h)^2 in its place (relu2_mlp).
 
     w1 [H, C], w2 [C, H] (nn.Linear layout; H is usually 4C), b1 [H] / b2 [C] or None.
     All tensors share one dtype (fp32/bf16/fp16) and device. Under torch.autocast the inputs
@@ -847,4 +897,11 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     return GeluMLPFunction.apply(x, w1, b1, w2, b2, approximate)  # shapes and dtypes: checked by the op
 
 
-__all__ = ["gelu_mlp", "GeluMLPFunction", "mlp_matmul"]
+def relu2_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+              b2: Optional[torch.Tensor]) -> torch.Tensor:
+    """relu(x @ w1.T + b1)^2 @ w2.T + b2, the squared-ReLU MLP (Arcee's, Nemotron's): gelu_mlp's kernel and
+    products with the RELU2 epilogues. Reference: model/layers.py's FeedForward(activation="relu2")."""
+    return gelu_mlp(x, w1, b1, w2, b2, approximate="relu2")
+
+
+__all__ = ["gelu_mlp", "relu2_mlp", "GeluMLPFunction", "mlp_matmul"]

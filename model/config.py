@@ -11,7 +11,7 @@ from tritongpt.errors import UserError
 WINDOW_LAYERS = ("all", "odd")  # which layers GPTConfig.attention_window makes local (or a list of them)
 POSITION_ENCODINGS = ("learned", "rope", "alibi")  # GPTConfig.position_encoding
 NORMS = ("layernorm", "rmsnorm")  # GPTConfig.norm
-MLPS = ("gelu", "swiglu", "geglu")  # GPTConfig.mlp
+MLPS = ("gelu", "swiglu", "geglu", "relu2")  # GPTConfig.mlp
 GATED_MLPS = ("swiglu", "geglu")  # three matrices, w_down(act(w_gate x) * w_up x)
 QK_NORM_WIDTHS = ("head", "all", "each")  # GPTConfig.qk_norm_width
 GELU_APPROXIMATES = ("tanh", "none")  # GPTConfig.gelu_approximate, as F.gelu(approximate=...) names them
@@ -121,7 +121,9 @@ class GPTConfig:
     # The MLP: "gelu", GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C); or "swiglu", Llama's
     # w_down(silu(w_gate x) * w_up x) with three matrices of hidden size mlp_hidden (0: Llama's
     # rule, 2/3 of 4C rounded up to a multiple of 64, about GPT-2's parameter count: 2048 at C = 768).
-    # "geglu" is Gemma's: SwiGLU's three matrices with GELU (tanh) for silu.
+    # "geglu" is Gemma's: SwiGLU's three matrices with GELU (tanh) for silu. "relu2": GPT-2's two matrices with
+    # the squared ReLU relu(h)^2 for the GELU (Arcee's AFM, Nemotron, modded-nanoGPT), hidden size mlp_hidden
+    # (0: 4 n_embd).
     mlp: str = "gelu"
     mlp_hidden: int = 0
     # Gemma's two touches (Gemma 1, 2, 3): scale_embeddings multiplies the token embeddings by
@@ -276,9 +278,10 @@ class GPTConfig:
         if not is_int(self.mlp_hidden) or self.mlp_hidden < 0:
             raise UserError(f"GPTConfig.mlp_hidden must be an integer >= 0 (0: Llama's rule), got {self.mlp_hidden!r}")
         self.mlp_hidden = int(self.mlp_hidden)
-        if self.mlp_hidden and self.mlp not in GATED_MLPS:
-            raise UserError(f"GPTConfig.mlp_hidden {self.mlp_hidden} is the gated (SwiGLU, GeGLU) MLP's hidden size; "
-                            f"the GELU MLP's is 4 n_embd: set mlp 'swiglu' or 'geglu', or leave mlp_hidden 0")
+        if self.mlp_hidden and self.mlp not in GATED_MLPS + ("relu2",):
+            raise UserError(f"GPTConfig.mlp_hidden {self.mlp_hidden} is the gated (SwiGLU, GeGLU) or squared-ReLU "
+                            f"MLP's hidden size; the GELU MLP's is 4 n_embd: set mlp 'swiglu', 'geglu' or 'relu2', "
+                            "or leave mlp_hidden 0")
         for name in ("bias", "tie_weights", "scale_attention", "qkv_bias", "qkv_bias_only", "qk_norm",
                      "scale_embeddings", "post_norms", "attention_sinks"):
             value = getattr(self, name)
@@ -459,9 +462,12 @@ class GPTConfig:
 
     @property
     def ff_hidden(self) -> int:
-        """The MLP's hidden size: 4 n_embd (GELU), or mlp_hidden / Llama's rule (SwiGLU, GeGLU)."""
+        """The MLP's hidden size: 4 n_embd (GELU), mlp_hidden or 4 n_embd (squared ReLU), or mlp_hidden / Llama's
+        rule (SwiGLU, GeGLU)."""
         if self.mlp == "gelu":
             return 4 * self.n_embd
+        if self.mlp == "relu2":
+            return self.mlp_hidden or 4 * self.n_embd
         from tritongpt.model.layers import swiglu_hidden
 
         return self.mlp_hidden or swiglu_hidden(self.n_embd)

@@ -7,7 +7,8 @@ a state_dict moves freely between the two paths.
     LayerNorm           <->  kernels/layernorm.py   (layer_norm; add_and_norm <-> add_layer_norm)
     RMSNorm             <->  kernels/layernorm.py   (rms_norm; add_and_norm <-> add_rms_norm: the same kernels, IS_RMS)
     FeedForward         <->  kernels/mlp.py         (gelu_mlp: Linear+bias+GELU fused, GELU recomputed in backward;
-                                                     GELU: the tanh form or the exact one, approximate "none")
+                                                     GELU: the tanh form or the exact one, approximate "none";
+                                                     activation "relu2": ReLU2, relu(h)^2, in the same epilogues)
     SwiGLUFeedForward   <->  kernels/swiglu.py      (swiglu_mlp: gate and up in one pass, silu(g) * u fused;
                                                      GeGLU's gelu(g) * u too)
     MoEFeedForward      <->  kernels/moe.py         (routing in torch; moe_mlp: every expert in grouped GEMMs over
@@ -213,24 +214,45 @@ class GELU(nn.Module):
         return (0.5 * xf * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (xf + 0.044715 * xf.pow(3))))).to(x.dtype)
 
 
+class ReLU2(nn.Module):
+    """The squared ReLU, relu(x)^2 (Arcee's AFM, NVIDIA's Nemotron, the modded-nanoGPT speedruns); its
+    derivative is 2 relu(x). Triton twin: kernels/mlp.py's epilogues (RELU2)."""
+
+    approximate = "relu2"  # what kernels/mlp.py's gelu_mlp calls this activation (relu2_mlp)
+
+    def forward(self, x):
+        r = F.relu(_fp32_if_fp16(x))  # in fp16, r^2 of an r the dtype holds may overflow; fp32 then one rounding
+        return (r * r).to(x.dtype)
+
+
+MLP_ACTIVATIONS = ("gelu", "relu2")  # FeedForward's
+
+
 class FeedForward(nn.Module):
     """Position-wise MLP: Linear(C -> 4C), GELU, Linear(4C -> C), dropout. approximate: the GELU's
-    form, GPT-2's "tanh" or the exact "none" (GPTConfig.gelu_approximate).
+    form, GPT-2's "tanh" or the exact "none" (GPTConfig.gelu_approximate). activation "relu2": the
+    squared ReLU in the GELU's place (GPTConfig.mlp "relu2"; approximate then unused). hidden: the
+    hidden width, 0 for GPT-2's 4C (Arcee's intermediate_size otherwise).
 
-    Triton twin: kernels/mlp.py, which fuses the first Linear's bias and the GELU into the
-    matmul and keeps only the pre-activation for backward (GELU is recomputed there).
+    Triton twin: kernels/mlp.py, which fuses the first Linear's bias and the activation into the
+    matmul and keeps only the pre-activation for backward (the activation is recomputed there).
     """
 
-    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True, approximate: str = "tanh"):
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True, approximate: str = "tanh",
+                 hidden: int = 0, activation: str = "gelu"):
         super().__init__()
-        self.fc1 = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.act = GELU(approximate)
-        self.fc2 = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        assert activation in MLP_ACTIVATIONS, f"activation must be one of {', '.join(MLP_ACTIVATIONS)}"
+        hidden = hidden or 4 * n_embd
+        self.fc1 = nn.Linear(n_embd, hidden, bias=bias)
+        self.act = ReLU2() if activation == "relu2" else GELU(approximate)
+        self.fc2 = nn.Linear(hidden, n_embd, bias=bias)
         self.drop = nn.Dropout(dropout)
         self.use_triton = False
 
     def forward(self, x):
         if isinstance(self.fc1, QuantLinear):  # int8/int4 (model/quant.py): fc1's GELU in its own epilogue
+            if isinstance(self.act, ReLU2):  # the quantized kernels' epilogues compute GELUs only: relu^2 after
+                return self.drop(self.fc2(self.act(self.fc1(x))))
             return self.drop(self.fc2(self.fc1(x, act=self.act)))
         if self.use_triton and not any(isinstance(m, AdapterLinear) for m in (self.fc1, self.fc2)):  # adapters: below
             from tritongpt.kernels.mlp import gelu_mlp
@@ -917,8 +939,9 @@ class TransformerBlock(nn.Module):
         elif cfg.mlp in ("swiglu", "geglu"):
             self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias,
                                         "gelu" if cfg.mlp == "geglu" else "silu")
-        else:
-            self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias, cfg.gelu_approximate)
+        else:  # "gelu" or "relu2": two matrices, the activation between them
+            self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias, cfg.gelu_approximate, cfg.ff_hidden,
+                                  "relu2" if cfg.mlp == "relu2" else "gelu")
         self.parallel = cfg.parallel_residual
         # Granite's residual_multiplier: each sublayer's output times it before it joins the residual stream
         self.residual_multiplier = cfg.residual_multiplier

@@ -16,14 +16,18 @@ from launch_spy import FlagSpy, record_launches
 from parity import assert_close_mixed, assert_close_rel, report
 from tritongpt.kernels.layernorm import layer_norm
 from tritongpt.kernels._common import cast, saved_tensor_bytes
-from tritongpt.kernels.mlp import _gelu, _gelu_act, _gelu_act_grad, _gelu_grad, gelu_mlp
-from tritongpt.model.layers import FeedForward
+from tritongpt.kernels.mlp import (_gelu, _gelu_act, _gelu_act_grad, _gelu_grad, _mlp_act, _mlp_act_grad, gelu_mlp,
+                                   relu2_mlp)
+from tritongpt.model.layers import FeedForward, ReLU2
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def gelu64(x, approximate="tanh"):
-    """GELU written out: GPT-2's tanh form, or with approximate "none" the exact x Phi(x) (erf)."""
+    """GELU written out: GPT-2's tanh form, or with approximate "none" the exact x Phi(x) (erf); "relu2" the
+    squared ReLU the same kernel computes in the GELU's place (relu2_mlp)."""
+    if approximate == "relu2":
+        return torch.relu(x) ** 2
     if approximate == "none":
         return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
@@ -224,6 +228,41 @@ def test_exact_gelu_matches_reference_module_and_is_refused_misspelled(device):
         torch.ops.tritongpt.gelu_mlp_fwd(mx, mw1, None, mw2, None, "exact")
     with pytest.raises(ValueError, match=r"approximate must be one of tanh, none"):
         torch.ops.tritongpt.gelu_mlp_bwd(mx, mx, torch.empty(5, 96, device="meta"), mw1, mw2, [True] * 5, "exact")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,C,H", [(7, 64, 100), (37, 100, 64)])
+def test_relu2_parity_fp64(M, C, H, dtype, device):
+    """The squared-ReLU MLP (RELU2 in the same epilogues) against float64's relu(h)^2: out and every gradient,
+    at odd rows and widths, with pre-activations on both sides of 0 (the ReLU's kink is in play)."""
+    gen = torch.Generator().manual_seed(5)
+    x, w1, b1 = (t.detach().double() for t in make(M, C, H, torch.float32, "cpu", gen)[:3])
+    neg = ((x @ w1.t() + b1) < 0).double().mean().item()  # make()'s draw again, same seed: h's signs
+    assert 0.25 < neg < 0.75, neg
+    check_parity(M, C, H, dtype, device, seed=5, approximate="relu2")
+
+
+def test_relu2_is_not_gelu_and_matches_the_reference_module(device):
+    """relu2_mlp is relu(h)^2 (far from either GELU on the same draw), and FeedForward(activation "relu2",
+    hidden of its own) gives the same output and gradients on both paths (the module hands "relu2" to the
+    kernel, and fc1 is hidden wide)."""
+    gen = torch.Generator().manual_seed(9)
+    params = make(11, 16, 40, torch.float32, device, gen)
+    y = relu2_mlp(*params)
+    leaves = [p.detach().double() for p in params]
+    assert_close_rel(y, ref_mlp(*leaves, approximate="relu2"), 1e-5, "y")
+    assert (y.double() - ref_mlp(*leaves)).abs().max() > 1e-2
+    torch.manual_seed(4)
+    ff = FeedForward(24, hidden=40, activation="relu2").to(device)
+    assert ff.fc1.weight.shape == (40, 24) and ff.fc2.weight.shape == (24, 40)
+    x = torch.randn(2, 5, 24, device=device, requires_grad=True)
+    want = ff(x)
+    grads = torch.autograd.grad(want.square().sum(), [x, *ff.parameters()])
+    ff.use_triton = True
+    got = ff(x)
+    assert_close_rel(got, want, 1e-5, "y")
+    for g, w in zip(torch.autograd.grad(got.square().sum(), [x, *ff.parameters()]), grads):
+        assert_close_rel(g, w, 1e-4, "grad")
 
 
 def test_fp16_leading_dims(device):
@@ -594,6 +633,29 @@ def test_exact_gelu_and_its_derivative_in_triton_match_float64(device):
     assert (gelu64(h64, "tanh") - a64).abs().max() > 1e-4
 
 
+@triton.jit
+def relu2_pair(H, A, G, n, BLOCK: tl.constexpr):
+    """The squared ReLU and its derivative as the epilogues compute them (RELU2)."""
+    offs = tl.arange(0, BLOCK)
+    h = tl.load(H + offs, mask=offs < n, other=0.0)
+    tl.store(A + offs, _mlp_act(h, False, True), mask=offs < n)
+    tl.store(G + offs, _mlp_act_grad(h, False, True), mask=offs < n)
+
+
+def test_relu2_and_its_derivative_in_triton_match_float64(device):
+    """relu(h)^2 and 2 relu(h) over h in [-6, 6] (0 included), against autograd of the float64 formula: the
+    square of an fp32 h is one rounding off, the derivative exact; both 0 for h <= 0."""
+    h = torch.linspace(-6, 6, 1001, device=device)
+    a, g = torch.empty_like(h), torch.empty_like(h)
+    relu2_pair[(1,)](h, a, g, h.numel(), BLOCK=1024)
+    h64 = h.double().cpu().requires_grad_()
+    a64 = gelu64(h64, "relu2")
+    (g64,) = torch.autograd.grad(a64.sum(), h64)
+    assert ((a.cpu().double() - a64.detach()).abs() <= 2 ** -24 * a64.detach()).all()
+    assert torch.equal(g.cpu().double(), g64)
+    assert (a[h <= 0] == 0).all() and (g[h <= 0] == 0).all()
+
+
 def test_bf16_cast_rounds_to_nearest_even(device):
     """The kernels' fp32 -> bf16 store (kernels/_common.cast) rounds as torch does, bit for bit
     (truncation would double the rounding error, which bf16 parity tolerances cannot see)."""
@@ -630,7 +692,7 @@ def test_forward_activation_is_gelu_of_the_saved_h(device):
     assert differ <= 0.01
 
 
-@pytest.mark.parametrize("C,H,approximate", [(0, 8, "tanh"), (5, 0, "tanh"), (0, 8, "none")])
+@pytest.mark.parametrize("C,H,approximate", [(0, 8, "tanh"), (5, 0, "tanh"), (0, 8, "none"), (0, 8, "relu2")])
 def test_empty_feature_or_hidden_dims_match_pytorch(C, H, approximate, device, nan_filled_empty):
     """No input features (y = GELU(b1) @ w2^T + b2) or no hidden units (y = b2): PyTorch's
     answers and gradients, not a reshape error (nor a buffer no kernel wrote). With C = 0 the GELU
@@ -705,7 +767,7 @@ def test_autotune_key_holds_every_flag():
     assert flags - tuned <= set(kernel.keys), f"not in the autotune key: {sorted(flags - tuned - set(kernel.keys))}"
 
 
-@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("approximate", ["tanh", "none", "relu2"])
 def test_dh_epilogue_stores_the_forward_activation(approximate, device):
     """dW2 = dy^T a reads the a that dh's epilogue stores beside dh (STORE_ACT), so that a must be the
     one forward multiplied by: GELU of the saved (rounded) h, rounded -- bit for bit under the
@@ -734,7 +796,7 @@ def test_dh_epilogue_stores_the_forward_activation(approximate, device):
         mlp._matmul(x, w1.t(), b1, mlp.EPI_GELU, store_act=True)
 
 
-@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("approximate", ["tanh", "none", "relu2"])
 @pytest.mark.parametrize("trainable", [
     (True, True, True, True, True),       # dh made: a stored beside it, dW2 a plain product
     (False, False, False, True, True),    # W1 frozen, no dx: no dh launch, gelu(h) recomputed in dW2 (B_GELU)
@@ -832,7 +894,7 @@ def plain_picks():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("approximate", ["tanh", "none", "relu2"])
 def test_plain_products_on_torch_match_float64(dtype, approximate, device, monkeypatch):
     """TRITONGPT_MLP_MATMUL=torch: the second Linear, dW2, dW1 and dx run as torch.mm / addmm (transposed
     operands as views), and the two GELU products split: torch's product, then the GELU (forward) or GELU' with
@@ -1067,3 +1129,38 @@ def test_split_backward_product_refuses_a_bias(device):
     a, b, h = torch.randn(8, 16, generator=gen), torch.randn(16, 24, generator=gen), torch.randn(8, 24, generator=gen)
     with pytest.raises(ValueError, match="epilogue 2 takes no bias"):
         mlp._matmul(a, b, torch.randn(24, generator=gen), mlp.EPI_GELU_GRAD, h, path="torch")
+
+
+# -- the model option: GPTConfig.mlp "relu2" -------------------------------------------------------
+
+def test_relu2_model_triton_path_matches_reference_fp32(device):
+    """mlp "relu2" with a hidden size of its own and no biases (Arcee's shape): fc1 is mlp_hidden wide, and
+    logits, loss and every gradient agree on both paths; a GELU model's mlp_hidden is still refused."""
+    from test_model_paths import _compare_paths, _randomize
+    from tritongpt.errors import UserError
+    from tritongpt.model.config import GPTConfig
+    from tritongpt.model.gpt import GPTModel
+
+    tiny = dict(vocab_size=67, context_length=24, n_embd=64, n_layer=2, n_head=4)
+    assert GPTConfig(**tiny, mlp="relu2").ff_hidden == 256
+    with pytest.raises(UserError, match="GPTConfig.mlp_hidden 100 is the gated .* or squared-ReLU MLP's hidden size"):
+        GPTConfig(**tiny, mlp_hidden=100)
+    torch.manual_seed(21)
+    model = _randomize(GPTModel(GPTConfig(**tiny, mlp="relu2", mlp_hidden=72, bias=False))).to(device)
+    ff = model.trf_blocks[1].ff
+    assert isinstance(ff, FeedForward) and ff.fc1.weight.shape == (72, 64) and ff.fc1.bias is None and isinstance(ff.act, ReLU2)
+    idx = torch.randint(0, 67, (2, 19), device=device)
+    _compare_paths(model, idx, torch.roll(idx, -1, 1), 1e-4)
+
+
+def test_pretrain_mlp_relu2_two_steps(corpus, tmp_path, capsys, one_thread):
+    """pretrain --mlp relu2 --mlp-hidden: two steps of a squared-ReLU model, saved as one (its summary says so)."""
+    from parity import pretrain_argv
+    from tritongpt.cli import main
+    from tritongpt.model.gpt import GPTModel
+
+    argv = pretrain_argv(corpus, tmp_path / "r2", "--max-steps", "2", "--mlp", "relu2", "--mlp-hidden", "72")
+    assert main(argv) == 0
+    assert ", squared-ReLU MLP (hidden 72)) on cpu" in capsys.readouterr().out
+    model = GPTModel.load(tmp_path / "r2" / "ckpt-0000002" / "model.safetensors")
+    assert (model.config.mlp, model.config.ff_hidden) == ("relu2", 72)

@@ -486,7 +486,8 @@ def test_mlp_config(tmp_path):
     for bad in (-1, 2.5, True):
         with pytest.raises(UserError, match="GPTConfig.mlp_hidden must be an integer >= 0"):
             GPTConfig(**TINY4, mlp="swiglu", mlp_hidden=bad)
-    with pytest.raises(UserError, match="GPTConfig.mlp_hidden 100 is the gated \\(SwiGLU, GeGLU\\) MLP's hidden size"):
+    with pytest.raises(UserError, match="GPTConfig.mlp_hidden 100 is the gated \\(SwiGLU, GeGLU\\) or squared-ReLU "
+                                        "MLP's hidden size"):
         GPTConfig(**TINY4, mlp_hidden=100)
     assert [swiglu_hidden(c) for c in (64, 128, 768, 1024, 1600)] == [192, 384, 2048, 2752, 4288]
     assert GPTConfig(**TINY4).ff_hidden == 256 and GPTConfig(**TINY4, mlp="swiglu").ff_hidden == 192
@@ -629,9 +630,8 @@ def test_pretrain_mlp_swiglu_end_to_end(corpus, tmp_path, capsys, one_thread):
     assert main(argv(tmp_path / "sw", *more, *flags)) == 0
     capsys.readouterr()
     assert main(argv(tmp_path / "bad", "--mlp-hidden", "200")) == 2
-    assert "--mlp-hidden 200 is the SwiGLU or GeGLU MLP's hidden size: without --mlp swiglu or geglu it does " \
-        "nothing" in \
-        capsys.readouterr().err
+    assert "--mlp-hidden 200 is the SwiGLU, GeGLU or squared-ReLU MLP's hidden size: without --mlp swiglu, geglu " \
+        "or relu2 it does nothing" in capsys.readouterr().err
     assert main(argv(tmp_path / "bad", "--mlp", "swiglu", "--mlp-hidden", "0")) == 2
     assert "--mlp-hidden must be a positive integer, got 0" in capsys.readouterr().err
     assert main(argv(tmp_path / "bad", "--init", "gpt2-small", "--mlp", "swiglu")) == 2

@@ -513,12 +513,13 @@ class Trainer:
         norms = saved_cfg.get("embed_norm", False), saved_cfg.get("norm_bias", True)
         alibi_scaled = saved_cfg.get("alibi_scaled", False)
         moe = saved_cfg.get("n_experts", 0), saved_cfg.get("experts_per_token", 2), saved_cfg.get("moe_norm_topk", True)
-        hidden = saved_cfg.get("mlp_hidden", 0) or swiglu_hidden(saved_cfg.get("n_embd", cfg.n_embd))
-        gated = ("swiglu", "geglu")
+        n_embd = saved_cfg.get("n_embd", cfg.n_embd)
+        hidden = saved_cfg.get("mlp_hidden", 0) or (4 * n_embd if mlp == "relu2" else swiglu_hidden(n_embd))
+        gated = ("swiglu", "geglu", "relu2")  # (and the squared-ReLU MLP's hidden size is its own too)
         if mlp != cfg.mlp or (mlp in gated and hidden != cfg.ff_hidden):
             def kind(m, h):
-                return f"has a {'SwiGLU' if m == 'swiglu' else 'GeGLU'} MLP of hidden size {h}" if m in gated \
-                    else "has a GELU MLP"
+                names = {"swiglu": "SwiGLU", "geglu": "GeGLU", "relu2": "squared-ReLU"}
+                return f"has a {names[m]} MLP of hidden size {h}" if m in gated else "has a GELU MLP"
 
             what = f"{kind(mlp, hidden)}, this run's model {kind(cfg.mlp, cfg.ff_hidden)}"
             flags = f"--mlp {mlp}" + (f" --mlp-hidden {hidden}" if mlp in gated else "")

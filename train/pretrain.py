@@ -162,17 +162,20 @@ def add_args(p: argparse.ArgumentParser):
                         "(default: the whole head, or what --init's model has)")
     p.add_argument("--mlp", choices=MLPS, default=None,
                    help="the new model's MLP: gelu, GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C), or swiglu, Llama's "
-                        "w_down(silu(w_gate x) * w_up x), or geglu, Gemma's, GELU (tanh) for silu (GPTConfig.mlp; the "
-                        "Triton path makes gate and up in one pass and fuses act(g) * u). A SwiGLU model is exported "
-                        "as a Llama, a GeGLU one as a Gemma, not as GPT-2 or GPT-Neo. "
+                        "w_down(silu(w_gate x) * w_up x), or geglu, Gemma's, GELU (tanh) for silu, or relu2, GPT-2's MLP "
+                        "with the squared ReLU relu(h)^2 for the GELU (Arcee's, Nemotron's, modded-nanogpt's) "
+                        "(GPTConfig.mlp; the Triton path makes gate and up in one pass and fuses act(g) * u, and "
+                        "fuses the GELU or relu^2 into the first matmul). A SwiGLU model is exported as a Llama, a "
+                        "GeGLU one as a Gemma, a squared-ReLU one as an Arcee, not as GPT-2 or GPT-Neo. "
                         "Default: gelu, or what --init's model has")
     p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
                    help="biases in the new model's linear layers (GPTConfig.bias): GPT-2 has them; --no-bias drops "
                         "them all, as Llama, PaLM and modded-nanogpt do. Default: the preset's (biases), or what "
                         "--init's model has")
     p.add_argument("--mlp-hidden", type=int, default=None, metavar="H",
-                   help="the SwiGLU or GeGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 "
-                        "of 4 n_embd rounded up to a multiple of 64, about GPT-2's MLP parameters: 2048 at n_embd 768)")
+                   help="the SwiGLU, GeGLU or squared-ReLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's "
+                        "rule for the gated ones, 2/3 of 4 n_embd rounded up to a multiple of 64, about GPT-2's MLP "
+                        "parameters: 2048 at n_embd 768; 4 n_embd for relu2)")
     p.add_argument("--n-experts", type=int, default=None, metavar="E",
                    help="a mixture of experts for the new model: each block's MLP is E SwiGLU or GeGLU experts (of "
                         "--mlp-hidden each) and a router, every token through its --experts-per-token best "
@@ -426,7 +429,8 @@ class MixturePosition:
 
 NO_WINDOW = "--window-layers {} picks the layers --attention-window makes local: without a window it does nothing"
 NO_ROPE = "--rope-theta {:g} is RoPE's base: without --position-encoding rope (its own or --init's) it does nothing"
-NO_SWIGLU = "--mlp-hidden {} is the SwiGLU or GeGLU MLP's hidden size: without --mlp swiglu or geglu it does nothing"
+NO_SWIGLU = ("--mlp-hidden {} is the SwiGLU, GeGLU or squared-ReLU MLP's hidden size: without --mlp swiglu, geglu or "
+             "relu2 it does nothing")
 NO_EXPERTS = ("--experts-per-token {} is how many experts a token goes through: without --n-experts (its own or "
               "--init's) the MLP is dense and it does nothing")
 
@@ -481,7 +485,7 @@ def check_args(args, targs):
     if args.mlp_hidden is not None:
         if args.mlp_hidden <= 0:
             raise UserError(f"--mlp-hidden must be a positive integer, got {args.mlp_hidden}")
-        if args.init is None and args.mlp not in GATED_MLPS:
+        if args.init is None and args.mlp not in GATED_MLPS + ("relu2",):
             raise UserError(NO_SWIGLU.format(args.mlp_hidden))
     # (GPTConfig keeps experts_per_token on a dense model, as Hugging Face configs do: the flag alone trained a
     # dense model without a word)
@@ -541,7 +545,7 @@ def check_args(args, targs):
             raise UserError(f"--n-kv-head {args.n_kv_head} would change the shapes of --init's weights (its "
                             f"n_kv_head is {model.config.n_kv_head}, with {model.config.n_head} heads): leave the "
                             "flag out")
-        if args.mlp_hidden is not None and (model.config.mlp not in GATED_MLPS
+        if args.mlp_hidden is not None and (model.config.mlp not in GATED_MLPS + ("relu2",)
                                             or args.mlp_hidden != model.config.ff_hidden):
             has = f"{model.config.mlp} MLP's hidden size is {model.config.ff_hidden}"
             raise UserError(f"--mlp-hidden {args.mlp_hidden} would change the shapes of --init's weights (its "
@@ -786,6 +790,7 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     gqa += ", RMSNorm" if cfg.norm == "rmsnorm" else ""
     gqa += f", {'SwiGLU' if cfg.mlp == 'swiglu' else 'GeGLU'} MLP (hidden {cfg.ff_hidden})" if cfg.mlp in GATED_MLPS \
         else ""
+    gqa += f", squared-ReLU MLP (hidden {cfg.ff_hidden})" if cfg.mlp == "relu2" else ""
     gqa += ", embeddings scaled by sqrt(n_embd)" if cfg.scale_embeddings else ""
     gqa += f", embeddings times {cfg.embedding_multiplier:g}" if cfg.embedding_multiplier != 1 else ""
     gqa += f", sublayer outputs times {cfg.residual_multiplier:g}" if cfg.residual_multiplier != 1 else ""

@@ -229,6 +229,8 @@ def _what_it_means(cfg, key, value) -> str:
 
     if key == "mlp_hidden" and cfg.mlp in ("swiglu", "geglu") and not value:
         return f" (Llama's rule: {swiglu_hidden(cfg.n_embd)})"
+    if key == "mlp_hidden" and cfg.mlp == "relu2" and not value:
+        return f" (4 n_embd: {4 * cfg.n_embd})"
     if key == "n_kv_head" and not value:
         return f" (as many as the heads: {cfg.n_head})"
     if key == "attention_head_dim" and not value:
