@@ -40,6 +40,7 @@ EXPORT_BASES = {
     "GPT-NeoX": dict(position_encoding="rope", rotary_dim=2, parallel_residual=True, gelu_approximate="none",
                      tie_weights=False),
     "Llama": LLAMA,
+    "Arcee": dict(LLAMA, mlp="relu2"),
     "Qwen2": dict(LLAMA, qkv_bias_only=True),
     "Qwen3": dict(LLAMA, qk_norm=True),
     "Mistral": dict(LLAMA, attention_window=8),

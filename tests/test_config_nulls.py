@@ -22,6 +22,7 @@ _READ = {
     "falcon": ("parallel_attn", "multi_query", "new_decoder_architecture", "alibi", "bias"),
     "phi": ("qk_layernorm",), "stablelm": ("use_parallel_residual", "qk_layernorm", "use_qkv_bias"),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3"), _LLAMA),
+    "arcee": ("attention_bias", "mlp_bias"),
 }
 _PAIRS = [(kind, key) for kind, keys in _READ.items() for key in (*keys, "tie_word_embeddings")] + [
     (kind, "tie_word_embeddings") for kind in ("gpt_neo", "gptj", "phi3", "mpt", "gemma3", "exaone4")]

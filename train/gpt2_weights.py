@@ -333,7 +333,7 @@ def config_flag(d: dict, key: str, default: bool, cfg_json, kind: str | None = N
 # folder: tied as before.
 UNTIED_BY_DEFAULT = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "phi", "phi3", "stablelm",
                                "granite", "granitemoe", "mixtral", "qwen3_moe", "olmoe", "gpt_neox", "gptj",
-                               "exaone4"})
+                               "exaone4", "arcee"})
 
 
 def tied_head(d: dict, head, emb, head_name: str, cfg_json) -> bool:
@@ -438,7 +438,7 @@ def read_model_types() -> tuple:
 
     types = ["gpt2", "gpt_neo", "gpt_oss"]  # (the readers that name theirs inline)
     for name in ("llama", "llama_kin", "gemma", "olmo", "neox", "phi", "phi3", "gptj", "falcon", "bloom", "mpt",
-                 "cohere", "granite", "stablelm", "glm4", "exaone4", "moe"):
+                 "cohere", "granite", "arcee", "stablelm", "glm4", "exaone4", "moe"):
         m = importlib.import_module(f"tritongpt.train.{name}_weights")
         types += [getattr(m, "MODEL_TYPE", None), *getattr(m, "FAMILIES", ()), *getattr(m, "MODEL_TYPES", ())]
     return tuple(dict.fromkeys(t for t in types if t))
@@ -525,6 +525,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
                             "classifier: a score head, no LM head), not a causal LM: a reward model is "
                             "`rlhf --reward`'s (or `reward --init`'s, to train it on; in Python, "
                             "tritongpt.train.reward.RewardModel.load)")
+        from tritongpt.train.arcee_weights import is_arcee_file, load_arcee_safetensors
         from tritongpt.train.bloom_weights import is_bloom_file, load_bloom_safetensors
         from tritongpt.train.cohere_weights import is_cohere_file, load_cohere_safetensors
         from tritongpt.train.exaone4_weights import is_exaone4_file, load_exaone4_safetensors
@@ -569,6 +570,8 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
             return load_cohere_safetensors(path)
         if is_granite_file(path):
             return load_granite_safetensors(path)
+        if is_arcee_file(path):
+            return load_arcee_safetensors(path)
         if is_phi_file(path):
             return load_phi_safetensors(path)
         if is_stablelm_file(path):

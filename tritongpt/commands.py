@@ -1286,9 +1286,9 @@ def export_target(cfg) -> tuple:
     and a shared norm, grouped key/value heads or no biases), Phi's (one norm in a parallel block or an LM-head bias),
     GPT-NeoX's; else GPT-2. An ALiBi model none of them takes falls through to a family that refuses ALiBi by
     name. refuse(model, what) names what that family cannot say."""
-    from tritongpt.train import bloom_weights, cohere_weights, exaone4_weights, falcon_weights, gemma_weights, \
-        glm4_weights, gpt2_weights, gpt_neo_weights, gpt_oss_weights, gptj_weights, granite_weights, llama_weights, \
-        moe_weights, mpt_weights, neox_weights, olmo_weights, phi3_weights, phi_weights, stablelm_weights
+    from tritongpt.train import arcee_weights, bloom_weights, cohere_weights, exaone4_weights, falcon_weights, \
+        gemma_weights, glm4_weights, gpt2_weights, gpt_neo_weights, gpt_oss_weights, gptj_weights, granite_weights, \
+        llama_weights, moe_weights, mpt_weights, neox_weights, olmo_weights, phi3_weights, phi_weights, stablelm_weights
 
     if granite_weights.is_granite_shaped(cfg):  # before the MoE families: GraniteMoe writes experts with multipliers
         return granite_weights.family_name(cfg), granite_weights.refuse_not_granite, granite_weights.export_granite
@@ -1296,6 +1296,8 @@ def export_target(cfg) -> tuple:
         return "GPT-OSS", gpt_oss_weights.refuse_not_gpt_oss, gpt_oss_weights.export_gpt_oss
     if cfg.n_experts:  # only these write experts; each refuses the rest by name
         return moe_weights.family_name(cfg), moe_weights.refuse_not_moe, moe_weights.export_moe
+    if cfg.mlp == "relu2":  # the squared-ReLU MLP: only an Arcee folder says it (it refuses the rest by name)
+        return "Arcee", arcee_weights.refuse_not_arcee, arcee_weights.export_arcee
     if bloom_weights.is_bloom_shaped(cfg):
         return "BLOOM", bloom_weights.refuse_not_bloom, bloom_weights.export_bloom
     if mpt_weights.is_mpt_shaped(cfg):
