@@ -557,7 +557,8 @@ def _split_product(a, b, bias, epilogue, aux, approximate, store_act, b2=None, b
     if epilogue in (EPI_GELU, EPI_GELU_GRAD):
         h = aux.contiguous() if grad else c
         _gelu_pointwise_kernel[grid](h, act if act is not None else c, c, n, GRAD=grad, STORE_ACT=store_act,
-                                     GELU_ERF=approximate == "none", RELU2=approximate == "relu2", BLOCK=POINTWISE_BLOCK, num_warps=4)
+                                     GELU_ERF=approximate == "none", RELU2=approximate == "relu2",
+                                     BLOCK=POINTWISE_BLOCK, num_warps=4)
         return (c, act) if grad else (act, c)
     if grad:
         g, u, du = aux.contiguous(), aux2.contiguous(), torch.empty_like(c)

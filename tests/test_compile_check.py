@@ -83,6 +83,10 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert len(erf) == 3 and all("GELU_ERF=True" in v for v in erf), erf
     assert not any("GELU_ERF=True" in r["variant"] for r in rows
                    if not r["case"].endswith(("exact gelu", "split gelu")))
+    # the squared-ReLU MLP (Arcee's): the same three launches with RELU2, only in its case (and the split pass's)
+    relu2 = {r["variant"] for r in rows if r["case"].endswith(" relu2")}
+    assert len(relu2) == 3 and all("RELU2=True" in v for v in relu2), relu2
+    assert not any("RELU2=True" in r["variant"] for r in rows if not r["case"].endswith((" relu2", "split gelu")))
     # Gemma 2's attention soft cap: forward and both backward passes built with HAS_SOFTCAP, only in its case
     capped = {(r["kernel"], r["variant"]) for r in rows
               if "softcap=50" in r["case"] and " decode " not in r["case"] and r["kernel"] != "_attn_bwd_preprocess"}
@@ -536,8 +540,8 @@ def capture_run():
     matmuls; mlp.MLP_MATMUL after the capture; and the full capture's attention launches with their tiles (the
     configs each would time after its prune)."""
     code = ("from tritongpt.bench import compile_check as cc; from tritongpt.kernels import mlp; import json; "
-            "keys = ('GRAD', 'STORE_ACT', 'GELU_ERF', 'GATE_GELU', 'ACTIVATION', 'G', 'EPILOGUE', 'B_GELU', "
-            "'B_SWIGLU', 'SUM2', 'HAS_SINKS'); "
+            "keys = ('GRAD', 'STORE_ACT', 'GELU_ERF', 'RELU2', 'GATE_GELU', 'ACTIVATION', 'G', 'EPILOGUE', "
+            "'B_GELU', 'B_SWIGLU', 'SUM2', 'HAS_SINKS'); "
             "ls = [[l.name, l.case, {k: l.kwargs[k] for k in keys if k in l.kwargs}, "
             "l.args[6:8] if l.name == '_int8_linear_kernel' else None, "
             "sorted({(c['BLOCK_M'], c['BLOCK_K']) for _, c in l.configs()}) if '_linear' in l.name else None] "
@@ -580,9 +584,13 @@ def test_only_the_sm90_capture_builds_the_matmuls_tma_configs(capture_run):
 def test_capture_names_every_kernel_and_the_split_passes(captured):
     """The launches capture makes are of KERNELS, every one of them (the slow sm_90 build above asserts its rows
     against that set, so a kernel the capture gained must be named there); the split paths' Triton passes among
-    them: the GELU MLP's (both GELUs) and the gated MLPs' (both gates), forward and backward (storing a)."""
+    them: the GELU MLP's (both GELUs, and relu^2) and the gated MLPs' (both gates), forward and backward (storing
+    a)."""
     launches = [[name, case, kw.get("GRAD"), kw.get("STORE_ACT"), kw.get("GELU_ERF", kw.get("GATE_GELU"))]
                 for name, case, kw, _, _ in captured]
+    # the GELU pass with RELU2 too (the squared-ReLU MLP split), forward and backward storing a
+    assert {(kw["GRAD"], kw["STORE_ACT"]) for name, _, kw, _, _ in captured
+            if name == "_gelu_pointwise_kernel" and kw["RELU2"]} == {(False, False), (True, True)}
     assert {name for name, *_ in launches} == KERNELS
     passes = {(name, *flags) for name, case, *flags in launches if name.endswith("_pointwise_kernel")}
     assert passes == {(name, grad, grad, flag) for name in ("_gelu_pointwise_kernel", "_gate_pointwise_kernel")

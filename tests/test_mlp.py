@@ -265,6 +265,24 @@ def test_relu2_is_not_gelu_and_matches_the_reference_module(device):
         assert_close_rel(g, w, 1e-4, "grad")
 
 
+def test_relu2_on_int8_layers_squares_after_the_matmul(device):
+    """A squared-ReLU FeedForward quantized to int8 (quantize's Linears swapped in): the int8 kernel's fused epilogue
+    computes GELUs only, so relu^2 is applied to fc1's output, on both paths: relu(x W1q^T + b1)^2 W2q^T + b2 of the
+    dequantized weights (handed to that epilogue, it computed gelu_tanh)."""
+    from tritongpt.model.quant import Int8Linear
+
+    torch.manual_seed(6)
+    ff = FeedForward(24, hidden=40, activation="relu2").to(device)
+    ff.fc1, ff.fc2 = Int8Linear.from_linear(ff.fc1), Int8Linear.from_linear(ff.fc2)
+    x = torch.randn(2, 5, 24, device=device)
+    with torch.no_grad():
+        h = torch.nn.functional.linear(x, ff.fc1.dequantize(), ff.fc1.bias)
+        want = torch.nn.functional.linear(torch.relu(h) ** 2, ff.fc2.dequantize(), ff.fc2.bias)
+        for triton_path in (False, True):
+            ff.fc1.use_triton = ff.fc2.use_triton = triton_path
+            assert_close_rel(ff(x), want, 1e-5, f"int8 relu2 MLP, triton {triton_path}")
+
+
 def test_fp16_leading_dims(device):
     check_parity(None, 40, 160, torch.float16, device, seed=2, lead=(2, 3))
 
@@ -1148,13 +1166,15 @@ def test_relu2_model_triton_path_matches_reference_fp32(device):
     torch.manual_seed(21)
     model = _randomize(GPTModel(GPTConfig(**tiny, mlp="relu2", mlp_hidden=72, bias=False))).to(device)
     ff = model.trf_blocks[1].ff
-    assert isinstance(ff, FeedForward) and ff.fc1.weight.shape == (72, 64) and ff.fc1.bias is None and isinstance(ff.act, ReLU2)
+    assert isinstance(ff, FeedForward) and isinstance(ff.act, ReLU2)
+    assert ff.fc1.weight.shape == (72, 64) and ff.fc1.bias is None
     idx = torch.randint(0, 67, (2, 19), device=device)
     _compare_paths(model, idx, torch.roll(idx, -1, 1), 1e-4)
 
 
 def test_pretrain_mlp_relu2_two_steps(corpus, tmp_path, capsys, one_thread):
-    """pretrain --mlp relu2 --mlp-hidden: two steps of a squared-ReLU model, saved as one (its summary says so)."""
+    """pretrain --mlp relu2 --mlp-hidden: two steps of a squared-ReLU model, saved as one (its summary says so); a
+    resume that would build another MLP is refused naming it."""
     from parity import pretrain_argv
     from tritongpt.cli import main
     from tritongpt.model.gpt import GPTModel
@@ -1164,3 +1184,7 @@ def test_pretrain_mlp_relu2_two_steps(corpus, tmp_path, capsys, one_thread):
     assert ", squared-ReLU MLP (hidden 72)) on cpu" in capsys.readouterr().out
     model = GPTModel.load(tmp_path / "r2" / "ckpt-0000002" / "model.safetensors")
     assert (model.config.mlp, model.config.ff_hidden) == ("relu2", 72)
+    # a resume without the flags is refused by name (the saved MLP's kind and width), before the weights' shapes
+    assert main(pretrain_argv(corpus, tmp_path / "r2", "--max-steps", "3", "--resume")) == 2
+    assert "model has a squared-ReLU MLP of hidden size 72, this run's model has a GELU MLP: pass --mlp relu2 " \
+           "--mlp-hidden 72" in capsys.readouterr().err

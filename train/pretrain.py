@@ -162,8 +162,8 @@ def add_args(p: argparse.ArgumentParser):
                         "(default: the whole head, or what --init's model has)")
     p.add_argument("--mlp", choices=MLPS, default=None,
                    help="the new model's MLP: gelu, GPT-2's Linear(C -> 4C), GELU, Linear(4C -> C), or swiglu, Llama's "
-                        "w_down(silu(w_gate x) * w_up x), or geglu, Gemma's, GELU (tanh) for silu, or relu2, GPT-2's MLP "
-                        "with the squared ReLU relu(h)^2 for the GELU (Arcee's, Nemotron's, modded-nanogpt's) "
+                        "w_down(silu(w_gate x) * w_up x), or geglu, Gemma's, GELU (tanh) for silu, or relu2, GPT-2's "
+                        "MLP with the squared ReLU relu(h)^2 for the GELU (Arcee's, Nemotron's, modded-nanogpt's) "
                         "(GPTConfig.mlp; the Triton path makes gate and up in one pass and fuses act(g) * u, and "
                         "fuses the GELU or relu^2 into the first matmul). A SwiGLU model is exported as a Llama, a "
                         "GeGLU one as a Gemma, a squared-ReLU one as an Arcee, not as GPT-2 or GPT-Neo. "
