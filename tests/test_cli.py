@@ -240,6 +240,11 @@ def test_info_says_what_a_zero_or_overridden_field_stands_for(tmp_path, capsys):
     assert main(["info", "--model", "gpt2-small"]) == 0
     out = capsys.readouterr().out  # GPT-2: biases, GELU, learned positions: nothing to explain but the KV heads
     assert "  mlp_hidden      0\n" in out and "  qkv_bias        True\n" in out and "  rotary_dim      0\n" in out
+    # the squared-ReLU MLP's 0 is GPT-2's 4 n_embd
+    GPTModel(GPTConfig(vocab_size=64, context_length=16, n_embd=96, n_layer=1, n_head=6, mlp="relu2")).save(
+        tmp_path / "r.safetensors")
+    assert main(["info", "--weights", str(tmp_path / "r.safetensors")]) == 0
+    assert "  mlp_hidden      0 (4 n_embd: 384)\n" in capsys.readouterr().out
 
 
 def test_info_on_a_checkpoint_says_its_config_and_its_run(saved_model, tmp_path, capsys):
