@@ -13,6 +13,13 @@ as it reads that script's:
 - Qwen2 ("qwen2"): as Llama, with q/k/v biases and no permute (llama.cpp rotates Qwen2 in NeoX style, halves).
 - Qwen3 ("qwen3"): as Qwen2 without the biases, with each head's q and k RMSNorm weights (attn_q_norm and
   attn_k_norm, [head_dim]), heads possibly of their own width (key_length, value_length).
+- Gemma ("gemma"), Gemma 2 ("gemma2"), Gemma 3 ("gemma3"): Llama's tensors unpermuted (llama.cpp rotates them in
+  NeoX style), the head tied; Gemma 2 and 3 with their sandwich norms (post_attention_norm, post_ffw_norm), Gemma 3
+  with q/k norms. Gemma's RMSNorm multiplies by 1 + w, and convert_hf_to_gguf.py writes every norm as w + 1 for
+  llama.cpp's plain RMSNorm: ours hold 1 + w already (gemma_weights.py), written as they are. What llama.cpp does
+  not read from the file it fixes by architecture, and a model that differs is refused: the embeddings' sqrt(n_embd)
+  scale, the scores' 1/sqrt(head_dim) (n_embd / n_head in the 27Bs: gemma_scale_width), Gemma 2's local layers the
+  even ones, Gemma 3's five of every six with a local RoPE base of 10000, Gemma 2's soft caps always on.
 
 Tensor types (--gguf-type): F32, F16, BF16, or ggml's blocks of 32 inputs that the gguf package quantizes in
 Python: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the K-quants it only dequantizes: not written). Which tensors take the type
@@ -69,17 +76,43 @@ def import_gguf():
 def gguf_arch(cfg, family: str) -> str:
     """The llama.cpp architecture this model is written as, from the Hugging Face family export_target picks:
     GPT-2 -> "gpt2", Llama and Mistral -> "llama" (convert_hf_to_gguf.py writes Mistral as a Llama), Qwen2 ->
-    "qwen2", Qwen3 -> "qwen3"; any other family is refused by name."""
-    arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3"}.get(family)
+    "qwen2", Qwen3 -> "qwen3", Gemma, Gemma 2 and Gemma 3 -> "gemma", "gemma2", "gemma3"; any other family is
+    refused by name."""
+    arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3",
+            "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3"}.get(family)
     if arch is None:
         raise UserError(f"this model is {_article(family)} {family}, which the GGUF writer does not write (it writes "
-                        "GPT-2, Llama, Mistral, Qwen2 and Qwen3): export it as a Hugging Face folder (without --format "
-                        "gguf) and convert that with llama.cpp's convert_hf_to_gguf.py if it knows the family")
+                        "GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and Gemma 3): export it as a Hugging "
+                        "Face folder (without --format gguf) and convert that with llama.cpp's convert_hf_to_gguf.py "
+                        "if it knows the family")
     return arch
 
 
 def _article(name: str) -> str:
     return "an" if name[0] in "AEIOU" else "a"
+
+
+GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+# what llama.cpp fixes by architecture for the Gemmas, not read from the file (llama-model.cpp's hparams): which
+# layers slide their window (set_swa_pattern: Gemma 2's even layers, Gemma 3's five of every six), Gemma 3's local
+# RoPE base (rope_freq_base_train_swa), Gemma 2's soft caps when the file has no keys (llama-hparams.h's defaults)
+GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+GEMMA3_LOCAL_THETA = 10000.0
+GEMMA2_SOFTCAPS = (50.0, 30.0)  # (attention, final logits)
+# the layer counts llama.cpp takes for the 27Bs, whose scores it scales by n_embd / n_head (query_pre_attn_scalar)
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_local_layers(arch: str, n_layer: int) -> list:
+    """The layers llama.cpp's set_swa_pattern(n) makes local: layer i where i % n < n - 1."""
+    n = GEMMA_SWA_PATTERN[arch]
+    return [i for i in range(n_layer) if i % n < n - 1]
+
+
+def gemma_scale_width(arch: str, n_layer: int, n_embd: int, n_head: int, head_dim: int) -> int:
+    """The width whose 1/sqrt llama.cpp scales a Gemma's scores by: the head's, but n_embd / n_head in a model of the
+    27B's layer count (gemma2: 46, gemma3: 62), as llama-model.cpp picks it."""
+    return n_embd // n_head if GEMMA_27B_LAYERS.get(arch) == n_layer else head_dim
 
 
 def refuse_not_gguf(model, arch: str, what: str) -> None:
@@ -88,8 +121,10 @@ def refuse_not_gguf(model, arch: str, what: str) -> None:
     cfg = model.config
     if arch == "gpt2":
         return  # refuse_not_gpt2 has said all of it: GGUF's gpt2 is Hugging Face's GPT-2
-    for differs, why in ((bool(cfg.attention_window), f"has local attention (attention_window "
-                          f"{cfg.attention_window}), which llama.cpp's {arch} does not"),
+    if arch in GEMMA_ARCHS:
+        _refuse_not_gemma_gguf(cfg, arch, what)
+    for differs, why in ((bool(cfg.attention_window) and arch not in GEMMA_SWA_PATTERN, f"has local attention "
+                          f"(attention_window {cfg.attention_window}), which llama.cpp's {arch} does not"),
                          (cfg.rope_scaling is not None, f"rescales its RoPE frequencies (rope_scaling "
                           f"{cfg.rope_scaling}), which this writer does not write (no rope.scaling keys)"),
                          (arch == "llama" and cfg.bias, "has biases in its linear layers, which this writer's llama "
@@ -101,6 +136,35 @@ def refuse_not_gguf(model, arch: str, what: str) -> None:
                          (arch == "qwen2" and cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of their own "
                           f"width ({cfg.n_head} heads of {cfg.head_dim} over n_embd {cfg.n_embd}), where llama.cpp's "
                           "qwen2 has n_embd / n_head")):
+        if differs:
+            raise UserError(f"this model {why}: it cannot be exported as {what}")
+
+
+def _refuse_not_gemma_gguf(cfg, arch: str, what: str) -> None:
+    """What a Gemma's file cannot say, llama.cpp fixing it by architecture (GEMMA_SWA_PATTERN, ...)."""
+    local = list(cfg.local_layers) if cfg.attention_window else []
+    width = cfg.attention_scale_width or cfg.head_dim
+    theirs = gemma_scale_width(arch, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_dim)
+    checks = [(not cfg.tie_weights and arch != "gemma3", f"has an LM head of its own, where llama.cpp's {arch} "
+               "always computes the logits with token_embd (tied)"),
+              (width != theirs, f"scales its attention scores by 1/sqrt({width}), where llama.cpp's {arch} of "
+               f"{cfg.n_layer} layers scales them by 1/sqrt({theirs})")]
+    if arch in GEMMA_SWA_PATTERN:
+        want = gemma_local_layers(arch, cfg.n_layer)
+        checks.append((local != want, f"has local attention in layers {local or 'none'}, where llama.cpp's {arch} "
+                       f"slides its window over layers {want} (it reads the window from the file, never which "
+                       "layers)"))
+    if arch == "gemma2":
+        checks.append((not cfg.attn_softcap or not cfg.logit_softcap, "does not soft-cap both its attention "
+                       f"scores and its logits (attn_softcap {cfg.attn_softcap:g}, logit_softcap "
+                       f"{cfg.logit_softcap:g}), which llama.cpp's gemma2 always does"))
+    if arch == "gemma3":
+        theta = cfg.rope_local_theta or cfg.rope_theta
+        checks += [(theta != GEMMA3_LOCAL_THETA, f"rotates its local layers with a RoPE base of {theta:g}, where "
+                    f"llama.cpp's gemma3 fixes it at {GEMMA3_LOCAL_THETA:g}"),
+                   (bool(cfg.logit_softcap), f"soft-caps its logits ({cfg.logit_softcap:g}), which the gemma3 this "
+                    "writer writes does not (transformers' GGUF loader reads no cap for it)")]
+    for differs, why in checks:
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 
@@ -129,6 +193,11 @@ GGUF_LAYER = {
 GGUF_LAYER["qwen2"] = GGUF_LAYER["llama"]
 # Qwen3's per-head q/k RMSNorms: one [head_dim] weight each, shared by every head (llama.cpp's attn_q_norm, attn_k_norm)
 GGUF_LAYER["qwen3"] = GGUF_LAYER["llama"] + (("att.q_norm", "attn_q_norm"), ("att.k_norm", "attn_k_norm"))
+# Gemma: Llama's (unpermuted); Gemma 2's sandwich norms after each sublayer; Gemma 3's q/k norms on top
+GGUF_LAYER["gemma"] = GGUF_LAYER["llama"]
+GGUF_LAYER["gemma2"] = GGUF_LAYER["llama"] + (("post_att_norm", "post_attention_norm"),
+                                              ("post_ff_norm", "post_ffw_norm"))
+GGUF_LAYER["gemma3"] = GGUF_LAYER["gemma2"] + GGUF_LAYER["qwen3"][-2:]
 GPT2_QKV = ("att.W_query", "att.W_key", "att.W_value")
 QKV = {"att.W_query": "attn_q", "att.W_key": "attn_k", "att.W_value": "attn_v"}  # qwen2's biases: on these only
 
@@ -532,9 +601,16 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_rope_dimension_count(cfg.head_dim)
-        if cfg.head_dim * cfg.n_head != cfg.n_embd:  # heads of their own width (llama.cpp: n_embd / n_head else)
+        if cfg.head_dim * cfg.n_head != cfg.n_embd or arch in GEMMA_ARCHS:
+            # heads of their own width (llama.cpp: n_embd / n_head else); convert_hf_to_gguf.py writes a Gemma's
+            # always, and transformers' GGUF loader reads gemma2's and gemma3's head_dim from it
             w.add_key_length(cfg.head_dim)
             w.add_value_length(cfg.head_dim)
+    if arch in GEMMA_SWA_PATTERN and cfg.attention_window:
+        w.add_sliding_window(cfg.attention_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+        w.add_final_logit_softcapping(cfg.logit_softcap)
     write_tokenizer(w, toks)
     if chat_template:
         w.add_chat_template(chat_template)

@@ -1,7 +1,9 @@
 """GGUF import: a .gguf file (llama.cpp's, what Ollama and LM Studio keep on disk) as a model and its tokenizer.
 
 The inverse of gguf_export.py, whose tensor-name tables and Q/K permute it reads with. Architectures: "llama"
-(Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2", "qwen3" and "gpt2". A file whose blocks' linears are all Q8_0,
+(Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2", "qwen3", "gpt2", and "gemma", "gemma2", "gemma3" (with
+what llama.cpp fixes for them by architecture, as gguf_export.py's GEMMA_* say: their norms are read as the file
+holds them, w + 1, which our RMSNorm multiplies by). A file whose blocks' linears are all Q8_0,
 or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same fp32 matrices; the
 embedding and head float), unless float weights are asked for (load_gguf's quantized, load_checkpoint's quantized_ok).
 Otherwise every tensor is dequantized to float32 by the gguf package (ggml's reader: F32, F16, BF16, Q8_0, Q4_0,
@@ -20,10 +22,13 @@ import torch
 from tritongpt.errors import UserError, note
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.quant import pack_int4
-from tritongpt.train.gguf_export import (GGUF_LAYER, GGUF_TOP, GPT2_QKV, INSTALL, LLAMA3_PAT, QKV, QWEN2_PAT, CONTROL,
-                                         SPACE, UNUSED, USER_DEFINED, spm_merges, unpermute_qk)
+from tritongpt.train.gguf_export import (GEMMA2_SOFTCAPS, GEMMA3_LOCAL_THETA, GEMMA_ARCHS, GEMMA_SWA_PATTERN,
+                                         GGUF_LAYER, GGUF_TOP, GPT2_QKV, INSTALL, LLAMA3_PAT, QKV, QWEN2_PAT, CONTROL,
+                                         SPACE, UNUSED, USER_DEFINED, gemma_local_layers, gemma_scale_width, spm_merges,
+                                         unpermute_qk)
 
-ARCHS = ("llama", "qwen2", "qwen3", "gpt2")  # (qwen3: Qwen2's layout without biases, with q/k norms)
+# (qwen3: Qwen2's layout without biases, with q/k norms; the Gemmas: gguf_export.py's GEMMA_ARCHS)
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS)
 # tokenizer.ggml.pre -> the split regex (None: GPT-2's own, ByteLevel's use_regex)
 PRE_PATTERNS = {"gpt-2": None, "llama-bpe": LLAMA3_PAT, "qwen2": QWEN2_PAT}
 
@@ -117,11 +122,43 @@ def gguf_config(reader, path) -> tuple:
                   rope_theta=float(_field(reader, k("rope.freq_base"), path, 10000.0)),
                   norm_eps=_decimal(_field(reader, k("attention.layer_norm_rms_epsilon"), path, 1e-5)),
                   qkv_bias_only=arch == "qwen2", tie_weights="output.weight" not in tensors,
-                  qk_norm=arch == "qwen3")  # (its per-head q/k RMSNorms: attn_q_norm, attn_k_norm)
+                  qk_norm=arch in ("qwen3", "gemma3"))  # (per-head q/k RMSNorms: attn_q_norm, attn_k_norm)
+    if arch in ("gemma", "gemma2") and "output.weight" in tensors:
+        raise UserError(f"{path}: it has output.weight, an LM head of its own, which llama.cpp's {arch} never reads "
+                        "(it computes the logits with token_embd)")
+    if arch in GEMMA_ARCHS:
+        fields.update(_gemma_fields(reader, path, arch, fields, head_dim, k))
     try:
         return arch, GPTConfig(**fields)
     except UserError as e:  # (heads that do not divide the width, ...)
         raise UserError(f"{path}: its metadata gives no model this reads: {e}") from None
+
+
+def _gemma_fields(reader, path, arch: str, fields: dict, head_dim: int, k) -> dict:
+    """A Gemma's GPTConfig fields beyond Llama's, with what llama.cpp fixes by architecture (gguf_export.py's
+    GEMMA_*): GeGLU, scaled embeddings, sandwich norms (gemma2, gemma3), the window over llama.cpp's local layers
+    (attention.sliding_window), Gemma 3's local RoPE base, Gemma 2's soft caps, the scores' scale width."""
+    out = dict(mlp="geglu", scale_embeddings=True, post_norms=arch != "gemma")
+    if arch in GEMMA_SWA_PATTERN:
+        # llama.cpp's gemma2 needs the key; its gemma3 reads a file without one (or 0) as global layers only
+        window = _field(reader, k("attention.sliding_window"), path, None if arch == "gemma3" else ...)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
+                                   or window < 0):
+            raise UserError(f"{path}: {k('attention.sliding_window')} must be an integer >= 0, got {window!r}")
+        if window:
+            local = gemma_local_layers(arch, fields["n_layer"])
+            out.update(attention_window=int(window), window_layers=",".join(map(str, local)))
+            if arch == "gemma3":
+                out["rope_local_theta"] = GEMMA3_LOCAL_THETA
+    if arch == "gemma2":
+        caps = [_field(reader, k(f"{x}_logit_softcapping"), path, d) for x, d in zip(("attn", "final"),
+                                                                                       GEMMA2_SOFTCAPS)]
+        out.update(attn_softcap=caps[0], logit_softcap=caps[1])
+    if arch == "gemma3":  # (llama.cpp reads an optional final cap for gemma3 too; Gemma 3's have none)
+        out["logit_softcap"] = _field(reader, k("final_logit_softcapping"), path, 0.0)
+    width = gemma_scale_width(arch, fields["n_layer"], fields["n_embd"], fields["n_head"], head_dim)
+    out["attention_scale_width"] = 0 if width == head_dim else width
+    return out
 
 
 def gguf_names(cfg: GPTConfig, arch: str) -> dict:
