@@ -241,3 +241,44 @@ def test_import_refusals_by_name(arch, edit, said, tmp_path):
     with pytest.raises(UserError) as e:
         load_gguf(path)
     assert said in str(e.value)
+
+
+def test_a_q4_0_gemma3_is_kept_as_the_file_holds_it(tok, tmp_path):
+    """A Q4_0 export read back keeps its blocks' linears as int4 (the path QLoRA trains beside): the same logits as
+    the file dequantized to float."""
+    from tritongpt.model.quant import Int4Linear
+    from tritongpt.train.gguf_export import write_gguf
+    from tritongpt.train.gguf_import import load_gguf
+
+    path = write_gguf(random_model(ARCHS["gemma3"], 288), tmp_path / "m.gguf", tok, "q4_0")
+    kept, dense = load_gguf(path), load_gguf(path, quantized=False)
+    assert isinstance(kept.trf_blocks[5].ff.w_up, Int4Linear)
+    ids = ids_of(tok)
+    want = logits(dense, ids)
+    assert (logits(kept, ids) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("arch, n_layer, width", [("gemma3", 62, 32), ("gemma3", 26, 0), ("gemma2", 46, 32),
+                                                  ("gemma2", 42, 0)])
+def test_the_27b_scale_is_read_by_layer_count(arch, n_layer, width, tmp_path):
+    """llama.cpp scales a Gemma 2 27B's (46 layers) and a Gemma 3 27B's (62) scores by 1/sqrt(n_embd / n_head),
+    others' by 1/sqrt(head_dim): read as attention_scale_width (0: the head's, 16 here)."""
+    from tritongpt.train.gguf_import import gguf_config
+
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", arch)
+    w.add_context_length(32)
+    w.add_embedding_length(64)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(64)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_key_length(16)
+    w.add_value_length(16)
+    w.add_sliding_window(4)
+    w.add_tensor("token_embd.weight", np.ones((288, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _, cfg = gguf_config(gguf.GGUFReader(tmp_path / "m.gguf"), tmp_path / "m.gguf")
+    assert cfg.attention_scale_width == width and cfg.head_dim == 16
