@@ -1,7 +1,8 @@
-"""GGUF's Gemma architectures ("gemma", "gemma2", "gemma3"), both ways (train/gguf_export.py, train/gguf_import.py).
-Export is checked by transformers' own GGUF loader (it reads gemma2 and gemma3, not gemma): its logits are ours.
-Import is checked against a Hugging Face Gemma's own logits, its tensors written here as convert_hf_to_gguf.py
-writes them (every norm as w + 1, q/k rows unpermuted), not by our writer. What llama.cpp fixes by architecture
+"""GGUF's Gemma architectures ("gemma", "gemma2", "gemma3") and Phi-3's ("phi3"), both ways (train/gguf_export.py,
+train/gguf_import.py). Export is checked by transformers' own GGUF loader (it reads gemma2, gemma3 and phi3, not
+gemma): its logits are ours. Import is checked against a Hugging Face model's own logits, its tensors written here
+as convert_hf_to_gguf.py writes them (a Gemma's every norm as w + 1, q/k rows unpermuted; Phi-3's fused), not by
+our writer. What llama.cpp fixes by architecture
 (which layers are local, Gemma 3's local RoPE base, the scores' scale) a model must have, or is refused by name."""
 import numpy as np
 import pytest
@@ -282,3 +283,164 @@ def test_the_27b_scale_is_read_by_layer_count(arch, n_layer, width, tmp_path):
     w.close()
     _, cfg = gguf_config(gguf.GGUFReader(tmp_path / "m.gguf"), tmp_path / "m.gguf")
     assert cfg.attention_scale_width == width and cfg.head_dim == 16
+
+
+# Phi-3 (Phi-4-mini's shape: GQA, a partial rotary; export_target writes a full-rotary Phi-3 as the Llama it is)
+PHI3 = dict(context_length=32, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, norm="rmsnorm", mlp="swiglu",
+            mlp_hidden=64, position_encoding="rope", bias=False, rope_theta=500.0, rotary_dim=8, tie_weights=False)
+
+
+def load_hf_phi3(path):
+    """transformers' GGUF loader on a phi3 file, told the partial rotary it does not read (rope.dimension_count:
+    its phi3 table maps it to nothing) and without Phi3Config's pad id 32000, past this vocabulary."""
+    cfg = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    cfg.rope_parameters["partial_rotary_factor"] = 0.5
+    cfg.pad_token_id = None
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=cfg,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_transformers_reads_our_phi3(kind, tok, tmp_path):
+    """Phi-3's fused attn_qkv (q, then the fewer k and v rows) and ffn_up (gate, then up) as transformers' GGUF
+    loader splits them: our logits, with our weights rounded as the file rounds them."""
+    from tritongpt.train.gguf_export import write_gguf
+
+    model = random_model(PHI3, 288)
+    path = write_gguf(model, tmp_path / f"m-{kind}.gguf", tok, kind)
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "phi3"
+    assert reader.fields["phi3.rope.dimension_count"].contents() == 8
+    assert [int(x) for x in reader.tensors[[t.name for t in reader.tensors].index("blk.0.attn_qkv.weight")].shape] \
+        == [64, 64 + 2 * 32]
+    ids = ids_of(tok)
+    theirs = load_hf_phi3(path)(ids).logits.detach()
+    want = logits(rounded(model, kind), ids)
+    assert (theirs - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
+def test_phi3_round_trip(kind, tok, tmp_path):
+    """Our phi3 export read back: the partial rotary, the fused tensors split (a Q8_0 / Q4_0 file's rows kept as
+    int8 / int4, the same logits as the file dequantized)."""
+    from tritongpt.model.quant import Int4Linear, Int8Linear, QuantLinear
+    from tritongpt.train.gguf_export import write_gguf
+    from tritongpt.train.gguf_import import load_gguf
+
+    model = random_model(PHI3, 288)
+    path = write_gguf(model, tmp_path / f"m-{kind}.gguf", tok, kind)
+    back = load_gguf(path)
+    assert back.config.rotary_dim == 8 and back.config.n_kv_head == 2 and not back.config.tie_weights
+    cls = {"f32": torch.nn.Linear, "q8_0": Int8Linear, "q4_0": Int4Linear}[kind]
+    assert isinstance(back.trf_blocks[1].att.W_key, cls) and isinstance(back.trf_blocks[1].ff.w_gate, cls)
+    ids = ids_of(tok)
+    if kind == "q4_0":
+        assert isinstance(back.trf_blocks[0].ff.w_up, QuantLinear)
+        want = logits(load_gguf(path, quantized=False), ids)
+    else:
+        want = logits(rounded(model, kind), ids)
+    assert (logits(back, ids) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def hf_phi3(window=None):
+    """A random Hugging Face Phi-3 of PHI3's shape (its norms about 1), a window over every layer if asked."""
+    cfg = transformers.Phi3Config(vocab_size=288, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                  rms_norm_eps=1e-5, pad_token_id=None, sliding_window=window,
+                                  tie_word_embeddings=False,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                   "partial_rotary_factor": 0.5},
+                                  attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + 1.0 if "norm" in name else torch.randn_like(p) * 0.3)
+    return model
+
+
+def write_converted_phi3(model, path, window=None, edit=None):
+    """model as convert_hf_to_gguf.py's Phi3MiniModel writes it (F32): qkv_proj as attn_qkv, gate_up_proj as ffn_up,
+    rope.dimension_count the rotated width."""
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    t = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
+         "output.weight": sd["lm_head.weight"]}
+    for k, v in sd.items():
+        if k.startswith("model.layers."):
+            _, _, i, rest = k.split(".", 3)
+            t[f"blk.{i}.{names[rest.removesuffix('.weight')]}.weight"] = v
+    w = gguf.GGUFWriter(path, "phi3")
+    for key, value in (("context_length", 32), ("embedding_length", 64), ("block_count", 2),
+                       ("feed_forward_length", 64), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                       ("rope.dimension_count", 8)):
+        w.add_uint32(f"phi3.{key}", value)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500.0)
+    if window:
+        w.add_sliding_window(window)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"[PAD{i}]" for i in range(288)])
+    if edit is not None:
+        edit(w, t)
+    for name, x in t.items():
+        w.add_tensor(name, np.ascontiguousarray(x, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_converted_hugging_face_phi3_reads_as_itself(window, tmp_path):
+    """A Phi-3 laid out as llama.cpp's converter writes it (a window over every layer too, as Phi-3-mini-4k's):
+    load_gguf's logits are the Hugging Face model's."""
+    from tritongpt.train.gguf_import import load_gguf
+
+    hf = hf_phi3(window)
+    ours = load_gguf(write_converted_phi3(hf, tmp_path / "m.gguf", window))
+    assert ours.config.attention_window == (window or 0) and ours.config.rotary_dim == 8
+    ids = torch.randint(0, 288, (1, 20), generator=torch.Generator().manual_seed(1))
+    want = hf(ids).logits.detach()
+    assert (logits(ours, ids) - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_phi3_swapped_gate_and_up_is_seen(tmp_path, monkeypatch):
+    """With ffn_up's halves read the other way round (up, then gate) the converted Phi-3 is another function."""
+    from tritongpt.train import gguf_export
+    from tritongpt.train.gguf_import import load_gguf
+
+    monkeypatch.setitem(gguf_export.FUSED, "phi3", {**gguf_export.FUSED["phi3"], "ffn_up": ("ff.w_up", "ff.w_gate")})
+    hf = hf_phi3()
+    ours = load_gguf(write_converted_phi3(hf, tmp_path / "m.gguf"))
+    ids = torch.randint(0, 288, (1, 20), generator=torch.Generator().manual_seed(1))
+    want = hf(ids).logits.detach()
+    assert (logits(ours, ids) - want).abs().max().item() > 1e-2 * want.abs().max().item()
+
+
+def test_phi3_refusals_and_notes(tok, tmp_path, capsys):
+    """LongRoPE is refused both ways by name (its rope_factors_long / _short, picked by llama.cpp by the context
+    size); a fused tensor of other rows than the metadata's heads refused; a window written with llama.cpp's
+    running without it said."""
+    from tritongpt.train.gguf_export import write_gguf
+    from tritongpt.train.gguf_import import load_gguf
+
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                "original_max_position_embeddings": 16, "factor": 2.0}
+    with pytest.raises(UserError, match="has LongRoPE .* which this writer does not write .*rope_factors_long"):
+        write_gguf(random_model(dict(PHI3, rope_scaling=longrope), 288), tmp_path / "l.gguf", tok, "f32")
+    assert not (tmp_path / "l.gguf").exists()
+    hf = hf_phi3()
+    path = write_converted_phi3(hf, tmp_path / "f.gguf", edit=lambda w, t: t.update(
+        {"rope_factors_long.weight": np.full(4, 2.0, np.float32), "rope_factors_short.weight": np.ones(4, np.float32)}))
+    with pytest.raises(UserError, match="rope_factors_long / rope_factors_short .*LongRoPE.*does not apply"):
+        load_gguf(path)
+    path = write_converted_phi3(hf, tmp_path / "q.gguf", edit=lambda w, t: t.update(
+        {"blk.1.attn_qkv.weight": np.concatenate([t["blk.1.attn_qkv.weight"]] * 2)}))
+    with pytest.raises(UserError, match=r"tensor blk.1.attn_qkv.weight has shape \(256, 64\), but its metadata says "
+                       "128 rows"):
+        load_gguf(path)
+    write_gguf(random_model(dict(PHI3, attention_window=4), 288), tmp_path / "w.gguf", tok, "f32")
+    assert "runs without it" in capsys.readouterr().err

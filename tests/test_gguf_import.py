@@ -210,13 +210,13 @@ def test_unknown_architecture_and_tokenizers_refused(tmp_path, monkeypatch):
 
     from tritongpt.train.gguf_import import gguf_tokenizer, load_gguf
 
-    w = gguf.GGUFWriter(tmp_path / "p.gguf", "phi3")
+    w = gguf.GGUFWriter(tmp_path / "p.gguf", "starcoder2")
     w.add_tensor("token_embd.weight", np.ones((8, 4), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UserError, match="general.architecture is 'phi3'"):
+    with pytest.raises(UserError, match="general.architecture is 'starcoder2'"):
         load_gguf(tmp_path / "p.gguf")
 
     def retokenize(model, pre):

@@ -20,6 +20,10 @@ as it reads that script's:
   not read from the file it fixes by architecture, and a model that differs is refused: the embeddings' sqrt(n_embd)
   scale, the scores' 1/sqrt(head_dim) (n_embd / n_head in the 27Bs: gemma_scale_width), Gemma 2's local layers the
   even ones, Gemma 3's five of every six with a local RoPE base of 10000, Gemma 2's soft caps always on.
+- Phi-3 ("phi3", export_target's Phi-3: a partial rotary, rope.dimension_count): q, k and v fused in attn_qkv (the
+  k and v rows fewer under GQA), gate and up in ffn_up (FUSED), unpermuted (NeoX-style RoPE). LongRoPE (its
+  rope_factors_long / _short tensors, which llama.cpp picks by the context size it runs with, not by each sequence's
+  length as the model does) is refused by name; a window is written, with a note that llama.cpp's phi3 runs without.
 
 Tensor types (--gguf-type): F32, F16, BF16, or ggml's blocks of 32 inputs that the gguf package quantizes in
 Python: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the K-quants it only dequantizes: not written). Which tensors take the type
@@ -76,15 +80,15 @@ def import_gguf():
 def gguf_arch(cfg, family: str) -> str:
     """The llama.cpp architecture this model is written as, from the Hugging Face family export_target picks:
     GPT-2 -> "gpt2", Llama and Mistral -> "llama" (convert_hf_to_gguf.py writes Mistral as a Llama), Qwen2 ->
-    "qwen2", Qwen3 -> "qwen3", Gemma, Gemma 2 and Gemma 3 -> "gemma", "gemma2", "gemma3"; any other family is
-    refused by name."""
+    "qwen2", Qwen3 -> "qwen3", Gemma, Gemma 2 and Gemma 3 -> "gemma", "gemma2", "gemma3", Phi-3 (a partial rotary:
+    export_target's Phi-3) -> "phi3"; any other family is refused by name."""
     arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3",
-            "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3"}.get(family)
+            "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3", "Phi-3": "phi3"}.get(family)
     if arch is None:
         raise UserError(f"this model is {_article(family)} {family}, which the GGUF writer does not write (it writes "
-                        "GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and Gemma 3): export it as a Hugging "
-                        "Face folder (without --format gguf) and convert that with llama.cpp's convert_hf_to_gguf.py "
-                        "if it knows the family")
+                        "GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and Phi-3): export it as a "
+                        "Hugging Face folder (without --format gguf) and convert that with llama.cpp's "
+                        "convert_hf_to_gguf.py if it knows the family")
     return arch
 
 
@@ -123,7 +127,14 @@ def refuse_not_gguf(model, arch: str, what: str) -> None:
         return  # refuse_not_gpt2 has said all of it: GGUF's gpt2 is Hugging Face's GPT-2
     if arch in GEMMA_ARCHS:
         _refuse_not_gemma_gguf(cfg, arch, what)
-    for differs, why in ((bool(cfg.attention_window) and arch not in GEMMA_SWA_PATTERN, f"has local attention "
+    if arch == "phi3" and (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+        raise UserError(f"this model has LongRoPE (rope_scaling {cfg.rope_scaling['rope_type']!r}: Phi-3's 128k, "
+                        "Phi-4-mini), which this writer does not write (llama.cpp's rope_factors_long / "
+                        f"rope_factors_short, picked there by the context size, not the sequence's): it cannot be "
+                        f"exported as {what}")
+    # (phi3's window covers every layer, as refuse_not_phi3 has checked)
+    for differs, why in ((bool(cfg.attention_window) and arch not in (*GEMMA_SWA_PATTERN, "phi3"), f"has local "
+                          "attention "
                           f"(attention_window {cfg.attention_window}), which llama.cpp's {arch} does not"),
                          (cfg.rope_scaling is not None, f"rescales its RoPE frequencies (rope_scaling "
                           f"{cfg.rope_scaling}), which this writer does not write (no rope.scaling keys)"),
@@ -198,7 +209,20 @@ GGUF_LAYER["gemma"] = GGUF_LAYER["llama"]
 GGUF_LAYER["gemma2"] = GGUF_LAYER["llama"] + (("post_att_norm", "post_attention_norm"),
                                               ("post_ff_norm", "post_ffw_norm"))
 GGUF_LAYER["gemma3"] = GGUF_LAYER["gemma2"] + GGUF_LAYER["qwen3"][-2:]
+# Phi-3: a Llama's norms, output and down projections; q/k/v and gate/up fused (FUSED)
+GGUF_LAYER["phi3"] = (("norm1", "attn_norm"), ("norm2", "ffn_norm"), ("att.out_proj", "attn_output"),
+                      ("ff.w_down", "ffn_down"))
 GPT2_QKV = ("att.W_query", "att.W_key", "att.W_value")
+# The fused tensors, each [its parts' rows one after the other, in]: GPT-2's and Phi-3's q, k, v in attn_qkv,
+# Phi-3's gate then up in ffn_up (llama.cpp's phi3 splits ffn_up in halves: silu(first) * second, Phi3MLP's chunk)
+FUSED = {"gpt2": {"attn_qkv": GPT2_QKV}, "phi3": {"attn_qkv": GPT2_QKV, "ffn_up": ("ff.w_gate", "ff.w_up")}}
+
+
+def fused_rows(cfg, theirs: str) -> tuple:
+    """Each part's rows of fused tensor theirs: q, k, v (n_head and kv_heads heads of head_dim), or gate, up."""
+    if theirs == "attn_qkv":
+        return cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    return cfg.ff_hidden, cfg.ff_hidden
 QKV = {"att.W_query": "attn_q", "att.W_key": "attn_k", "att.W_value": "attn_v"}  # qwen2's biases: on these only
 
 
@@ -259,14 +283,15 @@ def gguf_tensors(model, arch: str) -> dict:
         t[top["out_head"] + ".weight"] = _rowwise(lambda x: x[:V], weight("out_head"))
     for i in range(cfg.n_layer):
         b, g = f"trf_blocks.{i}.", f"blk.{i}."
+        for theirs, ours in FUSED.get(arch, {}).items():
+            parts = [weight(b + n) for n in ours]
+            forms = {(x.bits, x.q is None) if isinstance(x, Coded) else None for x in parts}
+            if len(forms) > 1:  # (one fused tensor holds one form: its parts quantized alike, or all float)
+                parts = [x.dense if isinstance(x, Coded) else x for x in parts]
+            t[g + theirs + ".weight"] = _rowwise(lambda *xs: torch.cat(xs), *parts)
         if arch == "gpt2":
             C = cfg.n_embd
             qkv = [b + n for n in GPT2_QKV]
-            parts = [weight(n) for n in qkv]
-            forms = {(x.bits, x.q is None) if isinstance(x, Coded) else None for x in parts}
-            if len(forms) > 1:  # (one fused tensor holds one form: q, k and v quantized alike, or all float)
-                parts = [x.dense if isinstance(x, Coded) else x for x in parts]
-            t[g + "attn_qkv.weight"] = _rowwise(lambda *xs: torch.cat(xs), *parts)
             # GPT-2 has all its biases: a model without them (qkv_bias False) has zero ones, the same function
             t[g + "attn_qkv.bias"] = torch.cat([sd.get(n + ".bias", torch.zeros(C)) for n in qkv])
             for ours, theirs in GGUF_LAYER[arch]:
@@ -600,14 +625,17 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
         w.add_head_count_kv(cfg.kv_heads)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_rope_freq_base(cfg.rope_theta)
-        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_dimension_count(cfg.rotary_dim or cfg.head_dim)  # (phi3's partial rotary)
         if cfg.head_dim * cfg.n_head != cfg.n_embd or arch in GEMMA_ARCHS:
             # heads of their own width (llama.cpp: n_embd / n_head else); convert_hf_to_gguf.py writes a Gemma's
             # always, and transformers' GGUF loader reads gemma2's and gemma3's head_dim from it
             w.add_key_length(cfg.head_dim)
             w.add_value_length(cfg.head_dim)
-    if arch in GEMMA_SWA_PATTERN and cfg.attention_window:
+    if arch in (*GEMMA_SWA_PATTERN, "phi3") and cfg.attention_window:
         w.add_sliding_window(cfg.attention_window)
+        if arch == "phi3":
+            note(f"llama.cpp's phi3 reads attention.sliding_window ({cfg.attention_window}) but runs without it (its "
+                 "Phi SWA is disabled): past that many tokens its logits differ from this model's")
     if arch == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_softcap)
         w.add_final_logit_softcapping(cfg.logit_softcap)

@@ -3,9 +3,11 @@
 The inverse of gguf_export.py, whose tensor-name tables and Q/K permute it reads with. Architectures: "llama"
 (Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2", "qwen3", "gpt2", and "gemma", "gemma2", "gemma3" (with
 what llama.cpp fixes for them by architecture, as gguf_export.py's GEMMA_* say: their norms are read as the file
-holds them, w + 1, which our RMSNorm multiplies by). A file whose blocks' linears are all Q8_0,
-or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same fp32 matrices; the
-embedding and head float), unless float weights are asked for (load_gguf's quantized, load_checkpoint's quantized_ok).
+holds them, w + 1, which our RMSNorm multiplies by), and "phi3" (its fused attn_qkv and ffn_up split, a partial
+rotary, the window over every layer as Phi-3's config says; LongRoPE's rope_factors refused). A file whose blocks'
+linears are all Q8_0, or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same
+fp32 matrices; the embedding and head float), unless float weights are asked for (load_gguf's quantized,
+load_checkpoint's quantized_ok).
 Otherwise every tensor is dequantized to float32 by the gguf package (ggml's reader: F32, F16, BF16, Q8_0, Q4_0,
 Q4_1, Q5_0, Q5_1 and the K-quants), and a quantized file runs as the float model it stands for. One tensor is
 dequantized at a time, straight into the model's parameter, so a large file never has two float copies in memory.
@@ -22,13 +24,13 @@ import torch
 from tritongpt.errors import UserError, note
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.quant import pack_int4
-from tritongpt.train.gguf_export import (GEMMA2_SOFTCAPS, GEMMA3_LOCAL_THETA, GEMMA_ARCHS, GEMMA_SWA_PATTERN,
-                                         GGUF_LAYER, GGUF_TOP, GPT2_QKV, INSTALL, LLAMA3_PAT, QKV, QWEN2_PAT, CONTROL,
-                                         SPACE, UNUSED, USER_DEFINED, gemma_local_layers, gemma_scale_width, spm_merges,
-                                         unpermute_qk)
+from tritongpt.train.gguf_export import (FUSED, GEMMA2_SOFTCAPS, GEMMA3_LOCAL_THETA, GEMMA_ARCHS, GEMMA_SWA_PATTERN,
+                                         GGUF_LAYER, GGUF_TOP, INSTALL, LLAMA3_PAT, QKV, QWEN2_PAT, CONTROL, SPACE,
+                                         UNUSED, USER_DEFINED, fused_rows, gemma_local_layers, gemma_scale_width,
+                                         spm_merges, unpermute_qk)
 
 # (qwen3: Qwen2's layout without biases, with q/k norms; the Gemmas: gguf_export.py's GEMMA_ARCHS)
-ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS)
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS, "phi3")
 # tokenizer.ggml.pre -> the split regex (None: GPT-2's own, ByteLevel's use_regex)
 PRE_PATTERNS = {"gpt-2": None, "llama-bpe": LLAMA3_PAT, "qwen2": QWEN2_PAT}
 
@@ -113,7 +115,10 @@ def gguf_config(reader, path) -> tuple:
         raise UserError(f"{path}: {k('attention.value_length')} differs from {k('attention.key_length')} "
                         f"({head_dim}): this model's values are as wide as its keys")
     rot = _positive(reader, k("rope.dimension_count"), path, head_dim)
-    if rot != head_dim:
+    if arch == "phi3" and {"rope_factors_long.weight", "rope_factors_short.weight"} & set(tensors):
+        raise UserError(f"{path}: it has rope_factors_long / rope_factors_short (Phi-3's LongRoPE), which this reader "
+                        "does not apply: read the model's Hugging Face folder instead")
+    if rot != head_dim and arch != "phi3":
         raise UserError(f"{path}: {k('rope.dimension_count')} is {rot}, not the head's {head_dim}: partial rotary "
                         "is not read from a GGUF file")
     fields.update(norm="rmsnorm", mlp="swiglu", position_encoding="rope", bias=False,
@@ -128,6 +133,14 @@ def gguf_config(reader, path) -> tuple:
                         "(it computes the logits with token_embd)")
     if arch in GEMMA_ARCHS:
         fields.update(_gemma_fields(reader, path, arch, fields, head_dim, k))
+    if arch == "phi3":
+        # a partial rotary (Phi-4-mini's 0.75 of the head); the window over every layer as Phi-3's config says it
+        # (a window as long as the context hides nothing: none, as phi3_weights.py reads it)
+        window = _field(reader, k("attention.sliding_window"), path, 0)
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+            raise UserError(f"{path}: {k('attention.sliding_window')} must be an integer >= 0, got {window!r}")
+        fields.update(rotary_dim=rot if rot != head_dim else 0,
+                      attention_window=int(window) if window < fields["context_length"] else 0)
     try:
         return arch, GPTConfig(**fields)
     except UserError as e:  # (heads that do not divide the width, ...)
@@ -162,7 +175,8 @@ def _gemma_fields(reader, path, arch: str, fields: dict, head_dim: int, k) -> di
 
 
 def gguf_names(cfg: GPTConfig, arch: str) -> dict:
-    """{our parameter name: GGUF tensor name} for a model of cfg (gpt2's q/k/v: attn_qkv, split by load_gguf)."""
+    """{our parameter name: GGUF tensor name, or (name, first row, end row) of a fused one}: gpt2's and phi3's
+    q/k/v in attn_qkv, phi3's gate and up in ffn_up (FUSED), split by load_gguf."""
     top = dict(GGUF_TOP)
     names = {"tok_emb.weight": top["tok_emb"] + ".weight", "final_norm.weight": top["final_norm"] + ".weight"}
     if not cfg.tie_weights:
@@ -175,10 +189,13 @@ def gguf_names(cfg: GPTConfig, arch: str) -> dict:
             names[b + ours + ".weight"] = g + theirs + ".weight"
             if arch == "gpt2":
                 names[b + ours + ".bias"] = g + theirs + ".bias"
-        if arch == "gpt2":
-            for j, ours in enumerate(GPT2_QKV):
-                names[b + ours + ".weight"], names[b + ours + ".bias"] = (g + "attn_qkv.weight", j), \
-                    (g + "attn_qkv.bias", j)
+        for theirs, parts in FUSED.get(arch, {}).items():
+            start = 0
+            for ours, rows in zip(parts, fused_rows(cfg, theirs)):
+                names[b + ours + ".weight"] = (g + theirs + ".weight", start, start + rows)
+                if arch == "gpt2":  # (its biases fused as its matrices)
+                    names[b + ours + ".bias"] = (g + theirs + ".bias", start, start + rows)
+                start += rows
         if arch == "qwen2":
             for ours, theirs in QKV.items():
                 names[b + ours + ".bias"] = g + theirs + ".bias"
@@ -197,6 +214,11 @@ def load_gguf(path, quantized: bool = True):
     names = gguf_names(cfg, arch)
     tensors = {t.name: t for t in reader.tensors}
     wanted = {n if isinstance(n, str) else n[0] for n in names.values()}
+    # a fused tensor's rows: its parts' (a file with more would have rows no parameter reads)
+    fused_total = {}
+    for n in names.values():
+        if not isinstance(n, str):
+            fused_total[n[0]] = max(fused_total.get(n[0], 0), n[2])
     missing = sorted(wanted - set(tensors))
     if missing:
         raise UserError(f"{path}: missing tensor(s) {missing[:3]} (a {arch} of {cfg.n_layer} layers has them)")
@@ -214,7 +236,7 @@ def load_gguf(path, quantized: bool = True):
         return torch.from_numpy(np.array(x, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape))))
 
     if quantized:
-        model = _load_kept(reader, path, arch, cfg, names, tensors, read)
+        model = _load_kept(reader, path, arch, cfg, names, tensors, read, fused_total)
         if model is not None:
             return model
     model = GPTModel.empty(cfg)
@@ -225,11 +247,14 @@ def load_gguf(path, quantized: bool = True):
     with torch.no_grad():
         for ours, theirs in names.items():
             p = params[ours]
-            if isinstance(theirs, tuple):  # gpt2's attn_qkv [3C, C]: q, k, v thirds, read once for all three
-                theirs, j = theirs
+            if isinstance(theirs, tuple):  # a fused tensor (attn_qkv, phi3's ffn_up): read once for its parts
+                theirs, lo, hi = theirs
                 if theirs not in fused:
                     fused = {theirs: read(theirs)}  # (one layer's at a time)
-                value = fused[theirs].chunk(3)[j]
+                    if fused[theirs].shape[0] != fused_total[theirs]:
+                        raise UserError(f"{path}: tensor {theirs} has shape {tuple(fused[theirs].shape)}, but its "
+                                        f"metadata says {fused_total[theirs]} rows")
+                value = fused[theirs][lo:hi]
             else:
                 value = read(theirs)
             if arch == "llama" and theirs.endswith(("attn_q.weight", "attn_k.weight")):
@@ -312,7 +337,7 @@ def gguf_packed(t, N: int, K: int):
     return pack_int4(torch.from_numpy(q.reshape(N, K))), torch.from_numpy(scale), torch.from_numpy(offset)
 
 
-def _load_kept(reader, path, arch, cfg, names, tensors, read):
+def _load_kept(reader, path, arch, cfg, names, tensors, read, fused_total):
     """load_gguf's model with every linear of the blocks kept in the file's block format (KEPT), built by hf_quant's
     model_with_int4 as a GPTQ folder's is (the embedding, norms, biases and LM head float: dequantized, as GPTQ and
     AWQ leave a head float), or None (a note on stderr saying why) where they are not all of one kept kind, or some
@@ -337,23 +362,24 @@ def _load_kept(reader, path, arch, cfg, names, tensors, read):
     mode = modes.pop()
     sd, packed, fused = {}, {}, {}
     for ours in linears:
-        name, j = (names[ours], None) if isinstance(names[ours], str) else names[ours]
+        name, rows = (names[ours], None) if isinstance(names[ours], str) else (names[ours][0],
+                                                                                slice(*names[ours][1:]))
         want = shapes[ours]
         t = tensors[name]
         N, K = (int(s) for s in reversed(t.shape))
-        if (N, K) != ((3 * want[0] if j is not None else want[0]), want[1]):
-            raise UserError(f"{path}: tensor {name} has shape {(N, K)}, but its metadata says "
-                            f"{(3 * want[0], want[1]) if j is not None else want}")
+        said = (want[0] if rows is None else fused_total[name], want[1])
+        if (N, K) != said:
+            raise UserError(f"{path}: tensor {name} has shape {(N, K)}, but its metadata says {said}")
         if name not in fused:
             got = gguf_packed(t, N, K)
             if got is None:
                 note(f"{path}: tensor {name} is {t.tensor_type.name} with a negative block scale, which "
                      f"{mode} here does not hold exactly: all are dequantized")
                 return None
-            fused = {name: got} if j is not None else {}  # (gpt2's attn_qkv: one layer's, read once for its three)
+            fused = {name: got} if rows is not None else {}  # (a fused tensor: one at a time, read once)
         else:
             got = fused[name]
-        parts = [None if x is None else (x if j is None else x.chunk(3)[j]) for x in got]
+        parts = [None if x is None else (x if rows is None else x[rows]) for x in got]
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             # the interleaved rows back in rotate-half order: a row's bytes, scales and offsets move together
             heads = cfg.n_head if "attn_q" in name else cfg.kv_heads
@@ -368,7 +394,7 @@ def _load_kept(reader, path, arch, cfg, names, tensors, read):
             if ours in sd:
                 out[ours] = sd[ours]
                 continue
-            value = read(name) if isinstance(name, str) else read(name[0]).chunk(3)[name[1]]
+            value = read(name) if isinstance(name, str) else read(name[0])[name[1]:name[2]]
             if tuple(value.shape) != shapes[ours]:
                 raise UserError(f"{path}: tensor {name} has shape {tuple(value.shape)}, but its metadata says "
                                 f"{shapes[ours]}")
