@@ -18,8 +18,6 @@ window, no layer_types where its pattern cannot make them).
 """
 from pathlib import Path
 
-import torch
-
 from tritongpt._types import is_int
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
@@ -28,7 +26,7 @@ from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, 
                                           refuse_moe_touches, refuse_neox_touches, refuse_phi3_touches, weights_file,
                                           write_hf_folder)
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, shape_fields
-from tritongpt.train.olmo_weights import _LAYER  # the same tensor names: only the q/k norms' widths differ
+from tritongpt.train.olmo_weights import _LAYER, _hf_tensors  # OLMo's tensor names: only the q/k norms' widths differ
 
 MODEL_TYPE, ARCH, NAME = "exaone4", "Exaone4ForCausalLM", "EXAONE 4"
 
@@ -160,21 +158,6 @@ def refuse_not_exaone4(model: GPTModel, what: str) -> None:
                           f"1/sqrt({cfg.attention_scale_width}), where {NAME} scales them by 1/sqrt(head_dim)")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-
-
-def _hf_tensors(model: GPTModel) -> dict:
-    """Our parameters under EXAONE 4's names, the padding rows dropped."""
-    cfg = model.config
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    V = cfg.vocab_size
-    hf = {"embed_tokens.weight": sd["tok_emb.weight"][:V], "norm.weight": sd["final_norm.weight"]}
-    for i in range(cfg.n_layer):
-        for mine, theirs in _LAYER:
-            hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
-    out = {"model." + k: v for k, v in hf.items()}
-    if not cfg.tie_weights:
-        out["lm_head.weight"] = sd["out_head.weight"][:V]
-    return {k: v.to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
 
 
 def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
