@@ -234,6 +234,20 @@ def test_a_multimodal_gemma3s_head_is_tied_by_the_top_level_field(hf_copy, tmp_p
         load_checkpoint(path)
 
 
+def test_the_model_types_read_name_the_multimodal_gemma3(tmp_path):
+    """load_checkpoint reads a multimodal Gemma 3 folder (model_type gemma3) as its language model, so
+    read_model_types, the list a folder of an unknown model_type is refused with, names it (it named only
+    gemma3_text, so the refusal said gemma3 was not read)."""
+    from tritongpt.train.gemma_weights import is_gemma_file
+    from tritongpt.train.gpt2_weights import _gpt2_config_json, read_model_types
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    assert is_gemma_file(tmp_path / "model.safetensors") and "gemma3" in read_model_types()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
+    with pytest.raises(UserError, match=r"not a GPT-2 model \(tritongpt reads .*, gemma3_text, gemma3, "):
+        _gpt2_config_json(tmp_path / "config.json")
+
+
 def test_attention_cap_and_scale_fields_are_checked_and_exports_that_cannot_say_them_refuse(tmp_path):
     from tritongpt.train.gemma_weights import export_gemma
     from tritongpt.train.llama_weights import export_llama

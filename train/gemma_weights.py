@@ -42,6 +42,9 @@ from tritongpt.train.llama_weights import (LLAMA_KEYS, _rope_theta, full_attenti
 
 FAMILIES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+# read too, as its language model (Gemma3ForConditionalGeneration's text_config): named here so that
+# read_model_types, which lists what load_checkpoint reads, lists it
+MODEL_TYPES = ("gemma3",)
 _PROJECTIONS = (("att.W_query", "self_attn.q_proj"), ("att.W_key", "self_attn.k_proj"),
                 ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"),
                 ("ff.w_gate", "mlp.gate_proj"), ("ff.w_up", "mlp.up_proj"), ("ff.w_down", "mlp.down_proj"))
@@ -55,9 +58,9 @@ _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # transformers' nam
 
 def is_gemma_file(path) -> bool:
     """A Hugging Face Gemma model.safetensors (or shard index): its config.json says a Gemma model_type
-    (the multimodal "gemma3" too, refused by name when loaded)."""
+    (the multimodal "gemma3" too: its language model is read)."""
     cfg_json = Path(path).parent / "config.json"
-    return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") in (*FAMILIES, "gemma3")
+    return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") in (*FAMILIES, *MODEL_TYPES)
 
 
 def _norms(cfg: GPTConfig) -> tuple:
