@@ -128,6 +128,15 @@ def test_a_default_a_help_text_writes_out_is_the_flags_default():
     assert checked >= 5 and wrong == []
 
 
+def readme_anchors(text: str) -> set:
+    """The #anchors of a markdown text's headings, as GitHub spells them (lower case, punctuation dropped, spaces as
+    hyphens); a '# comment' inside a code block is no heading. (tests/test_readme_families.py uses it too.)"""
+    import re
+
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
     """README drift: every `--flag` it names is some command's (torchrun's and tensorboard's aside), every command
     it shows (`tritongpt CMD ...` lines, `CMD --flag` in prose) takes the flags shown with it, every repository path
@@ -188,8 +197,7 @@ def test_readme_names_only_flags_files_presets_and_anchors_that_exist():
     ours = re.sub(r"^lm_eval .*$", "", text, flags=re.M)  # (lm-eval's own --model names its model classes)
     models = set(re.findall(r"--models? ([\w.-]+)", ours)) - {"MODEL"}
     assert "gpt2-small" in models and sorted(models - set(PRESETS)) == []
-    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)
-    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+    anchors = readme_anchors(text)
     links = re.findall(r"\]\(#([^)]+)\)", text)
     assert links and sorted(set(links) - anchors) == []
 

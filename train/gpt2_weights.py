@@ -434,14 +434,22 @@ def _gpt2_config_json(cfg_json: Path) -> dict:
 def read_model_types() -> tuple:
     """The config.json model_types load_checkpoint hands to a reader, from the readers' own tables (a list
     written out here went stale as families were added)."""
+    return tuple(model_type_readers())
+
+
+def model_type_readers() -> dict:
+    """{model_type: the train/ module whose reader reads it}, read_model_types' order (the README's table of
+    families is checked against it: tests/test_readme_families.py)."""
     import importlib
 
-    types = ["gpt2", "gpt_neo", "gpt_oss"]  # (the readers that name theirs inline)
+    readers = {"gpt2": "gpt2_weights", "gpt_neo": "gpt_neo_weights", "gpt_oss": "gpt_oss_weights"}  # (named inline)
     for name in ("llama", "llama_kin", "gemma", "olmo", "neox", "phi", "phi3", "gptj", "falcon", "bloom", "mpt",
                  "cohere", "granite", "arcee", "stablelm", "glm4", "exaone4", "moe"):
         m = importlib.import_module(f"tritongpt.train.{name}_weights")
-        types += [getattr(m, "MODEL_TYPE", None), *getattr(m, "FAMILIES", ()), *getattr(m, "MODEL_TYPES", ())]
-    return tuple(dict.fromkeys(t for t in types if t))
+        for t in (getattr(m, "MODEL_TYPE", None), *getattr(m, "FAMILIES", ()), *getattr(m, "MODEL_TYPES", ())):
+            if t:
+                readers.setdefault(t, f"{name}_weights")
+    return readers
 
 
 def _check_hf_config(cfg_json: Path, vocab: int, ctx: int, n_embd: int, n_layer: int) -> dict:
