@@ -238,6 +238,82 @@ def test_gpt_oss_experts_match_float64_where_the_clamp_bites(dtype, frozen, devi
             assert torch.equal(params[i].grad[E - 1], torch.zeros_like(params[i].grad[E - 1])), f"{name} idle"
 
 
+# GPT-OSS's experts at gpt-oss-like sizes, scaled down (its C 2880, H 2880, 32 experts, top 4): the autotuned tiles
+# (BLOCK_M 64-128, several K steps, experts' rows ending mid-tile among 1027 tokens' 4108 rows) that the interpreter's
+# 32-wide tiles above cannot reach. The same exactness as above, on a coarser grid so that the clamp at gpt-oss's own
+# limit 7 bites: x in +-{1/2, 1}, the gate and up weights in {-1/4, 0, 1/4} (a share ~410 / C nonzero, so g and u
+# have a standard deviation ~4 at any C), their biases multiples of 1/8 in [-2, 2]. Every product and partial sum is
+# a multiple of 1/8 under 2^9 (exact in fp32 in any order, and in any accumulator of 12 bits or more), and g and u
+# stay under 32 in magnitude (asserted): multiples of 1/8 under 32 are exact in bf16 (8 significant bits). So the
+# kernel's stored bf16 g and u are float64's numbers, and the clamp and its gradient's masks decide alike on both;
+# a bound that tolerated boundary flips instead would have to pass dg off by O(1) at the flipped elements, which is
+# also what a wrong mask gives. 7 is on the grid: some g and u sit exactly on the limit (gradient 0 there).
+CUDA_MOE_SHAPES = {  # (tokens, C, H, E, k)
+    "1027 tokens C 1024 H 512 32 experts top 4": (1027, 1024, 512, 32, 4),
+    "1027 tokens C 512 H 1024 8 experts top 4": (1027, 512, 1024, 8, 4),
+}
+
+
+def make_gpt_oss_at(n, c, h, e, k, dtype, device, gen):
+    """make_gpt_oss's leaves at other sizes, on the 1/8 grid above; the last expert idle. Also -> the routed rows'
+    float64 pre-activations g, u (to show the clamp bites, and that they are exact in bf16)."""
+    sign = torch.randint(0, 2, (n, c), generator=gen) * 2 - 1
+    x = sign * torch.randint(1, 3, (n, c), generator=gen) / 2
+    share = min(1.0, 16 * 16 / (0.625 * c))  # var(g) = c * E[x^2] * E[w^2] = c * 0.625 * share / 16 = 16
+    wg, wu = ((torch.randint(0, 2, (e, h, c), generator=gen) * 2 - 1) * (torch.rand(e, h, c, generator=gen) < share)
+              / 4 for _ in range(2))
+    bg, bu = (torch.randint(-16, 17, (e, h), generator=gen) / 8 for _ in range(2))
+    wd = torch.randn(e, c, h, generator=gen) / math.sqrt(h)
+    bd = torch.randn(e, c, generator=gen) * 0.5
+    experts = torch.stack([torch.randperm(e - 1, generator=gen)[:k] for _ in range(n)])  # expert e - 1 idle
+    params = [t.to(device, dtype).requires_grad_() for t in (x, wg, wu, wd, bg, bu, bd)]
+    experts = experts.to(device)
+    x64, wg64, wu64, bg64, bu64 = (t.to(device, torch.float64) for t in (x, wg, wu, bg, bu))
+    rows, tok = experts.reshape(-1), torch.arange(n, device=device).repeat_interleave(k)
+    # expert by expert (a gather of [n k, h, c] weights would take GBs)
+    g, u = (torch.empty(n * k, h, dtype=torch.float64, device=device) for _ in range(2))
+    for j in range(e):
+        hit = rows == j
+        g[hit] = x64[tok[hit]] @ wg64[j].t() + bg64[j]
+        u[hit] = x64[tok[hit]] @ wu64[j].t() + bu64[j]
+    return params, experts, g, u
+
+
+def check_gpt_oss_at(shape, dtype, device, limit=7.0, seed=0):
+    """y and every gradient of GPT-OSS's experts against float64's autograd within TOL[dtype], with the clamp biting
+    at limit (the gate above it and on it, the up past it both ways and on it); the idle expert's gradients zero."""
+    n, c, h, e, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    params, experts, g, u = make_gpt_oss_at(n, c, h, e, k, dtype, device, gen)
+    assert g.abs().max() < 32 and u.abs().max() < 32, "pre-activations past 32: not exact in bf16 on the 1/8 grid"
+    for what, hits in (("g above", g > limit), ("g on", g == limit), ("u above", u > limit), ("u on", u == limit),
+                       ("u below", u < -limit), ("u on -", u == -limit), ("g inside", g < limit)):
+        assert hits.sum() >= 3, f"{what} the limit {limit}: {hits.sum().item()} elements"
+    y = moe_mlp(params[0], experts, *params[1:4], "gpt_oss", b_gate=params[4], b_up=params[5], b_down=params[6],
+                limit=limit)
+    assert y.dtype == dtype and y.shape == (n, k, c)
+    dy = torch.randn(y.shape, generator=gen).to(device, dtype)
+    y.backward(dy)
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    y_ref = ref_moe(leaves[0], experts, *leaves[1:4], "gpt_oss", *leaves[4:], limit=limit)
+    y_ref.backward(dy.double())
+    tag = f"{dtype} {n}x{c} H {h} E {e} top {k}"
+    assert_close_rel(y, y_ref, TOL[dtype], f"{tag} y")
+    for i, name in enumerate(GPT_OSS_NAMES):
+        assert params[i].grad.dtype == dtype, name
+        assert_close_rel(params[i].grad, leaves[i].grad, TOL[dtype], f"{tag} {name}")
+        if i:
+            assert torch.equal(params[i].grad[e - 1], torch.zeros_like(params[i].grad[e - 1])), f"{name} idle"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", list(CUDA_MOE_SHAPES))
+def test_cuda_gpt_oss_experts_bf16_at_gpt_oss_like_sizes(shape):
+    """bf16, at gpt-oss's limit 7 and alpha 1.702: y and all seven gradients within the file's 16-bit bound (1e-2)
+    of float64, the clamp biting in every way above."""
+    check_gpt_oss_at(CUDA_MOE_SHAPES[shape], torch.bfloat16, torch.device("cuda"))
+
+
 def test_gpt_oss_bias_and_limit_refusals(device):
     """The biases come as all three or none, of [E, H] / [E, C] and x's dtype; the limit and alpha are finite and
     positive (GPTConfig's rule for swiglu_limit / _alpha): each refused by name, before any launch."""
