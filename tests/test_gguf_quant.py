@@ -225,3 +225,105 @@ def test_our_q8_0_export_read_back_kept(arch, tmp_path):
             bias = flat.get_submodule(name).bias
             assert (m.bias is None) is (bias is None) and (bias is None or torch.equal(m.bias, bias))
     same(ours, logits(flat, IDS), "reference")
+
+
+# ----------------------------------------------------------------------------- GPU
+# The kept layers on a GPU: a .gguf written as above, loaded kept and moved there, its logits on the Triton path
+# (kernels/quant.py's int8_linear with group-32 scales, int4_linear with group-32 scales and fp32 offsets, as
+# bench/compile_check.py builds them) against the float load of the same file. fp32: the same matrices bit for bit,
+# so within 1e-5 of the largest logit (same()'s bound). bf16: both round x and the weight tile to bf16 (the kernels
+# cast q * scale + offset to x's dtype for the tensor-core dot, the float load's F.linear holds bf16 weights), so the
+# yardstick is the float load's own bf16 run on the reference path: the Triton path's relative error against the
+# float load in float64 at most 2x that one's (measured under the interpreter: ~0.8-0.9x), and rounded (> 1e-4).
+# These random weights (std 0.3, not scaled by width) amplify rounding through two layers (test_gguf_export's
+# LOOSE): no absolute 1e-2 would hold for either path (measured: ~3e-2 relative on both).
+GPU_IDS = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+def check_kept_on(device, qtype, tmp_path, monkeypatch):
+    import copy
+
+    from parity import assert_close_rel, report
+    from tritongpt.train.gguf_import import load_gguf
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32: ieee dots on both
+    path = write(tmp_path / f"{qtype}.gguf", qtype)
+    kept, flat = load_gguf(path).to(device), load_gguf(path, quantized=False).to(device)
+    assert kept.quantized in ("int4", "int8") and all(m.qweight.device.type == device.type for m in
+                                                      kept.modules() if isinstance(m, QuantLinear))
+    ids = GPU_IDS.to(device)
+    kept.set_kernels("triton")
+    assert all(m.use_triton for m in kept.modules() if isinstance(m, QuantLinear))
+    want = logits(flat.set_kernels("reference"), ids)
+    got = logits(kept, ids)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item(), f"{qtype} fp32"
+    want64 = logits(copy.deepcopy(flat).double(), ids)
+    yard = report(logits(copy.deepcopy(flat).bfloat16(), ids), want64)[1]
+    kept16 = copy.deepcopy(kept).bfloat16()
+    assert all(m.scale.dtype == torch.float32 for m in kept16.modules() if isinstance(m, QuantLinear))
+    got16 = logits(kept16, ids)
+    assert got16.dtype == torch.bfloat16
+    _, rel = assert_close_rel(got16, want64, 2 * yard, f"{qtype} bf16 triton path (2x the float load's bf16 error)")
+    assert rel > 1e-4, f"{qtype}: relative error {rel:.1e}: not computed in bf16?"
+
+
+def check_qlora_on(device, qtype, tmp_path):
+    """A QLoRA step on the file's own layers: LoRA (rank 4, random A and B) beside the kept layers, one backward on
+    each path (the Triton path's quantized matmuls and their dx kernels; the reference's dequantized F.linear). fp32:
+    the losses within 1e-5, every A and B gradient within 1e-4 (the same matrices). Under bf16 autocast each A and
+    B gradient of the Triton path within 2x the reference path's own bf16 error, both against fp32's reference
+    path: these unscaled random weights amplify bf16's rounding through two layers (measured under the interpreter:
+    up to 0.25 relative on the reference path, the Triton path's 0.8-1.1x that), so test_qlora's fixed 3e-2 would
+    hold for neither. Then an SGD step on the Triton path moves every B and no kept buffer."""
+    import copy
+
+    from test_qlora import lora_grads, random_updates, rel
+    from tritongpt.model.lora import add_lora
+    from tritongpt.train.gguf_import import load_gguf
+
+    model = load_gguf(write(tmp_path / f"{qtype}-lora.gguf", qtype)).to(device)
+    add_lora(model, 4)
+    random_updates(model, 0.02)
+    assert all(p.device.type == device.type for p in model.parameters())
+    ids = GPU_IDS.to(device)
+    runs = {}
+    for kernels, autocast in (("reference", None), ("triton", None), ("reference", torch.bfloat16),
+                              ("triton", torch.bfloat16)):
+        m = copy.deepcopy(model).set_kernels(kernels).train()
+        with torch.autocast(device.type, autocast or torch.float32, enabled=autocast is not None):
+            loss = m(ids, targets=ids)
+        loss.backward()
+        runs[kernels, autocast] = (loss.item(), lora_grads(m))
+    loss, want = runs["reference", None]
+    assert len(want) == 2 * 14 and all(g.abs().max() > 0 for g in want.values())
+    tri_loss, tri = runs["triton", None]
+    assert abs(tri_loss - loss) <= 1e-5 * loss, (tri_loss, loss)
+    for name, g in want.items():
+        assert rel(tri[name], g) < 1e-4, (qtype, "fp32", name, rel(tri[name], g))
+    (_, ref16), (_, tri16) = runs["reference", torch.bfloat16], runs["triton", torch.bfloat16]
+    for name, g in want.items():
+        yard, err = rel(ref16[name], g), rel(tri16[name], g)
+        assert 1e-4 < err <= 2 * yard, (qtype, "bf16", name, err, yard)
+    model.set_kernels("triton").train()
+    frozen = {k: v.clone() for k, v in model.named_buffers()}
+    B = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    before = [b.detach().clone() for b in B]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with torch.autocast(device.type, torch.bfloat16):
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+    loss.backward()
+    opt.step()
+    assert len(B) == 14 and all(not torch.equal(b, b0) for b, b0 in zip(B, before))
+    assert all(torch.equal(v, frozen[k]) for k, v in model.named_buffers())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_kept_layers_on_cuda_fp32_and_bf16_against_the_float_load(qtype, tmp_path, monkeypatch):
+    check_kept_on(torch.device("cuda"), qtype, tmp_path, monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_a_qlora_step_on_cuda_beside_the_kept_layers(qtype, tmp_path):
+    check_qlora_on(torch.device("cuda"), qtype, tmp_path)
