@@ -179,13 +179,15 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     # trainer's mixed precision, fp32 attention with dropout, PPO) and those of paths no GPU has run
     # yet (an autotuned kernel first launched inside a CUDA-graph capture; a decode step captured and
     # replayed, the kv_len kernels at new lengths; gpt-oss's attention sinks (forward, backward, the split-KV
-    # decode, a graph's decode step); the int8 and int4 weight-only kernels and model (int8's group scales too), their
-    # dx kernels and QLoRA, GPTQ on the GPU, the int8 KV cache in a real graph; the serving engine's batched draw and
-    # post-draw, the per-row sampling kernel and 4-bit GPTQ/AWQ folders on the device), then every other
-    # file with a CUDA-marked test (a directory argument would put them back in name order).
+    # decode, a graph's decode step), its experts' MoE kernel (biases, the clamp) at gpt-oss-like sizes, a
+    # .gguf file's kept Q8_0 / Q4_x layers and a tiny GPT-OSS model in bf16; the int8 and int4 weight-only
+    # kernels and model (int8's group scales too), their dx kernels and QLoRA, GPTQ on the GPU, the int8 KV
+    # cache in a real graph; the serving engine's batched draw and post-draw, the per-row sampling kernel and
+    # 4-bit GPTQ/AWQ folders on the device), then every other file with a CUDA-marked test (a directory
+    # argument would put them back in name order).
     first="tests/test_model_paths.py tests/test_loop.py tests/test_attention.py tests/test_rlhf.py tests/test_mlp.py"
     first="$first tests/test_tuned_launch.py tests/test_decode_graph.py tests/test_attention_kv_len.py"
-    first="$first tests/test_attention_sinks.py"
+    first="$first tests/test_attention_sinks.py tests/test_moe_kernel.py tests/test_gguf_quant.py tests/test_gpt_oss.py"
     first="$first tests/test_int8_linear.py tests/test_int4_linear.py tests/test_quantize.py"
     first="$first tests/test_quantize_int4.py tests/test_quant_dx.py tests/test_qlora.py"
     first="$first tests/test_qlora_rlhf.py tests/test_gptq.py tests/test_kv_cache_int8.py"

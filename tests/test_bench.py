@@ -4594,11 +4594,13 @@ def test_gpu_session_tests_stage_runs_the_unreached_files_first_then_every_cuda_
     root = Path(__file__).resolve().parent.parent
     (pytest_args,) = [c[2:] for c in runs if c[:2] == ["-m", "pytest"]]
     files = [a for a in pytest_args if a.startswith("tests/") and "::" not in a]  # not the --deselect ids
-    assert files[:15] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
+    assert files[:18] == ["tests/test_model_paths.py", "tests/test_loop.py", "tests/test_attention.py",
                          "tests/test_rlhf.py", "tests/test_mlp.py", "tests/test_tuned_launch.py",
                          "tests/test_decode_graph.py", "tests/test_attention_kv_len.py",
-                         "tests/test_attention_sinks.py", "tests/test_int8_linear.py", "tests/test_int4_linear.py", "tests/test_quantize.py", "tests/test_quantize_int4.py",
-                         "tests/test_quant_dx.py", "tests/test_qlora.py"]
+                         "tests/test_attention_sinks.py", "tests/test_moe_kernel.py", "tests/test_gguf_quant.py",
+                         "tests/test_gpt_oss.py", "tests/test_int8_linear.py", "tests/test_int4_linear.py",
+                         "tests/test_quantize.py", "tests/test_quantize_int4.py", "tests/test_quant_dx.py",
+                         "tests/test_qlora.py"]
     marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "mark.cuda" in p.read_text()}
     assert len(files) == len(set(files)) and set(files) == marked and "tests" not in pytest_args
 
