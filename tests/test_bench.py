@@ -2692,8 +2692,8 @@ def test_autotune_timings_read_tritons_saved_searches(tmp_path):
     # key's shape differs between a GPU and the interpreter: only the names are compared here)
     assert got["kernel"] == "attention.forward" and got["function"] == "_attn_fwd"
     assert report._tuned_kernel_names()["_matmul_kernel"] == ("mlp.matmul", [
-        "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU", "GELU_ERF", "STORE_ACT",
-        "HAS_BIAS", "stride_ak", "stride_bn", "TMA_OK", "A_T", "B_T"])
+        "M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "B_GELU", "B_SWIGLU", "SUM2", "GATE_GELU", "GELU_ERF", "RELU2",
+        "STORE_ACT", "HAS_BIAS", "stride_ak", "stride_bn", "TMA_OK", "A_T", "B_T"])
     # a search the kernel saved before its key gained names (another hash folder): not named under the names it
     # would shift under, but kept (its timings are real), marked stale
     (tmp_path / "ef56").mkdir()
