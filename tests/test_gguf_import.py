@@ -236,6 +236,67 @@ def test_unknown_architecture_and_tokenizers_refused(tmp_path, monkeypatch):
         load_gguf(path)
 
 
+def _kv(key, value, kind):
+    return lambda w, t: w.add_key_value(key, value, kind)  # (the writer keeps a key's last value, of any type)
+
+
+_V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("edit, said", [
+    (_kv("llama.rope.freq_base", [5000.0], _V.ARRAY), r"llama.rope.freq_base must be a number, got \[5000.0\]"),
+    (_kv("llama.rope.freq_base", "5000", _V.STRING), "llama.rope.freq_base must be a number, got '5000'"),
+    (_kv("llama.attention.layer_norm_rms_epsilon", [1e-5], _V.ARRAY),
+     "llama.attention.layer_norm_rms_epsilon must be a number"),
+    (_kv("llama.vocab_size", "320", _V.STRING), "llama.vocab_size must be a positive integer, got '320'"),
+    (lambda w, t: t.update({"token_embd.weight": t["token_embd.weight"].reshape(-1)}),
+     r"token_embd.weight has shape \(20480,\), not an embedding's 2-d"),
+])
+def test_metadata_of_the_wrong_type_refused_by_name(edit, said, tmp_path):
+    """A key of the wrong GGUF type (a list or string where a number belongs) and a 1-d embedding: refused by name,
+    not a TypeError from float(), a string read as its number, or an IndexError on the embedding's shape."""
+    from tritongpt.train.gguf_import import load_gguf
+
+    with pytest.raises(UserError, match=said):
+        load_gguf(write_by_hand(tmp_path / "m.gguf", edit=edit))
+
+
+@pytest.mark.parametrize("edit, said", [
+    (_kv("tokenizer.ggml.tokens", 3, _V.UINT32), "tokenizer.ggml.tokens must be a list of strings, got 3"),
+    (_kv("tokenizer.ggml.tokens", "abc", _V.STRING), "tokenizer.ggml.tokens must be a list of strings, got 'abc'"),
+    (_kv("tokenizer.ggml.merges", ["ab"], _V.ARRAY), "tokenizer.ggml.merges entry 0 is 'ab', not two tokens"),
+    (_kv("tokenizer.ggml.merges", "a b", _V.STRING), "tokenizer.ggml.merges must be a list of strings"),
+    (_kv("tokenizer.ggml.bos_token_id", "1", _V.STRING), "bos_token_id must be a token id .*, got '1'"),
+    (_kv("tokenizer.ggml.bos_token_id", 1.0, _V.FLOAT32), "bos_token_id must be a token id .*, got 1.0"),
+    # (bool("false") is True: the BOS would be prepended where the writer said not)
+    (_kv("tokenizer.ggml.add_bos_token", "false", _V.STRING), "add_bos_token must be true or false, got 'false'"),
+    (_kv("tokenizer.chat_template", 3, _V.UINT32), r"tokenizer.chat_template must be a string \(a Jinja"),
+    (_kv("tokenizer.chat_template", ["x"], _V.ARRAY), r"tokenizer.chat_template must be a string .*\['x'\]"),
+])
+def test_tokenizer_metadata_of_the_wrong_type_refused_by_name(edit, said, tmp_path):
+    from tritongpt.train.gguf_import import gguf_tokenizer
+
+    with pytest.raises(UserError, match=said):
+        gguf_tokenizer(write_by_hand(tmp_path / "m.gguf", edit=edit))
+
+
+def test_a_damaged_header_or_string_refused_by_name(tmp_path):
+    """A tensor / key count larger than the file holds (the gguf reader runs off the end: IndexError), and a string
+    whose bytes are not UTF-8 (decoded lazily, as the key is read): UserErrors naming the file."""
+    from tritongpt.train.gguf_import import gguf_tokenizer, load_gguf
+
+    raw = write_by_hand(tmp_path / "m.gguf").read_bytes()
+    for at in (8, 16):  # (after magic and version: n_tensors, then n_kv, both uint64)
+        bad = tmp_path / f"count{at}.gguf"
+        bad.write_bytes(raw[:at] + (2 ** 40).to_bytes(8, "little") + raw[at + 8:])
+        with pytest.raises(UserError, match=f"{bad}: not a GGUF file gguf can read"):
+            load_gguf(bad)
+    bad = tmp_path / "utf8.gguf"
+    bad.write_bytes(raw.replace(b"{% for m", b"\xff% for m", 1))
+    with pytest.raises(UserError, match="tokenizer.chat_template is not UTF-8 text"):
+        gguf_tokenizer(bad)
+
+
 def test_a_gguf_file_through_the_cli_as_a_user_runs_it(tmp_path, capsys):
     """From one .gguf file, through the commands: a ChatML Qwen2 folder as `export --format gguf` writes it;
     `info --weights m.gguf`; `serve --weights m.gguf` answers a chat completion in the file's chat template, up to

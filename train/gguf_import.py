@@ -43,7 +43,8 @@ def _reader(path):
                         f"installed: {INSTALL}") from None
     try:
         return gguf, gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:  # its bad-magic / version refusals are ValueErrors
+    except (ValueError, OSError, IndexError) as e:  # its bad-magic / version refusals are ValueErrors; a count
+        # in the header larger than the file (truncated, or damaged) runs its parser off the end: an IndexError
         raise UserError(f"{path}: not a GGUF file gguf can read ({e})") from None
 
 
@@ -54,13 +55,34 @@ def _field(reader, key: str, path, default=...):
         if default is ...:
             raise UserError(f"{path}: no {key} in its metadata")
         return default
-    if hasattr(f, "contents"):  # (gguf >= 0.11)
-        return f.contents()
-    import gguf  # older ones: decode the parts (strings are bytes, scalars one-element arrays)
+    try:  # (its strings are decoded here, lazily: a damaged one is bytes that are not UTF-8)
+        if hasattr(f, "contents"):  # (gguf >= 0.11)
+            return f.contents()
+        import gguf  # older ones: decode the parts (strings are bytes, scalars one-element arrays)
 
-    S, A = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
-    one = (lambda i: bytes(f.parts[i]).decode()) if f.types[-1] == S else (lambda i: f.parts[i].tolist()[0])
-    return [one(i) for i in f.data] if f.types[0] == A else one(f.data[0])
+        S, A = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+        one = (lambda i: bytes(f.parts[i]).decode()) if f.types[-1] == S else (lambda i: f.parts[i].tolist()[0])
+        return [one(i) for i in f.data] if f.types[0] == A else one(f.data[0])
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: {key} is not UTF-8 text ({e}): a damaged file") from None
+
+
+def _typed(reader, key: str, path, kind, what: str, default=...):
+    """_field's value, refused by name unless an instance of kind (a string where a number belongs, a list where one
+    value does, would else be read as something the writer never meant: bool("false") is True)."""
+    v = _field(reader, key, path, default)
+    number = bool not in (kind if isinstance(kind, tuple) else (kind,))  # (a bool is an int to isinstance)
+    if v is not default and (not isinstance(v, kind) or (number and isinstance(v, bool))):
+        raise UserError(f"{path}: {key} must be {what}, got {v!r}")
+    return v
+
+
+def _real(reader, key, path, default=...) -> float:
+    return float(_typed(reader, key, path, (int, float, np.integer, np.floating), "a number", default))
+
+
+def _flag(reader, key, path, default=...) -> bool:
+    return _typed(reader, key, path, (bool, np.bool_), "true or false", default)
 
 
 def _positive(reader, key, path, default=...) -> int:
@@ -86,6 +108,9 @@ def gguf_config(reader, path) -> tuple:
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise UserError(f"{path}: no tensor token_embd.weight")
+    emb = tuple(int(s) for s in reversed(tensors["token_embd.weight"].shape))
+    if len(emb) != 2:  # (its rows are the vocabulary: a 1-d one has none to count)
+        raise UserError(f"{path}: tensor token_embd.weight has shape {emb}, not an embedding's 2-d (vocab, n_embd)")
     V = int(tensors["token_embd.weight"].shape[1])  # ggml's shape is [in, out]: [n_embd, vocab]
     k = lambda key: f"{arch}.{key}"  # noqa: E731
     fields = dict(vocab_size=V, context_length=_positive(reader, k("context_length"), path),
@@ -93,14 +118,14 @@ def gguf_config(reader, path) -> tuple:
                   n_layer=_positive(reader, k("block_count"), path),
                   n_head=_positive(reader, k("attention.head_count"), path),
                   mlp_hidden=_positive(reader, k("feed_forward_length"), path))
-    if _field(reader, k("vocab_size"), path, V) != V:
+    if _positive(reader, k("vocab_size"), path, V) != V:
         raise UserError(f"{path}: {k('vocab_size')} is {_field(reader, k('vocab_size'), path)}, but token_embd.weight "
                         f"has {V} rows")
     if arch == "gpt2":
         if fields["mlp_hidden"] != 4 * fields["n_embd"]:
             raise UserError(f"{path}: {k('feed_forward_length')} is {fields['mlp_hidden']}, not 4 x "
                             f"{k('embedding_length')} ({4 * fields['n_embd']}), the only GPT-2 MLP this model has")
-        fields.update(mlp_hidden=0, norm_eps=_decimal(_field(reader, k("attention.layer_norm_epsilon"), path, 1e-5)),
+        fields.update(mlp_hidden=0, norm_eps=_decimal(_real(reader, k("attention.layer_norm_epsilon"), path, 1e-5)),
                       tie_weights="output.weight" not in tensors)
         return arch, GPTConfig(**fields)
     scaling = _field(reader, k("rope.scaling.type"), path, "none")
@@ -124,8 +149,8 @@ def gguf_config(reader, path) -> tuple:
     fields.update(norm="rmsnorm", mlp="swiglu", position_encoding="rope", bias=False,
                   n_kv_head=_positive(reader, k("attention.head_count_kv"), path, fields["n_head"]),
                   attention_head_dim=head_dim if head_dim * fields["n_head"] != fields["n_embd"] else 0,
-                  rope_theta=float(_field(reader, k("rope.freq_base"), path, 10000.0)),
-                  norm_eps=_decimal(_field(reader, k("attention.layer_norm_rms_epsilon"), path, 1e-5)),
+                  rope_theta=_real(reader, k("rope.freq_base"), path, 10000.0),
+                  norm_eps=_decimal(_real(reader, k("attention.layer_norm_rms_epsilon"), path, 1e-5)),
                   qkv_bias_only=arch == "qwen2", tie_weights="output.weight" not in tensors,
                   qk_norm=arch in ("qwen3", "gemma3"))  # (per-head q/k RMSNorms: attn_q_norm, attn_k_norm)
     if arch in ("gemma", "gemma2") and "output.weight" in tensors:
@@ -418,9 +443,9 @@ def gguf_tokenizer(path):
     if kind not in ("gpt2", "llama"):
         raise UserError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') and SentencePiece's "
                         "BPE ('llama') are read from a GGUF file: pass a tokenizer folder (--tokenizer)")
-    tokens = _field(reader, "tokenizer.ggml.tokens", path)
-    types = _field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
-    merges = _field(reader, "tokenizer.ggml.merges", path, [])
+    tokens = _strings(reader, "tokenizer.ggml.tokens", path)
+    types = _typed(reader, "tokenizer.ggml.token_type", path, list, "a list of token types", [1] * len(tokens))
+    merges = _merges(reader, path, [])
     if len(types) != len(tokens):
         raise UserError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries, tokenizer.ggml.tokens "
                         f"{len(tokens)}")
@@ -454,6 +479,27 @@ def gguf_tokenizer(path):
     return _wrap(reader, path, spec, tokens, vocab)
 
 
+def _strings(reader, key, path, default=...):
+    """A list of strings (tokenizer.ggml.tokens, .merges), refused by name otherwise: a lone string would be read
+    as a list of its characters."""
+    v = _typed(reader, key, path, list, "a list of strings", default)
+    if v is not default and not all(isinstance(x, str) for x in v):
+        bad = next(x for x in v if not isinstance(x, str))
+        raise UserError(f"{path}: {key} must be a list of strings, got {bad!r} among them")
+    return v
+
+
+def _merges(reader, path, default):
+    """tokenizer.ggml.merges, each "left right" (llama.cpp splits at the first space after the first character);
+    one without that space is refused by name, not left to the tokenizers library's untagged-enum error."""
+    merges = _strings(reader, "tokenizer.ggml.merges", path, default)
+    for i, m in enumerate(merges or ()):
+        if m.find(" ", 1) == -1:
+            raise UserError(f"{path}: tokenizer.ggml.merges entry {i} is {m!r}, not two tokens joined by a space "
+                            "(\"left right\")")
+    return merges
+
+
 def _wrap(reader, path, spec: dict, tokens: list, vocab: dict):
     """spec as the HFTokenizer of the file: its BOS, EOS and pad (tokenizer.ggml.*_token_id), the BOS prepended
     where add_bos_token says (SentencePiece's "llama": unless it says not, as llama.cpp and transformers do), EOS
@@ -461,7 +507,7 @@ def _wrap(reader, path, spec: dict, tokens: list, vocab: dict):
     from tritongpt.train.hf_tokenizer import HFTokenizer
 
     def token(key):
-        i = _field(reader, key, path, None)
+        i = _typed(reader, key, path, (int, np.integer), "a token id (an integer)", None)
         if i is None:
             return None
         if not 0 <= i < len(tokens) or tokens[i] not in vocab:
@@ -470,8 +516,8 @@ def _wrap(reader, path, spec: dict, tokens: list, vocab: dict):
 
     bos, eos, pad = (token(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding"))
     spm = _field(reader, "tokenizer.ggml.model", path) == "llama"
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", path, spm)) and bos is not None
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", path, False)) and eos is not None
+    add_bos = _flag(reader, "tokenizer.ggml.add_bos_token", path, spm) and bos is not None
+    add_eos = _flag(reader, "tokenizer.ggml.add_eos_token", path, False) and eos is not None
     ends = [t for t, add in ((bos, add_bos), (eos, add_eos)) if add]
     if ends:  # (transformers' template: the BOS before the text, the EOS after)
         single = ([{"SpecialToken": {"id": bos, "type_id": 0}}] if add_bos else []) + \
@@ -483,7 +529,8 @@ def _wrap(reader, path, spec: dict, tokens: list, vocab: dict):
                       where=str(path), no_eos=f"{path} has no tokenizer.ggml.eos_token_id")
     if pad is not None:
         tok.template_tokens = {"pad_token": pad}
-    tok.chat_template = _field(reader, "tokenizer.chat_template", path, None)
+    tok.chat_template = _typed(reader, "tokenizer.chat_template", path, str, "a string (a Jinja template)",
+                               None)
     return tok
 
 
@@ -496,17 +543,17 @@ def _spm_spec(reader, path, tokens: list, types: list) -> dict:
     unless tokenizer.ggml.add_space_prefix says not (llama.cpp's reading of that key; transformers' ignores it),
     Gemma's without one (and its all-space tokens spelled "▁"), Phi-3's prepended by a normalizer (" hi" is
     "▁▁hi" there, "▁hi" under Metaspace). The decoder: "▁" back to spaces, byte tokens to bytes, the prefix off."""
-    arch = _field(reader, "general.architecture", path)
+    arch = _typed(reader, "general.architecture", path, str, "a string")
     gemma = arch.startswith("gemma")
     if gemma:
         tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {t: i for i, t in enumerate(tokens)}  # (every row, UNUSED too, as transformers keeps them)
-    merges = _field(reader, "tokenizer.ggml.merges", path, None)
+    merges = _merges(reader, path, None)
     if merges is None:
         if gemma:
             ranks = {t: -i for i, t in enumerate(tokens)}
         else:
-            scores = _field(reader, "tokenizer.ggml.scores", path, None)
+            scores = _typed(reader, "tokenizer.ggml.scores", path, list, "a list of numbers", None)
             if scores is None:
                 raise UserError(f"{path}: a SentencePiece vocabulary (tokenizer.ggml.model 'llama') with neither "
                                 "tokenizer.ggml.scores nor tokenizer.ggml.merges: nothing says how its tokens merge")
@@ -517,7 +564,7 @@ def _spm_spec(reader, path, tokens: list, types: list) -> dict:
         merges = spm_merges(vocab, ranks)
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
               "special": k == CONTROL} for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, USER_DEFINED)]
-    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", path, True)) and not gemma
+    prefix = _flag(reader, "tokenizer.ggml.add_space_prefix", path, True) and not gemma
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
     normalizer, pre_tok = None, {"type": "Metaspace", "replacement": SPACE,
                                  "prepend_scheme": "first" if prefix else "never", "split": False}
