@@ -102,6 +102,32 @@ def test_a_stream_holds_a_header_and_a_markers_start_until_decided():
     assert plain.add("no markers") == (None, None) and plain.ends() == (None, "no markers")  # (content once whole)
 
 
+class _Counted(str):
+    """A text that counts the characters its find searches (a search that fails searched to the end)."""
+    searched = 0
+
+    def find(self, sub, start=0, end=None):
+        at = super().find(sub, start)
+        _Counted.searched += (at + len(sub) if at >= 0 else len(self)) - start
+        return at
+
+
+def test_many_messages_are_read_in_linear_time():
+    """Each body searched for all three end markers to the text's end where one never comes again (a <|return|>
+    where every message ends <|end|>): quadratic in the answer's length (1 MB of messages: half a minute). The
+    characters searched stay a few times the text's, whole and growing alike, and the messages are all read."""
+    from tritongpt.train.tool_calls import harmony
+
+    unit = "<|start|>assistant<|channel|>analysis<|message|>hmm<|end|>"
+    text = _Counted("<|channel|>final<|message|>ok<|end|>" + unit * 2000)
+    for final in (True, False):
+        _Counted.searched = 0
+        messages = harmony(text, final)
+        assert len(messages) == 2001 and messages[-1].body == "hmm" and messages[-1].done
+        assert _Counted.searched <= 6 * len(text), _Counted.searched / len(text)
+    assert harmony_split(str(text), True)[:2] == ("\n".join(["hmm"] * 2000), "ok")
+
+
 def test_the_parsers_are_named_as_vllm_names_them_and_need_the_marker_tokens():
     assert "openai_gptoss" in THINKING and PARSERS["openai"] is OpenAI
     assert OpenAI.keeps_specials and OpenAI.markup and Harmony.markup and Harmony.end_id is None

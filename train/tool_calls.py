@@ -628,6 +628,10 @@ def harmony(text: str, final: bool) -> list:
     open body is less a tail that may begin an end marker; final: an open body ends with the answer (a call whose
     <|call|> is a stop token, left out of the text, is whole: vLLM's parser reads that token)."""
     out, i, state, first = [], 0, "header", True
+    # each end marker's next place at or after i (-2: not looked for yet, -1: none left), kept until passed: one
+    # the text never has again (a <|return|> where every message ends <|end|>) is not searched for to the text's
+    # end at each body, which made an answer of many messages quadratic (1 MB of them: half a minute)
+    ahead = dict.fromkeys(HARMONY_ENDS, -2)
     while i < len(text):
         if state == "between":
             at = text.find("<|start|>", i)
@@ -643,8 +647,10 @@ def harmony(text: str, final: bool) -> list:
             out.append(HarmonyMessage(header, first, "", False))
             i, state, first = at + len("<|message|>"), "body", False
         else:
-            ends = [(text.find(m, i), m) for m in HARMONY_ENDS]
-            at, marker = min(((a, m) for a, m in ends if a >= 0), default=(-1, None))
+            for m in HARMONY_ENDS:
+                if ahead[m] == -2 or -1 < ahead[m] < i:
+                    ahead[m] = text.find(m, i)
+            at, marker = min(((a, m) for m, a in ahead.items() if a >= 0), default=(-1, None))
             if at < 0:
                 body = text[i:]
                 out[-1].body = body if final else body[:len(body) - max(held(body, m) for m in HARMONY_ENDS)]
