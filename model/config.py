@@ -666,7 +666,11 @@ def yarn_defaults(scaling: dict, where: str) -> dict:
         if out.get(key) is None:  # transformers' `or`: absent or null
             out[key] = default
     factor = out.get("factor")
-    if out.get("attention_factor") is None and is_real(factor) and factor > 0:
+    if out.get("attention_factor") is None and "factor" in out:
+        # (a factor that is no number leaves no default to compute: said of the factor, not as a missing
+        # attention_factor the file never had to give)
+        if not is_real(factor) or not math.isfinite(factor) or factor <= 0:
+            raise UserError(f"{where}: factor must be a finite number > 0, got {factor!r}")
         out["attention_factor"] = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     return out
 

@@ -194,7 +194,11 @@ def hf_copy(tmp_path_factory):
     ({"num_local_experts": 8}, "num_local_experts 8, but the router scores 4"),
     ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types .* each of its 1 layers"),
     ({"rope_parameters": {**YARN, "mscale": 1.0}}, "mscale"),
-], ids=["mxfp4", "attention-bias", "activation", "experts", "layer-types", "yarn-mscale"])
+    # (a factor that is no number was said as a missing attention_factor, which YaRN's default would fill)
+    ({"rope_parameters": {**YARN, "factor": "4"}}, "rope_parameters: factor must be a finite number > 0, got '4'"),
+    ({"rope_parameters": {**YARN, "factor": None}}, "rope_parameters: factor must be a finite number > 0, got None"),
+], ids=["mxfp4", "attention-bias", "activation", "experts", "layer-types", "yarn-mscale", "yarn-factor-text",
+        "yarn-factor-null"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, change, match):
     import shutil
 
