@@ -23,6 +23,10 @@ _READ = {
     "phi": ("qk_layernorm",), "stablelm": ("use_parallel_residual", "qk_layernorm", "use_qkv_bias"),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3"), _LLAMA),
     "arcee": ("attention_bias", "mlp_bias"),
+    "ministral": ("attention_bias", "mlp_bias"),  # (its window: layer_types, never use_sliding_window)
+    "qwen2_moe": ("use_sliding_window", "norm_topk_prob", "qkv_bias"), "glm4": ("attention_bias",),
+    "gpt_oss": ("attention_bias",), "ernie4_5": ("use_bias",), "helium": ("attention_bias", "mlp_bias"),
+    "seed_oss": ("attention_bias", "mlp_bias", "attention_out_bias"),
 }
 _PAIRS = [(kind, key) for kind, keys in _READ.items() for key in (*keys, "tie_word_embeddings")] + [
     (kind, "tie_word_embeddings") for kind in ("gpt_neo", "gptj", "phi3", "mpt", "gemma3", "exaone4")]

@@ -295,6 +295,9 @@ NULL_AS_FALSE = {
     "granite": frozenset({"output_router_logits"}), "granitemoe": frozenset({"output_router_logits", "mlp_bias"}),
     "llama": frozenset({"use_sliding_window"}),
     "mistral": frozenset({"attention_bias", "mlp_bias", "use_sliding_window"}),
+    # (MinistralConfig has no bias fields, its projections none whatever they say; Ernie4_5Config types use_bias
+    # bool | None, and nn.Linear's bias=None is none)
+    "ministral": frozenset({"attention_bias", "mlp_bias"}), "ernie4_5": frozenset({"use_bias"}),
     "qwen2": frozenset({"attention_bias", "mlp_bias"}), "qwen3": frozenset({"mlp_bias"}),
     "mixtral": frozenset({"attention_bias", "mlp_bias", "use_sliding_window", "norm_topk_prob"}),
     "qwen3_moe": frozenset({"mlp_bias"}), "olmoe": frozenset({"mlp_bias", "use_sliding_window"}),
