@@ -98,6 +98,11 @@ def test_loads_decodes_generates_and_exports_like_transformers(tmp_path, kind, b
     ("seed_oss", {"head_dim": 24}, "says head_dim 24, but the weights have 16"),
     ("ministral", {"layer_types": ["sliding_attention"] * 2}, "has 2 layer_types for 3 layers"),
     ("ministral", {"sliding_window": 0}, "sliding_window 0; it must be a positive integer or null"),
+    # (a misspelled entry was read as full attention, a string as its characters: other windows, said nowhere)
+    ("ministral", {"layer_types": ["sliding_attention", "sliding", "full_attention"]},
+     r"layer_types \['sliding_attention', 'sliding', 'full_attention'\]; it must list 'sliding_attention' or "
+     "'full_attention' for each of its 3 layers"),
+    ("ministral", {"layer_types": "full_attention"}, "layer_types 'full_attention'; it must list"),
     ("glm4", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ("glm4", {"partial_rotary_factor": 0.1, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0,
                                                                  "partial_rotary_factor": 0.1}},
@@ -109,6 +114,7 @@ def test_loads_decodes_generates_and_exports_like_transformers(tmp_path, kind, b
     ("seed_oss", {"attention_bias": False}, "says no q/k/v biases, but the weights have q_proj's bias"),
 ], ids=["ernie-activation", "ernie-partial-rotary", "ernie-bias-type", "helium-mlp-bias", "helium-window",
         "seed-out-bias", "seed-dynamic-rope", "seed-head-dim", "ministral-layer-types", "ministral-window",
+        "ministral-layer-type-unknown", "ministral-layer-types-text",
         "glm4-activation", "glm4-partial-rotary", "glm4-yarn", "glm4-biases-not-said",
         "seed-biases-not-said"])
 def test_what_this_model_does_not_compute_is_refused_by_name(hf_copy, tmp_path, kind, change, match):

@@ -252,15 +252,20 @@ def _sliding_window(d: dict, kind: str, n_layer: int, cfg_json) -> tuple:
     else:
         default = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
     types = d.get("layer_types") or default
+    # (an entry misspelled read as full attention, or a string read as its characters, would be another model's
+    # windows, said nowhere; transformers refuses both)
+    if not isinstance(types, list) or any(t not in ("sliding_attention", "full_attention") for t in types):
+        raise UserError(f"{cfg_json} has layer_types {types!r}; it must list 'sliding_attention' or "
+                        f"'full_attention' for each of its {n_layer} layers")
+    if len(types) != n_layer:
+        raise UserError(f"{cfg_json} has {len(types)} layer_types for {n_layer} layers")
     local = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if not local:
         return 0, "all"
-    if len(types) == n_layer and local == list(range(n_layer)):
+    if local == list(range(n_layer)):
         return window, "all"
-    if len(types) == n_layer and local == list(range(1, n_layer, 2)):
+    if local == list(range(1, n_layer, 2)):
         return window, "odd"
-    if len(types) != n_layer:
-        raise UserError(f"{cfg_json} has {len(types)} layer_types for {n_layer} layers")
     return window, ",".join(map(str, local))  # any other set: GPTConfig.window_layers' list
 
 
