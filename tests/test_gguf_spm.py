@@ -190,3 +190,26 @@ def test_refusals_by_name(sp_folder, tmp_path):
         w.close()
         with pytest.raises(UserError, match=said):
             gguf_tokenizer(path)
+
+
+@pytest.mark.parametrize("key, value, kind, said", [
+    ("tokenizer.ggml.scores", ["x"] * 4, "ARRAY", "tokenizer.ggml.scores must be a list of numbers, got 'x' among"),
+    # (bool("no") is True: a space prefix the writer said not to add)
+    ("tokenizer.ggml.add_space_prefix", "no", "STRING", "add_space_prefix must be true or false, got 'no'"),
+    ("general.architecture", 3, "UINT32", "general.architecture must be a string, got 3"),
+])
+def test_a_sentencepiece_vocabularys_keys_of_the_wrong_type_refused_by_name(key, value, kind, said, tmp_path):
+    from tritongpt.train.gguf_import import gguf_tokenizer
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "▁", "a", "▁a"])
+    w.add_token_scores([0.0, -1.0, -2.0, -1.5])
+    w.add_key_value(key, value, gguf.GGUFValueType[kind])  # (the writer keeps a key's last value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match=said):
+        gguf_tokenizer(path)

@@ -560,6 +560,9 @@ def _spm_spec(reader, path, tokens: list, types: list) -> dict:
             if len(scores) != len(tokens):
                 raise UserError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries, tokenizer.ggml.tokens "
                                 f"{len(tokens)}")
+            bad = next((x for x in scores if isinstance(x, bool) or not isinstance(x, (int, float))), None)
+            if bad is not None:  # (float() of a string would be a ValueError, or a rank the writer never meant)
+                raise UserError(f"{path}: tokenizer.ggml.scores must be a list of numbers, got {bad!r} among them")
             ranks = dict(zip(tokens, (float(x) for x in scores)))
         merges = spm_merges(vocab, ranks)
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
