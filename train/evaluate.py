@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from tritongpt.errors import UserError, note
-from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HF_WEIGHTS_HELP, HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.cli import command_help
 
 
@@ -336,8 +336,8 @@ def add_cli(sub):
                        description=__doc__.split("\n\n")[0])
     add_model_args(p, default_model=None, default_text="what --weights holds")
     p.add_argument("--weights", required=True,
-                   help="tritongpt checkpoint (file, checkpoint or run folder) or Hugging Face GPT-2 / GPT-Neo / "
-                        "Llama / Mistral / Qwen2 / Qwen3 model.safetensors (or its folder), or " + HUB_REPO_HELP +
+                   help="tritongpt checkpoint (file, checkpoint or run folder), " + HF_WEIGHTS_HELP + ", or "
+                        + HUB_REPO_HELP +
                         "; a reward model (a `tritongpt reward` run, or a Hugging Face "
                         "<Family>ForSequenceClassification) is scored on preference pairs instead: accuracy, "
                         "Bradley-Terry loss, mean margin")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, note
-from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HF_WEIGHTS_HELP, HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.model.config import GATED_MLPS, GELU_APPROXIMATES, MLPS, NORMS, POSITION_ENCODINGS, window_layers_arg
 from tritongpt.cli import command_help
 
@@ -41,10 +41,9 @@ def add_args(p: argparse.ArgumentParser):
     add_model_args(p, default_model=None, default_text="tiny; with --init, what its weights hold")
     p.add_argument("--init", default=None,
                    help="start from these weights, not random ones (nanoGPT's init_from): a tritongpt checkpoint "
-                        "(run folder, ckpt folder or .safetensors), a Hugging Face model.safetensors (GPT-2, GPT-Neo, "
-                        "GPT-NeoX/Pythia, GPT-J, Falcon, Phi, Phi-3, Llama, Mistral, Qwen2/3, SmolLM3, Gemma, OLMo, "
-                        "StableLM), or a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: "
-                        "downloads the pretrained weights), or " + HUB_REPO_HELP + "; the model's shape is theirs")
+                        "(run folder, ckpt folder or .safetensors), " + HF_WEIGHTS_HELP + ", or a GPT-2 or GPT-Neo "
+                        "name (gpt2-small, gpt-neo-125m ...: downloads the pretrained weights), or " + HUB_REPO_HELP
+                        + "; the model's shape is theirs")
     add_vocab_multiple_arg(p, 1, "1, no padding; with --init, as its weights have them")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, action=DataArg,

@@ -42,7 +42,7 @@ from tritongpt.commands import (add_lora_args, add_qlora_args, add_vocab_multipl
                                 check_qlora, folder_base, folder_spec, qlora_record, quantize_base, vocab_multiple)
 from tritongpt._types import is_real
 from tritongpt.errors import UserError, note
-from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HF_WEIGHTS_HELP, HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.train import common, formats, tasks
 from tritongpt.train.chat_template import add_chat_template_arg, answer_end_id, chat_template_for
 # encode_text and format_prompt live with the formats; the trainers and tests import them from here too
@@ -909,8 +909,9 @@ def add_cli(sub):
 
     p = sub.add_parser("sft", help=command_help("sft"))
     p.add_argument("--init", required=True,
-                   help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), a GPT-2 or GPT-Neo name "
-                        "(gpt2-small, gpt-neo-125m ...: pretrained weights), " + HUB_REPO_HELP
+                   help="tritongpt checkpoint (run folder, ckpt folder or .safetensors), " + HF_WEIGHTS_HELP
+                        + ", a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: pretrained weights), "
+                        + HUB_REPO_HELP
                         + " or tiny/mini (random weights)")
     p.add_argument("--data", help=".json list, .jsonl or .parquet of records, all {instruction, input, output}, all "
                                   "{prompt, completion} or all chats ({messages: [{role, content}, ...]}, or "

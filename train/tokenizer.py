@@ -54,6 +54,9 @@ TOKENIZER_CHOICES = ("default | gpt2 | a tokenizer .json | a folder: a run's, Op
                      "library) or SentencePiece's tokenizer.model (converted by transformers)")
 # what --init and --weights take beside paths and names (tritongpt/cli.py fetches it first)
 HUB_REPO_HELP = "a Hugging Face Hub repo id (owner/name: its weights, config and tokenizer fetched once)"
+# the Hugging Face and llama.cpp files they take: a written-out family list went stale as families were added
+HF_WEIGHTS_HELP = ("a Hugging Face model folder or its model.safetensors, of any family load_checkpoint reads "
+                   "(GPT-2, Llama, Qwen, Gemma, ...: README.md's families table), a llama.cpp .gguf file")
 
 
 # Text the pre-tokenising pattern must split without loss: letters of several scripts, digits,

@@ -15,7 +15,8 @@ COMMANDS = {
     "info": ("tritongpt.commands", "config, parameter count, and whether Triton and CUDA are usable"),
     "generate": ("tritongpt.commands", "generate text from a prompt"),
     "export": ("tritongpt.commands", "write a checkpoint as a Hugging Face folder that transformers loads (GPT-2, "
-               "Llama, Qwen, Gemma and the other families the README lists)"),
+               "Llama, Qwen, Gemma and the other families the README lists), or with --format gguf as one .gguf "
+               "file for llama.cpp"),
     "quantize": ("tritongpt.commands", "write a model's int8 or int4 weight-only quantization as a folder the "
                  "commands that run a model load"),
     "bench": ("tritongpt.bench.cli", "benchmarks: kernels, training step, CPU-side timings"),

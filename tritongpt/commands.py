@@ -3,7 +3,7 @@
 import argparse
 
 from tritongpt.errors import UserError, note, read_json_object, read_text_file
-from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HF_WEIGHTS_HELP, HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.cli import command_help
 
 SAMPLE_SEPARATOR = "-" * 15  # between --num-samples texts, as nanoGPT's sample.py prints them
@@ -1733,8 +1733,7 @@ def add_generation_model_args(p, default_text="tiny, gpt2-small with --pretraine
     # (check_model_source: --pretrained downloads gpt2-small when --model is not given)
     add_model_args(p, default_model=None, default_text=default_text)
     p.add_argument("--weights",
-                   help="tritongpt checkpoint (file or run folder), Hugging Face GPT-2 / GPT-Neo / "
-                        "Llama / Mistral / Qwen2 / Qwen3 model.safetensors, or " + HUB_REPO_HELP)
+                   help="tritongpt checkpoint (file or run folder), " + HF_WEIGHTS_HELP + ", or " + HUB_REPO_HELP)
     p.add_argument("--pretrained", action="store_true",
                    help="download GPT-2 or GPT-Neo weights from the Hub by --model name")
     p.add_argument("--tokenizer", help=TOKENIZER_CHOICES + " (default: the one saved with "
@@ -1908,9 +1907,8 @@ def add_cli(sub):
     p = sub.add_parser("info", help=command_help("info"))
     p.add_argument("--model", default=None, help="preset name (default gpt2-small; with --weights, only to name the "
                                                  "heads of a GPT-2 file without its config.json)")
-    p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder) or Hugging Face "
-                                                   "GPT-2 / GPT-Neo / Llama / Mistral / Qwen2 / Qwen3 "
-                                                   "model.safetensors, or " + HUB_REPO_HELP
+    p.add_argument("--weights", default=None, help="a checkpoint (file, checkpoint or run folder), "
+                                                   + HF_WEIGHTS_HELP + ", or " + HUB_REPO_HELP
                                                    + ": its config and its run")
     p.add_argument("--untied", action="store_true", help="count a separate LM head")
     p.set_defaults(func=cmd_info)
@@ -2010,16 +2008,18 @@ def add_cli(sub):
                                        "checkpoint's run, else by vocab size)")
     p.add_argument("--adapter", action="store_true",
                    help="a LoRA (or QLoRA) run's update alone, as a peft adapter (adapter_model.safetensors, "
-                        "adapter_config.json) for its base model (a GPT-2, or a Llama, Mistral, Qwen2, Qwen3 or "
-                        "SmolLM3: q_proj ... down_proj), instead of the merged model")
+                        "adapter_config.json) for its base model (a GPT-2, or a Llama, Mistral, Ministral, Qwen2, "
+                        "Qwen3 or SmolLM3: q_proj ... down_proj), instead of the merged model")
     p.add_argument("--base", help="the Hugging Face folder (GPT-2's, or the Llama family's) or Hub name the --adapter "
                                   "goes on, written as its base_model_name_or_path (default: the run's --init); a "
                                   "folder, or a Hub model in the local cache, must hold the run's frozen weights "
                                   "exactly (a QLoRA run's: quantized as the run did; a run on a GPTQ/AWQ folder's "
-                                  "own quantization: that folder)")
+                                  "own quantization: that folder; a run on a .gguf file's own blocks: the file's "
+                                  "float export, peft loading no .gguf)")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf",
                    help="hf: a Hugging Face folder (default); gguf: one .gguf file (--out NAME.gguf) for llama.cpp, "
-                        "Ollama and LM Studio, a GPT-2, Llama, Mistral or Qwen2 with its tokenizer "
+                        "Ollama and LM Studio, a GPT-2, Llama (a Mistral without its window too), Qwen2, Qwen3, Gemma, "
+                        "Gemma 2, Gemma 3 or Phi-3 (a partial rotary) with its tokenizer "
                         '(pip install -e ".[gguf]")')
     # (gguf_export.GGUF_TYPES: not imported here, the parser is built before any command runs)
     p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
