@@ -216,7 +216,7 @@ def test_a_llama_adapters_base_must_be_the_runs_and_other_families_are_refused_b
         add_lora(model, 2).save(tmp_path / name / "model.safetensors")
         assert main(["export", str(tmp_path / name), "--out", str(out), "--adapter", "--tokenizer", "default"]) == 2
         assert "--adapter writes a peft adapter for Hugging Face's GPT-2 or a Llama-family model (Llama, Mistral, " \
-               f"Qwen2, Qwen3 or SmolLM3), and this model is a {name} (norm rmsnorm" in capsys.readouterr().err
+               f"Ministral, Qwen2, Qwen3 or SmolLM3), and this model is a {name} (norm rmsnorm" in capsys.readouterr().err
         assert not out.exists()
 
 

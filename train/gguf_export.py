@@ -1,10 +1,10 @@
 """GGUF export: one .gguf file that llama.cpp (and Ollama, LM Studio, anything built on it) runs.
 
 GGUF is ggml's single-file format: key/value metadata (the architecture's hyperparameters, the tokenizer's
-vocabulary and merges) followed by the tensors, each in its own type (F32, F16, BF16, or a block quantization:
-Q8_0 here). It is written with the `gguf` package, ggml's own writer (pip install -e ".[gguf]"), imported only
-here. Tensor names and layouts are the ones llama.cpp's convert_hf_to_gguf.py writes, so llama.cpp reads the file
-as it reads that script's:
+vocabulary, and its merges or scores) followed by the tensors, each in its own type (F32, F16, BF16, or a block
+quantization: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 here). It is written with the `gguf` package, ggml's own writer
+(pip install -e ".[gguf]"), imported only here. Tensor names and layouts are the ones llama.cpp's
+convert_hf_to_gguf.py writes, so llama.cpp reads the file as it reads that script's:
 
 - GPT-2 ("gpt2"): q, k and v fused in one attn_qkv [3C, C], every matrix [out, in] (Hugging Face's Conv1D
   [in, out] is what that script transposes; ours are Linear weights already).
@@ -86,9 +86,9 @@ def gguf_arch(cfg, family: str) -> str:
             "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3", "Phi-3": "phi3"}.get(family)
     if arch is None:
         raise UserError(f"this model is {_article(family)} {family}, which the GGUF writer does not write (it writes "
-                        "GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and Phi-3): export it as a "
-                        "Hugging Face folder (without --format gguf) and convert that with llama.cpp's "
-                        "convert_hf_to_gguf.py if it knows the family")
+                        "GPT-2, Llama (a Mistral without its window is one), Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and "
+                        "Phi-3): export it as a Hugging Face folder (without --format gguf) and convert that with "
+                        "llama.cpp's convert_hf_to_gguf.py if it knows the family")
     return arch
 
 

@@ -100,7 +100,7 @@ def _decimal(v) -> float:
 
 def gguf_config(reader, path) -> tuple:
     """(arch, GPTConfig) from the file's metadata; the vocabulary is token_embd's rows. What this model cannot
-    compute is refused by name: another architecture, rescaled RoPE, partial rotary."""
+    compute is refused by name: another architecture, rescaled RoPE, a partial rotary (but phi3's)."""
     arch = _field(reader, "general.architecture", path)
     if arch not in ARCHS:
         raise UserError(f"{path}: general.architecture is {arch!r}, which tritongpt does not read from a GGUF file "

@@ -1069,7 +1069,7 @@ def refuse_norm_touches(cfg: GPTConfig, family: str, what: str, embed_norm: bool
     residual_multiplier, attention_multiplier) unless mup; gpt-oss's attention sinks (attention_sinks), always."""
     if not per_head_qk:
         refuse_per_head_qk(cfg, family, what)
-    if cfg.attention_sinks:  # every family's export reaches here: none of theirs has sinks, written or not
+    if cfg.attention_sinks:  # every family's export but GPT-OSS's (which writes them) reaches here: none has sinks
         raise UserError(f"this model has attention sinks (attention_sinks: gpt-oss's per-head sink logits, "
                         f"att.sinks), which Hugging Face's {family} does not: it cannot be exported as {what}")
     for differs, why, where in ((cfg.embed_norm and not embed_norm, "normalizes its token embeddings (embed_norm, "
@@ -1145,13 +1145,13 @@ HF_LINEARS = {"attn.c_attn": ("att.W_query", "att.W_key", "att.W_value"), "attn.
 # Hugging Face Linears, one of ours each (llama_weights._LAYER), so no update spans two of them
 _PEFT_LLAMA_MODULES = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
                        "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-LLAMA_FAMILIES = "Llama, Mistral, Qwen2, Qwen3 or SmolLM3"
+LLAMA_FAMILIES = "Llama, Mistral, Ministral, Qwen2, Qwen3 or SmolLM3"
 
 
 def peft_family(model: GPTModel) -> str:
     """The family whose transformers class a LoRA model's peft adapter is written for: the Llama-family name
-    export writes it as ("Llama", "Mistral", "Qwen2", "Qwen3", "SmolLM3": llama_weights.export_llama's, one set
-    of module names), else "GPT-2". A model neither expresses is refused by name: its adapter would put the
+    export writes it as ("Llama", "Mistral", "Ministral", "Qwen2", "Qwen3", "SmolLM3": llama_weights.export_llama's,
+    one set of module names), else "GPT-2". A model neither expresses is refused by name: its adapter would put the
     update on another model's weights."""
     from tritongpt.commands import article, export_target
     from tritongpt.train import llama_weights
