@@ -1,10 +1,10 @@
 """4-bit GPTQ and AWQ folders from Hugging Face (config.json's quantization_config) into Int4Linear (model/quant.py),
-kept 4-bit: for the readers whose layers are Llama's q/k/v/o/gate/up/down projections (llama_weights.py). 8-bit GPTQ
-symmetric into Int8Linear, kept 8-bit (int8_linears): a scale a row where each layer has one group (group_size -1,
-or one at least every layer's K), else group scales (Qwen's *-GPTQ-Int8: group_size 128; int4's rule for the group
-size below); other 8-bit GPTQ (zero points, act-order groups, groups no size of ours fits: no int8 form here) and
-2- and 3-bit GPTQ (no kernel) as the float model of their dequantized weights (gptq_dequantized, a note on stderr),
-as FP8 folders are.
+kept 4-bit: for the readers that call folder_quantization (llama_weights.py's Llamas, Gemma's, Phi-3's, Falcon's and
+GPT-NeoX's; gpt_oss_weights.py for MXFP4 alone). 8-bit GPTQ symmetric into Int8Linear, kept 8-bit (int8_linears): a
+scale a row where each layer has one group (group_size -1, or one at least every layer's K), else group scales
+(Qwen's *-GPTQ-Int8: group_size 128; int4's rule for the group size below); other 8-bit GPTQ (zero points,
+act-order groups, groups no size of ours fits: no int8 form here) and 2- and 3-bit GPTQ (no kernel) as the float
+model of their dequantized weights (gptq_dequantized, a note on stderr), as FP8 folders are.
 
 Both store a linear of in K, out N as int32 words of eight 4-bit levels q, a zero z and an fp16 scale s per group of
 inputs and output, W[n, k] = (q[k, n] - z[g, n]) * s[g, n]; ours is W = q * scale + offset per group of consecutive
