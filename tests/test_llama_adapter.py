@@ -19,7 +19,10 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 4096  # the default tokenizer's: sft's data is tokenized by it
-CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+           "ministral": ("MinistralConfig", "MinistralForCausalLM")}
+# a Ministral's window in some layers only (layer_types), over a text longer than it: export writes it as Ministral
+MINISTRAL = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"], head_dim=8)
 
 
 def hf_folder(path, family="llama", kv_heads=2, seed=0, **overrides):
@@ -67,18 +70,19 @@ def logits(model, idx):
     return getattr(out, "logits", out)
 
 
-@pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 4)], ids=["llama-gqa", "qwen2-biases"])
+@pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 4), ("ministral", 2)],
+                         ids=["llama-gqa", "qwen2-biases", "ministral-window"])
 def test_peft_puts_a_llama_runs_adapter_on_its_init_with_the_runs_logits(tmp_path, capsys, family, kv_heads):
     """peft's PeftModel on the run's --init folder (LlamaForCausalLM.from_pretrained) with the exported adapter gives
     the LoRA run's logits (unmerged, as it trained) and the merged export's; the config is peft's for that class;
     read_adapter reads it back as the run's A and scale B, at the run's rank."""
-    folder = hf_folder(tmp_path / "init", family, kv_heads)
+    folder = hf_folder(tmp_path / "init", family, kv_heads, **(MINISTRAL if family == "ministral" else {}))
     run = run_lora(folder, tmp_path / "run")
     capsys.readouterr()
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     assert main(["export", str(run), "--out", str(adapter), "--adapter"]) == 0
     said = capsys.readouterr().out
-    name = {"llama": "a Llama", "qwen2": "a Qwen2"}[family]
+    name = {"llama": "a Llama", "qwen2": "a Qwen2", "ministral": "a Ministral"}[family]
     assert f"of {name} with 2 layers, for the base {folder}" in said
     assert main(["export", str(run), "--out", str(merged)]) == 0
     config = json.loads((adapter / "adapter_config.json").read_text())
