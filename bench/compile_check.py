@@ -7,8 +7,8 @@ memory, or ask for more shared memory than an SM has. This check catches those o
   1. capture  The real launchers (`_fwd_launch` / `_bwd_launch` in kernels/layernorm.py, for LayerNorm
               and RMSNorm, mlp.py, swiglu.py, moe.py, attention.py, cross_entropy.py and jsd.py, `_launch`
               in rope.py, quant.py, lora.py, token_mask.py and sampling.py, quant.py's `_launch_int4` and dx
-              ones, sampling.py's `_launch_rows`) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes. Each
-              `kernel[grid](...)` is recorded instead of launched, with exactly the arguments a GPU run would pass.
+              ones, sampling.py's `_launch_rows`) run on meta tensors (shapes, dtypes and strides, no data) at GPT-2 sizes
+              (the bias-free int8 and int4 Linears at a Llama width). Each `kernel[grid](...)` is recorded instead of launched, with exactly the arguments a GPU run would pass.
   2. configs  For an autotuned kernel, the configs its autotuner would time for that launch
               (after its early prune); for a plain kernel, the one launch as made.
   3. compile  Triton's own compiler and the ptxas it ships build each (launch, config) for the
@@ -67,6 +67,11 @@ TOKEN_MASK_ROWS, TOKEN_MASK_VOCABS = 64, (50257, 151936)
 SAMPLING_CUTS = ((None, None, None), (50, None, None), (None, 0.9, None), (50, 0.9, 0.05))
 SINK_WINDOW = 128  # gpt-oss's sliding-window layers, the attention-sinks cases'
 INT4_GROUPS = (128, 32)  # int4_linear: G 128 (a K step of part of a group), 32 (steps of several), the latter in bf16
+# a bias-free quantized Linear (HAS_BIAS=False): a GGUF-kept Llama-family layer (train/gguf_import.py: Int8Linear and
+# Int4Linear of group 32, no bias) or a GPTQ/AWQ Llama folder's, at Llama 3 8B's gate/up (K -> N)
+LLAMA_LINEAR = (4096, 14336)
+LLAMA_ROWS = (1, 4096)  # decoding one sequence, a prefill
+GGUF_GROUP = 32  # a kept GGUF layer's groups (train/gguf_import.py's GGUF_BLOCK: Q8_0's, Q4_0's and Q4_1's blocks)
 # Per-block limits Triton checks before launching a kernel: opt-in dynamic shared memory by
 # compute capability (CUDA programming guide, "compute capabilities" table) and registers.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912, 86: 101376, 89: 101376,  # H100/H200, A100, RTX 30xx, L4/RTX 40xx
@@ -465,6 +470,22 @@ def capture(quick=False, half="bfloat16", tma=True):
                         quant._launch_int4(x, qweight, scale, torch.empty_like(scale),
                                            torch.empty(n, dtype=dt, **meta), activation)
 
+        # both without a bias (HAS_BIAS=False, else never built: the GPT-2 layers above all have one), as a Llama-family
+        # GGUF file's layers are kept (int8 group 32, int4 group 32 with float offsets) and a GPTQ 8-bit folder's
+        # per-row int8 ones, at a Llama width, decode and prefill rows, in the target's 16-bit dtype; no activation
+        # (a SwiGLU's gate and up are plain Linears)
+        k, n = LLAMA_LINEAR
+        half_name = str(half).replace("torch.", "")
+        for m in LLAMA_ROWS:
+            x = torch.empty(m, k, dtype=half, **meta)
+            for g in (0, GGUF_GROUP):
+                case[0] = f"int8_linear {half_name}{f' G{g}' if g else ''} M={m} {k}->{n} no bias"
+                scale = torch.empty((n, k // g) if g else (n,), dtype=torch.float32, **meta)
+                quant._launch(x, torch.empty(n, k, dtype=torch.int8, **meta), scale)
+            case[0] = f"int4_linear {half_name} G{GGUF_GROUP} M={m} {k}->{n} no bias"
+            scale = torch.empty(n, k // GGUF_GROUP, dtype=torch.float32, **meta)
+            quant._launch_int4(x, torch.empty(n, k // 2, dtype=torch.uint8, **meta), scale, torch.empty_like(scale))
+
         # their input gradients (QLoRA: the frozen quantized weight's dx = dy @ W), fc1's and fc2's: a few rows and a
         # training step's tokens, at int8 (a scale a row, and group scales) and int4, G 128 in each 16-bit dtype, G 32
         # in the target's
@@ -482,6 +503,17 @@ def capture(quick=False, half="bfloat16", tma=True):
                         scale = torch.empty(n, k // g, dtype=torch.float32, **meta)
                         quant._launch_int4_dx(dy, torch.empty(n, k // 2, dtype=torch.uint8, **meta), scale,
                                               torch.empty_like(scale))
+        # and at the Llama width (a bias changes no dx launch: the shapes are what is new), a few rows and training's
+        k, n = LLAMA_LINEAR
+        for m in DX_ROWS:
+            dy = torch.empty(m, n, dtype=half, **meta)
+            for g in (0, GGUF_GROUP):
+                case[0] = f"int8_linear dx {half_name}{f' G{g}' if g else ''} M={m} {n}->{k} llama"
+                quant._launch_dx(dy, torch.empty(n, k, dtype=torch.int8, **meta),
+                                 torch.empty((n, k // g) if g else (n,), dtype=torch.float32, **meta))
+            case[0] = f"int4_linear dx {half_name} G{GGUF_GROUP} M={m} {n}->{k} llama"
+            scale = torch.empty(n, k // GGUF_GROUP, dtype=torch.float32, **meta)
+            quant._launch_int4_dx(dy, torch.empty(n, k // 2, dtype=torch.uint8, **meta), scale, torch.empty_like(scale))
 
         # multi-LoRA's shrink and expand (inference): a decode batch and a prefill at GPT-2 small's widths, rank 16,
         # in the target's 16-bit dtype and fp32 (quick: fc1's only, 16-bit), then the largest rank (its tiles shrink)

@@ -174,17 +174,29 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     # tensor cores (the int8 tiles converted in registers); with group scales at int4's groups (G 128 in bf16 and
     # fp16, G 32 in bf16), each tile dequantized in registers onto them too
     int8 = [r for r in rows if r["kernel"] == "_int8_linear_kernel"]
-    assert len({r["case"] for r in int8}) == 30 and all(r["tensor_core_ops"] > 0 for r in int8), int8
+    assert len({r["case"] for r in int8}) == 34 and all(r["tensor_core_ops"] > 0 for r in int8), int8
     assert {r["variant"].split()[0] for r in int8} == {"G=0", "G=128", "G=32"}, int8
-    # the int4 one: the same rows and shapes at G 128 in bf16 and fp16, and G 32 (K steps of several groups) in bf16;
-    # the unpacked, dequantized tiles reach the tensor cores too
+    # the int4 one: the same rows and shapes at G 128 in bf16 and fp16, and G 32 (K steps of several groups) in bf16
+    # (each with 2 cases more: the bias-free ones below); the unpacked, dequantized tiles reach the tensor cores too
     int4 = [r for r in rows if r["kernel"] == "_int4_linear_kernel"]
-    assert len({r["case"] for r in int4}) == 18 and all(r["tensor_core_ops"] > 0 for r in int4), int4
+    assert len({r["case"] for r in int4}) == 20 and all(r["tensor_core_ops"] > 0 for r in int4), int4
     assert {r["variant"].split()[0] for r in int4} == {"G=128", "G=32"}, int4
+    # both without a bias (HAS_BIAS=False: a GGUF-kept Llama layer's, int8 and int4 at group 32, or a GPTQ folder's
+    # per-row int8), decode and prefill rows at a Llama width: those cases alone, on the tensor cores too
+    nobias = [r for r in int8 + int4 if "HAS_BIAS=False" in r["variant"]]
+    k, n = compile_check.LLAMA_LINEAR
+    assert {(r["kernel"], r["variant"].split()[0], r["case"].split(" M=")[1]) for r in nobias} == {
+        (kernel, g, f"{m} {k}->{n} no bias") for kernel, g in (("_int8_linear_kernel", "G=0"),
+                                                               ("_int8_linear_kernel", "G=32"),
+                                                               ("_int4_linear_kernel", "G=32"))
+        for m in compile_check.LLAMA_ROWS}, nobias
+    assert all(r["case"].endswith(" no bias") == ("HAS_BIAS=False" in r["variant"]) for r in int8 + int4), nobias
+    assert all(r["tensor_core_ops"] > 0 for r in nobias), nobias
     # their input gradients (dx = dy @ W through the frozen weight): a few rows and a training step's, fc1 and
-    # fc2, int8 and int4 G 128 in bf16 and fp16, int4 G 32 in bf16; dequantized in registers onto the tensor cores
+    # fc2, int8 and int4 G 128 in bf16 and fp16, int4 G 32 in bf16, and at the Llama width int8 per row and G 32 and
+    # int4 G 32 in bf16; dequantized in registers onto the tensor cores
     dx = [r for r in rows if r["kernel"] in ("_int8_linear_dx_kernel", "_int4_linear_dx_kernel")]
-    assert len({r["case"] for r in dx}) == 32 and all(r["tensor_core_ops"] > 0 for r in dx), dx
+    assert len({r["case"] for r in dx}) == 38 and all(r["tensor_core_ops"] > 0 for r in dx), dx
     assert "have a config that builds, fits and does not spill" in (tmp_path / "sm90-offline" / "compile.md").read_text()
 
 
@@ -541,7 +553,7 @@ def capture_run():
     configs each would time after its prune)."""
     code = ("from tritongpt.bench import compile_check as cc; from tritongpt.kernels import mlp; import json; "
             "keys = ('GRAD', 'STORE_ACT', 'GELU_ERF', 'RELU2', 'GATE_GELU', 'ACTIVATION', 'G', 'EPILOGUE', "
-            "'B_GELU', 'B_SWIGLU', 'SUM2', 'HAS_SINKS'); "
+            "'B_GELU', 'B_SWIGLU', 'SUM2', 'HAS_SINKS', 'HAS_BIAS'); "
             "ls = [[l.name, l.case, {k: l.kwargs[k] for k in keys if k in l.kwargs}, "
             "l.args[6:8] if l.name == '_int8_linear_kernel' else None, "
             "sorted({(c['BLOCK_M'], c['BLOCK_K']) for _, c in l.configs()}) if '_linear' in l.name else None] "
@@ -601,27 +613,33 @@ def test_capture_names_every_kernel_and_the_split_passes(captured):
 
 def test_int8_linear_launches_take_decode_or_prefill_tiles(captured):
     """int8_linear's captured launches (decode rows 1 and 8, a 4096-row prefill; GPT-2 small's fc1 with its GELU and
-    fc2; bf16 and fp16 on sm_90, a scale a row and group scales at int4's groups: G 128 in both, G 32 in bf16) are
-    offered the 16-row decode tiles up to 16 rows and only the prefill ones above, grouped ones none with a K step
-    of more than MAX_GROUPS_A_STEP groups."""
-    launches = [[case, kw["ACTIVATION"], kw["G"], *nk, blocks]
+    fc2, with a bias; bf16 and fp16 on sm_90, a scale a row and group scales at int4's groups: G 128 in both, G 32 in
+    bf16; and without a bias, a GGUF-kept Llama layer's G 32 or a GPTQ folder's per-row, at a Llama width, rows 1 and
+    4096 in bf16) are offered the 16-row decode tiles up to 16 rows and only the prefill ones above, grouped ones
+    none with a K step of more than MAX_GROUPS_A_STEP groups."""
+    launches = [[case, kw["ACTIVATION"], kw["G"], *nk, kw["HAS_BIAS"], blocks]
                 for name, case, kw, nk, blocks in captured if name == "_int8_linear_kernel"]
     want = [(f"int8_linear {dt}{f' G{g}' if g else ''} M={m} {k}->{n}" + (" gelu_tanh" if k == 768 else ""),
-             k == 768, g, n, k) for dt, groups in (("bfloat16", (0, 128, 32)), ("float16", (0, 128)))
+             k == 768, g, n, k, True) for dt, groups in (("bfloat16", (0, 128, 32)), ("float16", (0, 128)))
             for g in groups for m in (1, 8, 4096) for k, n in ((768, 3072), (3072, 768))]
-    assert sorted(tuple(launch[:5]) for launch in launches) == sorted(want)
-    for case, _, g, _, _, blocks in launches:
+    want += [(f"int8_linear bfloat16{f' G{g}' if g else ''} M={m} 4096->14336 no bias", False, g, 14336, 4096, False)
+             for g in (0, 32) for m in (1, 4096)]
+    assert sorted(tuple(launch[:6]) for launch in launches) == sorted(want)
+    for case, _, g, _, _, _, blocks in launches:
         assert {m for m, _ in blocks} == ({16} if "M=4096" not in case else {64, 128}), (case, blocks)
         assert not g or all(k // g <= 8 for _, k in blocks), (case, blocks)
 
 
 def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits(captured):
-    """int4_linear's captured launches (int8's rows and shapes; G 128 in bf16 and fp16, G 32 in bf16) are offered the
-    decode tiles up to 16 rows, the prefill ones above, none with a K step of more than MAX_GROUPS_A_STEP groups."""
+    """int4_linear's captured launches (int8's rows and shapes with a bias; G 128 in bf16 and fp16, G 32 in bf16; and
+    a GGUF-kept Llama layer's without, G 32 at rows 1 and 4096 in bf16) are offered the decode tiles up to 16 rows,
+    the prefill ones above, none with a K step of more than MAX_GROUPS_A_STEP groups."""
     launches = [[case, kw["G"], blocks] for name, case, kw, _, blocks in captured if name == "_int4_linear_kernel"]
-    assert sorted((case.split()[1], case.split()[2], case.split()[3], g) for case, g, _ in launches) == sorted(
-        (dt, f"G{g}", f"M={m}", g) for dt, g in (("bfloat16", 128), ("bfloat16", 32), ("float16", 128))
-        for m in (1, 8, 4096) for _ in range(2))
+    biased = {case: kw["HAS_BIAS"] for name, case, kw, _, _ in captured if name == "_int4_linear_kernel"}
+    assert sorted((case.split()[1], case.split()[2], case.split()[3], g, biased[case]) for case, g, _ in launches) \
+        == sorted([(dt, f"G{g}", f"M={m}", g, True) for dt, g in (("bfloat16", 128), ("bfloat16", 32),
+                                                                  ("float16", 128)) for m in (1, 8, 4096)
+                   for _ in range(2)] + [("bfloat16", "G32", f"M={m}", 32, False) for m in (1, 4096)])
     for case, g, blocks in launches:
         assert {m for m, _ in blocks} == ({16} if "M=4096" not in case else {64, 128}), (case, blocks)
         assert all(k // g <= 8 for _, k in blocks), (case, blocks)
@@ -640,6 +658,10 @@ def test_quantized_dx_launches_take_few_row_or_training_tiles_a_group_fits(captu
                                                                       ("float16", 128)) for m, k, n in shapes]
     want += [f"int4_linear dx {dt} G{g} M={m} {n}->{k}" for dt, g in (("bfloat16", 128), ("bfloat16", 32),
                                                                       ("float16", 128)) for m, k, n in shapes]
+    want += [f"{kernel} dx bfloat16{g} M={m} 14336->4096 llama" for kernel, g in (("int8_linear", ""),
+                                                                                  ("int8_linear", " G32"),
+                                                                                  ("int4_linear", " G32"))
+             for m in (8, 16384)]  # (at the bias-free int8 and int4 Linears' Llama width)
     assert sorted(case for _, case, _, _ in launches) == sorted(want)
     for name, case, g, blocks in launches:
         assert {m for m, _ in blocks} == ({16} if "M=8 " in case else {64, 128}), (case, blocks)
