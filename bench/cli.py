@@ -236,9 +236,10 @@ def train_model_flags(args, models=()):
     if args.mlp_hidden is not None:
         if args.mlp_hidden <= 0:
             raise UserError(f"--mlp-hidden must be a positive integer, got {args.mlp_hidden}")
-        if args.mlp not in ("swiglu", "geglu"):
-            raise UserError(f"--mlp-hidden {args.mlp_hidden} is the SwiGLU or GeGLU MLP's hidden size: without --mlp "
-                            "swiglu or geglu it does nothing")
+        # (GPTConfig.mlp_hidden's MLPs: the gated ones and the squared ReLU's; GELU's is 4 n_embd)
+        if args.mlp not in ("swiglu", "geglu", "relu2"):
+            raise UserError(f"--mlp-hidden {args.mlp_hidden} is the SwiGLU, GeGLU or squared-ReLU MLP's hidden size: "
+                            "without --mlp swiglu, geglu or relu2 it does nothing")
     if args.experts_per_token is not None and not args.n_experts:  # (GPTConfig keeps it on a dense model)
         raise UserError(f"--experts-per-token {args.experts_per_token} is how many experts a token goes through: "
                         "without --n-experts the MLP is dense and it does nothing")
@@ -421,12 +422,13 @@ def add_cli(sub):
                    help="every norm of the model: layernorm, GPT-2's, or rmsnorm, x / rms(x) * weight without a mean "
                         "or a bias (Llama; GPTConfig.norm) (default: the preset's, layernorm)")
     t.add_argument("--mlp", choices=MLPS, default=None,
-                   help="the MLP: gelu, GPT-2's, swiglu, Llama's w_down(silu(w_gate x) * w_up x), or geglu, Gemma's "
-                        "(GELU for silu) (GPTConfig.mlp) "
-                        "(default: the preset's, gelu)")
+                   help="the MLP: gelu, GPT-2's, swiglu, Llama's w_down(silu(w_gate x) * w_up x), geglu, Gemma's "
+                        "(GELU for silu), or relu2, Arcee's and Nemotron's (GPT-2's two matrices, relu(h)^2 for the "
+                        "GELU) (GPTConfig.mlp) (default: the preset's, gelu)")
     t.add_argument("--mlp-hidden", type=int, default=None, metavar="H",
-                   help="the SwiGLU or GeGLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's rule, 2/3 of 4 "
-                        "n_embd rounded up to a multiple of 64: 2048 at n_embd 768)")
+                   help="the SwiGLU, GeGLU or squared-ReLU MLP's hidden size (GPTConfig.mlp_hidden; default: Llama's "
+                        "rule for the gated ones, 2/3 of 4 n_embd rounded up to a multiple of 64: 2048 at n_embd 768; "
+                        "relu2's 4 n_embd)")
     t.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=None,
                    help="learned, GPT-2's absolute embeddings, rope, rotary embeddings of each head's queries and "
                         "keys (GPT-NeoX, Llama), or alibi, a per-head linear bias by distance on the scores (BLOOM, "

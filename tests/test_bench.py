@@ -1391,9 +1391,9 @@ def test_llama_flags_are_checked_before_the_cpu_timings(monkeypatch):
         (["train", "--n-kv-head", "3"], "--n-kv-head 3 must divide gpt2-medium's 16 heads"),
         (["all", "--quick", "--models", "tiny", "--n-kv-head", "3"], "--n-kv-head 3 must divide tiny's 4 heads"),
         (["train", "--n-kv-head", "-1"], r"--n-kv-head must be >= 0 \(0: as many as the heads\), got -1"),
-        (["train", "--mlp-hidden", "2048"], "--mlp-hidden 2048 is the SwiGLU or GeGLU MLP's hidden size: without "
-                                            "--mlp swiglu or geglu it does nothing"),
-        (["train", "--mlp", "gelu", "--mlp-hidden", "2048"], "without --mlp swiglu or geglu it does nothing"),
+        (["train", "--mlp-hidden", "2048"], "--mlp-hidden 2048 is the SwiGLU, GeGLU or squared-ReLU MLP's hidden "
+                                            "size: without --mlp swiglu, geglu or relu2 it does nothing"),
+        (["train", "--mlp", "gelu", "--mlp-hidden", "2048"], "without --mlp swiglu, geglu or relu2 it does nothing"),
         (["train", "--experts-per-token", "4"], "--experts-per-token 4 is how many experts a token goes through: "
                                                 "without --n-experts the MLP is dense"),
         (["train", "--attention-window", "256", "--window-layers", "0,12"], r"GPTConfig.window_layers '0,12' must "
@@ -3834,6 +3834,25 @@ def test_bench_train_variant_writes_the_model_into_the_json_and_markdown(tmp_pat
     assert line + "\n" in md
     plain = [make_row("train", "step", "triton", {"model": "gpt2-small"}, "fwd+bwd", ms=1.0)]
     assert report.models_line(plain) == "Models timed, the same for every provider: gpt2-small (the preset as it is)"
+
+
+def test_bench_train_takes_the_squared_relu_mlps_hidden_size(monkeypatch):
+    """`bench train --mlp relu2 --mlp-hidden H` (Arcee's, Nemotron's MLP: GPTConfig.mlp_hidden is its hidden size
+    too) gets past the flag checks to the timings (before, refused as a flag that does nothing), and the step it
+    times is of that model: a tiny one's row, run on the CPU, names mlp relu2 at hidden H."""
+    from tritongpt.bench import cli as bcli
+    from tritongpt.cli import build_parser
+
+    ran = []
+    monkeypatch.setattr(bcli, "_run_cpu", lambda args, cuda: ran.append(args) or 0)
+    monkeypatch.setattr(bcli, "_run_gpu", lambda args: ran.append(args) or 0)
+    args = build_parser().parse_args(["bench", "train", "--models", "tiny", "--mlp", "relu2", "--mlp-hidden", "48"])
+    assert bcli.cmd_bench(args) == 0 and ran == [args]
+    flags = {k: v for k, v in bcli.model_flags(args).items() if v is not None}
+    assert (flags["mlp"], flags["mlp_hidden"]) == ("relu2", 48)
+    row = train_step.bench_train_provider("reference", "tiny", 1, 8, torch.device("cpu"), torch.float32, 0, 1,
+                                          **flags)
+    assert row["status"] == "ok" and (row["config"]["mlp"], row["config"]["mlp_hidden"]) == ("relu2", 48), row
 
 
 LLAMA_FLAGS = ["--norm", "rmsnorm", "--mlp", "swiglu", "--position-encoding", "rope", "--n-kv-head", "4", "--no-bias"]
