@@ -547,7 +547,9 @@ def _dx_configs():
         return _interpreter_tile()
     cfg = triton.Config
     # the dequantized [BLOCK_N, BLOCK_K] fp32 tile lives in registers next to the accumulator (as int4's forward).
-    # bench/compile_check.py: none spills on sm_90 (94-168 registers a thread with few rows, 80-168 at training's)
+    # bench/compile_check.py on sm_90: 94-168 registers a thread with few rows, 80-168 at training's; one spill: int8
+    # with group scales of 32 at the 16 x 128 x 128 tile (255 registers, ~300 bytes spilled; BLOCK_K 64 does not
+    # spill). Autotune times it beside the others; prune it if a GPU run shows it picked and slow.
     return [
         # few rows: one row-tile; the K tiles are the grid, so narrow ones keep more SMs busy
         cfg({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 1}, num_warps=4, num_stages=4),
