@@ -26,7 +26,8 @@ from tritongpt.train.gpt2_weights import (_read_tensors, config_json_gptconfig, 
                                           refuse_moe_touches, refuse_neox_touches, refuse_phi3_touches, weights_file,
                                           write_hf_folder)
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, shape_fields
-from tritongpt.train.olmo_weights import _LAYER, _hf_tensors  # OLMo's tensor names: only the q/k norms' widths differ
+# OLMo's tensor names, both ways: only the q/k norms' widths differ
+from tritongpt.train.olmo_weights import _hf_tensors, _our_tensors
 
 MODEL_TYPE, ARCH, NAME = "exaone4", "Exaone4ForCausalLM", "EXAONE 4"
 
@@ -91,17 +92,6 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         attention_window=window, window_layers=window_layers, nope_layers=nope, position_encoding="rope",
         rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-5), mlp="swiglu",
         post_norms=True, pre_norms=False)
-
-
-def _our_tensors(sd: dict, cfg: GPTConfig) -> dict:
-    """Hugging Face EXAONE 4 tensors under our parameter names (KeyError: a tensor the file lacks)."""
-    ours = {"tok_emb.weight": sd["embed_tokens.weight"], "final_norm.weight": sd["norm.weight"]}
-    if not cfg.tie_weights:
-        ours["out_head.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        for mine, theirs in _LAYER:
-            ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
-    return ours
 
 
 def load_exaone4_safetensors(path) -> GPTModel:
