@@ -24,6 +24,9 @@ convert_hf_to_gguf.py writes, so llama.cpp reads the file as it reads that scrip
   k and v rows fewer under GQA), gate and up in ffn_up (FUSED), unpermuted (NeoX-style RoPE). LongRoPE (its
   rope_factors_long / _short tensors, which llama.cpp picks by the context size it runs with, not by each sequence's
   length as the model does) is refused by name; a window is written, with a note that llama.cpp's phi3 runs without.
+- Mixtures of experts: Mixtral as a "llama" with experts, Qwen3-MoE ("qwen3moe"), Qwen2-MoE ("qwen2moe", with its
+  gated shared expert), OLMoE ("olmoe"): the router ffn_gate_inp (F32 always) and the experts stacked in 3-D
+  ffn_*_exps tensors (MOE_ARCHS says where). GPT-OSS ("gpt-oss") is refused by name.
 
 Tensor types (--gguf-type): F32, F16, BF16, or ggml's blocks of 32 inputs that the gguf package quantizes in
 Python: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the K-quants it only dequantizes: not written). Which tensors take the type
@@ -83,13 +86,47 @@ def gguf_arch(cfg, family: str) -> str:
     "qwen2", Qwen3 -> "qwen3", Gemma, Gemma 2 and Gemma 3 -> "gemma", "gemma2", "gemma3", Phi-3 (a partial rotary:
     export_target's Phi-3) -> "phi3"; any other family is refused by name."""
     arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3",
-            "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3", "Phi-3": "phi3"}.get(family)
+            "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3", "Phi-3": "phi3", **MOE_ARCHS}.get(family)
     if arch is None:
         raise UserError(f"this model is {_article(family)} {family}, which the GGUF writer does not write (it writes "
-                        "GPT-2, Llama (a Mistral without its window is one), Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and "
-                        "Phi-3): export it as a Hugging Face folder (without --format gguf) and convert that with "
-                        "llama.cpp's convert_hf_to_gguf.py if it knows the family")
+                        "GPT-2, Llama (a Mistral without its window is one), Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, "
+                        "Phi-3, and the mixtures of experts Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE): export it as a "
+                        "Hugging Face folder (without --format gguf) and convert that with llama.cpp's "
+                        "convert_hf_to_gguf.py if it knows the family")
     return arch
+
+
+# Mixtures of experts, as convert_hf_to_gguf.py writes them (LlamaModel with num_local_experts: Mixtral is a
+# "llama" with experts; Qwen2MoeModel, Qwen3MoeModel, OlmoeModel): each block's router ffn_gate_inp [E, C] and its
+# experts stacked in 3-D tensors ffn_gate_exps / ffn_up_exps [E, H, C], ffn_down_exps [E, C, H] (ggml's shapes
+# {C, H, E}, {H, C, E}: llama-model.cpp's create_tensor); the counts in {arch}.expert_count / expert_used_count.
+# GPT-OSS ("gpt-oss": attention sinks, expert biases, the clamped SwiGLU, MXFP4 experts) is not written here.
+MOE_ARCHS = {"Mixtral": "llama", "Qwen3-MoE": "qwen3moe", "Qwen2-MoE": "qwen2moe", "OLMoE": "olmoe"}
+# Whether llama.cpp renormalizes the top k router weights (build_moe_ffn's norm_w, fixed by architecture, read from
+# no key): llm_build_llama and llm_build_qwen3moe pass true, llm_build_qwen2moe and llm_build_olmoe false. So a
+# Qwen3-MoE with norm_topk_prob false, or a Qwen2-MoE / OLMoE with it true, has no file llama.cpp runs alike.
+MOE_NORM_TOPK = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
+# (our parameter, GGUF's tensor) of each block's MoE MLP; Qwen2-MoE's shared expert beside it (its gate
+# ffn_gate_inp_shexp a 1-D [C] in llama.cpp, our shared_gate's [1, C] row)
+MOE_LAYER = (("ff.router.weight", "ffn_gate_inp.weight"), ("ff.w_gate", "ffn_gate_exps.weight"),
+             ("ff.w_up", "ffn_up_exps.weight"), ("ff.w_down", "ffn_down_exps.weight"))
+SHEXP_LAYER = (("ff.shared_gate.weight", "ffn_gate_inp_shexp.weight"),
+               ("ff.shared_expert.w_gate.weight", "ffn_gate_shexp.weight"),
+               ("ff.shared_expert.w_up.weight", "ffn_up_shexp.weight"),
+               ("ff.shared_expert.w_down.weight", "ffn_down_shexp.weight"))
+
+
+def moe_layer(arch: str, cfg) -> tuple:
+    """MOE_LAYER, with SHEXP_LAYER for a model with a shared expert (Qwen2-MoE's); () for a dense one."""
+    if not cfg.n_experts:
+        return ()
+    return MOE_LAYER + (SHEXP_LAYER if cfg.moe_shared_hidden else ())
+
+
+def layer_table(arch: str, cfg) -> tuple:
+    """GGUF_LAYER[arch] for this model: a MoE's without the dense MLP's rows (moe_layer names its own)."""
+    table = GGUF_LAYER[arch]
+    return tuple(r for r in table if not r[0].startswith("ff.")) if cfg.n_experts else table
 
 
 def _article(name: str) -> str:
@@ -140,13 +177,18 @@ def refuse_not_gguf(model, arch: str, what: str) -> None:
                           f"{cfg.rope_scaling}), which this writer does not write (no rope.scaling keys)"),
                          (arch == "llama" and cfg.bias, "has biases in its linear layers, which this writer's llama "
                           "does not write"),
-                         (arch == "qwen2" and cfg.bias, "has biases in its MLP, where Qwen2's are on q, k and v "
-                          "only"),
+                         (arch in ("qwen2", "qwen2moe") and cfg.bias, "has biases in its MLP, where Qwen2's are on "
+                          "q, k and v only"),
                          # llama.cpp's qwen2 loads attn_q and attn_output as [n_embd, n_embd] whatever key_length
                          # says (llama's reads n_head * key_length): a head width of its own fails to load there
-                         (arch == "qwen2" and cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of their own "
-                          f"width ({cfg.n_head} heads of {cfg.head_dim} over n_embd {cfg.n_embd}), where llama.cpp's "
-                          "qwen2 has n_embd / n_head")):
+                         (arch in ("qwen2", "qwen2moe") and cfg.head_dim * cfg.n_head != cfg.n_embd, f"has heads of "
+                          f"their own width ({cfg.n_head} heads of {cfg.head_dim} over n_embd {cfg.n_embd}), where "
+                          f"llama.cpp's {arch} has n_embd / n_head"),
+                         (bool(cfg.n_experts) and cfg.moe_norm_topk != MOE_NORM_TOPK.get(arch), f"has "
+                          f"moe_norm_topk {cfg.moe_norm_topk} (its top {cfg.experts_per_token} router weights "
+                          f"{'' if cfg.moe_norm_topk else 'not '}renormalized), where llama.cpp's {arch} "
+                          f"{'always' if MOE_NORM_TOPK.get(arch) else 'never'} renormalizes them (fixed by "
+                          "architecture: no key says it)")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
 
@@ -212,6 +254,10 @@ GGUF_LAYER["gemma3"] = GGUF_LAYER["gemma2"] + GGUF_LAYER["qwen3"][-2:]
 # Phi-3: a Llama's norms, output and down projections; q/k/v and gate/up fused (FUSED)
 GGUF_LAYER["phi3"] = (("norm1", "attn_norm"), ("norm2", "ffn_norm"), ("att.out_proj", "attn_output"),
                       ("ff.w_down", "ffn_down"))
+# the MoE archs' attention is Qwen3's (qwen3moe; olmoe's q/k norms the whole projection's, the same names) or
+# Qwen2's (qwen2moe, its q/k/v biases); their MLP rows give way to moe_layer's (layer_table)
+GGUF_LAYER["qwen3moe"] = GGUF_LAYER["olmoe"] = GGUF_LAYER["qwen3"]
+GGUF_LAYER["qwen2moe"] = GGUF_LAYER["qwen2"]
 GPT2_QKV = ("att.W_query", "att.W_key", "att.W_value")
 # The fused tensors, each [its parts' rows one after the other, in]: GPT-2's and Phi-3's q, k, v in attn_qkv,
 # Phi-3's gate then up in ffn_up (llama.cpp's phi3 splits ffn_up in halves: silu(first) * second, Phi3MLP's chunk)
@@ -299,12 +345,16 @@ def gguf_tensors(model, arch: str) -> dict:
                 t[g + theirs + ".weight"] = w
                 t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(_rows(w)))
             continue
-        for ours, theirs in GGUF_LAYER[arch]:
+        for ours, theirs in layer_table(arch, cfg):
             t[g + theirs + ".weight"] = weight(b + ours)
+        for ours, theirs in moe_layer(arch, cfg):
+            # (the experts are stacked parameters, not Linears; the shared gate's [1, C] row is llama.cpp's [C])
+            w = weight(b + ours.removesuffix(".weight")) if ours.endswith(".weight") else sd[b + ours]
+            t[g + theirs] = w.reshape(-1) if theirs == "ffn_gate_inp_shexp.weight" else w
         if arch == "llama":
             for theirs, heads in (("attn_q", cfg.n_head), ("attn_k", cfg.kv_heads)):
                 t[g + theirs + ".weight"] = _rowwise(lambda x: permute_qk(x, heads), t[g + theirs + ".weight"])
-        if arch == "qwen2":  # q/k/v biases (zero where the model has none: qwen2's are always there)
+        if arch in ("qwen2", "qwen2moe"):  # q/k/v biases (zero where the model has none: qwen2's always are)
             for ours, theirs in QKV.items():
                 w = t[g + theirs + ".weight"]
                 t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(_rows(w)))
@@ -521,7 +571,9 @@ def _as_type(gguf, name: str, data, kind: str, head: bool = False, requantized: 
     coded = data if isinstance(data, Coded) else None
     if coded is not None:
         data = coded.dense.contiguous().numpy()
-    if data.ndim == 1 or name == "position_embd.weight" or kind == "f32":
+    # (the routers too: convert_hf_to_gguf.py writes FFN_GATE_INP in F32 whatever the type, and llama-quant.cpp
+    # never quantizes ffn_gate_inp; a 3-D expert tensor is quantized as llama.cpp does, each expert's rows in blocks)
+    if data.ndim == 1 or name == "position_embd.weight" or kind == "f32" or name.endswith("ffn_gate_inp.weight"):
         return data, None
     if kind in BLOCK_TYPES and head:
         kind = "q8_0"
@@ -631,6 +683,21 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
             # always, and transformers' GGUF loader reads gemma2's and gemma3's head_dim from it
             w.add_key_length(cfg.head_dim)
             w.add_value_length(cfg.head_dim)
+    if arch == "qwen3moe" and cfg.head_dim * cfg.n_head == cfg.n_embd:  # (else written above)
+        # (Qwen3MoeModel writes a config's head_dim; transformers' GGUF loader reads key_length as it, else takes
+        # Qwen3MoeConfig's default)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if cfg.n_experts:
+        # llama.cpp: a llama's (and olmoe's) experts are feed_forward_length wide; qwen3moe's and qwen2moe's
+        # expert_feed_forward_length (convert_hf_to_gguf.py's moe_intermediate_size), qwen2moe's shared expert
+        # expert_shared_feed_forward_length
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.experts_per_token)
+        if arch in ("qwen3moe", "qwen2moe"):
+            w.add_expert_feed_forward_length(cfg.ff_hidden)
+        if cfg.moe_shared_hidden:
+            w.add_expert_shared_feed_forward_length(cfg.moe_shared_hidden)
     if arch in (*GEMMA_SWA_PATTERN, "phi3") and cfg.attention_window:
         w.add_sliding_window(cfg.attention_window)
         if arch == "phi3":

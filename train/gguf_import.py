@@ -4,8 +4,9 @@ The inverse of gguf_export.py, whose tensor-name tables and Q/K permute it reads
 (Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2", "qwen3", "gpt2", and "gemma", "gemma2", "gemma3" (with
 what llama.cpp fixes for them by architecture, as gguf_export.py's GEMMA_* say: their norms are read as the file
 holds them, w + 1, which our RMSNorm multiplies by), and "phi3" (its fused attn_qkv and ffn_up split, a partial
-rotary, the window over every layer as Phi-3's config says; LongRoPE's rope_factors refused). A file whose blocks'
-linears are all Q8_0, or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same
+rotary, the window over every layer as Phi-3's config says; LongRoPE's rope_factors refused), and the mixtures of
+experts "llama" with expert_count (Mixtral), "qwen3moe", "qwen2moe", "olmoe" (_moe_fields; always dequantized, the
+MoE kernel having no int path). A file whose blocks' linears are all Q8_0, or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same
 fp32 matrices; the embedding and head float), unless float weights are asked for (load_gguf's quantized,
 load_checkpoint's quantized_ok).
 Otherwise every tensor is dequantized to float32 by the gguf package (ggml's reader: F32, F16, BF16, Q8_0, Q4_0,
@@ -25,12 +26,14 @@ from tritongpt.errors import UserError, note
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.quant import pack_int4
 from tritongpt.train.gguf_export import (FUSED, GEMMA2_SOFTCAPS, GEMMA3_LOCAL_THETA, GEMMA_ARCHS, GEMMA_SWA_PATTERN,
-                                         GGUF_LAYER, GGUF_TOP, INSTALL, LLAMA3_PAT, QKV, QWEN2_PAT, CONTROL, SPACE,
+                                         GGUF_TOP, INSTALL, LLAMA3_PAT, MOE_NORM_TOPK, QKV, QWEN2_PAT, CONTROL, SPACE,
                                          UNUSED, USER_DEFINED, fused_rows, gemma_local_layers, gemma_scale_width,
-                                         spm_merges, unpermute_qk)
+                                         layer_table, moe_layer, spm_merges, unpermute_qk)
 
-# (qwen3: Qwen2's layout without biases, with q/k norms; the Gemmas: gguf_export.py's GEMMA_ARCHS)
-ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS, "phi3")
+# (qwen3: Qwen2's layout without biases, with q/k norms; the Gemmas: gguf_export.py's GEMMA_ARCHS; the mixtures of
+# experts: a llama with expert_count (Mixtral), qwen3moe, qwen2moe, olmoe)
+MOE_ONLY = ("qwen3moe", "qwen2moe", "olmoe")
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS, "phi3", *MOE_ONLY)
 # tokenizer.ggml.pre -> the split regex (None: GPT-2's own, ByteLevel's use_regex)
 PRE_PATTERNS = {"gpt-2": None, "llama-bpe": LLAMA3_PAT, "qwen2": QWEN2_PAT}
 
@@ -151,8 +154,12 @@ def gguf_config(reader, path) -> tuple:
                   attention_head_dim=head_dim if head_dim * fields["n_head"] != fields["n_embd"] else 0,
                   rope_theta=_real(reader, k("rope.freq_base"), path, 10000.0),
                   norm_eps=_decimal(_real(reader, k("attention.layer_norm_rms_epsilon"), path, 1e-5)),
-                  qkv_bias_only=arch == "qwen2", tie_weights="output.weight" not in tensors,
-                  qk_norm=arch in ("qwen3", "gemma3"))  # (per-head q/k RMSNorms: attn_q_norm, attn_k_norm)
+                  qkv_bias_only=arch in ("qwen2", "qwen2moe"), tie_weights="output.weight" not in tensors,
+                  # (q/k RMSNorms: attn_q_norm, attn_k_norm, per head; olmoe's over the whole projection)
+                  qk_norm=arch in ("qwen3", "gemma3", "qwen3moe", "olmoe"),
+                  qk_norm_width="all" if arch == "olmoe" else "head")
+    if arch in MOE_ONLY or (arch == "llama" and _field(reader, k("expert_count"), path, 0)):
+        fields.update(_moe_fields(reader, path, arch, fields, k))
     if arch in ("gemma", "gemma2") and "output.weight" in tensors:
         raise UserError(f"{path}: it has output.weight, an LM head of its own, which llama.cpp's {arch} never reads "
                         "(it computes the logits with token_embd)")
@@ -170,6 +177,37 @@ def gguf_config(reader, path) -> tuple:
         return arch, GPTConfig(**fields)
     except UserError as e:  # (heads that do not divide the width, ...)
         raise UserError(f"{path}: its metadata gives no model this reads: {e}") from None
+
+
+def _moe_fields(reader, path, arch: str, fields: dict, k) -> dict:
+    """A mixture of experts' GPTConfig fields, as llama.cpp reads them (llama-model.cpp's load_hparams and
+    create_tensor): expert_count and expert_used_count; the experts' width feed_forward_length (llama, olmoe) or
+    expert_feed_forward_length (qwen3moe; qwen2moe's, else feed_forward_length / expert_used_count as there),
+    qwen2moe's shared expert expert_shared_feed_forward_length (else feed_forward_length); the top k renormalized
+    as llama.cpp's architecture fixes it (gguf_export.MOE_NORM_TOPK). A gating or scaling of the weights that
+    llama.cpp reads from keys other MoEs write (sigmoid gating, a weights scale, dense leading blocks) is refused
+    by name: none of these archs has it."""
+    E = _positive(reader, k("expert_count"), path)
+    used = _positive(reader, k("expert_used_count"), path)
+    if used > E:
+        raise UserError(f"{path}: {k('expert_used_count')} is {used}, more than the {E} experts of "
+                        f"{k('expert_count')}")
+    for key, plain in (("expert_gating_func", 1), ("expert_weights_scale", 1.0), ("leading_dense_block_count", 0),
+                       ("expert_shared_count", 0 if arch != "qwen2moe" else 1)):
+        v = _field(reader, k(key), path, plain)
+        if v != plain:
+            raise UserError(f"{path}: {k(key)} is {v!r}, which llama.cpp's {arch} does not read and this model does "
+                            f"not compute (it reads a file without it, or {plain!r})")
+    ff = fields["mlp_hidden"]
+    hidden = ff
+    if arch == "qwen3moe":
+        hidden = _positive(reader, k("expert_feed_forward_length"), path)
+    elif arch == "qwen2moe":
+        hidden = _positive(reader, k("expert_feed_forward_length"), path, max(ff // used, 1))
+    out = dict(n_experts=E, experts_per_token=used, moe_norm_topk=MOE_NORM_TOPK[arch], mlp_hidden=hidden)
+    if arch == "qwen2moe":
+        out["moe_shared_hidden"] = _positive(reader, k("expert_shared_feed_forward_length"), path, ff)
+    return out
 
 
 def _gemma_fields(reader, path, arch: str, fields: dict, head_dim: int, k) -> dict:
@@ -210,10 +248,12 @@ def gguf_names(cfg: GPTConfig, arch: str) -> dict:
         names.update({"pos_emb.weight": "position_embd.weight", "final_norm.bias": "output_norm.bias"})
     for i in range(cfg.n_layer):
         b, g = f"trf_blocks.{i}.", f"blk.{i}."
-        for ours, theirs in GGUF_LAYER[arch]:
+        for ours, theirs in layer_table(arch, cfg):
             names[b + ours + ".weight"] = g + theirs + ".weight"
             if arch == "gpt2":
                 names[b + ours + ".bias"] = g + theirs + ".bias"
+        for ours, theirs in moe_layer(arch, cfg):  # (full names: the experts are parameters, not Linears)
+            names[b + ours] = g + theirs
         for theirs, parts in FUSED.get(arch, {}).items():
             start = 0
             for ours, rows in zip(parts, fused_rows(cfg, theirs)):
@@ -221,7 +261,7 @@ def gguf_names(cfg: GPTConfig, arch: str) -> dict:
                 if arch == "gpt2":  # (its biases fused as its matrices)
                     names[b + ours + ".bias"] = (g + theirs + ".bias", start, start + rows)
                 start += rows
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe"):
             for ours, theirs in QKV.items():
                 names[b + ours + ".bias"] = g + theirs + ".bias"
     return names
@@ -260,7 +300,9 @@ def load_gguf(path, quantized: bool = True):
                             "dequantize") from None
         return torch.from_numpy(np.array(x, dtype=np.float32).reshape(tuple(int(s) for s in reversed(t.shape))))
 
-    if quantized:
+    # (a mixture of experts is never kept: its experts are 3-D stacks no QuantLinear holds, and kernels/moe.py has no
+    # int path; it runs as the float model its file stands for, attention too, one model in one form)
+    if quantized and not cfg.n_experts:
         model = _load_kept(reader, path, arch, cfg, names, tensors, read, fused_total)
         if model is not None:
             return model
@@ -284,6 +326,8 @@ def load_gguf(path, quantized: bool = True):
                 value = read(theirs)
             if arch == "llama" and theirs.endswith(("attn_q.weight", "attn_k.weight")):
                 value = unpermute_qk(value, cfg.n_head if "attn_q" in theirs else cfg.kv_heads)
+            if theirs.endswith("ffn_gate_inp_shexp.weight") and value.dim() == 1:
+                value = value[None]  # (llama.cpp's [C]: our shared_gate's one row)
             want = tuple(p.shape)
             if ours in ("tok_emb.weight", "out_head.weight"):
                 want = (V, *want[1:])
@@ -301,7 +345,8 @@ def load_gguf(path, quantized: bool = True):
     check_finite_weights(model, path)
     kinds = sorted({tensors[n].tensor_type.name for n in wanted} - {"F32"})
     if kinds:
-        why = "float weights asked for" if not quantized else "no kernel here runs them as the file holds them"
+        why = "float weights asked for" if not quantized else "the MoE kernel has no int path for its experts" \
+            if cfg.n_experts else "no kernel here runs them as the file holds them"
         note(f"{path}: its {', '.join(kinds)} tensors are dequantized, {why}: the model is float32 here (the file's "
              "rounding, not its size)")
     return model.eval()
