@@ -171,3 +171,62 @@ def test_a_file_this_cannot_compute_is_refused_by_name(key, value, said, tok, tm
     w.close()
     with pytest.raises(UserError, match=said):
         load_gguf(tmp_path / "bad.gguf")
+
+
+# A Hugging Face Mixtral / OLMoE laid out as convert_hf_to_gguf.py writes it (LlamaModel with experts: q/k rows
+# permuted; OlmoeModel: not), not by our writer: what llama.cpp reads of either, read here with its own logits.
+HF = {"llama": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, rope_theta=500.0)),
+      "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, norm_topk_prob=False, rope_theta=500.0))}
+HF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+            "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+
+
+@pytest.mark.parametrize("arch", list(HF))
+def test_a_hugging_face_moe_as_convert_hf_to_gguf_writes_it(arch, tmp_path):
+    from tritongpt.train.gguf_export import permute_qk
+    from tritongpt.train.gguf_import import load_gguf
+
+    cfg_name, cls, extra = HF[arch]
+    cfg = getattr(transformers, cfg_name)(vocab_size=288, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+                                          max_position_embeddings=32, rms_norm_eps=1e-6,
+                                          attn_implementation="eager", **extra)
+    torch.manual_seed(0)
+    hf = getattr(transformers, cls)(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if "norm" in name else 0.3) + (1.0 if "norm" in name else 0.0))
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", arch)
+    for key, value in (("context_length", 32), ("embedding_length", 64), ("block_count", 2),
+                       ("feed_forward_length", 32), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                       ("expert_count", 4), ("expert_used_count", 2)):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.rope.freq_base", 500.0)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    sd = {k.removeprefix("model."): v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    t = {"token_embd.weight": sd["embed_tokens.weight"], "output_norm.weight": sd["norm.weight"],
+         "output.weight": sd["lm_head.weight"]}
+    for i in range(2):
+        for theirs, ours in HF_NAMES.items():
+            if f"layers.{i}.{theirs}.weight" in sd:
+                t[f"blk.{i}.{ours}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
+        if arch == "llama":
+            for name, heads in (("attn_q", 4), ("attn_k", 2)):
+                t[f"blk.{i}.{name}.weight"] = permute_qk(torch.from_numpy(t[f"blk.{i}.{name}.weight"]),
+                                                         heads).numpy()
+        gate_up = sd[f"layers.{i}.mlp.experts.gate_up_proj"]  # [E, 2H, C]: gate's rows, then up's
+        t[f"blk.{i}.ffn_gate_exps.weight"], t[f"blk.{i}.ffn_up_exps.weight"] = gate_up[:, :32], gate_up[:, 32:]
+        t[f"blk.{i}.ffn_down_exps.weight"] = sd[f"layers.{i}.mlp.experts.down_proj"]
+    for name, value in t.items():
+        w.add_tensor(name, np.ascontiguousarray(value))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = load_gguf(tmp_path / "m.gguf")
+    assert ours.config.moe_norm_topk is (arch == "llama")
+    ids = torch.randint(0, 288, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+    close(logits(ours, ids), want, 1e-5)
