@@ -27,6 +27,16 @@ convert_hf_to_gguf.py writes, so llama.cpp reads the file as it reads that scrip
 - Mixtures of experts: Mixtral as a "llama" with experts, Qwen3-MoE ("qwen3moe"), Qwen2-MoE ("qwen2moe", with its
   gated shared expert), OLMoE ("olmoe"): the router ffn_gate_inp (F32 always) and the experts stacked in 3-D
   ffn_*_exps tensors (MOE_ARCHS says where). GPT-OSS ("gpt-oss") is refused by name.
+- Falcon ("falcon": convert_hf_to_gguf.py's FalconModel, llama.cpp's llama_model_falcon): q, k and v fused in
+  attn_qkv as all the queries, then the keys, then the values (the converter regroups Hugging Face's per-group
+  query_key_value, its "jploski" layout: ours are in that order already), no biases but the LayerNorms'; always a
+  parallel block, on one norm (attn_norm: Falcon-7B) or two, where llama.cpp's attention reads attn_norm_2
+  (Falcon-40B's ln_attn) and its MLP attn_norm (ln_mlp), as gguf's tensor map names them; RoPE in NeoX style over
+  whole heads. llama.cpp's GELU (ggml_gelu) is the tanh one where Falcon's is exact, as for every Falcon llama.cpp
+  converts. Falcon-RW (ALiBi), a sequential block and biases on the projections have no place there: refused.
+- BLOOM ("bloom": BloomModel, llama_model_bloom): token_embd_norm (the embeddings' LayerNorm), q, k and v fused in
+  attn_qkv as queries, keys, values (the converter regroups Hugging Face's per-head rows), every bias; ALiBi with
+  a max bias of 8 that llama.cpp fixes by architecture (hparams.f_max_alibi_bias): BLOOM's slopes.
 
 Tensor types (--gguf-type): F32, F16, BF16, or ggml's blocks of 32 inputs that the gguf package quantizes in
 Python: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the K-quants it only dequantizes: not written). Which tensors take the type
@@ -84,14 +94,16 @@ def gguf_arch(cfg, family: str) -> str:
     """The llama.cpp architecture this model is written as, from the Hugging Face family export_target picks:
     GPT-2 -> "gpt2", Llama and Mistral -> "llama" (convert_hf_to_gguf.py writes Mistral as a Llama), Qwen2 ->
     "qwen2", Qwen3 -> "qwen3", Gemma, Gemma 2 and Gemma 3 -> "gemma", "gemma2", "gemma3", Phi-3 (a partial rotary:
-    export_target's Phi-3) -> "phi3"; any other family is refused by name."""
+    export_target's Phi-3) -> "phi3", Falcon -> "falcon", BLOOM -> "bloom"; any other family is refused by
+    name."""
     arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3",
-            "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3", "Phi-3": "phi3", **MOE_ARCHS}.get(family)
+            "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3", "Phi-3": "phi3", "Falcon": "falcon",
+            "BLOOM": "bloom", **MOE_ARCHS}.get(family)
     if arch is None:
         raise UserError(f"this model is {_article(family)} {family}, which the GGUF writer does not write (it writes "
                         "GPT-2, Llama (a Mistral without its window is one), Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, "
-                        "Phi-3, and the mixtures of experts Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE): export it as a "
-                        "Hugging Face folder (without --format gguf) and convert that with llama.cpp's "
+                        "Phi-3, Falcon, BLOOM, and the mixtures of experts Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE): "
+                        "export it as a Hugging Face folder (without --format gguf) and convert that with llama.cpp's "
                         "convert_hf_to_gguf.py if it knows the family")
     return arch
 
@@ -124,8 +136,13 @@ def moe_layer(arch: str, cfg) -> tuple:
 
 
 def layer_table(arch: str, cfg) -> tuple:
-    """GGUF_LAYER[arch] for this model: a MoE's without the dense MLP's rows (moe_layer names its own)."""
+    """GGUF_LAYER[arch], with Falcon's norms as its block has them: one (norm1: attn_norm, read by both) or two, where
+    llama.cpp's falcon feeds attention attn_norm_2 and the MLP attn_norm (llama_model_falcon's graph; gguf's tensor
+    map: ln_attn -> attn_norm_2, ln_mlp -> attn_norm); a MoE's without the dense MLP's rows (moe_layer names its own)."""
     table = GGUF_LAYER[arch]
+    if arch == "falcon":
+        table += ((("norm1", "attn_norm"),) if cfg.shared_norm else
+                  (("norm1", "attn_norm_2"), ("norm2", "attn_norm")))
     return tuple(r for r in table if not r[0].startswith("ff.")) if cfg.n_experts else table
 
 
@@ -169,6 +186,14 @@ def refuse_not_gguf(model, arch: str, what: str) -> None:
                         "Phi-4-mini), which this writer does not write (llama.cpp's rope_factors_long / "
                         f"rope_factors_short, picked there by the context size, not the sequence's): it cannot be "
                         f"exported as {what}")
+    if arch == "falcon":  # (llama-model.cpp's llama_model_falcon: its tensors and graph)
+        for differs, why in ((cfg.position_encoding != "rope", f"{cfg.positions_said()} (Falcon-RW's ALiBi), where "
+                              "llama.cpp's falcon rotates q and k (RoPE)"),
+                             (not cfg.parallel_residual, "has sequential blocks, where llama.cpp's falcon always runs "
+                              "attention and MLP side by side on the block's input"),
+                             (cfg.bias, "has biases on its projections, which llama.cpp's falcon has no tensors for")):
+            if differs:
+                raise UserError(f"this model {why}: it cannot be exported as {what}")
     # (phi3's window covers every layer, as refuse_not_phi3 has checked)
     for differs, why in ((bool(cfg.attention_window) and arch not in (*GEMMA_SWA_PATTERN, "phi3"), f"has local "
                           "attention "
@@ -258,10 +283,19 @@ GGUF_LAYER["phi3"] = (("norm1", "attn_norm"), ("norm2", "ffn_norm"), ("att.out_p
 # Qwen2's (qwen2moe, its q/k/v biases); their MLP rows give way to moe_layer's (layer_table)
 GGUF_LAYER["qwen3moe"] = GGUF_LAYER["olmoe"] = GGUF_LAYER["qwen3"]
 GGUF_LAYER["qwen2moe"] = GGUF_LAYER["qwen2"]
+# Falcon (gguf's tensor map, convert_hf_to_gguf.py's FalconModel): the norms by layer_table, as the block has one or two
+GGUF_LAYER["falcon"] = (("att.out_proj", "attn_output"), ("ff.fc1", "ffn_up"), ("ff.fc2", "ffn_down"))
+# BLOOM: GPT-2's names with q, k and v fused; the embeddings' norm is token_embd_norm (GGUF_EMBED_NORM)
+GGUF_LAYER["bloom"] = GGUF_LAYER["gpt2"]
+GGUF_EMBED_NORM = ("embed_norm", "token_embd_norm")
+# the architectures whose biases go as the model has them: each table entry's .bias beside its .weight (LayerNorms
+# and, BLOOM, the projections; fused ones fused as their weights), output_norm.bias, token_embd_norm.bias
+BIASED = ("falcon", "bloom")
 GPT2_QKV = ("att.W_query", "att.W_key", "att.W_value")
 # The fused tensors, each [its parts' rows one after the other, in]: GPT-2's and Phi-3's q, k, v in attn_qkv,
 # Phi-3's gate then up in ffn_up (llama.cpp's phi3 splits ffn_up in halves: silu(first) * second, Phi3MLP's chunk)
-FUSED = {"gpt2": {"attn_qkv": GPT2_QKV}, "phi3": {"attn_qkv": GPT2_QKV, "ffn_up": ("ff.w_gate", "ff.w_up")}}
+FUSED = {"gpt2": {"attn_qkv": GPT2_QKV}, "phi3": {"attn_qkv": GPT2_QKV, "ffn_up": ("ff.w_gate", "ff.w_up")},
+         "falcon": {"attn_qkv": GPT2_QKV}, "bloom": {"attn_qkv": GPT2_QKV}}
 
 
 def fused_rows(cfg, theirs: str) -> tuple:
@@ -335,6 +369,15 @@ def gguf_tensors(model, arch: str) -> dict:
             if len(forms) > 1:  # (one fused tensor holds one form: its parts quantized alike, or all float)
                 parts = [x.dense if isinstance(x, Coded) else x for x in parts]
             t[g + theirs + ".weight"] = _rowwise(lambda *xs: torch.cat(xs), *parts)
+        if arch in BIASED:  # the biases the model has, each beside its weight (fused as its weights)
+            for theirs, ours in FUSED[arch].items():
+                if all(b + n + ".bias" in sd for n in ours):
+                    t[g + theirs + ".bias"] = torch.cat([sd[b + n + ".bias"] for n in ours])
+            for ours, theirs in layer_table(arch, cfg):
+                t[g + theirs + ".weight"] = weight(b + ours)
+                if b + ours + ".bias" in sd:
+                    t[g + theirs + ".bias"] = sd[b + ours + ".bias"]
+            continue
         if arch == "gpt2":
             C = cfg.n_embd
             qkv = [b + n for n in GPT2_QKV]
@@ -360,7 +403,13 @@ def gguf_tensors(model, arch: str) -> dict:
                 t[g + theirs + ".bias"] = sd.get(b + ours + ".bias", torch.zeros(_rows(w)))
     if arch == "gpt2":
         t["position_embd.weight"] = sd["pos_emb.weight"]
+    if arch == "gpt2" or arch in BIASED and "final_norm.bias" in sd:
         t["output_norm.bias"] = sd["final_norm.bias"]
+    if arch in BIASED and "embed_norm.weight" in sd:
+        ours, theirs = GGUF_EMBED_NORM
+        t[theirs + ".weight"] = sd[ours + ".weight"]
+        if ours + ".bias" in sd:
+            t[theirs + ".bias"] = sd[ours + ".bias"]
     return t
 
 
@@ -672,6 +721,13 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
     w.add_head_count(cfg.n_head)
     if arch == "gpt2":
         w.add_layer_norm_eps(cfg.norm_eps)
+    elif arch in BIASED:  # LayerNorms (attention.layer_norm_epsilon); Falcon's RoPE over whole heads, BLOOM's ALiBi
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_head_count_kv(cfg.kv_heads)
+        w.add_layer_norm_eps(cfg.norm_eps)
+        if cfg.position_encoding == "rope":
+            w.add_rope_freq_base(cfg.rope_theta)
+            w.add_rope_dimension_count(cfg.head_dim)
     else:
         w.add_vocab_size(cfg.vocab_size)
         w.add_head_count_kv(cfg.kv_heads)

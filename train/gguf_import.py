@@ -4,7 +4,8 @@ The inverse of gguf_export.py, whose tensor-name tables and Q/K permute it reads
 (Llama, Mistral as convert_hf_to_gguf.py writes it), "qwen2", "qwen3", "gpt2", and "gemma", "gemma2", "gemma3" (with
 what llama.cpp fixes for them by architecture, as gguf_export.py's GEMMA_* say: their norms are read as the file
 holds them, w + 1, which our RMSNorm multiplies by), and "phi3" (its fused attn_qkv and ffn_up split, a partial
-rotary, the window over every layer as Phi-3's config says; LongRoPE's rope_factors refused), and the mixtures of
+rotary, the window over every layer as Phi-3's config says; LongRoPE's rope_factors refused), "falcon" (a parallel
+block on one norm or, attn_norm_2 there, two), "bloom" (ALiBi, the embeddings' LayerNorm), and the mixtures of
 experts "llama" with expert_count (Mixtral), "qwen3moe", "qwen2moe", "olmoe" (_moe_fields; always dequantized, the
 MoE kernel having no int path). A file whose blocks' linears are all Q8_0, or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same
 fp32 matrices; the embedding and head float), unless float weights are asked for (load_gguf's quantized,
@@ -25,15 +26,16 @@ import torch
 from tritongpt.errors import UserError, note
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.quant import pack_int4
-from tritongpt.train.gguf_export import (FUSED, GEMMA2_SOFTCAPS, GEMMA3_LOCAL_THETA, GEMMA_ARCHS, GEMMA_SWA_PATTERN,
-                                         GGUF_TOP, INSTALL, LLAMA3_PAT, MOE_NORM_TOPK, QKV, QWEN2_PAT, CONTROL, SPACE,
-                                         UNUSED, USER_DEFINED, fused_rows, gemma_local_layers, gemma_scale_width,
-                                         layer_table, moe_layer, spm_merges, unpermute_qk)
+from tritongpt.train.gguf_export import (BIASED, FUSED, GEMMA2_SOFTCAPS, GEMMA3_LOCAL_THETA, GEMMA_ARCHS,
+                                         GEMMA_SWA_PATTERN, GGUF_EMBED_NORM, GGUF_TOP, INSTALL, LLAMA3_PAT,
+                                         MOE_NORM_TOPK, QKV, QWEN2_PAT, CONTROL, SPACE, UNUSED, USER_DEFINED,
+                                         fused_rows, gemma_local_layers, gemma_scale_width, layer_table, moe_layer,
+                                         spm_merges, unpermute_qk)
 
 # (qwen3: Qwen2's layout without biases, with q/k norms; the Gemmas: gguf_export.py's GEMMA_ARCHS; the mixtures of
 # experts: a llama with expert_count (Mixtral), qwen3moe, qwen2moe, olmoe)
 MOE_ONLY = ("qwen3moe", "qwen2moe", "olmoe")
-ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS, "phi3", *MOE_ONLY)
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS, "phi3", "falcon", "bloom", *MOE_ONLY)
 # tokenizer.ggml.pre -> the split regex (None: GPT-2's own, ByteLevel's use_regex)
 PRE_PATTERNS = {"gpt-2": None, "llama-bpe": LLAMA3_PAT, "qwen2": QWEN2_PAT}
 
@@ -131,6 +133,8 @@ def gguf_config(reader, path) -> tuple:
         fields.update(mlp_hidden=0, norm_eps=_decimal(_real(reader, k("attention.layer_norm_epsilon"), path, 1e-5)),
                       tie_weights="output.weight" not in tensors)
         return arch, GPTConfig(**fields)
+    if arch in BIASED:
+        return arch, _layernorm_config(reader, path, arch, fields, tensors, k)
     scaling = _field(reader, k("rope.scaling.type"), path, "none")
     if scaling != "none":
         raise UserError(f"{path}: {k('rope.scaling.type')} is {scaling!r}: rescaled RoPE frequencies are not read "
@@ -210,6 +214,44 @@ def _moe_fields(reader, path, arch: str, fields: dict, k) -> dict:
     return out
 
 
+def _layernorm_config(reader, path, arch: str, fields: dict, tensors: dict, k) -> GPTConfig:
+    """The GPTConfig of a falcon or bloom file: LayerNorms with biases (attention.layer_norm_epsilon), a GELU MLP 4
+    n_embd wide (llama.cpp's falcon and bloom have no other), heads n_embd / n_head wide. Falcon: a parallel block
+    (one norm, or two where the file has attn_norm_2), the exact GELU (Falcon's own; llama.cpp computes the tanh one),
+    RoPE over whole heads (llama.cpp refuses a partial one for falcon), no projection biases; BLOOM: ALiBi (max bias 8,
+    fixed by llama.cpp), its embeddings' LayerNorm, the tanh GELU, every bias."""
+    C = fields["n_embd"]
+    if fields["mlp_hidden"] != 4 * C:
+        raise UserError(f"{path}: {k('feed_forward_length')} is {fields['mlp_hidden']}, not 4 x "
+                        f"{k('embedding_length')} ({4 * C}), the only {arch} MLP this model has")
+    kv = _positive(reader, k("attention.head_count_kv"), path, fields["n_head"])
+    fields.update(mlp_hidden=0, n_kv_head=kv, norm="layernorm", mlp="gelu",
+                  norm_eps=_decimal(_real(reader, k("attention.layer_norm_epsilon"), path, 1e-5)),
+                  tie_weights="output.weight" not in tensors)
+    if arch == "falcon":
+        head_dim = C // fields["n_head"]
+        rot = _positive(reader, k("rope.dimension_count"), path, head_dim)
+        if rot != head_dim:  # (llama.cpp's load refuses it for falcon: "invalid n_rot")
+            raise UserError(f"{path}: {k('rope.dimension_count')} is {rot}, not the head's {head_dim}: llama.cpp's "
+                            "falcon rotates whole heads")
+        scaling = _field(reader, k("rope.scaling.type"), path, "none")
+        if scaling != "none":
+            raise UserError(f"{path}: {k('rope.scaling.type')} is {scaling!r}: rescaled RoPE frequencies are not "
+                            "read from a GGUF file (only unscaled RoPE, 'none')")
+        fields.update(position_encoding="rope", rope_theta=_real(reader, k("rope.freq_base"), path, 10000.0),
+                      bias=False, parallel_residual=True, shared_norm="blk.0.attn_norm_2.weight" not in tensors,
+                      gelu_approximate="none")
+    else:
+        if kv != fields["n_head"]:
+            raise UserError(f"{path}: {k('attention.head_count_kv')} is {kv}, but BLOOM has a key/value head for each "
+                            f"of its {fields['n_head']} query heads")
+        fields.update(position_encoding="alibi", embed_norm=True, bias=True, gelu_approximate="tanh")
+    try:
+        return GPTConfig(**fields)
+    except UserError as e:
+        raise UserError(f"{path}: its metadata gives no model this reads: {e}") from None
+
+
 def _gemma_fields(reader, path, arch: str, fields: dict, head_dim: int, k) -> dict:
     """A Gemma's GPTConfig fields beyond Llama's, with what llama.cpp fixes by architecture (gguf_export.py's
     GEMMA_*): GeGLU, scaled embeddings, sandwich norms (gemma2, gemma3), the window over llama.cpp's local layers
@@ -246,11 +288,23 @@ def gguf_names(cfg: GPTConfig, arch: str) -> dict:
         names["out_head.weight"] = top["out_head"] + ".weight"
     if arch == "gpt2":
         names.update({"pos_emb.weight": "position_embd.weight", "final_norm.bias": "output_norm.bias"})
+    params = set()
+    if arch in BIASED:  # (which biases the model has: the meta model's parameters, no memory)
+        from tritongpt.model.gpt import GPTModel
+
+        with torch.device("meta"):
+            params = {n for n, _ in GPTModel(cfg).named_parameters()}
+        ours, theirs = GGUF_EMBED_NORM
+        for x in ("weight", "bias"):
+            if f"{ours}.{x}" in params:
+                names[f"{ours}.{x}"] = f"{theirs}.{x}"
+        if "final_norm.bias" in params:
+            names["final_norm.bias"] = top["final_norm"] + ".bias"
     for i in range(cfg.n_layer):
         b, g = f"trf_blocks.{i}.", f"blk.{i}."
         for ours, theirs in layer_table(arch, cfg):
             names[b + ours + ".weight"] = g + theirs + ".weight"
-            if arch == "gpt2":
+            if arch == "gpt2" or b + ours + ".bias" in params:
                 names[b + ours + ".bias"] = g + theirs + ".bias"
         for ours, theirs in moe_layer(arch, cfg):  # (full names: the experts are parameters, not Linears)
             names[b + ours] = g + theirs
@@ -258,7 +312,7 @@ def gguf_names(cfg: GPTConfig, arch: str) -> dict:
             start = 0
             for ours, rows in zip(parts, fused_rows(cfg, theirs)):
                 names[b + ours + ".weight"] = (g + theirs + ".weight", start, start + rows)
-                if arch == "gpt2":  # (its biases fused as its matrices)
+                if arch == "gpt2" or b + ours + ".bias" in params:  # (its biases fused as its matrices)
                     names[b + ours + ".bias"] = (g + theirs + ".bias", start, start + rows)
                 start += rows
         if arch in ("qwen2", "qwen2moe"):
