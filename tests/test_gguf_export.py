@@ -56,7 +56,7 @@ def rounded(model, kind):
     out = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in out.named_parameters():
-            if p.ndim != 2 or name == "pos_emb.weight" or kind == "f32":
+            if p.ndim != 2 or name == "pos_emb.weight" or "norm" in name or kind == "f32":  # (2-D q/k norms too)
                 continue
             if kind == "f16":
                 p.copy_(p.half().float())
@@ -242,7 +242,9 @@ def test_a_hugging_face_tokenizer_json(kind, sequence, tmp_path):
     (dict(LLAMA, attention_window=8), "local attention"),
     (dict(LLAMA, rope_scaling={"rope_type": "linear", "factor": 2.0}), "rescales its RoPE"),
     (dict(LLAMA, bias=True), "biases in its linear layers"),
-    (dict(LLAMA, norm="layernorm"), "a StableLM, which the GGUF writer does not write"),
+    # (a StableLM is written since: stablelm; MPT's ALiBi without biases is not)
+    (dict(position_encoding="alibi", bias=False, norm_bias=False, gelu_approximate="none"),
+     "MPT, which the GGUF writer does not write"),
     # llama.cpp's qwen2 (src/models/qwen2.cpp, load_arch_tensors) creates attn_q and attn_output [n_embd, n_embd]:
     # a Qwen2 folder holds head_dim 32 over n_embd 64 with 4 heads, llama.cpp would refuse the file's shapes
     (dict(ARCHS["qwen2"], attention_head_dim=32), "heads of their own width"),

@@ -37,6 +37,11 @@ convert_hf_to_gguf.py writes, so llama.cpp reads the file as it reads that scrip
 - BLOOM ("bloom": BloomModel, llama_model_bloom): token_embd_norm (the embeddings' LayerNorm), q, k and v fused in
   attn_qkv as queries, keys, values (the converter regroups Hugging Face's per-head rows), every bias; ALiBi with
   a max bias of 8 that llama.cpp fixes by architecture (hparams.f_max_alibi_bias): BLOOM's slopes.
+- StableLM ("stablelm": StableLMModel, llama_model_stablelm): Llama's tensors unpermuted (NeoX-style RoPE over
+  rope.dimension_count, the partial rotary), LayerNorms with biases, q/k/v biases where the model has them (Stable LM
+  2 1.6B), each head's own q/k norm weights as attn_q_norm / attn_k_norm [n_head, head_dim] (StableLM 2 12B), and no
+  ffn_norm for the parallel block on one norm (12B: llama.cpp and transformers' GGUF loader read its absence so). The
+  head is written as output even where tied: llama.cpp's stablelm loads output without a token_embd fallback.
 
 Tensor types (--gguf-type): F32, F16, BF16, or ggml's blocks of 32 inputs that the gguf package quantizes in
 Python: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the K-quants it only dequantizes: not written). Which tensors take the type
@@ -94,15 +99,15 @@ def gguf_arch(cfg, family: str) -> str:
     """The llama.cpp architecture this model is written as, from the Hugging Face family export_target picks:
     GPT-2 -> "gpt2", Llama and Mistral -> "llama" (convert_hf_to_gguf.py writes Mistral as a Llama), Qwen2 ->
     "qwen2", Qwen3 -> "qwen3", Gemma, Gemma 2 and Gemma 3 -> "gemma", "gemma2", "gemma3", Phi-3 (a partial rotary:
-    export_target's Phi-3) -> "phi3", Falcon -> "falcon", BLOOM -> "bloom"; any other family is refused by
-    name."""
+    export_target's Phi-3) -> "phi3", Falcon -> "falcon", BLOOM -> "bloom", StableLM -> "stablelm"; any other
+    family is refused by name."""
     arch = {"GPT-2": "gpt2", "Llama": "llama", "Mistral": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3",
             "Gemma": "gemma", "Gemma 2": "gemma2", "Gemma 3": "gemma3", "Phi-3": "phi3", "Falcon": "falcon",
-            "BLOOM": "bloom", **MOE_ARCHS}.get(family)
+            "BLOOM": "bloom", "StableLM": "stablelm", **MOE_ARCHS}.get(family)
     if arch is None:
         raise UserError(f"this model is {_article(family)} {family}, which the GGUF writer does not write (it writes "
                         "GPT-2, Llama (a Mistral without its window is one), Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, "
-                        "Phi-3, Falcon, BLOOM, and the mixtures of experts Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE): "
+                        "Phi-3, Falcon, BLOOM, StableLM, and the mixtures of experts Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE): "
                         "export it as a Hugging Face folder (without --format gguf) and convert that with llama.cpp's "
                         "convert_hf_to_gguf.py if it knows the family")
     return arch
@@ -140,6 +145,10 @@ def layer_table(arch: str, cfg) -> tuple:
     llama.cpp's falcon feeds attention attn_norm_2 and the MLP attn_norm (llama_model_falcon's graph; gguf's tensor
     map: ln_attn -> attn_norm_2, ln_mlp -> attn_norm); a MoE's without the dense MLP's rows (moe_layer names its own)."""
     table = GGUF_LAYER[arch]
+    if arch == "stablelm":  # (no norm2 in a shared-norm block; each head's own q/k norm weights with qk_norm)
+        table = tuple(x for x in table if x[0] != "norm2" or not cfg.shared_norm)
+        if cfg.qk_norm:
+            table += GGUF_LAYER["qwen3"][-2:]
     if arch == "falcon":
         table += ((("norm1", "attn_norm"),) if cfg.shared_norm else
                   (("norm1", "attn_norm_2"), ("norm2", "attn_norm")))
@@ -290,7 +299,10 @@ GGUF_LAYER["bloom"] = GGUF_LAYER["gpt2"]
 GGUF_EMBED_NORM = ("embed_norm", "token_embd_norm")
 # the architectures whose biases go as the model has them: each table entry's .bias beside its .weight (LayerNorms
 # and, BLOOM, the projections; fused ones fused as their weights), output_norm.bias, token_embd_norm.bias
-BIASED = ("falcon", "bloom")
+BIASED = ("falcon", "bloom", "stablelm")
+# StableLM: Llama's names (ffn_norm left out of the parallel block on one norm, attn_q_norm / attn_k_norm with qk_norm:
+# layer_table); its q/k/v biases beside their weights, as BIASED writes every bias the model has
+GGUF_LAYER["stablelm"] = GGUF_LAYER["llama"]
 GPT2_QKV = ("att.W_query", "att.W_key", "att.W_value")
 # The fused tensors, each [its parts' rows one after the other, in]: GPT-2's and Phi-3's q, k, v in attn_qkv,
 # Phi-3's gate then up in ffn_up (llama.cpp's phi3 splits ffn_up in halves: silu(first) * second, Phi3MLP's chunk)
@@ -359,7 +371,7 @@ def gguf_tensors(model, arch: str) -> dict:
     V = cfg.vocab_size
     top = dict(GGUF_TOP)
     t = {top["tok_emb"] + ".weight": sd["tok_emb.weight"][:V], top["final_norm"] + ".weight": sd["final_norm.weight"]}
-    if not cfg.tie_weights:
+    if not cfg.tie_weights or arch == "stablelm":  # (llama.cpp's stablelm needs output: a tied head is copied)
         t[top["out_head"] + ".weight"] = _rowwise(lambda x: x[:V], weight("out_head"))
     for i in range(cfg.n_layer):
         b, g = f"trf_blocks.{i}.", f"blk.{i}."
@@ -370,7 +382,7 @@ def gguf_tensors(model, arch: str) -> dict:
                 parts = [x.dense if isinstance(x, Coded) else x for x in parts]
             t[g + theirs + ".weight"] = _rowwise(lambda *xs: torch.cat(xs), *parts)
         if arch in BIASED:  # the biases the model has, each beside its weight (fused as its weights)
-            for theirs, ours in FUSED[arch].items():
+            for theirs, ours in FUSED.get(arch, {}).items():
                 if all(b + n + ".bias" in sd for n in ours):
                     t[g + theirs + ".bias"] = torch.cat([sd[b + n + ".bias"] for n in ours])
             for ours, theirs in layer_table(arch, cfg):
@@ -610,9 +622,9 @@ def write_tokenizer(w, toks: dict) -> None:
 
 
 def _as_type(gguf, name: str, data, kind: str, head: bool = False, requantized: list | None = None):
-    """(array, raw_dtype or None): a tensor (float, or Coded) in the export's type. Norms, biases (1-D) and GPT-2's
-    position embeddings stay F32, as llama.cpp's tools keep them; head (the LM head: output, or a tied token_embd)
-    goes as Q8_0 where the type is Q4_0..Q5_1 (the module docstring says why); a block type takes rows of whole
+    """(array, raw_dtype or None): a tensor (float, or Coded) in the export's type. Norms (StableLM's 2-D per-head
+    ones too), biases (1-D) and GPT-2's position embeddings stay F32, as llama.cpp's tools keep them; head (the LM
+    head: output, or a tied token_embd) goes as Q8_0 where the type is Q4_0..Q5_1 (the module docstring says why); a block type takes rows of whole
     32-wide blocks, and a matrix whose rows are not falls back to F16 as convert_hf_to_gguf.py does. A Coded
     matrix is copied block for block where _exact_blocks can; otherwise its dense value is quantized (its name
     appended to requantized, for the note)."""
@@ -621,8 +633,10 @@ def _as_type(gguf, name: str, data, kind: str, head: bool = False, requantized: 
     if coded is not None:
         data = coded.dense.contiguous().numpy()
     # (the routers too: convert_hf_to_gguf.py writes FFN_GATE_INP in F32 whatever the type, and llama-quant.cpp
-    # never quantizes ffn_gate_inp; a 3-D expert tensor is quantized as llama.cpp does, each expert's rows in blocks)
-    if data.ndim == 1 or name == "position_embd.weight" or kind == "f32" or name.endswith("ffn_gate_inp.weight"):
+    # never quantizes ffn_gate_inp; a 3-D expert tensor is quantized as llama.cpp does, each expert's rows in blocks;
+    # StableLM 2 12B's per-head q/k norms are 2-D: convert_hf_to_gguf.py keeps every *_norm.weight F32 too)
+    if (data.ndim == 1 or name == "position_embd.weight" or kind == "f32" or name.endswith("ffn_gate_inp.weight")
+            or name.endswith("_norm.weight")):
         return data, None
     if kind in BLOCK_TYPES and head:
         kind = "q8_0"
@@ -727,7 +741,7 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
         w.add_layer_norm_eps(cfg.norm_eps)
         if cfg.position_encoding == "rope":
             w.add_rope_freq_base(cfg.rope_theta)
-            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_rope_dimension_count(cfg.rotary_dim or cfg.head_dim)  # (StableLM's partial rotary)
     else:
         w.add_vocab_size(cfg.vocab_size)
         w.add_head_count_kv(cfg.kv_heads)

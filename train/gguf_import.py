@@ -5,7 +5,8 @@ The inverse of gguf_export.py, whose tensor-name tables and Q/K permute it reads
 what llama.cpp fixes for them by architecture, as gguf_export.py's GEMMA_* say: their norms are read as the file
 holds them, w + 1, which our RMSNorm multiplies by), and "phi3" (its fused attn_qkv and ffn_up split, a partial
 rotary, the window over every layer as Phi-3's config says; LongRoPE's rope_factors refused), "falcon" (a parallel
-block on one norm or, attn_norm_2 there, two), "bloom" (ALiBi, the embeddings' LayerNorm), and the mixtures of
+block on one norm or, attn_norm_2 there, two), "bloom" (ALiBi, the embeddings' LayerNorm), "stablelm" (a partial
+rotary, q/k/v biases, per-head q/k norms and the parallel block as the file's tensors say), and the mixtures of
 experts "llama" with expert_count (Mixtral), "qwen3moe", "qwen2moe", "olmoe" (_moe_fields; always dequantized, the
 MoE kernel having no int path). A file whose blocks' linears are all Q8_0, or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same
 fp32 matrices; the embedding and head float), unless float weights are asked for (load_gguf's quantized,
@@ -35,7 +36,7 @@ from tritongpt.train.gguf_export import (BIASED, FUSED, GEMMA2_SOFTCAPS, GEMMA3_
 # (qwen3: Qwen2's layout without biases, with q/k norms; the Gemmas: gguf_export.py's GEMMA_ARCHS; the mixtures of
 # experts: a llama with expert_count (Mixtral), qwen3moe, qwen2moe, olmoe)
 MOE_ONLY = ("qwen3moe", "qwen2moe", "olmoe")
-ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS, "phi3", "falcon", "bloom", *MOE_ONLY)
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2", *GEMMA_ARCHS, "phi3", "falcon", "bloom", "stablelm", *MOE_ONLY)
 # tokenizer.ggml.pre -> the split regex (None: GPT-2's own, ByteLevel's use_regex)
 PRE_PATTERNS = {"gpt-2": None, "llama-bpe": LLAMA3_PAT, "qwen2": QWEN2_PAT}
 
@@ -215,12 +216,15 @@ def _moe_fields(reader, path, arch: str, fields: dict, k) -> dict:
 
 
 def _layernorm_config(reader, path, arch: str, fields: dict, tensors: dict, k) -> GPTConfig:
-    """The GPTConfig of a falcon or bloom file: LayerNorms with biases (attention.layer_norm_epsilon), a GELU MLP 4
-    n_embd wide (llama.cpp's falcon and bloom have no other), heads n_embd / n_head wide. Falcon: a parallel block
+    """The GPTConfig of a falcon, bloom or stablelm file: LayerNorms with biases (attention.layer_norm_epsilon), heads
+    n_embd / n_head wide (as llama.cpp's shapes for these). StableLM: _stablelm_fields. Falcon and BLOOM: a GELU MLP 4
+    n_embd wide (llama.cpp's falcon and bloom have no other). Falcon: a parallel block
     (one norm, or two where the file has attn_norm_2), the exact GELU (Falcon's own; llama.cpp computes the tanh one),
     RoPE over whole heads (llama.cpp refuses a partial one for falcon), no projection biases; BLOOM: ALiBi (max bias 8,
     fixed by llama.cpp), its embeddings' LayerNorm, the tanh GELU, every bias."""
     C = fields["n_embd"]
+    if arch == "stablelm":
+        return _stablelm_config(reader, path, fields, tensors, k)
     if fields["mlp_hidden"] != 4 * C:
         raise UserError(f"{path}: {k('feed_forward_length')} is {fields['mlp_hidden']}, not 4 x "
                         f"{k('embedding_length')} ({4 * C}), the only {arch} MLP this model has")
@@ -246,6 +250,32 @@ def _layernorm_config(reader, path, arch: str, fields: dict, tensors: dict, k) -
             raise UserError(f"{path}: {k('attention.head_count_kv')} is {kv}, but BLOOM has a key/value head for each "
                             f"of its {fields['n_head']} query heads")
         fields.update(position_encoding="alibi", embed_norm=True, bias=True, gelu_approximate="tanh")
+    try:
+        return GPTConfig(**fields)
+    except UserError as e:
+        raise UserError(f"{path}: its metadata gives no model this reads: {e}") from None
+
+
+def _stablelm_config(reader, path, fields: dict, tensors: dict, k) -> GPTConfig:
+    """A stablelm file's GPTConfig: LayerNorms with biases, a SwiGLU MLP, NeoX-style RoPE over rope.dimension_count
+    (a partial rotary), and, as its tensors say (llama.cpp's stablelm loads each as optional): q/k/v biases
+    (attn_q.bias), each head's own q/k LayerNorm weights (attn_q_norm), no ffn_norm for a parallel block on one norm."""
+    head_dim = fields["n_embd"] // fields["n_head"]
+    rot = _positive(reader, k("rope.dimension_count"), path, head_dim)
+    scaling = _field(reader, k("rope.scaling.type"), path, "none")
+    if scaling != "none":
+        raise UserError(f"{path}: {k('rope.scaling.type')} is {scaling!r}: rescaled RoPE frequencies are not read "
+                        "from a GGUF file (only unscaled RoPE, 'none')")
+    parallel = "blk.0.ffn_norm.weight" not in tensors
+    qk_norm = "blk.0.attn_q_norm.weight" in tensors
+    fields.update(norm="layernorm", mlp="swiglu", position_encoding="rope", bias=False,
+                  n_kv_head=_positive(reader, k("attention.head_count_kv"), path, fields["n_head"]),
+                  rope_theta=_real(reader, k("rope.freq_base"), path, 10000.0),
+                  rotary_dim=rot if rot != head_dim else 0,
+                  norm_eps=_decimal(_real(reader, k("attention.layer_norm_epsilon"), path, 1e-5)),
+                  qkv_bias_only="blk.0.attn_q.bias" in tensors, qk_norm=qk_norm,
+                  qk_norm_width="each" if qk_norm else "head", parallel_residual=parallel, shared_norm=parallel,
+                  tie_weights="output.weight" not in tensors)
     try:
         return GPTConfig(**fields)
     except UserError as e:
