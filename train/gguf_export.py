@@ -43,20 +43,27 @@ convert_hf_to_gguf.py writes, so llama.cpp reads the file as it reads that scrip
   ffn_norm for the parallel block on one norm (12B: llama.cpp and transformers' GGUF loader read its absence so). The
   head is written as output even where tied: llama.cpp's stablelm loads output without a token_embd fallback.
 
-Tensor types (--gguf-type): F32, F16, BF16, or ggml's blocks of 32 inputs that the gguf package quantizes in
-Python: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the K-quants it only dequantizes: not written). Which tensors take the type
-follows llama.cpp: norms, biases (1-D) and GPT-2's position embeddings stay F32 (llama-quant.cpp quantizes 2-D
-tensors only, and never position_embd); a matrix whose rows are not whole blocks of 32 goes as F16, as
-convert_hf_to_gguf.py does for Q8_0 (llama-quantize refuses it outright for Q4_0..Q5_1). For Q4_0..Q5_1 the LM head
-(output, or token_embd where it is tied and so is the head) goes as Q8_0: llama-quant.cpp's default mixes write it
-in Q6_K, a K-quant gguf cannot quantize here, so the next type up that it can; an untied token_embd takes the asked
-type, as there.
+Tensor types (--gguf-type): F32, F16, BF16; ggml's blocks of 32 inputs that the gguf package quantizes in Python:
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; or llama.cpp's K-quant mixes Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, blocks of 256
+that gguf only dequantizes, quantized here by gguf_kquant.py (numpy, after ggml-quants.c's reference quantizers).
+Which tensor takes which type is llama-quant.cpp's llama_tensor_get_type with no importance matrix (tensor_type):
+norms, biases (1-D) and GPT-2's position embeddings stay F32 (it quantizes 2-D tensors only, never position_embd);
+the LM head (output, or token_embd where it is tied and so is the head) goes as Q6_K for every quantized type but
+Q8_0 (which keeps it Q8_0), or Q8_0 where its rows are not whole blocks of the type; an untied token_embd takes the
+mix's base type. The _M mixes give attn_v and ffn_down Q6_K on the "use_more_bits" layers (the first and last
+eighth and every third between), Q4_K_S gives the first 4 attn_v and the first eighth of ffn_down Q5_K, a fused
+attn_qkv (GPT-2, Phi-3) is Q5_K in Q4_K_M and Q6_K in Q5_K_M, and a 70B Llama's (80 layers, GQA) Q4_K attn_v Q5_K. A
+matrix whose rows are not whole blocks of 256 falls back as llama-quant.cpp's tensor_type_fallback does: Q4_K to
+Q5_0, Q5_K to Q5_1, Q6_K to Q8_0; and one whose rows are not whole blocks of 32 goes as F16, as
+convert_hf_to_gguf.py does for Q8_0 (llama-quantize refuses it outright).
 
 An already quantized model (Int8Linear / Int4Linear with groups of 32 and fp16 scales, as gguf_import.py keeps a
 Q8_0 / Q4_0 / Q4_1 file) is written to the matching type by copying its levels and scales into ggml's blocks
-(_exact_blocks): no second rounding, so .gguf -> kept model -> .gguf gives the same bytes. Where its groups are not
-the type's (`tritongpt quantize`'s per-row int8, int4 at another group size or act-order, scales no fp16 holds as
-its fp32 range / 15 are; asymmetric int4 as Q4_0) the matrix is dequantized and quantized again, with a note.
+(_exact_blocks): no second rounding, so .gguf -> kept model -> .gguf gives the same bytes (but for a Q6_K head: the
+kept model's head is float, and Q6_K's search run again on its own values need not find the same blocks). Where its
+groups are not the type's (`tritongpt quantize`'s per-row int8, int4 at another group size or act-order, scales no
+fp16 holds as its fp32 range / 15 are; asymmetric int4 as Q4_0; any K-quant, whose nested scales no group of ours
+is) the matrix is dequantized and quantized again, with a note.
 
 A model these cannot hold is refused by name before anything is written."""
 import json
@@ -69,10 +76,16 @@ import torch
 
 from tritongpt.errors import UserError, note
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s",
+              "q6_k")
 # ggml's block types of 32 inputs a block that gguf.quants can quantize (its K-quants it can only dequantize)
 BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 GGUF_BLOCK = 32
+# llama.cpp's K-quant mixes -> the type most of their matrices take (llama_ftype_get_default_type), blocks of QK_K
+K_MIXES = {"q4_k_m": "q4_k", "q4_k_s": "q4_k", "q5_k_m": "q5_k", "q5_k_s": "q5_k", "q6_k": "q6_k"}
+QK_K = 256
+# llama-quant.cpp's tensor_type_fallback: a K-quant for rows that are not whole blocks of 256
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 INSTALL = 'pip install -e ".[gguf]"'
 # llama.cpp's name for the pre-tokenizer regex a byte-level BPE vocabulary was learned over (its
 # tokenizer.ggml.pre): the regex itself is not in the file, llama.cpp and transformers pick it by this name
@@ -429,6 +442,10 @@ def _rows(w) -> int:
     return (w.dense if isinstance(w, Coded) else w).shape[0]
 
 
+def _shape(w):
+    return (w.dense if isinstance(w, Coded) else w).shape
+
+
 def _pre_name(spec: dict, where: str) -> str:
     """llama.cpp's tokenizer.ggml.pre for a tokenizer.json's pre-tokenizer: GPT-2's byte-level split, Llama 3's or
     Qwen2's regex; any other refused by name."""
@@ -621,38 +638,86 @@ def write_tokenizer(w, toks: dict) -> None:
         w.add_add_space_prefix(toks["add_space_prefix"])
 
 
-def _as_type(gguf, name: str, data, kind: str, head: bool = False, requantized: list | None = None):
-    """(array, raw_dtype or None): a tensor (float, or Coded) in the export's type. Norms (StableLM's 2-D per-head
-    ones too), biases (1-D) and GPT-2's position embeddings stay F32, as llama.cpp's tools keep them; head (the LM
-    head: output, or a tied token_embd) goes as Q8_0 where the type is Q4_0..Q5_1 (the module docstring says why); a block type takes rows of whole
-    32-wide blocks, and a matrix whose rows are not falls back to F16 as convert_hf_to_gguf.py does. A Coded
-    matrix is copied block for block where _exact_blocks can; otherwise its dense value is quantized (its name
-    appended to requantized, for the note)."""
+def _use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama-quant.cpp's use_more_bits: the first and last eighth of the layers, and every third one between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def tensor_type(kind: str, name: str, shape: tuple, n_layer: int, head: bool = False, big: bool = False) -> str:
+    """The type (GGUF_TYPES' names, or a K-quant's: q4_k, q5_k, q6_k) the export's `kind` writes tensor `name` of
+    `shape` in. head: it is the LM head (output, or a tied token_embd); big: a 70B Llama (llama.cpp's LLM_TYPE_70B:
+    80 layers with GQA). llama-quant.cpp's llama_tensor_get_type without an importance matrix, for the tensors our
+    architectures have (no experts, no Falcon), then its tensor_type_fallback for rows that are not whole blocks."""
+    if (len(shape) == 1 or name == "position_embd.weight" or kind == "f32" or name.endswith("ffn_gate_inp.weight")
+            or name.endswith("_norm.weight")):
+        # (llama-quant.cpp quantizes 2-D tensors only, never the position embeddings nor the MoE routers,
+        # ffn_gate_inp, which convert_hf_to_gguf.py writes F32; StableLM 2 12B's per-head q/k norms are 2-D, and
+        # the converter keeps every *_norm.weight F32)
+        return "f32"
+    if kind in ("f16", "bf16"):
+        return kind
+    base = K_MIXES.get(kind, kind)
+    ncols = shape[-1]
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+    out = base
+    if head:
+        # the head's own rule: Q8_0 where its rows are not whole blocks of the mix's base type, else Q6_K (Q8_0 stays)
+        out = "q8_0" if ncols % (QK_K if kind in K_MIXES else GGUF_BLOCK) else base if base == "q8_0" else "q6_k"
+    elif ".attn_v." in name:
+        # (i_attention_wv counts the attn_v tensors before this one: its layer, the file holding them in order)
+        if kind in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, n_layer):
+            out = "q6_k"
+        elif kind == "q4_k_s" and layer < 4:
+            out = "q5_k"
+        if big and out == "q4_k":  # (70B: 8 heads share each attn_v, a small tensor worth more bits)
+            out = "q5_k"
+    elif ".ffn_down." in name:
+        if kind in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, n_layer):
+            out = "q6_k"
+        elif kind == "q4_k_s" and layer < n_layer // 8:
+            out = "q5_k"
+    elif ".attn_qkv." in name:
+        out = {"q4_k_m": "q5_k", "q5_k_m": "q6_k"}.get(kind, out)
+    if out in K_FALLBACK and ncols % QK_K:
+        out = K_FALLBACK[out]
+    if ncols % GGUF_BLOCK:  # (no block type holds it: F16, as convert_hf_to_gguf.py writes such a Q8_0 tensor)
+        out = "f16"
+    return out
+
+
+def file_type(gguf, kind: str):
+    """general.file_type for an export of `kind`: llama.cpp's LLAMA_FTYPE (MOSTLY_Q4_K_M = 15, ...)."""
+    return gguf.LlamaFileType.ALL_F32 if kind == "f32" else gguf.LlamaFileType["MOSTLY_" + kind.upper()]
+
+
+def _as_type(gguf, name: str, data, ttype: str, requantized: list | None = None):
+    """(array, raw_dtype or None): a tensor (float, or Coded) in type ttype (tensor_type's). A Coded matrix is
+    copied block for block where _exact_blocks can; otherwise its dense value is quantized (its name appended to
+    requantized, for the note): always for a K-quant, whose nested scales no group of ours is."""
+    from tritongpt.train.gguf_kquant import QUANTIZERS
+
     T = gguf.GGMLQuantizationType
     coded = data if isinstance(data, Coded) else None
     if coded is not None:
         data = coded.dense.contiguous().numpy()
-    # (the routers too: convert_hf_to_gguf.py writes FFN_GATE_INP in F32 whatever the type, and llama-quant.cpp
-    # never quantizes ffn_gate_inp; a 3-D expert tensor is quantized as llama.cpp does, each expert's rows in blocks;
-    # StableLM 2 12B's per-head q/k norms are 2-D: convert_hf_to_gguf.py keeps every *_norm.weight F32 too)
-    if (data.ndim == 1 or name == "position_embd.weight" or kind == "f32" or name.endswith("ffn_gate_inp.weight")
-            or name.endswith("_norm.weight")):
+    if ttype == "f32":
         return data, None
-    if kind in BLOCK_TYPES and head:
-        kind = "q8_0"
-    if kind in BLOCK_TYPES:
-        qtype = T[kind.upper()]
+    if ttype in BLOCK_TYPES:
+        qtype = T[ttype.upper()]
         if coded is not None:
-            blocks = _exact_blocks(coded, kind)
+            blocks = _exact_blocks(coded, ttype)
             if blocks is not None:
                 return blocks, qtype
             if requantized is not None:
                 requantized.append(name)
-        try:
-            return gguf.quants.quantize(data, qtype), qtype
-        except gguf.quants.QuantError:
-            kind = "f16"
-    if kind == "bf16":
+        return gguf.quants.quantize(data, qtype), qtype
+    if ttype in QUANTIZERS:
+        if coded is not None and requantized is not None:
+            requantized.append(name)
+        # (a 3-D expert stack quantized as its rows, each expert's, and given back its leading dims as gguf's do)
+        blocks = QUANTIZERS[ttype](data.reshape(-1, data.shape[-1]))[0]
+        return blocks.reshape(*data.shape[:-1], -1), T[ttype.upper()]
+    if ttype == "bf16":
         return gguf.quants.quantize(data, T.BF16), T.BF16
     return data.astype(np.float16), None
 
@@ -713,7 +778,9 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
 
     gguf = import_gguf()
     if kind not in GGUF_TYPES:
-        raise UserError(f"GGUF tensor type must be one of {', '.join(GGUF_TYPES)}, got {kind!r}")
+        # (llama-quantize takes Q4_K and Q5_K as its _M mixes; the K-quant types themselves are no file's whole type)
+        hint = f" ({kind} alone is no mix: {kind}_m or {kind}_s)" if kind in ("q4_k", "q5_k") else ""
+        raise UserError(f"GGUF tensor type must be one of {', '.join(GGUF_TYPES)}, got {kind!r}{hint}")
     cfg = model.config
     if family is None:
         family, refuse, _ = export_target(cfg)
@@ -727,7 +794,7 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(out, arch)
     w.add_name(name or out.stem)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if kind == "f32" else gguf.LlamaFileType["MOSTLY_" + kind.upper()])
+    w.add_file_type(file_type(gguf, kind))
     w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.n_embd)
     w.add_block_count(cfg.n_layer)
@@ -780,18 +847,29 @@ def write_gguf(model, out, tok, kind: str = "f16", family: str | None = None, ch
     if chat_template:
         w.add_chat_template(chat_template)
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    requantized = []
+    big = arch == "llama" and cfg.n_layer == 80 and cfg.kv_heads != cfg.n_head  # (llama.cpp's LLM_TYPE_70B)
+    requantized, fell_back = [], []
     for tname, t in tensors.items():
-        data, raw = _as_type(gguf, tname, t if isinstance(t, Coded) else t.contiguous().numpy(), kind,
-                             tname == head, requantized)
+        shape = tuple(_shape(t))
+        ttype = tensor_type(kind, tname, shape, cfg.n_layer, tname == head, big)
+        if kind in K_MIXES and len(shape) >= 2 and shape[-1] % QK_K \
+                and ttype not in ("f32", "q4_k", "q5_k", "q6_k"):
+            fell_back.append(f"{tname} {ttype.upper()}")
+        data, raw = _as_type(gguf, tname, t if isinstance(t, Coded) else t.contiguous().numpy(), ttype, requantized)
         if raw is None:
             w.add_tensor(tname, data)
         else:
             w.add_tensor(tname, data, raw_dtype=raw)
+    if fell_back:
+        some = ", ".join(fell_back[:3]) + (", ..." if len(fell_back) > 3 else "")
+        note(f"{len(fell_back)} matrices have rows that are not whole blocks of {QK_K} inputs, which {kind.upper()}'s "
+             f"K-quants need: written in the type llama-quantize falls back to ({some})")
     if requantized:
         some = ", ".join(requantized[:3]) + (", ..." if len(requantized) > 3 else "")
+        why = "a K-quant's nested scales, which no group of ours is" if kind in K_MIXES else \
+            "other groups or levels, scales no fp16 holds"
         note(f"{len(requantized)} quantized matrices ({some}) do not fit their {kind.upper()} file's blocks exactly "
-             "(other groups or levels, scales no fp16 holds): dequantized and quantized again, rounded twice")
+             f"({why}): dequantized and quantized again, rounded twice")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -2022,11 +2022,16 @@ def add_cli(sub):
                         "Gemma 2, Gemma 3 or Phi-3 (a partial rotary) with its tokenizer "
                         '(pip install -e ".[gguf]")')
     # (gguf_export.GGUF_TYPES: not imported here, the parser is built before any command runs)
-    p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
+    p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m",
+                                           "q4_k_s", "q5_k_m", "q5_k_s", "q6_k"),
                    default=None,
                    help="--format gguf's matrices: f32, f16 (default), bf16, or ggml's blocks of 32 with an f16 "
-                        "scale: q8_0 (8-bit), q4_0, q4_1, q5_0, q5_1 (4 / 5-bit; _1 with an f16 minimum too; the LM "
-                        "head q8_0); norms and biases stay f32. An int8 / int4 model of groups of 32 with fp16 "
-                        "scales (a .gguf file kept quantized) is copied into the blocks unrounded")
+                        "scale: q8_0 (8-bit), q4_0, q4_1, q5_0, q5_1 (4 / 5-bit; _1 with an f16 minimum too); or "
+                        "llama.cpp's K-quant mixes (blocks of 256): q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, their "
+                        "tensors' types as llama-quantize picks them (_m: attn_v and ffn_down Q6_K on some layers). "
+                        "The LM head goes as Q6_K (q8_0: Q8_0); rows not whole blocks of 256 fall back as "
+                        "llama-quantize does (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K and the head to Q8_0), of 32 to f16; "
+                        "norms and biases stay f32. An int8 / int4 model of groups of 32 with fp16 scales (a .gguf "
+                        "file kept quantized) is copied into q8_0 / q4_0..q5_1 blocks unrounded")
     p.add_argument("--overwrite", action="store_true", help="replace those files if --out holds them")
     p.set_defaults(func=cmd_export)
