@@ -75,9 +75,10 @@ def check(dx, dy, deq, w64, dtype, name):
 
 
 # (format, K, N, G): N 48 and 130 against the 64-wide reduction step, K 100 / 80 / 96 off the 64-wide dx tile;
-# int8g: int8 with group scales, 2 whole groups a 64-wide K tile (G 32, K 96: the last tile's second group past K)
-# or part of one (G 128)
-SHAPES = [("int8", 100, 130, None), ("int8", 64, 48, None), ("int8g", 96, 130, 32), ("int8g", 256, 48, 128),
+# int8g: int8 with group scales, 2 whole groups a 64-wide K tile (G 32, K 96: the last tile's second group past K),
+# 4 (G 16, a GGUF Q6_K's sub-blocks; K 80: the last tile's 3 groups past K) or part of one (G 128)
+SHAPES = [("int8", 100, 130, None), ("int8", 64, 48, None), ("int8g", 96, 130, 32), ("int8g", 80, 48, 16),
+          ("int8g", 256, 48, 128),
           ("int4", 80, 130, 16), ("int4", 96, 130, 32), ("int4", 192, 48, 64), ("int4", 256, 48, 128)]
 
 
