@@ -22,7 +22,7 @@ from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, Mult
                                     load_balancing_loss, make_norm, quantize_kv, rope_seq_len)
 from tritongpt.model.layers import KV_CACHE_DTYPES
 from tritongpt.model.lora import AdapterLinear
-from tritongpt.model.quant import QUANTIZED_FROM, QuantLinear, quantized_layout
+from tritongpt.model.quant import QUANTIZED_FROM, QuantLinear, quantized_layout, swap_layers
 from tritongpt.model.toggle import resolve_kernels, spec_string
 
 
@@ -619,7 +619,9 @@ class GPTModel(nn.Module):
                             "was made from")
         if group is not None and not group.isdigit():
             raise UserError(f"{path}: quantized_group_size {group!r} is not a number (a damaged {mode} file)")
-        check_quantized_dtypes(path, mode)
+        # (a mixed GGUF file's layers of another layout than mode's: model/quant.py mixed_layout)
+        other = _mixed_layers(path, meta["quantized_layers"]) if meta.get("quantized_layers") else {}
+        check_quantized_dtypes(path, mode, other)
         with torch.device("meta"):  # a QLoRA checkpoint's updates go on the quantized layers, after the layout
             model = cls(dataclasses.replace(cfg, lora_rank=0) if cfg.lora_rank else cfg)
         try:
@@ -628,6 +630,11 @@ class GPTModel(nn.Module):
         except UserError as e:
             raise UserError(f"{path}: its {mode} layout does not fit its config ({e})") from None
         model.quantized_from = meta.get("quantized_from") if meta.get("quantized_from") in QUANTIZED_FROM else None
+        if other:
+            try:
+                swap_layers(model, other)
+            except (UserError, AttributeError) as e:
+                raise UserError(f"{path}: its quantized_layers do not fit its config ({e})") from None
         _act_order_layers(model, path)
         if cfg.lora_rank:
             from tritongpt.model.lora import attach_lora
@@ -1086,6 +1093,8 @@ class GPTModel(nn.Module):
             meta.update(quantized_group_size=self.quantized_group_size)
         if getattr(self, "quantized_from", None):  # (a Hugging Face folder's own quantization, kept: hf_quant.py)
             meta.update(quantized_from=self.quantized_from)
+        if getattr(self, "quantized_layers", None):  # (a mixed GGUF file's layers of another layout: mixed_layout)
+            meta.update(quantized_layers=json.dumps({n: list(lg) for n, lg in self.quantized_layers.items()}))
         return meta
 
     @classmethod
@@ -1188,6 +1197,20 @@ def load_saved_weights(module: nn.Module, path, map_location="cpu"):
     check_finite_weights(module, path)
 
 
+def _mixed_layers(path, text: str) -> dict:
+    """The saved quantized_layers ({name: [mode, group size]}, a mixed GGUF file's other layers) as {name: (mode,
+    group size)}; anything else refused by name (a damaged file)."""
+    try:
+        layers = json.loads(text)
+    except ValueError:
+        layers = None
+    if not isinstance(layers, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and v[0] in ("int8", "int4") and is_int(v[1]) for v in layers.values()):
+        raise UserError(f"{path}: quantized_layers {text[:80]!r} is not {{layer: [\"int8\" or \"int4\", group size]}} "
+                        "(a damaged file)")
+    return {n: (m, int(g)) for n, (m, g) in layers.items()}
+
+
 def _act_order_layers(model, path):
     """The Int4Linears of a quantized file's layout (on the meta device) given the in_perm buffer the file holds for
     them (an act-order GPTQ layer's, model/quant.py Int4Linear), so that it loads into them; a reward model's file
@@ -1227,20 +1250,23 @@ QUANTIZED_DTYPES = {  # (safetensors dtype, name) of each quantized tensor an in
 }
 
 
-def check_quantized_dtypes(path, mode: str):
+def check_quantized_dtypes(path, mode: str, other: dict | None = None):
     """A UserError naming the first quantized matrix of an int8/int4 file (`tritongpt quantize`) not stored as its
     mode stores it (int8; int4's packed uint8), or a scale (offset) that is not fp32: loading casts whatever the file
     holds into those buffers, so a foreign layout (uint8 read as int8: 128..255 wrapped to negatives) or a scale cut
-    to bf16 would load as another model."""
+    to bf16 would load as another model. other: {layer: (mode, group)} of layers of another mode (a mixed file's)."""
     from safetensors import safe_open
 
-    want = QUANTIZED_DTYPES[mode]
     with safe_open(str(path), framework="pt") as f:
         for name in f.keys():
+            layer = name.rpartition(".")[0]  # (a reward model's file names its backbone's layers "backbone.*")
+            layer_mode = next((m for n, (m, _) in (other or {}).items() if layer == n or layer.endswith("." + n)), mode)
+            want = QUANTIZED_DTYPES[layer_mode]
             suffix = next((s for s in want if name.endswith(s)), None)
             if suffix and (dtype := f.get_slice(name).get_dtype()) != want[suffix][0]:
-                raise UserError(f"{path}: tensor {name} is {dtype}, not {want[suffix][1]} (a damaged {mode} file, or "
-                                "one another tool wrote: quantize the float weights with `tritongpt quantize`)")
+                raise UserError(f"{path}: tensor {name} is {dtype}, not {want[suffix][1]} (a damaged {layer_mode} "
+                                "file, or one another tool wrote: quantize the float weights with `tritongpt "
+                                "quantize`)")
 
 
 def check_finite_weights(module: nn.Module, path):

@@ -77,7 +77,7 @@ def _int8_scale(amax):
 INT4_LEVELS = 15  # q in 0..15 (4 bits); a group's minimum maps to 0 and its maximum to 15
 # A model kept in a Hugging Face folder's own quantization (train/hf_quant.py) says so in its file's metadata
 # ("quantized_from"), so that what reads it back does not credit `tritongpt quantize` with it: its names as said
-# (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks too: train/gguf_import.py)
+# (a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks too: train/gguf_import.py)
 QUANTIZED_FROM = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "gguf": "GGUF"}
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # int4 groups: powers of two the kernel's K tiles divide or hold
 
@@ -545,6 +545,7 @@ def _mark_quantized(model, head: bool, made, n: int) -> None:
             m.use_triton = "mlp" in model.kernels
     model.quantized, model.quantized_linears, model.quantized_head = made.mode, n, head
     model.quantized_group_size = getattr(made, "group_size", None)
+    model.quantized_layers = None  # (mixed_layout's layers of another layout than the marks say)
     # quantized here (`tritongpt quantize`, QLoRA's --quantize); a folder's reader marks its own after (model_with_int4)
     model.quantized_from = None
 
@@ -1150,6 +1151,36 @@ def quantized_layout(model, mode: str = "int8", head: bool = True, group_size: i
     return model
 
 
+def mixed_layout(model, layouts: dict):
+    """quantized_layout with a mode and group size a layer: layouts {name of a blocks' Linear: (mode, group size)}
+    (a GGUF Q4_K_M file's Q4_K linears int4 of group 32, its Q6_K ones int8 of group 16: gguf_import.py), every
+    Linear of the blocks named. The model's marks (.quantized, .quantized_group_size) are the most layers' layout;
+    .quantized_layers {name: (mode, group)} holds the others', which GPTModel.save records and load rebuilds. In
+    place; returns it."""
+    main = max(sorted(set(layouts.values())), key=list(layouts.values()).count)
+    quantized_layout(model, main[0], head=False, group_size=main[1], int8_group_size=main[1])
+    other = {n: lg for n, lg in layouts.items() if lg != main}
+    swap_layers(model, other)
+    return model
+
+
+def swap_layers(model, layouts: dict) -> None:
+    """A quantized layout's (meta, unfilled) QuantLinears in layouts ({name: (mode, group size)}) replaced by empty
+    ones of that layout; recorded as model.quantized_layers (None where layouts is empty)."""
+    for name, (mode, group) in layouts.items():
+        old = model.get_submodule(name)
+        if not isinstance(old, QuantLinear) or mode not in ("int8", "int4"):
+            raise UserError(f"{name}: a {mode} layer of group {group} where the model has "
+                            f"{type(old).__name__}: not a quantized layout this version reads")
+        args = (old.in_features, old.out_features, old.bias is not None, old.qweight.device,
+                torch.float32 if old.bias is None else old.bias.dtype)
+        new = Int4Linear(*args, group_size=group) if mode == "int4" else Int8Linear(*args, group_size=group)
+        new.use_triton = old.use_triton
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    model.quantized_layers = dict(layouts) or None
+
+
 def dequantize_model(model):
     """model with every QuantLinear replaced by an nn.Linear of its dequantized weight (plus scale B A where
     QLoRA adapted it) and its bias, in the model's float dtype (fp32 unless it was cast: model.to(bf16) casts the
@@ -1171,7 +1202,7 @@ def dequantize_model(model):
     if getattr(model, "quantized", None):
         if model.quantized_head and model.config.tie_weights:  # its int8/int4 copy of the embedding: tied again
             model.out_head.weight = model.tok_emb.weight
-        model.quantized = model.quantized_linears = model.quantized_group_size = None
+        model.quantized = model.quantized_linears = model.quantized_group_size = model.quantized_layers = None
         model.quantized_head = False
     return model
 

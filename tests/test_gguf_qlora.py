@@ -99,7 +99,8 @@ def test_sft_trains_lora_on_a_gguf_files_own_blocks_resumes_on_it_and_exports_me
 
 
 @pytest.mark.parametrize("flags, said", [
-    ([], "is GGUF-quantized (its blocks' linears kept in the file's own Q8_0 / Q4_0 / Q4_1 blocks), its matrices "
+    ([], "is GGUF-quantized (its blocks' linears kept in the file's own Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks), "
+         "its matrices "
          "read as int4: they train only through LoRA updates beside them (QLoRA on its own quantization): pass "
          "--lora-rank"),
     (["--lora-rank", "4", "--quantize", "int8"], "--quantize int8: --init"),

@@ -154,18 +154,27 @@ def test_negative_and_zero_scales(tmp_path):
 
 
 def test_mixed_files_are_dequantized_and_heads_float(tmp_path, capsys):
-    """Blocks' linears not all of one kept kind (a Q5_0 among Q4_0, Q4_0 among Q8_0) load as the float model, the
-    types named; a head of another type beside Q4_0 blocks (llama.cpp's Q4_0 keeps output.weight Q6_K) is
-    dequantized alone: the head is float here as in a GPTQ folder's model."""
+    """Blocks' linears of a type not kept (a Q5_0 among Q4_0) load as the float model, the types named; of two kept
+    types (a Q4_0 among Q8_0) each keeps its own layout (mixed_layout: more in test_gguf_kquants.py); a head of
+    another type beside Q4_0 blocks (llama.cpp's Q4_0 keeps output.weight Q6_K) is dequantized alone: the head is
+    float here as in a GPTQ folder's model."""
     from tritongpt.train.gguf_import import load_gguf
 
     kept = load_gguf(write(tmp_path / "h.gguf", "Q4_0", {"output.weight": "Q8_0"}))
     assert kept.quantized == "int4" and "its Q4_0, Q8_0 embedding / head tensors dequantized" in \
         capsys.readouterr().err
-    for qtype, odd, said in (("Q4_0", "Q5_0", "Q4_0, Q5_0"), ("Q8_0", "Q4_0", "Q4_0, Q8_0")):
-        flat = load_gguf(write(tmp_path / f"{qtype}.gguf", qtype, {"blk.1.ffn_down.weight": odd}))
-        assert not getattr(flat, "quantized", None) and not any(isinstance(m, QuantLinear) for m in flat.modules())
-        assert f"its blocks' linears are {said}: kept quantized only where all are" in capsys.readouterr().err
+    flat = load_gguf(write(tmp_path / "Q4_0.gguf", "Q4_0", {"blk.1.ffn_down.weight": "Q5_0"}))
+    assert not getattr(flat, "quantized", None) and not any(isinstance(m, QuantLinear) for m in flat.modules())
+    assert "its blocks' linears are Q4_0, Q5_0: kept quantized only where each is one of Q8_0, Q4_0, Q4_1, Q4_K, " \
+        "Q6_K" in capsys.readouterr().err
+    path = write(tmp_path / "Q8_0.gguf", "Q8_0", {"blk.1.ffn_down.weight": "Q4_0"})
+    mixed, flat = load_gguf(path), load_gguf(path, quantized=False)
+    down = "trf_blocks.1.ff.w_down"
+    assert mixed.quantized == "int8" and mixed.quantized_layers == {down: ("int4", 32)}
+    assert type(mixed.get_submodule(down)) is Int4Linear
+    for name, m in mixed.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.dequantize(), flat.get_submodule(name).weight), name
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])

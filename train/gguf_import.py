@@ -8,9 +8,11 @@ rotary, the window over every layer as Phi-3's config says; LongRoPE's rope_fact
 block on one norm or, attn_norm_2 there, two), "bloom" (ALiBi, the embeddings' LayerNorm), "stablelm" (a partial
 rotary, q/k/v biases, per-head q/k norms and the parallel block as the file's tensors say), and the mixtures of
 experts "llama" with expert_count (Mixtral), "qwen3moe", "qwen2moe", "olmoe" (_moe_fields; always dequantized, the
-MoE kernel having no int path). A file whose blocks' linears are all Q8_0, or all Q4_0 / Q4_1, keeps them so (_load_kept: Int8Linear / Int4Linear of group 32, the same
-fp32 matrices; the embedding and head float), unless float weights are asked for (load_gguf's quantized,
-load_checkpoint's quantized_ok).
+MoE kernel having no int path). A file whose blocks'
+linears are each Q8_0, Q4_0, Q4_1, Q4_K or Q6_K keeps them so (_load_kept: Q8_0 as Int8Linear of group 32, Q4_0 /
+Q4_1 / Q4_K as Int4Linear of group 32, Q6_K as Int8Linear of group 16, the same fp32 matrices; a file of several,
+a Q4_K_M's Q4_K and Q6_K, each in its own layout; the embedding and head float), unless float weights are asked for
+(load_gguf's quantized, load_checkpoint's quantized_ok).
 Otherwise every tensor is dequantized to float32 by the gguf package (ggml's reader: F32, F16, BF16, Q8_0, Q4_0,
 Q4_1, Q5_0, Q5_1 and the K-quants), and a quantized file runs as the float model it stands for. One tensor is
 dequantized at a time, straight into the model's parameter, so a large file never has two float copies in memory.
@@ -352,9 +354,9 @@ def gguf_names(cfg: GPTConfig, arch: str) -> dict:
 
 
 def load_gguf(path, quantized: bool = True):
-    """GPTModel (eval) with a .gguf file's weights: the blocks' linears kept in the file's own Q8_0 / Q4_0 / Q4_1
-    blocks where they all are of one kind (_load_kept; quantized False: never), else float32, each tensor dequantized
-    as it is copied in."""
+    """GPTModel (eval) with a .gguf file's weights: the blocks' linears kept in the file's own Q8_0 / Q4_0 / Q4_1 /
+    Q4_K / Q6_K blocks where each is one of those (_load_kept; quantized False: never), else float32, each tensor
+    dequantized as it is copied in."""
     from tritongpt.model.gpt import GPTModel, check_finite_weights
 
     path = Path(path)
@@ -436,12 +438,19 @@ def load_gguf(path, quantized: bool = True):
     return model.eval()
 
 
-# The block formats whose linears are kept as the file holds them (ggml-common.h's block_q8_0 / q4_0 / q4_1: blocks
-# of 32 consecutive inputs of a row, an fp16 d, Q4_1's fp16 m, then the levels) -> our mode: Int8Linear with group
-# scales of 32 (W = d q, q int8), Int4Linear of group 32 (W = q scale + offset, q 0..15). The K-quants (Q4_K, Q6_K,
-# ...) nest 6-bit sub-scales in 256-blocks, which no scale and offset a group of ours gives: dequantized.
+# The block formats whose linears are kept as the file holds them -> (our mode, group size). ggml-common.h's block_q8_0
+# / q4_0 / q4_1 (blocks of 32 consecutive inputs of a row, an fp16 d, Q4_1's fp16 m, then the levels): Int8Linear
+# with group scales of 32 (W = d q, q int8), Int4Linear of group 32 (W = q scale + offset, q 0..15). Of the K-quants
+# (256-input super-blocks whose sub-blocks' scales are 6- or 8-bit multiples of an fp16 d), the two a Q4_K_M file
+# holds: Q4_K (8 sub-blocks of 32, w = d sc q - dmin m: Int4Linear of group 32, scale d sc and offset -dmin m) and
+# Q6_K (16 sub-blocks of 16, w = d sc (q - 32): Int8Linear of group 16, scale d sc). The rest stay dequantized:
+# Q5_K's 5-bit levels with an offset (Int4Linear has 4 bits, Int8Linear no offset), the IQ types' codebook levels
+# (no scale and offset a group gives them), and Q3_K / Q2_K (their 16-input sub-blocks would fit Int4Linear of
+# group 16: not read so yet).
 GGUF_BLOCK = 32
-KEPT = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+KEPT = {"Q8_0": ("int8", 32), "Q4_0": ("int4", 32), "Q4_1": ("int4", 32), "Q4_K": ("int4", 32),
+        "Q6_K": ("int8", 16)}
+QK_K = 256  # a K-quant super-block's inputs
 
 
 def _fp16(raw) -> np.ndarray:
@@ -451,7 +460,7 @@ def _fp16(raw) -> np.ndarray:
 
 
 def gguf_packed(t, N: int, K: int):
-    """(qweight, scale [N, K / 32] fp32, offset or None) of a Q8_0 / Q4_0 / Q4_1 tensor of N rows of K inputs, the
+    """(qweight, scale [N, K / G] fp32, offset or None) of a KEPT type's tensor of N rows of K inputs (G: KEPT's), the
     same matrix as gguf.quants.dequantize gives, bit for bit in fp32; None where ours cannot hold it exactly.
     - Q8_0 (d, 32 int8 q: w = d q): Int8Linear's q and scale d. llama.cpp's d is amax / 127 >= 0; 0 only for a block
       of zeros, stored as scale 1 and q 0 (check_quantized_scales wants scales > 0, as _int8_scale makes them). A
@@ -462,8 +471,11 @@ def gguf_packed(t, N: int, K: int):
       there the levels are flipped, q' = 15 - q, scale -d, offset 7 d (w = d (7 - q') = -d q' + 7 d), exact too.
     - Q4_1 (d, m, nibbles as Q4_0's: w = d q + m): scale d, offset m, the same fp32 sum gguf computes (the zero point
       held as the float m itself, never divided out as -m / d). d >= 0 (llama.cpp's range / 15); a negative one: None.
+    - Q4_K, Q6_K: _k_quant_packed.
     A d of 0 (a constant block) is scale 1, levels 0 and the offset the value (Int4Linear's own constant group)."""
     kind = t.tensor_type.name
+    if kind in ("Q4_K", "Q6_K"):
+        return _k_quant_packed(kind, np.asarray(t.data, dtype=np.uint8).reshape(N, K // QK_K, -1), N, K)
     G = K // GGUF_BLOCK
     raw = np.asarray(t.data, dtype=np.uint8).reshape(N, G, -1)
     d = _fp16(raw[..., 0:2])
@@ -491,12 +503,59 @@ def gguf_packed(t, N: int, K: int):
     return pack_int4(torch.from_numpy(q.reshape(N, K))), torch.from_numpy(scale), torch.from_numpy(offset)
 
 
+def _k_quant_packed(kind: str, raw, N: int, K: int):
+    """gguf_packed of a Q4_K / Q6_K tensor, raw its super-blocks (uint8 [N, K / 256, block bytes]); gguf.quants'
+    Q4_K / Q6_K dequantize_blocks are the reference, read field by field as they read them.
+    - Q4_K (block_q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-scales sc and mins m for 8 sub-blocks of 32, 128
+      bytes of nibbles: each 32 bytes hold a 64-run's elements j in their low nibbles, j + 32 in their high ones;
+      w = (d sc) q - (dmin m) in fp32): Int4Linear of group 32, scale d sc and offset -(dmin m). d sc and dmin m are
+      exact products (11 and 6 bits), so q scale + offset is gguf's fp32 sum itself (a - b is a + (-b)). llama.cpp's
+      d is >= 0 (its largest sub-scale / 63); a negative one: None (flipped levels would change the sum's rounding).
+      A sub-block of d sc 0 is scale 1, levels 0 and the offset its value.
+    - Q6_K (block_q6_K: 128 bytes ql of the levels' low 4 bits, 64 bytes qh of their high 2, 16 int8 sub-scales of
+      sub-blocks of 16, fp16 d; w = (d sc) (q - 32)): Int8Linear of group 16, levels q - 32 (-32..31) and scale
+      d sc, every product exact (17 bits by 6). A negative d sc (sc is signed: llama.cpp writes them of either sign)
+      is stored as the levels negated (-31..32, int8 still) and scale -d sc, exact too, as check_quantized_scales
+      wants scales > 0; a d sc of 0 is scale 1 and levels 0."""
+    B = K // QK_K
+    if kind == "Q4_K":
+        d, dmin = _fp16(raw[..., 0:2]), _fp16(raw[..., 2:4])
+        sc6 = raw[..., 4:16].reshape(N, B, 3, 4)  # (gguf's get_scale_min / llama.cpp's get_scale_min_k4)
+        a, b, c = sc6[..., 0, :], sc6[..., 1, :], sc6[..., 2, :]
+        sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1).astype(np.float32)  # [N, B, 8]
+        mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1).astype(np.float32)
+        if (d < 0).any():
+            return None
+        scale = d[..., None] * sc
+        offset = -(dmin[..., None] * mn)
+        qs = raw[..., 16:].reshape(N, B, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+        q = (qs & 15).reshape(N, B * 8, 32)  # sub-block 2i: run i's low nibbles, 2i + 1: its high ones
+        scale, offset = scale.reshape(N, B * 8), offset.reshape(N, B * 8)
+        zero = scale == 0
+        q[zero], scale[zero] = 0, 1
+        return pack_int4(torch.from_numpy(q.reshape(N, K))), torch.from_numpy(scale), torch.from_numpy(offset)
+    ql, qh = raw[..., :128], raw[..., 128:192]
+    sc = np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32)  # [N, B, 16]
+    d = _fp16(raw[..., 208:210])
+    lo = (ql.reshape(N, B, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15
+    hi = (qh.reshape(N, B, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3
+    q = (lo.reshape(N, B * 8, 32) | (hi.reshape(N, B * 8, 32) << 4)).astype(np.int8) - np.int8(32)
+    q = q.reshape(N, B * 16, 16)
+    scale = (d[..., None] * sc).reshape(N, B * 16)
+    neg = scale < 0
+    q[neg], scale[neg] = -q[neg], -scale[neg]
+    zero = scale == 0
+    q[zero], scale[zero] = 0, 1
+    return torch.from_numpy(q.reshape(N, K)), torch.from_numpy(scale), None
+
+
 def _load_kept(reader, path, arch, cfg, names, tensors, read, fused_total):
     """load_gguf's model with every linear of the blocks kept in the file's block format (KEPT), built by hf_quant's
     model_with_int4 as a GPTQ folder's is (the embedding, norms, biases and LM head float: dequantized, as GPTQ and
-    AWQ leave a head float), or None (a note on stderr saying why) where they are not all of one kept kind, or some
-    block holds what ours cannot hold exactly: the caller then dequantizes them all (a model is all int8, all int4
-    or all float here)."""
+    AWQ leave a head float), or None (a note on stderr saying why) where some linear is of a type not kept, or some
+    block holds what ours cannot hold exactly: the caller then dequantizes them all (a model is kept or float
+    here). A file of several kept types (a Q4_K_M's Q4_K and Q6_K) keeps each linear in its own type's layout
+    (model/quant.py mixed_layout); a fused tensor's parts (phi3's, gpt2's) share its one."""
     from tritongpt.model.gpt import GPTModel
     from tritongpt.train.hf_quant import model_with_int4
 
@@ -507,13 +566,12 @@ def _load_kept(reader, path, arch, cfg, names, tensors, read, fused_total):
                and isinstance(ref.get_submodule(n.removesuffix(".weight")), torch.nn.Linear)]
     theirs = lambda n: names[n] if isinstance(names[n], str) else names[n][0]  # noqa: E731
     kinds = sorted({tensors[theirs(n)].tensor_type.name for n in linears})
-    modes = {KEPT.get(k) for k in kinds}
-    if not linears or None in modes or len(modes) > 1:
+    if not linears or not set(kinds) <= set(KEPT):
         if set(kinds) & set(KEPT):  # (a float file needs no word: it is what it was)
-            note(f"{path}: its blocks' linears are {', '.join(kinds)}: kept quantized only where all are Q8_0 (int8) "
-                 "or all Q4_0 / Q4_1 (int4), so all are dequantized")
+            note(f"{path}: its blocks' linears are {', '.join(kinds)}: kept quantized only where each is one of "
+                 f"{', '.join(KEPT)}, so all are dequantized")
         return None
-    mode = modes.pop()
+    layouts = {n.removesuffix(".weight"): KEPT[tensors[theirs(n)].tensor_type.name] for n in linears}
     sd, packed, fused = {}, {}, {}
     for ours in linears:
         name, rows = (names[ours], None) if isinstance(names[ours], str) else (names[ours][0],
@@ -528,7 +586,7 @@ def _load_kept(reader, path, arch, cfg, names, tensors, read, fused_total):
             got = gguf_packed(t, N, K)
             if got is None:
                 note(f"{path}: tensor {name} is {t.tensor_type.name} with a negative block scale, which "
-                     f"{mode} here does not hold exactly: all are dequantized")
+                     f"{KEPT[t.tensor_type.name][0]} here does not hold exactly: all are dequantized")
                 return None
             fused = {name: got} if rows is not None else {}  # (a fused tensor: one at a time, read once)
         else:
@@ -555,10 +613,14 @@ def _load_kept(reader, path, arch, cfg, names, tensors, read, fused_total):
             out[ours] = value
         return out
 
-    model = model_with_int4(cfg, mapping, sd, packed, GGUF_BLOCK, path, quantized_from="gguf")
+    forms = sorted(set(layouts.values()))
+    model = model_with_int4(cfg, mapping, sd, packed, forms[0][1], path, quantized_from="gguf",
+                            layouts=layouts if len(forms) > 1 else None)
     floats = sorted({tensors[theirs(n)].tensor_type.name for n in names if n not in sd} - {"F32"})
-    note(f"{path}: its {len(linears)} {'/'.join(kinds)} linears of the blocks kept as {mode} (groups of {GGUF_BLOCK}"
-         " inputs)" + (f"; its {', '.join(floats)} embedding / head tensors dequantized to float32" if floats else ""))
+    how = [f"{mode} (groups of {group} inputs)" + ("" if len(forms) == 1 else " where " + "/".join(
+        k for k in kinds if KEPT[k] == (mode, group))) for mode, group in forms]
+    note(f"{path}: its {len(linears)} {'/'.join(kinds)} linears of the blocks kept as {', '.join(how)}"
+         + (f"; its {', '.join(floats)} embedding / head tensors dequantized to float32" if floats else ""))
     return model
 
 

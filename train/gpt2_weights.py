@@ -522,8 +522,8 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
     if str(path).endswith(".gguf"):  # llama.cpp's single file (gguf_import.py)
         from tritongpt.train.gguf_import import load_gguf
 
-        # its Q8_0 / Q4_0 / Q4_1 linears kept so for the commands that run a model; the float model it stands for
-        # (dequantized, as before) for those that take float weights: trainers, export, merge
+        # its Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K linears kept so for the commands that run a model; the float model it
+        # stands for (dequantized, as before) for those that take float weights: trainers, export, merge
         return load_gguf(path, quantized=quantized_ok)
     if is_hf_weights(path):
         cfg_json = Path(path).parent / "config.json"

@@ -50,7 +50,7 @@ import torch
 
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.gpt import GPTModel, check_quantized_scales
-from tritongpt.model.quant import GROUP_SIZES, Int4Linear, QuantLinear, pack_int4, quantized_layout
+from tritongpt.model.quant import GROUP_SIZES, Int4Linear, QuantLinear, mixed_layout, pack_int4, quantized_layout
 from tritongpt.train.gpt2_weights import _FLOAT_DTYPES, hf_quantization, model_with_tensors, refuse_quantized
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word holds output 8c + AWQ_ORDER[i]
@@ -427,7 +427,7 @@ def int4_rows(sd: dict, packed: dict, base: str, parts: dict) -> None:
 
 
 def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None, path,
-                    quantized_from: str | None = None) -> GPTModel:
+                    quantized_from: str | None = None, layouts: dict | None = None) -> GPTModel:
     """model_with_tensors' model of a quantized folder: every Linear of the blocks an Int4Linear (quantized_layout;
     the LM head float, as GPTQ and AWQ leave it) filled from int4_linears' packed ({base: (qweight, scale, offset,
     in_perm)}, the base found by the meta .weight mapping() gives it), its bias from the file, the rest as
@@ -435,7 +435,8 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None
     a scale a row where group_size is None, else group scales.
     packed empty (a bitsandbytes 8-bit folder read dequantized: bnb_int8_linears): model_with_tensors' float model.
     quantized_from: what the quantization is recorded as (QUANTIZED_FROM's key) where there is no config.json to say
-    (a GGUF file's, gguf_import.py)."""
+    (a GGUF file's, gguf_import.py). layouts ({base: (mode, group size)}, a mixed GGUF file's): each layer's own
+    (model/quant.py mixed_layout), for group_size and the packed tensors' dtype."""
     if not packed:
         return model_with_tensors(cfg, mapping, path)
     meta = {}
@@ -445,6 +446,9 @@ def model_with_int4(cfg, mapping, sd: dict, packed: dict, group_size: int | None
         with torch.device("meta"):  # (the float matrices never made)
             model = GPTModel(cfg)
         # (int8_linears' and bnb_int8_linears' qweight int8, int4's packed uint8; int8's group_size None: a scale a row)
+        if layouts:
+            meta["model"] = model = mixed_layout(model, layouts)
+            return model.to_empty(device="cpu").eval()
         mode = "int8" if next(iter(packed.values()))[0].dtype == torch.int8 else "int4"
         meta["model"] = model = quantized_layout(model, mode, head=False, group_size=group_size or 128,
                                                  int8_group_size=group_size)

@@ -609,14 +609,14 @@ def load_init_model(init: str, model_name: str | None = None, quantized_ok: bool
 
 def load_init_base(args):
     """--init as the trainers with LoRA load it (sft, dpo, kto, reward, rlhf): load_init_model's model, or a GPTQ or
-    AWQ folder (or a .gguf file of Q8_0 / Q4_0 / Q4_1 linears) kept quantized, its own matrices the frozen base LoRA
-    trains beside (commands.folder_base, which refuses it without --lora-rank, or with --quantize, by name). The
-    model's init_quantized is what the run records of that quantization ("gptq int4", "gguf int8"; None for any
-    other --init), and its base_folder (the folder or .gguf file) is what a resume re-loads and check_same_base
-    compares with the checkpoint's base bit for bit."""
+    AWQ folder (or a .gguf file of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K linears) kept quantized, its own matrices the
+    frozen base LoRA trains beside (commands.folder_base, which refuses it without --lora-rank, or with --quantize, by
+    name). The model's init_quantized is what the run records of that quantization ("gptq int4", "gguf int8"; None
+    for any other --init), and its base_folder (the folder or .gguf file) is what a resume re-loads and
+    check_same_base compares with the checkpoint's base bit for bit."""
     # decided from the model loaded, not the config: some folders the config calls quantized load as float (their
-    # groups no int4 group size divides, a bitsandbytes 8-bit linear left float; a mixed or K-quant .gguf), and those
-    # train like any float one
+    # groups no int4 group size divides, a bitsandbytes 8-bit linear left float; a .gguf with a Q5_0 or Q5_K linear),
+    # and those train like any float one
     spec = folder_spec(args)
     model = load_init_model(args.init, quantized_ok=spec is not None)
     own = folder_base(args, model, spec)  # (None: a float --init, or refused)

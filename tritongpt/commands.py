@@ -88,7 +88,7 @@ def folder_spec(args) -> dict | None:
     keep it so (quantized_ok), and folder_base decides from the model it gave. The config alone cannot say: a 4-bit
     folder whose groups no int4 group size divides, an 8-bit GPTQ one with a layer of several groups, or a
     bitsandbytes 8-bit one with a linear of the blocks left float, loads dequantized (its note says why), an ordinary
-    float model (so does a .gguf of mixed or K-quant linears)."""
+    float model (so does a .gguf with a linear of a type not kept: Q5_0, Q5_K, ...)."""
     from pathlib import Path
 
     from tritongpt.train.common import NoCheckpoint, resolve_checkpoint
@@ -109,9 +109,10 @@ def folder_spec(args) -> dict | None:
     return folder_quantization(path.parent / "config.json")[0]
 
 
-# A .gguf --init's "spec": the file itself says nothing before it loads (a mixed or K-quant file loads float), so
-# folder_base decides from the model, as for a folder the config calls quantized
-GGUF_SPEC = {"method": "gguf", "_where": "its blocks' linears kept in the file's own Q8_0 / Q4_0 / Q4_1 blocks"}
+# A .gguf --init's "spec": the file itself says nothing before it loads (one with a linear of a type not kept loads
+# float), so folder_base decides from the model, as for a folder the config calls quantized
+GGUF_SPEC = {"method": "gguf", "_where": "its blocks' linears kept in the file's own Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K "
+                                        "blocks"}
 
 
 def folder_base(args, model, spec: dict | None) -> str | None:
@@ -306,7 +307,7 @@ def cmd_info(args):
             made = (f"QLoRA: --lora-rank on its --init {'file' if own == 'GGUF' else 'folder'}'s own {own} "
                     "quantization" if model.config.lora_rank
                     else f"a Hugging Face {own} folder's own quantization" if model.quantized_from != "gguf" else
-                    "a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, the embedding and LM head float")
+                    "a GGUF file's own Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks, the embedding and LM head float")
         file = resolve_checkpoint(args.weights)
         state = file.parent / "state.pt"  # a run's: sft --lora-rank on a GPTQ/AWQ folder records its quantization
         own = load_state(file.parent, mmap=True).get("args", {}).get("init_quantized") \
@@ -328,6 +329,11 @@ def cmd_info(args):
         # act-order GPTQ layers (desc_act) hold their inputs sorted by group and gather x's columns into that order
         # before each matmul: the file's in_perm, which a reader of the file must know of
         ordered = sum(getattr(m, "in_perm", None) is not None for m in layers)
+        other = getattr(model, "quantized_layers", None)  # (a mixed GGUF file's: model/quant.py mixed_layout)
+        if other:
+            how += "; " + ", ".join(f"{sum(lg == x for lg in other.values())} of them {x[0]} with an fp32 scale"
+                                    + (" and offset" if x[0] == "int4" else "") + f" a group of {x[1]} inputs"
+                                    for x in sorted(set(other.values())))
         if ordered:
             how += (f", {ordered} of them act-order (GPTQ's desc_act: each gathers its inputs into its groups' order "
                     "first, its in_perm)")
@@ -1814,7 +1820,10 @@ def quantize(model, args, device=None, what: str = ""):
 
 def describe_quantized(model) -> str:
     """"int8", or "int4 (group 128)" (int8 with a GPTQ 8-bit folder's group scales: "int8 (group 128)")."""
-    return model.quantized + (f" (group {model.quantized_group_size})" if model.quantized_group_size else "")
+    out = model.quantized + (f" (group {model.quantized_group_size})" if model.quantized_group_size else "")
+    other = getattr(model, "quantized_layers", None)  # (a mixed GGUF file's layers of another layout)
+    return out + "".join(f" + {sum(lg == x for lg in other.values())} {x[0]} (group {x[1]})"
+                         for x in sorted(set(other.values()))) if other else out
 
 
 def add_cuda_graphs_arg(p):
