@@ -176,6 +176,13 @@ class GPTConfig:
     # sigmoid(x w_g), w_g a [1, n_embd] gate of its own, and added to the routed sum. 0: none (Mixtral, Qwen3-MoE,
     # OLMoE). Always gated: DeepSeek's ungated shared experts are another function, not read.
     moe_shared_hidden: int = 0
+    # Which layers' MLPs are the mixture (a layer set as window_layers: "all", "odd" or a comma list); the others
+    # are a dense gated MLP (mlp's, biases as bias says) of hidden size moe_dense_hidden, which they then need (0:
+    # unset). Qwen2-MoE's and Qwen3-MoE's mlp_only_layers and decoder_sparse_step (a layer is sparse when it is not
+    # in mlp_only_layers and (i + 1) % decoder_sparse_step == 0; the dense ones' width intermediate_size), and
+    # DeepSeek's first_k_dense_replace k as the list k, k+1, ..., n_layer-1. "all": every layer (Mixtral, OLMoE).
+    moe_layers: str = "all"
+    moe_dense_hidden: int = 0
     # GPT-OSS's experts: moe_bias gives the router and each expert's gate, up and down products biases
     # (ff.router.bias, ff.b_gate, ff.b_up [E, mlp_hidden], ff.b_down [E, n_embd]); moe_activation "gpt_oss" makes
     # the experts' SwiGLU its clamped one, gate g = min(g, swiglu_limit), up u = clamp(u, +-swiglu_limit),
@@ -393,9 +400,10 @@ class GPTConfig:
                             "gelu_approximate 'tanh'")
 
     def _check_moe_fields(self):
-        """n_experts, experts_per_token, moe_norm_topk, moe_aux_loss and moe_shared_hidden (Mixtral, Qwen3-MoE,
-        OLMoE, Qwen2-MoE): checked by name."""
-        for name, low in (("n_experts", 0), ("experts_per_token", 1), ("moe_shared_hidden", 0)):
+        """n_experts, experts_per_token, moe_norm_topk, moe_aux_loss, moe_shared_hidden, moe_layers and
+        moe_dense_hidden (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE): checked by name."""
+        for name, low in (("n_experts", 0), ("experts_per_token", 1), ("moe_shared_hidden", 0),
+                          ("moe_dense_hidden", 0)):
             value = getattr(self, name)
             if not is_int(value) or value < low:
                 raise UserError(f"GPTConfig.{name} must be an integer >= {low}, got {value!r}")
@@ -435,7 +443,24 @@ class GPTConfig:
                 raise UserError(f"GPTConfig.moe_bias {self.moe_bias} and moe_activation {self.moe_activation!r} are "
                                 "GPT-OSS's experts' biases and activation, and this model has no experts (n_experts "
                                 "0): set n_experts or leave them False and 'glu'")
+            if self.moe_layers != "all" or self.moe_dense_hidden:
+                raise UserError(f"GPTConfig.moe_layers {self.moe_layers!r} and moe_dense_hidden "
+                                f"{self.moe_dense_hidden} say which layers are a mixture of experts and the others' "
+                                "width, and this model has no experts (n_experts 0): set n_experts or leave them "
+                                "'all' and 0")
             return
+        self.moe_layers = check_window_layers(self.moe_layers, self.n_layer, "GPTConfig.moe_layers")
+        if self.moe_layers != "all":  # "odd" as its list: one spelling a set, as an export reads back
+            self.moe_layers = ",".join(map(str, layer_list(self.moe_layers, self.n_layer)))
+        if self.moe_layers != "all" and not self.moe_dense_hidden:
+            raise UserError(f"GPTConfig.moe_layers {self.moe_layers!r} leaves layers "
+                            f"{','.join(str(i) for i in range(self.n_layer) if not self.is_moe_layer(i))} a dense "
+                            "MLP, whose hidden size moe_dense_hidden is missing (0): set moe_dense_hidden (Qwen2-MoE's "
+                            "and Qwen3-MoE's intermediate_size)")
+        if self.moe_layers == "all" and self.moe_dense_hidden:
+            raise UserError(f"GPTConfig.moe_dense_hidden {self.moe_dense_hidden} is the width of the dense layers "
+                            "among the mixture-of-experts ones, and moe_layers 'all' leaves none: set moe_layers or "
+                            "leave moe_dense_hidden 0")
         if self.mlp not in GATED_MLPS:
             raise UserError(f"GPTConfig.n_experts {self.n_experts}: the experts are gated MLPs (mlp 'swiglu' or "
                             f"'geglu'), and this model's mlp is {self.mlp!r}: set mlp or leave n_experts 0")
@@ -480,6 +505,15 @@ class GPTConfig:
     def layer_window(self, layer_idx: int) -> int:
         """The attention window of layer layer_idx: attention_window if it is a local layer, else 0."""
         return self.attention_window if layer_idx in self.local_layers else 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer layer_idx's MLP is the mixture of experts (n_experts, in moe_layers), not a dense MLP."""
+        return bool(self.n_experts) and layer_idx in layer_list(self.moe_layers, self.n_layer)
+
+    @property
+    def moe_layer_count(self) -> int:
+        """How many layers are a mixture of experts (0 for a dense model)."""
+        return sum(self.is_moe_layer(i) for i in range(self.n_layer))
 
     @property
     def local_layers(self) -> tuple:

@@ -893,7 +893,8 @@ class TransformerBlock(nn.Module):
     """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)). Dropout lives in the sublayers.
     LN is GPTConfig.norm's: LayerNorm (GPT-2) or RMSNorm (Llama); both have add_and_norm.
     The MLP is GPT-2's (FeedForward) or Llama's or Gemma's (SwiGLUFeedForward, silu or GELU), as
-    GPTConfig.mlp says; with GPTConfig.n_experts, experts of that gated MLP and a router (MoEFeedForward).
+    GPTConfig.mlp says; with GPTConfig.n_experts, experts of that gated MLP and a router (MoEFeedForward) in the
+    layers GPTConfig.moe_layers names, the others that gated MLP at moe_dense_hidden.
     With GPTConfig.post_norms (Gemma 2, 3) each sublayer's output is normalized too, by a norm of its own,
     before it joins the residual: x + LN(attention(LN(x))); without
     GPTConfig.pre_norms (OLMo 2, 3) that outer norm is the only one: x + LN(attention(x)).
@@ -931,13 +932,16 @@ class TransformerBlock(nn.Module):
         # the sandwich's outer norms (Gemma's post_attention_layernorm and post_feedforward_layernorm)
         self.post_att_norm = make_norm(cfg) if cfg.post_norms else None
         self.post_ff_norm = make_norm(cfg) if cfg.post_norms else None
-        if cfg.n_experts:
+        if cfg.is_moe_layer(layer_idx):
             act = "gpt_oss" if cfg.moe_activation == "gpt_oss" else "gelu" if cfg.mlp == "geglu" else "silu"
             self.ff = MoEFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.n_experts, cfg.experts_per_token, cfg.moe_norm_topk,
                                      cfg.dropout, act, cfg.moe_shared_hidden, cfg.moe_bias, cfg.swiglu_limit,
                                      cfg.swiglu_alpha)
         elif cfg.mlp in ("swiglu", "geglu"):
-            self.ff = SwiGLUFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.dropout, cfg.bias,
+            # a dense layer among mixture-of-experts ones (moe_layers) has a width of its own (Qwen2-MoE's
+            # intermediate_size beside its experts' moe_intermediate_size)
+            hidden = cfg.moe_dense_hidden if cfg.n_experts else cfg.ff_hidden
+            self.ff = SwiGLUFeedForward(cfg.n_embd, hidden, cfg.dropout, cfg.bias,
                                         "gelu" if cfg.mlp == "geglu" else "silu")
         else:  # "gelu" or "relu2": two matrices, the activation between them
             self.ff = FeedForward(cfg.n_embd, cfg.dropout, cfg.bias, cfg.gelu_approximate, cfg.ff_hidden,

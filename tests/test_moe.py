@@ -407,8 +407,13 @@ def test_export_round_trips_through_transformers(tmp_path, kind):
      "shared_expert_intermediate_size 16 \\(a gated shared expert, Qwen2-MoE's: read under model_type qwen2_moe\\)"),
     ("olmoe", {"n_shared_experts": 2}, "n_shared_experts 2 \\(shared experts beside the routed ones, as DeepSeek's"),
     ("mixtral", {"scoring_func": "sigmoid"}, "scoring_func 'sigmoid'.*softmax then top k"),
-    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers \\[1\\].*dense layers among the MoE ones"),
-    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step 2: dense layers"),
+    # dense layers are read (tests/test_moe_layers.py); a set that names no layer, or none sparse, is refused
+    ("qwen3_moe", {"mlp_only_layers": [2]}, "mlp_only_layers \\[2\\]; it must be a list of layer indices below "
+                                            "num_hidden_layers 2"),
+    ("qwen3_moe", {"mlp_only_layers": [1], "decoder_sparse_step": 2}, "leave no layer of its 2 a mixture of experts"),
+    ("qwen3_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step 0; it must be an integer >= 1"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "layer 1 is dense .*'layers.1.mlp.gate_proj.weight' \\(its MLP\\) is "
+                                            "missing"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv 8.0; this model does not clamp"),
     ("mixtral", {"hidden_act": "gelu"}, "hidden_act 'gelu'; this model's experts compute 'silu' only"),
     ("mixtral", {"num_local_experts": 8}, "num_local_experts 8, but the router scores 4 experts"),

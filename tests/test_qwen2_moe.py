@@ -162,8 +162,8 @@ def test_a_window_in_the_layers_layer_types_names_reads_and_exports(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"mlp_only_layers": [1]}, r"mlp_only_layers \[1\].*dense layers among the MoE ones"),
-    ({"decoder_sparse_step": 2}, "decoder_sparse_step 2: dense layers"),
+    ({"mlp_only_layers": [0, 1]}, "leave no layer of its 2 a mixture of experts"),
+    ({"mlp_only_layers": [-1]}, r"mlp_only_layers \[-1\]; it must be a list of layer indices below"),
     ({"n_shared_experts": 2}, r"n_shared_experts 2 \(shared experts beside the routed ones, as DeepSeek's, "
                               r"ungated\); Qwen2-MoE routes every token to its top k experts and one shared expert"),
     ({"shared_expert_intermediate_size": 16}, "shared_expert_intermediate_size 16, but the shared expert's weights "

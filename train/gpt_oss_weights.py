@@ -189,7 +189,8 @@ def refuse_not_gpt_oss(model: GPTModel, what: str) -> None:
         raise UserError(f"this model has a dense MLP (n_experts 0): it cannot be exported as {what}")
     fixed = (("norm", "rmsnorm"), ("mlp", "swiglu"), ("position_encoding", "rope"), ("bias", True),
              ("qkv_bias", True), ("qkv_bias_only", False), ("attention_sinks", True), ("moe_bias", True),
-             ("moe_activation", "gpt_oss"), ("moe_norm_topk", True), ("moe_shared_hidden", 0), ("tie_weights", False),
+             ("moe_activation", "gpt_oss"), ("moe_norm_topk", True), ("moe_shared_hidden", 0), ("moe_layers", "all"),
+             ("tie_weights", False),
              ("qk_norm", False), ("head_bias", False), ("pre_norms", True), ("post_norms", False),
              ("parallel_residual", False), ("shared_norm", False), ("embed_norm", False), ("scale_attention", True),
              ("scale_embeddings", False), ("attention_scale_width", 0), ("attention_multiplier", 0.0),

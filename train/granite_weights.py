@@ -214,6 +214,8 @@ def refuse_not_granite(model: GPTModel, what: str) -> None:
                           "none)"),
                          (cfg.n_experts and not cfg.moe_norm_topk, "does not renormalize its top k router weights "
                           "(moe_norm_topk False), which GraniteMoe does (a softmax over the top k logits)"),
+                         (cfg.n_experts and cfg.moe_layers != "all", f"has dense MLPs in some layers (moe_layers "
+                          f"{cfg.moe_layers!r}), where every {family} layer is a mixture of experts"),
                          (cfg.qkv_bias_only, f"has biases on q, k and v only (Qwen2's), where {family}'s linear "
                           "layers have biases all or none"),
                          (cfg.qk_norm, f"normalizes q and k (qk_norm), which {family} does not"),
@@ -223,8 +225,8 @@ def refuse_not_granite(model: GPTModel, what: str) -> None:
                           "does not")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    plain = replace(cfg, n_experts=0, moe_aux_loss=0.0, logit_scale=1.0, embedding_multiplier=1.0,
-                    residual_multiplier=1.0, attention_multiplier=0.0)
+    plain = replace(cfg, n_experts=0, moe_aux_loss=0.0, moe_layers="all", moe_dense_hidden=0, logit_scale=1.0,
+                    embedding_multiplier=1.0, residual_multiplier=1.0, attention_multiplier=0.0)
     refuse_not_llama(_Shell(plain), what, family)
 
 

@@ -287,7 +287,7 @@ def flops_per_token(cfg, n_params: int, seq_len: int) -> float:
     every weight once, so a SwiGLU MLP's three [C, hidden] matrices are in it at their own hidden; of a mixture
     of experts, a token meets its experts_per_token experts only, so the others' are left out."""
     if cfg.n_experts:
-        n_params -= cfg.n_layer * (cfg.n_experts - cfg.experts_per_token) * 3 * cfg.n_embd * cfg.ff_hidden
+        n_params -= cfg.moe_layer_count * (cfg.n_experts - cfg.experts_per_token) * 3 * cfg.n_embd * cfg.ff_hidden
     return 6 * n_params + 3 * attention_forward_flops(cfg, seq_len)
 
 
@@ -513,6 +513,10 @@ class Trainer:
         norms = saved_cfg.get("embed_norm", False), saved_cfg.get("norm_bias", True)
         alibi_scaled = saved_cfg.get("alibi_scaled", False)
         moe = saved_cfg.get("n_experts", 0), saved_cfg.get("experts_per_token", 2), saved_cfg.get("moe_norm_topk", True)
+        # which layers are the mixture, the dense ones' width and the shared expert's (0: none); from before the
+        # fields, every layer's and none
+        moe_layout = (saved_cfg.get("moe_layers", "all"), saved_cfg.get("moe_dense_hidden", 0),
+                      saved_cfg.get("moe_shared_hidden", 0))
         n_embd = saved_cfg.get("n_embd", cfg.n_embd)
         hidden = saved_cfg.get("mlp_hidden", 0) or (4 * n_embd if mlp == "relu2" else swiglu_hidden(n_embd))
         gated = ("swiglu", "geglu", "relu2")  # (and the squared-ReLU MLP's hidden size is its own too)
@@ -661,6 +665,16 @@ class Trainer:
             what = f"{experts(*moe)}, this run's model {now}"
             flags = f"--n-experts {moe[0]} --experts-per-token {moe[1]}" if moe[2] == cfg.moe_norm_topk else \
                 "the run's own --init"  # moe_norm_topk: no flag makes it, only an --init folder's config.json
+        elif moe[0] and moe_layout != (cfg.moe_layers, cfg.moe_dense_hidden, cfg.moe_shared_hidden):
+            def layout(layers, dense, shared):
+                return (f"has experts in {'every layer' if layers == 'all' else 'layers ' + layers}"
+                        + (f" (the others dense, of width {dense})" if layers != "all" else "")
+                        + (f" and a shared expert of width {shared}" if shared else " and no shared expert")
+                        + f" (moe_layers {layers!r}, moe_dense_hidden {dense}, moe_shared_hidden {shared})")
+
+            what = f"{layout(*moe_layout)}, this run's model " \
+                f"{layout(cfg.moe_layers, cfg.moe_dense_hidden, cfg.moe_shared_hidden)}"
+            flags = "the run's own --init"  # no flag sets them: only an --init folder's config.json
         else:
             return
         fix = f"pass {flags}" if self.name == "pretrain" else "resume with the run's own --init"

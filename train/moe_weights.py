@@ -4,15 +4,16 @@ Each is a Llama-shaped model whose MLPs are GPTConfig.n_experts SwiGLU experts a
 - Mixtral: Mistral's attention (its sliding window, null in the published configs), a router per block
   (block_sparse_moe.gate) and experts w1 (gate), w3 (up), w2 (down); the top k weights renormalized.
 - Qwen3-MoE: Qwen3's attention (per-head q/k RMSNorms), mlp.gate and mlp.experts.{e}.gate_proj / up_proj /
-  down_proj of hidden size moe_intermediate_size; renormalized when norm_topk_prob. Every layer MoE: a
-  config.json with dense layers (mlp_only_layers, decoder_sparse_step) is refused by name.
+  down_proj of hidden size moe_intermediate_size; renormalized when norm_topk_prob. Dense layers among them
+  (mlp_only_layers, decoder_sparse_step: GPTConfig.moe_layers) are mlp.gate_proj / up_proj / down_proj of
+  hidden size intermediate_size (GPTConfig.moe_dense_hidden).
 - OLMoE: Qwen3-MoE's tensor names, q/k RMSNorms over the whole projection (qk_norm_width "all"), the top k
   weights not renormalized (norm_topk_prob false); clip_qkv refused.
 - Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2's attention (q/k/v biases, qkv_bias; its window in the
   layers layer_types names), Qwen3-MoE's expert names and widths, renormalized when norm_topk_prob (false in
   Qwen1.5-MoE), and a shared expert: mlp.shared_expert.gate_proj / up_proj / down_proj of hidden size
   shared_expert_intermediate_size, scaled by sigmoid(mlp.shared_expert_gate(x)) (GPTConfig.moe_shared_hidden).
-  Dense layers (mlp_only_layers, decoder_sparse_step) refused by name, as Qwen3-MoE's.
+  Dense layers (mlp_only_layers, decoder_sparse_step) as Qwen3-MoE's (no shared expert there).
 The Hub's folders hold one tensor per expert (those names); transformers 5 merges them into gate_up_proj
 [E, 2H, C] and down_proj [E, C, H] when it loads and splits them back when it saves, so either layout is read
 here and the per-expert one is written. What a config.json asks that this model does not compute (another
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import UserError, read_json_object
-from tritongpt.model.config import GPTConfig
+from tritongpt.model.config import GPTConfig, layer_list
 from tritongpt.model.gpt import GPTModel
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, hf_quantization,
                                           model_with_tensors, refuse_per_head_qk, refuse_quantized, tensor_names,
@@ -45,6 +46,9 @@ _MOE = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
 # Qwen2-MoE's shared expert: (ours under trf_blocks.{i}.ff., theirs under layers.{i}.mlp.)
 _SHARED_EXPERT = (("shared_expert.w_gate", "shared_expert.gate_proj"), ("shared_expert.w_up", "shared_expert.up_proj"),
                   ("shared_expert.w_down", "shared_expert.down_proj"), ("shared_gate", "shared_expert_gate"))
+# a dense layer's MLP (Qwen2-MoE's and Qwen3-MoE's mlp_only_layers): ours under trf_blocks.{i}.ff., theirs under
+# layers.{i}.mlp.
+_DENSE = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 _QKV = ("att.W_query", "att.W_key", "att.W_value")
 _ATT = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
         ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"))
@@ -78,13 +82,36 @@ def _experts(sd: dict, i: int, kind: str, n_experts: int, path) -> tuple:
     return tuple(torch.stack([sd[n.format(which)] for n in names]) for which in (gate, up, down))
 
 
-def _count_experts(sd: dict, kind: str, path) -> int:
+def _count_experts(sd: dict, kind: str, path, first: int = 0) -> int:
+    """The experts the router of layer `first` (the first MoE layer) scores."""
     block = _MOE[kind][0]
-    router = sd.get(f"layers.0.{block}.gate.weight")
+    router = sd.get(f"layers.{first}.{block}.gate.weight")
     if router is None:
-        raise UserError(f"{path}: not a {_NAMES[kind]} model, missing tensor 'layers.0.{block}.gate.weight' "
+        raise UserError(f"{path}: not a {_NAMES[kind]} model, missing tensor 'layers.{first}.{block}.gate.weight' "
                         "(the router)")
     return router.shape[0]
+
+
+def _moe_layers(d: dict, kind: str, cfg_json) -> str:
+    """GPTConfig.moe_layers of a config.json: every layer but Qwen2-MoE's and Qwen3-MoE's dense ones, as their
+    decoder layers choose (transformers' Qwen2MoeDecoderLayer, Qwen3MoeDecoderLayer): layer i is sparse when it
+    is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
+    if kind not in ("qwen3_moe", "qwen2_moe"):
+        return "all"
+    n_layer, only, step = d.get("num_hidden_layers"), d.get("mlp_only_layers") or [], d.get("decoder_sparse_step", 1)
+    if not only and step == 1:  # every layer (the published Qwen3-MoE, Qwen1.5-MoE folders)
+        return "all"
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise UserError(f"{cfg_json} has decoder_sparse_step {step!r}; it must be an integer >= 1")
+    if not isinstance(n_layer, int) or not isinstance(only, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layer for i in only):
+        raise UserError(f"{cfg_json} has mlp_only_layers {only!r}; it must be a list of layer indices below "
+                        f"num_hidden_layers {n_layer!r}")
+    sparse = [i for i in range(n_layer) if i not in only and (i + 1) % step == 0]
+    if not sparse:
+        raise UserError(f"{cfg_json} has mlp_only_layers {only!r} and decoder_sparse_step {step!r}, which leave "
+                        f"no layer of its {n_layer} a mixture of experts: a dense model, not read as {_NAMES[kind]}")
+    return ",".join(map(str, sparse))
 
 
 def _refuse(d: dict, kind: str, cfg_json) -> None:
@@ -107,11 +134,6 @@ def _refuse(d: dict, kind: str, cfg_json) -> None:
                                 or config_flag(d, "mlp_bias", False, cfg_json, kind)):
         raise UserError(f"{cfg_json} has attention_bias {d.get('attention_bias')!r} and mlp_bias "
                         f"{d.get('mlp_bias')!r}; this model reads {name} without biases only")
-    if kind in ("qwen3_moe", "qwen2_moe"):
-        if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
-            raise UserError(f"{cfg_json} has mlp_only_layers {d.get('mlp_only_layers')!r} and decoder_sparse_step "
-                            f"{d.get('decoder_sparse_step', 1)!r}: dense layers among the MoE ones, where this model's "
-                            "layers are all MoE (mlp_only_layers [] and decoder_sparse_step 1)")
     if kind == "olmoe" and d.get("clip_qkv") is not None:
         raise UserError(f"{cfg_json} has clip_qkv {d['clip_qkv']!r}; this model does not clamp q, k and v")
     if d.get("router_type", "topk") != "topk" or d.get("scoring_func", "softmax") != "softmax":
@@ -125,8 +147,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     d = read_json_object(cfg_json)
     kind = d.get("model_type", "mixtral")
     _refuse(d, kind, cfg_json)
-    n_experts = _count_experts(sd, kind, cfg_json.parent)
-    gate0 = _experts(sd, 0, kind, n_experts, cfg_json.parent)[0][0]
+    moe_layers = _moe_layers(d, kind, cfg_json)
+    first = 0 if moe_layers == "all" else int(moe_layers.split(",")[0])
+    n_experts = _count_experts(sd, kind, cfg_json.parent, first)
+    gate0 = _experts(sd, first, kind, n_experts, cfg_json.parent)[0][0]
     for key in ("num_local_experts", "num_experts"):
         if key in d and d[key] != n_experts:
             raise UserError(f"{cfg_json} says {key} {d[key]!r}, but the router scores {n_experts} experts")
@@ -136,6 +160,18 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     shapes = hf_shapes({k: v for k, v in d.items() if k != "intermediate_size"} | (
         {"intermediate_size": d[width_key]} if width_key in d else {}),
         {**sd, "layers.0.mlp.gate_proj.weight": gate0}, cfg_json, _NAMES[kind])
+    # the dense layers' width: their gate_proj's (intermediate_size, which a config.json that says it must agree)
+    dense = [i for i in range(shapes[3]) if i not in layer_list(moe_layers, shapes[3])]
+    dense_hidden = 0
+    if dense:
+        gate = sd.get(f"layers.{dense[0]}.mlp.gate_proj.weight")
+        if gate is None:
+            raise UserError(f"{cfg_json.parent}: layer {dense[0]} is dense (mlp_only_layers, decoder_sparse_step), "
+                            f"and tensor 'layers.{dense[0]}.mlp.gate_proj.weight' (its MLP) is missing")
+        dense_hidden = gate.shape[0]
+        if d.get("intermediate_size", dense_hidden) != dense_hidden:
+            raise UserError(f"{cfg_json} says intermediate_size {d['intermediate_size']!r}, but the dense layers' "
+                            f"MLP weights have {dense_hidden}")
     k = d.get("num_experts_per_tok", 2)
     # a window config.json does not name: MixtralConfig's default is none (Mistral's 4096), Qwen3MoeConfig's 4096
     window, layers = (_sliding_window({"sliding_window": None, **d}, "mistral", shapes[3], cfg_json)
@@ -151,10 +187,10 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     qkv_bias = kind == "qwen2_moe" and config_flag(d, "qkv_bias", True, cfg_json, kind)
     shared = 0
     if kind == "qwen2_moe":
-        gate = sd.get("layers.0.mlp.shared_expert.gate_proj.weight")
+        gate = sd.get(f"layers.{first}.mlp.shared_expert.gate_proj.weight")
         if gate is None:
             raise UserError(f"{cfg_json.parent}: not a Qwen2-MoE model, missing tensor "
-                            "'layers.0.mlp.shared_expert.gate_proj.weight' (the shared expert)")
+                            f"'layers.{first}.mlp.shared_expert.gate_proj.weight' (the shared expert)")
         shared = gate.shape[0]
         said = d.get("shared_expert_intermediate_size", 5632)
         if said != shared:
@@ -167,7 +203,8 @@ def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
         attention_window=window, window_layers=layers, qk_norm=kind not in ("mixtral", "qwen2_moe"),
         qk_norm_width="all" if kind == "olmoe" else "head", position_encoding="rope", rope_theta=theta,
         rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu",
-        n_experts=n_experts, experts_per_token=k, moe_norm_topk=norm_topk, moe_shared_hidden=shared)
+        n_experts=n_experts, experts_per_token=k, moe_norm_topk=norm_topk, moe_shared_hidden=shared,
+        moe_layers=moe_layers, moe_dense_hidden=dense_hidden)
 
 
 def _qwen2_moe_window(d: dict, n_layer: int, cfg_json) -> tuple:
@@ -195,6 +232,10 @@ def _our_tensors(sd: dict, cfg: GPTConfig, kind: str, path) -> dict:
             ours[f"trf_blocks.{i}.{mine}.weight"] = sd[f"layers.{i}.{theirs}.weight"]
             if cfg.qkv_bias_only and mine in _QKV:  # Qwen2-MoE's q/k/v biases
                 ours[f"trf_blocks.{i}.{mine}.bias"] = sd[f"layers.{i}.{theirs}.bias"]
+        if not cfg.is_moe_layer(i):  # a dense layer (mlp_only_layers): Qwen2MoeMLP's / Qwen3MoeMLP's names
+            for w in ("w_gate", "w_up", "w_down"):
+                ours[f"trf_blocks.{i}.ff.{w}.weight"] = sd[f"layers.{i}.mlp.{_DENSE[w]}.weight"]
+            continue
         for mine, theirs in _SHARED_EXPERT if cfg.moe_shared_hidden else ():
             ours[f"trf_blocks.{i}.ff.{mine}.weight"] = sd[f"layers.{i}.{block}.{theirs}.weight"]
         ours[f"trf_blocks.{i}.ff.router.weight"] = sd[f"layers.{i}.{block}.gate.weight"]
@@ -261,6 +302,9 @@ def refuse_not_moe(model: GPTModel, what: str) -> None:
                                                                                family == "Qwen2-MoE" else "")),
                          (cfg.qkv_bias_only and family != "Qwen2-MoE", f"has biases on q, k and v only (Qwen2's), "
                           f"where {family} has none (Qwen2-MoE has them, and a shared expert this model has not)"),
+                         (family in ("Mixtral", "OLMoE") and cfg.moe_layers != "all", f"has dense MLPs in some "
+                          f"layers (moe_layers {cfg.moe_layers!r}), where every {family} layer is a mixture of "
+                          "experts (Qwen2-MoE's and Qwen3-MoE's may be dense: mlp_only_layers)"),
                          (family == "Qwen2-MoE" and cfg.qk_norm, "normalizes q and k (qk_norm), where Qwen2-MoE, "
                           "which has a shared expert as this model does, does not"),
                          # refuse_not_llama below takes them as SmolLM3's, a dense family
@@ -280,7 +324,8 @@ def refuse_not_moe(model: GPTModel, what: str) -> None:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
     # the attention is a Mistral's (Mixtral), a Qwen3's (Qwen3-MoE), an OLMo-style one (OLMoE) or a Qwen2's
     # (Qwen2-MoE): Llama's checks on a dense twin, less the OLMo q/k norm OLMoE has
-    dense = replace(cfg, n_experts=0, moe_aux_loss=0.0, moe_shared_hidden=0, qk_norm_width="head")
+    dense = replace(cfg, n_experts=0, moe_aux_loss=0.0, moe_shared_hidden=0, moe_layers="all", moe_dense_hidden=0,
+                    qk_norm_width="head")
     refuse_not_llama(_Shell(dense), what, family)
 
 
@@ -305,6 +350,10 @@ def _hf_tensors(model: GPTModel) -> dict:
             w = hf[f"layers.{i}.{theirs}.weight"] = sd[f"trf_blocks.{i}.{mine}.weight"]
             if kind == "qwen2_moe" and mine in _QKV:
                 hf[f"layers.{i}.{theirs}.bias"] = sd.get(f"trf_blocks.{i}.{mine}.bias", w.new_zeros(w.shape[0]))
+        if not cfg.is_moe_layer(i):  # a dense layer: mlp_only_layers in hf_config
+            for w in ("w_gate", "w_up", "w_down"):
+                hf[f"layers.{i}.mlp.{_DENSE[w]}.weight"] = sd[f"trf_blocks.{i}.ff.{w}.weight"]
+            continue
         for mine, theirs in _SHARED_EXPERT if kind == "qwen2_moe" else ():
             hf[f"layers.{i}.{block}.{theirs}.weight"] = sd[f"trf_blocks.{i}.ff.{mine}.weight"]
         hf[f"layers.{i}.{block}.gate.weight"] = sd[f"trf_blocks.{i}.ff.router.weight"]
@@ -332,11 +381,16 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
          "router_aux_loss_coef": cfg.moe_aux_loss, "output_router_logits": False,
          "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None}
     window = cfg.attention_window or None
+    # the dense layers (Qwen2-MoE's and Qwen3-MoE's only: refuse_not_moe) said one by one, decoder_sparse_step 1;
+    # their width is intermediate_size, the experts' moe_intermediate_size
+    only = [i for i in range(cfg.n_layer) if not cfg.is_moe_layer(i)]
+    if only:
+        d["intermediate_size"] = cfg.moe_dense_hidden
     if kind == "mixtral":
         d.update(num_local_experts=cfg.n_experts, sliding_window=window, router_jitter_noise=0.0)
     elif kind == "qwen3_moe":
         d.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.ff_hidden, norm_topk_prob=cfg.moe_norm_topk,
-                 decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=bool(window), sliding_window=window,
+                 decoder_sparse_step=1, mlp_only_layers=only, use_sliding_window=bool(window), sliding_window=window,
                  attention_bias=False)
     elif kind == "qwen2_moe":
         # the window's layers said one by one (layer_types): transformers' guess from max_window_layers differs
@@ -344,7 +398,7 @@ def hf_config(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
         types = ["sliding_attention" if window and i in cfg.local_layers else "full_attention"
                  for i in range(cfg.n_layer)]
         d.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.ff_hidden, norm_topk_prob=cfg.moe_norm_topk,
-                 shared_expert_intermediate_size=cfg.moe_shared_hidden, decoder_sparse_step=1, mlp_only_layers=[],
+                 shared_expert_intermediate_size=cfg.moe_shared_hidden, decoder_sparse_step=1, mlp_only_layers=only,
                  qkv_bias=True, use_sliding_window=bool(window), sliding_window=window, layer_types=types,
                  max_window_layers=cfg.n_layer)
     else:

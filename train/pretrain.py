@@ -814,7 +814,8 @@ def print_header(args, targs, model, tok, block, splits, trainer):
     biased = ", with biases" if cfg.moe_bias else ""
     clamped = f", clamped SwiGLU (limit {cfg.swiglu_limit:g}, alpha {cfg.swiglu_alpha:g})" \
         if cfg.moe_activation == "gpt_oss" else ""
-    gqa += f", {cfg.n_experts} experts (top {cfg.experts_per_token}{renorm}{biased}{clamped}{aux})" \
+    where = "" if cfg.moe_layers == "all" else f" in layers {cfg.moe_layers} (the others dense, {cfg.moe_dense_hidden})"
+    gqa += f", {cfg.n_experts} experts{where} (top {cfg.experts_per_token}{renorm}{biased}{clamped}{aux})" \
         if cfg.n_experts else ""
     print(f"pretrain: {model_name(args)} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}{padded}, "
           f"context {cfg.context_length}"
