@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from parity import assert_close_rel, decodes_like, logits_match_transformers
+from parity import assert_close_rel, decodes_like, logits_match_transformers, pretrain_argv
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
@@ -136,9 +136,9 @@ def test_the_fields_round_trip_the_checkpoint_and_resume_refuses_another_layout(
     saved = cfg.to_dict()
     Trainer._check_same_function(SimpleNamespace(_cfg=cfg, name="pretrain"), "ckpt", saved)
     for change, refused in (({"moe_layers": "all", "moe_dense_hidden": 0}, "has experts in layers 1 \\(the others "
-                             "dense, of width 96\\) .*this run's model has experts in every layer.*pass the run's own "
-                             "--init"),
-                            ({"moe_dense_hidden": 40}, "of width 96.*of width 40.*pass the run's own --init"),
+                             "dense, of width 96\\) .*this run's model has experts in every layer.*pass --moe-layers "
+                             "1 --moe-dense-hidden 96"),
+                            ({"moe_dense_hidden": 40}, "of width 96.*of width 40.*pass --moe-layers 1"),
                             ({"moe_shared_hidden": S}, "and no shared expert .*and a shared expert of width 48.*pass "
                              "the run's own --init")):
         with pytest.raises(UserError, match=refused):
@@ -207,3 +207,29 @@ def test_a_reward_model_with_dense_layers_exports_transformers_scores(tmp_path):
         assert_close_rel(theirs, ours, 1e-5, "classifier scores")
         assert_close_rel(RewardModel.load(tmp_path).eval()(idx, lengths), ours, 1e-5, "read back")
 
+
+def test_pretrain_trains_dense_layers_among_the_moe_ones_and_refuses_the_flags_without_experts(corpus, tmp_path,
+                                                                                                capsys):
+    """--moe-layers odd --moe-dense-hidden 40 with --n-experts: one step with the aux loss, the checkpoint's config
+    holds them (as its list), the header says them; without experts, or changing --init's, refused by name."""
+    from tritongpt.cli import main
+
+    assert main(pretrain_argv(corpus, tmp_path / "run", "--model", "tiny", "--mlp", "swiglu", "--n-experts", "4",
+                              "--moe-layers", "odd", "--moe-dense-hidden", "40", "--moe-aux-loss", "0.01",
+                              "--max-steps", "1")) == 0
+    out = capsys.readouterr().out
+    model = load_checkpoint(tmp_path / "run")
+    c = model.config
+    moe = ",".join(map(str, range(1, c.n_layer, 2)))
+    assert (c.moe_layers, c.moe_dense_hidden, c.moe_aux_loss) == (moe, 40, 0.01)
+    assert f"4 experts in layers {moe} (the others dense, 40)" in out
+    assert isinstance(model.trf_blocks[0].ff, SwiGLUFeedForward) and isinstance(model.trf_blocks[1].ff, MoEFeedForward)
+    assert main(pretrain_argv(corpus, tmp_path / "dense", "--moe-layers", "1", "--max-steps", "1")) == 2
+    assert "--moe-layers 1 picks which layers are a mixture of experts: without --n-experts" in capsys.readouterr().err
+    assert main(pretrain_argv(corpus, tmp_path / "again", "--init", str(tmp_path / "run"), "--moe-layers", "odd",
+                              "--max-steps", "1")) == 0  # the same set, spelled as it was given
+    capsys.readouterr()
+    assert main(pretrain_argv(corpus, tmp_path / "other", "--init", str(tmp_path / "run"), "--moe-dense-hidden", "48",
+                              "--max-steps", "1")) == 2
+    assert f"--moe-dense-hidden 48 would change what --init's model computes (its moe_layers is '{moe}', " \
+        "moe_dense_hidden 40)" in capsys.readouterr().err

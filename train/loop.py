@@ -674,7 +674,9 @@ class Trainer:
 
             what = f"{layout(*moe_layout)}, this run's model " \
                 f"{layout(cfg.moe_layers, cfg.moe_dense_hidden, cfg.moe_shared_hidden)}"
-            flags = "the run's own --init"  # no flag sets them: only an --init folder's config.json
+            # pretrain's flags set the first two; the shared expert only an --init folder's config.json
+            flags = f"--moe-layers {moe_layout[0]} --moe-dense-hidden {moe_layout[1]}" \
+                if moe_layout[2] == cfg.moe_shared_hidden else "the run's own --init"
         else:
             return
         fix = f"pass {flags}" if self.name == "pretrain" else "resume with the run's own --init"

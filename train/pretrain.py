@@ -183,6 +183,14 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--experts-per-token", type=int, default=None, metavar="K",
                    help="how many experts each token goes through (GPTConfig.experts_per_token, the router's top "
                         "k; default 2, or what --init's model has)")
+    p.add_argument("--moe-layers", type=window_layers_arg, default=None, metavar="all|odd|I,J,...",
+                   help="the layers whose MLP is the mixture of --n-experts (GPTConfig.moe_layers; Qwen2-MoE's and "
+                        "Qwen3-MoE's mlp_only_layers and decoder_sparse_step, DeepSeek's first_k_dense_replace k as "
+                        "k,...,n_layer-1); the others a dense MLP of --moe-dense-hidden. Default: all, or what "
+                        "--init's model has")
+    p.add_argument("--moe-dense-hidden", type=int, default=None, metavar="N",
+                   help="the hidden size of the dense layers --moe-layers leaves out (GPTConfig.moe_dense_hidden; "
+                        "Qwen2-MoE's intermediate_size); needed with --moe-layers other than all")
     p.add_argument("--moe-aux-loss", type=float, default=None, metavar="COEF",
                    help="add COEF times the routers' load-balancing loss (Switch Transformer's, transformers' "
                         "load_balancing_loss_func; Mixtral trains with 0.02) to the training loss "
@@ -432,6 +440,15 @@ NO_SWIGLU = ("--mlp-hidden {} is the SwiGLU, GeGLU or squared-ReLU MLP's hidden 
              "relu2 it does nothing")
 NO_EXPERTS = ("--experts-per-token {} is how many experts a token goes through: without --n-experts (its own or "
               "--init's) the MLP is dense and it does nothing")
+NO_MOE_LAYERS = ("{} picks which layers are a mixture of experts: without --n-experts (its own or --init's) every "
+                 "MLP is dense and it does nothing")
+
+
+def moe_layers_given(args) -> str | None:
+    """--moe-layers and --moe-dense-hidden as given, for NO_MOE_LAYERS; None when neither is."""
+    given = [f"--{k.replace('_', '-')} {v}" for k in ("moe_layers", "moe_dense_hidden")
+             if (v := getattr(args, k, None)) is not None]
+    return " ".join(given) or None
 
 
 def check_args(args, targs):
@@ -490,6 +507,8 @@ def check_args(args, targs):
     # dense model without a word)
     if args.experts_per_token is not None and args.init is None and not args.n_experts:
         raise UserError(NO_EXPERTS.format(args.experts_per_token))
+    if moe_layers_given(args) and args.init is None and not args.n_experts:
+        raise UserError(NO_MOE_LAYERS.format(moe_layers_given(args)))
     check_mixture(args)
     for source in mixture_sources(args) or [args.data]:
         data.check_text_field(source, args.text_field)
@@ -525,6 +544,19 @@ def check_args(args, targs):
             raise UserError(NO_ROPE.format(args.rope_theta))
         if args.experts_per_token is not None and not (args.n_experts or model.config.n_experts):
             raise UserError(NO_EXPERTS.format(args.experts_per_token))
+        if moe_layers_given(args):
+            from dataclasses import replace
+
+            c = model.config
+            if not c.n_experts:
+                raise UserError(NO_MOE_LAYERS.format(moe_layers_given(args)))
+            # compared as GPTConfig keeps them ("odd" as its list)
+            said = replace(c, **{k: v for k in ("moe_layers", "moe_dense_hidden")
+                                 if (v := getattr(args, k)) is not None})
+            if (said.moe_layers, said.moe_dense_hidden) != (c.moe_layers, c.moe_dense_hidden):
+                raise UserError(f"{moe_layers_given(args)} would change what --init's model computes (its "
+                                f"moe_layers is {c.moe_layers!r}, moe_dense_hidden {c.moe_dense_hidden}): leave the "
+                                "flag out")
         for field in ("logit_softcap", "logit_scale", "embedding_multiplier", "residual_multiplier",
                       "attention_multiplier", "attn_softcap", "attention_window", "window_layers",
                       "position_encoding", "rope_theta", "norm", "mlp", "nope_layers", "parallel_residual",
@@ -571,6 +603,7 @@ def check_args(args, targs):
                          alibi_scaled=args.alibi_scaled,
                          n_experts=args.n_experts,
                          experts_per_token=args.experts_per_token, moe_aux_loss=args.moe_aux_loss,
+                         moe_layers=args.moe_layers, moe_dense_hidden=args.moe_dense_hidden,
                          n_kv_head=args.n_kv_head, norm=args.norm, mlp=args.mlp, mlp_hidden=args.mlp_hidden,
                          bias=args.bias)
         model = GPTModel(cfg)
