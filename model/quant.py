@@ -54,6 +54,26 @@ from tritongpt.errors import UserError, note
 QMAX = 127  # symmetric: -127..127, so q and -q are both representable (-128 is never used)
 
 
+# MXFP4 (OCP Microscaling FP4; GPT-OSS's experts, kept as the Hub's folders hold them: model/layers.py
+# MXFP4MoEFeedForward): 32 e2m1 codes a block along a weight's inputs, two a byte (the low nibble first), and an e8m0
+# exponent byte a block, 2 ** (byte - 127). train/hf_quant.py reads and checks the folders' tensors.
+MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks, scales, dtype=torch.float32):
+    """The float weight [E, R, G * 32] (a Linear's [out, in] per expert) of MXFP4 blocks uint8 [E, R, G, 16] and
+    scales uint8 [E, R, G]: e2m1 value times 2 ** (scale - 127), computed exactly in float32 (as transformers'
+    ldexp), then one cast to dtype (float32, bfloat16 and float64 hold every value below 2 ** 128 exactly). Shapes
+    and the scale 255 (e8m0's NaN) are the caller's to check (hf_quant.mxfp4_dequantize, MXFP4MoEFeedForward)."""
+    E, R, G, _ = blocks.shape
+    lut = torch.tensor(MXFP4_VALUES, dtype=torch.float32, device=blocks.device)
+    # codes in order: byte j of a block holds values 2j (low nibble) and 2j + 1 (high); int32 indices, half int64's
+    # memory (a gpt-oss-120b layer's gate_up_proj is 128 * 5760 * 2880 codes)
+    codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(E, R, G, 32).int()
+    out = torch.ldexp(lut[codes], scales.to(torch.int32)[..., None] - 127)
+    return out.reshape(E, R, G * 32).to(dtype)
+
+
 def quantize_weight(weight):
     """(q int8 [N, K], scale fp32 [N]) with weight ~= q * scale[:, None]; each row's largest |weight| maps to 127.
     A row of zeros gets scale 1 (q 0): any scale reproduces it, and 0 would divide by zero."""

@@ -50,7 +50,8 @@ import torch
 
 from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.gpt import GPTModel, check_quantized_scales
-from tritongpt.model.quant import GROUP_SIZES, Int4Linear, QuantLinear, mixed_layout, pack_int4, quantized_layout
+from tritongpt.model.quant import (GROUP_SIZES, Int4Linear, QuantLinear, dequantize_mxfp4, mixed_layout, pack_int4,
+                                  quantized_layout)
 from tritongpt.train.gpt2_weights import _FLOAT_DTYPES, hf_quantization, model_with_tensors, refuse_quantized
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word holds output 8c + AWQ_ORDER[i]
@@ -984,7 +985,6 @@ def bnb_dequantized(sd: dict, spec: dict, path, blocks: str = "layers.", prefix:
 # the inputs (a Linear's [out, in]). transformers' convert_moe_packed_tensors (Mxfp4Config(dequantize=True))
 # decodes them and transposes to GptOssExperts' layout, [E, in, out]: gate_up_proj [E, H, 2I], down_proj [E, I, H].
 # Only the experts are MXFP4 (the config's modules_to_not_convert names attention, router, embeddings and head).
-MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _MXFP4_PARTS = ("_blocks", "_scales")
 _MXFP4_PROJS = ("gate_up_proj", "down_proj")
 
@@ -1000,6 +1000,16 @@ def mxfp4_dequantize(blocks, scales, dtype=torch.float32, what: str = "MXFP4 blo
     if dtype not in (torch.float32, torch.bfloat16, torch.float64):
         raise ValueError(f"mxfp4_dequantize: dtype {dtype}: float32, bfloat16 or float64 (which hold MXFP4's values "
                          "exactly)")
+    check_mxfp4_pair(blocks, scales, what)
+    # (in float32 exactly, e2m1 times a power of two from 2 ** -127, as transformers' ldexp computes it)
+    out = dequantize_mxfp4(blocks, scales)
+    check_mxfp4_finite(out, what)
+    return out.to(dtype).transpose(1, 2).contiguous()
+
+
+def check_mxfp4_pair(blocks, scales, what: str) -> None:
+    """blocks uint8 [E, R, G, 16] and scales uint8 [E, R, G] with no 255 (e8m0's NaN), else a UserError naming what
+    is wrong (what: the tensors' name)."""
     if blocks.dtype != torch.uint8 or blocks.dim() != 4 or blocks.shape[-1] != 16:
         raise UserError(f"{what}: blocks are {str(blocks.dtype).removeprefix('torch.')} {tuple(blocks.shape)}, not "
                         "uint8 [experts, rows, blocks, 16] (32 FP4 codes a block, two a byte)")
@@ -1010,18 +1020,14 @@ def mxfp4_dequantize(blocks, scales, dtype=torch.float32, what: str = "MXFP4 blo
     if scales.numel() and int(scales.max()) == 255:
         # (transformers' ldexp reads it as 2 ** 128: every code of 1 or more inf, where the format says NaN)
         raise UserError(f"{what}: a scale is 255, e8m0's NaN (a damaged file)")
-    E, R, G, _ = blocks.shape
-    lut = torch.tensor(MXFP4_VALUES, dtype=torch.float32)
-    # codes in order: byte j of a block holds values 2j (low nibble) and 2j + 1 (high); int32 indices, half int64's
-    # memory (a gpt-oss-120b layer's gate_up_proj is 128 * 5760 * 2880 codes)
-    codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(E, R, G, 32).int()
-    # (in float32 exactly, e2m1 times a power of two from 2 ** -127, as transformers' ldexp computes it; one cast)
-    out = torch.ldexp(lut[codes], scales.to(torch.int32)[..., None] - 127)
+
+
+def check_mxfp4_finite(out, what: str) -> None:
+    """out (dequantize_mxfp4's float32) finite, else a UserError naming what."""
     # (from scale 253 up: 4 * 2 ** 126 is 2 ** 128, float32's inf, as transformers' ldexp gives it)
     if not bool(torch.isfinite(out).all()):
         raise UserError(f"{what}: a value is 2 ** 128 or more (a scale of 253 or 254 and a large code), beyond "
                         "float range (a damaged file)")
-    return out.to(dtype).reshape(E, R, G * 32).transpose(1, 2).contiguous()
 
 
 def mxfp4_spec(q: dict, model_type) -> dict:
@@ -1047,6 +1053,17 @@ def mxfp4_experts(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: s
     all, half a pair, a pair beside a float tensor of its name, one outside the blocks' experts or in a module the
     config leaves float (spec's keep), and what mxfp4_dequantize refuses. The shapes' agreement with the config is
     the reader's to check."""
+    bases = mxfp4_bases(sd, spec, path, blocks, prefix)
+    for b in bases:
+        sd[b] = mxfp4_dequantize(sd.pop(b + "_blocks"), sd.pop(b + "_scales"), dtype, what=f"{path}: {b}")
+    note(f"{path}: its {len(bases)} MXFP4 expert weights are dequantized to {str(dtype).removeprefix('torch.')} at "
+         "load: an ordinary float model of the same weights (the folder read for training, export or merge; "
+         "the commands that run a model keep them MXFP4)")
+    return sd
+
+
+def mxfp4_bases(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: str | tuple = "model.") -> list:
+    """The names NAME of sd's MXFP4 pairs (NAME_blocks, NAME_scales), checked as mxfp4_experts says."""
     bases = sorted({k.removesuffix(p) for k in sd for p in _MXFP4_PARTS if k.endswith(p)})
     if not bases:
         raise UserError(f"{path}: config.json says MXFP4 quantization, but no tensor is MXFP4 (an experts' "
@@ -1067,8 +1084,4 @@ def mxfp4_experts(sd: dict, spec: dict, path, blocks: str = "layers.", prefix: s
         if _left_float(spec, module, prefix):
             raise UserError(f"{path}: {b} is MXFP4, but the quantization_config leaves {module} float "
                             f"({spec['kept_by']}): which it is is unclear")
-    for b in bases:
-        sd[b] = mxfp4_dequantize(sd.pop(b + "_blocks"), sd.pop(b + "_scales"), dtype, what=f"{path}: {b}")
-    note(f"{path}: its {len(bases)} MXFP4 expert weights are dequantized to {str(dtype).removeprefix('torch.')} at "
-         "load: an ordinary float model of the same weights, no MXFP4 kernel")
-    return sd
+    return bases
