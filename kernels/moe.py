@@ -6,7 +6,8 @@ clamped SwiGLU a = (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = 
 constexpr: the other activations compile without it; limit and alpha fp32).
 
 Reference module: `tritongpt.model.layers.MoEFeedForward` (router, top-k, weights and the combine stay
-in the module; this kernel is the experts). The router's choice experts [N, k] is turned into an order
+in the module; this kernel is the experts), and `tritongpt.model.layers.MXFP4MoEFeedForward` for GPT-OSS's
+experts kept MXFP4 (moe_mlp_mxfp4, at the end of this file). The router's choice experts [N, k] is turned into an order
 in torch: the N*k (token, slot) assignments sorted by expert (stable argsort of the flat ids), and each
 expert's first sorted row (offsets [E+1], by searchsorted: no host sync). The sorted rows of expert e
 are offsets[e]..offsets[e+1]; sorted row r is assignment order[r], token order[r] // k.
@@ -58,6 +59,11 @@ autograd.Function, so it runs under torch.compile as opaque calls in one graph. 
 range by construction and skip it); the ops themselves never read outside the weights for any ids, but
 leave the rows of an id out of range unwritten.
 Tested in tests/test_moe_kernel.py against a float64 loop over experts.
+
+MXFP4 (GPT-OSS's experts as the Hub's folders hold them: `moe_mlp_mxfp4`): the same launches with each weight
+tile read from the uint8 blocks and e8m0 scales and decoded in registers in the K loop (_mxfp4_tile: the e2m1
+code's float32 bits times 2 ** (s - 127) from the scale byte's, exact; then tl.dot in the activations' dtype),
+forward and dx (the experts frozen: no dW, no bias gradients). Tested in tests/test_moe_mxfp4.py.
 """
 import math
 from typing import Optional
@@ -168,16 +174,47 @@ def _expert_grad_epilogue(da, Aux, Aux2, Hout, Hout2, x_off, mask, GATE_GELU: tl
     return dg
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "SUM2", "GATE_GELU", "GATHER_A",
-                                          "SCATTER_C", "STORE_ACT", "HAS_BIAS", "CLAMP"])
 @triton.jit
-def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2, Bias, Bias2, N, K, E, A_DIV,
-                    M_BUCKET, limit, alpha,
+def _mxfp4_tile(Blocks, Scales, w_off, s_off, kk, offs_n, mask, stride_br, stride_sr, MXFP4: tl.constexpr,
+                dtype: tl.constexpr):
+    """B's [BLOCK_K, BLOCK_N] tile decoded from an MXFP4 weight W [R, G * 32] (blocks: a row's G * 16 bytes
+    contiguous, row stride stride_br; scales: G e8m0 bytes a row, row stride stride_sr): MXFP4 1 reads
+    B[k, n] = W[n, k] (the forward products: blocks along K), 2 B[k, n] = W[k, n] (backward's dx and da: blocks
+    along N). Value c of a row is byte c // 2's low (c even) or high nibble, an e2m1 code (sign bit 3, exponent
+    bits 2-1 of bias 1, mantissa bit 0) made a float32 from its bits, times 2 ** (s - 127) made from the scale's
+    bits (0x400000, a subnormal, for s 0): both exact, so the product is the one mxfp4_dequantize gives, bit for bit,
+    then cast to dtype (the activations', which holds it: bf16 and fp32 have float32's exponent range)."""
+    if MXFP4 == 1:
+        r = offs_n.to(tl.int64)[None, :]
+        c = kk.to(tl.int64)[:, None]
+    else:
+        r = kk.to(tl.int64)[:, None]
+        c = offs_n.to(tl.int64)[None, :]
+    byte = tl.load(Blocks + w_off + r * stride_br + c // 2, mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((c % 2) * 4).to(tl.int32)) & 15
+    s = tl.load(Scales + s_off + r * stride_sr + c // 32, mask=mask, other=127).to(tl.int32)
+    mag = code & 7
+    ex = mag >> 1
+    man = mag & 1
+    # exponent 0: 0 or 0.5 (0.5 is 126 << 23); else 2 ** (ex - 1) * (1 + man / 2)
+    bits = tl.where(ex == 0, man * (126 << 23), ((ex + 126) << 23) | (man << 22))
+    val = bits.to(tl.float32, bitcast=True)
+    val = tl.where((code & 8) != 0, -val, val)  # (-0.0 for code 8, as the table's)
+    scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)
+    return (val * scale).to(dtype)
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "SUM2", "GATE_GELU", "GATHER_A",
+                                          "SCATTER_C", "STORE_ACT", "HAS_BIAS", "CLAMP", "MXFP4"])
+@triton.jit
+def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2, Bias, Bias2, SB, SB2, N, K, E,
+                    A_DIV, M_BUCKET, limit, alpha,
                     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-                    stride_xm, stride_xn,
+                    stride_xm, stride_xn, stride_se, stride_sr,
                     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, EPILOGUE: tl.constexpr, SUM2: tl.constexpr,
                     GATE_GELU: tl.constexpr, STORE_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    MXFP4: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """For each sorted row r of expert e: C[r'] = A[r''] @ B[e] with the gate epilogues of kernels/mlp.py.
 
     A's row is r, or AIdx[r] // A_DIV with GATHER_A (x through the token index, dy through the order);
@@ -188,6 +225,9 @@ def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2
     activation a = act(g) * u to Hout, for dW_down).
     HAS_BIAS: Bias[e] [N] (contiguous [E, N]) added to the accumulator before the epilogue, and Bias2[e] to the
     up's (EPI_SWIGLU). CLAMP: the activation is GPT-OSS's clamped SwiGLU (_expert_act), limit and alpha fp32.
+    MXFP4 (1 or 2, _mxfp4_tile): B and B2 are MXFP4 blocks (uint8) with their scales SB and SB2, decoded in
+    registers a tile at a time: stride_be / stride_bk are then the blocks' expert and row strides, stride_se /
+    stride_sr the scales' (stride_bn unused); 0: B and B2 float by their strides.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -208,13 +248,22 @@ def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2
     b2_ptrs = B2 + w_off + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up projection's (EPI_SWIGLU only)
+    s_off = expert.to(tl.int64) * stride_se
     for k in range(0, k_steps):
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if MXFP4:
+            b = _mxfp4_tile(B, SB, w_off, s_off, k * BLOCK_K + offs_k, offs_n, k_ok[:, None] & n_ok[None, :],
+                            stride_bk, stride_sr, MXFP4, A.dtype.element_ty)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = dot(a, b, acc, PRECISION)
         if EPILOGUE == 3:  # the same x tile times the up weight's matching columns
-            b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if MXFP4:
+                b2 = _mxfp4_tile(B2, SB2, w_off, s_off, k * BLOCK_K + offs_k, offs_n, k_ok[:, None] & n_ok[None, :],
+                                 stride_bk, stride_sr, MXFP4, A.dtype.element_ty)
+            else:
+                b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc2 = dot(a, b2, acc2, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -225,7 +274,11 @@ def _grouped_kernel(A, AIdx, B, C, CIdx, Offsets, Aux, Hout, A2, B2, Aux2, Hout2
         for k in range(0, k_steps):
             k_ok = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if MXFP4:
+                b = _mxfp4_tile(B2, SB2, w_off, s_off, k * BLOCK_K + offs_k, offs_n, k_ok[:, None] & n_ok[None, :],
+                                stride_bk, stride_sr, MXFP4, A.dtype.element_ty)
+            else:
+                b = tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot(a, b, acc, PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b2_ptrs += BLOCK_K * stride_bk
@@ -330,6 +383,47 @@ def _route(experts, n_experts):
     return order, offsets
 
 
+class Mxfp4Weight:
+    """An MXFP4 weight W [E, R, G * 32] as _grouped takes it in place of a float one: blocks uint8 [E, R, G, 16]
+    (a row's last two dims contiguous) and scales uint8 [E, R, G] (last dim contiguous), views allowed (GPT-OSS's
+    gate and up: the even and odd rows of gate_up_proj's). shape is the logical float shape, transpose(1, 2) the
+    same bytes read transposed (B[k, n] = W[n, k]), as a float weight's transpose is a view: so _fwd_launch and
+    _bwd_launch run unchanged on it."""
+
+    def __init__(self, blocks, scales, transposed: bool = False):
+        self.blocks, self.scales, self.transposed = blocks, scales, transposed
+        E, R, G = scales.shape
+        self.shape = torch.Size((E, G * 32, R) if transposed else (E, R, G * 32))
+        self.device = blocks.device
+
+    def transpose(self, d0, d1):
+        assert (d0, d1) == (1, 2), (d0, d1)
+        return Mxfp4Weight(self.blocks, self.scales, not self.transposed)
+
+    def dim(self):
+        return 3
+
+
+def _mxfp4_args(b, b2):
+    """_grouped_kernel's B, B2, SB, SB2, (stride_be, stride_bk, stride_bn), (stride_se, stride_sr) and MXFP4 flag for
+    b (and b2 beside it, or None): float weights by their strides, Mxfp4Weight by its bytes'."""
+    if not isinstance(b, Mxfp4Weight):
+        b2 = b2 if b2 is not None else b
+        if b2.stride() != b.stride():
+            b, b2 = b.contiguous(), b2.contiguous()
+        return b, b2, b, b2, b.stride(), (0, 0), 0
+    b2 = b2 if b2 is not None else b
+    if not isinstance(b2, Mxfp4Weight) or b2.transposed != b.transposed:
+        raise ValueError("an MXFP4 weight beside a float one (or read the other way) in one product")
+    parts = [b.blocks, b2.blocks, b.scales, b2.scales]
+    if (b.blocks.stride() != b2.blocks.stride() or b.scales.stride() != b2.scales.stride()
+            or b.blocks.stride()[2:] != (16, 1) or b.scales.stride(2) != 1):
+        parts = [t.contiguous() for t in parts]
+    blocks, blocks2, scales, scales2 = parts
+    return (blocks, blocks2, scales, scales2, (blocks.stride(0), blocks.stride(1), 0),
+            (scales.stride(0), scales.stride(1)), 1 if b.transposed else 2)
+
+
 @on_tensor_device
 def _grouped(a, b, n_rows, order, offsets, a_div=None, scatter=False, epilogue=EPI_NONE, b2=None, a2=None,
              aux=None, aux2=None, out=None, gate="silu", store_act=False, bias=None, bias2=None, limit=7.0,
@@ -351,8 +445,7 @@ def _grouped(a, b, n_rows, order, offsets, a_div=None, scatter=False, epilogue=E
     extra = (h, h2) if epilogue == EPI_SWIGLU else ((h2, h) if store_act else h2)
     if n_rows == 0 or N == 0:
         return c, extra
-    if b2 is not None and b2.stride() != b.stride():
-        b, b2 = b.contiguous(), b2.contiguous()
+    b, b2, sb, sb2, b_strides, s_strides, mxfp4 = _mxfp4_args(b, b2)
     if a2 is not None and a2.stride() != a.stride():
         a, a2 = a.contiguous(), a2.contiguous()
     if aux is not None:
@@ -365,14 +458,14 @@ def _grouped(a, b, n_rows, order, offsets, a_div=None, scatter=False, epilogue=E
     launch_tuned(
         _grouped_kernel, grid,
         a, order, b, c, order, offsets, aux if aux is not None else x, x, a2 if a2 is not None else a,
-        b2 if b2 is not None else b, aux2 if aux2 is not None else x, h2 if h2 is not None else x,
-        bias if bias is not None else x, bias2 if bias is not None else x,
+        b2, aux2 if aux2 is not None else x, h2 if h2 is not None else x,
+        bias if bias is not None else x, bias2 if bias is not None else x, sb, sb2,
         N, K, E, a_div or 1, _bucket(n_rows), float(limit), float(alpha),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        x.stride(0), x.stride(1),
+        a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
+        x.stride(0), x.stride(1), *s_strides,
         GATHER_A=a_div is not None, SCATTER_C=scatter, EPILOGUE=epilogue, SUM2=a2 is not None,
         GATE_GELU=gate == "gelu", STORE_ACT=store_act, HAS_BIAS=bias is not None, CLAMP=gate == "gpt_oss",
-        PRECISION=_precision(a))
+        MXFP4=mxfp4, PRECISION=_precision(a))
     return c, extra
 
 
@@ -641,4 +734,172 @@ def moe_mlp(x: torch.Tensor, experts: torch.Tensor, w_gate: torch.Tensor, w_up: 
     return MoEMLPFunction.apply(x, experts, w_gate, w_up, w_down, activation, *biases, float(limit), float(alpha))
 
 
-__all__ = ["moe_mlp", "MoEMLPFunction"]
+# -- GPT-OSS's MXFP4 experts, kept packed ------------------------------------------------------------------------
+# The same launches with Mxfp4Weight in place of the float weights: each B tile decoded in registers from the blocks
+# and scales (_mxfp4_tile), then tl.dot in the activations' dtype. The layout is transformers' (the Hub folders'):
+# gate_up_blocks uint8 [E, 2H, C / 32, 16] whose even rows are gate's and odd rows up's, gate_up_scales [E, 2H, C / 32],
+# down_blocks [E, C, H / 32, 16], down_scales [E, C, H / 32]. The experts are frozen (the blocks are integers; the
+# biases refused a gradient): backward is dx only, as int8/int4's Linears (LoRA on attention, the router and the
+# rest train over them).
+MXFP4_NAMES = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales")
+
+
+def _check_mxfp4_shapes(x, experts, gub, gus, dnb, dns, bg=None, bu=None, bd=None, **saved):
+    """What _check_op_shapes checks, for packed weights: each blocks tensor uint8 [E, rows, K / 32, 16], its scales
+    uint8 [E, rows, K / 32], gate_up's rows 2H, C (x's width) a multiple of 32 and H too (MXFP4's block)."""
+    check_tensor(x, "x", ndim=2)
+    N, C = x.shape
+    for name, t in zip(MXFP4_NAMES, (gub, gus, dnb, dns)):
+        check_tensor(t, name, dtypes=(torch.uint8,), ndim=3 if name.endswith("scales") else 4)
+    if C % 32:
+        raise ValueError(f"x has {C} features, not a multiple of 32: MXFP4 blocks hold 32 inputs each")
+    E, H2 = gub.shape[:2]
+    if H2 % 2 or H2 < 2:
+        raise ValueError(f"gate_up_blocks has {H2} rows: gate's and up's interleaved, an even number")
+    H = H2 // 2
+    if H % 32:
+        raise ValueError(f"the experts' width {H} is not a multiple of 32: down_blocks' MXFP4 blocks hold 32 each")
+    check_tensor(gub, "gate_up_blocks", dtypes=None, shape=(E, H2, C // 32, 16))
+    check_tensor(gus, "gate_up_scales", dtypes=None, shape=(E, H2, C // 32))
+    check_tensor(dnb, "down_blocks", dtypes=None, shape=(E, C, H // 32, 16))
+    check_tensor(dns, "down_scales", dtypes=None, shape=(E, C, H // 32))
+    # the float checks on stand-in weights of the logical shapes (no memory: expanded views)
+    wg = x.new_empty((1,)).expand(E, H, C)
+    wd = x.new_empty((1,)).expand(E, C, H)
+    _check_op_shapes(x, experts, wg, wg, wd, bg, bu, bd, **saved)
+    check_same_device(x=x, **dict(zip(MXFP4_NAMES, (gub, gus, dnb, dns))))
+
+
+def _mxfp4_weights(gub, gus, dnb, dns):
+    """(w_gate, w_up, w_down) as Mxfp4Weight: gate and up the even and odd rows of gate_up's (views)."""
+    return (Mxfp4Weight(gub[:, 0::2], gus[:, 0::2]), Mxfp4Weight(gub[:, 1::2], gus[:, 1::2]),
+            Mxfp4Weight(dnb, dns))
+
+
+def _mxfp4_fwd_launch(x, experts, gub, gus, dnb, dns, activation="gpt_oss", bg=None, bu=None, bd=None, limit=7.0,
+                      alpha=1.702):
+    return _fwd_launch(x, experts, *_mxfp4_weights(gub, gus, dnb, dns), activation, bg, bu, bd, limit, alpha)
+
+
+def _mxfp4_bwd_launch(dy, x, g, u, order, offsets, gub, gus, dnb, dns, activation="gpt_oss", limit=7.0, alpha=1.702):
+    """dx alone: dg, du from da = dy @ Wd_e in the one epilogue launch, then dg @ Wg_e + du @ Wu_e."""
+    return _bwd_launch(dy, x, g, u, order, offsets, *_mxfp4_weights(gub, gus, dnb, dns), (True, False, False, False),
+                       activation, limit, alpha)[0]
+
+
+@custom_op("tritongpt::moe_mlp_mxfp4_fwd", mutates_args=())
+def _moe_mlp_mxfp4_fwd(x: torch.Tensor, experts: torch.Tensor, gate_up_blocks: torch.Tensor,
+                       gate_up_scales: torch.Tensor, down_blocks: torch.Tensor, down_scales: torch.Tensor,
+                       activation: str = "gpt_oss", b_gate: Optional[torch.Tensor] = None,
+                       b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None, limit: float = 7.0,
+                       alpha: float = 1.702) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+    """x [N, C], experts [N, k] -> (y [N, k, C], g, u [N*k, H] sorted, order [N*k], offsets [E+1])."""
+    check_runnable(x, "x")
+    _check_activation(activation, limit, alpha)
+    _check_mxfp4_shapes(x, experts, gate_up_blocks, gate_up_scales, down_blocks, down_scales, b_gate, b_up, b_down)
+    return _mxfp4_fwd_launch(x, experts, gate_up_blocks, gate_up_scales, down_blocks, down_scales, activation, b_gate,
+                             b_up, b_down, limit, alpha)
+
+
+@_moe_mlp_mxfp4_fwd.register_fake
+def _(x, experts, gate_up_blocks, gate_up_scales, down_blocks, down_scales, activation="gpt_oss", b_gate=None,
+      b_up=None, b_down=None, limit=7.0, alpha=1.702):
+    _check_activation(activation, limit, alpha)
+    _check_mxfp4_shapes(x, experts, gate_up_blocks, gate_up_scales, down_blocks, down_scales, b_gate, b_up, b_down)
+    (N, k), (E, H2) = experts.shape, gate_up_blocks.shape[:2]
+    C, H = x.shape[1], H2 // 2
+    return (x.new_empty((N, k, C)), x.new_empty((N * k, H)), x.new_empty((N * k, H)),
+            experts.new_empty((N * k,), dtype=torch.int64), experts.new_empty((E + 1,), dtype=torch.int64))
+
+
+@custom_op("tritongpt::moe_mlp_mxfp4_bwd", mutates_args=())
+def _moe_mlp_mxfp4_bwd(dy: torch.Tensor, x: torch.Tensor, experts: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                       order: torch.Tensor, offsets: torch.Tensor, gate_up_blocks: torch.Tensor,
+                       gate_up_scales: torch.Tensor, down_blocks: torch.Tensor, down_scales: torch.Tensor,
+                       activation: str = "gpt_oss", limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
+    """-> dx [N, C] (the packed experts are frozen: nothing else)."""
+    check_runnable(dy, "dy")
+    _check_activation(activation, limit, alpha)
+    _check_mxfp4_shapes(x, experts, gate_up_blocks, gate_up_scales, down_blocks, down_scales, dy=dy, g=g, u=u,
+                        order=order, offsets=offsets)
+    return _mxfp4_bwd_launch(dy, x, g, u, order, offsets, gate_up_blocks, gate_up_scales, down_blocks, down_scales,
+                             activation, limit, alpha)
+
+
+@_moe_mlp_mxfp4_bwd.register_fake
+def _(dy, x, experts, g, u, order, offsets, gate_up_blocks, gate_up_scales, down_blocks, down_scales,
+      activation="gpt_oss", limit=7.0, alpha=1.702):
+    _check_activation(activation, limit, alpha)
+    _check_mxfp4_shapes(x, experts, gate_up_blocks, gate_up_scales, down_blocks, down_scales, dy=dy, g=g, u=u,
+                        order=order, offsets=offsets)
+    return x.new_empty(x.shape)
+
+
+class MoEMLPMXFP4Function(torch.autograd.Function):
+    """Saves x, g, u and the routing order; the packed weights live anyway. dx only."""
+
+    @staticmethod
+    def forward(ctx, x, experts, gub, gus, dnb, dns, activation="gpt_oss", bg=None, bu=None, bd=None, limit=7.0,
+                alpha=1.702):
+        y, g, u, order, offsets = _moe_mlp_mxfp4_fwd.call(x, experts, gub, gus, dnb, dns, activation, bg, bu, bd,
+                                                          limit, alpha)
+        ctx.save_for_backward(x, experts, g, u, order, offsets, gub, gus, dnb, dns)
+        ctx.activation, ctx.limit, ctx.alpha = activation, limit, alpha
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        first_order_only("moe_mlp_mxfp4")
+        x, experts, g, u, order, offsets, gub, gus, dnb, dns = ctx.saved_tensors
+        # (moe_mlp_mxfp4 refused a frozen input requiring grad; a direct apply() is refused here by name)
+        for i, name in ((7, "b_gate"), (8, "b_up"), (9, "b_down")):
+            if ctx.needs_input_grad[i]:
+                raise RuntimeError(f"moe_mlp_mxfp4: {name} requires grad, but the MXFP4 experts are frozen: only x "
+                                   "gets a gradient")
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _moe_mlp_mxfp4_bwd.call(dy.contiguous(), x, experts, g, u, order, offsets, gub, gus, dnb, dns,
+                                         ctx.activation, ctx.limit, ctx.alpha)
+        return dx, None, None, None, None, None, None, None, None, None, None, None
+
+
+def moe_mlp_mxfp4(x: torch.Tensor, experts: torch.Tensor, gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
+                  down_blocks: torch.Tensor, down_scales: torch.Tensor, activation: str = "gpt_oss",
+                  check_experts: bool = True, *, b_gate: Optional[torch.Tensor] = None,
+                  b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None, limit: float = 7.0,
+                  alpha: float = 1.702) -> torch.Tensor:
+    """moe_mlp with the experts' weights kept MXFP4 (GPT-OSS's, in transformers' layout: MXFP4_NAMES above), each
+    tile dequantized in registers in the K loop: y [N, k, C], bit for bit the values mxfp4_dequantize gives in
+    the products. Differentiable in x only: the blocks are integers, and a bias requiring grad is refused by name
+    (the experts are frozen; pass them detached). Under torch.autocast x and the biases are cast to the autocast
+    dtype first; the tiles are decoded into x's dtype."""
+    no_func_transform("moe_mlp_mxfp4")
+    _check_activation(activation, limit, alpha)
+    if not isinstance(check_experts, bool):
+        raise TypeError(f"check_experts must be a bool, got {type(check_experts).__name__} {check_experts!r}")
+    check_tensor(x, "x")
+    check_tensor(experts, "experts", dtypes=ID_DTYPES)
+    biases = (b_gate, b_up, b_down)
+    for name, t in zip(BIAS_NAMES, biases):
+        if t is not None:
+            check_tensor(t, name)
+            if t.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"moe_mlp_mxfp4: {name} requires grad, but the MXFP4 experts (their biases too) are "
+                                 f"frozen: only x gets a gradient; pass {name}.detach()")
+    dt = autocast_dtype(x.device)
+    if dt is not None:
+        x = x.to(dt)
+        biases = tuple(t.to(dt) if t is not None else None for t in biases)
+    _check_mxfp4_shapes(x, experts, gate_up_blocks, gate_up_scales, down_blocks, down_scales, *biases)
+    if check_experts and not torch.compiler.is_compiling():
+        E = gate_up_blocks.shape[0]
+        out = (experts < 0) | (experts >= E)
+        if bool(out.any()):
+            raise ValueError(f"experts holds id {experts[out][0].item()}, outside [0, {E}) "
+                             f"(gate_up_blocks has {E} experts)")
+    return MoEMLPMXFP4Function.apply(x, experts, gate_up_blocks, gate_up_scales, down_blocks, down_scales, activation,
+                                     *biases, float(limit), float(alpha))
+
+
+__all__ = ["moe_mlp", "MoEMLPFunction", "moe_mlp_mxfp4", "MoEMLPMXFP4Function"]

@@ -14,6 +14,8 @@ a state_dict moves freely between the two paths.
     MoEFeedForward      <->  kernels/moe.py         (routing in torch; moe_mlp: every expert in grouped GEMMs over
                                                      the assignments sorted by expert, the weighted sum in torch;
                                                      Qwen2-MoE's shared expert a SwiGLUFeedForward: kernels/swiglu.py)
+    MXFP4MoEFeedForward <->  kernels/moe.py         (moe_mlp_mxfp4: GPT-OSS's experts kept MXFP4, each weight tile
+                                                     decoded in registers in the same grouped kernel; dx only)
     MultiHeadAttention  <->  kernels/attention.py   (flash_attention: only the attention core is swapped;
                                                      its q/k norms are GPTConfig.norm's, RMSNorm or LayerNorm:
                                                      per head, OLMo 2's rows of n_head * head_dim, or
@@ -375,32 +377,42 @@ class MoEFeedForward(nn.Module):
         logits, weights, experts = self.route(x)
         self.router_logits = logits
         if self.use_triton:
-            from tritongpt.kernels.moe import moe_mlp
-
             # y [N, k, C] unweighted (b_down in it, as _expert's); the weighted sum stays here so the router gets
-            # its gradient through it. top-k's ids are in range by construction: no check (it would read a flag
-            # back from the GPU)
-            y = moe_mlp(x, experts, self.w_gate, self.w_up, self.w_down, self.activation, check_experts=False,
-                        b_gate=self.b_gate, b_up=self.b_up, b_down=self.b_down, limit=self.limit, alpha=self.alpha)
+            # its gradient through it
+            y = self._triton_experts(x, experts)
             out = self._plus_shared(x, (y * weights[..., None].to(y.dtype)).sum(1))
             return self.drop(out.view(shape))
         # under autocast x is fp32 and each expert's output bf16 (its matmuls'): the sum is kept in x's dtype and
         # the result is the experts' dtype, as the Triton path's weighted sum of its bf16 y
         out, dtype = torch.zeros_like(x), x.dtype
+        w = self._expert_weights(x.dtype)
         for e in range(self.n_experts):
             token, slot = torch.where(experts == e)
             if token.numel() == 0:  # skip an idle expert (its gradient slice stays zero)
                 continue
-            ye = self._expert(x[token], e)
+            ye = self._expert(x[token], e, w)
             dtype = ye.dtype
             # in place: no [N, C] per expert
             out.index_add_(0, token, (ye * weights[token, slot, None].to(ye.dtype)).to(out.dtype))
         return self.drop(self._plus_shared(x, out.to(dtype)).view(shape))
 
-    def _expert(self, xe, e: int):
+    def _triton_experts(self, x, experts):
+        """kernels/moe.py's y [N, k, C] for x's rows and their experts [N, k]."""
+        from tritongpt.kernels.moe import moe_mlp
+
+        # top-k's ids are in range by construction: no check (it would read a flag back from the GPU)
+        return moe_mlp(x, experts, self.w_gate, self.w_up, self.w_down, self.activation, check_experts=False,
+                       b_gate=self.b_gate, b_up=self.b_up, b_down=self.b_down, limit=self.limit, alpha=self.alpha)
+
+    def _expert_weights(self, dtype):
+        """(w_gate, w_up, w_down) the reference multiplies by: the parameters (MXFP4MoEFeedForward: dequantized)."""
+        return self.w_gate, self.w_up, self.w_down
+
+    def _expert(self, xe, e: int, w=None):
         """Expert e's gated MLP on its tokens' rows xe, textbook: act(g) * u, or GPT-OSS's clamped SwiGLU, with
-        the biases when the layer has them."""
-        g, u = xe @ self.w_gate[e].t(), xe @ self.w_up[e].t()
+        the biases when the layer has them. w: _expert_weights' (None: the parameters)."""
+        w_gate, w_up, w_down = w if w is not None else (self.w_gate, self.w_up, self.w_down)
+        g, u = xe @ w_gate[e].t(), xe @ w_up[e].t()
         if self.b_gate is not None:
             g, u = g + self.b_gate[e], u + self.b_up[e]
         if self.activation == "gpt_oss":
@@ -410,7 +422,7 @@ class MoEFeedForward(nn.Module):
             a = (u + 1) * (g * torch.sigmoid(self.alpha * g))
         else:
             a = GATES[self.activation](g) * u
-        y = a @ self.w_down[e].t()
+        y = a @ w_down[e].t()
         return y + self.b_down[e] if self.b_down is not None else y
 
     def _plus_shared(self, x, out):
@@ -419,6 +431,101 @@ class MoEFeedForward(nn.Module):
         if self.shared_expert is None:
             return out
         return out + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
+
+
+class MXFP4MoEFeedForward(MoEFeedForward):
+    """GPT-OSS's experts kept MXFP4, as the Hub's folders hold them (~4.25 bits a weight: gpt-oss-20b's experts
+    stay ~13 GB where bf16 takes ~40): the router and the routing are MoEFeedForward's, the experts' weights the
+    buffers transformers' layout names (model/quant.py dequantize_mxfp4 says the format):
+      gate_up_blocks uint8 [E, 2H, C / 32, 16], gate_up_scales uint8 [E, 2H, C / 32]: rows 2j gate j's, 2j + 1
+        up j's (transformers' interleave), 32 inputs a block;
+      down_blocks uint8 [E, C, H / 32, 16], down_scales uint8 [E, C, H / 32];
+    and the float biases b_gate, b_up [E, H], b_down [E, C]. Everything of the experts is frozen (buffers, as
+    QuantLinear's): x gets its gradient, the router and the rest of the model train (LoRA on attention); w_gate,
+    w_up and w_down are None (no float copy is kept).
+
+    Reference: the weights dequantized into x's dtype each forward (bit for bit hf_quant.mxfp4_dequantize's values,
+    so the model is exactly the folder's dequantized one), then MoEFeedForward's float math. Triton twin:
+    kernels/moe.py moe_mlp_mxfp4, the grouped kernel decoding each weight tile in registers (dx-only backward)."""
+
+    def __init__(self, n_embd: int, hidden: int, n_experts: int, top_k: int, norm_topk: bool = True,
+                 dropout: float = 0.0, limit: float = 7.0, alpha: float = 1.702, device=None,
+                 dtype=torch.float32):
+        nn.Module.__init__(self)
+        for name, width in (("n_embd", n_embd), ("hidden", hidden)):
+            if width % 32:  # (an expert's inputs are C for gate and up, H for down: each whole blocks of 32)
+                raise ValueError(f"MXFP4 experts: {name} {width} is not a multiple of 32, MXFP4's block")
+        assert 1 <= top_k <= n_experts, "top_k must be in [1, n_experts]"
+        self.activation, self.n_experts, self.top_k, self.norm_topk = "gpt_oss", n_experts, top_k, norm_topk
+        self.limit, self.alpha = limit, alpha
+        self.router = nn.Linear(n_embd, n_experts, bias=True, device=device, dtype=dtype)
+        E, C, H = n_experts, n_embd, hidden
+        u8 = dict(dtype=torch.uint8, device=device)
+        self.register_buffer("gate_up_blocks", torch.zeros(E, 2 * H, C // 32, 16, **u8))
+        self.register_buffer("gate_up_scales", torch.full((E, 2 * H, C // 32), 127, **u8))
+        self.register_buffer("down_blocks", torch.zeros(E, C, H // 32, 16, **u8))
+        self.register_buffer("down_scales", torch.full((E, C, H // 32), 127, **u8))
+        for name, shape in (("b_gate", (E, H)), ("b_up", (E, H)), ("b_down", (E, C))):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        self.w_gate = self.w_up = self.w_down = None
+        self.shared_expert = self.shared_gate = None
+        self.drop = nn.Dropout(dropout)
+        self.use_triton = False
+        self.router_logits = None
+
+    def set_packed(self, gate_up_blocks, gate_up_scales, down_blocks, down_scales, what: str = "MXFP4 experts"):
+        """Copy the packed experts in, each of its buffer's shape and uint8, else a UserError naming it (what: whose,
+        for the message); a scale of 255 (e8m0's NaN) or a value past float range refused as a damaged file."""
+        from tritongpt.errors import UserError
+
+        for name, t in zip(("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales"),
+                           (gate_up_blocks, gate_up_scales, down_blocks, down_scales)):
+            buf = getattr(self, name)
+            if t.dtype != torch.uint8 or t.shape != buf.shape:
+                raise UserError(f"{what}: {name} is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, not uint8 "
+                                f"{tuple(buf.shape)} (experts, rows, inputs / 32" +
+                                (", 16: 32 FP4 codes a block, two a byte)" if name.endswith("blocks") else
+                                 ": one e8m0 exponent a block of 32)"))
+            if name.endswith("scales") and t.numel() and int(t.max()) == 255:
+                raise UserError(f"{what}: {name} holds 255, e8m0's NaN (a damaged file)")
+        for blocks, scales in ((gate_up_blocks, gate_up_scales), (down_blocks, down_scales)):
+            # a value of 2 ** 128 or more (float32's inf) needs a scale of 253 or 254: only those blocks decoded
+            high = scales >= 253
+            if bool(high.any()):
+                from tritongpt.model.quant import dequantize_mxfp4
+
+                if not bool(torch.isfinite(dequantize_mxfp4(blocks[high].view(1, -1, 1, 16),
+                                                            scales[high].view(1, -1, 1))).all()):
+                    raise UserError(f"{what}: a value is 2 ** 128 or more (a scale of 253 or 254 and a large code), "
+                                    "beyond float range (a damaged file)")
+        with torch.no_grad():
+            for name, t in zip(("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales"),
+                               (gate_up_blocks, gate_up_scales, down_blocks, down_scales)):
+                getattr(self, name).copy_(t)
+
+    def _expert_weights(self, dtype):
+        """(w_gate, w_up [E, H, C], w_down [E, C, H]) dequantized into dtype (exact in float32, bfloat16 and float64,
+        which hold every MXFP4 value below 2 ** 128; float16 rounds them, as the Triton path's tiles do)."""
+        from tritongpt.model.quant import dequantize_mxfp4
+
+        gate_up = dequantize_mxfp4(self.gate_up_blocks, self.gate_up_scales, dtype)
+        return gate_up[:, 0::2], gate_up[:, 1::2], dequantize_mxfp4(self.down_blocks, self.down_scales, dtype)
+
+    def _triton_experts(self, x, experts):
+        from tritongpt.kernels.moe import moe_mlp_mxfp4
+
+        return moe_mlp_mxfp4(x, experts, self.gate_up_blocks, self.gate_up_scales, self.down_blocks,
+                             self.down_scales, check_experts=False, b_gate=self.b_gate.to(x.dtype),
+                             b_up=self.b_up.to(x.dtype), b_down=self.b_down.to(x.dtype), limit=self.limit,
+                             alpha=self.alpha)
+
+    def packed_bytes(self) -> int:
+        """The experts' weight bytes as kept (blocks and scales; the biases are float as ever)."""
+        return sum(t.numel() for t in (self.gate_up_blocks, self.gate_up_scales, self.down_blocks, self.down_scales))
+
+    def extra_repr(self) -> str:
+        E, H2, G = self.gate_up_scales.shape
+        return f"experts={E}, n_embd={G * 32}, hidden={H2 // 2}, top_k={self.top_k}, mxfp4"
 
 
 def load_balancing_loss(router_logits, top_k: int, mask=None):

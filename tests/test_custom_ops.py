@@ -96,6 +96,21 @@ def _moe_args(device, gen):
                                     "gpt_oss", 0.5, 1.702)}
 
 
+def _moe_mxfp4_args(device, gen):
+    # GPT-OSS's experts kept MXFP4: 7 tokens, 3 experts, k 2, C 32 and H 32 (one block of 32 each)
+    x = _randn(7, 32, device=device, gen=gen)
+    experts = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(7)]).to(device)
+    u8 = dict(dtype=torch.uint8, generator=gen)
+    gub, dnb = (torch.randint(0, 256, (3, rows, 1, 16), **u8).to(device) for rows in (64, 32))
+    gus, dns = (torch.randint(120, 130, (3, rows, 1), **u8).to(device) for rows in (64, 32))
+    biases = tuple(_randn(*shape, device=device, gen=gen) for shape in ((3, 32), (3, 32), (3, 32)))
+    packed = (gub, gus, dnb, dns)
+    y, g, u, order, offsets = ops.moe_mlp_mxfp4_fwd(x, experts, *packed, "gpt_oss", *biases, 0.5, 1.702)
+    return {"moe_mlp_mxfp4_fwd": (x, experts, *packed, "gpt_oss", *biases, 0.5, 1.702),
+            "moe_mlp_mxfp4_bwd": (torch.randn_like(y), x, experts, g, u, order, offsets, *packed, "gpt_oss", 0.5,
+                                  1.702)}
+
+
 def _cross_entropy_args(device, gen):
     logits = _randn(6, 40, device=device, gen=gen)
     t = torch.randint(0, 37, (6,), generator=gen).to(device)
@@ -242,7 +257,7 @@ def _sampling_args(device, gen):
 
 MAKERS = {"layer_norm": _layer_norm_args, "rms_norm": _rms_norm_args, "mlp": _mlp_args,
           "cross_entropy": _cross_entropy_args, "attention": _attention_args, "rope": _rope_args,
-          "swiglu": _swiglu_args, "moe": _moe_args, "distill": _distill_args, "int8_linear": _int8_linear_args,
+          "swiglu": _swiglu_args, "moe": _moe_args, "moe_mxfp4": _moe_mxfp4_args, "distill": _distill_args, "int8_linear": _int8_linear_args,
           "int4_linear": _int4_linear_args, "lora": _lora_args, "token_mask": _token_mask_args,
           "sampling": _sampling_args}
 OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
@@ -262,6 +277,7 @@ OPS = [(kernel, op) for kernel, names in (("layer_norm", ("layer_norm_fwd", "lay
                                           ("moe", ("moe_mlp_fwd", "moe_mlp_fwd int32 gelu", "moe_mlp_bwd",
                                                    "moe_mlp_bwd frozen w_up", "moe_mlp_fwd gpt_oss",
                                                    "moe_mlp_bwd gpt_oss")),
+                                          ("moe_mxfp4", ("moe_mlp_mxfp4_fwd", "moe_mlp_mxfp4_bwd")),
                                           ("cross_entropy", ("checked_targets", "cross_entropy_fwd",
                                                              "cross_entropy_bwd", "cross_entropy_fwd smoothed+z",
                                                              "cross_entropy_bwd smoothed+z", "cross_entropy_fwd softcap",
