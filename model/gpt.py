@@ -17,8 +17,8 @@ import torch.utils.checkpoint
 from tritongpt._types import is_int, is_real, loss_options, temperature_value
 from tritongpt.errors import UserError
 from tritongpt.model.config import GPTConfig
-from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, PerHeadNorm, RMSNorm,
-                                    Rotary, SwiGLUFeedForward, TransformerBlock, document_starts,
+from tritongpt.model.layers import (FeedForward, LayerNorm, MoEFeedForward, MultiHeadAttention, MXFP4MoEFeedForward,
+                                    PerHeadNorm, RMSNorm, Rotary, SwiGLUFeedForward, TransformerBlock, document_starts,
                                     load_balancing_loss, make_norm, quantize_kv, rope_seq_len)
 from tritongpt.model.layers import KV_CACHE_DTYPES
 from tritongpt.model.lora import AdapterLinear
@@ -1076,6 +1076,11 @@ class GPTModel(nn.Module):
     # -- weights on disk --------------------------------------------------------------------
     def save(self, path, extra_metadata: dict | None = None):
         """Weights as safetensors, with the config (and any extra strings) in its metadata."""
+        if any(isinstance(m, MXFP4MoEFeedForward) for m in self.modules()):
+            # (no checkpoint layout says them: GPTModel.load would build float experts and refuse the blocks)
+            raise UserError("this model's experts are kept MXFP4 (a GPT-OSS folder's): a tritongpt checkpoint does "
+                            "not hold them; export_gpt_oss writes them back as they are, or load the folder "
+                            "dequantized (load_gpt_oss_safetensors(path, quantized=False)) to save a float model")
         meta = {"config": json.dumps(self.config.to_dict()), "format": "tritongpt", **self.quantized_metadata()}
         taken = sorted(set(extra_metadata or {}) & set(meta))
         if taken:  # they say how to read the file: another value would make it unloadable

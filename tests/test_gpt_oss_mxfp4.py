@@ -108,7 +108,8 @@ def test_an_mxfp4_folder_loads_as_its_dequantized_experts_and_matches_transforme
 
 def test_init_and_info_read_an_mxfp4_folder_as_a_float_model(mxfp4_folder, capsys):
     """--init (the LoRA trainers' load_init_base) loads it as a float model, fully trainable, not a QLoRA base;
-    `info` shows its fields."""
+    `info` (a command that only reads the model: load_checkpoint's quantized_ok) shows its fields, its experts
+    kept MXFP4."""
     from tritongpt.cli import main
     from tritongpt.train.sft import load_init_base
 
@@ -120,7 +121,7 @@ def test_init_and_info_read_an_mxfp4_folder_as_a_float_model(mxfp4_folder, capsy
     assert main(["info", "--weights", str(folder)]) == 0
     out, err = capsys.readouterr()
     assert "n_experts       4" in out and "moe_activation  gpt_oss" in out and "quantized" not in out
-    assert "MXFP4 expert weights are dequantized" in err
+    assert "MXFP4 expert weights are kept MXFP4" in err
 
 
 def _edit(folder, tmp_path, tensors=None, config=None):
@@ -160,3 +161,53 @@ def test_what_is_not_gpt_oss_mxfp4_is_refused_by_name(mxfp4_folder, tmp_path, te
     path = _edit(mxfp4_folder[0], tmp_path, tensors, config)
     with pytest.raises(UserError, match=said):
         load_checkpoint(path)
+
+
+def test_an_mxfp4_folder_loads_kept_for_running_and_gives_the_dequantized_models_logits(mxfp4_folder, capsys):
+    """load_checkpoint(quantized_ok) (generate, chat, serve, eval) keeps the experts MXFP4: the same logits as the
+    dequantized load, exactly on the reference path and within fp32's rounding on the Triton one; its experts'
+    bytes ~1/4 of bf16's (4.25 bits a weight: 0.5 byte a value and a scale byte per 32); frozen."""
+    from tritongpt.model.layers import MXFP4MoEFeedForward
+
+    folder, sd = mxfp4_folder
+    dense = load_checkpoint(folder / "model.safetensors").eval()
+    kept = load_checkpoint(folder / "model.safetensors", quantized_ok=True).eval()
+    assert "4 MXFP4 expert weights are kept MXFP4" in capsys.readouterr().err
+    ff = kept.trf_blocks[1].ff
+    assert isinstance(ff, MXFP4MoEFeedForward) and ff.w_gate is None
+    assert torch.equal(ff.down_blocks, sd["model.layers.1.mlp.experts.down_proj_blocks"])
+    assert not any(".ff.w_" in n for n in kept.state_dict())
+    bf16 = sum(2 * getattr(b.ff, w).numel() for b in dense.trf_blocks for w in ("w_gate", "w_up", "w_down"))
+    packed = sum(b.ff.packed_bytes() for b in kept.trf_blocks)
+    assert packed / bf16 == pytest.approx((0.5 + 1 / 32) / 2)
+    assert not any(p.requires_grad for n, p in kept.named_parameters() if ".ff." in n and ".router." not in n)
+    idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = dense(idx)
+        assert torch.equal(kept(idx), want)
+        kept.set_kernels("mlp")
+        assert kept.trf_blocks[0].ff.use_triton
+        assert_close_rel(kept(idx), want, 1e-5, "Triton MXFP4 experts")
+
+
+def test_a_kept_model_exports_its_blocks_unchanged_and_is_not_saved_as_a_checkpoint(mxfp4_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from tritongpt.train.gpt_oss_weights import export_gpt_oss, load_gpt_oss_safetensors
+
+    folder, sd = mxfp4_folder
+    kept = load_gpt_oss_safetensors(folder / "model.safetensors").eval()
+    export_gpt_oss(kept, tmp_path / "out", eos_token_id=1)
+    back = load_file(tmp_path / "out" / "model.safetensors")
+    # every tensor the file's own: the blocks and scales byte for byte (uint8), the float ones exactly
+    assert set(back) == set(sd)
+    for name, t in sd.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert q == {"quant_method": "mxfp4", "modules_to_not_convert": list(GPT_OSS_SKIP)}
+    again = load_gpt_oss_safetensors(tmp_path / "out" / "model.safetensors").eval()
+    idx = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(again(idx), kept(idx))
+    with pytest.raises(UserError, match="experts are kept MXFP4 .* a tritongpt checkpoint does not hold them"):
+        kept.save(tmp_path / "m.safetensors")

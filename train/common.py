@@ -538,7 +538,8 @@ def expert_stacks(model: nn.Module) -> list:
     found = {}
     for moe in model.modules():
         if isinstance(moe, MoEFeedForward):
-            found.update({id(p): p for p in (moe.w_gate, moe.w_up, moe.w_down) if p.requires_grad})
+            # (MXFP4MoEFeedForward's are None: its experts are frozen buffers)
+            found.update({id(p): p for p in (moe.w_gate, moe.w_up, moe.w_down) if p is not None and p.requires_grad})
     return list(found.values())
 
 

@@ -588,7 +588,8 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         if is_stablelm_file(path):
             return load_stablelm_safetensors(path)
         if is_gpt_oss_file(path):  # before the other MoE families: its tensors have their layers' names
-            return load_gpt_oss_safetensors(path)
+            # its MXFP4 experts kept for the commands that run a model, dequantized for the rest (as a GGUF's)
+            return load_gpt_oss_safetensors(path, quantized=quantized_ok)
         if is_moe_file(path):
             return load_moe_safetensors(path)
         if is_glm4_file(path):

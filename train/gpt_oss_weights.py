@@ -13,9 +13,13 @@ have not:
   [E, C]; ours are w_gate, w_up [E, H, C], w_down [E, C, H] and b_gate, b_up, b_down.
 The Hub's own folders hold the experts in MXFP4 (quantization_config quant_method "mxfp4": gate_up_proj_blocks
 uint8 [E, 2H, C / 32, 16] and gate_up_proj_scales, down_proj_blocks / _scales; attention, router, embeddings and head
-float, its modules_to_not_convert): read as the float model of their dequantized experts (hf_quant.mxfp4_experts:
-bfloat16, which holds every MXFP4 value exactly, in transformers' [E, C, 2H] layout, then split as a float folder's
-are), said on stderr; there is no MXFP4 kernel here. Any other quantization is refused by name; the BF16 copies
+float, its modules_to_not_convert): kept MXFP4 by default (model/layers.py MXFP4MoEFeedForward, the blocks and scales
+as the file has them: gpt-oss-20b's experts ~13 GB, not bf16's ~40; kernels/moe.py moe_mlp_mxfp4 on the Triton path;
+frozen, dx-only backward), as load_checkpoint gives them to the commands that run a model (quantized_ok); with
+quantized False (load_checkpoint's trainers, export, merge) read as the float model of their dequantized experts
+(hf_quant.mxfp4_experts: bfloat16, which holds every MXFP4 value exactly, in transformers' [E, C, 2H] layout, then
+split as a float folder's are), said on stderr. Export of a kept model writes the blocks back unchanged. Any other
+quantization is refused by name; the BF16 copies
 (and transformers' save_pretrained) are read as they are. router_aux_loss_coef is read as 0, as the other MoE
 families (transformers adds it only with output_router_logits, false in the Hub's folders), and written as
 GPTConfig.moe_aux_loss.
@@ -24,19 +28,22 @@ from pathlib import Path
 
 import torch
 
-from tritongpt.errors import UserError, read_json_object
+from tritongpt.errors import UserError, note, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
-from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, hf_quantization,
-                                          model_with_tensors, refuse_quantized, tensor_names, weights_file,
-                                          write_hf_folder)
-from tritongpt.train.hf_quant import folder_dequantized, folder_quantization
+from tritongpt.model.layers import MXFP4MoEFeedForward
+from tritongpt.train.gpt2_weights import (_FLOAT_DTYPES, _read_tensors, config_flag, config_json_gptconfig,
+                                          hf_quantization, model_with_tensors, refuse_quantized, tensor_names,
+                                          weights_file, write_hf_folder)
+from tritongpt.train.hf_quant import check_mxfp4_pair, folder_dequantized, folder_quantization, mxfp4_bases
 from tritongpt.train.llama_weights import LLAMA_KEYS, _rope_theta, hf_shapes, shape_fields
 
 _ATT = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
         ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"))
 _BIASED = ("att.W_query", "att.W_key", "att.W_value", "att.out_proj")
 _EXPERTS = "layers.{}.mlp.experts."
+# an MXFP4 folder's modules_to_not_convert, as openai/gpt-oss-20b's config.json says them: all but the experts
+MXFP4_FLOAT_MODULES = ("model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head")
 
 
 def is_gpt_oss_file(path) -> bool:
@@ -151,9 +158,11 @@ def _our_tensors(sd: dict, cfg: GPTConfig, path) -> dict:
     return ours
 
 
-def load_gpt_oss_safetensors(path) -> GPTModel:
+def load_gpt_oss_safetensors(path, quantized: bool = True) -> GPTModel:
     """GPTModel with the weights of a Hugging Face GPT-OSS model.safetensors (or shard index) and its config.json
-    beside it."""
+    beside it. An MXFP4 folder's experts are kept MXFP4 (MXFP4MoEFeedForward, both paths run it) unless quantized is
+    False: then they are dequantized into an ordinary float model (load_gguf's convention: load_checkpoint passes
+    its quantized_ok, so the commands that run a model keep them and the trainers, export and merge get floats)."""
     path = weights_file(path, "GPT-OSS")
     cfg_json = path.parent / "config.json"
     if not cfg_json.is_file():
@@ -167,12 +176,70 @@ def load_gpt_oss_safetensors(path) -> GPTModel:
             refuse_quantized(q, "GPT-OSS is read from float weights or its MXFP4 experts only")
         dequant = folder_quantization(cfg_json)[1]  # (mxfp4_spec: a model_type other than gpt_oss refused)
     sd = _read_tensors(path, prefix="model.", quantization_read=dequant is not None)
-    if dequant is not None:
+    if dequant is not None and not quantized:
         # each layer's experts' *_blocks / _scales -> gate_up_proj [E, C, 2H] and down_proj [E, H, C] bfloat16,
         # the layout of a float folder's, which _experts splits as it does those
         sd = folder_dequantized(sd, dequant, path, prefix="model.")
+    packed = {}
+    if dequant is not None and quantized:
+        for b in mxfp4_bases(sd, dequant, path, prefix="model."):
+            blocks, scales = packed[b] = sd.pop(b + "_blocks"), sd.pop(b + "_scales")
+            check_mxfp4_pair(blocks, scales, f"{path}: {b}")
+            # a stand-in of the dequantized tensor's shape ([E, G * 32, R]: no memory) for the config's checks
+            E, R, G = scales.shape
+            sd[b] = torch.empty((E, G * 32, R), device="meta")
     cfg = _check_hf_config(cfg_json, sd)
-    return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, path), path)
+    if not packed:
+        return model_with_tensors(cfg, lambda: _our_tensors(sd, cfg, path), path)
+    return _kept_model(cfg, sd, packed, path)
+
+
+def _kept_model(cfg: GPTConfig, sd: dict, packed: dict, path) -> GPTModel:
+    """The model of an MXFP4 folder with every layer's experts MXFP4MoEFeedForward, their blocks and scales as the
+    file has them (the float experts never made); the rest as a float folder's."""
+    for i in range(cfg.n_layer):
+        p = _EXPERTS.format(i)
+        if p + "gate_up_proj" not in packed or p + "down_proj" not in packed:
+            raise UserError(f"{path}: {p}gate_up_proj and down_proj are not both MXFP4 beside other layers' MXFP4 "
+                            "experts: this reader keeps every layer's experts MXFP4 or none; load it dequantized "
+                            "(load_gpt_oss_safetensors(path, quantized=False))")
+
+    def build(cfg):
+        with torch.device("meta"):
+            model = GPTModel(cfg)
+            for block in model.trf_blocks:
+                block.ff = MXFP4MoEFeedForward(cfg.n_embd, cfg.ff_hidden, cfg.n_experts, cfg.experts_per_token,
+                                               cfg.moe_norm_topk, cfg.dropout, cfg.swiglu_limit, cfg.swiglu_alpha)
+        return model.to_empty(device="cpu").eval()
+
+    built = {}
+
+    def mapping():
+        ours = _our_tensors(sd, cfg, path)
+        for i, block in enumerate(built["model"].trf_blocks):
+            mine, theirs = f"trf_blocks.{i}.ff.", _EXPERTS.format(i)
+            for name in ("w_gate", "w_up", "w_down"):
+                ours.pop(mine + name)  # (the meta stand-ins')
+            with torch.no_grad():
+                for name in ("b_gate", "b_up", "b_down"):  # float, frozen buffers beside the blocks
+                    value, buf = ours.pop(mine + name), getattr(block.ff, name)
+                    if value.dtype not in _FLOAT_DTYPES:
+                        raise UserError(f"{path}: tensor for {mine}{name} is {str(value.dtype).removeprefix('torch.')}, "
+                                        "not a float bias")
+                    buf.copy_(value)
+            block.ff.set_packed(*packed[theirs + "gate_up_proj"], *packed[theirs + "down_proj"],
+                                what=f"{path}: {theirs}")
+        return ours
+
+    def build_kept(cfg):
+        built["model"] = build(cfg)
+        return built["model"]
+
+    model = model_with_tensors(cfg, mapping, path, build=build_kept)
+    note(f"{path}: its {len(packed)} MXFP4 expert weights are kept MXFP4 (MXFP4MoEFeedForward: "
+         f"{sum(b.ff.packed_bytes() for b in model.trf_blocks):,} bytes, bf16's would be ~3.8 times that); "
+         "frozen: training reads the folder dequantized")
+    return model
 
 
 # -- export ------------------------------------------------------------------------------------------------
@@ -239,12 +306,19 @@ def _hf_tensors(model: GPTModel) -> dict:
         hf[f"layers.{i}.self_attn.sinks"] = sd[f"trf_blocks.{i}.att.sinks"]
         hf[f"layers.{i}.mlp.router.weight"] = sd[f"trf_blocks.{i}.ff.router.weight"]
         hf[f"layers.{i}.mlp.router.bias"] = sd[f"trf_blocks.{i}.ff.router.bias"]
-        ff = {n: sd[f"trf_blocks.{i}.ff.{n}"] for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")}
         p = _EXPERTS.format(i)
-        # [E, H, C] twice -> [E, C, 2H], column 2j gate j's and 2j + 1 up j's
-        hf[p + "gate_up_proj"] = torch.stack((ff["w_gate"], ff["w_up"]), dim=2).flatten(1, 2).transpose(1, 2)
+        if isinstance(model.trf_blocks[i].ff, MXFP4MoEFeedForward):
+            # kept MXFP4: the blocks and scales written as they are (lossless), in transformers' layout already
+            ff = {n: sd[f"trf_blocks.{i}.ff.{n}"] for n in ("b_gate", "b_up", "b_down")}
+            for name in ("gate_up", "down"):
+                for part in ("blocks", "scales"):
+                    hf[f"{p}{name}_proj_{part}"] = sd[f"trf_blocks.{i}.ff.{name}_{part}"]
+        else:
+            ff = {n: sd[f"trf_blocks.{i}.ff.{n}"] for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")}
+            # [E, H, C] twice -> [E, C, 2H], column 2j gate j's and 2j + 1 up j's
+            hf[p + "gate_up_proj"] = torch.stack((ff["w_gate"], ff["w_up"]), dim=2).flatten(1, 2).transpose(1, 2)
+            hf[p + "down_proj"] = ff["w_down"].transpose(1, 2)
         hf[p + "gate_up_proj_bias"] = torch.stack((ff["b_gate"], ff["b_up"]), dim=2).flatten(1, 2)
-        hf[p + "down_proj"] = ff["w_down"].transpose(1, 2)
         hf[p + "down_proj_bias"] = ff["b_down"]
     out = {"model." + k: v for k, v in hf.items()}
     out["lm_head.weight"] = sd["out_head.weight"][:V]
@@ -256,4 +330,12 @@ def export_gpt_oss(model: GPTModel, out_dir, eos_token_id: int | None = None, ov
     transformers.AutoModelForCausalLM.from_pretrained(out_dir) and load_checkpoint both read. Returns the paths
     written; refuses to replace them unless overwrite."""
     refuse_not_gpt_oss(model, "a GPT-OSS folder")
-    return write_hf_folder(out_dir, lambda: _hf_tensors(model), hf_config(model.config, eos_token_id), overwrite)
+    d = hf_config(model.config, eos_token_id)
+    kept = [isinstance(b.ff, MXFP4MoEFeedForward) for b in model.trf_blocks]
+    if any(kept):
+        if not all(kept):  # (one quantization_config says it for every layer's experts)
+            raise UserError("this model has MXFP4 experts in some layers and float ones in others: a GPT-OSS "
+                            "folder's quantization_config says one form for all")
+        # the Hub's own: everything but the experts float
+        d["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": list(MXFP4_FLOAT_MODULES)}
+    return write_hf_folder(out_dir, lambda: _hf_tensors(model), d, overwrite)
