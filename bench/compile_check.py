@@ -261,6 +261,14 @@ def capture(quick=False, half="bfloat16", tma=True):
                 bg, bd = torch.empty(8, hs, dtype=dt, **meta), torch.empty(8, c, dtype=dt, **meta)
                 y, g, u, order, offsets = moe._fwd_launch(x, experts, wg, wg, wd, "gpt_oss", bg, bg, bd)
                 moe._bwd_launch(torch.empty_like(y), x, g, u, order, offsets, wg, wg, wd, (True,) * 7, "gpt_oss")
+                # kept MXFP4 (moe_mlp_mxfp4): the same products with each weight tile decoded from uint8 blocks and
+                # e8m0 scales (MXFP4=1: blocks along K, forward's; 2: along N, backward's da and dx), dx only
+                case[0] = f"gpt-oss mxfp4 moe {name} {TOKENS}x{c}->{hs} E=8 k=2"
+                u8 = dict(dtype=torch.uint8, **meta)
+                packed = (torch.empty(8, 2 * hs, c // 32, 16, **u8), torch.empty(8, 2 * hs, c // 32, **u8),
+                          torch.empty(8, c, hs // 32, 16, **u8), torch.empty(8, c, hs // 32, **u8))
+                y, g, u, order, offsets = moe._mxfp4_fwd_launch(x, experts, *packed, "gpt_oss", bg, bg, bd)
+                moe._mxfp4_bwd_launch(torch.empty_like(y), x, g, u, order, offsets, *packed)
 
             for width in (VOCAB, PADDED_VOCAB):  # GPT-2's rows, and rows padded to a multiple of 64
                 case[0] = f"cross_entropy {name} {TOKENS}x{width} ({VOCAB} classes)"

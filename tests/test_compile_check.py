@@ -57,10 +57,10 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     moe = {(r["kernel"], r["variant"]) for r in rows if r["case"].startswith("moe")}
     assert len(moe) == 7, moe
     assert {v.split(" PRECISION")[0] for k, v in moe if k == "_grouped_kernel"} == {
-        "GATHER_A=True SCATTER_C=False EPILOGUE=3 SUM2=False GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False",
-        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=False GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False",
-        "GATHER_A=True SCATTER_C=False EPILOGUE=4 SUM2=False GATE_GELU=False STORE_ACT=True HAS_BIAS=False CLAMP=False",
-        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=True GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False"
+        "GATHER_A=True SCATTER_C=False EPILOGUE=3 SUM2=False GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False MXFP4=0",
+        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=False GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False MXFP4=0",
+        "GATHER_A=True SCATTER_C=False EPILOGUE=4 SUM2=False GATE_GELU=False STORE_ACT=True HAS_BIAS=False CLAMP=False MXFP4=0",
+        "GATHER_A=False SCATTER_C=True EPILOGUE=0 SUM2=True GATE_GELU=False STORE_ACT=False HAS_BIAS=False CLAMP=False MXFP4=0"
     }, moe
     assert sum("R_SWIGLU=True" in v for k, v in moe if k == "_expert_grad_kernel") == 1, moe
     # GPT-OSS's experts (kernels/moe.py's HAS_BIAS and CLAMP): forward's gate+up with both, its down with the
@@ -68,6 +68,15 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     oss = {(r["kernel"], r["variant"]) for r in rows if r["case"].startswith("gpt-oss moe")}
     assert any("EPILOGUE=3" in v and "HAS_BIAS=True CLAMP=True" in v for k, v in oss if k == "_grouped_kernel"), oss
     assert any("EPILOGUE=4" in v and "CLAMP=True" in v for k, v in oss if k == "_grouped_kernel"), oss
+    # GPT-OSS's experts kept MXFP4 (moe_mlp_mxfp4): forward's two products decode blocks along K (MXFP4=1), dx's
+    # da (the clamp's masks) and dg/du products along N (MXFP4=2); no weight-gradient launch (the experts frozen)
+    mx = {(r["kernel"], r["variant"].split(" PRECISION")[0]) for r in rows if r["case"].startswith("gpt-oss mxfp4")}
+    assert {k for k, _ in mx} == {"_grouped_kernel"} and len(mx) == 4, mx
+    assert sorted(v.split("MXFP4=")[1] for _, v in mx) == ["1", "1", "2", "2"], mx
+    assert any("EPILOGUE=3" in v and "HAS_BIAS=True CLAMP=True MXFP4=1" in v for _, v in mx), mx
+    assert any("EPILOGUE=4" in v and "CLAMP=True MXFP4=2" in v for _, v in mx), mx
+    assert not any("MXFP4=0" not in r["variant"] for r in rows
+                   if r["kernel"] == "_grouped_kernel" and not r["case"].startswith("gpt-oss mxfp4")), "MXFP4 elsewhere"
     assert not any(("CLAMP=True" in r["variant"] or "HAS_BIAS=True" in r["variant"]) for r in rows
                    if r["kernel"] in ("_grouped_kernel", "_expert_grad_kernel")
                    and not r["case"].startswith("gpt-oss")), "GPT-OSS's flags outside its case"
