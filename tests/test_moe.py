@@ -541,6 +541,20 @@ def test_a_resume_that_would_change_the_experts_is_refused_by_name():
         cfg = moe_config(**change)
         with pytest.raises(UserError, match=refused):
             Trainer._check_same_function(SimpleNamespace(_cfg=cfg, name="pretrain"), "ckpt", saved)
+    # the experts' other fields change the function (and the state dict: a shared expert's weights, the biases),
+    # refused by name before the weights' load would fail on their shapes
+    for change, refused in (({"moe_shared_hidden": 8}, "has no shared expert.*; this run's model has a shared "
+                                                       "expert of hidden size 8"),
+                            ({"moe_bias": True}, "has no router and expert biases.*this run's model .*has router"),
+                            ({"moe_activation": "gpt_oss"}, "computes the gated MLP mlp names; this run's model .*"
+                                                            "computes GPT-OSS's clamped SwiGLU \\(limit 7, alpha 1.702")):
+        with pytest.raises(UserError, match=refused + ".*: pass the run's own --init"):
+            Trainer._check_same_function(SimpleNamespace(_cfg=moe_config(**change), name="pretrain"), "ckpt", saved)
+    oss = moe_config(moe_activation="gpt_oss", moe_bias=True)
+    with pytest.raises(UserError, match="limit 7, alpha 1.702\\); this run's model .*limit 5, alpha 1.702"):
+        Trainer._check_same_function(SimpleNamespace(_cfg=moe_config(moe_activation="gpt_oss", moe_bias=True,
+                                                                     swiglu_limit=5.0), name="sft"), "ckpt",
+                                     oss.to_dict())
     # MFU's 6N counts the experts a token meets: top 2 of 4 is a dense MLP's two experts' worth
     model, dense = GPTModel(moe_config()), GPTModel(moe_config(n_experts=2))
     assert flops_per_token(model.config, model.num_params(), 8) == \

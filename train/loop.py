@@ -484,7 +484,8 @@ class Trainer:
         and its eps, biases, on q/k/v only (Qwen2) or none, Gemma's scaled embeddings, sandwich norms,
         local RoPE, attention soft cap and scale, SmolLM3's NoPE layers, OLMo's absent input norms and
         whole-width q/k norms, GPT-NeoX's parallel blocks and exact GELU, BLOOM's embedding norm, MPT's
-        bias-free LayerNorms, Falcon-RW's scaled ALiBi) or another MLP (GELU, SwiGLU or GeGLU, the gated ones'
+        bias-free LayerNorms, Falcon-RW's scaled ALiBi, the experts: their count and top k, Qwen2-MoE's shared
+        expert, GPT-OSS's biases and clamped SwiGLU) or another MLP (GELU, SwiGLU or GeGLU, the gated ones'
         hidden size: other weights too, named before their shapes are): the run would go on as another model. A
         config from before a field reads as without it; no saved config (a bare weights file) is not compared."""
         from tritongpt.model.layers import swiglu_hidden
@@ -517,6 +518,11 @@ class Trainer:
         # fields, every layer's and none
         moe_layout = (saved_cfg.get("moe_layers", "all"), saved_cfg.get("moe_dense_hidden", 0),
                       saved_cfg.get("moe_shared_hidden", 0))
+        # the experts' other fields (Qwen2-MoE's shared expert, GPT-OSS's biases and clamped SwiGLU): a config
+        # from before one reads as without it, the config's defaults
+        moe_extras = (saved_cfg.get("moe_shared_hidden", 0), saved_cfg.get("moe_bias", False),
+                      saved_cfg.get("moe_activation", "glu"), saved_cfg.get("swiglu_limit", 7.0),
+                      saved_cfg.get("swiglu_alpha", 1.702))
         n_embd = saved_cfg.get("n_embd", cfg.n_embd)
         hidden = saved_cfg.get("mlp_hidden", 0) or (4 * n_embd if mlp == "relu2" else swiglu_hidden(n_embd))
         gated = ("swiglu", "geglu", "relu2")  # (and the squared-ReLU MLP's hidden size is its own too)
@@ -677,6 +683,17 @@ class Trainer:
             # pretrain's flags set the first two; the shared expert only an --init folder's config.json
             flags = f"--moe-layers {moe_layout[0]} --moe-dense-hidden {moe_layout[1]}" \
                 if moe_layout[2] == cfg.moe_shared_hidden else "the run's own --init"
+        elif moe_extras != (cfg.moe_shared_hidden, cfg.moe_bias, cfg.moe_activation, cfg.swiglu_limit,
+                            cfg.swiglu_alpha) and (moe[0] or cfg.n_experts):
+            def extras(shared, biased, activation, limit, alpha):
+                return ", ".join([f"has a shared expert of hidden size {shared}" if shared else "has no shared expert",
+                                  f"{'has' if biased else 'has no'} router and expert biases",
+                                  f"computes GPT-OSS's clamped SwiGLU (limit {limit:g}, alpha {alpha:g})"
+                                  if activation == "gpt_oss" else "computes the gated MLP mlp names"])
+
+            now = extras(cfg.moe_shared_hidden, cfg.moe_bias, cfg.moe_activation, cfg.swiglu_limit, cfg.swiglu_alpha)
+            what = f"{extras(*moe_extras)}; this run's model {now}"
+            flags = "the run's own --init"  # Qwen2-MoE's and GPT-OSS's: only an --init folder's config.json
         else:
             return
         fix = f"pass {flags}" if self.name == "pretrain" else "resume with the run's own --init"
