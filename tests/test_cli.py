@@ -104,6 +104,19 @@ def test_every_flag_and_argument_has_a_help_text():
     assert len(flags) > 150 and bare == []
 
 
+def test_every_weights_flag_says_what_load_checkpoint_reads():
+    """Every --weights reads load_checkpoint's inputs (Hugging Face folders of any family it reads, .gguf files, our
+    checkpoints) and says so with the one shared text: hellaswag's and lambada's wrote out "a Hugging Face GPT-2 or
+    GPT-Neo model.safetensors", stale once Llama, Qwen, GGUF ... loaded there too."""
+    from tritongpt.cli import build_parser
+    from tritongpt.train.tokenizer import HF_WEIGHTS_HELP
+
+    weights = [(path, a) for path, a in every_flag(build_parser()) if "--weights" in a.option_strings]
+    stale = [" ".join(path) for path, a in weights if HF_WEIGHTS_HELP not in a.help]
+    assert {"hellaswag", "lambada", "eval", "generate"} <= {path[-1] for path, _ in weights} and stale == []
+    assert ".gguf" in HF_WEIGHTS_HELP and "any family" in HF_WEIGHTS_HELP
+
+
 def test_a_default_a_help_text_writes_out_is_the_flags_default():
     """A help text that writes a flag's number default out (not as %(default)s) states the default argparse has: a
     default changed in the code but not in the text would tell every --help reader the old one. (A flag whose

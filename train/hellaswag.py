@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tritongpt.errors import UserError
-from tritongpt.train.tokenizer import HUB_REPO_HELP, TOKENIZER_CHOICES
+from tritongpt.train.tokenizer import HF_WEIGHTS_HELP, HUB_REPO_HELP, TOKENIZER_CHOICES
 from tritongpt.cli import command_help
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -383,9 +383,9 @@ def add_scoring_args(p, data_help: str, limit_flags, limit_help: str, batch_help
 
     add_model_args(p, default_model=None, default_text="what --weights holds")
     p.add_argument("--weights", required=True,
-                   help="tritongpt checkpoint (file, checkpoint or run folder), a Hugging Face GPT-2 or GPT-Neo "
-                        "model.safetensors, a GPT-2 or GPT-Neo name (gpt2-small, gpt-neo-125m ...: downloads the "
-                        "weights), or " + HUB_REPO_HELP)
+                   help="tritongpt checkpoint (file, checkpoint or run folder; an int8 or int4 one of `tritongpt "
+                        "quantize` too), " + HF_WEIGHTS_HELP + ", a GPT-2 or GPT-Neo name (gpt2-small, "
+                        "gpt-neo-125m ...: downloads the weights), or " + HUB_REPO_HELP)
     p.add_argument("--data", default=None, help=data_help)
     p.add_argument(*limit_flags, type=int, default=None, action=CountArg, help=limit_help)
     p.add_argument("--batch-size", type=int, default=8, help=batch_help + " (default %(default)s)")

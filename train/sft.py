@@ -583,9 +583,9 @@ def per_task_accuracy(rows) -> dict:
 
 # -- model and tokenizer ------------------------------------------------------------------------------
 def load_init_model(init: str, model_name: str | None = None, quantized_ok: bool = False):
-    """--init: a tritongpt checkpoint (file, ckpt folder or run folder), a Hugging Face GPT-2 or GPT-Neo
-    safetensors file, a peft LoRA adapter folder (merged into its base), a GPT-2 or GPT-Neo name (pretrained
-    weights), or another preset (random weights).
+    """--init: what load_checkpoint reads (a tritongpt checkpoint: file, ckpt folder or run folder; a Hugging Face
+    folder or its weights file, of any family it reads; a .gguf file; a peft LoRA adapter folder, merged into its
+    base), a GPT-2 or GPT-Neo name (pretrained weights), or another preset (random weights).
     model_name: the preset naming the heads of a GPT-2 file without its config.json. quantized_ok: an int8 or int4 file
     loads (the scorers run it; a trainer's --init refuses it by name)."""
     from tritongpt.model.config import PRESETS, get_config
