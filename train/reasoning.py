@@ -26,7 +26,7 @@ whose last think token is </think> has done its thinking (Qwen3's template with 
 import re
 
 from tritongpt.errors import UserError
-from tritongpt.train.tool_calls import HARMONY_MARKERS, harmony_split, held
+from tritongpt.train.tool_calls import HARMONY_MARKERS, HarmonyReader, harmony_split, harmony_text, held
 
 
 class Thinking:
@@ -180,25 +180,20 @@ class ReasoningStream:
 
 
 class HarmonyStream:
-    """A streamed harmony choice: the reasoning and the content each sent as they grow (harmony_split of the text so
-    far: an end marker's possible start held back, a header until its <|message|>), in the order drawn; ends() sends
-    what was held, and a text with no marker at all (content once whole)."""
+    """A streamed harmony choice: the reasoning and the content each sent as they grow (what harmony_split of the text
+    so far gives: an end marker's possible start held back, a header until its <|message|>), in the order drawn;
+    ends() sends what was held, and a text with no marker at all (content once whole). Read chunk by chunk
+    (HarmonyReader: linear in the answer), not split whole at each one."""
 
     def __init__(self, parser):
-        self.text, self.sent = "", [0, 0]  # (the reasoning's and the content's characters sent)
+        self.reader, self.seen = HarmonyReader(), set()  # seen: the kinds whose first message has begun
 
-    def _new(self, final: bool) -> tuple:
-        out = []
-        for k, part in enumerate(harmony_split(self.text, final)[:2]):
-            new = part[self.sent[k]:] if part is not None and len(part) > self.sent[k] else None
-            self.sent[k] += len(new or "")
-            out.append(new)
-        return tuple(out)
+    def _new(self, events) -> tuple:
+        return tuple(harmony_text(events, kind, self.seen) for kind in ("reasoning", "content"))
 
     def add(self, text: str) -> tuple:
         """(reasoning delta or None, content delta or None) of the choice's new text."""
-        self.text += text
-        return self._new(False)
+        return self._new(self.reader.feed(text))
 
     def ends(self) -> tuple:
-        return self._new(True)
+        return self._new(self.reader.feed("", final=True))
