@@ -478,12 +478,25 @@ def capture(quick=False, half="bfloat16", tma=True):
                         quant._launch_int4(x, qweight, scale, torch.empty_like(scale),
                                            torch.empty(n, dtype=dt, **meta), activation)
 
+        half_name = str(half).replace("torch.", "")
+        # the squared-ReLU MLP's fc1 (mlp "relu2": RELU2 in the epilogue), int8 a scale a row and int4 G 128, in the
+        # target's 16-bit dtype, at int8's rows
+        for m in INT8_ROWS:
+            k, n = MLP_WIDTH, 4 * MLP_WIDTH
+            x, bias = torch.empty(m, k, dtype=half, **meta), torch.empty(n, dtype=half, **meta)
+            case[0] = f"int8_linear {half_name} M={m} {k}->{n} relu2"
+            quant._launch(x, torch.empty(n, k, dtype=torch.int8, **meta), torch.empty(n, dtype=torch.float32, **meta),
+                          bias, "relu2")
+            case[0] = f"int4_linear {half_name} G{INT4_GROUPS[0]} M={m} {k}->{n} relu2"
+            scale = torch.empty(n, k // INT4_GROUPS[0], dtype=torch.float32, **meta)
+            quant._launch_int4(x, torch.empty(n, k // 2, dtype=torch.uint8, **meta), scale, torch.empty_like(scale),
+                               bias, "relu2")
+
         # both without a bias (HAS_BIAS=False, else never built: the GPT-2 layers above all have one), as a Llama-family
         # GGUF file's layers are kept (int8 group 32, int4 group 32 with float offsets) and a GPTQ 8-bit folder's
         # per-row int8 ones, at a Llama width, decode and prefill rows, in the target's 16-bit dtype; no activation
         # (a SwiGLU's gate and up are plain Linears)
         k, n = LLAMA_LINEAR
-        half_name = str(half).replace("torch.", "")
         for m in LLAMA_ROWS:
             x = torch.empty(m, k, dtype=half, **meta)
             for g in (0, GGUF_GROUP):

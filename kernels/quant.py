@@ -18,7 +18,8 @@ grouped (GROUP_M) so that neighbouring row-tiles reuse the same weight tiles fro
 
 The scale is applied once, in the epilogue: sum_k x[m, k] q[n, k] scale[n] = scale[n] * sum_k x[m, k] q[n, k],
 so it factors out of the K sum. acc * scale[n] (fp32), + bias, then GELU (gelu_tanh or exact erf, kernels/mlp.py's
-_gelu_act) are computed on the tile in registers and stored in the compute dtype. The dequantized weight never
+_gelu_act) or the squared ReLU (relu2, its _relu2) are computed on the tile in registers and stored in the compute
+dtype. The dequantized weight never
 exists in memory, and the scale costs one multiply per output instead of one per weight. The reference rounds its
 dequantized weight q * scale to the compute dtype (in bf16 up to 2^-9 relative per weight) before the product; this
 kernel's weight is exact (q, and the scale in fp32), so only x's, the bias's and y's roundings remain.
@@ -59,13 +60,13 @@ less those whose K step holds more than MAX_GROUPS_A_STEP groups; under the inte
 4 and 2 whole groups a step at G 16 and 32, one at 64, part of one above).
 
 Public API: `int8_linear(x, qweight, scale, bias=None, activation=None)` and `int4_linear(x, qweight, scale, offset,
-bias=None, activation=None)`, activation None, "gelu_tanh" or "gelu_erf". Each calls a torch.library custom op
+bias=None, activation=None)`, activation None, "gelu_tanh", "gelu_erf" or "relu2". Each calls a torch.library custom op
 (`tritongpt::int8_linear`, `tritongpt::int4_linear`, with fake impls), so torch.compile keeps it as an opaque call.
 
 Backward: x's gradient only. The quantized weight, its scales and offsets and the bias are frozen: a call in grad
-mode where one of them requires grad is refused by name, as is an activation while x requires grad (apply the GELU
-after the call; the backward is the linear's). With x requiring grad the call goes through the op's registered
-autograd (setup_context keeps the quantized tensors, not a dequantized copy), whose backward calls
+mode where one of them requires grad is refused by name, as is an activation while x requires grad (apply the
+activation after the call; the backward is the linear's). With x requiring grad the call goes through the op's
+registered autograd (setup_context keeps the quantized tensors, not a dequantized copy), whose backward calls
 `tritongpt::int8_linear_dx` / `tritongpt::int4_linear_dx` (fake impls too, so torch.compile traces the backward):
 dx[M, K] = dy[M, N] @ W[N, K], W the dequantized weight. Their kernels are the forward's matmul with N and K
 swapped: a BLOCK_M x BLOCK_K tile of dx a program, N (the reduction) walked in BLOCK_N steps, the weight tile
@@ -89,10 +90,10 @@ from tritongpt.kernels._common import (FLOAT_DTYPES, as_rows, autocast_dtype, au
                                        check_runnable, check_same_device, check_tensor, custom_op, dot,
                                        first_order_only, grouped_tile, launch_tuned, next_pow2, no_func_transform,
                                        on_tensor_device)
-from tritongpt.kernels.mlp import _gelu_act
+from tritongpt.kernels.mlp import _gelu_act, _relu2
 from tritongpt.model.quant import GROUP_SIZES
 
-ACTIVATIONS = (None, "gelu_tanh", "gelu_erf")
+ACTIVATIONS = (None, "gelu_tanh", "gelu_erf", "relu2")  # relu2: relu(y)^2, mlp "relu2"'s
 SCALE_DTYPES = FLOAT_DTYPES + (torch.float64,)  # read as fp32 in the kernel
 DECODE_M = 16  # up to this many rows: the decode tiles (BLOCK_M 16)
 
@@ -162,11 +163,12 @@ def _int8_group_tile(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.c
 
 
 # M_BUCKET stands in for M (the token count changes from call to call); N and K are the layer's widths.
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_BIAS", "ACTIVATION", "GELU_ERF"],
-                 prune_configs_by={"early_config_prune": _int8_prune})
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_BIAS", "ACTIVATION", "GELU_ERF",
+                                               "RELU2"], prune_configs_by={"early_config_prune": _int8_prune})
 @triton.jit
 def _int8_linear_kernel(X, Q, Scale, Bias, Y, M, N, K, M_BUCKET, stride_xm, stride_qn, stride_sn, stride_sg, stride_ym,
                         G: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GELU_ERF: tl.constexpr,
+                        RELU2: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Y[M, N] = act((X[M, K] @ Q[N, K]^T) * Scale[N] + Bias[N]); X and Q at unit stride along K. G > 0 (a power of
@@ -208,7 +210,9 @@ def _int8_linear_kernel(X, Q, Scale, Bias, Y, M, N, K, M_BUCKET, stride_xm, stri
         acc = acc * tl.load(Scale + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION:
+    if RELU2:  # (the squared ReLU: kernels/mlp.py's, one rounding at the store)
+        acc = _relu2(acc)
+    elif ACTIVATION:
         acc = _gelu_act(acc, GELU_ERF)
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, cast(acc, Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -239,7 +243,7 @@ def _launch(x, qweight, scale, bias=None, activation=None):
     launch_tuned(_int8_linear_kernel, grid, x, qweight, scale, bias if bias is not None else scale, y,
                  M, N, K, _bucket(M), x.stride(0), qweight.stride(0), *_scale_strides(scale), y.stride(0),
                  G=_group(scale, K), HAS_BIAS=bias is not None, ACTIVATION=activation is not None,
-                 GELU_ERF=activation == "gelu_erf",
+                 GELU_ERF=activation == "gelu_erf", RELU2=activation == "relu2",
                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # tf32 only affects fp32 inputs
     return y
 
@@ -256,7 +260,8 @@ def _scale_strides(scale) -> tuple:
 
 def check_activation(activation, kernel: str = "int8_linear") -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{kernel}: activation must be None, 'gelu_tanh' or 'gelu_erf', got {activation!r}")
+        raise ValueError(f"{kernel}: activation must be None, 'gelu_tanh', 'gelu_erf' or 'relu2', "
+                         f"got {activation!r}")
 
 
 def _check_weight(qweight, scale, bias):
@@ -319,9 +324,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
 
     qweight [N, K] torch.int8 with unit stride along K (nn.Linear's layout), scale [N] floating (used in fp32), or
     [N, K / G] for a scale a group of G consecutive inputs (W[n, k] = qweight[n, k] * scale[n, k // G], G one of
-    GROUP_SIZES: a GPTQ 8-bit folder's groups), bias [N] floating or None; activation None, "gelu_tanh" or
-    "gelu_erf" (after the bias). y has the compute dtype: the autocast dtype under torch.autocast (x and bias cast
-    to it first, as nn.Linear's inputs), else x's (the bias rounded to it too, as F.linear would need it).
+    GROUP_SIZES: a GPTQ 8-bit folder's groups), bias [N] floating or None; activation None, "gelu_tanh",
+    "gelu_erf" or "relu2" (after the bias). y has the compute dtype: the autocast dtype under torch.autocast (x and
+    bias cast to it first, as nn.Linear's inputs), else x's (the bias rounded to it too, as F.linear would need it).
     Backward: x's gradient only, with activation None (qweight, scale and bias are frozen; see the module's text).
     """
     _check_x(x, "int8_linear")
@@ -394,12 +399,14 @@ def _int4_tile(b, s, o, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.cons
         return tl.reshape(tl.reshape(q, (BLOCK_N, GROUPS, G)) * s[:, :, None] + o[:, :, None], (BLOCK_N, BLOCK_K))
 
 
-@triton.autotune(configs=_int4_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_BIAS", "ACTIVATION", "GELU_ERF"],
+@triton.autotune(configs=_int4_configs(), key=["M_BUCKET", "N", "K", "G", "HAS_BIAS", "ACTIVATION",
+                                                     "GELU_ERF", "RELU2"],
                  prune_configs_by={"early_config_prune": _int4_prune})
 @triton.jit
 def _int4_linear_kernel(X, Q, Scale, Offset, Bias, Y, M, N, K, M_BUCKET, stride_xm, stride_qn,
                         stride_sn, stride_sg, stride_on, stride_og, stride_ym, G: tl.constexpr,
                         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GELU_ERF: tl.constexpr,
+                        RELU2: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Y[M, N] = act(X[M, K] @ W[N, K]^T + Bias[N]), W[n, k] = q[n, k] * Scale[n, k // G] + Offset[n, k // G], q the
@@ -439,7 +446,9 @@ def _int4_linear_kernel(X, Q, Scale, Offset, Bias, Y, M, N, K, M_BUCKET, stride_
 
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION:
+    if RELU2:  # (the squared ReLU: kernels/mlp.py's, one rounding at the store)
+        acc = _relu2(acc)
+    elif ACTIVATION:
         acc = _gelu_act(acc, GELU_ERF)
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, cast(acc, Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -463,6 +472,7 @@ def _launch_int4(x, qweight, scale, offset, bias=None, activation=None):
                  M, N, K, _bucket(M), x.stride(0), qweight.stride(0), scale.stride(0), scale.stride(1),
                  offset.stride(0), offset.stride(1), y.stride(0), G=K // groups,
                  HAS_BIAS=bias is not None, ACTIVATION=activation is not None, GELU_ERF=activation == "gelu_erf",
+                 RELU2=activation == "relu2",
                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     return y
 
@@ -528,8 +538,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, off
 
     qweight [N, K / 2] torch.uint8 (q in 0..15, two a byte, the even k's in the low nibble) with unit stride along
     its last dim; scale and offset [N, K / G] floating (used in fp32), G = K / scale.shape[1] one of GROUP_SIZES;
-    bias [N] floating or None; activation None, "gelu_tanh" or "gelu_erf" (after the bias). y has the compute dtype
-    (int8_linear's: autocast's, else x's). Backward: x's gradient only, with activation None (int8_linear's).
+    bias [N] floating or None; activation None, "gelu_tanh", "gelu_erf" or "relu2" (after the bias). y has the compute
+    dtype (int8_linear's: autocast's, else x's). Backward: x's gradient only, with activation None (int8_linear's).
     """
     _check_x(x, "int4_linear")
     N, K = _check_int4_weight(qweight, scale, offset, bias)
@@ -762,8 +772,8 @@ def _needs_grad(kernel, x, activation, **frozen):
         return False
     if activation is not None:
         raise RuntimeError(f"{kernel}: activation={activation!r} while x requires grad: the backward covers the "
-                           "linear only; call it with activation=None and apply the GELU to its result "
-                           "(F.gelu(y, approximate='tanh' or 'none'))")
+                           "linear only; call it with activation=None and apply the activation to its result "
+                           "(F.gelu(y, approximate='tanh' or 'none'), or F.relu(y) ** 2)")
     return True
 
 
@@ -774,7 +784,7 @@ def _frozen_in_backward(ctx, kernel, names):
             raise RuntimeError(f"{kernel}: {name} requires grad, but it is frozen: only x gets a gradient")
     if ctx.activation is not None:
         raise RuntimeError(f"{kernel}: no backward through activation={ctx.activation!r}; call it with "
-                           "activation=None and apply the GELU to its result")
+                           "activation=None and apply the activation to its result")
 
 
 def _int8_setup_context(ctx, inputs, output):

@@ -252,9 +252,7 @@ class FeedForward(nn.Module):
         self.use_triton = False
 
     def forward(self, x):
-        if isinstance(self.fc1, QuantLinear):  # int8/int4 (model/quant.py): fc1's GELU in its own epilogue
-            if isinstance(self.act, ReLU2):  # the quantized kernels' epilogues compute GELUs only: relu^2 after
-                return self.drop(self.fc2(self.act(self.fc1(x))))
+        if isinstance(self.fc1, QuantLinear):  # int8/int4 (model/quant.py): fc1's GELU or ReLU2 in its own epilogue
             return self.drop(self.fc2(self.fc1(x, act=self.act)))
         if self.use_triton and not any(isinstance(m, AdapterLinear) for m in (self.fc1, self.fc2)):  # adapters: below
             from tritongpt.kernels.mlp import gelu_mlp

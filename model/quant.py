@@ -384,7 +384,8 @@ class QuantLinear(nn.Module):
         # the LoRA update below reads x as it is, its A being in the inputs' own order
         xs = self._inputs(x)
         if self.use_triton:
-            activation = ("gelu_erf" if act.approximate == "none" else "gelu_tanh") if fused else None
+            # act's approximate names its epilogue: GELU's "none" (erf) or "tanh", ReLU2's "relu2"
+            activation = {"none": "gelu_erf", "relu2": "relu2"}.get(act.approximate, "gelu_tanh") if fused else None
             y = self._triton(xs, activation)
         else:
             bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -93,9 +93,13 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     assert not any("GELU_ERF=True" in r["variant"] for r in rows
                    if not r["case"].endswith(("exact gelu", "split gelu")))
     # the squared-ReLU MLP (Arcee's): the same three launches with RELU2, only in its case (and the split pass's)
-    relu2 = {r["variant"] for r in rows if r["case"].endswith(" relu2")}
+    relu2 = {r["variant"] for r in rows if r["case"].endswith(" relu2") and r["case"].startswith("mlp ")}
     assert len(relu2) == 3 and all("RELU2=True" in v for v in relu2), relu2
     assert not any("RELU2=True" in r["variant"] for r in rows if not r["case"].endswith((" relu2", "split gelu")))
+    # ... and the int8 and int4 fc1's epilogue (the quantized squared-ReLU MLP): decode and prefill rows, each RELU2
+    quant_relu2 = {(r["kernel"], r["case"]) for r in rows if r["case"].endswith(" relu2")
+                   and "RELU2=True" in r["variant"] and r["kernel"] in ("_int8_linear_kernel", "_int4_linear_kernel")}
+    assert len(quant_relu2) == 2 * len(compile_check.INT8_ROWS), quant_relu2
     # Gemma 2's attention soft cap: forward and both backward passes built with HAS_SOFTCAP, only in its case
     capped = {(r["kernel"], r["variant"]) for r in rows
               if "softcap=50" in r["case"] and " decode " not in r["case"] and r["kernel"] != "_attn_bwd_preprocess"}
@@ -183,12 +187,12 @@ def test_every_kernel_launch_builds_for_sm90(tmp_path):
     # tensor cores (the int8 tiles converted in registers); with group scales at int4's groups (G 128 in bf16 and
     # fp16, G 32 in bf16), each tile dequantized in registers onto them too
     int8 = [r for r in rows if r["kernel"] == "_int8_linear_kernel"]
-    assert len({r["case"] for r in int8}) == 34 and all(r["tensor_core_ops"] > 0 for r in int8), int8
+    assert len({r["case"] for r in int8}) == 37 and all(r["tensor_core_ops"] > 0 for r in int8), int8
     assert {r["variant"].split()[0] for r in int8} == {"G=0", "G=128", "G=32"}, int8
     # the int4 one: the same rows and shapes at G 128 in bf16 and fp16, and G 32 (K steps of several groups) in bf16
     # (each with 2 cases more: the bias-free ones below); the unpacked, dequantized tiles reach the tensor cores too
     int4 = [r for r in rows if r["kernel"] == "_int4_linear_kernel"]
-    assert len({r["case"] for r in int4}) == 20 and all(r["tensor_core_ops"] > 0 for r in int4), int4
+    assert len({r["case"] for r in int4}) == 23 and all(r["tensor_core_ops"] > 0 for r in int4), int4
     assert {r["variant"].split()[0] for r in int4} == {"G=128", "G=32"}, int4
     # both without a bias (HAS_BIAS=False: a GGUF-kept Llama layer's, int8 and int4 at group 32, or a GPTQ folder's
     # per-row int8), decode and prefill rows at a Llama width: those cases alone, on the tensor cores too
@@ -624,7 +628,7 @@ def test_int8_linear_launches_take_decode_or_prefill_tiles(captured):
     """int8_linear's captured launches (decode rows 1 and 8, a 4096-row prefill; GPT-2 small's fc1 with its GELU and
     fc2, with a bias; bf16 and fp16 on sm_90, a scale a row and group scales at int4's groups: G 128 in both, G 32 in
     bf16; and without a bias, a GGUF-kept Llama layer's G 32 or a GPTQ folder's per-row, at a Llama width, rows 1 and
-    4096 in bf16) are offered the 16-row decode tiles up to 16 rows and only the prefill ones above, grouped ones
+    4096 in bf16; the squared-ReLU fc1's, per row in bf16) are offered the 16-row decode tiles up to 16 rows and only the prefill ones above, grouped ones
     none with a K step of more than MAX_GROUPS_A_STEP groups."""
     launches = [[case, kw["ACTIVATION"], kw["G"], *nk, kw["HAS_BIAS"], blocks]
                 for name, case, kw, nk, blocks in captured if name == "_int8_linear_kernel"]
@@ -633,6 +637,7 @@ def test_int8_linear_launches_take_decode_or_prefill_tiles(captured):
             for g in groups for m in (1, 8, 4096) for k, n in ((768, 3072), (3072, 768))]
     want += [(f"int8_linear bfloat16{f' G{g}' if g else ''} M={m} 4096->14336 no bias", False, g, 14336, 4096, False)
              for g in (0, 32) for m in (1, 4096)]
+    want += [(f"int8_linear bfloat16 M={m} 768->3072 relu2", True, 0, 3072, 768, True) for m in (1, 8, 4096)]
     assert sorted(tuple(launch[:6]) for launch in launches) == sorted(want)
     for case, _, g, _, _, _, blocks in launches:
         assert {m for m, _ in blocks} == ({16} if "M=4096" not in case else {64, 128}), (case, blocks)
@@ -641,14 +646,16 @@ def test_int8_linear_launches_take_decode_or_prefill_tiles(captured):
 
 def test_int4_linear_launches_take_decode_or_prefill_tiles_a_group_fits(captured):
     """int4_linear's captured launches (int8's rows and shapes with a bias; G 128 in bf16 and fp16, G 32 in bf16; and
-    a GGUF-kept Llama layer's without, G 32 at rows 1 and 4096 in bf16) are offered the decode tiles up to 16 rows,
-    the prefill ones above, none with a K step of more than MAX_GROUPS_A_STEP groups."""
+    a GGUF-kept Llama layer's without, G 32 at rows 1 and 4096 in bf16; the squared-ReLU fc1's, G 128 in bf16) are
+    offered the decode tiles up to 16 rows, the prefill ones above, none with a K step of more than
+    MAX_GROUPS_A_STEP groups."""
     launches = [[case, kw["G"], blocks] for name, case, kw, _, blocks in captured if name == "_int4_linear_kernel"]
     biased = {case: kw["HAS_BIAS"] for name, case, kw, _, _ in captured if name == "_int4_linear_kernel"}
     assert sorted((case.split()[1], case.split()[2], case.split()[3], g, biased[case]) for case, g, _ in launches) \
         == sorted([(dt, f"G{g}", f"M={m}", g, True) for dt, g in (("bfloat16", 128), ("bfloat16", 32),
                                                                   ("float16", 128)) for m in (1, 8, 4096)
-                   for _ in range(2)] + [("bfloat16", "G32", f"M={m}", 32, False) for m in (1, 4096)])
+                   for _ in range(2)] + [("bfloat16", "G32", f"M={m}", 32, False) for m in (1, 4096)]
+        + [("bfloat16", "G128", f"M={m}", 128, True) for m in (1, 8, 4096)])  # (fc1's relu2 epilogue)
     for case, g, blocks in launches:
         assert {m for m, _ in blocks} == ({16} if "M=4096" not in case else {64, 128}), (case, blocks)
         assert all(k // g <= 8 for _, k in blocks), (case, blocks)

@@ -49,10 +49,12 @@ def dequantized(q, scale, offset, dtype=torch.float64):
 
 
 def reference(x, q, scale, offset, bias=None, activation=None, weight_dtype=torch.float64):
-    """float64: x @ W.T + bias, then the GELU."""
+    """float64: x @ W.T + bias, then the GELU (or the squared ReLU)."""
     y = x.double() @ dequantized(q, scale, offset, weight_dtype).T
     if bias is not None:
         y = y + bias.double()
+    if activation == "relu2":
+        return F.relu(y) ** 2
     return F.gelu(y, approximate=GELU[activation]) if activation else y
 
 
@@ -85,6 +87,20 @@ def test_parity_against_float64(dtype, m, k, n, g, activation, device):
         if activation is None:  # without a bias
             check(int4_linear(x, q, scale, offset), x, q, scale, offset, None, None, dtype,
                   f"{dtype} {m}x{k}->{n} G{g} no bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,k,n,g", [SHAPES[1], SHAPES[3]])
+def test_relu2_epilogue_against_float64(dtype, m, k, n, g, device):
+    """The squared-ReLU MLP's fc1 (mlp "relu2"): relu(y)^2 in the epilogue, after the bias, in fp32 then one
+    rounding."""
+    q, scale, offset, b = make(n, k, g, device, seed=m + n + g)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k)).to(device, dtype)
+    b16 = b.to(dtype)
+    with torch.no_grad():
+        y = int4_linear(x, q, scale, offset, b16, "relu2")
+    check(y, x, q, scale, offset, b16, "relu2", dtype, f"{dtype} {m}x{k}->{n} G{g} relu2")
+    assert (y == 0).any() and (y > 0).any()  # (both sides of the ReLU met)
 
 
 @pytest.mark.parametrize("g", [16, 64])
@@ -227,11 +243,11 @@ REFUSED = {
     "empty N": (dict(qweight=lambda q: q[:0], scale=lambda s: s[:0], offset=lambda o: o[:0], bias=lambda b: b[:0]),
                 ValueError, r"qweight has shape \(0, 32\); N \(outputs\)"),
     "activation": (dict(activation=lambda a: "relu"), ValueError,
-                   "int4_linear: activation must be None, 'gelu_tanh' or 'gelu_erf'"),
+                   "int4_linear: activation must be None, 'gelu_tanh', 'gelu_erf' or 'relu2'"),
     # x's gradient flows through the frozen weight (tests/test_quant_dx.py); the rest get none
     "activation with grad": (dict(x=lambda x: x.requires_grad_(), activation=lambda a: "gelu_erf"), RuntimeError,
                              "int4_linear: activation='gelu_erf' while x requires grad: .* activation=None and "
-                             "apply the GELU"),
+                             "apply the activation"),
     "scale requires grad": (dict(scale=lambda s: s.requires_grad_()), RuntimeError,
                             "int4_linear: scale requires grad, but .* frozen"),
     "offset requires grad": (dict(offset=lambda o: o.requires_grad_()), RuntimeError,
@@ -339,7 +355,8 @@ def test_fp32_products_are_ieee_and_g_is_the_groups(dtype, precision, device, mo
     real = quant.launch_tuned
     monkeypatch.setattr(quant, "launch_tuned", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     int4_linear(torch.randn(3, 128, device=device, dtype=dtype), q, scale, offset, None, "gelu_erf")
-    assert seen == [dict(G=32, HAS_BIAS=False, ACTIVATION=True, GELU_ERF=True, PRECISION=precision)]
+    assert seen == [dict(G=32, HAS_BIAS=False, ACTIVATION=True, GELU_ERF=True, RELU2=False,
+                    PRECISION=precision)]
 
 
 def test_prune_keeps_decode_or_prefill_tiles_a_g_fits():
@@ -405,5 +422,5 @@ def test_every_gpu_tile_reads_its_groups_right(g, device):
         quant._int4_linear_kernel.fn[grid](
             x, q, scale, offset, b, y, m, n, k, quant._bucket(m), x.stride(0), q.stride(0), scale.stride(0),
             scale.stride(1), offset.stride(0), offset.stride(1), y.stride(0), G=g, HAS_BIAS=True, ACTIVATION=False,
-            GELU_ERF=False, PRECISION="ieee", **t)
+            GELU_ERF=False, RELU2=False, PRECISION="ieee", **t)
         assert_close_rel(y, reference(x, q, scale, offset, b), 1e-5, f"tile {t} G{g} K{k} {m}x{n}")

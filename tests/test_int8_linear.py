@@ -34,10 +34,12 @@ def make(n, k, device, seed=0, bias=True):
 
 
 def reference(x, q, scale, bias=None, activation=None):
-    """float64: x @ (q * scale[:, None]).T + bias, then the GELU."""
+    """float64: x @ (q * scale[:, None]).T + bias, then the GELU (or the squared ReLU)."""
     y = x.double() @ (q.double() * scale.double()[:, None]).T
     if bias is not None:
         y = y + bias.double()
+    if activation == "relu2":
+        return F.relu(y) ** 2
     return F.gelu(y, approximate=GELU[activation]) if activation else y
 
 
@@ -61,6 +63,24 @@ def test_parity_against_float64(dtype, m, k, n, activation, device):
               f"{dtype} {m}x{k}->{n} {activation} bias")
     if activation is None:  # without a bias: the epilogue's scale alone
         check(int8_linear(x, q, scale), reference(x, q, scale), dtype, f"{dtype} {m}x{k}->{n} no bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,k,n", [(7, 100, 130), (37, 64, 48)])
+def test_relu2_epilogue_against_float64(dtype, m, k, n, device):
+    """The squared-ReLU MLP's fc1 (mlp "relu2"): relu(y)^2 in the epilogue, after the scale and the bias, in fp32
+    then one rounding; per-row and group scales."""
+    q, scale, b = make(n, k, device, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k)).to(device, dtype)
+    b16 = b.to(dtype)
+    with torch.no_grad():
+        y = int8_linear(x, q, scale, b16, "relu2")
+        check(y, reference(x, q, scale, b16, "relu2"), dtype, f"{dtype} {m}x{k}->{n} relu2")
+        assert (y == 0).any() and (y > 0).any()  # (both sides of the ReLU met)
+        if k % 32 == 0:
+            qg, sg, w64 = grouped(n, k, 32, device, seed=m)
+            want = F.relu(x.double() @ w64.T + b16.double()) ** 2
+            assert_close_rel(int8_linear(x, qg, sg, b16, "relu2"), want, TOL[dtype], f"{dtype} G32 relu2")
 
 
 def grouped(n, k, g, device, seed=0):
@@ -197,11 +217,12 @@ REFUSED = {
                 r"qweight has shape \(48, 0\); N \(outputs\) and K \(inputs\) must both be at least 1"),
     "empty N": (dict(qweight=lambda q: q[:0], scale=lambda s: s[:0], bias=lambda b: b[:0]), ValueError,
                 r"qweight has shape \(0, 64\); N \(outputs\)"),
-    "activation": (dict(activation=lambda a: "relu"), ValueError, "activation must be None, 'gelu_tanh' or 'gelu_erf'"),
+    "activation": (dict(activation=lambda a: "relu"), ValueError,
+                   "activation must be None, 'gelu_tanh', 'gelu_erf' or 'relu2'"),
     # x's gradient flows through the frozen weight (tests/test_quant_dx.py); the rest get none
     "activation with grad": (dict(x=lambda x: x.requires_grad_(), activation=lambda a: "gelu_tanh"), RuntimeError,
                              "int8_linear: activation='gelu_tanh' while x requires grad: .* activation=None and "
-                             "apply the GELU"),
+                             "apply the activation"),
     "scale requires grad": (dict(scale=lambda s: s.requires_grad_()), RuntimeError,
                             "int8_linear: scale requires grad, but .* frozen"),
     "bias requires grad": (dict(bias=lambda b: b.requires_grad_()), RuntimeError,
@@ -276,7 +297,8 @@ def test_fp32_products_are_ieee(dtype, precision, device, monkeypatch):
     real = quant.launch_tuned
     monkeypatch.setattr(quant, "launch_tuned", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     int8_linear(torch.randn(3, 64, device=device, dtype=dtype), q, scale, None, "gelu_erf")
-    assert seen == [dict(G=0, HAS_BIAS=False, ACTIVATION=True, GELU_ERF=True, PRECISION=precision)]
+    assert seen == [dict(G=0, HAS_BIAS=False, ACTIVATION=True, GELU_ERF=True, RELU2=False,
+                    PRECISION=precision)]
 
 
 def test_eager_call_skips_the_dispatcher(device, monkeypatch):

@@ -265,10 +265,10 @@ def test_relu2_is_not_gelu_and_matches_the_reference_module(device):
         assert_close_rel(g, w, 1e-4, "grad")
 
 
-def test_relu2_on_int8_layers_squares_after_the_matmul(device):
-    """A squared-ReLU FeedForward quantized to int8 (quantize's Linears swapped in): the int8 kernel's fused epilogue
-    computes GELUs only, so relu^2 is applied to fc1's output, on both paths: relu(x W1q^T + b1)^2 W2q^T + b2 of the
-    dequantized weights (handed to that epilogue, it computed gelu_tanh)."""
+def test_relu2_on_int8_layers_squares_fc1s_output(device):
+    """A squared-ReLU FeedForward quantized to int8 (quantize's Linears swapped in): relu^2 of fc1's output (in the
+    int8 kernel's epilogue, RELU2, on the Triton path), on both paths: relu(x W1q^T + b1)^2 W2q^T + b2 of the
+    dequantized weights (once handed to that epilogue as a GELU, it computed gelu_tanh)."""
     from tritongpt.model.quant import Int8Linear
 
     torch.manual_seed(6)

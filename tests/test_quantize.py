@@ -113,7 +113,7 @@ def test_a_quantized_model_stays_near_the_float_one(extra):
 
 CASES = {"gpt2": dict(), "llama": LLAMA, "neox-head-bias": dict(tie_weights=False, head_bias=True,
                                                                  gelu_approximate="none"),
-         "gemma": FAMILIES["gemma2"]}
+         "gemma": FAMILIES["gemma2"], "relu2": dict(mlp="relu2")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -131,19 +131,21 @@ def test_both_paths_of_a_quantized_model_give_the_same_logits_and_loss(case):
     assert abs(got_loss.item() - want_loss.item()) < 1e-4 * want_loss.item()
 
 
-@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("approximate", ["tanh", "none", "relu2"])
 def test_the_triton_path_runs_fc1s_gelu_in_its_epilogue(monkeypatch, approximate):
-    """FeedForward's GELU goes to fc1's int8_linear (its epilogue), in its own form; no other matmul takes one (run
-    after the matmul in torch instead, the logits would be the same: only this shows the fusion)."""
+    """FeedForward's GELU (or squared ReLU: mlp "relu2") goes to fc1's int8_linear (its epilogue), in its own form;
+    no other matmul takes one (run after the matmul in torch instead, the logits would be the same: only this shows
+    the fusion)."""
     import tritongpt.kernels.quant as kq
 
-    model = quantize_int8(tiny("triton", gelu_approximate=approximate))
+    kind = dict(mlp="relu2") if approximate == "relu2" else dict(gelu_approximate=approximate)
+    model = quantize_int8(tiny("triton", **kind))
     seen = []
     real = kq.int8_linear
     monkeypatch.setattr(kq, "int8_linear", lambda x, q, s, b=None, act=None: seen.append(act) or real(x, q, s, b, act))
     with torch.no_grad():
         model(torch.randint(0, VOCAB, (1, 3)))
-    gelu = "gelu_tanh" if approximate == "tanh" else "gelu_erf"
+    gelu = {"tanh": "gelu_tanh", "none": "gelu_erf"}.get(approximate, approximate)
     assert seen == [None] * 4 + [gelu, None] + [None] * 4 + [gelu, None] + [None]  # q, k, v, out, fc1, fc2; head
 
 

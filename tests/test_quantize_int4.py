@@ -165,10 +165,11 @@ def test_a_quantized_model_stays_near_the_float_one_and_smaller_groups_nearer(ex
     assert errs[16] < errs[64] < 0.2, errs
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama", "neox-head-bias"])
+@pytest.mark.parametrize("case", ["gpt2", "llama", "neox-head-bias", "relu2"])
 def test_both_paths_of_an_int4_model_give_the_same_logits_and_loss(case):
     extra = {"gpt2": dict(), "llama": LLAMA,
-             "neox-head-bias": dict(tie_weights=False, head_bias=True, gelu_approximate="none")}[case]
+             "neox-head-bias": dict(tie_weights=False, head_bias=True, gelu_approximate="none"),
+             "relu2": dict(mlp="relu2")}[case]
     model = quantize_int4(tiny(**extra), group_size=32)
     idx = torch.randint(0, VOCAB, (2, 11))
     with torch.no_grad():
@@ -181,16 +182,19 @@ def test_both_paths_of_an_int4_model_give_the_same_logits_and_loss(case):
     assert rel(got, want) < 1e-4 and abs(float(got_loss) - float(want_loss)) < 1e-4
 
 
-def test_the_triton_path_runs_fc1s_gelu_in_the_int4_epilogue(monkeypatch):
+@pytest.mark.parametrize("kind, activation", [(dict(gelu_approximate="none"), "gelu_erf"),
+                                              (dict(mlp="relu2"), "relu2")])
+def test_the_triton_path_runs_fc1s_gelu_in_the_int4_epilogue(monkeypatch, kind, activation):
+    """fc1's GELU, or the squared ReLU (mlp "relu2"), in its int4_linear's epilogue."""
     import tritongpt.kernels.quant as kq
 
     calls = []
     real = kq.int4_linear
     monkeypatch.setattr(kq, "int4_linear", lambda *a: calls.append(a[5]) or real(*a))
-    model = quantize_int4(tiny("triton", gelu_approximate="none"), group_size=32)
+    model = quantize_int4(tiny("triton", **kind), group_size=32)
     with torch.no_grad():
         model(torch.randint(0, VOCAB, (1, 4)))
-    assert calls.count("gelu_erf") == 2 and calls.count(None) == 2 * 5 + 1  # fc1 a layer; q k v out fc2, the head
+    assert calls.count(activation) == 2 and calls.count(None) == 2 * 5 + 1  # fc1 a layer; q k v out fc2, the head
 
 
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
