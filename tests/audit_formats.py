@@ -41,6 +41,8 @@ EXPORT_BASES = {
                      tie_weights=False),
     "Llama": LLAMA,
     "Arcee": dict(LLAMA, mlp="relu2"),
+    "Nemotron": dict(LLAMA, norm="layernorm", mlp="relu2", rotary_dim=4),
+    "StarCoder2": dict(position_encoding="rope", n_kv_head=2, attention_window=8, tie_weights=False),
     "Qwen2": dict(LLAMA, qkv_bias_only=True),
     "Qwen3": dict(LLAMA, qk_norm=True),
     "Mistral": dict(LLAMA, attention_window=8),
@@ -169,6 +171,7 @@ def loader_bases():
         "mpt": (t.MptConfig, dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64)),
         "cohere": (t.CohereConfig, {}), "cohere2": (t.Cohere2Config, dict(sliding_window=8, num_hidden_layers=4)),
         "exaone4": (t.Exaone4Config, dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+        "starcoder2": (t.Starcoder2Config, dict(sliding_window=8)), "nemotron": (t.NemotronConfig, {}),
     }
 
 

@@ -129,7 +129,6 @@ def test_export_refuses_what_an_arcee_cannot_say(tmp_path):
     base = dict(vocab_size=53, context_length=24, n_embd=32, n_layer=1, n_head=2, mlp="relu2", norm="rmsnorm",
                 position_encoding="rope", bias=False)
     for change, match in (({"position_encoding": "learned"}, "where Arcee rotates q and k"),
-                          ({"norm": "layernorm"}, "normalizes with layernorm, where Arcee has RMSNorms"),
                           ({"attention_window": 8}, "has local attention \\(attention_window 8\\)"),
                           ({"qk_norm": True}, "normalizes q and k \\(qk_norm\\)"),
                           ({"logit_softcap": 30.0}, "soft-caps its logits")):
@@ -138,5 +137,9 @@ def test_export_refuses_what_an_arcee_cannot_say(tmp_path):
         assert family == "Arcee"
         with pytest.raises(UserError, match=match + ".*cannot be exported as an Arcee folder"):
             export_arcee(model, tmp_path / "x")
+    # over LayerNorms it is a Nemotron's (train/nemotron_weights.py); the Arcee export still names the norm
+    assert export_target(GPTConfig(**{**base, "norm": "layernorm"}))[0] == "Nemotron"
+    with pytest.raises(UserError, match="normalizes with layernorm, where Arcee has RMSNorms"):
+        export_arcee(GPTModel(GPTConfig(**{**base, "norm": "layernorm"})), tmp_path / "z")
     with pytest.raises(UserError, match="has a swiglu MLP, where Arcee's is up_proj, relu\\^2, down_proj"):
         export_arcee(GPTModel(GPTConfig(**{**base, "mlp": "swiglu"})), tmp_path / "y")

@@ -23,6 +23,7 @@ _READ = {
     "phi": ("qk_layernorm",), "stablelm": ("use_parallel_residual", "qk_layernorm", "use_qkv_bias"),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3"), _LLAMA),
     "arcee": ("attention_bias", "mlp_bias"),
+    "nemotron": ("attention_bias", "mlp_bias"), "starcoder2": ("use_bias",),
     "ministral": ("attention_bias", "mlp_bias"),  # (its window: layer_types, never use_sliding_window)
     "qwen2_moe": ("use_sliding_window", "norm_topk_prob", "qkv_bias"), "glm4": ("attention_bias",),
     "gpt_oss": ("attention_bias",), "ernie4_5": ("use_bias",), "helium": ("attention_bias", "mlp_bias"),

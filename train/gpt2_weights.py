@@ -336,7 +336,7 @@ def config_flag(d: dict, key: str, default: bool, cfg_json, kind: str | None = N
 # folder: tied as before.
 UNTIED_BY_DEFAULT = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "phi", "phi3", "stablelm",
                                "granite", "granitemoe", "mixtral", "qwen3_moe", "olmoe", "gpt_neox", "gptj",
-                               "exaone4", "arcee"})
+                               "exaone4", "arcee", "nemotron"})
 
 
 def tied_head(d: dict, head, emb, head_name: str, cfg_json) -> bool:
@@ -447,7 +447,7 @@ def model_type_readers() -> dict:
 
     readers = {"gpt2": "gpt2_weights", "gpt_neo": "gpt_neo_weights", "gpt_oss": "gpt_oss_weights"}  # (named inline)
     for name in ("llama", "llama_kin", "gemma", "olmo", "neox", "phi", "phi3", "gptj", "falcon", "bloom", "mpt",
-                 "cohere", "granite", "arcee", "stablelm", "glm4", "exaone4", "moe"):
+                 "cohere", "granite", "arcee", "nemotron", "starcoder2", "stablelm", "glm4", "exaone4", "moe"):
         m = importlib.import_module(f"tritongpt.train.{name}_weights")
         for t in (getattr(m, "MODEL_TYPE", None), *getattr(m, "FAMILIES", ()), *getattr(m, "MODEL_TYPES", ())):
             if t:
@@ -496,9 +496,9 @@ def load_checkpoint(path, model_name: str | None = None, merge: bool = True, qua
     """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
     Face GPT-2, GPT-Neo, Llama (Mistral, Ministral, Qwen2, Qwen3, ERNIE 4.5, Seed-OSS, Helium), GLM-4, Gemma, OLMo,
     EXAONE 4, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J, Falcon, BLOOM, MPT, Cohere (Cohere2), Granite
-    (GraniteMoe) or mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or
-    pytorch_model.bin, or a GGUF file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset, when no
-    config.json says the heads).
+    (GraniteMoe), Arcee, Nemotron, StarCoder2 or mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors,
+    shard index or pytorch_model.bin, or a GGUF file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset,
+    when no config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter). quantized_ok: an int8 or int4 file (`tritongpt quantize`) loads, for the
     commands that only run a model; elsewhere it is refused by name (GPTModel.load)."""
@@ -555,7 +555,9 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         from tritongpt.train.olmo_weights import is_olmo_file, load_olmo_safetensors
         from tritongpt.train.phi3_weights import is_phi3_file, load_phi3_safetensors
         from tritongpt.train.phi_weights import is_phi_file, load_phi_safetensors
+        from tritongpt.train.nemotron_weights import is_nemotron_file, load_nemotron_safetensors
         from tritongpt.train.stablelm_weights import is_stablelm_file, load_stablelm_safetensors
+        from tritongpt.train.starcoder2_weights import is_starcoder2_file, load_starcoder2_safetensors
 
         if is_gpt_neo_file(path):
             return load_gpt_neo_safetensors(path, model_name)
@@ -583,6 +585,10 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
             return load_granite_safetensors(path)
         if is_arcee_file(path):
             return load_arcee_safetensors(path)
+        if is_nemotron_file(path):
+            return load_nemotron_safetensors(path)
+        if is_starcoder2_file(path):
+            return load_starcoder2_safetensors(path)
         if is_phi_file(path):
             return load_phi_safetensors(path)
         if is_stablelm_file(path):

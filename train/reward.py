@@ -512,7 +512,8 @@ SEQUENCE_CLASSIFIERS = {
     "qwen3_moe": "Qwen3MoeForSequenceClassification", "qwen2_moe": "Qwen2MoeForSequenceClassification",
     "gpt_oss": "GptOssForSequenceClassification", "ministral": "MinistralForSequenceClassification",
     "glm4": "Glm4ForSequenceClassification", "exaone4": "Exaone4ForSequenceClassification",
-    "arcee": "ArceeForSequenceClassification",
+    "arcee": "ArceeForSequenceClassification", "starcoder2": "Starcoder2ForSequenceClassification",
+    "nemotron": "NemotronForSequenceClassification",
 }
 NO_CLASSIFIER = ("OLMoE", "Cohere", "Cohere2", "Granite", "GraniteMoe")  # export_target's family names whose model_type has none
 # the LM head's tensors in the families' causal-LM files (GPT-NeoX calls its head embed_out): a classifier has
