@@ -30,6 +30,7 @@ COHERE = dict(LLAMA, norm="layernorm", norm_bias=False, parallel_residual=True, 
 # exports: a base GPTConfig per family (over TINY), then every field's other values in turn
 EXPORT_BASES = {
     "GPT-2": {},
+    "GPT-BigCode": dict(n_kv_head=1, tie_weights=False),
     "GPT-Neo": dict(scale_attention=False, qkv_bias=False, attention_window=8, window_layers="odd"),
     "GPT-J": dict(position_encoding="rope", rotary_dim=4, parallel_residual=True, shared_norm=True, head_bias=True,
                   qkv_bias=False, tie_weights=False),
@@ -172,6 +173,7 @@ def loader_bases():
         "cohere": (t.CohereConfig, {}), "cohere2": (t.Cohere2Config, dict(sliding_window=8, num_hidden_layers=4)),
         "exaone4": (t.Exaone4Config, dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
         "starcoder2": (t.Starcoder2Config, dict(sliding_window=8)), "nemotron": (t.NemotronConfig, {}),
+        "gpt_bigcode": (t.GPTBigCodeConfig, {}),
     }
 
 

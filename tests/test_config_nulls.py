@@ -24,6 +24,7 @@ _READ = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3"), _LLAMA),
     "arcee": ("attention_bias", "mlp_bias"),
     "nemotron": ("attention_bias", "mlp_bias"), "starcoder2": ("use_bias",),
+    "gpt_bigcode": ("add_cross_attention", "multi_query", "scale_attn_weights"),
     "ministral": ("attention_bias", "mlp_bias"),  # (its window: layer_types, never use_sliding_window)
     "qwen2_moe": ("use_sliding_window", "norm_topk_prob", "qkv_bias"), "glm4": ("attention_bias",),
     "gpt_oss": ("attention_bias",), "ernie4_5": ("use_bias",), "helium": ("attention_bias", "mlp_bias"),

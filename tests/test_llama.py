@@ -222,7 +222,7 @@ def test_the_untied_by_default_model_types_are_transformers_own():
     from tritongpt.train.gpt2_weights import UNTIED_BY_DEFAULT
 
     tied = {"gpt2", "gpt_neo", "bloom", "falcon", "mpt", "gemma", "gemma2", "gemma3_text", "cohere", "cohere2",
-            "smollm3", "starcoder2"}
+            "smollm3", "starcoder2", "gpt_bigcode"}
     for model_type in sorted(tied | UNTIED_BY_DEFAULT):
         assert CONFIG_MAPPING[model_type]().tie_word_embeddings == (model_type not in UNTIED_BY_DEFAULT), model_type
 

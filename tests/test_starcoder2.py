@@ -108,14 +108,22 @@ def test_an_mlp_not_4_wide_is_refused_by_name(tmp_path):
         load_checkpoint(path)
 
 
-def test_the_exact_gelu_is_read_as_such(tmp_path):
-    """hidden_act "gelu" is the erf GELU (gelu_approximate "none"): transformers' logits on the reference path."""
-    hf, path = hf_starcoder2(tmp_path, hidden_act="gelu")
+def test_the_exact_gelu_is_read_and_written_as_such(tmp_path):
+    """hidden_act "gelu" is the erf GELU (gelu_approximate "none"): transformers' logits on the reference path, and
+    export writes it back as "gelu" (not refused as GPT-NeoX's touch: a StarCoder2 folder says it)."""
+    from tritongpt.train.starcoder2_weights import export_starcoder2
+
+    hf, path = hf_starcoder2(tmp_path / "in", hidden_act="gelu")
     model = load_checkpoint(path).double().eval()
     assert model.config.gelu_approximate == "none"
     idx = torch.randint(0, VOCAB, (2, T))
     with torch.no_grad():
         assert_close_rel(model(idx), hf(idx).logits, 2e-6, "exact GELU")
+    export_starcoder2(model, tmp_path / "out", eos_token_id=1)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_act"] == "gelu"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    with torch.no_grad():
+        assert_close_rel(back(idx).logits, hf(idx).logits, 2e-6, "exact GELU exported")
 
 
 def test_export_refuses_what_a_starcoder2_cannot_say(tmp_path):

@@ -447,7 +447,8 @@ def model_type_readers() -> dict:
 
     readers = {"gpt2": "gpt2_weights", "gpt_neo": "gpt_neo_weights", "gpt_oss": "gpt_oss_weights"}  # (named inline)
     for name in ("llama", "llama_kin", "gemma", "olmo", "neox", "phi", "phi3", "gptj", "falcon", "bloom", "mpt",
-                 "cohere", "granite", "arcee", "nemotron", "starcoder2", "stablelm", "glm4", "exaone4", "moe"):
+                 "cohere", "granite", "arcee", "nemotron", "starcoder2", "gpt_bigcode",
+                 "stablelm", "glm4", "exaone4", "moe"):
         m = importlib.import_module(f"tritongpt.train.{name}_weights")
         for t in (getattr(m, "MODEL_TYPE", None), *getattr(m, "FAMILIES", ()), *getattr(m, "MODEL_TYPES", ())):
             if t:
@@ -493,12 +494,12 @@ def is_hf_weights(path) -> bool:
 
 
 def load_checkpoint(path, model_name: str | None = None, merge: bool = True, quantized_ok: bool = False) -> GPTModel:
-    """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging
-    Face GPT-2, GPT-Neo, Llama (Mistral, Ministral, Qwen2, Qwen3, ERNIE 4.5, Seed-OSS, Helium), GLM-4, Gemma, OLMo,
-    EXAONE 4, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J, Falcon, BLOOM, MPT, Cohere (Cohere2), Granite
-    (GraniteMoe), Arcee, Nemotron, StarCoder2 or mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors,
-    shard index or pytorch_model.bin, or a GGUF file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset,
-    when no config.json says the heads).
+    """A tritongpt checkpoint (file, checkpoint folder or run folder: its newest) or a Hugging Face GPT-2, GPT-Neo,
+    GPT-BigCode, Llama (Mistral, Ministral, Qwen2, Qwen3, ERNIE 4.5, Seed-OSS, Helium), GLM-4, Gemma, OLMo, EXAONE
+    4, GPT-NeoX, Phi-1/1.5/2, Phi-3, StableLM, GPT-J, Falcon, BLOOM, MPT, Cohere (Cohere2), Granite (GraniteMoe),
+    Arcee, Nemotron, StarCoder2 or mixture-of-experts (Mixtral, Qwen3-MoE, OLMoE) model.safetensors, shard index or
+    pytorch_model.bin, or a GGUF file (llama.cpp's .gguf: gguf_import.py) (model_name: the preset, when no
+    config.json says the heads).
     A LoRA checkpoint comes merged unless merge is False, and so does a peft adapter folder: its
     base with the update (load_peft_adapter). quantized_ok: an int8 or int4 file (`tritongpt quantize`) loads, for the
     commands that only run a model; elsewhere it is refused by name (GPTModel.load)."""
@@ -542,6 +543,7 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
         from tritongpt.train.exaone4_weights import is_exaone4_file, load_exaone4_safetensors
         from tritongpt.train.falcon_weights import is_falcon_file, load_falcon_safetensors
         from tritongpt.train.gemma_weights import is_gemma_file, load_gemma_safetensors
+        from tritongpt.train.gpt_bigcode_weights import is_gpt_bigcode_file, load_gpt_bigcode_safetensors
         from tritongpt.train.gpt_neo_weights import is_gpt_neo_file, load_gpt_neo_safetensors
         from tritongpt.train.gpt_oss_weights import is_gpt_oss_file, load_gpt_oss_safetensors
         from tritongpt.train.gptj_weights import is_gptj_file, load_gptj_safetensors
@@ -561,6 +563,8 @@ def _load_checkpoint(path, model_name, merge, quantized_ok) -> GPTModel:
 
         if is_gpt_neo_file(path):
             return load_gpt_neo_safetensors(path, model_name)
+        if is_gpt_bigcode_file(path):
+            return load_gpt_bigcode_safetensors(path)
         if is_gemma_file(path):
             return _inference_only(load_gemma_safetensors(path), path, quantized_ok)
         if is_olmo_file(path):
@@ -946,12 +950,14 @@ def refuse_other_heads(cfg: GPTConfig, family: str, what: str) -> None:
     refuse_gemma_touches(cfg, family, what)
 
 
-def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bool = False) -> None:
+def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bool = False,
+                         exact_gelu: bool = False) -> None:
     """Gemma's scaled embeddings, sandwich norms, attention soft cap and scale width, and (unless the family's
     config has layer_types: Qwen2's, Qwen3's, SmolLM3's) local layers other than all or the odd ones, which the
     other families' folders cannot say: refused by name (OLMo's touches first). (SmolLM3's NoPE layers need
-    RoPE, which GPT-2 and GPT-Neo refuse first; a Llama-shaped model with them is written as a SmolLM3.)"""
-    refuse_olmo_touches(cfg, family, what)
+    RoPE, which GPT-2 and GPT-Neo refuse first; a Llama-shaped model with them is written as a SmolLM3.)
+    exact_gelu: the family's folder says the exact GELU too (StarCoder2's and GPT-BigCode's hidden_act "gelu")."""
+    refuse_olmo_touches(cfg, family, what, exact_gelu)
     for differs, why in ((cfg.scale_embeddings, "scales its token embeddings by sqrt(n_embd) (scale_embeddings)"),
                          (cfg.post_norms, "normalizes each sublayer's output too (post_norms: Gemma's sandwich "
                           "norms)"),
@@ -966,10 +972,10 @@ def refuse_gemma_touches(cfg: GPTConfig, family: str, what: str, layer_types: bo
                             f"{what} (a Gemma folder may take it)")
 
 
-def refuse_olmo_touches(cfg: GPTConfig, family: str, what: str) -> None:
+def refuse_olmo_touches(cfg: GPTConfig, family: str, what: str, exact_gelu: bool = False) -> None:
     """OLMo 2's and 3's blocks without input norms and q/k norms over the whole projection, which no other
     family's folder can say: refused by name (GPT-NeoX's touches first)."""
-    refuse_neox_touches(cfg, family, what)
+    refuse_neox_touches(cfg, family, what, exact_gelu)
     for differs, why, takers in ((not cfg.pre_norms, "does not normalize each sublayer's input (pre_norms False: "
                                   "OLMo 2's and EXAONE 4's blocks)", "an OLMo or EXAONE 4"),
                                  (cfg.qk_norm and cfg.qk_norm_width == "all", "normalizes q and k over all their "
@@ -979,14 +985,14 @@ def refuse_olmo_touches(cfg: GPTConfig, family: str, what: str) -> None:
                             f"{what} ({takers} folder may take it)")
 
 
-def refuse_neox_touches(cfg: GPTConfig, family: str, what: str) -> None:
-    """GPT-NeoX's parallel blocks and exact GELU, which no other family's folder can say: refused by name
-    (Phi's touches first)."""
+def refuse_neox_touches(cfg: GPTConfig, family: str, what: str, exact_gelu: bool = False) -> None:
+    """GPT-NeoX's parallel blocks and exact GELU, which no other family's folder can say (but those whose config
+    names the exact GELU too: exact_gelu): refused by name (Phi's touches first)."""
     refuse_phi_touches(cfg, family, what)
     for differs, why in ((cfg.parallel_residual, "runs attention and MLP side by side on each block's input "
                           "(parallel_residual: GPT-NeoX's blocks)"),
-                         (cfg.gelu_approximate != "tanh", f"computes the exact GELU (gelu_approximate "
-                          f"{cfg.gelu_approximate!r}), not the tanh one")):
+                         (cfg.gelu_approximate != "tanh" and not exact_gelu, "computes the exact GELU "
+                          f"(gelu_approximate {cfg.gelu_approximate!r}), not the tanh one")):
         if differs:
             raise UserError(f"this model {why}, which Hugging Face's {family} does not: it cannot be exported as "
                             f"{what} (a GPT-NeoX folder may take it)")

@@ -513,7 +513,7 @@ SEQUENCE_CLASSIFIERS = {
     "gpt_oss": "GptOssForSequenceClassification", "ministral": "MinistralForSequenceClassification",
     "glm4": "Glm4ForSequenceClassification", "exaone4": "Exaone4ForSequenceClassification",
     "arcee": "ArceeForSequenceClassification", "starcoder2": "Starcoder2ForSequenceClassification",
-    "nemotron": "NemotronForSequenceClassification",
+    "nemotron": "NemotronForSequenceClassification", "gpt_bigcode": "GPTBigCodeForSequenceClassification",
 }
 NO_CLASSIFIER = ("OLMoE", "Cohere", "Cohere2", "Granite", "GraniteMoe")  # export_target's family names whose model_type has none
 # the LM head's tensors in the families' causal-LM files (GPT-NeoX calls its head embed_out): a classifier has

@@ -135,7 +135,7 @@ def refuse_not_starcoder2(model: GPTModel, what: str) -> None:
                           f"(rope_local_theta {cfg.rope_local_theta:g}), where {family}'s layers share one")):
         if differs:
             raise UserError(f"this model {why}: it cannot be exported as {what}")
-    refuse_gemma_touches(cfg, family, what)
+    refuse_gemma_touches(cfg, family, what, exact_gelu=True)  # (hidden_act "gelu" says it)
     refuse_phi3_touches(cfg, family, what)
 
 

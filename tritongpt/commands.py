@@ -1282,22 +1282,22 @@ def export_target(cfg) -> tuple:
     """(family, refuse, export): the Hugging Face folder `export` writes this model as, the first whose touches it has:
     Granite's or GraniteMoe's (muP multipliers, or scaled logits on RMSNorm blocks), GPT-OSS's for experts with
     biases or its clamped SwiGLU, Mixtral's, Qwen3-MoE's, Qwen2-MoE's or OLMoE's for another mixture of experts
-    (n_experts), Nemotron's (the squared-ReLU MLP over LayerNorms), Arcee's (over RMSNorms), BLOOM's (ALiBi with
-    embed_norm), MPT's (ALiBi without biases), EXAONE 4's (no input norms, each head's q and k normalized), OLMo's
-    (no input norms, q/k norms over all heads: an OLMo has post_norms too), GLM-4's (sandwich norms on a SwiGLU
-    MLP), then Gemma's (scaled embeddings, sandwich norms, GeGLU...), Cohere's (a SwiGLU MLP in a shared-norm
-    parallel block over LayerNorms, or scaled logits; Cohere2's with local layers), StableLM's (LayerNorms with
-    SwiGLU), Phi-3's (a partial rotary or LongRoPE on a Llama), a Llama's (RMSNorm or SwiGLU: or a Mistral, a
-    Qwen2... as hf_family says), GPT-Neo's (unscaled attention scores); then, for RoPE over LayerNorms and a GELU
-    MLP: StarCoder2's (a sequential GELU-tanh block with grouped-query or local attention, GPT-NeoX's refusals),
-    GPT-J's (a shared-norm parallel block, an LM-head bias, no q/k/v biases), Falcon's (the exact GELU, no LM-head
-    bias, and a shared norm, grouped key/value heads or no biases), Phi's (one norm in a parallel block or an
-    LM-head bias), GPT-NeoX's; else GPT-2. An ALiBi model none of them takes falls through to a family that refuses
-    ALiBi by name. refuse(model, what) names what that family cannot say."""
+    (n_experts), Nemotron's (the squared-ReLU MLP over LayerNorms), Arcee's (over RMSNorms), GPT-BigCode's (GPT-2
+    with one key/value head), BLOOM's (ALiBi with embed_norm), MPT's (ALiBi without biases), EXAONE 4's (no input
+    norms, each head's q and k normalized), OLMo's (no input norms, q/k norms over all heads: an OLMo has post_norms
+    too), GLM-4's (sandwich norms on a SwiGLU MLP), then Gemma's (scaled embeddings, sandwich norms, GeGLU...),
+    Cohere's (a SwiGLU MLP in a shared-norm parallel block over LayerNorms, or scaled logits; Cohere2's with local
+    layers), StableLM's (LayerNorms with SwiGLU), Phi-3's (a partial rotary or LongRoPE on a Llama), a Llama's
+    (RMSNorm or SwiGLU: or a Mistral, a Qwen2... as hf_family says), GPT-Neo's (unscaled attention scores); then,
+    for RoPE over LayerNorms and a GELU MLP: StarCoder2's (a sequential GELU-tanh block with grouped-query or local
+    attention, GPT-NeoX's refusals), GPT-J's (a shared-norm parallel block, an LM-head bias, no q/k/v biases),
+    Falcon's (the exact GELU, no LM-head bias, and a shared norm, grouped key/value heads or no biases), Phi's (one
+    norm in a parallel block or an LM-head bias), GPT-NeoX's; else GPT-2. An ALiBi model none of them takes falls
+    through to a family that refuses ALiBi by name. refuse(model, what) names what that family cannot say."""
     from tritongpt.train import arcee_weights, bloom_weights, cohere_weights, exaone4_weights, falcon_weights, \
-        gemma_weights, glm4_weights, gpt2_weights, gpt_neo_weights, gpt_oss_weights, gptj_weights, granite_weights, \
-        llama_weights, moe_weights, mpt_weights, nemotron_weights, neox_weights, olmo_weights, phi3_weights, \
-        phi_weights, stablelm_weights, starcoder2_weights
+        gemma_weights, glm4_weights, gpt2_weights, gpt_bigcode_weights, gpt_neo_weights, gpt_oss_weights, \
+        gptj_weights, granite_weights, llama_weights, moe_weights, mpt_weights, nemotron_weights, neox_weights, \
+        olmo_weights, phi3_weights, phi_weights, stablelm_weights, starcoder2_weights
 
     if granite_weights.is_granite_shaped(cfg):  # before the MoE families: GraniteMoe writes experts with multipliers
         return granite_weights.family_name(cfg), granite_weights.refuse_not_granite, granite_weights.export_granite
@@ -1309,6 +1309,8 @@ def export_target(cfg) -> tuple:
         return "Nemotron", nemotron_weights.refuse_not_nemotron, nemotron_weights.export_nemotron
     if cfg.mlp == "relu2":  # the squared-ReLU MLP over RMSNorms: only an Arcee folder says it (it refuses the rest)
         return "Arcee", arcee_weights.refuse_not_arcee, arcee_weights.export_arcee
+    if gpt_bigcode_weights.is_gpt_bigcode_shaped(cfg):  # GPT-2 with one key/value head: multi-query attention
+        return "GPT-BigCode", gpt_bigcode_weights.refuse_not_gpt_bigcode, gpt_bigcode_weights.export_gpt_bigcode
     if bloom_weights.is_bloom_shaped(cfg):
         return "BLOOM", bloom_weights.refuse_not_bloom, bloom_weights.export_bloom
     if mpt_weights.is_mpt_shaped(cfg):
