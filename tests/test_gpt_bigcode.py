@@ -121,13 +121,18 @@ def test_export_refuses_what_a_gpt_bigcode_cannot_say(tmp_path):
     from tritongpt.train.gpt_bigcode_weights import export_gpt_bigcode
 
     base = dict(vocab_size=53, context_length=24, n_embd=32, n_layer=1, n_head=2, n_kv_head=1)
-    for change, match in (({"attention_window": 8}, "has local attention \\(attention_window 8\\)"),
-                          ({"logit_softcap": 30.0}, "soft-caps its logits"),
+    for change, match in (({"logit_softcap": 30.0}, "soft-caps its logits"),
                           ({"attention_head_dim": 8}, "has heads of width 8 apart from n_embd / n_head"),
                           ({"norm_bias": False}, "has LayerNorms without biases")):
         model = GPTModel(GPTConfig(**{**base, **change}))
         assert export_target(model.config)[0] == "GPT-BigCode"
         with pytest.raises(UserError, match=match + ".*cannot be exported as a GPT-BigCode folder"):
             export_gpt_bigcode(model, tmp_path / "x")
+    # local attention is GPT-Neo's (export_target goes there; GPT-Neo's refusal names the single key/value head)
+    windowed = GPTModel(GPTConfig(**{**base, "attention_window": 8, "scale_attention": False, "qkv_bias": False}))
+    assert export_target(windowed.config)[0] == "GPT-Neo"
+    with pytest.raises(UserError, match="has local attention \\(attention_window 8\\).*cannot be exported as a "
+                                        "GPT-BigCode folder"):
+        export_gpt_bigcode(windowed, tmp_path / "w")
     with pytest.raises(UserError, match="has grouped-query attention \\(2 key/value heads\\)"):
         export_gpt_bigcode(GPTModel(GPTConfig(**{**base, "n_head": 4, "n_kv_head": 2})), tmp_path / "y")

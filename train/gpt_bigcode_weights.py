@@ -121,9 +121,10 @@ def load_gpt_bigcode_safetensors(path) -> GPTModel:
 # -- export: the inverse of _our_tensors -----------------------------------------------------------
 def is_gpt_bigcode_shaped(cfg: GPTConfig) -> bool:
     """GPT-2's pieces (learned positions, LayerNorms, a GELU MLP) with one key/value head for several query heads:
-    multi-query attention, which a GPT-2 folder cannot say and a GPT-BigCode one can."""
+    multi-query attention, which a GPT-2 folder cannot say and a GPT-BigCode one can. Not with local attention,
+    which no GPT-BigCode has: that model goes on to GPT-Neo's export (and GPT-2's), whose refusals name it."""
     return (cfg.position_encoding == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu"
-            and cfg.kv_heads == 1 < cfg.n_head)
+            and cfg.kv_heads == 1 < cfg.n_head and not cfg.attention_window)
 
 
 def refuse_not_gpt_bigcode(model: GPTModel, what: str) -> None:
