@@ -230,3 +230,27 @@ def test_a_hugging_face_moe_as_convert_hf_to_gguf_writes_it(arch, tmp_path):
     with torch.no_grad():
         want = hf(ids).logits
     close(logits(ours, ids), want, 1e-5)
+
+
+def test_a_k_quant_mix_quantizes_each_expert_s_rows(tok, tmp_path):
+    """q4_k_m on a mixture of experts: the 3-D expert stacks go through the K-quant quantizers row by row (each
+    expert's rows whole 256-blocks), the router stays F32, and the file read back holds exactly the experts gguf's
+    own dequantizer gives (the stack's leading dims kept, not folded into its rows)."""
+    from tritongpt.train.gguf_export import write_gguf
+    from tritongpt.train.gguf_import import load_gguf
+
+    model = random_model(dict(ARCHS["qwen3moe"], n_embd=256, n_head=4, mlp_hidden=256), 288)
+    path = write_gguf(model, tmp_path / "m.gguf", tok, "q4_k_m")
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q4_K" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert types["blk.0.ffn_down_exps.weight"] in ("Q4_K", "Q6_K")
+    back = load_gguf(path)
+    file = {t.name: t for t in reader.tensors}
+    for i in range(2):
+        for ours, theirs in (("w_gate", "gate"), ("w_up", "up"), ("w_down", "down")):
+            t = file[f"blk.{i}.ffn_{theirs}_exps.weight"]
+            got = getattr(back.trf_blocks[i].ff, ours).detach().numpy()  # (MoEFeedForward: [E, rows, in])
+            want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(got.shape)
+            assert np.array_equal(got, want), (i, ours)
+            assert 0 < np.abs(want - getattr(model.trf_blocks[i].ff, ours).detach().numpy()).max() < 0.2
