@@ -42,20 +42,26 @@ def is_arcee_file(path) -> bool:
     return cfg_json.is_file() and read_json_object(cfg_json).get("model_type") == MODEL_TYPE
 
 
+def relu2_mlp_shapes(d: dict, sd: dict, cfg_json: Path, family: str, article: str) -> tuple:
+    """hf_shapes of a Llama-layout folder whose MLP is ungated, up_proj then down_proj around the squared ReLU
+    (Arcee's, Nemotron's), its gate_proj and another hidden_act refused by name."""
+    if "layers.0.mlp.up_proj.weight" not in sd:
+        raise UserError(f"{cfg_json.parent}: not {article} {family} model, missing tensor "
+                        "'layers.0.mlp.up_proj.weight'")
+    if "layers.0.mlp.gate_proj.weight" in sd:
+        raise UserError(f"{cfg_json.parent}: the weights have mlp.gate_proj, a gated (Llama's) MLP, where "
+                        f"{article} {family}'s MLP has up_proj and down_proj only")
+    if d.get("hidden_act", "relu2") != "relu2":
+        raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's {family} MLP computes 'relu2' "
+                        "(the squared ReLU) only")
+    # hf_shapes reads the MLP's hidden size off gate_proj: up_proj has the same rows (a view of sd, nothing copied)
+    return hf_shapes(d, {**sd, "layers.0.mlp.gate_proj.weight": sd["layers.0.mlp.up_proj.weight"]}, cfg_json, family)
+
+
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     """The GPTConfig of an Arcee config.json, checked against the tensors beside it."""
     d = read_json_object(cfg_json)
-    if "layers.0.mlp.up_proj.weight" not in sd:
-        raise UserError(f"{cfg_json.parent}: not an Arcee model, missing tensor 'layers.0.mlp.up_proj.weight'")
-    if "layers.0.mlp.gate_proj.weight" in sd:
-        raise UserError(f"{cfg_json.parent}: the weights have mlp.gate_proj, a gated (Llama's) MLP, where an Arcee's "
-                        "MLP has up_proj and down_proj only")
-    # hf_shapes reads the MLP's hidden size off gate_proj: up_proj has the same rows (a view of sd, nothing copied)
-    shapes = hf_shapes(d, {**sd, "layers.0.mlp.gate_proj.weight": sd["layers.0.mlp.up_proj.weight"]}, cfg_json,
-                       "Arcee")
-    if d.get("hidden_act", "relu2") != "relu2":
-        raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's Arcee MLP computes 'relu2' "
-                        "(the squared ReLU) only")
+    shapes = relu2_mlp_shapes(d, sd, cfg_json, "Arcee", "an")
     if d.get("sliding_window") is not None:  # ArceeConfig has none: a file that says one means another model
         raise UserError(f"{cfg_json} has sliding_window {d['sliding_window']!r}; an Arcee attends to the whole "
                         "context")

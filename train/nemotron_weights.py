@@ -27,19 +27,15 @@ import torch
 from tritongpt.errors import UserError, read_json_object
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPTModel
+from tritongpt.train.arcee_weights import _LAYER, _NORMS, relu2_mlp_shapes  # (Arcee's tensors: Llama's, no gate_proj)
 from tritongpt.train.gpt2_weights import (_read_tensors, config_flag, config_json_gptconfig, model_with_tensors,
                                           refuse_gemma_touches, refuse_moe_touches, refuse_norm_touches, weights_file,
                                           write_hf_folder)
-from tritongpt.train.llama_weights import (_rope_theta, hf_shapes, partial_rotary_dim, read_rope_parameters,
+from tritongpt.train.llama_weights import (_rope_theta, partial_rotary_dim, read_rope_parameters,
                                            rope_field, shape_fields)
 
 MODEL_TYPE = "nemotron"
 KEYS = {"context_length": "max_position_embeddings", "norm_eps": "norm_eps", "n_kv_head": "num_key_value_heads"}
-# each block's tensors: ours, then Hugging Face's (under "layers.{i}.")
-_LAYER = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("att.W_query", "self_attn.q_proj"),
-          ("att.W_key", "self_attn.k_proj"), ("att.W_value", "self_attn.v_proj"), ("att.out_proj", "self_attn.o_proj"),
-          ("ff.fc1", "mlp.up_proj"), ("ff.fc2", "mlp.down_proj"))
-_NORMS = ("norm1", "norm2")
 
 
 def is_nemotron_file(path) -> bool:
@@ -51,17 +47,7 @@ def is_nemotron_file(path) -> bool:
 def _check_hf_config(cfg_json: Path, sd: dict) -> GPTConfig:
     """The GPTConfig of a Nemotron config.json, checked against the tensors beside it."""
     d = read_json_object(cfg_json)
-    if "layers.0.mlp.up_proj.weight" not in sd:
-        raise UserError(f"{cfg_json.parent}: not a Nemotron model, missing tensor 'layers.0.mlp.up_proj.weight'")
-    if "layers.0.mlp.gate_proj.weight" in sd:
-        raise UserError(f"{cfg_json.parent}: the weights have mlp.gate_proj, a gated (Llama's) MLP, where a "
-                        "Nemotron's MLP has up_proj and down_proj only")
-    # hf_shapes reads the MLP's hidden size off gate_proj: up_proj has the same rows (a view of sd, nothing copied)
-    shapes = hf_shapes(d, {**sd, "layers.0.mlp.gate_proj.weight": sd["layers.0.mlp.up_proj.weight"]}, cfg_json,
-                       "Nemotron")
-    if d.get("hidden_act", "relu2") != "relu2":
-        raise UserError(f"{cfg_json} has hidden_act {d['hidden_act']!r}; this model's Nemotron MLP computes 'relu2' "
-                        "(the squared ReLU) only")
+    shapes = relu2_mlp_shapes(d, sd, cfg_json, "Nemotron", "a")
     attention_bias, mlp_bias = (config_flag(d, k, False, cfg_json, MODEL_TYPE) for k in ("attention_bias", "mlp_bias"))
     if attention_bias != mlp_bias:
         raise UserError(f"{cfg_json} has attention_bias {str(attention_bias).lower()} and mlp_bias "
